@@ -1,0 +1,62 @@
+"""Chained block hashes (DESIGN.md section 4), shared by the gateway, scheduler and workers.
+
+`hash(block) = H(parent_hash, token_ids_of_block, extra)` with H = xxh3-64 over a fixed
+little-endian encoding, so the value is stable across processes, hosts and Python versions
+(never Python's `hash()`). Only full blocks are hashed. `extra` carries the model id and an
+optional per-tenant cache salt, so two models or two tenants never share cache entries.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import xxhash
+
+BlockHash = int  # unsigned 64-bit
+
+# Parent hash of the first block of every sequence.
+ROOT_PARENT_HASH: BlockHash = 0
+
+
+def block_extra(model_id: str, cache_salt: str | None = None) -> bytes:
+    """Encode the `extra` field: model id and optional cache salt, unambiguously separated."""
+    salt = cache_salt or ""
+    model = model_id.encode()
+    return struct.pack("<I", len(model)) + model + salt.encode()
+
+
+def hash_block(parent_hash: BlockHash, token_ids: Sequence[int], extra: bytes) -> BlockHash:
+    """Hash one full block given its parent's hash (ROOT_PARENT_HASH for the first block)."""
+    h = xxhash.xxh3_64()
+    h.update(struct.pack("<QI", parent_hash, len(token_ids)))
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    h.update(extra)
+    return h.intdigest()
+
+
+def hash_blocks(
+    token_ids: Sequence[int],
+    block_size: int,
+    extra: bytes,
+    parent_hash: BlockHash = ROOT_PARENT_HASH,
+    start_block: int = 0,
+) -> list[BlockHash]:
+    """Hashes of the full blocks of `token_ids` from block index `start_block` on.
+
+    `parent_hash` must be the hash of block `start_block - 1` (or ROOT_PARENT_HASH when
+    starting at 0). Trailing tokens that do not fill a block are not hashed.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    hashes: list[BlockHash] = []
+    num_full = len(token_ids) // block_size
+    for i in range(start_block, num_full):
+        parent_hash = hash_block(parent_hash, token_ids[i * block_size : (i + 1) * block_size], extra)
+        hashes.append(parent_hash)
+    return hashes
+
+
+def num_blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens (ceiling division)."""
+    return -(-num_tokens // block_size)

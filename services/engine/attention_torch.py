@@ -1,0 +1,79 @@
+"""Plain torch attention over the paged KV cache: the CPU default and the kernels' oracle.
+
+Decode-only steps are vectorised: each sequence's blocks are gathered into a padded
+`[num_seqs, max_context, num_kv_heads, head_dim]` tensor and one masked
+`scaled_dot_product_attention` covers the batch. Steps with prefill chunks attend per
+sequence with a causal mask offset by the cached context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.engine.attention import AttentionMetadata
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+        flat[0].index_copy_(0, meta.slot_mapping, key)
+        flat[1].index_copy_(0, meta.slot_mapping, value)
+        if meta.is_decode_only:
+            return self._decode(query, kv_cache, meta, scale)
+        return self._varlen(query, kv_cache, meta, scale)
+
+    @staticmethod
+    def _decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        num_seqs, num_heads, head_dim = query.shape
+        _, _, block_size, num_kv_heads, _ = kv_cache.shape
+        max_len = max(meta.seq_lens_host)
+        max_blocks = -(-max_len // block_size)
+        tables = meta.block_tables[:, :max_blocks].long()  # [num_seqs, max_blocks]
+        k = kv_cache[0][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+        v = kv_cache[1][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+        rep = num_heads // num_kv_heads
+        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [num_seqs, num_heads, ctx, head_dim]
+        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        ctx = torch.arange(max_blocks * block_size, device=query.device)
+        mask = ctx[None, :] < meta.seq_lens[:, None]  # [num_seqs, ctx]
+        q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        return out.squeeze(2)
+
+    @staticmethod
+    def _varlen(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        _, num_heads, head_dim = query.shape
+        _, _, block_size, num_kv_heads, _ = kv_cache.shape
+        rep = num_heads // num_kv_heads
+        out = torch.empty_like(query)
+        start = 0
+        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens_host)):
+            num_blocks = -(-seq_len // block_size)
+            table = meta.block_tables[i, :num_blocks].long()
+            k = kv_cache[0][table].view(-1, num_kv_heads, head_dim)[:seq_len]
+            v = kv_cache[1][table].view(-1, num_kv_heads, head_dim)[:seq_len]
+            k = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # [num_heads, seq_len, head_dim]
+            v = v.transpose(0, 1).repeat_interleave(rep, dim=0)
+            q = query[start : start + q_len].transpose(0, 1)  # [num_heads, q_len, head_dim]
+            if q_len == 1:
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            else:
+                # query row r sits at position seq_len - q_len + r and sees positions <= it
+                rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
+                mask = torch.arange(seq_len, device=query.device)[None, :] <= rows
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            out[start : start + q_len] = o.transpose(0, 1)
+            start += q_len
+        return out

@@ -1,0 +1,198 @@
+"""The batcher: plans each step (continuous batching, chunked prefill, preemption).
+
+Owner: the engine's step loop. `schedule()` decides which sequences run this step and how
+many of their uncomputed tokens each one contributes, within a token budget; it allocates the
+blocks those tokens need and preempts (by recompute) when the pool runs out. `update()`
+applies a step's results: advances counters, registers newly full blocks in the prefix cache,
+appends sampled tokens and finishes sequences.
+
+Policy, as in vLLM v1:
+1. Running sequences first, oldest first, each taking up to its remaining tokens (capped by
+   the budget and `max_prefill_chunk_tokens`). If blocks run out, the newest running sequence
+   is preempted: its blocks are freed and it goes back to the front of the waiting queue.
+2. Then waiting sequences, oldest first, while budget, `max_num_seqs` and blocks allow.
+   Admission looks up the longest cached prefix (at most all but one token, so the last
+   token is always computed and its logits sampled).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from services.common.block_hash import num_blocks_for
+from services.engine.block_pool import BlockPool
+from services.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_prefill_chunk_tokens: int | None
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True if this chunk catches up with every token, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Sequence, ...]
+    num_prefix_hit_tokens: int  # tokens taken from the prefix cache by this step's admissions
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Batcher:
+    def __init__(self, config: BatcherConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk_len(seq, budget)
+            if n == 0:
+                i += 1
+                continue
+            need = num_blocks_for(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_table)
+            while need > self.pool.num_free_blocks and self.running[-1] is not seq:
+                preempted.append(self._preempt(self.running.pop()))
+            if need > self.pool.num_free_blocks:
+                # seq itself is the newest running sequence: give its blocks back and wait
+                preempted.append(self._preempt(self.running.pop()))
+                break
+            seq.block_table.extend(self.pool.allocate(need))
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            i += 1
+        num_hit_tokens = 0 if preempted else self._admit_waiting(budget, chunks)
+        return StepPlan(tuple(chunks), tuple(preempted), num_hit_tokens)
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        """Admit waiting sequences in order; returns the prefix-cache tokens they reused."""
+        bs = self.config.block_size
+        total_hit_tokens = 0
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            hit = self._prefix_hit(seq)
+            num_hit_tokens = len(hit) * bs
+            n = min(seq.num_tokens - num_hit_tokens, budget, self.config.max_prefill_chunk_tokens or budget)
+            need = num_blocks_for(num_hit_tokens + n, bs) - len(hit)
+            reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
+            if need + reclaimed > self.pool.num_free_blocks:
+                break
+            self.waiting.popleft()
+            self.pool.touch(hit)
+            seq.block_table = hit + self.pool.allocate(need)
+            seq.num_computed_tokens = num_hit_tokens
+            seq.num_cached_tokens = num_hit_tokens
+            seq.num_cached_blocks = len(hit)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            total_hit_tokens += num_hit_tokens
+        return total_hit_tokens
+
+    def _prefix_hit(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering at most all but the last token. Requests that want prompt
+        logits compute every position, so they skip the cache (as vLLM does)."""
+        if seq.sampling.return_prompt_logits:
+            return []
+        hashes = seq.block_hashes(self.config.block_size)
+        return self.pool.lookup_prefix(hashes[: (seq.num_tokens - 1) // self.config.block_size])
+
+    def _chunk_len(self, seq: Sequence, budget: int) -> int:
+        cap = self.config.max_prefill_chunk_tokens or budget
+        return min(seq.num_new_tokens, budget, cap)
+
+    def _preempt(self, seq: Sequence) -> Sequence:
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.prompt_logits.clear()
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        return seq
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table[::-1])
+        seq.block_table = []
+        seq.num_cached_blocks = 0
+
+    def update(
+        self,
+        plan: StepPlan,
+        sampled: dict[str, tuple[int, TokenLogprob | None]],
+        eos_token_ids: frozenset[int],
+    ) -> list[Sequence]:
+        """Apply a step's results. `sampled` maps request id to (token, logprob) for every
+        chunk that `samples`. Returns the sequences that finished this step."""
+        bs = self.config.block_size
+        finished: list[Sequence] = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            full = seq.num_computed_tokens // bs
+            if full > seq.num_cached_blocks:
+                hashes = seq.block_hashes(bs)
+                for idx in range(seq.num_cached_blocks, full):
+                    self.pool.cache_block(seq.block_table[idx], hashes[idx])
+                seq.num_cached_blocks = full
+            if seq.request_id not in sampled:
+                continue
+            token, logprob = sampled[seq.request_id]
+            seq.token_ids.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            reason = _stop_reason(seq, token, eos_token_ids)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish `seq` (running or waiting) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+
+def _stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
+    p = seq.sampling
+    if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        return FinishReason.STOP
+    if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+        return FinishReason.LENGTH
+    return None
