@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean-venv
+.PHONY: run test install proto clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Regenerate the gRPC stubs from proto/ (tests/unit/test_proto_fresh.py checks they are fresh).
+proto: $(STAMP)
+	$(BIN)/python -m services.common.protogen
 
 clean-venv:
 	rm -rf $(VENV)

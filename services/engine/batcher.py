@@ -138,7 +138,6 @@ class Batcher:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.prompt_logits.clear()
-        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         return seq
 
@@ -173,20 +172,64 @@ class Batcher:
             if logprob is not None:
                 seq.logprobs.append(logprob)
             reason = _stop_reason(seq, token, eos_token_ids)
+            if reason is None and seq.hand_off:
+                reason = FinishReason.HANDOFF
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Finish `seq` (running or waiting) and free its blocks."""
+        """Finish `seq` (running, waiting or reserved) and free its blocks, except on a
+        HANDOFF, where the caller takes over `seq.block_table` and frees it later."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self._release(seq)
+        if reason is not FinishReason.HANDOFF:
+            self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    # ---- decode role: blocks reserved for KV pulled from a prefill worker -------------------
+    def reserve(self, seq: Sequence) -> bool:
+        """Give `seq` (status RESERVED, not queued) blocks for its whole prompt: the longest
+        locally cached prefix plus fresh blocks that a KV pull will fill. False if the pool
+        cannot hold it now (the caller then queues the request for local prefill)."""
+        bs = self.config.block_size
+        num_prompt_blocks = num_blocks_for(seq.num_prompt_tokens, bs)
+        hashes = seq.block_hashes(bs)[: seq.num_prompt_tokens // bs]
+        hit = self.pool.lookup_prefix(hashes) if not seq.sampling.return_prompt_logits else []
+        need = num_prompt_blocks - len(hit)
+        reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
+        if need + reclaimed > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(hit)
+        seq.block_table = hit + self.pool.allocate(need)
+        seq.num_cached_tokens = len(hit) * bs
+        seq.num_cached_blocks = len(hit)
+        seq.status = SequenceStatus.RESERVED
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """The reserved blocks now hold the prompt's KV: register the full ones in the prefix
+        cache and join the running batch with the whole prompt computed."""
+        bs = self.config.block_size
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        full = seq.num_prompt_tokens // bs
+        hashes = seq.block_hashes(bs)
+        for idx in range(seq.num_cached_blocks, full):
+            self.pool.cache_block(seq.block_table[idx], hashes[idx])
+        seq.num_cached_blocks = full
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def unreserve(self, seq: Sequence) -> None:
+        """Give the reserved blocks back and queue `seq` to prefill locally (recompute)."""
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
 
 
 def _stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:

@@ -59,6 +59,30 @@ class GenerationOutput:
     prompt_logits: torch.Tensor | None  # float32 [num_prompt_tokens, vocab] when asked
 
 
+@dataclass(frozen=True)
+class HeldKV:
+    """Prefill role: a finished prompt's blocks, pinned until `release_held`."""
+
+    block_ids: tuple[int, ...]  # block table order
+    num_tokens: int  # positions with valid KV (the prompt)
+    block_hashes: tuple[int, ...]  # hashes of the full blocks
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Decode role: blocks reserved for a prompt whose KV arrives from a prefill worker.
+    `block_ids[:num_cached_blocks]` already hold the KV (local prefix cache); the rest must
+    be filled by a pull of the source's blocks at the same indices."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_cached_blocks: int
+
+    @property
+    def missing_block_ids(self) -> tuple[int, ...]:
+        return self.block_ids[self.num_cached_blocks :]
+
+
 @dataclass
 class EngineStats:
     """Cumulative counters, read by tests, benchmarks and (later) metrics."""
@@ -112,6 +136,7 @@ class Engine:
         self.model_id = config.model_id or self.model_dir.name
         self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
+        self.held: dict[str, HeldKV] = {}
         self._ids = itertools.count()
 
     @classmethod
@@ -131,8 +156,28 @@ class Engine:
         prompt_token_ids: Seq[int],
         sampling: SamplingParams,
         cache_salt: str | None = None,
+        generated_token_ids: Seq[int] = (),
+        hand_off: bool = False,
     ) -> None:
-        if request_id in self._seqs:
+        """Queue a request. `generated_token_ids` are tokens already produced elsewhere (the
+        first token from a prefill worker); they are recomputed, not re-sampled. With
+        `hand_off`, the sequence stops after its first token and its blocks are kept in
+        `held` (finish reason HANDOFF) until `release_held`."""
+        self._seqs[request_id] = self._new_sequence(
+            request_id, prompt_token_ids, sampling, cache_salt, generated_token_ids, hand_off
+        )
+        self.batcher.add(self._seqs[request_id])
+
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        sampling: SamplingParams,
+        cache_salt: str | None,
+        generated_token_ids: Seq[int],
+        hand_off: bool,
+    ) -> Sequence:
+        if request_id in self._seqs or request_id in self.held:
             raise ValueError(f"request id {request_id!r} is already active")
         prompt = tuple(int(t) for t in prompt_token_ids)
         if not prompt:
@@ -152,18 +197,59 @@ class Engine:
                 f"request needs up to {num_blocks_for(max_total, self.config.block_size)} KV blocks but the "
                 f"pool has {self.pool.num_blocks}; lower max_tokens or raise kv_cache_bytes"
             )
-        seq = Sequence(
+        generated = [int(t) for t in generated_token_ids]
+        if any(not 0 <= t < vocab for t in generated):
+            raise ValueError(f"generated token ids must be in [0, {vocab})")
+        return Sequence(
             request_id=request_id,
             prompt_token_ids=prompt,
             sampling=sampling,
             hash_extra=block_extra(self.model_id, cache_salt),
             max_total_tokens=self.max_model_len,
+            token_ids=list(prompt) + generated,
+            hand_off=hand_off,
         )
+
+    # ---- prefill role --------------------------------------------------------------------
+    def release_held(self, request_id: str) -> bool:
+        """Unpin a handed-off prompt's blocks (they stay in the prefix cache)."""
+        held = self.held.pop(request_id, None)
+        if held is None:
+            return False
+        self.pool.free(held.block_ids[::-1])
+        return True
+
+    # ---- decode role ---------------------------------------------------------------------
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        sampling: SamplingParams,
+        first_token: int,
+        cache_salt: str | None = None,
+    ) -> Reservation | None:
+        """Reserve blocks for a prompt whose KV will be pulled. None if the pool is too full
+        now; the caller then uses `add_request` (local prefill) instead."""
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, [first_token], False)
+        if not self.batcher.reserve(seq):
+            return None
         self._seqs[request_id] = seq
-        self.batcher.add(seq)
+        self.stats.num_prefix_hit_tokens += seq.num_cached_tokens
+        return Reservation(request_id, tuple(seq.block_table), seq.num_cached_blocks)
+
+    def commit(self, request_id: str) -> None:
+        """The pull filled the reservation: the sequence joins the batch, prompt computed."""
+        self.batcher.commit(self._seqs[request_id])
+
+    def unreserve(self, request_id: str) -> None:
+        """The pull failed: free the reservation and recompute the prompt locally."""
+        self.batcher.unreserve(self._seqs[request_id])
 
     def abort(self, request_id: str) -> bool:
-        """Finish a request now and free its blocks. False if it is not active."""
+        """Finish a request now (queued, running, reserved or held) and free its blocks.
+        False if it is not active."""
+        if self.release_held(request_id):
+            return True
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -192,6 +278,14 @@ class Engine:
         self._count_step(plan)
         sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(sampling_chunks, tokens, logprobs)}
         self.batcher.update(plan, sampled, self.model_config.eos_token_ids)
+        bs = self.config.block_size
+        for chunk in sampling_chunks:
+            seq = chunk.seq
+            if seq.finish_reason is FinishReason.HANDOFF:
+                num_full = seq.num_prompt_tokens // bs
+                self.held[seq.request_id] = HeldKV(
+                    tuple(seq.block_table), seq.num_prompt_tokens, tuple(seq.block_hashes(bs)[:num_full])
+                )
         outputs: list[RequestOutput] = []
         for chunk in sampling_chunks:
             seq = chunk.seq
@@ -241,8 +335,8 @@ class Engine:
         self.pool.check_integrity()
 
     def is_drained(self) -> bool:
-        """No queued or running sequence and every block free."""
-        return not self.batcher.has_work and self.pool.num_used_blocks == 0
+        """No queued, running, reserved or held sequence, and every block free."""
+        return not self._seqs and not self.held and self.pool.num_used_blocks == 0
 
 
 def _generation_output(seq: Sequence) -> GenerationOutput:

@@ -6,10 +6,12 @@ whatever remains (`num_new_tokens`) is the work left, whether prompt or generate
 
 Lifecycle:
 1. WAITING: added, holds no blocks (or was preempted and gave them all back).
-2. RUNNING: admitted by the batcher; owns the blocks in `block_table`, the first
+2. (decode role) RESERVED: owns blocks for its prompt while a KV pull fills them; then
+   RUNNING with the whole prompt computed, or back to WAITING to recompute if the pull failed.
+3. RUNNING: admitted by the batcher; owns the blocks in `block_table`, the first
    `num_cached_tokens` of them taken from the prefix cache.
-3. After each step that catches up with all its tokens, a new token is sampled and appended.
-4. FINISHED: stopped (EOS, stop token, max tokens, max length) or aborted; blocks freed.
+4. After each step that catches up with all its tokens, a new token is sampled and appended.
+5. FINISHED: stopped (EOS, stop token, max tokens, max length) or aborted; blocks freed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from services.engine.sampling_params import SamplingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    RESERVED = "reserved"  # decode role: owns blocks that a KV pull is filling; not scheduled
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -33,6 +36,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # EOS or a stop token
     LENGTH = "length"  # max_tokens or the model's maximum length
     ABORT = "abort"
+    HANDOFF = "handoff"  # prefill role: first token sampled, KV held for a decode worker
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Sequence:
     sampling: SamplingParams
     hash_extra: bytes
     max_total_tokens: int  # prompt + outputs never exceed this (max_model_len)
+    hand_off: bool = False  # prefill role: stop after the first token and keep the KV
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)

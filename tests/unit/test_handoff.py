@@ -1,0 +1,108 @@
+"""The engine side of the prefill -> decode hand-off, in one process.
+
+A prefill engine holds a finished prompt's blocks; a decode engine reserves blocks (reusing
+its own prefix cache), receives the missing blocks' KV, commits, and generates. The tokens
+equal a single engine's; a failed pull falls back to recompute with the same tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.engine import Engine, FinishReason, SamplingParams
+from tests.conftest import random_prompts
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def engines(tiny_model_dir: Path) -> tuple[Engine, Engine, Engine]:
+    make = lambda: Engine.from_pretrained(tiny_model_dir, num_blocks=64)  # noqa: E731
+    return make(), make(), make()
+
+
+def _prefill(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams) -> int:
+    engine.add_request(request_id, prompt, params, hand_off=True)
+    while True:
+        for out in engine.step():
+            assert out.request_id == request_id
+            assert out.finish_reason is FinishReason.HANDOFF
+            return out.new_token_ids[0]
+
+
+def _copy_blocks(src: Engine, dst: Engine, src_ids: tuple[int, ...], dst_ids: tuple[int, ...]) -> None:
+    for src_cache, dst_cache in zip(src.kv_caches, dst.kv_caches):
+        dst_cache[:, list(dst_ids)] = src_cache[:, list(src_ids)]
+
+
+def _drain(engine: Engine, request_id: str) -> list[int]:
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == request_id
+            tokens.extend(out.new_token_ids)
+    return tokens
+
+
+def test_handoff_equals_single_engine_and_reuses_decode_cache(engines) -> None:
+    prefill, decode, single = engines
+    vocab = prefill.model_config.vocab_size
+    shared, tail1, tail2 = random_prompts([48, 21, 9], vocab, seed=3)
+    for i, prompt in enumerate([shared + tail1, shared + tail2]):
+        expected = list(single.generate([prompt], GREEDY)[0].token_ids)
+        rid = f"r{i}"
+        first = _prefill(prefill, rid, prompt, GREEDY)
+        held = prefill.held[rid]
+        assert held.num_tokens == len(prompt) and len(held.block_ids) == -(-len(prompt) // 16)
+        res = decode.reserve(rid, prompt, GREEDY, first)
+        assert res is not None
+        # the second prompt shares 3 full blocks with the first: only the rest is pulled
+        assert res.num_cached_blocks == (0 if i == 0 else 3)
+        assert len(res.missing_block_ids) == len(held.block_ids) - res.num_cached_blocks
+        _copy_blocks(prefill, decode, held.block_ids[res.num_cached_blocks :], res.missing_block_ids)
+        assert prefill.release_held(rid) is True
+        decode.commit(rid)
+        assert [first] + _drain(decode, rid) == expected
+    for engine in engines:
+        engine.check_integrity()
+        assert engine.is_drained()
+
+
+def test_failed_pull_recomputes_with_the_same_tokens(engines) -> None:
+    prefill, decode, single = engines
+    (prompt,) = random_prompts([37], prefill.model_config.vocab_size, seed=4)
+    params = SamplingParams(max_tokens=10, temperature=0.8, seed=11, ignore_eos=True)
+    expected = list(single.generate([prompt], params)[0].token_ids)
+    first = _prefill(prefill, "r", prompt, params)
+    res = decode.reserve("r", prompt, params, first)
+    assert res is not None and decode.pool.num_used_blocks == 3
+    decode.unreserve("r")  # nothing was copied: the decode engine recomputes prompt + first token
+    assert [first] + _drain(decode, "r") == expected
+    assert prefill.abort("r") is True  # a held lease can be aborted too
+    for engine in engines:
+        engine.check_integrity()
+        assert engine.is_drained()
+
+
+def test_first_token_that_finishes_frees_blocks(engines) -> None:
+    prefill = engines[0]
+    (prompt,) = random_prompts([20], prefill.model_config.vocab_size, seed=5)
+    prefill.add_request("one", prompt, SamplingParams(max_tokens=1, temperature=0.0), hand_off=True)
+    (out,) = prefill.step()
+    assert out.finish_reason is FinishReason.LENGTH and "one" not in prefill.held
+    assert prefill.is_drained()
+
+
+def test_reserve_refused_when_pool_is_full(tiny_model_dir: Path) -> None:
+    decode = Engine.from_pretrained(tiny_model_dir, num_blocks=6)
+    first = decode.reserve("a", list(range(3, 63)), GREEDY, 5)
+    assert first is not None and first.block_ids == (0, 1, 2, 3)
+    assert decode.reserve("b", list(range(100, 140)), GREEDY, 5) is None  # 3 blocks, 2 free
+    assert decode.abort("a") is True
+    res = decode.reserve("b", list(range(100, 140)), GREEDY, 5)
+    assert res is not None and res.block_ids == (4, 5, 3)
+    assert decode.abort("b") is True
+    decode.check_integrity()
+    assert decode.is_drained()
