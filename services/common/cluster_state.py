@@ -1,0 +1,431 @@
+"""Cluster state in Redis (DESIGN.md section 4, "Redis keys"): live workers, load, KV events.
+
+Keys, all under `tandem:{cluster}:` (e.g. `tandem:default:`):
+- `worker:{id}`  hash role, address, fingerprint, capacity_blocks, version. TTL `ttl_s`; the
+  worker's `Heartbeat` refreshes it. A worker whose key expired is dead to the scheduler.
+- `load:{id}`    hash waiting, running, queued_prefill_tokens, kv_blocks_used, kv_blocks_total,
+  timestamp_s. Same TTL, rewritten on every heartbeat tick.
+- `kv_events`    stream, one entry per event: worker, epoch, seq, kind, hashes. `hashes` is
+  the block hashes packed as little-endian uint64 (8 bytes each). Trimmed to about `maxlen`.
+
+Writers: each worker process (its `Heartbeat` thread, and its KV event publisher for events).
+Readers: gateways / schedulers (`list_workers`, `get_load`, `read_kv_events`). Everything read
+is validated; a malformed entry is skipped with a warning. Redis errors are raised to the
+caller, except in `Heartbeat`, which logs them and retries on its next tick.
+
+The client must be built with `decode_responses=False` (values are bytes: packed hashes).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import re
+import struct
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # cluster names and worker ids: no glob chars
+_HEX_RE = re.compile(r"^[0-9a-f]{1,128}$")
+_UINT64_MAX = 2**64 - 1
+DEFAULT_TTL_S = 5.0
+DEFAULT_KV_EVENTS_MAXLEN = 100_000
+
+
+class WorkerRole(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class KVEventKind(str, enum.Enum):
+    STORED = "stored"  # blocks became cached (full and hashed) on the worker
+    REMOVED = "removed"  # blocks were evicted
+    CLEARED = "cleared"  # the worker dropped its whole cache; carries no hashes
+
+
+def _check_name(what: str, value: str) -> None:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValueError(f"{what} must be 1-128 chars of [A-Za-z0-9_.-], got {value!r}")
+
+
+def _check_non_negative(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker publishes when it registers; fixed for the worker's lifetime."""
+
+    worker_id: str
+    role: WorkerRole
+    address: str  # host:port of its gRPC server
+    fingerprint: str  # layout fingerprint, lowercase hex
+    capacity_blocks: int
+    version: str
+
+    def __post_init__(self) -> None:
+        _check_name("worker_id", self.worker_id)
+        if not isinstance(self.role, WorkerRole):
+            raise ValueError(f"role must be a WorkerRole, got {self.role!r}")
+        if not self.address or not isinstance(self.address, str):
+            raise ValueError("address must be a non-empty string")
+        if not isinstance(self.fingerprint, str) or not _HEX_RE.match(self.fingerprint):
+            raise ValueError(f"fingerprint must be lowercase hex, got {self.fingerprint!r}")
+        _check_non_negative(capacity_blocks=self.capacity_blocks)
+        if not isinstance(self.version, str):
+            raise ValueError("version must be a string")
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's load at `timestamp_s` (wall clock, seconds since the epoch)."""
+
+    waiting: int
+    running: int
+    queued_prefill_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    timestamp_s: float
+
+    def __post_init__(self) -> None:
+        _check_non_negative(
+            waiting=self.waiting,
+            running=self.running,
+            queued_prefill_tokens=self.queued_prefill_tokens,
+            kv_blocks_used=self.kv_blocks_used,
+            kv_blocks_total=self.kv_blocks_total,
+        )
+        if self.kv_blocks_used > self.kv_blocks_total:
+            raise ValueError("kv_blocks_used must be <= kv_blocks_total")
+        if not isinstance(self.timestamp_s, (int, float)) or not math.isfinite(self.timestamp_s):
+            raise ValueError(f"timestamp_s must be a finite number, got {self.timestamp_s!r}")
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks in use, in [0, 1] (0 for an empty pool)."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class KVEventRecord:
+    """One KV cache event of one worker. `(epoch, seq)` orders a worker's events: seq starts at
+    1 in each epoch and has no gaps, so a reader that sees a gap (trimmed stream, lost write)
+    knows its view of that worker is incomplete."""
+
+    worker_id: str
+    epoch: int
+    seq: int
+    kind: KVEventKind
+    block_hashes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_name("worker_id", self.worker_id)
+        _check_non_negative(epoch=self.epoch, seq=self.seq)
+        if not isinstance(self.kind, KVEventKind):
+            raise ValueError(f"kind must be a KVEventKind, got {self.kind!r}")
+        if any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= _UINT64_MAX
+               for h in self.block_hashes):
+            raise ValueError("block hashes must be unsigned 64-bit ints")
+        if (self.kind is KVEventKind.CLEARED) != (not self.block_hashes):
+            raise ValueError("a cleared event has no hashes; stored/removed need at least one")
+
+
+def _text(fields: Mapping[bytes, bytes], name: str) -> str:
+    value = fields.get(name.encode())
+    if value is None:
+        raise ValueError(f"missing field {name!r}")
+    return value.decode("utf-8")
+
+
+def _int(fields: Mapping[bytes, bytes], name: str) -> int:
+    return int(_text(fields, name), 10)
+
+
+class ClusterState:
+    """Typed access to one cluster's keys. Thread-safe (redis-py clients are)."""
+
+    def __init__(self, client: redis.Redis, cluster: str = "default") -> None:
+        _check_name("cluster", cluster)
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("ClusterState needs a redis client with decode_responses=False")
+        self._redis = client
+        self._prefix = f"tandem:{cluster}:"
+        # (worker_id, epoch) -> last seq handed out. Owned by this publisher; see append_kv_events.
+        self._kv_seq: dict[tuple[str, int], int] = {}
+        self._kv_lock = threading.Lock()
+
+    @property
+    def key_prefix(self) -> str:
+        return self._prefix
+
+    def key(self, *parts: str) -> str:
+        """Full key name, e.g. `key("worker", "w1")` -> `tandem:default:worker:w1`."""
+        return self._prefix + ":".join(parts)
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def register(self, info: WorkerInfo, ttl_s: float = DEFAULT_TTL_S) -> None:
+        """Write (or overwrite) the worker's hash with a TTL. Called by `Heartbeat`."""
+        fields = {
+            "role": info.role.value,
+            "address": info.address,
+            "fingerprint": info.fingerprint,
+            "capacity_blocks": str(info.capacity_blocks),
+            "version": info.version,
+        }
+        self._write_hash(self.key("worker", info.worker_id), fields, ttl_s)
+
+    def heartbeat(self, worker_id: str, ttl_s: float = DEFAULT_TTL_S) -> bool:
+        """Push the worker key's expiry `ttl_s` ahead. False if the key is gone: re-register."""
+        return bool(self._redis.pexpire(self.key("worker", worker_id), _ttl_ms(ttl_s)))
+
+    def deregister(self, worker_id: str) -> None:
+        """Delete the worker and load keys (a draining worker, just before it exits)."""
+        self._redis.delete(self.key("worker", worker_id), self.key("load", worker_id))
+
+    def get_worker(self, worker_id: str) -> WorkerInfo | None:
+        """The live worker's info; None if expired, absent or malformed."""
+        return self._parse_worker(worker_id, self._redis.hgetall(self.key("worker", worker_id)))
+
+    def list_workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
+        """Live workers (optionally of one role), sorted by id. Uses SCAN, never KEYS."""
+        keys = sorted(set(self._redis.scan_iter(match=self.key("worker", "*"), count=200)))
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        workers = []
+        for key, fields in zip(keys, pipe.execute()):
+            info = self._parse_worker(key.decode("utf-8", "replace")[len(self.key("worker", "")):],
+                                      fields)
+            if info is not None and (role is None or info.role is role):
+                workers.append(info)
+        return workers
+
+    def _parse_worker(self, worker_id: str, fields: Mapping[bytes, bytes]) -> WorkerInfo | None:
+        if not fields:
+            return None  # expired between SCAN and HGETALL, or never there
+        try:
+            return WorkerInfo(
+                worker_id=worker_id,
+                role=WorkerRole(_text(fields, "role")),
+                address=_text(fields, "address"),
+                fingerprint=_text(fields, "fingerprint"),
+                capacity_blocks=_int(fields, "capacity_blocks"),
+                version=_text(fields, "version"),
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            logger.warning("skipping malformed worker entry %r: %s", worker_id, exc)
+            return None
+
+    # --- load --------------------------------------------------------------------------------
+
+    def publish_load(self, worker_id: str, load: WorkerLoad, ttl_s: float = DEFAULT_TTL_S) -> None:
+        """Overwrite the worker's load hash, with a TTL. Called by `Heartbeat` every tick."""
+        fields = {
+            "waiting": str(load.waiting),
+            "running": str(load.running),
+            "queued_prefill_tokens": str(load.queued_prefill_tokens),
+            "kv_blocks_used": str(load.kv_blocks_used),
+            "kv_blocks_total": str(load.kv_blocks_total),
+            "timestamp_s": repr(float(load.timestamp_s)),
+        }
+        self._write_hash(self.key("load", worker_id), fields, ttl_s)
+
+    def get_load(self, worker_id: str) -> WorkerLoad | None:
+        """The worker's last published load; None if expired, absent or malformed."""
+        fields = self._redis.hgetall(self.key("load", worker_id))
+        if not fields:
+            return None
+        try:
+            return WorkerLoad(
+                waiting=_int(fields, "waiting"),
+                running=_int(fields, "running"),
+                queued_prefill_tokens=_int(fields, "queued_prefill_tokens"),
+                kv_blocks_used=_int(fields, "kv_blocks_used"),
+                kv_blocks_total=_int(fields, "kv_blocks_total"),
+                timestamp_s=float(_text(fields, "timestamp_s")),
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            logger.warning("skipping malformed load entry %r: %s", worker_id, exc)
+            return None
+
+    def _write_hash(self, key: str, fields: Mapping[str, str], ttl_s: float) -> None:
+        ttl_ms = _ttl_ms(ttl_s)
+        pipe = self._redis.pipeline(transaction=True)  # readers never see a half-written hash
+        pipe.delete(key)
+        pipe.hset(key, mapping=dict(fields))
+        pipe.pexpire(key, ttl_ms)
+        pipe.execute()
+
+    # --- KV events ---------------------------------------------------------------------------
+
+    def append_kv_events(
+        self,
+        worker_id: str,
+        epoch: int,
+        kind: KVEventKind,
+        block_hashes: Iterable[int],
+        maxlen: int = DEFAULT_KV_EVENTS_MAXLEN,
+    ) -> KVEventRecord:
+        """Append one event to `kv_events` (trimmed to about `maxlen`) and return it.
+
+        Called by the worker's single KV event publisher, after its block pool changed. `seq`
+        is kept here in memory, per (worker, epoch): a worker process has one publisher and
+        picks a fresh epoch when it starts (e.g. `time.time_ns()`), so `(epoch, seq)` is unique.
+        A seq is used up even if XADD fails: a reader then sees a gap (and resyncs that worker)
+        rather than two events with one seq.
+        """
+        if maxlen <= 0:
+            raise ValueError("maxlen must be > 0")
+        hashes = tuple(block_hashes)
+        with self._kv_lock:
+            seq = self._kv_seq.get((worker_id, epoch), 0) + 1
+            record = KVEventRecord(worker_id, epoch, seq, kind, hashes)  # validates
+            self._kv_seq[(worker_id, epoch)] = seq
+            fields = {
+                "worker": worker_id,
+                "epoch": str(epoch),
+                "seq": str(seq),
+                "kind": kind.value,
+                "hashes": struct.pack(f"<{len(hashes)}Q", *hashes),
+            }
+            self._redis.xadd(self.key("kv_events"), fields, maxlen=maxlen, approximate=True)
+        return record
+
+    def read_kv_events(
+        self, last_id: str = "0-0", count: int = 1000, block_ms: int | None = None
+    ) -> tuple[list[KVEventRecord], str]:
+        """Up to `count` events after stream id `last_id`, oldest first, and the id to pass next.
+
+        Called by the scheduler's prefix index: `"0-0"` to rebuild from what the stream still
+        holds, then the returned id to follow it. `block_ms` waits (bounded) for new entries; the
+        client's socket timeout must exceed it. Malformed entries are skipped, but the returned
+        id moves past them.
+        """
+        if count <= 0:
+            raise ValueError("count must be > 0")
+        if block_ms is not None and block_ms <= 0:
+            raise ValueError("block_ms must be > 0 or None (0 would block forever)")
+        reply = self._redis.xread({self.key("kv_events"): last_id}, count=count, block=block_ms)
+        records: list[KVEventRecord] = []
+        streams = reply.items() if isinstance(reply, dict) else (reply or [])  # RESP3 | RESP2
+        for _stream, entries in streams:
+            for entry_id, fields in entries:
+                last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                record = _parse_kv_event(last_id, fields)
+                if record is not None:
+                    records.append(record)
+        return records, last_id
+
+
+def _parse_kv_event(entry_id: str, fields: Mapping[bytes, bytes]) -> KVEventRecord | None:
+    try:
+        packed = fields.get(b"hashes")
+        if packed is None or len(packed) % 8:
+            raise ValueError("hashes must be packed uint64 (a multiple of 8 bytes)")
+        return KVEventRecord(
+            worker_id=_text(fields, "worker"),
+            epoch=_int(fields, "epoch"),
+            seq=_int(fields, "seq"),
+            kind=KVEventKind(_text(fields, "kind")),
+            block_hashes=struct.unpack(f"<{len(packed) // 8}Q", packed),
+        )
+    except (ValueError, UnicodeDecodeError, struct.error) as exc:
+        logger.warning("skipping malformed kv event %s: %s", entry_id, exc)
+        return None
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    if not ttl_s > 0 or not math.isfinite(ttl_s):
+        raise ValueError(f"ttl_s must be a finite number > 0, got {ttl_s!r}")
+    return max(1, round(ttl_s * 1000))
+
+
+class Heartbeat:
+    """Keeps one worker registered and its load published, from a daemon thread.
+
+    The worker process creates it after its gRPC server listens, calls `start()`, and calls
+    `stop()` when it drains. Each tick (every `interval_s`, default `ttl_s / 3`): register if
+    not yet registered or if the key expired, else refresh the TTL; then publish `load_fn()`.
+    `load_fn` runs on this thread, so it must only read thread-safe counters of the engine.
+    Redis and `load_fn` errors are logged and retried on the next tick; they never end the thread.
+    """
+
+    def __init__(
+        self,
+        state: ClusterState,
+        info: WorkerInfo,
+        load_fn: Callable[[], WorkerLoad],
+        ttl_s: float = DEFAULT_TTL_S,
+        interval_s: float | None = None,
+    ) -> None:
+        _ttl_ms(ttl_s)
+        interval_s = ttl_s / 3 if interval_s is None else interval_s
+        if not 0 < interval_s < ttl_s:
+            raise ValueError(f"interval_s must be in (0, ttl_s={ttl_s}), got {interval_s}")
+        self._state, self._info, self._load_fn = state, info, load_fn
+        self._ttl_s, self._interval_s = ttl_s, interval_s
+        self._stop = threading.Event()
+        self._registered = threading.Event()  # set after the first successful registration
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start the thread; the first tick runs at once. Call once."""
+        self._thread.start()
+
+    def wait_registered(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` until the worker has been registered once."""
+        return self._registered.wait(timeout_s)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, deregister: bool = True, timeout_s: float = 5.0) -> None:
+        """Stop the thread (join bounded by `timeout_s`), then delete the keys if `deregister`."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("heartbeat thread of %s did not stop within %s s",
+                               self._info.worker_id, timeout_s)
+        if deregister:
+            try:
+                self._state.deregister(self._info.worker_id)
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("could not deregister %s: %s", self._info.worker_id, exc)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._tick()
+            self._stop.wait(self._interval_s)
+
+    def _tick(self) -> None:
+        worker_id = self._info.worker_id
+        try:
+            if not self._registered.is_set():
+                self._state.register(self._info, self._ttl_s)
+                self._registered.set()
+                logger.info("registered %s (%s)", worker_id, self._info.role.value)
+            elif not self._state.heartbeat(worker_id, self._ttl_s):
+                logger.warning("registration of %s expired; registering again", worker_id)
+                self._state.register(self._info, self._ttl_s)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("heartbeat of %s failed: %s", worker_id, exc)
+            return
+        try:
+            self._state.publish_load(worker_id, self._load_fn(), self._ttl_s)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("load publish of %s failed: %s", worker_id, exc)
+        except Exception:  # load_fn is caller code; a bug there must not stop the heartbeat
+            logger.exception("load_fn of %s failed", worker_id)

