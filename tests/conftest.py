@@ -13,6 +13,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton decides interpreted vs compiled when a kernel module is imported, so this must be set
+# before any test imports `kernels`: without CUDA, kernels run in the interpreter on CPU.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Random configs that the exactness tests cover besides the tiny default model.
 MODEL_CONFIGS: dict[str, dict] = {
