@@ -70,9 +70,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from services.engine.bench import run_engine_bench
 
         return run_engine_bench(_model_dir(args), prompt_len=args.prompt_len, max_tokens=args.max_tokens)
+    if args.target == "kv":
+        from services.kvtransfer.bench import run_kv_bench
+
+        return run_kv_bench()
     from kernels.bench import run_kernel_bench
 
     return run_kernel_bench()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import functools
+
+    from services.common.cluster_state import WorkerRole
+    from services.common.worker import Worker, run
+    from services.common.worker_config import WorkerConfig
+
+    role = WorkerRole(args.command)
+    config = WorkerConfig(
+        role=role,
+        worker_id=args.worker_id or f"{role.value}-{args.port}",
+        model_dir=_model_dir(args),
+        engine=_config(args),
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        metrics_port=args.metrics_port,
+        redis_url=args.redis,
+        cluster=args.cluster,
+        heartbeat_ttl_s=args.heartbeat_ttl_s,
+        lease_ttl_s=args.lease_ttl_s,
+        kv_transport=args.kv_transport,
+        transfer_timeout_s=args.transfer_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
+    )
+    if role is WorkerRole.PREFILL:
+        from services.prefill.server import add_servicers
+    else:
+        from services.decode.server import add_servicers
+    worker = Worker(config)
+    return run(worker, functools.partial(add_servicers, worker))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.set_defaults(func=cmd_generate)
 
+    for role in ("prefill", "decode"):
+        w = sub.add_parser(role, help=f"run a {role} worker (gRPC)")
+        _add_engine_flags(w)
+        w.add_argument("--worker-id", default=None)
+        w.add_argument("--host", default="127.0.0.1", help="bind address of the gRPC server")
+        w.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+        w.add_argument("--advertise-host", default=None, help="address peers dial (default: --host)")
+        w.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here")
+        w.add_argument("--redis", default=None, help="Redis URL of the cluster state")
+        w.add_argument("--cluster", default="default")
+        w.add_argument("--heartbeat-ttl-s", type=float, default=5.0)
+        w.add_argument("--lease-ttl-s", type=float, default=30.0)
+        w.add_argument("--kv-transport", default="grpc", choices=["grpc", "torch"])
+        w.add_argument("--transfer-timeout-s", type=float, default=10.0)
+        w.add_argument("--drain-timeout-s", type=float, default=30.0)
+        w.set_defaults(func=cmd_worker)
+
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
-    bench.add_argument("target", choices=["engine", "kernels"])
+    bench.add_argument("target", choices=["engine", "kernels", "kv"])
     bench.add_argument("--model", type=Path, default=None)
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--max-tokens", type=int, default=128)

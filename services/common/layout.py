@@ -32,7 +32,7 @@ class KVLayout:
 
     @property
     def fingerprint(self) -> str:
-        return xxhash.xxh64_hexdigest(self.describe())
+        return xxhash.xxh64_hexdigest(self.describe().encode())
 
     @staticmethod
     def parse(text: str) -> "KVLayout":

@@ -218,3 +218,27 @@ class ReleaseKVResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class SendKVRequest(_message.Message):
+    __slots__ = ("request_id", "block_ids", "layout", "store_address", "pair_id", "tag")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    layout: str
+    store_address: str
+    pair_id: str
+    tag: int
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., store_address: _Optional[str] = ..., pair_id: _Optional[str] = ..., tag: _Optional[int] = ...) -> None: ...
+
+class SendKVResponse(_message.Message):
+    __slots__ = ("size_bytes", "checksum")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    checksum: int
+    def __init__(self, size_bytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...

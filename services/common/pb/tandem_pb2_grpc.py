@@ -245,6 +245,11 @@ class KVTransferStub:
                 request_serializer=services_dot_common_dot_pb_dot_tandem__pb2.ReleaseKVRequest.SerializeToString,
                 response_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.ReleaseKVResponse.FromString,
                 _registered_method=True)
+        self.SendKV = channel.unary_unary(
+                '/tandem.v1.KVTransfer/SendKV',
+                request_serializer=services_dot_common_dot_pb_dot_tandem__pb2.SendKVRequest.SerializeToString,
+                response_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.SendKVResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -262,6 +267,12 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendKV(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +285,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.ReleaseKV,
                     request_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.ReleaseKVRequest.FromString,
                     response_serializer=services_dot_common_dot_pb_dot_tandem__pb2.ReleaseKVResponse.SerializeToString,
+            ),
+            'SendKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendKV,
+                    request_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.SendKVRequest.FromString,
+                    response_serializer=services_dot_common_dot_pb_dot_tandem__pb2.SendKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +346,33 @@ class KVTransfer:
             '/tandem.v1.KVTransfer/ReleaseKV',
             services_dot_common_dot_pb_dot_tandem__pb2.ReleaseKVRequest.SerializeToString,
             services_dot_common_dot_pb_dot_tandem__pb2.ReleaseKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVTransfer/SendKV',
+            services_dot_common_dot_pb_dot_tandem__pb2.SendKVRequest.SerializeToString,
+            services_dot_common_dot_pb_dot_tandem__pb2.SendKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

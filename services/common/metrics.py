@@ -1,0 +1,60 @@
+"""Prometheus metrics of a worker (DESIGN.md section 4, "Metrics").
+
+Each worker owns one `WorkerMetrics` with its own registry (no module-level globals), and
+serves it over HTTP on its metrics port. The `vllm:*` names are the ones existing dashboards
+and the Gateway API Inference Extension read; the rest use the `tandem_` prefix.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    def __init__(self, worker_id: str, role: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"worker_id": worker_id, "role": role}
+        self._labels = labels
+        names = list(labels)
+        r = self.registry
+        self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", names, registry=r).labels(**labels)
+        self.num_requests_running = Gauge("vllm:num_requests_running", "Requests running", names, registry=r).labels(**labels)
+        self.kv_cache_usage_perc = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", names, registry=r).labels(**labels)
+        self.kv_transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes received", names, registry=r).labels(**labels)
+        self.kv_transfer_blocks = Counter("tandem_kv_transfer_blocks", "KV blocks received", names, registry=r).labels(**labels)
+        self.kv_transfer_seconds = Histogram(
+            "tandem_kv_transfer_seconds", "KV pull duration", names, buckets=_SECONDS_BUCKETS, registry=r
+        ).labels(**labels)
+        self._kv_transfer_failures = Counter(
+            "tandem_kv_transfer_failures", "Failed KV pulls by reason", [*names, "reason"], registry=r
+        )
+        self.kv_local_hit_blocks = Counter(
+            "tandem_kv_local_hit_blocks", "Prompt blocks a decode worker found in its own cache", names, registry=r
+        ).labels(**labels)
+        self.kv_recomputes = Counter(
+            "tandem_kv_recomputes", "Hand-offs that fell back to local recompute", names, registry=r
+        ).labels(**labels)
+        self.lease_expiries = Counter("tandem_lease_expiries", "KV leases that expired unpulled", names, registry=r).labels(**labels)
+        self.leases_granted = Counter("tandem_leases_granted", "KV leases granted", names, registry=r).labels(**labels)
+        self.requests_finished = Counter(
+            "tandem_requests_finished", "Requests finished by reason", [*names, "reason"], registry=r
+        )
+        self.prompt_tokens_computed = Counter(
+            "tandem_prompt_tokens_computed", "Prompt tokens run through the model", names, registry=r
+        ).labels(**labels)
+        self.prefix_hit_tokens = Counter(
+            "tandem_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", names, registry=r
+        ).labels(**labels)
+
+    def kv_transfer_failure(self, reason: str) -> None:
+        self._kv_transfer_failures.labels(**self._labels, reason=reason).inc()
+
+    def finished(self, reason: str) -> None:
+        self.requests_finished.labels(**self._labels, reason=reason).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics over HTTP on (host, port); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])

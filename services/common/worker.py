@@ -1,0 +1,249 @@
+"""One worker process: engine + step loop + gRPC server + heartbeat + KV events + metrics.
+
+Both roles run this; `services/prefill` and `services/decode` add their servicer.
+
+Lifecycle:
+1. `serve()` loads the engine, starts the step-loop thread, binds gRPC on the configured
+   address, serves metrics, registers in Redis (heartbeat thread), and prints one JSON
+   `ready` line on stdout with the bound address.
+2. Requests arrive on the asyncio thread and reach the engine only through the step loop.
+   A tick on the loop thread snapshots load for the heartbeat, updates gauges and hands
+   block stored/removed events to the KV-event publisher thread.
+3. SIGTERM or SIGINT starts a drain: new work is refused (UNAVAILABLE), running sequences
+   finish, leases are released or expire (bounded by `drain_timeout_s`), then the worker
+   deregisters, stops its server and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+import redis
+
+from services.common.cluster_state import ClusterState, Heartbeat, KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
+from services.common.layout import KVLayout
+from services.common.metrics import WorkerMetrics
+from services.common.pb import tandem_pb2 as pb
+from services.common.worker_config import WorkerConfig
+from services.engine.block_pool import KVEvent
+from services.engine.engine import Engine, RequestOutput
+from services.engine.step_loop import StepLoop, WorkerBusyError
+from services.kvtransfer.base import create_transport
+from services.kvtransfer.block_store import KVBlockStore
+from services.kvtransfer.config import KVTransferConfig
+from services.kvtransfer.leases import LeaseTable
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+VERSION = "0.1.0"
+_ROLE_TO_PB = {WorkerRole.PREFILL: pb.WORKER_ROLE_PREFILL, WorkerRole.DECODE: pb.WORKER_ROLE_DECODE}
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.model_dir, config.engine)
+        self.loop = StepLoop(self.engine, inbox_size=config.inbox_size)
+        mc = self.engine.model_config
+        self.layout = KVLayout(
+            architecture=mc.architecture,
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            dtype=str(mc.dtype).removeprefix("torch."),
+            block_size=config.engine.block_size,
+        )
+        self.metrics = WorkerMetrics(config.worker_id, config.role.value)
+        self.draining = False
+        self.address = ""
+        self._load = WorkerLoad(0, 0, 0, 0, self.engine.pool.num_blocks, time.time())
+        self._events: queue.SimpleQueue[list[KVEvent]] = queue.SimpleQueue()
+        self._stop_publisher = threading.Event()
+        self._state: ClusterState | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._epoch = time.time_ns()
+        # Prefill role: leases on held KV. on_free may run on any thread; the blocks are freed
+        # by the loop-thread tick.
+        self._to_release: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.leases = LeaseTable(on_free=self._to_release.put)
+        self.loop.add_tick(self._tick)
+        self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
+        self.transport = create_transport(
+            config.kv_transport,
+            KVTransferConfig(transport=config.kv_transport, pull_timeout_s=config.transfer_timeout_s, bind_host=config.advertised),
+        )
+
+    # ---- used by the role servicers --------------------------------------------------------
+    async def call(self, fn: Callable[[Engine], T], context: grpc.aio.ServicerContext) -> T:
+        """Run `fn(engine)` on the step loop; map a full inbox and bad input to gRPC errors."""
+        try:
+            return await asyncio.wrap_future(self.loop.submit(fn))
+        except WorkerBusyError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable")
+
+    def output_queue(self) -> tuple[asyncio.Queue[RequestOutput], Callable[[RequestOutput], None]]:
+        """A queue on this asyncio loop and the loop-thread callback that feeds it."""
+        aio_loop = asyncio.get_running_loop()
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        return q, lambda out: aio_loop.call_soon_threadsafe(q.put_nowait, out)
+
+    async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.config.worker_id} is draining")
+
+    def abort_soon(self, request_id: str) -> None:
+        """Abort from a cancelled handler: best effort, never raises."""
+        try:
+            self.loop.submit(lambda e: e.abort(request_id) and self.loop.unsubscribe(request_id))
+        except WorkerBusyError:
+            log.warning("inbox full; request %s will be aborted when it next produces output", request_id)
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        load = await self.call(self._snapshot, context)
+        return pb.HealthResponse(
+            worker_id=self.config.worker_id,
+            role=_ROLE_TO_PB[self.config.role],
+            layout_fingerprint=self.layout.fingerprint,
+            layout=self.layout.describe(),
+            free_blocks=load.kv_blocks_total - load.kv_blocks_used,
+            total_blocks=load.kv_blocks_total,
+            waiting=load.waiting,
+            running=load.running,
+            draining=self.draining,
+            held_leases=len(self.leases),
+        )
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        request_id = request.request_id
+        released = self.leases.release(request_id)
+        found = await self.call(lambda e: e.abort(request_id), context)
+        return pb.AbortResponse(found=bool(found) or released)
+
+
+    # ---- loop-thread tick ---------------------------------------------------------------
+    def _tick(self, engine: Engine) -> None:
+        for request_id in self.leases.expire(time.time()):
+            self.metrics.lease_expiries.inc()
+            log.info("lease of %s expired unpulled", request_id)
+        self._release_pending(engine)
+        self._snapshot(engine)
+        events = engine.pool.take_events()
+        if events:
+            self._events.put(events)
+
+    def _snapshot(self, engine: Engine) -> WorkerLoad:
+        """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
+        waiting = engine.batcher.waiting
+        running = engine.batcher.running
+        queued = sum(s.num_new_tokens for s in waiting) + sum(s.num_new_tokens - 1 for s in running if s.num_new_tokens > 1)
+        pool = engine.pool
+        load = WorkerLoad(len(waiting), len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
+        self._load = load
+        self.metrics.num_requests_waiting.set(len(waiting))
+        self.metrics.num_requests_running.set(len(running))
+        self.metrics.kv_cache_usage_perc.set(pool.usage)
+        return load
+
+    def _release_pending(self, engine: Engine) -> None:
+        while not self._to_release.empty():
+            engine.release_held(self._to_release.get_nowait())
+
+    def _publish_events(self) -> None:
+        kinds = {"stored": KVEventKind.STORED, "removed": KVEventKind.REMOVED, "cleared": KVEventKind.CLEARED}
+        while not self._stop_publisher.is_set():
+            try:
+                batch = self._events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self._state is None:
+                continue
+            for event in batch:
+                try:
+                    self._state.append_kv_events(self.config.worker_id, self._epoch, kinds[event.kind.value], event.block_hashes)
+                except (redis.RedisError, ValueError):
+                    log.exception("publishing KV event failed")
+
+    # ---- process lifecycle ----------------------------------------------------------------
+    async def serve(self, add_servicers: Callable[[grpc.aio.Server], None]) -> None:
+        self.loop.start()
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        add_servicers(server)
+        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        self.address = f"{self.config.advertised}:{port}"
+        await server.start()
+        metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port) if self.config.metrics_port is not None else None
+        if self.config.redis_url:
+            self._register()
+        publisher = threading.Thread(target=self._publish_events, name="kv-events", daemon=True)
+        publisher.start()
+        stop = asyncio.Event()
+        aio_loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            aio_loop.add_signal_handler(sig, stop.set)
+        ready = {"event": "ready", "worker_id": self.config.worker_id, "role": self.config.role.value,
+                 "address": self.address, "metrics_port": metrics_port, "fingerprint": self.layout.fingerprint}
+        sys.stdout.write(json.dumps(ready) + "\n")
+        sys.stdout.flush()
+        await stop.wait()
+        await self._drain()
+        if self._heartbeat is not None:
+            self._heartbeat.stop(deregister=True)
+        await server.stop(grace=1.0)
+        self._stop_publisher.set()
+        publisher.join(2.0)
+        await self.transport.close()
+        self.loop.stop()
+
+    def _register(self) -> None:
+        client = redis.Redis.from_url(self.config.redis_url, socket_timeout=2.0)
+        self._state = ClusterState(client, self.config.cluster)
+        info = WorkerInfo(
+            worker_id=self.config.worker_id,
+            role=self.config.role,
+            address=self.address,
+            fingerprint=self.layout.fingerprint,
+            capacity_blocks=self.engine.pool.num_blocks,
+            version=VERSION,
+        )
+        self._heartbeat = Heartbeat(self._state, info, lambda: self._load, ttl_s=self.config.heartbeat_ttl_s)
+        self._heartbeat.start()
+        self._heartbeat.wait_registered(timeout_s=5.0)
+
+    async def _drain(self) -> None:
+        """Refuse new work, let sequences finish and leases go, within drain_timeout_s."""
+        self.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while time.monotonic() < deadline:
+            idle = await asyncio.wrap_future(self.loop.submit(lambda e: not e.has_unfinished()))
+            if idle and len(self.leases) == 0:
+                break
+            await asyncio.sleep(0.05)
+        self.leases.release_all()
+        await asyncio.wrap_future(self.loop.submit(self._release_pending))
+
+
+def run(worker: Worker, add_servicers: Callable[[grpc.aio.Server], None]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    asyncio.run(worker.serve(add_servicers))
+    return 0

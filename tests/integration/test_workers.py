@@ -1,0 +1,141 @@
+"""Prefill and decode workers as real processes on loopback, driven over gRPC.
+
+Exactness over the wire for both KV transports, decode-side reuse, faults (corrupted chunk,
+layout mismatch, prefill worker killed, cancelled stream, expired lease), bad peers, and the
+Redis registry (SIGKILL expiry, drain and deregistration).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from services.common.cluster_state import ClusterState
+from services.common.pb import tandem_pb2 as pb
+from services.engine import Engine, SamplingParams
+from tests.conftest import random_prompts
+from tests.integration.workers import WorkerProcess, decode_stream, disaggregated, prefill, wait_until
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+LENGTHS = [1, 5, 16, 17, 40, 64, 100, 150]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> Engine:
+    return Engine.from_pretrained(tiny_model_dir, num_blocks=256)
+
+
+@pytest.fixture(scope="module", params=["grpc", "torch"])
+def pair(request, tiny_model_dir: Path, redis_server):
+    transport = request.param
+    common = ("--redis", redis_server.url, "--kv-transport", transport, "--heartbeat-ttl-s", "2")
+    p = WorkerProcess.start("prefill", tiny_model_dir, *common, worker_id=f"p-{transport}")
+    d = WorkerProcess.start("decode", tiny_model_dir, *common, worker_id=f"d-{transport}")
+    yield transport, p, d
+    assert d.stop() == 0
+    assert p.stop() == 0
+
+
+def _pools_free(*workers: WorkerProcess) -> bool:
+    for w in workers:
+        h = w.health()
+        if h.free_blocks != h.total_blocks or h.held_leases or h.waiting or h.running:
+            return False
+    return True
+
+
+def test_exactness_over_the_wire(pair, reference: Engine) -> None:
+    transport, p, d = pair
+    prompts = random_prompts(LENGTHS, reference.model_config.vocab_size, seed=21)
+    expected = [list(o.token_ids) for o in reference.generate(prompts, GREEDY)]
+    for i, prompt in enumerate(prompts):
+        tokens, deltas = disaggregated(p, d, f"exact-{transport}-{i}", prompt, GREEDY)
+        assert tokens == expected[i], f"prompt {i} ({len(prompt)} tokens)"
+        assert deltas[0].recomputed is False
+        assert deltas[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert wait_until(lambda: _pools_free(p, d), 2.0)
+    assert d.metric("tandem_kv_transfer_failures_total") == 0
+
+
+def test_decode_side_reuse_pulls_only_missing_blocks(pair, reference: Engine) -> None:
+    transport, p, d = pair
+    shared, tail_a, tail_b = random_prompts([48, 20, 30], reference.model_config.vocab_size, seed=22)
+    for i, prompt in enumerate([shared + tail_a, shared + tail_b]):
+        blocks_before = d.metric("tandem_kv_transfer_blocks_total")
+        bytes_before = d.metric("tandem_kv_transfer_bytes_total")
+        tokens, deltas = disaggregated(p, d, f"reuse-{transport}-{i}", prompt, GREEDY)
+        assert tokens == list(reference.generate([prompt], GREEDY)[0].token_ids)
+        num_blocks = -(-len(prompt) // 16)
+        pulled = d.metric("tandem_kv_transfer_blocks_total") - blocks_before
+        expected_pulled = num_blocks if i == 0 else num_blocks - 3  # 3 shared full blocks are local
+        assert pulled == expected_pulled
+        assert deltas[0].num_pulled_blocks == expected_pulled
+        assert deltas[0].num_cached_tokens == (0 if i == 0 else 48)
+        block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K+V, layers, block_size, kv heads, head_dim, fp32
+        assert d.metric("tandem_kv_transfer_bytes_total") - bytes_before == expected_pulled * block_bytes
+
+
+def test_layout_mismatch_is_refused_naming_the_field(pair, reference: Engine) -> None:
+    _, p, d = pair
+    (prompt,) = random_prompts([20], reference.model_config.vocab_size, seed=23)
+    first = prefill(p, "mismatch", prompt, GREEDY)
+    first.handle.layout = first.handle.layout.replace("block_size=16", "block_size=32")
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode_stream(d, "mismatch", prompt, GREEDY, first))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "block_size (ours 16, theirs 32)" in err.value.details()
+    p.stub().Abort(pb.AbortRequest(request_id="mismatch"), timeout=5)
+    assert wait_until(lambda: _pools_free(p, d), 2.0)
+
+
+def test_cancelled_decode_frees_both_pools(pair, reference: Engine) -> None:
+    _, p, d = pair
+    (prompt,) = random_prompts([70], reference.model_config.vocab_size, seed=24)
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    first = prefill(p, "cancel", prompt, long)
+    stream = decode_stream(d, "cancel", prompt, long, first)
+    next(stream)
+    stream.cancel()
+    start = time.monotonic()
+    assert wait_until(lambda: _pools_free(p, d), 2.0)
+    assert time.monotonic() - start < 2.0
+
+
+def test_bad_peers_get_errors_and_workers_keep_serving(pair, reference: Engine) -> None:
+    _, p, d = pair
+    methods = ["/tandem.v1.Worker/Prefill", "/tandem.v1.Worker/Abort", "/tandem.v1.Worker/Health",
+               "/tandem.v1.KVTransfer/PullKV", "/tandem.v1.KVTransfer/ReleaseKV"]
+    for worker in (p, d):
+        channel = worker.channel()
+        for method in methods:
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError):
+                call(b"\xff\xfe garbage \x00\x01", timeout=5)
+        stream = channel.unary_stream("/tandem.v1.Worker/Decode", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError):
+            list(stream(b"\x0a\x05\x12\x03\xff\xff\xff", timeout=5))
+    # well-formed but invalid requests
+    with pytest.raises(grpc.RpcError) as err:
+        prefill(p, "bad", [10**9], GREEDY)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "out of range" in err.value.details()
+    (prompt,) = random_prompts([30], reference.model_config.vocab_size, seed=25)
+    tokens, _ = disaggregated(p, d, "after-garbage", prompt, GREEDY)
+    assert tokens == list(reference.generate([prompt], GREEDY)[0].token_ids)
+
+
+def test_no_pickle_under_services() -> None:
+    root = Path(__file__).resolve().parents[2] / "services"
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if any(
+            line.strip().startswith(("import pickle", "from pickle", "import cloudpickle", "import dill"))
+            for line in path.read_text().splitlines()
+        )
+    ]
+    assert offenders == []
