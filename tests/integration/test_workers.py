@@ -109,7 +109,7 @@ def test_cancelled_decode_frees_both_pools(pair, reference: Engine) -> None:
 def test_bad_peers_get_errors_and_workers_keep_serving(pair, reference: Engine) -> None:
     _, p, d = pair
     methods = ["/tandem.v1.Worker/Prefill", "/tandem.v1.Worker/Abort", "/tandem.v1.Worker/Health",
-               "/tandem.v1.KVTransfer/PullKV", "/tandem.v1.KVTransfer/ReleaseKV"]
+               "/tandem.v1.KVTransfer/PullKV", "/tandem.v1.KVTransfer/ReleaseKV", "/tandem.v1.KVTransfer/SendKV"]
     for worker in (p, d):
         channel = worker.channel()
         for method in methods:
