@@ -30,7 +30,8 @@ from typing import TypeVar
 import grpc
 import redis
 
-from services.common.cluster_state import ClusterState, Heartbeat, KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
+from services.common.cluster_state import ClusterState, KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
+from services.common.heartbeat import Heartbeat
 from services.common.layout import KVLayout
 from services.common.metrics import WorkerMetrics
 from services.common.pb import tandem_pb2 as pb

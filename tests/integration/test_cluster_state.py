@@ -14,7 +14,6 @@ import redis
 
 from services.common.cluster_state import (
     ClusterState,
-    Heartbeat,
     KVEventKind,
     KVEventRecord,
     WorkerInfo,
@@ -22,6 +21,7 @@ from services.common.cluster_state import (
     WorkerRole,
 )
 from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from services.common.heartbeat import Heartbeat
 
 PREFILL = WorkerInfo("p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0")
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")

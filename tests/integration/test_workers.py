@@ -7,15 +7,12 @@ Redis registry (SIGKILL expiry, drain and deregistration).
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-import redis
 
-from services.common.cluster_state import ClusterState
 from services.common.pb import tandem_pb2 as pb
 from services.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
