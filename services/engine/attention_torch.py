@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import gather_context
 from services.engine.attention import AttentionMetadata
 
 
@@ -54,16 +55,12 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _varlen(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        _, num_heads, head_dim = query.shape
-        _, _, block_size, num_kv_heads, _ = kv_cache.shape
-        rep = num_heads // num_kv_heads
+        rep = query.shape[1] // kv_cache.shape[3]  # query heads per KV head
         out = torch.empty_like(query)
         start = 0
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens_host)):
-            num_blocks = -(-seq_len // block_size)
-            table = meta.block_tables[i, :num_blocks].long()
-            k = kv_cache[0][table].view(-1, num_kv_heads, head_dim)[:seq_len]
-            v = kv_cache[1][table].view(-1, num_kv_heads, head_dim)[:seq_len]
+            k = gather_context(kv_cache[0], meta.block_tables[i], seq_len)  # [seq_len, kv_heads, head_dim]
+            v = gather_context(kv_cache[1], meta.block_tables[i], seq_len)
             k = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # [num_heads, seq_len, head_dim]
             v = v.transpose(0, 1).repeat_interleave(rep, dim=0)
             q = query[start : start + q_len].transpose(0, 1)  # [num_heads, q_len, head_dim]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,13 +23,12 @@ from services.engine.block_pool import BlockPool
 from services.engine.config import EngineConfig
 from services.engine.kv_cache import KVCacheSpec
 from services.engine.loader import load_model
-from services.engine.model_config import ModelConfig
+from services.engine.model_config import DTYPES, ModelConfig
 from services.engine.model_runner import ModelRunner
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import FinishReason, Sequence, TokenLogprob
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         model_config = ModelConfig.from_dir(self.model_dir)
         if config.dtype is not None:
-            model_config = _with_dtype(model_config, _DTYPES[config.dtype])
+            model_config = replace(model_config, dtype=DTYPES[config.dtype])
         self.model_config = model_config
         self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
         self.device = _resolve_device(config.device)
@@ -357,8 +356,3 @@ def _resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
-
-def _with_dtype(config: ModelConfig, dtype: torch.dtype) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(config, dtype=dtype)

@@ -23,7 +23,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
-_DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -114,8 +114,8 @@ class ModelConfig:
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: unsupported hidden_act {raw.get('hidden_act')!r}; only 'silu'")
         dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"{source}: unsupported dtype {dtype_name!r}; supported: {sorted(_DTYPES)}")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"{source}: unsupported dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
         sliding_window = raw.get("sliding_window")
         if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
             sliding_window = None
@@ -135,7 +135,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            dtype=_DTYPES[dtype_name],
+            dtype=DTYPES[dtype_name],
             eos_token_ids=eos_ids,
             sliding_window=int(sliding_window) if sliding_window else None,
         )
