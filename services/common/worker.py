@@ -11,7 +11,7 @@ Lifecycle:
    block stored/removed events to the KV-event publisher thread.
 3. SIGTERM or SIGINT starts a drain: new work is refused (UNAVAILABLE), running sequences
    finish, leases are released or expire (bounded by `drain_timeout_s`), then the worker
-   deregisters, stops its server and exits 0.
+   deregisters, stops its server and exits 0. Tracing is shut down (queued spans flushed) last.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ from typing import TypeVar
 
 import grpc
 import redis
+from opentelemetry.trace import Span, SpanKind
 
 from services.common.cluster_state import ClusterState, KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
 from services.common.heartbeat import Heartbeat
 from services.common.layout import KVLayout
 from services.common.metrics import WorkerMetrics
 from services.common.pb import tandem_pb2 as pb
+from services.common.tracing import ClockAnchor, Tracing, extract_metadata
 from services.common.worker_config import WorkerConfig
 from services.engine.block_pool import KVEvent
 from services.engine.engine import Engine, RequestOutput
@@ -71,6 +73,7 @@ class Worker:
             block_size=config.engine.block_size,
         )
         self.metrics = WorkerMetrics(config.worker_id, config.role.value)
+        self.tracing = Tracing.create(config.tracing, f"tandem-{config.role.value}")
         self.draining = False
         self.address = ""
         self._load = WorkerLoad(0, 0, 0, 0, self.engine.pool.num_blocks, time.time())
@@ -106,6 +109,17 @@ class Worker:
         aio_loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         return q, lambda out: aio_loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def server_span(self, name: str, context: grpc.aio.ServicerContext, arrival: ClockAnchor) -> Span:
+        """Start the SERVER span of an incoming call at `arrival`, a child of the trace context
+        the caller sent in its metadata (a new trace if none). The caller ends it."""
+        return self.tracing.tracer.start_span(
+            name,
+            context=extract_metadata(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+            start_time=arrival.unix_ns,
+            attributes={"gen_ai.operation.name": "text_completion", "tandem.worker_id": self.config.worker_id},
+        )
 
     async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
@@ -246,5 +260,8 @@ class Worker:
 
 def run(worker: Worker, add_servicers: Callable[[grpc.aio.Server], None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    asyncio.run(worker.serve(add_servicers))
+    try:
+        asyncio.run(worker.serve(add_servicers))
+    finally:
+        worker.tracing.shutdown()  # flushes spans still queued for export
     return 0

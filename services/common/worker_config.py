@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.cluster_state import WorkerRole
+from services.common.tracing import TracingConfig
 from services.engine.config import EngineConfig
 
 
@@ -33,6 +34,7 @@ class WorkerConfig:
     transfer_timeout_s: float = 10.0
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
+    tracing: TracingConfig = TracingConfig()
 
     def __post_init__(self) -> None:
         if not self.worker_id or len(self.worker_id) > 128:

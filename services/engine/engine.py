@@ -10,6 +10,7 @@ Workers drive it through the step-level API from their one step-loop thread:
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,12 +34,16 @@ from services.engine.sequence import FinishReason, Sequence, TokenLogprob
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What one step produced for one request: the tokens added, and whether it finished."""
+    """What one step produced for one request: the tokens added, and whether it finished.
+    `first_scheduled_s` (`time.monotonic()`, when a step first planned a chunk of it) and
+    `num_cached_tokens` (prefix-cache hit at admission) are the sequence's, for timings."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
     new_logprobs: tuple[TokenLogprob, ...]
     finish_reason: FinishReason | None
+    first_scheduled_s: float | None = None
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -265,6 +270,10 @@ class Engine:
         self.stats.num_prefix_hit_tokens += plan.num_prefix_hit_tokens
         if not plan.chunks:
             return []
+        now_s = time.monotonic()
+        for chunk in plan.chunks:
+            if chunk.seq.first_scheduled_s is None:
+                chunk.seq.first_scheduled_s = now_s
         result = self.runner.execute(plan)
         sampling_chunks = [c for c in plan.chunks if c.samples]
         tokens, logprobs = self.sampler.sample(
@@ -290,7 +299,10 @@ class Engine:
             seq = chunk.seq
             logprob = sampled[seq.request_id][1]
             outputs.append(
-                RequestOutput(seq.request_id, (seq.token_ids[-1],), (logprob,) if logprob else (), seq.finish_reason)
+                RequestOutput(
+                    seq.request_id, (seq.token_ids[-1],), (logprob,) if logprob else (), seq.finish_reason,
+                    seq.first_scheduled_s, seq.num_cached_tokens,
+                )
             )
             if seq.is_finished:
                 del self._seqs[seq.request_id]

@@ -64,6 +64,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prefix-cache hit at the last admission
     num_preemptions: int = 0
     num_cached_blocks: int = 0  # blocks of block_table already registered in the pool's cache
+    first_scheduled_s: float | None = None  # time.monotonic() when a step first planned a chunk of it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # float32 chunks
     _block_hashes: list[BlockHash] = field(default_factory=list)
