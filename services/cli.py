@@ -79,6 +79,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_kernel_bench()
 
 
+def _add_tracing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--otel-exporter", default="none", choices=["none", "otlp", "file"],
+                        help="where OpenTelemetry spans go (default: none, no overhead)")
+    parser.add_argument("--otel-endpoint", default=None, help="OTLP/gRPC collector for --otel-exporter otlp, "
+                        "e.g. http://localhost:4317 (http: plaintext, https: TLS)")
+    parser.add_argument("--otel-file", type=Path, default=None,
+                        help="for --otel-exporter file: append one JSON line per span here (shareable by processes)")
+
+
+def _tracing_config(args: argparse.Namespace) -> TracingConfig:
+    from services.common.tracing import TracingConfig
+
+    return TracingConfig(exporter=args.otel_exporter, otlp_endpoint=args.otel_endpoint, file_path=args.otel_file)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import functools
 
@@ -103,6 +118,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         kv_transport=args.kv_transport,
         transfer_timeout_s=args.transfer_timeout_s,
         drain_timeout_s=args.drain_timeout_s,
+        tracing=_tracing_config(args),
     )
     if role is WorkerRole.PREFILL:
         from services.prefill.server import add_servicers
@@ -110,6 +126,95 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from services.decode.server import add_servicers
     worker = Worker(config)
     return run(worker, functools.partial(add_servicers, worker))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import os
+
+    from services.gateway.config import GatewayConfig
+    from services.gateway.limits import RateLimitConfig
+    from services.gateway.server import run
+    from services.scheduler import SchedulerConfig
+
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k.strip()]
+    config = GatewayConfig(
+        model_dir=_model_dir(args),
+        redis_url=args.redis,
+        served_model_name=args.served_model_name,
+        model_id=args.model_id,
+        max_model_len=args.max_model_len,
+        host=args.host,
+        port=args.port,
+        cluster=args.cluster,
+        api_keys=frozenset(keys),
+        max_n=args.max_n,
+        max_body_bytes=args.max_body_bytes,
+        prefill_timeout_s=args.prefill_timeout_s,
+        decode_idle_timeout_s=args.decode_idle_timeout_s,
+        scheduler=SchedulerConfig(policy=args.policy, block_size=args.block_size,
+                                  local_prefill_max_tokens=args.local_prefill_max_tokens),
+        rate_limits=RateLimitConfig(requests_per_minute=args.rate_limit_rpm, tokens_per_minute=args.rate_limit_tpm),
+        tracing=_tracing_config(args),
+    )
+    return run(config)
+
+
+def _up_state_file() -> Path:
+    """Where `tandem up` records its cluster for `tandem status`: $TANDEM_CACHE_DIR/up.json."""
+    from services.engine.tiny_model import default_cache_dir
+    from services.launcher.state_file import STATE_FILE_NAME
+
+    return default_cache_dir() / STATE_FILE_NAME
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from services.launcher import LocalClusterConfig, TracingFlags
+    from services.launcher.up import run_up
+
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k.strip()]
+    config = LocalClusterConfig(
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        host=args.host,
+        port=args.port,
+        model_dir=args.model,
+        redis_url=args.redis_url,
+        cluster=args.cluster,
+        policy=args.policy,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
+        kv_cache_mib=args.kv_cache_mib,
+        max_model_len=args.max_model_len,
+        kv_transport=args.kv_transport,
+        api_keys=tuple(dict.fromkeys(keys)),
+        tracing=TracingFlags(exporter=args.otel_exporter, endpoint=args.otel_endpoint, file=args.otel_file),
+        ready_timeout_s=args.ready_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
+    )
+    logging.basicConfig(level=logging.INFO, format="tandem up: %(levelname)s %(message)s", stream=sys.stderr)
+    return run_up(config, _up_state_file())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.launcher.state_file import read_state
+    from services.launcher.status import run_status
+
+    path = _up_state_file()
+    state = read_state(path)
+    redis_url = args.redis_url or (state.redis_url if state is not None else None)
+    if redis_url is None:
+        print(f"tandem: error: no running `tandem up` found ({path} does not exist); pass --redis-url URL",
+              file=sys.stderr)
+        return 1
+    from_state = state is not None and state.redis_url == redis_url
+    if state is not None and from_state and not state.owner_running():
+        print(f"tandem: warning: {path} is stale: tandem up (pid {state.pid}) is not running", file=sys.stderr)
+    cluster = args.cluster or (state.cluster if state is not None and from_state else "default")
+    return run_status(redis_url, cluster, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +248,57 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--kv-transport", default="grpc", choices=["grpc", "torch"])
         w.add_argument("--transfer-timeout-s", type=float, default=10.0)
         w.add_argument("--drain-timeout-s", type=float, default=30.0)
+        _add_tracing_flags(w)
         w.set_defaults(func=cmd_worker)
+
+    gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway (HTTP)")
+    gw.add_argument("--model", type=Path, default=None, help="local HF model directory (tokenizer, config)")
+    gw.add_argument("--served-model-name", default=None, help="the `model` clients send (default: directory name)")
+    gw.add_argument("--model-id", default=None, help="model id in block hashes; must equal the workers'")
+    gw.add_argument("--max-model-len", type=int, default=None)
+    gw.add_argument("--block-size", type=int, default=16, help="must equal the workers' block size")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    gw.add_argument("--redis", required=True, help="Redis URL of the cluster state")
+    gw.add_argument("--cluster", default="default")
+    gw.add_argument("--policy", default="prefix_aware", help="round_robin | least_loaded | prefix_aware")
+    gw.add_argument("--local-prefill-max-tokens", type=int, default=256,
+                    help="uncached prompt tokens under which the decode worker prefills locally")
+    gw.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable; also TANDEM_API_KEYS)")
+    gw.add_argument("--max-n", type=int, default=8)
+    gw.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    gw.add_argument("--prefill-timeout-s", type=float, default=120.0)
+    gw.add_argument("--decode-idle-timeout-s", type=float, default=60.0)
+    gw.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per API key")
+    gw.add_argument("--rate-limit-tpm", type=int, default=None, help="prompt + max tokens per minute per API key")
+    _add_tracing_flags(gw)
+    gw.set_defaults(func=cmd_gateway)
+
+    up = sub.add_parser("up", help="start a whole local cluster (Redis, workers, gateway) and wait")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers (0: colocated, decode workers prefill)")
+    up.add_argument("--decode", type=int, default=1, help="decode workers (>= 1)")
+    up.add_argument("--model", type=Path, default=None, help="local HF model directory (default: tiny model)")
+    up.add_argument("--redis-url", default=None, help="use this Redis (default: start a private redis-server)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (0 picks a free one)")
+    up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
+    up.add_argument("--policy", default=None, help="routing policy: round_robin | least_loaded | prefix_aware")
+    up.add_argument("--local-prefill-max-tokens", type=int, default=None,
+                    help="uncached prompt tokens under which a decode worker prefills locally (gateway default)")
+    up.add_argument("--kv-cache-mib", type=int, default=None, help="KV cache per worker (worker default)")
+    up.add_argument("--max-model-len", type=int, default=None)
+    up.add_argument("--kv-transport", default="grpc", choices=["grpc", "torch"])
+    up.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable; also TANDEM_API_KEYS)")
+    up.add_argument("--ready-timeout-s", type=float, default=180.0, help="bound on start-up")
+    up.add_argument("--drain-timeout-s", type=float, default=30.0, help="bound on each worker's drain at stop")
+    _add_tracing_flags(up)
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="live workers and pool load of a cluster, from Redis")
+    status.add_argument("--redis-url", default=None, help="default: the running `tandem up` (its up.json)")
+    status.add_argument("--cluster", default=None, help="default: the running `tandem up`'s, else 'default'")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
     bench.add_argument("target", choices=["engine", "kernels", "kv"])

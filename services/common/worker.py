@@ -82,6 +82,7 @@ class Worker:
         self._state: ClusterState | None = None
         self._heartbeat: Heartbeat | None = None
         self._epoch = time.time_ns()
+        self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
         # Prefill role: leases on held KV. on_free may run on any thread; the blocks are freed
         # by the loop-thread tick.
         self._to_release: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -161,6 +162,7 @@ class Worker:
             log.info("lease of %s expired unpulled", request_id)
         self._release_pending(engine)
         self._snapshot(engine)
+        self._count_prompt_tokens(engine)
         events = engine.pool.take_events()
         if events:
             self._events.put(events)
@@ -177,6 +179,14 @@ class Worker:
         self.metrics.num_requests_running.set(len(running))
         self.metrics.kv_cache_usage_perc.set(pool.usage)
         return load
+
+    def _count_prompt_tokens(self, engine: Engine) -> None:
+        """Loop thread: mirror the engine's prompt-token counters into the Prometheus counters."""
+        stats = engine.stats
+        computed, hits = stats.num_prompt_tokens_computed, stats.num_prefix_hit_tokens
+        self.metrics.prompt_tokens_computed.inc(computed - self._counted[0])
+        self.metrics.prefix_hit_tokens.inc(hits - self._counted[1])
+        self._counted = (computed, hits)
 
     def _release_pending(self, engine: Engine) -> None:
         while not self._to_release.empty():
