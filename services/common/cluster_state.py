@@ -166,6 +166,12 @@ class ClusterState:
     def key_prefix(self) -> str:
         return self._prefix
 
+    @property
+    def socket_timeout_s(self) -> float | None:
+        """The client's socket timeout (None: no timeout). Blocking reads must stay below it."""
+        timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
+        return None if timeout is None else float(timeout)
+
     def key(self, *parts: str) -> str:
         """Full key name, e.g. `key("worker", "w1")` -> `tandem:default:worker:w1`."""
         return self._prefix + ":".join(parts)
@@ -241,7 +247,19 @@ class ClusterState:
 
     def get_load(self, worker_id: str) -> WorkerLoad | None:
         """The worker's last published load; None if expired, absent or malformed."""
-        fields = self._redis.hgetall(self.key("load", worker_id))
+        return self._parse_load(worker_id, self._redis.hgetall(self.key("load", worker_id)))
+
+    def get_loads(self, worker_ids: Iterable[str]) -> dict[str, WorkerLoad | None]:
+        """`get_load` for many workers in one pipelined round trip (the scheduler's refresher).
+        Every id is a key of the result; None where expired, absent or malformed."""
+        ids = list(dict.fromkeys(worker_ids))
+        pipe = self._redis.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hgetall(self.key("load", worker_id))
+        return {worker_id: self._parse_load(worker_id, fields)
+                for worker_id, fields in zip(ids, pipe.execute())}
+
+    def _parse_load(self, worker_id: str, fields: Mapping[bytes, bytes]) -> WorkerLoad | None:
         if not fields:
             return None
         try:

@@ -1,0 +1,266 @@
+"""PrefixIndex: exact leading-block counts under stored/removed/cleared events, epochs, gaps,
+speculative claims and forgetting."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+
+import pytest
+
+from services.common.cluster_state import KVEventKind, KVEventRecord
+from services.scheduler import PrefixIndex
+
+STORED, REMOVED, CLEARED = KVEventKind.STORED, KVEventKind.REMOVED, KVEventKind.CLEARED
+PROMPT = (101, 102, 103, 104, 105)  # block hashes of a 5-block prompt
+
+
+class Feed:
+    """Applies events with consecutive seqs per (worker, epoch), like one publisher would."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+        self.seqs: dict[tuple[str, int], int] = {}
+
+    def __call__(self, worker_id: str, kind: KVEventKind, hashes: tuple[int, ...] = (),
+                 epoch: int = 1) -> None:
+        seq = self.seqs.get((worker_id, epoch), 0) + 1
+        self.seqs[(worker_id, epoch)] = seq
+        self.index.apply(KVEventRecord(worker_id, epoch, seq, kind, hashes))
+
+
+@pytest.fixture
+def index() -> PrefixIndex:
+    return PrefixIndex(speculative_ttl_s=10.0)
+
+
+@pytest.fixture
+def feed(index: PrefixIndex) -> Feed:
+    return Feed(index)
+
+
+def test_match_counts_leading_blocks_per_worker(index, feed):
+    feed("w-full", STORED, PROMPT)
+    feed("w-two", STORED, PROMPT[:2])
+    feed("w-hole-first", STORED, PROMPT[1:])  # holds 2..5 but not block 1: no leading block
+    feed("w-hole-mid", STORED, (101, 102, 104, 105))
+    feed("w-other", STORED, (999,))
+    feed("w-split", STORED, (101,))
+    feed("w-split", STORED, (102, 103))  # two events make one run of three
+    ids = ["w-full", "w-two", "w-hole-first", "w-hole-mid", "w-other", "w-split", "w-unknown"]
+    assert index.match(PROMPT, ids) == {
+        "w-full": 5, "w-two": 2, "w-hole-first": 0, "w-hole-mid": 2, "w-other": 0,
+        "w-split": 3, "w-unknown": 0,
+    }
+    # Only the asked workers, in the asked order; prefixes of the prompt shrink the counts.
+    assert index.match(PROMPT[:1], ["w-two", "w-full"]) == {"w-two": 1, "w-full": 1}
+    assert index.match((), ["w-full"]) == {"w-full": 0}
+    assert index.match(PROMPT, []) == {}
+    assert index.num_blocks("w-full") == 5 and index.num_blocks("w-split") == 3
+
+
+def test_match_is_exact_beyond_64_workers(index, feed):
+    hashes = tuple(range(1000, 1256))  # 256 blocks, 4096 tokens
+    workers = [f"w-{i:03d}" for i in range(130)]
+    for i, worker_id in enumerate(workers):
+        if i % 7:
+            feed(worker_id, STORED, hashes[: (i * 37) % 257])
+    expected = {w: 0 if i % 7 == 0 else (i * 37) % 257 for i, w in enumerate(workers)}
+    assert index.match(hashes, workers) == expected
+
+
+def test_removed_blocks_shorten_the_run(index, feed):
+    feed("w", STORED, PROMPT)
+    feed("w", REMOVED, (103,))
+    assert index.match(PROMPT, ["w"]) == {"w": 2}
+    feed("w", REMOVED, (101, 777))  # unknown hashes are ignored
+    assert index.match(PROMPT, ["w"]) == {"w": 0}
+    assert index.num_blocks("w") == 3  # 102, 104, 105
+
+
+def test_cleared_drops_only_that_worker(index, feed):
+    feed("w-a", STORED, PROMPT)
+    feed("w-b", STORED, PROMPT[:3])
+    feed("w-a", CLEARED)
+    assert index.match(PROMPT, ["w-a", "w-b"]) == {"w-a": 0, "w-b": 3}
+    assert index.num_blocks("w-a") == 0
+    feed("w-a", STORED, PROMPT[:1])  # the same epoch goes on after a clear
+    assert index.match(PROMPT, ["w-a", "w-b"]) == {"w-a": 1, "w-b": 3}
+    assert index.num_gaps("w-a") == 0
+
+
+def test_new_epoch_drops_the_old_entries_and_old_epochs_are_ignored(index, feed):
+    feed("w", STORED, PROMPT, epoch=1)
+    index.add_speculative("w", (106,), now_s=0.0)
+    feed("w", STORED, PROMPT[:1], epoch=2)  # restarted: only block 1 so far
+    assert index.match(PROMPT + (106,), ["w"]) == {"w": 1}
+    assert (index.num_blocks("w"), index.num_claims("w")) == (1, 0)
+    feed("w", STORED, PROMPT, epoch=1)  # a late event of the old process
+    assert index.match(PROMPT, ["w"]) == {"w": 1}
+    assert index.num_gaps("w") == 0
+
+
+def test_seq_gap_is_counted_and_entries_are_kept(index, caplog):
+    apply = index.apply
+    apply(KVEventRecord("w", 7, 1, STORED, PROMPT[:2]))
+    with caplog.at_level(logging.WARNING, logger="services.scheduler.index"):
+        apply(KVEventRecord("w", 7, 4, STORED, PROMPT[2:4]))  # seqs 2 and 3 were lost
+    assert "gap in epoch 7 (seq 4 after 1)" in caplog.text
+    assert index.num_gaps("w") == 1
+    assert index.match(PROMPT, ["w"]) == {"w": 4}
+    apply(KVEventRecord("w", 7, 4, REMOVED, PROMPT[:1]))  # duplicate seq: ignored
+    apply(KVEventRecord("w", 7, 2, REMOVED, PROMPT[:1]))  # older seq: ignored
+    assert index.match(PROMPT, ["w"]) == {"w": 4}
+    apply(KVEventRecord("w", 8, 1, STORED, PROMPT[:1]))  # a new epoch starts a complete view
+    assert index.num_gaps("w") == 0
+    assert index.match(PROMPT, ["w"]) == {"w": 1}
+
+
+def test_first_event_in_the_middle_of_an_epoch_counts_as_a_gap(index):
+    index.apply(KVEventRecord("w", 3, 42, STORED, PROMPT[:2]))  # stream trimmed before seq 42
+    assert index.num_gaps("w") == 1
+    assert index.match(PROMPT, ["w"]) == {"w": 2}
+
+
+def test_speculative_claims_expire_after_the_ttl(index):
+    index.add_speculative("w", PROMPT[:3], now_s=100.0)
+    assert index.match(PROMPT, ["w"]) == {"w": 3}
+    assert index.match(PROMPT[:2], ["w"]) == {"w": 0}  # the claimed chain ends at block 3
+    assert index.num_claims("w") == 1 and index.num_blocks("w") == 0
+    assert index.expire(109.999) == 0
+    assert index.match(PROMPT, ["w"]) == {"w": 3}
+    assert index.expire(110.0) == 1
+    assert index.match(PROMPT, ["w"]) == {"w": 0}
+    assert index.num_claims("w") == 0
+    assert index.expire(1000.0) == 0
+    index.add_speculative("w", (), now_s=1000.0)  # a prompt without a full block: no claim
+    assert index.num_claims("w") == 0
+
+
+def test_stored_events_confirm_what_a_claim_promised(index, feed):
+    index.add_speculative("w", PROMPT[:3], now_s=100.0)
+    feed("w", STORED, PROMPT[:2])
+    assert index.match(PROMPT, ["w"]) == {"w": 3}  # the longer of claim and confirmed run
+    assert index.expire(200.0) == 1
+    assert index.match(PROMPT, ["w"]) == {"w": 2}  # what the worker really stored
+    assert index.num_blocks("w") == 2
+
+
+def test_claim_and_confirmed_run_take_the_longer(index, feed):
+    feed("w-full", STORED, PROMPT)
+    index.add_speculative("w-full", PROMPT[:2], now_s=0.0)
+    feed("w-hole", STORED, (101, 103, 104, 105))
+    index.add_speculative("w-hole", PROMPT[:2], now_s=0.0)  # run 1, claim 2: not joined to 5
+    index.add_speculative("w-elsewhere", (999,), now_s=0.0)
+    assert index.match(PROMPT, ["w-full", "w-hole", "w-elsewhere"]) == {
+        "w-full": 5, "w-hole": 2, "w-elsewhere": 0}
+    assert index.match(PROMPT, ["w-hole"]) == {"w-hole": 2}  # claims of others stay out
+
+
+def test_claiming_again_pushes_the_expiry(index):
+    index.add_speculative("w", PROMPT[:3], now_s=100.0)
+    index.add_speculative("w", PROMPT[:3], now_s=105.0)
+    index.add_speculative("w", PROMPT[:2], now_s=100.0)
+    assert index.num_claims("w") == 2
+    assert index.expire(110.0) == 1  # the 2-block claim; the 3-block one now ends at 115
+    assert index.match(PROMPT, ["w"]) == {"w": 3}
+    index.add_speculative("w-other", (999,), now_s=115.0)  # adding also expires what is due
+    assert index.match(PROMPT, ["w"]) == {"w": 0}
+
+
+def test_removed_keeps_claims_and_cleared_drops_them(index, feed):
+    index.add_speculative("w", PROMPT, now_s=0.0)
+    feed("w", STORED, PROMPT)
+    feed("w", REMOVED, (102,))
+    assert index.match(PROMPT, ["w"]) == {"w": 5}  # the claim lives out its TTL
+    assert index.expire(10.0) == 1
+    assert index.match(PROMPT, ["w"]) == {"w": 1}
+    index.add_speculative("w", PROMPT, now_s=20.0)
+    feed("w", CLEARED)
+    assert index.match(PROMPT, ["w"]) == {"w": 0}
+    assert index.num_claims("w") == 0 and index.num_blocks("w") == 0
+    assert index.expire(100.0) == 0
+
+
+def test_zero_ttl_disables_speculative_entries():
+    index = PrefixIndex(speculative_ttl_s=0.0)
+    index.add_speculative("w", PROMPT, now_s=0.0)
+    assert index.match(PROMPT, ["w"]) == {"w": 0}
+    assert index.worker_ids() == frozenset()
+
+
+def test_forget_drops_everything_and_the_slot_is_reused_cleanly(index, feed):
+    feed("w-a", STORED, PROMPT)
+    index.add_speculative("w-a", (106,), now_s=0.0)
+    feed("w-b", STORED, PROMPT[:2])
+    assert index.worker_ids() == frozenset({"w-a", "w-b"})
+    index.forget("w-a")
+    assert index.worker_ids() == frozenset({"w-b"})
+    assert index.match(PROMPT + (106,), ["w-a", "w-b"]) == {"w-a": 0, "w-b": 2}
+    assert index.num_blocks("w-a") == 0
+    feed("w-c", STORED, PROMPT[:1])  # takes w-a's freed slot
+    assert index.match(PROMPT + (106,), ["w-a", "w-b", "w-c"]) == {"w-a": 0, "w-b": 2, "w-c": 1}
+    assert index.expire(100.0) == 0  # w-a's claim went with it
+    index.forget("w-never-seen")  # no-op
+
+
+def test_concurrent_apply_and_match_stay_consistent(index):
+    hashes = tuple(range(1, 257))
+    index.apply(KVEventRecord("w-stable", 1, 1, STORED, hashes))
+    errors: list[str] = []
+
+    def churn() -> None:
+        for seq in range(1, 401):
+            kind = STORED if seq % 2 else REMOVED
+            index.apply(KVEventRecord("w-churn", 1, seq, kind, hashes[:128]))
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    while thread.is_alive():
+        result = index.match(hashes, ["w-stable", "w-churn"])
+        if result["w-stable"] != 256 or result["w-churn"] not in (0, 128):
+            errors.append(repr(result))
+    thread.join()
+    assert errors == []
+    assert index.match(hashes, ["w-churn"]) == {"w-churn": 0}  # the last event (seq 400) removed
+
+
+def test_match_equals_a_brute_force_oracle_on_random_histories(index, feed):
+    rng = random.Random(1234)
+    prompts = [tuple(rng.getrandbits(64) for _ in range(rng.randint(0, 40))) for _ in range(6)]
+    workers = [f"w-{i}" for i in range(70)]
+    held: dict[str, set[int]] = {w: set() for w in workers}
+    claimed: dict[str, dict[int, float]] = {w: {} for w in workers}
+    for step in range(600):
+        worker_id, prompt = rng.choice(workers), rng.choice(prompts)
+        cut = rng.randint(0, len(prompt))
+        action = rng.random()
+        if action < 0.5 and cut:
+            feed(worker_id, STORED, prompt[:cut])
+            held[worker_id].update(prompt[:cut])
+        elif action < 0.7 and cut:
+            removed = tuple(rng.sample(prompt[:cut], rng.randint(1, cut)))
+            feed(worker_id, REMOVED, removed)
+            held[worker_id].difference_update(removed)
+        elif action < 0.75:
+            feed(worker_id, CLEARED)
+            held[worker_id].clear()
+            claimed[worker_id].clear()
+        elif cut:
+            index.add_speculative(worker_id, prompt[:cut], now_s=float(step))
+            claimed[worker_id][prompt[cut - 1]] = step + 10.0
+        now_s = float(step)
+        index.expire(now_s)
+        for claims in claimed.values():
+            for h in [h for h, expiry_s in claims.items() if expiry_s <= now_s]:
+                del claims[h]
+        if step % 20 == 0:
+            for prompt in prompts:
+                expected = {}
+                for w in workers:
+                    run = next((i for i, h in enumerate(prompt) if h not in held[w]), len(prompt))
+                    claim = max((i + 1 for i, h in enumerate(prompt) if h in claimed[w]),
+                                default=0)
+                    expected[w] = max(run, claim)
+                assert index.match(prompt, workers) == expected, step
