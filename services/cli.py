@@ -70,6 +70,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from services.engine.bench import run_engine_bench
 
         return run_engine_bench(_model_dir(args), prompt_len=args.prompt_len, max_tokens=args.max_tokens)
+    if args.target == "gateway":
+        from services.gateway.bench import run_gateway_bench
+
+        return run_gateway_bench(_model_dir(args))
     if args.target == "kv":
         from services.kvtransfer.bench import run_kv_bench
 
@@ -301,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
-    bench.add_argument("target", choices=["engine", "kernels", "kv"])
+    bench.add_argument("target", choices=["engine", "kernels", "kv", "gateway"])
     bench.add_argument("--model", type=Path, default=None)
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--max-tokens", type=int, default=128)
