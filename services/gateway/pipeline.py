@@ -82,7 +82,7 @@ class Pipeline:
         self.tracer = tracer
         self._background: set[asyncio.Task] = set()
 
-    def route(self, request: WorkerRequest, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+    def route(self, request: WorkerRequest, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
         extra = block_extra(self.config.hash_model_id, request.cache_salt)
         hashes = hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra)
         route_request = RouteRequest(request.request_id, len(request.prompt_token_ids), tuple(hashes),
@@ -92,12 +92,22 @@ class Pipeline:
         except NoWorkerError as exc:
             raise service_unavailable(f"no worker can take the request: {exc}", self.config.retry_after_s) from exc
         self.metrics.routed(decision.kind.value, self.config.scheduler.policy)
+        tickets.add(decision)
         return decision
 
     async def generate(self, request: WorkerRequest, parent: Context | None = None) -> AsyncIterator[Delta]:
+        tickets = _Tickets(self.scheduler, len(request.prompt_token_ids))
+        try:
+            async for delta in self._generate(request, parent, tickets):
+                yield delta
+        finally:
+            tickets.close()
+
+    async def _generate(self, request: WorkerRequest, parent: Context | None,
+                        tickets: _Tickets) -> AsyncIterator[Delta]:
         with self.tracer.start_as_current_span("route", context=parent) as span:
             t0 = time.perf_counter()
-            decision = self.route(request)
+            decision = self.route(request, tickets)
             self.metrics.observe_stage("route", time.perf_counter() - t0)
             span.set_attribute("tandem.route.kind", decision.kind.value)
             span.set_attribute("tandem.route.decode", decision.decode.worker_id)
@@ -107,7 +117,7 @@ class Pipeline:
         first: pb.PrefillResponse | None = None
         prefill_worker = None
         if decision.kind is RouteKind.DISAGGREGATED:
-            first, decision = await self._prefill_with_retry(request, decision, metadata)
+            first, decision = await self._prefill_with_retry(request, decision, metadata, tickets)
             prefill_worker = decision.prefill
         if first is not None:
             cached = first.num_cached_tokens
@@ -119,7 +129,7 @@ class Pipeline:
                 return
         completed = False
         try:
-            async for delta in self._decode(request, decision, first, metadata):
+            async for delta in self._decode(request, decision, first, metadata, tickets):
                 yield delta
             completed = True
         finally:
@@ -127,26 +137,29 @@ class Pipeline:
                 self._abort_soon(prefill_worker.address, request.request_id)
 
     async def _prefill_with_retry(self, request: WorkerRequest, decision: RouteDecision,
-                                  metadata: tuple[tuple[str, str], ...]) -> tuple[pb.PrefillResponse | None, RouteDecision]:
+                                  metadata: tuple[tuple[str, str], ...],
+                                  tickets: _Tickets) -> tuple[pb.PrefillResponse | None, RouteDecision]:
         """The first token and handle from a prefill worker, retrying once elsewhere. Returns
         (None, local decision) when the retry routes the prompt to a decoder."""
         assert decision.prefill is not None
         try:
             return await self._prefill(decision.prefill.address, request, metadata), decision
         except grpc.aio.AioRpcError as exc:
+            tickets.abandon(decision)
             if exc.code() not in _RETRYABLE:
                 raise _rpc_error("prefill", exc, self.config.retry_after_s) from exc
             log.warning("prefill of %s on %s failed (%s); retrying once", request.request_id,
                         decision.prefill.worker_id, exc.code().name)
             self.metrics.prefill_retry()
             first_error = exc
-        retry = self.route(request, exclude=frozenset({decision.prefill.worker_id}))
+        retry = self.route(request, tickets, exclude=frozenset({decision.prefill.worker_id}))
         if retry.kind is RouteKind.LOCAL_PREFILL:
             return None, retry
         assert retry.prefill is not None
         try:
             return await self._prefill(retry.prefill.address, request, metadata), retry
         except grpc.aio.AioRpcError as exc:
+            tickets.abandon(retry)
             raise _rpc_error("prefill (after a retry)", exc, self.config.retry_after_s) from first_error
 
     async def _prefill(self, address: str, request: WorkerRequest,
@@ -164,11 +177,13 @@ class Pipeline:
         return response
 
     async def _decode(self, request: WorkerRequest, decision: RouteDecision, first: pb.PrefillResponse | None,
-                      metadata: tuple[tuple[str, str], ...]) -> AsyncIterator[Delta]:
+                      metadata: tuple[tuple[str, str], ...], tickets: _Tickets) -> AsyncIterator[Delta]:
         message = pb.DecodeRequest(request=codec.request_to_proto(request))
         if first is not None:
             message.first_token = first.first_token
             message.handle.CopyFrom(first.handle)
+        if first is not None:
+            tickets.prefill_done()  # the prompt ran on P; a local prefill ends with the first delta
         decode = decision.decode
         for attempt in (0, 1):
             received = False
@@ -183,6 +198,8 @@ class Pipeline:
                     if msg is grpc.aio.EOF:
                         raise StreamError(f"decode stream from {decode.worker_id} ended without a finish reason")
                     delta = self._delta(msg, not received, first is None, request)
+                    if not received:
+                        tickets.prefill_done()
                     received = True
                     yield delta
                     if delta.finish_reason is not None:
@@ -196,7 +213,11 @@ class Pipeline:
                                       f"{exc.details()}") from exc
                 log.warning("decode worker %s refused %s (%s); trying another", decode.worker_id,
                             request.request_id, exc.code().name)
-                decode = self.route(request, exclude=frozenset({decode.worker_id})).decode
+                tickets.abandon(decision)
+                decision = self.route(request, tickets, exclude=frozenset({decode.worker_id}))
+                if first is not None:
+                    tickets.prefill_done()  # the retry only decodes; the prompt already ran on P
+                decode = decision.decode
             finally:
                 call.cancel()  # no-op when the stream already finished
 
@@ -232,6 +253,39 @@ class Pipeline:
         task = asyncio.get_running_loop().create_task(abort())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _Tickets:
+    """The in-flight work one choice's routing decisions put in the scheduler's table. Each
+    decision's prefill and decode stages are released exactly once: when the stage ends, when
+    the decision is abandoned for a retry, or at the latest when the choice ends (`close`)."""
+
+    def __init__(self, scheduler: Scheduler, num_prompt_tokens: int) -> None:
+        self._scheduler = scheduler
+        self._num_prompt_tokens = num_prompt_tokens
+        self._prefill: list[RouteDecision] = []
+        self._decode: list[RouteDecision] = []
+
+    def add(self, decision: RouteDecision) -> None:
+        self._prefill.append(decision)
+        self._decode.append(decision)
+
+    def prefill_done(self) -> None:
+        while self._prefill:
+            self._scheduler.prefill_done(self._prefill.pop(), self._num_prompt_tokens)
+
+    def abandon(self, decision: RouteDecision) -> None:
+        if decision in self._prefill:
+            self._prefill.remove(decision)
+            self._scheduler.prefill_done(decision, self._num_prompt_tokens)
+        if decision in self._decode:
+            self._decode.remove(decision)
+            self._scheduler.decode_done(decision)
+
+    def close(self) -> None:
+        self.prefill_done()
+        while self._decode:
+            self._scheduler.decode_done(self._decode.pop())
 
 
 def _rpc_error(stage: str, exc: grpc.aio.AioRpcError, retry_after_s: int) -> OpenAIError:

@@ -13,7 +13,9 @@ Lifecycle:
    Redis is unreachable the last snapshot stays in use (workers cannot heartbeat either, so
    expiry cannot be told from an outage).
 3. For each request the gateway calls `next_seq()`, then `route(request, exclude)`; on a
-   retry it calls `route` again with the failed worker excluded.
+   retry it calls `route` again with the failed worker excluded. For every decision it
+   calls `prefill_done` once the prompt ran (or failed) and `decode_done` when the stream
+   ended, so the in-flight table (inflight.py) stays exact.
 4. `stop()` ends both threads (bounded join). The caller owns the Redis clients.
 
 Ownership: `refresh_now` (on the refresher thread, or called directly at startup and in
@@ -36,6 +38,7 @@ import redis
 
 from services.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
 from services.scheduler.index import PrefixIndex
+from services.scheduler.inflight import InflightTable
 from services.scheduler.picker import decide
 from services.scheduler.policies import Policy, make_policy
 from services.scheduler.types import (
@@ -96,30 +99,52 @@ def route_on(
     config: SchedulerConfig,
     now_s: float,
     exclude: frozenset[str] = frozenset(),
+    inflight: InflightTable | None = None,
 ) -> RouteDecision:
     """The in-memory routing path of `Scheduler.route` (also timed by the bench).
 
-    Expires due speculative claims, matches the prompt against the index, builds the views,
-    calls `picker.decide`, then claims the prompt's blocks speculatively for the worker that
-    will prefill (P, or D when local) and for D (which pulls them from P). Raises
+    Expires due speculative claims, matches the prompt against the index, builds the views
+    (loads adjusted by this gateway's own in-flight work), calls `picker.decide`, then claims
+    the prompt's blocks speculatively for the worker that will prefill (P, or D when local)
+    and for D (which pulls them from P), and records the new in-flight work. Raises
     NoWorkerError / ValueError from `decide`.
     """
     index.expire(now_s)
     cached = index.match(request.block_hashes, snapshot.worker_ids)
-    prefill = _with_cache(snapshot.prefill, snapshot.prefill_ids, cached)
-    decode = _with_cache(snapshot.decode, snapshot.decode_ids, cached)
+    touched = inflight.touched() if inflight is not None else frozenset()
+    prefill = _views(snapshot.prefill, snapshot.prefill_ids, cached, touched, inflight)
+    decode = _views(snapshot.decode, snapshot.decode_ids, cached, touched, inflight)
     decision = decide(request, prefill, decode, policy, config, exclude)
     for worker in (decision.prefill, decision.decode):
         if worker is not None:
             index.add_speculative(worker.worker_id, request.block_hashes, now_s)
+    if inflight is not None:
+        inflight.begin(prefilled_by(decision), uncached_prefill_tokens(decision, request.num_prompt_tokens),
+                       decision.decode.worker_id)
     return decision
 
 
-def _with_cache(views: tuple[WorkerView, ...], worker_ids: tuple[str, ...],
-                cached: Mapping[str, int]) -> list[WorkerView]:
-    """`views` with their cached block counts; a worker that holds nothing keeps its view."""
-    return [WorkerView(v.info, v.load, n) if n else v
-            for v, n in zip(views, map(cached.__getitem__, worker_ids))]
+def prefilled_by(decision: RouteDecision) -> str:
+    """The worker that runs the prompt: P, or D when it prefills locally."""
+    return (decision.prefill or decision.decode).worker_id
+
+
+def uncached_prefill_tokens(decision: RouteDecision, num_prompt_tokens: int) -> int:
+    cached = decision.prefill_cached_tokens if decision.prefill is not None else decision.decode_cached_tokens
+    return max(0, num_prompt_tokens - cached)
+
+
+def _views(views: tuple[WorkerView, ...], worker_ids: tuple[str, ...], cached: Mapping[str, int],
+           touched: frozenset[str], inflight: InflightTable | None) -> list[WorkerView]:
+    """`views` with their cached block counts and adjusted loads; others keep their view."""
+    out = []
+    for v, wid in zip(views, worker_ids):
+        n = cached[wid]
+        if wid in touched and inflight is not None:
+            out.append(WorkerView(v.info, inflight.adjust(wid, v.load), n))
+        else:
+            out.append(WorkerView(v.info, v.load, n) if n else v)
+    return out
 
 
 class Scheduler:
@@ -158,6 +183,7 @@ class Scheduler:
         self._state, self._events, self._config, self._clock = state, events, config, clock
         self._policy = make_policy(config.policy)
         self._index = PrefixIndex(config.speculative_ttl_s)
+        self._inflight = InflightTable()
         self._snapshot = EMPTY_SNAPSHOT  # replaced whole by refresh_now, never mutated
         self._seq = itertools.count()
         self._seq_lock = threading.Lock()
@@ -199,7 +225,16 @@ class Scheduler:
     def route(self, request: RouteRequest, exclude: frozenset[str] = frozenset()) -> RouteDecision:
         """Decide where `request` goes (see `route_on`). NoWorkerError: answer 503."""
         return route_on(self._snapshot, self._index, request, self._policy, self._config,
-                        self._clock(), exclude)
+                        self._clock(), exclude, self._inflight)
+
+    def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int) -> None:
+        """The prompt of a routed request was prefilled (or failed): call once per decision."""
+        self._inflight.prefill_done(prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens),
+                                    self._clock())
+
+    def decode_done(self, decision: RouteDecision) -> None:
+        """The decode stream of a routed request ended (any way): call once per decision."""
+        self._inflight.decode_done(decision.decode.worker_id, self._clock())
 
     def ready(self) -> bool:
         """True when the current snapshot has at least one live decode worker."""
@@ -235,6 +270,8 @@ class Scheduler:
                         sorted(previous - live) or "-")
         for worker_id in known - live:
             self._index.forget(worker_id)
+        for worker_id in self._inflight.touched() - live:
+            self._inflight.forget(worker_id)
 
     def _refresh_loop(self) -> None:
         interval_s = self._config.refresh_interval_s

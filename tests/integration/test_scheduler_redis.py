@@ -153,6 +153,30 @@ def test_index_is_rebuilt_from_the_stream_then_follows_live_events(state, make_s
     assert wait_until(lambda: indexed_blocks(scheduler)["d-0"] == 1, timeout_s=5.0)
 
 
+def finish(scheduler, decision, prompt) -> None:
+    """What the gateway does when a routed request is done: release its in-flight work."""
+    scheduler.prefill_done(decision, len(prompt))
+    scheduler.decode_done(decision)
+
+
+def test_in_flight_work_spreads_a_burst_and_is_released(state, make_scheduler):
+    """Between two load publications every route sees the same published load; the
+    scheduler's own in-flight table spreads a burst, and releasing it restores the choice."""
+    scheduler = make_scheduler(clock=lambda: 1000.0)
+    for worker in (info("d-0", WorkerRole.DECODE), info("d-1", WorkerRole.DECODE),
+                   info("p-0", WorkerRole.PREFILL), info("p-1", WorkerRole.PREFILL)):
+        register(state, worker)
+    scheduler.refresh_now()
+    prompts = [[7 + i] * 300 for i in range(4)]
+    burst = [scheduler.route(request(p, scheduler)) for p in prompts]
+    assert [(d.prefill.worker_id, d.decode.worker_id) for d in burst] == [
+        ("p-0", "d-0"), ("p-1", "d-1"), ("p-0", "d-0"), ("p-1", "d-1")]
+    for decision, prompt in zip(burst, prompts):
+        finish(scheduler, decision, prompt)
+    after = scheduler.route(request([99] * 300, scheduler))
+    assert (after.prefill.worker_id, after.decode.worker_id) == ("p-0", "d-0")
+
+
 def test_route_claims_the_prompt_for_p_and_d_until_the_ttl(state, make_scheduler):
     now_s = [1000.0]
     scheduler = make_scheduler(clock=lambda: now_s[0])
@@ -165,17 +189,20 @@ def test_route_claims_the_prompt_for_p_and_d_until_the_ttl(state, make_scheduler
     assert (first.kind, first.decode.worker_id, first.prefill.worker_id) == (
         RouteKind.DISAGGREGATED, "d-0", "p-0")  # nothing cached anywhere: lowest ids
     assert claims(scheduler) == {"d-0": 1, "d-1": 0, "p-0": 1}
+    finish(scheduler, first, PROMPT_A)
     # The same prompt again, before any KV event: D already "holds" it, and keeps it longer.
     now_s[0] = 1005.0
     again = scheduler.route(request(PROMPT_A, scheduler))
     assert (again.kind, again.decode.worker_id, again.decode_cached_tokens) == (
         RouteKind.LOCAL_PREFILL, "d-0", 1024)
+    finish(scheduler, again, PROMPT_A)
 
     now_s[0] = 1010.0  # p-0's claim on A (from t=1000) expires; d-0's now ends at 1015
     other = scheduler.route(request(PROMPT_B, scheduler))
     assert (other.kind, other.decode.worker_id, other.prefill.worker_id) == (
         RouteKind.DISAGGREGATED, "d-0", "p-0")
     assert claims(scheduler) == {"d-0": 2, "d-1": 0, "p-0": 1}
+    finish(scheduler, other, PROMPT_B)
 
     now_s[0] = 1015.0
     later = scheduler.route(request(PROMPT_A, scheduler))
