@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# A whole local cluster (Redis, 1 prefill + 1 decode worker, gateway on :8000); Ctrl-C stops it.
+# Extra flags: make run ARGS="--prefill 2 --decode 2 --port 8080".
 run: $(STAMP)
-	$(BIN)/tandem generate --max-tokens 32 "Hello from Tandem"
+	$(BIN)/tandem up $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,324 @@
+"""The launcher's pieces without a model: config validation, argv, child processes stopped by
+pid (SIGTERM, and SIGKILL for a child that ignores it), parent-death signals, the state file,
+and the status tables."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
+from services.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled, TracingFlags
+from services.launcher.local import ChildSummary
+from services.launcher.state_file import UpState, read_state, remove_state, write_state
+from services.launcher.status import render, run_status, summarize
+
+READY = 'import json, sys; print(json.dumps({"event": "ready", "address": "127.0.0.1:1"}), flush=True); '
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a container's init may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def python_child(code: str, sink: io.StringIO, name: str = "dummy") -> ChildProcess:
+    return ChildProcess.spawn(name, [sys.executable, "-c", code], sink=sink)
+
+
+# ---- LocalClusterConfig ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_prefill=-1), "num_prefill must be an int >= 0"),
+    (dict(num_decode=0), "num_decode must be an int >= 1"),
+    (dict(num_decode=True), "num_decode must be an int >= 1"),
+    (dict(num_prefill=40, num_decode=40), "at most 64 workers"),
+    (dict(host="example.com"), "host must be an IP address"),
+    (dict(port=70000), "port must be in [0, 65535]"),
+    (dict(model_dir=Path("/nonexistent/model")), "is not a directory"),
+    (dict(redis_url="localhost:6379"), "redis_url must start with"),
+    (dict(cluster="a*b"), "cluster must be 1-128 chars"),
+    (dict(policy="bad policy"), "policy must be a policy name"),
+    (dict(local_prefill_max_tokens=-1), "local_prefill_max_tokens must be >= 0"),
+    (dict(kv_cache_mib=0), "kv_cache_mib must be > 0"),
+    (dict(max_model_len=-5), "max_model_len must be > 0"),
+    (dict(kv_transport="nccl"), "kv_transport must be one of"),
+    (dict(api_keys=("ok", "has space")), "api_keys must be a tuple"),
+    (dict(api_keys=["list"]), "api_keys must be a tuple"),
+    (dict(api_keys=("a,b",)), "api_keys must be a tuple"),
+    (dict(ready_timeout_s=0), "ready_timeout_s must be > 0"),
+    (dict(drain_timeout_s=-1.0), "drain_timeout_s must be > 0"),
+])
+def test_config_rejects(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        LocalClusterConfig(**kwargs)
+
+
+def test_config_defaults_and_colocated() -> None:
+    config = LocalClusterConfig()
+    assert (config.num_prefill, config.num_decode, config.host, config.port) == (1, 1, "127.0.0.1", 8000)
+    colocated = LocalClusterConfig(num_prefill=0, num_decode=2)
+    assert colocated.worker_ids() == [(WorkerRole.DECODE, "decode-0"), (WorkerRole.DECODE, "decode-1")]
+    with pytest.raises(ValueError, match="--otel-exporter must be a non-empty string"):
+        TracingFlags(exporter="")
+
+
+@pytest.mark.parametrize("num_prefill, num_decode, cpus, threads", [
+    (1, 1, 2, 1), (2, 2, 2, 1), (1, 1, 8, 4), (1, 2, 8, 2), (0, 1, 4, 4), (1, 1, None, 1),
+])
+def test_threads_divide_the_cores(num_prefill: int, num_decode: int, cpus: int | None, threads: int) -> None:
+    assert LocalClusterConfig(num_prefill=num_prefill, num_decode=num_decode).threads_per_worker(cpus) == threads
+
+
+def test_argv_and_env(tmp_path: Path) -> None:
+    config = LocalClusterConfig(num_prefill=1, num_decode=1, port=0, cluster="c1", policy="round_robin",
+                                kv_cache_mib=8, max_model_len=512, kv_transport="torch", api_keys=("k1", "k2"),
+                                tracing=TracingFlags(exporter="file", file=tmp_path / "spans.jsonl"))
+    worker = config.worker_argv(WorkerRole.PREFILL, "prefill-0", tmp_path, "redis://127.0.0.1:1/0", 3)
+    assert worker[:4] == [sys.executable, "-m", "services", "prefill"]
+    flags = dict(zip(worker[4::2], worker[5::2]))
+    assert flags == {"--model": str(tmp_path), "--worker-id": "prefill-0", "--host": "127.0.0.1", "--port": "0",
+                     "--metrics-port": "0", "--redis": "redis://127.0.0.1:1/0", "--cluster": "c1",
+                     "--num-threads": "3", "--kv-transport": "torch", "--drain-timeout-s": "30.0",
+                     "--kv-cache-mib": "8", "--max-model-len": "512", "--otel-exporter": "file",
+                     "--otel-file": str(tmp_path / "spans.jsonl")}
+    gateway = config.gateway_argv(tmp_path, "redis://127.0.0.1:1/0")
+    assert gateway[3] == "gateway"
+    assert dict(zip(gateway[4::2], gateway[5::2])) == {
+        "--host": "127.0.0.1", "--port": "0", "--model": str(tmp_path), "--redis": "redis://127.0.0.1:1/0",
+        "--cluster": "c1", "--policy": "round_robin", "--max-model-len": "512", "--otel-exporter": "file",
+        "--otel-file": str(tmp_path / "spans.jsonl")}
+    assert "k1" not in " ".join(gateway)  # keys travel in the environment, not on the command line
+    assert config.gateway_env({"TANDEM_API_KEYS": "old", "PATH": "/bin"}) == {"PATH": "/bin", "TANDEM_API_KEYS": "k1,k2"}
+    assert "TANDEM_API_KEYS" not in LocalClusterConfig().gateway_env({"TANDEM_API_KEYS": "old"})
+
+
+# ---- ChildProcess ------------------------------------------------------------------------
+
+def test_child_ready_line_output_and_sigterm() -> None:
+    sink = io.StringIO()
+    child = python_child(READY + "print('to stderr', file=sys.stderr, flush=True); print('more stdout', flush=True); "
+                         "import time; time.sleep(60)", sink)
+    try:
+        assert child.wait_ready(timeout_s=20) == {"event": "ready", "address": "127.0.0.1:1"}
+        deadline = time.monotonic() + 5
+        while "more stdout" not in child.output_tail() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        started = time.monotonic()
+        code = child.stop(timeout_s=5)
+    assert code == -signal.SIGTERM and time.monotonic() - started < 3
+    assert not pid_alive(child.pid) and not child.is_running
+    assert "[dummy] to stderr\n" in sink.getvalue() and "[dummy] more stdout\n" in sink.getvalue()
+    assert "ready" not in sink.getvalue()  # the ready line is consumed, not forwarded
+    assert child.stop(timeout_s=5) == code  # idempotent
+
+
+def test_child_that_ignores_sigterm_is_killed() -> None:
+    sink = io.StringIO()
+    child = python_child("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + READY
+                         + "import time; time.sleep(60)", sink)
+    child.wait_ready(timeout_s=20)
+    started = time.monotonic()
+    assert child.stop(timeout_s=0.5) == -signal.SIGKILL
+    assert 0.5 <= time.monotonic() - started < 3
+    assert not pid_alive(child.pid)
+
+
+def test_child_that_exits_early_reports_its_output() -> None:
+    child = python_child("import sys; print('model not found: /x', file=sys.stderr); sys.exit(3)", io.StringIO())
+    with pytest.raises(ChildStartError, match=r"(?s)exited with code 3 before it was ready.*model not found: /x"):
+        child.wait_ready(timeout_s=20)
+    assert child.stop(timeout_s=1) == 3
+
+
+def test_child_ready_timeout_and_cancel() -> None:
+    child = python_child("import time; print('loading', flush=True); time.sleep(60)", io.StringIO())
+    try:
+        with pytest.raises(ChildStartError, match=r"(?s)dummy \(pid \d+\) not ready after 0.3 s.*loading"):
+            child.wait_ready(timeout_s=0.3)
+        with pytest.raises(StartCancelled):
+            child.wait_ready(timeout_s=20, cancelled=lambda: True)
+        assert child.is_running  # the caller decides: it is stopped below
+    finally:
+        child.stop(timeout_s=5)
+    assert not pid_alive(child.pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_children_die_with_a_sigkilled_parent() -> None:
+    """A parent that spawned a ChildProcess is SIGKILLed: the kernel sends its child SIGTERM."""
+    parent_code = textwrap.dedent(f"""
+        import sys, time
+        from services.launcher.processes import ChildProcess
+        child = ChildProcess.spawn("grandchild", [sys.executable, "-c", {READY + 'import time; time.sleep(60)'!r}])
+        child.wait_ready(20)
+        print(child.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(parent.stdout.readline())  # type: ignore[union-attr]
+        assert pid_alive(grandchild)
+    finally:
+        parent.kill()
+        parent.wait(5)
+    assert wait_gone(grandchild, timeout_s=5)
+
+
+# ---- state file and status ---------------------------------------------------------------
+
+def test_state_file_round_trip_and_ownership(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "up.json"
+    assert read_state(path) is None
+    state = UpState("redis://127.0.0.1:1/0", "default", "http://127.0.0.1:8000", pid=123,
+                    children=(ChildSummary("decode-0", 456, "127.0.0.1:5000", 9100),))
+    write_state(path, state)
+    assert read_state(path) == state
+    assert json.loads(path.read_text())["children"][0] == {"name": "decode-0", "pid": 456,
+                                                           "address": "127.0.0.1:5000", "metrics_port": 9100}
+    remove_state(path, pid=999)  # someone else's file: kept
+    assert path.exists()
+    remove_state(path, pid=123)
+    assert not path.exists()
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="malformed"):
+        read_state(path)
+
+
+def _info(worker_id: str, role: WorkerRole) -> WorkerInfo:
+    return WorkerInfo(worker_id, role, f"127.0.0.1:{5000 + len(worker_id)}", "ab12", 100, "0.1.0")
+
+
+def test_status_rows_pools_and_table() -> None:
+    workers = [_info("decode-1", WorkerRole.DECODE), _info("prefill-0", WorkerRole.PREFILL),
+               _info("decode-0", WorkerRole.DECODE)]
+    loads = {"decode-0": WorkerLoad(2, 3, 0, 25, 100, 1.0), "decode-1": WorkerLoad(1, 1, 16, 75, 300, 1.0),
+             "prefill-0": None}
+    status = summarize("c1", workers, loads)
+    assert [(w.worker_id, w.role, w.waiting, w.kv_usage_perc) for w in status.workers] == [
+        ("prefill-0", "prefill", None, None), ("decode-0", "decode", 2, 25.0), ("decode-1", "decode", 1, 25.0)]
+    assert [(p.role, p.workers, p.waiting, p.running, p.kv_usage_perc) for p in status.pools] == [
+        ("prefill", 1, 0, 0, 0.0), ("decode", 2, 3, 4, 25.0)]
+    lines = render(status).splitlines()
+    assert lines[0] == "cluster c1: 3 live worker(s)"
+    assert lines[2].split() == ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE"]
+    assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-"]
+    assert lines[5].split() == ["decode-1", "decode", "127.0.0.1:5008", "1", "1", "16", "25.0%"]
+    assert lines[7].split() == ["POOL", "WORKERS", "WAITING", "RUNNING", "KV_USE"]
+    assert lines[8:] == ["prefill  1        0        0        0.0%", "decode   2        3        4        25.0%"]
+    empty = render(summarize("c1", [], {}))
+    assert "no live workers" in empty
+
+
+def test_status_reports_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert run_status(f"redis://127.0.0.1:{port}/0", "default") == 1
+    assert f"cannot read cluster state from Redis at redis://127.0.0.1:{port}/0" in capsys.readouterr().err
+
+
+def test_status_cli_without_state_file_names_the_flag(tmp_path: Path) -> None:
+    env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "services", "status"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "--redis-url" in result.stderr and str(tmp_path / "up.json") in result.stderr
+
+
+def test_redis_child_serves_status_and_stops_by_pid(capsys: pytest.CaptureFixture[str]) -> None:
+    import redis
+
+    from services.common.cluster_state import ClusterState
+    from services.launcher.redis_child import RedisChild
+
+    server = RedisChild.start(ready_timeout_s=20, sink=io.StringIO())
+    try:
+        state = ClusterState(redis.Redis.from_url(server.url, socket_timeout=2.0), "c1")
+        state.register(_info("decode-0", WorkerRole.DECODE), ttl_s=30)
+        state.publish_load("decode-0", WorkerLoad(0, 1, 0, 10, 40, time.time()), ttl_s=30)
+        assert run_status(server.url, "c1", as_json=True) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert [(w["worker_id"], w["running"], w["kv_usage_perc"]) for w in report["workers"]] == [("decode-0", 1, 25.0)]
+        assert [(p["role"], p["workers"]) for p in report["pools"]] == [("prefill", 0), ("decode", 1)]
+    finally:
+        assert server.stop() == 0
+    assert not pid_alive(server.child.pid)
+    assert server.stop() == 0  # idempotent
+
+
+def test_wait_all_ready_fails_fast_when_one_child_exits() -> None:
+    from services.launcher.processes import wait_all_ready
+
+    slow = python_child("import time; time.sleep(60)", io.StringIO(), name="slow")
+    broken = python_child("import sys; print('bad flag', file=sys.stderr); sys.exit(2)", io.StringIO(), name="broken")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ChildStartError, match=r"(?s)broken \(pid \d+\) exited with code 2.*bad flag"):
+            wait_all_ready([slow, broken], timeout_s=30)
+        assert time.monotonic() - started < 10
+    finally:
+        slow.stop(timeout_s=5)
+        broken.stop(timeout_s=5)
+
+
+def test_status_cli_warns_about_a_stale_state_file(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    write_state(tmp_path / "up.json", UpState(f"redis://127.0.0.1:{port}/0", "c1", "http://127.0.0.1:1", dead.pid))
+    env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "services", "status"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"is stale: tandem up (pid {dead.pid}) is not running" in result.stderr
+    assert f"cannot read cluster state from Redis at redis://127.0.0.1:{port}/0" in result.stderr
+
+
+def test_curl_example_is_one_pasteable_line() -> None:
+    import shlex
+
+    from services.launcher.up import curl_example
+
+    line = curl_example("http://127.0.0.1:8000", "tiny-llama-v1", api_key="sk-1")
+    argv = shlex.split(line)
+    assert argv[:3] == ["curl", "-s", "http://127.0.0.1:8000/v1/chat/completions"]
+    assert argv[argv.index("-H", 4) + 1] == "Authorization: Bearer sk-1"
+    body = json.loads(argv[argv.index("-d") + 1])
+    assert body["model"] == "tiny-llama-v1" and body["messages"][0]["role"] == "user"
+    assert "Authorization" not in curl_example("http://127.0.0.1:8000", "m", api_key=None)
+
+
+def test_served_model_name_falls_back_when_the_gateway_does_not_answer() -> None:
+    from services.launcher.up import served_model_name
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert served_model_name(f"http://127.0.0.1:{port}", None, fallback="dir-name") == "dir-name"
