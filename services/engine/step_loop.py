@@ -93,26 +93,29 @@ class StepLoop:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                self._step()
+            # after the step: load, metrics and KV events reflect it before the loop idles
             for tick in self._ticks:
                 try:
                     tick(self.engine)
                 except Exception:
                     log.exception("step-loop tick failed")
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception:
-                log.exception("engine step failed; aborting the running requests")
-                self._fail_all()
-                continue
-            for out in outputs:
-                callback = self._subscribers.get(out.request_id)
-                if callback is not None:
-                    callback(out)
-                if out.finished:
-                    self._subscribers.pop(out.request_id, None)
         self._run_commands(block=False)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            log.exception("engine step failed; aborting the running requests")
+            self._fail_all()
+            return
+        for out in outputs:
+            callback = self._subscribers.get(out.request_id)
+            if callback is not None:
+                callback(out)
+            if out.finished:
+                self._subscribers.pop(out.request_id, None)
 
     def _fail_all(self) -> None:
         """A step raised: abort everything in flight so that no client waits forever."""

@@ -37,8 +37,16 @@ def _send_shared_prefix(cluster: Cluster, url: str, seed: int) -> dict[str, tupl
                            "ignore_eos": True}).encode()
         status, _, got = post(url, "/v1/completions", body)
         assert status == 200, got
-    after = _counters(cluster)
-    return {wid: (after[wid][0] - before[wid][0], after[wid][1] - before[wid][1]) for wid in after}
+    # Every prompt token is either computed or a cache hit; wait (bounded) until the workers'
+    # counters account for all of them, then report the split.
+    total = NUM_REQUESTS * (SYSTEM_BLOCKS * BLOCK + SUFFIX)
+    deadline = time.monotonic() + 2.0
+    while True:
+        after = _counters(cluster)
+        delta = {wid: (after[wid][0] - before[wid][0], after[wid][1] - before[wid][1]) for wid in after}
+        if sum(c + h for c, h in delta.values()) >= total or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.05)
 
 
 def test_prefix_aware_prefills_where_cached(cluster: Cluster) -> None:
