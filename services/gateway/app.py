@@ -117,6 +117,7 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        state.update_pool_gauges()
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 

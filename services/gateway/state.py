@@ -83,15 +83,19 @@ class GatewayState:
     async def _prune_loop(self) -> None:
         while True:
             await asyncio.sleep(_PRUNE_INTERVAL_S)
-            views = self.scheduler.workers()
-            await self.clients.prune(v.info.address for v in views)
-            waiting = {role: 0 for role in WorkerRole}
-            count = {role: 0 for role in WorkerRole}
-            for v in views:
-                count[v.info.role] += 1
-                waiting[v.info.role] += v.load.waiting if v.load is not None else 0
-            self.metrics.set_pools(waiting[WorkerRole.PREFILL], waiting[WorkerRole.DECODE],
-                                   count[WorkerRole.PREFILL], count[WorkerRole.DECODE])
+            await self.clients.prune(v.info.address for v in self.scheduler.workers())
+
+    def update_pool_gauges(self) -> None:
+        """Queue depth and worker count per pool from the current registry snapshot (called
+        on each /metrics scrape, so the gauges are never older than one refresh)."""
+        views = self.scheduler.workers()
+        waiting = {role: 0 for role in WorkerRole}
+        count = {role: 0 for role in WorkerRole}
+        for v in views:
+            count[v.info.role] += 1
+            waiting[v.info.role] += v.load.waiting if v.load is not None else 0
+        self.metrics.set_pools(waiting[WorkerRole.PREFILL], waiting[WorkerRole.DECODE],
+                               count[WorkerRole.PREFILL], count[WorkerRole.DECODE])
 
     # ---- checks used by the handlers ---------------------------------------------------------
     def authenticate(self, request: Request) -> str:

@@ -117,7 +117,15 @@ class Cluster:
         return [*self.prefill, *self.decode]
 
     def gateway(self, *extra: str) -> GatewayProcess:
-        return GatewayProcess.start(self.model_dir, self.redis.url, *extra)
+        """A gateway on this cluster, returned once its registry view holds every worker."""
+        g = GatewayProcess.start(self.model_dir, self.redis.url, *extra)
+        deadline = time.monotonic() + 10
+        while g.metric("tandem_workers") != len(self.workers):
+            if time.monotonic() > deadline:
+                g.stop()
+                raise RuntimeError(f"the gateway never saw all {len(self.workers)} workers")
+            time.sleep(0.05)
+        return g
 
     def assert_drained(self, timeout_s: float = 2.0) -> None:
         """Every pool fully free: nothing waiting or running, no lease, every block free."""
