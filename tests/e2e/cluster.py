@@ -3,12 +3,9 @@ all on free loopback ports and all stopped by pid."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.embedded_redis import EmbeddedRedis
-from tests.integration.workers import REPO_ROOT, WorkerProcess
+from tests.integration.workers import WorkerProcess, spawn_until_ready
 
 HEARTBEAT_TTL_S = 2.0
 
@@ -32,18 +29,7 @@ class GatewayProcess:
               wait_ready: bool = True) -> "GatewayProcess":
         cmd = [sys.executable, "-m", "services", "gateway", "--model", str(model_dir), "--redis", redis_url,
                "--host", "127.0.0.1", "--port", "0", *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        stderr_lines: list[str] = []
-        threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
-        ready: dict = {}
-        reader = threading.Thread(target=lambda: ready.update(json.loads(proc.stdout.readline() or "{}")), daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not ready.get("address"):
-            proc.kill()
-            proc.wait(5)
-            raise RuntimeError(f"gateway did not become ready:\n{''.join(stderr_lines[-40:])}")
+        proc, ready, stderr_lines = spawn_until_ready(cmd, "gateway", timeout_s)
         gateway = cls(proc, ready["address"], stderr_lines)
         if wait_ready:
             try:

@@ -23,6 +23,24 @@ from services.engine import SamplingParams
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def spawn_until_ready(cmd: list[str], name: str, timeout_s: float) -> tuple[subprocess.Popen, dict, list[str]]:
+    """Start `cmd` in the repo and wait (bounded) for its JSON ready line; kill it by pid and
+    raise with its stderr tail if none arrives."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr_lines: list[str] = []
+    threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
+    ready: dict = {}
+    reader = threading.Thread(target=lambda: ready.update(json.loads(proc.stdout.readline() or "{}")), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not ready.get("address"):
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError(f"{name} did not become ready:\n{''.join(stderr_lines[-30:])}")
+    return proc, ready, stderr_lines
+
+
 @dataclass
 class WorkerProcess:
     role: str
@@ -37,18 +55,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "services", role, "--model", str(model_dir), "--worker-id", worker_id,
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--num-threads", "1",
                "--kv-cache-mib", "8", *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        stderr_lines: list[str] = []
-        threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
-        ready: dict = {}
-        reader = threading.Thread(target=lambda: ready.update(json.loads(proc.stdout.readline() or "{}")), daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not ready.get("address"):
-            proc.kill()
-            proc.wait(5)
-            raise RuntimeError(f"{role} worker did not become ready:\n{''.join(stderr_lines[-30:])}")
+        proc, ready, stderr_lines = spawn_until_ready(cmd, f"{role} worker", timeout_s)
         return cls(role, proc, ready["address"], ready["metrics_port"], worker_id, stderr_lines)
 
     def channel(self) -> grpc.Channel:
