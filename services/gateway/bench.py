@@ -118,7 +118,7 @@ def _wait_http_ok(url: str, timeout_s: float) -> None:
 
 
 def run_gateway_bench(model_dir: Path, out: Callable[[str], None] = print, concurrency: int = 32,
-                      prompt_len: int = 32, max_tokens: int = 64, rounds: int = 3) -> int:
+                      prompt_len: int = 32, max_tokens: int = 64, rounds: int = 7) -> int:
     """Run both measurements and print them; returns 0."""
     redis = EmbeddedRedis.start()
     python = [sys.executable, "-m", "services"]
