@@ -83,9 +83,7 @@ class Pipeline:
         self._background: set[asyncio.Task] = set()
 
     def route(self, request: WorkerRequest, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
-        extra = block_extra(self.config.hash_model_id, request.cache_salt)
-        hashes = hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra)
-        route_request = RouteRequest(request.request_id, len(request.prompt_token_ids), tuple(hashes),
+        route_request = RouteRequest(request.request_id, len(request.prompt_token_ids), tickets.block_hashes,
                                      self.scheduler.next_seq())
         try:
             decision = self.scheduler.route(route_request, exclude)
@@ -96,7 +94,9 @@ class Pipeline:
         return decision
 
     async def generate(self, request: WorkerRequest, parent: Context | None = None) -> AsyncIterator[Delta]:
-        tickets = _Tickets(self.scheduler, len(request.prompt_token_ids))
+        extra = block_extra(self.config.hash_model_id, request.cache_salt)
+        hashes = tuple(hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra))
+        tickets = _Tickets(self.scheduler, len(request.prompt_token_ids), hashes)
         try:
             async for delta in self._generate(request, parent, tickets):
                 yield delta
@@ -258,11 +258,13 @@ class Pipeline:
 class _Tickets:
     """The in-flight work one choice's routing decisions put in the scheduler's table. Each
     decision's prefill and decode stages are released exactly once: when the stage ends, when
-    the decision is abandoned for a retry, or at the latest when the choice ends (`close`)."""
+    the decision is abandoned for a retry, or at the latest when the choice ends (`close`).
+    `block_hashes` (the prompt's, hashed once per choice) serve every route of the choice."""
 
-    def __init__(self, scheduler: Scheduler, num_prompt_tokens: int) -> None:
+    def __init__(self, scheduler: Scheduler, num_prompt_tokens: int, block_hashes: tuple[int, ...]) -> None:
         self._scheduler = scheduler
         self._num_prompt_tokens = num_prompt_tokens
+        self.block_hashes = block_hashes
         self._prefill: list[RouteDecision] = []
         self._decode: list[RouteDecision] = []
 
