@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 LOG_FILE_NAME = "redis-server.log"
 LOG_TAIL_BYTES = 2000
-# A port picked by `_free_port` may be taken by someone else before the server binds it.
+# A port picked by `free_port` may be taken by someone else before the server binds it.
 PORT_ATTEMPTS = 3
 
 
@@ -68,10 +68,35 @@ def find_redis_server() -> Path:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port that was free a moment ago (see PORT_ATTEMPTS)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def server_argv(binary: Path, port: int, data_dir: Path) -> list[str]:
+    """The command line of every redis-server Tandem starts (here and in `tandem up`): loopback
+    only, protected mode, nothing on disk, working in `data_dir`, in the foreground."""
+    return [
+        str(binary),
+        "--port", str(port),
+        "--bind", HOST,
+        "--protected-mode", "yes",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(data_dir),
+        "--daemonize", "no",
+    ]  # fmt: skip
+
+
+def answers_as(probe: redis.Redis, pid: int) -> bool:
+    """True when the server `probe` reaches is process `pid`. Checking the pid matters: another
+    server may already own the port while ours has not yet noticed that its bind failed."""
+    try:
+        return probe.info("server").get("process_id") == pid
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
 
 
 def _log_tail(data_dir: Path) -> str:
@@ -134,7 +159,7 @@ class EmbeddedRedis:
         attempts = 1 if port is not None else PORT_ATTEMPTS
         last_error: EmbeddedRedisError | None = None
         for _ in range(attempts):
-            chosen = port if port is not None else _free_port()
+            chosen = port if port is not None else free_port()
             try:
                 return cls._spawn(Path(binary), chosen, ready_timeout_s, stop_timeout_s)
             except EmbeddedRedisError as exc:
@@ -150,16 +175,7 @@ class EmbeddedRedis:
         cls, binary: Path, port: int, ready_timeout_s: float, stop_timeout_s: float
     ) -> EmbeddedRedis:
         data_dir = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
-        argv = [
-            str(binary),
-            "--port", str(port),
-            "--bind", HOST,
-            "--protected-mode", "yes",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(data_dir),
-            "--daemonize", "no",
-        ]  # fmt: skip
+        argv = server_argv(binary, port, data_dir)
         with open(data_dir / LOG_FILE_NAME, "wb") as log:
             # stdout goes to a file, not a pipe: a pipe nobody drains would block the server.
             process = subprocess.Popen(
@@ -186,13 +202,8 @@ class EmbeddedRedis:
                         f"redis-server exited with code {process.returncode} on port {port}:\n"
                         f"{_log_tail(data_dir)}"
                     )
-                try:
-                    # Check the pid too: another server may already own the port, and our
-                    # child has not noticed yet that its bind failed.
-                    if probe.info("server").get("process_id") == process.pid:
-                        return
-                except (redis.ConnectionError, redis.TimeoutError, OSError):
-                    pass
+                if answers_as(probe, process.pid):
+                    return
                 if time.monotonic() >= deadline:
                     raise EmbeddedRedisError(
                         f"redis-server on port {port} not ready after {ready_timeout_s} s:\n"

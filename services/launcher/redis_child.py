@@ -13,7 +13,6 @@ was taken meanwhile. `stop()` stops it by pid and deletes its working directory;
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -21,19 +20,12 @@ from typing import IO
 
 import redis
 
-from services.common.embedded_redis import find_redis_server
+from services.common.embedded_redis import HOST, answers_as, find_redis_server, free_port, server_argv
 from services.launcher.processes import ChildProcess, ChildStartError
 
-HOST = "127.0.0.1"
 PORT_ATTEMPTS = 3
 PROBE_TIMEOUT_S = 0.5
 PROBE_INTERVAL_S = 0.02
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisChild:
@@ -54,10 +46,8 @@ class RedisChild:
         last_error: ChildStartError | None = None
         for _ in range(PORT_ATTEMPTS):
             data_dir = Path(tempfile.mkdtemp(prefix="tandem-up-redis-"))
-            port = _free_port()
-            argv = [str(binary), "--port", str(port), "--bind", HOST, "--protected-mode", "yes",
-                    "--save", "", "--appendonly", "no", "--dir", str(data_dir),
-                    "--daemonize", "no", "--loglevel", "warning"]
+            port = free_port()
+            argv = [*server_argv(binary, port, data_dir), "--loglevel", "warning"]
             # Its log (startup banner, kernel tuning warnings) is kept for errors, not shown.
             child = ChildProcess.spawn("redis", argv, cwd=data_dir, sink=sink, forward=False)
             try:
@@ -97,12 +87,8 @@ def _wait_ready(child: ChildProcess, port: int, timeout_s: float) -> None:
                 code = child.stop(timeout_s=1.0)  # reaps it and lets its last lines arrive
                 raise ChildStartError(f"redis-server exited with code {code} on port "
                                       f"{port}:\n{child.output_tail()}")
-            try:
-                # Check the pid: another server may own the port while ours fails to bind it.
-                if probe.info("server").get("process_id") == child.pid:
-                    return
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                pass
+            if answers_as(probe, child.pid):
+                return
             if time.monotonic() >= deadline:
                 raise ChildStartError(f"redis-server on port {port} not ready after {timeout_s} s:\n"
                                       f"{child.output_tail()}")
