@@ -131,7 +131,7 @@ def create_app(state: GatewayState) -> FastAPI:
         state.authenticate(request)
         req = protocol.parse_body(await read_body(request, config.max_body_bytes), protocol.TokenizeRequest, config.max_n)
         state.check_model(req.model)
-        ids = state.tokenize_for_tokenize(req)
+        ids = protocol.tokenize_request(req, state.tokenizer)
         return JSONResponse({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids})
 
     @app.post("/detokenize")

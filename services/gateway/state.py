@@ -113,9 +113,6 @@ class GatewayState:
             return [protocol.chat_prompt(req, self.tokenizer)]
         return protocol.prompt_inputs(req, self.tokenizer, self.vocab_size)
 
-    def tokenize_for_tokenize(self, req: protocol.TokenizeRequest) -> list[int]:
-        return protocol.tokenize_request(req, self.tokenizer)
-
     @staticmethod
     def logprob_count(req: Any) -> int | None:
         if isinstance(req, protocol.ChatCompletionRequest):
