@@ -133,3 +133,17 @@ def test_stop_string_cuts_and_frees(client, model, reference, tokenizer, cluster
                                          stream=True, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text[: text.index(stop)]
     cluster.assert_drained()
+
+
+def test_tokenize_and_detokenize(gateway: GatewayProcess, tokenizer: Tokenizer, model: str) -> None:
+    import json
+
+    from tests.e2e.test_gateway_errors import post
+
+    status, _, got = post(gateway.url, "/tokenize", json.dumps({"model": model, "prompt": "Hello there"}).encode())
+    assert status == 200
+    assert got == {"count": len(tokenizer.encode("Hello there")), "max_model_len": 2048,
+                   "tokens": tokenizer.encode("Hello there")}
+    status, _, got = post(gateway.url, "/detokenize", json.dumps({"model": model, "tokens": got["tokens"]}).encode())
+    assert status == 200
+    assert got == {"prompt": tokenizer.decode(tokenizer.encode("Hello there"), skip_special_tokens=False)}
