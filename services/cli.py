@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -203,6 +204,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(config, _up_state_file())
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from services.common.drain import DrainError, drain_worker
+
+    try:
+        progress = drain_worker(args.address, args.timeout_s)
+    except DrainError as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"event": "drained" if progress.idle else "drain_timeout", "address": args.address,
+                      **asdict(progress)}), flush=True)
+    return 0 if progress.idle else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from services.launcher.state_file import read_state
     from services.launcher.status import run_status
@@ -303,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", default=None, help="default: the running `tandem up`'s, else 'default'")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(func=cmd_status)
+
+    drain = sub.add_parser("drain", help="drain a worker before it stops (scale-down, Kubernetes preStop)")
+    drain.add_argument("--address", required=True, help="the worker's gRPC host:port")
+    drain.add_argument("--timeout-s", type=float, default=30.0, help="wait at most this long for it to be idle")
+    drain.set_defaults(func=cmd_drain)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
     bench.add_argument("target", choices=["engine", "kernels", "kv", "gateway"])

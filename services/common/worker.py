@@ -9,9 +9,13 @@ Lifecycle:
 2. Requests arrive on the asyncio thread and reach the engine only through the step loop.
    A tick on the loop thread snapshots load for the heartbeat, updates gauges and hands
    block stored/removed events to the KV-event publisher thread.
-3. SIGTERM or SIGINT starts a drain: new work is refused (UNAVAILABLE), running sequences
-   finish, leases are released or expire (bounded by `drain_timeout_s`), then the worker
-   deregisters, stops its server and exits 0. Tracing is shut down (queued spans flushed) last.
+   grpc.health.v1 answers on the same port: "" (liveness) is SERVING while the step loop
+   runs; `tandem.v1.Worker` (readiness) is SERVING from registration until the drain.
+3. A `Drain` call (`tandem drain`, a Kubernetes preStop hook), SIGTERM or SIGINT starts a
+   drain: the worker deregisters from Redis (gateways stop routing to it), new work is
+   refused (UNAVAILABLE, which gateways retry elsewhere), running sequences finish, leases
+   are released or expire. On SIGTERM/SIGINT, once idle (bounded by `drain_timeout_s`), the
+   worker stops its server and exits 0. Tracing is shut down (queued spans flushed) last.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from typing import TypeVar
 
 import grpc
 import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind
 
-from services.common.cluster_state import ClusterState, KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
+from services.common.cluster_state import ClusterState, KVEventKind, WorkerInfo, WorkerLoad
 from services.common.heartbeat import Heartbeat
 from services.common.layout import KVLayout
 from services.common.metrics import WorkerMetrics
-from services.common.pb import tandem_pb2 as pb
 from services.common.tracing import ClockAnchor, Tracing, extract_metadata
 from services.common.worker_config import WorkerConfig
 from services.engine.block_pool import KVEvent
@@ -55,7 +59,11 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 VERSION = "0.1.0"
-_ROLE_TO_PB = {WorkerRole.PREFILL: pb.WORKER_ROLE_PREFILL, WorkerRole.DECODE: pb.WORKER_ROLE_DECODE}
+# grpc.health.v1 service names (Kubernetes gRPC probes): "" is liveness (SERVING while the
+# step loop runs), READINESS_SERVICE is readiness (SERVING once registered, until the drain).
+LIVENESS_SERVICE = ""
+READINESS_SERVICE = "tandem.v1.Worker"
+LIVENESS_CHECK_INTERVAL_S = 1.0
 
 
 class Worker:
@@ -75,6 +83,7 @@ class Worker:
         self.metrics = WorkerMetrics(config.worker_id, config.role.value)
         self.tracing = Tracing.create(config.tracing, f"tandem-{config.role.value}")
         self.draining = False
+        self.health = health.aio.HealthServicer()
         self.address = ""
         self._load = WorkerLoad(0, 0, 0, 0, self.engine.pool.num_blocks, time.time())
         self._events: queue.SimpleQueue[list[KVEvent]] = queue.SimpleQueue()
@@ -133,27 +142,20 @@ class Worker:
         except WorkerBusyError:
             log.warning("inbox full; request %s will be aborted when it next produces output", request_id)
 
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        load = await self.call(self._snapshot, context)
-        return pb.HealthResponse(
-            worker_id=self.config.worker_id,
-            role=_ROLE_TO_PB[self.config.role],
-            layout_fingerprint=self.layout.fingerprint,
-            layout=self.layout.describe(),
-            free_blocks=load.kv_blocks_total - load.kv_blocks_used,
-            total_blocks=load.kv_blocks_total,
-            waiting=load.waiting,
-            running=load.running,
-            draining=self.draining,
-            held_leases=len(self.leases),
-        )
+    async def start_drain(self) -> None:
+        """Begin the scale-down drain (idempotent): leave the routing set, refuse new work.
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        request_id = request.request_id
-        released = self.leases.release(request_id)
-        found = await self.call(lambda e: e.abort(request_id), context)
-        return pb.AbortResponse(found=bool(found) or released)
-
+        The registration is deleted from Redis first, so gateways stop choosing this worker
+        within one registry refresh; a call that raced that refresh is refused UNAVAILABLE and
+        the gateway retries it on another worker. In-flight sequences and KV pulls go on.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        log.info("worker %s is draining", self.config.worker_id)
+        await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._heartbeat is not None:
+            await asyncio.to_thread(self._heartbeat.stop, True)
 
     # ---- loop-thread tick ---------------------------------------------------------------
     def _tick(self, engine: Engine) -> None:
@@ -161,13 +163,13 @@ class Worker:
             self.metrics.lease_expiries.inc()
             log.info("lease of %s expired unpulled", request_id)
         self._release_pending(engine)
-        self._snapshot(engine)
+        self.snapshot(engine)
         self._count_prompt_tokens(engine)
         events = engine.pool.take_events()
         if events:
             self._events.put(events)
 
-    def _snapshot(self, engine: Engine) -> WorkerLoad:
+    def snapshot(self, engine: Engine) -> WorkerLoad:
         """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
         waiting = engine.batcher.waiting
         running = engine.batcher.running
@@ -212,6 +214,7 @@ class Worker:
         self.loop.start()
         server = grpc.aio.server(options=GRPC_OPTIONS)
         add_servicers(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
@@ -220,6 +223,8 @@ class Worker:
         metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port) if self.config.metrics_port is not None else None
         if self.config.redis_url:
             self._register()
+        await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        watchdog = asyncio.create_task(self._watch_step_loop())
         publisher = threading.Thread(target=self._publish_events, name="kv-events", daemon=True)
         publisher.start()
         stop = asyncio.Event()
@@ -232,8 +237,8 @@ class Worker:
         sys.stdout.flush()
         await stop.wait()
         await self._drain()
-        if self._heartbeat is not None:
-            self._heartbeat.stop(deregister=True)
+        watchdog.cancel()
+        await self.health.enter_graceful_shutdown()
         await server.stop(grace=1.0)
         self._stop_publisher.set()
         publisher.join(2.0)
@@ -255,9 +260,18 @@ class Worker:
         self._heartbeat.start()
         self._heartbeat.wait_registered(timeout_s=5.0)
 
+    async def _watch_step_loop(self) -> None:
+        """Liveness: SERVING while the step-loop thread runs; NOT_SERVING once it died, so a
+        liveness probe restarts the process."""
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        while self.loop.is_alive():
+            await asyncio.sleep(LIVENESS_CHECK_INTERVAL_S)
+        log.error("the step loop of %s stopped; reporting NOT_SERVING", self.config.worker_id)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def _drain(self) -> None:
         """Refuse new work, let sequences finish and leases go, within drain_timeout_s."""
-        self.draining = True
+        await self.start_drain()
         deadline = time.monotonic() + self.config.drain_timeout_s
         while time.monotonic() < deadline:
             idle = await asyncio.wrap_future(self.loop.submit(lambda e: not e.has_unfinished()))

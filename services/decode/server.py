@@ -36,15 +36,16 @@ from services.common.pb import tandem_pb2 as pb
 from services.common.pb import tandem_pb2_grpc as pb_grpc
 from services.common.tracing import ClockAnchor, child_context, ending, request_attributes
 from services.common.worker import Worker
+from services.common.worker_servicer import WorkerServicerBase
 from services.engine.engine import Engine, RequestOutput, Reservation
 from services.kvtransfer.base import KVHandleInfo, KVTransferError, handle_from_proto
 
 log = logging.getLogger(__name__)
 
 
-class DecodeServicer(pb_grpc.WorkerServicer):
+class DecodeServicer(WorkerServicerBase):
     def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+        super().__init__(worker)
         self.store = worker.kv_store
         self.transport = worker.transport
         # Requests whose pull is writing into reserved blocks: they are aborted only once
@@ -247,12 +248,6 @@ class DecodeServicer(pb_grpc.WorkerServicer):
         finally:
             span.set_attribute("gen_ai.usage.output_tokens", num_tokens)
             (admit if stream is None else stream).end(end_time=arrival.unix_ns_at(time.monotonic()))
-
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        return await self.worker.Health(request, context)
-
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        return await self.worker.Abort(request, context)
 
 
 def add_servicers(worker: Worker, server: grpc.aio.Server) -> None:

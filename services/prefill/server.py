@@ -30,15 +30,13 @@ from services.common.pb import tandem_pb2 as pb
 from services.common.pb import tandem_pb2_grpc as pb_grpc
 from services.common.tracing import ClockAnchor, child_context, ending, request_attributes
 from services.common.worker import Worker
+from services.common.worker_servicer import WorkerServicerBase
 from services.engine.engine import Engine, HeldKV, RequestOutput
 from services.engine.sequence import FinishReason
 from services.kvtransfer.base import KVHandleInfo, handle_to_proto
 
 
-class PrefillServicer(pb_grpc.WorkerServicer):
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
+class PrefillServicer(WorkerServicerBase):
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         arrival = ClockAnchor.now()
         with ending(self.worker.server_span("prefill", context, arrival), arrival) as span:
@@ -120,12 +118,6 @@ class PrefillServicer(pb_grpc.WorkerServicer):
         tracer.start_span("prefill.queue", context=parent, start_time=arrival.unix_ns).end(end_time=scheduled_ns)
         compute = tracer.start_span("prefill.compute", context=parent, start_time=scheduled_ns)
         compute.end(end_time=arrival.unix_ns_at(sampled_s))
-
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        return await self.worker.Health(request, context)
-
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        return await self.worker.Abort(request, context)
 
 
 def add_servicers(worker: Worker, server: grpc.aio.Server) -> None:

@@ -187,6 +187,22 @@ class HealthResponse(_message.Message):
     layout: str
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., layout_fingerprint: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., draining: _Optional[bool] = ..., held_leases: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
 
+class DrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("idle", "waiting", "running", "held_leases")
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    HELD_LEASES_FIELD_NUMBER: _ClassVar[int]
+    idle: bool
+    waiting: int
+    running: int
+    held_leases: int
+    def __init__(self, idle: _Optional[bool] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held_leases: _Optional[int] = ...) -> None: ...
+
 class PullKVRequest(_message.Message):
     __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

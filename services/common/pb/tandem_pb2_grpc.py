@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=services_dot_common_dot_pb_dot_tandem__pb2.HealthRequest.SerializeToString,
                 response_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/tandem.v1.Worker/Drain',
+                request_serializer=services_dot_common_dot_pb_dot_tandem__pb2.DrainRequest.SerializeToString,
+                response_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -83,6 +88,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.HealthRequest.FromString,
                     response_serializer=services_dot_common_dot_pb_dot_tandem__pb2.HealthResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=services_dot_common_dot_pb_dot_tandem__pb2.DrainRequest.FromString,
+                    response_serializer=services_dot_common_dot_pb_dot_tandem__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Worker:
             '/tandem.v1.Worker/Health',
             services_dot_common_dot_pb_dot_tandem__pb2.HealthRequest.SerializeToString,
             services_dot_common_dot_pb_dot_tandem__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/Drain',
+            services_dot_common_dot_pb_dot_tandem__pb2.DrainRequest.SerializeToString,
+            services_dot_common_dot_pb_dot_tandem__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
