@@ -10,7 +10,11 @@ Policy, as in vLLM v1:
 1. Running sequences first, oldest first, each taking up to its remaining tokens (capped by
    the budget and `max_prefill_chunk_tokens`). If blocks run out, the newest running sequence
    is preempted: its blocks are freed and it goes back to the front of the waiting queue.
-2. Then waiting sequences, oldest first, while budget, `max_num_seqs` and blocks allow.
+2. Then, on a decode worker, `ready` sequences (their prompt's KV was pulled into their own
+   blocks: `commit`), oldest first, while `max_num_seqs` and blocks allow. If the oldest one
+   cannot get the block its next token needs and nothing runs, the newest ready sequence is
+   preempted by recompute, so held prompt blocks can never stall the worker.
+3. Then waiting sequences, oldest first, while budget, `max_num_seqs` and blocks allow.
    Admission looks up the longest cached prefix (at most all but one token, so the last
    token is always computed and its logits sampled).
 """
@@ -60,6 +64,7 @@ class Batcher:
         self.config = config
         self.pool = pool
         self.waiting: deque[Sequence] = deque()
+        self.ready: deque[Sequence] = deque()  # decode role: prompt KV pulled, waiting for a slot
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
@@ -67,7 +72,12 @@ class Batcher:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.ready or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued for a batch slot: to prefill, or with their pulled KV (`ready`)."""
+        return len(self.waiting) + len(self.ready)
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
@@ -91,8 +101,31 @@ class Batcher:
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
             i += 1
-        num_hit_tokens = 0 if preempted else self._admit_waiting(budget, chunks)
+        if preempted:
+            return StepPlan(tuple(chunks), tuple(preempted), 0)
+        budget = self._admit_ready(budget, chunks, preempted)
+        num_hit_tokens = self._admit_waiting(budget, chunks)
         return StepPlan(tuple(chunks), tuple(preempted), num_hit_tokens)
+
+    def _admit_ready(self, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]) -> int:
+        """Move ready sequences into the batch (see the module doc); returns the budget left."""
+        while self.ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.ready[0]
+            n = self._chunk_len(seq, budget)
+            need = num_blocks_for(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_table)
+            if need > self.pool.num_free_blocks:
+                if self.running or chunks:
+                    break  # running sequences will finish and free blocks
+                newest = self.ready.pop()
+                preempted.append(self._preempt(newest))
+                continue
+            self.ready.popleft()
+            seq.block_table.extend(self.pool.allocate(need))
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return budget
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         """Admit waiting sequences in order; returns the prefix-cache tokens they reused."""
@@ -186,6 +219,8 @@ class Batcher:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq in self.ready:  # RESERVED and committed
+            self.ready.remove(seq)
         if reason is not FinishReason.HANDOFF:
             self._release(seq)
         seq.status = SequenceStatus.FINISHED
@@ -213,7 +248,8 @@ class Batcher:
 
     def commit(self, seq: Sequence) -> None:
         """The reserved blocks now hold the prompt's KV: register the full ones in the prefix
-        cache and join the running batch with the whole prompt computed."""
+        cache and queue `seq` as `ready` (still RESERVED, holding its blocks), with the whole
+        prompt computed; `schedule` moves it into the batch when `max_num_seqs` allows."""
         bs = self.config.block_size
         seq.num_computed_tokens = seq.num_prompt_tokens
         full = seq.num_prompt_tokens // bs
@@ -221,8 +257,7 @@ class Batcher:
         for idx in range(seq.num_cached_blocks, full):
             self.pool.cache_block(seq.block_table[idx], hashes[idx])
         seq.num_cached_blocks = full
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self.ready.append(seq)
 
     def unreserve(self, seq: Sequence) -> None:
         """Give the reserved blocks back and queue `seq` to prefill locally (recompute)."""

@@ -106,3 +106,65 @@ def test_reserve_refused_when_pool_is_full(tiny_model_dir: Path) -> None:
     assert decode.abort("b") is True
     decode.check_integrity()
     assert decode.is_drained()
+
+
+def _handoff(prefill: Engine, decode: Engine, rid: str, prompt: list[int], params: SamplingParams) -> int:
+    """Prefill on `prefill`, ship the KV into a reservation on `decode`, commit; the first token."""
+    first = _prefill(prefill, rid, prompt, params)
+    held = prefill.held[rid]
+    res = decode.reserve(rid, prompt, params, first)
+    assert res is not None
+    _copy_blocks(prefill, decode, held.block_ids[res.num_cached_blocks:], res.missing_block_ids)
+    assert prefill.release_held(rid) is True
+    decode.commit(rid)
+    return first
+
+
+def test_committed_handoffs_wait_for_a_slot_under_max_num_seqs(tiny_model_dir: Path) -> None:
+    """A pulled prompt does not join the batch past `max_num_seqs`: it waits, holding its KV,
+    and counts as waiting (the decode pool's queue-depth signal)."""
+    prefill = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
+    decode = Engine.from_pretrained(tiny_model_dir, num_blocks=64, max_num_seqs=1)
+    single = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
+    prompts = random_prompts([20, 33, 17], prefill.model_config.vocab_size, seed=6)
+    expected = [list(o.token_ids) for o in single.generate(prompts, GREEDY)]
+    firsts = [_handoff(prefill, decode, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    assert (decode.batcher.num_waiting, len(decode.batcher.running)) == (3, 0)
+    tokens: dict[str, list[int]] = {f"r{i}": [first] for i, first in enumerate(firsts)}
+    order: list[str] = []
+    while decode.has_unfinished():
+        outs = decode.step()
+        assert len(decode.batcher.running) <= 1
+        for out in outs:
+            tokens[out.request_id].extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                order.append(out.request_id)
+        assert decode.batcher.num_waiting + len(decode.batcher.running) == 3 - len(order)
+    assert order == ["r0", "r1", "r2"]  # FIFO
+    assert [tokens[f"r{i}"] for i in range(3)] == expected
+    for engine in (prefill, decode):
+        engine.check_integrity()
+        assert engine.is_drained()
+
+
+def test_ready_handoffs_that_fill_the_pool_do_not_stall(tiny_model_dir: Path) -> None:
+    """Two pulled 32-token prompts fill a 4-block pool exactly; the first one's next token needs
+    a fifth block. The newest is preempted (recomputed later) and both finish exactly."""
+    prefill = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
+    decode = Engine.from_pretrained(tiny_model_dir, num_blocks=4, max_num_seqs=1)
+    single = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = random_prompts([32, 32], prefill.model_config.vocab_size, seed=7)
+    expected = [list(o.token_ids) for o in single.generate(prompts, params)]
+    firsts = [_handoff(prefill, decode, f"r{i}", p, params) for i, p in enumerate(prompts)]
+    assert decode.pool.num_free_blocks == 0
+    tokens = {f"r{i}": [first] for i, first in enumerate(firsts)}
+    for _ in range(100):
+        if not decode.has_unfinished():
+            break
+        for out in decode.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    assert [tokens["r0"], tokens["r1"]] == expected
+    assert decode.stats.num_preemptions == 1
+    decode.check_integrity()
+    assert decode.is_drained()
