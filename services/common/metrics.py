@@ -22,6 +22,10 @@ class WorkerMetrics:
         self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", names, registry=r).labels(**labels)
         self.num_requests_running = Gauge("vllm:num_requests_running", "Requests running", names, registry=r).labels(**labels)
         self.kv_cache_usage_perc = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", names, registry=r).labels(**labels)
+        # The prefill pool's scaling signal (the autoscaler reads it from Redis, KEDA from here).
+        self.queued_prefill_tokens = Gauge(
+            "tandem_queued_prefill_tokens", "Prompt tokens waiting to be prefilled", names, registry=r
+        ).labels(**labels)
         self.kv_transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes received", names, registry=r).labels(**labels)
         self.kv_transfer_blocks = Counter("tandem_kv_transfer_blocks", "KV blocks received", names, registry=r).labels(**labels)
         self.kv_transfer_seconds = Histogram(

@@ -175,10 +175,12 @@ class Worker:
         running = engine.batcher.running
         queued = sum(s.num_new_tokens for s in waiting) + sum(s.num_new_tokens - 1 for s in running if s.num_new_tokens > 1)
         pool = engine.pool
-        load = WorkerLoad(len(waiting), len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
+        num_waiting = engine.batcher.num_waiting  # includes pulled hand-offs waiting for a slot
+        load = WorkerLoad(num_waiting, len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
         self._load = load
-        self.metrics.num_requests_waiting.set(len(waiting))
+        self.metrics.num_requests_waiting.set(num_waiting)
         self.metrics.num_requests_running.set(len(running))
+        self.metrics.queued_prefill_tokens.set(queued)
         self.metrics.kv_cache_usage_perc.set(pool.usage)
         return load
 
