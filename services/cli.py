@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+RAY_OWN_HEAD = "local"  # `tandem up --ray` without an address: start a private Ray head
 ENGINE_FLAGS = ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "max_prefill_chunk_tokens",
                 "max_model_len", "attention_backend", "device", "dtype", "num_threads")
 
@@ -199,9 +200,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         tracing=TracingFlags(exporter=args.otel_exporter, endpoint=args.otel_endpoint, file=args.otel_file),
         ready_timeout_s=args.ready_timeout_s,
         drain_timeout_s=args.drain_timeout_s,
+        max_num_seqs=args.max_num_seqs,
+        autoscale=_autoscaler_config(args) if args.autoscale else None,
     )
     logging.basicConfig(level=logging.INFO, format="tandem up: %(levelname)s %(message)s", stream=sys.stderr)
-    return run_up(config, _up_state_file())
+    return run_up(config, _up_state_file(), placement=_ray_placement(args, config))
+
+
+def _ray_placement(args: argparse.Namespace, config: LocalClusterConfig) -> RayCluster | None:
+    """`tandem up --ray [ADDRESS]`: the workers as Ray actors (None: local processes)."""
+    if args.ray is None:
+        return None
+    import os
+
+    from services.launcher.ray_auth import RayAuth
+    from services.launcher.ray_cluster import RayCluster, RayConfig
+
+    auth = RayAuth.from_environ(os.environ, args.ray_auth_token_file, Path.home())
+    ray_config = RayConfig(address=None if args.ray == RAY_OWN_HEAD else args.ray, auth=auth,
+                           cpus_per_worker=args.ray_cpus_per_worker)
+    return RayCluster(config, ray_config)
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -235,6 +253,99 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"tandem: warning: {path} is stale: tandem up (pid {state.pid}) is not running", file=sys.stderr)
     cluster = args.cluster or (state.cluster if state is not None and from_state else "default")
     return run_status(redis_url, cluster, as_json=args.json)
+
+
+def _autoscaler_config(args: argparse.Namespace):  # -> AutoscalerConfig
+    """The autoscaler's policy config, from its flags (the one place they are read)."""
+    from services.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
+
+    return AutoscalerConfig(
+        prefill=PrefillPolicy(min_replicas=args.prefill_min, max_replicas=args.prefill_max,
+                              target_queued_tokens_per_replica=args.prefill_target_queued_tokens),
+        decode=DecodePolicy(min_replicas=args.decode_min, max_replicas=args.decode_max,
+                            target_waiting_per_replica=args.decode_target_waiting,
+                            target_kv_usage=args.decode_target_kv_usage),
+        interval_s=args.interval_s,
+        stabilisation_window_s=args.stabilisation_window_s,
+        up_cooldown_s=args.up_cooldown_s,
+        down_cooldown_s=args.down_cooldown_s,
+        max_signal_age_s=args.max_signal_age_s,
+        min_prefill_per_decode=args.min_prefill_per_decode,
+        max_prefill_per_decode=args.max_prefill_per_decode,
+    )
+
+
+def _kubernetes_actuator(args: argparse.Namespace):  # -> KubernetesActuator
+    from services.autoscaler.kubernetes import KubernetesActuator, apps_v1_api, in_cluster_namespace
+    from services.common.cluster_state import WorkerRole
+
+    return KubernetesActuator(
+        namespace=args.namespace or in_cluster_namespace(),
+        deployments={WorkerRole.PREFILL: args.prefill_deployment, WorkerRole.DECODE: args.decode_deployment},
+        api=apps_v1_api(args.kubeconfig),
+    )
+
+
+AUTOSCALER_ACTUATORS = {"kubernetes": _kubernetes_actuator}  # the `tandem autoscaler --actuator` choices
+
+
+def cmd_autoscaler(args: argparse.Namespace) -> int:
+    import logging
+
+    import redis
+
+    from services.autoscaler.autoscaler import Autoscaler, run
+    from services.autoscaler.metrics import AutoscalerMetrics
+    from services.common.cluster_state import ClusterState
+
+    config = _autoscaler_config(args)
+    logging.basicConfig(level=logging.INFO, format="tandem autoscaler: %(levelname)s %(message)s", stream=sys.stderr)
+    client = redis.Redis.from_url(args.redis, socket_timeout=5.0, socket_connect_timeout=5.0)
+    actuator = AUTOSCALER_ACTUATORS[args.actuator](args)
+    try:
+        metrics = AutoscalerMetrics()
+        autoscaler = Autoscaler(ClusterState(client, args.cluster), actuator, config, metrics)
+        return run(autoscaler, metrics, args.host, args.metrics_port)
+    finally:
+        actuator.close()
+        client.close()
+
+
+def _add_autoscale_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """The policy flags `_autoscaler_config` reads, shared by `tandem autoscaler` and `tandem up --autoscale`."""
+    from services.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
+
+    a = parser
+    a.add_argument("--prefill-min", type=int, default=PrefillPolicy.min_replicas)
+    a.add_argument("--prefill-max", type=int, default=PrefillPolicy.max_replicas)
+    a.add_argument("--decode-min", type=int, default=DecodePolicy.min_replicas)
+    a.add_argument("--decode-max", type=int, default=DecodePolicy.max_replicas)
+    a.add_argument("--prefill-target-queued-tokens", type=int, default=PrefillPolicy.target_queued_tokens_per_replica,
+                   help="queued prefill tokens per prefill replica")
+    a.add_argument("--decode-target-waiting", type=float, default=DecodePolicy.target_waiting_per_replica,
+                   help="waiting requests per decode replica")
+    a.add_argument("--decode-target-kv-usage", type=float, default=DecodePolicy.target_kv_usage,
+                   help="KV cache use of the decode pool, 0 to 1")
+    for flag in ("interval_s", "stabilisation_window_s", "up_cooldown_s", "down_cooldown_s", "max_signal_age_s",
+                 "min_prefill_per_decode", "max_prefill_per_decode"):
+        a.add_argument("--" + flag.replace("_", "-"), type=float, default=getattr(AutoscalerConfig, flag),
+                       help="default: %(default)s")
+
+
+def _add_autoscaler_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    a = sub.add_parser("autoscaler", help="scale the prefill and decode pools on their queues (runs until SIGTERM)")
+    a.add_argument("--redis", required=True, help="Redis URL of the cluster state")
+    a.add_argument("--cluster", default="default")
+    a.add_argument("--actuator", default="kubernetes", choices=sorted(AUTOSCALER_ACTUATORS))
+    a.add_argument("--namespace", default=None, help="namespace of the Deployments (default: the pod's own, "
+                   "from its service account, else 'default')")
+    a.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig file (default: in-cluster config)")
+    a.add_argument("--prefill-deployment", default="tandem-prefill")
+    a.add_argument("--decode-deployment", default="tandem-decode")
+    _add_autoscale_policy_flags(a)
+    a.add_argument("--host", default="127.0.0.1", help="bind address of the metrics server")
+    a.add_argument("--metrics-port", type=int, default=9400, help="serve Prometheus /metrics here (0: a free port)")
+    a.set_defaults(func=cmd_autoscaler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable; also TANDEM_API_KEYS)")
     up.add_argument("--ready-timeout-s", type=float, default=180.0, help="bound on start-up")
     up.add_argument("--drain-timeout-s", type=float, default=30.0, help="bound on each worker's drain at stop")
+    up.add_argument("--max-num-seqs", type=int, default=None, help="sequences per worker step (worker default)")
+    up.add_argument("--autoscale", action="store_true",
+                    help="resize the pools on their queue depth between --prefill-min/max and --decode-min/max")
+    _add_autoscale_policy_flags(up)
+    up.add_argument("--ray", nargs="?", const=RAY_OWN_HEAD, default=None, metavar="ADDRESS",
+                    help="run the workers as Ray actors on the Ray cluster at ADDRESS (host:port of its GCS, "
+                         "or ray://host:port); without ADDRESS, on a private Ray head started and stopped here")
+    up.add_argument("--ray-auth-token-file", type=Path, default=None,
+                    help="Ray auth token to present (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH); default: Ray's "
+                         "own RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, if any")
+    up.add_argument("--ray-cpus-per-worker", type=float, default=1.0,
+                    help="CPUs each worker actor asks Ray for (a cluster with GPUs gives each worker one GPU)")
     _add_tracing_flags(up)
     up.set_defaults(func=cmd_up)
 
@@ -319,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", default=None, help="default: the running `tandem up`'s, else 'default'")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.set_defaults(func=cmd_status)
+
+    _add_autoscaler_parser(sub)
 
     drain = sub.add_parser("drain", help="drain a worker before it stops (scale-down, Kubernetes preStop)")
     drain.add_argument("--address", required=True, help="the worker's gRPC host:port")

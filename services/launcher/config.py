@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.autoscaler.config import AutoscalerConfig
 from services.common.cluster_state import WorkerRole
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # same rule as cluster_state's names
@@ -66,7 +67,8 @@ class LocalClusterConfig:
     processes. `num_prefill=0` is colocated serving: decode workers prefill locally.
     `model_dir=None` serves the generated tiny model; `redis_url=None` starts a private
     redis-server. `host:port` is the gateway's public address (port 0: a free one); workers
-    always bind 127.0.0.1 on free ports. Times are seconds."""
+    always bind 127.0.0.1 on free ports. Times are seconds. `autoscale` (None: fixed pools)
+    lets the autoscaler resize both pools between its bounds, starting from the given sizes."""
 
     num_prefill: int = 1
     num_decode: int = 1
@@ -79,12 +81,14 @@ class LocalClusterConfig:
     local_prefill_max_tokens: int | None = None
     kv_cache_mib: int | None = None
     max_model_len: int | None = None
+    max_num_seqs: int | None = None
     kv_transport: str = "grpc"
     api_keys: tuple[str, ...] = ()
     tracing: TracingFlags = field(default_factory=TracingFlags)
     ready_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
     gateway_stop_timeout_s: float = 10.0
+    autoscale: AutoscalerConfig | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("num_prefill", 0), ("num_decode", 1)):
@@ -108,7 +112,7 @@ class LocalClusterConfig:
         if self.local_prefill_max_tokens is not None and (
                 isinstance(self.local_prefill_max_tokens, bool) or self.local_prefill_max_tokens < 0):
             raise ValueError(f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens!r}")
-        _check_positive(kv_cache_mib=self.kv_cache_mib, max_model_len=self.max_model_len,
+        _check_positive(kv_cache_mib=self.kv_cache_mib, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                         ready_timeout_s=self.ready_timeout_s, drain_timeout_s=self.drain_timeout_s,
                         gateway_stop_timeout_s=self.gateway_stop_timeout_s)
         if self.kv_transport not in KV_TRANSPORTS:
@@ -119,14 +123,31 @@ class LocalClusterConfig:
             raise ValueError("api_keys must be a tuple of non-empty strings without spaces or commas")
         if not isinstance(self.tracing, TracingFlags):
             raise ValueError("tracing must be a TracingFlags")
+        if self.autoscale is not None:
+            self._check_autoscale(self.autoscale)
+
+    def _check_autoscale(self, autoscale: AutoscalerConfig) -> None:
+        if not isinstance(autoscale, AutoscalerConfig):
+            raise ValueError(f"autoscale must be an AutoscalerConfig, got {autoscale!r}")
+        for name, count, pool in (("prefill", self.num_prefill, autoscale.prefill),
+                                  ("decode", self.num_decode, autoscale.decode)):
+            if not pool.min_replicas <= count <= pool.max_replicas:
+                raise ValueError(f"the {name} pool starts with {count} workers, outside its autoscaling "
+                                 f"bounds [{pool.min_replicas}, {pool.max_replicas}]")
+        if autoscale.prefill.max_replicas + autoscale.decode.max_replicas > MAX_WORKERS:
+            raise ValueError(f"at most {MAX_WORKERS} workers on one machine; the autoscaling maxima allow "
+                             f"{autoscale.prefill.max_replicas + autoscale.decode.max_replicas}")
 
     @property
     def num_workers(self) -> int:
         return self.num_prefill + self.num_decode
 
     def threads_per_worker(self, cpu_count: int | None) -> int:
-        """The host's cores divided among the workers (DESIGN section 6b), at least 1."""
-        return max(1, (cpu_count or 1) // self.num_workers)
+        """The host's cores divided among the workers (DESIGN section 6b), at least 1. With
+        autoscaling, among the most workers the pools may grow to."""
+        scale = self.autoscale
+        most = self.num_workers if scale is None else scale.prefill.max_replicas + scale.decode.max_replicas
+        return max(1, (cpu_count or 1) // most)
 
     def worker_ids(self) -> list[tuple[WorkerRole, str]]:
         """(role, worker id) of every worker, decode first: `decode-0`, ..., `prefill-0`, ..."""
@@ -134,16 +155,18 @@ class LocalClusterConfig:
                 + [(WorkerRole.PREFILL, f"prefill-{i}") for i in range(self.num_prefill)])
 
     def worker_argv(self, role: WorkerRole, worker_id: str, model_dir: Path, redis_url: str,
-                    num_threads: int) -> list[str]:
-        """The command line of one worker."""
+                    num_threads: int, host: str = WORKER_HOST) -> list[str]:
+        """The command line of one worker, bound to `host` (a Ray worker: its node's IP)."""
         argv = [sys.executable, "-m", "services", role.value, "--model", str(model_dir),
-                "--worker-id", worker_id, "--host", WORKER_HOST, "--port", "0", "--metrics-port", "0",
+                "--worker-id", worker_id, "--host", host, "--port", "0", "--metrics-port", "0",
                 "--redis", redis_url, "--cluster", self.cluster, "--num-threads", str(num_threads),
                 "--kv-transport", self.kv_transport, "--drain-timeout-s", str(self.drain_timeout_s)]
         if self.kv_cache_mib is not None:
             argv += ["--kv-cache-mib", str(self.kv_cache_mib)]
         if self.max_model_len is not None:
             argv += ["--max-model-len", str(self.max_model_len)]
+        if self.max_num_seqs is not None:
+            argv += ["--max-num-seqs", str(self.max_num_seqs)]
         return argv + self.tracing.argv()
 
     def gateway_argv(self, model_dir: Path, redis_url: str) -> list[str]:

@@ -11,7 +11,12 @@ Lifecycle of a `LocalCluster`:
    child and quoting its last output.
 2. While it runs, `endpoint` is the gateway's base URL and `dead_children()` names children
    that exited on their own.
-3. `stop()` stops the gateway first (no new requests), then all workers at once (each
+3. Pools can change while it runs (the `local` autoscaler actuator, from this same thread):
+   `add_worker(role)` spawns one more worker (not waited for: the gateway routes to it once
+   it registered); `retire_worker(role)` sends the newest worker of the pool SIGTERM, which
+   drains it (it leaves Redis, finishes its sequences, releases its leases) before it exits;
+   `reap_retired()` collects the retired workers that exited.
+4. `stop()` stops the gateway first (no new requests), then all workers at once (each
    drains, bounded by `drain_timeout_s`), then Redis. Idempotent; also runs on `with` exit.
    The children share our process group, so a terminal's Ctrl-C signals all of them at once
    and that order then holds only loosely; a SIGTERM to our pid gets it exactly.
@@ -35,8 +40,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from services.common.cluster_state import WorkerRole
 from services.common.embedded_redis import EmbeddedRedisError
 from services.launcher.config import LocalClusterConfig
+from services.launcher.placement import ProcessPlacement, WorkerPlacement, WorkerProcess
 from services.launcher.processes import ChildProcess, ChildStartError, StartCancelled, wait_all_ready
 from services.launcher.redis_child import RedisChild
 
@@ -66,12 +73,17 @@ class LocalCluster:
     """Owns the processes of one local cluster. Not thread-safe: start and stop it from the
     thread that created it; `endpoint` may be read from anywhere."""
 
-    def __init__(self, config: LocalClusterConfig, sink: IO[str] | None = None) -> None:
-        """Nothing starts until `start()`. Children's output goes to `sink` (default stderr)."""
+    def __init__(self, config: LocalClusterConfig, sink: IO[str] | None = None,
+                 placement: WorkerPlacement | None = None) -> None:
+        """Nothing starts until `start()`. Children's output goes to `sink` (default stderr).
+        `placement` runs the workers (default: our child processes; see `placement.py`)."""
         self._config = config
         self._sink = sink
+        self._placement = placement if placement is not None else ProcessPlacement(config, sink)
         self._redis: RedisChild | None = None
-        self._workers: list[ChildProcess] = []
+        self._workers: list[WorkerProcess] = []  # serving or starting
+        self._retiring: list[WorkerProcess] = []  # told to drain; reaped once they exited
+        self._next_index = {WorkerRole.PREFILL: config.num_prefill, WorkerRole.DECODE: config.num_decode}
         self._gateway: ChildProcess | None = None
         self._redis_url: str | None = config.redis_url
         self._endpoint: str | None = None
@@ -116,7 +128,7 @@ class LocalCluster:
         """`name (exit code N)` of every child that has exited (call it before `stop()`)."""
         return [f"{child.name} (exit code {child.returncode})" for child in self._processes() if not child.is_running]
 
-    def _processes(self) -> list[ChildProcess]:
+    def _processes(self) -> list[WorkerProcess]:
         processes = ([self._redis.child] if self._redis is not None else []) + self._workers
         return processes + ([self._gateway] if self._gateway is not None else [])
 
@@ -145,14 +157,15 @@ class LocalCluster:
             self._redis = RedisChild.start(ready_timeout_s=min(30.0, config.ready_timeout_s), sink=self._sink)
             self._redis_url = self._redis.url
         redis_url = self.redis_url
-        num_threads = config.threads_per_worker(os.cpu_count())
         # Spawn everything before waiting on anything: the processes load their models in
         # parallel. The gateway only routes to workers that registered, and /ready says when.
-        for role, worker_id in config.worker_ids():
-            argv = config.worker_argv(role, worker_id, model_dir, redis_url, num_threads)
-            self._workers.append(ChildProcess.spawn(worker_id, argv, sink=self._sink))
+        # Local children come first: a Ray Client connection (`open()`) runs gRPC threads, and a
+        # fork after that can abort in the child (gRPC's fork handlers).
         self._gateway = ChildProcess.spawn("gateway", config.gateway_argv(model_dir, redis_url),
                                            env=config.gateway_env(os.environ), sink=self._sink)
+        self._placement.open(model_dir, redis_url, _remaining(deadline), cancelled)
+        for role, worker_id in config.worker_ids():
+            self._spawn_worker(role, worker_id)
         wait_all_ready([*self._workers, self._gateway], _remaining(deadline), cancelled)
         address = self._gateway.ready.get("address") if self._gateway.ready else None
         if not isinstance(address, str) or not address.startswith("http"):
@@ -187,24 +200,66 @@ class LocalCluster:
                     f"{self._gateway.output_tail()}")
             time.sleep(READY_POLL_INTERVAL_S)
 
+    def _spawn_worker(self, role: WorkerRole, worker_id: str) -> WorkerProcess:
+        child = self._placement.spawn(role, worker_id)
+        self._workers.append(child)
+        return child
+
+    # ---- pool changes (the local autoscaler actuator) ----------------------------------
+    def pool_size(self, role: WorkerRole) -> int:
+        """Workers of `role` that serve or are starting (retiring ones are not counted)."""
+        return sum(1 for child in self._workers if _role_of(child) is role)
+
+    def add_worker(self, role: WorkerRole) -> str:
+        """Spawn one more worker of `role` (not waited for); returns its worker id."""
+        if self._endpoint is None:
+            raise RuntimeError("the cluster is not running")
+        index = self._next_index[role]
+        self._next_index[role] = index + 1
+        return self._spawn_worker(role, f"{role.value}-{index}").name
+
+    def retire_worker(self, role: WorkerRole) -> str | None:
+        """Start draining the newest worker of `role` (SIGTERM); returns its id, or None if
+        the pool is empty. It leaves the pool at once and is reaped once it exited."""
+        candidates = [child for child in self._workers if _role_of(child) is role]
+        if not candidates:
+            return None
+        child = candidates[-1]
+        self._workers.remove(child)
+        self._retiring.append(child)
+        child.terminate()
+        logger.info("retiring %s (pid %d): draining", child.name, child.pid)
+        return child.name
+
+    def reap_retired(self) -> list[str]:
+        """Forget the retired workers that exited; returns `name (exit code N)` of each."""
+        gone = [child for child in self._retiring if not child.is_running]
+        for child in gone:
+            self._retiring.remove(child)
+            self._log_exit(child, child.stop(0.0))
+        return [f"{child.name} (exit code {child.returncode})" for child in gone]
+
     # ---- stop ----------------------------------------------------------------------------
     def stop(self) -> None:
-        """Gateway, then workers (they drain), then Redis; each by pid, each bounded. Idempotent."""
+        """Gateway, then workers (they drain), then the placement's own (`close()`: a Ray head),
+        then Redis; each by pid, each bounded. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         if self._gateway is not None:
             self._log_exit(self._gateway, self._gateway.stop(self._config.gateway_stop_timeout_s))
-        for worker in self._workers:
+        workers = self._retiring + self._workers
+        for worker in workers:
             worker.terminate()  # all drain at once
-        for worker in self._workers:
+        for worker in workers:
             self._log_exit(worker, worker.stop(self._config.drain_timeout_s + WORKER_STOP_GRACE_S))
+        self._placement.close()
         if self._redis is not None:
             self._log_exit(self._redis.child, self._redis.stop())
         self._endpoint = None
 
     @staticmethod
-    def _log_exit(child: ChildProcess, code: int) -> None:
+    def _log_exit(child: WorkerProcess, code: int) -> None:
         # Dying of a stop signal is a clean stop: a terminal's Ctrl-C reaches every child at
         # once (they share our process group), and our SIGTERM may then land after a child
         # restored the default handlers on its way out.
@@ -220,6 +275,11 @@ class LocalCluster:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _role_of(child: WorkerProcess) -> WorkerRole:
+    """Worker names are `{role}-{index}` (`LocalClusterConfig.worker_ids`, `add_worker`)."""
+    return WorkerRole(child.name.rsplit("-", 1)[0])
 
 
 def _tiny_model_dir() -> Path:

@@ -7,8 +7,12 @@ Lifecycle:
    goes to stderr and the exit code is 1.
 3. The endpoint, the processes and a ready-to-paste curl command go to stdout, and the state
    file (`up.json`) is written.
-4. The main thread waits. A signal stops the cluster (gateway, workers, Redis) and exits 0;
-   a child that dies on its own stops the rest and exits 1. The state file is removed.
+4. The main thread waits. With `--autoscale`, an autoscaler thread reads the pools' queue
+   depth from Redis and sets targets; the wait loop applies them (`LocalActuator.apply`:
+   spawns workers, or drains the newest ones) and rewrites the state file when the
+   processes changed. A signal stops the autoscaler, then the cluster (gateway, workers,
+   Redis), and exits 0; a child that dies on its own stops the rest and exits 1. The state
+   file is removed.
 """
 
 from __future__ import annotations
@@ -22,12 +26,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+import redis
+
+from services.autoscaler.autoscaler import Autoscaler
+from services.autoscaler.config import AutoscalerConfig
+from services.autoscaler.local import LocalActuator
+from services.autoscaler.metrics import AutoscalerMetrics
+from services.common.cluster_state import ClusterState, WorkerRole
 from services.launcher.config import LocalClusterConfig
 from services.launcher.local import ClusterStartError, LocalCluster
+from services.launcher.placement import WorkerPlacement
 from services.launcher.processes import StartCancelled
 from services.launcher.state_file import UpState, remove_state, write_state
 
@@ -98,13 +111,38 @@ def _banner(cluster: LocalCluster, model: str) -> str:
     return "\n".join(lines)
 
 
-def run_up(config: LocalClusterConfig, state_path: Path, out: TextIO | None = None) -> int:
-    """Run a cluster until SIGINT/SIGTERM. Exit code: 0 after a requested stop, 1 on failure."""
+def _write_state(path: Path, cluster: LocalCluster) -> None:
+    write_state(path, UpState(redis_url=cluster.redis_url, cluster=cluster.config.cluster,
+                              endpoint=cluster.endpoint, pid=os.getpid(), children=tuple(cluster.children())))
+
+
+@dataclass(frozen=True)
+class _Autoscaling:
+    """The autoscaler thread of `tandem up --autoscale` and the actuator it drives."""
+
+    autoscaler: Autoscaler
+    actuator: LocalActuator
+
+    @classmethod
+    def start(cls, cluster: LocalCluster, config: AutoscalerConfig) -> _Autoscaling:
+        state = ClusterState(redis.Redis.from_url(cluster.redis_url, socket_timeout=2.0), cluster.config.cluster)
+        actuator = LocalActuator({WorkerRole.PREFILL: cluster.pool_size(WorkerRole.PREFILL),
+                                  WorkerRole.DECODE: cluster.pool_size(WorkerRole.DECODE)})
+        autoscaler = Autoscaler(state, actuator, config, AutoscalerMetrics())
+        autoscaler.start()
+        return cls(autoscaler, actuator)
+
+
+def run_up(config: LocalClusterConfig, state_path: Path, out: TextIO | None = None,
+           placement: WorkerPlacement | None = None) -> int:
+    """Run a cluster until SIGINT/SIGTERM. Exit code: 0 after a requested stop, 1 on failure.
+    `placement` runs the workers (default: local processes; `tandem up --ray`: Ray actors)."""
     out = out if out is not None else sys.stdout
     stop = StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    cluster = LocalCluster(config)
+    cluster = LocalCluster(config, placement=placement)
     wrote_state = False
+    autoscaling: _Autoscaling | None = None
     try:
         try:
             cluster.start(cancelled=lambda: stop.requested)
@@ -116,12 +154,14 @@ def run_up(config: LocalClusterConfig, state_path: Path, out: TextIO | None = No
             return 1
         api_key = config.api_keys[0] if config.api_keys else None
         model = served_model_name(cluster.endpoint, api_key, fallback=cluster.model_dir.name)
-        write_state(state_path, UpState(redis_url=cluster.redis_url, cluster=config.cluster,
-                                        endpoint=cluster.endpoint, pid=os.getpid(),
-                                        children=tuple(cluster.children())))
+        _write_state(state_path, cluster)
         wrote_state = True
         print(_banner(cluster, model), file=out, flush=True)
+        if config.autoscale is not None:
+            autoscaling = _Autoscaling.start(cluster, config.autoscale)
         while not stop.requested:
+            if autoscaling is not None and autoscaling.actuator.apply(cluster):
+                _write_state(state_path, cluster)
             dead = cluster.dead_children()
             if dead:
                 print(f"tandem up: error: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
@@ -132,6 +172,8 @@ def run_up(config: LocalClusterConfig, state_path: Path, out: TextIO | None = No
               file=sys.stderr, flush=True)
         return 0
     finally:
+        if autoscaling is not None:
+            autoscaling.autoscaler.stop()
         cluster.stop()
         if wrote_state:
             remove_state(state_path, os.getpid())

@@ -29,3 +29,19 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def unreachable_redis_client() -> Iterator[redis.Redis]:
+    """A client of a loopback port nobody listens on, without retries: every command fails at once."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from services.common.embedded_redis import free_port
+
+    client = redis.Redis(host="127.0.0.1", port=free_port(), socket_timeout=0.5, socket_connect_timeout=0.5,
+                         retry=Retry(NoBackoff(), 0))
+    try:
+        yield client
+    finally:
+        client.close()
