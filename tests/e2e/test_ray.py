@@ -5,7 +5,7 @@ One Ray head for the module, started as a user starts one on this machine: a tok
 token authentication on by itself because that token exists (ports outside 10002-19999).
 Against it: `tandem up --ray ADDRESS --ray-auth-token-file ...` serves the engine's exact greedy
 answer and stops cleanly on SIGTERM; without the token it is refused and says how to fix it;
-the `ray` actuator (through `ray://`, the Ray Client) grows and shrinks the decode pool.
+the `ray` actuator (in this process, a driver on the head's GCS) grows and shrinks the decode pool.
 `tandem up --ray` without an address starts its own head and stops it. Every test ends by
 checking that no process it caused is left: tandem's children, the actors, their workers, and
 for the private head every Ray process.
@@ -213,8 +213,10 @@ def test_ray_actuator_grows_and_shrinks_the_decode_pool(
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     config = LocalClusterConfig(num_prefill=1, num_decode=1, port=0, model_dir=tiny_model_dir, cluster=name,
                                 kv_cache_mib=8, local_prefill_max_tokens=0, drain_timeout_s=10.0)
-    # In this process, through the head's Ray Client server (ray://), with the token file.
-    ray_cluster = RayCluster(config, RayConfig(address=token_head.head.client_address,
+    # In this process, as a driver on the head's GCS, with the token file. (Through the Ray
+    # Client, ray://, Ray's client proxier now and then lost the per-client server it had just
+    # forked here: "ZombieProcess" at connect, a failure inside Ray, not of the actuator.)
+    ray_cluster = RayCluster(config, RayConfig(address=token_head.head.address,
                                                auth=RayAuth(token_file=token_head.token_file)))
     cluster = LocalCluster(config, placement=ray_cluster)
     cluster.start()
