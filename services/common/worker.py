@@ -169,6 +169,11 @@ class Worker:
         if events:
             self._events.put(events)
 
+    def is_idle(self, engine: Engine) -> bool:
+        """Loop thread: nothing left to finish or hand over. A sequence whose KV pull is still
+        in flight counts (the batcher does not see it yet), as does a held lease."""
+        return engine.num_requests == 0 and len(self.leases) == 0
+
     def snapshot(self, engine: Engine) -> WorkerLoad:
         """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
         waiting = engine.batcher.waiting
@@ -276,8 +281,7 @@ class Worker:
         await self.start_drain()
         deadline = time.monotonic() + self.config.drain_timeout_s
         while time.monotonic() < deadline:
-            idle = await asyncio.wrap_future(self.loop.submit(lambda e: not e.has_unfinished()))
-            if idle and len(self.leases) == 0:
+            if await asyncio.wrap_future(self.loop.submit(self.is_idle)):
                 break
             await asyncio.sleep(0.05)
         self.leases.release_all()

@@ -47,7 +47,5 @@ class WorkerServicerBase(pb_grpc.WorkerServicer):
         """Start the drain (first call) and answer its progress; `tandem drain` polls this."""
         worker = self.worker
         await worker.start_drain()
-        load = await worker.call(worker.snapshot, context)
-        held = len(worker.leases)
-        idle = load.waiting == 0 and load.running == 0 and held == 0
-        return pb.DrainResponse(idle=idle, waiting=load.waiting, running=load.running, held_leases=held)
+        load, idle = await worker.call(lambda e: (worker.snapshot(e), worker.is_idle(e)), context)
+        return pb.DrainResponse(idle=idle, waiting=load.waiting, running=load.running, held_leases=len(worker.leases))

@@ -345,6 +345,12 @@ class Engine:
     def check_integrity(self) -> None:
         self.pool.check_integrity()
 
+    @property
+    def num_requests(self) -> int:
+        """Live requests: queued, reserved (a KV pull is filling their blocks), ready or running.
+        Held prompts (a lease, prefill role) are not requests any more; see `held`."""
+        return len(self._seqs)
+
     def is_drained(self) -> bool:
         """No queued, running, reserved or held sequence, and every block free."""
         return not self._seqs and not self.held and self.pool.num_used_blocks == 0

@@ -78,6 +78,8 @@ def test_failed_pull_recomputes_with_the_same_tokens(engines) -> None:
     first = _prefill(prefill, "r", prompt, params)
     res = decode.reserve("r", prompt, params, first)
     assert res is not None and decode.pool.num_used_blocks == 3
+    # a pull in flight is a live request (a drain waits for it) but not batcher work yet
+    assert (decode.num_requests, decode.has_unfinished()) == (1, False)
     decode.unreserve("r")  # nothing was copied: the decode engine recomputes prompt + first token
     assert [first] + _drain(decode, "r") == expected
     assert prefill.abort("r") is True  # a held lease can be aborted too
