@@ -10,6 +10,8 @@ Modules, one noun each:
 - `arrivals`: when each request is sent (Poisson, constant, bursty) or a fixed concurrency.
 - `client`: the asyncio streaming HTTP client that produces `RequestRecord`s.
 - `runner`: sends a workload's requests under a load shape and collects their records.
-- `report`: `results.json` (every request, for re-analysis) and `summary.md`.
-- `__main__`: the `python -m loadtest run | summarize` command line.
+- `report`: `results.json` (every request, for re-analysis), `summary.md` and the side-by-side
+  comparison of several runs.
+- `plots`: `latency_cdf.png` and `throughput.png` (matplotlib, Agg canvas).
+- `__main__`: the `python -m loadtest run | summarize | compare` command line.
 """

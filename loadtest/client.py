@@ -100,6 +100,7 @@ class _Progress:
     token_times_s: list[float] = field(default_factory=list)
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    cached_tokens: int | None = None
     http_status: int | None = None
 
 
@@ -141,12 +142,19 @@ class StreamingClient:
         except httpx2.TransportError as exc:
             error, message = ErrorKind.CONNECTION, repr(exc)
         end_s = max(self._clock(), progress.token_times_s[-1] if progress.token_times_s else start_s)
+        prompt_tokens = request.prompt_len if progress.prompt_tokens is None else progress.prompt_tokens
+        if progress.cached_tokens is not None and not 0 <= progress.cached_tokens <= prompt_tokens:
+            if error is None:
+                error = ErrorKind.STREAM_ERROR
+                message = f"usage reports cached_tokens={progress.cached_tokens} of {prompt_tokens} prompt tokens"
+            progress.cached_tokens = None
         return RequestRecord(
             request_id=request.request_id, start_s=start_s, end_s=end_s,
             token_times_s=tuple(progress.token_times_s),
-            prompt_tokens=request.prompt_len if progress.prompt_tokens is None else progress.prompt_tokens,
+            prompt_tokens=prompt_tokens,
             output_tokens=len(progress.token_times_s) if progress.output_tokens is None else progress.output_tokens,
-            error=error, http_status=progress.http_status, error_message=message)
+            error=error, http_status=progress.http_status, error_message=message,
+            cached_tokens=progress.cached_tokens)
 
     async def _stream(self, request: WorkloadRequest, progress: _Progress) -> None:
         body = request_body(self.config, request)
@@ -181,3 +189,6 @@ class StreamingClient:
         if usage:
             progress.prompt_tokens = int(usage.get("prompt_tokens", 0))
             progress.output_tokens = int(usage.get("completion_tokens", 0))
+            details = usage.get("prompt_tokens_details") or {}
+            if details.get("cached_tokens") is not None:
+                progress.cached_tokens = int(details["cached_tokens"])

@@ -12,7 +12,9 @@ Which requests count where:
 - request throughput = successful requests / duration_s; output-token throughput = output
   tokens of successful requests / duration_s (prompt throughput alike);
 - goodput = requests that meet the SLO (failed requests never do): `goodput_fraction` is their
-  share of all requests, `goodput_rps` their number / duration_s.
+  share of all requests, `goodput_rps` their number / duration_s;
+- mean requests in flight (`mean_in_flight`) = sum of every request's E2E / duration_s, failed
+  ones included (they held a slot too): the concurrency an open-loop run actually reached.
 """
 
 from __future__ import annotations
@@ -98,6 +100,16 @@ class Summary:
         data["errors_by_kind"] = {kind.value: count for kind, count in self.errors_by_kind}
         data["slo"] = None if self.slo is None else str(self.slo)
         return data
+
+
+def mean_in_flight(records: Sequence[RequestRecord], duration_s: float) -> float:
+    """Time-averaged number of requests in flight over a run of `duration_s` seconds (> 0).
+
+    The integral of in-flight requests over time is the sum of their E2E latencies (Little's law).
+    """
+    if not (math.isfinite(duration_s) and duration_s > 0):
+        raise ValueError(f"mean_in_flight() needs a positive duration_s, got {duration_s!r}.")
+    return sum(record.e2e_s for record in records) / duration_s
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO | None = None) -> Summary:

@@ -9,7 +9,9 @@ are derived properties, never stored twice:
 - TPOT = (E2E - TTFT) / (output_tokens - 1): mean time per output token after the first. It is
   undefined (None) for requests with fewer than 2 output tokens, as in `vllm bench serve`.
 - ITL gaps = differences between consecutive token arrivals. The client records one arrival per
-  streamed chunk that carries output; Tandem's gateway sends one chunk per token.
+  streamed chunk that carries output, as `vllm bench serve` does. A chunk may carry several
+  tokens (Tandem's decode worker coalesces the tokens a slow reader has not yet taken), so
+  gaps are per chunk and `output_tokens` comes from the server's usage.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class RequestRecord:
 
     `token_times_s` holds the arrival time of every streamed chunk that carried output, in
     order; it is empty if no token arrived. `http_status` is None when no response arrived
-    (connection error, timeout before the headers). A failed request (`error` set) keeps
+    (connection error, timeout before the headers). `cached_tokens` is the server's
+    `usage.prompt_tokens_details.cached_tokens` (prompt tokens served from a prefix cache), None
+    when the server did not report it. A failed request (`error` set) keeps
     whatever timings it had, but summaries only use latencies of successful requests.
     """
 
@@ -50,6 +54,7 @@ class RequestRecord:
     error: ErrorKind | None = None
     http_status: int | None = None
     error_message: str = ""
+    cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -70,6 +75,9 @@ class RequestRecord:
         if self.prompt_tokens < 0 or self.output_tokens < 0:
             raise ValueError(f"RequestRecord {self.request_id}: token counts must be >= 0, got "
                              f"prompt_tokens={self.prompt_tokens}, output_tokens={self.output_tokens}.")
+        if self.cached_tokens is not None and not 0 <= self.cached_tokens <= self.prompt_tokens:
+            raise ValueError(f"RequestRecord {self.request_id}: cached_tokens must be within [0, prompt_tokens="
+                             f"{self.prompt_tokens}], got {self.cached_tokens}.")
 
     @property
     def ok(self) -> bool:
@@ -114,6 +122,7 @@ class RequestRecord:
             "output_tokens": self.output_tokens,
             "error": None if self.error is None else self.error.value,
             "http_status": self.http_status, "error_message": self.error_message,
+            "cached_tokens": self.cached_tokens,
         }
 
     @classmethod
@@ -128,4 +137,5 @@ class RequestRecord:
             error=None if error is None else ErrorKind(error),
             http_status=None if data.get("http_status") is None else int(data["http_status"]),
             error_message=str(data.get("error_message", "")),
+            cached_tokens=None if data.get("cached_tokens") is None else int(data["cached_tokens"]),
         )

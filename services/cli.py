@@ -68,6 +68,8 @@ def _config(args: argparse.Namespace):  # -> EngineConfig
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "serve":  # main() forwards `bench serve ...`; only `bench --flag serve` gets here
+        raise ValueError("put the load generator's flags after `serve`: tandem bench serve --base-url URL ...")
     if args.target == "engine":
         from services.engine.bench import run_engine_bench
 
@@ -450,8 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--timeout-s", type=float, default=30.0, help="wait at most this long for it to be idle")
     drain.set_defaults(func=cmd_drain)
 
-    bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
-    bench.add_argument("target", choices=["engine", "kernels", "kv", "gateway"])
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run; serve: load test")
+    bench.add_argument("target", choices=["engine", "kernels", "kv", "gateway", "serve"],
+                       help="serve FLAGS: the load generator, `python -m loadtest run FLAGS` (main() forwards it)")
     bench.add_argument("--model", type=Path, default=None)
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--max-tokens", type=int, default=128)
@@ -460,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:  # forwarded whole: the load generator reads its own flags
+        from loadtest.__main__ import main as loadtest_main
+
+        raise SystemExit(loadtest_main(["run", *argv[2:]]))
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

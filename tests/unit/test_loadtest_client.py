@@ -58,6 +58,31 @@ def test_success_records_one_arrival_per_token_chunk() -> None:
                                    prompt_tokens=3, output_tokens=3, error=None, http_status=200)
 
 
+def test_usage_cached_tokens_are_recorded() -> None:
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+                                      "prompt_tokens_details": {"cached_tokens": 2}}}
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=sse(token_chunk("a", 10), usage, b"[DONE]"))
+
+    record = run(handler)
+    assert (record.error, record.cached_tokens, record.prompt_tokens) == (None, 2, 3)
+    assert RequestRecord.from_dict(record.to_dict()) == record
+
+
+def test_cached_tokens_beyond_the_prompt_are_a_stream_error() -> None:
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+                                      "prompt_tokens_details": {"cached_tokens": 4}}}
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=sse(token_chunk("a", 10), usage, b"[DONE]"))
+
+    record = run(handler)
+    assert record.error is ErrorKind.STREAM_ERROR
+    assert record.error_message == "usage reports cached_tokens=4 of 3 prompt tokens"
+    assert record.cached_tokens is None
+
+
 def test_chat_body_renders_the_conversation() -> None:
     request = WorkloadRequest("c", (1, 2, 3), 2, conversation_id=0, turn=1,
                               messages=(ChatMessage(Role.USER, (1,)), ChatMessage(Role.ASSISTANT, (2,)),

@@ -1,6 +1,7 @@
 """loadtest runner and CLI: open-loop requests start on schedule, closed loop keeps exactly
 `concurrency` in flight, and `python -m loadtest run` against a fake OpenAI server on a free
-loopback port writes results.json and summary.md that read back exactly."""
+loopback port writes results.json and summary.md that read back exactly, and the two plots; a
+concurrency sweep writes one run per level and a summary comparing them."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loadtest.__main__ import main
 from loadtest.arrivals import ArrivalPattern, ClosedLoop, OpenLoop
 from loadtest.metrics import summarize
+from loadtest.plots import LATENCY_CDF_SIZE_PX, THROUGHPUT_SIZE_PX
 from loadtest.record import ErrorKind, RequestRecord
 from loadtest.report import load_results
 from loadtest.request import WorkloadRequest
 from loadtest.runner import RunClock, run_load
 from loadtest.workloads import load_workload
+from tests.unit.test_loadtest_plots import png_size
 
 WORKLOADS = Path(__file__).resolve().parents[2] / "loadtest" / "workloads"
 REQUESTS = tuple(WorkloadRequest(f"req-{i}", (1, 2), 2) for i in range(6))
@@ -134,8 +137,35 @@ def test_cli_run_writes_results_and_summary(fake_server: str, tmp_path: Path, ca
     assert f"| requests completed | {summary.num_completed} / 12 |" in markdown
     assert f"| http_4xx | {sum(expected_errors)} |" in markdown
     assert markdown in capsys.readouterr().out
+    assert png_size(out / "latency_cdf.png") == LATENCY_CDF_SIZE_PX
+    assert png_size(out / "throughput.png") == THROUGHPUT_SIZE_PX
     assert main(["summarize", str(out / "results.json"), "--slo", "ttft=0.000001"]) == 0
     assert "| goodput (SLO ttft=1e-06) | 0 requests, 0.0%" in capsys.readouterr().out
+
+
+def test_cli_concurrency_sweep_writes_one_run_per_level(fake_server: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    workload = tmp_path / "w.yaml"
+    workload.write_text("kind: random\nvocab_size: 3\ninput_len: 2\noutput_len: {min: 2, max: 4}\n")
+    out = tmp_path / "sweep"
+    status = main(["run", "--base-url", fake_server, "--model", "fake", "--workload", str(workload),
+                   "--num-requests", "8", "--concurrency", "1,4", "--seed", "2", "--out", str(out), "--no-progress"])
+    assert status == 0
+    requests = load_workload(workload).generate(8, 2)
+    runs = {level: load_results(out / f"c{level}" / "results.json") for level in (1, 4)}
+    for level, saved in runs.items():
+        assert (saved.info.load, saved.info.concurrency, saved.info.seed) == (f"concurrency {level}", level, 2)
+        assert [r.request_id for r in saved.records] == [r.request_id for r in requests]  # same workload
+        assert (out / f"c{level}" / "summary.md").read_text().startswith("# Load test summary\n")
+        assert not (out / f"c{level}" / "latency_cdf.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["c1", "c4", "latency_cdf.png", "summary.md", "throughput.png"]
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith("# Concurrency sweep\n\n| metric | concurrency 1 | concurrency 4 |\n|---|---|---|\n")
+    okay = [f"{runs[level].summary().num_completed} / {runs[level].summary().num_errors}" for level in (1, 4)]
+    assert f"| requests in flight | 1.00 | 4.00 |\n| requests ok / errors | {okay[0]} | {okay[1]} |\n" in markdown
+    assert capsys.readouterr().out.endswith(markdown + "\n")
+    assert png_size(out / "latency_cdf.png") == LATENCY_CDF_SIZE_PX
+    assert png_size(out / "throughput.png") == THROUGHPUT_SIZE_PX
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -31,9 +31,10 @@ def common_prefix_len(prompts: list[tuple[int, ...]]) -> int:
     return len(os.path.commonprefix(prompts))
 
 
-def test_all_four_workload_files_ship() -> None:
+def test_workload_files_ship() -> None:
+    # The four kinds, and smoke.yaml: a tiny random workload for tests/e2e/test_loadtest_smoke.py.
     assert [p.name for p in YAML_FILES] == ["interference.yaml", "multi_turn.yaml", "random.yaml",
-                                           "shared_prefix.yaml"]
+                                           "shared_prefix.yaml", "smoke.yaml"]
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.stem)
