@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install proto clean-venv
+.PHONY: run test bench install proto clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The benchmark set (about 15 minutes on 2 cores): every ratio the project claims, measured in
+# one run, written to BENCHMARKS.md next to its goal. Extra flags: make bench ARGS="--only kv".
+bench: $(STAMP)
+	$(BIN)/python -m loadtest bench --out BENCHMARKS.md $(ARGS)
 
 # Regenerate the gRPC stubs from proto/ (tests/unit/test_proto_fresh.py checks they are fresh).
 proto: $(STAMP)

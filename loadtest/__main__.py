@@ -13,6 +13,10 @@ workload and seed, into OUT/c<level>/ (results.json, summary.md), then writes th
 a summary.md comparing the levels into OUT. `summarize` re-analyses a saved run (e.g. against
 another SLO); `compare` puts saved runs side by side (and with --out writes compare.md and the
 plots). `tandem bench serve ...` is `run` under another name.
+
+    python -m loadtest bench [--out BENCHMARKS.md] [--only engine,kv,...] [--quick]
+
+`bench` is `make bench`: the project's benchmark set (loadtest/suite/), written to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -63,10 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     side.add_argument("--labels", default=None, help="column names, comma-separated (default: each run's load, "
                       "or the file paths if those repeat)")
     side.add_argument("--out", type=Path, default=None, help="also write OUT/compare.md and the two PNG plots")
+    suite = commands.add_parser("bench", help="the project's benchmark set (make bench)")
+    suite.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    suite.add_argument("--only", default=None, help="comma list of sections (default: all)")
+    suite.add_argument("--quick", action="store_true", help="tiny sizes, to test the suite itself")
     run.set_defaults(handler=_run)
     again.set_defaults(handler=_summarize)
     side.set_defaults(handler=_compare)
+    suite.set_defaults(handler=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loadtest.suite.run import parse_only, run_suite  # imports torch: only for this command
+
+    only = parse_only(args.only)
+    return run_suite(args.out, only, quick=args.quick, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def concurrency_levels(text: str) -> tuple[int, ...]:

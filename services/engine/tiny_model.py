@@ -163,10 +163,12 @@ def write_tokenizer(path: Path) -> int:
     return vocab_size
 
 
-def write_tiny_llama(path: Path, seed: int = 0) -> Path:
+def write_tiny_llama(path: Path, seed: int = 0, overrides: Mapping[str, Any] | None = None) -> Path:
     """Write the whole tiny checkpoint (config, generation config, weights, tokenizer) to `path`.
 
-    Called by `ensure_tiny_model` and by tests that need a second, differently seeded model.
+    Called by `ensure_tiny_model`, by tests that need a second, differently seeded model, and by
+    the benchmark set, which passes `overrides` of the size keys (hidden_size, num_hidden_layers,
+    ...) for a model whose prefill costs more than the serving overheads around it.
     Weights come from one torch.Generator seeded with `seed`, drawn in a fixed order:
     embeddings ~ N(0, 1), every linear weight [out, in] ~ N(0, std=1/sqrt(in)), every RMSNorm
     weight = 1 + N(0, std=0.1). The same seed gives the same bytes. Returns `path`.
@@ -176,6 +178,10 @@ def write_tiny_llama(path: Path, seed: int = 0) -> Path:
 
     vocab_size = write_tokenizer(path)
     config = {key: list(value) if isinstance(value, tuple) else value for key, value in TINY_LLAMA_CONFIG.items()}
+    unknown = set(overrides or ()) - set(config)
+    if unknown:
+        raise ValueError(f"unknown model config keys {sorted(unknown)}")
+    config.update(overrides or {})
     config["vocab_size"] = vocab_size
     _write_json(path / "config.json", config)
     _write_json(

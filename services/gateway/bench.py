@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -117,12 +118,28 @@ def _wait_http_ok(url: str, timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
 
 
-def run_gateway_bench(model_dir: Path, out: Callable[[str], None] = print, concurrency: int = 32,
-                      prompt_len: int = 32, max_tokens: int = 64, rounds: int = 7) -> int:
-    """Run both measurements and print them; returns 0."""
+@dataclass(frozen=True)
+class GatewayBenchReport:
+    """Tokens/s of each alternating round, per path."""
+
+    direct: list[float]
+    via_gateway: list[float]
+    concurrency: int
+    prompt_len: int
+    max_tokens: int
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.via_gateway) / statistics.median(self.direct)
+
+
+def measure_gateway(model_dir: Path, concurrency: int = 32, prompt_len: int = 32, max_tokens: int = 64,
+                    rounds: int = 7) -> GatewayBenchReport:
+    """Start the processes, run the alternating rounds, stop everything; the tokens/s."""
     redis = EmbeddedRedis.start()
     python = [sys.executable, "-m", "services"]
     children: list[ChildProcess] = []
+    own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         decode = ChildProcess.spawn("decode", [*python, "decode", "--model", str(model_dir), "--worker-id", "bench-decode",
                                                "--port", "0", "--redis", redis.url, "--num-threads", "1",
@@ -148,13 +165,22 @@ def run_gateway_bench(model_dir: Path, out: Callable[[str], None] = print, concu
         for child in reversed(children):
             child.stop(10.0)
         redis.stop()
-    d, g = statistics.median(direct), statistics.median(via)
+        if own_cpus is not None:
+            os.sched_setaffinity(0, own_cpus)
+    return GatewayBenchReport(direct, via, concurrency, prompt_len, max_tokens)
+
+
+def run_gateway_bench(model_dir: Path, out: Callable[[str], None] = print, concurrency: int = 32,
+                      prompt_len: int = 32, max_tokens: int = 64, rounds: int = 7) -> int:
+    """Run both measurements and print them; returns 0."""
+    report = measure_gateway(model_dir, concurrency, prompt_len, max_tokens, rounds)
+    d, g = statistics.median(report.direct), statistics.median(report.via_gateway)
     out(f"streaming at concurrency {concurrency} ({prompt_len}-token prompts, {max_tokens} tokens each, "
         f"median of {rounds} alternating rounds):")
-    out(f"  direct to decode worker  {d:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in direct)}")
-    out(f"  through the gateway      {g:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in via)}")
+    out(f"  direct to decode worker  {d:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in report.direct)}")
+    out(f"  through the gateway      {g:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in report.via_gateway)}")
     out(f"  gateway / direct         {g / d:8.2f}        (goal >= {GOAL})")
     from services.scheduler.bench import run_scheduler_bench
 
-    run_scheduler_bench()
+    run_scheduler_bench(out=out)
     return 0

@@ -49,8 +49,29 @@ class BenchResult:
         return statistics.median(self.mb_per_s)
 
 
-def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> int:
-    """Run the benchmark and print one line per path; 1 if a transfer was not exact."""
+@dataclass(frozen=True)
+class KVBenchReport:
+    """Medians per path (`raw tcp`, `grpc`, `torch`), the bytes of one pull, and whether every
+    transport's destination blocks equalled the source's."""
+
+    results: dict[str, BenchResult]
+    size_bytes: int
+    num_blocks: int
+    bytes_per_block: int
+    layout: KVLayout
+    exact: bool
+
+    def ratio(self, name: str) -> float:
+        return self.results[name].median / self.results["raw tcp"].median
+
+    @property
+    def best(self) -> tuple[str, float]:
+        name = max((n for n in self.results if n != "raw tcp"), key=self.ratio)
+        return name, self.ratio(name)
+
+
+def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchReport:
+    """Run the interleaved rounds (see the module docstring) and return the medians."""
     torch.set_num_threads(1)  # one core for the receiver, one for the source (2-core hosts)
     layout = BENCH_LAYOUT
     num_blocks = -(-prompt_tokens // layout.block_size)
@@ -60,7 +81,7 @@ def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tok
     )
     try:
         ready = _read_ready(process, timeout_s=60.0)
-        return asyncio.run(_bench(layout, num_blocks, ready, rounds, out))
+        return asyncio.run(_bench(layout, num_blocks, ready, rounds))
     finally:
         assert process.stdin is not None
         process.stdin.close()
@@ -71,6 +92,13 @@ def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tok
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> int:
+    """Run the benchmark and print one line per path; 1 if a transfer was not exact."""
+    report = measure_kv(rounds, prompt_tokens)
+    _report(report, out)
+    return 0 if report.exact else 1
 
 
 def _read_ready(process: subprocess.Popen, timeout_s: float) -> tuple[int, int]:
@@ -86,8 +114,7 @@ def _read_ready(process: subprocess.Popen, timeout_s: float) -> tuple[int, int]:
     raise RuntimeError(f"KV source process did not start (exit code {process.poll()}, last line {line!r})")
 
 
-async def _bench(layout: KVLayout, num_blocks: int, ports: tuple[int, int], rounds: int,
-                 out: Callable[[str], None]) -> int:
+async def _bench(layout: KVLayout, num_blocks: int, ports: tuple[int, int], rounds: int) -> KVBenchReport:
     grpc_port, raw_port = ports
     source = KVBlockStore(random_kv_caches(layout, num_blocks, SEED), layout)
     dest = KVBlockStore(random_kv_caches(layout, num_blocks, SEED + 1), layout)
@@ -100,7 +127,7 @@ async def _bench(layout: KVLayout, num_blocks: int, ports: tuple[int, int], roun
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     received = bytearray(size_bytes)
     results = {name: BenchResult(name, []) for name in ("raw tcp", *transports)}
-    status = 0
+    exact = True
     try:
         for round_index in range(rounds + 1):  # round 0 warms up channels, pairs and buffers
             await asyncio.sleep(SETTLE_S)
@@ -111,8 +138,7 @@ async def _bench(layout: KVLayout, num_blocks: int, ports: tuple[int, int], roun
                 await asyncio.sleep(SETTLE_S)
                 stats = await transport.pull(handle, handle.block_ids, dst_ids, dest, timeout_s=60.0)
                 if round_index == 0 and not _exact(source, dest, dst_ids):
-                    out(f"{name}: destination blocks differ from the source")
-                    status = 1
+                    exact = False
                 if round_index:
                     results[name].mb_per_s.append(stats.mb_per_s)
         await transports["grpc"].release(handle, timeout_s=5.0)
@@ -120,8 +146,7 @@ async def _bench(layout: KVLayout, num_blocks: int, ports: tuple[int, int], roun
         raw.close()
         for transport in transports.values():
             await transport.close()
-    _report(results, size_bytes, num_blocks, dest, transports, out)
-    return status
+    return KVBenchReport(results, size_bytes, num_blocks, dest.bytes_per_block, layout, exact)
 
 
 def _pool_like_ids(num_blocks: int, run_blocks: int = 64) -> tuple[int, ...]:
@@ -151,19 +176,20 @@ def _exact(source: KVBlockStore, dest: KVBlockStore, dst_ids: tuple[int, ...]) -
     return all(torch.equal(s, d[:, index]) for s, d in zip(source.kv_caches, dest.kv_caches))
 
 
-def _report(results: dict[str, BenchResult], size_bytes: int, num_blocks: int, store: KVBlockStore,
-            transports: dict[str, KVTransport], out: Callable[[str], None]) -> None:
-    lay = store.layout
-    out(f"kv bench: {size_bytes / 2**20:.1f} MiB per pull ({num_blocks} blocks x {store.bytes_per_block // 1024} KiB; "
-        f"{lay.num_layers} layers, {lay.num_kv_heads} KV heads x {lay.head_dim}, {lay.dtype}), source process on "
-        f"127.0.0.1, median of {len(results['raw tcp'].mb_per_s)} interleaved rounds")
-    raw = results["raw tcp"].median
+def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:
+    lay, results = report.layout, report.results
+    out(f"kv bench: {report.size_bytes / 2**20:.1f} MiB per pull ({report.num_blocks} blocks x "
+        f"{report.bytes_per_block // 1024} KiB; {lay.num_layers} layers, {lay.num_kv_heads} KV heads x "
+        f"{lay.head_dim}, {lay.dtype}), source process on 127.0.0.1, median of "
+        f"{len(results['raw tcp'].mb_per_s)} interleaved rounds")
+    if not report.exact:
+        out("  a transport's destination blocks differ from the source")
     for name, result in results.items():
         spread = f"[{min(result.mb_per_s):.0f}..{max(result.mb_per_s):.0f}]"
-        ratio = "" if name == "raw tcp" else f"  {result.median / raw:.2f} of raw tcp"
+        ratio = "" if name == "raw tcp" else f"  {report.ratio(name):.2f} of raw tcp"
         out(f"  {name:8s} {result.median:8.0f} MB/s {spread:>14s}{ratio}")
-    best = max(results[name].median for name in transports) / raw
-    grpc_ratio = results["grpc"].median / raw
+    best = report.best[1]
+    grpc_ratio = report.ratio("grpc")
     out(f"  goals: best transport >= {BEST_GOAL:.2f} of raw tcp: {best:.3f} "
         f"({'met' if best >= BEST_GOAL else 'missed'}); grpc >= {GRPC_GOAL:.2f}: {grpc_ratio:.3f} "
         f"({'met' if grpc_ratio >= GRPC_GOAL else 'missed'})")

@@ -77,7 +77,7 @@ def _workers(num_workers: int, rng: random.Random) -> tuple[list[WorkerInfo], di
 
 
 def run_scheduler_bench(
-    num_workers: int = 64, prompt_tokens: int = 4096, iterations: int = 2000
+    num_workers: int = 64, prompt_tokens: int = 4096, iterations: int = 2000, out: Callable[[str], None] = print
 ) -> dict[str, float]:
     """Time the decision path and prompt hashing; print a table; return the numbers in us."""
     if num_workers < 2 or prompt_tokens < 1 or iterations < 1:
@@ -118,11 +118,11 @@ def run_scheduler_bench(
     results: dict[str, float] = {}
     rows = [("route", route, iterations), ("match", match, iterations),
             ("hash_blocks", hash_prompt, max(1, iterations // 10))]
-    print(f"scheduler bench: {num_workers} workers, {prompt_tokens}-token prompt "
+    out(f"scheduler bench: {num_workers} workers, {prompt_tokens}-token prompt "
           f"({prompt_tokens // config.block_size} blocks), policy {config.policy}")
-    print(f"{'path':<12} {'n':>6} {'p50 us':>10} {'p99 us':>10} {'max us':>10}")
+    out(f"{'path':<12} {'n':>6} {'p50 us':>10} {'p99 us':>10} {'max us':>10}")
     for name, fn, n in rows:
         p50, p99, worst = _percentiles_us(_time_ns(fn, n))
         results.update({f"{name}_p50_us": p50, f"{name}_p99_us": p99, f"{name}_max_us": worst})
-        print(f"{name:<12} {n:>6} {p50:>10.1f} {p99:>10.1f} {worst:>10.1f}")
+        out(f"{name:<12} {n:>6} {p50:>10.1f} {p99:>10.1f} {worst:>10.1f}")
     return results
