@@ -12,6 +12,7 @@ Backends are registered by name; `auto` picks `triton` on CUDA and `torch` elsew
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -45,6 +46,39 @@ class AttentionMetadata:
     def is_decode_only(self) -> bool:
         """True when every sequence has exactly one new token (a pure decode step)."""
         return all(n == 1 for n in self.query_lens)
+
+    @functools.cached_property
+    def length_buckets(self) -> tuple[tuple[int, ...], ...]:
+        """Sequence indices grouped by similar context length, longest group first (computed
+        once per step, used by every layer). See `length_buckets`."""
+        return length_buckets(self.seq_lens_host)
+
+
+# A padded batch wastes (max_len - len) gathered tokens per sequence. Splitting it costs one
+# more gather + attention call per layer, worth about this many tokens of padding on a CPU.
+BUCKET_SPLIT_PADDING_TOKENS = 2048
+
+
+def length_buckets(seq_lens: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Group sequence indices for padded batched attention so that one long context does not
+    make every short one gather (and attend over) its length.
+
+    Walk the sequences from longest to shortest; the current group's length is its first
+    (longest) member's. The next sequence, of length s, starts a new group when the group
+    length is more than twice s and keeping it would pad s and every shorter sequence by more
+    than `BUCKET_SPLIT_PADDING_TOKENS` in total. Indices within a group are ascending.
+    """
+    order = sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i))
+    groups: list[list[int]] = []
+    group_len = 0
+    for rank, i in enumerate(order):
+        s = seq_lens[i]
+        remaining = len(order) - rank
+        if not groups or (group_len > 2 * s and (group_len - s) * remaining > BUCKET_SPLIT_PADDING_TOKENS):
+            groups.append([])
+            group_len = s
+        groups[-1].append(i)
+    return tuple(tuple(sorted(g)) for g in groups)
 
 
 class AttentionBackend(Protocol):

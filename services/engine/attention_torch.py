@@ -2,7 +2,9 @@
 
 Decode-only steps are vectorised: each sequence's blocks are gathered into a padded
 `[num_seqs, max_context, num_kv_heads, head_dim]` tensor and one masked
-`scaled_dot_product_attention` covers the batch. Steps with prefill chunks attend per
+`scaled_dot_product_attention` covers the batch. Sequences are first grouped by similar length
+(`AttentionMetadata.length_buckets`), one padded call per group, so that one long prompt
+joining a batch of short ones does not make every sequence gather its length. Steps with prefill chunks attend per
 sequence with a causal mask offset by the cached context.
 """
 
@@ -37,21 +39,16 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_seqs, num_heads, head_dim = query.shape
-        _, _, block_size, num_kv_heads, _ = kv_cache.shape
-        max_len = max(meta.seq_lens_host)
-        max_blocks = -(-max_len // block_size)
-        tables = meta.block_tables[:, :max_blocks].long()  # [num_seqs, max_blocks]
-        k = kv_cache[0][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
-        v = kv_cache[1][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
-        rep = num_heads // num_kv_heads
-        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [num_seqs, num_heads, ctx, head_dim]
-        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-        ctx = torch.arange(max_blocks * block_size, device=query.device)
-        mask = ctx[None, :] < meta.seq_lens[:, None]  # [num_seqs, ctx]
-        q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-        return out.squeeze(2)
+        buckets = meta.length_buckets
+        if len(buckets) == 1:
+            return _decode_padded(query, kv_cache, meta.block_tables, meta.seq_lens,
+                                  max(meta.seq_lens_host), scale)
+        out = torch.empty_like(query)
+        for rows in buckets:
+            index = torch.tensor(rows, dtype=torch.long, device=query.device)
+            out[index] = _decode_padded(query[index], kv_cache, meta.block_tables[index], meta.seq_lens[index],
+                                        max(meta.seq_lens_host[i] for i in rows), scale)
+        return out
 
     @staticmethod
     def _varlen(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -74,3 +71,23 @@ class TorchAttentionBackend:
             out[start : start + q_len] = o.transpose(0, 1)
             start += q_len
         return out
+
+
+def _decode_padded(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   max_len: int, scale: float) -> torch.Tensor:
+    """One masked attention call for decode queries `[n, num_heads, head_dim]` whose contexts
+    (`seq_lens`, longest `max_len`) are gathered from the paged cache, padded to `max_len`."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    max_blocks = -(-max_len // block_size)
+    tables = block_tables[:, :max_blocks].long()  # [n, max_blocks]
+    k = kv_cache[0][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+    v = kv_cache[1][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+    rep = num_heads // num_kv_heads
+    k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [n, num_heads, ctx, head_dim]
+    v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+    ctx = torch.arange(max_blocks * block_size, device=query.device)
+    mask = ctx[None, :] < seq_lens[:, None]  # [n, ctx]
+    q = query.unsqueeze(2)  # [n, num_heads, 1, head_dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.squeeze(2)
