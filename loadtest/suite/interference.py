@@ -50,15 +50,16 @@ def _itl_p99_ms(records: tuple[RequestRecord, ...]) -> float:
     return 1000 * percentile([gap for r in records for gap in r.itl_gaps_s], 99)
 
 
-def _measure(ctx: BenchContext, layout: str, decode: list[WorkloadRequest],
-             long: list[WorkloadRequest]) -> tuple[float, float, float]:
-    """(decode-only ITL p99 ms, mixed ITL p99 ms, mixed duration s) for one layout."""
+def _measure(ctx: BenchContext, layout: str, decode: list[WorkloadRequest], long: list[WorkloadRequest],
+             warmup: WorkloadRequest) -> tuple[float, float, float]:
+    """(decode-only ITL p99 ms, mixed ITL p99 ms, mixed duration s) for one layout. `warmup`
+    is a long prompt outside `long`, so no measured prompt is in a prefix cache already."""
     workers = (WorkerSpec("decode", DECODE_CPU),)
     if layout == "disaggregated":
         workers = (WorkerSpec("prefill", SHARED_CPU), *workers)
     spec = ClusterSpec(ctx.model_dir, workers, gateway_cpu=SHARED_CPU)
     with BenchCluster.start(spec, name=f"bench-{layout[:5]}") as cluster:
-        drive(cluster.url, cluster.model, [*decode[:2], *long[:1]], ClosedLoop(2))  # warm-up
+        drive(cluster.url, cluster.model, [*decode[:2], warmup], ClosedLoop(2))
         alone = drive(cluster.url, cluster.model, decode, ClosedLoop(DECODE_CONCURRENCY))
         mixed, _ = drive_streams(cluster.url, cluster.model, [
             (decode, ClosedLoop(DECODE_CONCURRENCY)),
@@ -68,12 +69,13 @@ def _measure(ctx: BenchContext, layout: str, decode: list[WorkloadRequest],
 
 def run(ctx: BenchContext) -> Section:
     num_decode = ctx.size(32, 8)
-    decode, long = _mix(num_decode, ctx.size(12, 3))
+    decode, long = _mix(num_decode, ctx.size(12, 3) + 1)
+    long, warmup = long[:-1], long[-1]
     rows = [("layout", "decode-only ITL p99 (ms)", "with long prompts ITL p99 (ms)", "ratio", "mixed phase (s)")]
     ratios = {}
     for layout in ("disaggregated", "colocated"):
         ctx.log(f"interference: {layout}")
-        alone_ms, mixed_ms, duration_s = _measure(ctx, layout, decode, long)
+        alone_ms, mixed_ms, duration_s = _measure(ctx, layout, decode, long, warmup)
         ratios[layout] = (alone_ms, mixed_ms)
         rows.append((layout, f"{alone_ms:.1f}", f"{mixed_ms:.1f}", f"{mixed_ms / alone_ms:.2f}", f"{duration_s:.1f}"))
     disagg, coloc = ratios["disaggregated"], ratios["colocated"]

@@ -1,8 +1,10 @@
 """The full stack through the gateway against the in-process engine, on the same core.
 
 The stack: one decode worker alone on core 0 (one torch thread, local prefill), the gateway
-and the load generator on core 1 — every request crosses HTTP, the gateway's tokenizer-free
-completion path, the scheduler, gRPC and SSE. The baseline: `Engine.generate` in this process,
+and the clients on core 1 — every request crosses HTTP, the gateway's completion path, the
+scheduler, gRPC and SSE. The clients are the lean asyncio SSE readers of `tandem bench
+gateway` rather than the load generator: at these rates the load generator's own parsing
+would be what is measured, and real clients run on other machines. The baseline: `Engine.generate` in this process,
 pinned to core 0 with one torch thread. Both run the same prompts at the same concurrency, in
 alternating rounds, and count output tokens per wall second. Goal: stack / engine >= 0.85.
 
@@ -13,19 +15,20 @@ prefill, so it is context, not a claim.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
 
 import torch
 
-from loadtest.arrivals import ClosedLoop
 from loadtest.request import WorkloadRequest
 from loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
-from loadtest.suite.context import BenchContext, drive
+from loadtest.suite.context import BenchContext
 from loadtest.suite.figures import Figure, Section
 from services.engine.engine import Engine
 from services.engine.sampling_params import SamplingParams
+from services.gateway.bench import stream_via_gateway
 
 GOAL = 0.85
 WORKER_CPU, CLIENT_CPU = 0, 1
@@ -58,10 +61,10 @@ def _stack_tps(cluster: BenchCluster, requests: list[WorkloadRequest]) -> float:
     own = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {CLIENT_CPU})
     try:
-        result = drive(cluster.url, cluster.model, requests, ClosedLoop(len(requests)))
+        prompts = [list(r.prompt_token_ids) for r in requests]
+        return asyncio.run(stream_via_gateway(cluster.url, cluster.model, prompts, requests[0].max_tokens))
     finally:
         os.sched_setaffinity(0, own)
-    return sum(r.output_tokens for r in result.records) / result.duration_s
 
 
 def run(ctx: BenchContext) -> Section:
@@ -90,6 +93,6 @@ def run(ctx: BenchContext) -> Section:
                Figure("full stack (disaggregated) / in-process engine", median["disaggregated"] / median["engine"]))
     setup = (f"{concurrency} requests at once per round ({PROMPT_LEN}-token prompts, {max_tokens} output tokens, "
              f"greedy, ignore EOS), median of {rounds} rounds; decode worker and in-process engine on core "
-             f"{WORKER_CPU} with one torch thread; gateway, load generator (and the prefill worker, when "
+             f"{WORKER_CPU} with one torch thread; gateway, clients (and the prefill worker, when "
              f"disaggregated) on core {CLIENT_CPU}.")
     return Section("stack", "Full stack through the gateway vs the in-process engine", setup, figures, tuple(rows))

@@ -88,7 +88,7 @@ async def _stream_completion(host: str, port: int, body: bytes) -> int:
     return n
 
 
-async def _via_gateway(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> float:
+async def stream_via_gateway(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> float:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     bodies = [json.dumps({"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                           "ignore_eos": True, "return_token_ids": True}).encode() for p in prompts]
@@ -156,11 +156,11 @@ def measure_gateway(model_dir: Path, concurrency: int = 32, prompt_len: int = 32
         _wait_http_ok(url + "/ready", READY_TIMEOUT_S)
         model = model_dir.name
         asyncio.run(_direct(address, _prompts(0, 2, prompt_len), 4, "warmup"))
-        asyncio.run(_via_gateway(url, model, _prompts(1, 2, prompt_len), 4))
+        asyncio.run(stream_via_gateway(url, model, _prompts(1, 2, prompt_len), 4))
         direct, via = [], []
         for r in range(rounds):
             direct.append(asyncio.run(_direct(address, _prompts(10 + 2 * r, concurrency, prompt_len), max_tokens, f"r{r}")))
-            via.append(asyncio.run(_via_gateway(url, model, _prompts(11 + 2 * r, concurrency, prompt_len), max_tokens)))
+            via.append(asyncio.run(stream_via_gateway(url, model, _prompts(11 + 2 * r, concurrency, prompt_len), max_tokens)))
     finally:
         for child in reversed(children):
             child.stop(10.0)
