@@ -84,7 +84,7 @@ class DecodeServicer(WorkerServicerBase):
                     await worker.call(admit_local, context)
                 else:
                     admit_from_s = await self._hand_off(req, request.first_token, handle, header, deliver, context, span, arrival)
-                async with aclosing(self._stream(q, header, span, arrival, admit_from_s)) as deltas:
+                async with aclosing(self._stream(q, header, span, arrival, admit_from_s, local=handle is None)) as deltas:
                     async for delta in deltas:
                         yield delta
             except (asyncio.CancelledError, GeneratorExit):
@@ -204,9 +204,11 @@ class DecodeServicer(WorkerServicerBase):
         self.worker.abort_soon(rid)
 
     async def _stream(
-        self, q: asyncio.Queue, header: pb.DecodeDelta, span: Span, arrival: ClockAnchor, admit_from_s: float
+        self, q: asyncio.Queue, header: pb.DecodeDelta, span: Span, arrival: ClockAnchor, admit_from_s: float,
+        local: bool,
     ) -> AsyncIterator[pb.DecodeDelta]:
-        """Yield DecodeDeltas, coalescing whatever outputs are ready; the first carries header.
+        """Yield DecodeDeltas, coalescing whatever outputs are ready; the first carries header
+        and, for a local prefill (`local`), the prompt tokens its admission found cached here.
         Spans: "decode.admit" until the first output's first scheduling, then "decode.stream"
         until this generator ends (finished, failed, cancelled or closed)."""
         timeout_s = self.worker.config.request_timeout_s
@@ -229,6 +231,8 @@ class DecodeServicer(WorkerServicerBase):
                     stream = tracer.start_span("decode.stream", context=parent, start_time=arrival.unix_ns_at(scheduled_s))
                     span.set_attribute("tandem.cached_tokens", outs[0].num_cached_tokens)
                     delta.CopyFrom(header)
+                    if local:
+                        delta.num_cached_tokens = outs[0].num_cached_tokens
                 for out in outs:
                     delta.token_ids.extend(out.new_token_ids)
                     delta.logprobs.extend(codec.logprob_to_proto(lp) for lp in out.new_logprobs)

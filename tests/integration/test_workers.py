@@ -77,6 +77,17 @@ def test_decode_side_reuse_pulls_only_missing_blocks(pair, reference: Engine) ->
         assert d.metric("tandem_kv_transfer_bytes_total") - bytes_before == expected_pulled * block_bytes
 
 
+def test_local_prefill_reports_its_prefix_cache_hit(pair, reference: Engine) -> None:
+    _, _, d = pair
+    shared, tail_a, tail_b = random_prompts([48, 20, 30], reference.model_config.vocab_size, seed=24)
+    for i, prompt in enumerate([shared + tail_a, shared + tail_b]):
+        deltas = list(decode_stream(d, f"local-hit-{i}", prompt, GREEDY))
+        assert [t for delta in deltas for t in delta.token_ids] == list(reference.generate([prompt], GREEDY)[0].token_ids)
+        assert deltas[0].num_cached_tokens == (0 if i == 0 else 48)
+        assert deltas[0].num_pulled_blocks == 0
+        assert all(delta.num_cached_tokens == 0 for delta in deltas[1:])
+
+
 def test_layout_mismatch_is_refused_naming_the_field(pair, reference: Engine) -> None:
     _, p, d = pair
     (prompt,) = random_prompts([20], reference.model_config.vocab_size, seed=23)
