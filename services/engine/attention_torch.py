@@ -83,11 +83,13 @@ def _decode_padded(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: to
     tables = block_tables[:, :max_blocks].long()  # [n, max_blocks]
     k = kv_cache[0][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
     v = kv_cache[1][tables].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
-    rep = num_heads // num_kv_heads
-    k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [n, num_heads, ctx, head_dim]
-    v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+    k = k.transpose(1, 2)  # [n, num_kv_heads, ctx, head_dim]
+    v = v.transpose(1, 2)
     ctx = torch.arange(max_blocks * block_size, device=query.device)
     mask = ctx[None, :] < seq_lens[:, None]  # [n, ctx]
     q = query.unsqueeze(2)  # [n, num_heads, 1, head_dim]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    # enable_gqa: query head h reads KV head h // (num_heads // num_kv_heads), as
+    # repeat_interleave would lay it out, without materialising the repeated K and V.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                         enable_gqa=num_heads != num_kv_heads)
     return out.squeeze(2)
