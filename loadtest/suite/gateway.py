@@ -22,7 +22,7 @@ def run(ctx: BenchContext) -> Section:
     report = measure_gateway(ctx.model_dir, concurrency=ctx.size(32, 4), max_tokens=ctx.size(64, 8),
                              rounds=ctx.size(7, 1))
     lines: list[str] = []
-    timings = run_scheduler_bench(iterations=ctx.size(2000, 100), out=lines.append)
+    timings = run_scheduler_bench(iterations=ctx.size(5000, 100), out=lines.append)
     rows = [("path", "tokens/s (median)", "rounds")]
     for name, values in (("direct to the decode worker (gRPC)", report.direct),
                          ("through the gateway (HTTP SSE)", report.via_gateway)):

@@ -68,8 +68,8 @@ def _measure(ctx: BenchContext, layout: str, decode: list[WorkloadRequest], long
 
 
 def run(ctx: BenchContext) -> Section:
-    num_decode = ctx.size(32, 8)
-    decode, long = _mix(num_decode, ctx.size(12, 3) + 1)
+    num_decode = ctx.size(48, 8)
+    decode, long = _mix(num_decode, ctx.size(18, 3) + 1)
     long, warmup = long[:-1], long[-1]
     rows = [("layout", "decode-only ITL p99 (ms)", "with long prompts ITL p99 (ms)", "ratio", "mixed phase (s)")]
     ratios = {}

@@ -8,7 +8,7 @@ from services.kvtransfer.bench import BEST_GOAL, GRPC_GOAL, measure_kv
 
 
 def run(ctx: BenchContext) -> Section:
-    report = measure_kv(rounds=ctx.size(9, 2), prompt_tokens=ctx.size(4096, 512))
+    report = measure_kv(rounds=ctx.size(15, 2), prompt_tokens=ctx.size(4096, 512))
     if not report.exact:
         raise RuntimeError("a transport's destination blocks differ from the source's")
     rows = [("path", "MB/s (median)", "range", "of raw TCP")]

@@ -17,7 +17,8 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _value(figure: Figure) -> str:
-    return f"{figure.value:.0f}{figure.unit}" if figure.unit != "x" else f"{figure.value:.2f}"
+    """Ratios (unit "x") and fractions (unit "") with two decimals; quantities with a unit whole."""
+    return f"{figure.value:.2f}" if figure.unit in ("x", "") else f"{figure.value:.0f}{figure.unit}"
 
 
 def render(sections: Sequence[Section], machine: MachineInfo, started: str, duration_s: float,

@@ -79,7 +79,7 @@ def check_hits(records: list[RequestRecord], expected: int) -> None:
 
 
 def run(ctx: BenchContext) -> Section:
-    num_each = ctx.size(12, 3)
+    num_each = ctx.size(16, 3)
     warmup, cold, warm = requests(num_each)
     shared_tokens = len(warmup[1].prompt_token_ids)
     if shared_tokens % BLOCK_SIZE:
@@ -116,4 +116,4 @@ def run(ctx: BenchContext) -> Section:
              f"alone on core {PREFILL_CPU}; decode worker, gateway and load generator on core {SHARED_CPU}; "
              f"local_prefill_max_tokens 0 (every prompt prefilled on the prefill worker); one torch thread per "
              f"worker. Ideal speedup 1/(1-f) = {ideal:g}.")
-    return Section("prefix_cache", "Prefix cache: warm vs cold TTFT", setup, figures, tuple(rows))
+    return Section("prefix_cache", "Prefix-cache TTFT speedup", setup, figures, tuple(rows))

@@ -161,5 +161,5 @@ def run(ctx: BenchContext) -> Section:
     notes = ("hit rate = sum(cached_tokens) / sum(prompt_tokens) of the measured requests, from the gateway's "
              "usage (the prefill worker's hit); the gateway counters' column is the same quantity from "
              "`tandem_prefix_cache_*_tokens_total`, as a cross-check.",)
-    return Section("routing", "Prefix-aware vs round-robin routing: prefix-cache hits and TTFT", setup, figures,
+    return Section("routing", "Prefix-aware vs round-robin routing", setup, figures,
                    tuple(rows), notes)

@@ -58,7 +58,7 @@ def _run_one(key: str, ctx: BenchContext) -> Section:
     finally:
         torch.set_num_threads(threads)
         os.sched_setaffinity(0, cpus)
-    return Section(section.key, section.title, section.setup, section.figures, section.table, section.notes,
+    return Section(key, title, section.setup, section.figures, section.table, section.notes,
                    section.error, duration_s=time.perf_counter() - started)
 
 

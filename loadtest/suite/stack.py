@@ -68,7 +68,7 @@ def _stack_tps(cluster: BenchCluster, requests: list[WorkloadRequest]) -> float:
 
 
 def run(ctx: BenchContext) -> Section:
-    concurrency, max_tokens, rounds = ctx.size(32, 4), ctx.size(64, 8), ctx.size(5, 1)
+    concurrency, max_tokens, rounds = ctx.size(32, 4), ctx.size(64, 8), ctx.size(7, 1)
     engine = Engine.from_pretrained(ctx.model_dir, num_threads=1)
     _engine_tps(engine, _requests(-1, 2, 4))  # warm-up
     layouts = {"colocated": (WorkerSpec("decode", WORKER_CPU),),
