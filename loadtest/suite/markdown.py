@@ -17,8 +17,9 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _value(figure: Figure) -> str:
-    """Ratios (unit "x") and fractions (unit "") with two decimals; quantities with a unit whole."""
-    return f"{figure.value:.2f}" if figure.unit in ("x", "") else f"{figure.value:.0f}{figure.unit}"
+    """Ratios (unit "x") and fractions (unit "") with three decimals, so that a value just
+    under its goal never prints as the goal; quantities with a unit whole."""
+    return f"{figure.value:.3f}" if figure.unit in ("x", "") else f"{figure.value:.0f}{figure.unit}"
 
 
 def render(sections: Sequence[Section], machine: MachineInfo, started: str, duration_s: float,

@@ -8,10 +8,9 @@ work that does not shrink with the prompt (HTTP, routing, gRPC, the first token'
 Setup, on the bench model: one prefill worker alone on core 0; the decode worker, the gateway
 and the load generator on core 1. `local_prefill_max_tokens` is 0, so every prompt is prefilled
 on the prefill worker: TTFT = routing + Prefill RPC (the KV transfer is not on the TTFT path).
-Why not colocated: TTFT would be the same kind of measure, but on the local-prefill path the
-gateway reports 0 cached tokens whatever the decode worker hit (`services/decode/server.py`
-sets `num_cached_tokens` of the first decode message only in `_pull`), so the check below
-could not tell a hit from a miss.
+A prefill worker is the path where prefill has a core to itself, as in the disaggregated
+deployments this measures; the colocated path reports its hits the same way (the first
+decode message's `num_cached_tokens`).
 
 Load, sequential (closed loop, concurrency 1):
 1. Warm-up: one cold prompt (the worker's first request is slower), then the shared prefix

@@ -9,9 +9,8 @@ Setup, per policy, on the bench model: two prefill workers, one per core; the de
 core 0 and the gateway with the load generator on core 1, beside them (with 4 output tokens
 they do little). `local_prefill_max_tokens` is 0, so every prompt is prefilled on a prefill
 worker and the hit that the gateway reports (`usage.prompt_tokens_details.cached_tokens`) is
-the prefill worker's own prefix-cache hit at admission. (The local-prefill path reports 0
-cached tokens whatever the decode worker hit: `services/decode/server.py` sets
-`num_cached_tokens` of the first decode message only in `_pull`. This section never takes it.)
+the prefill worker's own prefix-cache hit at admission (the routing decision under test is
+the choice of prefill worker).
 
 Load, and why the oracle is fair:
 1. The workload's groups are assigned i % num_prefixes, so with 2 workers round-robin would

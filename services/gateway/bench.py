@@ -47,7 +47,7 @@ def _prompts(seed: int, n: int, length: int) -> list[list[int]]:
     return [[rng.randrange(4, 500) for _ in range(length)] for _ in range(n)]
 
 
-async def _direct(address: str, prompts: list[list[int]], max_tokens: int, tag: str) -> float:
+async def stream_direct(address: str, prompts: list[list[int]], max_tokens: int, tag: str) -> float:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.WorkerStub(channel)
@@ -155,11 +155,11 @@ def measure_gateway(model_dir: Path, concurrency: int = 32, prompt_len: int = 32
         url = gateway.wait_ready(READY_TIMEOUT_S)["address"]
         _wait_http_ok(url + "/ready", READY_TIMEOUT_S)
         model = model_dir.name
-        asyncio.run(_direct(address, _prompts(0, 2, prompt_len), 4, "warmup"))
+        asyncio.run(stream_direct(address, _prompts(0, 2, prompt_len), 4, "warmup"))
         asyncio.run(stream_via_gateway(url, model, _prompts(1, 2, prompt_len), 4))
         direct, via = [], []
         for r in range(rounds):
-            direct.append(asyncio.run(_direct(address, _prompts(10 + 2 * r, concurrency, prompt_len), max_tokens, f"r{r}")))
+            direct.append(asyncio.run(stream_direct(address, _prompts(10 + 2 * r, concurrency, prompt_len), max_tokens, f"r{r}")))
             via.append(asyncio.run(stream_via_gateway(url, model, _prompts(11 + 2 * r, concurrency, prompt_len), max_tokens)))
     finally:
         for child in reversed(children):

@@ -30,6 +30,6 @@ def test_quick_bench_writes_every_requested_section(tmp_path: Path) -> None:
     assert "## KV hand-off vs raw loopback TCP" in text
     assert "## Prefix-cache TTFT speedup" in text
     assert "| KV hand-off vs raw loopback TCP | grpc / raw TCP |" in text
-    assert "| Prefix-cache TTFT speedup | warm requests' prefix-cache hit rate (cached / prompt tokens) | 0.75 |" in text
+    assert "| Prefix-cache TTFT speedup | warm requests' prefix-cache hit rate (cached / prompt tokens) | 0.750 |" in text
     assert "**failed**" not in text and "Sections that failed" not in text
     assert "## Engine vs transformers generate" not in text  # --only

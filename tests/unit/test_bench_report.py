@@ -42,11 +42,11 @@ def test_the_report_lists_every_figure_and_states_misses_and_failures() -> None:
         Figure("route p99", 250.0, unit=" us", goal=200.0, direction=Direction.AT_MOST),), duration_s=3.0)
     failed = Section("stack", "Full stack", "", error="Traceback...\nRuntimeError: boom")
     text = render([ok, latency, failed], MACHINE, "2026-11-21 08:00 UTC", 90.0, quick=False)
-    assert "| KV hand-off | grpc / raw TCP | 0.35 | >= 0.4 | **missed** |" in text
-    assert "| KV hand-off | torch / raw TCP | 0.75 | >= 0.7 | met |" in text
+    assert "| KV hand-off | grpc / raw TCP | 0.350 | >= 0.4 | **missed** |" in text
+    assert "| KV hand-off | torch / raw TCP | 0.750 | >= 0.7 | met |" in text
     assert "| Scheduler | route p99 | 250 us | <= 200 us | **missed** |" in text
     assert "| Full stack | (did not run to the end) | - | - | **failed** |" in text
-    assert ("Goals missed in this run: grpc / raw TCP (0.35, goal >= 0.4); route p99 (250 us, goal <= 200 us)."
+    assert ("Goals missed in this run: grpc / raw TCP (0.350, goal >= 0.4); route p99 (250 us, goal <= 200 us)."
             in text)
     assert "Sections that failed: Full stack." in text
     assert "RuntimeError: boom" in text
