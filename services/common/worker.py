@@ -7,8 +7,9 @@ Lifecycle:
    address, serves metrics, registers in Redis (heartbeat thread), and prints one JSON
    `ready` line on stdout with the bound address.
 2. Requests arrive on the asyncio thread and reach the engine only through the step loop.
-   A tick on the loop thread snapshots load for the heartbeat, updates gauges and hands
-   block stored/removed events to the KV-event publisher thread.
+   A tick on the loop thread snapshots load for the heartbeat, updates gauges, hands
+   block stored/removed events to the KV-event publisher thread, and hands the step's
+   outputs to the asyncio thread in one call (one wake-up per step, not one per stream).
    grpc.health.v1 answers on the same port: "" (liveness) is SERVING while the step loop
    runs; `tandem.v1.Worker` (readiness) is SERVING from registration until the drain.
 3. A `Drain` call (`tandem drain`, a Kubernetes preStop hook), SIGTERM or SIGINT starts a
@@ -96,6 +97,10 @@ class Worker:
         # by the loop-thread tick.
         self._to_release: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.leases = LeaseTable(on_free=self._to_release.put)
+        # Outputs of the current step, (stream queue, output), in delivery order; owned by the
+        # loop thread, handed to the asyncio thread whole by `_tick`.
+        self._outbox: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]] = []
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
         self.loop.add_tick(self._tick)
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
         self.transport = create_transport(
@@ -115,10 +120,12 @@ class Worker:
         raise AssertionError("unreachable")
 
     def output_queue(self) -> tuple[asyncio.Queue[RequestOutput], Callable[[RequestOutput], None]]:
-        """A queue on this asyncio loop and the loop-thread callback that feeds it."""
-        aio_loop = asyncio.get_running_loop()
+        """A queue on this asyncio loop and the loop-thread callback that feeds it. The
+        callback only stages the output; the tick after the step delivers it."""
+        self._aio_loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        return q, lambda out: aio_loop.call_soon_threadsafe(q.put_nowait, out)
+        outbox = self._outbox
+        return q, lambda out: outbox.append((q, out))
 
     def server_span(self, name: str, context: grpc.aio.ServicerContext, arrival: ClockAnchor) -> Span:
         """Start the SERVER span of an incoming call at `arrival`, a child of the trace context
@@ -159,6 +166,7 @@ class Worker:
 
     # ---- loop-thread tick ---------------------------------------------------------------
     def _tick(self, engine: Engine) -> None:
+        self._deliver_outputs()
         for request_id in self.leases.expire(time.time()):
             self.metrics.lease_expiries.inc()
             log.info("lease of %s expired unpulled", request_id)
@@ -168,6 +176,17 @@ class Worker:
         events = engine.pool.take_events()
         if events:
             self._events.put(events)
+
+    def _deliver_outputs(self) -> None:
+        """Loop thread: hand every staged output to the asyncio thread in one call."""
+        if not self._outbox or self._aio_loop is None:
+            return
+        batch = self._outbox[:]
+        self._outbox.clear()  # the same list object: the callbacks hold a reference to it
+        try:
+            self._aio_loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the asyncio loop has closed (shutdown): no stream is left to feed
+            pass
 
     def is_idle(self, engine: Engine) -> bool:
         """Loop thread: nothing left to finish or hand over. A sequence whose KV pull is still
@@ -295,3 +314,9 @@ def run(worker: Worker, add_servicers: Callable[[grpc.aio.Server], None]) -> int
     finally:
         worker.tracing.shutdown()  # flushes spans still queued for export
     return 0
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    """Asyncio thread: put a step's outputs on their streams' queues, in order."""
+    for q, out in batch:
+        q.put_nowait(out)
