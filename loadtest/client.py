@@ -22,8 +22,9 @@ import asyncio
 import enum
 import json
 import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,27 @@ def request_body(config: ClientConfig, request: WorkloadRequest) -> dict[str, An
         body["messages"] = ([{"role": m.role.value, "content": render_text(m.token_ids)} for m in messages]
                             or [{"role": "user", "content": render_text(request.prompt_token_ids)}])
     return body
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an event stream, split only where SSE ends lines (CRLF, CR or LF). httpx's
+    `aiter_lines` also splits at U+0085, U+2028 and U+2029, which JSON leaves raw inside a
+    string, so it can cut one `data:` line in two."""
+    pending = ""
+    async for chunk in chunks:
+        pending += chunk
+        # A CR at the very end may be the first half of a CRLF: keep it for the next chunk.
+        cut = len(pending) - 1 if pending.endswith("\r") else len(pending)
+        *lines, rest = _LINE_END.split(pending[:cut])
+        pending = rest + pending[cut:]
+        for line in lines:
+            yield line
+    *lines, rest = _LINE_END.split(pending)
+    for line in [*lines, rest] if rest else lines:
+        yield line
 
 
 class _StreamFailure(Exception):
@@ -164,7 +186,7 @@ class StreamingClient:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 raise httpx2.HTTPStatusError(f"HTTP {response.status_code}: {detail}",
                                              request=response.request, response=response)
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response.aiter_text()):
                 if not line.startswith("data:"):
                     continue
                 data = line[len("data:"):].strip()

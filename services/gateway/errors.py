@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from services.gateway.responses import sse
+
 INVALID_REQUEST = "invalid_request_error"
 
 
@@ -127,8 +129,7 @@ def internal_error(message: str = "The server had an error while processing your
 
 def sse_error_event(err: OpenAIError) -> bytes:
     """`data: {"error": {...}}\\n\\n`: an error after the stream started (send `data: [DONE]` next)."""
-    payload = json.dumps(err.body(), ensure_ascii=False, separators=(",", ":"))
-    return b"data: " + payload.encode("utf-8") + b"\n\n"
+    return sse(err.body())
 
 
 def _retry_after_seconds(retry_after_s: float) -> int:

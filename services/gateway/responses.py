@@ -41,9 +41,20 @@ class ChoiceResult:
     prompt_token_ids: tuple[int, ...] = ()
 
 
+# Characters that JSON leaves raw but that line splitters built on str.splitlines (httpx's
+# aiter_lines, for one) treat as line ends, cutting an event in two. SSE itself ends lines only
+# at CR or LF, so escaping them changes nothing for a correct client.
+_LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(obj: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON that never contains a character any client may split a line at."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKING).encode("utf-8")
+
+
 def sse(obj: Mapping[str, Any]) -> bytes:
     """One server-sent event: `data: <compact JSON>\\n\\n`."""
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    return b"data: " + sse_json(obj) + b"\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:

@@ -29,6 +29,12 @@ LOGPROBS = (TokenLogprob(H, -0.25, ((H, -0.25), (SPACE, -1.5))), TokenLogprob(E4
 
 def test_sse_and_done() -> None:
     assert responses.sse({"a": "é", "b": [1, None]}) == 'data: {"a":"é","b":[1,null]}\n\n'.encode()
+    # U+0085, U+2028 and U+2029 end lines for str.splitlines-based readers: escaped, so an
+    # event is one line for every client; json.loads reads back the same text.
+    event = responses.sse({"text": "a\x85b\u2028c\u2029d\re"})
+    assert event == b'data: {"text":"a\\u0085b\\u2028c\\u2029d\\re"}\n\n'
+    assert event.decode().splitlines() == [event.decode()[:-2], ""]
+    assert json.loads(event[6:]) == {"text": "a\x85b\u2028c\u2029d\re"}
     assert responses.SSE_DONE == b"data: [DONE]\n\n"
 
 

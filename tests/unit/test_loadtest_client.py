@@ -11,7 +11,7 @@ from collections.abc import Callable
 import httpx2
 import pytest
 
-from loadtest.client import ClientConfig, Endpoint, StreamingClient, request_body
+from loadtest.client import ClientConfig, Endpoint, StreamingClient, request_body, sse_lines
 from loadtest.record import ErrorKind, RequestRecord
 from loadtest.request import ChatMessage, Role, WorkloadRequest
 
@@ -158,3 +158,30 @@ def test_overall_timeout_bounds_a_stalled_request() -> None:
 def test_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ClientConfig(**{"base_url": "http://x", "model": "m", **kwargs})
+
+
+@pytest.mark.parametrize(("chunks", "lines"), [
+    (["data: a\n\ndata: b\n\n"], ["data: a", "", "data: b", ""]),
+    (["data: a\r", "\ndata: b\r\n"], ["data: a", "data: b"]),  # CRLF split across chunks
+    (["data: a\r", "data: b"], ["data: a", "data: b"]),  # a lone CR ends a line; no final newline
+    (["da", "ta: a\rdata: b\r"], ["data: a", "data: b"]),
+    (['data: {"t":"x\u2028y\x85z\u2029"}\n'], ['data: {"t":"x\u2028y\x85z\u2029"}']),  # not line ends in SSE
+])
+def test_sse_lines_split_only_at_cr_and_lf(chunks: list[str], lines: list[str]) -> None:
+    async def source():
+        for chunk in chunks:
+            yield chunk
+
+    async def collect() -> list[str]:
+        return [line async for line in sse_lines(source())]
+    assert asyncio.run(collect()) == lines
+
+
+def test_a_raw_line_separator_inside_the_json_does_not_break_the_stream() -> None:
+    chunk = b'data: {"choices":[{"index":0,"text":"a\xe2\x80\xa8b","token_ids":[10]}]}\n\n'  # raw U+2028
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=chunk + sse(USAGE, b"[DONE]"))
+
+    record = run(handler)
+    assert (record.error, record.output_tokens, len(record.token_times_s)) == (None, 3, 1)
