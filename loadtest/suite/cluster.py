@@ -1,42 +1,42 @@
-"""A benchmark cluster: Redis, workers and a gateway as local processes, each pinned to a core.
+"""A benchmark cluster: `tandem up`'s `LocalCluster` with every process pinned to a core.
 
 `tandem up` divides the cores among its workers but does not pin them; a benchmark that
-compares layouts must, or it measures the OS scheduler (DESIGN.md section 6b). Every process
-here starts under `taskset -c CPU`, so all of its threads stay on that core from the first
-instruction, and each worker gets one torch thread.
+compares layouts must, or it measures the OS scheduler (DESIGN.md section 6b). So:
+- each worker starts under `taskset -c CPU` (`ProcessPlacement` with `cpus`): all of its
+  threads stay on that core from the first instruction; each gets one torch thread;
+- while the cluster runs, this process's thread (the load generator) is pinned to
+  `gateway_cpu`, and so are the gateway and Redis, which `LocalCluster` spawns from it and
+  which inherit its affinity.
 
-Lifecycle: `BenchCluster.start(spec)` spawns Redis, the workers, then the gateway, waits until
-each printed its ready line and the gateway's /metrics shows every worker, and returns the
-cluster; `stop()` stops the gateway, then the workers, then Redis, by pid. Use it as a context
-manager so a failed measurement still stops everything.
+Lifecycle: `BenchCluster.start(spec)` pins this thread, then `LocalCluster.start()` (Redis,
+workers, gateway; it returns once the gateway's /metrics counts every worker); `stop()` stops
+them in reverse (by pid) and restores this thread's affinity. Use it as a context manager so a
+failed measurement still stops everything.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.embedded_redis import EmbeddedRedis
-from services.launcher.processes import ChildProcess, wait_all_ready
+from services.launcher.config import LocalClusterConfig
+from services.launcher.local import LocalCluster
+from services.launcher.placement import ProcessPlacement
 
-READY_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 15.0
+WORKER_THREADS = 1
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """One worker: its role (`prefill` or `decode`), the core it runs on, and extra flags."""
+    """One worker: its role (`prefill` or `decode`) and the core it runs on."""
 
     role: str
     cpu: int
-    extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -45,7 +45,7 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """The processes of one benchmark cluster. `gateway_cpu` also hosts the load generator."""
+    """The processes of one benchmark cluster. `gateway_cpu` also hosts Redis and the load generator."""
 
     model_dir: Path
     workers: tuple[WorkerSpec, ...]
@@ -58,68 +58,60 @@ class ClusterSpec:
         if not any(w.role == "decode" for w in self.workers):
             raise ValueError("a cluster needs at least one decode worker")
 
+    def config(self) -> LocalClusterConfig:
+        count = {role: sum(w.role == role for w in self.workers) for role in ("prefill", "decode")}
+        return LocalClusterConfig(num_prefill=count["prefill"], num_decode=count["decode"], port=0,
+                                  model_dir=self.model_dir, policy=self.policy,
+                                  local_prefill_max_tokens=self.local_prefill_max_tokens,
+                                  kv_cache_mib=self.kv_cache_mib)
 
-def available_cpus() -> tuple[int, ...]:
-    """The cores this process may run on, in order."""
-    return tuple(sorted(os.sched_getaffinity(0)))
+    def worker_cpus(self) -> dict[str, int]:
+        """Core of each worker by the id `LocalCluster` gives it (`decode-0`, `prefill-1`, ...):
+        the i-th worker of a role in `workers` is `<role>-i`."""
+        cpus: dict[str, int] = {}
+        for worker in self.workers:
+            index = sum(name.startswith(worker.role + "-") for name in cpus)
+            cpus[f"{worker.role}-{index}"] = worker.cpu
+        return cpus
 
 
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    """`argv` run under `taskset -c cpu` (unpinned if taskset is missing: a stated limitation)."""
-    taskset = shutil.which("taskset")
-    return [taskset, "-c", str(cpu), *argv] if taskset else argv
-
-
-@dataclass
 class BenchCluster:
     """A started cluster (see the module docstring). `url` is the gateway's base URL."""
 
-    spec: ClusterSpec
-    redis: EmbeddedRedis
-    children: list[ChildProcess] = field(default_factory=list)
-    url: str = ""
-    worker_addresses: dict[str, str] = field(default_factory=dict)
+    def __init__(self, spec: ClusterSpec, cluster: LocalCluster, own_cpus: set[int], sink: IO[str]) -> None:
+        self.spec = spec
+        self._cluster = cluster
+        self._own_cpus = own_cpus
+        self._sink = sink
 
     @classmethod
-    def start(cls, spec: ClusterSpec, name: str = "bench") -> BenchCluster:
-        cluster = cls(spec, EmbeddedRedis.start())
+    def start(cls, spec: ClusterSpec) -> BenchCluster:
+        config = spec.config()
+        own_cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {spec.gateway_cpu})
+        sink = open(os.devnull, "w")  # noqa: SIM115 - the children's output; closed by stop()
+        placement = ProcessPlacement(config, sink, num_threads=WORKER_THREADS, cpus=spec.worker_cpus())
+        cluster = cls(spec, LocalCluster(config, sink=sink, placement=placement), own_cpus, sink)
         try:
-            cluster._start_processes(name)
+            cluster._cluster.start()
         except BaseException:
             cluster.stop()
             raise
         return cluster
 
-    def _start_processes(self, name: str) -> None:
-        python = [sys.executable, "-m", "services"]
-        spec = self.spec
-        workers = []
-        for i, worker in enumerate(spec.workers):
-            worker_id = f"{name}-{worker.role}-{i}"
-            argv = [*python, worker.role, "--model", str(spec.model_dir), "--worker-id", worker_id, "--port", "0",
-                    "--redis", self.redis.url, "--num-threads", "1", "--kv-cache-mib", str(spec.kv_cache_mib),
-                    *worker.extra_args]
-            child = ChildProcess.spawn(worker_id, pinned(worker.cpu, argv), forward=False)
-            self.children.append(child)
-            workers.append(child)
-        wait_all_ready(workers, READY_TIMEOUT_S)
-        for child in workers:
-            self.worker_addresses[child.name] = child.ready["address"]
-        argv = [*python, "gateway", "--model", str(spec.model_dir), "--redis", self.redis.url, "--port", "0",
-                "--policy", spec.policy, "--local-prefill-max-tokens", str(spec.local_prefill_max_tokens)]
-        gateway = ChildProcess.spawn(f"{name}-gateway", pinned(spec.gateway_cpu, argv), forward=False)
-        self.children.append(gateway)
-        self.url = gateway.wait_ready(READY_TIMEOUT_S)["address"]
-        expected = {role: sum(w.role == role for w in spec.workers) for role in ("prefill", "decode")}
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while self.pool_sizes() != expected:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway sees pools {self.pool_sizes()}, expected {expected}")
-            time.sleep(0.1)
+    @property
+    def url(self) -> str:
+        return self._cluster.endpoint
 
     @property
     def model(self) -> str:
         return self.spec.model_dir.name
+
+    @property
+    def worker_addresses(self) -> dict[str, str]:
+        """gRPC address of each worker, by worker id."""
+        return {child.name: child.address for child in self._cluster.children()
+                if child.name.startswith(("prefill-", "decode-")) and child.address}
 
     def metrics(self) -> dict[str, float]:
         """The gateway's Prometheus samples, keyed `name{label=value,...}` (labels sorted)."""
@@ -132,18 +124,12 @@ class BenchCluster:
                 samples[f"{sample.name}{{{labels}}}"] = sample.value
         return samples
 
-    def pool_sizes(self) -> dict[str, int]:
-        try:
-            samples = self.metrics()
-        except OSError:
-            return {}
-        return {pool: int(samples.get(f"tandem_workers{{pool={pool}}}", -1)) for pool in ("prefill", "decode")}
-
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop(STOP_TIMEOUT_S)
-        self.children.clear()
-        self.redis.stop()
+        try:
+            self._cluster.stop()
+        finally:
+            os.sched_setaffinity(0, self._own_cpus)
+            self._sink.close()
 
     def __enter__(self) -> BenchCluster:
         return self

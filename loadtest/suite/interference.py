@@ -58,7 +58,7 @@ def _measure(ctx: BenchContext, layout: str, decode: list[WorkloadRequest], long
     if layout == "disaggregated":
         workers = (WorkerSpec("prefill", SHARED_CPU), *workers)
     spec = ClusterSpec(ctx.model_dir, workers, gateway_cpu=SHARED_CPU)
-    with BenchCluster.start(spec, name=f"bench-{layout[:5]}") as cluster:
+    with BenchCluster.start(spec) as cluster:
         drive(cluster.url, cluster.model, [*decode[:2], warmup], ClosedLoop(2))
         alone = drive(cluster.url, cluster.model, decode, ClosedLoop(DECODE_CONCURRENCY))
         mixed, _ = drive_streams(cluster.url, cluster.model, [

@@ -86,7 +86,7 @@ def run(ctx: BenchContext) -> Section:
     workers = (WorkerSpec("prefill", PREFILL_CPU), WorkerSpec("decode", SHARED_CPU))
     spec = ClusterSpec(ctx.model_dir, workers, gateway_cpu=SHARED_CPU, local_prefill_max_tokens=0)
     ctx.log("prefix_cache: cold and warm prompts")
-    with BenchCluster.start(spec, name="bench-prefix") as cluster:
+    with BenchCluster.start(spec) as cluster:
         drive(cluster.url, cluster.model, warmup, ClosedLoop(1))
         result = drive(cluster.url, cluster.model, interleave(cold, warm), ClosedLoop(1))
     by_class = {"cold": [r for r in result.records if r.request_id.startswith("cold-")],

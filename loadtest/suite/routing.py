@@ -42,6 +42,7 @@ import dataclasses
 import random
 import statistics
 from collections.abc import Sequence
+from itertools import takewhile
 from pathlib import Path
 
 from loadtest.arrivals import ClosedLoop
@@ -52,6 +53,7 @@ from loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
 from loadtest.suite.context import BenchContext, drive
 from loadtest.suite.figures import Direction, Figure, Section
 from loadtest.workloads import LengthRange, SharedPrefixWorkload, load_workload
+from services.common.block_hash import block_extra, hash_blocks
 
 GOAL = 0.90
 BLOCK_SIZE = 16
@@ -69,17 +71,17 @@ def oracle_hit_tokens(prompts: Sequence[Sequence[int]], block_size: int) -> tupl
 
     That is the longest run of whole leading blocks it shares with any earlier prompt, at most
     (len - 1) // block_size blocks (the last prompt token is always computed), times
-    block_size. An earlier prompt contributes its whole blocks only. Pure.
+    block_size. Blocks are compared by the cluster's chained block hashes (DESIGN.md section
+    4), so a block matches only when everything before it does too. Pure.
     """
-    seen: set[tuple[int, ...]] = set()  # every whole-block prefix of an earlier prompt
+    extra = block_extra("oracle")
+    seen: set[int] = set()  # the block hashes of every earlier prompt
     hits = []
     for prompt in prompts:
-        tokens = tuple(prompt)
-        num_blocks = 0
-        while num_blocks < (len(tokens) - 1) // block_size and tokens[:(num_blocks + 1) * block_size] in seen:
-            num_blocks += 1
-        hits.append(num_blocks * block_size)
-        seen.update(tokens[:k * block_size] for k in range(1, len(tokens) // block_size + 1))
+        hashes = hash_blocks(prompt, block_size, extra)
+        usable = hashes[:(len(prompt) - 1) // block_size]
+        hits.append(sum(1 for _ in takewhile(seen.__contains__, usable)) * block_size)
+        seen.update(hashes)
     return tuple(hits)
 
 
@@ -110,7 +112,7 @@ def _measure(ctx: BenchContext, policy: str, warmup: list[WorkloadRequest],
     measured phase from `tandem_prefix_cache_*_tokens_total`)."""
     workers = (*(WorkerSpec("prefill", cpu) for cpu in PREFILL_CPUS), WorkerSpec("decode", DECODE_CPU))
     spec = ClusterSpec(ctx.model_dir, workers, gateway_cpu=GATEWAY_CPU, policy=policy, local_prefill_max_tokens=0)
-    with BenchCluster.start(spec, name=f"bench-{policy[:5]}") as cluster:
+    with BenchCluster.start(spec) as cluster:
         drive(cluster.url, cluster.model, warmup, ClosedLoop(CONCURRENCY))
         before = cluster.metrics()
         result = drive(cluster.url, cluster.model, measured, ClosedLoop(CONCURRENCY))
@@ -120,9 +122,7 @@ def _measure(ctx: BenchContext, policy: str, warmup: list[WorkloadRequest],
             raise RuntimeError(f"{policy}: {routed:g} requests were prefilled locally; the hit rate would be wrong")
     query, hit = ("tandem_prefix_cache_query_tokens_total{}", "tandem_prefix_cache_hit_tokens_total{}")
     gateway_ratio = (after[hit] - before[hit]) / (after[query] - before[query])
-    order = {r.request_id: i for i, r in enumerate(measured)}
-    records = tuple(sorted(result.records, key=lambda r: order[r.request_id]))
-    return records, result.duration_s, gateway_ratio
+    return result.records, result.duration_s, gateway_ratio  # records come back in send order
 
 
 def run(ctx: BenchContext) -> Section:

@@ -7,6 +7,7 @@ that raises is recorded as failed, with its traceback, and the run goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib
 import os
@@ -58,8 +59,7 @@ def _run_one(key: str, ctx: BenchContext) -> Section:
     finally:
         torch.set_num_threads(threads)
         os.sched_setaffinity(0, cpus)
-    return Section(key, title, section.setup, section.figures, section.table, section.notes,
-                   section.error, duration_s=time.perf_counter() - started)
+    return dataclasses.replace(section, key=key, title=title, duration_s=time.perf_counter() - started)
 
 
 def run_suite(out_path: Path, only: Sequence[str], quick: bool = False,

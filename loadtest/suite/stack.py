@@ -61,16 +61,12 @@ def _engine_tps(engine: Engine, requests: list[WorkloadRequest]) -> float:
 
 def _stack_tps(cluster: BenchCluster, requests: list[WorkloadRequest], direct_to: str | None = None) -> float:
     """Output tokens/s of `requests` at once through the gateway, or straight to the decode
-    worker's gRPC Decode at `direct_to` (no gateway, no HTTP), from core CLIENT_CPU."""
-    own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {CLIENT_CPU})
-    try:
-        prompts = [list(r.prompt_token_ids) for r in requests]
-        if direct_to is not None:
-            return asyncio.run(stream_direct(direct_to, prompts, requests[0].max_tokens, requests[0].request_id))
-        return asyncio.run(stream_via_gateway(cluster.url, cluster.model, prompts, requests[0].max_tokens))
-    finally:
-        os.sched_setaffinity(0, own)
+    worker's gRPC Decode at `direct_to` (no gateway, no HTTP), from this thread, which the
+    running cluster pins to core CLIENT_CPU."""
+    prompts = [list(r.prompt_token_ids) for r in requests]
+    if direct_to is not None:
+        return asyncio.run(stream_direct(direct_to, prompts, requests[0].max_tokens, requests[0].request_id))
+    return asyncio.run(stream_via_gateway(cluster.url, cluster.model, prompts, requests[0].max_tokens))
 
 
 def run(ctx: BenchContext) -> Section:
@@ -85,7 +81,7 @@ def run(ctx: BenchContext) -> Section:
         local_max = 1_000_000 if layout == "colocated" else 0
         spec = ClusterSpec(ctx.model_dir, workers, gateway_cpu=CLIENT_CPU, local_prefill_max_tokens=local_max)
         measured[layout] = []
-        with BenchCluster.start(spec, name=f"bench-{layout[:5]}") as cluster:
+        with BenchCluster.start(spec) as cluster:
             _stack_tps(cluster, _requests(-1, 2, 4))  # warm-up
             for r in range(rounds):
                 requests = _requests(r, concurrency, max_tokens)

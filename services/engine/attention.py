@@ -53,6 +53,17 @@ class AttentionMetadata:
         once per step, used by every layer). See `length_buckets`."""
         return length_buckets(self.seq_lens_host)
 
+    @functools.cached_property
+    def bucket_tensors(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int], ...]:
+        """Per length bucket: (row indices, their block tables, their seq_lens, longest
+        context), gathered once per step rather than once per layer."""
+        out = []
+        for rows in self.length_buckets:
+            index = torch.tensor(rows, dtype=torch.long, device=self.seq_lens.device)
+            out.append((index, self.block_tables[index], self.seq_lens[index],
+                        max(self.seq_lens_host[i] for i in rows)))
+        return tuple(out)
+
 
 # A padded batch wastes (max_len - len) gathered tokens per sequence. Splitting it costs one
 # more gather + attention call per layer, worth about this many tokens of padding on a CPU.

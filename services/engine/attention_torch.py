@@ -44,10 +44,8 @@ class TorchAttentionBackend:
             return _decode_padded(query, kv_cache, meta.block_tables, meta.seq_lens,
                                   max(meta.seq_lens_host), scale)
         out = torch.empty_like(query)
-        for rows in buckets:
-            index = torch.tensor(rows, dtype=torch.long, device=query.device)
-            out[index] = _decode_padded(query[index], kv_cache, meta.block_tables[index], meta.seq_lens[index],
-                                        max(meta.seq_lens_host[i] for i in rows), scale)
+        for index, block_tables, seq_lens, max_len in meta.bucket_tensors:
+            out[index] = _decode_padded(query[index], kv_cache, block_tables, seq_lens, max_len, scale)
         return out
 
     @staticmethod

@@ -17,7 +17,8 @@ and asks a `WorkerPlacement` for the workers themselves:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -76,11 +77,18 @@ class WorkerPlacement(Protocol):
 
 
 class ProcessPlacement:
-    """Workers as child processes of this process, with the host's cores divided among them."""
+    """Workers as child processes of this process, with the host's cores divided among them.
 
-    def __init__(self, config: LocalClusterConfig, sink: IO[str] | None = None) -> None:
+    `num_threads` overrides that division; `cpus` (worker id -> core) pins workers with
+    `taskset -c`, from their first instruction, so that every thread they start stays there
+    (the benchmark set does; `tandem up` does not pin)."""
+
+    def __init__(self, config: LocalClusterConfig, sink: IO[str] | None = None, num_threads: int | None = None,
+                 cpus: Mapping[str, int] | None = None) -> None:
         self._config = config
         self._sink = sink
+        self._num_threads = num_threads
+        self._cpus = dict(cpus or {})
         self._target: tuple[Path, str] | None = None
 
     def open(self, model_dir: Path, redis_url: str, timeout_s: float, cancelled: Callable[[], bool]) -> None:
@@ -90,9 +98,17 @@ class ProcessPlacement:
         if self._target is None:
             raise RuntimeError("ProcessPlacement.spawn() before open()")
         model_dir, redis_url = self._target
-        num_threads = self._config.threads_per_worker(os.cpu_count())
+        num_threads = self._num_threads or self._config.threads_per_worker(os.cpu_count())
         argv = self._config.worker_argv(role, worker_id, model_dir, redis_url, num_threads)
+        if worker_id in self._cpus:
+            argv = pinned(self._cpus[worker_id], argv)
         return ChildProcess.spawn(worker_id, argv, sink=self._sink)
 
     def close(self) -> None:
         """Nothing of its own: `LocalCluster` stops every worker this placement spawned."""
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    """`argv` run under `taskset -c cpu` (unpinned if taskset is missing: a stated limitation)."""
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", str(cpu), *argv] if taskset else argv

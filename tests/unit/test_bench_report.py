@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 
-from loadtest.suite.cluster import ClusterSpec, WorkerSpec, pinned
+from loadtest.suite.cluster import ClusterSpec, WorkerSpec
 from loadtest.suite.figures import Direction, Figure, Section
 from loadtest.suite.machine import MachineInfo
 from loadtest.suite.markdown import render
 from loadtest.suite.run import SECTIONS, parse_only
+from services.launcher.placement import pinned
 
 MACHINE = MachineInfo("Test CPU", 2, 24.0, "Linux 6", "3.11.7", "2.13.0+cpu", "abc1234", "none")
 
@@ -82,3 +83,13 @@ def test_cluster_specs_are_checked(tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
 def test_processes_start_pinned_under_taskset() -> None:
     assert pinned(1, ["python", "-m", "services"]) == [shutil.which("taskset"), "-c", "1", "python", "-m", "services"]
+
+
+def test_workers_get_the_ids_local_cluster_gives_them(tmp_path) -> None:
+    spec = ClusterSpec(tmp_path, (WorkerSpec("prefill", 0), WorkerSpec("prefill", 1), WorkerSpec("decode", 0)),
+                       gateway_cpu=1, policy="round_robin", local_prefill_max_tokens=0)
+    assert spec.worker_cpus() == {"prefill-0": 0, "prefill-1": 1, "decode-0": 0}
+    config = spec.config()
+    assert (config.num_prefill, config.num_decode, config.port, config.policy, config.local_prefill_max_tokens) == (
+        2, 1, 0, "round_robin", 0)
+    assert sorted(worker_id for _, worker_id in config.worker_ids()) == sorted(spec.worker_cpus())
