@@ -28,11 +28,11 @@ test: $(STAMP)
 # The benchmark set (about 15 minutes on 2 cores): every ratio the project claims, measured in
 # one run, written to BENCHMARKS.md next to its goal. Extra flags: make bench ARGS="--only kv".
 bench: $(STAMP)
-	$(BIN)/python -m loadtest bench --out BENCHMARKS.md $(ARGS)
+	$(BIN)/python -m tandem.loadtest bench --out BENCHMARKS.md $(ARGS)
 
 # Regenerate the gRPC stubs from proto/ (tests/unit/test_proto_fresh.py checks they are fresh).
 proto: $(STAMP)
-	$(BIN)/python -m services.common.protogen
+	$(BIN)/python -m tandem.common.protogen
 
 clean-venv:
 	rm -rf $(VENV)

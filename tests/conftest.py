@@ -76,7 +76,7 @@ def save_random_model(path: Path, config: dict, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.engine.tiny_model import ensure_tiny_model
+    from tandem.engine.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("cache"))
 

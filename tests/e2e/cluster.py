@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.embedded_redis import EmbeddedRedis
+from tandem.common.embedded_redis import EmbeddedRedis
 from tests.integration.workers import WorkerProcess, spawn_until_ready
 
 HEARTBEAT_TTL_S = 2.0
@@ -27,7 +27,7 @@ class GatewayProcess:
     @classmethod
     def start(cls, model_dir: Path, redis_url: str, *extra: str, timeout_s: float = 60.0,
               wait_ready: bool = True) -> "GatewayProcess":
-        cmd = [sys.executable, "-m", "services", "gateway", "--model", str(model_dir), "--redis", redis_url,
+        cmd = [sys.executable, "-m", "tandem", "gateway", "--model", str(model_dir), "--redis", redis_url,
                "--host", "127.0.0.1", "--port", "0", *extra]
         proc, ready, stderr_lines = spawn_until_ready(cmd, "gateway", timeout_s)
         gateway = cls(proc, ready["address"], stderr_lines)

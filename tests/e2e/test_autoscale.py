@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.cluster_state import ClusterState, WorkerRole
 from tests.conftest import random_prompts
 from tests.e2e.test_up import UpProcess, started, stop_and_check_no_orphans, wait_until  # noqa: F401 (fixture)
 
@@ -44,8 +44,8 @@ AUTOSCALE_FLAGS = (
 @pytest.fixture(scope="module")
 def prompts_and_texts(tiny_model_dir: Path) -> tuple[list[list[int]], list[str]]:
     """The burst's prompts and the in-process engine's greedy text for each."""
-    from services.engine import Engine, SamplingParams
-    from services.engine.tokenizer import Tokenizer
+    from tandem.engine import Engine, SamplingParams
+    from tandem.engine.tokenizer import Tokenizer
 
     engine = Engine.from_pretrained(tiny_model_dir, num_blocks=512)
     prompts = random_prompts([PROMPT_LEN] * NUM_BURST, engine.model_config.vocab_size, seed=61)

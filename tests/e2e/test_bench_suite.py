@@ -1,4 +1,4 @@
-"""`python -m loadtest bench --quick`: the benchmark set runs to the end and writes its report.
+"""`python -m tandem.loadtest bench --quick`: the benchmark set runs to the end and writes its report.
 
 Quick sizes measure nothing worth keeping; this checks that the suite itself works on a clean
 machine (processes start pinned, figures come back, BENCHMARKS.md is rendered), so that
@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def test_quick_bench_writes_every_requested_section(tmp_path: Path) -> None:
     out = tmp_path / "BENCHMARKS.md"
     env = {**os.environ, "HOME": str(tmp_path), "TANDEM_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "loadtest", "bench", "--quick", "--only", "kv,prefix_cache",
+    done = subprocess.run([sys.executable, "-m", "tandem.loadtest", "bench", "--quick", "--only", "kv,prefix_cache",
                            "--out", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from services.common.embedded_redis import EmbeddedRedis
+from tandem.common.embedded_redis import EmbeddedRedis
 from tests.e2e.cluster import Cluster, GatewayProcess
 
 KEY = "sk-tandem-test"

@@ -1,6 +1,6 @@
 """The load generator against a real cluster, as a user runs it: `tandem up` (1 prefill, 1 decode,
-every request disaggregated), then `python -m loadtest run` with a concurrency sweep, the same
-through `tandem bench serve`, and `python -m loadtest compare` on the saved runs. Every request
+every request disaggregated), then `python -m tandem.loadtest run` with a concurrency sweep, the same
+through `tandem bench serve`, and `python -m tandem.loadtest compare` on the saved runs. Every request
 must succeed with exactly the requested number of output tokens."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.workloads import load_workload
+from tandem.loadtest.workloads import load_workload
 from tests.e2e.test_up import REPO_ROOT, UpProcess, started, stop_and_check_no_orphans  # noqa: F401 (fixture)
 from tests.unit.test_loadtest_plots import PNG_SIGNATURE
 
 pytestmark = pytest.mark.slow
 
-WORKLOAD = REPO_ROOT / "loadtest" / "workloads" / "smoke.yaml"
+WORKLOAD = REPO_ROOT / "loadtest" / "tandem" / "loadtest" / "workloads" / "smoke.yaml"
 NUM_REQUESTS = 12
 SEED = 0
 
@@ -42,7 +42,7 @@ def check_run(run_dir: Path, load: str) -> None:
         assert record["token_times_s"] and record["start_s"] < record["token_times_s"][0]  # has a TTFT
         # ignore_eos: exactly max_tokens come back (usage). The decode worker coalesces the tokens
         # that are ready into one message when the client is slower than its step loop
-        # (services/decode/server.py), so an event may carry several tokens: never fewer
+        # (services/tandem/decode/server.py), so an event may carry several tokens: never fewer
         # events than 1, never more than tokens.
         assert record["output_tokens"] == request.max_tokens
         assert 1 <= len(record["token_times_s"]) <= record["output_tokens"]
@@ -68,7 +68,7 @@ def test_loadtest_sweep_and_compare_against_a_real_cluster(tmp_path: Path, tiny_
               "--slo", "ttft=10000,tpot=10000"]
 
     sweep = tmp_path / "sweep"
-    run_cli(up, "loadtest", "run", *common, "--concurrency", "1,4", "--out", str(sweep))
+    run_cli(up, "tandem.loadtest", "run", *common, "--concurrency", "1,4", "--out", str(sweep))
     check_run(sweep / "c1", "concurrency 1")
     check_run(sweep / "c4", "concurrency 4")
     check_plots(sweep)
@@ -76,12 +76,12 @@ def test_loadtest_sweep_and_compare_against_a_real_cluster(tmp_path: Path, tiny_
         "# Concurrency sweep\n\n| metric | concurrency 1 | concurrency 4 |\n")
 
     alias = tmp_path / "alias"
-    run_cli(up, "services", "bench", "serve", *common, "--concurrency", "2", "--out", str(alias))
+    run_cli(up, "tandem", "bench", "serve", *common, "--concurrency", "2", "--out", str(alias))
     check_run(alias, "concurrency 2")
     check_plots(alias)
 
     compared = tmp_path / "cmp"
-    printed = run_cli(up, "loadtest", "compare", str(sweep / "c1" / "results.json"),
+    printed = run_cli(up, "tandem.loadtest", "compare", str(sweep / "c1" / "results.json"),
                       str(sweep / "c4" / "results.json"), "--out", str(compared)).stdout
     table = (compared / "compare.md").read_text()
     assert printed == table + "\n"

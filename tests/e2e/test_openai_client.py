@@ -8,8 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from services.engine import Engine, SamplingParams
-from services.engine.tokenizer import Tokenizer
+from tandem.engine import Engine, SamplingParams
+from tandem.engine.tokenizer import Tokenizer
 from tests.e2e.cluster import Cluster, GatewayProcess
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours, please."}]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher.ray_head import RayHead, make_temp_dir
+from tandem.launcher.ray_head import RayHead, make_temp_dir
 from tests.e2e.test_up import (  # noqa: F401 - `expected_content` and `started` are fixtures
     REPO_ROOT,
     STOP_TIMEOUT_S,
@@ -153,7 +153,7 @@ def test_up_ray_without_the_token_is_refused_and_leaves_nothing(tmp_path: Path, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"HOME": str(tmp_path), "TANDEM_CACHE_DIR": str(tmp_path / "cache"),
             "RAY_NUM_REDIS_GET_RETRIES": "3"}  # Ray's connect window: ~1 s per try, 20 by default
-    result = subprocess.run([sys.executable, "-m", "services", "up", "--ray", token_head.head.address,
+    result = subprocess.run([sys.executable, "-m", "tandem", "up", "--ray", token_head.head.address,
                              "--port", str(free_port()), "--model", str(tiny_model_dir), "--cluster", cluster],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
@@ -200,16 +200,16 @@ def test_ray_actuator_grows_and_shrinks_the_decode_pool(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import redis
 
-    from services.autoscaler.ray import RayActuator
-    from services.common.cluster_state import ClusterState, WorkerRole
-    from services.launcher import LocalCluster, LocalClusterConfig
-    from services.launcher.ray_auth import RayAuth
-    from services.launcher.ray_cluster import RayCluster, RayConfig
+    from tandem.autoscaler.ray import RayActuator
+    from tandem.common.cluster_state import ClusterState, WorkerRole
+    from tandem.launcher import LocalCluster, LocalClusterConfig
+    from tandem.launcher.ray_auth import RayAuth
+    from tandem.launcher.ray_cluster import RayCluster, RayConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in [name for name in os.environ if name.startswith("RAY_")]:
         monkeypatch.delenv(name)
-    caplog.set_level(logging.INFO, logger="services.autoscaler.ray")
+    caplog.set_level(logging.INFO, logger="tandem.autoscaler.ray")
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     config = LocalClusterConfig(num_prefill=1, num_decode=1, port=0, model_dir=tiny_model_dir, cluster=name,
                                 kv_cache_mib=8, local_prefill_max_tokens=0, drain_timeout_s=10.0)

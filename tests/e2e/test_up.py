@@ -71,7 +71,7 @@ def free_port() -> int:
 
 @dataclass
 class UpProcess:
-    """A running `python -m services up` with its own HOME and cache dir."""
+    """A running `python -m tandem up` with its own HOME and cache dir."""
 
     proc: subprocess.Popen
     cache_dir: Path
@@ -87,7 +87,7 @@ class UpProcess:
         cluster = f"e2e-{uuid.uuid4().hex[:8]}"  # unique: lets the test find its processes in /proc
         env = {**os.environ, "HOME": str(home), "TANDEM_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("TANDEM_API_KEYS", None)
-        argv = [sys.executable, "-m", "services", "up", "--port", str(free_port()), "--model", str(model_dir),
+        argv = [sys.executable, "-m", "tandem", "up", "--port", str(free_port()), "--model", str(model_dir),
                 "--kv-cache-mib", "8", "--cluster", cluster, *flags]
         # Its own session, like a shell job: its children share its process group, which a
         # test can signal as a terminal's Ctrl-C would.
@@ -117,7 +117,7 @@ class UpProcess:
         return "".join(self.stderr[-lines:])
 
     def tandem(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services", *args], cwd=REPO_ROOT, env=self.env,
+        return subprocess.run([sys.executable, "-m", "tandem", *args], cwd=REPO_ROOT, env=self.env,
                               capture_output=True, text=True, timeout=60)
 
     def kill(self) -> None:
@@ -130,8 +130,8 @@ class UpProcess:
 @pytest.fixture(scope="module")
 def expected_content(tiny_model_dir: Path) -> str:
     """What the in-process engine answers to the chat prompt, greedy, MAX_TOKENS tokens."""
-    from services.engine import Engine, EngineConfig, SamplingParams
-    from services.engine.tokenizer import Tokenizer
+    from tandem.engine import Engine, EngineConfig, SamplingParams
+    from tandem.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]),
@@ -278,7 +278,7 @@ def test_up_failed_start_reports_the_child_and_leaves_nothing(tmp_path: Path, st
     not_a_model.mkdir()
     env = {**os.environ, "HOME": str(tmp_path), "TANDEM_CACHE_DIR": str(tmp_path / "cache")}
     cluster = f"e2e-{uuid.uuid4().hex[:8]}"
-    result = subprocess.run([sys.executable, "-m", "services", "up", "--port", str(free_port()), "--model",
+    result = subprocess.run([sys.executable, "-m", "tandem", "up", "--port", str(free_port()), "--model",
                              str(not_a_model), "--cluster", cluster, "--prefill", "0"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
@@ -295,7 +295,7 @@ def test_up_failed_start_reports_the_child_and_leaves_nothing(tmp_path: Path, st
 def test_up_sigterm_during_start_up_stops_everything(tmp_path: Path, tiny_model_dir: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path), "TANDEM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     cluster = f"e2e-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen([sys.executable, "-m", "services", "up", "--port", str(free_port()), "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "tandem", "up", "--port", str(free_port()), "--model",
                              str(tiny_model_dir), "--kv-cache-mib", "8", "--cluster", cluster],
                             cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from services.common.embedded_redis import EmbeddedRedis
+from tandem.common.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def unreachable_redis_client() -> Iterator[redis.Redis]:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from services.common.embedded_redis import free_port
+    from tandem.common.embedded_redis import free_port
 
     client = redis.Redis(host="127.0.0.1", port=free_port(), socket_timeout=0.5, socket_connect_timeout=0.5,
                          retry=Retry(NoBackoff(), 0))

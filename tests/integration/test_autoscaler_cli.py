@@ -11,8 +11,8 @@ import threading
 import time
 import urllib.request
 
-from services.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
-from services.common.embedded_redis import free_port
+from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.embedded_redis import free_port
 from tests.integration.kube_api import FakeKubeApi
 from tests.integration.workers import REPO_ROOT
 
@@ -25,7 +25,7 @@ def test_autoscaler_process_scales_serves_metrics_and_exits_on_sigterm(redis_ser
     state.publish_load("d-0", WorkerLoad(4, 1, 0, 0, 100, time.time()), ttl_s=60.0)
     metrics_port = free_port()
     with FakeKubeApi({("serving", "tp"): 1, ("serving", "td"): 1}) as api:
-        cmd = [sys.executable, "-m", "services", "autoscaler", "--redis", redis_server.url, "--cluster", "cli",
+        cmd = [sys.executable, "-m", "tandem", "autoscaler", "--redis", redis_server.url, "--cluster", "cli",
                "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig")), "--namespace", "serving",
                "--prefill-deployment", "tp", "--decode-deployment", "td", "--prefill-min", "0",
                "--prefill-target-queued-tokens", "1000", "--prefill-max", "8", "--interval-s", "0.1",

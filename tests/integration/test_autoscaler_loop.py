@@ -12,11 +12,11 @@ import time
 import pytest
 import redis
 
-from services.autoscaler.autoscaler import Autoscaler
-from services.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
-from services.autoscaler.metrics import AutoscalerMetrics
-from services.autoscaler.policy import ScaleDecision, ScaleReason
-from services.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.autoscaler.autoscaler import Autoscaler
+from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
+from tandem.autoscaler.metrics import AutoscalerMetrics
+from tandem.autoscaler.policy import ScaleDecision, ScaleReason
+from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 R = ScaleReason
@@ -87,7 +87,7 @@ def test_step_applies_decisions_logs_and_exports_metrics(state, caplog):
     publish(state, "d-0", START_S, waiting=4, used=10)
     autoscaler = Autoscaler(state, actuator, CONFIG, metrics, clock=clock)
 
-    with caplog.at_level(logging.INFO, logger="services.autoscaler.autoscaler"):
+    with caplog.at_level(logging.INFO, logger="tandem.autoscaler.autoscaler"):
         decisions = autoscaler.step()
 
     assert decisions == [ScaleDecision(P, 1, 5, R.QUEUE_ABOVE_TARGET), ScaleDecision(D, 1, 1, R.WITHIN_TOLERANCE)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.common.cluster_state import (
+from tandem.common.cluster_state import (
     ClusterState,
     KVEventKind,
     KVEventRecord,
@@ -20,8 +20,8 @@ from services.common.cluster_state import (
     WorkerLoad,
     WorkerRole,
 )
-from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from services.common.heartbeat import Heartbeat
+from tandem.common.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from tandem.common.heartbeat import Heartbeat
 
 PREFILL = WorkerInfo("p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0")
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")
@@ -219,7 +219,7 @@ def test_malformed_entries_are_skipped_with_a_warning(
     redis_client.xadd(stream, {"junk": "1"})
     last = redis_client.xadd(stream, {**good, "seq": "2", "hashes": b""}).decode()
 
-    with caplog.at_level(logging.WARNING, logger="services.common.cluster_state"):
+    with caplog.at_level(logging.WARNING, logger="tandem.common.cluster_state"):
         assert state.list_workers() == [PREFILL]
         assert state.get_load("p-0") is None
         records, last_id = state.read_kv_events("0-0")

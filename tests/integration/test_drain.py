@@ -18,11 +18,11 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.cluster_state import ClusterState
-from services.common.drain import DrainError, drain_worker
-from services.common.pb import tandem_pb2 as pb
-from services.common.pb import tandem_pb2_grpc as pb_grpc
-from services.engine import Engine, SamplingParams
+from tandem.common.cluster_state import ClusterState
+from tandem.common.drain import DrainError, drain_worker
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 from tests.integration.workers import REPO_ROOT, WorkerProcess, decode_stream, prefill
 
@@ -41,7 +41,7 @@ def _health(worker: WorkerProcess, service: str) -> int:
 
 
 def _tandem_drain(address: str, timeout_s: float) -> tuple[int, dict, str]:
-    done = subprocess.run([sys.executable, "-m", "services", "drain", "--address", address, "--timeout-s", str(timeout_s)],
+    done = subprocess.run([sys.executable, "-m", "tandem", "drain", "--address", address, "--timeout-s", str(timeout_s)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     return done.returncode, json.loads(done.stdout) if done.stdout else {}, done.stderr
 
@@ -101,7 +101,7 @@ def test_tandem_drain_waits_for_held_leases(tiny_model_dir: Path, reference: Eng
 
 
 def test_drain_of_an_unreachable_worker_is_a_clear_error() -> None:
-    from services.common.embedded_redis import free_port
+    from tandem.common.embedded_redis import free_port
 
     address = f"127.0.0.1:{free_port()}"
     with pytest.raises(DrainError, match=f"Drain on {address} failed: UNAVAILABLE"):

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from services.autoscaler.autoscaler import Autoscaler
-from services.autoscaler.config import AutoscalerConfig, PrefillPolicy
-from services.autoscaler.kubernetes import (
+from tandem.autoscaler.autoscaler import Autoscaler
+from tandem.autoscaler.config import AutoscalerConfig, PrefillPolicy
+from tandem.autoscaler.kubernetes import (
     KubernetesActuator,
     KubernetesActuatorError,
     apps_v1_api,
     in_cluster_namespace,
 )
-from services.autoscaler.metrics import AutoscalerMetrics
-from services.autoscaler.policy import ScaleDecision, ScaleReason
-from services.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
-from services.common.embedded_redis import free_port
+from tandem.autoscaler.metrics import AutoscalerMetrics
+from tandem.autoscaler.policy import ScaleDecision, ScaleReason
+from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.embedded_redis import free_port
 from tests.integration.kube_api import TOKEN, FakeKubeApi, RecordedRequest
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE

@@ -2,7 +2,7 @@
 random KV cache, and receivers pulling into another cache.
 
 The gRPC transport runs source and receiver in this process (one event loop). The torch
-transport's source runs in a subprocess (services/kvtransfer/source_process.py), as in
+transport's source runs in a subprocess (services/tandem/kvtransfer/source_process.py), as in
 production; a few failure cases also run it in-process, which gloo supports (each pair
 forms in its own threads). Every case asserts exact bytes, or the exact failure reason and
 a message that names the culprit, and that the destination is untouched on failure.
@@ -23,11 +23,11 @@ import grpc
 import pytest
 import torch
 
-from kernels.reference import ref_pack_blocks, ref_unpack_blocks
-from services.common.layout import KVLayout
-from services.common.pb import tandem_pb2 as pb
-from services.engine.engine import HeldKV
-from services.kvtransfer.base import (
+from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
+from tandem.common.layout import KVLayout
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.engine.engine import HeldKV
+from tandem.kvtransfer.base import (
     FailureReason,
     KVHandleInfo,
     KVTransferError,
@@ -35,14 +35,14 @@ from services.kvtransfer.base import (
     handle_from_proto,
     handle_to_proto,
 )
-from services.kvtransfer.block_store import KVBlockStore, PackedReader
-from services.kvtransfer.channels import server_options
-from services.kvtransfer.chunks import ChunkDecodeError, decode_chunk, encode_chunk
-from services.kvtransfer.config import MiB, KVTransferConfig
-from services.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
-from services.kvtransfer.leases import LeaseCounters, LeaseError, LeaseTable
-from services.kvtransfer.source_process import random_kv_caches, source_args
-from services.kvtransfer.torch_source import TorchKVServicer
+from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
+from tandem.kvtransfer.channels import server_options
+from tandem.kvtransfer.chunks import ChunkDecodeError, decode_chunk, encode_chunk
+from tandem.kvtransfer.config import MiB, KVTransferConfig
+from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
+from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseTable
+from tandem.kvtransfer.source_process import random_kv_caches, source_args
+from tandem.kvtransfer.torch_source import TorchKVServicer
 
 NUM_BLOCKS = 96
 LEASED = tuple(range(10, 40))  # the source's held prompt blocks

@@ -13,8 +13,8 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from services.common.embedded_redis import EmbeddedRedis
-from services.gateway.limits import RateDecision, RateLimitConfig, RateLimiter
+from tandem.common.embedded_redis import EmbeddedRedis
+from tandem.gateway.limits import RateDecision, RateLimitConfig, RateLimiter
 
 ALLOWED = RateDecision(True, 0.0, None)
 CLUSTER = "test"

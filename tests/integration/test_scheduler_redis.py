@@ -14,16 +14,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.common.block_hash import block_extra, hash_blocks
-from services.common.cluster_state import (
+from tandem.common.block_hash import block_extra, hash_blocks
+from tandem.common.cluster_state import (
     ClusterState,
     KVEventKind,
     WorkerInfo,
     WorkerLoad,
     WorkerRole,
 )
-from services.common.embedded_redis import EmbeddedRedis
-from services.scheduler import (
+from tandem.common.embedded_redis import EmbeddedRedis
+from tandem.scheduler import (
     NoWorkerError,
     RouteKind,
     RouteRequest,
@@ -273,7 +273,7 @@ def test_follower_survives_an_unreachable_redis_and_stops_in_bounded_time(state,
     scheduler = Scheduler(state, CONFIG, events_state=ClusterState(dead, cluster="test"))
     register(state, info("d-0", WorkerRole.DECODE))
     try:
-        with caplog.at_level(logging.WARNING, logger="services.scheduler.scheduler"):
+        with caplog.at_level(logging.WARNING, logger="tandem.scheduler.scheduler"):
             scheduler.start()
             assert not scheduler.wait_caught_up(0.5)  # every read failed...
         failures = [r for r in caplog.records if "kv event follow failed" in r.getMessage()]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.common.cluster_state import ClusterState, WorkerRole
-from services.common.pb import tandem_pb2 as pb
-from services.engine import Engine, SamplingParams
+from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 from tests.integration.workers import WorkerProcess, decode_stream, prefill, wait_until
 

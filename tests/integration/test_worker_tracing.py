@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common.pb import tandem_pb2 as pb
-from services.common.tracing import Tracing, TracingConfig, child_context, inject_metadata
-from services.engine import SamplingParams
-from services.engine.tiny_model import TINY_VOCAB_SIZE
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.tracing import Tracing, TracingConfig, child_context, inject_metadata
+from tandem.engine import SamplingParams
+from tandem.engine.tiny_model import TINY_VOCAB_SIZE
 from tests.conftest import random_prompts
 from tests.integration.workers import WorkerProcess, request_pb, wait_until
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.common.pb import tandem_pb2 as pb
-from services.engine import Engine, SamplingParams
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 from tests.integration.workers import WorkerProcess, decode_stream, disaggregated, prefill, wait_until
 

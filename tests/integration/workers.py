@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 
-from services.common import codec
-from services.common.pb import tandem_pb2 as pb
-from services.common.pb import tandem_pb2_grpc as pb_grpc
-from services.engine import SamplingParams
+from tandem.common import codec
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.engine import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ class WorkerProcess:
 
     @classmethod
     def start(cls, role: str, model_dir: Path, *extra: str, worker_id: str, timeout_s: float = 60.0) -> "WorkerProcess":
-        cmd = [sys.executable, "-m", "services", role, "--model", str(model_dir), "--worker-id", worker_id,
+        cmd = [sys.executable, "-m", "tandem", role, "--model", str(model_dir), "--worker-id", worker_id,
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--num-threads", "1",
                "--kv-cache-mib", "8", *extra]
         proc, ready, stderr_lines = spawn_until_ready(cmd, f"{role} worker", timeout_s)

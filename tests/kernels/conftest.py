@@ -21,8 +21,8 @@ from typing import Callable, NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels.launch_checks import is_interpreted  # noqa: E402
-from kernels.cache_write import _store_kv_kernel  # noqa: E402
+from tandem.kernels.launch_checks import is_interpreted  # noqa: E402
+from tandem.kernels.cache_write import _store_kv_kernel  # noqa: E402
 
 if is_interpreted(_store_kv_kernel) == ON_CUDA:
     raise pytest.UsageError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.engine import Engine, SamplingParams
+from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import ref_paged_prefill_attention, ref_store_kv
-from services.engine.attention import AttentionMetadata, create_backend
-from services.engine.attention_triton import TritonAttentionBackend
+from tandem.kernels.reference import ref_paged_prefill_attention, ref_store_kv
+from tandem.engine.attention import AttentionMetadata, create_backend
+from tandem.engine.attention_triton import TritonAttentionBackend
 
 BS, KVH, H, D = 16, 2, 8, 64
 

@@ -7,14 +7,14 @@ from typing import Callable
 import pytest
 import torch
 
-from kernels import (
+from tandem.kernels import (
     pack_blocks,
     paged_decode_attention,
     paged_prefill_attention,
     store_kv,
     unpack_blocks,
 )
-from kernels.launch_checks import check_device
+from tandem.kernels.launch_checks import check_device
 
 NB, BS, KVH, H, D = 4, 16, 2, 4, 64
 

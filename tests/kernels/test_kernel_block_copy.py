@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import pack_blocks, unpack_blocks
-from kernels.reference import ref_pack_blocks, ref_unpack_blocks
+from tandem.kernels import pack_blocks, unpack_blocks
+from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
 
 
 def _caches(num_layers: int, dtype: torch.dtype, rand, seed: int = 0,

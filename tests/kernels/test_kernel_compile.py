@@ -67,7 +67,7 @@ class _CompileOnly:
 
 def _compile_all() -> None:
     """Run each launcher on CPU tensors with every kernel replaced by `_CompileOnly`."""
-    from kernels import block_copy, cache_write, decode_attention, prefill_attention
+    from tandem.kernels import block_copy, cache_write, decode_attention, prefill_attention
 
     log: list[str] = []
     for module in (block_copy, cache_write, decode_attention, prefill_attention):
@@ -113,5 +113,4 @@ def test_all_launched_kernels_compile_for_sm80_and_sm90() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     _compile_all()

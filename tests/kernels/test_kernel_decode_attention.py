@@ -7,9 +7,9 @@ from typing import Callable
 import pytest
 import torch
 
-from kernels import paged_decode_attention
-from kernels.decode_attention import MAX_SPLITS, choose_num_splits
-from kernels.reference import ref_paged_decode_attention
+from tandem.kernels import paged_decode_attention
+from tandem.kernels.decode_attention import MAX_SPLITS, choose_num_splits
+from tandem.kernels.reference import ref_paged_decode_attention
 
 
 def _decode_lens(block_size: int) -> list[int]:

@@ -7,8 +7,8 @@ from typing import Callable
 import pytest
 import torch
 
-from kernels import paged_prefill_attention
-from kernels.reference import ref_paged_prefill_attention
+from tandem.kernels import paged_prefill_attention
+from tandem.kernels.reference import ref_paged_prefill_attention
 
 
 def _query_start_loc(query_lens: list[int], device: torch.device) -> torch.Tensor:

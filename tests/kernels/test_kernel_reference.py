@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import (
+from tandem.kernels.reference import (
     ref_paged_decode_attention,
     ref_paged_prefill_attention,
     ref_store_kv,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import store_kv
-from kernels.reference import ref_store_kv
+from tandem.kernels import store_kv
+from tandem.kernels.reference import ref_store_kv
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import ref_paged_prefill_attention
-from services.engine.attention import AttentionMetadata, length_buckets
-from services.engine.attention_torch import TorchAttentionBackend
+from tandem.kernels.reference import ref_paged_prefill_attention
+from tandem.engine.attention import AttentionMetadata, length_buckets
+from tandem.engine.attention_torch import TorchAttentionBackend
 
 BS, KVH, H, D = 16, 2, 4, 32
 

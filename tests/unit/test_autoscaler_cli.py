@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from services.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
-from services.cli import _autoscaler_config, build_parser
+from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
+from tandem.cli import _autoscaler_config, build_parser
 
 
 def test_defaults_are_the_config_defaults():

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from services.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
-from services.autoscaler.policy import (
+from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
+from tandem.autoscaler.policy import (
     PolicyState,
     PoolHistory,
     Recommendation,
@@ -20,8 +20,8 @@ from services.autoscaler.policy import (
     ScaleReason,
     decide,
 )
-from services.autoscaler.signals import PoolSignals, SignalStatus
-from services.common.cluster_state import WorkerRole
+from tandem.autoscaler.signals import PoolSignals, SignalStatus
+from tandem.common.cluster_state import WorkerRole
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 R = ScaleReason

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from services.common.block_hash import block_extra
-from services.engine.batcher import Batcher, BatcherConfig
-from services.engine.block_pool import BlockPool
-from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import FinishReason, Sequence, SequenceStatus
+from tandem.common.block_hash import block_extra
+from tandem.engine.batcher import Batcher, BatcherConfig
+from tandem.engine.block_pool import BlockPool
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 BS = 4
 EOS = frozenset({0})

@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 
-from loadtest.suite.cluster import ClusterSpec, WorkerSpec
-from loadtest.suite.figures import Direction, Figure, Section
-from loadtest.suite.machine import MachineInfo
-from loadtest.suite.markdown import render
-from loadtest.suite.run import SECTIONS, parse_only
-from services.launcher.placement import pinned
+from tandem.loadtest.suite.cluster import ClusterSpec, WorkerSpec
+from tandem.loadtest.suite.figures import Direction, Figure, Section
+from tandem.loadtest.suite.machine import MachineInfo
+from tandem.loadtest.suite.markdown import render
+from tandem.loadtest.suite.run import SECTIONS, parse_only
+from tandem.launcher.placement import pinned
 
 MACHINE = MachineInfo("Test CPU", 2, 24.0, "Linux 6", "3.11.7", "2.13.0+cpu", "abc1234", "none")
 
@@ -82,7 +82,7 @@ def test_cluster_specs_are_checked(tmp_path) -> None:
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
 def test_processes_start_pinned_under_taskset() -> None:
-    assert pinned(1, ["python", "-m", "services"]) == [shutil.which("taskset"), "-c", "1", "python", "-m", "services"]
+    assert pinned(1, ["python", "-m", "tandem"]) == [shutil.which("taskset"), "-c", "1", "python", "-m", "tandem"]
 
 
 def test_workers_get_the_ids_local_cluster_gives_them(tmp_path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.record import RequestRecord
-from loadtest.request import WorkloadRequest
-from loadtest.suite import prefix_cache, routing
+from tandem.loadtest.record import RequestRecord
+from tandem.loadtest.request import WorkloadRequest
+from tandem.loadtest.suite import prefix_cache, routing
 
 
 def _record(request_id: str, prompt_tokens: int, cached_tokens: int | None) -> RequestRecord:

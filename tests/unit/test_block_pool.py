@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.block_pool import BlockPool, KVEvent, KVEventKind, NoFreeBlocksError
+from tandem.engine.block_pool import BlockPool, KVEvent, KVEventKind, NoFreeBlocksError
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.tokenizer import Tokenizer
-from services.gateway.detokenize import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
+from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway.detokenize import IncrementalDetokenizer, StopStringMatcher, token_bytes, token_text
 
 MULTIBYTE = "héllo 世界 🙂"
 REPLACEMENT = "\ufffd"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine import Engine, FinishReason, SamplingParams
+from tandem.engine import Engine, FinishReason, SamplingParams
 from tests.conftest import random_prompts
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine import Engine, SamplingParams
+from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 from tests.unit.oracle import hf_greedy, hf_prompt_logits
 

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from services.gateway.auth import ANONYMOUS_KEY_ID, APIKeys, AuthError, AuthFailure, key_id_of
+from tandem.gateway.auth import ANONYMOUS_KEY_ID, APIKeys, AuthError, AuthFailure, key_id_of
 
 KEYS = ("sk-alpha-0123456789", "sk-beta-9876543210", "sk-gamma-5555")
 

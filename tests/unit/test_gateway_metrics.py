@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.gateway.metrics import SECONDS_BUCKETS, GatewayMetrics, RoutingKind, TTFTStage
+from tandem.gateway.metrics import SECONDS_BUCKETS, GatewayMetrics, RoutingKind, TTFTStage
 
 MODEL = {"model_name": "tiny-llama"}
 

@@ -1,4 +1,4 @@
-"""services.gateway.protocol: body parsing, validation errors, prompts, length limits, sampling."""
+"""tandem.gateway.protocol: body parsing, validation errors, prompts, length limits, sampling."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from services.engine.sampling_params import SamplingParams
-from services.engine.tokenizer import Tokenizer
-from services.gateway import protocol
-from services.gateway.errors import OpenAIError
-from services.gateway.protocol import (
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway import protocol
+from tandem.gateway.errors import OpenAIError
+from tandem.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,

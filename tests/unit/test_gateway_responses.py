@@ -1,4 +1,4 @@
-"""services.gateway.responses and errors: exact OpenAI-shaped dicts and SSE bytes."""
+"""tandem.gateway.responses and errors: exact OpenAI-shaped dicts and SSE bytes."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.sequence import TokenLogprob
-from services.engine.tokenizer import Tokenizer
-from services.gateway import errors, responses
-from services.gateway.responses import ChoiceResult, ResponseView
+from tandem.engine.sequence import TokenLogprob
+from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway import errors, responses
+from tandem.gateway.responses import ChoiceResult, ResponseView
 
 H, SPACE, E4, EOS = 75, 224, 164, 1  # tiny tokenizer ids: "h", " ", byte 0xE4 (part of 世), <|eos|>
 HEAD = {"request_id": "cmpl-1", "model": "tiny", "created": 1700000000}

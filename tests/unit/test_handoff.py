@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine import Engine, FinishReason, SamplingParams
+from tandem.engine import Engine, FinishReason, SamplingParams
 from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

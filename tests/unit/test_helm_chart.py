@@ -246,7 +246,7 @@ def _expand(arg: str, env: dict[str, str]) -> str:
 
 @pytest.mark.parametrize("scenario", ["everything-on", "multi-node", "single-node"])
 def test_every_rendered_command_parses_with_the_tandem_cli(chart: Any, scenario: str) -> None:
-    from services.cli import build_parser
+    from tandem.cli import build_parser
 
     parser = build_parser()
     env = {"POD_IP": "10.1.2.3", "POD_NAME": "demo-tandem-decode-7d9f-abcde"}
@@ -296,8 +296,8 @@ def test_worker_probes_are_native_grpc_health_checks(chart: Any, role: str) -> N
     assert worker["livenessProbe"]["grpc"] == {"port": 50099, "service": ""}
     # NOT_SERVING while draining: the pod leaves the endpoints before it stops.
     assert worker["readinessProbe"]["grpc"] == {"port": 50099, "service": "tandem.v1.Worker"}
-    # the names the worker serves (services/common/worker.py)
-    from services.common.worker import LIVENESS_SERVICE, READINESS_SERVICE
+    # the names the worker serves (services/tandem/common/worker.py)
+    from tandem.common.worker import LIVENESS_SERVICE, READINESS_SERVICE
 
     assert (LIVENESS_SERVICE, READINESS_SERVICE) == ("", "tandem.v1.Worker")
     startup = worker["startupProbe"]

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
-from services.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled, TracingFlags
-from services.launcher.local import ChildSummary
-from services.launcher.state_file import UpState, read_state, remove_state, write_state
-from services.launcher.status import render, run_status, summarize
+from tandem.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
+from tandem.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled, TracingFlags
+from tandem.launcher.local import ChildSummary
+from tandem.launcher.state_file import UpState, read_state, remove_state, write_state
+from tandem.launcher.status import render, run_status, summarize
 
 READY = 'import json, sys; print(json.dumps({"event": "ready", "address": "127.0.0.1:1"}), flush=True); '
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +98,7 @@ def test_argv_and_env(tmp_path: Path) -> None:
                                 kv_cache_mib=8, max_model_len=512, kv_transport="torch", api_keys=("k1", "k2"),
                                 tracing=TracingFlags(exporter="file", file=tmp_path / "spans.jsonl"))
     worker = config.worker_argv(WorkerRole.PREFILL, "prefill-0", tmp_path, "redis://127.0.0.1:1/0", 3)
-    assert worker[:4] == [sys.executable, "-m", "services", "prefill"]
+    assert worker[:4] == [sys.executable, "-m", "tandem", "prefill"]
     flags = dict(zip(worker[4::2], worker[5::2]))
     assert flags == {"--model": str(tmp_path), "--worker-id": "prefill-0", "--host": "127.0.0.1", "--port": "0",
                      "--metrics-port": "0", "--redis": "redis://127.0.0.1:1/0", "--cluster": "c1",
@@ -173,7 +173,7 @@ def test_children_die_with_a_sigkilled_parent() -> None:
     """A parent that spawned a ChildProcess is SIGKILLed: the kernel sends its child SIGTERM."""
     parent_code = textwrap.dedent(f"""
         import sys, time
-        from services.launcher.processes import ChildProcess
+        from tandem.launcher.processes import ChildProcess
         child = ChildProcess.spawn("grandchild", [sys.executable, "-c", {READY + 'import time; time.sleep(60)'!r}])
         child.wait_ready(20)
         print(child.pid, flush=True)
@@ -244,7 +244,7 @@ def test_status_reports_unreachable_redis(capsys: pytest.CaptureFixture[str]) ->
 
 def test_status_cli_without_state_file_names_the_flag(tmp_path: Path) -> None:
     env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "services", "status"], cwd=REPO_ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "tandem", "status"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "--redis-url" in result.stderr and str(tmp_path / "up.json") in result.stderr
@@ -253,8 +253,8 @@ def test_status_cli_without_state_file_names_the_flag(tmp_path: Path) -> None:
 def test_redis_child_serves_status_and_stops_by_pid(capsys: pytest.CaptureFixture[str]) -> None:
     import redis
 
-    from services.common.cluster_state import ClusterState
-    from services.launcher.redis_child import RedisChild
+    from tandem.common.cluster_state import ClusterState
+    from tandem.launcher.redis_child import RedisChild
 
     server = RedisChild.start(ready_timeout_s=20, sink=io.StringIO())
     try:
@@ -272,7 +272,7 @@ def test_redis_child_serves_status_and_stops_by_pid(capsys: pytest.CaptureFixtur
 
 
 def test_wait_all_ready_fails_fast_when_one_child_exits() -> None:
-    from services.launcher.processes import wait_all_ready
+    from tandem.launcher.processes import wait_all_ready
 
     slow = python_child("import time; time.sleep(60)", io.StringIO(), name="slow")
     broken = python_child("import sys; print('bad flag', file=sys.stderr); sys.exit(2)", io.StringIO(), name="broken")
@@ -294,7 +294,7 @@ def test_status_cli_warns_about_a_stale_state_file(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     write_state(tmp_path / "up.json", UpState(f"redis://127.0.0.1:{port}/0", "c1", "http://127.0.0.1:1", dead.pid))
     env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "services", "status"], cwd=REPO_ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "tandem", "status"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"is stale: tandem up (pid {dead.pid}) is not running" in result.stderr
@@ -304,7 +304,7 @@ def test_status_cli_warns_about_a_stale_state_file(tmp_path: Path) -> None:
 def test_curl_example_is_one_pasteable_line() -> None:
     import shlex
 
-    from services.launcher.up import curl_example
+    from tandem.launcher.up import curl_example
 
     line = curl_example("http://127.0.0.1:8000", "tiny-llama-v1", api_key="sk-1")
     argv = shlex.split(line)
@@ -316,7 +316,7 @@ def test_curl_example_is_one_pasteable_line() -> None:
 
 
 def test_served_model_name_falls_back_when_the_gateway_does_not_answer() -> None:
-    from services.launcher.up import served_model_name
+    from tandem.launcher.up import served_model_name
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loadtest.arrivals import ArrivalPattern, ClosedLoop, OpenLoop
+from tandem.loadtest.arrivals import ArrivalPattern, ClosedLoop, OpenLoop
 
 
 def test_constant_is_exactly_evenly_spaced() -> None:

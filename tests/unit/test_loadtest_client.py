@@ -11,9 +11,9 @@ from collections.abc import Callable
 import httpx2
 import pytest
 
-from loadtest.client import ClientConfig, Endpoint, StreamingClient, request_body, sse_lines
-from loadtest.record import ErrorKind, RequestRecord
-from loadtest.request import ChatMessage, Role, WorkloadRequest
+from tandem.loadtest.client import ClientConfig, Endpoint, StreamingClient, request_body, sse_lines
+from tandem.loadtest.record import ErrorKind, RequestRecord
+from tandem.loadtest.request import ChatMessage, Role, WorkloadRequest
 
 REQUEST = WorkloadRequest("req-0", (5, 6, 7), max_tokens=3)
 

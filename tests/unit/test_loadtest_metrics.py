@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loadtest.metrics import LatencyStats, percentile, summarize
-from loadtest.record import ErrorKind, RequestRecord
-from loadtest.slo import SLO
+from tandem.loadtest.metrics import LatencyStats, percentile, summarize
+from tandem.loadtest.record import ErrorKind, RequestRecord
+from tandem.loadtest.slo import SLO
 
 
 def record(request_id: str, start_s: float, token_times_s: tuple[float, ...], end_s: float,

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from loadtest.__main__ import concurrency_levels, main
-from loadtest.metrics import mean_in_flight, summarize
-from loadtest.plots import LATENCY_CDF_SIZE_PX, THROUGHPUT_SIZE_PX, ecdf, latencies_ms, write_plots
-from loadtest.record import ErrorKind, RequestRecord
-from loadtest.report import RunInfo, SavedRun, compare_markdown, load_results, write_results
-from loadtest.slo import SLO
+from tandem.loadtest.__main__ import concurrency_levels, main
+from tandem.loadtest.metrics import mean_in_flight, summarize
+from tandem.loadtest.plots import LATENCY_CDF_SIZE_PX, THROUGHPUT_SIZE_PX, ecdf, latencies_ms, write_plots
+from tandem.loadtest.record import ErrorKind, RequestRecord
+from tandem.loadtest.report import RunInfo, SavedRun, compare_markdown, load_results, write_results
+from tandem.loadtest.slo import SLO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -190,9 +190,9 @@ def test_bad_concurrency_lists_exit_2(text: str, message: str, tmp_path: Path,
              "--out", str(tmp_path / "out"), "--concurrency", text]
     assert main(["run", *flags]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
-    from services.cli import main as tandem_main
+    from tandem.cli import main as tandem_main
 
-    with pytest.raises(SystemExit) as exit_info:  # `tandem bench serve` is `python -m loadtest run`
+    with pytest.raises(SystemExit) as exit_info:  # `tandem bench serve` is `python -m tandem.loadtest run`
         tandem_main(["bench", "serve", *flags])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
@@ -200,7 +200,7 @@ def test_bad_concurrency_lists_exit_2(text: str, message: str, tmp_path: Path,
 
 
 def test_tandem_bench_flags_before_serve_are_refused(capsys: pytest.CaptureFixture) -> None:
-    from services.cli import main as tandem_main
+    from tandem.cli import main as tandem_main
 
     with pytest.raises(SystemExit) as exit_info:
         tandem_main(["bench", "--model", "m", "serve"])

@@ -1,5 +1,5 @@
 """loadtest runner and CLI: open-loop requests start on schedule, closed loop keeps exactly
-`concurrency` in flight, and `python -m loadtest run` against a fake OpenAI server on a free
+`concurrency` in flight, and `python -m tandem.loadtest run` against a fake OpenAI server on a free
 loopback port writes results.json and summary.md that read back exactly, and the two plots; a
 concurrency sweep writes one run per level and a summary comparing them."""
 
@@ -18,18 +18,18 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loadtest.__main__ import main
-from loadtest.arrivals import ArrivalPattern, ClosedLoop, OpenLoop
-from loadtest.metrics import summarize
-from loadtest.plots import LATENCY_CDF_SIZE_PX, THROUGHPUT_SIZE_PX
-from loadtest.record import ErrorKind, RequestRecord
-from loadtest.report import load_results
-from loadtest.request import WorkloadRequest
-from loadtest.runner import RunClock, run_load
-from loadtest.workloads import load_workload
+from tandem.loadtest.__main__ import main
+from tandem.loadtest.arrivals import ArrivalPattern, ClosedLoop, OpenLoop
+from tandem.loadtest.metrics import summarize
+from tandem.loadtest.plots import LATENCY_CDF_SIZE_PX, THROUGHPUT_SIZE_PX
+from tandem.loadtest.record import ErrorKind, RequestRecord
+from tandem.loadtest.report import load_results
+from tandem.loadtest.request import WorkloadRequest
+from tandem.loadtest.runner import RunClock, run_load
+from tandem.loadtest.workloads import load_workload
 from tests.unit.test_loadtest_plots import png_size
 
-WORKLOADS = Path(__file__).resolve().parents[2] / "loadtest" / "workloads"
+WORKLOADS = Path(__file__).resolve().parents[2] / "loadtest" / "tandem" / "loadtest" / "workloads"
 REQUESTS = tuple(WorkloadRequest(f"req-{i}", (1, 2), 2) for i in range(6))
 
 

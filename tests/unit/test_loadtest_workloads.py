@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.request import Role, WorkloadRequest
-from loadtest.workloads import (
+from tandem.loadtest.request import Role, WorkloadRequest
+from tandem.loadtest.workloads import (
     InterferenceWorkload,
     LengthRange,
     MultiTurnWorkload,
@@ -23,7 +23,7 @@ from loadtest.workloads import (
     workload_from_mapping,
 )
 
-WORKLOAD_DIR = Path(__file__).resolve().parents[2] / "loadtest" / "workloads"
+WORKLOAD_DIR = Path(__file__).resolve().parents[2] / "loadtest" / "tandem" / "loadtest" / "workloads"
 YAML_FILES = sorted(WORKLOAD_DIR.glob("*.yaml"))
 
 

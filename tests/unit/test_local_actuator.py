@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.autoscaler.local import LocalActuator
-from services.common.cluster_state import WorkerRole
+from tandem.autoscaler.local import LocalActuator
+from tandem.common.cluster_state import WorkerRole
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from services.engine import Engine
+from tandem.engine import Engine
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from services.common.cluster_state import KVEventKind, KVEventRecord
-from services.scheduler import PrefixIndex
+from tandem.common.cluster_state import KVEventKind, KVEventRecord
+from tandem.scheduler import PrefixIndex
 
 STORED, REMOVED, CLEARED = KVEventKind.STORED, KVEventKind.REMOVED, KVEventKind.CLEARED
 PROMPT = (101, 102, 103, 104, 105)  # block hashes of a 5-block prompt
@@ -104,7 +104,7 @@ def test_new_epoch_drops_the_old_entries_and_old_epochs_are_ignored(index, feed)
 def test_seq_gap_is_counted_and_entries_are_kept(index, caplog):
     apply = index.apply
     apply(KVEventRecord("w", 7, 1, STORED, PROMPT[:2]))
-    with caplog.at_level(logging.WARNING, logger="services.scheduler.index"):
+    with caplog.at_level(logging.WARNING, logger="tandem.scheduler.index"):
         apply(KVEventRecord("w", 7, 4, STORED, PROMPT[2:4]))  # seqs 2 and 3 were lost
     assert "gap in epoch 7 (seq 4 after 1)" in caplog.text
     assert index.num_gaps("w") == 1

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import RAY_OWN_HEAD, build_parser
-from services.launcher.ray_auth import AuthMode, RayAuth, patch_environ, write_token_file
+from tandem.cli import RAY_OWN_HEAD, build_parser
+from tandem.launcher.ray_auth import AuthMode, RayAuth, patch_environ, write_token_file
 
 
 @pytest.fixture
@@ -93,14 +93,14 @@ def test_patch_environ_applies_and_undoes() -> None:
     (dict(head_start_timeout_s=-1.0), "head_start_timeout_s must be > 0"),
 ])
 def test_ray_config_rejects(kwargs: dict, message: str) -> None:
-    from services.launcher.ray_cluster import RayConfig
+    from tandem.launcher.ray_cluster import RayConfig
 
     with pytest.raises(ValueError, match=message):
         RayConfig(**kwargs)
 
 
 def test_ray_config_addresses() -> None:
-    from services.launcher.ray_cluster import RayConfig
+    from tandem.launcher.ray_cluster import RayConfig
 
     assert RayConfig().own_head
     assert not RayConfig(address="10.0.0.1:6379").own_head

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine import Engine, FinishReason, SamplingParams
-from services.engine.sampler import Sampler
+from tandem.engine import Engine, FinishReason, SamplingParams
+from tandem.engine.sampler import Sampler
 from tests.conftest import random_prompts
 
 

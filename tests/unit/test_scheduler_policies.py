@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
-from services.scheduler import (
+from tandem.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
+from tandem.scheduler import (
     POLICIES,
     NoWorkerError,
     RouteKind,

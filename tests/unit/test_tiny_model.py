@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.engine.tiny_model import (
+from tandem.engine.tiny_model import (
     TINY_LLAMA_CONFIG,
     TINY_MODEL_NAME,
     TINY_VOCAB_SIZE,

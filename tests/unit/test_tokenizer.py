@@ -1,4 +1,4 @@
-"""services.engine.tokenizer against transformers' AutoTokenizer on the same directories."""
+"""tandem.engine.tokenizer against transformers' AutoTokenizer on the same directories."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from services.engine.tiny_model import CHAT_TEMPLATE, write_tiny_llama
-from services.engine.tokenizer import Tokenizer
+from tandem.engine.tiny_model import CHAT_TEMPLATE, write_tiny_llama
+from tandem.engine.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""services/common/tracing.py: config validation, the JSON-lines file exporter, W3C context in
+"""services/tandem/common/tracing.py: config validation, the JSON-lines file exporter, W3C context in
 gRPC metadata, the no-op exporter, span ending on cancellation, and the engine timestamps the
 worker spans are built from."""
 
@@ -13,7 +13,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from services.common.tracing import (
+from tandem.common.tracing import (
     ClockAnchor,
     Tracing,
     TracingConfig,
@@ -23,7 +23,7 @@ from services.common.tracing import (
     inject_metadata,
     request_attributes,
 )
-from services.engine import Engine, SamplingParams
+from tandem.engine import Engine, SamplingParams
 
 LINE_KEYS = {"name", "trace_id", "span_id", "parent_span_id", "service_name", "kind", "start_time_unix_nano",
              "end_time_unix_nano", "attributes", "status", "events"}

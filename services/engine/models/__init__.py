@@ -1,7 +1,0 @@
-"""Model families. Each maps a `ModelConfig` to a torch module with HF parameter names."""
-
-from services.engine.models.llama import LlamaForCausalLM
-
-MODEL_FAMILIES = {"llama": LlamaForCausalLM}
-
-__all__ = ["LlamaForCausalLM", "MODEL_FAMILIES"]

@@ -1,0 +1,98 @@
+"""The worker heartbeat: keeps a worker's registration and load fresh in Redis.
+
+Owner: the worker process; runs in its own daemon thread so Redis is never on the step loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+from tandem.common.cluster_state import DEFAULT_TTL_S, ClusterState, WorkerInfo, WorkerLoad, ttl_to_ms
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Keeps one worker registered and its load published, from a daemon thread.
+
+    The worker process creates it after its gRPC server listens, calls `start()`, and calls
+    `stop()` when it drains. Each tick (every `interval_s`, default `ttl_s / 3`): register if
+    not yet registered or if the key expired, else refresh the TTL; then publish `load_fn()`.
+    `load_fn` runs on this thread, so it must only read thread-safe counters of the engine.
+    Redis and `load_fn` errors are logged and retried on the next tick; they never end the thread.
+    """
+
+    def __init__(
+        self,
+        state: ClusterState,
+        info: WorkerInfo,
+        load_fn: Callable[[], WorkerLoad],
+        ttl_s: float = DEFAULT_TTL_S,
+        interval_s: float | None = None,
+    ) -> None:
+        ttl_to_ms(ttl_s)
+        interval_s = ttl_s / 3 if interval_s is None else interval_s
+        if not 0 < interval_s < ttl_s:
+            raise ValueError(f"interval_s must be in (0, ttl_s={ttl_s}), got {interval_s}")
+        self._state, self._info, self._load_fn = state, info, load_fn
+        self._ttl_s, self._interval_s = ttl_s, interval_s
+        self._stop = threading.Event()
+        self._registered = threading.Event()  # set after the first successful registration
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start the thread; the first tick runs at once. Call once."""
+        self._thread.start()
+
+    def wait_registered(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` until the worker has been registered once."""
+        return self._registered.wait(timeout_s)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, deregister: bool = True, timeout_s: float = 5.0) -> None:
+        """Stop the thread (join bounded by `timeout_s`), then delete the keys if `deregister`."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("heartbeat thread of %s did not stop within %s s",
+                               self._info.worker_id, timeout_s)
+        if deregister:
+            try:
+                self._state.deregister(self._info.worker_id)
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("could not deregister %s: %s", self._info.worker_id, exc)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._tick()
+            self._stop.wait(self._interval_s)
+
+    def _tick(self) -> None:
+        worker_id = self._info.worker_id
+        try:
+            if not self._registered.is_set():
+                self._state.register(self._info, self._ttl_s)
+                self._registered.set()
+                logger.info("registered %s (%s)", worker_id, self._info.role.value)
+            elif not self._state.heartbeat(worker_id, self._ttl_s):
+                logger.warning("registration of %s expired; registering again", worker_id)
+                self._state.register(self._info, self._ttl_s)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("heartbeat of %s failed: %s", worker_id, exc)
+            return
+        try:
+            self._state.publish_load(worker_id, self._load_fn(), self._ttl_s)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("load publish of %s failed: %s", worker_id, exc)
+        except Exception:  # load_fn is caller code; a bug there must not stop the heartbeat
+            logger.exception("load_fn of %s failed", worker_id)

@@ -1,0 +1,258 @@
+"""The decode worker: pulls a prompt's KV from a prefill worker and streams the rest.
+
+Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
+1. `Decode(request, first_token, handle)`. Without a handle, the prompt is prefilled here.
+2. With one, the handle's layout must equal ours (else FAILED_PRECONDITION naming the
+   field). The loop thread matches the prompt against the local prefix cache and reserves
+   blocks for the rest; only those blocks are pulled, each chunk verified.
+3. On success the reservation is committed: the sequence joins the batch with its whole
+   prompt computed. If the pull fails (peer gone, checksum, timeout, refused), the blocks are
+   given back and the prompt plus first token are recomputed locally: same output. If the
+   pool is too full to reserve, the request is prefilled locally too.
+4. `ReleaseKV` is sent to the source in every case (best effort; its lease also expires).
+5. Tokens stream back as `DecodeDelta`s; several tokens per message when the client is
+   slower than the step loop. A cancelled stream aborts the sequence within one step.
+
+Tracing: a SERVER span "decode" under the caller's trace context, with children "kv.pull"
+(with a handle: reserving blocks and pulling the missing ones), "decode.admit" (until the
+batcher first schedules the sequence) and "decode.stream" (until the stream ends, however it
+ends). The first `DecodeDelta` carries the hand-off and admission durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+import grpc
+from opentelemetry.trace import Span, Status, StatusCode
+
+from tandem.common import codec
+from tandem.common.layout import KVLayout
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
+from tandem.common.worker import Worker
+from tandem.common.worker_servicer import WorkerServicerBase
+from tandem.engine.engine import Engine, RequestOutput, Reservation
+from tandem.kvtransfer.base import KVHandleInfo, KVTransferError, handle_from_proto
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(WorkerServicerBase):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker)
+        self.store = worker.kv_store
+        self.transport = worker.transport
+        # Requests whose pull is writing into reserved blocks: they are aborted only once
+        # the pull has stopped, so freed blocks are never written.
+        self._pulling: set[str] = set()
+        self._background: set[asyncio.Task] = set()
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeDelta]:
+        worker = self.worker
+        arrival = ClockAnchor.now()
+        with ending(worker.server_span("decode", context, arrival), arrival) as span:
+            await worker.refuse_if_draining(context)
+            try:
+                req = codec.request_from_proto(request.request)
+                handle = handle_from_proto(request.handle) if request.HasField("handle") else None
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
+            has_first = request.HasField("first_token")
+            if handle is not None and not has_first:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a KV handle needs first_token")
+            if handle is not None:
+                await self._check_handle(handle, req, context)
+            q, deliver = worker.output_queue()
+            first = [request.first_token] if has_first else []
+            rid = req.request_id
+            header = pb.DecodeDelta()
+
+            def admit_local(engine: Engine) -> None:
+                engine.add_request(rid, req.prompt_token_ids, req.sampling, req.cache_salt, generated_token_ids=first)
+                worker.loop.subscribe(rid, deliver)
+
+            try:
+                if handle is None:
+                    admit_from_s = arrival.monotonic_s
+                    await worker.call(admit_local, context)
+                else:
+                    admit_from_s = await self._hand_off(req, request.first_token, handle, header, deliver, context, span, arrival)
+                async with aclosing(self._stream(q, header, span, arrival, admit_from_s, local=handle is None)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+            except (asyncio.CancelledError, GeneratorExit):
+                # GeneratorExit: gRPC was sending when the client went away and closed this stream
+                if rid not in self._pulling:
+                    worker.abort_soon(rid)
+                raise
+
+    async def _check_handle(self, handle: KVHandleInfo, req: codec.WorkerRequest, context) -> None:
+        try:
+            theirs = KVLayout.parse(handle.layout)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"handle.layout: {exc}")
+        mismatch = self.worker.layout.mismatch(theirs)
+        if mismatch:
+            self.worker.metrics.kv_transfer_failure("layout_mismatch")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+        bs = self.worker.layout.block_size
+        if handle.request_id != req.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "handle.request_id differs from request.request_id")
+        if handle.num_tokens != len(req.prompt_token_ids) or len(handle.block_ids) != -(-handle.num_tokens // bs):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"handle covers {handle.num_tokens} tokens in {len(handle.block_ids)} blocks; "
+                f"the prompt has {len(req.prompt_token_ids)} tokens",
+            )
+
+    async def _hand_off(
+        self,
+        req: codec.WorkerRequest,
+        first_token: int,
+        handle: KVHandleInfo,
+        header: pb.DecodeDelta,
+        deliver: Callable[[RequestOutput], None],
+        context: grpc.aio.ServicerContext,
+        span: Span,
+        arrival: ClockAnchor,
+    ) -> float:
+        """Reserve, pull (or fall back to recompute), release the source, admit. Returns when
+        (monotonic seconds) the hand-off ended; the "kv.pull" span and `transfer_s` cover it."""
+        worker = self.worker
+        rid = req.request_id
+        start_s = time.monotonic()
+        pull_span = worker.tracing.tracer.start_span(
+            "kv.pull", context=child_context(span), start_time=arrival.unix_ns_at(start_s),
+            attributes={"tandem.kv.source_worker_id": handle.source_worker_id},
+        )
+        with ending(pull_span, arrival):
+            reservation = await worker.call(
+                lambda e: e.reserve(rid, req.prompt_token_ids, req.sampling, first_token, req.cache_salt), context
+            )
+            num_bytes = await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
+            pull_span.set_attributes({
+                "tandem.kv.blocks": header.num_pulled_blocks,
+                "tandem.kv.bytes": num_bytes or 0,
+                "tandem.kv.recomputed": num_bytes is None,
+            })
+        end_s = time.monotonic()  # not before the span's end: "decode.admit" starts here
+        header.transfer_s = end_s - start_s
+        release = asyncio.get_running_loop().create_task(self.transport.release(handle, worker.config.transfer_timeout_s))
+        self._background.add(release)  # keep a reference until done
+        release.add_done_callback(self._background.discard)
+        pulled = num_bytes is not None
+
+        def admit(engine: Engine) -> None:
+            if reservation is None:
+                engine.add_request(rid, req.prompt_token_ids, req.sampling, req.cache_salt, generated_token_ids=[first_token])
+            elif pulled:
+                engine.commit(rid)
+            else:
+                engine.unreserve(rid)
+            worker.loop.subscribe(rid, deliver)
+
+        if not pulled:
+            header.recomputed = True
+            worker.metrics.kv_recomputes.inc()
+        await worker.call(admit, context)
+        return end_s
+
+    async def _pull(
+        self, rid: str, handle: KVHandleInfo, reservation: Reservation, header: pb.DecodeDelta, pull_span: Span
+    ) -> int | None:
+        """Pull the blocks missing from `reservation`; bytes moved, or None if the pull failed
+        (then the prompt is recomputed)."""
+        worker = self.worker
+        header.num_cached_tokens = reservation.num_cached_blocks * worker.layout.block_size
+        worker.metrics.kv_local_hit_blocks.inc(reservation.num_cached_blocks)
+        src = handle.block_ids[reservation.num_cached_blocks :]
+        if not src:
+            return 0
+        try:
+            pull = asyncio.ensure_future(
+                self.transport.pull(handle, src, reservation.missing_block_ids, self.store, worker.config.transfer_timeout_s)
+            )
+            self._pulling.add(rid)
+            try:
+                stats = await asyncio.shield(pull)
+            except asyncio.CancelledError:
+                pull.add_done_callback(lambda _: self._abort_after_pull(rid))
+                raise
+            self._pulling.discard(rid)
+        except Exception as exc:  # any failure of the hand-off falls back to recompute
+            self._pulling.discard(rid)
+            reason = exc.reason.value if isinstance(exc, KVTransferError) else "internal"
+            worker.metrics.kv_transfer_failure(reason)
+            pull_span.set_status(Status(StatusCode.ERROR, f"{reason}: {exc}"))
+            log.warning("KV pull for %s failed (%s): recomputing locally", rid, exc)
+            return None
+        worker.metrics.kv_transfer_bytes.inc(stats.bytes_moved)
+        worker.metrics.kv_transfer_blocks.inc(stats.num_blocks)
+        worker.metrics.kv_transfer_seconds.observe(stats.seconds)
+        header.num_pulled_blocks = stats.num_blocks
+        return stats.bytes_moved
+
+    def _abort_after_pull(self, rid: str) -> None:
+        self._pulling.discard(rid)
+        self.worker.abort_soon(rid)
+
+    async def _stream(
+        self, q: asyncio.Queue, header: pb.DecodeDelta, span: Span, arrival: ClockAnchor, admit_from_s: float,
+        local: bool,
+    ) -> AsyncIterator[pb.DecodeDelta]:
+        """Yield DecodeDeltas, coalescing whatever outputs are ready; the first carries header
+        and, for a local prefill (`local`), the prompt tokens its admission found cached here.
+        Spans: "decode.admit" until the first output's first scheduling, then "decode.stream"
+        until this generator ends (finished, failed, cancelled or closed)."""
+        timeout_s = self.worker.config.request_timeout_s
+        tracer = self.worker.tracing.tracer
+        parent = child_context(span)
+        admit = tracer.start_span("decode.admit", context=parent, start_time=arrival.unix_ns_at(admit_from_s))
+        stream: Span | None = None
+        num_tokens = 0
+        try:
+            while True:
+                outs = [await asyncio.wait_for(q.get(), timeout_s)]
+                while not q.empty():
+                    outs.append(q.get_nowait())
+                delta = pb.DecodeDelta()
+                if stream is None:
+                    scheduled_s = outs[0].first_scheduled_s
+                    scheduled_s = max(admit_from_s, time.monotonic() if scheduled_s is None else scheduled_s)
+                    header.admit_s = scheduled_s - admit_from_s
+                    admit.end(end_time=arrival.unix_ns_at(scheduled_s))
+                    stream = tracer.start_span("decode.stream", context=parent, start_time=arrival.unix_ns_at(scheduled_s))
+                    span.set_attribute("tandem.cached_tokens", outs[0].num_cached_tokens)
+                    delta.CopyFrom(header)
+                    if local:
+                        delta.num_cached_tokens = outs[0].num_cached_tokens
+                for out in outs:
+                    delta.token_ids.extend(out.new_token_ids)
+                    delta.logprobs.extend(codec.logprob_to_proto(lp) for lp in out.new_logprobs)
+                    if out.finished:
+                        delta.finish_reason = codec.FINISH_TO_PB[out.finish_reason]
+                        span.set_attribute("gen_ai.response.finish_reasons", (out.finish_reason.value,))
+                    elif not out.new_token_ids:  # the step failed and the loop aborted this request
+                        delta.finish_reason = pb.FINISH_REASON_ERROR
+                        span.set_status(Status(StatusCode.ERROR, "decode step failed"))
+                num_tokens += len(delta.token_ids)
+                yield delta
+                if delta.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            (admit if stream is None else stream).set_attribute("tandem.cancelled", True)
+            raise
+        finally:
+            span.set_attribute("gen_ai.usage.output_tokens", num_tokens)
+            (admit if stream is None else stream).end(end_time=arrival.unix_ns_at(time.monotonic()))
+
+
+def add_servicers(worker: Worker, server: grpc.aio.Server) -> None:
+    pb_grpc.add_WorkerServicer_to_server(DecodeServicer(worker), server)

@@ -1,0 +1,276 @@
+"""The batcher: plans each step (continuous batching, chunked prefill, preemption).
+
+Owner: the engine's step loop. `schedule()` decides which sequences run this step and how
+many of their uncomputed tokens each one contributes, within a token budget; it allocates the
+blocks those tokens need and preempts (by recompute) when the pool runs out. `update()`
+applies a step's results: advances counters, registers newly full blocks in the prefix cache,
+appends sampled tokens and finishes sequences.
+
+Policy, as in vLLM v1:
+1. Running sequences first, oldest first, each taking up to its remaining tokens (capped by
+   the budget and `max_prefill_chunk_tokens`). If blocks run out, the newest running sequence
+   is preempted: its blocks are freed and it goes back to the front of the waiting queue.
+2. Then, on a decode worker, `ready` sequences (their prompt's KV was pulled into their own
+   blocks: `commit`), oldest first, while `max_num_seqs` and blocks allow. If the oldest one
+   cannot get the block its next token needs and nothing runs, the newest ready sequence is
+   preempted by recompute, so held prompt blocks can never stall the worker.
+3. Then waiting sequences, oldest first, while budget, `max_num_seqs` and blocks allow.
+   Admission looks up the longest cached prefix (at most all but one token, so the last
+   token is always computed and its logits sampled).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tandem.common.block_hash import num_blocks_for
+from tandem.engine.block_pool import BlockPool
+from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_prefill_chunk_tokens: int | None
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True if this chunk catches up with every token, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Sequence, ...]
+    num_prefix_hit_tokens: int  # tokens taken from the prefix cache by this step's admissions
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Batcher:
+    def __init__(self, config: BatcherConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.ready: deque[Sequence] = deque()  # decode role: prompt KV pulled, waiting for a slot
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.ready or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued for a batch slot: to prefill, or with their pulled KV (`ready`)."""
+        return len(self.waiting) + len(self.ready)
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk_len(seq, budget)
+            if n == 0:
+                i += 1
+                continue
+            need = num_blocks_for(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_table)
+            while need > self.pool.num_free_blocks and self.running[-1] is not seq:
+                preempted.append(self._preempt(self.running.pop()))
+            if need > self.pool.num_free_blocks:
+                # seq itself is the newest running sequence: give its blocks back and wait
+                preempted.append(self._preempt(self.running.pop()))
+                break
+            seq.block_table.extend(self.pool.allocate(need))
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            i += 1
+        if preempted:
+            return StepPlan(tuple(chunks), tuple(preempted), 0)
+        budget = self._admit_ready(budget, chunks, preempted)
+        num_hit_tokens = self._admit_waiting(budget, chunks)
+        return StepPlan(tuple(chunks), tuple(preempted), num_hit_tokens)
+
+    def _admit_ready(self, budget: int, chunks: list[ScheduledChunk], preempted: list[Sequence]) -> int:
+        """Move ready sequences into the batch (see the module doc); returns the budget left."""
+        while self.ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.ready[0]
+            n = self._chunk_len(seq, budget)
+            need = num_blocks_for(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_table)
+            if need > self.pool.num_free_blocks:
+                if self.running or chunks:
+                    break  # running sequences will finish and free blocks
+                newest = self.ready.pop()
+                preempted.append(self._preempt(newest))
+                continue
+            self.ready.popleft()
+            seq.block_table.extend(self.pool.allocate(need))
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return budget
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        """Admit waiting sequences in order; returns the prefix-cache tokens they reused."""
+        bs = self.config.block_size
+        total_hit_tokens = 0
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            hit = self._prefix_hit(seq)
+            num_hit_tokens = len(hit) * bs
+            n = min(seq.num_tokens - num_hit_tokens, budget, self.config.max_prefill_chunk_tokens or budget)
+            need = num_blocks_for(num_hit_tokens + n, bs) - len(hit)
+            reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
+            if need + reclaimed > self.pool.num_free_blocks:
+                break
+            self.waiting.popleft()
+            self.pool.touch(hit)
+            seq.block_table = hit + self.pool.allocate(need)
+            seq.num_computed_tokens = num_hit_tokens
+            seq.num_cached_tokens = num_hit_tokens
+            seq.num_cached_blocks = len(hit)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            total_hit_tokens += num_hit_tokens
+        return total_hit_tokens
+
+    def _prefix_hit(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering at most all but the last token. Requests that want prompt
+        logits compute every position, so they skip the cache (as vLLM does)."""
+        if seq.sampling.return_prompt_logits:
+            return []
+        hashes = seq.block_hashes(self.config.block_size)
+        return self.pool.lookup_prefix(hashes[: (seq.num_tokens - 1) // self.config.block_size])
+
+    def _chunk_len(self, seq: Sequence, budget: int) -> int:
+        cap = self.config.max_prefill_chunk_tokens or budget
+        return min(seq.num_new_tokens, budget, cap)
+
+    def _preempt(self, seq: Sequence) -> Sequence:
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.prompt_logits.clear()
+        self.waiting.appendleft(seq)
+        return seq
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table[::-1])
+        seq.block_table = []
+        seq.num_cached_blocks = 0
+
+    def update(
+        self,
+        plan: StepPlan,
+        sampled: dict[str, tuple[int, TokenLogprob | None]],
+        eos_token_ids: frozenset[int],
+    ) -> list[Sequence]:
+        """Apply a step's results. `sampled` maps request id to (token, logprob) for every
+        chunk that `samples`. Returns the sequences that finished this step."""
+        bs = self.config.block_size
+        finished: list[Sequence] = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            full = seq.num_computed_tokens // bs
+            if full > seq.num_cached_blocks:
+                hashes = seq.block_hashes(bs)
+                for idx in range(seq.num_cached_blocks, full):
+                    self.pool.cache_block(seq.block_table[idx], hashes[idx])
+                seq.num_cached_blocks = full
+            if seq.request_id not in sampled:
+                continue
+            token, logprob = sampled[seq.request_id]
+            seq.token_ids.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            reason = _stop_reason(seq, token, eos_token_ids)
+            if reason is None and seq.hand_off:
+                reason = FinishReason.HANDOFF
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish `seq` (running, waiting or reserved) and free its blocks, except on a
+        HANDOFF, where the caller takes over `seq.block_table` and frees it later."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq in self.ready:  # RESERVED and committed
+            self.ready.remove(seq)
+        if reason is not FinishReason.HANDOFF:
+            self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    # ---- decode role: blocks reserved for KV pulled from a prefill worker -------------------
+    def reserve(self, seq: Sequence) -> bool:
+        """Give `seq` (status RESERVED, not queued) blocks for its whole prompt: the longest
+        locally cached prefix plus fresh blocks that a KV pull will fill. False if the pool
+        cannot hold it now (the caller then queues the request for local prefill)."""
+        bs = self.config.block_size
+        num_prompt_blocks = num_blocks_for(seq.num_prompt_tokens, bs)
+        hashes = seq.block_hashes(bs)[: seq.num_prompt_tokens // bs]
+        hit = self.pool.lookup_prefix(hashes) if not seq.sampling.return_prompt_logits else []
+        need = num_prompt_blocks - len(hit)
+        reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
+        if need + reclaimed > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(hit)
+        seq.block_table = hit + self.pool.allocate(need)
+        seq.num_cached_tokens = len(hit) * bs
+        seq.num_cached_blocks = len(hit)
+        seq.status = SequenceStatus.RESERVED
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """The reserved blocks now hold the prompt's KV: register the full ones in the prefix
+        cache and queue `seq` as `ready` (still RESERVED, holding its blocks), with the whole
+        prompt computed; `schedule` moves it into the batch when `max_num_seqs` allows."""
+        bs = self.config.block_size
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        full = seq.num_prompt_tokens // bs
+        hashes = seq.block_hashes(bs)
+        for idx in range(seq.num_cached_blocks, full):
+            self.pool.cache_block(seq.block_table[idx], hashes[idx])
+        seq.num_cached_blocks = full
+        self.ready.append(seq)
+
+    def unreserve(self, seq: Sequence) -> None:
+        """Give the reserved blocks back and queue `seq` to prefill locally (recompute)."""
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+
+def _stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
+    p = seq.sampling
+    if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        return FinishReason.STOP
+    if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+        return FinishReason.LENGTH
+    return None

@@ -1,0 +1,62 @@
+"""Engine configuration: one frozen dataclass, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.engine.attention import BACKEND_NAMES
+
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of `Engine.from_pretrained(path, **options)`.
+
+    KV memory is `num_blocks` blocks of `block_size` tokens; when `num_blocks` is None it is
+    derived from `kv_cache_bytes`. `max_num_batched_tokens` is the per-step token budget,
+    `max_prefill_chunk_tokens` caps how many prompt tokens one sequence adds to a step
+    (chunked prefill), `max_model_len` caps prompt + output (default: the model's limit).
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_prefill_chunk_tokens: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    device: str = "auto"
+    dtype: str | None = None
+    num_threads: int | None = None
+    seed: int = 0
+    model_id: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = {
+            "block_size": self.block_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_num_seqs": self.max_num_seqs,
+        }
+        optional_positive = {
+            "num_blocks": self.num_blocks,
+            "max_prefill_chunk_tokens": self.max_prefill_chunk_tokens,
+            "max_model_len": self.max_model_len,
+            "num_threads": self.num_threads,
+        }
+        for name, value in {**positive, **optional_positive}.items():
+            if value is None and name in optional_positive:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.attention_backend not in BACKEND_NAMES:
+            raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, got {self.attention_backend!r}")
+        if self.dtype is not None and self.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {_DTYPE_NAMES} or None, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")

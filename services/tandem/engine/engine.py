@@ -1,0 +1,376 @@
+"""The engine: a model, its paged KV cache, a batcher and a sampler. No networking.
+
+Workers drive it through the step-level API from their one step-loop thread:
+1. `add_request(request_id, prompt_token_ids, sampling)` validates and queues a sequence.
+2. `step()` plans a batch, runs the model once, samples, and returns per-request deltas.
+3. `abort(request_id)` finishes a sequence at once and frees its blocks.
+`generate()` is the offline API over the same loop. Nothing here is thread-safe: one owner.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from tandem.common.block_hash import block_extra, num_blocks_for
+from tandem.engine.attention import create_backend
+from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
+from tandem.engine.block_pool import BlockPool
+from tandem.engine.config import EngineConfig
+from tandem.engine.kv_cache import KVCacheSpec
+from tandem.engine.loader import load_model
+from tandem.engine.model_config import DTYPES, ModelConfig
+from tandem.engine.model_runner import ModelRunner
+from tandem.engine.sampler import Sampler
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.sequence import FinishReason, Sequence, TokenLogprob
+
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: the tokens added, and whether it finished.
+    `first_scheduled_s` (`time.monotonic()`, when a step first planned a chunk of it) and
+    `num_cached_tokens` (prefix-cache hit at admission) are the sequence's, for timings."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason | None
+    first_scheduled_s: float | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """A finished request, as returned by `generate`."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] | None
+    num_cached_tokens: int
+    prompt_logits: torch.Tensor | None  # float32 [num_prompt_tokens, vocab] when asked
+
+
+@dataclass(frozen=True)
+class HeldKV:
+    """Prefill role: a finished prompt's blocks, pinned until `release_held`."""
+
+    block_ids: tuple[int, ...]  # block table order
+    num_tokens: int  # positions with valid KV (the prompt)
+    block_hashes: tuple[int, ...]  # hashes of the full blocks
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Decode role: blocks reserved for a prompt whose KV arrives from a prefill worker.
+    `block_ids[:num_cached_blocks]` already hold the KV (local prefix cache); the rest must
+    be filled by a pull of the source's blocks at the same indices."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_cached_blocks: int
+
+    @property
+    def missing_block_ids(self) -> tuple[int, ...]:
+        return self.block_ids[self.num_cached_blocks :]
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters, read by tests, benchmarks and (later) metrics."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # every token run through the model
+    num_prompt_tokens_computed: int = 0  # of which prompt positions
+    num_prefix_hit_tokens: int = 0  # tokens served from the prefix cache at admission
+    num_preemptions: int = 0
+    num_generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = Path(model_dir)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        model_config = ModelConfig.from_dir(self.model_dir)
+        if config.dtype is not None:
+            model_config = replace(model_config, dtype=DTYPES[config.dtype])
+        self.model_config = model_config
+        self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
+        self.device = _resolve_device(config.device)
+        self.model = load_model(self.model_dir, model_config, self.device, self.max_model_len)
+        self.kv_spec = KVCacheSpec(
+            num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            block_size=config.block_size,
+            dtype=model_config.dtype,
+        )
+        num_blocks = config.num_blocks or self.kv_spec.num_blocks_for_bytes(config.kv_cache_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no {self.kv_spec.bytes_per_block}-byte block")
+        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
+        self.backend = create_backend(config.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.backend, config.block_size, self.device)
+        self.batcher = Batcher(
+            BatcherConfig(
+                block_size=config.block_size,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                max_prefill_chunk_tokens=config.max_prefill_chunk_tokens,
+            ),
+            self.pool,
+        )
+        self.sampler = Sampler(config.seed)
+        self.model_id = config.model_id or self.model_dir.name
+        self.stats = EngineStats()
+        self._seqs: dict[str, Sequence] = {}
+        self.held: dict[str, HeldKV] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, **options: object) -> "Engine":
+        """Load a local HF checkpoint (the generated tiny model when `path` is None)."""
+        config = EngineConfig(**options)  # type: ignore[arg-type]
+        if path is None:
+            from tandem.engine.tiny_model import ensure_tiny_model
+
+            path = ensure_tiny_model()
+        return cls(Path(path), config)
+
+    # ---- step-level API ------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        sampling: SamplingParams,
+        cache_salt: str | None = None,
+        generated_token_ids: Seq[int] = (),
+        hand_off: bool = False,
+    ) -> None:
+        """Queue a request. `generated_token_ids` are tokens already produced elsewhere (the
+        first token from a prefill worker); they are recomputed, not re-sampled. With
+        `hand_off`, the sequence stops after its first token and its blocks are kept in
+        `held` (finish reason HANDOFF) until `release_held`."""
+        self._seqs[request_id] = self._new_sequence(
+            request_id, prompt_token_ids, sampling, cache_salt, generated_token_ids, hand_off
+        )
+        self.batcher.add(self._seqs[request_id])
+
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        sampling: SamplingParams,
+        cache_salt: str | None,
+        generated_token_ids: Seq[int],
+        hand_off: bool,
+    ) -> Sequence:
+        if request_id in self._seqs or request_id in self.held:
+            raise ValueError(f"request id {request_id!r} is already active")
+        prompt = tuple(int(t) for t in prompt_token_ids)
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is out of range [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens; the maximum context length is {self.max_model_len} "
+                "tokens, which must leave room for at least one generated token"
+            )
+        max_total = min(len(prompt) + sampling.max_tokens, self.max_model_len)
+        if num_blocks_for(max_total, self.config.block_size) > self.pool.num_blocks:
+            raise ValueError(
+                f"request needs up to {num_blocks_for(max_total, self.config.block_size)} KV blocks but the "
+                f"pool has {self.pool.num_blocks}; lower max_tokens or raise kv_cache_bytes"
+            )
+        generated = [int(t) for t in generated_token_ids]
+        if any(not 0 <= t < vocab for t in generated):
+            raise ValueError(f"generated token ids must be in [0, {vocab})")
+        return Sequence(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            sampling=sampling,
+            hash_extra=block_extra(self.model_id, cache_salt),
+            max_total_tokens=self.max_model_len,
+            token_ids=list(prompt) + generated,
+            hand_off=hand_off,
+        )
+
+    # ---- prefill role --------------------------------------------------------------------
+    def release_held(self, request_id: str) -> bool:
+        """Unpin a handed-off prompt's blocks (they stay in the prefix cache)."""
+        held = self.held.pop(request_id, None)
+        if held is None:
+            return False
+        self.pool.free(held.block_ids[::-1])
+        return True
+
+    # ---- decode role ---------------------------------------------------------------------
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        sampling: SamplingParams,
+        first_token: int,
+        cache_salt: str | None = None,
+    ) -> Reservation | None:
+        """Reserve blocks for a prompt whose KV will be pulled. None if the pool is too full
+        now; the caller then uses `add_request` (local prefill) instead."""
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, [first_token], False)
+        if not self.batcher.reserve(seq):
+            return None
+        self._seqs[request_id] = seq
+        self.stats.num_prefix_hit_tokens += seq.num_cached_tokens
+        return Reservation(request_id, tuple(seq.block_table), seq.num_cached_blocks)
+
+    def commit(self, request_id: str) -> None:
+        """The pull filled the reservation: the sequence joins the batch, prompt computed."""
+        self.batcher.commit(self._seqs[request_id])
+
+    def unreserve(self, request_id: str) -> None:
+        """The pull failed: free the reservation and recompute the prompt locally."""
+        self.batcher.unreserve(self._seqs[request_id])
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now (queued, running, reserved or held) and free its blocks.
+        False if it is not active."""
+        if self.release_held(request_id):
+            return True
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.batcher.finish(seq, FinishReason.ABORT)
+        self._count_finish(FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.batcher.has_work
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.batcher.schedule()
+        self.stats.num_preemptions += len(plan.preempted)
+        self.stats.num_prefix_hit_tokens += plan.num_prefix_hit_tokens
+        if not plan.chunks:
+            return []
+        now_s = time.monotonic()
+        for chunk in plan.chunks:
+            if chunk.seq.first_scheduled_s is None:
+                chunk.seq.first_scheduled_s = now_s
+        result = self.runner.execute(plan)
+        sampling_chunks = [c for c in plan.chunks if c.samples]
+        tokens, logprobs = self.sampler.sample(
+            result.sample_logits,
+            [c.seq.sampling for c in sampling_chunks],
+            [c.seq.num_tokens for c in sampling_chunks],
+        )
+        for request_id, logits in result.prompt_logits.items():
+            self._seqs[request_id].prompt_logits.append(logits)
+        self._count_step(plan)
+        sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(sampling_chunks, tokens, logprobs)}
+        self.batcher.update(plan, sampled, self.model_config.eos_token_ids)
+        bs = self.config.block_size
+        for chunk in sampling_chunks:
+            seq = chunk.seq
+            if seq.finish_reason is FinishReason.HANDOFF:
+                num_full = seq.num_prompt_tokens // bs
+                self.held[seq.request_id] = HeldKV(
+                    tuple(seq.block_table), seq.num_prompt_tokens, tuple(seq.block_hashes(bs)[:num_full])
+                )
+        outputs: list[RequestOutput] = []
+        for chunk in sampling_chunks:
+            seq = chunk.seq
+            logprob = sampled[seq.request_id][1]
+            outputs.append(
+                RequestOutput(
+                    seq.request_id, (seq.token_ids[-1],), (logprob,) if logprob else (), seq.finish_reason,
+                    seq.first_scheduled_s, seq.num_cached_tokens,
+                )
+            )
+            if seq.is_finished:
+                del self._seqs[seq.request_id]
+                self._count_finish(seq.finish_reason)
+        self.stats.num_generated_tokens += len(sampling_chunks)
+        return outputs
+
+    def _count_step(self, plan: StepPlan) -> None:
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += plan.num_tokens
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            start = seq.num_computed_tokens
+            self.stats.num_prompt_tokens_computed += max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
+
+    def _count_finish(self, reason: FinishReason | None) -> None:
+        key = reason.value if reason else "unknown"
+        self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
+
+    # ---- offline API ---------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Seq[Seq[int]],
+        sampling: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
+        """Run every prompt through the continuous batcher at once; outputs in input order."""
+        params = sampling if isinstance(sampling, Seq) else [sampling or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        seqs: list[Sequence] = []
+        for request_id, prompt, p in zip(ids, prompts, params):
+            self.add_request(request_id, prompt, p)
+            seqs.append(self._seqs[request_id])
+        while any(not s.is_finished for s in seqs):
+            self.step()
+        return [_generation_output(s) for s in seqs]
+
+    # ---- introspection -------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+
+    @property
+    def num_requests(self) -> int:
+        """Live requests: queued, reserved (a KV pull is filling their blocks), ready or running.
+        Held prompts (a lease, prefill role) are not requests any more; see `held`."""
+        return len(self._seqs)
+
+    def is_drained(self) -> bool:
+        """No queued, running, reserved or held sequence, and every block free."""
+        return not self._seqs and not self.held and self.pool.num_used_blocks == 0
+
+
+def _generation_output(seq: Sequence) -> GenerationOutput:
+    assert seq.finish_reason is not None
+    return GenerationOutput(
+        request_id=seq.request_id,
+        prompt_token_ids=seq.prompt_token_ids,
+        token_ids=tuple(seq.output_token_ids),
+        finish_reason=seq.finish_reason,
+        logprobs=tuple(seq.logprobs) if seq.sampling.logprobs is not None else None,
+        num_cached_tokens=seq.num_cached_tokens,
+        prompt_logits=torch.cat(seq.prompt_logits) if seq.prompt_logits else None,
+    )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+

@@ -1,0 +1,87 @@
+"""Runs one step's plan through the model: builds the flat batch, returns logits.
+
+Owner: the engine's step loop. It reads sequences (token ids, block tables, counters) but
+mutates nothing except the KV cache tensors, which the attention backend writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from tandem.engine.batcher import StepPlan
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sample_logits: torch.Tensor  # float32 [num_sampling_chunks, vocab], in plan order
+    prompt_logits: dict[str, torch.Tensor]  # request id -> float32 [rows, vocab] for this step
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        backend: AttentionBackend,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        max_blocks = max(len(c.seq.block_table) for c in plan.chunks)
+        block_tables = torch.zeros((len(plan.chunks), max_blocks), dtype=torch.int32)
+        for i, chunk in enumerate(plan.chunks):
+            seq = chunk.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            pos = torch.arange(start, end, dtype=torch.int64)
+            table = torch.tensor(seq.block_table, dtype=torch.int64)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            block_tables[i, : len(seq.block_table)] = table.to(torch.int32)
+            query_lens.append(chunk.num_tokens)
+            seq_lens.append(end)
+        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        query_start_loc[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(self.device),
+            query_start_loc=query_start_loc.to(self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=block_tables.to(self.device),
+            query_lens=tuple(query_lens),
+            seq_lens_host=tuple(seq_lens),
+            block_size=bs,
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
+            torch.cat(positions).to(self.device),
+            self.kv_caches,
+            meta,
+            self.backend,
+        )
+        starts = query_start_loc.tolist()
+        sample_rows = [starts[i + 1] - 1 for i, c in enumerate(plan.chunks) if c.samples]
+        sample_logits = self.model.compute_logits(hidden[sample_rows]).cpu()
+        prompt_logits: dict[str, torch.Tensor] = {}
+        for i, chunk in enumerate(plan.chunks):
+            seq = chunk.seq
+            num_prompt_rows = min(seq.num_prompt_tokens - seq.num_computed_tokens, chunk.num_tokens)
+            if seq.sampling.return_prompt_logits and num_prompt_rows > 0:
+                rows = hidden[starts[i] : starts[i] + num_prompt_rows]
+                prompt_logits[seq.request_id] = self.model.compute_logits(rows).cpu()
+        return StepResult(sample_logits, prompt_logits)

@@ -1,0 +1,51 @@
+"""gRPC channels from the gateway to the workers: one channel per worker, reused by every
+request (DESIGN.md section 6b), created on first use and closed once the worker has left the
+registry. Owned by the gateway's asyncio loop; not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import grpc
+
+from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+class WorkerClients:
+    """`stub(address)` returns the Worker stub of a live worker's gRPC address."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
+
+    def stub(self, address: str) -> pb_grpc.WorkerStub:
+        entry = self._channels.get(address)
+        if entry is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            entry = (channel, pb_grpc.WorkerStub(channel))
+            self._channels[address] = entry
+        return entry[1]
+
+    async def prune(self, live_addresses: Iterable[str]) -> None:
+        """Close the channels of workers that are no longer registered."""
+        live = set(live_addresses)
+        for address in [a for a in self._channels if a not in live]:
+            channel, _ = self._channels.pop(address)
+            log.info("closing channel to %s (worker left the registry)", address)
+            await channel.close(grace=None)
+
+    async def close(self) -> None:
+        await self.prune(())
+
+    def __len__(self) -> int:
+        return len(self._channels)

@@ -1,0 +1,76 @@
+"""Configuration of one gateway process: frozen, validated once (flags are read in services/tandem/cli/)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem.common.tracing import TracingConfig
+from tandem.gateway.limits import RateLimitConfig
+from tandem.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """`model_dir` holds the tokenizer, chat template and config.json the gateway reads (never
+    the weights). `model_id` must equal the workers' (`EngineConfig.model_id`, default the
+    directory name): it is part of every block hash, so the prefix index only matches when it
+    agrees. `max_model_len=None` takes the model's own limit, as the workers do.
+
+    Times are seconds. `prefill_timeout_s` bounds one Prefill call (queue + compute);
+    `decode_idle_timeout_s` bounds the wait for each message of a decode stream, so a stuck
+    worker turns into an error event instead of a hang. `retry_after_s` is what a 503 tells
+    clients. `max_body_bytes` caps a request body (413 above it).
+    """
+
+    model_dir: Path
+    redis_url: str
+    served_model_name: str | None = None
+    model_id: str | None = None
+    max_model_len: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cluster: str = "default"
+    api_keys: frozenset[str] = frozenset()
+    max_n: int = 8
+    max_body_bytes: int = 8 * 1024 * 1024
+    prefill_timeout_s: float = 120.0
+    decode_idle_timeout_s: float = 60.0
+    retry_after_s: int = 1
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            if self.host != "localhost":
+                raise ValueError(f"host must be an IP address or 'localhost', got {self.host!r}") from None
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.redis_url:
+            raise ValueError("redis_url is required (the gateway reads the cluster state from Redis)")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        for name in ("prefill_timeout_s", "decode_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.retry_after_s < 1:
+            raise ValueError(f"retry_after_s must be >= 1, got {self.retry_after_s}")
+        if any(not key for key in self.api_keys):
+            raise ValueError("api_keys must not contain an empty key")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients pass as `model` (GET /v1/models lists it)."""
+        return self.served_model_name or self.model_dir.name
+
+    @property
+    def hash_model_id(self) -> str:
+        return self.model_id or self.model_dir.name

@@ -1,0 +1,297 @@
+"""The request pipeline: route, prefill, stream the first token, then stream the decode.
+
+One `Pipeline.generate(request)` call serves one choice of one client request
+(DESIGN.md section 2, steps 2 to 7):
+
+1. The prompt's block hashes are computed with the workers' function and the scheduler picks
+   (P, D), or D alone when the uncached part is short or no prefill worker is live.
+2. Disaggregated: `P.Prefill` runs the prompt and returns the first token and a KV handle. The
+   first token is yielded at once; the transfer is not on the TTFT path. If the call fails
+   before the first token (worker gone, busy, timed out, step failed), the request is routed
+   again without P and retried once, on another prefill worker or locally on a decoder.
+3. `D.Decode(request, first token, handle)` pulls the missing blocks and streams the rest. A
+   decoder that refuses before sending anything (gone or busy) is replaced once by another.
+   Without a handle, D prefills locally.
+4. Whoever stops consuming (client disconnect, a stop string, an error) closes the generator:
+   the decode stream is cancelled, so D aborts the sequence within one step, and when a
+   handle was taken P is told to drop its lease. Nothing waits without a bound: each decode
+   message has an idle timeout, each Prefill a deadline.
+
+Errors before the first yielded token are `OpenAIError`s (503 with Retry-After when no worker
+can take the request); after it, `StreamError` (the caller turns it into an SSE error event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from tandem.common import codec
+from tandem.common.block_hash import block_extra, hash_blocks
+from tandem.common.codec import WorkerRequest
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.tracing import inject_metadata
+from tandem.engine.sequence import FinishReason, TokenLogprob
+from tandem.gateway.clients import WorkerClients
+from tandem.gateway.config import GatewayConfig
+from tandem.gateway.errors import OpenAIError, bad_request, service_unavailable
+from tandem.gateway.metrics import GatewayMetrics
+from tandem.scheduler import NoWorkerError, RouteDecision, RouteKind, RouteRequest, Scheduler
+
+log = logging.getLogger(__name__)
+
+# Failures of a worker, not of the request: worth one retry elsewhere.
+_RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+})
+_ABORT_TIMEOUT_S = 2.0
+
+
+class StreamError(RuntimeError):
+    """The generation failed after tokens were already delivered."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New tokens of one choice, in order. `finish_reason` is set on the last one."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason | None
+    cached_tokens: int = 0  # first delta only: prompt tokens served from a prefix cache
+
+
+class Pipeline:
+    """Owned by the gateway app; one instance serves every request on the asyncio loop."""
+
+    def __init__(self, config: GatewayConfig, scheduler: Scheduler, clients: WorkerClients,
+                 metrics: GatewayMetrics, tracer: trace.Tracer) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.clients = clients
+        self.metrics = metrics
+        self.tracer = tracer
+        self._background: set[asyncio.Task] = set()
+
+    def route(self, request: WorkerRequest, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+        route_request = RouteRequest(request.request_id, len(request.prompt_token_ids), tickets.block_hashes,
+                                     self.scheduler.next_seq())
+        try:
+            decision = self.scheduler.route(route_request, exclude)
+        except NoWorkerError as exc:
+            raise service_unavailable(f"no worker can take the request: {exc}", self.config.retry_after_s) from exc
+        self.metrics.routed(decision.kind.value, self.config.scheduler.policy)
+        tickets.add(decision)
+        return decision
+
+    async def generate(self, request: WorkerRequest, parent: Context | None = None) -> AsyncIterator[Delta]:
+        extra = block_extra(self.config.hash_model_id, request.cache_salt)
+        hashes = tuple(hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra))
+        tickets = _Tickets(self.scheduler, len(request.prompt_token_ids), hashes)
+        try:
+            async for delta in self._generate(request, parent, tickets):
+                yield delta
+        finally:
+            tickets.close()
+
+    async def _generate(self, request: WorkerRequest, parent: Context | None,
+                        tickets: _Tickets) -> AsyncIterator[Delta]:
+        with self.tracer.start_as_current_span("route", context=parent) as span:
+            t0 = time.perf_counter()
+            decision = self.route(request, tickets)
+            self.metrics.observe_stage("route", time.perf_counter() - t0)
+            span.set_attribute("tandem.route.kind", decision.kind.value)
+            span.set_attribute("tandem.route.decode", decision.decode.worker_id)
+            if decision.prefill is not None:
+                span.set_attribute("tandem.route.prefill", decision.prefill.worker_id)
+        metadata = tuple(inject_metadata(parent))
+        first: pb.PrefillResponse | None = None
+        prefill_worker = None
+        if decision.kind is RouteKind.DISAGGREGATED:
+            first, decision = await self._prefill_with_retry(request, decision, metadata, tickets)
+            prefill_worker = decision.prefill
+        if first is not None:
+            cached = first.num_cached_tokens
+            lp = (codec.logprob_from_proto(first.first_logprob),) if first.HasField("first_logprob") else ()
+            finish = codec.PB_TO_FINISH[first.finish_reason]
+            self.metrics.prefix(len(request.prompt_token_ids), cached)
+            yield Delta((first.first_token,), lp, finish, cached)
+            if finish is not None:
+                return
+        completed = False
+        try:
+            async for delta in self._decode(request, decision, first, metadata, tickets):
+                yield delta
+            completed = True
+        finally:
+            if first is not None and prefill_worker is not None and not completed:
+                self._abort_soon(prefill_worker.address, request.request_id)
+
+    async def _prefill_with_retry(self, request: WorkerRequest, decision: RouteDecision,
+                                  metadata: tuple[tuple[str, str], ...],
+                                  tickets: _Tickets) -> tuple[pb.PrefillResponse | None, RouteDecision]:
+        """The first token and handle from a prefill worker, retrying once elsewhere. Returns
+        (None, local decision) when the retry routes the prompt to a decoder."""
+        assert decision.prefill is not None
+        try:
+            return await self._prefill(decision.prefill.address, request, metadata), decision
+        except grpc.aio.AioRpcError as exc:
+            tickets.abandon(decision)
+            if exc.code() not in _RETRYABLE:
+                raise _rpc_error("prefill", exc, self.config.retry_after_s) from exc
+            log.warning("prefill of %s on %s failed (%s); retrying once", request.request_id,
+                        decision.prefill.worker_id, exc.code().name)
+            self.metrics.prefill_retry()
+            first_error = exc
+        retry = self.route(request, tickets, exclude=frozenset({decision.prefill.worker_id}))
+        if retry.kind is RouteKind.LOCAL_PREFILL:
+            return None, retry
+        assert retry.prefill is not None
+        try:
+            return await self._prefill(retry.prefill.address, request, metadata), retry
+        except grpc.aio.AioRpcError as exc:
+            tickets.abandon(retry)
+            raise _rpc_error("prefill (after a retry)", exc, self.config.retry_after_s) from first_error
+
+    async def _prefill(self, address: str, request: WorkerRequest,
+                       metadata: tuple[tuple[str, str], ...]) -> pb.PrefillResponse:
+        call = self.clients.stub(address).Prefill(
+            pb.PrefillRequest(request=codec.request_to_proto(request)),
+            timeout=self.config.prefill_timeout_s, metadata=metadata)
+        try:
+            response = await call
+        except asyncio.CancelledError:
+            call.cancel()  # P aborts the sequence and drops any lease
+            raise
+        self._observe_stage("prefill_queue", response.queue_s)
+        self._observe_stage("prefill_compute", response.compute_s)
+        return response
+
+    async def _decode(self, request: WorkerRequest, decision: RouteDecision, first: pb.PrefillResponse | None,
+                      metadata: tuple[tuple[str, str], ...], tickets: _Tickets) -> AsyncIterator[Delta]:
+        message = pb.DecodeRequest(request=codec.request_to_proto(request))
+        if first is not None:
+            message.first_token = first.first_token
+            message.handle.CopyFrom(first.handle)
+        if first is not None:
+            tickets.prefill_done()  # the prompt ran on P; a local prefill ends with the first delta
+        decode = decision.decode
+        for attempt in (0, 1):
+            received = False
+            call = self.clients.stub(decode.address).Decode(message, metadata=metadata)
+            try:
+                while True:
+                    try:
+                        msg = await asyncio.wait_for(call.read(), self.config.decode_idle_timeout_s)
+                    except asyncio.TimeoutError:
+                        raise StreamError(f"decode worker {decode.worker_id} sent nothing for "
+                                          f"{self.config.decode_idle_timeout_s} s") from None
+                    if msg is grpc.aio.EOF:
+                        raise StreamError(f"decode stream from {decode.worker_id} ended without a finish reason")
+                    delta = self._delta(msg, not received, first is None, request)
+                    if not received:
+                        tickets.prefill_done()
+                    received = True
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+            except grpc.aio.AioRpcError as exc:
+                if received or attempt == 1 or exc.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                                  grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    if first is None and not received:
+                        raise _rpc_error("decode", exc, self.config.retry_after_s) from exc
+                    raise StreamError(f"decode worker {decode.worker_id} failed: {exc.code().name}: "
+                                      f"{exc.details()}") from exc
+                log.warning("decode worker %s refused %s (%s); trying another", decode.worker_id,
+                            request.request_id, exc.code().name)
+                tickets.abandon(decision)
+                decision = self.route(request, tickets, exclude=frozenset({decode.worker_id}))
+                if first is not None:
+                    tickets.prefill_done()  # the retry only decodes; the prompt already ran on P
+                decode = decision.decode
+            finally:
+                call.cancel()  # no-op when the stream already finished
+
+    def _delta(self, msg: pb.DecodeDelta, first_message: bool, local: bool, request: WorkerRequest) -> Delta:
+        """One decode message as a Delta. The first message carries the decoder's admission
+        timings and, for a local prefill, its prefix-cache hit."""
+        if msg.finish_reason == pb.FINISH_REASON_ERROR:
+            raise StreamError("the decode worker's step failed")
+        if first_message:
+            if not local:
+                self._observe_stage("transfer", msg.transfer_s)
+            self._observe_stage("decode_admission", msg.admit_s)
+            if local:
+                self.metrics.prefix(len(request.prompt_token_ids), msg.num_cached_tokens)
+        logprobs = tuple(codec.logprob_from_proto(lp) for lp in msg.logprobs)
+        return Delta(tuple(msg.token_ids), logprobs, codec.PB_TO_FINISH[msg.finish_reason],
+                     msg.num_cached_tokens if first_message and local else 0)
+
+    def _observe_stage(self, stage: str, seconds: float) -> None:
+        """Record a duration a worker reported; a nonsensical one is ignored, not fatal."""
+        if math.isfinite(seconds) and seconds >= 0:
+            self.metrics.observe_stage(stage, seconds)
+
+    def _abort_soon(self, address: str, request_id: str) -> None:
+        """Tell a prefill worker to drop the lease of a request that will not be decoded."""
+
+        async def abort() -> None:
+            try:
+                await self.clients.stub(address).Abort(pb.AbortRequest(request_id=request_id), timeout=_ABORT_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                log.info("abort of %s on %s failed: %s (its lease will expire)", request_id, address, exc.code().name)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _Tickets:
+    """The in-flight work one choice's routing decisions put in the scheduler's table. Each
+    decision's prefill and decode stages are released exactly once: when the stage ends, when
+    the decision is abandoned for a retry, or at the latest when the choice ends (`close`).
+    `block_hashes` (the prompt's, hashed once per choice) serve every route of the choice."""
+
+    def __init__(self, scheduler: Scheduler, num_prompt_tokens: int, block_hashes: tuple[int, ...]) -> None:
+        self._scheduler = scheduler
+        self._num_prompt_tokens = num_prompt_tokens
+        self.block_hashes = block_hashes
+        self._prefill: list[RouteDecision] = []
+        self._decode: list[RouteDecision] = []
+
+    def add(self, decision: RouteDecision) -> None:
+        self._prefill.append(decision)
+        self._decode.append(decision)
+
+    def prefill_done(self) -> None:
+        while self._prefill:
+            self._scheduler.prefill_done(self._prefill.pop(), self._num_prompt_tokens)
+
+    def abandon(self, decision: RouteDecision) -> None:
+        if decision in self._prefill:
+            self._prefill.remove(decision)
+            self._scheduler.prefill_done(decision, self._num_prompt_tokens)
+        if decision in self._decode:
+            self._decode.remove(decision)
+            self._scheduler.decode_done(decision)
+
+    def close(self) -> None:
+        self.prefill_done()
+        while self._decode:
+            self._scheduler.decode_done(self._decode.pop())
+
+
+def _rpc_error(stage: str, exc: grpc.aio.AioRpcError, retry_after_s: int) -> OpenAIError:
+    code = exc.code()
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return bad_request(f"{stage} refused the request: {exc.details()}")
+    return service_unavailable(f"{stage} failed: {code.name}: {exc.details()}", retry_after_s)

@@ -1,0 +1,145 @@
+"""Everything one gateway process holds, and the request checks that need it.
+
+Built once from a `GatewayConfig`; `lifespan` starts the scheduler (registry refresher and
+KV-event follower threads), the Redis client of the rate limiter, and a task that closes the
+channels of departed workers; it stops them all at shutdown. Handlers only read this state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+
+from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.tracing import Tracing
+from tandem.engine.model_config import ModelConfig
+from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway import protocol
+from tandem.gateway.auth import APIKeys, AuthError, AuthFailure
+from tandem.gateway.clients import WorkerClients
+from tandem.gateway.config import GatewayConfig
+from tandem.gateway.errors import OpenAIError, invalid_api_key, missing_api_key, model_not_found, rate_limited
+from tandem.gateway.limits import RateLimiter
+from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.pipeline import Pipeline
+from tandem.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+_PRUNE_INTERVAL_S = 5.0
+
+
+class GatewayState:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer.from_pretrained(config.model_dir)
+        model_config = ModelConfig.from_dir(config.model_dir)
+        self.vocab_size = model_config.vocab_size
+        limit = model_config.max_model_len
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.created = int(time.time())
+        self.metrics = GatewayMetrics(config.model_name)
+        self.tracing = Tracing.create(config.tracing, "tandem-gateway")
+        self.tracer = self.tracing.tracer
+        self.auth = APIKeys(config.api_keys)
+        self._redis = redis.Redis.from_url(config.redis_url, socket_timeout=5.0)
+        # The KV-event follower blocks in XREAD for up to kv_events_block_ms: its own client.
+        events_timeout_s = config.scheduler.kv_events_block_ms / 1000 + 5.0
+        self._events_redis = redis.Redis.from_url(config.redis_url, socket_timeout=events_timeout_s)
+        self.scheduler = Scheduler(ClusterState(self._redis, config.cluster), config.scheduler,
+                                   events_state=ClusterState(self._events_redis, config.cluster))
+        self.clients = WorkerClients()
+        self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)
+        self._aioredis: aioredis.Redis | None = None
+        self.limiter: RateLimiter | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self._aioredis = aioredis.Redis.from_url(self.config.redis_url, socket_timeout=5.0)
+        self.limiter = RateLimiter(self._aioredis, self.config.cluster, self.config.rate_limits)
+        self.scheduler.start()
+        pruner = asyncio.create_task(self._prune_loop())
+        try:
+            yield
+        finally:
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
+            self.scheduler.stop()
+            await self.clients.close()
+            await self._aioredis.aclose()
+            self._redis.close()
+            self._events_redis.close()
+            self.tracing.shutdown()
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_PRUNE_INTERVAL_S)
+            await self.clients.prune(v.info.address for v in self.scheduler.workers())
+
+    def update_pool_gauges(self) -> None:
+        """Queue depth and worker count per pool from the current registry snapshot (called
+        on each /metrics scrape, so the gauges are never older than one refresh)."""
+        views = self.scheduler.workers()
+        waiting = {role: 0 for role in WorkerRole}
+        count = {role: 0 for role in WorkerRole}
+        for v in views:
+            count[v.info.role] += 1
+            waiting[v.info.role] += v.load.waiting if v.load is not None else 0
+        self.metrics.set_pools(waiting[WorkerRole.PREFILL], waiting[WorkerRole.DECODE],
+                               count[WorkerRole.PREFILL], count[WorkerRole.DECODE])
+
+    # ---- checks used by the handlers ---------------------------------------------------------
+    def authenticate(self, request: Request) -> str:
+        try:
+            return self.auth.check(request.headers.get("authorization"))
+        except AuthError as exc:
+            raise (missing_api_key() if exc.reason is AuthFailure.MISSING else invalid_api_key()) from None
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            raise model_not_found(model)
+
+    def prompts(self, req: Any, chat: bool) -> list[list[int]]:
+        if chat:
+            return [protocol.chat_prompt(req, self.tokenizer)]
+        return protocol.prompt_inputs(req, self.tokenizer, self.vocab_size)
+
+    @staticmethod
+    def logprob_count(req: Any) -> int | None:
+        if isinstance(req, protocol.ChatCompletionRequest):
+            return (req.top_logprobs or 0) if req.logprobs else None
+        return req.logprobs
+
+    async def charge(self, key_id: str, num_tokens: int) -> None:
+        """Charge the key's rate limits (429 with Retry-After when over). If Redis cannot be
+        reached the request is let through and the failure logged: a limiter outage must not
+        take the whole API down."""
+        if self.limiter is None:
+            return
+        try:
+            decision = await self.limiter.acquire(key_id, num_tokens)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("rate limiter unavailable, letting the request through: %s", exc)
+            return
+        if decision.allowed:
+            return
+        config = self.config.rate_limits
+        if math.isinf(decision.retry_after_s):  # more than the bucket can ever hold
+            raise OpenAIError(429, f"Request too large: it needs {num_tokens} tokens, and the limit is "
+                              f"{config.token_capacity} tokens per minute.", "rate_limit_exceeded", None,
+                              "rate_limit_exceeded")
+        per_minute = config.requests_per_minute if decision.limit == "requests" else config.tokens_per_minute
+        raise rate_limited(f"Rate limit reached for {decision.limit} per minute: limit {per_minute}. "
+                           f"Please try again in {decision.retry_after_s:.1f}s.", decision.retry_after_s)
+
+
+__all__ = ["GatewayState", "OpenAIError"]

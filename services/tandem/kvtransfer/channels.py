@@ -1,0 +1,114 @@
+"""The receiver's gRPC side shared by every transport: one channel per peer, error mapping,
+and ReleaseKV.
+
+A decode worker talks to many prefill workers and pulls from each many times, so it keeps one
+grpc.aio channel per source address (DESIGN.md section 6b), owned by its transport and used
+only from the transport's asyncio loop. A channel whose peer turned out to be unreachable is
+dropped, so the next pull dials afresh instead of waiting out gRPC's reconnect backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import MappingProxyType
+
+import grpc
+
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.kvtransfer.base import FailureReason, KVHandleInfo, KVTransferError
+from tandem.kvtransfer.config import MAX_CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+SERVICE = "tandem.v1.KVTransfer"
+MAX_MESSAGE_BYTES = 2 * MAX_CHUNK_BYTES  # a 4 MiB chunk plus its header, with room to spare
+
+# Options for the channels here and for the prefill worker's server (`server_options`):
+# messages big enough for whole chunks, and no transparent retries (a pull is not idempotent
+# from the caller's point of view: it has its own deadline and fallback).
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+
+_REASONS = MappingProxyType({
+    grpc.StatusCode.UNAVAILABLE: FailureReason.PEER_UNAVAILABLE,
+    grpc.StatusCode.CANCELLED: FailureReason.PEER_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: FailureReason.TIMEOUT,
+    grpc.StatusCode.FAILED_PRECONDITION: FailureReason.LAYOUT_MISMATCH,
+    grpc.StatusCode.NOT_FOUND: FailureReason.REFUSED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: FailureReason.REFUSED,
+    grpc.StatusCode.PERMISSION_DENIED: FailureReason.REFUSED,
+    grpc.StatusCode.UNAUTHENTICATED: FailureReason.REFUSED,
+})
+
+
+def server_options() -> list[tuple[str, int]]:
+    """gRPC options for a server that hosts the KVTransfer service (the prefill worker's)."""
+    return list(CHANNEL_OPTIONS)
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> KVTransferError:
+    """A failed KVTransfer call as a KVTransferError (the source's message kept verbatim)."""
+    reason = _REASONS.get(exc.code(), FailureReason.PROTOCOL)
+    return KVTransferError(reason, f"{address}: {exc.code().name}: {exc.details()}")
+
+
+class ChannelCache:
+    """grpc.aio channels keyed by peer address; create, reuse, drop, close. One event loop."""
+
+    def __init__(self, options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS) -> None:
+        self._options = list(options)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return channel
+
+    async def drop(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(grace=None)
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def unary(self, address: str, method: str, request_type: type,
+              response_type: type) -> grpc.aio.UnaryUnaryMultiCallable:
+        """A unary method of the KVTransfer service on the channel to `address`."""
+        return self.get(address).unary_unary(
+            f"/{SERVICE}/{method}",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+
+    async def fail(self, exc: grpc.aio.AioRpcError, address: str) -> KVTransferError:
+        """Map a failed call; forget the channel if the peer is unreachable."""
+        error = rpc_error(exc, address)
+        if error.reason is FailureReason.PEER_UNAVAILABLE:
+            await self.drop(address)
+        return error
+
+
+async def release_remote(channels: ChannelCache, handle: KVHandleInfo, timeout_s: float) -> bool:
+    """ReleaseKV on the handle's source. False (logged) if the source cannot be reached: its
+    lease then expires on its own."""
+    call = channels.unary(handle.source_address, "ReleaseKV", pb.ReleaseKVRequest, pb.ReleaseKVResponse)
+    try:
+        response = await call(pb.ReleaseKVRequest(request_id=handle.request_id), timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        error = await channels.fail(exc, handle.source_address)
+        log.warning("ReleaseKV of %r failed (%s); the lease will expire", handle.request_id, error)
+        return False
+    return bool(response.released)

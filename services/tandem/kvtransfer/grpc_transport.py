@@ -1,0 +1,274 @@
+"""The gRPC KV transport: the source streams checksummed chunks of the packed buffer.
+
+Lifecycle of one pull (decode worker D pulls from prefill worker P):
+1. D checks the handle's layout and its arguments (`check_pull`) and opens `PullKV` on its
+   cached channel to P, with the pull's deadline.
+2. P (`KVTransferServicer.PullKV`) refuses a layout that differs from its own
+   (FAILED_PRECONDITION, naming the fields) and a malformed request (INVALID_ARGUMENT), and
+   checks the lease out (NOT_FOUND, naming the problem, if the lease refuses). It streams
+   chunks of `max_chunk_bytes` (clamped to 1..4 MiB), each with its
+   offset, the total, dtype, shape and the xxh64 of its data. Chunks are encoded in a thread,
+   one ahead of the network, straight from the cache when the blocks are one run (else packed
+   plane by plane into staging: `PackedReader`); the lease stays checked out until the last
+   one is encoded.
+3. D checks each chunk's header against what it asked for (contiguous offsets, total, dtype,
+   shape) and its checksum, and copies it into a staging buffer. Only when every byte has
+   arrived and matched does D unpack into the destination blocks: a failed pull leaves them
+   untouched. D then calls ReleaseKV (`release`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import grpc
+import torch
+import xxhash
+
+from tandem.common.layout import KVLayout
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.kvtransfer.base import (
+    FailureReason,
+    KVHandleInfo,
+    KVTransferError,
+    TransferStats,
+    check_pull,
+    run_to_completion,
+)
+from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
+from tandem.kvtransfer.channels import SERVICE, ChannelCache, release_remote
+from tandem.kvtransfer.chunks import ChunkDecodeError, ChunkView, decode_chunk, encode_chunk
+from tandem.kvtransfer.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, KVTransferConfig
+from tandem.kvtransfer.leases import LeaseError, LeaseTable
+from tandem.kvtransfer.staging import StagingPool
+
+
+def clamp_chunk_bytes(requested: int) -> int:
+    """The source's chunk size for a request: 0 means the largest, else clamped to 1..4 MiB."""
+    return MAX_CHUNK_BYTES if requested == 0 else min(max(requested, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+
+
+class KVTransferServicer:
+    """Source side of the KVTransfer service, on the prefill worker's grpc.aio server.
+
+    Reads `store` (the engine's cache) from worker threads, only for blocks checked out of
+    `leases`; ReleaseKV ends a lease (the lease table then calls its on_free).
+    """
+
+    def __init__(self, store: KVBlockStore, leases: LeaseTable, config: KVTransferConfig) -> None:
+        self.store = store
+        self.leases = leases
+        self.config = config
+        self.staging = StagingPool(config.max_staging_bytes, pin_memory=store.device.type == "cuda")
+        self._executor = ThreadPoolExecutor(4, thread_name_prefix="kv-encode")
+        self.num_pulls_served = 0
+        self.bytes_served = 0
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """PullKV yields pre-encoded chunks (services/tandem/kvtransfer/chunks.py), hence no serializer."""
+        return {
+            "PullKV": grpc.unary_stream_rpc_method_handler(
+                self.PullKV, request_deserializer=pb.PullKVRequest.FromString, response_serializer=None
+            ),
+            "ReleaseKV": grpc.unary_unary_rpc_method_handler(
+                self.ReleaseKV,
+                request_deserializer=pb.ReleaseKVRequest.FromString,
+                response_serializer=pb.ReleaseKVResponse.SerializeToString,
+            ),
+        }
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the service to `server` (before it starts); methods not served: UNIMPLEMENTED."""
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, self.handlers()),))
+
+    async def admit(self, context: grpc.aio.ServicerContext, layout_text: str, block_ids: tuple[int, ...]) -> None:
+        """Checks shared by every pull RPC, before any lease or buffer is touched."""
+        try:
+            theirs = KVLayout.parse(layout_text)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"receiver layout: {exc}")
+        mismatch = self.store.layout.mismatch(theirs)
+        if mismatch is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+        if not 0 < len(block_ids) <= self.config.max_blocks_per_pull:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(block_ids)} block ids requested; a pull moves 1..{self.config.max_blocks_per_pull}",
+            )
+
+    def encode_chunk(self, reader: PackedReader, offset_bytes: int, size_bytes: int) -> bytes:
+        """One wire chunk (worker thread, lease checked out). Tests override it to corrupt one."""
+        shape = self.store.packed_shape(len(reader.block_ids))
+        return encode_chunk(reader.read(offset_bytes, size_bytes), offset_bytes, reader.total_bytes,
+                            self.store.layout.dtype, shape)
+
+    async def PullKV(self, request: pb.PullKVRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        block_ids = tuple(request.block_ids)
+        await self.admit(context, request.layout, block_ids)
+        total = len(block_ids) * self.store.bytes_per_block
+        chunk_bytes = clamp_chunk_bytes(request.max_chunk_bytes)
+        with contextlib.ExitStack() as stack:
+            try:  # pinned until the last chunk is encoded: chunks are read from the cache
+                stack.enter_context(self.leases.checkout(request.request_id, block_ids))
+            except LeaseError as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            staging = None
+            if PackedReader.needs_staging(self.store, block_ids):
+                staging = self.staging.acquire(total)
+                stack.callback(self.staging.give_back, staging)
+            reader = PackedReader(self.store, block_ids, staging)
+
+            def encode(offset: int) -> Future[bytes]:
+                return self._executor.submit(self.encode_chunk, reader, offset, min(chunk_bytes, total - offset))
+
+            pending = encode(0)  # encoding runs one chunk ahead of the network
+            try:
+                for offset in range(0, total, chunk_bytes):
+                    encoded = await asyncio.wrap_future(pending)
+                    if offset + chunk_bytes < total:
+                        pending = encode(offset + chunk_bytes)
+                    yield encoded
+                self.num_pulls_served += 1
+                self.bytes_served += total
+            finally:
+                if not pending.cancel() and not pending.done():
+                    # An encoding thread still reads the cache and the staging buffer: the
+                    # lease stays checked out (and the buffer lent) until it ends.
+                    pending.add_done_callback(functools.partial(_close_stack, stack.pop_all()))
+
+    async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseKVResponse:
+        return pb.ReleaseKVResponse(released=self.leases.release(request.request_id))
+
+    def close(self) -> None:
+        """After the server stopped: end the encoding threads."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class GrpcTransport:
+    """Receiver side of the gRPC transport; one per decode worker, used from its asyncio loop.
+    Owns its channel cache and staging buffers."""
+
+    name = "grpc"
+
+    def __init__(self, config: KVTransferConfig) -> None:
+        self.config = config
+        self.channels = ChannelCache()
+        self.staging = StagingPool(config.max_staging_bytes)
+        self._servicers: list[KVTransferServicer] = []
+
+    def add_source(self, server: grpc.aio.Server, store: KVBlockStore, leases: LeaseTable) -> None:
+        servicer = KVTransferServicer(store, leases, self.config)
+        servicer.register(server)
+        self._servicers.append(servicer)
+
+    async def pull(self, handle: KVHandleInfo, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...],
+                   store: KVBlockStore, timeout_s: float) -> TransferStats:
+        src, dst = tuple(src_block_ids), tuple(dst_block_ids)
+        check_pull(handle, src, dst, store)
+        if not src:
+            return TransferStats(0, 0.0, 0, 0)
+        started = time.perf_counter()
+        buffer = self.staging.acquire(len(src) * store.bytes_per_block)
+        try:
+            num_chunks = await self._receive(handle, src, store, buffer, timeout_s)
+            # Every byte arrived and matched: only now touch the destination blocks.
+            await run_to_completion(store.unpack, buffer, dst)
+        except asyncio.CancelledError:
+            self.staging.forget(buffer)  # a copy thread may still be writing it
+            raise
+        except BaseException:
+            self.staging.give_back(buffer)
+            raise
+        self.staging.give_back(buffer)
+        return TransferStats(len(buffer), time.perf_counter() - started, len(src), num_chunks)
+
+    async def _receive(self, handle: KVHandleInfo, src: tuple[int, ...], store: KVBlockStore,
+                       buffer: torch.Tensor, timeout_s: float) -> int:
+        """Stream every chunk into `buffer`, checked; return the number of chunks. Each
+        chunk's bytes are dropped once copied, so the allocator reuses their memory (keeping
+        them all and unpacking from them costs more in page faults than the copy)."""
+        address = handle.source_address
+        method = self.channels.get(address).unary_stream(
+            f"/{SERVICE}/PullKV", request_serializer=pb.PullKVRequest.SerializeToString, response_deserializer=None
+        )
+        request = pb.PullKVRequest(
+            request_id=handle.request_id,
+            block_ids=src,
+            layout=store.layout.describe(),
+            max_chunk_bytes=self.config.max_chunk_bytes,
+        )
+        expected = _Expected(len(buffer), store.layout.dtype, store.packed_shape(len(src)), address)
+        target = memoryview(buffer.numpy())
+        call = method(request, timeout=timeout_s)
+        offset = num_chunks = 0
+        try:
+            async for raw in call:
+                chunk = expected.check(raw, offset)
+                await asyncio.to_thread(_verify_and_copy, chunk, target, address)
+                offset += len(chunk.data)
+                num_chunks += 1
+        except grpc.aio.AioRpcError as exc:
+            raise await self.channels.fail(exc, address) from None
+        except KVTransferError:
+            call.cancel()
+            raise
+        if offset != expected.total_bytes:
+            raise KVTransferError(
+                FailureReason.PROTOCOL, f"{address}: stream ended after {offset} of {expected.total_bytes} bytes"
+            )
+        return num_chunks
+
+    async def release(self, handle: KVHandleInfo, timeout_s: float) -> bool:
+        return await release_remote(self.channels, handle, timeout_s)
+
+    async def close(self) -> None:
+        for servicer in self._servicers:
+            servicer.close()
+        await self.channels.close()
+
+
+class _Expected:
+    """What every chunk of one pull must say about itself."""
+
+    def __init__(self, total_bytes: int, dtype: str, shape: tuple[int, ...], address: str) -> None:
+        self.total_bytes, self.dtype, self.shape, self.address = total_bytes, dtype, shape, address
+
+    def check(self, raw: bytes, offset: int) -> ChunkView:
+        try:
+            chunk = decode_chunk(raw)
+        except ChunkDecodeError as exc:
+            raise self._error(f"malformed chunk at offset {offset}: {exc}") from None
+        if chunk.total_bytes != self.total_bytes:
+            raise self._error(f"chunk says total {chunk.total_bytes} bytes, expected {self.total_bytes}")
+        if chunk.dtype != self.dtype or chunk.shape != self.shape:
+            raise self._error(f"chunk says {chunk.dtype} {chunk.shape}, expected {self.dtype} {self.shape}")
+        if chunk.offset_bytes != offset:
+            raise self._error(f"chunk at offset {chunk.offset_bytes}, expected {offset} (not contiguous)")
+        size = len(chunk.data)
+        if not 0 < size <= MAX_CHUNK_BYTES or offset + size > self.total_bytes:
+            raise self._error(f"chunk of {size} bytes at offset {offset} overruns {self.total_bytes} bytes")
+        return chunk
+
+    def _error(self, message: str) -> KVTransferError:
+        return KVTransferError(FailureReason.PROTOCOL, f"{self.address}: {message}")
+
+
+def _close_stack(stack: contextlib.ExitStack, _: Future) -> None:
+    stack.close()
+
+
+def _verify_and_copy(chunk: ChunkView, target: memoryview, address: str) -> None:
+    """Worker thread: check one chunk's xxh64, then copy it into place."""
+    got = xxhash.xxh64_intdigest(chunk.data)
+    if got != chunk.checksum:
+        raise KVTransferError(
+            FailureReason.CHECKSUM,
+            f"{address}: chunk at offset {chunk.offset_bytes} has xxh64 {got:#018x}, "
+            f"the source sent {chunk.checksum:#018x}",
+        )
+    target[chunk.offset_bytes : chunk.offset_bytes + len(chunk.data)] = chunk.data

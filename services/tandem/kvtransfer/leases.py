@@ -1,0 +1,207 @@
+"""Leases: how long a prefill worker keeps a finished prompt's blocks pinned for a pull.
+
+Lifecycle of one lease (DESIGN.md section 4, "Ownership"):
+1. The step loop finishes a prompt (`engine.held[request_id]`); the prefill server calls
+   `grant(request_id, held, ttl_s)` and puts the returned deadline in the KV handle.
+2. Each pull (a gRPC thread or task) reads the blocks inside `with checkout(request_id,
+   block_ids):`. The checkout validates the request against the lease and pins it.
+3. The lease ends once: `release` (ReleaseKV from the decode worker, or a drain) or `expire`
+   (a step-loop tick, past the deadline). If a pull holds it pinned, freeing waits until the
+   last pin goes, so blocks are never freed while they are read.
+4. `on_free(request_id)` is then called exactly once, outside the table's lock, on whichever
+   thread ended it; the prefill server submits `engine.release_held` to its step loop there.
+
+Thread-safe: every method may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from tandem.engine.engine import HeldKV
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_ENDS = 4096  # ended leases remembered, to tell "expired" from "unknown"
+
+
+class LeaseError(Exception):
+    """A pull was refused; the message names the request id, the block id or the deadline."""
+
+
+class LeaseState(enum.Enum):
+    ACTIVE = "active"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+@dataclass
+class _Lease:
+    held: HeldKV
+    deadline_unix_s: float
+    blocks: frozenset[int]
+    state: LeaseState = LeaseState.ACTIVE
+    num_pins: int = 0  # pulls reading the blocks right now
+
+
+@dataclass(frozen=True)
+class LeaseCounters:
+    granted: int
+    released: int
+    expired: int
+    active: int  # granted and not yet freed (includes ended leases still pinned by a pull)
+
+
+class LeaseTable:
+    def __init__(self, on_free: Callable[[str], None], clock: Callable[[], float] = time.time) -> None:
+        """`on_free(request_id)`: called once per lease when its blocks may be freed. `clock`:
+        unix seconds (deadlines travel to other hosts, so they are wall-clock times)."""
+        self._on_free = on_free
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        self._ended: OrderedDict[str, LeaseState] = OrderedDict()
+        self._granted = 0
+        self._released = 0
+        self._expired = 0
+
+    def grant(self, request_id: str, held: HeldKV, ttl_s: float) -> float:
+        """Pin `held` for `ttl_s` seconds; return the deadline (unix seconds)."""
+        if ttl_s <= 0:
+            raise ValueError(f"lease ttl_s must be > 0, got {ttl_s}")
+        with self._lock:
+            if request_id in self._leases:
+                raise LeaseError(f"request {request_id!r} already has a lease")
+            deadline = self._clock() + ttl_s
+            self._leases[request_id] = _Lease(held, deadline, frozenset(held.block_ids))
+            self._ended.pop(request_id, None)
+            self._granted += 1
+            return deadline
+
+    @contextmanager
+    def checkout(self, request_id: str, block_ids: Sequence[int]) -> Iterator[HeldKV]:
+        """Validate a pull of `block_ids` and pin the lease for the `with` body.
+
+        Raises LeaseError if the lease is unknown, ended or past its deadline, or if the ids
+        are empty, repeated, more than the lease holds, or not all in the lease.
+        """
+        with self._lock:
+            lease = self._validate(request_id, block_ids)
+            lease.num_pins += 1
+        try:
+            yield lease.held
+        finally:
+            with self._lock:
+                lease.num_pins -= 1
+                free = lease.num_pins == 0 and lease.state is not LeaseState.ACTIVE
+                if free:
+                    del self._leases[request_id]
+            if free:
+                self._free(request_id)
+
+    def check(self, request_id: str, block_ids: Sequence[int]) -> None:
+        """The validation of `checkout` without pinning: lets a pull refuse a peer before it
+        allocates anything. The checkout itself validates again."""
+        with self._lock:
+            self._validate(request_id, block_ids)
+
+    def release(self, request_id: str) -> bool:
+        """End the lease now (ReleaseKV, or a drain). False if it is unknown or already ended."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None or lease.state is not LeaseState.ACTIVE:
+                return False
+            lease.state = LeaseState.RELEASED
+            self._released += 1
+            free = self._end(request_id, lease)
+        if free:
+            self._free(request_id)
+        return True
+
+    def expire(self, now_s: float) -> list[str]:
+        """End every active lease whose deadline is <= `now_s` (unix seconds); return their ids.
+        Called from the prefill step loop's tick."""
+        freed: list[str] = []
+        expired: list[str] = []
+        with self._lock:
+            for request_id, lease in list(self._leases.items()):
+                if lease.state is LeaseState.ACTIVE and lease.deadline_unix_s <= now_s:
+                    lease.state = LeaseState.EXPIRED
+                    self._expired += 1
+                    expired.append(request_id)
+                    if self._end(request_id, lease):
+                        freed.append(request_id)
+        for request_id in freed:
+            self._free(request_id)
+        return expired
+
+    def release_all(self) -> list[str]:
+        """Scale-down drain: release every active lease; return their ids."""
+        with self._lock:
+            ids = [r for r, lease in self._leases.items() if lease.state is LeaseState.ACTIVE]
+        return [r for r in ids if self.release(r)]
+
+    def deadline(self, request_id: str) -> float | None:
+        with self._lock:
+            lease = self._leases.get(request_id)
+            return lease.deadline_unix_s if lease is not None and lease.state is LeaseState.ACTIVE else None
+
+    @property
+    def counters(self) -> LeaseCounters:
+        with self._lock:
+            return LeaseCounters(self._granted, self._released, self._expired, len(self._leases))
+
+    def __len__(self) -> int:
+        """Leases whose blocks are still pinned (active, or ended but being read)."""
+        with self._lock:
+            return len(self._leases)
+
+    # ---- under the lock ------------------------------------------------------------------
+    def _validate(self, request_id: str, block_ids: Sequence[int]) -> _Lease:
+        lease = self._leases.get(request_id)
+        if lease is None or lease.state is not LeaseState.ACTIVE:
+            state = lease.state if lease is not None else self._ended.get(request_id)
+            if state is None:
+                raise LeaseError(f"no lease for request {request_id!r} (unknown request id)")
+            raise LeaseError(f"the lease for request {request_id!r} was {state.value}")
+        now = self._clock()
+        if lease.deadline_unix_s <= now:
+            raise LeaseError(
+                f"the lease for request {request_id!r} expired {now - lease.deadline_unix_s:.3f} s ago"
+            )
+        if not block_ids:
+            raise LeaseError(f"no block ids requested for request {request_id!r}")
+        if len(block_ids) > len(lease.blocks):
+            raise LeaseError(
+                f"{len(block_ids)} block ids requested but the lease for {request_id!r} holds {len(lease.blocks)}"
+            )
+        if len(set(block_ids)) != len(block_ids):
+            raise LeaseError(f"block ids for request {request_id!r} repeat an id")
+        outside = next((b for b in block_ids if b not in lease.blocks), None)
+        if outside is not None:
+            raise LeaseError(f"block id {outside} is not in the lease for request {request_id!r}")
+        return lease
+
+    def _end(self, request_id: str, lease: _Lease) -> bool:
+        """Record the end; drop the lease and return True if no pull pins it (free it now)."""
+        self._ended[request_id] = lease.state
+        while len(self._ended) > MAX_REMEMBERED_ENDS:
+            self._ended.popitem(last=False)
+        if lease.num_pins:
+            return False
+        del self._leases[request_id]
+        return True
+
+    # ---- outside the lock ----------------------------------------------------------------
+    def _free(self, request_id: str) -> None:
+        try:
+            self._on_free(request_id)
+        except Exception:  # the lease is gone either way; the caller's loop must survive
+            log.exception("on_free(%r) failed", request_id)

@@ -1,0 +1,99 @@
+"""A stand-alone KV source process over random blocks, for `tandem bench kv` and the tests.
+
+It plays a prefill worker without a model: a KV cache filled from a seed (so the parent can
+rebuild the same bytes), one lease over the blocks, and a grpc.aio server bound to the given
+host that hosts the transport's source servicer. With `--raw-tcp` it also serves a raw TCP
+baseline: each 8-byte little-endian size read from a connection is answered with that many
+bytes from a preallocated buffer.
+
+Protocol with the parent: the child prints one line `READY <grpc_port> <raw_tcp_port>` on
+stdout and runs until its stdin closes (so it cannot outlive its parent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import threading
+
+import grpc
+import torch
+
+from tandem.common.layout import KVLayout
+from tandem.engine.engine import HeldKV
+from tandem.kvtransfer.base import create_transport
+from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
+from tandem.kvtransfer.channels import server_options
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.leases import LeaseTable
+
+LEASE_TTL_S = 3600.0
+
+
+def random_kv_caches(layout: KVLayout, num_blocks: int, seed: int) -> list[torch.Tensor]:
+    """Per layer `[2, num_blocks, block_size, kv_heads, head_dim]`, the same for a given seed
+    in every process."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    dtype = torch_dtype(layout.dtype)
+    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(layout.num_layers)]
+
+
+def source_args(layout: KVLayout, num_blocks: int, seed: int, transport: str, request_id: str,
+                raw_tcp: bool = False, host: str = "127.0.0.1") -> list[str]:
+    """The command line a parent uses to start this module (`python -m ...`)."""
+    args = [sys.executable, "-m", "tandem.kvtransfer.source_process", "--layout", layout.describe(),
+            "--num-blocks", str(num_blocks), "--seed", str(seed), "--transport", transport,
+            "--request-id", request_id, "--host", host]
+    return args + (["--raw-tcp"] if raw_tcp else [])
+
+
+def _serve_raw_tcp(listener: socket.socket, payload: memoryview) -> None:
+    """Thread: answer size requests with bytes of `payload` (the raw TCP baseline)."""
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while (header := conn.recv(8, socket.MSG_WAITALL)) and len(header) == 8:
+                size = min(int.from_bytes(header, "little"), len(payload))
+                conn.sendall(payload[:size])
+
+
+async def _main(args: argparse.Namespace) -> None:
+    layout = KVLayout.parse(args.layout)
+    store = KVBlockStore(random_kv_caches(layout, args.num_blocks, args.seed), layout)
+    leases = LeaseTable(on_free=lambda request_id: None)
+    leases.grant(args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()),
+                 LEASE_TTL_S)
+    transport = create_transport(args.transport, KVTransferConfig(transport=args.transport, bind_host=args.host))
+    server = grpc.aio.server(options=server_options())
+    transport.add_source(server, store, leases)
+    port = server.add_insecure_port(f"{args.host}:0")
+    await server.start()
+    raw_port = 0
+    if args.raw_tcp:
+        listener = socket.create_server((args.host, 0))
+        raw_port = listener.getsockname()[1]
+        payload = memoryview(bytearray(args.num_blocks * store.bytes_per_block))
+        threading.Thread(target=_serve_raw_tcp, args=(listener, payload), daemon=True).start()
+    print(f"READY {port} {raw_port}", flush=True)
+    await asyncio.to_thread(sys.stdin.read)  # EOF: the parent is done (or gone)
+    await server.stop(grace=None)
+    await transport.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layout", required=True, help="KVLayout.describe() string")
+    parser.add_argument("--num-blocks", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transport", default="grpc")
+    parser.add_argument("--request-id", default="bench")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--raw-tcp", action="store_true")
+    parser.add_argument("--num-threads", type=int, default=1)
+    parsed = parser.parse_args()
+    torch.set_num_threads(parsed.num_threads)
+    asyncio.run(_main(parsed))

@@ -1,0 +1,188 @@
+"""torch.distributed plumbing of the torch KV transport: pairs, the store, the message plan.
+
+A worker talks to many peers, so there is no global `init_process_group`: every (source,
+receiver) pair is its own 2-rank process group (gloo on CPU, NCCL on CUDA), built directly on
+a `PrefixStore(pair_id, TCPStore)`. The receiver hosts the TCPStore; the source is rank 0,
+the receiver rank 1. Pairs form on first use and are torn down (aborted) on any failure; the
+next pull forms a new pair under a new id.
+
+Everything blocking here (formation, waits) runs in its owner's thread pool and is bounded by
+a timeout. Pair objects are owned by one transport (receiver side) or servicer (source side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tandem.kvtransfer.base import FailureReason, KVTransferError
+from tandem.kvtransfer.block_store import KVBlockStore
+
+MIN_MESSAGE_BYTES = 1 << 20  # planes are grouped into messages of at least this many bytes
+MAX_TAG = 1 << 30  # gloo/NCCL message tags are 32-bit signed
+
+
+@dataclass(frozen=True)
+class Message:
+    """One send/recv of a transfer: planes [first_plane, end_plane) of the packed layout,
+    at [offset_bytes, offset_bytes + size_bytes) of the packed buffer."""
+
+    first_plane: int
+    end_plane: int
+    offset_bytes: int
+    size_bytes: int
+
+
+def plan_messages(num_blocks: int, store: KVBlockStore) -> list[Message]:
+    """The messages of a transfer of `num_blocks` blocks; both sides compute the same plan.
+    One plane per message when planes are big (the source may then send straight from its
+    cache), else as many planes as make MIN_MESSAGE_BYTES."""
+    plane = store.plane_bytes(num_blocks)
+    per = max(1, -(-MIN_MESSAGE_BYTES // plane)) if plane else store.num_planes
+    messages = []
+    for first in range(0, store.num_planes, per):
+        end = min(first + per, store.num_planes)
+        messages.append(Message(first, end, first * plane, (end - first) * plane))
+    return messages
+
+
+def host_bytes(tensor: torch.Tensor) -> memoryview:
+    """Bytes of a uint8 tensor for hashing (device tensors are copied to the host first)."""
+    return memoryview((tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy())
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); ValueError if malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"malformed address {address!r}, expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(seconds, 0.001))
+
+
+class StoreHost:
+    """The receiver's TCPStore. TCPStore's own listener binds every interface, so it is
+    handed a socket bound to the configured host only (DESIGN.md section 8)."""
+
+    def __init__(self, host: str, timeout_s: float) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((host, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        self.store = dist.TCPStore(
+            host, port, is_master=True, wait_for_workers=False, timeout=_timedelta(timeout_s),
+            master_listen_fd=sock.detach(), use_libuv=True,  # the store owns (and closes) the fd
+        )
+        self.address = format_address(host, port)
+
+
+class Pair:
+    """One side of a 2-rank process group. `lock` serializes formation; `form` and the
+    waits block and run in the owner's executor."""
+
+    def __init__(self, pair_id: str, rank: int, host: str, device: torch.device, peer_store: str = "") -> None:
+        self.pair_id = pair_id
+        self.peer_store = peer_store  # source side: the receiver's TCPStore address
+        self.rank = rank
+        self.peer_rank = 1 - rank
+        self.host = host  # our interface for gloo
+        self.device = device
+        self.lock = asyncio.Lock()
+        self.group: dist.ProcessGroup | None = None
+        self.broken = False
+        self.num_users = 0
+        self.last_used_s = time.monotonic()
+        self._next_tag = 0
+
+    def reserve_tags(self, count: int) -> int:
+        """Receiver side: the first of `count` fresh message tags for one transfer."""
+        if self._next_tag + count >= MAX_TAG:
+            self._next_tag = 0  # older transfers on this pair finished or failed long ago
+        first = self._next_tag
+        self._next_tag += count
+        return first
+
+    def form(self, store: dist.Store, timeout_s: float) -> None:
+        """Blocking: join the group; returns once the peer joined too (or raises). Operations
+        are bounded by their own waits, formation by `timeout_s`."""
+        if self.broken:  # a torn-down pair never forms again: its store keys are spent
+            raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"pair {self.pair_id} was torn down")
+        prefixed = dist.PrefixStore(self.pair_id, store)
+        try:
+            if self.device.type == "cuda":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = _timedelta(timeout_s)
+                self.group = dist.ProcessGroupNCCL(prefixed, self.rank, 2, options)
+            else:
+                options = dist.ProcessGroupGloo._Options()
+                options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+                options._timeout = _timedelta(timeout_s)
+                self.group = dist.ProcessGroupGloo(prefixed, self.rank, 2, options)
+        except Exception as exc:
+            self.broken = True
+            raise KVTransferError(_reason(exc), f"pair {self.pair_id} did not form: {_first_line(exc)}") from None
+        if self.broken:  # torn down while it formed: release it now
+            self.abort()
+            raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"pair {self.pair_id} was torn down")
+
+    def join_store(self, address: str, timeout_s: float) -> dist.Store:
+        """Source side, blocking: connect to the receiver's TCPStore at `address`."""
+        host, port = parse_address(address)
+        try:
+            return dist.TCPStore(host, port, is_master=False, timeout=_timedelta(timeout_s), use_libuv=True)
+        except Exception as exc:
+            self.broken = True
+            raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"TCPStore {address}: {_first_line(exc)}") from None
+
+    def post(self, tensor: torch.Tensor, tag: int, send: bool) -> dist.Work:
+        """Blocking only briefly: start one send to (or receive from) the peer."""
+        if self.group is None:
+            raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"pair {self.pair_id} was torn down")
+        try:
+            if send:
+                return self.group.send([tensor], self.peer_rank, tag)
+            return self.group.recv([tensor], self.peer_rank, tag)
+        except Exception as exc:
+            self.broken = True
+            raise KVTransferError(_reason(exc), f"pair {self.pair_id}: {_first_line(exc)}") from None
+
+    def wait(self, work: dist.Work, deadline_s: float, what: str) -> None:
+        """Blocking: wait for one send/recv until `deadline_s` (time.monotonic())."""
+        try:
+            work.wait(_timedelta(deadline_s - time.monotonic()))
+        except Exception as exc:
+            self.broken = True
+            raise KVTransferError(_reason(exc), f"{what} on pair {self.pair_id}: {_first_line(exc)}") from None
+
+    def abort(self) -> None:
+        """Tear the group down; pending and future operations on it fail."""
+        self.broken = True
+        group, self.group = self.group, None
+        if group is not None:
+            try:
+                group.abort()
+            except Exception:  # already broken; nothing more to release
+                pass
+
+
+def _reason(exc: BaseException) -> FailureReason:
+    text = str(exc).lower()
+    return FailureReason.TIMEOUT if "timed out" in text or "timeout" in text else FailureReason.PEER_UNAVAILABLE
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -1,0 +1,17 @@
+"""Local processes of a cluster: `tandem up` (`LocalCluster`) and `tandem status`."""
+
+from tandem.launcher.config import LocalClusterConfig, TracingFlags
+from tandem.launcher.local import ChildSummary, ClusterStartError, LocalCluster
+from tandem.launcher.processes import ChildProcess, ChildStartError, StartCancelled, wait_all_ready
+
+__all__ = [
+    "ChildProcess",
+    "ChildStartError",
+    "ChildSummary",
+    "ClusterStartError",
+    "LocalCluster",
+    "LocalClusterConfig",
+    "StartCancelled",
+    "TracingFlags",
+    "wait_all_ready",
+]

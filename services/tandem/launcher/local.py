@@ -1,0 +1,323 @@
+"""A whole cluster as local processes: Redis, workers and a gateway (`tandem up`).
+
+Lifecycle of a `LocalCluster`:
+1. `start()` resolves the model (the generated tiny model unless one is named), starts a
+   private redis-server unless `redis_url` names one, then spawns every worker and the
+   gateway at once (each worker with the host's cores divided among the workers). It waits
+   for every ready line, then polls the gateway until `GET /ready` answers 200 (a decode
+   worker is routable) and its `tandem_workers{pool}` gauge counts every worker started here
+   (so the first request can already use the prefill pool), all within `ready_timeout_s`.
+   If anything fails it stops what it started and raises `ClusterStartError` naming the
+   child and quoting its last output.
+2. While it runs, `endpoint` is the gateway's base URL and `dead_children()` names children
+   that exited on their own.
+3. Pools can change while it runs (the `local` autoscaler actuator, from this same thread):
+   `add_worker(role)` spawns one more worker (not waited for: the gateway routes to it once
+   it registered); `retire_worker(role)` sends the newest worker of the pool SIGTERM, which
+   drains it (it leaves Redis, finishes its sequences, releases its leases) before it exits;
+   `reap_retired()` collects the retired workers that exited.
+4. `stop()` stops the gateway first (no new requests), then all workers at once (each
+   drains, bounded by `drain_timeout_s`), then Redis. Idempotent; also runs on `with` exit.
+   The children share our process group, so a terminal's Ctrl-C signals all of them at once
+   and that order then holds only loosely; a SIGTERM to our pid gets it exactly.
+
+Every child is spawned from the thread that calls `start()`: PR_SET_PDEATHSIG is tied to that
+thread (see `processes.py`), so call `start()` from a thread that outlives the cluster.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from tandem.common.cluster_state import WorkerRole
+from tandem.common.embedded_redis import EmbeddedRedisError
+from tandem.launcher.config import LocalClusterConfig
+from tandem.launcher.placement import ProcessPlacement, WorkerPlacement, WorkerProcess
+from tandem.launcher.processes import ChildProcess, ChildStartError, StartCancelled, wait_all_ready
+from tandem.launcher.redis_child import RedisChild
+
+logger = logging.getLogger(__name__)
+
+READY_POLL_INTERVAL_S = 0.1
+HTTP_TIMEOUT_S = 2.0
+WORKER_STOP_GRACE_S = 5.0
+POOL_SIZE_METRIC = "tandem_workers"  # the gateway's live workers per pool
+
+
+class ClusterStartError(RuntimeError):
+    """The cluster did not come up; everything it had started is stopped again."""
+
+
+@dataclass(frozen=True)
+class ChildSummary:
+    """One running child as `tandem up` reports it (and writes it to its state file)."""
+
+    name: str
+    pid: int
+    address: str | None
+    metrics_port: int | None
+
+
+class LocalCluster:
+    """Owns the processes of one local cluster. Not thread-safe: start and stop it from the
+    thread that created it; `endpoint` may be read from anywhere."""
+
+    def __init__(self, config: LocalClusterConfig, sink: IO[str] | None = None,
+                 placement: WorkerPlacement | None = None) -> None:
+        """Nothing starts until `start()`. Children's output goes to `sink` (default stderr).
+        `placement` runs the workers (default: our child processes; see `placement.py`)."""
+        self._config = config
+        self._sink = sink
+        self._placement = placement if placement is not None else ProcessPlacement(config, sink)
+        self._redis: RedisChild | None = None
+        self._workers: list[WorkerProcess] = []  # serving or starting
+        self._retiring: list[WorkerProcess] = []  # told to drain; reaped once they exited
+        self._next_index = {WorkerRole.PREFILL: config.num_prefill, WorkerRole.DECODE: config.num_decode}
+        self._gateway: ChildProcess | None = None
+        self._redis_url: str | None = config.redis_url
+        self._endpoint: str | None = None
+        self._started = False
+        self._stopped = False
+        self._model_dir: Path | None = config.model_dir
+
+    @property
+    def config(self) -> LocalClusterConfig:
+        return self._config
+
+    @property
+    def endpoint(self) -> str:
+        """The gateway's base URL, e.g. `http://127.0.0.1:8000`."""
+        if self._endpoint is None:
+            raise RuntimeError("the cluster is not running")
+        return self._endpoint
+
+    @property
+    def model_dir(self) -> Path:
+        """The served model's directory (known once `start()` resolved it)."""
+        if self._model_dir is None:
+            raise RuntimeError("the cluster has not resolved its model yet")
+        return self._model_dir
+
+    @property
+    def redis_url(self) -> str:
+        if self._redis_url is None:
+            raise RuntimeError("the cluster is not running")
+        return self._redis_url
+
+    def children(self) -> list[ChildSummary]:
+        """Every child that was started, Redis (if ours) first, then workers, then the gateway."""
+        summaries = []
+        for child in self._processes():
+            ready = child.ready or {}
+            address = ready.get("address") if child is not self._gateway else self._endpoint
+            summaries.append(ChildSummary(child.name, child.pid, address, ready.get("metrics_port")))
+        return summaries
+
+    def dead_children(self) -> list[str]:
+        """`name (exit code N)` of every child that has exited (call it before `stop()`)."""
+        return [f"{child.name} (exit code {child.returncode})" for child in self._processes() if not child.is_running]
+
+    def _processes(self) -> list[WorkerProcess]:
+        processes = ([self._redis.child] if self._redis is not None else []) + self._workers
+        return processes + ([self._gateway] if self._gateway is not None else [])
+
+    # ---- start ---------------------------------------------------------------------------
+    def start(self, cancelled: Callable[[], bool] | None = None) -> None:
+        """Bring the whole cluster up (bounded by `ready_timeout_s`); see the module doc.
+        `cancelled()` is polled while waiting: once true, start stops everything and raises
+        `StartCancelled` (how `tandem up` honours a SIGTERM during start-up)."""
+        if self._started:
+            raise RuntimeError("a LocalCluster starts once")
+        self._started = True
+        try:
+            self._start(cancelled or (lambda: False))
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, (ChildStartError, EmbeddedRedisError)):
+                raise ClusterStartError(f"the local cluster did not start: {exc}") from exc
+            raise
+
+    def _start(self, cancelled: Callable[[], bool]) -> None:
+        config = self._config
+        deadline = time.monotonic() + config.ready_timeout_s
+        model_dir = config.model_dir if config.model_dir is not None else _tiny_model_dir()
+        self._model_dir = model_dir
+        if config.redis_url is None:
+            self._redis = RedisChild.start(ready_timeout_s=min(30.0, config.ready_timeout_s), sink=self._sink)
+            self._redis_url = self._redis.url
+        redis_url = self.redis_url
+        # Spawn everything before waiting on anything: the processes load their models in
+        # parallel. The gateway only routes to workers that registered, and /ready says when.
+        # Local children come first: a Ray Client connection (`open()`) runs gRPC threads, and a
+        # fork after that can abort in the child (gRPC's fork handlers).
+        self._gateway = ChildProcess.spawn("gateway", config.gateway_argv(model_dir, redis_url),
+                                           env=config.gateway_env(os.environ), sink=self._sink)
+        self._placement.open(model_dir, redis_url, _remaining(deadline), cancelled)
+        for role, worker_id in config.worker_ids():
+            self._spawn_worker(role, worker_id)
+        wait_all_ready([*self._workers, self._gateway], _remaining(deadline), cancelled)
+        address = self._gateway.ready.get("address") if self._gateway.ready else None
+        if not isinstance(address, str) or not address.startswith("http"):
+            raise ChildStartError(f"gateway (pid {self._gateway.pid}) printed a ready line without an "
+                                  f"http address: {self._gateway.ready!r}")
+        self._endpoint = address.rstrip("/")
+        self._wait_routable(deadline, cancelled)
+
+    def _wait_routable(self, deadline: float, cancelled: Callable[[], bool]) -> None:
+        assert self._gateway is not None and self._endpoint is not None
+        url = f"{self._endpoint}/ready"
+        last = "no answer yet"
+        while True:
+            if cancelled():
+                raise StartCancelled("cancelled while waiting for the gateway to become ready")
+            dead = self.dead_children()
+            if dead:
+                child = next(c for c in self._processes() if not c.is_running)
+                raise ChildStartError(f"{', '.join(dead)} exited while the cluster was starting; "
+                                      f"last output of {child.name}:\n{child.output_tail()}")
+            status, last = _get_status(url)
+            if status == 200:
+                sizes = _gateway_pool_sizes(self._endpoint)
+                if sizes is None or (sizes.get("prefill", 0) >= self._config.num_prefill
+                                     and sizes.get("decode", 0) >= self._config.num_decode):
+                    return
+                last = f"HTTP 200, but the gateway sees workers {sizes}"
+            if time.monotonic() >= deadline:
+                raise ChildStartError(
+                    f"gateway (pid {self._gateway.pid}) never answered 200 on {url} within "
+                    f"{self._config.ready_timeout_s} s (last: {last}); its last output:\n"
+                    f"{self._gateway.output_tail()}")
+            time.sleep(READY_POLL_INTERVAL_S)
+
+    def _spawn_worker(self, role: WorkerRole, worker_id: str) -> WorkerProcess:
+        child = self._placement.spawn(role, worker_id)
+        self._workers.append(child)
+        return child
+
+    # ---- pool changes (the local autoscaler actuator) ----------------------------------
+    def pool_size(self, role: WorkerRole) -> int:
+        """Workers of `role` that serve or are starting (retiring ones are not counted)."""
+        return sum(1 for child in self._workers if _role_of(child) is role)
+
+    def add_worker(self, role: WorkerRole) -> str:
+        """Spawn one more worker of `role` (not waited for); returns its worker id."""
+        if self._endpoint is None:
+            raise RuntimeError("the cluster is not running")
+        index = self._next_index[role]
+        self._next_index[role] = index + 1
+        return self._spawn_worker(role, f"{role.value}-{index}").name
+
+    def retire_worker(self, role: WorkerRole) -> str | None:
+        """Start draining the newest worker of `role` (SIGTERM); returns its id, or None if
+        the pool is empty. It leaves the pool at once and is reaped once it exited."""
+        candidates = [child for child in self._workers if _role_of(child) is role]
+        if not candidates:
+            return None
+        child = candidates[-1]
+        self._workers.remove(child)
+        self._retiring.append(child)
+        child.terminate()
+        logger.info("retiring %s (pid %d): draining", child.name, child.pid)
+        return child.name
+
+    def reap_retired(self) -> list[str]:
+        """Forget the retired workers that exited; returns `name (exit code N)` of each."""
+        gone = [child for child in self._retiring if not child.is_running]
+        for child in gone:
+            self._retiring.remove(child)
+            self._log_exit(child, child.stop(0.0))
+        return [f"{child.name} (exit code {child.returncode})" for child in gone]
+
+    # ---- stop ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Gateway, then workers (they drain), then the placement's own (`close()`: a Ray head),
+        then Redis; each by pid, each bounded. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._gateway is not None:
+            self._log_exit(self._gateway, self._gateway.stop(self._config.gateway_stop_timeout_s))
+        workers = self._retiring + self._workers
+        for worker in workers:
+            worker.terminate()  # all drain at once
+        for worker in workers:
+            self._log_exit(worker, worker.stop(self._config.drain_timeout_s + WORKER_STOP_GRACE_S))
+        self._placement.close()
+        if self._redis is not None:
+            self._log_exit(self._redis.child, self._redis.stop())
+        self._endpoint = None
+
+    @staticmethod
+    def _log_exit(child: WorkerProcess, code: int) -> None:
+        # Dying of a stop signal is a clean stop: a terminal's Ctrl-C reaches every child at
+        # once (they share our process group), and our SIGTERM may then land after a child
+        # restored the default handlers on its way out.
+        if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            logger.info("%s (pid %d) stopped (exit code %d)", child.name, child.pid, code)
+        else:
+            logger.warning("%s (pid %d) exited with code %d", child.name, child.pid, code)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _role_of(child: WorkerProcess) -> WorkerRole:
+    """Worker names are `{role}-{index}` (`LocalClusterConfig.worker_ids`, `add_worker`)."""
+    return WorkerRole(child.name.rsplit("-", 1)[0])
+
+
+def _tiny_model_dir() -> Path:
+    from tandem.engine.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.01, deadline - time.monotonic())
+
+
+def _gateway_pool_sizes(endpoint: str) -> dict[str, int] | None:
+    """Live workers per pool as the gateway last saw them (its `tandem_workers{pool}` gauge,
+    refreshed every few seconds); {} if /metrics did not answer, None if it lacks the gauge."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"{endpoint}/metrics", timeout=HTTP_TIMEOUT_S) as response:
+            text = response.read().decode("utf-8", errors="replace")
+        families = [f for f in text_string_to_metric_families(text) if f.name == POOL_SIZE_METRIC]
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+        return {}
+    if not families:
+        return None
+    sizes: dict[str, int] = {}
+    for sample in families[0].samples:
+        pool = sample.labels.get("pool", "")
+        sizes[pool] = sizes.get(pool, 0) + int(sample.value)
+    return sizes
+
+
+def _get_status(url: str) -> tuple[int | None, str]:
+    """(HTTP status, short description) of `GET url`; (None, error) if it did not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+            return response.status, f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return exc.code, f"HTTP {exc.code}"
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        return None, str(exc)

@@ -1,0 +1,125 @@
+"""The prefill worker: runs prompts, samples the first token, and lends the KV to a decoder.
+
+Lifecycle of a request here (DESIGN.md section 2, step 3):
+1. `Prefill(request)` validates it and queues it in the engine with `hand_off=True`; the
+   batcher runs it with other prompts (chunked prefill, prefix-cache reuse).
+2. After the step that samples its first token, the loop thread grants a lease on the
+   prompt's blocks (`lease_ttl_s`, default 30 s) and the handler returns the first token and
+   a KV handle (source address, block ids, valid tokens, layout, block hashes, deadline).
+   If the first token already ends the request (EOS, stop token, max_tokens=1), the blocks
+   are freed and no handle is returned.
+3. A decode worker pulls blocks through the KV transport, which checks every request
+   against the lease, then calls `ReleaseKV`. Lease expiry frees unpulled blocks.
+4. A cancelled `Prefill` aborts the sequence (and any lease): nothing leaks.
+
+Tracing: a SERVER span "prefill" under the caller's trace context, with children
+"prefill.queue" (arrival until the batcher first schedules the prompt) and "prefill.compute"
+(from there until the first token is sampled); the response carries both durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from opentelemetry.trace import Span
+
+from tandem.common import codec
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
+from tandem.common.worker import Worker
+from tandem.common.worker_servicer import WorkerServicerBase
+from tandem.engine.engine import Engine, HeldKV, RequestOutput
+from tandem.engine.sequence import FinishReason
+from tandem.kvtransfer.base import KVHandleInfo, handle_to_proto
+
+
+class PrefillServicer(WorkerServicerBase):
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        arrival = ClockAnchor.now()
+        with ending(self.worker.server_span("prefill", context, arrival), arrival) as span:
+            return await self._prefill(request, context, span, arrival)
+
+    async def _prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, span: Span, arrival: ClockAnchor
+    ) -> pb.PrefillResponse:
+        worker = self.worker
+        await worker.refuse_if_draining(context)
+        try:
+            req = codec.request_from_proto(request.request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
+        q, deliver = worker.output_queue()
+        lease_ttl_s = worker.config.lease_ttl_s
+        leased: dict[str, tuple[HeldKV, float]] = {}
+        sampled_s: list[float] = []  # when the first token was sampled (loop thread, monotonic)
+
+        def on_output(out: RequestOutput) -> None:
+            sampled_s.append(time.monotonic())
+            # loop thread: grant the lease before anyone can see the handle
+            if out.finish_reason is FinishReason.HANDOFF:
+                held = worker.engine.held[out.request_id]
+                leased[out.request_id] = (held, worker.leases.grant(out.request_id, held, lease_ttl_s))
+                worker.metrics.leases_granted.inc()
+            deliver(out)
+
+        def admit(engine: Engine) -> None:
+            engine.add_request(req.request_id, req.prompt_token_ids, req.sampling, req.cache_salt, hand_off=True)
+            worker.loop.subscribe(req.request_id, on_output)
+
+        await worker.call(admit, context)
+        try:
+            out = await asyncio.wait_for(q.get(), worker.config.request_timeout_s)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            worker.leases.release(req.request_id)
+            worker.abort_soon(req.request_id)
+            raise
+        if out.finish_reason is None:  # the step failed and the loop aborted the request
+            await context.abort(grpc.StatusCode.INTERNAL, "prefill step failed")
+        response = pb.PrefillResponse(first_token=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens)
+        assert out.first_scheduled_s is not None  # a sampled token was scheduled
+        self._record_stages(span, arrival, out.first_scheduled_s, sampled_s[0], response)
+        span.set_attributes({
+            "gen_ai.usage.output_tokens": 1,
+            "gen_ai.response.finish_reasons": (out.finish_reason.value,),
+            "tandem.cached_tokens": out.num_cached_tokens,
+        })
+        if out.new_logprobs:
+            response.first_logprob.CopyFrom(codec.logprob_to_proto(out.new_logprobs[0]))
+        if out.finish_reason is not FinishReason.HANDOFF:
+            response.finish_reason = codec.FINISH_TO_PB[out.finish_reason]
+            return response
+        held, deadline_unix_s = leased[req.request_id]
+        handle = KVHandleInfo(
+            request_id=req.request_id,
+            source_worker_id=worker.config.worker_id,
+            source_address=worker.address,
+            block_ids=held.block_ids,
+            num_tokens=held.num_tokens,
+            layout=worker.layout.describe(),
+            block_hashes=held.block_hashes,
+            lease_deadline_unix_s=deadline_unix_s,
+        )
+        response.handle.CopyFrom(handle_to_proto(handle))
+        return response
+
+    def _record_stages(
+        self, span: Span, arrival: ClockAnchor, scheduled_s: float, sampled_s: float, response: pb.PrefillResponse
+    ) -> None:
+        """The queue and compute stages (monotonic seconds) as child spans and on the response."""
+        response.queue_s = max(0.0, scheduled_s - arrival.monotonic_s)
+        response.compute_s = sampled_s - scheduled_s
+        tracer = self.worker.tracing.tracer
+        parent = child_context(span)
+        scheduled_ns = arrival.unix_ns_at(scheduled_s)
+        tracer.start_span("prefill.queue", context=parent, start_time=arrival.unix_ns).end(end_time=scheduled_ns)
+        compute = tracer.start_span("prefill.compute", context=parent, start_time=scheduled_ns)
+        compute.end(end_time=arrival.unix_ns_at(sampled_s))
+
+
+def add_servicers(worker: Worker, server: grpc.aio.Server) -> None:
+    pb_grpc.add_WorkerServicer_to_server(PrefillServicer(worker), server)
+    worker.transport.add_source(server, worker.kv_store, worker.leases)

@@ -1,0 +1,50 @@
+"""The cluster-level scheduler: picks the (prefill, decode) pair for each request.
+
+Used as a library inside the gateway (DESIGN.md sections 2 and 5). `Scheduler` keeps a
+Redis-fed view of the workers and a prefix index; `picker.decide` is the pure decision it
+runs; `policies` holds the routing policies, chosen by name in `SchedulerConfig.policy`.
+"""
+
+from tandem.scheduler.index import PrefixIndex
+from tandem.scheduler.picker import decide
+from tandem.scheduler.policies import (
+    POLICIES,
+    LeastLoaded,
+    Policy,
+    PrefixAware,
+    RoundRobin,
+    make_policy,
+    prefix_aware_cost,
+)
+from tandem.scheduler.scheduler import RegistrySnapshot, Scheduler, route_on
+from tandem.scheduler.types import (
+    NoWorkerError,
+    RouteDecision,
+    RouteKind,
+    RouteRequest,
+    SchedulerConfig,
+    WorkerStatus,
+    WorkerView,
+)
+
+__all__ = [
+    "POLICIES",
+    "LeastLoaded",
+    "NoWorkerError",
+    "Policy",
+    "PrefixAware",
+    "PrefixIndex",
+    "RegistrySnapshot",
+    "RoundRobin",
+    "RouteDecision",
+    "RouteKind",
+    "RouteRequest",
+    "Scheduler",
+    "SchedulerConfig",
+    "WorkerStatus",
+    "WorkerView",
+    "decide",
+    "make_policy",
+    "prefix_aware_cost",
+    "route_on",
+]

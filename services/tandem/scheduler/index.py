@@ -1,0 +1,260 @@
+"""The prefix index: which workers hold which block hashes (DESIGN.md section 5).
+
+Owner: one `Scheduler`. Writers: its KV event follower thread (`apply`, `expire`), its
+registry refresher thread (`forget`), and `Scheduler.route` (`expire`, `add_speculative`).
+Reader: `Scheduler.route` (`match`). Thread safety: every public method takes the one
+`threading.Lock` of the index for its whole body, so each call is atomic; `apply` takes one
+record per call, so the follower never holds the lock for a whole batch.
+
+Layout (all under the lock):
+- Each worker the index knows gets a slot, a bit position. `_holders` maps a block hash to the
+  bitmask (a Python int) of the workers whose KV events say they hold it (confirmed entries).
+  That makes `match` one AND per block.
+- Speculative entries are claims: "worker w will soon hold the chain of blocks ending at hash
+  h" (a request was just routed there). Because block hashes are chained, h alone names the
+  whole chain, so a claim is one entry however long the prompt: `_claims[h]` is the bitmask of
+  the claiming workers, `_claim_expiry[w][h]` the claim's expiry (routing time +
+  `speculative_ttl_s`). Adding and expiring a claim is O(1), which keeps `route` within its
+  budget. A claim is never edited by REMOVED events: it lives at most one TTL, by which time
+  the worker's STORED events have replaced it with confirmed entries (or not).
+- `_positions[w]` = (epoch, seq) of the last event applied for w. A new epoch means the worker
+  restarted with an empty cache: its confirmed entries and claims are dropped first. A seq gap
+  within an epoch (trimmed stream, lost XADD, or an event read before the first one of this
+  scheduler) is logged and counted in `num_gaps`; the entries are kept, since they are still
+  the best guess, and the next CLEARED or new epoch resets them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from itertools import accumulate, compress, count, islice, repeat, takewhile
+from operator import and_, ne, or_
+
+from tandem.common.cluster_state import KVEventKind, KVEventRecord
+
+logger = logging.getLogger(__name__)
+
+
+class PrefixIndex:
+    """Block hash -> workers that hold it, fed by KV events and by routing decisions."""
+
+    def __init__(self, speculative_ttl_s: float) -> None:
+        if not speculative_ttl_s >= 0:
+            raise ValueError(f"speculative_ttl_s must be >= 0, got {speculative_ttl_s!r}")
+        self._ttl_s = speculative_ttl_s
+        self._lock = threading.Lock()
+        self._holders: dict[int, int] = {}  # block hash -> bitmask of slots (confirmed)
+        self._confirmed: dict[str, set[int]] = {}  # worker -> its confirmed hashes
+        self._claims: dict[int, int] = {}  # last hash of a claimed chain -> bitmask of slots
+        self._claim_expiry: dict[str, dict[int, float]] = {}  # worker -> last hash -> expiry_s
+        self._expiries: list[tuple[float, int, str, int]] = []  # heap: (expiry_s, tie, w, h)
+        self._tie = count()
+        self._bit: dict[str, int] = {}  # worker id -> 1 << slot
+        self._owner: dict[int, str] = {}  # 1 << slot -> worker id
+        self._free_slots: list[int] = []  # slots of forgotten workers, reused first
+        self._positions: dict[str, tuple[int, int]] = {}  # worker -> (epoch, last seq)
+        self._gaps: dict[str, int] = {}
+
+    # --- writers -----------------------------------------------------------------------------
+
+    def apply(self, record: KVEventRecord) -> None:
+        """Apply one KV event: STORED adds, REMOVED removes, CLEARED drops all of the worker's
+        entries and claims. Stale or duplicate events (by epoch and seq) are ignored."""
+        worker_id = record.worker_id
+        with self._lock:
+            if not self._advance(record):
+                return
+            if record.kind is KVEventKind.CLEARED:
+                self._drop_entries(worker_id)
+                return
+            bit = self._bit_for(worker_id)
+            confirmed = self._confirmed.setdefault(worker_id, set())
+            hashes = record.block_hashes
+            holders = self._holders
+            if record.kind is KVEventKind.STORED:
+                confirmed.update(hashes)
+                holders.update(zip(hashes, map(or_, map(holders.get, hashes, repeat(0)),
+                                               repeat(bit))))
+            else:  # REMOVED
+                confirmed.difference_update(hashes)
+                for h in hashes:
+                    _clear_bit(holders, h, bit)
+
+    def add_speculative(self, worker_id: str, block_hashes: Sequence[int], now_s: float) -> None:
+        """Claim that `worker_id` will soon hold `block_hashes`, the chain of a prompt's
+        leading blocks (from its first block on), because a request was routed there.
+
+        The claim counts in `match` until `now_s + speculative_ttl_s`; claiming the same chain
+        again pushes its expiry. By then the worker's STORED events have confirmed the blocks.
+        Also expires what is due at `now_s`. O(1). No-op when the TTL is 0 or there are no
+        blocks.
+        """
+        if self._ttl_s == 0 or not block_hashes:
+            return
+        last = block_hashes[-1]
+        with self._lock:
+            self._expire(now_s)
+            expiry_s = now_s + self._ttl_s
+            self._claims[last] = self._claims.get(last, 0) | self._bit_for(worker_id)
+            self._claim_expiry.setdefault(worker_id, {})[last] = expiry_s
+            heapq.heappush(self._expiries, (expiry_s, next(self._tie), worker_id, last))
+
+    def expire(self, now_s: float) -> int:
+        """Drop the claims whose expiry is <= `now_s`; return how many."""
+        with self._lock:
+            return self._expire(now_s)
+
+    def forget(self, worker_id: str) -> None:
+        """Drop everything about a worker that left the registry (entries, epoch, slot)."""
+        with self._lock:
+            self._drop_entries(worker_id)
+            self._positions.pop(worker_id, None)
+            self._gaps.pop(worker_id, None)
+            bit = self._bit.pop(worker_id, None)
+            if bit is not None:
+                del self._owner[bit]
+                self._free_slots.append(bit.bit_length() - 1)
+
+    # --- readers -----------------------------------------------------------------------------
+
+    def match(self, block_hashes: Sequence[int], worker_ids: Iterable[str]) -> dict[str, int]:
+        """For each of `worker_ids`: how many of the prompt's leading blocks it holds.
+
+        A worker's count is the larger of its confirmed leading run and its longest live claim
+        on a prefix of the prompt (a confirmed run that resumes after a claim's end is not
+        added to it: an underestimate, for at most one TTL).
+
+        Cost O(num_blocks + num_workers): one pass over the hashes with a shrinking bitmask of
+        the workers still matching (one dict lookup and one AND per block, in C via itertools;
+        the AND is over num_workers / 64 machine words), Python-level work only where the mask
+        shrinks (at most once per worker); then one lookup per block in the claims, and a
+        Python step per claim that ends inside the prompt.
+        Does not expire claims; call `expire` first.
+        """
+        result = dict.fromkeys(worker_ids, 0)
+        with self._lock:
+            bits = self._bit
+            candidates = 0
+            for worker_id in result:
+                candidates |= bits.get(worker_id, 0)
+            if not candidates or not block_hashes:
+                return result
+            owner = self._owner
+            # still[i] = candidates holding all of blocks 0..i-1 (confirmed); the walk stops
+            # where none is left, so a prompt nobody holds costs a few lookups.
+            still = list(takewhile(bool, accumulate(
+                map(self._holders.get, block_hashes, repeat(0)), and_, initial=candidates)))
+            for i in compress(count(), map(ne, still, islice(still, 1, None))):
+                dropped = still[i] ^ still[i + 1]
+                while dropped:
+                    low = dropped & -dropped
+                    result[owner[low]] = i
+                    dropped ^= low
+            alive, num_held = still[-1], len(still) - 1
+            while alive:
+                low = alive & -alive
+                result[owner[low]] = num_held
+                alive ^= low
+            # isdisjoint walks the prompt in C and stops at the first hit: most prompts end no
+            # live claim (KV events confirm routed blocks within milliseconds).
+            if not self._claims.keys().isdisjoint(block_hashes):
+                claims = list(map(self._claims.get, block_hashes, repeat(0)))
+                for i in compress(count(), claims):  # blocks where some chain claim ends
+                    claimed = claims[i] & candidates
+                    while claimed:
+                        low = claimed & -claimed
+                        if result[owner[low]] <= i:
+                            result[owner[low]] = i + 1
+                        claimed ^= low
+        return result
+
+    def worker_ids(self) -> frozenset[str]:
+        """Every worker the index has entries or an event position for."""
+        with self._lock:
+            return frozenset(self._bit) | frozenset(self._positions)
+
+    def num_blocks(self, worker_id: str) -> int:
+        """Confirmed block hashes of the worker."""
+        with self._lock:
+            return len(self._confirmed.get(worker_id, ()))
+
+    def num_claims(self, worker_id: str) -> int:
+        """Live speculative claims (chains routed to the worker, not yet expired)."""
+        with self._lock:
+            return len(self._claim_expiry.get(worker_id, ()))
+
+    def num_gaps(self, worker_id: str) -> int:
+        """Seq gaps seen for the worker since its current view began (0: view complete)."""
+        with self._lock:
+            return self._gaps.get(worker_id, 0)
+
+    # --- internals (lock held) ---------------------------------------------------------------
+
+    def _advance(self, record: KVEventRecord) -> bool:
+        """Check (epoch, seq) against the last applied event; False: skip this event."""
+        worker_id, epoch, seq = record.worker_id, record.epoch, record.seq
+        position = self._positions.get(worker_id)
+        if position is None:
+            if seq != 1:  # the stream was trimmed, or the worker was forgotten meanwhile
+                logger.info("kv events of %s start at seq %d of epoch %d; its view is partial",
+                            worker_id, seq, epoch)
+                self._gaps[worker_id] = self._gaps.get(worker_id, 0) + 1
+        elif epoch < position[0] or (epoch == position[0] and seq <= position[1]):
+            logger.debug("ignoring stale kv event %s epoch %d seq %d", worker_id, epoch, seq)
+            return False
+        elif epoch > position[0]:
+            logger.info("worker %s restarted (epoch %d -> %d); dropping its index entries",
+                        worker_id, position[0], epoch)
+            self._drop_entries(worker_id)
+            self._gaps.pop(worker_id, None)
+            if seq != 1:
+                self._gaps[worker_id] = 1
+        elif seq != position[1] + 1:
+            logger.warning("kv events of %s: gap in epoch %d (seq %d after %d); keeping its "
+                           "entries", worker_id, epoch, seq, position[1])
+            self._gaps[worker_id] = self._gaps.get(worker_id, 0) + 1
+        self._positions[worker_id] = (epoch, seq)
+        return True
+
+    def _bit_for(self, worker_id: str) -> int:
+        bit = self._bit.get(worker_id)
+        if bit is None:
+            slot = self._free_slots.pop() if self._free_slots else len(self._owner)
+            bit = self._bit[worker_id] = 1 << slot
+            self._owner[bit] = worker_id
+        return bit
+
+    def _drop_entries(self, worker_id: str) -> None:
+        """Remove all of the worker's confirmed entries and claims (keeps its slot)."""
+        confirmed = self._confirmed.pop(worker_id, set())
+        claims = self._claim_expiry.pop(worker_id, {})
+        bit = self._bit.get(worker_id)
+        if bit is None:
+            return
+        for h in confirmed:
+            _clear_bit(self._holders, h, bit)
+        for h in claims:
+            _clear_bit(self._claims, h, bit)
+
+    def _expire(self, now_s: float) -> int:
+        expired = 0
+        heap = self._expiries
+        while heap and heap[0][0] <= now_s:
+            expiry_s, _, worker_id, last = heapq.heappop(heap)
+            claims = self._claim_expiry.get(worker_id)
+            if claims is not None and claims.get(last) == expiry_s:  # not re-claimed later
+                del claims[last]
+                _clear_bit(self._claims, last, self._bit[worker_id])
+                expired += 1
+        return expired
+
+
+def _clear_bit(masks: dict[int, int], h: int, bit: int) -> None:
+    mask = masks.get(h, 0) & ~bit
+    if mask:
+        masks[h] = mask
+    else:
+        masks.pop(h, None)

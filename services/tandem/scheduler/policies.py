@@ -1,0 +1,163 @@
+"""Routing policies: pick one worker of a pool for a request (DESIGN.md section 5).
+
+Caller: `picker.decide`, once for the decode pool and, when it disaggregates, once for the
+prefill pool. The candidates are non-empty and already filtered (live, not excluded, and for the
+prefill pool fingerprint-compatible with the chosen decode worker). A policy is stateless and
+pure: the same (request, candidates, pool, config) always gives the same worker, so decisions
+can be tested with tables and replayed in a simulator. Ties are broken by worker id.
+
+A worker whose `load` is None (registered, no load published yet) counts as idle.
+Policies are chosen by name through `POLICIES` / `make_policy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Protocol
+
+from tandem.common.cluster_state import WorkerRole
+from tandem.scheduler.types import RouteRequest, SchedulerConfig, WorkerView
+
+
+class Policy(Protocol):
+    """Picks one of `candidates` (non-empty) for `request` in `pool`. Pure; never mutates."""
+
+    name: str
+
+    def pick(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[WorkerView],
+        pool: WorkerRole,
+        config: SchedulerConfig,
+    ) -> WorkerView: ...
+
+
+class RoundRobin:
+    """Candidates sorted by worker id; take index `request.seq % len(candidates)`."""
+
+    name = "round_robin"
+
+    def pick(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[WorkerView],
+        pool: WorkerRole,
+        config: SchedulerConfig,
+    ) -> WorkerView:
+        ordered = sorted(candidates, key=lambda view: view.info.worker_id)
+        return ordered[request.seq % len(ordered)]
+
+
+class LeastLoaded:
+    """Min by (waiting + running, queued prefill tokens, KV cache usage, worker id).
+
+    Ignores the prefix cache and the pool: the same rule for prefill and decode.
+    """
+
+    name = "least_loaded"
+
+    def pick(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[WorkerView],
+        pool: WorkerRole,
+        config: SchedulerConfig,
+    ) -> WorkerView:
+        def key(view: WorkerView) -> tuple[int, int, float, str]:
+            load = view.load
+            if load is None:
+                return (0, 0, 0.0, view.info.worker_id)
+            return (load.waiting + load.running, load.queued_prefill_tokens,
+                    load.kv_cache_usage, view.info.worker_id)
+
+        return min(candidates, key=key)
+
+
+def prefix_aware_cost(
+    request: RouteRequest, view: WorkerView, pool: WorkerRole, config: SchedulerConfig
+) -> float:
+    """The `PrefixAware` cost of sending `request` to `view`, in token units (lower is better).
+
+    With T = num_prompt_tokens, B = block_size, and an absent load counting as all zeros:
+
+        uncached = max(0, T - num_cached_blocks * B)
+        prefill pool: cost = uncached
+                           + queue_weight * queued_prefill_tokens
+                           + kv_weight * kv_cache_usage * T
+        decode pool:  cost = uncached
+                           + queue_weight * (queued_prefill_tokens + (running + waiting) * B)
+                           + kv_weight * kv_cache_usage * T
+
+    Why the decode term: a decode worker also prefills (local prefill, and the tails it does
+    not pull), so its queued prefill tokens delay admission just as on P; on top of that every
+    running or waiting sequence takes a share of each decode step, charged as one block of
+    tokens. The KV term makes a nearly full worker (which would evict or preempt) look as
+    expensive as recomputing the prompt scaled by its usage.
+    """
+    tokens_per_seq = config.block_size if pool is WorkerRole.DECODE else 0
+    return _cost(view, request.num_prompt_tokens, config.block_size, config.queue_weight,
+                 config.kv_weight * request.num_prompt_tokens, tokens_per_seq)
+
+
+def _cost(view: WorkerView, num_prompt_tokens: int, block_size: int, queue_weight: float,
+          kv_weight_tokens: float, tokens_per_seq: int) -> float:
+    """`prefix_aware_cost` with the per-request factors hoisted out (it runs per candidate)."""
+    uncached = num_prompt_tokens - view.num_cached_blocks * block_size
+    if uncached < 0:
+        uncached = 0
+    load = view.load
+    if load is None:
+        return float(uncached)
+    queued = load.queued_prefill_tokens + (load.running + load.waiting) * tokens_per_seq
+    total = load.kv_blocks_total  # kv_cache_usage, inlined
+    kv_term = kv_weight_tokens * load.kv_blocks_used / total if total else 0.0
+    return uncached + queue_weight * queued + kv_term
+
+
+class PrefixAware:
+    """Min by (`prefix_aware_cost`, worker id): trades cached prefix against queue and KV use.
+
+    The default policy. See `prefix_aware_cost` for the exact formula per pool.
+    """
+
+    name = "prefix_aware"
+
+    def pick(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[WorkerView],
+        pool: WorkerRole,
+        config: SchedulerConfig,
+    ) -> WorkerView:
+        # A plain loop with hoisted factors: this runs for every live worker on every request.
+        num_tokens, block_size = request.num_prompt_tokens, config.block_size
+        queue_weight, kv_weight_tokens = config.queue_weight, config.kv_weight * num_tokens
+        tokens_per_seq = block_size if pool is WorkerRole.DECODE else 0
+        best = candidates[0]
+        best_cost = _cost(best, num_tokens, block_size, queue_weight, kv_weight_tokens,
+                          tokens_per_seq)
+        for view in candidates[1:]:
+            cost = _cost(view, num_tokens, block_size, queue_weight, kv_weight_tokens,
+                         tokens_per_seq)
+            if cost < best_cost or (cost == best_cost
+                                    and view.info.worker_id < best.info.worker_id):
+                best, best_cost = view, cost
+        return best
+
+
+# Immutable registry: name -> policy class (policies are stateless; one instance per scheduler).
+POLICIES: Mapping[str, type[Policy]] = MappingProxyType({
+    RoundRobin.name: RoundRobin,
+    LeastLoaded.name: LeastLoaded,
+    PrefixAware.name: PrefixAware,
+})
+
+
+def make_policy(name: str) -> Policy:
+    """The policy registered under `name`; ValueError listing the valid names otherwise."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown scheduler policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
+    return cls()

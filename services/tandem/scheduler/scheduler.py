@@ -1,0 +1,312 @@
+"""The cluster-level scheduler, a library inside the gateway (DESIGN.md sections 2 and 5).
+
+Lifecycle:
+1. The gateway builds `Scheduler(state, config, events_state=...)`, calls `refresh_now()` once
+   (optional: a synchronous first view of the registry) and `start()`.
+2. `start()` launches two daemon threads:
+   - the registry refresher: every `refresh_interval_s`, the live workers (`list_workers`) and
+     their loads (`get_loads`, one pipeline) become a new immutable `RegistrySnapshot`,
+     swapped in with one reference assignment; workers that left are forgotten by the index.
+   - the KV event follower: reads `kv_events` from `"0-0"` (rebuilds the index from what the
+     stream still holds), then follows it with XREAD blocking `kv_events_block_ms`.
+   Both log Redis errors and retry with bounded backoff; an error never ends a thread. While
+   Redis is unreachable the last snapshot stays in use (workers cannot heartbeat either, so
+   expiry cannot be told from an outage).
+3. For each request the gateway calls `next_seq()`, then `route(request, exclude)`; on a
+   retry it calls `route` again with the failed worker excluded. For every decision it
+   calls `prefill_done` once the prompt ran (or failed) and `decode_done` when the stream
+   ended, so the in-flight table (inflight.py) stays exact.
+4. `stop()` ends both threads (bounded join). The caller owns the Redis clients.
+
+Ownership: `refresh_now` (on the refresher thread, or called directly at startup and in
+tests) is the only writer of `_snapshot`, and replaces it whole; `route` reads one snapshot
+reference per call and never sees a half-built one. The `PrefixIndex` has its own lock.
+A worker whose heartbeat key expired leaves `list_workers`, so it is never chosen after its TTL
+plus one refresh interval.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import redis
+
+from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.scheduler.index import PrefixIndex
+from tandem.scheduler.inflight import InflightTable
+from tandem.scheduler.picker import decide
+from tandem.scheduler.policies import Policy, make_policy
+from tandem.scheduler.types import (
+    RouteDecision,
+    RouteRequest,
+    SchedulerConfig,
+    WorkerStatus,
+    WorkerView,
+)
+
+logger = logging.getLogger(__name__)
+
+EVENTS_PER_READ = 1000
+MAX_BACKOFF_S = 2.0
+SOCKET_TIMEOUT_MARGIN_S = 1.0  # the events client's socket timeout must exceed block_ms by this
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """The live workers and their last loads at `taken_at_s`, split by pool, sorted by id.
+
+    The views carry `num_cached_blocks=0`: `route_on` replaces only the views of workers that
+    hold part of the prompt, so a route builds few new objects.
+    """
+
+    prefill: tuple[WorkerView, ...]
+    decode: tuple[WorkerView, ...]
+    prefill_ids: tuple[str, ...]  # ids of `prefill`, in order
+    decode_ids: tuple[str, ...]
+    worker_ids: tuple[str, ...]  # all, sorted
+    taken_at_s: float
+
+    @classmethod
+    def of(cls, workers: Iterable[WorkerInfo], loads: Mapping[str, WorkerLoad | None],
+           taken_at_s: float) -> RegistrySnapshot:
+        views = sorted((WorkerView(w, loads.get(w.worker_id), 0) for w in workers),
+                       key=lambda view: view.info.worker_id)
+        prefill = tuple(v for v in views if v.info.role is WorkerRole.PREFILL)
+        decode = tuple(v for v in views if v.info.role is WorkerRole.DECODE)
+        return cls(
+            prefill=prefill,
+            decode=decode,
+            prefill_ids=tuple(v.info.worker_id for v in prefill),
+            decode_ids=tuple(v.info.worker_id for v in decode),
+            worker_ids=tuple(v.info.worker_id for v in views),
+            taken_at_s=taken_at_s,
+        )
+
+
+EMPTY_SNAPSHOT = RegistrySnapshot((), (), (), (), (), 0.0)
+
+
+def route_on(
+    snapshot: RegistrySnapshot,
+    index: PrefixIndex,
+    request: RouteRequest,
+    policy: Policy,
+    config: SchedulerConfig,
+    now_s: float,
+    exclude: frozenset[str] = frozenset(),
+    inflight: InflightTable | None = None,
+) -> RouteDecision:
+    """The in-memory routing path of `Scheduler.route` (also timed by the bench).
+
+    Expires due speculative claims, matches the prompt against the index, builds the views
+    (loads adjusted by this gateway's own in-flight work), calls `picker.decide`, then claims
+    the prompt's blocks speculatively for the worker that will prefill (P, or D when local)
+    and for D (which pulls them from P), and records the new in-flight work. Raises
+    NoWorkerError / ValueError from `decide`.
+    """
+    index.expire(now_s)
+    cached = index.match(request.block_hashes, snapshot.worker_ids)
+    touched = inflight.touched() if inflight is not None else frozenset()
+    prefill = _views(snapshot.prefill, snapshot.prefill_ids, cached, touched, inflight)
+    decode = _views(snapshot.decode, snapshot.decode_ids, cached, touched, inflight)
+    decision = decide(request, prefill, decode, policy, config, exclude)
+    for worker in (decision.prefill, decision.decode):
+        if worker is not None:
+            index.add_speculative(worker.worker_id, request.block_hashes, now_s)
+    if inflight is not None:
+        inflight.begin(prefilled_by(decision), uncached_prefill_tokens(decision, request.num_prompt_tokens),
+                       decision.decode.worker_id)
+    return decision
+
+
+def prefilled_by(decision: RouteDecision) -> str:
+    """The worker that runs the prompt: P, or D when it prefills locally."""
+    return (decision.prefill or decision.decode).worker_id
+
+
+def uncached_prefill_tokens(decision: RouteDecision, num_prompt_tokens: int) -> int:
+    cached = decision.prefill_cached_tokens if decision.prefill is not None else decision.decode_cached_tokens
+    return max(0, num_prompt_tokens - cached)
+
+
+def _views(views: tuple[WorkerView, ...], worker_ids: tuple[str, ...], cached: Mapping[str, int],
+           touched: frozenset[str], inflight: InflightTable | None) -> list[WorkerView]:
+    """`views` with their cached block counts and adjusted loads; others keep their view."""
+    out = []
+    for v, wid in zip(views, worker_ids):
+        n = cached[wid]
+        if wid in touched and inflight is not None:
+            out.append(WorkerView(v.info, inflight.adjust(wid, v.load), n))
+        else:
+            out.append(WorkerView(v.info, v.load, n) if n else v)
+    return out
+
+
+class Scheduler:
+    """Picks the (prefill, decode) pair per request from Redis-fed state. See module docstring.
+
+    `state` serves the refresher (short commands). `events_state` serves the follower's
+    blocking XREAD: a ClusterState of the same cluster whose client's socket_timeout exceeds
+    `kv_events_block_ms` by at least SOCKET_TIMEOUT_MARGIN_S (or is None). Without it, `state`
+    is used, and must meet the same condition. `clock` (wall seconds) stamps snapshots and
+    speculative entries. `route`, `next_seq`, `ready` and `workers` are thread-safe.
+    The caller builds and closes the clients. Note that redis-py retries a failed command
+    itself (8.x default: 10 retries, about 5 s against a dead server) before this class sees
+    the error; `stop()` waits at most its `timeout_s` either way.
+    """
+
+    def __init__(
+        self,
+        state: ClusterState,
+        config: SchedulerConfig,
+        clock: Callable[[], float] = time.time,
+        *,
+        events_state: ClusterState | None = None,
+    ) -> None:
+        events = state if events_state is None else events_state
+        if events.key_prefix != state.key_prefix:
+            raise ValueError(f"events_state reads {events.key_prefix!r} but state reads "
+                             f"{state.key_prefix!r}; use one cluster name for both")
+        timeout_s = events.socket_timeout_s
+        needed_s = config.kv_events_block_ms / 1000 + SOCKET_TIMEOUT_MARGIN_S
+        if timeout_s is not None and timeout_s < needed_s:
+            raise ValueError(
+                f"the KV event client's socket_timeout ({timeout_s} s) must be >= {needed_s} s "
+                f"(kv_events_block_ms {config.kv_events_block_ms} + {SOCKET_TIMEOUT_MARGIN_S} s): "
+                "pass events_state built on a client with a longer socket_timeout"
+            )
+        self._state, self._events, self._config, self._clock = state, events, config, clock
+        self._policy = make_policy(config.policy)
+        self._index = PrefixIndex(config.speculative_ttl_s)
+        self._inflight = InflightTable()
+        self._snapshot = EMPTY_SNAPSHOT  # replaced whole by refresh_now, never mutated
+        self._seq = itertools.count()
+        self._seq_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._caught_up = threading.Event()
+        self._threads = (
+            threading.Thread(target=self._refresh_loop, name="scheduler-registry", daemon=True),
+            threading.Thread(target=self._follow_loop, name="scheduler-kv-events", daemon=True),
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Launch the registry refresher and the KV event follower. Call once."""
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop both threads; each join waits at most until `timeout_s` from now."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    logger.warning("%s did not stop within %s s", thread.name, timeout_s)
+
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` until the follower has read the stream to its end once."""
+        return self._caught_up.wait(timeout_s)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def next_seq(self) -> int:
+        """The next request counter value (0, 1, 2, ...); thread-safe."""
+        with self._seq_lock:
+            return next(self._seq)
+
+    def route(self, request: RouteRequest, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+        """Decide where `request` goes (see `route_on`). NoWorkerError: answer 503."""
+        return route_on(self._snapshot, self._index, request, self._policy, self._config,
+                        self._clock(), exclude, self._inflight)
+
+    def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int) -> None:
+        """The prompt of a routed request was prefilled (or failed): call once per decision."""
+        self._inflight.prefill_done(prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens),
+                                    self._clock())
+
+    def decode_done(self, decision: RouteDecision) -> None:
+        """The decode stream of a routed request ended (any way): call once per decision."""
+        self._inflight.decode_done(decision.decode.worker_id, self._clock())
+
+    def ready(self) -> bool:
+        """True when the current snapshot has at least one live decode worker."""
+        return bool(self._snapshot.decode)
+
+    def workers(self) -> tuple[WorkerStatus, ...]:
+        """The current snapshot, sorted by worker id, with what the index holds per worker."""
+        snapshot = self._snapshot
+        views = sorted(snapshot.prefill + snapshot.decode, key=lambda view: view.info.worker_id)
+        return tuple(WorkerStatus(v.info, v.load, self._index.num_blocks(v.info.worker_id),
+                                  self._index.num_claims(v.info.worker_id))
+                     for v in views)
+
+    # --- registry refresher ------------------------------------------------------------------
+
+    def refresh_now(self) -> None:
+        """Read the live workers and their loads, swap in the new snapshot, and forget the
+        index entries of workers that are not live. Redis errors propagate to the caller.
+
+        A worker whose key expired and that registers again comes back with an empty view in
+        the index: its later events rebuild it (the index counts the seq gap)."""
+        # Read the index's workers BEFORE the registry: a worker registers before it publishes
+        # events, so any live worker in `known` is also in `workers` and is not forgotten.
+        known = self._index.worker_ids()
+        workers = self._state.list_workers()
+        loads = self._state.get_loads(w.worker_id for w in workers)
+        snapshot = RegistrySnapshot.of(workers, loads, self._clock())
+        previous = set(self._snapshot.worker_ids)
+        self._snapshot = snapshot
+        live = set(snapshot.worker_ids)
+        if live != previous:
+            logger.info("workers joined: %s; left: %s", sorted(live - previous) or "-",
+                        sorted(previous - live) or "-")
+        for worker_id in known - live:
+            self._index.forget(worker_id)
+        for worker_id in self._inflight.touched() - live:
+            self._inflight.forget(worker_id)
+
+    def _refresh_loop(self) -> None:
+        interval_s = self._config.refresh_interval_s
+        wait_s = 0.0  # first refresh at once
+        while not self._stop.wait(wait_s):
+            try:
+                self.refresh_now()
+                wait_s = interval_s
+            except Exception as exc:  # noqa: BLE001 - the thread must survive anything
+                wait_s = min(MAX_BACKOFF_S, max(interval_s, 2 * wait_s))
+                self._log_failure("registry refresh", exc, wait_s)
+
+    # --- KV event follower -------------------------------------------------------------------
+
+    def _follow_loop(self) -> None:
+        last_id = "0-0"
+        backoff_s = 0.0
+        block_ms = self._config.kv_events_block_ms
+        while not self._stop.is_set():
+            try:
+                records, last_id = self._events.read_kv_events(last_id, EVENTS_PER_READ, block_ms)
+                for record in records:
+                    self._index.apply(record)
+                if len(records) < EVENTS_PER_READ:
+                    self._caught_up.set()
+                self._index.expire(self._clock())
+                backoff_s = 0.0
+            except Exception as exc:  # noqa: BLE001 - the thread must survive anything
+                backoff_s = min(MAX_BACKOFF_S, max(0.05, 2 * backoff_s))
+                self._log_failure("kv event follow", exc, backoff_s)
+                self._stop.wait(backoff_s)
+
+    @staticmethod
+    def _log_failure(what: str, exc: Exception, retry_in_s: float) -> None:
+        if isinstance(exc, (redis.RedisError, OSError)):
+            logger.warning("%s failed: %s; retrying in %.2f s", what, exc, retry_in_s)
+        else:
+            logger.exception("%s failed unexpectedly; retrying in %.2f s", what, retry_in_s)

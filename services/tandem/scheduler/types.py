@@ -1,0 +1,156 @@
+"""The scheduler's messages: what the gateway asks, what the picker sees, what it answers.
+
+Who builds what:
+- The gateway builds a `RouteRequest` per request (block hashes from
+  `tandem.common.block_hash.hash_blocks`, with the workers' block_size and extra) and takes
+  its `seq` from `Scheduler.next_seq()`.
+- The `Scheduler` builds one `WorkerView` per live worker at decision time, from its registry
+  snapshot and its prefix index.
+- `picker.decide` returns a `RouteDecision`; the gateway applies it (calls P, then D).
+All of them are frozen: nobody mutates a decision's inputs or outputs after construction.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from tandem.common.cluster_state import WorkerInfo, WorkerLoad
+
+
+class NoWorkerError(RuntimeError):
+    """No routable decode worker (none live, or all excluded). The gateway answers 503."""
+
+
+class RouteKind(str, enum.Enum):
+    DISAGGREGATED = "disaggregated"  # P prefills, D pulls the KV and decodes
+    LOCAL_PREFILL = "local_prefill"  # D prefills the prompt itself, then decodes
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """One request as the scheduler sees it.
+
+    `block_hashes` are the chained hashes of the prompt's FULL blocks, in order, so
+    `len(block_hashes) == num_prompt_tokens // block_size` (checked by `picker.decide`).
+    `seq` is the scheduler's request counter (`Scheduler.next_seq()`), which makes round robin
+    a pure function of the request.
+    """
+
+    request_id: str
+    num_prompt_tokens: int
+    block_hashes: tuple[int, ...]
+    seq: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError("request_id must be a non-empty string")
+        for name in ("num_prompt_tokens", "seq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        # Per-hash checks would cost O(num_blocks) on the routing path; the gateway builds
+        # the tuple with hash_blocks, which only yields unsigned 64-bit ints.
+        if not isinstance(self.block_hashes, tuple):
+            raise ValueError("block_hashes must be a tuple of ints (use tuple(hash_blocks(...)))")
+
+
+@dataclass(frozen=True, slots=True)  # slots: built once per live worker on every route call
+class WorkerView:
+    """One live worker at decision time.
+
+    `load` is None while the worker has not published a load yet (policies treat it as idle).
+    `num_cached_blocks` is the number of the prompt's LEADING blocks this worker holds
+    according to the prefix index (confirmed by KV events, or claimed speculatively).
+    """
+
+    info: WorkerInfo
+    load: WorkerLoad | None
+    num_cached_blocks: int
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One live worker for `tandem status`: its registration, its last load, the block hashes
+    its KV events put in the scheduler's prefix index, and its live speculative claims (prompts
+    routed to it in the last `speculative_ttl_s`)."""
+
+    info: WorkerInfo
+    load: WorkerLoad | None
+    num_indexed_blocks: int
+    num_speculative_claims: int
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The picker's answer. `prefill` is None exactly when `kind` is LOCAL_PREFILL.
+
+    `decode_cached_tokens` / `prefill_cached_tokens`: prompt tokens the index says D / P
+    already hold as leading full blocks (`prefill_cached_tokens` is 0 without a P).
+    """
+
+    kind: RouteKind
+    decode: WorkerInfo
+    prefill: WorkerInfo | None
+    decode_cached_tokens: int
+    prefill_cached_tokens: int
+
+    def __post_init__(self) -> None:
+        if (self.kind is RouteKind.LOCAL_PREFILL) != (self.prefill is None):
+            raise ValueError("a local_prefill decision has no prefill worker; a disaggregated "
+                             "one has exactly one")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's configuration, validated once.
+
+    - `policy`: name of the routing policy (`policies.POLICIES`).
+    - `block_size`: tokens per block; must equal the workers' block size.
+    - `local_prefill_max_tokens`: conditional disaggregation. If the prompt's uncached tokens
+      at the chosen decode worker are < this, D prefills locally. 0: always disaggregate when
+      a fingerprint-compatible prefill worker is live.
+    - `queue_weight`, `kv_weight`: weights of the load terms of the prefix-aware cost
+      (token units; see `policies.PrefixAware`).
+    - `refresh_interval_s`: period of the registry refresher (worker list + loads).
+    - `speculative_ttl_s`: life of the speculative index entries added at routing time (the
+      worker's KV events confirm the blocks meanwhile). 0 disables speculative entries.
+    - `kv_events_block_ms`: how long one XREAD of the KV event follower blocks.
+    """
+
+    policy: str = "prefix_aware"
+    block_size: int = 16
+    local_prefill_max_tokens: int = 256
+    queue_weight: float = 1.0
+    kv_weight: float = 1.0
+    refresh_interval_s: float = 0.25
+    speculative_ttl_s: float = 10.0
+    kv_events_block_ms: int = 500
+
+    def __post_init__(self) -> None:
+        from tandem.scheduler.policies import POLICIES  # noqa: PLC0415 - policies imports us
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown scheduler policy {self.policy!r}; "
+                             f"valid: {', '.join(sorted(POLICIES))}")
+        _check_int("block_size", self.block_size, minimum=1)
+        _check_int("local_prefill_max_tokens", self.local_prefill_max_tokens, minimum=0)
+        _check_int("kv_events_block_ms", self.kv_events_block_ms, minimum=1)
+        _check_float("queue_weight", self.queue_weight, positive=False)
+        _check_float("kv_weight", self.kv_weight, positive=False)
+        _check_float("refresh_interval_s", self.refresh_interval_s, positive=True)
+        _check_float("speculative_ttl_s", self.speculative_ttl_s, positive=False)
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"scheduler {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: float, positive: bool) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"scheduler {name} must be a finite number {bound}, got {value!r}")
