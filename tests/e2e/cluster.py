@@ -25,10 +25,24 @@ class GatewayProcess:
     stderr_lines: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, model_dir: Path, redis_url: str, *extra: str, timeout_s: float = 60.0,
-              wait_ready: bool = True) -> "GatewayProcess":
-        cmd = [sys.executable, "-m", "tandem", "gateway", "--model", str(model_dir), "--redis", redis_url,
-               "--host", "127.0.0.1", "--port", "0", *extra]
+    def start(
+        cls, model_dir: Path, redis_url: str, *extra: str, timeout_s: float = 60.0, wait_ready: bool = True
+    ) -> GatewayProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tandem",
+            "gateway",
+            "--model",
+            str(model_dir),
+            "--redis",
+            redis_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *extra,
+        ]
         proc, ready, stderr_lines = spawn_until_ready(cmd, "gateway", timeout_s)
         gateway = cls(proc, ready["address"], stderr_lines)
         if wait_ready:
@@ -81,10 +95,18 @@ class Cluster:
     trace_file: Path
 
     @classmethod
-    def start(cls, model_dir: Path, trace_file: Path, num_prefill: int = 2, num_decode: int = 2) -> "Cluster":
+    def start(cls, model_dir: Path, trace_file: Path, num_prefill: int = 2, num_decode: int = 2) -> Cluster:
         redis = EmbeddedRedis.start()
-        common = ("--redis", redis.url, "--heartbeat-ttl-s", str(HEARTBEAT_TTL_S),
-                  "--otel-exporter", "file", "--otel-file", str(trace_file))
+        common = (
+            "--redis",
+            redis.url,
+            "--heartbeat-ttl-s",
+            str(HEARTBEAT_TTL_S),
+            "--otel-exporter",
+            "file",
+            "--otel-file",
+            str(trace_file),
+        )
         workers: list[WorkerProcess] = []
         try:
             for role, count in (("prefill", num_prefill), ("decode", num_decode)):
@@ -95,8 +117,13 @@ class Cluster:
                 w.stop()
             redis.stop()
             raise
-        return cls(redis, [w for w in workers if w.role == "prefill"], [w for w in workers if w.role == "decode"],
-                   model_dir, trace_file)
+        return cls(
+            redis,
+            [w for w in workers if w.role == "prefill"],
+            [w for w in workers if w.role == "decode"],
+            model_dir,
+            trace_file,
+        )
 
     @property
     def workers(self) -> list[WorkerProcess]:
@@ -118,14 +145,17 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while True:
             states = {w.worker_id: w.health() for w in self.workers}
-            busy = {wid: (h.waiting, h.running, h.held_leases, h.total_blocks - h.free_blocks)
-                    for wid, h in states.items()
-                    if h.waiting or h.running or h.held_leases or h.free_blocks != h.total_blocks}
+            busy = {
+                wid: (h.waiting, h.running, h.held_leases, h.total_blocks - h.free_blocks)
+                for wid, h in states.items()
+                if h.waiting or h.running or h.held_leases or h.free_blocks != h.total_blocks
+            }
             if not busy:
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"pools not drained after {timeout_s} s: "
-                                     f"(waiting, running, leases, used blocks) = {busy}")
+                raise AssertionError(
+                    f"pools not drained after {timeout_s} s: (waiting, running, leases, used blocks) = {busy}"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:

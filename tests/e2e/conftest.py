@@ -25,8 +25,9 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def gateway(cluster: Cluster) -> Iterator[GatewayProcess]:
     """The default gateway: prefix_aware routing, always disaggregated (so both pools work),
     tracing into the cluster's span file."""
-    g = cluster.gateway("--local-prefill-max-tokens", "0", "--otel-exporter", "file",
-                        "--otel-file", str(cluster.trace_file))
+    g = cluster.gateway(
+        "--local-prefill-max-tokens", "0", "--otel-exporter", "file", "--otel-file", str(cluster.trace_file)
+    )
     try:
         yield g
     finally:

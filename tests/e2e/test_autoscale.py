@@ -15,7 +15,6 @@ import http.client
 import json
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -33,11 +32,37 @@ MAX_TOKENS = 600
 GROW_TIMEOUT_S = 90.0
 SHRINK_TIMEOUT_S = 90.0
 AUTOSCALE_FLAGS = (
-    "--autoscale", "--prefill", "1", "--decode", "1",
-    "--prefill-min", "1", "--prefill-max", "3", "--decode-min", "1", "--decode-max", "3",
-    "--max-num-seqs", "1", "--decode-target-waiting", "2", "--prefill-target-queued-tokens", "4096",
-    "--interval-s", "0.5", "--stabilisation-window-s", "8", "--up-cooldown-s", "3", "--down-cooldown-s", "3",
-    "--max-signal-age-s", "10", "--local-prefill-max-tokens", "0",
+    "--autoscale",
+    "--prefill",
+    "1",
+    "--decode",
+    "1",
+    "--prefill-min",
+    "1",
+    "--prefill-max",
+    "3",
+    "--decode-min",
+    "1",
+    "--decode-max",
+    "3",
+    "--max-num-seqs",
+    "1",
+    "--decode-target-waiting",
+    "2",
+    "--prefill-target-queued-tokens",
+    "4096",
+    "--interval-s",
+    "0.5",
+    "--stabilisation-window-s",
+    "8",
+    "--up-cooldown-s",
+    "3",
+    "--down-cooldown-s",
+    "3",
+    "--max-signal-age-s",
+    "10",
+    "--local-prefill-max-tokens",
+    "0",
 )
 
 
@@ -57,8 +82,9 @@ def prompts_and_texts(tiny_model_dir: Path) -> tuple[list[list[int]], list[str]]
 def complete(endpoint: str, model: str, prompt: list[int]) -> tuple[int, dict]:
     host, port = endpoint.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                       "ignore_eos": True})
+    body = json.dumps(
+        {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    )
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     response = conn.getresponse()
     return response.status, json.loads(response.read())
@@ -86,11 +112,13 @@ class Traffic:
 
     def trickle(self) -> None:
         """One request at a time, cycling through the prompts, until `stop()`."""
+
         def run() -> None:
             i = 0
             while not self._stop.is_set():
                 self._send(i % len(self.prompts))
                 i += 1
+
         self._threads.append(threading.Thread(target=run, daemon=True))
         self._threads[-1].start()
 
@@ -107,7 +135,8 @@ def pool_sizes(state: ClusterState) -> dict[WorkerRole, int]:
 
 
 def test_autoscale_grows_on_a_burst_and_shrinks_after_the_window(
-        tmp_path: Path, tiny_model_dir: Path, prompts_and_texts, started: list[UpProcess]) -> None:
+    tmp_path: Path, tiny_model_dir: Path, prompts_and_texts, started: list[UpProcess]
+) -> None:
     prompts, texts = prompts_and_texts
     up = UpProcess.start(tmp_path, tiny_model_dir, *AUTOSCALE_FLAGS)
     started.append(up)
@@ -128,8 +157,15 @@ def test_autoscale_grows_on_a_burst_and_shrinks_after_the_window(
     assert wait_until(grown, GROW_TIMEOUT_S, 0.2), up.stderr_tail()
     assert wait_until(lambda: len([a for a in traffic.answers]) >= NUM_BURST, GROW_TIMEOUT_S, 0.2)
     # The burst is over; only the trickle runs. The pools go back to their minimum.
-    assert wait_until(lambda: grown() and pool_sizes(state) == {WorkerRole.PREFILL: 1, WorkerRole.DECODE: 1}
-                      and len(up.state["children"]) == 4, SHRINK_TIMEOUT_S, 0.2), up.stderr_tail()
+    assert wait_until(
+        lambda: (
+            grown()
+            and pool_sizes(state) == {WorkerRole.PREFILL: 1, WorkerRole.DECODE: 1}
+            and len(up.state["children"]) == 4
+        ),
+        SHRINK_TIMEOUT_S,
+        0.2,
+    ), up.stderr_tail()
     traffic.stop(timeout_s=120.0)
 
     assert 2 <= largest[WorkerRole.DECODE] <= 3 and 1 <= largest[WorkerRole.PREFILL] <= 3
@@ -141,8 +177,11 @@ def test_autoscale_grows_on_a_burst_and_shrinks_after_the_window(
     log = "".join(up.stderr)
     changes = "".join(line for line in up.stderr if "direction=up" in line or "direction=down" in line)
     # Up on the queue; `above_max` when the queue asked for more than --decode-max.
-    assert re.search(r"pool=decode current=1 desired=[23] direction=up reason=(queue_above_target|above_max) "
-                     r"signals=fresh workers=1 ", log), changes
+    assert re.search(
+        r"pool=decode current=1 desired=[23] direction=up reason=(queue_above_target|above_max) "
+        r"signals=fresh workers=1 ",
+        log,
+    ), changes
     assert re.search(r"pool=decode current=[23] desired=[12] direction=down reason=scale_down", log), changes
     assert re.search(r"local actuator: retiring decode-[12]", log)
     stop_and_check_no_orphans(up)

@@ -16,14 +16,22 @@ def _open_request(url: str, body: dict) -> socket.socket:
     u = urlparse(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=30)
     raw = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw
+    )
     return sock
 
 
 def test_streaming_disconnect_frees_everything(cluster: Cluster, gateway: GatewayProcess) -> None:
-    body = {"model": cluster.model_dir.name, "prompt": list(range(10, 90)), "max_tokens": 1500,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": cluster.model_dir.name,
+        "prompt": list(range(10, 90)),
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     sock = _open_request(gateway.url, body)
     received = b""
     while received.count(b"data: ") < 5:
@@ -40,8 +48,13 @@ def test_streaming_disconnect_frees_everything(cluster: Cluster, gateway: Gatewa
 
 
 def test_non_streaming_disconnect_frees_everything(cluster: Cluster, gateway: GatewayProcess) -> None:
-    body = {"model": cluster.model_dir.name, "prompt": list(range(100, 180)), "max_tokens": 1500,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": cluster.model_dir.name,
+        "prompt": list(range(100, 180)),
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     sock = _open_request(gateway.url, body)
     busy_seen = False
     deadline = time.monotonic() + 10
@@ -58,13 +71,29 @@ def _spans(path) -> list[dict]:
 
 
 def test_one_trace_across_gateway_prefill_decode(cluster: Cluster, gateway: GatewayProcess) -> None:
-    body = json.dumps({"model": cluster.model_dir.name, "messages": [{"role": "user", "content": "trace me, please"}],
-                       "max_tokens": 6, "temperature": 0, "ignore_eos": True}).encode()
+    body = json.dumps(
+        {
+            "model": cluster.model_dir.name,
+            "messages": [{"role": "user", "content": "trace me, please"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+    ).encode()
     status, _, got = post(gateway.url, "/v1/chat/completions", body)
     assert status == 200, got
     request_id = got["id"]
-    wanted = {"gateway", "route", "prefill", "prefill.queue", "prefill.compute", "kv.pull", "decode", "decode.admit",
-              "decode.stream"}
+    wanted = {
+        "gateway",
+        "route",
+        "prefill",
+        "prefill.queue",
+        "prefill.compute",
+        "kv.pull",
+        "decode",
+        "decode.admit",
+        "decode.stream",
+    }
     deadline = time.monotonic() + 5
     while True:
         spans = _spans(cluster.trace_file)

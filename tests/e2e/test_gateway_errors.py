@@ -56,28 +56,128 @@ def _case(model: str, **overrides) -> bytes:
 
 CASES = [
     # (name, body(model) -> bytes, headers, status, type, param, code, message fragment)
-    ("malformed_json", lambda m: b'{"model": "x", "prompt": ', auth(), 400, "invalid_request_error", None, None, "not valid JSON"),
-    ("invalid_utf8", lambda m: b'{"model": "' + m.encode() + b'", "prompt": "\xff\xfe"}', auth(), 400,
-     "invalid_request_error", None, None, "UTF-8"),
+    (
+        "malformed_json",
+        lambda m: b'{"model": "x", "prompt": ',
+        auth(),
+        400,
+        "invalid_request_error",
+        None,
+        None,
+        "not valid JSON",
+    ),
+    (
+        "invalid_utf8",
+        lambda m: b'{"model": "' + m.encode() + b'", "prompt": "\xff\xfe"}',
+        auth(),
+        400,
+        "invalid_request_error",
+        None,
+        None,
+        "UTF-8",
+    ),
     ("not_an_object", lambda m: b"[1, 2]", auth(), 400, "invalid_request_error", None, None, "object"),
-    ("max_tokens_zero", lambda m: _case(m, max_tokens=0), auth(), 400, "invalid_request_error", "max_tokens", None, "max_tokens"),
-    ("max_tokens_negative", lambda m: _case(m, max_tokens=-5), auth(), 400, "invalid_request_error", "max_tokens", None, "max_tokens"),
+    (
+        "max_tokens_zero",
+        lambda m: _case(m, max_tokens=0),
+        auth(),
+        400,
+        "invalid_request_error",
+        "max_tokens",
+        None,
+        "max_tokens",
+    ),
+    (
+        "max_tokens_negative",
+        lambda m: _case(m, max_tokens=-5),
+        auth(),
+        400,
+        "invalid_request_error",
+        "max_tokens",
+        None,
+        "max_tokens",
+    ),
     ("n_over_cap", lambda m: _case(m, n=MAX_N + 1), auth(), 400, "invalid_request_error", "n", None, "n"),
-    ("nan_temperature", lambda m: _case(m).replace(b'"max_tokens": 4', b'"max_tokens": 4, "temperature": NaN'), auth(), 400,
-     "invalid_request_error", "temperature", None, "temperature"),
-    ("token_id_out_of_range", lambda m: _case(m, prompt=[1, 2, 99999]), auth(), 400, "invalid_request_error", "prompt", None, "99999"),
-    ("unknown_model", lambda m: _case("no-such-model"), auth(), 404, "invalid_request_error", "model", "model_not_found",
-     "The model `no-such-model` does not exist."),
-    ("prompt_over_context", lambda m: _case(m, prompt=[5] * 2048), auth(), 400, "invalid_request_error", "prompt",
-     "context_length_exceeded", "This model's maximum context length is 2048 tokens. However, your request has 2048 input tokens."),
-    ("prompt_plus_completion_over_context", lambda m: _case(m, prompt=[5] * 2000, max_tokens=100), auth(), 400,
-     "invalid_request_error", "max_tokens", "context_length_exceeded",
-     "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens (2000 in the prompt, 100 in the completion)."),
-    ("body_over_limit", lambda m: _case(m, prompt="a" * MAX_BODY), auth(), 413, "invalid_request_error", None,
-     "request_too_large", f"the limit is {MAX_BODY} bytes"),
-    ("missing_key", lambda m: _valid(m), {}, 401, "authentication_error", None, "invalid_api_key", "You didn't provide an API key"),
-    ("wrong_key", lambda m: _valid(m), auth("sk-wrong"), 401, "authentication_error", None, "invalid_api_key",
-     "Incorrect API key provided."),
+    (
+        "nan_temperature",
+        lambda m: _case(m).replace(b'"max_tokens": 4', b'"max_tokens": 4, "temperature": NaN'),
+        auth(),
+        400,
+        "invalid_request_error",
+        "temperature",
+        None,
+        "temperature",
+    ),
+    (
+        "token_id_out_of_range",
+        lambda m: _case(m, prompt=[1, 2, 99999]),
+        auth(),
+        400,
+        "invalid_request_error",
+        "prompt",
+        None,
+        "99999",
+    ),
+    (
+        "unknown_model",
+        lambda m: _case("no-such-model"),
+        auth(),
+        404,
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+        "The model `no-such-model` does not exist.",
+    ),
+    (
+        "prompt_over_context",
+        lambda m: _case(m, prompt=[5] * 2048),
+        auth(),
+        400,
+        "invalid_request_error",
+        "prompt",
+        "context_length_exceeded",
+        "This model's maximum context length is 2048 tokens. However, your request has 2048 input tokens.",
+    ),
+    (
+        "prompt_plus_completion_over_context",
+        lambda m: _case(m, prompt=[5] * 2000, max_tokens=100),
+        auth(),
+        400,
+        "invalid_request_error",
+        "max_tokens",
+        "context_length_exceeded",
+        "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens (2000 in the prompt, 100 in the completion).",  # noqa: E501
+    ),
+    (
+        "body_over_limit",
+        lambda m: _case(m, prompt="a" * MAX_BODY),
+        auth(),
+        413,
+        "invalid_request_error",
+        None,
+        "request_too_large",
+        f"the limit is {MAX_BODY} bytes",
+    ),
+    (
+        "missing_key",
+        lambda m: _valid(m),
+        {},
+        401,
+        "authentication_error",
+        None,
+        "invalid_api_key",
+        "You didn't provide an API key",
+    ),
+    (
+        "wrong_key",
+        lambda m: _valid(m),
+        auth("sk-wrong"),
+        401,
+        "authentication_error",
+        None,
+        "invalid_api_key",
+        "Incorrect API key provided.",
+    ),
 ]
 
 
@@ -100,9 +200,14 @@ def test_bad_input(guarded, cluster: Cluster, name, body, headers, status, type_
 
 def test_chat_errors(guarded) -> None:
     gateway, model = guarded
-    status, _, got = post(gateway.url, "/v1/chat/completions", json.dumps({"model": model, "messages": []}).encode(), auth())
+    status, _, got = post(
+        gateway.url, "/v1/chat/completions", json.dumps({"model": model, "messages": []}).encode(), auth()
+    )
     assert status == 400 and got["error"]["param"] == "messages"
-    body = {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    }
     status, _, got = post(gateway.url, "/v1/chat/completions", json.dumps(body).encode(), auth())
     assert status == 400 and "image_url" in got["error"]["message"]
     status, _, got = post(gateway.url, "/v1/nope", b"{}", auth())
@@ -135,7 +240,9 @@ def test_no_worker_503_with_retry_after(tiny_model_dir) -> None:
         assert resp.status == 503 and resp.getheader("Retry-After") == "1"
         conn.close()
         for stream in (False, True):
-            body = json.dumps({"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 2, "stream": stream}).encode()
+            body = json.dumps(
+                {"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 2, "stream": stream}
+            ).encode()
             status, headers, got = post(g.url, "/v1/completions", body)
             assert status == 503
             assert headers["Retry-After"] == "1"

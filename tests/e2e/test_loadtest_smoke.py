@@ -24,8 +24,9 @@ SEED = 0
 
 
 def run_cli(up: UpProcess, *argv: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, env=up.env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=REPO_ROOT, env=up.env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, (result.stdout, result.stderr, up.stderr_tail())
     return result
 
@@ -58,22 +59,37 @@ def check_plots(out: Path) -> None:
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_loadtest_sweep_and_compare_against_a_real_cluster(tmp_path: Path, tiny_model_dir: Path,
-                                                           started: list[UpProcess]) -> None:
-    up = UpProcess.start(tmp_path, tiny_model_dir, "--prefill", "1", "--decode", "1",
-                         "--local-prefill-max-tokens", "0")
+def test_loadtest_sweep_and_compare_against_a_real_cluster(
+    tmp_path: Path, tiny_model_dir: Path, started: list[UpProcess]
+) -> None:
+    up = UpProcess.start(tmp_path, tiny_model_dir, "--prefill", "1", "--decode", "1", "--local-prefill-max-tokens", "0")
     started.append(up)  # the fixture kills it and any orphan if the test fails before the stop below
-    common = ["--base-url", up.state["endpoint"], "--model", up.banner_value("model"), "--workload", str(WORKLOAD),
-              "--num-requests", str(NUM_REQUESTS), "--seed", str(SEED), "--no-progress",
-              "--slo", "ttft=10000,tpot=10000"]
+    common = [
+        "--base-url",
+        up.state["endpoint"],
+        "--model",
+        up.banner_value("model"),
+        "--workload",
+        str(WORKLOAD),
+        "--num-requests",
+        str(NUM_REQUESTS),
+        "--seed",
+        str(SEED),
+        "--no-progress",
+        "--slo",
+        "ttft=10000,tpot=10000",
+    ]
 
     sweep = tmp_path / "sweep"
     run_cli(up, "tandem.loadtest", "run", *common, "--concurrency", "1,4", "--out", str(sweep))
     check_run(sweep / "c1", "concurrency 1")
     check_run(sweep / "c4", "concurrency 4")
     check_plots(sweep)
-    assert (sweep / "summary.md").read_text().startswith(
-        "# Concurrency sweep\n\n| metric | concurrency 1 | concurrency 4 |\n")
+    assert (
+        (sweep / "summary.md")
+        .read_text()
+        .startswith("# Concurrency sweep\n\n| metric | concurrency 1 | concurrency 4 |\n")
+    )
 
     alias = tmp_path / "alias"
     run_cli(up, "tandem", "bench", "serve", *common, "--concurrency", "2", "--out", str(alias))
@@ -81,8 +97,15 @@ def test_loadtest_sweep_and_compare_against_a_real_cluster(tmp_path: Path, tiny_
     check_plots(alias)
 
     compared = tmp_path / "cmp"
-    printed = run_cli(up, "tandem.loadtest", "compare", str(sweep / "c1" / "results.json"),
-                      str(sweep / "c4" / "results.json"), "--out", str(compared)).stdout
+    printed = run_cli(
+        up,
+        "tandem.loadtest",
+        "compare",
+        str(sweep / "c1" / "results.json"),
+        str(sweep / "c4" / "results.json"),
+        "--out",
+        str(compared),
+    ).stdout
     table = (compared / "compare.md").read_text()
     assert printed == table + "\n"
     assert "| metric | concurrency 1 | concurrency 4 |\n|---|---|---|\n" in table

@@ -37,7 +37,9 @@ def model(client: openai.OpenAI, tiny_model_dir: Path) -> str:
     return models[0].id
 
 
-def _expected(reference: Engine, tokenizer: Tokenizer, prompt_ids: list[int], sampling: SamplingParams) -> tuple[list[int], str]:
+def _expected(
+    reference: Engine, tokenizer: Tokenizer, prompt_ids: list[int], sampling: SamplingParams
+) -> tuple[list[int], str]:
     out = reference.generate([prompt_ids], sampling)[0]
     return list(out.token_ids), tokenizer.decode(list(out.token_ids), skip_special_tokens=True)
 
@@ -48,7 +50,9 @@ def _chat_ids(tokenizer: Tokenizer) -> list[int]:
 
 def test_completion_matches_engine(client, model, reference, tokenizer, cluster: Cluster) -> None:
     prompt = "The quick brown fox jumps over the lazy dog, and then"
-    ids, text = _expected(reference, tokenizer, tokenizer.encode(prompt), SamplingParams(max_tokens=24, temperature=0.0))
+    ids, text = _expected(
+        reference, tokenizer, tokenizer.encode(prompt), SamplingParams(max_tokens=24, temperature=0.0)
+    )
     resp = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0)
     assert resp.choices[0].text == text
     assert resp.usage.prompt_tokens == len(tokenizer.encode(prompt))
@@ -78,11 +82,26 @@ def test_chat_matches_engine(client, model, reference, tokenizer, cluster: Clust
 
 def test_n2_seeded_with_usage(client, model, reference, tokenizer, cluster: Cluster) -> None:
     prompt_ids = _chat_ids(tokenizer)
-    expected = [_expected(reference, tokenizer, prompt_ids,
-                          SamplingParams(max_tokens=12, temperature=1.0, seed=7 + i, ignore_eos=True)) for i in range(2)]
-    stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=1.0, seed=7, n=2,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    expected = [
+        _expected(
+            reference,
+            tokenizer,
+            prompt_ids,
+            SamplingParams(max_tokens=12, temperature=1.0, seed=7 + i, ignore_eos=True),
+        )
+        for i in range(2)
+    ]
+    stream = client.chat.completions.create(
+        model=model,
+        messages=CHAT,
+        max_tokens=12,
+        temperature=1.0,
+        seed=7,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     texts = {0: "", 1: ""}
     for c in chunks[:-1]:
@@ -93,8 +112,9 @@ def test_n2_seeded_with_usage(client, model, reference, tokenizer, cluster: Clus
     assert chunks[-1].choices == []
     assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
     assert chunks[-1].usage.completion_tokens == 24
-    resp = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=1.0, seed=7, n=2,
-                                          extra_body={"ignore_eos": True})
+    resp = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=12, temperature=1.0, seed=7, n=2, extra_body={"ignore_eos": True}
+    )
     assert [c.message.content for c in resp.choices] == [expected[0][1], expected[1][1]]
     assert resp.usage.completion_tokens == 24
     cluster.assert_drained()
@@ -105,8 +125,11 @@ def test_prompt_forms_and_token_ids(client, model, reference, tokenizer, cluster
     extra = {"ignore_eos": True, "return_token_ids": True}
     texts = ["first prompt", "third one, longer than the rest"]
     id_lists = [list(range(40, 75)), [9] * 3]
-    for form, prompts in ((texts, [tokenizer.encode(t) for t in texts]), (id_lists, id_lists),
-                          (id_lists[0], id_lists[:1])):
+    for form, prompts in (
+        (texts, [tokenizer.encode(t) for t in texts]),
+        (id_lists, id_lists),
+        (id_lists[0], id_lists[:1]),
+    ):
         expected = [_expected(reference, tokenizer, p, greedy) for p in prompts]
         resp = client.completions.create(model=model, prompt=form, max_tokens=8, temperature=0, extra_body=extra)
         assert [c.index for c in resp.choices] == list(range(len(prompts)))
@@ -121,16 +144,25 @@ def test_prompt_forms_and_token_ids(client, model, reference, tokenizer, cluster
 
 def test_stop_string_cuts_and_frees(client, model, reference, tokenizer, cluster: Cluster) -> None:
     prompt = "The quick brown fox jumps over the lazy dog, and then"
-    _, text = _expected(reference, tokenizer, tokenizer.encode(prompt),
-                        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    _, text = _expected(
+        reference, tokenizer, tokenizer.encode(prompt), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    )
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop and stop in text
-    resp = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
-                                     extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model=model, prompt=prompt, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     assert resp.choices[0].text == text[: text.index(stop)]
     assert resp.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
-                                         stream=True, extra_body={"ignore_eos": True})
+    streamed = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=40,
+        temperature=0,
+        stop=[stop],
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text[: text.index(stop)]
     cluster.assert_drained()
 
@@ -142,8 +174,11 @@ def test_tokenize_and_detokenize(gateway: GatewayProcess, tokenizer: Tokenizer, 
 
     status, _, got = post(gateway.url, "/tokenize", json.dumps({"model": model, "prompt": "Hello there"}).encode())
     assert status == 200
-    assert got == {"count": len(tokenizer.encode("Hello there")), "max_model_len": 2048,
-                   "tokens": tokenizer.encode("Hello there")}
+    assert got == {
+        "count": len(tokenizer.encode("Hello there")),
+        "max_model_len": 2048,
+        "tokens": tokenizer.encode("Hello there"),
+    }
     status, _, got = post(gateway.url, "/detokenize", json.dumps({"model": model, "tokens": got["tokens"]}).encode())
     assert status == 200
     assert got == {"prompt": tokenizer.decode(tokenizer.encode("Hello there"), skip_special_tokens=False)}

@@ -64,8 +64,9 @@ def descendants(root: int) -> dict[int, str]:
         if entry.name.isdigit():
             try:
                 children.setdefault(ppid(int(entry.name)), []).append(int(entry.name))
-                cmdlines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace")
+                cmdlines[int(entry.name)] = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
             except (OSError, IndexError, ValueError):
                 continue
     found: dict[int, str] = {}
@@ -86,8 +87,13 @@ def alive(pids: list[int] | dict[int, str]) -> list[int]:
 def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenHead]:
     home = tmp_path_factory.mktemp("ray-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     token_file = home / ".ray" / "auth_token"
     assert len(token_file.read_text()) == 64
     head = RayHead.start(make_temp_dir(), env, HEAD_CPUS, timeout_s=120.0, cancelled=lambda: False)
@@ -96,8 +102,9 @@ def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenHead]:
     finally:
         ray_processes = descendants(head.pid)
         head.stop()
-        assert wait_until(lambda: not alive(ray_processes), GONE_TIMEOUT_S), \
-            {pid: ray_processes[pid] for pid in alive(ray_processes)}
+        assert wait_until(lambda: not alive(ray_processes), GONE_TIMEOUT_S), {
+            pid: ray_processes[pid] for pid in alive(ray_processes)
+        }
 
 
 def worker_and_actor_pids(up: UpProcess) -> list[int]:
@@ -128,12 +135,27 @@ def stop_and_check_nothing_left(up: UpProcess, pids: list[int]) -> str:
 
 
 def test_up_ray_joins_a_token_cluster_serves_exactly_and_stops_cleanly(
-        tmp_path: Path, tiny_model_dir: Path, expected_content: str, token_head: TokenHead,  # noqa: F811
-        started: list[UpProcess]) -> None:  # noqa: F811
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    expected_content: str,
+    token_head: TokenHead,
+    started: list[UpProcess],
+) -> None:
     # tandem up's HOME has no token: only --ray-auth-token-file lets it in.
-    up = UpProcess.start(tmp_path, tiny_model_dir, "--ray", token_head.head.address, "--ray-auth-token-file",
-                         str(token_head.token_file), "--prefill", "1", "--decode", "1",
-                         "--local-prefill-max-tokens", "0")
+    up = UpProcess.start(
+        tmp_path,
+        tiny_model_dir,
+        "--ray",
+        token_head.head.address,
+        "--ray-auth-token-file",
+        str(token_head.token_file),
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+        "--local-prefill-max-tokens",
+        "0",
+    )
     started.append(up)
     assert sorted(c["name"] for c in up.state["children"]) == ["decode-0", "gateway", "prefill-0", "redis"]
     status, body = chat(up.banner_value("endpoint"), up.banner_value("model"))
@@ -147,15 +169,37 @@ def test_up_ray_joins_a_token_cluster_serves_exactly_and_stops_cleanly(
     assert token_head.head.is_running
 
 
-def test_up_ray_without_the_token_is_refused_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path,
-                                                                token_head: TokenHead) -> None:
+def test_up_ray_without_the_token_is_refused_and_leaves_nothing(
+    tmp_path: Path, tiny_model_dir: Path, token_head: TokenHead
+) -> None:
     cluster = f"e2e-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env |= {"HOME": str(tmp_path), "TANDEM_CACHE_DIR": str(tmp_path / "cache"),
-            "RAY_NUM_REDIS_GET_RETRIES": "3"}  # Ray's connect window: ~1 s per try, 20 by default
-    result = subprocess.run([sys.executable, "-m", "tandem", "up", "--ray", token_head.head.address,
-                             "--port", str(free_port()), "--model", str(tiny_model_dir), "--cluster", cluster],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env |= {
+        "HOME": str(tmp_path),
+        "TANDEM_CACHE_DIR": str(tmp_path / "cache"),
+        "RAY_NUM_REDIS_GET_RETRIES": "3",
+    }  # Ray's connect window: ~1 s per try, 20 by default
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "up",
+            "--ray",
+            token_head.head.address,
+            "--port",
+            str(free_port()),
+            "--model",
+            str(tiny_model_dir),
+            "--cluster",
+            cluster,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr
     assert f"cannot connect to the Ray cluster at {token_head.head.address}" in result.stderr
     assert "set RAY_AUTH_MODE=token and give its token (--ray-auth-token-file" in result.stderr
@@ -165,11 +209,15 @@ def test_up_ray_without_the_token_is_refused_and_leaves_nothing(tmp_path: Path, 
 
 
 def test_up_ray_without_address_starts_and_stops_its_own_head(
-        tmp_path: Path, tiny_model_dir: Path, expected_content: str,  # noqa: F811
-        started: list[UpProcess]) -> None:  # noqa: F811
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    expected_content: str,
+    started: list[UpProcess],
+) -> None:
     # HOME is empty: the private head runs with token auth on a fresh token of its own.
-    up = UpProcess.start(tmp_path, tiny_model_dir, "--ray", "--prefill", "1", "--decode", "1",
-                         "--local-prefill-max-tokens", "0")
+    up = UpProcess.start(
+        tmp_path, tiny_model_dir, "--ray", "--prefill", "1", "--decode", "1", "--local-prefill-max-tokens", "0"
+    )
     started.append(up)
     stderr = "".join(up.stderr)
     assert "a private head" in stderr and "token authentication on (a new token for this head)" in stderr
@@ -196,8 +244,13 @@ def worker_pid(cluster: str, worker_id: str) -> int:
 
 
 def test_ray_actuator_grows_and_shrinks_the_decode_pool(
-        tmp_path: Path, tiny_model_dir: Path, expected_content: str, token_head: TokenHead,  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    expected_content: str,
+    token_head: TokenHead,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     import redis
 
     from tandem.autoscaler.ray import RayActuator
@@ -211,13 +264,22 @@ def test_ray_actuator_grows_and_shrinks_the_decode_pool(
         monkeypatch.delenv(name)
     caplog.set_level(logging.INFO, logger="tandem.autoscaler.ray")
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    config = LocalClusterConfig(num_prefill=1, num_decode=1, port=0, model_dir=tiny_model_dir, cluster=name,
-                                kv_cache_mib=8, local_prefill_max_tokens=0, drain_timeout_s=10.0)
+    config = LocalClusterConfig(
+        num_prefill=1,
+        num_decode=1,
+        port=0,
+        model_dir=tiny_model_dir,
+        cluster=name,
+        kv_cache_mib=8,
+        local_prefill_max_tokens=0,
+        drain_timeout_s=10.0,
+    )
     # In this process, as a driver on the head's GCS, with the token file. (Through the Ray
     # Client, ray://, Ray's client proxier now and then lost the per-client server it had just
     # forked here: "ZombieProcess" at connect, a failure inside Ray, not of the actuator.)
-    ray_cluster = RayCluster(config, RayConfig(address=token_head.head.address,
-                                               auth=RayAuth(token_file=token_head.token_file)))
+    ray_cluster = RayCluster(
+        config, RayConfig(address=token_head.head.address, auth=RayAuth(token_file=token_head.token_file))
+    )
     cluster = LocalCluster(config, placement=ray_cluster)
     cluster.start()
     actuator = RayActuator(ray_cluster)
@@ -239,8 +301,13 @@ def test_ray_actuator_grows_and_shrinks_the_decode_pool(
         assert actuator.replicas(WorkerRole.DECODE) == 1  # draining does not count
         assert wait_until(lambda: registered() == ["decode-0"], 30), registered()
         assert wait_until(lambda: not pid_alive(newest), 30)
-        assert wait_until(lambda: actuator.replicas(WorkerRole.DECODE) == 1 and any(
-            "ray actuator: exited decode-1 (exit code 0)" in r.getMessage() for r in caplog.records), 30)
+        assert wait_until(
+            lambda: (
+                actuator.replicas(WorkerRole.DECODE) == 1
+                and any("ray actuator: exited decode-1 (exit code 0)" in r.getMessage() for r in caplog.records)
+            ),
+            30,
+        )
         assert wait_until(lambda: not pid_alive(newest_actor), GONE_TIMEOUT_S)  # the actor is killed too
         assert pid_alive(oldest) and actuator.replicas(WorkerRole.PREFILL) == 1
 
@@ -254,6 +321,8 @@ def test_ray_actuator_grows_and_shrinks_the_decode_pool(
         client.close()
         cluster.stop()
     assert wait_until(lambda: pids_with_arg(name) == [], GONE_TIMEOUT_S), pids_with_arg(name)
-    assert wait_until(lambda: not [line for line in descendants(token_head.head.pid).values()
-                                   if line.startswith("ray::WorkerActor")], GONE_TIMEOUT_S)
+    assert wait_until(
+        lambda: not [line for line in descendants(token_head.head.pid).values() if line.startswith("ray::WorkerActor")],
+        GONE_TIMEOUT_S,
+    )
     assert "RAY_AUTH_MODE" not in os.environ  # the cluster put our environment back

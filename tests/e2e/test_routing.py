@@ -23,8 +23,10 @@ NUM_REQUESTS = 20
 
 def _counters(cluster: Cluster) -> dict[str, tuple[float, float]]:
     """worker id -> (prompt tokens computed, prefix-cache hit tokens) of each prefill worker."""
-    return {w.worker_id: (w.metric("tandem_prompt_tokens_computed_total"), w.metric("tandem_prefix_cache_hit_tokens_total"))
-            for w in cluster.prefill}
+    return {
+        w.worker_id: (w.metric("tandem_prompt_tokens_computed_total"), w.metric("tandem_prefix_cache_hit_tokens_total"))
+        for w in cluster.prefill
+    }
 
 
 def _send_shared_prefix(cluster: Cluster, url: str, seed: int) -> dict[str, tuple[float, float]]:
@@ -33,8 +35,9 @@ def _send_shared_prefix(cluster: Cluster, url: str, seed: int) -> dict[str, tupl
     before = _counters(cluster)
     for _ in range(NUM_REQUESTS):
         prompt = system + [rng.randrange(4, 500) for _ in range(SUFFIX)]
-        body = json.dumps({"model": cluster.model_dir.name, "prompt": prompt, "max_tokens": 2, "temperature": 0,
-                           "ignore_eos": True}).encode()
+        body = json.dumps(
+            {"model": cluster.model_dir.name, "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+        ).encode()
         status, _, got = post(url, "/v1/completions", body)
         assert status == 200, got
     # Every prompt token is either computed or a cache hit; wait (bounded) until the workers'
@@ -89,8 +92,9 @@ def test_stale_worker_is_not_chosen(cluster: Cluster) -> None:
         before = alive.metric("tandem_prompt_tokens_computed_total")
         start = time.monotonic()
         for i in range(6):
-            body = json.dumps({"model": cluster.model_dir.name, "prompt": [7, 8, 9, 10 + i] * 5, "max_tokens": 2,
-                               "temperature": 0}).encode()
+            body = json.dumps(
+                {"model": cluster.model_dir.name, "prompt": [7, 8, 9, 10 + i] * 5, "max_tokens": 2, "temperature": 0}
+            ).encode()
             status, _, got = post(g.url, "/v1/completions", body)
             assert status == 200, got
         assert time.monotonic() - start < 10.0, "".join(g.stderr_lines[-30:])

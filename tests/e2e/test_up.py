@@ -54,7 +54,7 @@ def pids_with_arg(text: str) -> list[int]:
     return found
 
 
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:  # noqa: ANN001
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -87,17 +87,44 @@ class UpProcess:
         cluster = f"e2e-{uuid.uuid4().hex[:8]}"  # unique: lets the test find its processes in /proc
         env = {**os.environ, "HOME": str(home), "TANDEM_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("TANDEM_API_KEYS", None)
-        argv = [sys.executable, "-m", "tandem", "up", "--port", str(free_port()), "--model", str(model_dir),
-                "--kv-cache-mib", "8", "--cluster", cluster, *flags]
+        argv = [
+            sys.executable,
+            "-m",
+            "tandem",
+            "up",
+            "--port",
+            str(free_port()),
+            "--model",
+            str(model_dir),
+            "--kv-cache-mib",
+            "8",
+            "--cluster",
+            cluster,
+            *flags,
+        ]
         # Its own session, like a shell job: its children share its process group, which a
         # test can signal as a terminal's Ctrl-C would.
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         up = cls(proc, cache_dir, cluster, env)
         threading.Thread(target=lambda: up.stdout.extend(proc.stdout), daemon=True).start()
         threading.Thread(target=lambda: up.stderr.extend(proc.stderr), daemon=True).start()
-        if not wait_until(lambda: up.state_path.exists() and "Try it:\n" in up.stdout or proc.poll() is not None,
-                          START_TIMEOUT_S, 0.2) or proc.poll() is not None:
+        if (
+            not wait_until(
+                lambda: (up.state_path.exists() and "Try it:\n" in up.stdout) or proc.poll() is not None,
+                START_TIMEOUT_S,
+                0.2,
+            )
+            or proc.poll() is not None
+        ):
             up.kill()
             raise AssertionError(f"tandem up did not come up (exit {proc.poll()}):\n{up.stderr_tail()}")
         return up
@@ -117,8 +144,14 @@ class UpProcess:
         return "".join(self.stderr[-lines:])
 
     def tandem(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tandem", *args], cwd=REPO_ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "tandem", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def kill(self) -> None:
         """Test cleanup: SIGKILL `tandem up` if it still runs; its children follow (pdeathsig)."""
@@ -134,10 +167,12 @@ def expected_content(tiny_model_dir: Path) -> str:
     from tandem.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]),
-                              add_special_tokens=False)
-    out = Engine(tiny_model_dir, EngineConfig()).generate([prompt], SamplingParams(max_tokens=MAX_TOKENS,
-                                                                                    temperature=0.0))[0]
+    prompt = tokenizer.encode(
+        tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False
+    )
+    out = Engine(tiny_model_dir, EngineConfig()).generate(
+        [prompt], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    )[0]
     return tokenizer.decode(list(out.token_ids), skip_special_tokens=True)
 
 
@@ -150,15 +185,16 @@ def started(tmp_path: Path) -> Iterator[list[UpProcess]]:
         up.kill()
         for pid in pids_with_arg(up.cluster):
             os.kill(pid, signal.SIGKILL)
-        for child in (up.state["children"] if up.state_path.exists() else []):
+        for child in up.state["children"] if up.state_path.exists() else []:
             if child["name"] == "redis" and pid_alive(child["pid"]):
                 os.kill(child["pid"], signal.SIGKILL)
 
 
 def chat(endpoint: str, model: str) -> tuple[int, dict]:
     """POST a greedy chat completion with the curl binary (http.client if there is no curl)."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}],
-                       "temperature": 0, "max_tokens": MAX_TOKENS})
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": MAX_TOKENS}
+    )
     curl = shutil.which("curl")
     if curl is None:
         import http.client
@@ -169,9 +205,24 @@ def chat(endpoint: str, model: str) -> tuple[int, dict]:
         conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read())
-    result = subprocess.run([curl, "-sS", "--max-time", "60", "-H", "Content-Type: application/json", "-d", body,
-                             "-w", "\n%{http_code}", f"{endpoint}/v1/chat/completions"],
-                            capture_output=True, text=True, timeout=90)
+    result = subprocess.run(
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "60",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            "-w",
+            "\n%{http_code}",
+            f"{endpoint}/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert result.returncode == 0, result.stderr
     payload, status = result.stdout.rsplit("\n", 1)
     return int(status), json.loads(payload)
@@ -184,15 +235,18 @@ def status_rows(up: UpProcess) -> list[list[str]]:
     lines = result.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("WORKER"))
     end = lines.index("", start)
-    return [line.split() for line in lines[start + 1:end]]
+    return [line.split() for line in lines[start + 1 : end]]
 
 
 def metric(metrics_port: int, name: str) -> float:
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def stop_and_check_no_orphans(up: UpProcess, ctrl_c: bool = False) -> None:
@@ -213,11 +267,11 @@ def stop_and_check_no_orphans(up: UpProcess, ctrl_c: bool = False) -> None:
     assert not up.state_path.exists()
 
 
-def test_up_serves_disaggregated_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Path, expected_content: str,
-                                                   started: list[UpProcess]) -> None:
+def test_up_serves_disaggregated_and_stops_cleanly(
+    tmp_path: Path, tiny_model_dir: Path, expected_content: str, started: list[UpProcess]
+) -> None:
     # Threshold 0: every request goes through the prefill worker and a KV hand-off.
-    up = UpProcess.start(tmp_path, tiny_model_dir, "--prefill", "1", "--decode", "1",
-                         "--local-prefill-max-tokens", "0")
+    up = UpProcess.start(tmp_path, tiny_model_dir, "--prefill", "1", "--decode", "1", "--local-prefill-max-tokens", "0")
     started.append(up)
     state = up.state
     endpoint, model = up.banner_value("endpoint"), up.banner_value("model")
@@ -248,8 +302,9 @@ def test_up_serves_disaggregated_and_stops_cleanly(tmp_path: Path, tiny_model_di
     assert gone.returncode == 1 and "cannot read cluster state from Redis" in gone.stderr
 
 
-def test_up_colocated_serves_without_prefill_pool(tmp_path: Path, tiny_model_dir: Path, expected_content: str,
-                                                  started: list[UpProcess]) -> None:
+def test_up_colocated_serves_without_prefill_pool(
+    tmp_path: Path, tiny_model_dir: Path, expected_content: str, started: list[UpProcess]
+) -> None:
     up = UpProcess.start(tmp_path, tiny_model_dir, "--prefill", "0", "--decode", "1")
     started.append(up)
     assert "colocated" in "".join(up.stdout)
@@ -261,15 +316,15 @@ def test_up_colocated_serves_without_prefill_pool(tmp_path: Path, tiny_model_dir
     assert wait_until(lambda: "SIGINT received; stopping the cluster" in "".join(up.stderr), 5)
 
 
-def test_up_children_die_with_a_sigkilled_up(tmp_path: Path, tiny_model_dir: Path,
-                                             started: list[UpProcess]) -> None:
+def test_up_children_die_with_a_sigkilled_up(tmp_path: Path, tiny_model_dir: Path, started: list[UpProcess]) -> None:
     up = UpProcess.start(tmp_path, tiny_model_dir, "--prefill", "1", "--decode", "1")
     started.append(up)
     pids = [child["pid"] for child in up.state["children"]]
     up.proc.kill()
     up.proc.wait(10)
-    assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), STOP_TIMEOUT_S), \
-        [pid for pid in pids if pid_alive(pid)]
+    assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), STOP_TIMEOUT_S), [
+        pid for pid in pids if pid_alive(pid)
+    ]
     assert pids_with_arg(up.cluster) == []
 
 
@@ -278,9 +333,27 @@ def test_up_failed_start_reports_the_child_and_leaves_nothing(tmp_path: Path, st
     not_a_model.mkdir()
     env = {**os.environ, "HOME": str(tmp_path), "TANDEM_CACHE_DIR": str(tmp_path / "cache")}
     cluster = f"e2e-{uuid.uuid4().hex[:8]}"
-    result = subprocess.run([sys.executable, "-m", "tandem", "up", "--port", str(free_port()), "--model",
-                             str(not_a_model), "--cluster", cluster, "--prefill", "0"],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "up",
+            "--port",
+            str(free_port()),
+            "--model",
+            str(not_a_model),
+            "--cluster",
+            cluster,
+            "--prefill",
+            "0",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "tandem up: error: the local cluster did not start" in result.stderr
     assert "before it was ready; its last output:" in result.stderr
@@ -295,10 +368,28 @@ def test_up_failed_start_reports_the_child_and_leaves_nothing(tmp_path: Path, st
 def test_up_sigterm_during_start_up_stops_everything(tmp_path: Path, tiny_model_dir: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path), "TANDEM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     cluster = f"e2e-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen([sys.executable, "-m", "tandem", "up", "--port", str(free_port()), "--model",
-                             str(tiny_model_dir), "--kv-cache-mib", "8", "--cluster", cluster],
-                            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "up",
+            "--port",
+            str(free_port()),
+            "--model",
+            str(tiny_model_dir),
+            "--kv-cache-mib",
+            "8",
+            "--cluster",
+            cluster,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stderr: list[str] = []
     threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
     try:

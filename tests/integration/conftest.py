@@ -39,8 +39,9 @@ def unreachable_redis_client() -> Iterator[redis.Redis]:
 
     from tandem.common.embedded_redis import free_port
 
-    client = redis.Redis(host="127.0.0.1", port=free_port(), socket_timeout=0.5, socket_connect_timeout=0.5,
-                         retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(
+        host="127.0.0.1", port=free_port(), socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
     try:
         yield client
     finally:

@@ -41,15 +41,25 @@ class RecordedRequest:
 
 def scale_object(namespace: str, name: str, replicas: int) -> dict[str, Any]:
     """An `autoscaling/v1` Scale, as the API server serialises it."""
-    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "resourceVersion": "1"},
-            "spec": {"replicas": replicas},
-            "status": {"replicas": replicas, "selector": f"app={name}"}}
+    return {
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "resourceVersion": "1"},
+        "spec": {"replicas": replicas},
+        "status": {"replicas": replicas, "selector": f"app={name}"},
+    }
 
 
 def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 class FakeKubeApi:
@@ -61,8 +71,9 @@ class FakeKubeApi:
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-kube-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-kube-api", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -71,11 +82,15 @@ class FakeKubeApi:
     def write_kubeconfig(self, path: Path, namespace: str = "tandem", token: str = TOKEN) -> Path:
         """A kubeconfig (JSON is YAML) whose current context is this server, with a bearer token."""
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in", "preferences": {},
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "stand-in",
+            "preferences": {},
             "clusters": [{"name": "stand-in", "cluster": {"server": self.url}}],
             "users": [{"name": "autoscaler", "user": {"token": token}}],
-            "contexts": [{"name": "stand-in",
-                          "context": {"cluster": "stand-in", "user": "autoscaler", "namespace": namespace}}],
+            "contexts": [
+                {"name": "stand-in", "context": {"cluster": "stand-in", "user": "autoscaler", "namespace": namespace}}
+            ],
         }
         path.write_text(json.dumps(config), encoding="utf-8")
         return path
@@ -93,8 +108,9 @@ class FakeKubeApi:
         self._server.server_close()
         self._thread.join(5.0)
 
-    def _handle(self, method: str, path: str, content_type: str | None, raw: bytes,
-                authorization: str | None) -> tuple[int, dict[str, Any]]:
+    def _handle(
+        self, method: str, path: str, content_type: str | None, raw: bytes, authorization: str | None
+    ) -> tuple[int, dict[str, Any]]:
         body = json.loads(raw) if raw else None
         with self._lock:
             self.requests.append(RecordedRequest(method, path, content_type, body, authorization))
@@ -118,8 +134,9 @@ class FakeKubeApi:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self, method: str) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                code, payload = api._handle(method, self.path, self.headers.get("Content-Type"), raw,
-                                            self.headers.get("Authorization"))
+                code, payload = api._handle(
+                    method, self.path, self.headers.get("Content-Type"), raw, self.headers.get("Authorization")
+                )
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -127,13 +144,13 @@ class FakeKubeApi:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 self._serve("GET")
 
-            def do_PATCH(self) -> None:  # noqa: N802
+            def do_PATCH(self) -> None:
                 self._serve("PATCH")
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         return Handler

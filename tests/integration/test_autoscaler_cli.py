@@ -25,11 +25,34 @@ def test_autoscaler_process_scales_serves_metrics_and_exits_on_sigterm(redis_ser
     state.publish_load("d-0", WorkerLoad(4, 1, 0, 0, 100, time.time()), ttl_s=60.0)
     metrics_port = free_port()
     with FakeKubeApi({("serving", "tp"): 1, ("serving", "td"): 1}) as api:
-        cmd = [sys.executable, "-m", "tandem", "autoscaler", "--redis", redis_server.url, "--cluster", "cli",
-               "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig")), "--namespace", "serving",
-               "--prefill-deployment", "tp", "--decode-deployment", "td", "--prefill-min", "0",
-               "--prefill-target-queued-tokens", "1000", "--prefill-max", "8", "--interval-s", "0.1",
-               "--metrics-port", str(metrics_port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tandem",
+            "autoscaler",
+            "--redis",
+            redis_server.url,
+            "--cluster",
+            "cli",
+            "--kubeconfig",
+            str(api.write_kubeconfig(tmp_path / "kubeconfig")),
+            "--namespace",
+            "serving",
+            "--prefill-deployment",
+            "tp",
+            "--decode-deployment",
+            "td",
+            "--prefill-min",
+            "0",
+            "--prefill-target-queued-tokens",
+            "1000",
+            "--prefill-max",
+            "8",
+            "--interval-s",
+            "0.1",
+            "--metrics-port",
+            str(metrics_port),
+        ]
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         stderr_lines: list[str] = []
         reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)
@@ -48,6 +71,8 @@ def test_autoscaler_process_scales_serves_metrics_and_exits_on_sigterm(redis_ser
             returncode = proc.wait(timeout=15)
             reader.join(5)
     assert returncode == 0, "".join(stderr_lines)
-    assert ("tandem autoscaler: INFO pool=prefill current=1 desired=6 direction=up reason=queue_above_target "
-            "signals=fresh workers=1 queued_prefill_tokens=6000 waiting=0 running=1 kv_usage=0.000\n") in stderr_lines
+    assert (
+        "tandem autoscaler: INFO pool=prefill current=1 desired=6 direction=up reason=queue_above_target "
+        "signals=fresh workers=1 queued_prefill_tokens=6000 waiting=0 running=1 kv_usage=0.000\n"
+    ) in stderr_lines
     assert stderr_lines[-1] == "tandem autoscaler: INFO SIGTERM received; stopping the autoscaler\n"

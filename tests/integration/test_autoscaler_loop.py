@@ -24,7 +24,12 @@ START_S = 1_700_000_000.0
 CONFIG = AutoscalerConfig(
     prefill=PrefillPolicy(min_replicas=0, max_replicas=8, target_queued_tokens_per_replica=1000),
     decode=DecodePolicy(min_replicas=1, max_replicas=8, target_waiting_per_replica=4.0, target_kv_usage=0.8),
-    interval_s=0.05, stabilisation_window_s=60.0, up_cooldown_s=30.0, down_cooldown_s=0.0, max_signal_age_s=15.0)
+    interval_s=0.05,
+    stabilisation_window_s=60.0,
+    up_cooldown_s=30.0,
+    down_cooldown_s=0.0,
+    max_signal_age_s=15.0,
+)
 
 
 class FakeActuator:
@@ -65,8 +70,9 @@ class FakeClock:
         return self.now_s
 
 
-def publish(state: ClusterState, worker_id: str, now_s: float, queued: int = 0, waiting: int = 0,
-            used: int = 0) -> None:
+def publish(
+    state: ClusterState, worker_id: str, now_s: float, queued: int = 0, waiting: int = 0, used: int = 0
+) -> None:
     role = P if worker_id.startswith("p") else D
     state.register(WorkerInfo(worker_id, role, f"{worker_id}:7000", "ab12", 100, "t"), ttl_s=60.0)
     state.publish_load(worker_id, WorkerLoad(waiting, 1, queued, used, 100, now_s), ttl_s=60.0)
@@ -105,11 +111,20 @@ def test_step_applies_decisions_logs_and_exports_metrics(state, caplog):
     }
     for (name, pool, reason, direction), value in expected.items():
         assert sample(metrics, name, pool=pool, reason=reason, direction=direction) == value
-    assert {(name, pool): sample(metrics, name, pool=pool) for name in (
-        "tandem_autoscaler_desired_replicas", "tandem_autoscaler_current_replicas", "tandem_autoscaler_workers",
-        "tandem_autoscaler_queued_prefill_tokens", "tandem_autoscaler_waiting_requests",
-        "tandem_autoscaler_running_requests", "tandem_autoscaler_kv_usage", "tandem_autoscaler_signals_fresh",
-    ) for pool in ("prefill", "decode")} == {
+    assert {
+        (name, pool): sample(metrics, name, pool=pool)
+        for name in (
+            "tandem_autoscaler_desired_replicas",
+            "tandem_autoscaler_current_replicas",
+            "tandem_autoscaler_workers",
+            "tandem_autoscaler_queued_prefill_tokens",
+            "tandem_autoscaler_waiting_requests",
+            "tandem_autoscaler_running_requests",
+            "tandem_autoscaler_kv_usage",
+            "tandem_autoscaler_signals_fresh",
+        )
+        for pool in ("prefill", "decode")
+    } == {
         ("tandem_autoscaler_desired_replicas", "prefill"): 5.0,
         ("tandem_autoscaler_desired_replicas", "decode"): 1.0,
         ("tandem_autoscaler_current_replicas", "prefill"): 1.0,
@@ -133,8 +148,9 @@ def test_step_applies_decisions_logs_and_exports_metrics(state, caplog):
     publish(state, "d-0", clock.now_s, waiting=4, used=10)
     assert autoscaler.step()[0] == ScaleDecision(P, 5, 5, R.COOLDOWN)
     assert actuator.scale_calls == [(P, 5)]
-    assert sample(metrics, "tandem_autoscaler_decisions_total", pool="prefill", reason="cooldown",
-                  direction="hold") == 1.0
+    assert (
+        sample(metrics, "tandem_autoscaler_decisions_total", pool="prefill", reason="cooldown", direction="hold") == 1.0
+    )
 
 
 def test_a_failed_scale_is_logged_counted_and_retried_without_cooldown(state, caplog):
@@ -146,7 +162,8 @@ def test_a_failed_scale_is_logged_counted_and_retried_without_cooldown(state, ca
 
     assert autoscaler.step()[0] == ScaleDecision(P, 1, 3, R.QUEUE_ABOVE_TARGET)
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
-        "actuator fake failed to scale the prefill pool from 1 to 3: quota exceeded"]
+        "actuator fake failed to scale the prefill pool from 1 to 3: quota exceeded"
+    ]
     assert sample(metrics, "tandem_autoscaler_actuator_errors_total", pool="prefill") == 1.0
     assert autoscaler.policy_state is not None and autoscaler.policy_state.prefill.last_change_s is None
 
@@ -169,7 +186,8 @@ def test_replicas_failure_skips_the_step(state, caplog):
 
     assert autoscaler.step() == []
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
-        "actuator fake cannot report the prefill pool's replicas; no decision this step: API unavailable"]
+        "actuator fake cannot report the prefill pool's replicas; no decision this step: API unavailable"
+    ]
     assert sample(metrics, "tandem_autoscaler_actuator_errors_total", pool="prefill") == 1.0
     assert actuator.scale_calls == [] and autoscaler.policy_state is None
     assert [d.desired for d in autoscaler.step()] == [3, 1]
@@ -178,9 +196,11 @@ def test_replicas_failure_skips_the_step(state, caplog):
 def test_a_restarted_autoscaler_waits_one_window_before_shrinking(state):
     clock, actuator, metrics = FakeClock(START_S), FakeActuator(prefill=4, decode=1), AutoscalerMetrics()
     autoscaler = Autoscaler(state, actuator, CONFIG, metrics, clock=clock)
-    for offset_s, expected in [(0.0, ScaleDecision(P, 4, 4, R.STABILISING)),
-                               (59.0, ScaleDecision(P, 4, 4, R.STABILISING)),
-                               (60.0, ScaleDecision(P, 4, 0, R.SCALE_DOWN))]:
+    for offset_s, expected in [
+        (0.0, ScaleDecision(P, 4, 4, R.STABILISING)),
+        (59.0, ScaleDecision(P, 4, 4, R.STABILISING)),
+        (60.0, ScaleDecision(P, 4, 0, R.SCALE_DOWN)),
+    ]:
         clock.now_s = START_S + offset_s
         publish(state, "p-0", clock.now_s, queued=0)
         publish(state, "d-0", clock.now_s, waiting=4)

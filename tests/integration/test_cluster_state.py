@@ -25,8 +25,14 @@ from tandem.common.heartbeat import Heartbeat
 
 PREFILL = WorkerInfo("p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0")
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")
-LOAD = WorkerLoad(waiting=3, running=7, queued_prefill_tokens=4096, kv_blocks_used=100,
-                  kv_blocks_total=1024, timestamp_s=1_700_000_000.25)
+LOAD = WorkerLoad(
+    waiting=3,
+    running=7,
+    queued_prefill_tokens=4096,
+    kv_blocks_used=100,
+    kv_blocks_total=1024,
+    timestamp_s=1_700_000_000.25,
+)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> bool:
@@ -52,8 +58,11 @@ def test_register_list_deregister_round_trip(state: ClusterState, redis_client: 
     assert state.list_workers(WorkerRole.DECODE) == [DECODE]
     assert state.get_worker("p-0") == PREFILL
     assert redis_client.hgetall("tandem:test:worker:p-0") == {
-        b"role": b"prefill", b"address": b"127.0.0.1:7001", b"fingerprint": b"ab12",
-        b"capacity_blocks": b"512", b"version": b"0.1.0",
+        b"role": b"prefill",
+        b"address": b"127.0.0.1:7001",
+        b"fingerprint": b"ab12",
+        b"capacity_blocks": b"512",
+        b"version": b"0.1.0",
     }
     assert 4000 < redis_client.pttl("tandem:test:worker:p-0") <= 5000
     # Another cluster on the same Redis sees nothing.
@@ -65,9 +74,7 @@ def test_register_list_deregister_round_trip(state: ClusterState, redis_client: 
     assert state.get_worker("p-0") is None and state.get_load("p-0") is None
 
 
-def test_heartbeat_refreshes_ttl_or_reports_missing_key(
-    state: ClusterState, redis_client: redis.Redis
-):
+def test_heartbeat_refreshes_ttl_or_reports_missing_key(state: ClusterState, redis_client: redis.Redis):
     assert state.heartbeat("p-0", ttl_s=5) is False
     state.register(PREFILL, ttl_s=1)
     assert state.heartbeat("p-0", ttl_s=5) is True
@@ -88,12 +95,9 @@ def test_stopped_heartbeat_expires_within_ttl(state: ClusterState):
     assert state.get_load("p-0") is None
 
 
-def test_heartbeat_reregisters_after_key_loss_and_deregisters_on_stop(
-    state: ClusterState, redis_client: redis.Redis
-):
+def test_heartbeat_reregisters_after_key_loss_and_deregisters_on_stop(state: ClusterState, redis_client: redis.Redis):
     loads = iter(range(1_000_000))
-    hb = Heartbeat(state, DECODE, lambda: WorkerLoad(0, next(loads), 0, 0, 8, time.time()),
-                   ttl_s=1.0, interval_s=0.1)
+    hb = Heartbeat(state, DECODE, lambda: WorkerLoad(0, next(loads), 0, 0, 8, time.time()), ttl_s=1.0, interval_s=0.1)
     hb.start()
     try:
         assert hb.wait_registered(timeout_s=2.0)
@@ -139,12 +143,11 @@ def test_load_publish_and_read(state: ClusterState, redis_client: redis.Redis):
     assert state.get_load("p-0") == newer
 
 
-def test_kv_events_round_trip_in_order_and_incrementally(
-    state: ClusterState, redis_client: redis.Redis
-):
+def test_kv_events_round_trip_in_order_and_incrementally(state: ClusterState, redis_client: redis.Redis):
     big = [2**63, 2**64 - 1, 2**63 + 12345, 0, 1]
     assert state.append_kv_events("p-0", 7, KVEventKind.STORED, big) == KVEventRecord(
-        "p-0", 7, 1, KVEventKind.STORED, tuple(big))
+        "p-0", 7, 1, KVEventKind.STORED, tuple(big)
+    )
     state.append_kv_events("d-0", 9, KVEventKind.STORED, [42])
     state.append_kv_events("p-0", 7, KVEventKind.REMOVED, [2**64 - 1])
     state.append_kv_events("p-0", 7, KVEventKind.CLEARED, [])
@@ -168,8 +171,7 @@ def test_kv_events_round_trip_in_order_and_incrementally(
     assert time.monotonic() - started < 1.0
     # A new epoch (a restarted worker) starts again at seq 1.
     state.append_kv_events("p-0", 8, KVEventKind.STORED, [5])
-    assert state.read_kv_events(last_id, block_ms=100)[0] == [
-        KVEventRecord("p-0", 8, 1, KVEventKind.STORED, (5,))]
+    assert state.read_kv_events(last_id, block_ms=100)[0] == [KVEventRecord("p-0", 8, 1, KVEventKind.STORED, (5,))]
 
 
 def test_kv_events_reject_bad_input_without_using_a_seq(state: ClusterState):
@@ -195,20 +197,22 @@ def test_malformed_entries_are_skipped_with_a_warning(
     state: ClusterState, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ):
     state.register(PREFILL)
-    redis_client.hset("tandem:test:worker:bad-role", mapping={
-        "role": "router", "address": "x:1", "fingerprint": "ab", "capacity_blocks": "1",
-        "version": "1"})
-    redis_client.hset("tandem:test:worker:bad-cap", mapping={
-        "role": "decode", "address": "x:1", "fingerprint": "ab", "capacity_blocks": "lots",
-        "version": "1"})
+    redis_client.hset(
+        "tandem:test:worker:bad-role",
+        mapping={"role": "router", "address": "x:1", "fingerprint": "ab", "capacity_blocks": "1", "version": "1"},
+    )
+    redis_client.hset(
+        "tandem:test:worker:bad-cap",
+        mapping={"role": "decode", "address": "x:1", "fingerprint": "ab", "capacity_blocks": "lots", "version": "1"},
+    )
     redis_client.hset("tandem:test:worker:no-addr", mapping={"role": "decode"})
-    redis_client.hset("tandem:test:worker:bad*id", mapping={
-        "role": "decode", "address": "x:1", "fingerprint": "ab", "capacity_blocks": "1",
-        "version": "1"})
+    redis_client.hset(
+        "tandem:test:worker:bad*id",
+        mapping={"role": "decode", "address": "x:1", "fingerprint": "ab", "capacity_blocks": "1", "version": "1"},
+    )
     redis_client.hset("tandem:test:load:p-0", mapping={"waiting": "-3"})
     stream = "tandem:test:kv_events"
-    good = {"worker": "p-0", "epoch": "1", "seq": "1", "kind": "stored",
-            "hashes": struct.pack("<Q", 99)}
+    good = {"worker": "p-0", "epoch": "1", "seq": "1", "kind": "stored", "hashes": struct.pack("<Q", 99)}
     redis_client.xadd(stream, {**good, "hashes": b"\x01" * 7})  # not a multiple of 8 bytes
     redis_client.xadd(stream, {**good, "kind": "evicted"})
     redis_client.xadd(stream, {k: v for k, v in good.items() if k != "seq"})

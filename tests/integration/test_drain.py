@@ -41,12 +41,19 @@ def _health(worker: WorkerProcess, service: str) -> int:
 
 
 def _tandem_drain(address: str, timeout_s: float) -> tuple[int, dict, str]:
-    done = subprocess.run([sys.executable, "-m", "tandem", "drain", "--address", address, "--timeout-s", str(timeout_s)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "tandem", "drain", "--address", address, "--timeout-s", str(timeout_s)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return done.returncode, json.loads(done.stdout) if done.stdout else {}, done.stderr
 
 
-def test_drain_rpc_finishes_the_stream_and_leaves_routing(tiny_model_dir: Path, reference: Engine, redis_server) -> None:
+def test_drain_rpc_finishes_the_stream_and_leaves_routing(
+    tiny_model_dir: Path, reference: Engine, redis_server
+) -> None:
     state = ClusterState(redis.Redis.from_url(redis_server.url), "default")
     d = WorkerProcess.start("decode", tiny_model_dir, "--redis", redis_server.url, worker_id="d-drain-rpc")
     try:
@@ -92,7 +99,13 @@ def test_tandem_drain_waits_for_held_leases(tiny_model_dir: Path, reference: Eng
         assert released.released is True
         code, out, _ = _tandem_drain(p.address, timeout_s=10)
         assert code == 0
-        assert (out["event"], out["idle"], out["held_leases"], out["waiting"], out["running"]) == ("drained", True, 0, 0, 0)
+        assert (out["event"], out["idle"], out["held_leases"], out["waiting"], out["running"]) == (
+            "drained",
+            True,
+            0,
+            0,
+            0,
+        )
         h = p.health()
         assert h.free_blocks == h.total_blocks
         assert p.stop(signal.SIGTERM, timeout_s=10) == 0

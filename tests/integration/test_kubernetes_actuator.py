@@ -76,10 +76,13 @@ def test_scale_sends_a_merge_patch_and_reads_back(kube_api, tmp_path):
     assert kube_api.deployments == {(NS, "tandem-prefill"): 0, (NS, "tandem-decode"): 5}
 
 
-@pytest.mark.parametrize(("call", "verb"), [
-    pytest.param(lambda a: a.replicas(D), "read", id="read"),
-    pytest.param(lambda a: a.scale(D, 4), "patch", id="patch"),
-])
+@pytest.mark.parametrize(
+    ("call", "verb"),
+    [
+        pytest.param(lambda a: a.replicas(D), "read", id="read"),
+        pytest.param(lambda a: a.scale(D, 4), "patch", id="patch"),
+    ],
+)
 def test_unknown_deployment_is_a_clear_error(kube_api, tmp_path, call, verb):
     actuator = actuator_for(kube_api, tmp_path, decode="no-such-deployment")
     try:
@@ -87,8 +90,10 @@ def test_unknown_deployment_is_a_clear_error(kube_api, tmp_path, call, verb):
             call(actuator)
     finally:
         actuator.close()
-    assert str(caught.value) == (f"cannot {verb} the scale of the decode deployment tandem/no-such-deployment: "
-                                 f'HTTP 404 Not Found: deployments.apps "no-such-deployment" not found')
+    assert str(caught.value) == (
+        f"cannot {verb} the scale of the decode deployment tandem/no-such-deployment: "
+        f'HTTP 404 Not Found: deployments.apps "no-such-deployment" not found'
+    )
     assert kube_api.deployments == {(NS, "tandem-prefill"): 2, (NS, "tandem-decode"): 3}
 
 
@@ -98,8 +103,10 @@ def test_unreachable_api_server_is_a_clear_error(tmp_path):
     text = kubeconfig.read_text().replace(api.url, f"http://127.0.0.1:{free_port()}")
     kubeconfig.write_text(text)
     actuator = KubernetesActuator(NS, {P: "tandem-prefill", D: "tandem-decode"}, api=apps_v1_api(kubeconfig))
-    with pytest.raises(KubernetesActuatorError,
-                       match="^cannot read the scale of the prefill deployment tandem/tandem-prefill: MaxRetryError: "):
+    with pytest.raises(
+        KubernetesActuatorError,
+        match="^cannot read the scale of the prefill deployment tandem/tandem-prefill: MaxRetryError: ",
+    ):
         actuator.replicas(P)
     actuator.close()
 
@@ -112,13 +119,24 @@ def test_negative_replicas_are_refused_before_any_request(kube_api, tmp_path):
     assert kube_api.recorded() == []
 
 
-@pytest.mark.parametrize(("namespace", "deployments", "message"), [
-    pytest.param("Tandem", {P: "a", D: "b"}, "namespace must be an RFC 1123 label (lowercase a-z, 0-9, '-'), "
-                 "got 'Tandem'", id="bad-namespace"),
-    pytest.param(NS, {D: "b"}, "no deployment named for pool(s) prefill", id="missing-pool"),
-    pytest.param(NS, {P: "a", D: "b_c"}, "decode deployment name must be an RFC 1123 subdomain, got 'b_c'",
-                 id="bad-deployment-name"),
-])
+@pytest.mark.parametrize(
+    ("namespace", "deployments", "message"),
+    [
+        pytest.param(
+            "Tandem",
+            {P: "a", D: "b"},
+            "namespace must be an RFC 1123 label (lowercase a-z, 0-9, '-'), got 'Tandem'",
+            id="bad-namespace",
+        ),
+        pytest.param(NS, {D: "b"}, "no deployment named for pool(s) prefill", id="missing-pool"),
+        pytest.param(
+            NS,
+            {P: "a", D: "b_c"},
+            "decode deployment name must be an RFC 1123 subdomain, got 'b_c'",
+            id="bad-deployment-name",
+        ),
+    ],
+)
 def test_constructor_validation(kube_api, tmp_path, namespace, deployments, message):
     api = apps_v1_api(kube_api.write_kubeconfig(tmp_path / "kubeconfig"))
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -128,10 +146,14 @@ def test_constructor_validation(kube_api, tmp_path, namespace, deployments, mess
 
 def test_config_loading_errors_say_what_to_do(tmp_path, monkeypatch):
     missing = tmp_path / "nope"
-    with pytest.raises(ValueError, match=f"^{re.escape(f'cannot load the Kubernetes client config from kubeconfig {missing}: ')}"):
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(f'cannot load the Kubernetes client config from kubeconfig {missing}: ')}"
+    ):
         apps_v1_api(missing)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(ValueError, match=re.escape("in-cluster service account (outside a pod, pass --kubeconfig PATH)")):
+    with pytest.raises(
+        ValueError, match=re.escape("in-cluster service account (outside a pod, pass --kubeconfig PATH)")
+    ):
         apps_v1_api(None)
 
 
@@ -148,15 +170,18 @@ def test_autoscaler_step_patches_the_deployment(kube_api, tmp_path, redis_client
     for worker_id, role, queued in [("p-0", P, 4000), ("p-1", P, 4000), ("d-0", D, 0), ("d-1", D, 0), ("d-2", D, 0)]:
         state.register(WorkerInfo(worker_id, role, f"{worker_id}:7000", "ab12", 100, "t"), ttl_s=60.0)
         state.publish_load(worker_id, WorkerLoad(4 if role is D else 0, 1, queued, 0, 100, now_s), ttl_s=60.0)
-    config = AutoscalerConfig(prefill=PrefillPolicy(min_replicas=0, max_replicas=8,
-                                                    target_queued_tokens_per_replica=1000))
+    config = AutoscalerConfig(
+        prefill=PrefillPolicy(min_replicas=0, max_replicas=8, target_queued_tokens_per_replica=1000)
+    )
     actuator = actuator_for(kube_api, tmp_path)
     try:
         decisions = Autoscaler(state, actuator, config, AutoscalerMetrics(), clock=lambda: now_s).step()
     finally:
         actuator.close()
-    assert decisions == [ScaleDecision(P, 2, 8, ScaleReason.QUEUE_ABOVE_TARGET),
-                         ScaleDecision(D, 3, 3, ScaleReason.WITHIN_TOLERANCE)]
+    assert decisions == [
+        ScaleDecision(P, 2, 8, ScaleReason.QUEUE_ABOVE_TARGET),
+        ScaleDecision(D, 3, 3, ScaleReason.WITHIN_TOLERANCE),
+    ]
     assert [(r.method, r.path, r.body) for r in kube_api.recorded()] == [
         ("GET", SCALE.format("tandem-prefill"), None),
         ("GET", SCALE.format("tandem-decode"), None),

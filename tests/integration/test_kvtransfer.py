@@ -23,10 +23,10 @@ import grpc
 import pytest
 import torch
 
-from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.engine.engine import HeldKV
+from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
 from tandem.kvtransfer.base import (
     FailureReason,
     KVHandleInfo,
@@ -38,7 +38,7 @@ from tandem.kvtransfer.base import (
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
 from tandem.kvtransfer.channels import server_options
 from tandem.kvtransfer.chunks import ChunkDecodeError, decode_chunk, encode_chunk
-from tandem.kvtransfer.config import MiB, KVTransferConfig
+from tandem.kvtransfer.config import KVTransferConfig, MiB
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
 from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseTable
 from tandem.kvtransfer.source_process import random_kv_caches, source_args
@@ -71,10 +71,19 @@ class Source:
     def grant(self, request_id: str = "req", blocks: tuple[int, ...] = LEASED, ttl_s: float = 30.0) -> float:
         return self.leases.grant(request_id, HeldKV(blocks, len(blocks) * self.store.layout.block_size, ()), ttl_s)
 
-    def handle(self, address: str, request_id: str = "req", blocks: tuple[int, ...] = LEASED,
-               layout: str | None = None) -> KVHandleInfo:
-        return KVHandleInfo(request_id, "prefill-0", address, blocks, len(blocks) * 16,
-                            layout or self.store.layout.describe(), (), self.clock() + 30)
+    def handle(
+        self, address: str, request_id: str = "req", blocks: tuple[int, ...] = LEASED, layout: str | None = None
+    ) -> KVHandleInfo:
+        return KVHandleInfo(
+            request_id,
+            "prefill-0",
+            address,
+            blocks,
+            len(blocks) * 16,
+            layout or self.store.layout.describe(),
+            (),
+            self.clock() + 30,
+        )
 
 
 def make_source(layout: KVLayout, num_blocks: int = NUM_BLOCKS, seed: int = 1) -> Source:
@@ -91,8 +100,9 @@ def snapshot(store: KVBlockStore) -> list[torch.Tensor]:
     return [c.clone() for c in store.kv_caches]
 
 
-def assert_moved(src: KVBlockStore, src_ids: tuple[int, ...], dst: KVBlockStore, dst_ids: tuple[int, ...],
-                 before: list[torch.Tensor]) -> None:
+def assert_moved(
+    src: KVBlockStore, src_ids: tuple[int, ...], dst: KVBlockStore, dst_ids: tuple[int, ...], before: list[torch.Tensor]
+) -> None:
     """Destination blocks equal the source blocks exactly; every other block is unchanged."""
     others = [b for b in range(dst.num_blocks) if b not in set(dst_ids)]
     for s, d, old in zip(src.kv_caches, dst.kv_caches, before):
@@ -117,7 +127,7 @@ async def serving(servicer: KVTransferServicer) -> AsyncIterator[str]:
         servicer.close()
 
 
-async def expect_failure(pull: "asyncio.Future | object", reason: FailureReason, *fragments: str) -> KVTransferError:
+async def expect_failure(pull: asyncio.Future | object, reason: FailureReason, *fragments: str) -> KVTransferError:
     with pytest.raises(KVTransferError) as info:
         await pull  # type: ignore[misc]
     assert info.value.reason is reason, str(info.value)
@@ -144,8 +154,11 @@ def test_block_store_matches_the_reference(dtype: str, ids: tuple[int, ...]) -> 
     staging = torch.empty(len(ids) * src.bytes_per_block, dtype=torch.uint8)
     reader = PackedReader(src, ids, staging if PackedReader.needs_staging(src, ids) else None)
     step = 5000  # reads that cut across blocks and planes
-    pieces = [bytes(p) for off in range(0, reader.total_bytes, step)
-              for p in reader.read(off, min(step, reader.total_bytes - off))]
+    pieces = [
+        bytes(p)
+        for off in range(0, reader.total_bytes, step)
+        for p in reader.read(off, min(step, reader.total_bytes - off))
+    ]
     assert b"".join(pieces) == packed.view(torch.uint8).numpy().tobytes()
     dst, expected = make_dest(src.layout), make_dest(src.layout)
     dst_ids = tuple(reversed(range(50, 50 + len(ids))))
@@ -233,9 +246,8 @@ def test_lease_checkout_names_the_problem() -> None:
         ((), "no block ids requested"),
         (tuple(range(50)), "50 block ids requested but the lease for 'a' holds 30"),
     ]:
-        with pytest.raises(LeaseError, match=message):
-            with source.leases.checkout("a", block_ids):
-                pass
+        with pytest.raises(LeaseError, match=message), source.leases.checkout("a", block_ids):
+            pass
     with pytest.raises(LeaseError, match="no lease for request 'zz' \\(unknown request id\\)"):
         source.leases.check("zz", (1,))
     with pytest.raises(LeaseError, match="already has a lease"):
@@ -254,8 +266,10 @@ def test_lease_table_frees_exactly_once_under_concurrency() -> None:
             source.leases.release(request_id)
         source.leases.release(request_id)
 
-    threads = [threading.Thread(target=lambda r=r: [pull_then_release(r), source.leases.expire(source.clock() + 60)])
-               for r in ids]
+    threads = [
+        threading.Thread(target=lambda r=r: [pull_then_release(r), source.leases.expire(source.clock() + 60)])
+        for r in ids
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -354,7 +368,8 @@ def test_grpc_corrupted_chunk_is_a_checksum_error_and_leaves_the_destination_unt
             blocks = LEASED
             error = await expect_failure(
                 transport.pull(source.handle(address), blocks, tuple(range(50, 80)), dest, TIMEOUT_S),
-                FailureReason.CHECKSUM, "chunk at offset 1048576 has xxh64",
+                FailureReason.CHECKSUM,
+                "chunk at offset 1048576 has xxh64",
             )
             assert address in str(error)
         await transport.close()
@@ -373,12 +388,19 @@ def test_layout_mismatch_names_the_field_on_both_sides() -> None:
         transport = create_transport("grpc")
         async with serving(KVTransferServicer(source.store, source.leases, KVTransferConfig())) as address:
             # the receiver compares the handle's layout with its own
-            await expect_failure(transport.pull(source.handle(address), (10,), (1,), dest, TIMEOUT_S),
-                                 FailureReason.LAYOUT_MISMATCH, "block_size (ours 32, theirs 16)")
+            await expect_failure(
+                transport.pull(source.handle(address), (10,), (1,), dest, TIMEOUT_S),
+                FailureReason.LAYOUT_MISMATCH,
+                "block_size (ours 32, theirs 16)",
+            )
             # a handle that lies about the layout: the source compares the receiver's with its own
             lying = source.handle(address, layout=dest.layout.describe())
-            await expect_failure(transport.pull(lying, (10,), (1,), dest, TIMEOUT_S),
-                                 FailureReason.LAYOUT_MISMATCH, "block_size (ours 16, theirs 32)", "FAILED_PRECONDITION")
+            await expect_failure(
+                transport.pull(lying, (10,), (1,), dest, TIMEOUT_S),
+                FailureReason.LAYOUT_MISMATCH,
+                "block_size (ours 16, theirs 32)",
+                "FAILED_PRECONDITION",
+            )
         await transport.close()
 
     asyncio.run(main())
@@ -393,17 +415,29 @@ def test_source_refuses_unknown_outside_and_expired_leases() -> None:
     async def main() -> None:
         transport = create_transport("grpc")
         async with serving(KVTransferServicer(source.store, source.leases, KVTransferConfig())) as address:
-            await expect_failure(transport.pull(source.handle(address, request_id="ghost"), (10,), (1,), dest, TIMEOUT_S),
-                                 FailureReason.REFUSED, "no lease for request 'ghost' (unknown request id)")
+            await expect_failure(
+                transport.pull(source.handle(address, request_id="ghost"), (10,), (1,), dest, TIMEOUT_S),
+                FailureReason.REFUSED,
+                "no lease for request 'ghost' (unknown request id)",
+            )
             stale = source.handle(address, blocks=LEASED + (77,))  # a handle naming a block the lease lacks
-            await expect_failure(transport.pull(stale, (11, 77), (1, 2), dest, TIMEOUT_S),
-                                 FailureReason.REFUSED, "block id 77 is not in the lease for request 'req'")
+            await expect_failure(
+                transport.pull(stale, (11, 77), (1, 2), dest, TIMEOUT_S),
+                FailureReason.REFUSED,
+                "block id 77 is not in the lease for request 'req'",
+            )
             source.clock.now_s += 31.0
-            await expect_failure(transport.pull(source.handle(address), (10,), (1,), dest, TIMEOUT_S),
-                                 FailureReason.REFUSED, "the lease for request 'req' expired 1.000 s ago")
+            await expect_failure(
+                transport.pull(source.handle(address), (10,), (1,), dest, TIMEOUT_S),
+                FailureReason.REFUSED,
+                "the lease for request 'req' expired 1.000 s ago",
+            )
             assert source.leases.expire(source.clock()) == ["req"]
-            await expect_failure(transport.pull(source.handle(address), (10,), (1,), dest, TIMEOUT_S),
-                                 FailureReason.REFUSED, "the lease for request 'req' was expired")
+            await expect_failure(
+                transport.pull(source.handle(address), (10,), (1,), dest, TIMEOUT_S),
+                FailureReason.REFUSED,
+                "the lease for request 'req' was expired",
+            )
         await transport.close()
 
     asyncio.run(main())
@@ -455,13 +489,19 @@ def test_grpc_timeout_and_unavailable_peer_are_bounded() -> None:
     async def main() -> None:
         transport = create_transport("grpc")
         started = time.monotonic()
-        await expect_failure(transport.pull(source.handle(f"127.0.0.1:{closed_port()}"), (10,), (1,), dest, 2.0),
-                             FailureReason.PEER_UNAVAILABLE, "UNAVAILABLE")
+        await expect_failure(
+            transport.pull(source.handle(f"127.0.0.1:{closed_port()}"), (10,), (1,), dest, 2.0),
+            FailureReason.PEER_UNAVAILABLE,
+            "UNAVAILABLE",
+        )
         assert time.monotonic() - started < 2.0 and len(transport.channels) == 0  # the dead channel is dropped
         async with serving(servicer) as address:
             started = time.monotonic()
-            await expect_failure(transport.pull(source.handle(address), (10,), (1,), dest, 0.5),
-                                 FailureReason.TIMEOUT, "DEADLINE_EXCEEDED")
+            await expect_failure(
+                transport.pull(source.handle(address), (10,), (1,), dest, 0.5),
+                FailureReason.TIMEOUT,
+                "DEADLINE_EXCEEDED",
+            )
             assert time.monotonic() - started < 2.0
             servicer.go.set()
         await transport.close()
@@ -478,8 +518,16 @@ class RemoteSource:
 
     def handle(self, request_id: str = "remote", layout: str | None = None) -> KVHandleInfo:
         blocks = tuple(range(NUM_BLOCKS))
-        return KVHandleInfo(request_id, "prefill-remote", self.address, blocks, NUM_BLOCKS * 16,
-                            layout or self.layout.describe(), (), time.time() + 60)
+        return KVHandleInfo(
+            request_id,
+            "prefill-remote",
+            self.address,
+            blocks,
+            NUM_BLOCKS * 16,
+            layout or self.layout.describe(),
+            (),
+            time.time() + 60,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -487,8 +535,12 @@ def remote_sources() -> Iterator[dict[str, RemoteSource]]:
     """One source process per dtype (started together), holding lease "remote" over every block."""
     layouts = {dtype: make_layout(dtype) for dtype in ("float32", "bfloat16")}
     processes = {
-        dtype: subprocess.Popen(source_args(layout, NUM_BLOCKS, 5, "torch", "remote"),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        dtype: subprocess.Popen(
+            source_args(layout, NUM_BLOCKS, 5, "torch", "remote"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for dtype, layout in layouts.items()
     }
     try:
@@ -532,11 +584,16 @@ def test_torch_pull_from_a_source_process_is_exact_and_reuses_its_pair(remote_so
         await transport.pull(remote.handle(), src_ids, dst_ids, dest, TIMEOUT_S)
         assert_moved(expected, src_ids, dest, dst_ids, before_second)
         assert len(transport._pairs) == 1  # formed once, reused
-        await expect_failure(transport.pull(remote.handle("ghost"), (1,), (1,), dest, TIMEOUT_S),
-                             FailureReason.REFUSED, "no lease for request 'ghost'")
-        await expect_failure(transport.pull(remote.handle(), (1,), (1,), make_dest(make_layout(dtype, block_size=32)),
-                                            TIMEOUT_S),
-                             FailureReason.LAYOUT_MISMATCH, "block_size (ours 32, theirs 16)")
+        await expect_failure(
+            transport.pull(remote.handle("ghost"), (1,), (1,), dest, TIMEOUT_S),
+            FailureReason.REFUSED,
+            "no lease for request 'ghost'",
+        )
+        await expect_failure(
+            transport.pull(remote.handle(), (1,), (1,), make_dest(make_layout(dtype, block_size=32)), TIMEOUT_S),
+            FailureReason.LAYOUT_MISMATCH,
+            "block_size (ours 32, theirs 16)",
+        )
         before_third = snapshot(dest)
         await transport.pull(remote.handle(), (7,), (7,), dest, TIMEOUT_S)  # a fresh pair after the refusal
         assert_moved(expected, (7,), dest, (7,), before_third)
@@ -564,12 +621,16 @@ def test_torch_checksum_mismatch_and_peer_loss_in_process() -> None:
     async def main() -> None:
         transport = create_transport("torch")
         async with serving(CorruptingTorchServicer(source.store, source.leases, KVTransferConfig())) as address:
-            await expect_failure(transport.pull(source.handle(address), LEASED[:4], (1, 2, 3, 4), dest, TIMEOUT_S),
-                                 FailureReason.CHECKSUM, "xxh64")
+            await expect_failure(
+                transport.pull(source.handle(address), LEASED[:4], (1, 2, 3, 4), dest, TIMEOUT_S),
+                FailureReason.CHECKSUM,
+                "xxh64",
+            )
         assert_untouched(dest, before)
         started = time.monotonic()  # the source is gone now: no hang, and the pair is torn down
-        await expect_failure(transport.pull(source.handle(address), LEASED[:4], (1, 2, 3, 4), dest, 3.0),
-                             FailureReason.PEER_UNAVAILABLE)
+        await expect_failure(
+            transport.pull(source.handle(address), LEASED[:4], (1, 2, 3, 4), dest, 3.0), FailureReason.PEER_UNAVAILABLE
+        )
         assert time.monotonic() - started < 3.0 and transport._pairs == {}
         await transport.close()
 
@@ -589,8 +650,11 @@ def test_torch_pairs_are_replaced_not_leaked_in_process() -> None:
             await transport.pull(source.handle(address), LEASED[:6], tuple(range(6)), dest, TIMEOUT_S)
             assert_moved(source.store, LEASED[:6], dest, tuple(range(6)), before)
             (first_pair,) = servicer._pairs
-            await expect_failure(transport.pull(source.handle(address, request_id="ghost"), (10,), (1,), dest, TIMEOUT_S),
-                                 FailureReason.REFUSED, "unknown request id")
+            await expect_failure(
+                transport.pull(source.handle(address, request_id="ghost"), (10,), (1,), dest, TIMEOUT_S),
+                FailureReason.REFUSED,
+                "unknown request id",
+            )
             assert transport._pairs == {}  # the receiver tore its pair down
             before = snapshot(dest)
             await transport.pull(source.handle(address), LEASED[6:], tuple(range(6, 30)), dest, TIMEOUT_S)

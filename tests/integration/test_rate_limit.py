@@ -46,8 +46,10 @@ def test_requests_bucket_exact_sequence(redis_server: EmbeddedRedis, redis_clien
         assert await limiter.acquire("key-b", 0) == ALLOWED
 
     run(redis_server, body)
-    assert sorted(redis_client.keys("*")) == [b"tandem:test:ratelimit:key-a:requests",
-                                              b"tandem:test:ratelimit:key-b:requests"]
+    assert sorted(redis_client.keys("*")) == [
+        b"tandem:test:ratelimit:key-a:requests",
+        b"tandem:test:ratelimit:key-b:requests",
+    ]
     fields = redis_client.hgetall("tandem:test:ratelimit:key-a:requests")
     assert set(fields) == {b"level", b"ts_us"}
     assert 0 <= float(fields[b"level"]) < 0.01  # denials charged nothing
@@ -151,8 +153,9 @@ def test_disabled_limiter_never_talks_to_redis():
 
     async def main() -> None:
         # No retries: redis-py would otherwise back off for seconds before raising.
-        client = redis.asyncio.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5,
-                                     retry=Retry(NoBackoff(), 0))
+        client = redis.asyncio.Redis(
+            host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+        )
         try:
             limiter = RateLimiter(client, CLUSTER, RateLimitConfig())
             assert not limiter.config.enabled

@@ -75,8 +75,7 @@ def make_scheduler(state: ClusterState) -> Iterator[Callable[..., Scheduler]]:
     """Builds schedulers on `state`; every one is stopped at the end of the test."""
     made: list[Scheduler] = []
 
-    def make(config: SchedulerConfig = CONFIG, clock: Callable[[], float] = time.time
-             ) -> Scheduler:
+    def make(config: SchedulerConfig = CONFIG, clock: Callable[[], float] = time.time) -> Scheduler:
         made.append(Scheduler(state, config, clock))
         return made[-1]
 
@@ -92,8 +91,7 @@ def scheduler(make_scheduler: Callable[..., Scheduler]) -> Scheduler:
     return make_scheduler()
 
 
-def register(state: ClusterState, worker: WorkerInfo, ttl_s: float = 30.0,
-             load: WorkerLoad | None = IDLE) -> None:
+def register(state: ClusterState, worker: WorkerInfo, ttl_s: float = 30.0, load: WorkerLoad | None = IDLE) -> None:
     state.register(worker, ttl_s)
     if load is not None:
         state.publish_load(worker.worker_id, load, ttl_s)
@@ -103,16 +101,14 @@ def test_get_loads_reads_many_workers_in_one_call(state: ClusterState):
     busy = WorkerLoad(2, 3, 400, 10, 100, 1.5)
     state.publish_load("d-0", busy)
     state.publish_load("p-0", IDLE)
-    assert state.get_loads(["d-0", "missing", "p-0"]) == {"d-0": busy, "missing": None,
-                                                          "p-0": IDLE}
+    assert state.get_loads(["d-0", "missing", "p-0"]) == {"d-0": busy, "missing": None, "p-0": IDLE}
     assert state.get_loads([]) == {}
 
 
 def test_index_is_rebuilt_from_the_stream_then_follows_live_events(state, make_scheduler):
     # No speculative claims here: the index is exactly what the KV events say.
     scheduler = make_scheduler(replace(CONFIG, speculative_ttl_s=0.0))
-    for worker in (info("d-0", WorkerRole.DECODE), info("d-1", WorkerRole.DECODE),
-                   info("p-0", WorkerRole.PREFILL)):
+    for worker in (info("d-0", WorkerRole.DECODE), info("d-1", WorkerRole.DECODE), info("p-0", WorkerRole.PREFILL)):
         register(state, worker)
     hashes_a = hash_blocks(PROMPT_A, CONFIG.block_size, EXTRA)
     hashes_b = hash_blocks(PROMPT_B, CONFIG.block_size, EXTRA)
@@ -128,25 +124,31 @@ def test_index_is_rebuilt_from_the_stream_then_follows_live_events(state, make_s
     assert scheduler.ready()
 
     decision = scheduler.route(request(PROMPT_A, scheduler))
-    assert (decision.kind, decision.decode.worker_id, decision.prefill) == (
-        RouteKind.LOCAL_PREFILL, "d-1", None)
+    assert (decision.kind, decision.decode.worker_id, decision.prefill) == (RouteKind.LOCAL_PREFILL, "d-1", None)
     assert decision.decode_cached_tokens == 1024
 
     # Live events: d-0 caches prompt B, d-1 evicts the second half of prompt A.
     state.append_kv_events("d-0", 9, KVEventKind.STORED, hashes_b)
     state.append_kv_events("d-1", 1, KVEventKind.REMOVED, hashes_a[32:])
-    assert wait_until(lambda: indexed_blocks(scheduler) == {"d-0": 64, "d-1": 32, "p-0": 0},
-                      timeout_s=5.0), indexed_blocks(scheduler)
+    assert wait_until(lambda: indexed_blocks(scheduler) == {"d-0": 64, "d-1": 32, "p-0": 0}, timeout_s=5.0), (
+        indexed_blocks(scheduler)
+    )
 
     decision = scheduler.route(request(PROMPT_A, scheduler))
     # d-1: 512 uncached tokens (>= 256) -> P computes the prompt, D pulls it.
     assert (decision.kind, decision.decode.worker_id, decision.prefill.worker_id) == (
-        RouteKind.DISAGGREGATED, "d-1", "p-0")
+        RouteKind.DISAGGREGATED,
+        "d-1",
+        "p-0",
+    )
     assert (decision.decode_cached_tokens, decision.prefill_cached_tokens) == (512, 0)
 
     decision = scheduler.route(request(PROMPT_B, scheduler))
     assert (decision.kind, decision.decode.worker_id, decision.decode_cached_tokens) == (
-        RouteKind.LOCAL_PREFILL, "d-0", 1024)
+        RouteKind.LOCAL_PREFILL,
+        "d-0",
+        1024,
+    )
 
     # A restarted worker (new epoch) starts from an empty cache.
     state.append_kv_events("d-0", 10, KVEventKind.STORED, hashes_b[:1])
@@ -163,14 +165,22 @@ def test_in_flight_work_spreads_a_burst_and_is_released(state, make_scheduler):
     """Between two load publications every route sees the same published load; the
     scheduler's own in-flight table spreads a burst, and releasing it restores the choice."""
     scheduler = make_scheduler(clock=lambda: 1000.0)
-    for worker in (info("d-0", WorkerRole.DECODE), info("d-1", WorkerRole.DECODE),
-                   info("p-0", WorkerRole.PREFILL), info("p-1", WorkerRole.PREFILL)):
+    for worker in (
+        info("d-0", WorkerRole.DECODE),
+        info("d-1", WorkerRole.DECODE),
+        info("p-0", WorkerRole.PREFILL),
+        info("p-1", WorkerRole.PREFILL),
+    ):
         register(state, worker)
     scheduler.refresh_now()
     prompts = [[7 + i] * 300 for i in range(4)]
     burst = [scheduler.route(request(p, scheduler)) for p in prompts]
     assert [(d.prefill.worker_id, d.decode.worker_id) for d in burst] == [
-        ("p-0", "d-0"), ("p-1", "d-1"), ("p-0", "d-0"), ("p-1", "d-1")]
+        ("p-0", "d-0"),
+        ("p-1", "d-1"),
+        ("p-0", "d-0"),
+        ("p-1", "d-1"),
+    ]
     for decision, prompt in zip(burst, prompts):
         finish(scheduler, decision, prompt)
     after = scheduler.route(request([99] * 300, scheduler))
@@ -180,34 +190,33 @@ def test_in_flight_work_spreads_a_burst_and_is_released(state, make_scheduler):
 def test_route_claims_the_prompt_for_p_and_d_until_the_ttl(state, make_scheduler):
     now_s = [1000.0]
     scheduler = make_scheduler(clock=lambda: now_s[0])
-    for worker in (info("d-0", WorkerRole.DECODE), info("d-1", WorkerRole.DECODE),
-                   info("p-0", WorkerRole.PREFILL)):
+    for worker in (info("d-0", WorkerRole.DECODE), info("d-1", WorkerRole.DECODE), info("p-0", WorkerRole.PREFILL)):
         register(state, worker)
     scheduler.refresh_now()  # not started: no KV events at all
 
     first = scheduler.route(request(PROMPT_A, scheduler))
     assert (first.kind, first.decode.worker_id, first.prefill.worker_id) == (
-        RouteKind.DISAGGREGATED, "d-0", "p-0")  # nothing cached anywhere: lowest ids
+        RouteKind.DISAGGREGATED,
+        "d-0",
+        "p-0",
+    )  # nothing cached anywhere: lowest ids
     assert claims(scheduler) == {"d-0": 1, "d-1": 0, "p-0": 1}
     finish(scheduler, first, PROMPT_A)
     # The same prompt again, before any KV event: D already "holds" it, and keeps it longer.
     now_s[0] = 1005.0
     again = scheduler.route(request(PROMPT_A, scheduler))
-    assert (again.kind, again.decode.worker_id, again.decode_cached_tokens) == (
-        RouteKind.LOCAL_PREFILL, "d-0", 1024)
+    assert (again.kind, again.decode.worker_id, again.decode_cached_tokens) == (RouteKind.LOCAL_PREFILL, "d-0", 1024)
     finish(scheduler, again, PROMPT_A)
 
     now_s[0] = 1010.0  # p-0's claim on A (from t=1000) expires; d-0's now ends at 1015
     other = scheduler.route(request(PROMPT_B, scheduler))
-    assert (other.kind, other.decode.worker_id, other.prefill.worker_id) == (
-        RouteKind.DISAGGREGATED, "d-0", "p-0")
+    assert (other.kind, other.decode.worker_id, other.prefill.worker_id) == (RouteKind.DISAGGREGATED, "d-0", "p-0")
     assert claims(scheduler) == {"d-0": 2, "d-1": 0, "p-0": 1}
     finish(scheduler, other, PROMPT_B)
 
     now_s[0] = 1015.0
     later = scheduler.route(request(PROMPT_A, scheduler))
-    assert (later.kind, later.decode.worker_id, later.decode_cached_tokens) == (
-        RouteKind.DISAGGREGATED, "d-0", 0)
+    assert (later.kind, later.decode.worker_id, later.decode_cached_tokens) == (RouteKind.DISAGGREGATED, "d-0", 0)
     assert indexed_blocks(scheduler) == {"d-0": 0, "d-1": 0, "p-0": 0}  # claims only
 
 
@@ -216,23 +225,24 @@ def test_a_worker_whose_heartbeat_expired_is_not_chosen(state, scheduler):
     register(state, info("d-fast", WorkerRole.DECODE), ttl_s=ttl_s)  # never heartbeats again
     registered_at = time.monotonic()
     register(state, info("d-slow", WorkerRole.DECODE), ttl_s=30.0)
-    state.append_kv_events("d-fast", 1, KVEventKind.STORED,
-                           hash_blocks(PROMPT_A, CONFIG.block_size, EXTRA))
+    state.append_kv_events("d-fast", 1, KVEventKind.STORED, hash_blocks(PROMPT_A, CONFIG.block_size, EXTRA))
     scheduler.start()
     assert scheduler.wait_caught_up(5.0)
     scheduler.refresh_now()
     first = scheduler.route(request(PROMPT_A, scheduler))
     assert (first.decode.worker_id, first.decode_cached_tokens) == ("d-fast", 1024)
 
-    assert wait_until(lambda: [s.info.worker_id for s in scheduler.workers()] == ["d-slow"],
-                      timeout_s=ttl_s + 5.0)
+    assert wait_until(lambda: [s.info.worker_id for s in scheduler.workers()] == ["d-slow"], timeout_s=ttl_s + 5.0)
     # Gone once its key expired, and within one refresh interval after (plus slack for a
     # loaded test machine).
     elapsed_s = time.monotonic() - registered_at
     assert ttl_s - 0.1 <= elapsed_s <= ttl_s + CONFIG.refresh_interval_s + 1.0
     decision = scheduler.route(request(PROMPT_A, scheduler))
     assert (decision.kind, decision.decode.worker_id, decision.decode_cached_tokens) == (
-        RouteKind.LOCAL_PREFILL, "d-slow", 0)
+        RouteKind.LOCAL_PREFILL,
+        "d-slow",
+        0,
+    )
     assert (indexed_blocks(scheduler), claims(scheduler)) == ({"d-slow": 0}, {"d-slow": 1})
     # Its index entries were forgotten: back with no new events, it holds nothing.
     register(state, info("d-fast", WorkerRole.DECODE), ttl_s=30.0)
@@ -255,7 +265,10 @@ def test_no_decode_worker_means_not_ready_and_no_route(state, scheduler):
     assert (p_status.info.worker_id, p_status.load) == ("p-0", IDLE)
     decision = scheduler.route(request(PROMPT_A, scheduler))
     assert (decision.kind, decision.decode.worker_id, decision.prefill.worker_id) == (
-        RouteKind.DISAGGREGATED, "d-0", "p-0")
+        RouteKind.DISAGGREGATED,
+        "d-0",
+        "p-0",
+    )
     with pytest.raises(NoWorkerError):
         scheduler.route(request(PROMPT_A, scheduler), exclude=frozenset({"d-0"}))
 
@@ -268,8 +281,13 @@ def _closed_port() -> int:
 
 def test_follower_survives_an_unreachable_redis_and_stops_in_bounded_time(state, caplog):
     # No redis-py retries (its default retries a failed command for about 5 s).
-    dead = redis.Redis(host="127.0.0.1", port=_closed_port(), socket_timeout=2.0,
-                       socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    dead = redis.Redis(
+        host="127.0.0.1",
+        port=_closed_port(),
+        socket_timeout=2.0,
+        socket_connect_timeout=0.2,
+        retry=Retry(NoBackoff(), 0),
+    )
     scheduler = Scheduler(state, CONFIG, events_state=ClusterState(dead, cluster="test"))
     register(state, info("d-0", WorkerRole.DECODE))
     try:
@@ -287,8 +305,7 @@ def test_follower_survives_an_unreachable_redis_and_stops_in_bounded_time(state,
         dead.close()
 
 
-def test_blocking_reads_need_a_longer_socket_timeout(redis_server: EmbeddedRedis,
-                                                     state: ClusterState):
+def test_blocking_reads_need_a_longer_socket_timeout(redis_server: EmbeddedRedis, state: ClusterState):
     short = redis_server.client(socket_timeout=0.5)
     try:
         with pytest.raises(ValueError, match=r"socket_timeout \(0.5 s\) must be >= 1.1 s"):

@@ -85,8 +85,12 @@ class _CorruptingProxy:
 
         self._channel = grpc.insecure_channel(upstream)
         self.server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(4))
-        pull = self._channel.unary_stream("/tandem.v1.KVTransfer/PullKV", request_serializer=None, response_deserializer=None)
-        release = self._channel.unary_unary("/tandem.v1.KVTransfer/ReleaseKV", request_serializer=None, response_deserializer=None)
+        pull = self._channel.unary_stream(
+            "/tandem.v1.KVTransfer/PullKV", request_serializer=None, response_deserializer=None
+        )
+        release = self._channel.unary_unary(
+            "/tandem.v1.KVTransfer/ReleaseKV", request_serializer=None, response_deserializer=None
+        )
 
         def pull_kv(raw: bytes, context):
             for i, chunk_raw in enumerate(pull(raw, timeout=10)):
@@ -125,14 +129,18 @@ def test_corrupted_chunk_is_detected_and_recomputed(tiny_model_dir: Path, refere
         assert [first.first_token] + [t for x in deltas for t in x.token_ids] == list(
             reference.generate([prompt], params)[0].token_ids
         )
-        assert d.metric('tandem_kv_transfer_failures_total') == 1
+        assert d.metric("tandem_kv_transfer_failures_total") == 1
         text_has_reason = 'reason="checksum"'
         import urllib.request
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
-        assert any(line.startswith("tandem_kv_transfer_failures_total") and text_has_reason in line
-                   for line in metrics.splitlines())
-        assert wait_until(lambda: p.health().held_leases == 0 and d.health().free_blocks == d.health().total_blocks, 2.0)
+        assert any(
+            line.startswith("tandem_kv_transfer_failures_total") and text_has_reason in line
+            for line in metrics.splitlines()
+        )
+        assert wait_until(
+            lambda: p.health().held_leases == 0 and d.health().free_blocks == d.health().total_blocks, 2.0
+        )
     finally:
         proxy.close()
         p.stop()

@@ -35,8 +35,9 @@ class Run:
     exit_codes: tuple[int, int]
 
 
-def _decode_request(request_id: str, prompt: list[int], params: SamplingParams,
-                    first: pb.PrefillResponse | None) -> pb.DecodeRequest:
+def _decode_request(
+    request_id: str, prompt: list[int], params: SamplingParams, first: pb.PrefillResponse | None
+) -> pb.DecodeRequest:
     msg = pb.DecodeRequest(request=request_pb(request_id, prompt, params))
     if first is not None:
         msg.first_token = first.first_token
@@ -62,9 +63,12 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
         # 1. prefill on P, hand-off to D (3 blocks pulled)
         root = tracer.start_span("request")
         md = inject_metadata(child_context(root))
-        first = p.stub().Prefill(pb.PrefillRequest(request=request_pb("t-handoff", handoff_prompt, GREEDY)),
-                                 metadata=md, timeout=60)
-        deltas = list(d.stub().Decode(_decode_request("t-handoff", handoff_prompt, GREEDY, first), metadata=md, timeout=60))
+        first = p.stub().Prefill(
+            pb.PrefillRequest(request=request_pb("t-handoff", handoff_prompt, GREEDY)), metadata=md, timeout=60
+        )
+        deltas = list(
+            d.stub().Decode(_decode_request("t-handoff", handoff_prompt, GREEDY, first), metadata=md, timeout=60)
+        )
         root.end()
         trace_ids["handoff"] = f"{root.get_span_context().trace_id:032x}"
         # 2. D prefills locally: no kv.pull
@@ -76,8 +80,9 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
         # 3. the client cancels the stream after the first message
         root = tracer.start_span("request")
         md = inject_metadata(child_context(root))
-        cfirst = p.stub().Prefill(pb.PrefillRequest(request=request_pb("t-cancel", cancel_prompt, LONG)),
-                                  metadata=md, timeout=60)
+        cfirst = p.stub().Prefill(
+            pb.PrefillRequest(request=request_pb("t-cancel", cancel_prompt, LONG)), metadata=md, timeout=60
+        )
         stream = d.stub().Decode(_decode_request("t-cancel", cancel_prompt, LONG, cfirst), metadata=md, timeout=60)
         next(stream)
         stream.cancel()
@@ -124,8 +129,13 @@ def test_handoff_is_one_trace_with_every_stage_linked(run: Run) -> None:
     service = {name: line["service_name"] for name, line in s.items()}
     assert service == {
         "request": "tandem-test",
-        "prefill": "tandem-prefill", "prefill.queue": "tandem-prefill", "prefill.compute": "tandem-prefill",
-        "decode": "tandem-decode", "kv.pull": "tandem-decode", "decode.admit": "tandem-decode", "decode.stream": "tandem-decode",
+        "prefill": "tandem-prefill",
+        "prefill.queue": "tandem-prefill",
+        "prefill.compute": "tandem-prefill",
+        "decode": "tandem-decode",
+        "kv.pull": "tandem-decode",
+        "decode.admit": "tandem-decode",
+        "decode.stream": "tandem-decode",
     }
     kind = {name: line["kind"] for name, line in s.items()}
     assert kind == {**{n: "INTERNAL" for n in s}, "prefill": "SERVER", "decode": "SERVER"}

@@ -82,7 +82,9 @@ def test_local_prefill_reports_its_prefix_cache_hit(pair, reference: Engine) -> 
     shared, tail_a, tail_b = random_prompts([48, 20, 30], reference.model_config.vocab_size, seed=24)
     for i, prompt in enumerate([shared + tail_a, shared + tail_b]):
         deltas = list(decode_stream(d, f"local-hit-{i}", prompt, GREEDY))
-        assert [t for delta in deltas for t in delta.token_ids] == list(reference.generate([prompt], GREEDY)[0].token_ids)
+        assert [t for delta in deltas for t in delta.token_ids] == list(
+            reference.generate([prompt], GREEDY)[0].token_ids
+        )
         assert deltas[0].num_cached_tokens == (0 if i == 0 else 48)
         assert deltas[0].num_pulled_blocks == 0
         assert all(delta.num_cached_tokens == 0 for delta in deltas[1:])
@@ -116,8 +118,14 @@ def test_cancelled_decode_frees_both_pools(pair, reference: Engine) -> None:
 
 def test_bad_peers_get_errors_and_workers_keep_serving(pair, reference: Engine) -> None:
     _, p, d = pair
-    methods = ["/tandem.v1.Worker/Prefill", "/tandem.v1.Worker/Abort", "/tandem.v1.Worker/Health",
-               "/tandem.v1.KVTransfer/PullKV", "/tandem.v1.KVTransfer/ReleaseKV", "/tandem.v1.KVTransfer/SendKV"]
+    methods = [
+        "/tandem.v1.Worker/Prefill",
+        "/tandem.v1.Worker/Abort",
+        "/tandem.v1.Worker/Health",
+        "/tandem.v1.KVTransfer/PullKV",
+        "/tandem.v1.KVTransfer/ReleaseKV",
+        "/tandem.v1.KVTransfer/SendKV",
+    ]
     for worker in (p, d):
         channel = worker.channel()
         for method in methods:

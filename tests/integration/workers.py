@@ -51,10 +51,28 @@ class WorkerProcess:
     stderr_lines: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, role: str, model_dir: Path, *extra: str, worker_id: str, timeout_s: float = 60.0) -> "WorkerProcess":
-        cmd = [sys.executable, "-m", "tandem", role, "--model", str(model_dir), "--worker-id", worker_id,
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--num-threads", "1",
-               "--kv-cache-mib", "8", *extra]
+    def start(cls, role: str, model_dir: Path, *extra: str, worker_id: str, timeout_s: float = 60.0) -> WorkerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tandem",
+            role,
+            "--model",
+            str(model_dir),
+            "--worker-id",
+            worker_id,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--num-threads",
+            "1",
+            "--kv-cache-mib",
+            "8",
+            *extra,
+        ]
         proc, ready, stderr_lines = spawn_until_ready(cmd, f"{role} worker", timeout_s)
         return cls(role, proc, ready["address"], ready["metrics_port"], worker_id, stderr_lines)
 
@@ -72,8 +90,11 @@ class WorkerProcess:
         import urllib.request
 
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") or line.startswith(name + " "))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        )
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -103,8 +124,13 @@ def prefill(worker: WorkerProcess, request_id: str, prompt: list[int], params: S
     return worker.stub().Prefill(pb.PrefillRequest(request=request_pb(request_id, prompt, params)), timeout=60)
 
 
-def decode_stream(worker: WorkerProcess, request_id: str, prompt: list[int], params: SamplingParams,
-                  first: pb.PrefillResponse | None = None) -> Iterator[pb.DecodeDelta]:
+def decode_stream(
+    worker: WorkerProcess,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    first: pb.PrefillResponse | None = None,
+) -> Iterator[pb.DecodeDelta]:
     msg = pb.DecodeRequest(request=request_pb(request_id, prompt, params))
     if first is not None:
         msg.first_token = first.first_token
@@ -113,8 +139,9 @@ def decode_stream(worker: WorkerProcess, request_id: str, prompt: list[int], par
     return worker.stub().Decode(msg, timeout=60)
 
 
-def disaggregated(prefill_w: WorkerProcess, decode_w: WorkerProcess, request_id: str, prompt: list[int],
-                  params: SamplingParams) -> tuple[list[int], list[pb.DecodeDelta]]:
+def disaggregated(
+    prefill_w: WorkerProcess, decode_w: WorkerProcess, request_id: str, prompt: list[int], params: SamplingParams
+) -> tuple[list[int], list[pb.DecodeDelta]]:
     """Prefill on one worker, decode on the other; returns all tokens and the deltas."""
     first = prefill(prefill_w, request_id, prompt, params)
     if first.finish_reason != pb.FINISH_REASON_UNSPECIFIED:

@@ -17,19 +17,21 @@ ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from typing import Callable, NamedTuple  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tandem.kernels.launch_checks import is_interpreted  # noqa: E402
 from tandem.kernels.cache_write import _store_kv_kernel  # noqa: E402
+from tandem.kernels.launch_checks import is_interpreted  # noqa: E402
 
 if is_interpreted(_store_kv_kernel) == ON_CUDA:
     raise pytest.UsageError(
         f"kernels are {'interpreted' if ON_CUDA else 'compiled'} but this machine "
         f"{'has' if ON_CUDA else 'has no'} CUDA: TRITON_INTERPRET must be "
         f"{'unset' if ON_CUDA else '1'} before anything imports kernels (set it in "
-        "tests/conftest.py, or run `pytest tests/kernels` on its own)")
+        "tests/conftest.py, or run `pytest tests/kernels` on its own)"
+    )
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 
@@ -50,8 +52,15 @@ class PagedKV(NamedTuple):
     seq_lens: torch.Tensor  # int32 [num_seqs]
 
 
-def make_paged_kv(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
-                  dtype: torch.dtype, seed: int = 0, spare_blocks: int = 3) -> PagedKV:
+def make_paged_kv(
+    seq_lens: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    spare_blocks: int = 3,
+) -> PagedKV:
     """Caches filled with noise; sequence blocks drawn from a random permutation of the pool.
 
     Table rows are padded with block 0 and one spare column, as the engine pads them; the pool
@@ -70,8 +79,7 @@ def make_paged_kv(seq_lens: list[int], block_size: int, num_kv_heads: int, head_
         block_tables[i, :n] = torch.tensor(pool[:n], dtype=torch.int32)
         pool = pool[n:]
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    return PagedKV(k_cache.to(DEVICE), v_cache.to(DEVICE), block_tables.to(DEVICE),
-                   lens.to(DEVICE))
+    return PagedKV(k_cache.to(DEVICE), v_cache.to(DEVICE), block_tables.to(DEVICE), lens.to(DEVICE))
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 1) -> torch.Tensor:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.kernels.reference import ref_paged_prefill_attention, ref_store_kv
 from tandem.engine.attention import AttentionMetadata, create_backend
 from tandem.engine.attention_triton import TritonAttentionBackend
+from tandem.kernels.reference import ref_paged_prefill_attention, ref_store_kv
 
 BS, KVH, H, D = 16, 2, 8, 64
 
 
 def _metadata(seq_lens: list[int], query_lens: list[int], device: torch.device) -> AttentionMetadata:
     """Sequence i owns blocks [4i, 4i + 4) reversed (a non-trivial table); new tokens last."""
-    tables = torch.tensor([[4 * i + 3 - j for j in range(4)] for i in range(len(seq_lens))],
-                          dtype=torch.int32)
+    tables = torch.tensor([[4 * i + 3 - j for j in range(4)] for i in range(len(seq_lens))], dtype=torch.int32)
     slots = []
     for i, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
         for pos in range(seq_len - query_len, seq_len):
@@ -39,22 +38,23 @@ def _metadata(seq_lens: list[int], query_lens: list[int], device: torch.device) 
     [([9, 40, 64], [1, 1, 1]), ([9, 40, 64], [9, 6, 1])],
     ids=["decode-step", "mixed-step"],
 )
-def test_backend_forward_matches_reference(seq_lens: list[int], query_lens: list[int], rand,
-                                           check_close, device) -> None:
+def test_backend_forward_matches_reference(
+    seq_lens: list[int], query_lens: list[int], rand, check_close, device
+) -> None:
     num_seqs = len(seq_lens)
     kv_cache = rand((2, 4 * num_seqs, BS, KVH, D), torch.float16, seed=3)
     qkv = rand((sum(query_lens), H + 2 * KVH, D), torch.float16, seed=4)  # fused projection
-    query, key, value = qkv[:, :H], qkv[:, H:H + KVH], qkv[:, H + KVH:]
+    query, key, value = qkv[:, :H], qkv[:, H : H + KVH], qkv[:, H + KVH :]
     meta = _metadata(seq_lens, query_lens, device)
     expected_cache = kv_cache.clone()
 
-    out = TritonAttentionBackend().forward(query, key, value, kv_cache, meta, D ** -0.5)
+    out = TritonAttentionBackend().forward(query, key, value, kv_cache, meta, D**-0.5)
 
     ref_store_kv(key, value, expected_cache[0], expected_cache[1], meta.slot_mapping)
     assert torch.equal(kv_cache, expected_cache)
-    expected = ref_paged_prefill_attention(query, expected_cache[0], expected_cache[1],
-                                           meta.block_tables, meta.query_start_loc,
-                                           meta.seq_lens, D ** -0.5)
+    expected = ref_paged_prefill_attention(
+        query, expected_cache[0], expected_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens, D**-0.5
+    )
     check_close(out, expected)
 
 

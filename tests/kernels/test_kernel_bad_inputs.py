@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -42,14 +42,12 @@ def _store(a: dict, **over: torch.Tensor) -> None:
 
 def _decode(a: dict, **over: torch.Tensor) -> None:
     a = {**a, **over}
-    paged_decode_attention(a["query"], a["k_cache"], a["v_cache"], a["block_tables"],
-                           a["seq_lens"], 0.125)
+    paged_decode_attention(a["query"], a["k_cache"], a["v_cache"], a["block_tables"], a["seq_lens"], 0.125)
 
 
 def _prefill(a: dict, **over: torch.Tensor) -> None:
     a = {**a, **over}
-    paged_prefill_attention(a["tokens"], a["k_cache"], a["v_cache"], a["block_tables"], a["loc"],
-                            a["seq_lens"], 0.125)
+    paged_prefill_attention(a["tokens"], a["k_cache"], a["v_cache"], a["block_tables"], a["loc"], a["seq_lens"], 0.125)
 
 
 def _noncontiguous_cache(a: dict) -> torch.Tensor:
@@ -61,36 +59,37 @@ CASES: list[tuple[str, Callable[[dict], None], str]] = [
     ("store-value-dtype", lambda a: _store(a, value=a["key"].float()), "value"),
     ("store-cache-dtype", lambda a: _store(a, k_cache=a["k_cache"].float()), "k_cache"),
     ("store-slot-dtype", lambda a: _store(a, slots=a["slots"].float()), "slot_mapping"),
-    ("store-head-dim", lambda a: _store(a, key=a["key"][..., :32].contiguous(),
-                                        value=a["key"][..., :32].contiguous()), "k_cache"),
+    (
+        "store-head-dim",
+        lambda a: _store(a, key=a["key"][..., :32].contiguous(), value=a["key"][..., :32].contiguous()),
+        "k_cache",
+    ),
     ("store-slots-len", lambda a: _store(a, slots=a["slots"][:2]), "slot_mapping"),
     ("store-noncontig-cache", lambda a: _store(a, v_cache=_noncontiguous_cache(a)), "v_cache"),
-    ("store-key-stride", lambda a: _store(a, key=a["key"].transpose(1, 2).contiguous()
-                                          .transpose(1, 2)), "key must have stride 1"),
+    (
+        "store-key-stride",
+        lambda a: _store(a, key=a["key"].transpose(1, 2).contiguous().transpose(1, 2)),
+        "key must have stride 1",
+    ),
     ("decode-query-dtype", lambda a: _decode(a, query=a["query"].bfloat16()), "k_cache"),
-    ("decode-table-dtype", lambda a: _decode(a, block_tables=a["block_tables"].long()),
-     "block_tables"),
+    ("decode-table-dtype", lambda a: _decode(a, block_tables=a["block_tables"].long()), "block_tables"),
     ("decode-seq-lens-dtype", lambda a: _decode(a, seq_lens=a["seq_lens"].long()), "seq_lens"),
     ("decode-int-query", lambda a: _decode(a, query=a["query"].int()), "query"),
     ("decode-gqa-ratio", lambda a: _decode(a, query=a["query"][:, :3]), "heads"),
     ("decode-head-dim", lambda a: _decode(a, query=a["query"][..., :32]), "k_cache"),
     ("decode-query-rank", lambda a: _decode(a, query=a["query"][0]), "query"),
-    ("decode-table-rows", lambda a: _decode(a, block_tables=a["block_tables"][:1]),
-     "block_tables"),
+    ("decode-table-rows", lambda a: _decode(a, block_tables=a["block_tables"][:1]), "block_tables"),
     ("decode-noncontig-cache", lambda a: _decode(a, k_cache=_noncontiguous_cache(a)), "k_cache"),
-    ("decode-noncontig-table", lambda a: _decode(a, block_tables=a["block_tables"].t()),
-     "block_tables"),
+    ("decode-noncontig-table", lambda a: _decode(a, block_tables=a["block_tables"].t()), "block_tables"),
     ("prefill-loc-len", lambda a: _prefill(a, loc=a["loc"][:2]), "query_start_loc"),
     ("prefill-loc-dtype", lambda a: _prefill(a, loc=a["loc"].long()), "query_start_loc"),
     ("prefill-cache-dtype", lambda a: _prefill(a, v_cache=a["v_cache"].float()), "v_cache"),
-    ("prefill-noncontig-cache", lambda a: _prefill(a, v_cache=_noncontiguous_cache(a)),
-     "v_cache"),
+    ("prefill-noncontig-cache", lambda a: _prefill(a, v_cache=_noncontiguous_cache(a)), "v_cache"),
     ("prefill-cache-shape", lambda a: _prefill(a, v_cache=a["v_cache"][:2]), "v_cache"),
 ]
 
 
-@pytest.mark.parametrize(("call", "name"), [(c, n) for _, c, n in CASES],
-                         ids=[i for i, _, _ in CASES])
+@pytest.mark.parametrize(("call", "name"), [(c, n) for _, c, n in CASES], ids=[i for i, _, _ in CASES])
 def test_launcher_rejects_bad_argument(call: Callable[[dict], None], name: str, device) -> None:
     with pytest.raises(ValueError, match=name):
         call(_args(device))
@@ -99,8 +98,9 @@ def test_launcher_rejects_bad_argument(call: Callable[[dict], None], name: str, 
 def test_decode_rejects_zero_splits(device) -> None:
     with pytest.raises(ValueError, match="num_splits"):
         a = _args(device)
-        paged_decode_attention(a["query"], a["k_cache"], a["v_cache"], a["block_tables"],
-                               a["seq_lens"], 0.125, num_splits=0)
+        paged_decode_attention(
+            a["query"], a["k_cache"], a["v_cache"], a["block_tables"], a["seq_lens"], 0.125, num_splits=0
+        )
 
 
 def test_pack_rejects_bad_caches_and_ids(device) -> None:

@@ -9,8 +9,9 @@ from tandem.kernels import pack_blocks, unpack_blocks
 from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
 
 
-def _caches(num_layers: int, dtype: torch.dtype, rand, seed: int = 0,
-            shape: tuple[int, int, int, int] = (7, 16, 2, 80)) -> tuple[list, list]:
+def _caches(
+    num_layers: int, dtype: torch.dtype, rand, seed: int = 0, shape: tuple[int, int, int, int] = (7, 16, 2, 80)
+) -> tuple[list, list]:
     k = [rand(shape, dtype, seed=seed + 2 * i) for i in range(num_layers)]
     v = [rand(shape, dtype, seed=seed + 2 * i + 1) for i in range(num_layers)]
     return k, v
@@ -20,12 +21,10 @@ def _caches(num_layers: int, dtype: torch.dtype, rand, seed: int = 0,
     ("num_layers", "dtype", "ids_kind"),
     [(1, torch.float32, "list"), (3, torch.float16, "int32"), (2, torch.bfloat16, "int64")],
 )
-def test_pack_matches_reference_layout(num_layers: int, dtype: torch.dtype, ids_kind: str, rand,
-                                       device) -> None:
+def test_pack_matches_reference_layout(num_layers: int, dtype: torch.dtype, ids_kind: str, rand, device) -> None:
     k_caches, v_caches = _caches(num_layers, dtype, rand)
     ids_list = [5, 0, 3]
-    ids = ids_list if ids_kind == "list" else torch.tensor(ids_list, dtype=getattr(torch, ids_kind),
-                                                           device=device)
+    ids = ids_list if ids_kind == "list" else torch.tensor(ids_list, dtype=getattr(torch, ids_kind), device=device)
 
     buffer = pack_blocks(k_caches, v_caches, ids)
 

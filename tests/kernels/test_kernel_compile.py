@@ -14,15 +14,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 _TARGETS = (("cuda", 80, 32), ("cuda", 90, 32))
-_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-               torch.int32: "i32", torch.int64: "i64"}
+_TYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
 
 
 class _CompileOnly:
@@ -55,12 +61,10 @@ class _CompileOnly:
             else:
                 signature[param.name] = "i64" if abs(int(value)) >= 2**31 else "i32"
         for target in _TARGETS:
-            compiled = triton.compile(ASTSource(self.kernel, signature, constexprs),
-                                      target=GPUTarget(*target))
+            compiled = triton.compile(ASTSource(self.kernel, signature, constexprs), target=GPUTarget(*target))
             assert "cubin" in compiled.asm
             # 99 KiB: the shared memory per block of sm_86/sm_89 (A10, L4, RTX 30xx/40xx)
-            assert compiled.metadata.shared <= 99 * 1024, (self.kernel.fn.__name__, target,
-                                                           compiled.metadata.shared)
+            assert compiled.metadata.shared <= 99 * 1024, (self.kernel.fn.__name__, target, compiled.metadata.shared)
         name = self.kernel.fn.__name__
         self.log.append(f"{name} {sorted((k, str(v)) for k, v in kwargs.items())}")
 
@@ -90,8 +94,7 @@ def _compile_all() -> None:
         key = torch.zeros((2, num_kv_heads, head_dim), dtype=dtype)
         cache_write.store_kv(key, key, cache, cache, torch.zeros(2, dtype=torch.int64))
         for splits in (1, 4):
-            decode_attention.paged_decode_attention(query, cache, cache, tables, lens, 0.1,
-                                                    num_splits=splits)
+            decode_attention.paged_decode_attention(query, cache, cache, tables, lens, 0.1, num_splits=splits)
         loc = torch.tensor([0, 1, 2], dtype=torch.int32)
         prefill_attention.paged_prefill_attention(query, cache, cache, tables, loc, lens, 0.1)
     caches = [torch.zeros((4, 16, 8, 128), dtype=torch.float16)] * 2
@@ -104,8 +107,7 @@ def test_all_launched_kernels_compile_for_sm80_and_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, __file__], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=400)
+    result = subprocess.run([sys.executable, __file__], cwd=root, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     compiled = result.stdout.splitlines()
     # 4 cases x (store + 2 decode + reduce + prefill) + pack + unpack

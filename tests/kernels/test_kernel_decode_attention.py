@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,19 +19,18 @@ def _decode_lens(block_size: int) -> list[int]:
 
 
 @pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "split3"])
-def test_decode_matches_reference(attention_case, num_splits: int, paged_kv, rand,
-                                  check_close) -> None:
+def test_decode_matches_reference(attention_case, num_splits: int, paged_kv, rand, check_close) -> None:
     head_dim, block_size, num_heads, num_kv_heads, dtype = attention_case
     lens = _decode_lens(block_size)
     kv = paged_kv(lens, block_size, num_kv_heads, head_dim, dtype)
     query = rand((len(lens), num_heads, head_dim), dtype)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
 
-    out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
-                                 scale, num_splits=num_splits)
+    out = paged_decode_attention(
+        query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale, num_splits=num_splits
+    )
 
-    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables,
-                                          kv.seq_lens, scale)
+    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale)
     check_close(out, expected)
 
 
@@ -45,8 +44,7 @@ def test_decode_heuristic_splits_long_context(paged_kv, rand, check_close, devic
 
     out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
 
-    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables,
-                                          kv.seq_lens, 0.125)
+    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
     check_close(out, expected)
 
 
@@ -55,11 +53,9 @@ def test_decode_more_splits_than_tiles(paged_kv, rand, check_close) -> None:
     kv = paged_kv([1, 20], 16, 2, 64, torch.float32)
     query = rand((2, 2, 64), torch.float32)
 
-    out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
-                                 0.125, num_splits=5)
+    out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125, num_splits=5)
 
-    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables,
-                                          kv.seq_lens, 0.125)
+    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
     check_close(out, expected)
 
 
@@ -72,8 +68,7 @@ def test_decode_strided_query_view(paged_kv, rand, check_close) -> None:
 
     out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
 
-    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables,
-                                          kv.seq_lens, 0.125)
+    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
     check_close(out, expected)
 
 
@@ -87,8 +82,7 @@ def test_decode_strided_query_view(paged_kv, rand, check_close) -> None:
         (3, 2, 16384, 3),  # ceil(16 / 6) splits fill two waves
     ],
 )
-def test_choose_num_splits_cpu(num_seqs: int, num_kv_heads: int, max_context: int,
-                               expected: int) -> None:
+def test_choose_num_splits_cpu(num_seqs: int, num_kv_heads: int, max_context: int, expected: int) -> None:
     got = choose_num_splits(num_seqs, num_kv_heads, max_context, torch.device("cpu"))
     assert got == expected
     assert 1 <= got <= MAX_SPLITS
@@ -98,15 +92,16 @@ def test_choose_num_splits_cpu(num_seqs: int, num_kv_heads: int, max_context: in
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("num_splits", [None, 1, 8])
-def test_decode_large_gpu(dtype: torch.dtype, num_splits: int | None,
-                          paged_kv: Callable, rand: Callable, check_close: Callable) -> None:
+def test_decode_large_gpu(
+    dtype: torch.dtype, num_splits: int | None, paged_kv: Callable, rand: Callable, check_close: Callable
+) -> None:
     lens = [1, 17, 1024, 4096, 4093, 8191]
     kv = paged_kv(lens, 16, 8, 128, dtype)
     query = rand((len(lens), 32, 128), dtype)
-    out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
-                                 128 ** -0.5, num_splits=num_splits)
-    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables,
-                                          kv.seq_lens, 128 ** -0.5)
+    out = paged_decode_attention(
+        query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 128**-0.5, num_splits=num_splits
+    )
+    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 128**-0.5)
     check_close(out, expected)
 
 
@@ -117,9 +112,7 @@ def test_decode_block_size_not_dividing_tile(block_size: int, paged_kv, rand, ch
     kv = paged_kv(lens, block_size, 2, 64, torch.float32)
     query = rand((3, 4, 64), torch.float32)
 
-    out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
-                                 0.125, num_splits=2)
+    out = paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125, num_splits=2)
 
-    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables,
-                                          kv.seq_lens, 0.125)
+    expected = ref_paged_decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125)
     check_close(out, expected)

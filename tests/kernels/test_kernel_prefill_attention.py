@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,19 +18,27 @@ def _query_start_loc(query_lens: list[int], device: torch.device) -> torch.Tenso
     return torch.tensor(loc, dtype=torch.int32, device=device)
 
 
-def _run(seq_lens: list[int], query_lens: list[int], head_dim: int, block_size: int,
-         num_heads: int, num_kv_heads: int, dtype: torch.dtype, paged_kv: Callable,
-         rand: Callable, check_close: Callable, device: torch.device) -> None:
+def _run(
+    seq_lens: list[int],
+    query_lens: list[int],
+    head_dim: int,
+    block_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    dtype: torch.dtype,
+    paged_kv: Callable,
+    rand: Callable,
+    check_close: Callable,
+    device: torch.device,
+) -> None:
     kv = paged_kv(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     query = rand((sum(query_lens), num_heads, head_dim), dtype)
     loc = _query_start_loc(query_lens, device)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
 
-    out = paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc,
-                                  kv.seq_lens, scale)
+    out = paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc, kv.seq_lens, scale)
 
-    expected = ref_paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc,
-                                           kv.seq_lens, scale)
+    expected = ref_paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc, kv.seq_lens, scale)
     check_close(out, expected)
 
 
@@ -45,8 +53,9 @@ def test_prefill_matches_reference(attention_case, paged_kv, rand, check_close, 
     bs = block_size
     seq_lens = [1, bs, 2 * bs + 5, 2 * bs + 5, 3 * bs, 3 * bs + 1]
     query_lens = [1, bs, 2 * bs + 5, 7, bs + 3, 1]
-    _run(seq_lens, query_lens, head_dim, block_size, num_heads, num_kv_heads, dtype,
-         paged_kv, rand, check_close, device)
+    _run(
+        seq_lens, query_lens, head_dim, block_size, num_heads, num_kv_heads, dtype, paged_kv, rand, check_close, device
+    )
 
 
 @pytest.mark.parametrize(
@@ -58,8 +67,7 @@ def test_prefill_matches_reference(attention_case, paged_kv, rand, check_close, 
     ],
     ids=["empty-chunk", "long-prompt", "second-chunk"],
 )
-def test_prefill_ragged_edges(seq_lens: list[int], query_lens: list[int], paged_kv, rand,
-                              check_close, device) -> None:
+def test_prefill_ragged_edges(seq_lens: list[int], query_lens: list[int], paged_kv, rand, check_close, device) -> None:
     _run(seq_lens, query_lens, 64, 16, 6, 2, torch.float16, paged_kv, rand, check_close, device)
 
 
@@ -76,22 +84,21 @@ def test_prefill_odd_group_and_strided_query(paged_kv, rand, check_close, device
     query = qkv[:, :7]
     loc = _query_start_loc(query_lens, device)
 
-    out = paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc,
-                                  kv.seq_lens, 0.125)
+    out = paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc, kv.seq_lens, 0.125)
 
-    expected = ref_paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc,
-                                           kv.seq_lens, 0.125)
+    expected = ref_paged_prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, loc, kv.seq_lens, 0.125)
     check_close(out, expected)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("head_dim", "num_heads", "num_kv_heads"),
-                         [(128, 32, 8), (64, 16, 16), (256, 8, 1), (80, 32, 32)])
-def test_prefill_large_gpu(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int,
-                           paged_kv, rand, check_close, device) -> None:
+@pytest.mark.parametrize(
+    ("head_dim", "num_heads", "num_kv_heads"), [(128, 32, 8), (64, 16, 16), (256, 8, 1), (80, 32, 32)]
+)
+def test_prefill_large_gpu(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int, paged_kv, rand, check_close, device
+) -> None:
     seq_lens = [1, 2048, 1500, 4096, 333]
     query_lens = [1, 2048, 700, 512, 1]
-    _run(seq_lens, query_lens, head_dim, 16, num_heads, num_kv_heads, dtype, paged_kv, rand,
-         check_close, device)
+    _run(seq_lens, query_lens, head_dim, 16, num_heads, num_kv_heads, dtype, paged_kv, rand, check_close, device)

@@ -18,8 +18,7 @@ def _paged(keys: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Ten
     num_blocks = -(-context_len // block_size)
     cache = torch.zeros((num_blocks, block_size, *keys.shape[1:]), dtype=keys.dtype)
     table = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int32)
-    slots = table.long().repeat_interleave(block_size) * block_size \
-        + torch.arange(block_size).repeat(num_blocks)
+    slots = table.long().repeat_interleave(block_size) * block_size + torch.arange(block_size).repeat(num_blocks)
     ref_store_kv(keys, keys, cache, cache.clone(), slots[:context_len])
     return cache, table.unsqueeze(0)
 
@@ -38,11 +37,10 @@ def test_reference_prefill_equals_causal_sdpa_with_gqa() -> None:
     got = ref_paged_prefill_attention(query, k_cache, v_cache, table, loc, seq_lens, 0.2)
 
     # query row r sits at position context_len - query_len + r
-    mask = torch.arange(context_len)[None, :] <= torch.arange(query_len)[:, None] \
-        + (context_len - query_len)
+    mask = torch.arange(context_len)[None, :] <= torch.arange(query_len)[:, None] + (context_len - query_len)
     expected = F.scaled_dot_product_attention(
-        query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
-        scale=0.2, enable_gqa=True).transpose(0, 1)
+        query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=0.2, enable_gqa=True
+    ).transpose(0, 1)
     torch.testing.assert_close(got, expected)
 
     decode = ref_paged_decode_attention(query[-1:], k_cache, v_cache, table, seq_lens, 0.2)

@@ -19,9 +19,9 @@ from tandem.kernels.reference import ref_store_kv
         (8, 128, 16, torch.float16, torch.int64),  # heads split over two programs (2048 elems)
     ],
 )
-def test_store_kv_matches_reference(num_kv_heads: int, head_dim: int, block_size: int,
-                                    dtype: torch.dtype, slot_dtype: torch.dtype, rand,
-                                    device) -> None:
+def test_store_kv_matches_reference(
+    num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, slot_dtype: torch.dtype, rand, device
+) -> None:
     num_blocks, num_tokens = 6, 21
     k_cache = rand((num_blocks, block_size, num_kv_heads, head_dim), dtype, seed=2)
     v_cache = rand((num_blocks, block_size, num_kv_heads, head_dim), dtype, seed=3)

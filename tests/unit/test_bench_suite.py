@@ -15,29 +15,32 @@ def _record(request_id: str, prompt_tokens: int, cached_tokens: int | None) -> R
 
 
 # ---- routing.oracle_hit_tokens ---------------------------------------------------------------
-@pytest.mark.parametrize(("prompts", "block_size", "expected"), [
-    # the first prompt never hits
-    ([[1, 2, 3, 4, 5]], 2, (0,)),
-    # identical prompts: whole blocks before the last token only: (5 - 1) // 2 = 2 blocks
-    ([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]], 2, (0, 4)),
-    # even length, identical: (4 - 1) // 2 = 1 block, not 2
-    ([[1, 2, 3, 4], [1, 2, 3, 4]], 2, (0, 2)),
-    # shares 3 tokens = 1 whole block of 2 (the partial second block does not count)
-    ([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9]], 2, (0, 2)),
-    # the best earlier prompt counts, not the latest one
-    ([[1, 2, 3, 4, 5, 6, 7], [1, 2, 8, 8, 8, 8, 8], [1, 2, 3, 4, 5, 6, 9]], 2, (0, 2, 6)),
-    # an earlier prompt contributes its whole blocks only: [7, 8, 9] holds one block [7, 8]
-    ([[7, 8, 9], [7, 8, 9, 1, 2]], 2, (0, 2)),
-    # a match must start at token 0: same second block, different first
-    ([[1, 2, 3, 4, 5], [0, 2, 3, 4, 5]], 2, (0, 0)),
-    # two groups, block size 3
-    ([[1, 1, 1, 2, 2, 2, 5], [4, 4, 4, 6], [1, 1, 1, 2, 2, 2, 7], [4, 4, 4, 6, 0, 0, 0, 1]], 3, (0, 0, 6, 3)),
-    # hits also come from prompts that were themselves hits
-    ([[5] * 8, [5] * 8 + [1], [5] * 12 + [2]], 4, (0, 8, 8)),
-    # a prompt of one block only (len 4, block 4): nothing can be served before its last token
-    ([[1, 2, 3, 4], [1, 2, 3, 4]], 4, (0, 0)),
-    ([], 16, ()),
-])
+@pytest.mark.parametrize(
+    ("prompts", "block_size", "expected"),
+    [
+        # the first prompt never hits
+        ([[1, 2, 3, 4, 5]], 2, (0,)),
+        # identical prompts: whole blocks before the last token only: (5 - 1) // 2 = 2 blocks
+        ([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]], 2, (0, 4)),
+        # even length, identical: (4 - 1) // 2 = 1 block, not 2
+        ([[1, 2, 3, 4], [1, 2, 3, 4]], 2, (0, 2)),
+        # shares 3 tokens = 1 whole block of 2 (the partial second block does not count)
+        ([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9]], 2, (0, 2)),
+        # the best earlier prompt counts, not the latest one
+        ([[1, 2, 3, 4, 5, 6, 7], [1, 2, 8, 8, 8, 8, 8], [1, 2, 3, 4, 5, 6, 9]], 2, (0, 2, 6)),
+        # an earlier prompt contributes its whole blocks only: [7, 8, 9] holds one block [7, 8]
+        ([[7, 8, 9], [7, 8, 9, 1, 2]], 2, (0, 2)),
+        # a match must start at token 0: same second block, different first
+        ([[1, 2, 3, 4, 5], [0, 2, 3, 4, 5]], 2, (0, 0)),
+        # two groups, block size 3
+        ([[1, 1, 1, 2, 2, 2, 5], [4, 4, 4, 6], [1, 1, 1, 2, 2, 2, 7], [4, 4, 4, 6, 0, 0, 0, 1]], 3, (0, 0, 6, 3)),
+        # hits also come from prompts that were themselves hits
+        ([[5] * 8, [5] * 8 + [1], [5] * 12 + [2]], 4, (0, 8, 8)),
+        # a prompt of one block only (len 4, block 4): nothing can be served before its last token
+        ([[1, 2, 3, 4], [1, 2, 3, 4]], 4, (0, 0)),
+        ([], 16, ()),
+    ],
+)
 def test_oracle_hit_tokens(prompts: list[list[int]], block_size: int, expected: tuple[int, ...]) -> None:
     assert routing.oracle_hit_tokens(prompts, block_size) == expected
 

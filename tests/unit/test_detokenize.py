@@ -35,8 +35,13 @@ def compositions(n: int) -> list[list[int]]:
     return out
 
 
-def stream(tokenizer: Tokenizer, prompt: Sequence[int], ids: Sequence[int], sizes: Sequence[int],
-           skip_special_tokens: bool = True) -> list[str]:
+def stream(
+    tokenizer: Tokenizer,
+    prompt: Sequence[int],
+    ids: Sequence[int],
+    sizes: Sequence[int],
+    skip_special_tokens: bool = True,
+) -> list[str]:
     detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens)
     pieces, start = [], 0
     for size in sizes:
@@ -157,6 +162,7 @@ def test_token_text_and_bytes(tokenizer: Tokenizer) -> None:
 
 # ---- StopStringMatcher -------------------------------------------------------------------------
 
+
 def run(matcher: StopStringMatcher, pushes: Sequence[str]) -> tuple[list[tuple[str, bool]], str]:
     return [matcher.push(p) for p in pushes], matcher.flush()
 
@@ -201,10 +207,16 @@ def test_empty_stop_string_is_refused() -> None:
         StopStringMatcher(["a", ""])
 
 
-@pytest.mark.parametrize(("stop", "include", "expected"), [
-    (["STOP"], False, "abc "), (["STOP"], True, "abc STOP"), (["ST", "OP d"], False, "abc "),
-    (["OP", "C STO"], False, "abc ST"), (["never"], False, "abc STOP def"),
-])
+@pytest.mark.parametrize(
+    ("stop", "include", "expected"),
+    [
+        (["STOP"], False, "abc "),
+        (["STOP"], True, "abc STOP"),
+        (["ST", "OP d"], False, "abc "),
+        (["OP", "C STO"], False, "abc ST"),
+        (["never"], False, "abc STOP def"),
+    ],
+)
 def test_every_split_of_text_gives_the_same_result(stop: list[str], include: bool, expected: str) -> None:
     text = "abc STOP def"
     for sizes in compositions(len(text)):

@@ -40,8 +40,7 @@ def test_wrong_scheme_is_missing_like_openai():
 
 def test_wrong_key_is_invalid():
     keys = APIKeys(KEYS)
-    for header in ("Bearer sk-nope", f"Bearer {KEYS[0]}x", f"Bearer {KEYS[0][:-1]}",
-                   f"Bearer {KEYS[0]} {KEYS[1]}"):
+    for header in ("Bearer sk-nope", f"Bearer {KEYS[0]}x", f"Bearer {KEYS[0][:-1]}", f"Bearer {KEYS[0]} {KEYS[1]}"):
         expect(keys, header, AuthFailure.INVALID)
 
 

@@ -32,10 +32,16 @@ def test_fresh_metrics_show_fixed_series_at_zero():
     for pool in ("prefill", "decode"):
         assert value(s, "tandem_queue_depth", pool=pool) == 0
         assert value(s, "tandem_workers", pool=pool) == 0
-    for name in ("tandem_prompt_tokens_total", "tandem_generation_tokens_total",
-                 "tandem_prefix_cache_query_tokens_total", "tandem_prefix_cache_hit_tokens_total",
-                 "tandem_prefill_retries_total", "tandem_client_disconnects_total",
-                 "tandem_prefix_cache_hit_ratio", "tandem_time_to_first_token_seconds_count"):
+    for name in (
+        "tandem_prompt_tokens_total",
+        "tandem_generation_tokens_total",
+        "tandem_prefix_cache_query_tokens_total",
+        "tandem_prefix_cache_hit_tokens_total",
+        "tandem_prefill_retries_total",
+        "tandem_client_disconnects_total",
+        "tandem_prefix_cache_hit_ratio",
+        "tandem_time_to_first_token_seconds_count",
+    ):
         assert value(s, name) == 0
     assert not any(name == "tandem_requests_total" for name, _ in s)
     assert SECONDS_BUCKETS[0] == 0.001 and SECONDS_BUCKETS[-1] == 60.0
@@ -118,10 +124,16 @@ def test_prefix_hit_ratio_is_cumulative_hits_over_queries():
 
 def test_bad_values_are_rejected_and_record_nothing():
     m = GatewayMetrics("tiny-llama")
-    for call in (lambda: m.observe_ttft(-0.1), lambda: m.observe_itl(float("nan")),
-                 lambda: m.observe_stage("queue", 0.1), lambda: m.routed("remote", "p"),
-                 lambda: m.request_done("/v1/models", 1000), lambda: m.tokens(-1, 0),
-                 lambda: m.prefix(10, 11), lambda: m.set_pools(0, -1, 0, 0)):
+    for call in (
+        lambda: m.observe_ttft(-0.1),
+        lambda: m.observe_itl(float("nan")),
+        lambda: m.observe_stage("queue", 0.1),
+        lambda: m.routed("remote", "p"),
+        lambda: m.request_done("/v1/models", 1000),
+        lambda: m.tokens(-1, 0),
+        lambda: m.prefix(10, 11),
+        lambda: m.set_pools(0, -1, 0, 0),
+    ):
         with pytest.raises(ValueError):
             call()
     s = samples(m)

@@ -46,27 +46,51 @@ BAD_BODIES = [
     (b"\xff{}", COMP, None, "The request body is not valid UTF-8: invalid start byte at byte 0."),
     (b"{", COMP, None, "The request body is not valid JSON: Expecting property name enclosed"),
     (b"", COMP, None, "The request body is not valid JSON: Expecting value: line 1 column 1"),
-    (b'{"prompt": "x", "temperature": NaN}', COMP, "temperature",
-     "Invalid value for 'temperature': Input should be a finite number."),
-    (b'{"prompt": "x", "top_p": -Infinity}', COMP, "top_p", "Invalid value for 'top_p': Input should be a finite number."),
+    (
+        b'{"prompt": "x", "temperature": NaN}',
+        COMP,
+        "temperature",
+        "Invalid value for 'temperature': Input should be a finite number.",
+    ),
+    (
+        b'{"prompt": "x", "top_p": -Infinity}',
+        COMP,
+        "top_p",
+        "Invalid value for 'top_p': Input should be a finite number.",
+    ),
     (b'{"prompt": NaN}', COMP, "prompt", "Invalid value for 'prompt': prompt must be a string"),
     (b'{"prompt": "x", "unknown": [Infinity]}', COMP, None, "not valid JSON: Infinity is not a valid JSON number."),
-    (b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"a": NaN}}', CHAT, None,
-     "The request body is not valid JSON: NaN is not a valid JSON number."),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"a": NaN}}',
+        CHAT,
+        None,
+        "The request body is not valid JSON: NaN is not a valid JSON number.",
+    ),
     (b"[" * 100_000, COMP, None, "not valid JSON: it is nested too deeply."),
-    (b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", COMP, None,
-     "not valid JSON: a number has too many digits."),
+    (b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", COMP, None, "not valid JSON: a number has too many digits."),
     (b"[1, 2]", COMP, None, "The request body must be a JSON object, got an array."),
     (b'"hello"', COMP, None, "The request body must be a JSON object, got a string."),
     (b"null", COMP, None, "The request body must be a JSON object, got null."),
-    (b'{"prompt": "x", "temperature": 1e999}', COMP, "temperature",
-     "Invalid value for 'temperature': Input should be a finite number."),
+    (
+        b'{"prompt": "x", "temperature": 1e999}',
+        COMP,
+        "temperature",
+        "Invalid value for 'temperature': Input should be a finite number.",
+    ),
     (body(model="m"), COMP, "prompt", "Missing required parameter: 'prompt'."),
-    (body(prompt="x", max_tokens=0), COMP, "max_tokens",
-     "Invalid value for 'max_tokens': Input should be greater than or equal to 1."),
+    (
+        body(prompt="x", max_tokens=0),
+        COMP,
+        "max_tokens",
+        "Invalid value for 'max_tokens': Input should be greater than or equal to 1.",
+    ),
     (body(prompt="x", max_tokens=-5), COMP, "max_tokens", "greater than or equal to 1"),
-    (body(prompt="x", max_tokens="16"), COMP, "max_tokens",
-     "Invalid type for 'max_tokens': Input should be a valid integer."),
+    (
+        body(prompt="x", max_tokens="16"),
+        COMP,
+        "max_tokens",
+        "Invalid type for 'max_tokens': Input should be a valid integer.",
+    ),
     (body(prompt="x", max_tokens=16.0), COMP, "max_tokens", "Invalid type for 'max_tokens'"),
     (body(prompt="x", n=5), COMP, "n", "n must be at most 4, got 5."),
     (body(prompt="x", n=0), COMP, "n", "Invalid value for 'n': Input should be greater than or equal to 1."),
@@ -91,10 +115,18 @@ BAD_BODIES = [
     (body(prompt="x", stop=5), COMP, "stop", "stop must be a string or a list of strings"),
     (body(prompt="x", stop=["a", 1]), COMP, "stop", "stop must be a string or a list of strings"),
     (body(prompt="x", stop_token_ids=[-1]), COMP, "stop_token_ids[0]", "greater than or equal to 0"),
-    (body(prompt="x", stream_options={"include_usage": True}), COMP, "stream_options",
-     "stream_options is only allowed when stream is true."),
-    (body(prompt="x", stream=True, stream_options={"include_usage": 1}), COMP,
-     "stream_options.include_usage", "Invalid type for 'stream_options.include_usage'"),
+    (
+        body(prompt="x", stream_options={"include_usage": True}),
+        COMP,
+        "stream_options",
+        "stream_options is only allowed when stream is true.",
+    ),
+    (
+        body(prompt="x", stream=True, stream_options={"include_usage": 1}),
+        COMP,
+        "stream_options.include_usage",
+        "Invalid type for 'stream_options.include_usage'",
+    ),
     (body(prompt="x", cache_salt=""), COMP, "cache_salt", "cache_salt must be a non-empty string if provided."),
     (body(prompt="x", presence_penalty=0.5), COMP, "presence_penalty", "presence_penalty is not supported."),
     (body(prompt="x", frequency_penalty=-1), COMP, "frequency_penalty", "frequency_penalty is not supported."),
@@ -102,28 +134,55 @@ BAD_BODIES = [
     (body(model="m"), CHAT, "messages", "Missing required parameter: 'messages'."),
     (body(messages=[]), CHAT, "messages", "List should have at least 1 item after validation"),
     (body(messages="hi"), CHAT, "messages", "Invalid type for 'messages'"),
-    (body(messages=[{"role": "robot", "content": "x"}]), CHAT, "messages[0].role",
-     "Input should be 'system', 'user', 'assistant', 'tool' or 'developer'"),
-    (body(messages=[{"content": "x"}]), CHAT, "messages[0].role",
-     "Missing required parameter: 'messages[0].role'."),
-    (body(messages=[*USER, {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
-     CHAT, "messages[1].content", "content part type 'image_url' is not supported; only 'text' parts are"),
-    (body(messages=[{"role": "user", "content": [{"type": "text"}]}]), CHAT, "messages[0].content",
-     "a 'text' content part needs a string 'text'"),
-    (body(messages=[{"role": "user", "content": ["hi"]}]), CHAT, "messages[0].content",
-     "content parts must be objects"),
-    (body(messages=[{"role": "user", "content": 5}]), CHAT, "messages[0].content",
-     "content must be a string or a list of content parts"),
+    (
+        body(messages=[{"role": "robot", "content": "x"}]),
+        CHAT,
+        "messages[0].role",
+        "Input should be 'system', 'user', 'assistant', 'tool' or 'developer'",
+    ),
+    (body(messages=[{"content": "x"}]), CHAT, "messages[0].role", "Missing required parameter: 'messages[0].role'."),
+    (
+        body(messages=[*USER, {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
+        CHAT,
+        "messages[1].content",
+        "content part type 'image_url' is not supported; only 'text' parts are",
+    ),
+    (
+        body(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+        CHAT,
+        "messages[0].content",
+        "a 'text' content part needs a string 'text'",
+    ),
+    (
+        body(messages=[{"role": "user", "content": ["hi"]}]),
+        CHAT,
+        "messages[0].content",
+        "content parts must be objects",
+    ),
+    (
+        body(messages=[{"role": "user", "content": 5}]),
+        CHAT,
+        "messages[0].content",
+        "content must be a string or a list of content parts",
+    ),
     (body(messages=USER, top_logprobs=3), CHAT, "top_logprobs", "top_logprobs requires logprobs to be true."),
     (body(messages=USER, logprobs=True, top_logprobs=21), CHAT, "top_logprobs", "less than or equal to 20"),
     (body(messages=USER, logprobs=2), CHAT, "logprobs", "Invalid type for 'logprobs'"),
     (body(messages=USER, max_completion_tokens=0), CHAT, "max_completion_tokens", "greater than or equal to 1"),
     (body(messages=USER, n=9), CHAT, "n", "n must be at most 4, got 9."),
     (body(messages=USER, tools=[{"type": "function"}]), CHAT, "tools", "tools are not supported."),
-    (body(messages=USER, response_format={"type": "json_object"}), CHAT, "response_format",
-     "response_format is not supported"),
-    (body(messages=USER, chat_template_kwargs={"messages": []}), CHAT, "chat_template_kwargs",
-     "chat_template_kwargs cannot set messages."),
+    (
+        body(messages=USER, response_format={"type": "json_object"}),
+        CHAT,
+        "response_format",
+        "response_format is not supported",
+    ),
+    (
+        body(messages=USER, chat_template_kwargs={"messages": []}),
+        CHAT,
+        "chat_template_kwargs",
+        "chat_template_kwargs cannot set messages.",
+    ),
     (body(prompt="x", messages=USER), TokenizeRequest, "prompt", "Provide exactly one of prompt and messages."),
     (body(model="m"), TokenizeRequest, "prompt", "Provide exactly one of prompt and messages."),
     (body(tokens=[1, -1]), DetokenizeRequest, "tokens[1]", "Invalid value for 'tokens[1]': Input should be greater"),
@@ -136,14 +195,16 @@ def test_bad_body_is_a_400_naming_the_problem(raw: bytes, model_cls: type, param
     error = refusal(raw, model_cls)
     assert (error.status_code, error.type, error.param) == (400, "invalid_request_error", param)
     assert message in error.message
-    assert error.body() == {"error": {"message": error.message, "type": "invalid_request_error", "param": param,
-                                      "code": None}}
+    assert error.body() == {
+        "error": {"message": error.message, "type": "invalid_request_error", "param": param, "code": None}
+    }
 
 
 def test_n_over_cap_exact_body() -> None:
     error = refusal(body(prompt="x", n=5), CompletionRequest)
-    assert error.body() == {"error": {"message": "n must be at most 4, got 5.", "type": "invalid_request_error",
-                                      "param": "n", "code": None}}
+    assert error.body() == {
+        "error": {"message": "n must be at most 4, got 5.", "type": "invalid_request_error", "param": "n", "code": None}
+    }
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -198,13 +259,21 @@ def test_prompt_token_ids_out_of_vocabulary(tokenizer: Tokenizer, prompt: Any, b
     req = parse_body(body(prompt=prompt), CompletionRequest, 1)
     with pytest.raises(OpenAIError) as info:
         protocol.prompt_inputs(req, tokenizer, 512)
-    assert info.value.body() == {"error": {"message": f"Token id {bad_id} is out of vocabulary (vocab size 512).",
-                                           "type": "invalid_request_error", "param": "prompt", "code": None}}
+    assert info.value.body() == {
+        "error": {
+            "message": f"Token id {bad_id} is out of vocabulary (vocab size 512).",
+            "type": "invalid_request_error",
+            "param": "prompt",
+            "code": None,
+        }
+    }
 
 
 def test_chat_prompt_renders_template_without_extra_bos(tokenizer: Tokenizer) -> None:
-    messages = [{"role": "system", "content": "Be terse."},
-                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
     req = parse_body(body(messages=messages), ChatCompletionRequest, 1)
     ids = protocol.chat_prompt(req, tokenizer)
     text = "<|bos|><|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n"
@@ -212,7 +281,8 @@ def test_chat_prompt_renders_template_without_extra_bos(tokenizer: Tokenizer) ->
     assert ids[:2] == [0, 2] and ids.count(0) == 1
     no_prompt = parse_body(body(messages=messages, add_generation_prompt=False), ChatCompletionRequest, 1)
     assert tokenizer.decode(protocol.chat_prompt(no_prompt, tokenizer), skip_special_tokens=False) == text.removesuffix(
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_chat_template_failure_is_a_400(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -224,7 +294,8 @@ def test_chat_template_failure_is_a_400(tiny_model_dir: Path, tmp_path: Path) ->
         protocol.chat_prompt(req, without_template)
     assert (info.value.status_code, info.value.param) == (400, "messages")
     assert info.value.message.startswith(
-        "The messages could not be rendered with the chat template: This model has no chat template")
+        "The messages could not be rendered with the chat template: This model has no chat template"
+    )
 
 
 def test_tokenize_request(tokenizer: Tokenizer) -> None:
@@ -252,35 +323,74 @@ def test_resolve_max_tokens_wording() -> None:
     assert protocol.resolve_max_tokens(90, 10, 100, "prompt") == 90
     assert protocol.resolve_max_tokens(5, 10, 100, "prompt") == 5
     cases = [
-        ((None, 100, 100, "messages"), "messages",
-         "This model's maximum context length is 100 tokens. However, your request has 100 input tokens. "
-         "Please reduce the length of the input messages."),
-        ((7, 120, 100, "prompt"), "prompt",
-         "This model's maximum context length is 100 tokens. However, your request has 120 input tokens. "
-         "Please reduce the length of the input prompt."),
-        ((91, 10, 100, "messages"), "max_tokens",
-         "This model's maximum context length is 100 tokens. However, you requested 101 tokens (10 in the messages, "
-         "91 in the completion). Please reduce the length of the messages or completion."),
-        ((95, 10, 100, "prompt"), "max_tokens",
-         "This model's maximum context length is 100 tokens. However, you requested 105 tokens (10 in the prompt, "
-         "95 in the completion). Please reduce the length of the prompt or completion."),
+        (
+            (None, 100, 100, "messages"),
+            "messages",
+            "This model's maximum context length is 100 tokens. However, your request has 100 input tokens. "
+            "Please reduce the length of the input messages.",
+        ),
+        (
+            (7, 120, 100, "prompt"),
+            "prompt",
+            "This model's maximum context length is 100 tokens. However, your request has 120 input tokens. "
+            "Please reduce the length of the input prompt.",
+        ),
+        (
+            (91, 10, 100, "messages"),
+            "max_tokens",
+            "This model's maximum context length is 100 tokens. However, you requested 101 tokens (10 in the messages, "
+            "91 in the completion). Please reduce the length of the messages or completion.",
+        ),
+        (
+            (95, 10, 100, "prompt"),
+            "max_tokens",
+            "This model's maximum context length is 100 tokens. However, you requested 105 tokens (10 in the prompt, "
+            "95 in the completion). Please reduce the length of the prompt or completion.",
+        ),
     ]
     for args, param, message in cases:
         with pytest.raises(OpenAIError) as info:
             protocol.resolve_max_tokens(*args)
-        assert info.value.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                               "code": "context_length_exceeded"}}
+        assert info.value.body() == {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": param,
+                "code": "context_length_exceeded",
+            }
+        }
     with pytest.raises(OpenAIError) as info:
         protocol.resolve_max_tokens(95, 10, 100, "messages", param="max_completion_tokens")
     assert info.value.param == "max_completion_tokens"
 
 
 def test_to_sampling_completion() -> None:
-    req = parse_body(body(prompt="x", temperature=0.5, top_p=0.9, top_k=40, seed=7, stop_token_ids=[9, 11],
-                          ignore_eos=True, logprobs=3, n=3), CompletionRequest, MAX_N)
+    req = parse_body(
+        body(
+            prompt="x",
+            temperature=0.5,
+            top_p=0.9,
+            top_k=40,
+            seed=7,
+            stop_token_ids=[9, 11],
+            ignore_eos=True,
+            logprobs=3,
+            n=3,
+        ),
+        CompletionRequest,
+        MAX_N,
+    )
     assert [protocol.to_sampling(req, 20, i) for i in range(3)] == [
-        SamplingParams(max_tokens=20, temperature=0.5, top_k=40, top_p=0.9, seed=7 + i, stop_token_ids=(9, 11),
-                       ignore_eos=True, logprobs=3)
+        SamplingParams(
+            max_tokens=20,
+            temperature=0.5,
+            top_k=40,
+            top_p=0.9,
+            seed=7 + i,
+            stop_token_ids=(9, 11),
+            ignore_eos=True,
+            logprobs=3,
+        )
         for i in range(3)
     ]
     plain = protocol.to_sampling(parse_body(body(prompt="x"), CompletionRequest, 1), 16, 0)
@@ -298,10 +408,16 @@ def test_to_sampling_seed_wraps_in_int64() -> None:
     assert [protocol.to_sampling(req, 4, i).seed for i in range(2)] == [2**63 - 1, -(2**63)]
 
 
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({}, None), ({"logprobs": False}, None), ({"logprobs": True}, 0), ({"logprobs": True, "top_logprobs": 5}, 5),
-    ({"logprobs": False, "top_logprobs": 0}, None),
-])
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, None),
+        ({"logprobs": False}, None),
+        ({"logprobs": True}, 0),
+        ({"logprobs": True, "top_logprobs": 5}, 5),
+        ({"logprobs": False, "top_logprobs": 0}, None),
+    ],
+)
 def test_to_sampling_chat_logprobs(fields: dict[str, Any], expected: int | None) -> None:
     req = parse_body(body(messages=USER, **fields), ChatCompletionRequest, 1)
     assert protocol.to_sampling(req, 8, 0).logprobs == expected

@@ -116,7 +116,7 @@ def _handoff(prefill: Engine, decode: Engine, rid: str, prompt: list[int], param
     held = prefill.held[rid]
     res = decode.reserve(rid, prompt, params, first)
     assert res is not None
-    _copy_blocks(prefill, decode, held.block_ids[res.num_cached_blocks:], res.missing_block_ids)
+    _copy_blocks(prefill, decode, held.block_ids[res.num_cached_blocks :], res.missing_block_ids)
     assert prefill.release_held(rid) is True
     decode.commit(rid)
     return first

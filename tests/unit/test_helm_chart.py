@@ -96,8 +96,11 @@ def one(objects: list[Manifest], kind: str, name: str) -> Manifest:
 
 
 def container(objects: list[Manifest], component: str) -> dict[str, Any]:
-    workload = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")
-                and o["metadata"]["name"] == f"{FULLNAME}-{component}"]
+    workload = [
+        o
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == f"{FULLNAME}-{component}"
+    ]
     assert len(workload) == 1, f"no workload for {component}"
     (only,) = workload[0]["spec"]["template"]["spec"]["containers"]
     return only
@@ -147,29 +150,40 @@ def test_default_render_matches_golden(chart: Any) -> None:
 
 def test_default_render_has_exactly_these_objects(chart: Any) -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in render(chart))
-    assert kinds == sorted([
-        ("Deployment", f"{FULLNAME}-gateway"), ("Service", f"{FULLNAME}-gateway"),
-        ("Deployment", f"{FULLNAME}-prefill"), ("Service", f"{FULLNAME}-prefill-metrics"),
-        ("Deployment", f"{FULLNAME}-decode"), ("Service", f"{FULLNAME}-decode-metrics"),
-        ("StatefulSet", f"{FULLNAME}-redis"), ("Service", f"{FULLNAME}-redis"),
-        ("NetworkPolicy", f"{FULLNAME}-workers"), ("NetworkPolicy", f"{FULLNAME}-gateway"),
-        ("NetworkPolicy", f"{FULLNAME}-redis"),
-    ])
+    assert kinds == sorted(
+        [
+            ("Deployment", f"{FULLNAME}-gateway"),
+            ("Service", f"{FULLNAME}-gateway"),
+            ("Deployment", f"{FULLNAME}-prefill"),
+            ("Service", f"{FULLNAME}-prefill-metrics"),
+            ("Deployment", f"{FULLNAME}-decode"),
+            ("Service", f"{FULLNAME}-decode-metrics"),
+            ("StatefulSet", f"{FULLNAME}-redis"),
+            ("Service", f"{FULLNAME}-redis"),
+            ("NetworkPolicy", f"{FULLNAME}-workers"),
+            ("NetworkPolicy", f"{FULLNAME}-gateway"),
+            ("NetworkPolicy", f"{FULLNAME}-redis"),
+        ]
+    )
 
 
 # --- values schema ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("values", "where"), [
-    ({"gatway": {"replicas": 2}}, "additional properties 'gatway' not allowed"),
-    ({"prefill": {"gpu": 2}}, "additional properties 'gpu' not allowed"),
-    ({"decode": {"resources": {"limit": {"cpu": 1}}}}, "additional properties 'limit' not allowed"),
-    ({"autoscaler": {"decode": {"targetKvUsage": 1.5}}}, "/autoscaler/decode/targetKvUsage"),
-    ({"gateway": {"policy": "fastest"}}, "/gateway/policy"),
-    ({"worker": {"grpcPort": "50051"}}, "/worker/grpcPort"),
-])
-def test_a_typo_or_bad_value_fails_the_render_with_a_schema_error(chart: Any, values: dict[str, Any],
-                                                                   where: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"gatway": {"replicas": 2}}, "additional properties 'gatway' not allowed"),
+        ({"prefill": {"gpu": 2}}, "additional properties 'gpu' not allowed"),
+        ({"decode": {"resources": {"limit": {"cpu": 1}}}}, "additional properties 'limit' not allowed"),
+        ({"autoscaler": {"decode": {"targetKvUsage": 1.5}}}, "/autoscaler/decode/targetKvUsage"),
+        ({"gateway": {"policy": "fastest"}}, "/gateway/policy"),
+        ({"worker": {"grpcPort": "50051"}}, "/worker/grpcPort"),
+    ],
+)
+def test_a_typo_or_bad_value_fails_the_render_with_a_schema_error(
+    chart: Any, values: dict[str, Any], where: str
+) -> None:
     with pytest.raises(helm.HelmValuesError, match="schema") as caught:
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
     assert where in str(caught.value)
@@ -196,13 +210,19 @@ def test_schema_is_draft_07_closed_at_every_level_and_describes_every_value() ->
     check(yaml.safe_load((CHART_DIR / "values.yaml").read_text()), schema, "")
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"model": {"hostPath": {"path": "/models"}}}, "both set"),
-    ({"model": {"pvc": {"claimName": ""}}}, "set model.pvc.claimName or model.hostPath.path"),
-    ({"redis": {"enabled": False}}, "redis.externalUrl is required"),
-    ({"redis": {"externalUrl": EXTERNAL_REDIS}}, "set redis.enabled=false"),
-    ({"autoscaler": {"prefill": {"minReplicas": 3, "maxReplicas": 2}}}, "greater than autoscaler.prefill.maxReplicas"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"model": {"hostPath": {"path": "/models"}}}, "both set"),
+        ({"model": {"pvc": {"claimName": ""}}}, "set model.pvc.claimName or model.hostPath.path"),
+        ({"redis": {"enabled": False}}, "redis.externalUrl is required"),
+        ({"redis": {"externalUrl": EXTERNAL_REDIS}}, "set redis.enabled=false"),
+        (
+            {"autoscaler": {"prefill": {"minReplicas": 3, "maxReplicas": 2}}},
+            "greater than autoscaler.prefill.maxReplicas",
+        ),
+    ],
+)
 def test_contradictory_values_fail_with_a_clear_message(chart: Any, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
@@ -212,13 +232,30 @@ def test_contradictory_values_fail_with_a_clear_message(chart: Any, values: dict
 
 
 def test_gateway_command_probes_and_service(chart: Any) -> None:
-    objects = render(chart, {"gateway": {"port": 8080, "service": {"port": 80}, "policy": "least_loaded"},
-                             "model": {"path": "Qwen2.5-0.5B"}})
+    objects = render(
+        chart,
+        {
+            "gateway": {"port": 8080, "service": {"port": 80}, "policy": "least_loaded"},
+            "model": {"path": "Qwen2.5-0.5B"},
+        },
+    )
     gw = container(objects, "gateway")
     assert gw["command"] == ["tandem"]
-    assert gw["args"] == ["gateway", "--model", "/models/Qwen2.5-0.5B", "--host", "0.0.0.0", "--port", "8080",
-                          "--redis", f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0", "--cluster", "default",
-                          "--policy", "least_loaded"]
+    assert gw["args"] == [
+        "gateway",
+        "--model",
+        "/models/Qwen2.5-0.5B",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--redis",
+        f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+        "--cluster",
+        "default",
+        "--policy",
+        "least_loaded",
+    ]
     assert gw["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert gw["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert gw["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -271,22 +308,46 @@ def test_every_rendered_command_parses_with_the_tandem_cli(chart: Any, scenario:
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_worker_command(chart: Any, role: str) -> None:
-    objects = render(chart, {role: {"extraArgs": ["--kv-cache-mib", "4096"]}, "cluster": "blue",
-                             "model": {"path": "llama"}})
+    objects = render(
+        chart, {role: {"extraArgs": ["--kv-cache-mib", "4096"]}, "cluster": "blue", "model": {"path": "llama"}}
+    )
     worker = container(objects, role)
     drain = {"prefill": "60", "decode": "120"}[role]
     assert worker["command"] == ["tandem"]
     assert worker["args"] == [
-        role, "--model", "/models/llama", "--worker-id", "$(POD_NAME)", "--host", "$(POD_IP)",
-        "--advertise-host", "$(POD_IP)", "--port", "50051", "--metrics-port", "9100",
-        "--redis", f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0", "--cluster", "blue",
-        "--drain-timeout-s", drain, "--device", "cuda", "--kv-transport", "grpc", "--kv-cache-mib", "4096",
+        role,
+        "--model",
+        "/models/llama",
+        "--worker-id",
+        "$(POD_NAME)",
+        "--host",
+        "$(POD_IP)",
+        "--advertise-host",
+        "$(POD_IP)",
+        "--port",
+        "50051",
+        "--metrics-port",
+        "9100",
+        "--redis",
+        f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+        "--cluster",
+        "blue",
+        "--drain-timeout-s",
+        drain,
+        "--device",
+        "cuda",
+        "--kv-transport",
+        "grpc",
+        "--kv-cache-mib",
+        "4096",
     ]
     env = {e["name"]: e for e in worker["env"]}
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert worker["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
-                               {"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+    assert worker["ports"] == [
+        {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9100, "protocol": "TCP"},
+    ]
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
@@ -312,8 +373,15 @@ def test_prestop_drains_within_the_grace_period(chart: Any, role: str, drain_s: 
     command = worker["lifecycle"]["preStop"]["exec"]["command"]
     # exec hooks do not expand $(POD_IP): a shell must read the environment variable.
     assert command[:2] == ["/bin/sh", "-c"] and len(command) == 3
-    assert shlex.split(command[2]) == ["exec", "tandem", "drain", "--address", "$POD_IP:50051",
-                                       "--timeout-s", str(drain_s)]
+    assert shlex.split(command[2]) == [
+        "exec",
+        "tandem",
+        "drain",
+        "--address",
+        "$POD_IP:50051",
+        "--timeout-s",
+        str(drain_s),
+    ]
     assert flag(worker["args"], "--drain-timeout-s") == str(drain_s)
     assert pod["terminationGracePeriodSeconds"] == drain_s + 30
     assert pod["terminationGracePeriodSeconds"] > drain_s
@@ -338,10 +406,20 @@ def test_gpu_limits_per_pool_and_absent_at_zero(chart: Any) -> None:
 
 def test_each_pool_has_its_own_replicas_and_scheduling(chart: Any) -> None:
     taint = [{"key": "pool", "operator": "Equal", "value": "decode", "effect": "NoSchedule"}]
-    affinity = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}
-    objects = render(chart, {"prefill": {"replicas": 3, "nodeSelector": {"pool": "prefill"}},
-                             "decode": {"replicas": 5, "tolerations": taint, "affinity": affinity}})
+    affinity = {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}
+            ]
+        }
+    }
+    objects = render(
+        chart,
+        {
+            "prefill": {"replicas": 3, "nodeSelector": {"pool": "prefill"}},
+            "decode": {"replicas": 5, "tolerations": taint, "affinity": affinity},
+        },
+    )
     prefill = one(objects, "Deployment", f"{FULLNAME}-prefill")["spec"]
     decode = one(objects, "Deployment", f"{FULLNAME}-decode")["spec"]
     assert (prefill["replicas"], decode["replicas"]) == (3, 5)
@@ -360,13 +438,19 @@ def test_autoscaled_pools_leave_replicas_to_the_autoscaler(chart: Any, values: d
     assert one(objects, "Deployment", f"{FULLNAME}-gateway")["spec"]["replicas"] == 1
 
 
-@pytest.mark.parametrize(("values", "volume"), [
-    ({}, {"name": "model", "persistentVolumeClaim": {"claimName": "tandem-models", "readOnly": True}}),
-    ({"model": {"pvc": {"claimName": ""}, "hostPath": {"path": "/srv/models"}}},
-     {"name": "model", "hostPath": {"path": "/srv/models", "type": "Directory"}}),
-])
-def test_model_volume_is_mounted_read_only_everywhere(chart: Any, values: dict[str, Any],
-                                                      volume: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("values", "volume"),
+    [
+        ({}, {"name": "model", "persistentVolumeClaim": {"claimName": "tandem-models", "readOnly": True}}),
+        (
+            {"model": {"pvc": {"claimName": ""}, "hostPath": {"path": "/srv/models"}}},
+            {"name": "model", "hostPath": {"path": "/srv/models", "type": "Directory"}},
+        ),
+    ],
+)
+def test_model_volume_is_mounted_read_only_everywhere(
+    chart: Any, values: dict[str, Any], volume: dict[str, Any]
+) -> None:
     objects = render(chart, values)
     for component in ("gateway", "prefill", "decode"):
         pod = one(objects, "Deployment", f"{FULLNAME}-{component}")["spec"]["template"]["spec"]
@@ -383,8 +467,11 @@ def test_pods_run_as_non_root_with_a_read_only_root_and_no_capabilities(chart: A
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
         for c in pod["containers"]:
-            assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}}
+            assert c["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            }
         # only the autoscaler talks to the Kubernetes API
         is_autoscaler = workload["metadata"]["name"] == f"{FULLNAME}-autoscaler"
         assert pod["automountServiceAccountToken"] is is_autoscaler
@@ -408,12 +495,41 @@ def test_autoscaler_command(chart: Any) -> None:
     autoscaler = container(objects, "autoscaler")
     assert autoscaler["command"] == ["tandem"]
     assert autoscaler["args"] == [
-        "autoscaler", "--redis", f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0", "--cluster", "default",
-        "--actuator", "kubernetes", "--namespace", NAMESPACE,
-        "--prefill-deployment", f"{FULLNAME}-prefill", "--decode-deployment", f"{FULLNAME}-decode",
-        "--prefill-min", "1", "--prefill-max", "4", "--decode-min", "1", "--decode-max", "9",
-        "--prefill-target-queued-tokens", "8192", "--decode-target-waiting", "4", "--decode-target-kv-usage", "0.75",
-        "--interval-s", "5", "--stabilisation-window-s", "60", "--host", "0.0.0.0", "--metrics-port", "9400",
+        "autoscaler",
+        "--redis",
+        f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+        "--cluster",
+        "default",
+        "--actuator",
+        "kubernetes",
+        "--namespace",
+        NAMESPACE,
+        "--prefill-deployment",
+        f"{FULLNAME}-prefill",
+        "--decode-deployment",
+        f"{FULLNAME}-decode",
+        "--prefill-min",
+        "1",
+        "--prefill-max",
+        "4",
+        "--decode-min",
+        "1",
+        "--decode-max",
+        "9",
+        "--prefill-target-queued-tokens",
+        "8192",
+        "--decode-target-waiting",
+        "4",
+        "--decode-target-kv-usage",
+        "0.75",
+        "--interval-s",
+        "5",
+        "--stabilisation-window-s",
+        "60",
+        "--host",
+        "0.0.0.0",
+        "--metrics-port",
+        "9400",
     ]
     deployment = one(objects, "Deployment", f"{FULLNAME}-autoscaler")["spec"]
     assert deployment["replicas"] == 1 and deployment["strategy"] == {"type": "Recreate"}
@@ -424,17 +540,21 @@ def test_autoscaler_rbac_is_exactly_get_and_patch_of_the_two_worker_scales(chart
     objects = render(chart, {"autoscaler": {"enabled": True}})
     (role,) = find(objects, "Role")
     assert role["metadata"]["name"] == f"{FULLNAME}-autoscaler"
-    assert role["rules"] == [{
-        "apiGroups": ["apps"],
-        "resources": ["deployments/scale"],
-        "resourceNames": [f"{FULLNAME}-prefill", f"{FULLNAME}-decode"],
-        "verbs": ["get", "patch"],
-    }]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments/scale"],
+            "resourceNames": [f"{FULLNAME}-prefill", f"{FULLNAME}-decode"],
+            "verbs": ["get", "patch"],
+        }
+    ]
     (binding,) = find(objects, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": f"{FULLNAME}-autoscaler"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULLNAME}-autoscaler",
-                                    "namespace": NAMESPACE}]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": f"{FULLNAME}-autoscaler",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULLNAME}-autoscaler", "namespace": NAMESPACE}]
     assert len(find(objects, "ServiceAccount")) == 1
     assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
     # the names in the rule are the Deployments the chart renders
@@ -449,9 +569,18 @@ def test_no_autoscaler_or_rbac_by_default(chart: Any) -> None:
 
 
 def test_keda_replaces_the_autoscaler_with_scaled_objects(chart: Any) -> None:
-    objects = render(chart, {"keda": {"enabled": True}, "autoscaler": {
-        "enabled": True, "stabilisationWindowSeconds": 90,
-        "prefill": {"minReplicas": 2, "maxReplicas": 6}, "decode": {"minReplicas": 1, "maxReplicas": 12}}})
+    objects = render(
+        chart,
+        {
+            "keda": {"enabled": True},
+            "autoscaler": {
+                "enabled": True,
+                "stabilisationWindowSeconds": 90,
+                "prefill": {"minReplicas": 2, "maxReplicas": 6},
+                "decode": {"minReplicas": 1, "maxReplicas": 12},
+            },
+        },
+    )
     assert not find(objects, "Deployment", f"{FULLNAME}-autoscaler")
     assert not find(objects, "Role") and not find(objects, "ServiceAccount")
     scaled = {o["metadata"]["name"]: o["spec"] for o in find(objects, "ScaledObject")}
@@ -465,21 +594,44 @@ def test_keda_replaces_the_autoscaler_with_scaled_objects(chart: Any) -> None:
         assert spec["pollingInterval"] == 15 and spec["cooldownPeriod"] == 300
         behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior == {"scaleDown": {"stabilizationWindowSeconds": 90}}
-        metric, threshold = {"prefill": ("tandem_queued_prefill_tokens", "8192"),
-                             "decode": ("vllm:num_requests_waiting", "4")}[role]
-        assert spec["triggers"][0] == {"type": "prometheus", "metricType": "AverageValue", "metadata": {
-            "serverAddress": server, "query": f"sum({metric}{selector % role})", "threshold": threshold}}
+        metric, threshold = {
+            "prefill": ("tandem_queued_prefill_tokens", "8192"),
+            "decode": ("vllm:num_requests_waiting", "4"),
+        }[role]
+        assert spec["triggers"][0] == {
+            "type": "prometheus",
+            "metricType": "AverageValue",
+            "metadata": {"serverAddress": server, "query": f"sum({metric}{selector % role})", "threshold": threshold},
+        }
     assert len(scaled[f"{FULLNAME}-prefill"]["triggers"]) == 1
-    assert scaled[f"{FULLNAME}-decode"]["triggers"][1] == {"type": "prometheus", "metricType": "Value", "metadata": {
-        "serverAddress": server, "query": f"avg(vllm:kv_cache_usage_perc{selector % 'decode'})", "threshold": "0.8"}}
+    assert scaled[f"{FULLNAME}-decode"]["triggers"][1] == {
+        "type": "prometheus",
+        "metricType": "Value",
+        "metadata": {
+            "serverAddress": server,
+            "query": f"avg(vllm:kv_cache_usage_perc{selector % 'decode'})",
+            "threshold": "0.8",
+        },
+    }
 
 
 def test_keda_queries_and_thresholds_are_configurable(chart: Any) -> None:
-    objects = render(chart, {"keda": {"enabled": True, "prometheus": {"serverAddress": "http://prom:9090"},
-                                      "prefill": {"query": "sum(tandem_queued)", "threshold": "8192"}}})
+    objects = render(
+        chart,
+        {
+            "keda": {
+                "enabled": True,
+                "prometheus": {"serverAddress": "http://prom:9090"},
+                "prefill": {"query": "sum(tandem_queued)", "threshold": "8192"},
+            }
+        },
+    )
     trigger = one(objects, "ScaledObject", f"{FULLNAME}-prefill")["spec"]["triggers"][0]
-    assert trigger["metadata"] == {"serverAddress": "http://prom:9090", "query": "sum(tandem_queued)",
-                                   "threshold": "8192"}
+    assert trigger["metadata"] == {
+        "serverAddress": "http://prom:9090",
+        "query": "sum(tandem_queued)",
+        "threshold": "8192",
+    }
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -517,11 +669,13 @@ def test_external_redis_renders_no_redis_objects_and_every_component_uses_it(cha
 
 
 def _release_pods(*components: str) -> dict[str, Any]:
-    selector: dict[str, Any] = {"matchLabels": {"app.kubernetes.io/name": "tandem",
-                                                "app.kubernetes.io/instance": RELEASE}}
+    selector: dict[str, Any] = {
+        "matchLabels": {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/instance": RELEASE}
+    }
     if components:
-        selector["matchExpressions"] = [{"key": "app.kubernetes.io/component", "operator": "In",
-                                         "values": list(components)}]
+        selector["matchExpressions"] = [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": list(components)}
+        ]
     return selector
 
 
@@ -540,8 +694,10 @@ def test_network_policies_keep_grpc_and_redis_inside_the_release(chart: Any) -> 
             "podSelector": _release_pods("prefill", "decode"),
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [{"podSelector": _release_pods("gateway", "prefill", "decode")}],
-                 "ports": [{"protocol": "TCP", "port": 50051}]},
+                {
+                    "from": [{"podSelector": _release_pods("gateway", "prefill", "decode")}],
+                    "ports": [{"protocol": "TCP", "port": 50051}],
+                },
                 {"ports": [{"protocol": "TCP", "port": 9100}], "from": [PROMETHEUS_PEER]},
             ],
         },
@@ -563,8 +719,11 @@ def test_network_policies_keep_grpc_and_redis_inside_the_release(chart: Any) -> 
     }
     # the selectors match the pods the chart renders
     for component in ("gateway", "prefill", "decode", "redis", "autoscaler"):
-        workload = [o for o in objects if o["metadata"]["name"] == f"{FULLNAME}-{component}"
-                    and o["kind"] in ("Deployment", "StatefulSet")][0]
+        workload = next(
+            o
+            for o in objects
+            if o["metadata"]["name"] == f"{FULLNAME}-{component}" and o["kind"] in ("Deployment", "StatefulSet")
+        )
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/component"] == component
         assert labels["app.kubernetes.io/instance"] == RELEASE
@@ -573,8 +732,16 @@ def test_network_policies_keep_grpc_and_redis_inside_the_release(chart: Any) -> 
 def test_network_policy_sources_are_configurable(chart: Any) -> None:
     ingress_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
     monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
-    objects = render(chart, {"networkPolicy": {"gateway": {"from": [ingress_peer]}, "workerMeshAllPorts": True,
-                                               "metrics": {"from": [{"namespaceSelector": monitoring}]}}})
+    objects = render(
+        chart,
+        {
+            "networkPolicy": {
+                "gateway": {"from": [ingress_peer]},
+                "workerMeshAllPorts": True,
+                "metrics": {"from": [{"namespaceSelector": monitoring}]},
+            }
+        },
+    )
     gateway = one(objects, "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]
     assert gateway["ingress"] == [{"from": [ingress_peer], "ports": [{"protocol": "TCP", "port": 8000}]}]
     workers = one(objects, "NetworkPolicy", f"{FULLNAME}-workers")["spec"]["ingress"]
@@ -587,13 +754,18 @@ def test_network_policy_sources_are_configurable(chart: Any) -> None:
 
 
 def test_service_monitors_scrape_gateway_workers_and_autoscaler(chart: Any) -> None:
-    objects = render(chart, {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-                             "autoscaler": {"enabled": True}})
+    objects = render(
+        chart, {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}, "autoscaler": {"enabled": True}}
+    )
     monitors = {o["metadata"]["name"]: o for o in find(objects, "ServiceMonitor")}
-    expected = {"gateway": ("gateway", "http"), "prefill-metrics": ("prefill", "metrics"),
-                "decode-metrics": ("decode", "metrics"), "autoscaler": ("autoscaler", "metrics")}
+    expected = {
+        "gateway": ("gateway", "http"),
+        "prefill-metrics": ("prefill", "metrics"),
+        "decode-metrics": ("decode", "metrics"),
+        "autoscaler": ("autoscaler", "metrics"),
+    }
     assert set(monitors) == {f"{FULLNAME}-{s}" for s in expected}
-    for service_suffix, (component, port) in expected.items():
+    for service_suffix, (_component, port) in expected.items():
         monitor = monitors[f"{FULLNAME}-{service_suffix}"]
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         assert monitor["metadata"]["labels"]["release"] == "prom"
@@ -601,8 +773,11 @@ def test_service_monitors_scrape_gateway_workers_and_autoscaler(chart: Any) -> N
         assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         assert spec["endpoints"] == [{"port": port, "path": "/metrics", "interval": "15s"}]
         # the selector picks exactly the Service named like the monitor, by a port it has
-        matched = [s for s in find(objects, "Service")
-                   if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        matched = [
+            s
+            for s in find(objects, "Service")
+            if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        ]
         assert [s["metadata"]["name"] for s in matched] == [f"{FULLNAME}-{service_suffix}"]
         assert port in {p["name"] for p in matched[0]["spec"]["ports"]}
     for role in ("prefill", "decode"):
@@ -635,8 +810,9 @@ def test_multi_node_example(chart: Any) -> None:
     for role in ("prefill", "decode"):
         pod = one(objects, "Deployment", f"{FULLNAME}-{role}")["spec"]["template"]["spec"]
         assert pod["nodeSelector"] == {"tandem.dev/pool": role}
-        assert {"key": "tandem.dev/pool", "operator": "Equal", "value": role,
-                "effect": "NoSchedule"} in pod["tolerations"]
+        assert {"key": "tandem.dev/pool", "operator": "Equal", "value": role, "effect": "NoSchedule"} in pod[
+            "tolerations"
+        ]
         model = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if v["name"] == "model"]
         assert model == ["llm-models"]
         assert flag(container(objects, role)["args"], "--redis") == values["redis"]["externalUrl"]
@@ -648,9 +824,12 @@ def test_multi_node_example(chart: Any) -> None:
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
     text = (DEPLOY_DIR / "Dockerfile").read_text()
-    logical = re.sub(r"\\\n", " ", "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
-            for line in logical.splitlines() if line.strip()]
+    logical = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in logical.splitlines()
+        if line.strip()
+    ]
 
 
 def test_dockerfile_one_non_root_cuda_image_with_tandem_entrypoint() -> None:
@@ -661,7 +840,7 @@ def test_dockerfile_one_non_root_cuda_image_with_tandem_entrypoint() -> None:
             name, default = rest.split("=", 1)
             args[name] = default
     stages = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
-    final = instructions[stages[-1]:]
+    final = instructions[stages[-1] :]
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], final[0][1]).split()[0]
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-runtime-ubuntu\d\d\.\d\d", base), base
     entrypoints = [rest for op, rest in final if op == "ENTRYPOINT"]

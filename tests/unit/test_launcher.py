@@ -51,27 +51,31 @@ def python_child(code: str, sink: io.StringIO, name: str = "dummy") -> ChildProc
 
 # ---- LocalClusterConfig ------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_prefill=-1), "num_prefill must be an int >= 0"),
-    (dict(num_decode=0), "num_decode must be an int >= 1"),
-    (dict(num_decode=True), "num_decode must be an int >= 1"),
-    (dict(num_prefill=40, num_decode=40), "at most 64 workers"),
-    (dict(host="example.com"), "host must be an IP address"),
-    (dict(port=70000), "port must be in [0, 65535]"),
-    (dict(model_dir=Path("/nonexistent/model")), "is not a directory"),
-    (dict(redis_url="localhost:6379"), "redis_url must start with"),
-    (dict(cluster="a*b"), "cluster must be 1-128 chars"),
-    (dict(policy="bad policy"), "policy must be a policy name"),
-    (dict(local_prefill_max_tokens=-1), "local_prefill_max_tokens must be >= 0"),
-    (dict(kv_cache_mib=0), "kv_cache_mib must be > 0"),
-    (dict(max_model_len=-5), "max_model_len must be > 0"),
-    (dict(kv_transport="nccl"), "kv_transport must be one of"),
-    (dict(api_keys=("ok", "has space")), "api_keys must be a tuple"),
-    (dict(api_keys=["list"]), "api_keys must be a tuple"),
-    (dict(api_keys=("a,b",)), "api_keys must be a tuple"),
-    (dict(ready_timeout_s=0), "ready_timeout_s must be > 0"),
-    (dict(drain_timeout_s=-1.0), "drain_timeout_s must be > 0"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_prefill=-1), "num_prefill must be an int >= 0"),
+        (dict(num_decode=0), "num_decode must be an int >= 1"),
+        (dict(num_decode=True), "num_decode must be an int >= 1"),
+        (dict(num_prefill=40, num_decode=40), "at most 64 workers"),
+        (dict(host="example.com"), "host must be an IP address"),
+        (dict(port=70000), "port must be in [0, 65535]"),
+        (dict(model_dir=Path("/nonexistent/model")), "is not a directory"),
+        (dict(redis_url="localhost:6379"), "redis_url must start with"),
+        (dict(cluster="a*b"), "cluster must be 1-128 chars"),
+        (dict(policy="bad policy"), "policy must be a policy name"),
+        (dict(local_prefill_max_tokens=-1), "local_prefill_max_tokens must be >= 0"),
+        (dict(kv_cache_mib=0), "kv_cache_mib must be > 0"),
+        (dict(max_model_len=-5), "max_model_len must be > 0"),
+        (dict(kv_transport="nccl"), "kv_transport must be one of"),
+        (dict(api_keys=("ok", "has space")), "api_keys must be a tuple"),
+        (dict(api_keys=["list"]), "api_keys must be a tuple"),
+        (dict(api_keys=("a,b",)), "api_keys must be a tuple"),
+        (dict(ready_timeout_s=0), "ready_timeout_s must be > 0"),
+        (dict(drain_timeout_s=-1.0), "drain_timeout_s must be > 0"),
+    ],
+)
 def test_config_rejects(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         LocalClusterConfig(**kwargs)
@@ -86,42 +90,84 @@ def test_config_defaults_and_colocated() -> None:
         TracingFlags(exporter="")
 
 
-@pytest.mark.parametrize("num_prefill, num_decode, cpus, threads", [
-    (1, 1, 2, 1), (2, 2, 2, 1), (1, 1, 8, 4), (1, 2, 8, 2), (0, 1, 4, 4), (1, 1, None, 1),
-])
+@pytest.mark.parametrize(
+    "num_prefill, num_decode, cpus, threads",
+    [
+        (1, 1, 2, 1),
+        (2, 2, 2, 1),
+        (1, 1, 8, 4),
+        (1, 2, 8, 2),
+        (0, 1, 4, 4),
+        (1, 1, None, 1),
+    ],
+)
 def test_threads_divide_the_cores(num_prefill: int, num_decode: int, cpus: int | None, threads: int) -> None:
     assert LocalClusterConfig(num_prefill=num_prefill, num_decode=num_decode).threads_per_worker(cpus) == threads
 
 
 def test_argv_and_env(tmp_path: Path) -> None:
-    config = LocalClusterConfig(num_prefill=1, num_decode=1, port=0, cluster="c1", policy="round_robin",
-                                kv_cache_mib=8, max_model_len=512, kv_transport="torch", api_keys=("k1", "k2"),
-                                tracing=TracingFlags(exporter="file", file=tmp_path / "spans.jsonl"))
+    config = LocalClusterConfig(
+        num_prefill=1,
+        num_decode=1,
+        port=0,
+        cluster="c1",
+        policy="round_robin",
+        kv_cache_mib=8,
+        max_model_len=512,
+        kv_transport="torch",
+        api_keys=("k1", "k2"),
+        tracing=TracingFlags(exporter="file", file=tmp_path / "spans.jsonl"),
+    )
     worker = config.worker_argv(WorkerRole.PREFILL, "prefill-0", tmp_path, "redis://127.0.0.1:1/0", 3)
     assert worker[:4] == [sys.executable, "-m", "tandem", "prefill"]
     flags = dict(zip(worker[4::2], worker[5::2]))
-    assert flags == {"--model": str(tmp_path), "--worker-id": "prefill-0", "--host": "127.0.0.1", "--port": "0",
-                     "--metrics-port": "0", "--redis": "redis://127.0.0.1:1/0", "--cluster": "c1",
-                     "--num-threads": "3", "--kv-transport": "torch", "--drain-timeout-s": "30.0",
-                     "--kv-cache-mib": "8", "--max-model-len": "512", "--otel-exporter": "file",
-                     "--otel-file": str(tmp_path / "spans.jsonl")}
+    assert flags == {
+        "--model": str(tmp_path),
+        "--worker-id": "prefill-0",
+        "--host": "127.0.0.1",
+        "--port": "0",
+        "--metrics-port": "0",
+        "--redis": "redis://127.0.0.1:1/0",
+        "--cluster": "c1",
+        "--num-threads": "3",
+        "--kv-transport": "torch",
+        "--drain-timeout-s": "30.0",
+        "--kv-cache-mib": "8",
+        "--max-model-len": "512",
+        "--otel-exporter": "file",
+        "--otel-file": str(tmp_path / "spans.jsonl"),
+    }
     gateway = config.gateway_argv(tmp_path, "redis://127.0.0.1:1/0")
     assert gateway[3] == "gateway"
     assert dict(zip(gateway[4::2], gateway[5::2])) == {
-        "--host": "127.0.0.1", "--port": "0", "--model": str(tmp_path), "--redis": "redis://127.0.0.1:1/0",
-        "--cluster": "c1", "--policy": "round_robin", "--max-model-len": "512", "--otel-exporter": "file",
-        "--otel-file": str(tmp_path / "spans.jsonl")}
+        "--host": "127.0.0.1",
+        "--port": "0",
+        "--model": str(tmp_path),
+        "--redis": "redis://127.0.0.1:1/0",
+        "--cluster": "c1",
+        "--policy": "round_robin",
+        "--max-model-len": "512",
+        "--otel-exporter": "file",
+        "--otel-file": str(tmp_path / "spans.jsonl"),
+    }
     assert "k1" not in " ".join(gateway)  # keys travel in the environment, not on the command line
-    assert config.gateway_env({"TANDEM_API_KEYS": "old", "PATH": "/bin"}) == {"PATH": "/bin", "TANDEM_API_KEYS": "k1,k2"}
+    assert config.gateway_env({"TANDEM_API_KEYS": "old", "PATH": "/bin"}) == {
+        "PATH": "/bin",
+        "TANDEM_API_KEYS": "k1,k2",
+    }
     assert "TANDEM_API_KEYS" not in LocalClusterConfig().gateway_env({"TANDEM_API_KEYS": "old"})
 
 
 # ---- ChildProcess ------------------------------------------------------------------------
 
+
 def test_child_ready_line_output_and_sigterm() -> None:
     sink = io.StringIO()
-    child = python_child(READY + "print('to stderr', file=sys.stderr, flush=True); print('more stdout', flush=True); "
-                         "import time; time.sleep(60)", sink)
+    child = python_child(
+        READY + "print('to stderr', file=sys.stderr, flush=True); print('more stdout', flush=True); "
+        "import time; time.sleep(60)",
+        sink,
+    )
     try:
         assert child.wait_ready(timeout_s=20) == {"event": "ready", "address": "127.0.0.1:1"}
         deadline = time.monotonic() + 5
@@ -139,8 +185,9 @@ def test_child_ready_line_output_and_sigterm() -> None:
 
 def test_child_that_ignores_sigterm_is_killed() -> None:
     sink = io.StringIO()
-    child = python_child("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + READY
-                         + "import time; time.sleep(60)", sink)
+    child = python_child(
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + READY + "import time; time.sleep(60)", sink
+    )
     child.wait_ready(timeout_s=20)
     started = time.monotonic()
     assert child.stop(timeout_s=0.5) == -signal.SIGKILL
@@ -174,7 +221,7 @@ def test_children_die_with_a_sigkilled_parent() -> None:
     parent_code = textwrap.dedent(f"""
         import sys, time
         from tandem.launcher.processes import ChildProcess
-        child = ChildProcess.spawn("grandchild", [sys.executable, "-c", {READY + 'import time; time.sleep(60)'!r}])
+        child = ChildProcess.spawn("grandchild", [sys.executable, "-c", {READY + "import time; time.sleep(60)"!r}])
         child.wait_ready(20)
         print(child.pid, flush=True)
         time.sleep(60)
@@ -191,15 +238,25 @@ def test_children_die_with_a_sigkilled_parent() -> None:
 
 # ---- state file and status ---------------------------------------------------------------
 
+
 def test_state_file_round_trip_and_ownership(tmp_path: Path) -> None:
     path = tmp_path / "cache" / "up.json"
     assert read_state(path) is None
-    state = UpState("redis://127.0.0.1:1/0", "default", "http://127.0.0.1:8000", pid=123,
-                    children=(ChildSummary("decode-0", 456, "127.0.0.1:5000", 9100),))
+    state = UpState(
+        "redis://127.0.0.1:1/0",
+        "default",
+        "http://127.0.0.1:8000",
+        pid=123,
+        children=(ChildSummary("decode-0", 456, "127.0.0.1:5000", 9100),),
+    )
     write_state(path, state)
     assert read_state(path) == state
-    assert json.loads(path.read_text())["children"][0] == {"name": "decode-0", "pid": 456,
-                                                           "address": "127.0.0.1:5000", "metrics_port": 9100}
+    assert json.loads(path.read_text())["children"][0] == {
+        "name": "decode-0",
+        "pid": 456,
+        "address": "127.0.0.1:5000",
+        "metrics_port": 9100,
+    }
     remove_state(path, pid=999)  # someone else's file: kept
     assert path.exists()
     remove_state(path, pid=123)
@@ -214,15 +271,26 @@ def _info(worker_id: str, role: WorkerRole) -> WorkerInfo:
 
 
 def test_status_rows_pools_and_table() -> None:
-    workers = [_info("decode-1", WorkerRole.DECODE), _info("prefill-0", WorkerRole.PREFILL),
-               _info("decode-0", WorkerRole.DECODE)]
-    loads = {"decode-0": WorkerLoad(2, 3, 0, 25, 100, 1.0), "decode-1": WorkerLoad(1, 1, 16, 75, 300, 1.0),
-             "prefill-0": None}
+    workers = [
+        _info("decode-1", WorkerRole.DECODE),
+        _info("prefill-0", WorkerRole.PREFILL),
+        _info("decode-0", WorkerRole.DECODE),
+    ]
+    loads = {
+        "decode-0": WorkerLoad(2, 3, 0, 25, 100, 1.0),
+        "decode-1": WorkerLoad(1, 1, 16, 75, 300, 1.0),
+        "prefill-0": None,
+    }
     status = summarize("c1", workers, loads)
     assert [(w.worker_id, w.role, w.waiting, w.kv_usage_perc) for w in status.workers] == [
-        ("prefill-0", "prefill", None, None), ("decode-0", "decode", 2, 25.0), ("decode-1", "decode", 1, 25.0)]
+        ("prefill-0", "prefill", None, None),
+        ("decode-0", "decode", 2, 25.0),
+        ("decode-1", "decode", 1, 25.0),
+    ]
     assert [(p.role, p.workers, p.waiting, p.running, p.kv_usage_perc) for p in status.pools] == [
-        ("prefill", 1, 0, 0, 0.0), ("decode", 2, 3, 4, 25.0)]
+        ("prefill", 1, 0, 0, 0.0),
+        ("decode", 2, 3, 4, 25.0),
+    ]
     lines = render(status).splitlines()
     assert lines[0] == "cluster c1: 3 live worker(s)"
     assert lines[2].split() == ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE"]
@@ -244,8 +312,9 @@ def test_status_reports_unreachable_redis(capsys: pytest.CaptureFixture[str]) ->
 
 def test_status_cli_without_state_file_names_the_flag(tmp_path: Path) -> None:
     env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "tandem", "status"], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem", "status"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert "--redis-url" in result.stderr and str(tmp_path / "up.json") in result.stderr
 
@@ -263,7 +332,9 @@ def test_redis_child_serves_status_and_stops_by_pid(capsys: pytest.CaptureFixtur
         state.publish_load("decode-0", WorkerLoad(0, 1, 0, 10, 40, time.time()), ttl_s=30)
         assert run_status(server.url, "c1", as_json=True) == 0
         report = json.loads(capsys.readouterr().out)
-        assert [(w["worker_id"], w["running"], w["kv_usage_perc"]) for w in report["workers"]] == [("decode-0", 1, 25.0)]
+        assert [(w["worker_id"], w["running"], w["kv_usage_perc"]) for w in report["workers"]] == [
+            ("decode-0", 1, 25.0)
+        ]
         assert [(p["role"], p["workers"]) for p in report["pools"]] == [("prefill", 0), ("decode", 1)]
     finally:
         assert server.stop() == 0
@@ -294,8 +365,9 @@ def test_status_cli_warns_about_a_stale_state_file(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     write_state(tmp_path / "up.json", UpState(f"redis://127.0.0.1:{port}/0", "c1", "http://127.0.0.1:1", dead.pid))
     env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "tandem", "status"], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem", "status"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert f"is stale: tandem up (pid {dead.pid}) is not running" in result.stderr
     assert f"cannot read cluster state from Redis at redis://127.0.0.1:{port}/0" in result.stderr

@@ -11,12 +11,26 @@ from tandem.loadtest.record import ErrorKind, RequestRecord
 from tandem.loadtest.slo import SLO
 
 
-def record(request_id: str, start_s: float, token_times_s: tuple[float, ...], end_s: float,
-           output_tokens: int, prompt_tokens: int = 10, error: ErrorKind | None = None,
-           http_status: int | None = 200) -> RequestRecord:
-    return RequestRecord(request_id=request_id, start_s=start_s, end_s=end_s,
-                         token_times_s=token_times_s, prompt_tokens=prompt_tokens,
-                         output_tokens=output_tokens, error=error, http_status=http_status)
+def record(
+    request_id: str,
+    start_s: float,
+    token_times_s: tuple[float, ...],
+    end_s: float,
+    output_tokens: int,
+    prompt_tokens: int = 10,
+    error: ErrorKind | None = None,
+    http_status: int | None = 200,
+) -> RequestRecord:
+    return RequestRecord(
+        request_id=request_id,
+        start_s=start_s,
+        end_s=end_s,
+        token_times_s=token_times_s,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        error=error,
+        http_status=http_status,
+    )
 
 
 # Binary-exact timings, so every expected value below is exact.
@@ -42,17 +56,26 @@ def test_record_round_trips_through_dict() -> None:
     assert D.to_dict()["error"] == "http_5xx"
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"end_s": -1.0}, "is before start_s"),
-    ({"token_times_s": (0.5, 0.25)}, "non-decreasing"),
-    ({"token_times_s": (2.0,)}, "non-decreasing"),
-    ({"output_tokens": -1}, "must be >= 0"),
-    ({"request_id": ""}, "non-empty"),
-    ({"start_s": float("nan")}, "must be finite"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"end_s": -1.0}, "is before start_s"),
+        ({"token_times_s": (0.5, 0.25)}, "non-decreasing"),
+        ({"token_times_s": (2.0,)}, "non-decreasing"),
+        ({"output_tokens": -1}, "must be >= 0"),
+        ({"request_id": ""}, "non-empty"),
+        ({"start_s": float("nan")}, "must be finite"),
+    ],
+)
 def test_record_rejects_inconsistent_timings(kwargs: dict, message: str) -> None:
-    base = {"request_id": "x", "start_s": 0.0, "end_s": 1.0, "token_times_s": (0.5,),
-            "prompt_tokens": 1, "output_tokens": 1}
+    base = {
+        "request_id": "x",
+        "start_s": 0.0,
+        "end_s": 1.0,
+        "token_times_s": (0.5,),
+        "prompt_tokens": 1,
+        "output_tokens": 1,
+    }
     with pytest.raises(ValueError, match=message):
         RequestRecord(**{**base, **kwargs})
 
@@ -75,17 +98,21 @@ def test_summary_latency_percentiles_exact() -> None:
     summary = summarize(RUN, duration_s=4.0)
     approx = pytest.approx
     # TTFT of the completed requests: 125, 250, 500 ms.
-    assert summary.ttft == LatencyStats(count=3, mean_ms=approx(875 / 3), p50_ms=250.0,
-                                        p90_ms=approx(450.0), p99_ms=approx(495.0))
+    assert summary.ttft == LatencyStats(
+        count=3, mean_ms=approx(875 / 3), p50_ms=250.0, p90_ms=approx(450.0), p99_ms=approx(495.0)
+    )
     # TPOT: A 125 ms, B 750 ms; C (one token) has none.
-    assert summary.tpot == LatencyStats(count=2, mean_ms=437.5, p50_ms=437.5,
-                                        p90_ms=approx(687.5), p99_ms=approx(743.75))
+    assert summary.tpot == LatencyStats(
+        count=2, mean_ms=437.5, p50_ms=437.5, p90_ms=approx(687.5), p99_ms=approx(743.75)
+    )
     # ITL gaps pooled: 125, 125, 125 (A) and 500 (B).
-    assert summary.itl == LatencyStats(count=4, mean_ms=218.75, p50_ms=125.0,
-                                       p90_ms=approx(387.5), p99_ms=approx(488.75))
+    assert summary.itl == LatencyStats(
+        count=4, mean_ms=218.75, p50_ms=125.0, p90_ms=approx(387.5), p99_ms=approx(488.75)
+    )
     # E2E: 500, 1000, 500 ms.
-    assert summary.e2e == LatencyStats(count=3, mean_ms=approx(2000 / 3), p50_ms=500.0,
-                                       p90_ms=approx(900.0), p99_ms=approx(990.0))
+    assert summary.e2e == LatencyStats(
+        count=3, mean_ms=approx(2000 / 3), p50_ms=500.0, p90_ms=approx(900.0), p99_ms=approx(990.0)
+    )
 
 
 def test_summary_counts_and_throughput() -> None:
@@ -96,20 +123,22 @@ def test_summary_counts_and_throughput() -> None:
     assert summary.request_throughput_rps == 0.75
     assert summary.output_throughput_tps == 1.75
     assert summary.prompt_throughput_tps == 15.0
-    assert (summary.slo, summary.num_good, summary.goodput_fraction, summary.goodput_rps) == \
-        (None, None, None, None)
+    assert (summary.slo, summary.num_good, summary.goodput_fraction, summary.goodput_rps) == (None, None, None, None)
     data = summary.to_dict()
     assert data["errors_by_kind"] == {"http_5xx": 1, "timeout": 1}
     assert data["ttft"]["p50_ms"] == 250.0
 
 
-@pytest.mark.parametrize(("slo_text", "good_ids"), [
-    ("ttft=300,tpot=200", {"a"}),        # B misses TPOT (750 ms), C misses TTFT (500 ms)
-    ("ttft=500", {"a", "b", "c"}),        # bounds are inclusive
-    ("tpot=100", {"c"}),                  # A, B too slow; C has one token: TPOT holds vacuously
-    ("e2e=600", {"a", "c"}),
-    ("ttft=1", set()),
-])
+@pytest.mark.parametrize(
+    ("slo_text", "good_ids"),
+    [
+        ("ttft=300,tpot=200", {"a"}),  # B misses TPOT (750 ms), C misses TTFT (500 ms)
+        ("ttft=500", {"a", "b", "c"}),  # bounds are inclusive
+        ("tpot=100", {"c"}),  # A, B too slow; C has one token: TPOT holds vacuously
+        ("e2e=600", {"a", "c"}),
+        ("ttft=1", set()),
+    ],
+)
 def test_goodput(slo_text: str, good_ids: set[str]) -> None:
     slo = SLO.parse(slo_text)
     assert {r.request_id for r in RUN if slo.met_by(r)} == good_ids
@@ -138,16 +167,19 @@ def test_slo_parse() -> None:
     assert str(SLO.parse("tpot=12.5,ttft=200")) == "ttft=200,tpot=12.5"
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "Bad SLO item"),
-    ("ttft", "expected key=milliseconds"),
-    ("ttft=", "expected key=milliseconds"),
-    ("itl=5", "Unknown SLO key 'itl'.*known keys: ttft, tpot, e2e"),
-    ("ttft=1,ttft=2", "given twice"),
-    ("ttft=fast", "must be a number of milliseconds"),
-    ("ttft=-5", "positive number of milliseconds"),
-    ("ttft=inf", "positive number of milliseconds"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "Bad SLO item"),
+        ("ttft", "expected key=milliseconds"),
+        ("ttft=", "expected key=milliseconds"),
+        ("itl=5", "Unknown SLO key 'itl'.*known keys: ttft, tpot, e2e"),
+        ("ttft=1,ttft=2", "given twice"),
+        ("ttft=fast", "must be a number of milliseconds"),
+        ("ttft=-5", "positive number of milliseconds"),
+        ("ttft=inf", "positive number of milliseconds"),
+    ],
+)
 def test_slo_parse_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SLO.parse(text)

@@ -27,24 +27,48 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def record(request_id: str, start_s: float, token_times_s: tuple[float, ...], end_s: float,
-           output_tokens: int, error: ErrorKind | None = None) -> RequestRecord:
-    return RequestRecord(request_id, start_s, end_s, token_times_s, prompt_tokens=10, output_tokens=output_tokens,
-                         error=error, http_status=503 if error else 200)
+def record(
+    request_id: str,
+    start_s: float,
+    token_times_s: tuple[float, ...],
+    end_s: float,
+    output_tokens: int,
+    error: ErrorKind | None = None,
+) -> RequestRecord:
+    return RequestRecord(
+        request_id,
+        start_s,
+        end_s,
+        token_times_s,
+        prompt_tokens=10,
+        output_tokens=output_tokens,
+        error=error,
+        http_status=503 if error else 200,
+    )
 
 
 # Binary-exact timings. Run X: closed loop, concurrency 1, two requests back to back.
-X_RECORDS = (record("a", 0.0, (0.125, 0.25, 0.375, 0.5), 0.5, 4),
-             record("b", 0.5, (0.75, 1.25), 1.5, 2))
+X_RECORDS = (record("a", 0.0, (0.125, 0.25, 0.375, 0.5), 0.5, 4), record("b", 0.5, (0.75, 1.25), 1.5, 2))
 # Run Y: open loop; c has one token (no TPOT), d failed, e has two tokens.
-Y_RECORDS = (record("c", 0.0, (0.25,), 0.25, 1),
-             record("d", 0.5, (), 0.5, 0, error=ErrorKind.HTTP_5XX),
-             record("e", 0.5, (0.75, 1.0), 1.0, 2))
+Y_RECORDS = (
+    record("c", 0.0, (0.25,), 0.25, 1),
+    record("d", 0.5, (), 0.5, 0, error=ErrorKind.HTTP_5XX),
+    record("e", 0.5, (0.75, 1.0), 1.0, 2),
+)
 
 
 def info(load: str, slo: str | None, concurrency: int | None) -> RunInfo:
-    return RunInfo(base_url="http://test", model="tiny", endpoint="/v1/completions", workload="w.yaml",
-                   num_requests=2, seed=0, load=load, slo=slo, concurrency=concurrency)
+    return RunInfo(
+        base_url="http://test",
+        model="tiny",
+        endpoint="/v1/completions",
+        workload="w.yaml",
+        num_requests=2,
+        seed=0,
+        load=load,
+        slo=slo,
+        concurrency=concurrency,
+    )
 
 
 def save(path: Path, run_info: RunInfo, records: tuple[RequestRecord, ...], duration_s: float) -> Path:
@@ -55,8 +79,10 @@ def save(path: Path, run_info: RunInfo, records: tuple[RequestRecord, ...], dura
 
 @pytest.fixture
 def saved_runs(tmp_path: Path) -> tuple[Path, Path]:
-    return (save(tmp_path / "x.json", info("concurrency 1", "ttft=300", 1), X_RECORDS, 1.5),
-            save(tmp_path / "y.json", info("constant @ 2 req/s", None, None), Y_RECORDS, 1.0))
+    return (
+        save(tmp_path / "x.json", info("concurrency 1", "ttft=300", 1), X_RECORDS, 1.5),
+        save(tmp_path / "y.json", info("constant @ 2 req/s", None, None), Y_RECORDS, 1.0),
+    )
 
 
 def test_mean_in_flight_is_sum_of_e2e_over_duration() -> None:
@@ -108,27 +134,31 @@ X_COLUMN_Y_COLUMN = """\
 | ITL p99 (ms) | 488.75 | 250.00 |
 | E2E p99 (ms) | 995.00 | 497.50 |
 """
-FOOTER = ("\nRequests in flight: the closed-loop concurrency, or for an open-loop run the mean reached "
-          "(sum of E2E / duration). Latencies of successful requests only.\n")
+FOOTER = (
+    "\nRequests in flight: the closed-loop concurrency, or for an open-loop run the mean reached "
+    "(sum of E2E / duration). Latencies of successful requests only.\n"
+)
 
 
 def test_compare_table_exact(saved_runs: tuple[Path, Path]) -> None:
     runs = [load_results(path) for path in saved_runs]
     labels = ["concurrency 1", "constant @ 2 req/s"]
-    own_slo = ("| SLO | ttft=300 | - |\n| goodput (req/s) | 1.333 | - |\n"
-               "| goodput (% of requests) | 100.0% | - |\n")
+    own_slo = "| SLO | ttft=300 | - |\n| goodput (req/s) | 1.333 | - |\n| goodput (% of requests) | 100.0% | - |\n"
     assert compare_markdown("T", runs, labels) == "# T\n\n" + X_COLUMN_Y_COLUMN + own_slo + FOOTER
     # --slo overrides each run's own: x meets e2e=600 with a only, y with c and e.
-    override = ("| SLO | e2e=600 | e2e=600 |\n| goodput (req/s) | 0.667 | 2.000 |\n"
-                "| goodput (% of requests) | 50.0% | 66.7% |\n")
+    override = (
+        "| SLO | e2e=600 | e2e=600 |\n| goodput (req/s) | 0.667 | 2.000 |\n"
+        "| goodput (% of requests) | 50.0% | 66.7% |\n"
+    )
     overridden = compare_markdown("T", runs, labels, SLO.parse("e2e=600"))
     assert overridden == "# T\n\n" + X_COLUMN_Y_COLUMN + override + FOOTER
     without_slo = [SavedRun(info("concurrency 1", None, 1), 1.5, X_RECORDS, ("default",) * 2), runs[1]]
     assert compare_markdown("T", without_slo, labels) == "# T\n\n" + X_COLUMN_Y_COLUMN + FOOTER
 
 
-def test_cli_compare_prints_and_writes(saved_runs: tuple[Path, Path], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_cli_compare_prints_and_writes(
+    saved_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "cmp"
     assert main(["compare", *map(str, saved_runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -173,21 +203,35 @@ def test_concurrency_levels() -> None:
     assert concurrency_levels("16, 4") == (16, 4)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("0", "--concurrency levels must be >= 1, got '0'."),
-    ("1,-4", "--concurrency levels must be >= 1, got '1,-4'."),
-    ("a,2", "--concurrency must be a positive integer or a comma-separated list of them (e.g. 1,4,16), got 'a,2'."),
-    ("", "--concurrency must be a positive integer or a comma-separated list of them (e.g. 1,4,16), got ''."),
-    ("1,", "--concurrency must be a positive integer or a comma-separated list of them (e.g. 1,4,16), got '1,'."),
-    ("4,4", "--concurrency lists a level twice: '4,4'."),
-])
-def test_bad_concurrency_lists_exit_2(text: str, message: str, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0", "--concurrency levels must be >= 1, got '0'."),
+        ("1,-4", "--concurrency levels must be >= 1, got '1,-4'."),
+        ("a,2", "--concurrency must be a positive integer or a comma-separated list of them (e.g. 1,4,16), got 'a,2'."),
+        ("", "--concurrency must be a positive integer or a comma-separated list of them (e.g. 1,4,16), got ''."),
+        ("1,", "--concurrency must be a positive integer or a comma-separated list of them (e.g. 1,4,16), got '1,'."),
+        ("4,4", "--concurrency lists a level twice: '4,4'."),
+    ],
+)
+def test_bad_concurrency_lists_exit_2(text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ValueError) as error:
         concurrency_levels(text)
     assert str(error.value) == message
-    flags = ["--base-url", "http://127.0.0.1:9", "--model", "m", "--workload", "w.yaml", "--num-requests", "1",
-             "--out", str(tmp_path / "out"), "--concurrency", text]
+    flags = [
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--model",
+        "m",
+        "--workload",
+        "w.yaml",
+        "--num-requests",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--concurrency",
+        text,
+    ]
     assert main(["run", *flags]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     from tandem.cli import main as tandem_main
@@ -205,5 +249,6 @@ def test_tandem_bench_flags_before_serve_are_refused(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_info:
         tandem_main(["bench", "--model", "m", "serve"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ("tandem: error: put the load generator's flags after `serve`: "
-                                       "tandem bench serve --base-url URL ...\n")
+    assert capsys.readouterr().err == (
+        "tandem: error: put the load generator's flags after `serve`: tandem bench serve --base-url URL ...\n"
+    )

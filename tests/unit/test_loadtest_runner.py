@@ -66,8 +66,9 @@ def test_closed_loop_keeps_concurrency_in_flight() -> None:
     clock = RunClock()
     sender = FakeSender(clock, service_s=0.02)
     done: list[str] = []
-    result = asyncio.run(run_load(sender, REQUESTS, ClosedLoop(2), seed=0, clock=clock,
-                                  on_done=lambda r: done.append(r.request_id)))
+    result = asyncio.run(
+        run_load(sender, REQUESTS, ClosedLoop(2), seed=0, clock=clock, on_done=lambda r: done.append(r.request_id))
+    )
     assert sender.max_in_flight == 2
     assert [r.request_id for r in result.records] == [r.request_id for r in REQUESTS]
     assert sorted(done) == sorted(r.request_id for r in REQUESTS)
@@ -86,10 +87,16 @@ def fake_openai_app() -> FastAPI:
         async def events() -> AsyncIterator[bytes]:
             for i in range(body["max_tokens"]):
                 await asyncio.sleep(0.001)
-                yield b"data: " + json.dumps({"choices": [{"index": 0, "text": "x", "token_ids": [i]}]}).encode() + b"\n\n"
+                yield (
+                    b"data: "
+                    + json.dumps({"choices": [{"index": 0, "text": "x", "token_ids": [i]}]}).encode()
+                    + b"\n\n"
+                )
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
             yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n"
+
         return StreamingResponse(events(), media_type="text/event-stream")
+
     return app
 
 
@@ -114,9 +121,28 @@ def test_cli_run_writes_results_and_summary(fake_server: str, tmp_path: Path, ca
     workload = tmp_path / "w.yaml"
     workload.write_text("kind: random\nvocab_size: 3\ninput_len: {min: 1, max: 3}\noutput_len: {min: 2, max: 4}\n")
     out = tmp_path / "run"
-    status = main(["run", "--base-url", fake_server, "--model", "fake", "--workload", str(workload),
-                   "--num-requests", "12", "--concurrency", "3", "--seed", "1", "--slo", "e2e=10000",
-                   "--out", str(out), "--no-progress"])
+    status = main(
+        [
+            "run",
+            "--base-url",
+            fake_server,
+            "--model",
+            "fake",
+            "--workload",
+            str(workload),
+            "--num-requests",
+            "12",
+            "--concurrency",
+            "3",
+            "--seed",
+            "1",
+            "--slo",
+            "e2e=10000",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     saved = load_results(out / "results.json")
     requests = load_workload(workload).generate(12, 1)
@@ -126,8 +152,11 @@ def test_cli_run_writes_results_and_summary(fake_server: str, tmp_path: Path, ca
     assert 0 < sum(expected_errors) < 12  # the seed gives a mix, so both paths are checked
     for record, request in zip(saved.records, requests):
         if record.ok:
-            assert (record.output_tokens, len(record.token_times_s), record.prompt_tokens) == \
-                (request.max_tokens, request.max_tokens, request.prompt_len)
+            assert (record.output_tokens, len(record.token_times_s), record.prompt_tokens) == (
+                request.max_tokens,
+                request.max_tokens,
+                request.prompt_len,
+            )
     assert (saved.info.load, saved.info.slo, saved.info.num_requests) == ("concurrency 3", "e2e=10000", 12)
     summary = summarize(saved.records, saved.duration_s)
     assert summary.num_completed == 12 - sum(expected_errors)
@@ -143,13 +172,32 @@ def test_cli_run_writes_results_and_summary(fake_server: str, tmp_path: Path, ca
     assert "| goodput (SLO ttft=1e-06) | 0 requests, 0.0%" in capsys.readouterr().out
 
 
-def test_cli_concurrency_sweep_writes_one_run_per_level(fake_server: str, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_cli_concurrency_sweep_writes_one_run_per_level(
+    fake_server: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     workload = tmp_path / "w.yaml"
     workload.write_text("kind: random\nvocab_size: 3\ninput_len: 2\noutput_len: {min: 2, max: 4}\n")
     out = tmp_path / "sweep"
-    status = main(["run", "--base-url", fake_server, "--model", "fake", "--workload", str(workload),
-                   "--num-requests", "8", "--concurrency", "1,4", "--seed", "2", "--out", str(out), "--no-progress"])
+    status = main(
+        [
+            "run",
+            "--base-url",
+            fake_server,
+            "--model",
+            "fake",
+            "--workload",
+            str(workload),
+            "--num-requests",
+            "8",
+            "--concurrency",
+            "1,4",
+            "--seed",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     requests = load_workload(workload).generate(8, 2)
     runs = {level: load_results(out / f"c{level}" / "results.json") for level in (1, 4)}
@@ -169,8 +217,17 @@ def test_cli_concurrency_sweep_writes_one_run_per_level(fake_server: str, tmp_pa
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    common = ["run", "--base-url", "http://127.0.0.1:9", "--model", "m", "--workload",
-              str(WORKLOADS / "random.yaml"), "--out", str(tmp_path)]
+    common = [
+        "run",
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--model",
+        "m",
+        "--workload",
+        str(WORKLOADS / "random.yaml"),
+        "--out",
+        str(tmp_path),
+    ]
     assert main(common + ["--num-requests", "1", "--rate", "1", "--slo", "ttft"]) == 2
     assert "expected key=milliseconds" in capsys.readouterr().err
     assert main(common + ["--num-requests", "0", "--rate", "1"]) == 2

@@ -28,13 +28,18 @@ YAML_FILES = sorted(WORKLOAD_DIR.glob("*.yaml"))
 
 
 def common_prefix_len(prompts: list[tuple[int, ...]]) -> int:
-    return len(os.path.commonprefix(prompts))
+    return len(os.path.commonprefix(prompts))  # noqa: RUF071 (token tuples, compared element-wise)
 
 
 def test_workload_files_ship() -> None:
     # The four kinds, and smoke.yaml: a tiny random workload for tests/e2e/test_loadtest_smoke.py.
-    assert [p.name for p in YAML_FILES] == ["interference.yaml", "multi_turn.yaml", "random.yaml",
-                                           "shared_prefix.yaml", "smoke.yaml"]
+    assert [p.name for p in YAML_FILES] == [
+        "interference.yaml",
+        "multi_turn.yaml",
+        "random.yaml",
+        "shared_prefix.yaml",
+        "smoke.yaml",
+    ]
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.stem)
@@ -58,9 +63,17 @@ def test_random_lengths_within_ranges_and_fixed() -> None:
     assert [r.request_id for r in requests[:3]] == ["req-0", "req-1", "req-2"]
 
 
-@pytest.mark.parametrize(("fraction", "prompt_len", "shared"), [
-    (0.75, 256, 192), (0.5, 5, 3), (0.5, 3, 2), (0.0, 64, 0), (1.0, 64, 64), (0.3, 10, 3),
-])
+@pytest.mark.parametrize(
+    ("fraction", "prompt_len", "shared"),
+    [
+        (0.75, 256, 192),
+        (0.5, 5, 3),
+        (0.5, 3, 2),
+        (0.0, 64, 0),
+        (1.0, 64, 64),
+        (0.3, 10, 3),
+    ],
+)
 def test_shared_prefix_len_rounds_half_up(fraction: float, prompt_len: int, shared: int) -> None:
     assert shared_prefix_len(fraction, prompt_len) == shared
 
@@ -95,8 +108,7 @@ def test_multi_turn_each_turn_extends_the_previous_conversation() -> None:
     workload = MultiTurnWorkload(LengthRange(8, 8), LengthRange(4, 6), LengthRange(2, 3), num_turns=3)
     requests = workload.generate(9, seed=5)
     # Turn by turn: turn 0 of every conversation, then turn 1, ...
-    assert [(r.conversation_id, r.turn) for r in requests] == \
-        [(c, t) for t in range(3) for c in range(3)]
+    assert [(r.conversation_id, r.turn) for r in requests] == [(c, t) for t in range(3) for c in range(3)]
     by_key = {(r.conversation_id, r.turn): r for r in requests}
     for conversation in range(3):
         for turn in (1, 2):
@@ -104,11 +116,16 @@ def test_multi_turn_each_turn_extends_the_previous_conversation() -> None:
             reply = current.messages[-2]
             assert reply.role is Role.ASSISTANT and len(reply.token_ids) == previous.max_tokens
             full_previous = previous.prompt_token_ids + reply.token_ids
-            assert current.prompt_token_ids[:len(full_previous)] == full_previous
+            assert current.prompt_token_ids[: len(full_previous)] == full_previous
             assert current.messages[:-2] == previous.messages
             assert 4 <= current.prompt_len - len(full_previous) <= 6
-        assert [m.role for m in by_key[conversation, 2].messages] == \
-            [Role.USER, Role.ASSISTANT, Role.USER, Role.ASSISTANT, Role.USER]
+        assert [m.role for m in by_key[conversation, 2].messages] == [
+            Role.USER,
+            Role.ASSISTANT,
+            Role.USER,
+            Role.ASSISTANT,
+            Role.USER,
+        ]
         assert by_key[conversation, 0].prompt_len == 8
     for request in requests:
         assert request.prompt_token_ids == tuple(t for m in request.messages for t in m.token_ids)
@@ -122,10 +139,12 @@ def test_multi_turn_truncation_drops_late_turns_first() -> None:
 
 
 def test_interference_mixes_classes_by_weight() -> None:
-    workload = InterferenceWorkload((
-        RequestClass("long_prefill", 3.0, LengthRange(100, 100), LengthRange(2, 2)),
-        RequestClass("long_decode", 1.0, LengthRange(4, 4), LengthRange(50, 50)),
-    ))
+    workload = InterferenceWorkload(
+        (
+            RequestClass("long_prefill", 3.0, LengthRange(100, 100), LengthRange(2, 2)),
+            RequestClass("long_decode", 1.0, LengthRange(4, 4), LengthRange(50, 50)),
+        )
+    )
     requests = workload.generate(400, seed=11)
     shapes = {r.class_name: (r.prompt_len, r.max_tokens) for r in requests}
     assert shapes == {"long_prefill": (100, 2), "long_decode": (4, 50)}
@@ -143,18 +162,25 @@ def test_length_range_parse() -> None:
         LengthRange(5, 4)
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"kind": "zipf"}, "kind must be one of"),
-    ({"kind": "random", "input_len": 4}, "Bad the random workload.*output_len"),
-    ({"kind": "random", "input_len": 4, "output_len": 4, "promt": 1}, r"Unknown key\(s\) \['promt'\]"),
-    ({"kind": "random", "input_len": 4, "output_len": 4, "vocab_size": 1}, "vocab_size must be >= 2"),
-    ({"kind": "shared_prefix", "input_len": 4, "output_len": 4, "shared_fraction": 1.5}, r"within \[0, 1\]"),
-    ({"kind": "multi_turn", "first_input_len": 4, "turn_input_len": 4, "output_len": 4, "num_turns": 0},
-     "num_turns must be >= 1"),
-    ({"kind": "interference", "classes": []}, "one or more classes"),
-    ({"kind": "interference", "classes": [{"name": "a", "weight": 0, "input_len": 1, "output_len": 1}]},
-     "weight must be positive"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"kind": "zipf"}, "kind must be one of"),
+        ({"kind": "random", "input_len": 4}, "Bad the random workload.*output_len"),
+        ({"kind": "random", "input_len": 4, "output_len": 4, "promt": 1}, r"Unknown key\(s\) \['promt'\]"),
+        ({"kind": "random", "input_len": 4, "output_len": 4, "vocab_size": 1}, "vocab_size must be >= 2"),
+        ({"kind": "shared_prefix", "input_len": 4, "output_len": 4, "shared_fraction": 1.5}, r"within \[0, 1\]"),
+        (
+            {"kind": "multi_turn", "first_input_len": 4, "turn_input_len": 4, "output_len": 4, "num_turns": 0},
+            "num_turns must be >= 1",
+        ),
+        ({"kind": "interference", "classes": []}, "one or more classes"),
+        (
+            {"kind": "interference", "classes": [{"name": "a", "weight": 0, "input_len": 1, "output_len": 1}]},
+            "weight must be positive",
+        ),
+    ],
+)
 def test_bad_workload_specs_fail_clearly(data: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         workload_from_mapping(data)

@@ -23,8 +23,7 @@ class Feed:
         self.index = index
         self.seqs: dict[tuple[str, int], int] = {}
 
-    def __call__(self, worker_id: str, kind: KVEventKind, hashes: tuple[int, ...] = (),
-                 epoch: int = 1) -> None:
+    def __call__(self, worker_id: str, kind: KVEventKind, hashes: tuple[int, ...] = (), epoch: int = 1) -> None:
         seq = self.seqs.get((worker_id, epoch), 0) + 1
         self.seqs[(worker_id, epoch)] = seq
         self.index.apply(KVEventRecord(worker_id, epoch, seq, kind, hashes))
@@ -50,8 +49,13 @@ def test_match_counts_leading_blocks_per_worker(index, feed):
     feed("w-split", STORED, (102, 103))  # two events make one run of three
     ids = ["w-full", "w-two", "w-hole-first", "w-hole-mid", "w-other", "w-split", "w-unknown"]
     assert index.match(PROMPT, ids) == {
-        "w-full": 5, "w-two": 2, "w-hole-first": 0, "w-hole-mid": 2, "w-other": 0,
-        "w-split": 3, "w-unknown": 0,
+        "w-full": 5,
+        "w-two": 2,
+        "w-hole-first": 0,
+        "w-hole-mid": 2,
+        "w-other": 0,
+        "w-split": 3,
+        "w-unknown": 0,
     }
     # Only the asked workers, in the asked order; prefixes of the prompt shrink the counts.
     assert index.match(PROMPT[:1], ["w-two", "w-full"]) == {"w-two": 1, "w-full": 1}
@@ -153,8 +157,7 @@ def test_claim_and_confirmed_run_take_the_longer(index, feed):
     feed("w-hole", STORED, (101, 103, 104, 105))
     index.add_speculative("w-hole", PROMPT[:2], now_s=0.0)  # run 1, claim 2: not joined to 5
     index.add_speculative("w-elsewhere", (999,), now_s=0.0)
-    assert index.match(PROMPT, ["w-full", "w-hole", "w-elsewhere"]) == {
-        "w-full": 5, "w-hole": 2, "w-elsewhere": 0}
+    assert index.match(PROMPT, ["w-full", "w-hole", "w-elsewhere"]) == {"w-full": 5, "w-hole": 2, "w-elsewhere": 0}
     assert index.match(PROMPT, ["w-hole"]) == {"w-hole": 2}  # claims of others stay out
 
 
@@ -260,7 +263,6 @@ def test_match_equals_a_brute_force_oracle_on_random_histories(index, feed):
                 expected = {}
                 for w in workers:
                     run = next((i for i, h in enumerate(prompt) if h not in held[w]), len(prompt))
-                    claim = max((i + 1 for i, h in enumerate(prompt) if h in claimed[w]),
-                                default=0)
+                    claim = max((i + 1 for i, h in enumerate(prompt) if h in claimed[w]), default=0)
                     expected[w] = max(run, claim)
                 assert index.match(prompt, workers) == expected, step

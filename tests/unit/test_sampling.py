@@ -35,7 +35,9 @@ def test_seeded_sampling_is_independent_of_the_batch(engine: Engine, prompts: li
     # the same request again after other traffic, and twice in one batch
     twice = engine.generate([prompts[0], prompts[0]], seeded)
     assert twice[0].token_ids == alone and twice[1].token_ids == alone
-    different = engine.generate([prompts[0]], SamplingParams(max_tokens=24, temperature=1.3, top_p=0.95, seed=4321, ignore_eos=True))
+    different = engine.generate(
+        [prompts[0]], SamplingParams(max_tokens=24, temperature=1.3, top_p=0.95, seed=4321, ignore_eos=True)
+    )
     assert different[0].token_ids != alone
     assert engine.is_drained()
 
@@ -64,7 +66,9 @@ def test_stop_token_max_tokens_and_logprobs(engine: Engine, prompts: list[list[i
     assert len(greedy.token_ids) == 10 and greedy.finish_reason is FinishReason.LENGTH
     stop_at = greedy.token_ids[3]
     first = greedy.token_ids.index(stop_at)
-    stopped = engine.generate([prompts[1]], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop_at,)))[0]
+    stopped = engine.generate([prompts[1]], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop_at,)))[
+        0
+    ]
     assert stopped.token_ids == greedy.token_ids[: first + 1] and stopped.finish_reason is FinishReason.STOP
     with_lp = engine.generate([prompts[1]], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3))[0]
     assert with_lp.logprobs is not None and len(with_lp.logprobs) == 4
@@ -74,7 +78,9 @@ def test_stop_token_max_tokens_and_logprobs(engine: Engine, prompts: list[list[i
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
     # logprobs equal log_softmax of the model's logits at that position
     ref = engine.generate([prompts[1]], SamplingParams(max_tokens=1, temperature=0.0, return_prompt_logits=True))
-    scoring = engine.generate([prompts[1] + [with_lp.token_ids[0]]], SamplingParams(max_tokens=1, return_prompt_logits=True))
+    scoring = engine.generate(
+        [prompts[1] + [with_lp.token_ids[0]]], SamplingParams(max_tokens=1, return_prompt_logits=True)
+    )
     last = torch.log_softmax(scoring[0].prompt_logits[len(prompts[1]) - 1], dim=-1)
     assert with_lp.logprobs[0].logprob == pytest.approx(float(last[with_lp.token_ids[0]]), abs=1e-5)
     assert ref[0].token_ids[0] == with_lp.token_ids[0]

@@ -70,7 +70,7 @@ RICH_TEMPLATE = """{%- set ns = namespace(system='') -%}
 {{ eos_token }}
 {% endfor %}
 {%- if add_generation_prompt %}ASSISTANT:{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}
-{%- endif %}"""
+{%- endif %}"""  # noqa: E501
 
 TOOLS = [
     {
@@ -92,7 +92,7 @@ RICH_CONVERSATION: list[dict[str, Any]] = [
         "reasoning": "I should call the tool.",
         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}],
     },
-    {"role": "tool", "content": "{\"temp_c\": 21}"},
+    {"role": "tool", "content": '{"temp_c": 21}'},
     {"role": "assistant", "content": "It is 21 °C."},
 ]
 
@@ -190,7 +190,10 @@ def test_chat_template_jinja_file_wins_over_tokenizer_config(tiny_dir: Path, tmp
 def test_list_form_chat_template_picks_default_or_tool_use(tiny_dir: Path, tmp_path: Path) -> None:
     templates = [
         {"name": "default", "template": "{% for m in messages %}D:{{ m['content'] }};{% endfor %}"},
-        {"name": "tool_use", "template": "{{ tools | tojson }}{% for m in messages %}T:{{ m['content'] }};{% endfor %}"},
+        {
+            "name": "tool_use",
+            "template": "{{ tools | tojson }}{% for m in messages %}T:{{ m['content'] }};{% endfor %}",
+        },
     ]
     path = make_variant(tiny_dir, tmp_path / "list", {"chat_template": templates}, drop=("chat_template.jinja",))
     ours, theirs = load_both(path)
@@ -237,8 +240,14 @@ def test_extra_and_model_specific_special_tokens_and_json_padding(tiny_dir: Path
         drop=("chat_template.jinja",),
     )
     backend = json.loads((path / "tokenizer.json").read_text())
-    backend["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
-                          "pad_id": 1, "pad_type_id": 0, "pad_token": "<|eos|>"}
+    backend["padding"] = {
+        "strategy": "BatchLongest",
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 1,
+        "pad_type_id": 0,
+        "pad_token": "<|eos|>",
+    }
     backend["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
     (path / "tokenizer.json").write_text(json.dumps(backend))
     ours, theirs = load_both(path)

@@ -25,8 +25,19 @@ from tandem.common.tracing import (
 )
 from tandem.engine import Engine, SamplingParams
 
-LINE_KEYS = {"name", "trace_id", "span_id", "parent_span_id", "service_name", "kind", "start_time_unix_nano",
-             "end_time_unix_nano", "attributes", "status", "events"}
+LINE_KEYS = {
+    "name",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "service_name",
+    "kind",
+    "start_time_unix_nano",
+    "end_time_unix_nano",
+    "attributes",
+    "status",
+    "events",
+}
 
 
 def _lines(path: Path) -> list[dict]:
@@ -38,14 +49,20 @@ def _lines(path: Path) -> list[dict]:
     [
         ({"exporter": "jaeger"}, "tracing exporter must be one of none, otlp, file; got 'jaeger'"),
         ({"exporter": "otlp"}, r"the otlp tracing exporter needs an endpoint \(--otel-endpoint\)"),
-        ({"exporter": "otlp", "otlp_endpoint": "collector:4317"},
-         r"otlp endpoint must start with http:// \(plaintext\) or https:// \(TLS\); got 'collector:4317'"),
+        (
+            {"exporter": "otlp", "otlp_endpoint": "collector:4317"},
+            r"otlp endpoint must start with http:// \(plaintext\) or https:// \(TLS\); got 'collector:4317'",
+        ),
         ({"exporter": "file"}, r"the file tracing exporter needs a path \(--otel-file\)"),
         ({"otlp_endpoint": "http://c:4317"}, "an otlp endpoint is set but the tracing exporter is 'none'"),
-        ({"exporter": "file", "file_path": Path("x"), "otlp_endpoint": "http://c:4317"},
-         "an otlp endpoint is set but the tracing exporter is 'file'"),
-        ({"exporter": "otlp", "otlp_endpoint": "http://c:4317", "file_path": Path("x")},
-         "a span file is set but the tracing exporter is 'otlp'; use --otel-exporter file"),
+        (
+            {"exporter": "file", "file_path": Path("x"), "otlp_endpoint": "http://c:4317"},
+            "an otlp endpoint is set but the tracing exporter is 'file'",
+        ),
+        (
+            {"exporter": "otlp", "otlp_endpoint": "http://c:4317", "file_path": Path("x")},
+            "a span file is set but the tracing exporter is 'otlp'; use --otel-exporter file",
+        ),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
@@ -64,8 +81,12 @@ def test_file_exporter_writes_one_line_per_span_with_parent_links(tmp_path: Path
     tracing = Tracing.create(TracingConfig("file", file_path=path), "tandem-test")
     assert tracing.enabled
     tracer = tracing.tracer
-    root = tracer.start_span("root", kind=SpanKind.SERVER, start_time=1_000, attributes=request_attributes(
-        "r1", 40, SamplingParams(max_tokens=16, temperature=0.5, top_p=0.9)))
+    root = tracer.start_span(
+        "root",
+        kind=SpanKind.SERVER,
+        start_time=1_000,
+        attributes=request_attributes("r1", 40, SamplingParams(max_tokens=16, temperature=0.5, top_p=0.9)),
+    )
     child = tracer.start_span("child", context=child_context(root), start_time=2_000)
     child.set_attribute("gen_ai.response.finish_reasons", ("length",))
     child.end(end_time=3_000)
@@ -86,15 +107,24 @@ def test_file_exporter_writes_one_line_per_span_with_parent_links(tmp_path: Path
         "kind": "SERVER",
         "start_time_unix_nano": 1_000,
         "end_time_unix_nano": 4_000,
-        "attributes": {"tandem.request_id": "r1", "gen_ai.usage.input_tokens": 40, "gen_ai.request.max_tokens": 16,
-                       "gen_ai.request.temperature": 0.5, "gen_ai.request.top_p": 0.9},
+        "attributes": {
+            "tandem.request_id": "r1",
+            "gen_ai.usage.input_tokens": 40,
+            "gen_ai.request.max_tokens": 16,
+            "gen_ai.request.temperature": 0.5,
+            "gen_ai.request.top_p": 0.9,
+        },
         "status": {"code": "UNSET", "description": None},
         "events": [],
     }
     assert child_line["trace_id"] == root_line["trace_id"]
     assert child_line["parent_span_id"] == root_line["span_id"]
     assert len(child_line["span_id"]) == 16 and child_line["span_id"] != root_line["span_id"]
-    assert (child_line["kind"], child_line["start_time_unix_nano"], child_line["end_time_unix_nano"]) == ("INTERNAL", 2_000, 3_000)
+    assert (child_line["kind"], child_line["start_time_unix_nano"], child_line["end_time_unix_nano"]) == (
+        "INTERNAL",
+        2_000,
+        3_000,
+    )
     assert child_line["attributes"] == {"gen_ai.response.finish_reasons": ["length"]}
 
 
@@ -164,12 +194,10 @@ def test_otlp_exporter_starts_and_shuts_down_without_spans() -> None:
 def test_ending_marks_cancellation_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     tracing = Tracing.create(TracingConfig("file", file_path=path), "svc")
-    with pytest.raises(asyncio.CancelledError):
-        with ending(tracing.tracer.start_span("cancelled")):
-            raise asyncio.CancelledError
-    with pytest.raises(KeyError):
-        with ending(tracing.tracer.start_span("failed")):
-            raise KeyError("r9")
+    with pytest.raises(asyncio.CancelledError), ending(tracing.tracer.start_span("cancelled")):
+        raise asyncio.CancelledError
+    with pytest.raises(KeyError), ending(tracing.tracer.start_span("failed")):
+        raise KeyError("r9")
     clock = ClockAnchor(monotonic_s=time.monotonic() - 2.0, unix_ns=10**18)
     with ending(tracing.tracer.start_span("ok", start_time=10**18), clock):
         pass

@@ -23,10 +23,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tandem.kernels.block_copy import pack_blocks, unpack_blocks
-    from tandem.kernels.decode_attention import paged_decode_attention
-    from tandem.kernels.prefill_attention import paged_prefill_attention
-    from tandem.kernels.cache_write import store_kv
+    from tandem.kernels.block_copy import pack_blocks as pack_blocks
+    from tandem.kernels.block_copy import unpack_blocks as unpack_blocks
+    from tandem.kernels.cache_write import store_kv as store_kv
+    from tandem.kernels.decode_attention import paged_decode_attention as paged_decode_attention
+    from tandem.kernels.prefill_attention import paged_prefill_attention as paged_prefill_attention
 
 _LAUNCHER_MODULES: dict[str, str] = {
     "store_kv": "tandem.kernels.cache_write",

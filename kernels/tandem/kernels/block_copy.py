@@ -15,7 +15,7 @@ caches' dtype. Every (layer, K/V, block) chunk is one contiguous run of
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -58,18 +58,17 @@ def _block_copy_kernel(
     cache_offsets = block * block_numel + offsets
     buffer_offsets = (cache_index.to(tl.int64) * num_ids + i) * block_numel + offsets
     if PACK:
-        tl.store(buffer_ptr + buffer_offsets, tl.load(cache_ptr + cache_offsets, mask=mask),
-                 mask=mask)
+        tl.store(buffer_ptr + buffer_offsets, tl.load(cache_ptr + cache_offsets, mask=mask), mask=mask)
     else:
-        tl.store(cache_ptr + cache_offsets, tl.load(buffer_ptr + buffer_offsets, mask=mask),
-                 mask=mask)
+        tl.store(cache_ptr + cache_offsets, tl.load(buffer_ptr + buffer_offsets, mask=mask), mask=mask)
 
 
 def _check_caches(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> None:
     """All layers' K and V caches: same shape, dtype and device; contiguous."""
     if len(k_caches) == 0 or len(k_caches) != len(v_caches):
-        raise ValueError(f"k_caches and v_caches must be non-empty lists of equal length, got "
-                         f"{len(k_caches)} and {len(v_caches)}")
+        raise ValueError(
+            f"k_caches and v_caches must be non-empty lists of equal length, got {len(k_caches)} and {len(v_caches)}"
+        )
     first = check_tensor("k_caches[0]", k_caches[0], 4, FLOAT_DTYPES)
     for kind, caches in (("k_caches", k_caches), ("v_caches", v_caches)):
         for layer, cache in enumerate(caches):
@@ -80,34 +79,37 @@ def _check_caches(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Ten
             check_device(_block_copy_kernel, **{"k_caches[0]": first, name: cache})
 
 
-def _block_ids_tensor(block_ids: torch.Tensor | Sequence[int], num_blocks: int,
-                      device: torch.device) -> torch.Tensor:
+def _block_ids_tensor(block_ids: torch.Tensor | Sequence[int], num_blocks: int, device: torch.device) -> torch.Tensor:
     """Validate block ids against [0, num_blocks) and return them as int64 on `device`.
 
     Block ids may come from a peer, so the range check is worth its device sync.
     """
     if isinstance(block_ids, torch.Tensor):
         if block_ids.dim() != 1 or block_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"block_ids must be a 1-D int32/int64 tensor, got "
-                             f"{block_ids.dtype} of shape {tuple(block_ids.shape)}")
+            raise ValueError(
+                f"block_ids must be a 1-D int32/int64 tensor, got {block_ids.dtype} of shape {tuple(block_ids.shape)}"
+            )
         ids = block_ids.to(device=device, dtype=torch.int64).contiguous()
     else:
         ids = torch.tensor(list(block_ids), dtype=torch.int64, device=device)
     if ids.numel() > 0 and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
-        raise ValueError(f"block_ids must lie in [0, {num_blocks}), got min {int(ids.min())} "
-                         f"max {int(ids.max())}")
+        raise ValueError(f"block_ids must lie in [0, {num_blocks}), got min {int(ids.min())} max {int(ids.max())}")
     return ids
 
 
-def _launch(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
-            buffer: torch.Tensor, ids: torch.Tensor, pack: bool) -> None:
+def _launch(
+    k_caches: Sequence[torch.Tensor],
+    v_caches: Sequence[torch.Tensor],
+    buffer: torch.Tensor,
+    ids: torch.Tensor,
+    pack: bool,
+) -> None:
     num_layers = len(k_caches)
     block_numel = k_caches[0][0].numel()
     pointers = [t.data_ptr() for pair in zip(k_caches, v_caches) for t in pair]
     cache_ptrs = torch.tensor(pointers, dtype=torch.int64, device=buffer.device)
     grid = (ids.numel(), num_layers * 2, triton.cdiv(block_numel, _BLOCK))
-    _block_copy_kernel[grid](cache_ptrs, buffer, ids, ids.numel(), block_numel,
-                             PACK=pack, BLOCK=_BLOCK)
+    _block_copy_kernel[grid](cache_ptrs, buffer, ids, ids.numel(), block_numel, PACK=pack, BLOCK=_BLOCK)
 
 
 def pack_blocks(
@@ -122,8 +124,7 @@ def pack_blocks(
     _check_caches(k_caches, v_caches)
     first = k_caches[0]
     ids = _block_ids_tensor(block_ids, first.shape[0], first.device)
-    buffer = torch.empty(len(k_caches) * 2 * ids.numel() * first[0].numel(), dtype=first.dtype,
-                         device=first.device)
+    buffer = torch.empty(len(k_caches) * 2 * ids.numel() * first[0].numel(), dtype=first.dtype, device=first.device)
     if buffer.numel() > 0:
         _launch(k_caches, v_caches, buffer, ids, pack=True)
     return buffer
@@ -148,8 +149,10 @@ def unpack_blocks(
     ids = _block_ids_tensor(block_ids, first.shape[0], first.device)
     expected = len(k_caches) * 2 * ids.numel() * first[0].numel()
     if buffer.numel() != expected:
-        raise ValueError(f"buffer has {buffer.numel()} elements, expected {expected} for "
-                         f"{len(k_caches)} layers x 2 x {ids.numel()} blocks of "
-                         f"{tuple(first.shape[1:])}")
+        raise ValueError(
+            f"buffer has {buffer.numel()} elements, expected {expected} for "
+            f"{len(k_caches)} layers x 2 x {ids.numel()} blocks of "
+            f"{tuple(first.shape[1:])}"
+        )
     if expected > 0:
         _launch(k_caches, v_caches, buffer, ids, pack=False)

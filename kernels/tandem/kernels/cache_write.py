@@ -29,8 +29,10 @@ def _store_kv_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
     v_cache_ptr,  # same shape and strides as k_cache
     slot_mapping_ptr,  # int32/int64 [num_tokens]
-    stride_key_token, stride_key_head,
-    stride_value_token, stride_value_head,
+    stride_key_token,
+    stride_key_head,
+    stride_value_token,
+    stride_value_head,
     block_size,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -56,14 +58,13 @@ def _store_kv_kernel(
     dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     mask = (heads < NUM_KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :]  # [BLOCK_H, BLOCK_D]
 
-    key = tl.load(key_ptr + token * stride_key_token + heads[:, None] * stride_key_head
-                  + dims[None, :], mask=mask)
-    value = tl.load(value_ptr + token * stride_value_token + heads[:, None] * stride_value_head
-                    + dims[None, :], mask=mask)
+    key = tl.load(key_ptr + token * stride_key_token + heads[:, None] * stride_key_head + dims[None, :], mask=mask)
+    value = tl.load(
+        value_ptr + token * stride_value_token + heads[:, None] * stride_value_head + dims[None, :], mask=mask
+    )
 
     # Contiguous cache: slot (block, offset) starts at (block * block_size + offset) rows.
-    cache_offsets = ((block * block_size + offset) * NUM_KV_HEADS + heads[:, None]) * HEAD_DIM \
-        + dims[None, :]
+    cache_offsets = ((block * block_size + offset) * NUM_KV_HEADS + heads[:, None]) * HEAD_DIM + dims[None, :]
     tl.store(k_cache_ptr + cache_offsets, key, mask=mask)
     tl.store(v_cache_ptr + cache_offsets, value, mask=mask)
 
@@ -99,8 +100,7 @@ def store_kv(
     check_contiguous("k_cache", k_cache)
     check_contiguous("v_cache", v_cache)
     check_contiguous("slot_mapping", slot_mapping)
-    check_device(_store_kv_kernel, key=key, value=value, k_cache=k_cache, v_cache=v_cache,
-                 slot_mapping=slot_mapping)
+    check_device(_store_kv_kernel, key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     if num_tokens == 0:
         return
 
@@ -108,8 +108,18 @@ def store_kv(
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _TILE_ELEMENTS // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
     _store_kv_kernel[grid](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
         block_size,
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
     )

@@ -50,7 +50,8 @@ def _decode_kernel(
     partial_out_ptr,  # float32 [num_seqs, num_heads, num_splits, head_dim] (IS_SPLIT)
     partial_lse_ptr,  # float32 [num_seqs, num_heads, num_splits] (IS_SPLIT), log2 domain
     scale_log2,
-    stride_query_seq, stride_query_head,
+    stride_query_seq,
+    stride_query_head,
     max_blocks,
     block_size,
     num_splits,
@@ -88,8 +89,11 @@ def _decode_kernel(
     dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     heads = kv_head * QUERIES_PER_KV + group  # [BLOCK_G]
     row_mask = (group < QUERIES_PER_KV)[:, None] & (dims < HEAD_DIM)[None, :]
-    q = tl.load(query_ptr + seq.to(tl.int64) * stride_query_seq + heads[:, None] * stride_query_head
-                + dims[None, :], mask=row_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
+    q = tl.load(
+        query_ptr + seq.to(tl.int64) * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
+        mask=row_mask,
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
     if UPCAST_DOT:
         q = q.to(tl.float32)
 
@@ -99,9 +103,27 @@ def _decode_kernel(
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * max_blocks
     for start_n in range(start, end, BLOCK_N):
         m_i, l_i, acc = attend_kv_tile(
-            q, group, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
-            start_n, end, block_size, scale_log2,
-            NUM_KV_HEADS, HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST_DOT, DOT_PRECISION)
+            q,
+            group,
+            m_i,
+            l_i,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table_ptr,
+            kv_head,
+            start_n,
+            end,
+            block_size,
+            scale_log2,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            False,
+            UPCAST_DOT,
+            DOT_PRECISION,
+        )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # empty split (or seq_len 0): output 0, not NaN
     out = acc / l_safe[:, None]  # [BLOCK_G, BLOCK_D]
@@ -110,11 +132,11 @@ def _decode_kernel(
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # -inf: empty split
         part_rows = head_rows * num_splits + split  # [BLOCK_G]
         tl.store(partial_lse_ptr + part_rows, lse, mask=group < QUERIES_PER_KV)
-        tl.store(partial_out_ptr + part_rows[:, None] * HEAD_DIM + dims[None, :], out,
-                 mask=row_mask)
+        tl.store(partial_out_ptr + part_rows[:, None] * HEAD_DIM + dims[None, :], out, mask=row_mask)
     else:
-        tl.store(out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(
+            out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask
+        )
 
 
 @triton.jit
@@ -136,22 +158,20 @@ def _reduce_splits_kernel(
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
     split_mask = splits < num_splits
-    lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=split_mask,
-                  other=float("-inf"))  # [BLOCK_S]
+    lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))  # [BLOCK_S]
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty
     weight = tl.where(split_mask, tl.exp2(lse - lse_max), 0.0)  # [BLOCK_S]
     mask = split_mask[:, None] & (dims < HEAD_DIM)[None, :]
-    partial = tl.load(partial_out_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM
-                      + dims[None, :], mask=mask, other=0.0)  # [BLOCK_S, BLOCK_D]
+    partial = tl.load(
+        partial_out_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :], mask=mask, other=0.0
+    )  # [BLOCK_S, BLOCK_D]
     total = tl.sum(weight, 0)
     out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # [BLOCK_D]
-    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
-                      device: torch.device) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Heuristic split count: enough programs for ~2 waves, >= MIN_TOKENS_PER_SPLIT per split.
 
     `max_context_len` is the block-table capacity (max_blocks * block_size), an upper bound
@@ -194,19 +214,18 @@ def paged_decode_attention(
     check_shape("k_cache", k_cache, (num_blocks, block_size, num_kv_heads, head_dim))
     check_shape("v_cache", v_cache, k_cache.shape)
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"query has {num_heads} heads, not a multiple of the caches' "
-                         f"{num_kv_heads} KV heads")
+        raise ValueError(f"query has {num_heads} heads, not a multiple of the caches' {num_kv_heads} KV heads")
     if block_tables.shape[0] != num_seqs:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
     check_shape("seq_lens", seq_lens, (num_seqs,))
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     check_rows_contiguous("query", query)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("seq_lens", seq_lens)):
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables), ("seq_lens", seq_lens)):
         check_contiguous(name, t)
-    device = check_device(_decode_kernel, query=query, k_cache=k_cache, v_cache=v_cache,
-                          block_tables=block_tables, seq_lens=seq_lens)
+    device = check_device(
+        _decode_kernel, query=query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens
+    )
 
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype, device=device)
     if num_seqs == 0:
@@ -216,10 +235,8 @@ def paged_decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, device)
     is_split = num_splits > 1
     if is_split:
-        partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim),
-                                  dtype=torch.float32, device=device)
-        partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32,
-                                  device=device)
+        partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+        partial_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=device)
     else:  # unused by the kernel; any float32 tensor satisfies the signature
         partial_out = partial_lse = out.new_empty(0, dtype=torch.float32)
 
@@ -227,18 +244,38 @@ def paged_decode_attention(
     block_g = max(16, triton.next_power_of_2(num_heads // num_kv_heads))
     block_n = context_tile_size(block_d, query.element_size())
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        partial_out,
+        partial_lse,
         scale * math.log2(math.e),
-        query.stride(0), query.stride(1),
-        max_blocks, block_size, num_splits,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, IS_SPLIT=is_split,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        query.stride(0),
+        query.stride(1),
+        max_blocks,
+        block_size,
+        num_splits,
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        IS_SPLIT=is_split,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
         UPCAST_DOT=dot_upcast(_decode_kernel, query.dtype),
         DOT_PRECISION=dot_precision(query.dtype),
     )
     if is_split:
         _reduce_splits_kernel[(num_seqs * num_heads,)](
-            partial_out, partial_lse, out, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            partial_out,
+            partial_lse,
+            out,
+            num_splits,
+            HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
         )
     return out

@@ -12,7 +12,7 @@ reads `TRITON_INTERPRET` at decoration time, not at launch.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import triton
@@ -49,8 +49,7 @@ def check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...
 def check_contiguous(name: str, t: torch.Tensor) -> None:
     """Require a contiguous tensor (caches, tables: the kernels compute their own offsets)."""
     if not t.is_contiguous():
-        raise ValueError(
-            f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
 
 
 def check_rows_contiguous(name: str, t: torch.Tensor) -> None:
@@ -89,11 +88,13 @@ def check_device(kernel: object, **tensors: torch.Tensor) -> torch.device:
         if device.type != "cpu":
             raise ValueError(
                 f"{first_name} is on {device}, but TRITON_INTERPRET=1 runs kernels in the Triton "
-                "interpreter, which needs CPU tensors")
+                "interpreter, which needs CPU tensors"
+            )
     elif device.type != "cuda":
         raise ValueError(
             f"{first_name} is on {device}: Triton kernels need a CUDA device. Use the torch "
-            "attention backend on CPU, or set TRITON_INTERPRET=1 before importing kernels")
+            "attention backend on CPU, or set TRITON_INTERPRET=1 before importing kernels"
+        )
     return device
 
 

@@ -62,7 +62,8 @@ def _prefill_kernel(
     seq_lens_ptr,  # int32 [num_seqs]
     out_ptr,  # [total_tokens, num_heads, head_dim], contiguous
     scale_log2,
-    stride_query_token, stride_query_head,
+    stride_query_token,
+    stride_query_head,
     num_seqs,
     max_blocks,
     block_size,
@@ -106,12 +107,15 @@ def _prefill_kernel(
     group = rows % BLOCK_G
     heads = kv_head * QUERIES_PER_KV + group  # [BLOCK_M]
     dims = tl.arange(0, BLOCK_D)
-    row_mask = ((tokens < query_len) & (group < QUERIES_PER_KV))[:, None] \
-        & (dims < HEAD_DIM)[None, :]  # [BLOCK_M, BLOCK_D]
+    row_mask = ((tokens < query_len) & (group < QUERIES_PER_KV))[:, None] & (dims < HEAD_DIM)[
+        None, :
+    ]  # [BLOCK_M, BLOCK_D]
     token_rows = (query_start + tokens).to(tl.int64)  # [BLOCK_M] row in the flattened batch
-    q = tl.load(query_ptr + token_rows[:, None] * stride_query_token
-                + heads[:, None] * stride_query_head + dims[None, :],
-                mask=row_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        query_ptr + token_rows[:, None] * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
+        mask=row_mask,
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
     if UPCAST_DOT:
         q = q.to(tl.float32)
     q_pos = context_before + tokens  # [BLOCK_M] context position of each row
@@ -125,13 +129,34 @@ def _prefill_kernel(
     kv_end = tl.minimum(seq_len, context_before + first_token + BLOCK_Q)
     for start_n in range(0, kv_end, BLOCK_N):
         m_i, l_i, acc = attend_kv_tile(
-            q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
-            start_n, kv_end, block_size, scale_log2,
-            NUM_KV_HEADS, HEAD_DIM, BLOCK_N, BLOCK_D, True, UPCAST_DOT, DOT_PRECISION)
+            q,
+            q_pos,
+            m_i,
+            l_i,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_table_ptr,
+            kv_head,
+            start_n,
+            kv_end,
+            block_size,
+            scale_log2,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            True,
+            UPCAST_DOT,
+            DOT_PRECISION,
+        )
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + (token_rows[:, None] * NUM_HEADS + heads[:, None]) * HEAD_DIM
-             + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(
+        out_ptr + (token_rows[:, None] * NUM_HEADS + heads[:, None]) * HEAD_DIM + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask,
+    )
 
 
 def paged_prefill_attention(
@@ -164,18 +189,28 @@ def paged_prefill_attention(
     check_shape("k_cache", k_cache, (num_blocks, block_size, num_kv_heads, head_dim))
     check_shape("v_cache", v_cache, k_cache.shape)
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"query has {num_heads} heads, not a multiple of the caches' "
-                         f"{num_kv_heads} KV heads")
+        raise ValueError(f"query has {num_heads} heads, not a multiple of the caches' {num_kv_heads} KV heads")
     if block_tables.shape[0] != num_seqs:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
     check_shape("query_start_loc", query_start_loc, (num_seqs + 1,))
     check_rows_contiguous("query", query)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
+    for name, t in (
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("block_tables", block_tables),
+        ("query_start_loc", query_start_loc),
+        ("seq_lens", seq_lens),
+    ):
         check_contiguous(name, t)
-    device = check_device(_prefill_kernel, query=query, k_cache=k_cache, v_cache=v_cache,
-                          block_tables=block_tables, query_start_loc=query_start_loc,
-                          seq_lens=seq_lens)
+    device = check_device(
+        _prefill_kernel,
+        query=query,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+    )
 
     out = torch.empty((total_tokens, num_heads, head_dim), dtype=query.dtype, device=device)
     if total_tokens == 0 or num_seqs == 0:
@@ -187,12 +222,26 @@ def paged_prefill_attention(
     block_n = context_tile_size(block_d, query.element_size())
     grid = (triton.cdiv(total_tokens, block_q) + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        out,
         scale * math.log2(math.e),
-        query.stride(0), query.stride(1),
-        num_seqs, block_tables.shape[1], block_size,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        query.stride(0),
+        query.stride(1),
+        num_seqs,
+        block_tables.shape[1],
+        block_size,
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_Q=block_q,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
         UPCAST_DOT=dot_upcast(_prefill_kernel, query.dtype),
         DOT_PRECISION=dot_precision(query.dtype),
     )

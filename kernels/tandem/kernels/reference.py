@@ -8,7 +8,7 @@ are tests and the CPU path, which pass well-formed tensors.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -94,8 +94,7 @@ def ref_paged_decode_attention(
     """Attention of one new token per sequence over its whole context: prefill with 1 token each."""
     num_seqs = query.shape[0]
     query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=query.device)
-    return ref_paged_prefill_attention(
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    return ref_paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
 
 
 def ref_pack_blocks(

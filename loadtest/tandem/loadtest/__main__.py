@@ -32,9 +32,9 @@ from tandem.loadtest.client import ClientConfig, Endpoint, StreamingClient
 from tandem.loadtest.metrics import summarize
 from tandem.loadtest.plots import write_plots
 from tandem.loadtest.report import RunInfo, SavedRun, compare_markdown, load_results, summary_markdown, write_results
+from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.runner import ProgressBar, RunClock, run_load
 from tandem.loadtest.slo import SLO
-from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.workloads import load_workload
 
 
@@ -64,8 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     side = commands.add_parser("compare", help="put saved runs side by side")
     side.add_argument("results", type=Path, nargs="+", help="results.json files")
     side.add_argument("--slo", default=None, help="default: each run's own SLO")
-    side.add_argument("--labels", default=None, help="column names, comma-separated (default: each run's load, "
-                      "or the file paths if those repeat)")
+    side.add_argument(
+        "--labels",
+        default=None,
+        help="column names, comma-separated (default: each run's load, or the file paths if those repeat)",
+    )
     side.add_argument("--out", type=Path, default=None, help="also write OUT/compare.md and the two PNG plots")
     suite = commands.add_parser("bench", help="the project's benchmark set (make bench)")
     suite.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -90,8 +93,9 @@ def concurrency_levels(text: str) -> tuple[int, ...]:
     try:
         levels = tuple(int(item) for item in text.split(","))
     except ValueError:
-        raise ValueError(f"--concurrency must be a positive integer or a comma-separated list of them "
-                         f"(e.g. 1,4,16), got {text!r}.") from None
+        raise ValueError(
+            f"--concurrency must be a positive integer or a comma-separated list of them (e.g. 1,4,16), got {text!r}."
+        ) from None
     if any(level < 1 for level in levels):
         raise ValueError(f"--concurrency levels must be >= 1, got {text!r}.")
     if len(set(levels)) != len(levels):
@@ -110,13 +114,26 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}.")
     shapes = _shapes(args)  # every level is validated before the first is run
     slo = None if args.slo is None else SLO.parse(args.slo)
-    config = ClientConfig(args.base_url, args.model, endpoint=Endpoint[args.endpoint.upper()],
-                          timeout_s=args.timeout_s, api_key=args.api_key)
+    config = ClientConfig(
+        args.base_url,
+        args.model,
+        endpoint=Endpoint[args.endpoint.upper()],
+        timeout_s=args.timeout_s,
+        api_key=args.api_key,
+    )
     requests = load_workload(args.workload).generate(args.num_requests, args.seed)
     sweep = len(shapes) > 1
-    runs = [_run_one(args, config, requests, shape, slo,
-                     args.out / f"c{shape.concurrency}" if sweep and isinstance(shape, ClosedLoop) else args.out)
-            for shape in shapes]
+    runs = [
+        _run_one(
+            args,
+            config,
+            requests,
+            shape,
+            slo,
+            args.out / f"c{shape.concurrency}" if sweep and isinstance(shape, ClosedLoop) else args.out,
+        )
+        for shape in shapes
+    ]
     labels = [run.info.load for run in runs]
     write_plots(args.out, runs, labels)
     if sweep:
@@ -126,8 +143,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_one(args: argparse.Namespace, config: ClientConfig, requests: Sequence[WorkloadRequest],
-             shape: LoadShape, slo: SLO | None, out: Path) -> SavedRun:
+def _run_one(
+    args: argparse.Namespace,
+    config: ClientConfig,
+    requests: Sequence[WorkloadRequest],
+    shape: LoadShape,
+    slo: SLO | None,
+    out: Path,
+) -> SavedRun:
     """Run `requests` under `shape`; write OUT/results.json and OUT/summary.md; print the summary."""
     clock = RunClock()
     progress = ProgressBar(len(requests), enabled=not args.no_progress)
@@ -135,15 +158,23 @@ def _run_one(args: argparse.Namespace, config: ClientConfig, requests: Sequence[
     async def main() -> tuple:
         async with StreamingClient(config, clock=clock) as client:
             return await run_load(client, requests, shape, args.seed, clock, on_done=progress.update)
+
     try:
         result = asyncio.run(main())
     finally:
         progress.close()
     summary = summarize(result.records, result.duration_s, slo)
-    info = RunInfo(base_url=config.base_url, model=config.model, endpoint=config.endpoint.value,
-                   workload=str(args.workload), num_requests=len(requests), seed=args.seed,
-                   load=shape.describe(), slo=None if slo is None else str(slo),
-                   concurrency=shape.concurrency if isinstance(shape, ClosedLoop) else None)
+    info = RunInfo(
+        base_url=config.base_url,
+        model=config.model,
+        endpoint=config.endpoint.value,
+        workload=str(args.workload),
+        num_requests=len(requests),
+        seed=args.seed,
+        load=shape.describe(),
+        slo=None if slo is None else str(slo),
+        concurrency=shape.concurrency if isinstance(shape, ClosedLoop) else None,
+    )
     out.mkdir(parents=True, exist_ok=True)
     class_names = tuple(r.class_name for r in requests)
     write_results(out / "results.json", info, summary, result.records, class_names)

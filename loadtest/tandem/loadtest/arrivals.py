@@ -39,8 +39,9 @@ class OpenLoop:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.rate_rps) and self.rate_rps > 0):
-            raise ValueError(f"The request rate must be a positive number of requests per second, "
-                             f"got {self.rate_rps!r}.")
+            raise ValueError(
+                f"The request rate must be a positive number of requests per second, got {self.rate_rps!r}."
+            )
         if self.burst_size < 1:
             raise ValueError(f"burst_size must be >= 1, got {self.burst_size}.")
 

@@ -70,15 +70,21 @@ def render_text(token_ids: tuple[int, ...]) -> str:
 
 def request_body(config: ClientConfig, request: WorkloadRequest) -> dict[str, Any]:
     """The JSON body for `request` on `config.endpoint`."""
-    body: dict[str, Any] = {"model": config.model, "max_tokens": request.max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}, "ignore_eos": True,
-                            "return_token_ids": True}
+    body: dict[str, Any] = {
+        "model": config.model,
+        "max_tokens": request.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     if config.endpoint is Endpoint.COMPLETIONS:
         body["prompt"] = list(request.prompt_token_ids)
     else:
         messages = request.messages or ()
-        body["messages"] = ([{"role": m.role.value, "content": render_text(m.token_ids)} for m in messages]
-                            or [{"role": "user", "content": render_text(request.prompt_token_ids)}])
+        body["messages"] = [{"role": m.role.value, "content": render_text(m.token_ids)} for m in messages] or [
+            {"role": "user", "content": render_text(request.prompt_token_ids)}
+        ]
     return body
 
 
@@ -129,15 +135,23 @@ class _Progress:
 class StreamingClient:
     """Sends requests and records timings. `clock()` returns seconds (the runner's run clock)."""
 
-    def __init__(self, config: ClientConfig, clock: Callable[[], float] = time.perf_counter,
-                 transport: httpx2.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        clock: Callable[[], float] = time.perf_counter,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        limits = httpx2.Limits(max_connections=config.max_connections,
-                               max_keepalive_connections=config.max_connections)
-        self._http = httpx2.AsyncClient(base_url=config.base_url, headers=headers, limits=limits,
-                                        timeout=httpx2.Timeout(config.timeout_s), transport=transport)
+        limits = httpx2.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
+        self._http = httpx2.AsyncClient(
+            base_url=config.base_url,
+            headers=headers,
+            limits=limits,
+            timeout=httpx2.Timeout(config.timeout_s),
+            transport=transport,
+        )
 
     async def __aenter__(self) -> StreamingClient:
         return self
@@ -171,12 +185,17 @@ class StreamingClient:
                 message = f"usage reports cached_tokens={progress.cached_tokens} of {prompt_tokens} prompt tokens"
             progress.cached_tokens = None
         return RequestRecord(
-            request_id=request.request_id, start_s=start_s, end_s=end_s,
+            request_id=request.request_id,
+            start_s=start_s,
+            end_s=end_s,
             token_times_s=tuple(progress.token_times_s),
             prompt_tokens=prompt_tokens,
             output_tokens=len(progress.token_times_s) if progress.output_tokens is None else progress.output_tokens,
-            error=error, http_status=progress.http_status, error_message=message,
-            cached_tokens=progress.cached_tokens)
+            error=error,
+            http_status=progress.http_status,
+            error_message=message,
+            cached_tokens=progress.cached_tokens,
+        )
 
     async def _stream(self, request: WorkloadRequest, progress: _Progress) -> None:
         body = request_body(self.config, request)
@@ -184,12 +203,13 @@ class StreamingClient:
             progress.http_status = response.status_code
             if response.status_code >= 400:
                 detail = (await response.aread()).decode(errors="replace")[:500]
-                raise httpx2.HTTPStatusError(f"HTTP {response.status_code}: {detail}",
-                                             request=response.request, response=response)
+                raise httpx2.HTTPStatusError(
+                    f"HTTP {response.status_code}: {detail}", request=response.request, response=response
+                )
             async for line in sse_lines(response.aiter_text()):
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     return
                 self._on_chunk(data, progress)

@@ -63,8 +63,9 @@ class LatencyStats:
         if not values_s:
             return cls(count=0, mean_ms=None, p50_ms=None, p90_ms=None, p99_ms=None)
         p50, p90, p99 = (percentile(values_s, p) * 1000.0 for p in PERCENTILES)
-        return cls(count=len(values_s), mean_ms=sum(values_s) / len(values_s) * 1000.0,
-                   p50_ms=p50, p90_ms=p90, p99_ms=p99)
+        return cls(
+            count=len(values_s), mean_ms=sum(values_s) / len(values_s) * 1000.0, p50_ms=p50, p90_ms=p90, p99_ms=p99
+        )
 
 
 @dataclass(frozen=True)

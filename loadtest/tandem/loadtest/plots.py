@@ -96,11 +96,14 @@ def write_throughput(path: Path, runs: Sequence[SavedRun], labels: Sequence[str]
     _check(runs, labels)
     figure = _figure(THROUGHPUT_SIZE_PX)
     token_ax, request_ax = figure.subplots(1, 2)
-    points = sorted(((run.concurrency, run.summary(), label) for run, label in zip(runs, labels)),
-                    key=lambda point: point[0])
+    points = sorted(
+        ((run.concurrency, run.summary(), label) for run, label in zip(runs, labels)), key=lambda point: point[0]
+    )
     xs = [x for x, _, _ in points]
-    for ax, ys, unit in ((token_ax, [s.output_throughput_tps for _, s, _ in points], "output tokens/s"),
-                         (request_ax, [s.request_throughput_rps for _, s, _ in points], "requests/s")):
+    for ax, ys, unit in (
+        (token_ax, [s.output_throughput_tps for _, s, _ in points], "output tokens/s"),
+        (request_ax, [s.request_throughput_rps for _, s, _ in points], "requests/s"),
+    ):
         ax.plot(xs, ys, marker="o")
         for x, y, (_, _, label) in zip(xs, ys, points):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
@@ -117,5 +120,7 @@ def write_throughput(path: Path, runs: Sequence[SavedRun], labels: Sequence[str]
 def write_plots(out_dir: Path, runs: Sequence[SavedRun], labels: Sequence[str]) -> tuple[Path, Path]:
     """Write OUT_DIR/latency_cdf.png and OUT_DIR/throughput.png; returns their paths."""
     out_dir = Path(out_dir)
-    return (write_latency_cdf(out_dir / LATENCY_CDF_FILE, runs, labels),
-            write_throughput(out_dir / THROUGHPUT_FILE, runs, labels))
+    return (
+        write_latency_cdf(out_dir / LATENCY_CDF_FILE, runs, labels),
+        write_throughput(out_dir / THROUGHPUT_FILE, runs, labels),
+    )

@@ -17,6 +17,7 @@ are derived properties, never stored twice:
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,21 +64,28 @@ class RequestRecord:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"RequestRecord.{name} must be finite, got {getattr(self, name)!r}.")
         if self.end_s < self.start_s:
-            raise ValueError(f"RequestRecord {self.request_id}: end_s ({self.end_s}) is before "
-                             f"start_s ({self.start_s}).")
+            raise ValueError(
+                f"RequestRecord {self.request_id}: end_s ({self.end_s}) is before start_s ({self.start_s})."
+            )
         previous_s = self.start_s
         for time_s in self.token_times_s:
             if not previous_s <= time_s <= self.end_s:
-                raise ValueError(f"RequestRecord {self.request_id}: token_times_s must be "
-                                 f"non-decreasing within [start_s, end_s], got {time_s} after "
-                                 f"{previous_s} (end_s={self.end_s}).")
+                raise ValueError(
+                    f"RequestRecord {self.request_id}: token_times_s must be "
+                    f"non-decreasing within [start_s, end_s], got {time_s} after "
+                    f"{previous_s} (end_s={self.end_s})."
+                )
             previous_s = time_s
         if self.prompt_tokens < 0 or self.output_tokens < 0:
-            raise ValueError(f"RequestRecord {self.request_id}: token counts must be >= 0, got "
-                             f"prompt_tokens={self.prompt_tokens}, output_tokens={self.output_tokens}.")
+            raise ValueError(
+                f"RequestRecord {self.request_id}: token counts must be >= 0, got "
+                f"prompt_tokens={self.prompt_tokens}, output_tokens={self.output_tokens}."
+            )
         if self.cached_tokens is not None and not 0 <= self.cached_tokens <= self.prompt_tokens:
-            raise ValueError(f"RequestRecord {self.request_id}: cached_tokens must be within [0, prompt_tokens="
-                             f"{self.prompt_tokens}], got {self.cached_tokens}.")
+            raise ValueError(
+                f"RequestRecord {self.request_id}: cached_tokens must be within [0, prompt_tokens="
+                f"{self.prompt_tokens}], got {self.cached_tokens}."
+            )
 
     @property
     def ok(self) -> bool:
@@ -112,16 +120,20 @@ class RequestRecord:
     def itl_gaps_s(self) -> tuple[float, ...]:
         """Inter-token latencies: gaps between consecutive token arrivals."""
         times_s = self.token_times_s
-        return tuple(later - earlier for earlier, later in zip(times_s, times_s[1:]))
+        return tuple(later - earlier for earlier, later in itertools.pairwise(times_s))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; `from_dict` inverts it exactly."""
         return {
-            "request_id": self.request_id, "start_s": self.start_s, "end_s": self.end_s,
-            "token_times_s": list(self.token_times_s), "prompt_tokens": self.prompt_tokens,
+            "request_id": self.request_id,
+            "start_s": self.start_s,
+            "end_s": self.end_s,
+            "token_times_s": list(self.token_times_s),
+            "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "error": None if self.error is None else self.error.value,
-            "http_status": self.http_status, "error_message": self.error_message,
+            "http_status": self.http_status,
+            "error_message": self.error_message,
             "cached_tokens": self.cached_tokens,
         }
 
@@ -130,10 +142,12 @@ class RequestRecord:
         """Rebuild a record from `to_dict()` output (e.g. a saved results.json)."""
         error = data.get("error")
         return cls(
-            request_id=str(data["request_id"]), start_s=float(data["start_s"]),
+            request_id=str(data["request_id"]),
+            start_s=float(data["start_s"]),
             end_s=float(data["end_s"]),
             token_times_s=tuple(float(t) for t in data.get("token_times_s", ())),
-            prompt_tokens=int(data["prompt_tokens"]), output_tokens=int(data["output_tokens"]),
+            prompt_tokens=int(data["prompt_tokens"]),
+            output_tokens=int(data["output_tokens"]),
             error=None if error is None else ErrorKind(error),
             http_status=None if data.get("http_status") is None else int(data["http_status"]),
             error_message=str(data.get("error_message", "")),

@@ -62,12 +62,18 @@ class SavedRun:
         return summarize(self.records, self.duration_s, slo)
 
 
-def write_results(path: Path, info: RunInfo, summary: Summary, records: Sequence[RequestRecord],
-                  class_names: Sequence[str]) -> None:
+def write_results(
+    path: Path, info: RunInfo, summary: Summary, records: Sequence[RequestRecord], class_names: Sequence[str]
+) -> None:
     """Write results.json; `class_names[i]` is the workload class of `records[i]`."""
     requests = [{**record.to_dict(), "class_name": name} for record, name in zip(records, class_names, strict=True)]
-    data = {"version": RESULTS_VERSION, "run": asdict(info), "duration_s": summary.duration_s,
-            "summary": summary.to_dict(), "requests": requests}
+    data = {
+        "version": RESULTS_VERSION,
+        "run": asdict(info),
+        "duration_s": summary.duration_s,
+        "summary": summary.to_dict(),
+        "requests": requests,
+    }
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -78,17 +84,22 @@ def load_results(path: Path) -> SavedRun:
     except OSError as err:
         raise ValueError(f"cannot read {path}: {err.strerror}.") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON ({err}); expected a results.json written by "
-                         f"`python -m tandem.loadtest run`.") from None
+        raise ValueError(
+            f"{path} is not JSON ({err}); expected a results.json written by `python -m tandem.loadtest run`."
+        ) from None
     if not isinstance(data, Mapping) or data.get("version") != RESULTS_VERSION:
         version = data.get("version") if isinstance(data, Mapping) else None
-        raise ValueError(f"{path}: unsupported results version {version!r} "
-                         f"(this loadtest reads version {RESULTS_VERSION}).")
+        raise ValueError(
+            f"{path}: unsupported results version {version!r} (this loadtest reads version {RESULTS_VERSION})."
+        )
     try:
         requests = data["requests"]
-        return SavedRun(info=RunInfo(**data["run"]), duration_s=float(data["duration_s"]),
-                        records=tuple(RequestRecord.from_dict(r) for r in requests),
-                        class_names=tuple(str(r.get("class_name", "default")) for r in requests))
+        return SavedRun(
+            info=RunInfo(**data["run"]),
+            duration_s=float(data["duration_s"]),
+            records=tuple(RequestRecord.from_dict(r) for r in requests),
+            class_names=tuple(str(r.get("class_name", "default")) for r in requests),
+        )
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: malformed results.json ({type(err).__name__}: {err}).") from None
 
@@ -105,11 +116,15 @@ def _latency_row(name: str, stats: LatencyStats) -> str:
 def summary_markdown(info: RunInfo, summary: Summary) -> str:
     """The human-readable report of one run."""
     lines = [
-        "# Load test summary", "",
+        "# Load test summary",
+        "",
         f"- target: `{info.base_url}` model `{info.model}` endpoint `{info.endpoint}`",
         f"- workload: `{info.workload}`, {info.num_requests} requests, seed {info.seed}",
-        f"- load: {info.load}", f"- duration: {summary.duration_s:.3f} s", "",
-        "| metric | value |", "|---|---|",
+        f"- load: {info.load}",
+        f"- duration: {summary.duration_s:.3f} s",
+        "",
+        "| metric | value |",
+        "|---|---|",
         f"| requests completed | {summary.num_completed} / {summary.num_requests} |",
         f"| errors | {summary.num_errors} |",
         f"| request throughput (req/s) | {summary.request_throughput_rps:.3f} |",
@@ -117,11 +132,19 @@ def summary_markdown(info: RunInfo, summary: Summary) -> str:
         f"| prompt token throughput (tok/s) | {summary.prompt_throughput_tps:.2f} |",
     ]
     if summary.slo is not None:
-        lines += [f"| goodput (SLO {summary.slo}) | {summary.num_good} requests, "
-                  f"{summary.goodput_fraction:.1%}, {summary.goodput_rps:.3f} req/s |"]
-    lines += ["", "| latency (ms) | count | mean | p50 | p90 | p99 |", "|---|---|---|---|---|---|",
-              _latency_row("TTFT", summary.ttft), _latency_row("TPOT", summary.tpot),
-              _latency_row("ITL", summary.itl), _latency_row("E2E", summary.e2e)]
+        lines += [
+            f"| goodput (SLO {summary.slo}) | {summary.num_good} requests, "
+            f"{summary.goodput_fraction:.1%}, {summary.goodput_rps:.3f} req/s |"
+        ]
+    lines += [
+        "",
+        "| latency (ms) | count | mean | p50 | p90 | p99 |",
+        "|---|---|---|---|---|---|",
+        _latency_row("TTFT", summary.ttft),
+        _latency_row("TPOT", summary.tpot),
+        _latency_row("ITL", summary.itl),
+        _latency_row("E2E", summary.e2e),
+    ]
     if summary.errors_by_kind:
         lines += ["", "| error kind | count |", "|---|---|"]
         lines += [f"| {kind.value} | {count} |" for kind, count in summary.errors_by_kind]
@@ -144,21 +167,37 @@ def compare_markdown(title: str, runs: Sequence[SavedRun], labels: Sequence[str]
     def latency_row(name: str, metric: str, field: str) -> str:
         return row(name, [_ms(getattr(getattr(s, metric), field)) for s in summaries])
 
-    lines = [f"# {title}", "", row("metric", labels), "|---" * (len(runs) + 1) + "|",
-             row("load", [run.info.load for run in runs]),
-             row("requests in flight", [f"{run.concurrency:.2f}" for run in runs]),
-             row("requests ok / errors", [f"{s.num_completed} / {s.num_errors}" for s in summaries]),
-             row("request throughput (req/s)", [f"{s.request_throughput_rps:.3f}" for s in summaries]),
-             row("output token throughput (tok/s)", [f"{s.output_throughput_tps:.2f}" for s in summaries]),
-             latency_row("TTFT p50 (ms)", "ttft", "p50_ms"), latency_row("TTFT p90 (ms)", "ttft", "p90_ms"),
-             latency_row("TTFT p99 (ms)", "ttft", "p99_ms"), latency_row("TPOT p50 (ms)", "tpot", "p50_ms"),
-             latency_row("TPOT p99 (ms)", "tpot", "p99_ms"), latency_row("ITL p99 (ms)", "itl", "p99_ms"),
-             latency_row("E2E p99 (ms)", "e2e", "p99_ms")]
+    lines = [
+        f"# {title}",
+        "",
+        row("metric", labels),
+        "|---" * (len(runs) + 1) + "|",
+        row("load", [run.info.load for run in runs]),
+        row("requests in flight", [f"{run.concurrency:.2f}" for run in runs]),
+        row("requests ok / errors", [f"{s.num_completed} / {s.num_errors}" for s in summaries]),
+        row("request throughput (req/s)", [f"{s.request_throughput_rps:.3f}" for s in summaries]),
+        row("output token throughput (tok/s)", [f"{s.output_throughput_tps:.2f}" for s in summaries]),
+        latency_row("TTFT p50 (ms)", "ttft", "p50_ms"),
+        latency_row("TTFT p90 (ms)", "ttft", "p90_ms"),
+        latency_row("TTFT p99 (ms)", "ttft", "p99_ms"),
+        latency_row("TPOT p50 (ms)", "tpot", "p50_ms"),
+        latency_row("TPOT p99 (ms)", "tpot", "p99_ms"),
+        latency_row("ITL p99 (ms)", "itl", "p99_ms"),
+        latency_row("E2E p99 (ms)", "e2e", "p99_ms"),
+    ]
     if any(s.slo is not None for s in summaries):
-        lines += [row("SLO", ["-" if s.slo is None else str(s.slo) for s in summaries]),
-                  row("goodput (req/s)", ["-" if s.goodput_rps is None else f"{s.goodput_rps:.3f}" for s in summaries]),
-                  row("goodput (% of requests)", ["-" if s.goodput_fraction is None else f"{s.goodput_fraction:.1%}"
-                                                  for s in summaries])]
-    lines += ["", "Requests in flight: the closed-loop concurrency, or for an open-loop run the mean reached "
-              "(sum of E2E / duration). Latencies of successful requests only.", ""]
+        lines += [
+            row("SLO", ["-" if s.slo is None else str(s.slo) for s in summaries]),
+            row("goodput (req/s)", ["-" if s.goodput_rps is None else f"{s.goodput_rps:.3f}" for s in summaries]),
+            row(
+                "goodput (% of requests)",
+                ["-" if s.goodput_fraction is None else f"{s.goodput_fraction:.1%}" for s in summaries],
+            ),
+        ]
+    lines += [
+        "",
+        "Requests in flight: the closed-loop concurrency, or for an open-loop run the mean reached "
+        "(sum of E2E / duration). Latencies of successful requests only.",
+        "",
+    ]
     return "\n".join(lines)

@@ -88,8 +88,14 @@ class ProgressBar:
             print(file=sys.stderr)
 
 
-async def _open_loop(sender: Sender, requests: Sequence[WorkloadRequest], shape: OpenLoop, seed: int,
-                     clock: Callable[[], float], on_done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
+async def _open_loop(
+    sender: Sender,
+    requests: Sequence[WorkloadRequest],
+    shape: OpenLoop,
+    seed: int,
+    clock: Callable[[], float],
+    on_done: Callable[[RequestRecord], None],
+) -> list[RequestRecord]:
     async def send(request: WorkloadRequest) -> RequestRecord:
         record = await sender.send(request)
         on_done(record)
@@ -104,8 +110,9 @@ async def _open_loop(sender: Sender, requests: Sequence[WorkloadRequest], shape:
     return list(await asyncio.gather(*tasks))
 
 
-async def _closed_loop(sender: Sender, requests: Sequence[WorkloadRequest], shape: ClosedLoop,
-                       on_done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
+async def _closed_loop(
+    sender: Sender, requests: Sequence[WorkloadRequest], shape: ClosedLoop, on_done: Callable[[RequestRecord], None]
+) -> list[RequestRecord]:
     records: list[RequestRecord | None] = [None] * len(requests)
     next_index = iter(range(len(requests)))
 
@@ -118,9 +125,14 @@ async def _closed_loop(sender: Sender, requests: Sequence[WorkloadRequest], shap
     return [record for record in records if record is not None]
 
 
-async def run_load(sender: Sender, requests: Sequence[WorkloadRequest], shape: LoadShape, seed: int,
-                   clock: Callable[[], float], on_done: Callable[[RequestRecord], None] = lambda record: None,
-                   ) -> RunResult:
+async def run_load(
+    sender: Sender,
+    requests: Sequence[WorkloadRequest],
+    shape: LoadShape,
+    seed: int,
+    clock: Callable[[], float],
+    on_done: Callable[[RequestRecord], None] = lambda record: None,
+) -> RunResult:
     """Send every request under `shape`; `clock` must be the sender's clock (run seconds).
 
     `on_done` is called once per finished request (e.g. `ProgressBar.update`).

@@ -26,8 +26,10 @@ class SLO:
     def __post_init__(self) -> None:
         values = {key: getattr(self, f"{key}_ms") for key in SLO_KEYS}
         if all(value is None for value in values.values()):
-            raise ValueError(f"An SLO needs at least one objective among {', '.join(SLO_KEYS)} "
-                             f"(e.g. 'ttft=200,tpot=50', in milliseconds).")
+            raise ValueError(
+                f"An SLO needs at least one objective among {', '.join(SLO_KEYS)} "
+                f"(e.g. 'ttft=200,tpot=50', in milliseconds)."
+            )
         for key, value in values.items():
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"SLO {key} must be a positive number of milliseconds, got {value!r}.")
@@ -39,8 +41,9 @@ class SLO:
         for item in text.split(","):
             key, sep, raw = (part.strip() for part in item.partition("="))
             if not sep or not key or not raw:
-                raise ValueError(f"Bad SLO item {item.strip()!r} in {text!r}: expected key=milliseconds, "
-                                 f"e.g. 'ttft=200,tpot=50'.")
+                raise ValueError(
+                    f"Bad SLO item {item.strip()!r} in {text!r}: expected key=milliseconds, e.g. 'ttft=200,tpot=50'."
+                )
             if key not in SLO_KEYS:
                 raise ValueError(f"Unknown SLO key {key!r} in {text!r}; known keys: {', '.join(SLO_KEYS)}.")
             if key in values:
@@ -52,8 +55,9 @@ class SLO:
         return cls(**{f"{key}_ms": value for key, value in values.items()})
 
     def __str__(self) -> str:
-        return ",".join(f"{key}={getattr(self, f'{key}_ms'):g}" for key in SLO_KEYS
-                        if getattr(self, f"{key}_ms") is not None)
+        return ",".join(
+            f"{key}={getattr(self, f'{key}_ms'):g}" for key in SLO_KEYS if getattr(self, f"{key}_ms") is not None
+        )
 
     def met_by(self, record: RequestRecord) -> bool:
         """True if `record` succeeded and meets every objective that is set (bounds inclusive)."""

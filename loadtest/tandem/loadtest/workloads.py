@@ -45,8 +45,7 @@ class LengthRange:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"A length range needs 1 <= min <= max, got min={self.min_tokens}, "
-                             f"max={self.max_tokens}.")
+            raise ValueError(f"A length range needs 1 <= min <= max, got min={self.min_tokens}, max={self.max_tokens}.")
 
     @classmethod
     def parse(cls, value: Any, name: str) -> LengthRange:
@@ -127,15 +126,13 @@ class InterferenceWorkload:
         _check_vocab(self.vocab_size)
         names = [c.name for c in self.classes]
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"An interference workload needs one or more classes with distinct "
-                             f"names, got {names}.")
+            raise ValueError(f"An interference workload needs one or more classes with distinct names, got {names}.")
 
     def generate(self, num_requests: int, seed: int) -> tuple[WorkloadRequest, ...]:
         rng = np.random.default_rng(seed)
         weights = np.array([c.weight for c in self.classes], dtype=np.float64)
         picks = rng.choice(len(self.classes), size=num_requests, p=weights / weights.sum())
-        return tuple(self.classes[int(k)].sample(rng, f"req-{i}", self.vocab_size)
-                     for i, k in enumerate(picks))
+        return tuple(self.classes[int(k)].sample(rng, f"req-{i}", self.vocab_size) for i, k in enumerate(picks))
 
 
 def shared_prefix_len(shared_fraction: float, prompt_len: int) -> int:
@@ -183,8 +180,14 @@ class SharedPrefixWorkload:
             if suffix:  # first suffix token: any but the system prompt's next token
                 first = int(rng.integers(0, self.vocab_size - 1))
                 suffix[0] = first + (first >= systems[group][shared])
-            requests.append(WorkloadRequest(f"req-{i}", systems[group][:shared] + tuple(suffix),
-                                            self.output_len.sample(rng), class_name=f"prefix-{group}"))
+            requests.append(
+                WorkloadRequest(
+                    f"req-{i}",
+                    systems[group][:shared] + tuple(suffix),
+                    self.output_len.sample(rng),
+                    class_name=f"prefix-{group}",
+                )
+            )
         return tuple(requests)
 
 
@@ -220,9 +223,17 @@ class MultiTurnWorkload:
             messages.append(ChatMessage(Role.USER, _tokens(rng, user_len, self.vocab_size)))
             max_tokens = self.output_len.sample(rng)
             prompt = tuple(t for message in messages for t in message.token_ids)
-            turns.append(WorkloadRequest(f"conv-{conversation_id}-turn-{turn}", prompt, max_tokens,
-                                         class_name=f"turn-{turn}", conversation_id=conversation_id,
-                                         turn=turn, messages=tuple(messages)))
+            turns.append(
+                WorkloadRequest(
+                    f"conv-{conversation_id}-turn-{turn}",
+                    prompt,
+                    max_tokens,
+                    class_name=f"turn-{turn}",
+                    conversation_id=conversation_id,
+                    turn=turn,
+                    messages=tuple(messages),
+                )
+            )
             reply = _tokens(rng, max_tokens, self.vocab_size)
         return turns
 
@@ -233,12 +244,14 @@ class MultiTurnWorkload:
         return tuple(by_turn[:num_requests])
 
 
-WORKLOAD_KINDS: Mapping[str, type] = types.MappingProxyType({
-    "random": RandomWorkload,
-    "shared_prefix": SharedPrefixWorkload,
-    "multi_turn": MultiTurnWorkload,
-    "interference": InterferenceWorkload,
-})
+WORKLOAD_KINDS: Mapping[str, type] = types.MappingProxyType(
+    {
+        "random": RandomWorkload,
+        "shared_prefix": SharedPrefixWorkload,
+        "multi_turn": MultiTurnWorkload,
+        "interference": InterferenceWorkload,
+    }
+)
 
 
 def _convert(name: str, value: Any) -> Any:

@@ -44,16 +44,24 @@ WAIT_INTERVAL_S = 0.2  # how often `run` looks for a stop signal
 
 def describe(decision: ScaleDecision, signals: PoolSignals) -> str:
     """The one log line of a decision: what changes, why, and on which signals."""
-    return (f"pool={decision.role.value} current={decision.current} desired={decision.desired} "
-            f"direction={decision.direction.value} reason={decision.reason.value} "
-            f"signals={signals.status.value} workers={signals.num_workers} "
-            f"queued_prefill_tokens={signals.queued_prefill_tokens} waiting={signals.waiting} "
-            f"running={signals.running} kv_usage={signals.kv_usage:.3f}")
+    return (
+        f"pool={decision.role.value} current={decision.current} desired={decision.desired} "
+        f"direction={decision.direction.value} reason={decision.reason.value} "
+        f"signals={signals.status.value} workers={signals.num_workers} "
+        f"queued_prefill_tokens={signals.queued_prefill_tokens} waiting={signals.waiting} "
+        f"running={signals.running} kv_usage={signals.kv_usage:.3f}"
+    )
 
 
 class Autoscaler:
-    def __init__(self, state: ClusterState, actuator: Actuator, config: AutoscalerConfig,
-                 metrics: AutoscalerMetrics, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        state: ClusterState,
+        actuator: Actuator,
+        config: AutoscalerConfig,
+        metrics: AutoscalerMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._cluster_state = state
         self._actuator = actuator
         self._config = config
@@ -79,16 +87,16 @@ class Autoscaler:
             current = self._read_replicas()
             if current is None:
                 return []
-            before = (PolicyState.seeded(current, now_s) if self._policy_state is None
-                      else self._policy_state)
+            before = PolicyState.seeded(current, now_s) if self._policy_state is None else self._policy_state
             decisions, after = decide(self._config, signals, current, before, now_s)
             for decision in decisions:
                 logger.info("%s", describe(decision, signals[decision.role]))
                 self._metrics.observe_decision(decision)
                 if decision.desired != decision.current and not self._apply(decision):
                     last_change_s = before.pool(decision.role).last_change_s
-                    after = after.with_pool(decision.role, dataclasses.replace(
-                        after.pool(decision.role), last_change_s=last_change_s))
+                    after = after.with_pool(
+                        decision.role, dataclasses.replace(after.pool(decision.role), last_change_s=last_change_s)
+                    )
             self._policy_state = after
             return decisions
 
@@ -97,9 +105,13 @@ class Autoscaler:
         for role in WorkerRole:
             try:
                 current[role] = self._actuator.replicas(role)
-            except Exception as exc:  # noqa: BLE001 - any actuator failure must not end the loop
-                logger.error("actuator %s cannot report the %s pool's replicas; no decision this "
-                             "step: %s", self._actuator.name, role.value, exc)
+            except Exception as exc:
+                logger.error(
+                    "actuator %s cannot report the %s pool's replicas; no decision this step: %s",
+                    self._actuator.name,
+                    role.value,
+                    exc,
+                )
                 self._metrics.actuator_error(role)
                 return None
         return current
@@ -107,9 +119,15 @@ class Autoscaler:
     def _apply(self, decision: ScaleDecision) -> bool:
         try:
             self._actuator.scale(decision.role, decision.desired)
-        except Exception as exc:  # noqa: BLE001 - any actuator failure must not end the loop
-            logger.error("actuator %s failed to scale the %s pool from %d to %d: %s", self._actuator.name,
-                         decision.role.value, decision.current, decision.desired, exc)
+        except Exception as exc:
+            logger.error(
+                "actuator %s failed to scale the %s pool from %d to %d: %s",
+                self._actuator.name,
+                decision.role.value,
+                decision.current,
+                decision.desired,
+                exc,
+            )
             self._metrics.actuator_error(decision.role)
             return False
         return True
@@ -125,7 +143,7 @@ class Autoscaler:
         while not self._stop.is_set():
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - a bug in one step must not end the loop
+            except Exception:
                 logger.exception("autoscaler step failed; retrying in %.1f s", self._config.interval_s)
             self._stop.wait(self._config.interval_s)
 

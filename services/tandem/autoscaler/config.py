@@ -22,12 +22,15 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _check_number(name: str, value: object, minimum: float, *, strict: bool = False,
-                  allow_inf: bool = False) -> None:
+def _check_number(name: str, value: object, minimum: float, *, strict: bool = False, allow_inf: bool = False) -> None:
     """`value` is a real number >= minimum (> minimum if strict), finite unless allow_inf."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
-          and (allow_inf or math.isfinite(value))
-          and (value > minimum if strict else value >= minimum))
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and not math.isnan(value)
+        and (allow_inf or math.isfinite(value))
+        and (value > minimum if strict else value >= minimum)
+    )
     if not ok:
         bound = f"> {minimum}" if strict else f">= {minimum}"
         kind = "a number" if allow_inf else "a finite number"
@@ -46,8 +49,7 @@ class PoolPolicy:
         _check_int("min_replicas", self.min_replicas, 0)
         _check_int("max_replicas", self.max_replicas, 1)
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas "
-                             f"({self.max_replicas})")
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
 
     def clamp(self, replicas: int) -> int:
         """`replicas` brought into [min_replicas, max_replicas]."""
@@ -78,8 +80,9 @@ class DecodePolicy(PoolPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.min_replicas < 1:
-            raise ValueError(f"decode min_replicas must be >= 1 (no decode worker means no "
-                             f"completions), got {self.min_replicas}")
+            raise ValueError(
+                f"decode min_replicas must be >= 1 (no decode worker means no completions), got {self.min_replicas}"
+            )
         _check_number("target_waiting_per_replica", self.target_waiting_per_replica, 0.0, strict=True)
         _check_number("target_kv_usage", self.target_kv_usage, 0.0, strict=True)
         if self.target_kv_usage > 1.0:
@@ -122,11 +125,12 @@ class AutoscalerConfig:
         for name in ("stabilisation_window_s", "up_cooldown_s", "down_cooldown_s"):
             _check_number(name, getattr(self, name), 0.0)
         _check_number("min_prefill_per_decode", self.min_prefill_per_decode, 0.0)
-        _check_number("max_prefill_per_decode", self.max_prefill_per_decode, 0.0, strict=True,
-                      allow_inf=True)
+        _check_number("max_prefill_per_decode", self.max_prefill_per_decode, 0.0, strict=True, allow_inf=True)
         if self.min_prefill_per_decode > self.max_prefill_per_decode:
-            raise ValueError(f"min_prefill_per_decode ({self.min_prefill_per_decode}) must be <= "
-                             f"max_prefill_per_decode ({self.max_prefill_per_decode})")
+            raise ValueError(
+                f"min_prefill_per_decode ({self.min_prefill_per_decode}) must be <= "
+                f"max_prefill_per_decode ({self.max_prefill_per_decode})"
+            )
         _check_number("tolerance", self.tolerance, 0.0)
         if self.tolerance >= 1.0:
             raise ValueError(f"tolerance is a fraction in [0, 1), got {self.tolerance!r}")
@@ -138,9 +142,11 @@ class AutoscalerConfig:
             raise ValueError(
                 f"prefill min_replicas ({self.prefill.min_replicas}) exceeds max_prefill_per_decode "
                 f"({self.max_prefill_per_decode}) x decode max_replicas ({self.decode.max_replicas}); "
-                f"raise the ratio or decode max_replicas, or lower prefill min_replicas")
+                f"raise the ratio or decode max_replicas, or lower prefill min_replicas"
+            )
         if self.min_prefill_per_decode * self.decode.min_replicas > self.prefill.max_replicas:
             raise ValueError(
                 f"min_prefill_per_decode ({self.min_prefill_per_decode}) x decode min_replicas "
                 f"({self.decode.min_replicas}) exceeds prefill max_replicas ({self.prefill.max_replicas}); "
-                f"lower the ratio or decode min_replicas, or raise prefill max_replicas")
+                f"lower the ratio or decode min_replicas, or raise prefill max_replicas"
+            )

@@ -58,13 +58,17 @@ def apps_v1_api(kubeconfig: Path | None = None) -> k8s_client.AppsV1Api:
     configuration = k8s_client.Configuration()
     try:
         if kubeconfig is not None:
-            k8s_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration,
-                                        persist_config=False)
+            k8s_config.load_kube_config(
+                config_file=str(kubeconfig), client_configuration=configuration, persist_config=False
+            )
         else:
             k8s_config.load_incluster_config(client_configuration=configuration)
     except (k8s_config.ConfigException, OSError) as exc:
-        where = f"kubeconfig {kubeconfig}" if kubeconfig is not None else (
-            "the in-cluster service account (outside a pod, pass --kubeconfig PATH)")
+        where = (
+            f"kubeconfig {kubeconfig}"
+            if kubeconfig is not None
+            else ("the in-cluster service account (outside a pod, pass --kubeconfig PATH)")
+        )
         raise ValueError(f"cannot load the Kubernetes client config from {where}: {exc}") from exc
     return k8s_client.AppsV1Api(k8s_client.ApiClient(configuration))
 
@@ -85,9 +89,13 @@ class KubernetesActuator:
 
     name = "kubernetes"
 
-    def __init__(self, namespace: str, deployments: Mapping[WorkerRole, str],
-                 api: k8s_client.AppsV1Api | None = None,
-                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        deployments: Mapping[WorkerRole, str],
+        api: k8s_client.AppsV1Api | None = None,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    ) -> None:
         if not isinstance(namespace, str) or not _LABEL_RE.match(namespace):
             raise ValueError(f"namespace must be an RFC 1123 label (lowercase a-z, 0-9, '-'), got {namespace!r}")
         missing = [role.value for role in WorkerRole if role not in deployments]
@@ -105,17 +113,30 @@ class KubernetesActuator:
 
     def replicas(self, role: WorkerRole) -> int:
         """The Deployment's desired replicas (`spec.replicas` of its Scale; absent means 0)."""
-        scale = self._call("read", role, lambda name: self._api.read_namespaced_deployment_scale(
-            name, self._namespace, _request_timeout=self._timeout_s))
+        scale = self._call(
+            "read",
+            role,
+            lambda name: self._api.read_namespaced_deployment_scale(
+                name, self._namespace, _request_timeout=self._timeout_s
+            ),
+        )
         return int(scale.spec.replicas or 0) if scale.spec is not None else 0
 
     def scale(self, role: WorkerRole, replicas: int) -> None:
         """Set the Deployment's replicas (a merge patch of its Scale)."""
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be an int >= 0, got {replicas!r}")
-        self._call("patch", role, lambda name: self._api.patch_namespaced_deployment_scale(
-            name, self._namespace, {"spec": {"replicas": replicas}},
-            _content_type=MERGE_PATCH, _request_timeout=self._timeout_s))
+        self._call(
+            "patch",
+            role,
+            lambda name: self._api.patch_namespaced_deployment_scale(
+                name,
+                self._namespace,
+                {"spec": {"replicas": replicas}},
+                _content_type=MERGE_PATCH,
+                _request_timeout=self._timeout_s,
+            ),
+        )
 
     def _call(self, verb: str, role: WorkerRole, request: Callable[[str], _T]) -> _T:
         """`request(deployment name)`, with its failures turned into KubernetesActuatorError."""
@@ -125,7 +146,8 @@ class KubernetesActuator:
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             detail = _api_error_detail(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
             raise KubernetesActuatorError(
-                f"cannot {verb} the scale of the {role.value} deployment {self._namespace}/{name}: {detail}") from exc
+                f"cannot {verb} the scale of the {role.value} deployment {self._namespace}/{name}: {detail}"
+            ) from exc
 
     def close(self) -> None:
         """Close the API client's connection pool. The Deployments are left as they are."""

@@ -30,22 +30,24 @@ class AutoscalerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         pool = ["pool"]
-        self._decisions = Counter("tandem_autoscaler_decisions", "Autoscaler decisions by reason",
-                                  ["pool", "reason", "direction"], registry=r)
-        self._desired = Gauge("tandem_autoscaler_desired_replicas", "Replicas the autoscaler asked for",
-                              pool, registry=r)
-        self._current = Gauge("tandem_autoscaler_current_replicas", "Replicas the actuator reported",
-                              pool, registry=r)
+        self._decisions = Counter(
+            "tandem_autoscaler_decisions", "Autoscaler decisions by reason", ["pool", "reason", "direction"], registry=r
+        )
+        self._desired = Gauge(
+            "tandem_autoscaler_desired_replicas", "Replicas the autoscaler asked for", pool, registry=r
+        )
+        self._current = Gauge("tandem_autoscaler_current_replicas", "Replicas the actuator reported", pool, registry=r)
         self._workers = Gauge("tandem_autoscaler_workers", "Live workers in the cluster state", pool, registry=r)
-        self._queued = Gauge("tandem_autoscaler_queued_prefill_tokens", "Queued prefill tokens of the pool",
-                             pool, registry=r)
+        self._queued = Gauge(
+            "tandem_autoscaler_queued_prefill_tokens", "Queued prefill tokens of the pool", pool, registry=r
+        )
         self._waiting = Gauge("tandem_autoscaler_waiting_requests", "Waiting requests of the pool", pool, registry=r)
         self._running = Gauge("tandem_autoscaler_running_requests", "Running requests of the pool", pool, registry=r)
-        self._kv_usage = Gauge("tandem_autoscaler_kv_usage", "KV blocks used / total of the pool, 0 to 1",
-                               pool, registry=r)
+        self._kv_usage = Gauge(
+            "tandem_autoscaler_kv_usage", "KV blocks used / total of the pool, 0 to 1", pool, registry=r
+        )
         self._fresh = Gauge("tandem_autoscaler_signals_fresh", "1 if the pool's signals were fresh", pool, registry=r)
-        self._actuator_errors = Counter("tandem_autoscaler_actuator_errors", "Failed actuator calls",
-                                        pool, registry=r)
+        self._actuator_errors = Counter("tandem_autoscaler_actuator_errors", "Failed actuator calls", pool, registry=r)
 
     def observe_signals(self, signals: PoolSignals) -> None:
         """Set the pool's load gauges (NaN where Redis could not be read)."""
@@ -64,8 +66,7 @@ class AutoscalerMetrics:
 
     def observe_decision(self, decision: ScaleDecision) -> None:
         pool = decision.role.value
-        self._decisions.labels(pool=pool, reason=decision.reason.value,
-                               direction=decision.direction.value).inc()
+        self._decisions.labels(pool=pool, reason=decision.reason.value, direction=decision.direction.value).inc()
         self._desired.labels(pool=pool).set(decision.desired)
         self._current.labels(pool=pool).set(decision.current)
 

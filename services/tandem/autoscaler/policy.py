@@ -68,8 +68,7 @@ class ScaleDirection(str, enum.Enum):
     HOLD = "hold"
 
 
-_UNUSABLE = {SignalStatus.MISSING: ScaleReason.MISSING_SIGNALS,
-             SignalStatus.STALE: ScaleReason.STALE_SIGNALS}
+_UNUSABLE = {SignalStatus.MISSING: ScaleReason.MISSING_SIGNALS, SignalStatus.STALE: ScaleReason.STALE_SIGNALS}
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,7 @@ class PolicyState:
     def seeded(cls, current: Mapping[WorkerRole, int], now_s: float) -> PolicyState:
         """A start state that counts the current replicas as a recommendation made at `now_s`:
         a (re)started autoscaler then shrinks no pool before one stabilisation window."""
-        return cls(**{role.value: PoolHistory((Recommendation(now_s, current[role]),))
-                      for role in WorkerRole})
+        return cls(**{role.value: PoolHistory((Recommendation(now_s, current[role]),)) for role in WorkerRole})
 
     def pool(self, role: WorkerRole) -> PoolHistory:
         return self.prefill if role is WorkerRole.PREFILL else self.decode
@@ -155,8 +153,7 @@ def _floor(x: float) -> int:
     return math.floor(x + _EPS)
 
 
-def _metric_proposal(usage_ratio: float, demand: float, current: int, tolerance: float,
-                     up: ScaleReason) -> _Proposal:
+def _metric_proposal(usage_ratio: float, demand: float, current: int, tolerance: float, up: ScaleReason) -> _Proposal:
     """What one metric asks for. `usage_ratio` is the metric over its target (1: on target);
     `demand` the exact replica count at which it would sit on its target."""
     if current > 0 and abs(usage_ratio - 1.0) <= tolerance + _EPS:
@@ -169,25 +166,27 @@ def _metric_proposal(usage_ratio: float, demand: float, current: int, tolerance:
 
 def _recommend_prefill(config: AutoscalerConfig, signals: PoolSignals, current: int) -> _Proposal:
     demand = signals.queued_prefill_tokens / config.prefill.target_queued_tokens_per_replica
-    return _metric_proposal(demand / max(current, 1), demand, current, config.tolerance,
-                            ScaleReason.QUEUE_ABOVE_TARGET)
+    return _metric_proposal(demand / max(current, 1), demand, current, config.tolerance, ScaleReason.QUEUE_ABOVE_TARGET)
 
 
 def _recommend_decode(config: AutoscalerConfig, signals: PoolSignals, current: int) -> _Proposal:
     demand = signals.waiting / config.decode.target_waiting_per_replica
-    queue = _metric_proposal(demand / max(current, 1), demand, current, config.tolerance,
-                             ScaleReason.QUEUE_ABOVE_TARGET)
+    queue = _metric_proposal(
+        demand / max(current, 1), demand, current, config.tolerance, ScaleReason.QUEUE_ABOVE_TARGET
+    )
     kv_ratio = signals.kv_usage / config.decode.target_kv_usage
-    kv = _metric_proposal(kv_ratio, kv_ratio * min(current, signals.num_workers), current, config.tolerance,
-                          ScaleReason.KV_ABOVE_TARGET)
+    kv = _metric_proposal(
+        kv_ratio, kv_ratio * min(current, signals.num_workers), current, config.tolerance, ScaleReason.KV_ABOVE_TARGET
+    )
     return max((queue, kv), key=lambda proposal: proposal.replicas)  # the first of equals: queue
 
 
 _RECOMMEND = {WorkerRole.PREFILL: _recommend_prefill, WorkerRole.DECODE: _recommend_decode}
 
 
-def _decide_pool(config: AutoscalerConfig, signals: PoolSignals, current: int, history: PoolHistory,
-                 now_s: float) -> tuple[ScaleDecision, PoolHistory]:
+def _decide_pool(
+    config: AutoscalerConfig, signals: PoolSignals, current: int, history: PoolHistory, now_s: float
+) -> tuple[ScaleDecision, PoolHistory]:
     """Rules 1 to 4 of the module docstring for one pool."""
     role = signals.role
     bounds: PoolPolicy = config.prefill if role is WorkerRole.PREFILL else config.decode
@@ -210,8 +209,9 @@ def _decide_pool(config: AutoscalerConfig, signals: PoolSignals, current: int, h
         if history.changed_within(now_s, config.down_cooldown_s):
             return ScaleDecision(role, current, bounded, bounds_reason or ScaleReason.COOLDOWN), history
         at_max = stabilised == bounds.max_replicas and current > bounds.max_replicas
-        return ScaleDecision(role, current, stabilised,
-                             ScaleReason.ABOVE_MAX if at_max else ScaleReason.SCALE_DOWN), history
+        return ScaleDecision(
+            role, current, stabilised, ScaleReason.ABOVE_MAX if at_max else ScaleReason.SCALE_DOWN
+        ), history
     return ScaleDecision(role, current, current, reason), history
 
 
@@ -241,13 +241,19 @@ def _ratio_bounded(config: AutoscalerConfig, prefill: int, decode: int) -> tuple
 def _with_ratio_bounds(config: AutoscalerConfig, decisions: list[ScaleDecision]) -> list[ScaleDecision]:
     prefill, decode = decisions
     desired = _ratio_bounded(config, prefill.desired, decode.desired)
-    return [d if d.desired == n else dataclasses.replace(d, desired=n, reason=ScaleReason.RATIO_BOUND)
-            for d, n in zip(decisions, desired)]
+    return [
+        d if d.desired == n else dataclasses.replace(d, desired=n, reason=ScaleReason.RATIO_BOUND)
+        for d, n in zip(decisions, desired)
+    ]
 
 
-def decide(config: AutoscalerConfig, signals: Mapping[WorkerRole, PoolSignals],
-           current: Mapping[WorkerRole, int], state: PolicyState,
-           now_s: float) -> tuple[list[ScaleDecision], PolicyState]:
+def decide(
+    config: AutoscalerConfig,
+    signals: Mapping[WorkerRole, PoolSignals],
+    current: Mapping[WorkerRole, int],
+    state: PolicyState,
+    now_s: float,
+) -> tuple[list[ScaleDecision], PolicyState]:
     """One decision per pool, `[prefill, decode]`, and the state to pass to the next call.
 
     `signals` and `current` (the actuator's replica counts) must hold both roles. Pure: the same
@@ -262,6 +268,5 @@ def decide(config: AutoscalerConfig, signals: Mapping[WorkerRole, PoolSignals],
         decisions = _with_ratio_bounds(config, decisions)
     for decision in decisions:
         if decision.direction is not ScaleDirection.HOLD:
-            state = state.with_pool(decision.role, dataclasses.replace(state.pool(decision.role),
-                                                                       last_change_s=now_s))
+            state = state.with_pool(decision.role, dataclasses.replace(state.pool(decision.role), last_change_s=now_s))
     return decisions, state

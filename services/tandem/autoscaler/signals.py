@@ -54,8 +54,7 @@ class PoolSignals:
             raise ValueError(f"role must be a WorkerRole, got {self.role!r}")
         if not isinstance(self.status, SignalStatus):
             raise ValueError(f"status must be a SignalStatus, got {self.status!r}")
-        for name in ("num_workers", "queued_prefill_tokens", "waiting", "running",
-                     "kv_blocks_used", "kv_blocks_total"):
+        for name in ("num_workers", "queued_prefill_tokens", "waiting", "running", "kv_blocks_used", "kv_blocks_total"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -77,13 +76,13 @@ class PoolSignals:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
-def pool_signals(role: WorkerRole, loads: Mapping[str, WorkerLoad | None], now_s: float,
-                 max_signal_age_s: float) -> PoolSignals:
+def pool_signals(
+    role: WorkerRole, loads: Mapping[str, WorkerLoad | None], now_s: float, max_signal_age_s: float
+) -> PoolSignals:
     """The signals of one pool from its live workers' loads (worker id -> load, None if the
     worker has published none). Pure."""
     present = [load for load in loads.values() if load is not None]
-    complete = len(present) == len(loads) and all(
-        now_s - load.timestamp_s <= max_signal_age_s for load in present)
+    complete = len(present) == len(loads) and all(now_s - load.timestamp_s <= max_signal_age_s for load in present)
     return PoolSignals(
         role=role,
         status=SignalStatus.FRESH if complete else SignalStatus.STALE,
@@ -96,8 +95,7 @@ def pool_signals(role: WorkerRole, loads: Mapping[str, WorkerLoad | None], now_s
     )
 
 
-def read_signals(state: ClusterState, now_s: float,
-                 max_signal_age_s: float) -> dict[WorkerRole, PoolSignals]:
+def read_signals(state: ClusterState, now_s: float, max_signal_age_s: float) -> dict[WorkerRole, PoolSignals]:
     """Both pools' signals, from two Redis round trips (the live workers, then their loads).
 
     Called by the autoscaler loop once per step. Never raises on Redis errors: it logs a
@@ -112,7 +110,8 @@ def read_signals(state: ClusterState, now_s: float,
         logger.warning("cannot read worker loads from Redis; signals are missing: %s", exc)
         return {role: PoolSignals.missing(role) for role in WorkerRole}
     return {
-        role: pool_signals(role, {w.worker_id: loads.get(w.worker_id) for w in workers if w.role is role},
-                           now_s, max_signal_age_s)
+        role: pool_signals(
+            role, {w.worker_id: loads.get(w.worker_id) for w in workers if w.role is role}, now_s, max_signal_age_s
+        )
         for role in WorkerRole
     }

@@ -6,10 +6,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tandem.common.tracing import TracingConfig
+    from tandem.launcher.config import LocalClusterConfig
+    from tandem.launcher.ray_cluster import RayCluster
 
 RAY_OWN_HEAD = "local"  # `tandem up --ray` without an address: start a private Ray head
-ENGINE_FLAGS = ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "max_prefill_chunk_tokens",
-                "max_model_len", "attention_backend", "device", "dtype", "num_threads")
+ENGINE_FLAGS = (
+    "block_size",
+    "num_blocks",
+    "max_num_batched_tokens",
+    "max_num_seqs",
+    "max_prefill_chunk_tokens",
+    "max_model_len",
+    "attention_backend",
+    "device",
+    "dtype",
+    "num_threads",
+)
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -49,15 +65,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_pretrained(model_dir)
     engine = Engine(model_dir, _config(args))
     if args.chat:
-        prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
-                   for p in args.prompts]
+        prompts = [
+            tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+            for p in args.prompts
+        ]
     else:
         prompts = [tokenizer.encode(p) for p in args.prompts]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
     for text, out in zip(args.prompts, engine.generate(prompts, params)):
         print(f"prompt: {text!r}")
-        print(f"completion: {tokenizer.decode(list(out.token_ids))!r}  [{len(out.token_ids)} tokens, {out.finish_reason.value}]")
+        completion = tokenizer.decode(list(out.token_ids))
+        print(f"completion: {completion!r}  [{len(out.token_ids)} tokens, {out.finish_reason.value}]")
     return 0
 
 
@@ -88,12 +113,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_tracing_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--otel-exporter", default="none", choices=["none", "otlp", "file"],
-                        help="where OpenTelemetry spans go (default: none, no overhead)")
-    parser.add_argument("--otel-endpoint", default=None, help="OTLP/gRPC collector for --otel-exporter otlp, "
-                        "e.g. http://localhost:4317 (http: plaintext, https: TLS)")
-    parser.add_argument("--otel-file", type=Path, default=None,
-                        help="for --otel-exporter file: append one JSON line per span here (shareable by processes)")
+    parser.add_argument(
+        "--otel-exporter",
+        default="none",
+        choices=["none", "otlp", "file"],
+        help="where OpenTelemetry spans go (default: none, no overhead)",
+    )
+    parser.add_argument(
+        "--otel-endpoint",
+        default=None,
+        help="OTLP/gRPC collector for --otel-exporter otlp, e.g. http://localhost:4317 (http: plaintext, https: TLS)",
+    )
+    parser.add_argument(
+        "--otel-file",
+        type=Path,
+        default=None,
+        help="for --otel-exporter file: append one JSON line per span here (shareable by processes)",
+    )
 
 
 def _tracing_config(args: argparse.Namespace) -> TracingConfig:
@@ -160,8 +196,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         prefill_timeout_s=args.prefill_timeout_s,
         decode_idle_timeout_s=args.decode_idle_timeout_s,
-        scheduler=SchedulerConfig(policy=args.policy, block_size=args.block_size,
-                                  local_prefill_max_tokens=args.local_prefill_max_tokens),
+        scheduler=SchedulerConfig(
+            policy=args.policy, block_size=args.block_size, local_prefill_max_tokens=args.local_prefill_max_tokens
+        ),
         rate_limits=RateLimitConfig(requests_per_minute=args.rate_limit_rpm, tokens_per_minute=args.rate_limit_tpm),
         tracing=_tracing_config(args),
     )
@@ -219,8 +256,9 @@ def _ray_placement(args: argparse.Namespace, config: LocalClusterConfig) -> RayC
     from tandem.launcher.ray_cluster import RayCluster, RayConfig
 
     auth = RayAuth.from_environ(os.environ, args.ray_auth_token_file, Path.home())
-    ray_config = RayConfig(address=None if args.ray == RAY_OWN_HEAD else args.ray, auth=auth,
-                           cpus_per_worker=args.ray_cpus_per_worker)
+    ray_config = RayConfig(
+        address=None if args.ray == RAY_OWN_HEAD else args.ray, auth=auth, cpus_per_worker=args.ray_cpus_per_worker
+    )
     return RayCluster(config, ray_config)
 
 
@@ -234,8 +272,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
     except DrainError as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"event": "drained" if progress.idle else "drain_timeout", "address": args.address,
-                      **asdict(progress)}), flush=True)
+    print(
+        json.dumps(
+            {"event": "drained" if progress.idle else "drain_timeout", "address": args.address, **asdict(progress)}
+        ),
+        flush=True,
+    )
     return 0 if progress.idle else 1
 
 
@@ -247,8 +289,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = read_state(path)
     redis_url = args.redis_url or (state.redis_url if state is not None else None)
     if redis_url is None:
-        print(f"tandem: error: no running `tandem up` found ({path} does not exist); pass --redis-url URL",
-              file=sys.stderr)
+        print(
+            f"tandem: error: no running `tandem up` found ({path} does not exist); pass --redis-url URL",
+            file=sys.stderr,
+        )
         return 1
     from_state = state is not None and state.redis_url == redis_url
     if state is not None and from_state and not state.owner_running():
@@ -262,11 +306,17 @@ def _autoscaler_config(args: argparse.Namespace):  # -> AutoscalerConfig
     from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
 
     return AutoscalerConfig(
-        prefill=PrefillPolicy(min_replicas=args.prefill_min, max_replicas=args.prefill_max,
-                              target_queued_tokens_per_replica=args.prefill_target_queued_tokens),
-        decode=DecodePolicy(min_replicas=args.decode_min, max_replicas=args.decode_max,
-                            target_waiting_per_replica=args.decode_target_waiting,
-                            target_kv_usage=args.decode_target_kv_usage),
+        prefill=PrefillPolicy(
+            min_replicas=args.prefill_min,
+            max_replicas=args.prefill_max,
+            target_queued_tokens_per_replica=args.prefill_target_queued_tokens,
+        ),
+        decode=DecodePolicy(
+            min_replicas=args.decode_min,
+            max_replicas=args.decode_max,
+            target_waiting_per_replica=args.decode_target_waiting,
+            target_kv_usage=args.decode_target_kv_usage,
+        ),
         interval_s=args.interval_s,
         stabilisation_window_s=args.stabilisation_window_s,
         up_cooldown_s=args.up_cooldown_s,
@@ -322,16 +372,39 @@ def _add_autoscale_policy_flags(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--prefill-max", type=int, default=PrefillPolicy.max_replicas)
     a.add_argument("--decode-min", type=int, default=DecodePolicy.min_replicas)
     a.add_argument("--decode-max", type=int, default=DecodePolicy.max_replicas)
-    a.add_argument("--prefill-target-queued-tokens", type=int, default=PrefillPolicy.target_queued_tokens_per_replica,
-                   help="queued prefill tokens per prefill replica")
-    a.add_argument("--decode-target-waiting", type=float, default=DecodePolicy.target_waiting_per_replica,
-                   help="waiting requests per decode replica")
-    a.add_argument("--decode-target-kv-usage", type=float, default=DecodePolicy.target_kv_usage,
-                   help="KV cache use of the decode pool, 0 to 1")
-    for flag in ("interval_s", "stabilisation_window_s", "up_cooldown_s", "down_cooldown_s", "max_signal_age_s",
-                 "min_prefill_per_decode", "max_prefill_per_decode"):
-        a.add_argument("--" + flag.replace("_", "-"), type=float, default=getattr(AutoscalerConfig, flag),
-                       help="default: %(default)s")
+    a.add_argument(
+        "--prefill-target-queued-tokens",
+        type=int,
+        default=PrefillPolicy.target_queued_tokens_per_replica,
+        help="queued prefill tokens per prefill replica",
+    )
+    a.add_argument(
+        "--decode-target-waiting",
+        type=float,
+        default=DecodePolicy.target_waiting_per_replica,
+        help="waiting requests per decode replica",
+    )
+    a.add_argument(
+        "--decode-target-kv-usage",
+        type=float,
+        default=DecodePolicy.target_kv_usage,
+        help="KV cache use of the decode pool, 0 to 1",
+    )
+    for flag in (
+        "interval_s",
+        "stabilisation_window_s",
+        "up_cooldown_s",
+        "down_cooldown_s",
+        "max_signal_age_s",
+        "min_prefill_per_decode",
+        "max_prefill_per_decode",
+    ):
+        a.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=float,
+            default=getattr(AutoscalerConfig, flag),
+            help="default: %(default)s",
+        )
 
 
 def _add_autoscaler_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -339,8 +412,11 @@ def _add_autoscaler_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     a.add_argument("--redis", required=True, help="Redis URL of the cluster state")
     a.add_argument("--cluster", default="default")
     a.add_argument("--actuator", default="kubernetes", choices=sorted(AUTOSCALER_ACTUATORS))
-    a.add_argument("--namespace", default=None, help="namespace of the Deployments (default: the pod's own, "
-                   "from its service account, else 'default')")
+    a.add_argument(
+        "--namespace",
+        default=None,
+        help="namespace of the Deployments (default: the pod's own, from its service account, else 'default')",
+    )
     a.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig file (default: in-cluster config)")
     a.add_argument("--prefill-deployment", default="tandem-prefill")
     a.add_argument("--decode-deployment", default="tandem-decode")
@@ -395,9 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--redis", required=True, help="Redis URL of the cluster state")
     gw.add_argument("--cluster", default="default")
     gw.add_argument("--policy", default="prefix_aware", help="round_robin | least_loaded | prefix_aware")
-    gw.add_argument("--local-prefill-max-tokens", type=int, default=256,
-                    help="uncached prompt tokens under which the decode worker prefills locally")
-    gw.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable; also TANDEM_API_KEYS)")
+    gw.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=256,
+        help="uncached prompt tokens under which the decode worker prefills locally",
+    )
+    gw.add_argument(
+        "--api-key", action="append", default=None, help="accepted API key (repeatable; also TANDEM_API_KEYS)"
+    )
     gw.add_argument("--max-n", type=int, default=8)
     gw.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     gw.add_argument("--prefill-timeout-s", type=float, default=120.0)
@@ -416,26 +498,49 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="gateway port (0 picks a free one)")
     up.add_argument("--cluster", default="default", help="cluster name (Redis key prefix)")
     up.add_argument("--policy", default=None, help="routing policy: round_robin | least_loaded | prefix_aware")
-    up.add_argument("--local-prefill-max-tokens", type=int, default=None,
-                    help="uncached prompt tokens under which a decode worker prefills locally (gateway default)")
+    up.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=None,
+        help="uncached prompt tokens under which a decode worker prefills locally (gateway default)",
+    )
     up.add_argument("--kv-cache-mib", type=int, default=None, help="KV cache per worker (worker default)")
     up.add_argument("--max-model-len", type=int, default=None)
     up.add_argument("--kv-transport", default="grpc", choices=["grpc", "torch"])
-    up.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable; also TANDEM_API_KEYS)")
+    up.add_argument(
+        "--api-key", action="append", default=None, help="accepted API key (repeatable; also TANDEM_API_KEYS)"
+    )
     up.add_argument("--ready-timeout-s", type=float, default=180.0, help="bound on start-up")
     up.add_argument("--drain-timeout-s", type=float, default=30.0, help="bound on each worker's drain at stop")
     up.add_argument("--max-num-seqs", type=int, default=None, help="sequences per worker step (worker default)")
-    up.add_argument("--autoscale", action="store_true",
-                    help="resize the pools on their queue depth between --prefill-min/max and --decode-min/max")
+    up.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="resize the pools on their queue depth between --prefill-min/max and --decode-min/max",
+    )
     _add_autoscale_policy_flags(up)
-    up.add_argument("--ray", nargs="?", const=RAY_OWN_HEAD, default=None, metavar="ADDRESS",
-                    help="run the workers as Ray actors on the Ray cluster at ADDRESS (host:port of its GCS, "
-                         "or ray://host:port); without ADDRESS, on a private Ray head started and stopped here")
-    up.add_argument("--ray-auth-token-file", type=Path, default=None,
-                    help="Ray auth token to present (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH); default: Ray's "
-                         "own RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, if any")
-    up.add_argument("--ray-cpus-per-worker", type=float, default=1.0,
-                    help="CPUs each worker actor asks Ray for (a cluster with GPUs gives each worker one GPU)")
+    up.add_argument(
+        "--ray",
+        nargs="?",
+        const=RAY_OWN_HEAD,
+        default=None,
+        metavar="ADDRESS",
+        help="run the workers as Ray actors on the Ray cluster at ADDRESS (host:port of its GCS, "
+        "or ray://host:port); without ADDRESS, on a private Ray head started and stopped here",
+    )
+    up.add_argument(
+        "--ray-auth-token-file",
+        type=Path,
+        default=None,
+        help="Ray auth token to present (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH); default: Ray's "
+        "own RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, if any",
+    )
+    up.add_argument(
+        "--ray-cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs each worker actor asks Ray for (a cluster with GPUs gives each worker one GPU)",
+    )
     _add_tracing_flags(up)
     up.set_defaults(func=cmd_up)
 
@@ -453,8 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     drain.set_defaults(func=cmd_drain)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured in one run; serve: load test")
-    bench.add_argument("target", choices=["engine", "kernels", "kv", "gateway", "serve"],
-                       help="serve FLAGS: the load generator, `python -m tandem.loadtest run FLAGS` (main() forwards it)")
+    bench.add_argument(
+        "target",
+        choices=["engine", "kernels", "kv", "gateway", "serve"],
+        help="serve FLAGS: the load generator, `python -m tandem.loadtest run FLAGS` (main() forwards it)",
+    )
     bench.add_argument("--model", type=Path, default=None)
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--max-tokens", type=int, default=128)

@@ -131,8 +131,7 @@ class KVEventRecord:
         _check_non_negative(epoch=self.epoch, seq=self.seq)
         if not isinstance(self.kind, KVEventKind):
             raise ValueError(f"kind must be a KVEventKind, got {self.kind!r}")
-        if any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= _UINT64_MAX
-               for h in self.block_hashes):
+        if any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= _UINT64_MAX for h in self.block_hashes):
             raise ValueError("block hashes must be unsigned 64-bit ints")
         if (self.kind is KVEventKind.CLEARED) != (not self.block_hashes):
             raise ValueError("a cleared event has no hashes; stored/removed need at least one")
@@ -209,8 +208,7 @@ class ClusterState:
             pipe.hgetall(key)
         workers = []
         for key, fields in zip(keys, pipe.execute()):
-            info = self._parse_worker(key.decode("utf-8", "replace")[len(self.key("worker", "")):],
-                                      fields)
+            info = self._parse_worker(key.decode("utf-8", "replace")[len(self.key("worker", "")) :], fields)
             if info is not None and (role is None or info.role is role):
                 workers.append(info)
         return workers
@@ -256,8 +254,7 @@ class ClusterState:
         pipe = self._redis.pipeline(transaction=False)
         for worker_id in ids:
             pipe.hgetall(self.key("load", worker_id))
-        return {worker_id: self._parse_load(worker_id, fields)
-                for worker_id, fields in zip(ids, pipe.execute())}
+        return {worker_id: self._parse_load(worker_id, fields) for worker_id, fields in zip(ids, pipe.execute())}
 
     def _parse_load(self, worker_id: str, fields: Mapping[bytes, bytes]) -> WorkerLoad | None:
         if not fields:

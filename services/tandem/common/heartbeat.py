@@ -42,9 +42,7 @@ class Heartbeat:
         self._ttl_s, self._interval_s = ttl_s, interval_s
         self._stop = threading.Event()
         self._registered = threading.Event()  # set after the first successful registration
-        self._thread = threading.Thread(
-            target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{info.worker_id}", daemon=True)
 
     def start(self) -> None:
         """Start the thread; the first tick runs at once. Call once."""
@@ -64,8 +62,7 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                logger.warning("heartbeat thread of %s did not stop within %s s",
-                               self._info.worker_id, timeout_s)
+                logger.warning("heartbeat thread of %s did not stop within %s s", self._info.worker_id, timeout_s)
         if deregister:
             try:
                 self._state.deregister(self._info.worker_id)

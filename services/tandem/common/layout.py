@@ -35,7 +35,7 @@ class KVLayout:
         return xxhash.xxh64_hexdigest(self.describe().encode())
 
     @staticmethod
-    def parse(text: str) -> "KVLayout":
+    def parse(text: str) -> KVLayout:
         """Parse `describe()` output from a peer; raises ValueError naming the problem."""
         if len(text) > 1024:
             raise ValueError("KV layout description is too long")
@@ -62,7 +62,7 @@ class KVLayout:
         except ValueError as exc:
             raise ValueError(f"malformed KV layout {text!r}: {exc}") from exc
 
-    def mismatch(self, other: "KVLayout") -> str | None:
+    def mismatch(self, other: KVLayout) -> str | None:
         """None if exchangeable, else a message naming every differing field."""
         diffs = [
             f"{f.name} (ours {getattr(self, f.name)}, theirs {getattr(other, f.name)})"

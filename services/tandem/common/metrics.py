@@ -19,15 +19,25 @@ class WorkerMetrics:
         self._labels = labels
         names = list(labels)
         r = self.registry
-        self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", names, registry=r).labels(**labels)
-        self.num_requests_running = Gauge("vllm:num_requests_running", "Requests running", names, registry=r).labels(**labels)
-        self.kv_cache_usage_perc = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", names, registry=r).labels(**labels)
+        self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", names, registry=r).labels(
+            **labels
+        )
+        self.num_requests_running = Gauge("vllm:num_requests_running", "Requests running", names, registry=r).labels(
+            **labels
+        )
+        self.kv_cache_usage_perc = Gauge(
+            "vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", names, registry=r
+        ).labels(**labels)
         # The prefill pool's scaling signal (the autoscaler reads it from Redis, KEDA from here).
         self.queued_prefill_tokens = Gauge(
             "tandem_queued_prefill_tokens", "Prompt tokens waiting to be prefilled", names, registry=r
         ).labels(**labels)
-        self.kv_transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes received", names, registry=r).labels(**labels)
-        self.kv_transfer_blocks = Counter("tandem_kv_transfer_blocks", "KV blocks received", names, registry=r).labels(**labels)
+        self.kv_transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes received", names, registry=r).labels(
+            **labels
+        )
+        self.kv_transfer_blocks = Counter("tandem_kv_transfer_blocks", "KV blocks received", names, registry=r).labels(
+            **labels
+        )
         self.kv_transfer_seconds = Histogram(
             "tandem_kv_transfer_seconds", "KV pull duration", names, buckets=_SECONDS_BUCKETS, registry=r
         ).labels(**labels)
@@ -40,7 +50,9 @@ class WorkerMetrics:
         self.kv_recomputes = Counter(
             "tandem_kv_recomputes", "Hand-offs that fell back to local recompute", names, registry=r
         ).labels(**labels)
-        self.lease_expiries = Counter("tandem_lease_expiries", "KV leases that expired unpulled", names, registry=r).labels(**labels)
+        self.lease_expiries = Counter(
+            "tandem_lease_expiries", "KV leases that expired unpulled", names, registry=r
+        ).labels(**labels)
         self.leases_granted = Counter("tandem_leases_granted", "KV leases granted", names, registry=r).labels(**labels)
         self.requests_finished = Counter(
             "tandem_requests_finished", "Requests finished by reason", [*names, "reason"], registry=r

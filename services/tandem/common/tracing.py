@@ -72,18 +72,24 @@ class TracingConfig:
             raise ValueError(f"tracing exporter must be one of {', '.join(EXPORTERS)}; got {self.exporter!r}")
         if self.exporter == "otlp":
             if not self.otlp_endpoint:
-                raise ValueError("the otlp tracing exporter needs an endpoint (--otel-endpoint), e.g. http://localhost:4317")
+                raise ValueError(
+                    "the otlp tracing exporter needs an endpoint (--otel-endpoint), e.g. http://localhost:4317"
+                )
             if not self.otlp_endpoint.startswith(("http://", "https://")):
                 raise ValueError(
                     f"otlp endpoint must start with http:// (plaintext) or https:// (TLS); got {self.otlp_endpoint!r}"
                 )
         elif self.otlp_endpoint is not None:
-            raise ValueError(f"an otlp endpoint is set but the tracing exporter is {self.exporter!r}; use --otel-exporter otlp")
+            raise ValueError(
+                f"an otlp endpoint is set but the tracing exporter is {self.exporter!r}; use --otel-exporter otlp"
+            )
         if self.exporter == "file":
             if self.file_path is None:
                 raise ValueError("the file tracing exporter needs a path (--otel-file), e.g. /tmp/tandem-spans.jsonl")
         elif self.file_path is not None:
-            raise ValueError(f"a span file is set but the tracing exporter is {self.exporter!r}; use --otel-exporter file")
+            raise ValueError(
+                f"a span file is set but the tracing exporter is {self.exporter!r}; use --otel-exporter file"
+            )
 
 
 class Tracing:
@@ -194,7 +200,9 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [(json.dumps(span_record(s), separators=(",", ":"), default=_json_default) + "\n").encode() for s in spans]
+        lines = [
+            (json.dumps(span_record(s), separators=(",", ":"), default=_json_default) + "\n").encode() for s in spans
+        ]
         with self._lock:
             if self._fd is None:
                 return SpanExportResult.FAILURE

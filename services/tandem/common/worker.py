@@ -105,7 +105,9 @@ class Worker:
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
         self.transport = create_transport(
             config.kv_transport,
-            KVTransferConfig(transport=config.kv_transport, pull_timeout_s=config.transfer_timeout_s, bind_host=config.advertised),
+            KVTransferConfig(
+                transport=config.kv_transport, pull_timeout_s=config.transfer_timeout_s, bind_host=config.advertised
+            ),
         )
 
     # ---- used by the role servicers --------------------------------------------------------
@@ -197,7 +199,9 @@ class Worker:
         """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
         waiting = engine.batcher.waiting
         running = engine.batcher.running
-        queued = sum(s.num_new_tokens for s in waiting) + sum(s.num_new_tokens - 1 for s in running if s.num_new_tokens > 1)
+        queued = sum(s.num_new_tokens for s in waiting) + sum(
+            s.num_new_tokens - 1 for s in running if s.num_new_tokens > 1
+        )
         pool = engine.pool
         num_waiting = engine.batcher.num_waiting  # includes pulled hand-offs waiting for a slot
         load = WorkerLoad(num_waiting, len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
@@ -231,7 +235,9 @@ class Worker:
                 continue
             for event in batch:
                 try:
-                    self._state.append_kv_events(self.config.worker_id, self._epoch, kinds[event.kind.value], event.block_hashes)
+                    self._state.append_kv_events(
+                        self.config.worker_id, self._epoch, kinds[event.kind.value], event.block_hashes
+                    )
                 except (redis.RedisError, ValueError):
                     log.exception("publishing KV event failed")
 
@@ -246,7 +252,11 @@ class Worker:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         self.address = f"{self.config.advertised}:{port}"
         await server.start()
-        metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port) if self.config.metrics_port is not None else None
+        metrics_port = (
+            self.metrics.serve(self.config.host, self.config.metrics_port)
+            if self.config.metrics_port is not None
+            else None
+        )
         if self.config.redis_url:
             self._register()
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -257,8 +267,14 @@ class Worker:
         aio_loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             aio_loop.add_signal_handler(sig, stop.set)
-        ready = {"event": "ready", "worker_id": self.config.worker_id, "role": self.config.role.value,
-                 "address": self.address, "metrics_port": metrics_port, "fingerprint": self.layout.fingerprint}
+        ready = {
+            "event": "ready",
+            "worker_id": self.config.worker_id,
+            "role": self.config.role.value,
+            "address": self.address,
+            "metrics_port": metrics_port,
+            "fingerprint": self.layout.fingerprint,
+        }
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         await stop.wait()

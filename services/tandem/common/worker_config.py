@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.common.cluster_state import WorkerRole
@@ -34,7 +34,7 @@ class WorkerConfig:
     transfer_timeout_s: float = 10.0
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
-    tracing: TracingConfig = TracingConfig()
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def __post_init__(self) -> None:
         if not self.worker_id or len(self.worker_id) > 128:

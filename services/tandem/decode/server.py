@@ -53,7 +53,9 @@ class DecodeServicer(WorkerServicerBase):
         self._pulling: set[str] = set()
         self._background: set[asyncio.Task] = set()
 
-    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeDelta]:
+    async def Decode(
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DecodeDelta]:
         worker = self.worker
         arrival = ClockAnchor.now()
         with ending(worker.server_span("decode", context, arrival), arrival) as span:
@@ -83,8 +85,12 @@ class DecodeServicer(WorkerServicerBase):
                     admit_from_s = arrival.monotonic_s
                     await worker.call(admit_local, context)
                 else:
-                    admit_from_s = await self._hand_off(req, request.first_token, handle, header, deliver, context, span, arrival)
-                async with aclosing(self._stream(q, header, span, arrival, admit_from_s, local=handle is None)) as deltas:
+                    admit_from_s = await self._hand_off(
+                        req, request.first_token, handle, header, deliver, context, span, arrival
+                    )
+                async with aclosing(
+                    self._stream(q, header, span, arrival, admit_from_s, local=handle is None)
+                ) as deltas:
                     async for delta in deltas:
                         yield delta
             except (asyncio.CancelledError, GeneratorExit):
@@ -129,29 +135,39 @@ class DecodeServicer(WorkerServicerBase):
         rid = req.request_id
         start_s = time.monotonic()
         pull_span = worker.tracing.tracer.start_span(
-            "kv.pull", context=child_context(span), start_time=arrival.unix_ns_at(start_s),
+            "kv.pull",
+            context=child_context(span),
+            start_time=arrival.unix_ns_at(start_s),
             attributes={"tandem.kv.source_worker_id": handle.source_worker_id},
         )
         with ending(pull_span, arrival):
             reservation = await worker.call(
                 lambda e: e.reserve(rid, req.prompt_token_ids, req.sampling, first_token, req.cache_salt), context
             )
-            num_bytes = await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
-            pull_span.set_attributes({
-                "tandem.kv.blocks": header.num_pulled_blocks,
-                "tandem.kv.bytes": num_bytes or 0,
-                "tandem.kv.recomputed": num_bytes is None,
-            })
+            num_bytes = (
+                await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
+            )
+            pull_span.set_attributes(
+                {
+                    "tandem.kv.blocks": header.num_pulled_blocks,
+                    "tandem.kv.bytes": num_bytes or 0,
+                    "tandem.kv.recomputed": num_bytes is None,
+                }
+            )
         end_s = time.monotonic()  # not before the span's end: "decode.admit" starts here
         header.transfer_s = end_s - start_s
-        release = asyncio.get_running_loop().create_task(self.transport.release(handle, worker.config.transfer_timeout_s))
+        release = asyncio.get_running_loop().create_task(
+            self.transport.release(handle, worker.config.transfer_timeout_s)
+        )
         self._background.add(release)  # keep a reference until done
         release.add_done_callback(self._background.discard)
         pulled = num_bytes is not None
 
         def admit(engine: Engine) -> None:
             if reservation is None:
-                engine.add_request(rid, req.prompt_token_ids, req.sampling, req.cache_salt, generated_token_ids=[first_token])
+                engine.add_request(
+                    rid, req.prompt_token_ids, req.sampling, req.cache_salt, generated_token_ids=[first_token]
+                )
             elif pulled:
                 engine.commit(rid)
             else:
@@ -177,7 +193,9 @@ class DecodeServicer(WorkerServicerBase):
             return 0
         try:
             pull = asyncio.ensure_future(
-                self.transport.pull(handle, src, reservation.missing_block_ids, self.store, worker.config.transfer_timeout_s)
+                self.transport.pull(
+                    handle, src, reservation.missing_block_ids, self.store, worker.config.transfer_timeout_s
+                )
             )
             self._pulling.add(rid)
             try:
@@ -204,7 +222,12 @@ class DecodeServicer(WorkerServicerBase):
         self.worker.abort_soon(rid)
 
     async def _stream(
-        self, q: asyncio.Queue, header: pb.DecodeDelta, span: Span, arrival: ClockAnchor, admit_from_s: float,
+        self,
+        q: asyncio.Queue,
+        header: pb.DecodeDelta,
+        span: Span,
+        arrival: ClockAnchor,
+        admit_from_s: float,
         local: bool,
     ) -> AsyncIterator[pb.DecodeDelta]:
         """Yield DecodeDeltas, coalescing whatever outputs are ready; the first carries header
@@ -228,7 +251,9 @@ class DecodeServicer(WorkerServicerBase):
                     scheduled_s = max(admit_from_s, time.monotonic() if scheduled_s is None else scheduled_s)
                     header.admit_s = scheduled_s - admit_from_s
                     admit.end(end_time=arrival.unix_ns_at(scheduled_s))
-                    stream = tracer.start_span("decode.stream", context=parent, start_time=arrival.unix_ns_at(scheduled_s))
+                    stream = tracer.start_span(
+                        "decode.stream", context=parent, start_time=arrival.unix_ns_at(scheduled_s)
+                    )
                     span.set_attribute("tandem.cached_tokens", outs[0].num_cached_tokens)
                     delta.CopyFrom(header)
                     if local:

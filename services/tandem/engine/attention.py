@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -60,8 +61,9 @@ class AttentionMetadata:
         out = []
         for rows in self.length_buckets:
             index = torch.tensor(rows, dtype=torch.long, device=self.seq_lens.device)
-            out.append((index, self.block_tables[index], self.seq_lens[index],
-                        max(self.seq_lens_host[i] for i in rows)))
+            out.append(
+                (index, self.block_tables[index], self.seq_lens[index], max(self.seq_lens_host[i] for i in rows))
+            )
         return tuple(out)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tandem.kernels.reference import gather_context
 from tandem.engine.attention import AttentionMetadata
+from tandem.kernels.reference import gather_context
 
 
 class TorchAttentionBackend:
@@ -41,8 +41,7 @@ class TorchAttentionBackend:
     def _decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         buckets = meta.length_buckets
         if len(buckets) == 1:
-            return _decode_padded(query, kv_cache, meta.block_tables, meta.seq_lens,
-                                  max(meta.seq_lens_host), scale)
+            return _decode_padded(query, kv_cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_host), scale)
         out = torch.empty_like(query)
         for index, block_tables, seq_lens, max_len in meta.bucket_tensors:
             out[index] = _decode_padded(query[index], kv_cache, block_tables, seq_lens, max_len, scale)
@@ -71,8 +70,14 @@ class TorchAttentionBackend:
         return out
 
 
-def _decode_padded(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   max_len: int, scale: float) -> torch.Tensor:
+def _decode_padded(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> torch.Tensor:
     """One masked attention call for decode queries `[n, num_heads, head_dim]` whose contexts
     (`seq_lens`, longest `max_len`) are gathered from the paged cache, padded to `max_len`."""
     num_seqs, num_heads, head_dim = query.shape
@@ -88,6 +93,7 @@ def _decode_padded(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: to
     q = query.unsqueeze(2)  # [n, num_heads, 1, head_dim]
     # enable_gqa: query head h reads KV head h // (num_heads // num_kv_heads), as
     # repeat_interleave would lay it out, without materialising the repeated K and V.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale,
-                                         enable_gqa=num_heads != num_kv_heads)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=num_heads != num_kv_heads
+    )
     return out.squeeze(2)

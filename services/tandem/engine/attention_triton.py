@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tandem.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from tandem.engine.attention import AttentionMetadata
+from tandem.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 
 
 class TritonAttentionBackend:
@@ -37,7 +37,7 @@ class TritonAttentionBackend:
         v_cache = kv_cache[1]
         store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
-            return paged_decode_attention(query, k_cache, v_cache, meta.block_tables,
-                                          meta.seq_lens, scale)
-        return paged_prefill_attention(query, k_cache, v_cache, meta.block_tables,
-                                       meta.query_start_loc, meta.seq_lens, scale)
+            return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        return paged_prefill_attention(
+            query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale
+        )

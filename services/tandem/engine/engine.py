@@ -31,7 +31,6 @@ from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.sequence import FinishReason, Sequence, TokenLogprob
 
 
-
 @dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: the tokens added, and whether it finished.
@@ -122,7 +121,9 @@ class Engine:
         )
         num_blocks = config.num_blocks or self.kv_spec.num_blocks_for_bytes(config.kv_cache_bytes)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no {self.kv_spec.bytes_per_block}-byte block")
+            raise ValueError(
+                f"kv_cache_bytes={config.kv_cache_bytes} holds no {self.kv_spec.bytes_per_block}-byte block"
+            )
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         self.backend = create_backend(config.attention_backend, self.device)
@@ -144,7 +145,7 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, **options: object) -> "Engine":
+    def from_pretrained(cls, path: str | Path | None = None, **options: object) -> Engine:
         """Load a local HF checkpoint (the generated tiny model when `path` is None)."""
         config = EngineConfig(**options)  # type: ignore[arg-type]
         if path is None:
@@ -300,8 +301,12 @@ class Engine:
             logprob = sampled[seq.request_id][1]
             outputs.append(
                 RequestOutput(
-                    seq.request_id, (seq.token_ids[-1],), (logprob,) if logprob else (), seq.finish_reason,
-                    seq.first_scheduled_s, seq.num_cached_tokens,
+                    seq.request_id,
+                    (seq.token_ids[-1],),
+                    (logprob,) if logprob else (),
+                    seq.finish_reason,
+                    seq.first_scheduled_s,
+                    seq.num_cached_tokens,
                 )
             )
             if seq.is_finished:
@@ -316,7 +321,9 @@ class Engine:
         for chunk in plan.chunks:
             seq = chunk.seq
             start = seq.num_computed_tokens
-            self.stats.num_prompt_tokens_computed += max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
+            self.stats.num_prompt_tokens_computed += max(
+                0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start
+            )
 
     def _count_finish(self, reason: FinishReason | None) -> None:
         key = reason.value if reason else "unknown"
@@ -373,4 +380,3 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-

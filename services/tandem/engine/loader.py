@@ -19,9 +19,7 @@ from tandem.engine.rope import RotaryEmbedding
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(
-    path: Path, config: ModelConfig, device: torch.device, max_positions: int
-) -> torch.nn.Module:
+def load_model(path: Path, config: ModelConfig, device: torch.device, max_positions: int) -> torch.nn.Module:
     """Instantiate the model family for `config` and load its weights from `path`."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
@@ -34,7 +32,7 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if name not in expected:
                     if name == "lm_head.weight" and config.tie_word_embeddings:
                         continue

@@ -74,7 +74,7 @@ class ModelConfig:
         return self.max_position_embeddings
 
     @staticmethod
-    def from_dir(path: Path) -> "ModelConfig":
+    def from_dir(path: Path) -> ModelConfig:
         config_path = Path(path) / "config.json"
         if not config_path.is_file():
             raise ValueError(f"model directory {path} has no config.json")
@@ -89,7 +89,7 @@ class ModelConfig:
         return ModelConfig.from_dict(raw, source=str(config_path), generation_config=gen_raw)
 
     @staticmethod
-    def from_dict(raw: dict, source: str = "config.json", generation_config: dict | None = None) -> "ModelConfig":
+    def from_dict(raw: dict, source: str = "config.json", generation_config: dict | None = None) -> ModelConfig:
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:

@@ -57,7 +57,7 @@ class StepLoop:
         """Register a function run once per loop iteration. Call before `start()`."""
         self._ticks.append(fn)
 
-    def submit(self, fn: Callable[[Engine], T]) -> "Future[T]":
+    def submit(self, fn: Callable[[Engine], T]) -> Future[T]:
         future: Future[T] = Future()
         try:
             self._inbox.put_nowait((fn, future))

@@ -29,9 +29,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 TINY_MODEL_NAME = "tiny-llama-v1"
 TINY_VOCAB_SIZE = 512

@@ -24,11 +24,12 @@ A `Tokenizer` is immutable after `from_pretrained` and safe to share between thr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -40,9 +41,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
-_NAMED_SPECIAL_TOKENS = (
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
-)
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
@@ -183,9 +182,7 @@ class Tokenizer:
         if "default" in self.chat_templates:
             return self.chat_templates["default"]
         if self.chat_templates:
-            raise ValueError(
-                f"This model has chat templates {sorted(self.chat_templates)} but none named 'default'."
-            )
+            raise ValueError(f"This model has chat templates {sorted(self.chat_templates)} but none named 'default'.")
         raise ValueError(
             "This model has no chat template (no chat_template.jinja and no chat_template in tokenizer_config.json)."
         )
@@ -325,7 +322,7 @@ def _read_text(path: Path) -> str:
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it for masks)."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -339,7 +336,7 @@ class _GenerationTag(jinja2.ext.Extension):
 class _TemplateNamespace(jinja2.utils.Namespace):
     """`namespace()` that refuses underscore attributes, as transformers' sandbox does."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's Namespace signature trick
+    def __init__(*args: Any, **kwargs: Any) -> None:
         self, args = args[0], args[1:]
         attrs = dict(*args, **kwargs)
         for name in attrs:

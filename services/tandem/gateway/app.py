@@ -112,8 +112,9 @@ def create_app(state: GatewayState) -> FastAPI:
     async def ready() -> JSONResponse:
         if state.scheduler.ready():
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "no routable decode worker"}, status_code=503,
-                            headers={"Retry-After": str(config.retry_after_s)})
+        return JSONResponse(
+            {"status": "no routable decode worker"}, status_code=503, headers={"Retry-After": str(config.retry_after_s)}
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -129,7 +130,9 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         state.authenticate(request)
-        req = protocol.parse_body(await read_body(request, config.max_body_bytes), protocol.TokenizeRequest, config.max_n)
+        req = protocol.parse_body(
+            await read_body(request, config.max_body_bytes), protocol.TokenizeRequest, config.max_n
+        )
         state.check_model(req.model)
         ids = protocol.tokenize_request(req, state.tokenizer)
         return JSONResponse({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids})
@@ -137,7 +140,9 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:
         state.authenticate(request)
-        req = protocol.parse_body(await read_body(request, config.max_body_bytes), protocol.DetokenizeRequest, config.max_n)
+        req = protocol.parse_body(
+            await read_body(request, config.max_body_bytes), protocol.DetokenizeRequest, config.max_n
+        )
         state.check_model(req.model)
         protocol.check_token_ids(req.tokens, state.vocab_size, "tokens")
         return JSONResponse({"prompt": state.tokenizer.decode(req.tokens, skip_special_tokens=False)})
@@ -161,31 +166,55 @@ def create_app(state: GatewayState) -> FastAPI:
         choices: list[ChoiceSpec] = []
         for p, prompt in enumerate(prompts):
             max_tokens = protocol.resolve_max_tokens(
-                req.requested_max_tokens if chat else req.max_tokens, len(prompt), state.max_model_len,
+                req.requested_max_tokens if chat else req.max_tokens,
+                len(prompt),
+                state.max_model_len,
                 "messages" if chat else "prompt",
-                "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens")
+                "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens",
+            )
             for i in range(req.n):
                 choices.append(ChoiceSpec(p * req.n + i, tuple(prompt), protocol.to_sampling(req, max_tokens, i)))
         await state.charge(key_id, sum(len(c.prompt_token_ids) + c.sampling.max_tokens for c in choices))
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        span = state.tracer.start_span("gateway", context=extract_metadata(request.headers.items()),
-                                       kind=SpanKind.SERVER, attributes={
-            "gen_ai.operation.name": "chat" if chat else "text_completion",
-            "gen_ai.request.model": config.model_name,
-            "gen_ai.request.max_tokens": choices[0].sampling.max_tokens,
-            "gen_ai.request.temperature": choices[0].sampling.temperature,
-            "gen_ai.request.top_p": choices[0].sampling.top_p,
-            "gen_ai.response.id": request_id,
-            "gen_ai.usage.input_tokens": sum(len(p) for p in prompts),
-            "tandem.request_id": request_id,
-        })
+        span = state.tracer.start_span(
+            "gateway",
+            context=extract_metadata(request.headers.items()),
+            kind=SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": "chat" if chat else "text_completion",
+                "gen_ai.request.model": config.model_name,
+                "gen_ai.request.max_tokens": choices[0].sampling.max_tokens,
+                "gen_ai.request.temperature": choices[0].sampling.temperature,
+                "gen_ai.request.top_p": choices[0].sampling.top_p,
+                "gen_ai.response.id": request_id,
+                "gen_ai.usage.input_tokens": sum(len(p) for p in prompts),
+                "tandem.request_id": request_id,
+            },
+        )
         ctx = trace.set_span_in_context(span)
-        generation = Generation(state.pipeline, state.tokenizer, state.metrics, request_id, choices,
-                                protocol.stop_strings(req), req.cache_salt, ctx,
-                                req.skip_special_tokens, req.include_stop_str_in_output)
-        view = responses.ResponseView(request_id, int(time.time()), config.model_name, chat,
-                                      [list(p) for p in prompts], req.n, req.return_token_ids,
-                                      state.logprob_count(req), state.tokenizer)
+        generation = Generation(
+            state.pipeline,
+            state.tokenizer,
+            state.metrics,
+            request_id,
+            choices,
+            protocol.stop_strings(req),
+            req.cache_salt,
+            ctx,
+            req.skip_special_tokens,
+            req.include_stop_str_in_output,
+        )
+        view = responses.ResponseView(
+            request_id,
+            int(time.time()),
+            config.model_name,
+            chat,
+            [list(p) for p in prompts],
+            req.n,
+            req.return_token_ids,
+            state.logprob_count(req),
+            state.tokenizer,
+        )
         finish = _Finisher(state, span, generation, _endpoint(request), start_s)
         request.state.counted = True  # the finisher records this request's status
         if not req.stream:
@@ -213,8 +242,11 @@ def create_app(state: GatewayState) -> FastAPI:
             finish(exc.status_code, exc.message)
             raise
         include_usage = req.include_usage
-        return StreamingResponse(_sse(first, events, view, generation, include_usage, finish),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _sse(first, events, view, generation, include_usage, finish),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     return app
 
@@ -222,8 +254,9 @@ def create_app(state: GatewayState) -> FastAPI:
 class _Finisher:
     """Ends a request's root span and records its end-to-end metrics exactly once."""
 
-    def __init__(self, state: GatewayState, span: trace.Span, generation: Generation, endpoint: str,
-                 start_s: float) -> None:
+    def __init__(
+        self, state: GatewayState, span: trace.Span, generation: Generation, endpoint: str, start_s: float
+    ) -> None:
         self.state, self.span, self.generation, self.endpoint, self.start_s = state, span, generation, endpoint, start_s
         self.done = False
 
@@ -253,8 +286,14 @@ async def _collect(generation: Generation, view: responses.ResponseView) -> dict
     return view.full_response(generation.totals)
 
 
-async def _sse(first: Any, events: AsyncIterator[Any], view: responses.ResponseView, generation: Generation,
-               include_usage: bool, finish: _Finisher) -> AsyncIterator[bytes]:
+async def _sse(
+    first: Any,
+    events: AsyncIterator[Any],
+    view: responses.ResponseView,
+    generation: Generation,
+    include_usage: bool,
+    finish: _Finisher,
+) -> AsyncIterator[bytes]:
     status, error = 499, "client disconnected"
     try:
         yield b"".join(view.stream_chunks(first))

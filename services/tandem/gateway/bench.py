@@ -70,8 +70,10 @@ async def stream_direct(address: str, prompts: list[list[int]], max_tokens: int,
 async def _stream_completion(host: str, port: int, body: bytes) -> int:
     """POST one streaming completion; the number of token ids received over SSE."""
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
     await writer.drain()
     status = await reader.readline()
     if b" 200 " not in status:
@@ -90,8 +92,20 @@ async def _stream_completion(host: str, port: int, body: bytes) -> int:
 
 async def stream_via_gateway(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> float:
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    bodies = [json.dumps({"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                          "ignore_eos": True, "return_token_ids": True}).encode() for p in prompts]
+    bodies = [
+        json.dumps(
+            {
+                "model": model,
+                "prompt": p,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            }
+        ).encode()
+        for p in prompts
+    ]
     start = time.perf_counter()
     counts = await asyncio.gather(*(_stream_completion(host, int(port), b) for b in bodies))
     elapsed = time.perf_counter() - start
@@ -133,22 +147,54 @@ class GatewayBenchReport:
         return statistics.median(self.via_gateway) / statistics.median(self.direct)
 
 
-def measure_gateway(model_dir: Path, concurrency: int = 32, prompt_len: int = 32, max_tokens: int = 64,
-                    rounds: int = 7) -> GatewayBenchReport:
+def measure_gateway(
+    model_dir: Path, concurrency: int = 32, prompt_len: int = 32, max_tokens: int = 64, rounds: int = 7
+) -> GatewayBenchReport:
     """Start the processes, run the alternating rounds, stop everything; the tokens/s."""
     redis = EmbeddedRedis.start()
     python = [sys.executable, "-m", "tandem"]
     children: list[ChildProcess] = []
     own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        decode = ChildProcess.spawn("decode", [*python, "decode", "--model", str(model_dir), "--worker-id", "bench-decode",
-                                               "--port", "0", "--redis", redis.url, "--num-threads", "1",
-                                               "--kv-cache-mib", "64"], forward=False)
+        decode = ChildProcess.spawn(
+            "decode",
+            [
+                *python,
+                "decode",
+                "--model",
+                str(model_dir),
+                "--worker-id",
+                "bench-decode",
+                "--port",
+                "0",
+                "--redis",
+                redis.url,
+                "--num-threads",
+                "1",
+                "--kv-cache-mib",
+                "64",
+            ],
+            forward=False,
+        )
         children.append(decode)
         _pin(decode.pid, WORKER_CPU)
         address = decode.wait_ready(READY_TIMEOUT_S)["address"]
-        gateway = ChildProcess.spawn("gateway", [*python, "gateway", "--model", str(model_dir), "--redis", redis.url,
-                                                 "--port", "0", "--local-prefill-max-tokens", "1000000"], forward=False)
+        gateway = ChildProcess.spawn(
+            "gateway",
+            [
+                *python,
+                "gateway",
+                "--model",
+                str(model_dir),
+                "--redis",
+                redis.url,
+                "--port",
+                "0",
+                "--local-prefill-max-tokens",
+                "1000000",
+            ],
+            forward=False,
+        )
         children.append(gateway)
         _pin(gateway.pid, CLIENT_CPU)
         _pin(0, CLIENT_CPU)  # this process: the clients of both paths
@@ -159,8 +205,12 @@ def measure_gateway(model_dir: Path, concurrency: int = 32, prompt_len: int = 32
         asyncio.run(stream_via_gateway(url, model, _prompts(1, 2, prompt_len), 4))
         direct, via = [], []
         for r in range(rounds):
-            direct.append(asyncio.run(stream_direct(address, _prompts(10 + 2 * r, concurrency, prompt_len), max_tokens, f"r{r}")))
-            via.append(asyncio.run(stream_via_gateway(url, model, _prompts(11 + 2 * r, concurrency, prompt_len), max_tokens)))
+            direct.append(
+                asyncio.run(stream_direct(address, _prompts(10 + 2 * r, concurrency, prompt_len), max_tokens, f"r{r}"))
+            )
+            via.append(
+                asyncio.run(stream_via_gateway(url, model, _prompts(11 + 2 * r, concurrency, prompt_len), max_tokens))
+            )
     finally:
         for child in reversed(children):
             child.stop(10.0)
@@ -170,13 +220,21 @@ def measure_gateway(model_dir: Path, concurrency: int = 32, prompt_len: int = 32
     return GatewayBenchReport(direct, via, concurrency, prompt_len, max_tokens)
 
 
-def run_gateway_bench(model_dir: Path, out: Callable[[str], None] = print, concurrency: int = 32,
-                      prompt_len: int = 32, max_tokens: int = 64, rounds: int = 7) -> int:
+def run_gateway_bench(
+    model_dir: Path,
+    out: Callable[[str], None] = print,
+    concurrency: int = 32,
+    prompt_len: int = 32,
+    max_tokens: int = 64,
+    rounds: int = 7,
+) -> int:
     """Run both measurements and print them; returns 0."""
     report = measure_gateway(model_dir, concurrency, prompt_len, max_tokens, rounds)
     d, g = statistics.median(report.direct), statistics.median(report.via_gateway)
-    out(f"streaming at concurrency {concurrency} ({prompt_len}-token prompts, {max_tokens} tokens each, "
-        f"median of {rounds} alternating rounds):")
+    out(
+        f"streaming at concurrency {concurrency} ({prompt_len}-token prompts, {max_tokens} tokens each, "
+        f"median of {rounds} alternating rounds):"
+    )
     out(f"  direct to decode worker  {d:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in report.direct)}")
     out(f"  through the gateway      {g:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in report.via_gateway)}")
     out(f"  gateway / direct         {g / d:8.2f}        (goal >= {GOAL})")

@@ -13,7 +13,6 @@ endpoint says the same thing for the same problem.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -31,7 +30,7 @@ class OpenAIError(Exception):
         self,
         status_code: int,
         message: str,
-        type: str,  # noqa: A002 - the OpenAI field name
+        type: str,
         param: str | None = None,
         code: str | int | None = None,
         headers: Mapping[str, str] | None = None,

@@ -65,10 +65,19 @@ class ChoiceTotals:
 
 
 class Generation:
-    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: GatewayMetrics, request_id: str,
-                 choices: Sequence[ChoiceSpec], stop: Sequence[str], cache_salt: str | None,
-                 trace_context: Context | None, skip_special_tokens: bool = True,
-                 include_stop_str: bool = False) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        tokenizer: Tokenizer,
+        metrics: GatewayMetrics,
+        request_id: str,
+        choices: Sequence[ChoiceSpec],
+        stop: Sequence[str],
+        cache_salt: str | None,
+        trace_context: Context | None,
+        skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
+    ) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -108,8 +117,9 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, spec: ChoiceSpec, queue: asyncio.Queue) -> None:
-        request = WorkerRequest(f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling,
-                                self.cache_salt)
+        request = WorkerRequest(
+            f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling, self.cache_salt
+        )
         totals = self.totals[spec.index]
         detok = IncrementalDetokenizer(self.tokenizer, spec.prompt_token_ids, self.skip_special_tokens)
         matcher = StopStringMatcher(self.stop, self.include_stop_str)

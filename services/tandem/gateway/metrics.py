@@ -80,8 +80,7 @@ class Pool(str, enum.Enum):
 
 
 def _check_seconds(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"a duration must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
 
@@ -109,12 +108,20 @@ class GatewayMetrics:
         self._e2e = histogram("tandem_e2e_request_latency_seconds", "End-to-end request latency").labels(**self._model)
         self._stage = histogram("tandem_ttft_stage_seconds", "Time to first token by stage", ("stage",))
         self._routing = Counter(
-            "tandem_routing_decisions_total", "Routing decisions by kind and policy", [*base, "kind", "policy"], registry=r
+            "tandem_routing_decisions_total",
+            "Routing decisions by kind and policy",
+            [*base, "kind", "policy"],
+            registry=r,
         )
         self._requests = Counter(
-            "tandem_requests_total", "Finished HTTP requests by endpoint and status", [*base, "endpoint", "status"], registry=r
+            "tandem_requests_total",
+            "Finished HTTP requests by endpoint and status",
+            [*base, "endpoint", "status"],
+            registry=r,
         )
-        self._prompt_tokens = Counter("tandem_prompt_tokens_total", "Prompt tokens", base, registry=r).labels(**self._model)
+        self._prompt_tokens = Counter("tandem_prompt_tokens_total", "Prompt tokens", base, registry=r).labels(
+            **self._model
+        )
         self._generation_tokens = Counter(
             "tandem_generation_tokens_total", "Generated tokens", base, registry=r
         ).labels(**self._model)
@@ -198,10 +205,16 @@ class GatewayMetrics:
     def set_pools(self, prefill_waiting: int, decode_waiting: int, num_prefill: int, num_decode: int) -> None:
         """The pools as last read from Redis: waiting requests summed over each pool's workers,
         and the number of live workers in each."""
-        _check_count(prefill_waiting=prefill_waiting, decode_waiting=decode_waiting,
-                     num_prefill=num_prefill, num_decode=num_decode)
-        for pool, waiting, workers in ((Pool.PREFILL, prefill_waiting, num_prefill),
-                                       (Pool.DECODE, decode_waiting, num_decode)):
+        _check_count(
+            prefill_waiting=prefill_waiting,
+            decode_waiting=decode_waiting,
+            num_prefill=num_prefill,
+            num_decode=num_decode,
+        )
+        for pool, waiting, workers in (
+            (Pool.PREFILL, prefill_waiting, num_prefill),
+            (Pool.DECODE, decode_waiting, num_decode),
+        ):
             self._queue_depth.labels(**self._model, pool=pool.value).set(waiting)
             self._workers.labels(**self._model, pool=pool.value).set(workers)
 

@@ -49,10 +49,17 @@ from tandem.scheduler import NoWorkerError, RouteDecision, RouteKind, RouteReque
 log = logging.getLogger(__name__)
 
 # Failures of a worker, not of the request: worth one retry elsewhere.
-_RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-})
+_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
 _ABORT_TIMEOUT_S = 2.0
 
 
@@ -73,8 +80,14 @@ class Delta:
 class Pipeline:
     """Owned by the gateway app; one instance serves every request on the asyncio loop."""
 
-    def __init__(self, config: GatewayConfig, scheduler: Scheduler, clients: WorkerClients,
-                 metrics: GatewayMetrics, tracer: trace.Tracer) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        scheduler: Scheduler,
+        clients: WorkerClients,
+        metrics: GatewayMetrics,
+        tracer: trace.Tracer,
+    ) -> None:
         self.config = config
         self.scheduler = scheduler
         self.clients = clients
@@ -83,8 +96,9 @@ class Pipeline:
         self._background: set[asyncio.Task] = set()
 
     def route(self, request: WorkerRequest, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
-        route_request = RouteRequest(request.request_id, len(request.prompt_token_ids), tickets.block_hashes,
-                                     self.scheduler.next_seq())
+        route_request = RouteRequest(
+            request.request_id, len(request.prompt_token_ids), tickets.block_hashes, self.scheduler.next_seq()
+        )
         try:
             decision = self.scheduler.route(route_request, exclude)
         except NoWorkerError as exc:
@@ -103,8 +117,9 @@ class Pipeline:
         finally:
             tickets.close()
 
-    async def _generate(self, request: WorkerRequest, parent: Context | None,
-                        tickets: _Tickets) -> AsyncIterator[Delta]:
+    async def _generate(
+        self, request: WorkerRequest, parent: Context | None, tickets: _Tickets
+    ) -> AsyncIterator[Delta]:
         with self.tracer.start_as_current_span("route", context=parent) as span:
             t0 = time.perf_counter()
             decision = self.route(request, tickets)
@@ -136,9 +151,9 @@ class Pipeline:
             if first is not None and prefill_worker is not None and not completed:
                 self._abort_soon(prefill_worker.address, request.request_id)
 
-    async def _prefill_with_retry(self, request: WorkerRequest, decision: RouteDecision,
-                                  metadata: tuple[tuple[str, str], ...],
-                                  tickets: _Tickets) -> tuple[pb.PrefillResponse | None, RouteDecision]:
+    async def _prefill_with_retry(
+        self, request: WorkerRequest, decision: RouteDecision, metadata: tuple[tuple[str, str], ...], tickets: _Tickets
+    ) -> tuple[pb.PrefillResponse | None, RouteDecision]:
         """The first token and handle from a prefill worker, retrying once elsewhere. Returns
         (None, local decision) when the retry routes the prompt to a decoder."""
         assert decision.prefill is not None
@@ -148,8 +163,12 @@ class Pipeline:
             tickets.abandon(decision)
             if exc.code() not in _RETRYABLE:
                 raise _rpc_error("prefill", exc, self.config.retry_after_s) from exc
-            log.warning("prefill of %s on %s failed (%s); retrying once", request.request_id,
-                        decision.prefill.worker_id, exc.code().name)
+            log.warning(
+                "prefill of %s on %s failed (%s); retrying once",
+                request.request_id,
+                decision.prefill.worker_id,
+                exc.code().name,
+            )
             self.metrics.prefill_retry()
             first_error = exc
         retry = self.route(request, tickets, exclude=frozenset({decision.prefill.worker_id}))
@@ -162,11 +181,14 @@ class Pipeline:
             tickets.abandon(retry)
             raise _rpc_error("prefill (after a retry)", exc, self.config.retry_after_s) from first_error
 
-    async def _prefill(self, address: str, request: WorkerRequest,
-                       metadata: tuple[tuple[str, str], ...]) -> pb.PrefillResponse:
+    async def _prefill(
+        self, address: str, request: WorkerRequest, metadata: tuple[tuple[str, str], ...]
+    ) -> pb.PrefillResponse:
         call = self.clients.stub(address).Prefill(
             pb.PrefillRequest(request=codec.request_to_proto(request)),
-            timeout=self.config.prefill_timeout_s, metadata=metadata)
+            timeout=self.config.prefill_timeout_s,
+            metadata=metadata,
+        )
         try:
             response = await call
         except asyncio.CancelledError:
@@ -176,8 +198,14 @@ class Pipeline:
         self._observe_stage("prefill_compute", response.compute_s)
         return response
 
-    async def _decode(self, request: WorkerRequest, decision: RouteDecision, first: pb.PrefillResponse | None,
-                      metadata: tuple[tuple[str, str], ...], tickets: _Tickets) -> AsyncIterator[Delta]:
+    async def _decode(
+        self,
+        request: WorkerRequest,
+        decision: RouteDecision,
+        first: pb.PrefillResponse | None,
+        metadata: tuple[tuple[str, str], ...],
+        tickets: _Tickets,
+    ) -> AsyncIterator[Delta]:
         message = pb.DecodeRequest(request=codec.request_to_proto(request))
         if first is not None:
             message.first_token = first.first_token
@@ -193,8 +221,9 @@ class Pipeline:
                     try:
                         msg = await asyncio.wait_for(call.read(), self.config.decode_idle_timeout_s)
                     except asyncio.TimeoutError:
-                        raise StreamError(f"decode worker {decode.worker_id} sent nothing for "
-                                          f"{self.config.decode_idle_timeout_s} s") from None
+                        raise StreamError(
+                            f"decode worker {decode.worker_id} sent nothing for {self.config.decode_idle_timeout_s} s"
+                        ) from None
                     if msg is grpc.aio.EOF:
                         raise StreamError(f"decode stream from {decode.worker_id} ended without a finish reason")
                     delta = self._delta(msg, not received, first is None, request)
@@ -205,14 +234,22 @@ class Pipeline:
                     if delta.finish_reason is not None:
                         return
             except grpc.aio.AioRpcError as exc:
-                if received or attempt == 1 or exc.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                                                  grpc.StatusCode.RESOURCE_EXHAUSTED):
+                if (
+                    received
+                    or attempt == 1
+                    or exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                ):
                     if first is None and not received:
                         raise _rpc_error("decode", exc, self.config.retry_after_s) from exc
-                    raise StreamError(f"decode worker {decode.worker_id} failed: {exc.code().name}: "
-                                      f"{exc.details()}") from exc
-                log.warning("decode worker %s refused %s (%s); trying another", decode.worker_id,
-                            request.request_id, exc.code().name)
+                    raise StreamError(
+                        f"decode worker {decode.worker_id} failed: {exc.code().name}: {exc.details()}"
+                    ) from exc
+                log.warning(
+                    "decode worker %s refused %s (%s); trying another",
+                    decode.worker_id,
+                    request.request_id,
+                    exc.code().name,
+                )
                 tickets.abandon(decision)
                 decision = self.route(request, tickets, exclude=frozenset({decode.worker_id}))
                 if first is not None:
@@ -233,8 +270,12 @@ class Pipeline:
             if local:
                 self.metrics.prefix(len(request.prompt_token_ids), msg.num_cached_tokens)
         logprobs = tuple(codec.logprob_from_proto(lp) for lp in msg.logprobs)
-        return Delta(tuple(msg.token_ids), logprobs, codec.PB_TO_FINISH[msg.finish_reason],
-                     msg.num_cached_tokens if first_message and local else 0)
+        return Delta(
+            tuple(msg.token_ids),
+            logprobs,
+            codec.PB_TO_FINISH[msg.finish_reason],
+            msg.num_cached_tokens if first_message and local else 0,
+        )
 
     def _observe_stage(self, stage: str, seconds: float) -> None:
         """Record a duration a worker reported; a nonsensical one is ignored, not fatal."""

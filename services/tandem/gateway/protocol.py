@@ -59,7 +59,7 @@ class ChatMessage(_Body):
             raise ValueError("content must be a string or a list of content parts")
         for part in value:
             if not isinstance(part, dict):
-                raise ValueError("content parts must be objects like {\"type\": \"text\", \"text\": \"...\"}")
+                raise ValueError('content parts must be objects like {"type": "text", "text": "..."}')
             if part.get("type") != "text":
                 raise ValueError(f"content part type {part.get('type')!r} is not supported; only 'text' parts are")
             if not isinstance(part.get("text"), str):
@@ -69,8 +69,13 @@ class ChatMessage(_Body):
     def for_template(self) -> dict[str, Any]:
         """The message as Tokenizer.apply_chat_template takes it; text parts joined by "\\n" (vLLM's string format)."""
         content = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
-        fields = {"role": self.role, "content": content, "name": self.name, "tool_call_id": self.tool_call_id,
-                  "tool_calls": self.tool_calls}
+        fields = {
+            "role": self.role,
+            "content": content,
+            "name": self.name,
+            "tool_call_id": self.tool_call_id,
+            "tool_calls": self.tool_calls,
+        }
         return {key: value for key, value in fields.items() if value is not None}
 
 
@@ -189,7 +194,7 @@ class ChatCompletionRequest(_GenerateBody):
         if self.tools:
             raise bad_request("tools are not supported.", "tools")
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise bad_request("response_format is not supported (only {\"type\": \"text\"}).", "response_format")
+            raise bad_request('response_format is not supported (only {"type": "text"}).', "response_format")
         _check_template_kwargs(self.chat_template_kwargs)
         return self
 
@@ -258,8 +263,13 @@ def parse_body(raw: bytes, model_cls: type[Body], max_n: int) -> Body:
     return request
 
 
-def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
-                       kind: Literal["prompt", "messages"], param: str = "max_tokens") -> int:
+def resolve_max_tokens(
+    requested: int | None,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    kind: Literal["prompt", "messages"],
+    param: str = "max_tokens",
+) -> int:
     """The completion budget: `requested`, or all the context the prompt leaves when None."""
     if num_prompt_tokens >= max_model_len:
         raise context_length_exceeded(

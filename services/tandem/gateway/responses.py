@@ -88,15 +88,29 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob], tokenizer: Tokenizer) -> dic
     """Chat logprobs: `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`."""
 
     def entry(token_id: int, value: float) -> dict[str, Any]:
-        return {"token": token_text(tokenizer, token_id), "logprob": _clamp(value),
-                "bytes": list(token_bytes(tokenizer, token_id))}
+        return {
+            "token": token_text(tokenizer, token_id),
+            "logprob": _clamp(value),
+            "bytes": list(token_bytes(tokenizer, token_id)),
+        }
 
-    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in logprobs]}
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs
+        ]
+    }
 
 
-def completion_response(*, request_id: str, model: str, created: int, choices: Sequence[ChoiceResult],
-                        usage_body: Mapping[str, Any], tokenizer: Tokenizer, return_token_ids: bool) -> dict[str, Any]:
+def completion_response(
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    choices: Sequence[ChoiceResult],
+    usage_body: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    return_token_ids: bool,
+) -> dict[str, Any]:
     out = []
     for c in sorted(choices, key=lambda c: c.index):
         lp = None if c.logprobs is None else completion_logprobs(c.logprobs, tokenizer)
@@ -104,36 +118,73 @@ def completion_response(*, request_id: str, model: str, created: int, choices: S
         if return_token_ids:
             choice.update(prompt_token_ids=list(c.prompt_token_ids), token_ids=list(c.token_ids))
         out.append(choice)
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": None, "choices": out, "usage": dict(usage_body)}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": out,
+        "usage": dict(usage_body),
+    }
 
 
-def chat_response(*, request_id: str, model: str, created: int, choices: Sequence[ChoiceResult],
-                  usage_body: Mapping[str, Any], tokenizer: Tokenizer,
-                  prompt_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
+def chat_response(
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    choices: Sequence[ChoiceResult],
+    usage_body: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    prompt_token_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """`prompt_token_ids` not None means return_token_ids: it goes top-level, token_ids per choice."""
     out = []
     for c in sorted(choices, key=lambda c: c.index):
         lp = None if c.logprobs is None else chat_logprobs(c.logprobs, tokenizer)
-        choice = {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
-                  "finish_reason": c.finish_reason}
+        choice = {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": lp,
+            "finish_reason": c.finish_reason,
+        }
         if prompt_token_ids is not None:
             choice["token_ids"] = list(c.token_ids)
         out.append(choice)
-    body = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None, "choices": out, "usage": dict(usage_body)}
+    body = {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": out,
+        "usage": dict(usage_body),
+    }
     if prompt_token_ids is not None:
         body["prompt_token_ids"] = list(prompt_token_ids)
     return body
 
 
-def completion_chunk(*, request_id: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None = None, logprobs: Mapping[str, Any] | None = None,
-                     token_ids: Sequence[int] | None = None,
-                     prompt_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
+def completion_chunk(
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    index: int,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: Mapping[str, Any] | None = None,
+    token_ids: Sequence[int] | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """One streamed completions chunk; `logprobs` is already formatted (`completion_logprobs`)."""
-    choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None if logprobs is None else dict(logprobs),
-                              "finish_reason": finish_reason}
+    choice: dict[str, Any] = {
+        "index": index,
+        "text": text,
+        "logprobs": None if logprobs is None else dict(logprobs),
+        "finish_reason": finish_reason,
+    }
     if prompt_token_ids is not None:
         choice["prompt_token_ids"] = list(prompt_token_ids)
     if token_ids is not None:
@@ -141,16 +192,30 @@ def completion_chunk(*, request_id: str, model: str, created: int, index: int, t
     return _chunk("text_completion", request_id, model, created, [choice])
 
 
-def chat_chunk(*, request_id: str, model: str, created: int, index: int, content: str | None,
-               role: bool = False, finish_reason: str | None = None, logprobs: Mapping[str, Any] | None = None,
-               token_ids: Sequence[int] | None = None, prompt_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
+def chat_chunk(
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    index: int,
+    content: str | None,
+    role: bool = False,
+    finish_reason: str | None = None,
+    logprobs: Mapping[str, Any] | None = None,
+    token_ids: Sequence[int] | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """One streamed chat chunk. A choice's first chunk is `role=True, content=""`, its text chunks
     `content=text`, its last `content=None, finish_reason=...` (empty delta)."""
     delta: dict[str, Any] = {"role": "assistant", "content": content or ""} if role else {}
     if content is not None and not role:
         delta["content"] = content
-    choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None if logprobs is None else dict(logprobs),
-                              "finish_reason": finish_reason}
+    choice: dict[str, Any] = {
+        "index": index,
+        "delta": delta,
+        "logprobs": None if logprobs is None else dict(logprobs),
+        "finish_reason": finish_reason,
+    }
     if token_ids is not None:
         choice["token_ids"] = list(token_ids)
     body = _chunk("chat.completion.chunk", request_id, model, created, [choice])
@@ -159,8 +224,9 @@ def chat_chunk(*, request_id: str, model: str, created: int, index: int, content
     return body
 
 
-def usage_chunk(*, request_id: str, model: str, created: int, chat: bool,
-                usage_body: Mapping[str, Any]) -> dict[str, Any]:
+def usage_chunk(
+    *, request_id: str, model: str, created: int, chat: bool, usage_body: Mapping[str, Any]
+) -> dict[str, Any]:
     """The last chunk when stream_options.include_usage is set: no choices, the whole usage."""
     body = _chunk("chat.completion.chunk" if chat else "text_completion", request_id, model, created, [])
     body["usage"] = dict(usage_body)
@@ -169,8 +235,19 @@ def usage_chunk(*, request_id: str, model: str, created: int, chat: bool,
 
 def models_response(model_id: str, max_model_len: int, created: int, root: str | None = None) -> dict[str, Any]:
     """GET /v1/models: the one served model."""
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": OWNED_BY,
-                                        "root": root or model_id, "max_model_len": max_model_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": OWNED_BY,
+                "root": root or model_id,
+                "max_model_len": max_model_len,
+            }
+        ],
+    }
 
 
 class ChoiceTotalsLike(Protocol):
@@ -196,8 +273,18 @@ class ChoiceEventLike(Protocol):
 class ResponseView:
     """Bodies of one request. Owned by its handler; `stream_chunks` records per-choice progress."""
 
-    def __init__(self, request_id: str, created: int, model: str, chat: bool, prompts: Sequence[Sequence[int]],
-                 n: int, return_token_ids: bool | None, logprob_count: int | None, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        chat: bool,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        return_token_ids: bool | None,
+        logprob_count: int | None,
+        tokenizer: Tokenizer,
+    ) -> None:
         self.request_id, self.created, self.model, self.chat = request_id, created, model, chat
         self.prompts = [tuple(p) for p in prompts]
         self.n = n
@@ -209,26 +296,51 @@ class ResponseView:
 
     def usage(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
         """Each prompt counts once, however many choices it has (vLLM); cached: the best choice's."""
-        cached = sum(min(len(prompt), max((totals[p * self.n + i].cached_tokens for i in range(self.n)
-                                           if p * self.n + i in totals), default=0))
-                     for p, prompt in enumerate(self.prompts))
+        cached = sum(
+            min(
+                len(prompt),
+                max(
+                    (totals[p * self.n + i].cached_tokens for i in range(self.n) if p * self.n + i in totals), default=0
+                ),
+            )
+            for p, prompt in enumerate(self.prompts)
+        )
         generated = sum(len(t.token_ids) for t in totals.values())
         return usage(sum(len(p) for p in self.prompts), generated, cached)
 
     def full_response(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
-        choices = [ChoiceResult(index, "".join(t.text), tuple(t.token_ids),
-                                tuple(t.logprobs) if self.with_logprobs else None, t.finish_reason,
-                                self.prompts[index // self.n]) for index, t in totals.items()]
-        head = {"request_id": self.request_id, "model": self.model, "created": self.created,
-                "usage_body": self.usage(totals), "tokenizer": self.tokenizer}
+        choices = [
+            ChoiceResult(
+                index,
+                "".join(t.text),
+                tuple(t.token_ids),
+                tuple(t.logprobs) if self.with_logprobs else None,
+                t.finish_reason,
+                self.prompts[index // self.n],
+            )
+            for index, t in totals.items()
+        ]
+        head = {
+            "request_id": self.request_id,
+            "model": self.model,
+            "created": self.created,
+            "usage_body": self.usage(totals),
+            "tokenizer": self.tokenizer,
+        }
         if self.chat:
-            return chat_response(**head, choices=choices,
-                                 prompt_token_ids=self.prompts[0] if self.return_token_ids else None)
+            return chat_response(
+                **head, choices=choices, prompt_token_ids=self.prompts[0] if self.return_token_ids else None
+            )
         return completion_response(**head, choices=choices, return_token_ids=self.return_token_ids)
 
     def usage_chunk(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
-        return usage_chunk(request_id=self.request_id, model=self.model, created=self.created, chat=self.chat,
-                           usage_body=self.usage(totals))
+        return usage_chunk(
+            request_id=self.request_id,
+            model=self.model,
+            created=self.created,
+            chat=self.chat,
+            usage_body=self.usage(totals),
+        )
 
     def stream_chunks(self, event: ChoiceEventLike) -> list[bytes]:
         """The SSE events for one generation event (possibly none: nothing new to say)."""
@@ -252,14 +364,28 @@ class ResponseView:
             if self.with_logprobs:
                 lp = completion_logprobs(event.logprobs, self.tokenizer, self._text_offsets.get(event.index, 0))
                 self._text_offsets[event.index] = sum(map(len, lp["tokens"]), self._text_offsets.get(event.index, 0))
-            out.append(completion_chunk(**head, text=event.text, finish_reason=event.finish_reason, logprobs=lp,
-                                        token_ids=token_ids, prompt_token_ids=prompt))
+            out.append(
+                completion_chunk(
+                    **head,
+                    text=event.text,
+                    finish_reason=event.finish_reason,
+                    logprobs=lp,
+                    token_ids=token_ids,
+                    prompt_token_ids=prompt,
+                )
+            )
         return [sse(chunk) for chunk in out]
 
 
 def _chunk(obj: str, request_id: str, model: str, created: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": request_id, "object": obj, "created": created, "model": model, "system_fingerprint": None,
-            "choices": choices}
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
 
 
 def _clamp(value: float) -> float:

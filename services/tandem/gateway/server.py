@@ -58,9 +58,16 @@ async def serve(config: GatewayConfig) -> bool:
     state = GatewayState(config)
     app = create_app(state)
     sock = bind(config.host, config.port)
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
-                                          http="httptools"))
+    server = _Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            lifespan="on",
+            http="httptools",
+        )
+    )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)

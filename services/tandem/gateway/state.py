@@ -54,8 +54,11 @@ class GatewayState:
         # The KV-event follower blocks in XREAD for up to kv_events_block_ms: its own client.
         events_timeout_s = config.scheduler.kv_events_block_ms / 1000 + 5.0
         self._events_redis = redis.Redis.from_url(config.redis_url, socket_timeout=events_timeout_s)
-        self.scheduler = Scheduler(ClusterState(self._redis, config.cluster), config.scheduler,
-                                   events_state=ClusterState(self._events_redis, config.cluster))
+        self.scheduler = Scheduler(
+            ClusterState(self._redis, config.cluster),
+            config.scheduler,
+            events_state=ClusterState(self._events_redis, config.cluster),
+        )
         self.clients = WorkerClients()
         self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)
         self._aioredis: aioredis.Redis | None = None
@@ -94,8 +97,9 @@ class GatewayState:
         for v in views:
             count[v.info.role] += 1
             waiting[v.info.role] += v.load.waiting if v.load is not None else 0
-        self.metrics.set_pools(waiting[WorkerRole.PREFILL], waiting[WorkerRole.DECODE],
-                               count[WorkerRole.PREFILL], count[WorkerRole.DECODE])
+        self.metrics.set_pools(
+            waiting[WorkerRole.PREFILL], waiting[WorkerRole.DECODE], count[WorkerRole.PREFILL], count[WorkerRole.DECODE]
+        )
 
     # ---- checks used by the handlers ---------------------------------------------------------
     def authenticate(self, request: Request) -> str:
@@ -134,12 +138,20 @@ class GatewayState:
             return
         config = self.config.rate_limits
         if math.isinf(decision.retry_after_s):  # more than the bucket can ever hold
-            raise OpenAIError(429, f"Request too large: it needs {num_tokens} tokens, and the limit is "
-                              f"{config.token_capacity} tokens per minute.", "rate_limit_exceeded", None,
-                              "rate_limit_exceeded")
+            raise OpenAIError(
+                429,
+                f"Request too large: it needs {num_tokens} tokens, and the limit is "
+                f"{config.token_capacity} tokens per minute.",
+                "rate_limit_exceeded",
+                None,
+                "rate_limit_exceeded",
+            )
         per_minute = config.requests_per_minute if decision.limit == "requests" else config.tokens_per_minute
-        raise rate_limited(f"Rate limit reached for {decision.limit} per minute: limit {per_minute}. "
-                           f"Please try again in {decision.retry_after_s:.1f}s.", decision.retry_after_s)
+        raise rate_limited(
+            f"Rate limit reached for {decision.limit} per minute: limit {per_minute}. "
+            f"Please try again in {decision.retry_after_s:.1f}s.",
+            decision.retry_after_s,
+        )
 
 
 __all__ = ["GatewayState", "OpenAIError"]

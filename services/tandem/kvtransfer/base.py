@@ -107,9 +107,7 @@ def handle_from_proto(msg: pb.KVHandle) -> KVHandleInfo:
     if not msg.request_id or not msg.source_address:
         raise ValueError("KV handle needs a request_id and a source_address")
     if len(msg.block_ids) > MAX_HANDLE_BLOCKS or len(msg.block_hashes) > len(msg.block_ids):
-        raise ValueError(
-            f"KV handle names {len(msg.block_ids)} blocks and {len(msg.block_hashes)} block hashes"
-        )
+        raise ValueError(f"KV handle names {len(msg.block_ids)} blocks and {len(msg.block_hashes)} block hashes")
     if len(set(msg.block_ids)) != len(msg.block_ids):
         raise ValueError("KV handle repeats a block id")
     return KVHandleInfo(
@@ -124,8 +122,9 @@ def handle_from_proto(msg: pb.KVHandle) -> KVHandleInfo:
     )
 
 
-def check_pull(handle: KVHandleInfo, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...],
-               store: KVBlockStore) -> None:
+def check_pull(
+    handle: KVHandleInfo, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...], store: KVBlockStore
+) -> None:
     """Receiver-side checks every transport runs before touching the network.
 
     A layout that differs from ours is a `KVTransferError(LAYOUT_MISMATCH)` naming the fields
@@ -174,8 +173,14 @@ class KVTransport(Protocol):
 
     name: str
 
-    async def pull(self, handle: KVHandleInfo, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...],
-                   store: KVBlockStore, timeout_s: float) -> TransferStats:
+    async def pull(
+        self,
+        handle: KVHandleInfo,
+        src_block_ids: tuple[int, ...],
+        dst_block_ids: tuple[int, ...],
+        store: KVBlockStore,
+        timeout_s: float,
+    ) -> TransferStats:
         """Copy source blocks `src_block_ids` into `dst_block_ids` of `store`, or raise
         KVTransferError with the destination untouched. Does not release the lease."""
         ...
@@ -194,10 +199,12 @@ class KVTransport(Protocol):
         ...
 
 
-_TRANSPORTS = MappingProxyType({  # name -> (module, class), imported on first use
-    "grpc": ("tandem.kvtransfer.grpc_transport", "GrpcTransport"),
-    "torch": ("tandem.kvtransfer.torch_transport", "TorchTransport"),
-})
+_TRANSPORTS = MappingProxyType(
+    {  # name -> (module, class), imported on first use
+        "grpc": ("tandem.kvtransfer.grpc_transport", "GrpcTransport"),
+        "torch": ("tandem.kvtransfer.torch_transport", "TorchTransport"),
+    }
+)
 
 
 def create_transport(name: str, config: KVTransferConfig | None = None) -> KVTransport:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.common.layout import KVLayout
-from tandem.kvtransfer.base import KVHandleInfo, KVTransport, create_transport
+from tandem.kvtransfer.base import KVHandleInfo, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.source_process import random_kv_caches, source_args
@@ -77,7 +77,9 @@ def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchRe
     num_blocks = -(-prompt_tokens // layout.block_size)
     process = subprocess.Popen(
         source_args(layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=True),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         ready = _read_ready(process, timeout_s=60.0)
@@ -119,8 +121,16 @@ async def _bench(layout: KVLayout, num_blocks: int, ports: tuple[int, int], roun
     source = KVBlockStore(random_kv_caches(layout, num_blocks, SEED), layout)
     dest = KVBlockStore(random_kv_caches(layout, num_blocks, SEED + 1), layout)
     size_bytes = num_blocks * dest.bytes_per_block
-    handle = KVHandleInfo(REQUEST_ID, "bench-source", f"127.0.0.1:{grpc_port}", tuple(range(num_blocks)),
-                          num_blocks * layout.block_size, layout.describe(), (), time.time() + 3600)
+    handle = KVHandleInfo(
+        REQUEST_ID,
+        "bench-source",
+        f"127.0.0.1:{grpc_port}",
+        tuple(range(num_blocks)),
+        num_blocks * layout.block_size,
+        layout.describe(),
+        (),
+        time.time() + 3600,
+    )
     dst_ids = _pool_like_ids(num_blocks)
     transports = {name: create_transport(name, KVTransferConfig(transport=name)) for name in ("grpc", "torch")}
     raw = socket.create_connection(("127.0.0.1", raw_port))
@@ -178,10 +188,12 @@ def _exact(source: KVBlockStore, dest: KVBlockStore, dst_ids: tuple[int, ...]) -
 
 def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:
     lay, results = report.layout, report.results
-    out(f"kv bench: {report.size_bytes / 2**20:.1f} MiB per pull ({report.num_blocks} blocks x "
+    out(
+        f"kv bench: {report.size_bytes / 2**20:.1f} MiB per pull ({report.num_blocks} blocks x "
         f"{report.bytes_per_block // 1024} KiB; {lay.num_layers} layers, {lay.num_kv_heads} KV heads x "
         f"{lay.head_dim}, {lay.dtype}), source process on 127.0.0.1, median of "
-        f"{len(results['raw tcp'].mb_per_s)} interleaved rounds")
+        f"{len(results['raw tcp'].mb_per_s)} interleaved rounds"
+    )
     if not report.exact:
         out("  a transport's destination blocks differ from the source")
     for name, result in results.items():
@@ -190,6 +202,8 @@ def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:
         out(f"  {name:8s} {result.median:8.0f} MB/s {spread:>14s}{ratio}")
     best = report.best[1]
     grpc_ratio = report.ratio("grpc")
-    out(f"  goals: best transport >= {BEST_GOAL:.2f} of raw tcp: {best:.3f} "
+    out(
+        f"  goals: best transport >= {BEST_GOAL:.2f} of raw tcp: {best:.3f} "
         f"({'met' if best >= BEST_GOAL else 'missed'}); grpc >= {GRPC_GOAL:.2f}: {grpc_ratio:.3f} "
-        f"({'met' if grpc_ratio >= GRPC_GOAL else 'missed'})")
+        f"({'met' if grpc_ratio >= GRPC_GOAL else 'missed'})"
+    )

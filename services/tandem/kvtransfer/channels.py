@@ -34,16 +34,18 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_timeout_ms", 10_000),
 )
 
-_REASONS = MappingProxyType({
-    grpc.StatusCode.UNAVAILABLE: FailureReason.PEER_UNAVAILABLE,
-    grpc.StatusCode.CANCELLED: FailureReason.PEER_UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: FailureReason.TIMEOUT,
-    grpc.StatusCode.FAILED_PRECONDITION: FailureReason.LAYOUT_MISMATCH,
-    grpc.StatusCode.NOT_FOUND: FailureReason.REFUSED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: FailureReason.REFUSED,
-    grpc.StatusCode.PERMISSION_DENIED: FailureReason.REFUSED,
-    grpc.StatusCode.UNAUTHENTICATED: FailureReason.REFUSED,
-})
+_REASONS = MappingProxyType(
+    {
+        grpc.StatusCode.UNAVAILABLE: FailureReason.PEER_UNAVAILABLE,
+        grpc.StatusCode.CANCELLED: FailureReason.PEER_UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED: FailureReason.TIMEOUT,
+        grpc.StatusCode.FAILED_PRECONDITION: FailureReason.LAYOUT_MISMATCH,
+        grpc.StatusCode.NOT_FOUND: FailureReason.REFUSED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: FailureReason.REFUSED,
+        grpc.StatusCode.PERMISSION_DENIED: FailureReason.REFUSED,
+        grpc.StatusCode.UNAUTHENTICATED: FailureReason.REFUSED,
+    }
+)
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -84,8 +86,9 @@ class ChannelCache:
     def __len__(self) -> int:
         return len(self._channels)
 
-    def unary(self, address: str, method: str, request_type: type,
-              response_type: type) -> grpc.aio.UnaryUnaryMultiCallable:
+    def unary(
+        self, address: str, method: str, request_type: type, response_type: type
+    ) -> grpc.aio.UnaryUnaryMultiCallable:
         """A unary method of the KVTransfer service on the channel to `address`."""
         return self.get(address).unary_unary(
             f"/{SERVICE}/{method}",

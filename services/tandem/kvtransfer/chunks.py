@@ -47,8 +47,9 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_chunk(pieces: list[memoryview], offset_bytes: int, total_bytes: int, dtype: str,
-                 shape: tuple[int, ...]) -> bytes:
+def encode_chunk(
+    pieces: list[memoryview], offset_bytes: int, total_bytes: int, dtype: str, shape: tuple[int, ...]
+) -> bytes:
     """Source side (a worker thread): one KVChunk in wire format whose data is the
     concatenation of `pieces`, with its xxh64. The pieces are copied once, into the result."""
     hasher = xxhash.xxh64()

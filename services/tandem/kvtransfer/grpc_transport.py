@@ -104,8 +104,9 @@ class KVTransferServicer:
     def encode_chunk(self, reader: PackedReader, offset_bytes: int, size_bytes: int) -> bytes:
         """One wire chunk (worker thread, lease checked out). Tests override it to corrupt one."""
         shape = self.store.packed_shape(len(reader.block_ids))
-        return encode_chunk(reader.read(offset_bytes, size_bytes), offset_bytes, reader.total_bytes,
-                            self.store.layout.dtype, shape)
+        return encode_chunk(
+            reader.read(offset_bytes, size_bytes), offset_bytes, reader.total_bytes, self.store.layout.dtype, shape
+        )
 
     async def PullKV(self, request: pb.PullKVRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         block_ids = tuple(request.block_ids)
@@ -166,8 +167,14 @@ class GrpcTransport:
         servicer.register(server)
         self._servicers.append(servicer)
 
-    async def pull(self, handle: KVHandleInfo, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...],
-                   store: KVBlockStore, timeout_s: float) -> TransferStats:
+    async def pull(
+        self,
+        handle: KVHandleInfo,
+        src_block_ids: tuple[int, ...],
+        dst_block_ids: tuple[int, ...],
+        store: KVBlockStore,
+        timeout_s: float,
+    ) -> TransferStats:
         src, dst = tuple(src_block_ids), tuple(dst_block_ids)
         check_pull(handle, src, dst, store)
         if not src:
@@ -187,8 +194,9 @@ class GrpcTransport:
         self.staging.give_back(buffer)
         return TransferStats(len(buffer), time.perf_counter() - started, len(src), num_chunks)
 
-    async def _receive(self, handle: KVHandleInfo, src: tuple[int, ...], store: KVBlockStore,
-                       buffer: torch.Tensor, timeout_s: float) -> int:
+    async def _receive(
+        self, handle: KVHandleInfo, src: tuple[int, ...], store: KVBlockStore, buffer: torch.Tensor, timeout_s: float
+    ) -> int:
         """Stream every chunk into `buffer`, checked; return the number of chunks. Each
         chunk's bytes are dropped once copied, so the allocator reuses their memory (keeping
         them all and unpacking from them costs more in page faults than the copy)."""

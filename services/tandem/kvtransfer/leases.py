@@ -173,9 +173,7 @@ class LeaseTable:
             raise LeaseError(f"the lease for request {request_id!r} was {state.value}")
         now = self._clock()
         if lease.deadline_unix_s <= now:
-            raise LeaseError(
-                f"the lease for request {request_id!r} expired {now - lease.deadline_unix_s:.3f} s ago"
-            )
+            raise LeaseError(f"the lease for request {request_id!r} expired {now - lease.deadline_unix_s:.3f} s ago")
         if not block_ids:
             raise LeaseError(f"no block ids requested for request {request_id!r}")
         if len(block_ids) > len(lease.blocks):

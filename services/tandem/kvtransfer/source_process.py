@@ -41,12 +41,33 @@ def random_kv_caches(layout: KVLayout, num_blocks: int, seed: int) -> list[torch
     return [torch.randn(shape, generator=generator).to(dtype) for _ in range(layout.num_layers)]
 
 
-def source_args(layout: KVLayout, num_blocks: int, seed: int, transport: str, request_id: str,
-                raw_tcp: bool = False, host: str = "127.0.0.1") -> list[str]:
+def source_args(
+    layout: KVLayout,
+    num_blocks: int,
+    seed: int,
+    transport: str,
+    request_id: str,
+    raw_tcp: bool = False,
+    host: str = "127.0.0.1",
+) -> list[str]:
     """The command line a parent uses to start this module (`python -m ...`)."""
-    args = [sys.executable, "-m", "tandem.kvtransfer.source_process", "--layout", layout.describe(),
-            "--num-blocks", str(num_blocks), "--seed", str(seed), "--transport", transport,
-            "--request-id", request_id, "--host", host]
+    args = [
+        sys.executable,
+        "-m",
+        "tandem.kvtransfer.source_process",
+        "--layout",
+        layout.describe(),
+        "--num-blocks",
+        str(num_blocks),
+        "--seed",
+        str(seed),
+        "--transport",
+        transport,
+        "--request-id",
+        request_id,
+        "--host",
+        host,
+    ]
     return args + (["--raw-tcp"] if raw_tcp else [])
 
 
@@ -65,8 +86,9 @@ async def _main(args: argparse.Namespace) -> None:
     layout = KVLayout.parse(args.layout)
     store = KVBlockStore(random_kv_caches(layout, args.num_blocks, args.seed), layout)
     leases = LeaseTable(on_free=lambda request_id: None)
-    leases.grant(args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()),
-                 LEASE_TTL_S)
+    leases.grant(
+        args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()), LEASE_TTL_S
+    )
     transport = create_transport(args.transport, KVTransferConfig(transport=args.transport, bind_host=args.host))
     server = grpc.aio.server(options=server_options())
     transport.add_source(server, store, leases)

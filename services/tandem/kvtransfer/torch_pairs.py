@@ -62,7 +62,7 @@ def format_address(host: str, port: int) -> str:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port); ValueError if malformed."""
+    """ "host:port" or "[v6]:port" -> (host, port); ValueError if malformed."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"malformed address {address!r}, expected host:port")
@@ -84,8 +84,13 @@ class StoreHost:
         sock.listen(128)
         port = sock.getsockname()[1]
         self.store = dist.TCPStore(
-            host, port, is_master=True, wait_for_workers=False, timeout=_timedelta(timeout_s),
-            master_listen_fd=sock.detach(), use_libuv=True,  # the store owns (and closes) the fd
+            host,
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=_timedelta(timeout_s),
+            master_listen_fd=sock.detach(),
+            use_libuv=True,  # the store owns (and closes) the fd
         )
         self.address = format_address(host, port)
 

@@ -27,10 +27,12 @@ from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.torch_pairs import Pair, host_bytes, parse_address, plan_messages
 
 _PAIR_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
-_STATUS = MappingProxyType({
-    FailureReason.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    FailureReason.REFUSED: grpc.StatusCode.NOT_FOUND,
-})
+_STATUS = MappingProxyType(
+    {
+        FailureReason.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+        FailureReason.REFUSED: grpc.StatusCode.NOT_FOUND,
+    }
+)
 
 
 class TorchKVServicer(KVTransferServicer):
@@ -132,8 +134,10 @@ class TorchKVServicer(KVTransferServicer):
         staging: torch.Tensor | None = None
         hasher = xxhash.xxh64()
         with self.leases.checkout(request_id, block_ids):
-            views = [self.store.plane_view(block_ids, m.first_plane) if m.end_plane - m.first_plane == 1 else None
-                     for m in messages]  # straight from the cache when the blocks are one run
+            views = [
+                self.store.plane_view(block_ids, m.first_plane) if m.end_plane - m.first_plane == 1 else None
+                for m in messages
+            ]  # straight from the cache when the blocks are one run
             if any(view is None for view in views):
                 staging = self._send_buffer(len(block_ids) * self.store.bytes_per_block)
             works, sent = [], []  # `sent` keeps every tensor alive until its send completes
@@ -185,7 +189,7 @@ class TorchKVServicer(KVTransferServicer):
 
 
 def _peer_host(peer: str) -> str | None:
-    """"ipv4:1.2.3.4:5678" / "ipv6:[::1]:5678" -> host; None for other transports."""
+    """ "ipv4:1.2.3.4:5678" / "ipv6:[::1]:5678" -> host; None for other transports."""
     kind, _, rest = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return None

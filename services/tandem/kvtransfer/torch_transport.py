@@ -67,8 +67,14 @@ class TorchTransport:
         servicer.register(server)
         self._servicers.append(servicer)
 
-    async def pull(self, handle: KVHandleInfo, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...],
-                   store: KVBlockStore, timeout_s: float) -> TransferStats:
+    async def pull(
+        self,
+        handle: KVHandleInfo,
+        src_block_ids: tuple[int, ...],
+        dst_block_ids: tuple[int, ...],
+        store: KVBlockStore,
+        timeout_s: float,
+    ) -> TransferStats:
         src, dst = tuple(src_block_ids), tuple(dst_block_ids)
         check_pull(handle, src, dst, store)
         if not src:
@@ -81,8 +87,12 @@ class TorchTransport:
         size_bytes = len(src) * store.bytes_per_block
         call = self.channels.unary(address, "SendKV", pb.SendKVRequest, pb.SendKVResponse)
         request = pb.SendKVRequest(
-            request_id=handle.request_id, block_ids=src, layout=store.layout.describe(),
-            store_address=self._store().address, pair_id=pair.pair_id, tag=first_tag,
+            request_id=handle.request_id,
+            block_ids=src,
+            layout=store.layout.describe(),
+            store_address=self._store().address,
+            pair_id=pair.pair_id,
+            tag=first_tag,
         )
         buffer = self._buffer(size_bytes, store.device)
         rpc = asyncio.ensure_future(call(request, timeout=timeout_s))
@@ -105,8 +115,9 @@ class TorchTransport:
                 self.staging.give_back(buffer)
         return TransferStats(size_bytes, time.perf_counter() - started, len(src), len(messages))
 
-    async def _both(self, pair: Pair, address: str, receive: "asyncio.Future[int]",
-                    rpc: "asyncio.Future[pb.SendKVResponse]") -> tuple[int, pb.SendKVResponse]:
+    async def _both(
+        self, pair: Pair, address: str, receive: asyncio.Future[int], rpc: asyncio.Future[pb.SendKVResponse]
+    ) -> tuple[int, pb.SendKVResponse]:
         """Wait for the receive and the control call. The first failure aborts the pair (so the
         other side fails fast) and is raised; the source's own explanation wins if it has one."""
         pair.num_users += 1
@@ -129,8 +140,9 @@ class TorchTransport:
             raise await self.channels.fail(rpc_error, address)
         raise rpc_error or receive_error  # type: ignore[misc]
 
-    async def _receive(self, pair: Pair, buffer: torch.Tensor, messages: list[Message], first_tag: int,
-                       deadline_s: float) -> int:
+    async def _receive(
+        self, pair: Pair, buffer: torch.Tensor, messages: list[Message], first_tag: int, deadline_s: float
+    ) -> int:
         async with pair.lock:
             if pair.group is None:
                 timeout_s = min(self.config.connect_timeout_s, deadline_s - time.monotonic())
@@ -175,8 +187,9 @@ class TorchTransport:
         self._store_host = None
 
 
-def _receive_messages(pair: Pair, buffer: torch.Tensor, messages: list[Message], first_tag: int,
-                      deadline_s: float) -> int:
+def _receive_messages(
+    pair: Pair, buffer: torch.Tensor, messages: list[Message], first_tag: int, deadline_s: float
+) -> int:
     """Worker thread: post every receive, then hash each message as it lands; return xxh64."""
     works = [
         pair.post(buffer[m.offset_bytes : m.offset_bytes + m.size_bytes], first_tag + i, send=False)
@@ -187,4 +200,3 @@ def _receive_messages(pair: Pair, buffer: torch.Tensor, messages: list[Message],
         pair.wait(work, deadline_s, "receive")
         hasher.update(host_bytes(buffer[message.offset_bytes : message.offset_bytes + message.size_bytes]))
     return hasher.intdigest()
-

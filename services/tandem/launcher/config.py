@@ -96,8 +96,7 @@ class LocalClusterConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.num_prefill + self.num_decode > MAX_WORKERS:
-            raise ValueError(f"at most {MAX_WORKERS} workers on one machine, got "
-                             f"{self.num_prefill + self.num_decode}")
+            raise ValueError(f"at most {MAX_WORKERS} workers on one machine, got {self.num_prefill + self.num_decode}")
         _check_host("host", self.host)
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port!r}")
@@ -110,16 +109,22 @@ class LocalClusterConfig:
         if self.policy is not None and not _NAME_RE.match(self.policy):
             raise ValueError(f"policy must be a policy name, got {self.policy!r}")
         if self.local_prefill_max_tokens is not None and (
-                isinstance(self.local_prefill_max_tokens, bool) or self.local_prefill_max_tokens < 0):
+            isinstance(self.local_prefill_max_tokens, bool) or self.local_prefill_max_tokens < 0
+        ):
             raise ValueError(f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens!r}")
-        _check_positive(kv_cache_mib=self.kv_cache_mib, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
-                        ready_timeout_s=self.ready_timeout_s, drain_timeout_s=self.drain_timeout_s,
-                        gateway_stop_timeout_s=self.gateway_stop_timeout_s)
+        _check_positive(
+            kv_cache_mib=self.kv_cache_mib,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            ready_timeout_s=self.ready_timeout_s,
+            drain_timeout_s=self.drain_timeout_s,
+            gateway_stop_timeout_s=self.gateway_stop_timeout_s,
+        )
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
         if not isinstance(self.api_keys, tuple) or any(
-                not isinstance(key, str) or not key or any(c.isspace() or c == "," for c in key)
-                for key in self.api_keys):
+            not isinstance(key, str) or not key or any(c.isspace() or c == "," for c in key) for key in self.api_keys
+        ):
             raise ValueError("api_keys must be a tuple of non-empty strings without spaces or commas")
         if not isinstance(self.tracing, TracingFlags):
             raise ValueError("tracing must be a TracingFlags")
@@ -129,14 +134,20 @@ class LocalClusterConfig:
     def _check_autoscale(self, autoscale: AutoscalerConfig) -> None:
         if not isinstance(autoscale, AutoscalerConfig):
             raise ValueError(f"autoscale must be an AutoscalerConfig, got {autoscale!r}")
-        for name, count, pool in (("prefill", self.num_prefill, autoscale.prefill),
-                                  ("decode", self.num_decode, autoscale.decode)):
+        for name, count, pool in (
+            ("prefill", self.num_prefill, autoscale.prefill),
+            ("decode", self.num_decode, autoscale.decode),
+        ):
             if not pool.min_replicas <= count <= pool.max_replicas:
-                raise ValueError(f"the {name} pool starts with {count} workers, outside its autoscaling "
-                                 f"bounds [{pool.min_replicas}, {pool.max_replicas}]")
+                raise ValueError(
+                    f"the {name} pool starts with {count} workers, outside its autoscaling "
+                    f"bounds [{pool.min_replicas}, {pool.max_replicas}]"
+                )
         if autoscale.prefill.max_replicas + autoscale.decode.max_replicas > MAX_WORKERS:
-            raise ValueError(f"at most {MAX_WORKERS} workers on one machine; the autoscaling maxima allow "
-                             f"{autoscale.prefill.max_replicas + autoscale.decode.max_replicas}")
+            raise ValueError(
+                f"at most {MAX_WORKERS} workers on one machine; the autoscaling maxima allow "
+                f"{autoscale.prefill.max_replicas + autoscale.decode.max_replicas}"
+            )
 
     @property
     def num_workers(self) -> int:
@@ -151,16 +162,46 @@ class LocalClusterConfig:
 
     def worker_ids(self) -> list[tuple[WorkerRole, str]]:
         """(role, worker id) of every worker, decode first: `decode-0`, ..., `prefill-0`, ..."""
-        return ([(WorkerRole.DECODE, f"decode-{i}") for i in range(self.num_decode)]
-                + [(WorkerRole.PREFILL, f"prefill-{i}") for i in range(self.num_prefill)])
+        return [(WorkerRole.DECODE, f"decode-{i}") for i in range(self.num_decode)] + [
+            (WorkerRole.PREFILL, f"prefill-{i}") for i in range(self.num_prefill)
+        ]
 
-    def worker_argv(self, role: WorkerRole, worker_id: str, model_dir: Path, redis_url: str,
-                    num_threads: int, host: str = WORKER_HOST) -> list[str]:
+    def worker_argv(
+        self,
+        role: WorkerRole,
+        worker_id: str,
+        model_dir: Path,
+        redis_url: str,
+        num_threads: int,
+        host: str = WORKER_HOST,
+    ) -> list[str]:
         """The command line of one worker, bound to `host` (a Ray worker: its node's IP)."""
-        argv = [sys.executable, "-m", "tandem", role.value, "--model", str(model_dir),
-                "--worker-id", worker_id, "--host", host, "--port", "0", "--metrics-port", "0",
-                "--redis", redis_url, "--cluster", self.cluster, "--num-threads", str(num_threads),
-                "--kv-transport", self.kv_transport, "--drain-timeout-s", str(self.drain_timeout_s)]
+        argv = [
+            sys.executable,
+            "-m",
+            "tandem",
+            role.value,
+            "--model",
+            str(model_dir),
+            "--worker-id",
+            worker_id,
+            "--host",
+            host,
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--redis",
+            redis_url,
+            "--cluster",
+            self.cluster,
+            "--num-threads",
+            str(num_threads),
+            "--kv-transport",
+            self.kv_transport,
+            "--drain-timeout-s",
+            str(self.drain_timeout_s),
+        ]
         if self.kv_cache_mib is not None:
             argv += ["--kv-cache-mib", str(self.kv_cache_mib)]
         if self.max_model_len is not None:
@@ -171,8 +212,22 @@ class LocalClusterConfig:
 
     def gateway_argv(self, model_dir: Path, redis_url: str) -> list[str]:
         """The command line of the gateway."""
-        argv = [sys.executable, "-m", "tandem", "gateway", "--host", self.host, "--port", str(self.port),
-                "--model", str(model_dir), "--redis", redis_url, "--cluster", self.cluster]
+        argv = [
+            sys.executable,
+            "-m",
+            "tandem",
+            "gateway",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--model",
+            str(model_dir),
+            "--redis",
+            redis_url,
+            "--cluster",
+            self.cluster,
+        ]
         if self.policy is not None:
             argv += ["--policy", self.policy]
         if self.local_prefill_max_tokens is not None:

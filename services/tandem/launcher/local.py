@@ -73,8 +73,9 @@ class LocalCluster:
     """Owns the processes of one local cluster. Not thread-safe: start and stop it from the
     thread that created it; `endpoint` may be read from anywhere."""
 
-    def __init__(self, config: LocalClusterConfig, sink: IO[str] | None = None,
-                 placement: WorkerPlacement | None = None) -> None:
+    def __init__(
+        self, config: LocalClusterConfig, sink: IO[str] | None = None, placement: WorkerPlacement | None = None
+    ) -> None:
         """Nothing starts until `start()`. Children's output goes to `sink` (default stderr).
         `placement` runs the workers (default: our child processes; see `placement.py`)."""
         self._config = config
@@ -161,16 +162,19 @@ class LocalCluster:
         # parallel. The gateway only routes to workers that registered, and /ready says when.
         # Local children come first: a Ray Client connection (`open()`) runs gRPC threads, and a
         # fork after that can abort in the child (gRPC's fork handlers).
-        self._gateway = ChildProcess.spawn("gateway", config.gateway_argv(model_dir, redis_url),
-                                           env=config.gateway_env(os.environ), sink=self._sink)
+        self._gateway = ChildProcess.spawn(
+            "gateway", config.gateway_argv(model_dir, redis_url), env=config.gateway_env(os.environ), sink=self._sink
+        )
         self._placement.open(model_dir, redis_url, _remaining(deadline), cancelled)
         for role, worker_id in config.worker_ids():
             self._spawn_worker(role, worker_id)
         wait_all_ready([*self._workers, self._gateway], _remaining(deadline), cancelled)
         address = self._gateway.ready.get("address") if self._gateway.ready else None
         if not isinstance(address, str) or not address.startswith("http"):
-            raise ChildStartError(f"gateway (pid {self._gateway.pid}) printed a ready line without an "
-                                  f"http address: {self._gateway.ready!r}")
+            raise ChildStartError(
+                f"gateway (pid {self._gateway.pid}) printed a ready line without an "
+                f"http address: {self._gateway.ready!r}"
+            )
         self._endpoint = address.rstrip("/")
         self._wait_routable(deadline, cancelled)
 
@@ -184,20 +188,25 @@ class LocalCluster:
             dead = self.dead_children()
             if dead:
                 child = next(c for c in self._processes() if not c.is_running)
-                raise ChildStartError(f"{', '.join(dead)} exited while the cluster was starting; "
-                                      f"last output of {child.name}:\n{child.output_tail()}")
+                raise ChildStartError(
+                    f"{', '.join(dead)} exited while the cluster was starting; "
+                    f"last output of {child.name}:\n{child.output_tail()}"
+                )
             status, last = _get_status(url)
             if status == 200:
                 sizes = _gateway_pool_sizes(self._endpoint)
-                if sizes is None or (sizes.get("prefill", 0) >= self._config.num_prefill
-                                     and sizes.get("decode", 0) >= self._config.num_decode):
+                if sizes is None or (
+                    sizes.get("prefill", 0) >= self._config.num_prefill
+                    and sizes.get("decode", 0) >= self._config.num_decode
+                ):
                     return
                 last = f"HTTP 200, but the gateway sees workers {sizes}"
             if time.monotonic() >= deadline:
                 raise ChildStartError(
                     f"gateway (pid {self._gateway.pid}) never answered 200 on {url} within "
                     f"{self._config.ready_timeout_s} s (last: {last}); its last output:\n"
-                    f"{self._gateway.output_tail()}")
+                    f"{self._gateway.output_tail()}"
+                )
             time.sleep(READY_POLL_INTERVAL_S)
 
     def _spawn_worker(self, role: WorkerRole, worker_id: str) -> WorkerProcess:
@@ -272,8 +281,9 @@ class LocalCluster:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 

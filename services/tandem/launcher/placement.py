@@ -83,8 +83,13 @@ class ProcessPlacement:
     `taskset -c`, from their first instruction, so that every thread they start stays there
     (the benchmark set does; `tandem up` does not pin)."""
 
-    def __init__(self, config: LocalClusterConfig, sink: IO[str] | None = None, num_threads: int | None = None,
-                 cpus: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        config: LocalClusterConfig,
+        sink: IO[str] | None = None,
+        num_threads: int | None = None,
+        cpus: Mapping[str, int] | None = None,
+    ) -> None:
         self._config = config
         self._sink = sink
         self._num_threads = num_threads

@@ -121,7 +121,7 @@ class ChildProcess:
         if not argv:
             raise ValueError("argv must name a program")
         child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(  # noqa: S603 - argv is built by the launcher, no shell
+        process = subprocess.Popen(
             list(argv),
             cwd=cwd,
             env=child_env,
@@ -131,7 +131,7 @@ class ChildProcess:
             text=True,
             errors="replace",
             bufsize=1,
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only prctl + getppid, resolved pre-fork
+            preexec_fn=_die_with_parent(),
         )
         logger.info("started %s (pid %d)", name, process.pid)
         return cls(name, process, sink, forward)
@@ -178,8 +178,9 @@ class ChildProcess:
             status = f"exited with code {self._process.wait(timeout=READER_JOIN_S)}"
         except subprocess.TimeoutExpired:
             status = "closed its stdout"
-        raise ChildStartError(f"{self._name} (pid {self.pid}) {status} before it was ready; its last "
-                              f"output:\n{self._settled_tail()}")
+        raise ChildStartError(
+            f"{self._name} (pid {self.pid}) {status} before it was ready; its last output:\n{self._settled_tail()}"
+        )
 
     def wait_ready(self, timeout_s: float, cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Block until the ready line arrives; see `wait_all_ready`."""
@@ -211,8 +212,9 @@ class ChildProcess:
         try:
             code = self._process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            logger.warning("%s (pid %d) still running %s s after SIGTERM; sending SIGKILL",
-                           self._name, self.pid, timeout_s)
+            logger.warning(
+                "%s (pid %d) still running %s s after SIGTERM; sending SIGKILL", self._name, self.pid, timeout_s
+            )
             self._process.kill()
             code = self._process.wait(timeout=timeout_s)
         for reader in self._readers:
@@ -255,8 +257,9 @@ class ChildProcess:
             pass  # our stderr is gone: keep draining the pipe so the child never blocks
 
 
-def wait_all_ready(children: Sequence[ChildProcess], timeout_s: float,
-                   cancelled: Callable[[], bool] | None = None) -> None:
+def wait_all_ready(
+    children: Sequence[ChildProcess], timeout_s: float, cancelled: Callable[[], bool] | None = None
+) -> None:
     """Block until every child printed its ready line. Raises `ChildStartError` as soon as one
     of them exits without it, or when `timeout_s` passes, and `StartCancelled` as soon as
     `cancelled()` is true. The children are left running: the caller stops them."""
@@ -272,5 +275,6 @@ def wait_all_ready(children: Sequence[ChildProcess], timeout_s: float,
             first = pending[0]
             raise ChildStartError(
                 f"{', '.join(f'{c.name} (pid {c.pid})' for c in pending)} not ready after {timeout_s} s; "
-                f"last output of {first.name}:\n{first.output_tail()}")
+                f"last output of {first.name}:\n{first.output_tail()}"
+            )
         time.sleep(POLL_INTERVAL_S)

@@ -55,12 +55,10 @@ KILLED = -int(signal.SIGKILL)  # the exit code reported for a worker whose actor
 class WorkerActor:
     """Runs on a Ray node, owns one worker process. Methods are called by `RayWorker`."""
 
-    def __init__(self, config: LocalClusterConfig, role: str, worker_id: str, model_dir: str,
-                 redis_url: str) -> None:
+    def __init__(self, config: LocalClusterConfig, role: str, worker_id: str, model_dir: str, redis_url: str) -> None:
         host = ray.util.get_node_ip_address()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        argv = config.worker_argv(WorkerRole(role), worker_id, Path(model_dir), redis_url,
-                                  max(1, int(cpus)), host=host)
+        argv = config.worker_argv(WorkerRole(role), worker_id, Path(model_dir), redis_url, max(1, int(cpus)), host=host)
         # Ray runs an actor's constructor on its process's main thread, which lives as long as
         # the actor: the worker's PR_SET_PDEATHSIG (processes.py) fires only if the actor dies.
         self._child = ChildProcess.spawn(worker_id, argv)
@@ -106,8 +104,9 @@ class RayWorker:
     `LocalCluster`'s thread and an autoscaler's may both hold it: `terminate()` is locked
     (one `stop()` call per actor), everything else only reads or caches what Ray returned."""
 
-    def __init__(self, name: str, role: WorkerRole, actor: ActorHandle, resources: dict[str, float],
-                 stop_timeout_s: float) -> None:
+    def __init__(
+        self, name: str, role: WorkerRole, actor: ActorHandle, resources: dict[str, float], stop_timeout_s: float
+    ) -> None:
         """Wrap a just-created actor. Use `create()`."""
         self._name = name
         self._role = role
@@ -124,11 +123,20 @@ class RayWorker:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, config: LocalClusterConfig, role: WorkerRole, worker_id: str, model_dir: Path,
-               redis_url: str, resources: dict[str, float], stop_timeout_s: float) -> RayWorker:
+    def create(
+        cls,
+        config: LocalClusterConfig,
+        role: WorkerRole,
+        worker_id: str,
+        model_dir: Path,
+        redis_url: str,
+        resources: dict[str, float],
+        stop_timeout_s: float,
+    ) -> RayWorker:
         """Ask Ray for the actor (`resources`: `num_cpus` / `num_gpus`); returns at once."""
         actor = _REMOTE_WORKER_ACTOR.options(max_concurrency=ACTOR_CONCURRENCY, **resources).remote(
-            config, role.value, worker_id, str(model_dir), redis_url)
+            config, role.value, worker_id, str(model_dir), redis_url
+        )
         logger.info("asked Ray for %s (%s)", worker_id, ", ".join(f"{k}={v}" for k, v in resources.items()))
         return cls(worker_id, role, actor, resources, stop_timeout_s)
 
@@ -187,8 +195,10 @@ class RayWorker:
 
     def output_tail(self) -> str:
         if not self.pid:
-            return (f"<Ray has not placed the actor yet: no node has {self._resources} free "
-                    f"(--ray-cpus-per-worker, or the cluster's size)>")
+            return (
+                f"<Ray has not placed the actor yet: no node has {self._resources} free "
+                f"(--ray-cpus-per-worker, or the cluster's size)>"
+            )
         try:
             return str(ray.get(self._actor.output_tail.remote(), timeout=TAIL_TIMEOUT_S))
         except (GetTimeoutError, RayError) as exc:

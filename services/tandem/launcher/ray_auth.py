@@ -72,10 +72,10 @@ class RayAuth:
         try:
             mode = AuthMode(raw_mode.strip().lower()) if raw_mode else None
         except ValueError:
-            raise ValueError(f"{AUTH_MODE_ENV} must be one of {[m.value for m in AuthMode]}, "
-                             f"got {raw_mode!r}") from None
-        available = bool(environ.get(TOKEN_ENV) or environ.get(TOKEN_PATH_ENV)
-                         or (home / DEFAULT_TOKEN_FILE).is_file())
+            raise ValueError(
+                f"{AUTH_MODE_ENV} must be one of {[m.value for m in AuthMode]}, got {raw_mode!r}"
+            ) from None
+        available = bool(environ.get(TOKEN_ENV) or environ.get(TOKEN_PATH_ENV) or (home / DEFAULT_TOKEN_FILE).is_file())
         return cls(mode=mode, token_file=token_file, token_available=available)
 
     def uses_token(self, own_head: bool) -> bool:
@@ -103,9 +103,13 @@ class RayAuth:
         """One line for the log: the mode and where the token comes from."""
         if not self.uses_token(own_head):
             return "token authentication off"
-        source = (f"token file {self.token_file}" if self.token_file is not None
-                  else f"Ray's token ({TOKEN_ENV}, {TOKEN_PATH_ENV} or ~/{DEFAULT_TOKEN_FILE})"
-                  if self.token_available else "a new token for this head")
+        source = (
+            f"token file {self.token_file}"
+            if self.token_file is not None
+            else f"Ray's token ({TOKEN_ENV}, {TOKEN_PATH_ENV} or ~/{DEFAULT_TOKEN_FILE})"
+            if self.token_available
+            else "a new token for this head"
+        )
         return f"token authentication on ({source})"
 
 

@@ -122,8 +122,14 @@ class RayCluster:
             self._saved_environ = patch_environ(os.environ, auth.environ(own_head, new_token))
             _reload_ray_auth()
             if temp_dir is not None:
-                self._head = RayHead.start(temp_dir, os.environ, self._head_num_cpus(), min(
-                    timeout_s, ray_config.head_start_timeout_s), cancelled, self._sink)
+                self._head = RayHead.start(
+                    temp_dir,
+                    os.environ,
+                    self._head_num_cpus(),
+                    min(timeout_s, ray_config.head_start_timeout_s),
+                    cancelled,
+                    self._sink,
+                )
         except BaseException:
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)  # the head owns it only once it runs
@@ -135,12 +141,19 @@ class RayCluster:
         self._target = (model_dir, redis_url)
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         if nodes > 1 and urlsplit(redis_url).hostname in LOOPBACK_HOSTS:
-            logger.warning("the Ray cluster has %d nodes but Redis (%s) listens on loopback only: workers on "
-                           "other nodes cannot reach it; pass --redis-url with an address every node reaches",
-                           nodes, redis_url)
-        logger.info("workers run as Ray actors on %s (%s; %s each; %s)", self.address,
-                    "a private head" if own_head else "joined", "1 GPU" if has_gpu else
-                    f"{ray_config.cpus_per_worker:g} CPU", auth.describe(own_head))
+            logger.warning(
+                "the Ray cluster has %d nodes but Redis (%s) listens on loopback only: workers on "
+                "other nodes cannot reach it; pass --redis-url with an address every node reaches",
+                nodes,
+                redis_url,
+            )
+        logger.info(
+            "workers run as Ray actors on %s (%s; %s each; %s)",
+            self.address,
+            "a private head" if own_head else "joined",
+            "1 GPU" if has_gpu else f"{ray_config.cpus_per_worker:g} CPU",
+            auth.describe(own_head),
+        )
 
     def _connect(self, address: str, token: bool) -> None:
         on_main = threading.current_thread() is threading.main_thread()
@@ -149,8 +162,12 @@ class RayCluster:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, logging_level=logging.WARNING)
             self._connected = True
         except (ConnectionError, RuntimeError, RayError) as exc:
-            hint = ("" if token else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token "
-                    "and give its token (--ray-auth-token-file, RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+            hint = (
+                ""
+                if token
+                else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token "
+                "and give its token (--ray-auth-token-file, RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+            )
             raise ChildStartError(f"cannot connect to the Ray cluster at {address}: {exc}{hint}") from None
         finally:
             for sig, handler in handlers.items():
@@ -175,8 +192,15 @@ class RayCluster:
         index = worker_id.rsplit("-", 1)[-1]
         if index.isdigit():
             self._next_index[role] = max(self._next_index[role], int(index) + 1)
-        worker = RayWorker.create(self._config, role, worker_id, model_dir, redis_url, self._resources,
-                                  self._config.drain_timeout_s + WORKER_STOP_GRACE_S)
+        worker = RayWorker.create(
+            self._config,
+            role,
+            worker_id,
+            model_dir,
+            redis_url,
+            self._resources,
+            self._config.drain_timeout_s + WORKER_STOP_GRACE_S,
+        )
         # Forget the workers that `LocalCluster` retired and stopped (`tandem up --autoscale`).
         self._workers = [w for w in self._workers if not w.removed] + [worker]
         return worker

@@ -41,12 +41,22 @@ WORKER_PORT_SPAN = (20000, 32000)  # below the kernel's ephemeral range, above 1
 WORKER_PORT_WINDOW = 200  # one port per Ray worker process
 WINDOW_ATTEMPTS = 20
 # Ray's head waits this long on SIGTERM for its node to drain; our workers drained before.
-HEAD_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_enable_metrics_collection": "0"}
+HEAD_ENV = {
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_enable_metrics_collection": "0",
+}
 CLIENT_PORT_FLAG = "--ray-client-server-port"
-PORT_FLAGS = ("--port", "--node-manager-port", "--object-manager-port", CLIENT_PORT_FLAG,
-              "--runtime-env-agent-port", "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port",
-              "--metrics-export-port")
+PORT_FLAGS = (
+    "--port",
+    "--node-manager-port",
+    "--object-manager-port",
+    CLIENT_PORT_FLAG,
+    "--runtime-env-agent-port",
+    "--dashboard-agent-grpc-port",
+    "--dashboard-agent-listen-port",
+    "--metrics-export-port",
+)
 
 
 class RayHead:
@@ -60,23 +70,46 @@ class RayHead:
         self._client_port = client_port
 
     @classmethod
-    def start(cls, temp_dir: Path, env: Mapping[str, str], num_cpus: int, timeout_s: float,
-              cancelled: Callable[[], bool], sink: IO[str] | None = None) -> RayHead:
+    def start(
+        cls,
+        temp_dir: Path,
+        env: Mapping[str, str],
+        num_cpus: int,
+        timeout_s: float,
+        cancelled: Callable[[], bool],
+        sink: IO[str] | None = None,
+    ) -> RayHead:
         """Start a head in `temp_dir` (made by `make_temp_dir`; deleted by `stop()`, or here
         on failure) with `env` (the auth variables included) and `num_cpus` CPU slots."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         ports = _free_ports()
         low, high = _worker_port_window()
-        argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-                "--temp-dir", str(temp_dir), "--num-cpus", str(num_cpus), "--include-dashboard", "false",
-                "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats",
-                "--min-worker-port", str(low), "--max-worker-port", str(high)]
+        argv = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--temp-dir",
+            str(temp_dir),
+            "--num-cpus",
+            str(num_cpus),
+            "--include-dashboard",
+            "false",
+            "--object-store-memory",
+            str(OBJECT_STORE_BYTES),
+            "--disable-usage-stats",
+            "--min-worker-port",
+            str(low),
+            "--max-worker-port",
+            str(high),
+        ]
         for flag, port in ports.items():
             argv += [flag, str(port)]
         # Its log (banners, next steps) is kept for errors, not shown.
-        child = ChildProcess.spawn("ray-head", argv, env={**env, **HEAD_ENV}, cwd=temp_dir, sink=sink,
-                                   forward=False)
+        child = ChildProcess.spawn("ray-head", argv, env={**env, **HEAD_ENV}, cwd=temp_dir, sink=sink, forward=False)
         try:
             address = _wait_address(child, temp_dir / ADDRESS_FILE, timeout_s, cancelled)
         except BaseException:
@@ -135,14 +168,13 @@ def _worker_port_window() -> tuple[int, int]:
 def _is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
-            sock.bind(("0.0.0.0", port))  # noqa: S104 - a probe: Ray's workers bind every interface
+            sock.bind(("0.0.0.0", port))
         except OSError:
             return False
     return True
 
 
-def _wait_address(child: ChildProcess, address_file: Path, timeout_s: float,
-                  cancelled: Callable[[], bool]) -> str:
+def _wait_address(child: ChildProcess, address_file: Path, timeout_s: float, cancelled: Callable[[], bool]) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
         try:

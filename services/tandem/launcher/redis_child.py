@@ -79,19 +79,18 @@ class RedisChild:
 
 def _wait_ready(child: ChildProcess, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    probe = redis.Redis(host=HOST, port=port, socket_timeout=PROBE_TIMEOUT_S,
-                        socket_connect_timeout=PROBE_TIMEOUT_S)
+    probe = redis.Redis(host=HOST, port=port, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
     try:
         while True:
             if not child.is_running:
                 code = child.stop(timeout_s=1.0)  # reaps it and lets its last lines arrive
-                raise ChildStartError(f"redis-server exited with code {code} on port "
-                                      f"{port}:\n{child.output_tail()}")
+                raise ChildStartError(f"redis-server exited with code {code} on port {port}:\n{child.output_tail()}")
             if answers_as(probe, child.pid):
                 return
             if time.monotonic() >= deadline:
-                raise ChildStartError(f"redis-server on port {port} not ready after {timeout_s} s:\n"
-                                      f"{child.output_tail()}")
+                raise ChildStartError(
+                    f"redis-server on port {port} not ready after {timeout_s} s:\n{child.output_tail()}"
+                )
             time.sleep(PROBE_INTERVAL_S)
     finally:
         probe.close()

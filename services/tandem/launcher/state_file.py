@@ -39,8 +39,13 @@ class UpState:
         return True
 
     def to_json(self) -> dict[str, Any]:
-        return {"redis_url": self.redis_url, "cluster": self.cluster, "endpoint": self.endpoint,
-                "pid": self.pid, "children": [asdict(child) for child in self.children]}
+        return {
+            "redis_url": self.redis_url,
+            "cluster": self.cluster,
+            "endpoint": self.endpoint,
+            "pid": self.pid,
+            "children": [asdict(child) for child in self.children],
+        }
 
     @classmethod
     def from_json(cls, data: Any) -> UpState:
@@ -49,11 +54,18 @@ class UpState:
             raise ValueError("not a JSON object")
         try:
             children = tuple(
-                ChildSummary(name=str(c["name"]), pid=int(c["pid"]), address=c.get("address"),
-                             metrics_port=c.get("metrics_port"))
-                for c in data.get("children", []))
-            state = cls(redis_url=str(data["redis_url"]), cluster=str(data["cluster"]),
-                        endpoint=str(data["endpoint"]), pid=int(data["pid"]), children=children)
+                ChildSummary(
+                    name=str(c["name"]), pid=int(c["pid"]), address=c.get("address"), metrics_port=c.get("metrics_port")
+                )
+                for c in data.get("children", [])
+            )
+            state = cls(
+                redis_url=str(data["redis_url"]),
+                cluster=str(data["cluster"]),
+                endpoint=str(data["endpoint"]),
+                pid=int(data["pid"]),
+                children=children,
+            )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"missing or malformed field: {exc}") from exc
         return state

@@ -45,8 +45,11 @@ class ClusterStatus:
     pools: tuple[PoolRow, ...]
 
     def to_json(self) -> dict[str, object]:
-        return {"cluster": self.cluster, "workers": [asdict(w) for w in self.workers],
-                "pools": [asdict(p) for p in self.pools]}
+        return {
+            "cluster": self.cluster,
+            "workers": [asdict(w) for w in self.workers],
+            "pools": [asdict(p) for p in self.pools],
+        }
 
 
 def summarize(cluster: str, workers: list[WorkerInfo], loads: dict[str, WorkerLoad | None]) -> ClusterStatus:
@@ -54,21 +57,32 @@ def summarize(cluster: str, workers: list[WorkerInfo], loads: dict[str, WorkerLo
     rows = []
     for info in sorted(workers, key=lambda w: (w.role.value != WorkerRole.PREFILL.value, w.worker_id)):
         load = loads.get(info.worker_id)
-        rows.append(WorkerRow(
-            worker_id=info.worker_id, role=info.role.value, address=info.address,
-            waiting=load.waiting if load else None, running=load.running if load else None,
-            queued_prefill_tokens=load.queued_prefill_tokens if load else None,
-            kv_usage_perc=100.0 * load.kv_cache_usage if load else None))
+        rows.append(
+            WorkerRow(
+                worker_id=info.worker_id,
+                role=info.role.value,
+                address=info.address,
+                waiting=load.waiting if load else None,
+                running=load.running if load else None,
+                queued_prefill_tokens=load.queued_prefill_tokens if load else None,
+                kv_usage_perc=100.0 * load.kv_cache_usage if load else None,
+            )
+        )
     pools = []
     for role in (WorkerRole.PREFILL, WorkerRole.DECODE):
         members = [w for w in workers if w.role is role]
         pool_loads = [load for w in members if (load := loads.get(w.worker_id)) is not None]
         used = sum(load.kv_blocks_used for load in pool_loads)
         total = sum(load.kv_blocks_total for load in pool_loads)
-        pools.append(PoolRow(role=role.value, workers=len(members),
-                             waiting=sum(load.waiting for load in pool_loads),
-                             running=sum(load.running for load in pool_loads),
-                             kv_usage_perc=100.0 * used / total if total else 0.0))
+        pools.append(
+            PoolRow(
+                role=role.value,
+                workers=len(members),
+                waiting=sum(load.waiting for load in pool_loads),
+                running=sum(load.running for load in pool_loads),
+                kv_usage_perc=100.0 * used / total if total else 0.0,
+            )
+        )
     return ClusterStatus(cluster, tuple(rows), tuple(pools))
 
 
@@ -95,21 +109,35 @@ def render(status: ClusterStatus) -> str:
     if status.workers:
         lines += _table(
             ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE"],
-            [[w.worker_id, w.role, w.address, _cell(w.waiting), _cell(w.running),
-              _cell(w.queued_prefill_tokens), _cell(w.kv_usage_perc, percent=True)] for w in status.workers])
+            [
+                [
+                    w.worker_id,
+                    w.role,
+                    w.address,
+                    _cell(w.waiting),
+                    _cell(w.running),
+                    _cell(w.queued_prefill_tokens),
+                    _cell(w.kv_usage_perc, percent=True),
+                ]
+                for w in status.workers
+            ],
+        )
     else:
         lines.append("no live workers")
     lines.append("")
-    lines += _table(["POOL", "WORKERS", "WAITING", "RUNNING", "KV_USE"],
-                    [[p.role, str(p.workers), str(p.waiting), str(p.running), _cell(p.kv_usage_perc, percent=True)]
-                     for p in status.pools])
+    lines += _table(
+        ["POOL", "WORKERS", "WAITING", "RUNNING", "KV_USE"],
+        [
+            [p.role, str(p.workers), str(p.waiting), str(p.running), _cell(p.kv_usage_perc, percent=True)]
+            for p in status.pools
+        ],
+    )
     return "\n".join(lines)
 
 
 def run_status(redis_url: str, cluster: str, as_json: bool = False) -> int:
     """Print the cluster's status; 1 with a message on stderr if Redis cannot be reached."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                  socket_connect_timeout=REDIS_TIMEOUT_S)
+    client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
         status = collect(ClusterState(client, cluster), cluster)
     except (redis.RedisError, OSError) as exc:

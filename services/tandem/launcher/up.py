@@ -83,22 +83,28 @@ def served_model_name(endpoint: str, api_key: str | None, fallback: str) -> str:
 
 def curl_example(endpoint: str, model: str, api_key: str | None) -> str:
     """One shell line that sends a chat completion to the cluster."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": EXAMPLE_PROMPT}],
-                       "max_tokens": 32})
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": EXAMPLE_PROMPT}], "max_tokens": 32})
     auth = f" -H {shlex.quote(f'Authorization: Bearer {api_key}')}" if api_key is not None else ""
-    return (f"curl -s {shlex.quote(endpoint + '/v1/chat/completions')}"
-            f" -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}")
+    return (
+        f"curl -s {shlex.quote(endpoint + '/v1/chat/completions')}"
+        f" -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
+    )
 
 
 def _banner(cluster: LocalCluster, model: str) -> str:
     config = cluster.config
-    mode = (f"{config.num_prefill} prefill + {config.num_decode} decode worker(s)" if config.num_prefill
-            else f"{config.num_decode} decode worker(s), colocated (no prefill pool)")
-    lines = [f"tandem up: cluster '{config.cluster}' is ready: {mode}",
-             f"  endpoint: {cluster.endpoint}",
-             f"  model:    {model}",
-             f"  redis:    {cluster.redis_url}",
-             f"  processes (tandem up itself is pid {os.getpid()}):"]
+    mode = (
+        f"{config.num_prefill} prefill + {config.num_decode} decode worker(s)"
+        if config.num_prefill
+        else f"{config.num_decode} decode worker(s), colocated (no prefill pool)"
+    )
+    lines = [
+        f"tandem up: cluster '{config.cluster}' is ready: {mode}",
+        f"  endpoint: {cluster.endpoint}",
+        f"  model:    {model}",
+        f"  redis:    {cluster.redis_url}",
+        f"  processes (tandem up itself is pid {os.getpid()}):",
+    ]
     children = cluster.children()
     width = max(len(child.name) for child in children)
     for child in children:
@@ -106,14 +112,27 @@ def _banner(cluster: LocalCluster, model: str) -> str:
         metrics = f"  (metrics on port {child.metrics_port})" if child.metrics_port else ""
         lines.append(f"    {child.name.ljust(width)}  pid {child.pid}{where}{metrics}")
     api_key = config.api_keys[0] if config.api_keys else None
-    lines += ["", "Try it:", f"  {curl_example(cluster.endpoint, model, api_key)}", "",
-              f"Status: tandem status    Stop: Ctrl-C (or kill -TERM {os.getpid()})"]
+    lines += [
+        "",
+        "Try it:",
+        f"  {curl_example(cluster.endpoint, model, api_key)}",
+        "",
+        f"Status: tandem status    Stop: Ctrl-C (or kill -TERM {os.getpid()})",
+    ]
     return "\n".join(lines)
 
 
 def _write_state(path: Path, cluster: LocalCluster) -> None:
-    write_state(path, UpState(redis_url=cluster.redis_url, cluster=cluster.config.cluster,
-                              endpoint=cluster.endpoint, pid=os.getpid(), children=tuple(cluster.children())))
+    write_state(
+        path,
+        UpState(
+            redis_url=cluster.redis_url,
+            cluster=cluster.config.cluster,
+            endpoint=cluster.endpoint,
+            pid=os.getpid(),
+            children=tuple(cluster.children()),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -126,15 +145,20 @@ class _Autoscaling:
     @classmethod
     def start(cls, cluster: LocalCluster, config: AutoscalerConfig) -> _Autoscaling:
         state = ClusterState(redis.Redis.from_url(cluster.redis_url, socket_timeout=2.0), cluster.config.cluster)
-        actuator = LocalActuator({WorkerRole.PREFILL: cluster.pool_size(WorkerRole.PREFILL),
-                                  WorkerRole.DECODE: cluster.pool_size(WorkerRole.DECODE)})
+        actuator = LocalActuator(
+            {
+                WorkerRole.PREFILL: cluster.pool_size(WorkerRole.PREFILL),
+                WorkerRole.DECODE: cluster.pool_size(WorkerRole.DECODE),
+            }
+        )
         autoscaler = Autoscaler(state, actuator, config, AutoscalerMetrics())
         autoscaler.start()
         return cls(autoscaler, actuator)
 
 
-def run_up(config: LocalClusterConfig, state_path: Path, out: TextIO | None = None,
-           placement: WorkerPlacement | None = None) -> int:
+def run_up(
+    config: LocalClusterConfig, state_path: Path, out: TextIO | None = None, placement: WorkerPlacement | None = None
+) -> int:
     """Run a cluster until SIGINT/SIGTERM. Exit code: 0 after a requested stop, 1 on failure.
     `placement` runs the workers (default: local processes; `tandem up --ray`: Ray actors)."""
     out = out if out is not None else sys.stdout
@@ -168,8 +192,9 @@ def run_up(config: LocalClusterConfig, state_path: Path, out: TextIO | None = No
                 return 1
             time.sleep(WAIT_INTERVAL_S)
         assert stop.signum is not None
-        print(f"tandem up: {signal.Signals(stop.signum).name} received; stopping the cluster",
-              file=sys.stderr, flush=True)
+        print(
+            f"tandem up: {signal.Signals(stop.signum).name} received; stopping the cluster", file=sys.stderr, flush=True
+        )
         return 0
     finally:
         if autoscaling is not None:

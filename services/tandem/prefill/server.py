@@ -82,11 +82,13 @@ class PrefillServicer(WorkerServicerBase):
         response = pb.PrefillResponse(first_token=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens)
         assert out.first_scheduled_s is not None  # a sampled token was scheduled
         self._record_stages(span, arrival, out.first_scheduled_s, sampled_s[0], response)
-        span.set_attributes({
-            "gen_ai.usage.output_tokens": 1,
-            "gen_ai.response.finish_reasons": (out.finish_reason.value,),
-            "tandem.cached_tokens": out.num_cached_tokens,
-        })
+        span.set_attributes(
+            {
+                "gen_ai.usage.output_tokens": 1,
+                "gen_ai.response.finish_reasons": (out.finish_reason.value,),
+                "tandem.cached_tokens": out.num_cached_tokens,
+            }
+        )
         if out.new_logprobs:
             response.first_logprob.CopyFrom(codec.logprob_to_proto(out.new_logprobs[0]))
         if out.finish_reason is not FinishReason.HANDOFF:

@@ -64,13 +64,14 @@ def _workers(num_workers: int, rng: random.Random) -> tuple[list[WorkerInfo], di
     workers, loads = [], {}
     for i in range(num_workers):
         role = WorkerRole.PREFILL if i % 2 == 0 else WorkerRole.DECODE
-        info = WorkerInfo(f"{role.value[0]}-{i // 2:03d}", role, f"10.0.0.{i}:7000", "ab12",
-                          KV_BLOCKS_TOTAL, "bench")
+        info = WorkerInfo(f"{role.value[0]}-{i // 2:03d}", role, f"10.0.0.{i}:7000", "ab12", KV_BLOCKS_TOTAL, "bench")
         workers.append(info)
         loads[info.worker_id] = WorkerLoad(
-            waiting=rng.randint(0, 8), running=rng.randint(0, 32),
+            waiting=rng.randint(0, 8),
+            running=rng.randint(0, 32),
             queued_prefill_tokens=rng.randint(0, 8192),
-            kv_blocks_used=rng.randint(0, KV_BLOCKS_TOTAL), kv_blocks_total=KV_BLOCKS_TOTAL,
+            kv_blocks_used=rng.randint(0, KV_BLOCKS_TOTAL),
+            kv_blocks_total=KV_BLOCKS_TOTAL,
             timestamp_s=0.0,
         )
     return workers, loads
@@ -97,12 +98,12 @@ def run_scheduler_bench(
             num_held = rng.randint(1, len(prompt_hashes)) if prompt_hashes else 0
             if rng.random() < 0.5 and num_held:
                 seq += 1
-                index.apply(KVEventRecord(info.worker_id, 1, seq, KVEventKind.STORED,
-                                          prompt_hashes[:num_held]))
+                index.apply(KVEventRecord(info.worker_id, 1, seq, KVEventKind.STORED, prompt_hashes[:num_held]))
 
     policy = make_policy(config.policy)
-    requests = [RouteRequest(f"r{i}", prompt_tokens, hashes[i % NUM_PROMPTS], i)
-                for i in range(iterations + WARMUP_ITERATIONS)]
+    requests = [
+        RouteRequest(f"r{i}", prompt_tokens, hashes[i % NUM_PROMPTS], i) for i in range(iterations + WARMUP_ITERATIONS)
+    ]
     clock_s = [1000.0]
 
     def route(i: int) -> object:
@@ -116,10 +117,15 @@ def run_scheduler_bench(
         return hash_blocks(prompts[i % NUM_PROMPTS], config.block_size, extra)
 
     results: dict[str, float] = {}
-    rows = [("route", route, iterations), ("match", match, iterations),
-            ("hash_blocks", hash_prompt, max(1, iterations // 10))]
-    out(f"scheduler bench: {num_workers} workers, {prompt_tokens}-token prompt "
-          f"({prompt_tokens // config.block_size} blocks), policy {config.policy}")
+    rows = [
+        ("route", route, iterations),
+        ("match", match, iterations),
+        ("hash_blocks", hash_prompt, max(1, iterations // 10)),
+    ]
+    out(
+        f"scheduler bench: {num_workers} workers, {prompt_tokens}-token prompt "
+        f"({prompt_tokens // config.block_size} blocks), policy {config.policy}"
+    )
     out(f"{'path':<12} {'n':>6} {'p50 us':>10} {'p99 us':>10} {'max us':>10}")
     for name, fn, n in rows:
         p50, p99, worst = _percentiles_us(_time_ns(fn, n))

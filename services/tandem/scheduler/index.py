@@ -76,8 +76,7 @@ class PrefixIndex:
             holders = self._holders
             if record.kind is KVEventKind.STORED:
                 confirmed.update(hashes)
-                holders.update(zip(hashes, map(or_, map(holders.get, hashes, repeat(0)),
-                                               repeat(bit))))
+                holders.update(zip(hashes, map(or_, map(holders.get, hashes, repeat(0)), repeat(bit))))
             else:  # REMOVED
                 confirmed.difference_update(hashes)
                 for h in hashes:
@@ -145,8 +144,9 @@ class PrefixIndex:
             owner = self._owner
             # still[i] = candidates holding all of blocks 0..i-1 (confirmed); the walk stops
             # where none is left, so a prompt nobody holds costs a few lookups.
-            still = list(takewhile(bool, accumulate(
-                map(self._holders.get, block_hashes, repeat(0)), and_, initial=candidates)))
+            still = list(
+                takewhile(bool, accumulate(map(self._holders.get, block_hashes, repeat(0)), and_, initial=candidates))
+            )
             for i in compress(count(), map(ne, still, islice(still, 1, None))):
                 dropped = still[i] ^ still[i + 1]
                 while dropped:
@@ -199,22 +199,27 @@ class PrefixIndex:
         position = self._positions.get(worker_id)
         if position is None:
             if seq != 1:  # the stream was trimmed, or the worker was forgotten meanwhile
-                logger.info("kv events of %s start at seq %d of epoch %d; its view is partial",
-                            worker_id, seq, epoch)
+                logger.info("kv events of %s start at seq %d of epoch %d; its view is partial", worker_id, seq, epoch)
                 self._gaps[worker_id] = self._gaps.get(worker_id, 0) + 1
         elif epoch < position[0] or (epoch == position[0] and seq <= position[1]):
             logger.debug("ignoring stale kv event %s epoch %d seq %d", worker_id, epoch, seq)
             return False
         elif epoch > position[0]:
-            logger.info("worker %s restarted (epoch %d -> %d); dropping its index entries",
-                        worker_id, position[0], epoch)
+            logger.info(
+                "worker %s restarted (epoch %d -> %d); dropping its index entries", worker_id, position[0], epoch
+            )
             self._drop_entries(worker_id)
             self._gaps.pop(worker_id, None)
             if seq != 1:
                 self._gaps[worker_id] = 1
         elif seq != position[1] + 1:
-            logger.warning("kv events of %s: gap in epoch %d (seq %d after %d); keeping its "
-                           "entries", worker_id, epoch, seq, position[1])
+            logger.warning(
+                "kv events of %s: gap in epoch %d (seq %d after %d); keeping its entries",
+                worker_id,
+                epoch,
+                seq,
+                position[1],
+            )
             self._gaps[worker_id] = self._gaps.get(worker_id, 0) + 1
         self._positions[worker_id] = (epoch, seq)
         return True

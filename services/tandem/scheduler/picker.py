@@ -74,10 +74,8 @@ def decide(
     decode_cached = cached_tokens(request, d, config)
     uncached_at_d = request.num_prompt_tokens - decode_cached
     fingerprint = d.info.fingerprint
-    candidates = [v for v in prefill
-                  if v.info.fingerprint == fingerprint and v.info.worker_id not in exclude]
+    candidates = [v for v in prefill if v.info.fingerprint == fingerprint and v.info.worker_id not in exclude]
     if not candidates or uncached_at_d < config.local_prefill_max_tokens:
         return RouteDecision(RouteKind.LOCAL_PREFILL, d.info, None, decode_cached, 0)
     p = policy.pick(request, candidates, WorkerRole.PREFILL, config)
-    return RouteDecision(RouteKind.DISAGGREGATED, d.info, p.info, decode_cached,
-                         cached_tokens(request, p, config))
+    return RouteDecision(RouteKind.DISAGGREGATED, d.info, p.info, decode_cached, cached_tokens(request, p, config))

@@ -69,15 +69,12 @@ class LeastLoaded:
             load = view.load
             if load is None:
                 return (0, 0, 0.0, view.info.worker_id)
-            return (load.waiting + load.running, load.queued_prefill_tokens,
-                    load.kv_cache_usage, view.info.worker_id)
+            return (load.waiting + load.running, load.queued_prefill_tokens, load.kv_cache_usage, view.info.worker_id)
 
         return min(candidates, key=key)
 
 
-def prefix_aware_cost(
-    request: RouteRequest, view: WorkerView, pool: WorkerRole, config: SchedulerConfig
-) -> float:
+def prefix_aware_cost(request: RouteRequest, view: WorkerView, pool: WorkerRole, config: SchedulerConfig) -> float:
     """The `PrefixAware` cost of sending `request` to `view`, in token units (lower is better).
 
     With T = num_prompt_tokens, B = block_size, and an absent load counting as all zeros:
@@ -97,12 +94,24 @@ def prefix_aware_cost(
     expensive as recomputing the prompt scaled by its usage.
     """
     tokens_per_seq = config.block_size if pool is WorkerRole.DECODE else 0
-    return _cost(view, request.num_prompt_tokens, config.block_size, config.queue_weight,
-                 config.kv_weight * request.num_prompt_tokens, tokens_per_seq)
+    return _cost(
+        view,
+        request.num_prompt_tokens,
+        config.block_size,
+        config.queue_weight,
+        config.kv_weight * request.num_prompt_tokens,
+        tokens_per_seq,
+    )
 
 
-def _cost(view: WorkerView, num_prompt_tokens: int, block_size: int, queue_weight: float,
-          kv_weight_tokens: float, tokens_per_seq: int) -> float:
+def _cost(
+    view: WorkerView,
+    num_prompt_tokens: int,
+    block_size: int,
+    queue_weight: float,
+    kv_weight_tokens: float,
+    tokens_per_seq: int,
+) -> float:
     """`prefix_aware_cost` with the per-request factors hoisted out (it runs per candidate)."""
     uncached = num_prompt_tokens - view.num_cached_blocks * block_size
     if uncached < 0:
@@ -136,23 +145,22 @@ class PrefixAware:
         queue_weight, kv_weight_tokens = config.queue_weight, config.kv_weight * num_tokens
         tokens_per_seq = block_size if pool is WorkerRole.DECODE else 0
         best = candidates[0]
-        best_cost = _cost(best, num_tokens, block_size, queue_weight, kv_weight_tokens,
-                          tokens_per_seq)
+        best_cost = _cost(best, num_tokens, block_size, queue_weight, kv_weight_tokens, tokens_per_seq)
         for view in candidates[1:]:
-            cost = _cost(view, num_tokens, block_size, queue_weight, kv_weight_tokens,
-                         tokens_per_seq)
-            if cost < best_cost or (cost == best_cost
-                                    and view.info.worker_id < best.info.worker_id):
+            cost = _cost(view, num_tokens, block_size, queue_weight, kv_weight_tokens, tokens_per_seq)
+            if cost < best_cost or (cost == best_cost and view.info.worker_id < best.info.worker_id):
                 best, best_cost = view, cost
         return best
 
 
 # Immutable registry: name -> policy class (policies are stateless; one instance per scheduler).
-POLICIES: Mapping[str, type[Policy]] = MappingProxyType({
-    RoundRobin.name: RoundRobin,
-    LeastLoaded.name: LeastLoaded,
-    PrefixAware.name: PrefixAware,
-})
+POLICIES: Mapping[str, type[Policy]] = MappingProxyType(
+    {
+        RoundRobin.name: RoundRobin,
+        LeastLoaded.name: LeastLoaded,
+        PrefixAware.name: PrefixAware,
+    }
+)
 
 
 def make_policy(name: str) -> Policy:

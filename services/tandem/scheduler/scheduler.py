@@ -72,10 +72,12 @@ class RegistrySnapshot:
     taken_at_s: float
 
     @classmethod
-    def of(cls, workers: Iterable[WorkerInfo], loads: Mapping[str, WorkerLoad | None],
-           taken_at_s: float) -> RegistrySnapshot:
-        views = sorted((WorkerView(w, loads.get(w.worker_id), 0) for w in workers),
-                       key=lambda view: view.info.worker_id)
+    def of(
+        cls, workers: Iterable[WorkerInfo], loads: Mapping[str, WorkerLoad | None], taken_at_s: float
+    ) -> RegistrySnapshot:
+        views = sorted(
+            (WorkerView(w, loads.get(w.worker_id), 0) for w in workers), key=lambda view: view.info.worker_id
+        )
         prefill = tuple(v for v in views if v.info.role is WorkerRole.PREFILL)
         decode = tuple(v for v in views if v.info.role is WorkerRole.DECODE)
         return cls(
@@ -119,8 +121,11 @@ def route_on(
         if worker is not None:
             index.add_speculative(worker.worker_id, request.block_hashes, now_s)
     if inflight is not None:
-        inflight.begin(prefilled_by(decision), uncached_prefill_tokens(decision, request.num_prompt_tokens),
-                       decision.decode.worker_id)
+        inflight.begin(
+            prefilled_by(decision),
+            uncached_prefill_tokens(decision, request.num_prompt_tokens),
+            decision.decode.worker_id,
+        )
     return decision
 
 
@@ -134,8 +139,13 @@ def uncached_prefill_tokens(decision: RouteDecision, num_prompt_tokens: int) -> 
     return max(0, num_prompt_tokens - cached)
 
 
-def _views(views: tuple[WorkerView, ...], worker_ids: tuple[str, ...], cached: Mapping[str, int],
-           touched: frozenset[str], inflight: InflightTable | None) -> list[WorkerView]:
+def _views(
+    views: tuple[WorkerView, ...],
+    worker_ids: tuple[str, ...],
+    cached: Mapping[str, int],
+    touched: frozenset[str],
+    inflight: InflightTable | None,
+) -> list[WorkerView]:
     """`views` with their cached block counts and adjusted loads; others keep their view."""
     out = []
     for v, wid in zip(views, worker_ids):
@@ -170,8 +180,10 @@ class Scheduler:
     ) -> None:
         events = state if events_state is None else events_state
         if events.key_prefix != state.key_prefix:
-            raise ValueError(f"events_state reads {events.key_prefix!r} but state reads "
-                             f"{state.key_prefix!r}; use one cluster name for both")
+            raise ValueError(
+                f"events_state reads {events.key_prefix!r} but state reads "
+                f"{state.key_prefix!r}; use one cluster name for both"
+            )
         timeout_s = events.socket_timeout_s
         needed_s = config.kv_events_block_ms / 1000 + SOCKET_TIMEOUT_MARGIN_S
         if timeout_s is not None and timeout_s < needed_s:
@@ -224,13 +236,15 @@ class Scheduler:
 
     def route(self, request: RouteRequest, exclude: frozenset[str] = frozenset()) -> RouteDecision:
         """Decide where `request` goes (see `route_on`). NoWorkerError: answer 503."""
-        return route_on(self._snapshot, self._index, request, self._policy, self._config,
-                        self._clock(), exclude, self._inflight)
+        return route_on(
+            self._snapshot, self._index, request, self._policy, self._config, self._clock(), exclude, self._inflight
+        )
 
     def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int) -> None:
         """The prompt of a routed request was prefilled (or failed): call once per decision."""
-        self._inflight.prefill_done(prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens),
-                                    self._clock())
+        self._inflight.prefill_done(
+            prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens), self._clock()
+        )
 
     def decode_done(self, decision: RouteDecision) -> None:
         """The decode stream of a routed request ended (any way): call once per decision."""
@@ -244,9 +258,12 @@ class Scheduler:
         """The current snapshot, sorted by worker id, with what the index holds per worker."""
         snapshot = self._snapshot
         views = sorted(snapshot.prefill + snapshot.decode, key=lambda view: view.info.worker_id)
-        return tuple(WorkerStatus(v.info, v.load, self._index.num_blocks(v.info.worker_id),
-                                  self._index.num_claims(v.info.worker_id))
-                     for v in views)
+        return tuple(
+            WorkerStatus(
+                v.info, v.load, self._index.num_blocks(v.info.worker_id), self._index.num_claims(v.info.worker_id)
+            )
+            for v in views
+        )
 
     # --- registry refresher ------------------------------------------------------------------
 
@@ -266,8 +283,7 @@ class Scheduler:
         self._snapshot = snapshot
         live = set(snapshot.worker_ids)
         if live != previous:
-            logger.info("workers joined: %s; left: %s", sorted(live - previous) or "-",
-                        sorted(previous - live) or "-")
+            logger.info("workers joined: %s; left: %s", sorted(live - previous) or "-", sorted(previous - live) or "-")
         for worker_id in known - live:
             self._index.forget(worker_id)
         for worker_id in self._inflight.touched() - live:
@@ -280,7 +296,7 @@ class Scheduler:
             try:
                 self.refresh_now()
                 wait_s = interval_s
-            except Exception as exc:  # noqa: BLE001 - the thread must survive anything
+            except Exception as exc:
                 wait_s = min(MAX_BACKOFF_S, max(interval_s, 2 * wait_s))
                 self._log_failure("registry refresh", exc, wait_s)
 
@@ -299,7 +315,7 @@ class Scheduler:
                     self._caught_up.set()
                 self._index.expire(self._clock())
                 backoff_s = 0.0
-            except Exception as exc:  # noqa: BLE001 - the thread must survive anything
+            except Exception as exc:
                 backoff_s = min(MAX_BACKOFF_S, max(0.05, 2 * backoff_s))
                 self._log_failure("kv event follow", exc, backoff_s)
                 self._stop.wait(backoff_s)

@@ -98,8 +98,7 @@ class RouteDecision:
 
     def __post_init__(self) -> None:
         if (self.kind is RouteKind.LOCAL_PREFILL) != (self.prefill is None):
-            raise ValueError("a local_prefill decision has no prefill worker; a disaggregated "
-                             "one has exactly one")
+            raise ValueError("a local_prefill decision has no prefill worker; a disaggregated one has exactly one")
 
 
 @dataclass(frozen=True)
@@ -129,11 +128,10 @@ class SchedulerConfig:
     kv_events_block_ms: int = 500
 
     def __post_init__(self) -> None:
-        from tandem.scheduler.policies import POLICIES  # noqa: PLC0415 - policies imports us
+        from tandem.scheduler.policies import POLICIES
 
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown scheduler policy {self.policy!r}; "
-                             f"valid: {', '.join(sorted(POLICIES))}")
+            raise ValueError(f"unknown scheduler policy {self.policy!r}; valid: {', '.join(sorted(POLICIES))}")
         _check_int("block_size", self.block_size, minimum=1)
         _check_int("local_prefill_max_tokens", self.local_prefill_max_tokens, minimum=0)
         _check_int("kv_events_block_ms", self.kv_events_block_ms, minimum=1)
@@ -149,8 +147,12 @@ def _check_int(name: str, value: int, minimum: int) -> None:
 
 
 def _check_float(name: str, value: float, positive: bool) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value) and (value > 0 if positive else value >= 0))
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
     if not ok:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"scheduler {name} must be a finite number {bound}, got {value!r}")

@@ -60,10 +60,15 @@ class ClusterSpec:
 
     def config(self) -> LocalClusterConfig:
         count = {role: sum(w.role == role for w in self.workers) for role in ("prefill", "decode")}
-        return LocalClusterConfig(num_prefill=count["prefill"], num_decode=count["decode"], port=0,
-                                  model_dir=self.model_dir, policy=self.policy,
-                                  local_prefill_max_tokens=self.local_prefill_max_tokens,
-                                  kv_cache_mib=self.kv_cache_mib)
+        return LocalClusterConfig(
+            num_prefill=count["prefill"],
+            num_decode=count["decode"],
+            port=0,
+            model_dir=self.model_dir,
+            policy=self.policy,
+            local_prefill_max_tokens=self.local_prefill_max_tokens,
+            kv_cache_mib=self.kv_cache_mib,
+        )
 
     def worker_cpus(self) -> dict[str, int]:
         """Core of each worker by the id `LocalCluster` gives it (`decode-0`, `prefill-1`, ...):
@@ -110,8 +115,11 @@ class BenchCluster:
     @property
     def worker_addresses(self) -> dict[str, str]:
         """gRPC address of each worker, by worker id."""
-        return {child.name: child.address for child in self._cluster.children()
-                if child.name.startswith(("prefill-", "decode-")) and child.address}
+        return {
+            child.name: child.address
+            for child in self._cluster.children()
+            if child.name.startswith(("prefill-", "decode-")) and child.address
+        }
 
     def metrics(self) -> dict[str, float]:
         """The gateway's Prometheus samples, keyed `name{label=value,...}` (labels sorted)."""

@@ -11,10 +11,10 @@ meant to show. This one makes a 1024-token prefill cost ~0.3 s on one core, agai
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from tandem.loadtest.arrivals import LoadShape
 from tandem.loadtest.client import ClientConfig, StreamingClient
@@ -57,14 +57,20 @@ class BenchContext:
         return quick if self.quick else full
 
 
-def drive(url: str, model: str, requests: Sequence[WorkloadRequest], shape: LoadShape, seed: int = 0,
-          timeout_s: float = 300.0) -> RunResult:
+def drive(
+    url: str, model: str, requests: Sequence[WorkloadRequest], shape: LoadShape, seed: int = 0, timeout_s: float = 300.0
+) -> RunResult:
     """Send `requests` to the gateway at `url` under `shape` with the load generator."""
     return drive_streams(url, model, [(requests, shape)], seed, timeout_s)[0]
 
 
-def drive_streams(url: str, model: str, streams: Sequence[tuple[Sequence[WorkloadRequest], LoadShape]],
-                  seed: int = 0, timeout_s: float = 300.0) -> list[RunResult]:
+def drive_streams(
+    url: str,
+    model: str,
+    streams: Sequence[tuple[Sequence[WorkloadRequest], LoadShape]],
+    seed: int = 0,
+    timeout_s: float = 300.0,
+) -> list[RunResult]:
     """Run several request streams at once, each under its own load shape, on one client and one
     run clock (so their records share a time axis). Every failed or short request is an error
     here: a benchmark of a failing system measures nothing."""
@@ -73,8 +79,9 @@ def drive_streams(url: str, model: str, streams: Sequence[tuple[Sequence[Workloa
 
     async def main() -> list[RunResult]:
         async with StreamingClient(config, clock=clock) as client:
-            return list(await asyncio.gather(*(run_load(client, requests, shape, seed, clock)
-                                                 for requests, shape in streams)))
+            return list(
+                await asyncio.gather(*(run_load(client, requests, shape, seed, clock) for requests, shape in streams))
+            )
 
     results = asyncio.run(main())
     for (requests, _), result in zip(streams, results):
@@ -82,10 +89,13 @@ def drive_streams(url: str, model: str, streams: Sequence[tuple[Sequence[Workloa
         failed = [r for r in result.records if not r.ok]
         if failed:
             first = failed[0]
-            raise RuntimeError(f"{len(failed)} of {len(result.records)} requests failed; first: {first.request_id} "
-                               f"{first.error.value if first.error else ''} {first.error_message}")
+            raise RuntimeError(
+                f"{len(failed)} of {len(result.records)} requests failed; first: {first.request_id} "
+                f"{first.error.value if first.error else ''} {first.error_message}"
+            )
         short = [r.request_id for r in result.records if r.output_tokens != max_tokens[r.request_id]]
         if short:
-            raise RuntimeError(f"requests {short[:5]} returned another number of tokens than max_tokens "
-                               "(ignore_eos was sent)")
+            raise RuntimeError(
+                f"requests {short[:5]} returned another number of tokens than max_tokens (ignore_eos was sent)"
+            )
     return results

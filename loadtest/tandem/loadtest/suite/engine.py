@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from tandem.loadtest.suite.context import BenchContext
-from tandem.loadtest.suite.figures import Figure, Section
 from tandem.engine.bench import engine_tokens_per_s, transformers_tokens_per_s
 from tandem.engine.engine import Engine
+from tandem.loadtest.suite.context import BenchContext
+from tandem.loadtest.suite.figures import Figure, Section
 
 GOAL = 5.0
 PROMPT_LEN = 32
@@ -29,8 +29,15 @@ def run(ctx: BenchContext) -> Section:
     for concurrency in CONCURRENCIES:
         tps = engine_tokens_per_s(engine, concurrency, PROMPT_LEN, max_tokens)
         rows.append(("engine", str(concurrency), f"{tps:.1f}", f"{tps / baseline:.2f}"))
-        figures.append(Figure(f"engine / transformers at concurrency {concurrency}", tps / baseline,
-                              goal=GOAL if concurrency == 32 else None))
-    setup = (f"{PROMPT_LEN}-token random prompts, {max_tokens} new tokens each, greedy, ignore EOS; "
-             f"both sides use {torch.get_num_threads()} torch threads.")
+        figures.append(
+            Figure(
+                f"engine / transformers at concurrency {concurrency}",
+                tps / baseline,
+                goal=GOAL if concurrency == 32 else None,
+            )
+        )
+    setup = (
+        f"{PROMPT_LEN}-token random prompts, {max_tokens} new tokens each, greedy, ignore EOS; "
+        f"both sides use {torch.get_num_threads()} torch threads."
+    )
     return Section("engine", "Engine vs transformers generate", setup, tuple(figures), tuple(rows))

@@ -36,7 +36,9 @@ class Figure:
         return self.value >= self.goal if self.direction is Direction.AT_LEAST else self.value <= self.goal
 
     def goal_text(self) -> str:
-        return "" if self.goal is None else f"{self.direction.value} {self.goal:g}{self.unit if self.unit != 'x' else ''}"
+        return (
+            "" if self.goal is None else f"{self.direction.value} {self.goal:g}{self.unit if self.unit != 'x' else ''}"
+        )
 
     def verdict(self) -> str:
         return {None: "", True: "met", False: "**missed**"}[self.met]

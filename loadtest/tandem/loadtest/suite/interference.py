@@ -50,8 +50,9 @@ def _itl_p99_ms(records: tuple[RequestRecord, ...]) -> float:
     return 1000 * percentile([gap for r in records for gap in r.itl_gaps_s], 99)
 
 
-def _measure(ctx: BenchContext, layout: str, decode: list[WorkloadRequest], long: list[WorkloadRequest],
-             warmup: WorkloadRequest) -> tuple[float, float, float]:
+def _measure(
+    ctx: BenchContext, layout: str, decode: list[WorkloadRequest], long: list[WorkloadRequest], warmup: WorkloadRequest
+) -> tuple[float, float, float]:
     """(decode-only ITL p99 ms, mixed ITL p99 ms, mixed duration s) for one layout. `warmup`
     is a long prompt outside `long`, so no measured prompt is in a prefix cache already."""
     workers = (WorkerSpec("decode", DECODE_CPU),)
@@ -61,9 +62,11 @@ def _measure(ctx: BenchContext, layout: str, decode: list[WorkloadRequest], long
     with BenchCluster.start(spec) as cluster:
         drive(cluster.url, cluster.model, [*decode[:2], warmup], ClosedLoop(2))
         alone = drive(cluster.url, cluster.model, decode, ClosedLoop(DECODE_CONCURRENCY))
-        mixed, _ = drive_streams(cluster.url, cluster.model, [
-            (decode, ClosedLoop(DECODE_CONCURRENCY)),
-            (long, OpenLoop(LONG_RATE_RPS, ArrivalPattern.CONSTANT))])
+        mixed, _ = drive_streams(
+            cluster.url,
+            cluster.model,
+            [(decode, ClosedLoop(DECODE_CONCURRENCY)), (long, OpenLoop(LONG_RATE_RPS, ArrivalPattern.CONSTANT))],
+        )
     return _itl_p99_ms(alone.records), _itl_p99_ms(mixed.records), mixed.duration_s
 
 
@@ -80,15 +83,22 @@ def run(ctx: BenchContext) -> Section:
         rows.append((layout, f"{alone_ms:.1f}", f"{mixed_ms:.1f}", f"{mixed_ms / alone_ms:.2f}", f"{duration_s:.1f}"))
     disagg, coloc = ratios["disaggregated"], ratios["colocated"]
     figures = (
-        Figure("disaggregated: decode ITL p99 with long prompts / decode-only", disagg[1] / disagg[0],
-               goal=GOAL, direction=Direction.AT_MOST),
+        Figure(
+            "disaggregated: decode ITL p99 with long prompts / decode-only",
+            disagg[1] / disagg[0],
+            goal=GOAL,
+            direction=Direction.AT_MOST,
+        ),
         Figure("colocated: decode ITL p99 with long prompts / decode-only", coloc[1] / coloc[0]),
         Figure("decode ITL p99 with long prompts: colocated / disaggregated", coloc[1] / disagg[1]),
     )
     lens = sorted(len(r.prompt_token_ids) for r in long)
-    setup = (f"{len(decode)} decode-heavy requests (16-32 prompt tokens, 192-256 output tokens) at concurrency "
-             f"{DECODE_CONCURRENCY}; {len(long)} long prompts ({lens[0]}-{lens[-1]} tokens, 4 output tokens) at "
-             f"{LONG_RATE_RPS:g}/s, constant. Decode worker alone on core {DECODE_CPU}; prefill worker (disaggregated "
-             f"only), gateway and load generator on core {SHARED_CPU}; one torch thread per worker.")
-    return Section("interference", "Disaggregated vs colocated: decode ITL under long prompts", setup, figures,
-                   tuple(rows))
+    setup = (
+        f"{len(decode)} decode-heavy requests (16-32 prompt tokens, 192-256 output tokens) at concurrency "
+        f"{DECODE_CONCURRENCY}; {len(long)} long prompts ({lens[0]}-{lens[-1]} tokens, 4 output tokens) at "
+        f"{LONG_RATE_RPS:g}/s, constant. Decode worker alone on core {DECODE_CPU}; prefill worker (disaggregated "
+        f"only), gateway and load generator on core {SHARED_CPU}; one torch thread per worker."
+    )
+    return Section(
+        "interference", "Disaggregated vs colocated: decode ITL under long prompts", setup, figures, tuple(rows)
+    )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from tandem.kvtransfer.bench import BEST_GOAL, GRPC_GOAL, measure_kv
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Figure, Section
-from tandem.kvtransfer.bench import BEST_GOAL, GRPC_GOAL, measure_kv
 
 
 def run(ctx: BenchContext) -> Section:
@@ -13,16 +13,26 @@ def run(ctx: BenchContext) -> Section:
         raise RuntimeError("a transport's destination blocks differ from the source's")
     rows = [("path", "MB/s (median)", "range", "of raw TCP")]
     for name, result in report.results.items():
-        rows.append((name, f"{result.median:.0f}", f"{min(result.mb_per_s):.0f}..{max(result.mb_per_s):.0f}",
-                     f"{report.ratio(name):.2f}"))
+        rows.append(
+            (
+                name,
+                f"{result.median:.0f}",
+                f"{min(result.mb_per_s):.0f}..{max(result.mb_per_s):.0f}",
+                f"{report.ratio(name):.2f}",
+            )
+        )
     best_name, best = report.best
-    figures = (Figure(f"best transport ({best_name}) / raw TCP", best, goal=BEST_GOAL),
-               Figure("grpc / raw TCP", report.ratio("grpc"), goal=GRPC_GOAL))
+    figures = (
+        Figure(f"best transport ({best_name}) / raw TCP", best, goal=BEST_GOAL),
+        Figure("grpc / raw TCP", report.ratio("grpc"), goal=GRPC_GOAL),
+    )
     lay = report.layout
-    setup = (f"{report.size_bytes / 2**20:.0f} MiB per pull ({report.num_blocks} blocks of "
-             f"{report.bytes_per_block // 1024} KiB: {lay.num_layers} layers, {lay.num_kv_heads} KV heads x "
-             f"{lay.head_dim}, {lay.dtype}); source process and receiver on loopback, one torch thread each; "
-             f"median of {len(report.results['raw tcp'].mb_per_s)} interleaved rounds. Every pull includes the "
-             "source's pack, checksums and the receiver's unpack into a shuffled block table; raw TCP is "
-             "sendall into recv_into of a ready buffer.")
+    setup = (
+        f"{report.size_bytes / 2**20:.0f} MiB per pull ({report.num_blocks} blocks of "
+        f"{report.bytes_per_block // 1024} KiB: {lay.num_layers} layers, {lay.num_kv_heads} KV heads x "
+        f"{lay.head_dim}, {lay.dtype}); source process and receiver on loopback, one torch thread each; "
+        f"median of {len(report.results['raw tcp'].mb_per_s)} interleaved rounds. Every pull includes the "
+        "source's pack, checksums and the receiver's unpack into a shuffled block table; raw TCP is "
+        "sendall into recv_into of a ready buffer."
+    )
     return Section("kv", "KV hand-off vs raw loopback TCP", setup, figures, tuple(rows))

@@ -24,15 +24,26 @@ class MachineInfo:
     def collect(cls, repo: Path) -> MachineInfo:
         import torch
 
-        return cls(cpu_model=_cpu_model(), num_cpus=len(os.sched_getaffinity(0)), memory_gib=_memory_gib(),
-                   os=f"{platform.system()} {platform.release()}", python=platform.python_version(),
-                   torch=torch.__version__, commit=_commit(repo),
-                   gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+        return cls(
+            cpu_model=_cpu_model(),
+            num_cpus=len(os.sched_getaffinity(0)),
+            memory_gib=_memory_gib(),
+            os=f"{platform.system()} {platform.release()}",
+            python=platform.python_version(),
+            torch=torch.__version__,
+            commit=_commit(repo),
+            gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        )
 
     def rows(self) -> tuple[tuple[str, str], ...]:
-        return (("CPU", f"{self.cpu_model}, {self.num_cpus} cores available"), ("memory", f"{self.memory_gib:.0f} GiB"),
-                ("GPU", self.gpu), ("OS", self.os), ("Python / torch", f"{self.python} / {self.torch}"),
-                ("commit", self.commit))
+        return (
+            ("CPU", f"{self.cpu_model}, {self.num_cpus} cores available"),
+            ("memory", f"{self.memory_gib:.0f} GiB"),
+            ("GPU", self.gpu),
+            ("OS", self.os),
+            ("Python / torch", f"{self.python} / {self.torch}"),
+            ("commit", self.commit),
+        )
 
 
 def _cpu_model() -> str:
@@ -57,10 +68,20 @@ def _memory_gib() -> float:
 
 def _commit(repo: Path) -> str:
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return f"{head}{' with uncommitted changes' if dirty else ''}"

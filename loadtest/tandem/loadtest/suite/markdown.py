@@ -22,16 +22,21 @@ def _value(figure: Figure) -> str:
     return f"{figure.value:.3f}" if figure.unit in ("x", "") else f"{figure.value:.0f}{figure.unit}"
 
 
-def render(sections: Sequence[Section], machine: MachineInfo, started: str, duration_s: float,
-           quick: bool) -> str:
+def render(sections: Sequence[Section], machine: MachineInfo, started: str, duration_s: float, quick: bool) -> str:
     """The whole file: summary table of every figure against its goal, then one part per section."""
-    lines = ["# Benchmarks", "",
-             "Written by `make bench` (`python -m tandem.loadtest bench`). Every ratio is measured side by side in "
-             "the same run, on the machine below. Figures without a goal are context. A missed goal is "
-             "marked **missed**; it is never dropped.", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m tandem.loadtest bench`). Every ratio is measured side by side in "
+        "the same run, on the machine below. Figures without a goal are context. A missed goal is "
+        "marked **missed**; it is never dropped.",
+        "",
+    ]
     if quick:
-        lines += ["> **Quick run** (`--quick`): tiny sizes for testing the suite; these are not the project's "
-                  "figures.", ""]
+        lines += [
+            "> **Quick run** (`--quick`): tiny sizes for testing the suite; these are not the project's figures.",
+            "",
+        ]
     lines += [f"Run started {started}, took {duration_s / 60:.1f} min.", ""]
     lines += _table([("", ""), *machine.rows()]) + [""]
     lines += ["## Summary", ""]
@@ -45,8 +50,11 @@ def render(sections: Sequence[Section], machine: MachineInfo, started: str, dura
     missed = [(s, f) for s in sections for f in s.missed]
     failed = [s for s in sections if s.error is not None]
     if missed or failed:
-        lines += ["Goals missed in this run: " + ("; ".join(f"{f.name} ({_value(f)}, goal {f.goal_text()})"
-                                                          for _, f in missed) or "none") + "."]
+        lines += [
+            "Goals missed in this run: "
+            + ("; ".join(f"{f.name} ({_value(f)}, goal {f.goal_text()})" for _, f in missed) or "none")
+            + "."
+        ]
         if failed:
             lines += ["Sections that failed: " + ", ".join(s.title for s in failed) + "."]
         lines += [""]

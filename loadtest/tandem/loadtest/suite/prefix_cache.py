@@ -58,13 +58,18 @@ def interleave(cold: list[WorkloadRequest], warm: list[WorkloadRequest]) -> list
 
 def requests(num_each: int) -> tuple[list[WorkloadRequest], list[WorkloadRequest], list[WorkloadRequest]]:
     """(warm-up, cold, warm): warm-up is a cold prompt and the shared prefix alone."""
-    shared = SharedPrefixWorkload(LengthRange(PROMPT_LEN, PROMPT_LEN), LengthRange(OUTPUT_LEN, OUTPUT_LEN),
-                                  SHARED_FRACTION)
-    prefix = shared.system_prompts(seed=0)[0][:int(SHARED_FRACTION * PROMPT_LEN)]
-    warm = [WorkloadRequest(f"warm-{i}", r.prompt_token_ids, OUTPUT_LEN, class_name="warm")
-            for i, r in enumerate(shared.generate(num_each, seed=0))]
-    cold = [WorkloadRequest(f"cold-{i}", r.prompt_token_ids, OUTPUT_LEN, class_name="cold")
-            for i, r in enumerate(RandomWorkload(shared.input_len, shared.output_len).generate(num_each + 1, seed=1))]
+    shared = SharedPrefixWorkload(
+        LengthRange(PROMPT_LEN, PROMPT_LEN), LengthRange(OUTPUT_LEN, OUTPUT_LEN), SHARED_FRACTION
+    )
+    prefix = shared.system_prompts(seed=0)[0][: int(SHARED_FRACTION * PROMPT_LEN)]
+    warm = [
+        WorkloadRequest(f"warm-{i}", r.prompt_token_ids, OUTPUT_LEN, class_name="warm")
+        for i, r in enumerate(shared.generate(num_each, seed=0))
+    ]
+    cold = [
+        WorkloadRequest(f"cold-{i}", r.prompt_token_ids, OUTPUT_LEN, class_name="cold")
+        for i, r in enumerate(RandomWorkload(shared.input_len, shared.output_len).generate(num_each + 1, seed=1))
+    ]
     warmup = [cold.pop(), WorkloadRequest("prefix", prefix, OUTPUT_LEN, class_name="prefix")]
     return warmup, cold, warm
 
@@ -73,8 +78,10 @@ def check_hits(records: list[RequestRecord], expected: int) -> None:
     """RuntimeError unless every record reports exactly `expected` cached tokens."""
     wrong = [(r.request_id, r.cached_tokens) for r in records if r.cached_tokens != expected]
     if wrong:
-        raise RuntimeError(f"{len(wrong)} of {len(records)} requests did not report {expected} cached tokens "
-                           f"(first: {wrong[:3]}); the TTFTs would not measure what they claim")
+        raise RuntimeError(
+            f"{len(wrong)} of {len(records)} requests did not report {expected} cached tokens "
+            f"(first: {wrong[:3]}); the TTFTs would not measure what they claim"
+        )
 
 
 def run(ctx: BenchContext) -> Section:
@@ -89,12 +96,13 @@ def run(ctx: BenchContext) -> Section:
     with BenchCluster.start(spec) as cluster:
         drive(cluster.url, cluster.model, warmup, ClosedLoop(1))
         result = drive(cluster.url, cluster.model, interleave(cold, warm), ClosedLoop(1))
-    by_class = {"cold": [r for r in result.records if r.request_id.startswith("cold-")],
-                "warm": [r for r in result.records if r.request_id.startswith("warm-")]}
+    by_class = {
+        "cold": [r for r in result.records if r.request_id.startswith("cold-")],
+        "warm": [r for r in result.records if r.request_id.startswith("warm-")],
+    }
     check_hits(by_class["cold"], 0)
     check_hits(by_class["warm"], shared_tokens)
-    ttft_ms = {name: statistics.median(1000 * (r.ttft_s or 0.0) for r in records)
-               for name, records in by_class.items()}
+    ttft_ms = {name: statistics.median(1000 * (r.ttft_s or 0.0) for r in records) for name, records in by_class.items()}
     speedup = ttft_ms["cold"] / ttft_ms["warm"]
     f = shared_tokens / PROMPT_LEN
     ideal = ideal_speedup(f)
@@ -107,12 +115,22 @@ def run(ctx: BenchContext) -> Section:
     rows = [("prompts", "count", "cached tokens each", "TTFT p50 (ms)", "TTFT min (ms)", "TTFT max (ms)")]
     for name, records in by_class.items():
         ttfts = [1000 * (r.ttft_s or 0.0) for r in records]
-        rows.append((name, str(len(records)), str(records[0].cached_tokens), f"{ttft_ms[name]:.1f}",
-                     f"{min(ttfts):.1f}", f"{max(ttfts):.1f}"))
-    setup = (f"{num_each} cold prompts ({PROMPT_LEN} fresh tokens) and {num_each} warm prompts (the same "
-             f"{shared_tokens}-token prefix, f = {f:g}, then {PROMPT_LEN - shared_tokens} fresh tokens), "
-             f"{OUTPUT_LEN} output tokens, interleaved, sequential; the prefix was sent alone first. Prefill worker "
-             f"alone on core {PREFILL_CPU}; decode worker, gateway and load generator on core {SHARED_CPU}; "
-             f"local_prefill_max_tokens 0 (every prompt prefilled on the prefill worker); one torch thread per "
-             f"worker. Ideal speedup 1/(1-f) = {ideal:g}.")
+        rows.append(
+            (
+                name,
+                str(len(records)),
+                str(records[0].cached_tokens),
+                f"{ttft_ms[name]:.1f}",
+                f"{min(ttfts):.1f}",
+                f"{max(ttfts):.1f}",
+            )
+        )
+    setup = (
+        f"{num_each} cold prompts ({PROMPT_LEN} fresh tokens) and {num_each} warm prompts (the same "
+        f"{shared_tokens}-token prefix, f = {f:g}, then {PROMPT_LEN - shared_tokens} fresh tokens), "
+        f"{OUTPUT_LEN} output tokens, interleaved, sequential; the prefix was sent alone first. Prefill worker "
+        f"alone on core {PREFILL_CPU}; decode worker, gateway and load generator on core {SHARED_CPU}; "
+        f"local_prefill_max_tokens 0 (every prompt prefilled on the prefill worker); one torch thread per "
+        f"worker. Ideal speedup 1/(1-f) = {ideal:g}."
+    )
     return Section("prefix_cache", "Prefix-cache TTFT speedup", setup, figures, tuple(rows))

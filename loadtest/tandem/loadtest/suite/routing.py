@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from itertools import takewhile
 from pathlib import Path
 
+from tandem.common.block_hash import block_extra, hash_blocks
 from tandem.loadtest.arrivals import ClosedLoop
 from tandem.loadtest.metrics import percentile
 from tandem.loadtest.record import RequestRecord
@@ -53,7 +54,6 @@ from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
 from tandem.loadtest.suite.context import BenchContext, drive
 from tandem.loadtest.suite.figures import Direction, Figure, Section
 from tandem.loadtest.workloads import LengthRange, SharedPrefixWorkload, load_workload
-from tandem.common.block_hash import block_extra, hash_blocks
 
 GOAL = 0.90
 BLOCK_SIZE = 16
@@ -79,7 +79,7 @@ def oracle_hit_tokens(prompts: Sequence[Sequence[int]], block_size: int) -> tupl
     hits = []
     for prompt in prompts:
         hashes = hash_blocks(prompt, block_size, extra)
-        usable = hashes[:(len(prompt) - 1) // block_size]
+        usable = hashes[: (len(prompt) - 1) // block_size]
         hits.append(sum(1 for _ in takewhile(seen.__contains__, usable)) * block_size)
         seen.update(hashes)
     return tuple(hits)
@@ -98,16 +98,21 @@ def requests(num_measured: int) -> tuple[list[WorkloadRequest], list[WorkloadReq
     path = Path(__file__).resolve().parent.parent / "workloads" / "shared_prefix.yaml"
     workload = load_workload(path)
     assert isinstance(workload, SharedPrefixWorkload)
-    workload = dataclasses.replace(workload, num_prefixes=NUM_PREFIXES, input_len=LengthRange(PROMPT_LEN, PROMPT_LEN),
-                                   output_len=LengthRange(OUTPUT_LEN, OUTPUT_LEN))
+    workload = dataclasses.replace(
+        workload,
+        num_prefixes=NUM_PREFIXES,
+        input_len=LengthRange(PROMPT_LEN, PROMPT_LEN),
+        output_len=LengthRange(OUTPUT_LEN, OUTPUT_LEN),
+    )
     generated = list(workload.generate(NUM_PREFIXES + num_measured, seed=0))
     warmup, measured = generated[:NUM_PREFIXES], generated[NUM_PREFIXES:]
     random.Random(SHUFFLE_SEED).shuffle(measured)
     return warmup, measured
 
 
-def _measure(ctx: BenchContext, policy: str, warmup: list[WorkloadRequest],
-             measured: list[WorkloadRequest]) -> tuple[tuple[RequestRecord, ...], float, float]:
+def _measure(
+    ctx: BenchContext, policy: str, warmup: list[WorkloadRequest], measured: list[WorkloadRequest]
+) -> tuple[tuple[RequestRecord, ...], float, float]:
     """(records of the measured requests in send order, duration s, gateway hit ratio of the
     measured phase from `tandem_prefix_cache_*_tokens_total`)."""
     workers = (*(WorkerSpec("prefill", cpu) for cpu in PREFILL_CPUS), WorkerSpec("decode", DECODE_CPU))
@@ -127,10 +132,20 @@ def _measure(ctx: BenchContext, policy: str, warmup: list[WorkloadRequest],
 
 def run(ctx: BenchContext) -> Section:
     warmup, measured = requests(ctx.size(64, 12))
-    hits = oracle_hit_tokens([r.prompt_token_ids for r in (*warmup, *measured)], BLOCK_SIZE)[len(warmup):]
+    hits = oracle_hit_tokens([r.prompt_token_ids for r in (*warmup, *measured)], BLOCK_SIZE)[len(warmup) :]
     oracle = sum(hits) / sum(len(r.prompt_token_ids) for r in measured)
-    rows = [("policy", "hit rate", "oracle hit rate", "hit rate / oracle", "gateway counters' hit rate",
-             "TTFT p50 (ms)", "TTFT mean (ms)", "measured phase (s)")]
+    rows = [
+        (
+            "policy",
+            "hit rate",
+            "oracle hit rate",
+            "hit rate / oracle",
+            "gateway counters' hit rate",
+            "TTFT p50 (ms)",
+            "TTFT mean (ms)",
+            "measured phase (s)",
+        )
+    ]
     ratios, ttfts = {}, {}
     for policy in POLICIES:
         ctx.log(f"routing: {policy}")
@@ -139,26 +154,43 @@ def run(ctx: BenchContext) -> Section:
         ratios[policy] = rate / oracle
         ttft_s = [r.ttft_s for r in records if r.ttft_s is not None]
         ttfts[policy] = (percentile(ttft_s, 50), statistics.fmean(ttft_s))
-        rows.append((policy, f"{rate:.3f}", f"{oracle:.3f}", f"{rate / oracle:.3f}", f"{gateway_ratio:.3f}",
-                     f"{1000 * ttfts[policy][0]:.0f}", f"{1000 * ttfts[policy][1]:.0f}", f"{duration_s:.1f}"))
+        rows.append(
+            (
+                policy,
+                f"{rate:.3f}",
+                f"{oracle:.3f}",
+                f"{rate / oracle:.3f}",
+                f"{gateway_ratio:.3f}",
+                f"{1000 * ttfts[policy][0]:.0f}",
+                f"{1000 * ttfts[policy][1]:.0f}",
+                f"{duration_s:.1f}",
+            )
+        )
     pa, rr = ttfts["prefix_aware"], ttfts["round_robin"]
     figures = (
-        Figure("prefix_aware: prefix-cache hit rate / oracle", ratios["prefix_aware"], goal=GOAL,
-               direction=Direction.AT_LEAST),
+        Figure(
+            "prefix_aware: prefix-cache hit rate / oracle",
+            ratios["prefix_aware"],
+            goal=GOAL,
+            direction=Direction.AT_LEAST,
+        ),
         Figure("round_robin: prefix-cache hit rate / oracle", ratios["round_robin"]),
         Figure("TTFT p50: round_robin / prefix_aware", rr[0] / pa[0]),
         Figure("TTFT mean: round_robin / prefix_aware", rr[1] / pa[1]),
     )
-    setup = (f"shared_prefix workload: {NUM_PREFIXES} groups, {PROMPT_LEN}-token prompts of which 75% "
-             f"({int(0.75 * PROMPT_LEN)} tokens) is the group's system prompt, {OUTPUT_LEN} output tokens. "
-             f"Warm-up: one request per group at concurrency {CONCURRENCY} (not counted); then "
-             f"{len(measured)} requests shuffled (seed {SHUFFLE_SEED}), closed loop at concurrency "
-             f"{CONCURRENCY}. Prefill workers on cores {PREFILL_CPUS[0]} and {PREFILL_CPUS[1]}, decode worker "
-             f"on core {DECODE_CPU}, gateway and load generator on core {GATEWAY_CPU}; "
-             "local_prefill_max_tokens 0 (every prompt goes to a prefill worker); one torch thread per worker. "
-             "Oracle: longest whole-block prefix shared with any earlier request (one infinite cache).")
-    notes = ("hit rate = sum(cached_tokens) / sum(prompt_tokens) of the measured requests, from the gateway's "
-             "usage (the prefill worker's hit); the gateway counters' column is the same quantity from "
-             "`tandem_prefix_cache_*_tokens_total`, as a cross-check.",)
-    return Section("routing", "Prefix-aware vs round-robin routing", setup, figures,
-                   tuple(rows), notes)
+    setup = (
+        f"shared_prefix workload: {NUM_PREFIXES} groups, {PROMPT_LEN}-token prompts of which 75% "
+        f"({int(0.75 * PROMPT_LEN)} tokens) is the group's system prompt, {OUTPUT_LEN} output tokens. "
+        f"Warm-up: one request per group at concurrency {CONCURRENCY} (not counted); then "
+        f"{len(measured)} requests shuffled (seed {SHUFFLE_SEED}), closed loop at concurrency "
+        f"{CONCURRENCY}. Prefill workers on cores {PREFILL_CPUS[0]} and {PREFILL_CPUS[1]}, decode worker "
+        f"on core {DECODE_CPU}, gateway and load generator on core {GATEWAY_CPU}; "
+        "local_prefill_max_tokens 0 (every prompt goes to a prefill worker); one torch thread per worker. "
+        "Oracle: longest whole-block prefix shared with any earlier request (one infinite cache)."
+    )
+    notes = (
+        "hit rate = sum(cached_tokens) / sum(prompt_tokens) of the measured requests, from the gateway's "
+        "usage (the prefill worker's hit); the gateway counters' column is the same quantity from "
+        "`tandem_prefix_cache_*_tokens_total`, as a cross-check.",
+    )
+    return Section("routing", "Prefix-aware vs round-robin routing", setup, figures, tuple(rows), notes)

@@ -54,7 +54,7 @@ def _run_one(key: str, ctx: BenchContext) -> Section:
     started = time.perf_counter()
     try:
         section = importlib.import_module(module).run(ctx)
-    except Exception:  # noqa: BLE001 - recorded in BENCHMARKS.md and in the exit status
+    except Exception:
         section = Section(key, title, "", error=traceback.format_exc(limit=8))
     finally:
         torch.set_num_threads(threads)
@@ -62,8 +62,7 @@ def _run_one(key: str, ctx: BenchContext) -> Section:
     return dataclasses.replace(section, key=key, title=title, duration_s=time.perf_counter() - started)
 
 
-def run_suite(out_path: Path, only: Sequence[str], quick: bool = False,
-              log: Callable[[str], None] = print) -> int:
+def run_suite(out_path: Path, only: Sequence[str], quick: bool = False, log: Callable[[str], None] = print) -> int:
     """Run the sections, write `out_path`; 0, or 1 if any section failed (misses are not failures)."""
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()

@@ -5,7 +5,8 @@ and the clients on core 1 — every request crosses HTTP, the gateway's completi
 scheduler, gRPC and SSE. The clients are the lean asyncio SSE readers of `tandem bench
 gateway` rather than the load generator: at these rates the load generator's own parsing
 would be what is measured, and real clients run on other machines. The baseline:
-`Engine.generate` in this process, pinned to core 0 with one torch thread. Both run the same prompts at the same concurrency, in
+`Engine.generate` in this process, pinned to core 0 with one torch thread. Both run the same
+prompts at the same concurrency, in
 alternating rounds, and count output tokens per wall second. Goal: stack / engine >= 0.85.
 
 Two more figures, without goal, say where the difference goes: the decode worker's own gRPC
@@ -24,13 +25,13 @@ import time
 
 import torch
 
+from tandem.engine.engine import Engine
+from tandem.engine.sampling_params import SamplingParams
+from tandem.gateway.bench import stream_direct, stream_via_gateway
 from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Figure, Section
-from tandem.engine.engine import Engine
-from tandem.engine.sampling_params import SamplingParams
-from tandem.gateway.bench import stream_direct, stream_via_gateway
 
 GOAL = 0.85
 WORKER_CPU, CLIENT_CPU = 0, 1
@@ -39,8 +40,12 @@ PROMPT_LEN = 64
 
 def _requests(round_index: int, n: int, max_tokens: int) -> list[WorkloadRequest]:
     g = torch.Generator().manual_seed(1000 + round_index)
-    return [WorkloadRequest(f"r{round_index}-{i}", tuple(torch.randint(4, 500, (PROMPT_LEN,), generator=g).tolist()),
-                            max_tokens) for i in range(n)]
+    return [
+        WorkloadRequest(
+            f"r{round_index}-{i}", tuple(torch.randint(4, 500, (PROMPT_LEN,), generator=g).tolist()), max_tokens
+        )
+        for i in range(n)
+    ]
 
 
 def _engine_tps(engine: Engine, requests: list[WorkloadRequest]) -> float:
@@ -73,8 +78,10 @@ def run(ctx: BenchContext) -> Section:
     concurrency, max_tokens, rounds = ctx.size(32, 4), ctx.size(64, 8), ctx.size(7, 1)
     engine = Engine.from_pretrained(ctx.model_dir, num_threads=1)
     _engine_tps(engine, _requests(-1, 2, 4))  # warm-up
-    layouts = {"colocated": (WorkerSpec("decode", WORKER_CPU),),
-               "disaggregated": (WorkerSpec("prefill", CLIENT_CPU), WorkerSpec("decode", WORKER_CPU))}
+    layouts = {
+        "colocated": (WorkerSpec("decode", WORKER_CPU),),
+        "disaggregated": (WorkerSpec("prefill", CLIENT_CPU), WorkerSpec("decode", WORKER_CPU)),
+    }
     measured: dict[str, list[float]] = {"engine": [], "colocated, decode worker gRPC direct": []}
     for layout, workers in layouts.items():
         ctx.log(f"stack: {layout}")
@@ -94,14 +101,22 @@ def run(ctx: BenchContext) -> Section:
     median = {name: statistics.median(values) for name, values in measured.items()}
     rows = [("path", "output tokens/s (median)", "rounds")]
     rows += [(name, f"{median[name]:.0f}", ", ".join(f"{v:.0f}" for v in values)) for name, values in measured.items()]
-    figures = (Figure("full stack (colocated) / in-process engine", median["colocated"] / median["engine"], goal=GOAL),
-               Figure("full stack (disaggregated) / in-process engine", median["disaggregated"] / median["engine"]),
-               Figure("decode worker over gRPC, no gateway / in-process engine",
-                      median["colocated, decode worker gRPC direct"] / median["engine"]),
-               Figure("full stack (colocated) / decode worker over gRPC",
-                      median["colocated"] / median["colocated, decode worker gRPC direct"]))
-    setup = (f"{concurrency} requests at once per round ({PROMPT_LEN}-token prompts, {max_tokens} output tokens, "
-             f"greedy, ignore EOS), median of {rounds} rounds; decode worker and in-process engine on core "
-             f"{WORKER_CPU} with one torch thread; gateway, clients (and the prefill worker, when "
-             f"disaggregated) on core {CLIENT_CPU}.")
+    figures = (
+        Figure("full stack (colocated) / in-process engine", median["colocated"] / median["engine"], goal=GOAL),
+        Figure("full stack (disaggregated) / in-process engine", median["disaggregated"] / median["engine"]),
+        Figure(
+            "decode worker over gRPC, no gateway / in-process engine",
+            median["colocated, decode worker gRPC direct"] / median["engine"],
+        ),
+        Figure(
+            "full stack (colocated) / decode worker over gRPC",
+            median["colocated"] / median["colocated, decode worker gRPC direct"],
+        ),
+    )
+    setup = (
+        f"{concurrency} requests at once per round ({PROMPT_LEN}-token prompts, {max_tokens} output tokens, "
+        f"greedy, ignore EOS), median of {rounds} rounds; decode worker and in-process engine on core "
+        f"{WORKER_CPU} with one torch thread; gateway, clients (and the prefill worker, when "
+        f"disaggregated) on core {CLIENT_CPU}."
+    )
     return Section("stack", "Full stack through the gateway vs the in-process engine", setup, figures, tuple(rows))

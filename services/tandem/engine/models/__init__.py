@@ -4,4 +4,4 @@ from tandem.engine.models.llama import LlamaForCausalLM
 
 MODEL_FAMILIES = {"llama": LlamaForCausalLM}
 
-__all__ = ["LlamaForCausalLM", "MODEL_FAMILIES"]
+__all__ = ["MODEL_FAMILIES", "LlamaForCausalLM"]
