@@ -22,7 +22,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tandem up $(ARGS)
 
+# Lint, format check and type check first (configured in pyproject.toml), then every test.
 test: $(STAMP)
+	$(BIN)/ruff check services kernels loadtest tests
+	$(BIN)/ruff format --check services kernels loadtest tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # The benchmark set (about 15 minutes on 2 cores): every ratio the project claims, measured in
