@@ -1,96 +1,88 @@
 """A real cluster for end-to-end tests: embedded Redis, worker processes and gateway processes,
-all on free loopback ports and all stopped by pid."""
+all started with the launcher's harness (`ChildProcess`) on free loopback ports and all
+stopped by pid."""
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.common.embedded_redis import EmbeddedRedis
-from tests.integration.workers import WorkerProcess, spawn_until_ready
+from tandem.launcher.processes import ChildProcess
+from tests.integration.workers import REPO_ROOT, STOP_TIMEOUT_S, start_worker, worker_health
 
 HEARTBEAT_TTL_S = 2.0
+GATEWAY_STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL after this
 
 
-@dataclass
-class GatewayProcess:
-    proc: subprocess.Popen
-    url: str
-    stderr_lines: list[str] = field(default_factory=list)
+def start_gateway(
+    model_dir: Path, redis_url: str, *extra: str, timeout_s: float = 60.0, wait_ready: bool = True
+) -> ChildProcess:
+    """A gateway process (its `address` is its base URL), returned once it printed its ready
+    line and, with `wait_ready`, once `GET /ready` answers 200 (a decode worker is routable)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "tandem",
+        "gateway",
+        "--model",
+        str(model_dir),
+        "--redis",
+        redis_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *extra,
+    ]
+    gateway = ChildProcess.start("gateway", argv, timeout_s, cwd=REPO_ROOT, forward=False)
+    if wait_ready:
+        try:
+            wait_gateway_ready(gateway, timeout_s)
+        except RuntimeError:
+            gateway.stop(GATEWAY_STOP_TIMEOUT_S)
+            raise
+    return gateway
 
-    @classmethod
-    def start(
-        cls, model_dir: Path, redis_url: str, *extra: str, timeout_s: float = 60.0, wait_ready: bool = True
-    ) -> GatewayProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tandem",
-            "gateway",
-            "--model",
-            str(model_dir),
-            "--redis",
-            redis_url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            *extra,
-        ]
-        proc, ready, stderr_lines = spawn_until_ready(cmd, "gateway", timeout_s)
-        gateway = cls(proc, ready["address"], stderr_lines)
-        if wait_ready:
-            try:
-                gateway.wait_ready(timeout_s)
-            except RuntimeError:
-                gateway.stop()
-                raise
-        return gateway
 
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway never became ready:\n{''.join(self.stderr_lines[-40:])}")
+def wait_gateway_ready(gateway: ChildProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(gateway.address + "/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"gateway never became ready:\n{gateway.output_tail()}")
 
-    def metric(self, name: str, **labels: str) -> float:
-        text = urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if not (line.startswith(name + "{") or line.startswith(name + " ")):
-                continue
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
 
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+def gateway_metric(gateway: ChildProcess, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` on the gateway's /metrics whose labels include `labels`."""
+    text = urllib.request.urlopen(gateway.address + "/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @dataclass
 class Cluster:
+    """The session's cluster; each worker's harness name is its worker id (`prefill-0`, ...)."""
+
     redis: EmbeddedRedis
-    prefill: list[WorkerProcess]
-    decode: list[WorkerProcess]
+    prefill: list[ChildProcess]
+    decode: list[ChildProcess]
     model_dir: Path
     trace_file: Path
 
@@ -107,35 +99,29 @@ class Cluster:
             "--otel-file",
             str(trace_file),
         )
-        workers: list[WorkerProcess] = []
+        workers: dict[str, list[ChildProcess]] = {"prefill": [], "decode": []}
         try:
             for role, count in (("prefill", num_prefill), ("decode", num_decode)):
                 for i in range(count):
-                    workers.append(WorkerProcess.start(role, model_dir, *common, worker_id=f"{role}-{i}"))
+                    workers[role].append(start_worker(role, model_dir, *common, worker_id=f"{role}-{i}"))
         except BaseException:
-            for w in workers:
-                w.stop()
+            for w in [*workers["prefill"], *workers["decode"]]:
+                w.stop(STOP_TIMEOUT_S)
             redis.stop()
             raise
-        return cls(
-            redis,
-            [w for w in workers if w.role == "prefill"],
-            [w for w in workers if w.role == "decode"],
-            model_dir,
-            trace_file,
-        )
+        return cls(redis, workers["prefill"], workers["decode"], model_dir, trace_file)
 
     @property
-    def workers(self) -> list[WorkerProcess]:
+    def workers(self) -> list[ChildProcess]:
         return [*self.prefill, *self.decode]
 
-    def gateway(self, *extra: str) -> GatewayProcess:
+    def gateway(self, *extra: str) -> ChildProcess:
         """A gateway on this cluster, returned once its registry view holds every worker."""
-        g = GatewayProcess.start(self.model_dir, self.redis.url, *extra)
+        g = start_gateway(self.model_dir, self.redis.url, *extra)
         deadline = time.monotonic() + 10
-        while g.metric("tandem_workers") != len(self.workers):
+        while gateway_metric(g, "tandem_workers") != len(self.workers):
             if time.monotonic() > deadline:
-                g.stop()
+                g.stop(GATEWAY_STOP_TIMEOUT_S)
                 raise RuntimeError(f"the gateway never saw all {len(self.workers)} workers")
             time.sleep(0.05)
         return g
@@ -144,7 +130,7 @@ class Cluster:
         """Every pool fully free: nothing waiting or running, no lease, every block free."""
         deadline = time.monotonic() + timeout_s
         while True:
-            states = {w.worker_id: w.health() for w in self.workers}
+            states = {w.name: worker_health(w) for w in self.workers}
             busy = {
                 wid: (h.waiting, h.running, h.held_leases, h.total_blocks - h.free_blocks)
                 for wid, h in states.items()
@@ -160,7 +146,7 @@ class Cluster:
 
     def stop(self) -> None:
         for w in self.workers:
-            if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGCONT)  # a test may have frozen one
-            w.stop()
+            if w.is_running:
+                os.kill(w.pid, signal.SIGCONT)  # a test may have frozen one
+            w.stop(STOP_TIMEOUT_S)
         self.redis.stop()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import Cluster, GatewayProcess
+from tandem.launcher.processes import ChildProcess
+from tests.e2e.cluster import GATEWAY_STOP_TIMEOUT_S, Cluster
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +23,7 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture(scope="module")
-def gateway(cluster: Cluster) -> Iterator[GatewayProcess]:
+def gateway(cluster: Cluster) -> Iterator[ChildProcess]:
     """The default gateway: prefix_aware routing, always disaggregated (so both pools work),
     tracing into the cluster's span file."""
     g = cluster.gateway(
@@ -31,4 +32,4 @@ def gateway(cluster: Cluster) -> Iterator[GatewayProcess]:
     try:
         yield g
     finally:
-        g.stop()
+        g.stop(GATEWAY_STOP_TIMEOUT_S)

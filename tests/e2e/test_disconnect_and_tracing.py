@@ -8,8 +8,10 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from tests.e2e.cluster import Cluster, GatewayProcess
+from tandem.launcher.processes import ChildProcess
+from tests.e2e.cluster import Cluster, gateway_metric
 from tests.e2e.test_gateway_errors import post
+from tests.integration.workers import worker_health
 
 
 def _open_request(url: str, body: dict) -> socket.socket:
@@ -23,7 +25,7 @@ def _open_request(url: str, body: dict) -> socket.socket:
     return sock
 
 
-def test_streaming_disconnect_frees_everything(cluster: Cluster, gateway: GatewayProcess) -> None:
+def test_streaming_disconnect_frees_everything(cluster: Cluster, gateway: ChildProcess) -> None:
     body = {
         "model": cluster.model_dir.name,
         "prompt": list(range(10, 90)),
@@ -32,7 +34,7 @@ def test_streaming_disconnect_frees_everything(cluster: Cluster, gateway: Gatewa
         "ignore_eos": True,
         "stream": True,
     }
-    sock = _open_request(gateway.url, body)
+    sock = _open_request(gateway.address, body)
     received = b""
     while received.count(b"data: ") < 5:
         chunk = sock.recv(65536)
@@ -42,12 +44,12 @@ def test_streaming_disconnect_frees_everything(cluster: Cluster, gateway: Gatewa
     sock.close()
     cluster.assert_drained(timeout_s=2.0)
     deadline = time.monotonic() + 2
-    while gateway.metric("tandem_client_disconnects_total") < 1 and time.monotonic() < deadline:
+    while gateway_metric(gateway, "tandem_client_disconnects_total") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert gateway.metric("tandem_client_disconnects_total") >= 1
+    assert gateway_metric(gateway, "tandem_client_disconnects_total") >= 1
 
 
-def test_non_streaming_disconnect_frees_everything(cluster: Cluster, gateway: GatewayProcess) -> None:
+def test_non_streaming_disconnect_frees_everything(cluster: Cluster, gateway: ChildProcess) -> None:
     body = {
         "model": cluster.model_dir.name,
         "prompt": list(range(100, 180)),
@@ -55,11 +57,11 @@ def test_non_streaming_disconnect_frees_everything(cluster: Cluster, gateway: Ga
         "temperature": 0,
         "ignore_eos": True,
     }
-    sock = _open_request(gateway.url, body)
+    sock = _open_request(gateway.address, body)
     busy_seen = False
     deadline = time.monotonic() + 10
     while not busy_seen and time.monotonic() < deadline:  # wait until a decoder runs it
-        busy_seen = any(w.health().running for w in cluster.decode)
+        busy_seen = any(worker_health(w).running for w in cluster.decode)
         time.sleep(0.02)
     assert busy_seen
     sock.close()
@@ -70,7 +72,7 @@ def _spans(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_one_trace_across_gateway_prefill_decode(cluster: Cluster, gateway: GatewayProcess) -> None:
+def test_one_trace_across_gateway_prefill_decode(cluster: Cluster, gateway: ChildProcess) -> None:
     body = json.dumps(
         {
             "model": cluster.model_dir.name,
@@ -80,7 +82,7 @@ def test_one_trace_across_gateway_prefill_decode(cluster: Cluster, gateway: Gate
             "ignore_eos": True,
         }
     ).encode()
-    status, _, got = post(gateway.url, "/v1/chat/completions", body)
+    status, _, got = post(gateway.address, "/v1/chat/completions", body)
     assert status == 200, got
     request_id = got["id"]
     wanted = {

@@ -12,7 +12,8 @@ from urllib.parse import urlparse
 import pytest
 
 from tandem.common.embedded_redis import EmbeddedRedis
-from tests.e2e.cluster import Cluster, GatewayProcess
+from tandem.launcher.processes import ChildProcess
+from tests.e2e.cluster import GATEWAY_STOP_TIMEOUT_S, Cluster, start_gateway
 
 KEY = "sk-tandem-test"
 MAX_BODY = 65536
@@ -36,12 +37,12 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def guarded(cluster: Cluster, tiny_model_dir) -> Iterator[tuple[GatewayProcess, str]]:
+def guarded(cluster: Cluster, tiny_model_dir) -> Iterator[tuple[ChildProcess, str]]:
     g = cluster.gateway("--api-key", KEY, "--max-body-bytes", str(MAX_BODY), "--max-n", str(MAX_N))
     try:
         yield g, tiny_model_dir.name
     finally:
-        g.stop()
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
 
 
 def _valid(model: str) -> bytes:
@@ -184,7 +185,7 @@ CASES = [
 @pytest.mark.parametrize("name,body,headers,status,type_,param,code,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(guarded, cluster: Cluster, name, body, headers, status, type_, param, code, fragment) -> None:
     gateway, model = guarded
-    got_status, _, got = post(gateway.url, "/v1/completions", body(model), headers)
+    got_status, _, got = post(gateway.address, "/v1/completions", body(model), headers)
     assert got_status == status, got
     assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
     assert got["error"]["type"] == type_
@@ -192,7 +193,7 @@ def test_bad_input(guarded, cluster: Cluster, name, body, headers, status, type_
     if code is not None:
         assert got["error"]["code"] == code
     assert fragment in got["error"]["message"]
-    ok_status, _, ok = post(gateway.url, "/v1/completions", _valid(model), auth())
+    ok_status, _, ok = post(gateway.address, "/v1/completions", _valid(model), auth())
     assert ok_status == 200, ok
     assert ok["choices"][0]["finish_reason"] in ("stop", "length")
     cluster.assert_drained()
@@ -201,16 +202,16 @@ def test_bad_input(guarded, cluster: Cluster, name, body, headers, status, type_
 def test_chat_errors(guarded) -> None:
     gateway, model = guarded
     status, _, got = post(
-        gateway.url, "/v1/chat/completions", json.dumps({"model": model, "messages": []}).encode(), auth()
+        gateway.address, "/v1/chat/completions", json.dumps({"model": model, "messages": []}).encode(), auth()
     )
     assert status == 400 and got["error"]["param"] == "messages"
     body = {
         "model": model,
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
     }
-    status, _, got = post(gateway.url, "/v1/chat/completions", json.dumps(body).encode(), auth())
+    status, _, got = post(gateway.address, "/v1/chat/completions", json.dumps(body).encode(), auth())
     assert status == 400 and "image_url" in got["error"]["message"]
-    status, _, got = post(gateway.url, "/v1/nope", b"{}", auth())
+    status, _, got = post(gateway.address, "/v1/nope", b"{}", auth())
     assert status == 404 and set(got["error"]) == {"message", "type", "param", "code"}
 
 
@@ -218,21 +219,21 @@ def test_rate_limit_429_with_retry_after(cluster: Cluster) -> None:
     g = cluster.gateway("--rate-limit-rpm", "2", "--cluster", "default")
     try:
         model = cluster.model_dir.name
-        statuses = [post(g.url, "/v1/completions", _valid(model))[0] for _ in range(2)]
+        statuses = [post(g.address, "/v1/completions", _valid(model))[0] for _ in range(2)]
         assert statuses == [200, 200]
-        status, headers, got = post(g.url, "/v1/completions", _valid(model))
+        status, headers, got = post(g.address, "/v1/completions", _valid(model))
         assert status == 429
         assert got["error"]["type"] == "rate_limit_exceeded"
         assert 1 <= int(headers["Retry-After"]) <= 30
     finally:
-        g.stop()
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
 
 
 def test_no_worker_503_with_retry_after(tiny_model_dir) -> None:
     empty = EmbeddedRedis.start()
-    g = GatewayProcess.start(tiny_model_dir, empty.url, wait_ready=False)
+    g = start_gateway(tiny_model_dir, empty.url, wait_ready=False)
     try:
-        u = urlparse(g.url)
+        u = urlparse(g.address)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
         conn.request("GET", "/ready")
         resp = conn.getresponse()
@@ -243,10 +244,10 @@ def test_no_worker_503_with_retry_after(tiny_model_dir) -> None:
             body = json.dumps(
                 {"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 2, "stream": stream}
             ).encode()
-            status, headers, got = post(g.url, "/v1/completions", body)
+            status, headers, got = post(g.address, "/v1/completions", body)
             assert status == 503
             assert headers["Retry-After"] == "1"
             assert got["error"]["type"] == "service_unavailable"
     finally:
-        g.stop()
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
         empty.stop()

@@ -10,7 +10,8 @@ import pytest
 
 from tandem.engine import Engine, SamplingParams
 from tandem.engine.tokenizer import Tokenizer
-from tests.e2e.cluster import Cluster, GatewayProcess
+from tandem.launcher.processes import ChildProcess
+from tests.e2e.cluster import Cluster
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours, please."}]
 
@@ -26,8 +27,8 @@ def tokenizer(tiny_model_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def client(gateway: ChildProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.address + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -167,18 +168,20 @@ def test_stop_string_cuts_and_frees(client, model, reference, tokenizer, cluster
     cluster.assert_drained()
 
 
-def test_tokenize_and_detokenize(gateway: GatewayProcess, tokenizer: Tokenizer, model: str) -> None:
+def test_tokenize_and_detokenize(gateway: ChildProcess, tokenizer: Tokenizer, model: str) -> None:
     import json
 
     from tests.e2e.test_gateway_errors import post
 
-    status, _, got = post(gateway.url, "/tokenize", json.dumps({"model": model, "prompt": "Hello there"}).encode())
+    status, _, got = post(gateway.address, "/tokenize", json.dumps({"model": model, "prompt": "Hello there"}).encode())
     assert status == 200
     assert got == {
         "count": len(tokenizer.encode("Hello there")),
         "max_model_len": 2048,
         "tokens": tokenizer.encode("Hello there"),
     }
-    status, _, got = post(gateway.url, "/detokenize", json.dumps({"model": model, "tokens": got["tokens"]}).encode())
+    status, _, got = post(
+        gateway.address, "/detokenize", json.dumps({"model": model, "tokens": got["tokens"]}).encode()
+    )
     assert status == 200
     assert got == {"prompt": tokenizer.decode(tokenizer.encode("Hello there"), skip_special_tokens=False)}

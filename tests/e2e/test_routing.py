@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from tests.e2e.cluster import HEARTBEAT_TTL_S, Cluster
+from tests.e2e.cluster import GATEWAY_STOP_TIMEOUT_S, HEARTBEAT_TTL_S, Cluster, gateway_metric
 from tests.e2e.test_gateway_errors import post
+from tests.integration.workers import worker_health, worker_metric
 
 BLOCK = 16
 SYSTEM_BLOCKS = 4
@@ -24,7 +25,10 @@ NUM_REQUESTS = 20
 def _counters(cluster: Cluster) -> dict[str, tuple[float, float]]:
     """worker id -> (prompt tokens computed, prefix-cache hit tokens) of each prefill worker."""
     return {
-        w.worker_id: (w.metric("tandem_prompt_tokens_computed_total"), w.metric("tandem_prefix_cache_hit_tokens_total"))
+        w.name: (
+            worker_metric(w, "tandem_prompt_tokens_computed_total"),
+            worker_metric(w, "tandem_prefix_cache_hit_tokens_total"),
+        )
         for w in cluster.prefill
     }
 
@@ -55,10 +59,10 @@ def _send_shared_prefix(cluster: Cluster, url: str, seed: int) -> dict[str, tupl
 def test_prefix_aware_prefills_where_cached(cluster: Cluster) -> None:
     g = cluster.gateway("--policy", "prefix_aware", "--local-prefill-max-tokens", "0")
     try:
-        delta = _send_shared_prefix(cluster, g.url, seed=101)
-        assert g.metric("tandem_routing_decisions_total", kind="disaggregated") == NUM_REQUESTS
+        delta = _send_shared_prefix(cluster, g.address, seed=101)
+        assert gateway_metric(g, "tandem_routing_decisions_total", kind="disaggregated") == NUM_REQUESTS
     finally:
-        g.stop()
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
     prompt_len = SYSTEM_BLOCKS * BLOCK + SUFFIX
     # One prefill worker took all 20: the first computed the whole prompt, the other 19 hit
     # the 4 cached blocks and computed only their suffix. The other worker did nothing.
@@ -70,9 +74,9 @@ def test_prefix_aware_prefills_where_cached(cluster: Cluster) -> None:
 def test_round_robin_ignores_the_cache(cluster: Cluster) -> None:
     g = cluster.gateway("--policy", "round_robin", "--local-prefill-max-tokens", "0")
     try:
-        delta = _send_shared_prefix(cluster, g.url, seed=202)
+        delta = _send_shared_prefix(cluster, g.address, seed=202)
     finally:
-        g.stop()
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
     prompt_len = SYSTEM_BLOCKS * BLOCK + SUFFIX
     # 10 each, alternating: each worker computes the shared prefix once.
     per_worker = (prompt_len + (NUM_REQUESTS // 2 - 1) * SUFFIX, (NUM_REQUESTS // 2 - 1) * SYSTEM_BLOCKS * BLOCK)
@@ -85,28 +89,28 @@ def test_stale_worker_is_not_chosen(cluster: Cluster) -> None:
     to prefill-0; nothing waits on the frozen worker's prefill timeout."""
     g = cluster.gateway("--policy", "round_robin", "--local-prefill-max-tokens", "0", "--prefill-timeout-s", "5")
     frozen = cluster.prefill[1]
-    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    os.kill(frozen.pid, signal.SIGSTOP)
     try:
         time.sleep(HEARTBEAT_TTL_S + 0.6)  # TTL, plus one registry refresh and margin
         alive = cluster.prefill[0]
-        before = alive.metric("tandem_prompt_tokens_computed_total")
+        before = worker_metric(alive, "tandem_prompt_tokens_computed_total")
         start = time.monotonic()
         for i in range(6):
             body = json.dumps(
                 {"model": cluster.model_dir.name, "prompt": [7, 8, 9, 10 + i] * 5, "max_tokens": 2, "temperature": 0}
             ).encode()
-            status, _, got = post(g.url, "/v1/completions", body)
+            status, _, got = post(g.address, "/v1/completions", body)
             assert status == 200, got
-        assert time.monotonic() - start < 10.0, "".join(g.stderr_lines[-30:])
-        after = alive.metric("tandem_prompt_tokens_computed_total")
+        assert time.monotonic() - start < 10.0, g.output_tail()
+        after = worker_metric(alive, "tandem_prompt_tokens_computed_total")
         assert after - before == 6 * 20  # all six prompts were computed on prefill-0
-        assert g.metric("tandem_prefill_retries_total") == 0
+        assert gateway_metric(g, "tandem_prefill_retries_total") == 0
     finally:
-        os.kill(frozen.proc.pid, signal.SIGCONT)
-        g.stop()
+        os.kill(frozen.pid, signal.SIGCONT)
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
     # the thawed worker registers again on its next heartbeat
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and frozen.health().worker_id != "prefill-1":
+    while time.monotonic() < deadline and worker_health(frozen).worker_id != "prefill-1":
         time.sleep(0.1)
     cluster.assert_drained()
 
@@ -119,7 +123,7 @@ def _registered(cluster: Cluster) -> None:
     client = redis_lib.Redis.from_url(cluster.redis.url)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if all(client.exists(f"tandem:default:worker:{w.worker_id}") for w in cluster.workers):
+        if all(client.exists(f"tandem:default:worker:{w.name}") for w in cluster.workers):
             return
         time.sleep(0.1)
     raise AssertionError("not every worker is registered")

@@ -8,7 +8,6 @@ keeps a held lease until the decoder releases it, and only then reports idle.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,9 @@ from tandem.common.drain import DrainError, drain_worker
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.engine import Engine, SamplingParams
+from tandem.launcher.processes import ChildProcess
 from tests.conftest import random_prompts
-from tests.integration.workers import REPO_ROOT, WorkerProcess, decode_stream, prefill
+from tests.integration.workers import REPO_ROOT, decode_stream, prefill, start_worker, worker_channel, worker_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -35,8 +35,8 @@ def reference(tiny_model_dir: Path) -> Engine:
     return Engine.from_pretrained(tiny_model_dir, num_blocks=128)
 
 
-def _health(worker: WorkerProcess, service: str) -> int:
-    stub = health_pb2_grpc.HealthStub(worker.channel())
+def _health(worker: ChildProcess, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(worker_channel(worker))
     return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
@@ -55,7 +55,7 @@ def test_drain_rpc_finishes_the_stream_and_leaves_routing(
     tiny_model_dir: Path, reference: Engine, redis_server
 ) -> None:
     state = ClusterState(redis.Redis.from_url(redis_server.url), "default")
-    d = WorkerProcess.start("decode", tiny_model_dir, "--redis", redis_server.url, worker_id="d-drain-rpc")
+    d = start_worker("decode", tiny_model_dir, "--redis", redis_server.url, worker_id="d-drain-rpc")
     try:
         assert (_health(d, ""), _health(d, "tandem.v1.Worker")) == (SERVING, SERVING)
         assert state.get_worker("d-drain-rpc") is not None
@@ -64,7 +64,7 @@ def test_drain_rpc_finishes_the_stream_and_leaves_routing(
         stream = decode_stream(d, "drain-rpc", prompt, params)
         tokens = list(next(stream).token_ids)
 
-        first = pb_grpc.WorkerStub(d.channel()).Drain(pb.DrainRequest(), timeout=5)
+        first = pb_grpc.WorkerStub(worker_channel(d)).Drain(pb.DrainRequest(), timeout=5)
         assert (first.idle, first.waiting, first.running, first.held_leases) == (False, 0, 1, 0)
         assert state.get_worker("d-drain-rpc") is None  # left the routing set at once
         assert (_health(d, ""), _health(d, "tandem.v1.Worker")) == (SERVING, NOT_SERVING)
@@ -76,16 +76,16 @@ def test_drain_rpc_finishes_the_stream_and_leaves_routing(
         assert tokens == list(reference.generate([prompt], params)[0].token_ids)
         progress = drain_worker(d.address, timeout_s=10.0)
         assert (progress.idle, progress.waiting, progress.running, progress.held_leases) == (True, 0, 0, 0)
-        h = d.health()
+        h = worker_health(d)
         assert (h.draining, h.free_blocks) == (True, h.total_blocks)
         assert state.get_worker("d-drain-rpc") is None  # the stopped heartbeat never re-registers
-        assert d.stop(signal.SIGTERM, timeout_s=10) == 0
+        assert d.stop(10) == 0
     finally:
-        d.stop(signal.SIGKILL)
+        d.kill()
 
 
 def test_tandem_drain_waits_for_held_leases(tiny_model_dir: Path, reference: Engine) -> None:
-    p = WorkerProcess.start("prefill", tiny_model_dir, "--lease-ttl-s", "60", worker_id="p-drain-cli")
+    p = start_worker("prefill", tiny_model_dir, "--lease-ttl-s", "60", worker_id="p-drain-cli")
     try:
         (prompt,) = random_prompts([40], reference.model_config.vocab_size, seed=36)
         first = prefill(p, "held", prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
@@ -95,7 +95,9 @@ def test_tandem_drain_waits_for_held_leases(tiny_model_dir: Path, reference: Eng
         assert code == 1
         assert (out["event"], out["idle"], out["held_leases"], out["running"]) == ("drain_timeout", False, 1, 0)
 
-        released = pb_grpc.KVTransferStub(p.channel()).ReleaseKV(pb.ReleaseKVRequest(request_id="held"), timeout=5)
+        released = pb_grpc.KVTransferStub(worker_channel(p)).ReleaseKV(
+            pb.ReleaseKVRequest(request_id="held"), timeout=5
+        )
         assert released.released is True
         code, out, _ = _tandem_drain(p.address, timeout_s=10)
         assert code == 0
@@ -106,11 +108,11 @@ def test_tandem_drain_waits_for_held_leases(tiny_model_dir: Path, reference: Eng
             0,
             0,
         )
-        h = p.health()
+        h = worker_health(p)
         assert h.free_blocks == h.total_blocks
-        assert p.stop(signal.SIGTERM, timeout_s=10) == 0
+        assert p.stop(10) == 0
     finally:
-        p.stop(signal.SIGKILL)
+        p.kill()
 
 
 def test_drain_of_an_unreachable_worker_is_a_clear_error() -> None:

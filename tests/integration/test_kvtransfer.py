@@ -2,7 +2,7 @@
 random KV cache, and receivers pulling into another cache.
 
 The gRPC transport runs source and receiver in this process (one event loop). The torch
-transport's source runs in a subprocess (services/tandem/kvtransfer/source_process.py), as in
+transport's source runs in a subprocess (loadtest/tandem/loadtest/bench/kv_source.py), as in
 production; a few failure cases also run it in-process, which gloo supports (each pair
 forms in its own threads). Every case asserts exact bytes, or the exact failure reason and
 a message that names the culprit, and that the destination is untouched on failure.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -41,8 +40,9 @@ from tandem.kvtransfer.chunks import ChunkDecodeError, decode_chunk, encode_chun
 from tandem.kvtransfer.config import KVTransferConfig, MiB
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
 from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseTable
-from tandem.kvtransfer.source_process import random_kv_caches, source_args
 from tandem.kvtransfer.torch_source import TorchKVServicer
+from tandem.launcher.processes import ChildProcess, wait_all_ready
+from tandem.loadtest.bench.kv_source import random_kv_caches, source_args
 
 NUM_BLOCKS = 96
 LEASED = tuple(range(10, 40))  # the source's held prompt blocks
@@ -514,7 +514,7 @@ def test_grpc_timeout_and_unavailable_peer_are_bounded() -> None:
 class RemoteSource:
     layout: KVLayout
     address: str
-    process: subprocess.Popen
+    process: ChildProcess
 
     def handle(self, request_id: str = "remote", layout: str | None = None) -> KVHandleInfo:
         blocks = tuple(range(NUM_BLOCKS))
@@ -535,34 +535,16 @@ def remote_sources() -> Iterator[dict[str, RemoteSource]]:
     """One source process per dtype (started together), holding lease "remote" over every block."""
     layouts = {dtype: make_layout(dtype) for dtype in ("float32", "bfloat16")}
     processes = {
-        dtype: subprocess.Popen(
-            source_args(layout, NUM_BLOCKS, 5, "torch", "remote"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        dtype: ChildProcess.spawn(f"kv-source-{dtype}", source_args(layout, NUM_BLOCKS, 5, "torch", "remote"))
         for dtype, layout in layouts.items()
     }
     try:
-        sources = {}
-        for dtype, process in processes.items():
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            assert line.startswith("READY"), f"source process failed: {line!r}"
-            sources[dtype] = RemoteSource(layouts[dtype], f"127.0.0.1:{line.split()[1]}", process)
-        yield sources
+        wait_all_ready(list(processes.values()), timeout_s=60.0)
+        yield {dtype: RemoteSource(layouts[dtype], p.address, p) for dtype, p in processes.items()}
     finally:
         for process in processes.values():
-            if process.stdin is not None:
-                process.stdin.close()  # the source exits at EOF
-        for process in processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+            process.terminate()  # all at once
+        assert [process.stop(10.0) for process in processes.values()] == [0, 0]  # each exits cleanly on SIGTERM
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

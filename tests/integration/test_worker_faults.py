@@ -3,7 +3,6 @@ chunk, and the registry (SIGKILL expiry, SIGTERM drain and deregistration)."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,16 @@ from tandem.common.cluster_state import ClusterState, WorkerRole
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
-from tests.integration.workers import WorkerProcess, decode_stream, prefill, wait_until
+from tests.integration.workers import (
+    STOP_TIMEOUT_S,
+    decode_stream,
+    metrics_port,
+    prefill,
+    start_worker,
+    wait_until,
+    worker_health,
+    worker_metric,
+)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -24,56 +32,56 @@ def reference(tiny_model_dir: Path) -> Engine:
 
 
 def test_killed_prefill_worker_makes_decode_recompute(tiny_model_dir: Path, reference: Engine) -> None:
-    p = WorkerProcess.start("prefill", tiny_model_dir, worker_id="p-killed")
-    d = WorkerProcess.start("decode", tiny_model_dir, "--transfer-timeout-s", "3", worker_id="d-killed")
+    p = start_worker("prefill", tiny_model_dir, worker_id="p-killed")
+    d = start_worker("decode", tiny_model_dir, "--transfer-timeout-s", "3", worker_id="d-killed")
     try:
         (prompt,) = random_prompts([50], reference.model_config.vocab_size, seed=31)
         first = prefill(p, "killed", prompt, GREEDY)
-        p.stop(signal.SIGKILL)
+        p.kill()
         deltas = list(decode_stream(d, "killed", prompt, GREEDY, first))
         assert deltas[0].recomputed is True
         assert [first.first_token] + [t for x in deltas for t in x.token_ids] == list(
             reference.generate([prompt], GREEDY)[0].token_ids
         )
-        assert d.metric("tandem_kv_transfer_failures_total") == 1
-        assert wait_until(lambda: d.health().free_blocks == d.health().total_blocks, 2.0)
+        assert worker_metric(d, "tandem_kv_transfer_failures_total") == 1
+        assert wait_until(lambda: worker_health(d).free_blocks == worker_health(d).total_blocks, 2.0)
     finally:
-        d.stop()
-        p.stop(signal.SIGKILL)
+        d.stop(STOP_TIMEOUT_S)
+        p.kill()
 
 
 def test_unpulled_lease_expires_and_frees_blocks(tiny_model_dir: Path, reference: Engine) -> None:
-    p = WorkerProcess.start("prefill", tiny_model_dir, "--lease-ttl-s", "1", worker_id="p-lease")
+    p = start_worker("prefill", tiny_model_dir, "--lease-ttl-s", "1", worker_id="p-lease")
     try:
         (prompt,) = random_prompts([40], reference.model_config.vocab_size, seed=32)
         first = prefill(p, "lease", prompt, GREEDY)
         assert first.handle.block_ids and len(first.handle.block_ids) == 3
-        health = p.health()
+        health = worker_health(p)
         assert health.held_leases == 1 and health.total_blocks - health.free_blocks == 3
-        assert wait_until(lambda: p.health().held_leases == 0, 3.0)
-        assert wait_until(lambda: p.health().free_blocks == p.health().total_blocks, 1.0)
-        assert p.metric("tandem_lease_expiries_total") == 1
+        assert wait_until(lambda: worker_health(p).held_leases == 0, 3.0)
+        assert wait_until(lambda: worker_health(p).free_blocks == worker_health(p).total_blocks, 1.0)
+        assert worker_metric(p, "tandem_lease_expiries_total") == 1
     finally:
-        assert p.stop() == 0
+        assert p.stop(STOP_TIMEOUT_S) == 0
 
 
 def test_registry_sigkill_expires_and_drain_deregisters(tiny_model_dir: Path, redis_server) -> None:
     state = ClusterState(redis.Redis.from_url(redis_server.url), "default")
     args = ("--redis", redis_server.url, "--heartbeat-ttl-s", "1.5")
-    p = WorkerProcess.start("prefill", tiny_model_dir, *args, worker_id="p-reg")
-    d = WorkerProcess.start("decode", tiny_model_dir, *args, worker_id="d-reg")
+    p = start_worker("prefill", tiny_model_dir, *args, worker_id="p-reg")
+    d = start_worker("decode", tiny_model_dir, *args, worker_id="d-reg")
     try:
         workers = {w.worker_id: w for w in state.list_workers()}
         assert set(workers) >= {"p-reg", "d-reg"}
         assert workers["p-reg"].role is WorkerRole.PREFILL and workers["p-reg"].address == p.address
-        assert workers["d-reg"].fingerprint == d.health().layout_fingerprint
-        d.stop(signal.SIGKILL)
+        assert workers["d-reg"].fingerprint == worker_health(d).layout_fingerprint
+        d.kill()
         assert wait_until(lambda: state.get_worker("d-reg") is None, 1.5 + 0.5)
-        assert p.stop(signal.SIGTERM) == 0
+        assert p.stop(STOP_TIMEOUT_S) == 0
         assert state.get_worker("p-reg") is None  # deregistered before exit, not by TTL
     finally:
-        p.stop(signal.SIGKILL)
-        d.stop(signal.SIGKILL)
+        p.kill()
+        d.kill()
 
 
 class _CorruptingProxy:
@@ -116,8 +124,8 @@ class _CorruptingProxy:
 
 
 def test_corrupted_chunk_is_detected_and_recomputed(tiny_model_dir: Path, reference: Engine) -> None:
-    p = WorkerProcess.start("prefill", tiny_model_dir, worker_id="p-corrupt")
-    d = WorkerProcess.start("decode", tiny_model_dir, worker_id="d-corrupt")
+    p = start_worker("prefill", tiny_model_dir, worker_id="p-corrupt")
+    d = start_worker("decode", tiny_model_dir, worker_id="d-corrupt")
     proxy = _CorruptingProxy(p.address)
     try:
         (prompt,) = random_prompts([100], reference.model_config.vocab_size, seed=33)
@@ -129,42 +137,43 @@ def test_corrupted_chunk_is_detected_and_recomputed(tiny_model_dir: Path, refere
         assert [first.first_token] + [t for x in deltas for t in x.token_ids] == list(
             reference.generate([prompt], params)[0].token_ids
         )
-        assert d.metric("tandem_kv_transfer_failures_total") == 1
+        assert worker_metric(d, "tandem_kv_transfer_failures_total") == 1
         text_has_reason = 'reason="checksum"'
         import urllib.request
 
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port(d)}/metrics", timeout=5).read().decode()
         assert any(
             line.startswith("tandem_kv_transfer_failures_total") and text_has_reason in line
             for line in metrics.splitlines()
         )
         assert wait_until(
-            lambda: p.health().held_leases == 0 and d.health().free_blocks == d.health().total_blocks, 2.0
+            lambda: worker_health(p).held_leases == 0 and worker_health(d).free_blocks == worker_health(d).total_blocks,
+            2.0,
         )
     finally:
         proxy.close()
-        p.stop()
-        d.stop()
+        p.stop(STOP_TIMEOUT_S)
+        d.stop(STOP_TIMEOUT_S)
 
 
 def test_sigterm_drains_running_work_then_exits(tiny_model_dir: Path, reference: Engine, redis_server) -> None:
     import grpc
 
     state = ClusterState(redis.Redis.from_url(redis_server.url), "default")
-    d = WorkerProcess.start("decode", tiny_model_dir, "--redis", redis_server.url, worker_id="d-drain")
+    d = start_worker("decode", tiny_model_dir, "--redis", redis_server.url, worker_id="d-drain")
     try:
         (prompt,) = random_prompts([30], reference.model_config.vocab_size, seed=34)
         params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
         stream = decode_stream(d, "drain", prompt, params)
         tokens = list(next(stream).token_ids)
-        d.proc.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: d.health().draining, 2.0)
+        d.terminate()
+        assert wait_until(lambda: worker_health(d).draining, 2.0)
         with pytest.raises(grpc.RpcError) as err:
             list(decode_stream(d, "late", prompt, GREEDY))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
         tokens += [t for delta in stream for t in delta.token_ids]
         assert tokens == list(reference.generate([prompt], params)[0].token_ids)
-        assert d.proc.wait(10) == 0
+        assert d.stop(10) == 0
         assert state.get_worker("d-drain") is None
     finally:
-        d.stop(signal.SIGKILL)
+        d.kill()

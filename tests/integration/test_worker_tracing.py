@@ -16,8 +16,16 @@ from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.tracing import Tracing, TracingConfig, child_context, inject_metadata
 from tandem.engine import SamplingParams
 from tandem.engine.tiny_model import TINY_VOCAB_SIZE
+from tandem.launcher.processes import ChildProcess
 from tests.conftest import random_prompts
-from tests.integration.workers import WorkerProcess, request_pb, wait_until
+from tests.integration.workers import (
+    STOP_TIMEOUT_S,
+    request_pb,
+    start_worker,
+    wait_until,
+    worker_health,
+    worker_stub,
+)
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
@@ -45,16 +53,16 @@ def _decode_request(
     return msg
 
 
-def _pools_free(*workers: WorkerProcess) -> bool:
-    return all((h := w.health()).free_blocks == h.total_blocks and not h.held_leases for w in workers)
+def _pools_free(*workers: ChildProcess) -> bool:
+    return all((h := worker_health(w)).free_blocks == h.total_blocks and not h.held_leases for w in workers)
 
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     path = tmp_path_factory.mktemp("trace") / "spans.jsonl"
     flags = ("--otel-exporter", "file", "--otel-file", str(path))
-    p = WorkerProcess.start("prefill", tiny_model_dir, *flags, worker_id="p-trace")
-    d = WorkerProcess.start("decode", tiny_model_dir, *flags, worker_id="d-trace")
+    p = start_worker("prefill", tiny_model_dir, *flags, worker_id="p-trace")
+    d = start_worker("decode", tiny_model_dir, *flags, worker_id="d-trace")
     client = Tracing.create(TracingConfig("file", file_path=path), "tandem-test")
     tracer = client.tracer
     handoff_prompt, local_prompt, cancel_prompt = random_prompts([40, 20, 70], TINY_VOCAB_SIZE, seed=41)
@@ -63,34 +71,38 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
         # 1. prefill on P, hand-off to D (3 blocks pulled)
         root = tracer.start_span("request")
         md = inject_metadata(child_context(root))
-        first = p.stub().Prefill(
+        first = worker_stub(p).Prefill(
             pb.PrefillRequest(request=request_pb("t-handoff", handoff_prompt, GREEDY)), metadata=md, timeout=60
         )
         deltas = list(
-            d.stub().Decode(_decode_request("t-handoff", handoff_prompt, GREEDY, first), metadata=md, timeout=60)
+            worker_stub(d).Decode(_decode_request("t-handoff", handoff_prompt, GREEDY, first), metadata=md, timeout=60)
         )
         root.end()
         trace_ids["handoff"] = f"{root.get_span_context().trace_id:032x}"
         # 2. D prefills locally: no kv.pull
         root = tracer.start_span("request")
         md = inject_metadata(child_context(root))
-        local = list(d.stub().Decode(_decode_request("t-local", local_prompt, GREEDY, None), metadata=md, timeout=60))
+        local = list(
+            worker_stub(d).Decode(_decode_request("t-local", local_prompt, GREEDY, None), metadata=md, timeout=60)
+        )
         root.end()
         trace_ids["local"] = f"{root.get_span_context().trace_id:032x}"
         # 3. the client cancels the stream after the first message
         root = tracer.start_span("request")
         md = inject_metadata(child_context(root))
-        cfirst = p.stub().Prefill(
+        cfirst = worker_stub(p).Prefill(
             pb.PrefillRequest(request=request_pb("t-cancel", cancel_prompt, LONG)), metadata=md, timeout=60
         )
-        stream = d.stub().Decode(_decode_request("t-cancel", cancel_prompt, LONG, cfirst), metadata=md, timeout=60)
+        stream = worker_stub(d).Decode(
+            _decode_request("t-cancel", cancel_prompt, LONG, cfirst), metadata=md, timeout=60
+        )
         next(stream)
         stream.cancel()
         root.end()
         trace_ids["cancel"] = f"{root.get_span_context().trace_id:032x}"
         assert wait_until(lambda: _pools_free(p, d), 5.0)
     finally:
-        exit_codes = (d.stop(), p.stop())
+        exit_codes = (d.stop(STOP_TIMEOUT_S), p.stop(STOP_TIMEOUT_S))
         client.shutdown()
     spans: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for line in path.read_text().splitlines():

@@ -15,8 +15,20 @@ import pytest
 
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.engine import Engine, SamplingParams
+from tandem.launcher.processes import ChildProcess
 from tests.conftest import random_prompts
-from tests.integration.workers import WorkerProcess, decode_stream, disaggregated, prefill, wait_until
+from tests.integration.workers import (
+    STOP_TIMEOUT_S,
+    decode_stream,
+    disaggregated,
+    prefill,
+    start_worker,
+    wait_until,
+    worker_channel,
+    worker_health,
+    worker_metric,
+    worker_stub,
+)
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 LENGTHS = [1, 5, 16, 17, 40, 64, 100, 150]
@@ -31,16 +43,16 @@ def reference(tiny_model_dir: Path) -> Engine:
 def pair(request, tiny_model_dir: Path, redis_server):
     transport = request.param
     common = ("--redis", redis_server.url, "--kv-transport", transport, "--heartbeat-ttl-s", "2")
-    p = WorkerProcess.start("prefill", tiny_model_dir, *common, worker_id=f"p-{transport}")
-    d = WorkerProcess.start("decode", tiny_model_dir, *common, worker_id=f"d-{transport}")
+    p = start_worker("prefill", tiny_model_dir, *common, worker_id=f"p-{transport}")
+    d = start_worker("decode", tiny_model_dir, *common, worker_id=f"d-{transport}")
     yield transport, p, d
-    assert d.stop() == 0
-    assert p.stop() == 0
+    assert d.stop(STOP_TIMEOUT_S) == 0
+    assert p.stop(STOP_TIMEOUT_S) == 0
 
 
-def _pools_free(*workers: WorkerProcess) -> bool:
+def _pools_free(*workers: ChildProcess) -> bool:
     for w in workers:
-        h = w.health()
+        h = worker_health(w)
         if h.free_blocks != h.total_blocks or h.held_leases or h.waiting or h.running:
             return False
     return True
@@ -56,25 +68,25 @@ def test_exactness_over_the_wire(pair, reference: Engine) -> None:
         assert deltas[0].recomputed is False
         assert deltas[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert wait_until(lambda: _pools_free(p, d), 2.0)
-    assert d.metric("tandem_kv_transfer_failures_total") == 0
+    assert worker_metric(d, "tandem_kv_transfer_failures_total") == 0
 
 
 def test_decode_side_reuse_pulls_only_missing_blocks(pair, reference: Engine) -> None:
     transport, p, d = pair
     shared, tail_a, tail_b = random_prompts([48, 20, 30], reference.model_config.vocab_size, seed=22)
     for i, prompt in enumerate([shared + tail_a, shared + tail_b]):
-        blocks_before = d.metric("tandem_kv_transfer_blocks_total")
-        bytes_before = d.metric("tandem_kv_transfer_bytes_total")
+        blocks_before = worker_metric(d, "tandem_kv_transfer_blocks_total")
+        bytes_before = worker_metric(d, "tandem_kv_transfer_bytes_total")
         tokens, deltas = disaggregated(p, d, f"reuse-{transport}-{i}", prompt, GREEDY)
         assert tokens == list(reference.generate([prompt], GREEDY)[0].token_ids)
         num_blocks = -(-len(prompt) // 16)
-        pulled = d.metric("tandem_kv_transfer_blocks_total") - blocks_before
+        pulled = worker_metric(d, "tandem_kv_transfer_blocks_total") - blocks_before
         expected_pulled = num_blocks if i == 0 else num_blocks - 3  # 3 shared full blocks are local
         assert pulled == expected_pulled
         assert deltas[0].num_pulled_blocks == expected_pulled
         assert deltas[0].num_cached_tokens == (0 if i == 0 else 48)
         block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K+V, layers, block_size, kv heads, head_dim, fp32
-        assert d.metric("tandem_kv_transfer_bytes_total") - bytes_before == expected_pulled * block_bytes
+        assert worker_metric(d, "tandem_kv_transfer_bytes_total") - bytes_before == expected_pulled * block_bytes
 
 
 def test_local_prefill_reports_its_prefix_cache_hit(pair, reference: Engine) -> None:
@@ -99,7 +111,7 @@ def test_layout_mismatch_is_refused_naming_the_field(pair, reference: Engine) ->
         list(decode_stream(d, "mismatch", prompt, GREEDY, first))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "block_size (ours 16, theirs 32)" in err.value.details()
-    p.stub().Abort(pb.AbortRequest(request_id="mismatch"), timeout=5)
+    worker_stub(p).Abort(pb.AbortRequest(request_id="mismatch"), timeout=5)
     assert wait_until(lambda: _pools_free(p, d), 2.0)
 
 
@@ -127,7 +139,7 @@ def test_bad_peers_get_errors_and_workers_keep_serving(pair, reference: Engine) 
         "/tandem.v1.KVTransfer/SendKV",
     ]
     for worker in (p, d):
-        channel = worker.channel()
+        channel = worker_channel(worker)
         for method in methods:
             call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
             with pytest.raises(grpc.RpcError):

@@ -1,16 +1,12 @@
-"""Real worker processes for integration tests: started on free loopback ports, stopped by pid."""
+"""Real worker processes for integration tests, started with the launcher's harness
+(`ChildProcess`) on free loopback ports and stopped by pid, and the client calls the tests make."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -19,92 +15,64 @@ from tandem.common import codec
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.engine import SamplingParams
+from tandem.launcher.processes import ChildProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL after this
 
 
-def spawn_until_ready(cmd: list[str], name: str, timeout_s: float) -> tuple[subprocess.Popen, dict, list[str]]:
-    """Start `cmd` in the repo and wait (bounded) for its JSON ready line; kill it by pid and
-    raise with its stderr tail if none arrives."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    stderr_lines: list[str] = []
-    threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
-    ready: dict = {}
-    reader = threading.Thread(target=lambda: ready.update(json.loads(proc.stdout.readline() or "{}")), daemon=True)
-    reader.start()
-    reader.join(timeout_s)
-    if not ready.get("address"):
-        proc.kill()
-        proc.wait(5)
-        raise RuntimeError(f"{name} did not become ready:\n{''.join(stderr_lines[-30:])}")
-    return proc, ready, stderr_lines
+def start_worker(role: str, model_dir: Path, *extra: str, worker_id: str, timeout_s: float = 60.0) -> ChildProcess:
+    """A `role` worker named `worker_id`, returned once its ready line arrived (its output is
+    kept for `output_tail()`); stopped again, with its last output raised, if it never does."""
+    argv = [
+        sys.executable,
+        "-m",
+        "tandem",
+        role,
+        "--model",
+        str(model_dir),
+        "--worker-id",
+        worker_id,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--num-threads",
+        "1",
+        "--kv-cache-mib",
+        "8",
+        *extra,
+    ]
+    return ChildProcess.start(worker_id, argv, timeout_s, cwd=REPO_ROOT, forward=False)
 
 
-@dataclass
-class WorkerProcess:
-    role: str
-    proc: subprocess.Popen
-    address: str
-    metrics_port: int | None
-    worker_id: str
-    stderr_lines: list[str] = field(default_factory=list)
+def worker_channel(worker: ChildProcess) -> grpc.Channel:
+    return grpc.insecure_channel(worker.address)
 
-    @classmethod
-    def start(cls, role: str, model_dir: Path, *extra: str, worker_id: str, timeout_s: float = 60.0) -> WorkerProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tandem",
-            role,
-            "--model",
-            str(model_dir),
-            "--worker-id",
-            worker_id,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--num-threads",
-            "1",
-            "--kv-cache-mib",
-            "8",
-            *extra,
-        ]
-        proc, ready, stderr_lines = spawn_until_ready(cmd, f"{role} worker", timeout_s)
-        return cls(role, proc, ready["address"], ready["metrics_port"], worker_id, stderr_lines)
 
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+def worker_stub(worker: ChildProcess) -> pb_grpc.WorkerStub:
+    return pb_grpc.WorkerStub(worker_channel(worker))
 
-    def stub(self) -> pb_grpc.WorkerStub:
-        return pb_grpc.WorkerStub(self.channel())
 
-    def health(self) -> pb.HealthResponse:
-        return self.stub().Health(pb.HealthRequest(), timeout=5)
+def worker_health(worker: ChildProcess) -> pb.HealthResponse:
+    return worker_stub(worker).Health(pb.HealthRequest(), timeout=5)
 
-    def metric(self, name: str) -> float:
-        """Sum of every sample of `name` on this worker's /metrics."""
-        import urllib.request
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")
-        )
+def metrics_port(worker: ChildProcess) -> int:
+    assert worker.ready is not None
+    return int(worker.ready["metrics_port"])
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+
+def worker_metric(worker: ChildProcess, name: str) -> float:
+    """Sum of every sample of `name` on this worker's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port(worker)}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
@@ -120,12 +88,12 @@ def request_pb(request_id: str, prompt: list[int], params: SamplingParams) -> pb
     return codec.request_to_proto(codec.WorkerRequest(request_id, tuple(prompt), params))
 
 
-def prefill(worker: WorkerProcess, request_id: str, prompt: list[int], params: SamplingParams) -> pb.PrefillResponse:
-    return worker.stub().Prefill(pb.PrefillRequest(request=request_pb(request_id, prompt, params)), timeout=60)
+def prefill(worker: ChildProcess, request_id: str, prompt: list[int], params: SamplingParams) -> pb.PrefillResponse:
+    return worker_stub(worker).Prefill(pb.PrefillRequest(request=request_pb(request_id, prompt, params)), timeout=60)
 
 
 def decode_stream(
-    worker: WorkerProcess,
+    worker: ChildProcess,
     request_id: str,
     prompt: list[int],
     params: SamplingParams,
@@ -136,11 +104,11 @@ def decode_stream(
         msg.first_token = first.first_token
         if first.HasField("handle"):
             msg.handle.CopyFrom(first.handle)
-    return worker.stub().Decode(msg, timeout=60)
+    return worker_stub(worker).Decode(msg, timeout=60)
 
 
 def disaggregated(
-    prefill_w: WorkerProcess, decode_w: WorkerProcess, request_id: str, prompt: list[int], params: SamplingParams
+    prefill_w: ChildProcess, decode_w: ChildProcess, request_id: str, prompt: list[int], params: SamplingParams
 ) -> tuple[list[int], list[pb.DecodeDelta]]:
     """Prefill on one worker, decode on the other; returns all tokens and the deltas."""
     first = prefill(prefill_w, request_id, prompt, params)

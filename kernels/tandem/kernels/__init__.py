@@ -8,8 +8,8 @@ validates arguments (`ValueError` naming the argument) and computes the grid:
 - `paged_prefill_attention`   (tandem.kernels.prefill_attention)  variable-length causal chunks
 - `pack_blocks`, `unpack_blocks` (tandem.kernels.block_copy)      KV blocks <-> one flat buffer
 
-`tandem.kernels.reference` holds the plain torch versions (ground truth, CPU path) and
-`tandem.kernels.bench` the bandwidth benchmark behind `tandem bench kernels`.
+`tandem.kernels.reference` holds the plain torch versions (ground truth, CPU path). The bandwidth
+benchmark behind `tandem bench kernels` is `tandem.loadtest.bench.kernels`.
 
 Launchers are imported lazily (PEP 562): `import tandem.kernels.reference` must not import Triton,
 because `triton.jit` decides between compiled and interpreted kernels (TRITON_INTERPRET=1)

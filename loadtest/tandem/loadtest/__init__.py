@@ -13,5 +13,10 @@ Modules, one noun each:
 - `report`: `results.json` (every request, for re-analysis), `summary.md` and the side-by-side
   comparison of several runs.
 - `plots`: `latency_cdf.png` and `throughput.png` (matplotlib, Agg canvas).
-- `__main__`: the `python -m tandem.loadtest run | summarize | compare` command line.
+- `__main__`: the `python -m tandem.loadtest run | summarize | compare | bench` command line.
+
+Packages:
+
+- `bench`: the single benchmarks behind `tandem bench engine|gateway|kernels|kv`.
+- `suite`: `make bench`, the benchmark set written to BENCHMARKS.md.
 """

@@ -33,7 +33,7 @@ from tandem.loadtest.metrics import summarize
 from tandem.loadtest.plots import write_plots
 from tandem.loadtest.report import RunInfo, SavedRun, compare_markdown, load_results, summary_markdown, write_results
 from tandem.loadtest.request import WorkloadRequest
-from tandem.loadtest.runner import ProgressBar, RunClock, run_load
+from tandem.loadtest.runner import ProgressBar, RunClock, RunResult, run_load
 from tandem.loadtest.slo import SLO
 from tandem.loadtest.workloads import load_workload
 
@@ -155,7 +155,7 @@ def _run_one(
     clock = RunClock()
     progress = ProgressBar(len(requests), enabled=not args.no_progress)
 
-    async def main() -> tuple:
+    async def main() -> RunResult:
         async with StreamingClient(config, clock=clock) as client:
             return await run_load(client, requests, shape, args.seed, clock, on_done=progress.update)
 

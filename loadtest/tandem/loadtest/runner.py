@@ -65,7 +65,7 @@ class ProgressBar:
         self._bar = None
         if enabled:
             try:
-                from tqdm import tqdm  # optional dependency
+                from tqdm import tqdm  # type: ignore[import-untyped]  # optional dependency, no stubs
             except ImportError:
                 return
             self._bar = tqdm(total=total, unit="req", file=sys.stderr)
@@ -118,8 +118,9 @@ async def _closed_loop(
 
     async def worker() -> None:
         for index in next_index:  # shared iterator: each index is taken by exactly one worker
-            records[index] = await sender.send(requests[index])
-            on_done(records[index])
+            record = await sender.send(requests[index])
+            records[index] = record
+            on_done(record)
 
     await asyncio.gather(*(worker() for _ in range(shape.concurrency)))
     return [record for record in records if record is not None]

@@ -96,18 +96,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "serve":  # main() forwards `bench serve ...`; only `bench --flag serve` gets here
         raise ValueError("put the load generator's flags after `serve`: tandem bench serve --base-url URL ...")
     if args.target == "engine":
-        from tandem.engine.bench import run_engine_bench
+        from tandem.loadtest.bench.engine import run_engine_bench
 
         return run_engine_bench(_model_dir(args), prompt_len=args.prompt_len, max_tokens=args.max_tokens)
     if args.target == "gateway":
-        from tandem.gateway.bench import run_gateway_bench
+        from tandem.loadtest.bench.gateway import run_gateway_bench
 
         return run_gateway_bench(_model_dir(args))
     if args.target == "kv":
-        from tandem.kvtransfer.bench import run_kv_bench
+        from tandem.loadtest.bench.kv import run_kv_bench
 
         return run_kv_bench()
-    from tandem.kernels.bench import run_kernel_bench
+    from tandem.loadtest.bench.kernels import run_kernel_bench
 
     return run_kernel_bench()
 

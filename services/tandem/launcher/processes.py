@@ -1,7 +1,13 @@
-"""One child process of `tandem up`: spawned, watched for its `ready` line, stopped by pid.
+"""The one process harness: a child spawned, watched for its `ready` line, stopped by pid.
+
+`tandem up` (`LocalCluster`), the benchmarks (`tandem.loadtest`: the gateway bench, the KV
+source process, `make bench`'s clusters) and the integration and end-to-end tests all start
+their processes with it. A child announces itself with one JSON line on stdout,
+`{"event": "ready", "address": ..., ...}`, and stops cleanly on SIGTERM.
 
 Lifecycle of a `ChildProcess`:
-1. `spawn()` starts `argv` with stdin closed and stdout/stderr piped. On Linux the child asks
+1. `spawn()` starts `argv` with stdin closed and stdout/stderr piped (`start()` is `spawn()`
+   then `wait_ready()`, stopping the child if it never gets ready). On Linux the child asks
    the kernel for SIGTERM when its parent dies (`PR_SET_PDEATHSIG`), so a `tandem up` that is
    SIGKILLed leaves no orphans. The child stays in our process group: Ctrl-C in a terminal
    reaches it too, and it treats SIGINT like SIGTERM.
@@ -12,7 +18,8 @@ Lifecycle of a `ChildProcess`:
    output tail) if the child exits first or the bound passes; `wait_all_ready()` waits for
    several at once and fails as soon as any one of them exits.
 4. `stop(timeout_s)` sends SIGTERM once, waits, sends SIGKILL when the bound passes, and
-   reaps the child. It is idempotent. The child is only ever addressed by its pid.
+   reaps the child; `kill()` sends SIGKILL at once (a crash, as fault tests want it) and reaps.
+   Both are idempotent. The child is only ever addressed by its pid.
 
 PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process: spawn
 children from a thread that lives as long as they do (`tandem up` uses its main thread).
@@ -32,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TAIL_LINES = 40
 READER_JOIN_S = 1.0
 POLL_INTERVAL_S = 0.05
+FAILED_START_STOP_S = 5.0  # grace for a child that never got ready
 
 
 class ChildStartError(RuntimeError):
@@ -136,6 +144,28 @@ class ChildProcess:
         logger.info("started %s (pid %d)", name, process.pid)
         return cls(name, process, sink, forward)
 
+    @classmethod
+    def start(
+        cls,
+        name: str,
+        argv: Sequence[str],
+        ready_timeout_s: float,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        sink: IO[str] | None = None,
+        forward: bool = True,
+    ) -> ChildProcess:
+        """`spawn()`, then `wait_ready(ready_timeout_s)`. If the child is not ready in time it
+        is stopped (by pid) and `ChildStartError` (with its last output) propagates."""
+        child = cls.spawn(name, argv, env=env, cwd=cwd, sink=sink, forward=forward)
+        try:
+            child.wait_ready(ready_timeout_s)
+        except BaseException:
+            child.stop(FAILED_START_STOP_S)
+            raise
+        return child
+
     # ---- state ---------------------------------------------------------------------------
     @property
     def name(self) -> str:
@@ -158,6 +188,13 @@ class ChildProcess:
     def ready(self) -> dict[str, Any] | None:
         """The child's JSON ready line, once it printed one."""
         return self._ready
+
+    @property
+    def address(self) -> str:
+        """The `address` of the child's ready line (a worker's `host:port`, a gateway's URL)."""
+        if self._ready is None or not isinstance(self._ready.get("address"), str):
+            raise RuntimeError(f"{self._name} (pid {self.pid}) has announced no address")
+        return str(self._ready["address"])
 
     def output_tail(self) -> str:
         """The last lines the child printed (stdout lines other than the ready line, and stderr)."""
@@ -221,6 +258,14 @@ class ChildProcess:
             reader.join(READER_JOIN_S)  # a grandchild may hold the pipes open: bounded
         return code
 
+    def kill(self) -> int:
+        """SIGKILL now (no drain: what a crash looks like) and reap; returns the exit code
+        (-9 unless the child had already exited). Idempotent."""
+        if self._process.poll() is None:
+            self._signalled = True
+            self._process.kill()
+        return self.stop(READER_JOIN_S)
+
     # ---- reader threads ------------------------------------------------------------------
     def _read_stdout(self) -> None:
         stream = self._process.stdout
@@ -257,9 +302,21 @@ class ChildProcess:
             pass  # our stderr is gone: keep draining the pipe so the child never blocks
 
 
-def wait_all_ready(
-    children: Sequence[ChildProcess], timeout_s: float, cancelled: Callable[[], bool] | None = None
-) -> None:
+class Starting(Protocol):
+    """What `wait_all_ready` watches: a `ChildProcess`, or any worker a placement runs."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    def check_ready(self) -> dict[str, Any] | None: ...
+
+    def output_tail(self) -> str: ...
+
+
+def wait_all_ready(children: Sequence[Starting], timeout_s: float, cancelled: Callable[[], bool] | None = None) -> None:
     """Block until every child printed its ready line. Raises `ChildStartError` as soon as one
     of them exits without it, or when `timeout_s` passes, and `StartCancelled` as soon as
     `cancelled()` is true. The children are left running: the caller stops them."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from tandem.engine.bench import engine_tokens_per_s, transformers_tokens_per_s
 from tandem.engine.engine import Engine
+from tandem.loadtest.bench.engine import engine_tokens_per_s, transformers_tokens_per_s
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Figure, Section
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import statistics
 
-from tandem.gateway.bench import GOAL, measure_gateway
+from tandem.loadtest.bench.gateway import GOAL, measure_gateway
+from tandem.loadtest.bench.scheduler import run_scheduler_bench
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Direction, Figure, Section
-from tandem.scheduler.bench import run_scheduler_bench
 
 ROUTE_P99_BUDGET_US = 200.0
 

@@ -55,7 +55,7 @@ def _measure(
 ) -> tuple[float, float, float]:
     """(decode-only ITL p99 ms, mixed ITL p99 ms, mixed duration s) for one layout. `warmup`
     is a long prompt outside `long`, so no measured prompt is in a prefix cache already."""
-    workers = (WorkerSpec("decode", DECODE_CPU),)
+    workers: tuple[WorkerSpec, ...] = (WorkerSpec("decode", DECODE_CPU),)
     if layout == "disaggregated":
         workers = (WorkerSpec("prefill", SHARED_CPU), *workers)
     spec = ClusterSpec(ctx.model_dir, workers, gateway_cpu=SHARED_CPU)

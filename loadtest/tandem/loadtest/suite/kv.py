@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.kvtransfer.bench import BEST_GOAL, GRPC_GOAL, measure_kv
+from tandem.loadtest.bench.kv import BEST_GOAL, GRPC_GOAL, measure_kv
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Figure, Section
 

@@ -27,7 +27,7 @@ import torch
 
 from tandem.engine.engine import Engine
 from tandem.engine.sampling_params import SamplingParams
-from tandem.gateway.bench import stream_direct, stream_via_gateway
+from tandem.loadtest.bench.gateway import stream_direct, stream_via_gateway
 from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
 from tandem.loadtest.suite.context import BenchContext

@@ -238,7 +238,7 @@ def run_gateway_bench(
     out(f"  direct to decode worker  {d:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in report.direct)}")
     out(f"  through the gateway      {g:8.1f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in report.via_gateway)}")
     out(f"  gateway / direct         {g / d:8.2f}        (goal >= {GOAL})")
-    from tandem.scheduler.bench import run_scheduler_bench
+    from tandem.loadtest.bench.scheduler import run_scheduler_bench
 
     run_scheduler_bench(out=out)
     return 0

@@ -2,18 +2,22 @@
 
 It plays a prefill worker without a model: a KV cache filled from a seed (so the parent can
 rebuild the same bytes), one lease over the blocks, and a grpc.aio server bound to the given
-host that hosts the transport's source servicer. With `--raw-tcp` it also serves a raw TCP
-baseline: each 8-byte little-endian size read from a connection is answered with that many
-bytes from a preallocated buffer.
+host that hosts the transport's source servicer, built with the real worker's gRPC server
+options. With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian size read
+from a connection is answered with that many bytes from a preallocated buffer.
 
-Protocol with the parent: the child prints one line `READY <grpc_port> <raw_tcp_port>` on
-stdout and runs until its stdin closes (so it cannot outlive its parent).
+Protocol with the parent, the launcher's (`tandem.launcher.processes.ChildProcess`): the child
+prints one JSON line `{"event": "ready", "address": "<host>:<grpc_port>", "raw_tcp_port": N}`
+(N is 0 without `--raw-tcp`) on stdout and runs until SIGTERM or SIGINT (the harness also has
+the kernel send it SIGTERM when the parent dies), then stops its server and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import signal
 import socket
 import sys
 import threading
@@ -22,10 +26,10 @@ import grpc
 import torch
 
 from tandem.common.layout import KVLayout
+from tandem.common.worker import GRPC_OPTIONS
 from tandem.engine.engine import HeldKV
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
-from tandem.kvtransfer.channels import server_options
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
 
@@ -54,7 +58,7 @@ def source_args(
     args = [
         sys.executable,
         "-m",
-        "tandem.kvtransfer.source_process",
+        "tandem.loadtest.bench.kv_source",
         "--layout",
         layout.describe(),
         "--num-blocks",
@@ -90,7 +94,7 @@ async def _main(args: argparse.Namespace) -> None:
         args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()), LEASE_TTL_S
     )
     transport = create_transport(args.transport, KVTransferConfig(transport=args.transport, bind_host=args.host))
-    server = grpc.aio.server(options=server_options())
+    server = grpc.aio.server(options=GRPC_OPTIONS)  # the prefill worker's server, as deployed
     transport.add_source(server, store, leases)
     port = server.add_insecure_port(f"{args.host}:0")
     await server.start()
@@ -100,8 +104,12 @@ async def _main(args: argparse.Namespace) -> None:
         raw_port = listener.getsockname()[1]
         payload = memoryview(bytearray(args.num_blocks * store.bytes_per_block))
         threading.Thread(target=_serve_raw_tcp, args=(listener, payload), daemon=True).start()
-    print(f"READY {port} {raw_port}", flush=True)
-    await asyncio.to_thread(sys.stdin.read)  # EOF: the parent is done (or gone)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    ready = {"event": "ready", "address": f"{args.host}:{port}", "raw_tcp_port": raw_port}
+    print(json.dumps(ready), flush=True)
+    await stop.wait()
     await server.stop(grace=None)
     await transport.close()
 

@@ -3,7 +3,7 @@
 Budget (DESIGN.md section 5 and the scheduler issue): p99 <= 200 us per decision at 64 workers
 and a 4096-token prompt (256 blocks). Run it with:
 
-    python -c "from tandem.scheduler.bench import run_scheduler_bench; run_scheduler_bench()"
+    python -c "from tandem.loadtest.bench.scheduler import run_scheduler_bench; run_scheduler_bench()"
 
 Setup: half prefill and half decode workers with one fingerprint and random loads; a handful
 of distinct prompts; every worker holds a random leading prefix of about half of the prompts

@@ -1,6 +1,6 @@
 """`tandem bench kv`: KV hand-off throughput of each transport against raw loopback TCP.
 
-One run: a source process (services/tandem/kvtransfer/source_process.py, bound to 127.0.0.1) holds
+One run: a source process (loadtest/tandem/loadtest/bench/kv_source.py, bound to 127.0.0.1) holds
 the KV of a long prompt under a lease and also serves a raw TCP baseline; this process is the
 receiver. Rounds interleave raw TCP, the gRPC transport and the torch transport, so that all
 three see the same machine load, and the medians are compared. Every transport round is a
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from tandem.common.layout import KVLayout
 from tandem.kvtransfer.base import KVHandleInfo, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
-from tandem.kvtransfer.source_process import random_kv_caches, source_args
+from tandem.launcher.processes import ChildProcess
+from tandem.loadtest.bench.kv_source import random_kv_caches, source_args
 
 BENCH_LAYOUT = KVLayout("llama", num_layers=16, num_kv_heads=4, head_dim=64, dtype="bfloat16", block_size=16)
 PROMPT_TOKENS = 4096  # 256 blocks of 256 KiB: 64 MiB of KV
@@ -37,6 +37,7 @@ REQUEST_ID = "bench-kv"
 SEED = 7
 SETTLE_S = 0.1  # quiet time before each measured transfer: the previous one's frees and threads settle
 BEST_GOAL, GRPC_GOAL = 0.70, 0.40  # fractions of raw TCP
+SOURCE_READY_TIMEOUT_S, SOURCE_STOP_TIMEOUT_S = 60.0, 10.0
 
 
 @dataclass(frozen=True)
@@ -75,25 +76,14 @@ def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchRe
     torch.set_num_threads(1)  # one core for the receiver, one for the source (2-core hosts)
     layout = BENCH_LAYOUT
     num_blocks = -(-prompt_tokens // layout.block_size)
-    process = subprocess.Popen(
-        source_args(layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=True),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    argv = source_args(layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=True)
+    source = ChildProcess.start("kv-source", argv, SOURCE_READY_TIMEOUT_S, forward=False)
     try:
-        ready = _read_ready(process, timeout_s=60.0)
-        return asyncio.run(_bench(layout, num_blocks, ready, rounds))
+        assert source.ready is not None  # start() returns a ready child
+        raw_port = int(source.ready["raw_tcp_port"])
+        return asyncio.run(_bench(layout, num_blocks, source.address, raw_port, rounds))
     finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        source.stop(SOURCE_STOP_TIMEOUT_S)
 
 
 def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> int:
@@ -103,28 +93,14 @@ def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tok
     return 0 if report.exact else 1
 
 
-def _read_ready(process: subprocess.Popen, timeout_s: float) -> tuple[int, int]:
-    """Wait (bounded) for the child's `READY <grpc_port> <raw_port>` line."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    line = ""
-    while time.monotonic() < deadline and process.poll() is None:
-        line = process.stdout.readline()
-        if line.startswith("READY"):
-            _, grpc_port, raw_port = line.split()
-            return int(grpc_port), int(raw_port)
-    raise RuntimeError(f"KV source process did not start (exit code {process.poll()}, last line {line!r})")
-
-
-async def _bench(layout: KVLayout, num_blocks: int, ports: tuple[int, int], rounds: int) -> KVBenchReport:
-    grpc_port, raw_port = ports
+async def _bench(layout: KVLayout, num_blocks: int, address: str, raw_port: int, rounds: int) -> KVBenchReport:
     source = KVBlockStore(random_kv_caches(layout, num_blocks, SEED), layout)
     dest = KVBlockStore(random_kv_caches(layout, num_blocks, SEED + 1), layout)
     size_bytes = num_blocks * dest.bytes_per_block
     handle = KVHandleInfo(
         REQUEST_ID,
         "bench-source",
-        f"127.0.0.1:{grpc_port}",
+        address,
         tuple(range(num_blocks)),
         num_blocks * layout.block_size,
         layout.describe(),
