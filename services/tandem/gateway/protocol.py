@@ -45,10 +45,18 @@ __all__ = [
     "PreparedRequest",
     "ServedModel",
     "TokenizeRequest",
+    "chat_prompt",
+    "check_token_ids",
     "detokenize_body",
+    "logprob_count",
     "parse_body",
     "prepare",
+    "prompt_inputs",
+    "resolve_max_tokens",
+    "stop_strings",
+    "to_sampling",
     "tokenize_body",
+    "tokenize_request",
 ]
 
 BodyT = TypeVar("BodyT", bound=Body)
