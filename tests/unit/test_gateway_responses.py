@@ -11,7 +11,8 @@ import pytest
 from tandem.engine.sequence import TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway import errors, responses
-from tandem.gateway.responses import ChoiceResult, ResponseView
+from tandem.gateway.response_view import ResponseView
+from tandem.gateway.responses import ChoiceResult
 
 H, SPACE, E4, EOS = 75, 224, 164, 1  # tiny tokenizer ids: "h", " ", byte 0xE4 (part of 世), <|eos|>
 HEAD = {"request_id": "cmpl-1", "model": "tiny", "created": 1700000000}

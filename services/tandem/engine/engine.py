@@ -24,7 +24,7 @@ from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.loader import load_model
-from tandem.engine.model_config import DTYPES, ModelConfig
+from tandem.engine.model_config import ModelConfig
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.sampler import Sampler
 from tandem.engine.sampling_params import SamplingParams
@@ -107,7 +107,7 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         model_config = ModelConfig.from_dir(self.model_dir)
         if config.dtype is not None:
-            model_config = replace(model_config, dtype=DTYPES[config.dtype])
+            model_config = replace(model_config, dtype_name=config.dtype)
         self.model_config = model_config
         self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
         self.device = _resolve_device(config.device)

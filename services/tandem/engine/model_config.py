@@ -4,6 +4,9 @@ Supports the Llama family: Llama 2/3 (with `default`, `linear` and `llama3` rope
 Mistral (sliding window disabled, see `max_model_len`), and Qwen2 (qkv bias, tied embeddings).
 Both config forms are read: `rope_theta` + `rope_scaling` (transformers 4) and
 `rope_parameters` (transformers 5).
+
+No torch at import time: the gateway reads this config (vocab size, context length) and must
+not load torch. `dtype` resolves the dtype name to a `torch.dtype` when the engine asks.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # architecture name in config.json -> model family implemented in services/tandem/engine/models
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -23,11 +28,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+# config.json "dtype" / "torch_dtype" values the engine runs; each is a `torch` attribute.
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,20 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
-    dtype: torch.dtype
+    dtype_name: str  # one of DTYPE_NAMES
     eos_token_ids: frozenset[int]
     sliding_window: int | None = None
 
     @property
     def family(self) -> str:
         return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' and activations' dtype (imports torch: engine side only)."""
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     @property
     def max_model_len(self) -> int:
@@ -114,8 +123,8 @@ class ModelConfig:
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: unsupported hidden_act {raw.get('hidden_act')!r}; only 'silu'")
         dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        if dtype_name not in DTYPES:
-            raise ValueError(f"{source}: unsupported dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
+        if dtype_name not in DTYPE_NAMES:
+            raise ValueError(f"{source}: unsupported dtype {dtype_name!r}; supported: {sorted(DTYPE_NAMES)}")
         sliding_window = raw.get("sliding_window")
         if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
             sliding_window = None
@@ -135,7 +144,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            dtype=DTYPES[dtype_name],
+            dtype_name=dtype_name,
             eos_token_ids=eos_ids,
             sliding_window=int(sliding_window) if sliding_window else None,
         )

@@ -1,10 +1,10 @@
-"""Tokenizer and chat template for a local Hugging Face model directory, without transformers.
+"""Tokenizer of a local Hugging Face model directory, without transformers.
 
 The gateway tokenizes prompts, renders chat messages and detokenizes streamed tokens with this
 class; the engine reads `eos_token_ids` to stop sequences. Results equal transformers 5's
 `AutoTokenizer` for tokenizers saved as `PreTrainedTokenizerFast` / `TokenizersBackend`
 (tests/unit/test_tokenizer.py checks it), because both run the same `tokenizers` pipeline from
-tokenizer.json and the same sandboxed Jinja setup:
+tokenizer.json:
 
     1. tokenizer.json is the whole pipeline, post-processor included. transformers 5 drops
        `add_bos_token` / `add_eos_token` from tokenizer_config.json whenever tokenizer.json
@@ -12,9 +12,8 @@ tokenizer.json and the same sandboxed Jinja setup:
     2. Named special tokens from tokenizer_config.json (or legacy special_tokens_map.json)
        that tokenizer.json does not list as added tokens are added as special tokens, as
        transformers does, so their text is never split.
-    3. Chat templates: chat_template.jinja and chat_templates/*.jinja take priority over
-       tokenizer_config.json["chat_template"] (a string, or a list of {"name", "template"}).
-       With `tools` and a "tool_use" template, that one is used; otherwise "default".
+    3. Chat templates are loaded and rendered by `tandem.engine.chat_template`;
+       `apply_chat_template` passes them the named special tokens.
 
 Model classes that transformers 5 rebuilds from vocab and merges (e.g. `LlamaTokenizer` for
 SentencePiece-style checkpoints) are matched only insofar as tokenizer.json matches them.
@@ -26,32 +25,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.parser
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
+from tandem.engine.chat_template import ChatTemplate, load_chat_templates, render_chat
+
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """One compiled chat template; `source` is the Jinja text, `origin` the file it came from."""
-
-    source: str
-    origin: str
-    compiled: jinja2.Template
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,7 +80,7 @@ class Tokenizer:
             backend=backend,
             special_tokens=MappingProxyType(special_tokens),
             eos_token_ids=frozenset(eos_ids),
-            chat_templates=MappingProxyType(_load_chat_templates(root, config)),
+            chat_templates=MappingProxyType(load_chat_templates(root, config)),
             model_max_length=int(max_length) if isinstance(max_length, (int, float)) else None,
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
         )
@@ -153,39 +137,7 @@ class Tokenizer:
         special tokens. Raises ValueError for a model without a chat template, bad inputs,
         and template errors, including the template's own `raise_exception(...)`.
         """
-        template = self._pick_template(tools)
-        if not messages:
-            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
-        if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
-            raise ValueError("tools must be JSON schemas (dicts)")
-        chat = []
-        for message in messages:
-            if not isinstance(message, Mapping):
-                raise ValueError(f"Chat messages should be dicts, but got {message!r}.")
-            # Drop None values (OpenAI's content=None, tool_calls=None), as transformers does.
-            plain = _plain({key: value for key, value in message.items() if value is not None})
-            reasoning = next((plain[key] for key in _REASONING_FIELDS if plain.get(key) is not None), None)
-            if reasoning is not None:
-                plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
-            chat.append(plain)
-        variables = {"documents": None, **dict(self.special_tokens), **_plain(kwargs)}
-        try:
-            return template.compiled.render(
-                messages=chat, tools=_plain(tools), add_generation_prompt=add_generation_prompt, **variables
-            )
-        except jinja2.TemplateError as error:
-            raise ValueError(f"chat template from {template.origin} failed: {error}") from error
-
-    def _pick_template(self, tools: list[dict[str, Any]] | None) -> ChatTemplate:
-        if tools is not None and "tool_use" in self.chat_templates:
-            return self.chat_templates["tool_use"]
-        if "default" in self.chat_templates:
-            return self.chat_templates["default"]
-        if self.chat_templates:
-            raise ValueError(f"This model has chat templates {sorted(self.chat_templates)} but none named 'default'.")
-        raise ValueError(
-            "This model has no chat template (no chat_template.jinja and no chat_template in tokenizer_config.json)."
-        )
+        return render_chat(self.chat_templates, messages, add_generation_prompt, tools, self.special_tokens, kwargs)
 
     def _special_id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
@@ -278,140 +230,15 @@ def _eos_ids(value: Any, origin: Path) -> list[int]:
     return list(values)
 
 
-def _load_chat_templates(root: Path, config: Mapping[str, Any]) -> dict[str, ChatTemplate]:
-    """Template files win over tokenizer_config.json, as in transformers' _from_pretrained."""
-    sources: dict[str, tuple[str, Path]] = {}
-    if (root / "chat_template.jinja").is_file():
-        sources["default"] = (_read_text(root / "chat_template.jinja"), root / "chat_template.jinja")
-    if (root / "chat_templates").is_dir():
-        for file in sorted((root / "chat_templates").glob("*.jinja")):
-            sources[file.name.removesuffix(".jinja")] = (_read_text(file), file)
-    if not sources:
-        origin = root / "tokenizer_config.json"
-        value = config.get("chat_template")
-        if isinstance(value, str):
-            sources["default"] = (value, origin)
-        elif isinstance(value, list):
-            for entry in value:
-                if not (
-                    isinstance(entry, dict)
-                    and isinstance(entry.get("name"), str)
-                    and isinstance(entry.get("template"), str)
-                ):
-                    raise ValueError(f"{origin}: chat_template list entries need string 'name' and 'template'")
-                sources[entry["name"]] = (entry["template"], origin)
-        elif value is not None:
-            raise ValueError(f"{origin}: chat_template must be a string or a list, got {type(value).__name__}")
-    environment = _chat_environment()
-    templates = {}
-    for name, (source, origin) in sources.items():
-        try:
-            templates[name] = ChatTemplate(source, str(origin), environment.from_string(source))
-        except jinja2.TemplateError as error:
-            raise ValueError(f"{origin}: chat template {name!r} does not compile: {error}") from error
-    return templates
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot read: {error}") from error
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it for masks)."""
-
-    tags: ClassVar[set[str]] = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore attributes, as transformers' sandbox does."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"Chat templates cannot set underscore attributes ({name!r}).")
-
-
-def _chat_environment() -> ImmutableSandboxedEnvironment:
-    """The Jinja environment of transformers' chat templates (utils/chat_template_utils.py)."""
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals["raise_exception"] = _raise_exception
-    environment.globals["strftime_now"] = _strftime_now
-    environment.globals["dict"] = _TemplateDict()
-    environment.globals["namespace"] = _TemplateNamespace
-    return environment
-
-
-def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    # Unlike Jinja's own tojson, no HTML escaping, and keyword options as in transformers.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_exception(message: str) -> None:
-    raise ValueError(message)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    """`dict` for templates: construction and fromkeys only, no access to the type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict.fromkeys(*args, **kwargs)
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types so templates cannot reach object methods."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):  # subclasses (enums, numpy scalars) carry extra methods
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(item) for item in value)
-    return f"<{type(value).__name__}>"
-
-
 def _clean_up_tokenization(text: str) -> str:
-    pairs = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"))
+    pairs: tuple[tuple[str, str], ...] = (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+    )
     pairs += ((" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
     for before, after in pairs:
         text = text.replace(before, after)

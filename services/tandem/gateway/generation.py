@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
@@ -96,7 +96,7 @@ class Generation:
     def num_generated_tokens(self) -> int:
         return sum(len(t.token_ids) for t in self.totals.values())
 
-    async def events(self) -> AsyncIterator[ChoiceEvent]:
+    async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Merged events of every choice. Errors before any output are raised as they are
         (an `OpenAIError` becomes an HTTP error); later ones arrive as events with `error`."""
         queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue(_QUEUE_SIZE)

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -107,7 +107,7 @@ class Pipeline:
         tickets.add(decision)
         return decision
 
-    async def generate(self, request: WorkerRequest, parent: Context | None = None) -> AsyncIterator[Delta]:
+    async def generate(self, request: WorkerRequest, parent: Context | None = None) -> AsyncGenerator[Delta, None]:
         extra = block_extra(self.config.hash_model_id, request.cache_salt)
         hashes = tuple(hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra))
         tickets = _Tickets(self.scheduler, len(request.prompt_token_ids), hashes)

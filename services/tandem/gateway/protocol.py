@@ -1,237 +1,149 @@
-"""Request bodies of the OpenAI API (with vLLM's extensions), validated once at the edge.
+"""Request preparation: a raw body in, a request ready to charge, trace and run out.
 
-Who calls what, per request:
-    1. `parse_body(raw, CompletionRequest | ChatCompletionRequest | ..., max_n)` turns the body
-       into a frozen model or raises `OpenAIError` 400 (bad UTF-8, bad JSON, NaN/Infinity,
-       wrong types, out-of-range values, unsupported features). Unknown fields are ignored.
-    2. `prompt_inputs` (completions) or `chat_prompt` (chat) tokenizes the prompt(s).
-    3. `resolve_max_tokens` checks the length against the context and picks the budget.
-    4. `to_sampling(req, max_tokens, i)` builds the engine's `SamplingParams` of choice i of n,
-       and `stop_strings(req)` the stop strings the gateway cuts the text at.
-
-Types are strict, as OpenAI's are: "16" is not an integer and 1 is not a boolean.
+Who calls what, per request (DESIGN.md section 2, step 1):
+    `prepare(raw, chat, served)` (completions and chat) does, in this order, each step raising
+    `OpenAIError` with OpenAI's status, message and param:
+    1. `parse_body` decodes and validates the body into a frozen model (`bodies.py`): 400 for
+       bad UTF-8, bad JSON, NaN/Infinity, wrong types, out-of-range values, unsupported features.
+    2. The `model` field must name the served model (404).
+    3. `prompt_inputs` (completions) or `chat_prompt` (chat) tokenizes the prompt(s).
+    4. `resolve_max_tokens` checks each prompt against the context and picks its budget.
+    5. `to_sampling` builds the engine's `SamplingParams` of each choice, `stop_strings` the
+       strings the gateway cuts the text at.
+    `tokenize_body` and `detokenize_body` do steps 1 and 2 for /tokenize and /detokenize and
+    return the answer.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ValidationError
 
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
-from tandem.gateway.errors import OpenAIError, bad_request, context_length_exceeded
+from tandem.gateway.bodies import (
+    INT64_MIN,
+    Body,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from tandem.gateway.errors import OpenAIError, bad_request, context_length_exceeded, model_not_found
+from tandem.gateway.generation import ChoiceSpec
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_LOGPROBS = 20
-_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt"})
-TokenId = Annotated[int, Field(ge=0)]
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "DetokenizeRequest",
+    "PreparedRequest",
+    "ServedModel",
+    "TokenizeRequest",
+    "chat_prompt",
+    "check_token_ids",
+    "detokenize_body",
+    "logprob_count",
+    "parse_body",
+    "prepare",
+    "prompt_inputs",
+    "resolve_max_tokens",
+    "stop_strings",
+    "to_sampling",
+    "tokenize_body",
+    "tokenize_request",
+]
 
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, frozen=True)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _only_text_parts(cls, value: Any) -> Any:
-        if value is None or isinstance(value, str):
-            return value
-        if not isinstance(value, list):
-            raise ValueError("content must be a string or a list of content parts")
-        for part in value:
-            if not isinstance(part, dict):
-                raise ValueError('content parts must be objects like {"type": "text", "text": "..."}')
-            if part.get("type") != "text":
-                raise ValueError(f"content part type {part.get('type')!r} is not supported; only 'text' parts are")
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a 'text' content part needs a string 'text'")
-        return value
-
-    def for_template(self) -> dict[str, Any]:
-        """The message as Tokenizer.apply_chat_template takes it; text parts joined by "\\n" (vLLM's string format)."""
-        content = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
-        fields = {
-            "role": self.role,
-            "content": content,
-            "name": self.name,
-            "tool_call_id": self.tool_call_id,
-            "tool_calls": self.tool_calls,
-        }
-        return {key: value for key, value in fields.items() if value is not None}
+BodyT = TypeVar("BodyT", bound=Body)
 
 
-class _GenerateBody(_Body):
-    """Fields shared by completions and chat. `None` means "not given" for every nullable field."""
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """What preparation checks a request against; built once by `GatewayState`.
 
-    model: str | None = None  # None: the served model
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 disables
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
-    n: int = Field(1, ge=1)  # null: 1
-    stream: bool = False  # null: false
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    return_token_ids: bool | None = None
-    cache_salt: str | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    `name` is what clients pass as `model`, `max_model_len` the prompt + completion limit,
+    `max_n` the cap on choices per request.
+    """
 
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_shape(cls, value: Any) -> Any:
-        items = [value] if isinstance(value, str) else value if isinstance(value, list) else [None]
-        if value is not None and not all(isinstance(s, str) for s in items):
-            raise ValueError("stop must be a string or a list of strings")
-        if any(s == "" for s in items):
-            raise ValueError("stop strings must not be empty")
-        return value
+    name: str
+    tokenizer: Tokenizer
+    vocab_size: int
+    max_model_len: int
+    max_n: int
 
-    @field_validator("n", "stream", "echo", "logprobs", mode="before", check_fields=False)
-    @classmethod
-    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
-        return cls.model_fields[info.field_name].default if value is None else value
 
-    @field_validator("n")
-    @classmethod
-    def _n_cap(cls, value: int, info: ValidationInfo) -> int:
-        max_n = (info.context or {}).get("max_n")
-        if max_n is not None and value > max_n:
-            raise bad_request(f"n must be at most {max_n}, got {value}.", "n")
-        return value
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated completions or chat request. `prompts` holds each prompt's token ids;
+    `choices` one `ChoiceSpec` per choice (prompt p, choice i: index p * n + i, as vLLM);
+    `logprob_count` the top logprobs per token (None: logprobs not requested)."""
 
-    @model_validator(mode="after")
-    def _supported(self) -> _GenerateBody:
-        if self.stream_options is not None and not self.stream:
-            raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
-        if self.cache_salt is not None and not self.cache_salt:
-            raise bad_request("cache_salt must be a non-empty string if provided.", "cache_salt")
-        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
-            if getattr(self, name):  # None, 0 and {} are the defaults
-                raise bad_request(f"{name} is not supported.", name)
-        return self
+    body: CompletionRequest | ChatCompletionRequest
+    prompts: tuple[tuple[int, ...], ...]
+    choices: tuple[ChoiceSpec, ...]
+    stop: tuple[str, ...]
+    logprob_count: int | None
 
     @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-
-class CompletionRequest(_GenerateBody):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # None: up to the context limit
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompt_shape(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return value
-        shape = "prompt must be a string, a list of strings, a list of token ids or a list of token id lists"
-        if not isinstance(value, list):
-            raise ValueError(shape)
-        if not value:
-            raise ValueError("prompt must not be empty")
-        if not (all(isinstance(p, str) for p in value) or all(_is_token_id(t) for t in value)):
-            if not all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in value):
-                raise ValueError(shape)
-            if not all(value):
-                raise ValueError("prompt token id lists must not be empty")
-        return value
-
-    @model_validator(mode="after")
-    def _completion_supported(self) -> CompletionRequest:
-        if self.echo:
-            raise bad_request("echo is not supported.", "echo")
-        if self.suffix:
-            raise bad_request("suffix is not supported.", "suffix")
-        if self.best_of is not None and self.best_of != self.n:
-            raise bad_request("best_of is not supported; use n.", "best_of")
-        return self
-
-
-class ChatCompletionRequest(_GenerateBody):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _chat_supported(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:
-            raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-        if self.tools:
-            raise bad_request("tools are not supported.", "tools")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise bad_request('response_format is not supported (only {"type": "text"}).', "response_format")
-        _check_template_kwargs(self.chat_template_kwargs)
-        return self
+    def chat(self) -> bool:
+        return isinstance(self.body, ChatCompletionRequest)
 
     @property
-    def requested_max_tokens(self) -> int | None:
-        """max_completion_tokens wins over the deprecated max_tokens; None: up to the context limit."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_charged_tokens(self) -> int:
+        """What the token rate limit charges: prompt + max_tokens of every choice."""
+        return sum(len(c.prompt_token_ids) + c.sampling.max_tokens for c in self.choices)
 
 
-class TokenizeRequest(_Body):
-    """vLLM's /tokenize: exactly one of `prompt` and `messages`. `add_special_tokens=None` means
-    True for a prompt and False for messages (the chat template writes its own BOS), as vLLM."""
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise bad_request("Provide exactly one of prompt and messages.", "prompt")
-        _check_template_kwargs(self.chat_template_kwargs)
-        return self
-
-
-class DetokenizeRequest(_Body):
-    model: str | None = None
-    tokens: list[TokenId]
-
-
-Body = TypeVar("Body", bound=_Body)
+def prepare(raw: bytes, chat: bool, served: ServedModel) -> PreparedRequest:
+    """Steps 1 to 5 of the module docstring for /v1/chat/completions (`chat`) or /v1/completions."""
+    body: CompletionRequest | ChatCompletionRequest
+    kind: Literal["prompt", "messages"]
+    if chat:
+        body = parse_body(raw, ChatCompletionRequest, served.max_n)
+        _check_model(body.model, served)
+        prompts = [chat_prompt(body, served.tokenizer)]
+        requested, kind = body.requested_max_tokens, "messages"
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    else:
+        body = parse_body(raw, CompletionRequest, served.max_n)
+        _check_model(body.model, served)
+        prompts = prompt_inputs(body, served.tokenizer, served.vocab_size)
+        requested, kind, param = body.max_tokens, "prompt", "max_tokens"
+    choices: list[ChoiceSpec] = []
+    for p, prompt in enumerate(prompts):
+        max_tokens = resolve_max_tokens(requested, len(prompt), served.max_model_len, kind, param)
+        for i in range(body.n):
+            choices.append(ChoiceSpec(p * body.n + i, tuple(prompt), to_sampling(body, max_tokens, i)))
+    return PreparedRequest(
+        body, tuple(tuple(p) for p in prompts), tuple(choices), stop_strings(body), logprob_count(body)
+    )
 
 
-def parse_body(raw: bytes, model_cls: type[Body], max_n: int) -> Body:
+def tokenize_body(raw: bytes, served: ServedModel) -> list[int]:
+    """The token ids /tokenize answers for the body `raw`."""
+    req = parse_body(raw, TokenizeRequest, served.max_n)
+    _check_model(req.model, served)
+    return tokenize_request(req, served.tokenizer)
+
+
+def detokenize_body(raw: bytes, served: ServedModel) -> str:
+    """The text /detokenize answers for the body `raw` (special tokens kept)."""
+    req = parse_body(raw, DetokenizeRequest, served.max_n)
+    _check_model(req.model, served)
+    check_token_ids(req.tokens, served.vocab_size, "tokens")
+    return served.tokenizer.decode(req.tokens, skip_special_tokens=False)
+
+
+def parse_body(raw: bytes, model_cls: type[BodyT], max_n: int) -> BodyT:
     """Decode, parse and validate a request body; OpenAIError 400 naming the problem otherwise."""
     try:
         text = raw.decode("utf-8")
@@ -296,12 +208,12 @@ def prompt_inputs(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int)
     prompt = req.prompt
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
-    elif all(isinstance(p, str) for p in prompt):
-        prompts = [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+    elif all(isinstance(p, str) for p in prompt):  # the body validated that lists are not mixed
+        prompts = [tokenizer.encode(p) for p in cast("list[str]", prompt)]
     elif all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]  # type: ignore[arg-type]
+        prompts = [list(cast("list[int]", prompt))]
     else:
-        prompts = [list(p) for p in prompt]  # type: ignore[union-attr]
+        prompts = [list(p) for p in cast("list[list[int]]", prompt)]
     for ids in prompts:
         check_token_ids(ids, vocab_size, "prompt")
     return prompts
@@ -340,10 +252,6 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
 def to_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice_index: int) -> SamplingParams:
     """Engine parameters of choice `choice_index` (0..n-1): seed + index, as vLLM's parallel sampling."""
     seed = None if req.seed is None else (req.seed + choice_index - INT64_MIN) % 2**64 + INT64_MIN
-    if isinstance(req, ChatCompletionRequest):
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        logprobs = req.logprobs
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -352,7 +260,7 @@ def to_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
         seed=seed,
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
+        logprobs=logprob_count(req),
     )
 
 
@@ -362,14 +270,16 @@ def stop_strings(req: CompletionRequest | ChatCompletionRequest) -> tuple[str, .
     return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
 
 
-def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
-    reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs or {}))
-    if reserved:
-        raise bad_request(f"chat_template_kwargs cannot set {', '.join(reserved)}.", "chat_template_kwargs")
+def logprob_count(req: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Top logprobs per token the response reports; None: logprobs not requested."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
 
 
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _check_model(model: str | None, served: ServedModel) -> None:
+    if model is not None and model != served.name:
+        raise model_not_found(model)
 
 
 def _json_type(value: Any) -> str:

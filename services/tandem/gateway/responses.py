@@ -1,10 +1,9 @@
 """Response bodies and SSE chunks of the OpenAI API, as plain dicts in OpenAI's shapes.
 
-The pure builders (`completion_response`, `chat_response`, `completion_chunk`, `chat_chunk`,
-`usage`, `usage_chunk`, the logprobs formatters, `models_response`) know nothing of the
-request's lifecycle. `ResponseView` is the per-request adapter the app uses: it turns the
-generation's accumulated totals or streamed events into those bodies and remembers, per
-choice, whether its first chunk went out and how long its logprob text is.
+The builders here (`completion_response`, `chat_response`, `completion_chunk`, `chat_chunk`,
+`usage`, `usage_chunk`, the logprobs formatters, `models_response`) are pure and know nothing
+of the request's lifecycle; `response_view.ResponseView` is the per-request adapter that
+feeds them.
 
 Choice numbering (vLLM's): with prompts p = 0.. and n choices each, choice index = p * n + i.
 `return_token_ids` (vLLM extension) adds `token_ids` to each choice; `prompt_token_ids` goes on
@@ -18,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from tandem.engine.sequence import TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
@@ -248,133 +247,6 @@ def models_response(model_id: str, max_model_len: int, created: int, root: str |
             }
         ],
     }
-
-
-class ChoiceTotalsLike(Protocol):
-    """What `ResponseView` reads of a choice's accumulated output (generation.ChoiceTotals)."""
-
-    text: list[str]
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None
-    cached_tokens: int
-
-
-class ChoiceEventLike(Protocol):
-    """What `ResponseView` reads of one streamed event (generation.ChoiceEvent)."""
-
-    index: int
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...]
-    finish_reason: str | None
-
-
-class ResponseView:
-    """Bodies of one request. Owned by its handler; `stream_chunks` records per-choice progress."""
-
-    def __init__(
-        self,
-        request_id: str,
-        created: int,
-        model: str,
-        chat: bool,
-        prompts: Sequence[Sequence[int]],
-        n: int,
-        return_token_ids: bool | None,
-        logprob_count: int | None,
-        tokenizer: Tokenizer,
-    ) -> None:
-        self.request_id, self.created, self.model, self.chat = request_id, created, model, chat
-        self.prompts = [tuple(p) for p in prompts]
-        self.n = n
-        self.return_token_ids = bool(return_token_ids)
-        self.with_logprobs = logprob_count is not None
-        self.tokenizer = tokenizer
-        self._started: set[int] = set()
-        self._text_offsets: dict[int, int] = {}
-
-    def usage(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
-        """Each prompt counts once, however many choices it has (vLLM); cached: the best choice's."""
-        cached = sum(
-            min(
-                len(prompt),
-                max(
-                    (totals[p * self.n + i].cached_tokens for i in range(self.n) if p * self.n + i in totals), default=0
-                ),
-            )
-            for p, prompt in enumerate(self.prompts)
-        )
-        generated = sum(len(t.token_ids) for t in totals.values())
-        return usage(sum(len(p) for p in self.prompts), generated, cached)
-
-    def full_response(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
-        choices = [
-            ChoiceResult(
-                index,
-                "".join(t.text),
-                tuple(t.token_ids),
-                tuple(t.logprobs) if self.with_logprobs else None,
-                t.finish_reason,
-                self.prompts[index // self.n],
-            )
-            for index, t in totals.items()
-        ]
-        head = {
-            "request_id": self.request_id,
-            "model": self.model,
-            "created": self.created,
-            "usage_body": self.usage(totals),
-            "tokenizer": self.tokenizer,
-        }
-        if self.chat:
-            return chat_response(
-                **head, choices=choices, prompt_token_ids=self.prompts[0] if self.return_token_ids else None
-            )
-        return completion_response(**head, choices=choices, return_token_ids=self.return_token_ids)
-
-    def usage_chunk(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
-        return usage_chunk(
-            request_id=self.request_id,
-            model=self.model,
-            created=self.created,
-            chat=self.chat,
-            usage_body=self.usage(totals),
-        )
-
-    def stream_chunks(self, event: ChoiceEventLike) -> list[bytes]:
-        """The SSE events for one generation event (possibly none: nothing new to say)."""
-        head = {"request_id": self.request_id, "model": self.model, "created": self.created, "index": event.index}
-        first = event.index not in self._started
-        self._started.add(event.index)
-        prompt = self.prompts[event.index // self.n] if self.return_token_ids and first else None
-        token_ids = event.token_ids if self.return_token_ids else None
-        report_tokens = bool(event.token_ids) and (self.return_token_ids or self.with_logprobs)
-        out: list[dict[str, Any]] = []
-        if self.chat:
-            if first:
-                out.append(chat_chunk(**head, content="", role=True, prompt_token_ids=prompt))
-            if event.text or report_tokens:
-                lp = chat_logprobs(event.logprobs, self.tokenizer) if self.with_logprobs else None
-                out.append(chat_chunk(**head, content=event.text, logprobs=lp, token_ids=token_ids))
-            if event.finish_reason is not None:
-                out.append(chat_chunk(**head, content=None, finish_reason=event.finish_reason))
-        elif event.text or report_tokens or event.finish_reason is not None or prompt is not None:
-            lp = None
-            if self.with_logprobs:
-                lp = completion_logprobs(event.logprobs, self.tokenizer, self._text_offsets.get(event.index, 0))
-                self._text_offsets[event.index] = sum(map(len, lp["tokens"]), self._text_offsets.get(event.index, 0))
-            out.append(
-                completion_chunk(
-                    **head,
-                    text=event.text,
-                    finish_reason=event.finish_reason,
-                    logprobs=lp,
-                    token_ids=token_ids,
-                    prompt_token_ids=prompt,
-                )
-            )
-        return [sse(chunk) for chunk in out]
 
 
 def _chunk(obj: str, request_id: str, model: str, created: int, choices: list[dict[str, Any]]) -> dict[str, Any]:

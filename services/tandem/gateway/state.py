@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -23,14 +22,14 @@ from tandem.common.cluster_state import ClusterState, WorkerRole
 from tandem.common.tracing import Tracing
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.tokenizer import Tokenizer
-from tandem.gateway import protocol
 from tandem.gateway.auth import APIKeys, AuthError, AuthFailure
 from tandem.gateway.clients import WorkerClients
 from tandem.gateway.config import GatewayConfig
-from tandem.gateway.errors import OpenAIError, invalid_api_key, missing_api_key, model_not_found, rate_limited
+from tandem.gateway.errors import OpenAIError, invalid_api_key, missing_api_key, rate_limited
 from tandem.gateway.limits import RateLimiter
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.pipeline import Pipeline
+from tandem.gateway.protocol import ServedModel
 from tandem.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -40,11 +39,15 @@ _PRUNE_INTERVAL_S = 5.0
 class GatewayState:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.tokenizer = Tokenizer.from_pretrained(config.model_dir)
         model_config = ModelConfig.from_dir(config.model_dir)
-        self.vocab_size = model_config.vocab_size
         limit = model_config.max_model_len
-        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.served = ServedModel(
+            name=config.model_name,
+            tokenizer=Tokenizer.from_pretrained(config.model_dir),
+            vocab_size=model_config.vocab_size,
+            max_model_len=min(config.max_model_len or limit, limit),
+            max_n=config.max_n,
+        )
         self.created = int(time.time())
         self.metrics = GatewayMetrics(config.model_name)
         self.tracing = Tracing.create(config.tracing, "tandem-gateway")
@@ -107,21 +110,6 @@ class GatewayState:
             return self.auth.check(request.headers.get("authorization"))
         except AuthError as exc:
             raise (missing_api_key() if exc.reason is AuthFailure.MISSING else invalid_api_key()) from None
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.config.model_name:
-            raise model_not_found(model)
-
-    def prompts(self, req: Any, chat: bool) -> list[list[int]]:
-        if chat:
-            return [protocol.chat_prompt(req, self.tokenizer)]
-        return protocol.prompt_inputs(req, self.tokenizer, self.vocab_size)
-
-    @staticmethod
-    def logprob_count(req: Any) -> int | None:
-        if isinstance(req, protocol.ChatCompletionRequest):
-            return (req.top_logprobs or 0) if req.logprobs else None
-        return req.logprobs
 
     async def charge(self, key_id: str, num_tokens: int) -> None:
         """Charge the key's rate limits (429 with Retry-After when over). If Redis cannot be

@@ -5,12 +5,14 @@ Redis-fed view of the workers and a prefix index; `picker.decide` is the pure de
 runs; `policies` holds the routing policies, chosen by name in `SchedulerConfig.policy`.
 """
 
+from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.picker import decide
 from tandem.scheduler.policies import (
     POLICIES,
     LeastLoaded,
     Policy,
+    PolicyConfig,
     PrefixAware,
     RoundRobin,
     make_policy,
@@ -22,7 +24,6 @@ from tandem.scheduler.types import (
     RouteDecision,
     RouteKind,
     RouteRequest,
-    SchedulerConfig,
     WorkerStatus,
     WorkerView,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "LeastLoaded",
     "NoWorkerError",
     "Policy",
+    "PolicyConfig",
     "PrefixAware",
     "PrefixIndex",
     "RegistrySnapshot",

@@ -27,13 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tandem.common.cluster_state import WorkerRole
+from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.policies import Policy
 from tandem.scheduler.types import (
     NoWorkerError,
     RouteDecision,
     RouteKind,
     RouteRequest,
-    SchedulerConfig,
     WorkerView,
 )
 

@@ -7,7 +7,7 @@ pure: the same (request, candidates, pool, config) always gives the same worker,
 can be tested with tables and replayed in a simulator. Ties are broken by worker id.
 
 A worker whose `load` is None (registered, no load published yet) counts as idle.
-Policies are chosen by name through `POLICIES` / `make_policy`.
+Policies are chosen by name through `POLICIES` / `make_policy`; `SchedulerConfig.policy` names one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,22 @@ from types import MappingProxyType
 from typing import Protocol
 
 from tandem.common.cluster_state import WorkerRole
-from tandem.scheduler.types import RouteRequest, SchedulerConfig, WorkerView
+from tandem.scheduler.types import RouteRequest, WorkerView
+
+
+class PolicyConfig(Protocol):
+    """What a policy reads of `SchedulerConfig` (config.py). A protocol, not the class: the
+    config validates its policy name against `POLICIES`, so it imports this module, never the
+    reverse."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def queue_weight(self) -> float: ...
+
+    @property
+    def kv_weight(self) -> float: ...
 
 
 class Policy(Protocol):
@@ -30,7 +45,7 @@ class Policy(Protocol):
         request: RouteRequest,
         candidates: Sequence[WorkerView],
         pool: WorkerRole,
-        config: SchedulerConfig,
+        config: PolicyConfig,
     ) -> WorkerView: ...
 
 
@@ -44,7 +59,7 @@ class RoundRobin:
         request: RouteRequest,
         candidates: Sequence[WorkerView],
         pool: WorkerRole,
-        config: SchedulerConfig,
+        config: PolicyConfig,
     ) -> WorkerView:
         ordered = sorted(candidates, key=lambda view: view.info.worker_id)
         return ordered[request.seq % len(ordered)]
@@ -63,7 +78,7 @@ class LeastLoaded:
         request: RouteRequest,
         candidates: Sequence[WorkerView],
         pool: WorkerRole,
-        config: SchedulerConfig,
+        config: PolicyConfig,
     ) -> WorkerView:
         def key(view: WorkerView) -> tuple[int, int, float, str]:
             load = view.load
@@ -74,7 +89,7 @@ class LeastLoaded:
         return min(candidates, key=key)
 
 
-def prefix_aware_cost(request: RouteRequest, view: WorkerView, pool: WorkerRole, config: SchedulerConfig) -> float:
+def prefix_aware_cost(request: RouteRequest, view: WorkerView, pool: WorkerRole, config: PolicyConfig) -> float:
     """The `PrefixAware` cost of sending `request` to `view`, in token units (lower is better).
 
     With T = num_prompt_tokens, B = block_size, and an absent load counting as all zeros:
@@ -138,7 +153,7 @@ class PrefixAware:
         request: RouteRequest,
         candidates: Sequence[WorkerView],
         pool: WorkerRole,
-        config: SchedulerConfig,
+        config: PolicyConfig,
     ) -> WorkerView:
         # A plain loop with hoisted factors: this runs for every live worker on every request.
         num_tokens, block_size = request.num_prompt_tokens, config.block_size

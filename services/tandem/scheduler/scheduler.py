@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import redis
 
 from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
 from tandem.scheduler.picker import decide
@@ -44,7 +45,6 @@ from tandem.scheduler.policies import Policy, make_policy
 from tandem.scheduler.types import (
     RouteDecision,
     RouteRequest,
-    SchedulerConfig,
     WorkerStatus,
     WorkerView,
 )

@@ -31,10 +31,11 @@ from tandem.common.cluster_state import (
     WorkerLoad,
     WorkerRole,
 )
+from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.policies import make_policy
 from tandem.scheduler.scheduler import RegistrySnapshot, route_on
-from tandem.scheduler.types import RouteRequest, SchedulerConfig
+from tandem.scheduler.types import RouteRequest
 
 NUM_PROMPTS = 16
 WARMUP_ITERATIONS = 100

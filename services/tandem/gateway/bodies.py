@@ -1,0 +1,234 @@
+"""Request bodies of the OpenAI API (with vLLM's extensions) as frozen pydantic models.
+
+Each model validates its own fields (types, ranges, shapes, unsupported features) and raises
+`OpenAIError` 400 naming the parameter for the cases pydantic cannot word; `protocol.parse_body`
+turns pydantic's own errors into OpenAI's wording. Unknown fields are ignored. Nullable fields
+use `None` for "not given".
+
+Types are strict, as OpenAI's are: "16" is not an integer and 1 is not a boolean.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from tandem.gateway.errors import bad_request
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20
+_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt"})
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class Body(BaseModel):
+    """Base of every request body: unknown fields ignored, strict types, no NaN/Infinity, frozen."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of content parts")
+        for part in value:
+            if not isinstance(part, dict):
+                raise ValueError('content parts must be objects like {"type": "text", "text": "..."}')
+            if part.get("type") != "text":
+                raise ValueError(f"content part type {part.get('type')!r} is not supported; only 'text' parts are")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a 'text' content part needs a string 'text'")
+        return value
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as Tokenizer.apply_chat_template takes it; text parts joined by "\\n" (vLLM's string format)."""
+        content = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
+        fields = {
+            "role": self.role,
+            "content": content,
+            "name": self.name,
+            "tool_call_id": self.tool_call_id,
+            "tool_calls": self.tool_calls,
+        }
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+class _GenerateBody(Body):
+    """Fields shared by completions and chat. `None` means "not given" for every nullable field."""
+
+    model: str | None = None  # None: the served model
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 disables
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    n: int = Field(1, ge=1)  # null: 1
+    stream: bool = False  # null: false
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    return_token_ids: bool | None = None
+    cache_salt: str | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else [None]
+        if value is not None and not all(isinstance(s, str) for s in items):
+            raise ValueError("stop must be a string or a list of strings")
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("n", "stream", "echo", "logprobs", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n_cap(cls, value: int, info: ValidationInfo) -> int:
+        max_n = (info.context or {}).get("max_n")
+        if max_n is not None and value > max_n:
+            raise bad_request(f"n must be at most {max_n}, got {value}.", "n")
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> _GenerateBody:
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise bad_request("cache_salt must be a non-empty string if provided.", "cache_salt")
+        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+            if getattr(self, name):  # None, 0 and {} are the defaults
+                raise bad_request(f"{name} is not supported.", name)
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_GenerateBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # None: up to the context limit
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        shape = "prompt must be a string, a list of strings, a list of token ids or a list of token id lists"
+        if not isinstance(value, list):
+            raise ValueError(shape)
+        if not value:
+            raise ValueError("prompt must not be empty")
+        if not (all(isinstance(p, str) for p in value) or all(_is_token_id(t) for t in value)):
+            if not all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in value):
+                raise ValueError(shape)
+            if not all(value):
+                raise ValueError("prompt token id lists must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _completion_supported(self) -> CompletionRequest:
+        if self.echo:
+            raise bad_request("echo is not supported.", "echo")
+        if self.suffix:
+            raise bad_request("suffix is not supported.", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of is not supported; use n.", "best_of")
+        return self
+
+
+class ChatCompletionRequest(_GenerateBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _chat_supported(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+        if self.tools:
+            raise bad_request("tools are not supported.", "tools")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise bad_request('response_format is not supported (only {"type": "text"}).', "response_format")
+        _check_template_kwargs(self.chat_template_kwargs)
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """max_completion_tokens wins over the deprecated max_tokens; None: up to the context limit."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(Body):
+    """vLLM's /tokenize: exactly one of `prompt` and `messages`. `add_special_tokens=None` means
+    True for a prompt and False for messages (the chat template writes its own BOS), as vLLM."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("Provide exactly one of prompt and messages.", "prompt")
+        _check_template_kwargs(self.chat_template_kwargs)
+        return self
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs or {}))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs cannot set {', '.join(reserved)}.", "chat_template_kwargs")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

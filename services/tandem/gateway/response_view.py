@@ -1,0 +1,193 @@
+"""`ResponseView`: one request's OpenAI response bodies, built from its generation's output.
+
+The serving code owns one view per request. It turns the generation's accumulated totals
+(non-streaming) or its streamed events (SSE) into the bodies of `responses.py`, and remembers,
+per choice, whether its first chunk went out and how long its logprob text is. Choice numbering
+and the placement of `prompt_token_ids` / `token_ids` are described in `responses.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypedDict
+
+from tandem.engine.sequence import TokenLogprob
+from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway.responses import (
+    ChoiceResult,
+    chat_chunk,
+    chat_logprobs,
+    chat_response,
+    completion_chunk,
+    completion_logprobs,
+    completion_response,
+    sse,
+    usage,
+    usage_chunk,
+)
+
+
+class ChoiceTotalsLike(Protocol):
+    """What `ResponseView` reads of a choice's accumulated output (generation.ChoiceTotals)."""
+
+    @property
+    def text(self) -> list[str]: ...
+
+    @property
+    def token_ids(self) -> list[int]: ...
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]: ...
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+    @property
+    def cached_tokens(self) -> int: ...
+
+
+class ChoiceEventLike(Protocol):
+    """What `ResponseView` reads of one streamed event (generation.ChoiceEvent, frozen)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def token_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def logprobs(self) -> tuple[TokenLogprob, ...]: ...
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+
+class _ChunkHead(TypedDict):
+    """The keyword arguments every chunk of one choice shares."""
+
+    request_id: str
+    model: str
+    created: int
+    index: int
+
+
+class ResponseView:
+    """Bodies of one request. Owned by its handler; `stream_chunks` records per-choice progress."""
+
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        chat: bool,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        return_token_ids: bool | None,
+        logprob_count: int | None,
+        tokenizer: Tokenizer,
+    ) -> None:
+        self.request_id, self.created, self.model, self.chat = request_id, created, model, chat
+        self.prompts = [tuple(p) for p in prompts]
+        self.n = n
+        self.return_token_ids = bool(return_token_ids)
+        self.with_logprobs = logprob_count is not None
+        self.tokenizer = tokenizer
+        self._started: set[int] = set()
+        self._text_offsets: dict[int, int] = {}
+
+    def usage(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
+        """Each prompt counts once, however many choices it has (vLLM); cached: the best choice's."""
+        cached = sum(
+            min(
+                len(prompt),
+                max(
+                    (totals[p * self.n + i].cached_tokens for i in range(self.n) if p * self.n + i in totals), default=0
+                ),
+            )
+            for p, prompt in enumerate(self.prompts)
+        )
+        generated = sum(len(t.token_ids) for t in totals.values())
+        return usage(sum(len(p) for p in self.prompts), generated, cached)
+
+    def full_response(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
+        choices = [
+            ChoiceResult(
+                index,
+                "".join(t.text),
+                tuple(t.token_ids),
+                tuple(t.logprobs) if self.with_logprobs else None,
+                t.finish_reason,
+                self.prompts[index // self.n],
+            )
+            for index, t in totals.items()
+        ]
+        if self.chat:
+            return chat_response(
+                request_id=self.request_id,
+                model=self.model,
+                created=self.created,
+                choices=choices,
+                usage_body=self.usage(totals),
+                tokenizer=self.tokenizer,
+                prompt_token_ids=self.prompts[0] if self.return_token_ids else None,
+            )
+        return completion_response(
+            request_id=self.request_id,
+            model=self.model,
+            created=self.created,
+            choices=choices,
+            usage_body=self.usage(totals),
+            tokenizer=self.tokenizer,
+            return_token_ids=self.return_token_ids,
+        )
+
+    def usage_chunk(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
+        return usage_chunk(
+            request_id=self.request_id,
+            model=self.model,
+            created=self.created,
+            chat=self.chat,
+            usage_body=self.usage(totals),
+        )
+
+    def stream_chunks(self, event: ChoiceEventLike) -> list[bytes]:
+        """The SSE events for one generation event (possibly none: nothing new to say)."""
+        head: _ChunkHead = {
+            "request_id": self.request_id,
+            "model": self.model,
+            "created": self.created,
+            "index": event.index,
+        }
+        first = event.index not in self._started
+        self._started.add(event.index)
+        prompt = self.prompts[event.index // self.n] if self.return_token_ids and first else None
+        token_ids = event.token_ids if self.return_token_ids else None
+        report_tokens = bool(event.token_ids) and (self.return_token_ids or self.with_logprobs)
+        out: list[dict[str, Any]] = []
+        if self.chat:
+            if first:
+                out.append(chat_chunk(**head, content="", role=True, prompt_token_ids=prompt))
+            if event.text or report_tokens:
+                lp = chat_logprobs(event.logprobs, self.tokenizer) if self.with_logprobs else None
+                out.append(chat_chunk(**head, content=event.text, logprobs=lp, token_ids=token_ids))
+            if event.finish_reason is not None:
+                out.append(chat_chunk(**head, content=None, finish_reason=event.finish_reason))
+        elif event.text or report_tokens or event.finish_reason is not None or prompt is not None:
+            lp = None
+            if self.with_logprobs:
+                lp = completion_logprobs(event.logprobs, self.tokenizer, self._text_offsets.get(event.index, 0))
+                self._text_offsets[event.index] = sum(map(len, lp["tokens"]), self._text_offsets.get(event.index, 0))
+            out.append(
+                completion_chunk(
+                    **head,
+                    text=event.text,
+                    finish_reason=event.finish_reason,
+                    logprobs=lp,
+                    token_ids=token_ids,
+                    prompt_token_ids=prompt,
+                )
+            )
+        return [sse(chunk) for chunk in out]

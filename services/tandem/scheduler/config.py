@@ -1,0 +1,68 @@
+"""The scheduler's configuration, frozen and validated once.
+
+It imports `policies` to check the policy name against the registry; the policies read the
+config only through their `PolicyConfig` protocol, so the import goes one way
+(types <- policies <- config <- picker <- scheduler).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tandem.scheduler.policies import POLICIES
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's configuration, validated once.
+
+    - `policy`: name of the routing policy (`policies.POLICIES`).
+    - `block_size`: tokens per block; must equal the workers' block size.
+    - `local_prefill_max_tokens`: conditional disaggregation. If the prompt's uncached tokens
+      at the chosen decode worker are < this, D prefills locally. 0: always disaggregate when
+      a fingerprint-compatible prefill worker is live.
+    - `queue_weight`, `kv_weight`: weights of the load terms of the prefix-aware cost
+      (token units; see `policies.PrefixAware`).
+    - `refresh_interval_s`: period of the registry refresher (worker list + loads).
+    - `speculative_ttl_s`: life of the speculative index entries added at routing time (the
+      worker's KV events confirm the blocks meanwhile). 0 disables speculative entries.
+    - `kv_events_block_ms`: how long one XREAD of the KV event follower blocks.
+    """
+
+    policy: str = "prefix_aware"
+    block_size: int = 16
+    local_prefill_max_tokens: int = 256
+    queue_weight: float = 1.0
+    kv_weight: float = 1.0
+    refresh_interval_s: float = 0.25
+    speculative_ttl_s: float = 10.0
+    kv_events_block_ms: int = 500
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown scheduler policy {self.policy!r}; valid: {', '.join(sorted(POLICIES))}")
+        _check_int("block_size", self.block_size, minimum=1)
+        _check_int("local_prefill_max_tokens", self.local_prefill_max_tokens, minimum=0)
+        _check_int("kv_events_block_ms", self.kv_events_block_ms, minimum=1)
+        _check_float("queue_weight", self.queue_weight, positive=False)
+        _check_float("kv_weight", self.kv_weight, positive=False)
+        _check_float("refresh_interval_s", self.refresh_interval_s, positive=True)
+        _check_float("speculative_ttl_s", self.speculative_ttl_s, positive=False)
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"scheduler {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: float, positive: bool) -> None:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"scheduler {name} must be a finite number {bound}, got {value!r}")
