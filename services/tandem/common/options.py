@@ -102,6 +102,11 @@ def _meta(f: dataclasses.Field[Any]) -> Mapping[str, Any]:
     return f.metadata
 
 
+def _config_class(kind: Any) -> type | None:
+    """`kind` if it is a config (dataclass) class."""
+    return kind if isinstance(kind, type) and dataclasses.is_dataclass(kind) else None
+
+
 def _unwrap(hint: Any) -> tuple[Any, bool]:
     """(the type without None, whether None is allowed)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -117,9 +122,8 @@ def _default_of(f: dataclasses.Field[Any], parent: Any) -> Any:
         return getattr(parent, f.name)
     if f.default is not _MISSING:
         return f.default
-    if f.default_factory is not _MISSING:
-        return f.default_factory()
-    return _MISSING
+    factory: Any = f.default_factory
+    return factory() if factory is not _MISSING else _MISSING
 
 
 def _nested_default(cls: type, value: Any) -> Any:
@@ -147,14 +151,15 @@ def _walk(cls: type, parent: Any, path: tuple[str, ...], prefix: str, skip: froz
             continue
         kind, optional = _unwrap(hints[f.name])
         default = _default_of(f, parent)
-        if dataclasses.is_dataclass(kind):
+        config_cls = _config_class(kind)
+        if config_cls is not None:
             inner_skip = skip | {f"{name}.{s}" for s in meta.get("skip", ())}
             inner_prefix = prefix + meta.get("prefix", "")
             if optional:  # a switch turns it on; its fields' flags always exist
                 flag = "--" + prefix + meta.get("flag", f.name.replace("_", "-"))
                 yield Option((*path, f.name), flag, bool, default, meta.get("help"), switch=True)
-            nested = _nested_default(kind, default)
-            yield from _walk(kind, nested, (*path, f.name), inner_prefix, inner_skip)
+            nested = _nested_default(config_cls, default)
+            yield from _walk(config_cls, nested, (*path, f.name), inner_prefix, inner_skip)
             continue
         flag = "--" + prefix + meta.get("flag", f.name.replace("_", "-"))
         choices = meta.get("choices")
@@ -233,18 +238,19 @@ def _build(
         meta = _meta(f)
         name = ".".join((*path, f.name))
         kind, optional = _unwrap(hints[f.name])
+        config_cls = _config_class(kind)
         if name in given:
             unused.discard(name)
             kwargs[f.name] = given[name]
-        elif dataclasses.is_dataclass(kind) and "no_flag" not in meta and name not in skip:
+        elif config_cls is not None and "no_flag" not in meta and name not in skip:
             switch = direct.get(f.name)
             if optional and switch is not None and not getattr(args, switch.dest):
                 kwargs[f.name] = None
                 continue
             inner_skip = skip | {f"{name}.{s}" for s in meta.get("skip", ())}
-            nested = _nested_default(kind, _default_of(f, parent))
+            nested = _nested_default(config_cls, _default_of(f, parent))
             inner_prefix = prefix + meta.get("prefix", "")
-            kwargs[f.name] = _build(kind, args, nested, (*path, f.name), inner_prefix, inner_skip, given, unused)
+            kwargs[f.name] = _build(config_cls, args, nested, (*path, f.name), inner_prefix, inner_skip, given, unused)
         elif f.name in direct:
             kwargs[f.name] = _value(direct[f.name], getattr(args, direct[f.name].dest))
         else:
@@ -300,15 +306,15 @@ def _values(
     for f in dataclasses.fields(cls):
         meta = _meta(f)
         name = ".".join((*path, f.name))
-        kind, _ = _unwrap(hints[f.name])
-        if not dataclasses.is_dataclass(kind) or "no_flag" in meta or name in skip:
+        config_cls = _config_class(_unwrap(hints[f.name])[0])
+        if config_cls is None or "no_flag" in meta or name in skip:
             continue
         value = getattr(config, f.name)
         if value is None:
             continue
         inner_skip = skip | {f"{name}.{s}" for s in meta.get("skip", ())}
-        nested = _nested_default(kind, _default_of(f, parent))
-        yield from _values(kind, value, nested, (*path, f.name), prefix + meta.get("prefix", ""), inner_skip)
+        nested = _nested_default(config_cls, _default_of(f, parent))
+        yield from _values(config_cls, value, nested, (*path, f.name), prefix + meta.get("prefix", ""), inner_skip)
 
 
 def _words(option: Option, value: Any) -> list[str]:

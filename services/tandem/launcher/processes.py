@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +257,21 @@ class ChildProcess:
             pass  # our stderr is gone: keep draining the pipe so the child never blocks
 
 
-def wait_all_ready(
-    children: Sequence[ChildProcess], timeout_s: float, cancelled: Callable[[], bool] | None = None
-) -> None:
+class Starting(Protocol):
+    """What `wait_all_ready` reads of a child (a `ChildProcess`, or a Ray worker actor's handle)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    def check_ready(self) -> dict[str, Any] | None: ...
+
+    def output_tail(self) -> str: ...
+
+
+def wait_all_ready(children: Sequence[Starting], timeout_s: float, cancelled: Callable[[], bool] | None = None) -> None:
     """Block until every child printed its ready line. Raises `ChildStartError` as soon as one
     of them exits without it, or when `timeout_s` passes, and `StartCancelled` as soon as
     `cancelled()` is true. The children are left running: the caller stops them."""

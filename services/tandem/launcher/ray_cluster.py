@@ -234,7 +234,7 @@ def _reload_ray_auth() -> None:
     """Make this process's Ray see the auth variables as they are now. Ray reads them into its
     C++ config and token cache once, at `import ray`; this is what Ray itself does after it
     turns token mode on (`authentication_token_setup._enable_token_auth`), config first."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in Ray's stubs
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
