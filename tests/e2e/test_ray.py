@@ -255,24 +255,21 @@ def test_ray_actuator_grows_and_shrinks_the_decode_pool(
 
     from tandem.autoscaler.ray import RayActuator
     from tandem.common.cluster_state import ClusterState, WorkerRole
+    from tandem.common.options import parse
     from tandem.launcher import LocalCluster, LocalClusterConfig
     from tandem.launcher.ray_auth import RayAuth
-    from tandem.launcher.ray_cluster import RayCluster, RayConfig
+    from tandem.launcher.ray_cluster import RayCluster
+    from tandem.launcher.ray_config import RayConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in [name for name in os.environ if name.startswith("RAY_")]:
         monkeypatch.delenv(name)
     caplog.set_level(logging.INFO, logger="tandem.autoscaler.ray")
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    config = LocalClusterConfig(
-        num_prefill=1,
-        num_decode=1,
-        port=0,
-        model_dir=tiny_model_dir,
-        cluster=name,
-        kv_cache_mib=8,
-        local_prefill_max_tokens=0,
-        drain_timeout_s=10.0,
+    config = parse(
+        LocalClusterConfig,
+        ["--port", "0", "--model", str(tiny_model_dir), "--cluster", name, "--kv-cache-mib", "8"]
+        + ["--local-prefill-max-tokens", "0", "--drain-timeout-s", "10"],
     )
     # In this process, as a driver on the head's GCS, with the token file. (Through the Ray
     # Client, ray://, Ray's client proxier now and then lost the per-client server it had just

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
-from tandem.cli import _autoscaler_config, build_parser
+from tandem.cli import build_parser
+from tandem.cli.autoscaler import autoscaler_config
 
 
 def test_defaults_are_the_config_defaults():
     args = build_parser().parse_args(["autoscaler", "--redis", "redis://r:6379/0"])
-    assert _autoscaler_config(args) == AutoscalerConfig()
+    assert autoscaler_config(args) == AutoscalerConfig()
     assert (
         args.cluster,
         args.actuator,
@@ -75,7 +76,7 @@ def test_every_policy_flag_reaches_the_config():
             "9500",
         ]
     )
-    assert _autoscaler_config(args) == AutoscalerConfig(
+    assert autoscaler_config(args) == AutoscalerConfig(
         prefill=PrefillPolicy(min_replicas=0, max_replicas=6, target_queued_tokens_per_replica=4096),
         decode=DecodePolicy(min_replicas=2, max_replicas=12, target_waiting_per_replica=2.5, target_kv_usage=0.7),
         interval_s=5.0,

@@ -108,11 +108,11 @@ def test_workers_get_the_ids_local_cluster_gives_them(tmp_path) -> None:
     )
     assert spec.worker_cpus() == {"prefill-0": 0, "prefill-1": 1, "decode-0": 0}
     config = spec.config()
-    assert (config.num_prefill, config.num_decode, config.port, config.policy, config.local_prefill_max_tokens) == (
-        2,
-        1,
-        0,
+    scheduler = config.gateway.scheduler
+    assert (config.num_prefill, config.num_decode, config.gateway.port) == (2, 1, 0)
+    assert (scheduler.policy, scheduler.local_prefill_max_tokens, config.worker.engine.kv_cache_bytes) == (
         "round_robin",
         0,
+        256 * 1024 * 1024,
     )
     assert sorted(worker_id for _, worker_id in config.worker_ids()) == sorted(spec.worker_cpus())

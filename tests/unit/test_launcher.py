@@ -4,21 +4,27 @@ and the status tables."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tandem.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
-from tandem.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled, TracingFlags
+from tandem.common.options import parse
+from tandem.common.tracing import TracingConfig
+from tandem.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled
+from tandem.launcher.config import gateway_template, worker_template
 from tandem.launcher.local import ChildSummary
 from tandem.launcher.state_file import UpState, read_state, remove_state, write_state
 from tandem.launcher.status import render, run_status, summarize
@@ -52,6 +58,12 @@ def python_child(code: str, sink: io.StringIO, name: str = "dummy") -> ChildProc
 # ---- LocalClusterConfig ------------------------------------------------------------------
 
 
+def up(*flags: str) -> LocalClusterConfig:
+    """The config `tandem up FLAGS` runs (without TANDEM_API_KEYS)."""
+    config: LocalClusterConfig = parse(LocalClusterConfig, list(flags))
+    return config
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -59,35 +71,66 @@ def python_child(code: str, sink: io.StringIO, name: str = "dummy") -> ChildProc
         (dict(num_decode=0), "num_decode must be an int >= 1"),
         (dict(num_decode=True), "num_decode must be an int >= 1"),
         (dict(num_prefill=40, num_decode=40), "at most 64 workers"),
-        (dict(host="example.com"), "host must be an IP address"),
-        (dict(port=70000), "port must be in [0, 65535]"),
         (dict(model_dir=Path("/nonexistent/model")), "is not a directory"),
         (dict(redis_url="localhost:6379"), "redis_url must start with"),
-        (dict(cluster="a*b"), "cluster must be 1-128 chars"),
-        (dict(policy="bad policy"), "policy must be a policy name"),
-        (dict(local_prefill_max_tokens=-1), "local_prefill_max_tokens must be >= 0"),
-        (dict(kv_cache_mib=0), "kv_cache_mib must be > 0"),
-        (dict(max_model_len=-5), "max_model_len must be > 0"),
-        (dict(kv_transport="nccl"), "kv_transport must be one of"),
-        (dict(api_keys=("ok", "has space")), "api_keys must be a tuple"),
-        (dict(api_keys=["list"]), "api_keys must be a tuple"),
-        (dict(api_keys=("a,b",)), "api_keys must be a tuple"),
+        (
+            dict(worker=replace(worker_template(), cluster="a*b"), gateway=replace(gateway_template(), cluster="a*b")),
+            "cluster must be 1-128 chars",
+        ),
+        (
+            dict(worker=replace(worker_template(), cluster="a")),
+            "the workers' cluster ('a') must equal the gateway's cluster ('default')",
+        ),
+        (
+            dict(gateway=replace(gateway_template(), max_model_len=64)),
+            "the workers' engine.max_model_len (None) must equal the gateway's max_model_len (64)",
+        ),
+        (dict(gateway=replace(gateway_template(), api_keys=frozenset({"ok", "has space"}))), "api keys must not"),
+        (dict(gateway=replace(gateway_template(), api_keys=frozenset({"a,b"}))), "api keys must not"),
         (dict(ready_timeout_s=0), "ready_timeout_s must be > 0"),
-        (dict(drain_timeout_s=-1.0), "drain_timeout_s must be > 0"),
     ],
 )
 def test_config_rejects(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         LocalClusterConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "70000"], "port must be in [0, 65535], got 70000"),
+        (["--host", "example.com"], "host must be an IP address or 'localhost', got 'example.com'"),
+        (["--drain-timeout-s", "-1"], "drain_timeout_s must be > 0, got -1.0"),
+        (["--local-prefill-max-tokens", "-1"], "scheduler local_prefill_max_tokens must be an int >= 0"),
+        (["--kv-cache-mib", "0"], "kv_cache_bytes must be a positive integer"),
+        (["--max-model-len", "-5"], "max_model_len must be a positive integer"),
+        (["--policy", "bad policy"], "invalid choice: 'bad policy'"),
+        (["--kv-transport", "nccl"], "invalid choice: 'nccl'"),
+        (["--otel-exporter", "otlp"], "the otlp tracing exporter needs an endpoint (--otel-endpoint)"),
+    ],
+)
+def test_up_flags_reject(flags: list[str], message: str) -> None:
+    with pytest.raises((ValueError, argparse.ArgumentError), match=re.escape(message)):
+        up(*flags)
 
 
 def test_config_defaults_and_colocated() -> None:
     config = LocalClusterConfig()
-    assert (config.num_prefill, config.num_decode, config.host, config.port) == (1, 1, "127.0.0.1", 8000)
+    assert (config.num_prefill, config.num_decode, config.gateway.host, config.gateway.port) == (
+        1,
+        1,
+        "127.0.0.1",
+        8000,
+    )
+    assert (config.worker, config.gateway, config.cluster, config.drain_timeout_s) == (
+        worker_template(),
+        gateway_template(),
+        "default",
+        30.0,
+    )
+    assert up() == config
     colocated = LocalClusterConfig(num_prefill=0, num_decode=2)
     assert colocated.worker_ids() == [(WorkerRole.DECODE, "decode-0"), (WorkerRole.DECODE, "decode-1")]
-    with pytest.raises(ValueError, match="--otel-exporter must be a non-empty string"):
-        TracingFlags(exporter="")
 
 
 @pytest.mark.parametrize(
@@ -105,56 +148,58 @@ def test_threads_divide_the_cores(num_prefill: int, num_decode: int, cpus: int |
     assert LocalClusterConfig(num_prefill=num_prefill, num_decode=num_decode).threads_per_worker(cpus) == threads
 
 
-def test_argv_and_env(tmp_path: Path) -> None:
-    config = LocalClusterConfig(
-        num_prefill=1,
-        num_decode=1,
+def test_up_flags_fill_both_templates(tmp_path: Path) -> None:
+    config = up(
+        *("--port", "0", "--cluster", "c1", "--policy", "round_robin", "--kv-cache-mib", "8"),
+        *("--max-model-len", "512", "--kv-transport", "torch", "--api-key", "k2", "--api-key", "k1"),
+        *("--otel-exporter", "file", "--otel-file", str(tmp_path / "spans.jsonl"), "--max-num-seqs", "4"),
+    )
+    tracing = TracingConfig(exporter="file", file_path=tmp_path / "spans.jsonl")
+    worker, gateway = worker_template(), gateway_template()
+    assert config.worker == replace(
+        worker,
+        cluster="c1",
+        engine=replace(worker.engine, kv_cache_bytes=8 * 1024 * 1024, max_model_len=512, max_num_seqs=4),
+        kv_transfer=replace(worker.kv_transfer, transport="torch"),
+        tracing=tracing,
+    )
+    assert config.gateway == replace(
+        gateway,
         port=0,
         cluster="c1",
-        policy="round_robin",
-        kv_cache_mib=8,
         max_model_len=512,
-        kv_transport="torch",
-        api_keys=("k1", "k2"),
-        tracing=TracingFlags(exporter="file", file=tmp_path / "spans.jsonl"),
+        api_keys=frozenset({"k1", "k2"}),
+        scheduler=replace(gateway.scheduler, policy="round_robin"),
+        tracing=tracing,
     )
-    worker = config.worker_argv(WorkerRole.PREFILL, "prefill-0", tmp_path, "redis://127.0.0.1:1/0", 3)
-    assert worker[:4] == [sys.executable, "-m", "tandem", "prefill"]
-    flags = dict(zip(worker[4::2], worker[5::2]))
-    assert flags == {
-        "--model": str(tmp_path),
-        "--worker-id": "prefill-0",
-        "--host": "127.0.0.1",
-        "--port": "0",
-        "--metrics-port": "0",
-        "--redis": "redis://127.0.0.1:1/0",
-        "--cluster": "c1",
-        "--num-threads": "3",
-        "--kv-transport": "torch",
-        "--drain-timeout-s": "30.0",
-        "--kv-cache-mib": "8",
-        "--max-model-len": "512",
-        "--otel-exporter": "file",
-        "--otel-file": str(tmp_path / "spans.jsonl"),
-    }
-    gateway = config.gateway_argv(tmp_path, "redis://127.0.0.1:1/0")
-    assert gateway[3] == "gateway"
-    assert dict(zip(gateway[4::2], gateway[5::2])) == {
-        "--host": "127.0.0.1",
-        "--port": "0",
-        "--model": str(tmp_path),
-        "--redis": "redis://127.0.0.1:1/0",
-        "--cluster": "c1",
-        "--policy": "round_robin",
-        "--max-model-len": "512",
-        "--otel-exporter": "file",
-        "--otel-file": str(tmp_path / "spans.jsonl"),
-    }
-    assert "k1" not in " ".join(gateway)  # keys travel in the environment, not on the command line
-    assert config.gateway_env({"TANDEM_API_KEYS": "old", "PATH": "/bin"}) == {
-        "PATH": "/bin",
-        "TANDEM_API_KEYS": "k1,k2",
-    }
+    assert config.api_keys == ("k1", "k2")
+
+
+def test_children_argv_parse_back_to_their_configs(tmp_path: Path) -> None:
+    from tandem.cli import build_parser
+    from tandem.cli.serve import gateway_config, worker_config
+
+    config = up("--port", "0", "--cluster", "c1", "--kv-cache-mib", "8", "--api-key", "k1", "--api-key", "k2")
+    redis_url = "redis://127.0.0.1:1/0"
+    worker = config.worker_argv(WorkerRole.PREFILL, "prefill-0", tmp_path, redis_url, 3)
+    assert worker == [
+        *(sys.executable, "-m", "tandem", "prefill", "--worker-id", "prefill-0", "--model", str(tmp_path)),
+        *("--metrics-port", "0", "--redis", redis_url, "--cluster", "c1", "--kv-cache-mib", "8"),
+        *("--num-threads", "3"),
+    ]
+    expected = config.worker_config(WorkerRole.PREFILL, "prefill-0", tmp_path, redis_url, 3)
+    assert worker_config(build_parser().parse_args(worker[3:])) == expected
+    assert (expected.host, expected.port, expected.metrics_port, expected.engine.num_threads) == ("127.0.0.1", 0, 0, 3)
+
+    gateway = config.gateway_argv(tmp_path, redis_url)
+    assert gateway == [
+        *(sys.executable, "-m", "tandem", "gateway", "--model", str(tmp_path), "--redis", redis_url),
+        *("--port", "0", "--cluster", "c1"),
+    ]
+    env = config.gateway_env({"TANDEM_API_KEYS": "old", "PATH": "/bin"})
+    assert env == {"PATH": "/bin", "TANDEM_API_KEYS": "k1,k2"}
+    args = build_parser().parse_args(gateway[3:])
+    assert gateway_config(args) == replace(config.gateway_config(tmp_path, redis_url), api_keys=frozenset())
     assert "TANDEM_API_KEYS" not in LocalClusterConfig().gateway_env({"TANDEM_API_KEYS": "old"})
 
 

@@ -3,7 +3,9 @@
 - `common` and `kernels` are leaves: they import nothing else from the project.
 - `engine` sits above them, then `kvtransfer`, then `worker`, then `prefill` / `decode`.
 - `scheduler` sits below `gateway`.
-- Nothing imports `cli`; only `cli` imports `loadtest`; only `cli` and `loadtest` import `gateway`.
+- Nothing imports `cli`; only `cli` imports `loadtest`. Only the entry points (`cli`, `loadtest`)
+  import the gateway service; the launcher reads just its frozen config (`tandem.gateway.config`)
+  to build the gateway child's configuration, and that module stays free of the HTTP app.
 - No cycles between packages, and none between modules.
 
 Every import counts, including those inside functions and under `TYPE_CHECKING`: a lazy import
@@ -34,8 +36,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     # the gateway tokenizes (engine's tokenizer and chat template, torch-free) and routes
     "gateway": frozenset({"common", "engine", "scheduler"}),
     "autoscaler": frozenset({"common"}),
-    # `tandem up` starts workers and the gateway as processes (argv, not imports), and an autoscaler
-    "launcher": frozenset({"common", "engine", "autoscaler"}),
+    # `tandem up` composes the cluster: it builds each child's config from the worker and gateway
+    # config templates (only `tandem.gateway.config`: see the test below), starts the children as
+    # processes (argv, not imports), and runs an autoscaler
+    "launcher": frozenset({"common", "engine", "kvtransfer", "worker", "scheduler", "gateway", "autoscaler"}),
     "sim": frozenset({"common", "scheduler", "autoscaler"}),
 }
 # entry points: cli (and `python -m tandem`) may import anything, loadtest anything but cli
@@ -133,7 +137,27 @@ def test_nothing_imports_cli_and_only_entry_points_import_gateway_and_loadtest()
     graph = _package_graph()
     assert sorted(p for p, targets in graph.items() if "cli" in targets) == ["__main__"]
     assert sorted(p for p, targets in graph.items() if "loadtest" in targets) == ["cli"]
-    assert sorted(p for p, targets in graph.items() if "gateway" in targets) in (["cli"], ["cli", "loadtest"])
+    assert sorted(p for p, targets in graph.items() if "gateway" in targets) == ["cli", "launcher"]
+
+
+def test_outside_the_entry_points_only_the_gateway_config_is_imported() -> None:
+    modules = dict(_modules())
+    outside = {
+        name
+        for module, path in modules.items()
+        if _package(module) not in TOP | {"gateway"}
+        for name in _imports(module, path)
+        if _package(name) == "gateway"
+    }
+    assert outside == {"tandem.gateway.config", "tandem.gateway.config.GatewayConfig"}
+    config_imports = {_package(name) for name in _imports("tandem.gateway.config", modules["tandem.gateway.config"])}
+    limits_imports = {_package(name) for name in _imports("tandem.gateway.limits", modules["tandem.gateway.limits"])}
+    assert config_imports | limits_imports <= {"common", "scheduler", "gateway"}
+    assert (
+        _imports("tandem.gateway.config", modules["tandem.gateway.config"])
+        & {f"tandem.gateway.{m}" for m in ("app", "server", "pipeline", "serving")}
+        == set()
+    )
 
 
 def test_no_cycles_between_packages() -> None:

@@ -106,14 +106,14 @@ def test_patch_environ_applies_and_undoes() -> None:
     ],
 )
 def test_ray_config_rejects(kwargs: dict, message: str) -> None:
-    from tandem.launcher.ray_cluster import RayConfig
+    from tandem.launcher.ray_config import RayConfig
 
     with pytest.raises(ValueError, match=message):
         RayConfig(**kwargs)
 
 
 def test_ray_config_addresses() -> None:
-    from tandem.launcher.ray_cluster import RayConfig
+    from tandem.launcher.ray_config import RayConfig
 
     assert RayConfig().own_head
     assert not RayConfig(address="10.0.0.1:6379").own_head

@@ -1,11 +1,10 @@
 """The autoscaler's configuration: per-pool bounds and targets, loop timing, P:D ratio bounds.
 
 Frozen and validated once (`__post_init__` raises ValueError with a message naming the field
-and the accepted range). `tandem autoscaler` builds it from its flags in one place
-(`services/tandem/cli/`); `tandem up --autoscale` builds it from its own. Nothing patches it later.
+and the accepted range). The flags of `tandem autoscaler` and `tandem up --autoscale` are
+generated from these fields (`tandem.common.options`). Nothing patches it later.
 
-This module imports nothing but the standard library: the CLI reads its defaults when it builds
-its parser.
+This module imports nothing but the standard library: the CLI reads it when it builds its parser.
 
 Units: every duration is in seconds (`_s`); `target_kv_usage` and `tolerance` are fractions in
 [0, 1]; the ratio bounds are prefill replicas per decode replica.
@@ -42,8 +41,8 @@ class PoolPolicy:
     """Replica bounds of one pool. The policy never asks for fewer than `min_replicas` nor
     more than `max_replicas`, whatever the signals say (or fail to say)."""
 
-    min_replicas: int = 1
-    max_replicas: int = 4
+    min_replicas: int = field(default=1, metadata={"flag": "min", "help": "fewest replicas of the pool"})
+    max_replicas: int = field(default=4, metadata={"flag": "max", "help": "most replicas of the pool"})
 
     def __post_init__(self) -> None:
         _check_int("min_replicas", self.min_replicas, 0)
@@ -61,7 +60,9 @@ class PrefillPolicy(PoolPolicy):
     """The prefill pool: sized so that each replica has about `target_queued_tokens_per_replica`
     prompt tokens queued. `min_replicas` may be 0 (decode workers then prefill locally)."""
 
-    target_queued_tokens_per_replica: int = 2048
+    target_queued_tokens_per_replica: int = field(
+        default=2048, metadata={"flag": "target-queued-tokens", "help": "queued prefill tokens per prefill replica"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,8 +75,10 @@ class DecodePolicy(PoolPolicy):
     replica and a KV cache use of about `target_kv_usage` (the larger of the two wins).
     `min_replicas` is at least 1: decode workers are the only ones that stream tokens."""
 
-    target_waiting_per_replica: float = 4.0
-    target_kv_usage: float = 0.8
+    target_waiting_per_replica: float = field(
+        default=4.0, metadata={"flag": "target-waiting", "help": "waiting requests per decode replica"}
+    )
+    target_kv_usage: float = field(default=0.8, metadata={"help": "KV cache use of the decode pool, 0 to 1"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,16 +107,22 @@ class AutoscalerConfig:
     - `tolerance`: no change while the load-to-target ratio is within 1 ± tolerance.
     """
 
-    prefill: PrefillPolicy = field(default_factory=PrefillPolicy)
-    decode: DecodePolicy = field(default_factory=DecodePolicy)
-    interval_s: float = 15.0
-    stabilisation_window_s: float = 300.0
-    up_cooldown_s: float = 30.0
-    down_cooldown_s: float = 60.0
-    max_signal_age_s: float = 15.0
-    min_prefill_per_decode: float = 0.0
-    max_prefill_per_decode: float = math.inf
-    tolerance: float = 0.1
+    prefill: PrefillPolicy = field(default_factory=PrefillPolicy, metadata={"prefix": "prefill-"})
+    decode: DecodePolicy = field(default_factory=DecodePolicy, metadata={"prefix": "decode-"})
+    interval_s: float = field(default=15.0, metadata={"help": "time between two steps of the loop"})
+    stabilisation_window_s: float = field(
+        default=300.0, metadata={"help": "a pool only shrinks to the highest recommendation of this window"}
+    )
+    up_cooldown_s: float = field(default=30.0, metadata={"help": "no scale-up of a pool this soon after a change"})
+    down_cooldown_s: float = field(default=60.0, metadata={"help": "no scale-down of a pool this soon after a change"})
+    max_signal_age_s: float = field(default=15.0, metadata={"help": "older worker loads make signals stale"})
+    min_prefill_per_decode: float = field(
+        default=0.0, metadata={"help": "lower bound on prefill / decode replicas (0: none)"}
+    )
+    max_prefill_per_decode: float = field(
+        default=math.inf, metadata={"help": "upper bound on prefill / decode replicas (inf: none)"}
+    )
+    tolerance: float = field(default=0.1, metadata={"help": "no change while load / target is within 1 +- tolerance"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefill, PrefillPolicy):

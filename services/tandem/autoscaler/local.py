@@ -1,7 +1,7 @@
 """The `local` actuator: the autoscaler's replica counts applied to a `tandem up` cluster.
 
 Threads: the autoscaler loop calls `replicas` and `scale` from its own thread, but only the
-thread that owns the `LocalCluster` may spawn workers (PR_SET_PDEATHSIG is tied to the
+thread that owns the `LocalCluster` (a `ProcessPools`) may spawn workers (PR_SET_PDEATHSIG is tied to the
 spawning thread, see `services/tandem/launcher/processes.py`). So `scale` only records the target
 under a lock, and the owner thread calls `apply(cluster)` from its wait loop: it spawns
 workers up to the target, or retires the newest ones (SIGTERM, which drains them: they leave
@@ -12,11 +12,33 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Protocol
 
 from tandem.common.cluster_state import WorkerRole
-from tandem.launcher.local import LocalCluster
 
 logger = logging.getLogger(__name__)
+
+
+class ProcessPools(Protocol):
+    """The pools of worker processes that `apply` resizes; `tandem up`'s `LocalCluster` is one
+    (the launcher is the higher layer: it imports this package, never the other way round).
+    Every method is called from the thread that owns the processes."""
+
+    def pool_size(self, role: WorkerRole) -> int:
+        """Workers of `role` that serve or are starting (retiring ones are not counted)."""
+        ...
+
+    def add_worker(self, role: WorkerRole) -> str:
+        """Spawn one more worker of `role` (not waited for); its worker id."""
+        ...
+
+    def retire_worker(self, role: WorkerRole) -> str | None:
+        """Start draining the newest worker of `role`; its id, or None if the pool is empty."""
+        ...
+
+    def reap_retired(self) -> list[str]:
+        """Forget the retired workers that exited; `name (exit code N)` of each."""
+        ...
 
 
 class LocalActuator:
@@ -44,7 +66,7 @@ class LocalActuator:
     def close(self) -> None:
         """Nothing of its own to release: the cluster's owner stops the workers."""
 
-    def apply(self, cluster: LocalCluster) -> list[str]:
+    def apply(self, cluster: ProcessPools) -> list[str]:
         """Owner thread: bring every pool to its target; returns what changed, one line each
         (`started decode-2`, `retiring decode-2`, `exited decode-2 (exit code 0)`)."""
         with self._lock:

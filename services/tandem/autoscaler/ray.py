@@ -18,17 +18,39 @@ so unlike the `local` actuator it needs no hand-off to the cluster's owner threa
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from tandem.common.cluster_state import WorkerRole
-from tandem.launcher.ray_cluster import RayCluster
 
 logger = logging.getLogger(__name__)
+
+
+class ActorPools(Protocol):
+    """The pools of worker actors that the actuator resizes; `tandem up --ray`'s `RayCluster` is
+    one (the launcher is the higher layer: it imports this package, never the other way round).
+    Thread-safe: any thread may call it."""
+
+    def replicas(self, role: WorkerRole) -> int:
+        """Workers of `role` that run or start; draining and exited ones are not counted."""
+        ...
+
+    def add_worker(self, role: WorkerRole) -> str:
+        """One more worker of `role` (not waited for); its id."""
+        ...
+
+    def retire_newest(self, role: WorkerRole) -> str | None:
+        """Start draining the newest worker of `role`; its id, or None if the pool is empty."""
+        ...
+
+    def reap(self) -> list[str]:
+        """Remove the workers whose drain is over; `name (exit code N)` of each."""
+        ...
 
 
 class RayActuator:
     name = "ray"
 
-    def __init__(self, cluster: RayCluster) -> None:
+    def __init__(self, cluster: ActorPools) -> None:
         """`cluster`: an open `RayCluster`; the actuator does not own it."""
         self._cluster = cluster
 

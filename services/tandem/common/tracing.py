@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -63,9 +63,25 @@ class TracingConfig:
     """Where this process's spans go. `otlp_endpoint` (e.g. `http://otel-collector:4317`) is
     required by, and only allowed with, `exporter="otlp"`; `file_path` likewise with `file`."""
 
-    exporter: ExporterName = "none"
-    otlp_endpoint: str | None = None
-    file_path: Path | None = None
+    exporter: ExporterName = field(
+        default="none",
+        metadata={"flag": "otel-exporter", "help": "where OpenTelemetry spans go (default: none, no overhead)"},
+    )
+    otlp_endpoint: str | None = field(
+        default=None,
+        metadata={
+            "flag": "otel-endpoint",
+            "help": "OTLP/gRPC collector for --otel-exporter otlp, e.g. http://localhost:4317 "
+            "(http: plaintext, https: TLS)",
+        },
+    )
+    file_path: Path | None = field(
+        default=None,
+        metadata={
+            "flag": "otel-file",
+            "help": "for --otel-exporter file: append one JSON line per span here (shareable by processes)",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.exporter not in EXPORTERS:

@@ -22,6 +22,7 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
@@ -48,7 +49,6 @@ from tandem.engine.engine import Engine, RequestOutput
 from tandem.engine.step_loop import StepLoop, WorkerBusyError
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
-from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
 
 T = TypeVar("T")
@@ -104,10 +104,7 @@ class Worker:
         self.loop.add_tick(self._tick)
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
         self.transport = create_transport(
-            config.kv_transport,
-            KVTransferConfig(
-                transport=config.kv_transport, pull_timeout_s=config.transfer_timeout_s, bind_host=config.advertised
-            ),
+            config.kv_transfer.transport, dataclasses.replace(config.kv_transfer, bind_host=config.advertised)
         )
 
     # ---- used by the role servicers --------------------------------------------------------

@@ -9,31 +9,38 @@ from pathlib import Path
 from tandem.common.cluster_state import WorkerRole
 from tandem.common.tracing import TracingConfig
 from tandem.engine.config import EngineConfig
+from tandem.kvtransfer.config import KVTransferConfig
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """`host:port` is the gRPC bind address (port 0 picks a free port); `advertise_host`
     is what peers dial (default: `host`). `redis_url=None` runs without cluster state
-    (a worker driven directly, as in tests). Times are seconds."""
+    (a worker driven directly, as in tests). Times are seconds. The KV transport's
+    `bind_host` is set by the worker to its advertised host. The flags of `tandem prefill` and
+    `tandem decode` are generated from these fields (`tandem.common.options`)."""
 
-    role: WorkerRole
-    worker_id: str
-    model_dir: Path
-    engine: EngineConfig
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise_host: str | None = None
-    metrics_port: int | None = None
-    redis_url: str | None = None
-    cluster: str = "default"
-    heartbeat_ttl_s: float = 5.0
-    lease_ttl_s: float = 30.0
-    inbox_size: int = 1024
-    kv_transport: str = "grpc"
-    transfer_timeout_s: float = 10.0
-    request_timeout_s: float = 600.0
-    drain_timeout_s: float = 30.0
+    role: WorkerRole = field(metadata={"no_flag": "the command: tandem prefill | tandem decode"})
+    worker_id: str = field(metadata={"required": False, "help": "default: {role}-{port}"})
+    model_dir: Path = field(
+        metadata={"flag": "model", "required": False, "help": "local HF model directory (default: tiny model)"}
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address of the gRPC server"})
+    port: int = field(default=0, metadata={"help": "gRPC port (0: pick a free one)"})
+    advertise_host: str | None = field(default=None, metadata={"help": "address peers dial (default: --host)"})
+    metrics_port: int | None = field(default=None, metadata={"help": "serve Prometheus /metrics here"})
+    redis_url: str | None = field(default=None, metadata={"flag": "redis", "help": "Redis URL of the cluster state"})
+    cluster: str = field(default="default", metadata={"help": "cluster name (Redis key prefix)"})
+    heartbeat_ttl_s: float = field(default=5.0, metadata={"help": "life of the worker's Redis entry"})
+    lease_ttl_s: float = field(default=30.0, metadata={"help": "how long a finished prompt's blocks stay pinned"})
+    inbox_size: int = field(default=1024, metadata={"help": "requests waiting for the step loop (more: busy)"})
+    kv_transfer: KVTransferConfig = field(
+        default_factory=lambda: KVTransferConfig(pull_timeout_s=10.0),
+        metadata={"skip": ("bind_host",)},  # the worker's advertised host
+    )
+    request_timeout_s: float = field(default=600.0, metadata={"help": "bound on one request's life"})
+    drain_timeout_s: float = field(default=30.0, metadata={"help": "bound on the drain at SIGTERM"})
     tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def __post_init__(self) -> None:
@@ -48,14 +55,21 @@ class WorkerConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")
-        for name in ("heartbeat_ttl_s", "lease_ttl_s", "transfer_timeout_s", "request_timeout_s", "drain_timeout_s"):
+        for name in ("heartbeat_ttl_s", "lease_ttl_s", "request_timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.inbox_size < 1:
             raise ValueError(f"inbox_size must be >= 1, got {self.inbox_size}")
-        if self.kv_transport not in ("grpc", "torch"):
-            raise ValueError(f"kv_transport must be 'grpc' or 'torch', got {self.kv_transport!r}")
 
     @property
     def advertised(self) -> str:
         return self.advertise_host or self.host
+
+    @property
+    def kv_transport(self) -> str:
+        return self.kv_transfer.transport
+
+    @property
+    def transfer_timeout_s(self) -> float:
+        """Bound on one KV pull or release."""
+        return self.kv_transfer.pull_timeout_s

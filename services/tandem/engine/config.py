@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.engine.attention import BACKEND_NAMES
 
 _DTYPE_NAMES = ("float32", "float16", "bfloat16")
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -19,20 +20,28 @@ class EngineConfig:
     (chunked prefill), `max_model_len` caps prompt + output (default: the model's limit).
     """
 
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_bytes: int = 256 * 1024 * 1024
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_prefill_chunk_tokens: int | None = None
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    device: str = "auto"
-    dtype: str | None = None
-    num_threads: int | None = None
-    seed: int = 0
-    model_id: str | None = None
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block (a power of two)"})
+    num_blocks: int | None = field(default=None, metadata={"help": "KV blocks (default: from --kv-cache-mib)"})
+    kv_cache_bytes: int = field(
+        default=256 * MiB, metadata={"flag": "kv-cache-mib", "scale": MiB, "help": "KV cache size in MiB"}
+    )
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})
+    max_num_seqs: int = field(default=64, metadata={"help": "sequences in one step"})
+    max_prefill_chunk_tokens: int | None = field(
+        default=None, metadata={"help": "prompt tokens one sequence adds to a step (chunked prefill)"}
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "cap on prompt + output tokens (default: the model's limit)"}
+    )
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse cached blocks of equal prefixes"})
+    attention_backend: str = field(default="auto", metadata={"choices": BACKEND_NAMES})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    dtype: str | None = field(default=None, metadata={"choices": _DTYPE_NAMES, "help": "default: the model's"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)"})
+    seed: int = field(default=0, metadata={"flag": "engine-seed", "help": "seed of the sampler's generator"})
+    model_id: str | None = field(
+        default=None, metadata={"help": "model id in block hashes (default: the model directory's name)"}
+    )
 
     def __post_init__(self) -> None:
         positive = {

@@ -24,20 +24,27 @@ class GatewayConfig:
     clients. `max_body_bytes` caps a request body (413 above it).
     """
 
-    model_dir: Path
-    redis_url: str
-    served_model_name: str | None = None
-    model_id: str | None = None
-    max_model_len: int | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    cluster: str = "default"
-    api_keys: frozenset[str] = frozenset()
-    max_n: int = 8
-    max_body_bytes: int = 8 * 1024 * 1024
-    prefill_timeout_s: float = 120.0
-    decode_idle_timeout_s: float = 60.0
-    retry_after_s: int = 1
+    model_dir: Path = field(
+        metadata={"flag": "model", "required": False, "help": "local HF model directory (tokenizer, config)"}
+    )
+    redis_url: str = field(metadata={"flag": "redis", "help": "Redis URL of the cluster state"})
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "the `model` clients send (default: directory name)"}
+    )
+    model_id: str | None = field(default=None, metadata={"help": "model id in block hashes; must equal the workers'"})
+    max_model_len: int | None = field(default=None, metadata={"help": "cap on prompt + output tokens"})
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address of the HTTP server"})
+    port: int = field(default=8000, metadata={"help": "HTTP port (0 picks a free one)"})
+    cluster: str = field(default="default", metadata={"help": "cluster name (Redis key prefix)"})
+    api_keys: frozenset[str] = field(
+        default=frozenset(),
+        metadata={"flag": "api-key", "help": "accepted API key (repeatable; also TANDEM_API_KEYS)"},
+    )
+    max_n: int = field(default=8, metadata={"help": "most choices one request may ask for"})
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
+    prefill_timeout_s: float = field(default=120.0, metadata={"help": "bound on one Prefill call"})
+    decode_idle_timeout_s: float = field(default=60.0, metadata={"help": "bound on each wait of a decode stream"})
+    retry_after_s: int = field(default=1, metadata={"help": "the Retry-After of a 503"})
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio
 
@@ -93,10 +93,18 @@ def _check_limit(name: str, value: int | None) -> None:
 class RateLimitConfig:
     """Per-key limits; None means no limit. A burst defaults to its per-minute limit."""
 
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    burst_requests: int | None = None
-    burst_tokens: int | None = None
+    requests_per_minute: int | None = field(
+        default=None, metadata={"flag": "rate-limit-rpm", "help": "requests per minute per API key"}
+    )
+    tokens_per_minute: int | None = field(
+        default=None, metadata={"flag": "rate-limit-tpm", "help": "prompt + max tokens per minute per API key"}
+    )
+    burst_requests: int | None = field(
+        default=None, metadata={"flag": "rate-limit-burst-requests", "help": "default: --rate-limit-rpm"}
+    )
+    burst_tokens: int | None = field(
+        default=None, metadata={"flag": "rate-limit-burst-tokens", "help": "default: --rate-limit-tpm"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("requests_per_minute", "tokens_per_minute", "burst_requests", "burst_tokens"):

@@ -205,6 +205,7 @@ _TRANSPORTS = MappingProxyType(
         "torch": ("tandem.kvtransfer.torch_transport", "TorchTransport"),
     }
 )
+TRANSPORT_NAMES: tuple[str, ...] = tuple(sorted(_TRANSPORTS))  # `--kv-transport` choices
 
 
 def create_transport(name: str, config: KVTransferConfig | None = None) -> KVTransport:

@@ -6,26 +6,53 @@ and hands it to `create_transport`; nothing changes it afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MiB = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * MiB  # DESIGN.md section 4: KV moves in chunks of 1 to 4 MiB
 MIN_CHUNK_BYTES = 1 * MiB
 
 
+def _transport_names() -> tuple[str, ...]:
+    """The registered transports (`base.py` imports this module, so it is read on use)."""
+    from tandem.kvtransfer.base import TRANSPORT_NAMES
+
+    return TRANSPORT_NAMES
+
+
 @dataclass(frozen=True)
 class KVTransferConfig:
-    transport: str = "grpc"  # registered name: "grpc" or "torch" (services/tandem/kvtransfer/base.py)
-    max_chunk_bytes: int = MAX_CHUNK_BYTES  # gRPC stream chunk size asked of the source
-    pull_timeout_s: float = 30.0  # default bound of one whole pull, when the caller gives none
-    connect_timeout_s: float = 10.0  # torch pair formation (TCPStore join + process group)
-    bind_host: str = "127.0.0.1"  # torch transport: where this worker's TCPStore and gloo listen
-    max_inflight_sends: int = 8  # torch source: transfers packed and waiting for their receiver
-    max_pairs: int = 64  # torch: process-group pairs kept per worker (least recently used go)
-    max_staging_bytes: int = 256 * MiB  # idle reusable host buffers kept per transport or servicer
-    max_blocks_per_pull: int = 65536  # a peer asking for more is refused before any allocation
+    transport: str = field(default="grpc", metadata={"flag": "kv-transport", "choices": _transport_names})
+    max_chunk_bytes: int = field(
+        default=MAX_CHUNK_BYTES,
+        metadata={"flag": "kv-max-chunk-bytes", "help": "gRPC stream chunk size asked of the source"},
+    )
+    pull_timeout_s: float = field(
+        default=30.0, metadata={"flag": "transfer-timeout-s", "help": "bound on one KV pull or release"}
+    )
+    connect_timeout_s: float = field(
+        default=10.0, metadata={"flag": "kv-connect-timeout-s", "help": "torch: bound on forming a process-group pair"}
+    )
+    bind_host: str = field(
+        default="127.0.0.1", metadata={"flag": "kv-bind-host", "help": "torch: where the TCPStore and gloo listen"}
+    )
+    max_inflight_sends: int = field(
+        default=8, metadata={"flag": "kv-max-inflight-sends", "help": "torch source: packed sends awaiting a receiver"}
+    )
+    max_pairs: int = field(
+        default=64,
+        metadata={"flag": "kv-max-pairs", "help": "torch: process-group pairs kept (least recently used go)"},
+    )
+    max_staging_bytes: int = field(
+        default=256 * MiB, metadata={"flag": "kv-max-staging-bytes", "help": "idle reusable host buffers kept"}
+    )
+    max_blocks_per_pull: int = field(
+        default=65536, metadata={"flag": "kv-max-blocks-per-pull", "help": "a peer asking for more is refused"}
+    )
 
     def __post_init__(self) -> None:
+        if self.transport not in _transport_names():
+            raise ValueError(f"transport must be one of {_transport_names()}, got {self.transport!r}")
         if not MIN_CHUNK_BYTES <= self.max_chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(
                 f"max_chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {self.max_chunk_bytes}"

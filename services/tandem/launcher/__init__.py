@@ -1,6 +1,6 @@
 """Local processes of a cluster: `tandem up` (`LocalCluster`) and `tandem status`."""
 
-from tandem.launcher.config import LocalClusterConfig, TracingFlags
+from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.local import ChildSummary, ClusterStartError, LocalCluster
 from tandem.launcher.processes import ChildProcess, ChildStartError, StartCancelled, wait_all_ready
 
@@ -12,6 +12,5 @@ __all__ = [
     "LocalCluster",
     "LocalClusterConfig",
     "StartCancelled",
-    "TracingFlags",
     "wait_all_ready",
 ]

@@ -1,9 +1,17 @@
-"""Configuration of a local cluster (`tandem up`), frozen and validated once, and the command
-lines it turns into. The argv builders are pure so that tests can read them."""
+"""Configuration of a local cluster (`tandem up`), frozen and validated once, and its children's
+configs and command lines.
+
+The workers' and the gateway's options are declared once, in `WorkerConfig` and `GatewayConfig`:
+a `LocalClusterConfig` holds one of each as a template (their flags are `tandem up`'s flags), and
+each child's config is its template with the child's own values put in (`dataclasses.replace`).
+A child's command line is that config written back as flags (`tandem.common.options.to_argv`),
+so that the child parses exactly the config built here. These functions are pure so that tests
+can read them.
+"""
 
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
 import re
 import sys
 from collections.abc import Mapping
@@ -12,53 +20,55 @@ from pathlib import Path
 
 from tandem.autoscaler.config import AutoscalerConfig
 from tandem.common.cluster_state import WorkerRole
+from tandem.common.options import to_argv
+from tandem.common.worker_config import WorkerConfig
+from tandem.gateway.config import GatewayConfig
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # same rule as cluster_state's names
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-KV_TRANSPORTS = ("grpc", "torch")
 MAX_WORKERS = 64
 API_KEYS_ENV = "TANDEM_API_KEYS"  # read by `tandem gateway`, comma-separated
 WORKER_HOST = "127.0.0.1"  # internal services bind loopback (DESIGN section 8)
 
+# Each child's own values: no `tandem up` flag; the templates hold placeholders for them.
+WORKER_CHILD_FIELDS = (
+    "role",
+    "worker_id",
+    "model_dir",
+    "host",
+    "port",
+    "advertise_host",
+    "metrics_port",
+    "redis_url",
+    "engine.num_threads",
+)
+GATEWAY_CHILD_FIELDS = ("model_dir", "redis_url")
+_PLACEHOLDER_MODEL = Path("<model>")
+_PLACEHOLDER_REDIS = "redis://<redis>"
+# Options that the workers and the gateway must agree on (one `tandem up` flag sets both).
+_SHARED = (
+    ("cluster", "cluster"),
+    ("engine.max_model_len", "max_model_len"),
+    ("engine.block_size", "scheduler.block_size"),
+    ("engine.model_id", "model_id"),
+    ("tracing", "tracing"),
+)
 
-def _check_host(name: str, host: str) -> None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost":
-            raise ValueError(f"{name} must be an IP address or 'localhost', got {host!r}") from None
+
+def worker_template() -> WorkerConfig:
+    """Every worker's options but its own (`WORKER_CHILD_FIELDS`, placeholders here)."""
+    return WorkerConfig(role=WorkerRole.DECODE, worker_id="<worker>", model_dir=_PLACEHOLDER_MODEL)
 
 
-def _check_positive(**values: int | float | None) -> None:
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not value > 0):
-            raise ValueError(f"{name} must be > 0, got {value!r}")
+def gateway_template() -> GatewayConfig:
+    """The gateway's options but its own (`GATEWAY_CHILD_FIELDS`, placeholders here)."""
+    return GatewayConfig(model_dir=_PLACEHOLDER_MODEL, redis_url=_PLACEHOLDER_REDIS)
 
 
-@dataclass(frozen=True)
-class TracingFlags:
-    """OpenTelemetry flags handed unchanged to every child (`--otel-exporter`, `--otel-endpoint`,
-    `--otel-file`); the children validate their meaning. None: flag not given."""
-
-    exporter: str | None = None
-    endpoint: str | None = None
-    file: Path | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("exporter", "endpoint"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ValueError(f"--otel-{name} must be a non-empty string, got {value!r}")
-
-    def argv(self) -> list[str]:
-        args: list[str] = []
-        if self.exporter is not None:
-            args += ["--otel-exporter", self.exporter]
-        if self.endpoint is not None:
-            args += ["--otel-endpoint", self.endpoint]
-        if self.file is not None:
-            args += ["--otel-file", str(self.file)]
-        return args
+def _get(config: object, dotted: str) -> object:
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
 
 
 @dataclass(frozen=True)
@@ -66,29 +76,32 @@ class LocalClusterConfig:
     """One gateway, `num_prefill` prefill and `num_decode` decode workers, and Redis, as local
     processes. `num_prefill=0` is colocated serving: decode workers prefill locally.
     `model_dir=None` serves the generated tiny model; `redis_url=None` starts a private
-    redis-server. `host:port` is the gateway's public address (port 0: a free one); workers
-    always bind 127.0.0.1 on free ports. Times are seconds. `autoscale` (None: fixed pools)
-    lets the autoscaler resize both pools between its bounds, starting from the given sizes."""
+    redis-server. `worker` and `gateway` are the children's templates: the gateway's
+    `host:port` is the public address (port 0: a free one); workers always bind 127.0.0.1 on
+    free ports. Times are seconds. `autoscale` (None: fixed pools) lets the autoscaler resize
+    both pools between its bounds, starting from the given sizes."""
 
-    num_prefill: int = 1
-    num_decode: int = 1
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_dir: Path | None = None
-    redis_url: str | None = None
-    cluster: str = "default"
-    policy: str | None = None
-    local_prefill_max_tokens: int | None = None
-    kv_cache_mib: int | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    kv_transport: str = "grpc"
-    api_keys: tuple[str, ...] = ()
-    tracing: TracingFlags = field(default_factory=TracingFlags)
-    ready_timeout_s: float = 180.0
-    drain_timeout_s: float = 30.0
-    gateway_stop_timeout_s: float = 10.0
-    autoscale: AutoscalerConfig | None = None
+    num_prefill: int = field(
+        default=1, metadata={"flag": "prefill", "help": "prefill workers (0: colocated, decode workers prefill)"}
+    )
+    num_decode: int = field(default=1, metadata={"flag": "decode", "help": "decode workers (>= 1)"})
+    model_dir: Path | None = field(
+        default=None, metadata={"flag": "model", "help": "local HF model directory (default: tiny model)"}
+    )
+    redis_url: str | None = field(
+        default=None, metadata={"flag": "redis-url", "help": "use this Redis (default: start a private redis-server)"}
+    )
+    worker: WorkerConfig = field(default_factory=worker_template, metadata={"skip": WORKER_CHILD_FIELDS})
+    gateway: GatewayConfig = field(default_factory=gateway_template, metadata={"skip": GATEWAY_CHILD_FIELDS})
+    ready_timeout_s: float = field(default=180.0, metadata={"help": "bound on start-up"})
+    gateway_stop_timeout_s: float = field(default=10.0, metadata={"help": "bound on the gateway's stop"})
+    autoscale: AutoscalerConfig | None = field(
+        default=None,
+        metadata={
+            "flag": "autoscale",
+            "help": "resize the pools on their queue depth between --prefill-min/max and --decode-min/max",
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, low in (("num_prefill", 0), ("num_decode", 1)):
@@ -97,37 +110,26 @@ class LocalClusterConfig:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.num_prefill + self.num_decode > MAX_WORKERS:
             raise ValueError(f"at most {MAX_WORKERS} workers on one machine, got {self.num_prefill + self.num_decode}")
-        _check_host("host", self.host)
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port!r}")
         if self.model_dir is not None and not Path(self.model_dir).is_dir():
             raise ValueError(f"model_dir {self.model_dir} is not a directory")
         if self.redis_url is not None and not self.redis_url.startswith(_REDIS_SCHEMES):
             raise ValueError(f"redis_url must start with one of {_REDIS_SCHEMES}, got {self.redis_url!r}")
-        if not isinstance(self.cluster, str) or not _NAME_RE.match(self.cluster):
+        if not isinstance(self.worker, WorkerConfig) or not isinstance(self.gateway, GatewayConfig):
+            raise ValueError("worker must be a WorkerConfig and gateway a GatewayConfig")
+        for worker_field, gateway_field in _SHARED:
+            if _get(self.worker, worker_field) != _get(self.gateway, gateway_field):
+                raise ValueError(
+                    f"the workers' {worker_field} ({_get(self.worker, worker_field)!r}) must equal the "
+                    f"gateway's {gateway_field} ({_get(self.gateway, gateway_field)!r})"
+                )
+        if not _NAME_RE.match(self.cluster):
             raise ValueError(f"cluster must be 1-128 chars of [A-Za-z0-9_.-], got {self.cluster!r}")
-        if self.policy is not None and not _NAME_RE.match(self.policy):
-            raise ValueError(f"policy must be a policy name, got {self.policy!r}")
-        if self.local_prefill_max_tokens is not None and (
-            isinstance(self.local_prefill_max_tokens, bool) or self.local_prefill_max_tokens < 0
-        ):
-            raise ValueError(f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens!r}")
-        _check_positive(
-            kv_cache_mib=self.kv_cache_mib,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            ready_timeout_s=self.ready_timeout_s,
-            drain_timeout_s=self.drain_timeout_s,
-            gateway_stop_timeout_s=self.gateway_stop_timeout_s,
-        )
-        if self.kv_transport not in KV_TRANSPORTS:
-            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
-        if not isinstance(self.api_keys, tuple) or any(
-            not isinstance(key, str) or not key or any(c.isspace() or c == "," for c in key) for key in self.api_keys
-        ):
-            raise ValueError("api_keys must be a tuple of non-empty strings without spaces or commas")
-        if not isinstance(self.tracing, TracingFlags):
-            raise ValueError("tracing must be a TracingFlags")
+        if any(any(c.isspace() or c == "," for c in key) for key in self.gateway.api_keys):
+            raise ValueError("api keys must not contain spaces or commas")
+        for name in ("ready_timeout_s", "gateway_stop_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
         if self.autoscale is not None:
             self._check_autoscale(self.autoscale)
 
@@ -150,6 +152,20 @@ class LocalClusterConfig:
             )
 
     @property
+    def cluster(self) -> str:
+        return self.gateway.cluster
+
+    @property
+    def drain_timeout_s(self) -> float:
+        """Each worker's bound on its drain at stop."""
+        return self.worker.drain_timeout_s
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The gateway's API keys, sorted."""
+        return tuple(sorted(self.gateway.api_keys))
+
+    @property
     def num_workers(self) -> int:
         return self.num_prefill + self.num_decode
 
@@ -166,6 +182,30 @@ class LocalClusterConfig:
             (WorkerRole.PREFILL, f"prefill-{i}") for i in range(self.num_prefill)
         ]
 
+    def worker_config(
+        self,
+        role: WorkerRole,
+        worker_id: str,
+        model_dir: Path,
+        redis_url: str,
+        num_threads: int,
+        host: str = WORKER_HOST,
+    ) -> WorkerConfig:
+        """One worker's config: the template with its own values, bound to `host` (a Ray
+        worker: its node's IP) on free ports."""
+        return dataclasses.replace(
+            self.worker,
+            role=role,
+            worker_id=worker_id,
+            model_dir=model_dir,
+            host=host,
+            port=0,
+            advertise_host=None,
+            metrics_port=0,
+            redis_url=redis_url,
+            engine=dataclasses.replace(self.worker.engine, num_threads=num_threads),
+        )
+
     def worker_argv(
         self,
         role: WorkerRole,
@@ -175,72 +215,24 @@ class LocalClusterConfig:
         num_threads: int,
         host: str = WORKER_HOST,
     ) -> list[str]:
-        """The command line of one worker, bound to `host` (a Ray worker: its node's IP)."""
-        argv = [
-            sys.executable,
-            "-m",
-            "tandem",
-            role.value,
-            "--model",
-            str(model_dir),
-            "--worker-id",
-            worker_id,
-            "--host",
-            host,
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--redis",
-            redis_url,
-            "--cluster",
-            self.cluster,
-            "--num-threads",
-            str(num_threads),
-            "--kv-transport",
-            self.kv_transport,
-            "--drain-timeout-s",
-            str(self.drain_timeout_s),
-        ]
-        if self.kv_cache_mib is not None:
-            argv += ["--kv-cache-mib", str(self.kv_cache_mib)]
-        if self.max_model_len is not None:
-            argv += ["--max-model-len", str(self.max_model_len)]
-        if self.max_num_seqs is not None:
-            argv += ["--max-num-seqs", str(self.max_num_seqs)]
-        return argv + self.tracing.argv()
+        """The command line of one worker: `worker_config(...)` as flags."""
+        config = self.worker_config(role, worker_id, model_dir, redis_url, num_threads, host)
+        return [sys.executable, "-m", "tandem", role.value, *to_argv(config)]
+
+    def gateway_config(self, model_dir: Path, redis_url: str) -> GatewayConfig:
+        """The gateway's config: the template with the model and Redis put in."""
+        return dataclasses.replace(self.gateway, model_dir=model_dir, redis_url=redis_url)
 
     def gateway_argv(self, model_dir: Path, redis_url: str) -> list[str]:
-        """The command line of the gateway."""
-        argv = [
-            sys.executable,
-            "-m",
-            "tandem",
-            "gateway",
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--model",
-            str(model_dir),
-            "--redis",
-            redis_url,
-            "--cluster",
-            self.cluster,
-        ]
-        if self.policy is not None:
-            argv += ["--policy", self.policy]
-        if self.local_prefill_max_tokens is not None:
-            argv += ["--local-prefill-max-tokens", str(self.local_prefill_max_tokens)]
-        if self.max_model_len is not None:
-            argv += ["--max-model-len", str(self.max_model_len)]
-        return argv + self.tracing.argv()
+        """The command line of the gateway; its API keys travel in `gateway_env`."""
+        config = self.gateway_config(model_dir, redis_url)
+        return [sys.executable, "-m", "tandem", "gateway", *to_argv(config, skip=frozenset({"api_keys"}))]
 
     def gateway_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """The gateway's environment: `base` plus the API keys in `TANDEM_API_KEYS` (in the
         environment, not on the command line, where every local user could read them)."""
         env = dict(base)
         env.pop(API_KEYS_ENV, None)
-        if self.api_keys:
+        if self.gateway.api_keys:
             env[API_KEYS_ENV] = ",".join(self.api_keys)
         return env

@@ -303,7 +303,7 @@ class ChildProcess:
 
 
 class Starting(Protocol):
-    """What `wait_all_ready` watches: a `ChildProcess`, or any worker a placement runs."""
+    """What `wait_all_ready` reads of a child (a `ChildProcess`, or a Ray worker actor's handle)."""
 
     @property
     def name(self) -> str: ...

@@ -113,14 +113,14 @@ class RayWorker:
         self._actor = actor
         self._resources = resources
         self._stop_timeout_s = stop_timeout_s
-        self._pid_ref = actor.pid.remote()
-        self._exit_ref = actor.wait_exit.remote()
+        self._pid_ref: ray.ObjectRef = actor.pid.remote()
+        self._exit_ref: ray.ObjectRef = actor.wait_exit.remote()
         self._ready_ref: ray.ObjectRef | None = None
         self._stop_ref: ray.ObjectRef | None = None
         self._ready: dict[str, Any] | None = None
-        self._pid = 0
-        self._killed = False
-        self._lock = threading.Lock()
+        self._pid: int = 0
+        self._killed: bool = False
+        self._lock: threading.Lock = threading.Lock()
 
     @classmethod
     def create(
@@ -134,9 +134,9 @@ class RayWorker:
         stop_timeout_s: float,
     ) -> RayWorker:
         """Ask Ray for the actor (`resources`: `num_cpus` / `num_gpus`); returns at once."""
-        actor = _REMOTE_WORKER_ACTOR.options(max_concurrency=ACTOR_CONCURRENCY, **resources).remote(
-            config, role.value, worker_id, str(model_dir), redis_url
-        )
+        actor: ActorHandle = _REMOTE_WORKER_ACTOR.options(  # type: ignore[assignment]  # Ray types it loosely
+            max_concurrency=ACTOR_CONCURRENCY, **resources
+        ).remote(config, role.value, worker_id, str(model_dir), redis_url)
         logger.info("asked Ray for %s (%s)", worker_id, ", ".join(f"{k}={v}" for k, v in resources.items()))
         return cls(worker_id, role, actor, resources, stop_timeout_s)
 

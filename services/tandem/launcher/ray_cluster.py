@@ -30,12 +30,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -48,42 +46,15 @@ from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.local import WORKER_STOP_GRACE_S
 from tandem.launcher.processes import ChildStartError
 from tandem.launcher.ray_actors import RayWorker
-from tandem.launcher.ray_auth import RayAuth, patch_environ, write_token_file
+from tandem.launcher.ray_auth import patch_environ, write_token_file
+from tandem.launcher.ray_config import RayConfig
 from tandem.launcher.ray_head import RayHead, make_temp_dir
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "tandem"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-_ADDRESS_RE = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}$")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    """`address`: the Ray cluster to join (`host:port` of its GCS, or `ray://host:port`);
-    None starts a private head. `cpus_per_worker`: each worker actor's CPU request when the
-    cluster has no GPU (a GPU cluster gives each worker one GPU). `head_start_timeout_s`
-    bounds the private head's start."""
-
-    address: str | None = None
-    auth: RayAuth = field(default_factory=RayAuth)
-    cpus_per_worker: float = 1.0
-    head_start_timeout_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.address is not None and not _ADDRESS_RE.match(self.address):
-            raise ValueError(f"the Ray address must be host:port or ray://host:port, got {self.address!r}")
-        if not isinstance(self.auth, RayAuth):
-            raise ValueError("auth must be a RayAuth")
-        for name in ("cpus_per_worker", "head_start_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-
-    @property
-    def own_head(self) -> bool:
-        return self.address is None
 
 
 class RayCluster:
@@ -263,7 +234,7 @@ def _reload_ray_auth() -> None:
     """Make this process's Ray see the auth variables as they are now. Ray reads them into its
     C++ config and token cache once, at `import ray`; this is what Ray itself does after it
     turns token mode on (`authentication_token_setup._enable_token_auth`), config first."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in Ray's stubs
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

@@ -8,9 +8,14 @@ config only through their `PolicyConfig` protocol, so the import goes one way
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.scheduler.policies import POLICIES
+
+
+def _policy_names() -> tuple[str, ...]:
+    """The registered routing policies, read when a parser checks a value."""
+    return tuple(sorted(POLICIES))
 
 
 @dataclass(frozen=True)
@@ -30,14 +35,18 @@ class SchedulerConfig:
     - `kv_events_block_ms`: how long one XREAD of the KV event follower blocks.
     """
 
-    policy: str = "prefix_aware"
-    block_size: int = 16
-    local_prefill_max_tokens: int = 256
-    queue_weight: float = 1.0
-    kv_weight: float = 1.0
-    refresh_interval_s: float = 0.25
-    speculative_ttl_s: float = 10.0
-    kv_events_block_ms: int = 500
+    policy: str = field(default="prefix_aware", metadata={"choices": _policy_names, "help": "routing policy"})
+    block_size: int = field(default=16, metadata={"help": "must equal the workers' block size"})
+    local_prefill_max_tokens: int = field(
+        default=256, metadata={"help": "uncached prompt tokens under which the decode worker prefills locally"}
+    )
+    queue_weight: float = field(default=1.0, metadata={"help": "weight of queued tokens in the prefix-aware cost"})
+    kv_weight: float = field(default=1.0, metadata={"help": "weight of KV use in the prefix-aware cost"})
+    refresh_interval_s: float = field(default=0.25, metadata={"help": "period of the worker registry refresh"})
+    speculative_ttl_s: float = field(
+        default=10.0, metadata={"help": "life of speculative prefix index entries (0: none)"}
+    )
+    kv_events_block_ms: int = field(default=500, metadata={"help": "how long one read of the KV events blocks"})
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

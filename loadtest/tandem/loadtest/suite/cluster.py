@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.launcher.config import LocalClusterConfig
+from tandem.engine.config import MiB
+from tandem.launcher.config import LocalClusterConfig, gateway_template, worker_template
 from tandem.launcher.local import LocalCluster
 from tandem.launcher.placement import ProcessPlacement
 
@@ -60,14 +61,16 @@ class ClusterSpec:
 
     def config(self) -> LocalClusterConfig:
         count = {role: sum(w.role == role for w in self.workers) for role in ("prefill", "decode")}
+        worker, gateway = worker_template(), gateway_template()
+        scheduler = replace(
+            gateway.scheduler, policy=self.policy, local_prefill_max_tokens=self.local_prefill_max_tokens
+        )
         return LocalClusterConfig(
             num_prefill=count["prefill"],
             num_decode=count["decode"],
-            port=0,
             model_dir=self.model_dir,
-            policy=self.policy,
-            local_prefill_max_tokens=self.local_prefill_max_tokens,
-            kv_cache_mib=self.kv_cache_mib,
+            worker=replace(worker, engine=replace(worker.engine, kv_cache_bytes=self.kv_cache_mib * MiB)),
+            gateway=replace(gateway, port=0, scheduler=scheduler),
         )
 
     def worker_cpus(self) -> dict[str, int]:

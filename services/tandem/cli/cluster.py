@@ -1,0 +1,145 @@
+"""The cluster commands: `tandem up` (a local cluster), `tandem status` and `tandem drain`.
+
+`tandem up`'s flags are `LocalClusterConfig`'s fields, its worker and gateway templates'
+included (one flag for an option both share, e.g. `--max-model-len`); the Ray flags are
+`RayConfig`'s, with the auth token read from Ray's own environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tandem.cli.inputs import api_keys
+from tandem.common.options import add_flags, from_args
+
+if TYPE_CHECKING:
+    from tandem.launcher.config import LocalClusterConfig
+    from tandem.launcher.ray_cluster import RayCluster
+
+RAY_OWN_HEAD = "local"  # `tandem up --ray` without an address: start a private Ray head
+
+
+def _up_state_file() -> Path:
+    """Where `tandem up` records its cluster for `tandem status`: $TANDEM_CACHE_DIR/up.json."""
+    from tandem.engine.tiny_model import default_cache_dir
+    from tandem.launcher.state_file import STATE_FILE_NAME
+
+    return default_cache_dir() / STATE_FILE_NAME
+
+
+# ---- tandem up -----------------------------------------------------------------------------
+def add_up_flags(parser: argparse.ArgumentParser) -> None:
+    from tandem.launcher.config import LocalClusterConfig
+    from tandem.launcher.ray_config import RayConfig
+
+    add_flags(parser, LocalClusterConfig)
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const=RAY_OWN_HEAD,
+        default=None,
+        metavar="ADDRESS",
+        help="run the workers as Ray actors on the Ray cluster at ADDRESS (host:port of its GCS, "
+        "or ray://host:port); without ADDRESS, on a private Ray head started and stopped here",
+    )
+    parser.add_argument(
+        "--ray-auth-token-file",
+        type=Path,
+        default=None,
+        help="Ray auth token to present (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH); default: Ray's "
+        "own RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, if any",
+    )
+    add_flags(parser, RayConfig)
+    parser.set_defaults(func=cmd_up)
+
+
+def up_config(args: argparse.Namespace) -> LocalClusterConfig:
+    """The cluster's config: its flags plus the API keys of TANDEM_API_KEYS."""
+    from tandem.launcher.config import LocalClusterConfig
+
+    keys = api_keys(args.api_key or ())
+    config: LocalClusterConfig = from_args(LocalClusterConfig, args, **{"gateway.api_keys": keys})
+    return config
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import logging
+
+    from tandem.launcher.up import run_up
+
+    config = up_config(args)
+    logging.basicConfig(level=logging.INFO, format="tandem up: %(levelname)s %(message)s", stream=sys.stderr)
+    return run_up(config, _up_state_file(), placement=_ray_placement(args, config))
+
+
+def _ray_placement(args: argparse.Namespace, config: LocalClusterConfig) -> RayCluster | None:
+    """`tandem up --ray [ADDRESS]`: the workers as Ray actors (None: local processes)."""
+    if args.ray is None:
+        return None
+    import os
+
+    from tandem.launcher.ray_auth import RayAuth
+    from tandem.launcher.ray_cluster import RayCluster
+    from tandem.launcher.ray_config import RayConfig
+
+    auth = RayAuth.from_environ(os.environ, args.ray_auth_token_file, Path.home())
+    address = None if args.ray == RAY_OWN_HEAD else args.ray
+    return RayCluster(config, from_args(RayConfig, args, address=address, auth=auth))
+
+
+# ---- tandem status ---------------------------------------------------------------------------
+def add_status_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=None, help="default: the running `tandem up` (its up.json)")
+    parser.add_argument("--cluster", default=None, help="default: the running `tandem up`'s, else 'default'")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tandem.launcher.state_file import read_state
+    from tandem.launcher.status import run_status
+
+    path = _up_state_file()
+    state = read_state(path)
+    redis_url = args.redis_url or (state.redis_url if state is not None else None)
+    if redis_url is None:
+        print(
+            f"tandem: error: no running `tandem up` found ({path} does not exist); pass --redis-url URL",
+            file=sys.stderr,
+        )
+        return 1
+    from_state = state is not None and state.redis_url == redis_url
+    if state is not None and from_state and not state.owner_running():
+        print(f"tandem: warning: {path} is stale: tandem up (pid {state.pid}) is not running", file=sys.stderr)
+    cluster = args.cluster or (state.cluster if state is not None and from_state else "default")
+    return run_status(redis_url, cluster, as_json=args.json)
+
+
+# ---- tandem drain ----------------------------------------------------------------------------
+def add_drain_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", required=True, help="the worker's gRPC host:port")
+    parser.add_argument("--timeout-s", type=float, default=30.0, help="wait at most this long for it to be idle")
+    parser.set_defaults(func=cmd_drain)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tandem.common.drain import DrainError, drain_worker
+
+    try:
+        progress = drain_worker(args.address, args.timeout_s)
+    except DrainError as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {"event": "drained" if progress.idle else "drain_timeout", "address": args.address, **asdict(progress)}
+        ),
+        flush=True,
+    )
+    return 0 if progress.idle else 1

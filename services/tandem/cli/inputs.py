@@ -1,0 +1,24 @@
+"""What the commands read besides their flags: the model directory's fallback (the generated
+tiny model) and the API keys in the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+API_KEYS_ENV = "TANDEM_API_KEYS"  # comma-separated, read by `tandem gateway` and `tandem up`
+
+
+def model_dir(path: Path | None) -> Path:
+    """`path`, or the generated tiny model (made on first use) when no `--model` was given."""
+    if path is not None:
+        return path
+    from tandem.engine.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def api_keys(flags: Iterable[str], environ: Mapping[str, str] = os.environ) -> frozenset[str]:
+    """The `--api-key` flags plus the keys of TANDEM_API_KEYS."""
+    return frozenset(flags) | {key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip()}
