@@ -15,14 +15,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tandem.common.block_hash import block_extra, hash_blocks
-from tandem.common.cluster_state import (
-    ClusterState,
-    KVEventKind,
-    WorkerInfo,
-    WorkerLoad,
-    WorkerRole,
-)
+from tandem.common.cluster_state import ClusterState
 from tandem.common.embedded_redis import EmbeddedRedis
+from tandem.common.workers import KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler import (
     NoWorkerError,
     RouteKind,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.cluster_state import ClusterState
 from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.workers import WorkerRole
 from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 from tests.integration.workers import WorkerProcess, decode_stream, prefill, wait_until

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled, TracingFlags
 from tandem.launcher.local import ChildSummary
 from tandem.launcher.state_file import UpState, read_state, remove_state, write_state

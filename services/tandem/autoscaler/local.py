@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 from tandem.launcher.local import LocalCluster
 
 logger = logging.getLogger(__name__)

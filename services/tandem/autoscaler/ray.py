@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 from tandem.launcher.ray_cluster import RayCluster
 
 logger = logging.getLogger(__name__)

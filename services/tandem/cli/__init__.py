@@ -141,9 +141,9 @@ def _tracing_config(args: argparse.Namespace) -> TracingConfig:
 def cmd_worker(args: argparse.Namespace) -> int:
     import functools
 
-    from tandem.common.cluster_state import WorkerRole
     from tandem.common.worker import Worker, run
     from tandem.common.worker_config import WorkerConfig
+    from tandem.common.workers import WorkerRole
 
     role = WorkerRole(args.command)
     config = WorkerConfig(
@@ -329,7 +329,7 @@ def _autoscaler_config(args: argparse.Namespace):  # -> AutoscalerConfig
 
 def _kubernetes_actuator(args: argparse.Namespace):  # -> KubernetesActuator
     from tandem.autoscaler.kubernetes import KubernetesActuator, apps_v1_api, in_cluster_namespace
-    from tandem.common.cluster_state import WorkerRole
+    from tandem.common.workers import WorkerRole
 
     return KubernetesActuator(
         namespace=args.namespace or in_cluster_namespace(),

@@ -5,11 +5,8 @@ INVALID_ARGUMENT)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tandem.common.pb import tandem_pb2 as pb
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import FinishReason, TokenLogprob
+from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
 
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_REQUEST_ID_CHARS = 256
@@ -22,16 +19,6 @@ FINISH_TO_PB = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
 PB_TO_FINISH = {v: k for k, v in FINISH_TO_PB.items()}
-
-
-@dataclass(frozen=True)
-class WorkerRequest:
-    """A request as a worker receives it (DESIGN.md: immutable)."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams
-    cache_salt: str | None = None
 
 
 def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
@@ -66,7 +53,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def request_to_proto(r: WorkerRequest) -> pb.Request:
+def request_to_proto(r: Request) -> pb.Request:
     return pb.Request(
         request_id=r.request_id,
         prompt_token_ids=list(r.prompt_token_ids),
@@ -75,7 +62,7 @@ def request_to_proto(r: WorkerRequest) -> pb.Request:
     )
 
 
-def request_from_proto(msg: pb.Request) -> WorkerRequest:
+def request_from_proto(msg: pb.Request) -> Request:
     if not msg.request_id or len(msg.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request.request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters")
     if not msg.HasField("sampling"):
@@ -87,7 +74,7 @@ def request_from_proto(msg: pb.Request) -> WorkerRequest:
         raise ValueError("request.prompt_token_ids holds an out-of-range token id")
     if len(msg.cache_salt) > 256:
         raise ValueError("request.cache_salt is too long")
-    return WorkerRequest(msg.request_id, prompt, sampling_from_proto(msg.sampling), msg.cache_salt or None)
+    return Request(msg.request_id, prompt, sampling_from_proto(msg.sampling), msg.cache_salt or None)
 
 
 def logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:

@@ -37,12 +37,13 @@ import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind
 
-from tandem.common.cluster_state import ClusterState, KVEventKind, WorkerInfo, WorkerLoad
+from tandem.common.cluster_state import ClusterState
 from tandem.common.heartbeat import Heartbeat
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
 from tandem.common.worker_config import WorkerConfig
+from tandem.common.workers import KVEventKind, WorkerInfo, WorkerLoad
 from tandem.engine.block_pool import KVEvent
 from tandem.engine.engine import Engine, RequestOutput
 from tandem.engine.step_loop import StepLoop, WorkerBusyError

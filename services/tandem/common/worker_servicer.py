@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import grpc
 
-from tandem.common.cluster_state import WorkerRole
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.worker import Worker
+from tandem.common.workers import WorkerRole
 
 _ROLE_TO_PB = {WorkerRole.PREFILL: pb.WORKER_ROLE_PREFILL, WorkerRole.DECODE: pb.WORKER_ROLE_DECODE}
 

@@ -34,6 +34,7 @@ from tandem.common import codec
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.request import Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
 from tandem.common.worker import Worker
 from tandem.common.worker_servicer import WorkerServicerBase
@@ -99,7 +100,7 @@ class DecodeServicer(WorkerServicerBase):
                     worker.abort_soon(rid)
                 raise
 
-    async def _check_handle(self, handle: KVHandleInfo, req: codec.WorkerRequest, context) -> None:
+    async def _check_handle(self, handle: KVHandleInfo, req: Request, context) -> None:
         try:
             theirs = KVLayout.parse(handle.layout)
         except ValueError as exc:
@@ -120,7 +121,7 @@ class DecodeServicer(WorkerServicerBase):
 
     async def _hand_off(
         self,
-        req: codec.WorkerRequest,
+        req: Request,
         first_token: int,
         handle: KVHandleInfo,
         header: pb.DecodeDelta,

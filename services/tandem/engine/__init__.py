@@ -1,9 +1,8 @@
 """The model runtime: no networking. `Engine` and `SamplingParams` are the public API."""
 
+from tandem.common.request import FinishReason, SamplingParams, TokenLogprob
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import Engine, GenerationOutput, RequestOutput
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import FinishReason, TokenLogprob
 
 __all__ = [
     "Engine",

@@ -36,10 +36,9 @@ from opentelemetry.context import Context
 
 from tandem.common import codec
 from tandem.common.block_hash import block_extra, hash_blocks
-from tandem.common.codec import WorkerRequest
 from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import inject_metadata
-from tandem.engine.sequence import FinishReason, TokenLogprob
 from tandem.gateway.clients import WorkerClients
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.errors import OpenAIError, bad_request, service_unavailable
@@ -95,7 +94,7 @@ class Pipeline:
         self.tracer = tracer
         self._background: set[asyncio.Task] = set()
 
-    def route(self, request: WorkerRequest, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+    def route(self, request: Request, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
         route_request = RouteRequest(
             request.request_id, len(request.prompt_token_ids), tickets.block_hashes, self.scheduler.next_seq()
         )
@@ -107,7 +106,7 @@ class Pipeline:
         tickets.add(decision)
         return decision
 
-    async def generate(self, request: WorkerRequest, parent: Context | None = None) -> AsyncIterator[Delta]:
+    async def generate(self, request: Request, parent: Context | None = None) -> AsyncIterator[Delta]:
         extra = block_extra(self.config.hash_model_id, request.cache_salt)
         hashes = tuple(hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra))
         tickets = _Tickets(self.scheduler, len(request.prompt_token_ids), hashes)
@@ -117,9 +116,7 @@ class Pipeline:
         finally:
             tickets.close()
 
-    async def _generate(
-        self, request: WorkerRequest, parent: Context | None, tickets: _Tickets
-    ) -> AsyncIterator[Delta]:
+    async def _generate(self, request: Request, parent: Context | None, tickets: _Tickets) -> AsyncIterator[Delta]:
         with self.tracer.start_as_current_span("route", context=parent) as span:
             t0 = time.perf_counter()
             decision = self.route(request, tickets)
@@ -152,7 +149,7 @@ class Pipeline:
                 self._abort_soon(prefill_worker.address, request.request_id)
 
     async def _prefill_with_retry(
-        self, request: WorkerRequest, decision: RouteDecision, metadata: tuple[tuple[str, str], ...], tickets: _Tickets
+        self, request: Request, decision: RouteDecision, metadata: tuple[tuple[str, str], ...], tickets: _Tickets
     ) -> tuple[pb.PrefillResponse | None, RouteDecision]:
         """The first token and handle from a prefill worker, retrying once elsewhere. Returns
         (None, local decision) when the retry routes the prompt to a decoder."""
@@ -182,7 +179,7 @@ class Pipeline:
             raise _rpc_error("prefill (after a retry)", exc, self.config.retry_after_s) from first_error
 
     async def _prefill(
-        self, address: str, request: WorkerRequest, metadata: tuple[tuple[str, str], ...]
+        self, address: str, request: Request, metadata: tuple[tuple[str, str], ...]
     ) -> pb.PrefillResponse:
         call = self.clients.stub(address).Prefill(
             pb.PrefillRequest(request=codec.request_to_proto(request)),
@@ -200,7 +197,7 @@ class Pipeline:
 
     async def _decode(
         self,
-        request: WorkerRequest,
+        request: Request,
         decision: RouteDecision,
         first: pb.PrefillResponse | None,
         metadata: tuple[tuple[str, str], ...],
@@ -258,7 +255,7 @@ class Pipeline:
             finally:
                 call.cancel()  # no-op when the stream already finished
 
-    def _delta(self, msg: pb.DecodeDelta, first_message: bool, local: bool, request: WorkerRequest) -> Delta:
+    def _delta(self, msg: pb.DecodeDelta, first_message: bool, local: bool, request: Request) -> Delta:
         """One decode message as a Delta. The first message carries the decoder's admission
         timings and, for a local prefill, its prefix-cache hit."""
         if msg.finish_reason == pb.FINISH_REASON_ERROR:

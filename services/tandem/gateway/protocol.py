@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from tandem.engine.sampling_params import SamplingParams
+from tandem.common.request import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.errors import OpenAIError, bad_request, context_length_exceeded
 

@@ -19,8 +19,9 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
-from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.cluster_state import ClusterState
 from tandem.common.tracing import Tracing
+from tandem.common.workers import WorkerRole
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway import protocol

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.autoscaler.config import AutoscalerConfig
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # same rule as cluster_state's names
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

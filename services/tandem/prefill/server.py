@@ -28,11 +28,11 @@ from opentelemetry.trace import Span
 from tandem.common import codec
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.request import FinishReason
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
 from tandem.common.worker import Worker
 from tandem.common.worker_servicer import WorkerServicerBase
 from tandem.engine.engine import Engine, HeldKV, RequestOutput
-from tandem.engine.sequence import FinishReason
 from tandem.kvtransfer.base import KVHandleInfo, handle_to_proto
 
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import redis
 
-from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
 from tandem.scheduler.picker import decide

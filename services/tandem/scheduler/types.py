@@ -16,7 +16,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from tandem.common.cluster_state import WorkerInfo, WorkerLoad
+from tandem.common.workers import WorkerInfo, WorkerLoad
 
 
 class NoWorkerError(RuntimeError):
