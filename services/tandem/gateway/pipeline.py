@@ -36,7 +36,6 @@ from opentelemetry.context import Context
 
 from tandem.common import codec
 from tandem.common.block_hash import block_extra, hash_blocks
-from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import inject_metadata
 from tandem.gateway.clients import WorkerClients
@@ -126,15 +125,15 @@ class Pipeline:
             if decision.prefill is not None:
                 span.set_attribute("tandem.route.prefill", decision.prefill.worker_id)
         metadata = tuple(inject_metadata(parent))
-        first: pb.PrefillResponse | None = None
+        first: codec.PrefillResult | None = None
         prefill_worker = None
         if decision.kind is RouteKind.DISAGGREGATED:
             first, decision = await self._prefill_with_retry(request, decision, metadata, tickets)
             prefill_worker = decision.prefill
         if first is not None:
             cached = first.num_cached_tokens
-            lp = (codec.logprob_from_proto(first.first_logprob),) if first.HasField("first_logprob") else ()
-            finish = codec.PB_TO_FINISH[first.finish_reason]
+            lp = (first.first_logprob,) if first.first_logprob is not None else ()
+            finish = first.finish_reason
             self.metrics.prefix(len(request.prompt_token_ids), cached)
             yield Delta((first.first_token,), lp, finish, cached)
             if finish is not None:
@@ -150,7 +149,7 @@ class Pipeline:
 
     async def _prefill_with_retry(
         self, request: Request, decision: RouteDecision, metadata: tuple[tuple[str, str], ...], tickets: _Tickets
-    ) -> tuple[pb.PrefillResponse | None, RouteDecision]:
+    ) -> tuple[codec.PrefillResult | None, RouteDecision]:
         """The first token and handle from a prefill worker, retrying once elsewhere. Returns
         (None, local decision) when the retry routes the prompt to a decoder."""
         assert decision.prefill is not None
@@ -180,14 +179,14 @@ class Pipeline:
 
     async def _prefill(
         self, address: str, request: Request, metadata: tuple[tuple[str, str], ...]
-    ) -> pb.PrefillResponse:
+    ) -> codec.PrefillResult:
         call = self.clients.stub(address).Prefill(
-            pb.PrefillRequest(request=codec.request_to_proto(request)),
+            codec.prefill_request_to_proto(request),
             timeout=self.config.prefill_timeout_s,
             metadata=metadata,
         )
         try:
-            response = await call
+            response = codec.prefill_result_from_proto(await call)
         except asyncio.CancelledError:
             call.cancel()  # P aborts the sequence and drops any lease
             raise
@@ -199,14 +198,15 @@ class Pipeline:
         self,
         request: Request,
         decision: RouteDecision,
-        first: pb.PrefillResponse | None,
+        first: codec.PrefillResult | None,
         metadata: tuple[tuple[str, str], ...],
         tickets: _Tickets,
     ) -> AsyncIterator[Delta]:
-        message = pb.DecodeRequest(request=codec.request_to_proto(request))
-        if first is not None:
-            message.first_token = first.first_token
-            message.handle.CopyFrom(first.handle)
+        message = codec.decode_request_to_proto(
+            codec.DecodeRequest(request)
+            if first is None
+            else codec.DecodeRequest(request, first.first_token, first.handle)
+        )
         if first is not None:
             tickets.prefill_done()  # the prompt ran on P; a local prefill ends with the first delta
         decode = decision.decode
@@ -223,7 +223,7 @@ class Pipeline:
                         ) from None
                     if msg is grpc.aio.EOF:
                         raise StreamError(f"decode stream from {decode.worker_id} ended without a finish reason")
-                    delta = self._delta(msg, not received, first is None, request)
+                    delta = self._delta(codec.decode_delta_from_proto(msg), not received, first is None, request)
                     if not received:
                         tickets.prefill_done()
                     received = True
@@ -255,10 +255,10 @@ class Pipeline:
             finally:
                 call.cancel()  # no-op when the stream already finished
 
-    def _delta(self, msg: pb.DecodeDelta, first_message: bool, local: bool, request: Request) -> Delta:
+    def _delta(self, msg: codec.DecodeDelta, first_message: bool, local: bool, request: Request) -> Delta:
         """One decode message as a Delta. The first message carries the decoder's admission
         timings and, for a local prefill, its prefix-cache hit."""
-        if msg.finish_reason == pb.FINISH_REASON_ERROR:
+        if msg.failed:
             raise StreamError("the decode worker's step failed")
         if first_message:
             if not local:
@@ -266,11 +266,10 @@ class Pipeline:
             self._observe_stage("decode_admission", msg.admit_s)
             if local:
                 self.metrics.prefix(len(request.prompt_token_ids), msg.num_cached_tokens)
-        logprobs = tuple(codec.logprob_from_proto(lp) for lp in msg.logprobs)
         return Delta(
-            tuple(msg.token_ids),
-            logprobs,
-            codec.PB_TO_FINISH[msg.finish_reason],
+            msg.token_ids,
+            msg.logprobs,
+            msg.finish_reason,
             msg.num_cached_tokens if first_message and local else 0,
         )
 
@@ -284,7 +283,8 @@ class Pipeline:
 
         async def abort() -> None:
             try:
-                await self.clients.stub(address).Abort(pb.AbortRequest(request_id=request_id), timeout=_ABORT_TIMEOUT_S)
+                message = codec.abort_request_to_proto(request_id)
+                await self.clients.stub(address).Abort(message, timeout=_ABORT_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 log.info("abort of %s on %s failed: %s (its lease will expire)", request_id, address, exc.code().name)
 
