@@ -14,8 +14,8 @@ import redis
 
 from tandem.common.cluster_state import ClusterState
 from tandem.common.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from tandem.common.heartbeat import Heartbeat
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.worker.heartbeat import Heartbeat
 
 PREFILL = WorkerInfo("p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0")
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")

@@ -141,9 +141,9 @@ def _tracing_config(args: argparse.Namespace) -> TracingConfig:
 def cmd_worker(args: argparse.Namespace) -> int:
     import functools
 
-    from tandem.common.worker import Worker, run
-    from tandem.common.worker_config import WorkerConfig
     from tandem.common.workers import WorkerRole
+    from tandem.worker.config import WorkerConfig
+    from tandem.worker.worker import Worker, run
 
     role = WorkerRole(args.command)
     config = WorkerConfig(
@@ -265,7 +265,7 @@ def _ray_placement(args: argparse.Namespace, config: LocalClusterConfig) -> RayC
 def cmd_drain(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from tandem.common.drain import DrainError, drain_worker
+    from tandem.worker.drain import DrainError, drain_worker
 
     try:
         progress = drain_worker(args.address, args.timeout_s)

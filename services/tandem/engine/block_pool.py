@@ -20,18 +20,12 @@ Invariants (`check_integrity`): every block is either in the free queue (ref 0) 
 
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tandem.common.block_hash import BlockHash
-
-
-class KVEventKind(enum.Enum):
-    STORED = "stored"
-    REMOVED = "removed"
-    CLEARED = "cleared"
+from tandem.common.workers import KVEventKind
 
 
 @dataclass(frozen=True)

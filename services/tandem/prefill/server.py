@@ -31,9 +31,9 @@ from tandem.common.kv_handle import KVHandle
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.request import FinishReason, Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
-from tandem.common.worker import Worker
-from tandem.common.worker_servicer import WorkerServicerBase
 from tandem.engine.engine import Engine, HeldKV, RequestOutput
+from tandem.worker.servicer import WorkerServicerBase
+from tandem.worker.worker import Worker
 
 
 class PrefillServicer(WorkerServicerBase):

@@ -13,7 +13,7 @@ import grpc
 
 from tandem.common import codec
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
-from tandem.common.worker import Worker
+from tandem.worker.worker import Worker
 
 
 class WorkerServicerBase(pb_grpc.WorkerServicer):
