@@ -1,8 +1,10 @@
 """Cluster state in Redis (DESIGN.md section 4, "Redis keys"): live workers, load, KV events.
 
 Keys, all under `tandem:{cluster}:` (e.g. `tandem:default:`):
-- `worker:{id}`  hash role, address, fingerprint, capacity_blocks, version. TTL `ttl_s`; the
-  worker's `Heartbeat` refreshes it. A worker whose key expired is dead to the scheduler.
+- `worker:{id}`  hash role, address, fingerprint, capacity_blocks, version, block_size,
+  model_id, block_hash_version. TTL `ttl_s`; the worker's `Heartbeat` refreshes it. An entry
+  that lacks a field (a worker of an older version) is malformed: skipped with a warning.
+  A worker whose key expired is dead to the scheduler.
 - `load:{id}`    hash waiting, running, queued_prefill_tokens, kv_blocks_used, kv_blocks_total,
   timestamp_s. Same TTL, rewritten on every heartbeat tick.
 - `kv_events`    stream, one entry per event: worker, epoch, seq, kind, hashes. `hashes` is
@@ -82,6 +84,9 @@ class ClusterState:
             "fingerprint": info.fingerprint,
             "capacity_blocks": str(info.capacity_blocks),
             "version": info.version,
+            "block_size": str(info.block_size),
+            "model_id": info.model_id,
+            "block_hash_version": str(info.block_hash_version),
         }
         self._write_hash(self.key("worker", info.worker_id), fields, ttl_s)
 
@@ -121,6 +126,9 @@ class ClusterState:
                 fingerprint=_text(fields, "fingerprint"),
                 capacity_blocks=_int(fields, "capacity_blocks"),
                 version=_text(fields, "version"),
+                block_size=_int(fields, "block_size"),
+                model_id=_text(fields, "model_id"),
+                block_hash_version=_int(fields, "block_hash_version"),
             )
         except (ValueError, UnicodeDecodeError) as exc:
             logger.warning("skipping malformed worker entry %r: %s", worker_id, exc)

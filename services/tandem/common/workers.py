@@ -14,6 +14,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from tandem.common.block_hash import BLOCK_HASH_VERSION
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # cluster names and worker ids: no glob chars
 _HEX_RE = re.compile(r"^[0-9a-f]{1,128}$")
 _UINT64_MAX = 2**64 - 1
@@ -43,7 +45,12 @@ def _check_non_negative(**values: int) -> None:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """What a worker publishes when it registers; fixed for the worker's lifetime."""
+    """What a worker publishes when it registers; fixed for the worker's lifetime.
+
+    `block_size`, `model_id` and `block_hash_version` are what its block hashes depend on: a
+    gateway routes only to workers whose three values equal its own (a mismatch would make
+    every prefix lookup miss). The defaults are `EngineConfig`'s block size, no model id,
+    and this code's hash version."""
 
     worker_id: str
     role: WorkerRole
@@ -51,6 +58,9 @@ class WorkerInfo:
     fingerprint: str  # layout fingerprint, lowercase hex
     capacity_blocks: int
     version: str
+    block_size: int = 16
+    model_id: str = ""  # the `model_id` of its block hashes (`block_hash.block_extra`)
+    block_hash_version: int = BLOCK_HASH_VERSION
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)
@@ -60,9 +70,13 @@ class WorkerInfo:
             raise ValueError("address must be a non-empty string")
         if not isinstance(self.fingerprint, str) or not _HEX_RE.match(self.fingerprint):
             raise ValueError(f"fingerprint must be lowercase hex, got {self.fingerprint!r}")
-        _check_non_negative(capacity_blocks=self.capacity_blocks)
+        _check_non_negative(capacity_blocks=self.capacity_blocks, block_hash_version=self.block_hash_version)
         if not isinstance(self.version, str):
             raise ValueError("version must be a string")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
+        if not isinstance(self.model_id, str) or len(self.model_id) > 256:
+            raise ValueError(f"model_id must be a string of at most 256 characters, got {self.model_id!r}")
 
 
 @dataclass(frozen=True)

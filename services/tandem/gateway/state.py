@@ -59,6 +59,7 @@ class GatewayState:
             ClusterState(self._redis, config.cluster),
             config.scheduler,
             events_state=ClusterState(self._events_redis, config.cluster),
+            model_id=config.hash_model_id,
         )
         self.clients = WorkerClients()
         self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)

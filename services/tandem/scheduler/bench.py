@@ -27,7 +27,8 @@ from tandem.common.block_hash import block_extra, hash_blocks
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.policies import make_policy
-from tandem.scheduler.scheduler import RegistrySnapshot, route_on
+from tandem.scheduler.registry import RegistrySnapshot
+from tandem.scheduler.scheduler import route_on
 from tandem.scheduler.types import RouteRequest, SchedulerConfig
 
 NUM_PROMPTS = 16

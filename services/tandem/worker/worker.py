@@ -36,6 +36,7 @@ import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind
 
+from tandem.common.block_hash import BLOCK_HASH_VERSION
 from tandem.common.cluster_state import ClusterState
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
@@ -279,6 +280,9 @@ class Worker:
             fingerprint=self.layout.fingerprint,
             capacity_blocks=self.engine.pool.num_blocks,
             version=VERSION,
+            block_size=self.layout.block_size,
+            model_id=self.engine.model_id,
+            block_hash_version=BLOCK_HASH_VERSION,
         )
         self._heartbeat = Heartbeat(state, info, lambda: self._load, ttl_s=self.config.heartbeat_ttl_s)
         self._heartbeat.start()
