@@ -25,8 +25,10 @@ import math
 import struct
 import threading
 from collections.abc import Iterable, Mapping
+from typing import cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole, check_name
 
@@ -100,7 +102,7 @@ class ClusterState:
 
     def get_worker(self, worker_id: str) -> WorkerInfo | None:
         """The live worker's info; None if expired, absent or malformed."""
-        return self._parse_worker(worker_id, self._redis.hgetall(self.key("worker", worker_id)))
+        return self._parse_worker(worker_id, _fields(self._redis.hgetall(self.key("worker", worker_id))))
 
     def list_workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
         """Live workers (optionally of one role), sorted by id. Uses SCAN, never KEYS."""
@@ -150,7 +152,7 @@ class ClusterState:
 
     def get_load(self, worker_id: str) -> WorkerLoad | None:
         """The worker's last published load; None if expired, absent or malformed."""
-        return self._parse_load(worker_id, self._redis.hgetall(self.key("load", worker_id)))
+        return self._parse_load(worker_id, _fields(self._redis.hgetall(self.key("load", worker_id))))
 
     def get_loads(self, worker_ids: Iterable[str]) -> dict[str, WorkerLoad | None]:
         """`get_load` for many workers in one pipelined round trip (the scheduler's refresher).
@@ -177,11 +179,12 @@ class ClusterState:
             logger.warning("skipping malformed load entry %r: %s", worker_id, exc)
             return None
 
-    def _write_hash(self, key: str, fields: Mapping[str, str], ttl_s: float) -> None:
+    def _write_hash(self, key: str, fields: dict[str, str], ttl_s: float) -> None:
         ttl_ms = ttl_to_ms(ttl_s)
         pipe = self._redis.pipeline(transaction=True)  # readers never see a half-written hash
         pipe.delete(key)
-        pipe.hset(key, mapping=dict(fields))
+        mapping: dict[FieldT, EncodableT] = {name: value for name, value in fields.items()}
+        pipe.hset(key, mapping=mapping)
         pipe.pexpire(key, ttl_ms)
         pipe.execute()
 
@@ -210,7 +213,7 @@ class ClusterState:
             seq = self._kv_seq.get((worker_id, epoch), 0) + 1
             record = KVEventRecord(worker_id, epoch, seq, kind, hashes)  # validates
             self._kv_seq[(worker_id, epoch)] = seq
-            fields = {
+            fields: dict[FieldT, EncodableT] = {
                 "worker": worker_id,
                 "epoch": str(epoch),
                 "seq": str(seq),
@@ -240,7 +243,7 @@ class ClusterState:
         for _stream, entries in streams:
             for entry_id, fields in entries:
                 last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                record = _parse_kv_event(last_id, fields)
+                record = _parse_kv_event(last_id, _fields(fields))
                 if record is not None:
                     records.append(record)
         return records, last_id
@@ -261,6 +264,12 @@ def _parse_kv_event(entry_id: str, fields: Mapping[bytes, bytes]) -> KVEventReco
     except (ValueError, UnicodeDecodeError, struct.error) as exc:
         logger.warning("skipping malformed kv event %s: %s", entry_id, exc)
         return None
+
+
+def _fields(reply: object) -> Mapping[bytes, bytes]:
+    """A hash or stream entry as read with decode_responses=False (the constructor checks it):
+    redis-py types replies for both client modes."""
+    return cast(Mapping[bytes, bytes], reply)
 
 
 def ttl_to_ms(ttl_s: float) -> int:

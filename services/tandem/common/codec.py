@@ -32,7 +32,7 @@ FINISH_TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
-PB_TO_FINISH = {v: k for k, v in FINISH_TO_PB.items()}
+PB_TO_FINISH: dict[int, FinishReason | None] = {v: k for k, v in FINISH_TO_PB.items()}
 
 
 def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:

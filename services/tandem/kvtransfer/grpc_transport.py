@@ -207,7 +207,7 @@ class GrpcTransport:
         )
         request = codec.PullKVRequest(handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes)
         expected = _Expected(len(buffer), store.layout.dtype, store.packed_shape(len(src)), address)
-        target = memoryview(buffer.numpy())
+        target = buffer.numpy().data
         call = method(request, timeout=timeout_s)
         offset = num_chunks = 0
         try:

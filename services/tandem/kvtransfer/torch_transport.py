@@ -24,6 +24,7 @@ import asyncio
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
@@ -122,7 +123,8 @@ class TorchTransport:
         other side fails fast) and is raised; the source's own explanation wins if it has one."""
         pair.num_users += 1
         try:
-            await asyncio.wait({receive, rpc}, return_when=asyncio.FIRST_EXCEPTION)
+            both: set[asyncio.Future[Any]] = {receive, rpc}
+            await asyncio.wait(both, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
             self._drop(address, pair)
             rpc.cancel()

@@ -150,8 +150,13 @@ class Worker:
 
     def abort_soon(self, request_id: str) -> None:
         """Abort from a cancelled handler: best effort, never raises."""
+
+        def abort(engine: Engine) -> None:
+            if engine.abort(request_id):
+                self.loop.unsubscribe(request_id)
+
         try:
-            self.loop.submit(lambda e: e.abort(request_id) and self.loop.unsubscribe(request_id))
+            self.loop.submit(abort)
         except WorkerBusyError:
             log.warning("inbox full; request %s will be aborted when it next produces output", request_id)
 
@@ -292,7 +297,7 @@ class Worker:
         """Liveness: SERVING while the step-loop thread runs; NOT_SERVING once it died, so a
         liveness probe restarts the process."""
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        while self.loop.is_alive():
+        while self.loop.is_alive:
             await asyncio.sleep(LIVENESS_CHECK_INTERVAL_S)
         log.error("the step loop of %s stopped; reporting NOT_SERVING", self.config.worker_id)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
