@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerRole
 from tests.conftest import random_prompts
 from tests.e2e.test_up import UpProcess, started, stop_and_check_no_orphans, wait_until  # noqa: F401 (fixture)
 

@@ -254,8 +254,9 @@ def test_ray_actuator_grows_and_shrinks_the_decode_pool(
     import redis
 
     from tandem.autoscaler.ray import RayActuator
-    from tandem.common.cluster_state import ClusterState, WorkerRole
+    from tandem.common.cluster_state import ClusterState
     from tandem.common.options import parse
+    from tandem.common.workers import WorkerRole
     from tandem.launcher import LocalCluster, LocalClusterConfig
     from tandem.launcher.ray_auth import RayAuth
     from tandem.launcher.ray_cluster import RayCluster

@@ -11,8 +11,9 @@ import threading
 import time
 import urllib.request
 
-from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
 from tandem.common.embedded_redis import free_port
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tests.integration.kube_api import FakeKubeApi
 from tests.integration.workers import REPO_ROOT
 

@@ -16,7 +16,8 @@ from tandem.autoscaler.autoscaler import Autoscaler
 from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
 from tandem.autoscaler.metrics import AutoscalerMetrics
 from tandem.autoscaler.policy import ScaleDecision, ScaleReason
-from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 R = ScaleReason

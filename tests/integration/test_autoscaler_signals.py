@@ -4,7 +4,8 @@ freshness (a stale, absent or unreadable load marks the pool)."""
 from __future__ import annotations
 
 from tandem.autoscaler.signals import PoolSignals, SignalStatus, read_signals
-from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 NOW_S = 1_700_000_000.0

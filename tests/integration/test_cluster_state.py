@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from tandem.common.cluster_state import (
-    ClusterState,
-    KVEventKind,
-    KVEventRecord,
-    WorkerInfo,
-    WorkerLoad,
-    WorkerRole,
-)
+from tandem.common.cluster_state import ClusterState
 from tandem.common.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from tandem.common.heartbeat import Heartbeat
+from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.worker.heartbeat import Heartbeat
 
-PREFILL = WorkerInfo("p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0")
+PREFILL = WorkerInfo("p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0", 32, "tiny-llama", 7)
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")
 LOAD = WorkerLoad(
     waiting=3,
@@ -63,6 +57,9 @@ def test_register_list_deregister_round_trip(state: ClusterState, redis_client: 
         b"fingerprint": b"ab12",
         b"capacity_blocks": b"512",
         b"version": b"0.1.0",
+        b"block_size": b"32",
+        b"model_id": b"tiny-llama",
+        b"block_hash_version": b"7",
     }
     assert 4000 < redis_client.pttl("tandem:test:worker:p-0") <= 5000
     # Another cluster on the same Redis sees nothing.
@@ -233,6 +230,29 @@ def test_malformed_entries_are_skipped_with_a_warning(
     assert caplog.text.count("skipping malformed worker entry") == 4
     assert caplog.text.count("skipping malformed load entry") == 1
     assert caplog.text.count("skipping malformed kv event") == 8
+
+
+def test_a_registration_without_its_hash_scheme_is_malformed(
+    state: ClusterState, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+):
+    """An entry that lacks block_size, model_id or block_hash_version (an older worker), or
+    has a bad one, is skipped: its hashes cannot be trusted for prefix routing."""
+    state.register(DECODE)
+    assert state.get_worker("d-0") == DECODE
+    assert (DECODE.block_size, DECODE.model_id, DECODE.block_hash_version) == (16, "", 1)
+    for name, value in (("block_size", None), ("model_id", None), ("block_hash_version", None), ("block_size", "0")):
+        state.register(DECODE)
+        if value is None:
+            redis_client.hdel("tandem:test:worker:d-0", name)
+        else:
+            redis_client.hset("tandem:test:worker:d-0", name, value)
+        with caplog.at_level(logging.WARNING):
+            assert state.get_worker("d-0") is None
+        assert caplog.records[-1].getMessage() == (
+            f"skipping malformed worker entry 'd-0': missing field {name!r}"
+            if value is None
+            else "skipping malformed worker entry 'd-0': block_size must be an int >= 1, got 0"
+        )
 
 
 def test_cluster_state_rejects_bad_config(redis_server: EmbeddedRedis):

@@ -18,11 +18,11 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.common.cluster_state import ClusterState
-from tandem.common.drain import DrainError, drain_worker
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.engine import Engine, SamplingParams
 from tandem.launcher.processes import ChildProcess
+from tandem.worker.drain import DrainError, drain_worker
 from tests.conftest import random_prompts
 from tests.integration.workers import REPO_ROOT, decode_stream, prefill, start_worker, worker_channel, worker_health
 

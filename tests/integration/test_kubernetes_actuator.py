@@ -27,8 +27,9 @@ from tandem.autoscaler.kubernetes import (
 )
 from tandem.autoscaler.metrics import AutoscalerMetrics
 from tandem.autoscaler.policy import ScaleDecision, ScaleReason
-from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
 from tandem.common.embedded_redis import free_port
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tests.integration.kube_api import TOKEN, FakeKubeApi, RecordedRequest
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE

@@ -22,21 +22,15 @@ import grpc
 import pytest
 import torch
 
-from tandem.common.layout import KVLayout
+from tandem.common.codec import ChunkDecodeError, decode_chunk, encode_chunk, handle_from_proto, handle_to_proto
+from tandem.common.kv_handle import KVHandle
+from tandem.common.layout import KVLayout, LayoutMismatchError
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.engine.engine import HeldKV
 from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
-from tandem.kvtransfer.base import (
-    FailureReason,
-    KVHandleInfo,
-    KVTransferError,
-    create_transport,
-    handle_from_proto,
-    handle_to_proto,
-)
+from tandem.kvtransfer.base import FailureReason, KVTransferError, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
 from tandem.kvtransfer.channels import server_options
-from tandem.kvtransfer.chunks import ChunkDecodeError, decode_chunk, encode_chunk
 from tandem.kvtransfer.config import KVTransferConfig, MiB
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
 from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseTable
@@ -72,15 +66,15 @@ class Source:
         return self.leases.grant(request_id, HeldKV(blocks, len(blocks) * self.store.layout.block_size, ()), ttl_s)
 
     def handle(
-        self, address: str, request_id: str = "req", blocks: tuple[int, ...] = LEASED, layout: str | None = None
-    ) -> KVHandleInfo:
-        return KVHandleInfo(
+        self, address: str, request_id: str = "req", blocks: tuple[int, ...] = LEASED, layout: KVLayout | None = None
+    ) -> KVHandle:
+        return KVHandle(
             request_id,
             "prefill-0",
             address,
             blocks,
             len(blocks) * 16,
-            layout or self.store.layout.describe(),
+            layout or self.store.layout,
             (),
             self.clock() + 30,
         )
@@ -195,10 +189,25 @@ def test_chunk_codec_is_protobuf_wire_compatible() -> None:
 
 
 def test_handle_codec_round_trip_and_checks() -> None:
-    handle = KVHandleInfo("r", "p0", "10.0.0.1:50051", (3, 4, 9), 40, make_layout().describe(), (7, 8), 123.5)
+    handle = KVHandle("r", "p0", "10.0.0.1:50051", (3, 4, 9), 40, make_layout(), (7, 8), 123.5)
+    assert handle_to_proto(handle).layout == make_layout().describe()
     assert handle_from_proto(handle_to_proto(handle)) == handle
+    layout = make_layout().describe()
     with pytest.raises(ValueError, match="repeats a block id"):
-        handle_from_proto(pb.KVHandle(request_id="r", source_address="a:1", block_ids=[1, 1]))
+        handle_from_proto(pb.KVHandle(request_id="r", source_address="a:1", block_ids=[1, 1], layout=layout))
+    with pytest.raises(ValueError, match="^handle.layout: malformed KV layout field 'block_size'$"):
+        handle_from_proto(pb.KVHandle(request_id="r", source_address="a:1", block_ids=[1], layout="block_size"))
+
+
+def test_handle_check_is_the_receivers_one_check() -> None:
+    handle = KVHandle("r", "p0", "10.0.0.1:50051", (3, 4, 9), 40, make_layout(block_size=16), (7, 8), 123.5)
+    handle.check(make_layout(block_size=16), "r", 40)
+    with pytest.raises(LayoutMismatchError, match=r"^KV layout mismatch: block_size \(ours 32, theirs 16\)$"):
+        handle.check(make_layout(block_size=32), "r", 40)
+    with pytest.raises(ValueError, match="^handle.request_id differs from request.request_id$"):
+        handle.check(make_layout(), "other", 40)
+    with pytest.raises(ValueError, match="^handle covers 40 tokens in 3 blocks; the prompt has 41 tokens$"):
+        handle.check(make_layout(), "r", 41)
 
 
 # ---- lease table --------------------------------------------------------------------------------
@@ -387,20 +396,18 @@ def test_layout_mismatch_names_the_field_on_both_sides() -> None:
     async def main() -> None:
         transport = create_transport("grpc")
         async with serving(KVTransferServicer(source.store, source.leases, KVTransferConfig())) as address:
-            # the receiver compares the handle's layout with its own
-            await expect_failure(
-                transport.pull(source.handle(address), (10,), (1,), dest, TIMEOUT_S),
-                FailureReason.LAYOUT_MISMATCH,
-                "block_size (ours 32, theirs 16)",
-            )
-            # a handle that lies about the layout: the source compares the receiver's with its own
-            lying = source.handle(address, layout=dest.layout.describe())
-            await expect_failure(
-                transport.pull(lying, (10,), (1,), dest, TIMEOUT_S),
-                FailureReason.LAYOUT_MISMATCH,
-                "block_size (ours 16, theirs 32)",
-                "FAILED_PRECONDITION",
-            )
+            # the receiver's caller compares the handle's layout with its own, once
+            with pytest.raises(LayoutMismatchError, match=r"block_size \(ours 32, theirs 16\)"):
+                source.handle(address).check(dest.layout, "req", len(LEASED) * 16)
+            # a pull that skipped that check, or a handle that lies about the layout: the source
+            # compares the receiver's layout with its own, once
+            for handle in (source.handle(address), source.handle(address, layout=dest.layout)):
+                await expect_failure(
+                    transport.pull(handle, (10,), (1,), dest, TIMEOUT_S),
+                    FailureReason.LAYOUT_MISMATCH,
+                    "block_size (ours 16, theirs 32)",
+                    "FAILED_PRECONDITION",
+                )
         await transport.close()
 
     asyncio.run(main())
@@ -516,15 +523,15 @@ class RemoteSource:
     address: str
     process: ChildProcess
 
-    def handle(self, request_id: str = "remote", layout: str | None = None) -> KVHandleInfo:
+    def handle(self, request_id: str = "remote", layout: KVLayout | None = None) -> KVHandle:
         blocks = tuple(range(NUM_BLOCKS))
-        return KVHandleInfo(
+        return KVHandle(
             request_id,
             "prefill-remote",
             self.address,
             blocks,
             NUM_BLOCKS * 16,
-            layout or self.layout.describe(),
+            layout or self.layout,
             (),
             time.time() + 60,
         )
@@ -571,14 +578,19 @@ def test_torch_pull_from_a_source_process_is_exact_and_reuses_its_pair(remote_so
             FailureReason.REFUSED,
             "no lease for request 'ghost'",
         )
-        await expect_failure(
-            transport.pull(remote.handle(), (1,), (1,), make_dest(make_layout(dtype, block_size=32)), TIMEOUT_S),
-            FailureReason.LAYOUT_MISMATCH,
-            "block_size (ours 32, theirs 16)",
-        )
         before_third = snapshot(dest)
         await transport.pull(remote.handle(), (7,), (7,), dest, TIMEOUT_S)  # a fresh pair after the refusal
         assert_moved(expected, (7,), dest, (7,), before_third)
+        # a pull whose caller skipped `KVHandle.check`: the source refuses the receiver's layout
+        # (last: a refusal while a new pair forms leaves that pair to time out)
+        other = make_dest(make_layout(dtype, block_size=32))
+        before_other = snapshot(other)
+        await expect_failure(
+            transport.pull(remote.handle(), (1,), (1,), other, TIMEOUT_S),
+            FailureReason.LAYOUT_MISMATCH,
+            "block_size (ours 16, theirs 32)",
+        )
+        assert_untouched(other, before_other)
         await transport.close()
 
     asyncio.run(main())

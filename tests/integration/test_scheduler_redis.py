@@ -15,14 +15,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tandem.common.block_hash import block_extra, hash_blocks
-from tandem.common.cluster_state import (
-    ClusterState,
-    KVEventKind,
-    WorkerInfo,
-    WorkerLoad,
-    WorkerRole,
-)
+from tandem.common.cluster_state import ClusterState
 from tandem.common.embedded_redis import EmbeddedRedis
+from tandem.common.workers import KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler import (
     NoWorkerError,
     RouteKind,
@@ -249,6 +244,36 @@ def test_a_worker_whose_heartbeat_expired_is_not_chosen(state, scheduler):
     scheduler.refresh_now()
     assert indexed_blocks(scheduler) == {"d-fast": 0, "d-slow": 0}
     assert claims(scheduler) == {"d-fast": 0, "d-slow": 1}
+
+
+def test_workers_whose_block_hashes_differ_are_never_routed_to_and_logged_once(state, caplog):
+    """The gateway's scheduler hashes with block size 16, model id tiny-llama and this code's
+    hash version; workers registered with another value of any of them are refused."""
+    scheduler = Scheduler(state, CONFIG, model_id="tiny-llama")
+    good = replace(info("d-good", WorkerRole.DECODE), model_id="tiny-llama")
+    register(state, good)
+    register(state, replace(good, worker_id="d-model", model_id="other-model"))
+    register(state, replace(good, worker_id="d-block", block_size=32))
+    register(state, replace(good, worker_id="p-hash", role=WorkerRole.PREFILL, block_hash_version=2))
+    for worker_id in ("d-model", "d-block", "p-hash"):  # they hold the whole prompt
+        state.append_kv_events(worker_id, 1, KVEventKind.STORED, hash_blocks(PROMPT_A, CONFIG.block_size, EXTRA))
+    with caplog.at_level(logging.WARNING, logger="tandem.scheduler.registry"):
+        for _ in range(3):
+            scheduler.refresh_now()
+    assert [s.info.worker_id for s in scheduler.workers()] == ["d-good"]
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "tandem.scheduler.registry") == [
+        "not routing to worker d-block: its block hashes differ: block_size (ours 16, theirs 32)",
+        "not routing to worker d-model: its block hashes differ: model_id (ours 'tiny-llama', theirs 'other-model')",
+        "not routing to worker p-hash: its block hashes differ: block_hash_version (ours 1, theirs 2)",
+    ]
+    decision = scheduler.route(request(PROMPT_A, scheduler))
+    assert (decision.kind, decision.prefill, decision.decode.worker_id) == (RouteKind.LOCAL_PREFILL, None, "d-good")
+    # A refused worker that re-registers with the gateway's values is routed to at once.
+    register(state, replace(good, worker_id="d-model"))
+    caplog.clear()
+    scheduler.refresh_now()
+    assert [s.info.worker_id for s in scheduler.workers()] == ["d-good", "d-model"]
+    assert [r for r in caplog.records if r.name == "tandem.scheduler.registry"] == []
 
 
 def test_no_decode_worker_means_not_ready_and_no_route(state, scheduler):

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.block_hash import BLOCK_HASH_VERSION
+from tandem.common.cluster_state import ClusterState
 from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.workers import WorkerRole
 from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 from tests.integration.workers import (
@@ -75,6 +77,9 @@ def test_registry_sigkill_expires_and_drain_deregisters(tiny_model_dir: Path, re
         assert set(workers) >= {"p-reg", "d-reg"}
         assert workers["p-reg"].role is WorkerRole.PREFILL and workers["p-reg"].address == p.address
         assert workers["d-reg"].fingerprint == worker_health(d).layout_fingerprint
+        # the tiny model's id is its directory's name; block size and hash version as configured
+        scheme = {(w.block_size, w.model_id, w.block_hash_version) for w in workers.values()}
+        assert scheme == {(16, tiny_model_dir.name, BLOCK_HASH_VERSION)}
         d.kill()
         assert wait_until(lambda: state.get_worker("d-reg") is None, 1.5 + 0.5)
         assert p.stop(STOP_TIMEOUT_S) == 0

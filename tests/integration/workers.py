@@ -85,7 +85,7 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
 
 
 def request_pb(request_id: str, prompt: list[int], params: SamplingParams) -> pb.Request:
-    return codec.request_to_proto(codec.WorkerRequest(request_id, tuple(prompt), params))
+    return codec.request_to_proto(codec.Request(request_id, tuple(prompt), params))
 
 
 def prefill(worker: ChildProcess, request_id: str, prompt: list[int], params: SamplingParams) -> pb.PrefillResponse:

@@ -21,7 +21,7 @@ from tandem.autoscaler.policy import (
     decide,
 )
 from tandem.autoscaler.signals import PoolSignals, SignalStatus
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 R = ScaleReason

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from tandem.common.block_hash import block_extra
+from tandem.common.request import FinishReason, Request, SamplingParams
 from tandem.engine.batcher import Batcher, BatcherConfig
 from tandem.engine.block_pool import BlockPool
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus
+from tandem.engine.sequence import Sequence, SequenceStatus
 
 BS = 4
 EOS = frozenset({0})
@@ -14,9 +14,7 @@ EOS = frozenset({0})
 
 def make(request_id: str, prompt: list[int], max_tokens: int = 8) -> Sequence:
     return Sequence(
-        request_id=request_id,
-        prompt_token_ids=tuple(prompt),
-        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        request=Request(request_id, tuple(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0)),
         hash_extra=block_extra("m"),
         max_total_tokens=1000,
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.engine.block_pool import BlockPool, KVEvent, KVEventKind, NoFreeBlocksError
+from tandem.common.workers import KVEventKind
+from tandem.engine.block_pool import BlockPool, KVEvent, NoFreeBlocksError
 
 
 @pytest.fixture

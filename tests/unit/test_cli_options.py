@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 
 from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
-from tandem.common.cluster_state import WorkerRole
 from tandem.common.options import LazyChoices, add_flags, options, parse, to_argv
 from tandem.common.tracing import TracingConfig
-from tandem.common.worker_config import WorkerConfig
+from tandem.common.workers import WorkerRole
 from tandem.engine.config import EngineConfig
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.limits import RateLimitConfig
@@ -26,6 +25,7 @@ from tandem.kvtransfer.config import KVTransferConfig
 from tandem.launcher.config import LocalClusterConfig, gateway_template, worker_template
 from tandem.launcher.ray_config import RayConfig
 from tandem.scheduler import SchedulerConfig
+from tandem.worker.config import WorkerConfig
 
 MiB = 1024 * 1024
 WORKER = WorkerConfig(role=WorkerRole.PREFILL, worker_id="p0", model_dir=Path("/models/tiny"))

@@ -16,12 +16,12 @@ import pytest
 from tandem.cli import COMMANDS, build_parser
 from tandem.cli.cluster import up_config
 from tandem.cli.serve import gateway_config, worker_config
-from tandem.common.cluster_state import WorkerRole
 from tandem.common.tracing import TracingConfig
-from tandem.common.worker_config import WorkerConfig
+from tandem.common.workers import WorkerRole
 from tandem.engine.config import EngineConfig
 from tandem.gateway.config import GatewayConfig
 from tandem.launcher.config import LocalClusterConfig
+from tandem.worker.config import WorkerConfig
 
 # The flags and defaults of every command before the flags were generated from the configs.
 # `tandem up` said None for "the child's default"; it now shows that default (marked).

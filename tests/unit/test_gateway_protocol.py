@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tandem.engine.sampling_params import SamplingParams
+from tandem.common.request import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway import protocol
 from tandem.gateway.errors import OpenAIError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.engine.sequence import TokenLogprob
+from tandem.common.request import TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway import errors, responses
 from tandem.gateway.response_view import ResponseView

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tandem.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.common.options import parse
 from tandem.common.tracing import TracingConfig
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled
 from tandem.launcher.config import gateway_template, worker_template
 from tandem.launcher.local import ChildSummary

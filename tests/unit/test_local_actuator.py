@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.autoscaler.local import LocalActuator
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 

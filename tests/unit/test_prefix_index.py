@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tandem.common.cluster_state import KVEventKind, KVEventRecord
+from tandem.common.workers import KVEventKind, KVEventRecord
 from tandem.scheduler import PrefixIndex
 
 STORED, REMOVED, CLEARED = KVEventKind.STORED, KVEventKind.REMOVED, KVEventKind.CLEARED

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tandem.common.cluster_state import WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler import (
     POLICIES,
     NoWorkerError,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 
 class Actuator(Protocol):

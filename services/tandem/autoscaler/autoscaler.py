@@ -34,7 +34,8 @@ from tandem.autoscaler.config import AutoscalerConfig
 from tandem.autoscaler.metrics import AutoscalerMetrics
 from tandem.autoscaler.policy import PolicyState, ScaleDecision, decide
 from tandem.autoscaler.signals import PoolSignals, read_signals
-from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerRole
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Protocol
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from tandem.autoscaler.policy import ScaleDecision
 from tandem.autoscaler.signals import PoolSignals, SignalStatus
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 
 class AutoscalerMetrics:

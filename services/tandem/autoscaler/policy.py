@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from tandem.autoscaler.config import AutoscalerConfig, PoolPolicy
 from tandem.autoscaler.signals import PoolSignals, SignalStatus
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 _EPS = 1e-9  # float slack: 10 x 0.3 rounds up to 3, not 4; 2200 / 2000 is within 10 %
 

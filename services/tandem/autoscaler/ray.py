@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 
 logger = logging.getLogger(__name__)
 

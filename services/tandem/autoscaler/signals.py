@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import redis
 
-from tandem.common.cluster_state import ClusterState, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerLoad, WorkerRole
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ def autoscaler_config(args: argparse.Namespace) -> AutoscalerConfig:
 
 def _kubernetes_actuator(args: argparse.Namespace) -> Actuator:
     from tandem.autoscaler.kubernetes import KubernetesActuator, apps_v1_api, in_cluster_namespace
-    from tandem.common.cluster_state import WorkerRole
+    from tandem.common.workers import WorkerRole
 
     return KubernetesActuator(
         namespace=args.namespace or in_cluster_namespace(),

@@ -129,7 +129,7 @@ def add_drain_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_drain(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from tandem.common.drain import DrainError, drain_worker
+    from tandem.worker.drain import DrainError, drain_worker
 
     try:
         progress = drain_worker(args.address, args.timeout_s)

@@ -10,12 +10,12 @@ from tandem.cli.inputs import api_keys, model_dir
 from tandem.common.options import add_flags, from_args
 
 if TYPE_CHECKING:
-    from tandem.common.worker_config import WorkerConfig
     from tandem.gateway.config import GatewayConfig
+    from tandem.worker.config import WorkerConfig
 
 
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
-    from tandem.common.worker_config import WorkerConfig
+    from tandem.worker.config import WorkerConfig
 
     add_flags(parser, WorkerConfig)
     parser.set_defaults(func=cmd_worker)
@@ -24,8 +24,8 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The worker's config: its flags, the role its command names, and the fallbacks of the
     model (the tiny model) and of the worker id (`{role}-{port}`)."""
-    from tandem.common.cluster_state import WorkerRole
-    from tandem.common.worker_config import WorkerConfig
+    from tandem.common.workers import WorkerRole
+    from tandem.worker.config import WorkerConfig
 
     role = WorkerRole(args.command)
     config: WorkerConfig = from_args(
@@ -41,8 +41,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 def cmd_worker(args: argparse.Namespace) -> int:
     import functools
 
-    from tandem.common.cluster_state import WorkerRole
-    from tandem.common.worker import Worker, run
+    from tandem.common.workers import WorkerRole
+    from tandem.worker.worker import Worker, run
 
     config = worker_config(args)
     if config.role is WorkerRole.PREFILL:

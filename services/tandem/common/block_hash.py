@@ -15,6 +15,11 @@ import xxhash
 
 BlockHash = int  # unsigned 64-bit
 
+# Version of the hash function below. Workers publish it when they register, and a gateway
+# routes only to workers whose version equals its own: bump it whenever `hash_block` or
+# `block_extra` would give another value for the same tokens.
+BLOCK_HASH_VERSION = 1
+
 # Parent hash of the first block of every sequence.
 ROOT_PARENT_HASH: BlockHash = 0
 

@@ -1,8 +1,10 @@
 """Cluster state in Redis (DESIGN.md section 4, "Redis keys"): live workers, load, KV events.
 
 Keys, all under `tandem:{cluster}:` (e.g. `tandem:default:`):
-- `worker:{id}`  hash role, address, fingerprint, capacity_blocks, version. TTL `ttl_s`; the
-  worker's `Heartbeat` refreshes it. A worker whose key expired is dead to the scheduler.
+- `worker:{id}`  hash role, address, fingerprint, capacity_blocks, version, block_size,
+  model_id, block_hash_version. TTL `ttl_s`; the worker's `Heartbeat` refreshes it. An entry
+  that lacks a field (a worker of an older version) is malformed: skipped with a warning.
+  A worker whose key expired is dead to the scheduler.
 - `load:{id}`    hash waiting, running, queued_prefill_tokens, kv_blocks_used, kv_blocks_total,
   timestamp_s. Same TTL, rewritten on every heartbeat tick.
 - `kv_events`    stream, one entry per event: worker, epoch, seq, kind, hashes. `hashes` is
@@ -18,123 +20,22 @@ The client must be built with `decode_responses=False` (values are bytes: packed
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
-import re
 import struct
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import cast
 
 import redis
+from redis.typing import EncodableT, FieldT
+
+from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole, check_name
 
 logger = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # cluster names and worker ids: no glob chars
-_HEX_RE = re.compile(r"^[0-9a-f]{1,128}$")
-_UINT64_MAX = 2**64 - 1
 DEFAULT_TTL_S = 5.0
 DEFAULT_KV_EVENTS_MAXLEN = 100_000
-
-
-class WorkerRole(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-
-
-class KVEventKind(str, enum.Enum):
-    STORED = "stored"  # blocks became cached (full and hashed) on the worker
-    REMOVED = "removed"  # blocks were evicted
-    CLEARED = "cleared"  # the worker dropped its whole cache; carries no hashes
-
-
-def _check_name(what: str, value: str) -> None:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ValueError(f"{what} must be 1-128 chars of [A-Za-z0-9_.-], got {value!r}")
-
-
-def _check_non_negative(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """What a worker publishes when it registers; fixed for the worker's lifetime."""
-
-    worker_id: str
-    role: WorkerRole
-    address: str  # host:port of its gRPC server
-    fingerprint: str  # layout fingerprint, lowercase hex
-    capacity_blocks: int
-    version: str
-
-    def __post_init__(self) -> None:
-        _check_name("worker_id", self.worker_id)
-        if not isinstance(self.role, WorkerRole):
-            raise ValueError(f"role must be a WorkerRole, got {self.role!r}")
-        if not self.address or not isinstance(self.address, str):
-            raise ValueError("address must be a non-empty string")
-        if not isinstance(self.fingerprint, str) or not _HEX_RE.match(self.fingerprint):
-            raise ValueError(f"fingerprint must be lowercase hex, got {self.fingerprint!r}")
-        _check_non_negative(capacity_blocks=self.capacity_blocks)
-        if not isinstance(self.version, str):
-            raise ValueError("version must be a string")
-
-
-@dataclass(frozen=True)
-class WorkerLoad:
-    """A worker's load at `timestamp_s` (wall clock, seconds since the epoch)."""
-
-    waiting: int
-    running: int
-    queued_prefill_tokens: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    timestamp_s: float
-
-    def __post_init__(self) -> None:
-        _check_non_negative(
-            waiting=self.waiting,
-            running=self.running,
-            queued_prefill_tokens=self.queued_prefill_tokens,
-            kv_blocks_used=self.kv_blocks_used,
-            kv_blocks_total=self.kv_blocks_total,
-        )
-        if self.kv_blocks_used > self.kv_blocks_total:
-            raise ValueError("kv_blocks_used must be <= kv_blocks_total")
-        if not isinstance(self.timestamp_s, (int, float)) or not math.isfinite(self.timestamp_s):
-            raise ValueError(f"timestamp_s must be a finite number, got {self.timestamp_s!r}")
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Fraction of KV blocks in use, in [0, 1] (0 for an empty pool)."""
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
-
-
-@dataclass(frozen=True)
-class KVEventRecord:
-    """One KV cache event of one worker. `(epoch, seq)` orders a worker's events: seq starts at
-    1 in each epoch and has no gaps, so a reader that sees a gap (trimmed stream, lost write)
-    knows its view of that worker is incomplete."""
-
-    worker_id: str
-    epoch: int
-    seq: int
-    kind: KVEventKind
-    block_hashes: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        _check_name("worker_id", self.worker_id)
-        _check_non_negative(epoch=self.epoch, seq=self.seq)
-        if not isinstance(self.kind, KVEventKind):
-            raise ValueError(f"kind must be a KVEventKind, got {self.kind!r}")
-        if any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= _UINT64_MAX for h in self.block_hashes):
-            raise ValueError("block hashes must be unsigned 64-bit ints")
-        if (self.kind is KVEventKind.CLEARED) != (not self.block_hashes):
-            raise ValueError("a cleared event has no hashes; stored/removed need at least one")
 
 
 def _text(fields: Mapping[bytes, bytes], name: str) -> str:
@@ -152,7 +53,7 @@ class ClusterState:
     """Typed access to one cluster's keys. Thread-safe (redis-py clients are)."""
 
     def __init__(self, client: redis.Redis, cluster: str = "default") -> None:
-        _check_name("cluster", cluster)
+        check_name("cluster", cluster)
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("ClusterState needs a redis client with decode_responses=False")
         self._redis = client
@@ -185,6 +86,9 @@ class ClusterState:
             "fingerprint": info.fingerprint,
             "capacity_blocks": str(info.capacity_blocks),
             "version": info.version,
+            "block_size": str(info.block_size),
+            "model_id": info.model_id,
+            "block_hash_version": str(info.block_hash_version),
         }
         self._write_hash(self.key("worker", info.worker_id), fields, ttl_s)
 
@@ -198,7 +102,7 @@ class ClusterState:
 
     def get_worker(self, worker_id: str) -> WorkerInfo | None:
         """The live worker's info; None if expired, absent or malformed."""
-        return self._parse_worker(worker_id, self._redis.hgetall(self.key("worker", worker_id)))
+        return self._parse_worker(worker_id, _fields(self._redis.hgetall(self.key("worker", worker_id))))
 
     def list_workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
         """Live workers (optionally of one role), sorted by id. Uses SCAN, never KEYS."""
@@ -224,6 +128,9 @@ class ClusterState:
                 fingerprint=_text(fields, "fingerprint"),
                 capacity_blocks=_int(fields, "capacity_blocks"),
                 version=_text(fields, "version"),
+                block_size=_int(fields, "block_size"),
+                model_id=_text(fields, "model_id"),
+                block_hash_version=_int(fields, "block_hash_version"),
             )
         except (ValueError, UnicodeDecodeError) as exc:
             logger.warning("skipping malformed worker entry %r: %s", worker_id, exc)
@@ -245,7 +152,7 @@ class ClusterState:
 
     def get_load(self, worker_id: str) -> WorkerLoad | None:
         """The worker's last published load; None if expired, absent or malformed."""
-        return self._parse_load(worker_id, self._redis.hgetall(self.key("load", worker_id)))
+        return self._parse_load(worker_id, _fields(self._redis.hgetall(self.key("load", worker_id))))
 
     def get_loads(self, worker_ids: Iterable[str]) -> dict[str, WorkerLoad | None]:
         """`get_load` for many workers in one pipelined round trip (the scheduler's refresher).
@@ -272,11 +179,12 @@ class ClusterState:
             logger.warning("skipping malformed load entry %r: %s", worker_id, exc)
             return None
 
-    def _write_hash(self, key: str, fields: Mapping[str, str], ttl_s: float) -> None:
+    def _write_hash(self, key: str, fields: dict[str, str], ttl_s: float) -> None:
         ttl_ms = ttl_to_ms(ttl_s)
         pipe = self._redis.pipeline(transaction=True)  # readers never see a half-written hash
         pipe.delete(key)
-        pipe.hset(key, mapping=dict(fields))
+        mapping: dict[FieldT, EncodableT] = {name: value for name, value in fields.items()}
+        pipe.hset(key, mapping=mapping)
         pipe.pexpire(key, ttl_ms)
         pipe.execute()
 
@@ -305,7 +213,7 @@ class ClusterState:
             seq = self._kv_seq.get((worker_id, epoch), 0) + 1
             record = KVEventRecord(worker_id, epoch, seq, kind, hashes)  # validates
             self._kv_seq[(worker_id, epoch)] = seq
-            fields = {
+            fields: dict[FieldT, EncodableT] = {
                 "worker": worker_id,
                 "epoch": str(epoch),
                 "seq": str(seq),
@@ -335,7 +243,7 @@ class ClusterState:
         for _stream, entries in streams:
             for entry_id, fields in entries:
                 last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                record = _parse_kv_event(last_id, fields)
+                record = _parse_kv_event(last_id, _fields(fields))
                 if record is not None:
                     records.append(record)
         return records, last_id
@@ -356,6 +264,12 @@ def _parse_kv_event(entry_id: str, fields: Mapping[bytes, bytes]) -> KVEventReco
     except (ValueError, UnicodeDecodeError, struct.error) as exc:
         logger.warning("skipping malformed kv event %s: %s", entry_id, exc)
         return None
+
+
+def _fields(reply: object) -> Mapping[bytes, bytes]:
+    """A hash or stream entry as read with decode_responses=False (the constructor checks it):
+    redis-py types replies for both client modes."""
+    return cast(Mapping[bytes, bytes], reply)
 
 
 def ttl_to_ms(ttl_s: float) -> int:

@@ -16,6 +16,10 @@ import xxhash
 LAYOUT_VERSION = 1
 
 
+class LayoutMismatchError(ValueError):
+    """Two workers' KV layouts differ; the message names every differing field."""
+
+
 @dataclass(frozen=True)
 class KVLayout:
     architecture: str

@@ -51,7 +51,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from tandem.engine.sampling_params import SamplingParams
+from tandem.common.request import SamplingParams
 
 ExporterName = Literal["none", "otlp", "file"]
 EXPORTERS: tuple[str, ...] = ("none", "otlp", "file")

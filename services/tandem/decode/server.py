@@ -3,8 +3,9 @@
 Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 1. `Decode(request, first_token, handle)`. Without a handle, the prompt is prefilled here.
 2. With one, the handle's layout must equal ours (else FAILED_PRECONDITION naming the
-   field). The loop thread matches the prompt against the local prefix cache and reserves
-   blocks for the rest; only those blocks are pulled, each chunk verified.
+   field; `KVHandle.check` is the receiver's one layout check of the transfer). The loop
+   thread matches the prompt against the local prefix cache and reserves blocks for the rest;
+   only those blocks are pulled, each chunk verified.
 3. On success the reservation is committed: the sequence joins the batch with its whole
    prompt computed. If the pull fails (peer gone, checksum, timeout, refused), the blocks are
    given back and the prompt plus first token are recomputed locally: same output. If the
@@ -22,25 +23,41 @@ ends). The first `DecodeDelta` carries the hand-off and admission durations.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
 from tandem.common import codec
-from tandem.common.layout import KVLayout
-from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.kv_handle import KVHandle
+from tandem.common.layout import LayoutMismatchError
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
-from tandem.common.worker import Worker
-from tandem.common.worker_servicer import WorkerServicerBase
 from tandem.engine.engine import Engine, RequestOutput, Reservation
-from tandem.kvtransfer.base import KVHandleInfo, KVTransferError, handle_from_proto
+from tandem.kvtransfer.base import KVTransferError
+from tandem.worker.servicer import WorkerServicerBase
+from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _FirstDelta:
+    """What the first DecodeDelta reports about the hand-off and admission; filled in as the
+    hand-off goes (asyncio thread only)."""
+
+    num_cached_tokens: int = 0
+    num_pulled_blocks: int = 0
+    recomputed: bool = False
+    transfer_s: float = 0.0
+    admit_s: float = 0.0
 
 
 class DecodeServicer(WorkerServicerBase):
@@ -53,28 +70,24 @@ class DecodeServicer(WorkerServicerBase):
         self._pulling: set[str] = set()
         self._background: set[asyncio.Task] = set()
 
-    async def Decode(
-        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.DecodeDelta]:
+    async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """`request` and the messages yielded are protobuf, straight from and to the codec."""
         worker = self.worker
         arrival = ClockAnchor.now()
         with ending(worker.server_span("decode", context, arrival), arrival) as span:
             await worker.refuse_if_draining(context)
             try:
-                req = codec.request_from_proto(request.request)
-                handle = handle_from_proto(request.handle) if request.HasField("handle") else None
+                call = codec.decode_request_from_proto(request)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            req, handle = call.request, call.handle
             span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
-            has_first = request.HasField("first_token")
-            if handle is not None and not has_first:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a KV handle needs first_token")
             if handle is not None:
                 await self._check_handle(handle, req, context)
             q, deliver = worker.output_queue()
-            first = [request.first_token] if has_first else []
+            first = [call.first_token] if call.first_token is not None else []
             rid = req.request_id
-            header = pb.DecodeDelta()
+            header = _FirstDelta()
 
             def admit_local(engine: Engine) -> None:
                 engine.add_request(rid, req.prompt_token_ids, req.sampling, req.cache_salt, generated_token_ids=first)
@@ -85,45 +98,34 @@ class DecodeServicer(WorkerServicerBase):
                     admit_from_s = arrival.monotonic_s
                     await worker.call(admit_local, context)
                 else:
-                    admit_from_s = await self._hand_off(
-                        req, request.first_token, handle, header, deliver, context, span, arrival
-                    )
+                    admit_from_s = await self._hand_off(req, first[0], handle, header, deliver, context, span, arrival)
                 async with aclosing(
                     self._stream(q, header, span, arrival, admit_from_s, local=handle is None)
                 ) as deltas:
                     async for delta in deltas:
-                        yield delta
+                        yield codec.decode_delta_to_proto(delta)
             except (asyncio.CancelledError, GeneratorExit):
                 # GeneratorExit: gRPC was sending when the client went away and closed this stream
                 if rid not in self._pulling:
                     worker.abort_soon(rid)
                 raise
 
-    async def _check_handle(self, handle: KVHandleInfo, req: codec.WorkerRequest, context) -> None:
+    async def _check_handle(self, handle: KVHandle, req: Request, context: grpc.aio.ServicerContext) -> None:
+        """The receiver's one layout check of a transfer, before anything is reserved."""
         try:
-            theirs = KVLayout.parse(handle.layout)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"handle.layout: {exc}")
-        mismatch = self.worker.layout.mismatch(theirs)
-        if mismatch:
+            handle.check(self.worker.layout, req.request_id, len(req.prompt_token_ids))
+        except LayoutMismatchError as exc:
             self.worker.metrics.kv_transfer_failure("layout_mismatch")
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
-        bs = self.worker.layout.block_size
-        if handle.request_id != req.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "handle.request_id differs from request.request_id")
-        if handle.num_tokens != len(req.prompt_token_ids) or len(handle.block_ids) != -(-handle.num_tokens // bs):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"handle covers {handle.num_tokens} tokens in {len(handle.block_ids)} blocks; "
-                f"the prompt has {len(req.prompt_token_ids)} tokens",
-            )
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _hand_off(
         self,
-        req: codec.WorkerRequest,
+        req: Request,
         first_token: int,
-        handle: KVHandleInfo,
-        header: pb.DecodeDelta,
+        handle: KVHandle,
+        header: _FirstDelta,
         deliver: Callable[[RequestOutput], None],
         context: grpc.aio.ServicerContext,
         span: Span,
@@ -181,7 +183,7 @@ class DecodeServicer(WorkerServicerBase):
         return end_s
 
     async def _pull(
-        self, rid: str, handle: KVHandleInfo, reservation: Reservation, header: pb.DecodeDelta, pull_span: Span
+        self, rid: str, handle: KVHandle, reservation: Reservation, header: _FirstDelta, pull_span: Span
     ) -> int | None:
         """Pull the blocks missing from `reservation`; bytes moved, or None if the pull failed
         (then the prompt is recomputed)."""
@@ -223,13 +225,13 @@ class DecodeServicer(WorkerServicerBase):
 
     async def _stream(
         self,
-        q: asyncio.Queue,
-        header: pb.DecodeDelta,
+        q: asyncio.Queue[RequestOutput],
+        header: _FirstDelta,
         span: Span,
         arrival: ClockAnchor,
         admit_from_s: float,
         local: bool,
-    ) -> AsyncIterator[pb.DecodeDelta]:
+    ) -> AsyncGenerator[codec.DecodeDelta, None]:
         """Yield DecodeDeltas, coalescing whatever outputs are ready; the first carries header
         and, for a local prefill (`local`), the prompt tokens its admission found cached here.
         Spans: "decode.admit" until the first output's first scheduling, then "decode.stream"
@@ -245,7 +247,7 @@ class DecodeServicer(WorkerServicerBase):
                 outs = [await asyncio.wait_for(q.get(), timeout_s)]
                 while not q.empty():
                     outs.append(q.get_nowait())
-                delta = pb.DecodeDelta()
+                first_fields: dict[str, Any] = {}
                 if stream is None:
                     scheduled_s = outs[0].first_scheduled_s
                     scheduled_s = max(admit_from_s, time.monotonic() if scheduled_s is None else scheduled_s)
@@ -255,21 +257,25 @@ class DecodeServicer(WorkerServicerBase):
                         "decode.stream", context=parent, start_time=arrival.unix_ns_at(scheduled_s)
                     )
                     span.set_attribute("tandem.cached_tokens", outs[0].num_cached_tokens)
-                    delta.CopyFrom(header)
+                    first_fields = dataclasses.asdict(header)
                     if local:
-                        delta.num_cached_tokens = outs[0].num_cached_tokens
+                        first_fields["num_cached_tokens"] = outs[0].num_cached_tokens
+                token_ids: list[int] = []
+                logprobs: list[TokenLogprob] = []
+                finish_reason: FinishReason | None = None
+                failed = False
                 for out in outs:
-                    delta.token_ids.extend(out.new_token_ids)
-                    delta.logprobs.extend(codec.logprob_to_proto(lp) for lp in out.new_logprobs)
-                    if out.finished:
-                        delta.finish_reason = codec.FINISH_TO_PB[out.finish_reason]
-                        span.set_attribute("gen_ai.response.finish_reasons", (out.finish_reason.value,))
+                    token_ids.extend(out.new_token_ids)
+                    logprobs.extend(out.new_logprobs)
+                    if out.finish_reason is not None:
+                        finish_reason = out.finish_reason
+                        span.set_attribute("gen_ai.response.finish_reasons", (finish_reason.value,))
                     elif not out.new_token_ids:  # the step failed and the loop aborted this request
-                        delta.finish_reason = pb.FINISH_REASON_ERROR
+                        failed = True
                         span.set_status(Status(StatusCode.ERROR, "decode step failed"))
-                num_tokens += len(delta.token_ids)
-                yield delta
-                if delta.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                num_tokens += len(token_ids)
+                yield codec.DecodeDelta(tuple(token_ids), tuple(logprobs), finish_reason, failed, **first_fields)
+                if finish_reason is not None or failed:
                     return
         except (asyncio.CancelledError, GeneratorExit):
             (admit if stream is None else stream).set_attribute("tandem.cancelled", True)

@@ -11,22 +11,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tandem.common.request import FinishReason as FinishReason
+    from tandem.common.request import SamplingParams as SamplingParams
+    from tandem.common.request import TokenLogprob as TokenLogprob
     from tandem.engine.config import EngineConfig as EngineConfig
     from tandem.engine.engine import Engine as Engine
     from tandem.engine.engine import GenerationOutput as GenerationOutput
     from tandem.engine.engine import RequestOutput as RequestOutput
-    from tandem.engine.sampling_params import SamplingParams as SamplingParams
-    from tandem.engine.sequence import FinishReason as FinishReason
-    from tandem.engine.sequence import TokenLogprob as TokenLogprob
 
 _MODULES: dict[str, str] = {
     "Engine": "tandem.engine.engine",
     "EngineConfig": "tandem.engine.config",
-    "FinishReason": "tandem.engine.sequence",
+    "FinishReason": "tandem.common.request",
     "GenerationOutput": "tandem.engine.engine",
     "RequestOutput": "tandem.engine.engine",
-    "SamplingParams": "tandem.engine.sampling_params",
-    "TokenLogprob": "tandem.engine.sequence",
+    "SamplingParams": "tandem.common.request",
+    "TokenLogprob": "tandem.common.request",
 }
 
 __all__ = list(_MODULES)

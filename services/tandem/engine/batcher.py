@@ -25,8 +25,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from tandem.common.block_hash import num_blocks_for
+from tandem.common.request import FinishReason, TokenLogprob
 from tandem.engine.block_pool import BlockPool
-from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from tandem.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)

@@ -20,18 +20,12 @@ Invariants (`check_integrity`): every block is either in the free queue (ref 0) 
 
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tandem.common.block_hash import BlockHash
-
-
-class KVEventKind(enum.Enum):
-    STORED = "stored"
-    REMOVED = "removed"
-    CLEARED = "cleared"
+from tandem.common.workers import KVEventKind
 
 
 @dataclass(frozen=True)
@@ -176,6 +170,6 @@ class BlockPool:
             assert self._ref_counts[block_id] == 0, f"free block {block_id} has references"
         for h, block_id in self._cached.items():
             assert self._block_hash[block_id] == h, f"cache map disagrees for block {block_id}"
-        for block_id, h in enumerate(self._block_hash):
-            if h is not None:
-                assert self._cached.get(h) == block_id, f"block {block_id} hash not in cache map"
+        for block_id, stored in enumerate(self._block_hash):
+            if stored is not None:
+                assert self._cached.get(stored) == block_id, f"block {block_id} hash not in cache map"

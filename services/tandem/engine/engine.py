@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tandem.common.block_hash import block_extra, num_blocks_for
+from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
 from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
 from tandem.engine.block_pool import BlockPool
@@ -27,8 +28,7 @@ from tandem.engine.loader import load_model
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.sampler import Sampler
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import FinishReason, Sequence, TokenLogprob
+from tandem.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -206,9 +206,7 @@ class Engine:
         if any(not 0 <= t < vocab for t in generated):
             raise ValueError(f"generated token ids must be in [0, {vocab})")
         return Sequence(
-            request_id=request_id,
-            prompt_token_ids=prompt,
-            sampling=sampling,
+            request=Request(request_id, prompt, sampling, cache_salt),
             hash_extra=block_extra(self.model_id, cache_salt),
             max_total_tokens=self.max_model_len,
             token_ids=list(prompt) + generated,

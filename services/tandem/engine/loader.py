@@ -12,14 +12,14 @@ import torch
 from safetensors import safe_open
 
 from tandem.engine.model_config import ModelConfig
-from tandem.engine.models import MODEL_FAMILIES
+from tandem.engine.models import MODEL_FAMILIES, LlamaForCausalLM
 from tandem.engine.rope import RotaryEmbedding
 
 # Checkpoint tensors that are derived, not learned, and that we recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(path: Path, config: ModelConfig, device: torch.device, max_positions: int) -> torch.nn.Module:
+def load_model(path: Path, config: ModelConfig, device: torch.device, max_positions: int) -> LlamaForCausalLM:
     """Instantiate the model family for `config` and load its weights from `path`."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:

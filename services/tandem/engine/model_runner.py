@@ -12,6 +12,7 @@ import torch
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
 from tandem.engine.batcher import StepPlan
+from tandem.engine.models import LlamaForCausalLM
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class StepResult:
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LlamaForCausalLM,
         kv_caches: list[torch.Tensor],
         backend: AttentionBackend,
         block_size: int,

@@ -36,6 +36,9 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 class RotaryEmbedding(torch.nn.Module):
     """Applies rope to query and key rows at given positions."""
 
+    cos: torch.Tensor  # buffers, [max_positions, head_dim]
+    sin: torch.Tensor
+
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         inv_freq = inverse_frequencies(rope, head_dim)

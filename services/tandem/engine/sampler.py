@@ -14,8 +14,7 @@ from collections.abc import Sequence as Seq
 import torch
 import xxhash
 
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import TokenLogprob
+from tandem.common.request import SamplingParams, TokenLogprob
 
 
 def position_generator(seed: int, position: int) -> torch.Generator:

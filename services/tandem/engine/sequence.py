@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.common.block_hash import ROOT_PARENT_HASH, BlockHash, hash_blocks
-from tandem.engine.sampling_params import SamplingParams
+from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -32,27 +32,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS or a stop token
-    LENGTH = "length"  # max_tokens or the model's maximum length
-    ABORT = "abort"
-    HANDOFF = "handoff"  # prefill role: first token sampled, KV held for a decode worker
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The sampled token's logprob and the top alternatives (token id, logprob), best first."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
 @dataclass(eq=False)
 class Sequence:
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams
+    request: Request  # what the client asked; never changes
     hash_extra: bytes
     max_total_tokens: int  # prompt + outputs never exceed this (max_model_len)
     hand_off: bool = False  # prefill role: stop after the first token and keep the KV
@@ -71,7 +53,19 @@ class Sequence:
 
     def __post_init__(self) -> None:
         if not self.token_ids:
-            self.token_ids = list(self.prompt_token_ids)
+            self.token_ids = list(self.request.prompt_token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_token_ids(self) -> tuple[int, ...]:
+        return self.request.prompt_token_ids
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
 
     @property
     def num_prompt_tokens(self) -> int:

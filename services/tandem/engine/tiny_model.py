@@ -203,7 +203,7 @@ def write_tiny_llama(path: Path, seed: int = 0, overrides: Mapping[str, Any] | N
         elif name == "model.embed_tokens.weight":
             value = torch.randn(shape, generator=generator, dtype=torch.float32)
         else:
-            in_features = shape[1]
+            in_features = shape[-1]  # [out_features, in_features]
             value = torch.randn(shape, generator=generator, dtype=torch.float32) / math.sqrt(in_features)
         tensors[name] = value.contiguous()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
 
-from tandem.common.codec import WorkerRequest
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import FinishReason, TokenLogprob
+from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.detokenize import IncrementalDetokenizer, StopStringMatcher
 from tandem.gateway.metrics import GatewayMetrics
@@ -117,9 +115,7 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, spec: ChoiceSpec, queue: asyncio.Queue) -> None:
-        request = WorkerRequest(
-            f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling, self.cache_salt
-        )
+        request = Request(f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling, self.cache_salt)
         totals = self.totals[spec.index]
         detok = IncrementalDetokenizer(self.tokenizer, spec.prompt_token_ids, self.skip_special_tokens)
         matcher = StopStringMatcher(self.stop, self.include_stop_str)

@@ -36,10 +36,8 @@ from opentelemetry.context import Context
 
 from tandem.common import codec
 from tandem.common.block_hash import block_extra, hash_blocks
-from tandem.common.codec import WorkerRequest
-from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import inject_metadata
-from tandem.engine.sequence import FinishReason, TokenLogprob
 from tandem.gateway.clients import WorkerClients
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.errors import OpenAIError, bad_request, service_unavailable
@@ -95,7 +93,7 @@ class Pipeline:
         self.tracer = tracer
         self._background: set[asyncio.Task] = set()
 
-    def route(self, request: WorkerRequest, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+    def route(self, request: Request, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
         route_request = RouteRequest(
             request.request_id, len(request.prompt_token_ids), tickets.block_hashes, self.scheduler.next_seq()
         )
@@ -107,7 +105,7 @@ class Pipeline:
         tickets.add(decision)
         return decision
 
-    async def generate(self, request: WorkerRequest, parent: Context | None = None) -> AsyncGenerator[Delta, None]:
+    async def generate(self, request: Request, parent: Context | None = None) -> AsyncGenerator[Delta, None]:
         extra = block_extra(self.config.hash_model_id, request.cache_salt)
         hashes = tuple(hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra))
         tickets = _Tickets(self.scheduler, len(request.prompt_token_ids), hashes)
@@ -117,9 +115,7 @@ class Pipeline:
         finally:
             tickets.close()
 
-    async def _generate(
-        self, request: WorkerRequest, parent: Context | None, tickets: _Tickets
-    ) -> AsyncIterator[Delta]:
+    async def _generate(self, request: Request, parent: Context | None, tickets: _Tickets) -> AsyncIterator[Delta]:
         with self.tracer.start_as_current_span("route", context=parent) as span:
             t0 = time.perf_counter()
             decision = self.route(request, tickets)
@@ -129,15 +125,15 @@ class Pipeline:
             if decision.prefill is not None:
                 span.set_attribute("tandem.route.prefill", decision.prefill.worker_id)
         metadata = tuple(inject_metadata(parent))
-        first: pb.PrefillResponse | None = None
+        first: codec.PrefillResult | None = None
         prefill_worker = None
         if decision.kind is RouteKind.DISAGGREGATED:
             first, decision = await self._prefill_with_retry(request, decision, metadata, tickets)
             prefill_worker = decision.prefill
         if first is not None:
             cached = first.num_cached_tokens
-            lp = (codec.logprob_from_proto(first.first_logprob),) if first.HasField("first_logprob") else ()
-            finish = codec.PB_TO_FINISH[first.finish_reason]
+            lp = (first.first_logprob,) if first.first_logprob is not None else ()
+            finish = first.finish_reason
             self.metrics.prefix(len(request.prompt_token_ids), cached)
             yield Delta((first.first_token,), lp, finish, cached)
             if finish is not None:
@@ -152,8 +148,8 @@ class Pipeline:
                 self._abort_soon(prefill_worker.address, request.request_id)
 
     async def _prefill_with_retry(
-        self, request: WorkerRequest, decision: RouteDecision, metadata: tuple[tuple[str, str], ...], tickets: _Tickets
-    ) -> tuple[pb.PrefillResponse | None, RouteDecision]:
+        self, request: Request, decision: RouteDecision, metadata: tuple[tuple[str, str], ...], tickets: _Tickets
+    ) -> tuple[codec.PrefillResult | None, RouteDecision]:
         """The first token and handle from a prefill worker, retrying once elsewhere. Returns
         (None, local decision) when the retry routes the prompt to a decoder."""
         assert decision.prefill is not None
@@ -182,15 +178,15 @@ class Pipeline:
             raise _rpc_error("prefill (after a retry)", exc, self.config.retry_after_s) from first_error
 
     async def _prefill(
-        self, address: str, request: WorkerRequest, metadata: tuple[tuple[str, str], ...]
-    ) -> pb.PrefillResponse:
+        self, address: str, request: Request, metadata: tuple[tuple[str, str], ...]
+    ) -> codec.PrefillResult:
         call = self.clients.stub(address).Prefill(
-            pb.PrefillRequest(request=codec.request_to_proto(request)),
+            codec.prefill_request_to_proto(request),
             timeout=self.config.prefill_timeout_s,
             metadata=metadata,
         )
         try:
-            response = await call
+            response = codec.prefill_result_from_proto(await call)
         except asyncio.CancelledError:
             call.cancel()  # P aborts the sequence and drops any lease
             raise
@@ -200,16 +196,17 @@ class Pipeline:
 
     async def _decode(
         self,
-        request: WorkerRequest,
+        request: Request,
         decision: RouteDecision,
-        first: pb.PrefillResponse | None,
+        first: codec.PrefillResult | None,
         metadata: tuple[tuple[str, str], ...],
         tickets: _Tickets,
     ) -> AsyncIterator[Delta]:
-        message = pb.DecodeRequest(request=codec.request_to_proto(request))
-        if first is not None:
-            message.first_token = first.first_token
-            message.handle.CopyFrom(first.handle)
+        message = codec.decode_request_to_proto(
+            codec.DecodeRequest(request)
+            if first is None
+            else codec.DecodeRequest(request, first.first_token, first.handle)
+        )
         if first is not None:
             tickets.prefill_done()  # the prompt ran on P; a local prefill ends with the first delta
         decode = decision.decode
@@ -226,7 +223,7 @@ class Pipeline:
                         ) from None
                     if msg is grpc.aio.EOF:
                         raise StreamError(f"decode stream from {decode.worker_id} ended without a finish reason")
-                    delta = self._delta(msg, not received, first is None, request)
+                    delta = self._delta(codec.decode_delta_from_proto(msg), not received, first is None, request)
                     if not received:
                         tickets.prefill_done()
                     received = True
@@ -258,10 +255,10 @@ class Pipeline:
             finally:
                 call.cancel()  # no-op when the stream already finished
 
-    def _delta(self, msg: pb.DecodeDelta, first_message: bool, local: bool, request: WorkerRequest) -> Delta:
+    def _delta(self, msg: codec.DecodeDelta, first_message: bool, local: bool, request: Request) -> Delta:
         """One decode message as a Delta. The first message carries the decoder's admission
         timings and, for a local prefill, its prefix-cache hit."""
-        if msg.finish_reason == pb.FINISH_REASON_ERROR:
+        if msg.failed:
             raise StreamError("the decode worker's step failed")
         if first_message:
             if not local:
@@ -269,11 +266,10 @@ class Pipeline:
             self._observe_stage("decode_admission", msg.admit_s)
             if local:
                 self.metrics.prefix(len(request.prompt_token_ids), msg.num_cached_tokens)
-        logprobs = tuple(codec.logprob_from_proto(lp) for lp in msg.logprobs)
         return Delta(
-            tuple(msg.token_ids),
-            logprobs,
-            codec.PB_TO_FINISH[msg.finish_reason],
+            msg.token_ids,
+            msg.logprobs,
+            msg.finish_reason,
             msg.num_cached_tokens if first_message and local else 0,
         )
 
@@ -287,7 +283,8 @@ class Pipeline:
 
         async def abort() -> None:
             try:
-                await self.clients.stub(address).Abort(pb.AbortRequest(request_id=request_id), timeout=_ABORT_TIMEOUT_S)
+                message = codec.abort_request_to_proto(request_id)
+                await self.clients.stub(address).Abort(message, timeout=_ABORT_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 log.info("abort of %s on %s failed: %s (its lease will expire)", request_id, address, exc.code().name)
 

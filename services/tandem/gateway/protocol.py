@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from pydantic import ValidationError
 
-from tandem.engine.sampling_params import SamplingParams
+from tandem.common.request import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.bodies import (
     INT64_MIN,

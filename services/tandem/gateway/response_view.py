@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypedDict
 
-from tandem.engine.sequence import TokenLogprob
+from tandem.common.request import TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.responses import (
     ChoiceResult,

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.engine.sequence import TokenLogprob
+from tandem.common.request import TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.detokenize import token_bytes, token_text
 

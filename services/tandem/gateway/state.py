@@ -18,8 +18,9 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
-from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.cluster_state import ClusterState
 from tandem.common.tracing import Tracing
+from tandem.common.workers import WorkerRole
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.auth import APIKeys, AuthError, AuthFailure
@@ -61,6 +62,7 @@ class GatewayState:
             ClusterState(self._redis, config.cluster),
             config.scheduler,
             events_state=ClusterState(self._events_redis, config.cluster),
+            model_id=config.hash_model_id,
         )
         self.clients = WorkerClients()
         self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)

@@ -4,9 +4,9 @@ Lifecycle of one hand-off, and who calls what:
 1. The prefill worker P builds one transport with `create_transport(config.transport, config)`
    and calls `add_source(server, store, leases)` once, before its grpc.aio server starts.
    When a prompt finishes, P grants a lease (services/tandem/kvtransfer/leases.py) and returns a
-   `KVHandle`, converted at the gRPC edge with `handle_to_proto`.
-2. The decode worker D converts the handle back with `handle_from_proto`, reserves its own
-   blocks, and awaits `transport.pull(handle, src_block_ids, dst_block_ids, store, timeout_s)`
+   `KVHandle` (services/tandem/common/kv_handle.py; the codec carries it over gRPC).
+2. The decode worker D checks the handle against its own layout once (`KVHandle.check`),
+   reserves its own blocks, and awaits `transport.pull(handle, src_block_ids, dst_block_ids, store, timeout_s)`
    in its asyncio loop. `src_block_ids[i]` of P lands in `dst_block_ids[i]` of D. On success
    the destination blocks hold the source's bytes exactly; on `KVTransferError` they were not
    written (every check runs before the unpack), and D recomputes the prompt locally.
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from tandem.common.layout import KVLayout
-from tandem.common.pb import tandem_pb2 as pb
-from tandem.kvtransfer.config import KVTransferConfig
+from tandem.common.kv_handle import KVHandle
+from tandem.kvtransfer.config import TRANSPORTS, KVTransferConfig
 
 if TYPE_CHECKING:
     import grpc
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from tandem.kvtransfer.block_store import KVBlockStore
     from tandem.kvtransfer.leases import LeaseTable
 
-MAX_HANDLE_BLOCKS = 1 << 20  # a handle naming more blocks than this is malformed
 T = TypeVar("T")
 
 
@@ -74,70 +72,17 @@ class TransferStats:
         return self.bytes_moved / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
-@dataclass(frozen=True)
-class KVHandleInfo:
-    """What a prefill worker returns so that a decode worker can pull the prompt's KV."""
-
-    request_id: str
-    source_worker_id: str
-    source_address: str  # host:port of the source's gRPC server
-    block_ids: tuple[int, ...]  # source block ids in block-table order
-    num_tokens: int  # positions with valid KV (the prompt)
-    layout: str  # KVLayout.describe() of the source
-    block_hashes: tuple[int, ...]  # hashes of the full blocks
-    lease_deadline_unix_s: float
-
-
-def handle_to_proto(handle: KVHandleInfo) -> pb.KVHandle:
-    """P's gRPC edge: the handle that goes into a PrefillResponse."""
-    return pb.KVHandle(
-        request_id=handle.request_id,
-        source_worker_id=handle.source_worker_id,
-        source_address=handle.source_address,
-        block_ids=handle.block_ids,
-        num_tokens=handle.num_tokens,
-        layout=handle.layout,
-        block_hashes=handle.block_hashes,
-        lease_deadline_unix_s=handle.lease_deadline_unix_s,
-    )
-
-
-def handle_from_proto(msg: pb.KVHandle) -> KVHandleInfo:
-    """D's gRPC edge: check what a peer sent before anything uses it (ValueError names it)."""
-    if not msg.request_id or not msg.source_address:
-        raise ValueError("KV handle needs a request_id and a source_address")
-    if len(msg.block_ids) > MAX_HANDLE_BLOCKS or len(msg.block_hashes) > len(msg.block_ids):
-        raise ValueError(f"KV handle names {len(msg.block_ids)} blocks and {len(msg.block_hashes)} block hashes")
-    if len(set(msg.block_ids)) != len(msg.block_ids):
-        raise ValueError("KV handle repeats a block id")
-    return KVHandleInfo(
-        request_id=msg.request_id,
-        source_worker_id=msg.source_worker_id,
-        source_address=msg.source_address,
-        block_ids=tuple(msg.block_ids),
-        num_tokens=msg.num_tokens,
-        layout=msg.layout,
-        block_hashes=tuple(msg.block_hashes),
-        lease_deadline_unix_s=msg.lease_deadline_unix_s,
-    )
-
-
 def check_pull(
-    handle: KVHandleInfo, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...], store: KVBlockStore
+    handle: KVHandle, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...], store: KVBlockStore
 ) -> None:
-    """Receiver-side checks every transport runs before touching the network.
+    """Receiver-side checks of a pull's arguments, which every transport runs before touching
+    the network. Arguments that contradict the handle or the store are caller bugs: ValueError.
 
-    A layout that differs from ours is a `KVTransferError(LAYOUT_MISMATCH)` naming the fields
-    ("ours" is the receiver). Arguments that contradict the handle or the store are caller bugs:
-    ValueError.
+    The layouts are compared once on each side of a transfer: by the receiver's caller before
+    it reserves blocks (`KVHandle.check`, the decode worker), and by the source against the
+    layout the pull request names (`KVTransferServicer.admit`). A transport never sends a
+    pull with a layout other than its store's, so a mismatch the caller missed is still refused.
     """
-    try:
-        theirs = KVLayout.parse(handle.layout)
-    except ValueError as exc:
-        raise KVTransferError(FailureReason.LAYOUT_MISMATCH, f"source layout: {exc}") from None
-    mismatch = store.layout.mismatch(theirs)
-    if mismatch is not None:
-        raise KVTransferError(FailureReason.LAYOUT_MISMATCH, mismatch)
     if len(src_block_ids) != len(dst_block_ids):
         raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks")
     outside = set(src_block_ids) - set(handle.block_ids)
@@ -175,7 +120,7 @@ class KVTransport(Protocol):
 
     async def pull(
         self,
-        handle: KVHandleInfo,
+        handle: KVHandle,
         src_block_ids: tuple[int, ...],
         dst_block_ids: tuple[int, ...],
         store: KVBlockStore,
@@ -185,7 +130,7 @@ class KVTransport(Protocol):
         KVTransferError with the destination untouched. Does not release the lease."""
         ...
 
-    async def release(self, handle: KVHandleInfo, timeout_s: float) -> bool:
+    async def release(self, handle: KVHandle, timeout_s: float) -> bool:
         """Ask the source to free the lease now (ReleaseKV). False if it was already gone;
         never raises for an unreachable source (the lease then expires)."""
         ...
@@ -199,13 +144,7 @@ class KVTransport(Protocol):
         ...
 
 
-_TRANSPORTS = MappingProxyType(
-    {  # name -> (module, class), imported on first use
-        "grpc": ("tandem.kvtransfer.grpc_transport", "GrpcTransport"),
-        "torch": ("tandem.kvtransfer.torch_transport", "TorchTransport"),
-    }
-)
-TRANSPORT_NAMES: tuple[str, ...] = tuple(sorted(_TRANSPORTS))  # `--kv-transport` choices
+_TRANSPORTS = MappingProxyType(TRANSPORTS)
 
 
 def create_transport(name: str, config: KVTransferConfig | None = None) -> KVTransport:

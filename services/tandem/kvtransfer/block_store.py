@@ -188,7 +188,7 @@ class PackedReader:
         self.total_bytes = len(self.block_ids) * store.bytes_per_block
         on_cpu = store.device.type == "cpu"
         views = [store.plane_view(self.block_ids, p) for p in range(store.num_planes)] if on_cpu else []
-        self._planes = [memoryview(v.numpy()) for v in views if v is not None]
+        self._planes = [v.numpy().data for v in views if v is not None]
         if len(self._planes) != store.num_planes:
             self._planes = []
             if staging is None:
@@ -208,7 +208,7 @@ class PackedReader:
         if not self._planes:
             assert self.staging is not None
             self._pack_until(-(-end // self.plane_bytes))
-            return [memoryview(self.staging.numpy())[offset_bytes:end]]
+            return [self.staging.numpy().data[offset_bytes:end]]
         pieces = []
         for plane in range(offset_bytes // self.plane_bytes, -(-end // self.plane_bytes)):
             base = plane * self.plane_bytes

@@ -10,15 +10,20 @@ dropped, so the next pull dials afresh instead of waiting out gRPC's reconnect b
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import MappingProxyType
+from typing import TypeVar
 
 import grpc
 
-from tandem.common.pb import tandem_pb2 as pb
-from tandem.kvtransfer.base import FailureReason, KVHandleInfo, KVTransferError
+from tandem.common import codec
+from tandem.common.kv_handle import KVHandle
+from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 SERVICE = "tandem.v1.KVTransfer"
 MAX_MESSAGE_BYTES = 2 * MAX_CHUNK_BYTES  # a 4 MiB chunk plus its header, with room to spare
@@ -87,13 +92,18 @@ class ChannelCache:
         return len(self._channels)
 
     def unary(
-        self, address: str, method: str, request_type: type, response_type: type
-    ) -> grpc.aio.UnaryUnaryMultiCallable:
-        """A unary method of the KVTransfer service on the channel to `address`."""
+        self,
+        address: str,
+        method: str,
+        request_serializer: Callable[[T], bytes],
+        response_deserializer: Callable[[bytes], R],
+    ) -> grpc.aio.UnaryUnaryMultiCallable[T, R]:
+        """A unary method of the KVTransfer service on the channel to `address`; the codec's
+        functions (`request_serializer`, `response_deserializer`) translate the messages."""
         return self.get(address).unary_unary(
             f"/{SERVICE}/{method}",
-            request_serializer=request_type.SerializeToString,
-            response_deserializer=response_type.FromString,
+            request_serializer=request_serializer,
+            response_deserializer=response_deserializer,
         )
 
     async def fail(self, exc: grpc.aio.AioRpcError, address: str) -> KVTransferError:
@@ -104,14 +114,19 @@ class ChannelCache:
         return error
 
 
-async def release_remote(channels: ChannelCache, handle: KVHandleInfo, timeout_s: float) -> bool:
+async def release_remote(channels: ChannelCache, handle: KVHandle, timeout_s: float) -> bool:
     """ReleaseKV on the handle's source. False (logged) if the source cannot be reached: its
     lease then expires on its own."""
-    call = channels.unary(handle.source_address, "ReleaseKV", pb.ReleaseKVRequest, pb.ReleaseKVResponse)
+    call = channels.unary(
+        handle.source_address,
+        "ReleaseKV",
+        codec.release_kv_request_to_bytes,
+        codec.release_kv_response_from_bytes,
+    )
     try:
-        response = await call(pb.ReleaseKVRequest(request_id=handle.request_id), timeout=timeout_s)
+        released = await call(handle.request_id, timeout=timeout_s)
     except grpc.aio.AioRpcError as exc:
         error = await channels.fail(exc, handle.source_address)
         log.warning("ReleaseKV of %r failed (%s); the lease will expire", handle.request_id, error)
         return False
-    return bool(response.released)
+    return bool(released)

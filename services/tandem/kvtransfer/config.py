@@ -13,11 +13,18 @@ MAX_CHUNK_BYTES = 4 * MiB  # DESIGN.md section 4: KV moves in chunks of 1 to 4 M
 MIN_CHUNK_BYTES = 1 * MiB
 
 
-def _transport_names() -> tuple[str, ...]:
-    """The registered transports (`base.py` imports this module, so it is read on use)."""
-    from tandem.kvtransfer.base import TRANSPORT_NAMES
+# The transport registry: name -> (module, class), imported on first use by
+# `base.create_transport`. It lives here, with no imports, so that the config can check a name
+# (and the CLI list the choices) without loading a transport.
+TRANSPORTS: dict[str, tuple[str, str]] = {
+    "grpc": ("tandem.kvtransfer.grpc_transport", "GrpcTransport"),
+    "torch": ("tandem.kvtransfer.torch_transport", "TorchTransport"),
+}
 
-    return TRANSPORT_NAMES
+
+def _transport_names() -> tuple[str, ...]:
+    """The registered transports: the `--kv-transport` choices."""
+    return tuple(sorted(TRANSPORTS))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The gRPC KV transport: the source streams checksummed chunks of the packed buffer.
 
 Lifecycle of one pull (decode worker D pulls from prefill worker P):
-1. D checks the handle's layout and its arguments (`check_pull`) and opens `PullKV` on its
+1. D checks its arguments (`check_pull`; its caller checked the handle's layout) and opens `PullKV` on its
    cached channel to P, with the pull's deadline.
 2. P (`KVTransferServicer.PullKV`) refuses a layout that differs from its own
    (FAILED_PRECONDITION, naming the fields) and a malformed request (INVALID_ARGUMENT), and
@@ -30,11 +30,12 @@ import grpc
 import torch
 import xxhash
 
+from tandem.common import codec
+from tandem.common.codec import ChunkDecodeError, ChunkView, decode_chunk, encode_chunk
+from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
-from tandem.common.pb import tandem_pb2 as pb
 from tandem.kvtransfer.base import (
     FailureReason,
-    KVHandleInfo,
     KVTransferError,
     TransferStats,
     check_pull,
@@ -42,7 +43,6 @@ from tandem.kvtransfer.base import (
 )
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
 from tandem.kvtransfer.channels import SERVICE, ChannelCache, release_remote
-from tandem.kvtransfer.chunks import ChunkDecodeError, ChunkView, decode_chunk, encode_chunk
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, KVTransferConfig
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.staging import StagingPool
@@ -70,15 +70,16 @@ class KVTransferServicer:
         self.bytes_served = 0
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """PullKV yields pre-encoded chunks (services/tandem/kvtransfer/chunks.py), hence no serializer."""
+        """The codec translates every message; PullKV yields chunks it already encoded
+        (`codec.encode_chunk`), hence no serializer."""
         return {
             "PullKV": grpc.unary_stream_rpc_method_handler(
-                self.PullKV, request_deserializer=pb.PullKVRequest.FromString, response_serializer=None
+                self.PullKV, request_deserializer=codec.pull_kv_request_from_bytes, response_serializer=None
             ),
             "ReleaseKV": grpc.unary_unary_rpc_method_handler(
                 self.ReleaseKV,
-                request_deserializer=pb.ReleaseKVRequest.FromString,
-                response_serializer=pb.ReleaseKVResponse.SerializeToString,
+                request_deserializer=codec.release_kv_request_from_bytes,
+                response_serializer=codec.release_kv_response_to_bytes,
             ),
         }
 
@@ -108,8 +109,8 @@ class KVTransferServicer:
             reader.read(offset_bytes, size_bytes), offset_bytes, reader.total_bytes, self.store.layout.dtype, shape
         )
 
-    async def PullKV(self, request: pb.PullKVRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        block_ids = tuple(request.block_ids)
+    async def PullKV(self, request: codec.PullKVRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        block_ids = request.block_ids
         await self.admit(context, request.layout, block_ids)
         total = len(block_ids) * self.store.bytes_per_block
         chunk_bytes = clamp_chunk_bytes(request.max_chunk_bytes)
@@ -142,8 +143,8 @@ class KVTransferServicer:
                     # lease stays checked out (and the buffer lent) until it ends.
                     pending.add_done_callback(functools.partial(_close_stack, stack.pop_all()))
 
-    async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseKVResponse:
-        return pb.ReleaseKVResponse(released=self.leases.release(request.request_id))
+    async def ReleaseKV(self, request_id: str, context: grpc.aio.ServicerContext) -> bool:
+        return self.leases.release(request_id)
 
     def close(self) -> None:
         """After the server stopped: end the encoding threads."""
@@ -169,7 +170,7 @@ class GrpcTransport:
 
     async def pull(
         self,
-        handle: KVHandleInfo,
+        handle: KVHandle,
         src_block_ids: tuple[int, ...],
         dst_block_ids: tuple[int, ...],
         store: KVBlockStore,
@@ -195,23 +196,18 @@ class GrpcTransport:
         return TransferStats(len(buffer), time.perf_counter() - started, len(src), num_chunks)
 
     async def _receive(
-        self, handle: KVHandleInfo, src: tuple[int, ...], store: KVBlockStore, buffer: torch.Tensor, timeout_s: float
+        self, handle: KVHandle, src: tuple[int, ...], store: KVBlockStore, buffer: torch.Tensor, timeout_s: float
     ) -> int:
         """Stream every chunk into `buffer`, checked; return the number of chunks. Each
         chunk's bytes are dropped once copied, so the allocator reuses their memory (keeping
         them all and unpacking from them costs more in page faults than the copy)."""
         address = handle.source_address
         method = self.channels.get(address).unary_stream(
-            f"/{SERVICE}/PullKV", request_serializer=pb.PullKVRequest.SerializeToString, response_deserializer=None
+            f"/{SERVICE}/PullKV", request_serializer=codec.pull_kv_request_to_bytes, response_deserializer=None
         )
-        request = pb.PullKVRequest(
-            request_id=handle.request_id,
-            block_ids=src,
-            layout=store.layout.describe(),
-            max_chunk_bytes=self.config.max_chunk_bytes,
-        )
+        request = codec.PullKVRequest(handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes)
         expected = _Expected(len(buffer), store.layout.dtype, store.packed_shape(len(src)), address)
-        target = memoryview(buffer.numpy())
+        target = buffer.numpy().data
         call = method(request, timeout=timeout_s)
         offset = num_chunks = 0
         try:
@@ -231,7 +227,7 @@ class GrpcTransport:
             )
         return num_chunks
 
-    async def release(self, handle: KVHandleInfo, timeout_s: float) -> bool:
+    async def release(self, handle: KVHandle, timeout_s: float) -> bool:
         return await release_remote(self.channels, handle, timeout_s)
 
     async def close(self) -> None:

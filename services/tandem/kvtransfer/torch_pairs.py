@@ -17,6 +17,7 @@ import datetime
 import socket
 import time
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,18 @@ def plan_messages(num_blocks: int, store: KVBlockStore) -> list[Message]:
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:
     """Bytes of a uint8 tensor for hashing (device tensors are copied to the host first)."""
-    return memoryview((tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy())
+    return (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy().data
+
+
+class _Group(Protocol):
+    """What a pair uses of its gloo or NCCL backend, a `dist.Backend` used directly as a 2-rank
+    group (no global process group). torch's stubs do not declare these methods."""
+
+    def send(self, tensors: list[torch.Tensor], dst_rank: int, tag: int) -> dist.Work: ...
+
+    def recv(self, tensors: list[torch.Tensor], src_rank: int, tag: int) -> dist.Work: ...
+
+    def abort(self) -> None: ...
 
 
 def format_address(host: str, port: int) -> str:
@@ -107,7 +119,7 @@ class Pair:
         self.host = host  # our interface for gloo
         self.device = device
         self.lock = asyncio.Lock()
-        self.group: dist.ProcessGroup | None = None
+        self.group: _Group | None = None
         self.broken = False
         self.num_users = 0
         self.last_used_s = time.monotonic()
@@ -129,14 +141,16 @@ class Pair:
         prefixed = dist.PrefixStore(self.pair_id, store)
         try:
             if self.device.type == "cuda":
-                options = dist.ProcessGroupNCCL.Options()
-                options._timeout = _timedelta(timeout_s)
-                self.group = dist.ProcessGroupNCCL(prefixed, self.rank, 2, options)
+                nccl_options = dist.ProcessGroupNCCL.Options()
+                nccl_options._timeout = _timedelta(timeout_s)
+                self.group = cast(_Group, dist.ProcessGroupNCCL(prefixed, self.rank, 2, nccl_options))
             else:
-                options = dist.ProcessGroupGloo._Options()
-                options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
-                options._timeout = _timedelta(timeout_s)
-                self.group = dist.ProcessGroupGloo(prefixed, self.rank, 2, options)
+                # `_Options` is private and absent from torch's stubs; it is how a gloo group gets
+                # its device (interface) and timeout without a global process group.
+                gloo_options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+                gloo_options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+                gloo_options._timeout = _timedelta(timeout_s)
+                self.group = cast(_Group, dist.ProcessGroupGloo(prefixed, self.rank, 2, gloo_options))
         except Exception as exc:
             self.broken = True
             raise KVTransferError(_reason(exc), f"pair {self.pair_id} did not form: {_first_line(exc)}") from None

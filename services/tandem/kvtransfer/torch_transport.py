@@ -2,7 +2,7 @@
 with gRPC as the control channel (gloo on CPU, NCCL on CUDA).
 
 Lifecycle of one pull (decode worker D, rank 1, pulls from prefill worker P, rank 0):
-1. D checks the handle and its arguments (`check_pull`), finds or creates its pair for P's
+1. D checks its arguments (`check_pull`; its caller checked the handle's layout), finds or creates its pair for P's
    address (a new pair gets a new id; D's TCPStore, bound to `bind_host`, hosts it), reserves
    one message tag per message of the plan (`plan_messages`), and calls `P.SendKV`.
 2. Concurrently, D joins the pair (new pairs only) and posts one receive per message into a
@@ -24,15 +24,16 @@ import asyncio
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
 import xxhash
 
-from tandem.common.pb import tandem_pb2 as pb
+from tandem.common import codec
+from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer.base import (
     FailureReason,
-    KVHandleInfo,
     KVTransferError,
     TransferStats,
     check_pull,
@@ -69,7 +70,7 @@ class TorchTransport:
 
     async def pull(
         self,
-        handle: KVHandleInfo,
+        handle: KVHandle,
         src_block_ids: tuple[int, ...],
         dst_block_ids: tuple[int, ...],
         store: KVBlockStore,
@@ -85,8 +86,8 @@ class TorchTransport:
         messages = plan_messages(len(src), store)
         first_tag = pair.reserve_tags(len(messages))
         size_bytes = len(src) * store.bytes_per_block
-        call = self.channels.unary(address, "SendKV", pb.SendKVRequest, pb.SendKVResponse)
-        request = pb.SendKVRequest(
+        call = self.channels.unary(address, "SendKV", codec.send_kv_request_to_bytes, codec.send_kv_result_from_bytes)
+        request = codec.SendKVRequest(
             request_id=handle.request_id,
             block_ids=src,
             layout=store.layout.describe(),
@@ -116,13 +117,14 @@ class TorchTransport:
         return TransferStats(size_bytes, time.perf_counter() - started, len(src), len(messages))
 
     async def _both(
-        self, pair: Pair, address: str, receive: asyncio.Future[int], rpc: asyncio.Future[pb.SendKVResponse]
-    ) -> tuple[int, pb.SendKVResponse]:
+        self, pair: Pair, address: str, receive: asyncio.Future[int], rpc: asyncio.Future[codec.SendKVResult]
+    ) -> tuple[int, codec.SendKVResult]:
         """Wait for the receive and the control call. The first failure aborts the pair (so the
         other side fails fast) and is raised; the source's own explanation wins if it has one."""
         pair.num_users += 1
         try:
-            await asyncio.wait({receive, rpc}, return_when=asyncio.FIRST_EXCEPTION)
+            both: set[asyncio.Future[Any]] = {receive, rpc}
+            await asyncio.wait(both, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
             self._drop(address, pair)
             rpc.cancel()
@@ -173,7 +175,7 @@ class TorchTransport:
             del self._pairs[address]
         pair.abort()
 
-    async def release(self, handle: KVHandleInfo, timeout_s: float) -> bool:
+    async def release(self, handle: KVHandle, timeout_s: float) -> bool:
         return await release_remote(self.channels, handle, timeout_s)
 
     async def close(self) -> None:

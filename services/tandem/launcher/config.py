@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.autoscaler.config import AutoscalerConfig
-from tandem.common.cluster_state import WorkerRole
 from tandem.common.options import to_argv
-from tandem.common.worker_config import WorkerConfig
+from tandem.common.workers import WorkerRole
 from tandem.gateway.config import GatewayConfig
+from tandem.worker.config import WorkerConfig
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # same rule as cluster_state's names
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

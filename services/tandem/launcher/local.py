@@ -40,8 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from tandem.common.cluster_state import WorkerRole
 from tandem.common.embedded_redis import EmbeddedRedisError
+from tandem.common.workers import WorkerRole
 from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.placement import ProcessPlacement, WorkerPlacement, WorkerProcess
 from tandem.launcher.processes import ChildProcess, ChildStartError, StartCancelled, wait_all_ready

@@ -37,7 +37,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayError
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.processes import ChildProcess, ChildStartError
 

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import ray
 from ray.exceptions import RayError
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.local import WORKER_STOP_GRACE_S
 from tandem.launcher.processes import ChildStartError

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 
 REDIS_TIMEOUT_S = 2.0
 NO_LOAD = "-"

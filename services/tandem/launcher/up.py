@@ -37,7 +37,8 @@ from tandem.autoscaler.autoscaler import Autoscaler
 from tandem.autoscaler.config import AutoscalerConfig
 from tandem.autoscaler.local import LocalActuator
 from tandem.autoscaler.metrics import AutoscalerMetrics
-from tandem.common.cluster_state import ClusterState, WorkerRole
+from tandem.common.cluster_state import ClusterState
+from tandem.common.workers import WorkerRole
 from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.local import ClusterStartError, LocalCluster
 from tandem.launcher.placement import WorkerPlacement

@@ -21,36 +21,37 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 from opentelemetry.trace import Span
 
 from tandem.common import codec
-from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.kv_handle import KVHandle
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.request import FinishReason, Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
-from tandem.common.worker import Worker
-from tandem.common.worker_servicer import WorkerServicerBase
 from tandem.engine.engine import Engine, HeldKV, RequestOutput
-from tandem.engine.sequence import FinishReason
-from tandem.kvtransfer.base import KVHandleInfo, handle_to_proto
+from tandem.worker.servicer import WorkerServicerBase
+from tandem.worker.worker import Worker
 
 
 class PrefillServicer(WorkerServicerBase):
-    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+    async def Prefill(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """`request` and the answer are protobuf messages, straight from and to the codec."""
         arrival = ClockAnchor.now()
         with ending(self.worker.server_span("prefill", context, arrival), arrival) as span:
-            return await self._prefill(request, context, span, arrival)
+            await self.worker.refuse_if_draining(context)
+            try:
+                req = codec.prefill_request_from_proto(request)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return codec.prefill_result_to_proto(await self._prefill(req, context, span, arrival))
 
     async def _prefill(
-        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, span: Span, arrival: ClockAnchor
-    ) -> pb.PrefillResponse:
+        self, req: Request, context: grpc.aio.ServicerContext, span: Span, arrival: ClockAnchor
+    ) -> codec.PrefillResult:
         worker = self.worker
-        await worker.refuse_if_draining(context)
-        try:
-            req = codec.request_from_proto(request.request)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
         q, deliver = worker.output_queue()
         lease_ttl_s = worker.config.lease_ttl_s
@@ -77,49 +78,53 @@ class PrefillServicer(WorkerServicerBase):
             worker.leases.release(req.request_id)
             worker.abort_soon(req.request_id)
             raise
-        if out.finish_reason is None:  # the step failed and the loop aborted the request
+        finish_reason = out.finish_reason
+        if finish_reason is None:  # the step failed and the loop aborted the request
             await context.abort(grpc.StatusCode.INTERNAL, "prefill step failed")
-        response = pb.PrefillResponse(first_token=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens)
+            raise AssertionError("unreachable")
         assert out.first_scheduled_s is not None  # a sampled token was scheduled
-        self._record_stages(span, arrival, out.first_scheduled_s, sampled_s[0], response)
+        queue_s, compute_s = self._record_stages(span, arrival, out.first_scheduled_s, sampled_s[0])
         span.set_attributes(
             {
                 "gen_ai.usage.output_tokens": 1,
-                "gen_ai.response.finish_reasons": (out.finish_reason.value,),
+                "gen_ai.response.finish_reasons": (finish_reason.value,),
                 "tandem.cached_tokens": out.num_cached_tokens,
             }
         )
-        if out.new_logprobs:
-            response.first_logprob.CopyFrom(codec.logprob_to_proto(out.new_logprobs[0]))
-        if out.finish_reason is not FinishReason.HANDOFF:
-            response.finish_reason = codec.FINISH_TO_PB[out.finish_reason]
-            return response
-        held, deadline_unix_s = leased[req.request_id]
-        handle = KVHandleInfo(
-            request_id=req.request_id,
-            source_worker_id=worker.config.worker_id,
-            source_address=worker.address,
-            block_ids=held.block_ids,
-            num_tokens=held.num_tokens,
-            layout=worker.layout.describe(),
-            block_hashes=held.block_hashes,
-            lease_deadline_unix_s=deadline_unix_s,
+        handle = None
+        if finish_reason is FinishReason.HANDOFF:
+            held, deadline_unix_s = leased[req.request_id]
+            handle = KVHandle(
+                request_id=req.request_id,
+                source_worker_id=worker.config.worker_id,
+                source_address=worker.address,
+                block_ids=held.block_ids,
+                num_tokens=held.num_tokens,
+                layout=worker.layout,
+                block_hashes=held.block_hashes,
+                lease_deadline_unix_s=deadline_unix_s,
+            )
+        return codec.PrefillResult(
+            first_token=out.new_token_ids[0],
+            first_logprob=out.new_logprobs[0] if out.new_logprobs else None,
+            finish_reason=None if handle is not None else finish_reason,
+            handle=handle,
+            num_cached_tokens=out.num_cached_tokens,
+            queue_s=queue_s,
+            compute_s=compute_s,
         )
-        response.handle.CopyFrom(handle_to_proto(handle))
-        return response
 
     def _record_stages(
-        self, span: Span, arrival: ClockAnchor, scheduled_s: float, sampled_s: float, response: pb.PrefillResponse
-    ) -> None:
-        """The queue and compute stages (monotonic seconds) as child spans and on the response."""
-        response.queue_s = max(0.0, scheduled_s - arrival.monotonic_s)
-        response.compute_s = sampled_s - scheduled_s
+        self, span: Span, arrival: ClockAnchor, scheduled_s: float, sampled_s: float
+    ) -> tuple[float, float]:
+        """The queue and compute stages (monotonic seconds) as child spans; returns both."""
         tracer = self.worker.tracing.tracer
         parent = child_context(span)
         scheduled_ns = arrival.unix_ns_at(scheduled_s)
         tracer.start_span("prefill.queue", context=parent, start_time=arrival.unix_ns).end(end_time=scheduled_ns)
         compute = tracer.start_span("prefill.compute", context=parent, start_time=scheduled_ns)
         compute.end(end_time=arrival.unix_ns_at(sampled_s))
+        return max(0.0, scheduled_s - arrival.monotonic_s), sampled_s - scheduled_s
 
 
 def add_servicers(worker: Worker, server: grpc.aio.Server) -> None:

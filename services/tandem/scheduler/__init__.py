@@ -18,7 +18,8 @@ from tandem.scheduler.policies import (
     make_policy,
     prefix_aware_cost,
 )
-from tandem.scheduler.scheduler import RegistrySnapshot, Scheduler, route_on
+from tandem.scheduler.registry import HashScheme, RegistrySnapshot
+from tandem.scheduler.scheduler import Scheduler, route_on
 from tandem.scheduler.types import (
     NoWorkerError,
     RouteDecision,
@@ -30,6 +31,7 @@ from tandem.scheduler.types import (
 
 __all__ = [
     "POLICIES",
+    "HashScheme",
     "LeastLoaded",
     "NoWorkerError",
     "Policy",

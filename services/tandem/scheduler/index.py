@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from itertools import accumulate, compress, count, islice, repeat, takewhile
 from operator import and_, ne, or_
 
-from tandem.common.cluster_state import KVEventKind, KVEventRecord
+from tandem.common.workers import KVEventKind, KVEventRecord
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
-from tandem.common.cluster_state import WorkerLoad
+from tandem.common.workers import WorkerLoad
 
 
 class InflightTable:

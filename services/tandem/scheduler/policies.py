@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Protocol
 
-from tandem.common.cluster_state import WorkerRole
+from tandem.common.workers import WorkerRole
 from tandem.scheduler.types import RouteRequest, WorkerView
 
 

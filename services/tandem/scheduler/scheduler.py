@@ -4,7 +4,8 @@ Lifecycle:
 1. The gateway builds `Scheduler(state, config, events_state=...)`, calls `refresh_now()` once
    (optional: a synchronous first view of the registry) and `start()`.
 2. `start()` launches two daemon threads:
-   - the registry refresher: every `refresh_interval_s`, the live workers (`list_workers`) and
+   - the registry refresher: every `refresh_interval_s`, the live workers (`list_workers`)
+     whose block hashes match the gateway's (registry.py: others are refused, logged once) and
      their loads (`get_loads`, one pipeline) become a new immutable `RegistrySnapshot`,
      swapped in with one reference assignment; workers that left are forgotten by the index.
    - the KV event follower: reads `kv_events` from `"0-0"` (rebuilds the index from what the
@@ -31,17 +32,17 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import redis
 
-from tandem.common.cluster_state import ClusterState, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.cluster_state import ClusterState
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
 from tandem.scheduler.picker import decide
 from tandem.scheduler.policies import Policy, make_policy
+from tandem.scheduler.registry import EMPTY_SNAPSHOT, HashScheme, RegistrationCheck, RegistrySnapshot
 from tandem.scheduler.types import (
     RouteDecision,
     RouteRequest,
@@ -54,43 +55,6 @@ logger = logging.getLogger(__name__)
 EVENTS_PER_READ = 1000
 MAX_BACKOFF_S = 2.0
 SOCKET_TIMEOUT_MARGIN_S = 1.0  # the events client's socket timeout must exceed block_ms by this
-
-
-@dataclass(frozen=True)
-class RegistrySnapshot:
-    """The live workers and their last loads at `taken_at_s`, split by pool, sorted by id.
-
-    The views carry `num_cached_blocks=0`: `route_on` replaces only the views of workers that
-    hold part of the prompt, so a route builds few new objects.
-    """
-
-    prefill: tuple[WorkerView, ...]
-    decode: tuple[WorkerView, ...]
-    prefill_ids: tuple[str, ...]  # ids of `prefill`, in order
-    decode_ids: tuple[str, ...]
-    worker_ids: tuple[str, ...]  # all, sorted
-    taken_at_s: float
-
-    @classmethod
-    def of(
-        cls, workers: Iterable[WorkerInfo], loads: Mapping[str, WorkerLoad | None], taken_at_s: float
-    ) -> RegistrySnapshot:
-        views = sorted(
-            (WorkerView(w, loads.get(w.worker_id), 0) for w in workers), key=lambda view: view.info.worker_id
-        )
-        prefill = tuple(v for v in views if v.info.role is WorkerRole.PREFILL)
-        decode = tuple(v for v in views if v.info.role is WorkerRole.DECODE)
-        return cls(
-            prefill=prefill,
-            decode=decode,
-            prefill_ids=tuple(v.info.worker_id for v in prefill),
-            decode_ids=tuple(v.info.worker_id for v in decode),
-            worker_ids=tuple(v.info.worker_id for v in views),
-            taken_at_s=taken_at_s,
-        )
-
-
-EMPTY_SNAPSHOT = RegistrySnapshot((), (), (), (), (), 0.0)
 
 
 def route_on(
@@ -164,7 +128,10 @@ class Scheduler:
     blocking XREAD: a ClusterState of the same cluster whose client's socket_timeout exceeds
     `kv_events_block_ms` by at least SOCKET_TIMEOUT_MARGIN_S (or is None). Without it, `state`
     is used, and must meet the same condition. `clock` (wall seconds) stamps snapshots and
-    speculative entries. `route`, `next_seq`, `ready` and `workers` are thread-safe.
+    speculative entries. `model_id` is the gateway's (that of its block hashes): a worker
+    registered with another, or with another block size (`config.block_size`) or block-hash
+    version, is never routed to (registry.py); None accepts any model id.
+    `route`, `next_seq`, `ready` and `workers` are thread-safe.
     The caller builds and closes the clients. Note that redis-py retries a failed command
     itself (8.x default: 10 retries, about 5 s against a dead server) before this class sees
     the error; `stop()` waits at most its `timeout_s` either way.
@@ -177,6 +144,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         *,
         events_state: ClusterState | None = None,
+        model_id: str | None = None,
     ) -> None:
         events = state if events_state is None else events_state
         if events.key_prefix != state.key_prefix:
@@ -197,6 +165,7 @@ class Scheduler:
         self._index = PrefixIndex(config.speculative_ttl_s)
         self._inflight = InflightTable()
         self._snapshot = EMPTY_SNAPSHOT  # replaced whole by refresh_now, never mutated
+        self._registration = RegistrationCheck(HashScheme(config.block_size, model_id))
         self._seq = itertools.count()
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
@@ -276,7 +245,7 @@ class Scheduler:
         # Read the index's workers BEFORE the registry: a worker registers before it publishes
         # events, so any live worker in `known` is also in `workers` and is not forgotten.
         known = self._index.worker_ids()
-        workers = self._state.list_workers()
+        workers = self._registration.accept(self._state.list_workers())
         loads = self._state.get_loads(w.worker_id for w in workers)
         snapshot = RegistrySnapshot.of(workers, loads, self._clock())
         previous = set(self._snapshot.worker_ids)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from tandem.common.cluster_state import WorkerInfo, WorkerLoad
+from tandem.common.workers import WorkerInfo, WorkerLoad
 
 
 class NoWorkerError(RuntimeError):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tandem.common.request import SamplingParams
 from tandem.engine.engine import Engine
-from tandem.engine.sampling_params import SamplingParams
 
 CONCURRENCIES = (1, 8, 32)
 

@@ -30,9 +30,8 @@ import grpc
 
 from tandem.common import codec
 from tandem.common.embedded_redis import EmbeddedRedis
-from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
-from tandem.engine.sampling_params import SamplingParams
+from tandem.common.request import SamplingParams
 from tandem.launcher.processes import ChildProcess
 
 GOAL = 0.85
@@ -53,10 +52,10 @@ async def stream_direct(address: str, prompts: list[list[int]], max_tokens: int,
         stub = pb_grpc.WorkerStub(channel)
 
         async def one(i: int, prompt: list[int]) -> int:
-            request = codec.WorkerRequest(f"{tag}-{i}", tuple(prompt), sampling)
+            request = codec.Request(f"{tag}-{i}", tuple(prompt), sampling)
             n = 0
-            async for delta in stub.Decode(pb.DecodeRequest(request=codec.request_to_proto(request))):
-                n += len(delta.token_ids)
+            async for delta in stub.Decode(codec.decode_request_to_proto(codec.DecodeRequest(request))):
+                n += len(codec.decode_delta_from_proto(delta).token_ids)
             return n
 
         start = time.perf_counter()

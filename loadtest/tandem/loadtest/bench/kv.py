@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
-from tandem.kvtransfer.base import KVHandleInfo, create_transport
+from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.launcher.processes import ChildProcess
@@ -97,13 +98,13 @@ async def _bench(layout: KVLayout, num_blocks: int, address: str, raw_port: int,
     source = KVBlockStore(random_kv_caches(layout, num_blocks, SEED), layout)
     dest = KVBlockStore(random_kv_caches(layout, num_blocks, SEED + 1), layout)
     size_bytes = num_blocks * dest.bytes_per_block
-    handle = KVHandleInfo(
+    handle = KVHandle(
         REQUEST_ID,
         "bench-source",
         address,
         tuple(range(num_blocks)),
         num_blocks * layout.block_size,
-        layout.describe(),
+        layout,
         (),
         time.time() + 3600,
     )

@@ -26,12 +26,12 @@ import grpc
 import torch
 
 from tandem.common.layout import KVLayout
-from tandem.common.worker import GRPC_OPTIONS
 from tandem.engine.engine import HeldKV
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
+from tandem.worker.worker import GRPC_OPTIONS
 
 LEASE_TTL_S = 3600.0
 

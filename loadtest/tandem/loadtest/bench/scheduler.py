@@ -24,17 +24,12 @@ import time
 from collections.abc import Callable
 
 from tandem.common.block_hash import block_extra, hash_blocks
-from tandem.common.cluster_state import (
-    KVEventKind,
-    KVEventRecord,
-    WorkerInfo,
-    WorkerLoad,
-    WorkerRole,
-)
+from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.policies import make_policy
-from tandem.scheduler.scheduler import RegistrySnapshot, route_on
+from tandem.scheduler.registry import RegistrySnapshot
+from tandem.scheduler.scheduler import route_on
 from tandem.scheduler.types import RouteRequest
 
 NUM_PROMPTS = 16

@@ -25,8 +25,8 @@ import time
 
 import torch
 
+from tandem.common.request import SamplingParams
 from tandem.engine.engine import Engine
-from tandem.engine.sampling_params import SamplingParams
 from tandem.loadtest.bench.gateway import stream_direct, stream_via_gateway
 from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec

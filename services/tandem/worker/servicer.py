@@ -7,28 +7,27 @@ through `Worker.call` (the step loop), like every other handler.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
-from tandem.common.cluster_state import WorkerRole
-from tandem.common.pb import tandem_pb2 as pb
+from tandem.common import codec
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
-from tandem.common.worker import Worker
-
-_ROLE_TO_PB = {WorkerRole.PREFILL: pb.WORKER_ROLE_PREFILL, WorkerRole.DECODE: pb.WORKER_ROLE_DECODE}
+from tandem.worker.worker import Worker
 
 
 class WorkerServicerBase(pb_grpc.WorkerServicer):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+    # Messages are protobuf objects (`Any` here): they go straight to and from the codec.
+    async def Health(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         worker = self.worker
         load = await worker.call(worker.snapshot, context)
-        return pb.HealthResponse(
+        report = codec.HealthReport(
             worker_id=worker.config.worker_id,
-            role=_ROLE_TO_PB[worker.config.role],
-            layout_fingerprint=worker.layout.fingerprint,
-            layout=worker.layout.describe(),
+            role=worker.config.role,
+            layout=worker.layout,
             free_blocks=load.kv_blocks_total - load.kv_blocks_used,
             total_blocks=load.kv_blocks_total,
             waiting=load.waiting,
@@ -36,16 +35,18 @@ class WorkerServicerBase(pb_grpc.WorkerServicer):
             draining=worker.draining,
             held_leases=len(worker.leases),
         )
+        return codec.health_to_proto(report)
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        request_id = request.request_id
+    async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        request_id = codec.abort_request_from_proto(request)
         released = self.worker.leases.release(request_id)
         found = await self.worker.call(lambda e: e.abort(request_id), context)
-        return pb.AbortResponse(found=bool(found) or released)
+        return codec.abort_response_to_proto(bool(found) or released)
 
-    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+    async def Drain(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Start the drain (first call) and answer its progress; `tandem drain` polls this."""
         worker = self.worker
         await worker.start_drain()
         load, idle = await worker.call(lambda e: (worker.snapshot(e), worker.is_idle(e)), context)
-        return pb.DrainResponse(idle=idle, waiting=load.waiting, running=load.running, held_leases=len(worker.leases))
+        status = codec.DrainStatus(idle, load.waiting, load.running, len(worker.leases))
+        return codec.drain_status_to_proto(status)

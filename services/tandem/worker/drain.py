@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from tandem.common.pb import tandem_pb2 as pb
+from tandem.common import codec
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 
 DEFAULT_POLL_INTERVAL_S = 0.2
@@ -53,10 +53,11 @@ def drain_worker(address: str, timeout_s: float, poll_interval_s: float = DEFAUL
         while True:
             elapsed_s = time.monotonic() - start
             try:
-                reply: pb.DrainResponse = stub.Drain(pb.DrainRequest(), timeout=RPC_TIMEOUT_S)
+                reply = stub.Drain(codec.drain_request_to_proto(), timeout=RPC_TIMEOUT_S)
+                status = codec.drain_status_from_proto(reply)
             except grpc.RpcError as exc:
                 raise DrainError(f"Drain on {address} failed: {exc.code().name}: {exc.details()}") from exc
-            progress = DrainProgress(reply.idle, reply.waiting, reply.running, reply.held_leases, elapsed_s)
+            progress = DrainProgress(status.idle, status.waiting, status.running, status.held_leases, elapsed_s)
             if progress.idle or elapsed_s >= timeout_s:
                 return progress
             time.sleep(min(poll_interval_s, max(0.0, timeout_s - elapsed_s)))

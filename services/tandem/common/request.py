@@ -1,7 +1,14 @@
-"""Sampling parameters of one request: immutable, validated once at construction."""
+"""The request and its nouns: what a client asked, as every package sees it (DESIGN.md section 1).
+
+A `Request` is immutable: prompt token ids plus `SamplingParams`, validated once at
+construction. The gateway builds it, the codec carries it to workers, and a worker's
+`Sequence` holds it. `FinishReason` and `TokenLogprob` describe what came out. This module
+imports nothing else from the project (the leaf layer).
+"""
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -45,3 +52,30 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop token
+    LENGTH = "length"  # max_tokens or the model's maximum length
+    ABORT = "abort"
+    HANDOFF = "handoff"  # prefill role: first token sampled, KV held for a decode worker
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The sampled token's logprob and the top alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as a worker receives it: immutable. `cache_salt` (optional, per tenant)
+    goes into the block hashes so that two tenants never share cache entries."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    cache_salt: str | None = None

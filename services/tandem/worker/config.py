@@ -6,8 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem.common.cluster_state import WorkerRole
 from tandem.common.tracing import TracingConfig
+from tandem.common.workers import WorkerRole
 from tandem.engine.config import EngineConfig
 from tandem.kvtransfer.config import KVTransferConfig
 

@@ -8,7 +8,7 @@ Lifecycle:
    `ready` line on stdout with the bound address.
 2. Requests arrive on the asyncio thread and reach the engine only through the step loop.
    A tick on the loop thread snapshots load for the heartbeat, updates gauges, hands
-   block stored/removed events to the KV-event publisher thread, and hands the step's
+   block stored/removed events to the KV-event publisher thread (kv_events.py), and hands the step's
    outputs to the asyncio thread in one call (one wake-up per step, not one per stream).
    grpc.health.v1 answers on the same port: "" (liveness) is SERVING while the step loop
    runs; `tandem.v1.Worker` (readiness) is SERVING from registration until the drain.
@@ -28,7 +28,6 @@ import logging
 import queue
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -38,18 +37,20 @@ import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind
 
-from tandem.common.cluster_state import ClusterState, KVEventKind, WorkerInfo, WorkerLoad
-from tandem.common.heartbeat import Heartbeat
+from tandem.common.block_hash import BLOCK_HASH_VERSION
+from tandem.common.cluster_state import ClusterState
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
-from tandem.common.worker_config import WorkerConfig
-from tandem.engine.block_pool import KVEvent
+from tandem.common.workers import WorkerInfo, WorkerLoad
 from tandem.engine.engine import Engine, RequestOutput
-from tandem.engine.step_loop import StepLoop, WorkerBusyError
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.leases import LeaseTable
+from tandem.worker.config import WorkerConfig
+from tandem.worker.heartbeat import Heartbeat
+from tandem.worker.kv_events import KVEventPublisher
+from tandem.worker.step_loop import StepLoop, WorkerBusyError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -87,11 +88,14 @@ class Worker:
         self.health = health.aio.HealthServicer()
         self.address = ""
         self._load = WorkerLoad(0, 0, 0, 0, self.engine.pool.num_blocks, time.time())
-        self._events: queue.SimpleQueue[list[KVEvent]] = queue.SimpleQueue()
-        self._stop_publisher = threading.Event()
-        self._state: ClusterState | None = None
+        # The client connects on first use (registration, in `serve`).
+        self._state = (
+            ClusterState(redis.Redis.from_url(config.redis_url, socket_timeout=2.0), config.cluster)
+            if config.redis_url
+            else None
+        )
+        self._events = KVEventPublisher(self._state, config.worker_id, epoch=time.time_ns())
         self._heartbeat: Heartbeat | None = None
-        self._epoch = time.time_ns()
         self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
         # Prefill role: leases on held KV. on_free may run on any thread; the blocks are freed
         # by the loop-thread tick.
@@ -143,8 +147,13 @@ class Worker:
 
     def abort_soon(self, request_id: str) -> None:
         """Abort from a cancelled handler: best effort, never raises."""
+
+        def abort(engine: Engine) -> None:
+            if engine.abort(request_id):
+                self.loop.unsubscribe(request_id)
+
         try:
-            self.loop.submit(lambda e: e.abort(request_id) and self.loop.unsubscribe(request_id))
+            self.loop.submit(abort)
         except WorkerBusyError:
             log.warning("inbox full; request %s will be aborted when it next produces output", request_id)
 
@@ -221,23 +230,6 @@ class Worker:
         while not self._to_release.empty():
             engine.release_held(self._to_release.get_nowait())
 
-    def _publish_events(self) -> None:
-        kinds = {"stored": KVEventKind.STORED, "removed": KVEventKind.REMOVED, "cleared": KVEventKind.CLEARED}
-        while not self._stop_publisher.is_set():
-            try:
-                batch = self._events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if self._state is None:
-                continue
-            for event in batch:
-                try:
-                    self._state.append_kv_events(
-                        self.config.worker_id, self._epoch, kinds[event.kind.value], event.block_hashes
-                    )
-                except (redis.RedisError, ValueError):
-                    log.exception("publishing KV event failed")
-
     # ---- process lifecycle ----------------------------------------------------------------
     async def serve(self, add_servicers: Callable[[grpc.aio.Server], None]) -> None:
         self.loop.start()
@@ -254,12 +246,11 @@ class Worker:
             if self.config.metrics_port is not None
             else None
         )
-        if self.config.redis_url:
-            self._register()
+        if self._state is not None:
+            self._register(self._state)
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         watchdog = asyncio.create_task(self._watch_step_loop())
-        publisher = threading.Thread(target=self._publish_events, name="kv-events", daemon=True)
-        publisher.start()
+        self._events.start()
         stop = asyncio.Event()
         aio_loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -279,14 +270,11 @@ class Worker:
         watchdog.cancel()
         await self.health.enter_graceful_shutdown()
         await server.stop(grace=1.0)
-        self._stop_publisher.set()
-        publisher.join(2.0)
+        self._events.stop()
         await self.transport.close()
         self.loop.stop()
 
-    def _register(self) -> None:
-        client = redis.Redis.from_url(self.config.redis_url, socket_timeout=2.0)
-        self._state = ClusterState(client, self.config.cluster)
+    def _register(self, state: ClusterState) -> None:
         info = WorkerInfo(
             worker_id=self.config.worker_id,
             role=self.config.role,
@@ -294,8 +282,11 @@ class Worker:
             fingerprint=self.layout.fingerprint,
             capacity_blocks=self.engine.pool.num_blocks,
             version=VERSION,
+            block_size=self.layout.block_size,
+            model_id=self.engine.model_id,
+            block_hash_version=BLOCK_HASH_VERSION,
         )
-        self._heartbeat = Heartbeat(self._state, info, lambda: self._load, ttl_s=self.config.heartbeat_ttl_s)
+        self._heartbeat = Heartbeat(state, info, lambda: self._load, ttl_s=self.config.heartbeat_ttl_s)
         self._heartbeat.start()
         self._heartbeat.wait_registered(timeout_s=5.0)
 
@@ -303,7 +294,7 @@ class Worker:
         """Liveness: SERVING while the step-loop thread runs; NOT_SERVING once it died, so a
         liveness probe restarts the process."""
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        while self.loop.is_alive():
+        while self.loop.is_alive:
             await asyncio.sleep(LIVENESS_CHECK_INTERVAL_S)
         log.error("the step loop of %s stopped; reporting NOT_SERVING", self.config.worker_id)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)

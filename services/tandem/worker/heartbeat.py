@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import redis
 
-from tandem.common.cluster_state import DEFAULT_TTL_S, ClusterState, WorkerInfo, WorkerLoad, ttl_to_ms
+from tandem.common.cluster_state import DEFAULT_TTL_S, ClusterState, ttl_to_ms
+from tandem.common.workers import WorkerInfo, WorkerLoad
 
 logger = logging.getLogger(__name__)
 
