@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
+from tandem.autoscaler.config import (
+    AutoscalerConfig,
+    AutoscalerServiceConfig,
+    DecodePolicy,
+    KubernetesTarget,
+    PrefillPolicy,
+)
 from tandem.common.options import LazyChoices, add_flags, options, parse, to_argv
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import WorkerRole
@@ -139,6 +145,17 @@ CASES = [
         ),
     ),
     (RayConfig(), RayConfig(cpus_per_worker=0.5, head_start_timeout_s=5.0)),
+    (
+        AutoscalerServiceConfig(redis_url="redis://r:6379/0"),
+        AutoscalerServiceConfig(
+            redis_url="redis://r:6379/1",
+            cluster="c1",
+            kubernetes=KubernetesTarget("serving", Path("/k/config"), "p", "d"),
+            policy=AUTOSCALE,
+            host="0.0.0.0",
+            metrics_port=0,
+        ),
+    ),
     (
         LocalClusterConfig(),
         LocalClusterConfig(

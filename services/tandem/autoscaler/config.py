@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -159,3 +160,51 @@ class AutoscalerConfig:
                 f"({self.decode.min_replicas}) exceeds prefill max_replicas ({self.prefill.max_replicas}); "
                 f"lower the ratio or decode min_replicas, or raise prefill max_replicas"
             )
+
+
+# The actuators `tandem autoscaler` can run as a service. `local` and `ray` act on a cluster
+# that `tandem up` owns, from inside that process, so they are not service choices.
+SERVICE_ACTUATORS = ("kubernetes",)
+
+
+@dataclass(frozen=True)
+class KubernetesTarget:
+    """The Deployments the `kubernetes` actuator scales (one per pool, in one namespace)."""
+
+    namespace: str | None = field(
+        default=None,
+        metadata={"help": "namespace of the Deployments (default: the pod's own, from its service account)"},
+    )
+    kubeconfig: Path | None = field(default=None, metadata={"help": "kubeconfig file (default: in-cluster config)"})
+    prefill_deployment: str = field(default="tandem-prefill", metadata={"help": "the prefill pool's Deployment"})
+    decode_deployment: str = field(default="tandem-decode", metadata={"help": "the decode pool's Deployment"})
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_deployment", "decode_deployment"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty Deployment name")
+
+
+@dataclass(frozen=True)
+class AutoscalerServiceConfig:
+    """`tandem autoscaler`: the policy plus where it reads signals, what it scales, and where it
+    serves its metrics. Its flags are generated from these fields."""
+
+    redis_url: str = field(metadata={"flag": "redis", "help": "Redis URL of the cluster state"})
+    cluster: str = field(default="default", metadata={"help": "cluster name (the Redis key prefix)"})
+    actuator: str = field(
+        default="kubernetes", metadata={"choices": SERVICE_ACTUATORS, "help": "what scales the pools"}
+    )
+    kubernetes: KubernetesTarget = field(default_factory=KubernetesTarget)
+    policy: AutoscalerConfig = field(default_factory=AutoscalerConfig)
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address of the metrics server"})
+    metrics_port: int = field(default=9400, metadata={"help": "serve Prometheus /metrics here (0: a free port)"})
+
+    def __post_init__(self) -> None:
+        if not self.redis_url:
+            raise ValueError("redis_url must be a Redis URL, e.g. redis://redis:6379/0")
+        if self.actuator not in SERVICE_ACTUATORS:
+            raise ValueError(f"actuator must be one of {SERVICE_ACTUATORS}, got {self.actuator!r}")
+        _check_int("metrics_port", self.metrics_port, 0)
+        if self.metrics_port > 65535:
+            raise ValueError(f"metrics_port must be <= 65535, got {self.metrics_port}")
