@@ -26,7 +26,7 @@ from tandem.common.codec import ChunkDecodeError, decode_chunk, encode_chunk, ha
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout, LayoutMismatchError
 from tandem.common.pb import tandem_pb2 as pb
-from tandem.engine.engine import HeldKV
+from tandem.engine.outputs import HeldKV
 from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
 from tandem.kvtransfer.base import FailureReason, KVTransferError, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader

@@ -40,7 +40,8 @@ from tandem.common.layout import LayoutMismatchError
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
-from tandem.engine.engine import Engine, RequestOutput, Reservation
+from tandem.engine.engine import Engine
+from tandem.engine.outputs import RequestOutput, Reservation
 from tandem.kvtransfer.base import KVTransferError
 from tandem.worker.servicer import WorkerServicerBase
 from tandem.worker.worker import Worker

@@ -16,15 +16,15 @@ if TYPE_CHECKING:
     from tandem.common.request import TokenLogprob as TokenLogprob
     from tandem.engine.config import EngineConfig as EngineConfig
     from tandem.engine.engine import Engine as Engine
-    from tandem.engine.engine import GenerationOutput as GenerationOutput
-    from tandem.engine.engine import RequestOutput as RequestOutput
+    from tandem.engine.outputs import GenerationOutput as GenerationOutput
+    from tandem.engine.outputs import RequestOutput as RequestOutput
 
 _MODULES: dict[str, str] = {
     "Engine": "tandem.engine.engine",
     "EngineConfig": "tandem.engine.config",
     "FinishReason": "tandem.common.request",
-    "GenerationOutput": "tandem.engine.engine",
-    "RequestOutput": "tandem.engine.engine",
+    "GenerationOutput": "tandem.engine.outputs",
+    "RequestOutput": "tandem.engine.outputs",
     "SamplingParams": "tandem.common.request",
     "TokenLogprob": "tandem.common.request",
 }

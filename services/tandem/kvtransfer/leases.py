@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tandem.engine.engine import HeldKV
+from tandem.engine.outputs import HeldKV
 
 log = logging.getLogger(__name__)
 

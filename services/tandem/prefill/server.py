@@ -31,7 +31,8 @@ from tandem.common.kv_handle import KVHandle
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.request import FinishReason, Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
-from tandem.engine.engine import Engine, HeldKV, RequestOutput
+from tandem.engine.engine import Engine
+from tandem.engine.outputs import HeldKV, RequestOutput
 from tandem.worker.servicer import WorkerServicerBase
 from tandem.worker.worker import Worker
 

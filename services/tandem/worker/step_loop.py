@@ -22,7 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from tandem.engine.engine import Engine, RequestOutput
+from tandem.engine.engine import Engine
+from tandem.engine.outputs import RequestOutput
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

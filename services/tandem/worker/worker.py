@@ -43,7 +43,8 @@ from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
 from tandem.common.workers import WorkerInfo, WorkerLoad
-from tandem.engine.engine import Engine, RequestOutput
+from tandem.engine.engine import Engine
+from tandem.engine.outputs import RequestOutput
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.leases import LeaseTable

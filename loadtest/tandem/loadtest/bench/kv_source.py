@@ -26,7 +26,7 @@ import grpc
 import torch
 
 from tandem.common.layout import KVLayout
-from tandem.engine.engine import HeldKV
+from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
 from tandem.kvtransfer.config import KVTransferConfig

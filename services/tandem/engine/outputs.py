@@ -1,0 +1,80 @@
+"""What the engine hands out and holds for others: per-step deltas, finished generations, a
+prefill's pinned blocks, a decode's reserved blocks, and the cumulative counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tandem.common.request import FinishReason, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: the tokens added, and whether it finished.
+    `first_scheduled_s` (`time.monotonic()`, when a step first planned a chunk of it) and
+    `num_cached_tokens` (prefix-cache hit at admission) are the sequence's, for timings."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason | None
+    first_scheduled_s: float | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """A finished request, as returned by `generate`."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] | None
+    num_cached_tokens: int
+    prompt_logits: torch.Tensor | None  # float32 [num_prompt_tokens, vocab] when asked
+
+
+@dataclass(frozen=True)
+class HeldKV:
+    """Prefill role: a finished prompt's blocks, pinned until `release_held`."""
+
+    block_ids: tuple[int, ...]  # block table order
+    num_tokens: int  # positions with valid KV (the prompt)
+    block_hashes: tuple[int, ...]  # hashes of the full blocks
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Decode role: blocks reserved for a prompt whose KV arrives from a prefill worker.
+    `block_ids[:num_cached_blocks]` already hold the KV (local prefix cache); the rest must
+    be filled by a pull of the source's blocks at the same indices."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_cached_blocks: int
+
+    @property
+    def missing_block_ids(self) -> tuple[int, ...]:
+        return self.block_ids[self.num_cached_blocks :]
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters, read by tests, benchmarks and (later) metrics."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # every token run through the model
+    num_prompt_tokens_computed: int = 0  # of which prompt positions
+    num_prefix_hit_tokens: int = 0  # tokens served from the prefix cache at admission
+    num_preemptions: int = 0
+    num_generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
