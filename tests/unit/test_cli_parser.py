@@ -71,12 +71,10 @@ def test_worker_command_builds_its_config(tmp_path: Path) -> None:
 def test_gateway_and_up_add_the_environment_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_API_KEYS", " e1, ,e2")
     args = build_parser().parse_args(["gateway", "--model", str(tmp_path), "--redis", "redis://r", "--api-key", "f"])
-    assert gateway_config(args) == GatewayConfig(
-        model_dir=tmp_path, redis_url="redis://r", api_keys=frozenset({"e1", "e2", "f"})
-    )
+    assert gateway_config(args) == GatewayConfig(model_dir=tmp_path, redis_url="redis://r", api_keys=("f", "e1", "e2"))
     config = up_config(build_parser().parse_args(["up", "--api-key", "f", "--port", "0"]))
     assert config == LocalClusterConfig(
-        gateway=replace(LocalClusterConfig().gateway, port=0, api_keys=frozenset({"e1", "e2", "f"}))
+        gateway=replace(LocalClusterConfig().gateway, port=0, api_keys=("f", "e1", "e2"))
     )
     monkeypatch.delenv("TANDEM_API_KEYS")
     assert up_config(build_parser().parse_args(["up"])) == LocalClusterConfig()

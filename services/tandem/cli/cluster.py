@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tandem.cli.inputs import api_keys
 from tandem.common.options import add_flags, from_args
@@ -61,8 +61,8 @@ def up_config(args: argparse.Namespace) -> LocalClusterConfig:
     """The cluster's config: its flags plus the API keys of TANDEM_API_KEYS."""
     from tandem.launcher.config import LocalClusterConfig
 
-    keys = api_keys(args.api_key or ())
-    config: LocalClusterConfig = from_args(LocalClusterConfig, args, **{"gateway.api_keys": keys})
+    given: dict[str, Any] = {"gateway.api_keys": api_keys(args.api_key or ())}
+    config: LocalClusterConfig = from_args(LocalClusterConfig, args, **given)
     return config
 
 

@@ -19,6 +19,7 @@ def model_dir(path: Path | None) -> Path:
     return ensure_tiny_model()
 
 
-def api_keys(flags: Iterable[str], environ: Mapping[str, str] = os.environ) -> frozenset[str]:
-    """The `--api-key` flags plus the keys of TANDEM_API_KEYS."""
-    return frozenset(flags) | {key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip()}
+def api_keys(flags: Iterable[str], environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The `--api-key` flags, then the keys of TANDEM_API_KEYS, in order, each once."""
+    from_environ = [key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+    return tuple(dict.fromkeys([*flags, *from_environ]))

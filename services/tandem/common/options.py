@@ -319,7 +319,8 @@ def _values(
 
 def _words(option: Option, value: Any) -> list[str]:
     if option.sequence is not None:
-        return [word for item in sorted(value) for word in (option.flag, str(item))]
+        items = sorted(value) if option.sequence is frozenset else value  # a tuple keeps its order
+        return [word for item in items for word in (option.flag, str(item))]
     if value is None:
         raise ValueError(f"{option.flag} cannot say None (its default is {option.default!r})")
     if option.kind is bool:

@@ -36,8 +36,8 @@ class GatewayConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "bind address of the HTTP server"})
     port: int = field(default=8000, metadata={"help": "HTTP port (0 picks a free one)"})
     cluster: str = field(default="default", metadata={"help": "cluster name (Redis key prefix)"})
-    api_keys: frozenset[str] = field(
-        default=frozenset(),
+    api_keys: tuple[str, ...] = field(
+        default=(),
         metadata={"flag": "api-key", "help": "accepted API key (repeatable; also TANDEM_API_KEYS)"},
     )
     max_n: int = field(default=8, metadata={"help": "most choices one request may ask for"})
@@ -70,6 +70,7 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.retry_after_s < 1:
             raise ValueError(f"retry_after_s must be >= 1, got {self.retry_after_s}")
+        object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys)))  # in given order, once each
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
 

@@ -162,8 +162,8 @@ class LocalClusterConfig:
 
     @property
     def api_keys(self) -> tuple[str, ...]:
-        """The gateway's API keys, sorted."""
-        return tuple(sorted(self.gateway.api_keys))
+        """The gateway's API keys, in the order given (the banner's example uses the first)."""
+        return self.gateway.api_keys
 
     @property
     def num_workers(self) -> int:
