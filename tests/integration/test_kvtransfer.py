@@ -22,7 +22,7 @@ import grpc
 import pytest
 import torch
 
-from tandem.common.codec import ChunkDecodeError, decode_chunk, encode_chunk, handle_from_proto, handle_to_proto
+from tandem.common.kv_codec import ChunkDecodeError, decode_chunk, encode_chunk, handle_from_proto, handle_to_proto
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout, LayoutMismatchError
 from tandem.common.pb import tandem_pb2 as pb

@@ -1,5 +1,5 @@
-"""The codec owns the wire: only tandem/common/codec.py builds or reads protobuf messages, and
-every message it translates comes back equal."""
+"""The codec owns the wire: only tandem/common/codec.py and kv_codec.py build or read protobuf
+messages, and every message they translate comes back equal."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.common import codec
+from tandem.common import codec, kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
@@ -32,14 +32,14 @@ def _imports_pb2(path: Path) -> bool:
     return False
 
 
-def test_only_the_codec_imports_the_protobuf_messages() -> None:
+def test_only_the_codec_modules_import_the_protobuf_messages() -> None:
     """The generated modules themselves (common/pb/) are exempt; `tandem_pb2_grpc` (stubs and
     servicer registration) is allowed anywhere."""
     files = [p for top in ("services", "kernels", "loadtest") for p in (ROOT / top).rglob("*.py")]
     offenders = [
         str(p.relative_to(ROOT)) for p in files if "pb" not in p.relative_to(ROOT).parts[:-1] and _imports_pb2(p)
     ]
-    assert offenders == ["services/tandem/common/codec.py"]
+    assert sorted(offenders) == ["services/tandem/common/codec.py", "services/tandem/common/kv_codec.py"]
 
 
 def test_request_prefill_and_decode_messages_round_trip() -> None:
@@ -77,11 +77,11 @@ def test_health_drain_abort_and_kv_transfer_messages_round_trip() -> None:
     assert codec.drain_status_from_proto(codec.drain_status_to_proto(status)) == status
     assert codec.abort_request_from_proto(codec.abort_request_to_proto("r9")) == "r9"
     assert codec.abort_response_from_proto(codec.abort_response_to_proto(True)) is True
-    pull = codec.PullKVRequest("r1", (4, 5), LAYOUT.describe(), 1 << 20)
-    assert codec.pull_kv_request_from_bytes(codec.pull_kv_request_to_bytes(pull)) == pull
-    send = codec.SendKVRequest("r1", (4, 5), LAYOUT.describe(), "127.0.0.1:9", "pair-1", 7)
-    assert codec.send_kv_request_from_bytes(codec.send_kv_request_to_bytes(send)) == send
-    result = codec.SendKVResult(4096, 2**64 - 1)
-    assert codec.send_kv_result_from_bytes(codec.send_kv_result_to_bytes(result)) == result
-    assert codec.release_kv_request_from_bytes(codec.release_kv_request_to_bytes("r1")) == "r1"
-    assert codec.release_kv_response_from_bytes(codec.release_kv_response_to_bytes(False)) is False
+    pull = kv_codec.PullKVRequest("r1", (4, 5), LAYOUT.describe(), 1 << 20)
+    assert kv_codec.pull_kv_request_from_bytes(kv_codec.pull_kv_request_to_bytes(pull)) == pull
+    send = kv_codec.SendKVRequest("r1", (4, 5), LAYOUT.describe(), "127.0.0.1:9", "pair-1", 7)
+    assert kv_codec.send_kv_request_from_bytes(kv_codec.send_kv_request_to_bytes(send)) == send
+    result = kv_codec.SendKVResult(4096, 2**64 - 1)
+    assert kv_codec.send_kv_result_from_bytes(kv_codec.send_kv_result_to_bytes(result)) == result
+    assert kv_codec.release_kv_request_from_bytes(kv_codec.release_kv_request_to_bytes("r1")) == "r1"
+    assert kv_codec.release_kv_response_from_bytes(kv_codec.release_kv_response_to_bytes(False)) is False

@@ -1,22 +1,20 @@
 """The wire: every protobuf message of proto/tandem.proto to and from frozen dataclasses.
 
-This is the only module that builds or reads a protobuf object (tests/unit/test_codec.py
-checks it); servers and clients pass messages straight to and from these functions. Every
-`*_from_proto` applied to what a peer sent validates it here, with bounded sizes; a problem
-raises ValueError with a message naming the field (servers map it to INVALID_ARGUMENT).
+This module and `kv_codec.py` (the KV handle, the KVTransfer service and the KV chunks) are the
+only code that builds or reads a protobuf object (tests/unit/test_codec.py checks it); servers
+and clients pass messages straight to and from these functions. Every `*_from_proto` applied
+to what a peer sent validates it here, with bounded sizes; a problem raises ValueError with a
+message naming the field (servers map it to INVALID_ARGUMENT).
 
-Sections: the request; the Worker service (Prefill, Decode, Abort, Health, Drain); the KV
-handle; the KVTransfer service (PullKV, ReleaseKV, SendKV) and its chunks, which have a
-zero-copy framing of their own (see "KV chunks" below).
+Sections: the request; the Worker service (Prefill, Decode, Abort, Health, Drain).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import xxhash
-
-from tandem.common.kv_handle import MAX_HANDLE_BLOCKS, KVHandle
+from tandem.common.kv_codec import handle_from_proto, handle_to_proto
+from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
@@ -104,6 +102,13 @@ def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
     if len(msg.top_token_ids) != len(msg.top_logprobs):
         raise ValueError("logprob.top_token_ids and top_logprobs differ in length")
     return TokenLogprob(msg.token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
+
+
+def finish_from_proto(value: int) -> FinishReason | None:
+    """A peer's finish reason; ValueError for a value this version does not know."""
+    if value not in PB_TO_FINISH:
+        raise ValueError(f"finish_reason: unknown value {value}")
+    return PB_TO_FINISH[value]
 
 
 # ---- Worker service -------------------------------------------------------------------------
@@ -203,7 +208,7 @@ def prefill_result_from_proto(msg: pb.PrefillResponse) -> PrefillResult:
     return PrefillResult(
         first_token=msg.first_token,
         first_logprob=logprob_from_proto(msg.first_logprob) if msg.HasField("first_logprob") else None,
-        finish_reason=_finish_from_proto(msg.finish_reason),
+        finish_reason=finish_from_proto(msg.finish_reason),
         handle=handle_from_proto(msg.handle) if msg.HasField("handle") else None,
         num_cached_tokens=msg.num_cached_tokens,
         queue_s=msg.queue_s,
@@ -247,7 +252,7 @@ def decode_delta_from_proto(msg: pb.DecodeDelta) -> DecodeDelta:
     return DecodeDelta(
         token_ids=tuple(msg.token_ids),
         logprobs=tuple(logprob_from_proto(lp) for lp in msg.logprobs),
-        finish_reason=None if failed else _finish_from_proto(msg.finish_reason),
+        finish_reason=None if failed else finish_from_proto(msg.finish_reason),
         failed=failed,
         num_cached_tokens=msg.num_cached_tokens,
         num_pulled_blocks=msg.num_pulled_blocks,
@@ -323,252 +328,3 @@ def drain_status_to_proto(status: DrainStatus) -> pb.DrainResponse:
 
 def drain_status_from_proto(msg: pb.DrainResponse) -> DrainStatus:
     return DrainStatus(msg.idle, msg.waiting, msg.running, msg.held_leases)
-
-
-def _finish_from_proto(value: int) -> FinishReason | None:
-    if value not in PB_TO_FINISH:
-        raise ValueError(f"finish_reason: unknown value {value}")
-    return PB_TO_FINISH[value]
-
-
-# ---- KV handle ------------------------------------------------------------------------------
-def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
-    """P's gRPC edge: the handle that goes into a PrefillResponse."""
-    return pb.KVHandle(
-        request_id=handle.request_id,
-        source_worker_id=handle.source_worker_id,
-        source_address=handle.source_address,
-        block_ids=handle.block_ids,
-        num_tokens=handle.num_tokens,
-        layout=handle.layout.describe(),
-        block_hashes=handle.block_hashes,
-        lease_deadline_unix_s=handle.lease_deadline_unix_s,
-    )
-
-
-def handle_from_proto(msg: pb.KVHandle) -> KVHandle:
-    """Check what a peer sent before anything uses it (ValueError names it). The layout is
-    parsed here, once; comparing it with the receiver's is `KVHandle.check`."""
-    if not msg.request_id or not msg.source_address:
-        raise ValueError("KV handle needs a request_id and a source_address")
-    if len(msg.block_ids) > MAX_HANDLE_BLOCKS or len(msg.block_hashes) > len(msg.block_ids):
-        raise ValueError(f"KV handle names {len(msg.block_ids)} blocks and {len(msg.block_hashes)} block hashes")
-    if len(set(msg.block_ids)) != len(msg.block_ids):
-        raise ValueError("KV handle repeats a block id")
-    try:
-        layout = KVLayout.parse(msg.layout)
-    except ValueError as exc:
-        raise ValueError(f"handle.layout: {exc}") from None
-    return KVHandle(
-        request_id=msg.request_id,
-        source_worker_id=msg.source_worker_id,
-        source_address=msg.source_address,
-        block_ids=tuple(msg.block_ids),
-        num_tokens=msg.num_tokens,
-        layout=layout,
-        block_hashes=tuple(msg.block_hashes),
-        lease_deadline_unix_s=msg.lease_deadline_unix_s,
-    )
-
-
-# ---- KVTransfer service ---------------------------------------------------------------------
-# Its servicers are registered as generic handlers, so these take and give bytes: the
-# servicer's methods see only the dataclasses.
-@dataclass(frozen=True)
-class PullKVRequest:
-    """A receiver asks for `block_ids` (of the lease of `request_id`), in chunks of at most
-    `max_chunk_bytes`. `layout` is the receiver's `KVLayout.describe()`, parsed and compared
-    by the source."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    layout: str
-    max_chunk_bytes: int
-
-
-@dataclass(frozen=True)
-class SendKVRequest:
-    """The torch transport's control call (proto/tandem.proto, `SendKVRequest`)."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    layout: str
-    store_address: str  # host:port of the receiver's TCPStore
-    pair_id: str
-    tag: int  # first message tag of this transfer within the pair
-
-
-@dataclass(frozen=True)
-class SendKVResult:
-    size_bytes: int
-    checksum: int  # xxh64 of the packed buffer
-
-
-def pull_kv_request_to_bytes(request: PullKVRequest) -> bytes:
-    return pb.PullKVRequest(
-        request_id=request.request_id,
-        block_ids=request.block_ids,
-        layout=request.layout,
-        max_chunk_bytes=request.max_chunk_bytes,
-    ).SerializeToString()
-
-
-def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
-    msg = pb.PullKVRequest.FromString(raw)
-    return PullKVRequest(msg.request_id, tuple(msg.block_ids), msg.layout, msg.max_chunk_bytes)
-
-
-def release_kv_request_to_bytes(request_id: str) -> bytes:
-    return pb.ReleaseKVRequest(request_id=request_id).SerializeToString()
-
-
-def release_kv_request_from_bytes(raw: bytes) -> str:
-    return pb.ReleaseKVRequest.FromString(raw).request_id
-
-
-def release_kv_response_to_bytes(released: bool) -> bytes:
-    return pb.ReleaseKVResponse(released=released).SerializeToString()
-
-
-def release_kv_response_from_bytes(raw: bytes) -> bool:
-    return pb.ReleaseKVResponse.FromString(raw).released
-
-
-def send_kv_request_to_bytes(request: SendKVRequest) -> bytes:
-    return pb.SendKVRequest(
-        request_id=request.request_id,
-        block_ids=request.block_ids,
-        layout=request.layout,
-        store_address=request.store_address,
-        pair_id=request.pair_id,
-        tag=request.tag,
-    ).SerializeToString()
-
-
-def send_kv_request_from_bytes(raw: bytes) -> SendKVRequest:
-    msg = pb.SendKVRequest.FromString(raw)
-    return SendKVRequest(msg.request_id, tuple(msg.block_ids), msg.layout, msg.store_address, msg.pair_id, msg.tag)
-
-
-def send_kv_result_to_bytes(result: SendKVResult) -> bytes:
-    return pb.SendKVResponse(size_bytes=result.size_bytes, checksum=result.checksum).SerializeToString()
-
-
-def send_kv_result_from_bytes(raw: bytes) -> SendKVResult:
-    msg = pb.SendKVResponse.FromString(raw)
-    return SendKVResult(msg.size_bytes, msg.checksum)
-
-
-# ---- KV chunks ------------------------------------------------------------------------------
-# `KVChunk` carries up to 4 MiB of packed KV. Building the message with protobuf costs three
-# copies of the payload (bytes(), the message, SerializeToString) and reading `.data` one more;
-# at gigabytes per second those copies are the transfer. So the source writes the exact
-# protobuf wire encoding itself, header fields via protobuf and the `data` field (number 2,
-# length-delimited) joined straight from the packed buffer, and the receiver finds the `data`
-# field in the raw message and reads it through a memoryview. Both sides stay wire-compatible
-# with the generated classes (protobuf accepts fields in any order); tests check it both ways.
-_DATA_FIELD = 2
-_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
-
-
-class ChunkDecodeError(ValueError):
-    """A chunk is not valid protobuf wire format, or repeats its data field."""
-
-
-@dataclass(frozen=True)
-class ChunkView:
-    """One received chunk; `data` is a view into the message bytes (valid while they live)."""
-
-    offset_bytes: int
-    total_bytes: int
-    checksum: int
-    dtype: str
-    shape: tuple[int, ...]
-    data: memoryview
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_chunk(
-    pieces: list[memoryview], offset_bytes: int, total_bytes: int, dtype: str, shape: tuple[int, ...]
-) -> bytes:
-    """Source side (a worker thread): one KVChunk in wire format whose data is the
-    concatenation of `pieces`, with its xxh64. The pieces are copied once, into the result."""
-    hasher = xxhash.xxh64()
-    for piece in pieces:
-        hasher.update(piece)
-    header = pb.KVChunk(
-        offset_bytes=offset_bytes,
-        checksum=hasher.intdigest(),
-        total_bytes=total_bytes,
-        dtype=dtype,
-        shape=shape,
-    ).SerializeToString()
-    key = _varint(_DATA_FIELD << 3 | _WIRE_LEN)
-    return b"".join((header, key, _varint(sum(len(p) for p in pieces)), *pieces))
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ChunkDecodeError("truncated or overlong varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def decode_chunk(raw: bytes) -> ChunkView:
-    """Receiver side: parse one KVChunk message without copying its payload."""
-    buf = memoryview(raw)
-    pos = 0
-    data: tuple[int, int] | None = None
-    header_parts: list[memoryview] = []
-    while pos < len(buf):
-        start = pos
-        key, pos = _read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == _WIRE_VARINT:
-            _, pos = _read_varint(buf, pos)
-        elif wire == _WIRE_I64:
-            pos += 8
-        elif wire == _WIRE_I32:
-            pos += 4
-        elif wire == _WIRE_LEN:
-            length, pos = _read_varint(buf, pos)
-            if field == _DATA_FIELD:
-                if data is not None:
-                    raise ChunkDecodeError("chunk repeats its data field")
-                data = (pos, pos + length)
-                pos += length
-                continue
-            pos += length
-        else:
-            raise ChunkDecodeError(f"unsupported wire type {wire} of field {field}")
-        if pos > len(buf):
-            raise ChunkDecodeError(f"field {field} runs past the end of the chunk")
-        header_parts.append(buf[start:pos])
-    if data is None or data[1] > len(buf):
-        raise ChunkDecodeError("chunk has no data field, or it runs past the end")
-    try:
-        header = pb.KVChunk.FromString(b"".join(header_parts))
-    except Exception as exc:  # protobuf's DecodeError; its base class varies by backend
-        raise ChunkDecodeError(f"chunk header does not parse: {exc}") from None
-    return ChunkView(
-        offset_bytes=header.offset_bytes,
-        total_bytes=header.total_bytes,
-        checksum=header.checksum,
-        dtype=header.dtype,
-        shape=tuple(header.shape),
-        data=buf[data[0] : data[1]],
-    )

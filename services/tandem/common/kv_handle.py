@@ -4,7 +4,7 @@ can pull the prompt's KV.
 Who builds it: the prefill worker, when it grants a lease on a finished prompt's blocks. Who
 reads it: the gateway (passes it on unchanged) and the decode worker, which checks it against
 its own layout and the request once (`check`) and hands it to its KV transport. The codec
-carries it across gRPC (`codec.handle_to_proto` / `codec.handle_from_proto`). This module
+carries it across gRPC (`kv_codec.handle_to_proto` / `kv_codec.handle_from_proto`). This module
 imports nothing else from the project but the leaf modules next to it.
 """
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import grpc
 
-from tandem.common import codec
+from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES
@@ -120,8 +120,8 @@ async def release_remote(channels: ChannelCache, handle: KVHandle, timeout_s: fl
     call = channels.unary(
         handle.source_address,
         "ReleaseKV",
-        codec.release_kv_request_to_bytes,
-        codec.release_kv_response_from_bytes,
+        kv_codec.release_kv_request_to_bytes,
+        kv_codec.release_kv_response_from_bytes,
     )
     try:
         released = await call(handle.request_id, timeout=timeout_s)

@@ -30,8 +30,8 @@ import grpc
 import torch
 import xxhash
 
-from tandem.common import codec
-from tandem.common.codec import ChunkDecodeError, ChunkView, decode_chunk, encode_chunk
+from tandem.common import kv_codec
+from tandem.common.kv_codec import ChunkDecodeError, ChunkView, decode_chunk, encode_chunk
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.kvtransfer.base import (
@@ -71,15 +71,15 @@ class KVTransferServicer:
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The codec translates every message; PullKV yields chunks it already encoded
-        (`codec.encode_chunk`), hence no serializer."""
+        (`kv_codec.encode_chunk`), hence no serializer."""
         return {
             "PullKV": grpc.unary_stream_rpc_method_handler(
-                self.PullKV, request_deserializer=codec.pull_kv_request_from_bytes, response_serializer=None
+                self.PullKV, request_deserializer=kv_codec.pull_kv_request_from_bytes, response_serializer=None
             ),
             "ReleaseKV": grpc.unary_unary_rpc_method_handler(
                 self.ReleaseKV,
-                request_deserializer=codec.release_kv_request_from_bytes,
-                response_serializer=codec.release_kv_response_to_bytes,
+                request_deserializer=kv_codec.release_kv_request_from_bytes,
+                response_serializer=kv_codec.release_kv_response_to_bytes,
             ),
         }
 
@@ -109,7 +109,7 @@ class KVTransferServicer:
             reader.read(offset_bytes, size_bytes), offset_bytes, reader.total_bytes, self.store.layout.dtype, shape
         )
 
-    async def PullKV(self, request: codec.PullKVRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def PullKV(self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         block_ids = request.block_ids
         await self.admit(context, request.layout, block_ids)
         total = len(block_ids) * self.store.bytes_per_block
@@ -203,9 +203,9 @@ class GrpcTransport:
         them all and unpacking from them costs more in page faults than the copy)."""
         address = handle.source_address
         method = self.channels.get(address).unary_stream(
-            f"/{SERVICE}/PullKV", request_serializer=codec.pull_kv_request_to_bytes, response_deserializer=None
+            f"/{SERVICE}/PullKV", request_serializer=kv_codec.pull_kv_request_to_bytes, response_deserializer=None
         )
-        request = codec.PullKVRequest(handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes)
+        request = kv_codec.PullKVRequest(handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes)
         expected = _Expected(len(buffer), store.layout.dtype, store.packed_shape(len(src)), address)
         target = buffer.numpy().data
         call = method(request, timeout=timeout_s)

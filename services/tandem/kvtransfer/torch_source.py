@@ -18,7 +18,7 @@ import grpc
 import torch
 import xxhash
 
-from tandem.common import codec
+from tandem.common import kv_codec
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
@@ -49,12 +49,12 @@ class TorchKVServicer(KVTransferServicer):
         handlers = super().handlers()
         handlers["SendKV"] = grpc.unary_unary_rpc_method_handler(
             self.SendKV,
-            request_deserializer=codec.send_kv_request_from_bytes,
-            response_serializer=codec.send_kv_result_to_bytes,
+            request_deserializer=kv_codec.send_kv_request_from_bytes,
+            response_serializer=kv_codec.send_kv_result_to_bytes,
         )
         return handlers
 
-    async def SendKV(self, request: codec.SendKVRequest, context: grpc.aio.ServicerContext) -> codec.SendKVResult:
+    async def SendKV(self, request: kv_codec.SendKVRequest, context: grpc.aio.ServicerContext) -> kv_codec.SendKVResult:
         block_ids = request.block_ids
         await self.admit(context, request.layout, block_ids)
         await self._check_pair_request(request, context)
@@ -84,9 +84,9 @@ class TorchKVServicer(KVTransferServicer):
         finally:
             self._num_inflight -= 1
             pair.num_users -= 1
-        return codec.SendKVResult(size_bytes=len(block_ids) * self.store.bytes_per_block, checksum=checksum)
+        return kv_codec.SendKVResult(size_bytes=len(block_ids) * self.store.bytes_per_block, checksum=checksum)
 
-    async def _check_pair_request(self, request: codec.SendKVRequest, context: grpc.aio.ServicerContext) -> None:
+    async def _check_pair_request(self, request: kv_codec.SendKVRequest, context: grpc.aio.ServicerContext) -> None:
         """The store address comes from a peer: it must parse and be on the peer's own host,
         so that no caller can make this worker connect elsewhere."""
         if not _PAIR_ID.match(request.pair_id):

@@ -30,7 +30,7 @@ import grpc
 import torch
 import xxhash
 
-from tandem.common import codec
+from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer.base import (
     FailureReason,
@@ -86,8 +86,10 @@ class TorchTransport:
         messages = plan_messages(len(src), store)
         first_tag = pair.reserve_tags(len(messages))
         size_bytes = len(src) * store.bytes_per_block
-        call = self.channels.unary(address, "SendKV", codec.send_kv_request_to_bytes, codec.send_kv_result_from_bytes)
-        request = codec.SendKVRequest(
+        call = self.channels.unary(
+            address, "SendKV", kv_codec.send_kv_request_to_bytes, kv_codec.send_kv_result_from_bytes
+        )
+        request = kv_codec.SendKVRequest(
             request_id=handle.request_id,
             block_ids=src,
             layout=store.layout.describe(),
@@ -117,8 +119,8 @@ class TorchTransport:
         return TransferStats(size_bytes, time.perf_counter() - started, len(src), len(messages))
 
     async def _both(
-        self, pair: Pair, address: str, receive: asyncio.Future[int], rpc: asyncio.Future[codec.SendKVResult]
-    ) -> tuple[int, codec.SendKVResult]:
+        self, pair: Pair, address: str, receive: asyncio.Future[int], rpc: asyncio.Future[kv_codec.SendKVResult]
+    ) -> tuple[int, kv_codec.SendKVResult]:
         """Wait for the receive and the control call. The first failure aborts the pair (so the
         other side fails fast) and is raised; the source's own explanation wins if it has one."""
         pair.num_users += 1
