@@ -11,6 +11,7 @@ import pytest
 from tandem.common.request import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway import protocol
+from tandem.gateway.bodies import ChatCompletionRequest
 from tandem.gateway.errors import OpenAIError
 from tandem.gateway.generation import ChoiceSpec
 from tandem.gateway.protocol import ServedModel
@@ -62,7 +63,7 @@ def test_completions_without_max_tokens_take_what_each_prompt_leaves(served: Ser
 def test_chat_renders_the_template_and_reads_chat_logprobs(served: ServedModel) -> None:
     raw = body(messages=USER, max_completion_tokens=3, logprobs=True, top_logprobs=1, stop=["a", "b"])
     prepared = protocol.prepare(raw, True, served)
-    chat = protocol.parse_body(raw, protocol.ChatCompletionRequest, 4)
+    chat = protocol.parse_body(raw, ChatCompletionRequest, 4)
     prompt = tuple(protocol.chat_prompt(chat, served.tokenizer))
     assert prepared.chat is True
     assert prepared.prompts == (prompt,)

@@ -12,14 +12,9 @@ import pytest
 from tandem.common.request import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway import protocol
+from tandem.gateway.bodies import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tandem.gateway.errors import OpenAIError
-from tandem.gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-    parse_body,
-)
+from tandem.gateway.protocol import parse_body
 
 MAX_N = 4
 COMP, CHAT = CompletionRequest, ChatCompletionRequest

@@ -53,11 +53,11 @@ def render_chat(
     special_tokens: Mapping[str, str],
     kwargs: Mapping[str, Any],
 ) -> str:
-    """Render `messages` with the template `pick_template` chooses; see
+    """Render `messages` with the template `_pick_template` chooses; see
     `Tokenizer.apply_chat_template` for the contract. Raises ValueError for a model without a
     chat template, bad inputs, and template errors, including the template's own
     `raise_exception(...)`."""
-    template = pick_template(templates, tools)
+    template = _pick_template(templates, tools)
     if not messages:
         raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
     if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
@@ -81,7 +81,7 @@ def render_chat(
         raise ValueError(f"chat template from {template.origin} failed: {error}") from error
 
 
-def pick_template(templates: Mapping[str, ChatTemplate], tools: list[dict[str, Any]] | None) -> ChatTemplate:
+def _pick_template(templates: Mapping[str, ChatTemplate], tools: list[dict[str, Any]] | None) -> ChatTemplate:
     if tools is not None and "tool_use" in templates:
         return templates["tool_use"]
     if "default" in templates:

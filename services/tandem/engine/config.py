@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem.engine.attention import BACKEND_NAMES
+from tandem.engine.model_config import DTYPE_NAMES
 
-_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 MiB = 1024 * 1024
 
 
@@ -36,7 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse cached blocks of equal prefixes"})
     attention_backend: str = field(default="auto", metadata={"choices": BACKEND_NAMES})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
-    dtype: str | None = field(default=None, metadata={"choices": _DTYPE_NAMES, "help": "default: the model's"})
+    dtype: str | None = field(default=None, metadata={"choices": DTYPE_NAMES, "help": "default: the model's"})
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)"})
     seed: int = field(default=0, metadata={"flag": "engine-seed", "help": "seed of the sampler's generator"})
     model_id: str | None = field(
@@ -65,7 +65,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.attention_backend not in BACKEND_NAMES:
             raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, got {self.attention_backend!r}")
-        if self.dtype is not None and self.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {_DTYPE_NAMES} or None, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES} or None, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")

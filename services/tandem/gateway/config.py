@@ -70,7 +70,6 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.retry_after_s < 1:
             raise ValueError(f"retry_after_s must be >= 1, got {self.retry_after_s}")
-        object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys)))  # in given order, once each
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
 

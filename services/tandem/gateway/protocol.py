@@ -29,7 +29,6 @@ from tandem.gateway.bodies import (
     INT64_MIN,
     Body,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
@@ -38,13 +37,8 @@ from tandem.gateway.errors import OpenAIError, bad_request, context_length_excee
 from tandem.gateway.generation import ChoiceSpec
 
 __all__ = [
-    "ChatCompletionRequest",
-    "ChatMessage",
-    "CompletionRequest",
-    "DetokenizeRequest",
     "PreparedRequest",
     "ServedModel",
-    "TokenizeRequest",
     "chat_prompt",
     "check_token_ids",
     "detokenize_body",
@@ -86,12 +80,18 @@ class PreparedRequest:
     body: CompletionRequest | ChatCompletionRequest
     prompts: tuple[tuple[int, ...], ...]
     choices: tuple[ChoiceSpec, ...]
-    stop: tuple[str, ...]
-    logprob_count: int | None
 
     @property
     def chat(self) -> bool:
         return isinstance(self.body, ChatCompletionRequest)
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return stop_strings(self.body)
+
+    @property
+    def logprob_count(self) -> int | None:
+        return logprob_count(self.body)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -118,14 +118,13 @@ def prepare(raw: bytes, chat: bool, served: ServedModel) -> PreparedRequest:
         _check_model(body.model, served)
         prompts = prompt_inputs(body, served.tokenizer, served.vocab_size)
         requested, kind, param = body.max_tokens, "prompt", "max_tokens"
+    prompt_ids = tuple(tuple(p) for p in prompts)  # one copy, shared by the prompt's choices
     choices: list[ChoiceSpec] = []
-    for p, prompt in enumerate(prompts):
+    for p, prompt in enumerate(prompt_ids):
         max_tokens = resolve_max_tokens(requested, len(prompt), served.max_model_len, kind, param)
         for i in range(body.n):
-            choices.append(ChoiceSpec(p * body.n + i, tuple(prompt), to_sampling(body, max_tokens, i)))
-    return PreparedRequest(
-        body, tuple(tuple(p) for p in prompts), tuple(choices), stop_strings(body), logprob_count(body)
-    )
+            choices.append(ChoiceSpec(p * body.n + i, prompt, to_sampling(body, max_tokens, i)))
+    return PreparedRequest(body, prompt_ids, tuple(choices))
 
 
 def tokenize_body(raw: bytes, served: ServedModel) -> list[int]:

@@ -33,7 +33,6 @@ from tandem.common.tracing import extract_metadata
 from tandem.gateway import protocol, responses
 from tandem.gateway.errors import OpenAIError, body_too_large, internal_error, sse_error_event
 from tandem.gateway.generation import ChoiceEvent, Generation
-from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.response_view import ResponseView
 from tandem.gateway.state import GatewayState
 
@@ -122,7 +121,7 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         prepared.logprob_count,
         tokenizer,
     )
-    finish = _Finisher(state.metrics, span, generation, endpoint_label(request), start_s)
+    finish = _Finisher(span, generation, endpoint_label(request), start_s)
     request.state.counted = True  # the finisher records this request's status
     if not body.stream:
         return await _respond_json(request, generation, view, finish)
@@ -155,7 +154,6 @@ async def _respond_json(request: Request, generation: Generation, view: Response
     try:
         body = await until_disconnect(request, _collect(generation, view))
     except ClientDisconnected:
-        generation.metrics.client_disconnect()
         finish(499, "client disconnected")
         return Response(status_code=499)
     except OpenAIError as exc:
@@ -173,7 +171,6 @@ async def _respond_sse(
         first = await until_disconnect(request, events.__anext__())
     except ClientDisconnected:
         await events.aclose()
-        generation.metrics.client_disconnect()
         finish(499, "client disconnected")
         return Response(status_code=499)
     except OpenAIError as exc:
@@ -188,12 +185,11 @@ async def _respond_sse(
 
 
 class _Finisher:
-    """Ends a request's root span and records its end-to-end metrics exactly once."""
+    """Ends a request's root span and records its end-to-end metrics exactly once (status 499:
+    the client went away, counted in `tandem_client_disconnects_total`)."""
 
-    def __init__(
-        self, metrics: GatewayMetrics, span: trace.Span, generation: Generation, endpoint: str, start_s: float
-    ) -> None:
-        self.metrics = metrics
+    def __init__(self, span: trace.Span, generation: Generation, endpoint: str, start_s: float) -> None:
+        self.metrics = generation.metrics
         self.span = span
         self.generation = generation
         self.endpoint = endpoint
@@ -206,6 +202,8 @@ class _Finisher:
         self.done = True
         generated = self.generation.num_generated_tokens
         self.metrics.request_done(self.endpoint, status)
+        if status == 499:
+            self.metrics.client_disconnect()
         if status == 200:
             self.metrics.observe_e2e(time.perf_counter() - self.start_s)
             prompt_tokens = sum(len(c.prompt_token_ids) for c in self.generation.choices)
@@ -255,6 +253,4 @@ async def _sse(
         status, error = exc.status_code, exc.message
     finally:
         await events.aclose()
-        if status == 499:
-            generation.metrics.client_disconnect()
         finish(status, error)
