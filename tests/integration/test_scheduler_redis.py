@@ -268,6 +268,14 @@ def test_workers_whose_block_hashes_differ_are_never_routed_to_and_logged_once(s
     ]
     decision = scheduler.route(request(PROMPT_A, scheduler))
     assert (decision.kind, decision.prefill, decision.decode.worker_id) == (RouteKind.LOCAL_PREFILL, None, "d-good")
+    # The refused workers' KV events are skipped: the index holds none of their blocks.
+    scheduler.start()
+    try:
+        assert scheduler.wait_caught_up(5.0)
+        # d-good holds its routing claim; the refused workers, never live, hold nothing
+        assert scheduler._index.worker_ids() == frozenset({"d-good"})
+    finally:
+        scheduler.stop()
     # A refused worker that re-registers with the gateway's values is routed to at once.
     register(state, replace(good, worker_id="d-model"))
     caplog.clear()

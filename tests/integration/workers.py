@@ -57,7 +57,7 @@ def worker_stub(worker: ChildProcess) -> pb_grpc.WorkerStub:
 
 
 def worker_health(worker: ChildProcess) -> pb.HealthResponse:
-    return worker_stub(worker).Health(pb.HealthRequest(), timeout=5)
+    return worker_stub(worker).Health(codec.health_request_to_proto(), timeout=5)
 
 
 def metrics_port(worker: ChildProcess) -> int:

@@ -160,7 +160,7 @@ class DecodeServicer(WorkerServicerBase):
         end_s = time.monotonic()  # not before the span's end: "decode.admit" starts here
         header.transfer_s = end_s - start_s
         release = asyncio.get_running_loop().create_task(
-            self.transport.release(handle, worker.config.transfer_timeout_s)
+            self.transport.release(handle, worker.config.kv_transfer.pull_timeout_s)
         )
         self._background.add(release)  # keep a reference until done
         release.add_done_callback(self._background.discard)
@@ -197,7 +197,7 @@ class DecodeServicer(WorkerServicerBase):
         try:
             pull = asyncio.ensure_future(
                 self.transport.pull(
-                    handle, src, reservation.missing_block_ids, self.store, worker.config.transfer_timeout_s
+                    handle, src, reservation.missing_block_ids, self.store, worker.config.kv_transfer.pull_timeout_s
                 )
             )
             self._pulling.add(rid)

@@ -35,7 +35,7 @@ class KVTransferConfig:
         metadata={"flag": "kv-max-chunk-bytes", "help": "gRPC stream chunk size asked of the source"},
     )
     pull_timeout_s: float = field(
-        default=30.0, metadata={"flag": "transfer-timeout-s", "help": "bound on one KV pull or release"}
+        default=10.0, metadata={"flag": "transfer-timeout-s", "help": "bound on one KV pull or release"}
     )
     connect_timeout_s: float = field(
         default=10.0, metadata={"flag": "kv-connect-timeout-s", "help": "torch: bound on forming a process-group pair"}

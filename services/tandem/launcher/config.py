@@ -57,7 +57,7 @@ _SHARED = (
 
 def worker_template() -> WorkerConfig:
     """Every worker's options but its own (`WORKER_CHILD_FIELDS`, placeholders here)."""
-    return WorkerConfig(role=WorkerRole.DECODE, worker_id="<worker>", model_dir=_PLACEHOLDER_MODEL)
+    return WorkerConfig(role=WorkerRole.DECODE, worker_id="template", model_dir=_PLACEHOLDER_MODEL)
 
 
 def gateway_template() -> GatewayConfig:

@@ -166,6 +166,9 @@ class Scheduler:
         self._inflight = InflightTable()
         self._snapshot = EMPTY_SNAPSHOT  # replaced whole by refresh_now, never mutated
         self._registration = RegistrationCheck(HashScheme(config.block_size, model_id))
+        # ids of the workers refused at the last refresh: the follower skips their KV events,
+        # whose hashes could never match (replaced whole by refresh_now, never mutated)
+        self._refused: frozenset[str] = frozenset()
         self._seq = itertools.count()
         self._seq_lock = threading.Lock()
         self._stop = threading.Event()
@@ -246,6 +249,7 @@ class Scheduler:
         # events, so any live worker in `known` is also in `workers` and is not forgotten.
         known = self._index.worker_ids()
         workers = self._registration.accept(self._state.list_workers())
+        self._refused = frozenset(self._registration.refused)
         loads = self._state.get_loads(w.worker_id for w in workers)
         snapshot = RegistrySnapshot.of(workers, loads, self._clock())
         previous = set(self._snapshot.worker_ids)
@@ -278,8 +282,10 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 records, last_id = self._events.read_kv_events(last_id, EVENTS_PER_READ, block_ms)
+                refused = self._refused
                 for record in records:
-                    self._index.apply(record)
+                    if record.worker_id not in refused:
+                        self._index.apply(record)
                 if len(records) < EVENTS_PER_READ:
                     self._caught_up.set()
                 self._index.expire(self._clock())

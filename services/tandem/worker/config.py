@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.common.tracing import TracingConfig
-from tandem.common.workers import WorkerRole
+from tandem.common.workers import WorkerRole, check_name
 from tandem.engine.config import EngineConfig
 from tandem.kvtransfer.config import KVTransferConfig
 
@@ -36,7 +36,7 @@ class WorkerConfig:
     lease_ttl_s: float = field(default=30.0, metadata={"help": "how long a finished prompt's blocks stay pinned"})
     inbox_size: int = field(default=1024, metadata={"help": "requests waiting for the step loop (more: busy)"})
     kv_transfer: KVTransferConfig = field(
-        default_factory=lambda: KVTransferConfig(pull_timeout_s=10.0),
+        default_factory=KVTransferConfig,
         metadata={"skip": ("bind_host",)},  # the worker's advertised host
     )
     request_timeout_s: float = field(default=600.0, metadata={"help": "bound on one request's life"})
@@ -44,8 +44,7 @@ class WorkerConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def __post_init__(self) -> None:
-        if not self.worker_id or len(self.worker_id) > 128:
-            raise ValueError("worker_id must have 1 to 128 characters")
+        check_name("worker_id", self.worker_id)  # the rule its Redis registration applies
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -64,12 +63,3 @@ class WorkerConfig:
     @property
     def advertised(self) -> str:
         return self.advertise_host or self.host
-
-    @property
-    def kv_transport(self) -> str:
-        return self.kv_transfer.transport
-
-    @property
-    def transfer_timeout_s(self) -> float:
-        """Bound on one KV pull or release."""
-        return self.kv_transfer.pull_timeout_s
