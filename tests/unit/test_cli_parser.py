@@ -106,3 +106,16 @@ def test_a_command_only_loads_what_it_parses(argv: list[str]) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout) == (0, "[]\n"), out.stderr
+
+
+@pytest.mark.parametrize("argv", [["up"], ["prefill"], ["gateway", "--redis", "redis://r"]])
+def test_building_a_config_loads_no_torch(argv: list[str]) -> None:
+    """The configs name their registries' entries without importing them: `tandem up` (and the
+    parsers of the worker and gateway commands) read every worker option but load no torch."""
+    code = (
+        "import sys; from tandem.cli import build_parser; "
+        f"build_parser({argv[0]!r}).parse_args({argv!r}); "
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "[]\n"), out.stderr

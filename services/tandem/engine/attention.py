@@ -20,6 +20,8 @@ from typing import Protocol
 
 import torch
 
+from tandem.engine.config import ATTENTION_BACKENDS, BACKEND_NAMES
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -117,25 +119,17 @@ class AttentionBackend(Protocol):
         ...
 
 
-_BACKENDS: dict[str, str] = {
-    "torch": "tandem.engine.attention_torch:TorchAttentionBackend",
-    "triton": "tandem.engine.attention_triton:TritonAttentionBackend",
-}
-
-BACKEND_NAMES: tuple[str, ...] = ("auto", *_BACKENDS)
-
-
 def resolve_backend_name(name: str, device: torch.device) -> str:
     """Map `auto` to a concrete backend for `device`; reject unknown names."""
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if name not in _BACKENDS:
+    if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKEND_NAMES}")
     return name
 
 
 def create_backend(name: str, device: torch.device) -> AttentionBackend:
     """Instantiate the backend registered under `name` (after resolving `auto`)."""
-    module_name, _, class_name = _BACKENDS[resolve_backend_name(name, device)].partition(":")
+    module_name, _, class_name = ATTENTION_BACKENDS[resolve_backend_name(name, device)].partition(":")
     factory: Callable[[], AttentionBackend] = getattr(importlib.import_module(module_name), class_name)
     return factory()

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tandem.engine.attention import BACKEND_NAMES
 from tandem.engine.model_config import DTYPE_NAMES
 
 MiB = 1024 * 1024
+
+# The attention backend registry: name -> "module:class", imported on first use by
+# `attention.create_backend`. It lives here, with no imports, so that the config can check a
+# name (and the CLI list the choices) without loading torch.
+ATTENTION_BACKENDS: dict[str, str] = {
+    "torch": "tandem.engine.attention_torch:TorchAttentionBackend",
+    "triton": "tandem.engine.attention_triton:TritonAttentionBackend",
+}
+BACKEND_NAMES: tuple[str, ...] = ("auto", *ATTENTION_BACKENDS)
 
 
 @dataclass(frozen=True)
