@@ -7,8 +7,6 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-API_KEYS_ENV = "TANDEM_API_KEYS"  # comma-separated, read by `tandem gateway` and `tandem up`
-
 
 def model_dir(path: Path | None) -> Path:
     """`path`, or the generated tiny model (made on first use) when no `--model` was given."""
@@ -21,5 +19,7 @@ def model_dir(path: Path | None) -> Path:
 
 def api_keys(flags: Iterable[str], environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     """The `--api-key` flags, then the keys of TANDEM_API_KEYS, in order, each once."""
+    from tandem.gateway.config import API_KEYS_ENV
+
     from_environ = [key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
     return tuple(dict.fromkeys([*flags, *from_environ]))

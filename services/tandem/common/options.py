@@ -9,8 +9,8 @@ Field metadata (every key optional):
 
 - `help`: the flag's help text.
 - `flag`: the flag's name without `--` (default: the field's name with `-` for `_`).
-- `choices`: the accepted values: a tuple, or a function that returns them (a registry, read
-  only when argparse needs it, so that building a parser loads no backend).
+- `choices`: the accepted values, a tuple (a registry's names: registries keep their names where
+  the config can read them without loading a backend).
 - `scale`: the flag counts units of `scale` (`kv_cache_bytes` is `--kv-cache-mib`, scale 2**20).
 - `required`: False on a field without a default: its flag may be left out, and the command then
   gives the value to `from_args` (`--model` falls back to the generated tiny model).
@@ -35,32 +35,12 @@ import dataclasses
 import enum
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 _KEYS = frozenset({"help", "flag", "choices", "scale", "required", "no_flag", "prefix", "skip"})
 _MISSING: Any = dataclasses.MISSING
-
-
-class LazyChoices:
-    """The names of a registry, read on first use (argparse only iterates choices to check a
-    given value or to print help)."""
-
-    def __init__(self, source: Callable[[], tuple[str, ...]]) -> None:
-        self._source = source
-        self._names: tuple[str, ...] | None = None
-
-    def _get(self) -> tuple[str, ...]:
-        if self._names is None:
-            self._names = tuple(self._source())
-        return self._names
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._get()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
 
 
 @dataclass(frozen=True)
@@ -171,8 +151,6 @@ def _walk(cls: type, parent: Any, path: tuple[str, ...], prefix: str, skip: froz
             sequence, kind = typing.get_origin(kind), typing.get_args(kind)[0]
         elif isinstance(kind, type) and issubclass(kind, enum.Enum):
             choices = choices or tuple(member.value for member in kind)
-        if callable(choices):
-            choices = LazyChoices(choices)
         required = default is _MISSING and meta.get("required", True)
         yield Option(
             (*path, f.name), flag, kind, default, meta.get("help"), choices, meta.get("scale", 1), required, sequence

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.common.tracing import TracingConfig
+from tandem.common.workers import check_name
 from tandem.gateway.limits import RateLimitConfig
 from tandem.scheduler import SchedulerConfig
+
+API_KEYS_ENV = "TANDEM_API_KEYS"  # more API keys, comma-separated: read by `tandem gateway` and `tandem up`
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class GatewayConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.redis_url:
             raise ValueError("redis_url is required (the gateway reads the cluster state from Redis)")
+        check_name("cluster", self.cluster)  # it names Redis keys
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_body_bytes < 1024:

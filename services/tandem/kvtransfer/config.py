@@ -22,14 +22,12 @@ TRANSPORTS: dict[str, tuple[str, str]] = {
 }
 
 
-def _transport_names() -> tuple[str, ...]:
-    """The registered transports: the `--kv-transport` choices."""
-    return tuple(sorted(TRANSPORTS))
+TRANSPORT_NAMES: tuple[str, ...] = tuple(sorted(TRANSPORTS))  # the `--kv-transport` choices
 
 
 @dataclass(frozen=True)
 class KVTransferConfig:
-    transport: str = field(default="grpc", metadata={"flag": "kv-transport", "choices": _transport_names})
+    transport: str = field(default="grpc", metadata={"flag": "kv-transport", "choices": TRANSPORT_NAMES})
     max_chunk_bytes: int = field(
         default=MAX_CHUNK_BYTES,
         metadata={"flag": "kv-max-chunk-bytes", "help": "gRPC stream chunk size asked of the source"},
@@ -58,8 +56,8 @@ class KVTransferConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.transport not in _transport_names():
-            raise ValueError(f"transport must be one of {_transport_names()}, got {self.transport!r}")
+        if self.transport not in TRANSPORT_NAMES:
+            raise ValueError(f"transport must be one of {TRANSPORT_NAMES}, got {self.transport!r}")
         if not MIN_CHUNK_BYTES <= self.max_chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(
                 f"max_chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {self.max_chunk_bytes}"

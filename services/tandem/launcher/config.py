@@ -12,7 +12,6 @@ can read them.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,13 +20,11 @@ from pathlib import Path
 from tandem.autoscaler.config import AutoscalerConfig
 from tandem.common.options import to_argv
 from tandem.common.workers import WorkerRole
-from tandem.gateway.config import GatewayConfig
+from tandem.gateway.config import API_KEYS_ENV, GatewayConfig
 from tandem.worker.config import WorkerConfig
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")  # same rule as cluster_state's names
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_WORKERS = 64
-API_KEYS_ENV = "TANDEM_API_KEYS"  # read by `tandem gateway`, comma-separated
 WORKER_HOST = "127.0.0.1"  # internal services bind loopback (DESIGN section 8)
 
 # Each child's own values: no `tandem up` flag; the templates hold placeholders for them.
@@ -122,8 +119,6 @@ class LocalClusterConfig:
                     f"the workers' {worker_field} ({_get(self.worker, worker_field)!r}) must equal the "
                     f"gateway's {gateway_field} ({_get(self.gateway, gateway_field)!r})"
                 )
-        if not _NAME_RE.match(self.cluster):
-            raise ValueError(f"cluster must be 1-128 chars of [A-Za-z0-9_.-], got {self.cluster!r}")
         if any(any(c.isspace() or c == "," for c in key) for key in self.gateway.api_keys):
             raise ValueError("api keys must not contain spaces or commas")
         for name in ("ready_timeout_s", "gateway_stop_timeout_s"):

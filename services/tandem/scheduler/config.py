@@ -12,10 +12,7 @@ from dataclasses import dataclass, field
 
 from tandem.scheduler.policies import POLICIES
 
-
-def _policy_names() -> tuple[str, ...]:
-    """The registered routing policies, read when a parser checks a value."""
-    return tuple(sorted(POLICIES))
+POLICY_NAMES: tuple[str, ...] = tuple(sorted(POLICIES))  # the `--policy` choices
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ class SchedulerConfig:
     - `kv_events_block_ms`: how long one XREAD of the KV event follower blocks.
     """
 
-    policy: str = field(default="prefix_aware", metadata={"choices": _policy_names, "help": "routing policy"})
+    policy: str = field(default="prefix_aware", metadata={"choices": POLICY_NAMES, "help": "routing policy"})
     block_size: int = field(default=16, metadata={"help": "must equal the workers' block size"})
     local_prefill_max_tokens: int = field(
         default=256, metadata={"help": "uncached prompt tokens under which the decode worker prefills locally"}

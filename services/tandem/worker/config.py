@@ -45,6 +45,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)  # the rule its Redis registration applies
+        check_name("cluster", self.cluster)
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
