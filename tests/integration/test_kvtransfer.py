@@ -30,7 +30,7 @@ from tandem.engine.outputs import HeldKV
 from tandem.kernels.reference import ref_pack_blocks, ref_unpack_blocks
 from tandem.kvtransfer.base import FailureReason, KVTransferError, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
-from tandem.kvtransfer.channels import server_options
+from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig, MiB
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
 from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseTable
@@ -110,7 +110,7 @@ def assert_untouched(dst: KVBlockStore, before: list[torch.Tensor]) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(servicer: KVTransferServicer) -> AsyncIterator[str]:
-    server = grpc.aio.server(options=server_options())
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer.register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tandem.cli import RAY_OWN_HEAD, build_parser
+from tandem.cli import build_parser
+from tandem.cli.cluster import RAY_OWN_HEAD
 from tandem.launcher.ray_auth import AuthMode, RayAuth, patch_environ, write_token_file
 
 

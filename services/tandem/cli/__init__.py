@@ -20,9 +20,6 @@ from collections.abc import Callable
 
 from tandem.cli import autoscaler, bench, cluster, generate, serve
 
-Subparsers = argparse._SubParsersAction  # type of `parser.add_subparsers()`
-RAY_OWN_HEAD = cluster.RAY_OWN_HEAD
-
 # command -> (help, the function that adds its flags and sets `func`)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "generate": ("run prompts through an in-process engine and print completions", generate.add_generate_flags),

@@ -28,15 +28,24 @@ R = TypeVar("R")
 SERVICE = "tandem.v1.KVTransfer"
 MAX_MESSAGE_BYTES = 2 * MAX_CHUNK_BYTES  # a 4 MiB chunk plus its header, with room to spare
 
-# Options for the channels here and for the prefill worker's server (`server_options`):
-# messages big enough for whole chunks, and no transparent retries (a pull is not idempotent
-# from the caller's point of view: it has its own deadline and fallback).
+# Options for the channels here: messages big enough for whole chunks, and no transparent
+# retries (a pull is not idempotent from the caller's point of view: it has its own deadline
+# and fallback).
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+)
+
+# Options of a worker's gRPC server, which hosts the Worker and KVTransfer services (and of any
+# server standing in for one, like the KV benchmark's source): messages big enough for whole
+# chunks, and no port sharing with another process.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
 )
 
 _REASONS = MappingProxyType(
@@ -51,11 +60,6 @@ _REASONS = MappingProxyType(
         grpc.StatusCode.UNAUTHENTICATED: FailureReason.REFUSED,
     }
 )
-
-
-def server_options() -> list[tuple[str, int]]:
-    """gRPC options for a server that hosts the KVTransfer service (the prefill worker's)."""
-    return list(CHANNEL_OPTIONS)
 
 
 def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> KVTransferError:

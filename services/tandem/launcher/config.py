@@ -12,13 +12,14 @@ can read them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.autoscaler.config import AutoscalerConfig
-from tandem.common.options import to_argv
+from tandem.common.options import options, to_argv
 from tandem.common.workers import WorkerRole
 from tandem.gateway.config import API_KEYS_ENV, GatewayConfig
 from tandem.worker.config import WorkerConfig
@@ -42,14 +43,6 @@ WORKER_CHILD_FIELDS = (
 GATEWAY_CHILD_FIELDS = ("model_dir", "redis_url")
 _PLACEHOLDER_MODEL = Path("<model>")
 _PLACEHOLDER_REDIS = "redis://<redis>"
-# Options that the workers and the gateway must agree on (one `tandem up` flag sets both).
-_SHARED = (
-    ("cluster", "cluster"),
-    ("engine.max_model_len", "max_model_len"),
-    ("engine.block_size", "scheduler.block_size"),
-    ("engine.model_id", "model_id"),
-    ("tracing", "tracing"),
-)
 
 
 def worker_template() -> WorkerConfig:
@@ -60,6 +53,22 @@ def worker_template() -> WorkerConfig:
 def gateway_template() -> GatewayConfig:
     """The gateway's options but its own (`GATEWAY_CHILD_FIELDS`, placeholders here)."""
     return GatewayConfig(model_dir=_PLACEHOLDER_MODEL, redis_url=_PLACEHOLDER_REDIS)
+
+
+@functools.cache
+def _shared_fields() -> tuple[tuple[str, str], ...]:
+    """(worker field, gateway field) pairs that one `tandem up` flag sets: the flags that both
+    templates have (`--cluster`, `--max-model-len`, `--block-size`, `--model-id`, `--otel-*`).
+    The two must agree in a config built in code too."""
+    paths_by_flag: dict[str, list[tuple[str, ...]]] = {}
+    for option in options(LocalClusterConfig):
+        paths_by_flag.setdefault(option.flag, []).append(option.path)
+    return tuple(
+        (".".join(worker[1:]), ".".join(gateway[1:]))
+        for paths in paths_by_flag.values()
+        if len(paths) == 2
+        for worker, gateway in [sorted(paths, key=lambda path: path[0] != "worker")]
+    )
 
 
 def _get(config: object, dotted: str) -> object:
@@ -113,7 +122,7 @@ class LocalClusterConfig:
             raise ValueError(f"redis_url must start with one of {_REDIS_SCHEMES}, got {self.redis_url!r}")
         if not isinstance(self.worker, WorkerConfig) or not isinstance(self.gateway, GatewayConfig):
             raise ValueError("worker must be a WorkerConfig and gateway a GatewayConfig")
-        for worker_field, gateway_field in _SHARED:
+        for worker_field, gateway_field in _shared_fields():
             if _get(self.worker, worker_field) != _get(self.gateway, gateway_field):
                 raise ValueError(
                     f"the workers' {worker_field} ({_get(self.worker, worker_field)!r}) must equal the "
@@ -164,12 +173,16 @@ class LocalClusterConfig:
     def num_workers(self) -> int:
         return self.num_prefill + self.num_decode
 
-    def threads_per_worker(self, cpu_count: int | None) -> int:
-        """The host's cores divided among the workers (DESIGN section 6b), at least 1. With
-        autoscaling, among the most workers the pools may grow to."""
+    @property
+    def max_workers(self) -> int:
+        """The most workers the pools may have: the autoscaling maxima, else the workers started."""
         scale = self.autoscale
-        most = self.num_workers if scale is None else scale.prefill.max_replicas + scale.decode.max_replicas
-        return max(1, (cpu_count or 1) // most)
+        return self.num_workers if scale is None else scale.prefill.max_replicas + scale.decode.max_replicas
+
+    def threads_per_worker(self, cpu_count: int | None) -> int:
+        """The host's cores divided among the most workers the pools may have (DESIGN section
+        6b), at least 1."""
+        return max(1, (cpu_count or 1) // self.max_workers)
 
     def worker_ids(self) -> list[tuple[WorkerRole, str]]:
         """(role, worker id) of every worker, decode first: `decode-0`, ..., `prefill-0`, ..."""

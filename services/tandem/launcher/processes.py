@@ -103,7 +103,6 @@ class ChildProcess:
         self._forward_output = forward
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._ready: dict[str, Any] | None = None
-        self._ready_event = threading.Event()
         self._stdout_closed = threading.Event()
         self._signalled = False
         self._readers = [
@@ -276,7 +275,6 @@ class ChildProcess:
                     ready = _parse_ready(line)
                     if ready is not None:
                         self._ready = ready
-                        self._ready_event.set()
                         logger.info("%s (pid %d) is ready at %s", self._name, self.pid, ready.get("address"))
                         continue
                 self._forward(line)

@@ -147,9 +147,7 @@ class RayCluster:
     def _head_num_cpus(self) -> int:
         """CPU slots of a private head: the host's cores, or enough for the most workers the
         pools may have (they then share the cores, as `tandem up`'s processes do)."""
-        config, scale = self._config, self._config.autoscale
-        most = config.num_workers if scale is None else scale.prefill.max_replicas + scale.decode.max_replicas
-        return max(os.cpu_count() or 1, math.ceil(most * self._ray_config.cpus_per_worker))
+        return max(os.cpu_count() or 1, math.ceil(self._config.max_workers * self._ray_config.cpus_per_worker))
 
     def spawn(self, role: WorkerRole, worker_id: str) -> RayWorker:
         """One worker actor named `worker_id` (not waited for)."""

@@ -47,6 +47,7 @@ from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.worker.config import WorkerConfig
 from tandem.worker.heartbeat import Heartbeat
@@ -56,11 +57,6 @@ from tandem.worker.step_loop import StepLoop, WorkerBusyError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-]
 VERSION = "0.1.0"
 # grpc.health.v1 service names (Kubernetes gRPC probes): "" is liveness (SERVING while the
 # step loop runs), READINESS_SERVICE is readiness (SERVING once registered, until the drain).
@@ -234,7 +230,7 @@ class Worker:
     # ---- process lifecycle ----------------------------------------------------------------
     async def serve(self, add_servicers: Callable[[grpc.aio.Server], None]) -> None:
         self.loop.start()
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")

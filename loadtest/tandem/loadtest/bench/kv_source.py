@@ -29,9 +29,9 @@ from tandem.common.layout import KVLayout
 from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
+from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
-from tandem.worker.worker import GRPC_OPTIONS
 
 LEASE_TTL_S = 3600.0
 
@@ -94,7 +94,7 @@ async def _main(args: argparse.Namespace) -> None:
         args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()), LEASE_TTL_S
     )
     transport = create_transport(args.transport, KVTransferConfig(transport=args.transport, bind_host=args.host))
-    server = grpc.aio.server(options=GRPC_OPTIONS)  # the prefill worker's server, as deployed
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # the prefill worker's server, as deployed
     transport.add_source(server, store, leases)
     port = server.add_insecure_port(f"{args.host}:0")
     await server.start()
