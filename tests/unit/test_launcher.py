@@ -81,6 +81,10 @@ def up(*flags: str) -> LocalClusterConfig:
             dict(gateway=replace(gateway_template(), max_model_len=64)),
             "the workers' engine.max_model_len (None) must equal the gateway's max_model_len (64)",
         ),
+        (
+            dict(worker=replace(worker_template(), engine=replace(worker_template().engine, block_size=32))),
+            "the workers' engine.block_size (32) must equal the gateway's scheduler.block_size (16)",
+        ),
         (dict(gateway=replace(gateway_template(), api_keys=("ok", "has space"))), "api keys must not"),
         (dict(gateway=replace(gateway_template(), api_keys=("a,b",))), "api keys must not"),
         (dict(ready_timeout_s=0), "ready_timeout_s must be > 0"),
