@@ -248,8 +248,8 @@ class DecodeServicer(WorkerServicerBase):
                 outs = [await asyncio.wait_for(q.get(), timeout_s)]
                 while not q.empty():
                     outs.append(q.get_nowait())
-                first_fields: dict[str, Any] = {}
-                if stream is None:
+                first = stream is None
+                if first:
                     scheduled_s = outs[0].first_scheduled_s
                     scheduled_s = max(admit_from_s, time.monotonic() if scheduled_s is None else scheduled_s)
                     header.admit_s = scheduled_s - admit_from_s
@@ -258,9 +258,6 @@ class DecodeServicer(WorkerServicerBase):
                         "decode.stream", context=parent, start_time=arrival.unix_ns_at(scheduled_s)
                     )
                     span.set_attribute("tandem.cached_tokens", outs[0].num_cached_tokens)
-                    first_fields = dataclasses.asdict(header)
-                    if local:
-                        first_fields["num_cached_tokens"] = outs[0].num_cached_tokens
                 token_ids: list[int] = []
                 logprobs: list[TokenLogprob] = []
                 finish_reason: FinishReason | None = None
@@ -275,7 +272,17 @@ class DecodeServicer(WorkerServicerBase):
                         failed = True
                         span.set_status(Status(StatusCode.ERROR, "decode step failed"))
                 num_tokens += len(token_ids)
-                yield codec.DecodeDelta(tuple(token_ids), tuple(logprobs), finish_reason, failed, **first_fields)
+                delta = codec.DecodeDelta(tuple(token_ids), tuple(logprobs), finish_reason, failed)
+                if first:  # the first message also reports the hand-off and the admission
+                    delta = dataclasses.replace(
+                        delta,
+                        num_cached_tokens=outs[0].num_cached_tokens if local else header.num_cached_tokens,
+                        num_pulled_blocks=header.num_pulled_blocks,
+                        recomputed=header.recomputed,
+                        transfer_s=header.transfer_s,
+                        admit_s=header.admit_s,
+                    )
+                yield delta
                 if finish_reason is not None or failed:
                     return
         except (asyncio.CancelledError, GeneratorExit):
