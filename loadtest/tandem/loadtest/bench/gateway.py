@@ -30,9 +30,15 @@ import grpc
 
 from tandem.common import codec
 from tandem.common.embedded_redis import EmbeddedRedis
+from tandem.common.options import to_argv
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.request import SamplingParams
+from tandem.common.workers import WorkerRole
+from tandem.engine.config import EngineConfig, MiB
+from tandem.gateway.config import GatewayConfig
 from tandem.launcher.processes import ChildProcess
+from tandem.scheduler.config import SchedulerConfig
+from tandem.worker.config import WorkerConfig
 
 GOAL = 0.85
 # The decode worker gets a core of its own; the gateway and this process's clients share the
@@ -155,45 +161,26 @@ def measure_gateway(
     children: list[ChildProcess] = []
     own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        decode = ChildProcess.spawn(
-            "decode",
-            [
-                *python,
-                "decode",
-                "--model",
-                str(model_dir),
-                "--worker-id",
-                "bench-decode",
-                "--port",
-                "0",
-                "--redis",
-                redis.url,
-                "--num-threads",
-                "1",
-                "--kv-cache-mib",
-                "64",
-            ],
-            forward=False,
+        worker = WorkerConfig(
+            role=WorkerRole.DECODE,
+            worker_id="bench-decode",
+            model_dir=model_dir,
+            port=0,
+            redis_url=redis.url,
+            engine=EngineConfig(num_threads=1, kv_cache_bytes=64 * MiB),
         )
+        decode = ChildProcess.spawn("decode", [*python, "decode", *to_argv(worker)], forward=False)
         children.append(decode)
         _pin(decode.pid, WORKER_CPU)
         address = decode.wait_ready(READY_TIMEOUT_S)["address"]
-        gateway = ChildProcess.spawn(
-            "gateway",
-            [
-                *python,
-                "gateway",
-                "--model",
-                str(model_dir),
-                "--redis",
-                redis.url,
-                "--port",
-                "0",
-                "--local-prefill-max-tokens",
-                "1000000",
-            ],
-            forward=False,
+        # every prompt prefills on the decode worker: no prefill pool here
+        config = GatewayConfig(
+            model_dir=model_dir,
+            redis_url=redis.url,
+            port=0,
+            scheduler=SchedulerConfig(local_prefill_max_tokens=1_000_000),
         )
+        gateway = ChildProcess.spawn("gateway", [*python, "gateway", *to_argv(config)], forward=False)
         children.append(gateway)
         _pin(gateway.pid, CLIENT_CPU)
         _pin(0, CLIENT_CPU)  # this process: the clients of both paths
