@@ -1,8 +1,10 @@
 """The request and its nouns: what a client asked, as every package sees it (DESIGN.md section 1).
 
-A `Request` is immutable: prompt token ids plus `SamplingParams`, validated once at
-construction. The gateway builds it, the codec carries it to workers, and a worker's
-`Sequence` holds it. `FinishReason` and `TokenLogprob` describe what came out. This module
+A `Request` is immutable: prompt token ids plus `SamplingParams` (which validate themselves
+at construction). What a peer sends is checked by the codec (`request_from_proto`: sizes and
+token ranges), and the engine checks a prompt against its model (vocabulary, context length)
+when it admits it. The gateway builds a request, the codec carries it to workers, and a
+worker's `Sequence` holds it. `FinishReason` and `TokenLogprob` describe what came out. This module
 imports nothing else from the project (the leaf layer).
 """
 
