@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tandem.common.embedded_redis import EmbeddedRedis
 from tandem.launcher.processes import ChildProcess
-from tests.integration.workers import REPO_ROOT, STOP_TIMEOUT_S, start_worker, worker_health
+from tests.integration.workers import REPO_ROOT, STOP_TIMEOUT_S, metric_sum, start_worker, worker_health
 
 HEARTBEAT_TTL_S = 2.0
 GATEWAY_STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL after this
@@ -66,14 +66,7 @@ def wait_gateway_ready(gateway: ChildProcess, timeout_s: float) -> None:
 
 def gateway_metric(gateway: ChildProcess, name: str, **labels: str) -> float:
     """Sum of the samples of `name` on the gateway's /metrics whose labels include `labels`."""
-    text = urllib.request.urlopen(gateway.address + "/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not (line.startswith(name + "{") or line.startswith(name + " ")):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(gateway.address + "/metrics", name, **labels)
 
 
 @dataclass

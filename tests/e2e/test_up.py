@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.workers import metric_sum
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
@@ -239,14 +241,7 @@ def status_rows(up: UpProcess) -> list[list[str]]:
 
 
 def metric(metrics_port: int, name: str) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
+    return metric_sum(f"http://127.0.0.1:{metrics_port}/metrics", name)
 
 
 def stop_and_check_no_orphans(up: UpProcess, ctrl_c: bool = False) -> None:

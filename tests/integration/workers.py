@@ -65,14 +65,21 @@ def metrics_port(worker: ChildProcess) -> int:
     return int(worker.ready["metrics_port"])
 
 
+def metric_sum(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` at the Prometheus endpoint `url` whose labels include `labels`."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def worker_metric(worker: ChildProcess, name: str) -> float:
     """Sum of every sample of `name` on this worker's /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port(worker)}/metrics", timeout=5).read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
+    return metric_sum(f"http://127.0.0.1:{metrics_port(worker)}/metrics", name)
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
