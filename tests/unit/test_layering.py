@@ -137,7 +137,7 @@ def test_nothing_imports_cli_and_only_entry_points_import_gateway_and_loadtest()
     graph = _package_graph()
     assert sorted(p for p, targets in graph.items() if "cli" in targets) == ["__main__"]
     assert sorted(p for p, targets in graph.items() if "loadtest" in targets) == ["cli"]
-    assert sorted(p for p, targets in graph.items() if "gateway" in targets) == ["cli", "launcher"]
+    assert sorted(p for p, targets in graph.items() if "gateway" in targets) == ["cli", "launcher", "loadtest"]
 
 
 def test_outside_the_entry_points_only_the_gateway_config_is_imported() -> None:
