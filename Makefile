@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install proto clean-venv
+.PHONY: run test bench install proto clean-venv gpu-wheels gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ bench: $(STAMP)
 # Regenerate the gRPC stubs from proto/ (tests/unit/test_proto_fresh.py checks they are fresh).
 proto: $(STAMP)
 	$(BIN)/python -m tandem.common.protogen
+
+# The GPU check (README: "GPU check"). `gpu-wheels` downloads, here, the runtime packages the GPU
+# image lacks into deploy/gpu/wheelhouse/ (git-ignored; carry it to the GPU machine);
+# `gpu-check` runs there with no network and no .venv: it installs those wheels and the project
+# into the image's python3, then runs every step and writes the summary into $OUT.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m tandem.loadtest.gpu wheels --dest deploy/gpu/wheelhouse
+
+gpu-check:
+	bash deploy/gpu/check.sh $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
