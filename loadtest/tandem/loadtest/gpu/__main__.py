@@ -1,7 +1,7 @@
 """`python -m tandem.loadtest.gpu`: the GPU check's command line.
 
     python -m tandem.loadtest.gpu check [--out DIR] [--only tests,kernels,handoff,cluster]
-    python -m tandem.loadtest.gpu step NAME --result FILE --work DIR   (one step; run by `check`)
+    python -m tandem.loadtest.gpu step MODULE:FUNCTION --result FILE --work DIR   (one step, run by `check`)
     python -m tandem.loadtest.gpu wheels --dest deploy/gpu/wheelhouse  (`make gpu-wheels`)
 
 `deploy/gpu/check.sh` (`make gpu-check`) installs the wheelhouse and the project, then runs
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--out", type=Path, default=None, help="folder for the summary (default: $OUT if set)")
     check.add_argument("--only", default=None, help=f"comma-separated steps among {','.join(STEP_NAMES)}")
     step = commands.add_parser("step", help="run one step in this process (used by check)")
-    step.add_argument("name", choices=STEP_NAMES)
+    step.add_argument("target", help="the step's function, module:function")
     step.add_argument("--result", type=Path, required=True)
     step.add_argument("--work", type=Path, required=True)
     wheels = commands.add_parser("wheels", help="download the wheelhouse the GPU image lacks")
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out if args.out is not None else (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
         return check_main(steps, out)
     if args.command == "step":
-        return step_main(step_named(args.name), args.result, args.work)
+        return step_main(args.target, args.result, args.work)
     from tandem.loadtest.gpu.wheelhouse import main as wheels_main
 
     return wheels_main(args.rest)

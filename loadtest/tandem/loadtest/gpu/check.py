@@ -7,6 +7,7 @@ on a machine without CUDA every step skips, and says why).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -55,10 +56,10 @@ def environment() -> list[tuple[str, str]]:
     return env
 
 
-def run_step_here(step: Step, work: Path) -> tuple[list[Table], str | None]:
-    """Run one step in this process: its tables, or the reason it skipped."""
-    module_name, function_name = step.target.split(":")
-    module = __import__(module_name, fromlist=[function_name])
+def run_step_here(target: str, work: Path) -> tuple[list[Table], str | None]:
+    """Run one step ("module:function") in this process: its tables, or the reason it skipped."""
+    module_name, function_name = target.split(":")
+    module = importlib.import_module(module_name)
     function: Callable[[Path], list[Table]] = getattr(module, function_name)
     try:
         return function(work), None
@@ -73,17 +74,8 @@ def _tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:
 def run_step(step: Step, work: Path, log: Callable[[str], None]) -> StepReport:
     """Run one step in a child process (its own session, so a timeout kills all it started)."""
     result_path = work / "result.json"
-    argv = [
-        sys.executable,
-        "-m",
-        "tandem.loadtest.gpu",
-        "step",
-        step.name,
-        "--result",
-        str(result_path),
-        "--work",
-        str(work),
-    ]
+    argv = [sys.executable, "-m", "tandem.loadtest.gpu", "step", step.target, "--result", str(result_path)]
+    argv += ["--work", str(work)]
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -108,11 +100,11 @@ def run_step(step: Step, work: Path, log: Callable[[str], None]) -> StepReport:
     return StepReport(step.name, step.title, outcome, seconds, step.limit_s, tables, str(data.get("failed") or ""))
 
 
-def step_main(step: Step, result: Path, work: Path) -> int:
+def step_main(target: str, result: Path, work: Path) -> int:
     """The child's side: run the step and write its tables (or skip reason) as JSON."""
     work.mkdir(parents=True, exist_ok=True)
     try:
-        tables, skipped = run_step_here(step, work)
+        tables, skipped = run_step_here(target, work)
     except StepFailed as failed:
         tables, skipped = failed.tables, None
         result.write_text(json.dumps({"tables": [t.to_dict() for t in tables], "failed": str(failed)}))
@@ -121,13 +113,15 @@ def step_main(step: Step, result: Path, work: Path) -> int:
     return 0
 
 
-def check_main(steps: Sequence[Step], out: Path | None, print_fn: Callable[[str], object] = print) -> int:
+def check_main(
+    steps: Sequence[Step], out: Path | None, print_fn: Callable[[str], object] = print, *, have_cuda: bool | None = None
+) -> int:
     """Run `steps` in order (all skipped without CUDA), print the summary and write it (and
     the steps' whole output) into `out` when given. Exit code 1 if any step failed."""
     env = environment()
     log_lines: list[str] = []
     reports: list[StepReport] = []
-    have_cuda = cuda_available()
+    have_cuda = cuda_available() if have_cuda is None else have_cuda
     with tempfile.TemporaryDirectory(prefix="tandem-gpu-check-") as scratch:
         for step in steps:
             if not have_cuda:

@@ -115,10 +115,11 @@ def render_summary(heading: str, environment: Sequence[tuple[str, str]], steps: 
     for step in steps:
         lines.append(f"| {_cell(step.title)} | {step.outcome.value} | {step.seconds:.1f} s | {step.limit_s:.0f} s |")
     for index, step in enumerate(steps, start=1):
-        lines += ["", f"### {index}. {step.title}: {step.outcome.value}", ""]
+        blocks = [[f"### {index}. {step.title}: {step.outcome.value}"]]
         if step.message:
             fence = step.outcome in (Outcome.FAILED, Outcome.TIMED_OUT)
-            lines += ["```", step.message.rstrip(), "```"] if fence else [step.message]
-        for table in step.tables:
-            lines += ["", *markdown_table(table)]
+            blocks.append(["```", step.message.rstrip(), "```"] if fence else [step.message])
+        blocks.extend(markdown_table(table) for table in step.tables)
+        for block in blocks:
+            lines += ["", *block]
     return "\n".join(lines).rstrip() + "\n"
