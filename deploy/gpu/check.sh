@@ -26,6 +26,9 @@ if has_cuda "$py"; then
   fi
   echo "gpu-check: installing the project (--no-deps)"
   "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir . || exit 2
+  # --no-deps skips pip's version checks: show any gap against the image's own packages (a
+  # report only; the steps say what actually breaks).
+  "$py" -m pip check || echo "gpu-check: pip check found the conflicts above; going on"
   exec "$py" -m tandem.loadtest.gpu check "$@"
 fi
 

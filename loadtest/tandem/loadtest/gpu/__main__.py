@@ -30,9 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     step.add_argument("target", help="the step's function, module:function")
     step.add_argument("--result", type=Path, required=True)
     step.add_argument("--work", type=Path, required=True)
-    wheels = commands.add_parser("wheels", help="download the wheelhouse the GPU image lacks")
-    wheels.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    # `wheels` has its own parser (tandem.loadtest.gpu.wheelhouse): its flags pass through.
+    commands.add_parser("wheels", help="download the wheelhouse the GPU image lacks", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "wheels":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check":
         steps = STEPS if args.only is None else tuple(step_named(n.strip()) for n in args.only.split(","))
         out = args.out if args.out is not None else (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return step_main(args.target, args.result, args.work)
     from tandem.loadtest.gpu.wheelhouse import main as wheels_main
 
-    return wheels_main(args.rest)
+    return wheels_main(rest)
 
 
 if __name__ == "__main__":
