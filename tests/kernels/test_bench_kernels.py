@@ -126,7 +126,8 @@ def test_decode_goal_is_75_percent_of_copy_at_4k_and_longer() -> None:
 def test_prefill_rows_follow_from_flops_and_time() -> None:
     plan = KernelBenchPlan(shape=TINY, decode=(), prefill=(PrefillCase(32, 2), PrefillCase(40, 1)), copy_bytes=1024)
     timer = FixedTimer(1e-6)
-    report = run_plan(plan, DEVICE, timer, "fixed")
+    lines: list[str] = []
+    report = run_plan(plan, DEVICE, timer, "fixed", progress=lines.append)
     assert report.failures == []
     assert timer.calls == 1 + 2 * 2
     prefill = report.tables[2]
@@ -137,6 +138,10 @@ def test_prefill_rows_follow_from_flops_and_time() -> None:
     assert [row[:7] + row[8:] for row in prefill.rows] == [
         ("32", "2", "0.000", "540.7", "0.000", "540.7", "1.00x", "ok"),
         ("40", "1", "0.000", "419.8", "0.000", "419.8", "1.00x", "ok"),
+    ]
+    assert lines[1:] == [
+        "prefill seq len 32 batch 2: 540.7 TFLOP/s (SDPA 540.7)",
+        "prefill seq len 40 batch 1: 419.8 TFLOP/s (SDPA 419.8)",
     ]
     assert prefill.notes[0].startswith("FLOPs = 4 * 4 heads * 32 head dim * causal pairs, causal pairs = ")
 

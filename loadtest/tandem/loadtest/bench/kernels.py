@@ -12,6 +12,7 @@ the same `Table`s: the GPU check puts them in its summary, `tandem bench kernels
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,10 @@ def run_plan(
     prefill = []
     for prefill_case in plan.prefill:
         prefill.append(measure_prefill(plan.shape, prefill_case, device, timer))
-        progress(f"prefill seq len {prefill_case.seq_len} batch {prefill_case.batch}: done")
+        progress(
+            f"prefill seq len {prefill_case.seq_len} batch {prefill_case.batch}: "
+            f"{prefill[-1].triton_tflops:.1f} TFLOP/s (SDPA {prefill[-1].sdpa_tflops:.1f})"
+        )
         _release(device)
     failures = [
         f"decode context {r.case.context_len} batch {r.case.batch}: max|diff| {r.comparison.max_abs_diff:.2e}"
@@ -107,6 +111,17 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _stamped(out: Callable[[str], object]) -> Callable[[str], object]:
+    """Prefix each progress line with the seconds since the start: a step that overruns its
+    limit shows in its log how far it got, and at what pace."""
+    start = time.monotonic()
+    return lambda line: out(f"[{time.monotonic() - start:5.1f} s] {line}")
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)  # the step's output is a pipe: unflushed lines die with a killed step
+
+
 def _cuda_device() -> torch.device:
     if not torch.cuda.is_available():
         raise Skip(NO_CUDA)
@@ -116,7 +131,7 @@ def _cuda_device() -> torch.device:
 def gpu_check(work: Path) -> list[Table]:
     """The GPU check's kernels step; fails (with the tables) when a kernel disagrees with SDPA."""
     del work  # nothing to write: the figures are the tables
-    report = run_plan(KernelBenchPlan(), _cuda_device(), do_bench_timer, TIMING, progress=print)
+    report = run_plan(KernelBenchPlan(), _cuda_device(), do_bench_timer, TIMING, progress=_stamped(_print_now))
     if report.failures:
         raise StepFailed("kernel output differs from SDPA: " + "; ".join(report.failures), report.tables)
     return report.tables
@@ -130,7 +145,7 @@ def run_kernel_bench(out: Callable[[str], object] = print) -> int:
         out(f"kernel benchmark: {skip} (the kernels are tested on CPU with TRITON_INTERPRET=1)")
         return 0
     out(f"device {torch.cuda.get_device_name(device)}")
-    report = run_plan(KernelBenchPlan(), device, do_bench_timer, TIMING, progress=out)
+    report = run_plan(KernelBenchPlan(), device, do_bench_timer, TIMING, progress=_stamped(out))
     for table in report.tables:
         out("\n".join(["", *markdown_table(table)]))
     for failure in report.failures:
