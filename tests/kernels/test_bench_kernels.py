@@ -18,7 +18,6 @@ from tandem.loadtest.bench.kernels_decode import CopyResult, DecodeCase, decode_
 from tandem.loadtest.bench.kernels_inputs import AttentionShape, compare
 from tandem.loadtest.bench.kernels_prefill import PrefillCase
 from tandem.loadtest.gpu.steps import Skip
-from tests.kernels.conftest import DEVICE, ON_CUDA
 
 TINY = AttentionShape("tiny", num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.bfloat16)
 # K + V per token: 2 * 2 KV heads * 32 dims * 2 bytes = 256 bytes
@@ -61,7 +60,7 @@ class FixedTimer:
         return self.ms
 
 
-def test_decode_rows_follow_from_bytes_and_time() -> None:
+def test_decode_rows_follow_from_bytes_and_time(device: torch.device) -> None:
     plan = KernelBenchPlan(
         shape=TINY,
         decode=(DecodeCase(40, 1), DecodeCase(64, 2), DecodeCase(16, 10), DecodeCase(4096, 1)),
@@ -72,7 +71,7 @@ def test_decode_rows_follow_from_bytes_and_time() -> None:
     timer = FixedTimer(0.001)
     lines: list[str] = []
 
-    report = run_plan(plan, DEVICE, timer, "fixed 0.001 ms", progress=lines.append)
+    report = run_plan(plan, device, timer, "fixed 0.001 ms", progress=lines.append)
 
     assert report.failures == []
     assert timer.calls == 1 + 4 + 2  # the copy, Triton per case, SDPA where kv <= 32768 bytes
@@ -113,8 +112,8 @@ def test_decode_rows_follow_from_bytes_and_time() -> None:
     ]
 
 
-def test_decode_goal_is_75_percent_of_copy_at_4k_and_longer() -> None:
-    result = kernels_decode.measure_decode(TINY, DecodeCase(4096, 1), DEVICE, FixedTimer(1.0))
+def test_decode_goal_is_75_percent_of_copy_at_4k_and_longer(device: torch.device) -> None:
+    result = kernels_decode.measure_decode(TINY, DecodeCase(4096, 1), device, FixedTimer(1.0))
     assert (result.kv_bytes, result.checked_seqs, result.sdpa_ms) == (1 << 20, 1, 1.0)
     # 1048576 bytes read vs copies moving 1398100 bytes (75.00007%) and 1398102 bytes (74.99996%)
     above = decode_table(TINY, [result], CopyResult(699050, 1.0))
@@ -123,11 +122,11 @@ def test_decode_goal_is_75_percent_of_copy_at_4k_and_longer() -> None:
     assert below.rows[0][:7] == ("4096", "1", "1.0 MiB", "1000.0", "1.0", "75.0%", "missed")
 
 
-def test_prefill_rows_follow_from_flops_and_time() -> None:
+def test_prefill_rows_follow_from_flops_and_time(device: torch.device) -> None:
     plan = KernelBenchPlan(shape=TINY, decode=(), prefill=(PrefillCase(32, 2), PrefillCase(40, 1)), copy_bytes=1024)
     timer = FixedTimer(1e-6)
     lines: list[str] = []
-    report = run_plan(plan, DEVICE, timer, "fixed", progress=lines.append)
+    report = run_plan(plan, device, timer, "fixed", progress=lines.append)
     assert report.failures == []
     assert timer.calls == 1 + 2 * 2
     prefill = report.tables[2]
@@ -146,7 +145,7 @@ def test_prefill_rows_follow_from_flops_and_time() -> None:
     assert prefill.notes[0].startswith("FLOPs = 4 * 4 heads * 32 head dim * causal pairs, causal pairs = ")
 
 
-def test_a_kernel_that_disagrees_with_sdpa_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kernel_that_disagrees_with_sdpa_is_reported(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
     real = kernels_decode.paged_decode_attention
 
     def off_by_one(*args: object) -> torch.Tensor:
@@ -154,7 +153,7 @@ def test_a_kernel_that_disagrees_with_sdpa_is_reported(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(kernels_decode, "paged_decode_attention", off_by_one)
     plan = KernelBenchPlan(shape=TINY, decode=(DecodeCase(40, 1),), prefill=(), copy_bytes=1024)
-    report = run_plan(plan, DEVICE, FixedTimer(1.0), "fixed")
+    report = run_plan(plan, device, FixedTimer(1.0), "fixed")
     row = report.tables[1].rows[0]
     assert row[-1] == "FAILED"
     assert report.failures == [f"decode context 40 batch 1: max|diff| {row[-2]}"]
@@ -163,13 +162,15 @@ def test_a_kernel_that_disagrees_with_sdpa_is_reported(monkeypatch: pytest.Monke
 
 def test_compare_uses_the_bf16_tolerance() -> None:
     expected = torch.tensor([1.0, -2.0, 0.0])
-    assert compare(expected + torch.tensor([0.05, 0.0, 0.0]), expected) == (pytest.approx(0.05), True)
-    assert compare(expected + torch.tensor([0.0, 0.0, 0.031]), expected) == (pytest.approx(0.031), False)
+    within = compare(expected + torch.tensor([0.05, 0.0, 0.0]), expected)  # 0.05 <= 0.03 + 0.02 * 1
+    outside = compare(expected + torch.tensor([0.0, 0.0, 0.031]), expected)  # 0.031 > 0.03 + 0.02 * 0
+    assert within.ok and within.max_abs_diff == pytest.approx(0.05)
+    assert not outside.ok and outside.max_abs_diff == pytest.approx(0.031)
     with pytest.raises(ValueError, match=r"output shape \(2,\) differs from the baseline's \(3,\)"):
         compare(expected[:2], expected)
 
 
-@pytest.mark.skipif(ON_CUDA, reason="the skip path is the one without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the skip path is the one without CUDA")
 def test_without_cuda_the_step_skips_and_the_command_says_why(tmp_path: Path) -> None:
     with pytest.raises(Skip) as skip:
         gpu_check(tmp_path)
