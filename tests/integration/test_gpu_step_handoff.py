@@ -154,11 +154,11 @@ def test_a_completed_nccl_pull_is_held_to_the_goal(measured: HandoffMeasurement)
 def test_nccl_warnings_are_read_from_its_debug_files(tmp_path: Path) -> None:
     (tmp_path / "nccl.host.101.log").write_text(
         "host:101:120 [0] NCCL INFO Bootstrap : Using lo:127.0.0.1<0>\n"
-        f"host:101:120 [0] NCCL WARN {DUPLICATE}\n"
+        f"host:101:120 [0] init.cc:738 NCCL WARN {DUPLICATE}\n"
         "host:101:120 [0] NCCL INFO init.cc:1234 -> 5\n"
     )
     (tmp_path / "nccl.host.102.log").write_text(
-        f"host:102:130 [0] NCCL WARN {DUPLICATE}\nhost:102:130 [0] NCCL WARN another\n"
+        f"host:102:130 [0] init.cc:738 NCCL WARN {DUPLICATE}\nhost:102:130 [0] NCCL WARN another\n"
     )
     (tmp_path / "other.log").write_text("host:1:1 [0] NCCL WARN not a debug file\n")
     assert nccl_warnings(tmp_path) == (DUPLICATE, "another")

@@ -231,19 +231,15 @@ def handoff_tables(measurement: HandoffMeasurement) -> list[Table]:
     return [_transfer_table(measurement), _checksum_table(measurement)]
 
 
-def _median(values: tuple[float, ...]) -> float:
-    return statistics.median(values)
-
-
 def _pull_seconds(measurement: HandoffMeasurement, path: PathResult) -> float | None:
     """Median seconds of one pull, None if the path has no figures."""
     if path.error or not path.mb_per_s:
         return None
-    return measurement.size_bytes / (_median(path.mb_per_s) * 1e6)
+    return measurement.size_bytes / (statistics.median(path.mb_per_s) * 1e6)
 
 
 def _transfer_table(m: HandoffMeasurement) -> Table:
-    copy = _median(m.copy_mb_per_s)
+    copy = statistics.median(m.copy_mb_per_s)
     rows = [("device-to-device copy", f"{copy:.0f}", _spread(m.copy_mb_per_s), "1.00", "-")]
     lay = m.layout
     notes = [
@@ -264,7 +260,7 @@ def _transfer_table(m: HandoffMeasurement) -> Table:
             if refused(m, path):
                 notes.append(f"why: {SAME_GPU_REASON}")
             continue
-        median = _median(path.mb_per_s)
+        median = statistics.median(path.mb_per_s)
         rows.append((path.label, f"{median:.0f}", _spread(path.mb_per_s), f"{median / copy:.2f}", destination))
         if path.label == "torch (NCCL)":
             met = "met" if median / copy >= NCCL_GOAL else "missed"
