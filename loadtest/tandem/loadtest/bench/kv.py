@@ -6,29 +6,38 @@ receiver. Rounds interleave raw TCP, the gRPC transport and the torch transport,
 three see the same machine load, and the medians are compared. Every transport round is a
 whole pull (source pack, transfer, checksums, receiver unpack) into a real destination cache;
 raw TCP is only `sendall` from a ready buffer into `recv_into` a reused one. The destination
-blocks are checked against the source's bytes once per transport.
+blocks are checked against the source's bytes once per transport (zeroed before that pull, so
+the check proves that this transport wrote them).
 
 Shape of the transfer: the source's blocks are one run (a fresh prompt), the destination's
 are runs of 64 blocks in shuffled order (a pool after some churn). Each side uses one torch
 thread, as `tandem up` gives each worker its share of a small host's cores.
+
+The GPU check's hand-off step (tandem.loadtest.gpu.step_handoff) reuses the pieces with both
+caches on the GPU: `source_process` and `Receiver` take a device, and `measure_checksums` times
+the transports' integrity checks over a pull's bytes where the blocks live.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
-from tandem.kvtransfer.base import create_transport
+from tandem.kvtransfer.base import KVTransport, TransferStats, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.grpc_transport import clamp_chunk_bytes
+from tandem.kvtransfer.torch_pairs import host_bytes, plan_messages
 from tandem.launcher.processes import ChildProcess
 from tandem.loadtest.bench.kv_source import random_kv_caches, source_args
 
@@ -72,19 +81,72 @@ class KVBenchReport:
         return name, self.ratio(name)
 
 
+class Receiver:
+    """This process's side of a pull from a source process (kv_source.py): the source's bytes
+    rebuilt here from the same seed (to check against), a destination cache on the same device,
+    the handle of the source's lease, and the destination block ids (`_pool_like_ids`).
+    `tandem bench kv` and the GPU check's hand-off step pull through it."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, address: str, device: str = "cpu") -> None:
+        self.source = KVBlockStore(random_kv_caches(layout, num_blocks, SEED, device), layout)
+        self.dest = KVBlockStore(random_kv_caches(layout, num_blocks, SEED + 1, device), layout)
+        self.handle = KVHandle(
+            REQUEST_ID,
+            "bench-source",
+            address,
+            tuple(range(num_blocks)),
+            num_blocks * layout.block_size,
+            layout,
+            (),
+            time.time() + 3600,
+        )
+        self.dst_ids = _pool_like_ids(num_blocks)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of one pull: every block of the source's lease."""
+        return len(self.dst_ids) * self.dest.bytes_per_block
+
+    async def pull(self, transport: KVTransport, timeout_s: float) -> TransferStats:
+        """One whole pull of the lease's blocks into `dst_ids` (KVTransferError if it fails)."""
+        return await transport.pull(self.handle, self.handle.block_ids, self.dst_ids, self.dest, timeout_s=timeout_s)
+
+    def clear_dest(self) -> None:
+        """Zero the destination cache, so that `exact()` after a pull proves that this pull
+        wrote every block (the source's random blocks are never all zeros)."""
+        for cache in self.dest.kv_caches:
+            cache.zero_()
+
+    def exact(self) -> bool:
+        """Whether the destination blocks hold exactly the source's bytes."""
+        index = torch.tensor(self.dst_ids, device=self.dest.device)
+        return all(torch.equal(s, d[:, index]) for s, d in zip(self.source.kv_caches, self.dest.kv_caches))
+
+
+@contextlib.contextmanager
+def source_process(
+    layout: KVLayout, num_blocks: int, device: str = "cpu", raw_tcp: bool = False
+) -> Iterator[ChildProcess]:
+    """A ready kv_source child holding `num_blocks` random blocks (seed SEED) on `device` under
+    the lease REQUEST_ID, serving the torch transport's servicer (which serves gRPC pulls too);
+    stopped by pid on exit."""
+    argv = source_args(layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=raw_tcp, device=device)
+    source = ChildProcess.start("kv-source", argv, SOURCE_READY_TIMEOUT_S, forward=False)
+    try:
+        yield source
+    finally:
+        source.stop(SOURCE_STOP_TIMEOUT_S)
+
+
 def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchReport:
     """Run the interleaved rounds (see the module docstring) and return the medians."""
     torch.set_num_threads(1)  # one core for the receiver, one for the source (2-core hosts)
     layout = BENCH_LAYOUT
     num_blocks = -(-prompt_tokens // layout.block_size)
-    argv = source_args(layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=True)
-    source = ChildProcess.start("kv-source", argv, SOURCE_READY_TIMEOUT_S, forward=False)
-    try:
+    with source_process(layout, num_blocks, raw_tcp=True) as source:
         assert source.ready is not None  # start() returns a ready child
         raw_port = int(source.ready["raw_tcp_port"])
         return asyncio.run(_bench(layout, num_blocks, source.address, raw_port, rounds))
-    finally:
-        source.stop(SOURCE_STOP_TIMEOUT_S)
 
 
 def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> int:
@@ -95,20 +157,8 @@ def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tok
 
 
 async def _bench(layout: KVLayout, num_blocks: int, address: str, raw_port: int, rounds: int) -> KVBenchReport:
-    source = KVBlockStore(random_kv_caches(layout, num_blocks, SEED), layout)
-    dest = KVBlockStore(random_kv_caches(layout, num_blocks, SEED + 1), layout)
-    size_bytes = num_blocks * dest.bytes_per_block
-    handle = KVHandle(
-        REQUEST_ID,
-        "bench-source",
-        address,
-        tuple(range(num_blocks)),
-        num_blocks * layout.block_size,
-        layout,
-        (),
-        time.time() + 3600,
-    )
-    dst_ids = _pool_like_ids(num_blocks)
+    receiver = Receiver(layout, num_blocks, address)
+    size_bytes = receiver.size_bytes
     transports = {name: create_transport(name, KVTransferConfig(transport=name)) for name in ("grpc", "torch")}
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -123,17 +173,93 @@ async def _bench(layout: KVLayout, num_blocks: int, address: str, raw_port: int,
                 results["raw tcp"].mb_per_s.append(size_bytes / seconds / 1e6)
             for name, transport in transports.items():
                 await asyncio.sleep(SETTLE_S)
-                stats = await transport.pull(handle, handle.block_ids, dst_ids, dest, timeout_s=60.0)
-                if round_index == 0 and not _exact(source, dest, dst_ids):
+                if round_index == 0:
+                    receiver.clear_dest()
+                stats = await receiver.pull(transport, timeout_s=60.0)
+                if round_index == 0 and not receiver.exact():
                     exact = False
                 if round_index:
                     results[name].mb_per_s.append(stats.mb_per_s)
-        await transports["grpc"].release(handle, timeout_s=5.0)
+        await transports["grpc"].release(receiver.handle, timeout_s=5.0)
     finally:
         raw.close()
         for transport in transports.values():
             await transport.close()
-    return KVBenchReport(results, size_bytes, num_blocks, dest.bytes_per_block, layout, exact)
+    return KVBenchReport(results, size_bytes, num_blocks, receiver.dest.bytes_per_block, layout, exact)
+
+
+# ---- checksum cost of a pull ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChecksumCost:
+    """Median seconds of one side's integrity check over one pull's bytes."""
+
+    torch_check_s: float  # host_bytes + xxh64 per message (torch transport)
+    host_copy_s: float  # host_bytes alone: the copy to the host (nothing to copy on CPU)
+    grpc_check_s: float  # xxh64 per chunk over bytes on the host (gRPC transport)
+    torch_digest: int  # the xxh64 the torch check computes over the packed blocks
+    num_messages: int
+    num_chunks: int
+    chunk_bytes: int
+
+
+def measure_checksums(
+    store: KVBlockStore, block_ids: tuple[int, ...], config: KVTransferConfig, rounds: int
+) -> ChecksumCost:
+    """Time each transport's integrity check over `pack(block_ids)` on the store's device.
+    The ids must be one ascending run (a source's lease): the packed buffer is then the
+    concatenation of the planes (`plane_view`), as the torch source sends them."""
+    views = [store.plane_view(block_ids, plane) for plane in range(store.num_planes)]
+    if any(view is None for view in views):
+        raise ValueError("measure_checksums needs block ids that form one ascending run")
+    packed = torch.cat([v for v in views if v is not None])  # [bytes] on the cache's device
+    messages = plan_messages(len(block_ids), store)
+    slices = [packed[m.offset_bytes : m.offset_bytes + m.size_bytes] for m in messages]
+    chunk_bytes = clamp_chunk_bytes(config.max_chunk_bytes)
+    host = host_bytes(packed)  # what a gRPC source stages on the host before its chunks leave
+    chunks = [host[offset : offset + chunk_bytes] for offset in range(0, len(host), chunk_bytes)]
+
+    def torch_check() -> int:  # torch_transport._receive_messages and TorchKVServicer._send
+        hasher = xxhash.xxh64()
+        for piece in slices:
+            hasher.update(host_bytes(piece))
+        return hasher.intdigest()
+
+    def host_copy() -> None:
+        for piece in slices:
+            host_bytes(piece)
+
+    def grpc_check() -> None:  # grpc_transport._verify_and_copy and kv_codec.encode_chunk
+        for chunk in chunks:
+            xxhash.xxh64_intdigest(chunk)
+
+    synchronize(store.device)
+    digest = torch_check()  # also the warm-up
+    return ChecksumCost(
+        torch_check_s=_median_seconds(torch_check, rounds),
+        host_copy_s=_median_seconds(host_copy, rounds),
+        grpc_check_s=_median_seconds(grpc_check, rounds),
+        torch_digest=digest,
+        num_messages=len(messages),
+        num_chunks=len(chunks),
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def _median_seconds(fn: Callable[[], object], rounds: int) -> float:
+    seconds = []
+    for _ in range(max(rounds, 1)):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA kernel returns at launch); no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _pool_like_ids(num_blocks: int, run_blocks: int = 64) -> tuple[int, ...]:
@@ -156,11 +282,6 @@ def _raw_tcp_once(conn: socket.socket, into: bytearray) -> float:
             raise ConnectionError("raw TCP source closed the connection")
         got += n
     return time.perf_counter() - started
-
-
-def _exact(source: KVBlockStore, dest: KVBlockStore, dst_ids: tuple[int, ...]) -> bool:
-    index = torch.tensor(dst_ids)
-    return all(torch.equal(s, d[:, index]) for s, d in zip(source.kv_caches, dest.kv_caches))
 
 
 def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:

@@ -3,8 +3,9 @@
 It plays a prefill worker without a model: a KV cache filled from a seed (so the parent can
 rebuild the same bytes), one lease over the blocks, and a grpc.aio server bound to the given
 host that hosts the transport's source servicer, built with the real worker's gRPC server
-options. With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian size read
-from a connection is answered with that many bytes from a preallocated buffer.
+options. `--device cuda` keeps the cache on the GPU (device 0), as a prefill worker there does.
+With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian size read from a
+connection is answered with that many bytes from a preallocated buffer.
 
 Protocol with the parent, the launcher's (`tandem.launcher.processes.ChildProcess`): the child
 prints one JSON line `{"event": "ready", "address": "<host>:<grpc_port>", "raw_tcp_port": N}`
@@ -36,13 +37,18 @@ from tandem.kvtransfer.leases import LeaseTable
 LEASE_TTL_S = 3600.0
 
 
-def random_kv_caches(layout: KVLayout, num_blocks: int, seed: int) -> list[torch.Tensor]:
-    """Per layer `[2, num_blocks, block_size, kv_heads, head_dim]`, the same for a given seed
-    in every process."""
-    generator = torch.Generator().manual_seed(seed)
+def random_kv_caches(
+    layout: KVLayout, num_blocks: int, seed: int, device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
+    """Per layer `[2, num_blocks, block_size, kv_heads, head_dim]` on `device`, the same for a
+    given seed in every process on the same device: drawn by that device's own generator (on
+    CUDA, Philox on the GPU: seconds faster than drawing hundreds of MiB on the host; the same
+    bytes in two processes on one GPU, not across CPU and GPU)."""
+    target = torch.device(device)
+    generator = torch.Generator(device=target).manual_seed(seed)
     shape = (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
     dtype = torch_dtype(layout.dtype)
-    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(layout.num_layers)]
+    return [torch.randn(shape, generator=generator, device=target).to(dtype) for _ in range(layout.num_layers)]
 
 
 def source_args(
@@ -53,6 +59,7 @@ def source_args(
     request_id: str,
     raw_tcp: bool = False,
     host: str = "127.0.0.1",
+    device: str = "cpu",
 ) -> list[str]:
     """The command line a parent uses to start this module (`python -m ...`)."""
     args = [
@@ -71,6 +78,8 @@ def source_args(
         request_id,
         "--host",
         host,
+        "--device",
+        device,
     ]
     return args + (["--raw-tcp"] if raw_tcp else [])
 
@@ -88,7 +97,7 @@ def _serve_raw_tcp(listener: socket.socket, payload: memoryview) -> None:
 
 async def _main(args: argparse.Namespace) -> None:
     layout = KVLayout.parse(args.layout)
-    store = KVBlockStore(random_kv_caches(layout, args.num_blocks, args.seed), layout)
+    store = KVBlockStore(random_kv_caches(layout, args.num_blocks, args.seed, args.device), layout)
     leases = LeaseTable(on_free=lambda request_id: None)
     leases.grant(
         args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()), LEASE_TTL_S
@@ -123,6 +132,7 @@ if __name__ == "__main__":
     parser.add_argument("--request-id", default="bench")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--raw-tcp", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the KV cache lives: cpu, cuda (device 0)")
     parser.add_argument("--num-threads", type=int, default=1)
     parsed = parser.parse_args()
     torch.set_num_threads(parsed.num_threads)
