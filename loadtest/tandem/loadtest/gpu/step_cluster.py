@@ -198,9 +198,9 @@ def run_check(check: ClusterCheck, work: Path) -> list[Table]:
             "cluster processes", ("process", "pid", "after stop"), tuple((e.name, str(e.pid), e.outcome) for e in exits)
         ),
     ]
-    problems = _problems(load, verdicts, exits)
-    if problems:
-        raise StepFailed("; ".join(problems), tables)
+    found = problems(load, verdicts, exits)
+    if found:
+        raise StepFailed("; ".join(found), tables)
     return tables
 
 
@@ -286,22 +286,20 @@ def _agreement_table(verdicts: list[Verdict], near_tie_nats: float) -> Table:
     return Table("greedy tokens against the in-process engine", AGREEMENT_HEADERS, (row,), tuple(notes))
 
 
-def _problems(load: LoadResult, verdicts: list[Verdict], exits: list[ProcessExit]) -> list[str]:
-    problems = []
+def problems(load: LoadResult, verdicts: list[Verdict], exits: list[ProcessExit]) -> list[str]:
+    """Why the step fails (empty: it passes): failed streams, requests that disagree with the
+    engine (the first one's detail), processes that did not stop on SIGTERM."""
+    found = []
     failed = [s.record for s in load.streams if not s.record.ok]
     if failed:
         first = failed[0]
-        problems.append(
-            f"{len(failed)} of {len(load.streams)} streams failed; {first.request_id}: {first.error_message}"
-        )
+        found.append(f"{len(failed)} of {len(load.streams)} streams failed; {first.request_id}: {first.error_message}")
     mismatched = [v for v in verdicts if v.kind is Kind.MISMATCH]
     if mismatched:
-        problems.append(
-            f"{len(mismatched)} of {len(verdicts)} requests disagree with the engine; {mismatched[0].detail}"
-        )
+        found.append(f"{len(mismatched)} of {len(verdicts)} requests disagree with the engine; {mismatched[0].detail}")
     unclean = [e for e in exits if e.outcome not in ("exit code 0", "stopped")]
     if unclean:
-        problems.append(
+        found.append(
             "not every process stopped on SIGTERM: " + ", ".join(f"{e.name} (pid {e.pid}) {e.outcome}" for e in unclean)
         )
-    return problems
+    return found
