@@ -272,15 +272,15 @@ def test_no_decode_worker_left_ends_the_stream_with_an_error_event(pool: Pool) -
 
 
 def test_scale_down_during_streaming_loses_nothing(pool: Pool) -> None:
-    """A decode worker is drained (SIGTERM, drain deadline 1 s) while 8 streams run; the
+    """A decode worker is drained (SIGTERM, drain deadline 0.5 s) while 8 streams run; the
     streams it cannot finish are ended as draining and resumed on the other worker: zero
     errors, every stream exactly as unbroken, and the drained worker exits 0."""
-    leaving = pool.add_decode("decode-s0", "--drain-timeout-s", "1")
+    leaving = pool.add_decode("decode-s0", "--drain-timeout-s", "0.5")
     pool.add_decode("decode-s1")
     # this gateway lets the decode workers prefill short prompts (and replays) themselves
     local = start_gateway(pool.cluster.model_dir, pool.cluster.redis.url, "--policy", "round_robin")
     try:
-        bodies = _bodies(TINY_VOCAB_SIZE, max_tokens=96, seed=54)
+        bodies = _bodies(TINY_VOCAB_SIZE, max_tokens=400, seed=54)
         unbroken = _run(local, bodies)
         streams, threads = _start(local, bodies)
         _wait_all_have(streams, K)
@@ -291,6 +291,7 @@ def test_scale_down_during_streaming_loses_nothing(pool: Pool) -> None:
         assert all(s.outcome()[3:] == ([], True, 200) for s in streams)
         assert on_leaving == NUM_STREAMS // 2
         assert gateway_metric(local, "tandem_migrations_total", reason="draining") == on_leaving
+        assert gateway_metric(local, "tandem_migrations_total", reason="worker_failed") == 0
         assert gateway_metric(local, "tandem_routing_decisions_total", kind="disaggregated") == 0
     finally:
         local.stop(GATEWAY_STOP_TIMEOUT_S)
