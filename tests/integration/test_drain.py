@@ -84,6 +84,34 @@ def test_drain_rpc_finishes_the_stream_and_leaves_routing(
         d.kill()
 
 
+def test_drain_deadline_ends_an_unfinished_stream_as_draining(tiny_model_dir: Path, reference: Engine) -> None:
+    """SIGTERM with a stream that cannot finish within the drain deadline: the stream sends
+    what it has, then ends UNAVAILABLE naming the drain (gateways resume it elsewhere); the
+    worker aborts the sequence and exits 0."""
+    d = start_worker("decode", tiny_model_dir, "--drain-timeout-s", "1", worker_id="d-drain-deadline")
+    try:
+        (prompt,) = random_prompts([30], reference.model_config.vocab_size, seed=37)
+        params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+        stream = decode_stream(d, "deadline", prompt, params)
+        tokens = list(next(stream).token_ids)
+        d.terminate()
+        with pytest.raises(grpc.RpcError) as err:
+            for delta in stream:
+                tokens += delta.token_ids
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details() == (
+            "worker d-drain-deadline is draining: its drain deadline (1.0 s) passed before the request finished"
+        )
+        assert 1 <= len(tokens) < params.max_tokens
+        expected = reference.generate(
+            [prompt], SamplingParams(max_tokens=len(tokens), temperature=0.0, ignore_eos=True)
+        )
+        assert tokens == list(expected[0].token_ids)
+        assert d.stop(10) == 0
+    finally:
+        d.kill()
+
+
 def test_tandem_drain_waits_for_held_leases(tiny_model_dir: Path, reference: Engine) -> None:
     p = start_worker("prefill", tiny_model_dir, "--lease-ttl-s", "60", worker_id="p-drain-cli")
     try:

@@ -13,6 +13,9 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 4. `ReleaseKV` is sent to the source in every case (best effort; its lease also expires).
 5. Tokens stream back as `DecodeDelta`s; several tokens per message when the client is
    slower than the step loop. A cancelled stream aborts the sequence within one step.
+6. Draining, the stream goes on until it finishes. If the worker's drain deadline passes
+   first, the stream sends the tokens it has, aborts the sequence and ends UNAVAILABLE
+   "worker {id} is draining: ...": the gateway resumes it on another decode worker.
 
 Tracing: a SERVER span "decode" under the caller's trace context, with children "kv.pull"
 (with a handle: reserving blocks and pulling the missing ones), "decode.admit" (until the
@@ -44,9 +47,13 @@ from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput, Reservation
 from tandem.kvtransfer.base import KVTransferError
 from tandem.worker.servicer import WorkerServicerBase
-from tandem.worker.worker import Worker
+from tandem.worker.worker import DrainDeadline, Worker
 
 log = logging.getLogger(__name__)
+
+
+class _DrainDeadlineReached(Exception):
+    """The worker's drain deadline passed while this stream was open."""
 
 
 @dataclass
@@ -105,6 +112,9 @@ class DecodeServicer(WorkerServicerBase):
                 ) as deltas:
                     async for delta in deltas:
                         yield codec.decode_delta_to_proto(delta)
+            except _DrainDeadlineReached as exc:
+                worker.abort_soon(rid)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except (asyncio.CancelledError, GeneratorExit):
                 # GeneratorExit: gRPC was sending when the client went away and closed this stream
                 if rid not in self._pulling:
@@ -226,7 +236,7 @@ class DecodeServicer(WorkerServicerBase):
 
     async def _stream(
         self,
-        q: asyncio.Queue[RequestOutput],
+        q: asyncio.Queue[RequestOutput | DrainDeadline],
         header: _FirstDelta,
         span: Span,
         arrival: ClockAnchor,
@@ -235,7 +245,8 @@ class DecodeServicer(WorkerServicerBase):
     ) -> AsyncGenerator[codec.DecodeDelta, None]:
         """Yield DecodeDeltas, coalescing whatever outputs are ready; the first carries header
         and, for a local prefill (`local`), the prompt tokens its admission found cached here.
-        Spans: "decode.admit" until the first output's first scheduling, then "decode.stream"
+        A `DrainDeadline` on the queue raises `_DrainDeadlineReached` once the outputs that came
+        with it are sent. Spans: "decode.admit" until the first output's first scheduling, then "decode.stream"
         until this generator ends (finished, failed, cancelled or closed)."""
         timeout_s = self.worker.config.request_timeout_s
         tracer = self.worker.tracing.tracer
@@ -245,9 +256,14 @@ class DecodeServicer(WorkerServicerBase):
         num_tokens = 0
         try:
             while True:
-                outs = [await asyncio.wait_for(q.get(), timeout_s)]
+                items = [await asyncio.wait_for(q.get(), timeout_s)]
                 while not q.empty():
-                    outs.append(q.get_nowait())
+                    items.append(q.get_nowait())
+                drained = next((i for i in items if isinstance(i, DrainDeadline)), None)
+                outs = [i for i in items if not isinstance(i, DrainDeadline)]
+                if not outs:
+                    assert drained is not None
+                    raise _DrainDeadlineReached(drained.message)
                 first = stream is None
                 if first:
                     scheduled_s = outs[0].first_scheduled_s
@@ -285,6 +301,8 @@ class DecodeServicer(WorkerServicerBase):
                 yield delta
                 if finish_reason is not None or failed:
                     return
+                if drained is not None:
+                    raise _DrainDeadlineReached(drained.message)
         except (asyncio.CancelledError, GeneratorExit):
             (admit if stream is None else stream).set_attribute("tandem.cancelled", True)
             raise

@@ -23,7 +23,9 @@ class GatewayConfig:
 
     Times are seconds. `prefill_timeout_s` bounds one Prefill call (queue + compute);
     `decode_idle_timeout_s` bounds the wait for each message of a decode stream, so a stuck
-    worker turns into an error event instead of a hang. `retry_after_s` is what a 503 tells
+    worker is migrated away from (or, past `max_migrations`, turns into an error event) instead
+    of a hang. `max_migrations` bounds how many times one choice is resumed on another decode
+    worker after its stream failed mid-way (0: never). `retry_after_s` is what a 503 tells
     clients. `max_body_bytes` caps a request body (413 above it).
     """
 
@@ -47,6 +49,9 @@ class GatewayConfig:
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
     prefill_timeout_s: float = field(default=120.0, metadata={"help": "bound on one Prefill call"})
     decode_idle_timeout_s: float = field(default=60.0, metadata={"help": "bound on each wait of a decode stream"})
+    max_migrations: int = field(
+        default=2, metadata={"help": "most times one choice's stream is resumed on another decode worker"}
+    )
     retry_after_s: int = field(default=1, metadata={"help": "the Retry-After of a 503"})
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -72,6 +77,8 @@ class GatewayConfig:
         for name in ("prefill_timeout_s", "decode_idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         if self.retry_after_s < 1:
             raise ValueError(f"retry_after_s must be >= 1, got {self.retry_after_s}")
         if any(not key for key in self.api_keys):

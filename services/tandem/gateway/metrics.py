@@ -27,6 +27,12 @@ Counters:
   and counting their own cache hits: select by label or job when summing.)
 - `tandem_prefill_retries_total`: prefill calls retried on another worker (DESIGN section 2.7).
 - `tandem_client_disconnects_total`: requests whose client went away before the end.
+- `tandem_migrations_total{reason}`: choices resumed on another decode worker after their
+  stream failed mid-way (DESIGN section 2.7); `reason` is `worker_failed` (the stream broke),
+  `stalled` (no message within the decode idle timeout) or `draining` (a draining worker ended
+  it at its drain deadline).
+- `tandem_migration_replayed_tokens_total`: tokens the migrations replayed (each migrated
+  choice's prompt plus the tokens already sent), whether the new worker had them cached or not.
 
 Gauges:
 - `tandem_prefix_cache_hit_ratio`: hit / query tokens since the process started, in [0, 1]
@@ -72,6 +78,12 @@ class TTFTStage(str, enum.Enum):
 class RoutingKind(str, enum.Enum):
     DISAGGREGATED = "disaggregated"
     LOCAL_PREFILL = "local_prefill"
+
+
+class MigrationReason(str, enum.Enum):
+    WORKER_FAILED = "worker_failed"
+    STALLED = "stalled"
+    DRAINING = "draining"
 
 
 class Pool(str, enum.Enum):
@@ -140,6 +152,12 @@ class GatewayMetrics:
         self._disconnects = Counter(
             "tandem_client_disconnects_total", "Requests abandoned by their client", base, registry=r
         ).labels(**self._model)
+        self._migrations = Counter(
+            "tandem_migrations_total", "Choices resumed on another decode worker", [*base, "reason"], registry=r
+        )
+        self._replayed_tokens = Counter(
+            "tandem_migration_replayed_tokens_total", "Tokens replayed by migrations", base, registry=r
+        ).labels(**self._model)
         self._queue_depth = Gauge("tandem_queue_depth", "Waiting requests by pool", [*base, "pool"], registry=r)
         self._workers = Gauge("tandem_workers", "Live workers by pool", [*base, "pool"], registry=r)
         # Running totals behind the ratio gauge (the counters' values are not public API).
@@ -201,6 +219,11 @@ class GatewayMetrics:
 
     def client_disconnect(self) -> None:
         self._disconnects.inc()
+
+    def migrated(self, reason: MigrationReason | str, replayed_tokens: int) -> None:
+        _check_count(replayed_tokens=replayed_tokens)
+        self._migrations.labels(**self._model, reason=MigrationReason(reason).value).inc()
+        self._replayed_tokens.inc(replayed_tokens)
 
     def set_pools(self, prefill_waiting: int, decode_waiting: int, num_prefill: int, num_decode: int) -> None:
         """The pools as last read from Redis: waiting requests summed over each pool's workers,

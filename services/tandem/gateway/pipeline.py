@@ -12,7 +12,11 @@ One `Pipeline.generate(request)` call serves one choice of one client request
 3. `D.Decode(request, first token, handle)` pulls the missing blocks and streams the rest. A
    decoder that refuses before sending anything (gone or busy) is replaced once by another.
    Without a handle, D prefills locally.
-4. Whoever stops consuming (client disconnect, a stop string, an error) closes the generator:
+4. A decode stream that fails after tokens were sent (the worker died, stalled past the idle
+   timeout, or ended it at its drain deadline) is resumed on another decode worker with a
+   replay of the prompt plus the tokens sent (migration.py), up to `max_migrations` times:
+   the caller sees one unbroken stream.
+5. Whoever stops consuming (client disconnect, a stop string, an error) closes the generator:
    the decode stream is cancelled, so D aborts the sequence within one step, and when a
    handle was taken P is told to drop its lease. Nothing waits without a bound: each decode
    message has an idle timeout, each Prefill a deadline.
@@ -38,31 +42,19 @@ from tandem.common import codec
 from tandem.common.block_hash import block_extra, hash_blocks
 from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import inject_metadata
+from tandem.common.workers import WorkerInfo
 from tandem.gateway.clients import WorkerClients
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.errors import OpenAIError, bad_request, service_unavailable
-from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.metrics import GatewayMetrics, MigrationReason
+from tandem.gateway.migration import WORKER_FAILURES, DecodeFailure, Resume, StreamError, failure_reason, resumable
+from tandem.gateway.tickets import RouteTickets
 from tandem.scheduler import NoWorkerError, RouteDecision, RouteKind, RouteRequest, Scheduler
 
 log = logging.getLogger(__name__)
 
-# Failures of a worker, not of the request: worth one retry elsewhere.
-_RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-    }
-)
 _ABORT_TIMEOUT_S = 2.0
-
-
-class StreamError(RuntimeError):
-    """The generation failed after tokens were already delivered."""
+__all__ = ["Delta", "Pipeline", "StreamError"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +85,7 @@ class Pipeline:
         self.tracer = tracer
         self._background: set[asyncio.Task] = set()
 
-    def route(self, request: Request, tickets: _Tickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+    def route(self, request: Request, tickets: RouteTickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
         route_request = RouteRequest(
             request.request_id, len(request.prompt_token_ids), tickets.block_hashes, self.scheduler.next_seq()
         )
@@ -105,20 +97,28 @@ class Pipeline:
         tickets.add(decision)
         return decision
 
-    async def generate(self, request: Request, parent: Context | None = None) -> AsyncGenerator[Delta, None]:
+    def generate(self, request: Request, parent: Context | None = None) -> AsyncGenerator[Delta, None]:
+        """The choice's deltas, resumed on another decode worker when its stream fails."""
+        resume = Resume(request, self.config.max_migrations)
+        return resumable(lambda replay: self._attempt(replay, parent, resume), resume, self.metrics)
+
+    async def _attempt(self, request: Request, parent: Context | None, resume: Resume) -> AsyncIterator[Delta]:
+        """One route of the choice: the client's request, or a migration's replay."""
         extra = block_extra(self.config.hash_model_id, request.cache_salt)
         hashes = tuple(hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra))
-        tickets = _Tickets(self.scheduler, len(request.prompt_token_ids), hashes)
+        tickets = RouteTickets(self.scheduler, len(request.prompt_token_ids), hashes)
         try:
-            async for delta in self._generate(request, parent, tickets):
+            async for delta in self._generate(request, parent, tickets, resume):
                 yield delta
         finally:
             tickets.close()
 
-    async def _generate(self, request: Request, parent: Context | None, tickets: _Tickets) -> AsyncIterator[Delta]:
+    async def _generate(
+        self, request: Request, parent: Context | None, tickets: RouteTickets, resume: Resume
+    ) -> AsyncIterator[Delta]:
         with self.tracer.start_as_current_span("route", context=parent) as span:
             t0 = time.perf_counter()
-            decision = self.route(request, tickets)
+            decision = self.route(request, tickets, resume.exclude)
             self.metrics.observe_stage("route", time.perf_counter() - t0)
             span.set_attribute("tandem.route.kind", decision.kind.value)
             span.set_attribute("tandem.route.decode", decision.decode.worker_id)
@@ -128,7 +128,7 @@ class Pipeline:
         first: codec.PrefillResult | None = None
         prefill_worker = None
         if decision.kind is RouteKind.DISAGGREGATED:
-            first, decision = await self._prefill_with_retry(request, decision, metadata, tickets)
+            first, decision = await self._prefill_with_retry(request, decision, metadata, tickets, resume.exclude)
             prefill_worker = decision.prefill
         if first is not None:
             cached = first.num_cached_tokens
@@ -140,7 +140,7 @@ class Pipeline:
                 return
         completed = False
         try:
-            async for delta in self._decode(request, decision, first, metadata, tickets):
+            async for delta in self._decode(request, decision, first, metadata, tickets, resume):
                 yield delta
             completed = True
         finally:
@@ -148,7 +148,12 @@ class Pipeline:
                 self._abort_soon(prefill_worker.address, request.request_id)
 
     async def _prefill_with_retry(
-        self, request: Request, decision: RouteDecision, metadata: tuple[tuple[str, str], ...], tickets: _Tickets
+        self,
+        request: Request,
+        decision: RouteDecision,
+        metadata: tuple[tuple[str, str], ...],
+        tickets: RouteTickets,
+        exclude: frozenset[str],
     ) -> tuple[codec.PrefillResult | None, RouteDecision]:
         """The first token and handle from a prefill worker, retrying once elsewhere. Returns
         (None, local decision) when the retry routes the prompt to a decoder."""
@@ -157,7 +162,7 @@ class Pipeline:
             return await self._prefill(decision.prefill.address, request, metadata), decision
         except grpc.aio.AioRpcError as exc:
             tickets.abandon(decision)
-            if exc.code() not in _RETRYABLE:
+            if exc.code() not in WORKER_FAILURES:
                 raise _rpc_error("prefill", exc, self.config.retry_after_s) from exc
             log.warning(
                 "prefill of %s on %s failed (%s); retrying once",
@@ -167,7 +172,7 @@ class Pipeline:
             )
             self.metrics.prefill_retry()
             first_error = exc
-        retry = self.route(request, tickets, exclude=frozenset({decision.prefill.worker_id}))
+        retry = self.route(request, tickets, exclude | {decision.prefill.worker_id})
         if retry.kind is RouteKind.LOCAL_PREFILL:
             return None, retry
         assert retry.prefill is not None
@@ -200,8 +205,11 @@ class Pipeline:
         decision: RouteDecision,
         first: codec.PrefillResult | None,
         metadata: tuple[tuple[str, str], ...],
-        tickets: _Tickets,
+        tickets: RouteTickets,
+        resume: Resume,
     ) -> AsyncIterator[Delta]:
+        """The decode stream; a failure raises `DecodeFailure` (or, for a local prefill of the
+        client's own request that fails before any output, the `OpenAIError` of the call)."""
         message = codec.decode_request_to_proto(
             codec.DecodeRequest(request)
             if first is None
@@ -218,12 +226,20 @@ class Pipeline:
                     try:
                         msg = await asyncio.wait_for(call.read(), self.config.decode_idle_timeout_s)
                     except asyncio.TimeoutError:
-                        raise StreamError(
-                            f"decode worker {decode.worker_id} sent nothing for {self.config.decode_idle_timeout_s} s"
+                        raise DecodeFailure(
+                            f"decode worker {decode.worker_id} sent nothing for {self.config.decode_idle_timeout_s} s",
+                            decode.worker_id,
+                            MigrationReason.STALLED,
                         ) from None
                     if msg is grpc.aio.EOF:
-                        raise StreamError(f"decode stream from {decode.worker_id} ended without a finish reason")
-                    delta = self._delta(codec.decode_delta_from_proto(msg), not received, first is None, request)
+                        raise DecodeFailure(
+                            f"decode stream from {decode.worker_id} ended without a finish reason",
+                            decode.worker_id,
+                            MigrationReason.WORKER_FAILED,
+                        )
+                    delta = self._delta(
+                        codec.decode_delta_from_proto(msg), not received, first is None, request, decode
+                    )
                     if not received:
                         tickets.prefill_done()
                     received = True
@@ -236,10 +252,12 @@ class Pipeline:
                     or attempt == 1
                     or exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 ):
-                    if first is None and not received:
+                    if first is None and not received and not resume.resumed:
                         raise _rpc_error("decode", exc, self.config.retry_after_s) from exc
-                    raise StreamError(
-                        f"decode worker {decode.worker_id} failed: {exc.code().name}: {exc.details()}"
+                    raise DecodeFailure(
+                        f"decode worker {decode.worker_id} failed: {exc.code().name}: {exc.details()}",
+                        decode.worker_id,
+                        failure_reason(exc),
                     ) from exc
                 log.warning(
                     "decode worker %s refused %s (%s); trying another",
@@ -248,18 +266,22 @@ class Pipeline:
                     exc.code().name,
                 )
                 tickets.abandon(decision)
-                decision = self.route(request, tickets, exclude=frozenset({decode.worker_id}))
+                decision = self.route(request, tickets, resume.exclude | {decode.worker_id})
                 if first is not None:
                     tickets.prefill_done()  # the retry only decodes; the prompt already ran on P
                 decode = decision.decode
             finally:
                 call.cancel()  # no-op when the stream already finished
 
-    def _delta(self, msg: codec.DecodeDelta, first_message: bool, local: bool, request: Request) -> Delta:
+    def _delta(
+        self, msg: codec.DecodeDelta, first_message: bool, local: bool, request: Request, decode: WorkerInfo
+    ) -> Delta:
         """One decode message as a Delta. The first message carries the decoder's admission
         timings and, for a local prefill, its prefix-cache hit."""
         if msg.failed:
-            raise StreamError("the decode worker's step failed")
+            raise DecodeFailure(
+                f"the step of decode worker {decode.worker_id} failed", decode.worker_id, MigrationReason.WORKER_FAILED
+            )
         if first_message:
             if not local:
                 self._observe_stage("transfer", msg.transfer_s)
@@ -291,41 +313,6 @@ class Pipeline:
         task = asyncio.get_running_loop().create_task(abort())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-class _Tickets:
-    """The in-flight work one choice's routing decisions put in the scheduler's table. Each
-    decision's prefill and decode stages are released exactly once: when the stage ends, when
-    the decision is abandoned for a retry, or at the latest when the choice ends (`close`).
-    `block_hashes` (the prompt's, hashed once per choice) serve every route of the choice."""
-
-    def __init__(self, scheduler: Scheduler, num_prompt_tokens: int, block_hashes: tuple[int, ...]) -> None:
-        self._scheduler = scheduler
-        self._num_prompt_tokens = num_prompt_tokens
-        self.block_hashes = block_hashes
-        self._prefill: list[RouteDecision] = []
-        self._decode: list[RouteDecision] = []
-
-    def add(self, decision: RouteDecision) -> None:
-        self._prefill.append(decision)
-        self._decode.append(decision)
-
-    def prefill_done(self) -> None:
-        while self._prefill:
-            self._scheduler.prefill_done(self._prefill.pop(), self._num_prompt_tokens)
-
-    def abandon(self, decision: RouteDecision) -> None:
-        if decision in self._prefill:
-            self._prefill.remove(decision)
-            self._scheduler.prefill_done(decision, self._num_prompt_tokens)
-        if decision in self._decode:
-            self._decode.remove(decision)
-            self._scheduler.decode_done(decision)
-
-    def close(self) -> None:
-        self.prefill_done()
-        while self._decode:
-            self._scheduler.decode_done(self._decode.pop())
 
 
 def _rpc_error(stage: str, exc: grpc.aio.AioRpcError, retry_after_s: int) -> OpenAIError:

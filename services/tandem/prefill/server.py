@@ -34,7 +34,7 @@ from tandem.common.tracing import ClockAnchor, child_context, ending, request_at
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import HeldKV, RequestOutput
 from tandem.worker.servicer import WorkerServicerBase
-from tandem.worker.worker import Worker
+from tandem.worker.worker import DrainDeadline, Worker
 
 
 class PrefillServicer(WorkerServicerBase):
@@ -79,6 +79,10 @@ class PrefillServicer(WorkerServicerBase):
             worker.leases.release(req.request_id)
             worker.abort_soon(req.request_id)
             raise
+        if isinstance(out, DrainDeadline):  # the gateway retries the prompt on another worker
+            worker.abort_soon(req.request_id)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, out.message)
+            raise AssertionError("unreachable")
         finish_reason = out.finish_reason
         if finish_reason is None:  # the step failed and the loop aborted the request
             await context.abort(grpc.StatusCode.INTERNAL, "prefill step failed")

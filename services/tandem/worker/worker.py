@@ -16,7 +16,10 @@ Lifecycle:
    drain: the worker deregisters from Redis (gateways stop routing to it), new work is
    refused (UNAVAILABLE, which gateways retry elsewhere), running sequences finish, leases
    are released or expire. On SIGTERM/SIGINT, once idle (bounded by `drain_timeout_s`), the
-   worker stops its server and exits 0. Tracing is shut down (queued spans flushed) last.
+   worker stops its server and exits 0. A stream still open at that deadline is ended with
+   UNAVAILABLE "worker {id} is draining: ..." (a `DrainDeadline` on its output queue), which
+   gateways resume on another decode worker (or retry elsewhere, for a prefill), so that a
+   scale-down loses no request. Tracing is shut down (queued spans flushed) last.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import queue
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -63,6 +68,16 @@ VERSION = "0.1.0"
 LIVENESS_SERVICE = ""
 READINESS_SERVICE = "tandem.v1.Worker"
 LIVENESS_CHECK_INTERVAL_S = 1.0
+END_GRACE_S = 2.0  # after the drain deadline: how long the ended streams get to abort their sequences
+
+
+@dataclass(frozen=True)
+class DrainDeadline:
+    """Put on every open output queue when the drain deadline passes: the handler ends its
+    call with UNAVAILABLE and `message` (which says "is draining", the gateways' sign to
+    resume the request elsewhere) and aborts its sequence."""
+
+    message: str
 
 
 class Worker:
@@ -100,7 +115,9 @@ class Worker:
         self.leases = LeaseTable(on_free=self._to_release.put)
         # Outputs of the current step, (stream queue, output), in delivery order; owned by the
         # loop thread, handed to the asyncio thread whole by `_tick`.
-        self._outbox: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]] = []
+        self._outbox: list[tuple[asyncio.Queue[RequestOutput | DrainDeadline], RequestOutput]] = []
+        # Every output queue a handler still holds (asyncio thread): told of the drain deadline.
+        self._queues: weakref.WeakSet[asyncio.Queue[RequestOutput | DrainDeadline]] = weakref.WeakSet()
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self.loop.add_tick(self._tick)
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
@@ -119,11 +136,13 @@ class Worker:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("unreachable")
 
-    def output_queue(self) -> tuple[asyncio.Queue[RequestOutput], Callable[[RequestOutput], None]]:
+    def output_queue(self) -> tuple[asyncio.Queue[RequestOutput | DrainDeadline], Callable[[RequestOutput], None]]:
         """A queue on this asyncio loop and the loop-thread callback that feeds it. The
-        callback only stages the output; the tick after the step delivers it."""
+        callback only stages the output; the tick after the step delivers it. A
+        `DrainDeadline` arrives on it if the drain deadline passes while the handler holds it."""
         self._aio_loop = asyncio.get_running_loop()
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        q: asyncio.Queue[RequestOutput | DrainDeadline] = asyncio.Queue()
+        self._queues.add(q)
         outbox = self._outbox
         return q, lambda out: outbox.append((q, out))
 
@@ -297,15 +316,35 @@ class Worker:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _drain(self) -> None:
-        """Refuse new work, let sequences finish and leases go, within drain_timeout_s."""
+        """Refuse new work, let sequences finish and leases go, within drain_timeout_s; then
+        end the streams still open (see `DrainDeadline`)."""
         await self.start_drain()
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        while time.monotonic() < deadline:
-            if await asyncio.wrap_future(self.loop.submit(self.is_idle)):
-                break
-            await asyncio.sleep(0.05)
+        if not await self._wait(self.is_idle, self.config.drain_timeout_s):
+            self._end_streams()
+            await self._wait(lambda e: e.num_requests == 0, END_GRACE_S)
         self.leases.release_all()
         await asyncio.wrap_future(self.loop.submit(self._release_pending))
+
+    async def _wait(self, done: Callable[[Engine], bool], timeout_s: float) -> bool:
+        """Poll `done(engine)` on the step loop until it holds or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if await asyncio.wrap_future(self.loop.submit(done)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    def _end_streams(self) -> None:
+        """Asyncio thread, at the drain deadline: tell every open stream to end as draining."""
+        queues = list(self._queues)
+        marker = DrainDeadline(
+            f"worker {self.config.worker_id} is draining: its drain deadline "
+            f"({self.config.drain_timeout_s} s) passed before the request finished"
+        )
+        log.warning("drain deadline of %s passed: ending %d open streams", self.config.worker_id, len(queues))
+        for q in queues:
+            q.put_nowait(marker)
 
 
 def run(worker: Worker, add_servicers: Callable[[grpc.aio.Server], None]) -> int:
@@ -317,7 +356,7 @@ def run(worker: Worker, add_servicers: Callable[[grpc.aio.Server], None]) -> int
     return 0
 
 
-def _put_all(batch: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+def _put_all(batch: list[tuple[asyncio.Queue[RequestOutput | DrainDeadline], RequestOutput]]) -> None:
     """Asyncio thread: put a step's outputs on their streams' queues, in order."""
     for q, out in batch:
         q.put_nowait(out)
