@@ -171,10 +171,12 @@ def test_float32_matches_transformers_tiny(tiny_model_dir: Path, device: torch.d
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_low_precision_agrees_tiny(dtype: str, model_dirs: dict[str, Path], device: torch.device) -> None:
-    """qwen2_bias_tied: its logits span about +-60, so its top-2 margins clear 2 tau."""
-    prompts = random_prompts([1, 9, 20], 320, seed=52)
-    assert check_low_precision_agrees(model_dirs["qwen2_bias_tied"], prompts, 4, str(device), dtype) >= 1
+def test_low_precision_agrees_tiny(dtype: str, tiny_model_dir: Path, device: torch.device) -> None:
+    """On CPU 19 (float16) and 8 (bfloat16) of the 24 tokens have a top-2 margin above 2 tau;
+    an off-by-one in the decode context fails both (the tied-embedding qwen2 model would not:
+    its logits hardly depend on attention)."""
+    prompts = random_prompts([1, 9, 20, 33], 512, seed=52)
+    assert check_low_precision_agrees(tiny_model_dir, prompts, 6, str(device), dtype) >= 1
 
 
 # ---- GPU: every random test model, longer prompts and generations --------------------------
