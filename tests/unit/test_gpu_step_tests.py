@@ -201,8 +201,8 @@ def test_run_skips_without_cuda(tmp_path: Path) -> None:
 FINE = """
 import pytest
 
-def test_ok():
-    pass
+def test_ok(tmp_path):
+    assert tmp_path.is_dir()
 
 @pytest.mark.gpu
 def test_gpu_ok():

@@ -227,6 +227,7 @@ def run_all(root: Path, work: Path, runs: Sequence[PytestRun], deadline_s: float
             junit, log = work / f"junit-{_slug(run.name)}.xml", work / f"pytest-{_slug(run.name)}.log"
             junit.unlink(missing_ok=True)
             left_s = deadline_s - time.monotonic() - KILL_GRACE_S
+            (work / "tmp").mkdir(exist_ok=True)  # pytest makes --basetemp, not its parents
             argv = pytest_argv(
                 run,
                 junit,
