@@ -59,7 +59,9 @@ def test_frozen_decoder_before_first_token_is_an_http_503(lone_decoder: Cluster,
         answers = []
         for stream in (True, False):
             start = time.monotonic()
-            answers.append((*post(impatient.address, "/v1/completions", _body(model, stream)), time.monotonic() - start))
+            answers.append(
+                (*post(impatient.address, "/v1/completions", _body(model, stream)), time.monotonic() - start)
+            )
     finally:
         os.kill(worker.pid, signal.SIGCONT)
     for status, headers, body, elapsed_s in answers:

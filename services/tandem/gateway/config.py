@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import check_name
+from tandem.gateway.admission import AdmissionConfig
 from tandem.gateway.limits import RateLimitConfig
 from tandem.scheduler import SchedulerConfig
 
@@ -24,7 +25,10 @@ class GatewayConfig:
     Times are seconds. `prefill_timeout_s` bounds one Prefill call (queue + compute);
     `decode_idle_timeout_s` bounds the wait for each message of a decode stream, so a stuck
     worker turns into an error event instead of a hang. `retry_after_s` is what a 503 tells
-    clients. `max_body_bytes` caps a request body (413 above it).
+    clients. `max_body_bytes` caps a request body (413 above it). A streaming client that stops
+    reading holds at most `max_buffered_events` events; once they have been full for
+    `slow_client_timeout_s`, its request is aborted. `admission` bounds what is admitted
+    (admission.py: 429/503 with Retry-After, priorities).
     """
 
     model_dir: Path = field(
@@ -48,6 +52,11 @@ class GatewayConfig:
     prefill_timeout_s: float = field(default=120.0, metadata={"help": "bound on one Prefill call"})
     decode_idle_timeout_s: float = field(default=60.0, metadata={"help": "bound on each wait of a decode stream"})
     retry_after_s: int = field(default=1, metadata={"help": "the Retry-After of a 503"})
+    max_buffered_events: int = field(default=256, metadata={"help": "events held per request for a slow client"})
+    slow_client_timeout_s: float = field(
+        default=5.0, metadata={"help": "abort a request whose client buffer stays full this long"}
+    )
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -69,7 +78,9 @@ class GatewayConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        for name in ("prefill_timeout_s", "decode_idle_timeout_s"):
+        if self.max_buffered_events < 1:
+            raise ValueError(f"max_buffered_events must be >= 1, got {self.max_buffered_events}")
+        for name in ("prefill_timeout_s", "decode_idle_timeout_s", "slow_client_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.retry_after_s < 1:
