@@ -18,14 +18,15 @@ Slow clients: the events wait for the consumer (the client's socket) in one queu
 `StreamLimits.max_buffered_events`. A choice that finds it full waits at most
 `slow_client_timeout_s`; then the request is aborted: every choice task is cancelled (closing
 its decode stream, so the worker frees the sequence's blocks), the buffered events are
-dropped, and the consumer, whenever it reads again, gets `slow_client_aborted` (408).
+dropped, the request ends (`on_slow_client`: its status 408 is recorded and its admission
+returned), and the consumer, whenever it reads again, gets `slow_client_aborted`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
@@ -98,7 +99,10 @@ class Generation:
         skip_special_tokens: bool = True,
         include_stop_str: bool = False,
         limits: StreamLimits = StreamLimits(),
+        on_slow_client: Callable[[OpenAIError], None] | None = None,
     ) -> None:
+        """`on_slow_client(error)` is called once when the request is aborted for a client
+        that stopped reading (the request ends there, though its connection may stay open)."""
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -110,6 +114,7 @@ class Generation:
         self.skip_special_tokens = skip_special_tokens
         self.include_stop_str = include_stop_str
         self.limits = limits
+        self._on_slow_client = on_slow_client
         self.slow_client = False  # set once the client's buffer overflowed and the request was aborted
         self._tasks: list[asyncio.Task] = []
         self.totals = {c.index: ChoiceTotals() for c in self.choices}
@@ -227,7 +232,10 @@ class Generation:
         while not queue.empty():
             queue.get_nowait()
         limits = self.limits
-        queue.put_nowait(slow_client_aborted(limits.max_buffered_events, limits.slow_client_timeout_s))
+        error = slow_client_aborted(limits.max_buffered_events, limits.slow_client_timeout_s)
+        queue.put_nowait(error)
+        if self._on_slow_client is not None:
+            self._on_slow_client(error)
 
 
 class _SlowClient(Exception):

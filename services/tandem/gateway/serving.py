@@ -112,6 +112,10 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
     span.set_attribute("tandem.priority", priority)
     body, tokenizer, config = prepared.body, state.served.tokenizer, state.config
     limits = StreamLimits(config.max_buffered_events, config.slow_client_timeout_s, config.retry_after_s)
+
+    def slow_client(error: OpenAIError) -> None:  # the request ends at the abort: `finish` is bound below
+        finish(error.status_code, error.message)
+
     generation = Generation(
         state.pipeline,
         tokenizer,
@@ -124,6 +128,7 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         body.skip_special_tokens,
         body.include_stop_str_in_output,
         limits,
+        slow_client,
     )
     view = ResponseView(
         request_id,
