@@ -129,7 +129,7 @@ async def _closed_loop(url: str, bodies: list[bytes], concurrency: int) -> float
     return done / (time.perf_counter() - start)
 
 
-def _p(values: list[float], q: float) -> float:
+def _p(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
