@@ -80,13 +80,21 @@ class Cluster:
     trace_file: Path
 
     @classmethod
-    def start(cls, model_dir: Path, trace_file: Path, num_prefill: int = 2, num_decode: int = 2) -> Cluster:
+    def start(
+        cls,
+        model_dir: Path,
+        trace_file: Path,
+        num_prefill: int = 2,
+        num_decode: int = 2,
+        heartbeat_ttl_s: float = HEARTBEAT_TTL_S,
+    ) -> Cluster:
+        """`heartbeat_ttl_s`: longer than any SIGSTOP a test gives a worker that must stay routable."""
         redis = EmbeddedRedis.start()
         common = (
             "--redis",
             redis.url,
             "--heartbeat-ttl-s",
-            str(HEARTBEAT_TTL_S),
+            str(heartbeat_ttl_s),
             "--otel-exporter",
             "file",
             "--otel-file",

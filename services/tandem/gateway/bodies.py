@@ -94,6 +94,9 @@ class _GenerateBody(Body):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    priority: int | None = Field(
+        None, ge=INT64_MIN, le=INT64_MAX
+    )  # vLLM's; lower is more important; None: the key's default
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import check_name
+from tandem.gateway.admission import AdmissionConfig
 from tandem.gateway.limits import RateLimitConfig
 from tandem.scheduler import SchedulerConfig
 
@@ -26,7 +27,10 @@ class GatewayConfig:
     worker is migrated away from (or, past `max_migrations`, turns into an error event) instead
     of a hang. `max_migrations` bounds how many times one choice is resumed on another decode
     worker after its stream failed mid-way (0: never). `retry_after_s` is what a 503 tells
-    clients. `max_body_bytes` caps a request body (413 above it).
+    clients. `max_body_bytes` caps a request body (413 above it). A streaming client that stops
+    reading holds at most `max_buffered_events` events; once they have been full for
+    `slow_client_timeout_s`, its request is aborted. `admission` bounds what is admitted
+    (admission.py: 429/503 with Retry-After, priorities).
     """
 
     model_dir: Path = field(
@@ -53,6 +57,11 @@ class GatewayConfig:
         default=2, metadata={"help": "most times one choice's stream is resumed on another decode worker"}
     )
     retry_after_s: int = field(default=1, metadata={"help": "the Retry-After of a 503"})
+    max_buffered_events: int = field(default=256, metadata={"help": "events held per request for a slow client"})
+    slow_client_timeout_s: float = field(
+        default=5.0, metadata={"help": "abort a request whose client buffer stays full this long"}
+    )
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -74,7 +83,9 @@ class GatewayConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        for name in ("prefill_timeout_s", "decode_idle_timeout_s"):
+        if self.max_buffered_events < 1:
+            raise ValueError(f"max_buffered_events must be >= 1, got {self.max_buffered_events}")
+        for name in ("prefill_timeout_s", "decode_idle_timeout_s", "slow_client_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_migrations < 0:

@@ -121,6 +121,19 @@ def service_unavailable(message: str, retry_after_s: float) -> OpenAIError:
     )
 
 
+def slow_client_aborted(max_buffered_events: int, timeout_s: float) -> OpenAIError:
+    """408 for a streaming client that stopped reading: its buffer stayed full, so the request
+    was aborted (the client only sees it if it reads again)."""
+    return OpenAIError(
+        408,
+        f"The client read the response too slowly: its buffer of {max_buffered_events} events stayed full "
+        f"for {timeout_s} s, so the request was aborted.",
+        "timeout_error",
+        None,
+        "slow_client",
+    )
+
+
 def internal_error(message: str = "The server had an error while processing your request.") -> OpenAIError:
     """500: a bug or an unexpected failure; the message must not leak internals."""
     return OpenAIError(500, message, "server_error", None, None)

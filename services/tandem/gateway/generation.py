@@ -8,13 +8,25 @@ Ownership: `events()` owns the choice tasks. When its consumer stops early (clie
 disconnect, an error, the response closed), the `finally` cancels every task; each task's
 pipeline generator is closed in turn, which cancels its decode stream. A choice that meets a
 stop string closes its own generator the same way.
+
+Failures (issue 15, "no silent failures"): a choice that fails before its first delta raises
+an `OpenAIError` (503 with Retry-After: the worker, not the request, failed), so a response
+whose headers are not sent yet becomes an HTTP error, never a 200 with zero tokens; a choice
+that fails after output yields an event with `error`.
+
+Slow clients: the events wait for the consumer (the client's socket) in one queue of at most
+`StreamLimits.max_buffered_events`. A choice that finds it full waits at most
+`slow_client_timeout_s`; then the request is aborted: every choice task is cancelled (closing
+its decode stream, so the worker frees the sequence's blocks), the buffered events are
+dropped, the request ends (`on_slow_client`: its status 408 is recorded and its admission
+returned), and the consumer, whenever it reads again, gets `slow_client_aborted`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
@@ -22,11 +34,22 @@ from opentelemetry.context import Context
 from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.detokenize import IncrementalDetokenizer, StopStringMatcher
+from tandem.gateway.errors import OpenAIError, service_unavailable, slow_client_aborted
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.pipeline import Pipeline, StreamError
 
 _FINISH_TEXT = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
-_QUEUE_SIZE = 256  # events buffered per request before the choices wait for the client
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Per request: `max_buffered_events` held for a client that is not reading, how long
+    (`slow_client_timeout_s`) the buffer may stay full before the request is aborted, and the
+    Retry-After (`retry_after_s`) of a 503 for a failure before the first token."""
+
+    max_buffered_events: int = 256
+    slow_client_timeout_s: float = 5.0
+    retry_after_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,11 @@ class Generation:
         trace_context: Context | None,
         skip_special_tokens: bool = True,
         include_stop_str: bool = False,
+        limits: StreamLimits = StreamLimits(),
+        on_slow_client: Callable[[OpenAIError], None] | None = None,
     ) -> None:
+        """`on_slow_client(error)` is called once when the request is aborted for a client
+        that stopped reading (the request ends there, though its connection may stay open)."""
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -86,6 +113,10 @@ class Generation:
         self.trace_context = trace_context
         self.skip_special_tokens = skip_special_tokens
         self.include_stop_str = include_stop_str
+        self.limits = limits
+        self._on_slow_client = on_slow_client
+        self.slow_client = False  # set once the client's buffer overflowed and the request was aborted
+        self._tasks: list[asyncio.Task] = []
         self.totals = {c.index: ChoiceTotals() for c in self.choices}
         self.start_s = time.perf_counter()
         self.first_token_s: float | None = None
@@ -97,8 +128,8 @@ class Generation:
     async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Merged events of every choice. Errors before any output are raised as they are
         (an `OpenAIError` becomes an HTTP error); later ones arrive as events with `error`."""
-        queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue(_QUEUE_SIZE)
-        tasks = [asyncio.create_task(self._run(spec, queue)) for spec in self.choices]
+        queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue(self.limits.max_buffered_events)
+        tasks = self._tasks = [asyncio.create_task(self._run(spec, queue)) for spec in self.choices]
         remaining = len(tasks)
         try:
             while remaining:
@@ -115,14 +146,17 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, spec: ChoiceSpec, queue: asyncio.Queue) -> None:
+        # TODO(issue 15): pass the request's priority to Request once it has the field.
         request = Request(f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling, self.cache_salt)
         totals = self.totals[spec.index]
         detok = IncrementalDetokenizer(self.tokenizer, spec.prompt_token_ids, self.skip_special_tokens)
         matcher = StopStringMatcher(self.stop, self.include_stop_str)
         generator = self.pipeline.generate(request, self.trace_context)
         last_s = time.perf_counter()
+        received = False
         try:
             async for delta in generator:
+                received = True
                 now = time.perf_counter()
                 if self.first_token_s is None:
                     self.first_token_s = now
@@ -143,16 +177,66 @@ class Generation:
                 totals.token_ids.extend(delta.token_ids)
                 totals.logprobs.extend(delta.logprobs)
                 totals.finish_reason = finish
-                await queue.put(ChoiceEvent(spec.index, text, delta.token_ids, delta.logprobs, finish))
+                await self._put(queue, ChoiceEvent(spec.index, text, delta.token_ids, delta.logprobs, finish))
                 if finish is not None:
                     break
             else:
                 raise StreamError("the generation ended without a finish reason")
+        except _SlowClient:
+            self._abort_slow_client(queue)
+            return
         except StreamError as exc:
-            await queue.put(ChoiceEvent(spec.index, "", (), (), None, error=str(exc)))
+            if not received:  # nothing of this choice was sent: a real HTTP error if headers are not out yet
+                await self._put_or_abort(queue, self._failed_before_output(exc))
+                return
+            await self._put_or_abort(queue, ChoiceEvent(spec.index, "", (), (), None, error=str(exc)))
         except Exception as exc:  # before any output: re-raised by events() as it is
-            await queue.put(exc)
+            await self._put_or_abort(queue, exc)
             return
         finally:
             await generator.aclose()
-        await queue.put(None)
+        await self._put_or_abort(queue, None)
+
+    def _failed_before_output(self, exc: StreamError) -> OpenAIError:
+        return service_unavailable(f"the generation failed before its first token: {exc}", self.limits.retry_after_s)
+
+    async def _put(self, queue: asyncio.Queue, item: ChoiceEvent | BaseException | None) -> None:
+        """Buffer `item` for the client; `_SlowClient` if the buffer stays full past the bound."""
+        try:
+            queue.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            pass
+        try:
+            await asyncio.wait_for(queue.put(item), self.limits.slow_client_timeout_s)
+        except asyncio.TimeoutError:
+            raise _SlowClient() from None
+
+    async def _put_or_abort(self, queue: asyncio.Queue, item: ChoiceEvent | BaseException | None) -> None:
+        try:
+            await self._put(queue, item)
+        except _SlowClient:
+            self._abort_slow_client(queue)
+
+    def _abort_slow_client(self, queue: asyncio.Queue) -> None:
+        """The client stopped reading: cancel every other choice (closing its decode stream),
+        drop what is buffered, and leave the consumer one error to read."""
+        if self.slow_client:
+            return
+        self.slow_client = True
+        self.metrics.slow_client_abort()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        while not queue.empty():
+            queue.get_nowait()
+        limits = self.limits
+        error = slow_client_aborted(limits.max_buffered_events, limits.slow_client_timeout_s)
+        queue.put_nowait(error)
+        if self._on_slow_client is not None:
+            self._on_slow_client(error)
+
+
+class _SlowClient(Exception):
+    """The client's buffer stayed full for longer than the bound (handled inside `Generation`)."""

@@ -33,6 +33,11 @@ Counters:
   it at its drain deadline).
 - `tandem_migration_replayed_tokens_total`: tokens the migrations replayed (each migrated
   choice's prompt plus the tokens already sent), whether the new worker had them cached or not.
+- `tandem_admission_refusals_total{reason}`: requests refused at admission (admission.py):
+  `key` (429, the API key's bound), `inflight` (503, the fixed bound), `ttft` (503, the pools
+  cannot start it within its TTFT budget).
+- `tandem_slow_client_aborts_total`: streaming requests aborted because their client stopped
+  reading and its bounded buffer stayed full (counted as status 408 in `tandem_requests_total`).
 
 Gauges:
 - `tandem_prefix_cache_hit_ratio`: hit / query tokens since the process started, in [0, 1]
@@ -40,6 +45,7 @@ Gauges:
 - `tandem_queue_depth{pool}`: sum of the waiting requests of the pool's live workers, as last
   read from Redis; `pool` is `prefill` or `decode`. The autoscaler's signal.
 - `tandem_workers{pool}`: number of live workers in the pool.
+- `tandem_admitted_requests`: requests this gateway admitted that have not ended.
 
 Who calls it: the gateway's request pipeline (observations) and its cluster-state poller
 (`set_pools`), all on the gateway's event loop. The object is not shared across processes.
@@ -65,6 +71,8 @@ SECONDS_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
+
+ADMISSION_REASONS = ("key", "inflight", "ttft")
 
 
 class TTFTStage(str, enum.Enum):
@@ -158,6 +166,15 @@ class GatewayMetrics:
         self._replayed_tokens = Counter(
             "tandem_migration_replayed_tokens_total", "Tokens replayed by migrations", base, registry=r
         ).labels(**self._model)
+        self._slow_clients = Counter(
+            "tandem_slow_client_aborts_total", "Requests aborted because their client stopped reading", base, registry=r
+        ).labels(**self._model)
+        self._refusals = Counter(
+            "tandem_admission_refusals_total", "Requests refused at admission by reason", [*base, "reason"], registry=r
+        )
+        self._admitted = Gauge("tandem_admitted_requests", "Admitted requests in flight", base, registry=r).labels(
+            **self._model
+        )
         self._queue_depth = Gauge("tandem_queue_depth", "Waiting requests by pool", [*base, "pool"], registry=r)
         self._workers = Gauge("tandem_workers", "Live workers by pool", [*base, "pool"], registry=r)
         # Running totals behind the ratio gauge (the counters' values are not public API).
@@ -166,6 +183,8 @@ class GatewayMetrics:
         # Fixed label sets are created up front, so dashboards see zeros, not gaps.
         for stage in TTFTStage:
             self._stage.labels(**self._model, stage=stage.value)
+        for reason in ADMISSION_REASONS:
+            self._refusals.labels(**self._model, reason=reason)
         for pool in Pool:
             self._queue_depth.labels(**self._model, pool=pool.value)
             self._workers.labels(**self._model, pool=pool.value)
@@ -224,6 +243,17 @@ class GatewayMetrics:
         _check_count(replayed_tokens=replayed_tokens)
         self._migrations.labels(**self._model, reason=MigrationReason(reason).value).inc()
         self._replayed_tokens.inc(replayed_tokens)
+    def admission_refused(self, reason: str) -> None:
+        if reason not in ADMISSION_REASONS:
+            raise ValueError(f"unknown admission refusal reason {reason!r}")
+        self._refusals.labels(**self._model, reason=reason).inc()
+
+    def set_admitted(self, inflight: int) -> None:
+        _check_count(inflight=inflight)
+        self._admitted.set(inflight)
+
+    def slow_client_abort(self) -> None:
+        self._slow_clients.inc()
 
     def set_pools(self, prefill_waiting: int, decode_waiting: int, num_prefill: int, num_decode: int) -> None:
         """The pools as last read from Redis: waiting requests summed over each pool's workers,

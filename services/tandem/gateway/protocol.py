@@ -98,6 +98,11 @@ class PreparedRequest:
         return sum(len(p) for p in self.prompts)
 
     @property
+    def requested_priority(self) -> int | None:
+        """The body's `priority` (vLLM's: lower is more important); None: the API key's default."""
+        return self.body.priority
+
+    @property
     def num_charged_tokens(self) -> int:
         """What the token rate limit charges: prompt + max_tokens of every choice."""
         return sum(len(c.prompt_token_ids) + c.sampling.max_tokens for c in self.choices)

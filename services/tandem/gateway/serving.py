@@ -4,15 +4,20 @@ Lifecycle of a request (DESIGN.md section 2, steps 1 and 5), in `serve_generatio
 1. The body is read with a size cap (413), authenticated (401), and prepared by
    `protocol.prepare`: parsed and validated (400, 404 for an unknown model), tokenized (chat
    template for chat), and checked against `max_model_len` with vLLM's wording.
-2. The per-key rate limits are charged in Redis: one request and prompt + max_tokens tokens
-   per choice (429 with Retry-After).
+2. Admission (admission.py) refuses at once what the pools cannot start within the TTFT
+   budget, lower priorities first (429 per key, 503 for the cluster, with Retry-After); an
+   admitted request holds a ticket until it ends. Then the per-key rate limits are charged
+   in Redis: one request and prompt + max_tokens tokens per choice (429 with Retry-After).
 3. A `Generation` runs the choices through the pipeline. Streaming responses wait for the
-   first event before the headers go out, so routing failures are real HTTP errors (503 with
-   Retry-After); after that, an error is one `data:` error event followed by `[DONE]`.
+   first event before the headers go out, so any failure before the first token is a real
+   HTTP error with OpenAI's error shape (503 with Retry-After when the workers failed);
+   after that, an error is one `data:` error event followed by `[DONE]`. Never a 200 with
+   zero tokens.
 4. A client that disconnects cancels the generation (Starlette cancels a streaming body;
    non-streaming requests are watched for `http.disconnect`).
-5. `_Finisher` ends the request's root span and records its status and end-to-end metrics
-   exactly once, whichever way the request ends.
+5. `_Finisher` ends the request's root span, records its real status (an error event after
+   the headers counts as its error's status) and end-to-end metrics, and returns its
+   admission ticket, exactly once, whichever way the request ends.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from opentelemetry.trace import SpanKind
 
 from tandem.common.tracing import extract_metadata
 from tandem.gateway import protocol, responses
+from tandem.gateway.admission import AdmissionTicket
 from tandem.gateway.errors import OpenAIError, body_too_large, internal_error, sse_error_event
-from tandem.gateway.generation import ChoiceEvent, Generation
+from tandem.gateway.generation import ChoiceEvent, Generation, StreamLimits
 from tandem.gateway.response_view import ResponseView
 from tandem.gateway.state import GatewayState
 
@@ -94,10 +100,22 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
     start_s = time.perf_counter()
     key_id = state.authenticate(request)
     prepared = protocol.prepare(await read_body(request, state.config.max_body_bytes), chat, state.served)
-    await state.charge(key_id, prepared.num_charged_tokens)
+    priority = state.admission.priority(key_id, prepared.requested_priority)
+    ticket = state.admission.admit(key_id, priority, prepared.num_prompt_tokens)
+    try:
+        await state.charge(key_id, prepared.num_charged_tokens)
+    except BaseException:
+        ticket.finished()
+        raise
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     span = _start_span(state, request, prepared, request_id)
-    body, tokenizer = prepared.body, state.served.tokenizer
+    span.set_attribute("tandem.priority", priority)
+    body, tokenizer, config = prepared.body, state.served.tokenizer, state.config
+    limits = StreamLimits(config.max_buffered_events, config.slow_client_timeout_s, config.retry_after_s)
+
+    def slow_client(error: OpenAIError) -> None:  # the request ends at the abort: `finish` is bound below
+        finish(error.status_code, error.message)
+
     generation = Generation(
         state.pipeline,
         tokenizer,
@@ -109,6 +127,8 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         trace.set_span_in_context(span),
         body.skip_special_tokens,
         body.include_stop_str_in_output,
+        limits,
+        slow_client,
     )
     view = ResponseView(
         request_id,
@@ -121,7 +141,7 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         prepared.logprob_count,
         tokenizer,
     )
-    finish = _Finisher(span, generation, endpoint_label(request), start_s)
+    finish = _Finisher(span, generation, ticket, endpoint_label(request), start_s)
     request.state.counted = True  # the finisher records this request's status
     if not body.stream:
         return await _respond_json(request, generation, view, finish)
@@ -152,7 +172,7 @@ def _start_span(
 
 async def _respond_json(request: Request, generation: Generation, view: ResponseView, finish: _Finisher) -> Response:
     try:
-        body = await until_disconnect(request, _collect(generation, view))
+        body = await until_disconnect(request, _collect(generation, view, finish.ticket))
     except ClientDisconnected:
         finish(499, "client disconnected")
         return Response(status_code=499)
@@ -177,6 +197,12 @@ async def _respond_sse(
         await events.aclose()
         finish(exc.status_code, exc.message)
         raise
+    if first.error is not None:  # cannot happen (a choice's first failure is raised), but never a 200
+        await events.aclose()
+        err = internal_error(f"generation failed: {first.error}")
+        finish(err.status_code, err.message)
+        raise err
+    finish.ticket.started()
     return StreamingResponse(
         _sse(first, events, view, generation, include_usage, finish),
         media_type="text/event-stream",
@@ -188,10 +214,13 @@ class _Finisher:
     """Ends a request's root span and records its end-to-end metrics exactly once (status 499:
     the client went away, counted in `tandem_client_disconnects_total`)."""
 
-    def __init__(self, span: trace.Span, generation: Generation, endpoint: str, start_s: float) -> None:
+    def __init__(
+        self, span: trace.Span, generation: Generation, ticket: AdmissionTicket, endpoint: str, start_s: float
+    ) -> None:
         self.metrics = generation.metrics
         self.span = span
         self.generation = generation
+        self.ticket = ticket
         self.endpoint = endpoint
         self.start_s = start_s
         self.done = False
@@ -200,6 +229,7 @@ class _Finisher:
         if self.done:
             return
         self.done = True
+        self.ticket.finished()
         generated = self.generation.num_generated_tokens
         self.metrics.request_done(self.endpoint, status)
         if status == 499:
@@ -217,8 +247,9 @@ class _Finisher:
         self.span.end()
 
 
-async def _collect(generation: Generation, view: ResponseView) -> dict[str, Any]:
+async def _collect(generation: Generation, view: ResponseView, ticket: AdmissionTicket) -> dict[str, Any]:
     async for event in generation.events():
+        ticket.started()
         if event.error is not None:
             raise internal_error(f"generation failed: {event.error}")
     return view.full_response(generation.totals)
@@ -247,7 +278,7 @@ async def _sse(
                 yield responses.sse(view.usage_chunk(generation.totals))
             status, error = 200, None
         yield responses.SSE_DONE
-    except OpenAIError as exc:  # a later choice could not be routed
+    except OpenAIError as exc:  # a later choice failed before its output, or the client read too slowly
         yield sse_error_event(exc)
         yield responses.SSE_DONE
         status, error = exc.status_code, exc.message

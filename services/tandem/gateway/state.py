@@ -23,6 +23,7 @@ from tandem.common.tracing import Tracing
 from tandem.common.workers import WorkerRole
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway.admission import AdmissionController, PoolLoad
 from tandem.gateway.auth import APIKeys, AuthError, AuthFailure
 from tandem.gateway.clients import WorkerClients
 from tandem.gateway.config import GatewayConfig
@@ -66,6 +67,7 @@ class GatewayState:
         )
         self.clients = WorkerClients()
         self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)
+        self.admission = AdmissionController(config.admission, self.metrics, self.pool_load)
         self._aioredis: aioredis.Redis | None = None
         self.limiter: RateLimiter | None = None
 
@@ -105,6 +107,15 @@ class GatewayState:
         self.metrics.set_pools(
             waiting[WorkerRole.PREFILL], waiting[WorkerRole.DECODE], count[WorkerRole.PREFILL], count[WorkerRole.DECODE]
         )
+
+    def pool_load(self) -> PoolLoad:
+        """Waiting requests and queued prefill tokens of every live worker, as last published."""
+        waiting = tokens = 0
+        for v in self.scheduler.workers():
+            if v.load is not None:
+                waiting += v.load.waiting
+                tokens += v.load.queued_prefill_tokens
+        return PoolLoad(waiting, tokens)
 
     # ---- checks used by the handlers ---------------------------------------------------------
     def authenticate(self, request: Request) -> str:

@@ -25,6 +25,7 @@ from typing import IO
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.engine.config import MiB
+from tandem.gateway.admission import AdmissionConfig
 from tandem.launcher.config import LocalClusterConfig, gateway_template, worker_template
 from tandem.launcher.local import LocalCluster
 from tandem.launcher.placement import ProcessPlacement
@@ -54,6 +55,7 @@ class ClusterSpec:
     policy: str = "prefix_aware"
     local_prefill_max_tokens: int = 256
     kv_cache_mib: int = 256
+    admission: AdmissionConfig | None = None  # None: the gateway's defaults
 
     def __post_init__(self) -> None:
         if not any(w.role == "decode" for w in self.workers):
@@ -70,7 +72,7 @@ class ClusterSpec:
             num_decode=count["decode"],
             model_dir=self.model_dir,
             worker=replace(worker, engine=replace(worker.engine, kv_cache_bytes=self.kv_cache_mib * MiB)),
-            gateway=replace(gateway, port=0, scheduler=scheduler),
+            gateway=replace(gateway, port=0, scheduler=scheduler, admission=self.admission or gateway.admission),
         )
 
     def worker_cpus(self) -> dict[str, int]:

@@ -33,6 +33,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "prefix_cache": ("Prefix-cache TTFT speedup", "tandem.loadtest.suite.prefix_cache"),
     "interference": ("Disaggregated vs colocated: decode ITL under long prompts", "tandem.loadtest.suite.interference"),
     "gateway": ("Gateway SSE headroom and scheduler decision latency", "tandem.loadtest.suite.gateway"),
+    "overload": ("Overload sweep: goodput under admission control", "tandem.loadtest.suite.overload"),
 }
 REPO_ROOT = Path(__file__).resolve().parents[4]
 

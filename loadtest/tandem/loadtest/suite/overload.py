@@ -1,0 +1,192 @@
+"""Overload sweep through the gateway's admission control (issue 15, `tandem bench overload`).
+
+One decode worker alone on core 0 (local prefill, one torch thread), the gateway and the
+clients on core 1. Capacity is measured first: completed requests per second of a closed loop
+that keeps `CAPACITY_CONCURRENCY` streams busy. Then an open loop offers 0.5x, 1x, 2x and 3x
+that rate (evenly spaced arrivals) for `duration` seconds each. Every request streams
+`PROMPT_LEN`-token prompts and `MAX_TOKENS` output tokens with a client deadline of
+`DEADLINE_S`.
+
+Figures: goodput (requests that got 200, all their tokens, and a TTFT within the SLO, per
+second of offered load) at 3x over goodput at 1x (goal >= 0.9), and requests past their
+deadline (goal 0). The table gives the status histogram and the admitted requests' TTFT p50 /
+p99 against the unloaded TTFT. The SLO is the gateway's TTFT budget (`TTFT_BUDGET_S`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from tandem.gateway.admission import AdmissionConfig
+from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
+from tandem.loadtest.suite.context import BenchContext
+from tandem.loadtest.suite.figures import Direction, Figure, Section
+
+WORKER_CPU, CLIENT_CPU = 0, 1
+PROMPT_LEN = 64
+MAX_TOKENS = 64
+DEADLINE_S = 60.0
+TTFT_BUDGET_S = 1.0
+CAPACITY_CONCURRENCY = 32
+MULTIPLIERS = (0.5, 1.0, 2.0, 3.0)
+GOAL = 0.9
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request: its HTTP status (0: no answer before the deadline), TTFT (None without a
+    token), tokens received and wall time."""
+
+    status: int
+    ttft_s: float | None
+    tokens: int
+    elapsed_s: float
+
+
+async def _request(host: str, port: int, body: bytes) -> Outcome:
+    start = time.perf_counter()
+    try:
+        return await asyncio.wait_for(_stream(host, port, body, start), DEADLINE_S)
+    except (asyncio.TimeoutError, OSError):
+        return Outcome(0, None, 0, time.perf_counter() - start)
+
+
+async def _stream(host: str, port: int, body: bytes, start: float) -> Outcome:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        ttft_s: float | None = None
+        tokens = 0
+        async for line in reader:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                return Outcome(500, ttft_s, tokens, time.perf_counter() - start)
+            n = sum(len(c.get("token_ids") or ()) for c in event.get("choices", ()))
+            if n and ttft_s is None:
+                ttft_s = time.perf_counter() - start
+            tokens += n
+        return Outcome(status, ttft_s, tokens, time.perf_counter() - start)
+    finally:
+        writer.close()
+
+
+def _bodies(model: str, count: int, seed: int) -> list[bytes]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        json.dumps(
+            {
+                "model": model,
+                "prompt": torch.randint(4, 500, (PROMPT_LEN,), generator=g).tolist(),
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "return_token_ids": True,
+            }
+        ).encode()
+        for _ in range(count)
+    ]
+
+
+async def _open_loop(url: str, bodies: list[bytes], rate_rps: float) -> list[Outcome]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    tasks = []
+    start = time.perf_counter()
+    for i, body in enumerate(bodies):
+        await asyncio.sleep(max(0.0, start + i / rate_rps - time.perf_counter()))
+        tasks.append(asyncio.create_task(_request(host, int(port), body)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _closed_loop(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """Completed requests per second with `concurrency` requests always in flight."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    queue = list(bodies)
+    done = 0
+
+    async def client() -> None:
+        nonlocal done
+        while queue:
+            outcome = await _request(host, int(port), queue.pop())
+            done += outcome.status == 200 and outcome.tokens == MAX_TOKENS
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
+def _p(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def run(ctx: BenchContext) -> Section:
+    duration_s = ctx.size(20, 3)
+    admission = AdmissionConfig(ttft_budget_s=TTFT_BUDGET_S)
+    spec = ClusterSpec(
+        ctx.model_dir, (WorkerSpec("decode", WORKER_CPU),), gateway_cpu=CLIENT_CPU,
+        local_prefill_max_tokens=1_000_000, admission=admission,
+    )  # fmt: skip
+    rows = [("offered", "requests/s", "sent", "statuses", "goodput (req/s)", "TTFT p50 / p99 (ms)", "past deadline")]
+    goodput: dict[float, float] = {}
+    late_total = 0
+    with BenchCluster.start(spec) as cluster:
+        url, model = cluster.url, cluster.model
+        asyncio.run(_closed_loop(url, _bodies(model, 8, 0), 2))  # warm-up
+        unloaded = [asyncio.run(_open_loop(url, _bodies(model, 1, 100 + i), 1.0))[0] for i in range(10)]
+        unloaded_ttft = statistics.median(o.ttft_s or 0.0 for o in unloaded)
+        ctx.log(f"overload: unloaded TTFT {unloaded_ttft * 1000:.1f} ms; measuring capacity")
+        capacity_rps = asyncio.run(
+            _closed_loop(url, _bodies(model, ctx.size(320, 48), 1), ctx.size(CAPACITY_CONCURRENCY, 8))
+        )
+        for m in MULTIPLIERS:
+            rate = m * capacity_rps
+            ctx.log(f"overload: {m}x = {rate:.1f} requests/s for {duration_s} s")
+            outcomes = asyncio.run(
+                _open_loop(url, _bodies(model, max(1, round(rate * duration_s)), 10 + int(m * 10)), rate)
+            )
+            statuses = Counter(o.status for o in outcomes)
+            good = [o for o in outcomes if o.status == 200 and o.tokens == MAX_TOKENS]
+            within = [o for o in good if o.ttft_s is not None and o.ttft_s <= TTFT_BUDGET_S]
+            goodput[m] = len(within) / duration_s
+            late = sum(o.status == 0 or o.elapsed_s > DEADLINE_S for o in outcomes)
+            late_total += late
+            ttfts = [o.ttft_s * 1000 for o in good if o.ttft_s is not None]
+            rows.append(
+                (
+                    f"{m:g}x",
+                    f"{rate:.1f}",
+                    str(len(outcomes)),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+                    f"{goodput[m]:.1f}",
+                    f"{_p(ttfts, 50):.0f} / {_p(ttfts, 99):.0f}" if ttfts else "-",
+                    str(late),
+                )
+            )
+    figures = (
+        Figure("goodput at 3x / goodput at 1x", goodput[3.0] / goodput[1.0] if goodput[1.0] else 0.0, goal=GOAL),
+        Figure("requests past their deadline", float(late_total), unit="", goal=0, direction=Direction.AT_MOST),
+        Figure("capacity (closed loop)", capacity_rps, unit=" req/s"),
+        Figure("unloaded TTFT", unloaded_ttft * 1000, unit=" ms"),
+    )
+    setup = (
+        f"decode worker alone on core {WORKER_CPU} (local prefill, one torch thread); gateway and clients on core "
+        f"{CLIENT_CPU}. {PROMPT_LEN}-token prompts, {MAX_TOKENS} output tokens, streaming. Capacity: a closed loop "
+        f"of {ctx.size(CAPACITY_CONCURRENCY, 8)} streams. Then open-loop arrivals at each multiple of it for "
+        f"{duration_s} s. Admission: TTFT budget {TTFT_BUDGET_S} s (the SLO); deadline {DEADLINE_S} s. Status 0: "
+        "no answer before the deadline."
+    )
+    return Section("overload", "Overload sweep: goodput under admission control", setup, figures, tuple(rows))

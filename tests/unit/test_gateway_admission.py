@@ -1,0 +1,200 @@
+"""Admission at the gateway (admission.py, throughput.py): the decision as a table, the
+controller's counts, the measured rates, and the body's `priority` field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tandem.gateway.admission import (
+    AdmissionConfig,
+    AdmissionController,
+    AdmissionSignals,
+    PoolLoad,
+    decide,
+)
+from tandem.gateway.auth import key_id_of
+from tandem.gateway.bodies import CompletionRequest
+from tandem.gateway.errors import OpenAIError
+from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.protocol import parse_body
+from tandem.gateway.throughput import RateMeter, Throughput
+
+
+def signals(**overrides: object) -> AdmissionSignals:
+    base = dict(
+        own_inflight=0,
+        own_waiting=0,
+        own_waiting_tokens=0,
+        key_inflight=0,
+        published_waiting=0,
+        published_queued_tokens=0,
+        start_rate_rps=None,
+        token_rate_tps=None,
+        finish_rate_rps=None,
+    )
+    base.update(overrides)
+    return AdmissionSignals(**base)  # type: ignore[arg-type]
+
+
+FIXED = AdmissionConfig(ttft_budget_s=2.0, max_inflight=4, max_inflight_per_key=3, priority_step=0.25)
+
+# (signals, priority, prompt tokens) -> (status, retry_after_s, reason)
+CASES = [
+    (signals(), 0, 10, (0, 0.0, "")),
+    (signals(own_inflight=3), 0, 10, (0, 0.0, "")),
+    (signals(own_inflight=4), 0, 10, (503, 1.0, "inflight")),  # no finish rate yet: 1 s
+    (signals(own_inflight=4, finish_rate_rps=0.5), 0, 10, (503, 2.0, "inflight")),
+    (signals(own_inflight=3), 1, 10, (503, 1.0, "inflight")),  # priority 1: cap floor(4 * 0.75) = 3
+    (signals(own_inflight=2), 2, 10, (503, 1.0, "inflight")),  # priority 2: cap 2
+    (signals(own_inflight=1), 2, 10, (0, 0.0, "")),
+    (signals(own_inflight=0), 9, 10, (0, 0.0, "")),  # any priority when nothing is in flight
+    (signals(own_inflight=1), 4, 10, (503, 1.0, "inflight")),  # share 0: cap 1
+    (signals(own_inflight=3), -5, 10, (0, 0.0, "")),  # below 0 is like 0
+    (signals(own_inflight=3, key_inflight=3, finish_rate_rps=3.0), 0, 10, (429, 1.0, "key")),
+    (signals(own_inflight=6, key_inflight=3, finish_rate_rps=0.1), 0, 10, (429, 20.0, "key")),  # its share: 0.05/s
+]
+
+
+@pytest.mark.parametrize(("s", "priority", "tokens", "expected"), CASES)
+def test_fixed_bounds(s: AdmissionSignals, priority: int, tokens: int, expected: tuple[int, float, str]) -> None:
+    d = decide(s, priority, tokens, FIXED)
+    assert (d.status, round(d.retry_after_s, 6), d.reason) == expected
+
+
+TTFT = AdmissionConfig(ttft_budget_s=2.0, priority_step=0.25, cold_start_queue=8)
+
+TTFT_CASES = [
+    # empty queue: admitted whatever the rates say
+    (signals(own_inflight=100, start_rate_rps=0.01), 3, 10, (0, 0.0)),
+    # cold start: the queue may hold 8 * share requests
+    (signals(own_waiting=7), 0, 10, (0, 0.0)),
+    (signals(own_waiting=8), 0, 10, (503, 1.0)),
+    (signals(own_waiting=5), 2, 10, (503, 1.0)),  # cap floor(8 * 0.5) = 4
+    # (queue + 1) / start rate vs the budget: 19 + 1 at 10/s = 2.0 s: admitted; 20 + 1: 2.1 s
+    (signals(own_waiting=19, start_rate_rps=10.0), 0, 10, (0, 0.0)),
+    (signals(own_waiting=20, start_rate_rps=10.0), 0, 10, (503, 1.0)),
+    (signals(own_waiting=30, start_rate_rps=10.0), 0, 10, (503, 1.1)),
+    (signals(own_waiting=9, start_rate_rps=10.0), 2, 10, (0, 0.0)),  # budget 1 s: 1.0 s
+    (signals(own_waiting=10, start_rate_rps=10.0), 2, 10, (503, 1.0)),
+    # published waiting counts other gateways' queue
+    (signals(own_waiting=1, published_waiting=40, start_rate_rps=10.0), 0, 10, (503, 2.1)),
+    # prompt tokens: (1000 + 100) at 500 tokens/s = 2.2 s
+    (signals(own_waiting=1, own_waiting_tokens=1000, start_rate_rps=10.0, token_rate_tps=500.0), 0, 100, (503, 1.0)),
+    (signals(own_waiting=1, published_queued_tokens=900, start_rate_rps=10.0, token_rate_tps=500.0), 0, 100, (0, 0.0)),
+    (signals(own_waiting=100, start_rate_rps=1.0), 0, 10, (503, 60.0)),  # Retry-After at most 60 s
+]
+
+
+@pytest.mark.parametrize(("s", "priority", "tokens", "expected"), TTFT_CASES)
+def test_ttft_bound(s: AdmissionSignals, priority: int, tokens: int, expected: tuple[int, float]) -> None:
+    d = decide(s, priority, tokens, TTFT)
+    assert (d.status, round(d.retry_after_s, 6)) == expected
+    assert d.reason == ("ttft" if d.status else "")
+
+
+def test_refusal_messages() -> None:
+    assert decide(signals(own_inflight=3), 1, 10, FIXED).message == (
+        "The server is overloaded: 3 requests in flight, and priority 1 is admitted below 3."
+    )
+    assert decide(signals(own_waiting=30, start_rate_rps=10.0), 0, 10, TTFT).message == (
+        "The server is overloaded: a new request would wait about 3.1 s for its first token, "
+        "over the 2.0 s that priority 0 is given."
+    )
+
+
+def test_controller_counts_and_refusals() -> None:
+    metrics = GatewayMetrics("m")
+    config = AdmissionConfig(max_inflight=2, key_priority=("sk-low=3",))
+    controller = AdmissionController(config, metrics, lambda: PoolLoad(0, 0))
+    low = key_id_of("sk-low")
+    assert controller.priority(low, None) == 3
+    assert controller.priority(low, 0) == 0
+    assert controller.priority("anonymous", None) == 0
+    a = controller.admit("anonymous", 0, 10)
+    with pytest.raises(OpenAIError) as refused:
+        controller.admit(low, 3, 10)  # share 0.25: cap 1
+    assert refused.value.status_code == 503
+    assert dict(refused.value.headers) == {"Retry-After": "1"}
+    b = controller.admit("anonymous", 0, 5)
+    assert (controller.inflight, controller.waiting, controller.waiting_tokens) == (2, 2, 15)
+    with pytest.raises(OpenAIError):
+        controller.admit("anonymous", 0, 10)
+    a.started()
+    a.started()
+    assert (controller.inflight, controller.waiting, controller.waiting_tokens) == (2, 1, 5)
+    a.finished()
+    b.finished()
+    b.started()  # after the end: no effect
+    a.finished()
+    assert (controller.inflight, controller.waiting, controller.waiting_tokens) == (0, 0, 0)
+    text = metrics.render()[0].decode()
+    assert 'tandem_admission_refusals_total{model_name="m",reason="inflight"} 2.0' in text
+    assert 'tandem_admitted_requests{model_name="m"} 0.0' in text
+
+
+def test_per_key_bound_is_429() -> None:
+    controller = AdmissionController(AdmissionConfig(max_inflight_per_key=1), GatewayMetrics("m"), PoolLoad)
+    controller.admit("key-a", 0, 1)
+    controller.admit("key-b", 0, 1)
+    with pytest.raises(OpenAIError) as refused:
+        controller.admit("key-a", 0, 1)
+    assert refused.value.status_code == 429
+    assert refused.value.message == "Too many concurrent requests for this API key: the limit is 1."
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("sk", "key_priority entries are KEY=PRIORITY with an integer priority, got 'sk'"),
+        ("sk=x", "key_priority entries are KEY=PRIORITY with an integer priority, got 'sk=x'"),
+        ("=1", "key_priority entries are KEY=PRIORITY with an integer priority, got '=1'"),
+    ],
+)
+def test_bad_key_priority(entry: str, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        AdmissionConfig(key_priority=(entry,))
+    assert str(error.value) == message
+
+
+def test_rate_meter_window() -> None:
+    now = [100.0]
+    meter = RateMeter(10.0, lambda: now[0])
+    meter.add()
+    meter.add()
+    assert meter.rate() is None  # fewer than 3 events
+    meter.add()
+    assert meter.rate() is None  # spread over less than 0.25 s
+    meter = RateMeter(10.0, lambda: now[0])
+    meter.add()
+    meter.add()
+    now[0] = 101.0
+    meter.add()
+    assert meter.rate() == pytest.approx(3 / 1.0)
+    now[0] = 102.0
+    assert meter.rate() == pytest.approx(3 / 2.0)
+    now[0] = 111.5  # the first two events left the window
+    assert meter.rate() is None
+    t = Throughput(10.0, lambda: now[0])
+    for _ in range(4):
+        t.started(100)
+        now[0] += 0.5
+    assert t.starts.rate() == pytest.approx(4 / 2.0)
+    assert t.start_tokens.rate() == pytest.approx(400 / 2.0)
+    assert t.finishes.rate() is None
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [(3, True), (-2, True), (None, True), ("1", False), (1.5, False), (True, False)]
+)
+def test_body_priority(value: object, ok: bool) -> None:
+    raw = json.dumps({"prompt": "x", "priority": value}).encode()
+    if ok:
+        assert parse_body(raw, CompletionRequest, 4).priority == value
+        return
+    with pytest.raises(OpenAIError) as error:
+        parse_body(raw, CompletionRequest, 4)
+    assert error.value.status_code == 400
+    assert error.value.param == "priority"
+    assert error.value.message == "Invalid type for 'priority': Input should be a valid integer."
