@@ -243,6 +243,7 @@ class GatewayMetrics:
         _check_count(replayed_tokens=replayed_tokens)
         self._migrations.labels(**self._model, reason=MigrationReason(reason).value).inc()
         self._replayed_tokens.inc(replayed_tokens)
+
     def admission_refused(self, reason: str) -> None:
         if reason not in ADMISSION_REASONS:
             raise ValueError(f"unknown admission refusal reason {reason!r}")
