@@ -17,19 +17,23 @@ from tandem.launcher.supervisor import RestartLimitReached, Supervisor
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
+def _d(delay_s: float | None, attempt: int) -> RestartDecision:
+    return RestartDecision(delay_s, attempt, 3)
+
+
 @pytest.mark.parametrize(
     ("times", "expected"),
     [
         # backoff 1 s doubling to at most 4 s, 3 restarts per 100 s
-        ([0.0], [RestartDecision(1.0, 1, 3)]),
-        ([0.0, 5.0, 10.0], [RestartDecision(1.0, 1, 3), RestartDecision(2.0, 2, 3), RestartDecision(4.0, 3, 3)]),
-        ([0.0, 1.0, 2.0, 3.0], [*(RestartDecision(d, i + 1, 3) for i, d in enumerate((1.0, 2.0, 4.0))), RestartDecision(None, 4, 3)]),
+        ([0.0], [_d(1.0, 1)]),
+        ([0.0, 5.0, 10.0], [_d(1.0, 1), _d(2.0, 2), _d(4.0, 3)]),
+        ([0.0, 1.0, 2.0, 3.0], [_d(1.0, 1), _d(2.0, 2), _d(4.0, 3), _d(None, 4)]),
         # the first restart leaves the window at 100 s: the fourth death is restart 3 again
-        ([0.0, 50.0, 60.0, 100.0], [RestartDecision(1.0, 1, 3), RestartDecision(2.0, 2, 3), RestartDecision(4.0, 3, 3), RestartDecision(4.0, 3, 3)]),
+        ([0.0, 50.0, 60.0, 100.0], [_d(1.0, 1), _d(2.0, 2), _d(4.0, 3), _d(4.0, 3)]),
         # a refused restart does not count: the window still holds three at 99.9 s
-        ([0.0, 1.0, 2.0, 99.9, 100.0], [RestartDecision(1.0, 1, 3), RestartDecision(2.0, 2, 3), RestartDecision(4.0, 3, 3), RestartDecision(None, 4, 3), RestartDecision(4.0, 3, 3)]),
+        ([0.0, 1.0, 2.0, 99.9, 100.0], [_d(1.0, 1), _d(2.0, 2), _d(4.0, 3), _d(None, 4), _d(4.0, 3)]),
     ],
-)  # fmt: skip
+)
 def test_restart_tracker_table(times: list[float], expected: list[RestartDecision]) -> None:
     tracker = RestartTracker(RestartPolicy(max_restarts=3, window_s=100.0, backoff_s=1.0, backoff_max_s=4.0))
     assert [tracker.on_exit(t) for t in times] == expected
