@@ -33,12 +33,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
-import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind
 
 from tandem.common.block_hash import BLOCK_HASH_VERSION
-from tandem.common.cluster_state import ClusterState
+from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
@@ -63,6 +62,7 @@ VERSION = "0.1.0"
 LIVENESS_SERVICE = ""
 READINESS_SERVICE = "tandem.v1.Worker"
 LIVENESS_CHECK_INTERVAL_S = 1.0
+REDIS_TIMEOUT_S = 1.0  # a call to an unreachable Redis fails within about twice this
 
 
 class Worker:
@@ -87,11 +87,15 @@ class Worker:
         self._load = WorkerLoad(0, 0, 0, 0, self.engine.pool.num_blocks, time.time())
         # The client connects on first use (registration, in `serve`).
         self._state = (
-            ClusterState(redis.Redis.from_url(config.redis_url, socket_timeout=2.0), config.cluster)
-            if config.redis_url
-            else None
+            ClusterState(connect(config.redis_url, REDIS_TIMEOUT_S), config.cluster) if config.redis_url else None
         )
-        self._events = KVEventPublisher(self._state, config.worker_id, epoch=time.time_ns())
+        self._events = KVEventPublisher(
+            self._state,
+            config.worker_id,
+            epoch=time.time_ns(),
+            dropped=self.metrics.kv_events_dropped,
+            resyncs=self.metrics.kv_event_resyncs,
+        )
         self._heartbeat: Heartbeat | None = None
         self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
         # Prefill role: leases on held KV. on_free may run on any thread; the blocks are freed
@@ -178,9 +182,7 @@ class Worker:
         self._release_pending(engine)
         self.snapshot(engine)
         self._count_prompt_tokens(engine)
-        events = engine.pool.take_events()
-        if events:
-            self._events.put(events)
+        self._events.collect(engine.pool)
 
     def _deliver_outputs(self) -> None:
         """Loop thread: hand every staged output to the asyncio thread in one call."""
@@ -283,7 +285,13 @@ class Worker:
             model_id=self.engine.model_id,
             block_hash_version=BLOCK_HASH_VERSION,
         )
-        self._heartbeat = Heartbeat(state, info, lambda: self._load, ttl_s=self.config.heartbeat_ttl_s)
+        self._heartbeat = Heartbeat(
+            state,
+            info,
+            lambda: self._load,
+            ttl_s=self.config.heartbeat_ttl_s,
+            on_reregistered=self._events.request_resync,
+        )
         self._heartbeat.start()
         self._heartbeat.wait_registered(timeout_s=5.0)
 
