@@ -6,8 +6,8 @@ traceback, a bounded hand-off, and the whole block set republished under a new e
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
