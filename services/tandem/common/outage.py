@@ -28,6 +28,10 @@ class Outage:
         self.num_outages = 0  # outages begun since construction
 
     @property
+    def what(self) -> str:
+        return self._what
+
+    @property
     def down(self) -> bool:
         """True from a failure until the next success."""
         return self._since_s is not None
