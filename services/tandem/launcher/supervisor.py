@@ -9,7 +9,8 @@ Lifecycle (all on the thread that runs the cluster, `up.py`'s wait loop):
    - each pending restart that is due runs (`LocalCluster.restart`), and says so;
    - a child past its restart limit raises `RestartLimitReached` (with the child's last
      output): `tandem up` then stops the cluster and exits 1 (see `restarts.py` for why).
-   It returns True when a child was replaced (the caller rewrites its state file).
+   It returns True when a child was replaced, or a replacement printed its ready line (its
+   address and metrics port are known then): the caller rewrites its state file.
 A restart that fails to start (Redis on a port that someone took) counts as one more death
 of that child. Retiring workers (the autoscaler's scale-down) are never restarted.
 """
@@ -48,6 +49,7 @@ class Supervisor:
         self._cluster, self._policy, self._clock = cluster, policy, clock
         self._trackers: dict[str, RestartTracker] = {}
         self._due: dict[str, float] = {}  # child name -> clock time of its pending restart
+        self._starting: dict[str, WorkerProcess] = {}  # restarted, not yet ready
         self._restarts = 0
 
     @property
@@ -62,6 +64,10 @@ class Supervisor:
             if child.name not in self._due:
                 self._on_exit(child.name, exit_status(child.returncode), child.output_tail(), now_s)
         replaced = False
+        for name, child in list(self._starting.items()):
+            if child.ready is not None or not child.is_running:
+                del self._starting[name]
+                replaced = replaced or child.ready is not None
         for name, due_s in list(self._due.items()):
             if due_s > now_s:
                 continue
@@ -73,6 +79,8 @@ class Supervisor:
                 continue
             self._restarts += 1
             replaced = True
+            if child.ready is None:
+                self._starting[name] = child
             logger.warning("%s restarted (pid %d)", name, child.pid)
         return replaced
 
