@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from typing import cast
 
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole, check_name
@@ -36,6 +38,21 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 5.0
 DEFAULT_KV_EVENTS_MAXLEN = 100_000
+CLIENT_RETRY_BACKOFF_S = 0.05
+
+
+def connect(url: str, socket_timeout_s: float) -> redis.Redis:
+    """A client for `ClusterState` whose calls fail within about 2 * `socket_timeout_s`
+    when Redis is unreachable (refused, or frozen: a SIGSTOPped server accepts connections
+    and never answers): the connect timeout equals the socket timeout and a failed command is
+    retried once, after 50 ms. redis-py's own default retries with backoff for seconds, which
+    would hide an outage from the callers that must react to it (heartbeats, the registry)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        retry=Retry(ConstantBackoff(CLIENT_RETRY_BACKOFF_S), 1),
+    )
 
 
 def _text(fields: Mapping[bytes, bytes], name: str) -> str:
@@ -71,6 +88,10 @@ class ClusterState:
         """The client's socket timeout (None: no timeout). Blocking reads must stay below it."""
         timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
         return None if timeout is None else float(timeout)
+
+    def ping(self) -> None:
+        """One round trip; raises the client's error if Redis does not answer."""
+        self._redis.ping()
 
     def key(self, *parts: str) -> str:
         """Full key name, e.g. `key("worker", "w1")` -> `tandem:default:worker:w1`."""

@@ -57,6 +57,12 @@ class WorkerMetrics:
         self.requests_finished = Counter(
             "tandem_requests_finished", "Requests finished by reason", [*names, "reason"], registry=r
         )
+        self.kv_events_dropped = Counter(
+            "tandem_kv_events_dropped", "KV events not published (Redis unreachable, or queue full)", names, registry=r
+        ).labels(**labels)
+        self.kv_event_resyncs = Counter(
+            "tandem_kv_event_resyncs", "Whole block sets republished under a new epoch", names, registry=r
+        ).labels(**labels)
         self.prompt_tokens_computed = Counter(
             "tandem_prompt_tokens_computed", "Prompt tokens run through the model", names, registry=r
         ).labels(**labels)

@@ -175,6 +175,12 @@ class GatewayMetrics:
         self._admitted = Gauge("tandem_admitted_requests", "Admitted requests in flight", base, registry=r).labels(
             **self._model
         )
+        self._rate_limit_fail_open = Counter(
+            "tandem_rate_limit_fail_open_total",
+            "Requests let through unchecked because the rate limiter's Redis was unreachable",
+            base,
+            registry=r,
+        ).labels(**self._model)
         self._queue_depth = Gauge("tandem_queue_depth", "Waiting requests by pool", [*base, "pool"], registry=r)
         self._workers = Gauge("tandem_workers", "Live workers by pool", [*base, "pool"], registry=r)
         # Running totals behind the ratio gauge (the counters' values are not public API).
@@ -255,6 +261,9 @@ class GatewayMetrics:
 
     def slow_client_abort(self) -> None:
         self._slow_clients.inc()
+
+    def rate_limit_fail_open(self) -> None:
+        self._rate_limit_fail_open.inc()
 
     def set_pools(self, prefill_waiting: int, decode_waiting: int, num_prefill: int, num_decode: int) -> None:
         """The pools as last read from Redis: waiting requests summed over each pool's workers,

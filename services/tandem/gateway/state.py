@@ -3,6 +3,12 @@
 Built once from a `GatewayConfig`; `lifespan` starts the scheduler (registry refresher and
 KV-event follower threads), the Redis client of the rate limiter, and a task that closes the
 channels of departed workers; it stops them all at shutdown. Handlers only read this state.
+
+Redis outages: routing goes on from the scheduler's last view (see `tandem.scheduler`), and
+the rate limiter fails open (limits.py says why): a request is let through unchecked, counted
+in `tandem_rate_limit_fail_open_total`, and the outage is logged once when it begins and once
+when it ends. After a failed call the limiter skips Redis for `LIMITER_RETRY_S`, so that no
+request waits for a timeout meanwhile.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from collections.abc import AsyncIterator
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 
-from tandem.common.cluster_state import ClusterState
+from tandem.common.cluster_state import CLIENT_RETRY_BACKOFF_S, ClusterState, connect
+from tandem.common.outage import Outage
 from tandem.common.tracing import Tracing
 from tandem.common.workers import WorkerRole
 from tandem.engine.model_config import ModelConfig
@@ -36,6 +45,8 @@ from tandem.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 _PRUNE_INTERVAL_S = 5.0
+REDIS_TIMEOUT_S = 1.0  # a call to an unreachable Redis fails within about twice this
+LIMITER_RETRY_S = 1.0  # after a failed limiter call, fail open without calling Redis this long
 
 
 class GatewayState:
@@ -55,10 +66,10 @@ class GatewayState:
         self.tracing = Tracing.create(config.tracing, "tandem-gateway")
         self.tracer = self.tracing.tracer
         self.auth = APIKeys(config.api_keys)
-        self._redis = redis.Redis.from_url(config.redis_url, socket_timeout=5.0)
+        self._redis = connect(config.redis_url, REDIS_TIMEOUT_S)
         # The KV-event follower blocks in XREAD for up to kv_events_block_ms: its own client.
         events_timeout_s = config.scheduler.kv_events_block_ms / 1000 + 5.0
-        self._events_redis = redis.Redis.from_url(config.redis_url, socket_timeout=events_timeout_s)
+        self._events_redis = connect(config.redis_url, events_timeout_s)
         self.scheduler = Scheduler(
             ClusterState(self._redis, config.cluster),
             config.scheduler,
@@ -70,10 +81,17 @@ class GatewayState:
         self.admission = AdmissionController(config.admission, self.metrics, self.pool_load)
         self._aioredis: aioredis.Redis | None = None
         self.limiter: RateLimiter | None = None
+        self._limiter_outage = Outage("rate limiter", log)
+        self._limiter_skip_until_s = 0.0  # monotonic; fail open without calling Redis until then
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        self._aioredis = aioredis.Redis.from_url(self.config.redis_url, socket_timeout=5.0)
+        self._aioredis = aioredis.Redis.from_url(
+            self.config.redis_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(ConstantBackoff(CLIENT_RETRY_BACKOFF_S), 1),
+        )
         self.limiter = RateLimiter(self._aioredis, self.config.cluster, self.config.rate_limits)
         self.scheduler.start()
         pruner = asyncio.create_task(self._prune_loop())
@@ -126,15 +144,21 @@ class GatewayState:
 
     async def charge(self, key_id: str, num_tokens: int) -> None:
         """Charge the key's rate limits (429 with Retry-After when over). If Redis cannot be
-        reached the request is let through and the failure logged: a limiter outage must not
-        take the whole API down."""
-        if self.limiter is None:
+        reached the request is let through (fail open, counted; see the module doc): a limiter
+        outage must not take the whole API down."""
+        if self.limiter is None or not self.limiter.config.enabled:
+            return
+        if time.monotonic() < self._limiter_skip_until_s:
+            self.metrics.rate_limit_fail_open()
             return
         try:
             decision = await self.limiter.acquire(key_id, num_tokens)
         except (redis.RedisError, OSError) as exc:
-            log.warning("rate limiter unavailable, letting the request through: %s", exc)
+            self._limiter_skip_until_s = time.monotonic() + LIMITER_RETRY_S
+            self._limiter_outage.failed(exc, "letting requests through unchecked (fail open)")
+            self.metrics.rate_limit_fail_open()
             return
+        self._limiter_outage.ok()
         if decision.allowed:
             return
         config = self.config.rate_limits

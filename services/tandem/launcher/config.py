@@ -22,6 +22,7 @@ from tandem.autoscaler.config import AutoscalerConfig
 from tandem.common.options import options, to_argv
 from tandem.common.workers import WorkerRole
 from tandem.gateway.config import API_KEYS_ENV, GatewayConfig
+from tandem.launcher.restarts import RestartPolicy
 from tandem.worker.config import WorkerConfig
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -84,7 +85,8 @@ class LocalClusterConfig:
     `model_dir=None` serves the generated tiny model; `redis_url=None` starts a private
     redis-server. `worker` and `gateway` are the children's templates: the gateway's
     `host:port` is the public address (port 0: a free one); workers always bind 127.0.0.1 on
-    free ports. Times are seconds. `autoscale` (None: fixed pools) lets the autoscaler resize
+    free ports. Times are seconds. `restart` says how a child that dies is restarted
+    (`restarts.py`). `autoscale` (None: fixed pools) lets the autoscaler resize
     both pools between its bounds, starting from the given sizes."""
 
     num_prefill: int = field(
@@ -101,6 +103,7 @@ class LocalClusterConfig:
     gateway: GatewayConfig = field(default_factory=gateway_template, metadata={"skip": GATEWAY_CHILD_FIELDS})
     ready_timeout_s: float = field(default=180.0, metadata={"help": "bound on start-up"})
     gateway_stop_timeout_s: float = field(default=10.0, metadata={"help": "bound on the gateway's stop"})
+    restart: RestartPolicy = field(default_factory=RestartPolicy, metadata={"prefix": "restart-"})
     autoscale: AutoscalerConfig | None = field(
         default=None,
         metadata={
@@ -122,6 +125,8 @@ class LocalClusterConfig:
             raise ValueError(f"redis_url must start with one of {_REDIS_SCHEMES}, got {self.redis_url!r}")
         if not isinstance(self.worker, WorkerConfig) or not isinstance(self.gateway, GatewayConfig):
             raise ValueError("worker must be a WorkerConfig and gateway a GatewayConfig")
+        if not isinstance(self.restart, RestartPolicy):
+            raise ValueError(f"restart must be a RestartPolicy, got {self.restart!r}")
         for worker_field, gateway_field in _shared_fields():
             if _get(self.worker, worker_field) != _get(self.gateway, gateway_field):
                 raise ValueError(
@@ -227,13 +232,15 @@ class LocalClusterConfig:
         config = self.worker_config(role, worker_id, model_dir, redis_url, num_threads, host)
         return [sys.executable, "-m", "tandem", role.value, *to_argv(config)]
 
-    def gateway_config(self, model_dir: Path, redis_url: str) -> GatewayConfig:
-        """The gateway's config: the template with the model and Redis put in."""
-        return dataclasses.replace(self.gateway, model_dir=model_dir, redis_url=redis_url)
+    def gateway_config(self, model_dir: Path, redis_url: str, port: int | None = None) -> GatewayConfig:
+        """The gateway's config: the template with the model and Redis put in, on `port` if
+        given (a restarted gateway keeps the port its clients know)."""
+        config = dataclasses.replace(self.gateway, model_dir=model_dir, redis_url=redis_url)
+        return config if port is None else dataclasses.replace(config, port=port)
 
-    def gateway_argv(self, model_dir: Path, redis_url: str) -> list[str]:
+    def gateway_argv(self, model_dir: Path, redis_url: str, port: int | None = None) -> list[str]:
         """The command line of the gateway; its API keys travel in `gateway_env`."""
-        config = self.gateway_config(model_dir, redis_url)
+        config = self.gateway_config(model_dir, redis_url, port)
         return [sys.executable, "-m", "tandem", "gateway", *to_argv(config, skip=frozenset({"api_keys"}))]
 
     def gateway_env(self, base: Mapping[str, str]) -> dict[str, str]:

@@ -10,7 +10,8 @@ Lifecycle of a `LocalCluster`:
    If anything fails it stops what it started and raises `ClusterStartError` naming the
    child and quoting its last output.
 2. While it runs, `endpoint` is the gateway's base URL and `dead_children()` names children
-   that exited on their own.
+   that exited on their own; `restart(name)` starts such a child again in its place (the
+   `Supervisor` of `tandem up` decides when, `supervisor.py`).
 3. Pools can change while it runs (the `local` autoscaler actuator, from this same thread):
    `add_worker(role)` spawns one more worker (not waited for: the gateway routes to it once
    it registered); `retire_worker(role)` sends the newest worker of the pool SIGTERM, which
@@ -128,6 +129,43 @@ class LocalCluster:
     def dead_children(self) -> list[str]:
         """`name (exit code N)` of every child that has exited (call it before `stop()`)."""
         return [f"{child.name} (exit code {child.returncode})" for child in self._processes() if not child.is_running]
+
+    def exited(self) -> list[WorkerProcess]:
+        """The children (Redis if ours, workers, gateway) that exited on their own; retiring
+        workers are not among them."""
+        return [child for child in self._processes() if not child.is_running]
+
+    def restart(self, name: str) -> WorkerProcess:
+        """Start the exited child `name` again, in its place, and return the new one (the
+        supervisor's effect, `supervisor.py`). Redis comes back on its port and the gateway on
+        its address, so clients reconnect as they are; a worker comes back under its worker
+        id (a new epoch: gateways drop its old prefix index entries) and is not waited for.
+        Raises `ChildStartError` / `EmbeddedRedisError` if Redis does not start (the old
+        child stays in place, still exited)."""
+        if self._endpoint is None:
+            raise RuntimeError("the cluster is not running")
+        if self._redis is not None and name == self._redis.child.name:
+            self._redis.stop(timeout_s=1.0)  # reaps it and deletes its directory
+            self._redis = RedisChild.start(
+                ready_timeout_s=min(30.0, self._config.ready_timeout_s), sink=self._sink, port=self._redis.port
+            )
+            return self._redis.child
+        if self._gateway is not None and name == self._gateway.name:
+            self._gateway.stop(0.0)
+            port = int(self._endpoint.rsplit(":", 1)[1])
+            self._gateway = ChildProcess.spawn(
+                "gateway",
+                self._config.gateway_argv(self.model_dir, self.redis_url, port),
+                env=self._config.gateway_env(os.environ),
+                sink=self._sink,
+            )
+            return self._gateway
+        for i, worker in enumerate(self._workers):
+            if worker.name == name:
+                worker.stop(0.0)
+                self._workers[i] = replacement = self._placement.spawn(_role_of(worker), name)
+                return replacement
+        raise KeyError(f"no child named {name!r}")
 
     def _processes(self) -> list[WorkerProcess]:
         processes = ([self._redis.child] if self._redis is not None else []) + self._workers

@@ -38,21 +38,22 @@ class RedisChild:
         self._data_dir = data_dir
 
     @classmethod
-    def start(cls, ready_timeout_s: float, sink: IO[str] | None = None) -> RedisChild:
-        """Spawn a server on a free loopback port; return once it answers (bounded)."""
+    def start(cls, ready_timeout_s: float, sink: IO[str] | None = None, port: int | None = None) -> RedisChild:
+        """Spawn a server on `port` (None: a free loopback port); return once it answers
+        (bounded)."""
         if not ready_timeout_s > 0:
             raise ValueError(f"ready_timeout_s must be > 0, got {ready_timeout_s}")
         binary = find_redis_server()
         last_error: ChildStartError | None = None
-        for _ in range(PORT_ATTEMPTS):
+        for _ in range(PORT_ATTEMPTS if port is None else 1):
             data_dir = Path(tempfile.mkdtemp(prefix="tandem-up-redis-"))
-            port = free_port()
-            argv = [*server_argv(binary, port, data_dir), "--loglevel", "warning"]
+            chosen = free_port() if port is None else port
+            argv = [*server_argv(binary, chosen, data_dir), "--loglevel", "warning"]
             # Its log (startup banner, kernel tuning warnings) is kept for errors, not shown.
             child = ChildProcess.spawn("redis", argv, cwd=data_dir, sink=sink, forward=False)
             try:
-                _wait_ready(child, port, ready_timeout_s)
-                return cls(child, port, data_dir)
+                _wait_ready(child, chosen, ready_timeout_s)
+                return cls(child, chosen, data_dir)
             except BaseException as exc:
                 child.stop(timeout_s=5.0)
                 shutil.rmtree(data_dir, ignore_errors=True)
@@ -61,6 +62,10 @@ class RedisChild:
                 last_error = exc
         assert last_error is not None
         raise last_error
+
+    @property
+    def port(self) -> int:
+        return self._port
 
     @property
     def url(self) -> str:

@@ -10,9 +10,11 @@ Lifecycle:
 4. The main thread waits. With `--autoscale`, an autoscaler thread reads the pools' queue
    depth from Redis and sets targets; the wait loop applies them (`LocalActuator.apply`:
    spawns workers, or drains the newest ones) and rewrites the state file when the
-   processes changed. A signal stops the autoscaler, then the cluster (gateway, workers,
-   Redis), and exits 0; a child that dies on its own stops the rest and exits 1. The state
-   file is removed.
+   processes changed. A child that dies on its own (a worker, the gateway or our Redis) is
+   restarted by the `Supervisor` (supervisor.py), with backoff, and the state file is
+   rewritten; one that dies more often than `--restart-max` within `--restart-window-s`
+   stops the rest and exits 1. A signal stops the autoscaler, then the cluster (gateway,
+   workers, Redis), and exits 0. The state file is removed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tandem.launcher.local import ClusterStartError, LocalCluster
 from tandem.launcher.placement import WorkerPlacement
 from tandem.launcher.processes import StartCancelled
 from tandem.launcher.state_file import UpState, remove_state, write_state
+from tandem.launcher.supervisor import RestartLimitReached, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -184,12 +187,15 @@ def run_up(
         print(_banner(cluster, model), file=out, flush=True)
         if config.autoscale is not None:
             autoscaling = _Autoscaling.start(cluster, config.autoscale)
+        supervisor = Supervisor(cluster, config.restart)
         while not stop.requested:
             if autoscaling is not None and autoscaling.actuator.apply(cluster):
                 _write_state(state_path, cluster)
-            dead = cluster.dead_children()
-            if dead:
-                print(f"tandem up: error: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
+            try:
+                if supervisor.poll():
+                    _write_state(state_path, cluster)
+            except RestartLimitReached as exc:
+                print(f"tandem up: error: {exc}\nstopping the cluster", file=sys.stderr, flush=True)
                 return 1
             time.sleep(WAIT_INTERVAL_S)
         assert stop.signum is not None

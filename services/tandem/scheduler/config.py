@@ -30,6 +30,12 @@ class SchedulerConfig:
     - `speculative_ttl_s`: life of the speculative index entries added at routing time (the
       worker's KV events confirm the blocks meanwhile). 0 disables speculative entries.
     - `kv_events_block_ms`: how long one XREAD of the KV event follower blocks.
+    - `stale_grace_s`: while Redis is unreachable the registry keeps its last view, but a
+      worker whose heartbeat could not be confirmed for longer than this is stale: never
+      routed to. Also the most a worker missing from Redis is kept in the recovery window.
+    - `recovery_window_s`: after Redis answers again, a worker missing from it (its key expired
+      during a freeze, or Redis restarted empty) is kept this long, so that it can register
+      again (workers retry every 0.2 s) before gateways drop it.
     """
 
     policy: str = field(default="prefix_aware", metadata={"choices": POLICY_NAMES, "help": "routing policy"})
@@ -44,6 +50,12 @@ class SchedulerConfig:
         default=10.0, metadata={"help": "life of speculative prefix index entries (0: none)"}
     )
     kv_events_block_ms: int = field(default=500, metadata={"help": "how long one read of the KV events blocks"})
+    stale_grace_s: float = field(
+        default=60.0, metadata={"help": "a worker unconfirmed this long (Redis unreachable) is not routed to"}
+    )
+    recovery_window_s: float = field(
+        default=5.0, metadata={"help": "after a Redis outage, keep workers missing from it this long"}
+    )
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -55,6 +67,8 @@ class SchedulerConfig:
         _check_float("kv_weight", self.kv_weight, positive=False)
         _check_float("refresh_interval_s", self.refresh_interval_s, positive=True)
         _check_float("speculative_ttl_s", self.speculative_ttl_s, positive=False)
+        _check_float("stale_grace_s", self.stale_grace_s, positive=True)
+        _check_float("recovery_window_s", self.recovery_window_s, positive=False)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

@@ -102,3 +102,84 @@ class RegistrySnapshot:
 
 
 EMPTY_SNAPSHOT = RegistrySnapshot((), (), (), (), (), 0.0)
+
+
+class Liveness:
+    """When each worker was last confirmed in Redis, and the registry's outages: what decides
+    which workers a snapshot keeps when Redis cannot say (DESIGN.md section 5: stale workers
+    are never picked). Used by the refresher thread only; times are the scheduler's clock.
+
+    - While the registry cannot be read, the last snapshot stays, minus the workers last
+      confirmed more than `stale_grace_s` ago (`fresh`).
+    - For `recovery_window_s` after it can be read again, a worker missing from it that was
+      confirmed within `stale_grace_s` is kept (`keep_missing`): a freeze longer than the
+      workers' TTL expired every key, and a restarted Redis is empty, until the workers
+      register again (within a fraction of a second).
+    - Otherwise a worker missing from the registry is gone at once (expired or drained).
+    """
+
+    def __init__(self, stale_grace_s: float, recovery_window_s: float) -> None:
+        self._grace_s, self._window_s = stale_grace_s, recovery_window_s
+        self._seen_s: dict[str, float] = {}
+        self._outage_since_s: float | None = None
+        self._recovered_at_s: float | None = None
+
+    @property
+    def in_outage(self) -> bool:
+        return self._outage_since_s is not None
+
+    def read(self, worker_ids: Iterable[str], now_s: float) -> None:
+        """The registry was read at `now_s` and listed `worker_ids`."""
+        for worker_id in worker_ids:
+            self._seen_s[worker_id] = now_s
+        if self._outage_since_s is not None:
+            self._outage_since_s = None
+            self._recovered_at_s = now_s
+
+    def failed(self, now_s: float) -> None:
+        """The registry could not be read at `now_s`."""
+        if self._outage_since_s is None:
+            self._outage_since_s = now_s
+
+    def fresh(self, worker_id: str, now_s: float) -> bool:
+        """Confirmed within `stale_grace_s` of `now_s`."""
+        seen_s = self._seen_s.get(worker_id)
+        return seen_s is not None and now_s - seen_s <= self._grace_s
+
+    def keep_missing(self, worker_id: str, now_s: float) -> bool:
+        """A worker missing from a read at `now_s` stays: in the recovery window, and fresh."""
+        recovered = self._recovered_at_s is not None and now_s - self._recovered_at_s <= self._window_s
+        return recovered and self.fresh(worker_id, now_s)
+
+    def after_read(
+        self,
+        previous: RegistrySnapshot,
+        workers: Iterable[WorkerInfo],
+        loads: Mapping[str, WorkerLoad | None],
+        now_s: float,
+    ) -> RegistrySnapshot:
+        """The snapshot of a read at `now_s` (`workers`, with `loads` keyed by every listed
+        id), plus the workers of `previous` missing from it that `keep_missing` keeps, with
+        their last loads."""
+        kept = [
+            v
+            for v in previous.prefill + previous.decode
+            if v.info.worker_id not in loads and self.keep_missing(v.info.worker_id, now_s)
+        ]
+        all_loads = {**loads, **{v.info.worker_id: v.load for v in kept}}
+        return RegistrySnapshot.of([*workers, *(v.info for v in kept)], all_loads, now_s)
+
+    def without_stale(self, snapshot: RegistrySnapshot, now_s: float) -> tuple[RegistrySnapshot, list[str]]:
+        """`snapshot` without the workers that are not `fresh` at `now_s`, and their ids."""
+        views = snapshot.prefill + snapshot.decode
+        fresh = [v for v in views if self.fresh(v.info.worker_id, now_s)]
+        if len(fresh) == len(views):
+            return snapshot, []
+        stale = sorted(set(snapshot.worker_ids) - {v.info.worker_id for v in fresh})
+        loads = {v.info.worker_id: v.load for v in fresh}
+        return RegistrySnapshot.of([v.info for v in fresh], loads, snapshot.taken_at_s), stale
+
+    def retain(self, worker_ids: Iterable[str]) -> None:
+        """Forget the workers not in `worker_ids` (those that left the snapshot)."""
+        keep = set(worker_ids)
+        self._seen_s = {w: t for w, t in self._seen_s.items() if w in keep}

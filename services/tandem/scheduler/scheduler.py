@@ -10,9 +10,14 @@ Lifecycle:
      swapped in with one reference assignment; workers that left are forgotten by the index.
    - the KV event follower: reads `kv_events` from `"0-0"` (rebuilds the index from what the
      stream still holds), then follows it with XREAD blocking `kv_events_block_ms`.
-   Both log Redis errors and retry with bounded backoff; an error never ends a thread. While
-   Redis is unreachable the last snapshot stays in use (workers cannot heartbeat either, so
-   expiry cannot be told from an outage).
+   Both retry Redis errors with bounded backoff, logging one line when an outage begins and
+   one when it ends (`tandem.common.outage`); an error never ends a thread. While Redis is
+   unreachable the last snapshot stays in use (workers cannot heartbeat either, so expiry
+   cannot be told from an outage), minus the workers unconfirmed for `stale_grace_s`; right
+   after it, workers missing from Redis are kept for `recovery_window_s` (registry.py,
+   `Liveness`). After an outage the follower reads the stream again from `"0-0"`: a Redis that
+   restarted empty has a new stream, which the workers refill under new epochs (their KV
+   event publishers republish their block sets), and events already applied are skipped.
 3. For each request the gateway calls `next_seq()`, then `route(request, exclude)`; on a
    retry it calls `route` again with the failed worker excluded. For every decision it
    calls `prefill_done` once the prompt ran (or failed) and `decode_done` when the stream
@@ -37,12 +42,13 @@ from collections.abc import Callable, Mapping
 import redis
 
 from tandem.common.cluster_state import ClusterState
+from tandem.common.outage import Outage
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
 from tandem.scheduler.picker import decide
 from tandem.scheduler.policies import Policy, make_policy
-from tandem.scheduler.registry import EMPTY_SNAPSHOT, HashScheme, RegistrationCheck, RegistrySnapshot
+from tandem.scheduler.registry import EMPTY_SNAPSHOT, HashScheme, Liveness, RegistrationCheck, RegistrySnapshot
 from tandem.scheduler.types import (
     RouteDecision,
     RouteRequest,
@@ -166,6 +172,9 @@ class Scheduler:
         self._inflight = InflightTable()
         self._snapshot = EMPTY_SNAPSHOT  # replaced whole by refresh_now, never mutated
         self._registration = RegistrationCheck(HashScheme(config.block_size, model_id))
+        self._liveness = Liveness(config.stale_grace_s, config.recovery_window_s)  # refresher thread only
+        self._registry_outage = Outage("registry refresh", logger)
+        self._events_outage = Outage("kv event follow", logger)
         # ids of the workers refused at the last refresh: the follower skips their KV events,
         # whose hashes could never match (replaced whole by refresh_now, never mutated)
         self._refused: frozenset[str] = frozenset()
@@ -244,19 +253,39 @@ class Scheduler:
         index entries of workers that are not live. Redis errors propagate to the caller.
 
         A worker whose key expired and that registers again comes back with an empty view in
-        the index: its later events rebuild it (the index counts the seq gap)."""
+        the index: its later events rebuild it (the index counts the seq gap). Right after an
+        outage, missing workers are kept (`Liveness.keep_missing`)."""
         # Read the index's workers BEFORE the registry: a worker registers before it publishes
         # events, so any live worker in `known` is also in `workers` and is not forgotten.
         known = self._index.worker_ids()
         workers = self._registration.accept(self._state.list_workers())
-        self._refused = frozenset(self._registration.refused)
+        refused = frozenset(self._registration.refused)
         loads = self._state.get_loads(w.worker_id for w in workers)
-        snapshot = RegistrySnapshot.of(workers, loads, self._clock())
+        now_s = self._clock()
+        self._liveness.read(loads, now_s)
+        self._swap(self._liveness.after_read(self._snapshot, workers, loads, now_s), known)
+        self._refused = refused
+
+    def _registry_unreachable(self) -> None:
+        """The refresh failed: keep the snapshot, minus the workers that are no longer fresh."""
+        now_s = self._clock()
+        self._liveness.failed(now_s)
+        snapshot, stale = self._liveness.without_stale(self._snapshot, now_s)
+        if stale:
+            logger.warning(
+                "no heartbeat of %s confirmed for more than %g s (Redis unreachable); not routing to them",
+                ", ".join(stale),
+                self._config.stale_grace_s,
+            )
+            self._swap(snapshot, frozenset())
+
+    def _swap(self, snapshot: RegistrySnapshot, known: frozenset[str]) -> None:
         previous = set(self._snapshot.worker_ids)
         self._snapshot = snapshot
         live = set(snapshot.worker_ids)
         if live != previous:
             logger.info("workers joined: %s; left: %s", sorted(live - previous) or "-", sorted(previous - live) or "-")
+        self._liveness.retain(live)
         for worker_id in known - live:
             self._index.forget(worker_id)
         for worker_id in self._inflight.touched() - live:
@@ -268,10 +297,12 @@ class Scheduler:
         while not self._stop.wait(wait_s):
             try:
                 self.refresh_now()
+                self._registry_outage.ok()
                 wait_s = interval_s
             except Exception as exc:
                 wait_s = min(MAX_BACKOFF_S, max(interval_s, 2 * wait_s))
-                self._log_failure("registry refresh", exc, wait_s)
+                self._log_failure(self._registry_outage, exc, wait_s)
+                self._registry_unreachable()
 
     # --- KV event follower -------------------------------------------------------------------
 
@@ -282,6 +313,9 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 records, last_id = self._events.read_kv_events(last_id, EVENTS_PER_READ, block_ms)
+                if self._events_outage.ok() is not None:
+                    logger.info("kv event follow: reading the stream again from its start")
+                    records, last_id = self._events.read_kv_events("0-0", EVENTS_PER_READ, None)
                 refused = self._refused
                 for record in records:
                     if record.worker_id not in refused:
@@ -292,12 +326,12 @@ class Scheduler:
                 backoff_s = 0.0
             except Exception as exc:
                 backoff_s = min(MAX_BACKOFF_S, max(0.05, 2 * backoff_s))
-                self._log_failure("kv event follow", exc, backoff_s)
+                self._log_failure(self._events_outage, exc, backoff_s)
                 self._stop.wait(backoff_s)
 
     @staticmethod
-    def _log_failure(what: str, exc: Exception, retry_in_s: float) -> None:
+    def _log_failure(outage: Outage, exc: Exception, retry_in_s: float) -> None:
         if isinstance(exc, (redis.RedisError, OSError)):
-            logger.warning("%s failed: %s; retrying in %.2f s", what, exc, retry_in_s)
+            outage.failed(exc, f"retrying with backoff up to {MAX_BACKOFF_S:g} s")
         else:
-            logger.exception("%s failed unexpectedly; retrying in %.2f s", what, retry_in_s)
+            logger.exception("%s failed unexpectedly; retrying in %.2f s", outage.what, retry_in_s)

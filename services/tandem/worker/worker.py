@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind
 
 from tandem.common.block_hash import BLOCK_HASH_VERSION
-from tandem.common.cluster_state import ClusterState
+from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
@@ -80,6 +79,9 @@ class DrainDeadline:
     message: str
 
 
+REDIS_TIMEOUT_S = 1.0  # a call to an unreachable Redis fails within about twice this
+
+
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -102,11 +104,15 @@ class Worker:
         self._load = WorkerLoad(0, 0, 0, 0, self.engine.pool.num_blocks, time.time())
         # The client connects on first use (registration, in `serve`).
         self._state = (
-            ClusterState(redis.Redis.from_url(config.redis_url, socket_timeout=2.0), config.cluster)
-            if config.redis_url
-            else None
+            ClusterState(connect(config.redis_url, REDIS_TIMEOUT_S), config.cluster) if config.redis_url else None
         )
-        self._events = KVEventPublisher(self._state, config.worker_id, epoch=time.time_ns())
+        self._events = KVEventPublisher(
+            self._state,
+            config.worker_id,
+            epoch=time.time_ns(),
+            dropped=self.metrics.kv_events_dropped,
+            resyncs=self.metrics.kv_event_resyncs,
+        )
         self._heartbeat: Heartbeat | None = None
         self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
         # Prefill role: leases on held KV. on_free may run on any thread; the blocks are freed
@@ -197,9 +203,7 @@ class Worker:
         self._release_pending(engine)
         self.snapshot(engine)
         self._count_prompt_tokens(engine)
-        events = engine.pool.take_events()
-        if events:
-            self._events.put(events)
+        self._events.collect(engine.pool)
 
     def _deliver_outputs(self) -> None:
         """Loop thread: hand every staged output to the asyncio thread in one call."""
@@ -302,7 +306,13 @@ class Worker:
             model_id=self.engine.model_id,
             block_hash_version=BLOCK_HASH_VERSION,
         )
-        self._heartbeat = Heartbeat(state, info, lambda: self._load, ttl_s=self.config.heartbeat_ttl_s)
+        self._heartbeat = Heartbeat(
+            state,
+            info,
+            lambda: self._load,
+            ttl_s=self.config.heartbeat_ttl_s,
+            on_reregistered=self._events.request_resync,
+        )
         self._heartbeat.start()
         self._heartbeat.wait_registered(timeout_s=5.0)
 
