@@ -214,14 +214,16 @@ def test_kill_9_mid_stream_resumes_every_stream_exactly(pool: Pool) -> None:
     completes with exactly the tokens, text and finish reason of an unbroken run."""
     d0 = pool.add_decode("decode-k0")
     pool.add_decode("decode-k1")
-    bodies = _bodies(TINY_VOCAB_SIZE, max_tokens=48, seed=51)
+    bodies = _bodies(TINY_VOCAB_SIZE, max_tokens=64, seed=51)
     stop_body = {**bodies[0], "prompt": random_prompts([25], TINY_VOCAB_SIZE, seed=52)[0]}
-    stop_body["stop"] = [_stop_string(pool.gateway, stop_body, after_tokens=12)]
+    # late in the stream: the stop-string stream must still be running when decode-k0 dies
+    # (its running count is read just before the kill), however far ahead decode-k0 is
+    stop_body["stop"] = [_stop_string(pool.gateway, stop_body, after_tokens=32)]
     bodies.append(stop_body)
     unbroken = _run(pool.gateway, bodies)
     for s in unbroken:
         assert (s.errors, s.done, s.status) == ([], True, 200)
-    assert unbroken[-1].finish_reason == "stop" and len(unbroken[-1].token_ids) > 12
+    assert unbroken[-1].finish_reason == "stop" and len(unbroken[-1].token_ids) > 32
 
     before = pool.migrations("worker_failed")
     streams, threads = _start(pool.gateway, bodies)
