@@ -12,7 +12,7 @@ from tandem.common import codec, kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
-from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
+from tandem.common.request import MAX_PRIORITY, MIN_PRIORITY, FinishReason, Request, SamplingParams, TokenLogprob
 from tandem.common.workers import WorkerRole
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +85,31 @@ def test_health_drain_abort_and_kv_transfer_messages_round_trip() -> None:
     assert kv_codec.send_kv_result_from_bytes(kv_codec.send_kv_result_to_bytes(result)) == result
     assert kv_codec.release_kv_request_from_bytes(kv_codec.release_kv_request_to_bytes("r1")) == "r1"
     assert kv_codec.release_kv_response_from_bytes(kv_codec.release_kv_response_to_bytes(False)) is False
+
+
+@pytest.mark.parametrize("priority", [0, -3, 7, MIN_PRIORITY, MAX_PRIORITY])
+def test_priority_round_trips(priority: int) -> None:
+    request = Request("r1", (1, 2, 3), SamplingParams(), None, priority)
+    msg = codec.request_to_proto(request)
+    assert msg.priority == priority
+    assert codec.request_from_proto(msg) == request
+    call = codec.DecodeRequest(request, 11, HANDLE)
+    assert codec.decode_request_from_proto(codec.decode_request_to_proto(call)).request.priority == priority
+
+
+@pytest.mark.parametrize("priority", [MIN_PRIORITY - 1, MAX_PRIORITY + 1, -(2**63)])
+def test_out_of_range_priority_from_a_peer_is_refused(priority: int) -> None:
+    msg = codec.request_to_proto(REQUEST)
+    msg.priority = priority
+    with pytest.raises(ValueError) as err:
+        codec.request_from_proto(msg)
+    assert str(err.value) == f"request.priority must be in [-2147483648, 2147483647], got {priority}"
+    with pytest.raises(ValueError, match=r"^request.priority must be in"):
+        codec.prefill_request_from_proto(pb.PrefillRequest(request=msg))
+
+
+@pytest.mark.parametrize("priority", [1.5, "1", True, None, 2**31])
+def test_request_priority_must_be_an_int_in_range(priority: object) -> None:
+    with pytest.raises(ValueError, match=r"^priority must be (an integer|in \[-2147483648, 2147483647\]), got "):
+        Request("r1", (1,), SamplingParams(), None, priority)  # type: ignore[arg-type]
+    assert Request("r1", (1,), SamplingParams()).priority == 0

@@ -17,7 +17,7 @@ from tandem.common.kv_codec import handle_from_proto, handle_to_proto
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
-from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
+from tandem.common.request import MAX_PRIORITY, MIN_PRIORITY, FinishReason, Request, SamplingParams, TokenLogprob
 from tandem.common.workers import WorkerRole
 
 MAX_PROMPT_TOKENS = 1 << 20
@@ -71,6 +71,7 @@ def request_to_proto(r: Request) -> pb.Request:
         prompt_token_ids=list(r.prompt_token_ids),
         sampling=sampling_to_proto(r.sampling),
         cache_salt=r.cache_salt or "",
+        priority=r.priority,
     )
 
 
@@ -86,7 +87,9 @@ def request_from_proto(msg: pb.Request) -> Request:
         raise ValueError("request.prompt_token_ids holds an out-of-range token id")
     if len(msg.cache_salt) > 256:
         raise ValueError("request.cache_salt is too long")
-    return Request(msg.request_id, prompt, sampling_from_proto(msg.sampling), msg.cache_salt or None)
+    if not MIN_PRIORITY <= msg.priority <= MAX_PRIORITY:
+        raise ValueError(f"request.priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {msg.priority}")
+    return Request(msg.request_id, prompt, sampling_from_proto(msg.sampling), msg.cache_salt or None, msg.priority)
 
 
 def logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:

@@ -14,6 +14,10 @@ import enum
 import math
 from dataclasses import dataclass
 
+# `Request.priority` bounds (a signed 32-bit range): lower is more important, as in vLLM.
+MIN_PRIORITY = -(2**31)
+MAX_PRIORITY = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -75,9 +79,18 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Request:
     """A request as a worker receives it: immutable. `cache_salt` (optional, per tenant)
-    goes into the block hashes so that two tenants never share cache entries."""
+    goes into the block hashes so that two tenants never share cache entries. `priority`
+    (vLLM's field) orders a worker's waiting queue: lower is more important; under overload
+    a queued request of a larger value is shed first."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     cache_salt: str | None = None
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise ValueError(f"priority must be an integer, got {self.priority!r}")
+        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {self.priority}")

@@ -16,6 +16,13 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 6. Draining, the stream goes on until it finishes. If the worker's drain deadline passes
    first, the stream sends the tokens it has, aborts the sequence and ends UNAVAILABLE
    "worker {id} is draining: ...": the gateway resumes it on another decode worker.
+7. Busy, abort and shed. With `max_waiting` sequences waiting (queued, reserved or ready), a
+   new call (with a handle: before anything is reserved or pulled) sheds a less important
+   queued sequence or is refused at once with RESOURCE_EXHAUSTED "worker ID is busy: ...". A
+   shed sequence's stream ends at once with RESOURCE_EXHAUSTED "shed: priority P request
+   displaced by priority Q under overload". An `Abort` call ends the stream at once with a
+   last `DecodeDelta` whose finish reason is ABORT; during a hand-off the abort waits until
+   the pull has stopped writing into the reserved blocks, then takes effect.
 
 Tracing: a SERVER span "decode" under the caller's trace context, with children "kv.pull"
 (with a handle: reserving blocks and pulling the missing ones), "decode.admit" (until the
@@ -68,6 +75,10 @@ class _FirstDelta:
     admit_s: float = 0.0
 
 
+class _ShedError(Exception):
+    """The engine shed the request under overload; the message is for its client."""
+
+
 class DecodeServicer(WorkerServicerBase):
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker)
@@ -76,7 +87,19 @@ class DecodeServicer(WorkerServicerBase):
         # Requests whose pull is writing into reserved blocks: they are aborted only once
         # the pull has stopped, so freed blocks are never written.
         self._pulling: set[str] = set()
+        # Requests in a hand-off (reserve, pull, admit) -> whether an Abort call came meanwhile;
+        # that abort is applied with the admission. Asyncio thread only.
+        self._handing_off: dict[str, bool] = {}
         self._background: set[asyncio.Task] = set()
+
+    async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """As for every worker, except during a hand-off: then the abort is applied once the
+        pull has stopped writing into the sequence's reserved blocks."""
+        request_id = codec.abort_request_from_proto(request)
+        if request_id in self._handing_off:
+            self._handing_off[request_id] = True
+            return codec.abort_response_to_proto(True)
+        return await super().Abort(request, context)
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """`request` and the messages yielded are protobuf, straight from and to the codec."""
@@ -98,7 +121,15 @@ class DecodeServicer(WorkerServicerBase):
             header = _FirstDelta()
 
             def admit_local(engine: Engine) -> None:
-                engine.add_request(rid, req.prompt_token_ids, req.sampling, req.cache_salt, generated_token_ids=first)
+                engine.add_request(
+                    rid,
+                    req.prompt_token_ids,
+                    req.sampling,
+                    req.cache_salt,
+                    generated_token_ids=first,
+                    priority=req.priority,
+                    max_waiting=worker.config.max_waiting,
+                )
                 worker.loop.subscribe(rid, deliver)
 
             try:
@@ -106,7 +137,13 @@ class DecodeServicer(WorkerServicerBase):
                     admit_from_s = arrival.monotonic_s
                     await worker.call(admit_local, context)
                 else:
-                    admit_from_s = await self._hand_off(req, first[0], handle, header, deliver, context, span, arrival)
+                    self._handing_off[rid] = False
+                    try:
+                        admit_from_s = await self._hand_off(
+                            req, first[0], handle, header, deliver, context, span, arrival
+                        )
+                    finally:
+                        self._handing_off.pop(rid, None)
                 async with aclosing(
                     self._stream(q, header, span, arrival, admit_from_s, local=handle is None)
                 ) as deltas:
@@ -115,6 +152,8 @@ class DecodeServicer(WorkerServicerBase):
             except _DrainDeadlineReached as exc:
                 worker.abort_soon(rid)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except _ShedError as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except (asyncio.CancelledError, GeneratorExit):
                 # GeneratorExit: gRPC was sending when the client went away and closed this stream
                 if rid not in self._pulling:
@@ -146,6 +185,7 @@ class DecodeServicer(WorkerServicerBase):
         (monotonic seconds) the hand-off ended; the "kv.pull" span and `transfer_s` cover it."""
         worker = self.worker
         rid = req.request_id
+        max_waiting = worker.config.max_waiting
         start_s = time.monotonic()
         pull_span = worker.tracing.tracer.start_span(
             "kv.pull",
@@ -155,7 +195,16 @@ class DecodeServicer(WorkerServicerBase):
         )
         with ending(pull_span, arrival):
             reservation = await worker.call(
-                lambda e: e.reserve(rid, req.prompt_token_ids, req.sampling, first_token, req.cache_salt), context
+                lambda e: e.reserve(
+                    rid,
+                    req.prompt_token_ids,
+                    req.sampling,
+                    first_token,
+                    req.cache_salt,
+                    priority=req.priority,
+                    max_waiting=max_waiting,
+                ),
+                context,
             )
             num_bytes = (
                 await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
@@ -175,17 +224,26 @@ class DecodeServicer(WorkerServicerBase):
         self._background.add(release)  # keep a reference until done
         release.add_done_callback(self._background.discard)
         pulled = num_bytes is not None
+        aborted = self._handing_off.pop(rid)  # an Abort call during the hand-off
 
         def admit(engine: Engine) -> None:
             if reservation is None:
                 engine.add_request(
-                    rid, req.prompt_token_ids, req.sampling, req.cache_salt, generated_token_ids=[first_token]
+                    rid,
+                    req.prompt_token_ids,
+                    req.sampling,
+                    req.cache_salt,
+                    generated_token_ids=[first_token],
+                    priority=req.priority,
+                    max_waiting=max_waiting,
                 )
             elif pulled:
                 engine.commit(rid)
             else:
                 engine.unreserve(rid)
             worker.loop.subscribe(rid, deliver)
+            if aborted:
+                engine.abort(rid)  # the stream gets its final ABORT output after this command
 
         if not pulled:
             header.recomputed = True
@@ -279,6 +337,9 @@ class DecodeServicer(WorkerServicerBase):
                 finish_reason: FinishReason | None = None
                 failed = False
                 for out in outs:
+                    if out.shed_message is not None:
+                        span.set_status(Status(StatusCode.ERROR, out.shed_message))
+                        raise _ShedError(out.shed_message)
                     token_ids.extend(out.new_token_ids)
                     logprobs.extend(out.new_logprobs)
                     if out.finish_reason is not None:

@@ -6,22 +6,33 @@ blocks those tokens need and preempts (by recompute) when the pool runs out. `up
 applies a step's results: advances counters, registers newly full blocks in the prefix cache,
 appends sampled tokens and finishes sequences.
 
+Queues: `waiting` and `ready` are kept in admission order, (priority, arrival): a lower
+`Request.priority` first, then the earlier arrival (stamped by `add` or `reserve`). With every
+priority equal this is first come, first served.
+
 Policy, as in vLLM v1:
 1. Running sequences first, oldest first, each taking up to its remaining tokens (capped by
    the budget and `max_prefill_chunk_tokens`). If blocks run out, the newest running sequence
-   is preempted: its blocks are freed and it goes back to the front of the waiting queue.
+   is preempted: its blocks are freed and it goes back to the waiting queue, at its
+   (priority, arrival) place. Priority never preempts a running sequence by itself.
 2. Then, on a decode worker, `ready` sequences (their prompt's KV was pulled into their own
-   blocks: `commit`), oldest first, while `max_num_seqs` and blocks allow. If the oldest one
-   cannot get the block its next token needs and nothing runs, the newest ready sequence is
-   preempted by recompute, so held prompt blocks can never stall the worker.
-3. Then waiting sequences, oldest first, while budget, `max_num_seqs` and blocks allow.
+   blocks: `commit`), in admission order, while `max_num_seqs` and blocks allow: they already
+   hold their blocks, so they go before the waiting queue. If the first one cannot get the
+   block its next token needs and nothing runs, the last ready sequence is preempted by
+   recompute, so held prompt blocks can never stall the worker.
+3. Then waiting sequences, in admission order, while budget, `max_num_seqs` and blocks allow.
    Admission looks up the longest cached prefix (at most all but one token, so the last
    token is always computed and its logits sampled).
+
+Overload (`shed_candidates`): the queued sequences that may be shed for a more important
+arrival are those that have not run here and are not filling a reservation (waiting ones never
+preempted, and ready ones), least important first: largest priority, then latest arrival.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
 from dataclasses import dataclass
 
 from tandem.common.block_hash import num_blocks_for
@@ -64,12 +75,21 @@ class Batcher:
     def __init__(self, config: BatcherConfig, pool: BlockPool) -> None:
         self.config = config
         self.pool = pool
-        self.waiting: deque[Sequence] = deque()
-        self.ready: deque[Sequence] = deque()  # decode role: prompt KV pulled, waiting for a slot
+        # Both queues are sorted by `_admission_key`.
+        self.waiting: list[Sequence] = []
+        self.ready: list[Sequence] = []  # decode role: prompt KV pulled, waiting for a slot
         self.running: list[Sequence] = []
+        self._arrivals = itertools.count()
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue a new sequence (stamps its arrival)."""
+        seq.arrival = next(self._arrivals)
+        _enqueue(self.waiting, seq)
+
+    def shed_candidates(self) -> list[Sequence]:
+        """Queued sequences that overload may shed, the one to shed first first (module doc)."""
+        never_run = [s for s in self.waiting if s.num_preemptions == 0]
+        return sorted(never_run + self.ready, key=_admission_key, reverse=True)
 
     @property
     def has_work(self) -> bool:
@@ -117,10 +137,10 @@ class Batcher:
             if need > self.pool.num_free_blocks:
                 if self.running or chunks:
                     break  # running sequences will finish and free blocks
-                newest = self.ready.pop()
-                preempted.append(self._preempt(newest))
+                last = self.ready.pop()
+                preempted.append(self._preempt(last))
                 continue
-            self.ready.popleft()
+            self.ready.pop(0)
             seq.block_table.extend(self.pool.allocate(need))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -141,7 +161,7 @@ class Batcher:
             reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
             if need + reclaimed > self.pool.num_free_blocks:
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             self.pool.touch(hit)
             seq.block_table = hit + self.pool.allocate(need)
             seq.num_computed_tokens = num_hit_tokens
@@ -172,7 +192,7 @@ class Batcher:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.prompt_logits.clear()
-        self.waiting.appendleft(seq)
+        _enqueue(self.waiting, seq)
         return seq
 
     def _release(self, seq: Sequence) -> None:
@@ -235,6 +255,7 @@ class Batcher:
         bs = self.config.block_size
         num_prompt_blocks = num_blocks_for(seq.num_prompt_tokens, bs)
         hashes = seq.block_hashes(bs)[: seq.num_prompt_tokens // bs]
+        seq.arrival = next(self._arrivals)
         hit = self.pool.lookup_prefix(hashes) if not seq.sampling.return_prompt_logits else []
         need = num_prompt_blocks - len(hit)
         reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
@@ -258,14 +279,23 @@ class Batcher:
         for idx in range(seq.num_cached_blocks, full):
             self.pool.cache_block(seq.block_table[idx], hashes[idx])
         seq.num_cached_blocks = full
-        self.ready.append(seq)
+        _enqueue(self.ready, seq)
 
     def unreserve(self, seq: Sequence) -> None:
         """Give the reserved blocks back and queue `seq` to prefill locally (recompute)."""
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        _enqueue(self.waiting, seq)
+
+
+def _admission_key(seq: Sequence) -> tuple[int, int]:
+    return (seq.priority, seq.arrival)
+
+
+def _enqueue(queue: list[Sequence], seq: Sequence) -> None:
+    """Insert `seq` at its admission-order place (after equal keys)."""
+    bisect.insort(queue, seq, key=_admission_key)
 
 
 def _stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:

@@ -2,8 +2,12 @@
 
 Workers drive it through the step-level API from their one step-loop thread:
 1. `add_request(request_id, prompt_token_ids, sampling)` validates and queues a sequence.
+   With `max_waiting`, a full waiting queue sheds a less important request or refuses
+   (`admission.py`).
 2. `step()` plans a batch, runs the model once, samples, and returns per-request deltas.
 3. `abort(request_id)` finishes a sequence at once and frees its blocks.
+4. `take_aborted()` hands out the final output (finish reason ABORT) of every sequence
+   finished outside a step (aborted or shed), so that its stream can end at once.
 `generate()` is the offline API over the same loop. Nothing here is thread-safe: one owner.
 """
 
@@ -19,6 +23,7 @@ import torch
 
 from tandem.common.block_hash import block_extra, num_blocks_for
 from tandem.common.request import FinishReason, Request, SamplingParams
+from tandem.engine.admission import sequences_to_shed, shed_message
 from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
 from tandem.engine.block_pool import BlockPool
@@ -75,6 +80,7 @@ class Engine:
         self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
         self.held: dict[str, HeldKV] = {}
+        self._aborted: list[RequestOutput] = []  # finished outside a step, until `take_aborted`
         self._ids = itertools.count()
 
     @classmethod
@@ -96,15 +102,28 @@ class Engine:
         cache_salt: str | None = None,
         generated_token_ids: Seq[int] = (),
         hand_off: bool = False,
+        *,
+        priority: int = 0,
+        max_waiting: int | None = None,
     ) -> None:
         """Queue a request. `generated_token_ids` are tokens already produced elsewhere (the
         first token from a prefill worker); they are recomputed, not re-sampled. With
         `hand_off`, the sequence stops after its first token and its blocks are kept in
-        `held` (finish reason HANDOFF) until `release_held`."""
-        self._seqs[request_id] = self._new_sequence(
-            request_id, prompt_token_ids, sampling, cache_salt, generated_token_ids, hand_off
+        `held` (finish reason HANDOFF) until `release_held`. `priority`: lower is more
+        important. With `max_waiting`, a full waiting queue sheds less important queued
+        requests or raises `WaitingQueueFullError` (admission.py)."""
+        seq = self._new_sequence(
+            request_id, prompt_token_ids, sampling, cache_salt, generated_token_ids, hand_off, priority
         )
-        self.batcher.add(self._seqs[request_id])
+        self._make_room(seq.priority, max_waiting)
+        self._seqs[request_id] = seq
+        self.batcher.add(seq)
+
+    def _make_room(self, priority: int, max_waiting: int | None) -> None:
+        if max_waiting is None or self.num_waiting < max_waiting:
+            return
+        for victim in sequences_to_shed(priority, self.num_waiting, max_waiting, self.batcher.shed_candidates()):
+            self._finish_outside_step(victim, shed_message(victim.priority, priority))
 
     def _new_sequence(
         self,
@@ -114,6 +133,7 @@ class Engine:
         cache_salt: str | None,
         generated_token_ids: Seq[int],
         hand_off: bool,
+        priority: int = 0,
     ) -> Sequence:
         if request_id in self._seqs or request_id in self.held:
             raise ValueError(f"request id {request_id!r} is already active")
@@ -139,7 +159,7 @@ class Engine:
         if any(not 0 <= t < vocab for t in generated):
             raise ValueError(f"generated token ids must be in [0, {vocab})")
         return Sequence(
-            request=Request(request_id, prompt, sampling, cache_salt),
+            request=Request(request_id, prompt, sampling, cache_salt, priority),
             hash_extra=block_extra(self.model_id, cache_salt),
             max_total_tokens=self.max_model_len,
             token_ids=list(prompt) + generated,
@@ -163,10 +183,15 @@ class Engine:
         sampling: SamplingParams,
         first_token: int,
         cache_salt: str | None = None,
+        *,
+        priority: int = 0,
+        max_waiting: int | None = None,
     ) -> Reservation | None:
         """Reserve blocks for a prompt whose KV will be pulled. None if the pool is too full
-        now; the caller then uses `add_request` (local prefill) instead."""
-        seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, [first_token], False)
+        now; the caller then uses `add_request` (local prefill) instead. `priority` and
+        `max_waiting` as for `add_request`: a reserved sequence counts as waiting."""
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, [first_token], False, priority)
+        self._make_room(seq.priority, max_waiting)
         if not self.batcher.reserve(seq):
             return None
         self._seqs[request_id] = seq
@@ -186,12 +211,30 @@ class Engine:
         False if it is not active."""
         if self.release_held(request_id):
             return True
-        seq = self._seqs.pop(request_id, None)
+        seq = self._seqs.get(request_id)
         if seq is None:
             return False
+        self._finish_outside_step(seq, None)
+        return True
+
+    def _finish_outside_step(self, seq: Sequence, shed: str | None) -> None:
+        """Abort a live sequence (shed under overload when `shed` is its message) and keep
+        its final output for `take_aborted`."""
+        del self._seqs[seq.request_id]
         self.batcher.finish(seq, FinishReason.ABORT)
         self._count_finish(FinishReason.ABORT)
-        return True
+        self._aborted.append(
+            RequestOutput(
+                seq.request_id, (), (), FinishReason.ABORT, seq.first_scheduled_s, seq.num_cached_tokens, shed
+            )
+        )
+
+    def take_aborted(self) -> list[RequestOutput]:
+        """The final outputs of the sequences aborted or shed since the last call (finish
+        reason ABORT, `shed_message` set for a shed one), in order. The step loop calls it
+        after each batch of commands; an offline caller may ignore it."""
+        aborted, self._aborted = self._aborted, []
+        return aborted
 
     def has_unfinished(self) -> bool:
         return self.batcher.has_work
@@ -288,6 +331,12 @@ class Engine:
         """Live requests: queued, reserved (a KV pull is filling their blocks), ready or running.
         Held prompts (a lease, prefill role) are not requests any more; see `held`."""
         return len(self._seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        """Live requests not running: queued, reserved (a KV pull is filling their blocks) or
+        ready. What `max_waiting` bounds."""
+        return len(self._seqs) - len(self.batcher.running)
 
     def is_drained(self) -> bool:
         """No queued, running, reserved or held sequence, and every block free."""

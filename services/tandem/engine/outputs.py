@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 class RequestOutput:
     """What one step produced for one request: the tokens added, and whether it finished.
     `first_scheduled_s` (`time.monotonic()`, when a step first planned a chunk of it) and
-    `num_cached_tokens` (prefix-cache hit at admission) are the sequence's, for timings."""
+    `num_cached_tokens` (prefix-cache hit at admission) are the sequence's, for timings.
+    `shed_message` is set (finish reason ABORT) when the request was shed under overload:
+    what its client must be told."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -24,6 +26,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     first_scheduled_s: float | None = None
     num_cached_tokens: int = 0
+    shed_message: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -46,6 +46,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prefix-cache hit at the last admission
     num_preemptions: int = 0
     num_cached_blocks: int = 0  # blocks of block_table already registered in the pool's cache
+    arrival: int = 0  # order of arrival in the batcher (stamped by `Batcher.add` / `reserve`)
     first_scheduled_s: float | None = None  # time.monotonic() when a step first planned a chunk of it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # float32 chunks
@@ -58,6 +59,11 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def priority(self) -> int:
+        """Lower is more important (`Request.priority`)."""
+        return self.request.priority
 
     @property
     def prompt_token_ids(self) -> tuple[int, ...]:

@@ -11,6 +11,10 @@ Lifecycle of a request here (DESIGN.md section 2, step 3):
 3. A decode worker pulls blocks through the KV transport, which checks every request
    against the lease, then calls `ReleaseKV`. Lease expiry frees unpulled blocks.
 4. A cancelled `Prefill` aborts the sequence (and any lease): nothing leaks.
+5. Busy and ends without a first token: a full waiting queue (`max_waiting`) refuses the call
+   (RESOURCE_EXHAUSTED), unless the request sheds a less important queued one; a shed request's
+   call ends at once with RESOURCE_EXHAUSTED "shed: ...", and one ended by an `Abort` call with
+   CANCELLED "request ID was aborted".
 
 Tracing: a SERVER span "prefill" under the caller's trace context, with children
 "prefill.queue" (arrival until the batcher first schedules the prompt) and "prefill.compute"
@@ -69,7 +73,15 @@ class PrefillServicer(WorkerServicerBase):
             deliver(out)
 
         def admit(engine: Engine) -> None:
-            engine.add_request(req.request_id, req.prompt_token_ids, req.sampling, req.cache_salt, hand_off=True)
+            engine.add_request(
+                req.request_id,
+                req.prompt_token_ids,
+                req.sampling,
+                req.cache_salt,
+                hand_off=True,
+                priority=req.priority,
+                max_waiting=worker.config.max_waiting,
+            )
             worker.loop.subscribe(req.request_id, on_output)
 
         await worker.call(admit, context)
@@ -86,6 +98,11 @@ class PrefillServicer(WorkerServicerBase):
         finish_reason = out.finish_reason
         if finish_reason is None:  # the step failed and the loop aborted the request
             await context.abort(grpc.StatusCode.INTERNAL, "prefill step failed")
+            raise AssertionError("unreachable")
+        if finish_reason is FinishReason.ABORT:  # shed, or an Abort call, before its first token
+            if out.shed_message is not None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, out.shed_message)
+            await context.abort(grpc.StatusCode.CANCELLED, f"request {req.request_id} was aborted")
             raise AssertionError("unreachable")
         assert out.first_scheduled_s is not None  # a sampled token was scheduled
         queue_s, compute_s = self._record_stages(span, arrival, out.first_scheduled_s, sampled_s[0])

@@ -35,6 +35,13 @@ class WorkerConfig:
     heartbeat_ttl_s: float = field(default=5.0, metadata={"help": "life of the worker's Redis entry"})
     lease_ttl_s: float = field(default=30.0, metadata={"help": "how long a finished prompt's blocks stay pinned"})
     inbox_size: int = field(default=1024, metadata={"help": "requests waiting for the step loop (more: busy)"})
+    max_waiting: int = field(
+        default=256,
+        metadata={
+            "help": "requests waiting for a batch slot (queued, pulling KV or pulled); one more sheds a "
+            "less important queued request (larger priority) or is refused busy (RESOURCE_EXHAUSTED)"
+        },
+    )
     kv_transfer: KVTransferConfig = field(
         default_factory=KVTransferConfig,
         metadata={"skip": ("bind_host",)},  # the worker's advertised host
@@ -58,8 +65,10 @@ class WorkerConfig:
         for name in ("heartbeat_ttl_s", "lease_ttl_s", "request_timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.inbox_size < 1:
-            raise ValueError(f"inbox_size must be >= 1, got {self.inbox_size}")
+        for name in ("inbox_size", "max_waiting"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     @property
     def advertised(self) -> str:

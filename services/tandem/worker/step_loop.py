@@ -6,7 +6,9 @@ Who calls what (DESIGN.md section 6b):
   inbox raises `WorkerBusyError` at once: never a silent, growing queue.
 - Handlers that stream call `subscribe(request_id, callback)` from inside a submitted
   function (so no output can be missed); the loop calls `callback(output)` on its thread
-  after each step, and drops the subscription when the request finishes.
+  after each step, and drops the subscription when the request finishes. A request that the
+  engine finishes outside a step (an `Abort`, a shed under overload) gets its final output
+  (finish reason ABORT) right after the commands that ended it: no stream waits for a timeout.
 - `tick` functions run on the loop thread once per iteration (lease expiry, load snapshots).
 
 Lifecycle: `start()` -> steps while there is work, waits on the inbox (bounded) when idle ->
@@ -63,7 +65,7 @@ class StepLoop:
         try:
             self._inbox.put_nowait((fn, future))
         except queue.Full:
-            raise WorkerBusyError(f"worker inbox is full ({self._inbox.maxsize} pending)") from None
+            raise WorkerBusyError(f"inbox is full ({self._inbox.maxsize} pending)") from None
         return future
 
     def subscribe(self, request_id: str, callback: Callable[[RequestOutput], None]) -> None:
@@ -94,6 +96,7 @@ class StepLoop:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
+            self._deliver(self.engine.take_aborted())
             if self.engine.has_unfinished():
                 self._step()
             # after the step: load, metrics and KV events reflect it before the loop idles
@@ -111,6 +114,10 @@ class StepLoop:
             log.exception("engine step failed; aborting the running requests")
             self._fail_all()
             return
+        self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each output to its subscriber; a finished request's subscription ends."""
         for out in outputs:
             callback = self._subscribers.get(out.request_id)
             if callback is not None:
@@ -124,3 +131,4 @@ class StepLoop:
             self.engine.abort(request_id)
             callback(RequestOutput(request_id, (), (), None))
         self._subscribers.clear()
+        self.engine.take_aborted()  # their subscribers were told above

@@ -7,6 +7,8 @@ Lifecycle:
    address, serves metrics, registers in Redis (heartbeat thread), and prints one JSON
    `ready` line on stdout with the bound address.
 2. Requests arrive on the asyncio thread and reach the engine only through the step loop.
+   One that cannot be queued (a full inbox, or `max_waiting` sequences waiting and none less
+   important to shed) is refused at once: RESOURCE_EXHAUSTED "worker ID is busy: ...".
    A tick on the loop thread snapshots load for the heartbeat, updates gauges, hands
    block stored/removed events to the KV-event publisher thread (kv_events.py), and hands the step's
    outputs to the asyncio thread in one call (one wake-up per step, not one per stream).
@@ -47,6 +49,7 @@ from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
 from tandem.common.workers import WorkerInfo, WorkerLoad
+from tandem.engine.admission import WaitingQueueFullError
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput
 from tandem.kvtransfer.base import create_transport
@@ -133,11 +136,13 @@ class Worker:
 
     # ---- used by the role servicers --------------------------------------------------------
     async def call(self, fn: Callable[[Engine], T], context: grpc.aio.ServicerContext) -> T:
-        """Run `fn(engine)` on the step loop; map a full inbox and bad input to gRPC errors."""
+        """Run `fn(engine)` on the step loop; map busy (a full inbox or waiting queue) to
+        RESOURCE_EXHAUSTED, which gateways retry on another worker, and bad input to
+        INVALID_ARGUMENT."""
         try:
             return await asyncio.wrap_future(self.loop.submit(fn))
-        except WorkerBusyError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (WorkerBusyError, WaitingQueueFullError) as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker {self.config.worker_id} is busy: {exc}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("unreachable")
@@ -229,7 +234,7 @@ class Worker:
             s.num_new_tokens - 1 for s in running if s.num_new_tokens > 1
         )
         pool = engine.pool
-        num_waiting = engine.batcher.num_waiting  # includes pulled hand-offs waiting for a slot
+        num_waiting = engine.num_waiting  # also reserved (pulling) and pulled hand-offs: what max_waiting bounds
         load = WorkerLoad(num_waiting, len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
         self._load = load
         self.metrics.num_requests_waiting.set(num_waiting)
