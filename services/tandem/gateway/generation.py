@@ -100,8 +100,10 @@ class Generation:
         include_stop_str: bool = False,
         limits: StreamLimits = StreamLimits(),
         on_slow_client: Callable[[OpenAIError], None] | None = None,
+        priority: int = 0,
     ) -> None:
-        """`on_slow_client(error)` is called once when the request is aborted for a client
+        """`priority` goes into every choice's `Request` (workers order their queues by it).
+        `on_slow_client(error)` is called once when the request is aborted for a client
         that stopped reading (the request ends there, though its connection may stay open)."""
         self.pipeline = pipeline
         self.tokenizer = tokenizer
@@ -115,6 +117,7 @@ class Generation:
         self.include_stop_str = include_stop_str
         self.limits = limits
         self._on_slow_client = on_slow_client
+        self.priority = priority
         self.slow_client = False  # set once the client's buffer overflowed and the request was aborted
         self._tasks: list[asyncio.Task] = []
         self.totals = {c.index: ChoiceTotals() for c in self.choices}
@@ -146,8 +149,9 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, spec: ChoiceSpec, queue: asyncio.Queue) -> None:
-        # TODO(issue 15): pass the request's priority to Request once it has the field.
-        request = Request(f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling, self.cache_salt)
+        request = Request(
+            f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling, self.cache_salt, self.priority
+        )
         totals = self.totals[spec.index]
         detok = IncrementalDetokenizer(self.tokenizer, spec.prompt_token_ids, self.skip_special_tokens)
         matcher = StopStringMatcher(self.stop, self.include_stop_str)

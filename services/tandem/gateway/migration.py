@@ -127,11 +127,11 @@ class Resume:
             raise failure
         self.num_migrations += 1
         self.exclude |= {failure.worker_id}
-        replay = Request(
-            f"{original.request_id}.m{self.num_migrations}",
-            original.prompt_token_ids + tuple(self.sent_token_ids),
-            dataclasses.replace(original.sampling, max_tokens=remaining),
-            original.cache_salt,
+        replay = dataclasses.replace(
+            original,
+            request_id=f"{original.request_id}.m{self.num_migrations}",
+            prompt_token_ids=original.prompt_token_ids + tuple(self.sent_token_ids),
+            sampling=dataclasses.replace(original.sampling, max_tokens=remaining),
         )
         log.warning(
             "resuming %s as %s (%s on %s: %s); replaying %d tokens",

@@ -129,6 +129,7 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         body.include_stop_str_in_output,
         limits,
         slow_client,
+        priority,
     )
     view = ResponseView(
         request_id,
