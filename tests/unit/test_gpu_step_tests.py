@@ -99,7 +99,7 @@ FILE_ROWS = (
     ("total", "2", "2", "1", "2", "64.1"),
 )
 FILE_HEADERS = ("file", "passed", "failed", "skipped", "errors", "seconds")
-GPU_RUN = PytestRun("gpu-marked outside tests/kernels", ("tests", "-m", "gpu", "--ignore=tests/kernels"))
+GPU_RUN = PytestRun("gpu-marked outside tests/kernels", ("tests/e2e/test_marked.py", "-m", "gpu"))
 
 
 def test_parse_junit_reads_every_outcome_and_the_first_lines_of_each_message() -> None:
@@ -151,15 +151,19 @@ def test_tables_for_raises_step_failed_with_both_tables() -> None:
     assert len(info.value.tables[1].rows) == 5
 
 
-def test_plan_runs_puts_the_gpu_marked_run_first_then_kernel_files_largest_first(tmp_path: Path) -> None:
+def test_plan_runs_puts_marked_files_first_then_kernel_files_largest_first(tmp_path: Path) -> None:
     kernels = tmp_path / "tests" / "kernels"
     kernels.mkdir(parents=True)
     (kernels / "test_small.py").write_text("x = 1\n")
     (kernels / "test_large.py").write_text("x = 1\n" * 10)
     (kernels / "test_also_small.py").write_text("y = 1\n")
     (kernels / "conftest.py").write_text("x = 1\n" * 100)
-    assert plan_runs(tmp_path) == [
-        GPU_RUN,
+    kernel_runs = plan_runs(tmp_path)
+    (tmp_path / "tests" / "e2e").mkdir()
+    (tmp_path / "tests" / "e2e" / "test_marked.py").write_text("@pytest.mark.gpu\ndef test_x(): pass\n")
+    (tmp_path / "tests" / "e2e" / "test_unmarked.py").write_text("import helm\n")
+    assert plan_runs(tmp_path) == [GPU_RUN, *kernel_runs]
+    assert kernel_runs == [
         PytestRun("tests/kernels/test_large.py", ("tests/kernels/test_large.py", "-m", "gpu or not gpu")),
         PytestRun("tests/kernels/test_also_small.py", ("tests/kernels/test_also_small.py", "-m", "gpu or not gpu")),
         PytestRun("tests/kernels/test_small.py", ("tests/kernels/test_small.py", "-m", "gpu or not gpu")),
@@ -168,7 +172,7 @@ def test_plan_runs_puts_the_gpu_marked_run_first_then_kernel_files_largest_first
 
 def test_pytest_argv_writes_xunit1_junit_with_timeouts(tmp_path: Path) -> None:
     junit, temp = tmp_path / "j.xml", tmp_path / "t"
-    common = [step_tests.sys.executable, "-m", "pytest", "tests", "-m", "gpu", "--ignore=tests/kernels", "-v"]
+    common = [step_tests.sys.executable, "-m", "pytest", "tests/e2e/test_marked.py", "-m", "gpu", "-v"]
     common += ["-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "junit_family=xunit1", f"--basetemp={temp}"]
     common += ["--continue-on-collection-errors"]
     assert pytest_argv(GPU_RUN, junit, temp, 60.0, 129.7) == [*common, "--timeout=60", "--session-timeout=129"]
