@@ -3,19 +3,17 @@ controller's counts, the measured rates, and the body's `priority` field."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
-from tandem.gateway.admission import (
-    AdmissionConfig,
-    AdmissionController,
-    AdmissionSignals,
-    PoolLoad,
-    decide,
-)
+from tandem.common.options import add_flags, from_args, to_argv
+from tandem.gateway.admission import AdmissionController, PoolLoad
+from tandem.gateway.admission_policy import AdmissionConfig, AdmissionSignals, decide
 from tandem.gateway.auth import key_id_of
 from tandem.gateway.bodies import CompletionRequest
+from tandem.gateway.concurrency_limit import ConcurrencyLimit, LimitConfig
 from tandem.gateway.errors import OpenAIError
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.protocol import parse_body
@@ -198,3 +196,183 @@ def test_body_priority(value: object, ok: bool) -> None:
     assert error.value.status_code == 400
     assert error.value.param == "priority"
     assert error.value.message == "Invalid type for 'priority': Input should be a valid integer."
+
+
+# --- the adaptive limit (concurrency_limit.py) ---
+
+STEP = LimitConfig(initial=4, max_limit=6, window=4, quantile=0.75, backoff=0.5)
+
+# (admitted_s, ttft_s, inflight) -> the limit after the sample. Target 1.0 s; the window's
+# 0.75 quantile of 4 samples is its 3rd smallest.
+TRAJECTORY = [
+    ((0.0, 0.1, 2), 4),
+    ((0.1, 0.2, 1), 4),
+    ((0.2, 0.3, 1), 4),
+    ((0.3, 0.4, 1), 5),  # 0.3 <= 1.0, tested (2 * 2 >= 4): + 1
+    ((1.0, 0.1, 2), 5),
+    ((1.1, 0.1, 2), 5),
+    ((1.2, 0.1, 2), 5),
+    ((1.3, 0.1, 2), 5),  # within, untested (2 * 2 < 5): unchanged
+    ((2.0, 0.1, 3), 5),
+    ((2.1, 0.1, 1), 5),
+    ((2.2, 2.0, 1), 5),
+    ((2.3, 1.0, 1), 6),  # [0.1, 0.1, 1.0, 2.0]: 1.0 is not over the target; 2 * 3 >= 5: + 1
+    ((3.0, 0.1, 6), 6),
+    ((3.1, 0.1, 6), 6),
+    ((3.2, 0.1, 6), 6),
+    ((3.3, 0.1, 6), 6),  # at max_limit
+    ((4.0, 0.1, 6), 6),
+    ((4.1, 1.5, 6), 6),
+    ((4.2, 2.0, 6), 6),
+    ((4.3, 0.2, 6), 3),  # [0.1, 0.2, 1.5, 2.0]: 1.5 > 1.0: floor(6 * 0.5); stale before 4.5
+    ((4.4, 9.0, 6), 3),  # admitted before the decrease: ignored
+    ((4.5, 1.1, 3), 3),
+    ((4.6, 1.2, 3), 3),
+    ((4.7, 1.3, 3), 3),
+    ((4.8, 1.4, 3), 1),  # floor(3 * 0.5); stale before 6.2
+    ((6.2, 5.0, 1), 1),
+    ((6.3, 5.0, 1), 1),
+    ((6.4, 5.0, 1), 1),
+    ((6.5, 5.0, 1), 1),  # never below 1
+    ((20.0, 0.0, 1), 1),
+    ((20.0, 0.0, 1), 1),
+    ((20.0, 0.0, 1), 1),
+    ((20.0, 0.0, 1), 2),  # 2 * 1 >= 1: tested
+]
+
+
+def test_limit_trajectory() -> None:
+    limit = ConcurrencyLimit(STEP, 1.0)
+    assert limit.limit == 4
+    got = [limit.observe(*sample) for sample, _ in TRAJECTORY]
+    assert got == [expected for _, expected in TRAJECTORY]
+    assert limit.limit == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ttft_target_s": 0.0}, "ttft_target_s must be > 0, got 0.0"),
+        ({"initial": 0}, "initial must be >= 1, got 0"),
+        ({"initial": 8, "max_limit": 7}, "max_limit must be >= initial (8), got 7"),
+        ({"window": 0}, "window must be >= 1, got 0"),
+        ({"quantile": 0.0}, "quantile must be in (0, 1], got 0.0"),
+        ({"backoff": 1.0}, "backoff must be in (0, 1), got 1.0"),
+    ],
+)
+def test_bad_limit_config(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        LimitConfig(**kwargs)  # type: ignore[arg-type]
+    assert str(error.value) == message
+
+
+def test_limit_target_and_bad_samples() -> None:
+    assert AdmissionConfig(ttft_budget_s=3.0).ttft_target_s() == 1.5
+    assert AdmissionConfig(ttft_budget_s=3.0, limit=LimitConfig(ttft_target_s=0.25)).ttft_target_s() == 0.25
+    with pytest.raises(ValueError) as error:
+        AdmissionConfig(ttft_budget_s=1.0, limit=LimitConfig(ttft_target_s=2.0))
+    assert str(error.value) == (
+        "ttft_target_s (2.0) must be <= ttft_budget_s (1.0): the adaptive limit's target is within the budget "
+        "admission promises"
+    )
+    limit = ConcurrencyLimit(LimitConfig(), 0.5)
+    with pytest.raises(ValueError):
+        limit.observe(0.0, -0.1, 1)
+    with pytest.raises(ValueError):
+        limit.observe(0.0, 0.1, 0)
+
+
+LIMITED = AdmissionConfig(ttft_budget_s=2.0, priority_step=0.25)
+
+# (signals, priority) -> (status, retry_after_s, reason): the adaptive limit is 8; target 1 s.
+LIMIT_CASES = [
+    (signals(own_inflight=7, limit=8), 0, (0, 0.0, "")),
+    (signals(own_inflight=8, limit=8), 0, (503, 1.0, "limit")),  # no finish rate yet
+    (signals(own_inflight=10, limit=8, finish_rate_rps=2.0), 0, (503, 1.5, "limit")),  # 3 over at 2/s
+    (signals(own_inflight=6, limit=8), 1, (503, 1.0, "limit")),  # share 0.75: cap 6
+    (signals(own_inflight=5, limit=8), 1, (0, 0.0, "")),
+    (signals(own_inflight=0, limit=1), 4, (0, 0.0, "")),  # share 0: cap 1
+    (signals(own_inflight=100, limit=None), 0, (0, 0.0, "")),  # off
+]
+
+
+@pytest.mark.parametrize(("s", "priority", "expected"), LIMIT_CASES)
+def test_limit_bound(s: AdmissionSignals, priority: int, expected: tuple[int, float, str]) -> None:
+    d = decide(s, priority, 10, LIMITED)
+    assert (d.status, round(d.retry_after_s, 6), d.reason) == expected
+
+
+def test_controller_feeds_the_limit() -> None:
+    now = [0.0]
+    metrics = GatewayMetrics("m")
+    config = AdmissionConfig(ttft_budget_s=2.0, limit=LimitConfig(initial=2, window=1, quantile=1.0, backoff=0.5))
+    controller = AdmissionController(config, metrics, PoolLoad, clock=lambda: now[0])
+
+    def limit_gauge() -> str:
+        lines = metrics.render()[0].decode().splitlines()
+        return next(line for line in lines if line.startswith("tandem_admission_limit{"))
+
+    assert limit_gauge() == 'tandem_admission_limit{model_name="m"} 2.0'
+    a = controller.admit("k", 0, 10)
+    b = controller.admit("k", 0, 10)
+    with pytest.raises(OpenAIError) as refused:
+        controller.admit("k", 0, 10)
+    assert refused.value.status_code == 503
+    assert dict(refused.value.headers) == {"Retry-After": "1"}
+    assert refused.value.message == (
+        "The server is overloaded: 2 requests in flight, and priority 0 is admitted below 2 "
+        "(the limit measured to keep the first token within 1.00 s)."
+    )
+    now[0] = 0.5
+    a.started()  # TTFT 0.5 s <= 1 s, and 2 * 1 >= 2 in flight: + 1
+    assert controller.limit is not None and controller.limit.limit == 3
+    assert limit_gauge() == 'tandem_admission_limit{model_name="m"} 3.0'
+    c = controller.admit("k", 0, 10)
+    now[0] = 1.6
+    # b has waited 1.6 s: a late sample at once (limit 3 -> 1); c (admitted at 0.5, waited 1.1 s)
+    # was admitted before that decrease: stale. Then 3 in flight >= 1: refused.
+    with pytest.raises(OpenAIError):
+        controller.admit("k", 0, 10)
+    assert controller.limit.limit == 1
+    assert limit_gauge() == 'tandem_admission_limit{model_name="m"} 1.0'
+    b.started()  # already sampled
+    c.finished()  # ended before its first token: no sample
+    a.finished()
+    b.finished()
+    assert (controller.inflight, controller.waiting, controller.waiting_tokens) == (0, 0, 0)
+    now[0] = 2.0
+    d = controller.admit("k", 3, 10)  # nothing in flight: any priority
+    now[0] = 2.2
+    d.started()  # admitted after the decrease: fresh, within, tested: + 1
+    assert controller.limit.limit == 2
+    d.finished()
+    text = metrics.render()[0].decode()
+    assert 'tandem_admission_refusals_total{model_name="m",reason="limit"} 2.0' in text
+
+
+def test_adaptive_limit_off() -> None:
+    metrics = GatewayMetrics("m")
+    controller = AdmissionController(AdmissionConfig(limit=LimitConfig(adaptive=False)), metrics, PoolLoad)
+    assert controller.limit is None
+    assert controller.signals("k").limit is None
+    assert 'tandem_admission_limit{model_name="m"} 0.0' in metrics.render()[0].decode()
+    tickets = []
+    for _ in range(100):  # no count bound: 100 in flight, each started (nothing queued)
+        tickets.append(controller.admit("k", 0, 1))
+        tickets[-1].started()
+    assert controller.inflight == 100
+    for t in tickets:
+        t.finished()
+    assert controller.inflight == 0
+
+
+def test_limit_flags_round_trip() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, AdmissionConfig)
+    argv = ["--no-adaptive-limit", "--ttft-target-s", "0.5", "--limit-initial", "8", "--limit-backoff", "0.7"]
+    config = from_args(AdmissionConfig, parser.parse_args(argv))
+    assert config == AdmissionConfig(
+        limit=LimitConfig(adaptive=False, ttft_target_s=0.5, initial=8, backoff=0.7),
+    )
+    assert to_argv(config) == argv
+    assert from_args(AdmissionConfig, parser.parse_args([])) == AdmissionConfig()

@@ -3,10 +3,10 @@ TTFT budget; refuse the rest at once (issue 15, deliverable 2).
 
 Lifecycle of one request (`serving.serve_generation`, after authentication, preparation and
 the rate limits):
-1. `AdmissionController.admit(key_id, priority, num_prompt_tokens, num_choices)` reads the
+1. `AdmissionController.admit(key_id, priority, num_prompt_tokens)` reads the
    signals (`AdmissionSignals`): this gateway's own in-flight counts, the pools' published
    load (waiting requests, queued prefill tokens, as last read from Redis), and the measured
-   drain rates (`throughput.py`). `decide` turns them into an `Admission`.
+   drain rates (`throughput.py`), and the adaptive limit. `decide` turns them into an `Admission`.
 2. Refused: an `OpenAIError` at once, never a queue: 429 when the API key is over its own
    bound (`max_inflight_per_key`), 503 when the cluster is; both with `Retry-After` computed
    from the measured drain rate (the time for the excess to drain), in [1, 60] s.
@@ -14,177 +14,24 @@ the rate limits):
    `finished()` when the response ends (any way; both idempotent), which keep the counts and
    the drain rates exact.
 
-Priorities (vLLM's `priority`: an integer, lower is more important; default 0, or the API
-key's default from `key_priority`): a request of priority p may use the share
-`share(p) = 1 - priority_step * p` of every bound (1 for p <= 0, never below 0), so under
-overload the numerically larger priorities are refused first, and headroom stays for the
-smaller ones. Whatever its priority, a request finds room when nothing is queued.
-
-The bounds (`decide`), in order:
-- per key: `key_inflight < max_inflight_per_key` (if set) -> else 429;
-- fixed: `own_inflight < max(1, floor(max_inflight * share))` (if set) -> else 503;
-- TTFT: with `queue` = waiting requests (max of ours not yet started and the pools' published
-  `waiting`) and `tokens` = their prompt tokens (likewise with published queued prefill
-  tokens), a request waits about `max((queue + 1) / start_rate, (tokens + its own) /
-  token_rate)`; it is admitted when the queue is empty or that is within
-  `ttft_budget_s * share`. Until a rate is measured, the queue may hold
-  `cold_start_queue * share` requests.
+The bounds and priorities: admission_policy.py (`decide`, pure). The adaptive limit:
+concurrency_limit.py; this controller feeds it one TTFT sample per admitted request (at its
+first token, or at the first admission that finds it still waiting past the target).
 """
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tandem.gateway.auth import ANONYMOUS_KEY_ID, key_id_of
+from tandem.gateway.admission_policy import AdmissionConfig, AdmissionSignals, decide
+from tandem.gateway.concurrency_limit import ConcurrencyLimit
 from tandem.gateway.errors import rate_limited, service_unavailable
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.throughput import Throughput
 
-MIN_RETRY_AFTER_S = 1.0
-MAX_RETRY_AFTER_S = 60.0
-
-
-@dataclass(frozen=True)
-class AdmissionConfig:
-    """Overload control of one gateway (see the module docstring). 0 disables a count bound."""
-
-    ttft_budget_s: float = field(default=5.0, metadata={"help": "admit only what can start within this TTFT"})
-    max_inflight: int = field(default=0, metadata={"help": "fixed bound on this gateway's requests (0: none)"})
-    max_inflight_per_key: int = field(default=0, metadata={"help": "bound per API key, 429 above it (0: none)"})
-    priority_step: float = field(
-        default=0.25, metadata={"help": "share of every bound that each priority level above 0 gives up"}
-    )
-    key_priority: tuple[str, ...] = field(
-        default=(), metadata={"help": "KEY=PRIORITY: an API key's default priority (repeatable)"}
-    )
-    drain_window_s: float = field(default=10.0, metadata={"help": "window of the measured drain rates"})
-    cold_start_queue: int = field(default=64, metadata={"help": "requests queued before a drain rate is known"})
-
-    def __post_init__(self) -> None:
-        for name in ("ttft_budget_s", "drain_window_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_inflight", "max_inflight_per_key"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: no bound), got {getattr(self, name)}")
-        if self.cold_start_queue < 1:
-            raise ValueError(f"cold_start_queue must be >= 1, got {self.cold_start_queue}")
-        if not 0 <= self.priority_step <= 1:
-            raise ValueError(f"priority_step must be in [0, 1], got {self.priority_step}")
-        self.key_priorities()  # validates the entries
-
-    def key_priorities(self) -> dict[str, int]:
-        """Key id (auth.py) -> default priority, from the `KEY=PRIORITY` entries."""
-        out: dict[str, int] = {}
-        for entry in self.key_priority:
-            key, sep, value = entry.rpartition("=")
-            try:
-                priority = int(value)
-            except ValueError:
-                priority = None
-            if not sep or not key or priority is None:
-                raise ValueError(f"key_priority entries are KEY=PRIORITY with an integer priority, got {entry!r}")
-            out[ANONYMOUS_KEY_ID if key == ANONYMOUS_KEY_ID else key_id_of(key)] = priority
-        return out
-
-    def share(self, priority: int) -> float:
-        """The share of every bound a request of `priority` may use."""
-        return 1.0 if priority <= 0 else max(0.0, 1.0 - self.priority_step * priority)
-
-
-@dataclass(frozen=True)
-class AdmissionSignals:
-    """What one decision reads. Counts are this gateway's own unless named `published_`;
-    rates are None until measured (`throughput.RateMeter`)."""
-
-    own_inflight: int
-    own_waiting: int  # admitted, no first token yet
-    own_waiting_tokens: int
-    key_inflight: int
-    published_waiting: int
-    published_queued_tokens: int
-    start_rate_rps: float | None
-    token_rate_tps: float | None
-    finish_rate_rps: float | None
-
-
-@dataclass(frozen=True)
-class Admission:
-    """`status` is 0 when admitted, else 429 or 503 with `retry_after_s` and a `message`."""
-
-    status: int
-    retry_after_s: float = 0.0
-    message: str = ""
-    reason: str = ""  # "key", "inflight" or "ttft"
-
-    @property
-    def admitted(self) -> bool:
-        return self.status == 0
-
-
-ADMITTED = Admission(0)
-
-
-def decide(s: AdmissionSignals, priority: int, num_prompt_tokens: int, config: AdmissionConfig) -> Admission:
-    """The admission of one request (pure; see the module docstring for the bounds)."""
-    share = config.share(priority)
-    if config.max_inflight_per_key and s.key_inflight >= config.max_inflight_per_key:
-        excess = s.key_inflight - config.max_inflight_per_key + 1
-        key_rate = None if s.finish_rate_rps is None else s.finish_rate_rps * s.key_inflight / max(1, s.own_inflight)
-        return Admission(
-            429,
-            _drain_s(excess, key_rate),
-            f"Too many concurrent requests for this API key: the limit is {config.max_inflight_per_key}.",
-            "key",
-        )
-    if config.max_inflight:
-        cap = max(1, math.floor(config.max_inflight * share))
-        if s.own_inflight >= cap:
-            return Admission(
-                503,
-                _drain_s(s.own_inflight - cap + 1, s.finish_rate_rps),
-                f"The server is overloaded: {s.own_inflight} requests in flight, and priority {priority} "
-                f"is admitted below {cap}.",
-                "inflight",
-            )
-    queue = max(s.own_waiting, s.published_waiting)
-    if queue == 0:
-        return ADMITTED
-    budget_s = config.ttft_budget_s * share
-    if s.start_rate_rps is None:
-        cold_cap = max(1, math.floor(config.cold_start_queue * share))
-        if queue < cold_cap:
-            return ADMITTED
-        return Admission(
-            503,
-            MIN_RETRY_AFTER_S,
-            f"The server is overloaded: {queue} requests are waiting to start.",
-            "ttft",
-        )
-    wait_s = (queue + 1) / s.start_rate_rps
-    if s.token_rate_tps:
-        tokens = max(s.own_waiting_tokens, s.published_queued_tokens)
-        wait_s = max(wait_s, (tokens + num_prompt_tokens) / s.token_rate_tps)
-    if wait_s <= budget_s:
-        return ADMITTED
-    return Admission(
-        503,
-        _clamp(wait_s - budget_s),
-        f"The server is overloaded: a new request would wait about {wait_s:.1f} s for its first token, "
-        f"over the {budget_s:.1f} s that priority {priority} is given.",
-        "ttft",
-    )
-
-
-def _drain_s(excess: int, rate_rps: float | None) -> float:
-    """Seconds until `excess` requests finished at the measured rate (1 s while unmeasured)."""
-    return MIN_RETRY_AFTER_S if not rate_rps else _clamp(excess / rate_rps)
-
-
-def _clamp(seconds: float) -> float:
-    return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, seconds))
+__all__ = ["AdmissionConfig", "AdmissionController", "AdmissionTicket", "PoolLoad"]
 
 
 @dataclass(frozen=True)
@@ -197,12 +44,17 @@ class PoolLoad:
 
 class AdmissionTicket:
     """One admitted request's place in the counts. `started()` at its first token and
-    `finished()` when it ends (any way); each acts once."""
+    `finished()` when it ends (any way); each acts once. `admitted_s` (the controller's clock)
+    and `inflight` (the in-flight count just after its admission) make its TTFT sample."""
 
-    def __init__(self, controller: AdmissionController, key_id: str, num_prompt_tokens: int) -> None:
+    def __init__(
+        self, controller: AdmissionController, key_id: str, num_prompt_tokens: int, admitted_s: float, inflight: int
+    ) -> None:
         self._controller = controller
         self.key_id = key_id
         self.num_prompt_tokens = num_prompt_tokens
+        self.admitted_s = admitted_s
+        self.inflight = inflight
         self.is_started = False
         self.is_finished = False
 
@@ -219,7 +71,8 @@ class AdmissionTicket:
 
 class AdmissionController:
     """Owned by `GatewayState`; used on the event loop only. `pool_load` returns the pools'
-    published load (cheap: called once per request)."""
+    published load (cheap: called once per request); `clock` (seconds) times the TTFT samples
+    of the adaptive limit and the drain rates."""
 
     def __init__(
         self,
@@ -227,16 +80,22 @@ class AdmissionController:
         metrics: GatewayMetrics,
         pool_load: Callable[[], PoolLoad],
         throughput: Throughput | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self._pool_load = pool_load
+        self._clock = clock
         self._key_priority: Mapping[str, int] = config.key_priorities()
-        self.throughput = throughput or Throughput(config.drain_window_s)
+        self.throughput = throughput or Throughput(config.drain_window_s, clock)
+        self.limit = ConcurrencyLimit(config.limit, config.ttft_target_s()) if config.limit.adaptive else None
         self.inflight = 0
         self.waiting = 0
         self.waiting_tokens = 0
         self._per_key: dict[str, int] = {}
+        # Admitted, no first token and no sample yet, oldest first (an ordered set).
+        self._unsampled: dict[AdmissionTicket, None] = {}
+        metrics.set_admission_limit(0 if self.limit is None else self.limit.limit)
 
     def priority(self, key_id: str, requested: int | None) -> int:
         """The request's own priority, else its key's default, else 0."""
@@ -244,6 +103,8 @@ class AdmissionController:
 
     def admit(self, key_id: str, priority: int, num_prompt_tokens: int) -> AdmissionTicket:
         """An admitted request's ticket, or the refusal as an `OpenAIError` (429 or 503)."""
+        now = self._clock()
+        self._sample_overdue(now)
         decision = decide(self.signals(key_id), priority, num_prompt_tokens, self.config)
         if not decision.admitted:
             self.metrics.admission_refused(decision.reason)
@@ -255,7 +116,9 @@ class AdmissionController:
         self.waiting_tokens += num_prompt_tokens
         self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
         self.metrics.set_admitted(self.inflight)
-        return AdmissionTicket(self, key_id, num_prompt_tokens)
+        ticket = AdmissionTicket(self, key_id, num_prompt_tokens, now, self.inflight)
+        self._unsampled[ticket] = None
+        return ticket
 
     def signals(self, key_id: str) -> AdmissionSignals:
         load = self._pool_load()
@@ -270,17 +133,37 @@ class AdmissionController:
             t.starts.rate(),
             t.start_tokens.rate(),
             t.finishes.rate(),
+            None if self.limit is None else self.limit.limit,
         )
+
+    def _sample_overdue(self, now: float) -> None:
+        """Requests still waiting past the target are late samples now, oldest first."""
+        if self.limit is None:
+            return
+        while self._unsampled:
+            ticket = next(iter(self._unsampled))
+            if now - ticket.admitted_s <= self.limit.target_s:
+                return
+            self._observe(ticket, now)
+
+    def _observe(self, ticket: AdmissionTicket, now: float) -> None:
+        del self._unsampled[ticket]
+        if self.limit is not None:
+            limit = self.limit.observe(ticket.admitted_s, now - ticket.admitted_s, ticket.inflight)
+            self.metrics.set_admission_limit(limit)
 
     def _started(self, ticket: AdmissionTicket) -> None:
         self.waiting -= 1
         self.waiting_tokens -= ticket.num_prompt_tokens
         self.throughput.started(ticket.num_prompt_tokens)
+        if ticket in self._unsampled:
+            self._observe(ticket, self._clock())
 
     def _finished(self, ticket: AdmissionTicket) -> None:
         if not ticket.is_started:  # ended before its first token
             self.waiting -= 1
             self.waiting_tokens -= ticket.num_prompt_tokens
+            self._unsampled.pop(ticket, None)
         else:
             self.throughput.finished()
         self.inflight -= 1

@@ -34,8 +34,8 @@ Counters:
 - `tandem_migration_replayed_tokens_total`: tokens the migrations replayed (each migrated
   choice's prompt plus the tokens already sent), whether the new worker had them cached or not.
 - `tandem_admission_refusals_total{reason}`: requests refused at admission (admission.py):
-  `key` (429, the API key's bound), `inflight` (503, the fixed bound), `ttft` (503, the pools
-  cannot start it within its TTFT budget).
+  `key` (429, the API key's bound), `inflight` (503, the fixed bound), `limit` (503, the
+  adaptive limit), `ttft` (503, the pools cannot start it within its TTFT budget).
 - `tandem_slow_client_aborts_total`: streaming requests aborted because their client stopped
   reading and its bounded buffer stayed full (counted as status 408 in `tandem_requests_total`).
 
@@ -46,6 +46,7 @@ Gauges:
   read from Redis; `pool` is `prefill` or `decode`. The autoscaler's signal.
 - `tandem_workers{pool}`: number of live workers in the pool.
 - `tandem_admitted_requests`: requests this gateway admitted that have not ended.
+- `tandem_admission_limit`: the adaptive limit on them (concurrency_limit.py; 0 when it is off).
 
 Who calls it: the gateway's request pipeline (observations) and its cluster-state poller
 (`set_pools`), all on the gateway's event loop. The object is not shared across processes.
@@ -72,7 +73,7 @@ SECONDS_BUCKETS = (
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
 
-ADMISSION_REASONS = ("key", "inflight", "ttft")
+ADMISSION_REASONS = ("key", "inflight", "limit", "ttft")
 
 
 class TTFTStage(str, enum.Enum):
@@ -175,6 +176,9 @@ class GatewayMetrics:
         self._admitted = Gauge("tandem_admitted_requests", "Admitted requests in flight", base, registry=r).labels(
             **self._model
         )
+        self._admission_limit = Gauge(
+            "tandem_admission_limit", "Adaptive limit on admitted requests in flight", base, registry=r
+        ).labels(**self._model)
         self._rate_limit_fail_open = Counter(
             "tandem_rate_limit_fail_open_total",
             "Requests let through unchecked because the rate limiter's Redis was unreachable",
@@ -258,6 +262,10 @@ class GatewayMetrics:
     def set_admitted(self, inflight: int) -> None:
         _check_count(inflight=inflight)
         self._admitted.set(inflight)
+
+    def set_admission_limit(self, limit: int) -> None:
+        _check_count(limit=limit)
+        self._admission_limit.set(limit)
 
     def slow_client_abort(self) -> None:
         self._slow_clients.inc()

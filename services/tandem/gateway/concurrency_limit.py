@@ -1,0 +1,110 @@
+"""An adaptive concurrency limit driven by the measured TTFT (AIMD, in the spirit of Netflix's
+concurrency-limits and of TCP's congestion window). Admission (admission.py) refuses a request
+when this gateway's in-flight count has reached the limit.
+
+What the limit bounds, and why: this gateway's requests in flight (admitted, not yet ended).
+A request's TTFT is its wait in a worker's queue plus the step that prefills it, and a step's
+time grows with the running batch. Both are made of in-flight requests: a bound on the requests
+not yet started alone lets the batch (every started request, for its whole decode) grow and
+slow every step, which no queue length shows; a bound on the running streams alone lets the
+queues grow. The in-flight count is their sum. By Little's law (in flight = throughput x
+latency), past the knee where the pools are saturated a larger limit adds only latency, and
+the measured TTFT says where that knee is.
+
+The algorithm (`observe`: one sample per admitted request, its admission time and its TTFT,
+or a lower bound of it for a request still waiting past the target):
+1. A sample of a request admitted before the last decrease is stale (it measured a larger
+   limit than the current one): ignored, as TCP backs off once per round trip.
+2. Fresh samples fill a window of `window` samples. When it is full, its `quantile` (nearest
+   rank) is compared with the target:
+   - over it: `limit = max(1, floor(limit * backoff))`, and every request admitted until now
+     becomes stale;
+   - within it, and the limit was tested (some sample's request found at least half the limit
+     in flight when it was admitted): `limit = min(max_limit, limit + 1)`;
+   - within it, untested: unchanged (an idle gateway does not grow a limit it never uses).
+   The window empties after each decision.
+
+Pure and deterministic: times are given by the caller (the `AdmissionController`'s clock), so
+a sequence of samples gives one exact trajectory of limits. Not thread-safe (event loop only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LimitConfig:
+    """The adaptive limit of one gateway (see the module docstring); `AdmissionConfig.limit`."""
+
+    adaptive: bool = field(
+        default=True,
+        metadata={"flag": "adaptive-limit", "help": "bound in-flight requests by a limit that follows the TTFT"},
+    )
+    ttft_target_s: float | None = field(
+        default=None,
+        metadata={"help": "the adaptive limit keeps this quantile of TTFT under it (default: half the TTFT budget)"},
+    )
+    initial: int = field(default=32, metadata={"flag": "limit-initial", "help": "the adaptive limit at start"})
+    max_limit: int = field(default=1024, metadata={"flag": "limit-max", "help": "the adaptive limit's ceiling"})
+    window: int = field(default=10, metadata={"flag": "limit-window", "help": "TTFT samples per limit decision"})
+    quantile: float = field(
+        default=0.9, metadata={"flag": "limit-quantile", "help": "the TTFT quantile held under the target"}
+    )
+    backoff: float = field(
+        default=0.8, metadata={"flag": "limit-backoff", "help": "factor applied to the limit when TTFT is over"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.ttft_target_s is not None and not self.ttft_target_s > 0:
+            raise ValueError(f"ttft_target_s must be > 0, got {self.ttft_target_s}")
+        if self.initial < 1:
+            raise ValueError(f"initial must be >= 1, got {self.initial}")
+        if self.max_limit < self.initial:
+            raise ValueError(f"max_limit must be >= initial ({self.initial}), got {self.max_limit}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if not 0 < self.quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {self.quantile}")
+        if not 0 < self.backoff < 1:
+            raise ValueError(f"backoff must be in (0, 1), got {self.backoff}")
+
+
+class ConcurrencyLimit:
+    """The limit and its window of samples. Owned by the gateway's `AdmissionController`, which
+    reads `limit` for every admission and feeds `observe` at every first token."""
+
+    def __init__(self, config: LimitConfig, target_s: float) -> None:
+        if not target_s > 0:
+            raise ValueError(f"target_s must be > 0, got {target_s}")
+        self.config = config
+        self.target_s = target_s
+        self.limit = config.initial
+        self._window: list[float] = []  # TTFTs of fresh samples, seconds
+        self._tested = False  # some sample in the window found >= limit / 2 in flight
+        self._decreased_s = -math.inf  # requests admitted before this are stale
+
+    def observe(self, admitted_s: float, ttft_s: float, inflight: int) -> int:
+        """One request's sample: `admitted_s` when it was admitted (the caller's clock),
+        `ttft_s` its time to first token (or how long it has waited, for one still waiting),
+        `inflight` this gateway's in-flight count just after its admission (itself included).
+        Returns the limit after it."""
+        if ttft_s < 0 or inflight < 1:
+            raise ValueError(f"a sample needs ttft_s >= 0 and inflight >= 1, got {ttft_s}, {inflight}")
+        if admitted_s < self._decreased_s:
+            return self.limit
+        self._window.append(ttft_s)
+        self._tested = self._tested or 2 * inflight >= self.limit
+        if len(self._window) < self.config.window:
+            return self.limit
+        ranked = sorted(self._window)
+        over = ranked[math.ceil(self.config.quantile * len(ranked)) - 1] > self.target_s
+        if over:
+            self.limit = max(1, math.floor(self.limit * self.config.backoff))
+            self._decreased_s = admitted_s + ttft_s
+        elif self._tested:
+            self.limit = min(self.config.max_limit, self.limit + 1)
+        self._window.clear()
+        self._tested = False
+        return self.limit
