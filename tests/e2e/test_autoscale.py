@@ -64,6 +64,11 @@ AUTOSCALE_FLAGS = (
     "10",
     "--local-prefill-max-tokens",
     "0",
+    # the burst must queue (the autoscaler scales on queue depth) and be served, not refused:
+    # the gateway's admission is widened past anything this test waits
+    "--ttft-budget-s",
+    "600",
+    "--no-adaptive-limit",
 )
 
 

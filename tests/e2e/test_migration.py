@@ -280,7 +280,14 @@ def test_scale_down_during_streaming_loses_nothing(pool: Pool) -> None:
     leaving = pool.add_decode("decode-s0", "--drain-timeout-s", "0.5")
     pool.add_decode("decode-s1")
     # this gateway lets the decode workers prefill short prompts (and replays) themselves
-    local = start_gateway(pool.cluster.model_dir, pool.cluster.redis.url, "--policy", "round_robin")
+    local = start_gateway(
+        pool.cluster.model_dir,
+        pool.cluster.redis.url,
+        "--policy",
+        "round_robin",
+        "--local-prefill-max-tokens",
+        "100000",  # however many tokens were sent before the drain deadline, the replay is local
+    )
     try:
         bodies = _bodies(TINY_VOCAB_SIZE, max_tokens=400, seed=54)
         unbroken = _run(local, bodies)

@@ -51,7 +51,9 @@ class Traffic:
     def send_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            prompt = [self.rng.randrange(4, 500) for _ in range(20)]
+            # shorter than a block, even with its 2 output tokens: the traffic caches nothing, so
+            # however many requests this machine sends, the system prompt is never evicted
+            prompt = [self.rng.randrange(4, 500) for _ in range(BLOCK - 4)]
             status, _, got = post(self.url, "/v1/completions", body(self.model, prompt))
             self.statuses.append(status)
             if status != 200:
