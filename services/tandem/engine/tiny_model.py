@@ -197,7 +197,7 @@ def write_tiny_llama(path: Path, seed: int = 0, overrides: Mapping[str, Any] | N
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for name, shape in _weight_shapes(config):
+    for name, shape in llama_weight_shapes(config):
         if name.endswith("norm.weight"):
             value = 1.0 + 0.1 * torch.randn(shape, generator=generator, dtype=torch.float32)
         elif name == "model.embed_tokens.weight":
@@ -244,7 +244,7 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def _weight_shapes(config: Mapping[str, Any]) -> list[tuple[str, tuple[int, int] | tuple[int]]]:
+def llama_weight_shapes(config: Mapping[str, Any]) -> list[tuple[str, tuple[int, int] | tuple[int]]]:
     """HF Llama tensor names and shapes ([out_features, in_features] for linears), in draw order."""
     hidden = int(config["hidden_size"])
     head_dim = int(config["head_dim"])

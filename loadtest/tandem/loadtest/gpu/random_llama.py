@@ -31,6 +31,7 @@ from tandem.engine.tiny_model import (
     IM_END_TOKEN_ID,
     MODEL_MAX_LENGTH,
     TINY_LLAMA_CONFIG,
+    llama_weight_shapes,
     write_tokenizer,
 )
 
@@ -100,24 +101,9 @@ def llama_config(shape: LlamaShape, vocab_size: int, dtype: str) -> dict[str, An
 
 
 def weight_shapes(shape: LlamaShape, vocab_size: int) -> list[tuple[str, tuple[int, ...]]]:
-    """HF Llama tensor names and shapes ([out_features, in_features] for linears), in draw order."""
-    hidden, inter = shape.hidden_size, shape.intermediate_size
-    q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab_size, hidden))]
-    for i in range(shape.num_layers):
-        prefix = f"model.layers.{i}"
-        shapes += [
-            (f"{prefix}.input_layernorm.weight", (hidden,)),
-            (f"{prefix}.self_attn.q_proj.weight", (q_size, hidden)),
-            (f"{prefix}.self_attn.k_proj.weight", (kv_size, hidden)),
-            (f"{prefix}.self_attn.v_proj.weight", (kv_size, hidden)),
-            (f"{prefix}.self_attn.o_proj.weight", (hidden, q_size)),
-            (f"{prefix}.post_attention_layernorm.weight", (hidden,)),
-            (f"{prefix}.mlp.gate_proj.weight", (inter, hidden)),
-            (f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
-            (f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
-        ]
-    return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab_size, hidden))]
+    """HF Llama tensor names and shapes ([out_features, in_features] for linears), in draw
+    order: the tiny model's list (one definition of a Llama checkpoint) at this shape."""
+    return list(llama_weight_shapes(llama_config(shape, vocab_size, "float32")))
 
 
 def write_random_llama(path: Path, shape: LlamaShape, dtype: str, device: str, seed: int = 0) -> Path:
