@@ -65,6 +65,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "imagePullSecrets": [{"name": "registry"}],
         "worker": {"kvTransport": "torch"},
     },
+    "existing-secrets": {
+        "auth": {"existingSecret": "cluster-token", "existingSecretKey": "token"},
+        "redis": {"auth": {"existingSecret": "redis-pw", "existingSecretKey": "password"}},
+        "autoscaler": {"enabled": True},
+    },
+    "external-redis-url-secret": {
+        "redis": {"enabled": False, "externalUrlSecret": {"name": "redis-url", "key": "url"}},
+        "worker": {"kvTransport": "torch"},
+    },
     "multi-node": _example("values-multi-node.yaml"),
     "single-node": _example("values-single-node.yaml"),
 }
@@ -309,7 +318,7 @@ def _expand(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
 
 
-@pytest.mark.parametrize("scenario", ["everything-on", "multi-node", "single-node"])
+@pytest.mark.parametrize("scenario", ["everything-on", "external-redis-url-secret", "multi-node", "single-node"])
 def test_every_rendered_command_parses_with_the_tandem_cli(chart: Any, scenario: str) -> None:
     from tandem.cli import build_parser
 
@@ -848,7 +857,14 @@ def test_multi_node_example(chart: Any) -> None:
         ]
         model = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if v["name"] == "model"]
         assert model == ["llm-models"]
-        assert flag(container(objects, role)["args"], "--redis") == values["redis"]["externalUrl"]
+        worker = container(objects, role)
+        assert flag(worker["args"], "--redis") == "redis://:$(TANDEM_REDIS_PASSWORD)@redis-master.redis.svc:6379/0"
+        env = {e["name"]: e for e in worker["env"]}
+        assert env["TANDEM_REDIS_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "tandem-redis", "key": "redis-password"}
+        }
+    # the external Redis's password is the user's Secret: the chart generates only the token's
+    assert [s["metadata"]["name"] for s in find(objects, "Secret")] == [f"{FULLNAME}-auth"]
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
