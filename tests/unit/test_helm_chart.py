@@ -40,6 +40,10 @@ FULLNAME = "demo-tandem"  # release name + chart name
 KUBERNETES_VERSION = "1.33"
 CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
 EXTERNAL_REDIS = "redis://redis.shared.svc:6379/2"
+# The embedded Redis's URL as every Tandem container gets it: the kubelet expands the password.
+EMBEDDED_REDIS = f"redis://:$(TANDEM_REDIS_PASSWORD)@{FULLNAME}-redis.{NAMESPACE}.svc:6379/0"
+# Keys of the Secrets the chart generates (random at each offline render: the golden masks them).
+GENERATED_KEYS = ("token", "redis-password")
 
 Manifest = dict[str, Any]
 
@@ -59,6 +63,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"workerMeshAllPorts": True, "gateway": {"from": [{"namespaceSelector": {}}]}},
         "gateway": {"apiKeysSecret": {"name": "keys"}, "service": {"type": "LoadBalancer"}},
         "imagePullSecrets": [{"name": "registry"}],
+        "worker": {"kvTransport": "torch"},
+    },
+    "existing-secrets": {
+        "auth": {"existingSecret": "cluster-token", "existingSecretKey": "token"},
+        "redis": {"auth": {"existingSecret": "redis-pw", "existingSecretKey": "password"}},
+        "autoscaler": {"enabled": True},
+    },
+    "external-redis-url-secret": {
+        "redis": {"enabled": False, "externalUrlSecret": {"name": "redis-url", "key": "url"}},
         "worker": {"kvTransport": "torch"},
     },
     "multi-node": _example("values-multi-node.yaml"),
@@ -138,9 +151,18 @@ def test_every_object_validates_strictly_against_kubernetes_1_33(chart: Any, sce
         assert obj["metadata"]["namespace"] == NAMESPACE, where
 
 
+def _mask_generated_secrets(text: str) -> str:
+    """The generated Secret values, random in an offline render (`lookup` finds no Secret)."""
+    keys = "|".join(GENERATED_KEYS)
+    masked, count = re.subn(rf"^(  (?:{keys}): )[A-Za-z0-9+/=]+$", r"\1<generated>", text, flags=re.M)
+    assert count == len(GENERATED_KEYS), text
+    return masked
+
+
 def test_default_render_matches_golden(chart: Any) -> None:
     sources = _render_sources(chart, {})
     text = "".join(f"# Source: {path}\n{body.strip()}\n---\n" for path, body in sources.items())
+    text = _mask_generated_secrets(text)
     if os.environ.get("TANDEM_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(text)
@@ -163,6 +185,8 @@ def test_default_render_has_exactly_these_objects(chart: Any) -> None:
             ("NetworkPolicy", f"{FULLNAME}-workers"),
             ("NetworkPolicy", f"{FULLNAME}-gateway"),
             ("NetworkPolicy", f"{FULLNAME}-redis"),
+            ("Secret", f"{FULLNAME}-auth"),
+            ("Secret", f"{FULLNAME}-redis"),
         ]
     )
 
@@ -215,8 +239,21 @@ def test_schema_is_draft_07_closed_at_every_level_and_describes_every_value() ->
     [
         ({"model": {"hostPath": {"path": "/models"}}}, "both set"),
         ({"model": {"pvc": {"claimName": ""}}}, "set model.pvc.claimName or model.hostPath.path"),
-        ({"redis": {"enabled": False}}, "redis.externalUrl is required"),
+        ({"redis": {"enabled": False}}, "redis.enabled=false needs redis.externalUrl or redis.externalUrlSecret.name"),
         ({"redis": {"externalUrl": EXTERNAL_REDIS}}, "set redis.enabled=false"),
+        ({"redis": {"externalUrlSecret": {"name": "url"}}}, "set redis.enabled=false"),
+        (
+            {"redis": {"enabled": False, "externalUrl": EXTERNAL_REDIS, "externalUrlSecret": {"name": "url"}}},
+            "redis.externalUrl and redis.externalUrlSecret.name are both set",
+        ),
+        (
+            {"redis": {"enabled": False, "externalUrl": "rediss://:hunter2@redis.shared.svc:6380/0"}},
+            "redis.externalUrl carries credentials, which would be visible in the pod spec",
+        ),
+        (
+            {"redis": {"enabled": False, "externalUrlSecret": {"name": "url"}, "auth": {"existingSecret": "pw"}}},
+            "the password goes inside the Secret's URL",
+        ),
         (
             {"autoscaler": {"prefill": {"minReplicas": 3, "maxReplicas": 2}}},
             "greater than autoscaler.prefill.maxReplicas",
@@ -250,7 +287,7 @@ def test_gateway_command_probes_and_service(chart: Any) -> None:
         "--port",
         "8080",
         "--redis",
-        f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+        EMBEDDED_REDIS,
         "--cluster",
         "default",
         "--policy",
@@ -281,12 +318,17 @@ def _expand(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
 
 
-@pytest.mark.parametrize("scenario", ["everything-on", "multi-node", "single-node"])
+@pytest.mark.parametrize("scenario", ["everything-on", "external-redis-url-secret", "multi-node", "single-node"])
 def test_every_rendered_command_parses_with_the_tandem_cli(chart: Any, scenario: str) -> None:
     from tandem.cli import build_parser
 
     parser = build_parser()
-    env = {"POD_IP": "10.1.2.3", "POD_NAME": "demo-tandem-decode-7d9f-abcde"}
+    env = {
+        "POD_IP": "10.1.2.3",
+        "POD_NAME": "demo-tandem-decode-7d9f-abcde",
+        "TANDEM_REDIS_PASSWORD": "s3cret",
+        "TANDEM_REDIS_URL": "rediss://tandem:s3cret@redis.example:6380/0",
+    }
     objects = render(chart, SCENARIOS[scenario])
     tandem_containers = [c for o in find(objects, "Deployment") for c in o["spec"]["template"]["spec"]["containers"]]
     assert {c["args"][0] for c in tandem_containers} >= {"gateway", "prefill", "decode"}
@@ -329,7 +371,7 @@ def test_worker_command(chart: Any, role: str) -> None:
         "--metrics-port",
         "9100",
         "--redis",
-        f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+        EMBEDDED_REDIS,
         "--cluster",
         "blue",
         "--drain-timeout-s",
@@ -497,7 +539,7 @@ def test_autoscaler_command(chart: Any) -> None:
     assert autoscaler["args"] == [
         "autoscaler",
         "--redis",
-        f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+        EMBEDDED_REDIS,
         "--cluster",
         "default",
         "--actuator",
@@ -815,7 +857,14 @@ def test_multi_node_example(chart: Any) -> None:
         ]
         model = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if v["name"] == "model"]
         assert model == ["llm-models"]
-        assert flag(container(objects, role)["args"], "--redis") == values["redis"]["externalUrl"]
+        worker = container(objects, role)
+        assert flag(worker["args"], "--redis") == "redis://:$(TANDEM_REDIS_PASSWORD)@redis-master.redis.svc:6379/0"
+        env = {e["name"]: e for e in worker["env"]}
+        assert env["TANDEM_REDIS_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "tandem-redis", "key": "redis-password"}
+        }
+    # the external Redis's password is the user's Secret: the chart generates only the token's
+    assert [s["metadata"]["name"] for s in find(objects, "Secret")] == [f"{FULLNAME}-auth"]
 
 
 # --- Dockerfile -------------------------------------------------------------------------------

@@ -54,21 +54,6 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/*
-The Redis URL every component uses: the embedded StatefulSet's headless Service, or
-redis.externalUrl. Exactly one of them.
-*/}}
-{{- define "tandem.redisUrl" -}}
-{{- if .Values.redis.enabled }}
-{{- if .Values.redis.externalUrl }}
-{{- fail "redis.externalUrl is set while redis.enabled=true: set redis.enabled=false to use an external Redis" }}
-{{- end }}
-{{- printf "redis://%s.%s.svc:6379/0" (include "tandem.componentName" (dict "root" . "component" "redis")) .Release.Namespace }}
-{{- else }}
-{{- required "redis.externalUrl is required when redis.enabled=false" .Values.redis.externalUrl }}
-{{- end }}
-{{- end }}
-
 {{/* The model directory inside the pods. */}}
 {{- define "tandem.modelDir" -}}
 {{- if .Values.model.path }}
