@@ -49,14 +49,12 @@ import grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
 from tandem.common import codec
-from tandem.common.block_hash import BLOCK_HASH_VERSION
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import LayoutMismatchError
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
-from tandem.decode.handle_check import Compatibility, HandleVerifier
-from tandem.decode.sources import SourceRegistry
+from tandem.decode.sources import handle_verifier
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput, Reservation
 from tandem.kvtransfer.base import KVTransferError
@@ -98,19 +96,7 @@ class DecodeServicer(WorkerServicerBase):
         # that abort is applied with the admission. Asyncio thread only.
         self._handing_off: dict[str, bool] = {}
         self._background: set[asyncio.Task] = set()
-        state = worker.cluster_state
-        sources = (
-            SourceRegistry(
-                state.get_worker,
-                Compatibility(worker.layout.fingerprint, worker.engine.model_id, BLOCK_HASH_VERSION),
-                stale_grace_s=worker.config.heartbeat_ttl_s,
-            )
-            if state is not None
-            else None
-        )
-        self.verifier = HandleVerifier(
-            worker.layout.block_size, worker.engine.model_id, sources, worker.metrics, worker.config.worker_id
-        )
+        self.verifier = handle_verifier(worker)
 
     async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """As for every worker, except during a hand-off: then the abort is applied once the

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 import redis
 
+from tandem.common.block_hash import BLOCK_HASH_VERSION
 from tandem.common.kv_handle import KVHandle
 from tandem.common.workers import WorkerInfo
-from tandem.decode.handle_check import Compatibility, HandleRejectedError, RejectReason, check_source
+from tandem.decode.handle_check import Compatibility, HandleRejectedError, HandleVerifier, RejectReason, check_source
+from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +112,21 @@ class SourceRegistry:
             RejectReason.REGISTRY_UNAVAILABLE,
             f"cannot confirm worker {worker_id!r} in the registry ({why}), and no recent confirmation is cached",
         )
+
+
+def handle_verifier(worker: Worker) -> HandleVerifier:
+    """The decode servicer's verifier: this worker's block size and model id, and a registry
+    view over its cluster state (none without Redis), with the heartbeat TTL as the grace."""
+    state = worker.cluster_state
+    sources = (
+        SourceRegistry(
+            state.get_worker,
+            Compatibility(worker.layout.fingerprint, worker.engine.model_id, BLOCK_HASH_VERSION),
+            stale_grace_s=worker.config.heartbeat_ttl_s,
+        )
+        if state is not None
+        else None
+    )
+    return HandleVerifier(
+        worker.layout.block_size, worker.engine.model_id, sources, worker.metrics, worker.config.worker_id
+    )
