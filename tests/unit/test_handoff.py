@@ -58,10 +58,14 @@ def test_handoff_equals_single_engine_and_reuses_decode_cache(engines) -> None:
         assert held.num_tokens == len(prompt) and len(held.block_ids) == -(-len(prompt) // 16)
         res = decode.reserve(rid, prompt, GREEDY, first)
         assert res is not None
-        # the second prompt shares 3 full blocks with the first: only the rest is pulled
+        # the second prompt shares 3 full blocks with the first: only the other full blocks
+        # are pulled (the partial last block is recomputed)
         assert res.num_cached_blocks == (0 if i == 0 else 3)
-        assert len(res.missing_block_ids) == len(held.block_ids) - res.num_cached_blocks
-        _copy_blocks(prefill, decode, held.block_ids[res.num_cached_blocks :], res.missing_block_ids)
+        assert res.num_full_blocks == len(prompt) // 16
+        assert len(res.missing_block_ids) == len(prompt) // 16 - res.num_cached_blocks
+        _copy_blocks(
+            prefill, decode, held.block_ids[res.num_cached_blocks : res.num_full_blocks], res.missing_block_ids
+        )
         assert prefill.release_held(rid) is True
         decode.commit(rid)
         assert [first] + _drain(decode, rid) == expected
@@ -116,7 +120,7 @@ def _handoff(prefill: Engine, decode: Engine, rid: str, prompt: list[int], param
     held = prefill.held[rid]
     res = decode.reserve(rid, prompt, params, first)
     assert res is not None
-    _copy_blocks(prefill, decode, held.block_ids[res.num_cached_blocks :], res.missing_block_ids)
+    _copy_blocks(prefill, decode, held.block_ids[res.num_cached_blocks : res.num_full_blocks], res.missing_block_ids)
     assert prefill.release_held(rid) is True
     decode.commit(rid)
     return first
@@ -170,3 +174,29 @@ def test_ready_handoffs_that_fill_the_pool_do_not_stall(tiny_model_dir: Path) ->
     assert decode.stats.num_preemptions == 1
     decode.check_integrity()
     assert decode.is_drained()
+
+
+def test_partial_last_block_is_recomputed_never_trusted(engines) -> None:
+    """Only full blocks (whose hashes the decode worker compares with the handle's) come from
+    outside: the partial last block is recomputed after `commit`, so garbage there changes
+    nothing, and the block it becomes is cached under KV this engine computed itself."""
+    prefill, decode, single = engines
+    (prompt,) = random_prompts([37], prefill.model_config.vocab_size, seed=6)
+    expected = list(single.generate([prompt], GREEDY)[0].token_ids)
+    first = _prefill(prefill, "tail", prompt, GREEDY)
+    held = prefill.held["tail"]
+    res = decode.reserve("tail", prompt, GREEDY, first)
+    assert res is not None and (res.num_cached_blocks, res.num_full_blocks) == (0, 2)
+    assert res.missing_block_ids == res.block_ids[:2] and len(res.block_ids) == 3
+    _copy_blocks(prefill, decode, held.block_ids[:2], res.missing_block_ids)
+    for cache in decode.kv_caches:  # whatever a peer might have put in the partial block
+        cache[:, res.block_ids[2]] = 1e4
+    assert prefill.release_held("tail") is True
+    computed_before = decode.stats.num_prompt_tokens_computed
+    decode.commit("tail")
+    assert [first] + _drain(decode, "tail") == expected
+    # the 5 prompt tokens of the partial block were computed here, not the 32 pulled ones
+    assert decode.stats.num_prompt_tokens_computed - computed_before == 37 - 32
+    for engine in engines:
+        engine.check_integrity()
+        assert engine.is_drained()

@@ -44,6 +44,14 @@ class WorkerMetrics:
         self._kv_transfer_failures = Counter(
             "tandem_kv_transfer_failures", "Failed KV pulls by reason", [*names, "reason"], registry=r
         )
+        # Decode role: KV handles not used (their hashes are not the prompt's, or their source
+        # is not a registered, compatible prefill worker); each is also a recompute.
+        self._kv_handle_rejections = Counter(
+            "tandem_kv_handle_rejections",
+            "KV handles rejected before any pull, by reason",
+            [*names, "reason"],
+            registry=r,
+        )
         self.kv_local_hit_blocks = Counter(
             "tandem_kv_local_hit_blocks", "Prompt blocks a decode worker found in its own cache", names, registry=r
         ).labels(**labels)
@@ -72,6 +80,9 @@ class WorkerMetrics:
 
     def kv_transfer_failure(self, reason: str) -> None:
         self._kv_transfer_failures.labels(**self._labels, reason=reason).inc()
+
+    def kv_handle_rejected(self, reason: str) -> None:
+        self._kv_handle_rejections.labels(**self._labels, reason=reason).inc()
 
     def finished(self, reason: str) -> None:
         self.requests_finished.labels(**self._labels, reason=reason).inc()

@@ -3,14 +3,18 @@
 Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 1. `Decode(request, first_token, handle)`. Without a handle, the prompt is prefilled here.
 2. With one, the handle's layout must equal ours (else FAILED_PRECONDITION naming the
-   field; `KVHandle.check` is the receiver's one layout check of the transfer). The loop
-   thread matches the prompt against the local prefix cache and reserves blocks for the rest;
-   only those blocks are pulled, each chunk verified.
-3. On success the reservation is committed: the sequence joins the batch with its whole
-   prompt computed. If the pull fails (peer gone, checksum, timeout, refused), the blocks are
-   given back and the prompt plus first token are recomputed locally: same output. If the
-   pool is too full to reserve, the request is prefilled locally too.
-4. `ReleaseKV` is sent to the source in every case (best effort; its lease also expires).
+   field; `KVHandle.check` is the receiver's one layout check of the transfer). Then the
+   handle's block hashes must be the prompt's, computed here, and its source a registered,
+   live, compatible prefill worker (decode/handle_check.py); if not, the handle is rejected
+   (counted by reason), the source is never dialed, and the prompt is prefilled locally.
+   The loop thread matches the prompt against the local prefix cache and reserves blocks
+   for the rest; only the missing full blocks are pulled, each chunk verified.
+3. On success the reservation is committed: the sequence joins the batch with its full
+   blocks computed (a partial last block is recomputed with the first token). If the pull
+   fails (peer gone, checksum, timeout, refused), the blocks are given back and the prompt
+   plus first token are recomputed locally: same output. If the pool is too full to
+   reserve, the request is prefilled locally too.
+4. `ReleaseKV` is sent to the source of every handle used (best effort; its lease also expires).
 5. Tokens stream back as `DecodeDelta`s; several tokens per message when the client is
    slower than the step loop. A cancelled stream aborts the sequence within one step.
 6. Draining, the stream goes on until it finishes. If the worker's drain deadline passes
@@ -50,6 +54,7 @@ from tandem.common.layout import LayoutMismatchError
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
+from tandem.decode.sources import handle_verifier
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput, Reservation
 from tandem.kvtransfer.base import KVTransferError
@@ -91,6 +96,7 @@ class DecodeServicer(WorkerServicerBase):
         # that abort is applied with the admission. Asyncio thread only.
         self._handing_off: dict[str, bool] = {}
         self._background: set[asyncio.Task] = set()
+        self.verifier = handle_verifier(worker)
 
     async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """As for every worker, except during a hand-off: then the abort is applied once the
@@ -113,12 +119,14 @@ class DecodeServicer(WorkerServicerBase):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             req, handle = call.request, call.handle
             span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
+            header = _FirstDelta()
             if handle is not None:
                 await self._check_handle(handle, req, context)
+                if not await self.verifier.accept(handle, req, span):
+                    handle, header.recomputed = None, True  # prefilled here; the source is never dialed
             q, deliver = worker.output_queue()
             first = [call.first_token] if call.first_token is not None else []
             rid = req.request_id
-            header = _FirstDelta()
 
             def admit_local(engine: Engine) -> None:
                 engine.add_request(
@@ -259,7 +267,7 @@ class DecodeServicer(WorkerServicerBase):
         worker = self.worker
         header.num_cached_tokens = reservation.num_cached_blocks * worker.layout.block_size
         worker.metrics.kv_local_hit_blocks.inc(reservation.num_cached_blocks)
-        src = handle.block_ids[reservation.num_cached_blocks :]
+        src = handle.block_ids[reservation.num_cached_blocks : reservation.num_full_blocks]
         if not src:
             return 0
         try:

@@ -269,12 +269,18 @@ class Batcher:
         return True
 
     def commit(self, seq: Sequence) -> None:
-        """The reserved blocks now hold the prompt's KV: register the full ones in the prefix
-        cache and queue `seq` as `ready` (still RESERVED, holding its blocks), with the whole
-        prompt computed; `schedule` moves it into the batch when `max_num_seqs` allows."""
+        """The reserved full blocks now hold the prompt's KV: register them in the prefix
+        cache under the hashes this worker computed from its own tokens, and queue `seq` as
+        `ready` (still RESERVED, holding its blocks) with those blocks computed; `schedule`
+        moves it into the batch when `max_num_seqs` allows.
+
+        Only full blocks count as computed: their hashes were compared with the source's
+        (decode/handle_check.py), but a partial last block has no hash to compare, so its
+        tokens (fewer than `block_size`) are recomputed here with the first token, and KV
+        from outside never enters the cache unverified."""
         bs = self.config.block_size
-        seq.num_computed_tokens = seq.num_prompt_tokens
         full = seq.num_prompt_tokens // bs
+        seq.num_computed_tokens = full * bs
         hashes = seq.block_hashes(bs)
         for idx in range(seq.num_cached_blocks, full):
             self.pool.cache_block(seq.block_table[idx], hashes[idx])

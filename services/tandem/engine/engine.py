@@ -196,10 +196,12 @@ class Engine:
             return None
         self._seqs[request_id] = seq
         self.stats.num_prefix_hit_tokens += seq.num_cached_tokens
-        return Reservation(request_id, tuple(seq.block_table), seq.num_cached_blocks)
+        num_full_blocks = seq.num_prompt_tokens // self.config.block_size
+        return Reservation(request_id, tuple(seq.block_table), seq.num_cached_blocks, num_full_blocks)
 
     def commit(self, request_id: str) -> None:
-        """The pull filled the reservation: the sequence joins the batch, prompt computed."""
+        """The pull filled the reservation's full blocks: the sequence joins the batch with
+        them computed (a partial last block is recomputed here, `Batcher.commit`)."""
         self.batcher.commit(self._seqs[request_id])
 
     def unreserve(self, request_id: str) -> None:

@@ -58,16 +58,19 @@ class HeldKV:
 @dataclass(frozen=True)
 class Reservation:
     """Decode role: blocks reserved for a prompt whose KV arrives from a prefill worker.
-    `block_ids[:num_cached_blocks]` already hold the KV (local prefix cache); the rest must
-    be filled by a pull of the source's blocks at the same indices."""
+    `block_ids[:num_cached_blocks]` already hold the KV (local prefix cache); the prompt's
+    other full blocks (`missing_block_ids`) must be filled by a pull of the source's blocks
+    at the same indices. A partial last block is never pulled: it is recomputed locally
+    (`Batcher.commit`), since no block hash vouches for its tokens."""
 
     request_id: str
     block_ids: tuple[int, ...]
     num_cached_blocks: int
+    num_full_blocks: int  # the prompt's full blocks: block_ids[:num_full_blocks]
 
     @property
     def missing_block_ids(self) -> tuple[int, ...]:
-        return self.block_ids[self.num_cached_blocks :]
+        return self.block_ids[self.num_cached_blocks : self.num_full_blocks]
 
 
 @dataclass

@@ -135,6 +135,11 @@ class Worker:
         )
 
     # ---- used by the role servicers --------------------------------------------------------
+    @property
+    def cluster_state(self) -> ClusterState | None:
+        """The cluster state in Redis (None without `redis_url`). Thread-safe; blocking calls."""
+        return self._state
+
     async def call(self, fn: Callable[[Engine], T], context: grpc.aio.ServicerContext) -> T:
         """Run `fn(engine)` on the step loop; map busy (a full inbox or waiting queue) to
         RESOURCE_EXHAUSTED, which gateways retry on another worker, and bad input to

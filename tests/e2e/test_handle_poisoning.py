@@ -1,0 +1,160 @@
+"""Poisoning regression (issue 16, deliverable 0), on a real cluster of its own (embedded
+Redis, 1 prefill and 1 decode worker, a gateway): a decode worker uses a KV handle only if its
+block hashes are the prompt's and its source a registered prefill worker at that address.
+
+- A process leases prompt A's KV (Prefill) and calls Decode with prompt B and A's handle:
+  the handle is rejected (hash_mismatch), the prompt is recomputed, nothing is pulled. A
+  following request for B through the gateway then hits B's blocks in the decode worker's
+  cache (64 cached tokens) and its text is exactly the engine's. Before the fix, those
+  blocks held A's KV and the text was wrong.
+- A handle naming an address that is not its worker's registered one, or an unregistered
+  worker, is rejected and that address never gets a connection.
+- A genuine handle is used: only the prompt's full blocks are pulled.
+Each test counts the decode worker's metrics exactly and ends with both pools drained.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tandem.common.pb import tandem_pb2 as pb
+from tandem.engine import Engine, SamplingParams
+from tandem.engine.tokenizer import Tokenizer
+from tests.conftest import random_prompts
+from tests.e2e.cluster import GATEWAY_STOP_TIMEOUT_S, Cluster
+from tests.e2e.test_gateway_errors import post
+from tests.integration.workers import decode_stream, metric_sum, metrics_port, prefill, worker_stub
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def small_cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster.start(tiny_model_dir, tmp_path_factory.mktemp("traces") / "spans.jsonl", num_prefill=1, num_decode=1)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> Engine:
+    return Engine.from_pretrained(tiny_model_dir, num_blocks=256)
+
+
+def decode_counters(cluster: Cluster) -> dict[str, float]:
+    """The decode worker's hand-off counters, by name (rejections by reason)."""
+    url = f"http://127.0.0.1:{metrics_port(cluster.decode[0])}/metrics"
+    counters = {
+        name: metric_sum(url, f"tandem_{name}_total")
+        for name in ("kv_transfer_blocks", "kv_transfer_failures", "kv_recomputes")
+    }
+    for reason in ("hash_mismatch", "unregistered_source", "incompatible_source", "registry_unavailable"):
+        counters[reason] = metric_sum(url, "tandem_kv_handle_rejections_total", reason=reason)
+    return counters
+
+
+def changes(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before[name] for name in before if after[name] != before[name]}
+
+
+def tokens(deltas: list[pb.DecodeDelta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def release_lease(cluster: Cluster, request_id: str) -> None:
+    """The caller made the lease and holds its handle: it ends it (nobody pulled it)."""
+    assert worker_stub(cluster.prefill[0]).Abort(pb.AbortRequest(request_id=request_id), timeout=5).found
+
+
+def test_another_prompts_handle_never_fills_the_cache(
+    small_cluster: Cluster, reference: Engine, tiny_model_dir
+) -> None:
+    cluster = small_cluster
+    prompt_a, prompt_b = random_prompts([70, 70], reference.model_config.vocab_size, seed=161)
+    before = decode_counters(cluster)
+    leased = prefill(cluster.prefill[0], "attack", prompt_a, GREEDY)
+    deltas = list(decode_stream(cluster.decode[0], "attack", prompt_b, GREEDY, leased))
+    # recomputed from prompt B and the first token the caller sent: exactly the engine's
+    rest = SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True)
+    assert tokens(deltas) == list(reference.generate([prompt_b + [leased.first_token]], rest)[0].token_ids)
+    assert (deltas[0].recomputed, deltas[0].num_pulled_blocks, deltas[0].num_cached_tokens) == (True, 0, 0)
+    assert changes(before, decode_counters(cluster)) == {"hash_mismatch": 1, "kv_recomputes": 1}
+    release_lease(cluster, "attack")
+
+    # The legitimate request for B: with one decode worker and a short prompt, the gateway
+    # routes it there (local prefill), where B's 4 full blocks are cached.
+    g = cluster.gateway()
+    try:
+        body = {"model": tiny_model_dir.name, "prompt": prompt_b, "max_tokens": 16, "temperature": 0}
+        status, _, got = post(g.address, "/v1/completions", json.dumps({**body, "ignore_eos": True}).encode())
+    finally:
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
+    assert status == 200, got
+    expected = list(reference.generate([prompt_b], GREEDY)[0].token_ids)
+    assert got["choices"][0]["text"] == Tokenizer.from_pretrained(tiny_model_dir).decode(expected)
+    assert got["usage"]["completion_tokens"] == 16
+    assert got["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+    assert changes(before, decode_counters(cluster)) == {"hash_mismatch": 1, "kv_recomputes": 1}
+    cluster.assert_drained()
+
+
+@pytest.fixture
+def fake_source() -> Iterator[socket.socket]:
+    """A listening socket that nobody should dial: a connection would wait in its backlog."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def dialed(sock: socket.socket) -> bool:
+    sock.settimeout(0.5)
+    try:
+        conn, _ = sock.accept()
+    except TimeoutError:
+        return False
+    conn.close()
+    return True
+
+
+@pytest.mark.parametrize("worker_id", ["prefill-0", "prefill-9"])
+def test_a_source_that_is_not_registered_is_never_dialed(
+    small_cluster: Cluster, reference: Engine, fake_source: socket.socket, worker_id: str
+) -> None:
+    cluster = small_cluster
+    (prompt,) = random_prompts([40], reference.model_config.vocab_size, seed=162)
+    before = decode_counters(cluster)
+    rid = f"fake-source-{worker_id}"
+    leased = prefill(cluster.prefill[0], rid, prompt, GREEDY)
+    host, port = fake_source.getsockname()
+    leased.handle.source_address = f"{host}:{port}"
+    leased.handle.source_worker_id = worker_id  # registered elsewhere, or not at all
+    deltas = list(decode_stream(cluster.decode[0], rid, prompt, GREEDY, leased))
+    assert [leased.first_token] + tokens(deltas) == list(reference.generate([prompt], GREEDY)[0].token_ids)
+    assert (deltas[0].recomputed, deltas[0].num_pulled_blocks) == (True, 0)
+    assert changes(before, decode_counters(cluster)) == {"unregistered_source": 1, "kv_recomputes": 1}
+    assert not dialed(fake_source)
+    release_lease(cluster, rid)
+    cluster.assert_drained()
+
+
+def test_a_genuine_handle_pulls_the_full_blocks(small_cluster: Cluster, reference: Engine) -> None:
+    cluster = small_cluster
+    (prompt,) = random_prompts([40], reference.model_config.vocab_size, seed=163)
+    before = decode_counters(cluster)
+    leased = prefill(cluster.prefill[0], "genuine", prompt, GREEDY)
+    deltas = list(decode_stream(cluster.decode[0], "genuine", prompt, GREEDY, leased))
+    assert [leased.first_token] + tokens(deltas) == list(reference.generate([prompt], GREEDY)[0].token_ids)
+    # 2 full blocks pulled; the 8 tokens of the partial block are recomputed with the first token
+    assert (deltas[0].recomputed, deltas[0].num_pulled_blocks) == (False, 2)
+    assert changes(before, decode_counters(cluster)) == {"kv_transfer_blocks": 2}
+    cluster.assert_drained()
