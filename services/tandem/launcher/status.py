@@ -86,7 +86,7 @@ def summarize(
     rows = []
     for info in sorted(workers, key=lambda w: (w.role.value != WorkerRole.PREFILL.value, w.worker_id)):
         load = loads.get(info.worker_id)
-        why = reasons.get(info.worker_id)
+        refusals = reasons.get(info.worker_id)
         rows.append(
             WorkerRow(
                 worker_id=info.worker_id,
@@ -96,7 +96,7 @@ def summarize(
                 running=load.running if load else None,
                 queued_prefill_tokens=load.queued_prefill_tokens if load else None,
                 kv_usage_perc=100.0 * load.kv_cache_usage if load else None,
-                incompatible="; ".join(why) if why else None,
+                incompatible="; ".join(refusals) if refusals else None,
             )
         )
     pools = []
