@@ -160,7 +160,7 @@ def test_incompatible_workers_are_never_routed_to_and_status_says_why(parity: Pa
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[-1] for line in lines[3:6]] == ["incompatible", "ok", "incompatible"]
-    assert lines[6:8] == [f"incompatible decode-block: {why_block}", f"incompatible decode-model: {why_model}"]
+    assert lines[6:9] == ["", f"incompatible decode-block: {why_block}", f"incompatible decode-model: {why_model}"]
     assert lines[-1].split()[1:] == ["exact", "2"]
     assert_idle(parity.good)
 

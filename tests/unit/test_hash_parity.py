@@ -98,7 +98,7 @@ def test_status_shows_incompatible_workers_with_why_and_each_gateways_routing_mo
     lines = render(status).splitlines()
     assert [line.split()[0] for line in lines[3:6]] == ["prefill-old", "decode-0", "decode-big"]
     assert [line.split()[-1] for line in lines[3:6]] == ["incompatible", "ok", "incompatible"]
-    assert lines[6:8] == [f"incompatible prefill-old: {OLD}", f"incompatible decode-big: {BIG}"]
+    assert lines[6:9] == ["", f"incompatible prefill-old: {OLD}", f"incompatible decode-big: {BIG}"]
     assert lines[-4:] == [
         "",
         "GATEWAY  ROUTING_MODE  REFUSED",

@@ -163,7 +163,8 @@ def render(status: ClusterStatus) -> str:
                 for w in status.workers
             ],
         )
-        lines += [f"incompatible {w.worker_id}: {w.incompatible}" for w in status.workers if w.incompatible]
+        refused = [f"incompatible {w.worker_id}: {w.incompatible}" for w in status.workers if w.incompatible]
+        lines += ["", *refused] if refused else []
     else:
         lines.append("no live workers")
     lines.append("")
