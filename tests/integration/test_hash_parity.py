@@ -17,6 +17,7 @@ from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
 from tandem.launcher.status import GatewayRow, collect
 from tandem.scheduler import Scheduler, SchedulerConfig
+from tandem.scheduler.gateway_report import GatewayReport
 from tests.integration.workers import wait_until
 
 CONFIG = SchedulerConfig(refresh_interval_s=0.05, kv_events_block_ms=100)
@@ -177,3 +178,27 @@ def test_a_worker_record_of_an_older_version_is_read_refused_and_shown_incompati
     status = collect(state, "test")
     assert [(w.worker_id, w.incompatible) for w in status.workers] == [("d-0", None), ("d-old", OLD)]
     assert status.gateways == (GatewayRow("gw-1", "load_only", 1),)
+
+
+def test_the_view_is_written_when_it_changes_and_refreshed_before_its_ttl(
+    state: ClusterState, redis_client: redis.Redis
+) -> None:
+    now_s = [100.0]
+    report = GatewayReport("gw-2", refresh_interval_s=0.25, clock=lambda: now_s[0])
+    assert report.ttl_s == 5.0
+    key = "tandem:test:gateway:gw-2"
+    report.update(state, RoutingMode.EXACT, {}, ())
+    assert redis_client.hgetall(key) == {b"routing_mode": b"exact"}
+    redis_client.delete(key)
+    now_s[0] += 1.0
+    report.update(state, RoutingMode.EXACT, {}, ())  # unchanged, and young: not written
+    assert redis_client.exists(key) == 0
+    now_s[0] += 5.0 / 3  # a third of the TTL since the last write
+    report.update(state, RoutingMode.EXACT, {}, ())
+    assert redis_client.hgetall(key) == {b"routing_mode": b"exact"}
+    report.update(state, RoutingMode.EXACT, {"d-9": OLD}, ())  # changed: written at once
+    assert redis_client.hgetall(key) == {b"routing_mode": b"exact", b"refused:d-9": OLD.encode()}
+    assert 4000 < redis_client.pttl(key) <= 5000
+    assert GatewayReport(None, 0.25).ttl_s == 5.0 and GatewayReport(None, 2.0).ttl_s == 8.0
+    GatewayReport(None, 0.25).update(state, RoutingMode.EXACT, {}, ())  # no id: nothing published
+    assert [v.gateway_id for v in state.list_gateway_views()] == ["gw-2"]
