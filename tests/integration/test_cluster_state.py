@@ -17,7 +17,9 @@ from tandem.common.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole
 from tandem.worker.heartbeat import Heartbeat
 
-PREFILL = WorkerInfo("p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0", 32, "tiny-llama", 7)
+PREFILL = WorkerInfo(
+    "p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0", 32, "tiny-llama", 7, 0xABCDEF, 1234
+)
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")
 LOAD = WorkerLoad(
     waiting=3,
@@ -60,7 +62,11 @@ def test_register_list_deregister_round_trip(state: ClusterState, redis_client: 
         b"block_size": b"32",
         b"model_id": b"tiny-llama",
         b"block_hash_version": b"7",
+        b"kv_epoch": b"1234",
+        b"reference_hash": b"0000000000abcdef",  # 16 hex digits
     }
+    # A worker without a reference hash (DECODE) has no such field; it reads back as None.
+    assert b"reference_hash" not in redis_client.hgetall("tandem:test:worker:d-0")
     assert 4000 < redis_client.pttl("tandem:test:worker:p-0") <= 5000
     # Another cluster on the same Redis sees nothing.
     assert ClusterState(redis_client, cluster="other").list_workers() == []

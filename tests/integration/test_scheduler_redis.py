@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tandem.common.block_hash import block_extra, hash_blocks
+from tandem.common.block_hash import block_extra, hash_blocks, reference_block_hash
 from tandem.common.cluster_state import ClusterState
 from tandem.common.embedded_redis import EmbeddedRedis
 from tandem.common.workers import KVEventKind, WorkerInfo, WorkerLoad, WorkerRole
@@ -248,22 +248,40 @@ def test_a_worker_whose_heartbeat_expired_is_not_chosen(state, scheduler):
 
 def test_workers_whose_block_hashes_differ_are_never_routed_to_and_logged_once(state, caplog):
     """The gateway's scheduler hashes with block size 16, model id tiny-llama and this code's
-    hash version; workers registered with another value of any of them are refused."""
+    hash version; workers registered with another value of any of them, or whose reference
+    block hash differs (another hash function), or that publish none, are refused."""
     scheduler = Scheduler(state, CONFIG, model_id="tiny-llama")
-    good = replace(info("d-good", WorkerRole.DECODE), model_id="tiny-llama")
+    good = replace(
+        info("d-good", WorkerRole.DECODE), model_id="tiny-llama", reference_hash=reference_block_hash("tiny-llama", 16)
+    )
     register(state, good)
-    register(state, replace(good, worker_id="d-model", model_id="other-model"))
-    register(state, replace(good, worker_id="d-block", block_size=32))
+    register(
+        state,
+        replace(
+            good, worker_id="d-model", model_id="other-model", reference_hash=reference_block_hash("other-model", 16)
+        ),
+    )
+    register(
+        state, replace(good, worker_id="d-block", block_size=32, reference_hash=reference_block_hash("tiny-llama", 32))
+    )
     register(state, replace(good, worker_id="p-hash", role=WorkerRole.PREFILL, block_hash_version=2))
-    for worker_id in ("d-model", "d-block", "p-hash"):  # they hold the whole prompt
+    register(state, replace(good, worker_id="d-func", reference_hash=0xABC))
+    register(state, replace(good, worker_id="d-old", reference_hash=None))
+    for worker_id in ("d-model", "d-block", "p-hash", "d-func", "d-old"):  # they hold the whole prompt
         state.append_kv_events(worker_id, 1, KVEventKind.STORED, hash_blocks(PROMPT_A, CONFIG.block_size, EXTRA))
     with caplog.at_level(logging.WARNING, logger="tandem.scheduler.registry"):
         for _ in range(3):
             scheduler.refresh_now()
     assert [s.info.worker_id for s in scheduler.workers()] == ["d-good"]
     assert sorted(r.getMessage() for r in caplog.records if r.name == "tandem.scheduler.registry") == [
-        "not routing to worker d-block: its block hashes differ: block_size (ours 16, theirs 32)",
-        "not routing to worker d-model: its block hashes differ: model_id (ours 'tiny-llama', theirs 'other-model')",
+        "not routing to worker d-block: its block hashes differ: block_size (ours 16, theirs 32), "
+        "reference block hash (ours 0x874ea9bead81c218, theirs 0xe45da4c2f8a84478)",
+        "not routing to worker d-func: its block hashes differ: "
+        "reference block hash (ours 0x874ea9bead81c218, theirs 0x0000000000000abc): the hash function differs",
+        "not routing to worker d-model: its block hashes differ: model_id (ours 'tiny-llama', theirs 'other-model'), "
+        "reference block hash (ours 0x874ea9bead81c218, theirs 0x33f04255eb58fc42)",
+        "not routing to worker d-old: its block hashes differ: "
+        "no reference block hash published (a worker older than the hash parity check)",
         "not routing to worker p-hash: its block hashes differ: block_hash_version (ours 1, theirs 2)",
     ]
     decision = scheduler.route(request(PROMPT_A, scheduler))

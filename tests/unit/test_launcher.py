@@ -346,11 +346,17 @@ def test_status_rows_pools_and_table() -> None:
     ]
     lines = render(status).splitlines()
     assert lines[0] == "cluster c1: 3 live worker(s)"
-    assert lines[2].split() == ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE"]
-    assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-"]
-    assert lines[5].split() == ["decode-1", "decode", "127.0.0.1:5008", "1", "1", "16", "25.0%"]
+    header = ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE", "STATUS"]
+    assert lines[2].split() == header
+    assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-", "-"]  # no gateway
+    assert lines[5].split() == ["decode-1", "decode", "127.0.0.1:5008", "1", "1", "16", "25.0%", "-"]
     assert lines[7].split() == ["POOL", "WORKERS", "WAITING", "RUNNING", "KV_USE"]
-    assert lines[8:] == ["prefill  1        0        0        0.0%", "decode   2        3        4        25.0%"]
+    assert lines[8:] == [
+        "prefill  1        0        0        0.0%",
+        "decode   2        3        4        25.0%",
+        "",
+        "no live gateway: routing mode unknown",
+    ]
     empty = render(summarize("c1", [], {}))
     assert "no live workers" in empty
 

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, KVEventRecord
 from tandem.scheduler import PrefixIndex
 
@@ -125,6 +126,73 @@ def test_first_event_in_the_middle_of_an_epoch_counts_as_a_gap(index):
     index.apply(KVEventRecord("w", 3, 42, STORED, PROMPT[:2]))  # stream trimmed before seq 42
     assert index.num_gaps("w") == 1
     assert index.match(PROMPT, ["w"]) == {"w": 2}
+
+
+def test_cleared_ends_a_gap(index):
+    """After CLEARED the worker's view is complete again: nothing before it matters."""
+    index.apply(KVEventRecord("w", 3, 1, STORED, PROMPT[:2]))
+    index.apply(KVEventRecord("w", 3, 5, STORED, PROMPT[2:3]))  # seqs 2-4 lost
+    assert (index.num_gaps("w"), index.gapped_workers()) == (1, ("w",))
+    index.apply(KVEventRecord("w", 3, 6, CLEARED, ()))
+    index.apply(KVEventRecord("w", 3, 7, STORED, PROMPT[:1]))
+    assert (index.num_gaps("w"), index.gapped_workers(), index.blocks("w")) == (0, (), frozenset({101}))
+
+
+def test_registration_under_a_new_epoch_drops_the_entries_of_the_previous_life(index, feed, caplog):
+    """A worker restarted under the same id (its key never expired) registers its new epoch
+    before it publishes any event: its old entries go at once, and late events of the old
+    process are ignored."""
+    feed("w", STORED, PROMPT, epoch=10)
+    feed("v", STORED, PROMPT[:2], epoch=10)
+    index.add_speculative("w", (101, 102, 106), now_s=0.0)
+    assert index.registered("w", 10) is False  # the same life: nothing changes
+    assert index.registered("w", 0) is False  # no epoch published (an older worker)
+    assert index.blocks("w") == frozenset(PROMPT)
+    with caplog.at_level(logging.INFO, logger="tandem.scheduler.index"):
+        assert index.registered("w", 20) is True
+    assert caplog.messages == [
+        "worker w registered again under epoch 20 (index at epoch 10); dropping its index entries"
+    ]
+    assert (index.blocks("w"), index.num_claims("w")) == (frozenset(), 0)
+    assert index.match(PROMPT + (106,), ["w", "v"]) == {"w": 0, "v": 2}
+    assert index.registered("w", 20) is False  # every later refresh: nothing to do
+    feed("w", STORED, PROMPT, epoch=10)  # a late event of the old process: ignored
+    assert index.blocks("w") == frozenset()
+    feed("w", STORED, PROMPT[:1], epoch=20)  # seq 1 of the new epoch: no gap, rebuilt
+    assert (index.blocks("w"), index.num_gaps("w")) == (frozenset({101}), 0)
+    assert index.blocks("v") == frozenset(PROMPT[:2])
+
+
+def test_registration_seen_before_any_event_skips_older_epochs_in_the_stream(index, feed):
+    """A gateway that starts after a worker restarted reads the old life's events from the
+    stream: once it saw the registration, they are ignored."""
+    assert index.registered("w", 20) is True
+    assert index.worker_ids() == frozenset({"w"})
+    feed("w", STORED, PROMPT, epoch=10)
+    assert index.blocks("w") == frozenset()
+    feed("w", STORED, PROMPT[:3], epoch=20)
+    assert (index.blocks("w"), index.num_gaps("w")) == (frozenset(PROMPT[:3]), 0)
+    # A later resync moved the worker to a larger epoch; its registration still says 20.
+    feed("w", CLEARED, epoch=30)
+    feed("w", STORED, PROMPT[:1], epoch=30)
+    assert index.registered("w", 20) is False
+    assert index.blocks("w") == frozenset({101})
+
+
+def test_routing_mode_load_only_then_exact_then_degraded_and_back(index, feed):
+    assert index.mode() is RoutingMode.LOAD_ONLY  # empty
+    index.add_speculative("w", PROMPT, now_s=0.0)
+    assert index.mode() is RoutingMode.LOAD_ONLY  # claims are not entries
+    feed("w", STORED, PROMPT[:2], epoch=5)
+    assert index.mode() is RoutingMode.EXACT
+    index.apply(KVEventRecord("w", 5, 3, STORED, PROMPT[2:3]))  # seq 2 lost
+    assert (index.mode(), index.gapped_workers()) == (RoutingMode.DEGRADED, ("w",))
+    feed("v", STORED, PROMPT[:1], epoch=5)  # another worker's complete view changes nothing
+    assert index.mode() is RoutingMode.DEGRADED
+    index.apply(KVEventRecord("w", 6, 1, CLEARED, ()))  # w resynced under a new epoch
+    assert (index.mode(), index.gapped_workers()) == (RoutingMode.EXACT, ())
+    index.forget("v")
+    assert index.mode() is RoutingMode.LOAD_ONLY  # w holds nothing since its resync
 
 
 def test_speculative_claims_expire_after_the_ttl(index):

@@ -23,6 +23,12 @@ BLOCK_HASH_VERSION = 1
 # Parent hash of the first block of every sequence.
 ROOT_PARENT_HASH: BlockHash = 0
 
+# The reference token vector of the hash parity check at registration: a worker publishes
+# `reference_block_hash` of it under its own model id and block size, and a gateway refuses a
+# worker whose value differs from its own (a different hash function, model id or block
+# size would make every prefix lookup miss). Fixed forever: changing it is a hash version bump.
+REFERENCE_TOKEN_IDS: tuple[int, ...] = tuple((7919 * i + 104729) % 32000 for i in range(64))
+
 
 def block_extra(model_id: str, cache_salt: str | None = None) -> bytes:
     """Encode the `extra` field: model id and optional cache salt, unambiguously separated."""
@@ -60,6 +66,14 @@ def hash_blocks(
         parent_hash = hash_block(parent_hash, token_ids[i * block_size : (i + 1) * block_size], extra)
         hashes.append(parent_hash)
     return hashes
+
+
+def reference_block_hash(model_id: str, block_size: int) -> BlockHash:
+    """The hash of the last full block of `REFERENCE_TOKEN_IDS` (tiled to at least one block
+    when `block_size` exceeds its length), chained from the first block, with `model_id` and
+    no cache salt. Workers publish it when they register; gateways compare it with their own."""
+    copies = -(-block_size // len(REFERENCE_TOKEN_IDS)) if block_size > 0 else 1
+    return hash_blocks(REFERENCE_TOKEN_IDS * copies, block_size, block_extra(model_id))[-1]
 
 
 def num_blocks_for(num_tokens: int, block_size: int) -> int:

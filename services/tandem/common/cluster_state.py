@@ -2,11 +2,15 @@
 
 Keys, all under `tandem:{cluster}:` (e.g. `tandem:default:`):
 - `worker:{id}`  hash role, address, fingerprint, capacity_blocks, version, block_size,
-  model_id, block_hash_version. TTL `ttl_s`; the worker's `Heartbeat` refreshes it. An entry
-  that lacks a field (a worker of an older version) is malformed: skipped with a warning.
+  model_id, block_hash_version, and the optional reference_hash (16 hex digits) and kv_epoch.
+  TTL `ttl_s`; the worker's `Heartbeat` refreshes it. An entry that lacks a required field
+  (a worker of an older version) is malformed: skipped with a warning; one without
+  reference_hash is read (and refused by gateways, which say why).
   A worker whose key expired is dead to the scheduler.
 - `load:{id}`    hash waiting, running, queued_prefill_tokens, kv_blocks_used, kv_blocks_total,
   timestamp_s. Same TTL, rewritten on every heartbeat tick.
+- `gateway:{id}` hash routing_mode, refused:{worker id} -> reason (`gateway_view`): what one
+  gateway's scheduler publishes on each refresh, read by `tandem status`. TTL a few refreshes.
 - `kv_events`    stream, one entry per event: worker, epoch, seq, kind, hashes. `hashes` is
   the block hashes packed as little-endian uint64 (8 bytes each). Trimmed to about `maxlen`.
 
@@ -32,6 +36,7 @@ from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
+from tandem.common.gateway_view import GatewayView
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole, check_name
 
 logger = logging.getLogger(__name__)
@@ -110,7 +115,10 @@ class ClusterState:
             "block_size": str(info.block_size),
             "model_id": info.model_id,
             "block_hash_version": str(info.block_hash_version),
+            "kv_epoch": str(info.kv_epoch),
         }
+        if info.reference_hash is not None:
+            fields["reference_hash"] = f"{info.reference_hash:016x}"
         self._write_hash(self.key("worker", info.worker_id), fields, ttl_s)
 
     def heartbeat(self, worker_id: str, ttl_s: float = DEFAULT_TTL_S) -> bool:
@@ -152,6 +160,9 @@ class ClusterState:
                 block_size=_int(fields, "block_size"),
                 model_id=_text(fields, "model_id"),
                 block_hash_version=_int(fields, "block_hash_version"),
+                # optional (absent from older workers): the gateway refuses such a worker
+                reference_hash=int(_text(fields, "reference_hash"), 16) if b"reference_hash" in fields else None,
+                kv_epoch=_int(fields, "kv_epoch") if b"kv_epoch" in fields else 0,
             )
         except (ValueError, UnicodeDecodeError) as exc:
             logger.warning("skipping malformed worker entry %r: %s", worker_id, exc)
@@ -208,6 +219,25 @@ class ClusterState:
         pipe.hset(key, mapping=mapping)
         pipe.pexpire(key, ttl_ms)
         pipe.execute()
+
+    # --- gateway views (tandem.common.gateway_view) ------------------------------------------
+
+    def publish_gateway_view(self, view: GatewayView, ttl_s: float) -> None:
+        """Overwrite the gateway's view, with a TTL. Called by its scheduler on each refresh."""
+        self._write_hash(self.key("gateway", view.gateway_id), view.to_fields(), ttl_s)
+
+    def list_gateway_views(self) -> list[GatewayView]:
+        """The views of the live gateways, sorted by id; malformed ones skipped (warning)."""
+        keys = sorted(set(self._redis.scan_iter(match=self.key("gateway", "*"), count=200)))
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        prefix = len(self.key("gateway", ""))
+        views = (
+            GatewayView.from_fields(k.decode("utf-8", "replace")[prefix:], _fields(f))
+            for k, f in zip(keys, pipe.execute())
+        )
+        return [view for view in views if view is not None]
 
     # --- KV events ---------------------------------------------------------------------------
 

@@ -50,7 +50,13 @@ class WorkerInfo:
     `block_size`, `model_id` and `block_hash_version` are what its block hashes depend on: a
     gateway routes only to workers whose three values equal its own (a mismatch would make
     every prefix lookup miss). The defaults are `EngineConfig`'s block size, no model id,
-    and this code's hash version."""
+    and this code's hash version. `reference_hash` is the worker's own
+    `block_hash.reference_block_hash(model_id, block_size)`, computed by its code: a gateway
+    refuses a worker whose value differs from its own (the hash function differs even if the
+    declared values agree), or that publishes none (None: a worker older than the check).
+    `kv_epoch` is the epoch of the worker process's first KV events (0: not published): a
+    worker restarted under the same id registers a larger one, and gateways drop the index
+    entries of its previous life at once, before it publishes any event."""
 
     worker_id: str
     role: WorkerRole
@@ -61,6 +67,8 @@ class WorkerInfo:
     block_size: int = 16
     model_id: str = ""  # the `model_id` of its block hashes (`block_hash.block_extra`)
     block_hash_version: int = BLOCK_HASH_VERSION
+    reference_hash: int | None = None
+    kv_epoch: int = 0
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)
@@ -77,6 +85,10 @@ class WorkerInfo:
             raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
         if not isinstance(self.model_id, str) or len(self.model_id) > 256:
             raise ValueError(f"model_id must be a string of at most 256 characters, got {self.model_id!r}")
+        ref = self.reference_hash
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref <= _UINT64_MAX):
+            raise ValueError(f"reference_hash must be None or an unsigned 64-bit int, got {ref!r}")
+        _check_non_negative(kv_epoch=self.kv_epoch)
 
 
 @dataclass(frozen=True)

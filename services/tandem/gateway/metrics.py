@@ -47,6 +47,9 @@ Gauges:
 - `tandem_workers{pool}`: number of live workers in the pool.
 - `tandem_admitted_requests`: requests this gateway admitted that have not ended.
 - `tandem_admission_limit`: the adaptive limit on them (concurrency_limit.py; 0 when it is off).
+- `tandem_routing_mode{mode}`: 1 for the scheduler's current routing mode, 0 for the others
+  (`tandem.common.gateway_view.RoutingMode`: `exact`, `degraded` when a worker's KV events
+  show a seq gap, `load_only` when the prefix index is empty), set on each scrape.
 
 Who calls it: the gateway's request pipeline (observations) and its cluster-state poller
 (`set_pools`), all on the gateway's event loop. The object is not shared across processes.
@@ -67,6 +70,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from tandem.common.gateway_view import RoutingMode
 
 SECONDS_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75,
@@ -187,6 +192,9 @@ class GatewayMetrics:
         ).labels(**self._model)
         self._queue_depth = Gauge("tandem_queue_depth", "Waiting requests by pool", [*base, "pool"], registry=r)
         self._workers = Gauge("tandem_workers", "Live workers by pool", [*base, "pool"], registry=r)
+        self._routing_mode = Gauge(
+            "tandem_routing_mode", "1 for the current routing mode, 0 for the others", [*base, "mode"], registry=r
+        )
         # Running totals behind the ratio gauge (the counters' values are not public API).
         self._prefix_query_total = 0
         self._prefix_hit_total = 0
@@ -198,6 +206,7 @@ class GatewayMetrics:
         for pool in Pool:
             self._queue_depth.labels(**self._model, pool=pool.value)
             self._workers.labels(**self._model, pool=pool.value)
+        self.set_routing_mode(RoutingMode.LOAD_ONLY)  # an empty index, until the first scrape
 
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.observe(_check_seconds(seconds))
@@ -288,6 +297,12 @@ class GatewayMetrics:
         ):
             self._queue_depth.labels(**self._model, pool=pool.value).set(waiting)
             self._workers.labels(**self._model, pool=pool.value).set(workers)
+
+    def set_routing_mode(self, mode: RoutingMode | str) -> None:
+        """The scheduler's routing mode: its series 1, the others 0."""
+        current = RoutingMode(mode)
+        for m in RoutingMode:
+            self._routing_mode.labels(**self._model, mode=m.value).set(1 if m is current else 0)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""

@@ -42,6 +42,7 @@ from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.pipeline import Pipeline
 from tandem.gateway.protocol import ServedModel
 from tandem.scheduler import Scheduler
+from tandem.scheduler.gateway_report import default_gateway_id
 
 log = logging.getLogger(__name__)
 _PRUNE_INTERVAL_S = 5.0
@@ -75,6 +76,7 @@ class GatewayState:
             config.scheduler,
             events_state=ClusterState(self._events_redis, config.cluster),
             model_id=config.hash_model_id,
+            gateway_id=default_gateway_id(),
         )
         self.clients = WorkerClients()
         self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)
@@ -114,8 +116,9 @@ class GatewayState:
             await self.clients.prune(v.info.address for v in self.scheduler.workers())
 
     def update_pool_gauges(self) -> None:
-        """Queue depth and worker count per pool from the current registry snapshot (called
-        on each /metrics scrape, so the gauges are never older than one refresh)."""
+        """Queue depth and worker count per pool from the current registry snapshot, and the
+        routing mode (called on each /metrics scrape, so the gauges are never older than one
+        refresh)."""
         views = self.scheduler.workers()
         waiting = {role: 0 for role in WorkerRole}
         count = {role: 0 for role in WorkerRole}
@@ -125,6 +128,7 @@ class GatewayState:
         self.metrics.set_pools(
             waiting[WorkerRole.PREFILL], waiting[WorkerRole.DECODE], count[WorkerRole.PREFILL], count[WorkerRole.DECODE]
         )
+        self.metrics.set_routing_mode(self.scheduler.routing_mode())
 
     def pool_load(self) -> PoolLoad:
         """Waiting requests and queued prefill tokens of every live worker, as last published."""

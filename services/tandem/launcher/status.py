@@ -1,7 +1,12 @@
-"""`tandem status`: the live workers of a cluster and a summary per pool, read from Redis.
+"""`tandem status`: the live workers of a cluster, a summary per pool, and what each gateway
+makes of them (its routing mode, and the workers it refuses as incompatible, with why), read
+from Redis.
 
-`collect()` reads the registry (`ClusterState`); `summarize()` is a pure function of the
-workers and their loads; `render()` turns the result into the table that is printed.
+`collect()` reads the registry and the gateways' views (`ClusterState`; each gateway's
+scheduler publishes its view on every refresh, `tandem.common.gateway_view`); `summarize()` is
+a pure function of them; `render()` turns the result into the tables that are printed. A
+worker's status is `ok` when every live gateway routes to it, `incompatible` when one refuses
+it, and `-` when no gateway is live (nobody has judged it).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import asdict, dataclass
 import redis
 
 from tandem.common.cluster_state import ClusterState
+from tandem.common.gateway_view import GatewayView
 from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 
 REDIS_TIMEOUT_S = 2.0
@@ -28,6 +34,7 @@ class WorkerRow:
     running: int | None
     queued_prefill_tokens: int | None
     kv_usage_perc: float | None  # 0..100
+    incompatible: str | None = None  # why the gateways refuse it ("; " between differing reasons)
 
 
 @dataclass(frozen=True)
@@ -40,24 +47,46 @@ class PoolRow:
 
 
 @dataclass(frozen=True)
+class GatewayRow:
+    gateway_id: str
+    routing_mode: str  # a RoutingMode value
+    refused: int  # workers it refuses
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     cluster: str
     workers: tuple[WorkerRow, ...]
     pools: tuple[PoolRow, ...]
+    gateways: tuple[GatewayRow, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {
             "cluster": self.cluster,
             "workers": [asdict(w) for w in self.workers],
             "pools": [asdict(p) for p in self.pools],
+            "gateways": [asdict(g) for g in self.gateways],
         }
 
 
-def summarize(cluster: str, workers: list[WorkerInfo], loads: dict[str, WorkerLoad | None]) -> ClusterStatus:
-    """Rows sorted by (role, id), prefill first, and one pool row per role (even if empty)."""
+def summarize(
+    cluster: str,
+    workers: list[WorkerInfo],
+    loads: dict[str, WorkerLoad | None],
+    gateways: list[GatewayView] | None = None,
+) -> ClusterStatus:
+    """Rows sorted by (role, id), prefill first, one pool row per role (even if empty), and one
+    row per gateway view, sorted by id."""
+    views = sorted(gateways or [], key=lambda v: v.gateway_id)
+    reasons: dict[str, list[str]] = {}
+    for view in views:
+        for worker_id, why in view.refused:
+            if why not in reasons.setdefault(worker_id, []):
+                reasons[worker_id].append(why)
     rows = []
     for info in sorted(workers, key=lambda w: (w.role.value != WorkerRole.PREFILL.value, w.worker_id)):
         load = loads.get(info.worker_id)
+        refusals = reasons.get(info.worker_id)
         rows.append(
             WorkerRow(
                 worker_id=info.worker_id,
@@ -67,6 +96,7 @@ def summarize(cluster: str, workers: list[WorkerInfo], loads: dict[str, WorkerLo
                 running=load.running if load else None,
                 queued_prefill_tokens=load.queued_prefill_tokens if load else None,
                 kv_usage_perc=100.0 * load.kv_cache_usage if load else None,
+                incompatible="; ".join(refusals) if refusals else None,
             )
         )
     pools = []
@@ -84,13 +114,16 @@ def summarize(cluster: str, workers: list[WorkerInfo], loads: dict[str, WorkerLo
                 kv_usage_perc=100.0 * used / total if total else 0.0,
             )
         )
-    return ClusterStatus(cluster, tuple(rows), tuple(pools))
+    gateway_rows = tuple(GatewayRow(v.gateway_id, v.routing_mode.value, len(v.refused)) for v in views)
+    return ClusterStatus(cluster, tuple(rows), tuple(pools), gateway_rows)
 
 
 def collect(state: ClusterState, cluster: str) -> ClusterStatus:
-    """Read the live workers and their loads (raises redis errors to the caller)."""
+    """Read the live workers, their loads and the gateways' views (raises redis errors to the
+    caller)."""
     workers = state.list_workers()
-    return summarize(cluster, workers, {w.worker_id: state.get_load(w.worker_id) for w in workers})
+    loads = {w.worker_id: state.get_load(w.worker_id) for w in workers}
+    return summarize(cluster, workers, loads, state.list_gateway_views())
 
 
 def _cell(value: int | float | None, percent: bool = False) -> str:
@@ -104,12 +137,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
 
 
+def _worker_status(row: WorkerRow, status: ClusterStatus) -> str:
+    if row.incompatible is not None:
+        return "incompatible"
+    return "ok" if status.gateways else NO_LOAD
+
+
 def render(status: ClusterStatus) -> str:
-    """The human table: workers, then pools."""
+    """The human tables: workers (then why each incompatible one is refused), pools, gateways."""
     lines = [f"cluster {status.cluster}: {len(status.workers)} live worker(s)", ""]
     if status.workers:
         lines += _table(
-            ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE"],
+            ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE", "STATUS"],
             [
                 [
                     w.worker_id,
@@ -119,10 +158,13 @@ def render(status: ClusterStatus) -> str:
                     _cell(w.running),
                     _cell(w.queued_prefill_tokens),
                     _cell(w.kv_usage_perc, percent=True),
+                    _worker_status(w, status),
                 ]
                 for w in status.workers
             ],
         )
+        refused = [f"incompatible {w.worker_id}: {w.incompatible}" for w in status.workers if w.incompatible]
+        lines += ["", *refused] if refused else []
     else:
         lines.append("no live workers")
     lines.append("")
@@ -133,6 +175,14 @@ def render(status: ClusterStatus) -> str:
             for p in status.pools
         ],
     )
+    lines.append("")
+    if status.gateways:
+        lines += _table(
+            ["GATEWAY", "ROUTING_MODE", "REFUSED"],
+            [[g.gateway_id, g.routing_mode, str(g.refused)] for g in status.gateways],
+        )
+    else:
+        lines.append("no live gateway: routing mode unknown")
     return "\n".join(lines)
 
 

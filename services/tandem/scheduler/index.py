@@ -1,7 +1,7 @@
 """The prefix index: which workers hold which block hashes (DESIGN.md section 5).
 
 Owner: one `Scheduler`. Writers: its KV event follower thread (`apply`, `expire`), its
-registry refresher thread (`forget`), and `Scheduler.route` (`expire`, `add_speculative`).
+registry refresher thread (`forget`, `registered`), and `Scheduler.route` (`expire`, `add_speculative`).
 Reader: `Scheduler.route` (`match`). Thread safety: every public method takes the one
 `threading.Lock` of the index for its whole body, so each call is atomic; `apply` takes one
 record per call, so the follower never holds the lock for a whole batch.
@@ -18,10 +18,14 @@ Layout (all under the lock):
   budget. A claim is never edited by REMOVED events: it lives at most one TTL, by which time
   the worker's STORED events have replaced it with confirmed entries (or not).
 - `_positions[w]` = (epoch, seq) of the last event applied for w. A new epoch means the worker
-  restarted with an empty cache: its confirmed entries and claims are dropped first. A seq gap
-  within an epoch (trimmed stream, lost XADD, or an event read before the first one of this
-  scheduler) is logged and counted in `num_gaps`; the entries are kept, since they are still
-  the best guess, and the next CLEARED or new epoch resets them.
+  restarted with an empty cache: its confirmed entries and claims are dropped first. The new
+  epoch is learnt from whichever comes first: its first KV event, or its registration
+  (`registered`, from the registry refresher: a worker restarted under the same id before its
+  key expired publishes no event until it caches a block, and meanwhile its old entries would
+  attract prefixes it no longer holds). A seq gap within an epoch (trimmed stream, lost XADD,
+  or an event read before the first one of this scheduler) is logged and counted in
+  `num_gaps`; the entries are kept, since they are still the best guess, and the next CLEARED
+  or new epoch resets them. `mode` sums this up as the routing mode.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from itertools import accumulate, compress, count, islice, repeat, takewhile
 from operator import and_, ne, or_
 
+from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, KVEventRecord
 
 logger = logging.getLogger(__name__)
@@ -67,8 +72,9 @@ class PrefixIndex:
         with self._lock:
             if not self._advance(record):
                 return
-            if record.kind is KVEventKind.CLEARED:
+            if record.kind is KVEventKind.CLEARED:  # everything before it is moot: a complete view
                 self._drop_entries(worker_id)
+                self._gaps.pop(worker_id, None)
                 return
             bit = self._bit_for(worker_id)
             confirmed = self._confirmed.setdefault(worker_id, set())
@@ -105,6 +111,28 @@ class PrefixIndex:
         """Drop the claims whose expiry is <= `now_s`; return how many."""
         with self._lock:
             return self._expire(now_s)
+
+    def registered(self, worker_id: str, kv_epoch: int) -> bool:
+        """The registry lists `worker_id` with `kv_epoch` (its process's first KV epoch; 0:
+        unknown). If that is newer than the epoch of its last applied event, the worker
+        restarted: drop its entries, claims and gaps, and wait for its events from seq 1 of
+        `kv_epoch` (events of older epochs, still in the stream, are ignored from now on).
+        True if entries were dropped or the position moved. Called on every refresh."""
+        with self._lock:
+            position = self._positions.get(worker_id)
+            if kv_epoch == 0 or (position is not None and position[0] >= kv_epoch):
+                return False
+            if position is not None:
+                logger.info(
+                    "worker %s registered again under epoch %d (index at epoch %d); dropping its index entries",
+                    worker_id,
+                    kv_epoch,
+                    position[0],
+                )
+                self._drop_entries(worker_id)
+                self._gaps.pop(worker_id, None)
+            self._positions[worker_id] = (kv_epoch, 0)
+            return True
 
     def forget(self, worker_id: str) -> None:
         """Drop everything about a worker that left the registry (entries, epoch, slot)."""
@@ -190,6 +218,24 @@ class PrefixIndex:
         """Seq gaps seen for the worker since its current view began (0: view complete)."""
         with self._lock:
             return self._gaps.get(worker_id, 0)
+
+    def blocks(self, worker_id: str) -> frozenset[int]:
+        """The worker's confirmed block hashes."""
+        with self._lock:
+            return frozenset(self._confirmed.get(worker_id, ()))
+
+    def gapped_workers(self) -> tuple[str, ...]:
+        """The workers whose current view has a seq gap, sorted."""
+        with self._lock:
+            return tuple(sorted(w for w, n in self._gaps.items() if n))
+
+    def mode(self) -> RoutingMode:
+        """`load_only` when no worker has a confirmed entry (what routing does then, whatever
+        the gaps), else `degraded` when some worker's view has a seq gap, else `exact`."""
+        with self._lock:
+            if not self._holders:
+                return RoutingMode.LOAD_ONLY
+            return RoutingMode.DEGRADED if any(self._gaps.values()) else RoutingMode.EXACT
 
     # --- internals (lock held) ---------------------------------------------------------------
 

@@ -4,7 +4,11 @@
 can use (`RegistrationCheck`), and swaps in a new `RegistrySnapshot`. A worker whose block
 size, model id or block-hash version differs from the gateway's would make every prefix
 lookup miss (its KV events name hashes the gateway never computes), so it is never routed to,
-and the reason is logged once per worker.
+and the reason is logged once per worker. The declared values are not enough: a worker whose
+hash function differs (another code version that forgot to bump the hash version) declares
+the same ones. So each worker also publishes the hash of a fixed reference token vector
+(`block_hash.reference_block_hash`), computed by its own code, and the gateway refuses it
+unless that equals its own value (hash parity); a worker that publishes none is refused too.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
-from tandem.common.block_hash import BLOCK_HASH_VERSION
+from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler.types import WorkerView
 
@@ -23,20 +28,33 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class HashScheme:
     """What block hashes depend on (DESIGN.md section 4, "Block hashing"). `model_id=None`
-    accepts any model id (a scheduler used without a gateway, as in benchmarks)."""
+    accepts any model id (a scheduler used without a gateway, as in benchmarks), and then
+    skips the reference hash, which depends on the model id."""
 
     block_size: int
     model_id: str | None
     block_hash_version: int = BLOCK_HASH_VERSION
 
+    @cached_property
+    def reference_hash(self) -> int | None:
+        """Our `reference_block_hash`; None without a model id."""
+        return None if self.model_id is None else reference_block_hash(self.model_id, self.block_size)
+
     def mismatch(self, info: WorkerInfo) -> str | None:
-        """None if `info`'s hashes are ours, else a message naming every differing value."""
+        """None if `info`'s hashes are ours, else a message naming every differing value,
+        then the reference hash (which also differs when only the hash function does)."""
         ours = {"block_size": self.block_size, "model_id": self.model_id, "block_hash_version": self.block_hash_version}
         diffs = [
             f"{name} (ours {value!r}, theirs {getattr(info, name)!r})"
             for name, value in ours.items()
             if value is not None and getattr(info, name) != value
         ]
+        ours_ref, theirs_ref = self.reference_hash, info.reference_hash
+        if ours_ref is not None and theirs_ref is None:
+            diffs.append("no reference block hash published (a worker older than the hash parity check)")
+        elif ours_ref is not None and theirs_ref is not None and theirs_ref != ours_ref:
+            cause = "" if diffs else ": the hash function differs"
+            diffs.append(f"reference block hash (ours 0x{ours_ref:016x}, theirs 0x{theirs_ref:016x}){cause}")
         return ", ".join(diffs) or None
 
 

@@ -7,7 +7,11 @@ Lifecycle:
    - the registry refresher: every `refresh_interval_s`, the live workers (`list_workers`)
      whose block hashes match the gateway's (registry.py: others are refused, logged once) and
      their loads (`get_loads`, one pipeline) become a new immutable `RegistrySnapshot`,
-     swapped in with one reference assignment; workers that left are forgotten by the index.
+     swapped in with one reference assignment; workers that left are forgotten by the index,
+     and a worker registered under a newer KV epoch than the index knows (it restarted under
+     the same id) has its entries dropped at once (`PrefixIndex.registered`). Then the routing
+     mode is logged if it changed, and the gateway's view (mode and refused workers) is
+     published for `tandem status` (gateway_report.py).
    - the KV event follower: reads `kv_events` from `"0-0"` (rebuilds the index from what the
      stream still holds), then follows it with XREAD blocking `kv_events_block_ms`.
    Both retry Redis errors with bounded backoff, logging one line when an outage begins and
@@ -42,8 +46,10 @@ from collections.abc import Callable, Mapping
 import redis
 
 from tandem.common.cluster_state import ClusterState
+from tandem.common.gateway_view import RoutingMode
 from tandem.common.outage import Outage
 from tandem.scheduler.config import SchedulerConfig
+from tandem.scheduler.gateway_report import GatewayReport
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
 from tandem.scheduler.picker import decide
@@ -136,7 +142,9 @@ class Scheduler:
     is used, and must meet the same condition. `clock` (wall seconds) stamps snapshots and
     speculative entries. `model_id` is the gateway's (that of its block hashes): a worker
     registered with another, or with another block size (`config.block_size`) or block-hash
-    version, is never routed to (registry.py); None accepts any model id.
+    version, or whose reference block hash differs, is never routed to (registry.py); None
+    accepts any model id and skips the reference hash. `gateway_id` names the gateway's view in
+    Redis (None: none is published).
     `route`, `next_seq`, `ready` and `workers` are thread-safe.
     The caller builds and closes the clients. Note that redis-py retries a failed command
     itself (8.x default: 10 retries, about 5 s against a dead server) before this class sees
@@ -151,6 +159,7 @@ class Scheduler:
         *,
         events_state: ClusterState | None = None,
         model_id: str | None = None,
+        gateway_id: str | None = None,
     ) -> None:
         events = state if events_state is None else events_state
         if events.key_prefix != state.key_prefix:
@@ -173,6 +182,7 @@ class Scheduler:
         self._snapshot = EMPTY_SNAPSHOT  # replaced whole by refresh_now, never mutated
         self._registration = RegistrationCheck(HashScheme(config.block_size, model_id))
         self._liveness = Liveness(config.stale_grace_s, config.recovery_window_s)  # refresher thread only
+        self._report = GatewayReport(gateway_id, config.refresh_interval_s)  # refresher thread only
         self._registry_outage = Outage("registry refresh", logger)
         self._events_outage = Outage("kv event follow", logger)
         # ids of the workers refused at the last refresh: the follower skips their KV events,
@@ -231,6 +241,10 @@ class Scheduler:
         """The decode stream of a routed request ended (any way): call once per decision."""
         self._inflight.decode_done(decision.decode.worker_id, self._clock())
 
+    def routing_mode(self) -> RoutingMode:
+        """How well the index knows the workers' caches now (`PrefixIndex.mode`)."""
+        return self._index.mode()
+
     def ready(self) -> bool:
         """True when the current snapshot has at least one live decode worker."""
         return bool(self._snapshot.decode)
@@ -263,8 +277,11 @@ class Scheduler:
         loads = self._state.get_loads(w.worker_id for w in workers)
         now_s = self._clock()
         self._liveness.read(loads, now_s)
+        for info in workers:
+            self._index.registered(info.worker_id, info.kv_epoch)
         self._swap(self._liveness.after_read(self._snapshot, workers, loads, now_s), known)
         self._refused = refused
+        self._report.update(self._state, self._index.mode(), self._registration.refused, self._index.gapped_workers())
 
     def _registry_unreachable(self) -> None:
         """The refresh failed: keep the snapshot, minus the workers that are no longer fresh."""

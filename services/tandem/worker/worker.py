@@ -43,7 +43,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind
 
-from tandem.common.block_hash import BLOCK_HASH_VERSION
+from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
@@ -315,6 +315,8 @@ class Worker:
             block_size=self.layout.block_size,
             model_id=self.engine.model_id,
             block_hash_version=BLOCK_HASH_VERSION,
+            reference_hash=reference_block_hash(self.engine.model_id, self.layout.block_size),
+            kv_epoch=self._events.epoch,
         )
         self._heartbeat = Heartbeat(
             state,
