@@ -135,16 +135,16 @@ class Pipeline:
         if decision.kind is RouteKind.DISAGGREGATED:
             first, decision = await self._prefill_with_retry(request, decision, metadata, tickets, resume.exclude)
             prefill_worker = decision.prefill
-        if first is not None:
-            cached = first.num_cached_tokens
-            lp = (first.first_logprob,) if first.first_logprob is not None else ()
-            finish = first.finish_reason
-            self.metrics.prefix(len(request.prompt_token_ids), cached)
-            yield Delta((first.first_token,), lp, finish, cached)
-            if finish is not None:
-                return
         completed = False
-        try:
+        try:  # from the first yield on: a client that leaves at any yield leaves no lease behind
+            if first is not None:
+                cached = first.num_cached_tokens
+                lp = (first.first_logprob,) if first.first_logprob is not None else ()
+                finish = first.finish_reason
+                self.metrics.prefix(len(request.prompt_token_ids), cached)
+                yield Delta((first.first_token,), lp, finish, cached)
+                if finish is not None:
+                    return  # no handle, no lease
             async for delta in self._decode(request, decision, first, metadata, tickets, resume):
                 yield delta
             completed = True
