@@ -99,6 +99,7 @@ def test_health_drain_abort_and_kv_transfer_messages_round_trip() -> None:
     assert kv_codec.send_kv_request_from_bytes(kv_codec.send_kv_request_to_bytes(send)) == send
     result = kv_codec.SendKVResult(4096, 2**64 - 1)
     assert kv_codec.send_kv_result_from_bytes(kv_codec.send_kv_result_to_bytes(result)) == result
+    assert kv_codec.KV_TRANSFER_SERVICE == "tandem.v1.KVTransfer"  # the gateway calls ReleaseKV by this name
     release = kv_codec.ReleaseKVRequest("r1", SECRET)
     assert kv_codec.release_kv_request_from_bytes(kv_codec.release_kv_request_to_bytes(release)) == release
     for message in (pull, send, release):  # the secret stays out of logs
