@@ -150,7 +150,7 @@ class Pipeline:
             completed = True
         finally:
             if first is not None and first.handle is not None and prefill_worker is not None and not completed:
-                self._release_soon(prefill_worker, first.handle)
+                self._release_soon(prefill_worker, first.handle, metadata)
 
     async def _prefill_with_retry(
         self,
@@ -305,10 +305,11 @@ class Pipeline:
         if math.isfinite(seconds) and seconds >= 0:
             self.metrics.observe_stage(stage, seconds)
 
-    def _release_soon(self, prefill: WorkerInfo, handle: KVHandle) -> None:
+    def _release_soon(self, prefill: WorkerInfo, handle: KVHandle, metadata: tuple[tuple[str, str], ...]) -> None:
         """Tell a prefill worker to drop the lease of a request that will not be decoded: the
         ReleaseKV that the decode worker would have sent, with the handle's lease secret. It goes
-        to the registered address of the worker that answered the Prefill."""
+        to the registered address of the worker that answered the Prefill, with the metadata of
+        the request's other calls."""
         release = self.clients.channel(prefill.address).unary_unary(
             f"/{kv_codec.KV_TRANSFER_SERVICE}/ReleaseKV",
             request_serializer=kv_codec.release_kv_request_to_bytes,
@@ -318,7 +319,7 @@ class Pipeline:
         async def release_lease() -> None:
             try:
                 request = kv_codec.ReleaseKVRequest(handle.request_id, handle.lease_secret)
-                await release(request, timeout=_ABORT_TIMEOUT_S)
+                await release(request, timeout=_ABORT_TIMEOUT_S, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 log.info(
                     "release of %s on %s failed: %s (its lease will expire)",
