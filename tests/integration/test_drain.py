@@ -24,7 +24,15 @@ from tandem.engine import Engine, SamplingParams
 from tandem.launcher.processes import ChildProcess
 from tandem.worker.drain import DrainError, drain_worker
 from tests.conftest import random_prompts
-from tests.integration.workers import REPO_ROOT, decode_stream, prefill, start_worker, worker_channel, worker_health
+from tests.integration.workers import (
+    REPO_ROOT,
+    decode_stream,
+    prefill,
+    release_kv,
+    start_worker,
+    worker_channel,
+    worker_health,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -123,10 +131,7 @@ def test_tandem_drain_waits_for_held_leases(tiny_model_dir: Path, reference: Eng
         assert code == 1
         assert (out["event"], out["idle"], out["held_leases"], out["running"]) == ("drain_timeout", False, 1, 0)
 
-        released = pb_grpc.KVTransferStub(worker_channel(p)).ReleaseKV(
-            pb.ReleaseKVRequest(request_id="held"), timeout=5
-        )
-        assert released.released is True
+        assert release_kv(p, first.handle) is True
         code, out, _ = _tandem_drain(p.address, timeout_s=10)
         assert code == 0
         assert (out["event"], out["idle"], out["held_leases"], out["waiting"], out["running"]) == (

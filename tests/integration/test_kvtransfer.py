@@ -33,9 +33,10 @@ from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
 from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig, MiB
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
-from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseTable
+from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseGrant, LeaseTable
 from tandem.kvtransfer.torch_source import TorchKVServicer
 from tandem.launcher.processes import ChildProcess, wait_all_ready
+from tandem.loadtest.bench.kv import source_lease_secret
 from tandem.loadtest.bench.kv_source import random_kv_caches, source_args
 
 NUM_BLOCKS = 96
@@ -61,13 +62,22 @@ class Source:
     leases: LeaseTable
     clock: FakeClock
     freed: list[str] = field(default_factory=list)
+    secrets: dict[str, bytes] = field(default_factory=dict)  # request id -> its lease's secret
 
-    def grant(self, request_id: str = "req", blocks: tuple[int, ...] = LEASED, ttl_s: float = 30.0) -> float:
-        return self.leases.grant(request_id, HeldKV(blocks, len(blocks) * self.store.layout.block_size, ()), ttl_s)
+    def grant(self, request_id: str = "req", blocks: tuple[int, ...] = LEASED, ttl_s: float = 30.0) -> LeaseGrant:
+        grant = self.leases.grant(request_id, HeldKV(blocks, len(blocks) * self.store.layout.block_size, ()), ttl_s)
+        self.secrets[request_id] = grant.secret
+        return grant
 
     def handle(
-        self, address: str, request_id: str = "req", blocks: tuple[int, ...] = LEASED, layout: KVLayout | None = None
+        self,
+        address: str,
+        request_id: str = "req",
+        blocks: tuple[int, ...] = LEASED,
+        layout: KVLayout | None = None,
+        secret: bytes | None = None,
     ) -> KVHandle:
+        """The handle of the lease of `request_id`, with its secret unless `secret` is given."""
         return KVHandle(
             request_id,
             "prefill-0",
@@ -77,6 +87,7 @@ class Source:
             layout or self.store.layout,
             (),
             self.clock() + 30,
+            self.secrets.get(request_id, b"") if secret is None else secret,
         )
 
 
@@ -189,14 +200,26 @@ def test_chunk_codec_is_protobuf_wire_compatible() -> None:
 
 
 def test_handle_codec_round_trip_and_checks() -> None:
-    handle = KVHandle("r", "p0", "10.0.0.1:50051", (3, 4, 9), 40, make_layout(), (7, 8), 123.5)
+    secret = bytes(range(32))
+    handle = KVHandle("r", "p0", "10.0.0.1:50051", (3, 4, 9), 40, make_layout(), (7, 8), 123.5, secret)
     assert handle_to_proto(handle).layout == make_layout().describe()
+    assert handle_to_proto(handle).lease_secret == secret
     assert handle_from_proto(handle_to_proto(handle)) == handle
+    assert secret.hex() not in repr(handle) and repr(secret) not in repr(handle)  # kept out of logs
     layout = make_layout().describe()
     with pytest.raises(ValueError, match="repeats a block id"):
-        handle_from_proto(pb.KVHandle(request_id="r", source_address="a:1", block_ids=[1, 1], layout=layout))
+        handle_from_proto(
+            pb.KVHandle(request_id="r", source_address="a:1", block_ids=[1, 1], layout=layout, lease_secret=secret)
+        )
     with pytest.raises(ValueError, match="^handle.layout: malformed KV layout field 'block_size'$"):
-        handle_from_proto(pb.KVHandle(request_id="r", source_address="a:1", block_ids=[1], layout="block_size"))
+        handle_from_proto(
+            pb.KVHandle(request_id="r", source_address="a:1", block_ids=[1], layout="block_size", lease_secret=secret)
+        )
+    for size in (0, 16, 31, 33, 1024):
+        msg = handle_to_proto(handle)
+        msg.lease_secret = bytes(size)
+        with pytest.raises(ValueError, match=f"^handle.lease_secret must be 32 bytes, got {size}$"):
+            handle_from_proto(msg)
 
 
 def test_handle_check_is_the_receivers_one_check() -> None:
@@ -213,33 +236,33 @@ def test_handle_check_is_the_receivers_one_check() -> None:
 # ---- lease table --------------------------------------------------------------------------------
 def test_lease_release_during_a_pull_is_deferred_and_frees_once() -> None:
     source = make_source(make_layout())
-    source.grant("a")
-    with source.leases.checkout("a", (10, 11)) as held:
+    secret = source.grant("a").secret
+    with source.leases.checkout("a", (10, 11), secret) as held:
         assert held.block_ids == LEASED
-        assert source.leases.release("a") is True
-        assert source.leases.release("a") is False
+        assert source.leases.release("a", secret) is True
+        assert source.leases.release("a", secret) is False
         assert source.freed == []  # still being read
         with pytest.raises(LeaseError, match="the lease for request 'a' was released"):
-            source.leases.check("a", (10,))
+            source.leases.check("a", (10,), secret)
     assert source.freed == ["a"]
     assert source.leases.counters == LeaseCounters(granted=1, released=1, expired=0, active=0)
     with pytest.raises(LeaseError, match="the lease for request 'a' was released"):
-        source.leases.check("a", (10,))
+        source.leases.check("a", (10,), secret)
 
 
 def test_lease_expiry_is_deferred_while_pinned_and_frees_once() -> None:
     source = make_source(make_layout())
-    source.grant("a", ttl_s=5.0)
+    secret = source.grant("a", ttl_s=5.0).secret
     source.grant("b", ttl_s=50.0)
-    with source.leases.checkout("a", (12,)):
+    with source.leases.checkout("a", (12,), secret):
         source.clock.now_s += 10.0
         with pytest.raises(LeaseError, match=r"the lease for request 'a' expired 5\.000 s ago"):
-            source.leases.check("a", (12,))
+            source.leases.check("a", (12,), secret)
         assert source.leases.expire(source.clock()) == ["a"]
         assert source.freed == []
         assert source.leases.expire(source.clock()) == []
     assert source.freed == ["a"]
-    assert source.leases.release("a") is False
+    assert source.leases.release("a", secret) is False
     source.clock.now_s += 100.0
     assert source.leases.expire(source.clock()) == ["b"]
     assert source.freed == ["a", "b"]
@@ -248,20 +271,46 @@ def test_lease_expiry_is_deferred_while_pinned_and_frees_once() -> None:
 
 def test_lease_checkout_names_the_problem() -> None:
     source = make_source(make_layout())
-    source.grant("a")
+    secret = source.grant("a").secret
     for block_ids, message in [
         ((10, 99), "block id 99 is not in the lease for request 'a'"),
         ((10, 10), "repeat an id"),
         ((), "no block ids requested"),
         (tuple(range(50)), "50 block ids requested but the lease for 'a' holds 30"),
     ]:
-        with pytest.raises(LeaseError, match=message), source.leases.checkout("a", block_ids):
+        with pytest.raises(LeaseError, match=message), source.leases.checkout("a", block_ids, secret):
             pass
-    with pytest.raises(LeaseError, match="no lease for request 'zz' \\(unknown request id\\)"):
-        source.leases.check("zz", (1,))
+    with pytest.raises(LeaseError, match="^no lease for request 'zz' \\(unknown request id, or not its secret\\)$"):
+        source.leases.check("zz", (1,), secret)
     with pytest.raises(LeaseError, match="already has a lease"):
         source.grant("a")
     assert source.freed == [] and len(source.leases) == 1
+
+
+def test_lease_without_its_secret_reads_as_unknown_and_is_untouched() -> None:
+    source = make_source(make_layout())
+    secret = source.grant("a").secret
+    assert len(secret) == 32 and secret != source.grant("b").secret
+    unknown = "^no lease for request 'a' \\(unknown request id, or not its secret\\)$"
+    for wrong in (b"", bytes(32), secret[:-1], secret + b"\x00", source.secrets["b"]):
+        with pytest.raises(LeaseError, match=unknown), source.leases.checkout("a", (10,), wrong):
+            pass
+        with pytest.raises(LeaseError, match=unknown):
+            source.leases.check("a", (10,), wrong)
+        assert source.leases.release("a", wrong) is False
+    assert source.leases.counters == LeaseCounters(granted=2, released=0, expired=0, active=2)
+    with source.leases.checkout("a", (10,), secret) as held:  # its holder still pulls it
+        assert held.block_ids == LEASED
+    assert source.leases.release("a", secret) is True
+    # once it ended, only its holder is told how; anyone else still sees an unknown id
+    with pytest.raises(LeaseError, match=unknown):
+        source.leases.check("a", (10,), bytes(32))
+    with pytest.raises(LeaseError, match="^the lease for request 'a' was released$"):
+        source.leases.check("a", (10,), secret)
+    # the source's own end (a cancelled Prefill, the owner's Abort, a drain) needs no secret
+    assert source.leases.revoke("b") is True and source.leases.revoke("b") is False
+    assert source.freed == ["a", "b"]
+    assert source.leases.counters == LeaseCounters(granted=2, released=2, expired=0, active=0)
 
 
 def test_lease_table_frees_exactly_once_under_concurrency() -> None:
@@ -271,9 +320,10 @@ def test_lease_table_frees_exactly_once_under_concurrency() -> None:
         source.grant(request_id)
 
     def pull_then_release(request_id: str) -> None:
-        with contextlib.suppress(LeaseError), source.leases.checkout(request_id, (10, 11)):
-            source.leases.release(request_id)
-        source.leases.release(request_id)
+        secret = source.secrets[request_id]
+        with contextlib.suppress(LeaseError), source.leases.checkout(request_id, (10, 11), secret):
+            source.leases.release(request_id, secret)
+        source.leases.release(request_id, secret)
 
     threads = [
         threading.Thread(target=lambda r=r: [pull_then_release(r), source.leases.expire(source.clock() + 60)])
@@ -425,7 +475,7 @@ def test_source_refuses_unknown_outside_and_expired_leases() -> None:
             await expect_failure(
                 transport.pull(source.handle(address, request_id="ghost"), (10,), (1,), dest, TIMEOUT_S),
                 FailureReason.REFUSED,
-                "no lease for request 'ghost' (unknown request id)",
+                "no lease for request 'ghost' (unknown request id, or not its secret)",
             )
             stale = source.handle(address, blocks=LEASED + (77,))  # a handle naming a block the lease lacks
             await expect_failure(
@@ -450,6 +500,37 @@ def test_source_refuses_unknown_outside_and_expired_leases() -> None:
     asyncio.run(main())
     assert_untouched(dest, before)
     assert source.freed == ["req"]
+
+
+def test_pull_and_release_without_the_lease_secret_are_refused_and_read_nothing() -> None:
+    source, dest = make_source(make_layout()), make_dest(make_layout())
+    source.grant()
+    before = snapshot(dest)
+
+    async def main() -> None:
+        transport = create_transport("grpc")
+        servicer = KVTransferServicer(source.store, source.leases, KVTransferConfig())
+        async with serving(servicer) as address:
+            for wrong in (b"", bytes(32), source.secrets["req"][:16]):
+                stolen = source.handle(address, secret=wrong)  # a guessed request id, no secret
+                await expect_failure(
+                    transport.pull(stolen, (10, 11), (1, 2), dest, TIMEOUT_S),
+                    FailureReason.REFUSED,
+                    "NOT_FOUND: no lease for request 'req' (unknown request id, or not its secret)",
+                )
+                assert await transport.release(stolen, TIMEOUT_S) is False
+            assert (servicer.num_pulls_served, servicer.bytes_served) == (0, 0)  # nothing was read
+            assert_untouched(dest, before)
+            assert len(source.leases) == 1 and source.freed == []  # nothing was released
+            handle = source.handle(address)  # its holder still pulls and releases it
+            stats = await transport.pull(handle, (10, 11), (1, 2), dest, TIMEOUT_S)
+            assert (servicer.num_pulls_served, servicer.bytes_served) == (1, stats.bytes_moved)
+            assert_moved(source.store, (10, 11), dest, (1, 2), before)
+            assert await transport.release(handle, TIMEOUT_S) is True
+        await transport.close()
+
+    asyncio.run(main())
+    assert source.freed == ["req"] and len(source.leases) == 0
 
 
 class StallingServicer(KVTransferServicer):
@@ -523,7 +604,10 @@ class RemoteSource:
     address: str
     process: ChildProcess
 
-    def handle(self, request_id: str = "remote", layout: KVLayout | None = None) -> KVHandle:
+    def handle(
+        self, request_id: str = "remote", layout: KVLayout | None = None, secret: bytes | None = None
+    ) -> KVHandle:
+        """The handle of the source's lease, with its secret (from the ready line) unless given."""
         blocks = tuple(range(NUM_BLOCKS))
         return KVHandle(
             request_id,
@@ -534,6 +618,7 @@ class RemoteSource:
             layout or self.layout,
             (),
             time.time() + 60,
+            source_lease_secret(self.process) if secret is None else secret,
         )
 
 
@@ -576,11 +661,20 @@ def test_torch_pull_from_a_source_process_is_exact_and_reuses_its_pair(remote_so
         await expect_failure(
             transport.pull(remote.handle("ghost"), (1,), (1,), dest, TIMEOUT_S),
             FailureReason.REFUSED,
-            "no lease for request 'ghost'",
+            "no lease for request 'ghost' (unknown request id, or not its secret)",
         )
         before_third = snapshot(dest)
         await transport.pull(remote.handle(), (7,), (7,), dest, TIMEOUT_S)  # a fresh pair after the refusal
         assert_moved(expected, (7,), dest, (7,), before_third)
+        before_wrong = snapshot(dest)
+        await expect_failure(  # the right request id without the handle's secret: nothing is sent
+            transport.pull(remote.handle(secret=bytes(32)), (1,), (1,), dest, TIMEOUT_S),
+            FailureReason.REFUSED,
+            "no lease for request 'remote' (unknown request id, or not its secret)",
+        )
+        assert_untouched(dest, before_wrong)
+        await transport.pull(remote.handle(), (8,), (8,), dest, TIMEOUT_S)  # its holder still pulls it
+        assert_moved(expected, (8,), dest, (8,), before_wrong)
         # a pull whose caller skipped `KVHandle.check`: the source refuses the receiver's layout
         # (last: a refusal while a new pair forms leaves that pair to time out)
         other = make_dest(make_layout(dtype, block_size=32))

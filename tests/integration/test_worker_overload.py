@@ -2,7 +2,8 @@
 (RESOURCE_EXHAUSTED) and the worker keeps serving; a more important request sheds the least
 important queued one, whose stream ends with the shed error; an `Abort` ends a stream or a
 prefill call at once. Each worker runs one sequence at a time (`--max-num-seqs 1`), so what
-waits and what runs is exact."""
+waits and what runs is exact. Every call here is made as the requests' owner (`OWNER`), as the
+gateway makes them; handles that will not be decoded are released with their lease secret."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ import grpc
 import pytest
 
 from tandem.common import codec
+from tandem.common.ownership import new_owner_secret, owner_metadata
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.engine import Engine, SamplingParams
 from tandem.launcher.processes import ChildProcess
 from tests.conftest import random_prompts
 from tests.integration.workers import (
     STOP_TIMEOUT_S,
+    abort,
     prefill,
+    release_kv,
     start_worker,
     wait_until,
     worker_health,
@@ -32,6 +36,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)  # seconds of decoding
 ONE_SEQ = ("--max-num-seqs", "1", "--max-waiting", "2")
 ABORT_BOUND_S = 5.0  # far under the gateway's 60 s idle timeout; generous for a loaded machine
+OWNER = new_owner_secret()  # this test process submits every request as their owner
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +60,25 @@ def _decode(
     if first is not None:
         msg.first_token = first.first_token
         msg.handle.CopyFrom(first.handle)
-    return worker_stub(worker).Decode(msg, timeout=60)
+    return worker_stub(worker).Decode(msg, timeout=60, metadata=(owner_metadata(OWNER),))
 
 
 def _abort(worker: ChildProcess, request_id: str) -> bool:
-    return worker_stub(worker).Abort(codec.abort_request_to_proto(request_id), timeout=5).found
+    return abort(worker, request_id, OWNER)
+
+
+def _abort_refused(worker: ChildProcess, request_id: str) -> bool:
+    """Whether an Abort of `request_id` by its owner gets NOT_FOUND (it is not live there)."""
+    try:
+        _abort(worker, request_id)
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.NOT_FOUND
+    return False
+
+
+def _prefill_future(worker: ChildProcess, request_id: str, prompt: list[int]) -> grpc.Future:
+    request = pb.PrefillRequest(request=_request(request_id, prompt, GREEDY))
+    return worker_stub(worker).Prefill.future(request, timeout=60, metadata=(owner_metadata(OWNER),))
 
 
 def _load(worker: ChildProcess) -> tuple[int, int]:
@@ -101,7 +120,7 @@ def test_full_decode_worker_answers_busy_and_keeps_serving(pair, reference: Engi
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.value.details() == f"{busy} is less important than priority 0"
     # with a KV handle: refused before anything is reserved or pulled
-    first = prefill(p, "y", y, GREEDY)
+    first = prefill(p, "y", y, GREEDY, owner=OWNER)
     pulled_before = worker_metric(d, "tandem_kv_transfer_blocks_total")
     with pytest.raises(grpc.RpcError) as err:
         list(_decode(d, "y", y, GREEDY, priority=3, first=first))
@@ -109,7 +128,7 @@ def test_full_decode_worker_answers_busy_and_keeps_serving(pair, reference: Engi
     assert err.value.details() == f"{busy} is less important than priority 3"
     assert worker_metric(d, "tandem_kv_transfer_blocks_total") == pulled_before
     assert _load(d) == (2, 1)
-    assert _abort(p, "y") is True  # what the gateway does with a handle it will not use
+    assert release_kv(p, first.handle) is True  # what the gateway does with a handle it will not use
     # the worker keeps serving: the stream ends at once on Abort, the queued ones complete
     assert _abort(d, "run") is True
     assert list(running)[-1].finish_reason == pb.FINISH_REASON_ABORT
@@ -146,7 +165,7 @@ def test_important_request_sheds_least_important_queued_one(pair, reference: Eng
 def test_abort_ends_a_streaming_decode_at_once(pair, reference: Engine) -> None:
     p, d = pair
     local, remote, queued = random_prompts([10, 40, 12], reference.model_config.vocab_size, seed=44)
-    first = prefill(p, "remote", remote, LONG)
+    first = prefill(p, "remote", remote, LONG, owner=OWNER)
     streams = {"local": _decode(d, "local", local, LONG), "remote": _decode(d, "remote", remote, LONG, first=first)}
     received = {name: next(stream) for name, stream in streams.items() if name == "local"}
     assert wait_until(lambda: _load(d) == (1, 1), 10.0)  # remote waits behind local (one slot)
@@ -161,21 +180,20 @@ def test_abort_ends_a_streaming_decode_at_once(pair, reference: Engine) -> None:
             assert received["local"].token_ids and rest[-1].finish_reason == pb.FINISH_REASON_ABORT
         else:  # never ran here: one message, no token, finish reason ABORT
             assert [(list(m.token_ids), m.finish_reason) for m in rest] == [([], pb.FINISH_REASON_ABORT)], name
-    assert _abort(d, "local") is False
+    assert wait_until(lambda: _abort_refused(d, "local"), 5.0)  # ended: its owner's call is gone with it
     assert wait_until(lambda: _idle(p, d), 5.0)
 
 
 def test_abort_ends_a_queued_prefill_and_busy_prefill_worker_keeps_serving(pair, reference: Engine) -> None:
     p, _ = pair
     big, w1, w2, x, after = random_prompts([1500, 20, 21, 22, 23], reference.model_config.vocab_size, seed=45)
-    stub = worker_stub(p)
-    calls = {"big": stub.Prefill.future(pb.PrefillRequest(request=_request("big", big, GREEDY)), timeout=60)}
+    calls = {"big": _prefill_future(p, "big", big)}
     assert wait_until(lambda: _load(p) == (0, 1), 10.0)  # one token per step: seconds of prefill
     for name, prompt in (("pw1", w1), ("pw2", w2)):
-        calls[name] = stub.Prefill.future(pb.PrefillRequest(request=_request(name, prompt, GREEDY)), timeout=60)
+        calls[name] = _prefill_future(p, name, prompt)
     assert wait_until(lambda: _load(p) == (2, 1), 10.0)
     with pytest.raises(grpc.RpcError) as err:
-        prefill(p, "px", x, GREEDY)
+        prefill(p, "px", x, GREEDY, owner=OWNER)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.value.details() == (
         "worker p-busy is busy: waiting queue is full (2 waiting, max_waiting 2) "
@@ -189,8 +207,10 @@ def test_abort_ends_a_queued_prefill_and_busy_prefill_worker_keeps_serving(pair,
         assert time.monotonic() - start < ABORT_BOUND_S
         assert err.value.code() == grpc.StatusCode.CANCELLED
         assert err.value.details() == f"request {name} was aborted"
-    assert calls["pw1"].result(timeout=30).handle.block_ids
-    assert _abort(p, "pw1") is True  # drops its lease
-    assert prefill(p, "after", after, GREEDY).first_token == reference.generate([after], GREEDY)[0].token_ids[0]
-    assert _abort(p, "after") is True
+    handle = calls["pw1"].result(timeout=30).handle
+    assert handle.block_ids
+    assert release_kv(p, handle) is True  # drops its lease
+    first = prefill(p, "after", after, GREEDY, owner=OWNER)
+    assert first.first_token == reference.generate([after], GREEDY)[0].token_ids[0]
+    assert release_kv(p, first.handle) is True
     assert wait_until(lambda: _idle(p), 5.0)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from tandem.common import codec
+from tandem.common import codec, kv_codec
+from tandem.common.ownership import owner_metadata
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.engine import SamplingParams
@@ -95,8 +96,17 @@ def request_pb(request_id: str, prompt: list[int], params: SamplingParams) -> pb
     return codec.request_to_proto(codec.Request(request_id, tuple(prompt), params))
 
 
-def prefill(worker: ChildProcess, request_id: str, prompt: list[int], params: SamplingParams) -> pb.PrefillResponse:
-    return worker_stub(worker).Prefill(pb.PrefillRequest(request=request_pb(request_id, prompt, params)), timeout=60)
+def _owned(owner: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata of a call made as the request's owner (`owner` secret), or of an anonymous one."""
+    return (owner_metadata(owner),) if owner is not None else ()
+
+
+def prefill(
+    worker: ChildProcess, request_id: str, prompt: list[int], params: SamplingParams, owner: str | None = None
+) -> pb.PrefillResponse:
+    return worker_stub(worker).Prefill(
+        pb.PrefillRequest(request=request_pb(request_id, prompt, params)), timeout=60, metadata=_owned(owner)
+    )
 
 
 def decode_stream(
@@ -105,13 +115,31 @@ def decode_stream(
     prompt: list[int],
     params: SamplingParams,
     first: pb.PrefillResponse | None = None,
+    owner: str | None = None,
 ) -> Iterator[pb.DecodeDelta]:
     msg = pb.DecodeRequest(request=request_pb(request_id, prompt, params))
     if first is not None:
         msg.first_token = first.first_token
         if first.HasField("handle"):
             msg.handle.CopyFrom(first.handle)
-    return worker_stub(worker).Decode(msg, timeout=60)
+    return worker_stub(worker).Decode(msg, timeout=60, metadata=_owned(owner))
+
+
+def abort(worker: ChildProcess, request_id: str, owner: str | None = None) -> bool:
+    """Abort as the owner whose secret is `owner` (None: as a caller with no secret). Raises
+    grpc.RpcError NOT_FOUND unless `owner` submitted a request `request_id` still live there."""
+    return worker_stub(worker).Abort(codec.abort_request_to_proto(request_id), timeout=5, metadata=_owned(owner)).found
+
+
+def release_kv(worker: ChildProcess, handle: pb.KVHandle, secret: bytes | None = None) -> bool:
+    """ReleaseKV of `handle`'s lease on `worker`, with the handle's secret unless `secret` is given."""
+    call = worker_channel(worker).unary_unary(
+        f"/{kv_codec.KV_TRANSFER_SERVICE}/ReleaseKV",
+        request_serializer=kv_codec.release_kv_request_to_bytes,
+        response_deserializer=kv_codec.release_kv_response_from_bytes,
+    )
+    request = kv_codec.ReleaseKVRequest(handle.request_id, handle.lease_secret if secret is None else secret)
+    return bool(call(request, timeout=5))
 
 
 def disaggregated(

@@ -17,7 +17,8 @@ from tandem.common.workers import WorkerRole
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = KVLayout("llama", num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", block_size=16)
-HANDLE = KVHandle("r1", "p0", "10.0.0.1:50051", (3, 4, 9), 40, LAYOUT, (7, 8), 123.5)
+SECRET = bytes(range(100, 132))  # a lease's secret: 32 bytes
+HANDLE = KVHandle("r1", "p0", "10.0.0.1:50051", (3, 4, 9), 40, LAYOUT, (7, 8), 123.5, SECRET)
 REQUEST = Request("r1", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0.0, top_k=5, logprobs=2), "salt")
 
 
@@ -64,6 +65,21 @@ def test_decode_request_with_a_handle_needs_the_first_token() -> None:
         codec.decode_request_from_proto(msg)
 
 
+@pytest.mark.parametrize("size", [0, 1, 16, 31, 33, 64])
+def test_a_handle_whose_lease_secret_is_not_32_bytes_is_refused(size: int) -> None:
+    """Wherever a handle is read from a peer: the gateway (PrefillResponse) and the decode
+    worker (DecodeRequest)."""
+    message = f"^handle.lease_secret must be 32 bytes, got {size}$"
+    decode = codec.decode_request_to_proto(codec.DecodeRequest(REQUEST, 11, HANDLE))
+    decode.handle.lease_secret = bytes(size)
+    with pytest.raises(ValueError, match=message):
+        codec.decode_request_from_proto(decode)
+    prefill = codec.prefill_result_to_proto(codec.PrefillResult(11, None, None, HANDLE, 0, 0.0, 0.0))
+    prefill.handle.lease_secret = bytes(size)
+    with pytest.raises(ValueError, match=message):
+        codec.prefill_result_from_proto(prefill)
+
+
 def test_health_drain_abort_and_kv_transfer_messages_round_trip() -> None:
     report = codec.HealthReport("d0", WorkerRole.DECODE, LAYOUT, 10, 12, 1, 2, True, 3)
     msg = codec.health_to_proto(report)
@@ -77,13 +93,17 @@ def test_health_drain_abort_and_kv_transfer_messages_round_trip() -> None:
     assert codec.drain_status_from_proto(codec.drain_status_to_proto(status)) == status
     assert codec.abort_request_from_proto(codec.abort_request_to_proto("r9")) == "r9"
     assert codec.abort_response_from_proto(codec.abort_response_to_proto(True)) is True
-    pull = kv_codec.PullKVRequest("r1", (4, 5), LAYOUT.describe(), 1 << 20)
+    pull = kv_codec.PullKVRequest("r1", (4, 5), LAYOUT.describe(), 1 << 20, SECRET)
     assert kv_codec.pull_kv_request_from_bytes(kv_codec.pull_kv_request_to_bytes(pull)) == pull
-    send = kv_codec.SendKVRequest("r1", (4, 5), LAYOUT.describe(), "127.0.0.1:9", "pair-1", 7)
+    send = kv_codec.SendKVRequest("r1", (4, 5), LAYOUT.describe(), "127.0.0.1:9", "pair-1", 7, SECRET)
     assert kv_codec.send_kv_request_from_bytes(kv_codec.send_kv_request_to_bytes(send)) == send
     result = kv_codec.SendKVResult(4096, 2**64 - 1)
     assert kv_codec.send_kv_result_from_bytes(kv_codec.send_kv_result_to_bytes(result)) == result
-    assert kv_codec.release_kv_request_from_bytes(kv_codec.release_kv_request_to_bytes("r1")) == "r1"
+    assert kv_codec.KV_TRANSFER_SERVICE == "tandem.v1.KVTransfer"  # the gateway calls ReleaseKV by this name
+    release = kv_codec.ReleaseKVRequest("r1", SECRET)
+    assert kv_codec.release_kv_request_from_bytes(kv_codec.release_kv_request_to_bytes(release)) == release
+    for message in (pull, send, release):  # the secret stays out of logs
+        assert repr(SECRET) not in repr(message) and "lease_secret" not in repr(message)
     assert kv_codec.release_kv_response_from_bytes(kv_codec.release_kv_response_to_bytes(False)) is False
 
 

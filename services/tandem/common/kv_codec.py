@@ -9,11 +9,11 @@ bytes: the servicer's methods see only the dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import xxhash
 
-from tandem.common.kv_handle import MAX_HANDLE_BLOCKS, KVHandle
+from tandem.common.kv_handle import LEASE_SECRET_BYTES, MAX_HANDLE_BLOCKS, KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
 
@@ -29,6 +29,7 @@ def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
         layout=handle.layout.describe(),
         block_hashes=handle.block_hashes,
         lease_deadline_unix_s=handle.lease_deadline_unix_s,
+        lease_secret=handle.lease_secret,
     )
 
 
@@ -41,6 +42,8 @@ def handle_from_proto(msg: pb.KVHandle) -> KVHandle:
         raise ValueError(f"KV handle names {len(msg.block_ids)} blocks and {len(msg.block_hashes)} block hashes")
     if len(set(msg.block_ids)) != len(msg.block_ids):
         raise ValueError("KV handle repeats a block id")
+    if len(msg.lease_secret) != LEASE_SECRET_BYTES:
+        raise ValueError(f"handle.lease_secret must be {LEASE_SECRET_BYTES} bytes, got {len(msg.lease_secret)}")
     try:
         layout = KVLayout.parse(msg.layout)
     except ValueError as exc:
@@ -54,12 +57,18 @@ def handle_from_proto(msg: pb.KVHandle) -> KVHandle:
         layout=layout,
         block_hashes=tuple(msg.block_hashes),
         lease_deadline_unix_s=msg.lease_deadline_unix_s,
+        lease_secret=msg.lease_secret,
     )
 
 
 # ---- KVTransfer service ---------------------------------------------------------------------
+KV_TRANSFER_SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name  # "tandem.v1.KVTransfer"
+
+
 # Its servicers are registered as generic handlers, so these take and give bytes: the
-# servicer's methods see only the dataclasses.
+# servicer's methods see only the dataclasses. Every request carries the lease's secret from
+# the handle; its length is not checked here: the lease table compares it (a wrong one, of any
+# length, is refused there like an unknown request id).
 @dataclass(frozen=True)
 class PullKVRequest:
     """A receiver asks for `block_ids` (of the lease of `request_id`), in chunks of at most
@@ -70,6 +79,7 @@ class PullKVRequest:
     block_ids: tuple[int, ...]
     layout: str
     max_chunk_bytes: int
+    lease_secret: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,15 @@ class SendKVRequest:
     store_address: str  # host:port of the receiver's TCPStore
     pair_id: str
     tag: int  # first message tag of this transfer within the pair
+    lease_secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ReleaseKVRequest:
+    """End the lease of `request_id` now; `lease_secret` is the handle's."""
+
+    request_id: str
+    lease_secret: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -96,20 +115,22 @@ def pull_kv_request_to_bytes(request: PullKVRequest) -> bytes:
         block_ids=request.block_ids,
         layout=request.layout,
         max_chunk_bytes=request.max_chunk_bytes,
+        lease_secret=request.lease_secret,
     ).SerializeToString()
 
 
 def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
     msg = pb.PullKVRequest.FromString(raw)
-    return PullKVRequest(msg.request_id, tuple(msg.block_ids), msg.layout, msg.max_chunk_bytes)
+    return PullKVRequest(msg.request_id, tuple(msg.block_ids), msg.layout, msg.max_chunk_bytes, msg.lease_secret)
 
 
-def release_kv_request_to_bytes(request_id: str) -> bytes:
-    return pb.ReleaseKVRequest(request_id=request_id).SerializeToString()
+def release_kv_request_to_bytes(request: ReleaseKVRequest) -> bytes:
+    return pb.ReleaseKVRequest(request_id=request.request_id, lease_secret=request.lease_secret).SerializeToString()
 
 
-def release_kv_request_from_bytes(raw: bytes) -> str:
-    return pb.ReleaseKVRequest.FromString(raw).request_id
+def release_kv_request_from_bytes(raw: bytes) -> ReleaseKVRequest:
+    msg = pb.ReleaseKVRequest.FromString(raw)
+    return ReleaseKVRequest(msg.request_id, msg.lease_secret)
 
 
 def release_kv_response_to_bytes(released: bool) -> bytes:
@@ -128,12 +149,15 @@ def send_kv_request_to_bytes(request: SendKVRequest) -> bytes:
         store_address=request.store_address,
         pair_id=request.pair_id,
         tag=request.tag,
+        lease_secret=request.lease_secret,
     ).SerializeToString()
 
 
 def send_kv_request_from_bytes(raw: bytes) -> SendKVRequest:
     msg = pb.SendKVRequest.FromString(raw)
-    return SendKVRequest(msg.request_id, tuple(msg.block_ids), msg.layout, msg.store_address, msg.pair_id, msg.tag)
+    return SendKVRequest(
+        msg.request_id, tuple(msg.block_ids), msg.layout, msg.store_address, msg.pair_id, msg.tag, msg.lease_secret
+    )
 
 
 def send_kv_result_to_bytes(result: SendKVResult) -> bytes:

@@ -10,12 +10,13 @@ imports nothing else from the project but the leaf modules next to it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.common.block_hash import num_blocks_for
 from tandem.common.layout import KVLayout, LayoutMismatchError
 
 MAX_HANDLE_BLOCKS = 1 << 20  # a handle naming more blocks than this is malformed
+LEASE_SECRET_BYTES = 32  # random bytes of a lease's secret (`secrets.token_bytes`)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class KVHandle:
     layout: KVLayout  # the source's
     block_hashes: tuple[int, ...]  # hashes of the full blocks
     lease_deadline_unix_s: float
+    # Empty only in handles that never reach a source (tests, benchmarks that build one by
+    # hand); the codec refuses a handle from a peer whose secret is not LEASE_SECRET_BYTES long.
+    lease_secret: bytes = field(default=b"", repr=False)
 
     def check(self, layout: KVLayout, request_id: str, num_prompt_tokens: int) -> None:
         """The receiver's one check of a handle, before it reserves anything: `layout` is the

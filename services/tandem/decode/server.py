@@ -98,14 +98,13 @@ class DecodeServicer(WorkerServicerBase):
         self._background: set[asyncio.Task] = set()
         self.verifier = handle_verifier(worker)
 
-    async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def abort_owned(self, request_id: str, context: grpc.aio.ServicerContext) -> bool:
         """As for every worker, except during a hand-off: then the abort is applied once the
         pull has stopped writing into the sequence's reserved blocks."""
-        request_id = codec.abort_request_from_proto(request)
         if request_id in self._handing_off:
             self._handing_off[request_id] = True
-            return codec.abort_response_to_proto(True)
-        return await super().Abort(request, context)
+            return True
+        return await super().abort_owned(request_id, context)
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """`request` and the messages yielded are protobuf, straight from and to the codec."""
@@ -118,6 +117,7 @@ class DecodeServicer(WorkerServicerBase):
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             req, handle = call.request, call.handle
+            await self.owners.claim(req.request_id, context)
             span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
             header = _FirstDelta()
             if handle is not None:

@@ -36,6 +36,12 @@ class WorkerClients:
             self._channels[address] = entry
         return entry[1]
 
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The channel of `address` (the one `stub` uses), for the KVTransfer call the gateway
+        makes: ReleaseKV of a handle it will not use."""
+        self.stub(address)
+        return self._channels[address][0]
+
     async def prune(self, live_addresses: Iterable[str]) -> None:
         """Close the channels of workers that are no longer registered."""
         live = set(live_addresses)

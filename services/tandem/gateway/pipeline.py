@@ -18,8 +18,11 @@ One `Pipeline.generate(request)` call serves one choice of one client request
    the caller sees one unbroken stream.
 5. Whoever stops consuming (client disconnect, a stop string, an error) closes the generator:
    the decode stream is cancelled, so D aborts the sequence within one step, and when a
-   handle was taken P is told to drop its lease. Nothing waits without a bound: each decode
-   message has an idle timeout, each Prefill a deadline.
+   handle was taken P is told to drop its lease (ReleaseKV with the handle's lease secret).
+   Nothing waits without a bound: each decode message has an idle timeout, each Prefill a
+   deadline.
+6. Each route's Prefill and Decode calls carry a fresh owner secret (`x-tandem-owner`,
+   services/tandem/common/ownership.py): no other caller can Abort them on the workers.
 
 Errors before the first yielded token are `OpenAIError`s (503 with Retry-After when no worker
 can take the request); after it, `StreamError` (the caller turns it into an SSE error event).
@@ -38,8 +41,10 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from tandem.common import codec
+from tandem.common import codec, kv_codec
 from tandem.common.block_hash import block_extra, hash_blocks
+from tandem.common.kv_handle import KVHandle
+from tandem.common.ownership import new_owner_secret, owner_metadata
 from tandem.common.request import FinishReason, Request, TokenLogprob
 from tandem.common.tracing import inject_metadata
 from tandem.common.workers import WorkerInfo
@@ -124,28 +129,28 @@ class Pipeline:
             span.set_attribute("tandem.route.decode", decision.decode.worker_id)
             if decision.prefill is not None:
                 span.set_attribute("tandem.route.prefill", decision.prefill.worker_id)
-        metadata = tuple(inject_metadata(parent))
+        metadata = (*inject_metadata(parent), owner_metadata(new_owner_secret()))
         first: codec.PrefillResult | None = None
-        prefill_worker = None
+        prefill_worker: WorkerInfo | None = None
         if decision.kind is RouteKind.DISAGGREGATED:
             first, decision = await self._prefill_with_retry(request, decision, metadata, tickets, resume.exclude)
             prefill_worker = decision.prefill
-        if first is not None:
-            cached = first.num_cached_tokens
-            lp = (first.first_logprob,) if first.first_logprob is not None else ()
-            finish = first.finish_reason
-            self.metrics.prefix(len(request.prompt_token_ids), cached)
-            yield Delta((first.first_token,), lp, finish, cached)
-            if finish is not None:
-                return
         completed = False
-        try:
+        try:  # from the first yield on: a client that leaves at any yield leaves no lease behind
+            if first is not None:
+                cached = first.num_cached_tokens
+                lp = (first.first_logprob,) if first.first_logprob is not None else ()
+                finish = first.finish_reason
+                self.metrics.prefix(len(request.prompt_token_ids), cached)
+                yield Delta((first.first_token,), lp, finish, cached)
+                if finish is not None:
+                    return  # no handle, no lease
             async for delta in self._decode(request, decision, first, metadata, tickets, resume):
                 yield delta
             completed = True
         finally:
-            if first is not None and prefill_worker is not None and not completed:
-                self._abort_soon(prefill_worker.address, request.request_id)
+            if first is not None and first.handle is not None and prefill_worker is not None and not completed:
+                self._release_soon(prefill_worker, first.handle, metadata)
 
     async def _prefill_with_retry(
         self,
@@ -300,17 +305,30 @@ class Pipeline:
         if math.isfinite(seconds) and seconds >= 0:
             self.metrics.observe_stage(stage, seconds)
 
-    def _abort_soon(self, address: str, request_id: str) -> None:
-        """Tell a prefill worker to drop the lease of a request that will not be decoded."""
+    def _release_soon(self, prefill: WorkerInfo, handle: KVHandle, metadata: tuple[tuple[str, str], ...]) -> None:
+        """Tell a prefill worker to drop the lease of a request that will not be decoded: the
+        ReleaseKV that the decode worker would have sent, with the handle's lease secret. It goes
+        to the registered address of the worker that answered the Prefill, with the metadata of
+        the request's other calls."""
+        release = self.clients.channel(prefill.address).unary_unary(
+            f"/{kv_codec.KV_TRANSFER_SERVICE}/ReleaseKV",
+            request_serializer=kv_codec.release_kv_request_to_bytes,
+            response_deserializer=kv_codec.release_kv_response_from_bytes,
+        )
 
-        async def abort() -> None:
+        async def release_lease() -> None:
             try:
-                message = codec.abort_request_to_proto(request_id)
-                await self.clients.stub(address).Abort(message, timeout=_ABORT_TIMEOUT_S)
+                request = kv_codec.ReleaseKVRequest(handle.request_id, handle.lease_secret)
+                await release(request, timeout=_ABORT_TIMEOUT_S, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
-                log.info("abort of %s on %s failed: %s (its lease will expire)", request_id, address, exc.code().name)
+                log.info(
+                    "release of %s on %s failed: %s (its lease will expire)",
+                    handle.request_id,
+                    prefill.worker_id,
+                    exc.code().name,
+                )
 
-        task = asyncio.get_running_loop().create_task(abort())
+        task = asyncio.get_running_loop().create_task(release_lease())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -128,7 +128,7 @@ async def release_remote(channels: ChannelCache, handle: KVHandle, timeout_s: fl
         kv_codec.release_kv_response_from_bytes,
     )
     try:
-        released = await call(handle.request_id, timeout=timeout_s)
+        released = await call(kv_codec.ReleaseKVRequest(handle.request_id, handle.lease_secret), timeout=timeout_s)
     except grpc.aio.AioRpcError as exc:
         error = await channels.fail(exc, handle.source_address)
         log.warning("ReleaseKV of %r failed (%s); the lease will expire", handle.request_id, error)

@@ -5,7 +5,8 @@ Lifecycle of one pull (decode worker D pulls from prefill worker P):
    cached channel to P, with the pull's deadline.
 2. P (`KVTransferServicer.PullKV`) refuses a layout that differs from its own
    (FAILED_PRECONDITION, naming the fields) and a malformed request (INVALID_ARGUMENT), and
-   checks the lease out (NOT_FOUND, naming the problem, if the lease refuses). It streams
+   checks the lease out with the secret the request carries from the handle (NOT_FOUND, naming
+   the problem, if the lease refuses; a wrong secret reads as an unknown request id). It streams
    chunks of `max_chunk_bytes` (clamped to 1..4 MiB), each with its
    offset, the total, dtype, shape and the xxh64 of its data. Chunks are encoded in a thread,
    one ahead of the network, straight from the cache when the blocks are one run (else packed
@@ -116,7 +117,7 @@ class KVTransferServicer:
         chunk_bytes = clamp_chunk_bytes(request.max_chunk_bytes)
         with contextlib.ExitStack() as stack:
             try:  # pinned until the last chunk is encoded: chunks are read from the cache
-                stack.enter_context(self.leases.checkout(request.request_id, block_ids))
+                stack.enter_context(self.leases.checkout(request.request_id, block_ids, request.lease_secret))
             except LeaseError as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             staging = None
@@ -143,8 +144,9 @@ class KVTransferServicer:
                     # lease stays checked out (and the buffer lent) until it ends.
                     pending.add_done_callback(functools.partial(_close_stack, stack.pop_all()))
 
-    async def ReleaseKV(self, request_id: str, context: grpc.aio.ServicerContext) -> bool:
-        return self.leases.release(request_id)
+    async def ReleaseKV(self, request: kv_codec.ReleaseKVRequest, context: grpc.aio.ServicerContext) -> bool:
+        """False, with no effect, for an unknown or ended lease or a secret that is not its own."""
+        return self.leases.release(request.request_id, request.lease_secret)
 
     def close(self) -> None:
         """After the server stopped: end the encoding threads."""
@@ -205,7 +207,9 @@ class GrpcTransport:
         method = self.channels.get(address).unary_stream(
             f"/{SERVICE}/PullKV", request_serializer=kv_codec.pull_kv_request_to_bytes, response_deserializer=None
         )
-        request = kv_codec.PullKVRequest(handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes)
+        request = kv_codec.PullKVRequest(
+            handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes, handle.lease_secret
+        )
         expected = _Expected(len(buffer), store.layout.dtype, store.packed_shape(len(src)), address)
         target = buffer.numpy().data
         call = method(request, timeout=timeout_s)

@@ -2,14 +2,23 @@
 
 Lifecycle of one lease (DESIGN.md section 4, "Ownership"):
 1. The step loop finishes a prompt (`engine.held[request_id]`); the prefill server calls
-   `grant(request_id, held, ttl_s)` and puts the returned deadline in the KV handle.
+   `grant(request_id, held, ttl_s)` and puts the returned deadline and secret in the KV handle.
 2. Each pull (a gRPC thread or task) reads the blocks inside `with checkout(request_id,
-   block_ids):`. The checkout validates the request against the lease and pins it.
-3. The lease ends once: `release` (ReleaseKV from the decode worker, or a drain) or `expire`
-   (a step-loop tick, past the deadline). If a pull holds it pinned, freeing waits until the
-   last pin goes, so blocks are never freed while they are read.
+   block_ids, secret):`. The checkout validates the request against the lease and pins it.
+3. The lease ends once: `release` (ReleaseKV from a holder of the handle: the decode worker,
+   or the gateway that will not use it), `revoke` (the source itself: a cancelled Prefill, the
+   request owner's Abort, a drain) or `expire` (a step-loop tick, past the deadline). If a pull
+   holds it pinned, freeing waits until the last pin goes, so blocks are never freed while
+   they are read.
 4. `on_free(request_id)` is then called exactly once, outside the table's lock, on whichever
    thread ended it; the prefill server submits `engine.release_held` to its step loop there.
+
+Who may touch a lease: only a holder of its KV handle. Request ids are chosen by callers and
+easy to guess, so each lease also has a secret, `LEASE_SECRET_BYTES` random bytes drawn by
+`grant` and carried only in the handle; `checkout`, `check` and `release` compare it in constant
+time. A wrong secret is answered exactly as an unknown request id (the same message, nothing
+read, nothing released), so a caller without the handle learns nothing, not even whether the
+request exists; only a holder is told that its lease was released or expired.
 
 Thread-safe: every method may be called from any thread.
 """
@@ -17,14 +26,17 @@ Thread-safe: every method may be called from any thread.
 from __future__ import annotations
 
 import enum
+import hmac
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tandem.common.kv_handle import LEASE_SECRET_BYTES
 from tandem.engine.outputs import HeldKV
 
 log = logging.getLogger(__name__)
@@ -42,11 +54,20 @@ class LeaseState(enum.Enum):
     EXPIRED = "expired"
 
 
+@dataclass(frozen=True)
+class LeaseGrant:
+    """What the prefill server puts in the KV handle: the deadline and the secret."""
+
+    deadline_unix_s: float
+    secret: bytes = field(repr=False)
+
+
 @dataclass
 class _Lease:
     held: HeldKV
     deadline_unix_s: float
     blocks: frozenset[int]
+    secret: bytes = field(repr=False)
     state: LeaseState = LeaseState.ACTIVE
     num_pins: int = 0  # pulls reading the blocks right now
 
@@ -67,33 +88,35 @@ class LeaseTable:
         self._clock = clock
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}
-        self._ended: OrderedDict[str, LeaseState] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[LeaseState, bytes]] = OrderedDict()  # -> (how, secret)
         self._granted = 0
         self._released = 0
         self._expired = 0
 
-    def grant(self, request_id: str, held: HeldKV, ttl_s: float) -> float:
-        """Pin `held` for `ttl_s` seconds; return the deadline (unix seconds)."""
+    def grant(self, request_id: str, held: HeldKV, ttl_s: float) -> LeaseGrant:
+        """Pin `held` for `ttl_s` seconds; return the deadline (unix seconds) and a new secret."""
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s must be > 0, got {ttl_s}")
+        secret = secrets.token_bytes(LEASE_SECRET_BYTES)
         with self._lock:
             if request_id in self._leases:
                 raise LeaseError(f"request {request_id!r} already has a lease")
             deadline = self._clock() + ttl_s
-            self._leases[request_id] = _Lease(held, deadline, frozenset(held.block_ids))
+            self._leases[request_id] = _Lease(held, deadline, frozenset(held.block_ids), secret)
             self._ended.pop(request_id, None)
             self._granted += 1
-            return deadline
+            return LeaseGrant(deadline, secret)
 
     @contextmanager
-    def checkout(self, request_id: str, block_ids: Sequence[int]) -> Iterator[HeldKV]:
+    def checkout(self, request_id: str, block_ids: Sequence[int], secret: bytes) -> Iterator[HeldKV]:
         """Validate a pull of `block_ids` and pin the lease for the `with` body.
 
-        Raises LeaseError if the lease is unknown, ended or past its deadline, or if the ids
-        are empty, repeated, more than the lease holds, or not all in the lease.
+        Raises LeaseError if the lease is unknown or `secret` is not its secret, if it ended or
+        is past its deadline, or if the ids are empty, repeated, more than the lease holds, or
+        not all in the lease.
         """
         with self._lock:
-            lease = self._validate(request_id, block_ids)
+            lease = self._validate(request_id, block_ids, secret)
             lease.num_pins += 1
         try:
             yield lease.held
@@ -106,17 +129,29 @@ class LeaseTable:
             if free:
                 self._free(request_id)
 
-    def check(self, request_id: str, block_ids: Sequence[int]) -> None:
+    def check(self, request_id: str, block_ids: Sequence[int], secret: bytes) -> None:
         """The validation of `checkout` without pinning: lets a pull refuse a peer before it
         allocates anything. The checkout itself validates again."""
         with self._lock:
-            self._validate(request_id, block_ids)
+            self._validate(request_id, block_ids, secret)
 
-    def release(self, request_id: str) -> bool:
-        """End the lease now (ReleaseKV, or a drain). False if it is unknown or already ended."""
+    def release(self, request_id: str, secret: bytes) -> bool:
+        """End the lease now for a holder of its handle (ReleaseKV). False, with no effect, if
+        it is unknown, already ended, or `secret` is not its secret."""
+        return self._end_now(request_id, secret)
+
+    def revoke(self, request_id: str) -> bool:
+        """End the lease now on the source's own authority (a cancelled Prefill, the request
+        owner's Abort, a drain), without its secret. False if it is unknown or already ended."""
+        return self._end_now(request_id, None)
+
+    def _end_now(self, request_id: str, secret: bytes | None) -> bool:
+        """`release` (with the secret to compare) or `revoke` (None)."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None or lease.state is not LeaseState.ACTIVE:
+                return False
+            if secret is not None and not hmac.compare_digest(lease.secret, secret):
                 return False
             lease.state = LeaseState.RELEASED
             self._released += 1
@@ -146,7 +181,7 @@ class LeaseTable:
         """Scale-down drain: release every active lease; return their ids."""
         with self._lock:
             ids = [r for r, lease in self._leases.items() if lease.state is LeaseState.ACTIVE]
-        return [r for r in ids if self.release(r)]
+        return [r for r in ids if self.revoke(r)]
 
     def deadline(self, request_id: str) -> float | None:
         with self._lock:
@@ -164,13 +199,13 @@ class LeaseTable:
             return len(self._leases)
 
     # ---- under the lock ------------------------------------------------------------------
-    def _validate(self, request_id: str, block_ids: Sequence[int]) -> _Lease:
+    def _validate(self, request_id: str, block_ids: Sequence[int], secret: bytes) -> _Lease:
         lease = self._leases.get(request_id)
+        ended = (lease.state, lease.secret) if lease is not None else self._ended.get(request_id)
+        if ended is None or not hmac.compare_digest(ended[1], secret):
+            raise LeaseError(f"no lease for request {request_id!r} (unknown request id, or not its secret)")
         if lease is None or lease.state is not LeaseState.ACTIVE:
-            state = lease.state if lease is not None else self._ended.get(request_id)
-            if state is None:
-                raise LeaseError(f"no lease for request {request_id!r} (unknown request id)")
-            raise LeaseError(f"the lease for request {request_id!r} was {state.value}")
+            raise LeaseError(f"the lease for request {request_id!r} was {ended[0].value}")
         now = self._clock()
         if lease.deadline_unix_s <= now:
             raise LeaseError(f"the lease for request {request_id!r} expired {now - lease.deadline_unix_s:.3f} s ago")
@@ -189,7 +224,7 @@ class LeaseTable:
 
     def _end(self, request_id: str, lease: _Lease) -> bool:
         """Record the end; drop the lease and return True if no pull pins it (free it now)."""
-        self._ended[request_id] = lease.state
+        self._ended[request_id] = (lease.state, lease.secret)
         while len(self._ended) > MAX_REMEMBERED_ENDS:
             self._ended.popitem(last=False)
         if lease.num_pins:

@@ -59,7 +59,8 @@ class TorchKVServicer(KVTransferServicer):
         await self.admit(context, request.layout, block_ids)
         await self._check_pair_request(request, context)
         try:
-            self.leases.check(request.request_id, block_ids)  # before joining or allocating anything
+            # before joining or allocating anything
+            self.leases.check(request.request_id, block_ids, request.lease_secret)
         except LeaseError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         if self._num_inflight >= self.config.max_inflight_sends:
@@ -70,7 +71,7 @@ class TorchKVServicer(KVTransferServicer):
         self._num_inflight += 1
         try:
             await self._form_once(pair, request.store_address, deadline_s)
-            send = self._send_executor.submit(self._send, pair, request.request_id, block_ids, request.tag, deadline_s)
+            send = self._send_executor.submit(self._send, pair, request, deadline_s)
             checksum = await asyncio.wrap_future(send)
         except LeaseError as exc:  # the lease ended since the check
             self._drop(pair)
@@ -127,13 +128,14 @@ class TorchKVServicer(KVTransferServicer):
     def _form(self, pair: Pair, store_address: str, timeout_s: float) -> None:
         pair.form(pair.join_store(store_address, timeout_s), timeout_s)
 
-    def _send(self, pair: Pair, request_id: str, block_ids: tuple[int, ...], first_tag: int, deadline_s: float) -> int:
+    def _send(self, pair: Pair, request: kv_codec.SendKVRequest, deadline_s: float) -> int:
         """Worker thread: send every message of the plan, holding the lease checked out for as
         long as the sends read the cache. Returns the xxh64 of the packed buffer."""
+        block_ids, first_tag = request.block_ids, request.tag
         messages = plan_messages(len(block_ids), self.store)
         staging: torch.Tensor | None = None
         hasher = xxhash.xxh64()
-        with self.leases.checkout(request_id, block_ids):
+        with self.leases.checkout(request.request_id, block_ids, request.lease_secret):
             views = [
                 self.store.plane_view(block_ids, m.first_plane) if m.end_plane - m.first_plane == 1 else None
                 for m in messages

@@ -7,10 +7,10 @@ Lifecycle of one pull (decode worker D, rank 1, pulls from prefill worker P, ran
    one message tag per message of the plan (`plan_messages`), and calls `P.SendKV`.
 2. Concurrently, D joins the pair (new pairs only) and posts one receive per message into a
    staging buffer, hashing each message as it lands.
-3. P (`TorchKVServicer.SendKV`) validates exactly as PullKV does (layout, request, lease), also
-   checks that the store address is on the caller's own host, joins the pair if it is new,
-   and, holding the lease checked out, sends every message: straight from its cache when the
-   blocks are one run, else packed into staging first. It answers with the size and the
+3. P (`TorchKVServicer.SendKV`) validates exactly as PullKV does (layout, request, lease and
+   its secret), also checks that the store address is on the caller's own host, joins the pair
+   if it is new, and, holding the lease checked out, sends every message: straight from its
+   cache when the blocks are one run, else packed into staging first. It answers with the size and the
    xxh64 of the whole packed buffer once the sends complete.
 4. D compares size and checksum, and only then unpacks into the destination blocks.
 Any failure aborts the pair on the side that saw it (the other side's pending operations
@@ -96,6 +96,7 @@ class TorchTransport:
             store_address=self._store().address,
             pair_id=pair.pair_id,
             tag=first_tag,
+            lease_secret=handle.lease_secret,
         )
         buffer = self._buffer(size_bytes, store.device)
         rpc = asyncio.ensure_future(call(request, timeout=timeout_s))

@@ -5,7 +5,8 @@ Lifecycle of a request here (DESIGN.md section 2, step 3):
    batcher runs it with other prompts (chunked prefill, prefix-cache reuse).
 2. After the step that samples its first token, the loop thread grants a lease on the
    prompt's blocks (`lease_ttl_s`, default 30 s) and the handler returns the first token and
-   a KV handle (source address, block ids, valid tokens, layout, block hashes, deadline).
+   a KV handle (source address, block ids, valid tokens, layout, block hashes, deadline, and
+   the lease's secret, which every pull and release of the lease must present).
    If the first token already ends the request (EOS, stop token, max_tokens=1), the blocks
    are freed and no handle is returned.
 3. A decode worker pulls blocks through the KV transport, which checks every request
@@ -37,6 +38,7 @@ from tandem.common.request import FinishReason, Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import HeldKV, RequestOutput
+from tandem.kvtransfer.leases import LeaseGrant
 from tandem.worker.servicer import WorkerServicerBase
 from tandem.worker.worker import DrainDeadline, Worker
 
@@ -51,6 +53,7 @@ class PrefillServicer(WorkerServicerBase):
                 req = codec.prefill_request_from_proto(request)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self.owners.claim(req.request_id, context)
             return codec.prefill_result_to_proto(await self._prefill(req, context, span, arrival))
 
     async def _prefill(
@@ -60,7 +63,7 @@ class PrefillServicer(WorkerServicerBase):
         span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
         q, deliver = worker.output_queue()
         lease_ttl_s = worker.config.lease_ttl_s
-        leased: dict[str, tuple[HeldKV, float]] = {}
+        leased: dict[str, tuple[HeldKV, LeaseGrant]] = {}
         sampled_s: list[float] = []  # when the first token was sampled (loop thread, monotonic)
 
         def on_output(out: RequestOutput) -> None:
@@ -88,7 +91,7 @@ class PrefillServicer(WorkerServicerBase):
         try:
             out = await asyncio.wait_for(q.get(), worker.config.request_timeout_s)
         except (asyncio.CancelledError, asyncio.TimeoutError):
-            worker.leases.release(req.request_id)
+            worker.leases.revoke(req.request_id)
             worker.abort_soon(req.request_id)
             raise
         if isinstance(out, DrainDeadline):  # the gateway retries the prompt on another worker
@@ -115,7 +118,7 @@ class PrefillServicer(WorkerServicerBase):
         )
         handle = None
         if finish_reason is FinishReason.HANDOFF:
-            held, deadline_unix_s = leased[req.request_id]
+            held, grant = leased[req.request_id]
             handle = KVHandle(
                 request_id=req.request_id,
                 source_worker_id=worker.config.worker_id,
@@ -124,7 +127,8 @@ class PrefillServicer(WorkerServicerBase):
                 num_tokens=held.num_tokens,
                 layout=worker.layout,
                 block_hashes=held.block_hashes,
-                lease_deadline_unix_s=deadline_unix_s,
+                lease_deadline_unix_s=grant.deadline_unix_s,
+                lease_secret=grant.secret,
             )
         return codec.PrefillResult(
             first_token=out.new_token_ids[0],

@@ -84,10 +84,13 @@ class KVBenchReport:
 class Receiver:
     """This process's side of a pull from a source process (kv_source.py): the source's bytes
     rebuilt here from the same seed (to check against), a destination cache on the same device,
-    the handle of the source's lease, and the destination block ids (`_pool_like_ids`).
+    the handle of the source's lease (`lease_secret`: from the source's ready line,
+    `source_lease_secret`), and the destination block ids (`_pool_like_ids`).
     `tandem bench kv` and the GPU check's hand-off step pull through it."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, address: str, device: str = "cpu") -> None:
+    def __init__(
+        self, layout: KVLayout, num_blocks: int, address: str, device: str = "cpu", lease_secret: bytes = b""
+    ) -> None:
         self.source = KVBlockStore(random_kv_caches(layout, num_blocks, SEED, device), layout)
         self.dest = KVBlockStore(random_kv_caches(layout, num_blocks, SEED + 1, device), layout)
         self.handle = KVHandle(
@@ -99,6 +102,7 @@ class Receiver:
             layout,
             (),
             time.time() + 3600,
+            lease_secret,
         )
         self.dst_ids = _pool_like_ids(num_blocks)
 
@@ -138,6 +142,12 @@ def source_process(
         source.stop(SOURCE_STOP_TIMEOUT_S)
 
 
+def source_lease_secret(source: ChildProcess) -> bytes:
+    """The secret of a ready kv_source child's lease (from its ready line)."""
+    assert source.ready is not None  # start() returns a ready child
+    return bytes.fromhex(source.ready["lease_secret"])
+
+
 def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchReport:
     """Run the interleaved rounds (see the module docstring) and return the medians."""
     torch.set_num_threads(1)  # one core for the receiver, one for the source (2-core hosts)
@@ -146,7 +156,8 @@ def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchRe
     with source_process(layout, num_blocks, raw_tcp=True) as source:
         assert source.ready is not None  # start() returns a ready child
         raw_port = int(source.ready["raw_tcp_port"])
-        return asyncio.run(_bench(layout, num_blocks, source.address, raw_port, rounds))
+        secret = source_lease_secret(source)
+        return asyncio.run(_bench(layout, num_blocks, source.address, secret, raw_port, rounds))
 
 
 def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> int:
@@ -156,8 +167,10 @@ def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tok
     return 0 if report.exact else 1
 
 
-async def _bench(layout: KVLayout, num_blocks: int, address: str, raw_port: int, rounds: int) -> KVBenchReport:
-    receiver = Receiver(layout, num_blocks, address)
+async def _bench(
+    layout: KVLayout, num_blocks: int, address: str, lease_secret: bytes, raw_port: int, rounds: int
+) -> KVBenchReport:
+    receiver = Receiver(layout, num_blocks, address, lease_secret=lease_secret)
     size_bytes = receiver.size_bytes
     transports = {name: create_transport(name, KVTransferConfig(transport=name)) for name in ("grpc", "torch")}
     raw = socket.create_connection(("127.0.0.1", raw_port))

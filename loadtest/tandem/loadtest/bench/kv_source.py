@@ -8,9 +8,11 @@ With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian si
 connection is answered with that many bytes from a preallocated buffer.
 
 Protocol with the parent, the launcher's (`tandem.launcher.processes.ChildProcess`): the child
-prints one JSON line `{"event": "ready", "address": "<host>:<grpc_port>", "raw_tcp_port": N}`
-(N is 0 without `--raw-tcp`) on stdout and runs until SIGTERM or SIGINT (the harness also has
-the kernel send it SIGTERM when the parent dies), then stops its server and exits 0.
+prints one JSON line `{"event": "ready", "address": "<host>:<grpc_port>", "raw_tcp_port": N,
+"lease_secret": "<hex>"}` on stdout (N is 0 without `--raw-tcp`; the lease's secret, which
+every pull must present, reaches the parent that way, as a prefill worker's reaches a decode
+worker in the KV handle) and runs until SIGTERM or SIGINT (the harness also has the kernel send
+it SIGTERM when the parent dies), then stops its server and exits 0.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ async def _main(args: argparse.Namespace) -> None:
     layout = KVLayout.parse(args.layout)
     store = KVBlockStore(random_kv_caches(layout, args.num_blocks, args.seed, args.device), layout)
     leases = LeaseTable(on_free=lambda request_id: None)
-    leases.grant(
+    grant = leases.grant(
         args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()), LEASE_TTL_S
     )
     transport = create_transport(args.transport, KVTransferConfig(transport=args.transport, bind_host=args.host))
@@ -116,7 +118,12 @@ async def _main(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    ready = {"event": "ready", "address": f"{args.host}:{port}", "raw_tcp_port": raw_port}
+    ready = {
+        "event": "ready",
+        "address": f"{args.host}:{port}",
+        "raw_tcp_port": raw_port,
+        "lease_secret": grant.secret.hex(),
+    }
     print(json.dumps(ready), flush=True)
     await stop.wait()
     await server.stop(grace=None)

@@ -37,7 +37,14 @@ import torch
 from tandem.common.layout import KVLayout
 from tandem.kvtransfer.base import KVTransferError, KVTransport, TransferStats, create_transport
 from tandem.kvtransfer.config import KVTransferConfig
-from tandem.loadtest.bench.kv import ChecksumCost, Receiver, measure_checksums, source_process, synchronize
+from tandem.loadtest.bench.kv import (
+    ChecksumCost,
+    Receiver,
+    measure_checksums,
+    source_lease_secret,
+    source_process,
+    synchronize,
+)
 from tandem.loadtest.gpu.report import Table, markdown_table
 from tandem.loadtest.gpu.steps import Skip, StepFailed
 
@@ -125,20 +132,14 @@ def measure_handoff(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     num_blocks = -(-prompt_tokens // layout.block_size)
     with source_process(layout, num_blocks, device) as source:
-        return asyncio.run(_measure(device, layout, num_blocks, source.address, rounds, pull_timeout_s, out))
+        receiver = Receiver(layout, num_blocks, source.address, device, source_lease_secret(source))
+        return asyncio.run(_measure(device, receiver, rounds, pull_timeout_s, out))
 
 
 async def _measure(
-    device: str,
-    layout: KVLayout,
-    num_blocks: int,
-    address: str,
-    rounds: int,
-    pull_timeout_s: float,
-    out: Callable[[str], object],
+    device: str, receiver: Receiver, rounds: int, pull_timeout_s: float, out: Callable[[str], object]
 ) -> HandoffMeasurement:
-    receiver = Receiver(layout, num_blocks, address, device)
-    size_bytes = receiver.size_bytes
+    size_bytes, layout, num_blocks = receiver.size_bytes, receiver.handle.layout, len(receiver.dst_ids)
     transports = {name: create_transport(name, KVTransferConfig(transport=name)) for name in TRANSPORTS}
     mb_per_s: dict[str, list[float]] = {name: [] for name in TRANSPORTS}
     moved, exact, errors = dict.fromkeys(TRANSPORTS, 0), dict.fromkeys(TRANSPORTS, False), dict.fromkeys(TRANSPORTS, "")

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/common/pb/tandem.proto\x12\ttandem.v1\"\xd2\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x8a\x01\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x03\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\"\xbc\x01\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10source_worker_id\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x06\x12\x1d\n\x15lease_deadline_unix_s\x18\x08 \x01(\x01\"5\n\x0ePrefillRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\"\xea\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x0f\n\x07queue_s\x18\x06 \x01(\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\"\x83\x01\n\rDecodeRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\x12\x18\n\x0b\x66irst_token\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandleB\x0e\n\x0c_first_token\"\xea\x01\n\x0b\x44\x65\x63odeDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_pulled_blocks\x18\x05 \x01(\r\x12\x12\n\nrecomputed\x18\x06 \x01(\x08\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x12\x0f\n\x07\x61\x64mit_s\x18\x08 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xe8\x01\n\x0eHealthResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x13\n\x0bheld_leases\x18\t \x01(\r\x12\x0e\n\x06layout\x18\n \x01(\t\"\x0e\n\x0c\x44rainRequest\"T\n\rDrainResponse\x12\x0c\n\x04idle\x18\x01 \x01(\x08\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x13\n\x0bheld_leases\x18\x04 \x01(\r\"_\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"r\n\x07KVChunk\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\r\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"{\n\rSendKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x15\n\rstore_address\x18\x04 \x01(\t\x12\x0f\n\x07pair_id\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\r\"6\n\x0eSendKVResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x06*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbf\x02\n\x06Worker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x16.tandem.v1.DecodeDelta0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse2\xcd\x01\n\nKVTransfer\x12\x38\n\x06PullKV\x12\x18.tandem.v1.PullKVRequest\x1a\x12.tandem.v1.KVChunk0\x01\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse\x12=\n\x06SendKV\x12\x18.tandem.v1.SendKVRequest\x1a\x19.tandem.v1.SendKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/common/pb/tandem.proto\x12\ttandem.v1\"\xd2\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x8a\x01\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x03\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\"\xd2\x01\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10source_worker_id\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x06\x12\x1d\n\x15lease_deadline_unix_s\x18\x08 \x01(\x01\x12\x14\n\x0clease_secret\x18\t \x01(\x0c\"5\n\x0ePrefillRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\"\xea\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x0f\n\x07queue_s\x18\x06 \x01(\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\"\x83\x01\n\rDecodeRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\x12\x18\n\x0b\x66irst_token\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandleB\x0e\n\x0c_first_token\"\xea\x01\n\x0b\x44\x65\x63odeDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_pulled_blocks\x18\x05 \x01(\r\x12\x12\n\nrecomputed\x18\x06 \x01(\x08\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x12\x0f\n\x07\x61\x64mit_s\x18\x08 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xe8\x01\n\x0eHealthResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x13\n\x0bheld_leases\x18\t \x01(\r\x12\x0e\n\x06layout\x18\n \x01(\t\"\x0e\n\x0c\x44rainRequest\"T\n\rDrainResponse\x12\x0c\n\x04idle\x18\x01 \x01(\x08\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x13\n\x0bheld_leases\x18\x04 \x01(\r\"u\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x14\n\x0clease_secret\x18\x05 \x01(\x0c\"r\n\x07KVChunk\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\r\"<\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0clease_secret\x18\x02 \x01(\x0c\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x91\x01\n\rSendKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x15\n\rstore_address\x18\x04 \x01(\t\x12\x0f\n\x07pair_id\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\r\x12\x14\n\x0clease_secret\x18\x07 \x01(\x0c\"6\n\x0eSendKVResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x06*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbf\x02\n\x06Worker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x16.tandem.v1.DecodeDelta0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse2\xcd\x01\n\nKVTransfer\x12\x38\n\x06PullKV\x12\x18.tandem.v1.PullKVRequest\x1a\x12.tandem.v1.KVChunk0\x01\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse\x12=\n\x06SendKV\x12\x18.tandem.v1.SendKVRequest\x1a\x19.tandem.v1.SendKVResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.common.pb.tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2243
-  _globals['_WORKERROLE']._serialized_end=2333
-  _globals['_FINISHREASON']._serialized_start=2336
-  _globals['_FINISHREASON']._serialized_end=2481
+  _globals['_WORKERROLE']._serialized_start=2332
+  _globals['_WORKERROLE']._serialized_end=2422
+  _globals['_FINISHREASON']._serialized_start=2425
+  _globals['_FINISHREASON']._serialized_end=2570
   _globals['_SAMPLINGPARAMS']._serialized_start=45
   _globals['_SAMPLINGPARAMS']._serialized_end=255
   _globals['_REQUEST']._serialized_start=258
@@ -42,41 +42,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=398
   _globals['_TOKENLOGPROB']._serialized_end=492
   _globals['_KVHANDLE']._serialized_start=495
-  _globals['_KVHANDLE']._serialized_end=683
-  _globals['_PREFILLREQUEST']._serialized_start=685
-  _globals['_PREFILLREQUEST']._serialized_end=738
-  _globals['_PREFILLRESPONSE']._serialized_start=741
-  _globals['_PREFILLRESPONSE']._serialized_end=975
-  _globals['_DECODEREQUEST']._serialized_start=978
-  _globals['_DECODEREQUEST']._serialized_end=1109
-  _globals['_DECODEDELTA']._serialized_start=1112
-  _globals['_DECODEDELTA']._serialized_end=1346
-  _globals['_ABORTREQUEST']._serialized_start=1348
-  _globals['_ABORTREQUEST']._serialized_end=1382
-  _globals['_ABORTRESPONSE']._serialized_start=1384
-  _globals['_ABORTRESPONSE']._serialized_end=1414
-  _globals['_HEALTHREQUEST']._serialized_start=1416
-  _globals['_HEALTHREQUEST']._serialized_end=1431
-  _globals['_HEALTHRESPONSE']._serialized_start=1434
-  _globals['_HEALTHRESPONSE']._serialized_end=1666
-  _globals['_DRAINREQUEST']._serialized_start=1668
-  _globals['_DRAINREQUEST']._serialized_end=1682
-  _globals['_DRAINRESPONSE']._serialized_start=1684
-  _globals['_DRAINRESPONSE']._serialized_end=1768
-  _globals['_PULLKVREQUEST']._serialized_start=1770
-  _globals['_PULLKVREQUEST']._serialized_end=1865
-  _globals['_KVCHUNK']._serialized_start=1867
-  _globals['_KVCHUNK']._serialized_end=1981
-  _globals['_RELEASEKVREQUEST']._serialized_start=1983
-  _globals['_RELEASEKVREQUEST']._serialized_end=2021
-  _globals['_RELEASEKVRESPONSE']._serialized_start=2023
-  _globals['_RELEASEKVRESPONSE']._serialized_end=2060
-  _globals['_SENDKVREQUEST']._serialized_start=2062
-  _globals['_SENDKVREQUEST']._serialized_end=2185
-  _globals['_SENDKVRESPONSE']._serialized_start=2187
-  _globals['_SENDKVRESPONSE']._serialized_end=2241
-  _globals['_WORKER']._serialized_start=2484
-  _globals['_WORKER']._serialized_end=2803
-  _globals['_KVTRANSFER']._serialized_start=2806
-  _globals['_KVTRANSFER']._serialized_end=3011
+  _globals['_KVHANDLE']._serialized_end=705
+  _globals['_PREFILLREQUEST']._serialized_start=707
+  _globals['_PREFILLREQUEST']._serialized_end=760
+  _globals['_PREFILLRESPONSE']._serialized_start=763
+  _globals['_PREFILLRESPONSE']._serialized_end=997
+  _globals['_DECODEREQUEST']._serialized_start=1000
+  _globals['_DECODEREQUEST']._serialized_end=1131
+  _globals['_DECODEDELTA']._serialized_start=1134
+  _globals['_DECODEDELTA']._serialized_end=1368
+  _globals['_ABORTREQUEST']._serialized_start=1370
+  _globals['_ABORTREQUEST']._serialized_end=1404
+  _globals['_ABORTRESPONSE']._serialized_start=1406
+  _globals['_ABORTRESPONSE']._serialized_end=1436
+  _globals['_HEALTHREQUEST']._serialized_start=1438
+  _globals['_HEALTHREQUEST']._serialized_end=1453
+  _globals['_HEALTHRESPONSE']._serialized_start=1456
+  _globals['_HEALTHRESPONSE']._serialized_end=1688
+  _globals['_DRAINREQUEST']._serialized_start=1690
+  _globals['_DRAINREQUEST']._serialized_end=1704
+  _globals['_DRAINRESPONSE']._serialized_start=1706
+  _globals['_DRAINRESPONSE']._serialized_end=1790
+  _globals['_PULLKVREQUEST']._serialized_start=1792
+  _globals['_PULLKVREQUEST']._serialized_end=1909
+  _globals['_KVCHUNK']._serialized_start=1911
+  _globals['_KVCHUNK']._serialized_end=2025
+  _globals['_RELEASEKVREQUEST']._serialized_start=2027
+  _globals['_RELEASEKVREQUEST']._serialized_end=2087
+  _globals['_RELEASEKVRESPONSE']._serialized_start=2089
+  _globals['_RELEASEKVRESPONSE']._serialized_end=2126
+  _globals['_SENDKVREQUEST']._serialized_start=2129
+  _globals['_SENDKVREQUEST']._serialized_end=2274
+  _globals['_SENDKVRESPONSE']._serialized_start=2276
+  _globals['_SENDKVRESPONSE']._serialized_end=2330
+  _globals['_WORKER']._serialized_start=2573
+  _globals['_WORKER']._serialized_end=2892
+  _globals['_KVTRANSFER']._serialized_start=2895
+  _globals['_KVTRANSFER']._serialized_end=3100
 # @@protoc_insertion_point(module_scope)

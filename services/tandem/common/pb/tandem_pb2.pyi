@@ -76,7 +76,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "source_worker_id", "source_address", "block_ids", "num_tokens", "layout", "block_hashes", "lease_deadline_unix_s")
+    __slots__ = ("request_id", "source_worker_id", "source_address", "block_ids", "num_tokens", "layout", "block_hashes", "lease_deadline_unix_s", "lease_secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class KVHandle(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     source_worker_id: str
     source_address: str
@@ -93,7 +94,8 @@ class KVHandle(_message.Message):
     layout: str
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     lease_deadline_unix_s: float
-    def __init__(self, request_id: _Optional[str] = ..., source_worker_id: _Optional[str] = ..., source_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ..., lease_deadline_unix_s: _Optional[float] = ...) -> None: ...
+    lease_secret: bytes
+    def __init__(self, request_id: _Optional[str] = ..., source_worker_id: _Optional[str] = ..., source_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ..., lease_deadline_unix_s: _Optional[float] = ..., lease_secret: _Optional[bytes] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request",)
@@ -206,16 +208,18 @@ class DrainResponse(_message.Message):
     def __init__(self, idle: _Optional[bool] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held_leases: _Optional[int] = ...) -> None: ...
 
 class PullKVRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes")
+    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: str
     max_chunk_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    lease_secret: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., lease_secret: _Optional[bytes] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("offset_bytes", "data", "checksum", "total_bytes", "dtype", "shape")
@@ -234,10 +238,12 @@ class KVChunk(_message.Message):
     def __init__(self, offset_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseKVRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "lease_secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    lease_secret: bytes
+    def __init__(self, request_id: _Optional[str] = ..., lease_secret: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseKVResponse(_message.Message):
     __slots__ = ("released",)
@@ -246,20 +252,22 @@ class ReleaseKVResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class SendKVRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "layout", "store_address", "pair_id", "tag")
+    __slots__ = ("request_id", "block_ids", "layout", "store_address", "pair_id", "tag", "lease_secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: str
     store_address: str
     pair_id: str
     tag: int
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., store_address: _Optional[str] = ..., pair_id: _Optional[str] = ..., tag: _Optional[int] = ...) -> None: ...
+    lease_secret: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., store_address: _Optional[str] = ..., pair_id: _Optional[str] = ..., tag: _Optional[int] = ..., lease_secret: _Optional[bytes] = ...) -> None: ...
 
 class SendKVResponse(_message.Message):
     __slots__ = ("size_bytes", "checksum")
