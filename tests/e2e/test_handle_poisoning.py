@@ -28,7 +28,7 @@ from tandem.engine.tokenizer import Tokenizer
 from tests.conftest import random_prompts
 from tests.e2e.cluster import GATEWAY_STOP_TIMEOUT_S, Cluster
 from tests.e2e.test_gateway_errors import post
-from tests.integration.workers import decode_stream, metric_sum, metrics_port, prefill, worker_stub
+from tests.integration.workers import decode_stream, metric_sum, metrics_port, prefill, release_kv
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
@@ -67,9 +67,10 @@ def tokens(deltas: list[pb.DecodeDelta]) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
 
 
-def release_lease(cluster: Cluster, request_id: str) -> None:
-    """The caller made the lease and holds its handle: it ends it (nobody pulled it)."""
-    assert worker_stub(cluster.prefill[0]).Abort(pb.AbortRequest(request_id=request_id), timeout=5).found
+def release_lease(cluster: Cluster, handle: pb.KVHandle) -> None:
+    """The caller made the lease and holds its handle (and its secret): it ends it (nobody
+    pulled it)."""
+    assert release_kv(cluster.prefill[0], handle)
 
 
 def test_another_prompts_handle_never_fills_the_cache(
@@ -85,7 +86,7 @@ def test_another_prompts_handle_never_fills_the_cache(
     assert tokens(deltas) == list(reference.generate([prompt_b + [leased.first_token]], rest)[0].token_ids)
     assert (deltas[0].recomputed, deltas[0].num_pulled_blocks, deltas[0].num_cached_tokens) == (True, 0, 0)
     assert changes(before, decode_counters(cluster)) == {"hash_mismatch": 1, "kv_recomputes": 1}
-    release_lease(cluster, "attack")
+    release_lease(cluster, leased.handle)
 
     # The legitimate request for B: with one decode worker and a short prompt, the gateway
     # routes it there (local prefill), where B's 4 full blocks are cached.
@@ -138,12 +139,14 @@ def test_a_source_that_is_not_registered_is_never_dialed(
     host, port = fake_source.getsockname()
     leased.handle.source_address = f"{host}:{port}"
     leased.handle.source_worker_id = worker_id  # registered elsewhere, or not at all
+    genuine = pb.KVHandle()
+    genuine.CopyFrom(leased.handle)
     deltas = list(decode_stream(cluster.decode[0], rid, prompt, GREEDY, leased))
     assert [leased.first_token] + tokens(deltas) == list(reference.generate([prompt], GREEDY)[0].token_ids)
     assert (deltas[0].recomputed, deltas[0].num_pulled_blocks) == (True, 0)
     assert changes(before, decode_counters(cluster)) == {"unregistered_source": 1, "kv_recomputes": 1}
     assert not dialed(fake_source)
-    release_lease(cluster, rid)
+    release_lease(cluster, genuine)
     cluster.assert_drained()
 
 
