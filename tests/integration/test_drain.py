@@ -24,7 +24,15 @@ from tandem.engine import Engine, SamplingParams
 from tandem.launcher.processes import ChildProcess
 from tandem.worker.drain import DrainError, drain_worker
 from tests.conftest import random_prompts
-from tests.integration.workers import REPO_ROOT, decode_stream, prefill, start_worker, worker_channel, worker_health
+from tests.integration.workers import (
+    REPO_ROOT,
+    cluster_token,
+    decode_stream,
+    prefill,
+    start_worker,
+    worker_channel,
+    worker_health,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -74,7 +82,7 @@ def test_drain_rpc_finishes_the_stream_and_leaves_routing(
 
         tokens += [t for delta in stream for t in delta.token_ids]
         assert tokens == list(reference.generate([prompt], params)[0].token_ids)
-        progress = drain_worker(d.address, timeout_s=10.0)
+        progress = drain_worker(d.address, timeout_s=10.0, token=cluster_token())
         assert (progress.idle, progress.waiting, progress.running, progress.held_leases) == (True, 0, 0, 0)
         h = worker_health(d)
         assert (h.draining, h.free_blocks) == (True, h.total_blocks)

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandem.cli.inputs import api_keys
+from tandem.cli.inputs import api_keys, plane_auth
 from tandem.common.options import add_flags, from_args
 
 if TYPE_CHECKING:
+    from tandem.common.plane_auth import ClusterToken
     from tandem.launcher.config import LocalClusterConfig
     from tandem.launcher.ray_cluster import RayCluster
 
@@ -123,6 +124,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def add_drain_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", required=True, help="the worker's gRPC host:port")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="wait at most this long for it to be idle")
+    parser.add_argument(
+        "--cluster-token-file",
+        type=Path,
+        default=None,
+        help="file holding the cluster token (default: $TANDEM_CLUSTER_TOKEN, else the running `tandem up`'s)",
+    )
     parser.set_defaults(func=cmd_drain)
 
 
@@ -132,7 +139,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from tandem.worker.drain import DrainError, drain_worker
 
     try:
-        progress = drain_worker(args.address, args.timeout_s)
+        progress = drain_worker(args.address, args.timeout_s, token=_drain_token(args.cluster_token_file))
     except DrainError as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 1
@@ -143,3 +150,15 @@ def cmd_drain(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0 if progress.idle else 1
+
+
+def _drain_token(token_file: Path | None) -> ClusterToken | None:
+    """The cluster token to present: `--cluster-token-file`, else TANDEM_CLUSTER_TOKEN, else the
+    one of the running `tandem up` (its state file, readable by its owner only)."""
+    from tandem.launcher.state_file import read_state
+
+    token = plane_auth(token_file, False).token
+    if token is not None:
+        return token
+    state = read_state(_up_state_file())
+    return state.cluster_token if state is not None and state.owner_running() else None

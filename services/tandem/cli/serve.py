@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from tandem.cli.inputs import api_keys, model_dir
+from tandem.cli.inputs import api_keys, model_dir, plane_auth
 from tandem.common.options import add_flags, from_args
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         role=role,
         worker_id=args.worker_id or f"{role.value}-{args.port}",
         model_dir=model_dir(args.model),
+        plane=plane_auth(args.cluster_token_file, args.insecure_no_auth),
     )
     return config
 
@@ -65,7 +66,11 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     from tandem.gateway.config import GatewayConfig
 
     config: GatewayConfig = from_args(
-        GatewayConfig, args, model_dir=model_dir(args.model), api_keys=api_keys(args.api_key or ())
+        GatewayConfig,
+        args,
+        model_dir=model_dir(args.model),
+        api_keys=api_keys(args.api_key or ()),
+        plane=plane_auth(args.cluster_token_file, args.insecure_no_auth),
     )
     return config
 

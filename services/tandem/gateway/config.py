@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem.common.plane_auth import PlaneAuth
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import check_name
 from tandem.gateway.admission import AdmissionConfig
@@ -30,7 +31,9 @@ class GatewayConfig:
     clients. `max_body_bytes` caps a request body (413 above it). A streaming client that stops
     reading holds at most `max_buffered_events` events; once they have been full for
     `slow_client_timeout_s`, its request is aborted. `admission` bounds what is admitted
-    (admission.py: 429/503 with Retry-After, priorities).
+    (admission.py: 429/503 with Retry-After, priorities). `plane` is how it authenticates to the
+    workers (`tandem.common.plane_auth`): without a token it refuses to start, unless
+    `--insecure-no-auth`.
     """
 
     model_dir: Path = field(
@@ -65,6 +68,7 @@ class GatewayConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    plane: PlaneAuth = field(default_factory=PlaneAuth)
 
     def __post_init__(self) -> None:
         try:

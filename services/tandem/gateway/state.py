@@ -76,7 +76,7 @@ class GatewayState:
             events_state=ClusterState(self._events_redis, config.cluster),
             model_id=config.hash_model_id,
         )
-        self.clients = WorkerClients()
+        self.clients = WorkerClients(config.plane.token)
         self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)
         self.admission = AdmissionController(config.admission, self.metrics, self.pool_load)
         self._aioredis: aioredis.Redis | None = None
