@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandem.cli.inputs import api_keys, plane_auth
+from tandem.cli.inputs import api_keys, plane_auth, redis_url
 from tandem.common.options import add_flags, from_args
 
 if TYPE_CHECKING:
@@ -59,10 +59,18 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def up_config(args: argparse.Namespace) -> LocalClusterConfig:
-    """The cluster's config: its flags plus the API keys of TANDEM_API_KEYS."""
+    """The cluster's config: its flags plus the API keys of TANDEM_API_KEYS, the Redis URL of
+    TANDEM_REDIS_URL and the cluster token of TANDEM_CLUSTER_TOKEN (without one, `tandem up`
+    generates one, unless `--insecure-no-auth`)."""
     from tandem.launcher.config import LocalClusterConfig
 
-    given: dict[str, Any] = {"gateway.api_keys": api_keys(args.api_key or ())}
+    plane = plane_auth(args.cluster_token_file, args.insecure_no_auth)
+    given: dict[str, Any] = {
+        "gateway.api_keys": api_keys(args.api_key or ()),
+        "redis_url": redis_url(args.redis_url),
+        "worker.plane": plane,
+        "gateway.plane": plane,
+    }
     config: LocalClusterConfig = from_args(LocalClusterConfig, args, **given)
     return config
 

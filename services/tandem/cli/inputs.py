@@ -37,3 +37,11 @@ def plane_auth(
     from tandem.common.plane_auth import PlaneAuth
 
     return PlaneAuth(cluster_token_file, bool(insecure_no_auth)).resolve(environ)
+
+
+def redis_url(flag: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """`--redis`, else TANDEM_REDIS_URL (how `tandem up` hands a URL with a password to its
+    children, off their command lines), else None."""
+    from tandem.common.redis_url import REDIS_URL_ENV
+
+    return flag or environ.get(REDIS_URL_ENV) or None

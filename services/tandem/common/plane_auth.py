@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import grpc
 
@@ -157,7 +157,7 @@ class PlaneAuth:
 
 
 # ---- server side ------------------------------------------------------------------------------
-Handler = grpc.RpcMethodHandler
+Handler: TypeAlias = grpc.RpcMethodHandler
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):

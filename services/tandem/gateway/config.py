@@ -39,7 +39,14 @@ class GatewayConfig:
     model_dir: Path = field(
         metadata={"flag": "model", "required": False, "help": "local HF model directory (tokenizer, config)"}
     )
-    redis_url: str = field(metadata={"flag": "redis", "help": "Redis URL of the cluster state"})
+    redis_url: str = field(
+        metadata={
+            "flag": "redis",
+            "required": False,
+            "help": "Redis URL of the cluster state (default: $TANDEM_REDIS_URL); redis://:PASSWORD@host:port/db, "
+            "rediss:// for TLS",
+        }
+    )
     served_model_name: str | None = field(
         default=None, metadata={"help": "the `model` clients send (default: directory name)"}
     )
@@ -79,7 +86,9 @@ class GatewayConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.redis_url:
-            raise ValueError("redis_url is required (the gateway reads the cluster state from Redis)")
+            raise ValueError(
+                "redis_url is required (the gateway reads the cluster state from Redis): --redis or TANDEM_REDIS_URL"
+            )
         check_name("cluster", self.cluster)  # it names Redis keys
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")

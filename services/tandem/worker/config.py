@@ -33,7 +33,10 @@ class WorkerConfig:
     port: int = field(default=0, metadata={"help": "gRPC port (0: pick a free one)"})
     advertise_host: str | None = field(default=None, metadata={"help": "address peers dial (default: --host)"})
     metrics_port: int | None = field(default=None, metadata={"help": "serve Prometheus /metrics here"})
-    redis_url: str | None = field(default=None, metadata={"flag": "redis", "help": "Redis URL of the cluster state"})
+    redis_url: str | None = field(
+        default=None,
+        metadata={"flag": "redis", "help": "Redis URL of the cluster state (default: $TANDEM_REDIS_URL)"},
+    )
     cluster: str = field(default="default", metadata={"help": "cluster name (Redis key prefix)"})
     heartbeat_ttl_s: float = field(default=5.0, metadata={"help": "life of the worker's Redis entry"})
     lease_ttl_s: float = field(default=30.0, metadata={"help": "how long a finished prompt's blocks stay pinned"})

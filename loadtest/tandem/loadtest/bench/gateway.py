@@ -52,7 +52,7 @@ def _prompts(seed: int, n: int, length: int) -> list[list[int]]:
 
 
 async def stream_direct(
-    address: str, prompts: list[list[int]], max_tokens: int, tag: str, token: ClusterToken
+    address: str, prompts: list[list[int]], max_tokens: int, tag: str, token: ClusterToken | None
 ) -> float:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     async with aio_channel(address, token) as channel:
