@@ -234,13 +234,10 @@ def _refusal(handler: Handler | None, method: str, message: str, refusals: _Refu
 
 
 # ---- client side ------------------------------------------------------------------------------
-class _AioTokenInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds the token to the metadata of every call on a grpc.aio channel."""
+# grpc.aio files an interceptor under the first of the four kinds it is an instance of (an
+# if/elif chain), so each kind needs an object of its own.
+class _AioTokenDetails:
+    """Adds the token to the metadata of a call on a grpc.aio channel."""
 
     def __init__(self, token: ClusterToken) -> None:
         self._token = token
@@ -251,15 +248,23 @@ class _AioTokenInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _AioUnaryUnary(_AioTokenDetails, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioUnaryStream(_AioTokenDetails, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioStreamUnary(_AioTokenDetails, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _AioStreamStream(_AioTokenDetails, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
@@ -312,8 +317,10 @@ def aio_channel(
     address: str, token: ClusterToken | None, options: Sequence[tuple[str, Any]] | None = None
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to a worker whose every call presents `token` (None: none)."""
-    interceptors = [_AioTokenInterceptor(token)] if token is not None else None
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    if token is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=[kind(token) for kind in kinds])
 
 
 def sync_channel(
