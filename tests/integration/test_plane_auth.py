@@ -201,3 +201,15 @@ def test_a_token_file_and_the_insecure_flag(tiny_model_dir: Path, tmp_path: Path
         assert "internal plane: NO authentication (--insecure-no-auth)" in insecure.output_tail()
     finally:
         insecure.stop(STOP_TIMEOUT_S)
+
+
+def test_a_gateway_without_a_token_refuses_to_start(tiny_model_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    argv = [sys.executable, "-m", "tandem", "gateway", "--model", str(tiny_model_dir), "--redis", "redis://127.0.0.1:1"]
+    result = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "tandem: error: the gateway needs the internal plane's cluster token: set TANDEM_CLUSTER_TOKEN or "
+        "--cluster-token-file (`tandem up` generates one), or pass --insecure-no-auth to run without "
+        "authentication on a trusted network"
+    )
