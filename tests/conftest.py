@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tandem.common.plane_auth import TOKEN_ENV, ClusterToken
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The internal plane is locked by default: every worker, gateway and KV source a test starts
+# inherits this token, and the test clients present it (tests/integration/workers.py).
+os.environ.setdefault(TOKEN_ENV, ClusterToken.generate().secret)
 # Triton decides interpreted vs compiled when a kernel module is imported, so this must be set
 # before any test imports `kernels`: without CUDA, kernels run in the interpreter on CPU.
 if not torch.cuda.is_available():

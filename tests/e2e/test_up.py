@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -83,12 +84,14 @@ class UpProcess:
     stderr: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, tmp_path: Path, model_dir: Path, *flags: str) -> UpProcess:
+    def start(cls, tmp_path: Path, model_dir: Path, *flags: str, unset: tuple[str, ...] = ()) -> UpProcess:
+        """`unset`: environment variables `tandem up` must not see (e.g. the session's token)."""
         cache_dir, home = tmp_path / "cache", tmp_path / "home"
         home.mkdir()
         cluster = f"e2e-{uuid.uuid4().hex[:8]}"  # unique: lets the test find its processes in /proc
         env = {**os.environ, "HOME": str(home), "TANDEM_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-        env.pop("TANDEM_API_KEYS", None)
+        for name in ("TANDEM_API_KEYS", *unset):
+            env.pop(name, None)
         argv = [
             sys.executable,
             "-m",
@@ -401,3 +404,68 @@ def test_up_sigterm_during_start_up_stops_everything(tmp_path: Path, tiny_model_
     assert [name for name, pid in children.items() if pid_alive(int(pid))] == []
     assert pids_with_arg(cluster) == []
     assert not (tmp_path / "cache" / "up.json").exists()
+
+
+def test_up_locks_the_plane_and_keeps_its_secrets_out_of_logs(
+    tmp_path: Path, tiny_model_dir: Path, expected_content: str, started: list[UpProcess]
+) -> None:
+    """Without a token of its own, `tandem up` generates one and a password for its Redis; the
+    cluster serves (with a KV hand-off), the workers refuse calls without the token, Redis
+    refuses clients without the password, and neither secret appears on any command line, in
+    the banner, in `tandem status` or in any log line of the cluster."""
+    import grpc
+    import redis as redis_py
+
+    from tandem.common.pb import tandem_pb2 as pb
+    from tandem.common.plane_auth import MISSING_MESSAGE, TOKEN_ENV, ClusterToken, sync_channel
+    from tandem.common.redis_url import redact
+
+    up = UpProcess.start(
+        tmp_path,
+        tiny_model_dir,
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+        "--local-prefill-max-tokens",
+        "0",
+        unset=(TOKEN_ENV,),
+    )
+    started.append(up)
+    state = up.state
+    token, redis_url = state["cluster_token"], state["redis_url"]
+    password = urlsplit(redis_url).password
+    assert len(token) == 43 and password is not None and len(password) == 32
+    assert oct(up.state_path.stat().st_mode & 0o777) == "0o600"
+    assert up.banner_value("redis") == redact(redis_url) == redis_url.replace(password, "***")
+
+    status, body = chat(up.banner_value("endpoint"), up.banner_value("model"))
+    assert status == 200 and body["choices"][0]["message"]["content"] == expected_content
+    prefill_metrics = next(c["metrics_port"] for c in state["children"] if c["name"] == "prefill-0")
+    assert metric(prefill_metrics, "tandem_leases_granted_total") >= 1  # a KV hand-off under the token
+
+    workers = {c["name"]: c["address"] for c in state["children"] if c["name"] in ("prefill-0", "decode-0")}
+    for address in workers.values():
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/tandem.v1.Worker/Health")(pb.HealthRequest().SerializeToString(), timeout=5)
+            assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, MISSING_MESSAGE)
+        with sync_channel(address, ClusterToken(token)) as channel:
+            channel.unary_unary("/tandem.v1.Worker/Health")(pb.HealthRequest().SerializeToString(), timeout=5)
+    port = urlsplit(redis_url).port
+    with pytest.raises(redis_py.AuthenticationError):
+        redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
+    assert redis_py.Redis.from_url(redis_url, socket_timeout=5).ping()
+
+    shown = up.tandem("status")
+    assert shown.returncode == 0 and "prefill-0" in shown.stdout, shown.stderr
+    drained = up.tandem("drain", "--address", workers["prefill-0"], "--timeout-s", "20")  # token from up.json
+    assert drained.returncode == 0 and json.loads(drained.stdout)["event"] == "drained", drained.stderr
+    for child in state["children"]:
+        cmdline = Path(f"/proc/{child['pid']}/cmdline").read_bytes().decode(errors="replace")
+        assert token not in cmdline and password not in cmdline, child["name"]
+
+    stop_and_check_no_orphans(up)
+    logs = "".join(up.stdout + up.stderr) + shown.stdout + shown.stderr + drained.stdout + drained.stderr
+    assert "[gateway]" in logs and "[decode-0]" in logs and "[prefill-0]" in logs  # the children's own lines
+    assert token not in logs and password not in logs

@@ -41,7 +41,7 @@ def test_up_restarts_a_killed_worker_and_its_redis(
     started.append(up)
     endpoint, model = up.banner_value("endpoint"), up.banner_value("model")
     assert chat(endpoint, model)[0] == 200
-    redis_url = up.banner_value("redis")
+    redis_url = up.state["redis_url"]  # with its password (the banner shows it redacted)
 
     # 1. The decode worker dies: restarted after 0.5 s, and it serves the next requests.
     old = child(up, "decode-0")

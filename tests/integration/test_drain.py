@@ -26,6 +26,7 @@ from tandem.worker.drain import DrainError, drain_worker
 from tests.conftest import random_prompts
 from tests.integration.workers import (
     REPO_ROOT,
+    cluster_token,
     decode_stream,
     prefill,
     release_kv,
@@ -82,7 +83,7 @@ def test_drain_rpc_finishes_the_stream_and_leaves_routing(
 
         tokens += [t for delta in stream for t in delta.token_ids]
         assert tokens == list(reference.generate([prompt], params)[0].token_ids)
-        progress = drain_worker(d.address, timeout_s=10.0)
+        progress = drain_worker(d.address, timeout_s=10.0, token=cluster_token())
         assert (progress.idle, progress.waiting, progress.running, progress.held_leases) == (True, 0, 0, 0)
         h = worker_health(d)
         assert (h.draining, h.free_blocks) == (True, h.total_blocks)

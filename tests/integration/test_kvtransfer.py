@@ -38,6 +38,7 @@ from tandem.kvtransfer.torch_source import TorchKVServicer
 from tandem.launcher.processes import ChildProcess, wait_all_ready
 from tandem.loadtest.bench.kv import source_lease_secret
 from tandem.loadtest.bench.kv_source import random_kv_caches, source_args
+from tests.integration.workers import cluster_token
 
 NUM_BLOCKS = 96
 LEASED = tuple(range(10, 40))  # the source's held prompt blocks
@@ -647,7 +648,8 @@ def test_torch_pull_from_a_source_process_is_exact_and_reuses_its_pair(remote_so
     before = snapshot(dest)
 
     async def main() -> None:
-        transport = create_transport("torch")
+        # the source process requires the session's cluster token (it inherits it)
+        transport = create_transport("torch", KVTransferConfig(transport="torch", token=cluster_token()))
         src_ids = (3, 4, 5, 6, 40, 41, 42, 80)
         dst_ids = (90, 91, 92, 93, 0, 1, 2, 50)
         stats = await transport.pull(remote.handle(), src_ids, dst_ids, dest, TIMEOUT_S)

@@ -16,6 +16,7 @@ from tandem.engine import Engine, SamplingParams
 from tests.conftest import random_prompts
 from tests.integration.workers import (
     STOP_TIMEOUT_S,
+    cluster_token,
     decode_stream,
     metrics_port,
     prefill,
@@ -96,7 +97,9 @@ class _CorruptingProxy:
     def __init__(self, upstream: str) -> None:
         import grpc
 
-        self._channel = grpc.insecure_channel(upstream)
+        from tandem.common.plane_auth import sync_channel
+
+        self._channel = sync_channel(upstream, cluster_token())
         self.server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(4))
         pull = self._channel.unary_stream(
             "/tandem.v1.KVTransfer/PullKV", request_serializer=None, response_deserializer=None

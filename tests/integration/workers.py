@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import urllib.request
@@ -15,6 +16,7 @@ from tandem.common import codec, kv_codec
 from tandem.common.ownership import owner_metadata
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.plane_auth import TOKEN_ENV, ClusterToken, sync_channel
 from tandem.engine import SamplingParams
 from tandem.launcher.processes import ChildProcess
 
@@ -49,8 +51,14 @@ def start_worker(role: str, model_dir: Path, *extra: str, worker_id: str, timeou
     return ChildProcess.start(worker_id, argv, timeout_s, cwd=REPO_ROOT, forward=False)
 
 
+def cluster_token() -> ClusterToken:
+    """The test session's cluster token (tests/conftest.py), which every child inherits."""
+    return ClusterToken(os.environ[TOKEN_ENV])
+
+
 def worker_channel(worker: ChildProcess) -> grpc.Channel:
-    return grpc.insecure_channel(worker.address)
+    """A channel whose every call presents the session's cluster token."""
+    return sync_channel(worker.address, cluster_token())
 
 
 def worker_stub(worker: ChildProcess) -> pb_grpc.WorkerStub:

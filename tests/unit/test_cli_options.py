@@ -218,13 +218,17 @@ def leaf_fields(cls: type, prefix: str = "") -> list[str]:
 
 # Fields without a flag, and why: the command or the launcher gives them.
 NO_FLAG = {
-    WorkerConfig: {"role", "kv_transfer.bind_host"},
+    # the cluster token: read by the command (TANDEM_CLUSTER_TOKEN or --cluster-token-file)
+    WorkerConfig: {"role", "kv_transfer.bind_host", "plane.token", "kv_transfer.token"},
+    GatewayConfig: {"plane.token"},
+    KVTransferConfig: {"token"},
     RayConfig: {"address", "auth"},
     LocalClusterConfig: {
         *(f"worker.{name}" for name in ("role", "worker_id", "model_dir", "host", "port", "advertise_host")),
         *(f"worker.{name}" for name in ("metrics_port", "redis_url", "engine.num_threads", "kv_transfer.bind_host")),
         "gateway.model_dir",
         "gateway.redis_url",
+        *("worker.plane.token", "worker.kv_transfer.token", "gateway.plane.token"),
     },
 }
 

@@ -16,6 +16,7 @@ import pytest
 from tandem.cli import COMMANDS, build_parser
 from tandem.cli.cluster import up_config
 from tandem.cli.serve import gateway_config, worker_config
+from tandem.common.plane_auth import TOKEN_ENV, ClusterToken, PlaneAuth
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import WorkerRole
 from tandem.engine.config import EngineConfig
@@ -51,7 +52,8 @@ def test_every_legacy_flag_keeps_its_default(command: str) -> None:
     assert flag_defaults(build_parser(only=command), command) == defaults
 
 
-def test_worker_command_builds_its_config(tmp_path: Path) -> None:
+def test_worker_command_builds_its_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "  the-token-of-this-test \n")
     args = build_parser().parse_args(
         ["decode", "--model", str(tmp_path), "--host", "10.1.2.3", "--port", "50051", "--kv-cache-mib", "8"]
         + ["--redis", "redis://r:6379/0", "--otel-exporter", "file", "--otel-file", "/t/spans.jsonl"]
@@ -65,11 +67,13 @@ def test_worker_command_builds_its_config(tmp_path: Path) -> None:
         port=50051,
         redis_url="redis://r:6379/0",
         tracing=TracingConfig(exporter="file", file_path=Path("/t/spans.jsonl")),
+        plane=PlaneAuth(token=ClusterToken("the-token-of-this-test")),
     )
 
 
 def test_gateway_and_up_add_the_environment_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_API_KEYS", " e1, ,e2")
+    monkeypatch.delenv(TOKEN_ENV)
     args = build_parser().parse_args(["gateway", "--model", str(tmp_path), "--redis", "redis://r", "--api-key", "f"])
     assert gateway_config(args) == GatewayConfig(model_dir=tmp_path, redis_url="redis://r", api_keys=("f", "e1", "e2"))
     config = up_config(build_parser().parse_args(["up", "--api-key", "f", "--port", "0"]))

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from tandem.common.options import parse
+from tandem.common.plane_auth import TOKEN_ENV, ClusterToken, PlaneAuth
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled
-from tandem.launcher.config import gateway_template, worker_template
+from tandem.launcher.config import ChildSecrets, gateway_template, worker_template
 from tandem.launcher.local import ChildSummary
 from tandem.launcher.state_file import UpState, read_state, remove_state, write_state
 from tandem.launcher.status import render, run_status, summarize
@@ -183,31 +184,44 @@ def test_up_flags_fill_both_templates(tmp_path: Path) -> None:
     assert config.api_keys == ("k2", "k1")  # as given: the banner's curl example uses the first
 
 
-def test_children_argv_parse_back_to_their_configs(tmp_path: Path) -> None:
+def test_children_argv_parse_back_to_their_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The children's command lines hold no secret: the Redis URL (with its password) and the
+    cluster token come from their environment (`ChildSecrets`)."""
     from tandem.cli import build_parser
     from tandem.cli.serve import gateway_config, worker_config
 
+    monkeypatch.delenv(TOKEN_ENV)
     config = up("--port", "0", "--cluster", "c1", "--kv-cache-mib", "8", "--api-key", "k1", "--api-key", "k2")
-    redis_url = "redis://127.0.0.1:1/0"
+    redis_url = "redis://:the-password@127.0.0.1:1/0"
+    secrets = ChildSecrets(redis_url, ClusterToken("the-cluster-token-0000"))
+    assert secrets.environ({"PATH": "/bin", TOKEN_ENV: "old"}) == {
+        "PATH": "/bin",
+        "TANDEM_REDIS_URL": redis_url,
+        TOKEN_ENV: "the-cluster-token-0000",
+    }
+    assert "the-password" not in repr(secrets) and "the-cluster-token" not in repr(secrets)
+    for name, value in secrets.environ({}).items():
+        monkeypatch.setenv(name, value)
+    plane = PlaneAuth(token=secrets.token)
     worker = config.worker_argv(WorkerRole.PREFILL, "prefill-0", tmp_path, redis_url, 3)
     assert worker == [
         *(sys.executable, "-m", "tandem", "prefill", "--worker-id", "prefill-0", "--model", str(tmp_path)),
-        *("--metrics-port", "0", "--redis", redis_url, "--cluster", "c1", "--kv-cache-mib", "8"),
+        *("--metrics-port", "0", "--cluster", "c1", "--kv-cache-mib", "8"),
         *("--num-threads", "3"),
     ]
     expected = config.worker_config(WorkerRole.PREFILL, "prefill-0", tmp_path, redis_url, 3)
-    assert worker_config(build_parser().parse_args(worker[3:])) == expected
+    assert worker_config(build_parser().parse_args(worker[3:])) == replace(expected, plane=plane)
     assert (expected.host, expected.port, expected.metrics_port, expected.engine.num_threads) == ("127.0.0.1", 0, 0, 3)
 
     gateway = config.gateway_argv(tmp_path, redis_url)
     assert gateway == [
-        *(sys.executable, "-m", "tandem", "gateway", "--model", str(tmp_path), "--redis", redis_url),
+        *(sys.executable, "-m", "tandem", "gateway", "--model", str(tmp_path)),
         *("--port", "0", "--cluster", "c1"),
     ]
     env = config.gateway_env({"TANDEM_API_KEYS": "old", "PATH": "/bin"})
     assert env == {"PATH": "/bin", "TANDEM_API_KEYS": "k1,k2"}
     args = build_parser().parse_args(gateway[3:])
-    assert gateway_config(args) == replace(config.gateway_config(tmp_path, redis_url), api_keys=())
+    assert gateway_config(args) == replace(config.gateway_config(tmp_path, redis_url), api_keys=(), plane=plane)
     assert "TANDEM_API_KEYS" not in LocalClusterConfig().gateway_env({"TANDEM_API_KEYS": "old"})
 
 

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandem.cli.inputs import api_keys
+from tandem.cli.inputs import api_keys, plane_auth, redis_url
 from tandem.common.options import add_flags, from_args
 
 if TYPE_CHECKING:
+    from tandem.common.plane_auth import ClusterToken
     from tandem.launcher.config import LocalClusterConfig
     from tandem.launcher.ray_cluster import RayCluster
 
@@ -58,10 +59,18 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def up_config(args: argparse.Namespace) -> LocalClusterConfig:
-    """The cluster's config: its flags plus the API keys of TANDEM_API_KEYS."""
+    """The cluster's config: its flags plus the API keys of TANDEM_API_KEYS, the Redis URL of
+    TANDEM_REDIS_URL and the cluster token of TANDEM_CLUSTER_TOKEN (without one, `tandem up`
+    generates one, unless `--insecure-no-auth`)."""
     from tandem.launcher.config import LocalClusterConfig
 
-    given: dict[str, Any] = {"gateway.api_keys": api_keys(args.api_key or ())}
+    plane = plane_auth(args.cluster_token_file, args.insecure_no_auth)
+    given: dict[str, Any] = {
+        "gateway.api_keys": api_keys(args.api_key or ()),
+        "redis_url": redis_url(args.redis_url),
+        "worker.plane": plane,
+        "gateway.plane": plane,
+    }
     config: LocalClusterConfig = from_args(LocalClusterConfig, args, **given)
     return config
 
@@ -123,6 +132,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def add_drain_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", required=True, help="the worker's gRPC host:port")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="wait at most this long for it to be idle")
+    parser.add_argument(
+        "--cluster-token-file",
+        type=Path,
+        default=None,
+        help="file holding the cluster token (default: $TANDEM_CLUSTER_TOKEN, else the running `tandem up`'s)",
+    )
     parser.set_defaults(func=cmd_drain)
 
 
@@ -132,7 +147,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from tandem.worker.drain import DrainError, drain_worker
 
     try:
-        progress = drain_worker(args.address, args.timeout_s)
+        progress = drain_worker(args.address, args.timeout_s, token=_drain_token(args.cluster_token_file))
     except DrainError as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 1
@@ -143,3 +158,15 @@ def cmd_drain(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0 if progress.idle else 1
+
+
+def _drain_token(token_file: Path | None) -> ClusterToken | None:
+    """The cluster token to present: `--cluster-token-file`, else TANDEM_CLUSTER_TOKEN, else the
+    one of the running `tandem up` (its state file, readable by its owner only)."""
+    from tandem.launcher.state_file import read_state
+
+    token = plane_auth(token_file, False).token
+    if token is not None:
+        return token
+    state = read_state(_up_state_file())
+    return state.cluster_token if state is not None and state.owner_running() else None

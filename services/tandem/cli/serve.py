@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from tandem.cli.inputs import api_keys, model_dir
+from tandem.cli.inputs import api_keys, model_dir, plane_auth, redis_url
 from tandem.common.options import add_flags, from_args
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         role=role,
         worker_id=args.worker_id or f"{role.value}-{args.port}",
         model_dir=model_dir(args.model),
+        redis_url=redis_url(args.redis),
+        plane=plane_auth(args.cluster_token_file, args.insecure_no_auth),
     )
     return config
 
@@ -61,11 +63,18 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    """The gateway's config: its flags, the API keys of TANDEM_API_KEYS, the tiny model's fallback."""
+    """The gateway's config: its flags, the API keys of TANDEM_API_KEYS, the Redis URL of
+    TANDEM_REDIS_URL and the cluster token of TANDEM_CLUSTER_TOKEN (unless flags give them), the
+    tiny model's fallback."""
     from tandem.gateway.config import GatewayConfig
 
     config: GatewayConfig = from_args(
-        GatewayConfig, args, model_dir=model_dir(args.model), api_keys=api_keys(args.api_key or ())
+        GatewayConfig,
+        args,
+        model_dir=model_dir(args.model),
+        api_keys=api_keys(args.api_key or ()),
+        redis_url=redis_url(args.redis),
+        plane=plane_auth(args.cluster_token_file, args.insecure_no_auth),
     )
     return config
 

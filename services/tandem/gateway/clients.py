@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import grpc
 
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.plane_auth import ClusterToken, aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +24,17 @@ CHANNEL_OPTIONS = [
 
 
 class WorkerClients:
-    """`stub(address)` returns the Worker stub of a live worker's gRPC address."""
+    """`stub(address)` returns the Worker stub of a live worker's gRPC address. Every call
+    presents `token`, the cluster token (None: an insecure plane)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: ClusterToken | None = None) -> None:
+        self._token = token
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
 
     def stub(self, address: str) -> pb_grpc.WorkerStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = aio_channel(address, self._token, CHANNEL_OPTIONS)
             entry = (channel, pb_grpc.WorkerStub(channel))
             self._channels[address] = entry
         return entry[1]

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem.common.plane_auth import PlaneAuth
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import check_name
 from tandem.gateway.admission import AdmissionConfig
@@ -30,13 +31,22 @@ class GatewayConfig:
     clients. `max_body_bytes` caps a request body (413 above it). A streaming client that stops
     reading holds at most `max_buffered_events` events; once they have been full for
     `slow_client_timeout_s`, its request is aborted. `admission` bounds what is admitted
-    (admission.py: 429/503 with Retry-After, priorities).
+    (admission.py: 429/503 with Retry-After, priorities). `plane` is how it authenticates to the
+    workers (`tandem.common.plane_auth`): without a token it refuses to start, unless
+    `--insecure-no-auth`.
     """
 
     model_dir: Path = field(
         metadata={"flag": "model", "required": False, "help": "local HF model directory (tokenizer, config)"}
     )
-    redis_url: str = field(metadata={"flag": "redis", "help": "Redis URL of the cluster state"})
+    redis_url: str = field(
+        metadata={
+            "flag": "redis",
+            "required": False,
+            "help": "Redis URL of the cluster state (default: $TANDEM_REDIS_URL); redis://:PASSWORD@host:port/db, "
+            "rediss:// for TLS",
+        }
+    )
     served_model_name: str | None = field(
         default=None, metadata={"help": "the `model` clients send (default: directory name)"}
     )
@@ -65,6 +75,7 @@ class GatewayConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    plane: PlaneAuth = field(default_factory=PlaneAuth)
 
     def __post_init__(self) -> None:
         try:
@@ -75,7 +86,9 @@ class GatewayConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.redis_url:
-            raise ValueError("redis_url is required (the gateway reads the cluster state from Redis)")
+            raise ValueError(
+                "redis_url is required (the gateway reads the cluster state from Redis): --redis or TANDEM_REDIS_URL"
+            )
         check_name("cluster", self.cluster)  # it names Redis keys
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")

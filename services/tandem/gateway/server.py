@@ -54,7 +54,9 @@ class _Server(uvicorn.Server):
 
 
 async def serve(config: GatewayConfig) -> bool:
-    """Serve until a signal; False if the app never started."""
+    """Serve until a signal; False if the app never started. Refuses to start without the
+    cluster token (unless `--insecure-no-auth`): every worker call would be refused."""
+    config.plane.require("the gateway")
     state = GatewayState(config)
     app = create_app(state)
     sock = bind(config.host, config.port)

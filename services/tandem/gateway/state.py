@@ -78,7 +78,7 @@ class GatewayState:
             model_id=config.hash_model_id,
             gateway_id=default_gateway_id(),
         )
-        self.clients = WorkerClients()
+        self.clients = WorkerClients(config.plane.token)
         self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)
         self.admission = AdmissionController(config.admission, self.metrics, self.pool_load)
         self._aioredis: aioredis.Redis | None = None

@@ -18,6 +18,7 @@ import grpc
 
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
+from tandem.common.plane_auth import ClusterToken, aio_channel
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES
 
@@ -69,16 +70,20 @@ def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> KVTransferError:
 
 
 class ChannelCache:
-    """grpc.aio channels keyed by peer address; create, reuse, drop, close. One event loop."""
+    """grpc.aio channels keyed by peer address; create, reuse, drop, close. One event loop.
+    Every call presents `token` (the cluster token; None on an insecure plane)."""
 
-    def __init__(self, options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS) -> None:
+    def __init__(
+        self, options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS, token: ClusterToken | None = None
+    ) -> None:
         self._options = list(options)
+        self._token = token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = aio_channel(address, self._token, self._options)
             self._channels[address] = channel
         return channel
 

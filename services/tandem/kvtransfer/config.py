@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tandem.common.plane_auth import ClusterToken
+
 MiB = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * MiB  # DESIGN.md section 4: KV moves in chunks of 1 to 4 MiB
 MIN_CHUNK_BYTES = 1 * MiB
@@ -53,6 +55,9 @@ class KVTransferConfig:
     )
     max_blocks_per_pull: int = field(
         default=65536, metadata={"flag": "kv-max-blocks-per-pull", "help": "a peer asking for more is refused"}
+    )
+    token: ClusterToken | None = field(
+        default=None, metadata={"no_flag": "the worker's cluster token, presented to peers (None: insecure plane)"}
     )
 
     def __post_init__(self) -> None:

@@ -161,7 +161,7 @@ class GrpcTransport:
 
     def __init__(self, config: KVTransferConfig) -> None:
         self.config = config
-        self.channels = ChannelCache()
+        self.channels = ChannelCache(token=config.token)
         self.staging = StagingPool(config.max_staging_bytes)
         self._servicers: list[KVTransferServicer] = []
 

@@ -8,12 +8,29 @@ next pull forms a new pair under a new id.
 
 Everything blocking here (formation, waits) runs in its owner's thread pool and is bounded by
 a timeout. Pair objects are owned by one transport (receiver side) or servicer (source side).
+
+Who may join a pair (the cluster token, `tandem.common.plane_auth`): before either side builds
+its process group, the receiver writes a fresh random nonce under the pair's prefix, and the
+source answers with `token.proof(PROOF_CONTEXT, pair_id, nonce)` (an HMAC-SHA256 keyed by the
+cluster token). The receiver compares it in constant time, within `connect_timeout_s`; a peer
+without the token (no proof, or a wrong one) gets no pair, and the receiver's pull fails with
+REFUSED "did not prove the cluster token". The source itself only joins stores named by a
+SendKV call, which carried the token and came from the store's own host.
+Residual risk: TCPStore has no authentication of its own. Anyone who can reach the receiver's
+store port (bound to `bind_host` only) can read its keys (the nonce and the proof, useless for
+any other pair) and write keys: it can spoil a pair's formation (a denial of service: the pull
+fails and the decode worker recomputes) or race the gloo/NCCL rendezvous keys that follow the
+proof. Bytes it injected would not pass the checksum, which the real source reports over the
+authenticated gRPC call. Keep `bind_host` on a network only the cluster reaches (the Helm
+chart's NetworkPolicy); mTLS does not cover the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import hmac
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -22,11 +39,14 @@ from typing import Protocol, cast
 import torch
 import torch.distributed as dist
 
+from tandem.common.plane_auth import ClusterToken
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 
 MIN_MESSAGE_BYTES = 1 << 20  # planes are grouped into messages of at least this many bytes
 MAX_TAG = 1 << 30  # gloo/NCCL message tags are 32-bit signed
+PROOF_CONTEXT = "tandem-kv-pair-v1"  # what a source's proof is about (never reused elsewhere)
+NONCE_KEY, PROOF_KEY = "auth/nonce", "auth/proof"  # under the pair's prefix
 
 
 @dataclass(frozen=True)
@@ -133,12 +153,15 @@ class Pair:
         self._next_tag += count
         return first
 
-    def form(self, store: dist.Store, timeout_s: float) -> None:
-        """Blocking: join the group; returns once the peer joined too (or raises). Operations
-        are bounded by their own waits, formation by `timeout_s`."""
+    def form(self, store: dist.Store, timeout_s: float, token: ClusterToken | None) -> None:
+        """Blocking: prove (source) or check (receiver) the cluster token `token` (None: an
+        insecure plane, nothing checked), then join the group; returns once the peer joined too
+        (or raises). Operations are bounded by their own waits, formation by `timeout_s`."""
         if self.broken:  # a torn-down pair never forms again: its store keys are spent
             raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"pair {self.pair_id} was torn down")
         prefixed = dist.PrefixStore(self.pair_id, store)
+        if token is not None:
+            self._authenticate(prefixed, timeout_s, token)
         try:
             if self.device.type == "cuda":
                 nccl_options = dist.ProcessGroupNCCL.Options()
@@ -157,6 +180,35 @@ class Pair:
         if self.broken:  # torn down while it formed: release it now
             self.abort()
             raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"pair {self.pair_id} was torn down")
+
+    def _authenticate(self, store: dist.Store, timeout_s: float, token: ClusterToken) -> None:
+        """Blocking: the receiver (rank 1) posts a nonce and checks the source's proof of the
+        token; the source (rank 0) answers it. Raises (and breaks the pair) on any failure."""
+        try:
+            if self.rank == 1:
+                nonce = secrets.token_hex(16)
+                store.set(NONCE_KEY, nonce)
+                store.wait([PROOF_KEY], _timedelta(timeout_s))
+                proof = store.get(PROOF_KEY)
+                if not hmac.compare_digest(proof, token.proof(PROOF_CONTEXT, self.pair_id, nonce).encode()):
+                    raise KVTransferError(
+                        FailureReason.REFUSED,
+                        f"pair {self.pair_id}: the source did not prove the cluster token (wrong proof)",
+                    )
+            else:
+                nonce = store.get(NONCE_KEY).decode()
+                store.set(PROOF_KEY, token.proof(PROOF_CONTEXT, self.pair_id, nonce))
+        except KVTransferError:
+            self.broken = True
+            raise
+        except Exception as exc:
+            self.broken = True
+            reason = _reason(exc)
+            what = "the source did not prove the cluster token" if self.rank == 1 else "no nonce from the receiver"
+            raise KVTransferError(
+                FailureReason.REFUSED if reason is FailureReason.TIMEOUT else reason,
+                f"pair {self.pair_id}: {what} within {timeout_s:.1f} s: {_first_line(exc)}",
+            ) from None
 
     def join_store(self, address: str, timeout_s: float) -> dist.Store:
         """Source side, blocking: connect to the receiver's TCPStore at `address`."""

@@ -126,7 +126,7 @@ class TorchKVServicer(KVTransferServicer):
                 await asyncio.wrap_future(self._send_executor.submit(self._form, pair, store_address, timeout_s))
 
     def _form(self, pair: Pair, store_address: str, timeout_s: float) -> None:
-        pair.form(pair.join_store(store_address, timeout_s), timeout_s)
+        pair.form(pair.join_store(store_address, timeout_s), timeout_s, self.config.token)
 
     def _send(self, pair: Pair, request: kv_codec.SendKVRequest, deadline_s: float) -> int:
         """Worker thread: send every message of the plan, holding the lease checked out for as

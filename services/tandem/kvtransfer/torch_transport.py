@@ -56,7 +56,7 @@ class TorchTransport:
 
     def __init__(self, config: KVTransferConfig) -> None:
         self.config = config
-        self.channels = ChannelCache()
+        self.channels = ChannelCache(token=config.token)
         self.staging = StagingPool(config.max_staging_bytes)
         self._executor = ThreadPoolExecutor(config.max_inflight_sends + 2, thread_name_prefix="kv-recv")
         self._store_host: StoreHost | None = None
@@ -151,7 +151,9 @@ class TorchTransport:
         async with pair.lock:
             if pair.group is None:
                 timeout_s = min(self.config.connect_timeout_s, deadline_s - time.monotonic())
-                await asyncio.wrap_future(self._executor.submit(pair.form, self._store().store, timeout_s))
+                await asyncio.wrap_future(
+                    self._executor.submit(pair.form, self._store().store, timeout_s, self.config.token)
+                )
         receive = self._executor.submit(_receive_messages, pair, buffer, messages, first_tag, deadline_s)
         return await asyncio.wrap_future(receive)
 

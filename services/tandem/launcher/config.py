@@ -5,8 +5,10 @@ The workers' and the gateway's options are declared once, in `WorkerConfig` and 
 a `LocalClusterConfig` holds one of each as a template (their flags are `tandem up`'s flags), and
 each child's config is its template with the child's own values put in (`dataclasses.replace`).
 A child's command line is that config written back as flags (`tandem.common.options.to_argv`),
-so that the child parses exactly the config built here. These functions are pure so that tests
-can read them.
+so that the child parses exactly the config built here, but for its secrets: the Redis URL
+(it may hold a password) and the cluster token travel in the child's environment
+(`ChildSecrets`), never on its command line, which every local user sees in `ps`. These
+functions are pure so that tests can read them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from tandem.autoscaler.config import AutoscalerConfig
 from tandem.common.options import options, to_argv
+from tandem.common.plane_auth import TOKEN_ENV, ClusterToken
+from tandem.common.redis_url import REDIS_URL_ENV
 from tandem.common.workers import WorkerRole
 from tandem.gateway.config import API_KEYS_ENV, GatewayConfig
 from tandem.launcher.restarts import RestartPolicy
@@ -44,6 +48,25 @@ WORKER_CHILD_FIELDS = (
 GATEWAY_CHILD_FIELDS = ("model_dir", "redis_url")
 _PLACEHOLDER_MODEL = Path("<model>")
 _PLACEHOLDER_REDIS = "redis://<redis>"
+_SECRET_FIELDS = frozenset({"redis_url"})  # in the environment (`ChildSecrets`), not in argv
+
+
+@dataclass(frozen=True)
+class ChildSecrets:
+    """What every child of a local cluster finds in its environment: the Redis URL
+    (TANDEM_REDIS_URL; it may hold a password) and the cluster token (TANDEM_CLUSTER_TOKEN;
+    None on an insecure plane). The repr hides both."""
+
+    redis_url: str = field(repr=False)
+    token: ClusterToken | None = None
+
+    def environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """`base` with these secrets put in (a token of `base` removed when there is none)."""
+        env = {**base, REDIS_URL_ENV: self.redis_url}
+        env.pop(TOKEN_ENV, None)
+        if self.token is not None:
+            env[TOKEN_ENV] = self.token.secret
+        return env
 
 
 def worker_template() -> WorkerConfig:
@@ -228,9 +251,10 @@ class LocalClusterConfig:
         num_threads: int,
         host: str = WORKER_HOST,
     ) -> list[str]:
-        """The command line of one worker: `worker_config(...)` as flags."""
+        """The command line of one worker: `worker_config(...)` as flags, but for its Redis URL
+        (`ChildSecrets.environ` gives it)."""
         config = self.worker_config(role, worker_id, model_dir, redis_url, num_threads, host)
-        return [sys.executable, "-m", "tandem", role.value, *to_argv(config)]
+        return [sys.executable, "-m", "tandem", role.value, *to_argv(config, skip=_SECRET_FIELDS)]
 
     def gateway_config(self, model_dir: Path, redis_url: str, port: int | None = None) -> GatewayConfig:
         """The gateway's config: the template with the model and Redis put in, on `port` if
@@ -239,9 +263,11 @@ class LocalClusterConfig:
         return config if port is None else dataclasses.replace(config, port=port)
 
     def gateway_argv(self, model_dir: Path, redis_url: str, port: int | None = None) -> list[str]:
-        """The command line of the gateway; its API keys travel in `gateway_env`."""
+        """The command line of the gateway; its API keys travel in `gateway_env`, its Redis URL
+        in `ChildSecrets.environ`."""
         config = self.gateway_config(model_dir, redis_url, port)
-        return [sys.executable, "-m", "tandem", "gateway", *to_argv(config, skip=frozenset({"api_keys"}))]
+        skip = _SECRET_FIELDS | {"api_keys"}
+        return [sys.executable, "-m", "tandem", "gateway", *to_argv(config, skip=skip)]
 
     def gateway_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """The gateway's environment: `base` plus the API keys in `TANDEM_API_KEYS` (in the

@@ -2,7 +2,7 @@
 
 Lifecycle of a `LocalCluster`:
 1. `start()` resolves the model (the generated tiny model unless one is named), starts a
-   private redis-server unless `redis_url` names one, then spawns every worker and the
+   private redis-server unless `redis_url` names one (with a generated password), then spawns every worker and the
    gateway at once (each worker with the host's cores divided among the workers). It waits
    for every ready line, then polls the gateway until `GET /ready` answers 200 (a decode
    worker is routable) and its `tandem_workers{pool}` gauge counts every worker started here
@@ -22,6 +22,9 @@ Lifecycle of a `LocalCluster`:
    The children share our process group, so a terminal's Ctrl-C signals all of them at once
    and that order then holds only loosely; a SIGTERM to our pid gets it exactly.
 
+The cluster token (`plane_auth`) is the config's, or one generated here (unless the plane is
+insecure); every child gets it and the Redis URL in its environment (`ChildSecrets`).
+
 Every child is spawned from the thread that calls `start()`: PR_SET_PDEATHSIG is tied to that
 thread (see `processes.py`), so call `start()` from a thread that outlives the cluster.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import secrets
 import signal
 import time
 import urllib.error
@@ -42,8 +46,9 @@ from types import TracebackType
 from typing import IO
 
 from tandem.common.embedded_redis import EmbeddedRedisError
+from tandem.common.plane_auth import ClusterToken
 from tandem.common.workers import WorkerRole
-from tandem.launcher.config import LocalClusterConfig
+from tandem.launcher.config import ChildSecrets, LocalClusterConfig
 from tandem.launcher.placement import ProcessPlacement, WorkerPlacement, WorkerProcess
 from tandem.launcher.processes import ChildProcess, ChildStartError, StartCancelled, wait_all_ready
 from tandem.launcher.redis_child import RedisChild
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 READY_POLL_INTERVAL_S = 0.1
 HTTP_TIMEOUT_S = 2.0
 WORKER_STOP_GRACE_S = 5.0
+REDIS_PASSWORD_BYTES = 24  # of the private redis-server's generated password
 POOL_SIZE_METRIC = "tandem_workers"  # the gateway's live workers per pool
 
 
@@ -92,6 +98,8 @@ class LocalCluster:
         self._started = False
         self._stopped = False
         self._model_dir: Path | None = config.model_dir
+        plane = config.worker.plane
+        self._token = plane.token if plane.token is not None or plane.insecure_no_auth else ClusterToken.generate()
 
     @property
     def config(self) -> LocalClusterConfig:
@@ -113,9 +121,19 @@ class LocalCluster:
 
     @property
     def redis_url(self) -> str:
+        """The URL every child uses (with the password of a private Redis: show it only
+        through `redis_url.redact`)."""
         if self._redis_url is None:
             raise RuntimeError("the cluster is not running")
         return self._redis_url
+
+    @property
+    def token(self) -> ClusterToken | None:
+        """The cluster token every child shares (None: `--insecure-no-auth`)."""
+        return self._token
+
+    def _secrets(self) -> ChildSecrets:
+        return ChildSecrets(self.redis_url, self._token)
 
     def children(self) -> list[ChildSummary]:
         """Every child that was started, Redis (if ours) first, then workers, then the gateway."""
@@ -147,7 +165,10 @@ class LocalCluster:
         if self._redis is not None and name == self._redis.child.name:
             self._redis.stop(timeout_s=1.0)  # reaps it and deletes its directory
             self._redis = RedisChild.start(
-                ready_timeout_s=min(30.0, self._config.ready_timeout_s), sink=self._sink, port=self._redis.port
+                ready_timeout_s=min(30.0, self._config.ready_timeout_s),
+                sink=self._sink,
+                port=self._redis.port,
+                password=self._redis.password,
             )
             return self._redis.child
         if self._gateway is not None and name == self._gateway.name:
@@ -156,7 +177,7 @@ class LocalCluster:
             self._gateway = ChildProcess.spawn(
                 "gateway",
                 self._config.gateway_argv(self.model_dir, self.redis_url, port),
-                env=self._config.gateway_env(os.environ),
+                env=self._config.gateway_env(self._secrets().environ(os.environ)),
                 sink=self._sink,
             )
             return self._gateway
@@ -193,17 +214,25 @@ class LocalCluster:
         model_dir = config.model_dir if config.model_dir is not None else _tiny_model_dir()
         self._model_dir = model_dir
         if config.redis_url is None:
-            self._redis = RedisChild.start(ready_timeout_s=min(30.0, config.ready_timeout_s), sink=self._sink)
+            self._redis = RedisChild.start(
+                ready_timeout_s=min(30.0, config.ready_timeout_s),
+                sink=self._sink,
+                password=secrets.token_urlsafe(REDIS_PASSWORD_BYTES),
+            )
             self._redis_url = self._redis.url
         redis_url = self.redis_url
+        child_secrets = self._secrets()
         # Spawn everything before waiting on anything: the processes load their models in
         # parallel. The gateway only routes to workers that registered, and /ready says when.
         # Local children come first: a Ray Client connection (`open()`) runs gRPC threads, and a
         # fork after that can abort in the child (gRPC's fork handlers).
         self._gateway = ChildProcess.spawn(
-            "gateway", config.gateway_argv(model_dir, redis_url), env=config.gateway_env(os.environ), sink=self._sink
+            "gateway",
+            config.gateway_argv(model_dir, redis_url),
+            env=config.gateway_env(child_secrets.environ(os.environ)),
+            sink=self._sink,
         )
-        self._placement.open(model_dir, redis_url, _remaining(deadline), cancelled)
+        self._placement.open(model_dir, child_secrets, _remaining(deadline), cancelled)
         for role, worker_id in config.worker_ids():
             self._spawn_worker(role, worker_id)
         wait_all_ready([*self._workers, self._gateway], _remaining(deadline), cancelled)

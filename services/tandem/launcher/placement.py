@@ -3,8 +3,9 @@
 `LocalCluster` owns the order of a cluster's life (Redis, workers, gateway; then the reverse)
 and asks a `WorkerPlacement` for the workers themselves:
 
-1. `open(model_dir, redis_url, timeout_s, cancelled)` once, after Redis is up and before any
-   worker (a Ray placement connects to Ray here, or starts a head node).
+1. `open(model_dir, secrets, timeout_s, cancelled)` once, after Redis is up and before any
+   worker (a Ray placement connects to Ray here, or starts a head node). `secrets` (the Redis
+   URL, the cluster token) go into every worker's environment, never its command line.
 2. `spawn(role, worker_id)` once per worker; it returns at once with a `WorkerProcess` that
    is still starting (its ready line arrives later, through `check_ready()`).
 3. `close()` once, after `LocalCluster` stopped every worker it spawned and before Redis stops.
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from tandem.common.workers import WorkerRole
-from tandem.launcher.config import LocalClusterConfig
+from tandem.launcher.config import ChildSecrets, LocalClusterConfig
 from tandem.launcher.processes import ChildProcess
 
 
@@ -63,7 +64,7 @@ class WorkerPlacement(Protocol):
     """Runs the workers of one `LocalCluster`; see the module doc for the call order. Called
     from the cluster's thread; an implementation that an autoscaler also drives locks itself."""
 
-    def open(self, model_dir: Path, redis_url: str, timeout_s: float, cancelled: Callable[[], bool]) -> None:
+    def open(self, model_dir: Path, secrets: ChildSecrets, timeout_s: float, cancelled: Callable[[], bool]) -> None:
         """Get ready to spawn workers (bounded by `timeout_s`)."""
         ...
 
@@ -94,20 +95,20 @@ class ProcessPlacement:
         self._sink = sink
         self._num_threads = num_threads
         self._cpus = dict(cpus or {})
-        self._target: tuple[Path, str] | None = None
+        self._target: tuple[Path, ChildSecrets] | None = None
 
-    def open(self, model_dir: Path, redis_url: str, timeout_s: float, cancelled: Callable[[], bool]) -> None:
-        self._target = (model_dir, redis_url)
+    def open(self, model_dir: Path, secrets: ChildSecrets, timeout_s: float, cancelled: Callable[[], bool]) -> None:
+        self._target = (model_dir, secrets)
 
     def spawn(self, role: WorkerRole, worker_id: str) -> ChildProcess:
         if self._target is None:
             raise RuntimeError("ProcessPlacement.spawn() before open()")
-        model_dir, redis_url = self._target
+        model_dir, secrets = self._target
         num_threads = self._num_threads or self._config.threads_per_worker(os.cpu_count())
-        argv = self._config.worker_argv(role, worker_id, model_dir, redis_url, num_threads)
+        argv = self._config.worker_argv(role, worker_id, model_dir, secrets.redis_url, num_threads)
         if worker_id in self._cpus:
             argv = pinned(self._cpus[worker_id], argv)
-        return ChildProcess.spawn(worker_id, argv, sink=self._sink)
+        return ChildProcess.spawn(worker_id, argv, env=secrets.environ(os.environ), sink=self._sink)
 
     def close(self) -> None:
         """Nothing of its own: `LocalCluster` stops every worker this placement spawned."""

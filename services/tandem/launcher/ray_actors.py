@@ -20,13 +20,15 @@ Lifecycle of one worker (driver side, `RayWorker`):
    an actor Ray has not placed within PLACE_WAIT_S has nothing to drain and is killed at once.
 
 The actor is threaded (`max_concurrency`): `wait_exit`, `ready` and `stop` run side by side.
-Only strings, numbers and the frozen `LocalClusterConfig` cross Ray (Ray serialises them);
-no KV and no request ever goes through Ray.
+Only strings, numbers and frozen configs cross Ray (Ray serialises them; the `ChildSecrets`, the
+Redis URL and the cluster token, go into the worker's environment on its node, never into its
+command line); no KV and no request ever goes through Ray.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -38,7 +40,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayError
 
 from tandem.common.workers import WorkerRole
-from tandem.launcher.config import LocalClusterConfig
+from tandem.launcher.config import ChildSecrets, LocalClusterConfig
 from tandem.launcher.processes import ChildProcess, ChildStartError
 
 logger = logging.getLogger(__name__)
@@ -55,13 +57,18 @@ KILLED = -int(signal.SIGKILL)  # the exit code reported for a worker whose actor
 class WorkerActor:
     """Runs on a Ray node, owns one worker process. Methods are called by `RayWorker`."""
 
-    def __init__(self, config: LocalClusterConfig, role: str, worker_id: str, model_dir: str, redis_url: str) -> None:
+    def __init__(
+        self, config: LocalClusterConfig, role: str, worker_id: str, model_dir: str, secrets: ChildSecrets
+    ) -> None:
         host = ray.util.get_node_ip_address()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        argv = config.worker_argv(WorkerRole(role), worker_id, Path(model_dir), redis_url, max(1, int(cpus)), host=host)
+        num_threads = max(1, int(cpus))
+        argv = config.worker_argv(
+            WorkerRole(role), worker_id, Path(model_dir), secrets.redis_url, num_threads, host=host
+        )
         # Ray runs an actor's constructor on its process's main thread, which lives as long as
         # the actor: the worker's PR_SET_PDEATHSIG (processes.py) fires only if the actor dies.
-        self._child = ChildProcess.spawn(worker_id, argv)
+        self._child = ChildProcess.spawn(worker_id, argv, env=secrets.environ(os.environ))
         self._stop_lock = threading.Lock()  # one SIGTERM: a second could cut the drain short
 
     def pid(self) -> int:
@@ -129,14 +136,14 @@ class RayWorker:
         role: WorkerRole,
         worker_id: str,
         model_dir: Path,
-        redis_url: str,
+        secrets: ChildSecrets,
         resources: dict[str, float],
         stop_timeout_s: float,
     ) -> RayWorker:
         """Ask Ray for the actor (`resources`: `num_cpus` / `num_gpus`); returns at once."""
         actor: ActorHandle = _REMOTE_WORKER_ACTOR.options(  # type: ignore[assignment]  # Ray types it loosely
             max_concurrency=ACTOR_CONCURRENCY, **resources
-        ).remote(config, role.value, worker_id, str(model_dir), redis_url)
+        ).remote(config, role.value, worker_id, str(model_dir), secrets)
         logger.info("asked Ray for %s (%s)", worker_id, ", ".join(f"{k}={v}" for k, v in resources.items()))
         return cls(worker_id, role, actor, resources, stop_timeout_s)
 

@@ -41,8 +41,9 @@ from urllib.parse import urlsplit
 import ray
 from ray.exceptions import RayError
 
+from tandem.common.redis_url import redact
 from tandem.common.workers import WorkerRole
-from tandem.launcher.config import LocalClusterConfig
+from tandem.launcher.config import ChildSecrets, LocalClusterConfig
 from tandem.launcher.local import WORKER_STOP_GRACE_S
 from tandem.launcher.processes import ChildStartError
 from tandem.launcher.ray_actors import RayWorker
@@ -68,7 +69,7 @@ class RayCluster:
         self._lock = threading.Lock()
         self._workers: list[RayWorker] = []  # every actor not killed yet, oldest first
         self._next_index = {role: 0 for role in WorkerRole}
-        self._target: tuple[Path, str] | None = None
+        self._target: tuple[Path, ChildSecrets] | None = None
         self._resources: dict[str, float] = {}
         self._head: RayHead | None = None
         self._saved_environ: dict[str, str | None] | None = None
@@ -83,7 +84,7 @@ class RayCluster:
         return self._address
 
     # ---- WorkerPlacement -----------------------------------------------------------------
-    def open(self, model_dir: Path, redis_url: str, timeout_s: float, cancelled: Callable[[], bool]) -> None:
+    def open(self, model_dir: Path, secrets: ChildSecrets, timeout_s: float, cancelled: Callable[[], bool]) -> None:
         """Start the private head or not, set the auth variables, connect; see the module doc."""
         ray_config, auth = self._ray_config, self._ray_config.auth
         own_head = ray_config.own_head
@@ -109,14 +110,14 @@ class RayCluster:
         self._connect(self.address, auth.uses_token(own_head))
         has_gpu = ray.cluster_resources().get("GPU", 0.0) >= 1.0
         self._resources = {"num_gpus": 1.0} if has_gpu else {"num_cpus": float(ray_config.cpus_per_worker)}
-        self._target = (model_dir, redis_url)
+        self._target = (model_dir, secrets)
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        if nodes > 1 and urlsplit(redis_url).hostname in LOOPBACK_HOSTS:
+        if nodes > 1 and urlsplit(secrets.redis_url).hostname in LOOPBACK_HOSTS:
             logger.warning(
                 "the Ray cluster has %d nodes but Redis (%s) listens on loopback only: workers on "
                 "other nodes cannot reach it; pass --redis-url with an address every node reaches",
                 nodes,
-                redis_url,
+                redact(secrets.redis_url),
             )
         logger.info(
             "workers run as Ray actors on %s (%s; %s each; %s)",
@@ -157,7 +158,7 @@ class RayCluster:
     def _spawn_locked(self, role: WorkerRole, worker_id: str) -> RayWorker:
         if self._target is None:
             raise RuntimeError("RayCluster.spawn() before open() or after close()")
-        model_dir, redis_url = self._target
+        model_dir, secrets = self._target
         index = worker_id.rsplit("-", 1)[-1]
         if index.isdigit():
             self._next_index[role] = max(self._next_index[role], int(index) + 1)
@@ -166,7 +167,7 @@ class RayCluster:
             role,
             worker_id,
             model_dir,
-            redis_url,
+            secrets,
             self._resources,
             self._config.drain_timeout_s + WORKER_STOP_GRACE_S,
         )

@@ -5,6 +5,9 @@ Same server and settings as `tandem.common.embedded_redis.EmbeddedRedis` (the bi
 `ChildProcess` so that it too gets PR_SET_PDEATHSIG and dies with a SIGKILLed `tandem up`;
 `EmbeddedRedis` (for tests) has no such hook.
 
+`tandem up` gives it a generated password (`requirepass`, in a config file of its private
+directory, never on its command line); its `url` carries it.
+
 Lifecycle: `RedisChild.start()` picks a free port, spawns the server and waits, bounded, until
 the server on that port reports our child's pid; it retries on another port if the first one
 was taken meanwhile. `stop()` stops it by pid and deletes its working directory; idempotent.
@@ -20,7 +23,7 @@ from typing import IO
 
 import redis
 
-from tandem.common.embedded_redis import HOST, answers_as, find_redis_server, free_port, server_argv
+from tandem.common.embedded_redis import HOST, answers_as, find_redis_server, free_port, local_url, server_argv
 from tandem.launcher.processes import ChildProcess, ChildStartError
 
 PORT_ATTEMPTS = 3
@@ -31,16 +34,23 @@ PROBE_INTERVAL_S = 0.02
 class RedisChild:
     """A running redis-server child. The creator owns it and must `stop()` it."""
 
-    def __init__(self, child: ChildProcess, port: int, data_dir: Path) -> None:
+    def __init__(self, child: ChildProcess, port: int, data_dir: Path, password: str | None = None) -> None:
         """Wrap a ready server. Use `start()`."""
         self._child = child
         self._port = port
+        self._password = password
         self._data_dir = data_dir
 
     @classmethod
-    def start(cls, ready_timeout_s: float, sink: IO[str] | None = None, port: int | None = None) -> RedisChild:
-        """Spawn a server on `port` (None: a free loopback port); return once it answers
-        (bounded)."""
+    def start(
+        cls,
+        ready_timeout_s: float,
+        sink: IO[str] | None = None,
+        port: int | None = None,
+        password: str | None = None,
+    ) -> RedisChild:
+        """Spawn a server on `port` (None: a free loopback port), requiring `password` if one
+        is given; return once it answers (bounded)."""
         if not ready_timeout_s > 0:
             raise ValueError(f"ready_timeout_s must be > 0, got {ready_timeout_s}")
         binary = find_redis_server()
@@ -48,12 +58,12 @@ class RedisChild:
         for _ in range(PORT_ATTEMPTS if port is None else 1):
             data_dir = Path(tempfile.mkdtemp(prefix="tandem-up-redis-"))
             chosen = free_port() if port is None else port
-            argv = [*server_argv(binary, chosen, data_dir), "--loglevel", "warning"]
+            argv = [*server_argv(binary, chosen, data_dir, password), "--loglevel", "warning"]
             # Its log (startup banner, kernel tuning warnings) is kept for errors, not shown.
             child = ChildProcess.spawn("redis", argv, cwd=data_dir, sink=sink, forward=False)
             try:
-                _wait_ready(child, chosen, ready_timeout_s)
-                return cls(child, chosen, data_dir)
+                _wait_ready(child, chosen, ready_timeout_s, password)
+                return cls(child, chosen, data_dir, password)
             except BaseException as exc:
                 child.stop(timeout_s=5.0)
                 shutil.rmtree(data_dir, ignore_errors=True)
@@ -68,8 +78,13 @@ class RedisChild:
         return self._port
 
     @property
+    def password(self) -> str | None:
+        return self._password
+
+    @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self._port}/0"
+        """`redis://[:PASSWORD@]127.0.0.1:PORT/0` (show it only through `redis_url.redact`)."""
+        return local_url(self._port, self._password)
 
     @property
     def child(self) -> ChildProcess:
@@ -82,9 +97,11 @@ class RedisChild:
         return code
 
 
-def _wait_ready(child: ChildProcess, port: int, timeout_s: float) -> None:
+def _wait_ready(child: ChildProcess, port: int, timeout_s: float, password: str | None) -> None:
     deadline = time.monotonic() + timeout_s
-    probe = redis.Redis(host=HOST, port=port, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
+    probe = redis.Redis(
+        host=HOST, port=port, password=password, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S
+    )
     try:
         while True:
             if not child.is_running:

@@ -3,7 +3,10 @@
 Written once the cluster is up, removed when `tandem up` exits. `tandem status` reads it to
 find Redis and the cluster name; tests read it for the pids of the children. JSON object:
 `{"redis_url", "cluster", "endpoint", "pid", "children": [{"name", "pid", "address",
-"metrics_port"}, ...]}`; `pid` is the `tandem up` process itself.
+"metrics_port"}, ...], "cluster_token"}`; `pid` is the `tandem up` process itself. The file holds
+secrets (the Redis URL with its password, the cluster token, which `tandem drain` presents), so
+it is readable by its owner only (mode 0600, as `mkstemp` creates it); `tandem status` never
+prints either.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tandem.common.plane_auth import ClusterToken
 from tandem.launcher.local import ChildSummary
 
 STATE_FILE_NAME = "up.json"
@@ -27,6 +31,7 @@ class UpState:
     endpoint: str
     pid: int
     children: tuple[ChildSummary, ...] = ()
+    cluster_token: ClusterToken | None = None  # None: an insecure plane
 
     def owner_running(self) -> bool:
         """Whether the `tandem up` that wrote this file still runs (False: a stale file)."""
@@ -45,6 +50,7 @@ class UpState:
             "endpoint": self.endpoint,
             "pid": self.pid,
             "children": [asdict(child) for child in self.children],
+            "cluster_token": self.cluster_token.secret if self.cluster_token is not None else None,
         }
 
     @classmethod
@@ -59,7 +65,9 @@ class UpState:
                 )
                 for c in data.get("children", [])
             )
+            token = data.get("cluster_token")
             state = cls(
+                cluster_token=ClusterToken(str(token)) if token is not None else None,
                 redis_url=str(data["redis_url"]),
                 cluster=str(data["cluster"]),
                 endpoint=str(data["endpoint"]),

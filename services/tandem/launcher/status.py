@@ -19,6 +19,7 @@ import redis
 
 from tandem.common.cluster_state import ClusterState
 from tandem.common.gateway_view import GatewayView
+from tandem.common.redis_url import redact
 from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 
 REDIS_TIMEOUT_S = 2.0
@@ -192,7 +193,7 @@ def run_status(redis_url: str, cluster: str, as_json: bool = False) -> int:
     try:
         status = collect(ClusterState(client, cluster), cluster)
     except (redis.RedisError, OSError) as exc:
-        print(f"tandem: error: cannot read cluster state from Redis at {redis_url}: {exc}", file=sys.stderr)
+        print(f"tandem: error: cannot read cluster state from Redis at {redact(redis_url)}: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()

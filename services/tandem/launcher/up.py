@@ -5,8 +5,9 @@ Lifecycle:
    in a handler), which start-up and the wait loop poll.
 2. The cluster starts (bounded). On failure the error, with the failed child's last output,
    goes to stderr and the exit code is 1.
-3. The endpoint, the processes and a ready-to-paste curl command go to stdout, and the state
-   file (`up.json`) is written.
+3. The endpoint, the processes and a ready-to-paste curl command go to stdout (the Redis URL
+   with its password redacted, the cluster token never), and the state file (`up.json`,
+   readable by its owner only: it holds both) is written.
 4. The main thread waits. With `--autoscale`, an autoscaler thread reads the pools' queue
    depth from Redis and sets targets; the wait loop applies them (`LocalActuator.apply`:
    spawns workers, or drains the newest ones) and rewrites the state file when the
@@ -40,6 +41,7 @@ from tandem.autoscaler.config import AutoscalerConfig
 from tandem.autoscaler.local import LocalActuator
 from tandem.autoscaler.metrics import AutoscalerMetrics
 from tandem.common.cluster_state import ClusterState
+from tandem.common.redis_url import redact
 from tandem.common.workers import WorkerRole
 from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.local import ClusterStartError, LocalCluster
@@ -106,7 +108,8 @@ def _banner(cluster: LocalCluster, model: str) -> str:
         f"tandem up: cluster '{config.cluster}' is ready: {mode}",
         f"  endpoint: {cluster.endpoint}",
         f"  model:    {model}",
-        f"  redis:    {cluster.redis_url}",
+        f"  redis:    {redact(cluster.redis_url)}",
+        f"  internal: {_plane_line(cluster)}",
         f"  processes (tandem up itself is pid {os.getpid()}):",
     ]
     children = cluster.children()
@@ -126,6 +129,12 @@ def _banner(cluster: LocalCluster, model: str) -> str:
     return "\n".join(lines)
 
 
+def _plane_line(cluster: LocalCluster) -> str:
+    if cluster.token is None:
+        return "NO authentication on the workers' gRPC plane (--insecure-no-auth)"
+    return "every worker RPC requires the cluster token (in up.json, mode 0600; `tandem drain` reads it)"
+
+
 def _write_state(path: Path, cluster: LocalCluster) -> None:
     write_state(
         path,
@@ -135,6 +144,7 @@ def _write_state(path: Path, cluster: LocalCluster) -> None:
             endpoint=cluster.endpoint,
             pid=os.getpid(),
             children=tuple(cluster.children()),
+            cluster_token=cluster.token,
         ),
     )
 

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem.common.plane_auth import PlaneAuth
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import WorkerRole, check_name
 from tandem.engine.config import EngineConfig
@@ -18,7 +19,9 @@ class WorkerConfig:
     is what peers dial (default: `host`). `redis_url=None` runs without cluster state
     (a worker driven directly, as in tests). Times are seconds. The KV transport's
     `bind_host` is set by the worker to its advertised host. The flags of `tandem prefill` and
-    `tandem decode` are generated from these fields (`tandem.common.options`)."""
+    `tandem decode` are generated from these fields (`tandem.common.options`). `plane` is the
+    internal plane's authentication (`tandem.common.plane_auth`): its token is read by the
+    command, and a worker without one refuses to start unless `--insecure-no-auth`."""
 
     role: WorkerRole = field(metadata={"no_flag": "the command: tandem prefill | tandem decode"})
     worker_id: str = field(metadata={"required": False, "help": "default: {role}-{port}"})
@@ -30,7 +33,10 @@ class WorkerConfig:
     port: int = field(default=0, metadata={"help": "gRPC port (0: pick a free one)"})
     advertise_host: str | None = field(default=None, metadata={"help": "address peers dial (default: --host)"})
     metrics_port: int | None = field(default=None, metadata={"help": "serve Prometheus /metrics here"})
-    redis_url: str | None = field(default=None, metadata={"flag": "redis", "help": "Redis URL of the cluster state"})
+    redis_url: str | None = field(
+        default=None,
+        metadata={"flag": "redis", "help": "Redis URL of the cluster state (default: $TANDEM_REDIS_URL)"},
+    )
     cluster: str = field(default="default", metadata={"help": "cluster name (Redis key prefix)"})
     heartbeat_ttl_s: float = field(default=5.0, metadata={"help": "life of the worker's Redis entry"})
     lease_ttl_s: float = field(default=30.0, metadata={"help": "how long a finished prompt's blocks stay pinned"})
@@ -49,6 +55,7 @@ class WorkerConfig:
     request_timeout_s: float = field(default=600.0, metadata={"help": "bound on one request's life"})
     drain_timeout_s: float = field(default=30.0, metadata={"help": "bound on the drain at SIGTERM"})
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    plane: PlaneAuth = field(default_factory=PlaneAuth)
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)  # the rule its Redis registration applies

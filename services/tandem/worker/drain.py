@@ -17,6 +17,7 @@ import grpc
 
 from tandem.common import codec
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.plane_auth import ClusterToken, sync_channel
 
 DEFAULT_POLL_INTERVAL_S = 0.2
 RPC_TIMEOUT_S = 5.0
@@ -37,8 +38,14 @@ class DrainProgress:
     elapsed_s: float
 
 
-def drain_worker(address: str, timeout_s: float, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S) -> DrainProgress:
+def drain_worker(
+    address: str,
+    timeout_s: float,
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    token: ClusterToken | None = None,
+) -> DrainProgress:
     """Drain the worker at `address` (host:port) and wait up to `timeout_s` until it is idle.
+    Every call presents `token`, the cluster token (None: an insecure plane).
 
     Returns the last progress (`idle` False when the time ran out). Raises `DrainError` when
     the worker cannot be reached or refuses the call.
@@ -48,7 +55,7 @@ def drain_worker(address: str, timeout_s: float, poll_interval_s: float = DEFAUL
     if timeout_s <= 0 or poll_interval_s <= 0:
         raise ValueError("timeout_s and poll_interval_s must be > 0")
     start = time.monotonic()
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, token) as channel:
         stub = pb_grpc.WorkerStub(channel)
         while True:
             elapsed_s = time.monotonic() - start

@@ -14,6 +14,8 @@ Lifecycle:
    outputs to the asyncio thread in one call (one wake-up per step, not one per stream).
    grpc.health.v1 answers on the same port: "" (liveness) is SERVING while the step loop
    runs; `tandem.v1.Worker` (readiness) is SERVING from registration until the drain.
+   Every other method requires the cluster token (`plane_auth.TokenCheck`, a server
+   interceptor): a call without it ends UNAUTHENTICATED before any handler runs.
 3. A `Drain` call (`tandem drain`, a Kubernetes preStop hook), SIGTERM or SIGINT starts a
    drain: the worker deregisters from Redis (gateways stop routing to it), new work is
    refused (UNAVAILABLE, which gateways retry elsewhere), running sequences finish, leases
@@ -47,6 +49,7 @@ from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
+from tandem.common.plane_auth import server_interceptors
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
 from tandem.common.workers import WorkerInfo, WorkerLoad
 from tandem.engine.admission import WaitingQueueFullError
@@ -87,6 +90,7 @@ REDIS_TIMEOUT_S = 1.0  # a call to an unreachable Redis fails within about twice
 
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
+        config.plane.require("a worker")  # the plane is locked by default
         self.config = config
         self.engine = Engine(config.model_dir, config.engine)
         self.loop = StepLoop(self.engine, inbox_size=config.inbox_size)
@@ -131,7 +135,8 @@ class Worker:
         self.loop.add_tick(self._tick)
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
         self.transport = create_transport(
-            config.kv_transfer.transport, dataclasses.replace(config.kv_transfer, bind_host=config.advertised)
+            config.kv_transfer.transport,
+            dataclasses.replace(config.kv_transfer, bind_host=config.advertised, token=config.plane.token),
         )
 
     # ---- used by the role servicers --------------------------------------------------------
@@ -263,7 +268,8 @@ class Worker:
     # ---- process lifecycle ----------------------------------------------------------------
     async def serve(self, add_servicers: Callable[[grpc.aio.Server], None]) -> None:
         self.loop.start()
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        # Every call but grpc.health.v1 must present the cluster token (plane_auth.py).
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(self.config.plane))
         add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -271,6 +277,7 @@ class Worker:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         self.address = f"{self.config.advertised}:{port}"
         await server.start()
+        log.info("%s: %s", self.config.worker_id, self.config.plane.describe())
         metrics_port = (
             self.metrics.serve(self.config.host, self.config.metrics_port)
             if self.config.metrics_port is not None

@@ -26,12 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from tandem.common import codec
 from tandem.common.embedded_redis import EmbeddedRedis
 from tandem.common.options import to_argv
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.plane_auth import TOKEN_ENV, ClusterToken, aio_channel
 from tandem.common.request import SamplingParams
 from tandem.common.workers import WorkerRole
 from tandem.engine.config import EngineConfig, MiB
@@ -52,9 +51,11 @@ def _prompts(seed: int, n: int, length: int) -> list[list[int]]:
     return [[rng.randrange(4, 500) for _ in range(length)] for _ in range(n)]
 
 
-async def stream_direct(address: str, prompts: list[list[int]], max_tokens: int, tag: str) -> float:
+async def stream_direct(
+    address: str, prompts: list[list[int]], max_tokens: int, tag: str, token: ClusterToken | None
+) -> float:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_channel(address, token) as channel:
         stub = pb_grpc.WorkerStub(channel)
 
         async def one(i: int, prompt: list[int]) -> int:
@@ -158,6 +159,8 @@ def measure_gateway(
     """Start the processes, run the alternating rounds, stop everything; the tokens/s."""
     redis = EmbeddedRedis.start()
     python = [sys.executable, "-m", "tandem"]
+    token = ClusterToken.generate()  # the children's, in their environment
+    env = {**os.environ, TOKEN_ENV: token.secret}
     children: list[ChildProcess] = []
     own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
@@ -169,7 +172,7 @@ def measure_gateway(
             redis_url=redis.url,
             engine=EngineConfig(num_threads=1, kv_cache_bytes=64 * MiB),
         )
-        decode = ChildProcess.spawn("decode", [*python, "decode", *to_argv(worker)], forward=False)
+        decode = ChildProcess.spawn("decode", [*python, "decode", *to_argv(worker)], env=env, forward=False)
         children.append(decode)
         _pin(decode.pid, WORKER_CPU)
         address = decode.wait_ready(READY_TIMEOUT_S)["address"]
@@ -180,19 +183,21 @@ def measure_gateway(
             port=0,
             scheduler=SchedulerConfig(local_prefill_max_tokens=1_000_000),
         )
-        gateway = ChildProcess.spawn("gateway", [*python, "gateway", *to_argv(config)], forward=False)
+        gateway = ChildProcess.spawn("gateway", [*python, "gateway", *to_argv(config)], env=env, forward=False)
         children.append(gateway)
         _pin(gateway.pid, CLIENT_CPU)
         _pin(0, CLIENT_CPU)  # this process: the clients of both paths
         url = gateway.wait_ready(READY_TIMEOUT_S)["address"]
         _wait_http_ok(url + "/ready", READY_TIMEOUT_S)
         model = model_dir.name
-        asyncio.run(stream_direct(address, _prompts(0, 2, prompt_len), 4, "warmup"))
+        asyncio.run(stream_direct(address, _prompts(0, 2, prompt_len), 4, "warmup", token))
         asyncio.run(stream_via_gateway(url, model, _prompts(1, 2, prompt_len), 4))
         direct, via = [], []
         for r in range(rounds):
             direct.append(
-                asyncio.run(stream_direct(address, _prompts(10 + 2 * r, concurrency, prompt_len), max_tokens, f"r{r}"))
+                asyncio.run(
+                    stream_direct(address, _prompts(10 + 2 * r, concurrency, prompt_len), max_tokens, f"r{r}", token)
+                )
             )
             via.append(
                 asyncio.run(stream_via_gateway(url, model, _prompts(11 + 2 * r, concurrency, prompt_len), max_tokens))

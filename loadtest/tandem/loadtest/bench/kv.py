@@ -33,13 +33,14 @@ import xxhash
 
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
+from tandem.common.plane_auth import ClusterToken
 from tandem.kvtransfer.base import KVTransport, TransferStats, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import clamp_chunk_bytes
 from tandem.kvtransfer.torch_pairs import host_bytes, plan_messages
 from tandem.launcher.processes import ChildProcess
-from tandem.loadtest.bench.kv_source import random_kv_caches, source_args
+from tandem.loadtest.bench.kv_source import random_kv_caches, source_args, source_env
 
 BENCH_LAYOUT = KVLayout("llama", num_layers=16, num_kv_heads=4, head_dim=64, dtype="bfloat16", block_size=16)
 PROMPT_TOKENS = 4096  # 256 blocks of 256 KiB: 64 MiB of KV
@@ -129,13 +130,13 @@ class Receiver:
 
 @contextlib.contextmanager
 def source_process(
-    layout: KVLayout, num_blocks: int, device: str = "cpu", raw_tcp: bool = False
+    layout: KVLayout, num_blocks: int, token: ClusterToken, device: str = "cpu", raw_tcp: bool = False
 ) -> Iterator[ChildProcess]:
     """A ready kv_source child holding `num_blocks` random blocks (seed SEED) on `device` under
-    the lease REQUEST_ID, serving the torch transport's servicer (which serves gRPC pulls too);
-    stopped by pid on exit."""
+    the lease REQUEST_ID, serving the torch transport's servicer (which serves gRPC pulls too)
+    to callers that present `token`; stopped by pid on exit."""
     argv = source_args(layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=raw_tcp, device=device)
-    source = ChildProcess.start("kv-source", argv, SOURCE_READY_TIMEOUT_S, forward=False)
+    source = ChildProcess.start("kv-source", argv, SOURCE_READY_TIMEOUT_S, env=source_env(token), forward=False)
     try:
         yield source
     finally:
@@ -153,11 +154,12 @@ def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchRe
     torch.set_num_threads(1)  # one core for the receiver, one for the source (2-core hosts)
     layout = BENCH_LAYOUT
     num_blocks = -(-prompt_tokens // layout.block_size)
-    with source_process(layout, num_blocks, raw_tcp=True) as source:
+    token = ClusterToken.generate()
+    with source_process(layout, num_blocks, token, raw_tcp=True) as source:
         assert source.ready is not None  # start() returns a ready child
         raw_port = int(source.ready["raw_tcp_port"])
         secret = source_lease_secret(source)
-        return asyncio.run(_bench(layout, num_blocks, source.address, secret, raw_port, rounds))
+        return asyncio.run(_bench(layout, num_blocks, source.address, secret, raw_port, rounds, token))
 
 
 def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> int:
@@ -168,11 +170,19 @@ def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tok
 
 
 async def _bench(
-    layout: KVLayout, num_blocks: int, address: str, lease_secret: bytes, raw_port: int, rounds: int
+    layout: KVLayout,
+    num_blocks: int,
+    address: str,
+    lease_secret: bytes,
+    raw_port: int,
+    rounds: int,
+    token: ClusterToken,
 ) -> KVBenchReport:
     receiver = Receiver(layout, num_blocks, address, lease_secret=lease_secret)
     size_bytes = receiver.size_bytes
-    transports = {name: create_transport(name, KVTransferConfig(transport=name)) for name in ("grpc", "torch")}
+    transports = {
+        name: create_transport(name, KVTransferConfig(transport=name, token=token)) for name in ("grpc", "torch")
+    }
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     received = bytearray(size_bytes)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -29,6 +30,7 @@ import grpc
 import torch
 
 from tandem.common.layout import KVLayout
+from tandem.common.plane_auth import TOKEN_ENV, ClusterToken, PlaneAuth, server_interceptors
 from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
@@ -51,6 +53,11 @@ def random_kv_caches(
     shape = (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
     dtype = torch_dtype(layout.dtype)
     return [torch.randn(shape, generator=generator, device=target).to(dtype) for _ in range(layout.num_layers)]
+
+
+def source_env(token: ClusterToken) -> dict[str, str]:
+    """The source process's environment: ours plus the cluster token it requires."""
+    return {**os.environ, TOKEN_ENV: token.secret}
 
 
 def source_args(
@@ -104,8 +111,12 @@ async def _main(args: argparse.Namespace) -> None:
     grant = leases.grant(
         args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()), LEASE_TTL_S
     )
-    transport = create_transport(args.transport, KVTransferConfig(transport=args.transport, bind_host=args.host))
-    server = grpc.aio.server(options=SERVER_OPTIONS)  # the prefill worker's server, as deployed
+    plane = PlaneAuth().resolve(os.environ)  # the cluster token in TANDEM_CLUSTER_TOKEN (`source_env`)
+    plane.require("the KV source")
+    config = KVTransferConfig(transport=args.transport, bind_host=args.host, token=plane.token)
+    transport = create_transport(args.transport, config)
+    # the prefill worker's server, as deployed: the same options and token check
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(plane))
     transport.add_source(server, store, leases)
     port = server.add_insecure_port(f"{args.host}:0")
     await server.start()

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from tandem.common.layout import KVLayout
+from tandem.common.plane_auth import ClusterToken
 from tandem.kvtransfer.base import KVTransferError, KVTransport, TransferStats, create_transport
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.loadtest.bench.kv import (
@@ -131,16 +132,22 @@ def measure_handoff(
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     num_blocks = -(-prompt_tokens // layout.block_size)
-    with source_process(layout, num_blocks, device) as source:
+    token = ClusterToken.generate()
+    with source_process(layout, num_blocks, token, device) as source:
         receiver = Receiver(layout, num_blocks, source.address, device, source_lease_secret(source))
-        return asyncio.run(_measure(device, receiver, rounds, pull_timeout_s, out))
+        return asyncio.run(_measure(device, receiver, rounds, pull_timeout_s, out, token))
 
 
 async def _measure(
-    device: str, receiver: Receiver, rounds: int, pull_timeout_s: float, out: Callable[[str], object]
+    device: str,
+    receiver: Receiver,
+    rounds: int,
+    pull_timeout_s: float,
+    out: Callable[[str], object],
+    token: ClusterToken,
 ) -> HandoffMeasurement:
     size_bytes, layout, num_blocks = receiver.size_bytes, receiver.handle.layout, len(receiver.dst_ids)
-    transports = {name: create_transport(name, KVTransferConfig(transport=name)) for name in TRANSPORTS}
+    transports = {name: create_transport(name, KVTransferConfig(transport=name, token=token)) for name in TRANSPORTS}
     mb_per_s: dict[str, list[float]] = {name: [] for name in TRANSPORTS}
     moved, exact, errors = dict.fromkeys(TRANSPORTS, 0), dict.fromkeys(TRANSPORTS, False), dict.fromkeys(TRANSPORTS, "")
     copy_src = torch.ones(size_bytes, dtype=torch.uint8, device=device)

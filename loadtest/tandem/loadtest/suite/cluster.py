@@ -24,6 +24,7 @@ from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tandem.common.plane_auth import ClusterToken
 from tandem.engine.config import MiB
 from tandem.gateway.admission import AdmissionConfig
 from tandem.launcher.config import LocalClusterConfig, gateway_template, worker_template
@@ -116,6 +117,11 @@ class BenchCluster:
     @property
     def model(self) -> str:
         return self.spec.model_dir.name
+
+    @property
+    def token(self) -> ClusterToken | None:
+        """The cluster token its workers require (the cluster generated it)."""
+        return self._cluster.token
 
     @property
     def worker_addresses(self) -> dict[str, str]:

@@ -70,7 +70,9 @@ def _stack_tps(cluster: BenchCluster, requests: list[WorkloadRequest], direct_to
     running cluster pins to core CLIENT_CPU."""
     prompts = [list(r.prompt_token_ids) for r in requests]
     if direct_to is not None:
-        return asyncio.run(stream_direct(direct_to, prompts, requests[0].max_tokens, requests[0].request_id))
+        return asyncio.run(
+            stream_direct(direct_to, prompts, requests[0].max_tokens, requests[0].request_id, cluster.token)
+        )
     return asyncio.run(stream_via_gateway(cluster.url, cluster.model, prompts, requests[0].max_tokens))
 
 
