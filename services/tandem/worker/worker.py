@@ -59,6 +59,7 @@ from tandem.kvtransfer.leases import LeaseTable
 from tandem.worker.config import WorkerConfig
 from tandem.worker.heartbeat import Heartbeat
 from tandem.worker.kv_events import KVEventPublisher
+from tandem.worker.rpc_errors import DecodeErrorInterceptor
 from tandem.worker.step_loop import StepLoop, WorkerBusyError
 
 T = TypeVar("T")
@@ -258,7 +259,7 @@ class Worker:
     # ---- process lifecycle ----------------------------------------------------------------
     async def serve(self, add_servicers: Callable[[grpc.aio.Server], None]) -> None:
         self.loop.start()
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=(DecodeErrorInterceptor(),))
         add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
