@@ -326,6 +326,18 @@ def test_adversarial_handoff_messages_get_exact_statuses(pair, reference: Engine
             "KV handle needs a request_id and a source_address",
         ),
         (
+            "handle with a 1 kB source address",
+            decode(_decode_msg("lease-a", prompt_a, first_a, source_address="h" * 1000 + ":1")),
+            bad,
+            "KV handle source_address must have at most 512 characters",
+        ),
+        (
+            "handle with a NaN lease deadline",
+            decode(_decode_msg("lease-a", prompt_a, first_a, lease_deadline_unix_s=float("nan"))),
+            bad,
+            "KV handle lease_deadline_unix_s must be finite",
+        ),
+        (
             "handle with a malformed layout",
             decode(_decode_msg("lease-a", prompt_a, first_a, layout="not a layout")),
             bad,
