@@ -233,16 +233,19 @@ def test_malformed_entries_are_skipped_with_a_warning(
     assert records == [KVEventRecord("p-0", 1, 1, KVEventKind.STORED, (99,))]
     assert last_id == last  # moved past the malformed tail
     assert good_id < last_id
-    assert caplog.text.count("skipping malformed worker entry") == 4
+    # Throttled per key kind (a hostile writer cannot flood the log): the first of each kind only.
+    assert caplog.text.count("skipping malformed worker entry") == 1
     assert caplog.text.count("skipping malformed load entry") == 1
-    assert caplog.text.count("skipping malformed kv event") == 8
+    assert caplog.text.count("skipping malformed kv event") == 1
+    assert "Traceback" not in caplog.text
 
 
 def test_a_registration_without_its_hash_scheme_is_malformed(
-    state: ClusterState, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ):
     """An entry that lacks block_size, model_id or block_hash_version (an older worker), or
     has a bad one, is skipped: its hashes cannot be trusted for prefix routing."""
+    state = ClusterState(redis_client, cluster="test", malformed_log_interval_s=0.0)  # every warning logged
     state.register(DECODE)
     assert state.get_worker("d-0") == DECODE
     assert (DECODE.block_size, DECODE.model_id, DECODE.block_hash_version) == (16, "", 1)
@@ -305,3 +308,48 @@ def test_embedded_redis_reports_missing_binary_and_busy_port(tmp_path: Path):
         with pytest.raises(EmbeddedRedisError, match="Address already in use"):
             EmbeddedRedis.start(port=server.port)
         assert server.client().ping()
+
+
+@pytest.mark.parametrize(
+    ("address", "accepted"),
+    [
+        ("127.0.0.1:7001", True),
+        ("tandem-prefill-0.tandem.default.svc.cluster.local:50051", True),
+        ("[::1]:7001", True),
+        ("unix:/tmp/evil.sock", False),  # a gRPC target scheme, not host:port
+        ("dns:///evil.example:443", False),
+        ("127.0.0.1:0", False),
+        ("127.0.0.1:65536", False),
+        ("127.0.0.1", False),
+        ("evil.example:80/path", False),
+        ("-x:1", False),
+        ("a" * 254 + ":1", False),
+    ],
+)
+def test_only_host_port_addresses_are_accepted(
+    state: ClusterState, redis_client: redis.Redis, address: str, accepted: bool
+) -> None:
+    state.register(PREFILL)
+    redis_client.hset("tandem:test:worker:p-0", "address", address)
+    expected = WorkerInfo("p-0", WorkerRole.PREFILL, address, "ab12", 512, "0.1.0", 32, "tiny-llama", 7)
+    assert state.list_workers() == ([expected] if accepted else [])
+    assert state.get_worker("p-0") == (expected if accepted else None)
+
+
+def test_keys_of_the_wrong_type_are_skipped_not_raised(
+    state: ClusterState, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hostile writer's string or list under worker:/load: keys hides nothing else: the other
+    entries are read, and the reader never raises (a raise would look like a Redis outage)."""
+    state.register(PREFILL)
+    state.register(DECODE)
+    state.publish_load("p-0", WorkerLoad(1, 2, 3, 4, 5, 6.0))
+    redis_client.set("tandem:test:worker:evil", "127.0.0.1:9")
+    redis_client.rpush("tandem:test:load:d-0", "x")
+    with caplog.at_level(logging.WARNING, logger="tandem.common.cluster_state"):
+        assert state.list_workers() == [DECODE, PREFILL]
+        assert state.get_worker("evil") is None
+        assert state.get_loads(["p-0", "d-0"]) == {"p-0": WorkerLoad(1, 2, 3, 4, 5, 6.0), "d-0": None}
+    assert caplog.text.count("skipping malformed worker entry 'evil': WRONGTYPE") == 1  # throttled: 1 of 2
+    assert caplog.text.count("skipping malformed load entry 'd-0': WRONGTYPE") == 1
+    assert "Traceback" not in caplog.text

@@ -159,3 +159,28 @@ def disaggregated(
         return [first.first_token], []
     deltas = list(decode_stream(decode_w, request_id, prompt, params, first))
     return [first.first_token] + [t for d in deltas for t in d.token_ids], deltas
+
+
+def kv_stub(worker: ChildProcess) -> pb_grpc.KVTransferStub:
+    return pb_grpc.KVTransferStub(worker_channel(worker))
+
+
+def call_raw(worker: ChildProcess, method: str, payload: bytes, streaming: bool) -> tuple[grpc.StatusCode, str]:
+    """Send `payload` as the request bytes of `method` (e.g. "/tandem.v1.Worker/Prefill");
+    the call's final status code and details (the responses of a stream are read and dropped)."""
+    channel = worker_channel(worker)
+    try:
+        if streaming:
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            stream = call(payload, timeout=60)
+            for _ in stream:
+                pass
+            return stream.code(), stream.details() or ""
+        _, state = channel.unary_unary(method, request_serializer=None, response_deserializer=None).with_call(
+            payload, timeout=60
+        )
+        return state.code(), state.details() or ""
+    except grpc.RpcError as err:
+        return err.code(), err.details() or ""
+    finally:
+        channel.close()

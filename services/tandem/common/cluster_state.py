@@ -16,8 +16,11 @@ Keys, all under `tandem:{cluster}:` (e.g. `tandem:default:`):
 
 Writers: each worker process (its `Heartbeat` thread, and its KV event publisher for events).
 Readers: gateways / schedulers (`list_workers`, `get_load`, `read_kv_events`). Everything read
-is validated; a malformed entry is skipped with a warning. Redis errors are raised to the
-caller, except in `Heartbeat`, which logs them and retries on its next tick.
+is validated, as input from anyone who can write to Redis: a malformed entry (a missing or
+non-numeric field, a negative count, an address that is not host:port, a key of the wrong
+Redis type) is skipped, with a warning that is throttled per key kind (never a traceback), and
+never reaches a reader. Redis errors are raised to the caller, except in `Heartbeat`, which logs
+them and retries on its next tick.
 
 The client must be built with `decode_responses=False` (values are bytes: packed hashes).
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -37,6 +41,7 @@ from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
 from tandem.common.gateway_view import GatewayView
+from tandem.common.log_throttle import LogThrottle
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole, check_name
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 5.0
 DEFAULT_KV_EVENTS_MAXLEN = 100_000
 CLIENT_RETRY_BACKOFF_S = 0.05
+# A worker's gRPC address: host:port, the host a DNS name, an IPv4 address or a bracketed IPv6
+# one. Anything else (a gRPC scheme such as unix: or dns:, a path, a port out of range) is not
+# an address a worker registers, and is never dialed.
+_ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})")
 
 
 def connect(url: str, socket_timeout_s: float) -> redis.Redis:
@@ -71,10 +80,20 @@ def _int(fields: Mapping[bytes, bytes], name: str) -> int:
     return int(_text(fields, name), 10)
 
 
+def _address(fields: Mapping[bytes, bytes]) -> str:
+    address = _text(fields, "address")
+    match = _ADDRESS_RE.fullmatch(address)
+    if match is None or not 0 < int(match.group(1)) < 65536:
+        raise ValueError(f"address must be host:port, got {address[:80]!r}")
+    return address
+
+
 class ClusterState:
     """Typed access to one cluster's keys. Thread-safe (redis-py clients are)."""
 
-    def __init__(self, client: redis.Redis, cluster: str = "default") -> None:
+    def __init__(self, client: redis.Redis, cluster: str = "default", malformed_log_interval_s: float = 10.0) -> None:
+        """`malformed_log_interval_s`: at most one warning per key kind (worker, load,
+        kv_events) in this interval about malformed entries."""
         check_name("cluster", cluster)
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("ClusterState needs a redis client with decode_responses=False")
@@ -83,6 +102,7 @@ class ClusterState:
         # (worker_id, epoch) -> last seq handed out. Owned by this publisher; see append_kv_events.
         self._kv_seq: dict[tuple[str, int], int] = {}
         self._kv_lock = threading.Lock()
+        self._malformed = LogThrottle(logger, malformed_log_interval_s)  # keys: "worker", "load", "kv_events"
 
     @property
     def key_prefix(self) -> str:
@@ -131,7 +151,11 @@ class ClusterState:
 
     def get_worker(self, worker_id: str) -> WorkerInfo | None:
         """The live worker's info; None if expired, absent or malformed."""
-        return self._parse_worker(worker_id, _fields(self._redis.hgetall(self.key("worker", worker_id))))
+        try:
+            fields = _fields(self._redis.hgetall(self.key("worker", worker_id)))
+        except redis.ResponseError as exc:  # the key holds another Redis type
+            fields = self._not_a_hash("worker", worker_id, exc)
+        return self._parse_worker(worker_id, fields)
 
     def list_workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
         """Live workers (optionally of one role), sorted by id. Uses SCAN, never KEYS."""
@@ -140,8 +164,10 @@ class ClusterState:
         for key in keys:
             pipe.hgetall(key)
         workers = []
-        for key, fields in zip(keys, pipe.execute()):
-            info = self._parse_worker(key.decode("utf-8", "replace")[len(self.key("worker", "")) :], fields)
+        for key, reply in zip(keys, pipe.execute(raise_on_error=False)):
+            worker_id = key.decode("utf-8", "replace")[len(self.key("worker", "")) :]
+            fields = self._not_a_hash("worker", worker_id, reply) if isinstance(reply, Exception) else reply
+            info = self._parse_worker(worker_id, fields)
             if info is not None and (role is None or info.role is role):
                 workers.append(info)
         return workers
@@ -153,7 +179,7 @@ class ClusterState:
             return WorkerInfo(
                 worker_id=worker_id,
                 role=WorkerRole(_text(fields, "role")),
-                address=_text(fields, "address"),
+                address=_address(fields),
                 fingerprint=_text(fields, "fingerprint"),
                 capacity_blocks=_int(fields, "capacity_blocks"),
                 version=_text(fields, "version"),
@@ -165,7 +191,7 @@ class ClusterState:
                 kv_epoch=_int(fields, "kv_epoch") if b"kv_epoch" in fields else 0,
             )
         except (ValueError, UnicodeDecodeError) as exc:
-            logger.warning("skipping malformed worker entry %r: %s", worker_id, exc)
+            self._malformed.warning("worker", "skipping malformed worker entry %r: %s", worker_id[:160], str(exc)[:160])
             return None
 
     # --- load --------------------------------------------------------------------------------
@@ -184,7 +210,7 @@ class ClusterState:
 
     def get_load(self, worker_id: str) -> WorkerLoad | None:
         """The worker's last published load; None if expired, absent or malformed."""
-        return self._parse_load(worker_id, _fields(self._redis.hgetall(self.key("load", worker_id))))
+        return self.get_loads([worker_id])[worker_id]
 
     def get_loads(self, worker_ids: Iterable[str]) -> dict[str, WorkerLoad | None]:
         """`get_load` for many workers in one pipelined round trip (the scheduler's refresher).
@@ -193,7 +219,11 @@ class ClusterState:
         pipe = self._redis.pipeline(transaction=False)
         for worker_id in ids:
             pipe.hgetall(self.key("load", worker_id))
-        return {worker_id: self._parse_load(worker_id, fields) for worker_id, fields in zip(ids, pipe.execute())}
+        loads: dict[str, WorkerLoad | None] = {}
+        for worker_id, reply in zip(ids, pipe.execute(raise_on_error=False)):
+            fields = self._not_a_hash("load", worker_id, reply) if isinstance(reply, Exception) else reply
+            loads[worker_id] = self._parse_load(worker_id, fields)
+        return loads
 
     def _parse_load(self, worker_id: str, fields: Mapping[bytes, bytes]) -> WorkerLoad | None:
         if not fields:
@@ -208,8 +238,16 @@ class ClusterState:
                 timestamp_s=float(_text(fields, "timestamp_s")),
             )
         except (ValueError, UnicodeDecodeError) as exc:
-            logger.warning("skipping malformed load entry %r: %s", worker_id, exc)
+            self._malformed.warning("load", "skipping malformed load entry %r: %s", worker_id[:160], str(exc)[:160])
             return None
+
+    def _not_a_hash(self, kind: str, worker_id: str, error: Exception) -> Mapping[bytes, bytes]:
+        """A `kind` key that could not be read as a hash: skipped like a malformed entry. Any
+        other error (Redis unreachable) is the caller's, as everywhere."""
+        if not isinstance(error, redis.ResponseError):
+            raise error
+        self._malformed.warning(kind, "skipping malformed %s entry %r: %s", kind, worker_id[:160], str(error)[:160])
+        return {}
 
     def _write_hash(self, key: str, fields: dict[str, str], ttl_s: float) -> None:
         ttl_ms = ttl_to_ms(ttl_s)
@@ -294,13 +332,13 @@ class ClusterState:
         for _stream, entries in streams:
             for entry_id, fields in entries:
                 last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                record = _parse_kv_event(last_id, _fields(fields))
+                record = _parse_kv_event(last_id, _fields(fields), self._malformed)
                 if record is not None:
                     records.append(record)
         return records, last_id
 
 
-def _parse_kv_event(entry_id: str, fields: Mapping[bytes, bytes]) -> KVEventRecord | None:
+def _parse_kv_event(entry_id: str, fields: Mapping[bytes, bytes], malformed: LogThrottle) -> KVEventRecord | None:
     try:
         packed = fields.get(b"hashes")
         if packed is None or len(packed) % 8:
@@ -313,7 +351,7 @@ def _parse_kv_event(entry_id: str, fields: Mapping[bytes, bytes]) -> KVEventReco
             block_hashes=struct.unpack(f"<{len(packed) // 8}Q", packed),
         )
     except (ValueError, UnicodeDecodeError, struct.error) as exc:
-        logger.warning("skipping malformed kv event %s: %s", entry_id, exc)
+        malformed.warning("kv_events", "skipping malformed kv event %s: %s", entry_id, str(exc)[:160])
         return None
 
 

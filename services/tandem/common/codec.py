@@ -22,7 +22,8 @@ from tandem.common.workers import WorkerRole
 
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_REQUEST_ID_CHARS = 256
-_TOKEN_ID_LIMIT = 1 << 31
+MAX_STOP_TOKEN_IDS = 1024
+TOKEN_ID_LIMIT = 1 << 31  # token ids from a peer are in [0, TOKEN_ID_LIMIT)
 
 FINISH_TO_PB = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -51,8 +52,8 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    if len(msg.stop_token_ids) > 1024:
-        raise ValueError("sampling.stop_token_ids: at most 1024 entries")
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"sampling.stop_token_ids: at most {MAX_STOP_TOKEN_IDS} entries")
     return SamplingParams(
         max_tokens=msg.max_tokens,
         temperature=msg.temperature,
@@ -83,7 +84,7 @@ def request_from_proto(msg: pb.Request) -> Request:
     if not 0 < len(msg.prompt_token_ids) <= MAX_PROMPT_TOKENS:
         raise ValueError(f"request.prompt_token_ids must have 1 to {MAX_PROMPT_TOKENS} tokens")
     prompt = tuple(msg.prompt_token_ids)
-    if min(prompt) < 0 or max(prompt) >= _TOKEN_ID_LIMIT:
+    if min(prompt) < 0 or max(prompt) >= TOKEN_ID_LIMIT:
         raise ValueError("request.prompt_token_ids holds an out-of-range token id")
     if len(msg.cache_salt) > 256:
         raise ValueError("request.cache_salt is too long")

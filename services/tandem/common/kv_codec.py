@@ -9,6 +9,7 @@ bytes: the servicer's methods see only the dataclasses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import xxhash
@@ -16,6 +17,9 @@ import xxhash
 from tandem.common.kv_handle import LEASE_SECRET_BYTES, MAX_HANDLE_BLOCKS, KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
+
+MAX_HANDLE_ID_CHARS = 256  # request and worker ids in a handle (as the codec's request ids)
+MAX_ADDRESS_CHARS = 512
 
 
 def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
@@ -38,6 +42,12 @@ def handle_from_proto(msg: pb.KVHandle) -> KVHandle:
     parsed here, once; comparing it with the receiver's is `KVHandle.check`."""
     if not msg.request_id or not msg.source_address:
         raise ValueError("KV handle needs a request_id and a source_address")
+    if len(msg.request_id) > MAX_HANDLE_ID_CHARS or len(msg.source_worker_id) > MAX_HANDLE_ID_CHARS:
+        raise ValueError(f"KV handle ids must have at most {MAX_HANDLE_ID_CHARS} characters")
+    if len(msg.source_address) > MAX_ADDRESS_CHARS:
+        raise ValueError(f"KV handle source_address must have at most {MAX_ADDRESS_CHARS} characters")
+    if not math.isfinite(msg.lease_deadline_unix_s):
+        raise ValueError("KV handle lease_deadline_unix_s must be finite")
     if len(msg.block_ids) > MAX_HANDLE_BLOCKS or len(msg.block_hashes) > len(msg.block_ids):
         raise ValueError(f"KV handle names {len(msg.block_ids)} blocks and {len(msg.block_hashes)} block hashes")
     if len(set(msg.block_ids)) != len(msg.block_ids):

@@ -6,6 +6,10 @@ turns pydantic's own errors into OpenAI's wording. Unknown fields are ignored. N
 use `None` for "not given".
 
 Types are strict, as OpenAI's are: "16" is not an integer and 1 is not a boolean.
+
+Every integer that travels to a worker is bounded here by what the wire and the worker accept
+(`tandem.common.codec`, `tandem.common.request`), so that an absurd value is a 400 naming the
+parameter, never a failure in the protobuf conversion.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from tandem.common.codec import MAX_STOP_TOKEN_IDS, TOKEN_ID_LIMIT
+from tandem.common.request import MAX_PRIORITY, MIN_PRIORITY
 from tandem.gateway.errors import bad_request
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT32_MAX = 2**32 - 1  # top_k travels as a uint32
 MAX_LOGPROBS = 20
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt"})
 TokenId = Annotated[int, Field(ge=0)]
+WireTokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]  # a token id a worker accepts
 
 
 class Body(BaseModel):
@@ -79,10 +87,10 @@ class _GenerateBody(Body):
     model: str | None = None  # None: the served model
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 disables
+    top_k: int | None = Field(None, ge=-1, le=UINT32_MAX)  # vLLM: -1 or 0 disables
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: list[WireTokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     n: int = Field(1, ge=1)  # null: 1
     stream: bool = False  # null: false
     stream_options: StreamOptions | None = None
@@ -94,9 +102,8 @@ class _GenerateBody(Body):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    priority: int | None = Field(
-        None, ge=INT64_MIN, le=INT64_MAX
-    )  # vLLM's; lower is more important; None: the key's default
+    # vLLM's; lower is more important; None: the key's default
+    priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
     @field_validator("stop", mode="before")
     @classmethod

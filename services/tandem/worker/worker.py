@@ -62,6 +62,7 @@ from tandem.kvtransfer.leases import LeaseTable
 from tandem.worker.config import WorkerConfig
 from tandem.worker.heartbeat import Heartbeat
 from tandem.worker.kv_events import KVEventPublisher
+from tandem.worker.rpc_errors import DecodeErrorInterceptor
 from tandem.worker.step_loop import StepLoop, WorkerBusyError
 
 T = TypeVar("T")
@@ -268,8 +269,10 @@ class Worker:
     # ---- process lifecycle ----------------------------------------------------------------
     async def serve(self, add_servicers: Callable[[grpc.aio.Server], None]) -> None:
         self.loop.start()
-        # Every call but grpc.health.v1 must present the cluster token (plane_auth.py).
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(self.config.plane))
+        # Every call but grpc.health.v1 must present the cluster token (plane_auth.py), checked
+        # before anything is parsed; then bytes that do not parse are INVALID_ARGUMENT.
+        interceptors = (*server_interceptors(self.config.plane), DecodeErrorInterceptor())
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
