@@ -34,6 +34,7 @@ from tests.conftest import random_prompts
 from tests.integration.workers import (
     STOP_TIMEOUT_S,
     abort,
+    cluster_token,
     decode_stream,
     prefill,
     release_kv,
@@ -202,7 +203,7 @@ def test_gateway_releases_the_lease_of_a_handle_its_client_left_behind(
     scheduler.refresh_now()
 
     async def main() -> None:
-        clients = WorkerClients()
+        clients = WorkerClients(cluster_token())
         pipeline = Pipeline(config, scheduler, clients, GatewayMetrics("tiny"), trace.get_tracer("test"))
         try:
             left = pipeline.generate(Request(f"left-{transport}", tuple(prompt), GREEDY))

@@ -49,7 +49,7 @@ class WorkerServicerBase(pb_grpc.WorkerServicer):
         if not self.owners.owns(request_id, context):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"no live request {request_id!r} submitted with this call's {OWNER_METADATA_KEY} on this worker",
+                f"no live request {_shown(request_id)} submitted with this call's {OWNER_METADATA_KEY} on this worker",
             )
         return codec.abort_response_to_proto(await self.abort_owned(request_id, context))
 
@@ -67,3 +67,9 @@ class WorkerServicerBase(pb_grpc.WorkerServicer):
         load, idle = await worker.call(lambda e: (worker.snapshot(e), worker.is_idle(e)), context)
         status = codec.DrainStatus(idle, load.waiting, load.running, len(worker.leases))
         return codec.drain_status_to_proto(status)
+
+
+def _shown(request_id: str, limit: int = codec.MAX_REQUEST_ID_CHARS) -> str:
+    """A request id as an error message names it: no longer than any real id, so that a caller's
+    absurd id cannot blow the reply's metadata limit (gRPC carries details in trailers)."""
+    return repr(request_id) if len(request_id) <= limit else f"{request_id[:limit]!r}... ({len(request_id)} characters)"
