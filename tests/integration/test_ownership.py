@@ -105,7 +105,8 @@ def _stolen_pull(worker: ChildProcess, handle: pb.KVHandle, secret: bytes) -> li
         request_serializer=kv_codec.pull_kv_request_to_bytes,
         response_deserializer=None,
     )
-    request = kv_codec.PullKVRequest(handle.request_id, tuple(handle.block_ids), handle.layout, 0, secret)
+    hashes = (0,) * len(handle.block_ids)  # one per id; a wrong secret is refused before they are compared
+    request = kv_codec.PullKVRequest(handle.request_id, tuple(handle.block_ids), handle.layout, 0, secret, hashes)
     chunks: list[bytes] = []
     with pytest.raises(grpc.RpcError) as err:
         for chunk in call(request, timeout=10):
@@ -122,7 +123,14 @@ def _stolen_send(worker: ChildProcess, handle: pb.KVHandle, secret: bytes) -> tu
         response_deserializer=kv_codec.send_kv_result_from_bytes,
     )
     request = kv_codec.SendKVRequest(
-        handle.request_id, tuple(handle.block_ids), handle.layout, "127.0.0.1:9", "stolen", 0, secret
+        handle.request_id,
+        tuple(handle.block_ids),
+        handle.layout,
+        "127.0.0.1:9",
+        "stolen",
+        0,
+        secret,
+        (0,) * len(handle.block_ids),
     )
     return _refusal(lambda: call(request, timeout=10))
 
