@@ -47,11 +47,6 @@ class FailureReason(enum.Enum):
     PROTOCOL = "protocol"  # malformed or inconsistent messages
 
 
-# How the source's refusal of other block hashes starts (FAILED_PRECONDITION; the receiver tells
-# it from a layout mismatch by it).
-HASH_MISMATCH_PREFIX = "block hashes differ from the lease's"
-
-
 class KVTransferError(Exception):
     """A pull failed; the destination blocks were not written. `reason` is for metrics and
     fallbacks, the message for people (it names the field, block id or peer at fault)."""

@@ -19,8 +19,9 @@ import grpc
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.common.plane_auth import ClusterToken, aio_channel
-from tandem.kvtransfer.base import HASH_MISMATCH_PREFIX, FailureReason, KVTransferError
+from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES
+from tandem.kvtransfer.leases import HASH_MISMATCH_PREFIX
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 
 from tandem.common.kv_handle import LEASE_SECRET_BYTES
 from tandem.engine.outputs import HeldKV
-from tandem.kvtransfer.base import HASH_MISMATCH_PREFIX
 
 log = logging.getLogger(__name__)
 
+# How BlockHashMismatch's message starts: the source sends it with FAILED_PRECONDITION, and the
+# receiver tells it from a layout mismatch by it (channels.rpc_error).
+HASH_MISMATCH_PREFIX = "block hashes differ from the lease's"
 MAX_REMEMBERED_ENDS = 4096  # ended leases remembered, to tell "expired" from "unknown"
 
 
