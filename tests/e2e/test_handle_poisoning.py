@@ -7,6 +7,11 @@ block hashes are the prompt's and its source a registered prefill worker at that
   following request for B through the gateway then hits B's blocks in the decode worker's
   cache (64 cached tokens) and its text is exactly the engine's. Before the fix, those
   blocks held A's KV and the text was wrong.
+- The same caller forges the handle instead: A's block ids and secret, B's block hashes, so the
+  decode worker's own check passes. The source compares the hashes the pull carries with the
+  ones it recorded for A's blocks and refuses (FAILED_PRECONDITION): nothing of A is pulled,
+  the prompt is recomputed (kv_transfer_failures{reason="hash_mismatch"}), and a following
+  request for B is again exact with B's blocks cached.
 - A handle naming an address that is not its worker's registered one, or an unregistered
   worker, is rejected and that address never gets a connection.
 - A genuine handle is used: only the prompt's full blocks are pulled.
@@ -102,6 +107,47 @@ def test_another_prompts_handle_never_fills_the_cache(
     assert got["usage"]["completion_tokens"] == 16
     assert got["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
     assert changes(before, decode_counters(cluster)) == {"hash_mismatch": 1, "kv_recomputes": 1}
+    cluster.assert_drained()
+
+
+def test_a_handle_forged_with_the_prompts_hashes_is_refused_by_the_source(
+    small_cluster: Cluster, reference: Engine, tiny_model_dir
+) -> None:
+    cluster = small_cluster
+    prompt_a, prompt_b = random_prompts([70, 70], reference.model_config.vocab_size, seed=164)
+    url = f"http://127.0.0.1:{metrics_port(cluster.decode[0])}/metrics"
+    before = decode_counters(cluster)
+    refused_before = metric_sum(url, "tandem_kv_transfer_failures_total", reason="hash_mismatch")
+    # The caller learns B's block hashes from a lease of its own on B, then forges A's handle.
+    probe = prefill(cluster.prefill[0], "forged-probe", prompt_b, GREEDY)
+    release_lease(cluster, probe.handle)
+    leased = prefill(cluster.prefill[0], "forged", prompt_a, GREEDY)
+    genuine = pb.KVHandle()
+    genuine.CopyFrom(leased.handle)
+    assert len(probe.handle.block_hashes) == len(leased.handle.block_hashes) == 4
+    assert list(probe.handle.block_hashes) != list(leased.handle.block_hashes)
+    del leased.handle.block_hashes[:]
+    leased.handle.block_hashes.extend(probe.handle.block_hashes)
+    deltas = list(decode_stream(cluster.decode[0], "forged", prompt_b, GREEDY, leased))
+    rest = SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True)
+    assert tokens(deltas) == list(reference.generate([prompt_b + [leased.first_token]], rest)[0].token_ids)
+    assert (deltas[0].recomputed, deltas[0].num_pulled_blocks, deltas[0].num_cached_tokens) == (True, 0, 0)
+    # the handle passed the decode worker's check; the source refused the pull: nothing moved
+    assert changes(before, decode_counters(cluster)) == {"kv_transfer_failures": 1, "kv_recomputes": 1}
+    assert metric_sum(url, "tandem_kv_transfer_failures_total", reason="hash_mismatch") == refused_before + 1
+    assert release_kv(cluster.prefill[0], genuine) is False  # the decode worker released it after the refusal
+
+    g = cluster.gateway()
+    try:
+        body = {"model": tiny_model_dir.name, "prompt": prompt_b, "max_tokens": 16, "temperature": 0}
+        status, _, got = post(g.address, "/v1/completions", json.dumps({**body, "ignore_eos": True}).encode())
+    finally:
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
+    assert status == 200, got
+    expected = list(reference.generate([prompt_b], GREEDY)[0].token_ids)
+    assert got["choices"][0]["text"] == Tokenizer.from_pretrained(tiny_model_dir).decode(expected)
+    assert got["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+    assert changes(before, decode_counters(cluster)) == {"kv_transfer_failures": 1, "kv_recomputes": 1}
     cluster.assert_drained()
 
 

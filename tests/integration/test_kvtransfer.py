@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -33,11 +34,11 @@ from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
 from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig, MiB
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
-from tandem.kvtransfer.leases import LeaseCounters, LeaseError, LeaseGrant, LeaseTable
+from tandem.kvtransfer.leases import BlockHashMismatch, LeaseCounters, LeaseError, LeaseGrant, LeaseTable
 from tandem.kvtransfer.torch_source import TorchKVServicer
 from tandem.launcher.processes import ChildProcess, wait_all_ready
 from tandem.loadtest.bench.kv import source_lease_secret
-from tandem.loadtest.bench.kv_source import random_kv_caches, source_args
+from tandem.loadtest.bench.kv_source import random_kv_caches, source_args, synthetic_block_hashes
 from tests.integration.workers import cluster_token
 
 NUM_BLOCKS = 96
@@ -66,7 +67,11 @@ class Source:
     secrets: dict[str, bytes] = field(default_factory=dict)  # request id -> its lease's secret
 
     def grant(self, request_id: str = "req", blocks: tuple[int, ...] = LEASED, ttl_s: float = 30.0) -> LeaseGrant:
-        grant = self.leases.grant(request_id, HeldKV(blocks, len(blocks) * self.store.layout.block_size, ()), ttl_s)
+        grant = self.leases.grant(
+            request_id,
+            HeldKV(blocks, len(blocks) * self.store.layout.block_size, synthetic_block_hashes(blocks)),
+            ttl_s,
+        )
         self.secrets[request_id] = grant.secret
         return grant
 
@@ -86,7 +91,7 @@ class Source:
             blocks,
             len(blocks) * 16,
             layout or self.store.layout,
-            (),
+            synthetic_block_hashes(blocks),
             self.clock() + 30,
             self.secrets.get(request_id, b"") if secret is None else secret,
         )
@@ -238,27 +243,27 @@ def test_handle_check_is_the_receivers_one_check() -> None:
 def test_lease_release_during_a_pull_is_deferred_and_frees_once() -> None:
     source = make_source(make_layout())
     secret = source.grant("a").secret
-    with source.leases.checkout("a", (10, 11), secret) as held:
+    with source.leases.checkout("a", (10, 11), secret, synthetic_block_hashes((10, 11))) as held:
         assert held.block_ids == LEASED
         assert source.leases.release("a", secret) is True
         assert source.leases.release("a", secret) is False
         assert source.freed == []  # still being read
         with pytest.raises(LeaseError, match="the lease for request 'a' was released"):
-            source.leases.check("a", (10,), secret)
+            source.leases.check("a", (10,), secret, synthetic_block_hashes((10,)))
     assert source.freed == ["a"]
     assert source.leases.counters == LeaseCounters(granted=1, released=1, expired=0, active=0)
     with pytest.raises(LeaseError, match="the lease for request 'a' was released"):
-        source.leases.check("a", (10,), secret)
+        source.leases.check("a", (10,), secret, synthetic_block_hashes((10,)))
 
 
 def test_lease_expiry_is_deferred_while_pinned_and_frees_once() -> None:
     source = make_source(make_layout())
     secret = source.grant("a", ttl_s=5.0).secret
     source.grant("b", ttl_s=50.0)
-    with source.leases.checkout("a", (12,), secret):
+    with source.leases.checkout("a", (12,), secret, synthetic_block_hashes((12,))):
         source.clock.now_s += 10.0
         with pytest.raises(LeaseError, match=r"the lease for request 'a' expired 5\.000 s ago"):
-            source.leases.check("a", (12,), secret)
+            source.leases.check("a", (12,), secret, synthetic_block_hashes((12,)))
         assert source.leases.expire(source.clock()) == ["a"]
         assert source.freed == []
         assert source.leases.expire(source.clock()) == []
@@ -279,13 +284,42 @@ def test_lease_checkout_names_the_problem() -> None:
         ((), "no block ids requested"),
         (tuple(range(50)), "50 block ids requested but the lease for 'a' holds 30"),
     ]:
-        with pytest.raises(LeaseError, match=message), source.leases.checkout("a", block_ids, secret):
+        with (
+            pytest.raises(LeaseError, match=message),
+            source.leases.checkout("a", block_ids, secret, synthetic_block_hashes(block_ids)),
+        ):
             pass
     with pytest.raises(LeaseError, match="^no lease for request 'zz' \\(unknown request id, or not its secret\\)$"):
-        source.leases.check("zz", (1,), secret)
+        source.leases.check("zz", (1,), secret, synthetic_block_hashes((1,)))
     with pytest.raises(LeaseError, match="already has a lease"):
         source.grant("a")
     assert source.freed == [] and len(source.leases) == 1
+
+
+def test_lease_refuses_block_hashes_that_are_not_its_own() -> None:
+    source = make_source(make_layout())
+    secret = source.grant("a").secret
+    source.leases.grant("p", HeldKV((50, 51), 20, synthetic_block_hashes((50,))), 30.0)  # 51: partial
+    prefix = "^block hashes differ from the lease's for request"
+    forged = (synthetic_block_hashes((10,))[0], 7)
+    for request_id, block_ids, hashes, message in [
+        (
+            "a",
+            (10, 11),
+            forged,
+            f"{prefix} 'a': block 11 has hash 0x0000b10c0000000b, the receiver expects 0x0000000000000007$",
+        ),
+        ("a", (10, 11), synthetic_block_hashes((10,)), f"{prefix} 'a': 1 hashes for 2 block ids$"),
+    ]:
+        with (
+            pytest.raises(BlockHashMismatch, match=message),
+            source.leases.checkout(request_id, block_ids, secret, hashes),
+        ):
+            pass
+    with pytest.raises(BlockHashMismatch, match=f"{prefix} 'p': block 51 is not a full block \\(it has no hash\\)$"):
+        source.leases.check("p", (50, 51), source.leases._leases["p"].secret, synthetic_block_hashes((50, 51)))
+    source.leases.check("p", (50,), source.leases._leases["p"].secret, synthetic_block_hashes((50,)))
+    assert source.freed == [] and source.leases.counters == LeaseCounters(granted=2, released=0, expired=0, active=2)
 
 
 def test_lease_without_its_secret_reads_as_unknown_and_is_untouched() -> None:
@@ -294,20 +328,23 @@ def test_lease_without_its_secret_reads_as_unknown_and_is_untouched() -> None:
     assert len(secret) == 32 and secret != source.grant("b").secret
     unknown = "^no lease for request 'a' \\(unknown request id, or not its secret\\)$"
     for wrong in (b"", bytes(32), secret[:-1], secret + b"\x00", source.secrets["b"]):
-        with pytest.raises(LeaseError, match=unknown), source.leases.checkout("a", (10,), wrong):
+        with (
+            pytest.raises(LeaseError, match=unknown),
+            source.leases.checkout("a", (10,), wrong, synthetic_block_hashes((10,))),
+        ):
             pass
         with pytest.raises(LeaseError, match=unknown):
-            source.leases.check("a", (10,), wrong)
+            source.leases.check("a", (10,), wrong, synthetic_block_hashes((10,)))
         assert source.leases.release("a", wrong) is False
     assert source.leases.counters == LeaseCounters(granted=2, released=0, expired=0, active=2)
-    with source.leases.checkout("a", (10,), secret) as held:  # its holder still pulls it
+    with source.leases.checkout("a", (10,), secret, synthetic_block_hashes((10,))) as held:  # its holder still pulls it
         assert held.block_ids == LEASED
     assert source.leases.release("a", secret) is True
     # once it ended, only its holder is told how; anyone else still sees an unknown id
     with pytest.raises(LeaseError, match=unknown):
-        source.leases.check("a", (10,), bytes(32))
+        source.leases.check("a", (10,), bytes(32), synthetic_block_hashes((10,)))
     with pytest.raises(LeaseError, match="^the lease for request 'a' was released$"):
-        source.leases.check("a", (10,), secret)
+        source.leases.check("a", (10,), secret, synthetic_block_hashes((10,)))
     # the source's own end (a cancelled Prefill, the owner's Abort, a drain) needs no secret
     assert source.leases.revoke("b") is True and source.leases.revoke("b") is False
     assert source.freed == ["a", "b"]
@@ -322,7 +359,10 @@ def test_lease_table_frees_exactly_once_under_concurrency() -> None:
 
     def pull_then_release(request_id: str) -> None:
         secret = source.secrets[request_id]
-        with contextlib.suppress(LeaseError), source.leases.checkout(request_id, (10, 11), secret):
+        with (
+            contextlib.suppress(LeaseError),
+            source.leases.checkout(request_id, (10, 11), secret, synthetic_block_hashes((10, 11))),
+        ):
             source.leases.release(request_id, secret)
         source.leases.release(request_id, secret)
 
@@ -503,6 +543,37 @@ def test_source_refuses_unknown_outside_and_expired_leases() -> None:
     assert source.freed == ["req"]
 
 
+def test_pull_whose_hashes_are_not_the_leases_is_refused_and_reads_nothing() -> None:
+    """Cache poisoning at the source: a holder of the lease's handle and secret claims other
+    hashes for its blocks (another prompt's). The source sends nothing."""
+    source, dest = make_source(make_layout()), make_dest(make_layout())
+    source.grant()
+    before = snapshot(dest)
+
+    async def main() -> None:
+        transport = create_transport("grpc")
+        servicer = KVTransferServicer(source.store, source.leases, KVTransferConfig())
+        async with serving(servicer) as address:
+            genuine = source.handle(address)
+            forged = dataclasses.replace(genuine, block_hashes=tuple(h ^ 1 for h in genuine.block_hashes))
+            await expect_failure(
+                transport.pull(forged, (10, 11), (1, 2), dest, TIMEOUT_S),
+                FailureReason.HASH_MISMATCH,
+                "FAILED_PRECONDITION: block hashes differ from the lease's for request 'req': "
+                "block 10 has hash 0x0000b10c0000000a, the receiver expects 0x0000b10c0000000b",
+            )
+            assert (servicer.num_pulls_served, servicer.bytes_served) == (0, 0)  # nothing was read
+            assert_untouched(dest, before)
+            stats = await transport.pull(genuine, (10, 11), (1, 2), dest, TIMEOUT_S)  # its own hashes
+            assert (servicer.num_pulls_served, servicer.bytes_served) == (1, stats.bytes_moved)
+            assert_moved(source.store, (10, 11), dest, (1, 2), before)
+            assert await transport.release(genuine, TIMEOUT_S) is True
+        await transport.close()
+
+    asyncio.run(main())
+    assert source.freed == ["req"]
+
+
 def test_pull_and_release_without_the_lease_secret_are_refused_and_read_nothing() -> None:
     source, dest = make_source(make_layout()), make_dest(make_layout())
     source.grant()
@@ -617,7 +688,7 @@ class RemoteSource:
             blocks,
             NUM_BLOCKS * 16,
             layout or self.layout,
-            (),
+            synthetic_block_hashes(blocks),
             time.time() + 60,
             source_lease_secret(self.process) if secret is None else secret,
         )
@@ -677,6 +748,18 @@ def test_torch_pull_from_a_source_process_is_exact_and_reuses_its_pair(remote_so
         assert_untouched(dest, before_wrong)
         await transport.pull(remote.handle(), (8,), (8,), dest, TIMEOUT_S)  # its holder still pulls it
         assert_moved(expected, (8,), dest, (8,), before_wrong)
+        before_forged = snapshot(dest)
+        genuine = remote.handle()
+        forged = dataclasses.replace(genuine, block_hashes=tuple(h + 1 for h in genuine.block_hashes))
+        await expect_failure(  # the handle and secret, claiming other hashes: nothing is sent
+            transport.pull(forged, (1,), (1,), dest, TIMEOUT_S),
+            FailureReason.HASH_MISMATCH,
+            "FAILED_PRECONDITION: block hashes differ from the lease's for request 'remote': "
+            "block 1 has hash 0x0000b10c00000001, the receiver expects 0x0000b10c00000002",
+        )
+        assert_untouched(dest, before_forged)
+        await transport.pull(genuine, (9,), (9,), dest, TIMEOUT_S)  # with its own hashes
+        assert_moved(expected, (9,), dest, (9,), before_forged)
         # a pull whose caller skipped `KVHandle.check`: the source refuses the receiver's layout
         # (last: a refusal while a new pair forms leaves that pair to time out)
         other = make_dest(make_layout(dtype, block_size=32))

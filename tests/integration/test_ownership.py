@@ -36,6 +36,8 @@ from tests.integration.workers import (
     abort,
     cluster_token,
     decode_stream,
+    metric_sum,
+    metrics_port,
     prefill,
     release_kv,
     start_worker,
@@ -105,7 +107,8 @@ def _stolen_pull(worker: ChildProcess, handle: pb.KVHandle, secret: bytes) -> li
         request_serializer=kv_codec.pull_kv_request_to_bytes,
         response_deserializer=None,
     )
-    request = kv_codec.PullKVRequest(handle.request_id, tuple(handle.block_ids), handle.layout, 0, secret)
+    hashes = (0,) * len(handle.block_ids)  # one per id; a wrong secret is refused before they are compared
+    request = kv_codec.PullKVRequest(handle.request_id, tuple(handle.block_ids), handle.layout, 0, secret, hashes)
     chunks: list[bytes] = []
     with pytest.raises(grpc.RpcError) as err:
         for chunk in call(request, timeout=10):
@@ -122,7 +125,14 @@ def _stolen_send(worker: ChildProcess, handle: pb.KVHandle, secret: bytes) -> tu
         response_deserializer=kv_codec.send_kv_result_from_bytes,
     )
     request = kv_codec.SendKVRequest(
-        handle.request_id, tuple(handle.block_ids), handle.layout, "127.0.0.1:9", "stolen", 0, secret
+        handle.request_id,
+        tuple(handle.block_ids),
+        handle.layout,
+        "127.0.0.1:9",
+        "stolen",
+        0,
+        secret,
+        (0,) * len(handle.block_ids),
     )
     return _refusal(lambda: call(request, timeout=10))
 
@@ -225,4 +235,43 @@ def test_gateway_releases_the_lease_of_a_handle_its_client_left_behind(
         asyncio.run(main())
     finally:
         redis_client.close()
+    assert wait_until(lambda: _drained(p, d), 5.0)
+
+
+def test_a_holder_claiming_another_prompts_hashes_gets_nothing_and_the_prompt_is_recomputed(
+    pair, reference: Engine
+) -> None:
+    """Cache poisoning by a holder of a handle (issue 16, deliverable 0): lease A's handle and
+    secret, prompt B's block hashes (from a lease of B's). The decode worker's own check passes;
+    the source compares the hashes the pull carries with A's and sends nothing. The prompt is
+    recomputed exactly, and B's own hand-off then finds B's blocks in the decode worker's cache."""
+    transport, p, d = pair
+    owner = new_owner_secret()
+    prompt_a, prompt_b = random_prompts([70, 70], reference.model_config.vocab_size, seed=63)
+    probe = prefill(p, f"probe-{transport}", prompt_b, GREEDY, owner=owner)
+    assert release_kv(p, probe.handle) is True
+    rid = f"forged-{transport}"
+    first = prefill(p, rid, prompt_a, GREEDY, owner=owner)
+    genuine = pb.KVHandle()
+    genuine.CopyFrom(first.handle)
+    del first.handle.block_hashes[:]
+    first.handle.block_hashes.extend(probe.handle.block_hashes)
+    counters = ("tandem_kv_transfer_bytes_total", "tandem_kv_recomputes_total")
+    before = [worker_metric(d, name) for name in counters]
+    url = f"http://127.0.0.1:{metrics_port(d)}/metrics"
+    refused = metric_sum(url, "tandem_kv_transfer_failures_total", reason="hash_mismatch")
+    deltas = list(decode_stream(d, rid, prompt_b, GREEDY, first, owner=owner))
+    rest = SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True)
+    assert _tokens(deltas) == list(reference.generate([prompt_b + [first.first_token]], rest)[0].token_ids)
+    assert (deltas[0].recomputed, deltas[0].num_pulled_blocks, deltas[0].num_cached_tokens) == (True, 0, 0)
+    assert [worker_metric(d, name) - b for name, b in zip(counters, before)] == [0, 1]  # not a byte of A
+    assert metric_sum(url, "tandem_kv_transfer_failures_total", reason="hash_mismatch") == refused + 1
+    assert release_kv(p, genuine) is False  # the decode worker released it after the refusal
+    # B's legitimate hand-off: its 4 full blocks are already cached (B's, recomputed), so
+    # nothing is pulled, and the tokens are exact
+    legit = prefill(p, f"legit-{transport}", prompt_b, GREEDY, owner=owner)
+    deltas = list(decode_stream(d, f"legit-{transport}", prompt_b, GREEDY, legit, owner=owner))
+    assert [legit.first_token] + _tokens(deltas) == list(reference.generate([prompt_b], GREEDY)[0].token_ids)
+    assert (deltas[0].recomputed, deltas[0].num_pulled_blocks, deltas[0].num_cached_tokens) == (False, 0, 64)
+    assert [worker_metric(d, name) - b for name, b in zip(counters, before)] == [0, 1]
     assert wait_until(lambda: _drained(p, d), 5.0)

@@ -285,13 +285,18 @@ def test_adversarial_handoff_messages_get_exact_statuses(pair, reference: Engine
 
     secrets = {"lease-a": first_a.handle.lease_secret}  # a peer that holds lease A's handle
 
-    def pull(request_id: str, block_ids: list[int], layout_text: str = layout) -> Callable[[], object]:
+    hash_of = dict(zip(blocks_a, first_a.handle.block_hashes))  # lease A's full blocks
+
+    def pull(
+        request_id: str, block_ids: list[int], layout_text: str = layout, hashes: list[int] | None = None
+    ) -> Callable[[], object]:
         msg = pb.PullKVRequest(
             request_id=request_id,
             block_ids=block_ids,
             layout=layout_text,
             max_chunk_bytes=2**32 - 1,
             lease_secret=secrets.get(request_id, b""),
+            block_hashes=[hash_of.get(b, 0) for b in block_ids] if hashes is None else hashes,
         )
         return lambda: kv_stub(p).PullKV(msg, timeout=60)
 
@@ -378,6 +383,26 @@ def test_adversarial_handoff_messages_get_exact_statuses(pair, reference: Engine
             pull("lease-a", [2**32 - 1]),
             missing,
             f"block id {2**32 - 1} is not in the lease for request 'lease-a'",
+        ),
+        (
+            "pull of lease A's blocks claiming other hashes",
+            pull("lease-a", blocks_a[:2], hashes=[h ^ 1 for h in first_a.handle.block_hashes]),
+            mismatch,
+            f"block hashes differ from the lease's for request 'lease-a': block {blocks_a[0]} has hash "
+            f"{first_a.handle.block_hashes[0]:#018x}, the receiver expects {first_a.handle.block_hashes[0] ^ 1:#018x}",
+        ),
+        (
+            "pull of lease A's partial block",
+            pull("lease-a", blocks_a[2:]),
+            mismatch,
+            f"block hashes differ from the lease's for request 'lease-a': block {blocks_a[2]} is not a full block"
+            " (it has no hash)",
+        ),
+        (
+            "pull with fewer hashes than block ids",
+            pull("lease-a", blocks_a[:2], hashes=[1]),
+            bad,
+            "the request to /tandem.v1.KVTransfer/PullKV does not parse: 1 block hashes for 2 block ids",
         ),
         ("pull of no blocks", pull("lease-a", []), bad, "0 block ids requested; a pull moves 1..65536"),
         (

@@ -4,6 +4,7 @@ messages, and every message they translate comes back equal."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -93,10 +94,23 @@ def test_health_drain_abort_and_kv_transfer_messages_round_trip() -> None:
     assert codec.drain_status_from_proto(codec.drain_status_to_proto(status)) == status
     assert codec.abort_request_from_proto(codec.abort_request_to_proto("r9")) == "r9"
     assert codec.abort_response_from_proto(codec.abort_response_to_proto(True)) is True
-    pull = kv_codec.PullKVRequest("r1", (4, 5), LAYOUT.describe(), 1 << 20, SECRET)
+    pull = kv_codec.PullKVRequest("r1", (4, 5), LAYOUT.describe(), 1 << 20, SECRET, (2**64 - 1, 9))
     assert kv_codec.pull_kv_request_from_bytes(kv_codec.pull_kv_request_to_bytes(pull)) == pull
-    send = kv_codec.SendKVRequest("r1", (4, 5), LAYOUT.describe(), "127.0.0.1:9", "pair-1", 7, SECRET)
+    send = kv_codec.SendKVRequest("r1", (4, 5), LAYOUT.describe(), "127.0.0.1:9", "pair-1", 7, SECRET, (3, 8))
     assert kv_codec.send_kv_request_from_bytes(kv_codec.send_kv_request_to_bytes(send)) == send
+    for unhashed in (dataclasses.replace(pull, block_hashes=(1,)), dataclasses.replace(send, block_hashes=(1, 2, 3))):
+        raw = (
+            kv_codec.pull_kv_request_to_bytes(unhashed)
+            if isinstance(unhashed, kv_codec.PullKVRequest)
+            else kv_codec.send_kv_request_to_bytes(unhashed)
+        )
+        decode = (
+            kv_codec.pull_kv_request_from_bytes
+            if isinstance(unhashed, kv_codec.PullKVRequest)
+            else kv_codec.send_kv_request_from_bytes
+        )
+        with pytest.raises(ValueError, match=f"^{len(unhashed.block_hashes)} block hashes for 2 block ids$"):
+            decode(raw)
     result = kv_codec.SendKVResult(4096, 2**64 - 1)
     assert kv_codec.send_kv_result_from_bytes(kv_codec.send_kv_result_to_bytes(result)) == result
     assert kv_codec.KV_TRANSFER_SERVICE == "tandem.v1.KVTransfer"  # the gateway calls ReleaseKV by this name

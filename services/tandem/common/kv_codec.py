@@ -78,7 +78,9 @@ KV_TRANSFER_SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name  # 
 # Its servicers are registered as generic handlers, so these take and give bytes: the
 # servicer's methods see only the dataclasses. Every request carries the lease's secret from
 # the handle; its length is not checked here: the lease table compares it (a wrong one, of any
-# length, is refused there like an unknown request id).
+# length, is refused there like an unknown request id). Every pull also carries the block hashes
+# the receiver expects, one per block id (checked here, before anything is allocated); the
+# lease table compares them with the lease's.
 @dataclass(frozen=True)
 class PullKVRequest:
     """A receiver asks for `block_ids` (of the lease of `request_id`), in chunks of at most
@@ -90,6 +92,7 @@ class PullKVRequest:
     layout: str
     max_chunk_bytes: int
     lease_secret: bytes = field(repr=False)
+    block_hashes: tuple[int, ...]  # what the receiver expects block_ids to hold, one per id
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class SendKVRequest:
     pair_id: str
     tag: int  # first message tag of this transfer within the pair
     lease_secret: bytes = field(repr=False)
+    block_hashes: tuple[int, ...]  # as in PullKVRequest
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,24 @@ def pull_kv_request_to_bytes(request: PullKVRequest) -> bytes:
         layout=request.layout,
         max_chunk_bytes=request.max_chunk_bytes,
         lease_secret=request.lease_secret,
+        block_hashes=request.block_hashes,
     ).SerializeToString()
+
+
+def _expected_hashes(msg: pb.PullKVRequest | pb.SendKVRequest) -> tuple[int, ...]:
+    """The block hashes of a pull request: exactly one per block id (the count is checked
+    before the tuple is built)."""
+    if len(msg.block_hashes) != len(msg.block_ids):
+        raise ValueError(f"{len(msg.block_hashes)} block hashes for {len(msg.block_ids)} block ids")
+    return tuple(msg.block_hashes)
 
 
 def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
     msg = pb.PullKVRequest.FromString(raw)
-    return PullKVRequest(msg.request_id, tuple(msg.block_ids), msg.layout, msg.max_chunk_bytes, msg.lease_secret)
+    hashes = _expected_hashes(msg)
+    return PullKVRequest(
+        msg.request_id, tuple(msg.block_ids), msg.layout, msg.max_chunk_bytes, msg.lease_secret, hashes
+    )
 
 
 def release_kv_request_to_bytes(request: ReleaseKVRequest) -> bytes:
@@ -160,13 +176,22 @@ def send_kv_request_to_bytes(request: SendKVRequest) -> bytes:
         pair_id=request.pair_id,
         tag=request.tag,
         lease_secret=request.lease_secret,
+        block_hashes=request.block_hashes,
     ).SerializeToString()
 
 
 def send_kv_request_from_bytes(raw: bytes) -> SendKVRequest:
     msg = pb.SendKVRequest.FromString(raw)
+    hashes = _expected_hashes(msg)
     return SendKVRequest(
-        msg.request_id, tuple(msg.block_ids), msg.layout, msg.store_address, msg.pair_id, msg.tag, msg.lease_secret
+        msg.request_id,
+        tuple(msg.block_ids),
+        msg.layout,
+        msg.store_address,
+        msg.pair_id,
+        msg.tag,
+        msg.lease_secret,
+        hashes,
     )
 
 

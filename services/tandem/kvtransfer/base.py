@@ -42,6 +42,7 @@ class FailureReason(enum.Enum):
     CHECKSUM = "checksum"  # bytes arrived but differ from what the source packed
     TIMEOUT = "timeout"  # the pull did not finish within its bound
     LAYOUT_MISMATCH = "layout_mismatch"  # the two workers' KV layouts differ
+    HASH_MISMATCH = "hash_mismatch"  # the source's blocks do not have the hashes the handle claims
     REFUSED = "refused"  # the source said no: unknown/expired lease, block id outside it, busy
     PROTOCOL = "protocol"  # malformed or inconsistent messages
 
@@ -74,9 +75,13 @@ class TransferStats:
 
 def check_pull(
     handle: KVHandle, src_block_ids: tuple[int, ...], dst_block_ids: tuple[int, ...], store: KVBlockStore
-) -> None:
+) -> tuple[int, ...]:
     """Receiver-side checks of a pull's arguments, which every transport runs before touching
     the network. Arguments that contradict the handle or the store are caller bugs: ValueError.
+    Returns the handle's hashes of `src_block_ids`, which the pull request carries: the source
+    sends nothing unless its lease holds exactly those hashes for those blocks (so the blocks
+    are the ones whose hashes the caller checked against its prompt). Only full blocks have
+    one, so only full blocks can be pulled.
 
     The layouts are compared once on each side of a transfer: by the receiver's caller before
     it reserves blocks (`KVHandle.check`, the decode worker), and by the source against the
@@ -89,6 +94,11 @@ def check_pull(
     if outside:
         raise ValueError(f"source block ids {sorted(outside)[:8]} are not in the handle of {handle.request_id!r}")
     store.check_block_ids(dst_block_ids)
+    hash_of = dict(zip(handle.block_ids, handle.block_hashes))  # the handle's full blocks
+    partial = [b for b in src_block_ids if b not in hash_of]
+    if partial:
+        raise ValueError(f"source block ids {partial[:8]} of {handle.request_id!r} are not full blocks (no hash)")
+    return tuple(hash_of[b] for b in src_block_ids)
 
 
 async def run_to_completion(fn: Callable[..., T], *args: object) -> T:

@@ -21,6 +21,7 @@ from tandem.common.kv_handle import KVHandle
 from tandem.common.plane_auth import ClusterToken, aio_channel
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES
+from tandem.kvtransfer.leases import HASH_MISMATCH_PREFIX
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,8 +65,12 @@ _REASONS = MappingProxyType(
 
 
 def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> KVTransferError:
-    """A failed KVTransfer call as a KVTransferError (the source's message kept verbatim)."""
+    """A failed KVTransfer call as a KVTransferError (the source's message kept verbatim).
+    FAILED_PRECONDITION is a layout mismatch, or, when the source says the block hashes differ
+    (`leases.BlockHashMismatch`), a hash mismatch."""
     reason = _REASONS.get(exc.code(), FailureReason.PROTOCOL)
+    if reason is FailureReason.LAYOUT_MISMATCH and (exc.details() or "").startswith(HASH_MISMATCH_PREFIX):
+        reason = FailureReason.HASH_MISMATCH
     return KVTransferError(reason, f"{address}: {exc.code().name}: {exc.details()}")
 
 

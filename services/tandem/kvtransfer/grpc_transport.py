@@ -5,8 +5,10 @@ Lifecycle of one pull (decode worker D pulls from prefill worker P):
    cached channel to P, with the pull's deadline.
 2. P (`KVTransferServicer.PullKV`) refuses a layout that differs from its own
    (FAILED_PRECONDITION, naming the fields) and a malformed request (INVALID_ARGUMENT), and
-   checks the lease out with the secret the request carries from the handle (NOT_FOUND, naming
-   the problem, if the lease refuses; a wrong secret reads as an unknown request id). It streams
+   checks the lease out with the secret and the block hashes the request carries from the
+   handle (NOT_FOUND, naming the problem, if the lease refuses; a wrong secret reads as an
+   unknown request id; FAILED_PRECONDITION "block hashes differ ..." if the lease's blocks do
+   not have the hashes the receiver expects, nothing read). It streams
    chunks of `max_chunk_bytes` (clamped to 1..4 MiB), each with its
    offset, the total, dtype, shape and the xxh64 of its data. Chunks are encoded in a thread,
    one ahead of the network, straight from the cache when the blocks are one run (else packed
@@ -45,8 +47,15 @@ from tandem.kvtransfer.base import (
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
 from tandem.kvtransfer.channels import SERVICE, ChannelCache, release_remote
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, KVTransferConfig
-from tandem.kvtransfer.leases import LeaseError, LeaseTable
+from tandem.kvtransfer.leases import BlockHashMismatch, LeaseError, LeaseTable
 from tandem.kvtransfer.staging import StagingPool
+
+
+def lease_status(exc: LeaseError) -> grpc.StatusCode:
+    """A refused checkout's status: FAILED_PRECONDITION when the blocks are not the ones the
+    receiver expects (other hashes: the receiver recomputes and counts `hash_mismatch`),
+    NOT_FOUND for every other refusal (unknown, ended or foreign lease, block ids outside it)."""
+    return grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, BlockHashMismatch) else grpc.StatusCode.NOT_FOUND
 
 
 def clamp_chunk_bytes(requested: int) -> int:
@@ -117,9 +126,11 @@ class KVTransferServicer:
         chunk_bytes = clamp_chunk_bytes(request.max_chunk_bytes)
         with contextlib.ExitStack() as stack:
             try:  # pinned until the last chunk is encoded: chunks are read from the cache
-                stack.enter_context(self.leases.checkout(request.request_id, block_ids, request.lease_secret))
+                stack.enter_context(
+                    self.leases.checkout(request.request_id, block_ids, request.lease_secret, request.block_hashes)
+                )
             except LeaseError as exc:
-                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+                await context.abort(lease_status(exc), str(exc))
             staging = None
             if PackedReader.needs_staging(self.store, block_ids):
                 staging = self.staging.acquire(total)
@@ -179,13 +190,13 @@ class GrpcTransport:
         timeout_s: float,
     ) -> TransferStats:
         src, dst = tuple(src_block_ids), tuple(dst_block_ids)
-        check_pull(handle, src, dst, store)
+        hashes = check_pull(handle, src, dst, store)
         if not src:
             return TransferStats(0, 0.0, 0, 0)
         started = time.perf_counter()
         buffer = self.staging.acquire(len(src) * store.bytes_per_block)
         try:
-            num_chunks = await self._receive(handle, src, store, buffer, timeout_s)
+            num_chunks = await self._receive(handle, src, hashes, store, buffer, timeout_s)
             # Every byte arrived and matched: only now touch the destination blocks.
             await run_to_completion(store.unpack, buffer, dst)
         except asyncio.CancelledError:
@@ -198,7 +209,13 @@ class GrpcTransport:
         return TransferStats(len(buffer), time.perf_counter() - started, len(src), num_chunks)
 
     async def _receive(
-        self, handle: KVHandle, src: tuple[int, ...], store: KVBlockStore, buffer: torch.Tensor, timeout_s: float
+        self,
+        handle: KVHandle,
+        src: tuple[int, ...],
+        hashes: tuple[int, ...],
+        store: KVBlockStore,
+        buffer: torch.Tensor,
+        timeout_s: float,
     ) -> int:
         """Stream every chunk into `buffer`, checked; return the number of chunks. Each
         chunk's bytes are dropped once copied, so the allocator reuses their memory (keeping
@@ -208,7 +225,7 @@ class GrpcTransport:
             f"/{SERVICE}/PullKV", request_serializer=kv_codec.pull_kv_request_to_bytes, response_deserializer=None
         )
         request = kv_codec.PullKVRequest(
-            handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes, handle.lease_secret
+            handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes, handle.lease_secret, hashes
         )
         expected = _Expected(len(buffer), store.layout.dtype, store.packed_shape(len(src)), address)
         target = buffer.numpy().data

@@ -4,7 +4,8 @@ Lifecycle of one lease (DESIGN.md section 4, "Ownership"):
 1. The step loop finishes a prompt (`engine.held[request_id]`); the prefill server calls
    `grant(request_id, held, ttl_s)` and puts the returned deadline and secret in the KV handle.
 2. Each pull (a gRPC thread or task) reads the blocks inside `with checkout(request_id,
-   block_ids, secret):`. The checkout validates the request against the lease and pins it.
+   block_ids, secret, block_hashes):`. The checkout validates the request against the lease
+   and pins it.
 3. The lease ends once: `release` (ReleaseKV from a holder of the handle: the decode worker,
    or the gateway that will not use it), `revoke` (the source itself: a cancelled Prefill, the
    request owner's Abort, a drain) or `expire` (a step-loop tick, past the deadline). If a pull
@@ -19,6 +20,12 @@ easy to guess, so each lease also has a secret, `LEASE_SECRET_BYTES` random byte
 time. A wrong secret is answered exactly as an unknown request id (the same message, nothing
 read, nothing released), so a caller without the handle learns nothing, not even whether the
 request exists; only a holder is told that its lease was released or expired.
+
+What a pull may take: the blocks the receiver asks for must be full blocks of the lease, and
+the receiver says which hashes it expects them to have (its handle's, which it checked against
+its own prompt). The lease keeps the hashes the engine recorded for its full blocks
+(`HeldKV.block_hashes`) and refuses any difference with `BlockHashMismatch`: a holder of one
+lease's handle cannot have its blocks filed under another prompt's hashes (cache poisoning).
 
 Thread-safe: every method may be called from any thread.
 """
@@ -41,11 +48,19 @@ from tandem.engine.outputs import HeldKV
 
 log = logging.getLogger(__name__)
 
+# How BlockHashMismatch's message starts: the source sends it with FAILED_PRECONDITION, and the
+# receiver tells it from a layout mismatch by it (channels.rpc_error).
+HASH_MISMATCH_PREFIX = "block hashes differ from the lease's"
 MAX_REMEMBERED_ENDS = 4096  # ended leases remembered, to tell "expired" from "unknown"
 
 
 class LeaseError(Exception):
     """A pull was refused; the message names the request id, the block id or the deadline."""
+
+
+class BlockHashMismatch(LeaseError):
+    """The receiver expects other block hashes than the lease's (or asks for a block without
+    one: a partial last block). Only a holder of the secret gets this far."""
 
 
 class LeaseState(enum.Enum):
@@ -68,6 +83,7 @@ class _Lease:
     deadline_unix_s: float
     blocks: frozenset[int]
     secret: bytes = field(repr=False)
+    hashes: dict[int, int]  # full block id -> its hash, as the engine recorded it
     state: LeaseState = LeaseState.ACTIVE
     num_pins: int = 0  # pulls reading the blocks right now
 
@@ -102,21 +118,26 @@ class LeaseTable:
             if request_id in self._leases:
                 raise LeaseError(f"request {request_id!r} already has a lease")
             deadline = self._clock() + ttl_s
-            self._leases[request_id] = _Lease(held, deadline, frozenset(held.block_ids), secret)
+            hashes = dict(zip(held.block_ids, held.block_hashes))  # the first len(block_hashes) blocks
+            self._leases[request_id] = _Lease(held, deadline, frozenset(held.block_ids), secret, hashes)
             self._ended.pop(request_id, None)
             self._granted += 1
             return LeaseGrant(deadline, secret)
 
     @contextmanager
-    def checkout(self, request_id: str, block_ids: Sequence[int], secret: bytes) -> Iterator[HeldKV]:
-        """Validate a pull of `block_ids` and pin the lease for the `with` body.
+    def checkout(
+        self, request_id: str, block_ids: Sequence[int], secret: bytes, block_hashes: Sequence[int]
+    ) -> Iterator[HeldKV]:
+        """Validate a pull of `block_ids`, whose hashes the receiver expects to be
+        `block_hashes`, and pin the lease for the `with` body.
 
         Raises LeaseError if the lease is unknown or `secret` is not its secret, if it ended or
         is past its deadline, or if the ids are empty, repeated, more than the lease holds, or
-        not all in the lease.
+        not all in the lease; BlockHashMismatch (a LeaseError) if `block_hashes` are not the
+        lease's hashes of those blocks.
         """
         with self._lock:
-            lease = self._validate(request_id, block_ids, secret)
+            lease = self._validate(request_id, block_ids, secret, block_hashes)
             lease.num_pins += 1
         try:
             yield lease.held
@@ -129,11 +150,11 @@ class LeaseTable:
             if free:
                 self._free(request_id)
 
-    def check(self, request_id: str, block_ids: Sequence[int], secret: bytes) -> None:
+    def check(self, request_id: str, block_ids: Sequence[int], secret: bytes, block_hashes: Sequence[int]) -> None:
         """The validation of `checkout` without pinning: lets a pull refuse a peer before it
         allocates anything. The checkout itself validates again."""
         with self._lock:
-            self._validate(request_id, block_ids, secret)
+            self._validate(request_id, block_ids, secret, block_hashes)
 
     def release(self, request_id: str, secret: bytes) -> bool:
         """End the lease now for a holder of its handle (ReleaseKV). False, with no effect, if
@@ -199,7 +220,9 @@ class LeaseTable:
             return len(self._leases)
 
     # ---- under the lock ------------------------------------------------------------------
-    def _validate(self, request_id: str, block_ids: Sequence[int], secret: bytes) -> _Lease:
+    def _validate(
+        self, request_id: str, block_ids: Sequence[int], secret: bytes, block_hashes: Sequence[int]
+    ) -> _Lease:
         lease = self._leases.get(request_id)
         ended = (lease.state, lease.secret) if lease is not None else self._ended.get(request_id)
         if ended is None or not hmac.compare_digest(ended[1], secret):
@@ -220,6 +243,7 @@ class LeaseTable:
         outside = next((b for b in block_ids if b not in lease.blocks), None)
         if outside is not None:
             raise LeaseError(f"block id {outside} is not in the lease for request {request_id!r}")
+        _check_hashes(request_id, lease.hashes, block_ids, block_hashes)
         return lease
 
     def _end(self, request_id: str, lease: _Lease) -> bool:
@@ -238,3 +262,23 @@ class LeaseTable:
             self._on_free(request_id)
         except Exception:  # the lease is gone either way; the caller's loop must survive
             log.exception("on_free(%r) failed", request_id)
+
+
+def _check_hashes(request_id: str, hashes: dict[int, int], block_ids: Sequence[int], expected: Sequence[int]) -> None:
+    """Raise BlockHashMismatch unless `expected[i]` is the lease's hash of `block_ids[i]`."""
+    if len(expected) != len(block_ids):
+        raise BlockHashMismatch(
+            f"{HASH_MISMATCH_PREFIX} for request {request_id!r}: {len(expected)} hashes for {len(block_ids)} block ids"
+        )
+    for block_id, want in zip(block_ids, expected):
+        have = hashes.get(block_id)
+        if have is None:
+            raise BlockHashMismatch(
+                f"{HASH_MISMATCH_PREFIX} for request {request_id!r}: "
+                f"block {block_id} is not a full block (it has no hash)"
+            )
+        if have != want:
+            raise BlockHashMismatch(
+                f"{HASH_MISMATCH_PREFIX} for request {request_id!r}: "
+                f"block {block_id} has hash {have:#018x}, the receiver expects {want:#018x}"
+            )

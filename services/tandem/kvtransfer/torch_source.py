@@ -22,7 +22,7 @@ from tandem.common import kv_codec
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
-from tandem.kvtransfer.grpc_transport import KVTransferServicer
+from tandem.kvtransfer.grpc_transport import KVTransferServicer, lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.torch_pairs import Pair, host_bytes, parse_address, plan_messages
 
@@ -60,9 +60,9 @@ class TorchKVServicer(KVTransferServicer):
         await self._check_pair_request(request, context)
         try:
             # before joining or allocating anything
-            self.leases.check(request.request_id, block_ids, request.lease_secret)
+            self.leases.check(request.request_id, block_ids, request.lease_secret, request.block_hashes)
         except LeaseError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(lease_status(exc), str(exc))
         if self._num_inflight >= self.config.max_inflight_sends:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self._num_inflight} KV sends in flight")
         bound_s = min(context.time_remaining() or self.config.pull_timeout_s, self.config.pull_timeout_s)
@@ -135,7 +135,7 @@ class TorchKVServicer(KVTransferServicer):
         messages = plan_messages(len(block_ids), self.store)
         staging: torch.Tensor | None = None
         hasher = xxhash.xxh64()
-        with self.leases.checkout(request.request_id, block_ids, request.lease_secret):
+        with self.leases.checkout(request.request_id, block_ids, request.lease_secret, request.block_hashes):
             views = [
                 self.store.plane_view(block_ids, m.first_plane) if m.end_plane - m.first_plane == 1 else None
                 for m in messages

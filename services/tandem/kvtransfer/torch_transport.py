@@ -77,7 +77,7 @@ class TorchTransport:
         timeout_s: float,
     ) -> TransferStats:
         src, dst = tuple(src_block_ids), tuple(dst_block_ids)
-        check_pull(handle, src, dst, store)
+        hashes = check_pull(handle, src, dst, store)
         if not src:
             return TransferStats(0, 0.0, 0, 0)
         started, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
@@ -97,6 +97,7 @@ class TorchTransport:
             pair_id=pair.pair_id,
             tag=first_tag,
             lease_secret=handle.lease_secret,
+            block_hashes=hashes,
         )
         buffer = self._buffer(size_bytes, store.device)
         rpc = asyncio.ensure_future(call(request, timeout=timeout_s))

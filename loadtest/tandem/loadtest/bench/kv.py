@@ -40,7 +40,7 @@ from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import clamp_chunk_bytes
 from tandem.kvtransfer.torch_pairs import host_bytes, plan_messages
 from tandem.launcher.processes import ChildProcess
-from tandem.loadtest.bench.kv_source import random_kv_caches, source_args, source_env
+from tandem.loadtest.bench.kv_source import random_kv_caches, source_args, source_env, synthetic_block_hashes
 
 BENCH_LAYOUT = KVLayout("llama", num_layers=16, num_kv_heads=4, head_dim=64, dtype="bfloat16", block_size=16)
 PROMPT_TOKENS = 4096  # 256 blocks of 256 KiB: 64 MiB of KV
@@ -101,7 +101,7 @@ class Receiver:
             tuple(range(num_blocks)),
             num_blocks * layout.block_size,
             layout,
-            (),
+            synthetic_block_hashes(tuple(range(num_blocks))),
             time.time() + 3600,
             lease_secret,
         )

@@ -55,6 +55,12 @@ def random_kv_caches(
     return [torch.randn(shape, generator=generator, device=target).to(dtype) for _ in range(layout.num_layers)]
 
 
+def synthetic_block_hashes(block_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """The hashes this source's lease records for its blocks (a bench source holds no prompt):
+    a receiver's handle must carry the same ones, or the source refuses the pull."""
+    return tuple(0xB10C_0000_0000 + b for b in block_ids)
+
+
 def source_env(token: ClusterToken) -> dict[str, str]:
     """The source process's environment: ours plus the cluster token it requires."""
     return {**os.environ, TOKEN_ENV: token.secret}
@@ -108,8 +114,11 @@ async def _main(args: argparse.Namespace) -> None:
     layout = KVLayout.parse(args.layout)
     store = KVBlockStore(random_kv_caches(layout, args.num_blocks, args.seed, args.device), layout)
     leases = LeaseTable(on_free=lambda request_id: None)
+    blocks = tuple(range(args.num_blocks))
     grant = leases.grant(
-        args.request_id, HeldKV(tuple(range(args.num_blocks)), args.num_blocks * layout.block_size, ()), LEASE_TTL_S
+        args.request_id,
+        HeldKV(blocks, args.num_blocks * layout.block_size, synthetic_block_hashes(blocks)),
+        LEASE_TTL_S,
     )
     plane = PlaneAuth().resolve(os.environ)  # the cluster token in TANDEM_CLUSTER_TOKEN (`source_env`)
     plane.require("the KV source")
