@@ -19,8 +19,9 @@ Readers: gateways / schedulers (`list_workers`, `get_load`, `read_kv_events`). E
 is validated, as input from anyone who can write to Redis: a malformed entry (a missing or
 non-numeric field, a negative count, an address that is not host:port, a key of the wrong
 Redis type) is skipped, with a warning that is throttled per key kind (never a traceback), and
-never reaches a reader. Redis errors are raised to the caller, except in `Heartbeat`, which logs
-them and retries on its next tick.
+never reaches a reader (the fields of each record, written and validated: cluster_records.py).
+Redis errors are raised to the caller, except in `Heartbeat`, which logs them and retries on its
+next tick.
 
 The client must be built with `decode_responses=False` (values are bytes: packed hashes).
 """
@@ -29,17 +30,23 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import struct
 import threading
 from collections.abc import Iterable, Mapping
-from typing import cast
 
 import redis
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
+from tandem.common.cluster_records import (
+    as_fields,
+    kv_event_fields,
+    load_fields,
+    parse_kv_event,
+    parse_load,
+    parse_worker,
+    worker_fields,
+)
 from tandem.common.gateway_view import GatewayView
 from tandem.common.log_throttle import LogThrottle
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole, check_name
@@ -49,10 +56,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 5.0
 DEFAULT_KV_EVENTS_MAXLEN = 100_000
 CLIENT_RETRY_BACKOFF_S = 0.05
-# A worker's gRPC address: host:port, the host a DNS name, an IPv4 address or a bracketed IPv6
-# one. Anything else (a gRPC scheme such as unix: or dns:, a path, a port out of range) is not
-# an address a worker registers, and is never dialed.
-_ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})")
 
 
 def connect(url: str, socket_timeout_s: float) -> redis.Redis:
@@ -67,25 +70,6 @@ def connect(url: str, socket_timeout_s: float) -> redis.Redis:
         socket_connect_timeout=socket_timeout_s,
         retry=Retry(ConstantBackoff(CLIENT_RETRY_BACKOFF_S), 1),
     )
-
-
-def _text(fields: Mapping[bytes, bytes], name: str) -> str:
-    value = fields.get(name.encode())
-    if value is None:
-        raise ValueError(f"missing field {name!r}")
-    return value.decode("utf-8")
-
-
-def _int(fields: Mapping[bytes, bytes], name: str) -> int:
-    return int(_text(fields, name), 10)
-
-
-def _address(fields: Mapping[bytes, bytes]) -> str:
-    address = _text(fields, "address")
-    match = _ADDRESS_RE.fullmatch(address)
-    if match is None or not 0 < int(match.group(1)) < 65536:
-        raise ValueError(f"address must be host:port, got {address[:80]!r}")
-    return address
 
 
 class ClusterState:
@@ -126,20 +110,7 @@ class ClusterState:
 
     def register(self, info: WorkerInfo, ttl_s: float = DEFAULT_TTL_S) -> None:
         """Write (or overwrite) the worker's hash with a TTL. Called by `Heartbeat`."""
-        fields = {
-            "role": info.role.value,
-            "address": info.address,
-            "fingerprint": info.fingerprint,
-            "capacity_blocks": str(info.capacity_blocks),
-            "version": info.version,
-            "block_size": str(info.block_size),
-            "model_id": info.model_id,
-            "block_hash_version": str(info.block_hash_version),
-            "kv_epoch": str(info.kv_epoch),
-        }
-        if info.reference_hash is not None:
-            fields["reference_hash"] = f"{info.reference_hash:016x}"
-        self._write_hash(self.key("worker", info.worker_id), fields, ttl_s)
+        self._write_hash(self.key("worker", info.worker_id), worker_fields(info), ttl_s)
 
     def heartbeat(self, worker_id: str, ttl_s: float = DEFAULT_TTL_S) -> bool:
         """Push the worker key's expiry `ttl_s` ahead. False if the key is gone: re-register."""
@@ -152,10 +123,10 @@ class ClusterState:
     def get_worker(self, worker_id: str) -> WorkerInfo | None:
         """The live worker's info; None if expired, absent or malformed."""
         try:
-            fields = _fields(self._redis.hgetall(self.key("worker", worker_id)))
+            fields = as_fields(self._redis.hgetall(self.key("worker", worker_id)))
         except redis.ResponseError as exc:  # the key holds another Redis type
             fields = self._not_a_hash("worker", worker_id, exc)
-        return self._parse_worker(worker_id, fields)
+        return parse_worker(worker_id, fields, self._malformed)
 
     def list_workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
         """Live workers (optionally of one role), sorted by id. Uses SCAN, never KEYS."""
@@ -167,46 +138,16 @@ class ClusterState:
         for key, reply in zip(keys, pipe.execute(raise_on_error=False)):
             worker_id = key.decode("utf-8", "replace")[len(self.key("worker", "")) :]
             fields = self._not_a_hash("worker", worker_id, reply) if isinstance(reply, Exception) else reply
-            info = self._parse_worker(worker_id, fields)
+            info = parse_worker(worker_id, fields, self._malformed)
             if info is not None and (role is None or info.role is role):
                 workers.append(info)
         return workers
-
-    def _parse_worker(self, worker_id: str, fields: Mapping[bytes, bytes]) -> WorkerInfo | None:
-        if not fields:
-            return None  # expired between SCAN and HGETALL, or never there
-        try:
-            return WorkerInfo(
-                worker_id=worker_id,
-                role=WorkerRole(_text(fields, "role")),
-                address=_address(fields),
-                fingerprint=_text(fields, "fingerprint"),
-                capacity_blocks=_int(fields, "capacity_blocks"),
-                version=_text(fields, "version"),
-                block_size=_int(fields, "block_size"),
-                model_id=_text(fields, "model_id"),
-                block_hash_version=_int(fields, "block_hash_version"),
-                # optional (absent from older workers): the gateway refuses such a worker
-                reference_hash=int(_text(fields, "reference_hash"), 16) if b"reference_hash" in fields else None,
-                kv_epoch=_int(fields, "kv_epoch") if b"kv_epoch" in fields else 0,
-            )
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._malformed.warning("worker", "skipping malformed worker entry %r: %s", worker_id[:160], str(exc)[:160])
-            return None
 
     # --- load --------------------------------------------------------------------------------
 
     def publish_load(self, worker_id: str, load: WorkerLoad, ttl_s: float = DEFAULT_TTL_S) -> None:
         """Overwrite the worker's load hash, with a TTL. Called by `Heartbeat` every tick."""
-        fields = {
-            "waiting": str(load.waiting),
-            "running": str(load.running),
-            "queued_prefill_tokens": str(load.queued_prefill_tokens),
-            "kv_blocks_used": str(load.kv_blocks_used),
-            "kv_blocks_total": str(load.kv_blocks_total),
-            "timestamp_s": repr(float(load.timestamp_s)),
-        }
-        self._write_hash(self.key("load", worker_id), fields, ttl_s)
+        self._write_hash(self.key("load", worker_id), load_fields(load), ttl_s)
 
     def get_load(self, worker_id: str) -> WorkerLoad | None:
         """The worker's last published load; None if expired, absent or malformed."""
@@ -222,24 +163,8 @@ class ClusterState:
         loads: dict[str, WorkerLoad | None] = {}
         for worker_id, reply in zip(ids, pipe.execute(raise_on_error=False)):
             fields = self._not_a_hash("load", worker_id, reply) if isinstance(reply, Exception) else reply
-            loads[worker_id] = self._parse_load(worker_id, fields)
+            loads[worker_id] = parse_load(worker_id, fields, self._malformed)
         return loads
-
-    def _parse_load(self, worker_id: str, fields: Mapping[bytes, bytes]) -> WorkerLoad | None:
-        if not fields:
-            return None
-        try:
-            return WorkerLoad(
-                waiting=_int(fields, "waiting"),
-                running=_int(fields, "running"),
-                queued_prefill_tokens=_int(fields, "queued_prefill_tokens"),
-                kv_blocks_used=_int(fields, "kv_blocks_used"),
-                kv_blocks_total=_int(fields, "kv_blocks_total"),
-                timestamp_s=float(_text(fields, "timestamp_s")),
-            )
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._malformed.warning("load", "skipping malformed load entry %r: %s", worker_id[:160], str(exc)[:160])
-            return None
 
     def _not_a_hash(self, kind: str, worker_id: str, error: Exception) -> Mapping[bytes, bytes]:
         """A `kind` key that could not be read as a hash: skipped like a malformed entry. Any
@@ -272,7 +197,7 @@ class ClusterState:
             pipe.hgetall(key)
         prefix = len(self.key("gateway", ""))
         views = (
-            GatewayView.from_fields(k.decode("utf-8", "replace")[prefix:], _fields(f))
+            GatewayView.from_fields(k.decode("utf-8", "replace")[prefix:], as_fields(f))
             for k, f in zip(keys, pipe.execute())
         )
         return [view for view in views if view is not None]
@@ -302,14 +227,7 @@ class ClusterState:
             seq = self._kv_seq.get((worker_id, epoch), 0) + 1
             record = KVEventRecord(worker_id, epoch, seq, kind, hashes)  # validates
             self._kv_seq[(worker_id, epoch)] = seq
-            fields: dict[FieldT, EncodableT] = {
-                "worker": worker_id,
-                "epoch": str(epoch),
-                "seq": str(seq),
-                "kind": kind.value,
-                "hashes": struct.pack(f"<{len(hashes)}Q", *hashes),
-            }
-            self._redis.xadd(self.key("kv_events"), fields, maxlen=maxlen, approximate=True)
+            self._redis.xadd(self.key("kv_events"), kv_event_fields(record), maxlen=maxlen, approximate=True)
         return record
 
     def read_kv_events(
@@ -332,33 +250,10 @@ class ClusterState:
         for _stream, entries in streams:
             for entry_id, fields in entries:
                 last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                record = _parse_kv_event(last_id, _fields(fields), self._malformed)
+                record = parse_kv_event(last_id, as_fields(fields), self._malformed)
                 if record is not None:
                     records.append(record)
         return records, last_id
-
-
-def _parse_kv_event(entry_id: str, fields: Mapping[bytes, bytes], malformed: LogThrottle) -> KVEventRecord | None:
-    try:
-        packed = fields.get(b"hashes")
-        if packed is None or len(packed) % 8:
-            raise ValueError("hashes must be packed uint64 (a multiple of 8 bytes)")
-        return KVEventRecord(
-            worker_id=_text(fields, "worker"),
-            epoch=_int(fields, "epoch"),
-            seq=_int(fields, "seq"),
-            kind=KVEventKind(_text(fields, "kind")),
-            block_hashes=struct.unpack(f"<{len(packed) // 8}Q", packed),
-        )
-    except (ValueError, UnicodeDecodeError, struct.error) as exc:
-        malformed.warning("kv_events", "skipping malformed kv event %s: %s", entry_id, str(exc)[:160])
-        return None
-
-
-def _fields(reply: object) -> Mapping[bytes, bytes]:
-    """A hash or stream entry as read with decode_responses=False (the constructor checks it):
-    redis-py types replies for both client modes."""
-    return cast(Mapping[bytes, bytes], reply)
 
 
 def ttl_to_ms(ttl_s: float) -> int:
