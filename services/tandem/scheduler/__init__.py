@@ -19,7 +19,8 @@ from tandem.scheduler.policies import (
     prefix_aware_cost,
 )
 from tandem.scheduler.registry import HashScheme, RegistrySnapshot
-from tandem.scheduler.scheduler import Scheduler, route_on
+from tandem.scheduler.routing import route_on
+from tandem.scheduler.scheduler import Scheduler
 from tandem.scheduler.types import (
     NoWorkerError,
     RouteDecision,

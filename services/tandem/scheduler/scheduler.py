@@ -22,7 +22,7 @@ Lifecycle:
    `Liveness`). After an outage the follower reads the stream again from `"0-0"`: a Redis that
    restarted empty has a new stream, which the workers refill under new epochs (their KV
    event publishers republish their block sets), and events already applied are skipped.
-3. For each request the gateway calls `next_seq()`, then `route(request, exclude)`; on a
+3. For each request the gateway calls `next_seq()`, then `route(request, exclude)` (routing.py); on a
    retry it calls `route` again with the failed worker excluded. For every decision it
    calls `prefill_done` once the prompt ran (or failed) and `decode_done` when the stream
    ended, so the in-flight table (inflight.py) stays exact.
@@ -41,7 +41,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import redis
 
@@ -52,85 +52,16 @@ from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.gateway_report import GatewayReport
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
-from tandem.scheduler.picker import decide
-from tandem.scheduler.policies import Policy, make_policy
+from tandem.scheduler.policies import make_policy
 from tandem.scheduler.registry import EMPTY_SNAPSHOT, HashScheme, Liveness, RegistrationCheck, RegistrySnapshot
-from tandem.scheduler.types import (
-    RouteDecision,
-    RouteRequest,
-    WorkerStatus,
-    WorkerView,
-)
+from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_tokens
+from tandem.scheduler.types import RouteDecision, RouteRequest, WorkerStatus
 
 logger = logging.getLogger(__name__)
 
 EVENTS_PER_READ = 1000
 MAX_BACKOFF_S = 2.0
 SOCKET_TIMEOUT_MARGIN_S = 1.0  # the events client's socket timeout must exceed block_ms by this
-
-
-def route_on(
-    snapshot: RegistrySnapshot,
-    index: PrefixIndex,
-    request: RouteRequest,
-    policy: Policy,
-    config: SchedulerConfig,
-    now_s: float,
-    exclude: frozenset[str] = frozenset(),
-    inflight: InflightTable | None = None,
-) -> RouteDecision:
-    """The in-memory routing path of `Scheduler.route` (also timed by the bench).
-
-    Expires due speculative claims, matches the prompt against the index, builds the views
-    (loads adjusted by this gateway's own in-flight work), calls `picker.decide`, then claims
-    the prompt's blocks speculatively for the worker that will prefill (P, or D when local)
-    and for D (which pulls them from P), and records the new in-flight work. Raises
-    NoWorkerError / ValueError from `decide`.
-    """
-    index.expire(now_s)
-    cached = index.match(request.block_hashes, snapshot.worker_ids)
-    touched = inflight.touched() if inflight is not None else frozenset()
-    prefill = _views(snapshot.prefill, snapshot.prefill_ids, cached, touched, inflight)
-    decode = _views(snapshot.decode, snapshot.decode_ids, cached, touched, inflight)
-    decision = decide(request, prefill, decode, policy, config, exclude)
-    for worker in (decision.prefill, decision.decode):
-        if worker is not None:
-            index.add_speculative(worker.worker_id, request.block_hashes, now_s)
-    if inflight is not None:
-        inflight.begin(
-            prefilled_by(decision),
-            uncached_prefill_tokens(decision, request.num_prompt_tokens),
-            decision.decode.worker_id,
-        )
-    return decision
-
-
-def prefilled_by(decision: RouteDecision) -> str:
-    """The worker that runs the prompt: P, or D when it prefills locally."""
-    return (decision.prefill or decision.decode).worker_id
-
-
-def uncached_prefill_tokens(decision: RouteDecision, num_prompt_tokens: int) -> int:
-    cached = decision.prefill_cached_tokens if decision.prefill is not None else decision.decode_cached_tokens
-    return max(0, num_prompt_tokens - cached)
-
-
-def _views(
-    views: tuple[WorkerView, ...],
-    worker_ids: tuple[str, ...],
-    cached: Mapping[str, int],
-    touched: frozenset[str],
-    inflight: InflightTable | None,
-) -> list[WorkerView]:
-    """`views` with their cached block counts and adjusted loads; others keep their view."""
-    out = []
-    for v, wid in zip(views, worker_ids):
-        n = cached[wid]
-        if wid in touched and inflight is not None:
-            out.append(WorkerView(v.info, inflight.adjust(wid, v.load), n))
-        else:
-            out.append(WorkerView(v.info, v.load, n) if n else v)
-    return out
 
 
 class Scheduler:

@@ -8,7 +8,7 @@ and a 4096-token prompt (256 blocks). Run it with:
 Setup: half prefill and half decode workers with one fingerprint and random loads; a handful
 of distinct prompts; every worker holds a random leading prefix of about half of the prompts
 (applied as STORED events, as the KV event follower would). Timed per iteration:
-- `route`: `scheduler.route_on`, i.e. exactly what `Scheduler.route` does once it has read its
+- `route`: `routing.route_on`, i.e. exactly what `Scheduler.route` does once it has read its
   snapshot reference: expire, `PrefixIndex.match`, views, `picker.decide`, speculative claims.
   The clock advances 10 ms per request, so after `speculative_ttl_s` claims also expire on
   the timed path, as they do in steady state.
@@ -29,7 +29,7 @@ from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.policies import make_policy
 from tandem.scheduler.registry import RegistrySnapshot
-from tandem.scheduler.scheduler import route_on
+from tandem.scheduler.routing import route_on
 from tandem.scheduler.types import RouteRequest
 
 NUM_PROMPTS = 16
