@@ -36,7 +36,8 @@ from tandem.kvtransfer.config import KVTransferConfig, MiB
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, clamp_chunk_bytes
 from tandem.kvtransfer.leases import BlockHashMismatch, LeaseCounters, LeaseError, LeaseGrant, LeaseTable
 from tandem.kvtransfer.torch_source import TorchKVServicer
-from tandem.launcher.processes import ChildProcess, wait_all_ready
+from tandem.launcher.processes import ChildProcess
+from tandem.launcher.ready import wait_all_ready
 from tandem.loadtest.bench.kv import source_lease_secret
 from tandem.loadtest.bench.kv_source import random_kv_caches, source_args, synthetic_block_hashes
 from tests.integration.workers import cluster_token

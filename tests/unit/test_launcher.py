@@ -26,8 +26,7 @@ from tandem.common.tracing import TracingConfig
 from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
 from tandem.launcher import ChildProcess, ChildStartError, LocalClusterConfig, StartCancelled
 from tandem.launcher.config import ChildSecrets, gateway_template, worker_template
-from tandem.launcher.local import ChildSummary
-from tandem.launcher.state_file import UpState, read_state, remove_state, write_state
+from tandem.launcher.state_file import ChildSummary, UpState, read_state, remove_state, write_state
 from tandem.launcher.status import render, run_status, summarize
 
 READY = 'import json, sys; print(json.dumps({"event": "ready", "address": "127.0.0.1:1"}), flush=True); '
@@ -416,7 +415,7 @@ def test_redis_child_serves_status_and_stops_by_pid(capsys: pytest.CaptureFixtur
 
 
 def test_wait_all_ready_fails_fast_when_one_child_exits() -> None:
-    from tandem.launcher.processes import wait_all_ready
+    from tandem.launcher.ready import wait_all_ready
 
     slow = python_child("import time; time.sleep(60)", io.StringIO(), name="slow")
     broken = python_child("import sys; print('bad flag', file=sys.stderr); sys.exit(2)", io.StringIO(), name="broken")

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tandem.launcher.processes import ChildProcess, ChildStartError
+from tandem.launcher.processes import ChildProcess
+from tandem.launcher.ready import ChildStartError
 from tests.unit.test_launcher import READY, pid_alive
 
 

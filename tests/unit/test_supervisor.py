@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from tandem.launcher.config import LocalClusterConfig
-from tandem.launcher.processes import ChildProcess, ChildStartError
+from tandem.launcher.processes import ChildProcess
+from tandem.launcher.ready import ChildStartError
 from tandem.launcher.restarts import RestartDecision, RestartPolicy, RestartTracker, exit_status
 from tandem.launcher.supervisor import RestartLimitReached, Supervisor
 

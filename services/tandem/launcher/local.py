@@ -2,11 +2,12 @@
 
 Lifecycle of a `LocalCluster`:
 1. `start()` resolves the model (the generated tiny model unless one is named), starts a
-   private redis-server unless `redis_url` names one (with a generated password), then spawns every worker and the
-   gateway at once (each worker with the host's cores divided among the workers). It waits
-   for every ready line, then polls the gateway until `GET /ready` answers 200 (a decode
-   worker is routable) and its `tandem_workers{pool}` gauge counts every worker started here
-   (so the first request can already use the prefill pool), all within `ready_timeout_s`.
+   private redis-server unless `redis_url` names one (with a generated password), then spawns
+   every worker and the gateway at once (each worker with the host's cores divided among the
+   workers). It waits for every ready line, then polls the gateway (`gateway_child.py`) until
+   `GET /ready` answers 200 (a decode worker is routable) and its `tandem_workers{pool}` gauge
+   counts every worker started here (so the first request can already use the prefill pool),
+   all within `ready_timeout_s`.
    If anything fails it stops what it started and raises `ClusterStartError` naming the
    child and quoting its last output.
 2. While it runs, `endpoint` is the gateway's base URL and `dead_children()` names children
@@ -31,16 +32,11 @@ thread (see `processes.py`), so call `start()` from a thread that outlives the c
 
 from __future__ import annotations
 
-import http.client
 import logging
-import os
 import secrets
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -49,31 +45,21 @@ from tandem.common.embedded_redis import EmbeddedRedisError
 from tandem.common.plane_auth import ClusterToken
 from tandem.common.workers import WorkerRole
 from tandem.launcher.config import ChildSecrets, LocalClusterConfig
+from tandem.launcher.gateway_child import gateway_endpoint, spawn_gateway, wait_routable
 from tandem.launcher.placement import ProcessPlacement, WorkerPlacement, WorkerProcess
-from tandem.launcher.processes import ChildProcess, ChildStartError, StartCancelled, wait_all_ready
+from tandem.launcher.processes import ChildProcess
+from tandem.launcher.ready import ChildStartError, wait_all_ready
 from tandem.launcher.redis_child import RedisChild
+from tandem.launcher.state_file import ChildSummary
 
 logger = logging.getLogger(__name__)
 
-READY_POLL_INTERVAL_S = 0.1
-HTTP_TIMEOUT_S = 2.0
 WORKER_STOP_GRACE_S = 5.0
 REDIS_PASSWORD_BYTES = 24  # of the private redis-server's generated password
-POOL_SIZE_METRIC = "tandem_workers"  # the gateway's live workers per pool
 
 
 class ClusterStartError(RuntimeError):
     """The cluster did not come up; everything it had started is stopped again."""
-
-
-@dataclass(frozen=True)
-class ChildSummary:
-    """One running child as `tandem up` reports it (and writes it to its state file)."""
-
-    name: str
-    pid: int
-    address: str | None
-    metrics_port: int | None
 
 
 class LocalCluster:
@@ -174,12 +160,7 @@ class LocalCluster:
         if self._gateway is not None and name == self._gateway.name:
             self._gateway.stop(0.0)
             port = int(self._endpoint.rsplit(":", 1)[1])
-            self._gateway = ChildProcess.spawn(
-                "gateway",
-                self._config.gateway_argv(self.model_dir, self.redis_url, port),
-                env=self._config.gateway_env(self._secrets().environ(os.environ)),
-                sink=self._sink,
-            )
+            self._gateway = spawn_gateway(self._config, self.model_dir, self._secrets(), self._sink, port)
             return self._gateway
         for i, worker in enumerate(self._workers):
             if worker.name == name:
@@ -220,61 +201,18 @@ class LocalCluster:
                 password=secrets.token_urlsafe(REDIS_PASSWORD_BYTES),
             )
             self._redis_url = self._redis.url
-        redis_url = self.redis_url
         child_secrets = self._secrets()
         # Spawn everything before waiting on anything: the processes load their models in
         # parallel. The gateway only routes to workers that registered, and /ready says when.
         # Local children come first: a Ray Client connection (`open()`) runs gRPC threads, and a
         # fork after that can abort in the child (gRPC's fork handlers).
-        self._gateway = ChildProcess.spawn(
-            "gateway",
-            config.gateway_argv(model_dir, redis_url),
-            env=config.gateway_env(child_secrets.environ(os.environ)),
-            sink=self._sink,
-        )
+        self._gateway = spawn_gateway(config, model_dir, child_secrets, self._sink)
         self._placement.open(model_dir, child_secrets, _remaining(deadline), cancelled)
         for role, worker_id in config.worker_ids():
             self._spawn_worker(role, worker_id)
         wait_all_ready([*self._workers, self._gateway], _remaining(deadline), cancelled)
-        address = self._gateway.ready.get("address") if self._gateway.ready else None
-        if not isinstance(address, str) or not address.startswith("http"):
-            raise ChildStartError(
-                f"gateway (pid {self._gateway.pid}) printed a ready line without an "
-                f"http address: {self._gateway.ready!r}"
-            )
-        self._endpoint = address.rstrip("/")
-        self._wait_routable(deadline, cancelled)
-
-    def _wait_routable(self, deadline: float, cancelled: Callable[[], bool]) -> None:
-        assert self._gateway is not None and self._endpoint is not None
-        url = f"{self._endpoint}/ready"
-        last = "no answer yet"
-        while True:
-            if cancelled():
-                raise StartCancelled("cancelled while waiting for the gateway to become ready")
-            dead = self.dead_children()
-            if dead:
-                child = next(c for c in self._processes() if not c.is_running)
-                raise ChildStartError(
-                    f"{', '.join(dead)} exited while the cluster was starting; "
-                    f"last output of {child.name}:\n{child.output_tail()}"
-                )
-            status, last = _get_status(url)
-            if status == 200:
-                sizes = _gateway_pool_sizes(self._endpoint)
-                if sizes is None or (
-                    sizes.get("prefill", 0) >= self._config.num_prefill
-                    and sizes.get("decode", 0) >= self._config.num_decode
-                ):
-                    return
-                last = f"HTTP 200, but the gateway sees workers {sizes}"
-            if time.monotonic() >= deadline:
-                raise ChildStartError(
-                    f"gateway (pid {self._gateway.pid}) never answered 200 on {url} within "
-                    f"{self._config.ready_timeout_s} s (last: {last}); its last output:\n"
-                    f"{self._gateway.output_tail()}"
-                )
-            time.sleep(READY_POLL_INTERVAL_S)
+        self._endpoint = gateway_endpoint(self._gateway)
+        wait_routable(self._gateway, self._endpoint, config, deadline, cancelled, self._processes)
 
     def _spawn_worker(self, role: WorkerRole, worker_id: str) -> WorkerProcess:
         child = self._placement.spawn(role, worker_id)
@@ -367,34 +305,3 @@ def _tiny_model_dir() -> Path:
 
 def _remaining(deadline: float) -> float:
     return max(0.01, deadline - time.monotonic())
-
-
-def _gateway_pool_sizes(endpoint: str) -> dict[str, int] | None:
-    """Live workers per pool as the gateway last saw them (its `tandem_workers{pool}` gauge,
-    refreshed every few seconds); {} if /metrics did not answer, None if it lacks the gauge."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(f"{endpoint}/metrics", timeout=HTTP_TIMEOUT_S) as response:
-            text = response.read().decode("utf-8", errors="replace")
-        families = [f for f in text_string_to_metric_families(text) if f.name == POOL_SIZE_METRIC]
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
-        return {}
-    if not families:
-        return None
-    sizes: dict[str, int] = {}
-    for sample in families[0].samples:
-        pool = sample.labels.get("pool", "")
-        sizes[pool] = sizes.get(pool, 0) + int(sample.value)
-    return sizes
-
-
-def _get_status(url: str) -> tuple[int | None, str]:
-    """(HTTP status, short description) of `GET url`; (None, error) if it did not answer."""
-    try:
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-            return response.status, f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        return exc.code, f"HTTP {exc.code}"
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        return None, str(exc)

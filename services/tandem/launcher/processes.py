@@ -3,7 +3,8 @@
 `tandem up` (`LocalCluster`), the benchmarks (`tandem.loadtest`: the gateway bench, the KV
 source process, `make bench`'s clusters) and the integration and end-to-end tests all start
 their processes with it. A child announces itself with one JSON line on stdout,
-`{"event": "ready", "address": ..., ...}`, and stops cleanly on SIGTERM.
+`{"event": "ready", "address": ..., ...}` (the ready-line protocol, `ready.py`), and stops
+cleanly on SIGTERM.
 
 Lifecycle of a `ChildProcess`:
 1. `spawn()` starts `argv` with stdin closed and stdout/stderr piped (`start()` is `spawn()`
@@ -15,8 +16,8 @@ Lifecycle of a `ChildProcess`:
    `"event": "ready"` and keeps it; every other line, of either stream, goes to our stderr
    with a `[name]` prefix and into a bounded tail kept for error messages.
 3. `wait_ready(timeout_s)` returns the ready line, or raises `ChildStartError` (with the
-   output tail) if the child exits first or the bound passes; `wait_all_ready()` waits for
-   several at once and fails as soon as any one of them exits.
+   output tail) if the child exits first or the bound passes; `wait_all_ready()` (`ready.py`)
+   waits for several at once and fails as soon as any one of them exits.
 4. `stop(timeout_s)` sends SIGTERM once, waits, sends SIGKILL when the bound passes, and
    reaps the child; `kill()` sends SIGKILL at once (a crash, as fault tests want it) and reaps.
    Both are idempotent. The child is only ever addressed by its pid.
@@ -29,33 +30,24 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
+
+from tandem.launcher.ready import ChildStartError, parse_ready, wait_all_ready
 
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TAIL_LINES = 40
 READER_JOIN_S = 1.0
-POLL_INTERVAL_S = 0.05
 FAILED_START_STOP_S = 5.0  # grace for a child that never got ready
-
-
-class ChildStartError(RuntimeError):
-    """A child exited, or did not print its ready line, before its deadline."""
-
-
-class StartCancelled(RuntimeError):
-    """The caller asked to stop (e.g. SIGTERM) while a child was starting."""
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -76,17 +68,6 @@ def _die_with_parent() -> Callable[[], None] | None:
             kill(getpid(), signal.SIGTERM)
 
     return set_pdeathsig
-
-
-def _parse_ready(line: str) -> dict[str, Any] | None:
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        message = json.loads(text)
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) and message.get("event") == "ready" else None
 
 
 class ChildProcess:
@@ -272,7 +253,7 @@ class ChildProcess:
         try:
             for line in stream:
                 if self._ready is None:
-                    ready = _parse_ready(line)
+                    ready = parse_ready(line)
                     if ready is not None:
                         self._ready = ready
                         logger.info("%s (pid %d) is ready at %s", self._name, self.pid, ready.get("address"))
@@ -298,38 +279,3 @@ class ChildProcess:
             sink.flush()
         except (OSError, ValueError):
             pass  # our stderr is gone: keep draining the pipe so the child never blocks
-
-
-class Starting(Protocol):
-    """What `wait_all_ready` reads of a child (a `ChildProcess`, or a Ray worker actor's handle)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def pid(self) -> int: ...
-
-    def check_ready(self) -> dict[str, Any] | None: ...
-
-    def output_tail(self) -> str: ...
-
-
-def wait_all_ready(children: Sequence[Starting], timeout_s: float, cancelled: Callable[[], bool] | None = None) -> None:
-    """Block until every child printed its ready line. Raises `ChildStartError` as soon as one
-    of them exits without it, or when `timeout_s` passes, and `StartCancelled` as soon as
-    `cancelled()` is true. The children are left running: the caller stops them."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(children)
-    while True:
-        pending = [child for child in pending if child.check_ready() is None]
-        if not pending:
-            return
-        if cancelled is not None and cancelled():
-            raise StartCancelled(f"cancelled while waiting for {', '.join(c.name for c in pending)}")
-        if time.monotonic() >= deadline:
-            first = pending[0]
-            raise ChildStartError(
-                f"{', '.join(f'{c.name} (pid {c.pid})' for c in pending)} not ready after {timeout_s} s; "
-                f"last output of {first.name}:\n{first.output_tail()}"
-            )
-        time.sleep(POLL_INTERVAL_S)

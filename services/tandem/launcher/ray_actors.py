@@ -41,7 +41,8 @@ from ray.exceptions import GetTimeoutError, RayError
 
 from tandem.common.workers import WorkerRole
 from tandem.launcher.config import ChildSecrets, LocalClusterConfig
-from tandem.launcher.processes import ChildProcess, ChildStartError
+from tandem.launcher.processes import ChildProcess
+from tandem.launcher.ready import ChildStartError
 
 logger = logging.getLogger(__name__)
 

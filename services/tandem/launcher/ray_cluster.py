@@ -45,11 +45,11 @@ from tandem.common.redis_url import redact
 from tandem.common.workers import WorkerRole
 from tandem.launcher.config import ChildSecrets, LocalClusterConfig
 from tandem.launcher.local import WORKER_STOP_GRACE_S
-from tandem.launcher.processes import ChildStartError
 from tandem.launcher.ray_actors import RayWorker
 from tandem.launcher.ray_auth import patch_environ, write_token_file
 from tandem.launcher.ray_config import RayConfig
 from tandem.launcher.ray_head import RayHead, make_temp_dir
+from tandem.launcher.ready import ChildStartError
 
 logger = logging.getLogger(__name__)
 

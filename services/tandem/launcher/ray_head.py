@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import IO
 
 from tandem.common.embedded_redis import free_port
-from tandem.launcher.processes import ChildProcess, ChildStartError, StartCancelled
+from tandem.launcher.processes import ChildProcess
+from tandem.launcher.ready import ChildStartError, StartCancelled
 
 ADDRESS_FILE = "ray_current_cluster"  # written by `ray start` once the node is up
 POLL_INTERVAL_S = 0.1

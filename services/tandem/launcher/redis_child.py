@@ -24,7 +24,8 @@ from typing import IO
 import redis
 
 from tandem.common.embedded_redis import HOST, answers_as, find_redis_server, free_port, local_url, server_argv
-from tandem.launcher.processes import ChildProcess, ChildStartError
+from tandem.launcher.processes import ChildProcess
+from tandem.launcher.ready import ChildStartError
 
 PORT_ATTEMPTS = 3
 PROBE_TIMEOUT_S = 0.5

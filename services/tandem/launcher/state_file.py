@@ -3,10 +3,10 @@
 Written once the cluster is up, removed when `tandem up` exits. `tandem status` reads it to
 find Redis and the cluster name; tests read it for the pids of the children. JSON object:
 `{"redis_url", "cluster", "endpoint", "pid", "children": [{"name", "pid", "address",
-"metrics_port"}, ...], "cluster_token"}`; `pid` is the `tandem up` process itself. The file holds
-secrets (the Redis URL with its password, the cluster token, which `tandem drain` presents), so
-it is readable by its owner only (mode 0600, as `mkstemp` creates it); `tandem status` never
-prints either.
+"metrics_port"}, ...], "cluster_token"}` (each child a `ChildSummary`); `pid` is the `tandem up`
+process itself. The file holds secrets (the Redis URL with its password, the cluster token, which
+`tandem drain` presents), so it is readable by its owner only (mode 0600, as `mkstemp` creates
+it); `tandem status` never prints either.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from tandem.common.plane_auth import ClusterToken
-from tandem.launcher.local import ChildSummary
 
 STATE_FILE_NAME = "up.json"
+
+
+@dataclass(frozen=True)
+class ChildSummary:
+    """One running child as `tandem up` reports it (and writes it to its state file)."""
+
+    name: str
+    pid: int
+    address: str | None
+    metrics_port: int | None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from tandem.common.embedded_redis import EmbeddedRedisError
 from tandem.launcher.placement import WorkerProcess
-from tandem.launcher.processes import ChildStartError
+from tandem.launcher.ready import ChildStartError
 from tandem.launcher.restarts import RestartPolicy, RestartTracker, exit_status
 
 logger = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ from tandem.common.workers import WorkerRole
 from tandem.launcher.config import LocalClusterConfig
 from tandem.launcher.local import ClusterStartError, LocalCluster
 from tandem.launcher.placement import WorkerPlacement
-from tandem.launcher.processes import StartCancelled
+from tandem.launcher.ready import StartCancelled
 from tandem.launcher.state_file import UpState, remove_state, write_state
 from tandem.launcher.supervisor import RestartLimitReached, Supervisor
 

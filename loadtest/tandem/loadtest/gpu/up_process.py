@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tandem.launcher.local import ChildSummary
 from tandem.launcher.processes import ChildProcess
-from tandem.launcher.state_file import STATE_FILE_NAME, read_state
+from tandem.launcher.state_file import STATE_FILE_NAME, ChildSummary, read_state
 
 POLL_INTERVAL_S = 0.1
 NAME = "tandem up"
