@@ -59,7 +59,8 @@ from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput, Reservation
 from tandem.kvtransfer.base import KVTransferError
 from tandem.worker.servicer import WorkerServicerBase
-from tandem.worker.worker import DrainDeadline, Worker
+from tandem.worker.streams import DrainDeadline
+from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
