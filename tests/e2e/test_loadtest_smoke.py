@@ -43,7 +43,7 @@ def check_run(run_dir: Path, load: str) -> None:
         assert record["token_times_s"] and record["start_s"] < record["token_times_s"][0]  # has a TTFT
         # ignore_eos: exactly max_tokens come back (usage). The decode worker coalesces the tokens
         # that are ready into one message when the client is slower than its step loop
-        # (services/tandem/decode/server.py), so an event may carry several tokens: never fewer
+        # (services/tandem/decode/stream.py), so an event may carry several tokens: never fewer
         # events than 1, never more than tokens.
         assert record["output_tokens"] == request.max_tokens
         assert 1 <= len(record["token_times_s"]) <= record["output_tokens"]

@@ -399,8 +399,8 @@ def test_worker_probes_are_native_grpc_health_checks(chart: Any, role: str) -> N
     assert worker["livenessProbe"]["grpc"] == {"port": 50099, "service": ""}
     # NOT_SERVING while draining: the pod leaves the endpoints before it stops.
     assert worker["readinessProbe"]["grpc"] == {"port": 50099, "service": "tandem.v1.Worker"}
-    # the names the worker serves (services/tandem/worker/worker.py)
-    from tandem.worker.worker import LIVENESS_SERVICE, READINESS_SERVICE
+    # the names the worker serves (services/tandem/worker/health.py)
+    from tandem.worker.health import LIVENESS_SERVICE, READINESS_SERVICE
 
     assert (LIVENESS_SERVICE, READINESS_SERVICE) == ("", "tandem.v1.Worker")
     startup = worker["startupProbe"]

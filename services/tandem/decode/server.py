@@ -15,8 +15,9 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
    plus first token are recomputed locally: same output. If the pool is too full to
    reserve, the request is prefilled locally too.
 4. `ReleaseKV` is sent to the source of every handle used (best effort; its lease also expires).
-5. Tokens stream back as `DecodeDelta`s; several tokens per message when the client is
-   slower than the step loop. A cancelled stream aborts the sequence within one step.
+5. Tokens stream back as `DecodeDelta`s (decode/stream.py); several tokens per message when
+   the client is slower than the step loop. A cancelled stream aborts the sequence within
+   one step.
 6. Draining, the stream goes on until it finishes. If the worker's drain deadline passes
    first, the stream sends the tokens it has, aborts the sequence and ends UNAVAILABLE
    "worker {id} is draining: ...": the gateway resumes it on another decode worker.
@@ -31,18 +32,17 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 Tracing: a SERVER span "decode" under the caller's trace context, with children "kv.pull"
 (with a handle: reserving blocks and pulling the missing ones), "decode.admit" (until the
 batcher first schedules the sequence) and "decode.stream" (until the stream ends, however it
-ends). The first `DecodeDelta` carries the hand-off and admission durations.
+ends; both started by decode/stream.py). The first `DecodeDelta` carries the hand-off and
+admission durations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -52,36 +52,17 @@ from tandem.common import codec
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import LayoutMismatchError
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
-from tandem.common.request import FinishReason, Request, TokenLogprob
+from tandem.common.request import Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
 from tandem.decode.sources import handle_verifier
+from tandem.decode.stream import DrainDeadlineReached, FirstDelta, ShedError, stream_deltas
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput, Reservation
 from tandem.kvtransfer.base import KVTransferError
 from tandem.worker.servicer import WorkerServicerBase
-from tandem.worker.worker import DrainDeadline, Worker
+from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-class _DrainDeadlineReached(Exception):
-    """The worker's drain deadline passed while this stream was open."""
-
-
-@dataclass
-class _FirstDelta:
-    """What the first DecodeDelta reports about the hand-off and admission; filled in as the
-    hand-off goes (asyncio thread only)."""
-
-    num_cached_tokens: int = 0
-    num_pulled_blocks: int = 0
-    recomputed: bool = False
-    transfer_s: float = 0.0
-    admit_s: float = 0.0
-
-
-class _ShedError(Exception):
-    """The engine shed the request under overload; the message is for its client."""
 
 
 class DecodeServicer(WorkerServicerBase):
@@ -119,7 +100,7 @@ class DecodeServicer(WorkerServicerBase):
             req, handle = call.request, call.handle
             await self.owners.claim(req.request_id, context)
             span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
-            header = _FirstDelta()
+            header = FirstDelta()
             if handle is not None:
                 await self._check_handle(handle, req, context)
                 if not await self.verifier.accept(handle, req, span):
@@ -152,15 +133,23 @@ class DecodeServicer(WorkerServicerBase):
                         )
                     finally:
                         self._handing_off.pop(rid, None)
-                async with aclosing(
-                    self._stream(q, header, span, arrival, admit_from_s, local=handle is None)
-                ) as deltas:
+                deltas_from = stream_deltas(
+                    q,
+                    header,
+                    span,
+                    arrival,
+                    admit_from_s,
+                    local=handle is None,
+                    tracer=worker.tracing.tracer,
+                    timeout_s=worker.config.request_timeout_s,
+                )
+                async with aclosing(deltas_from) as deltas:
                     async for delta in deltas:
                         yield codec.decode_delta_to_proto(delta)
-            except _DrainDeadlineReached as exc:
+            except DrainDeadlineReached as exc:
                 worker.abort_soon(rid)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            except _ShedError as exc:
+            except ShedError as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except (asyncio.CancelledError, GeneratorExit):
                 # GeneratorExit: gRPC was sending when the client went away and closed this stream
@@ -183,7 +172,7 @@ class DecodeServicer(WorkerServicerBase):
         req: Request,
         first_token: int,
         handle: KVHandle,
-        header: _FirstDelta,
+        header: FirstDelta,
         deliver: Callable[[RequestOutput], None],
         context: grpc.aio.ServicerContext,
         span: Span,
@@ -260,7 +249,7 @@ class DecodeServicer(WorkerServicerBase):
         return end_s
 
     async def _pull(
-        self, rid: str, handle: KVHandle, reservation: Reservation, header: _FirstDelta, pull_span: Span
+        self, rid: str, handle: KVHandle, reservation: Reservation, header: FirstDelta, pull_span: Span
     ) -> int | None:
         """Pull the blocks missing from `reservation`; bytes moved, or None if the pull failed
         (then the prompt is recomputed)."""
@@ -299,85 +288,6 @@ class DecodeServicer(WorkerServicerBase):
     def _abort_after_pull(self, rid: str) -> None:
         self._pulling.discard(rid)
         self.worker.abort_soon(rid)
-
-    async def _stream(
-        self,
-        q: asyncio.Queue[RequestOutput | DrainDeadline],
-        header: _FirstDelta,
-        span: Span,
-        arrival: ClockAnchor,
-        admit_from_s: float,
-        local: bool,
-    ) -> AsyncGenerator[codec.DecodeDelta, None]:
-        """Yield DecodeDeltas, coalescing whatever outputs are ready; the first carries header
-        and, for a local prefill (`local`), the prompt tokens its admission found cached here.
-        A `DrainDeadline` on the queue raises `_DrainDeadlineReached` once the outputs that came
-        with it are sent. Spans: "decode.admit" until the first output's first scheduling, then "decode.stream"
-        until this generator ends (finished, failed, cancelled or closed)."""
-        timeout_s = self.worker.config.request_timeout_s
-        tracer = self.worker.tracing.tracer
-        parent = child_context(span)
-        admit = tracer.start_span("decode.admit", context=parent, start_time=arrival.unix_ns_at(admit_from_s))
-        stream: Span | None = None
-        num_tokens = 0
-        try:
-            while True:
-                items = [await asyncio.wait_for(q.get(), timeout_s)]
-                while not q.empty():
-                    items.append(q.get_nowait())
-                drained = next((i for i in items if isinstance(i, DrainDeadline)), None)
-                outs = [i for i in items if not isinstance(i, DrainDeadline)]
-                if not outs:
-                    assert drained is not None
-                    raise _DrainDeadlineReached(drained.message)
-                first = stream is None
-                if first:
-                    scheduled_s = outs[0].first_scheduled_s
-                    scheduled_s = max(admit_from_s, time.monotonic() if scheduled_s is None else scheduled_s)
-                    header.admit_s = scheduled_s - admit_from_s
-                    admit.end(end_time=arrival.unix_ns_at(scheduled_s))
-                    stream = tracer.start_span(
-                        "decode.stream", context=parent, start_time=arrival.unix_ns_at(scheduled_s)
-                    )
-                    span.set_attribute("tandem.cached_tokens", outs[0].num_cached_tokens)
-                token_ids: list[int] = []
-                logprobs: list[TokenLogprob] = []
-                finish_reason: FinishReason | None = None
-                failed = False
-                for out in outs:
-                    if out.shed_message is not None:
-                        span.set_status(Status(StatusCode.ERROR, out.shed_message))
-                        raise _ShedError(out.shed_message)
-                    token_ids.extend(out.new_token_ids)
-                    logprobs.extend(out.new_logprobs)
-                    if out.finish_reason is not None:
-                        finish_reason = out.finish_reason
-                        span.set_attribute("gen_ai.response.finish_reasons", (finish_reason.value,))
-                    elif not out.new_token_ids:  # the step failed and the loop aborted this request
-                        failed = True
-                        span.set_status(Status(StatusCode.ERROR, "decode step failed"))
-                num_tokens += len(token_ids)
-                delta = codec.DecodeDelta(tuple(token_ids), tuple(logprobs), finish_reason, failed)
-                if first:  # the first message also reports the hand-off and the admission
-                    delta = dataclasses.replace(
-                        delta,
-                        num_cached_tokens=outs[0].num_cached_tokens if local else header.num_cached_tokens,
-                        num_pulled_blocks=header.num_pulled_blocks,
-                        recomputed=header.recomputed,
-                        transfer_s=header.transfer_s,
-                        admit_s=header.admit_s,
-                    )
-                yield delta
-                if finish_reason is not None or failed:
-                    return
-                if drained is not None:
-                    raise _DrainDeadlineReached(drained.message)
-        except (asyncio.CancelledError, GeneratorExit):
-            (admit if stream is None else stream).set_attribute("tandem.cancelled", True)
-            raise
-        finally:
-            span.set_attribute("gen_ai.usage.output_tokens", num_tokens)
-            (admit if stream is None else stream).end(end_time=arrival.unix_ns_at(time.monotonic()))
 
 
 def add_servicers(worker: Worker, server: grpc.aio.Server) -> None:

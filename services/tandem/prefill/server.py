@@ -40,7 +40,8 @@ from tandem.engine.engine import Engine
 from tandem.engine.outputs import HeldKV, RequestOutput
 from tandem.kvtransfer.leases import LeaseGrant
 from tandem.worker.servicer import WorkerServicerBase
-from tandem.worker.worker import DrainDeadline, Worker
+from tandem.worker.streams import DrainDeadline
+from tandem.worker.worker import Worker
 
 
 class PrefillServicer(WorkerServicerBase):

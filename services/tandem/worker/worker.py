@@ -9,13 +9,15 @@ Lifecycle:
 2. Requests arrive on the asyncio thread and reach the engine only through the step loop.
    One that cannot be queued (a full inbox, or `max_waiting` sequences waiting and none less
    important to shed) is refused at once: RESOURCE_EXHAUSTED "worker ID is busy: ...".
-   A tick on the loop thread snapshots load for the heartbeat, updates gauges, hands
+   A tick on the loop thread snapshots load for the heartbeat and updates gauges (load.py), hands
    block stored/removed events to the KV-event publisher thread (kv_events.py), and hands the step's
-   outputs to the asyncio thread in one call (one wake-up per step, not one per stream).
+   outputs to the asyncio thread in one call (one wake-up per step, not one per stream:
+   streams.py).
    grpc.health.v1 answers on the same port: "" (liveness) is SERVING while the step loop
-   runs; `tandem.v1.Worker` (readiness) is SERVING from registration until the drain.
-   Every other method requires the cluster token (`plane_auth.TokenCheck`, a server
-   interceptor): a call without it ends UNAUTHENTICATED before any handler runs.
+   runs; `tandem.v1.Worker` (readiness) is SERVING from registration until the drain
+   (health.py). Every other method requires the cluster token (`plane_auth.TokenCheck`, a
+   server interceptor, installed by rpc_server.py): a call without it ends UNAUTHENTICATED
+   before any handler runs.
 3. A `Drain` call (`tandem drain`, a Kubernetes preStop hook), SIGTERM or SIGINT starts a
    drain: the worker deregisters from Redis (gateways stop routing to it), new work is
    refused (UNAVAILABLE, which gateways retry elsewhere), running sequences finish, leases
@@ -36,20 +38,17 @@ import queue
 import signal
 import sys
 import time
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from opentelemetry.trace import Span, SpanKind
 
 from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
-from tandem.common.plane_auth import server_interceptors
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
 from tandem.common.workers import WorkerInfo, WorkerLoad
 from tandem.engine.admission import WaitingQueueFullError
@@ -57,35 +56,21 @@ from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
-from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.worker.config import WorkerConfig
+from tandem.worker.health import READINESS_SERVICE, watch_step_loop
 from tandem.worker.heartbeat import Heartbeat
 from tandem.worker.kv_events import KVEventPublisher
-from tandem.worker.rpc_errors import DecodeErrorInterceptor
+from tandem.worker.load import LoadMeter
+from tandem.worker.rpc_server import start_rpc_server
 from tandem.worker.step_loop import StepLoop, WorkerBusyError
+from tandem.worker.streams import DrainDeadline, OutputQueue, OutputStreams
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-# grpc.health.v1 service names (Kubernetes gRPC probes): "" is liveness (SERVING while the
-# step loop runs), READINESS_SERVICE is readiness (SERVING once registered, until the drain).
-LIVENESS_SERVICE = ""
-READINESS_SERVICE = "tandem.v1.Worker"
-LIVENESS_CHECK_INTERVAL_S = 1.0
 END_GRACE_S = 2.0  # after the drain deadline: how long the ended streams get to abort their sequences
-
-
-@dataclass(frozen=True)
-class DrainDeadline:
-    """Put on every open output queue when the drain deadline passes: the handler ends its
-    call with UNAVAILABLE and `message` (which says "is draining", the gateways' sign to
-    resume the request elsewhere) and aborts its sequence."""
-
-    message: str
-
-
 REDIS_TIMEOUT_S = 1.0  # a call to an unreachable Redis fails within about twice this
 
 
@@ -109,7 +94,7 @@ class Worker:
         self.draining = False
         self.health = health.aio.HealthServicer()
         self.address = ""
-        self._load = WorkerLoad(0, 0, 0, 0, self.engine.pool.num_blocks, time.time())
+        self._load = LoadMeter(self.metrics, self.engine.pool.num_blocks)
         # The client connects on first use (registration, in `serve`).
         self._state = (
             ClusterState(connect(config.redis_url, REDIS_TIMEOUT_S), config.cluster) if config.redis_url else None
@@ -122,17 +107,11 @@ class Worker:
             resyncs=self.metrics.kv_event_resyncs,
         )
         self._heartbeat: Heartbeat | None = None
-        self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
         # Prefill role: leases on held KV. on_free may run on any thread; the blocks are freed
         # by the loop-thread tick.
         self._to_release: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.leases = LeaseTable(on_free=self._to_release.put)
-        # Outputs of the current step, (stream queue, output), in delivery order; owned by the
-        # loop thread, handed to the asyncio thread whole by `_tick`.
-        self._outbox: list[tuple[asyncio.Queue[RequestOutput | DrainDeadline], RequestOutput]] = []
-        # Every output queue a handler still holds (asyncio thread): told of the drain deadline.
-        self._queues: weakref.WeakSet[asyncio.Queue[RequestOutput | DrainDeadline]] = weakref.WeakSet()
-        self._aio_loop: asyncio.AbstractEventLoop | None = None
+        self._streams = OutputStreams()  # the handlers' output queues, fed by `_tick`
         self.loop.add_tick(self._tick)
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
         self.transport = create_transport(
@@ -158,15 +137,11 @@ class Worker:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("unreachable")
 
-    def output_queue(self) -> tuple[asyncio.Queue[RequestOutput | DrainDeadline], Callable[[RequestOutput], None]]:
+    def output_queue(self) -> tuple[OutputQueue, Callable[[RequestOutput], None]]:
         """A queue on this asyncio loop and the loop-thread callback that feeds it. The
         callback only stages the output; the tick after the step delivers it. A
         `DrainDeadline` arrives on it if the drain deadline passes while the handler holds it."""
-        self._aio_loop = asyncio.get_running_loop()
-        q: asyncio.Queue[RequestOutput | DrainDeadline] = asyncio.Queue()
-        self._queues.add(q)
-        outbox = self._outbox
-        return q, lambda out: outbox.append((q, out))
+        return self._streams.open()
 
     def server_span(self, name: str, context: grpc.aio.ServicerContext, arrival: ClockAnchor) -> Span:
         """Start the SERVER span of an incoming call at `arrival`, a child of the trace context
@@ -212,25 +187,14 @@ class Worker:
 
     # ---- loop-thread tick ---------------------------------------------------------------
     def _tick(self, engine: Engine) -> None:
-        self._deliver_outputs()
+        self._streams.deliver()
         for request_id in self.leases.expire(time.time()):
             self.metrics.lease_expiries.inc()
             log.info("lease of %s expired unpulled", request_id)
         self._release_pending(engine)
-        self.snapshot(engine)
-        self._count_prompt_tokens(engine)
+        self._load.snapshot(engine)
+        self._load.count_prompt_tokens(engine)
         self._events.collect(engine.pool)
-
-    def _deliver_outputs(self) -> None:
-        """Loop thread: hand every staged output to the asyncio thread in one call."""
-        if not self._outbox or self._aio_loop is None:
-            return
-        batch = self._outbox[:]
-        self._outbox.clear()  # the same list object: the callbacks hold a reference to it
-        try:
-            self._aio_loop.call_soon_threadsafe(_put_all, batch)
-        except RuntimeError:  # the asyncio loop has closed (shutdown): no stream is left to feed
-            pass
 
     def is_idle(self, engine: Engine) -> bool:
         """Loop thread: nothing left to finish or hand over. A sequence whose KV pull is still
@@ -239,28 +203,7 @@ class Worker:
 
     def snapshot(self, engine: Engine) -> WorkerLoad:
         """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
-        waiting = engine.batcher.waiting
-        running = engine.batcher.running
-        queued = sum(s.num_new_tokens for s in waiting) + sum(
-            s.num_new_tokens - 1 for s in running if s.num_new_tokens > 1
-        )
-        pool = engine.pool
-        num_waiting = engine.num_waiting  # also reserved (pulling) and pulled hand-offs: what max_waiting bounds
-        load = WorkerLoad(num_waiting, len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
-        self._load = load
-        self.metrics.num_requests_waiting.set(num_waiting)
-        self.metrics.num_requests_running.set(len(running))
-        self.metrics.queued_prefill_tokens.set(queued)
-        self.metrics.kv_cache_usage_perc.set(pool.usage)
-        return load
-
-    def _count_prompt_tokens(self, engine: Engine) -> None:
-        """Loop thread: mirror the engine's prompt-token counters into the Prometheus counters."""
-        stats = engine.stats
-        computed, hits = stats.num_prompt_tokens_computed, stats.num_prefix_hit_tokens
-        self.metrics.prompt_tokens_computed.inc(computed - self._counted[0])
-        self.metrics.prefix_hit_tokens.inc(hits - self._counted[1])
-        self._counted = (computed, hits)
+        return self._load.snapshot(engine)
 
     def _release_pending(self, engine: Engine) -> None:
         while not self._to_release.empty():
@@ -269,17 +212,8 @@ class Worker:
     # ---- process lifecycle ----------------------------------------------------------------
     async def serve(self, add_servicers: Callable[[grpc.aio.Server], None]) -> None:
         self.loop.start()
-        # Every call but grpc.health.v1 must present the cluster token (plane_auth.py), checked
-        # before anything is parsed; then bytes that do not parse are INVALID_ARGUMENT.
-        interceptors = (*server_interceptors(self.config.plane), DecodeErrorInterceptor())
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-        add_servicers(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        server, port = await start_rpc_server(self.config, self.health, add_servicers)
         self.address = f"{self.config.advertised}:{port}"
-        await server.start()
         log.info("%s: %s", self.config.worker_id, self.config.plane.describe())
         metrics_port = (
             self.metrics.serve(self.config.host, self.config.metrics_port)
@@ -289,7 +223,7 @@ class Worker:
         if self._state is not None:
             self._register(self._state)
         await self.health.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        watchdog = asyncio.create_task(self._watch_step_loop())
+        watchdog = asyncio.create_task(watch_step_loop(self.health, lambda: self.loop.is_alive, self.config.worker_id))
         self._events.start()
         stop = asyncio.Event()
         aio_loop = asyncio.get_running_loop()
@@ -331,21 +265,12 @@ class Worker:
         self._heartbeat = Heartbeat(
             state,
             info,
-            lambda: self._load,
+            lambda: self._load.latest,
             ttl_s=self.config.heartbeat_ttl_s,
             on_reregistered=self._events.request_resync,
         )
         self._heartbeat.start()
         self._heartbeat.wait_registered(timeout_s=5.0)
-
-    async def _watch_step_loop(self) -> None:
-        """Liveness: SERVING while the step-loop thread runs; NOT_SERVING once it died, so a
-        liveness probe restarts the process."""
-        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        while self.loop.is_alive:
-            await asyncio.sleep(LIVENESS_CHECK_INTERVAL_S)
-        log.error("the step loop of %s stopped; reporting NOT_SERVING", self.config.worker_id)
-        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _drain(self) -> None:
         """Refuse new work, let sequences finish and leases go, within drain_timeout_s; then
@@ -369,14 +294,12 @@ class Worker:
 
     def _end_streams(self) -> None:
         """Asyncio thread, at the drain deadline: tell every open stream to end as draining."""
-        queues = list(self._queues)
         marker = DrainDeadline(
             f"worker {self.config.worker_id} is draining: its drain deadline "
             f"({self.config.drain_timeout_s} s) passed before the request finished"
         )
-        log.warning("drain deadline of %s passed: ending %d open streams", self.config.worker_id, len(queues))
-        for q in queues:
-            q.put_nowait(marker)
+        num_ended = self._streams.end_all(marker)
+        log.warning("drain deadline of %s passed: ending %d open streams", self.config.worker_id, num_ended)
 
 
 def run(worker: Worker, add_servicers: Callable[[grpc.aio.Server], None]) -> int:
@@ -386,9 +309,3 @@ def run(worker: Worker, add_servicers: Callable[[grpc.aio.Server], None]) -> int
     finally:
         worker.tracing.shutdown()  # flushes spans still queued for export
     return 0
-
-
-def _put_all(batch: list[tuple[asyncio.Queue[RequestOutput | DrainDeadline], RequestOutput]]) -> None:
-    """Asyncio thread: put a step's outputs on their streams' queues, in order."""
-    for q, out in batch:
-        q.put_nowait(out)

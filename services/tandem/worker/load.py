@@ -1,0 +1,47 @@
+"""A worker's load as the rest of the cluster sees it: the heartbeat's `WorkerLoad` and the
+Prometheus gauges and counters that mirror the engine.
+
+Who calls it: the step-loop tick (`Worker._tick`) and the Health/Drain handlers (through the
+step loop), so every method runs on the loop thread; `latest` may be read from any thread
+(the heartbeat thread reads it; a reference swap, never a torn value).
+"""
+
+from __future__ import annotations
+
+import time
+
+from tandem.common.metrics import WorkerMetrics
+from tandem.common.workers import WorkerLoad
+from tandem.engine.engine import Engine
+
+
+class LoadMeter:
+    def __init__(self, metrics: WorkerMetrics, num_blocks: int) -> None:
+        self.metrics = metrics
+        self.latest = WorkerLoad(0, 0, 0, 0, num_blocks, time.time())
+        self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
+
+    def snapshot(self, engine: Engine) -> WorkerLoad:
+        """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
+        waiting = engine.batcher.waiting
+        running = engine.batcher.running
+        queued = sum(s.num_new_tokens for s in waiting) + sum(
+            s.num_new_tokens - 1 for s in running if s.num_new_tokens > 1
+        )
+        pool = engine.pool
+        num_waiting = engine.num_waiting  # also reserved (pulling) and pulled hand-offs: what max_waiting bounds
+        load = WorkerLoad(num_waiting, len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
+        self.latest = load
+        self.metrics.num_requests_waiting.set(num_waiting)
+        self.metrics.num_requests_running.set(len(running))
+        self.metrics.queued_prefill_tokens.set(queued)
+        self.metrics.kv_cache_usage_perc.set(pool.usage)
+        return load
+
+    def count_prompt_tokens(self, engine: Engine) -> None:
+        """Loop thread: mirror the engine's prompt-token counters into the Prometheus counters."""
+        stats = engine.stats
+        computed, hits = stats.num_prompt_tokens_computed, stats.num_prefix_hit_tokens
+        self.metrics.prompt_tokens_computed.inc(computed - self._counted[0])
+        self.metrics.prefix_hit_tokens.inc(hits - self._counted[1])
+        self._counted = (computed, hits)

@@ -1,0 +1,82 @@
+"""The output streams of a worker's handlers: how a step's outputs reach the asyncio thread.
+
+Who uses it: `Worker` owns one `OutputStreams`; a handler opens a queue (`Worker.output_queue`),
+subscribes the returned callback on the step loop and reads its queue until the request ends.
+
+Lifecycle of an output:
+1. The loop thread runs a step; the subscribed callback only stages (queue, output) in the
+   outbox (owned by the loop thread).
+2. The tick after the step (`deliver`, loop thread) hands the whole outbox to the asyncio
+   thread in one call: one wake-up per step, not one per stream.
+3. The asyncio thread puts each output on its stream's queue, in order (`_put_all`).
+4. At the worker's drain deadline (`end_all`, asyncio thread) every queue a handler still
+   holds gets a `DrainDeadline`: its handler ends the call UNAVAILABLE "worker {id} is
+   draining: ...", which gateways resume on another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from tandem.engine.outputs import RequestOutput
+
+
+@dataclass(frozen=True)
+class DrainDeadline:
+    """Put on every open output queue when the drain deadline passes: the handler ends its
+    call with UNAVAILABLE and `message` (which says "is draining", the gateways' sign to
+    resume the request elsewhere) and aborts its sequence."""
+
+    message: str
+
+
+OutputQueue: TypeAlias = asyncio.Queue[RequestOutput | DrainDeadline]
+
+
+class OutputStreams:
+    """Every output queue of one worker, and the outbox that feeds them."""
+
+    def __init__(self) -> None:
+        # Outputs of the current step, (stream queue, output), in delivery order; owned by the
+        # loop thread, handed to the asyncio thread whole by `deliver`.
+        self._outbox: list[tuple[OutputQueue, RequestOutput]] = []
+        # Every output queue a handler still holds (asyncio thread): told of the drain deadline.
+        self._queues: weakref.WeakSet[OutputQueue] = weakref.WeakSet()
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
+
+    def open(self) -> tuple[OutputQueue, Callable[[RequestOutput], None]]:
+        """Asyncio thread: a queue on the running loop and the loop-thread callback that feeds
+        it. The callback only stages the output; the tick after the step delivers it."""
+        self._aio_loop = asyncio.get_running_loop()
+        q: OutputQueue = asyncio.Queue()
+        self._queues.add(q)
+        outbox = self._outbox
+        return q, lambda out: outbox.append((q, out))
+
+    def deliver(self) -> None:
+        """Loop thread: hand every staged output to the asyncio thread in one call."""
+        if not self._outbox or self._aio_loop is None:
+            return
+        batch = self._outbox[:]
+        self._outbox.clear()  # the same list object: the callbacks hold a reference to it
+        try:
+            self._aio_loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the asyncio loop has closed (shutdown): no stream is left to feed
+            pass
+
+    def end_all(self, marker: DrainDeadline) -> int:
+        """Asyncio thread: put `marker` on every queue a handler still holds; how many."""
+        queues = list(self._queues)
+        for q in queues:
+            q.put_nowait(marker)
+        return len(queues)
+
+
+def _put_all(batch: list[tuple[OutputQueue, RequestOutput]]) -> None:
+    """Asyncio thread: put a step's outputs on their streams' queues, in order."""
+    for q, out in batch:
+        q.put_nowait(out)
