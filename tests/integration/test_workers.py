@@ -21,6 +21,8 @@ from tests.integration.workers import (
     STOP_TIMEOUT_S,
     decode_stream,
     disaggregated,
+    metric_sum,
+    metrics_port,
     prefill,
     release_kv,
     start_worker,
@@ -58,8 +60,14 @@ def _pools_free(*workers: ChildProcess) -> bool:
     return True
 
 
+def _finished(worker: ChildProcess, reason: str) -> float:
+    url = f"http://127.0.0.1:{metrics_port(worker)}/metrics"
+    return metric_sum(url, "tandem_requests_finished_total", reason=reason)
+
+
 def test_exactness_over_the_wire(pair, reference: Engine) -> None:
     transport, p, d = pair
+    handoffs, lengths = _finished(p, "handoff"), _finished(d, "length")
     prompts = random_prompts(LENGTHS, reference.model_config.vocab_size, seed=21)
     expected = [list(o.token_ids) for o in reference.generate(prompts, GREEDY)]
     for i, prompt in enumerate(prompts):
@@ -69,6 +77,8 @@ def test_exactness_over_the_wire(pair, reference: Engine) -> None:
         assert deltas[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert wait_until(lambda: _pools_free(p, d), 2.0)
     assert worker_metric(d, "tandem_kv_transfer_failures_total") == 0
+    # every request ended once on each side, counted by its reason
+    assert (_finished(p, "handoff") - handoffs, _finished(d, "length") - lengths) == (len(prompts), len(prompts))
 
 
 def test_decode_side_reuse_pulls_only_missing_blocks(pair, reference: Engine) -> None:

@@ -40,7 +40,10 @@ OutputQueue: TypeAlias = asyncio.Queue[RequestOutput | DrainDeadline]
 class OutputStreams:
     """Every output queue of one worker, and the outbox that feeds them."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_finish: Callable[[RequestOutput], None] | None = None) -> None:
+        """`on_finish(output)` is called on the loop thread for each output that ends its
+        request (the worker counts them by reason)."""
+        self._on_finish = on_finish
         # Outputs of the current step, (stream queue, output), in delivery order; owned by the
         # loop thread, handed to the asyncio thread whole by `deliver`.
         self._outbox: list[tuple[OutputQueue, RequestOutput]] = []
@@ -63,6 +66,10 @@ class OutputStreams:
             return
         batch = self._outbox[:]
         self._outbox.clear()  # the same list object: the callbacks hold a reference to it
+        if self._on_finish is not None:
+            for _, out in batch:
+                if out.finish_reason is not None:
+                    self._on_finish(out)
         try:
             self._aio_loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # the asyncio loop has closed (shutdown): no stream is left to feed

@@ -111,7 +111,8 @@ class Worker:
         # by the loop-thread tick.
         self._to_release: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.leases = LeaseTable(on_free=self._to_release.put)
-        self._streams = OutputStreams()  # the handlers' output queues, fed by `_tick`
+        # the handlers' output queues, fed by `_tick`; every ending is counted by its reason
+        self._streams = OutputStreams(self._count_finished)
         self.loop.add_tick(self._tick)
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
         self.transport = create_transport(
@@ -186,6 +187,10 @@ class Worker:
             await asyncio.to_thread(self._heartbeat.stop, True)
 
     # ---- loop-thread tick ---------------------------------------------------------------
+    def _count_finished(self, out: RequestOutput) -> None:
+        assert out.finish_reason is not None
+        self.metrics.finished(out.finish_reason.value)
+
     def _tick(self, engine: Engine) -> None:
         self._streams.deliver()
         for request_id in self.leases.expire(time.time()):
