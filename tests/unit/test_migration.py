@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from tandem.common.request import FinishReason, Request, SamplingParams
+from tandem.common.workers import draining_details
 from tandem.gateway.errors import service_unavailable
 from tandem.gateway.metrics import GatewayMetrics, MigrationReason
 from tandem.gateway.migration import DecodeFailure, Resume, StreamError, failure_reason, resumable
@@ -28,6 +29,9 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     [
         (grpc.StatusCode.UNAVAILABLE, "Socket closed", MigrationReason.WORKER_FAILED),
         (grpc.StatusCode.UNAVAILABLE, "worker decode-1 is draining: drain deadline passed", MigrationReason.DRAINING),
+        # what a worker sends (one definition of the contract: tandem.common.workers)
+        (grpc.StatusCode.UNAVAILABLE, draining_details("decode-1"), MigrationReason.DRAINING),
+        (grpc.StatusCode.UNAVAILABLE, draining_details("decode-1", "deadline"), MigrationReason.DRAINING),
         (grpc.StatusCode.CANCELLED, "Cancelled", MigrationReason.WORKER_FAILED),
         (grpc.StatusCode.INTERNAL, "boom", MigrationReason.WORKER_FAILED),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "inbox full", MigrationReason.WORKER_FAILED),

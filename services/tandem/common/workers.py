@@ -21,6 +21,17 @@ _HEX_RE = re.compile(r"^[0-9a-f]{1,128}$")
 _UINT64_MAX = 2**64 - 1
 
 
+# What a draining worker's UNAVAILABLE details say (gRPC status details are the only channel):
+# "worker {id} is draining: ...". Gateways resume such a stream on another worker instead of
+# failing it (gateway/migration.py); workers build the text with `draining_details`.
+DRAINING_DETAILS = "is draining"
+
+
+def draining_details(worker_id: str, reason: str = "") -> str:
+    """The details of a draining worker's UNAVAILABLE, with an optional reason after a colon."""
+    return f"worker {worker_id} {DRAINING_DETAILS}" + (f": {reason}" if reason else "")
+
+
 class WorkerRole(str, enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"

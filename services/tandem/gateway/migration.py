@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import grpc
 
 from tandem.common.request import Request
+from tandem.common.workers import DRAINING_DETAILS
 from tandem.gateway.errors import OpenAIError
 from tandem.gateway.metrics import GatewayMetrics, MigrationReason
 
@@ -53,9 +54,6 @@ WORKER_FAILURES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-# A draining worker's refusals and its deadline's end of a stream are UNAVAILABLE with details
-# naming the drain (tandem.worker.worker.Worker: "worker {id} is draining...").
-DRAINING_DETAILS = "is draining"
 
 
 class StreamError(RuntimeError):

@@ -50,7 +50,7 @@ from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
-from tandem.common.workers import WorkerInfo, WorkerLoad
+from tandem.common.workers import WorkerInfo, WorkerLoad, draining_details
 from tandem.engine.admission import WaitingQueueFullError
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput
@@ -157,7 +157,7 @@ class Worker:
 
     async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.config.worker_id} is draining")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, draining_details(self.config.worker_id))
 
     def abort_soon(self, request_id: str) -> None:
         """Abort from a cancelled handler: best effort, never raises."""
@@ -299,10 +299,8 @@ class Worker:
 
     def _end_streams(self) -> None:
         """Asyncio thread, at the drain deadline: tell every open stream to end as draining."""
-        marker = DrainDeadline(
-            f"worker {self.config.worker_id} is draining: its drain deadline "
-            f"({self.config.drain_timeout_s} s) passed before the request finished"
-        )
+        reason = f"its drain deadline ({self.config.drain_timeout_s} s) passed before the request finished"
+        marker = DrainDeadline(draining_details(self.config.worker_id, reason))
         num_ended = self._streams.end_all(marker)
         log.warning("drain deadline of %s passed: ending %d open streams", self.config.worker_id, num_ended)
 
