@@ -78,6 +78,22 @@ def release_lease(cluster: Cluster, handle: pb.KVHandle) -> None:
     assert release_kv(cluster.prefill[0], handle)
 
 
+def legitimate_request_is_exact(cluster: Cluster, reference: Engine, model_dir: Path, prompt: list[int]) -> None:
+    """A request for `prompt` through a fresh gateway (one decode worker, a short prompt: a local
+    prefill there): exactly the engine's 16 tokens, with the prompt's 4 full blocks cached."""
+    g = cluster.gateway()
+    try:
+        body = {"model": model_dir.name, "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        status, _, got = post(g.address, "/v1/completions", json.dumps(body).encode())
+    finally:
+        g.stop(GATEWAY_STOP_TIMEOUT_S)
+    assert status == 200, got
+    expected = list(reference.generate([prompt], GREEDY)[0].token_ids)
+    assert got["choices"][0]["text"] == Tokenizer.from_pretrained(model_dir).decode(expected)
+    assert got["usage"]["completion_tokens"] == 16
+    assert got["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+
+
 def test_another_prompts_handle_never_fills_the_cache(
     small_cluster: Cluster, reference: Engine, tiny_model_dir
 ) -> None:
@@ -95,17 +111,7 @@ def test_another_prompts_handle_never_fills_the_cache(
 
     # The legitimate request for B: with one decode worker and a short prompt, the gateway
     # routes it there (local prefill), where B's 4 full blocks are cached.
-    g = cluster.gateway()
-    try:
-        body = {"model": tiny_model_dir.name, "prompt": prompt_b, "max_tokens": 16, "temperature": 0}
-        status, _, got = post(g.address, "/v1/completions", json.dumps({**body, "ignore_eos": True}).encode())
-    finally:
-        g.stop(GATEWAY_STOP_TIMEOUT_S)
-    assert status == 200, got
-    expected = list(reference.generate([prompt_b], GREEDY)[0].token_ids)
-    assert got["choices"][0]["text"] == Tokenizer.from_pretrained(tiny_model_dir).decode(expected)
-    assert got["usage"]["completion_tokens"] == 16
-    assert got["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+    legitimate_request_is_exact(cluster, reference, tiny_model_dir, prompt_b)
     assert changes(before, decode_counters(cluster)) == {"hash_mismatch": 1, "kv_recomputes": 1}
     cluster.assert_drained()
 
@@ -137,16 +143,7 @@ def test_a_handle_forged_with_the_prompts_hashes_is_refused_by_the_source(
     assert metric_sum(url, "tandem_kv_transfer_failures_total", reason="hash_mismatch") == refused_before + 1
     assert release_kv(cluster.prefill[0], genuine) is False  # the decode worker released it after the refusal
 
-    g = cluster.gateway()
-    try:
-        body = {"model": tiny_model_dir.name, "prompt": prompt_b, "max_tokens": 16, "temperature": 0}
-        status, _, got = post(g.address, "/v1/completions", json.dumps({**body, "ignore_eos": True}).encode())
-    finally:
-        g.stop(GATEWAY_STOP_TIMEOUT_S)
-    assert status == 200, got
-    expected = list(reference.generate([prompt_b], GREEDY)[0].token_ids)
-    assert got["choices"][0]["text"] == Tokenizer.from_pretrained(tiny_model_dir).decode(expected)
-    assert got["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+    legitimate_request_is_exact(cluster, reference, tiny_model_dir, prompt_b)
     assert changes(before, decode_counters(cluster)) == {"kv_transfer_failures": 1, "kv_recomputes": 1}
     cluster.assert_drained()
 
