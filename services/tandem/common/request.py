@@ -19,6 +19,23 @@ MIN_PRIORITY = -(2**31)
 MAX_PRIORITY = 2**31 - 1
 
 
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text. `kind` is one of `STRUCTURED_OUTPUT_KINDS`; `spec` is
+    the JSON schema as canonical JSON text ("json_schema"), "" ("json_object"), the regex
+    ("regex"), the choices as a JSON list text ("choice"), or the EBNF grammar ("grammar")."""
+
+    kind: str
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_OUTPUT_KINDS}, got {self.kind!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each generated token and when to stop.
@@ -39,6 +56,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     return_prompt_logits: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
