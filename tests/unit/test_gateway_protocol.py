@@ -165,12 +165,17 @@ BAD_BODIES = [
     (body(messages=USER, logprobs=2), CHAT, "logprobs", "Invalid type for 'logprobs'"),
     (body(messages=USER, max_completion_tokens=0), CHAT, "max_completion_tokens", "greater than or equal to 1"),
     (body(messages=USER, n=9), CHAT, "n", "n must be at most 4, got 9."),
-    (body(messages=USER, tools=[{"type": "function"}]), CHAT, "tools", "tools are not supported."),
     (
-        body(messages=USER, response_format={"type": "json_object"}),
+        body(messages=USER, tools=[{"type": "function"}]),
         CHAT,
-        "response_format",
-        "response_format is not supported",
+        "tools[0].function",
+        "Missing required parameter: 'tools[0].function'.",
+    ),
+    (
+        body(messages=USER, response_format={"type": "xml"}),
+        CHAT,
+        "response_format.type",
+        "Invalid value for 'response_format.type': Input should be 'text', 'json_object' or 'json_schema'.",
     ),
     (
         body(messages=USER, chat_template_kwargs={"messages": []}),

@@ -14,6 +14,7 @@ parameter, never a failure in the protobuf conversion.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -43,6 +44,57 @@ class StreamOptions(Body):
 class TextPart(Body):
     type: Literal["text"]
     text: str
+
+
+class FunctionDefinition(Body):
+    """A function the model may call; `parameters` is its arguments' JSON schema."""
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(Body):
+    """`response_format.json_schema`: the output must validate against `schema`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Body):
+    """vLLM's `structured_outputs`: exactly one constraint (`structured.from_vllm`)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    json_spec: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class ChatMessage(Body):
@@ -76,7 +128,7 @@ class ChatMessage(Body):
             "content": content,
             "name": self.name,
             "tool_call_id": self.tool_call_id,
-            "tool_calls": self.tool_calls,
+            "tool_calls": None if self.tool_calls is None else [_template_call(c) for c in self.tool_calls],
         }
         return {key: value for key, value in fields.items() if value is not None}
 
@@ -104,6 +156,13 @@ class _GenerateBody(Body):
     logit_bias: dict[str, float] | None = None
     # vLLM's; lower is more important; None: the key's default
     priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    # structured output (structured.py): OpenAI's, vLLM's, and vLLM's older guided_* names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -190,17 +249,14 @@ class ChatCompletionRequest(_GenerateBody):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-        if self.tools:
-            raise bad_request("tools are not supported.", "tools")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise bad_request('response_format is not supported (only {"type": "text"}).', "response_format")
         _check_template_kwargs(self.chat_template_kwargs)
         return self
 
@@ -238,6 +294,22 @@ def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
     reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs or {}))
     if reserved:
         raise bad_request(f"chat_template_kwargs cannot set {', '.join(reserved)}.", "chat_template_kwargs")
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool call as chat templates expect it: arguments as a dict, not
+    JSON text (transformers' convention, which vLLM follows); arguments that are not a JSON
+    object stay as they are."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except (json.JSONDecodeError, RecursionError):
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _is_token_id(value: Any) -> bool:

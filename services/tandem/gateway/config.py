@@ -11,6 +11,7 @@ from tandem.common.tracing import TracingConfig
 from tandem.common.workers import check_name
 from tandem.gateway.admission import AdmissionConfig
 from tandem.gateway.limits import RateLimitConfig
+from tandem.gateway.tools.parsers import PARSERS
 from tandem.scheduler import SchedulerConfig
 
 API_KEYS_ENV = "TANDEM_API_KEYS"  # more API keys, comma-separated: read by `tandem gateway` and `tandem up`
@@ -33,7 +34,8 @@ class GatewayConfig:
     `slow_client_timeout_s`, its request is aborted. `admission` bounds what is admitted
     (admission.py: 429/503 with Retry-After, priorities). `plane` is how it authenticates to the
     workers (`tandem.common.plane_auth`): without a token it refuses to start, unless
-    `--insecure-no-auth`.
+    `--insecure-no-auth`. `tool_call_parser` names how tool calls are read from the output
+    (gateway/tools/parsers.py); None: tool_choice "auto" is refused.
     """
 
     model_dir: Path = field(
@@ -71,6 +73,12 @@ class GatewayConfig:
     slow_client_timeout_s: float = field(
         default=5.0, metadata={"help": "abort a request whose client buffer stays full this long"}
     )
+    tool_call_parser: str | None = field(
+        default=None,
+        metadata={
+            "help": f"turns tool-calling output into tool_calls ({', '.join(PARSERS)}); needed by tool_choice auto"
+        },
+    )
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -105,6 +113,8 @@ class GatewayConfig:
             raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         if self.retry_after_s < 1:
             raise ValueError(f"retry_after_s must be >= 1, got {self.retry_after_s}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {self.tool_call_parser!r}")
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
 

@@ -9,7 +9,10 @@ Who calls what, per request (DESIGN.md section 2, step 1):
     3. `prompt_inputs` (completions) or `chat_prompt` (chat) tokenizes the prompt(s).
     4. `resolve_max_tokens` checks each prompt against the context and picks its budget.
     5. `to_sampling` builds the engine's `SamplingParams` of each choice, `stop_strings` the
-       strings the gateway cuts the text at.
+       strings the gateway cuts the text at. Chat's `tools` and `tool_choice` become a
+       `ToolChoice` (tools/choice.py): the tools the template sees, and for "required" or a
+       named function the structured output that enforces it; otherwise the body's own
+       structured output (structured.py), if any.
     `tokenize_body` and `detokenize_body` do steps 1 and 2 for /tokenize and /detokenize and
     return the answer.
 """
@@ -23,7 +26,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from pydantic import ValidationError
 
-from tandem.common.request import SamplingParams
+from tandem.common.request import SamplingParams, StructuredOutput
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.bodies import (
     INT64_MIN,
@@ -35,6 +38,8 @@ from tandem.gateway.bodies import (
 )
 from tandem.gateway.errors import OpenAIError, bad_request, context_length_exceeded, model_not_found
 from tandem.gateway.generation import ChoiceSpec
+from tandem.gateway.structured import requested
+from tandem.gateway.tools.choice import ToolChoice
 
 __all__ = [
     "PreparedRequest",
@@ -69,17 +74,26 @@ class ServedModel:
     vocab_size: int
     max_model_len: int
     max_n: int
+    tool_call_parser: str | None = None  # the gateway's --tool-call-parser
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
     """A validated completions or chat request. `prompts` holds each prompt's token ids;
     `choices` one `ChoiceSpec` per choice (prompt p, choice i: index p * n + i, as vLLM);
-    `logprob_count` the top logprobs per token (None: logprobs not requested)."""
+    `logprob_count` the top logprobs per token (None: logprobs not requested); `tool_choice`
+    how the output relates to the chat's tools (None: no tools)."""
 
     body: CompletionRequest | ChatCompletionRequest
     prompts: tuple[tuple[int, ...], ...]
     choices: tuple[ChoiceSpec, ...]
+    tool_choice: ToolChoice | None = None
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        """The body's, unless the tool-call parser reads a special token (mistral's [TOOL_CALLS])."""
+        keep = self.tool_choice is not None and self.tool_choice.keeps_special_tokens
+        return self.body.skip_special_tokens and not keep
 
     @property
     def chat(self) -> bool:
@@ -112,10 +126,13 @@ def prepare(raw: bytes, chat: bool, served: ServedModel) -> PreparedRequest:
     """Steps 1 to 5 of the module docstring for /v1/chat/completions (`chat`) or /v1/completions."""
     body: CompletionRequest | ChatCompletionRequest
     kind: Literal["prompt", "messages"]
+    tool_choice: ToolChoice | None = None
     if chat:
         body = parse_body(raw, ChatCompletionRequest, served.max_n)
         _check_model(body.model, served)
-        prompts = [chat_prompt(body, served.tokenizer)]
+        tool_choice = ToolChoice.of(body, served.tool_call_parser)
+        tools = None if tool_choice is None else tool_choice.template_tools()
+        prompts = [chat_prompt(body, served.tokenizer, tools)]
         requested, kind = body.requested_max_tokens, "messages"
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     else:
@@ -123,13 +140,29 @@ def prepare(raw: bytes, chat: bool, served: ServedModel) -> PreparedRequest:
         _check_model(body.model, served)
         prompts = prompt_inputs(body, served.tokenizer, served.vocab_size)
         requested, kind, param = body.max_tokens, "prompt", "max_tokens"
+    structured = structured_output(body, tool_choice)
     prompt_ids = tuple(tuple(p) for p in prompts)  # one copy, shared by the prompt's choices
     choices: list[ChoiceSpec] = []
     for p, prompt in enumerate(prompt_ids):
         max_tokens = resolve_max_tokens(requested, len(prompt), served.max_model_len, kind, param)
         for i in range(body.n):
-            choices.append(ChoiceSpec(p * body.n + i, prompt, to_sampling(body, max_tokens, i)))
-    return PreparedRequest(body, prompt_ids, tuple(choices))
+            choices.append(ChoiceSpec(p * body.n + i, prompt, to_sampling(body, max_tokens, i, structured)))
+    return PreparedRequest(body, prompt_ids, tuple(choices), tool_choice)
+
+
+def structured_output(
+    body: CompletionRequest | ChatCompletionRequest, tool_choice: ToolChoice | None
+) -> StructuredOutput | None:
+    """The output constraint: the tool choice's ("required", named) or the body's, never both."""
+    own = requested(body)
+    forced = None if tool_choice is None else tool_choice.structured_output()
+    if own is not None and forced is not None:
+        raise bad_request(
+            'tool_choice "required" or a named function constrains the output itself; '
+            "it cannot be combined with response_format or structured outputs.",
+            "tool_choice",
+        )
+    return forced or own
 
 
 def tokenize_body(raw: bytes, served: ServedModel) -> list[int]:
@@ -223,11 +256,16 @@ def prompt_inputs(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int)
     return prompts
 
 
-def chat_prompt(req: ChatCompletionRequest | TokenizeRequest, tokenizer: Tokenizer) -> list[int]:
-    """Render the chat template and tokenize it without special tokens (the template has BOS)."""
+def chat_prompt(
+    req: ChatCompletionRequest | TokenizeRequest, tokenizer: Tokenizer, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Render the chat template (with `tools`, OpenAI's shape, as transformers' `tools=`) and
+    tokenize it without special tokens (the template has BOS)."""
     messages = [m.for_template() for m in req.messages or ()]
     try:
-        text = tokenizer.apply_chat_template(messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
+        text = tokenizer.apply_chat_template(
+            messages, req.add_generation_prompt, tools, **(req.chat_template_kwargs or {})
+        )
     except (ValueError, TypeError) as error:
         raise bad_request(f"The messages could not be rendered with the chat template: {error}", "messages") from None
     add_special = isinstance(req, TokenizeRequest) and bool(req.add_special_tokens)
@@ -253,7 +291,12 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
         raise bad_request(f"Token id {bad} is out of vocabulary (vocab size {vocab_size}).", param)
 
 
-def to_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice_index: int) -> SamplingParams:
+def to_sampling(
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    choice_index: int,
+    structured_output: StructuredOutput | None = None,
+) -> SamplingParams:
     """Engine parameters of choice `choice_index` (0..n-1): seed + index, as vLLM's parallel sampling."""
     seed = None if req.seed is None else (req.seed + choice_index - INT64_MIN) % 2**64 + INT64_MIN
     return SamplingParams(
@@ -265,6 +308,7 @@ def to_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         logprobs=logprob_count(req),
+        structured_output=structured_output,
     )
 
 

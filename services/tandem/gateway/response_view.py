@@ -4,11 +4,17 @@ The serving code owns one view per request. It turns the generation's accumulate
 (non-streaming) or its streamed events (SSE) into the bodies of `responses.py`, and remembers,
 per choice, whether its first chunk went out and how long its logprob text is. Choice numbering
 and the placement of `prompt_token_ids` / `token_ids` are described in `responses.py`.
+
+With a chat request's `ToolChoice` (tools/choice.py) that reads calls from the output, each
+choice's text becomes content and `tool_calls`: whole (`ToolChoice.extract`) or streamed (one
+`ToolCallStream` per choice, one chunk per tool-call delta). A choice that made calls and
+stopped by itself finishes with "tool_calls".
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol, TypedDict
 
 from tandem.common.request import TokenLogprob
@@ -25,6 +31,8 @@ from tandem.gateway.responses import (
     usage,
     usage_chunk,
 )
+from tandem.gateway.tools.choice import ToolChoice
+from tandem.gateway.tools.stream import ToolCallStream, call_json, new_call_id
 
 
 class ChoiceTotalsLike(Protocol):
@@ -88,6 +96,7 @@ class ResponseView:
         return_token_ids: bool | None,
         logprob_count: int | None,
         tokenizer: Tokenizer,
+        tool_choice: ToolChoice | None = None,
     ) -> None:
         self.request_id, self.created, self.model, self.chat = request_id, created, model, chat
         self.prompts = [tuple(p) for p in prompts]
@@ -97,6 +106,8 @@ class ResponseView:
         self.tokenizer = tokenizer
         self._started: set[int] = set()
         self._text_offsets: dict[int, int] = {}
+        self.tool_choice = tool_choice if tool_choice is not None and tool_choice.reads_calls else None
+        self._tool_streams: dict[int, ToolCallStream] = {}
 
     def usage(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
         """Each prompt counts once, however many choices it has (vLLM); cached: the best choice's."""
@@ -114,13 +125,15 @@ class ResponseView:
 
     def full_response(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
         choices = [
-            ChoiceResult(
-                index,
-                "".join(t.text),
-                tuple(t.token_ids),
-                tuple(t.logprobs) if self.with_logprobs else None,
-                t.finish_reason,
-                self.prompts[index // self.n],
+            self._with_tool_calls(
+                ChoiceResult(
+                    index,
+                    "".join(t.text),
+                    tuple(t.token_ids),
+                    tuple(t.logprobs) if self.with_logprobs else None,
+                    t.finish_reason,
+                    self.prompts[index // self.n],
+                )
             )
             for index, t in totals.items()
         ]
@@ -170,11 +183,13 @@ class ResponseView:
         if self.chat:
             if first:
                 out.append(chat_chunk(**head, content="", role=True, prompt_token_ids=prompt))
-            if event.text or report_tokens:
+            text, calls, finish_reason = self._tool_deltas(event)
+            if text or report_tokens:
                 lp = chat_logprobs(event.logprobs, self.tokenizer) if self.with_logprobs else None
-                out.append(chat_chunk(**head, content=event.text, logprobs=lp, token_ids=token_ids))
-            if event.finish_reason is not None:
-                out.append(chat_chunk(**head, content=None, finish_reason=event.finish_reason))
+                out.append(chat_chunk(**head, content=text, logprobs=lp, token_ids=token_ids))
+            out.extend(chat_chunk(**head, content=None, tool_calls=[call]) for call in calls)
+            if finish_reason is not None:
+                out.append(chat_chunk(**head, content=None, finish_reason=finish_reason))
         elif event.text or report_tokens or event.finish_reason is not None or prompt is not None:
             lp = None
             if self.with_logprobs:
@@ -191,3 +206,32 @@ class ResponseView:
                 )
             )
         return [sse(chunk) for chunk in out]
+
+    def _with_tool_calls(self, choice: ChoiceResult) -> ChoiceResult:
+        """A finished chat choice with its text read for tool calls (unchanged without a tool choice)."""
+        if self.tool_choice is None or not self.chat:
+            return choice
+        parsed = self.tool_choice.extract(choice.text)
+        if not parsed.calls:
+            return choice
+        mistral = self.tool_choice.parser is not None and self.tool_choice.parser.name == "mistral"
+        calls = tuple(call_json(call, new_call_id(mistral)) for call in parsed.calls)
+        return replace(
+            choice, text=parsed.content or "", tool_calls=calls, finish_reason=_finish(choice.finish_reason, True)
+        )
+
+    def _tool_deltas(self, event: ChoiceEventLike) -> tuple[str, list[dict[str, Any]], str | None]:
+        """One event's content text, tool-call deltas and finish reason (chat)."""
+        if self.tool_choice is None:
+            return event.text, [], event.finish_reason
+        stream = self._tool_streams.setdefault(event.index, ToolCallStream(self.tool_choice))
+        delta = stream.push(event.text)
+        if event.finish_reason is not None:
+            end = stream.finish()
+            delta.content += end.content
+            delta.tool_calls.extend(end.tool_calls)
+        return delta.content, delta.tool_calls, _finish(event.finish_reason, stream.called)
+
+
+def _finish(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason

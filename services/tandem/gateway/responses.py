@@ -30,7 +30,8 @@ OWNED_BY = "tandem"
 
 @dataclass(frozen=True)
 class ChoiceResult:
-    """One finished choice. `logprobs=None`: not requested. `prompt_token_ids`: completions only."""
+    """One finished choice. `logprobs=None`: not requested. `prompt_token_ids`: completions only.
+    `tool_calls` (chat): the message's calls, OpenAI's shape; with calls, empty text is null content."""
 
     index: int
     text: str
@@ -38,6 +39,7 @@ class ChoiceResult:
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None
     prompt_token_ids: tuple[int, ...] = ()
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
 
 
 # Characters that JSON leaves raw but that line splitters built on str.splitlines (httpx's
@@ -142,12 +144,10 @@ def chat_response(
     out = []
     for c in sorted(choices, key=lambda c: c.index):
         lp = None if c.logprobs is None else chat_logprobs(c.logprobs, tokenizer)
-        choice = {
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": lp,
-            "finish_reason": c.finish_reason,
-        }
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        if c.tool_calls:
+            message.update(content=c.text or None, tool_calls=[dict(call) for call in c.tool_calls])
+        choice = {"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason}
         if prompt_token_ids is not None:
             choice["token_ids"] = list(c.token_ids)
         out.append(choice)
@@ -203,12 +203,16 @@ def chat_chunk(
     logprobs: Mapping[str, Any] | None = None,
     token_ids: Sequence[int] | None = None,
     prompt_token_ids: Sequence[int] | None = None,
+    tool_calls: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed chat chunk. A choice's first chunk is `role=True, content=""`, its text chunks
-    `content=text`, its last `content=None, finish_reason=...` (empty delta)."""
+    `content=text`, its tool-call chunks `content=None, tool_calls=[delta]` (stream.py's
+    shapes), its last `content=None, finish_reason=...` (empty delta)."""
     delta: dict[str, Any] = {"role": "assistant", "content": content or ""} if role else {}
     if content is not None and not role:
         delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = [dict(call) for call in tool_calls]
     choice: dict[str, Any] = {
         "index": index,
         "delta": delta,

@@ -125,7 +125,7 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         prepared.stop,
         body.cache_salt,
         trace.set_span_in_context(span),
-        body.skip_special_tokens,
+        prepared.skip_special_tokens,
         body.include_stop_str_in_output,
         limits,
         slow_client,
@@ -141,6 +141,7 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         body.return_token_ids,
         prepared.logprob_count,
         tokenizer,
+        prepared.tool_choice,
     )
     finish = _Finisher(span, generation, ticket, endpoint_label(request), start_s)
     request.state.counted = True  # the finisher records this request's status

@@ -61,6 +61,7 @@ class GatewayState:
             vocab_size=model_config.vocab_size,
             max_model_len=min(config.max_model_len or limit, limit),
             max_n=config.max_n,
+            tool_call_parser=config.tool_call_parser,
         )
         self.created = int(time.time())
         self.metrics = GatewayMetrics(config.model_name)
