@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
 import jsonschema
 import openai
@@ -24,10 +25,12 @@ MESSAGES = [{"role": "user", "content": "Describe a city as JSON."}]
 
 
 class City(pydantic.BaseModel):
-    name: str
-    population: int
+    """Bounded strings and arrays, so that even a random model's constrained output ends."""
+
+    name: Annotated[str, pydantic.Field(max_length=16)]
+    population: Annotated[int, pydantic.Field(ge=0, le=10_000_000)]
     coastal: bool
-    districts: list[str]
+    districts: Annotated[list[Annotated[str, pydantic.Field(max_length=12)]], pydantic.Field(max_length=3)]
 
 
 @pytest.fixture(scope="module")
