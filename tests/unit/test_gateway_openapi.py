@@ -143,3 +143,23 @@ def test_the_largest_wire_values_are_accepted() -> None:
     ).encode()
     req = protocol.parse_body(raw, CompletionRequest, 8)
     assert (req.top_k, len(req.stop_token_ids or ()), req.priority) == (2**32 - 1, 1024, 2**31 - 1)
+
+
+def test_the_document_describes_tools_and_structured_output(state: GatewayState) -> None:
+    status, body = _call(create_app(state), "GET", "/openapi.json")
+    assert status == 200
+    schemas = json.loads(body)["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for field in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_outputs"):
+        assert field in chat
+    for field in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice"):
+        assert field in schemas["CompletionRequest"]["properties"]
+    assert chat["tool_choice"]["anyOf"][:2] == [
+        {"enum": ["none", "auto", "required"], "type": "string"},
+        {"$ref": "#/components/schemas/NamedToolChoice"},
+    ]
+    assert schemas["Tool"]["required"] == ["type", "function"]
+    assert set(schemas["FunctionDefinition"]["properties"]) == {"name", "description", "parameters", "strict"}
+    assert set(schemas["JsonSchemaFormat"]["properties"]) == {"name", "description", "schema", "strict"}
+    assert set(schemas["StructuredOutputs"]["properties"]) == {"json", "regex", "choice", "grammar", "json_object"}
+    assert schemas["ResponseFormat"]["properties"]["type"]["enum"] == ["text", "json_object", "json_schema"]

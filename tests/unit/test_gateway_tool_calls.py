@@ -269,3 +269,11 @@ def test_tool_calls_read_back_by_the_sdk(hermes_dir: Path, parser: str) -> None:
     assert heads[0].choices[0].delta.tool_calls[0].function.name == "get_weather"  # id and name first
     assert heads[0].choices[0].delta.tool_calls[0].id is not None
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_the_gateway_config_checks_the_parser_name(tmp_path: Path) -> None:
+    from tandem.gateway.config import GatewayConfig
+
+    assert GatewayConfig(tmp_path, "redis://x", tool_call_parser="mistral").tool_call_parser == "mistral"
+    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json, mistral, got 'qwen'"):
+        GatewayConfig(tmp_path, "redis://x", tool_call_parser="qwen")
