@@ -17,8 +17,9 @@ Who calls what, per request (DESIGN.md section 2, step 1):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast
 
 from pydantic import ValidationError
@@ -33,6 +34,7 @@ from tandem.gateway.bodies import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from tandem.gateway.controls import sampling_controls
 from tandem.gateway.errors import OpenAIError, bad_request, context_length_exceeded, model_not_found
 from tandem.gateway.generation import ChoiceSpec
 
@@ -123,12 +125,14 @@ def prepare(raw: bytes, chat: bool, served: ServedModel) -> PreparedRequest:
         _check_model(body.model, served)
         prompts = prompt_inputs(body, served.tokenizer, served.vocab_size)
         requested, kind, param = body.max_tokens, "prompt", "max_tokens"
+    min_max_tokens = 0 if isinstance(body, CompletionRequest) and body.echo else 1  # echo: the prompt alone
     prompt_ids = tuple(tuple(p) for p in prompts)  # one copy, shared by the prompt's choices
     choices: list[ChoiceSpec] = []
     for p, prompt in enumerate(prompt_ids):
-        max_tokens = resolve_max_tokens(requested, len(prompt), served.max_model_len, kind, param)
+        max_tokens = resolve_max_tokens(requested, len(prompt), served.max_model_len, kind, param, min_max_tokens)
+        controls = sampling_controls(body, served.tokenizer, served.vocab_size, max_tokens)
         for i in range(body.n):
-            choices.append(ChoiceSpec(p * body.n + i, prompt, to_sampling(body, max_tokens, i)))
+            choices.append(ChoiceSpec(p * body.n + i, prompt, to_sampling(body, max_tokens, i, controls)))
     return PreparedRequest(body, prompt_ids, tuple(choices))
 
 
@@ -185,8 +189,10 @@ def resolve_max_tokens(
     max_model_len: int,
     kind: Literal["prompt", "messages"],
     param: str = "max_tokens",
+    minimum: int = 1,
 ) -> int:
-    """The completion budget: `requested`, or all the context the prompt leaves when None."""
+    """The completion budget: `requested`, or all the context the prompt leaves when None.
+    `minimum` is 0 for completions with echo (max_tokens 0: the prompt alone)."""
     if num_prompt_tokens >= max_model_len:
         raise context_length_exceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -195,8 +201,8 @@ def resolve_max_tokens(
         )
     if requested is None:
         return max_model_len - num_prompt_tokens
-    if requested < 1:
-        raise bad_request(f"{param} must be at least 1, got {requested}.", param)
+    if requested < minimum:
+        raise bad_request(f"{param} must be at least {minimum}, got {requested}.", param)
     if num_prompt_tokens + requested > max_model_len:
         raise context_length_exceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -253,8 +259,14 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
         raise bad_request(f"Token id {bad} is out of vocabulary (vocab size {vocab_size}).", param)
 
 
-def to_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice_index: int) -> SamplingParams:
-    """Engine parameters of choice `choice_index` (0..n-1): seed + index, as vLLM's parallel sampling."""
+def to_sampling(
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    choice_index: int,
+    controls: Mapping[str, Any] = MappingProxyType({}),
+) -> SamplingParams:
+    """Engine parameters of choice `choice_index` (0..n-1): seed + index, as vLLM's parallel
+    sampling. `controls`: the sampling controls' fields (`controls.sampling_controls`)."""
     seed = None if req.seed is None else (req.seed + choice_index - INT64_MIN) % 2**64 + INT64_MIN
     return SamplingParams(
         max_tokens=max_tokens,
@@ -265,6 +277,7 @@ def to_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         logprobs=logprob_count(req),
+        **controls,
     )
 
 
