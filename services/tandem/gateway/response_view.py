@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypedDict
 
-from tandem.common.request import TokenLogprob
+from tandem.common.request import PromptLogprobs, TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway.echo import NO_PROMPT_DISPLAY, PromptDisplay, echo_logprobs, prompt_logprobs_field
 from tandem.gateway.responses import (
     ChoiceResult,
     chat_chunk,
@@ -88,7 +89,9 @@ class ResponseView:
         return_token_ids: bool | None,
         logprob_count: int | None,
         tokenizer: Tokenizer,
+        display: PromptDisplay = NO_PROMPT_DISPLAY,
     ) -> None:
+        """`display`: echo and prompt logprobs (echo.py)."""
         self.request_id, self.created, self.model, self.chat = request_id, created, model, chat
         self.prompts = [tuple(p) for p in prompts]
         self.n = n
@@ -97,6 +100,7 @@ class ResponseView:
         self.tokenizer = tokenizer
         self._started: set[int] = set()
         self._text_offsets: dict[int, int] = {}
+        self.display = display
 
     def usage(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
         """Each prompt counts once, however many choices it has (vLLM); cached: the best choice's."""
@@ -125,7 +129,7 @@ class ResponseView:
             for index, t in totals.items()
         ]
         if self.chat:
-            return chat_response(
+            body = chat_response(
                 request_id=self.request_id,
                 model=self.model,
                 created=self.created,
@@ -134,7 +138,12 @@ class ResponseView:
                 tokenizer=self.tokenizer,
                 prompt_token_ids=self.prompts[0] if self.return_token_ids else None,
             )
-        return completion_response(
+            if self.display.prompt_logprobs:
+                first = totals[min(totals)] if totals else None
+                lps = _prompt_lps(first)
+                body["prompt_logprobs"] = prompt_logprobs_field(self.prompts[0], lps, self.tokenizer)
+            return body
+        body = completion_response(
             request_id=self.request_id,
             model=self.model,
             created=self.created,
@@ -143,6 +152,21 @@ class ResponseView:
             tokenizer=self.tokenizer,
             return_token_ids=self.return_token_ids,
         )
+        for choice in body["choices"]:
+            self._show_prompt(choice, totals[choice["index"]])
+        return body
+
+    def _show_prompt(self, choice: dict[str, Any], t: ChoiceTotalsLike) -> None:
+        """Add the echoed prompt and vLLM's prompt_logprobs to one completions choice."""
+        prompt = self.prompts[choice["index"] // self.n]
+        lps = _prompt_lps(t)
+        echo = self.display.echo_texts
+        if echo is not None:
+            choice["text"] = echo[choice["index"] // self.n] + choice["text"]
+            if self.with_logprobs:
+                choice["logprobs"] = echo_logprobs(prompt, lps, t.logprobs, self.tokenizer)
+        if self.display.prompt_logprobs:
+            choice["prompt_logprobs"] = prompt_logprobs_field(prompt, lps, self.tokenizer)
 
     def usage_chunk(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
         return usage_chunk(
@@ -175,6 +199,8 @@ class ResponseView:
                 out.append(chat_chunk(**head, content=event.text, logprobs=lp, token_ids=token_ids))
             if event.finish_reason is not None:
                 out.append(chat_chunk(**head, content=None, finish_reason=event.finish_reason))
+        elif first and self.display.echo_texts is not None:
+            out.append(self._echo_chunk(head, event, prompt, token_ids))
         elif event.text or report_tokens or event.finish_reason is not None or prompt is not None:
             lp = None
             if self.with_logprobs:
@@ -191,3 +217,32 @@ class ResponseView:
                 )
             )
         return [sse(chunk) for chunk in out]
+
+    def _echo_chunk(
+        self,
+        head: _ChunkHead,
+        event: ChoiceEventLike,
+        prompt_token_ids: Sequence[int] | None,
+        token_ids: Sequence[int] | None,
+    ) -> dict[str, Any]:
+        """A completions choice's first chunk with echo: the prompt's text (and logprobs) first."""
+        assert self.display.echo_texts is not None
+        prompt = self.prompts[event.index // self.n]
+        lp = None
+        if self.with_logprobs:
+            lp = echo_logprobs(prompt, _prompt_lps(event), event.logprobs, self.tokenizer)
+            self._text_offsets[event.index] = sum(map(len, lp["tokens"]))
+        return completion_chunk(
+            **head,
+            text=self.display.echo_texts[event.index // self.n] + event.text,
+            finish_reason=event.finish_reason,
+            logprobs=lp,
+            token_ids=token_ids,
+            prompt_token_ids=prompt_token_ids,
+        )
+
+
+def _prompt_lps(source: object) -> PromptLogprobs | None:
+    """The prompt logprobs a choice's totals or first event carry (generation.py), if any."""
+    value = getattr(source, "prompt_logprobs", None)
+    return value if isinstance(value, PromptLogprobs) else None
