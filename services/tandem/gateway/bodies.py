@@ -100,13 +100,23 @@ class _GenerateBody(Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Sampling controls (OpenAI's ranges; vLLM's semantics: gateway/controls.py)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
-    repetition_penalty: float | None = Field(None, gt=0)  # vLLM's; 1.0 is off
-    min_tokens: int = Field(0, ge=0, le=UINT32_MAX)  # vLLM's; null: 0
-    bad_words: list[str] | None = None  # vLLM's
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted once per earlier occurrence of a token in the output."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from every token already in the output."
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id (as a string) to a bias in [-100, 100], added to its logit."
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="vLLM's: divides positive (multiplies negative) logits of prompt and output tokens."
+    )
+    min_tokens: int = Field(0, ge=0, le=UINT32_MAX, description="vLLM's: EOS and stop tokens are banned before this.")
+    bad_words: list[str] | None = Field(None, description="vLLM's: words that are never generated.")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="vLLM's: logprobs of the prompt tokens, with this many alternatives."
+    )
     # vLLM's; lower is more important; None: the key's default
     priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
@@ -123,11 +133,11 @@ class _GenerateBody(Body):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.strip().lstrip("-").isdigit():
-                raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
-            if not -100 <= bias <= 100:
-                raise bad_request(f"logit_bias values must be in [-100, 100], got {bias} for {key}.", "logit_bias")
+        for key in value or {}:
+            try:
+                int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias") from None
         return value
 
     @field_validator("n", "stream", "echo", "logprobs", "min_tokens", mode="before", check_fields=False)
@@ -164,7 +174,7 @@ class CompletionRequest(_GenerateBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # None: up to the context limit; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with max_tokens 0: alone).")
     suffix: str | None = None
     best_of: int | None = None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tandem.common.codec import MAX_BAD_WORD_TOKENS
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.bodies import ChatCompletionRequest, CompletionRequest
 from tandem.gateway.errors import bad_request
@@ -82,6 +83,8 @@ def bad_words_token_ids(words: list[str], tokenizer: Tokenizer, vocab_size: int)
         out.append(tuple(plain))
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
             out.append(tuple(spaced))
+    if sum(map(len, out)) > MAX_BAD_WORD_TOKENS:
+        raise bad_request(f"bad_words tokenize to more than {MAX_BAD_WORD_TOKENS} token ids.", "bad_words")
     invalid = sorted({t for word in out for t in word if t >= vocab_size})
     if invalid:
         raise bad_request(
