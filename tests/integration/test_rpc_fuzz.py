@@ -194,10 +194,16 @@ def _prefill_rows() -> list[Row]:
         ),
         Row("no sampling", call(no_sampling), bad, "request.sampling is required"),
         Row(
-            "max_tokens 0",
-            call(_prefill_req(max_tokens=0)),
+            "min_tokens over max_tokens",
+            call(_prefill_req(max_tokens=2, min_tokens=3)),
             bad,
-            "max_tokens must be an integer >= 1, got 0",
+            "min_tokens (3) must be at most max_tokens (2)",
+        ),
+        Row(
+            "logit_bias without values",
+            call(_prefill_req(logit_bias_token_ids=[5])),
+            bad,
+            "sampling.logit_bias_token_ids and logit_bias_values differ in length",
         ),
         Row(
             "temperature NaN",

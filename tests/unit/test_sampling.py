@@ -89,7 +89,7 @@ def test_stop_token_max_tokens_and_logprobs(engine: Engine, prompts: list[list[i
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"max_tokens": -1}, "max_tokens must be an integer >= 0"),
         ({"temperature": float("nan")}, "temperature must be a finite number"),
         ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
         ({"top_p": 0.0}, "top_p must be in"),

@@ -12,18 +12,29 @@ Sections: the request; the Worker service (Prefill, Decode, Abort, Health, Drain
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tandem.common.kv_codec import handle_from_proto, handle_to_proto
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
-from tandem.common.request import MAX_PRIORITY, MIN_PRIORITY, FinishReason, Request, SamplingParams, TokenLogprob
+from tandem.common.request import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    FinishReason,
+    PromptLogprobs,
+    Request,
+    SamplingParams,
+    TokenLogprob,
+)
 from tandem.common.workers import WorkerRole
 
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_REQUEST_ID_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 TOKEN_ID_LIMIT = 1 << 31  # token ids from a peer are in [0, TOKEN_ID_LIMIT)
+MAX_LOGIT_BIAS = 1 << 16  # logit_bias entries
+MAX_BAD_WORD_TOKENS = 1 << 14  # token ids over all bad words
 
 FINISH_TO_PB = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -48,7 +59,22 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
         msg.seed = p.seed
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    _controls_to_proto(p, msg)
     return msg
+
+
+def _controls_to_proto(p: SamplingParams, msg: pb.SamplingParams) -> None:
+    msg.presence_penalty = p.presence_penalty
+    msg.frequency_penalty = p.frequency_penalty
+    if p.repetition_penalty != 1.0:
+        msg.repetition_penalty = p.repetition_penalty
+    msg.logit_bias_token_ids.extend(t for t, _ in p.logit_bias)
+    msg.logit_bias_values.extend(b for _, b in p.logit_bias)
+    msg.min_tokens = p.min_tokens
+    for word in p.bad_words_token_ids:
+        msg.bad_words.add(token_ids=word)
+    if p.prompt_logprobs is not None:
+        msg.prompt_logprobs = p.prompt_logprobs
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -63,7 +89,32 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        **_controls_from_proto(msg),
     )
+
+
+def _controls_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
+    """The sampling controls' fields, with the sizes and token ids checked (SamplingParams
+    checks the ranges)."""
+    if len(msg.logit_bias_token_ids) != len(msg.logit_bias_values):
+        raise ValueError("sampling.logit_bias_token_ids and logit_bias_values differ in length")
+    if len(msg.logit_bias_token_ids) > MAX_LOGIT_BIAS:
+        raise ValueError(f"sampling.logit_bias: at most {MAX_LOGIT_BIAS} entries")
+    words = tuple(tuple(w.token_ids) for w in msg.bad_words)
+    if sum(map(len, words)) > MAX_BAD_WORD_TOKENS:
+        raise ValueError(f"sampling.bad_words: at most {MAX_BAD_WORD_TOKENS} token ids in all")
+    ids = [*msg.logit_bias_token_ids, *(t for w in words for t in w)]
+    if any(not 0 <= t < TOKEN_ID_LIMIT for t in ids):
+        raise ValueError(f"sampling: logit_bias and bad_words token ids must be in [0, {TOKEN_ID_LIMIT})")
+    return {
+        "presence_penalty": msg.presence_penalty,
+        "frequency_penalty": msg.frequency_penalty,
+        "repetition_penalty": msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        "logit_bias": tuple(zip(msg.logit_bias_token_ids, msg.logit_bias_values)),
+        "min_tokens": msg.min_tokens,
+        "bad_words_token_ids": words,
+        "prompt_logprobs": msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+    }
 
 
 def request_to_proto(r: Request) -> pb.Request:
@@ -108,6 +159,14 @@ def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(msg.token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
 
 
+def prompt_logprobs_to_proto(p: PromptLogprobs) -> pb.PromptLogprobs:
+    return pb.PromptLogprobs(logprobs=[logprob_to_proto(lp) for lp in p.logprobs], ranks=p.ranks)
+
+
+def prompt_logprobs_from_proto(msg: pb.PromptLogprobs) -> PromptLogprobs:
+    return PromptLogprobs(tuple(logprob_from_proto(lp) for lp in msg.logprobs), tuple(msg.ranks))
+
+
 def finish_from_proto(value: int) -> FinishReason | None:
     """A peer's finish reason; ValueError for a value this version does not know."""
     if value not in PB_TO_FINISH:
@@ -123,15 +182,18 @@ _PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
 @dataclass(frozen=True)
 class PrefillResult:
     """What `Prefill` answers: the first token, and a KV handle unless that token ended the
-    request. `queue_s` and `compute_s` are the TTFT stages on the prefill worker."""
+    request. `queue_s` and `compute_s` are the TTFT stages on the prefill worker.
+    `first_token` is None only for a prompt-only request (`max_tokens=0`, finish reason
+    LENGTH); `prompt_logprobs` is set when they were asked for."""
 
-    first_token: int
+    first_token: int | None
     first_logprob: TokenLogprob | None
     finish_reason: FinishReason | None  # set when the first token already ends the request
     handle: KVHandle | None  # absent when finished
     num_cached_tokens: int
     queue_s: float
     compute_s: float
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +220,7 @@ class DecodeDelta:
     recomputed: bool = False  # the hand-off failed and the decode worker recomputed the prompt
     transfer_s: float = 0.0  # the KV hand-off (0 without a handle)
     admit_s: float = 0.0  # end of the hand-off (or arrival) until first scheduled
+    prompt_logprobs: PromptLogprobs | None = None  # a local prefill's, when asked for
 
 
 @dataclass(frozen=True)
@@ -195,7 +258,8 @@ def prefill_request_from_proto(msg: pb.PrefillRequest) -> Request:
 
 def prefill_result_to_proto(result: PrefillResult) -> pb.PrefillResponse:
     msg = pb.PrefillResponse(
-        first_token=result.first_token,
+        first_token=result.first_token or 0,
+        prompt_only=result.first_token is None,
         finish_reason=FINISH_TO_PB[result.finish_reason],
         num_cached_tokens=result.num_cached_tokens,
         queue_s=result.queue_s,
@@ -205,18 +269,23 @@ def prefill_result_to_proto(result: PrefillResult) -> pb.PrefillResponse:
         msg.first_logprob.CopyFrom(logprob_to_proto(result.first_logprob))
     if result.handle is not None:
         msg.handle.CopyFrom(handle_to_proto(result.handle))
+    if result.prompt_logprobs is not None:
+        msg.prompt_logprobs.CopyFrom(prompt_logprobs_to_proto(result.prompt_logprobs))
     return msg
 
 
 def prefill_result_from_proto(msg: pb.PrefillResponse) -> PrefillResult:
+    if msg.prompt_only and (msg.HasField("handle") or msg.finish_reason != pb.FINISH_REASON_LENGTH):
+        raise ValueError("a prompt-only prefill ends with finish reason LENGTH and no handle")
     return PrefillResult(
-        first_token=msg.first_token,
+        first_token=None if msg.prompt_only else msg.first_token,
         first_logprob=logprob_from_proto(msg.first_logprob) if msg.HasField("first_logprob") else None,
         finish_reason=finish_from_proto(msg.finish_reason),
         handle=handle_from_proto(msg.handle) if msg.HasField("handle") else None,
         num_cached_tokens=msg.num_cached_tokens,
         queue_s=msg.queue_s,
         compute_s=msg.compute_s,
+        prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs) if msg.HasField("prompt_logprobs") else None,
     )
 
 
@@ -248,6 +317,7 @@ def decode_delta_to_proto(delta: DecodeDelta) -> pb.DecodeDelta:
         recomputed=delta.recomputed,
         transfer_s=delta.transfer_s,
         admit_s=delta.admit_s,
+        prompt_logprobs=None if delta.prompt_logprobs is None else prompt_logprobs_to_proto(delta.prompt_logprobs),
     )
 
 
@@ -263,6 +333,7 @@ def decode_delta_from_proto(msg: pb.DecodeDelta) -> DecodeDelta:
         recomputed=msg.recomputed,
         transfer_s=msg.transfer_s,
         admit_s=msg.admit_s,
+        prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs) if msg.HasField("prompt_logprobs") else None,
     )
 
 

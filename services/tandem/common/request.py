@@ -45,6 +45,17 @@ class SamplingParams:
     `logprobs=None` returns no logprobs; `logprobs=k` returns the chosen token's logprob and
     the `k` most likely alternatives (k may be 0). `return_prompt_logits` keeps the float32
     logits of every prompt position (for scoring and exactness checks).
+
+    Sampling controls (vLLM's semantics, engine/logits_processors.py), applied to the logits
+    before temperature, top-k, top-p and greedy argmax: `repetition_penalty` (1.0: off)
+    divides positive / multiplies negative logits of tokens seen in the prompt or output;
+    `frequency_penalty` subtracts penalty * count in the output; `presence_penalty`
+    subtracts the penalty once per token in the output; `logit_bias` adds (token id, bias)
+    pairs, sorted by token id; `min_tokens` masks EOS and `stop_token_ids` until that many
+    tokens were generated; `bad_words_token_ids` masks the last token of each sequence when
+    the output ends with the sequence's other tokens. `prompt_logprobs=k` returns each
+    prompt token's logprob (after the first) with the `k` most likely alternatives.
+    `max_tokens == 0` computes the prompt only (echo with logprobs): no token is generated.
     """
 
     max_tokens: int = 16
@@ -57,10 +68,17 @@ class SamplingParams:
     logprobs: int | None = None
     return_prompt_logits: bool = False
     structured_output: StructuredOutput | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -72,10 +90,54 @@ class SamplingParams:
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        """The sampling controls' ranges (vLLM's); normalises `logit_bias` and bad words to tuples."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        bias = tuple(sorted((int(t), float(b)) for t, b in self.logit_bias))
+        if len({t for t, _ in bias}) != len(bias):
+            raise ValueError("logit_bias must not name a token id twice")
+        if any(t < 0 or not math.isfinite(b) or not -100.0 <= b <= 100.0 for t, b in bias):
+            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})")
+        words = tuple(tuple(int(t) for t in word) for word in self.bad_words_token_ids)
+        if any(not word or min(word) < 0 for word in words):
+            raise ValueError("bad_words_token_ids must be non-empty sequences of token ids >= 0")
+        object.__setattr__(self, "bad_words_token_ids", words)
+        k = self.prompt_logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
+            raise ValueError(f"prompt_logprobs must be None or an integer in [0, 20], got {k!r}")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_controls(self) -> bool:
+        """True if a logits processor applies (penalties, bias, min_tokens, bad words)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+            or self.bad_words_token_ids
+        )
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """True if every prompt position's logits are computed (no prefix-cache reuse)."""
+        return self.return_prompt_logits or self.prompt_logprobs is not None
 
 
 class FinishReason(enum.Enum):
@@ -92,6 +154,20 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens 1..n-1 (token 0 has none), from the raw logits: entry i is
+    token i+1's `TokenLogprob` (its top-k alternatives in `top`) and `ranks[i]` that token's
+    rank (1: the most likely)."""
+
+    logprobs: tuple[TokenLogprob, ...]
+    ranks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.logprobs) != len(self.ranks):
+            raise ValueError(f"{len(self.logprobs)} prompt logprobs but {len(self.ranks)} ranks")
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ async def stream_deltas(
                     recomputed=header.recomputed,
                     transfer_s=header.transfer_s,
                     admit_s=header.admit_s,
+                    prompt_logprobs=outs[0].prompt_logprobs,  # a local prefill's, when asked for
                 )
             yield delta
             if finish_reason is not None or failed:

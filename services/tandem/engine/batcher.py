@@ -177,7 +177,7 @@ class Batcher:
     def _prefix_hit(self, seq: Sequence) -> list[int]:
         """Cached blocks covering at most all but the last token. Requests that want prompt
         logits compute every position, so they skip the cache (as vLLM does)."""
-        if seq.sampling.return_prompt_logits:
+        if seq.sampling.needs_prompt_logits:
             return []
         hashes = seq.block_hashes(self.config.block_size)
         return self.pool.lookup_prefix(hashes[: (seq.num_tokens - 1) // self.config.block_size])
@@ -221,6 +221,10 @@ class Batcher:
                 seq.num_cached_blocks = full
             if seq.request_id not in sampled:
                 continue
+            if seq.sampling.max_tokens == 0:  # prompt only (echo): the sampled token is dropped
+                self.finish(seq, FinishReason.LENGTH)
+                finished.append(seq)
+                continue
             token, logprob = sampled[seq.request_id]
             seq.token_ids.append(token)
             if logprob is not None:
@@ -256,7 +260,7 @@ class Batcher:
         num_prompt_blocks = num_blocks_for(seq.num_prompt_tokens, bs)
         hashes = seq.block_hashes(bs)[: seq.num_prompt_tokens // bs]
         seq.arrival = next(self._arrivals)
-        hit = self.pool.lookup_prefix(hashes) if not seq.sampling.return_prompt_logits else []
+        hit = self.pool.lookup_prefix(hashes) if not seq.sampling.needs_prompt_logits else []
         need = num_prompt_blocks - len(hit)
         reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
         if need + reclaimed > self.pool.num_free_blocks:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tandem.common.block_hash import block_extra, num_blocks_for
-from tandem.common.request import FinishReason, Request, SamplingParams
+from tandem.common.request import FinishReason, PromptLogprobs, Request, SamplingParams
 from tandem.engine.admission import sequences_to_shed, shed_message
 from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
@@ -30,9 +30,11 @@ from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.loader import load_model
+from tandem.engine.logits_processors import TokenHistory
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.outputs import EngineStats, GenerationOutput, HeldKV, RequestOutput, Reservation
+from tandem.engine.prompt_logprobs import chunk_prompt_logprobs
 from tandem.engine.sampler import Sampler
 from tandem.engine.sequence import Sequence
 
@@ -257,9 +259,12 @@ class Engine:
             result.sample_logits,
             [c.seq.sampling for c in sampling_chunks],
             [c.seq.num_tokens for c in sampling_chunks],
+            [TokenHistory(c.seq.prompt_token_ids, c.seq.output_token_ids) for c in sampling_chunks],
+            self.model_config.eos_token_ids,
         )
         for request_id, logits in result.prompt_logits.items():
-            self._seqs[request_id].prompt_logits.append(logits)
+            self._keep_prompt_logits(self._seqs[request_id], logits)
+        first_samples = {c.seq.request_id for c in sampling_chunks if c.seq.num_output_tokens == 0}
         self._count_step(plan)
         sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(sampling_chunks, tokens, logprobs)}
         self.batcher.update(plan, sampled, self.model_config.eos_token_ids)
@@ -275,14 +280,16 @@ class Engine:
         for chunk in sampling_chunks:
             seq = chunk.seq
             logprob = sampled[seq.request_id][1]
+            prompt_only = seq.sampling.max_tokens == 0  # the sampled token was dropped
             outputs.append(
                 RequestOutput(
                     seq.request_id,
-                    (seq.token_ids[-1],),
-                    (logprob,) if logprob else (),
+                    () if prompt_only else (seq.token_ids[-1],),
+                    (logprob,) if logprob and not prompt_only else (),
                     seq.finish_reason,
                     seq.first_scheduled_s,
                     seq.num_cached_tokens,
+                    prompt_logprobs=_prompt_logprobs(seq) if seq.request_id in first_samples else None,
                 )
             )
             if seq.is_finished:
@@ -290,6 +297,22 @@ class Engine:
                 self._count_finish(seq.finish_reason)
         self.stats.num_generated_tokens += len(sampling_chunks)
         return outputs
+
+    def _keep_prompt_logits(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Keep a prompt chunk's logits (`return_prompt_logits`) or its prompt logprobs. The
+        chunk starts at `seq.num_computed_tokens` (the step's results are not applied yet); a
+        prompt recomputed from position 0 (after a preemption) starts its logprobs over."""
+        p = seq.sampling
+        if p.return_prompt_logits:
+            seq.prompt_logits.append(logits)
+        if p.prompt_logprobs is not None:
+            start = seq.num_computed_tokens
+            if start == 0:
+                seq.prompt_logprobs.clear()
+            if start == len(seq.prompt_logprobs):  # contiguous from the prompt's start
+                seq.prompt_logprobs.extend(
+                    chunk_prompt_logprobs(logits, seq.prompt_token_ids, start, p.prompt_logprobs)
+                )
 
     def _count_step(self, plan: StepPlan) -> None:
         self.stats.num_steps += 1
@@ -345,6 +368,13 @@ class Engine:
         return not self._seqs and not self.held and self.pool.num_used_blocks == 0
 
 
+def _prompt_logprobs(seq: Sequence) -> PromptLogprobs | None:
+    """The sequence's prompt logprobs, if asked for and computed here in full."""
+    if seq.sampling.prompt_logprobs is None or len(seq.prompt_logprobs) != seq.num_prompt_tokens - 1:
+        return None
+    return PromptLogprobs(tuple(lp for lp, _ in seq.prompt_logprobs), tuple(r for _, r in seq.prompt_logprobs))
+
+
 def _generation_output(seq: Sequence) -> GenerationOutput:
     assert seq.finish_reason is not None
     return GenerationOutput(
@@ -355,6 +385,7 @@ def _generation_output(seq: Sequence) -> GenerationOutput:
         logprobs=tuple(seq.logprobs) if seq.sampling.logprobs is not None else None,
         num_cached_tokens=seq.num_cached_tokens,
         prompt_logits=torch.cat(seq.prompt_logits) if seq.prompt_logits else None,
+        prompt_logprobs=_prompt_logprobs(seq),
     )
 
 

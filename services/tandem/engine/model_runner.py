@@ -82,7 +82,7 @@ class ModelRunner:
         for i, chunk in enumerate(plan.chunks):
             seq = chunk.seq
             num_prompt_rows = min(seq.num_prompt_tokens - seq.num_computed_tokens, chunk.num_tokens)
-            if seq.sampling.return_prompt_logits and num_prompt_rows > 0:
+            if seq.sampling.needs_prompt_logits and num_prompt_rows > 0:
                 rows = hidden[starts[i] : starts[i] + num_prompt_rows]
                 prompt_logits[seq.request_id] = self.model.compute_logits(rows).cpu()
         return StepResult(sample_logits, prompt_logits)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tandem.common.request import FinishReason, TokenLogprob
+from tandem.common.request import FinishReason, PromptLogprobs, TokenLogprob
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,7 @@ class RequestOutput:
     first_scheduled_s: float | None = None
     num_cached_tokens: int = 0
     shed_message: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # first output only, when asked (prompt_logprobs.py)
 
     @property
     def finished(self) -> bool:
@@ -35,7 +36,7 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """A finished request, as returned by `generate`."""
+    """A finished request, as returned by `generate`. `token_ids` is empty for `max_tokens=0`."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -44,6 +45,7 @@ class GenerationOutput:
     logprobs: tuple[TokenLogprob, ...] | None
     num_cached_tokens: int
     prompt_logits: torch.Tensor | None  # float32 [num_prompt_tokens, vocab] when asked
+    prompt_logprobs: PromptLogprobs | None = None  # when `prompt_logprobs` was asked
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ A seeded request draws its randomness from a generator keyed by (seed, position 
 being generated), so its output does not depend on batch composition or on which worker
 samples which position. Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)),
 which is equivalent to drawing from the categorical distribution p.
+
+Sampling controls (penalties, logit bias, min_tokens, bad words: logits_processors.py) are
+applied first, when a row has any; reported logprobs are the raw model's (vLLM's default).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import xxhash
 
 from tandem.common.request import SamplingParams, TokenLogprob
+from tandem.engine.logits_processors import TokenHistory, apply_controls
 
 
 def position_generator(seed: int, position: int) -> torch.Generator:
@@ -35,12 +39,17 @@ class Sampler:
         logits: torch.Tensor,  # float32 [num_rows, vocab]
         params: Seq[SamplingParams],
         positions: Seq[int],  # index in the sequence of the token each row generates
+        histories: Seq[TokenHistory] = (),  # each row's tokens, for the sampling controls
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = logits.float().cpu()
-        tokens = logits.argmax(dim=-1).tolist()
+        processed = logits
+        if any(p.has_controls for p in params):
+            processed = apply_controls(logits, params, histories, eos_token_ids)
+        tokens = processed.argmax(dim=-1).tolist()
         for row, (p, position) in enumerate(zip(params, positions)):
             if not p.is_greedy:
-                tokens[row] = self._sample_row(logits[row], p, position)
+                tokens[row] = self._sample_row(processed[row], p, position)
         logprobs: list[TokenLogprob | None] = [None] * len(tokens)
         wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
         if wanted:

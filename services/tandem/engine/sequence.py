@@ -50,6 +50,8 @@ class Sequence:
     first_scheduled_s: float | None = None  # time.monotonic() when a step first planned a chunk of it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # float32 chunks
+    # prompt_logprobs: (logprob, rank) of prompt tokens 1.., filled chunk by chunk (prompt_logprobs.py)
+    prompt_logprobs: list[tuple[TokenLogprob, int]] = field(default_factory=list)
     _block_hashes: list[BlockHash] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -151,9 +151,24 @@ class _GenerateBody(Body):
     cache_salt: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    # Sampling controls (OpenAI's ranges; vLLM's semantics: gateway/controls.py)
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted once per earlier occurrence of a token in the output."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from every token already in the output."
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id (as a string) to a bias in [-100, 100], added to its logit."
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="vLLM's: divides positive (multiplies negative) logits of prompt and output tokens."
+    )
+    min_tokens: int = Field(0, ge=0, le=UINT32_MAX, description="vLLM's: EOS and stop tokens are banned before this.")
+    bad_words: list[str] | None = Field(None, description="vLLM's: words that are never generated.")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="vLLM's: logprobs of the prompt tokens, with this many alternatives."
+    )
     # vLLM's; lower is more important; None: the key's default
     priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
     # structured output (structured.py): OpenAI's, vLLM's, and vLLM's older guided_* names
@@ -174,7 +189,17 @@ class _GenerateBody(Body):
             raise ValueError("stop strings must not be empty")
         return value
 
-    @field_validator("n", "stream", "echo", "logprobs", mode="before", check_fields=False)
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            try:
+                int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias") from None
+        return value
+
+    @field_validator("n", "stream", "echo", "logprobs", "min_tokens", mode="before", check_fields=False)
     @classmethod
     def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None and info.field_name is not None:
@@ -195,9 +220,8 @@ class _GenerateBody(Body):
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
         if self.cache_salt is not None and not self.cache_salt:
             raise bad_request("cache_salt must be a non-empty string if provided.", "cache_salt")
-        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
-            if getattr(self, name):  # None, 0 and {} are the defaults
-                raise bad_request(f"{name} is not supported.", name)
+        if self.prompt_logprobs is not None and self.stream:
+            raise bad_request("prompt_logprobs are not available when stream is true.", "prompt_logprobs")
         return self
 
     @property
@@ -207,9 +231,9 @@ class _GenerateBody(Body):
 
 class CompletionRequest(_GenerateBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # None: up to the context limit
+    max_tokens: int | None = Field(16, ge=0)  # None: up to the context limit; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with max_tokens 0: alone).")
     suffix: str | None = None
     best_of: int | None = None
 
@@ -232,8 +256,6 @@ class CompletionRequest(_GenerateBody):
 
     @model_validator(mode="after")
     def _completion_supported(self) -> CompletionRequest:
-        if self.echo:
-            raise bad_request("echo is not supported.", "echo")
         if self.suffix:
             raise bad_request("suffix is not supported.", "suffix")
         if self.best_of is not None and self.best_of != self.n:

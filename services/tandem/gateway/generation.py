@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
 
-from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
+from tandem.common.request import FinishReason, PromptLogprobs, Request, SamplingParams, TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.detokenize import IncrementalDetokenizer, StopStringMatcher
 from tandem.gateway.errors import OpenAIError, service_unavailable, slow_client_aborted
@@ -72,6 +72,7 @@ class ChoiceEvent:
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: str | None = None
     error: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # the choice's first event, when asked for
 
 
 @dataclass
@@ -83,6 +84,7 @@ class ChoiceTotals:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Generation:
@@ -181,7 +183,12 @@ class Generation:
                 totals.token_ids.extend(delta.token_ids)
                 totals.logprobs.extend(delta.logprobs)
                 totals.finish_reason = finish
-                await self._put(queue, ChoiceEvent(spec.index, text, delta.token_ids, delta.logprobs, finish))
+                if delta.prompt_logprobs is not None:
+                    totals.prompt_logprobs = delta.prompt_logprobs
+                event = ChoiceEvent(
+                    spec.index, text, delta.token_ids, delta.logprobs, finish, None, delta.prompt_logprobs
+                )
+                await self._put(queue, event)
                 if finish is not None:
                     break
             else:

@@ -129,7 +129,15 @@ class Resume:
             original,
             request_id=f"{original.request_id}.m{self.num_migrations}",
             prompt_token_ids=original.prompt_token_ids + tuple(self.sent_token_ids),
-            sampling=dataclasses.replace(original.sampling, max_tokens=remaining),
+            # min_tokens counts what is left; prompt logprobs came with the first attempt. The
+            # replay's frequency/presence penalties and bad words see the sent tokens as
+            # prompt, not output (a known difference after a migration).
+            sampling=dataclasses.replace(
+                original.sampling,
+                max_tokens=remaining,
+                min_tokens=max(0, original.sampling.min_tokens - len(self.sent_token_ids)),
+                prompt_logprobs=None,
+            ),
         )
         log.warning(
             "resuming %s as %s (%s on %s: %s); replaying %d tokens",

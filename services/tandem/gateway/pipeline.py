@@ -45,7 +45,7 @@ from tandem.common import codec, kv_codec
 from tandem.common.block_hash import block_extra, hash_blocks
 from tandem.common.kv_handle import KVHandle
 from tandem.common.ownership import new_owner_secret, owner_metadata
-from tandem.common.request import FinishReason, Request, TokenLogprob
+from tandem.common.request import FinishReason, PromptLogprobs, Request, TokenLogprob
 from tandem.common.tracing import inject_metadata
 from tandem.common.workers import WorkerInfo
 from tandem.gateway.clients import WorkerClients
@@ -70,6 +70,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: FinishReason | None
     cached_tokens: int = 0  # first delta only: prompt tokens served from a prefix cache
+    prompt_logprobs: PromptLogprobs | None = None  # first delta only, when asked for
 
 
 class Pipeline:
@@ -142,7 +143,8 @@ class Pipeline:
                 lp = (first.first_logprob,) if first.first_logprob is not None else ()
                 finish = first.finish_reason
                 self.metrics.prefix(len(request.prompt_token_ids), cached)
-                yield Delta((first.first_token,), lp, finish, cached)
+                tokens = () if first.first_token is None else (first.first_token,)  # none: max_tokens 0
+                yield Delta(tokens, lp, finish, cached, first.prompt_logprobs)
                 if finish is not None:
                     return  # no handle, no lease
             async for delta in self._decode(request, decision, first, metadata, tickets, resume):
@@ -298,6 +300,7 @@ class Pipeline:
             msg.logprobs,
             msg.finish_reason,
             msg.num_cached_tokens if first_message and local else 0,
+            msg.prompt_logprobs if first_message and local else None,
         )
 
     def _observe_stage(self, stage: str, seconds: float) -> None:

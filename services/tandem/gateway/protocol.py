@@ -20,8 +20,9 @@ Who calls what, per request (DESIGN.md section 2, step 1):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast
 
 from pydantic import ValidationError
@@ -36,6 +37,7 @@ from tandem.gateway.bodies import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from tandem.gateway.controls import sampling_controls
 from tandem.gateway.errors import OpenAIError, bad_request, context_length_exceeded, model_not_found
 from tandem.gateway.generation import ChoiceSpec
 from tandem.gateway.structured import requested
@@ -141,12 +143,14 @@ def prepare(raw: bytes, chat: bool, served: ServedModel) -> PreparedRequest:
         prompts = prompt_inputs(body, served.tokenizer, served.vocab_size)
         requested, kind, param = body.max_tokens, "prompt", "max_tokens"
     structured = structured_output(body, tool_choice)
+    min_max_tokens = 0 if isinstance(body, CompletionRequest) and body.echo else 1  # echo: the prompt alone
     prompt_ids = tuple(tuple(p) for p in prompts)  # one copy, shared by the prompt's choices
     choices: list[ChoiceSpec] = []
     for p, prompt in enumerate(prompt_ids):
-        max_tokens = resolve_max_tokens(requested, len(prompt), served.max_model_len, kind, param)
+        max_tokens = resolve_max_tokens(requested, len(prompt), served.max_model_len, kind, param, min_max_tokens)
+        controls = sampling_controls(body, served.tokenizer, served.vocab_size, max_tokens)
         for i in range(body.n):
-            choices.append(ChoiceSpec(p * body.n + i, prompt, to_sampling(body, max_tokens, i, structured)))
+            choices.append(ChoiceSpec(p * body.n + i, prompt, to_sampling(body, max_tokens, i, controls, structured)))
     return PreparedRequest(body, prompt_ids, tuple(choices), tool_choice)
 
 
@@ -218,8 +222,10 @@ def resolve_max_tokens(
     max_model_len: int,
     kind: Literal["prompt", "messages"],
     param: str = "max_tokens",
+    minimum: int = 1,
 ) -> int:
-    """The completion budget: `requested`, or all the context the prompt leaves when None."""
+    """The completion budget: `requested`, or all the context the prompt leaves when None.
+    `minimum` is 0 for completions with echo (max_tokens 0: the prompt alone)."""
     if num_prompt_tokens >= max_model_len:
         raise context_length_exceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -228,8 +234,8 @@ def resolve_max_tokens(
         )
     if requested is None:
         return max_model_len - num_prompt_tokens
-    if requested < 1:
-        raise bad_request(f"{param} must be at least 1, got {requested}.", param)
+    if requested < minimum:
+        raise bad_request(f"{param} must be at least {minimum}, got {requested}.", param)
     if num_prompt_tokens + requested > max_model_len:
         raise context_length_exceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -295,9 +301,12 @@ def to_sampling(
     req: CompletionRequest | ChatCompletionRequest,
     max_tokens: int,
     choice_index: int,
+    controls: Mapping[str, Any] = MappingProxyType({}),
     structured_output: StructuredOutput | None = None,
 ) -> SamplingParams:
-    """Engine parameters of choice `choice_index` (0..n-1): seed + index, as vLLM's parallel sampling."""
+    """Engine parameters of choice `choice_index` (0..n-1): seed + index, as vLLM's parallel
+    sampling. `controls`: the sampling controls' fields (`controls.sampling_controls`);
+    `structured_output`: the output constraint (`structured_output`)."""
     seed = None if req.seed is None else (req.seed + choice_index - INT64_MIN) % 2**64 + INT64_MIN
     return SamplingParams(
         max_tokens=max_tokens,
@@ -309,6 +318,7 @@ def to_sampling(
         ignore_eos=req.ignore_eos,
         logprobs=logprob_count(req),
         structured_output=structured_output,
+        **controls,
     )
 
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, TypedDict
 
-from tandem.common.request import TokenLogprob
+from tandem.common.request import PromptLogprobs, TokenLogprob
 from tandem.engine.tokenizer import Tokenizer
+from tandem.gateway.echo import NO_PROMPT_DISPLAY, PromptDisplay, echo_logprobs, prompt_logprobs_field
 from tandem.gateway.responses import (
     ChoiceResult,
     chat_chunk,
@@ -97,7 +98,9 @@ class ResponseView:
         logprob_count: int | None,
         tokenizer: Tokenizer,
         tool_choice: ToolChoice | None = None,
+        display: PromptDisplay = NO_PROMPT_DISPLAY,
     ) -> None:
+        """`display`: echo and prompt logprobs (echo.py)."""
         self.request_id, self.created, self.model, self.chat = request_id, created, model, chat
         self.prompts = [tuple(p) for p in prompts]
         self.n = n
@@ -108,6 +111,7 @@ class ResponseView:
         self._text_offsets: dict[int, int] = {}
         self.tool_choice = tool_choice if tool_choice is not None and tool_choice.reads_calls else None
         self._tool_streams: dict[int, ToolCallStream] = {}
+        self.display = display
 
     def usage(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
         """Each prompt counts once, however many choices it has (vLLM); cached: the best choice's."""
@@ -138,7 +142,7 @@ class ResponseView:
             for index, t in totals.items()
         ]
         if self.chat:
-            return chat_response(
+            body = chat_response(
                 request_id=self.request_id,
                 model=self.model,
                 created=self.created,
@@ -147,7 +151,12 @@ class ResponseView:
                 tokenizer=self.tokenizer,
                 prompt_token_ids=self.prompts[0] if self.return_token_ids else None,
             )
-        return completion_response(
+            if self.display.prompt_logprobs:
+                first = totals[min(totals)] if totals else None
+                lps = _prompt_lps(first)
+                body["prompt_logprobs"] = prompt_logprobs_field(self.prompts[0], lps, self.tokenizer)
+            return body
+        body = completion_response(
             request_id=self.request_id,
             model=self.model,
             created=self.created,
@@ -156,6 +165,21 @@ class ResponseView:
             tokenizer=self.tokenizer,
             return_token_ids=self.return_token_ids,
         )
+        for choice in body["choices"]:
+            self._show_prompt(choice, totals[choice["index"]])
+        return body
+
+    def _show_prompt(self, choice: dict[str, Any], t: ChoiceTotalsLike) -> None:
+        """Add the echoed prompt and vLLM's prompt_logprobs to one completions choice."""
+        prompt = self.prompts[choice["index"] // self.n]
+        lps = _prompt_lps(t)
+        echo = self.display.echo_texts
+        if echo is not None:
+            choice["text"] = echo[choice["index"] // self.n] + choice["text"]
+            if self.with_logprobs:
+                choice["logprobs"] = echo_logprobs(prompt, lps, t.logprobs, self.tokenizer)
+        if self.display.prompt_logprobs:
+            choice["prompt_logprobs"] = prompt_logprobs_field(prompt, lps, self.tokenizer)
 
     def usage_chunk(self, totals: Mapping[int, ChoiceTotalsLike]) -> dict[str, Any]:
         return usage_chunk(
@@ -190,6 +214,8 @@ class ResponseView:
             out.extend(chat_chunk(**head, content=None, tool_calls=[call]) for call in calls)
             if finish_reason is not None:
                 out.append(chat_chunk(**head, content=None, finish_reason=finish_reason))
+        elif first and self.display.echo_texts is not None:
+            out.append(self._echo_chunk(head, event, prompt, token_ids))
         elif event.text or report_tokens or event.finish_reason is not None or prompt is not None:
             lp = None
             if self.with_logprobs:
@@ -232,6 +258,35 @@ class ResponseView:
             delta.tool_calls.extend(end.tool_calls)
         return delta.content, delta.tool_calls, _finish(event.finish_reason, stream.called)
 
+    def _echo_chunk(
+        self,
+        head: _ChunkHead,
+        event: ChoiceEventLike,
+        prompt_token_ids: Sequence[int] | None,
+        token_ids: Sequence[int] | None,
+    ) -> dict[str, Any]:
+        """A completions choice's first chunk with echo: the prompt's text (and logprobs) first."""
+        assert self.display.echo_texts is not None
+        prompt = self.prompts[event.index // self.n]
+        lp = None
+        if self.with_logprobs:
+            lp = echo_logprobs(prompt, _prompt_lps(event), event.logprobs, self.tokenizer)
+            self._text_offsets[event.index] = sum(map(len, lp["tokens"]))
+        return completion_chunk(
+            **head,
+            text=self.display.echo_texts[event.index // self.n] + event.text,
+            finish_reason=event.finish_reason,
+            logprobs=lp,
+            token_ids=token_ids,
+            prompt_token_ids=prompt_token_ids,
+        )
+
 
 def _finish(reason: str | None, called: bool) -> str | None:
     return "tool_calls" if called and reason == "stop" else reason
+
+
+def _prompt_lps(source: object) -> PromptLogprobs | None:
+    """The prompt logprobs a choice's totals or first event carry (generation.py), if any."""
+    value = getattr(source, "prompt_logprobs", None)
+    return value if isinstance(value, PromptLogprobs) else None

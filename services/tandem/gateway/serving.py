@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind
 from tandem.common.tracing import extract_metadata
 from tandem.gateway import protocol, responses
 from tandem.gateway.admission import AdmissionTicket
+from tandem.gateway.echo import prompt_display
 from tandem.gateway.errors import OpenAIError, body_too_large, internal_error, sse_error_event
 from tandem.gateway.generation import ChoiceEvent, Generation, StreamLimits
 from tandem.gateway.response_view import ResponseView
@@ -141,7 +142,8 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         body.return_token_ids,
         prepared.logprob_count,
         tokenizer,
-        prepared.tool_choice,
+        tool_choice=prepared.tool_choice,
+        display=prompt_display(prepared, tokenizer),
     )
     finish = _Finisher(span, generation, ticket, endpoint_label(request), start_s)
     request.state.counted = True  # the finisher records this request's status

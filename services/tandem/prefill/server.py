@@ -8,7 +8,8 @@ Lifecycle of a request here (DESIGN.md section 2, step 3):
    a KV handle (source address, block ids, valid tokens, layout, block hashes, deadline, and
    the lease's secret, which every pull and release of the lease must present).
    If the first token already ends the request (EOS, stop token, max_tokens=1), the blocks
-   are freed and no handle is returned.
+   are freed and no handle is returned; a prompt-only request (max_tokens=0, echo) returns
+   no token at all. Prompt logprobs, when asked for, come with the answer.
 3. A decode worker pulls blocks through the KV transport, which checks every request
    against the lease, then calls `ReleaseKV`. Lease expiry frees unpulled blocks.
 4. A cancelled `Prefill` aborts the sequence (and any lease): nothing leaks.
@@ -132,13 +133,14 @@ class PrefillServicer(WorkerServicerBase):
                 lease_secret=grant.secret,
             )
         return codec.PrefillResult(
-            first_token=out.new_token_ids[0],
+            first_token=out.new_token_ids[0] if out.new_token_ids else None,  # none: max_tokens 0
             first_logprob=out.new_logprobs[0] if out.new_logprobs else None,
             finish_reason=None if handle is not None else finish_reason,
             handle=handle,
             num_cached_tokens=out.num_cached_tokens,
             queue_s=queue_s,
             compute_s=compute_s,
+            prompt_logprobs=out.prompt_logprobs,
         )
 
     def _record_stages(
