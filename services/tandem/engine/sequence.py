@@ -50,6 +50,8 @@ class Sequence:
     first_scheduled_s: float | None = None  # time.monotonic() when a step first planned a chunk of it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # float32 chunks
+    spec_acceptance: float | None = None  # speculative decoding: acceptance estimate (spec/skip.py)
+    spec_steps_since_probe: int = 0  # decode steps skipped for low acceptance since the last draft
     _block_hashes: list[BlockHash] = field(default_factory=list)
 
     def __post_init__(self) -> None:
