@@ -61,7 +61,7 @@ def verify_sampled(
     out: list[int] = []
     for i, token in enumerate(draft.token_ids):
         position = first_position + i
-        p = processed_probs(logits[i], params)  # [vocab]
+        p = _normalized(processed_probs(logits[i], params))  # [vocab]
         q_token = 1.0 if draft.probs is None else float(draft.probs[i, token])
         uniform = float(torch.rand((), generator=_generator(params, position, b"accept", generator)))
         if q_token > 0.0 and uniform * q_token < float(p[token]):  # u < p(x) / q(x)
@@ -89,6 +89,12 @@ def verify(
     if params.is_greedy:
         return verify_greedy(logits, draft.token_ids)
     return verify_sampled(logits, draft, params, first_position, generator)
+
+
+def _normalized(probs: torch.Tensor) -> torch.Tensor:
+    """`processed_probs` leaves top-p's kept mass unnormalised (the race does not care);
+    acceptance ratios and the residual need a distribution."""
+    return probs / probs.sum()
 
 
 def _generator(params: SamplingParams, position: int, purpose: bytes, engine: torch.Generator) -> torch.Generator:
