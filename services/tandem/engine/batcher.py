@@ -24,6 +24,18 @@ Policy, as in vLLM v1:
    Admission looks up the longest cached prefix (at most all but one token, so the last
    token is always computed and its logits sampled).
 
+Speculative decoding (with a `Speculator`, spec/speculator.py): a running sequence's chunk
+that catches up with all its tokens also carries k drafts. Blocks are allocated for positions
+`< num_computed_tokens + chunk + k` first (preempting as above), then the proposer drafts for
+all such sequences at once, and the chunk becomes its uncomputed tokens plus the drafts (the
+budget counts the drafts; blocks for drafts not proposed are given back at once). `update`
+appends the accepted drafts and the correction or bonus token, truncated at a stop, leaves
+`num_computed_tokens` at `num_tokens - 1` (rejected positions are not computed), frees blocks
+that only rejected positions needed and registers only blocks full of accepted tokens. An
+admission never samples a sequence that already has generated tokens (its chunk stops one
+token short), so its next token comes from a drafting chunk, as it would without the
+admission (spec/speculator.py explains why this matters for seeded requests).
+
 Overload (`shed_candidates`): the queued sequences that may be shed for a more important
 arrival are those that have not run here and are not filling a reservation (waiting ones never
 preempted, and ready ones), least important first: largest priority, then latest arrival.
@@ -33,12 +45,16 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from tandem.common.block_hash import num_blocks_for
 from tandem.common.request import FinishReason, TokenLogprob
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.spec.proposer import Draft
+from tandem.engine.spec.speculator import Speculator
 
 
 @dataclass(frozen=True)
@@ -52,12 +68,14 @@ class BatcherConfig:
 @dataclass(frozen=True)
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
+    draft: Draft | None = None  # speculative decoding: the chunk ends with these (non-empty) drafts
 
     @property
     def samples(self) -> bool:
         """True if this chunk catches up with every token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        num_drafts = len(self.draft.token_ids) if self.draft is not None else 0
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + num_drafts
 
 
 @dataclass(frozen=True)
@@ -72,9 +90,10 @@ class StepPlan:
 
 
 class Batcher:
-    def __init__(self, config: BatcherConfig, pool: BlockPool) -> None:
+    def __init__(self, config: BatcherConfig, pool: BlockPool, speculator: Speculator | None = None) -> None:
         self.config = config
         self.pool = pool
+        self.speculator = speculator
         # Both queues are sorted by `_admission_key`.
         self.waiting: list[Sequence] = []
         self.ready: list[Sequence] = []  # decode role: prompt KV pulled, waiting for a slot
@@ -104,14 +123,19 @@ class Batcher:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        drafting: list[tuple[int, int]] = []  # (index in chunks, k)
+        step_skipped = self._step_skipped()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk_len(seq, budget)
+            k = self._num_drafts(seq, n, budget, step_skipped)
+            if k and n + k > budget:  # a seeded sampled request: stop short, sample with drafts next step
+                n, k = n - 1, 0
             if n == 0:
                 i += 1
                 continue
-            need = num_blocks_for(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_table)
+            need = num_blocks_for(seq.num_computed_tokens + n + k, self.config.block_size) - len(seq.block_table)
             while need > self.pool.num_free_blocks and self.running[-1] is not seq:
                 preempted.append(self._preempt(self.running.pop()))
             if need > self.pool.num_free_blocks:
@@ -119,9 +143,12 @@ class Batcher:
                 preempted.append(self._preempt(self.running.pop()))
                 break
             seq.block_table.extend(self.pool.allocate(need))
+            if k:
+                drafting.append((len(chunks), k))
             chunks.append(ScheduledChunk(seq, n))
-            budget -= n
+            budget -= n + k
             i += 1
+        budget += self._propose(chunks, drafting)
         if preempted:
             return StepPlan(tuple(chunks), tuple(preempted), 0)
         budget = self._admit_ready(budget, chunks, preempted)
@@ -132,7 +159,7 @@ class Batcher:
         """Move ready sequences into the batch (see the module doc); returns the budget left."""
         while self.ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.ready[0]
-            n = self._chunk_len(seq, budget)
+            n = self._admission_len(seq, self._chunk_len(seq, budget))
             need = num_blocks_for(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_table)
             if need > self.pool.num_free_blocks:
                 if self.running or chunks:
@@ -144,7 +171,8 @@ class Batcher:
             seq.block_table.extend(self.pool.allocate(need))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, n))
+            if n:
+                chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return budget
 
@@ -157,6 +185,7 @@ class Batcher:
             hit = self._prefix_hit(seq)
             num_hit_tokens = len(hit) * bs
             n = min(seq.num_tokens - num_hit_tokens, budget, self.config.max_prefill_chunk_tokens or budget)
+            n = self._admission_len(seq, n, seq.num_tokens - num_hit_tokens)
             need = num_blocks_for(num_hit_tokens + n, bs) - len(hit)
             reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
             if need + reclaimed > self.pool.num_free_blocks:
@@ -169,7 +198,8 @@ class Batcher:
             seq.num_cached_blocks = len(hit)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, n))
+            if n:
+                chunks.append(ScheduledChunk(seq, n))
             budget -= n
             total_hit_tokens += num_hit_tokens
         return total_hit_tokens
@@ -186,8 +216,60 @@ class Batcher:
         cap = self.config.max_prefill_chunk_tokens or budget
         return min(seq.num_new_tokens, budget, cap)
 
+    # ---- speculative decoding (module doc) ----------------------------------------------------
+    def _step_skipped(self) -> bool:
+        """The per-step skip rule (spec/skip.py) over the tokens this step computes without
+        drafts: the running sequences' chunks and the queued ones that may be admitted."""
+        if self.speculator is None:
+            return True
+        cap = self.config.max_prefill_chunk_tokens or self.config.max_num_batched_tokens
+        admissible = (self.ready + self.waiting)[: max(0, self.config.max_num_seqs - len(self.running))]
+        num_tokens = sum(min(s.num_new_tokens, cap) for s in self.running + admissible)
+        return self.speculator.skip_step(len(self.running), min(num_tokens, self.config.max_num_batched_tokens))
+
+    def _num_drafts(self, seq: Sequence, n: int, budget: int, step_skipped: bool) -> int:
+        if self.speculator is None or n == 0 or n != seq.num_new_tokens:
+            return 0
+        bs = self.config.block_size
+        free_positions = (len(seq.block_table) + self.pool.num_free_blocks) * bs - (seq.num_computed_tokens + n)
+        return self.speculator.num_draft_tokens(seq, step_skipped, budget - n, free_positions)
+
+    def _propose(self, chunks: list[ScheduledChunk], drafting: list[tuple[int, int]]) -> int:
+        """Draft for the planned chunks in `drafting` (one proposer call) and extend them;
+        gives back the blocks of positions not drafted. Returns the budget not used."""
+        if not drafting:
+            return 0
+        assert self.speculator is not None
+        drafts = self.speculator.propose([chunks[j].seq for j, _ in drafting], [k for _, k in drafting])
+        unused = 0
+        for (j, k), draft in zip(drafting, drafts):
+            seq, n = chunks[j].seq, chunks[j].num_tokens
+            num_drafts = len(draft.token_ids)
+            unused += k - num_drafts
+            if num_drafts:
+                chunks[j] = ScheduledChunk(seq, n + num_drafts, draft)
+            self._trim(seq, seq.num_computed_tokens + n + num_drafts)
+        return unused
+
+    def _trim(self, seq: Sequence, num_positions: int) -> None:
+        """Free the blocks at the end of `seq`'s table that no position `< num_positions` uses."""
+        keep = num_blocks_for(num_positions, self.config.block_size)
+        if keep < len(seq.block_table):
+            self.pool.free(seq.block_table[keep:][::-1])
+            del seq.block_table[keep:]
+
+    def _admission_len(self, seq: Sequence, n: int, num_new_tokens: int | None = None) -> int:
+        """With speculation, an admitted sequence that has generated tokens stops one token
+        short, so that its next token comes from a drafting chunk (module doc)."""
+        if self.speculator is None or not self.speculator.may_draft(seq):
+            return n
+        num_new = seq.num_new_tokens if num_new_tokens is None else num_new_tokens
+        return min(n, num_new - 1)
+
     def _preempt(self, seq: Sequence) -> Sequence:
         self._release(seq)
+        if self.speculator is not None:
+            self.speculator.rollback(seq.request_id, 0)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -205,20 +287,35 @@ class Batcher:
         plan: StepPlan,
         sampled: dict[str, tuple[int, TokenLogprob | None]],
         eos_token_ids: frozenset[int],
+        verified: Mapping[str, Seq[tuple[int, TokenLogprob | None]]] | None = None,
     ) -> list[Sequence]:
         """Apply a step's results. `sampled` maps request id to (token, logprob) for every
-        chunk that `samples`. Returns the sequences that finished this step."""
+        chunk that `samples` without a draft; `verified`, for every chunk with a draft, to the
+        accepted drafts and the correction or bonus token, in order. Returns the sequences
+        that finished this step."""
         bs = self.config.block_size
         finished: list[Sequence] = []
         for chunk in plan.chunks:
             seq = chunk.seq
-            seq.num_computed_tokens += chunk.num_tokens
+            if chunk.draft is not None:
+                assert verified is not None
+                reason = _append_verified(seq, verified[seq.request_id], eos_token_ids)
+            else:
+                seq.num_computed_tokens += chunk.num_tokens
             full = seq.num_computed_tokens // bs
             if full > seq.num_cached_blocks:
                 hashes = seq.block_hashes(bs)
                 for idx in range(seq.num_cached_blocks, full):
                     self.pool.cache_block(seq.block_table[idx], hashes[idx])
                 seq.num_cached_blocks = full
+            if chunk.draft is not None:
+                self._trim(seq, seq.num_computed_tokens)
+                assert self.speculator is not None
+                self.speculator.rollback(seq.request_id, seq.num_computed_tokens)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                continue
             if seq.request_id not in sampled:
                 continue
             if seq.sampling.max_tokens == 0:  # prompt only (echo): the sampled token is dropped
@@ -248,6 +345,8 @@ class Batcher:
             self.ready.remove(seq)
         if reason is not FinishReason.HANDOFF:
             self._release(seq)
+        if self.speculator is not None:
+            self.speculator.finish(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -306,6 +405,23 @@ def _admission_key(seq: Sequence) -> tuple[int, int]:
 def _enqueue(queue: list[Sequence], seq: Sequence) -> None:
     """Insert `seq` at its admission-order place (after equal keys)."""
     bisect.insort(queue, seq, key=_admission_key)
+
+
+def _append_verified(
+    seq: Sequence, emitted: Seq[tuple[int, TokenLogprob | None]], eos_token_ids: frozenset[int]
+) -> FinishReason | None:
+    """Append a verified run up to and including its first stop; the last appended token is
+    the only one whose KV is not computed. Returns the stop reason, if any."""
+    reason = None
+    for token, logprob in emitted:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        reason = _stop_reason(seq, token, eos_token_ids)
+        if reason is not None:
+            break
+    seq.num_computed_tokens = seq.num_tokens - 1
+    return reason
 
 
 def _stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem.engine.model_config import DTYPE_NAMES
+from tandem.engine.spec.config import SpeculativeConfig
 
 MiB = 1024 * 1024
 
@@ -50,6 +51,14 @@ class EngineConfig:
     model_id: str | None = field(
         default=None, metadata={"help": "model id in block hashes (default: the model directory's name)"}
     )
+    speculative_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "speculative decoding, vLLM's JSON: "
+            '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' '
+            'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\''
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = {
@@ -77,3 +86,5 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES} or None, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)  # raises, naming the field

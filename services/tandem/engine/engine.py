@@ -37,6 +37,10 @@ from tandem.engine.outputs import EngineStats, GenerationOutput, HeldKV, Request
 from tandem.engine.prompt_logprobs import chunk_prompt_logprobs
 from tandem.engine.sampler import Sampler
 from tandem.engine.sequence import Sequence
+from tandem.engine.spec.config import SpeculativeConfig
+from tandem.engine.spec.proposer import ProposerContext, create_proposer
+from tandem.engine.spec.speculator import Speculator
+from tandem.engine.spec.verification import verify_chunks
 
 
 class Engine:
@@ -68,6 +72,8 @@ class Engine:
         self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         self.backend = create_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(self.model, self.kv_caches, self.backend, config.block_size, self.device)
+        self.stats = EngineStats()
+        self.speculator = self._speculator(num_blocks)
         self.batcher = Batcher(
             BatcherConfig(
                 block_size=config.block_size,
@@ -76,14 +82,32 @@ class Engine:
                 max_prefill_chunk_tokens=config.max_prefill_chunk_tokens,
             ),
             self.pool,
+            self.speculator,
         )
         self.sampler = Sampler(config.seed)
         self.model_id = config.model_id or self.model_dir.name
-        self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
         self.held: dict[str, HeldKV] = {}
         self._aborted: list[RequestOutput] = []  # finished outside a step, until `take_aborted`
         self._ids = itertools.count()
+
+    def _speculator(self, num_blocks: int) -> Speculator | None:
+        """The proposer named by `speculative_config` (None: no speculation)."""
+        if self.config.speculative_config is None:
+            return None
+        spec = SpeculativeConfig.parse(self.config.speculative_config)
+        context = ProposerContext(
+            target_config=self.model_config,
+            device=self.device,
+            dtype=self.model_config.dtype,
+            block_size=self.config.block_size,
+            num_blocks=num_blocks,
+            backend=self.backend,
+            max_model_len=self.max_model_len,
+            seed=self.config.seed,
+        )
+        self.stats.spec_accepted_per_position = [0] * spec.num_speculative_tokens
+        return Speculator(spec, create_proposer(spec, context), self.config.max_num_batched_tokens)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, **options: object) -> Engine:
@@ -255,19 +279,23 @@ class Engine:
                 chunk.seq.first_scheduled_s = now_s
         result = self.runner.execute(plan)
         sampling_chunks = [c for c in plan.chunks if c.samples]
+        plain_chunks = [c for c in sampling_chunks if c.draft is None]
         tokens, logprobs = self.sampler.sample(
             result.sample_logits,
-            [c.seq.sampling for c in sampling_chunks],
-            [c.seq.num_tokens for c in sampling_chunks],
-            [TokenHistory(c.seq.prompt_token_ids, c.seq.output_token_ids) for c in sampling_chunks],
+            [c.seq.sampling for c in plain_chunks],
+            [c.seq.num_tokens for c in plain_chunks],
+            [TokenHistory(c.seq.prompt_token_ids, c.seq.output_token_ids) for c in plain_chunks],
             self.model_config.eos_token_ids,
         )
+        verified = verify_chunks(plan.chunks, result.verify_logits, self.sampler.generator, self.stats)
         for request_id, logits in result.prompt_logits.items():
             self._keep_prompt_logits(self._seqs[request_id], logits)
         first_samples = {c.seq.request_id for c in sampling_chunks if c.seq.num_output_tokens == 0}
         self._count_step(plan)
-        sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(sampling_chunks, tokens, logprobs)}
-        self.batcher.update(plan, sampled, self.model_config.eos_token_ids)
+        sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(plain_chunks, tokens, logprobs)}
+        # where each sampling sequence's new tokens and logprobs start
+        before = {c.seq.request_id: (c.seq.num_tokens, len(c.seq.logprobs)) for c in sampling_chunks}
+        self.batcher.update(plan, sampled, self.model_config.eos_token_ids, verified)
         bs = self.config.block_size
         for chunk in sampling_chunks:
             seq = chunk.seq
@@ -277,15 +305,16 @@ class Engine:
                     tuple(seq.block_table), seq.num_prompt_tokens, tuple(seq.block_hashes(bs)[:num_full])
                 )
         outputs: list[RequestOutput] = []
+        num_generated = 0
         for chunk in sampling_chunks:
             seq = chunk.seq
-            logprob = sampled[seq.request_id][1]
-            prompt_only = seq.sampling.max_tokens == 0  # the sampled token was dropped
+            num_tokens_before, num_logprobs_before = before[seq.request_id]
+            num_generated += seq.num_tokens - num_tokens_before
             outputs.append(
                 RequestOutput(
                     seq.request_id,
-                    () if prompt_only else (seq.token_ids[-1],),
-                    (logprob,) if logprob and not prompt_only else (),
+                    tuple(seq.token_ids[num_tokens_before:]),
+                    tuple(seq.logprobs[num_logprobs_before:]),
                     seq.finish_reason,
                     seq.first_scheduled_s,
                     seq.num_cached_tokens,
@@ -295,7 +324,7 @@ class Engine:
             if seq.is_finished:
                 del self._seqs[seq.request_id]
                 self._count_finish(seq.finish_reason)
-        self.stats.num_generated_tokens += len(sampling_chunks)
+        self.stats.num_generated_tokens += num_generated
         return outputs
 
     def _keep_prompt_logits(self, seq: Sequence, logits: torch.Tensor) -> None:

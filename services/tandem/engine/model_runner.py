@@ -17,8 +17,11 @@ from tandem.engine.models import LlamaForCausalLM
 
 @dataclass(frozen=True)
 class StepResult:
-    sample_logits: torch.Tensor  # float32 [num_sampling_chunks, vocab], in plan order
+    sample_logits: torch.Tensor  # float32 [num_sampling_chunks without a draft, vocab], in plan order
     prompt_logits: dict[str, torch.Tensor]  # request id -> float32 [rows, vocab] for this step
+    # speculative decoding: request id -> float32 [1 + len(draft), vocab], the rows of its
+    # last uncomputed token and of each draft (row i predicts the token at draft position i)
+    verify_logits: dict[str, torch.Tensor]
 
 
 class ModelRunner:
@@ -50,6 +53,8 @@ class ModelRunner:
             seq = chunk.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
             input_ids.extend(seq.token_ids[start:end])
+            if chunk.draft is not None:  # the chunk ends with the drafts, after all of token_ids
+                input_ids.extend(chunk.draft.token_ids)
             pos = torch.arange(start, end, dtype=torch.int64)
             table = torch.tensor(seq.block_table, dtype=torch.int64)
             positions.append(pos)
@@ -76,8 +81,13 @@ class ModelRunner:
             self.backend,
         )
         starts = query_start_loc.tolist()
-        sample_rows = [starts[i + 1] - 1 for i, c in enumerate(plan.chunks) if c.samples]
+        sample_rows = [starts[i + 1] - 1 for i, c in enumerate(plan.chunks) if c.samples and c.draft is None]
         sample_logits = self.model.compute_logits(hidden[sample_rows]).cpu()
+        verify_logits: dict[str, torch.Tensor] = {}
+        for i, chunk in enumerate(plan.chunks):
+            if chunk.draft is not None:
+                first = starts[i + 1] - 1 - len(chunk.draft.token_ids)
+                verify_logits[chunk.seq.request_id] = self.model.compute_logits(hidden[first : starts[i + 1]]).cpu()
         prompt_logits: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(plan.chunks):
             seq = chunk.seq
@@ -85,4 +95,4 @@ class ModelRunner:
             if seq.sampling.needs_prompt_logits and num_prompt_rows > 0:
                 rows = hidden[starts[i] : starts[i] + num_prompt_rows]
                 prompt_logits[seq.request_id] = self.model.compute_logits(rows).cpu()
-        return StepResult(sample_logits, prompt_logits)
+        return StepResult(sample_logits, prompt_logits, verify_logits)

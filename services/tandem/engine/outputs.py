@@ -86,3 +86,8 @@ class EngineStats:
     num_preemptions: int = 0
     num_generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
+    # speculative decoding, vLLM's meaning: a draft is one sequence's proposal in one step
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)  # index: draft position 0..k-1

@@ -1,0 +1,77 @@
+"""The batcher's side of speculative decoding: how many drafts each sequence gets this step.
+
+Owner: the batcher (the engine's step loop). It owns the proposer: `propose` is called from
+`Batcher.schedule`, `rollback` from `Batcher.update` (after a verification) and from a
+preemption (0 valid tokens), `finish` from `Batcher.finish`.
+
+Which chunks carry drafts: a running sequence's chunk that catches up with all its tokens
+(usually its one new token; also the last chunk of a recompute), once the request has its
+first generated token, never on a prefill worker (`hand_off`). The first token is always
+sampled without speculation, as a prefill worker samples it, so that a seeded request has the
+same verification rounds colocated and disaggregated.
+
+k for one sequence, in order: 0 if its params forbid speculation, if the per-step rule skips
+and `batch_may_decide` (skip.py), or if its own acceptance is low (skip.py); otherwise
+`num_speculative_tokens`, capped so that prompt + output never exceed `max_tokens` or the
+context limit (at most k + 1 tokens are emitted), and, for a request the batch may decide,
+by the step's budget and the free blocks. A seeded sampled request never has k cut by the
+batch: the batcher shortens its chunk instead, so that it samples next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from tandem.engine.sequence import Sequence
+from tandem.engine.spec.config import SpeculativeConfig
+from tandem.engine.spec.proposer import Draft, Proposer
+from tandem.engine.spec.skip import batch_may_decide, params_allow_speculation, skip_request, skip_step
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_num_batched_tokens: int) -> None:
+        self.config = config
+        self.proposer = proposer
+        # a chunk of 1 + k tokens must fit one step's budget
+        self.max_k = min(config.num_speculative_tokens, max_num_batched_tokens - 1)
+
+    def skip_step(self, num_running: int, num_batch_tokens: int) -> bool:
+        return skip_step(num_running, num_batch_tokens, self.config.disable_by_batch_size)
+
+    @staticmethod
+    def may_draft(seq: Sequence) -> bool:
+        """True if `seq`'s catching-up chunk may carry drafts (module doc)."""
+        return not seq.hand_off and seq.num_output_tokens >= 1 and params_allow_speculation(seq.sampling)
+
+    def num_draft_tokens(self, seq: Sequence, step_skipped: bool, budget_left: int, free_positions: int) -> int:
+        """k for `seq`'s catching-up chunk this step (module doc). `budget_left`: the budget
+        after its chunk; `free_positions`: KV positions its blocks and the free blocks hold
+        beyond that chunk. Counts a skipped decode step towards the next probe."""
+        if not self.may_draft(seq) or self.max_k < 1:
+            return 0
+        decided_by_batch = batch_may_decide(seq.sampling)
+        if decided_by_batch and step_skipped:
+            return 0
+        if skip_request(seq.spec_acceptance, seq.spec_steps_since_probe):
+            seq.spec_steps_since_probe += 1
+            return 0
+        remaining_output = seq.sampling.max_tokens - seq.num_output_tokens
+        remaining_context = seq.max_total_tokens - seq.num_tokens
+        k = min(self.max_k, remaining_output - 1, remaining_context - 1)
+        if decided_by_batch:
+            k = min(k, budget_left, free_positions)
+        return max(k, 0)
+
+    def propose(self, seqs: Seq[Sequence], num_tokens: Seq[int]) -> list[Draft]:
+        drafts = self.proposer.propose(seqs, num_tokens)
+        for seq, k, draft in zip(seqs, num_tokens, drafts):
+            if len(draft.token_ids) > k:
+                raise RuntimeError(f"proposer {self.proposer.name} drafted {len(draft.token_ids)} > {k} tokens")
+            seq.spec_steps_since_probe = 0
+        return drafts
+
+    def rollback(self, request_id: str, num_valid_tokens: int) -> None:
+        self.proposer.rollback(request_id, num_valid_tokens)
+
+    def finish(self, request_id: str) -> None:
+        self.proposer.finish(request_id)
