@@ -359,7 +359,17 @@ def test_status_rows_pools_and_table() -> None:
     ]
     lines = render(status).splitlines()
     assert lines[0] == "cluster c1: 3 live worker(s)"
-    header = ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE", "SPEC_ACCEPT", "STATUS"]
+    header = [
+        "WORKER",
+        "ROLE",
+        "ADDRESS",
+        "WAITING",
+        "RUNNING",
+        "QUEUED_PREFILL_TOKENS",
+        "KV_USE",
+        "SPEC_ACCEPT",
+        "STATUS",
+    ]
     assert lines[2].split() == header
     assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-", "-", "-"]  # no gateway
     assert lines[4].split() == ["decode-0", "decode", "127.0.0.1:5008", "2", "3", "0", "25.0%", "-", "-"]

@@ -40,5 +40,5 @@ def test_spec_counters_mirror_the_engine_by_delta() -> None:
     per_position = [
         _value(metrics, "vllm:spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(4)
     ]
-    assert per_position == [5.0, 3.0, 2.0, None]  # a position never accepted has no series yet
-    assert sum(v or 0.0 for v in per_position) == _value(metrics, "vllm:spec_decode_num_accepted_tokens_total")
+    assert per_position == [5.0, 3.0, 2.0, 0.0]  # every draft position has a series, even at 0
+    assert sum(per_position) == _value(metrics, "vllm:spec_decode_num_accepted_tokens_total")

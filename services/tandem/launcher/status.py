@@ -155,7 +155,17 @@ def render(status: ClusterStatus) -> str:
     lines = [f"cluster {status.cluster}: {len(status.workers)} live worker(s)", ""]
     if status.workers:
         lines += _table(
-            ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE", "SPEC_ACCEPT", "STATUS"],
+            [
+                "WORKER",
+                "ROLE",
+                "ADDRESS",
+                "WAITING",
+                "RUNNING",
+                "QUEUED_PREFILL_TOKENS",
+                "KV_USE",
+                "SPEC_ACCEPT",
+                "STATUS",
+            ],
             [
                 [
                     w.worker_id,

@@ -74,6 +74,5 @@ class LoadMeter:
         per_position = stats.spec_accepted_per_position
         for position, value in enumerate(per_position):
             counted = self._spec_per_position[position] if position < len(self._spec_per_position) else 0
-            if value != counted:
-                m.spec_accepted_at(position, value - counted)
+            m.spec_accepted_at(position, value - counted)  # a zero still shows the position's series
         self._spec_per_position = list(per_position)
