@@ -29,6 +29,8 @@ LOAD = WorkerLoad(
     kv_blocks_used=100,
     kv_blocks_total=1024,
     timestamp_s=1_700_000_000.25,
+    spec_draft_tokens=500,
+    spec_accepted_tokens=321,
 )
 
 
@@ -73,6 +75,12 @@ def test_register_list_deregister_round_trip(state: ClusterState, redis_client: 
     assert ClusterState(redis_client, cluster="other").list_workers() == []
 
     state.publish_load("p-0", LOAD)
+    assert state.get_load("p-0") == LOAD
+    assert redis_client.hget("tandem:test:load:p-0", "spec_accepted_tokens") == b"321"
+    # A load from a worker that predates speculative decoding reads back with zero drafts.
+    redis_client.hdel("tandem:test:load:p-0", "spec_draft_tokens", "spec_accepted_tokens")
+    older = state.get_load("p-0")
+    assert older is not None and (older.spec_draft_tokens, older.spec_acceptance_rate) == (0, None)
     state.deregister("p-0")
     assert state.list_workers() == [DECODE]
     assert state.get_worker("p-0") is None and state.get_load("p-0") is None
@@ -278,6 +286,8 @@ def test_cluster_state_rejects_bad_config(redis_server: EmbeddedRedis):
         WorkerInfo("p:0", WorkerRole.PREFILL, "h:1", "ab", 1, "v")
     with pytest.raises(ValueError):
         WorkerLoad(0, 0, 0, kv_blocks_used=2, kv_blocks_total=1, timestamp_s=0.0)
+    with pytest.raises(ValueError, match="spec_accepted_tokens must be <= spec_draft_tokens"):
+        WorkerLoad(0, 0, 0, 0, 1, 0.0, spec_draft_tokens=3, spec_accepted_tokens=4)
     with pytest.raises(ValueError):
         Heartbeat(ClusterState(redis_server.client()), PREFILL, lambda: LOAD, ttl_s=1, interval_s=1)
 

@@ -258,6 +258,10 @@ def test_schema_is_draft_07_closed_at_every_level_and_describes_every_value() ->
             {"autoscaler": {"prefill": {"minReplicas": 3, "maxReplicas": 2}}},
             "greater than autoscaler.prefill.maxReplicas",
         ),
+        (
+            {"prefill": {"speculativeConfig": '{"method": "ngram", "num_speculative_tokens": 4}'}},
+            "prefill.speculativeConfig: speculative decoding runs on the decode pool only",
+        ),
     ],
 )
 def test_contradictory_values_fail_with_a_clear_message(chart: Any, values: dict[str, Any], message: str) -> None:
@@ -390,6 +394,19 @@ def test_worker_command(chart: Any, role: str) -> None:
         {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
         {"name": "metrics", "containerPort": 9100, "protocol": "TCP"},
     ]
+
+
+def test_speculative_config_reaches_the_decode_command_only(chart: Any) -> None:
+    from tandem.cli import build_parser
+
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    objects = render(chart, {"decode": {"speculativeConfig": spec}})
+    decode_args = container(objects, "decode")["args"]
+    at = decode_args.index("--speculative-config")
+    assert decode_args[at + 1] == spec
+    assert "--speculative-config" not in container(objects, "prefill")["args"]
+    parsed = build_parser().parse_args([a.replace("$(POD_IP)", "10.0.0.1") for a in decode_args])
+    assert parsed.speculative_config == spec
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])

@@ -344,14 +344,14 @@ def test_status_rows_pools_and_table() -> None:
     ]
     loads = {
         "decode-0": WorkerLoad(2, 3, 0, 25, 100, 1.0),
-        "decode-1": WorkerLoad(1, 1, 16, 75, 300, 1.0),
+        "decode-1": WorkerLoad(1, 1, 16, 75, 300, 1.0, spec_draft_tokens=40, spec_accepted_tokens=30),
         "prefill-0": None,
     }
     status = summarize("c1", workers, loads)
-    assert [(w.worker_id, w.role, w.waiting, w.kv_usage_perc) for w in status.workers] == [
-        ("prefill-0", "prefill", None, None),
-        ("decode-0", "decode", 2, 25.0),
-        ("decode-1", "decode", 1, 25.0),
+    assert [(w.worker_id, w.role, w.waiting, w.kv_usage_perc, w.spec_acceptance_perc) for w in status.workers] == [
+        ("prefill-0", "prefill", None, None, None),
+        ("decode-0", "decode", 2, 25.0, None),  # no draft yet: no rate
+        ("decode-1", "decode", 1, 25.0, 75.0),
     ]
     assert [(p.role, p.workers, p.waiting, p.running, p.kv_usage_perc) for p in status.pools] == [
         ("prefill", 1, 0, 0, 0.0),
@@ -359,10 +359,21 @@ def test_status_rows_pools_and_table() -> None:
     ]
     lines = render(status).splitlines()
     assert lines[0] == "cluster c1: 3 live worker(s)"
-    header = ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE", "STATUS"]
+    header = [
+        "WORKER",
+        "ROLE",
+        "ADDRESS",
+        "WAITING",
+        "RUNNING",
+        "QUEUED_PREFILL_TOKENS",
+        "KV_USE",
+        "SPEC_ACCEPT",
+        "STATUS",
+    ]
     assert lines[2].split() == header
-    assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-", "-"]  # no gateway
-    assert lines[5].split() == ["decode-1", "decode", "127.0.0.1:5008", "1", "1", "16", "25.0%", "-"]
+    assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-", "-", "-"]  # no gateway
+    assert lines[4].split() == ["decode-0", "decode", "127.0.0.1:5008", "2", "3", "0", "25.0%", "-", "-"]
+    assert lines[5].split() == ["decode-1", "decode", "127.0.0.1:5008", "1", "1", "16", "25.0%", "75.0%", "-"]
     assert lines[7].split() == ["POOL", "WORKERS", "WAITING", "RUNNING", "KV_USE"]
     assert lines[8:] == [
         "prefill  1        0        0        0.0%",

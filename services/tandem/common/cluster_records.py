@@ -55,6 +55,8 @@ def load_fields(load: WorkerLoad) -> dict[str, str]:
         "kv_blocks_used": str(load.kv_blocks_used),
         "kv_blocks_total": str(load.kv_blocks_total),
         "timestamp_s": repr(float(load.timestamp_s)),
+        "spec_draft_tokens": str(load.spec_draft_tokens),
+        "spec_accepted_tokens": str(load.spec_accepted_tokens),
     }
 
 
@@ -106,6 +108,9 @@ def parse_load(worker_id: str, fields: Mapping[bytes, bytes], malformed: LogThro
             kv_blocks_used=_int(fields, "kv_blocks_used"),
             kv_blocks_total=_int(fields, "kv_blocks_total"),
             timestamp_s=float(_text(fields, "timestamp_s")),
+            # optional (absent from older workers): no speculative decoding
+            spec_draft_tokens=_int(fields, "spec_draft_tokens") if b"spec_draft_tokens" in fields else 0,
+            spec_accepted_tokens=_int(fields, "spec_accepted_tokens") if b"spec_accepted_tokens" in fields else 0,
         )
     except (ValueError, UnicodeDecodeError) as exc:
         malformed.warning("load", "skipping malformed load entry %r: %s", worker_id[:160], str(exc)[:160])

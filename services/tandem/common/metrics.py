@@ -74,6 +74,23 @@ class WorkerMetrics:
         self.prompt_tokens_computed = Counter(
             "tandem_prompt_tokens_computed", "Prompt tokens run through the model", names, registry=r
         ).labels(**labels)
+        # Speculative decoding (decode role), vLLM's names: a draft is one sequence's proposal
+        # in one step; accepted-per-position counts accepted draft tokens by their position.
+        self.spec_decode_num_drafts = Counter(
+            "vllm:spec_decode_num_drafts", "Speculative drafts verified", names, registry=r
+        ).labels(**labels)
+        self.spec_decode_num_draft_tokens = Counter(
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens proposed", names, registry=r
+        ).labels(**labels)
+        self.spec_decode_num_accepted_tokens = Counter(
+            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", names, registry=r
+        ).labels(**labels)
+        self._spec_accepted_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by draft position",
+            [*names, "position"],
+            registry=r,
+        )
         self.prefix_hit_tokens = Counter(
             "tandem_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", names, registry=r
         ).labels(**labels)
@@ -83,6 +100,9 @@ class WorkerMetrics:
 
     def kv_handle_rejected(self, reason: str) -> None:
         self._kv_handle_rejections.labels(**self._labels, reason=reason).inc()
+
+    def spec_accepted_at(self, position: int, count: int) -> None:
+        self._spec_accepted_per_pos.labels(**self._labels, position=str(position)).inc(count)
 
     def finished(self, reason: str) -> None:
         self.requests_finished.labels(**self._labels, reason=reason).inc()

@@ -112,6 +112,10 @@ class WorkerLoad:
     kv_blocks_used: int
     kv_blocks_total: int
     timestamp_s: float
+    # Speculative decoding since the worker started (0 without it): draft tokens proposed and
+    # accepted by the target; `tandem status` shows their ratio as the acceptance rate.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_non_negative(
@@ -120,7 +124,11 @@ class WorkerLoad:
             queued_prefill_tokens=self.queued_prefill_tokens,
             kv_blocks_used=self.kv_blocks_used,
             kv_blocks_total=self.kv_blocks_total,
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
         )
+        if self.spec_accepted_tokens > self.spec_draft_tokens:
+            raise ValueError("spec_accepted_tokens must be <= spec_draft_tokens")
         if self.kv_blocks_used > self.kv_blocks_total:
             raise ValueError("kv_blocks_used must be <= kv_blocks_total")
         if not isinstance(self.timestamp_s, (int, float)) or not math.isfinite(self.timestamp_s):
@@ -130,6 +138,11 @@ class WorkerLoad:
     def kv_cache_usage(self) -> float:
         """Fraction of KV blocks in use, in [0, 1] (0 for an empty pool)."""
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens, in [0, 1]; None before any draft."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class WorkerRow:
     queued_prefill_tokens: int | None
     kv_usage_perc: float | None  # 0..100
     incompatible: str | None = None  # why the gateways refuse it ("; " between differing reasons)
+    spec_acceptance_perc: float | None = None  # speculative decoding: accepted / drafted tokens, 0..100
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def summarize(
                 queued_prefill_tokens=load.queued_prefill_tokens if load else None,
                 kv_usage_perc=100.0 * load.kv_cache_usage if load else None,
                 incompatible="; ".join(refusals) if refusals else None,
+                spec_acceptance_perc=_percent(load.spec_acceptance_rate) if load else None,
             )
         )
     pools = []
@@ -127,6 +129,10 @@ def collect(state: ClusterState, cluster: str) -> ClusterStatus:
     return summarize(cluster, workers, loads, state.list_gateway_views())
 
 
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100.0 * fraction
+
+
 def _cell(value: int | float | None, percent: bool = False) -> str:
     if value is None:
         return NO_LOAD
@@ -149,7 +155,17 @@ def render(status: ClusterStatus) -> str:
     lines = [f"cluster {status.cluster}: {len(status.workers)} live worker(s)", ""]
     if status.workers:
         lines += _table(
-            ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE", "STATUS"],
+            [
+                "WORKER",
+                "ROLE",
+                "ADDRESS",
+                "WAITING",
+                "RUNNING",
+                "QUEUED_PREFILL_TOKENS",
+                "KV_USE",
+                "SPEC_ACCEPT",
+                "STATUS",
+            ],
             [
                 [
                     w.worker_id,
@@ -159,6 +175,7 @@ def render(status: ClusterStatus) -> str:
                     _cell(w.running),
                     _cell(w.queued_prefill_tokens),
                     _cell(w.kv_usage_perc, percent=True),
+                    _cell(w.spec_acceptance_perc, percent=True),
                     _worker_status(w, status),
                 ]
                 for w in status.workers

@@ -20,6 +20,8 @@ class LoadMeter:
         self.metrics = metrics
         self.latest = WorkerLoad(0, 0, 0, 0, num_blocks, time.time())
         self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
+        self._spec_counted = (0, 0, 0)  # engine (drafts, draft tokens, accepted tokens) already counted
+        self._spec_per_position: list[int] = []  # accepted tokens per draft position already counted
 
     def snapshot(self, engine: Engine) -> WorkerLoad:
         """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
@@ -30,7 +32,17 @@ class LoadMeter:
         )
         pool = engine.pool
         num_waiting = engine.num_waiting  # also reserved (pulling) and pulled hand-offs: what max_waiting bounds
-        load = WorkerLoad(num_waiting, len(running), queued, pool.num_used_blocks, pool.num_blocks, time.time())
+        stats = engine.stats
+        load = WorkerLoad(
+            num_waiting,
+            len(running),
+            queued,
+            pool.num_used_blocks,
+            pool.num_blocks,
+            time.time(),
+            spec_draft_tokens=stats.spec_num_draft_tokens,
+            spec_accepted_tokens=stats.spec_num_accepted_tokens,
+        )
         self.latest = load
         self.metrics.num_requests_waiting.set(num_waiting)
         self.metrics.num_requests_running.set(len(running))
@@ -45,3 +57,22 @@ class LoadMeter:
         self.metrics.prompt_tokens_computed.inc(computed - self._counted[0])
         self.metrics.prefix_hit_tokens.inc(hits - self._counted[1])
         self._counted = (computed, hits)
+
+    def count_speculation(self, engine: Engine) -> None:
+        """Loop thread: mirror the engine's speculative-decoding counters into vLLM's
+        `vllm:spec_decode_*` counters."""
+        stats = engine.stats
+        now = (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens)
+        m = self.metrics
+        for counter, value, counted in zip(
+            (m.spec_decode_num_drafts, m.spec_decode_num_draft_tokens, m.spec_decode_num_accepted_tokens),
+            now,
+            self._spec_counted,
+        ):
+            counter.inc(value - counted)
+        self._spec_counted = now
+        per_position = stats.spec_accepted_per_position
+        for position, value in enumerate(per_position):
+            counted = self._spec_per_position[position] if position < len(self._spec_per_position) else 0
+            m.spec_accepted_at(position, value - counted)  # a zero still shows the position's series
+        self._spec_per_position = list(per_position)

@@ -199,6 +199,7 @@ class Worker:
         self._release_pending(engine)
         self._load.snapshot(engine)
         self._load.count_prompt_tokens(engine)
+        self._load.count_speculation(engine)
         self._events.collect(engine.pool)
 
     def is_idle(self, engine: Engine) -> bool:
