@@ -25,11 +25,15 @@ import torch
 PRESETS = ("FP8_DYNAMIC", "W8A16")
 
 
-def write_compressed_checkpoint(source: Path, target: Path, preset: str, group_size: int | None = None) -> Path:
+def write_compressed_checkpoint(
+    source: Path, target: Path, preset: str, group_size: int | None = None, storage: str | None = None
+) -> Path:
     """Quantize the checkpoint in `source` with `preset` and write it to `target`; returns `target`.
 
     `group_size` (W8A16 only): None for one scale per output channel, else the number of
-    input columns per scale (FP8_DYNAMIC is always per channel).
+    input columns per scale (FP8_DYNAMIC is always per channel). `storage` forces the
+    compressed-tensors format ("int-quantized" stores plain int8); None lets the library
+    choose as llm-compressor does ("float-quantized" for FP8, "pack-quantized" for INT8).
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -66,7 +70,7 @@ def write_compressed_checkpoint(source: Path, target: Path, preset: str, group_s
             scale, zero_point = calculate_qparams(low, high, args)
             module.weight_scale.copy_(scale)
             module.weight_zero_point.copy_(zero_point)
-    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=storage)
     compressor.compress_model(model)
     model.save_pretrained(target)
     compressor.update_config(str(target))
