@@ -153,7 +153,10 @@ def test_resident_weight_bytes_are_about_half(tmp_path: Path) -> None:
         "int8_group32": Engine.from_pretrained(int8_group, num_blocks=4, dtype="bfloat16").weight_bytes,
     }
     assert measured == expected
-    assert Engine.from_pretrained(source, num_blocks=4, dtype="bfloat16", quantization="fp8").weight_bytes == expected["fp8"]
+    assert (
+        Engine.from_pretrained(source, num_blocks=4, dtype="bfloat16", quantization="fp8").weight_bytes
+        == expected["fp8"]
+    )
     # 1 byte per weight instead of 2; group scales add 4 bytes per 32 weights
     for name, bound in (("fp8", 0.56), ("int8_channel", 0.56), ("int8_group32", 0.6)):
         assert 0.5 < measured[name] / measured["bf16"] < bound, name
