@@ -102,7 +102,7 @@ class Int8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, 1 if group_size is None else in_features // group_size, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
-        scale = self.weight_scale  # [out, 1] or [out, groups]
+        scale: torch.Tensor = self.weight_scale  # [out, 1] or [out, groups]
         if self.group_size is not None:
             scale = scale.repeat_interleave(self.group_size, dim=1)  # [out, in]
         w_deq = (self.weight.to(torch.float32) * scale).to(x.dtype)

@@ -121,8 +121,8 @@ def _plan_compressed_tensors(model: nn.Module, raw: dict[str, Any]) -> QuantPlan
     method = raw.get("quant_method")
     if method != "compressed-tensors":
         raise ValueError(f"unsupported quantization method {method!r}; supported: 'compressed-tensors'")
-    from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.utils import is_match
+    from compressed_tensors.quantization import QuantizationConfig  # type: ignore[import-untyped]
+    from compressed_tensors.utils import is_match  # type: ignore[import-untyped]
 
     if raw.get("sparsity_config"):
         raise ValueError(f"unsupported compressed-tensors sparsity_config {raw['sparsity_config']!r}")

@@ -59,7 +59,7 @@ class QuantizedWeights:
 
 
 def _unpack_int8(layer: str, packed: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # type: ignore[import-untyped]
 
     out_features, in_features = (int(v) for v in shape.tolist())
     if packed.dtype != torch.int32 or packed.shape[0] != out_features or packed.shape[1] * 4 < in_features:

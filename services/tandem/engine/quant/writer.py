@@ -35,14 +35,14 @@ def write_compressed_checkpoint(
     compressed-tensors format ("int-quantized" stores plain int8); None lets the library
     choose as llm-compressor does ("float-quantized" for FP8, "pack-quantized" for INT8).
     """
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
+    from compressed_tensors.compressors import ModelCompressor  # type: ignore[import-untyped]
+    from compressed_tensors.quantization import (  # type: ignore[import-untyped]
         QuantizationConfig,
         QuantizationStrategy,
         apply_quantization_config,
         preset_name_to_scheme,
     )
-    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.quantization.utils import calculate_qparams  # type: ignore[import-untyped]
     from transformers import AutoModelForCausalLM
 
     if preset not in PRESETS:
@@ -61,15 +61,15 @@ def write_compressed_checkpoint(
             args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
             if args is None:
                 continue
-            weight = module.weight  # [out, in]
+            weight: torch.Tensor = module.get_parameter("weight")  # [out, in]
             if group_size:
                 weight = weight.unflatten(-1, (-1, group_size))  # [out, groups, group_size]
             low, high = weight.amin(-1), weight.amax(-1)
             if not group_size:
                 low, high = low.unsqueeze(-1), high.unsqueeze(-1)  # [out, 1]
             scale, zero_point = calculate_qparams(low, high, args)
-            module.weight_scale.copy_(scale)
-            module.weight_zero_point.copy_(zero_point)
+            module.get_parameter("weight_scale").copy_(scale)
+            module.get_parameter("weight_zero_point").copy_(zero_point)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=storage)
     compressor.compress_model(model)
     model.save_pretrained(target)
