@@ -246,3 +246,19 @@ def test_flag_on_every_command() -> None:
     generate = parser.parse_args(["generate", "--quantization", "fp8", "hello"])
     assert from_args(EngineConfig, generate).quantization == "fp8"
     assert from_args(EngineConfig, parser.parse_args(["generate", "hello"])).quantization is None
+
+
+def test_chart_passes_quantization_to_both_pools() -> None:
+    import helm_python as helm
+
+    from tests.unit.test_helm_chart import CHART_DIR, NAMESPACE, RELEASE, container, flag, render
+
+    with helm.Chart.load(CHART_DIR) as chart:
+        for role in ("prefill", "decode"):
+            assert (
+                flag(container(render(chart, {"model": {"quantization": "fp8"}}), role)["args"], "--quantization")
+                == "fp8"
+            )
+            assert "--quantization" not in container(render(chart), role)["args"]
+        with pytest.raises(Exception, match="quantization"):
+            chart.render({"model": {"quantization": "int4"}}, name=RELEASE, namespace=NAMESPACE)
