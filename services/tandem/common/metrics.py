@@ -91,6 +91,10 @@ class WorkerMetrics:
             [*names, "position"],
             registry=r,
         )
+        # Set once at startup: what the weights occupy as held (fp8 / int8 plus scales when quantized).
+        self.model_weight_bytes = Gauge(
+            "tandem_model_weight_bytes", "Resident bytes of the model's weights, as held in memory", names, registry=r
+        ).labels(**labels)
         self.prefix_hit_tokens = Counter(
             "tandem_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", names, registry=r
         ).labels(**labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem.engine.model_config import DTYPE_NAMES
+from tandem.engine.quant.scheme import QUANTIZATION_NAMES
 from tandem.engine.spec.config import SpeculativeConfig
 
 MiB = 1024 * 1024
@@ -56,7 +57,15 @@ class EngineConfig:
         metadata={
             "help": "speculative decoding, vLLM's JSON: "
             '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' '
-            'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\''
+            'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'',
+        },
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "choices": QUANTIZATION_NAMES,
+            "help": "fp8: quantize an unquantized checkpoint's linear weights to FP8 while loading "
+            "(compressed-tensors checkpoints are detected from config.json)",
         },
     )
 
@@ -84,6 +93,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, got {self.attention_backend!r}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES} or None, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_NAMES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_NAMES} or None, got {self.quantization!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.speculative_config is not None:

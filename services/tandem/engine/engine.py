@@ -35,6 +35,7 @@ from tandem.engine.model_config import ModelConfig
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.outputs import EngineStats, GenerationOutput, HeldKV, RequestOutput, Reservation
 from tandem.engine.prompt_logprobs import chunk_prompt_logprobs
+from tandem.engine.quant.linear import resident_weight_bytes
 from tandem.engine.sampler import Sampler
 from tandem.engine.sequence import Sequence
 from tandem.engine.spec.config import SpeculativeConfig
@@ -55,7 +56,10 @@ class Engine:
         self.model_config = model_config
         self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
         self.device = _resolve_device(config.device)
-        self.model = load_model(self.model_dir, model_config, self.device, self.max_model_len)
+        self.model, self.quant_plan = load_model(
+            self.model_dir, model_config, self.device, self.max_model_len, config.quantization
+        )
+        self.weight_bytes = resident_weight_bytes(self.model)  # as held: quantized weights at their size
         self.kv_spec = KVCacheSpec(
             num_layers=model_config.num_layers,
             num_kv_heads=model_config.num_kv_heads,

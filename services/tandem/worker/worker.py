@@ -5,7 +5,8 @@ Both roles run this; `services/tandem/prefill` and `services/tandem/decode` add 
 Lifecycle:
 1. `serve()` loads the engine, starts the step-loop thread, binds gRPC on the configured
    address, serves metrics, registers in Redis (heartbeat thread), and prints one JSON
-   `ready` line on stdout with the bound address.
+   `ready` line on stdout with the bound address, the resident weight bytes and the
+   quantization (also logged, and exported as the gauge `tandem_model_weight_bytes`).
 2. Requests arrive on the asyncio thread and reach the engine only through the step loop.
    One that cannot be queued (a full inbox, or `max_waiting` sequences waiting and none less
    important to shed) is refused at once: RESOURCE_EXHAUSTED "worker ID is busy: ...".
@@ -90,6 +91,7 @@ class Worker:
             block_size=config.engine.block_size,
         )
         self.metrics = WorkerMetrics(config.worker_id, config.role.value)
+        self.metrics.model_weight_bytes.set(self.engine.weight_bytes)
         self.tracing = Tracing.create(config.tracing, f"tandem-{config.role.value}")
         self.draining = False
         self.health = health.aio.HealthServicer()
@@ -221,6 +223,12 @@ class Worker:
         server, port = await start_rpc_server(self.config, self.health, add_servicers)
         self.address = f"{self.config.advertised}:{port}"
         log.info("%s: %s", self.config.worker_id, self.config.plane.describe())
+        log.info(
+            "%s: model weights %d bytes resident (%s)",
+            self.config.worker_id,
+            self.engine.weight_bytes,
+            "unquantized" if self.engine.quant_plan is None else self.engine.quant_plan.describe(),
+        )
         metrics_port = (
             self.metrics.serve(self.config.host, self.config.metrics_port)
             if self.config.metrics_port is not None
@@ -242,6 +250,8 @@ class Worker:
             "address": self.address,
             "metrics_port": metrics_port,
             "fingerprint": self.layout.fingerprint,
+            "weight_bytes": self.engine.weight_bytes,
+            "quantization": None if self.engine.quant_plan is None else self.engine.quant_plan.describe(),
         }
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
