@@ -17,12 +17,21 @@ from tandem.common.kv_codec import handle_from_proto, handle_to_proto
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.pb import tandem_pb2 as pb
-from tandem.common.request import MAX_PRIORITY, MIN_PRIORITY, FinishReason, Request, SamplingParams, TokenLogprob
+from tandem.common.request import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    FinishReason,
+    Request,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+)
 from tandem.common.workers import WorkerRole
 
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_REQUEST_ID_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_STRUCTURED_SPEC_CHARS = 1 << 20  # a JSON schema, regex, choice list or EBNF grammar
 TOKEN_ID_LIMIT = 1 << 31  # token ids from a peer are in [0, TOKEN_ID_LIMIT)
 
 FINISH_TO_PB = {
@@ -48,7 +57,22 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
         msg.seed = p.seed
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    if p.structured_output is not None:
+        msg.structured_output.kind = p.structured_output.kind
+        msg.structured_output.spec = p.structured_output.spec
     return msg
+
+
+def structured_output_from_proto(msg: pb.SamplingParams) -> StructuredOutput | None:
+    if not msg.HasField("structured_output"):
+        return None
+    so = msg.structured_output
+    if len(so.spec) > MAX_STRUCTURED_SPEC_CHARS:
+        raise ValueError(f"sampling.structured_output.spec: at most {MAX_STRUCTURED_SPEC_CHARS} characters")
+    try:
+        return StructuredOutput(so.kind, so.spec)
+    except ValueError as exc:
+        raise ValueError(f"sampling.structured_output: {exc}") from None
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -63,6 +87,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        structured_output=structured_output_from_proto(msg),
     )
 
 

@@ -19,6 +19,35 @@ MIN_PRIORITY = -(2**31)
 MAX_PRIORITY = 2**31 - 1
 
 
+# `StructuredOutput.kind` values (issue 19): what `spec` holds for each.
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, compiled by the worker (`tandem.engine.grammar`).
+
+    `kind` is one of `STRUCTURED_OUTPUT_KINDS`; `spec` is the JSON schema as canonical JSON
+    text ("json_schema"), "" ("json_object": any JSON object), the regex ("regex"), the choices
+    as a JSON list of strings ("choice"), or the EBNF grammar ("grammar"). Whitespace is not
+    an option: JSON is always generated compact (no whitespace between tokens, separators ","
+    and ":"), so that a weak model cannot emit spaces until `max_tokens`.
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_OUTPUT_KINDS}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError(f"structured output spec must be a string, got {type(self.spec).__name__}")
+        if self.kind == "json_object" and self.spec:
+            raise ValueError("structured output of kind 'json_object' takes no spec")
+        if self.kind != "json_object" and not self.spec:
+            raise ValueError(f"structured output of kind {self.kind!r} needs a non-empty spec")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each generated token and when to stop.
@@ -27,7 +56,8 @@ class SamplingParams:
     `seed` makes sampling reproducible per (seed, position), independent of the batch.
     `logprobs=None` returns no logprobs; `logprobs=k` returns the chosen token's logprob and
     the `k` most likely alternatives (k may be 0). `return_prompt_logits` keeps the float32
-    logits of every prompt position (for scoring and exactness checks).
+    logits of every prompt position (for scoring and exactness checks). `structured_output`
+    constrains every generated token (the first one too) to a grammar.
     """
 
     max_tokens: int = 16
@@ -39,6 +69,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     return_prompt_logits: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
