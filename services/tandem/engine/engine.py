@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Sequence as Seq
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,13 +30,13 @@ import torch
 
 from tandem.common.block_hash import block_extra, num_blocks_for
 from tandem.common.request import FinishReason, Request, SamplingParams
-from tandem.engine.grammar.compiler import GrammarCompiler
-from tandem.engine.grammar.matchers import GrammarMatchers
 from tandem.engine.admission import sequences_to_shed, shed_message
 from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
+from tandem.engine.grammar.compiler import GrammarCompiler
+from tandem.engine.grammar.matchers import GrammarMatchers
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.loader import load_model
 from tandem.engine.model_config import ModelConfig
