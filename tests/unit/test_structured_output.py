@@ -297,3 +297,29 @@ def _run(engine: Engine) -> list:
     while engine.has_unfinished():
         outputs.extend(engine.step())
     return outputs
+
+
+def test_a_request_waiting_for_its_grammar_aborts_and_reserve_defers_to_add_request(engine: Engine) -> None:
+    """Aborting a request whose grammar compiles frees nothing it does not hold; a decode
+    reservation for such a request is declined (None), so the caller queues it instead."""
+    release = threading.Event()
+    real_compile = engine.grammars.compile
+
+    def held_compile(so: StructuredOutput) -> object:
+        assert release.wait(timeout=60)
+        return real_compile(so)
+
+    so = StructuredOutput("regex", "held-[0-9]")
+    params = SamplingParams(max_tokens=8, temperature=0.0, structured_output=so)
+    engine.grammars.compile = held_compile  # type: ignore[method-assign]
+    try:
+        engine.add_request("waiting", [1, 2, 3], params)
+        assert engine.reserve("reserved", [1, 2, 3], params, first_token=5) is None
+        assert engine.abort("waiting") is True
+    finally:
+        release.set()
+        engine.grammars.compile = real_compile  # type: ignore[method-assign]
+    assert [(o.request_id, o.finish_reason, o.error) for o in engine.take_aborted()] == [
+        ("waiting", FinishReason.ABORT, None)
+    ]
+    assert not engine.has_unfinished() and engine.is_drained()
