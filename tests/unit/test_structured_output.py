@@ -17,11 +17,13 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 import xgrammar as xgr
 
 from tandem.common.request import StructuredOutput
 from tandem.engine import Engine, FinishReason, SamplingParams
 from tandem.engine.grammar.compiler import GrammarError, grammar_key
+from tandem.engine.grammar.matchers import allowed_tokens
 from tandem.engine.tokenizer import Tokenizer
 from tests.conftest import random_prompts
 from tests.json_schemas import generate_schemas
@@ -323,3 +325,15 @@ def test_a_request_waiting_for_its_grammar_aborts_and_reserve_defers_to_add_requ
         ("waiting", FinishReason.ABORT, None)
     ]
     assert not engine.has_unfinished() and engine.is_drained()
+
+
+def test_the_bitmask_unpacks_token_by_token() -> None:
+    """Bit b of word w is token 32 w + b, the sign bit included; columns past `width` drop."""
+    bitmask = torch.tensor([[0b101, -(2**31)], [-1, 1]], dtype=torch.int32)
+    allowed = allowed_tokens(bitmask, 40)
+    assert allowed.shape == (2, 40)
+    assert allowed[0].nonzero().flatten().tolist() == [0, 2]  # token 63 is past width 40
+    assert allowed[1].nonzero().flatten().tolist() == list(range(33))
+    assert allowed_tokens(bitmask, 64)[0].nonzero().flatten().tolist() == [0, 2, 63]
+    with pytest.raises(ValueError, match="a bitmask of 2 words covers 64 tokens, not 65"):
+        allowed_tokens(bitmask, 65)
