@@ -25,6 +25,7 @@ from tandem.common.request import (
     PromptLogprobs,
     Request,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
 )
 from tandem.common.workers import WorkerRole
@@ -32,6 +33,7 @@ from tandem.common.workers import WorkerRole
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_REQUEST_ID_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_STRUCTURED_SPEC_CHARS = 1 << 20  # a JSON schema, regex, choice list or EBNF grammar
 TOKEN_ID_LIMIT = 1 << 31  # token ids from a peer are in [0, TOKEN_ID_LIMIT)
 MAX_LOGIT_BIAS = 1 << 16  # logit_bias entries
 MAX_BAD_WORD_TOKENS = 1 << 14  # token ids over all bad words
@@ -59,6 +61,9 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
         msg.seed = p.seed
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    if p.structured_output is not None:
+        msg.structured_output.kind = p.structured_output.kind
+        msg.structured_output.spec = p.structured_output.spec
     _controls_to_proto(p, msg)
     return msg
 
@@ -77,6 +82,18 @@ def _controls_to_proto(p: SamplingParams, msg: pb.SamplingParams) -> None:
         msg.prompt_logprobs = p.prompt_logprobs
 
 
+def structured_output_from_proto(msg: pb.SamplingParams) -> StructuredOutput | None:
+    if not msg.HasField("structured_output"):
+        return None
+    so = msg.structured_output
+    if len(so.spec) > MAX_STRUCTURED_SPEC_CHARS:
+        raise ValueError(f"sampling.structured_output.spec: at most {MAX_STRUCTURED_SPEC_CHARS} characters")
+    try:
+        return StructuredOutput(so.kind, so.spec)
+    except ValueError as exc:
+        raise ValueError(f"sampling.structured_output: {exc}") from None
+
+
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise ValueError(f"sampling.stop_token_ids: at most {MAX_STOP_TOKEN_IDS} entries")
@@ -89,6 +106,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        structured_output=structured_output_from_proto(msg),
         **_controls_from_proto(msg),
     )
 

@@ -19,21 +19,33 @@ MIN_PRIORITY = -(2**31)
 MAX_PRIORITY = 2**31 - 1
 
 
+# `StructuredOutput.kind` values (issue 19): what `spec` holds for each.
 STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """A constraint on the generated text. `kind` is one of `STRUCTURED_OUTPUT_KINDS`; `spec` is
-    the JSON schema as canonical JSON text ("json_schema"), "" ("json_object"), the regex
-    ("regex"), the choices as a JSON list text ("choice"), or the EBNF grammar ("grammar")."""
+    """A constraint on the generated text, compiled by the worker (`tandem.engine.grammar`).
+
+    `kind` is one of `STRUCTURED_OUTPUT_KINDS`; `spec` is the JSON schema as canonical JSON
+    text ("json_schema"), "" ("json_object": any JSON object), the regex ("regex"), the choices
+    as a JSON list of strings ("choice"), or the EBNF grammar ("grammar"). Whitespace is not
+    an option: JSON is always generated compact (no whitespace between tokens, separators ","
+    and ":"), so that a weak model cannot emit spaces until `max_tokens`.
+    """
 
     kind: str
-    spec: str
+    spec: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in STRUCTURED_OUTPUT_KINDS:
             raise ValueError(f"structured output kind must be one of {STRUCTURED_OUTPUT_KINDS}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError(f"structured output spec must be a string, got {type(self.spec).__name__}")
+        if self.kind == "json_object" and self.spec:
+            raise ValueError("structured output of kind 'json_object' takes no spec")
+        if self.kind != "json_object" and not self.spec:
+            raise ValueError(f"structured output of kind {self.kind!r} needs a non-empty spec")
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class SamplingParams:
     the output ends with the sequence's other tokens. `prompt_logprobs=k` returns each
     prompt token's logprob (after the first) with the `k` most likely alternatives.
     `max_tokens == 0` computes the prompt only (echo with logprobs): no token is generated.
+    `structured_output` constrains every generated token (the first one too) to a grammar.
     """
 
     max_tokens: int = 16

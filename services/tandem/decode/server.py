@@ -2,6 +2,9 @@
 
 Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 1. `Decode(request, first_token, handle)`. Without a handle, the prompt is prefilled here.
+   With `structured_output`, the call waits (asyncio thread) for its grammar to compile (a
+   bad one is INVALID_ARGUMENT); the sequence's matcher replays the first token before the
+   next is sampled, so the output equals a colocated run's.
 2. With one, the handle's layout must equal ours (else FAILED_PRECONDITION naming the
    field; `KVHandle.check` is the receiver's one layout check of the transfer). Then the
    handle's block hashes must be the prompt's, computed here, and its source a registered,
@@ -99,6 +102,7 @@ class DecodeServicer(WorkerServicerBase):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             req, handle = call.request, call.handle
             await self.owners.claim(req.request_id, context)
+            await worker.compile_grammar(req.sampling, context)
             span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
             header = FirstDelta()
             if handle is not None:

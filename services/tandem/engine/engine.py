@@ -7,7 +7,12 @@ Workers drive it through the step-level API from their one step-loop thread:
 2. `step()` plans a batch, runs the model once, samples, and returns per-request deltas.
 3. `abort(request_id)` finishes a sequence at once and frees its blocks.
 4. `take_aborted()` hands out the final output (finish reason ABORT) of every sequence
-   finished outside a step (aborted or shed), so that its stream can end at once.
+   finished outside a step (aborted, shed, or its grammar failed to compile), so that its
+   stream can end at once.
+Structured output (`grammar/`): a constrained request waits, holding no blocks, until its
+grammar has compiled on the compiler's threads (`_admit_compiled`, at each step); other
+requests never wait. Its logits row is masked before sampling, and its matcher advances on
+each sampled token.
 `generate()` is the offline API over the same loop. Nothing here is thread-safe: one owner.
 """
 
@@ -16,8 +21,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +35,8 @@ from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
+from tandem.engine.grammar.compiler import GrammarCompiler
+from tandem.engine.grammar.matchers import GrammarMatchers
 from tandem.engine.kv_cache import KVCacheSpec
 from tandem.engine.loader import load_model
 from tandem.engine.logits_processors import TokenHistory
@@ -37,11 +46,17 @@ from tandem.engine.outputs import EngineStats, GenerationOutput, HeldKV, Request
 from tandem.engine.prompt_logprobs import chunk_prompt_logprobs
 from tandem.engine.quant.linear import resident_weight_bytes
 from tandem.engine.sampler import Sampler
-from tandem.engine.sequence import Sequence
+from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.spec.config import SpeculativeConfig
 from tandem.engine.spec.proposer import ProposerContext, create_proposer
 from tandem.engine.spec.speculator import Speculator
 from tandem.engine.spec.verification import verify_chunks
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
+
+# With nothing to run but requests waiting for their grammar, a step waits this long for one.
+GRAMMAR_POLL_S = 0.005
 
 
 class Engine:
@@ -89,6 +104,10 @@ class Engine:
             self.speculator,
         )
         self.sampler = Sampler(config.seed)
+        self.grammars = GrammarCompiler(self.model_dir, model_config.vocab_size, model_config.eos_token_ids)
+        self.matchers = GrammarMatchers(model_config.vocab_size)
+        # constrained sequences whose grammar is compiling: not in the batcher, no blocks
+        self._awaiting: dict[str, tuple[Sequence, Future[CompiledGrammar]]] = {}
         self.model_id = config.model_id or self.model_dir.name
         self._seqs: dict[str, Sequence] = {}
         self.held: dict[str, HeldKV] = {}
@@ -145,9 +164,38 @@ class Engine:
         seq = self._new_sequence(
             request_id, prompt_token_ids, sampling, cache_salt, generated_token_ids, hand_off, priority
         )
+        so = sampling.structured_output
+        grammar = self.grammars.submit(so) if so is not None else None
+        if grammar is not None and grammar.done():
+            self._start_grammar(seq, grammar)  # raises GrammarError (a ValueError)
         self._make_room(seq.priority, max_waiting)
         self._seqs[request_id] = seq
-        self.batcher.add(seq)
+        if grammar is not None and request_id not in self.matchers:
+            self._awaiting[request_id] = (seq, grammar)
+        else:
+            self.batcher.add(seq)
+
+    def _start_grammar(self, seq: Sequence, grammar: Future[CompiledGrammar]) -> None:
+        """The compile finished: give `seq` its matcher (raises the compile's GrammarError)."""
+        self.matchers.start(seq.request_id, grammar.result(), seq.output_token_ids)
+
+    def _admit_compiled(self, block_s: float) -> None:
+        """Queue the awaiting sequences whose grammar compiled, and fail (finish reason ABORT,
+        `error` set) those whose compile failed. Waits up to `block_s` for one to finish."""
+        if not self._awaiting:
+            return
+        if block_s > 0:
+            wait([f for _, f in self._awaiting.values()], timeout=block_s, return_when=FIRST_COMPLETED)
+        for request_id, (seq, grammar) in list(self._awaiting.items()):
+            if not grammar.done():
+                continue
+            try:
+                self._start_grammar(seq, grammar)
+            except ValueError as exc:
+                self._finish_outside_step(seq, None, error=str(exc))
+                continue
+            del self._awaiting[request_id]
+            self.batcher.add(seq)
 
     def _make_room(self, priority: int, max_waiting: int | None) -> None:
         if max_waiting is None or self.num_waiting < max_waiting:
@@ -221,8 +269,15 @@ class Engine:
         now; the caller then uses `add_request` (local prefill) instead. `priority` and
         `max_waiting` as for `add_request`: a reserved sequence counts as waiting."""
         seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, [first_token], False, priority)
+        so = sampling.structured_output
+        if so is not None:
+            grammar = self.grammars.submit(so)
+            if not grammar.done():
+                return None  # the caller queues it with `add_request`, where it waits for the compile
+            self._start_grammar(seq, grammar)
         self._make_room(seq.priority, max_waiting)
         if not self.batcher.reserve(seq):
+            self.matchers.drop(request_id)
             return None
         self._seqs[request_id] = seq
         self.stats.num_prefix_hit_tokens += seq.num_cached_tokens
@@ -249,15 +304,26 @@ class Engine:
         self._finish_outside_step(seq, None)
         return True
 
-    def _finish_outside_step(self, seq: Sequence, shed: str | None) -> None:
-        """Abort a live sequence (shed under overload when `shed` is its message) and keep
-        its final output for `take_aborted`."""
+    def _finish_outside_step(self, seq: Sequence, shed: str | None, error: str | None = None) -> None:
+        """Abort a live sequence (shed under overload when `shed` is its message; failed when
+        `error` is) and keep its final output for `take_aborted`."""
         del self._seqs[seq.request_id]
-        self.batcher.finish(seq, FinishReason.ABORT)
+        self.matchers.drop(seq.request_id)
+        if self._awaiting.pop(seq.request_id, None) is None:
+            self.batcher.finish(seq, FinishReason.ABORT)
+        else:  # never reached the batcher
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
         self._count_finish(FinishReason.ABORT)
         self._aborted.append(
             RequestOutput(
-                seq.request_id, (), (), FinishReason.ABORT, seq.first_scheduled_s, seq.num_cached_tokens, shed
+                seq.request_id,
+                (),
+                (),
+                FinishReason.ABORT,
+                seq.first_scheduled_s,
+                seq.num_cached_tokens,
+                shed,
+                error=error,
             )
         )
 
@@ -269,9 +335,10 @@ class Engine:
         return aborted
 
     def has_unfinished(self) -> bool:
-        return self.batcher.has_work
+        return self.batcher.has_work or bool(self._awaiting)
 
     def step(self) -> list[RequestOutput]:
+        self._admit_compiled(block_s=0 if self.batcher.has_work else GRAMMAR_POLL_S)
         plan = self.batcher.schedule()
         self.stats.num_preemptions += len(plan.preempted)
         self.stats.num_prefix_hit_tokens += plan.num_prefix_hit_tokens
@@ -284,6 +351,7 @@ class Engine:
         result = self.runner.execute(plan)
         sampling_chunks = [c for c in plan.chunks if c.samples]
         plain_chunks = [c for c in sampling_chunks if c.draft is None]
+        self.matchers.mask(result.sample_logits, [c.seq.request_id for c in plain_chunks])
         tokens, logprobs = self.sampler.sample(
             result.sample_logits,
             [c.seq.sampling for c in plain_chunks],
@@ -299,7 +367,12 @@ class Engine:
         sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(plain_chunks, tokens, logprobs)}
         # where each sampling sequence's new tokens and logprobs start
         before = {c.seq.request_id: (c.seq.num_tokens, len(c.seq.logprobs)) for c in sampling_chunks}
+        # constrained sequences never carry a draft (spec/skip.py), so they are all plain chunks
+        terminated = [c.seq for c, t in zip(plain_chunks, tokens) if self.matchers.accept(c.seq.request_id, t)]
         self.batcher.update(plan, sampled, self.model_config.eos_token_ids, verified)
+        for seq in terminated:  # the grammar accepted a stop token (only reached with ignore_eos)
+            if not seq.is_finished:
+                self.batcher.finish(seq, FinishReason.STOP)
         bs = self.config.block_size
         for chunk in sampling_chunks:
             seq = chunk.seq
@@ -327,6 +400,7 @@ class Engine:
             )
             if seq.is_finished:
                 del self._seqs[seq.request_id]
+                self.matchers.drop(seq.request_id)
                 self._count_finish(seq.finish_reason)
         self.stats.num_generated_tokens += num_generated
         return outputs
@@ -373,6 +447,9 @@ class Engine:
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         ids = [f"generate-{next(self._ids)}" for _ in prompts]
         seqs: list[Sequence] = []
+        for p in params:  # a bad grammar raises here, before anything is queued
+            if p.structured_output is not None:
+                self.grammars.submit(p.structured_output).result()
         for request_id, prompt, p in zip(ids, prompts, params):
             self.add_request(request_id, prompt, p)
             seqs.append(self._seqs[request_id])

@@ -18,7 +18,8 @@ class RequestOutput:
     `first_scheduled_s` (`time.monotonic()`, when a step first planned a chunk of it) and
     `num_cached_tokens` (prefix-cache hit at admission) are the sequence's, for timings.
     `shed_message` is set (finish reason ABORT) when the request was shed under overload:
-    what its client must be told."""
+    what its client must be told. `error` is set (finish reason ABORT) when the request failed
+    before it ran: its grammar did not compile (the message names the problem)."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -28,6 +29,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     shed_message: str | None = None
     prompt_logprobs: PromptLogprobs | None = None  # first output only, when asked (prompt_logprobs.py)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

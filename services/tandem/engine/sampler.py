@@ -102,6 +102,7 @@ def token_logprobs(
             k = params[row].logprobs or 0
             if k:
                 values, ids = log_probs[i].topk(k)
-                top = tuple(zip(ids.tolist(), values.tolist()))
+                # tokens masked to -inf (a grammar forbids them) are never alternatives
+                top = tuple((t, v) for t, v in zip(ids.tolist(), values.tolist()) if v != float("-inf"))
             logprobs[row] = TokenLogprob(tokens[row], float(log_probs[i, tokens[row]]), top)
     return logprobs

@@ -2,7 +2,9 @@
 
 Lifecycle of a request here (DESIGN.md section 2, step 3):
 1. `Prefill(request)` validates it and queues it in the engine with `hand_off=True`; the
-   batcher runs it with other prompts (chunked prefill, prefix-cache reuse).
+   batcher runs it with other prompts (chunked prefill, prefix-cache reuse). A request with
+   `structured_output` first waits, on the asyncio thread, for its grammar to compile (a bad
+   one is INVALID_ARGUMENT naming the problem); its first token is sampled under the grammar.
 2. After the step that samples its first token, the loop thread grants a lease on the
    prompt's blocks (`lease_ttl_s`, default 30 s) and the handler returns the first token and
    a KV handle (source address, block ids, valid tokens, layout, block hashes, deadline, and
@@ -56,6 +58,7 @@ class PrefillServicer(WorkerServicerBase):
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             await self.owners.claim(req.request_id, context)
+            await self.worker.compile_grammar(req.sampling, context)
             return codec.prefill_result_to_proto(await self._prefill(req, context, span, arrival))
 
     async def _prefill(

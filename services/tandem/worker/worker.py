@@ -50,6 +50,7 @@ from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
+from tandem.common.request import SamplingParams
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
 from tandem.common.workers import WorkerInfo, WorkerLoad, draining_details
 from tandem.engine.admission import WaitingQueueFullError
@@ -139,6 +140,17 @@ class Worker:
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("unreachable")
+
+    async def compile_grammar(self, sampling: SamplingParams, context: grpc.aio.ServicerContext) -> None:
+        """Wait (on the asyncio thread, never the step loop) until the request's grammar, if
+        any, has compiled on the engine's compiler threads; a grammar that does not compile
+        ends the call INVALID_ARGUMENT, naming the problem, before anything is queued."""
+        if sampling.structured_output is None:
+            return
+        try:
+            await asyncio.wrap_future(self.engine.grammars.submit(sampling.structured_output))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def output_queue(self) -> tuple[OutputQueue, Callable[[RequestOutput], None]]:
         """A queue on this asyncio loop and the loop-thread callback that feeds it. The
