@@ -124,6 +124,35 @@ def test_strings_with_length_bounds_never_allow_control_characters(engine: Engin
             assert (matcher.accept_string(text) and matcher.is_completed()) is expected, (text, expected)
 
 
+def _byte_level_char(byte: int) -> str:
+    """The character that stands for `byte` in a byte-level BPE vocabulary (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + sorted(set(range(256)) - set(printable)).index(byte))
+
+
+@pytest.mark.parametrize("kind", ["json_schema", "json_object"])
+def test_strings_never_allow_an_encoded_surrogate(engine: Engine, kind: str) -> None:
+    """Byte-level tokens ED, A4, A5 spell U+D925, which is not UTF-8 (it decodes to three
+    U+FFFD, so a 16-character bound would be broken): xgrammar's own string rule takes it, ours
+    does not; a valid 3-byte character (E4 B8 AD) still passes."""
+    schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+    spec = json.dumps(schema) if kind == "json_schema" else ""
+    ours = engine.grammars.submit(StructuredOutput(kind, spec)).result()
+    raw = xgr.GrammarCompiler(ours.tokenizer_info).compile_json_schema(
+        spec or '{"type": "object"}', any_whitespace=False, separators=(",", ":"), strict_mode=kind == "json_schema"
+    )
+    backend = Tokenizer.from_pretrained(engine.model_dir).backend
+    byte_token = {bytes([b]): backend.token_to_id(_byte_level_char(b)) for b in (0xED, 0xA4, 0xA5, 0xE4, 0xB8, 0xAD)}
+    for raw_bytes, raw_ok, ours_ok in [(b"\xed\xa4\xa5", True, False), (b"\xe4\xb8\xad", True, True)]:
+        for grammar, expected in ((raw, raw_ok), (ours, ours_ok)):
+            matcher = xgr.GrammarMatcher(grammar)
+            assert matcher.accept_string('{"s":"')
+            accepted = all(matcher.accept_token(byte_token[bytes([b])]) for b in raw_bytes)
+            assert (accepted and matcher.accept_string('"}') and matcher.is_completed()) is expected, raw_bytes
+
+
 @pytest.mark.parametrize(
     ("so", "message"),
     [

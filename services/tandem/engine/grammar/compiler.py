@@ -11,7 +11,10 @@ What each kind compiles to (all JSON compact: no whitespace between tokens, "," 
 - json_schema: xgrammar's strict conversion (no properties beyond the schema's), then one
   repair: strings with a length bound or a format are `[^"\\\r\n]{m,n}`, which lets raw
   control characters (U+0000-U+001F) through, and those are invalid in a JSON string; they
-  become `[^\0-\x1f"\\]`, as xgrammar's unbounded strings already are.
+  become `[^\0-\x1f"\\]`, as xgrammar's unbounded strings already are. And every JSON string
+  character class also excludes U+D800-U+DFFF: xgrammar decodes UTF-8 arithmetically and
+  accepts an encoded surrogate (bytes ED A0-BF xx, which byte-level vocabularies can emit one
+  byte per token), which is not UTF-8 at all and decodes to three U+FFFD.
 - json_object: any JSON object (xgrammar's JSON grammar without its free whitespace).
 - regex: the regex; choice: an alternation of the choices as literal strings (vLLM's
   `choice`); grammar: the EBNF grammar as xgrammar parses it (a `root` rule).
@@ -37,6 +40,9 @@ JSON_SEPARATORS = (",", ":")
 # A length-bounded JSON string character as xgrammar writes it, and its repair (module doc).
 _LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
 _JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+# The start of every JSON string character class xgrammar writes, and the same with surrogates out.
+_STRING_CLASS_START = r"[^\0-\x1f\"\\"
+_NO_SURROGATES_START = r"[^\0-\x1f\"\\\uD800-\uDFFF"
 # xgrammar prefixes its messages with "[time] /path/file.cc:line: " (and sometimes a check).
 _NATIVE_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
 
@@ -53,7 +59,12 @@ def grammar_key(so: StructuredOutput) -> str:
 def json_schema_ebnf(schema: str) -> str:
     """The EBNF of a JSON schema: strict, compact, strings free of control characters."""
     grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
-    return str(grammar).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+    return _json_strings(str(grammar))
+
+
+def _json_strings(ebnf: str) -> str:
+    """The repairs of the module doc: no control characters, no encoded surrogates."""
+    return ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR).replace(_STRING_CLASS_START, _NO_SURROGATES_START)
 
 
 def choice_ebnf(spec: str) -> str:
@@ -82,7 +93,7 @@ def _compile_json_object(compiler: xgr.GrammarCompiler, spec: str) -> xgr.Compil
     grammar = xgr.Grammar.from_json_schema(
         '{"type": "object"}', any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=False
     )
-    return compiler.compile_grammar(str(grammar).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+    return compiler.compile_grammar(_json_strings(str(grammar)))
 
 
 _COMPILERS: dict[str, Callable[[xgr.GrammarCompiler, str], xgr.CompiledGrammar]] = {
