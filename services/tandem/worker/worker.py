@@ -88,6 +88,8 @@ class Worker:
             head_dim=mc.head_dim,
             dtype=str(mc.dtype).removeprefix("torch."),
             block_size=config.engine.block_size,
+            kv_dtype=str(self.engine.kv_spec.dtype).removeprefix("torch."),
+            kv_scales=self.engine.kv_scales.digest if self.engine.kv_scales else "none",
         )
         self.metrics = WorkerMetrics(config.worker_id, config.role.value)
         self.tracing = Tracing.create(config.tracing, f"tandem-{config.role.value}")
