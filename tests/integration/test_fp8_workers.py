@@ -20,6 +20,8 @@ from tests.integration.workers import (
     STOP_TIMEOUT_S,
     decode_stream,
     disaggregated,
+    metric_sum,
+    metrics_port,
     prefill,
     release_kv,
     start_worker,
@@ -66,3 +68,15 @@ def test_bf16_decode_refuses_an_fp8_handle_naming_both_dtypes(fp8_workers, tiny_
     details = err.value.details()
     assert "kv_dtype (ours bfloat16, theirs float8_e4m3fn)" in details, details
     assert release_kv(p, first.handle) is True
+
+
+def test_cache_config_info_and_ready_line_show_dtype_and_blocks(fp8_workers) -> None:
+    """--kv-cache-mib 8 on the tiny model (2 layers, 2 KV heads x 16, block 16): a float32
+    block is 8 KiB and an fp8 block 2 KiB, so fp8 holds 4096 blocks and bfloat16 2048."""
+    p, _, d_bf16 = fp8_workers
+    for worker, dtype, stored, blocks in ((p, "fp8", "float8_e4m3fn", 4096), (d_bf16, "auto", "bfloat16", 2048)):
+        url = f"http://127.0.0.1:{metrics_port(worker)}/metrics"
+        labels = {"cache_dtype": dtype, "num_gpu_blocks": str(blocks), "block_size": "16"}
+        assert metric_sum(url, "vllm:cache_config_info", **labels) == 1.0
+        assert worker.ready is not None
+        assert (worker.ready["kv_cache_dtype"], worker.ready["kv_blocks"]) == (stored, blocks)

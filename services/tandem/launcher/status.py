@@ -36,6 +36,8 @@ class WorkerRow:
     queued_prefill_tokens: int | None
     kv_usage_perc: float | None  # 0..100
     incompatible: str | None = None  # why the gateways refuse it ("; " between differing reasons)
+    kv_cache_dtype: str = ""  # `--kv-cache-dtype` it published ("" from an older worker: shown as -)
+    kv_blocks: int = 0  # its KV pool's block count
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ def summarize(
                 queued_prefill_tokens=load.queued_prefill_tokens if load else None,
                 kv_usage_perc=100.0 * load.kv_cache_usage if load else None,
                 incompatible="; ".join(refusals) if refusals else None,
+                kv_cache_dtype=info.kv_cache_dtype,
+                kv_blocks=info.capacity_blocks,
             )
         )
     pools = []
@@ -149,7 +153,18 @@ def render(status: ClusterStatus) -> str:
     lines = [f"cluster {status.cluster}: {len(status.workers)} live worker(s)", ""]
     if status.workers:
         lines += _table(
-            ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE", "STATUS"],
+            [
+                "WORKER",
+                "ROLE",
+                "ADDRESS",
+                "WAITING",
+                "RUNNING",
+                "QUEUED_PREFILL_TOKENS",
+                "KV_USE",
+                "KV_DTYPE",
+                "KV_BLOCKS",
+                "STATUS",
+            ],
             [
                 [
                     w.worker_id,
@@ -159,6 +174,8 @@ def render(status: ClusterStatus) -> str:
                     _cell(w.running),
                     _cell(w.queued_prefill_tokens),
                     _cell(w.kv_usage_perc, percent=True),
+                    w.kv_cache_dtype or NO_LOAD,
+                    str(w.kv_blocks),
                     _worker_status(w, status),
                 ]
                 for w in status.workers

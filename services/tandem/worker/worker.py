@@ -92,6 +92,7 @@ class Worker:
             kv_scales=self.engine.kv_scales.digest if self.engine.kv_scales else "none",
         )
         self.metrics = WorkerMetrics(config.worker_id, config.role.value)
+        self.metrics.cache_config(config.engine.block_size, self.engine.pool.num_blocks, config.engine.kv_cache_dtype)
         self.tracing = Tracing.create(config.tracing, f"tandem-{config.role.value}")
         self.draining = False
         self.health = health.aio.HealthServicer()
@@ -243,6 +244,8 @@ class Worker:
             "address": self.address,
             "metrics_port": metrics_port,
             "fingerprint": self.layout.fingerprint,
+            "kv_cache_dtype": self.layout.kv_dtype,
+            "kv_blocks": self.engine.pool.num_blocks,
         }
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
@@ -268,6 +271,7 @@ class Worker:
             block_hash_version=BLOCK_HASH_VERSION,
             reference_hash=reference_block_hash(self.engine.model_id, self.layout.block_size),
             kv_epoch=self._events.epoch,
+            kv_cache_dtype=self.config.engine.kv_cache_dtype,
         )
         self._heartbeat = Heartbeat(
             state,
