@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
+from tandem.common.layout import KVLayout
 from tandem.engine import Engine, SamplingParams
+from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Direction, Figure, Section
 
@@ -62,3 +64,133 @@ def teacher_forced_quality(
             agree += int(int(row.argmax()) == token)
             errors.append(abs(logprob.logprob - float(row[token])))
     return Quality(len(errors), agree / len(errors), sum(errors) / len(errors))
+
+
+def _engine(ctx: BenchContext, kv_cache_dtype: str, **options: object) -> Engine:
+    return Engine.from_pretrained(
+        ctx.model_dir, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, num_threads=1, **options
+    )  # fmt: skip
+
+
+def _store(engine: Engine) -> KVBlockStore:
+    mc = engine.model_config
+    layout = KVLayout(
+        architecture=mc.architecture,
+        num_layers=mc.num_layers,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+        dtype=str(mc.dtype).removeprefix("torch."),
+        block_size=engine.config.block_size,
+        kv_dtype=str(engine.kv_spec.dtype).removeprefix("torch."),
+        kv_scales=engine.kv_scales.digest if engine.kv_scales else "none",
+    )
+    return KVBlockStore(engine.kv_caches, layout)
+
+
+def handoff_seconds(source: Engine, dest: Engine, prompt: Sequence[int], rounds: int) -> tuple[int, list[float]]:
+    """Prefill `prompt` on `source` (held for a hand-off), then time pack + xxh64 checksum +
+    unpack of its full blocks into `dest`'s blocks: the work every transport does around the
+    socket. Returns (bytes moved, seconds per round)."""
+    source.add_request("handoff", prompt, SamplingParams(max_tokens=1, temperature=0.0), hand_off=True)
+    while "handoff" not in source.held:
+        source.step()
+    ids = source.held["handoff"].block_ids[: len(prompt) // source.config.block_size]
+    src, dst = _store(source), _store(dest)
+    dst_ids = tuple(range(len(ids)))
+    seconds = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        packed = src.pack(ids)
+        xxhash.xxh64_intdigest(packed.view(torch.uint8).numpy())
+        dst.unpack(packed, dst_ids)
+        seconds.append(time.perf_counter() - started)
+    source.release_held("handoff")
+    return len(ids) * src.bytes_per_block, seconds
+
+
+def decode_tokens_per_s(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int) -> float:
+    """Generated tokens per second over the steps after every prompt has its first token."""
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"decode-{i}", prompt, sampling)
+    started_ids: set[str] = set()
+    while len(started_ids) < len(prompts):
+        started_ids.update(o.request_id for o in engine.step() if o.new_token_ids)
+    tokens, started = 0, time.perf_counter()
+    while engine.has_unfinished():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    return tokens / (time.perf_counter() - started)
+
+
+def run(ctx: BenchContext) -> Section:
+    prompt_tokens, rounds = ctx.size(2048, 256), ctx.size(7, 2)
+    budget_bytes, seq_tokens = 64 << 20, 512
+    concurrency, decode_tokens = ctx.size(32, 4), ctx.size(32, 4)
+    engines = {name: _engine(ctx, kv, kv_cache_bytes=budget_bytes) for name, kv in (("bf16", "auto"), ("fp8", "fp8"))}
+    vocab = engines["bf16"].model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, vocab, (prompt_tokens,), generator=gen).tolist()
+    results: dict[str, dict[str, float]] = {}
+    for name, engine in engines.items():
+        bytes_moved, seconds = handoff_seconds(engine, _engine(ctx, engine.config.kv_cache_dtype), prompt, rounds)
+        blocks_per_seq = -(-seq_tokens // engine.config.block_size)
+        prompts = [torch.randint(4, vocab, (64,), generator=gen).tolist() for _ in range(concurrency)]
+        results[name] = {
+            "bytes_per_token": engine.kv_spec.bytes_per_token,
+            "handoff_bytes": bytes_moved,
+            "handoff_s": statistics.median(seconds),
+            "num_blocks": engine.pool.num_blocks,
+            "max_seqs": engine.pool.num_blocks // blocks_per_seq,
+            "decode_tps": decode_tokens_per_s(engine, prompts, decode_tokens),
+        }
+    quality_prompts = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in ctx.size((32, 96, 200, 400), 8)]
+    quality = teacher_forced_quality(
+        _engine(ctx, "fp8", num_blocks=512), _engine(ctx, "auto", num_blocks=512), quality_prompts, ctx.size(32, 4)
+    )
+    bf16, fp8 = results["bf16"], results["fp8"]
+    at_most = Direction.AT_MOST
+    handoff_name = f"hand-off seconds of a {prompt_tokens}-token prompt, fp8 / bf16"
+    figures = (
+        Figure(
+            "KV bytes per token, fp8 / bf16",
+            fp8["bytes_per_token"] / bf16["bytes_per_token"],
+            "x",
+            BYTES_RATIO_GOAL,
+            at_most,
+        ),
+        Figure(handoff_name, fp8["handoff_s"] / bf16["handoff_s"], "x", BYTES_RATIO_GOAL, at_most),
+        Figure(
+            "max concurrent sequences at one KV budget, fp8 / bf16",
+            fp8["max_seqs"] / bf16["max_seqs"],
+            "x",
+            CONCURRENCY_GOAL,
+        ),
+        Figure(f"decode tokens/s at concurrency {concurrency}, fp8 / bf16", fp8["decode_tps"] / bf16["decode_tps"]),
+        Figure("teacher-forced argmax agreement, fp8 vs bf16", quality.argmax_agreement, "", AGREEMENT_GOAL),
+        Figure(
+            "mean |logprob error| of the chosen tokens", quality.mean_abs_logprob_error, "", LOGPROB_ERROR_GOAL, at_most
+        ),
+    )
+    rows = [("KV cache", "bytes/token", "hand-off MiB", "hand-off s (median)", "blocks", "max seqs", "decode tok/s")]
+    for name, r in results.items():
+        rows.append(
+            (
+                name,
+                f"{r['bytes_per_token']:.0f}",
+                f"{r['handoff_bytes'] / 2**20:.1f}",
+                f"{r['handoff_s']:.4f}",
+                f"{r['num_blocks']:.0f}",
+                f"{r['max_seqs']:.0f}",
+                f"{r['decode_tps']:.0f}",
+            )
+        )
+    setup = (
+        f"bench model in bfloat16, KV cache bf16 (auto) vs fp8 (e4m3, scales 1.0: the model has no "
+        f"kv_cache_scheme), in process, one torch thread. Hand-off: {prompt_tokens}-token prompt prefilled on "
+        f"one engine, its full blocks packed, checksummed (xxh64) and unpacked into a second engine, median of "
+        f"{rounds} rounds (no socket: the transports add the same per-byte cost to both). KV budget "
+        f"{budget_bytes >> 20} MiB, sequences of {seq_tokens} tokens. Decode: {concurrency} prompts of 64 tokens, "
+        f"{decode_tokens} greedy tokens each, timed after every first token. Quality: {quality.num_tokens} "
+        "fp8-generated tokens rescored by the bf16 engine."
+    )
+    return Section("quantization", "Quantized serving: FP8 KV cache", setup, figures, tuple(rows))

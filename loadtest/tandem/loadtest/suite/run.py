@@ -34,6 +34,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "interference": ("Disaggregated vs colocated: decode ITL under long prompts", "tandem.loadtest.suite.interference"),
     "gateway": ("Gateway SSE headroom and scheduler decision latency", "tandem.loadtest.suite.gateway"),
     "overload": ("Overload sweep: goodput under admission control", "tandem.loadtest.suite.overload"),
+    "quantization": ("Quantized serving: FP8 KV cache", "tandem.loadtest.suite.quantization"),
 }
 REPO_ROOT = Path(__file__).resolve().parents[4]
 
