@@ -2,9 +2,9 @@
 
 Measured in process on the bench model in bfloat16 (no servers, so the section stays short):
 1. KV bytes per token, from the engines' cache specs.
-2. Hand-off seconds of a 2000-token prompt: a prefill engine holds the prompt's blocks; pack
-   them (the transports' wire buffer, KVBlockStore.pack) plus an xxh64 checksum, and unpack into
-   a decode engine's blocks. Median of interleaved rounds. Goal: fp8 / bf16 <= 0.55.
+2. Hand-off seconds of a 2000-token prompt: a prefill engine holds the prompt's blocks under a
+   lease, and a decode engine's store pulls them over the gRPC transport on loopback (both in
+   this process). Median of the rounds. Goal: fp8 / bf16 <= 0.55.
 3. Maximum concurrent sequences at one KV budget: the pool's blocks / blocks of one
    512-token sequence. Goal: fp8 / bf16 >= 1.9.
 4. Decode tokens/s at concurrency 32 (32 prompts of 64 tokens, 32 greedy tokens each).
@@ -15,17 +15,25 @@ Measured in process on the bench model in bfloat16 (no servers, so the section s
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
-import xxhash
 
+from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.engine import Engine, SamplingParams
+from tandem.engine.outputs import HeldKV
+from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.channels import SERVER_OPTIONS
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.grpc_transport import KVTransferServicer
+from tandem.kvtransfer.leases import LeaseTable
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Direction, Figure, Section
 
@@ -88,24 +96,48 @@ def _store(engine: Engine) -> KVBlockStore:
 
 
 def handoff_seconds(source: Engine, dest: Engine, prompt: Sequence[int], rounds: int) -> tuple[int, list[float]]:
-    """Prefill `prompt` on `source` (held for a hand-off), then time pack + xxh64 checksum +
-    unpack of its full blocks into `dest`'s blocks: the work every transport does around the
-    socket. Returns (bytes moved, seconds per round)."""
+    """Prefill `prompt` on `source`, hold its blocks under a lease, and time `rounds` pulls of
+    its full blocks into `dest`'s blocks over the gRPC transport on loopback (source servicer
+    and receiver in this process, as tests/integration/test_kvtransfer.py runs them): pack,
+    chunking, xxh64 checksums, the socket and unpack. Returns (bytes per pull, seconds)."""
     source.add_request("handoff", prompt, SamplingParams(max_tokens=2, temperature=0.0), hand_off=True)
     while "handoff" not in source.held:
         source.step()
-    ids = source.held["handoff"].block_ids[: len(prompt) // source.config.block_size]
+    held = source.held["handoff"]
+    src_ids = held.block_ids[: len(prompt) // source.config.block_size]
     src, dst = _store(source), _store(dest)
-    dst_ids = tuple(range(len(ids)))
-    seconds = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        packed = src.pack(ids)
-        xxhash.xxh64_intdigest(packed.view(torch.uint8).numpy().data)
-        dst.unpack(packed, dst_ids)
-        seconds.append(time.perf_counter() - started)
+    seconds = asyncio.run(_grpc_pulls(src, held, src_ids, dst, rounds))
     source.release_held("handoff")
-    return len(ids) * src.bytes_per_block, seconds
+    return len(src_ids) * src.bytes_per_block, seconds
+
+
+async def _grpc_pulls(
+    src: KVBlockStore, held: HeldKV, src_ids: tuple[int, ...], dst: KVBlockStore, rounds: int
+) -> list[float]:
+    leases = LeaseTable(on_free=lambda _request_id: None)
+    servicer = KVTransferServicer(src, leases, KVTransferConfig())
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    servicer.register(server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    transport = create_transport("grpc")
+    seconds = []
+    try:
+        for i in range(rounds):
+            grant = leases.grant(f"handoff-{i}", held, 30.0)
+            handle = KVHandle(
+                f"handoff-{i}", "source", address, held.block_ids, held.num_tokens, src.layout,
+                held.block_hashes, time.time() + 30.0, grant.secret,
+            )  # fmt: skip
+            started = time.perf_counter()
+            await transport.pull(handle, src_ids, tuple(range(len(src_ids))), dst, 60.0)
+            seconds.append(time.perf_counter() - started)
+            await transport.release(handle, 10.0)
+    finally:
+        await transport.close()
+        await server.stop(grace=None)
+        servicer.close()
+    return seconds
 
 
 def decode_tokens_per_s(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int) -> float:
@@ -188,8 +220,8 @@ def run(ctx: BenchContext) -> Section:
     setup = (
         f"bench model in bfloat16, KV cache bf16 (auto) vs fp8 (e4m3, scales 1.0: the model has no "
         f"kv_cache_scheme), in process, one torch thread. Hand-off: {prompt_tokens}-token prompt prefilled on "
-        f"one engine, its full blocks packed, checksummed (xxh64) and unpacked into a second engine, median of "
-        f"{rounds} rounds (no socket: the transports add the same per-byte cost to both). KV budget "
+        f"one engine, its full blocks pulled under a lease into a second engine's blocks by the gRPC transport "
+        f"on loopback (source servicer in the same process), median of {rounds} pulls. KV budget "
         f"{budget_bytes >> 20} MiB, sequences of {seq_tokens} tokens. Decode: {concurrency} prompts of 64 tokens, "
         f"{decode_tokens} greedy tokens each, timed after every first token. Quality: {quality.num_tokens} "
         "fp8-generated tokens rescored by the bf16 engine."
