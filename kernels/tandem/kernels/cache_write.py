@@ -39,23 +39,23 @@ _TILE_ELEMENTS = 2048
 
 
 @triton.jit
-def _round_to_fp8(y, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr):
+def _round_to_fp8(y, MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_MAGIC: tl.constexpr):
     """Round float32 `y` (already within the format's range) to the nearest value with
     MANTISSA_BITS mantissa bits, ties to even, as an IEEE cast to the fp8 format would.
 
-    Normal range (|y| >= 2^MIN_NORMAL_EXP): add half an ulp (minus one, plus the kept lowest
-    bit: ties to even) to the float32 bit pattern and clear the dropped bits; a carry moves
-    into the exponent correctly. Subnormal range: a fixed quantum 2^(MIN_NORMAL_EXP -
-    MANTISSA_BITS), rounded by adding and subtracting 2^23 quanta in float32.
+    Normal range (|y| >= MIN_NORMAL = 2^emin): add half an ulp (minus one, plus the kept
+    lowest bit: ties to even) to the float32 bit pattern and clear the dropped bits; a carry
+    moves into the exponent correctly. Subnormal range: a fixed quantum q = 2^(emin -
+    MANTISSA_BITS), rounded by adding and subtracting SUBNORMAL_MAGIC = 2^23 q in float32
+    (whose ulp there is q).
     """
     DROP: tl.constexpr = 23 - MANTISSA_BITS
     bits = y.to(tl.int32, bitcast=True)
     rounded = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & ~((1 << DROP) - 1)
     normal = rounded.to(tl.float32, bitcast=True)
-    magic = tl.exp2((MIN_NORMAL_EXP - MANTISSA_BITS + 23) * 1.0)
-    tiny = (tl.abs(y) + magic) - magic
+    tiny = (tl.abs(y) + SUBNORMAL_MAGIC) - SUBNORMAL_MAGIC
     tiny = tl.where(y < 0, -tiny, tiny)
-    return tl.where(tl.abs(y) >= tl.exp2(MIN_NORMAL_EXP * 1.0), normal, tiny)
+    return tl.where(tl.abs(y) >= MIN_NORMAL, normal, tiny)
 
 
 @triton.jit
@@ -79,7 +79,8 @@ def _store_kv_kernel(
     QUANTIZE: tl.constexpr,  # FP8 cache: store cast(clamp(x / scale, -FP8_MAX, FP8_MAX))
     FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr,  # 3 for e4m3, 2 for e5m2
-    MIN_NORMAL_EXP: tl.constexpr,  # -6 for e4m3, -14 for e5m2
+    MIN_NORMAL: tl.constexpr,  # smallest normal value: 2^-6 for e4m3, 2^-14 for e5m2
+    SUBNORMAL_MAGIC: tl.constexpr,  # 2^23 * the subnormal quantum (see _round_to_fp8)
 ):
     """Copy one token's K and V (BLOCK_H heads of it) into slot `slot_mapping[token]`.
 
@@ -108,8 +109,8 @@ def _store_kv_kernel(
     if QUANTIZE:
         key = tl.clamp(key.to(tl.float32) / k_scale, -FP8_MAX, FP8_MAX)
         value = tl.clamp(value.to(tl.float32) / v_scale, -FP8_MAX, FP8_MAX)
-        key = _round_to_fp8(key, MANTISSA_BITS, MIN_NORMAL_EXP).to(k_cache_ptr.dtype.element_ty)
-        value = _round_to_fp8(value, MANTISSA_BITS, MIN_NORMAL_EXP).to(v_cache_ptr.dtype.element_ty)
+        key = _round_to_fp8(key, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_MAGIC).to(k_cache_ptr.dtype.element_ty)
+        value = _round_to_fp8(value, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_MAGIC).to(v_cache_ptr.dtype.element_ty)
 
     # Contiguous cache: slot (block, offset) starts at (block * block_size + offset) rows.
     cache_offsets = ((block * block_size + offset) * NUM_KV_HEADS + heads[:, None]) * HEAD_DIM + dims[None, :]
@@ -157,6 +158,7 @@ def store_kv(
     if num_tokens == 0:
         return
 
+    mantissa_bits, min_normal_exp = (2, -14) if k_cache.dtype == torch.float8_e5m2 else (3, -6)
     block_d = head_dim_tile(head_dim)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _TILE_ELEMENTS // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
@@ -179,6 +181,7 @@ def store_kv(
         BLOCK_D=block_d,
         QUANTIZE=quantize,
         FP8_MAX=fp8_max(k_cache.dtype) if quantize else 0.0,
-        MANTISSA_BITS=2 if k_cache.dtype == torch.float8_e5m2 else 3,
-        MIN_NORMAL_EXP=-14 if k_cache.dtype == torch.float8_e5m2 else -6,
+        MANTISSA_BITS=mantissa_bits,
+        MIN_NORMAL=2.0**min_normal_exp,
+        SUBNORMAL_MAGIC=2.0 ** (min_normal_exp - mantissa_bits + 23),
     )
