@@ -2,7 +2,7 @@
 
 1. Bit-exact hand-off: with `--kv-cache-dtype fp8` on both workers, the disaggregated tokens
    (P prefills, D pulls the fp8 blocks) equal the in-process colocated fp8 engine's and D's
-   own colocated run of the same prompt, for every prompt length.
+   own colocated run of the same prompt, for every prompt length, over both KV transports.
 2. Refusal: an fp8 prefill worker's handle is refused by a bfloat16 decode worker, and the
    error names both dtypes.
 """
@@ -32,12 +32,15 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 LENGTHS = [1, 16, 17, 40, 100]
 
 
-@pytest.fixture(scope="module")
-def fp8_workers(tiny_model_dir: Path):
-    fp8 = ("--kv-cache-dtype", "fp8")
-    p = start_worker("prefill", tiny_model_dir, *fp8, worker_id="p-fp8")
-    d = start_worker("decode", tiny_model_dir, *fp8, worker_id="d-fp8")
-    d_bf16 = start_worker("decode", tiny_model_dir, "--dtype", "bfloat16", worker_id="d-bf16")
+@pytest.fixture(scope="module", params=["grpc", "torch"])
+def fp8_workers(request, tiny_model_dir: Path):
+    transport = ("--kv-transport", request.param)
+    fp8 = ("--kv-cache-dtype", "fp8", *transport)
+    p = start_worker("prefill", tiny_model_dir, *fp8, worker_id=f"p-fp8-{request.param}")
+    d = start_worker("decode", tiny_model_dir, *fp8, worker_id=f"d-fp8-{request.param}")
+    d_bf16 = start_worker(
+        "decode", tiny_model_dir, "--dtype", "bfloat16", *transport, worker_id=f"d-bf16-{request.param}"
+    )
     yield p, d, d_bf16
     for w in (d_bf16, d, p):
         assert w.stop(STOP_TIMEOUT_S) == 0
