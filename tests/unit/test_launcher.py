@@ -4,9 +4,8 @@ and the status tables."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
+import dataclasses
 import io
 import json
 import os
