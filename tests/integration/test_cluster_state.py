@@ -19,7 +19,7 @@ from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, Worker
 from tandem.worker.heartbeat import Heartbeat
 
 PREFILL = WorkerInfo(
-    "p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0", 32, "tiny-llama", 7, 0xABCDEF, 1234
+    "p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0", 32, "tiny-llama", 7, 0xABCDEF, 1234, "fp8"
 )
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")
 LOAD = WorkerLoad(
@@ -66,6 +66,7 @@ def test_register_list_deregister_round_trip(state: ClusterState, redis_client: 
         b"model_id": b"tiny-llama",
         b"block_hash_version": b"7",
         b"kv_epoch": b"1234",
+        b"kv_cache_dtype": b"fp8",
         b"reference_hash": b"0000000000abcdef",  # 16 hex digits
     }
     # A worker without a reference hash (DECODE) has no such field; it reads back as None.

@@ -355,7 +355,12 @@ def test_every_rendered_command_parses_with_the_tandem_cli(chart: Any, scenario:
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_worker_command(chart: Any, role: str) -> None:
     objects = render(
-        chart, {role: {"extraArgs": ["--kv-cache-mib", "4096"]}, "cluster": "blue", "model": {"path": "llama"}}
+        chart,
+        {
+            role: {"extraArgs": ["--kv-cache-mib", "4096"]},
+            "cluster": "blue",
+            "model": {"path": "llama", "kvCacheDtype": "fp8"},
+        },
     )
     worker = container(objects, role)
     drain = {"prefill": "60", "decode": "120"}[role]
@@ -384,6 +389,8 @@ def test_worker_command(chart: Any, role: str) -> None:
         "cuda",
         "--kv-transport",
         "grpc",
+        "--kv-cache-dtype",
+        "fp8",
         "--kv-cache-mib",
         "4096",
     ]

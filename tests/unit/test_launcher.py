@@ -5,6 +5,7 @@ and the status tables."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -338,7 +339,7 @@ def _info(worker_id: str, role: WorkerRole) -> WorkerInfo:
 
 def test_status_rows_pools_and_table() -> None:
     workers = [
-        _info("decode-1", WorkerRole.DECODE),
+        dataclasses.replace(_info("decode-1", WorkerRole.DECODE), kv_cache_dtype="fp8", capacity_blocks=200),
         _info("prefill-0", WorkerRole.PREFILL),
         _info("decode-0", WorkerRole.DECODE),
     ]
@@ -359,21 +360,24 @@ def test_status_rows_pools_and_table() -> None:
     ]
     lines = render(status).splitlines()
     assert lines[0] == "cluster c1: 3 live worker(s)"
-    header = [
-        "WORKER",
-        "ROLE",
-        "ADDRESS",
-        "WAITING",
-        "RUNNING",
-        "QUEUED_PREFILL_TOKENS",
-        "KV_USE",
-        "SPEC_ACCEPT",
-        "STATUS",
+    header = ["WORKER", "ROLE", "ADDRESS", "WAITING", "RUNNING", "QUEUED_PREFILL_TOKENS", "KV_USE"]
+    assert lines[2].split() == [*header, "KV_DTYPE", "KV_BLOCKS", "SPEC_ACCEPT", "STATUS"]
+    # no gateway; the KV dtype of a worker that published none is "-"; no draft yet: no acceptance
+    assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-", "-", "100", "-", "-"]
+    assert lines[4].split()[-3:] == ["100", "-", "-"]
+    assert lines[5].split() == [
+        "decode-1",
+        "decode",
+        "127.0.0.1:5008",
+        "1",
+        "1",
+        "16",
+        "25.0%",
+        "fp8",
+        "200",
+        "75.0%",
+        "-",
     ]
-    assert lines[2].split() == header
-    assert lines[3].split() == ["prefill-0", "prefill", "127.0.0.1:5009", "-", "-", "-", "-", "-", "-"]  # no gateway
-    assert lines[4].split() == ["decode-0", "decode", "127.0.0.1:5008", "2", "3", "0", "25.0%", "-", "-"]
-    assert lines[5].split() == ["decode-1", "decode", "127.0.0.1:5008", "1", "1", "16", "25.0%", "75.0%", "-"]
     assert lines[7].split() == ["POOL", "WORKERS", "WAITING", "RUNNING", "KV_USE"]
     assert lines[8:] == [
         "prefill  1        0        0        0.0%",

@@ -13,6 +13,10 @@ Paged gather (vLLM PagedAttention, Kwon et al., 2023): context token `pos` lives
 `block_table[pos // block_size]` at offset `pos % block_size`. Each token's row of head_dim
 elements is contiguous, so a tile is BLOCK_N dense row loads whatever the block size: one
 block per token row, not per tile, so BLOCK_N need not divide or equal block_size.
+
+FP8 cache (DEQUANT): a K/V tile is loaded as fp8 and dequantized in registers, `x * scale` in
+float32, then cast to the query's dtype for the dot (vLLM's Triton unified attention does the
+same), so the cache's memory traffic is one byte per element.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def attend_kv_tile(
     end_n,  # one past the last context position any row may read
     block_size,
     scale_log2,  # softmax scale * log2(e)
+    k_scale,  # float32 FP8 dequantization scale of K (used when DEQUANT)
+    v_scale,  # float32 FP8 dequantization scale of V (used when DEQUANT)
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -43,6 +49,7 @@ def attend_kv_tile(
     CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DEQUANT: tl.constexpr,  # the cache is FP8: x = float32(cache) * scale, cast to q's dtype
 ):
     """Fold context tokens [start_n, min(start_n + BLOCK_N, end_n)) into (m_i, l_i, acc)."""
     pos = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -54,6 +61,8 @@ def attend_kv_tile(
     kv_mask = pos_mask[:, None] & (dims < HEAD_DIM)[None, :]  # [BLOCK_N, BLOCK_D]
 
     k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if DEQUANT:
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
     if UPCAST_DOT:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [ROWS, BLOCK_N]
@@ -70,6 +79,8 @@ def attend_kv_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
 
     v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if DEQUANT:
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
     p = p.to(v.dtype)
     if UPCAST_DOT:
         p = p.to(tl.float32)

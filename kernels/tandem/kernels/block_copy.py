@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.launch_checks import (
-    FLOAT_DTYPES,
+    KV_CACHE_DTYPES,
     check_contiguous,
     check_device,
     check_shape,
@@ -69,7 +69,7 @@ def _check_caches(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Ten
         raise ValueError(
             f"k_caches and v_caches must be non-empty lists of equal length, got {len(k_caches)} and {len(v_caches)}"
         )
-    first = check_tensor("k_caches[0]", k_caches[0], 4, FLOAT_DTYPES)
+    first = check_tensor("k_caches[0]", k_caches[0], 4, KV_CACHE_DTYPES)
     for kind, caches in (("k_caches", k_caches), ("v_caches", v_caches)):
         for layer, cache in enumerate(caches):
             name = f"{kind}[{layer}]"

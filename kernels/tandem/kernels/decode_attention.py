@@ -23,10 +23,11 @@ import triton.language as tl
 from tandem.kernels.attention_tile import attend_kv_tile, context_tile_size
 from tandem.kernels.launch_checks import (
     FLOAT_DTYPES,
+    KV_CACHE_DTYPES,
     check_contiguous,
     check_device,
+    check_kv_cache_dtype,
     check_rows_contiguous,
-    check_same_dtype,
     check_shape,
     check_tensor,
     dot_precision,
@@ -50,6 +51,8 @@ def _decode_kernel(
     partial_out_ptr,  # float32 [num_seqs, num_heads, num_splits, head_dim] (IS_SPLIT)
     partial_lse_ptr,  # float32 [num_seqs, num_heads, num_splits] (IS_SPLIT), log2 domain
     scale_log2,
+    k_scale,  # float32 FP8 dequantization scales (used when DEQUANT)
+    v_scale,
     stride_query_seq,
     stride_query_head,
     max_blocks,
@@ -64,6 +67,7 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,  # head_dim padded to a power of two >= 16
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DEQUANT: tl.constexpr,  # FP8 caches, dequantized in attend_kv_tile
 ):
     """Attention of one (sequence, KV head group, context split) with an online softmax.
 
@@ -116,6 +120,8 @@ def _decode_kernel(
             end,
             block_size,
             scale_log2,
+            k_scale,
+            v_scale,
             NUM_KV_HEADS,
             HEAD_DIM,
             BLOCK_N,
@@ -123,6 +129,7 @@ def _decode_kernel(
             False,
             UPCAST_DOT,
             DOT_PRECISION,
+            DEQUANT,
         )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # empty split (or seq_len 0): output 0, not NaN
@@ -195,20 +202,23 @@ def paged_decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], dtype of query
     """Attention of each sequence's newest token over its `seq_lens[i]` cached tokens.
 
     The new token's K/V must already be stored (`store_kv`). `num_heads` must be a multiple of
     `num_kv_heads` (GQA; query head h reads KV head h // (num_heads // num_kv_heads)).
     `num_splits=None` picks the split count by `choose_num_splits`; 1 disables the
-    split-context path, larger values force it (tests cover both).
+    split-context path, larger values force it (tests cover both). The caches are in the
+    query's dtype, or FP8 (both one format): then K/V are read as `fp8 * k_scale/v_scale`.
     """
     check_tensor("query", query, 3, FLOAT_DTYPES)
-    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, 4, FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, 4, KV_CACHE_DTYPES)
+    check_tensor("v_cache", v_cache, 4, KV_CACHE_DTYPES)
     check_tensor("block_tables", block_tables, 2, (torch.int32,))
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
-    check_same_dtype(query.dtype, k_cache=k_cache, v_cache=v_cache)
+    dequant = check_kv_cache_dtype(query.dtype, k_scale, v_scale, k_cache=k_cache, v_cache=v_cache)
     num_seqs, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
     check_shape("k_cache", k_cache, (num_blocks, block_size, num_kv_heads, head_dim))
@@ -253,6 +263,8 @@ def paged_decode_attention(
         partial_out,
         partial_lse,
         scale * math.log2(math.e),
+        k_scale,
+        v_scale,
         query.stride(0),
         query.stride(1),
         max_blocks,
@@ -267,6 +279,7 @@ def paged_decode_attention(
         BLOCK_D=block_d,
         UPCAST_DOT=dot_upcast(_decode_kernel, query.dtype),
         DOT_PRECISION=dot_precision(query.dtype),
+        DEQUANT=dequant,
     )
     if is_split:
         _reduce_splits_kernel[(num_seqs * num_heads,)](

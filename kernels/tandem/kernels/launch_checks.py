@@ -21,6 +21,10 @@ from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+# FP8 KV cache formats (vLLM's `--kv-cache-dtype fp8_e4m3` / `fp8_e5m2`): a cache in one of
+# these holds `x / scale` saturated to the format's range; kernels dequantize as `q * scale`.
+FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+KV_CACHE_DTYPES: tuple[torch.dtype, ...] = FLOAT_DTYPES + FP8_DTYPES
 
 _TL_DTYPES: dict[torch.dtype, tl.dtype] = {
     torch.float32: tl.float32,
@@ -67,6 +71,23 @@ def check_same_dtype(expected: torch.dtype, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.dtype != expected:
             raise ValueError(f"{name} has dtype {t.dtype} but must match {expected}")
+
+
+def check_kv_cache_dtype(compute_dtype: torch.dtype, k_scale: float, v_scale: float, **caches: torch.Tensor) -> bool:
+    """Require caches in `compute_dtype` (unquantized) or all in one FP8 format; return
+    whether they are FP8. Scales must be positive and finite (they divide on store)."""
+    first = next(iter(caches.values()))
+    quantized = first.dtype in FP8_DTYPES
+    check_same_dtype(first.dtype if quantized else compute_dtype, **caches)
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (isinstance(scale, float) and 0.0 < scale < float("inf")):
+            raise ValueError(f"{name} must be a positive finite float, got {scale!r}")
+    return quantized
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of a cache dtype: the saturation bound of a quantizing store."""
+    return float(torch.finfo(dtype).max)
 
 
 def check_shape(name: str, t: torch.Tensor, expected: Iterable[int]) -> None:

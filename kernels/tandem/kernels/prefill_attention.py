@@ -25,10 +25,11 @@ import triton.language as tl
 from tandem.kernels.attention_tile import attend_kv_tile, context_tile_size
 from tandem.kernels.launch_checks import (
     FLOAT_DTYPES,
+    KV_CACHE_DTYPES,
     check_contiguous,
     check_device,
+    check_kv_cache_dtype,
     check_rows_contiguous,
-    check_same_dtype,
     check_shape,
     check_tensor,
     dot_precision,
@@ -62,6 +63,8 @@ def _prefill_kernel(
     seq_lens_ptr,  # int32 [num_seqs]
     out_ptr,  # [total_tokens, num_heads, head_dim], contiguous
     scale_log2,
+    k_scale,  # float32 FP8 dequantization scales (used when DEQUANT)
+    v_scale,
     stride_query_token,
     stride_query_head,
     num_seqs,
@@ -76,6 +79,7 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,  # head_dim padded to a power of two >= 16
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DEQUANT: tl.constexpr,  # FP8 caches, dequantized in attend_kv_tile
 ):
     """Causal FlashAttention-2 forward of one query tile against one sequence's paged KV.
 
@@ -142,6 +146,8 @@ def _prefill_kernel(
             kv_end,
             block_size,
             scale_log2,
+            k_scale,
+            v_scale,
             NUM_KV_HEADS,
             HEAD_DIM,
             BLOCK_N,
@@ -149,6 +155,7 @@ def _prefill_kernel(
             True,
             UPCAST_DOT,
             DOT_PRECISION,
+            DEQUANT,
         )
 
     out = acc / l_i[:, None]
@@ -167,6 +174,9 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
     seq_lens: torch.Tensor,  # int32 [num_seqs]
     scale: float,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [total_new_tokens, num_heads, head_dim], dtype of query
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -174,15 +184,16 @@ def paged_prefill_attention(
     tokens of its `seq_lens[i]`-long context and their K/V is already stored. Earlier context
     (prefix-cache hits, previous prefill chunks) is read from the cache through `block_tables`.
     `query_start_loc[-1]` must equal `total_new_tokens`, and `query_len <= seq_len` per
-    sequence (not checked on the device: that would cost a sync).
+    sequence (not checked on the device: that would cost a sync). The caches are in the
+    query's dtype, or FP8 (both one format): then K/V are read as `fp8 * k_scale/v_scale`.
     """
     check_tensor("query", query, 3, FLOAT_DTYPES)
-    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, 4, FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, 4, KV_CACHE_DTYPES)
+    check_tensor("v_cache", v_cache, 4, KV_CACHE_DTYPES)
     check_tensor("block_tables", block_tables, 2, (torch.int32,))
     check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,))
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
-    check_same_dtype(query.dtype, k_cache=k_cache, v_cache=v_cache)
+    dequant = check_kv_cache_dtype(query.dtype, k_scale, v_scale, k_cache=k_cache, v_cache=v_cache)
     total_tokens, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
     num_seqs = seq_lens.shape[0]
@@ -230,6 +241,8 @@ def paged_prefill_attention(
         seq_lens,
         out,
         scale * math.log2(math.e),
+        k_scale,
+        v_scale,
         query.stride(0),
         query.stride(1),
         num_seqs,
@@ -244,5 +257,6 @@ def paged_prefill_attention(
         BLOCK_D=block_d,
         UPCAST_DOT=dot_upcast(_prefill_kernel, query.dtype),
         DOT_PRECISION=dot_precision(query.dtype),
+        DEQUANT=dequant,
     )
     return out

@@ -4,6 +4,9 @@ Written for clarity, not speed: loops over sequences, attention computed in floa
 cast back to the input dtype. Same signatures and layouts as the Triton launchers in this
 package (see each launcher's docstring for the argument contract). No argument checks: callers
 are tests and the CPU path, which pass well-formed tensors.
+
+FP8 caches (float8_e4m3fn, float8_e5m2): `quantize_kv` is the store rule and `dequantize_kv`
+the read rule that the kernels implement in registers (see `tandem.kernels.cache_write`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,24 @@ from collections.abc import Sequence
 
 import torch
 
+FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Values to store in a `dtype` cache: x itself cast, or for FP8 `cast(clamp(x / scale))`
+    computed in float32 and saturated to the format's largest finite value."""
+    if dtype not in FP8_DTYPES:
+        return x.to(dtype)
+    bound = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-bound, bound).to(dtype)
+
+
+def dequantize_kv(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache values as `dtype` (the query's): FP8 as `float32(cache) * scale`, cast."""
+    if cache.dtype not in FP8_DTYPES:
+        return cache
+    return (cache.float() * scale).to(dtype)
+
 
 def ref_store_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -19,13 +40,15 @@ def ref_store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # int [num_tokens]; slot = block_id * block_size + offset; < 0: skip
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write each token's K/V into its slot of the paged cache, in place."""
+    """Write each token's K/V into its slot of the paged cache, in place (quantized for FP8)."""
     num_blocks, block_size = k_cache.shape[:2]
     keep = slot_mapping >= 0  # [num_tokens]
     slots = slot_mapping[keep].long()
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = quantize_kv(key[keep], k_scale, k_cache.dtype)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = quantize_kv(value[keep], v_scale, v_cache.dtype)
 
 
 def gather_context(
@@ -69,16 +92,19 @@ def ref_paged_prefill_attention(
     query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
     seq_lens: torch.Tensor,  # int32 [num_seqs]
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [total_new_tokens, num_heads, head_dim]
-    """Causal attention of each sequence's new tokens (the last of its context) over the cache."""
+    """Causal attention of each sequence's new tokens (the last of its context) over the cache
+    (FP8 caches dequantized to the query's dtype first)."""
     out = torch.zeros_like(query)
     starts = query_start_loc.tolist()
     for i, context_len in enumerate(seq_lens.tolist()):
         begin, end = starts[i], starts[i + 1]
         if end == begin:
             continue
-        key = gather_context(k_cache, block_tables[i], context_len)
-        value = gather_context(v_cache, block_tables[i], context_len)
+        key = dequantize_kv(gather_context(k_cache, block_tables[i], context_len), k_scale, query.dtype)
+        value = dequantize_kv(gather_context(v_cache, block_tables[i], context_len), v_scale, query.dtype)
         out[begin:end] = _causal_attention(query[begin:end], key, value, scale).to(query.dtype)
     return out
 
@@ -90,11 +116,15 @@ def ref_paged_decode_attention(
     block_tables: torch.Tensor,  # int32 [num_seqs, max_blocks]
     seq_lens: torch.Tensor,  # int32 [num_seqs]
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """Attention of one new token per sequence over its whole context: prefill with 1 token each."""
     num_seqs = query.shape[0]
     query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device=query.device)
-    return ref_paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    return ref_paged_prefill_attention(
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale
+    )
 
 
 def ref_pack_blocks(

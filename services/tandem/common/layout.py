@@ -1,7 +1,13 @@
 """The KV layout and its fingerprint (DESIGN.md section 4).
 
 Two workers may exchange KV only if everything that shapes the bytes matches: architecture,
-layer count, KV heads, head dim, dtype, block size, tensor-parallel size and layout version.
+layer count, KV heads, head dim, model dtype, KV cache dtype (`kv_dtype`: the model's, or an
+FP8 format), the FP8 scales (`kv_scales`: a digest of the per-layer k/v scales, "none" for an
+unquantized cache), block size, tensor-parallel size and layout version.
+
+The hand-off moves FP8 bytes only: the scales do not travel with the blocks. Equal
+fingerprints prove equal scales (the digest is part of them, and a receiver refuses a handle
+whose layout differs), so the receiver dequantizes the pulled bytes with its own scales.
 `describe()` is a canonical `key=value;...` string that travels in KV handles and pull
 requests, so a receiver can say exactly which field differs; `fingerprint` is its stable hash,
 published in Redis and compared by the scheduler.
@@ -13,7 +19,7 @@ from dataclasses import dataclass, fields
 
 import xxhash
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: kv_dtype and kv_scales (FP8 KV cache)
 
 
 class LayoutMismatchError(ValueError):
@@ -30,6 +36,12 @@ class KVLayout:
     block_size: int
     tensor_parallel_size: int = 1
     layout_version: int = LAYOUT_VERSION
+    kv_dtype: str = ""  # torch dtype name of the cache's elements; "" means `dtype`
+    kv_scales: str = "none"  # KVScales.digest of an FP8 cache
+
+    def __post_init__(self) -> None:
+        if not self.kv_dtype:  # the unquantized default: the cache holds the model's dtype
+            object.__setattr__(self, "kv_dtype", self.dtype)
 
     def describe(self) -> str:
         return ";".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -62,6 +74,8 @@ class KVLayout:
                 block_size=int(values["block_size"]),
                 tensor_parallel_size=int(values["tensor_parallel_size"]),
                 layout_version=int(values["layout_version"]),
+                kv_dtype=values["kv_dtype"],
+                kv_scales=values["kv_scales"],
             )
         except ValueError as exc:
             raise ValueError(f"malformed KV layout {text!r}: {exc}") from exc

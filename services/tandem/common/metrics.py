@@ -99,6 +99,16 @@ class WorkerMetrics:
             "tandem_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", names, registry=r
         ).labels(**labels)
 
+    def cache_config(self, block_size: int, num_blocks: int, cache_dtype: str) -> None:
+        """vLLM's `vllm:cache_config_info`: a gauge of 1 whose labels are the KV cache's
+        configuration (block size, block count `num_gpu_blocks`, element type `cache_dtype`,
+        vLLM's name: auto, fp8, fp8_e4m3, fp8_e5m2). Set once, at startup."""
+        names = [*self._labels, "block_size", "num_gpu_blocks", "cache_dtype"]
+        info = Gauge("vllm:cache_config_info", "KV cache configuration", names, registry=self.registry)
+        info.labels(
+            **self._labels, block_size=str(block_size), num_gpu_blocks=str(num_blocks), cache_dtype=cache_dtype
+        ).set(1)
+
     def kv_transfer_failure(self, reason: str) -> None:
         self._kv_transfer_failures.labels(**self._labels, reason=reason).inc()
 

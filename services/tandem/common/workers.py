@@ -80,6 +80,7 @@ class WorkerInfo:
     block_hash_version: int = BLOCK_HASH_VERSION
     reference_hash: int | None = None
     kv_epoch: int = 0
+    kv_cache_dtype: str = ""  # `--kv-cache-dtype` (auto, fp8, ...); "": not published (an older worker)
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)

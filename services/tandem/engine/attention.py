@@ -102,7 +102,9 @@ class AttentionBackend(Protocol):
     Called by every attention layer once per step, from the worker's step-loop thread only.
     `forward` first stores `key`/`value` into `kv_cache` at `meta.slot_mapping` (mutating the
     cache in place), then returns causal attention of `query` over each sequence's whole
-    context read back from the paged cache.
+    context read back from the paged cache. An FP8 `kv_cache` (float8_e4m3fn/e5m2) stores
+    `x / scale` and is read as `fp8 * scale` with the layer's `kv_scale` = (k_scale, v_scale),
+    which other dtypes ignore (tandem.engine.kv_cache states the scale rule).
     """
 
     name: str
@@ -115,6 +117,7 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

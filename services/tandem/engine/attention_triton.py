@@ -31,13 +31,25 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         # kv_cache[0] / kv_cache[1] of a contiguous 5-D cache are contiguous 4-D views.
         k_cache = kv_cache[0]  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache = kv_cache[1]
-        store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        k_scale, v_scale = kv_scale  # used by FP8 caches only (quantize on store, dequantize on read)
+        store_kv(key, value, k_cache, v_cache, meta.slot_mapping, k_scale=k_scale, v_scale=v_scale)
         if meta.is_decode_only:
-            return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+            return paged_decode_attention(
+                query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, k_scale=k_scale, v_scale=v_scale
+            )
         return paged_prefill_attention(
-            query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale
+            query,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

@@ -19,6 +19,16 @@ ATTENTION_BACKENDS: dict[str, str] = {
 }
 BACKEND_NAMES: tuple[str, ...] = ("auto", *ATTENTION_BACKENDS)
 
+# KV cache dtypes, vLLM's names: `auto` stores KV in the model's dtype; `fp8` is `fp8_e4m3`.
+# Values: the torch dtype name of the stored elements (None: the model's). Kept free of torch
+# imports, like the backend registry, so that the CLI lists the choices without loading torch.
+KV_CACHE_DTYPES: dict[str, str | None] = {
+    "auto": None,
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -68,6 +78,13 @@ class EngineConfig:
             "(compressed-tensors checkpoints are detected from config.json)",
         },
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "choices": tuple(KV_CACHE_DTYPES),
+            "help": "KV cache element type: auto (the model's dtype) or FP8 with per-layer scales (fp8 = fp8_e4m3)",
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = {
@@ -95,6 +112,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES} or None, got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_NAMES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_NAMES} or None, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.speculative_config is not None:

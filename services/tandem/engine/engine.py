@@ -37,7 +37,7 @@ from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
 from tandem.engine.grammar.compiler import GrammarCompiler
 from tandem.engine.grammar.matchers import GrammarMatchers
-from tandem.engine.kv_cache import KVCacheSpec
+from tandem.engine.kv_cache import KVCacheSpec, KVScales, kv_cache_dtype
 from tandem.engine.loader import load_model
 from tandem.engine.logits_processors import TokenHistory
 from tandem.engine.model_config import ModelConfig
@@ -80,8 +80,10 @@ class Engine:
             num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim,
             block_size=config.block_size,
-            dtype=model_config.dtype,
+            dtype=kv_cache_dtype(config.kv_cache_dtype, model_config.dtype),
         )
+        # FP8 cache: per-layer scales by the fixed rule of tandem.engine.kv_cache (never from a batch)
+        self.kv_scales = KVScales.load(self.model_dir, model_config.num_layers) if self.kv_spec.is_fp8 else None
         num_blocks = config.num_blocks or self.kv_spec.num_blocks_for_bytes(config.kv_cache_bytes)
         if num_blocks < 1:
             raise ValueError(
@@ -90,7 +92,14 @@ class Engine:
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         self.backend = create_backend(config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_caches, self.backend, config.block_size, self.device)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_caches,
+            self.backend,
+            config.block_size,
+            self.device,
+            kv_scales=[self.kv_scales.layer(i) for i in range(model_config.num_layers)] if self.kv_scales else None,
+        )
         self.stats = EngineStats()
         self.speculator = self._speculator(num_blocks)
         self.batcher = Batcher(

@@ -6,6 +6,7 @@ mutates nothing except the KV cache tensors, which the attention backend writes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,11 @@ class ModelRunner:
         backend: AttentionBackend,
         block_size: int,
         device: torch.device,
+        kv_scales: Sequence[tuple[float, float]] | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        self.kv_scales = kv_scales  # per layer (k_scale, v_scale) of an FP8 cache; None: unquantized
         self.backend = backend
         self.block_size = block_size
         self.device = device
@@ -79,6 +82,7 @@ class ModelRunner:
             self.kv_caches,
             meta,
             self.backend,
+            self.kv_scales,
         )
         starts = query_start_loc.tolist()
         sample_rows = [starts[i + 1] - 1 for i, c in enumerate(plan.chunks) if c.samples and c.draft is None]

@@ -2,7 +2,9 @@
 
 Packed layout (the wire contract of every transport, DESIGN.md section 4):
 
-    [num_layers, 2, n, block_size, num_kv_heads, head_dim]   flattened, in the model's dtype
+    [num_layers, 2, n, block_size, num_kv_heads, head_dim]   flattened, in the KV cache dtype
+    (the model's, or FP8: the stored bytes as they are; the scales are proven equal by the
+    layout fingerprint, see tandem.common.layout)
 
 K at index 0 and V at index 1, blocks in the order of the block ids given.
 
@@ -43,7 +45,7 @@ class KVBlockStore:
         """`kv_caches`: per layer `[2, num_blocks, block_size, num_kv_heads, head_dim]`, the
         engine's own tensors (not copied). ValueError if they do not match `layout`."""
         self.layout = layout
-        self.dtype = torch_dtype(layout.dtype)
+        self.dtype = torch_dtype(layout.kv_dtype)
         if len(kv_caches) != layout.num_layers:
             raise ValueError(f"got {len(kv_caches)} KV cache tensors for {layout.num_layers} layers")
         first = kv_caches[0]

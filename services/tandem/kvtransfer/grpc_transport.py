@@ -116,7 +116,7 @@ class KVTransferServicer:
         """One wire chunk (worker thread, lease checked out). Tests override it to corrupt one."""
         shape = self.store.packed_shape(len(reader.block_ids))
         return encode_chunk(
-            reader.read(offset_bytes, size_bytes), offset_bytes, reader.total_bytes, self.store.layout.dtype, shape
+            reader.read(offset_bytes, size_bytes), offset_bytes, reader.total_bytes, self.store.layout.kv_dtype, shape
         )
 
     async def PullKV(self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -227,7 +227,7 @@ class GrpcTransport:
         request = kv_codec.PullKVRequest(
             handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes, handle.lease_secret, hashes
         )
-        expected = _Expected(len(buffer), store.layout.dtype, store.packed_shape(len(src)), address)
+        expected = _Expected(len(buffer), store.layout.kv_dtype, store.packed_shape(len(src)), address)
         target = buffer.numpy().data
         call = method(request, timeout=timeout_s)
         offset = num_chunks = 0

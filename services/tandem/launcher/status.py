@@ -37,6 +37,8 @@ class WorkerRow:
     kv_usage_perc: float | None  # 0..100
     incompatible: str | None = None  # why the gateways refuse it ("; " between differing reasons)
     spec_acceptance_perc: float | None = None  # speculative decoding: accepted / drafted tokens, 0..100
+    kv_cache_dtype: str = ""  # `--kv-cache-dtype` it published ("" from an older worker: shown as -)
+    kv_blocks: int = 0  # its KV pool's block count
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ def summarize(
                 kv_usage_perc=100.0 * load.kv_cache_usage if load else None,
                 incompatible="; ".join(refusals) if refusals else None,
                 spec_acceptance_perc=_percent(load.spec_acceptance_rate) if load else None,
+                kv_cache_dtype=info.kv_cache_dtype,
+                kv_blocks=info.capacity_blocks,
             )
         )
     pools = []
@@ -163,6 +167,8 @@ def render(status: ClusterStatus) -> str:
                 "RUNNING",
                 "QUEUED_PREFILL_TOKENS",
                 "KV_USE",
+                "KV_DTYPE",
+                "KV_BLOCKS",
                 "SPEC_ACCEPT",
                 "STATUS",
             ],
@@ -175,6 +181,8 @@ def render(status: ClusterStatus) -> str:
                     _cell(w.running),
                     _cell(w.queued_prefill_tokens),
                     _cell(w.kv_usage_perc, percent=True),
+                    w.kv_cache_dtype or NO_LOAD,
+                    str(w.kv_blocks),
                     _cell(w.spec_acceptance_perc, percent=True),
                     _worker_status(w, status),
                 ]

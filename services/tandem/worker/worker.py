@@ -90,9 +90,12 @@ class Worker:
             head_dim=mc.head_dim,
             dtype=str(mc.dtype).removeprefix("torch."),
             block_size=config.engine.block_size,
+            kv_dtype=str(self.engine.kv_spec.dtype).removeprefix("torch."),
+            kv_scales=self.engine.kv_scales.digest if self.engine.kv_scales else "none",
         )
         self.metrics = WorkerMetrics(config.worker_id, config.role.value)
         self.metrics.model_weight_bytes.set(self.engine.weight_bytes)
+        self.metrics.cache_config(config.engine.block_size, self.engine.pool.num_blocks, config.engine.kv_cache_dtype)
         self.tracing = Tracing.create(config.tracing, f"tandem-{config.role.value}")
         self.draining = False
         self.health = health.aio.HealthServicer()
@@ -264,6 +267,8 @@ class Worker:
             "fingerprint": self.layout.fingerprint,
             "weight_bytes": self.engine.weight_bytes,
             "quantization": None if self.engine.quant_plan is None else self.engine.quant_plan.describe(),
+            "kv_cache_dtype": self.layout.kv_dtype,
+            "kv_blocks": self.engine.pool.num_blocks,
         }
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
@@ -289,6 +294,7 @@ class Worker:
             block_hash_version=BLOCK_HASH_VERSION,
             reference_hash=reference_block_hash(self.engine.model_id, self.layout.block_size),
             kv_epoch=self._events.epoch,
+            kv_cache_dtype=self.config.engine.kv_cache_dtype,
         )
         self._heartbeat = Heartbeat(
             state,

@@ -51,7 +51,7 @@ def random_kv_caches(
     target = torch.device(device)
     generator = torch.Generator(device=target).manual_seed(seed)
     shape = (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-    dtype = torch_dtype(layout.dtype)
+    dtype = torch_dtype(layout.kv_dtype)  # the cache's elements: the model's dtype or FP8
     return [torch.randn(shape, generator=generator, device=target).to(dtype) for _ in range(layout.num_layers)]
 
 

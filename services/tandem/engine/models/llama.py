@@ -10,6 +10,8 @@ many sequences, and attention reads each sequence's context from the paged KV ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -54,13 +56,14 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        kv_scale: tuple[float, float] = (1.0, 1.0),  # FP8 KV cache: this layer's (k_scale, v_scale)
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, kv_scale)  # [num_tokens, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -90,9 +93,10 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        kv_scale: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         residual = hidden
-        hidden = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, backend)
+        hidden = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, backend, kv_scale)
         hidden = residual + hidden
         residual = hidden
         hidden = self.mlp(self.post_attention_layernorm(hidden))
@@ -124,10 +128,11 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],  # one per layer
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        kv_scales: Sequence[tuple[float, float]] | None = None,  # per layer, FP8 KV cache only
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         hidden = self.model.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, meta, backend)
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+            hidden = layer(positions, hidden, kv_cache, meta, backend, kv_scales[i] if kv_scales else (1.0, 1.0))
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, vocab] float32

@@ -1,0 +1,229 @@
+"""Quantized serving, KV rows: an FP8 KV cache against the model's dtype (`make bench` section).
+
+Measured in process on the bench model in bfloat16 (no servers, so the section stays short):
+1. KV bytes per token, from the engines' cache specs.
+2. Hand-off seconds of a 2000-token prompt: a prefill engine holds the prompt's blocks under a
+   lease, and a decode engine's store pulls them over the gRPC transport on loopback (both in
+   this process). Median of the rounds. Goal: fp8 / bf16 <= 0.55.
+3. Maximum concurrent sequences at one KV budget: the pool's blocks / blocks of one
+   512-token sequence. Goal: fp8 / bf16 >= 1.9.
+4. Decode tokens/s at concurrency 32 (32 prompts of 64 tokens, 32 greedy tokens each).
+5. Teacher-forced quality (`teacher_forced_quality`): the fp8 engine's greedy tokens scored by
+   the unquantized engine. Goals from issue 18: argmax agreement >= 0.85, mean |logprob
+   difference| of the chosen tokens <= 0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from tandem.common.kv_handle import KVHandle
+from tandem.common.layout import KVLayout
+from tandem.engine import Engine, SamplingParams
+from tandem.engine.outputs import HeldKV
+from tandem.kvtransfer.base import create_transport
+from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.channels import SERVER_OPTIONS
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.grpc_transport import KVTransferServicer
+from tandem.kvtransfer.leases import LeaseTable
+from tandem.loadtest.suite.context import BenchContext
+from tandem.loadtest.suite.figures import Direction, Figure, Section
+
+AGREEMENT_GOAL = 0.85
+LOGPROB_ERROR_GOAL = 0.1
+BYTES_RATIO_GOAL = 0.55
+CONCURRENCY_GOAL = 1.9
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Teacher-forced closeness of a quantized engine's greedy output to a reference engine."""
+
+    num_tokens: int
+    argmax_agreement: float  # fraction of positions where the reference's argmax is the token
+    mean_abs_logprob_error: float  # mean |logprob_quantized - logprob_reference| of the tokens
+
+
+def teacher_forced_quality(
+    quantized: Engine, reference: Engine, prompts: Sequence[Sequence[int]], max_tokens: int
+) -> Quality:
+    """Generate greedily with `quantized` (keeping each token's logprob), then run prompt +
+    generated tokens through `reference` with prompt logits, and compare at the generated
+    positions. Free-running agreement would not measure closeness: random models diverge
+    after the first differing token under any KV quantization."""
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    outputs = quantized.generate(prompts, sampling)
+    scoring = SamplingParams(max_tokens=1, temperature=0.0, return_prompt_logits=True)
+    rescored = reference.generate([list(o.prompt_token_ids) + list(o.token_ids) for o in outputs], scoring)
+    agree, errors = 0, []
+    for out, ref in zip(outputs, rescored):
+        assert out.logprobs is not None and ref.prompt_logits is not None
+        n = len(out.prompt_token_ids)
+        rows = torch.log_softmax(ref.prompt_logits[n - 1 : n - 1 + len(out.token_ids)], dim=-1)
+        for row, token, logprob in zip(rows, out.token_ids, out.logprobs):
+            agree += int(int(row.argmax()) == token)
+            errors.append(abs(logprob.logprob - float(row[token])))
+    return Quality(len(errors), agree / len(errors), sum(errors) / len(errors))
+
+
+def _engine(ctx: BenchContext, kv_cache_dtype: str, **options: object) -> Engine:
+    return Engine.from_pretrained(
+        ctx.model_dir, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, num_threads=1, **options
+    )  # fmt: skip
+
+
+def _store(engine: Engine) -> KVBlockStore:
+    mc = engine.model_config
+    layout = KVLayout(
+        architecture=mc.architecture,
+        num_layers=mc.num_layers,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+        dtype=str(mc.dtype).removeprefix("torch."),
+        block_size=engine.config.block_size,
+        kv_dtype=str(engine.kv_spec.dtype).removeprefix("torch."),
+        kv_scales=engine.kv_scales.digest if engine.kv_scales else "none",
+    )
+    return KVBlockStore(engine.kv_caches, layout)
+
+
+def handoff_seconds(source: Engine, dest: Engine, prompt: Sequence[int], rounds: int) -> tuple[int, list[float]]:
+    """Prefill `prompt` on `source`, hold its blocks under a lease, and time `rounds` pulls of
+    its full blocks into `dest`'s blocks over the gRPC transport on loopback (source servicer
+    and receiver in this process, as tests/integration/test_kvtransfer.py runs them): pack,
+    chunking, xxh64 checksums, the socket and unpack. Returns (bytes per pull, seconds)."""
+    source.add_request("handoff", prompt, SamplingParams(max_tokens=2, temperature=0.0), hand_off=True)
+    while "handoff" not in source.held:
+        source.step()
+    held = source.held["handoff"]
+    src_ids = held.block_ids[: len(prompt) // source.config.block_size]
+    src, dst = _store(source), _store(dest)
+    seconds = asyncio.run(_grpc_pulls(src, held, src_ids, dst, rounds))
+    source.release_held("handoff")
+    return len(src_ids) * src.bytes_per_block, seconds
+
+
+async def _grpc_pulls(
+    src: KVBlockStore, held: HeldKV, src_ids: tuple[int, ...], dst: KVBlockStore, rounds: int
+) -> list[float]:
+    leases = LeaseTable(on_free=lambda _request_id: None)
+    servicer = KVTransferServicer(src, leases, KVTransferConfig())
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    servicer.register(server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    transport = create_transport("grpc")
+    seconds = []
+    try:
+        for i in range(rounds):
+            grant = leases.grant(f"handoff-{i}", held, 30.0)
+            handle = KVHandle(
+                f"handoff-{i}", "source", address, held.block_ids, held.num_tokens, src.layout,
+                held.block_hashes, time.time() + 30.0, grant.secret,
+            )  # fmt: skip
+            started = time.perf_counter()
+            await transport.pull(handle, src_ids, tuple(range(len(src_ids))), dst, 60.0)
+            seconds.append(time.perf_counter() - started)
+            await transport.release(handle, 10.0)
+    finally:
+        await transport.close()
+        await server.stop(grace=None)
+        servicer.close()
+    return seconds
+
+
+def decode_tokens_per_s(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int) -> float:
+    """Generated tokens per second over the steps after every prompt has its first token."""
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"decode-{i}", prompt, sampling)
+    started_ids: set[str] = set()
+    while len(started_ids) < len(prompts):
+        started_ids.update(o.request_id for o in engine.step() if o.new_token_ids)
+    tokens, started = 0, time.perf_counter()
+    while engine.has_unfinished():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    return tokens / (time.perf_counter() - started)
+
+
+def run(ctx: BenchContext) -> Section:
+    prompt_tokens, rounds = ctx.size(2000, 256), ctx.size(7, 2)  # 2000: the bench model's limit is 2048
+    budget_bytes, seq_tokens = 64 << 20, 512
+    concurrency, decode_tokens = ctx.size(32, 4), ctx.size(32, 4)
+    engines = {name: _engine(ctx, kv, kv_cache_bytes=budget_bytes) for name, kv in (("bf16", "auto"), ("fp8", "fp8"))}
+    vocab = engines["bf16"].model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, vocab, (prompt_tokens,), generator=gen).tolist()
+    results: dict[str, dict[str, float]] = {}
+    for name, engine in engines.items():
+        bytes_moved, seconds = handoff_seconds(engine, _engine(ctx, engine.config.kv_cache_dtype), prompt, rounds)
+        blocks_per_seq = -(-seq_tokens // engine.config.block_size)
+        prompts = [torch.randint(4, vocab, (64,), generator=gen).tolist() for _ in range(concurrency)]
+        results[name] = {
+            "bytes_per_token": engine.kv_spec.bytes_per_token,
+            "handoff_bytes": bytes_moved,
+            "handoff_s": statistics.median(seconds),
+            "num_blocks": engine.pool.num_blocks,
+            "max_seqs": engine.pool.num_blocks // blocks_per_seq,
+            "decode_tps": decode_tokens_per_s(engine, prompts, decode_tokens),
+        }
+    quality_lengths = (8, 24) if ctx.quick else (32, 96, 200, 400)
+    quality_prompts = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in quality_lengths]
+    quality = teacher_forced_quality(
+        _engine(ctx, "fp8", num_blocks=512), _engine(ctx, "auto", num_blocks=512), quality_prompts, ctx.size(32, 4)
+    )
+    bf16, fp8 = results["bf16"], results["fp8"]
+    at_most = Direction.AT_MOST
+    handoff_name = f"hand-off seconds of a {prompt_tokens}-token prompt, fp8 / bf16"
+    figures = (
+        Figure(
+            "KV bytes per token, fp8 / bf16",
+            fp8["bytes_per_token"] / bf16["bytes_per_token"],
+            "x",
+            BYTES_RATIO_GOAL,
+            at_most,
+        ),
+        Figure(handoff_name, fp8["handoff_s"] / bf16["handoff_s"], "x", BYTES_RATIO_GOAL, at_most),
+        Figure(
+            "max concurrent sequences at one KV budget, fp8 / bf16",
+            fp8["max_seqs"] / bf16["max_seqs"],
+            "x",
+            CONCURRENCY_GOAL,
+        ),
+        Figure(f"decode tokens/s at concurrency {concurrency}, fp8 / bf16", fp8["decode_tps"] / bf16["decode_tps"]),
+        Figure("teacher-forced argmax agreement, fp8 vs bf16", quality.argmax_agreement, "", AGREEMENT_GOAL),
+        Figure(
+            "mean |logprob error| of the chosen tokens", quality.mean_abs_logprob_error, "", LOGPROB_ERROR_GOAL, at_most
+        ),
+    )
+    rows = [("KV cache", "bytes/token", "hand-off MiB", "hand-off s (median)", "blocks", "max seqs", "decode tok/s")]
+    for name, r in results.items():
+        rows.append(
+            (
+                name,
+                f"{r['bytes_per_token']:.0f}",
+                f"{r['handoff_bytes'] / 2**20:.1f}",
+                f"{r['handoff_s']:.4f}",
+                f"{r['num_blocks']:.0f}",
+                f"{r['max_seqs']:.0f}",
+                f"{r['decode_tps']:.0f}",
+            )
+        )
+    setup = (
+        f"bench model in bfloat16, KV cache bf16 (auto) vs fp8 (e4m3, scales 1.0: the model has no "
+        f"kv_cache_scheme), in process, one torch thread. Hand-off: {prompt_tokens}-token prompt prefilled on "
+        f"one engine, its full blocks pulled under a lease into a second engine's blocks by the gRPC transport "
+        f"on loopback (source servicer in the same process), median of {rounds} pulls. KV budget "
+        f"{budget_bytes >> 20} MiB, sequences of {seq_tokens} tokens. Decode: {concurrency} prompts of 64 tokens, "
+        f"{decode_tokens} greedy tokens each, timed after every first token. Quality: {quality.num_tokens} "
+        "fp8-generated tokens rescored by the bf16 engine."
+    )
+    return Section("quantization", "Quantized serving: FP8 KV cache", setup, figures, tuple(rows))

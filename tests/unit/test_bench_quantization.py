@@ -1,0 +1,28 @@
+"""The `quantization` bench section (KV rows) in its quick size: the exact figures that follow
+from the bench model's shape, and the measured ones within their goals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tandem.loadtest.suite import quantization
+from tandem.loadtest.suite.context import BenchContext, write_bench_model
+from tandem.loadtest.suite.run import SECTIONS
+
+
+def test_quick_quantization_section(tmp_path: Path) -> None:
+    assert SECTIONS["quantization"] == ("Quantized serving: FP8 KV cache", "tandem.loadtest.suite.quantization")
+    ctx = BenchContext(write_bench_model(tmp_path), tmp_path, lambda _: None, quick=True)
+    section = quantization.run(ctx)
+    figures = {f.name: f for f in section.figures}
+    # bench model: 4 layers, 2 KV heads x 64 -> K+V 1024 values per token: 2048 bytes bf16, 1024 fp8
+    assert figures["KV bytes per token, fp8 / bf16"].value == 0.5
+    assert figures["max concurrent sequences at one KV budget, fp8 / bf16"].value == 2.0
+    assert [row[:2] + row[4:6] for row in section.table[1:]] == [
+        ("bf16", "2048", "2048", "64"),  # 64 MiB / 32 KiB blocks; 512-token sequences take 32 blocks
+        ("fp8", "1024", "4096", "128"),
+    ]
+    assert [row[2] for row in section.table[1:]] == ["0.5", "0.2"]  # 16 full blocks of 256 tokens
+    assert figures["teacher-forced argmax agreement, fp8 vs bf16"].met is True
+    assert figures["mean |logprob error| of the chosen tokens"].met is True
+    assert figures["decode tokens/s at concurrency 4, fp8 / bf16"].value > 0
