@@ -9,13 +9,14 @@ not the measure (random models diverge after the first differing token).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tandem.engine import Engine, EngineConfig
+from tandem.engine import Engine, EngineConfig, SamplingParams
 from tandem.engine.kv_cache import KVScales
 from tandem.loadtest.suite.quantization import teacher_forced_quality
 from tests.conftest import random_prompts
@@ -71,6 +72,21 @@ def test_scales_come_from_the_checkpoint_scheme(tiny_model_dir: Path, tmp_path: 
     del scales["model.layers.1.self_attn.v_scale"]
     with pytest.raises(ValueError, match=r"kv_cache_scheme but the weights have no model.layers.1.self_attn.v_scale"):
         KVScales.load(_checkpoint_with_scales(tiny_model_dir, tmp_path / "missing", scales), 2)
+
+
+def test_a_checkpoint_with_kv_scales_loads_and_serves_with_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The scale tensors sit beside the weights (llm-compressor's layout): the loader leaves
+    them to KVScales, and the engine's fp8 cache uses them."""
+    scales = {f"model.layers.{i}.self_attn.{kv}_scale": 0.5 + i for i in range(2) for kv in "kv"}
+    ckpt = _checkpoint_with_scales(tiny_model_dir, tmp_path / "ckpt", scales)
+    for extra in tiny_model_dir.iterdir():
+        if extra.name != "config.json":
+            shutil.copy(extra, ckpt / extra.name)
+    engine = Engine.from_pretrained(ckpt, kv_cache_dtype="fp8", num_blocks=16)
+    assert engine.kv_scales == KVScales((0.5, 1.5), (0.5, 1.5), "checkpoint")
+    out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert len(out.token_ids) == 4
+    engine.check_integrity()
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama_gqa_llama3_rope"])

@@ -24,8 +24,15 @@ from tandem.engine.quant.scheme import QuantPlan, plan_quantization, read_quanti
 from tandem.engine.quant.weights import QuantizedWeights
 from tandem.engine.rope import RotaryEmbedding
 
-# Checkpoint tensors that are derived, not learned, and that we recompute.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Checkpoint tensors that are not the model's parameters: derived ones we recompute, and the
+# FP8 KV cache scales of a `kv_cache_scheme`, which `kv_cache.KVScales` reads on its own.
+_IGNORED_SUFFIXES = (
+    "rotary_emb.inv_freq",
+    "self_attn.k_scale",
+    "self_attn.v_scale",
+    "self_attn.k_proj.output_scale",
+    "self_attn.v_proj.output_scale",
+)
 
 
 def load_model(

@@ -98,6 +98,8 @@ def plan_quantization(
     """
     if option is not None and option not in QUANTIZATION_NAMES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_NAMES} or None, got {option!r}")
+    if checkpoint_config is not None and _kv_cache_only(checkpoint_config):
+        checkpoint_config = None  # only the KV cache is quantized: kv_cache.KVScales reads its scales
     if checkpoint_config is not None:
         if option is not None:
             method = checkpoint_config.get("quant_method")
@@ -109,6 +111,12 @@ def plan_quantization(
     if option == "fp8":
         return QuantPlan("fp8", MappingProxyType({name: LOAD_TIME_FP8 for name in _decoder_linears(model)}))
     return None
+
+
+def _kv_cache_only(raw: dict[str, Any]) -> bool:
+    """A compressed-tensors config with a `kv_cache_scheme` and no weight group (llm-compressor's
+    KV-cache-only recipe): the weights are as they are."""
+    return bool(raw.get("kv_cache_scheme")) and not raw.get("config_groups")
 
 
 def _decoder_linears(model: nn.Module) -> list[str]:
