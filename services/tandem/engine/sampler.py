@@ -55,17 +55,31 @@ class Sampler:
         return tokens, logprobs
 
     def _sample_row(self, logits: torch.Tensor, p: SamplingParams, position: int) -> int:
-        scaled = logits / p.temperature  # [vocab]
-        if p.top_k is not None and p.top_k < scaled.numel():
-            kth = scaled.topk(p.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            drop = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = processed_probs(logits, p)
         generator = position_generator(p.seed, position) if p.seed is not None else self._generator
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        return int((probs / noise).argmax())
+        return sample_from(probs, generator)
+
+
+def processed_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled (temperature > 0) request draws from: float32 logits
+    `[vocab]` scaled by the temperature, top-k, softmax, then top-p. Unnormalised after
+    top-p: the kept probabilities keep their values (the exponential race does not need a
+    normalised distribution). Also the draft model's proposal distribution."""
+    scaled = logits / p.temperature  # [vocab]
+    if p.top_k is not None and p.top_k < scaled.numel():
+        kth = scaled.topk(p.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return probs
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from `probs` `[vocab]` (any non-negative weights) by the exponential race."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / noise).argmax())
