@@ -266,3 +266,15 @@ def test_the_target_as_its_own_draft_proposes_the_targets_greedy_tokens(dirs: tu
     ]
     drafts = proposer.propose(seqs, [5, 5, 5])
     assert [list(d.token_ids) for d in drafts] == [list(o.token_ids[1:]) for o in outputs]
+
+
+def test_drafts_stop_at_the_context_limit(dirs: tuple[Path, Path]) -> None:
+    proposer = _proposer(dirs)
+    prompts = random_prompts([MAX_MODEL_LEN - 2, MAX_MODEL_LEN - 1], 512, seed=11)
+    seqs = [_seq(f"m{i}", p, _table(i, MAX_MODEL_LEN)) for i, p in enumerate(prompts)]
+    drafts = proposer.propose(seqs, [5, 5])
+    assert [list(d.token_ids) for d in drafts] == [
+        _hf_greedy(dirs[1], prompts[0], 2),
+        _hf_greedy(dirs[1], prompts[1], 1),
+    ]
+    assert [proposer.num_valid_tokens("m0"), proposer.num_valid_tokens("m1")] == [MAX_MODEL_LEN - 1, MAX_MODEL_LEN - 1]

@@ -90,6 +90,7 @@ class DraftModelProposer:
         self.backend: AttentionBackend = context.backend
         self.device = context.device
         self.block_size = context.block_size
+        self.max_model_len = context.max_model_len
         self.kv_spec = KVCacheSpec(
             num_layers=model.config.num_layers,
             num_kv_heads=model.config.num_kv_heads,
@@ -108,6 +109,8 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, seqs: Seq[Sequence], num_tokens: Seq[int]) -> list[Draft]:
+        # a drafted token's position stays below the context limit
+        num_tokens = [max(0, min(k, self.max_model_len - s.num_tokens)) for s, k in zip(seqs, num_tokens)]
         drafted: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(num_tokens) if k > 0]
