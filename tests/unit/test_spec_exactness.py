@@ -1,26 +1,59 @@
 """Speculative decoding is exact under greedy: the same tokens (and logprobs, 1e-5) as the
-engine without it, on every engine path, for every proposer method in `SPEC_CONFIGS`.
+engine without it, on every engine path, for every proposer method in `METHODS`.
 
 Prompts repeat spans (a random span written three times, then a different tail), so the
 n-gram proposer finds matches in the prompt and in the model's own output; every case also
 asserts that drafts were accepted, so none can pass without verifying anything. The
-`draft_model` method joins by adding its config to `SPEC_CONFIGS`.
+`draft_model` method drafts with the target's first layer alone (its embeddings, first decoder
+layer, final norm and head: a layer-skip draft), which agrees with the target often but not
+always, so both acceptance and rejection are exercised.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tandem.engine import Engine, FinishReason, SamplingParams
 from tandem.engine.outputs import GenerationOutput
 from tests.conftest import random_prompts
 
-SPEC_CONFIGS: dict[str, str] = {
-    "ngram": '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}',
-}
+METHODS = ("ngram", "draft_model")
+
+
+def first_layer_draft(target: Path, out: Path) -> Path:
+    """A copy of `target` that keeps only decoder layer 0 (and the embeddings, norm and head)."""
+    if out.is_dir():
+        return out
+    out.mkdir()
+    config = json.loads((target / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    for file in target.iterdir():
+        if file.suffix == ".safetensors":
+            tensors = load_file(str(file))
+            save_file(
+                {k: v for k, v in tensors.items() if ".layers." not in k or ".layers.0." in k}, str(out / file.name)
+            )
+        elif file.name != "config.json":
+            shutil.copy(file, out / file.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec_configs(tiny_model_dir: Path) -> dict[str, str]:
+    draft = first_layer_draft(tiny_model_dir, tiny_model_dir.parent / "tiny-llama-first-layer")
+    return {
+        "ngram": '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}',
+        "draft_model": json.dumps({"method": "draft_model", "model": str(draft), "num_speculative_tokens": 4}),
+    }
+
+
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 
 
@@ -31,11 +64,11 @@ def repeated_prompts(vocab: int, seed: int) -> list[list[int]]:
 
 
 def run_pair(
-    path: Path, method: str, prompts: list[list[int]], params: SamplingParams, **options: object
+    path: Path, config: str, prompts: list[list[int]], params: SamplingParams, **options: object
 ) -> tuple[list[GenerationOutput], list[GenerationOutput], Engine]:
     """Generate with and without speculation on equal engines; both end drained."""
     base = Engine.from_pretrained(path, **options)
-    spec = Engine.from_pretrained(path, speculative_config=SPEC_CONFIGS[method], **options)
+    spec = Engine.from_pretrained(path, speculative_config=config, **options)
     expected, got = base.generate(prompts, params), spec.generate(prompts, params)
     for engine in (base, spec):
         engine.check_integrity()
@@ -58,27 +91,29 @@ def vocab(tiny_model_dir: Path) -> int:
     return Engine.from_pretrained(tiny_model_dir, num_blocks=1).model_config.vocab_size
 
 
-@pytest.mark.parametrize("method", list(SPEC_CONFIGS))
-def test_plain_batch_equal(method: str, tiny_model_dir: Path, vocab: int) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_plain_batch_equal(method: str, tiny_model_dir: Path, vocab: int, spec_configs: dict[str, str]) -> None:
     prompts = repeated_prompts(vocab, seed=5)
-    expected, got, spec = run_pair(tiny_model_dir, method, prompts, GREEDY, num_blocks=64)
+    expected, got, spec = run_pair(tiny_model_dir, spec_configs[method], prompts, GREEDY, num_blocks=64)
     assert_same(expected, got, spec)
     assert spec.stats.num_steps < 48  # several tokens per step
 
 
-@pytest.mark.parametrize("method", list(SPEC_CONFIGS))
-def test_chunked_prefill_equal(method: str, tiny_model_dir: Path, vocab: int) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_chunked_prefill_equal(method: str, tiny_model_dir: Path, vocab: int, spec_configs: dict[str, str]) -> None:
     prompts = repeated_prompts(vocab, seed=6)
-    expected, got, spec = run_pair(tiny_model_dir, method, prompts, GREEDY, num_blocks=64, max_prefill_chunk_tokens=5)
+    expected, got, spec = run_pair(
+        tiny_model_dir, spec_configs[method], prompts, GREEDY, num_blocks=64, max_prefill_chunk_tokens=5
+    )
     assert_same(expected, got, spec)
 
 
-@pytest.mark.parametrize("method", list(SPEC_CONFIGS))
-def test_prefix_hit_equal(method: str, tiny_model_dir: Path, vocab: int) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_prefix_hit_equal(method: str, tiny_model_dir: Path, vocab: int, spec_configs: dict[str, str]) -> None:
     first = repeated_prompts(vocab, seed=7)[3]  # 48 tokens: 3 full blocks
     second = first[:40] + first[:5]
     base = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
-    spec = Engine.from_pretrained(tiny_model_dir, num_blocks=64, speculative_config=SPEC_CONFIGS[method])
+    spec = Engine.from_pretrained(tiny_model_dir, num_blocks=64, speculative_config=spec_configs[method])
     for prompt in (first, second):
         expected, got = base.generate([prompt], GREEDY)[0], spec.generate([prompt], GREEDY)[0]
         assert list(got.token_ids) == list(expected.token_ids)
@@ -88,20 +123,22 @@ def test_prefix_hit_equal(method: str, tiny_model_dir: Path, vocab: int) -> None
     assert spec.is_drained()
 
 
-@pytest.mark.parametrize("method", list(SPEC_CONFIGS))
-def test_preemption_equal(method: str, tiny_model_dir: Path, vocab: int) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_preemption_equal(method: str, tiny_model_dir: Path, vocab: int, spec_configs: dict[str, str]) -> None:
     prompts = repeated_prompts(vocab, seed=8)
-    expected, got, spec = run_pair(tiny_model_dir, method, prompts, GREEDY, num_blocks=9, block_size=16)
+    expected, got, spec = run_pair(tiny_model_dir, spec_configs[method], prompts, GREEDY, num_blocks=9, block_size=16)
     assert_same(expected, got, spec)
     assert spec.stats.num_preemptions > 0
 
 
-@pytest.mark.parametrize("method", list(SPEC_CONFIGS))
-def test_stop_and_max_tokens_inside_accepted_runs(method: str, tiny_model_dir: Path, vocab: int) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_stop_and_max_tokens_inside_accepted_runs(
+    method: str, tiny_model_dir: Path, vocab: int, spec_configs: dict[str, str]
+) -> None:
     prompts = repeated_prompts(vocab, seed=5)
-    reference, _, _ = run_pair(tiny_model_dir, method, prompts, GREEDY, num_blocks=64)
+    reference, _, _ = run_pair(tiny_model_dir, spec_configs[method], prompts, GREEDY, num_blocks=64)
     base = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
-    spec = Engine.from_pretrained(tiny_model_dir, num_blocks=64, speculative_config=SPEC_CONFIGS[method])
+    spec = Engine.from_pretrained(tiny_model_dir, num_blocks=64, speculative_config=spec_configs[method])
     # stops and max_tokens at many positions: some land inside accepted runs
     for i in (1, 2, 3, 5, 6, 9, 11, 14, 19):
         stops = [SamplingParams(max_tokens=48, temperature=0.0, stop_token_ids=(o.token_ids[i],)) for o in reference]
@@ -117,11 +154,11 @@ def test_stop_and_max_tokens_inside_accepted_runs(method: str, tiny_model_dir: P
     assert got[0].finish_reason is FinishReason.LENGTH and len(got[0].token_ids) == 19
 
 
-@pytest.mark.parametrize("method", list(SPEC_CONFIGS))
-def test_logprobs_equal(method: str, tiny_model_dir: Path, vocab: int) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_logprobs_equal(method: str, tiny_model_dir: Path, vocab: int, spec_configs: dict[str, str]) -> None:
     prompts = repeated_prompts(vocab, seed=9)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=3)
-    expected, got, spec = run_pair(tiny_model_dir, method, prompts, params, num_blocks=64)
+    expected, got, spec = run_pair(tiny_model_dir, spec_configs[method], prompts, params, num_blocks=64)
     assert_same(expected, got, spec)
     for e, g in zip(expected, got):
         assert e.logprobs is not None and g.logprobs is not None and len(g.logprobs) == len(e.logprobs) == 32
@@ -136,12 +173,14 @@ def test_logprobs_equal(method: str, tiny_model_dir: Path, vocab: int) -> None:
             )
 
 
-@pytest.mark.parametrize("method", list(SPEC_CONFIGS))
-def test_decode_role_reserve_commit_equal(method: str, tiny_model_dir: Path, vocab: int) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_role_reserve_commit_equal(
+    method: str, tiny_model_dir: Path, vocab: int, spec_configs: dict[str, str]
+) -> None:
     """A pulled prompt (KV copied into the reservation), then speculation: the same tokens."""
     prefill = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
     single = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
-    decode = Engine.from_pretrained(tiny_model_dir, num_blocks=64, speculative_config=SPEC_CONFIGS[method])
+    decode = Engine.from_pretrained(tiny_model_dir, num_blocks=64, speculative_config=spec_configs[method])
     for i, prompt in enumerate(repeated_prompts(vocab, seed=10)):
         expected = list(single.generate([prompt], GREEDY)[0].token_ids)
         rid = f"r{i}"

@@ -137,6 +137,7 @@ class Engine:
             backend=self.backend,
             max_model_len=self.max_model_len,
             seed=self.config.seed,
+            target_dir=self.model_dir,
         )
         self.stats.spec_accepted_per_position = [0] * spec.num_speculative_tokens
         return Speculator(spec, create_proposer(spec, context), self.config.max_num_batched_tokens)

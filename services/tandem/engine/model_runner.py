@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.attention import AttentionBackend, AttentionMetadata
+from tandem.engine.attention import AttentionBackend
+from tandem.engine.batch_inputs import QueryChunk, build_batch_inputs
 from tandem.engine.batcher import StepPlan
 from tandem.engine.models import LlamaForCausalLM
 
@@ -44,47 +45,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        max_blocks = max(len(c.seq.block_table) for c in plan.chunks)
-        block_tables = torch.zeros((len(plan.chunks), max_blocks), dtype=torch.int32)
-        for i, chunk in enumerate(plan.chunks):
-            seq = chunk.seq
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            if chunk.draft is not None:  # the chunk ends with the drafts, after all of token_ids
-                input_ids.extend(chunk.draft.token_ids)
-            pos = torch.arange(start, end, dtype=torch.int64)
-            table = torch.tensor(seq.block_table, dtype=torch.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            block_tables[i, : len(seq.block_table)] = table.to(torch.int32)
-            query_lens.append(chunk.num_tokens)
-            seq_lens.append(end)
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        query_start_loc[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(self.device),
-            query_start_loc=query_start_loc.to(self.device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            block_tables=block_tables.to(self.device),
-            query_lens=tuple(query_lens),
-            seq_lens_host=tuple(seq_lens),
-            block_size=bs,
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            torch.cat(positions).to(self.device),
-            self.kv_caches,
-            meta,
-            self.backend,
-            self.kv_scales,
-        )
-        starts = query_start_loc.tolist()
+        chunks = [
+            QueryChunk(
+                # a draft chunk ends with the drafts, after all of token_ids
+                [*c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens]]
+                + ([*c.draft.token_ids] if c.draft is not None else []),
+                c.seq.num_computed_tokens,
+                c.seq.block_table,
+            )
+            for c in plan.chunks
+        ]
+        batch = build_batch_inputs(chunks, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, self.backend, self.kv_scales)
+        starts = batch.query_starts
         sample_rows = [starts[i + 1] - 1 for i, c in enumerate(plan.chunks) if c.samples and c.draft is None]
         sample_logits = self.model.compute_logits(hidden[sample_rows]).cpu()
         verify_logits: dict[str, torch.Tensor] = {}

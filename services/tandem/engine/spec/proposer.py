@@ -25,6 +25,7 @@ import importlib
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ class ProposerContext:
     """What the engine gives a proposer at construction: the target's model config (a draft
     must share its vocabulary), the device and dtype, the KV block geometry (a draft's cache
     holds `num_blocks` blocks of `block_size` at the target's block ids), the attention
-    backend, the context limit and the engine's seed."""
+    backend, the context limit and the engine's seed. `target_dir`, the target's model
+    directory, lets a draft compare tokenizer files (None: compared by config only)."""
 
     target_config: ModelConfig
     device: torch.device
@@ -66,6 +68,7 @@ class ProposerContext:
     backend: AttentionBackend
     max_model_len: int
     seed: int
+    target_dir: Path | None = None
 
 
 class Proposer(Protocol):
