@@ -96,7 +96,10 @@ def test_plain_batch_equal(method: str, tiny_model_dir: Path, vocab: int, spec_c
     prompts = repeated_prompts(vocab, seed=5)
     expected, got, spec = run_pair(tiny_model_dir, spec_configs[method], prompts, GREEDY, num_blocks=64)
     assert_same(expected, got, spec)
-    assert spec.stats.num_steps < 48  # several tokens per step
+    stats = spec.stats
+    assert stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens > 0  # drafts accepted and rejected
+    if method == "ngram":  # the repeated spans make most n-gram drafts right
+        assert stats.num_steps < 48  # several tokens per step
 
 
 @pytest.mark.parametrize("method", METHODS)
