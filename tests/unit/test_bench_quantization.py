@@ -11,7 +11,10 @@ from tandem.loadtest.suite.run import SECTIONS
 
 
 def test_quick_quantization_section(tmp_path: Path) -> None:
-    assert SECTIONS["quantization"] == ("Quantized serving: FP8 KV cache", "tandem.loadtest.suite.quantization")
+    assert SECTIONS["quantization"] == (
+        "Quantized serving: FP8 KV cache and quantized weights",
+        "tandem.loadtest.suite.quantization",
+    )
     ctx = BenchContext(write_bench_model(tmp_path), tmp_path, lambda _: None, quick=True)
     section = quantization.run(ctx)
     figures = {f.name: f for f in section.figures}
@@ -26,3 +29,14 @@ def test_quick_quantization_section(tmp_path: Path) -> None:
     assert figures["teacher-forced argmax agreement, fp8 vs bf16"].met is True
     assert figures["mean |logprob error| of the chosen tokens"].met is True
     assert figures["decode tokens/s at concurrency 4, fp8 / bf16"].value > 0
+    # weights: fp8 / int8 values plus float32 scales, about half of bf16 (exact bytes: test_quantized_checkpoints)
+    weight_ratios = {name: f.value for name, f in figures.items() if name.startswith("resident weight bytes")}
+    assert sorted(weight_ratios) == [
+        "resident weight bytes, fp8 (load) / bf16",
+        "resident weight bytes, fp8 w8a8 / bf16",
+        "resident weight bytes, int8 w8a16 (channel) / bf16",
+        "resident weight bytes, int8 w8a16 (group 128) / bf16",
+    ]
+    assert all(0.5 < ratio < 0.6 for ratio in weight_ratios.values())
+    assert section.notes[0].split()[:3] == ["weights", "resident", "MiB"]
+    assert [line.split()[0] for line in section.notes[1:]] == ["bf16", "fp8", "int8", "int8", "fp8"]

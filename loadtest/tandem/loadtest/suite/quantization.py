@@ -11,6 +11,9 @@ Measured in process on the bench model in bfloat16 (no servers, so the section s
 5. Teacher-forced quality (`teacher_forced_quality`): the fp8 engine's greedy tokens scored by
    the unquantized engine. Goals from issue 18: argmax agreement >= 0.85, mean |logprob
    difference| of the chosen tokens <= 0.1.
+6. Weights (`bench/quant_weights.py`): resident weight bytes of real compressed-tensors
+   checkpoints of the bench model (FP8 W8A8, INT8 W8A16 per channel and per group) and of
+   `--quantization fp8`, against bf16, with their teacher-forced quality against bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import KVTransferServicer
 from tandem.kvtransfer.leases import LeaseTable
+from tandem.loadtest.bench.quant_weights import HEADERS, weight_rows
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Direction, Figure, Section
 
@@ -180,10 +184,13 @@ def run(ctx: BenchContext) -> Section:
     quality = teacher_forced_quality(
         _engine(ctx, "fp8", num_blocks=512), _engine(ctx, "auto", num_blocks=512), quality_prompts, ctx.size(32, 4)
     )
+    weights = weight_rows(
+        ctx.model_dir, ctx.work_dir / "quantized", num_prompts=ctx.size(4, 1), new_tokens=ctx.size(32, 4)
+    )
     bf16, fp8 = results["bf16"], results["fp8"]
     at_most = Direction.AT_MOST
     handoff_name = f"hand-off seconds of a {prompt_tokens}-token prompt, fp8 / bf16"
-    figures = (
+    figures: tuple[Figure, ...] = (
         Figure(
             "KV bytes per token, fp8 / bf16",
             fp8["bytes_per_token"] / bf16["bytes_per_token"],
@@ -203,6 +210,9 @@ def run(ctx: BenchContext) -> Section:
         Figure(
             "mean |logprob error| of the chosen tokens", quality.mean_abs_logprob_error, "", LOGPROB_ERROR_GOAL, at_most
         ),
+    )
+    figures += tuple(
+        Figure(f"resident weight bytes, {w.name} / bf16", w.ratio_to_bf16, "x") for w in weights if w.name != "bf16"
     )
     rows = [("KV cache", "bytes/token", "hand-off MiB", "hand-off s (median)", "blocks", "max seqs", "decode tok/s")]
     for name, r in results.items():
@@ -226,4 +236,13 @@ def run(ctx: BenchContext) -> Section:
         f"{decode_tokens} greedy tokens each, timed after every first token. Quality: {quality.num_tokens} "
         "fp8-generated tokens rescored by the bf16 engine."
     )
-    return Section("quantization", "Quantized serving: FP8 KV cache", setup, figures, tuple(rows))
+    cells = [HEADERS, *(w.cells() for w in weights)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
+    notes = tuple("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    setup += (
+        f" Weights: bench model checkpoints written with compressed-tensors, {ctx.size(4, 1)} prompts of 64 tokens "
+        f"and {ctx.size(32, 4)} bf16-greedy tokens, teacher-forced against bf16 (table below)."
+    )
+    return Section(
+        "quantization", "Quantized serving: FP8 KV cache and quantized weights", setup, figures, tuple(rows), notes
+    )

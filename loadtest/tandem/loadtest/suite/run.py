@@ -35,7 +35,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "gateway": ("Gateway SSE headroom and scheduler decision latency", "tandem.loadtest.suite.gateway"),
     "overload": ("Overload sweep: goodput under admission control", "tandem.loadtest.suite.overload"),
     "structured": ("Structured output: JSON-schema decode and compile time", "tandem.loadtest.suite.structured"),
-    "quantization": ("Quantized serving: FP8 KV cache", "tandem.loadtest.suite.quantization"),
+    "quantization": ("Quantized serving: FP8 KV cache and quantized weights", "tandem.loadtest.suite.quantization"),
 }
 REPO_ROOT = Path(__file__).resolve().parents[4]
 
