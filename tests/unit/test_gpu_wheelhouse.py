@@ -23,9 +23,12 @@ from tandem.loadtest.gpu.wheelhouse import (
     check_budget,
     check_downloaded,
     manifest,
+    merged_report,
     read_image_packages,
     runtime_roots,
+    split_roots,
     stub_requirements,
+    torch_bound_needs,
     wheel_sizes,
 )
 
@@ -139,8 +142,39 @@ def test_roots_from_the_real_pyproject() -> None:
         "pyyaml>=6.0",
         "httpx2>=2.16",
         "matplotlib>=3.8",
+        "xgrammar>=0.2.9",
+        "compressed-tensors>=0.20",
+        "jsonschema>=4.20",
         "openai>=1.30",  # the check's client, from the dev extra
     ]
+    plain, bound = split_roots(roots)
+    assert [str(req) for req in bound] == ["xgrammar>=0.2.9", "compressed-tensors>=0.20"]
+    assert len(plain) == len(roots) - 2 and not set(map(str, bound)) & set(map(str, plain))
+
+
+def test_torch_bound_roots_resolve_against_the_images_torch() -> None:
+    """xgrammar and compressed-tensors require torch themselves: their --no-deps report gives
+    their own wheels and, as roots of the main resolution, their needs minus torch, triton and
+    CUDA packages (and minus what does not apply on the image)."""
+    xgrammar_needs = ["apache-tvm-ffi", "numpy", "pydantic", "torch>=1.10", "triton; platform_machine == 'x86_64'"]
+    ct_needs = ["loguru", "pydantic>=2.0", "torch>=1.7", "transformers", "pywin32; sys_platform == 'win32'"]
+    bound = _report(("xgrammar", "0.2.9", xgrammar_needs), ("compressed-tensors", "0.20.1", ct_needs))
+    needs = torch_bound_needs(bound)
+    assert [str(req) for req in needs] == [
+        "apache-tvm-ffi",
+        "numpy",
+        "pydantic",
+        "loguru",
+        "pydantic>=2.0",
+        "transformers",
+    ]
+    plain = _report(("apache-tvm-ffi", "0.1.15", []), ("loguru", "0.7.3", []), ("pydantic", "2.14.4", []))
+    report = merged_report(bound, plain)
+    image = {"numpy": None, "transformers": None}
+    roots = [Requirement("xgrammar>=0.2.9"), Requirement("compressed-tensors>=0.20"), *needs]
+    assert [pin.name for pin in carried_pins(report, roots, image, [])] == [
+        "apache-tvm-ffi", "compressed-tensors", "loguru", "pydantic", "xgrammar",
+    ]  # fmt: skip
 
 
 def test_roots_need_the_client_in_the_dev_extra() -> None:

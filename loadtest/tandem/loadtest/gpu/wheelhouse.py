@@ -9,7 +9,9 @@ paths a device call carries; BUDGET_BYTES here), installed there by deploy/gpu/c
 1. Roots (`runtime_roots`): pyproject's runtime `dependencies` minus NEVER_ROOTS, plus the
    check's own client (EXTRA_ROOTS, with their specs from the `dev` extra).
 2. Closure: `pip install --dry-run --report` resolves the roots for the image's Python
-   (PIP_TARGET_FLAGS), ignoring whatever is installed here.
+   (PIP_TARGET_FLAGS), ignoring whatever is installed here. TORCH_BOUND_ROOTS (packages that
+   require torch themselves) resolve without their dependencies, against the image's torch;
+   their other requirements (`torch_bound_needs`) join the roots of the main resolution.
 3. Carried (`carried_pins`): the closure minus what the image has (`image_has`); torch, triton and
    CUDA packages in the closure are an error, never carried.
 4. `pip download --no-deps` of exactly the carried pins, MANIFEST.txt, and the budget.
@@ -42,6 +44,9 @@ BUDGET_BYTES = 40 * MIB
 # Not carried: the image has its own torch and triton (a CUDA build; ours would pull gigabytes of
 # CUDA packages); the check runs neither Ray nor Kubernetes (`tandem up` uses local processes).
 NEVER_ROOTS = frozenset({"torch", "triton", "ray", "kubernetes"})
+# Roots that require torch (or triton) themselves: carried as their own wheels, resolved with
+# --no-deps so that the image's torch serves them; their other needs are resolved as roots.
+TORCH_BOUND_ROOTS = frozenset({"xgrammar", "compressed-tensors"})
 # The check's own client for the cluster step; its spec comes from the `dev` extra.
 EXTRA_ROOTS = ("openai",)
 # The generated stubs (services/tandem/common/pb) check these two versions at import, so an image
@@ -139,6 +144,29 @@ def closure_pins(report: Mapping[str, Any]) -> dict[str, Pin]:
         pin = Pin(canonicalize_name(metadata["name"]), metadata["version"], requires)
         pins[pin.name] = pin
     return pins
+
+
+def split_roots(roots: Sequence[Requirement]) -> tuple[list[Requirement], list[Requirement]]:
+    """(roots resolved with their dependencies, TORCH_BOUND_ROOTS resolved without)."""
+    bound = [req for req in roots if canonicalize_name(req.name) in TORCH_BOUND_ROOTS]
+    return [req for req in roots if req not in bound], bound
+
+
+def torch_bound_needs(report: Mapping[str, Any]) -> list[Requirement]:
+    """What the torch-bound packages of a --no-deps report require on the image, except torch,
+    triton and CUDA packages (the image's serve): roots for the main resolution."""
+    needs = [
+        req
+        for pin in closure_pins(report).values()
+        for req in pin.requires
+        if _applies(req) and not is_never_carried(canonicalize_name(req.name))
+    ]
+    return list({str(req): req for req in needs}.values())
+
+
+def merged_report(*reports: Mapping[str, Any]) -> dict[str, Any]:
+    """One report whose `install` list holds every report's packages."""
+    return {"version": "1", "install": [item for report in reports for item in report["install"]]}
 
 
 def is_never_carried(name: str) -> bool:
@@ -256,13 +284,18 @@ def _pip(args: Sequence[str]) -> None:
         raise WheelhouseError(f"pip {args[0]} failed (exit {result.returncode}): {' '.join(command)}")
 
 
-def resolve(roots: Sequence[Requirement], scratch: Path) -> dict[str, Any]:
-    """The closure of `roots` for the image's Python: pip's install report (format 1)."""
+def resolve(roots: Sequence[Requirement], scratch: Path, no_deps: bool = False) -> dict[str, Any]:
+    """The closure of `roots` for the image's Python (just `roots` with `no_deps`): pip's
+    install report (format 1)."""
+    if not roots:
+        return {"version": "1", "install": []}
+    scratch.mkdir(parents=True, exist_ok=True)
     report = scratch / "report.json"
     _pip(
         [
             "install", "--quiet", "--dry-run", "--ignore-installed", f"--report={report}",
-            f"--target={scratch / 'target'}", *PIP_TARGET_FLAGS, *map(str, roots),
+            f"--target={scratch / 'target'}", *PIP_TARGET_FLAGS, *(["--no-deps"] if no_deps else []),
+            *map(str, roots),
         ]
     )  # fmt: skip
     loaded: dict[str, Any] = json.loads(report.read_text())
@@ -291,8 +324,12 @@ def main(argv: Sequence[str]) -> int:
         roots = runtime_roots((root / "pyproject.toml").read_text())
         image = read_image_packages((root / "deploy/gpu/image-packages.txt").read_text())
         stubs = stub_requirements((pb / "tandem_pb2.py").read_text(), (pb / "tandem_pb2_grpc.py").read_text())
+        plain, bound = split_roots(roots)
         with tempfile.TemporaryDirectory(prefix="gpu-wheels-") as scratch:
-            pins = carried_pins(resolve(roots, Path(scratch)), roots, image, stubs)
+            bound_report = resolve(bound, Path(scratch) / "torch-bound", no_deps=True)
+            needs = torch_bound_needs(bound_report)
+            report = merged_report(bound_report, resolve([*plain, *needs], Path(scratch) / "closure"))
+            pins = carried_pins(report, [*roots, *needs], image, stubs)
         download(pins, args.dest)
         sizes = wheel_sizes(args.dest)
         check_downloaded(pins, sizes)
