@@ -55,7 +55,7 @@ def find_cycle(tokens: Sequence[int], min_repeats: int, max_period: int = MAX_PE
     p-periodic and holds at least `min_repeats` whole periods, with `start` as small as it can
     be for that p; None if there is none."""
     n = len(tokens)
-    for period in range(1, max_period + 1):
+    for period in range(1, min(max_period, n) + 1):
         start = n - period
         while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:
             start -= 1
