@@ -36,6 +36,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "overload": ("Overload sweep: goodput under admission control", "tandem.loadtest.suite.overload"),
     "structured": ("Structured output: JSON-schema decode and compile time", "tandem.loadtest.suite.structured"),
     "quantization": ("Quantized serving: FP8 KV cache and quantized weights", "tandem.loadtest.suite.quantization"),
+    "speculative": ("Speculative decoding: n-gram and draft model", "tandem.loadtest.suite.speculative"),
 }
 REPO_ROOT = Path(__file__).resolve().parents[4]
 
