@@ -7,7 +7,7 @@ Lifecycle of one pull (decode worker D, prefill worker P, same host id):
 2. P (`ShmKVServicer.PullKVShm`) refuses what PullKV refuses, with the same codes (layout:
    FAILED_PRECONDITION; malformed: INVALID_ARGUMENT; lease, secret, block ids: NOT_FOUND; block
    hashes: FAILED_PRECONDITION "block hashes differ ..."), and another host id
-   (FAILED_PRECONDITION). Holding the lease checked out, it packs the blocks into a new
+   (PERMISSION_DENIED). Holding the lease checked out, it packs the blocks into a new
    segment in a thread, computes its xxh64, and answers name, size and checksum. It tracks the
    segment until the receiver took it, the lease ended or the receiver died (its janitor).
 3. D opens and unlinks the segment, checks its size and xxh64 against the answer, and only
@@ -110,9 +110,9 @@ class ShmKVServicer:
         mismatch = self.store.layout.mismatch(theirs)
         if mismatch is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
-        if request.host_id != self.host_id:
+        if request.host_id != self.host_id:  # REFUSED at the receiver: it falls back to the network
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.PERMISSION_DENIED,
                 f"receiver host id {request.host_id[:64]!r} is not this host's ({self.host_id!r})",
             )
         if not 0 < request.receiver_pid < 2**22 or not 0 < len(request.block_ids) <= self.config.max_blocks_per_pull:
