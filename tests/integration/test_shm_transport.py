@@ -25,10 +25,8 @@ import grpc
 import pytest
 import torch
 
-from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer.base import FailureReason, KVTransferError
-from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import GrpcTransport

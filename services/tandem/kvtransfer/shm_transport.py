@@ -52,7 +52,7 @@ JANITOR_PERIOD_S = 0.5  # how often the source frees segments nobody will take
 
 def checksum(view: torch.Tensor) -> int:
     """xxh64 of a CPU uint8 tensor's bytes."""
-    return xxhash.xxh64_intdigest(memoryview(view.numpy()))
+    return xxhash.xxh64_intdigest(view.numpy().data)
 
 
 class ShmKVServicer:
