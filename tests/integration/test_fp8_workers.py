@@ -34,7 +34,7 @@ LENGTHS = [1, 16, 17, 40, 100]
 
 @pytest.fixture(scope="module", params=["grpc", "torch"])
 def fp8_workers(request, tiny_model_dir: Path):
-    transport = ("--kv-transport", request.param)
+    transport = ("--kv-transport", request.param, "--no-kv-shm")  # the network transports, not same-host
     fp8 = ("--kv-cache-dtype", "fp8", *transport)
     p = start_worker("prefill", tiny_model_dir, *fp8, worker_id=f"p-fp8-{request.param}")
     d = start_worker("decode", tiny_model_dir, *fp8, worker_id=f"d-fp8-{request.param}")

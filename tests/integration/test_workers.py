@@ -44,7 +44,8 @@ def reference(tiny_model_dir: Path) -> Engine:
 @pytest.fixture(scope="module", params=["grpc", "torch"])
 def pair(request, tiny_model_dir: Path, redis_server):
     transport = request.param
-    common = ("--redis", redis_server.url, "--kv-transport", transport, "--heartbeat-ttl-s", "2")
+    # --no-kv-shm: these pairs share a host, and these tests are about the network transports
+    common = ("--redis", redis_server.url, "--kv-transport", transport, "--heartbeat-ttl-s", "2", "--no-kv-shm")
     p = start_worker("prefill", tiny_model_dir, *common, worker_id=f"p-{transport}")
     d = start_worker("decode", tiny_model_dir, *common, worker_id=f"d-{transport}")
     yield transport, p, d

@@ -41,6 +41,7 @@ def worker_fields(info: WorkerInfo) -> dict[str, str]:
         "block_hash_version": str(info.block_hash_version),
         "kv_epoch": str(info.kv_epoch),
         "kv_cache_dtype": info.kv_cache_dtype,
+        "host_id": info.host_id,
     }
     if info.reference_hash is not None:
         fields["reference_hash"] = f"{info.reference_hash:016x}"
@@ -92,6 +93,7 @@ def parse_worker(worker_id: str, fields: Mapping[bytes, bytes], malformed: LogTh
             reference_hash=int(_text(fields, "reference_hash"), 16) if b"reference_hash" in fields else None,
             kv_epoch=_int(fields, "kv_epoch") if b"kv_epoch" in fields else 0,
             kv_cache_dtype=_text(fields, "kv_cache_dtype") if b"kv_cache_dtype" in fields else "",
+            host_id=_text(fields, "host_id") if b"host_id" in fields else "",
         )
     except (ValueError, UnicodeDecodeError) as exc:
         malformed.warning("worker", "skipping malformed worker entry %r: %s", worker_id[:160], str(exc)[:160])

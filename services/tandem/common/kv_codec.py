@@ -34,6 +34,7 @@ def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
         block_hashes=handle.block_hashes,
         lease_deadline_unix_s=handle.lease_deadline_unix_s,
         lease_secret=handle.lease_secret,
+        source_host_id=handle.source_host_id,
     )
 
 
@@ -44,6 +45,8 @@ def handle_from_proto(msg: pb.KVHandle) -> KVHandle:
         raise ValueError("KV handle needs a request_id and a source_address")
     if len(msg.request_id) > MAX_HANDLE_ID_CHARS or len(msg.source_worker_id) > MAX_HANDLE_ID_CHARS:
         raise ValueError(f"KV handle ids must have at most {MAX_HANDLE_ID_CHARS} characters")
+    if len(msg.source_host_id) > MAX_HANDLE_ID_CHARS:
+        raise ValueError(f"KV handle source_host_id must have at most {MAX_HANDLE_ID_CHARS} characters")
     if len(msg.source_address) > MAX_ADDRESS_CHARS:
         raise ValueError(f"KV handle source_address must have at most {MAX_ADDRESS_CHARS} characters")
     if not math.isfinite(msg.lease_deadline_unix_s):
@@ -68,6 +71,7 @@ def handle_from_proto(msg: pb.KVHandle) -> KVHandle:
         block_hashes=tuple(msg.block_hashes),
         lease_deadline_unix_s=msg.lease_deadline_unix_s,
         lease_secret=msg.lease_secret,
+        source_host_id=msg.source_host_id,
     )
 
 
@@ -93,6 +97,29 @@ class PullKVRequest:
     max_chunk_bytes: int
     lease_secret: bytes = field(repr=False)
     block_hashes: tuple[int, ...]  # what the receiver expects block_ids to hold, one per id
+    host_id: str = ""  # PullKVShm: the receiver's host id
+    receiver_pid: int = 0  # PullKVShm: the receiver's pid
+
+
+@dataclass(frozen=True)
+class ShmSegment:
+    """PullKVShm's answer: the file `name` in the source's shared-memory directory holds the
+    packed blocks, `size_bytes` of them, whose xxh64 is `checksum`."""
+
+    name: str
+    size_bytes: int
+    checksum: int
+
+
+def shm_segment_to_bytes(segment: ShmSegment) -> bytes:
+    return pb.ShmSegment(
+        name=segment.name, size_bytes=segment.size_bytes, checksum=segment.checksum
+    ).SerializeToString()
+
+
+def shm_segment_from_bytes(raw: bytes) -> ShmSegment:
+    msg = pb.ShmSegment.FromString(raw)
+    return ShmSegment(msg.name, msg.size_bytes, msg.checksum)
 
 
 @dataclass(frozen=True)
@@ -131,6 +158,8 @@ def pull_kv_request_to_bytes(request: PullKVRequest) -> bytes:
         max_chunk_bytes=request.max_chunk_bytes,
         lease_secret=request.lease_secret,
         block_hashes=request.block_hashes,
+        host_id=request.host_id,
+        receiver_pid=request.receiver_pid,
     ).SerializeToString()
 
 
@@ -146,7 +175,14 @@ def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
     msg = pb.PullKVRequest.FromString(raw)
     hashes = _expected_hashes(msg)
     return PullKVRequest(
-        msg.request_id, tuple(msg.block_ids), msg.layout, msg.max_chunk_bytes, msg.lease_secret, hashes
+        msg.request_id,
+        tuple(msg.block_ids),
+        msg.layout,
+        msg.max_chunk_bytes,
+        msg.lease_secret,
+        hashes,
+        msg.host_id,
+        msg.receiver_pid,
     )
 
 

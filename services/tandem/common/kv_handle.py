@@ -35,6 +35,8 @@ class KVHandle:
     # Empty only in handles that never reach a source (tests, benchmarks that build one by
     # hand); the codec refuses a handle from a peer whose secret is not LEASE_SECRET_BYTES long.
     lease_secret: bytes = field(default=b"", repr=False)
+    # The source's host id when it serves same-host pulls (`tandem.common.host_id`); "": it does not.
+    source_host_id: str = ""
 
     def check(self, layout: KVLayout, request_id: str, num_prompt_tokens: int) -> None:
         """The receiver's one check of a handle, before it reserves anything: `layout` is the

@@ -44,6 +44,14 @@ class WorkerMetrics:
         self._kv_transfer_failures = Counter(
             "tandem_kv_transfer_failures", "Failed KV pulls by reason", [*names, "reason"], registry=r
         )
+        # Decode role: successful pulls by the transport that moved them ("shm": same host), and
+        # same-host attempts that fell back to the network, by the reason of the failure.
+        self._kv_pulls = Counter(
+            "tandem_kv_pulls", "Successful KV pulls by transport", [*names, "transport"], registry=r
+        )
+        self._kv_shm_fallbacks = Counter(
+            "tandem_kv_shm_fallbacks", "Same-host KV pulls redone over the network", [*names, "reason"], registry=r
+        )
         # Decode role: KV handles not used (their hashes are not the prompt's, or their source
         # is not a registered, compatible prefill worker); each is also a recompute.
         self._kv_handle_rejections = Counter(
@@ -111,6 +119,11 @@ class WorkerMetrics:
 
     def kv_transfer_failure(self, reason: str) -> None:
         self._kv_transfer_failures.labels(**self._labels, reason=reason).inc()
+
+    def kv_pull(self, transport: str, shm_fallback: str) -> None:
+        self._kv_pulls.labels(**self._labels, transport=transport).inc()
+        if shm_fallback:
+            self._kv_shm_fallbacks.labels(**self._labels, reason=shm_fallback).inc()
 
     def kv_handle_rejected(self, reason: str) -> None:
         self._kv_handle_rejections.labels(**self._labels, reason=reason).inc()

@@ -81,6 +81,7 @@ class WorkerInfo:
     reference_hash: int | None = None
     kv_epoch: int = 0
     kv_cache_dtype: str = ""  # `--kv-cache-dtype` (auto, fp8, ...); "": not published (an older worker)
+    host_id: str = ""  # `tandem.common.host_id`: equal ids may share memory; "": not published (an older worker)
 
     def __post_init__(self) -> None:
         check_name("worker_id", self.worker_id)
@@ -101,6 +102,8 @@ class WorkerInfo:
         if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref <= _UINT64_MAX):
             raise ValueError(f"reference_hash must be None or an unsigned 64-bit int, got {ref!r}")
         _check_non_negative(kv_epoch=self.kv_epoch)
+        if not isinstance(self.host_id, str) or len(self.host_id) > 128:
+            raise ValueError(f"host_id must be a string of at most 128 characters, got {self.host_id!r}")
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,7 @@ class DecodeServicer(WorkerServicerBase):
         worker.metrics.kv_transfer_bytes.inc(stats.bytes_moved)
         worker.metrics.kv_transfer_blocks.inc(stats.num_blocks)
         worker.metrics.kv_transfer_seconds.observe(stats.seconds)
+        worker.metrics.kv_pull(stats.transport or self.transport.name, stats.shm_fallback)
         header.num_pulled_blocks = stats.num_blocks
         return stats.bytes_moved
 

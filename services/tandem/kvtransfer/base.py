@@ -67,6 +67,8 @@ class TransferStats:
     seconds: float
     num_blocks: int
     num_chunks: int
+    transport: str = ""  # the transport that moved the bytes ("shm", "grpc", ...); "": not said
+    shm_fallback: str = ""  # the FailureReason value of a same-host attempt that fell back; "": none
 
     @property
     def mb_per_s(self) -> float:

@@ -56,6 +56,24 @@ class KVTransferConfig:
     max_blocks_per_pull: int = field(
         default=65536, metadata={"flag": "kv-max-blocks-per-pull", "help": "a peer asking for more is refused"}
     )
+    shm: bool = field(
+        default=True,
+        metadata={
+            "flag": "kv-shm",
+            "help": "same-host hand-off through shared memory when the source reports this host id "
+            "(the network transport stays the fallback)",
+        },
+    )
+    shm_dir: str = field(
+        default="/dev/shm", metadata={"flag": "kv-shm-dir", "help": "where same-host KV segments live (tmpfs)"}
+    )
+    host_id: str = field(
+        default="",
+        metadata={
+            "flag": "kv-host-id",
+            "help": "this host's id for same-host hand-off (default: $TANDEM_HOST_ID, else boot id + hostname)",
+        },
+    )
     token: ClusterToken | None = field(
         default=None, metadata={"no_flag": "the worker's cluster token, presented to peers (None: insecure plane)"}
     )
@@ -73,6 +91,10 @@ class KVTransferConfig:
         for name in ("max_inflight_sends", "max_pairs", "max_blocks_per_pull"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.shm_dir.startswith("/"):
+            raise ValueError(f"shm_dir must be an absolute path, got {self.shm_dir!r}")
+        if len(self.host_id) > 128:
+            raise ValueError(f"host_id must have at most 128 characters, got {len(self.host_id)}")
         if self.max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0, got {self.max_staging_bytes}")
         if not self.bind_host or self.bind_host in ("0.0.0.0", "::"):

@@ -134,6 +134,7 @@ class PrefillServicer(WorkerServicerBase):
                 block_hashes=held.block_hashes,
                 lease_deadline_unix_s=grant.deadline_unix_s,
                 lease_secret=grant.secret,
+                source_host_id=worker.host_id if worker.config.kv_transfer.shm else "",
             )
         return codec.PrefillResult(
             first_token=out.new_token_ids[0] if out.new_token_ids else None,  # none: max_tokens 0

@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import queue
 import signal
 import sys
@@ -48,6 +49,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.cluster_state import ClusterState, connect
+from tandem.common.host_id import local_host_id
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.request import SamplingParams
@@ -59,6 +61,7 @@ from tandem.engine.outputs import RequestOutput
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.leases import LeaseTable
+from tandem.kvtransfer.same_host import with_same_host
 from tandem.worker.config import WorkerConfig
 from tandem.worker.health import READINESS_SERVICE, watch_step_loop
 from tandem.worker.heartbeat import Heartbeat
@@ -121,9 +124,13 @@ class Worker:
         self._streams = OutputStreams(self._count_finished)
         self.loop.add_tick(self._tick)
         self.kv_store = KVBlockStore(self.engine.kv_caches, self.layout)
-        self.transport = create_transport(
-            config.kv_transfer.transport,
-            dataclasses.replace(config.kv_transfer, bind_host=config.advertised, token=config.plane.token),
+        # published in the registration and in KV handles: equal ids hand KV over in shared memory
+        self.host_id = config.kv_transfer.host_id or local_host_id(os.environ)
+        transport_config = dataclasses.replace(
+            config.kv_transfer, bind_host=config.advertised, token=config.plane.token, host_id=self.host_id
+        )
+        self.transport = with_same_host(
+            create_transport(config.kv_transfer.transport, transport_config), transport_config
         )
 
     # ---- used by the role servicers --------------------------------------------------------
@@ -295,6 +302,7 @@ class Worker:
             reference_hash=reference_block_hash(self.engine.model_id, self.layout.block_size),
             kv_epoch=self._events.epoch,
             kv_cache_dtype=self.config.engine.kv_cache_dtype,
+            host_id=self.host_id,
         )
         self._heartbeat = Heartbeat(
             state,

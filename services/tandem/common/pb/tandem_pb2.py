@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/common/pb/tandem.proto\x12\ttandem.v1\"\xa5\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\t \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x03\x88\x01\x01\x12\x1c\n\x14logit_bias_token_ids\x18\x0c \x03(\x03\x12\x19\n\x11logit_bias_values\x18\r \x03(\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12-\n\tbad_words\x18\x0f \x03(\x0b\x32\x1a.tandem.v1.TokenIdSequence\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x04\x88\x01\x01\x12\x36\n\x11structured_output\x18\x14 \x01(\x0b\x32\x1b.tandem.v1.StructuredOutputB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"$\n\x0fTokenIdSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"J\n\x0ePromptLogprobs\x12)\n\x08logprobs\x18\x01 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\r\n\x05ranks\x18\x02 \x03(\r\".\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"\x8a\x01\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x03\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\"\xd2\x01\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10source_worker_id\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x06\x12\x1d\n\x15lease_deadline_unix_s\x18\x08 \x01(\x01\x12\x14\n\x0clease_secret\x18\t \x01(\x0c\"5\n\x0ePrefillRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\"\xb3\x02\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x0f\n\x07queue_s\x18\x06 \x01(\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\x12\x32\n\x0fprompt_logprobs\x18\x08 \x01(\x0b\x32\x19.tandem.v1.PromptLogprobs\x12\x13\n\x0bprompt_only\x18\t \x01(\x08\"\x83\x01\n\rDecodeRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\x12\x18\n\x0b\x66irst_token\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandleB\x0e\n\x0c_first_token\"\x9e\x02\n\x0b\x44\x65\x63odeDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_pulled_blocks\x18\x05 \x01(\r\x12\x12\n\nrecomputed\x18\x06 \x01(\x08\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x12\x0f\n\x07\x61\x64mit_s\x18\x08 \x01(\x01\x12\x32\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x19.tandem.v1.PromptLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xe8\x01\n\x0eHealthResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x13\n\x0bheld_leases\x18\t \x01(\r\x12\x0e\n\x06layout\x18\n \x01(\t\"\x0e\n\x0c\x44rainRequest\"T\n\rDrainResponse\x12\x0c\n\x04idle\x18\x01 \x01(\x08\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x13\n\x0bheld_leases\x18\x04 \x01(\r\"\x8b\x01\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x14\n\x0clease_secret\x18\x05 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x04\"r\n\x07KVChunk\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\r\"<\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0clease_secret\x18\x02 \x01(\x0c\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xa7\x01\n\rSendKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x15\n\rstore_address\x18\x04 \x01(\t\x12\x0f\n\x07pair_id\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\r\x12\x14\n\x0clease_secret\x18\x07 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x08 \x03(\x04\"6\n\x0eSendKVResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x06*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbf\x02\n\x06Worker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x16.tandem.v1.DecodeDelta0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse2\xcd\x01\n\nKVTransfer\x12\x38\n\x06PullKV\x12\x18.tandem.v1.PullKVRequest\x1a\x12.tandem.v1.KVChunk0\x01\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse\x12=\n\x06SendKV\x12\x18.tandem.v1.SendKVRequest\x1a\x19.tandem.v1.SendKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/common/pb/tandem.proto\x12\ttandem.v1\"\xa5\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\t \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x03\x88\x01\x01\x12\x1c\n\x14logit_bias_token_ids\x18\x0c \x03(\x03\x12\x19\n\x11logit_bias_values\x18\r \x03(\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12-\n\tbad_words\x18\x0f \x03(\x0b\x32\x1a.tandem.v1.TokenIdSequence\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x04\x88\x01\x01\x12\x36\n\x11structured_output\x18\x14 \x01(\x0b\x32\x1b.tandem.v1.StructuredOutputB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"$\n\x0fTokenIdSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"J\n\x0ePromptLogprobs\x12)\n\x08logprobs\x18\x01 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\r\n\x05ranks\x18\x02 \x03(\r\".\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"\x8a\x01\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x03\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\"\xea\x01\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10source_worker_id\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x06\x12\x1d\n\x15lease_deadline_unix_s\x18\x08 \x01(\x01\x12\x14\n\x0clease_secret\x18\t \x01(\x0c\x12\x16\n\x0esource_host_id\x18\x0f \x01(\t\"5\n\x0ePrefillRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\"\xb3\x02\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x0f\n\x07queue_s\x18\x06 \x01(\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\x12\x32\n\x0fprompt_logprobs\x18\x08 \x01(\x0b\x32\x19.tandem.v1.PromptLogprobs\x12\x13\n\x0bprompt_only\x18\t \x01(\x08\"\x83\x01\n\rDecodeRequest\x12#\n\x07request\x18\x01 \x01(\x0b\x32\x12.tandem.v1.Request\x12\x18\n\x0b\x66irst_token\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandleB\x0e\n\x0c_first_token\"\x9e\x02\n\x0b\x44\x65\x63odeDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_pulled_blocks\x18\x05 \x01(\r\x12\x12\n\nrecomputed\x18\x06 \x01(\x08\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x12\x0f\n\x07\x61\x64mit_s\x18\x08 \x01(\x01\x12\x32\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x19.tandem.v1.PromptLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xe8\x01\n\x0eHealthResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x1a\n\x12layout_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x13\n\x0bheld_leases\x18\t \x01(\r\x12\x0e\n\x06layout\x18\n \x01(\t\"\x0e\n\x0c\x44rainRequest\"T\n\rDrainResponse\x12\x0c\n\x04idle\x18\x01 \x01(\x08\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x13\n\x0bheld_leases\x18\x04 \x01(\r\"\xb2\x01\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x14\n\x0clease_secret\x18\x05 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x04\x12\x0f\n\x07host_id\x18\n \x01(\t\x12\x14\n\x0creceiver_pid\x18\x0b \x01(\r\"@\n\nShmSegment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\"r\n\x07KVChunk\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\r\"<\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0clease_secret\x18\x02 \x01(\x0c\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xa7\x01\n\rSendKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x15\n\rstore_address\x18\x04 \x01(\t\x12\x0f\n\x07pair_id\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\r\x12\x14\n\x0clease_secret\x18\x07 \x01(\x0c\x12\x14\n\x0c\x62lock_hashes\x18\x08 \x03(\x04\"6\n\x0eSendKVResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x06*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbf\x02\n\x06Worker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x16.tandem.v1.DecodeDelta0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse2\x8b\x02\n\nKVTransfer\x12\x38\n\x06PullKV\x12\x18.tandem.v1.PullKVRequest\x1a\x12.tandem.v1.KVChunk0\x01\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse\x12=\n\x06SendKV\x12\x18.tandem.v1.SendKVRequest\x1a\x19.tandem.v1.SendKVResponse\x12<\n\tPullKVShm\x12\x18.tandem.v1.PullKVRequest\x1a\x15.tandem.v1.ShmSegmentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.common.pb.tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=3003
-  _globals['_WORKERROLE']._serialized_end=3093
-  _globals['_FINISHREASON']._serialized_start=3096
-  _globals['_FINISHREASON']._serialized_end=3241
+  _globals['_WORKERROLE']._serialized_start=3132
+  _globals['_WORKERROLE']._serialized_end=3222
+  _globals['_FINISHREASON']._serialized_start=3225
+  _globals['_FINISHREASON']._serialized_end=3370
   _globals['_SAMPLINGPARAMS']._serialized_start=45
   _globals['_SAMPLINGPARAMS']._serialized_end=594
   _globals['_TOKENIDSEQUENCE']._serialized_start=596
@@ -48,41 +48,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=899
   _globals['_TOKENLOGPROB']._serialized_end=993
   _globals['_KVHANDLE']._serialized_start=996
-  _globals['_KVHANDLE']._serialized_end=1206
-  _globals['_PREFILLREQUEST']._serialized_start=1208
-  _globals['_PREFILLREQUEST']._serialized_end=1261
-  _globals['_PREFILLRESPONSE']._serialized_start=1264
-  _globals['_PREFILLRESPONSE']._serialized_end=1571
-  _globals['_DECODEREQUEST']._serialized_start=1574
-  _globals['_DECODEREQUEST']._serialized_end=1705
-  _globals['_DECODEDELTA']._serialized_start=1708
-  _globals['_DECODEDELTA']._serialized_end=1994
-  _globals['_ABORTREQUEST']._serialized_start=1996
-  _globals['_ABORTREQUEST']._serialized_end=2030
-  _globals['_ABORTRESPONSE']._serialized_start=2032
-  _globals['_ABORTRESPONSE']._serialized_end=2062
-  _globals['_HEALTHREQUEST']._serialized_start=2064
-  _globals['_HEALTHREQUEST']._serialized_end=2079
-  _globals['_HEALTHRESPONSE']._serialized_start=2082
-  _globals['_HEALTHRESPONSE']._serialized_end=2314
-  _globals['_DRAINREQUEST']._serialized_start=2316
-  _globals['_DRAINREQUEST']._serialized_end=2330
-  _globals['_DRAINRESPONSE']._serialized_start=2332
-  _globals['_DRAINRESPONSE']._serialized_end=2416
-  _globals['_PULLKVREQUEST']._serialized_start=2419
-  _globals['_PULLKVREQUEST']._serialized_end=2558
-  _globals['_KVCHUNK']._serialized_start=2560
-  _globals['_KVCHUNK']._serialized_end=2674
-  _globals['_RELEASEKVREQUEST']._serialized_start=2676
-  _globals['_RELEASEKVREQUEST']._serialized_end=2736
-  _globals['_RELEASEKVRESPONSE']._serialized_start=2738
-  _globals['_RELEASEKVRESPONSE']._serialized_end=2775
-  _globals['_SENDKVREQUEST']._serialized_start=2778
-  _globals['_SENDKVREQUEST']._serialized_end=2945
-  _globals['_SENDKVRESPONSE']._serialized_start=2947
-  _globals['_SENDKVRESPONSE']._serialized_end=3001
-  _globals['_WORKER']._serialized_start=3244
-  _globals['_WORKER']._serialized_end=3563
-  _globals['_KVTRANSFER']._serialized_start=3566
-  _globals['_KVTRANSFER']._serialized_end=3771
+  _globals['_KVHANDLE']._serialized_end=1230
+  _globals['_PREFILLREQUEST']._serialized_start=1232
+  _globals['_PREFILLREQUEST']._serialized_end=1285
+  _globals['_PREFILLRESPONSE']._serialized_start=1288
+  _globals['_PREFILLRESPONSE']._serialized_end=1595
+  _globals['_DECODEREQUEST']._serialized_start=1598
+  _globals['_DECODEREQUEST']._serialized_end=1729
+  _globals['_DECODEDELTA']._serialized_start=1732
+  _globals['_DECODEDELTA']._serialized_end=2018
+  _globals['_ABORTREQUEST']._serialized_start=2020
+  _globals['_ABORTREQUEST']._serialized_end=2054
+  _globals['_ABORTRESPONSE']._serialized_start=2056
+  _globals['_ABORTRESPONSE']._serialized_end=2086
+  _globals['_HEALTHREQUEST']._serialized_start=2088
+  _globals['_HEALTHREQUEST']._serialized_end=2103
+  _globals['_HEALTHRESPONSE']._serialized_start=2106
+  _globals['_HEALTHRESPONSE']._serialized_end=2338
+  _globals['_DRAINREQUEST']._serialized_start=2340
+  _globals['_DRAINREQUEST']._serialized_end=2354
+  _globals['_DRAINRESPONSE']._serialized_start=2356
+  _globals['_DRAINRESPONSE']._serialized_end=2440
+  _globals['_PULLKVREQUEST']._serialized_start=2443
+  _globals['_PULLKVREQUEST']._serialized_end=2621
+  _globals['_SHMSEGMENT']._serialized_start=2623
+  _globals['_SHMSEGMENT']._serialized_end=2687
+  _globals['_KVCHUNK']._serialized_start=2689
+  _globals['_KVCHUNK']._serialized_end=2803
+  _globals['_RELEASEKVREQUEST']._serialized_start=2805
+  _globals['_RELEASEKVREQUEST']._serialized_end=2865
+  _globals['_RELEASEKVRESPONSE']._serialized_start=2867
+  _globals['_RELEASEKVRESPONSE']._serialized_end=2904
+  _globals['_SENDKVREQUEST']._serialized_start=2907
+  _globals['_SENDKVREQUEST']._serialized_end=3074
+  _globals['_SENDKVRESPONSE']._serialized_start=3076
+  _globals['_SENDKVRESPONSE']._serialized_end=3130
+  _globals['_WORKER']._serialized_start=3373
+  _globals['_WORKER']._serialized_end=3692
+  _globals['_KVTRANSFER']._serialized_start=3695
+  _globals['_KVTRANSFER']._serialized_end=3962
 # @@protoc_insertion_point(module_scope)

@@ -116,7 +116,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "source_worker_id", "source_address", "block_ids", "num_tokens", "layout", "block_hashes", "lease_deadline_unix_s", "lease_secret")
+    __slots__ = ("request_id", "source_worker_id", "source_address", "block_ids", "num_tokens", "layout", "block_hashes", "lease_deadline_unix_s", "lease_secret", "source_host_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class KVHandle(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     source_worker_id: str
     source_address: str
@@ -135,7 +136,8 @@ class KVHandle(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     lease_deadline_unix_s: float
     lease_secret: bytes
-    def __init__(self, request_id: _Optional[str] = ..., source_worker_id: _Optional[str] = ..., source_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ..., lease_deadline_unix_s: _Optional[float] = ..., lease_secret: _Optional[bytes] = ...) -> None: ...
+    source_host_id: str
+    def __init__(self, request_id: _Optional[str] = ..., source_worker_id: _Optional[str] = ..., source_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ..., lease_deadline_unix_s: _Optional[float] = ..., lease_secret: _Optional[bytes] = ..., source_host_id: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request",)
@@ -254,20 +256,34 @@ class DrainResponse(_message.Message):
     def __init__(self, idle: _Optional[bool] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held_leases: _Optional[int] = ...) -> None: ...
 
 class PullKVRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret", "block_hashes")
+    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret", "block_hashes", "host_id", "receiver_pid")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_PID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: str
     max_chunk_bytes: int
     lease_secret: bytes
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    host_id: str
+    receiver_pid: int
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ..., host_id: _Optional[str] = ..., receiver_pid: _Optional[int] = ...) -> None: ...
+
+class ShmSegment(_message.Message):
+    __slots__ = ("name", "size_bytes", "checksum")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size_bytes: int
+    checksum: int
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("offset_bytes", "data", "checksum", "total_bytes", "dtype", "shape")

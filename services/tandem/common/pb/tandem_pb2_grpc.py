@@ -293,6 +293,11 @@ class KVTransferStub:
                 request_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.SendKVRequest.SerializeToString,
                 response_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.SendKVResponse.FromString,
                 _registered_method=True)
+        self.PullKVShm = channel.unary_unary(
+                '/tandem.v1.KVTransfer/PullKVShm',
+                request_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.SerializeToString,
+                response_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.ShmSegment.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -316,6 +321,13 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullKVShm(self, request, context):
+        """same host only: KV through shared memory
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +345,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.SendKV,
                     request_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.SendKVRequest.FromString,
                     response_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.SendKVResponse.SerializeToString,
+            ),
+            'PullKVShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullKVShm,
+                    request_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.FromString,
+                    response_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.ShmSegment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,6 +433,33 @@ class KVTransfer:
             '/tandem.v1.KVTransfer/SendKV',
             tandem_dot_common_dot_pb_dot_tandem__pb2.SendKVRequest.SerializeToString,
             tandem_dot_common_dot_pb_dot_tandem__pb2.SendKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullKVShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVTransfer/PullKVShm',
+            tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.SerializeToString,
+            tandem_dot_common_dot_pb_dot_tandem__pb2.ShmSegment.FromString,
             options,
             channel_credentials,
             insecure,

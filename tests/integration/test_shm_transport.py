@@ -1,0 +1,310 @@
+"""The same-host KV hand-off (issue 20, item 2): shared-memory segments between a source and a
+receiver that report the same host id, the network as the fallback, and no segment left
+behind when either side dies mid-transfer.
+
+Sources run in this process (one event loop) or, for the kill tests, as a child process
+(tests/integration/shm_source.py); every test uses its own segment directory, so that it can
+assert that nothing is left there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from tandem.common.kv_handle import KVHandle
+from tandem.kvtransfer.base import FailureReason, KVTransferError
+from tandem.kvtransfer.channels import SERVER_OPTIONS
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.grpc_transport import GrpcTransport
+from tandem.kvtransfer.same_host import SameHostTransport
+from tandem.kvtransfer.shm_segments import PREFIX, SegmentName, sweep_dead
+from tandem.kvtransfer.shm_transport import ShmKVServicer
+from tandem.loadtest.bench.kv_source import synthetic_block_hashes
+from tests.integration.test_kvtransfer import (
+    LEASED,
+    Source,
+    assert_moved,
+    assert_untouched,
+    make_dest,
+    make_layout,
+    make_source,
+    snapshot,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 10.0
+DST = tuple(range(50, 80))
+
+
+def transport(shm_dir: Path, host_id: str) -> SameHostTransport:
+    config = KVTransferConfig(shm_dir=str(shm_dir), host_id=host_id)
+    return SameHostTransport(GrpcTransport(config), config)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    source: Source, shm_dir: Path, host_id: str = "host-a"
+) -> AsyncIterator[tuple[str, SameHostTransport]]:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    side = transport(shm_dir, host_id)
+    side.add_source(server, source.store, source.leases)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", side
+    finally:
+        await server.stop(grace=None)
+        await side.close()
+
+
+def segments(shm_dir: Path) -> list[str]:
+    return sorted(n for n in os.listdir(shm_dir) if n.startswith(PREFIX))
+
+
+def shm_servicer(side: SameHostTransport) -> ShmKVServicer:
+    return side._servicers[0]
+
+
+def same_host_handle(source: Source, address: str, host_id: str = "host-a") -> KVHandle:
+    return dataclasses.replace(source.handle(address), source_host_id=host_id)
+
+
+def test_same_host_pull_is_exact_through_shm_and_leaves_no_segment(tmp_path: Path) -> None:
+    async def run() -> None:
+        source, dest = make_source(make_layout()), make_dest(make_layout())
+        source.grant()
+        before = snapshot(dest)
+        async with serving(source, tmp_path) as (address, side):
+            receiver = transport(tmp_path, "host-a")
+            stats = await receiver.pull(same_host_handle(source, address), LEASED, DST, dest, TIMEOUT_S)
+            assert (stats.transport, stats.shm_fallback, stats.num_blocks) == ("shm", "", len(LEASED))
+            assert stats.bytes_moved == len(LEASED) * source.store.bytes_per_block
+            assert_moved(source.store, LEASED, dest, DST, before)
+            assert segments(tmp_path) == []  # the receiver unlinked it on open
+            assert shm_servicer(side).num_pulls_served == 1 and shm_servicer(side).collect() == []
+            assert await receiver.release(same_host_handle(source, address), TIMEOUT_S) is True
+            assert source.freed == ["req"]
+            await receiver.close()
+
+    asyncio.run(run())
+
+
+def test_other_host_id_goes_over_the_network(tmp_path: Path) -> None:
+    async def run() -> None:
+        source, dest = make_source(make_layout()), make_dest(make_layout())
+        source.grant()
+        before = snapshot(dest)
+        async with serving(source, tmp_path) as (address, side):
+            receiver = transport(tmp_path, "host-b")
+            stats = await receiver.pull(same_host_handle(source, address), LEASED, DST, dest, TIMEOUT_S)
+            assert (stats.transport, stats.shm_fallback) == ("grpc", "")
+            assert_moved(source.store, LEASED, dest, DST, before)
+            assert shm_servicer(side).num_pulls_served == 0  # never asked
+            # a handle without a host id (a source that serves no same-host pulls): network too
+            stats = await receiver.pull(source.handle(address), LEASED, DST, dest, TIMEOUT_S)
+            assert stats.transport == "grpc" and shm_servicer(side).num_pulls_served == 0
+            # the source refuses a pull that claims another host: FAILED_PRECONDITION, then network
+            lying = transport(tmp_path, "host-c")
+            stats = await lying.pull(same_host_handle(source, address, "host-c"), LEASED, DST, dest, TIMEOUT_S)
+            assert (stats.transport, stats.shm_fallback) == ("grpc", "refused")
+            assert shm_servicer(side).num_pulls_served == 0 and segments(tmp_path) == []
+            await receiver.close()
+            await lying.close()
+
+    asyncio.run(run())
+
+
+class CorruptingServicer(ShmKVServicer):
+    def pack_into(self, block_ids: tuple[int, ...], view: torch.Tensor) -> int:
+        checksum = super().pack_into(block_ids, view)
+        view[12345] ^= 0xFF
+        return checksum
+
+
+def test_corrupted_segment_fails_closed_and_leaves_the_destination_untouched(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tandem.kvtransfer.same_host.ShmKVServicer", CorruptingServicer)
+
+    async def run() -> None:
+        source, dest = make_source(make_layout()), make_dest(make_layout())
+        source.grant()
+        before = snapshot(dest)
+        async with serving(source, tmp_path) as (address, side):
+            receiver = transport(tmp_path, "host-a")
+            with pytest.raises(KVTransferError) as caught:
+                await receiver.pull(same_host_handle(source, address), LEASED, DST, dest, TIMEOUT_S)
+            assert caught.value.reason is FailureReason.CHECKSUM
+            assert f"{address}: segment {PREFIX}" in str(caught.value) and "the source sent" in str(caught.value)
+            assert_untouched(dest, before)
+            assert side.network._servicers[0].num_pulls_served == 0  # type: ignore[attr-defined]  # not refetched
+            assert segments(tmp_path) == []
+            await receiver.close()
+
+    asyncio.run(run())
+
+
+def test_unreachable_segment_falls_back_to_the_network_and_the_source_frees_it(tmp_path: Path) -> None:
+    """The receiver cannot see the source's directory (another /dev/shm, same host id)."""
+    source_dir, receiver_dir = tmp_path / "source", tmp_path / "receiver"
+    source_dir.mkdir(), receiver_dir.mkdir()
+
+    async def run() -> None:
+        source, dest = make_source(make_layout()), make_dest(make_layout())
+        source.grant()
+        before = snapshot(dest)
+        async with serving(source, source_dir) as (address, side):
+            receiver = transport(receiver_dir, "host-a")
+            handle = same_host_handle(source, address)
+            stats = await receiver.pull(handle, LEASED, DST, dest, TIMEOUT_S)
+            assert (stats.transport, stats.shm_fallback) == ("grpc", "peer_unavailable")
+            assert_moved(source.store, LEASED, dest, DST, before)
+            [left] = segments(source_dir)  # nobody took it ...
+            assert shm_servicer(side).collect() == []  # ... and the lease still holds it
+            assert await receiver.release(handle, TIMEOUT_S) is True
+            assert shm_servicer(side).collect() == [left] and segments(source_dir) == []
+            await receiver.close()
+
+    asyncio.run(run())
+
+
+# ---- process death ----------------------------------------------------------------------
+@contextlib.contextmanager
+def source_process(shm_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, dict]]:
+    layout = make_layout()
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.integration.shm_source",
+        layout.describe(),
+        "96",
+        str(shm_dir),
+        "host-a",
+        *extra,
+    ]
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        yield proc, ready
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def remote_handle(ready: dict, blocks: tuple[int, ...] = LEASED) -> KVHandle:
+    layout = make_layout()
+    return KVHandle(
+        "req",
+        "prefill-0",
+        ready["address"],
+        tuple(range(96)),
+        96 * 16,
+        layout,
+        synthetic_block_hashes(tuple(range(96))),
+        time.time() + 60,
+        bytes.fromhex(ready["lease_secret"]),
+        "host-a",
+    )
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_source_killed_mid_transfer_leaves_no_segment(tmp_path: Path) -> None:
+    async def run(proc: subprocess.Popen, ready: dict) -> None:
+        dest = make_dest(make_layout())
+        before = snapshot(dest)
+        receiver = transport(tmp_path, "host-a")
+        pull = asyncio.ensure_future(receiver.pull(remote_handle(ready), LEASED, DST, dest, TIMEOUT_S))
+        # the source has created and filled the segment, and hangs before answering
+        assert await asyncio.to_thread(lambda: json.loads(proc.stdout.readline())) == {"event": "packing"}
+        [name] = segments(tmp_path)
+        assert SegmentName.parse(name) is not None and SegmentName.parse(name).source_pid == ready["pid"]
+        os.kill(ready["pid"], signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 10)
+        with pytest.raises(KVTransferError) as caught:
+            await pull  # shm failed, and the network fallback finds the source gone too
+        assert caught.value.reason is FailureReason.PEER_UNAVAILABLE
+        assert_untouched(dest, before)
+        assert segments(tmp_path) == []  # swept by the receiver: its source pid is dead
+        await receiver.close()
+
+    with source_process(tmp_path, "hang") as (proc, ready):
+        asyncio.run(run(proc, ready))
+
+
+RECEIVER = """
+import os, sys
+import grpc
+from tandem.common import kv_codec
+request = kv_codec.PullKVRequest("req", tuple(range(10, 40)), sys.argv[2], 0, bytes.fromhex(sys.argv[3]),
+                                 tuple(int(h) for h in sys.argv[4].split(",")), "host-a", os.getpid())
+call = grpc.insecure_channel(sys.argv[1]).unary_unary(
+    "/tandem.v1.KVTransfer/PullKVShm", kv_codec.pull_kv_request_to_bytes, kv_codec.shm_segment_from_bytes)
+print(call(request, timeout=10).name, flush=True)
+sys.stdin.read()  # killed here: the segment is packed, never mapped
+"""
+
+
+def test_receiver_killed_mid_transfer_leaves_no_segment(tmp_path: Path) -> None:
+    with source_process(tmp_path) as (_, ready):
+        hashes = ",".join(str(h) for h in synthetic_block_hashes(tuple(range(96)))[10:40])
+        argv = [
+            sys.executable,
+            "-c",
+            RECEIVER,
+            ready["address"],
+            make_layout().describe(),
+            ready["lease_secret"],
+            hashes,
+        ]
+        receiver = subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert receiver.stdout is not None
+            name = receiver.stdout.readline().strip()
+            assert segments(tmp_path) == [name] and SegmentName.parse(name).receiver_pid == receiver.pid
+            receiver.kill()
+            receiver.wait(10)
+            # the source's janitor sees the dead receiver (the lease still holds) and unlinks it
+            assert wait_for(lambda: segments(tmp_path) == [], 5.0)
+        finally:
+            if receiver.poll() is None:
+                receiver.kill()
+                receiver.wait(10)
+
+
+def test_sweep_removes_only_dead_owners_segments_of_our_namespace(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    ns = SegmentName.parse(SegmentName.new(1)).namespace  # type: ignore[union-attr]
+    names = {
+        "live": f"{PREFIX}{ns}-{os.getpid()}-{os.getpid()}-{'a' * 16}",
+        "dead_source": f"{PREFIX}{ns}-{dead.pid}-{os.getpid()}-{'b' * 16}",
+        "dead_receiver": f"{PREFIX}{ns}-{os.getpid()}-{dead.pid}-{'c' * 16}",
+        "other_namespace": f"{PREFIX}{ns + 1}-{dead.pid}-{dead.pid}-{'d' * 16}",
+        "not_ours": "tandem-kv-something-else",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(sweep_dead(str(tmp_path))) == sorted([names["dead_source"], names["dead_receiver"]])
+    assert sorted(os.listdir(tmp_path)) == sorted([names["live"], names["other_namespace"], names["not_ours"]])
