@@ -162,11 +162,17 @@ def test_greedy_disaggregated_equals_the_engine_without_speculation(
 def test_decode_workers_report_acceptance_in_metrics_and_tandem_status(
     workers: dict[str, ChildProcess], redis_server: EmbeddedRedis, reference: Engine
 ) -> None:
-    prompts = repeated_prompts(reference.model_config.vocab_size, seed=22)
+    # the greedy test's prompts: on them the first-layer draft agrees with the target at times
+    prompts = repeated_prompts(reference.model_config.vocab_size, seed=21)
     params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)] * len(prompts)
     for method in METHODS:
         run_concurrently(workers["prefill"], workers[method], f"status-{method}", prompts, params)
         d = workers[method]
+        # the worker mirrors its engine's counters into /metrics on its loop's next tick
+        assert wait_until(
+            lambda d=d: worker_metric(d, "vllm:spec_decode_num_accepted_tokens_total") > 0,
+            10.0,
+        ), method
         drafted = worker_metric(d, "vllm:spec_decode_num_draft_tokens_total")
         accepted = worker_metric(d, "vllm:spec_decode_num_accepted_tokens_total")
         assert 0 < accepted <= drafted
@@ -192,10 +198,15 @@ def test_decode_workers_report_acceptance_in_metrics_and_tandem_status(
     assert wait_until(all_shown, timeout_s=20.0, interval_s=0.5), shown
     assert shown["p-spec"] is None  # a prefill worker drafts nothing
     for method in METHODS:
-        d = workers[method]
-        drafted = worker_metric(d, "vllm:spec_decode_num_draft_tokens_total")
-        accepted = worker_metric(d, "vllm:spec_decode_num_accepted_tokens_total")
-        assert shown[d.name] == pytest.approx(100.0 * accepted / drafted)
+
+        def status_matches_metrics(d: ChildProcess = workers[method]) -> bool:
+            """The heartbeat publishes the load a little after /metrics: wait until they agree."""
+            drafted = worker_metric(d, "vllm:spec_decode_num_draft_tokens_total")
+            accepted = worker_metric(d, "vllm:spec_decode_num_accepted_tokens_total")
+            shown.update(acceptance())
+            return shown[d.name] == pytest.approx(100.0 * accepted / drafted)
+
+        assert wait_until(status_matches_metrics, timeout_s=20.0, interval_s=0.5), (method, shown)
 
 
 @pytest.mark.parametrize("method", METHODS)
