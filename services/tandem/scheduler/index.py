@@ -34,8 +34,8 @@ import heapq
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from itertools import accumulate, compress, count, islice, repeat, takewhile
-from operator import and_, ne, or_
+from itertools import count, groupby, repeat
+from operator import or_
 
 from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, KVEventRecord
@@ -154,12 +154,13 @@ class PrefixIndex:
         on a prefix of the prompt (a confirmed run that resumes after a claim's end is not
         added to it: an underestimate, for at most one TTL).
 
-        Cost O(num_blocks + num_workers): one pass over the hashes with a shrinking bitmask of
-        the workers still matching (one dict lookup and one AND per block, in C via itertools;
-        the AND is over num_workers / 64 machine words), Python-level work only where the mask
-        shrinks (at most once per worker); then one lookup per block in the claims, and a
-        Python step per claim that ends inside the prompt.
-        Does not expire claims; call `expire` first.
+        Cost O(num_blocks + num_workers), with the per-block work in C: one pass over the
+        hashes that looks up each block's holder bitmask and groups equal consecutive masks
+        (itertools.groupby), so Python-level work happens once per RUN of equal masks (a
+        long shared prefix is one run), and the walk stops as soon as no candidate matches
+        (a prompt nobody holds costs one lookup); then, if there are live claims, one pass
+        that intersects the claims with the prompt, and a Python step per claim that ends
+        inside it. Does not expire claims; call `expire` first.
         """
         result = dict.fromkeys(worker_ids, 0)
         with self._lock:
@@ -170,32 +171,27 @@ class PrefixIndex:
             if not candidates or not block_hashes:
                 return result
             owner = self._owner
-            # still[i] = candidates holding all of blocks 0..i-1 (confirmed); the walk stops
-            # where none is left, so a prompt nobody holds costs a few lookups.
-            still = list(
-                takewhile(bool, accumulate(map(self._holders.get, block_hashes, repeat(0)), and_, initial=candidates))
-            )
-            for i in compress(count(), map(ne, still, islice(still, 1, None))):
-                dropped = still[i] ^ still[i + 1]
-                while dropped:
-                    low = dropped & -dropped
-                    result[owner[low]] = i
-                    dropped ^= low
-            alive, num_held = still[-1], len(still) - 1
-            while alive:
-                low = alive & -alive
-                result[owner[low]] = num_held
-                alive ^= low
-            # isdisjoint walks the prompt in C and stops at the first hit: most prompts end no
-            # live claim (KV events confirm routed blocks within milliseconds).
-            if not self._claims.keys().isdisjoint(block_hashes):
-                claims = list(map(self._claims.get, block_hashes, repeat(0)))
-                for i in compress(count(), claims):  # blocks where some chain claim ends
-                    claimed = claims[i] & candidates
+            # still = candidates holding all of blocks 0..position-1 (confirmed). Within a run
+            # of equal masks, AND-ing again changes nothing, so one AND per run is exact.
+            still, position = candidates, 0
+            for mask, run in groupby(map(self._holders.get, block_hashes, repeat(0))):
+                narrowed = still & mask
+                if narrowed != still:
+                    _assign(result, owner, still ^ narrowed, position)  # their run ends here
+                    still = narrowed
+                    if not still:
+                        break
+                position += len(list(run))
+            _assign(result, owner, still, position)  # held every block (still is 0 after a break)
+            claims = self._claims
+            if claims:
+                for last in claims.keys() & block_hashes:  # chain claims ending inside the prompt
+                    num_claimed = block_hashes.index(last) + 1
+                    claimed = claims[last] & candidates
                     while claimed:
                         low = claimed & -claimed
-                        if result[owner[low]] <= i:
-                            result[owner[low]] = i + 1
+                        if result[owner[low]] < num_claimed:
+                            result[owner[low]] = num_claimed
                         claimed ^= low
         return result
 
@@ -301,6 +297,14 @@ class PrefixIndex:
                 _clear_bit(self._claims, last, self._bit[worker_id])
                 expired += 1
         return expired
+
+
+def _assign(result: dict[str, int], owner: dict[int, str], mask: int, num_blocks: int) -> None:
+    """Set `result[w] = num_blocks` for every worker `w` whose bit is in `mask`."""
+    while mask:
+        low = mask & -mask
+        result[owner[low]] = num_blocks
+        mask ^= low
 
 
 def _clear_bit(masks: dict[int, int], h: int, bit: int) -> None:
