@@ -9,14 +9,10 @@ record per call, so the follower never holds the lock for a whole batch.
 Layout (all under the lock):
 - Each worker the index knows gets a slot, a bit position. `_holders` maps a block hash to the
   bitmask (a Python int) of the workers whose KV events say they hold it (confirmed entries).
-  That makes `match` one AND per block.
-- Speculative entries are claims: "worker w will soon hold the chain of blocks ending at hash
-  h" (a request was just routed there). Because block hashes are chained, h alone names the
-  whole chain, so a claim is one entry however long the prompt: `_claims[h]` is the bitmask of
-  the claiming workers, `_claim_expiry[w][h]` the claim's expiry (routing time +
-  `speculative_ttl_s`). Adding and expiring a claim is O(1), which keeps `route` within its
-  budget. A claim is never edited by REMOVED events: it lives at most one TTL, by which time
-  the worker's STORED events have replaced it with confirmed entries (or not).
+  `match` groups the prompt's runs of equal masks and ANDs once per run.
+- Speculative entries are claims (claims.py, `_claims`): "worker w will soon hold the chain of
+  blocks ending at hash h" (a request was just routed there), one O(1) entry per routed
+  chain that expires after `speculative_ttl_s`; never edited by REMOVED events.
 - `_positions[w]` = (epoch, seq) of the last event applied for w. A new epoch means the worker
   restarted with an empty cache: its confirmed entries and claims are dropped first. The new
   epoch is learnt from whichever comes first: its first KV event, or its registration
@@ -30,15 +26,15 @@ Layout (all under the lock):
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from itertools import count, groupby, repeat
+from itertools import groupby, repeat
 from operator import or_
 
 from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, KVEventRecord
+from tandem.scheduler.claims import ClaimTable
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +49,7 @@ class PrefixIndex:
         self._lock = threading.Lock()
         self._holders: dict[int, int] = {}  # block hash -> bitmask of slots (confirmed)
         self._confirmed: dict[str, set[int]] = {}  # worker -> its confirmed hashes
-        self._claims: dict[int, int] = {}  # last hash of a claimed chain -> bitmask of slots
-        self._claim_expiry: dict[str, dict[int, float]] = {}  # worker -> last hash -> expiry_s
-        self._expiries: list[tuple[float, int, str, int]] = []  # heap: (expiry_s, tie, w, h)
-        self._tie = count()
+        self._claims = ClaimTable()
         self._bit: dict[str, int] = {}  # worker id -> 1 << slot
         self._owner: dict[int, str] = {}  # 1 << slot -> worker id
         self._free_slots: list[int] = []  # slots of forgotten workers, reused first
@@ -99,18 +92,14 @@ class PrefixIndex:
         """
         if self._ttl_s == 0 or not block_hashes:
             return
-        last = block_hashes[-1]
         with self._lock:
-            self._expire(now_s)
-            expiry_s = now_s + self._ttl_s
-            self._claims[last] = self._claims.get(last, 0) | self._bit_for(worker_id)
-            self._claim_expiry.setdefault(worker_id, {})[last] = expiry_s
-            heapq.heappush(self._expiries, (expiry_s, next(self._tie), worker_id, last))
+            self._claims.expire(now_s, self._bit)
+            self._claims.add(worker_id, self._bit_for(worker_id), block_hashes, now_s + self._ttl_s)
 
     def expire(self, now_s: float) -> int:
         """Drop the claims whose expiry is <= `now_s`; return how many."""
         with self._lock:
-            return self._expire(now_s)
+            return self._claims.expire(now_s, self._bit)
 
     def registered(self, worker_id: str, kv_epoch: int) -> bool:
         """The registry lists `worker_id` with `kv_epoch` (its process's first KV epoch; 0:
@@ -183,16 +172,13 @@ class PrefixIndex:
                         break
                 position += len(list(run))
             _assign(result, owner, still, position)  # held every block (still is 0 after a break)
-            claims = self._claims
-            if claims:
-                for last in claims.keys() & block_hashes:  # chain claims ending inside the prompt
-                    num_claimed = block_hashes.index(last) + 1
-                    claimed = claims[last] & candidates
-                    while claimed:
-                        low = claimed & -claimed
-                        if result[owner[low]] < num_claimed:
-                            result[owner[low]] = num_claimed
-                        claimed ^= low
+            for num_claimed, claimants in self._claims.ends(block_hashes):  # chains ending inside
+                claimed = claimants & candidates
+                while claimed:
+                    low = claimed & -claimed
+                    if result[owner[low]] < num_claimed:
+                        result[owner[low]] = num_claimed
+                    claimed ^= low
         return result
 
     def worker_ids(self) -> frozenset[str]:
@@ -208,7 +194,7 @@ class PrefixIndex:
     def num_claims(self, worker_id: str) -> int:
         """Live speculative claims (chains routed to the worker, not yet expired)."""
         with self._lock:
-            return len(self._claim_expiry.get(worker_id, ()))
+            return self._claims.count(worker_id)
 
     def num_gaps(self, worker_id: str) -> int:
         """Seq gaps seen for the worker since its current view began (0: view complete)."""
@@ -277,26 +263,12 @@ class PrefixIndex:
     def _drop_entries(self, worker_id: str) -> None:
         """Remove all of the worker's confirmed entries and claims (keeps its slot)."""
         confirmed = self._confirmed.pop(worker_id, set())
-        claims = self._claim_expiry.pop(worker_id, {})
         bit = self._bit.get(worker_id)
         if bit is None:
             return
         for h in confirmed:
             _clear_bit(self._holders, h, bit)
-        for h in claims:
-            _clear_bit(self._claims, h, bit)
-
-    def _expire(self, now_s: float) -> int:
-        expired = 0
-        heap = self._expiries
-        while heap and heap[0][0] <= now_s:
-            expiry_s, _, worker_id, last = heapq.heappop(heap)
-            claims = self._claim_expiry.get(worker_id)
-            if claims is not None and claims.get(last) == expiry_s:  # not re-claimed later
-                del claims[last]
-                _clear_bit(self._claims, last, self._bit[worker_id])
-                expired += 1
-        return expired
+        self._claims.drop(worker_id, bit)
 
 
 def _assign(result: dict[str, int], owner: dict[int, str], mask: int, num_blocks: int) -> None:
