@@ -72,20 +72,23 @@ def test_simulation_is_deterministic_and_bounded_by_the_oracle() -> None:
 def test_quick_mode_section(tmp_path: Path) -> None:
     logs: list[str] = []
     section = routing_zipf.run(BenchContext(tmp_path, tmp_path, logs.append, quick=True))
-    assert logs == ["routing_zipf: prefix_aware", "routing_zipf: least_loaded", "routing_zipf: round_robin"]
-    assert [row[0] for row in section.table] == [
-        "policy",
-        "prefix_aware",
-        "least_loaded",
-        "round_robin",
-        "infinite-cache oracle",
-        "capacity-aware oracle",
+    assert logs == [
+        "routing_zipf: load 2.2, prefix_aware",
+        "routing_zipf: load 2.2, least_loaded",
+        "routing_zipf: load 2.2, round_robin",
     ]
-    names = [f.name for f in section.figures]
-    assert names == [
-        "prefix_aware: hit rate / oracle (infinite cache)",
-        "prefix_aware: max/mean queued tokens",
-        "least_loaded: hit rate / oracle",
-        "round_robin: hit rate / oracle",
+    assert section.table[0] == routing_zipf.HEADER
+    assert [row[:2] for row in section.table[1:]] == [
+        ("2.2", "prefix_aware"),
+        ("2.2", "least_loaded"),
+        ("2.2", "round_robin"),
+        ("2.2", "oracle: infinite cache"),
+        ("2.2", "oracle: capacity-aware"),
+    ]
+    assert [f.name for f in section.figures] == [
+        "load 2.2: prefix_aware hit rate / oracle",
+        "load 2.2: prefix_aware max/mean queued tokens",
+        "load 2.2: least_loaded hit rate / oracle",
+        "load 2.2: round_robin hit rate / oracle",
     ]
     assert all(0 < f.value <= 1 for f in section.figures if "hit rate" in f.name)
