@@ -56,7 +56,7 @@ def _rows_at(ctx: BenchContext, spec: SimSpec, figures: list[Figure]) -> list[tu
     prompt_tokens = sum(len(r.token_ids) for r in measured)
     infinite = sum(infinite_cache_hits(spec, requests)[spec.warmup_requests :])
     capacity = sum(capacity_aware_hits(spec, requests, IMBALANCE_GOAL)[spec.warmup_requests :])
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for policy in POLICIES:
         ctx.log(f"routing_zipf: load {spec.load}, {policy}")
         result = simulate(spec, requests, policy)
