@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+import numpy as np
 import xxhash
 
 BlockHash = int  # unsigned 64-bit
@@ -30,6 +31,13 @@ ROOT_PARENT_HASH: BlockHash = 0
 REFERENCE_TOKEN_IDS: tuple[int, ...] = tuple((7919 * i + 104729) % 32000 for i in range(64))
 
 
+_HEADER = struct.Struct("<QI")  # parent hash, tokens in the block
+
+# Below this many blocks, `hash_blocks` builds the records with bytes concatenation (cheaper
+# than numpy's fixed cost); above, with one numpy table.
+_BULK_MIN_BLOCKS = 4
+
+
 def block_extra(model_id: str, cache_salt: str | None = None) -> bytes:
     """Encode the `extra` field: model id and optional cache salt, unambiguously separated."""
     salt = cache_salt or ""
@@ -38,12 +46,12 @@ def block_extra(model_id: str, cache_salt: str | None = None) -> bytes:
 
 
 def hash_block(parent_hash: BlockHash, token_ids: Sequence[int], extra: bytes) -> BlockHash:
-    """Hash one full block given its parent's hash (ROOT_PARENT_HASH for the first block)."""
-    h = xxhash.xxh3_64()
-    h.update(struct.pack("<QI", parent_hash, len(token_ids)))
-    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
-    h.update(extra)
-    return h.intdigest()
+    """Hash one full block given its parent's hash (ROOT_PARENT_HASH for the first block).
+
+    The definition: xxh3-64 (seed 0) of `<Q parent_hash`, `<I len(token_ids)`, each token as
+    `<q`, then `extra`. `hash_blocks` computes the same bytes in bulk."""
+    header = _HEADER.pack(parent_hash, len(token_ids))
+    return xxhash.xxh3_64_intdigest(header + struct.pack(f"<{len(token_ids)}q", *token_ids) + extra)
 
 
 def hash_blocks(
@@ -57,14 +65,41 @@ def hash_blocks(
 
     `parent_hash` must be the hash of block `start_block - 1` (or ROOT_PARENT_HASH when
     starting at 0). Trailing tokens that do not fill a block are not hashed.
+
+    Equal to chaining `hash_block`, but over bytes: the tokens are packed once (`<q` each),
+    numpy lays out one record per block, `<I block_size | tokens | extra`, and the only
+    per-block Python work is prefixing the parent hash and one xxh3 call (a 4k-token prompt
+    at block size 16 hashes in tens of microseconds instead of hundreds).
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    hashes: list[BlockHash] = []
     num_full = len(token_ids) // block_size
-    for i in range(start_block, num_full):
-        parent_hash = hash_block(parent_hash, token_ids[i * block_size : (i + 1) * block_size], extra)
-        hashes.append(parent_hash)
+    num_blocks = num_full - start_block
+    if num_blocks <= 0:
+        return []
+    packed = struct.pack(f"<{num_blocks * block_size}q", *token_ids[start_block * block_size : num_full * block_size])
+    lead = struct.pack("<I", block_size)
+    token_bytes = 8 * block_size
+    if num_blocks < _BULK_MIN_BLOCKS:  # a decode step's one new block: skip numpy's setup
+        records = b"".join(lead + packed[off : off + token_bytes] + extra for off in range(0, len(packed), token_bytes))
+    else:
+        table = np.empty((num_blocks, 4 + token_bytes + len(extra)), dtype=np.uint8)  # [num_blocks, record]
+        table[:, :4] = np.frombuffer(lead, dtype=np.uint8)
+        table[:, 4 : 4 + token_bytes] = np.frombuffer(packed, dtype=np.uint8).reshape(num_blocks, token_bytes)
+        table[:, 4 + token_bytes :] = np.frombuffer(extra, dtype=np.uint8)
+        records = table.tobytes()
+    return _chain(records, 4 + token_bytes + len(extra), parent_hash)
+
+
+def _chain(records: bytes, record_bytes: int, parent_hash: BlockHash) -> list[BlockHash]:
+    """Hash each `record_bytes` record of `records` prefixed with its parent's hash (`<Q`),
+    which is the previous record's hash."""
+    hashes: list[BlockHash] = []
+    append = hashes.append
+    digest = xxhash.xxh3_64_intdigest
+    for off in range(0, len(records), record_bytes):
+        parent_hash = digest(parent_hash.to_bytes(8, "little") + records[off : off + record_bytes])
+        append(parent_hash)
     return hashes
 
 

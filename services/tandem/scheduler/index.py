@@ -9,14 +9,10 @@ record per call, so the follower never holds the lock for a whole batch.
 Layout (all under the lock):
 - Each worker the index knows gets a slot, a bit position. `_holders` maps a block hash to the
   bitmask (a Python int) of the workers whose KV events say they hold it (confirmed entries).
-  That makes `match` one AND per block.
-- Speculative entries are claims: "worker w will soon hold the chain of blocks ending at hash
-  h" (a request was just routed there). Because block hashes are chained, h alone names the
-  whole chain, so a claim is one entry however long the prompt: `_claims[h]` is the bitmask of
-  the claiming workers, `_claim_expiry[w][h]` the claim's expiry (routing time +
-  `speculative_ttl_s`). Adding and expiring a claim is O(1), which keeps `route` within its
-  budget. A claim is never edited by REMOVED events: it lives at most one TTL, by which time
-  the worker's STORED events have replaced it with confirmed entries (or not).
+  `match` groups the prompt's runs of equal masks and ANDs once per run.
+- Speculative entries are claims (claims.py, `_claims`): "worker w will soon hold the chain of
+  blocks ending at hash h" (a request was just routed there), one O(1) entry per routed
+  chain that expires after `speculative_ttl_s`; never edited by REMOVED events.
 - `_positions[w]` = (epoch, seq) of the last event applied for w. A new epoch means the worker
   restarted with an empty cache: its confirmed entries and claims are dropped first. The new
   epoch is learnt from whichever comes first: its first KV event, or its registration
@@ -30,15 +26,15 @@ Layout (all under the lock):
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from itertools import accumulate, compress, count, islice, repeat, takewhile
-from operator import and_, ne, or_
+from itertools import groupby, repeat
+from operator import or_
 
 from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, KVEventRecord
+from tandem.scheduler.claims import ClaimTable
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +49,7 @@ class PrefixIndex:
         self._lock = threading.Lock()
         self._holders: dict[int, int] = {}  # block hash -> bitmask of slots (confirmed)
         self._confirmed: dict[str, set[int]] = {}  # worker -> its confirmed hashes
-        self._claims: dict[int, int] = {}  # last hash of a claimed chain -> bitmask of slots
-        self._claim_expiry: dict[str, dict[int, float]] = {}  # worker -> last hash -> expiry_s
-        self._expiries: list[tuple[float, int, str, int]] = []  # heap: (expiry_s, tie, w, h)
-        self._tie = count()
+        self._claims = ClaimTable()
         self._bit: dict[str, int] = {}  # worker id -> 1 << slot
         self._owner: dict[int, str] = {}  # 1 << slot -> worker id
         self._free_slots: list[int] = []  # slots of forgotten workers, reused first
@@ -99,18 +92,14 @@ class PrefixIndex:
         """
         if self._ttl_s == 0 or not block_hashes:
             return
-        last = block_hashes[-1]
         with self._lock:
-            self._expire(now_s)
-            expiry_s = now_s + self._ttl_s
-            self._claims[last] = self._claims.get(last, 0) | self._bit_for(worker_id)
-            self._claim_expiry.setdefault(worker_id, {})[last] = expiry_s
-            heapq.heappush(self._expiries, (expiry_s, next(self._tie), worker_id, last))
+            self._claims.expire(now_s, self._bit)
+            self._claims.add(worker_id, self._bit_for(worker_id), block_hashes, now_s + self._ttl_s)
 
     def expire(self, now_s: float) -> int:
         """Drop the claims whose expiry is <= `now_s`; return how many."""
         with self._lock:
-            return self._expire(now_s)
+            return self._claims.expire(now_s, self._bit)
 
     def registered(self, worker_id: str, kv_epoch: int) -> bool:
         """The registry lists `worker_id` with `kv_epoch` (its process's first KV epoch; 0:
@@ -154,12 +143,13 @@ class PrefixIndex:
         on a prefix of the prompt (a confirmed run that resumes after a claim's end is not
         added to it: an underestimate, for at most one TTL).
 
-        Cost O(num_blocks + num_workers): one pass over the hashes with a shrinking bitmask of
-        the workers still matching (one dict lookup and one AND per block, in C via itertools;
-        the AND is over num_workers / 64 machine words), Python-level work only where the mask
-        shrinks (at most once per worker); then one lookup per block in the claims, and a
-        Python step per claim that ends inside the prompt.
-        Does not expire claims; call `expire` first.
+        Cost O(num_blocks + num_workers), with the per-block work in C: one pass over the
+        hashes that looks up each block's holder bitmask and groups equal consecutive masks
+        (itertools.groupby), so Python-level work happens once per RUN of equal masks (a
+        long shared prefix is one run), and the walk stops as soon as no candidate matches
+        (a prompt nobody holds costs one lookup); then, if there are live claims, one pass
+        that intersects the claims with the prompt, and a Python step per claim that ends
+        inside it. Does not expire claims; call `expire` first.
         """
         result = dict.fromkeys(worker_ids, 0)
         with self._lock:
@@ -170,33 +160,25 @@ class PrefixIndex:
             if not candidates or not block_hashes:
                 return result
             owner = self._owner
-            # still[i] = candidates holding all of blocks 0..i-1 (confirmed); the walk stops
-            # where none is left, so a prompt nobody holds costs a few lookups.
-            still = list(
-                takewhile(bool, accumulate(map(self._holders.get, block_hashes, repeat(0)), and_, initial=candidates))
-            )
-            for i in compress(count(), map(ne, still, islice(still, 1, None))):
-                dropped = still[i] ^ still[i + 1]
-                while dropped:
-                    low = dropped & -dropped
-                    result[owner[low]] = i
-                    dropped ^= low
-            alive, num_held = still[-1], len(still) - 1
-            while alive:
-                low = alive & -alive
-                result[owner[low]] = num_held
-                alive ^= low
-            # isdisjoint walks the prompt in C and stops at the first hit: most prompts end no
-            # live claim (KV events confirm routed blocks within milliseconds).
-            if not self._claims.keys().isdisjoint(block_hashes):
-                claims = list(map(self._claims.get, block_hashes, repeat(0)))
-                for i in compress(count(), claims):  # blocks where some chain claim ends
-                    claimed = claims[i] & candidates
-                    while claimed:
-                        low = claimed & -claimed
-                        if result[owner[low]] <= i:
-                            result[owner[low]] = i + 1
-                        claimed ^= low
+            # still = candidates holding all of blocks 0..position-1 (confirmed). Within a run
+            # of equal masks, AND-ing again changes nothing, so one AND per run is exact.
+            still, position = candidates, 0
+            for mask, run in groupby(map(self._holders.get, block_hashes, repeat(0))):
+                narrowed = still & mask
+                if narrowed != still:
+                    _assign(result, owner, still ^ narrowed, position)  # their run ends here
+                    still = narrowed
+                    if not still:
+                        break
+                position += len(list(run))
+            _assign(result, owner, still, position)  # held every block (still is 0 after a break)
+            for num_claimed, claimants in self._claims.ends(block_hashes):  # chains ending inside
+                claimed = claimants & candidates
+                while claimed:
+                    low = claimed & -claimed
+                    if result[owner[low]] < num_claimed:
+                        result[owner[low]] = num_claimed
+                    claimed ^= low
         return result
 
     def worker_ids(self) -> frozenset[str]:
@@ -212,7 +194,7 @@ class PrefixIndex:
     def num_claims(self, worker_id: str) -> int:
         """Live speculative claims (chains routed to the worker, not yet expired)."""
         with self._lock:
-            return len(self._claim_expiry.get(worker_id, ()))
+            return self._claims.count(worker_id)
 
     def num_gaps(self, worker_id: str) -> int:
         """Seq gaps seen for the worker since its current view began (0: view complete)."""
@@ -281,26 +263,20 @@ class PrefixIndex:
     def _drop_entries(self, worker_id: str) -> None:
         """Remove all of the worker's confirmed entries and claims (keeps its slot)."""
         confirmed = self._confirmed.pop(worker_id, set())
-        claims = self._claim_expiry.pop(worker_id, {})
         bit = self._bit.get(worker_id)
         if bit is None:
             return
         for h in confirmed:
             _clear_bit(self._holders, h, bit)
-        for h in claims:
-            _clear_bit(self._claims, h, bit)
+        self._claims.drop(worker_id, bit)
 
-    def _expire(self, now_s: float) -> int:
-        expired = 0
-        heap = self._expiries
-        while heap and heap[0][0] <= now_s:
-            expiry_s, _, worker_id, last = heapq.heappop(heap)
-            claims = self._claim_expiry.get(worker_id)
-            if claims is not None and claims.get(last) == expiry_s:  # not re-claimed later
-                del claims[last]
-                _clear_bit(self._claims, last, self._bit[worker_id])
-                expired += 1
-        return expired
+
+def _assign(result: dict[str, int], owner: dict[int, str], mask: int, num_blocks: int) -> None:
+    """Set `result[w] = num_blocks` for every worker `w` whose bit is in `mask`."""
+    while mask:
+        low = mask & -mask
+        result[owner[low]] = num_blocks
+        mask ^= low
 
 
 def _clear_bit(masks: dict[int, int], h: int, bit: int) -> None:

@@ -30,6 +30,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "kv": ("KV hand-off vs raw loopback TCP", "tandem.loadtest.suite.kv"),
     "stack": ("Full stack through the gateway vs the in-process engine", "tandem.loadtest.suite.stack"),
     "routing": ("Prefix-aware vs round-robin routing", "tandem.loadtest.suite.routing"),
+    "routing_zipf": ("Routing under Zipf popularity and small caches", "tandem.loadtest.suite.routing_zipf"),
     "prefix_cache": ("Prefix-cache TTFT speedup", "tandem.loadtest.suite.prefix_cache"),
     "interference": ("Disaggregated vs colocated: decode ITL under long prompts", "tandem.loadtest.suite.interference"),
     "gateway": ("Gateway SSE headroom and scheduler decision latency", "tandem.loadtest.suite.gateway"),
