@@ -146,6 +146,19 @@ class KVBlockStore:
             layer, kv = divmod(plane, 2)
             copier.gather(self.kv_caches[layer][kv], 0, planes[i])
 
+    def unpack_planes(self, buffer: torch.Tensor, block_ids: Sequence[int], first_plane: int, end_plane: int) -> None:
+        """The inverse of `pack_planes`: scatter planes [first_plane, end_plane) of a packed
+        buffer (1-D, exactly their bytes, on the cache device) into `block_ids`, in place."""
+        ids = self.check_block_ids(block_ids)
+        self._check_buffer(buffer, (end_plane - first_plane) * self.plane_bytes(len(ids)))
+        lay = self.layout
+        row_shape = (lay.block_size, lay.num_kv_heads, lay.head_dim)
+        planes = buffer.view(self.dtype).view(end_plane - first_plane, len(ids), *row_shape)
+        copier = _BlockCopier(ids, self.device)
+        for i, plane in enumerate(range(first_plane, end_plane)):
+            layer, kv = divmod(plane, 2)
+            copier.scatter(planes[i], self.kv_caches[layer][kv], 0)
+
     def unpack(self, buffer: torch.Tensor, block_ids: Sequence[int]) -> None:
         """Scatter a packed buffer (1-D, any dtype, any device, exactly `len(block_ids) *
         bytes_per_block` bytes) into `block_ids` of every layer, in place."""

@@ -38,7 +38,8 @@ from tandem.kvtransfer.base import KVTransport, TransferStats, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import clamp_chunk_bytes
-from tandem.kvtransfer.torch_pairs import host_bytes, plan_messages
+from tandem.kvtransfer.torch_pairs import host_bytes
+from tandem.kvtransfer.torch_plan import plan_messages
 from tandem.launcher.processes import ChildProcess
 from tandem.loadtest.bench.kv_source import random_kv_caches, source_args, source_env, synthetic_block_hashes
 
