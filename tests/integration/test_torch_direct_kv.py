@@ -36,6 +36,7 @@ from tests.integration.test_kvtransfer import (
 LAYOUT = KVLayout("llama", num_layers=2, num_kv_heads=4, head_dim=128, dtype="float32", block_size=16)
 NUM_BLOCKS = 160
 HELD = tuple(range(100, 160))  # the source's prompt: one run of 60 blocks
+MIN_RUN = KVTransferConfig().direct_min_run_bytes  # 256 KiB: 8 blocks
 
 
 def store(seed: int) -> KVBlockStore:
@@ -58,15 +59,16 @@ def outside(dst: KVBlockStore, dst_ids: tuple[int, ...], before: list[torch.Tens
 def test_segments_are_joint_runs_and_merged_short_runs() -> None:
     s = store(0)
     # one run on both sides: one segment
-    assert plan_segments(tuple(range(40)), tuple(range(50, 90)), s) == ()
+    assert plan_segments(tuple(range(40)), tuple(range(50, 90)), s, MIN_RUN) == ()
     # planes under 1 MiB (31 blocks): one segment whatever the ids
-    assert plan_segments(tuple(range(31)), tuple(range(31, 0, -1)), s) == ()
+    assert plan_segments(tuple(range(31)), tuple(range(31, 0, -1)), s, MIN_RUN) == ()
     # destination runs of 10 and 20 blocks, then 5 single blocks, then a run of 8
     dst = (*range(60, 70), *range(0, 20), 30, 32, 34, 36, 38, *range(40, 48))
-    assert plan_segments(tuple(range(43)), dst, s) == (10, 30, 35, 43)
+    assert plan_segments(tuple(range(43)), dst, s, MIN_RUN) == (10, 30, 35, 43)
+    assert plan_segments(tuple(range(43)), dst, s, 1 << 40) == ()  # no run that long: one staged segment
     # a source break splits a destination run
     src = (*range(0, 16), *range(20, 36))
-    assert plan_segments(src, tuple(range(32)), s) == (16, 32)
+    assert plan_segments(src, tuple(range(32)), s, MIN_RUN) == (16, 32)
     messages = plan_messages(32, s, (16, 32))
     assert len(messages) == 2 * s.num_planes
     assert messages[:3] == [
@@ -88,7 +90,7 @@ def test_segments_are_joint_runs_and_merged_short_runs() -> None:
 )
 def test_direct_pull_of_non_contiguous_ids_is_exact(src_ids: tuple[int, ...], dst_ids: tuple[int, ...]) -> None:
     src, dest = source(), store(99)
-    assert plan_segments(src_ids, dst_ids, dest) != ()  # the direct path, not one staged segment
+    assert plan_segments(src_ids, dst_ids, dest, MIN_RUN) != ()  # the direct path, not one staged segment
     before = snapshot(dest)
 
     async def main() -> None:
@@ -97,7 +99,7 @@ def test_direct_pull_of_non_contiguous_ids_is_exact(src_ids: tuple[int, ...], ds
             handle = src.handle(address, blocks=HELD)
             stats = await transport.pull(handle, src_ids, dst_ids, dest, TIMEOUT_S)
             assert stats.bytes_moved == len(src_ids) * dest.bytes_per_block
-            assert stats.num_chunks == dest.num_planes * len(plan_segments(src_ids, dst_ids, dest))
+            assert stats.num_chunks == dest.num_planes * len(plan_segments(src_ids, dst_ids, dest, MIN_RUN))
         assert transport.staging.num_allocations == (1 if len(dst_ids) == 52 else 0)
         await transport.close()
 

@@ -56,6 +56,13 @@ class KVTransferConfig:
     max_blocks_per_pull: int = field(
         default=65536, metadata={"flag": "kv-max-blocks-per-pull", "help": "a peer asking for more is refused"}
     )
+    direct_min_run_bytes: int = field(
+        default=256 * 1024,
+        metadata={
+            "flag": "kv-direct-min-run-bytes",
+            "help": "torch receiver: a run of blocks this long per plane moves in place, without staging copies",
+        },
+    )
     token: ClusterToken | None = field(
         default=None, metadata={"no_flag": "the worker's cluster token, presented to peers (None: insecure plane)"}
     )
@@ -70,7 +77,7 @@ class KVTransferConfig:
         for name in ("pull_timeout_s", "connect_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_inflight_sends", "max_pairs", "max_blocks_per_pull"):
+        for name in ("max_inflight_sends", "max_pairs", "max_blocks_per_pull", "direct_min_run_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_staging_bytes < 0:

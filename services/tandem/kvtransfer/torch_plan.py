@@ -27,7 +27,6 @@ import torch
 from tandem.kvtransfer.block_store import KVBlockStore
 
 MIN_MESSAGE_BYTES = 1 << 20  # planes are grouped into messages of at least this many bytes
-MIN_SEGMENT_BYTES = 256 << 10  # a segment's share of one plane: shorter joint runs are merged
 
 
 @dataclass(frozen=True)
@@ -43,24 +42,41 @@ class Message:
     offset_bytes: int
     size_bytes: int
 
-    def cache_view(self, store: KVBlockStore, block_ids: Sequence[int]) -> torch.Tensor | None:
-        """This message's bytes as a uint8 view of `store`'s cache (no copy) when it is one plane
-        and `block_ids[first_block:end_block]` are one ascending run; else None (staged)."""
-        if self.end_plane - self.first_plane != 1:
-            return None
-        return store.plane_view(block_ids[self.first_block : self.end_block], self.first_plane)
+
+def cache_views(
+    messages: Sequence[Message], store: KVBlockStore, block_ids: Sequence[int]
+) -> list[torch.Tensor | None]:
+    """Each message's bytes as a uint8 view of `store`'s cache (no copy) when it is one plane
+    and its `block_ids[first_block:end_block]` are one ascending run; else None (staged).
+    The ids were checked against the store by the caller (`check_pull`, the source's lease)."""
+    run_starts: dict[tuple[int, int], int | None] = {}  # segment -> its first block id if a run
+    views: list[torch.Tensor | None] = []
+    for m in messages:
+        segment = (m.first_block, m.end_block)
+        if segment not in run_starts:
+            ids = block_ids[m.first_block : m.end_block]
+            run_starts[segment] = ids[0] if all(b == ids[0] + i for i, b in enumerate(ids)) else None
+        first = run_starts[segment]
+        one_plane = m.end_plane - m.first_plane == 1
+        views.append(
+            store.run_view(first, m.end_block - m.first_block, m.first_plane)
+            if first is not None and one_plane
+            else None
+        )
+    return views
 
 
-def plan_segments(src: Sequence[int], dst: Sequence[int], store: KVBlockStore) -> tuple[int, ...]:
+def plan_segments(src: Sequence[int], dst: Sequence[int], store: KVBlockStore, min_run_bytes: int) -> tuple[int, ...]:
     """Receiver side: the segment ends to send in SendKV for pulling `src` into `dst`. Empty
     (one segment) unless a plane of the transfer is at least MIN_MESSAGE_BYTES and the ids
     split into several runs. Joint runs (consecutive in both `src` and `dst`) of at least
-    MIN_SEGMENT_BYTES per plane are segments of their own; the runs between them are merged
-    into one segment each (staged on a side where they are not one run)."""
+    `min_run_bytes` per plane (`KVTransferConfig.direct_min_run_bytes`) are segments of their
+    own; the runs between them are merged into one segment each (staged on a side where they
+    are not one run)."""
     num_blocks = len(src)
     if store.plane_bytes(num_blocks) < MIN_MESSAGE_BYTES:
         return ()
-    min_blocks = -(-MIN_SEGMENT_BYTES // store.plane_bytes(1))
+    min_blocks = -(-min_run_bytes // store.plane_bytes(1))
     runs, start = [], 0
     for pos in range(1, num_blocks + 1):
         if pos == num_blocks or src[pos] != src[pos - 1] + 1 or dst[pos] != dst[pos - 1] + 1:

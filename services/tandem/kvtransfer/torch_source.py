@@ -25,7 +25,7 @@ from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.torch_pairs import Pair, host_bytes, parse_address
-from tandem.kvtransfer.torch_plan import plan_messages
+from tandem.kvtransfer.torch_plan import cache_views, plan_messages
 
 _PAIR_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _STATUS = MappingProxyType(
@@ -138,7 +138,7 @@ class TorchKVServicer(KVTransferServicer):
         staging: torch.Tensor | None = None
         hasher = xxhash.xxh64()
         with self.leases.checkout(request.request_id, block_ids, request.lease_secret, request.block_hashes):
-            views = [m.cache_view(self.store, block_ids) for m in messages]  # from the cache where a run
+            views = cache_views(messages, self.store, block_ids)  # from the cache where a run
             if any(view is None for view in views):
                 staging = self._send_buffer(len(block_ids) * self.store.bytes_per_block)
             works, sent = [], []  # `sent` keeps every tensor alive until its send completes

@@ -50,7 +50,7 @@ from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.staging import StagingPool
 from tandem.kvtransfer.torch_pairs import Pair, StoreHost, host_bytes
-from tandem.kvtransfer.torch_plan import Message, plan_messages, plan_segments
+from tandem.kvtransfer.torch_plan import Message, cache_views, plan_messages, plan_segments
 from tandem.kvtransfer.torch_source import TorchKVServicer
 
 
@@ -89,7 +89,7 @@ class TorchTransport:
         started, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
         address = handle.source_address
         pair = self._pair_for(address, store)
-        segment_ends = plan_segments(src, dst, store)
+        segment_ends = plan_segments(src, dst, store, self.config.direct_min_run_bytes)
         messages = plan_messages(len(src), store, segment_ends)
         first_tag = pair.reserve_tags(len(messages))
         size_bytes = len(src) * store.bytes_per_block
@@ -107,7 +107,7 @@ class TorchTransport:
             block_hashes=hashes,
             segment_ends=segment_ends,
         )
-        direct = [m.cache_view(store, dst) for m in messages]  # into the destination blocks
+        direct = cache_views(messages, store, dst)  # into the destination blocks
         staging = self._buffer(size_bytes, store.device) if any(v is None for v in direct) else None
         targets = [v if v is not None else _slice(staging, m) for v, m in zip(direct, messages)]
         rpc = asyncio.ensure_future(call(request, timeout=timeout_s))
