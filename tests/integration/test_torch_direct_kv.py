@@ -80,27 +80,34 @@ def test_segments_are_joint_runs_and_merged_short_runs() -> None:
 
 
 @pytest.mark.parametrize(
-    "src_ids, dst_ids",
+    "src_ids, dst_ids, staged",
     [
         # runs of 12, 20 and 16 blocks in shuffled order, plus 4 scattered ids (merged, staged)
-        (HELD[:52], (*range(40, 52), *range(0, 20), *range(80, 96), 3 * 33, 101, 120, 140)),
-        # the source's ids broken in two, the destination one run
-        ((*HELD[:20], *HELD[30:50]), tuple(range(10, 50))),
+        (HELD[:52], (*range(40, 52), *range(0, 20), *range(80, 96), 99, 101, 120, 140), (0, 1)),
+        # the source's ids broken in two, the destination one run: nothing staged
+        ((*HELD[:20], *HELD[30:50]), tuple(range(10, 50)), (0, 0)),
+        # 3 scattered source ids between two runs: the source stages them, the receiver does not
+        ((*range(100, 120), 125, 127, 129, *range(140, 156)), tuple(range(0, 39)), (1, 0)),
     ],
 )
-def test_direct_pull_of_non_contiguous_ids_is_exact(src_ids: tuple[int, ...], dst_ids: tuple[int, ...]) -> None:
+def test_direct_pull_of_non_contiguous_ids_is_exact(
+    src_ids: tuple[int, ...], dst_ids: tuple[int, ...], staged: tuple[int, int]
+) -> None:
     src, dest = source(), store(99)
-    assert plan_segments(src_ids, dst_ids, dest, MIN_RUN) != ()  # the direct path, not one staged segment
+    segments = plan_segments(src_ids, dst_ids, dest, MIN_RUN)
+    assert len(segments) > 1  # the direct path, not one staged segment
     before = snapshot(dest)
 
     async def main() -> None:
         transport = create_transport("torch")
-        async with serving(TorchKVServicer(src.store, src.leases, KVTransferConfig())) as address:
+        servicer = TorchKVServicer(src.store, src.leases, KVTransferConfig())
+        async with serving(servicer) as address:
             handle = src.handle(address, blocks=HELD)
             stats = await transport.pull(handle, src_ids, dst_ids, dest, TIMEOUT_S)
             assert stats.bytes_moved == len(src_ids) * dest.bytes_per_block
-            assert stats.num_chunks == dest.num_planes * len(plan_segments(src_ids, dst_ids, dest, MIN_RUN))
-        assert transport.staging.num_allocations == (1 if len(dst_ids) == 52 else 0)
+            assert stats.num_chunks == dest.num_planes * len(segments)
+        # (source, receiver) staging buffers: only where a side's ids in a segment are no run
+        assert (servicer.staging.num_allocations, transport.staging.num_allocations) == staged
         await transport.close()
 
     asyncio.run(main())
