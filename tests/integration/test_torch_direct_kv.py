@@ -13,7 +13,9 @@ import asyncio
 import pytest
 import torch
 
+from tandem.common import kv_codec
 from tandem.common.layout import KVLayout
+from tandem.common.pb import tandem_pb2 as pb
 from tandem.kvtransfer.base import FailureReason, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
@@ -77,6 +79,16 @@ def test_segments_are_joint_runs_and_merged_short_runs() -> None:
         Message(1, 2, 0, 16, 32 * 32768, 16 * 32768),
     ]
     assert messages[-1].offset_bytes + messages[-1].size_bytes == 32 * s.bytes_per_block
+
+
+def test_segment_ends_cross_the_wire_checked() -> None:
+    request = kv_codec.SendKVRequest("r", (5, 6, 7, 9), "layout", "127.0.0.1:1", "p", 0, b"s", (1, 2, 3, 4), (3, 4))
+    assert kv_codec.send_kv_request_from_bytes(kv_codec.send_kv_request_to_bytes(request)) == request
+    for bad in ((3,), (2, 2, 4), (0, 4), (3, 5)):
+        raw = pb.SendKVRequest(block_ids=(5, 6, 7, 9), block_hashes=(1, 2, 3, 4), segment_ends=bad).SerializeToString()
+        with pytest.raises(ValueError) as info:
+            kv_codec.send_kv_request_from_bytes(raw)
+        assert str(info.value) == (f"segment_ends {list(bad)} must increase strictly from above 0 to 4 block ids")
 
 
 @pytest.mark.parametrize(
