@@ -134,6 +134,7 @@ class SendKVRequest:
     tag: int  # first message tag of this transfer within the pair
     lease_secret: bytes = field(repr=False)
     block_hashes: tuple[int, ...]  # as in PullKVRequest
+    segment_ends: tuple[int, ...] = ()  # message segments of block_ids (empty: one); see the proto
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ def send_kv_request_to_bytes(request: SendKVRequest) -> bytes:
         tag=request.tag,
         lease_secret=request.lease_secret,
         block_hashes=request.block_hashes,
+        segment_ends=request.segment_ends,
     ).SerializeToString()
 
 
@@ -228,7 +230,19 @@ def send_kv_request_from_bytes(raw: bytes) -> SendKVRequest:
         msg.tag,
         msg.lease_secret,
         hashes,
+        _segment_ends(msg),
     )
+
+
+def _segment_ends(msg: pb.SendKVRequest) -> tuple[int, ...]:
+    """A SendKV request's segment ends: empty, or strictly increasing and ending at the
+    number of block ids."""
+    ends = tuple(msg.segment_ends)
+    if ends and (ends[-1] != len(msg.block_ids) or any(b <= a for a, b in zip((0, *ends), ends))):
+        raise ValueError(
+            f"segment_ends {list(ends[:8])} must increase strictly from above 0 to {len(msg.block_ids)} block ids"
+        )
+    return ends
 
 
 def send_kv_result_to_bytes(result: SendKVResult) -> bytes:

@@ -8,8 +8,10 @@ Lifecycle of one hand-off, and who calls what:
 2. The decode worker D checks the handle against its own layout once (`KVHandle.check`),
    reserves its own blocks, and awaits `transport.pull(handle, src_block_ids, dst_block_ids, store, timeout_s)`
    in its asyncio loop. `src_block_ids[i]` of P lands in `dst_block_ids[i]` of D. On success
-   the destination blocks hold the source's bytes exactly; on `KVTransferError` they were not
-   written (every check runs before the unpack), and D recomputes the prompt locally.
+   the destination blocks hold the source's bytes exactly; on `KVTransferError` their bytes
+   are undefined (the gRPC transport leaves them untouched; the torch transport may have
+   received into some of them, and writes nothing after the pull ends), so D gives them back
+   uncached (`Engine.unreserve`) and recomputes the prompt locally.
 3. Either way D then awaits `transport.release(handle, timeout_s)` so that P frees the blocks
    before the lease expires. D owns its destination blocks throughout; P owns its source
    blocks until release or expiry.
@@ -139,7 +141,8 @@ class KVTransport(Protocol):
         timeout_s: float,
     ) -> TransferStats:
         """Copy source blocks `src_block_ids` into `dst_block_ids` of `store`, or raise
-        KVTransferError with the destination untouched. Does not release the lease."""
+        KVTransferError with no block outside `dst_block_ids` written (those are undefined,
+        see step 2 above). Does not release the lease."""
         ...
 
     async def release(self, handle: KVHandle, timeout_s: float) -> bool:

@@ -63,6 +63,8 @@ class KVBlockStore:
         self.device = first.device
         self.block_numel = layout.block_size * layout.num_kv_heads * layout.head_dim
         self.element_size = torch.empty((), dtype=self.dtype).element_size()
+        # plane 2 * layer + kv as flat bytes: [num_blocks * block_numel * element_size], no copy
+        self._flat_planes = [cache[kv].view(-1).view(torch.uint8) for cache in kv_caches for kv in (0, 1)]
 
     @property
     def bytes_per_block(self) -> int:
@@ -130,8 +132,15 @@ class KVBlockStore:
         first = ids[0] if ids else 0
         if ids != tuple(range(first, first + len(ids))):
             return None
-        layer, kv = divmod(plane, 2)
-        return self.kv_caches[layer][kv, first : first + len(ids)].reshape(-1).view(torch.uint8)
+        return self.run_view(first, len(ids), plane)
+
+    def run_view(self, first_block: int, num_blocks: int, plane: int) -> torch.Tensor:
+        """Plane `plane` of the blocks [first_block, first_block + num_blocks) as a uint8 view of
+        the cache itself (no copy; a 1-D slice, cheap enough to take per message)."""
+        if not 0 <= first_block <= first_block + num_blocks <= self.num_blocks:
+            raise ValueError(f"blocks [{first_block}, {first_block + num_blocks}) outside [0, {self.num_blocks})")
+        size = self.plane_bytes(1)
+        return self._flat_planes[plane][first_block * size : (first_block + num_blocks) * size]
 
     def pack_planes(self, block_ids: Sequence[int], first_plane: int, end_plane: int, out: torch.Tensor) -> None:
         """Planes [first_plane, end_plane) of `pack(block_ids)` into `out` (1-D, exactly their
@@ -145,6 +154,19 @@ class KVBlockStore:
         for i, plane in enumerate(range(first_plane, end_plane)):
             layer, kv = divmod(plane, 2)
             copier.gather(self.kv_caches[layer][kv], 0, planes[i])
+
+    def unpack_planes(self, buffer: torch.Tensor, block_ids: Sequence[int], first_plane: int, end_plane: int) -> None:
+        """The inverse of `pack_planes`: scatter planes [first_plane, end_plane) of a packed
+        buffer (1-D, exactly their bytes, on the cache device) into `block_ids`, in place."""
+        ids = self.check_block_ids(block_ids)
+        self._check_buffer(buffer, (end_plane - first_plane) * self.plane_bytes(len(ids)))
+        lay = self.layout
+        row_shape = (lay.block_size, lay.num_kv_heads, lay.head_dim)
+        planes = buffer.view(self.dtype).view(end_plane - first_plane, len(ids), *row_shape)
+        copier = _BlockCopier(ids, self.device)
+        for i, plane in enumerate(range(first_plane, end_plane)):
+            layer, kv = divmod(plane, 2)
+            copier.scatter(planes[i], self.kv_caches[layer][kv], 0)
 
     def unpack(self, buffer: torch.Tensor, block_ids: Sequence[int]) -> None:
         """Scatter a packed buffer (1-D, any dtype, any device, exactly `len(block_ids) *

@@ -74,6 +74,13 @@ class KVTransferConfig:
             "help": "this host's id for same-host hand-off (default: $TANDEM_HOST_ID, else boot id + hostname)",
         },
     )
+    direct_min_run_bytes: int = field(
+        default=256 * 1024,
+        metadata={
+            "flag": "kv-direct-min-run-bytes",
+            "help": "torch receiver: a run of blocks this long per plane moves in place, without staging copies",
+        },
+    )
     token: ClusterToken | None = field(
         default=None, metadata={"no_flag": "the worker's cluster token, presented to peers (None: insecure plane)"}
     )
@@ -88,7 +95,7 @@ class KVTransferConfig:
         for name in ("pull_timeout_s", "connect_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_inflight_sends", "max_pairs", "max_blocks_per_pull"):
+        for name in ("max_inflight_sends", "max_pairs", "max_blocks_per_pull", "direct_min_run_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.shm_dir.startswith("/"):

@@ -1,4 +1,5 @@
-"""torch.distributed plumbing of the torch KV transport: pairs, the store, the message plan.
+"""torch.distributed plumbing of the torch KV transport: pairs and the store (the message plan
+is torch_plan.py).
 
 A worker talks to many peers, so there is no global `init_process_group`: every (source,
 receiver) pair is its own 2-rank process group (gloo on CPU, NCCL on CUDA), built directly on
@@ -33,7 +34,6 @@ import hmac
 import secrets
 import socket
 import time
-from dataclasses import dataclass
 from typing import Protocol, cast
 
 import torch
@@ -41,36 +41,10 @@ import torch.distributed as dist
 
 from tandem.common.plane_auth import ClusterToken
 from tandem.kvtransfer.base import FailureReason, KVTransferError
-from tandem.kvtransfer.block_store import KVBlockStore
 
-MIN_MESSAGE_BYTES = 1 << 20  # planes are grouped into messages of at least this many bytes
 MAX_TAG = 1 << 30  # gloo/NCCL message tags are 32-bit signed
 PROOF_CONTEXT = "tandem-kv-pair-v1"  # what a source's proof is about (never reused elsewhere)
 NONCE_KEY, PROOF_KEY = "auth/nonce", "auth/proof"  # under the pair's prefix
-
-
-@dataclass(frozen=True)
-class Message:
-    """One send/recv of a transfer: planes [first_plane, end_plane) of the packed layout,
-    at [offset_bytes, offset_bytes + size_bytes) of the packed buffer."""
-
-    first_plane: int
-    end_plane: int
-    offset_bytes: int
-    size_bytes: int
-
-
-def plan_messages(num_blocks: int, store: KVBlockStore) -> list[Message]:
-    """The messages of a transfer of `num_blocks` blocks; both sides compute the same plan.
-    One plane per message when planes are big (the source may then send straight from its
-    cache), else as many planes as make MIN_MESSAGE_BYTES."""
-    plane = store.plane_bytes(num_blocks)
-    per = max(1, -(-MIN_MESSAGE_BYTES // plane)) if plane else store.num_planes
-    messages = []
-    for first in range(0, store.num_planes, per):
-        end = min(first + per, store.num_planes)
-        messages.append(Message(first, end, first * plane, (end - first) * plane))
-    return messages
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:

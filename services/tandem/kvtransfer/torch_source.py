@@ -24,7 +24,8 @@ from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import KVTransferServicer, lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
-from tandem.kvtransfer.torch_pairs import Pair, host_bytes, parse_address, plan_messages
+from tandem.kvtransfer.torch_pairs import Pair, host_bytes, parse_address
+from tandem.kvtransfer.torch_plan import cache_views, plan_messages
 
 _PAIR_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _STATUS = MappingProxyType(
@@ -129,17 +130,15 @@ class TorchKVServicer(KVTransferServicer):
         pair.form(pair.join_store(store_address, timeout_s), timeout_s, self.config.token)
 
     def _send(self, pair: Pair, request: kv_codec.SendKVRequest, deadline_s: float) -> int:
-        """Worker thread: send every message of the plan, holding the lease checked out for as
-        long as the sends read the cache. Returns the xxh64 of the packed buffer."""
+        """Worker thread: send every message of the plan (torch_plan.py), holding the lease
+        checked out for as long as the sends read the cache. Returns the xxh64 of the packed
+        buffer (the messages in order)."""
         block_ids, first_tag = request.block_ids, request.tag
-        messages = plan_messages(len(block_ids), self.store)
+        messages = plan_messages(len(block_ids), self.store, request.segment_ends)
         staging: torch.Tensor | None = None
         hasher = xxhash.xxh64()
         with self.leases.checkout(request.request_id, block_ids, request.lease_secret, request.block_hashes):
-            views = [
-                self.store.plane_view(block_ids, m.first_plane) if m.end_plane - m.first_plane == 1 else None
-                for m in messages
-            ]  # straight from the cache when the blocks are one run
+            views = cache_views(messages, self.store, block_ids)  # from the cache where a run
             if any(view is None for view in views):
                 staging = self._send_buffer(len(block_ids) * self.store.bytes_per_block)
             works, sent = [], []  # `sent` keeps every tensor alive until its send completes
@@ -147,7 +146,8 @@ class TorchKVServicer(KVTransferServicer):
                 if view is None:
                     assert staging is not None
                     view = staging[message.offset_bytes : message.offset_bytes + message.size_bytes]
-                    self.store.pack_planes(block_ids, message.first_plane, message.end_plane, view)
+                    ids = block_ids[message.first_block : message.end_block]
+                    self.store.pack_planes(ids, message.first_plane, message.end_plane, view)
                 sent.append(self.wire_view(view, i))
                 works.append(pair.post(sent[-1], first_tag + i, send=True))
                 hasher.update(host_bytes(view))  # overlaps with the send

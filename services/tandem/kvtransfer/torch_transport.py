@@ -2,20 +2,25 @@
 with gRPC as the control channel (gloo on CPU, NCCL on CUDA).
 
 Lifecycle of one pull (decode worker D, rank 1, pulls from prefill worker P, rank 0):
-1. D checks its arguments (`check_pull`; its caller checked the handle's layout), finds or creates its pair for P's
-   address (a new pair gets a new id; D's TCPStore, bound to `bind_host`, hosts it), reserves
-   one message tag per message of the plan (`plan_messages`), and calls `P.SendKV`.
-2. Concurrently, D joins the pair (new pairs only) and posts one receive per message into a
-   staging buffer, hashing each message as it lands.
+1. D checks its arguments (`check_pull`; its caller checked the handle's layout), finds or
+   creates its pair for P's address (a new pair gets a new id; D's TCPStore, bound to
+   `bind_host`, hosts it), cuts the transfer into segments and messages (torch_plan.py),
+   reserves one message tag per message, and calls `P.SendKV` with the segments.
+2. Concurrently, D joins the pair (new pairs only) and posts one receive per message: straight
+   into its destination blocks where its ids in the message are one run (no staging copy),
+   else into a staging buffer; it hashes each message as it lands.
 3. P (`TorchKVServicer.SendKV`) validates exactly as PullKV does (layout, request, lease and
    its secret), also checks that the store address is on the caller's own host, joins the pair
    if it is new, and, holding the lease checked out, sends every message: straight from its
-   cache when the blocks are one run, else packed into staging first. It answers with the size and the
-   xxh64 of the whole packed buffer once the sends complete.
-4. D compares size and checksum, and only then unpacks into the destination blocks.
+   cache where its ids are one run, else packed into staging first. It answers with the size
+   and the xxh64 of the whole packed buffer once the sends complete.
+4. D compares size and checksum, and only then unpacks the staged messages (if any).
 Any failure aborts the pair on the side that saw it (the other side's pending operations
-then fail too) and the next pull forms a new one. Every wait is bounded by the pull's deadline
-or `connect_timeout_s`; blocking calls run in a thread pool owned by the transport/servicer.
+then fail too; an aborted pair writes nothing more) and the next pull forms a new one. A
+failed pull may thus have written some destination blocks (those received directly): they
+hold no KV anyone may use, and the caller gives them back uncached (base.py). Every wait is
+bounded by the pull's deadline or `connect_timeout_s`; blocking calls run in a thread pool
+owned by the transport/servicer.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from tandem.kvtransfer.channels import ChannelCache, release_remote
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.staging import StagingPool
-from tandem.kvtransfer.torch_pairs import Message, Pair, StoreHost, host_bytes, plan_messages
+from tandem.kvtransfer.torch_pairs import Pair, StoreHost, host_bytes
+from tandem.kvtransfer.torch_plan import Message, cache_views, plan_messages, plan_segments
 from tandem.kvtransfer.torch_source import TorchKVServicer
 
 
@@ -83,7 +89,8 @@ class TorchTransport:
         started, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
         address = handle.source_address
         pair = self._pair_for(address, store)
-        messages = plan_messages(len(src), store)
+        segment_ends = plan_segments(src, dst, store, self.config.direct_min_run_bytes)
+        messages = plan_messages(len(src), store, segment_ends)
         first_tag = pair.reserve_tags(len(messages))
         size_bytes = len(src) * store.bytes_per_block
         call = self.channels.unary(
@@ -98,14 +105,18 @@ class TorchTransport:
             tag=first_tag,
             lease_secret=handle.lease_secret,
             block_hashes=hashes,
+            segment_ends=segment_ends,
         )
-        buffer = self._buffer(size_bytes, store.device)
+        direct = cache_views(messages, store, dst)  # into the destination blocks
+        staging = self._buffer(size_bytes, store.device) if any(v is None for v in direct) else None
+        targets = [v if v is not None else _slice(staging, m) for v, m in zip(direct, messages)]
         rpc = asyncio.ensure_future(call(request, timeout=timeout_s))
-        receive = asyncio.ensure_future(self._receive(pair, buffer, messages, first_tag, deadline_s))
+        receive = asyncio.ensure_future(self._receive(pair, targets, messages, first_tag, deadline_s))
         try:
             checksum, response = await self._both(pair, address, receive, rpc)
         except BaseException:
-            self.staging.forget(buffer)  # a receive may still be writing it until the abort lands
+            if staging is not None:
+                self.staging.forget(staging)  # a receive may still be writing it until the abort lands
             raise
         try:
             if response.size_bytes != size_bytes or response.checksum != checksum:
@@ -114,10 +125,12 @@ class TorchTransport:
                     f"{address}: sent {response.size_bytes} bytes with xxh64 {response.checksum:#018x}; "
                     f"received {size_bytes} bytes with xxh64 {checksum:#018x}",
                 )
-            await run_to_completion(store.unpack, buffer, dst)
+            if staging is not None:
+                staged = [m for m, v in zip(messages, direct) if v is None]
+                await run_to_completion(_unpack_staged, store, staging, staged, dst)
         finally:
-            if buffer.device.type == "cpu":
-                self.staging.give_back(buffer)
+            if staging is not None and staging.device.type == "cpu":
+                self.staging.give_back(staging)
         return TransferStats(size_bytes, time.perf_counter() - started, len(src), len(messages))
 
     async def _both(
@@ -147,7 +160,7 @@ class TorchTransport:
         raise rpc_error or receive_error  # type: ignore[misc]
 
     async def _receive(
-        self, pair: Pair, buffer: torch.Tensor, messages: list[Message], first_tag: int, deadline_s: float
+        self, pair: Pair, targets: list[torch.Tensor], messages: list[Message], first_tag: int, deadline_s: float
     ) -> int:
         async with pair.lock:
             if pair.group is None:
@@ -155,7 +168,7 @@ class TorchTransport:
                 await asyncio.wrap_future(
                     self._executor.submit(pair.form, self._store().store, timeout_s, self.config.token)
                 )
-        receive = self._executor.submit(_receive_messages, pair, buffer, messages, first_tag, deadline_s)
+        receive = self._executor.submit(_receive_messages, pair, targets, messages, first_tag, deadline_s)
         return await asyncio.wrap_future(receive)
 
     def _pair_for(self, address: str, store: KVBlockStore) -> Pair:
@@ -195,16 +208,29 @@ class TorchTransport:
         self._store_host = None
 
 
+def _slice(buffer: torch.Tensor | None, message: Message) -> torch.Tensor:
+    assert buffer is not None
+    return buffer[message.offset_bytes : message.offset_bytes + message.size_bytes]
+
+
 def _receive_messages(
-    pair: Pair, buffer: torch.Tensor, messages: list[Message], first_tag: int, deadline_s: float
+    pair: Pair, targets: list[torch.Tensor], messages: list[Message], first_tag: int, deadline_s: float
 ) -> int:
-    """Worker thread: post every receive, then hash each message as it lands; return xxh64."""
-    works = [
-        pair.post(buffer[m.offset_bytes : m.offset_bytes + m.size_bytes], first_tag + i, send=False)
-        for i, m in enumerate(messages)
-    ]
+    """Worker thread: post every receive (message i into `targets[i]`), then hash each
+    message as it lands, in plan order; return the xxh64 of the packed buffer."""
+    works = [pair.post(target, first_tag + i, send=False) for i, target in enumerate(targets)]
     hasher = xxhash.xxh64()
-    for message, work in zip(messages, works):
+    for target, work in zip(targets, works):
         pair.wait(work, deadline_s, "receive")
-        hasher.update(host_bytes(buffer[message.offset_bytes : message.offset_bytes + message.size_bytes]))
+        hasher.update(host_bytes(target))
     return hasher.intdigest()
+
+
+def _unpack_staged(store: KVBlockStore, staging: torch.Tensor, staged: list[Message], dst: tuple[int, ...]) -> None:
+    """Worker thread, after the checksum matched: scatter the staged messages into `dst`."""
+    if sum(m.size_bytes for m in staged) == len(staging):  # all of it: one unpack (a kernel on CUDA)
+        store.unpack(staging, dst)
+        return
+    for m in staged:
+        ids = dst[m.first_block : m.end_block]
+        store.unpack_planes(_slice(staging, m), ids, m.first_plane, m.end_plane)

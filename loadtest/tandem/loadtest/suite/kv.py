@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.loadtest.bench.kv import BEST_GOAL, GRPC_GOAL, measure_kv
+from tandem.loadtest.bench.kv import BEST_GOAL, GRPC_GOAL, STAGED, measure_kv
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Figure, Section
 
@@ -25,6 +25,8 @@ def run(ctx: BenchContext) -> Section:
     figures = (
         Figure(f"best transport ({best_name}) / raw TCP", best, goal=BEST_GOAL),
         Figure("grpc / raw TCP", report.ratio("grpc"), goal=GRPC_GOAL),
+        Figure("torch, received in place / raw TCP", report.ratio("torch")),
+        Figure("torch, staged as before issue 20 / raw TCP", report.ratio(STAGED)),
     )
     lay = report.layout
     setup = (
@@ -32,7 +34,8 @@ def run(ctx: BenchContext) -> Section:
         f"{report.bytes_per_block // 1024} KiB: {lay.num_layers} layers, {lay.num_kv_heads} KV heads x "
         f"{lay.head_dim}, {lay.dtype}); source process and receiver on loopback, one torch thread each; "
         f"median of {len(report.results['raw tcp'].mb_per_s)} interleaved rounds. Every pull includes the "
-        "source's pack, checksums and the receiver's unpack into a shuffled block table; raw TCP is "
+        "source's pack, checksums and the receiver's unpack into a shuffled block table (torch: received "
+        "in place, runs of 64 blocks; torch staged: into a staging buffer, then unpacked); raw TCP is "
         "sendall into recv_into of a ready buffer."
     )
     return Section("kv", "KV hand-off vs raw loopback TCP", setup, figures, tuple(rows))

@@ -316,7 +316,7 @@ class ReleaseKVResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class SendKVRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "layout", "store_address", "pair_id", "tag", "lease_secret", "block_hashes")
+    __slots__ = ("request_id", "block_ids", "layout", "store_address", "pair_id", "tag", "lease_secret", "block_hashes", "segment_ends")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +325,7 @@ class SendKVRequest(_message.Message):
     TAG_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ENDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: str
@@ -333,7 +334,8 @@ class SendKVRequest(_message.Message):
     tag: int
     lease_secret: bytes
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., store_address: _Optional[str] = ..., pair_id: _Optional[str] = ..., tag: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    segment_ends: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., store_address: _Optional[str] = ..., pair_id: _Optional[str] = ..., tag: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ..., segment_ends: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SendKVResponse(_message.Message):
     __slots__ = ("size_bytes", "checksum")
