@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import Any, NoReturn, Protocol, cast
 
 import grpc
 
@@ -41,12 +41,17 @@ from tandem.common import codec
 from tandem.common.ownership import owner_metadata
 from tandem.common.tracing import ClockAnchor
 
-if TYPE_CHECKING:
-    from tandem.decode.server import DecodeServicer
-
 log = logging.getLogger(__name__)
 
 MAX_LIVE_REQUESTS = 1 << 14  # requests in flight on one stream
+
+
+class DecodesRequests(Protocol):
+    """What a stream needs of the decode servicer (decode/server.py `DecodeServicer`)."""
+
+    def decode_deltas(
+        self, call: codec.DecodeRequest, context: grpc.aio.ServicerContext, arrival: ClockAnchor
+    ) -> AsyncGenerator[codec.DecodeDelta, None]: ...
 
 
 class RequestEnded(Exception):
@@ -91,7 +96,7 @@ class MuxSession:
     """One `DecodeStream` call: its live requests and the outputs not sent yet. Asyncio
     thread only; owned by the handler, which ends it (`close`) however the call ends."""
 
-    def __init__(self, servicer: DecodeServicer) -> None:
+    def __init__(self, servicer: DecodesRequests) -> None:
         self._servicer = servicer
         self._live: dict[str, asyncio.Task] = {}
         self._pending: list[codec.MuxOutput] = []
@@ -195,7 +200,7 @@ class MuxSession:
         self._wakeup.set()
 
 
-async def decode_stream(servicer: DecodeServicer, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+async def decode_stream(servicer: DecodesRequests, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
     """The `DecodeStream` handler's body (decode/server.py delegates to it)."""
     session = MuxSession(servicer)
     try:
