@@ -32,6 +32,9 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
    last `DecodeDelta` whose finish reason is ABORT; during a hand-off the abort waits until
    the pull has stopped writing into the reserved blocks, then takes effect.
 
+The multiplexed `DecodeStream` (decode/mux.py) runs each request it carries through the same
+steps (`decode_deltas`), with the request's own stand-in for the call's context.
+
 Tracing: a SERVER span "decode" under the caller's trace context, with children "kv.pull"
 (with a handle: reserving blocks and pulling the missing ones), "decode.admit" (until the
 batcher first schedules the sequence) and "decode.stream" (until the stream ends, however it
