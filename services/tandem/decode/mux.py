@@ -44,6 +44,7 @@ from tandem.common.tracing import ClockAnchor
 log = logging.getLogger(__name__)
 
 MAX_LIVE_REQUESTS = 1 << 14  # requests in flight on one stream
+MAX_GATHER_ITERATIONS = 4  # asyncio loop iterations a step's outputs are gathered over
 
 
 class DecodesRequests(Protocol):
@@ -127,8 +128,9 @@ class MuxSession:
             self.close()
 
     async def _gather(self) -> None:
-        """Let every request task woken by the same step add its output before sending."""
-        while True:
+        """Let every request task woken by the same step add its output before sending (a few
+        loop iterations at most: a steady flow of steps never holds a message back)."""
+        for _ in range(MAX_GATHER_ITERATIONS):
             count = len(self._pending)
             await asyncio.sleep(0)
             if len(self._pending) == count:
