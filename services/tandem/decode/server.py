@@ -32,6 +32,9 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
    last `DecodeDelta` whose finish reason is ABORT; during a hand-off the abort waits until
    the pull has stopped writing into the reserved blocks, then takes effect.
 
+The multiplexed `DecodeStream` (decode/mux.py) runs each request it carries through the same
+steps (`decode_deltas`), with the request's own stand-in for the call's context.
+
 Tracing: a SERVER span "decode" under the caller's trace context, with children "kv.pull"
 (with a handle: reserving blocks and pulling the missing ones), "decode.admit" (until the
 batcher first schedules the sequence) and "decode.stream" (until the stream ends, however it
@@ -44,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -57,6 +60,7 @@ from tandem.common.layout import LayoutMismatchError
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.request import Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
+from tandem.decode.mux import decode_stream
 from tandem.decode.sources import handle_verifier
 from tandem.decode.stream import DrainDeadlineReached, FirstDelta, ShedError, stream_deltas
 from tandem.engine.engine import Engine
@@ -92,14 +96,32 @@ class DecodeServicer(WorkerServicerBase):
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """`request` and the messages yielded are protobuf, straight from and to the codec."""
-        worker = self.worker
         arrival = ClockAnchor.now()
+        try:
+            call = codec.decode_request_from_proto(request)
+        except ValueError as exc:
+            with ending(self.worker.server_span("decode", context, arrival), arrival):
+                await self.worker.refuse_if_draining(context)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async with aclosing(self.decode_deltas(call, context, arrival)) as deltas:
+            async for delta in deltas:
+                yield codec.decode_delta_to_proto(delta)
+
+    async def DecodeStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        """The multiplexed decode stream of one gateway (decode/mux.py): protobuf in and out."""
+        async for step in decode_stream(self, request_iterator, context):
+            yield step
+
+    async def decode_deltas(
+        self, call: codec.DecodeRequest, context: grpc.aio.ServicerContext, arrival: ClockAnchor
+    ) -> AsyncGenerator[codec.DecodeDelta, None]:
+        """One decode request, steps 1 to 7 above: the deltas of its stream. It ends however the
+        call would (`context.abort`); closing it (or cancelling its task) aborts the sequence.
+        Used by `Decode` and by the multiplexed `DecodeStream` (decode/mux.py), whose `context`
+        is the request's own."""
+        worker = self.worker
         with ending(worker.server_span("decode", context, arrival), arrival) as span:
             await worker.refuse_if_draining(context)
-            try:
-                call = codec.decode_request_from_proto(request)
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             req, handle = call.request, call.handle
             await self.owners.claim(req.request_id, context)
             await worker.compile_grammar(req.sampling, context)
@@ -149,7 +171,7 @@ class DecodeServicer(WorkerServicerBase):
                 )
                 async with aclosing(deltas_from) as deltas:
                     async for delta in deltas:
-                        yield codec.decode_delta_to_proto(delta)
+                        yield delta
             except DrainDeadlineReached as exc:
                 worker.abort_soon(rid)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

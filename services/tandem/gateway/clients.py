@@ -1,6 +1,7 @@
 """gRPC channels from the gateway to the workers: one channel per worker, reused by every
 request (DESIGN.md section 6b), created on first use and closed once the worker has left the
-registry. Owned by the gateway's asyncio loop; not thread-safe.
+registry; on a decode worker's channel, one multiplexed decode stream (gateway/mux.py), opened
+on first use and again after it broke. Owned by the gateway's asyncio loop; not thread-safe.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import grpc
 
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.plane_auth import ClusterToken, aio_channel
+from tandem.gateway.mux import MuxConnection
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class WorkerClients:
     def __init__(self, token: ClusterToken | None = None) -> None:
         self._token = token
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
+        self._streams: dict[str, MuxConnection] = {}
 
     def stub(self, address: str) -> pb_grpc.WorkerStub:
         entry = self._channels.get(address)
@@ -45,9 +48,19 @@ class WorkerClients:
         self.stub(address)
         return self._channels[address][0]
 
+    def decode_stream(self, address: str, max_buffered: int) -> MuxConnection:
+        """The multiplexed decode stream to the worker at `address`: the open one, or a new one
+        if there is none or it broke. Each request buffers at most `max_buffered` outputs."""
+        conn = self._streams.get(address)
+        if conn is None or not conn.alive:
+            conn = self._streams[address] = MuxConnection(self.stub(address), address, max_buffered)
+        return conn
+
     async def prune(self, live_addresses: Iterable[str]) -> None:
-        """Close the channels of workers that are no longer registered."""
+        """Close the channels (and decode streams) of workers that are no longer registered."""
         live = set(live_addresses)
+        for address in [a for a in self._streams if a not in live]:
+            await self._streams.pop(address).close()
         for address in [a for a in self._channels if a not in live]:
             channel, _ = self._channels.pop(address)
             log.info("closing channel to %s (worker left the registry)", address)

@@ -9,9 +9,12 @@ One `Pipeline.generate(request)` call serves one choice of one client request
    first token is yielded at once; the transfer is not on the TTFT path. If the call fails
    before the first token (worker gone, busy, timed out, step failed), the request is routed
    again without P and retried once, on another prefill worker or locally on a decoder.
-3. `D.Decode(request, first token, handle)` pulls the missing blocks and streams the rest. A
-   decoder that refuses before sending anything (gone or busy) is replaced once by another.
-   Without a handle, D prefills locally.
+3. D decodes (request, first token, handle): it pulls the missing blocks and streams the rest.
+   The request goes on this gateway's multiplexed decode stream to D (gateway/mux.py), with
+   what a `Decode` call would carry, and its outputs come back demultiplexed; a request whose
+   consumer stops reading overflows its buffer and is aborted on D (an error for its client;
+   never migrated). A decoder that refuses before sending anything (gone or busy) is replaced
+   once by another. Without a handle, D prefills locally.
 4. A decode stream that fails after tokens were sent (the worker died, stalled past the idle
    timeout, or ended it at its drain deadline) is resumed on another decode worker with a
    replay of the prompt plus the tokens sent (migration.py), up to `max_migrations` times:
@@ -44,7 +47,7 @@ from opentelemetry.context import Context
 from tandem.common import codec, kv_codec
 from tandem.common.block_hash import block_extra, hash_blocks
 from tandem.common.kv_handle import KVHandle
-from tandem.common.ownership import new_owner_secret, owner_metadata
+from tandem.common.ownership import OWNER_METADATA_KEY, new_owner_secret, owner_from_metadata, owner_metadata
 from tandem.common.request import FinishReason, PromptLogprobs, Request, TokenLogprob
 from tandem.common.tracing import inject_metadata
 from tandem.common.workers import WorkerInfo
@@ -53,6 +56,7 @@ from tandem.gateway.config import GatewayConfig
 from tandem.gateway.errors import OpenAIError, bad_request, service_unavailable
 from tandem.gateway.metrics import GatewayMetrics, MigrationReason
 from tandem.gateway.migration import WORKER_FAILURES, DecodeFailure, Resume, StreamError, failure_reason, resumable
+from tandem.gateway.mux import BufferOverflow
 from tandem.gateway.tickets import RouteTickets
 from tandem.scheduler import NoWorkerError, RouteDecision, RouteKind, RouteRequest, Scheduler
 
@@ -217,7 +221,7 @@ class Pipeline:
     ) -> AsyncIterator[Delta]:
         """The decode stream; a failure raises `DecodeFailure` (or, for a local prefill of the
         client's own request that fails before any output, the `OpenAIError` of the call)."""
-        message = codec.decode_request_to_proto(
+        call = (
             codec.DecodeRequest(request)
             if first is None
             else codec.DecodeRequest(request, first.first_token, first.handle)
@@ -225,28 +229,26 @@ class Pipeline:
         if first is not None:
             tickets.prefill_done()  # the prompt ran on P; a local prefill ends with the first delta
         decode = decision.decode
+        owner = owner_from_metadata(metadata)
+        trace = tuple(item for item in metadata if item[0] != OWNER_METADATA_KEY)
+        submit = codec.MuxSubmit(call, owner, trace)
         for attempt in (0, 1):
             received = False
-            call = self.clients.stub(decode.address).Decode(message, metadata=metadata)
+            conn = self.clients.decode_stream(decode.address, self.config.max_buffered_events)
+            stream = conn.submit(submit)
             try:
                 while True:
                     try:
-                        msg = await asyncio.wait_for(call.read(), self.config.decode_idle_timeout_s)
+                        msg = await stream.get(self.config.decode_idle_timeout_s)
                     except asyncio.TimeoutError:
                         raise DecodeFailure(
                             f"decode worker {decode.worker_id} sent nothing for {self.config.decode_idle_timeout_s} s",
                             decode.worker_id,
                             MigrationReason.STALLED,
                         ) from None
-                    if msg is grpc.aio.EOF:
-                        raise DecodeFailure(
-                            f"decode stream from {decode.worker_id} ended without a finish reason",
-                            decode.worker_id,
-                            MigrationReason.WORKER_FAILED,
-                        )
-                    delta = self._delta(
-                        codec.decode_delta_from_proto(msg), not received, first is None, request, decode
-                    )
+                    except BufferOverflow as exc:
+                        raise DecodeFailure(str(exc), decode.worker_id, None) from None
+                    delta = self._delta(msg, not received, first is None, request, decode)
                     if not received:
                         tickets.prefill_done()
                     received = True
@@ -278,7 +280,7 @@ class Pipeline:
                     tickets.prefill_done()  # the retry only decodes; the prompt already ran on P
                 decode = decision.decode
             finally:
-                call.cancel()  # no-op when the stream already finished
+                conn.release(stream)  # cancels it on the worker unless the worker ended it
 
     def _delta(
         self, msg: codec.DecodeDelta, first_message: bool, local: bool, request: Request, decode: WorkerInfo

@@ -255,6 +255,55 @@ class DrainResponse(_message.Message):
     held_leases: int
     def __init__(self, idle: _Optional[bool] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held_leases: _Optional[int] = ...) -> None: ...
 
+class MuxSubmit(_message.Message):
+    __slots__ = ("call", "owner_secret", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    OWNER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    call: DecodeRequest
+    owner_secret: str
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, call: _Optional[_Union[DecodeRequest, _Mapping]] = ..., owner_secret: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class MuxCancel(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class MuxClientMessage(_message.Message):
+    __slots__ = ("submit", "cancel")
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    submit: MuxSubmit
+    cancel: MuxCancel
+    def __init__(self, submit: _Optional[_Union[MuxSubmit, _Mapping]] = ..., cancel: _Optional[_Union[MuxCancel, _Mapping]] = ...) -> None: ...
+
+class MuxOutput(_message.Message):
+    __slots__ = ("request_id", "delta", "error_code", "error_details")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    delta: DecodeDelta
+    error_code: int
+    error_details: str
+    def __init__(self, request_id: _Optional[str] = ..., delta: _Optional[_Union[DecodeDelta, _Mapping]] = ..., error_code: _Optional[int] = ..., error_details: _Optional[str] = ...) -> None: ...
+
+class MuxStep(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[MuxOutput]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[MuxOutput, _Mapping]]] = ...) -> None: ...
+
 class PullKVRequest(_message.Message):
     __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret", "block_hashes", "host_id", "receiver_pid")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

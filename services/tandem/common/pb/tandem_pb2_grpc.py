@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.DrainRequest.SerializeToString,
                 response_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.DecodeStream = channel.stream_stream(
+                '/tandem.v1.Worker/DecodeStream',
+                request_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.MuxClientMessage.SerializeToString,
+                response_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.MuxStep.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -94,6 +99,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeStream(self, request_iterator, context):
+        """The multiplexed decode path: one long-lived stream per (gateway, decode worker) pair.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +133,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.DrainRequest.FromString,
                     response_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.DrainResponse.SerializeToString,
+            ),
+            'DecodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeStream,
+                    request_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.MuxClientMessage.FromString,
+                    response_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.MuxStep.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +275,33 @@ class Worker:
             '/tandem.v1.Worker/Drain',
             tandem_dot_common_dot_pb_dot_tandem__pb2.DrainRequest.SerializeToString,
             tandem_dot_common_dot_pb_dot_tandem__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.v1.Worker/DecodeStream',
+            tandem_dot_common_dot_pb_dot_tandem__pb2.MuxClientMessage.SerializeToString,
+            tandem_dot_common_dot_pb_dot_tandem__pb2.MuxStep.FromString,
             options,
             channel_credentials,
             insecure,
