@@ -3,8 +3,11 @@
 One run: a source process (loadtest/tandem/loadtest/bench/kv_source.py, bound to 127.0.0.1) holds
 the KV of a long prompt under a lease and also serves a raw TCP baseline; this process is the
 receiver. Rounds interleave raw TCP, the gRPC transport, the torch transport and the torch
-transport with every pull staged (its path before issue 20), so that all four see the same
-machine load, and the medians are compared. Every transport round is a whole pull (source
+transport with every pull staged (its path before issue 20), the same-host shared-memory
+transport (SHM: the source serves it under BENCH_HOST_ID, the receiver pulls with a handle
+that names that host) and an in-process memcpy of the same bytes (MEMCPY: one `copy_` of a
+uint8 tensor of the pull's size into another), so that all see the same machine load, and the
+medians are compared. Every transport round is a whole pull (source
 pack, transfer, checksums, receiver unpack) into a real destination cache; raw TCP is only
 `sendall` from a ready buffer into `recv_into` a reused one. The destination blocks are
 checked against the source's bytes once per transport (zeroed before that pull, so the check
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import statistics
 import time
@@ -39,6 +43,7 @@ from tandem.kvtransfer.base import KVTransport, TransferStats, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import clamp_chunk_bytes
+from tandem.kvtransfer.same_host import with_same_host
 from tandem.kvtransfer.torch_pairs import host_bytes
 from tandem.kvtransfer.torch_plan import plan_messages
 from tandem.launcher.processes import ChildProcess
@@ -54,6 +59,9 @@ SOURCE_READY_TIMEOUT_S, SOURCE_STOP_TIMEOUT_S = 60.0, 10.0
 # The torch transport with every pull staged (no run is this long): its path before issue 20,
 # measured in the same run as the direct one ("torch"), for the before/after ratio.
 STAGED, STAGED_MIN_RUN_BYTES = "torch staged", 1 << 40
+# Same-host hand-off (issue 20): goals against an in-process memcpy of the same bytes and raw TCP.
+SHM, MEMCPY, BENCH_HOST_ID = "same-host shm", "in-process memcpy", "bench-host"
+SHM_MEMCPY_GOAL, SHM_TCP_GOAL = 0.50, 2.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,8 @@ class KVBenchReport:
 
     @property
     def best(self) -> tuple[str, float]:
-        name = max((n for n in self.results if n != "raw tcp"), key=self.ratio)
+        """The best network transport (not the same-host one, nor the memcpy baseline)."""
+        name = max((n for n in self.results if n not in ("raw tcp", SHM, MEMCPY)), key=self.ratio)
         return name, self.ratio(name)
 
 
@@ -117,9 +126,11 @@ class Receiver:
         """Bytes of one pull: every block of the source's lease."""
         return len(self.dst_ids) * self.dest.bytes_per_block
 
-    async def pull(self, transport: KVTransport, timeout_s: float) -> TransferStats:
-        """One whole pull of the lease's blocks into `dst_ids` (KVTransferError if it fails)."""
-        return await transport.pull(self.handle, self.handle.block_ids, self.dst_ids, self.dest, timeout_s=timeout_s)
+    async def pull(self, transport: KVTransport, timeout_s: float, host_id: str = "") -> TransferStats:
+        """One whole pull of the lease's blocks into `dst_ids` (KVTransferError if it fails);
+        `host_id`: the source's, as a prefill worker's handle carries it (same-host pulls)."""
+        handle = dataclasses.replace(self.handle, source_host_id=host_id) if host_id else self.handle
+        return await transport.pull(handle, handle.block_ids, self.dst_ids, self.dest, timeout_s=timeout_s)
 
     def clear_dest(self) -> None:
         """Zero the destination cache, so that `exact()` after a pull proves that this pull
@@ -140,7 +151,9 @@ def source_process(
     """A ready kv_source child holding `num_blocks` random blocks (seed SEED) on `device` under
     the lease REQUEST_ID, serving the torch transport's servicer (which serves gRPC pulls too)
     to callers that present `token`; stopped by pid on exit."""
-    argv = source_args(layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=raw_tcp, device=device)
+    argv = source_args(
+        layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=raw_tcp, device=device, host_id=BENCH_HOST_ID
+    )
     source = ChildProcess.start("kv-source", argv, SOURCE_READY_TIMEOUT_S, env=source_env(token), forward=False)
     try:
         yield source
@@ -190,10 +203,15 @@ async def _bench(
     }
     staged = KVTransferConfig(transport="torch", token=token, direct_min_run_bytes=STAGED_MIN_RUN_BYTES)
     transports[STAGED] = create_transport("torch", staged)
+    # as a decode worker pulls from a same-host source; a pull that fell back to the network fails the bench
+    shm_config = KVTransferConfig(transport="grpc", token=token, host_id=BENCH_HOST_ID)
+    transports[SHM] = with_same_host(create_transport("grpc", shm_config), shm_config)
+    copy_src = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)
+    copy_dst = torch.empty_like(copy_src)
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     received = bytearray(size_bytes)
-    results = {name: BenchResult(name, []) for name in ("raw tcp", *transports)}
+    results = {name: BenchResult(name, []) for name in ("raw tcp", *transports, MEMCPY)}
     exact = True
     try:
         for round_index in range(rounds + 1):  # round 0 warms up channels, pairs and buffers
@@ -205,11 +223,17 @@ async def _bench(
                 await asyncio.sleep(SETTLE_S)
                 if round_index == 0:
                     receiver.clear_dest()
-                stats = await receiver.pull(transport, timeout_s=60.0)
+                stats = await receiver.pull(transport, timeout_s=60.0, host_id=BENCH_HOST_ID if name == SHM else "")
+                if name == SHM and stats.transport != "shm":
+                    raise RuntimeError(f"the same-host pull went over {stats.transport} ({stats.shm_fallback})")
                 if round_index == 0 and not receiver.exact():
                     exact = False
                 if round_index:
                     results[name].mb_per_s.append(stats.mb_per_s)
+            started = time.perf_counter()
+            copy_dst.copy_(copy_src)
+            if round_index:
+                results[MEMCPY].mb_per_s.append(size_bytes / (time.perf_counter() - started) / 1e6)
         await transports["grpc"].release(receiver.handle, timeout_s=5.0)
     finally:
         raw.close()
@@ -334,4 +358,9 @@ def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:
         f"  goals: best transport >= {BEST_GOAL:.2f} of raw tcp: {best:.3f} "
         f"({'met' if best >= BEST_GOAL else 'missed'}); grpc >= {GRPC_GOAL:.2f}: {grpc_ratio:.3f} "
         f"({'met' if grpc_ratio >= GRPC_GOAL else 'missed'})"
+    )
+    shm_copy = results[SHM].median / results[MEMCPY].median
+    out(
+        f"  same-host shm: {shm_copy:.3f} of an in-process memcpy (goal >= {SHM_MEMCPY_GOAL:.2f}), "
+        f"{report.ratio(SHM):.2f}x raw tcp (goal >= {SHM_TCP_GOAL:g})"
     )

@@ -4,6 +4,8 @@ It plays a prefill worker without a model: a KV cache filled from a seed (so the
 rebuild the same bytes), one lease over the blocks, and a grpc.aio server bound to the given
 host that hosts the transport's source servicer, built with the real worker's gRPC server
 options. `--device cuda` keeps the cache on the GPU (device 0), as a prefill worker there does.
+With `--host-id H` it also serves same-host pulls through shared memory (the transport
+wrapped as a worker wraps it, `kvtransfer.same_host`, host id H).
 With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian size read from a
 connection is answered with that many bytes from a preallocated buffer.
 
@@ -37,6 +39,7 @@ from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
 from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
+from tandem.kvtransfer.same_host import with_same_host
 
 LEASE_TTL_S = 3600.0
 
@@ -75,6 +78,7 @@ def source_args(
     raw_tcp: bool = False,
     host: str = "127.0.0.1",
     device: str = "cpu",
+    host_id: str = "",
 ) -> list[str]:
     """The command line a parent uses to start this module (`python -m ...`)."""
     args = [
@@ -96,7 +100,7 @@ def source_args(
         "--device",
         device,
     ]
-    return args + (["--raw-tcp"] if raw_tcp else [])
+    return args + (["--raw-tcp"] if raw_tcp else []) + (["--host-id", host_id] if host_id else [])
 
 
 def _serve_raw_tcp(listener: socket.socket, payload: memoryview) -> None:
@@ -122,8 +126,10 @@ async def _main(args: argparse.Namespace) -> None:
     )
     plane = PlaneAuth().resolve(os.environ)  # the cluster token in TANDEM_CLUSTER_TOKEN (`source_env`)
     plane.require("the KV source")
-    config = KVTransferConfig(transport=args.transport, bind_host=args.host, token=plane.token)
-    transport = create_transport(args.transport, config)
+    config = KVTransferConfig(
+        transport=args.transport, bind_host=args.host, token=plane.token, shm=bool(args.host_id), host_id=args.host_id
+    )
+    transport = with_same_host(create_transport(args.transport, config), config)
     # the prefill worker's server, as deployed: the same options and token check
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(plane))
     transport.add_source(server, store, leases)
@@ -159,6 +165,7 @@ if __name__ == "__main__":
     parser.add_argument("--request-id", default="bench")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--raw-tcp", action="store_true")
+    parser.add_argument("--host-id", default="", help="serve same-host (shared memory) pulls as this host id")
     parser.add_argument("--device", default="cpu", help="where the KV cache lives: cpu, cuda (device 0)")
     parser.add_argument("--num-threads", type=int, default=1)
     parsed = parser.parse_args()

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tandem.loadtest.bench.kv import BEST_GOAL, GRPC_GOAL, STAGED, measure_kv
+from tandem.loadtest.bench.kv import (
+    BEST_GOAL,
+    GRPC_GOAL,
+    MEMCPY,
+    SHM,
+    SHM_MEMCPY_GOAL,
+    SHM_TCP_GOAL,
+    STAGED,
+    measure_kv,
+)
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Figure, Section
 
@@ -27,6 +36,12 @@ def run(ctx: BenchContext) -> Section:
         Figure("grpc / raw TCP", report.ratio("grpc"), goal=GRPC_GOAL),
         Figure("torch, received in place / raw TCP", report.ratio("torch")),
         Figure("torch, staged as before issue 20 / raw TCP", report.ratio(STAGED)),
+        Figure(
+            "same-host shm / in-process memcpy of the same bytes",
+            report.results[SHM].median / report.results[MEMCPY].median,
+            goal=SHM_MEMCPY_GOAL,
+        ),
+        Figure("same-host shm / raw TCP", report.ratio(SHM), goal=SHM_TCP_GOAL),
     )
     lay = report.layout
     setup = (
@@ -36,6 +51,7 @@ def run(ctx: BenchContext) -> Section:
         f"median of {len(report.results['raw tcp'].mb_per_s)} interleaved rounds. Every pull includes the "
         "source's pack, checksums and the receiver's unpack into a shuffled block table (torch: received "
         "in place, runs of 64 blocks; torch staged: into a staging buffer, then unpacked); raw TCP is "
-        "sendall into recv_into of a ready buffer."
+        "sendall into recv_into of a ready buffer. Same-host shm: the source packs into a /dev/shm segment, "
+        "the receiver maps it, checks its xxh64 and unpacks; memcpy: one in-process copy_ of the same bytes."
     )
     return Section("kv", "KV hand-off vs raw loopback TCP", setup, figures, tuple(rows))
