@@ -138,10 +138,10 @@ class DecodeServicer(WorkerServicerBase):
             def admit_local(engine: Engine) -> None:
                 engine.add_request(
                     rid,
-                    req.prompt_token_ids,
+                    req.original_prompt_token_ids,
                     req.sampling,
                     req.cache_salt,
-                    generated_token_ids=first,
+                    generated_token_ids=[*req.generated_token_ids, *first],
                     priority=req.priority,
                     max_waiting=worker.config.max_waiting,
                 )
@@ -220,10 +220,11 @@ class DecodeServicer(WorkerServicerBase):
             reservation = await worker.call(
                 lambda e: e.reserve(
                     rid,
-                    req.prompt_token_ids,
+                    req.original_prompt_token_ids,
                     req.sampling,
                     first_token,
                     req.cache_salt,
+                    generated_token_ids=req.generated_token_ids,
                     priority=req.priority,
                     max_waiting=max_waiting,
                 ),
@@ -253,10 +254,10 @@ class DecodeServicer(WorkerServicerBase):
             if reservation is None:
                 engine.add_request(
                     rid,
-                    req.prompt_token_ids,
+                    req.original_prompt_token_ids,
                     req.sampling,
                     req.cache_salt,
-                    generated_token_ids=[first_token],
+                    generated_token_ids=[*req.generated_token_ids, first_token],
                     priority=req.priority,
                     max_waiting=max_waiting,
                 )

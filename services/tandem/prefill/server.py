@@ -83,9 +83,10 @@ class PrefillServicer(WorkerServicerBase):
         def admit(engine: Engine) -> None:
             engine.add_request(
                 req.request_id,
-                req.prompt_token_ids,
+                req.original_prompt_token_ids,
                 req.sampling,
                 req.cache_salt,
+                generated_token_ids=req.generated_token_ids,  # a migration's replay: output, not prompt
                 hand_off=True,
                 priority=req.priority,
                 max_waiting=worker.config.max_waiting,
