@@ -4,7 +4,10 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 1. `Decode(request, first_token, handle)`. Without a handle, the prompt is prefilled here.
    With `structured_output`, the call waits (asyncio thread) for its grammar to compile (a
    bad one is INVALID_ARGUMENT); the sequence's matcher replays the first token before the
-   next is sampled, so the output equals a colocated run's.
+   next is sampled, so the output equals a colocated run's. A migration's replay
+   (`Request.num_generated`) adds its trailing tokens to the sequence as generated output,
+   before the first token (the matcher replays them too); the handle covers them with the
+   prompt.
 2. With one, the handle's layout must equal ours (else FAILED_PRECONDITION naming the
    field; `KVHandle.check` is the receiver's one layout check of the transfer). Then the
    handle's block hashes must be the prompt's, computed here, and its source a registered,
