@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import jsonschema
 import pytest
 
 from tandem.common.embedded_redis import EmbeddedRedis
@@ -241,6 +242,78 @@ def test_kill_9_mid_stream_resumes_every_stream_exactly(pool: Pool) -> None:
     assert victims >= 4  # round robin gave decode-k0 half of the 9 streams
     assert pool.migrations("worker_failed") - before == victims
     assert gateway_metric(pool.gateway, "tandem_migration_replayed_tokens_total") > 0
+    d0.stop(STOP_TIMEOUT_S)
+    pool.remove_dead()
+    pool.cluster.assert_drained(timeout_s=10)
+
+
+# ~120 tokens on the tiny model, whatever it samples: the streams are still running at the kill
+LONG_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ids": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 999},
+            "minItems": 24,
+            "maxItems": 24,
+        },
+        "note": {"type": "string", "minLength": 24, "maxLength": 24},
+    },
+    "required": ["ids", "note"],
+    "additionalProperties": False,
+}
+
+
+def _constrained_bodies() -> list[dict]:
+    """Four JSON-schema streams (greedy, seeded, and both with penalties) and two streams with
+    presence/frequency penalties (greedy and seeded), in an order that gives each of two
+    round-robin workers a greedy and a seeded JSON stream and a penalized one."""
+    prompts = random_prompts([20 + 3 * i for i in range(6)], TINY_VOCAB_SIZE, seed=61)
+    penalties = {"presence_penalty": -2.0, "frequency_penalty": 1.0}
+    json_stream = {"max_tokens": 400, "guided_json": LONG_SCHEMA}
+    plain_stream = {"max_tokens": 64, "ignore_eos": True, **penalties}
+    kinds = [
+        (json_stream, 0.0),
+        (json_stream, 0.8),
+        ({**json_stream, **penalties}, 0.8),
+        ({**json_stream, **penalties}, 0.0),
+        (plain_stream, 0.0),
+        (plain_stream, 0.8),
+    ]
+    return [
+        {"prompt": list(prompt), "stream": True, "return_token_ids": True, "temperature": t, "seed": 2000 + i, **kind}
+        for i, (prompt, (kind, t)) in enumerate(zip(prompts, kinds))
+    ]
+
+
+def test_kill_9_mid_stream_resumes_constrained_and_penalized_streams_exactly(pool: Pool) -> None:
+    """The replay carries the sent tokens as generated output (`Request.num_generated`): the
+    resumed JSON streams continue the grammar where it was (the client's whole output
+    validates) and the penalties count the sent tokens, so every stream equals its unbroken
+    run (tokens, text, finish reason)."""
+    d0 = pool.add_decode("decode-c0")
+    pool.add_decode("decode-c1")
+    bodies = _constrained_bodies()
+    unbroken = _run(pool.gateway, bodies)
+    for s in unbroken:
+        assert (s.errors, s.done, s.status) == ([], True, 200)
+    for s in unbroken[:4]:
+        assert s.finish_reason == "stop" and len(s.token_ids) > 100
+        jsonschema.validate(json.loads("".join(s.text)), LONG_SCHEMA)
+
+    before = pool.migrations("worker_failed")
+    num_decode = pool.num_decode  # 2, or 3 when a decode worker of an earlier test is still up
+    assert num_decode in (2, 3)
+    streams, threads = _start(pool.gateway, bodies)
+    _wait_all_have(streams, K)
+    victims = worker_health(d0).running
+    os.kill(d0.pid, signal.SIGKILL)
+    _join(threads)
+    assert [s.outcome() for s in streams] == [s.outcome() for s in unbroken]
+    for s in streams[:4]:
+        jsonschema.validate(json.loads("".join(s.text)), LONG_SCHEMA)
+    assert victims == len(bodies) // num_decode  # round robin spread the 6 streams evenly
+    assert pool.migrations("worker_failed") - before == victims
     d0.stop(STOP_TIMEOUT_S)
     pool.remove_dead()
     pool.cluster.assert_drained(timeout_s=10)

@@ -43,24 +43,21 @@ def test_failure_reason(code: grpc.StatusCode, details: str, reason: MigrationRe
     assert failure_reason(_rpc_error(code, details)) is reason
 
 
-def test_replay_is_prompt_plus_sent_tokens_with_the_rest_of_max_tokens() -> None:
+def test_replay_is_prompt_plus_sent_tokens_counted_as_generated() -> None:
     resume = Resume(REQUEST, max_migrations=2)
     resume.sent(Delta((20,), (), None))
     resume.sent(Delta((21, 22), (), None))
     replay = resume.resume(DecodeFailure("gone", "decode-0", MigrationReason.WORKER_FAILED))
-    assert replay == Request(
-        "cmpl-1-0.m1",
-        (5, 6, 7, 20, 21, 22),
-        SamplingParams(max_tokens=7, temperature=0.7, top_k=5, seed=11, stop_token_ids=(3,), logprobs=2),
-        "tenant",
-    )
+    assert replay == Request("cmpl-1-0.m1", (5, 6, 7, 20, 21, 22), PARAMS, "tenant", num_generated=3)
+    assert (replay.original_prompt_token_ids, replay.generated_token_ids) == ((5, 6, 7), (20, 21, 22))
     assert (resume.exclude, resume.num_migrations, resume.resumed) == (frozenset({"decode-0"}), 1, True)
     resume.sent(Delta((23,), (), None))
     second = resume.resume(DecodeFailure("stalled", "decode-1", MigrationReason.STALLED))
-    assert (second.request_id, second.prompt_token_ids, second.sampling.max_tokens) == (
+    assert (second.request_id, second.prompt_token_ids, second.num_generated, second.sampling) == (
         "cmpl-1-0.m2",
         (5, 6, 7, 20, 21, 22, 23),
-        6,
+        4,
+        PARAMS,
     )
     assert resume.exclude == frozenset({"decode-0", "decode-1"})
     with pytest.raises(StreamError, match=r"^late \(not resumed: 2 migrations is the bound\)$"):
@@ -82,6 +79,19 @@ def test_not_resumed_without_sent_tokens_for_a_refusal_or_with_nothing_left() ->
     with pytest.raises(DecodeFailure, match="^gone$"):
         spent.resume(failure)
     assert (refused.num_migrations, spent.num_migrations) == (0, 0)
+
+
+def test_replay_keeps_min_tokens_and_drops_prompt_logprobs() -> None:
+    params = SamplingParams(max_tokens=10, min_tokens=6, presence_penalty=0.5, prompt_logprobs=1)
+    resume = Resume(Request("cmpl-2-0", (5, 6, 7), params), max_migrations=1)
+    resume.sent(Delta((20, 21), (), None))
+    replay = resume.resume(DecodeFailure("gone", "decode-0", MigrationReason.WORKER_FAILED))
+    assert replay == Request(
+        "cmpl-2-0.m1",
+        (5, 6, 7, 20, 21),
+        SamplingParams(max_tokens=10, min_tokens=6, presence_penalty=0.5),
+        num_generated=2,
+    )
 
 
 def _metric(metrics: GatewayMetrics, name: str, **labels: str) -> float:

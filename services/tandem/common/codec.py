@@ -143,6 +143,7 @@ def request_to_proto(r: Request) -> pb.Request:
         sampling=sampling_to_proto(r.sampling),
         cache_salt=r.cache_salt or "",
         priority=r.priority,
+        num_generated=r.num_generated,
     )
 
 
@@ -160,7 +161,12 @@ def request_from_proto(msg: pb.Request) -> Request:
         raise ValueError("request.cache_salt is too long")
     if not MIN_PRIORITY <= msg.priority <= MAX_PRIORITY:
         raise ValueError(f"request.priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {msg.priority}")
-    return Request(msg.request_id, prompt, sampling_from_proto(msg.sampling), msg.cache_salt or None, msg.priority)
+    if msg.num_generated >= len(prompt):
+        raise ValueError(
+            f"request.num_generated ({msg.num_generated}) must be less than the prompt's {len(prompt)} tokens"
+        )
+    sampling = sampling_from_proto(msg.sampling)
+    return Request(msg.request_id, prompt, sampling, msg.cache_salt or None, msg.priority, msg.num_generated)
 
 
 def logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:

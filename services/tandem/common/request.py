@@ -188,16 +188,39 @@ class Request:
     """A request as a worker receives it: immutable. `cache_salt` (optional, per tenant)
     goes into the block hashes so that two tenants never share cache entries. `priority`
     (vLLM's field) orders a worker's waiting queue: lower is more important; under overload
-    a queued request of a larger value is shed first."""
+    a queued request of a larger value is shed first.
+
+    `num_generated`: the trailing `num_generated` tokens of `prompt_token_ids` are output an
+    earlier attempt already produced (a migration's replay, gateway/migration.py); 0 for a
+    fresh request. A worker computes them as it computes the prompt (the KV hand-off and the
+    block hashes cover every token), but counts them as output: penalties, bad words,
+    `min_tokens`, `max_tokens` and the grammar see them as generated."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     cache_salt: str | None = None
     priority: int = 0
+    num_generated: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise ValueError(f"priority must be an integer, got {self.priority!r}")
         if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {self.priority}")
+        n = self.num_generated
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < len(self.prompt_token_ids):
+            raise ValueError(
+                f"num_generated must be an integer in [0, {len(self.prompt_token_ids)}) "
+                f"(fewer than the {len(self.prompt_token_ids)} prompt tokens), got {n!r}"
+            )
+
+    @property
+    def original_prompt_token_ids(self) -> tuple[int, ...]:
+        """The client's prompt: every token but the `num_generated` generated ones."""
+        return self.prompt_token_ids[: len(self.prompt_token_ids) - self.num_generated]
+
+    @property
+    def generated_token_ids(self) -> tuple[int, ...]:
+        """The tokens an earlier attempt generated (the last `num_generated`)."""
+        return self.prompt_token_ids[len(self.prompt_token_ids) - self.num_generated :]

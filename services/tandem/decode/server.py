@@ -4,7 +4,10 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
 1. `Decode(request, first_token, handle)`. Without a handle, the prompt is prefilled here.
    With `structured_output`, the call waits (asyncio thread) for its grammar to compile (a
    bad one is INVALID_ARGUMENT); the sequence's matcher replays the first token before the
-   next is sampled, so the output equals a colocated run's.
+   next is sampled, so the output equals a colocated run's. A migration's replay
+   (`Request.num_generated`) adds its trailing tokens to the sequence as generated output,
+   before the first token (the matcher replays them too); the handle covers them with the
+   prompt.
 2. With one, the handle's layout must equal ours (else FAILED_PRECONDITION naming the
    field; `KVHandle.check` is the receiver's one layout check of the transfer). Then the
    handle's block hashes must be the prompt's, computed here, and its source a registered,
@@ -138,10 +141,10 @@ class DecodeServicer(WorkerServicerBase):
             def admit_local(engine: Engine) -> None:
                 engine.add_request(
                     rid,
-                    req.prompt_token_ids,
+                    req.original_prompt_token_ids,
                     req.sampling,
                     req.cache_salt,
-                    generated_token_ids=first,
+                    generated_token_ids=[*req.generated_token_ids, *first],
                     priority=req.priority,
                     max_waiting=worker.config.max_waiting,
                 )
@@ -220,10 +223,11 @@ class DecodeServicer(WorkerServicerBase):
             reservation = await worker.call(
                 lambda e: e.reserve(
                     rid,
-                    req.prompt_token_ids,
+                    req.original_prompt_token_ids,
                     req.sampling,
                     first_token,
                     req.cache_salt,
+                    generated_token_ids=req.generated_token_ids,
                     priority=req.priority,
                     max_waiting=max_waiting,
                 ),
@@ -253,10 +257,10 @@ class DecodeServicer(WorkerServicerBase):
             if reservation is None:
                 engine.add_request(
                     rid,
-                    req.prompt_token_ids,
+                    req.original_prompt_token_ids,
                     req.sampling,
                     req.cache_salt,
-                    generated_token_ids=[first_token],
+                    generated_token_ids=[*req.generated_token_ids, first_token],
                     priority=req.priority,
                     max_waiting=max_waiting,
                 )

@@ -352,15 +352,16 @@ class Batcher:
 
     # ---- decode role: blocks reserved for KV pulled from a prefill worker -------------------
     def reserve(self, seq: Sequence) -> bool:
-        """Give `seq` (status RESERVED, not queued) blocks for its whole prompt: the longest
-        locally cached prefix plus fresh blocks that a KV pull will fill. False if the pool
-        cannot hold it now (the caller then queues the request for local prefill)."""
+        """Give `seq` (status RESERVED, not queued) blocks for its whole hand-off
+        (`num_handoff_tokens`: the prompt and any generated tokens but the first token): the
+        longest locally cached prefix plus fresh blocks that a KV pull will fill. False if the
+        pool cannot hold it now (the caller then queues the request for local prefill)."""
         bs = self.config.block_size
-        num_prompt_blocks = num_blocks_for(seq.num_prompt_tokens, bs)
-        hashes = seq.block_hashes(bs)[: seq.num_prompt_tokens // bs]
+        num_handoff_blocks = num_blocks_for(seq.num_handoff_tokens, bs)
+        hashes = seq.block_hashes(bs)[: seq.num_handoff_tokens // bs]
         seq.arrival = next(self._arrivals)
         hit = self.pool.lookup_prefix(hashes) if not seq.sampling.needs_prompt_logits else []
-        need = num_prompt_blocks - len(hit)
+        need = num_handoff_blocks - len(hit)
         reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
         if need + reclaimed > self.pool.num_free_blocks:
             return False
@@ -382,7 +383,7 @@ class Batcher:
         tokens (fewer than `block_size`) are recomputed here with the first token, and KV
         from outside never enters the cache unverified."""
         bs = self.config.block_size
-        full = seq.num_prompt_tokens // bs
+        full = seq.num_handoff_tokens // bs
         seq.num_computed_tokens = full * bs
         hashes = seq.block_hashes(bs)
         for idx in range(seq.num_cached_blocks, full):

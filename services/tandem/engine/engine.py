@@ -165,8 +165,10 @@ class Engine:
         priority: int = 0,
         max_waiting: int | None = None,
     ) -> None:
-        """Queue a request. `generated_token_ids` are tokens already produced elsewhere (the
-        first token from a prefill worker); they are recomputed, not re-sampled. With
+        """Queue a request. `generated_token_ids` are tokens already produced elsewhere (a
+        migration replay's generated tokens, `Request.generated_token_ids`, then the first
+        token from a prefill worker); they are recomputed, not re-sampled, and count as output
+        (penalties, bad words, min/max tokens; the grammar matcher replays them). With
         `hand_off`, the sequence stops after its first token and its blocks are kept in
         `held` (finish reason HANDOFF) until `release_held`. `priority`: lower is more
         important. With `max_waiting`, a full waiting queue sheds less important queued
@@ -272,13 +274,17 @@ class Engine:
         first_token: int,
         cache_salt: str | None = None,
         *,
+        generated_token_ids: Seq[int] = (),
         priority: int = 0,
         max_waiting: int | None = None,
     ) -> Reservation | None:
-        """Reserve blocks for a prompt whose KV will be pulled. None if the pool is too full
-        now; the caller then uses `add_request` (local prefill) instead. `priority` and
+        """Reserve blocks for a prompt whose KV will be pulled: the prompt, then
+        `generated_token_ids` (a migration replay's, counted as output as in `add_request`),
+        every token but `first_token` (`Sequence.num_handoff_tokens`). None if the pool is too
+        full now; the caller then uses `add_request` (local prefill) instead. `priority` and
         `max_waiting` as for `add_request`: a reserved sequence counts as waiting."""
-        seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, [first_token], False, priority)
+        generated = [*generated_token_ids, first_token]
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, generated, False, priority)
         so = sampling.structured_output
         if so is not None:
             grammar = self.grammars.submit(so)
@@ -291,7 +297,7 @@ class Engine:
             return None
         self._seqs[request_id] = seq
         self.stats.num_prefix_hit_tokens += seq.num_cached_tokens
-        num_full_blocks = seq.num_prompt_tokens // self.config.block_size
+        num_full_blocks = seq.num_handoff_tokens // self.config.block_size
         return Reservation(request_id, tuple(seq.block_table), seq.num_cached_blocks, num_full_blocks)
 
     def commit(self, request_id: str) -> None:
@@ -387,9 +393,9 @@ class Engine:
         for chunk in sampling_chunks:
             seq = chunk.seq
             if seq.finish_reason is FinishReason.HANDOFF:
-                num_full = seq.num_prompt_tokens // bs
+                num_full = seq.num_handoff_tokens // bs
                 self.held[seq.request_id] = HeldKV(
-                    tuple(seq.block_table), seq.num_prompt_tokens, tuple(seq.block_hashes(bs)[:num_full])
+                    tuple(seq.block_table), seq.num_handoff_tokens, tuple(seq.block_hashes(bs)[:num_full])
                 )
         outputs: list[RequestOutput] = []
         num_generated = 0

@@ -55,7 +55,7 @@ class HeldKV:
     """Prefill role: a finished prompt's blocks, pinned until `release_held`."""
 
     block_ids: tuple[int, ...]  # block table order
-    num_tokens: int  # positions with valid KV (the prompt)
+    num_tokens: int  # positions with valid KV (the request's prompt, replayed generated tokens included)
     block_hashes: tuple[int, ...]  # hashes of the full blocks
 
 

@@ -94,6 +94,14 @@ class Sequence:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
+    def num_handoff_tokens(self) -> int:
+        """Every token but the last: the tokens whose KV crosses a disaggregated hand-off. A
+        prefill worker's HANDOFF holds them (the prompt, plus the generated tokens a replay
+        came with, but not the first token it sampled); a decode worker's reservation pulls
+        them (its last token is the prefill's first token, computed here)."""
+        return len(self.token_ids) - 1
+
+    @property
     def num_new_tokens(self) -> int:
         """Tokens whose KV is not computed yet (the work left before the next sample)."""
         return len(self.token_ids) - self.num_computed_tokens

@@ -9,9 +9,11 @@ Lifecycle of one choice (one `Pipeline.generate`):
    timeout, or ended it at its drain deadline), or None when the worker refused the request
    itself (never migrated).
 3. `resume(failure)` returns the replay: the original prompt plus every token sent, with
-   `max_tokens` reduced by their number, the same sampling parameters and cache salt, and a
-   fresh request id (`{id}.m{k}`), so that it never meets what a worker still holds for an
-   earlier attempt (a prefill lease, a stalled decoder's sequence). The failed worker joins
+   `num_generated` set to their number (`Request.num_generated`: the worker counts them as
+   output, not prompt), the original sampling parameters (`max_tokens` and `min_tokens`
+   unchanged; no prompt logprobs) and cache salt, and a fresh request id (`{id}.m{k}`), so
+   that it never meets what a worker still holds for an earlier attempt (a prefill lease, a
+   stalled decoder's sequence). The failed worker joins
    `exclude`. It raises `StreamError` when nothing was sent (the pre-first-token rules
    apply), when the failure is not migratable, or when `max_migrations` is spent.
 4. The pipeline routes the replay as a new request with its own block hashes (the prefix
@@ -20,10 +22,15 @@ Lifecycle of one choice (one `Pipeline.generate`):
    replay's cached tokens (usage counts the prompt once) and never re-sends a logprob.
 
 Why the output is the same as an unbroken run: the tokens sent were not EOS or stop tokens
-(the stream would have finished), the engine's length cap (prompt + max_tokens, at most the
-model's length) is unchanged, and a seeded sampler draws from (seed, absolute position), which
-the replay keeps. Greedy decoding is as exact as recompute after preemption. Stop strings are
-matched above the pipeline (generation.py) on the one stream, so their state carries over.
+(the stream would have finished); the worker's sequence has the original prompt and the sent
+tokens as its output, so `max_tokens`, `min_tokens`, presence/frequency penalties and bad
+words count them exactly as the failed worker did, and the grammar matcher of a structured
+request replays them before the next token is masked; the engine's length cap (prompt +
+max_tokens, at most the model's length) is unchanged, and a seeded sampler draws from (seed,
+absolute position), which the replay keeps. Greedy decoding is as exact as recompute after
+preemption. Stop strings are matched above the pipeline (generation.py) on the one stream, so
+their state carries over. Block hashes and the KV hand-off cover every token of the replay,
+so a worker that holds the sent tokens' blocks serves them from its prefix cache.
 """
 
 from __future__ import annotations
@@ -120,24 +127,17 @@ class Resume:
         if self.num_migrations >= self.max_migrations:
             raise StreamError(f"{failure} (not resumed: {self.num_migrations} migrations is the bound)") from failure
         original = self.request
-        remaining = original.sampling.max_tokens - len(self.sent_token_ids)
-        if remaining < 1:  # the last token came without its finish reason: nothing is left to run
-            raise failure
+        if len(self.sent_token_ids) >= original.sampling.max_tokens:
+            raise failure  # the last token came without its finish reason: nothing is left to run
         self.num_migrations += 1
         self.exclude |= {failure.worker_id}
         replay = dataclasses.replace(
             original,
             request_id=f"{original.request_id}.m{self.num_migrations}",
             prompt_token_ids=original.prompt_token_ids + tuple(self.sent_token_ids),
-            # min_tokens counts what is left; prompt logprobs came with the first attempt. The
-            # replay's frequency/presence penalties and bad words see the sent tokens as
-            # prompt, not output (a known difference after a migration).
-            sampling=dataclasses.replace(
-                original.sampling,
-                max_tokens=remaining,
-                min_tokens=max(0, original.sampling.min_tokens - len(self.sent_token_ids)),
-                prompt_logprobs=None,
-            ),
+            num_generated=len(self.sent_token_ids),
+            # prompt logprobs came with the first attempt
+            sampling=dataclasses.replace(original.sampling, prompt_logprobs=None),
         )
         log.warning(
             "resuming %s as %s (%s on %s: %s); replaying %d tokens",

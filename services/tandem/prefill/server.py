@@ -5,6 +5,8 @@ Lifecycle of a request here (DESIGN.md section 2, step 3):
    batcher runs it with other prompts (chunked prefill, prefix-cache reuse). A request with
    `structured_output` first waits, on the asyncio thread, for its grammar to compile (a bad
    one is INVALID_ARGUMENT naming the problem); its first token is sampled under the grammar.
+   A migration's replay (`Request.num_generated`) queues its trailing tokens as generated
+   output (the grammar, penalties and bad words count them); the KV handle covers them too.
 2. After the step that samples its first token, the loop thread grants a lease on the
    prompt's blocks (`lease_ttl_s`, default 30 s) and the handler returns the first token and
    a KV handle (source address, block ids, valid tokens, layout, block hashes, deadline, and
@@ -83,9 +85,10 @@ class PrefillServicer(WorkerServicerBase):
         def admit(engine: Engine) -> None:
             engine.add_request(
                 req.request_id,
-                req.prompt_token_ids,
+                req.original_prompt_token_ids,
                 req.sampling,
                 req.cache_salt,
+                generated_token_ids=req.generated_token_ids,  # a migration's replay: output, not prompt
                 hand_off=True,
                 priority=req.priority,
                 max_waiting=worker.config.max_waiting,
