@@ -19,7 +19,19 @@ from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, Worker
 from tandem.worker.heartbeat import Heartbeat
 
 PREFILL = WorkerInfo(
-    "p-0", WorkerRole.PREFILL, "127.0.0.1:7001", "ab12", 512, "0.1.0", 32, "tiny-llama", 7, 0xABCDEF, 1234, "fp8"
+    "p-0",
+    WorkerRole.PREFILL,
+    "127.0.0.1:7001",
+    "ab12",
+    512,
+    "0.1.0",
+    32,
+    "tiny-llama",
+    7,
+    0xABCDEF,
+    1234,
+    "fp8",
+    host_id="host-a1",
 )
 DECODE = WorkerInfo("d-0", WorkerRole.DECODE, "127.0.0.1:7002", "ab12", 1024, "0.1.0")
 LOAD = WorkerLoad(
@@ -68,7 +80,10 @@ def test_register_list_deregister_round_trip(state: ClusterState, redis_client: 
         b"kv_epoch": b"1234",
         b"kv_cache_dtype": b"fp8",
         b"reference_hash": b"0000000000abcdef",  # 16 hex digits
+        b"host_id": b"host-a1",
     }
+    # A worker that publishes no host id (DECODE: "") never shares memory; it reads back as "".
+    assert redis_client.hget("tandem:test:worker:d-0", "host_id") == b""
     # A worker without a reference hash (DECODE) has no such field; it reads back as None.
     assert b"reference_hash" not in redis_client.hgetall("tandem:test:worker:d-0")
     assert 4000 < redis_client.pttl("tandem:test:worker:p-0") <= 5000
