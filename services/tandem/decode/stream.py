@@ -75,7 +75,11 @@ async def stream_deltas(
     num_tokens = 0
     try:
         while True:
-            items = [await asyncio.wait_for(q.get(), timeout_s)]
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow this task's
+            # cancellation when q.get() completes at the same moment (gh-86296), and a cancelled
+            # request would then run on to its end instead of being aborted
+            async with asyncio.timeout(timeout_s):
+                items = [await q.get()]
             while not q.empty():
                 items.append(q.get_nowait())
             drained = next((i for i in items if isinstance(i, DrainDeadline)), None)

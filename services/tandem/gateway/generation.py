@@ -219,7 +219,8 @@ class Generation:
         except asyncio.QueueFull:
             pass
         try:
-            await asyncio.wait_for(queue.put(item), self.limits.slow_client_timeout_s)
+            async with asyncio.timeout(self.limits.slow_client_timeout_s):  # not wait_for: see decode/stream.py
+                await queue.put(item)
         except asyncio.TimeoutError:
             raise _SlowClient() from None
 

@@ -88,7 +88,10 @@ class RequestStream:
             if self._end is not None:
                 raise self._end
             self._wakeup.clear()
-            await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the task's
+            # cancellation when the wait completes at the same moment
+            async with asyncio.timeout(timeout_s):
+                await self._wakeup.wait()
         return self._items.popleft()
 
     def __len__(self) -> int:

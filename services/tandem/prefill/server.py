@@ -97,7 +97,8 @@ class PrefillServicer(WorkerServicerBase):
 
         await worker.call(admit, context)
         try:
-            out = await asyncio.wait_for(q.get(), worker.config.request_timeout_s)
+            async with asyncio.timeout(worker.config.request_timeout_s):  # not wait_for: see decode/stream.py
+                out = await q.get()
         except (asyncio.CancelledError, asyncio.TimeoutError):
             worker.leases.revoke(req.request_id)
             worker.abort_soon(req.request_id)
