@@ -53,4 +53,5 @@ def test_a_replay_keeps_the_priority() -> None:
     resume.sent(Delta((9,), (), None))
     replay = resume.resume(DecodeFailure("gone", "decode-0", MigrationReason.WORKER_FAILED))
     assert (replay.request_id, replay.prompt_token_ids, replay.priority) == ("cmpl-1-0.m1", (5, 6, 7, 9), -2)
-    assert (replay.sampling.max_tokens, replay.cache_salt) == (3, "tenant")
+    # the sent token is generated output of the replay (num_generated), so max_tokens stays
+    assert (replay.sampling.max_tokens, replay.cache_salt, replay.num_generated) == (4, "tenant", 1)

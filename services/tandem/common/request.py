@@ -209,7 +209,8 @@ class Request:
         if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {self.priority}")
         n = self.num_generated
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < len(self.prompt_token_ids):
+        # 0 always holds (an empty prompt is the engine's and the codec's error, not this one)
+        if isinstance(n, bool) or not isinstance(n, int) or (n != 0 and not 0 < n < len(self.prompt_token_ids)):
             raise ValueError(
                 f"num_generated must be an integer in [0, {len(self.prompt_token_ids)}) "
                 f"(fewer than the {len(self.prompt_token_ids)} prompt tokens), got {n!r}"

@@ -219,8 +219,7 @@ class Generation:
         except asyncio.QueueFull:
             pass
         try:
-            async with asyncio.timeout(self.limits.slow_client_timeout_s):  # not wait_for: see decode/stream.py
-                await queue.put(item)
+            await asyncio.wait_for(queue.put(item), self.limits.slow_client_timeout_s)
         except asyncio.TimeoutError:
             raise _SlowClient() from None
 
