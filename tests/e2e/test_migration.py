@@ -215,16 +215,18 @@ def test_kill_9_mid_stream_resumes_every_stream_exactly(pool: Pool) -> None:
     completes with exactly the tokens, text and finish reason of an unbroken run."""
     d0 = pool.add_decode("decode-k0")
     pool.add_decode("decode-k1")
-    bodies = _bodies(TINY_VOCAB_SIZE, max_tokens=64, seed=51)
+    # long enough that no stream can finish before the last one has K tokens: the decode stream
+    # delivers a whole step's tokens at once, so a fast stream runs far ahead of a queued one
+    bodies = _bodies(TINY_VOCAB_SIZE, max_tokens=160, seed=51)
     stop_body = {**bodies[0], "prompt": random_prompts([25], TINY_VOCAB_SIZE, seed=52)[0]}
     # late in the stream: the stop-string stream must still be running when decode-k0 dies
     # (its running count is read just before the kill), however far ahead decode-k0 is
-    stop_body["stop"] = [_stop_string(pool.gateway, stop_body, after_tokens=32)]
+    stop_body["stop"] = [_stop_string(pool.gateway, stop_body, after_tokens=64)]
     bodies.append(stop_body)
     unbroken = _run(pool.gateway, bodies)
     for s in unbroken:
         assert (s.errors, s.done, s.status) == ([], True, 200)
-    assert unbroken[-1].finish_reason == "stop" and len(unbroken[-1].token_ids) > 32
+    assert unbroken[-1].finish_reason == "stop" and len(unbroken[-1].token_ids) > 64
 
     before = pool.migrations("worker_failed")
     streams, threads = _start(pool.gateway, bodies)
