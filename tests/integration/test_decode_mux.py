@@ -38,6 +38,9 @@ from tests.integration.workers import (
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+FULL_TIMEOUT_S = 0.25  # a stopped consumer's buffer stays full this long before it is aborted
+# the stopped consumer's request: long enough to still be running when its buffer gives up
+STALLED = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ async def _collect(conn: MuxConnection, submit: codec.MuxSubmit) -> tuple[list[i
 
 def _connect(worker: ChildProcess, max_buffered: int = 256) -> tuple[grpc.aio.Channel, MuxConnection]:
     channel = aio_channel(worker.address, cluster_token())
-    return channel, MuxConnection(pb_grpc.WorkerStub(channel), worker.address, max_buffered)
+    return channel, MuxConnection(pb_grpc.WorkerStub(channel), worker.address, max_buffered, FULL_TIMEOUT_S)
 
 
 def test_exact_tokens_under_concurrency_in_shared_steps(pair, reference: Engine) -> None:
@@ -129,15 +132,21 @@ def test_stopped_consumer_does_not_delay_the_others_and_is_aborted(pair, referen
     async def run() -> tuple[list[tuple[list[int], list[float]]], list[int], BaseException | None]:
         channel, conn = _connect(d, max_buffered=4)
         try:
-            stalled = conn.submit(_submit("mux-stalled", prompts[0], LONG))
+            stalled = conn.submit(_submit("mux-stalled", prompts[0], STALLED))
             others = await asyncio.gather(
                 *(_collect(conn, _submit(f"mux-reader-{i}", pr, readers)) for i, pr in enumerate(prompts[1:]))
             )
+            # the stopped consumer reads nothing until its buffer gave up (released here)
+            deadline = time.monotonic() + 30.0
+            while conn.num_requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             buffered: list[int] = []
             error: BaseException | None = None
             try:
                 while True:
-                    buffered.extend((await stalled.get(30.0)).token_ids)
+                    delta = await stalled.get(30.0)
+                    assert delta.finish_reason is None, "the stopped request ran to its end"
+                    buffered.extend(delta.token_ids)
             except BufferOverflow as exc:
                 error = exc
             conn.release(stalled)
@@ -150,9 +159,12 @@ def test_stopped_consumer_does_not_delay_the_others_and_is_aborted(pair, referen
     assert [tokens for tokens, _ in others] == expected
     assert max(gap for _, gaps in others for gap in gaps[1:]) < 2.0  # no wait on the stopped one
     assert str(error) == (
-        "the request read its output too slowly: 4 decode messages were buffered for it, so it was aborted"
+        "the request read its output too slowly: its buffer of 4 decode messages stayed full for 0.25 s, "
+        "so it was aborted"
     )
-    assert len(buffered) >= 4 and buffered == list(reference.generate([prompts[0]], LONG)[0].token_ids)[: len(buffered)]
+    assert (
+        len(buffered) >= 4 and buffered == list(reference.generate([prompts[0]], STALLED)[0].token_ids)[: len(buffered)]
+    )
     assert wait_until(lambda: _drained(d), 5.0)  # the stopped request was aborted on the worker
 
 
@@ -197,7 +209,7 @@ import os
 
 async def main():
     channel = aio_channel(sys.argv[1], ClusterToken(os.environ["TANDEM_CLUSTER_TOKEN"]))
-    conn = MuxConnection(pb_grpc.WorkerStub(channel), sys.argv[1], 1 << 20)
+    conn = MuxConnection(pb_grpc.WorkerStub(channel), sys.argv[1], 1 << 20, 60.0)
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     requests = [codec.Request(f"mux-gw-{i}", tuple(range(1, 30 + i)), params) for i in range(4)]
     streams = [conn.submit(codec.MuxSubmit(codec.DecodeRequest(r), new_owner_secret())) for r in requests]

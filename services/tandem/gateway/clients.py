@@ -48,12 +48,13 @@ class WorkerClients:
         self.stub(address)
         return self._channels[address][0]
 
-    def decode_stream(self, address: str, max_buffered: int) -> MuxConnection:
+    def decode_stream(self, address: str, max_buffered: int, full_timeout_s: float) -> MuxConnection:
         """The multiplexed decode stream to the worker at `address`: the open one, or a new one
-        if there is none or it broke. Each request buffers at most `max_buffered` outputs."""
+        if there is none or it broke. Each request buffers at most `max_buffered` messages and
+        is aborted when they stay full for `full_timeout_s`."""
         conn = self._streams.get(address)
         if conn is None or not conn.alive:
-            conn = self._streams[address] = MuxConnection(self.stub(address), address, max_buffered)
+            conn = self._streams[address] = MuxConnection(self.stub(address), address, max_buffered, full_timeout_s)
         return conn
 
     async def prune(self, live_addresses: Iterable[str]) -> None:

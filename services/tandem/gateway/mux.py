@@ -14,10 +14,14 @@ Lifecycle of a connection (`MuxConnection`, one per worker address, held by `Wor
    per-request Decode call would raise) and the connection is dead; the next request opens a
    new one.
 
-Backpressure, per request: a request's buffer holds at most `max_buffered` outputs. One whose
-consumer stopped reading overflows: it is cancelled on the worker and its reader gets
-`BufferOverflow` once it has read what was buffered. The reader task never waits for a
-request, so a slow request never delays the others.
+Backpressure, per request: a request's buffer holds at most `max_buffered` messages. When it is
+full, a new output is merged into the last buffered message (its tokens and logprobs appended),
+so a consumer that is only briefly behind (its task had no turn while the loop served others)
+loses nothing and is not aborted. A buffer that stays full for `full_timeout_s` overflows: the
+request is cancelled on the worker and its reader gets `BufferOverflow` once it has read what
+was buffered. The tokens held are bounded by the request's max_tokens, the time by the timeout,
+the same rule as the gateway's slow-client bound. The reader task never waits for a request, so
+a slow request never delays the others.
 
 Asyncio loop only; not thread-safe.
 """
@@ -25,8 +29,11 @@ Asyncio loop only; not thread-safe.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 
@@ -51,27 +58,50 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 class RequestStream:
     """One request's outputs, in order, then the end: a final delta, an error or an overflow."""
 
-    def __init__(self, request_id: str, max_buffered: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        max_buffered: int,
+        full_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.request_id = request_id
         self._max_buffered = max_buffered
+        self._full_timeout_s = full_timeout_s
+        self._clock = clock
+        self._full_since: float | None = None  # when the buffer was last found full
         self._items: deque[codec.DecodeDelta] = deque()
         self._end: BaseException | None = None
         self._wakeup = asyncio.Event()
         self.finished = False  # the worker ended the request (final delta or error)
 
     def push(self, output: codec.MuxOutput) -> bool:
-        """Buffer an output; False (nothing buffered) when the buffer is full."""
+        """Buffer an output, merged into the last message when the buffer is full; False
+        (nothing buffered) once the buffer has stayed full for `full_timeout_s`."""
         if self._end is not None:
             return True
         if output.delta is None:
             self.finished = True
             self.fail(rpc_error(_CODES[output.error_code], output.error_details))
             return True
-        if len(self._items) >= self._max_buffered:
-            return False
-        if output.delta.finish_reason is not None or output.delta.failed:
+        delta = output.delta
+        if len(self._items) >= self._max_buffered and not delta.failed:  # a failure always gets its own message
+            now = self._clock()
+            if self._full_since is None:
+                self._full_since = now
+            elif now - self._full_since >= self._full_timeout_s:
+                return False
+            last = self._items[-1]
+            delta = dataclasses.replace(
+                last,
+                token_ids=last.token_ids + delta.token_ids,
+                logprobs=last.logprobs + delta.logprobs,
+                finish_reason=delta.finish_reason,
+            )
+            self._items.pop()
+        if delta.finish_reason is not None or delta.failed:
             self.finished = True
-        self._items.append(output.delta)
+        self._items.append(delta)
         self._wakeup.set()
         return True
 
@@ -92,6 +122,7 @@ class RequestStream:
             # cancellation when the wait completes at the same moment
             async with asyncio.timeout(timeout_s):
                 await self._wakeup.wait()
+        self._full_since = None
         return self._items.popleft()
 
     def __len__(self) -> int:
@@ -101,9 +132,10 @@ class RequestStream:
 class MuxConnection:
     """The `DecodeStream` to one decode worker (see the module docstring)."""
 
-    def __init__(self, stub: pb_grpc.WorkerStub, address: str, max_buffered: int) -> None:
+    def __init__(self, stub: pb_grpc.WorkerStub, address: str, max_buffered: int, full_timeout_s: float) -> None:
         self.address = address
         self._max_buffered = max_buffered
+        self._full_timeout_s = full_timeout_s
         self._requests: dict[str, RequestStream] = {}
         self._outbox: asyncio.Queue[object] = asyncio.Queue()
         self._call = stub.DecodeStream()
@@ -127,7 +159,7 @@ class MuxConnection:
         rid = submit.call.request.request_id
         if rid in self._requests:
             raise ValueError(f"request {rid!r} is already live on the decode stream to {self.address}")
-        stream = RequestStream(rid, self._max_buffered)
+        stream = RequestStream(rid, self._max_buffered, self._full_timeout_s)
         if self.error is not None:
             stream.fail(self.error)
             return stream
@@ -196,8 +228,8 @@ class MuxConnection:
                 self.release(stream)
                 stream.fail(
                     BufferOverflow(
-                        f"the request read its output too slowly: {self._max_buffered} decode messages were "
-                        "buffered for it, so it was aborted"
+                        f"the request read its output too slowly: its buffer of {self._max_buffered} decode "
+                        f"messages stayed full for {self._full_timeout_s:g} s, so it was aborted"
                     )
                 )
             elif stream.finished:

@@ -234,7 +234,11 @@ class Pipeline:
         submit = codec.MuxSubmit(call, owner, trace)
         for attempt in (0, 1):
             received = False
-            conn = self.clients.decode_stream(decode.address, self.config.max_buffered_events)
+            # twice the slow-client bound: a client that stops reading is aborted by that bound (a
+            # 408, in Generation) before this buffer gives up, which it only does as a safety net
+            conn = self.clients.decode_stream(
+                decode.address, self.config.max_buffered_events, 2 * self.config.slow_client_timeout_s
+            )
             stream = conn.submit(submit)
             try:
                 while True:
