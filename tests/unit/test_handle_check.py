@@ -235,7 +235,7 @@ def _rejections(metrics: WorkerMetrics, reason: str) -> float | None:
 
 
 def test_a_rejection_is_counted_by_reason_and_as_a_recompute() -> None:
-    metrics = WorkerMetrics("d-1", "decode")
+    metrics = WorkerMetrics("d-1", "decode", "tiny", 256)
     fake = FakeRegistry()
     verifier = HandleVerifier(BS, "tiny", registry(fake, Clock()), metrics, "d-1")
 
@@ -252,7 +252,7 @@ def test_a_rejection_is_counted_by_reason_and_as_a_recompute() -> None:
     assert _rejections(metrics, "incompatible_source") is None
     assert metrics.registry.get_sample_value("tandem_kv_recomputes_total", {"worker_id": "d-1", "role": "decode"}) == 3
     # without cluster state the source is not checked, the hashes still are
-    alone = HandleVerifier(BS, "tiny", None, WorkerMetrics("d-1", "decode"), "d-1")
+    alone = HandleVerifier(BS, "tiny", None, WorkerMetrics("d-1", "decode", "tiny", 256), "d-1")
     request = Request("r", tuple(PROMPT_C), SamplingParams())
     assert asyncio.run(alone.accept(handle(PROMPT_C, address="10.0.0.1:1"), request, INVALID_SPAN)) is True
     assert asyncio.run(alone.accept(handle(PROMPT_A), request, INVALID_SPAN)) is False

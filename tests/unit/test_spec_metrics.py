@@ -10,7 +10,7 @@ from tandem.common.metrics import WorkerMetrics
 from tandem.engine.outputs import EngineStats
 from tandem.worker.load import LoadMeter
 
-LABELS = {"worker_id": "d-0", "role": "decode"}
+LABELS = {"model_name": "tiny", "engine": "0", "worker_id": "d-0", "role": "decode"}
 
 
 def _value(metrics: WorkerMetrics, name: str, **extra: str) -> float | None:
@@ -18,7 +18,7 @@ def _value(metrics: WorkerMetrics, name: str, **extra: str) -> float | None:
 
 
 def test_spec_counters_mirror_the_engine_by_delta() -> None:
-    metrics = WorkerMetrics("d-0", "decode")
+    metrics = WorkerMetrics("d-0", "decode", "tiny", 256)
     meter = LoadMeter(metrics, 8)
     stats = EngineStats()
     engine: Any = SimpleNamespace(stats=stats)

@@ -102,30 +102,39 @@ def _ray_placement(args: argparse.Namespace, config: LocalClusterConfig) -> RayC
 
 # ---- tandem status ---------------------------------------------------------------------------
 def add_status_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", default=None, help="default: the running `tandem up` (its up.json)")
+    parser.add_argument(
+        "--redis",
+        "--redis-url",
+        dest="redis",
+        default=None,
+        help="Redis URL of the cluster (default: $TANDEM_REDIS_URL, else the running `tandem up`'s up.json)",
+    )
     parser.add_argument("--cluster", default=None, help="default: the running `tandem up`'s, else 'default'")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """`--redis`, else TANDEM_REDIS_URL, else the state file (`find_target`); a state file whose
+    cluster is gone is an error (exit 1), never a stale table."""
+    import os
+
+    from tandem.common.redis_url import REDIS_URL_ENV
     from tandem.launcher.state_file import read_state
-    from tandem.launcher.status import run_status
+    from tandem.launcher.status import NoClusterError, find_target, run_status
 
     path = _up_state_file()
-    state = read_state(path)
-    redis_url = args.redis_url or (state.redis_url if state is not None else None)
-    if redis_url is None:
-        print(
-            f"tandem: error: no running `tandem up` found ({path} does not exist); pass --redis-url URL",
-            file=sys.stderr,
-        )
+    try:
+        state = read_state(path)
+    except ValueError as exc:
+        print(f"tandem: error: {path} is not a `tandem up` state file ({exc}); pass --redis URL", file=sys.stderr)
         return 1
-    from_state = state is not None and state.redis_url == redis_url
-    if state is not None and from_state and not state.owner_running():
-        print(f"tandem: warning: {path} is stale: tandem up (pid {state.pid}) is not running", file=sys.stderr)
-    cluster = args.cluster or (state.cluster if state is not None and from_state else "default")
-    return run_status(redis_url, cluster, as_json=args.json)
+    try:
+        target = find_target(args.redis, os.environ.get(REDIS_URL_ENV), args.cluster, state, path)
+    except NoClusterError as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 1
+    return run_status(target.redis_url, target.cluster, as_json=args.json, target=target)
 
 
 # ---- tandem drain ----------------------------------------------------------------------------

@@ -1,33 +1,44 @@
 """Prometheus metrics of a worker (DESIGN.md section 4, "Metrics").
 
 Each worker owns one `WorkerMetrics` with its own registry (no module-level globals), and
-serves it over HTTP on its metrics port. The `vllm:*` names are the ones existing dashboards
-and the Gateway API Inference Extension read; the rest use the `tandem_` prefix.
+serves it over HTTP on its metrics port in the text format 0.0.4 (`tandem.common.exposition`:
+the format that keeps the `vllm:` names through a Prometheus scrape). `vllm` holds vLLM's set
+(`tandem.common.vllm_metrics`), the names existing dashboards, alerts and the Gateway API
+Inference Extension read, labelled `model_name` (the served model name), `engine` ("0"),
+`worker_id` and `role`; the rest use the `tandem_` prefix, labelled `worker_id` and `role`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tandem.common import exposition
+from tandem.common.vllm_metrics import ENGINE_INDEX, VllmMetrics
 
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class WorkerMetrics:
-    def __init__(self, worker_id: str, role: str) -> None:
+    def __init__(self, worker_id: str, role: str, model_name: str, max_model_len: int) -> None:
+        """`model_name`: the served model name (vLLM's `model_name` label); `max_model_len`
+        bounds vLLM's token-count buckets."""
+        if not model_name:
+            raise ValueError("model_name must be a non-empty string")
         self.registry = CollectorRegistry()
         labels = {"worker_id": worker_id, "role": role}
         self._labels = labels
         names = list(labels)
         r = self.registry
-        self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", names, registry=r).labels(
-            **labels
-        )
-        self.num_requests_running = Gauge("vllm:num_requests_running", "Requests running", names, registry=r).labels(
-            **labels
-        )
-        self.kv_cache_usage_perc = Gauge(
-            "vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", names, registry=r
-        ).labels(**labels)
+        vllm_labels = {"model_name": model_name, "engine": ENGINE_INDEX, **labels}
+        self._vllm_labels = vllm_labels
+        vllm_names = list(vllm_labels)
+        self.vllm = VllmMetrics(r, vllm_labels, max_model_len)
+        self.num_requests_waiting = self.vllm.num_requests_waiting
+        self.num_requests_running = self.vllm.num_requests_running
+        self.kv_cache_usage_perc = self.vllm.kv_cache_usage_perc
+        self._server: ThreadingHTTPServer | None = None
         # The prefill pool's scaling signal (the autoscaler reads it from Redis, KEDA from here).
         self.queued_prefill_tokens = Gauge(
             "tandem_queued_prefill_tokens", "Prompt tokens waiting to be prefilled", names, registry=r
@@ -85,18 +96,18 @@ class WorkerMetrics:
         # Speculative decoding (decode role), vLLM's names: a draft is one sequence's proposal
         # in one step; accepted-per-position counts accepted draft tokens by their position.
         self.spec_decode_num_drafts = Counter(
-            "vllm:spec_decode_num_drafts", "Speculative drafts verified", names, registry=r
-        ).labels(**labels)
+            "vllm:spec_decode_num_drafts", "Speculative drafts verified", vllm_names, registry=r
+        ).labels(**vllm_labels)
         self.spec_decode_num_draft_tokens = Counter(
-            "vllm:spec_decode_num_draft_tokens", "Draft tokens proposed", names, registry=r
-        ).labels(**labels)
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens proposed", vllm_names, registry=r
+        ).labels(**vllm_labels)
         self.spec_decode_num_accepted_tokens = Counter(
-            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", names, registry=r
-        ).labels(**labels)
+            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", vllm_names, registry=r
+        ).labels(**vllm_labels)
         self._spec_accepted_per_pos = Counter(
             "vllm:spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted, by draft position",
-            [*names, "position"],
+            [*vllm_names, "position"],
             registry=r,
         )
         # Set once at startup: what the weights occupy as held (fp8 / int8 plus scales when quantized).
@@ -108,14 +119,8 @@ class WorkerMetrics:
         ).labels(**labels)
 
     def cache_config(self, block_size: int, num_blocks: int, cache_dtype: str) -> None:
-        """vLLM's `vllm:cache_config_info`: a gauge of 1 whose labels are the KV cache's
-        configuration (block size, block count `num_gpu_blocks`, element type `cache_dtype`,
-        vLLM's name: auto, fp8, fp8_e4m3, fp8_e5m2). Set once, at startup."""
-        names = [*self._labels, "block_size", "num_gpu_blocks", "cache_dtype"]
-        info = Gauge("vllm:cache_config_info", "KV cache configuration", names, registry=self.registry)
-        info.labels(
-            **self._labels, block_size=str(block_size), num_gpu_blocks=str(num_blocks), cache_dtype=cache_dtype
-        ).set(1)
+        """vLLM's `vllm:cache_config_info` (see `VllmMetrics.cache_config`). Set once, at startup."""
+        self.vllm.cache_config(block_size, num_blocks, cache_dtype)
 
     def kv_transfer_failure(self, reason: str) -> None:
         self._kv_transfer_failures.labels(**self._labels, reason=reason).inc()
@@ -129,12 +134,17 @@ class WorkerMetrics:
         self._kv_handle_rejections.labels(**self._labels, reason=reason).inc()
 
     def spec_accepted_at(self, position: int, count: int) -> None:
-        self._spec_accepted_per_pos.labels(**self._labels, position=str(position)).inc(count)
+        self._spec_accepted_per_pos.labels(**self._vllm_labels, position=str(position)).inc(count)
 
     def finished(self, reason: str) -> None:
         self.requests_finished.labels(**self._labels, reason=reason).inc()
 
     def serve(self, host: str, port: int) -> int:
-        """Serve /metrics over HTTP on (host, port); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_address[1])
+        """Serve /metrics over HTTP on (host, port), text format 0.0.4 whatever the `Accept`
+        header (`tandem.common.exposition`); returns the bound port."""
+        self._server, bound = exposition.serve(self.registry, host, port)
+        return bound
+
+    def render(self) -> tuple[bytes, str]:
+        """What `GET /metrics` answers: the body and its content type."""
+        return exposition.render(self.registry)

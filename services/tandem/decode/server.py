@@ -135,6 +135,10 @@ class DecodeServicer(WorkerServicerBase):
                 if not await self.verifier.accept(handle, req, span):
                     handle, header.recomputed = None, True  # prefilled here; the source is never dialed
             q, deliver = worker.output_queue()
+            # vLLM's per-request series; the prefill worker recorded the prompt's (request_metrics.py)
+            deliver = worker.request_recorder(req, arrival, prefilled_elsewhere=call.first_token is not None).wrap(
+                deliver
+            )
             first = [call.first_token] if call.first_token is not None else []
             rid = req.request_id
 

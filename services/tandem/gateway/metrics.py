@@ -11,7 +11,10 @@ Histograms (seconds; buckets `SECONDS_BUCKETS`, 1 ms to 60 s):
 - `tandem_ttft_stage_seconds{stage}`: TTFT broken down by stage: `route` (scheduler pick),
   `prefill_queue` (waiting on the prefill worker), `prefill_compute` (prompt forward pass and
   first sample), `transfer` (KV pull to the decode worker), `decode_admission` (until the
-  decode worker's batch takes the sequence).
+  decode worker's batch takes the sequence). A local prefill (the decode worker alone) has
+  `decode_admission` (its wait for the batch) and `prefill_compute`, measured here: from the
+  submission of the decode call until its first message, less the worker's admission wait
+  (so it includes the round trip to the worker).
 
 Counters:
 - `tandem_routing_decisions_total{kind,policy}`: routed requests; `kind` is `disaggregated`
@@ -62,15 +65,9 @@ from __future__ import annotations
 import enum
 import math
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tandem.common import exposition
 from tandem.common.gateway_view import RoutingMode
 
 SECONDS_BUCKETS = (
@@ -305,5 +302,6 @@ class GatewayMetrics:
             self._routing_mode.labels(**self._model, mode=m.value).set(1 if m is current else 0)
 
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The Prometheus text exposition 0.0.4 of every metric (names with a colon kept, whatever
+        the scraper's Accept header: `tandem.common.exposition`), and its content type."""
+        return exposition.render(self.registry)

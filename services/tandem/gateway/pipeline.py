@@ -239,6 +239,7 @@ class Pipeline:
             conn = self.clients.decode_stream(
                 decode.address, self.config.max_buffered_events, 2 * self.config.slow_client_timeout_s
             )
+            submitted_s = time.monotonic()  # a local prefill's prefill_compute stage starts here
             stream = conn.submit(submit)
             try:
                 while True:
@@ -252,6 +253,8 @@ class Pipeline:
                         ) from None
                     except BufferOverflow as exc:
                         raise DecodeFailure(str(exc), decode.worker_id, None) from None
+                    if not received and first is None:
+                        self._observe_stage("prefill_compute", max(0.0, time.monotonic() - submitted_s - msg.admit_s))
                     delta = self._delta(msg, not received, first is None, request, decode)
                     if not received:
                         tickets.prefill_done()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import redis
 
@@ -21,6 +22,7 @@ from tandem.common.cluster_state import ClusterState
 from tandem.common.gateway_view import GatewayView
 from tandem.common.redis_url import redact
 from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
+from tandem.launcher.state_file import UpState
 
 REDIS_TIMEOUT_S = 2.0
 NO_LOAD = "-"
@@ -212,13 +214,64 @@ def render(status: ClusterStatus) -> str:
     return "\n".join(lines)
 
 
-def run_status(redis_url: str, cluster: str, as_json: bool = False) -> int:
-    """Print the cluster's status; 1 with a message on stderr if Redis cannot be reached."""
+@dataclass(frozen=True)
+class StatusTarget:
+    """Which cluster `tandem status` shows, and where that choice came from (said on stderr and
+    in every error, so that a cluster is never shown without saying which one)."""
+
+    redis_url: str
+    cluster: str
+    source: str  # "--redis", "TANDEM_REDIS_URL" or "the state file PATH"
+    from_state_file: bool = False
+
+
+class NoClusterError(Exception):
+    """`tandem status` has no cluster to show, or the one its state file names is gone."""
+
+
+def find_target(
+    flag_url: str | None, env_url: str | None, flag_cluster: str | None, state: UpState | None, state_path: Path
+) -> StatusTarget:
+    """The cluster to show: `--redis`, else `TANDEM_REDIS_URL`, else the running `tandem up`'s
+    state file. The cluster name is `--cluster`, else the state file's when it names the same
+    Redis, else "default". Raises `NoClusterError` (its message says what to do) when there is
+    none, or when the state file's `tandem up` is no longer running: its cluster is gone."""
+    for url, source in ((flag_url, "--redis"), (env_url, "TANDEM_REDIS_URL")):
+        if url:
+            same = state is not None and state.redis_url == url
+            cluster = flag_cluster or (state.cluster if state is not None and same else "default")
+            return StatusTarget(url, cluster, source)
+    if state is None:
+        raise NoClusterError(
+            f"no cluster to show: pass --redis URL or set TANDEM_REDIS_URL (no running `tandem up`: "
+            f"{state_path} does not exist)"
+        )
+    if not state.owner_running():
+        raise NoClusterError(
+            f"the cluster {state.cluster!r} named in {state_path} is gone: its `tandem up` (pid {state.pid}) is "
+            "not running; pass --redis URL or set TANDEM_REDIS_URL to show another cluster"
+        )
+    return StatusTarget(state.redis_url, flag_cluster or state.cluster, f"the state file {state_path}", True)
+
+
+def run_status(redis_url: str, cluster: str, as_json: bool = False, *, target: StatusTarget | None = None) -> int:
+    """Print the cluster's status; 1 with a message on stderr if Redis cannot be reached (for a
+    cluster found through its state file: the cluster is gone). `target`, when given, says
+    on stderr which cluster this is and where it came from."""
+    if target is not None:
+        print(f"tandem status: cluster {cluster!r} at {redact(redis_url)} (from {target.source})", file=sys.stderr)
     client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
         status = collect(ClusterState(client, cluster), cluster)
     except (redis.RedisError, OSError) as exc:
-        print(f"tandem: error: cannot read cluster state from Redis at {redact(redis_url)}: {exc}", file=sys.stderr)
+        if target is not None and target.from_state_file:
+            print(
+                f"tandem: error: the cluster {cluster!r} named in {target.source.removeprefix('the state file ')} "
+                f"is gone: its Redis at {redact(redis_url)} does not answer ({exc})",
+                file=sys.stderr,
+            )
+        else:
+            print(f"tandem: error: cannot read cluster state from Redis at {redact(redis_url)}: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()

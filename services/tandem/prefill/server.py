@@ -69,6 +69,7 @@ class PrefillServicer(WorkerServicerBase):
         worker = self.worker
         span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
         q, deliver = worker.output_queue()
+        recorder = worker.request_recorder(req, arrival, prefilled_elsewhere=False)
         lease_ttl_s = worker.config.lease_ttl_s
         leased: dict[str, tuple[HeldKV, LeaseGrant]] = {}
         sampled_s: list[float] = []  # when the first token was sampled (loop thread, monotonic)
@@ -93,7 +94,7 @@ class PrefillServicer(WorkerServicerBase):
                 priority=req.priority,
                 max_waiting=worker.config.max_waiting,
             )
-            worker.loop.subscribe(req.request_id, on_output)
+            worker.loop.subscribe(req.request_id, recorder.wrap(on_output))
 
         await worker.call(admit, context)
         try:

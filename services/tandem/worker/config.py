@@ -29,6 +29,13 @@ class WorkerConfig:
         metadata={"flag": "model", "required": False, "help": "local HF model directory (default: tiny model)"}
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
+    served_model_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "the model name of its metrics' `model_name` label, as the gateway serves it "
+            "(default: the model directory's name, as the gateway's)"
+        },
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "bind address of the gRPC server"})
     port: int = field(default=0, metadata={"help": "gRPC port (0: pick a free one)"})
     advertise_host: str | None = field(default=None, metadata={"help": "address peers dial (default: --host)"})

@@ -22,6 +22,7 @@ class LoadMeter:
         self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
         self._spec_counted = (0, 0, 0)  # engine (drafts, draft tokens, accepted tokens) already counted
         self._spec_per_position: list[int] = []  # accepted tokens per draft position already counted
+        self._steps_counted = (0, 0, 0)  # engine (steps, computed tokens, preemptions) already counted
 
     def snapshot(self, engine: Engine) -> WorkerLoad:
         """Loop thread: current load, kept for the heartbeat and mirrored in the gauges."""
@@ -76,3 +77,16 @@ class LoadMeter:
             counted = self._spec_per_position[position] if position < len(self._spec_per_position) else 0
             m.spec_accepted_at(position, value - counted)  # a zero still shows the position's series
         self._spec_per_position = list(per_position)
+
+    def count_steps(self, engine: Engine) -> None:
+        """Loop thread, once per loop iteration (at most one step since the last call): vLLM's
+        `vllm:iteration_tokens_total` (the tokens the step ran through the model: prompt chunks,
+        decode tokens and verified drafts; a prefix-cache hit runs none) and
+        `vllm:num_preemptions_total` (sequences the batcher preempted for room)."""
+        stats = engine.stats
+        steps, computed, preemptions = self._steps_counted
+        vllm = self.metrics.vllm
+        if stats.num_steps > steps:
+            vllm.iteration_tokens.observe(stats.num_computed_tokens - computed)
+        vllm.num_preemptions.inc(stats.num_preemptions - preemptions)
+        self._steps_counted = (stats.num_steps, stats.num_computed_tokens, stats.num_preemptions)

@@ -52,7 +52,7 @@ from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.host_id import local_host_id
 from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
-from tandem.common.request import SamplingParams
+from tandem.common.request import Request, SamplingParams
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
 from tandem.common.workers import WorkerInfo, WorkerLoad, draining_details
 from tandem.engine.admission import WaitingQueueFullError
@@ -67,6 +67,7 @@ from tandem.worker.health import READINESS_SERVICE, watch_step_loop
 from tandem.worker.heartbeat import Heartbeat
 from tandem.worker.kv_events import KVEventPublisher
 from tandem.worker.load import LoadMeter
+from tandem.worker.request_metrics import RequestRecorder
 from tandem.worker.rpc_server import start_rpc_server
 from tandem.worker.step_loop import StepLoop, WorkerBusyError
 from tandem.worker.streams import DrainDeadline, OutputQueue, OutputStreams
@@ -96,7 +97,12 @@ class Worker:
             kv_dtype=str(self.engine.kv_spec.dtype).removeprefix("torch."),
             kv_scales=self.engine.kv_scales.digest if self.engine.kv_scales else "none",
         )
-        self.metrics = WorkerMetrics(config.worker_id, config.role.value)
+        self.metrics = WorkerMetrics(
+            config.worker_id,
+            config.role.value,
+            config.served_model_name or self.engine.model_dir.name,
+            self.engine.max_model_len,
+        )
         self.metrics.model_weight_bytes.set(self.engine.weight_bytes)
         self.metrics.cache_config(config.engine.block_size, self.engine.pool.num_blocks, config.engine.kv_cache_dtype)
         self.tracing = Tracing.create(config.tracing, f"tandem-{config.role.value}")
@@ -168,6 +174,18 @@ class Worker:
         `DrainDeadline` arrives on it if the drain deadline passes while the handler holds it."""
         return self._streams.open()
 
+    def request_recorder(self, req: Request, arrival: ClockAnchor, *, prefilled_elsewhere: bool) -> RequestRecorder:
+        """The recorder of vLLM's per-request series for one call (request_metrics.py): subscribe
+        `recorder.wrap(deliver)` on the step loop. `prefilled_elsewhere`: the call carries the
+        first token a prefill worker sampled."""
+        return RequestRecorder(
+            self.metrics.vllm,
+            arrival.monotonic_s,
+            len(req.original_prompt_token_ids),
+            len(req.generated_token_ids) + (1 if prefilled_elsewhere else 0),
+            prefilled_elsewhere,
+        )
+
     def server_span(self, name: str, context: grpc.aio.ServicerContext, arrival: ClockAnchor) -> Span:
         """Start the SERVER span of an incoming call at `arrival`, a child of the trace context
         the caller sent in its metadata (a new trace if none). The caller ends it."""
@@ -224,6 +242,7 @@ class Worker:
         self._load.snapshot(engine)
         self._load.count_prompt_tokens(engine)
         self._load.count_speculation(engine)
+        self._load.count_steps(engine)
         self._events.collect(engine.pool)
 
     def is_idle(self, engine: Engine) -> bool:
