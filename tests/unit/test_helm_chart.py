@@ -4,8 +4,8 @@ The chart is linted and rendered by the real Helm v4 engine (helm-python-sdk, no
 binary), and every rendered object is validated against the Kubernetes 1.33 OpenAPI schemas in
 strict mode (kubernetes-validate: unknown fields are errors). kubernetes-validate has no
 schemas for CRDs: its Python API raises SchemaNotFoundError for them (its CLI only warns and
-exits 0), so the two CRD kinds the chart renders, KEDA's ScaledObject and the Prometheus
-Operator's ServiceMonitor, are accepted only by that exception and their fields are asserted
+exits 0), so the CRD kinds the chart renders, KEDA's ScaledObject and the Prometheus
+Operator's ServiceMonitor and PrometheusRule, are accepted only by that exception and their fields are asserted
 by the tests below instead.
 
 Golden file: tests/unit/golden/helm_default.yaml pins the default render. After an intended
@@ -38,7 +38,11 @@ RELEASE = "demo"
 NAMESPACE = "llm"
 FULLNAME = "demo-tandem"  # release name + chart name
 KUBERNETES_VERSION = "1.33"
-CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 EXTERNAL_REDIS = "redis://redis.shared.svc:6379/2"
 # The embedded Redis's URL as every Tandem container gets it: the kubelet expands the password.
 EMBEDDED_REDIS = f"redis://:$(TANDEM_REDIS_PASSWORD)@{FULLNAME}-redis.{NAMESPACE}.svc:6379/0"
@@ -59,6 +63,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "everything-on": {
         "autoscaler": {"enabled": True},
         "serviceMonitor": {"enabled": True},
+        "monitoring": {"rules": {"enabled": True}},
         "redis": {"persistence": {"enabled": True, "storageClassName": "fast"}},
         "networkPolicy": {"workerMeshAllPorts": True, "gateway": {"from": [{"namespaceSelector": {}}]}},
         "gateway": {"apiKeysSecret": {"name": "keys"}, "service": {"type": "LoadBalancer"}},
@@ -187,6 +192,7 @@ def test_default_render_has_exactly_these_objects(chart: Any) -> None:
             ("NetworkPolicy", f"{FULLNAME}-redis"),
             ("Secret", f"{FULLNAME}-auth"),
             ("Secret", f"{FULLNAME}-redis"),
+            ("ConfigMap", f"{FULLNAME}-dashboard"),
         ]
     )
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tandem.loadtest.arrivals import ArrivalPattern, ClosedLoop, LoadShape, OpenLoop
 from tandem.loadtest.client import ClientConfig, Endpoint, StreamingClient
+from tandem.loadtest.cost import GpuHourCost
 from tandem.loadtest.metrics import summarize
 from tandem.loadtest.plots import write_plots
 from tandem.loadtest.report import RunInfo, SavedRun, compare_markdown, load_results, summary_markdown, write_results
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--slo", default=None, help="e.g. ttft=200,tpot=50 (milliseconds)")
     run.add_argument("--timeout-s", type=float, default=300.0, help="bound on each request")
     run.add_argument("--api-key", default=None)
+    run.add_argument(
+        "--gpu-hour-cost",
+        default=None,
+        help="dollars per hour: one number for the cluster, or per pool (prefill=2.5,decode=2.5); "
+        "adds $ per million output tokens and per million tokens to the report",
+    )
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument("--no-progress", action="store_true")
     again = commands.add_parser("summarize", help="re-analyse a saved results.json")
@@ -114,6 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}.")
     shapes = _shapes(args)  # every level is validated before the first is run
     slo = None if args.slo is None else SLO.parse(args.slo)
+    cost = None if args.gpu_hour_cost is None else GpuHourCost.parse(args.gpu_hour_cost)  # before any run
     config = ClientConfig(
         args.base_url,
         args.model,
@@ -130,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
             requests,
             shape,
             slo,
+            cost,
             args.out / f"c{shape.concurrency}" if sweep and isinstance(shape, ClosedLoop) else args.out,
         )
         for shape in shapes
@@ -149,6 +158,7 @@ def _run_one(
     requests: Sequence[WorkloadRequest],
     shape: LoadShape,
     slo: SLO | None,
+    cost: GpuHourCost | None,
     out: Path,
 ) -> SavedRun:
     """Run `requests` under `shape`; write OUT/results.json and OUT/summary.md; print the summary."""
@@ -174,6 +184,7 @@ def _run_one(
         load=shape.describe(),
         slo=None if slo is None else str(slo),
         concurrency=shape.concurrency if isinstance(shape, ClosedLoop) else None,
+        gpu_hour_cost=None if cost is None else str(cost),
     )
     out.mkdir(parents=True, exist_ok=True)
     class_names = tuple(r.class_name for r in requests)

@@ -6,7 +6,8 @@ results.json layout (version 1):
      "summary": Summary.to_dict(), "requests": [RequestRecord.to_dict() + {"class_name"}]}
 `load_results` reads it back; `summarize(records, duration_s, slo)` then recomputes the summary,
 possibly against another SLO. `run.concurrency` is the closed-loop concurrency (None for an
-open-loop run; files written before it existed read back as None).
+open-loop run; files written before it existed read back as None). `run.gpu_hour_cost` is the
+run's `--gpu-hour-cost` (None: none given; the summary then has no cost rows).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tandem.loadtest.cost import GpuHourCost, TokenCost
 from tandem.loadtest.metrics import LatencyStats, Summary, mean_in_flight, summarize
 from tandem.loadtest.record import RequestRecord
 from tandem.loadtest.slo import SLO
@@ -37,6 +39,8 @@ class RunInfo:
     load: str
     slo: str | None
     concurrency: int | None = None
+    # `--gpu-hour-cost` as given (cost.py); None: no cost rows.
+    gpu_hour_cost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _dollars(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _latency_row(name: str, stats: LatencyStats) -> str:
     cells = [str(stats.count)] + [_ms(v) for v in (stats.mean_ms, stats.p50_ms, stats.p90_ms, stats.p99_ms)]
     return f"| {name} | " + " | ".join(cells) + " |"
@@ -131,6 +139,15 @@ def summary_markdown(info: RunInfo, summary: Summary) -> str:
         f"| output token throughput (tok/s) | {summary.output_throughput_tps:.2f} |",
         f"| prompt token throughput (tok/s) | {summary.prompt_throughput_tps:.2f} |",
     ]
+    if info.gpu_hour_cost is not None:
+        cost = TokenCost.of(
+            GpuHourCost.parse(info.gpu_hour_cost), summary.duration_s, summary.prompt_tokens, summary.output_tokens
+        )
+        lines += [
+            f"| GPU cost ({info.gpu_hour_cost} $/h) | ${cost.dollars:.6f} |",
+            f"| $ per million output tokens | {_dollars(cost.per_million_output)} |",
+            f"| $ per million tokens (prompt + output) | {_dollars(cost.per_million_total)} |",
+        ]
     if summary.slo is not None:
         lines += [
             f"| goodput (SLO {summary.slo}) | {summary.num_good} requests, "
