@@ -931,3 +931,13 @@ def test_dockerfile_one_non_root_cuda_image_with_tandem_entrypoint() -> None:
     assert uid == str(yaml.safe_load((CHART_DIR / "values.yaml").read_text())["podSecurityContext"]["runAsUser"])
     # no model baked in: nothing is copied into or downloaded to /models
     assert not [rest for op, rest in instructions if "/models" in rest or "huggingface" in rest.lower()]
+
+
+def test_served_model_name_reaches_the_gateway_and_both_pools(chart: Any) -> None:
+    """Workers label their `vllm:` series `model_name` with it, as the gateway names the model."""
+    objects = render(chart, {"model": {"servedModelName": "llama-3-8b"}})
+    for component in ("gateway", "prefill", "decode"):
+        assert flag(container(objects, component)["args"], "--served-model-name") == "llama-3-8b"
+    default = render(chart)
+    for component in ("gateway", "prefill", "decode"):
+        assert "--served-model-name" not in container(default, component)["args"]

@@ -32,7 +32,7 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
 def all_exported_names() -> set[str]:
     names: set[str] = set()
     for role in ("prefill", "decode"):
-        worker = WorkerMetrics(f"{role}-0", role)
+        worker = WorkerMetrics(f"{role}-0", role, "tiny-llama", 2048)
         worker.cache_config(block_size=16, num_blocks=64, cache_dtype="auto")
         names |= exported_names(worker.registry)
     names |= exported_names(GatewayMetrics("tiny-llama").registry)
