@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tandem.loadtest.__main__ import main
-from tandem.loadtest.cost import GpuHourCost, TokenCost
+from tandem.loadtest.cost import GpuHourCost, TokenCost, dollars_per_million
 from tandem.loadtest.metrics import summarize
 from tandem.loadtest.record import ErrorKind, RequestRecord
 from tandem.loadtest.report import RunInfo, load_results, summary_markdown, write_results
@@ -113,3 +113,21 @@ def test_the_cli_refuses_a_bad_cost_before_running(capsys: pytest.CaptureFixture
     assert main(argv) == 2
     assert capsys.readouterr().err == "error: --gpu-hour-cost: pool 'x' must be a number of dollars per hour, got ''.\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_make_bench_prices_each_worker_as_one_gpu() -> None:
+    """`make bench --gpu-hour-cost` is per GPU: a cluster costs each pool's price times its workers."""
+    pools = GpuHourCost.parse("prefill=2,decode=3")
+    assert pools.per_gpu_dollars_per_hour({"prefill": 2, "decode": 4}) == 2 * 2 + 3 * 4
+    assert pools.per_gpu_dollars_per_hour({"decode": 1}) == 3
+    assert GpuHourCost.parse("2.5").per_gpu_dollars_per_hour({"prefill": 1, "decode": 3}) == 10.0
+    with pytest.raises(ValueError) as exc:
+        GpuHourCost.parse("decode=3").per_gpu_dollars_per_hour({"prefill": 1, "decode": 1})
+    assert str(exc.value) == "--gpu-hour-cost has no price for the pool(s) prefill: decode=3."
+
+
+def test_dollars_per_million_tokens_at_a_steady_rate() -> None:
+    # $3.6/h is $0.001/s; at 100 tokens/s a million tokens take 10,000 s: $10
+    assert dollars_per_million(3.6, 100.0) == pytest.approx(10.0, rel=1e-12)
+    with pytest.raises(ValueError, match="positive tokens_per_s, got 0.0"):
+        dollars_per_million(3.6, 0.0)

@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     suite.add_argument("--only", default=None, help="comma list of sections (default: all)")
     suite.add_argument("--quick", action="store_true", help="tiny sizes, to test the suite itself")
+    suite.add_argument(
+        "--gpu-hour-cost",
+        default="prefill=2.5,decode=2.5",
+        help="dollars per GPU-hour of each worker, by pool (prefill=2.5,decode=2.5) or one number: the cost figures",
+    )
     run.set_defaults(handler=_run)
     again.set_defaults(handler=_summarize)
     side.set_defaults(handler=_compare)
@@ -92,7 +97,10 @@ def _bench(args: argparse.Namespace) -> int:
     from tandem.loadtest.suite.run import parse_only, run_suite  # imports torch: only for this command
 
     only = parse_only(args.only)
-    return run_suite(args.out, only, quick=args.quick, log=lambda line: print(line, file=sys.stderr, flush=True))
+    cost = GpuHourCost.parse(args.gpu_hour_cost)
+    return run_suite(
+        args.out, only, args.quick, lambda line: print(line, file=sys.stderr, flush=True), gpu_hour_cost=cost
+    )
 
 
 def concurrency_levels(text: str) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ the run's successful requests (as the throughput figures count them), times 1e6.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 CLUSTER = "cluster"  # the pool name of a single-number cost
@@ -55,10 +56,29 @@ class GpuHourCost:
     def dollars_per_hour(self) -> float:
         return sum(dollars for _, dollars in self.pools)
 
+    def per_gpu_dollars_per_hour(self, workers: Mapping[str, int]) -> float:
+        """The hourly cost of a cluster of `workers` (pool -> workers, one GPU each) when each
+        price is per GPU (`make bench`): one number prices every GPU; pool pairs price each
+        pool's GPUs, and a pool with workers but no price is an error naming it."""
+        if len(self.pools) == 1 and self.pools[0][0] == CLUSTER:
+            return self.pools[0][1] * sum(workers.values())
+        prices = dict(self.pools)
+        missing = sorted(pool for pool, count in workers.items() if count and pool not in prices)
+        if missing:
+            raise ValueError(f"--gpu-hour-cost has no price for the pool(s) {', '.join(missing)}: {self}.")
+        return sum(prices[pool] * count for pool, count in workers.items())
+
     def __str__(self) -> str:
         if len(self.pools) == 1 and self.pools[0][0] == CLUSTER:
             return f"{self.pools[0][1]:g}"
         return ",".join(f"{name}={dollars:g}" for name, dollars in self.pools)
+
+
+def dollars_per_million(dollars_per_hour: float, tokens_per_s: float) -> float:
+    """What a million tokens cost at a steady `tokens_per_s` on hardware of `dollars_per_hour`."""
+    if not (math.isfinite(tokens_per_s) and tokens_per_s > 0):
+        raise ValueError(f"a cost per token needs a positive tokens_per_s, got {tokens_per_s!r}.")
+    return dollars_per_hour / 3600.0 / tokens_per_s * 1e6
 
 
 @dataclass(frozen=True)

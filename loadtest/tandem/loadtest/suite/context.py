@@ -18,10 +18,13 @@ from typing import Any
 
 from tandem.loadtest.arrivals import LoadShape
 from tandem.loadtest.client import ClientConfig, StreamingClient
+from tandem.loadtest.cost import GpuHourCost
 from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.runner import RunClock, RunResult, run_load
 
 BENCH_MODEL_NAME = "bench-llama-v1"
+# the chart's default (monitoring.gpuHourCost): an indicative on-demand H100 price per GPU-hour
+DEFAULT_GPU_HOUR_COST = GpuHourCost((("prefill", 2.5), ("decode", 2.5)))
 BENCH_MODEL_OVERRIDES: Mapping[str, Any] = {
     "hidden_size": 256,
     "intermediate_size": 768,
@@ -52,6 +55,8 @@ class BenchContext:
     work_dir: Path
     log: Callable[[str], None]
     quick: bool = False
+    # the price of each worker's GPU per hour, by pool (`--gpu-hour-cost`): the cost figures
+    gpu_hour_cost: GpuHourCost = DEFAULT_GPU_HOUR_COST
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tandem.loadtest.suite.context import BenchContext, write_bench_model
+from tandem.loadtest.cost import GpuHourCost
+from tandem.loadtest.suite.context import DEFAULT_GPU_HOUR_COST, BenchContext, write_bench_model
 from tandem.loadtest.suite.figures import Section
 from tandem.loadtest.suite.machine import MachineInfo
 from tandem.loadtest.suite.markdown import render
@@ -67,14 +68,20 @@ def _run_one(key: str, ctx: BenchContext) -> Section:
     return dataclasses.replace(section, key=key, title=title, duration_s=time.perf_counter() - started)
 
 
-def run_suite(out_path: Path, only: Sequence[str], quick: bool = False, log: Callable[[str], None] = print) -> int:
+def run_suite(
+    out_path: Path,
+    only: Sequence[str],
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+    gpu_hour_cost: GpuHourCost = DEFAULT_GPU_HOUR_COST,
+) -> int:
     """Run the sections, write `out_path`; 0, or 1 if any section failed (misses are not failures)."""
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
     machine = MachineInfo.collect(REPO_ROOT)
     sections: list[Section] = []
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as work:
-        ctx = BenchContext(write_bench_model(Path(work)), Path(work), log, quick)
+        ctx = BenchContext(write_bench_model(Path(work)), Path(work), log, quick, gpu_hour_cost)
         for key in only:
             log(f"== {SECTIONS[key][0]}")
             section = _run_one(key, ctx)
