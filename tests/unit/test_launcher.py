@@ -303,6 +303,37 @@ def test_children_die_with_a_sigkilled_parent() -> None:
     assert wait_gone(grandchild, timeout_s=5)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_the_death_signal_is_set_without_a_preexec_fn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `preexec_fn` (it forces a fork that runs grpcio's fork handlers: grpc/grpc#43055):
+    the exec wrapper sets the signal, and the child keeps the pid that `stop()` addresses."""
+    seen: list[dict] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen:
+        seen.append(kwargs)
+        return real_popen(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    code = (
+        "import ctypes, json, os\n"
+        "sig = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)\n"  # PR_GET_PDEATHSIG
+        "print(json.dumps({'event': 'ready', 'address': 'x', 'sig': sig.value, 'pid': os.getpid()}), flush=True)\n"
+    )
+    child = ChildProcess.start("pdeathsig", [sys.executable, "-c", code], 20.0)
+    try:
+        ready = child.wait_ready(1)
+        assert (ready["sig"], ready["pid"]) == (int(signal.SIGTERM), child.pid)
+        assert [kwargs.get("preexec_fn") for kwargs in seen] == [None]
+    finally:
+        child.stop(timeout_s=5)
+
+
+def test_a_missing_program_fails_at_spawn() -> None:
+    with pytest.raises(FileNotFoundError, match="no such program: '/nonexistent/tandem-x'"):
+        ChildProcess.spawn("missing", ["/nonexistent/tandem-x"])
+
+
 # ---- state file and status ---------------------------------------------------------------
 
 

@@ -12,6 +12,11 @@ Lifecycle of a `ChildProcess`:
    the kernel for SIGTERM when its parent dies (`PR_SET_PDEATHSIG`), so a `tandem up` that is
    SIGKILLed leaves no orphans. The child stays in our process group: Ctrl-C in a terminal
    reaches it too, and it treats SIGINT like SIGTERM.
+   The death signal is set by a small exec wrapper (`_PDEATHSIG_EXEC`: prctl, then exec of
+   `argv`), not by a `preexec_fn`: a `preexec_fn` makes `subprocess` fork() instead of vfork(),
+   and grpcio (1.80 and later, grpc/grpc#43055) restarts its poller in a forked child, whose
+   epoll fd `close_fds` has closed, so the child could abort ("epoll_wait: Bad file
+   descriptor") before it ran anything. With no `preexec_fn`, no fork handler runs.
 2. Two daemon threads drain the pipes. The stdout thread looks for the first JSON line with
    `"event": "ready"` and keeps it; every other line, of either stream, goes to our stderr
    with a `[name]` prefix and into a bounded tail kept for error messages.
@@ -29,9 +34,10 @@ children from a thread that lives as long as they do (`tandem up` uses its main 
 from __future__ import annotations
 
 import collections
-import ctypes
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,24 +56,22 @@ READER_JOIN_S = 1.0
 FAILED_START_STOP_S = 5.0  # grace for a child that never got ready
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that sets PR_SET_PDEATHSIG=SIGTERM in the child; None off Linux.
+# argv[1]: the parent's pid; argv[2:]: the command. PR_SET_PDEATHSIG survives the exec. If the
+# parent died before the prctl, the signal would never come, so the wrapper checks and ends.
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
-    Everything it calls is resolved here, before the fork. If the parent died between the fork
-    and the prctl call, the signal would never come, so the child checks and ends itself.
-    """
+
+def _die_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv` wrapped so that the child gets SIGTERM when its parent dies; as is off Linux."""
     if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent_pid = os.getpid()
-    getppid, kill, getpid = os.getppid, os.kill, os.getpid
-
-    def set_pdeathsig() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if getppid() != parent_pid:
-            kill(getpid(), signal.SIGTERM)
-
-    return set_pdeathsig
+        return list(argv)
+    return [sys.executable, "-S", "-c", _PDEATHSIG_EXEC, str(os.getpid()), *argv]
 
 
 class ChildProcess:
@@ -109,8 +113,10 @@ class ChildProcess:
         if not argv:
             raise ValueError("argv must name a program")
         child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+        if shutil.which(argv[0], path=child_env.get("PATH", os.defpath)) is None:  # as Popen would raise it
+            raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
         process = subprocess.Popen(
-            list(argv),
+            _die_with_parent(argv),
             cwd=cwd,
             env=child_env,
             stdin=subprocess.DEVNULL,
@@ -119,7 +125,6 @@ class ChildProcess:
             text=True,
             errors="replace",
             bufsize=1,
-            preexec_fn=_die_with_parent(),
         )
         logger.info("started %s (pid %d)", name, process.pid)
         return cls(name, process, sink, forward)
