@@ -19,7 +19,7 @@ class _RecordingPipeline:
     def __init__(self) -> None:
         self.requests: list[Request] = []
 
-    async def generate(self, request: Request, parent: object = None) -> AsyncIterator[Delta]:
+    async def generate(self, request: Request, parent: object = None, session: object = None) -> AsyncIterator[Delta]:
         self.requests.append(request)
         yield Delta((7,), (), FinishReason.LENGTH)
 

@@ -221,7 +221,8 @@ def test_n_over_cap_exact_body() -> None:
 def test_unknown_fields_are_ignored() -> None:
     req = parse_body(body(prompt="x", user="u-1", foo={"bar": 1}, service_tier="auto"), CompletionRequest, MAX_N)
     assert req.prompt == "x"
-    assert not hasattr(req, "foo") and not hasattr(req, "user")
+    assert not hasattr(req, "foo") and not hasattr(req, "service_tier")
+    assert req.user == "u-1"  # OpenAI's end-user id: read (the session key of `--session-key user`)
     chat = parse_body(body(messages=[{"role": "user", "content": "hi", "extra": 1}], metadata={}), CHAT, 1)
     assert chat.messages[0].for_template() == {"role": "user", "content": "hi"}
 

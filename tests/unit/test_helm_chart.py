@@ -302,6 +302,14 @@ def test_gateway_command_probes_and_service(chart: Any) -> None:
         "default",
         "--policy",
         "least_loaded",
+        "--guardrail-window-chars",
+        "64",
+        "--session-key",
+        "header",
+        "--session-header",
+        "x-session-id",
+        "--affinity-ttl-s",
+        "600",
     ]
     assert gw["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert gw["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -311,6 +319,20 @@ def test_gateway_command_probes_and_service(chart: Any) -> None:
     service = one(objects, "Service", f"{FULLNAME}-gateway")["spec"]
     assert service["type"] == "ClusterIP"
     assert service["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+
+
+def test_gateway_guardrails_and_session_affinity_reach_its_command(chart: Any) -> None:
+    spec = 'regex_redactor,blocklist:{"words": ["secret"]}'
+    gateway = {
+        "guardrails": spec,
+        "guardrailWindowChars": 32,
+        "sessionAffinity": {"key": "user", "header": "x-conversation", "ttlSeconds": 120},
+    }
+    args = container(render(chart, {"gateway": gateway}), "gateway")["args"]
+    assert flag(args, "--guardrails") == spec
+    assert flag(args, "--guardrail-window-chars") == "32"
+    assert (flag(args, "--session-key"), flag(args, "--session-header")) == ("user", "x-conversation")
+    assert flag(args, "--affinity-ttl-s") == "120"
 
 
 def test_gateway_api_keys_come_from_a_secret(chart: Any) -> None:

@@ -12,7 +12,7 @@ from tandem.cli.inputs import model_dir
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "target",
-        choices=["engine", "kernels", "kv", "gateway", "serve"],
+        choices=["engine", "kernels", "kv", "gateway", "guardrails", "serve"],
         help="serve FLAGS: the load generator, `python -m tandem.loadtest run FLAGS` (main() forwards it)",
     )
     parser.add_argument("--model", type=Path, default=None)
@@ -32,6 +32,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from tandem.loadtest.bench.gateway import run_gateway_bench
 
         return run_gateway_bench(model_dir(args.model))
+    if args.target == "guardrails":
+        from tandem.loadtest.bench.guardrails import run_guardrails_bench
+
+        run_guardrails_bench(model_dir(args.model))
+        return 0
     if args.target == "kv":
         from tandem.loadtest.bench.kv import run_kv_bench
 

@@ -171,6 +171,8 @@ class _GenerateBody(Body):
     )
     # vLLM's; lower is more important; None: the key's default
     priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    # OpenAI's end-user id; the session key of session affinity with `--session-key user`
+    user: str | None = None
     # structured output (structured.py): OpenAI's, vLLM's, and vLLM's older guided_* names
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +11,13 @@ from tandem.common.plane_auth import PlaneAuth
 from tandem.common.tracing import TracingConfig
 from tandem.common.workers import check_name
 from tandem.gateway.admission import AdmissionConfig
+from tandem.gateway.guardrails import load_guardrails
 from tandem.gateway.limits import RateLimitConfig
 from tandem.gateway.tools.parsers import PARSERS
 from tandem.scheduler import SchedulerConfig
 
+SESSION_KEY_SOURCES = ("header", "user", "none")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 API_KEYS_ENV = "TANDEM_API_KEYS"  # more API keys, comma-separated: read by `tandem gateway` and `tandem up`
 
 
@@ -36,6 +40,13 @@ class GatewayConfig:
     workers (`tandem.common.plane_auth`): without a token it refuses to start, unless
     `--insecure-no-auth`. `tool_call_parser` names how tool calls are read from the output
     (gateway/tools/parsers.py); None: tool_choice "auto" is refused.
+
+    `guardrails` names the guardrail hooks, in order (`name[:json-options],...`; gateway/
+    guardrails/loading.py); an unknown name or bad options refuse the start. Output hooks hold
+    back at most `guardrail_window_chars` characters of each choice's text. `session_key` says
+    where a request's session key comes from (`header`: the `session_header` header, `user`:
+    the body's `user` field, `none`: no session affinity); the scheduler prefers the decode
+    worker that last served the session (scheduler/affinity.py).
     """
 
     model_dir: Path = field(
@@ -79,6 +90,22 @@ class GatewayConfig:
             "help": f"turns tool-calling output into tool_calls ({', '.join(PARSERS)}); needed by tool_choice auto"
         },
     )
+    guardrails: str = field(
+        default="",
+        metadata={
+            "help": 'guardrail hooks in order: name[:json-options],... (e.g. regex_redactor,blocklist:{"words":["x"]})'
+        },
+    )
+    guardrail_window_chars: int = field(
+        default=64, metadata={"help": "characters of each choice's text that output guardrails may hold back"}
+    )
+    session_key: str = field(
+        default="header",
+        metadata={"choices": SESSION_KEY_SOURCES, "help": "where a request's session key comes from (affinity)"},
+    )
+    session_header: str = field(
+        default="x-session-id", metadata={"help": "the header that carries the session key (--session-key header)"}
+    )
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -117,6 +144,13 @@ class GatewayConfig:
             raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {self.tool_call_parser!r}")
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
+        if self.guardrail_window_chars < 1:
+            raise ValueError(f"guardrail_window_chars must be >= 1, got {self.guardrail_window_chars}")
+        load_guardrails(self.guardrails, self.guardrail_window_chars)  # refuse the start on a bad spec
+        if self.session_key not in SESSION_KEY_SOURCES:
+            raise ValueError(f"session_key must be one of {', '.join(SESSION_KEY_SOURCES)}, got {self.session_key!r}")
+        if not _HEADER_RE.match(self.session_header):
+            raise ValueError(f"session_header must be a header name ([A-Za-z0-9-]+), got {self.session_header!r}")
 
     @property
     def model_name(self) -> str:

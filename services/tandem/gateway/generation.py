@@ -20,6 +20,12 @@ Slow clients: the events wait for the consumer (the client's socket) in one queu
 its decode stream, so the worker frees the sequence's blocks), the buffered events are
 dropped, the request ends (`on_slow_client`: its status 408 is recorded and its admission
 returned), and the consumer, whenever it reads again, gets `slow_client_aborted`.
+
+Output guardrails (guardrails/window.py): with output hooks configured, each choice's text,
+after stop strings, goes through its own `OutputWindow`, which holds back at most the window
+and releases it redacted; a hook that stops the choice ends it with finish_reason
+"content_filter" (its generator is closed as for a stop string; the tokens generated so far
+still count in usage). Without output hooks there is no window and no extra work per delta.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from tandem.common.request import FinishReason, PromptLogprobs, Request, Samplin
 from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.detokenize import IncrementalDetokenizer, StopStringMatcher
 from tandem.gateway.errors import OpenAIError, service_unavailable, slow_client_aborted
+from tandem.gateway.guardrails import NO_GUARDRAILS, Guardrails
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.pipeline import Pipeline, StreamError
 
@@ -103,8 +110,12 @@ class Generation:
         limits: StreamLimits = StreamLimits(),
         on_slow_client: Callable[[OpenAIError], None] | None = None,
         priority: int = 0,
+        guardrails: Guardrails = NO_GUARDRAILS,
+        session: str | None = None,
     ) -> None:
         """`priority` goes into every choice's `Request` (workers order their queues by it).
+        `guardrails` filter each choice's text (their output hooks); `session` is the hash of
+        the request's session key (`tandem.scheduler.affinity`), None without one.
         `on_slow_client(error)` is called once when the request is aborted for a client
         that stopped reading (the request ends there, though its connection may stay open)."""
         self.pipeline = pipeline
@@ -120,6 +131,8 @@ class Generation:
         self.limits = limits
         self._on_slow_client = on_slow_client
         self.priority = priority
+        self.guardrails = guardrails
+        self.session = session
         self.slow_client = False  # set once the client's buffer overflowed and the request was aborted
         self._tasks: list[asyncio.Task] = []
         self.totals = {c.index: ChoiceTotals() for c in self.choices}
@@ -157,7 +170,8 @@ class Generation:
         totals = self.totals[spec.index]
         detok = IncrementalDetokenizer(self.tokenizer, spec.prompt_token_ids, self.skip_special_tokens)
         matcher = StopStringMatcher(self.stop, self.include_stop_str)
-        generator = self.pipeline.generate(request, self.trace_context)
+        window = self.guardrails.output_window()  # None without output hooks
+        generator = self.pipeline.generate(request, self.trace_context, self.session)
         last_s = time.perf_counter()
         received = False
         try:
@@ -179,6 +193,11 @@ class Generation:
                     if not stopped:
                         text += matcher.flush()
                 finish = "stop" if stopped else _FINISH_TEXT[delta.finish_reason] if delta.finish_reason else None
+                if window is not None:
+                    released = window.push(text, finish is not None)
+                    text = released.text
+                    if released.stopped_by is not None:
+                        finish = "content_filter"
                 totals.text.append(text)
                 totals.token_ids.extend(delta.token_ids)
                 totals.logprobs.extend(delta.logprobs)

@@ -24,7 +24,11 @@ One `Pipeline.generate(request)` call serves one choice of one client request
    handle was taken P is told to drop its lease (ReleaseKV with the handle's lease secret).
    Nothing waits without a bound: each decode message has an idle timeout, each Prefill a
    deadline.
-6. Each route's Prefill and Decode calls carry a fresh owner secret (`x-tandem-owner`,
+6. Session affinity (scheduler/affinity.py): a choice whose request carries a session key
+   reads the session's decode worker from Redis once per route of the choice (bounded; a miss
+   on error) and routes with it; every decision then records its decode worker for the
+   session in the background, refreshing the affinity's TTL.
+7. Each route's Prefill and Decode calls carry a fresh owner secret (`x-tandem-owner`,
    services/tandem/common/ownership.py): no other caller can Abort them on the workers.
 
 Errors before the first yielded token are `OpenAIError`s (503 with Retry-After when no worker
@@ -37,8 +41,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -59,6 +64,7 @@ from tandem.gateway.migration import WORKER_FAILURES, DecodeFailure, Resume, Str
 from tandem.gateway.mux import BufferOverflow
 from tandem.gateway.tickets import RouteTickets
 from tandem.scheduler import NoWorkerError, RouteDecision, RouteKind, RouteRequest, Scheduler
+from tandem.scheduler.affinity import AffinityStore
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +93,11 @@ class Pipeline:
         clients: WorkerClients,
         metrics: GatewayMetrics,
         tracer: trace.Tracer,
+        affinity: AffinityStore | None = None,
     ) -> None:
+        """`affinity` stores the sessions' decode workers (None: no session affinity)."""
         self.config = config
+        self.affinity = affinity
         self.scheduler = scheduler
         self.clients = clients
         self.metrics = metrics
@@ -97,7 +106,11 @@ class Pipeline:
 
     def route(self, request: Request, tickets: RouteTickets, exclude: frozenset[str] = frozenset()) -> RouteDecision:
         route_request = RouteRequest(
-            request.request_id, len(request.prompt_token_ids), tickets.block_hashes, self.scheduler.next_seq()
+            request.request_id,
+            len(request.prompt_token_ids),
+            tickets.block_hashes,
+            self.scheduler.next_seq(),
+            tickets.session_worker,
         )
         try:
             decision = self.scheduler.route(route_request, exclude)
@@ -105,18 +118,29 @@ class Pipeline:
             raise service_unavailable(f"no worker can take the request: {exc}", self.config.retry_after_s) from exc
         self.metrics.routed(decision.kind.value, self.config.scheduler.policy)
         tickets.add(decision)
+        if tickets.session is not None and self.affinity is not None:
+            self._background_task(self.affinity.remember(tickets.session, decision.decode.worker_id))
         return decision
 
-    def generate(self, request: Request, parent: Context | None = None) -> AsyncGenerator[Delta, None]:
-        """The choice's deltas, resumed on another decode worker when its stream fails."""
+    def generate(
+        self, request: Request, parent: Context | None = None, session: str | None = None
+    ) -> AsyncGenerator[Delta, None]:
+        """The choice's deltas, resumed on another decode worker when its stream fails.
+        `session`: the hash of the request's session key (None: no session affinity)."""
         resume = Resume(request, self.config.max_migrations)
-        return resumable(lambda replay: self._attempt(replay, parent, resume), resume, self.metrics)
+        return resumable(lambda replay: self._attempt(replay, parent, resume, session), resume, self.metrics)
 
-    async def _attempt(self, request: Request, parent: Context | None, resume: Resume) -> AsyncIterator[Delta]:
+    async def _attempt(
+        self, request: Request, parent: Context | None, resume: Resume, session: str | None
+    ) -> AsyncIterator[Delta]:
         """One route of the choice: the client's request, or a migration's replay."""
         extra = block_extra(self.config.hash_model_id, request.cache_salt)
         hashes = tuple(hash_blocks(request.prompt_token_ids, self.config.scheduler.block_size, extra))
-        tickets = RouteTickets(self.scheduler, len(request.prompt_token_ids), hashes)
+        if session is None or self.affinity is None:
+            tickets = RouteTickets(self.scheduler, len(request.prompt_token_ids), hashes)
+        else:
+            worker = await self.affinity.worker_of(session)
+            tickets = RouteTickets(self.scheduler, len(request.prompt_token_ids), hashes, session, worker)
         try:
             async for delta in self._generate(request, parent, tickets, resume):
                 yield delta
@@ -340,7 +364,11 @@ class Pipeline:
                     exc.code().name,
                 )
 
-        task = asyncio.get_running_loop().create_task(release_lease())
+        self._background_task(release_lease())
+
+    def _background_task(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` off the request's path; its task is kept until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -3,7 +3,9 @@
 Lifecycle of a request (DESIGN.md section 2, steps 1 and 5), in `serve_generation`:
 1. The body is read with a size cap (413), authenticated (401), and prepared by
    `protocol.prepare`: parsed and validated (400, 404 for an unknown model), tokenized (chat
-   template for chat), and checked against `max_model_len` with vLLM's wording.
+   template for chat), and checked against `max_model_len` with vLLM's wording. The input
+   guardrails (guardrails/) then allow it, reject it (400 naming the guardrail) or rewrite it
+   (the rewritten body is prepared again); with none configured this step does nothing.
 2. Admission (admission.py) refuses at once what the pools cannot start within the TTFT
    budget, lower priorities first (429 per key, 503 for the cluster, with Retry-After); an
    admitted request holds a ticket until it ends. Then the per-key rate limits are charged
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -38,8 +41,9 @@ from tandem.common.tracing import extract_metadata
 from tandem.gateway import protocol, responses
 from tandem.gateway.admission import AdmissionTicket
 from tandem.gateway.echo import prompt_display
-from tandem.gateway.errors import OpenAIError, body_too_large, internal_error, sse_error_event
+from tandem.gateway.errors import OpenAIError, bad_request, body_too_large, internal_error, sse_error_event
 from tandem.gateway.generation import ChoiceEvent, Generation, StreamLimits
+from tandem.gateway.guardrails import guard_input
 from tandem.gateway.response_view import ResponseView
 from tandem.gateway.state import GatewayState
 
@@ -101,6 +105,8 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
     start_s = time.perf_counter()
     key_id = state.authenticate(request)
     prepared = protocol.prepare(await read_body(request, state.config.max_body_bytes), chat, state.served)
+    if state.guardrails.input_hooks or state.guardrails.output_hooks:
+        prepared = _guard(state, prepared, chat)
     priority = state.admission.priority(key_id, prepared.requested_priority)
     ticket = state.admission.admit(key_id, priority, prepared.num_prompt_tokens)
     try:
@@ -131,6 +137,8 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
         limits,
         slow_client,
         priority,
+        state.guardrails,
+        state.session(request, body.user),
     )
     view = ResponseView(
         request_id,
@@ -150,6 +158,23 @@ async def serve_generation(state: GatewayState, request: Request, chat: bool) ->
     if not body.stream:
         return await _respond_json(request, generation, view, finish)
     return await _respond_sse(request, generation, view, finish, body.include_usage)
+
+
+def _guard(state: GatewayState, prepared: protocol.PreparedRequest, chat: bool) -> protocol.PreparedRequest:
+    """The request after the input guardrails (a rewrite is prepared again: validated like a
+    client's body). With output guardrails, token ids and logprobs are refused: they would
+    show the text that the guardrails redact or cut."""
+    guardrails = state.guardrails
+    if guardrails.output_hooks and (prepared.logprob_count is not None or prepared.body.return_token_ids):
+        names = ", ".join(h.name for h in guardrails.output_hooks)
+        param = "return_token_ids" if prepared.body.return_token_ids else "logprobs"
+        raise bad_request(f"{param} is not available with output guardrails ({names}) configured.", param)
+    if not guardrails.input_hooks:
+        return prepared
+    rewritten = guardrails.check_input(guard_input(prepared.body))
+    if rewritten is None:
+        return prepared
+    return protocol.prepare(json.dumps(rewritten.to_body()).encode(), chat, state.served)
 
 
 def _start_span(

@@ -37,11 +37,13 @@ from tandem.gateway.auth import APIKeys, AuthError, AuthFailure
 from tandem.gateway.clients import WorkerClients
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.errors import OpenAIError, invalid_api_key, missing_api_key, rate_limited
+from tandem.gateway.guardrails import load_guardrails
 from tandem.gateway.limits import RateLimiter
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.pipeline import Pipeline
 from tandem.gateway.protocol import ServedModel
 from tandem.scheduler import Scheduler
+from tandem.scheduler.affinity import AffinityStore, session_hash
 from tandem.scheduler.gateway_report import default_gateway_id
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,18 @@ class GatewayState:
             gateway_id=default_gateway_id(),
         )
         self.clients = WorkerClients(config.plane.token)
-        self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer)
+        self.guardrails = load_guardrails(config.guardrails, config.guardrail_window_chars)
+        # Session affinity: its own async client, built here (it connects on first use, on the loop).
+        self._affinity_redis: aioredis.Redis | None = None
+        affinity: AffinityStore | None = None
+        if config.session_key != "none" and config.scheduler.affinity_ttl_s > 0:
+            self._affinity_redis = aioredis.Redis.from_url(
+                config.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+            )
+            affinity = AffinityStore(
+                self._affinity_redis, config.cluster, config.scheduler.affinity_ttl_s, REDIS_TIMEOUT_S
+            )
+        self.pipeline = Pipeline(config, self.scheduler, self.clients, self.metrics, self.tracer, affinity)
         self.admission = AdmissionController(config.admission, self.metrics, self.pool_load)
         self._aioredis: aioredis.Redis | None = None
         self.limiter: RateLimiter | None = None
@@ -107,6 +120,8 @@ class GatewayState:
             self.scheduler.stop()
             await self.clients.close()
             await self._aioredis.aclose()
+            if self._affinity_redis is not None:
+                await self._affinity_redis.aclose()
             self._redis.close()
             self._events_redis.close()
             self.tracing.shutdown()
@@ -141,6 +156,14 @@ class GatewayState:
         return PoolLoad(waiting, tokens)
 
     # ---- checks used by the handlers ---------------------------------------------------------
+    def session(self, request: Request, user: str | None) -> str | None:
+        """The hash of the request's session key (`--session-key`): None without one, or
+        without session affinity."""
+        if self.pipeline.affinity is None:
+            return None
+        key = request.headers.get(self.config.session_header) if self.config.session_key == "header" else user
+        return session_hash(key) if key else None
+
     def authenticate(self, request: Request) -> str:
         try:
             return self.auth.check(request.headers.get("authorization"))

@@ -14,12 +14,23 @@ class RouteTickets:
     """The in-flight work one choice's routing decisions put in the scheduler's table. Each
     decision's prefill and decode stages are released exactly once: when the stage ends, when
     the decision is abandoned for a retry, or at the latest when the choice ends (`close`).
-    `block_hashes` (the prompt's, hashed once per choice) serve every route of the choice."""
+    `block_hashes` (the prompt's, hashed once per choice) serve every route of the choice, and
+    so do `session` (the hash of its session key) and `session_worker` (the decode worker
+    that served the session last, read once per route of the choice; scheduler/affinity.py)."""
 
-    def __init__(self, scheduler: Scheduler, num_prompt_tokens: int, block_hashes: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        num_prompt_tokens: int,
+        block_hashes: tuple[int, ...],
+        session: str | None = None,
+        session_worker: str | None = None,
+    ) -> None:
         self._scheduler = scheduler
         self._num_prompt_tokens = num_prompt_tokens
         self.block_hashes = block_hashes
+        self.session = session
+        self.session_worker = session_worker
         self._prefill: list[RouteDecision] = []
         self._decode: list[RouteDecision] = []
 

@@ -36,6 +36,10 @@ class SchedulerConfig:
     - `recovery_window_s`: after Redis answers again, a worker missing from it (its key expired
       during a freeze, or Redis restarted empty) is kept this long, so that it can register
       again (workers retry every 0.2 s) before gateways drop it.
+    - `affinity_ttl_s`: how long a session's affinity to its decode worker lasts after its last
+      request (affinity.py; a Redis expiry). 0 disables session affinity.
+    - `affinity_max_waiting`, `affinity_max_kv_usage`: the load limits of the session's
+      worker; over either, the policy decides as without a session and the affinity moves.
     """
 
     policy: str = field(default="prefix_aware", metadata={"choices": POLICY_NAMES, "help": "routing policy"})
@@ -56,6 +60,15 @@ class SchedulerConfig:
     recovery_window_s: float = field(
         default=5.0, metadata={"help": "after a Redis outage, keep workers missing from it this long"}
     )
+    affinity_ttl_s: float = field(
+        default=600.0, metadata={"help": "life of a session's affinity after its last request (0: no affinity)"}
+    )
+    affinity_max_waiting: int = field(
+        default=2, metadata={"help": "a session's worker with more waiting requests loses the affinity"}
+    )
+    affinity_max_kv_usage: float = field(
+        default=0.9, metadata={"help": "a session's worker with a fuller KV cache (0-1) loses the affinity"}
+    )
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -69,6 +82,11 @@ class SchedulerConfig:
         _check_float("speculative_ttl_s", self.speculative_ttl_s, positive=False)
         _check_float("stale_grace_s", self.stale_grace_s, positive=True)
         _check_float("recovery_window_s", self.recovery_window_s, positive=False)
+        _check_float("affinity_ttl_s", self.affinity_ttl_s, positive=False)
+        _check_int("affinity_max_waiting", self.affinity_max_waiting, minimum=0)
+        _check_float("affinity_max_kv_usage", self.affinity_max_kv_usage, positive=False)
+        if self.affinity_max_kv_usage > 1:
+            raise ValueError(f"scheduler affinity_max_kv_usage must be <= 1, got {self.affinity_max_kv_usage!r}")
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

@@ -48,11 +48,12 @@ import redis
 from tandem.common.cluster_state import ClusterState
 from tandem.common.gateway_view import RoutingMode
 from tandem.common.outage import Outage
+from tandem.scheduler.affinity import AffinityPolicy
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.gateway_report import GatewayReport
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
-from tandem.scheduler.policies import make_policy
+from tandem.scheduler.policies import Policy, make_policy
 from tandem.scheduler.registry import EMPTY_SNAPSHOT, HashScheme, Liveness, RegistrationCheck, RegistrySnapshot
 from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_tokens
 from tandem.scheduler.types import RouteDecision, RouteRequest, WorkerStatus
@@ -107,7 +108,9 @@ class Scheduler:
                 "pass events_state built on a client with a longer socket_timeout"
             )
         self._state, self._events, self._config, self._clock = state, events, config, clock
-        self._policy = make_policy(config.policy)
+        self._policy: Policy = make_policy(config.policy)
+        if config.affinity_ttl_s > 0:  # session affinity in the decode pool (affinity.py)
+            self._policy = AffinityPolicy(self._policy, config.affinity_max_waiting, config.affinity_max_kv_usage)
         self._index = PrefixIndex(config.speculative_ttl_s)
         self._inflight = InflightTable()
         self._snapshot = EMPTY_SNAPSHOT  # replaced whole by refresh_now, never mutated

@@ -34,13 +34,15 @@ class RouteRequest:
     `block_hashes` are the chained hashes of the prompt's FULL blocks, in order, so
     `len(block_hashes) == num_prompt_tokens // block_size` (checked by `picker.decide`).
     `seq` is the scheduler's request counter (`Scheduler.next_seq()`), which makes round robin
-    a pure function of the request.
+    a pure function of the request. `session_worker` is the decode worker that served the
+    request's session last (affinity.py), None without a session or an affinity.
     """
 
     request_id: str
     num_prompt_tokens: int
     block_hashes: tuple[int, ...]
     seq: int
+    session_worker: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
