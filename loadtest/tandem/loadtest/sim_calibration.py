@@ -11,14 +11,15 @@ that every prompt token is computed), times its steps on a grid of shapes, and f
    then `decode_steps` steps of b sequences are timed (each sequence attends its prompt and the
    tokens it has so far).
 
-Each shape runs `repeats` times and its median time is kept (the machine may be shared). This
+Each shape runs `repeats` times and its fastest time is kept: on a shared machine a run
+is only ever slowed down by the others, so the minimum is the most repeatable estimate of a
+step's own cost (as `timeit` advises). This
 lives in loadtest, not in `tandem.sim`: the simulator does not import the engine (layering).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class CalibrationGrid:
     decode_batch_sizes: tuple[int, ...] = (1, 8, 32)
     decode_context_tokens: tuple[int, ...] = (32, 256)
     decode_steps: int = 4
-    repeats: int = 3
+    repeats: int = 5
 
     def __post_init__(self) -> None:
         sizes = (*self.prefill_tokens, *self.decode_batch_sizes, *self.decode_context_tokens)
@@ -136,10 +137,10 @@ class StepTimer:
         return timings
 
 
-def _median_of_repeats(run: Callable[[], list[StepTiming]], repeats: int) -> list[StepTiming]:
-    """`run` `repeats` times; the i-th timing of each run has the same shape: keep its median."""
+def _fastest_of_repeats(run: Callable[[], list[StepTiming]], repeats: int) -> list[StepTiming]:
+    """`run` `repeats` times; the i-th timing of each run has the same shape: keep its fastest."""
     runs = [run() for _ in range(repeats)]
-    return [StepTiming(same[0].step, statistics.median(t.seconds for t in same)) for same in zip(*runs)]
+    return [StepTiming(same[0].step, min(t.seconds for t in same)) for same in zip(*runs)]
 
 
 def calibrate(
@@ -170,14 +171,14 @@ def calibrate(
     whole.prefill(min(64, largest), min(64, largest))  # warm-up (first-call allocations), not kept
     timings: list[StepTiming] = []
     for length in grid.prefill_tokens:
-        timings += _median_of_repeats(partial(whole.prefill, length, length), grid.repeats)
+        timings += _fastest_of_repeats(partial(whole.prefill, length, length), grid.repeats)
         log(f"prefill {length}: {timings[-1].seconds * 1e3:.1f} ms")
     chunk = grid.prefill_chunk_tokens
     chunked = StepTimer(Engine.from_pretrained(model_dir, **options, max_prefill_chunk_tokens=chunk), seed)
-    timings += _median_of_repeats(partial(chunked.prefill, largest, chunk), grid.repeats)
+    timings += _fastest_of_repeats(partial(chunked.prefill, largest, chunk), grid.repeats)
     for batch in grid.decode_batch_sizes:
         for context in grid.decode_context_tokens:
-            timings += _median_of_repeats(partial(whole.decode, batch, context, grid.decode_steps), grid.repeats)
+            timings += _fastest_of_repeats(partial(whole.decode, batch, context, grid.decode_steps), grid.repeats)
             log(f"decode {batch} x {context}: {timings[-1].seconds * 1e3:.1f} ms")
     whole.engine.check_integrity()
     return fit(timings, model_dir.name, whole.engine.kv_spec.bytes_per_token, link)
