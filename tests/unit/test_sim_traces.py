@@ -29,14 +29,39 @@ def test_mooncake_lengths_times_and_prefix_groups(tmp_path: Path) -> None:
         ],
     )
     assert read_mooncake(path) == (
-        # shares blocks 0-3 with the third and fifth prompts: group 0 of 4 blocks
+        # shares blocks 0-3 with the third and fifth prompts: 4 blocks of chain 0, 1, 2, 3, ...
         TraceRequest(0.0, 6755, 500, 0, 2048),
-        # shares only block 0: group 1 of one block
-        TraceRequest(0.0, 7319, 490, 1, 512),
+        # shares only block 0, the head of the same chain
+        TraceRequest(0.0, 7319, 490, 0, 512),
         TraceRequest(3.052, 2287, 316, 0, 2048),
         TraceRequest(3.1, 700, 1),  # no shared block; 0 output tokens become 1
         TraceRequest(4.0, 2000, 7, 0, 2000),  # its whole (last block partial) prompt is the shared prefix
     )
+
+
+def test_mooncake_chains_follow_the_most_shared_branch(tmp_path: Path) -> None:
+    def row(ids: list[int]) -> dict[str, object]:
+        return {"timestamp": 0, "input_length": 512 * len(ids), "output_length": 1, "hash_ids": ids}
+
+    # two conversations of two turns under one system block 0; the first branch (1) is taken on
+    # the tie, so the second conversation (5) is its own chain and loses block 0 across chains
+    path = _jsonl(tmp_path / "conv.jsonl", [row([0, 1, 2]), row([0, 5, 6]), row([0, 1, 2, 3, 4]), row([0, 5, 6, 7])])
+    assert [(r.prefix_group, r.prefix_tokens) for r in read_mooncake(path)] == [
+        (0, 1536),
+        (1, 1536),
+        (0, 1536),
+        (1, 1536),
+    ]
+    # a third prompt under block 5 makes it the most shared branch: the chain of block 0 goes there
+    rows = [row([0, 1, 2]), row([0, 5, 6]), row([0, 1, 2, 3, 4]), row([0, 5, 6, 7]), row([0, 5, 9])]
+    path = _jsonl(tmp_path / "conv2.jsonl", rows)
+    assert [(r.prefix_group, r.prefix_tokens) for r in read_mooncake(path)] == [
+        (0, 1536),
+        (1, 1536),
+        (0, 1536),
+        (1, 1536),
+        (1, 1024),
+    ]
 
 
 def test_mooncake_starts_at_zero_and_sorts(tmp_path: Path) -> None:

@@ -19,12 +19,16 @@ with 0 output tokens becomes 1 (the prefill samples the first token whatever the
 A bad row raises ValueError naming the file, the line (1-based, the header is line 1 of a CSV)
 and the problem; nothing is skipped silently.
 
-Mooncake prefixes. A request's prefix is the longest leading run of blocks it shares with any
-other request of the trace; requests whose runs are the same blocks form one prefix group
-(numbered from 0 in order of first arrival), and the prefix is that many blocks x 512 tokens,
-at most the prompt. Nested sharing is flattened: a prompt that shares one block with some
-requests and four with others counts only its four-block group. A request that shares no
-leading block has no group.
+Mooncake prefixes. The prompts' hash_ids form a trie; a block is shared when two or more
+prompts start with the run of blocks up to it. A request's prefix is its longest shared run
+(that many blocks x 512 tokens, at most the prompt). Groups must keep the meaning of
+`TraceRequest` (two requests of a group share their first min(prefix_tokens) tokens), so a
+group is a chain of the shared part of the trie: it starts at a shared first block and goes
+down, at each branch, into the child that the most prompts share (the first such child on a
+tie); every other shared child starts a new chain. A conversation's turns, which extend one
+another, fall in one group. Sharing across chains is dropped: two conversations that share a
+system prompt but sit in different chains are simulated without that common block. Groups
+are numbered from 0 in order of first appearance; a request that shares no block has none.
 """
 
 from __future__ import annotations
@@ -137,47 +141,65 @@ def read_mooncake(path: Path) -> tuple[TraceRequest, ...]:
             arrival_s = row.seconds("timestamp", record["timestamp"], 1e-3)
             output = max(1, row.count("output_length", record["output_length"], 0))
             rows.append((arrival_s, prompt, output, tuple(hash_ids)))
-    runs = _shared_runs([ids for *_, ids in rows])
-    groups: dict[tuple[int, ...], int] = {}
+    shared = _shared_prefixes([ids for *_, ids in rows])
+    groups: dict[int, int] = {}  # chain -> group, in order of first appearance
     requests = []
-    for (arrival_s, prompt, output, ids), run in zip(rows, runs):
-        if run == 0:
+    for (arrival_s, prompt, output, _), (chain, blocks) in zip(rows, shared):
+        if chain is None:
             requests.append(TraceRequest(arrival_s, prompt, output))
             continue
-        group = groups.setdefault(ids[:run], len(groups))
-        requests.append(TraceRequest(arrival_s, prompt, output, group, min(prompt, run * MOONCAKE_BLOCK_TOKENS)))
+        group = groups.setdefault(chain, len(groups))
+        requests.append(TraceRequest(arrival_s, prompt, output, group, min(prompt, blocks * MOONCAKE_BLOCK_TOKENS)))
     return _from_zero(requests)
 
 
 class _TrieNode:
-    """A node of the prompts' block trie: how many prompts start with the path to it."""
+    """A node of the prompts' block trie: how many prompts start with the path to it, and the
+    chain it belongs to once assigned (module docstring)."""
 
-    __slots__ = ("children", "count")
+    __slots__ = ("chain", "children", "count", "heavy", "heavy_known")
 
     def __init__(self) -> None:
         self.count = 0
         self.children: dict[int, _TrieNode] = {}
+        self.chain: int | None = None
+        self.heavy: _TrieNode | None = None
+        self.heavy_known = False  # `heavy` is computed once, after the trie is built
+
+    def heaviest_shared_child(self) -> _TrieNode | None:
+        if not self.heavy_known:
+            shared = [child for child in self.children.values() if child.count > 1]
+            self.heavy = max(shared, key=lambda child: child.count) if shared else None  # the first of equals
+            self.heavy_known = True
+        return self.heavy
 
 
-def _shared_runs(prompts: Sequence[tuple[int, ...]]) -> list[int]:
-    """For each prompt, the longest leading run of blocks it shares with another prompt (a run
-    is shared when two or more prompts start with it). Linear in the total number of blocks."""
+def _shared_prefixes(prompts: Sequence[tuple[int, ...]]) -> list[tuple[int | None, int]]:
+    """For each prompt, (its chain, its longest shared run of blocks); (None, 0) when it shares
+    no first block. Linear in the total number of blocks."""
     root = _TrieNode()
     for ids in prompts:
         node = root
         for block in ids:
             node = node.children.setdefault(block, _TrieNode())
             node.count += 1
-    runs = []
+    num_chains = 0
+    result: list[tuple[int | None, int]] = []
     for ids in prompts:
-        node, run = root, 0
+        parent, run, chain = root, 0, None
         for block in ids:
-            node = node.children[block]
+            node = parent.children[block]
             if node.count < 2:
                 break
-            run += 1
-        runs.append(run)
-    return runs
+            if node.chain is None:
+                heavy = parent.heaviest_shared_child() if parent is not root else None
+                if heavy is node and parent.chain is not None:
+                    node.chain = parent.chain
+                else:
+                    node.chain, num_chains = num_chains, num_chains + 1
+            parent, run, chain = node, run + 1, node.chain
+        result.append((chain, run))
+    return result
 
 
 def _azure_time_s(row: _Row, value: str) -> float:
