@@ -164,6 +164,12 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, spec: ChoiceSpec, queue: asyncio.Queue) -> None:
+        try:
+            await self._generate(spec, queue)
+        except Exception as exc:  # raised before the choice handles its own errors: events() re-raises it
+            await self._put_or_abort(queue, exc)
+
+    async def _generate(self, spec: ChoiceSpec, queue: asyncio.Queue) -> None:
         request = Request(
             f"{self.request_id}-{spec.index}", spec.prompt_token_ids, spec.sampling, self.cache_salt, self.priority
         )
