@@ -31,6 +31,7 @@ from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import GrpcTransport
 from tandem.kvtransfer.same_host import SameHostTransport
+from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word
 from tandem.kvtransfer.shm_segments import PREFIX, SegmentName, sweep_dead
 from tandem.kvtransfer.shm_transport import ShmKVServicer
 from tandem.loadtest.bench.kv_source import synthetic_block_hashes
@@ -98,7 +99,7 @@ def test_same_host_pull_is_exact_through_shm_and_leaves_no_segment(tmp_path: Pat
             [name] = segments(tmp_path)
             assert receiver.shm.pool.names == [name] and shm_servicer(side).lent.names == [name]
             assert SegmentName.parse(name) == SegmentName(SegmentName.parse(name).namespace, os.getpid())  # type: ignore[union-attr]
-            assert os.path.getsize(tmp_path / name) == 2 << 20  # 30 blocks of 16 KiB, rounded up to 2 MiB
+            assert os.path.getsize(tmp_path / name) == 2 << 20  # a header and 30 blocks of 16 KiB, in 2 MiB
             assert shm_servicer(side).num_pulls_served == 1 and shm_servicer(side).collect() == []
             assert await receiver.release(same_host_handle(source, address), TIMEOUT_S) is True
             assert source.freed == ["req"]
@@ -163,13 +164,21 @@ def test_other_host_id_goes_over_the_network(tmp_path: Path) -> None:
 
 
 class CorruptingServicer(ShmKVServicer):
-    def pack_into(self, block_ids: tuple[int, ...], view: torch.Tensor) -> int:
-        checksum = super().pack_into(block_ids, view)
-        view[12345] ^= 0xFF
+    """Packs and hashes into a private copy, flips a byte, then publishes the whole pull."""
+
+    def pack_into(self, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
+        private = segment_view.clone()  # the receiver sees no progress in it
+        checksum = super().pack_into(plan, private)
+        private[HEADER_BYTES + 12345] ^= 0xFF
+        segment_view[HEADER_BYTES:].copy_(private[HEADER_BYTES:])
+        progress_word(segment_view)[0] = plan.size_bytes
         return checksum
 
 
-def test_corrupted_segment_fails_closed_and_leaves_the_destination_untouched(tmp_path: Path, monkeypatch) -> None:
+def test_corrupted_segment_fails_closed(tmp_path: Path, monkeypatch) -> None:
+    """The receiver unpacks each chunk as it reads it (shm_chunks.py): after the failure the
+    destination blocks hold what the segment held (they are undefined: the decode worker
+    gives them back uncached), and nothing is fetched again."""
     monkeypatch.setattr("tandem.kvtransfer.same_host.ShmKVServicer", CorruptingServicer)
 
     async def run() -> None:
@@ -182,7 +191,12 @@ def test_corrupted_segment_fails_closed_and_leaves_the_destination_untouched(tmp
                 await receiver.pull(same_host_handle(source, address), LEASED, DST, dest, TIMEOUT_S)
             assert caught.value.reason is FailureReason.CHECKSUM
             assert f"{address}: segment {PREFIX}" in str(caught.value) and "the source sent" in str(caught.value)
-            assert_untouched(dest, before)
+            packed = source.store.pack(LEASED).view(torch.uint8).clone()
+            packed[12345] ^= 0xFF
+            expected = make_dest(make_layout())
+            expected.unpack(packed, DST)
+            assert all(torch.equal(d, e) for d, e in zip(dest.kv_caches, expected.kv_caches))
+            assert not all(torch.equal(d, b) for d, b in zip(dest.kv_caches, before))
             assert side.network._servicers[0].num_pulls_served == 0  # type: ignore[attr-defined]  # not refetched
             assert segments(tmp_path) == []
             await receiver.close()
@@ -292,7 +306,7 @@ import os, sys
 import grpc
 from tandem.common import kv_codec
 from tandem.kvtransfer.shm_pool import SegmentPool
-segment = SegmentPool(sys.argv[5]).acquire(30 * 16384)
+segment = SegmentPool(sys.argv[5]).acquire(4096 + 30 * 16384)
 request = kv_codec.PullKVRequest("req", tuple(range(10, 40)), sys.argv[2], 0, bytes.fromhex(sys.argv[3]),
                                  tuple(int(h) for h in sys.argv[4].split(",")), "host-a", os.getpid(), segment.name)
 call = grpc.insecure_channel(sys.argv[1]).unary_unary(

@@ -31,11 +31,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
+from typing import Any
 
 import grpc
 import torch
-import xxhash
 
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
@@ -46,6 +47,7 @@ from tandem.kvtransfer.channels import SERVICE, ChannelCache
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
+from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word, read_chunks, write_chunks
 from tandem.kvtransfer.shm_pool import POOL_MAX_BYTES, SEGMENT_ALIGN_BYTES, LentSegments, SegmentPool
 from tandem.kvtransfer.shm_segments import Segment, sweep_dead
 
@@ -53,11 +55,6 @@ log = logging.getLogger(__name__)
 
 JANITOR_PERIOD_S = 0.5  # how often the source unmaps segments gone and unlinks dead receivers' ones
 MAX_SEGMENT_NAME = 128
-
-
-def checksum(view: torch.Tensor) -> int:
-    """xxh64 of a CPU uint8 tensor's bytes."""
-    return xxhash.xxh64_intdigest(view.numpy().data)
 
 
 class ShmKVServicer:
@@ -81,11 +78,12 @@ class ShmKVServicer:
         )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"PullKVShm": handler}),))
 
-    def pack_into(self, block_ids: tuple[int, ...], view: torch.Tensor) -> int:
-        """Worker thread, lease checked out: pack into `view` (the segment's first bytes, exactly
-        the pull's) and return their xxh64. Tests override it to corrupt them after the checksum."""
-        self.store.pack(block_ids, out=view)
-        return checksum(view)
+    def pack_into(self, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
+        """Worker thread, lease checked out: pack the pull into the segment (its uint8 view),
+        publishing chunk after chunk (shm_chunks.py); return the xxh64 of the packed bytes.
+        Tests override it to corrupt bytes or hang."""
+        data = segment_view[HEADER_BYTES : HEADER_BYTES + plan.size_bytes]
+        return write_chunks(plan, data, progress_word(segment_view))
 
     async def PullKVShm(
         self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext
@@ -94,10 +92,11 @@ class ShmKVServicer:
         self._start_janitor()
         block_ids = request.block_ids
         size_bytes = len(block_ids) * self.store.bytes_per_block
-        segment = await self._checkout(request, size_bytes, context)
+        segment = await self._checkout(request, HEADER_BYTES + size_bytes, context)
         try:
             with self.leases.checkout(request.request_id, block_ids, request.lease_secret, request.block_hashes):
-                sum64 = await run_to_completion(self.pack_into, block_ids, segment.view[:size_bytes])
+                plan = ChunkPlan(self.store, self.store.check_block_ids(block_ids))
+                sum64 = await run_to_completion(self.pack_into, plan, segment.view)
         except LeaseError as exc:
             await context.abort(lease_status(exc), str(exc))
         finally:
@@ -191,14 +190,14 @@ class ShmTransport:
             return TransferStats(0, 0.0, 0, 0, transport=self.name)
         started = time.perf_counter()
         size_bytes = len(src) * store.bytes_per_block
-        segment = await asyncio.to_thread(self.pool.acquire, size_bytes)
+        segment = await asyncio.to_thread(self.pool.acquire, HEADER_BYTES + size_bytes)
         done = False
         try:
-            await self._pull_into(segment, handle, src, dst, hashes, store, timeout_s)
+            num_chunks = await self._pull_into(segment, handle, src, dst, hashes, store, timeout_s)
             done = True
         finally:
             (self.pool.give_back if done else self.pool.discard)(segment)
-        return TransferStats(size_bytes, time.perf_counter() - started, len(src), 1, transport=self.name)
+        return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_chunks, transport=self.name)
 
     async def _pull_into(
         self,
@@ -209,7 +208,9 @@ class ShmTransport:
         hashes: tuple[int, ...],
         store: KVBlockStore,
         timeout_s: float,
-    ) -> None:
+    ) -> int:
+        """Lend the segment for the pull, read it while the source writes, verify; returns the
+        number of chunks."""
         address = handle.source_address
         call = self.channels.unary(
             address, "PullKVShm", kv_codec.pull_kv_request_to_bytes, kv_codec.shm_segment_from_bytes
@@ -225,6 +226,12 @@ class ShmTransport:
             os.getpid(),
             segment.name,
         )
+        plan = ChunkPlan(store, dst)
+        data = segment.view[HEADER_BYTES : HEADER_BYTES + plan.size_bytes]
+        progress = progress_word(segment.view)
+        progress[0] = 0
+        source_done = threading.Event()
+        reader = asyncio.ensure_future(asyncio.to_thread(read_chunks, plan, data, progress, source_done))
         try:
             answer = await call(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -232,28 +239,38 @@ class ShmTransport:
             if error.reason is FailureReason.PEER_UNAVAILABLE:
                 await asyncio.to_thread(sweep_dead, self.config.shm_dir)  # segments of dead receivers
             raise error from None
-        size_bytes = len(src) * store.bytes_per_block
-        if answer.size_bytes != size_bytes or answer.name != segment.name:
+        finally:
+            source_done.set()
+            await _join(reader)  # no block is written after the pull ends
+        read_bytes, digest = reader.result()
+        size_bytes = plan.size_bytes
+        if answer.size_bytes != size_bytes or answer.name != segment.name or read_bytes != size_bytes:
             raise KVTransferError(
                 FailureReason.PROTOCOL,
-                f"{address}: answered {answer.size_bytes} bytes in {answer.name[:120]!r}, expected {size_bytes} "
-                f"in {segment.name}",
+                f"{address}: answered {answer.size_bytes} bytes in {answer.name[:120]!r} and published "
+                f"{read_bytes}, expected {size_bytes} in {segment.name}",
             )
-        await run_to_completion(self._copy, segment.view[:size_bytes], answer, store, dst, address)
-
-    @staticmethod
-    def _copy(
-        view: torch.Tensor, answer: kv_codec.ShmSegment, store: KVBlockStore, dst: tuple[int, ...], address: str
-    ) -> None:
-        """Worker thread: verify, then unpack (the destination is untouched on failure)."""
-        got = checksum(view)
-        if got != answer.checksum:
+        if digest != answer.checksum:
             raise KVTransferError(
                 FailureReason.CHECKSUM,
-                f"{address}: segment {answer.name} has xxh64 {got:#018x}, the source sent {answer.checksum:#018x}",
+                f"{address}: segment {answer.name} has xxh64 {digest:#018x}, the source sent {answer.checksum:#018x}",
             )
-        store.unpack(view, dst)
+        if store.device.type != "cpu":  # read_chunks only verified: unpack now
+            await run_to_completion(store.unpack, data, dst)
+        return len(plan.chunks)
 
     async def close(self) -> None:
         self.pool.close()
         await self.channels.close()
+
+
+async def _join(task: asyncio.Future[Any]) -> None:
+    """Wait for `task` to end even if the caller is cancelled meanwhile (re-raised then)."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError

@@ -1,0 +1,159 @@
+"""One pull's bytes through a segment in chunks: the source packs and hashes chunk after chunk
+and publishes how far it got; the receiver hashes and unpacks each chunk as soon as it is
+published, so that the two processes work at the same time (on two cores, a pull costs about
+one side's work instead of both sides' in a row).
+
+Segment layout (shm_segments.py): `[HEADER_BYTES header][packed bytes of the pull]`, the packed
+bytes in block_store.py's layout. Header word 0 (int64, native order): how many packed bytes
+the source has written, always at a chunk's end. The receiver sets it to 0 before it lends the
+segment; the source raises it after each chunk; nobody else writes it. A chunk is `(plane, first
+position, end position)`: positions [first, end) of the pull's block ids in plane `2 * layer +
+kv`, at most CHUNK_BYTES; chunks come in packed order.
+
+Integrity: both sides hash the same chunks in order with one streaming xxh64, which is the
+xxh64 of the whole packed buffer; the receiver compares the source's (in the PullKVShm answer)
+with its own only at the end. So on a CPU receiver the destination blocks are written before
+the check, and are undefined after a checksum failure, as with the torch transport (base.py:
+the decode worker gives them back uncached and recomputes). A CUDA receiver hashes chunk by
+chunk too, but unpacks only after the check. A chunk read before it was fully written (only
+possible where stores may be reordered, not on x86) fails the check; it is never used.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+import xxhash
+
+from tandem.kvtransfer.block_store import KVBlockStore
+
+HEADER_BYTES = 4096  # one page, so that the packed bytes stay page-aligned
+CHUNK_BYTES = 2 << 20  # at most this much per chunk (a CPU's L2 or so): small enough to pipeline
+POLL_S = 0.0001  # the receiver's wait between looks at the progress word
+FRAGMENTED_RUNS_FRACTION = 8  # more runs than len(ids) / 8: one index op per chunk, not a copy per run
+
+
+def progress_word(segment_view: torch.Tensor) -> np.ndarray:
+    """Header word 0 of a segment (its uint8 view) as a 1-element int64 array over the mapping."""
+    return segment_view[:8].numpy().view(np.int64)
+
+
+class ChunkPlan:
+    """The chunks of one pull of `block_ids` from or into `store` (CPU or CUDA), and the copies
+    between a chunk of the packed bytes and the cache, for CPU caches."""
+
+    def __init__(self, store: KVBlockStore, block_ids: tuple[int, ...]) -> None:
+        self.store, self.ids = store, block_ids
+        self.block_bytes = store.plane_bytes(1)  # one block of one plane
+        self.plane_bytes = store.plane_bytes(len(block_ids))
+        self.size_bytes = store.num_planes * self.plane_bytes
+        per_chunk = max(1, CHUNK_BYTES // self.block_bytes)
+        self.chunks = [
+            (plane, first, min(first + per_chunk, len(block_ids)))
+            for plane in range(store.num_planes)
+            for first in range(0, len(block_ids), per_chunk)
+        ]
+        self.runs: list[tuple[int, int, int]] = []  # (position, first block id, length)
+        for pos, block in enumerate(block_ids):
+            if self.runs and self.runs[-1][1] + self.runs[-1][2] == block:
+                self.runs[-1] = (self.runs[-1][0], self.runs[-1][1], self.runs[-1][2] + 1)
+            else:
+                self.runs.append((pos, block, 1))
+        fragmented = len(self.runs) * FRAGMENTED_RUNS_FRACTION > len(block_ids) and len(self.runs) > 1
+        self.index = torch.tensor(block_ids, dtype=torch.long, device=store.device) if fragmented else None
+
+    def byte_range(self, chunk: tuple[int, int, int]) -> tuple[int, int]:
+        plane, first, end = chunk
+        base = plane * self.plane_bytes
+        return base + first * self.block_bytes, base + end * self.block_bytes
+
+    def _rows(self, packed: torch.Tensor, chunk: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's packed bytes as `[end - first, block_size, kv_heads, head_dim]` values,
+        and its plane of the cache `[num_blocks, block_size, kv_heads, head_dim]`."""
+        plane, first, end = chunk
+        layer, kv = divmod(plane, 2)
+        cache = self.store.kv_caches[layer][kv]
+        return packed.view(self.store.dtype).view(end - first, *cache.shape[1:]), cache
+
+    def _pieces(self, chunk: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        """(row in the chunk, block id, length) of each run's part inside the chunk."""
+        _, first, end = chunk
+        pieces = []
+        for pos, block, length in self.runs:
+            lo, hi = max(first, pos), min(end, pos + length)
+            if lo < hi:
+                pieces.append((lo - first, block + lo - pos, hi - lo))
+        return pieces
+
+    def gather(self, chunk: tuple[int, int, int], packed: torch.Tensor) -> None:
+        """Copy the chunk's blocks from the cache into `packed` (its bytes, 1-D uint8)."""
+        rows, cache = self._rows(packed, chunk)
+        if self.index is not None:
+            torch.index_select(cache, 0, self.index[chunk[1] : chunk[2]], out=rows)
+            return
+        for row, block, length in self._pieces(chunk):
+            rows.narrow(0, row, length).copy_(cache.narrow(0, block, length))
+
+    def scatter(self, chunk: tuple[int, int, int], packed: torch.Tensor) -> None:
+        """Copy the chunk's packed bytes into its blocks of the cache."""
+        rows, cache = self._rows(packed, chunk)
+        if self.index is not None:
+            cache.index_copy_(0, self.index[chunk[1] : chunk[2]], rows)
+            return
+        for row, block, length in self._pieces(chunk):
+            cache.narrow(0, block, length).copy_(rows.narrow(0, row, length))
+
+
+def write_chunks(plan: ChunkPlan, data: torch.Tensor, progress: np.ndarray) -> int:
+    """Source, worker thread, lease checked out: pack the pull into `data` (the segment's packed
+    bytes) chunk by chunk, publishing each in `progress`; return the xxh64 of all of them. A
+    CUDA cache is packed at once (the pack kernel, then one copy to the host), then hashed and
+    published chunk by chunk."""
+    hasher = xxhash.xxh64()
+    on_cpu = plan.store.device.type == "cpu"
+    if not on_cpu:
+        plan.store.pack(plan.ids, out=data)
+    for chunk in plan.chunks:
+        start, end = plan.byte_range(chunk)
+        piece = data[start:end]
+        if on_cpu:
+            plan.gather(chunk, piece)
+        hasher.update(piece.numpy().data)
+        progress[0] = end
+    return hasher.intdigest()
+
+
+def read_chunks(
+    plan: ChunkPlan, data: torch.Tensor, progress: np.ndarray, source_done: threading.Event
+) -> tuple[int, int]:
+    """Receiver, worker thread: hash each chunk once the source has published it and, on a CPU
+    cache, unpack it. Returns (bytes read, their xxh64). Stops early once `source_done` is set
+    (the PullKVShm call ended) and nothing more is published."""
+    hasher = xxhash.xxh64()
+    on_cpu = plan.store.device.type == "cpu"
+    read = 0
+    for chunk in plan.chunks:
+        start, end = plan.byte_range(chunk)
+        if not _wait_for(progress, end, source_done):
+            break
+        piece = data[start:end]
+        hasher.update(piece.numpy().data)
+        if on_cpu:
+            plan.scatter(chunk, piece)
+        read = end
+    return read, hasher.intdigest()
+
+
+def _wait_for(progress: np.ndarray, end: int, source_done: threading.Event) -> bool:
+    """Whether the source published up to `end`; False once it is done and has not. The event
+    is read before the word: a word read after the source was done is its last."""
+    while True:
+        done = source_done.is_set()
+        if int(progress[0]) >= end:
+            return True
+        if done:
+            return False
+        time.sleep(POLL_S)
