@@ -42,11 +42,14 @@ def progress_word(segment_view: torch.Tensor) -> np.ndarray:
 
 
 class ChunkPlan:
-    """The chunks of one pull of `block_ids` from or into `store` (CPU or CUDA), and the copies
-    between a chunk of the packed bytes and the cache, for CPU caches."""
+    """The chunks of one pull of `block_ids` from or into `store`, and the copies between a
+    chunk of the packed bytes and the cache. `per_chunk_copies` (default: a CPU cache) says
+    whether each side copies chunk by chunk; else the source packs all at once and the
+    receiver unpacks after the check (`store.pack`/`unpack`: the CUDA kernels)."""
 
-    def __init__(self, store: KVBlockStore, block_ids: tuple[int, ...]) -> None:
+    def __init__(self, store: KVBlockStore, block_ids: tuple[int, ...], per_chunk_copies: bool | None = None) -> None:
         self.store, self.ids = store, block_ids
+        self.per_chunk_copies = store.device.type == "cpu" if per_chunk_copies is None else per_chunk_copies
         self.block_bytes = store.plane_bytes(1)  # one block of one plane
         self.plane_bytes = store.plane_bytes(len(block_ids))
         self.size_bytes = store.num_planes * self.plane_bytes
@@ -109,17 +112,16 @@ class ChunkPlan:
 
 def write_chunks(plan: ChunkPlan, data: torch.Tensor, progress: np.ndarray) -> int:
     """Source, worker thread, lease checked out: pack the pull into `data` (the segment's packed
-    bytes) chunk by chunk, publishing each in `progress`; return the xxh64 of all of them. A
-    CUDA cache is packed at once (the pack kernel, then one copy to the host), then hashed and
-    published chunk by chunk."""
+    bytes) chunk by chunk, publishing each in `progress`; return the xxh64 of all of them.
+    Without `per_chunk_copies` (CUDA) it packs at once (the pack kernel, then one copy to the
+    host), then hashes and publishes chunk by chunk."""
     hasher = xxhash.xxh64()
-    on_cpu = plan.store.device.type == "cpu"
-    if not on_cpu:
+    if not plan.per_chunk_copies:
         plan.store.pack(plan.ids, out=data)
     for chunk in plan.chunks:
         start, end = plan.byte_range(chunk)
         piece = data[start:end]
-        if on_cpu:
+        if plan.per_chunk_copies:
             plan.gather(chunk, piece)
         hasher.update(piece.numpy().data)
         progress[0] = end
@@ -129,11 +131,10 @@ def write_chunks(plan: ChunkPlan, data: torch.Tensor, progress: np.ndarray) -> i
 def read_chunks(
     plan: ChunkPlan, data: torch.Tensor, progress: np.ndarray, source_done: threading.Event
 ) -> tuple[int, int]:
-    """Receiver, worker thread: hash each chunk once the source has published it and, on a CPU
-    cache, unpack it. Returns (bytes read, their xxh64). Stops early once `source_done` is set
+    """Receiver, worker thread: hash each chunk once the source has published it and, with
+    `per_chunk_copies`, unpack it. Returns (bytes read, their xxh64). Stops early once `source_done` is set
     (the PullKVShm call ended) and nothing more is published."""
     hasher = xxhash.xxh64()
-    on_cpu = plan.store.device.type == "cpu"
     read = 0
     for chunk in plan.chunks:
         start, end = plan.byte_range(chunk)
@@ -141,7 +142,7 @@ def read_chunks(
             break
         piece = data[start:end]
         hasher.update(piece.numpy().data)
-        if on_cpu:
+        if plan.per_chunk_copies:
             plan.scatter(chunk, piece)
         read = end
     return read, hasher.intdigest()

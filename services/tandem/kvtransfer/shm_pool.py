@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from tandem.kvtransfer.shm_segments import Segment, SegmentName, pid_alive, unlink_quietly
+from tandem.kvtransfer.shm_segments import Segment, SegmentName, check_name, pid_alive, unlink_quietly
 
 SEGMENT_ALIGN_BYTES = 1 << 21  # sizes rounded up to 2 MiB: a slightly larger pull reuses a segment
 POOL_MAX_BYTES = 1 << 30  # idle segments a receiver keeps at most
@@ -110,8 +110,9 @@ class LentSegments:
 
     def checkout(self, name: str, receiver_pid: int, min_bytes: int, max_bytes: int) -> Segment:
         """The receiver's segment `name`, mapped (Segment.open's checks and errors)."""
+        check_name(name, receiver_pid)  # also for a mapping kept from an earlier pull
         segment = self._mapped.pop(name, None)
-        if segment is not None and (not segment.still_there() or segment.size_bytes < min_bytes):
+        if segment is not None and (not segment.still_there() or not min_bytes <= segment.size_bytes <= max_bytes):
             self._unmap(segment)
             segment = None
         if segment is None:

@@ -82,6 +82,13 @@ class SegmentName:
         return f"{PREFIX}{pid_namespace()}-{os.getpid()}-{secrets.token_hex(8)}"
 
 
+def check_name(name: str, receiver_pid: int) -> None:
+    """ValueError unless `name` is a segment of our pid namespace named for `receiver_pid`."""
+    parts = SegmentName.parse(name)
+    if parts is None or parts.namespace != pid_namespace() or parts.receiver_pid != receiver_pid:
+        raise ValueError(f"{name[:120]!r} is not a KV segment of receiver pid {receiver_pid} in this namespace")
+
+
 def unlink_quietly(directory: str, name: str) -> bool:
     """Remove the segment; False if it was already gone."""
     try:
@@ -145,9 +152,7 @@ class Segment:
         """The source's side: map a receiver's segment. ValueError unless `name` is a segment
         of our pid namespace named for `receiver_pid`, a regular file of our uid with
         `min_bytes..max_bytes` bytes; OSError if it cannot be opened."""
-        parts = SegmentName.parse(name)
-        if parts is None or parts.namespace != pid_namespace() or parts.receiver_pid != receiver_pid:
-            raise ValueError(f"{name[:120]!r} is not a KV segment of receiver pid {receiver_pid} in this namespace")
+        check_name(name, receiver_pid)
         fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_NOFOLLOW)
         try:
             info = os.fstat(fd)

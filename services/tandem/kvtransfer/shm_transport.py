@@ -255,7 +255,7 @@ class ShmTransport:
                 FailureReason.CHECKSUM,
                 f"{address}: segment {answer.name} has xxh64 {digest:#018x}, the source sent {answer.checksum:#018x}",
             )
-        if store.device.type != "cpu":  # read_chunks only verified: unpack now
+        if not plan.per_chunk_copies:  # read_chunks only verified (CUDA): unpack now
             await run_to_completion(store.unpack, data, dst)
         return len(plan.chunks)
 
