@@ -301,6 +301,27 @@ def test_source_killed_mid_transfer_leaves_no_segment(tmp_path: Path) -> None:
         asyncio.run(run(proc, ready))
 
 
+def test_cancelled_pull_unlinks_its_segment_and_writes_nothing_after(tmp_path: Path) -> None:
+    async def run(proc: subprocess.Popen, ready: dict) -> None:
+        dest = make_dest(make_layout())
+        before = snapshot(dest)
+        receiver = transport(tmp_path, "host-a")
+        pull = asyncio.ensure_future(receiver.pull(remote_handle(ready), LEASED, DST, dest, TIMEOUT_S))
+        assert await asyncio.to_thread(lambda: json.loads(proc.stdout.readline())) == {"event": "packing"}
+        [name] = segments(tmp_path)
+        assert receiver.shm.pool.names == [name]  # lent, being written
+        pull.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pull
+        # the source still holds its call (it hangs), but the receiver's reader has ended
+        assert segments(tmp_path) == [] and receiver.shm.pool.names == []
+        assert_untouched(dest, before)  # nothing was published
+        await receiver.close()
+
+    with source_process(tmp_path, "hang") as (proc, ready):
+        asyncio.run(run(proc, ready))
+
+
 RECEIVER = """
 import os, sys
 import grpc

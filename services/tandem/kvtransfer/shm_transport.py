@@ -190,7 +190,7 @@ class ShmTransport:
             return TransferStats(0, 0.0, 0, 0, transport=self.name)
         started = time.perf_counter()
         size_bytes = len(src) * store.bytes_per_block
-        segment = await asyncio.to_thread(self.pool.acquire, HEADER_BYTES + size_bytes)
+        segment = await self._acquire(HEADER_BYTES + size_bytes)
         done = False
         try:
             num_chunks = await self._pull_into(segment, handle, src, dst, hashes, store, timeout_s)
@@ -198,6 +198,16 @@ class ShmTransport:
         finally:
             (self.pool.give_back if done else self.pool.discard)(segment)
         return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_chunks, transport=self.name)
+
+    async def _acquire(self, size_bytes: int) -> Segment:
+        """A segment from the pool (made in a thread when none fits: allocating takes a while).
+        If the caller is cancelled meanwhile, the segment is unlinked once it exists."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.pool.acquire, size_bytes))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: None if t.cancelled() or t.exception() else self.pool.discard(t.result()))
+            raise
 
     async def _pull_into(
         self,
