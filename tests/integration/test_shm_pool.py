@@ -44,6 +44,9 @@ def test_pool_unlinks_idle_segments_past_their_time_and_beyond_its_bytes(tmp_pat
     stale.give_back(first)
     second = stale.acquire(MIB)  # the first was idle longer than 0 s: unlinked, a new one made
     assert second.name != first.name and files(tmp_path) == [second.name] and stale.num_created == 2
+    stale.give_back(second)
+    stale.trim()  # what the receiver's timer calls when no pull comes
+    assert files(tmp_path) == [] and stale.names == []
     stale.close()
     capped = SegmentPool(str(tmp_path), max_bytes=4 * MIB)
     a, b, c = (capped.acquire(MIB) for _ in range(3))  # 2 MiB each, all busy

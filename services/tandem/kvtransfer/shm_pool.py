@@ -4,7 +4,8 @@ and the source's mappings of the segments receivers lend it.
 Receiver (`SegmentPool`, one per decode worker): `acquire(size)` hands out an idle segment of
 at least that size (the smallest that fits), or creates one; `give_back` after a good pull
 keeps it for the next, `discard` after a failed one unlinks it. Idle segments are unlinked
-after `idle_s` or while the pool holds more than `max_bytes`. `close` unlinks everything.
+after `idle_s` (at the next acquire, give_back or `trim`) or while the pool holds more than
+`max_bytes`. `close` unlinks everything.
 
 Source (`LentSegments`, one per prefill worker): `checkout(name, ...)` maps a receiver's segment
 (or reuses the mapping from its last pull) for one pull, `checkin` ends that pull; `collect`
@@ -84,6 +85,11 @@ class SegmentPool:
             segment.close()
         for segment in busy:
             segment.unlink()
+
+    def trim(self) -> None:
+        """Unlink idle segments unused for `idle_s` (the receiver's timer calls it)."""
+        with self._lock:
+            self._trim(time.monotonic())
 
     def _trim(self, now: float) -> None:
         """Lock held: unlink idle segments too old, then the oldest beyond `max_bytes`."""

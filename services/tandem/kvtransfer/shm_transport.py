@@ -174,6 +174,7 @@ class ShmTransport:
         self.config, self.host_id = config, host_id
         self.channels = ChannelCache(token=config.token)
         self.pool = SegmentPool(config.shm_dir)
+        self._trimmer: asyncio.Task[None] | None = None
         sweep_dead(config.shm_dir)
 
     async def pull(
@@ -189,6 +190,8 @@ class ShmTransport:
         if not src:
             return TransferStats(0, 0.0, 0, 0, transport=self.name)
         started = time.perf_counter()
+        if self._trimmer is None:
+            self._trimmer = asyncio.get_running_loop().create_task(self._trim_idle())
         size_bytes = len(src) * store.bytes_per_block
         segment = await self._acquire(HEADER_BYTES + size_bytes)
         done = False
@@ -269,7 +272,18 @@ class ShmTransport:
             await run_to_completion(store.unpack, data, dst)
         return len(plan.chunks)
 
+    async def _trim_idle(self) -> None:
+        """Unlink the pool's idle segments unused for a while, also when no pull comes."""
+        while True:
+            await asyncio.sleep(self.pool.idle_s / 2)
+            try:
+                self.pool.trim()
+            except OSError as exc:  # the timer must survive a directory that went away
+                log.warning("KV segment pool: %s", exc)
+
     async def close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         self.pool.close()
         await self.channels.close()
 
