@@ -95,6 +95,26 @@ def test_source_maps_a_lent_segment_once_and_checks_it(tmp_path: Path) -> None:
     assert lent.collect() == [] and lent.names == []
 
 
+def test_source_never_unmaps_a_segment_a_pull_writes_into(tmp_path: Path) -> None:
+    pool = SegmentPool(str(tmp_path))
+    segment = pool.acquire(MIB)
+    lent = LentSegments(str(tmp_path))
+    writing = lent.checkout(segment.name, os.getpid(), MIB, 8 * MIB)
+    os.rename(tmp_path / segment.name, tmp_path / "moved")  # a misbehaving receiver: another file, same name
+    with open(tmp_path / segment.name, "wb") as file:
+        file.truncate(2 * MIB)
+    replaced = lent.checkout(segment.name, os.getpid(), MIB, 8 * MIB)
+    assert replaced is not writing and lent.names == [segment.name]
+    writing.view[7] = 1  # still mapped: the first pull has not checked it in
+    lent.close()
+    assert hasattr(writing, "view") and hasattr(replaced, "view")  # both in use
+    lent.checkin(writing)
+    assert not hasattr(writing, "view") and hasattr(replaced, "view")
+    lent.checkin(replaced)
+    assert not hasattr(replaced, "view") and lent.names == []
+    pool.close()
+
+
 def test_source_janitor_unlinks_a_dead_receivers_segment(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(10)

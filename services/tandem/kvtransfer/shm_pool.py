@@ -107,50 +107,58 @@ class SegmentPool:
 
 class LentSegments:
     """The source's mappings of receivers' segments, by name, least recently used first. Used
-    from the asyncio thread only (the copies into a checked-out segment run in threads)."""
+    from the asyncio thread only (the copies into a checked-out segment run in threads).
+
+    A mapping in use by a pull is never unmapped under it (a torch view does not pin an mmap:
+    a write after the unmap would fault): one that must go meanwhile (its file replaced,
+    `close`) is retired and unmapped when its last pull checks it in."""
 
     def __init__(self, directory: str, max_mappings: int = MAX_LENT_MAPPINGS) -> None:
         self.directory, self.max_mappings = directory, max_mappings
         self._mapped: OrderedDict[str, Segment] = OrderedDict()
-        self._in_use: dict[str, int] = {}  # name -> pulls writing into it now
+        self._users: dict[Segment, int] = {}  # segment -> pulls writing into it now
+        self._retired: set[Segment] = set()  # out of `_mapped`, unmapped at their last checkin
 
     def checkout(self, name: str, receiver_pid: int, min_bytes: int, max_bytes: int) -> Segment:
         """The receiver's segment `name`, mapped (Segment.open's checks and errors)."""
         check_name(name, receiver_pid)  # also for a mapping kept from an earlier pull
         segment = self._mapped.pop(name, None)
         if segment is not None and (not segment.still_there() or not min_bytes <= segment.size_bytes <= max_bytes):
-            self._unmap(segment)
+            self._drop(segment)
             segment = None
         if segment is None:
             segment = Segment.open(self.directory, name, receiver_pid, min_bytes, max_bytes)
         self._mapped[name] = segment
-        self._in_use[name] = self._in_use.get(name, 0) + 1
+        self._users[segment] = self._users.get(segment, 0) + 1
         while len(self._mapped) > self.max_mappings:
-            oldest = next((n for n in self._mapped if n not in self._in_use), None)
+            oldest = next((n for n, seg in self._mapped.items() if seg not in self._users), None)
             if oldest is None:
                 break
-            self._unmap(self._mapped.pop(oldest))
+            self._drop(self._mapped.pop(oldest))
         return segment
 
     def checkin(self, segment: Segment) -> None:
         """The pull that checked it out ended (it writes no more)."""
-        left = self._in_use.pop(segment.name, 1) - 1
+        left = self._users.pop(segment, 1) - 1
         if left:
-            self._in_use[segment.name] = left
+            self._users[segment] = left
+        elif segment in self._retired:
+            self._retired.discard(segment)
+            segment.close()
 
     def collect(self) -> list[str]:
         """Unmap the segments not in use whose file is gone or whose receiver is dead, and
         unlink the latter. Returns the names unlinked."""
         unlinked = []
         for name, segment in list(self._mapped.items()):
-            if name in self._in_use:
+            if segment in self._users:
                 continue
             parts = SegmentName.parse(name)
             dead = parts is not None and not pid_alive(parts.receiver_pid)
             if dead and segment.still_there() and unlink_quietly(self.directory, name):
                 unlinked.append(name)
             if dead or not segment.still_there():
-                self._unmap(self._mapped.pop(name))
+                self._drop(self._mapped.pop(name))
         return unlinked
 
     @property
@@ -158,12 +166,14 @@ class LentSegments:
         return list(self._mapped)
 
     def close(self) -> None:
-        """Unmap everything (the receivers own the files)."""
+        """Unmap everything (the receivers own the files); what pulls still write into, when
+        they check it in."""
         for segment in self._mapped.values():
-            segment.close()
+            self._drop(segment)
         self._mapped.clear()
-        self._in_use.clear()
 
-    @staticmethod
-    def _unmap(segment: Segment) -> None:
-        segment.close()
+    def _drop(self, segment: Segment) -> None:
+        if segment in self._users:
+            self._retired.add(segment)
+        else:
+            segment.close()

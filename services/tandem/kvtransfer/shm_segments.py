@@ -176,10 +176,10 @@ class Segment:
             unlink_quietly(self.directory, self.name)
 
     def close(self) -> None:
-        """Unmap (the file stays unless unlinked). A view a caller still holds keeps the memory
-        until it is released."""
+        """Unmap (the file stays unless unlinked). Only when no thread uses `view` or a slice
+        of it any more: torch.frombuffer does not pin the mapping, a use after this faults."""
         del self.view
         try:
             self._mapped.close()
-        except BufferError:
-            log.warning("KV segment %s is still referenced; unmapped when released", self.name)
+        except BufferError:  # a buffer export of the mmap itself (none of ours): freed with it
+            log.warning("KV segment %s is still exported; unmapped when released", self.name)
