@@ -138,6 +138,31 @@ def test_segments_are_reused_across_pulls_and_sized_up_on_demand(tmp_path: Path)
     asyncio.run(run())
 
 
+def test_concurrent_pulls_from_a_source_in_this_process_are_exact(tmp_path: Path) -> None:
+    """More pulls at once than the loop's default executor has threads (min(32, cores + 4)):
+    the readers wait on their own threads, so the source's copies still run."""
+
+    async def run() -> None:
+        layout = make_layout()
+        source = make_source(layout)
+        source.grant()
+        async with serving(source, tmp_path) as (address, side):
+            receiver = transport(tmp_path, "host-a")
+            handle = same_host_handle(source, address)
+            dest = make_dest(layout)
+            before = snapshot(dest)
+            pairs = [(LEASED[i : i + 3], DST[i : i + 3]) for i in range(0, 30, 3)]  # 10 pulls
+            stats = await asyncio.gather(*(receiver.pull(handle, s, d, dest, TIMEOUT_S) for s, d in pairs))
+            assert [(st.transport, st.num_blocks) for st in stats] == [("shm", 3)] * 10
+            assert_moved(source.store, LEASED, dest, DST, before)
+            assert shm_servicer(side).num_pulls_served == 10
+            assert segments(tmp_path) == receiver.shm.pool.names and 1 <= receiver.shm.pool.num_created <= 10
+            await receiver.close()
+            assert segments(tmp_path) == []
+
+    asyncio.run(run())
+
+
 def test_other_host_id_goes_over_the_network(tmp_path: Path) -> None:
     async def run() -> None:
         source, dest = make_source(make_layout()), make_dest(make_layout())

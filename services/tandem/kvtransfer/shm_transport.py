@@ -11,19 +11,22 @@ Lifecycle of one pull (decode worker D, prefill worker P, same host id):
    hashes: FAILED_PRECONDITION "block hashes differ ..."), another host id
    (PERMISSION_DENIED), and a segment it cannot open (NOT_FOUND) or may not use
    (INVALID_ARGUMENT). Holding the lease checked out, it packs the blocks into the segment in
-   a thread, computes their xxh64, and answers name, size and checksum. It keeps the segment
-   mapped for D's next pull, and writes into it only during a call.
-3. D checks the size and the xxh64 of the segment's first `size_bytes` against the answer, and
-   only then unpacks into the destination blocks: on any failure they are untouched. It gives
-   the segment back to its pool, or unlinks it if the pull failed. D then calls ReleaseKV as
-   for every transport.
+   a thread, chunk by chunk, hashing each and publishing its progress in the segment's header
+   (shm_chunks.py), and answers name, size and the xxh64 of all the bytes. It keeps the
+   segment mapped for D's next pull, and writes into it only during a call.
+3. Meanwhile a reader thread of D hashes each published chunk and copies it into the
+   destination blocks (a CUDA cache: after the check). When the answer comes, D checks the
+   size and the xxh64 against it; on a failure the destination blocks are undefined (base.py)
+   and D gives them back uncached. It gives the segment back to its pool, or unlinks it if the
+   pull failed. D then calls ReleaseKV as for every transport.
 `same_host.SameHostTransport` decides when to use this and falls back to the network.
 
-Costs of a 64 MiB pull on the development machine (2-core EPYC, one torch thread a side): the
-source's pack 5.5 ms and xxh64 6.5 ms, the receiver's xxh64 6.5 ms and unpack 6 ms; an
-in-process memcpy of the same bytes takes 5.7 ms. xxh64 (the wire contract's checksum) reads
-at ~10 GB/s there, slower than memory, so hashing in cache-sized pieces fused with the copy
-saves little.
+Costs of a 64 MiB pull on the development machine (2-core EPYC, one torch thread a side, quiet):
+the source's pack 5.5 ms and xxh64 6.5 ms, the receiver's xxh64 6.5 ms and unpack 6 ms; an
+in-process memcpy of the same bytes takes 5.7 ms. xxh64 (the wire contract's checksum) reads at
+~10 GB/s there, no faster than memory, so hashing fused with the copy saves little: the two
+sides working at once is what brings a pull near one side's 12 ms (before issue 20's work: a
+fresh segment per pull, 48 ms of page faults, and the sides one after the other).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 
 JANITOR_PERIOD_S = 0.5  # how often the source unmaps segments gone and unlinks dead receivers' ones
 MAX_SEGMENT_NAME = 128
+READER_THREADS = 8  # a receiver's concurrent chunk readers (more pulls wait for one, then read at once)
 
 
 class ShmKVServicer:
@@ -175,6 +180,9 @@ class ShmTransport:
         self.channels = ChannelCache(token=config.token)
         self.pool = SegmentPool(config.shm_dir)
         self._trimmer: asyncio.Task[None] | None = None
+        # readers wait on their source: their own threads, never the loop's default executor,
+        # which a source's copy may need (one in this process would wait for the pull's timeout)
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="kv-shm-reader")
         sweep_dead(config.shm_dir)
 
     async def pull(
@@ -244,7 +252,8 @@ class ShmTransport:
         progress = progress_word(segment.view)
         progress[0] = 0
         source_done = threading.Event()
-        reader = asyncio.ensure_future(asyncio.to_thread(read_chunks, plan, data, progress, source_done))
+        loop = asyncio.get_running_loop()
+        reader = loop.run_in_executor(self._readers, read_chunks, plan, data, progress, source_done)
         try:
             answer = await call(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -285,6 +294,7 @@ class ShmTransport:
         if self._trimmer is not None:
             self._trimmer.cancel()
         self.pool.close()
+        self._readers.shutdown(wait=False)
         await self.channels.close()
 
 
