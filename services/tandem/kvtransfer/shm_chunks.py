@@ -32,7 +32,7 @@ from tandem.kvtransfer.block_store import KVBlockStore
 
 HEADER_BYTES = 4096  # one page, so that the packed bytes stay page-aligned
 CHUNK_BYTES = 2 << 20  # at most this much per chunk (a CPU's L2 or so): small enough to pipeline
-POLL_S = 0.0001  # the receiver's wait between looks at the progress word
+POLL_S, MAX_POLL_S = 0.0001, 0.001  # the receiver's waits between looks at the progress word
 FRAGMENTED_RUNS_FRACTION = 8  # more runs than len(ids) / 8: one index op per chunk, not a copy per run
 
 
@@ -150,11 +150,15 @@ def read_chunks(
 
 def _wait_for(progress: np.ndarray, end: int, source_done: threading.Event) -> bool:
     """Whether the source published up to `end`; False once it is done and has not. The event
-    is read before the word: a word read after the source was done is its last."""
+    is read before the word: a word read after the source was done is its last. Polls every
+    POLL_S at first, backing off to MAX_POLL_S while nothing comes (a slow or stuck source
+    costs no busy core)."""
+    poll_s = POLL_S
     while True:
         done = source_done.is_set()
         if int(progress[0]) >= end:
             return True
         if done:
             return False
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
+        poll_s = min(poll_s * 2, MAX_POLL_S)
