@@ -163,6 +163,29 @@ def test_concurrent_pulls_from_a_source_in_this_process_are_exact(tmp_path: Path
     asyncio.run(run())
 
 
+def test_a_serving_source_sweeps_dead_receivers_segments_it_never_mapped(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tandem.kvtransfer.shm_transport.SWEEP_PERIOD_S", 0.2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+
+    async def run() -> None:
+        source = make_source(make_layout())
+        source.grant()
+        async with serving(source, tmp_path) as (address, _):
+            receiver = transport(tmp_path, "host-a")  # (it sweeps when it starts: before the file exists)
+            await receiver.pull(same_host_handle(source, address), LEASED, DST, make_dest(make_layout()), TIMEOUT_S)
+            await receiver.close()  # its timer stops: only the source's janitor is left
+            orphan = tmp_path / f"{PREFIX}{SegmentName.parse(SegmentName.new()).namespace}-{dead.pid}-{'a' * 16}"  # type: ignore[union-attr]
+            orphan.write_bytes(b"x")
+            for _ in range(100):
+                if not orphan.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert not orphan.exists() and segments(tmp_path) == []
+
+    asyncio.run(run())
+
+
 def test_other_host_id_goes_over_the_network(tmp_path: Path) -> None:
     async def run() -> None:
         source, dest = make_source(make_layout()), make_dest(make_layout())

@@ -22,9 +22,10 @@ Name: `tandem-kv-{pid namespace}-{receiver pid}-{16 hex}`. Ownership and frees:
    cancelled pull it unlinks it instead: the source may still be writing.
 4. The receiver unlinks its segments on close, when idle too long, or beyond its byte cap.
    A source unmaps a segment once its file is gone.
-5. Process death: a dead receiver's segments are unlinked by the source's janitor and by
-   whoever starts or sees a same-host pull fail (`sweep_dead`). A dead source leaves nothing
-   behind: its mappings go with it.
+5. Process death: a dead receiver's segments are unlinked by the janitor of a source that
+   maps them, and by `sweep_dead`, which every source and receiver runs when it starts, every
+   10 s while it serves or pulls, and when a same-host pull fails. A dead source leaves
+   nothing behind: its mappings go with it.
 Pids are only compared within one pid namespace (other namespaces' segments are never swept).
 """
 

@@ -58,6 +58,7 @@ from tandem.kvtransfer.shm_segments import Segment, sweep_dead
 log = logging.getLogger(__name__)
 
 JANITOR_PERIOD_S = 0.5  # how often the source unmaps segments gone and unlinks dead receivers' ones
+SWEEP_PERIOD_S = 10.0  # how often either side sweeps the directory for any dead receiver's segments
 MAX_SEGMENT_NAME = 128
 READER_THREADS = 8  # a receiver's concurrent chunk readers (more pulls wait for one, then read at once)
 
@@ -156,12 +157,16 @@ class ShmKVServicer:
             self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
 
     async def _run_janitor(self) -> None:
+        swept_at = time.monotonic()
         while True:
             await asyncio.sleep(JANITOR_PERIOD_S)
             try:
                 self.collect()
             except OSError as exc:  # the janitor must survive a directory that went away
                 log.warning("KV segment janitor: %s", exc)
+            if time.monotonic() - swept_at >= SWEEP_PERIOD_S:  # also segments this source never mapped
+                swept_at = time.monotonic()
+                await asyncio.to_thread(sweep_dead, self.config.shm_dir)
 
     def close(self) -> None:
         """Stop the janitor and unmap every lent segment (their receivers own the files)."""
@@ -282,13 +287,15 @@ class ShmTransport:
         return len(plan.chunks)
 
     async def _trim_idle(self) -> None:
-        """Unlink the pool's idle segments unused for a while, also when no pull comes."""
+        """Unlink the pool's idle segments unused for a while, also when no pull comes, and
+        sweep the segments of dead receivers."""
         while True:
-            await asyncio.sleep(self.pool.idle_s / 2)
+            await asyncio.sleep(min(self.pool.idle_s / 2, SWEEP_PERIOD_S))
             try:
                 self.pool.trim()
             except OSError as exc:  # the timer must survive a directory that went away
                 log.warning("KV segment pool: %s", exc)
+            await asyncio.to_thread(sweep_dead, self.config.shm_dir)
 
     async def close(self) -> None:
         if self._trimmer is not None:
