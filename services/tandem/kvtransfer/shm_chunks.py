@@ -16,7 +16,8 @@ with its own only at the end. So on a CPU receiver the destination blocks are wr
 the check, and are undefined after a checksum failure, as with the torch transport (base.py:
 the decode worker gives them back uncached and recomputes). A CUDA receiver hashes chunk by
 chunk too, but unpacks only after the check. A chunk read before it was fully written (only
-possible where stores may be reordered, not on x86) fails the check; it is never used.
+possible where stores may be reordered, not on x86) fails the check, so no sequence ever runs
+on it. The two sides' chunks need not be the same: the word counts bytes, the hash streams.
 """
 
 from __future__ import annotations
