@@ -113,19 +113,22 @@ class ChunkPlan:
 
 def write_chunks(plan: ChunkPlan, data: torch.Tensor, progress: np.ndarray) -> int:
     """Source, worker thread, lease checked out: pack the pull into `data` (the segment's packed
-    bytes) chunk by chunk, publishing each in `progress`; return the xxh64 of all of them.
-    Without `per_chunk_copies` (CUDA) it packs at once (the pack kernel, then one copy to the
-    host), then hashes and publishes chunk by chunk."""
+    bytes) chunk by chunk, publishing each in `progress` as soon as it is copied (the receiver
+    reads it while the source hashes it; nobody writes it again); return the xxh64 of all of
+    them. Without `per_chunk_copies` (CUDA) it packs at once (the pack kernel, then one copy to
+    the host), publishes it all, then hashes."""
     hasher = xxhash.xxh64()
     if not plan.per_chunk_copies:
         plan.store.pack(plan.ids, out=data)
+        progress[0] = plan.size_bytes
+        hasher.update(data.numpy().data)
+        return hasher.intdigest()
     for chunk in plan.chunks:
         start, end = plan.byte_range(chunk)
         piece = data[start:end]
-        if plan.per_chunk_copies:
-            plan.gather(chunk, piece)
-        hasher.update(piece.numpy().data)
+        plan.gather(chunk, piece)
         progress[0] = end
+        hasher.update(piece.numpy().data)
     return hasher.intdigest()
 
 
