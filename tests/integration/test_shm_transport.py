@@ -27,6 +27,7 @@ import torch
 
 from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer.base import FailureReason, KVTransferError
+from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import SERVER_OPTIONS
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import GrpcTransport
@@ -248,6 +249,39 @@ def test_corrupted_segment_fails_closed(tmp_path: Path, monkeypatch) -> None:
             assert side.network._servicers[0].num_pulls_served == 0  # type: ignore[attr-defined]  # not refetched
             assert segments(tmp_path) == []
             await receiver.close()
+
+    asyncio.run(run())
+
+
+class WholeCopyPlan(ChunkPlan):
+    """The CUDA path's plan on CPU caches: pack at once, unpack after the check."""
+
+    def __init__(self, store: KVBlockStore, block_ids: tuple[int, ...], per_chunk_copies: bool | None = None) -> None:
+        super().__init__(store, block_ids, per_chunk_copies=False)
+
+
+def test_without_per_chunk_copies_a_corrupted_segment_leaves_the_destination_untouched(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr("tandem.kvtransfer.shm_transport.ChunkPlan", WholeCopyPlan)
+
+    async def run() -> None:
+        source, dest = make_source(make_layout()), make_dest(make_layout())
+        source.grant()
+        before = snapshot(dest)
+        receiver = transport(tmp_path, "host-a")
+        async with serving(source, tmp_path) as (address, _):
+            stats = await receiver.pull(same_host_handle(source, address), LEASED, DST, dest, TIMEOUT_S)
+            assert (stats.transport, stats.num_chunks) == ("shm", 4)  # 4 planes of 30 blocks of 4 KiB
+            assert_moved(source.store, LEASED, dest, DST, before)
+        monkeypatch.setattr("tandem.kvtransfer.same_host.ShmKVServicer", CorruptingServicer)
+        dest = make_dest(make_layout())
+        async with serving(source, tmp_path) as (address, _):
+            with pytest.raises(KVTransferError) as caught:
+                await receiver.pull(same_host_handle(source, address), LEASED, DST, dest, TIMEOUT_S)
+            assert caught.value.reason is FailureReason.CHECKSUM
+            assert_untouched(dest, before)  # checked before the unpack
+        await receiver.close()
 
     asyncio.run(run())
 
