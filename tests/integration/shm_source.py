@@ -25,12 +25,13 @@ from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import GrpcTransport
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.same_host import SameHostTransport
+from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan
 from tandem.kvtransfer.shm_transport import ShmKVServicer
 from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_hashes
 
 
-def hang_after_packing(self: ShmKVServicer, block_ids: tuple[int, ...], view: torch.Tensor) -> int:
-    self.store.pack(block_ids, out=view)
+def hang_after_packing(self: ShmKVServicer, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
+    self.store.pack(plan.ids, out=segment_view[HEADER_BYTES : HEADER_BYTES + plan.size_bytes])  # never published
     print(json.dumps({"event": "packing"}), flush=True)
     threading.Event().wait()  # until killed
     return 0

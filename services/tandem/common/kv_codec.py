@@ -99,12 +99,13 @@ class PullKVRequest:
     block_hashes: tuple[int, ...]  # what the receiver expects block_ids to hold, one per id
     host_id: str = ""  # PullKVShm: the receiver's host id
     receiver_pid: int = 0  # PullKVShm: the receiver's pid
+    shm_segment: str = ""  # PullKVShm: the receiver's segment the source packs into
 
 
 @dataclass(frozen=True)
 class ShmSegment:
-    """PullKVShm's answer: the file `name` in the source's shared-memory directory holds the
-    packed blocks, `size_bytes` of them, whose xxh64 is `checksum`."""
+    """PullKVShm's answer: the receiver's segment `name` holds the packed blocks in its first
+    `size_bytes`, whose xxh64 is `checksum`."""
 
     name: str
     size_bytes: int
@@ -161,6 +162,7 @@ def pull_kv_request_to_bytes(request: PullKVRequest) -> bytes:
         block_hashes=request.block_hashes,
         host_id=request.host_id,
         receiver_pid=request.receiver_pid,
+        shm_segment=request.shm_segment,
     ).SerializeToString()
 
 
@@ -184,6 +186,7 @@ def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
         hashes,
         msg.host_id,
         msg.receiver_pid,
+        msg.shm_segment,
     )
 
 

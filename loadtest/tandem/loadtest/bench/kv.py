@@ -5,7 +5,8 @@ the KV of a long prompt under a lease and also serves a raw TCP baseline; this p
 receiver. Rounds interleave raw TCP, the gRPC transport, the torch transport and the torch
 transport with every pull staged (its path before issue 20), the same-host shared-memory
 transport (SHM: the source serves it under BENCH_HOST_ID, the receiver pulls with a handle
-that names that host) and an in-process memcpy of the same bytes (MEMCPY: one `copy_` of a
+that names that host, into the segment its pool keeps from the warm-up round on) and an
+in-process memcpy of the same bytes (MEMCPY: one `copy_` of a
 uint8 tensor of the pull's size into another), so that all see the same machine load, and the
 medians are compared. Every transport round is a whole pull (source
 pack, transfer, checksums, receiver unpack) into a real destination cache; raw TCP is only

@@ -51,7 +51,9 @@ def run(ctx: BenchContext) -> Section:
         f"median of {len(report.results['raw tcp'].mb_per_s)} interleaved rounds. Every pull includes the "
         "source's pack, checksums and the receiver's unpack into a shuffled block table (torch: received "
         "in place, runs of 64 blocks; torch staged: into a staging buffer, then unpacked); raw TCP is "
-        "sendall into recv_into of a ready buffer. Same-host shm: the source packs into a /dev/shm segment, "
-        "the receiver maps it, checks its xxh64 and unpacks; memcpy: one in-process copy_ of the same bytes."
+        "sendall into recv_into of a ready buffer. Same-host shm: the source packs and hashes (xxh64) chunk by "
+        "chunk into the receiver's /dev/shm segment while the receiver hashes and unpacks each published chunk; "
+        "the segment is reused across pulls, as a decode worker's pool does (the warm-up round makes it); "
+        "memcpy: one in-process copy_ of the same bytes."
     )
     return Section("kv", "KV hand-off vs raw loopback TCP", setup, figures, tuple(rows))
