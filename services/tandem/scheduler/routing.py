@@ -53,6 +53,7 @@ def route_on(
             prefilled_by(decision),
             uncached_prefill_tokens(decision, request.num_prompt_tokens),
             decision.decode.worker_id,
+            request.num_prompt_tokens,
         )
     return decision
 

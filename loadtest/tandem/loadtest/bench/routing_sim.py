@@ -29,10 +29,11 @@ from tandem.common.workers import KVEventRecord, WorkerInfo, WorkerLoad, WorkerR
 from tandem.engine.block_pool import BlockPool
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
+from tandem.scheduler.inflight import InflightTable
 from tandem.scheduler.policies import make_policy
 from tandem.scheduler.registry import RegistrySnapshot
-from tandem.scheduler.routing import route_on
-from tandem.scheduler.types import RouteRequest
+from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_tokens
+from tandem.scheduler.types import RouteDecision, RouteRequest
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class SimRequest:
 class _Job:
     index: int
     request: SimRequest
+    decision: RouteDecision
     remaining_tokens: int  # what the worker reports as queued for it
     start_s: float = 0.0
     end_s: float = 0.0
@@ -195,6 +197,7 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
     queues: dict[str, deque[_Job]] = {w.worker_id: deque() for w in infos}
     seqs = dict.fromkeys(pools, 0)
     index = PrefixIndex(config.speculative_ttl_s)
+    inflight = InflightTable()  # the gateway's own in-flight work, as `Scheduler` keeps it
     done: list[_Job] = []
     queued_sums = dict.fromkeys(pools, 0.0)
 
@@ -223,6 +226,10 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
                 pool.cache_block(block_id, h)
             pool.free(job.blocks[::-1])
             publish(worker_id)
+            num_tokens = len(job.request.token_ids)
+            uncached = uncached_prefill_tokens(job.decision, num_tokens)
+            inflight.prefill_done(prefilled_by(job.decision), uncached, job.end_s, num_tokens)
+            inflight.decode_done(job.decision.decode.worker_id, job.end_s)  # decode is not modelled
             done.append(job)
             if queue:
                 start(worker_id, queue[0], job.end_s)
@@ -240,11 +247,10 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
                 len(queue) - 1 if queue else 0, min(1, len(queue)), queued, used, spec.num_pool_blocks, r.arrival_s
             )
         snapshot = RegistrySnapshot.of(infos, loads, r.arrival_s)
-        decision = route_on(
-            snapshot, index, RouteRequest(f"r{i}", len(r.token_ids), r.block_hashes, i), policy, config, r.arrival_s
-        )
+        request = RouteRequest(f"r{i}", len(r.token_ids), r.block_hashes, i)
+        decision = route_on(snapshot, index, request, policy, config, r.arrival_s, inflight=inflight)
         target = decision.decode.worker_id
-        job = _Job(i, r, len(r.token_ids))
+        job = _Job(i, r, decision, len(r.token_ids))
         queues[target].append(job)
         if len(queues[target]) == 1:
             start(target, job, r.arrival_s)
