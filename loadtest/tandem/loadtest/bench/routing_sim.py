@@ -96,13 +96,38 @@ class PolicyResult:
     policy: str
     hit_tokens: tuple[int, ...]  # per measured request
     ttft_s: tuple[float, ...]
-    mean_queued_tokens: tuple[float, ...]  # per worker, averaged over the measured decisions
+    mean_queued_tokens: tuple[float, ...]  # per worker: as reported, averaged over the measured decisions
+    mean_work_tokens: tuple[float, ...]  # per worker: uncached tokens queued, time-averaged (`_work`)
 
     @property
     def load_imbalance(self) -> float:
-        """max / mean over workers of the time-averaged queued prefill tokens."""
-        mean = sum(self.mean_queued_tokens) / len(self.mean_queued_tokens)
-        return max(self.mean_queued_tokens) / mean if mean else 1.0
+        """max / mean over workers of the time-averaged uncached tokens queued (the work)."""
+        return _max_over_mean(self.mean_work_tokens)
+
+    @property
+    def reported_imbalance(self) -> float:
+        """max / mean over workers of the queued prefill tokens they report (waiting prompts
+        at full length), averaged over the measured decisions."""
+        return _max_over_mean(self.mean_queued_tokens)
+
+
+def _max_over_mean(values: tuple[float, ...]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
+
+
+def _work(job: _Job, t0_s: float, t1_s: float) -> float:
+    """The integral over [t0_s, t1_s] of the job's uncached tokens left: all of them while it
+    waits (arrival to start), then decreasing linearly to 0 while it runs (start to end), as
+    `_progress` has it. Token-seconds."""
+    uncached = len(job.request.token_ids) - job.hit_tokens
+    lo, hi = max(job.request.arrival_s, t0_s), min(job.start_s, t1_s)
+    waiting = uncached * (hi - lo) if hi > lo else 0.0
+    lo, hi = max(job.start_s, t0_s), min(job.end_s, t1_s)
+    if hi <= lo or job.end_s <= job.start_s:
+        return waiting
+    rate = uncached / (job.end_s - job.start_s)
+    return waiting + rate * ((job.end_s - lo) ** 2 - (job.end_s - hi) ** 2) / 2
 
 
 def _progress(job: _Job, now_s: float) -> int:
@@ -260,9 +285,14 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
         assert pools[worker_id].num_used_blocks == 0, f"{worker_id} leaked blocks"
     measured = sorted((j for j in done if j.index >= spec.warmup_requests), key=lambda j: j.index)
     num_measured = len(requests) - spec.warmup_requests
+    t0_s, t1_s = requests[spec.warmup_requests].arrival_s, requests[-1].arrival_s
+    work = dict.fromkeys(pools, 0.0)
+    for job in done:
+        work[job.decision.decode.worker_id] += _work(job, t0_s, t1_s)
     return PolicyResult(
         policy_name,
         tuple(j.hit_tokens for j in measured),
         tuple(j.end_s - j.request.arrival_s for j in measured),
         tuple(queued_sums[w] / max(1, num_measured) for w in pools),
+        tuple(work[w] / (t1_s - t0_s) if t1_s > t0_s else 0.0 for w in pools),
     )
