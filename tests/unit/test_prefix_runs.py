@@ -80,31 +80,33 @@ def test_match_with_runs_equals_a_per_block_count(seed: int) -> None:
 
 
 def test_a_recorded_run_is_found_only_where_the_prompt_holds_all_of_it() -> None:
+    n = max(MIN_RUN_BLOCKS, 4)
     table = RunTable()
-    prompt = tuple(range(100, 100 + 3 * MIN_RUN_BLOCKS))
-    table.record(prompt, MIN_RUN_BLOCKS, MIN_RUN_BLOCKS, 0b101)
+    prompt = tuple(range(100, 100 + 3 * n))
+    table.record(prompt, n, n, 0b101)
     assert len(table) == 1
-    assert table.find(prompt, MIN_RUN_BLOCKS) == (MIN_RUN_BLOCKS, 0b101)
+    assert table.find(prompt, n) == (n, 0b101)
     assert table.find(prompt, 0) is None  # no run starts at block 0
-    assert table.find(prompt[: 2 * MIN_RUN_BLOCKS - 1], MIN_RUN_BLOCKS) is None  # ends inside the run
-    diverged = prompt[: 2 * MIN_RUN_BLOCKS - 1] + (7,) + prompt[2 * MIN_RUN_BLOCKS :]
-    assert table.find(diverged, MIN_RUN_BLOCKS) is None  # another last block: another chain
+    assert table.find(prompt[: 2 * n - 1], n) is None  # the prompt ends inside the run
+    diverged = prompt[: 2 * n - 1] + (7,) + prompt[2 * n :]
+    assert table.find(diverged, n) is None  # another last block: another chain
     table.record(prompt, 0, MIN_RUN_BLOCKS - 1, 0b1)  # too short to record
     assert len(table) == 1
-    table.invalidate((prompt[2 * MIN_RUN_BLOCKS - 1],))  # one of its blocks changed
-    assert len(table) == 0 and table.find(prompt, MIN_RUN_BLOCKS) is None
+    table.invalidate((prompt[2 * n - 1],))  # one of its blocks changed
+    assert len(table) == 0 and table.find(prompt, n) is None
 
 
 def test_an_overlapping_record_replaces_the_older_run() -> None:
+    n = max(MIN_RUN_BLOCKS, 4)
     table = RunTable()
-    prompt = tuple(range(100, 100 + 4 * MIN_RUN_BLOCKS))
-    table.record(prompt, 0, 2 * MIN_RUN_BLOCKS, 0b1)
-    table.record(prompt, MIN_RUN_BLOCKS, 2 * MIN_RUN_BLOCKS, 0b11)  # shares half of it
+    prompt = tuple(range(100, 100 + 4 * n))
+    table.record(prompt, 0, 2 * n, 0b1)
+    table.record(prompt, n, 2 * n, 0b11)  # shares half of it
     assert len(table) == 1
     assert table.find(prompt, 0) is None
-    assert table.find(prompt, MIN_RUN_BLOCKS) == (2 * MIN_RUN_BLOCKS, 0b11)
-    table.invalidate(prompt[:MIN_RUN_BLOCKS])  # only the dropped run's back-references
-    assert table.find(prompt, MIN_RUN_BLOCKS) == (2 * MIN_RUN_BLOCKS, 0b11)
+    assert table.find(prompt, n) == (2 * n, 0b11)
+    table.invalidate(prompt[:n])  # only the dropped run's back-references
+    assert table.find(prompt, n) == (2 * n, 0b11)
 
 
 def test_match_records_the_long_runs_of_a_prompt_and_events_drop_them() -> None:
@@ -113,7 +115,7 @@ def test_match_records_the_long_runs_of_a_prompt_and_events_drop_them() -> None:
     index.apply(KVEventRecord("w-0", 1, 1, KVEventKind.STORED, prompt))
     index.apply(KVEventRecord("w-1", 1, 1, KVEventKind.STORED, prompt[:40]))
     assert index.match(prompt, ("w-0", "w-1")) == {"w-0": 64, "w-1": 40}
-    assert len(index._runs) == 2  # blocks 0-39 held by both, 40-63 by w-0
+    assert len(index._runs) == 2  # blocks 0-39 held by both, 40-63 by w-0 (MIN_RUN_BLOCKS <= 24)
     assert index.match(prompt, ("w-0", "w-1")) == {"w-0": 64, "w-1": 40}
     index.apply(KVEventRecord("w-1", 1, 2, KVEventKind.REMOVED, prompt[20:21]))
     assert len(index._runs) == 1  # the run over block 20 is gone

@@ -172,14 +172,18 @@ class PrefixIndex:
             # still = candidates holding all of blocks 0..position-1 (confirmed). Within a run
             # of equal masks, AND-ing again changes nothing, so one AND per run is exact.
             still, position, num_blocks = candidates, 0, len(block_hashes)
-            runs = self._runs
+            run_at = self._runs.by_start.get  # `RunTable.find`, inlined: one step per run
             while still and position < num_blocks:
-                run = runs.find(block_hashes, position)
+                run = run_at(block_hashes[position])
+                if run is not None:
+                    length, end, mask = run
+                    last = position + length - 1
+                    if last >= num_blocks or block_hashes[last] != end:
+                        run = None  # the prompt ends or diverges inside the run
                 if run is None:
                     position, still = self._scan(block_hashes, position, still, result)
                     continue
-                length, mask = run  # a recorded run: one AND for all of its blocks
-                narrowed = still & mask
+                narrowed = still & mask  # a recorded run: one AND for all of its blocks
                 if narrowed != still:
                     _assign(result, owner, still ^ narrowed, position)  # their run ends here
                     still = narrowed

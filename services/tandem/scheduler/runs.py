@@ -11,7 +11,8 @@ which drops the run covering it. Invalidation may be conservative (a stale back-
 drop a newer run with the same start), never late.
 
 Layout:
-- `_runs[h_a]` = (n, h_b, m).
+- `by_start[h_a]` = (n, h_b, m). `PrefixIndex.match` reads it directly (`find` inlined in its
+  loop); only this class writes it.
 - `_run_of[h]` = h_a of the run that covers h (the back-references `invalidate` follows). A
   back-reference to a run that was dropped stays until its hash changes; every key is a hash
   the index holds, since a hash that leaves the index is invalidated.
@@ -24,28 +25,29 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 
-# Runs shorter than this are not recorded: scanning them costs about as much as jumping.
-MIN_RUN_BLOCKS = 8
+# Runs shorter than this are not recorded. 1: every run is; at 100 workers and a 32k-token prompt
+# that is cheaper than rescanning the short runs between long ones (each rescan sets up a pass).
+MIN_RUN_BLOCKS = 1
 
 
 class RunTable:
     """Recorded runs of equal holder masks along block chains, by first block hash."""
 
     def __init__(self) -> None:
-        self._runs: dict[int, tuple[int, int, int]] = {}
+        self.by_start: dict[int, tuple[int, int, int]] = {}
         self._run_of: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._runs)
+        return len(self.by_start)
 
     def starts_at(self, block_hash: int) -> bool:
         """Whether a run begins with `block_hash` (a cheap test before `find`)."""
-        return block_hash in self._runs
+        return block_hash in self.by_start
 
     def find(self, block_hashes: Sequence[int], position: int) -> tuple[int, int] | None:
         """(n, mask) of the run that covers `block_hashes[position : position + n]` exactly,
         or None (no run starts there, or the prompt ends or diverges inside it)."""
-        run = self._runs.get(block_hashes[position])
+        run = self.by_start.get(block_hashes[position])
         if run is None:
             return None
         num_blocks, end, mask = run
@@ -58,10 +60,10 @@ class RunTable:
         """Blocks `position .. position + num_blocks - 1` of `block_hashes` all have confirmed
         holder mask `mask` (non-zero) now. Runs that share a block with it are dropped first
         (their back-references are about to point here). No-op under MIN_RUN_BLOCKS."""
-        if num_blocks < MIN_RUN_BLOCKS:
+        if num_blocks < MIN_RUN_BLOCKS or num_blocks <= 0:
             return
         covered = block_hashes[position : position + num_blocks]
-        run_of, runs = self._run_of, self._runs
+        run_of, runs = self._run_of, self.by_start
         for start in set(map(run_of.get, covered)):
             if start is not None:
                 runs.pop(start, None)
@@ -74,11 +76,11 @@ class RunTable:
         run_of = self._run_of
         if not run_of:
             return
-        runs = self._runs
+        runs = self.by_start
         for start in set(map(run_of.pop, block_hashes, repeat(None))):
             if start is not None:
                 runs.pop(start, None)
 
     def clear(self) -> None:
-        self._runs.clear()
+        self.by_start.clear()
         self._run_of.clear()
