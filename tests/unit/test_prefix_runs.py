@@ -10,6 +10,7 @@ import pytest
 from tandem.common.block_hash import block_extra, hash_blocks
 from tandem.common.workers import KVEventKind, KVEventRecord
 from tandem.scheduler import PrefixIndex
+from tandem.scheduler import index as index_module
 from tandem.scheduler.runs import MIN_RUN_BLOCKS, RunTable
 
 WORKERS = tuple(f"w-{i}" for i in range(6))
@@ -36,8 +37,10 @@ def naive(held: dict[str, set[int]], prompt: tuple[int, ...], worker_ids: tuple[
     return out
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_match_with_runs_equals_a_per_block_count(seed: int) -> None:
+@pytest.mark.parametrize("budget", [index_module.RECORD_BUDGET_BLOCKS, 3])
+@pytest.mark.parametrize("seed", range(8))
+def test_match_with_runs_equals_a_per_block_count(seed: int, budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "RECORD_BUDGET_BLOCKS", budget)  # 3: runs recorded piecemeal
     rng = random.Random(seed)
     prompts = chains(rng)
     index = PrefixIndex(speculative_ttl_s=0)  # confirmed entries only
@@ -120,3 +123,13 @@ def test_match_records_the_long_runs_of_a_prompt_and_events_drop_them() -> None:
     index.apply(KVEventRecord("w-1", 1, 2, KVEventKind.REMOVED, prompt[20:21]))
     assert len(index._runs) == 1  # the run over block 20 is gone
     assert index.match(prompt, ("w-0", "w-1")) == {"w-0": 64, "w-1": 20}
+
+
+def test_one_match_records_at_most_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "RECORD_BUDGET_BLOCKS", 16)
+    index = PrefixIndex(speculative_ttl_s=0)
+    prompt = tuple(hash_blocks(list(range(64 * 16)), 16, block_extra("runs")))  # 64 blocks, one holder
+    index.apply(KVEventRecord("w-0", 1, 1, KVEventKind.STORED, prompt))
+    for recorded in (1, 2, 3, 4, 4):  # 16 more blocks of the one long run per match
+        assert index.match(prompt, ("w-0",)) == {"w-0": 64}
+        assert len(index._runs) == recorded

@@ -42,6 +42,12 @@ from tandem.scheduler.runs import RunTable
 
 logger = logging.getLogger(__name__)
 
+# Blocks of runs one `match` records at most (runs.py): recording costs about as much again
+# as scanning, so a prompt whose runs are not recorded yet (its prefix was never matched, or
+# events just changed it) pays for at most this many blocks of it; the next match of the same
+# prefix jumps over those and records the next ones.
+RECORD_BUDGET_BLOCKS = 256
+
 
 class PrefixIndex:
     """Block hash -> workers that hold it, fed by KV events and by routing decisions."""
@@ -153,10 +159,10 @@ class PrefixIndex:
         hashes that looks up each block's holder bitmask and groups equal consecutive masks
         (itertools.groupby), so Python-level work happens once per RUN of equal masks (a
         long shared prefix is one run), and the walk stops as soon as no candidate matches
-        (a prompt nobody holds costs one lookup). A run of at least `runs.MIN_RUN_BLOCKS`
-        is recorded, and a later prompt that holds it is charged one lookup for it instead
-        of one per block: a 32k-token prompt whose prefix was matched before, with no event
-        on it since, costs O(runs + num_workers). Then, if there are live claims, one pass
+        (a prompt nobody holds costs one lookup). The runs it walks are recorded (up to
+        RECORD_BUDGET_BLOCKS blocks per call), and a later prompt that holds one is charged
+        one lookup for it instead of one per block: a 32k-token prompt whose prefix was
+        matched before, with no event on it since, costs O(runs + num_workers). Then, if there are live claims, one pass
         that intersects the claims with the prompt, and a Python step per claim that ends
         inside it. Does not expire claims; call `expire` first.
         """
@@ -173,6 +179,7 @@ class PrefixIndex:
             # of equal masks, AND-ing again changes nothing, so one AND per run is exact.
             still, position, num_blocks = candidates, 0, len(block_hashes)
             run_at = self._runs.by_start.get  # `RunTable.find`, inlined: one step per run
+            budget = RECORD_BUDGET_BLOCKS
             while still and position < num_blocks:
                 run = run_at(block_hashes[position])
                 if run is not None:
@@ -181,7 +188,7 @@ class PrefixIndex:
                     if last >= num_blocks or block_hashes[last] != end:
                         run = None  # the prompt ends or diverges inside the run
                 if run is None:
-                    position, still = self._scan(block_hashes, position, still, result)
+                    position, still, budget = self._scan(block_hashes, position, still, result, budget)
                     continue
                 narrowed = still & mask  # a recorded run: one AND for all of its blocks
                 if narrowed != still:
@@ -238,10 +245,13 @@ class PrefixIndex:
 
     # --- internals (lock held) ---------------------------------------------------------------
 
-    def _scan(self, block_hashes: Sequence[int], position: int, still: int, result: dict[str, int]) -> tuple[int, int]:
+    def _scan(
+        self, block_hashes: Sequence[int], position: int, still: int, result: dict[str, int], budget: int
+    ) -> tuple[int, int, int]:
         """`match`'s block-by-block walk from `position`: group equal masks, assign the
-        candidates whose run ends, record the long runs. Returns (position, still) when no
-        candidate is left, at the end of the prompt, or where a recorded run starts."""
+        candidates whose run ends, record runs while `budget` (blocks) lasts. Returns
+        (position, still, budget left) when no candidate is left, at the end of the prompt,
+        or where a recorded run starts."""
         owner, runs = self._owner, self._runs
         num_blocks = len(block_hashes)
         for mask, run in groupby(map(self._holders.get, islice(block_hashes, position, None), repeat(0))):
@@ -252,11 +262,13 @@ class PrefixIndex:
                 if not still:
                     break
             length = len(list(run))
-            runs.record(block_hashes, position, length, mask)
+            if budget > 0:  # the first `budget` blocks of a longer run are a run too
+                runs.record(block_hashes, position, min(length, budget), mask)
+                budget -= length
             position += length
             if position < num_blocks and runs.starts_at(block_hashes[position]):
                 break
-        return position, still
+        return position, still, budget
 
     def _advance(self, record: KVEventRecord) -> bool:
         """Check (epoch, seq) against the last applied event; False: skip this event."""
