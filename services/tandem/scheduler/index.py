@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 # events just changed it) pays for at most this many blocks of it; the next match of the same
 # prefix jumps over those and records the next ones.
 RECORD_BUDGET_BLOCKS = 256
+# What recording one run costs over its blocks (a few dict and set operations), in blocks: the
+# budget is charged its length plus this, so a prompt with many short runs records them over
+# several matches instead of paying for all of them in its first one.
+RECORD_COST_BLOCKS = 16
 
 
 class PrefixIndex:
@@ -264,7 +268,7 @@ class PrefixIndex:
             length = len(list(run))
             if budget > 0:  # the first `budget` blocks of a longer run are a run too
                 runs.record(block_hashes, position, min(length, budget), mask)
-                budget -= length
+                budget -= length + RECORD_COST_BLOCKS
             position += length
             if position < num_blocks and runs.starts_at(block_hashes[position]):
                 break

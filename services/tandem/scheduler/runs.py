@@ -64,9 +64,10 @@ class RunTable:
             return
         covered = block_hashes[position : position + num_blocks]
         run_of, runs = self._run_of, self.by_start
-        for start in set(map(run_of.get, covered)):
-            if start is not None:
-                runs.pop(start, None)
+        if not run_of.keys().isdisjoint(covered):  # rare: most scans start where no run is
+            for start in set(map(run_of.get, covered)):
+                if start is not None:
+                    runs.pop(start, None)
         start = covered[0]
         run_of.update(zip(covered, repeat(start)))
         runs[start] = (num_blocks, covered[-1], mask)
