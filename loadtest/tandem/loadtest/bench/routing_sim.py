@@ -8,9 +8,11 @@ picker, policy, speculative claims); each worker's prefix cache is an engine `Bl
 modelled: the compute. A worker runs one prompt at a time, FIFO, for
 `overhead_s + uncached_tokens / tokens_per_s`; its cache hit is taken when the prompt starts
 (`BlockPool.lookup_prefix`, capped before the last prompt token as the batcher does). The loads
-the scheduler sees are exact at each decision (a real gateway's are up to a heartbeat old):
+the workers publish are exact at each decision (a real gateway's are up to a heartbeat old):
 waiting prompts count all their tokens, the running one its remaining tokens, as
-`worker/load.py` reports them.
+`worker/load.py` reports them; the scheduler adjusts them with its in-flight table
+(inflight.py: its own prompts at their uncached length), which the simulation keeps as
+`Scheduler` does (`begin` at routing, `prefill_done` / `decode_done` when a prompt ends).
 
 Per request: arrival (Poisson), route, queue, prefill; TTFT = prefill end - arrival (decode
 is not modelled). Workers are colocated decode workers (no prefill pool), so every decision is
