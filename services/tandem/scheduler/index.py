@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 # as scanning, so a prompt whose runs are not recorded yet (its prefix was never matched, or
 # events just changed it) pays for at most this many blocks of it; the next match of the same
 # prefix jumps over those and records the next ones.
-RECORD_BUDGET_BLOCKS = 256
+RECORD_BUDGET_BLOCKS = 128
 # What recording one run costs over its blocks (a few dict and set operations), in blocks: the
 # budget is charged its length plus this, so a prompt with many short runs records them over
 # several matches instead of paying for all of them in its first one.
