@@ -13,7 +13,8 @@ of distinct prompts; every worker holds a random leading prefix of about half of
   snapshot reference: expire, `PrefixIndex.match`, views, `picker.decide`, speculative claims.
   The clock advances 10 ms per request, so after `speculative_ttl_s` claims also expire on
   the timed path, as they do in steady state. The index has recorded the runs of each
-  prompt's prefix at its first match (runs.py), as it has for any prefix routed before.
+  prompt's prefix (runs.py; `RUN_WARMUP_ROUNDS` matches of each prompt first), as it has for
+  a prefix routed again and again.
 - `route_cold`: the same right after a KV event on every block of the prompt's prefix
   (untimed: the worker that holds the longest part of it stores it again), which drops every
   recorded run of the prompt, so the match walks the whole prompt block by block and records
@@ -41,6 +42,11 @@ from tandem.scheduler.types import RouteRequest
 
 NUM_PROMPTS = 16
 WARMUP_ITERATIONS = 100
+# Before the timed paths, every prompt is matched this many times: one match records at most
+# `index.RECORD_BUDGET_BLOCKS` blocks of runs, so a 32k-token prompt with a run boundary every
+# 40 blocks or so needs about 20 matches before its whole prefix is recorded (the steady state
+# of a prefix that is routed again and again; `route_cold` times the other end).
+RUN_WARMUP_ROUNDS = 32
 KV_BLOCKS_TOTAL = 8192
 CLOCK_STEP_S = 0.01  # simulated time between two routed requests
 
@@ -113,6 +119,9 @@ def run_scheduler_bench(
                 held.append((info.worker_id, num_held))
 
     policy = make_policy(config.policy)
+    for _ in range(RUN_WARMUP_ROUNDS):
+        for prompt_hashes in hashes:
+            index.match(prompt_hashes, snapshot.worker_ids)
     requests = [
         RouteRequest(f"r{i}", prompt_tokens, hashes[i % NUM_PROMPTS], i) for i in range(iterations + WARMUP_ITERATIONS)
     ]
