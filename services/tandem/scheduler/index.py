@@ -42,14 +42,11 @@ from tandem.scheduler.runs import RunTable
 
 logger = logging.getLogger(__name__)
 
-# Blocks of runs one `match` records at most (runs.py): recording costs about as much again
-# as scanning, so a prompt whose runs are not recorded yet (its prefix was never matched, or
-# events just changed it) pays for at most this many blocks of it; the next match of the same
-# prefix jumps over those and records the next ones.
+# Blocks of runs one `match` records at most (runs.py; recording costs about as much again as
+# scanning): a prompt whose runs are not recorded yet pays for at most this many, and the next
+# match of the same prefix records the next ones. Each run is charged its length plus
+# RECORD_COST_BLOCKS (its fixed cost), so many short runs are also spread over several matches.
 RECORD_BUDGET_BLOCKS = 128
-# What recording one run costs over its blocks (a few dict and set operations), in blocks: the
-# budget is charged its length plus this, so a prompt with many short runs records them over
-# several matches instead of paying for all of them in its first one.
 RECORD_COST_BLOCKS = 16
 
 
@@ -164,11 +161,11 @@ class PrefixIndex:
         (itertools.groupby), so Python-level work happens once per RUN of equal masks (a
         long shared prefix is one run), and the walk stops as soon as no candidate matches
         (a prompt nobody holds costs one lookup). The runs it walks are recorded (up to
-        RECORD_BUDGET_BLOCKS blocks per call), and a later prompt that holds one is charged
-        one lookup for it instead of one per block: a 32k-token prompt whose prefix was
-        matched before, with no event on it since, costs O(runs + num_workers). Then, if there are live claims, one pass
-        that intersects the claims with the prompt, and a Python step per claim that ends
-        inside it. Does not expire claims; call `expire` first.
+        RECORD_BUDGET_BLOCKS blocks per call), and a later prompt that holds one pays one
+        lookup for it instead of one per block: a 32k-token prompt whose prefix was matched
+        before, with no event on it since, costs O(runs + num_workers). Then, if there are
+        live claims, one pass that intersects the claims with the prompt, and a Python step
+        per claim that ends inside it. Does not expire claims; call `expire` first.
         """
         result = dict.fromkeys(worker_ids, 0)
         with self._lock:
