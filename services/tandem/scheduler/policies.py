@@ -96,7 +96,7 @@ class LeastLoaded:
 # delays them). With weight 1 the cost is the request's own TTFT alone, and under load it sends
 # a hot prefix's requests to a worker with a slightly shorter queue that misses: the misses add
 # work, the queues grow, more requests miss (measured, `routing_zipf` at load 3.2: 0.76 of the
-# oracle's hits with weight 1, 0.94 with weight 2). Balance is the load bound's job.
+# oracle's hits with weight 1, 0.95 with weight 2). Balance is the load bound's job.
 UNCACHED_WEIGHT = 2
 
 # The load bound of `PrefixAware`: a candidate whose load exceeds LOAD_BOUND_FACTOR times the
