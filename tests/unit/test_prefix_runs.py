@@ -80,6 +80,9 @@ def test_match_with_runs_equals_a_per_block_count(seed: int, budget: int, monkey
             asked = tuple(rng.sample(WORKERS, rng.randrange(1, len(WORKERS) + 1)))
             probe = rng.choice(prompts)
             assert index.match(probe, asked) == naive(held, probe, asked)
+    # the run table never outlives the index's entries: every back-reference is a held block
+    assert set(index._runs._run_of) <= set(index._holders)
+    assert len(index._runs) <= len(index._runs._run_of)
 
 
 def test_a_recorded_run_is_found_only_where_the_prompt_holds_all_of_it() -> None:
