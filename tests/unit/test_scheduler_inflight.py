@@ -52,3 +52,54 @@ def test_a_fully_cached_prompt_is_still_tracked() -> None:
     table.begin("w", 0, "d", 512)
     assert table.touched() == frozenset({"w", "d"})
     assert table.adjust("w", published(512)) == WorkerLoad(2, 1, 0, 5, 100, 10.0)
+
+
+# --- through route_on: the decision the correction changes ------------------------------------
+
+
+def _route(own_waiting: int, published_queue: int) -> str:
+    """Two colocated workers; w-0 holds 32 of the prompt's 36 blocks (576 tokens), w-1 nothing.
+    `own_waiting` of our earlier prompts of the same prefix wait on w-0 (64 uncached tokens
+    each), and w-0 publishes `published_queue` queued tokens (waiting prompts at full length)."""
+    from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerRole
+    from tandem.scheduler.config import SchedulerConfig
+    from tandem.scheduler.index import PrefixIndex
+    from tandem.scheduler.policies import make_policy
+    from tandem.scheduler.registry import RegistrySnapshot
+    from tandem.scheduler.routing import route_on
+    from tandem.scheduler.types import RouteRequest
+
+    hashes = tuple(range(1, 37))
+    infos = [WorkerInfo(f"w-{i}", WorkerRole.DECODE, f"10.0.0.{i}:7000", "ff", 1024, "m") for i in range(2)]
+    loads = {
+        "w-0": WorkerLoad(own_waiting, 0, published_queue, 0, 1024, 10.0),
+        "w-1": WorkerLoad(0, 0, 0, 0, 1024, 10.0),
+    }
+    index = PrefixIndex(speculative_ttl_s=0)
+    index.apply(KVEventRecord("w-0", 1, 1, KVEventKind.STORED, hashes[:32]))
+    table = InflightTable()
+    for _ in range(own_waiting):
+        table.begin("w-0", 64, "w-0", 576)
+    config = SchedulerConfig(local_prefill_max_tokens=0)
+    request = RouteRequest("r", 576, hashes, 5)
+    snapshot = RegistrySnapshot.of(infos, loads, 10.0)
+    return route_on(
+        snapshot, index, request, make_policy("prefix_aware"), config, 10.0, inflight=table
+    ).decode.worker_id
+
+
+@pytest.mark.parametrize(
+    ("own_waiting", "published_queue", "expected"),
+    [
+        # 3 of ours wait on w-0, published at 3 x 576 = 1728: counted as 3 x 64 = 192, so w-0
+        # costs 2 * 64 + 192 + (3 running + 3 waiting) * 16 = 416 < 2 * 576 for w-1 (counted at
+        # 192 + 1728, as before the correction, it cost 2144: w-1)
+        (3, 1728, "w-0"),
+        # 6 of ours: load 384 + 12 * 16 = 576, within the bound 1.5 * 288 + 288 = 720; cost 704
+        (6, 3456, "w-0"),
+        # plus 2000 tokens of other gateways' work: load 2576 > 1.5 * 1288 + 288 = 2220
+        (6, 3456 + 2000, "w-1"),
+    ],
+)
+def test_route_counts_own_waiting_prompts_at_their_uncached_length(own_waiting, published_queue, expected) -> None:
+    assert _route(own_waiting, published_queue) == expected
