@@ -65,30 +65,45 @@ def test_simulation_is_deterministic_and_bounded_by_the_oracle() -> None:
         assert len(result.hit_tokens) == len(result.ttft_s) == SMALL.num_requests - SMALL.warmup_requests
         assert 0 < sum(result.hit_tokens) <= bound
         assert all(t >= SMALL.overhead_s for t in result.ttft_s)
-        assert len(result.mean_queued_tokens) == SMALL.num_workers
+        assert len(result.mean_queued_tokens) == len(result.mean_work_tokens) == SMALL.num_workers
         assert result == simulate(SMALL, requests, policy)
+
+
+def test_queued_work_is_the_exact_integral_of_the_uncached_tokens_left() -> None:
+    from tandem.common.workers import WorkerInfo, WorkerRole
+    from tandem.loadtest.bench.routing_sim import _Job, _work
+    from tandem.scheduler.types import RouteDecision, RouteKind
+
+    decode = WorkerInfo("d-00", WorkerRole.DECODE, "10.0.0.1:7000", "5e1a", 8, "sim")
+    (request,) = _requests([0])  # 80 tokens, arrives at 0.0
+    job = _Job(0, request, RouteDecision(RouteKind.LOCAL_PREFILL, decode, None, 0, 0), 80, 1.0, 3.0, 16)
+    # 64 uncached tokens: waiting from 0 to 1 (64 token-s), then 64 -> 0 linearly until 3 (64)
+    assert _work(job, 0.0, 4.0) == 128.0
+    assert _work(job, 0.5, 1.0) == 32.0
+    assert _work(job, 2.0, 2.5) == 32 * (1.0 - 0.25) / 2  # 32 tokens/s, left 32 at 2.0, 16 at 2.5
+    assert _work(job, 3.0, 9.0) == 0.0
 
 
 def test_quick_mode_section(tmp_path: Path) -> None:
     logs: list[str] = []
     section = routing_zipf.run(BenchContext(tmp_path, tmp_path, logs.append, quick=True))
     assert logs == [
-        "routing_zipf: load 2.2, prefix_aware",
-        "routing_zipf: load 2.2, least_loaded",
-        "routing_zipf: load 2.2, round_robin",
+        "routing_zipf: load 2.6, prefix_aware",
+        "routing_zipf: load 2.6, least_loaded",
+        "routing_zipf: load 2.6, round_robin",
     ]
     assert section.table[0] == routing_zipf.HEADER
     assert [row[:2] for row in section.table[1:]] == [
-        ("2.2", "prefix_aware"),
-        ("2.2", "least_loaded"),
-        ("2.2", "round_robin"),
-        ("2.2", "oracle: infinite cache"),
-        ("2.2", "oracle: capacity-aware"),
+        ("2.6", "prefix_aware"),
+        ("2.6", "least_loaded"),
+        ("2.6", "round_robin"),
+        ("2.6", "oracle: infinite cache"),
+        ("2.6", "oracle: capacity-aware"),
     ]
     assert [f.name for f in section.figures] == [
-        "load 2.2: prefix_aware hit rate / oracle",
-        "load 2.2: prefix_aware max/mean queued tokens",
-        "load 2.2: least_loaded hit rate / oracle",
-        "load 2.2: round_robin hit rate / oracle",
+        "load 2.6: prefix_aware hit rate / oracle",
+        "load 2.6: prefix_aware max/mean queued work",
+        "load 2.6: least_loaded hit rate / oracle",
+        "load 2.6: round_robin hit rate / oracle",
     ]
     assert all(0 < f.value <= 1 for f in section.figures if "hit rate" in f.name)

@@ -98,12 +98,13 @@ def test_least_loaded_picks_min_count_then_queue_then_kv_then_id(decode, expecte
 @pytest.mark.parametrize(
     ("pool", "v", "cost"),
     [
-        (P, view("p-0", 0, None), 1024.0),
-        (P, view("p-0", 60, None), 64.0),
+        # uncached tokens count twice (UNCACHED_WEIGHT = 2)
+        (P, view("p-0", 0, None), 2048.0),
+        (P, view("p-0", 60, None), 128.0),
         (P, view("p-0", 64, None), 0.0),
-        (P, view("p-0", 10, load(waiting=3, running=5, queued=300, used=25)), 864 + 300 + 256.0),
-        (D, view("d-0", 10, load(waiting=3, running=5, queued=300, used=25)), 864 + (300 + 8 * 16) + 256.0),
-        (D, view("d-0", 0, load(used=0, total=0)), 1024.0),  # empty pool: usage 0
+        (P, view("p-0", 10, load(waiting=3, running=5, queued=300, used=25)), 2 * 864 + 300 + 256.0),
+        (D, view("d-0", 10, load(waiting=3, running=5, queued=300, used=25)), 2 * 864 + (300 + 8 * 16) + 256.0),
+        (D, view("d-0", 0, load(used=0, total=0)), 2048.0),  # empty pool: usage 0
     ],
 )
 def test_prefix_aware_cost_exact_values(pool, v, cost):
@@ -113,24 +114,24 @@ def test_prefix_aware_cost_exact_values(pool, v, cost):
 @pytest.mark.parametrize(
     ("prefill", "decode", "decode_id", "prefill_id", "d_cached", "p_cached"),
     [
-        # D: d-0 holds 60 of 64 blocks, 4 running: 64 + 64 = 128 < 1024 for idle d-1.
+        # D: d-0 holds 60 of 64 blocks, 4 running: 2 * 64 + 64 = 192 < 2048 for idle d-1.
         # P: p-1 holds the whole prompt, idle: cost 0.
         ([view("p-0"), view("p-1", 64)], [view("d-0", 60, load(running=4)), view("d-1")], "d-0", "p-1", 960, 1024),
-        # d-0 holds 60 blocks but 5000 queued prefill tokens: 64 + 5000 + 0 > 1024 -> idle d-1.
-        # p-1 holds everything but 2000 queued: 2000 > 1024 -> idle p-0.
+        # d-0 holds 60 blocks but 5000 queued prefill tokens: 128 + 5000 + 0 > 2048 -> idle d-1.
+        # p-1 holds everything but 2100 queued: 2100 > 2048 -> idle p-0.
         (
-            [view("p-0"), view("p-1", 64, load(queued=2000))],
+            [view("p-0"), view("p-1", 64, load(queued=2100))],
             [view("d-0", 60, load(queued=5000)), view("d-1")],
             "d-1",
             "p-0",
             0,
             0,
         ),
-        # p-1 with 500 queued still beats recomputing: 500 < 1024.
+        # p-1 with 500 queued still beats recomputing: 500 < 2048.
         ([view("p-0"), view("p-1", 64, load(queued=500))], [view("d-0"), view("d-1")], "d-0", "p-1", 0, 1024),
-        # KV usage: d-0 at 90% costs 1024 + 0.9 * 1024; d-1 holds 8 blocks at 0%: 896 -> d-1
+        # KV usage: d-0 at 90% costs 2048 + 0.9 * 1024; d-1 holds 8 blocks at 0%: 2 * 896 -> d-1
         ([view("p-0")], [view("d-0", 0, load(used=90)), view("d-1", 8)], "d-1", "p-0", 128, 0),
-        # exact tie: lowest id
+        # exact tie: rotated by seq over the sorted ids; seq 0 -> lowest id
         ([view("p-1"), view("p-0")], [view("d-1", 4), view("d-0", 4)], "d-0", "p-0", 64, 0),
     ],
 )
@@ -139,6 +140,61 @@ def test_prefix_aware_trades_cache_against_queue_and_kv(prefill, decode, decode_
     assert decision.kind is RouteKind.DISAGGREGATED
     assert (decision.decode.worker_id, decision.prefill.worker_id) == (decode_id, prefill_id)
     assert (decision.decode_cached_tokens, decision.prefill_cached_tokens) == (d_cached, p_cached)
+
+
+def pick(decode: list[WorkerView], seq: int = 0) -> str:
+    return make_policy("prefix_aware").pick(request(1024, seq), decode, D, ALWAYS_SPLIT).info.worker_id
+
+
+IDLE = [view("d-1"), view("d-2"), view("d-3")]
+
+
+@pytest.mark.parametrize(
+    ("decode", "seq", "expected"),
+    [
+        # d-0 holds the prompt with 1500 queued (cost 1500 < 2048), but the bound is
+        # 1.5 * mean(1500, 0, 0, 0) + 0.5 * 1024 = 1074.5: skipped; the idle tie rotates by seq
+        ([view("d-0", 64, load(queued=1500)), *IDLE], 0, "d-1"),
+        ([view("d-0", 64, load(queued=1500)), *IDLE], 1, "d-2"),
+        ([view("d-0", 64, load(queued=1500)), *IDLE], 5, "d-3"),
+        # 800 queued: bound 1.5 * 200 + 512 = 812, within it -> the holder
+        ([view("d-0", 64, load(queued=800)), *IDLE], 1, "d-0"),
+        # the bound counts one block per running or waiting sequence on a decode worker:
+        # 752 + 4 * 16 = 816 <= 1.5 * 204 + 512 = 818 -> the holder;
+        # 752 + 5 * 16 = 832 > 1.5 * 208 + 512 = 824 -> skipped
+        ([view("d-0", 64, load(running=4, queued=752)), *IDLE], 0, "d-0"),
+        ([view("d-0", 64, load(running=5, queued=752)), *IDLE], 0, "d-1"),
+        # two holders: the one over the bound is skipped even though its cost is lower
+        (
+            [view("d-0", 64, load(queued=2000)), view("d-1", 60, load(queued=100)), view("d-2"), view("d-3")],
+            0,
+            "d-1",
+        ),
+    ],
+)
+def test_prefix_aware_skips_workers_over_the_load_bound(decode, seq, expected):
+    assert pick(decode, seq) == expected
+
+
+@pytest.mark.parametrize(("seq", "expected"), [(0, "d-0"), (1, "d-1"), (2, "d-2"), (3, "d-0"), (7, "d-1")])
+def test_prefix_aware_rotates_exact_ties_by_seq(seq, expected):
+    # nobody holds the prompt and all are idle: the same cost everywhere (input unsorted)
+    assert pick([view("d-2"), view("d-0"), view("d-1")], seq) == expected
+    # a cheaper worker is never part of the rotation
+    assert pick([view("d-2"), view("d-0"), view("d-1"), view("d-3", 1)], seq) == "d-3"
+
+
+@pytest.mark.parametrize(
+    ("queued", "expected"),
+    [
+        # d-0 holds half the prompt: 2 * 512 + queued against 2 * 1024 for idle d-1
+        (900, "d-0"),  # 1924 < 2048 (with weight 1, 1412 > 1024 sent it to d-1)
+        (1024, "d-1"),  # 2048 == 2048: a tie, seq 1 -> the second of (d-0, d-1)
+        (1100, "d-1"),  # 2124 > 2048 (within the bound 1.5 * 550 + 512 = 1337: by cost)
+    ],
+)
+def test_prefix_aware_charges_uncached_tokens_twice(queued, expected):
+    assert pick([view("d-0", 32, load(queued=queued)), view("d-1")], seq=1) == expected
 
 
 # --- fingerprints, conditional disaggregation, exclusion -----------------------------------

@@ -2,14 +2,17 @@
 
 Owner: one `Scheduler`. Writers: its KV event follower thread (`apply`, `expire`), its
 registry refresher thread (`forget`, `registered`), and `Scheduler.route` (`expire`, `add_speculative`).
-Reader: `Scheduler.route` (`match`). Thread safety: every public method takes the one
-`threading.Lock` of the index for its whole body, so each call is atomic; `apply` takes one
-record per call, so the follower never holds the lock for a whole batch.
+Reader: `Scheduler.route` (`match`, which also records runs in `_runs`). Thread safety:
+every public method takes the one `threading.Lock` of the index for its whole body, so each
+call is atomic; `apply` takes one record per call, so the follower never holds the lock for a
+whole batch.
 
 Layout (all under the lock):
 - Each worker the index knows gets a slot, a bit position. `_holders` maps a block hash to the
   bitmask (a Python int) of the workers whose KV events say they hold it (confirmed entries).
-  `match` groups the prompt's runs of equal masks and ANDs once per run.
+  `match` groups the prompt's runs of equal masks and ANDs once per run; the long runs it
+  finds are recorded (runs.py, `_runs`), so the next prompt with that prefix jumps over each
+  of them with one lookup, until an event changes one of their blocks.
 - Speculative entries are claims (claims.py, `_claims`): "worker w will soon hold the chain of
   blocks ending at hash h" (a request was just routed there), one O(1) entry per routed
   chain that expires after `speculative_ttl_s`; never edited by REMOVED events.
@@ -29,14 +32,22 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from itertools import groupby, repeat
+from itertools import groupby, islice, repeat
 from operator import or_
 
 from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, KVEventRecord
 from tandem.scheduler.claims import ClaimTable
+from tandem.scheduler.runs import RunTable
 
 logger = logging.getLogger(__name__)
+
+# Blocks of runs one `match` records at most (runs.py; recording costs about as much again as
+# scanning): a prompt whose runs are not recorded yet pays for at most this many, and the next
+# match of the same prefix records the next ones. Each run is charged its length plus
+# RECORD_COST_BLOCKS (its fixed cost), so many short runs are also spread over several matches.
+RECORD_BUDGET_BLOCKS = 128
+RECORD_COST_BLOCKS = 16
 
 
 class PrefixIndex:
@@ -50,6 +61,7 @@ class PrefixIndex:
         self._holders: dict[int, int] = {}  # block hash -> bitmask of slots (confirmed)
         self._confirmed: dict[str, set[int]] = {}  # worker -> its confirmed hashes
         self._claims = ClaimTable()
+        self._runs = RunTable()  # runs of equal confirmed masks, recorded by `match`
         self._bit: dict[str, int] = {}  # worker id -> 1 << slot
         self._owner: dict[int, str] = {}  # 1 << slot -> worker id
         self._free_slots: list[int] = []  # slots of forgotten workers, reused first
@@ -73,6 +85,7 @@ class PrefixIndex:
             confirmed = self._confirmed.setdefault(worker_id, set())
             hashes = record.block_hashes
             holders = self._holders
+            self._runs.invalidate(hashes)
             if record.kind is KVEventKind.STORED:
                 confirmed.update(hashes)
                 holders.update(zip(hashes, map(or_, map(holders.get, hashes, repeat(0)), repeat(bit))))
@@ -147,9 +160,12 @@ class PrefixIndex:
         hashes that looks up each block's holder bitmask and groups equal consecutive masks
         (itertools.groupby), so Python-level work happens once per RUN of equal masks (a
         long shared prefix is one run), and the walk stops as soon as no candidate matches
-        (a prompt nobody holds costs one lookup); then, if there are live claims, one pass
-        that intersects the claims with the prompt, and a Python step per claim that ends
-        inside it. Does not expire claims; call `expire` first.
+        (a prompt nobody holds costs one lookup). The runs it walks are recorded (up to
+        RECORD_BUDGET_BLOCKS blocks per call), and a later prompt that holds one pays one
+        lookup for it instead of one per block: a 32k-token prompt whose prefix was matched
+        before, with no event on it since, costs O(runs + num_workers). Then, if there are
+        live claims, one pass that intersects the claims with the prompt, and a Python step
+        per claim that ends inside it. Does not expire claims; call `expire` first.
         """
         result = dict.fromkeys(worker_ids, 0)
         with self._lock:
@@ -162,15 +178,24 @@ class PrefixIndex:
             owner = self._owner
             # still = candidates holding all of blocks 0..position-1 (confirmed). Within a run
             # of equal masks, AND-ing again changes nothing, so one AND per run is exact.
-            still, position = candidates, 0
-            for mask, run in groupby(map(self._holders.get, block_hashes, repeat(0))):
-                narrowed = still & mask
+            still, position, num_blocks = candidates, 0, len(block_hashes)
+            run_at = self._runs.by_start.get  # `RunTable.find`, inlined: one step per run
+            budget = RECORD_BUDGET_BLOCKS
+            while still and position < num_blocks:
+                run = run_at(block_hashes[position])
+                if run is not None:
+                    length, end, mask = run
+                    last = position + length - 1
+                    if last >= num_blocks or block_hashes[last] != end:
+                        run = None  # the prompt ends or diverges inside the run
+                if run is None:
+                    position, still, budget = self._scan(block_hashes, position, still, result, budget)
+                    continue
+                narrowed = still & mask  # a recorded run: one AND for all of its blocks
                 if narrowed != still:
                     _assign(result, owner, still ^ narrowed, position)  # their run ends here
                     still = narrowed
-                    if not still:
-                        break
-                position += len(list(run))
+                position += length
             _assign(result, owner, still, position)  # held every block (still is 0 after a break)
             for num_claimed, claimants in self._claims.ends(block_hashes):  # chains ending inside
                 claimed = claimants & candidates
@@ -221,6 +246,31 @@ class PrefixIndex:
 
     # --- internals (lock held) ---------------------------------------------------------------
 
+    def _scan(
+        self, block_hashes: Sequence[int], position: int, still: int, result: dict[str, int], budget: int
+    ) -> tuple[int, int, int]:
+        """`match`'s block-by-block walk from `position`: group equal masks, assign the
+        candidates whose run ends, record runs while `budget` (blocks) lasts. Returns
+        (position, still, budget left) when no candidate is left, at the end of the prompt,
+        or where a recorded run starts."""
+        owner, runs = self._owner, self._runs
+        num_blocks = len(block_hashes)
+        for mask, run in groupby(map(self._holders.get, islice(block_hashes, position, None), repeat(0))):
+            narrowed = still & mask
+            if narrowed != still:
+                _assign(result, owner, still ^ narrowed, position)  # their run ends here
+                still = narrowed
+                if not still:
+                    break
+            length = len(list(run))
+            if budget > 0:  # the first `budget` blocks of a longer run are a run too
+                runs.record(block_hashes, position, min(length, budget), mask)
+                budget -= length + RECORD_COST_BLOCKS
+            position += length
+            if position < num_blocks and runs.starts_at(block_hashes[position]):
+                break
+        return position, still, budget
+
     def _advance(self, record: KVEventRecord) -> bool:
         """Check (epoch, seq) against the last applied event; False: skip this event."""
         worker_id, epoch, seq = record.worker_id, record.epoch, record.seq
@@ -266,6 +316,7 @@ class PrefixIndex:
         bit = self._bit.get(worker_id)
         if bit is None:
             return
+        self._runs.invalidate(confirmed)
         for h in confirmed:
             _clear_bit(self._holders, h, bit)
         self._claims.drop(worker_id, bit)

@@ -168,7 +168,10 @@ class Scheduler:
     def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int) -> None:
         """The prompt of a routed request was prefilled (or failed): call once per decision."""
         self._inflight.prefill_done(
-            prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens), self._clock()
+            prefilled_by(decision),
+            uncached_prefill_tokens(decision, num_prompt_tokens),
+            self._clock(),
+            num_prompt_tokens,
         )
 
     def decode_done(self, decision: RouteDecision) -> None:

@@ -8,9 +8,11 @@ picker, policy, speculative claims); each worker's prefix cache is an engine `Bl
 modelled: the compute. A worker runs one prompt at a time, FIFO, for
 `overhead_s + uncached_tokens / tokens_per_s`; its cache hit is taken when the prompt starts
 (`BlockPool.lookup_prefix`, capped before the last prompt token as the batcher does). The loads
-the scheduler sees are exact at each decision (a real gateway's are up to a heartbeat old):
+the workers publish are exact at each decision (a real gateway's are up to a heartbeat old):
 waiting prompts count all their tokens, the running one its remaining tokens, as
-`worker/load.py` reports them.
+`worker/load.py` reports them; the scheduler adjusts them with its in-flight table
+(inflight.py: its own prompts at their uncached length), which the simulation keeps as
+`Scheduler` does (`begin` at routing, `prefill_done` / `decode_done` when a prompt ends).
 
 Per request: arrival (Poisson), route, queue, prefill; TTFT = prefill end - arrival (decode
 is not modelled). Workers are colocated decode workers (no prefill pool), so every decision is
@@ -29,10 +31,11 @@ from tandem.common.workers import KVEventRecord, WorkerInfo, WorkerLoad, WorkerR
 from tandem.engine.block_pool import BlockPool
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
+from tandem.scheduler.inflight import InflightTable
 from tandem.scheduler.policies import make_policy
 from tandem.scheduler.registry import RegistrySnapshot
-from tandem.scheduler.routing import route_on
-from tandem.scheduler.types import RouteRequest
+from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_tokens
+from tandem.scheduler.types import RouteDecision, RouteRequest
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class SimRequest:
 class _Job:
     index: int
     request: SimRequest
+    decision: RouteDecision
     remaining_tokens: int  # what the worker reports as queued for it
     start_s: float = 0.0
     end_s: float = 0.0
@@ -94,13 +98,38 @@ class PolicyResult:
     policy: str
     hit_tokens: tuple[int, ...]  # per measured request
     ttft_s: tuple[float, ...]
-    mean_queued_tokens: tuple[float, ...]  # per worker, averaged over the measured decisions
+    mean_queued_tokens: tuple[float, ...]  # per worker: as reported, averaged over the measured decisions
+    mean_work_tokens: tuple[float, ...]  # per worker: uncached tokens queued, time-averaged (`_work`)
 
     @property
     def load_imbalance(self) -> float:
-        """max / mean over workers of the time-averaged queued prefill tokens."""
-        mean = sum(self.mean_queued_tokens) / len(self.mean_queued_tokens)
-        return max(self.mean_queued_tokens) / mean if mean else 1.0
+        """max / mean over workers of the time-averaged uncached tokens queued (the work)."""
+        return _max_over_mean(self.mean_work_tokens)
+
+    @property
+    def reported_imbalance(self) -> float:
+        """max / mean over workers of the queued prefill tokens they report (waiting prompts
+        at full length), averaged over the measured decisions."""
+        return _max_over_mean(self.mean_queued_tokens)
+
+
+def _max_over_mean(values: tuple[float, ...]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
+
+
+def _work(job: _Job, t0_s: float, t1_s: float) -> float:
+    """The integral over [t0_s, t1_s] of the job's uncached tokens left: all of them while it
+    waits (arrival to start), then decreasing linearly to 0 while it runs (start to end), as
+    `_progress` has it. Token-seconds."""
+    uncached = len(job.request.token_ids) - job.hit_tokens
+    lo, hi = max(job.request.arrival_s, t0_s), min(job.start_s, t1_s)
+    waiting = uncached * (hi - lo) if hi > lo else 0.0
+    lo, hi = max(job.start_s, t0_s), min(job.end_s, t1_s)
+    if hi <= lo or job.end_s <= job.start_s:
+        return waiting
+    rate = uncached / (job.end_s - job.start_s)
+    return waiting + rate * ((job.end_s - lo) ** 2 - (job.end_s - hi) ** 2) / 2
 
 
 def _progress(job: _Job, now_s: float) -> int:
@@ -195,6 +224,7 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
     queues: dict[str, deque[_Job]] = {w.worker_id: deque() for w in infos}
     seqs = dict.fromkeys(pools, 0)
     index = PrefixIndex(config.speculative_ttl_s)
+    inflight = InflightTable()  # the gateway's own in-flight work, as `Scheduler` keeps it
     done: list[_Job] = []
     queued_sums = dict.fromkeys(pools, 0.0)
 
@@ -223,6 +253,10 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
                 pool.cache_block(block_id, h)
             pool.free(job.blocks[::-1])
             publish(worker_id)
+            num_tokens = len(job.request.token_ids)
+            uncached = uncached_prefill_tokens(job.decision, num_tokens)
+            inflight.prefill_done(prefilled_by(job.decision), uncached, job.end_s, num_tokens)
+            inflight.decode_done(job.decision.decode.worker_id, job.end_s)  # decode is not modelled
             done.append(job)
             if queue:
                 start(worker_id, queue[0], job.end_s)
@@ -240,11 +274,10 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
                 len(queue) - 1 if queue else 0, min(1, len(queue)), queued, used, spec.num_pool_blocks, r.arrival_s
             )
         snapshot = RegistrySnapshot.of(infos, loads, r.arrival_s)
-        decision = route_on(
-            snapshot, index, RouteRequest(f"r{i}", len(r.token_ids), r.block_hashes, i), policy, config, r.arrival_s
-        )
+        request = RouteRequest(f"r{i}", len(r.token_ids), r.block_hashes, i)
+        decision = route_on(snapshot, index, request, policy, config, r.arrival_s, inflight=inflight)
         target = decision.decode.worker_id
-        job = _Job(i, r, len(r.token_ids))
+        job = _Job(i, r, decision, len(r.token_ids))
         queues[target].append(job)
         if len(queues[target]) == 1:
             start(target, job, r.arrival_s)
@@ -254,9 +287,14 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
         assert pools[worker_id].num_used_blocks == 0, f"{worker_id} leaked blocks"
     measured = sorted((j for j in done if j.index >= spec.warmup_requests), key=lambda j: j.index)
     num_measured = len(requests) - spec.warmup_requests
+    t0_s, t1_s = requests[spec.warmup_requests].arrival_s, requests[-1].arrival_s
+    work = dict.fromkeys(pools, 0.0)
+    for job in done:
+        work[job.decision.decode.worker_id] += _work(job, t0_s, t1_s)
     return PolicyResult(
         policy_name,
         tuple(j.hit_tokens for j in measured),
         tuple(j.end_s - j.request.arrival_s for j in measured),
         tuple(queued_sums[w] / max(1, num_measured) for w in pools),
+        tuple(work[w] / (t1_s - t0_s) if t1_s > t0_s else 0.0 for w in pools),
     )

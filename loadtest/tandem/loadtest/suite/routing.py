@@ -18,11 +18,11 @@ Load, and why the oracle is fair:
    with a seeded RNG.
 2. Warm-up: the first request of each group, closed loop at concurrency 2. They are excluded
    from the numerator and the denominator of both hit rates; they only fill the caches (and
-   count as "earlier requests" for the oracle). Not one at a time: then every worker is idle at
-   each decision, prefix_aware breaks the tie by worker id and puts all groups on one prefill
-   worker, and the measured phase queues on it while the other idles (measured: TTFT p50
-   round_robin / prefix_aware 0.63). That is an artefact of a sequential warm-up, not of the
-   policy under load, so groups arrive together here, as they would in service.
+   count as "earlier requests" for the oracle). Not one at a time: when prefix_aware broke
+   ties by worker id, a sequential warm-up (every worker idle at each decision) put all groups
+   on one prefill worker, and the measured phase queued on it while the other idled (measured
+   then: TTFT p50 round_robin / prefix_aware 0.63). Ties now rotate by request seq, but groups
+   still arrive together here, as they would in service.
 3. Then the shuffled requests, closed loop at concurrency 2 (one per prefill worker). Every
    prompt has the same length, so every system-prompt prefix already sits in a cache after
    step 2: no request can share more with a request still in flight than with a warm-up one,
