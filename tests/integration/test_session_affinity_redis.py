@@ -66,30 +66,31 @@ def test_two_gateways_share_the_affinity(redis_server: EmbeddedRedis, redis_clie
     async def scenario() -> None:
         a, b = Gateway(redis_server), Gateway(redis_server)
         try:
-            assert await a.route(session) == "d0"  # unknown session: the tie goes to d0
-            # d0 gets busier (within the limits): B still follows the session, a new request does not
-            state.publish_load("d0", load(waiting=1, queued_tokens=500), 30.0)
-            assert await b.route(None) == "d1"
-            assert await b.route(session) == "d0"
+            first = await a.route(session)  # unknown session: the policy breaks the tie
+            (other,) = {"d0", "d1"} - {first}
+            # `first` gets busier (within the limits): B still follows the session, a new request does not
+            state.publish_load(first, load(waiting=1, queued_tokens=500), 30.0)
+            assert await b.route(None) == other
+            assert await b.route(session) == first
             # the Redis key: the hash (never the raw key), the worker, the TTL as its expiry
             keys = redis_client.keys("tandem:test:session:*")
             assert keys == [f"tandem:test:session:{session}".encode()]
-            assert redis_client.get(keys[0]) == b"d0"
+            assert redis_client.get(keys[0]) == first.encode()
             assert 0 < redis_client.pttl(keys[0]) <= TTL_S * 1000
             strings = [k for k in redis_client.keys("*") if redis_client.type(k) == b"string"]
             assert not [k for k in strings if RAW_KEY.encode() in k + (redis_client.get(k) or b"")]
-            # d0 over the waiting limit: normal scoring picks d1 and the affinity moves, for A too
-            state.publish_load("d0", load(waiting=3), 30.0)
-            assert await a.route(session) == "d1"
-            state.publish_load("d0", load(), 30.0)
-            state.publish_load("d1", load(waiting=1, queued_tokens=500), 30.0)
-            assert await b.route(session) == "d1"
+            # `first` over the waiting limit: normal scoring picks the other and the affinity moves, for A too
+            state.publish_load(first, load(waiting=3), 30.0)
+            assert await a.route(session) == other
+            state.publish_load(first, load(), 30.0)
+            state.publish_load(other, load(waiting=1, queued_tokens=500), 30.0)
+            assert await b.route(session) == other
             # the affinity expires TTL_S after the session's last request: normal scoring again
             deadline = time.monotonic() + TTL_S + 2.0
             while redis_client.exists(keys[0]) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert await a.store.worker_of(session) is None
-            assert await a.route(session) == "d0"
+            assert await a.route(session) == first  # the idle one
         finally:
             await a.close()
             await b.close()
