@@ -38,13 +38,41 @@ pytestmark = [
 ]
 NUM_REQUESTS = 12
 STOP_TIMEOUT_S = 20.0
-# A handful of queries from vLLM's Grafana dashboard
-# (vllm-project/vllm examples/observability/prometheus_grafana/grafana.json), as written there.
+# Queries from vLLM's Grafana dashboards (vllm-project/vllm
+# examples/online_serving/prometheus_grafana/grafana.json and k8s-monitoring/grafana-dashboard.json),
+# as written there. Left out: the `vllm_*` forms (an OpenMetrics scrape's escaping, which /metrics
+# avoids), counters queried without `_total` (prometheus_client exposes them with it, as vLLM's
+# own workers do) and `by (pod)` (no Kubernetes here).
 VLLM_DASHBOARD = (
     *(
         f'histogram_quantile(0.99, sum by(le) (rate(vllm:{name}_bucket{{model_name="$model_name"}}[$__rate_interval])))'
-        for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "inter_token_latency_seconds")
+        for name in (
+            "e2e_request_latency_seconds",
+            "time_to_first_token_seconds",
+            "inter_token_latency_seconds",
+            "time_per_output_token_seconds",
+        )
     ),
+    *(
+        "histogram_quantile(0.95, sum by(le) "
+        f'(rate(vllm:{name}_bucket{{model_name=~"$model_name"}}[$__rate_interval])))'
+        for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds")
+    ),
+    'rate(vllm:time_per_output_token_seconds_sum{model_name="$model_name"}[$__rate_interval])'
+    ' / rate(vllm:time_per_output_token_seconds_count{model_name="$model_name"}[$__rate_interval])',
+    'vllm:gpu_cache_usage_perc{model_name="$model_name"}',
+    'avg(vllm:kv_cache_usage_perc{model_name=~"$model_name"})'
+    ' or avg(vllm:gpu_cache_usage_perc{model_name=~"$model_name"})',
+    'sum by(le) (increase(vllm:request_prompt_tokens_bucket{model_name="$model_name"}[$__rate_interval]))',
+    'sum by(le) (increase(vllm:request_generation_tokens_bucket{model_name="$model_name"}[$__rate_interval]))',
+    'sum by(le) (increase(vllm:iteration_tokens_total_bucket{model_name=~"$model_name"}[$__rate_interval]))',
+    'rate(vllm:request_prefill_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_decode_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_max_num_generation_tokens_sum{model_name="$model_name"}[$__rate_interval])',
+    'sum(rate(vllm:num_preemptions{model_name=~"$model_name"}[$__rate_interval]))'
+    ' or sum(rate(vllm:num_preemptions_total{model_name=~"$model_name"}[$__rate_interval]))',
+    'sum(rate(vllm:request_success{model_name=~"$model_name"}[$__rate_interval]))'
+    ' or sum(rate(vllm:request_success_total{model_name=~"$model_name"}[$__rate_interval]))',
     'rate(vllm:prompt_tokens_total{model_name="$model_name"}[$__rate_interval])',
     'rate(vllm:generation_tokens_total{model_name="$model_name"}[$__rate_interval])',
     'vllm:num_requests_running{model_name="$model_name"}',

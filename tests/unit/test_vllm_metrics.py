@@ -58,7 +58,7 @@ def test_token_buckets_are_vllms_1_2_5_series() -> None:
 
 def test_colocated_request_records_every_series_once() -> None:
     m = _metrics()
-    rec = RequestRecorder(m.vllm, arrival_s=10.0, num_prompt_tokens=40)
+    rec = RequestRecorder(m.vllm, arrival_s=10.0, num_prompt_tokens=40, max_tokens=3)
     rec.record(_out((7,), cached=32), 11.0)  # first token: queue 0.5 s, prefill 0.5 s, TTFT 1 s
     rec.record(_out((8,)), 11.25)
     rec.record(_out((9,), FinishReason.LENGTH), 11.75)
@@ -82,6 +82,11 @@ def test_colocated_request_records_every_series_once() -> None:
     assert v("vllm:request_prompt_tokens_bucket", le="50.0") == 1
     assert v("vllm:request_prompt_tokens_bucket", le="20.0") == 0
     assert v("vllm:request_generation_tokens_sum") == 3
+    assert v("vllm:request_max_num_generation_tokens_sum") == 3
+    assert v("vllm:request_max_num_generation_tokens_count") == 1
+    # the deprecated name that vLLM's dashboards still query, observed with its successor
+    assert v("vllm:time_per_output_token_seconds_count") == 2
+    assert v("vllm:time_per_output_token_seconds_sum") == 0.75
     assert v("vllm:time_to_first_token_seconds_bucket", le="1.0") == 1
     assert v("vllm:time_to_first_token_seconds_bucket", le="0.75") == 0
 
@@ -207,3 +212,10 @@ def test_the_gateway_answers_text_0_0_4_too() -> None:
     families = _families(body.decode())
     assert families["tandem_ttft_stage_seconds"].type == "histogram"
     assert {s.labels["model_name"] for s in families["tandem_ttft_stage_seconds"].samples} == {"tiny-llama"}
+
+
+def test_kv_usage_is_published_under_both_names() -> None:
+    m = _metrics()
+    m.vllm.set_kv_cache_usage(0.25)
+    assert _value(m, "vllm:kv_cache_usage_perc") == 0.25
+    assert _value(m, "vllm:gpu_cache_usage_perc") == 0.25

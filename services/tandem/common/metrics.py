@@ -37,7 +37,6 @@ class WorkerMetrics:
         self.vllm = VllmMetrics(r, vllm_labels, max_model_len)
         self.num_requests_waiting = self.vllm.num_requests_waiting
         self.num_requests_running = self.vllm.num_requests_running
-        self.kv_cache_usage_perc = self.vllm.kv_cache_usage_perc
         self._server: ThreadingHTTPServer | None = None
         # The prefill pool's scaling signal (the autoscaler reads it from Redis, KEDA from here).
         self.queued_prefill_tokens = Gauge(

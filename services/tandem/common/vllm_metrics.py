@@ -71,6 +71,11 @@ class VllmMetrics:
         self.num_requests_running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
         self.num_requests_waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
         self.kv_cache_usage_perc = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        # vLLM's deprecated names that its published dashboards still query: set and observed
+        # with their successors (`set_kv_cache_usage`, `observe_inter_token_latency`)
+        self.gpu_cache_usage_perc = gauge(
+            "vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage (deprecated name)."
+        )
         self.prefix_cache_queries = counter(
             "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
         )
@@ -93,6 +98,11 @@ class VllmMetrics:
         self.request_generation_tokens = histogram(
             "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
         )
+        self.request_max_num_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            token_buckets,
+        )
         self.iteration_tokens = histogram(
             "vllm:iteration_tokens_total",
             "Histogram of number of tokens per engine_step.",
@@ -104,6 +114,11 @@ class VllmMetrics:
         )
         self.inter_token_latency = histogram(
             "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+        )
+        self.time_per_output_token = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds (deprecated: inter_token_latency_seconds).",
+            ITL_BUCKETS,
         )
         self.e2e_request_latency = histogram(
             "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
@@ -124,6 +139,14 @@ class VllmMetrics:
             REQUEST_LATENCY_BUCKETS,
         )
         self._registry = r
+
+    def set_kv_cache_usage(self, usage: float) -> None:
+        self.kv_cache_usage_perc.set(usage)
+        self.gpu_cache_usage_perc.set(usage)
+
+    def observe_inter_token_latency(self, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds)
+        self.time_per_output_token.observe(seconds)
 
     def request_success(self, reason: FinishReason) -> None:
         """One request ended on this worker with `reason` (stop, length or abort)."""

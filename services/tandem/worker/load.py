@@ -48,7 +48,7 @@ class LoadMeter:
         self.metrics.num_requests_waiting.set(num_waiting)
         self.metrics.num_requests_running.set(len(running))
         self.metrics.queued_prefill_tokens.set(queued)
-        self.metrics.kv_cache_usage_perc.set(pool.usage)
+        self.metrics.vllm.set_kv_cache_usage(pool.usage)
         return load
 
     def count_prompt_tokens(self, engine: Engine) -> None:

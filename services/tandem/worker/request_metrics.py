@@ -64,18 +64,21 @@ class RequestRecorder:
         num_prompt_tokens: int,
         num_prior_output_tokens: int = 0,
         prefilled_elsewhere: bool = False,
+        max_tokens: int | None = None,
     ) -> None:
         """`arrival_s`: the call's arrival (`time.monotonic()`). `num_prompt_tokens`: the
         request's prompt (a replay's output excluded). `num_prior_output_tokens`: output tokens
         the request had on arrival (a migration's replay, and the first token a prefill worker
         sampled). `prefilled_elsewhere`: a prefill worker ran the prompt and sampled the first
-        token (D of a disaggregated request)."""
+        token (D of a disaggregated request). `max_tokens`: the request's sampling parameter
+        (vLLM's `request_max_num_generation_tokens`, recorded where the request ends)."""
         self._m = metrics
         self._arrival_s = arrival_s
         self._num_prompt_tokens = num_prompt_tokens
         self._num_prior = num_prior_output_tokens
         self._prompt_recorded = prefilled_elsewhere
         self._num_output = 0  # tokens this worker produced for the request
+        self._max_tokens = max_tokens
         first_token_s = arrival_s if prefilled_elsewhere else None
         self._first_token_s, self._last_token_s = first_token_s, first_token_s
 
@@ -103,7 +106,7 @@ class RequestRecorder:
                 if out.first_scheduled_s is not None:
                     m.request_prefill_time.observe(max(0.0, now_s - out.first_scheduled_s))
             else:
-                m.inter_token_latency.observe(max(0.0, now_s - self._last_token_s))
+                m.observe_inter_token_latency(max(0.0, now_s - self._last_token_s))
             self._last_token_s = now_s
         if reason in SUCCESS_REASONS:
             assert reason is not None
@@ -111,6 +114,8 @@ class RequestRecorder:
             m.e2e_request_latency.observe(max(0.0, now_s - self._arrival_s))
             m.request_prompt_tokens.observe(self._num_prompt_tokens)
             m.request_generation_tokens.observe(self._num_prior + self._num_output)
+            if self._max_tokens is not None:
+                m.request_max_num_generation_tokens.observe(self._max_tokens)
             if self._first_token_s is not None and self._last_token_s is not None:
                 m.request_decode_time.observe(self._last_token_s - self._first_token_s)
 

@@ -184,6 +184,7 @@ class Worker:
             len(req.original_prompt_token_ids),
             len(req.generated_token_ids) + (1 if prefilled_elsewhere else 0),
             prefilled_elsewhere,
+            req.sampling.max_tokens,
         )
 
     def server_span(self, name: str, context: grpc.aio.ServicerContext, arrival: ClockAnchor) -> Span:
