@@ -20,7 +20,7 @@ import pytest
 
 from tandem.launcher.processes import ChildProcess
 from tandem.scheduler.affinity import session_hash
-from tests.e2e.cluster import GATEWAY_STOP_TIMEOUT_S, Cluster
+from tests.e2e.cluster import GATEWAY_STOP_TIMEOUT_S, Cluster, gateway_metric
 
 SPEC = 'regex_redactor:{"apply_to": ["input", "output"]},blocklist:{"words": ["forbidden", "secret"]}'
 MAIL = "mail bob@example.com now"
@@ -44,6 +44,10 @@ def forced(text: str) -> dict[str, Any]:
     return {"structured_outputs": {"choice": [text]}}
 
 
+def actions(gateway: ChildProcess, guardrail: str, action: str) -> float:
+    return gateway_metric(gateway, "tandem_guardrail_actions_total", guardrail=guardrail, action=action)
+
+
 def stream_text(c: openai.OpenAI, model: str, **kwargs: Any) -> tuple[str, str | None, int]:
     """(text, finish_reason, completion_tokens) of a streamed completion."""
     text, finish, tokens = "", None, -1
@@ -58,20 +62,24 @@ def stream_text(c: openai.OpenAI, model: str, **kwargs: Any) -> tuple[str, str |
 
 def test_an_email_is_redacted_in_stream_and_non_stream(guarded: ChildProcess, tiny_model_dir: Path) -> None:
     c = client(guarded)
+    before = actions(guarded, "regex_redactor", "redact")
     args = {"prompt": "Say it", "max_tokens": 60, "temperature": 0, "extra_body": forced(MAIL)}
     assert stream_text(c, tiny_model_dir.name, **args)[:2] == ("mail [REDACTED] now", "stop")
     resp = c.completions.create(model=tiny_model_dir.name, **args)
     assert (resp.choices[0].text, resp.choices[0].finish_reason) == ("mail [REDACTED] now", "stop")
+    assert actions(guarded, "regex_redactor", "redact") - before == 2  # one span per response
 
 
 def test_a_blocked_word_stops_with_content_filter(
     guarded: ChildProcess, gateway: ChildProcess, tiny_model_dir: Path
 ) -> None:
+    before = actions(guarded, "blocklist", "stop")
     args = {"prompt": "Say it", "max_tokens": 60, "temperature": 0, "extra_body": forced(SECRET)}
     text, finish, tokens = stream_text(client(guarded), tiny_model_dir.name, **args)
     assert (text, finish) == ("a ", "content_filter")
     resp = client(guarded).completions.create(model=tiny_model_dir.name, **args)
     assert (resp.choices[0].text, resp.choices[0].finish_reason) == ("a ", "content_filter")
+    assert actions(guarded, "blocklist", "stop") - before == 2
     plain = client(gateway).completions.create(model=tiny_model_dir.name, **args)
     assert (plain.choices[0].text, plain.choices[0].finish_reason) == (SECRET, "stop")
     # usage counts the tokens generated until the stop: fewer than the whole text's. How many
@@ -86,6 +94,7 @@ def test_input_allow_rewrite_and_reject(guarded: ChildProcess, gateway: ChildPro
     model = tiny_model_dir.name
     allowed = {"prompt": "The weather today", "max_tokens": 6, "temperature": 0}
     g, p = client(guarded), client(gateway)
+    rewrites, rejects = actions(guarded, "regex_redactor", "rewrite"), actions(guarded, "blocklist", "reject")
     assert g.completions.create(model=model, **allowed).choices[0].text == (
         p.completions.create(model=model, **allowed).choices[0].text
     )
@@ -107,6 +116,8 @@ def test_input_allow_rewrite_and_reject(guarded: ChildProcess, gateway: ChildPro
         "param": None,
         "code": "content_policy_violation",
     }
+    assert actions(guarded, "regex_redactor", "rewrite") - rewrites == 1
+    assert actions(guarded, "blocklist", "reject") - rejects == 1
 
 
 def test_a_session_header_records_the_decode_worker(

@@ -187,6 +187,12 @@ class GatewayMetrics:
             base,
             registry=r,
         ).labels(**self._model)
+        self._guardrail_actions = Counter(
+            "tandem_guardrail_actions_total",
+            "Actions of the guardrail hooks: reject, rewrite (input), redact (a span), stop (output)",
+            [*base, "guardrail", "action"],
+            registry=r,
+        )
         self._queue_depth = Gauge("tandem_queue_depth", "Waiting requests by pool", [*base, "pool"], registry=r)
         self._workers = Gauge("tandem_workers", "Live workers by pool", [*base, "pool"], registry=r)
         self._routing_mode = Gauge(
@@ -272,6 +278,9 @@ class GatewayMetrics:
     def set_admission_limit(self, limit: int) -> None:
         _check_count(limit=limit)
         self._admission_limit.set(limit)
+
+    def guardrail_action(self, guardrail: str, action: str) -> None:
+        self._guardrail_actions.labels(**self._model, guardrail=guardrail, action=action).inc()
 
     def slow_client_abort(self) -> None:
         self._slow_clients.inc()

@@ -82,7 +82,8 @@ class GatewayState:
             gateway_id=default_gateway_id(),
         )
         self.clients = WorkerClients(config.plane.token)
-        self.guardrails = load_guardrails(config.guardrails, config.guardrail_window_chars)
+        guardrails = load_guardrails(config.guardrails, config.guardrail_window_chars)
+        self.guardrails = guardrails.counted(self.metrics.guardrail_action)
         # Session affinity: its own async client, built here (it connects on first use, on the loop).
         self._affinity_redis: aioredis.Redis | None = None
         affinity: AffinityStore | None = None

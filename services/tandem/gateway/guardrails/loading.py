@@ -15,7 +15,7 @@ an object that is no hook: `GatewayConfig` calls it, so the gateway refuses to s
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -72,11 +72,23 @@ def parse_guardrails(spec: str) -> tuple[GuardrailSpec, ...]:
 class Guardrails:
     """The loaded hooks of one gateway, in spec order; shared by every request."""
 
-    def __init__(self, hooks: Sequence[InputHook | OutputHook], window_chars: int) -> None:
+    def __init__(
+        self,
+        hooks: Sequence[InputHook | OutputHook],
+        window_chars: int,
+        on_action: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """`on_action(guardrail, action)` is told of every action a hook takes: "reject",
+        "rewrite" (input), "redact" (one span), "stop" (output); the gateway counts them."""
         self.hooks = tuple(hooks)
         self.input_hooks = tuple(h for h in hooks if isinstance(h, InputHook))
         self.output_hooks = tuple(h for h in hooks if isinstance(h, OutputHook))
         self.window_chars = window_chars
+        self.on_action = on_action
+
+    def counted(self, on_action: Callable[[str, str], None]) -> Guardrails:
+        """The same hooks, telling `on_action` of each action they take."""
+        return Guardrails(self.hooks, self.window_chars, on_action) if self.hooks else self
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -88,6 +100,8 @@ class Guardrails:
         rewritten: GuardInput | None = None
         for hook in self.input_hooks:
             verdict = hook.check_input(rewritten or request)
+            if self.on_action is not None and isinstance(verdict, (Reject, Rewrite)):
+                self.on_action(hook.name, "reject" if isinstance(verdict, Reject) else "rewrite")
             if isinstance(verdict, Reject):
                 raise OpenAIError(
                     400,
@@ -102,7 +116,7 @@ class Guardrails:
 
     def output_window(self) -> OutputWindow | None:
         """A new window for one choice; None without output hooks (the text is not held)."""
-        return OutputWindow(self.output_hooks, self.window_chars) if self.output_hooks else None
+        return OutputWindow(self.output_hooks, self.window_chars, self.on_action) if self.output_hooks else None
 
 
 NO_GUARDRAILS = Guardrails((), 1)

@@ -18,7 +18,7 @@ Longer spans than the window may be released in part: size the window for the lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tandem.gateway.guardrails.hooks import OutputAction, OutputHook, Span
@@ -36,10 +36,14 @@ class Released:
 class OutputWindow:
     """One choice's window; owned by its `Generation` task (not thread-safe, not shared)."""
 
-    def __init__(self, hooks: Sequence[OutputHook], window_chars: int) -> None:
+    def __init__(
+        self, hooks: Sequence[OutputHook], window_chars: int, on_action: Callable[[str, str], None] | None = None
+    ) -> None:
+        """`on_action(guardrail, action)`: told of each span redacted ("redact") and of a stop."""
         if window_chars < 1:
             raise ValueError(f"window_chars must be >= 1, got {window_chars}")
         self._hooks = tuple(hooks)
+        self._on_action = on_action
         self._window = window_chars
         self._context = ""  # the last released raw characters (at most the window)
         self._held = ""  # raw characters not released yet
@@ -67,6 +71,8 @@ class OutputWindow:
             if span.start >= cut:
                 break
             out.append(scan[pos : span.start])
+            if self._on_action is not None:
+                self._on_action(hook, "stop" if span.action is OutputAction.STOP else "redact")
             if span.action is OutputAction.STOP:
                 self._stopped = hook
                 self._held = ""
