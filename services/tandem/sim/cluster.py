@@ -1,0 +1,319 @@
+"""The discrete-event simulation of a cluster, driven by the project's real decisions.
+
+Lifecycle of a request (the gateway's, DESIGN.md section 2, on a simulated clock):
+1. Arrival: the gateway's routing path, `scheduler.routing.route_on`, on a `RegistrySnapshot`
+   of the workers' loads (rebuilt every `refresh_interval_s`, as the scheduler's refresher
+   does), a real `PrefixIndex` (fed with the workers' KV events for group prefixes, plus the
+   speculative claims `route_on` makes) and a real `InflightTable`. The picker's conditional
+   disaggregation rule decides local prefill vs (P, D).
+2. Prefill: on P (a hand-off: done after its first token) or on D (local). The first token is
+   the TTFT; the inflight table hears `prefill_done`.
+3. Hand-off: the KV of the prompt tokens D does not hold travels for
+   `CostModel.transfer_seconds(bytes)`; then P frees its blocks (`ReleaseKV`) and D reserves
+   blocks for the prompt (or, when it cannot, prefills it again itself).
+4. Decode on D until the request's output tokens are out; the inflight table hears
+   `decode_done`.
+Every `AutoscalerConfig.interval_s`, the real `autoscaler.policy.decide` reads the pools'
+signals (`autoscaler.signals.pool_signals` over the workers' loads) and its decisions are
+applied: new workers join after `startup_s`; removed ones stop taking requests at once and
+leave when their work is done (drain).
+
+Deterministic: no randomness and no wall clock; simultaneous events run in the order they
+were scheduled.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tandem.autoscaler.config import AutoscalerConfig
+from tandem.autoscaler.policy import PolicyState, decide
+from tandem.autoscaler.signals import pool_signals
+from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerRole
+from tandem.scheduler.config import SchedulerConfig
+from tandem.scheduler.index import PrefixIndex
+from tandem.scheduler.inflight import InflightTable
+from tandem.scheduler.policies import make_policy
+from tandem.scheduler.registry import RegistrySnapshot
+from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_tokens
+from tandem.scheduler.types import NoWorkerError, RouteDecision, RouteKind, RouteRequest
+from tandem.sim.accounting import summarize
+from tandem.sim.hashes import group_block_hashes, prompt_block_hashes
+from tandem.sim.results import Records, SimResult, Slo
+from tandem.sim.stepmodel import SimSeq, StepModelConfig
+from tandem.sim.types import CostModel, TraceRequest
+from tandem.sim.worker import Delivery, SimWorker
+
+_ARRIVAL, _STEP_END, _TRANSFER, _REFRESH, _AUTOSCALE, _WORKER_UP = range(6)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A cluster to simulate: pool sizes at the start, the workers' batcher limits and KV pool,
+    the scheduler, and optionally the autoscaler (None: fixed pools)."""
+
+    num_prefill: int
+    num_decode: int
+    step: StepModelConfig = field(default_factory=StepModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    autoscaler: AutoscalerConfig | None = None
+    startup_s: float = 0.0  # a scaled-up worker takes requests this long after the decision
+    slo: Slo | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError(f"need >= 0 prefill and >= 1 decode workers, got {self.num_prefill}/{self.num_decode}")
+        if self.step.block_size != self.scheduler.block_size:
+            raise ValueError(
+                f"step block_size {self.step.block_size} != scheduler block_size {self.scheduler.block_size}"
+            )
+
+
+class ClusterSim:
+    """One run over `trace` (sorted by arrival). Call `run()` once."""
+
+    def __init__(self, config: ClusterConfig, cost: CostModel, trace: Sequence[TraceRequest]) -> None:
+        self.config, self.cost, self.trace = config, cost, trace
+        self.records = Records(len(trace))
+        self.workers: dict[str, SimWorker] = {}
+        self.routable: dict[WorkerRole, list[SimWorker]] = {WorkerRole.PREFILL: [], WorkerRole.DECODE: []}
+        self.retired: list[SimWorker] = []
+        self.decisions: dict[int, RouteDecision] = {}
+        self.scale_log: list[tuple[float, WorkerRole, int, int, str]] = []  # (t, role, from, to, reason)
+        self._heap: list[tuple[float, int, int, object]] = []
+        self._order = 0
+        self._next_id = {WorkerRole.PREFILL: 0, WorkerRole.DECODE: 0}
+        self._policy = make_policy(config.scheduler.policy)
+        self._index = PrefixIndex(config.scheduler.speculative_ttl_s)
+        self._inflight = InflightTable()
+        self._snapshot = RegistrySnapshot.of((), {}, 0.0)
+        self._autoscale_state: PolicyState | None = None
+        self._outstanding = 0
+        self._next_arrival = 0
+        self._pending_work = 0  # events in the heap that are not periodic ticks
+        self._num_events = 0
+        self._kv_bytes_per_token = cost.kv_bytes_per_token()
+        self.counts = {RouteKind.DISAGGREGATED: 0, RouteKind.LOCAL_PREFILL: 0}
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        for role, n in ((WorkerRole.PREFILL, self.config.num_prefill), (WorkerRole.DECODE, self.config.num_decode)):
+            for _ in range(n):
+                self._add_worker(role, 0.0)
+        self._refresh(0.0)
+        if self.trace:
+            self._push(self.trace[0].arrival_s, _ARRIVAL, 0)
+            self._push(self.config.scheduler.refresh_interval_s, _REFRESH, None)
+            if self.config.autoscaler is not None:
+                self._push(self.config.autoscaler.interval_s, _AUTOSCALE, None)
+        handlers = {
+            _ARRIVAL: self._on_arrival,
+            _STEP_END: self._on_step_end,
+            _TRANSFER: self._on_transfer,
+            _REFRESH: self._on_refresh,
+            _AUTOSCALE: self._on_autoscale,
+            _WORKER_UP: self._on_worker_up,
+        }
+        heap = self._heap
+        now = 0.0
+        while heap and self._pending_work:  # else only ticks are left: done, or stuck for good
+            now, _, kind, payload = heapq.heappop(heap)
+            self._num_events += 1
+            if kind < _REFRESH or kind == _WORKER_UP:
+                self._pending_work -= 1
+            handlers[kind](now, payload)
+        for worker in self.workers.values():
+            worker.down_at_s = now
+        everyone = list(self.workers.values()) + self.retired
+        return summarize(
+            self.records, self.trace, everyone, self.counts, self.config.slo, now, len(self.scale_log), self._num_events
+        )
+
+    def _push(self, at_s: float, kind: int, payload: object) -> None:
+        self._order += 1
+        if kind < _REFRESH or kind == _WORKER_UP:
+            self._pending_work += 1
+        heapq.heappush(self._heap, (at_s, self._order, kind, payload))
+
+    @property
+    def _done(self) -> bool:
+        return self._outstanding == 0 and self._next_arrival >= len(self.trace)
+
+    # --- requests ------------------------------------------------------------------------------
+    def _on_arrival(self, now: float, payload: object) -> None:
+        rid = payload
+        assert isinstance(rid, int)
+        self._next_arrival = rid + 1
+        if rid + 1 < len(self.trace):
+            self._push(self.trace[rid + 1].arrival_s, _ARRIVAL, rid + 1)
+        req = self.trace[rid]
+        self.records.arrival_s[rid] = now
+        bs = self.config.scheduler.block_size
+        route = RouteRequest(str(rid), req.prompt_tokens, prompt_block_hashes(rid, req, bs), rid)
+        try:
+            decision = route_on(
+                self._snapshot, self._index, route, self._policy, self.config.scheduler, now, inflight=self._inflight
+            )
+        except NoWorkerError:
+            self.records.failed += 1
+            return
+        self._outstanding += 1
+        self.decisions[rid] = decision
+        self.counts[decision.kind] += 1
+        total = req.prompt_tokens + max(1, req.output_tokens)
+        if decision.prefill is None:
+            seq = SimSeq(rid, req.prompt_tokens, total, False, req.prefix_group, req.prefix_tokens)
+            self._deliver(now, self.workers[decision.decode.worker_id], Delivery(seq, False))
+        else:
+            seq = SimSeq(rid, req.prompt_tokens, req.prompt_tokens + 1, True, req.prefix_group, req.prefix_tokens)
+            self._deliver(now, self.workers[decision.prefill.worker_id], Delivery(seq, False))
+
+    def _deliver(self, now: float, worker: SimWorker, delivery: Delivery) -> None:
+        if worker.deliver(now, delivery):
+            self._push(worker.end_s, _STEP_END, (worker, worker.version))
+        elif not worker.busy:
+            self._start(now, worker)
+
+    def _start(self, now: float, worker: SimWorker) -> None:
+        end_s = worker.start_step(now)
+        if end_s is not None:
+            self._push(end_s, _STEP_END, (worker, worker.version))
+        elif worker.draining and worker.idle:
+            self._retire(now, worker)
+
+    def _on_step_end(self, now: float, payload: object) -> None:
+        worker, version = payload  # type: ignore[misc]
+        if version != worker.version:
+            return  # replaced by a truncated run
+        result = worker.finish_step()
+        records = self.records
+        for group, before, full in result.stored:
+            worker.kv_event_seq += 1
+            hashes = group_block_hashes(group, before, full)
+            self._index.apply(KVEventRecord(worker.worker_id, 1, worker.kv_event_seq, KVEventKind.STORED, hashes))
+        for seq in result.sampled:
+            rid = seq.rid
+            if records.first_token_s[rid] != records.first_token_s[rid]:  # NaN: the first token
+                records.first_token_s[rid] = now
+                decision = self.decisions[rid]
+                self._inflight.prefill_done(
+                    prefilled_by(decision), uncached_prefill_tokens(decision, seq.num_prompt), now
+                )
+        for seq in result.finished:
+            if seq.hand_off:
+                self._hand_off(now, worker, seq)
+            else:
+                self._request_done(now, seq.rid, seq.num_tokens - seq.num_prompt)
+        self._start(now, worker)
+
+    def _hand_off(self, now: float, prefill: SimWorker, seq: SimSeq) -> None:
+        rid = seq.rid
+        req = self.trace[rid]
+        if req.output_tokens <= 1:
+            prefill.model.release(seq)
+            self._request_done(now, rid, 1)
+            return
+        decision = self.decisions[rid]
+        nbytes = (req.prompt_tokens - decision.decode_cached_tokens) * self._kv_bytes_per_token
+        self._push(now + self.cost.transfer_seconds(nbytes), _TRANSFER, (prefill, seq))
+
+    def _on_transfer(self, now: float, payload: object) -> None:
+        prefill, seq = payload  # type: ignore[misc]
+        prefill.model.release(seq)  # ReleaseKV: P's blocks come back
+        if not prefill.busy:
+            self._start(now, prefill)
+        req = self.trace[seq.rid]
+        decode = self.workers[self.decisions[seq.rid].decode.worker_id]
+        handoff = SimSeq(
+            seq.rid,
+            req.prompt_tokens,
+            req.prompt_tokens + req.output_tokens,
+            False,
+            req.prefix_group,
+            req.prefix_tokens,
+        )
+        handoff.num_tokens = req.prompt_tokens + 1  # the prompt and the first token
+        self._deliver(now, decode, Delivery(handoff, True))
+
+    def _request_done(self, now: float, rid: int, num_output: int) -> None:
+        self.records.finish_s[rid] = now
+        self.records.output_tokens[rid] = num_output
+        self._inflight.decode_done(self.decisions.pop(rid).decode.worker_id, now)
+        self._outstanding -= 1
+
+    # --- registry and scaling ------------------------------------------------------------------
+    def _on_refresh(self, now: float, payload: object) -> None:
+        self._refresh(now)
+        if not self._done:
+            self._push(now + self.config.scheduler.refresh_interval_s, _REFRESH, None)
+
+    def _refresh(self, now: float) -> None:
+        workers = self.routable[WorkerRole.PREFILL] + self.routable[WorkerRole.DECODE]
+        self._snapshot = RegistrySnapshot.of(
+            (w.info for w in workers), {w.worker_id: w.load(now) for w in workers}, now
+        )
+
+    def _on_autoscale(self, now: float, payload: object) -> None:
+        config = self.config.autoscaler
+        assert config is not None
+        current = {role: self._pool_size(role) for role in WorkerRole}
+        if self._autoscale_state is None:
+            self._autoscale_state = PolicyState.seeded(current, now)
+        signals = {
+            role: pool_signals(
+                role, {w.worker_id: w.load(now) for w in self.routable[role]}, now, config.max_signal_age_s
+            )
+            for role in WorkerRole
+        }
+        decisions, self._autoscale_state = decide(config, signals, current, self._autoscale_state, now)
+        for d in decisions:
+            if d.desired != d.current:
+                self.scale_log.append((now, d.role, d.current, d.desired, d.reason.value))
+                self._scale(now, d.role, d.desired - d.current)
+        if not self._done:
+            self._push(now + config.interval_s, _AUTOSCALE, None)
+
+    def _pool_size(self, role: WorkerRole) -> int:
+        return sum(1 for w in self.workers.values() if w.info.role is role and not w.draining)
+
+    def _scale(self, now: float, role: WorkerRole, delta: int) -> None:
+        for _ in range(delta):
+            self._add_worker(role, now + self.config.startup_s)
+        if delta < 0:
+            pool = [w for w in self.workers.values() if w.info.role is role and not w.draining]
+            pool.sort(key=lambda w: (w.up_since_s > now, w.worker_id), reverse=True)  # not yet up, then newest
+            for worker in pool[:-delta]:
+                self._drain(now, worker)
+
+    def _add_worker(self, role: WorkerRole, up_at_s: float) -> None:
+        n = self._next_id[role]
+        self._next_id[role] = n + 1
+        cfg = self.config.step
+        info = WorkerInfo(f"{role.value}-{n:04d}", role, "sim:0", "51", cfg.num_blocks, "sim", cfg.block_size)
+        worker = SimWorker(info, cfg, self.cost, up_at_s)
+        self.workers[info.worker_id] = worker
+        if up_at_s <= 0.0:
+            self.routable[role].append(worker)
+        else:
+            self._push(up_at_s, _WORKER_UP, worker)
+
+    def _on_worker_up(self, now: float, payload: object) -> None:
+        worker = payload
+        assert isinstance(worker, SimWorker)
+        if not worker.draining:
+            self.routable[worker.info.role].append(worker)
+
+    def _drain(self, now: float, worker: SimWorker) -> None:
+        worker.draining = True
+        pool = self.routable[worker.info.role]
+        if worker in pool:
+            pool.remove(worker)
+        if worker.idle:
+            self._retire(now, worker)
+
+    def _retire(self, now: float, worker: SimWorker) -> None:
+        worker.down_at_s = max(now, worker.up_since_s)
+        del self.workers[worker.worker_id]
+        self.retired.append(worker)
