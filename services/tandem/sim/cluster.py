@@ -27,11 +27,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tandem.autoscaler.config import AutoscalerConfig
 from tandem.autoscaler.policy import PolicyState, decide
 from tandem.autoscaler.signals import pool_signals
-from tandem.common.workers import KVEventKind, KVEventRecord, WorkerInfo, WorkerRole
+from tandem.common.workers import KVEventKind, KVEventRecord, WorkerRole
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
@@ -41,10 +42,17 @@ from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_to
 from tandem.scheduler.types import NoWorkerError, RouteDecision, RouteKind, RouteRequest
 from tandem.sim.accounting import summarize
 from tandem.sim.hashes import group_block_hashes, prompt_block_hashes
+from tandem.sim.pools import Pools
 from tandem.sim.results import Records, SimResult, Slo
 from tandem.sim.stepmodel import SimSeq, StepModelConfig
 from tandem.sim.types import CostModel, TraceRequest
 from tandem.sim.worker import Delivery, SimWorker
+
+# ("route", t, RouteRequest, RouteDecision | None), ("kv", t, KVEventRecord, None),
+# ("prefill_done", t, RouteDecision, prompt tokens), ("decode_done", t, RouteDecision, 0),
+# ("refresh", t, ((WorkerInfo, WorkerLoad), ...), None),
+# ("scale", t, (((WorkerInfo, WorkerLoad), ...), {role: replicas}), (ScaleDecision, ...))
+LogEntry = tuple[str, float, Any, Any]
 
 _ARRIVAL, _STEP_END, _TRANSFER, _REFRESH, _AUTOSCALE, _WORKER_UP = range(6)
 
@@ -74,17 +82,19 @@ class ClusterConfig:
 class ClusterSim:
     """One run over `trace` (sorted by arrival). Call `run()` once."""
 
-    def __init__(self, config: ClusterConfig, cost: CostModel, trace: Sequence[TraceRequest]) -> None:
+    def __init__(
+        self, config: ClusterConfig, cost: CostModel, trace: Sequence[TraceRequest], record: bool = False
+    ) -> None:
         self.config, self.cost, self.trace = config, cost, trace
         self.records = Records(len(trace))
-        self.workers: dict[str, SimWorker] = {}
-        self.routable: dict[WorkerRole, list[SimWorker]] = {WorkerRole.PREFILL: [], WorkerRole.DECODE: []}
-        self.retired: list[SimWorker] = []
+        self.pools = Pools(config.step, cost)
         self.decisions: dict[int, RouteDecision] = {}
         self.scale_log: list[tuple[float, WorkerRole, int, int, str]] = []  # (t, role, from, to, reason)
+        # With `record`: what the real scheduler and autoscaler saw and decided, in order (the
+        # tests replay it through `Scheduler` and `Autoscaler`): see `LogEntry`.
+        self.log: list[LogEntry] | None = [] if record else None
         self._heap: list[tuple[float, int, int, object]] = []
         self._order = 0
-        self._next_id = {WorkerRole.PREFILL: 0, WorkerRole.DECODE: 0}
         self._policy = make_policy(config.scheduler.policy)
         self._index = PrefixIndex(config.scheduler.speculative_ttl_s)
         self._inflight = InflightTable()
@@ -101,7 +111,7 @@ class ClusterSim:
     def run(self) -> SimResult:
         for role, n in ((WorkerRole.PREFILL, self.config.num_prefill), (WorkerRole.DECODE, self.config.num_decode)):
             for _ in range(n):
-                self._add_worker(role, 0.0)
+                self.pools.add(role, 0.0)
         self._refresh(0.0)
         if self.trace:
             self._push(self.trace[0].arrival_s, _ARRIVAL, 0)
@@ -124,9 +134,7 @@ class ClusterSim:
             if kind < _REFRESH or kind == _WORKER_UP:
                 self._pending_work -= 1
             handlers[kind](now, payload)
-        for worker in self.workers.values():
-            worker.down_at_s = now
-        everyone = list(self.workers.values()) + self.retired
+        everyone = self.pools.everyone(now)
         return summarize(
             self.records, self.trace, everyone, self.counts, self.config.slo, now, len(self.scale_log), self._num_events
         )
@@ -158,17 +166,21 @@ class ClusterSim:
             )
         except NoWorkerError:
             self.records.failed += 1
+            if self.log is not None:
+                self.log.append(("route", now, route, None))
             return
+        if self.log is not None:
+            self.log.append(("route", now, route, decision))
         self._outstanding += 1
         self.decisions[rid] = decision
         self.counts[decision.kind] += 1
         total = req.prompt_tokens + max(1, req.output_tokens)
         if decision.prefill is None:
             seq = SimSeq(rid, req.prompt_tokens, total, False, req.prefix_group, req.prefix_tokens)
-            self._deliver(now, self.workers[decision.decode.worker_id], Delivery(seq, False))
+            self._deliver(now, self.pools.workers[decision.decode.worker_id], Delivery(seq, False))
         else:
             seq = SimSeq(rid, req.prompt_tokens, req.prompt_tokens + 1, True, req.prefix_group, req.prefix_tokens)
-            self._deliver(now, self.workers[decision.prefill.worker_id], Delivery(seq, False))
+            self._deliver(now, self.pools.workers[decision.prefill.worker_id], Delivery(seq, False))
 
     def _deliver(self, now: float, worker: SimWorker, delivery: Delivery) -> None:
         if worker.deliver(now, delivery):
@@ -181,7 +193,7 @@ class ClusterSim:
         if end_s is not None:
             self._push(end_s, _STEP_END, (worker, worker.version))
         elif worker.draining and worker.idle:
-            self._retire(now, worker)
+            self.pools.retire(now, worker)
 
     def _on_step_end(self, now: float, payload: object) -> None:
         worker, version = payload  # type: ignore[misc]
@@ -192,7 +204,10 @@ class ClusterSim:
         for group, before, full in result.stored:
             worker.kv_event_seq += 1
             hashes = group_block_hashes(group, before, full)
-            self._index.apply(KVEventRecord(worker.worker_id, 1, worker.kv_event_seq, KVEventKind.STORED, hashes))
+            event = KVEventRecord(worker.worker_id, 1, worker.kv_event_seq, KVEventKind.STORED, hashes)
+            self._index.apply(event)
+            if self.log is not None:
+                self.log.append(("kv", now, event))
         for seq in result.sampled:
             rid = seq.rid
             if records.first_token_s[rid] != records.first_token_s[rid]:  # NaN: the first token
@@ -201,6 +216,8 @@ class ClusterSim:
                 self._inflight.prefill_done(
                     prefilled_by(decision), uncached_prefill_tokens(decision, seq.num_prompt), now
                 )
+                if self.log is not None:
+                    self.log.append(("prefill_done", now, decision, seq.num_prompt))
         for seq in result.finished:
             if seq.hand_off:
                 self._hand_off(now, worker, seq)
@@ -225,7 +242,7 @@ class ClusterSim:
         if not prefill.busy:
             self._start(now, prefill)
         req = self.trace[seq.rid]
-        decode = self.workers[self.decisions[seq.rid].decode.worker_id]
+        decode = self.pools.workers[self.decisions[seq.rid].decode.worker_id]
         handoff = SimSeq(
             seq.rid,
             req.prompt_tokens,
@@ -240,7 +257,10 @@ class ClusterSim:
     def _request_done(self, now: float, rid: int, num_output: int) -> None:
         self.records.finish_s[rid] = now
         self.records.output_tokens[rid] = num_output
-        self._inflight.decode_done(self.decisions.pop(rid).decode.worker_id, now)
+        decision = self.decisions.pop(rid)
+        self._inflight.decode_done(decision.decode.worker_id, now)
+        if self.log is not None:
+            self.log.append(("decode_done", now, decision, 0))
         self._outstanding -= 1
 
     # --- registry and scaling ------------------------------------------------------------------
@@ -250,70 +270,39 @@ class ClusterSim:
             self._push(now + self.config.scheduler.refresh_interval_s, _REFRESH, None)
 
     def _refresh(self, now: float) -> None:
-        workers = self.routable[WorkerRole.PREFILL] + self.routable[WorkerRole.DECODE]
-        self._snapshot = RegistrySnapshot.of(
-            (w.info for w in workers), {w.worker_id: w.load(now) for w in workers}, now
-        )
+        workers = self.pools.routable[WorkerRole.PREFILL] + self.pools.routable[WorkerRole.DECODE]
+        loads = {w.worker_id: w.load(now) for w in workers}
+        self._snapshot = RegistrySnapshot.of((w.info for w in workers), loads, now)
+        if self.log is not None:
+            self.log.append(("refresh", now, tuple((w.info, loads[w.worker_id]) for w in workers), None))
 
     def _on_autoscale(self, now: float, payload: object) -> None:
         config = self.config.autoscaler
         assert config is not None
-        current = {role: self._pool_size(role) for role in WorkerRole}
+        pools = self.pools
+        current = {role: pools.size(role) for role in WorkerRole}
         if self._autoscale_state is None:
             self._autoscale_state = PolicyState.seeded(current, now)
-        signals = {
-            role: pool_signals(
-                role, {w.worker_id: w.load(now) for w in self.routable[role]}, now, config.max_signal_age_s
-            )
-            for role in WorkerRole
-        }
+        loads = {role: pools.loads(role, now) for role in WorkerRole}
+        signals = {role: pool_signals(role, loads[role], now, config.max_signal_age_s) for role in WorkerRole}
         decisions, self._autoscale_state = decide(config, signals, current, self._autoscale_state, now)
+        if self.log is not None:
+            workers = pools.routable[WorkerRole.PREFILL] + pools.routable[WorkerRole.DECODE]
+            seen = tuple((w.info, w.load(now)) for w in workers)
+            self.log.append(("scale", now, (seen, current), tuple(decisions)))
         for d in decisions:
-            if d.desired != d.current:
+            if d.desired > d.current:
                 self.scale_log.append((now, d.role, d.current, d.desired, d.reason.value))
-                self._scale(now, d.role, d.desired - d.current)
+                for _ in range(d.desired - d.current):
+                    worker = pools.add(d.role, now + self.config.startup_s)
+                    if worker.up_since_s > 0.0:
+                        self._push(worker.up_since_s, _WORKER_UP, worker)
+            elif d.desired < d.current:
+                self.scale_log.append((now, d.role, d.current, d.desired, d.reason.value))
+                pools.shrink(d.role, d.current - d.desired, now)
         if not self._done:
             self._push(now + config.interval_s, _AUTOSCALE, None)
 
-    def _pool_size(self, role: WorkerRole) -> int:
-        return sum(1 for w in self.workers.values() if w.info.role is role and not w.draining)
-
-    def _scale(self, now: float, role: WorkerRole, delta: int) -> None:
-        for _ in range(delta):
-            self._add_worker(role, now + self.config.startup_s)
-        if delta < 0:
-            pool = [w for w in self.workers.values() if w.info.role is role and not w.draining]
-            pool.sort(key=lambda w: (w.up_since_s > now, w.worker_id), reverse=True)  # not yet up, then newest
-            for worker in pool[:-delta]:
-                self._drain(now, worker)
-
-    def _add_worker(self, role: WorkerRole, up_at_s: float) -> None:
-        n = self._next_id[role]
-        self._next_id[role] = n + 1
-        cfg = self.config.step
-        info = WorkerInfo(f"{role.value}-{n:04d}", role, "sim:0", "51", cfg.num_blocks, "sim", cfg.block_size)
-        worker = SimWorker(info, cfg, self.cost, up_at_s)
-        self.workers[info.worker_id] = worker
-        if up_at_s <= 0.0:
-            self.routable[role].append(worker)
-        else:
-            self._push(up_at_s, _WORKER_UP, worker)
-
     def _on_worker_up(self, now: float, payload: object) -> None:
-        worker = payload
-        assert isinstance(worker, SimWorker)
-        if not worker.draining:
-            self.routable[worker.info.role].append(worker)
-
-    def _drain(self, now: float, worker: SimWorker) -> None:
-        worker.draining = True
-        pool = self.routable[worker.info.role]
-        if worker in pool:
-            pool.remove(worker)
-        if worker.idle:
-            self._retire(now, worker)
-
-    def _retire(self, now: float, worker: SimWorker) -> None:
-        worker.down_at_s = max(now, worker.up_since_s)
-        del self.workers[worker.worker_id]
-        self.retired.append(worker)
+        assert isinstance(payload, SimWorker)
+        self.pools.mark_up(payload)

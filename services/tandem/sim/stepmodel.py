@@ -321,14 +321,15 @@ class StepModel:
                 high = mid - 1
         return low
 
-    def advance_decode(self, plan: Plan, steps: int) -> None:
-        """Apply `steps` - 1 more decode steps of the batch `plan` started (the first is
-        applied by `update`), allocating their blocks. Call after `update(plan)` only when
-        `steps` came from `decode_run(plan)` and nothing finished."""
+    def advance_decode(self, plan: Plan, steps: int) -> list[SimSeq]:
+        """Apply the `steps` - 1 decode steps of the run `plan` started that follow it (the
+        first is applied by `update`), allocating their blocks; returns the sequences the last
+        step finished. Call after `update(plan)`, with `steps` from `decode_run(plan)` or fewer."""
         extra = steps - 1
         if extra <= 0:
-            return
+            return []
         bs = self.config.block_size
+        finished = []
         for s in self.running:
             # after update: num_computed = c, num_tokens = c + 1; `extra` more tokens each
             target = num_blocks_for(s.num_computed + extra, bs) - s.num_hit_blocks
@@ -337,6 +338,12 @@ class StepModel:
                 s.num_blocks = target
             s.num_computed += extra
             s.num_tokens += extra
+            if s.num_tokens >= s.max_tokens:
+                finished.append(s)
+        for s in finished:
+            self.running.remove(s)
+            self.release(s)
+        return finished
 
     def _preempt(self, seq: SimSeq) -> SimSeq:
         self.release(seq)

@@ -141,7 +141,7 @@ class SimWorker:
         plan = self._plan
         assert plan is not None, "finish_step without a step in flight"
         sampled, finished, stored = self.model.update(plan)
-        self.model.advance_decode(plan, self._steps)
+        finished += self.model.advance_decode(plan, self._steps)
         self.busy_s += self.end_s - self._start_s
         self._plan = None
         return StepResult(sampled, finished, stored, self._steps)
