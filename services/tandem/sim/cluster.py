@@ -207,7 +207,7 @@ class ClusterSim:
             event = KVEventRecord(worker.worker_id, 1, worker.kv_event_seq, KVEventKind.STORED, hashes)
             self._index.apply(event)
             if self.log is not None:
-                self.log.append(("kv", now, event))
+                self.log.append(("kv", now, event, None))
         for seq in result.sampled:
             rid = seq.rid
             if records.first_token_s[rid] != records.first_token_s[rid]:  # NaN: the first token
