@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tandem.autoscaler.config import AutoscalerConfig
 from tandem.autoscaler.policy import PolicyState, decide
@@ -196,7 +196,7 @@ class ClusterSim:
             self.pools.retire(now, worker)
 
     def _on_step_end(self, now: float, payload: object) -> None:
-        worker, version = payload  # type: ignore[misc]
+        worker, version = cast(tuple[SimWorker, int], payload)
         if version != worker.version:
             return  # replaced by a truncated run
         result = worker.finish_step()
@@ -237,7 +237,7 @@ class ClusterSim:
         self._push(now + self.cost.transfer_seconds(nbytes), _TRANSFER, (prefill, seq))
 
     def _on_transfer(self, now: float, payload: object) -> None:
-        prefill, seq = payload  # type: ignore[misc]
+        prefill, seq = cast(tuple[SimWorker, SimSeq], payload)
         prefill.model.release(seq)  # ReleaseKV: P's blocks come back
         if not prefill.busy:
             self._start(now, prefill)
