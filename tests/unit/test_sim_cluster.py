@@ -14,6 +14,8 @@ import dataclasses
 import random
 from typing import Any, cast
 
+import pytest
+
 from tandem.autoscaler.autoscaler import Autoscaler
 from tandem.autoscaler.config import AutoscalerConfig, DecodePolicy, PrefillPolicy
 from tandem.autoscaler.metrics import AutoscalerMetrics
@@ -91,9 +93,11 @@ class RecordedActuator:
         pass
 
 
-def test_routes_equal_the_real_scheduler() -> None:
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_routes_equal_the_real_scheduler(vectorised: bool) -> None:
+    """Both routers (router.py): the gateway's own `route_on`, and its numpy equal."""
     scheduler_config = SchedulerConfig(local_prefill_max_tokens=300, speculative_ttl_s=0.5)
-    config = ClusterConfig(3, 4, StepModelConfig(num_blocks=2000), scheduler_config)
+    config = ClusterConfig(3, 4, StepModelConfig(num_blocks=2000), scheduler_config, vectorised_routing=vectorised)
     sim = ClusterSim(config, AffineCost(), trace(600, 120.0, seed=3), record=True)
     result = sim.run()
     assert sim.log is not None

@@ -1,11 +1,12 @@
 """The discrete-event simulation of a cluster, driven by the project's real decisions.
 
 Lifecycle of a request (the gateway's, DESIGN.md section 2, on a simulated clock):
-1. Arrival: the gateway's routing path, `scheduler.routing.route_on`, on a `RegistrySnapshot`
-   of the workers' loads (rebuilt every `refresh_interval_s`, as the scheduler's refresher
-   does), a real `PrefixIndex` (fed with the workers' KV events for group prefixes, plus the
-   speculative claims `route_on` makes) and a real `InflightTable`. The picker's conditional
-   disaggregation rule decides local prefill vs (P, D).
+1. Arrival: the gateway's routing path (router.py: `scheduler.routing.route_on`, or its
+   vectorised equal for large clusters) on the workers' loads as of the last refresh (every
+   `refresh_interval_s`, as the scheduler's refresher does), a real `PrefixIndex` (fed with the
+   workers' KV events for group prefixes, plus the speculative claims routing makes) and the
+   gateway's in-flight work. The picker's conditional disaggregation rule decides local
+   prefill vs (P, D).
 2. Prefill: on P (a hand-off: done after its first token) or on D (local). The first token is
    the TTFT; the inflight table hears `prefill_done`.
 3. Hand-off: the KV of the prompt tokens D does not hold travels for
@@ -34,16 +35,12 @@ from tandem.autoscaler.policy import PolicyState, decide
 from tandem.autoscaler.signals import pool_signals
 from tandem.common.workers import KVEventKind, KVEventRecord, WorkerRole
 from tandem.scheduler.config import SchedulerConfig
-from tandem.scheduler.index import PrefixIndex
-from tandem.scheduler.inflight import InflightTable
-from tandem.scheduler.policies import make_policy
-from tandem.scheduler.registry import RegistrySnapshot
-from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_tokens
 from tandem.scheduler.types import NoWorkerError, RouteDecision, RouteKind, RouteRequest
 from tandem.sim.accounting import summarize
 from tandem.sim.hashes import group_block_hashes, prompt_block_hashes
 from tandem.sim.pools import Pools
 from tandem.sim.results import Records, SimResult, Slo
+from tandem.sim.router import make_router
 from tandem.sim.stepmodel import SimSeq, StepModelConfig
 from tandem.sim.types import CostModel, TraceRequest
 from tandem.sim.worker import Delivery, SimWorker
@@ -68,6 +65,7 @@ class ClusterConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     autoscaler: AutoscalerConfig | None = None
     startup_s: float = 0.0  # a scaled-up worker takes requests this long after the decision
+    vectorised_routing: bool = False  # router.VectorRouter (prefix_aware only), for large clusters
     slo: Slo | None = None
 
     def __post_init__(self) -> None:
@@ -95,10 +93,7 @@ class ClusterSim:
         self.log: list[LogEntry] | None = [] if record else None
         self._heap: list[tuple[float, int, int, object]] = []
         self._order = 0
-        self._policy = make_policy(config.scheduler.policy)
-        self._index = PrefixIndex(config.scheduler.speculative_ttl_s)
-        self._inflight = InflightTable()
-        self._snapshot = RegistrySnapshot.of((), {}, 0.0)
+        self.router = make_router(config.scheduler, config.vectorised_routing)
         self._autoscale_state: PolicyState | None = None
         self._outstanding = 0
         self._next_arrival = 0
@@ -161,9 +156,7 @@ class ClusterSim:
         bs = self.config.scheduler.block_size
         route = RouteRequest(str(rid), req.prompt_tokens, prompt_block_hashes(rid, req, bs), rid)
         try:
-            decision = route_on(
-                self._snapshot, self._index, route, self._policy, self.config.scheduler, now, inflight=self._inflight
-            )
+            decision = self.router.route(route, now)
         except NoWorkerError:
             self.records.failed += 1
             if self.log is not None:
@@ -205,7 +198,7 @@ class ClusterSim:
             worker.kv_event_seq += 1
             hashes = group_block_hashes(group, before, full)
             event = KVEventRecord(worker.worker_id, 1, worker.kv_event_seq, KVEventKind.STORED, hashes)
-            self._index.apply(event)
+            self.router.index.apply(event)
             if self.log is not None:
                 self.log.append(("kv", now, event, None))
         for seq in result.sampled:
@@ -213,9 +206,7 @@ class ClusterSim:
             if records.first_token_s[rid] != records.first_token_s[rid]:  # NaN: the first token
                 records.first_token_s[rid] = now
                 decision = self.decisions[rid]
-                self._inflight.prefill_done(
-                    prefilled_by(decision), uncached_prefill_tokens(decision, seq.num_prompt), now
-                )
+                self.router.prefill_done(decision, seq.num_prompt, now)
                 if self.log is not None:
                     self.log.append(("prefill_done", now, decision, seq.num_prompt))
         for seq in result.finished:
@@ -258,7 +249,7 @@ class ClusterSim:
         self.records.finish_s[rid] = now
         self.records.output_tokens[rid] = num_output
         decision = self.decisions.pop(rid)
-        self._inflight.decode_done(decision.decode.worker_id, now)
+        self.router.decode_done(decision, now)
         if self.log is not None:
             self.log.append(("decode_done", now, decision, 0))
         self._outstanding -= 1
@@ -271,10 +262,10 @@ class ClusterSim:
 
     def _refresh(self, now: float) -> None:
         workers = self.pools.routable[WorkerRole.PREFILL] + self.pools.routable[WorkerRole.DECODE]
-        loads = {w.worker_id: w.load(now) for w in workers}
-        self._snapshot = RegistrySnapshot.of((w.info for w in workers), loads, now)
+        seen = tuple((w.info, w.load(now)) for w in workers)
+        self.router.refresh(now, seen)
         if self.log is not None:
-            self.log.append(("refresh", now, tuple((w.info, loads[w.worker_id]) for w in workers), None))
+            self.log.append(("refresh", now, seen, None))
 
     def _on_autoscale(self, now: float, payload: object) -> None:
         config = self.config.autoscaler
