@@ -8,7 +8,9 @@ times (`sim/calibrate.py`) both implement it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 
@@ -28,7 +30,11 @@ class TraceRequest:
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
-    """What the cost model needs of a decoder-only transformer (grouped-query attention, gated MLP)."""
+    """What the cost model needs of a decoder-only transformer (grouped-query attention, gated MLP).
+
+    `gated_mlp` False is a plain two-matrix MLP (OPT: fc1, activation, fc2) instead of the
+    gated three-matrix one (Llama: gate, up, down); multi-head attention is num_kv_heads ==
+    num_heads."""
 
     name: str
     num_layers: int
@@ -39,6 +45,47 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     dtype_bytes: int = 2  # weights and KV, bf16/fp16
+    gated_mlp: bool = True
+
+    @classmethod
+    def from_hf_config(cls, path: Path | str) -> ModelShape:
+        """The shape in a Hugging Face `config.json` (a file, or the model directory holding it).
+
+        Reads Llama-family keys (`intermediate_size`, `num_key_value_heads`, optional `head_dim`)
+        and OPT's (`model_type: opt`, `ffn_dim`, no KV-head key: multi-head attention, plain
+        MLP). `torch_dtype` float32 gives 4 bytes, anything else 2. ValueError names a missing
+        or bad key."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / "config.json"
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"Cannot read the model config {file}: {err}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{file}: a model config is a JSON object")
+        opt = config.get("model_type") == "opt"
+
+        def need(key: str) -> int:
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{file}: {key} must be a positive int, got {value!r}")
+            return value
+
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        return cls(
+            name=str(config.get("_name_or_path") or file.parent.name),
+            num_layers=need("num_hidden_layers"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=heads if opt or "num_key_value_heads" not in config else need("num_key_value_heads"),
+            head_dim=need("head_dim") if config.get("head_dim") is not None else hidden // heads,
+            intermediate_size=need("ffn_dim" if opt else "intermediate_size"),
+            vocab_size=need("vocab_size"),
+            dtype_bytes=4 if config.get("torch_dtype", config.get("dtype")) == "float32" else 2,
+            gated_mlp=not opt,
+        )
 
 
 @dataclass(frozen=True, slots=True)
