@@ -156,7 +156,7 @@ class ClusterSim:
         bs = self.config.scheduler.block_size
         route = RouteRequest(str(rid), req.prompt_tokens, prompt_block_hashes(rid, req, bs), rid)
         try:
-            decision = self.router.route(route, now)
+            decision = self.router.route(route, now, req.prefix_group)
         except NoWorkerError:
             self.records.failed += 1
             if self.log is not None:
@@ -198,7 +198,7 @@ class ClusterSim:
             worker.kv_event_seq += 1
             hashes = group_block_hashes(group, before, full)
             event = KVEventRecord(worker.worker_id, 1, worker.kv_event_seq, KVEventKind.STORED, hashes)
-            self.router.index.apply(event)
+            self.router.stored(event, group)
             if self.log is not None:
                 self.log.append(("kv", now, event, None))
         for seq in result.sampled:

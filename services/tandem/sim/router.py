@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole
+from tandem.common.workers import KVEventRecord, WorkerInfo, WorkerLoad, WorkerRole
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
@@ -37,7 +37,9 @@ class Router(Protocol):
 
     def refresh(self, now_s: float, workers: Sequence[tuple[WorkerInfo, WorkerLoad]]) -> None: ...
 
-    def route(self, request: RouteRequest, now_s: float) -> RouteDecision: ...
+    def route(self, request: RouteRequest, now_s: float, group: int | None) -> RouteDecision: ...
+
+    def stored(self, event: KVEventRecord, group: int) -> None: ...
 
     def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int, now_s: float) -> None: ...
 
@@ -58,8 +60,11 @@ class ExactRouter:
         for worker_id in self._inflight.touched() - live:  # Scheduler._swap
             self._inflight.forget(worker_id)
 
-    def route(self, request: RouteRequest, now_s: float) -> RouteDecision:
+    def route(self, request: RouteRequest, now_s: float, group: int | None) -> RouteDecision:
         return route_on(self._snapshot, self.index, request, self._policy, self.config, now_s, inflight=self._inflight)
+
+    def stored(self, event: KVEventRecord, group: int) -> None:
+        self.index.apply(event)
 
     def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int, now_s: float) -> None:
         self._inflight.prefill_done(prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens), now_s)
@@ -103,7 +108,8 @@ class VectorRouter:
         self._streams = np.zeros(max_workers, dtype=np.int64)
         self._last_done = np.full(max_workers, -np.inf)
         self._pools = {role: _Pool((), {}) for role in WorkerRole}
-        self._worker_ids: tuple[str, ...] = ()
+        self._live: frozenset[str] = frozenset()
+        self._holders: dict[int, set[str]] = {}  # group -> workers that stored or claimed its blocks
 
     def refresh(self, now_s: float, workers: Sequence[tuple[WorkerInfo, WorkerLoad]]) -> None:
         for info, _ in workers:
@@ -115,7 +121,7 @@ class VectorRouter:
                 self._last_done[slot] = -np.inf
         for role in WorkerRole:
             self._pools[role] = _Pool([w for w in workers if w[0].role is role], self._slots)
-        self._worker_ids = tuple(sorted(live))
+        self._live = frozenset(live)
 
     def _costs(self, pool: _Pool, cached: np.ndarray, num_tokens: int, tokens_per_seq: int) -> np.ndarray:
         cfg = self.config
@@ -139,11 +145,22 @@ class VectorRouter:
                 cached[i] = n
         return cached
 
-    def route(self, request: RouteRequest, now_s: float) -> RouteDecision:
+    def stored(self, event: KVEventRecord, group: int) -> None:
+        self.index.apply(event)
+        self._holders.setdefault(group, set()).add(event.worker_id)
+
+    def route(self, request: RouteRequest, now_s: float, group: int | None) -> RouteDecision:
+        """`route_on`'s decision. `group` is the request's prefix group: only the workers that
+        stored or were routed that group's blocks can hold any of the prompt (sim/hashes.py),
+        so only they are matched against the index (`match` is per worker, so the counts are
+        those of a match over all workers, at a fraction of its cost)."""
         cfg, bs = self.config, self.config.block_size
         self.index.expire(now_s)
-        matched = self.index.match(request.block_hashes, self._worker_ids)
-        matched = {w: n for w, n in matched.items() if n}
+        matched: dict[str, int] = {}
+        if group is not None and group in self._holders:
+            live = self._live
+            holders = sorted(w for w in self._holders[group] if w in live)
+            matched = {w: n for w, n in self.index.match(request.block_hashes, holders).items() if n}
         decode, prefill = self._pools[WorkerRole.DECODE], self._pools[WorkerRole.PREFILL]
         if not decode.ids:
             raise NoWorkerError(f"no routable decode worker for request {request.request_id} (0 live, 0 excluded)")
@@ -162,6 +179,8 @@ class VectorRouter:
         for worker in (decision.prefill, decision.decode):
             if worker is not None:
                 self.index.add_speculative(worker.worker_id, request.block_hashes, now_s)
+                if group is not None:
+                    self._holders.setdefault(group, set()).add(worker.worker_id)
         self._tokens[self._slots[prefilled_by(decision)]] += uncached_prefill_tokens(decision, t)
         self._streams[self._slots[d_info.worker_id]] += 1
         return decision
