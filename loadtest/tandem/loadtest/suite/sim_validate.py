@@ -1,0 +1,109 @@
+"""The simulator against the real cluster on this machine: TTFT p50, ITL p50 and throughput.
+
+1. Real run: a bench cluster (one decode worker alone on core 0, one torch thread, local
+   prefill; the gateway, Redis and the load generator on core 1), the `random` workload
+   (64-256 prompt tokens, 16-64 output tokens) sent open-loop (Poisson) by the load generator.
+2. Calibration: `tandem.loadtest.sim_calibration.calibrate` times the real engine's steps on
+   the bench model, pinned to core 0 with one torch thread like the worker, and fits the CPU
+   cost model (`tandem.sim.calibrate`).
+3. Simulation: the same requests at the same send times (`sim_workloads.workload_trace`, same
+   seed) on a simulated cluster with the worker's batcher limits and KV pool.
+The figures are |simulated - real| / real per metric; goal <= 0.15 each. The real run's
+figures include what the simulator does not model (HTTP, tokenisation, gRPC, SSE), which is
+part of the error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tandem.engine.config import MiB
+from tandem.loadtest.arrivals import OpenLoop
+from tandem.loadtest.metrics import summarize
+from tandem.loadtest.sim_calibration import CalibrationGrid, calibrate
+from tandem.loadtest.sim_workloads import workload_trace
+from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
+from tandem.loadtest.suite.context import BenchContext, drive
+from tandem.loadtest.suite.figures import Direction, Figure, Section
+from tandem.loadtest.workloads import load_workload
+from tandem.scheduler.config import SchedulerConfig
+from tandem.sim.calibrate import CalibratedCostModel
+from tandem.sim.cluster import ClusterConfig, ClusterSim
+from tandem.sim.results import SimResult
+from tandem.sim.stepmodel import StepModelConfig
+
+GOAL = 0.15
+WORKER_CPU, SHARED_CPU = 0, 1
+RATE_RPS = 4.0
+SEED = 0
+KV_CACHE_MIB = 256
+WORKLOAD = Path(__file__).resolve().parent.parent / "workloads" / "random.yaml"
+
+
+def _calibrate(ctx: BenchContext) -> CalibratedCostModel:
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {WORKER_CPU})
+    try:
+        grid = CalibrationGrid(
+            prefill_tokens=(16, 64, 128, 256),
+            prefill_chunk_tokens=64,
+            decode_batch_sizes=(1, 4, 16),
+            decode_context_tokens=(64, 256),
+            repeats=ctx.size(3, 1),
+        )
+        return calibrate(ctx.model_dir, grid, engine_options={"num_threads": 1}, log=ctx.log)
+    finally:
+        os.sched_setaffinity(0, own)
+
+
+def _simulate(cost: CalibratedCostModel, ctx: BenchContext, num_requests: int) -> SimResult:
+    workload = load_workload(WORKLOAD)
+    trace = workload_trace(workload, num_requests, SEED, OpenLoop(RATE_RPS))
+    engine = ClusterSpec(ctx.model_dir, (WorkerSpec("decode", WORKER_CPU),), SHARED_CPU).config().worker.engine
+    num_blocks = KV_CACHE_MIB * MiB // (cost.kv_bytes_per_token() * engine.block_size)
+    step = StepModelConfig(
+        engine.block_size,
+        engine.max_num_batched_tokens,
+        engine.max_num_seqs,
+        engine.max_prefill_chunk_tokens,
+        num_blocks,
+    )
+    config = ClusterConfig(0, 1, step, SchedulerConfig(block_size=engine.block_size))
+    return ClusterSim(config, cost, trace).run()
+
+
+def run(ctx: BenchContext) -> Section:
+    num_requests = ctx.size(80, 12)
+    workload = load_workload(WORKLOAD)
+    requests = workload.generate(num_requests, SEED)
+    spec = ClusterSpec(ctx.model_dir, (WorkerSpec("decode", WORKER_CPU),), SHARED_CPU, kv_cache_mib=KV_CACHE_MIB)
+    ctx.log("sim_validate: real cluster")
+    with BenchCluster.start(spec) as cluster:
+        drive(cluster.url, cluster.model, workload.generate(4, SEED + 1), OpenLoop(RATE_RPS))  # warm-up
+        real_run = drive(cluster.url, cluster.model, requests, OpenLoop(RATE_RPS), seed=SEED)
+    real = summarize(real_run.records, real_run.duration_s)
+    ctx.log("sim_validate: calibration")
+    cost = _calibrate(ctx)
+    sim = _simulate(cost, ctx, num_requests)
+    sim_throughput = sim.output_tokens_per_s * sim.duration_s / sim.makespan_s if sim.makespan_s else 0.0
+    pairs = {
+        "TTFT p50 (ms)": ((real.ttft.p50_ms or 0.0), 1000 * (sim.ttft.p50_s or 0.0)),
+        "ITL p50 (ms)": ((real.itl.p50_ms or 0.0), 1000 * (sim.itl.p50_s or 0.0)),
+        "throughput (output tokens/s)": (real.output_throughput_tps, sim_throughput),
+    }
+    rows = [("metric", "real cluster", "simulated", "error")]
+    figures = []
+    for name, (measured, simulated) in pairs.items():
+        error = abs(simulated - measured) / measured if measured else float("inf")
+        rows.append((name, f"{measured:.2f}", f"{simulated:.2f}", f"{error:.1%}"))
+        figures.append(Figure(f"{name}: |simulated - real| / real", error, goal=GOAL, direction=Direction.AT_MOST))
+    c = cost.coefficients
+    setup = (
+        f"{num_requests} requests of the random workload at {RATE_RPS:g}/s (Poisson, seed {SEED}); one decode "
+        f"worker on core {WORKER_CPU} (local prefill, {KV_CACHE_MIB} MiB KV), gateway and load generator on core "
+        f"{SHARED_CPU}. CPU cost model fitted on the real engine's step times: step {c.step_s * 1e3:.2f} ms + "
+        f"{c.token_s * 1e6:.1f} us/token + {c.decode_seq_s * 1e6:.1f} us/decoded sequence + attention terms."
+    )
+    notes = ("ITL: the real run's p50 over every gap; the simulator's p50 of per-request mean gaps (results.py).",)
+    return Section("sim_validate", "Simulator vs the real cluster", setup, tuple(figures), tuple(rows), notes)
