@@ -67,6 +67,9 @@ class ClusterConfig:
     startup_s: float = 0.0  # a scaled-up worker takes requests this long after the decision
     vectorised_routing: bool = False  # router.VectorRouter (prefix_aware only), for large clusters
     slo: Slo | None = None
+    # what the gateway spends on a request before it routes it (HTTP, tokenisation), counted in
+    # its TTFT and e2e: a request arriving at t is routed at t + gateway_latency_s
+    gateway_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -109,7 +112,7 @@ class ClusterSim:
                 self.pools.add(role, 0.0)
         self._refresh(0.0)
         if self.trace:
-            self._push(self.trace[0].arrival_s, _ARRIVAL, 0)
+            self._push(self.trace[0].arrival_s + self.config.gateway_latency_s, _ARRIVAL, 0)
             self._push(self.config.scheduler.refresh_interval_s, _REFRESH, None)
             if self.config.autoscaler is not None:
                 self._push(self.config.autoscaler.interval_s, _AUTOSCALE, None)
@@ -150,9 +153,9 @@ class ClusterSim:
         assert isinstance(rid, int)
         self._next_arrival = rid + 1
         if rid + 1 < len(self.trace):
-            self._push(self.trace[rid + 1].arrival_s, _ARRIVAL, rid + 1)
+            self._push(self.trace[rid + 1].arrival_s + self.config.gateway_latency_s, _ARRIVAL, rid + 1)
         req = self.trace[rid]
-        self.records.arrival_s[rid] = now
+        self.records.arrival_s[rid] = req.arrival_s
         bs = self.config.scheduler.block_size
         route = RouteRequest(str(rid), req.prompt_tokens, prompt_block_hashes(rid, req, bs), rid)
         try:
