@@ -177,3 +177,10 @@ def test_read_trace_detects_the_format(tmp_path: Path) -> None:
         read_trace(other)
     with pytest.raises(ValueError, match=r"^Unknown trace format 'sharegpt'; known: mooncake, azure, csv$"):
         read_trace(plain, "sharegpt")
+
+
+def test_a_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "azure.csv"
+    path.write_bytes("\ufeffTIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:15:46,10,2\r\n".encode())
+    assert detect_format(path) == "azure"
+    assert read_trace(path) == (TraceRequest(0.0, 10, 2),)

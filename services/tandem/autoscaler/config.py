@@ -106,6 +106,8 @@ class AutoscalerConfig:
     - `min_prefill_per_decode` / `max_prefill_per_decode`: bounds on desired prefill / desired
       decode replicas. 0 and infinity (the defaults) mean no bound.
     - `tolerance`: no change while the load-to-target ratio is within 1 ± tolerance.
+    - `planned_prefill_per_decode`: a planned P:D ratio (None: no plan). Both pools then grow
+      together to keep about this many prefill replicas per decode replica (see policy.py).
     """
 
     prefill: PrefillPolicy = field(default_factory=PrefillPolicy, metadata={"prefix": "prefill-"})
@@ -124,6 +126,10 @@ class AutoscalerConfig:
         default=math.inf, metadata={"help": "upper bound on prefill / decode replicas (inf: none)"}
     )
     tolerance: float = field(default=0.1, metadata={"help": "no change while load / target is within 1 +- tolerance"})
+    planned_prefill_per_decode: float | None = field(
+        default=None,
+        metadata={"help": "planned prefill / decode replicas (e.g. from `tandem plan`): both pools follow it"},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefill, PrefillPolicy):
@@ -145,6 +151,19 @@ class AutoscalerConfig:
         if self.tolerance >= 1.0:
             raise ValueError(f"tolerance is a fraction in [0, 1), got {self.tolerance!r}")
         self._check_ratio_reachable()
+        self._check_plan()
+
+    def _check_plan(self) -> None:
+        """A planned ratio is a positive number within the ratio bounds."""
+        plan = self.planned_prefill_per_decode
+        if plan is None:
+            return
+        _check_number("planned_prefill_per_decode", plan, 0.0, strict=True)
+        if not self.min_prefill_per_decode <= plan <= self.max_prefill_per_decode:
+            raise ValueError(
+                f"planned_prefill_per_decode ({plan}) must be within [min_prefill_per_decode, "
+                f"max_prefill_per_decode] = [{self.min_prefill_per_decode}, {self.max_prefill_per_decode}]"
+            )
 
     def _check_ratio_reachable(self) -> None:
         """The replica bounds must leave room for the ratio bounds, or no count could satisfy them."""

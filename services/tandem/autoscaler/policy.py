@@ -29,6 +29,16 @@ kept within [min_prefill_per_decode, max_prefill_per_decode] by raising the smal
 (within its max), then lowering the larger (within its min). A pool moved this way has reason
 `ratio_bound`; the ratio bounds override cooldowns and stabilisation.
 
+Planned ratio (`planned_prefill_per_decode` = r, set from `tandem plan`), only when both pools'
+signals are fresh, before the ratio bounds: the pools grow together so that the busier one,
+counted in the other's units, sets both sizes:
+    decode  = clamp(max(decode desired, ceil(prefill desired / r)))
+    prefill = clamp(max(prefill desired, ceil(r x decode)))
+Neither pool ends below its own decision (so the plan never skips a cooldown or a stabilisation
+window downwards); as the load falls, both pools' own decisions fall and the pair shrinks along
+the plan. A pool moved this way has reason `planned_ratio`, and the plan overrides up-cooldowns
+as the ratio bounds do.
+
 A pool's last change time is `now_s` whenever its decision has desired != current.
 """
 
@@ -60,6 +70,7 @@ class ScaleReason(str, enum.Enum):
     MISSING_SIGNALS = "missing_signals"  # hold: Redis could not be read
     STALE_SIGNALS = "stale_signals"  # hold: a live worker's load is absent or too old
     RATIO_BOUND = "ratio_bound"  # moved to keep prefill / decode within the ratio bounds
+    PLANNED_RATIO = "planned_ratio"  # moved to follow planned_prefill_per_decode
 
 
 class ScaleDirection(str, enum.Enum):
@@ -238,13 +249,29 @@ def _ratio_bounded(config: AutoscalerConfig, prefill: int, decode: int) -> tuple
     return prefill, decode
 
 
+def _planned(config: AutoscalerConfig, plan: float, prefill: int, decode: int) -> tuple[int, int]:
+    """(prefill, decode) grown to follow the planned ratio (module docstring)."""
+    decode = config.decode.clamp(max(decode, _ceil(prefill / plan)))
+    return config.prefill.clamp(max(prefill, _ceil(plan * decode))), decode
+
+
+def _moved(decisions: list[ScaleDecision], desired: tuple[int, int], reason: ScaleReason) -> list[ScaleDecision]:
+    return [
+        d if d.desired == n else dataclasses.replace(d, desired=n, reason=reason) for d, n in zip(decisions, desired)
+    ]
+
+
+def _with_planned_ratio(config: AutoscalerConfig, decisions: list[ScaleDecision]) -> list[ScaleDecision]:
+    plan = config.planned_prefill_per_decode
+    if plan is None:
+        return decisions
+    prefill, decode = decisions
+    return _moved(decisions, _planned(config, plan, prefill.desired, decode.desired), ScaleReason.PLANNED_RATIO)
+
+
 def _with_ratio_bounds(config: AutoscalerConfig, decisions: list[ScaleDecision]) -> list[ScaleDecision]:
     prefill, decode = decisions
-    desired = _ratio_bounded(config, prefill.desired, decode.desired)
-    return [
-        d if d.desired == n else dataclasses.replace(d, desired=n, reason=ScaleReason.RATIO_BOUND)
-        for d, n in zip(decisions, desired)
-    ]
+    return _moved(decisions, _ratio_bounded(config, prefill.desired, decode.desired), ScaleReason.RATIO_BOUND)
 
 
 def decide(
@@ -265,7 +292,7 @@ def decide(
         decisions.append(decision)
         state = state.with_pool(role, history)
     if all(signals[role].fresh for role in WorkerRole):
-        decisions = _with_ratio_bounds(config, decisions)
+        decisions = _with_ratio_bounds(config, _with_planned_ratio(config, decisions))
     for decision in decisions:
         if decision.direction is not ScaleDirection.HOLD:
             state = state.with_pool(decision.role, dataclasses.replace(state.pool(decision.role), last_change_s=now_s))

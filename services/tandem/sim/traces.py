@@ -90,7 +90,7 @@ def _from_zero(requests: list[TraceRequest]) -> tuple[TraceRequest, ...]:
 def _csv_rows(path: Path, header: Sequence[str], required: int) -> Iterator[tuple[_Row, dict[str, str]]]:
     """The data rows of a CSV whose first `required` columns are `header[:required]` (in any
     order; the rest of `header` optional), each with its line number's checker."""
-    with path.open(newline="") as stream:
+    with path.open(newline="", encoding="utf-8-sig") as stream:
         reader = csv.reader(stream)
         names = [name.strip() for name in next(reader, [])]
         missing = [name for name in header[:required] if name not in names]
@@ -108,7 +108,7 @@ def _csv_rows(path: Path, header: Sequence[str], required: int) -> Iterator[tupl
 def read_mooncake(path: Path) -> tuple[TraceRequest, ...]:
     """A Mooncake JSONL trace (module docstring)."""
     rows: list[tuple[float, int, int, tuple[int, ...]]] = []
-    with Path(path).open() as stream:
+    with Path(path).open(encoding="utf-8-sig") as stream:
         for line, text in enumerate(stream, start=1):
             if not text.strip():
                 continue
@@ -234,7 +234,7 @@ def read_csv(path: Path) -> tuple[TraceRequest, ...]:
 
 def write_csv(path: Path, requests: Sequence[TraceRequest]) -> None:
     """Write `requests` as the project's plain CSV trace (`read_csv` reads it back equal)."""
-    with Path(path).open("w", newline="") as stream:
+    with Path(path).open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(CSV_HEADER)
         for r in requests:
@@ -252,7 +252,7 @@ TRACE_FORMATS: Mapping[str, Callable[[Path], tuple[TraceRequest, ...]]] = {
 def detect_format(path: Path) -> str:
     """`mooncake` for a file whose first non-blank line is a JSON object, `azure` for a CSV
     starting with TIMESTAMP, `csv` for one starting with arrival_s; ValueError otherwise."""
-    with Path(path).open() as stream:
+    with Path(path).open(encoding="utf-8-sig") as stream:
         first = next((text.strip() for text in stream if text.strip()), "")
     if first.startswith("{"):
         return "mooncake"
