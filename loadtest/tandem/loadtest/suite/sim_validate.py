@@ -9,9 +9,9 @@
    `Engine.step` (its gRPC stream shares the core), and the gateway spends time on a request
    before routing it; both are measured on the real cluster with probe requests that are not
    the validated ones (64-token prompts, 48 output tokens, alone and 8 at a time): the median
-   gap minus the fitted decode step gives the serving overhead per step (a fixed part and a
-   part per decoded sequence, from the two batch sizes), and the median TTFT alone minus the
-   fitted prefill step gives the gateway latency.
+   gaps at the two batch sizes set the fixed and per-decoded-sequence terms (the token and
+   attention terms stay as fitted on the engine), and the median TTFT alone minus the
+   prefill step gives the gateway latency.
 3. Simulation: the same requests at the same send times (`sim_workloads.workload_trace`, same
    seed) on a simulated cluster with the worker's batcher limits and KV pool.
 The figures are |simulated - real| / real per metric; goal <= 0.15 each. The real run's
@@ -92,19 +92,19 @@ class Serving:
     ttft_alone_s: float
 
     def apply(self, cost: CalibratedCostModel) -> tuple[CalibratedCostModel, float]:
-        """`cost` with the serving overhead per step added, and the gateway latency."""
+        """`cost` with its fixed and per-decoded-sequence terms set so that a decode step of 1
+        and of PROBE_BATCH sequences takes what the served worker took (its other terms, from
+        the engine's steps, kept), and the gateway latency: TTFT alone less the prefill step."""
+        c = cost.coefficients
         context = PROBE_PROMPT + PROBE_OUTPUT // 2
 
-        def decode_s(batch: int) -> float:
-            return cost.step_seconds(StepShape(decode_seqs=batch, decode_context_tokens=batch * context))
+        def rest_s(batch: int) -> float:  # the decode step's terms that stay as fitted
+            return c.token_s * batch + c.decode_context_s * batch * context
 
-        alone = self.gap_alone_s - decode_s(1)
-        per_seq = max(0.0, (self.gap_batch_s - decode_s(PROBE_BATCH) - alone) / (PROBE_BATCH - 1))
-        fixed = max(0.0, alone - per_seq)
-        c = cost.coefficients
-        served = dataclasses.replace(
-            cost, coefficients=dataclasses.replace(c, step_s=c.step_s + fixed, decode_seq_s=c.decode_seq_s + per_seq)
-        )
+        one = self.gap_alone_s - rest_s(1)
+        per_seq = max(0.0, (self.gap_batch_s - rest_s(PROBE_BATCH) - one) / (PROBE_BATCH - 1))
+        fixed = max(0.0, one - per_seq)
+        served = dataclasses.replace(cost, coefficients=dataclasses.replace(c, step_s=fixed, decode_seq_s=per_seq))
         prefill = StepShape(prefill_tokens=PROBE_PROMPT, prefill_context_tokens=PROBE_PROMPT * (PROBE_PROMPT + 1) // 2)
         return served, max(0.0, self.ttft_alone_s - served.step_seconds(prefill))
 
@@ -165,9 +165,9 @@ def run(ctx: BenchContext) -> Section:
         f"worker on core {WORKER_CPU} (local prefill, {KV_CACHE_MIB} MiB KV), gateway and load generator on core "
         f"{SHARED_CPU}. CPU cost model fitted on the real engine's step times: step {e.step_s * 1e3:.2f} ms + "
         f"{e.token_s * 1e6:.1f} us/token + {e.decode_seq_s * 1e6:.1f} us/decoded sequence + attention terms "
-        f"(fit's worst error {engine_cost.max_relative_error:.0%}); serving overhead from the probes: "
-        f"+{(c.step_s - e.step_s) * 1e3:.2f} ms/step, +{(c.decode_seq_s - e.decode_seq_s) * 1e6:.1f} us/decoded "
-        f"sequence; gateway latency {gateway_s * 1e3:.2f} ms."
+        f"(fit's worst error {engine_cost.max_relative_error:.0%}); from the served probes: step "
+        f"{c.step_s * 1e3:.2f} ms, {c.decode_seq_s * 1e6:.1f} us/decoded sequence; gateway latency "
+        f"{gateway_s * 1e3:.2f} ms."
     )
     notes = ("ITL: the real run's p50 over every gap; the simulator's p50 of per-request mean gaps (results.py).",)
     return Section("sim_validate", "Simulator vs the real cluster", setup, tuple(figures), tuple(rows), notes)
