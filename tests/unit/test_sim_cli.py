@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tandem.cli import main
+from tandem.sim.calibrate import CalibratedCostModel, Coefficients, save
 from tandem.sim.traces import write_csv
 from tandem.sim.types import TraceRequest
 
@@ -45,3 +46,20 @@ def test_simulate_needs_requests(capsys: pytest.CaptureFixture[str]) -> None:
         main(["simulate"])
     assert exit_info.value.code == 2
     assert "give --trace (a trace file) or --workload (a workload YAML)" in capsys.readouterr().err
+
+
+def test_simulate_with_a_calibrated_cost_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A CPU cost model saved by `tandem.sim.calibrate` replaces the roofline: here a step costs
+    1 ms + 0.1 ms per token, so a lone 40-token request's first token takes exactly 5 ms."""
+    model = CalibratedCostModel("m", Coefficients(0.001, 1e-4, 0.0, 0.0, 0.0), kv_bytes=4096)
+    save(model, tmp_path / "cost.json")
+    trace = tmp_path / "one.csv"
+    write_csv(trace, [TraceRequest(0.0, 40, 3)])
+    argv = ["simulate", "--trace", str(trace), "--num-prefill", "0", "--num-blocks", "64"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--cost-model-file", str(tmp_path / "cost.json")])
+    assert exit_info.value.code == 0
+    # TTFT: the 40-token prefill step, 1 + 4 = 5 ms; then two decode steps of 1.1 ms each
+    printed = capsys.readouterr().out
+    assert "| TTFT p50 / p90 / p99 (ms) | 5.0 / 5.0 / 5.0 |" in printed
+    assert "| ITL p50 / p90 / p99 (ms) | 1.1 / 1.1 / 1.1 |" in printed

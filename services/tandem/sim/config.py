@@ -12,11 +12,13 @@ from pathlib import Path
 
 from tandem.autoscaler.config import AutoscalerConfig
 from tandem.scheduler.config import SchedulerConfig
+from tandem.sim.calibrate import load
 from tandem.sim.cluster import ClusterConfig
 from tandem.sim.costmodel import MODELS, RooflineCostModel, model_shape
 from tandem.sim.gpus import GPUS, gpu
 from tandem.sim.results import Slo
 from tandem.sim.stepmodel import StepModelConfig
+from tandem.sim.types import CostModel
 
 TRACE_FORMATS = ("mooncake", "azure", "csv")
 VECTORISE_AT_WORKERS = 32  # prefix_aware clusters at least this large route with VectorRouter
@@ -39,6 +41,12 @@ class SimulateConfig:
     model: str = field(default="llama-3-8b", metadata={"choices": tuple(sorted(MODELS)), "help": "model shapes"})
     gpu: str = field(default="H100", metadata={"choices": tuple(sorted(GPUS)), "help": "GPU type"})
     tp: int = field(default=1, metadata={"help": "GPUs per worker (tensor parallel)"})
+    cost_model_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "a CPU cost model fitted on measured steps (tandem.sim.calibrate JSON) instead of the roofline"
+        },
+    )
     num_prefill: int = field(default=1, metadata={"help": "prefill workers (0: colocated)"})
     num_decode: int = field(default=1, metadata={"help": "decode workers"})
     max_num_batched_tokens: int = field(default=8192, metadata={"help": "token budget of a step"})
@@ -73,12 +81,18 @@ class SimulateConfig:
     def slo(self) -> Slo:
         return Slo(self.slo_ttft_s, self.slo_itl_s)
 
-    def cost_model(self) -> RooflineCostModel:
+    def cost_model(self) -> CostModel:
+        if self.cost_model_file is not None:
+            return load(self.cost_model_file)
+        return self.roofline()
+
+    def roofline(self) -> RooflineCostModel:
         return RooflineCostModel(model_shape(self.model), gpu(self.gpu), self.tp)
 
     def cluster(self) -> ClusterConfig:
-        cost = self.cost_model()
-        num_blocks = self.num_blocks or cost.kv_capacity_tokens() // self.scheduler.block_size
+        if self.cost_model_file is not None and not self.num_blocks:
+            raise ValueError("with --cost-model-file, give the workers' KV size with --num-blocks")
+        num_blocks = self.num_blocks or self.roofline().kv_capacity_tokens() // self.scheduler.block_size
         if num_blocks < 1:
             raise ValueError(f"{self.model} does not fit in {self.tp} x {self.gpu} memory; raise --tp")
         step = StepModelConfig(

@@ -32,7 +32,7 @@ NUM_GROUPS, PREFIX_TOKENS = 50, 512
 
 def poisson_trace(rate_rps: float, duration_s: float, seed: int) -> list[TraceRequest]:
     rng = random.Random(seed)
-    t, out = 0.0, []
+    t, out = 0.0, list[TraceRequest]()
     while True:
         t += rng.expovariate(rate_rps)
         if t >= duration_s:
