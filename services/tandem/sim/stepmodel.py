@@ -15,7 +15,9 @@ recorded step sequence through both and compares the per-step token counts):
 Departures from the real batcher (no speculative decoding, no priorities): the prefix cache
 holds shared group prefixes only, and those blocks are not charged to the pool (a hit takes no
 block, as a hit on an unreferenced cached block in the real pool takes none from the free count
-until it is touched); nothing is evicted from it.
+until it is touched); nothing is evicted from it. A preempted sequence recomputes all its
+tokens (the real pool may still hold its full blocks and hit them): the agreement test runs
+the real batcher with prefix caching off for that reason.
 
 `decode_run` is what makes 1,000 GPUs tractable: while a batch only decodes (every chunk is
 one token of a running sequence and nothing can be admitted), the next steps are the same
