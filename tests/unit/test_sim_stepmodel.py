@@ -14,7 +14,8 @@ from tandem.common.request import Request, SamplingParams
 from tandem.engine.batcher import Batcher, BatcherConfig
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.sequence import Sequence
-from tandem.sim.stepmodel import SimSeq, StepModel, StepModelConfig
+from tandem.sim.sequence import SimSeq
+from tandem.sim.stepmodel import StepModel, StepModelConfig
 from tandem.sim.types import StepShape
 
 EOS = frozenset({0})

@@ -41,7 +41,8 @@ from tandem.sim.hashes import group_block_hashes, prompt_block_hashes
 from tandem.sim.pools import Pools
 from tandem.sim.results import Records, SimResult, Slo
 from tandem.sim.router import make_router
-from tandem.sim.stepmodel import SimSeq, StepModelConfig
+from tandem.sim.sequence import SimSeq
+from tandem.sim.stepmodel import StepModelConfig
 from tandem.sim.types import CostModel, TraceRequest
 from tandem.sim.worker import Delivery, SimWorker
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.common.workers import WorkerInfo, WorkerLoad
-from tandem.sim.stepmodel import Plan, SimSeq, StepModel, StepModelConfig
+from tandem.sim.sequence import Plan, SimSeq
+from tandem.sim.stepmodel import StepModel, StepModelConfig
 from tandem.sim.types import CostModel, StepShape
 
 
