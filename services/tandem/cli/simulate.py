@@ -120,6 +120,10 @@ def render_plan(result: PlanResult, attainment: float) -> str:
         )
     if result.gain is not None:
         lines.append(f"gain over the best colocated configuration: {result.gain:.2f}x goodput per GPU")
+    if result.best is not None and result.best.candidate.num_prefill:
+        c = result.best.candidate
+        ratio = c.num_prefill / c.num_decode
+        lines.append(f"autoscaler: --planned-prefill-per-decode {ratio:g} follows this ratio as load changes")
     return "\n".join(lines)
 
 
