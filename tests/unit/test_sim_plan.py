@@ -26,6 +26,7 @@ By hand:
 
 from __future__ import annotations
 
+from tandem.cli.simulate import render_plan
 from tandem.scheduler.config import SchedulerConfig
 from tandem.sim.cluster import ClusterConfig
 from tandem.sim.plan import PlanSpec, plan, simulator
@@ -82,3 +83,7 @@ def test_plan_finds_the_hand_worked_optimum() -> None:
     gain = result.gain
     assert gain is not None and gain > 1.0
     assert result.best.cost_per_million_tokens_usd is not None
+    report = render_plan(result, 0.9)
+    assert "plan: 2 prefill + 1 decode;" in report
+    assert "colocated baseline: 0 prefill + 4 decode;" in report
+    assert "autoscaler: --planned-prefill-per-decode 2 follows this ratio as load changes" in report
