@@ -168,3 +168,33 @@ def test_deterministic_for_a_seed() -> None:
     assert first == second  # every field of the result and every request's times, exactly
     assert first[1] != other[1]
     assert first[0].num_completed == 400
+
+
+def test_scaling_with_hand_offs_in_flight_drains_every_worker() -> None:
+    """Bursts and lulls make the autoscaler grow and shrink both pools (prefill down to 0)
+    while prompts are on prefill workers and KV is on its way: every request completes, no
+    worker leaves with work or blocks, and every pool ends empty."""
+    autoscaler = AutoscalerConfig(
+        prefill=PrefillPolicy(min_replicas=0, max_replicas=6, target_queued_tokens_per_replica=300),
+        decode=DecodePolicy(min_replicas=1, max_replicas=6, target_waiting_per_replica=0.5),
+        interval_s=0.2,
+        stabilisation_window_s=0.5,
+        up_cooldown_s=0.2,
+        down_cooldown_s=0.2,
+        max_signal_age_s=1.0,
+    )
+    rng = random.Random(0)
+    requests, t = [], 0.0
+    for i in range(800):
+        t += rng.expovariate(300.0 if (i // 100) % 2 == 0 else 5.0)
+        requests.append(TraceRequest(t, rng.randint(20, 900), rng.choice([1, 2, 50, 200])))
+    config = ClusterConfig(2, 2, StepModelConfig(num_blocks=1500), autoscaler=autoscaler, startup_s=0.1)
+    sim = ClusterSim(config, AffineCost(), requests)
+    result = sim.run()
+    assert result.num_completed == 800
+    downs = [entry for entry in sim.scale_log if entry[3] < entry[2]]
+    assert len(downs) > 3 and result.num_preemptions > 0
+    assert [(p.role, p.num_workers_end) for p in result.pools] == [("prefill", 0), ("decode", 1)]
+    for worker in [*sim.pools.workers.values(), *sim.pools.retired]:
+        assert worker.idle, worker.worker_id
+        assert worker.model.num_free_blocks == 1500, worker.worker_id

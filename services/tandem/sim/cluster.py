@@ -177,6 +177,7 @@ class ClusterSim:
             self._deliver(now, self.pools.workers[decision.decode.worker_id], Delivery(seq, False))
         else:
             seq = SimSeq(rid, req.prompt_tokens, req.prompt_tokens + 1, True, req.prefix_group, req.prefix_tokens)
+            self.pools.workers[decision.decode.worker_id].expected += 1
             self._deliver(now, self.pools.workers[decision.prefill.worker_id], Delivery(seq, False))
 
     def _deliver(self, now: float, worker: SimWorker, delivery: Delivery) -> None:
@@ -189,7 +190,7 @@ class ClusterSim:
         end_s = worker.start_step(now)
         if end_s is not None:
             self._push(end_s, _STEP_END, (worker, worker.version))
-        elif worker.draining and worker.idle:
+        elif worker.draining and worker.idle and worker.worker_id in self.pools.workers:
             self.pools.retire(now, worker)
 
     def _on_step_end(self, now: float, payload: object) -> None:
@@ -225,7 +226,11 @@ class ClusterSim:
         req = self.trace[rid]
         if req.output_tokens <= 1:
             prefill.model.release(seq)
+            decode = self.pools.workers[self.decisions[rid].decode.worker_id]
+            decode.expected -= 1
             self._request_done(now, rid, 1)
+            if decode.draining and decode.idle and decode.worker_id in self.pools.workers:
+                self.pools.retire(now, decode)
             return
         decision = self.decisions[rid]
         nbytes = (req.prompt_tokens - decision.decode_cached_tokens) * self._kv_bytes_per_token
@@ -247,6 +252,7 @@ class ClusterSim:
             req.prefix_tokens,
         )
         handoff.num_tokens = req.prompt_tokens + 1  # the prompt and the first token
+        decode.expected -= 1
         self._deliver(now, decode, Delivery(handoff, True))
 
     def _request_done(self, now: float, rid: int, num_output: int) -> None:
@@ -295,6 +301,9 @@ class ClusterSim:
             elif d.desired < d.current:
                 self.scale_log.append((now, d.role, d.current, d.desired, d.reason.value))
                 pools.shrink(d.role, d.current - d.desired, now)
+                # A draining worker deregisters at once; the gateway would see that at its next
+                # refresh and retry a refused request elsewhere. Here it sees it at once.
+                self._refresh(now)
         if not self._done:
             self._push(now + config.interval_s, _AUTOSCALE, None)
 

@@ -54,6 +54,7 @@ class SimWorker:
         self.busy_s = 0.0
         self.version = 0  # bumped when the pending step-end event is replaced
         self.kv_event_seq = 0
+        self.expected = 0  # hand-offs routed here whose prompt is still on a prefill worker
         self._plan: Plan | None = None
         self._start_s = 0.0
         self._steps = 1
@@ -71,8 +72,10 @@ class SimWorker:
 
     @property
     def idle(self) -> bool:
-        """Nothing running, queued or in the inbox (a draining worker can leave)."""
-        return self._plan is None and not self.inbox and not self.model.has_work
+        """Nothing running, queued, in the inbox, on its way, or held for a pull (a draining
+        worker can leave: it has finished its streams and released its leases)."""
+        m = self.model
+        return self._plan is None and not self.inbox and not m.has_work and not self.expected and not m.num_used_blocks
 
     def load(self, now_s: float) -> WorkerLoad:
         m = self.model
