@@ -235,11 +235,16 @@ class StepModel:
         # The planned step already holds its blocks; step j (1-based) computes position
         # num_computed + j - 1 and needs blocks up to num_computed + j tokens.
         bs = self.config.block_size
-        low, high = 1, steps
+
+        def need(k: int) -> int:
+            return sum(num_blocks_for(s.num_computed + k, bs) - s.num_hit_blocks - s.num_blocks for s in self.running)
+
+        if need(steps) <= self.num_free_blocks:  # the common case: the whole run fits
+            return steps
+        low, high = 1, steps - 1
         while low < high:
             mid = (low + high + 1) // 2
-            need = sum(num_blocks_for(s.num_computed + mid, bs) - s.num_hit_blocks - s.num_blocks for s in self.running)
-            if need <= self.num_free_blocks:
+            if need(mid) <= self.num_free_blocks:
                 low = mid
             else:
                 high = mid - 1
