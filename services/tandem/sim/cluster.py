@@ -75,6 +75,10 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
             raise ValueError(f"need >= 0 prefill and >= 1 decode workers, got {self.num_prefill}/{self.num_decode}")
+        if not (self.startup_s >= 0 and self.gateway_latency_s >= 0):
+            raise ValueError(
+                f"startup_s and gateway_latency_s must be >= 0, got {self.startup_s}, {self.gateway_latency_s}"
+            )
         if self.step.block_size != self.scheduler.block_size:
             raise ValueError(
                 f"step block_size {self.step.block_size} != scheduler block_size {self.scheduler.block_size}"
