@@ -93,12 +93,14 @@ class RecordedActuator:
         pass
 
 
-@pytest.mark.parametrize("vectorised", [False, True])
-def test_routes_equal_the_real_scheduler(vectorised: bool) -> None:
+@pytest.mark.parametrize(("vectorised", "num_prefill", "num_decode"), [(False, 3, 4), (True, 3, 4), (True, 12, 28)])
+def test_routes_equal_the_real_scheduler(vectorised: bool, num_prefill: int, num_decode: int) -> None:
     """Both routers (router.py): the gateway's own `route_on`, and its numpy equal."""
     scheduler_config = SchedulerConfig(local_prefill_max_tokens=300, speculative_ttl_s=0.5)
-    config = ClusterConfig(3, 4, StepModelConfig(num_blocks=2000), scheduler_config, vectorised_routing=vectorised)
-    sim = ClusterSim(config, AffineCost(), trace(600, 120.0, seed=3), record=True)
+    config = ClusterConfig(
+        num_prefill, num_decode, StepModelConfig(num_blocks=2000), scheduler_config, vectorised_routing=vectorised
+    )
+    sim = ClusterSim(config, AffineCost(), trace(600, 120.0 * (num_prefill + num_decode) / 7, seed=3), record=True)
     result = sim.run()
     assert sim.log is not None
     state, clock = RecordedState(), Clock()
