@@ -5,7 +5,8 @@ One module per command group; each adds its subcommands to the parser:
 - `serve.py`: `tandem prefill`, `tandem decode` (workers) and `tandem gateway`;
 - `cluster.py`: `tandem up`, `tandem status`, `tandem drain`;
 - `autoscaler.py`: `tandem autoscaler`;
-- `bench.py`: `tandem bench`.
+- `bench.py`: `tandem bench`;
+- `simulate.py`: `tandem simulate` and `tandem plan`.
 
 The flags of the services are generated from their frozen configs (`tandem.common.options`).
 `main()` only adds the flags of the command it runs, so that `tandem drain` (a Kubernetes
@@ -18,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tandem.cli import autoscaler, bench, cluster, generate, serve
+from tandem.cli import autoscaler, bench, cluster, generate, serve, simulate
 
 # command -> (help, the function that adds its flags and sets `func`)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
@@ -34,6 +35,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     ),
     "drain": ("drain a worker before it stops (scale-down, Kubernetes preStop)", cluster.add_drain_flags),
     "bench": ("benchmarks that print ratios measured in one run; serve: load test", bench.add_bench_flags),
+    "simulate": ("simulate a cluster on a trace or workload with the real policies", simulate.add_simulate_flags),
+    "plan": ("search the cheapest prefill/decode sizing that meets the SLOs, by simulation", simulate.add_plan_flags),
 }
 
 

@@ -39,6 +39,8 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "structured": ("Structured output: JSON-schema decode and compile time", "tandem.loadtest.suite.structured"),
     "quantization": ("Quantized serving: FP8 KV cache and quantized weights", "tandem.loadtest.suite.quantization"),
     "speculative": ("Speculative decoding: n-gram and draft model", "tandem.loadtest.suite.speculative"),
+    "sim_scale": ("Simulator speed at 1,000 GPUs", "tandem.loadtest.suite.sim_scale"),
+    "sim_validate": ("Simulator vs the real cluster", "tandem.loadtest.suite.sim_validate"),
 }
 REPO_ROOT = Path(__file__).resolve().parents[4]
 
