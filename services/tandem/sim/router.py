@@ -7,8 +7,9 @@
 - `VectorRouter` computes the same decision for the `prefix_aware` policy with numpy arrays
   over the workers: the loads of the last refresh, this gateway's in-flight work (the
   `InflightTable` rules), the `prefix_aware_cost` formula with the same floating-point
-  operations in the same order, the lowest-cost worker with ties to the lowest id, and the
-  picker's conditional-disaggregation rule. It keeps the real `PrefixIndex` (match, claims,
+  operations in the same order, `PrefixAware`'s load bound, the lowest-cost worker with ties
+  rotated by the request's seq over the tied ids, and the picker's conditional-disaggregation
+  rule. It keeps the real `PrefixIndex` (match, claims,
   expiry). A test replays a run through the real `Scheduler` and gets the same decisions.
 
 Both: `refresh` (the registry refresher's new snapshot), `route`, `prefill_done`,
@@ -26,7 +27,7 @@ from tandem.common.workers import KVEventRecord, WorkerInfo, WorkerLoad, WorkerR
 from tandem.scheduler.config import SchedulerConfig
 from tandem.scheduler.index import PrefixIndex
 from tandem.scheduler.inflight import InflightTable
-from tandem.scheduler.policies import PrefixAware, make_policy
+from tandem.scheduler.policies import LOAD_BOUND_FACTOR, LOAD_BOUND_SLACK, UNCACHED_WEIGHT, PrefixAware, make_policy
 from tandem.scheduler.registry import RegistrySnapshot
 from tandem.scheduler.routing import prefilled_by, route_on, uncached_prefill_tokens
 from tandem.scheduler.types import NoWorkerError, RouteDecision, RouteKind, RouteRequest
@@ -67,7 +68,9 @@ class ExactRouter:
         self.index.apply(event)
 
     def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int, now_s: float) -> None:
-        self._inflight.prefill_done(prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens), now_s)
+        self._inflight.prefill_done(
+            prefilled_by(decision), uncached_prefill_tokens(decision, num_prompt_tokens), now_s, num_prompt_tokens
+        )
 
     def decode_done(self, decision: RouteDecision, now_s: float) -> None:
         self._inflight.decode_done(decision.decode.worker_id, now_s)
@@ -105,6 +108,7 @@ class VectorRouter:
         self._slots: dict[str, int] = {}
         # the InflightTable, by worker slot; last_done -inf: none yet
         self._tokens = np.zeros(max_workers, dtype=np.int64)
+        self._prompt_tokens = np.zeros(max_workers, dtype=np.int64)
         self._streams = np.zeros(max_workers, dtype=np.int64)
         self._last_done = np.full(max_workers, -np.inf)
         self._pools = {role: _Pool((), {}) for role in WorkerRole}
@@ -117,25 +121,31 @@ class VectorRouter:
         live = {info.worker_id for info, _ in workers}
         for worker_id, slot in self._slots.items():
             if worker_id not in live:  # Scheduler._swap: forget the in-flight work of the gone
-                self._tokens[slot] = self._streams[slot] = 0
+                self._tokens[slot] = self._prompt_tokens[slot] = self._streams[slot] = 0
                 self._last_done[slot] = -np.inf
         for role in WorkerRole:
             self._pools[role] = _Pool([w for w in workers if w[0].role is role], self._slots)
         self._live = frozenset(live)
 
-    def _costs(self, pool: _Pool, cached: np.ndarray, num_tokens: int, tokens_per_seq: int) -> np.ndarray:
+    def _pick(self, pool: _Pool, cached: np.ndarray, num_tokens: int, tokens_per_seq: int, seq: int) -> int:
+        """`PrefixAware.pick` over the pool: the position of the chosen worker."""
         cfg = self.config
         uncached = np.maximum(num_tokens - cached * cfg.block_size, 0)
         slot = pool.slot
         published = np.where(pool.timestamp <= self._last_done[slot], 0, pool.queued)
-        queued = self._tokens[slot] + published
+        others = np.maximum(published - self._prompt_tokens[slot], 0)  # InflightTable.adjust
+        queued = self._tokens[slot] + others
         if tokens_per_seq:
             running = np.maximum(pool.running, self._streams[slot])
             queued = queued + (running + pool.waiting) * tokens_per_seq
+        bound = LOAD_BOUND_FACTOR * int(queued.sum()) / len(queued) + LOAD_BOUND_SLACK * num_tokens
         kv_weight_tokens = cfg.kv_weight * num_tokens
         with np.errstate(divide="ignore", invalid="ignore"):
             kv_term = np.where(pool.total > 0, kv_weight_tokens * pool.used / pool.total, 0.0)
-        return uncached.astype(np.float64) + cfg.queue_weight * queued.astype(np.float64) + kv_term
+        cost = (UNCACHED_WEIGHT * uncached).astype(np.float64) + cfg.queue_weight * queued.astype(np.float64) + kv_term
+        cost = np.where(queued > bound, np.inf, cost)
+        tied = np.flatnonzero(cost == cost.min())  # ids are sorted: the tie rotates over them
+        return int(tied[seq % len(tied)])
 
     def _cached(self, pool: _Pool, matched: dict[str, int]) -> np.ndarray:
         cached = np.zeros(len(pool.ids), dtype=np.int64)
@@ -166,14 +176,14 @@ class VectorRouter:
             raise NoWorkerError(f"no routable decode worker for request {request.request_id} (0 live, 0 excluded)")
         t = request.num_prompt_tokens
         d_cached = self._cached(decode, matched)
-        d = int(np.argmin(self._costs(decode, d_cached, t, bs)))
+        d = self._pick(decode, d_cached, t, bs, request.seq)
         decode_cached = min(t, int(d_cached[d]) * bs)
         d_info = decode.infos[d]
         if not prefill.ids or t - decode_cached < cfg.local_prefill_max_tokens:
             decision = RouteDecision(RouteKind.LOCAL_PREFILL, d_info, None, decode_cached, 0)
         else:
             p_cached = self._cached(prefill, matched)
-            p = int(np.argmin(self._costs(prefill, p_cached, t, 0)))
+            p = self._pick(prefill, p_cached, t, 0, request.seq)
             prefill_cached = min(t, int(p_cached[p]) * bs)
             decision = RouteDecision(RouteKind.DISAGGREGATED, d_info, prefill.infos[p], decode_cached, prefill_cached)
         for worker in (decision.prefill, decision.decode):
@@ -182,12 +192,14 @@ class VectorRouter:
                 if group is not None:
                     self._holders.setdefault(group, set()).add(worker.worker_id)
         self._tokens[self._slots[prefilled_by(decision)]] += uncached_prefill_tokens(decision, t)
+        self._prompt_tokens[self._slots[prefilled_by(decision)]] += t
         self._streams[self._slots[d_info.worker_id]] += 1
         return decision
 
     def prefill_done(self, decision: RouteDecision, num_prompt_tokens: int, now_s: float) -> None:
         slot = self._slots[prefilled_by(decision)]
         self._tokens[slot] = max(0, int(self._tokens[slot]) - uncached_prefill_tokens(decision, num_prompt_tokens))
+        self._prompt_tokens[slot] = max(0, int(self._prompt_tokens[slot]) - num_prompt_tokens)
         self._last_done[slot] = now_s
 
     def decode_done(self, decision: RouteDecision, now_s: float) -> None:
