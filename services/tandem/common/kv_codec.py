@@ -367,3 +367,30 @@ def decode_chunk(raw: bytes) -> ChunkView:
         shape=tuple(header.shape),
         data=buf[data[0] : data[1]],
     )
+
+
+# ---- the tcp transport's ticket (PullKVTcp) ------------------------------------------------------
+TCP_TOKEN_BYTES = 48  # ticket id (16) + secret (32)
+
+
+@dataclass(frozen=True)
+class TcpTicket:
+    """PullKVTcp's answer: connect to `address`, present `token`, read `size_bytes` of packed
+    blocks (services/tandem/kvtransfer/tcp_wire.py)."""
+
+    address: str
+    token: bytes = field(repr=False)
+    size_bytes: int
+
+
+def tcp_ticket_to_bytes(ticket: TcpTicket) -> bytes:
+    return pb.TcpTicket(address=ticket.address, token=ticket.token, size_bytes=ticket.size_bytes).SerializeToString()
+
+
+def tcp_ticket_from_bytes(raw: bytes) -> TcpTicket:
+    msg = pb.TcpTicket.FromString(raw)
+    if len(msg.token) != TCP_TOKEN_BYTES:
+        raise ValueError(f"ticket.token must be {TCP_TOKEN_BYTES} bytes, got {len(msg.token)}")
+    if not 0 < len(msg.address) <= MAX_ADDRESS_CHARS:
+        raise ValueError(f"ticket.address must have 1..{MAX_ADDRESS_CHARS} characters, got {len(msg.address)}")
+    return TcpTicket(msg.address, msg.token, msg.size_bytes)

@@ -366,6 +366,16 @@ class ReleaseKVResponse(_message.Message):
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
+class TcpTicket(_message.Message):
+    __slots__ = ("address", "token", "size_bytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    token: bytes
+    size_bytes: int
+    def __init__(self, address: _Optional[str] = ..., token: _Optional[bytes] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
 class SendKVRequest(_message.Message):
     __slots__ = ("request_id", "block_ids", "layout", "store_address", "pair_id", "tag", "lease_secret", "block_hashes", "segment_ends")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
