@@ -1,0 +1,222 @@
+"""Source side of the tcp transport: PullKVTcp on the prefill worker's gRPC server, and the KV
+data listener that serves the tickets it hands out.
+
+Lifecycle of one pull on P (the receiver's side: tcp_transport.py):
+1. `PullKVTcp` (authenticated gRPC plane) refuses what PullKV refuses, with the same codes, then
+   issues a ticket: a random id and secret, the request, and a deadline (the call's, at most
+   `pull_timeout_s`). It answers the listener's address and the token (id + secret).
+2. The listener, bound to `bind_host` only, hands each connection to a sender thread. The
+   first 48 bytes must be a live ticket's token (secret compared in constant time), within
+   TOKEN_TIMEOUT_S; anything else closes the connection with nothing sent, and counts.
+   A ticket serves one connection.
+3. The sender checks the lease out again (it may have ended since step 1; then the header says
+   why and nothing follows), sends the header, the blocks straight from the cache (CPU; on
+   CUDA packed into pinned staging first) and the xxh64 trailer, then unpins the lease.
+   A receiver that goes away mid-transfer ends the send with an error that is logged and
+   counted; the lease stays until ReleaseKV or expiry, as for every transport.
+The servicer also serves PullKV and ReleaseKV (it extends the gRPC transport's).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from tandem.common import kv_codec
+from tandem.kvtransfer import tcp_wire
+from tandem.kvtransfer.base import KVTransferError
+from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.grpc_transport import KVTransferServicer, lease_status
+from tandem.kvtransfer.leases import BlockHashMismatch, LeaseError, LeaseTable
+
+log = logging.getLogger(__name__)
+
+TOKEN_TIMEOUT_S = 5.0  # a connection must present its token within this
+MAX_TICKETS = 1024  # tickets issued and not yet used or expired; more: RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    request: kv_codec.PullKVRequest
+    deadline_s: float  # time.monotonic()
+    secret: bytes = field(repr=False)
+
+
+@dataclass
+class TcpSourceCounters:
+    """What the listener saw; read by tests and logs."""
+
+    served: int = 0  # pulls whose every byte and trailer went out
+    refused_connections: int = 0  # no token in time, an unknown or expired ticket, a wrong secret
+    failed_sends: int = 0  # the receiver went away or stalled mid-transfer
+
+
+class TcpKVServicer(KVTransferServicer):
+    """Owns its listening socket, its tickets and its sender threads."""
+
+    def __init__(self, store: KVBlockStore, leases: LeaseTable, config: KVTransferConfig) -> None:
+        super().__init__(store, leases, config)
+        self.counters = TcpSourceCounters()
+        self._tickets: dict[bytes, _Ticket] = {}  # by ticket id
+        self._lock = threading.Lock()
+        self._senders = ThreadPoolExecutor(config.max_inflight_sends, thread_name_prefix="kv-tcp-send")
+        self._num_connections = 0  # handed to a sender and not yet closed
+        family = socket.AF_INET6 if ":" in config.bind_host else socket.AF_INET
+        self._listener = socket.create_server((config.bind_host, config.tcp_port), family=family)
+        host, port = self._listener.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept_loop, name="kv-tcp-accept", daemon=True)
+        self._acceptor.start()
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        handlers = super().handlers()
+        handlers["PullKVTcp"] = grpc.unary_unary_rpc_method_handler(
+            self.PullKVTcp,
+            request_deserializer=kv_codec.pull_kv_request_from_bytes,
+            response_serializer=kv_codec.tcp_ticket_to_bytes,
+        )
+        return handlers
+
+    async def PullKVTcp(self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext) -> kv_codec.TcpTicket:
+        block_ids = request.block_ids
+        await self.admit(context, request.layout, block_ids)
+        try:  # before a ticket exists; the sender checks it out again
+            self.leases.check(request.request_id, block_ids, request.lease_secret, request.block_hashes)
+        except LeaseError as exc:
+            await context.abort(lease_status(exc), str(exc))
+        bound_s = min(context.time_remaining() or self.config.pull_timeout_s, self.config.pull_timeout_s)
+        ticket_id, secret = secrets.token_bytes(tcp_wire.TICKET_ID_BYTES), secrets.token_bytes(32)
+        with self._lock:
+            self._drop_expired()
+            if len(self._tickets) >= MAX_TICKETS:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(self._tickets)} KV tickets outstanding")
+            self._tickets[ticket_id] = _Ticket(request, time.monotonic() + bound_s, secret)
+        return kv_codec.TcpTicket(self.address, ticket_id + secret, len(block_ids) * self.store.bytes_per_block)
+
+    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
+        """Send the packed blocks and return their xxh64 (sender thread, lease checked out).
+        Tests override it to corrupt or cut the stream."""
+        return tcp_wire.send_views(sock, views, deadline_s)
+
+    # ---- listener and senders (threads) ------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            with self._lock:
+                busy = self._num_connections >= 2 * self.config.max_inflight_sends
+                if not busy:
+                    self._num_connections += 1
+            if busy:  # a flood of connections never queues unbounded work
+                self._count("refused_connections")
+                conn.close()
+                continue
+            try:
+                self._senders.submit(self._serve, conn)
+            except RuntimeError:  # shut down meanwhile
+                conn.close()
+                return
+
+    def _serve(self, conn: socket.socket) -> None:
+        peer = "receiver"
+        try:
+            with conn:
+                peer = "{}:{}".format(*conn.getpeername()[:2])
+                ticket = self._ticket_of(conn, peer)
+                if ticket is None:
+                    self._count("refused_connections")
+                    return
+                tcp_wire.tune(conn)
+                self._send(conn, ticket, peer)
+        except (OSError, KVTransferError) as exc:
+            self._count("failed_sends")
+            log.warning("KV send to %s failed: %s", peer, exc)
+        finally:
+            with self._lock:
+                self._num_connections -= 1
+
+    def _ticket_of(self, conn: socket.socket, peer: str) -> _Ticket | None:
+        """The live ticket whose token the connection presents first, taken; else None."""
+        try:
+            token = tcp_wire.recv_exact(conn, kv_codec.TCP_TOKEN_BYTES, time.monotonic() + TOKEN_TIMEOUT_S, peer)
+        except KVTransferError as exc:
+            log.warning("KV connection from %s refused: no token (%s)", peer, exc)
+            return None
+        ticket_id, secret = token[: tcp_wire.TICKET_ID_BYTES], token[tcp_wire.TICKET_ID_BYTES :]
+        with self._lock:
+            self._drop_expired()
+            ticket = self._tickets.get(ticket_id)
+            expected = ticket.secret if ticket is not None else bytes(32)
+            if hmac.compare_digest(expected, secret) and ticket is not None:
+                del self._tickets[ticket_id]
+                return ticket
+        log.warning("KV connection from %s refused: not a live ticket's token", peer)
+        return None
+
+    def _send(self, conn: socket.socket, ticket: _Ticket, peer: str) -> None:
+        request, store = ticket.request, self.store
+        size_bytes = len(request.block_ids) * store.bytes_per_block
+        fingerprint = tcp_wire.fingerprint_bytes(store.layout)
+        try:
+            with self.leases.checkout(
+                request.request_id, request.block_ids, request.lease_secret, request.block_hashes
+            ):
+                staging = None
+                if store.device.type == "cpu":
+                    views = tcp_wire.block_views(store, request.block_ids)
+                else:  # no socket I/O from device memory: pack into pinned host staging
+                    staging = self.staging.acquire(size_bytes)
+                    store.pack(request.block_ids, out=staging)
+                    views = [staging.numpy().data]
+                header = tcp_wire.Header(tcp_wire.Status.OK, len(request.block_ids), size_bytes, fingerprint)
+                try:
+                    conn.sendall(header.encode())
+                    checksum = self.send_blocks(conn, views, ticket.deadline_s)
+                    conn.sendall(tcp_wire.TRAILER.pack(checksum))
+                finally:  # the send ended either way: nothing reads the staging buffer any more
+                    if staging is not None:
+                        self.staging.give_back(staging)
+        except LeaseError as exc:  # the lease ended or changed since the ticket
+            status = tcp_wire.Status.HASH_MISMATCH if isinstance(exc, BlockHashMismatch) else tcp_wire.Status.REFUSED
+            conn.sendall(tcp_wire.Header(status, 0, 0, fingerprint, str(exc)).encode())
+            return
+        self._count("served")
+        self.num_pulls_served += 1
+        self.bytes_served += size_bytes
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + 1)
+
+    def _drop_expired(self) -> None:
+        """Under the lock: forget tickets past their deadline."""
+        now = time.monotonic()
+        for ticket_id in [t for t, ticket in self._tickets.items() if ticket.deadline_s <= now]:
+            del self._tickets[ticket_id]
+
+    def close(self) -> None:
+        """After the server stopped: stop listening; sends in progress end on their own."""
+        super().close()
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor
+        except OSError:
+            pass
+        self._listener.close()
+        self._senders.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._tickets.clear()
