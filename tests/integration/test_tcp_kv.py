@@ -40,7 +40,7 @@ from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.tcp_source import TcpKVServicer, TcpSourceCounters
 from tandem.kvtransfer.tcp_transport import TcpTransport
 from tandem.kvtransfer.torch_pairs import parse_address
-from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_hashes
+from tandem.loadtest.bench.kv_source import synthetic_block_hashes
 from tests.conftest import random_prompts
 from tests.integration.test_kvtransfer import (
     TIMEOUT_S,

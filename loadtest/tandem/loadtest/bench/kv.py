@@ -76,8 +76,8 @@ class BenchResult:
 
 @dataclass(frozen=True)
 class KVBenchReport:
-    """Medians per path (`raw tcp`, `grpc`, `torch`, `tcp`, STAGED, SHM, MEMCPY), the bytes of one pull, and whether every
-    transport's destination blocks equalled the source's."""
+    """Medians per path (`raw tcp`, `grpc`, `torch`, `tcp`, STAGED, SHM, MEMCPY), the bytes of
+    one pull, and whether every transport's destination blocks equalled the source's."""
 
     results: dict[str, BenchResult]
     size_bytes: int

@@ -3,7 +3,8 @@
 It plays a prefill worker without a model: a KV cache filled from a seed (so the parent can
 rebuild the same bytes), one lease over the blocks, and a grpc.aio server bound to the given
 host that hosts the transport's source servicer (`--transport torch,tcp`: each one's), built
-with the real worker's gRPC server options. `--device cuda` keeps the cache on the GPU (device 0), as a prefill worker there does.
+with the real worker's gRPC server options. `--device cuda` keeps the cache on the GPU (device
+0), as a prefill worker there does.
 With `--host-id H` it also serves same-host pulls through shared memory (the transport
 wrapped as a worker wraps it, `kvtransfer.same_host`, host id H).
 With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian size read from a
