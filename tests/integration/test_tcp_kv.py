@@ -33,7 +33,7 @@ from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.engine import Engine, SamplingParams
-from tandem.kvtransfer import tcp_source, tcp_wire
+from tandem.kvtransfer import tcp_listener, tcp_wire
 from tandem.kvtransfer.base import FailureReason, KVTransferError, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
@@ -117,6 +117,14 @@ def connect(ticket: kv_codec.TcpTicket, first_bytes: bytes) -> socket.socket:
     sock = socket.create_connection(parse_address(ticket.address), timeout=TIMEOUT_S)
     sock.sendall(first_bytes)
     return sock
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size and (chunk := sock.recv(size - got)):
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def read_to_end(sock: socket.socket) -> bytes:
@@ -208,6 +216,7 @@ def test_pull_is_exact_from_cache_blocks_into_cache_blocks(dtype: str) -> None:
             assert_moved(source.store, src_ids, dest, dst_ids, before)
             assert await wait_for(lambda: servicer.counters == TcpSourceCounters(served=2))
             assert servicer._tickets == {}  # each ticket was used once
+            assert len(transport.kept) == 1  # both pulls went over one connection, kept for the next
             assert source.freed == []
             assert await transport.release(handle, TIMEOUT_S) is True
 
@@ -249,7 +258,7 @@ def test_refusals_name_the_problem_and_issue_no_ticket() -> None:
 
 
 def test_a_connection_without_a_live_token_gets_nothing(monkeypatch) -> None:
-    monkeypatch.setattr(tcp_source, "TOKEN_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(tcp_listener, "TOKEN_TIMEOUT_S", 0.3)
     source, servicer = tcp_pair()
     ids = (3, 4, 5)
 
@@ -267,12 +276,13 @@ def test_a_connection_without_a_live_token_gets_nothing(monkeypatch) -> None:
                 with connect(ticket, first_bytes) as sock:
                     assert await asyncio.to_thread(read_to_end, sock) == b""  # closed, no byte sent
             assert await wait_for(lambda: servicer.counters.refused_connections == 3)
-            with connect(ticket, ticket.token) as sock:  # its holder still uses it
-                got = await asyncio.to_thread(read_to_end, sock)
             header = tcp_wire.Header(tcp_wire.Status.OK, 3, ticket.size_bytes, tcp_wire.fingerprint_bytes(BIG)).encode()
             data = packed(source.store, ids)
-            assert got == header + data + tcp_wire.TRAILER.pack(xxhash.xxh64_intdigest(data))
-            with connect(ticket, ticket.token) as sock:  # once
+            expected = header + data + tcp_wire.TRAILER.pack(xxhash.xxh64_intdigest(data))
+            with connect(ticket, ticket.token) as sock:  # its holder still uses it
+                got = await asyncio.to_thread(read_exactly, sock, len(expected))
+                assert got == expected  # and the connection stays open for the next pull
+                sock.sendall(ticket.token)  # once: the same token again is refused, and closes it
                 assert await asyncio.to_thread(read_to_end, sock) == b""
             assert await wait_for(lambda: servicer.counters == TcpSourceCounters(served=1, refused_connections=4))
 
@@ -288,7 +298,8 @@ def test_a_lease_that_ended_after_the_ticket_is_refused_in_the_header() -> None:
             assert source.leases.release("req", source.secrets["req"]) is True
             with connect(ticket, ticket.token) as sock:
                 header = await asyncio.to_thread(tcp_wire.read_header, sock, time.monotonic() + TIMEOUT_S, "p")
-                assert await asyncio.to_thread(read_to_end, sock) == b""  # nothing after it
+                sock.shutdown(socket.SHUT_WR)  # the source then closes the connection it kept
+                assert await asyncio.to_thread(read_to_end, sock) == b""  # with nothing after the header
             assert (header.status, header.error) == (
                 tcp_wire.Status.REFUSED,
                 "the lease for request 'req' was released",

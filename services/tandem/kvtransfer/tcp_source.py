@@ -5,10 +5,11 @@ Lifecycle of one pull on P (the receiver's side: tcp_transport.py):
 1. `PullKVTcp` (authenticated gRPC plane) refuses what PullKV refuses, with the same codes, then
    issues a ticket: a random id and secret, the request, and a deadline (the call's, at most
    `pull_timeout_s`). It answers the listener's address and the token (id + secret).
-2. The listener, bound to `bind_host` only, hands each connection to a sender thread. The
-   first 48 bytes must be a live ticket's token (secret compared in constant time), within
-   TOKEN_TIMEOUT_S; anything else closes the connection with nothing sent, and counts.
-   A ticket serves one connection.
+2. The data listener (tcp_listener.py), bound to `bind_host` only, hands a connection to a
+   sender thread when bytes arrive on it. The first 48 bytes of every pull must be a live
+   ticket's token (secret compared in constant time), within TOKEN_TIMEOUT_S; anything else
+   closes the connection with nothing sent, and counts. A ticket serves one pull. A
+   connection that served a pull stays open for the receiver's next one.
 3. The sender checks the lease out again (it may have ended since step 1; then the header says
    why and nothing follows), sends the header, the blocks straight from the cache (CPU; on
    CUDA packed into pinned staging first) and the xxh64 trailer, then unpins the lease.
@@ -25,13 +26,12 @@ import secrets
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 
 from tandem.common import kv_codec
-from tandem.kvtransfer import tcp_wire
+from tandem.kvtransfer import tcp_listener, tcp_wire
 from tandem.kvtransfer.base import KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
@@ -40,7 +40,6 @@ from tandem.kvtransfer.leases import BlockHashMismatch, LeaseError, LeaseTable
 
 log = logging.getLogger(__name__)
 
-TOKEN_TIMEOUT_S = 5.0  # a connection must present its token within this
 MAX_TICKETS = 1024  # tickets issued and not yet used or expired; more: RESOURCE_EXHAUSTED
 
 
@@ -68,15 +67,14 @@ class TcpKVServicer(KVTransferServicer):
         self.counters = TcpSourceCounters()
         self._tickets: dict[bytes, _Ticket] = {}  # by ticket id
         self._lock = threading.Lock()
-        self._senders = ThreadPoolExecutor(config.max_inflight_sends, thread_name_prefix="kv-tcp-send")
-        self._num_connections = 0  # handed to a sender and not yet closed
-        family = socket.AF_INET6 if ":" in config.bind_host else socket.AF_INET
-        self._listener = socket.create_server((config.bind_host, config.tcp_port), family=family)
-        host, port = self._listener.getsockname()[:2]
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._closed = False
-        self._acceptor = threading.Thread(target=self._accept_loop, name="kv-tcp-accept", daemon=True)
-        self._acceptor.start()
+        self._listener = tcp_listener.DataListener(
+            config.bind_host,
+            config.tcp_port,
+            self._serve,
+            config.max_inflight_sends,
+            lambda: self._count("refused_connections"),
+        )
+        self.address = self._listener.address
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         handlers = super().handlers()
@@ -98,9 +96,11 @@ class TcpKVServicer(KVTransferServicer):
         ticket_id, secret = secrets.token_bytes(tcp_wire.TICKET_ID_BYTES), secrets.token_bytes(32)
         with self._lock:
             self._drop_expired()
-            if len(self._tickets) >= MAX_TICKETS:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(self._tickets)} KV tickets outstanding")
-            self._tickets[ticket_id] = _Ticket(request, time.monotonic() + bound_s, secret)
+            full = len(self._tickets) >= MAX_TICKETS
+            if not full:
+                self._tickets[ticket_id] = _Ticket(request, time.monotonic() + bound_s, secret)
+        if full:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_TICKETS} KV tickets outstanding")
         return kv_codec.TcpTicket(self.address, ticket_id + secret, len(block_ids) * self.store.bytes_per_block)
 
     def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
@@ -108,52 +108,38 @@ class TcpKVServicer(KVTransferServicer):
         Tests override it to corrupt or cut the stream."""
         return tcp_wire.send_views(sock, views, deadline_s)
 
-    # ---- listener and senders (threads) ------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                if self._closed:
-                    return
-                continue
-            with self._lock:
-                busy = self._num_connections >= 2 * self.config.max_inflight_sends
-                if not busy:
-                    self._num_connections += 1
-            if busy:  # a flood of connections never queues unbounded work
-                self._count("refused_connections")
-                conn.close()
-                continue
-            try:
-                self._senders.submit(self._serve, conn)
-            except RuntimeError:  # shut down meanwhile
-                conn.close()
-                return
-
-    def _serve(self, conn: socket.socket) -> None:
+    # ---- sender threads (the listener: tcp_listener.py) ------------------------------------------
+    def _serve(self, conn: socket.socket, fresh: bool) -> bool:
+        """One pull on `conn`: its token, then the blocks. True if the connection stays in step
+        for the next pull (the listener keeps it), False to close it."""
         peer = "receiver"
         try:
-            with conn:
-                peer = "{}:{}".format(*conn.getpeername()[:2])
-                ticket = self._ticket_of(conn, peer)
-                if ticket is None:
-                    self._count("refused_connections")
-                    return
-                tcp_wire.tune(conn)
-                self._send(conn, ticket, peer)
+            peer = "{}:{}".format(*conn.getpeername()[:2])
+            ticket = self._ticket_of(conn, peer, fresh)
+            if ticket is None:
+                return False
+            tcp_wire.tune(conn)
+            self._send(conn, ticket, peer)
+            return True
         except (OSError, KVTransferError) as exc:
             self._count("failed_sends")
             log.warning("KV send to %s failed: %s", peer, exc)
-        finally:
-            with self._lock:
-                self._num_connections -= 1
+            return False
 
-    def _ticket_of(self, conn: socket.socket, peer: str) -> _Ticket | None:
-        """The live ticket whose token the connection presents first, taken; else None."""
+    def _ticket_of(self, conn: socket.socket, peer: str, fresh: bool) -> _Ticket | None:
+        """The live ticket whose token the connection presents next, taken; else None (counted
+        as refused, unless a kept connection was simply closed by its receiver)."""
+        deadline_s = time.monotonic() + tcp_listener.TOKEN_TIMEOUT_S
         try:
-            token = tcp_wire.recv_exact(conn, kv_codec.TCP_TOKEN_BYTES, time.monotonic() + TOKEN_TIMEOUT_S, peer)
-        except KVTransferError as exc:
+            conn.settimeout(tcp_listener.TOKEN_TIMEOUT_S)
+            first = conn.recv(1)
+            if not first:
+                if fresh:
+                    self._count("refused_connections")
+                return None  # a kept connection: the receiver closed it
+            token = first + tcp_wire.recv_exact(conn, kv_codec.TCP_TOKEN_BYTES - 1, deadline_s, peer)
+        except (OSError, KVTransferError) as exc:
+            self._count("refused_connections")
             log.warning("KV connection from %s refused: no token (%s)", peer, exc)
             return None
         ticket_id, secret = token[: tcp_wire.TICKET_ID_BYTES], token[tcp_wire.TICKET_ID_BYTES :]
@@ -164,6 +150,7 @@ class TcpKVServicer(KVTransferServicer):
             if hmac.compare_digest(expected, secret) and ticket is not None:
                 del self._tickets[ticket_id]
                 return ticket
+        self._count("refused_connections")
         log.warning("KV connection from %s refused: not a live ticket's token", peer)
         return None
 
@@ -211,12 +198,6 @@ class TcpKVServicer(KVTransferServicer):
     def close(self) -> None:
         """After the server stopped: stop listening; sends in progress end on their own."""
         super().close()
-        self._closed = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor
-        except OSError:
-            pass
         self._listener.close()
-        self._senders.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._tickets.clear()

@@ -41,10 +41,13 @@ from tandem.kvtransfer.staging import StagingPool
 from tandem.kvtransfer.tcp_source import TcpKVServicer
 from tandem.kvtransfer.torch_pairs import parse_address
 
+MAX_KEPT_PER_SOURCE = 4  # idle data connections kept per source (concurrent pulls from it)
+KEPT_IDLE_S = 60.0  # a kept connection idle this long is closed (the source's limit: 120 s)
+
 
 class TcpTransport:
     """Receiver side; one per decode worker, used from its asyncio loop. Owns its channels and
-    its staging buffers (CUDA caches only); one connection per pull, closed when it ends."""
+    its staging buffers (CUDA caches only) and its kept data connections."""
 
     name = "tcp"
 
@@ -52,6 +55,7 @@ class TcpTransport:
         self.config = config
         self.channels = ChannelCache(token=config.token)
         self.staging = StagingPool(config.max_staging_bytes, pin_memory=torch.cuda.is_available())
+        self.kept = KeptConnections()
         self._servicers: list[TcpKVServicer] = []
 
     def add_source(self, server: grpc.aio.Server, store: KVBlockStore, leases: LeaseTable) -> None:
@@ -92,7 +96,7 @@ class TcpTransport:
             data_address = parse_address(ticket.address)
         except ValueError as exc:
             raise KVTransferError(FailureReason.PROTOCOL, f"{address}: ticket address: {exc}") from None
-        receive = _Receive(self.staging, ticket, data_address, store, dst, deadline_s)
+        receive = _Receive(self.kept, self.staging, ticket, data_address, store, dst, deadline_s)
         num_views = await run_to_completion(receive.run, on_cancel=receive.abort)
         return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_views, transport=self.name)
 
@@ -102,7 +106,52 @@ class TcpTransport:
     async def close(self) -> None:
         for servicer in self._servicers:
             servicer.close()
+        self.kept.close()
         await self.channels.close()
+
+
+class KeptConnections:
+    """Data connections that carried a pull, by source listener address, kept for the next
+    pull (tcp_listener.py says why). Thread-safe. At most MAX_KEPT_PER_SOURCE per source, each
+    idle for less than KEPT_IDLE_S (shorter than the source's own idle timeout); one the source
+    closed anyway is found out by the next pull, which then opens a new one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[tuple[socket.socket, float]]] = {}  # address -> (socket, idle since)
+
+    def take(self, address: str) -> socket.socket | None:
+        with self._lock:
+            self._drop_stale(time.monotonic())
+            entries = self._idle.get(address)
+            return entries.pop()[0] if entries else None
+
+    def give(self, address: str, sock: socket.socket) -> None:
+        with self._lock:
+            entries = self._idle.setdefault(address, [])
+            if len(entries) < MAX_KEPT_PER_SOURCE:
+                entries.append((sock, time.monotonic()))
+                return
+        sock.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(entries) for entries in self._idle.values())
+
+    def _drop_stale(self, now_s: float) -> None:
+        for address, entries in list(self._idle.items()):
+            for sock, since in [e for e in entries if now_s - e[1] >= KEPT_IDLE_S]:
+                sock.close()
+                entries.remove((sock, since))
+            if not entries:
+                del self._idle[address]
+
+    def close(self) -> None:
+        with self._lock:
+            for entries in self._idle.values():
+                for sock, _ in entries:
+                    sock.close()
+            self._idle.clear()
 
 
 class _Receive:
@@ -110,6 +159,7 @@ class _Receive:
 
     def __init__(
         self,
+        kept: KeptConnections,
         staging: StagingPool,
         ticket: kv_codec.TcpTicket,
         data_address: tuple[str, int],
@@ -117,7 +167,7 @@ class _Receive:
         dst: tuple[int, ...],
         deadline_s: float,
     ) -> None:
-        self.staging, self.ticket, self.data_address = staging, ticket, data_address
+        self.kept, self.staging, self.ticket, self.data_address = kept, staging, ticket, data_address
         self.store, self.dst, self.deadline_s = store, dst, deadline_s
         self.peer = ticket.address
         self._lock = threading.Lock()
@@ -137,13 +187,22 @@ class _Receive:
             raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"{self.peer}: KV connection failed: {exc}") from None
 
     def _run(self) -> int:
-        with self._connect() as sock:
-            sock.sendall(self.ticket.token)
-            header = tcp_wire.read_header(sock, self.deadline_s, self.peer)
+        sock, reused = self._open()
+        keep = False
+        try:
+            try:
+                header = self._start(sock)
+            except (KVTransferError, OSError) as exc:
+                if not reused or not _closed_by_peer(exc):
+                    raise
+                sock.close()  # a kept connection that the source closed meanwhile: once more, anew
+                sock, reused = self._open(fresh=True)
+                header = self._start(sock)
             tcp_wire.check_header(header, len(self.dst), self.ticket.size_bytes, self.store.layout, self.peer)
             if self.store.device.type == "cpu":  # straight into the destination blocks
                 views = tcp_wire.block_views(self.store, self.dst)
                 self._receive(sock, views)
+                keep = True
                 return len(views)
             staging = self.staging.acquire(self.ticket.size_bytes)
             try:
@@ -151,7 +210,17 @@ class _Receive:
                 self.store.unpack(staging, self.dst)  # verified: only now into the (device) blocks
             finally:
                 self.staging.give_back(staging)
+            keep = True
             return 1
+        finally:
+            if keep:
+                self.kept.give(self.ticket.address, sock)
+            else:
+                sock.close()
+
+    def _start(self, sock: socket.socket) -> tcp_wire.Header:
+        sock.sendall(self.ticket.token)
+        return tcp_wire.read_header(sock, self.deadline_s, self.peer)
 
     def _receive(self, sock: socket.socket, views: list[memoryview]) -> None:
         got = tcp_wire.recv_views(sock, views, self.deadline_s, self.peer)
@@ -163,6 +232,20 @@ class _Receive:
                 f"the source sent xxh64 {sent:#018x}",
             )
 
+    def _open(self, fresh: bool = False) -> tuple[socket.socket, bool]:
+        """A kept connection to the source's listener (unless `fresh`), else a new one; and
+        whether it was kept. Registered for `abort`."""
+        sock = None if fresh else self.kept.take(self.ticket.address)
+        reused = sock is not None
+        if sock is None:
+            sock = self._connect()
+        with self._lock:
+            if self._aborted:
+                sock.close()
+                raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"{self.peer}: the pull was cancelled")
+            self._sock = sock
+        return sock, reused
+
     def _connect(self) -> socket.socket:
         timeout_s = self.deadline_s - time.monotonic()
         try:
@@ -173,11 +256,6 @@ class _Receive:
             raise KVTransferError(FailureReason.TIMEOUT, f"{self.peer}: no KV connection in time") from None
         except OSError as exc:
             raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"{self.peer}: cannot connect: {exc}") from None
-        with self._lock:
-            if self._aborted:
-                sock.close()
-                raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"{self.peer}: the pull was cancelled")
-            self._sock = sock
         try:
             tcp_wire.tune(sock)
         except OSError as exc:
@@ -194,3 +272,11 @@ class _Receive:
                     self._sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def _closed_by_peer(exc: Exception) -> bool:
+    """Whether a failure to start a pull on a kept connection says the source had closed it
+    (then the pull goes once more on a new connection; a stalled source is no such case)."""
+    if isinstance(exc, KVTransferError):
+        return exc.reason is FailureReason.PEER_UNAVAILABLE
+    return not isinstance(exc, TimeoutError)

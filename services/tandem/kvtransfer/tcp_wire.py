@@ -43,7 +43,6 @@ TRAILER = struct.Struct("<Q")  # xxh64 of the packed blocks
 MAX_ERROR_BYTES = 1024
 PIECE_BYTES = 512 * 1024  # bytes per sendmsg/recvmsg_into, hashed while cache-hot
 MAX_IOV = 64  # views per sendmsg/recvmsg_into (Linux allows 1024)
-SOCKET_BUFFER_BYTES = 4 * 1024 * 1024  # SO_SNDBUF / SO_RCVBUF asked of the kernel
 
 
 class Status(enum.IntEnum):
@@ -85,10 +84,9 @@ def fingerprint_bytes(layout: KVLayout) -> bytes:
 
 
 def tune(sock: socket.socket) -> None:
-    """No Nagle delay for the small frames; socket buffers big enough for a batch in flight."""
+    """No Nagle delay for the small frames. The buffer sizes stay the kernel's to tune: a fixed
+    SO_RCVBUF turns its autotuning off (and is capped by net.core.rmem_max)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
 
 
 def block_views(store: KVBlockStore, block_ids: Sequence[int]) -> list[memoryview]:
