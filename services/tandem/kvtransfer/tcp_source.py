@@ -26,6 +26,7 @@ import secrets
 import socket
 import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
@@ -67,6 +68,7 @@ class TcpKVServicer(KVTransferServicer):
         self.counters = TcpSourceCounters()
         self._tickets: dict[bytes, _Ticket] = {}  # by ticket id
         self._lock = threading.Lock()
+        self._hashers = futures.ThreadPoolExecutor(config.max_inflight_sends, thread_name_prefix="kv-tcp-hash")
         self._listener = tcp_listener.DataListener(
             config.bind_host,
             config.tcp_port,
@@ -104,9 +106,15 @@ class TcpKVServicer(KVTransferServicer):
         return kv_codec.TcpTicket(self.address, ticket_id + secret, len(block_ids) * self.store.bytes_per_block)
 
     def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
-        """Send the packed blocks and return their xxh64 (sender thread, lease checked out).
+        """Send the packed blocks and return their xxh64, hashed in another thread meanwhile
+        (sender thread, lease checked out: the hash ends before this returns or raises).
         Tests override it to corrupt or cut the stream."""
-        return tcp_wire.send_views(sock, views, deadline_s)
+        digest = self._hashers.submit(tcp_wire.checksum, views)
+        try:
+            tcp_wire.send_views(sock, views, deadline_s)
+        finally:
+            futures.wait([digest])  # it reads the leased blocks: done before the checkout ends
+        return digest.result()
 
     # ---- sender threads (the listener: tcp_listener.py) ------------------------------------------
     def _serve(self, conn: socket.socket, fresh: bool) -> bool:
@@ -199,5 +207,6 @@ class TcpKVServicer(KVTransferServicer):
         """After the server stopped: stop listening; sends in progress end on their own."""
         super().close()
         self._listener.close()
+        self._hashers.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._tickets.clear()
