@@ -20,6 +20,7 @@ from tandem.common.pb import tandem_pb2 as pb
 
 MAX_HANDLE_ID_CHARS = 256  # request and worker ids in a handle (as the codec's request ids)
 MAX_ADDRESS_CHARS = 512
+TCP_TOKEN_BYTES = 48  # the tcp transport's one-time token: ticket id (16) + secret (32)
 
 
 def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
@@ -99,6 +100,7 @@ class PullKVRequest:
     block_hashes: tuple[int, ...]  # what the receiver expects block_ids to hold, one per id
     host_id: str = ""  # PullKVShm: the receiver's host id
     receiver_pid: int = 0  # PullKVShm: the receiver's pid
+    tcp_token: bytes = field(default=b"", repr=False)  # PullKVTcp: the token it will present (48 bytes)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ def pull_kv_request_to_bytes(request: PullKVRequest) -> bytes:
         block_hashes=request.block_hashes,
         host_id=request.host_id,
         receiver_pid=request.receiver_pid,
+        tcp_token=request.tcp_token,
     ).SerializeToString()
 
 
@@ -175,6 +178,8 @@ def _expected_hashes(msg: pb.PullKVRequest | pb.SendKVRequest) -> tuple[int, ...
 def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
     msg = pb.PullKVRequest.FromString(raw)
     hashes = _expected_hashes(msg)
+    if len(msg.tcp_token) not in (0, TCP_TOKEN_BYTES):
+        raise ValueError(f"tcp_token must be empty or {TCP_TOKEN_BYTES} bytes, got {len(msg.tcp_token)}")
     return PullKVRequest(
         msg.request_id,
         tuple(msg.block_ids),
@@ -184,6 +189,7 @@ def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
         hashes,
         msg.host_id,
         msg.receiver_pid,
+        msg.tcp_token,
     )
 
 
@@ -370,7 +376,6 @@ def decode_chunk(raw: bytes) -> ChunkView:
 
 
 # ---- the tcp transport's ticket (PullKVTcp) ------------------------------------------------------
-TCP_TOKEN_BYTES = 48  # ticket id (16) + secret (32)
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,16 @@ data listener that serves the tickets it hands out.
 
 Lifecycle of one pull on P (the receiver's side: tcp_transport.py):
 1. `PullKVTcp` (authenticated gRPC plane) refuses what PullKV refuses, with the same codes, then
-   issues a ticket: a random id and secret, the request, and a deadline (the call's, at most
-   `pull_timeout_s`). It answers the listener's address and the token (id + secret).
+   issues a ticket: the token the receiver chose (a random ticket id and secret; the source
+   draws one for a request without), the request, and a deadline (the call's, at most
+   `pull_timeout_s`). It answers the listener's address and the token.
 2. The data listener (tcp_listener.py), bound to `bind_host` only, hands a connection to a
    sender thread when bytes arrive on it. The first 48 bytes of every pull must be a live
    ticket's token (secret compared in constant time), within TOKEN_TIMEOUT_S; anything else
    closes the connection with nothing sent, and counts. A ticket serves one pull. A
-   connection that served a pull stays open for the receiver's next one.
+   connection that served a pull stays open for the receiver's next one, and the receiver
+   sends its next token on it at once, beside its PullKVTcp call: the sender waits (up to
+   TOKEN_TIMEOUT_S) for that call to issue or refuse the ticket.
 3. The sender checks the lease out again (it may have ended since step 1; then the header says
    why and nothing follows), sends the header, the blocks straight from the cache (CPU; on
    CUDA packed into pinned staging first) and the xxh64 trailer, then unpins the lease.
@@ -68,6 +71,8 @@ class TcpKVServicer(KVTransferServicer):
         self.counters = TcpSourceCounters()
         self._tickets: dict[bytes, _Ticket] = {}  # by ticket id
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # a ticket was issued or refused
+        self._refused: dict[bytes, float] = {}  # ticket ids of refused PullKVTcp calls -> until when
         self._hashers = futures.ThreadPoolExecutor(config.max_inflight_sends, thread_name_prefix="kv-tcp-hash")
         self._listener = tcp_listener.DataListener(
             config.bind_host,
@@ -88,22 +93,37 @@ class TcpKVServicer(KVTransferServicer):
         return handlers
 
     async def PullKVTcp(self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext) -> kv_codec.TcpTicket:
+        token = request.tcp_token or secrets.token_bytes(kv_codec.TCP_TOKEN_BYTES)
+        ticket_id, secret = token[: tcp_wire.TICKET_ID_BYTES], token[tcp_wire.TICKET_ID_BYTES :]
         block_ids = request.block_ids
-        await self.admit(context, request.layout, block_ids)
-        try:  # before a ticket exists; the sender checks it out again
-            self.leases.check(request.request_id, block_ids, request.lease_secret, request.block_hashes)
-        except LeaseError as exc:
-            await context.abort(lease_status(exc), str(exc))
-        bound_s = min(context.time_remaining() or self.config.pull_timeout_s, self.config.pull_timeout_s)
-        ticket_id, secret = secrets.token_bytes(tcp_wire.TICKET_ID_BYTES), secrets.token_bytes(32)
-        with self._lock:
-            self._drop_expired()
-            full = len(self._tickets) >= MAX_TICKETS
-            if not full:
-                self._tickets[ticket_id] = _Ticket(request, time.monotonic() + bound_s, secret)
-        if full:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_TICKETS} KV tickets outstanding")
-        return kv_codec.TcpTicket(self.address, ticket_id + secret, len(block_ids) * self.store.bytes_per_block)
+        try:
+            await self.admit(context, request.layout, block_ids)
+            try:  # before a ticket exists; the sender checks it out again
+                self.leases.check(request.request_id, block_ids, request.lease_secret, request.block_hashes)
+            except LeaseError as exc:
+                await context.abort(lease_status(exc), str(exc))
+            bound_s = min(context.time_remaining() or self.config.pull_timeout_s, self.config.pull_timeout_s)
+            with self._cond:
+                self._drop_expired()
+                refusal = (
+                    f"{MAX_TICKETS} KV tickets outstanding"
+                    if len(self._tickets) >= MAX_TICKETS
+                    else "tcp_token: its ticket id is in use"
+                    if ticket_id in self._tickets or ticket_id in self._refused
+                    else ""
+                )
+                if not refusal:
+                    self._tickets[ticket_id] = _Ticket(request, time.monotonic() + bound_s, secret)
+                    self._cond.notify_all()
+            if refusal:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        except BaseException:  # refused: a connection already presenting this token is closed
+            with self._cond:
+                if ticket_id not in self._tickets:
+                    self._refused[ticket_id] = time.monotonic() + tcp_listener.TOKEN_TIMEOUT_S
+                    self._cond.notify_all()
+            raise
+        return kv_codec.TcpTicket(self.address, token, len(block_ids) * self.store.bytes_per_block)
 
     def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
         """Send the packed blocks and return their xxh64, hashed in another thread meanwhile
@@ -151,9 +171,16 @@ class TcpKVServicer(KVTransferServicer):
             log.warning("KV connection from %s refused: no token (%s)", peer, exc)
             return None
         ticket_id, secret = token[: tcp_wire.TICKET_ID_BYTES], token[tcp_wire.TICKET_ID_BYTES :]
-        with self._lock:
-            self._drop_expired()
-            ticket = self._tickets.get(ticket_id)
+        with self._cond:  # the receiver may send the token before its PullKVTcp arrives: wait for it
+            while True:
+                self._drop_expired()
+                ticket = self._tickets.get(ticket_id)
+                remaining_s = deadline_s - time.monotonic()
+                if ticket is not None or ticket_id in self._refused or remaining_s <= 0:
+                    break
+                self._cond.wait(remaining_s)
+            if ticket is None and ticket_id in self._refused:
+                return None  # its PullKVTcp was refused, and said why
             expected = ticket.secret if ticket is not None else bytes(32)
             if hmac.compare_digest(expected, secret) and ticket is not None:
                 del self._tickets[ticket_id]
@@ -198,10 +225,12 @@ class TcpKVServicer(KVTransferServicer):
             setattr(self.counters, name, getattr(self.counters, name) + 1)
 
     def _drop_expired(self) -> None:
-        """Under the lock: forget tickets past their deadline."""
+        """Under the lock: forget tickets past their deadline, and old refusals."""
         now = time.monotonic()
         for ticket_id in [t for t, ticket in self._tickets.items() if ticket.deadline_s <= now]:
             del self._tickets[ticket_id]
+        for ticket_id in [t for t, until_s in self._refused.items() if until_s <= now]:
+            del self._refused[ticket_id]
 
     def close(self) -> None:
         """After the server stopped: stop listening; sends in progress end on their own."""

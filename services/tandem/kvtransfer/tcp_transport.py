@@ -22,6 +22,9 @@ the connection's framing: tcp_wire.py):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import secrets
 import socket
 import threading
 import time
@@ -56,6 +59,7 @@ class TcpTransport:
         self.channels = ChannelCache(token=config.token)
         self.staging = StagingPool(config.max_staging_bytes, pin_memory=torch.cuda.is_available())
         self.kept = KeptConnections()
+        self._data_addresses: dict[str, str] = {}  # source gRPC address -> its data listener's
         self._servicers: list[TcpKVServicer] = []
 
     def add_source(self, server: grpc.aio.Server, store: KVBlockStore, leases: LeaseTable) -> None:
@@ -80,25 +84,50 @@ class TcpTransport:
         call = self.channels.unary(
             address, "PullKVTcp", kv_codec.pull_kv_request_to_bytes, kv_codec.tcp_ticket_from_bytes
         )
+        token = secrets.token_bytes(kv_codec.TCP_TOKEN_BYTES)
         request = kv_codec.PullKVRequest(
-            handle.request_id, src, store.layout.describe(), 0, handle.lease_secret, hashes
+            handle.request_id, src, store.layout.describe(), 0, handle.lease_secret, hashes, tcp_token=token
         )
-        try:
-            ticket = await call(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise await self.channels.fail(exc, address) from None
         size_bytes = len(src) * store.bytes_per_block
-        if ticket.size_bytes != size_bytes:
+        rpc = asyncio.ensure_future(call(request, timeout=timeout_s))
+        # With a kept connection to this source, the token goes out at once, beside the call.
+        known = self._data_addresses.get(address)
+        early = None
+        if known is not None and known in self.kept:
+            early = self._receive(kv_codec.TcpTicket(known, token, size_bytes), store, dst, deadline_s)
+        try:
+            ticket = await rpc
+        except grpc.aio.AioRpcError as exc:
+            await _stop(early)
+            raise await self.channels.fail(exc, address) from None
+        except BaseException:
+            rpc.cancel()
+            await _stop(early)
+            raise
+        expected = kv_codec.TcpTicket(ticket.address if early is None else early[0].ticket.address, token, size_bytes)
+        if ticket != expected:
+            await _stop(early)
             raise KVTransferError(
-                FailureReason.PROTOCOL, f"{address}: ticket for {ticket.size_bytes} bytes, expected {size_bytes}"
+                FailureReason.PROTOCOL,
+                f"{address}: ticket for {ticket.size_bytes} bytes at {ticket.address[:80]}, expected "
+                f"{size_bytes} bytes{'' if early is None else ' at ' + expected.address} and our token",
             )
+        self._data_addresses[address] = ticket.address
+        if early is None:
+            early = self._receive(ticket, store, dst, deadline_s)
+        num_views = await early[1]
+        return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_views, transport=self.name)
+
+    def _receive(
+        self, ticket: kv_codec.TcpTicket, store: KVBlockStore, dst: tuple[int, ...], deadline_s: float
+    ) -> tuple[_Receive, asyncio.Future[int]]:
+        """Start receiving the pull of `ticket` in a thread (KVTransferError if its address is malformed)."""
         try:
             data_address = parse_address(ticket.address)
         except ValueError as exc:
-            raise KVTransferError(FailureReason.PROTOCOL, f"{address}: ticket address: {exc}") from None
+            raise KVTransferError(FailureReason.PROTOCOL, f"ticket address: {exc}") from None
         receive = _Receive(self.kept, self.staging, ticket, data_address, store, dst, deadline_s)
-        num_views = await run_to_completion(receive.run, on_cancel=receive.abort)
-        return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_views, transport=self.name)
+        return receive, asyncio.ensure_future(run_to_completion(receive.run, on_cancel=receive.abort))
 
     async def release(self, handle: KVHandle, timeout_s: float) -> bool:
         return await release_remote(self.channels, handle, timeout_s)
@@ -137,6 +166,10 @@ class KeptConnections:
     def __len__(self) -> int:
         with self._lock:
             return sum(len(entries) for entries in self._idle.values())
+
+    def __contains__(self, address: object) -> bool:
+        with self._lock:
+            return bool(self._idle.get(address))  # type: ignore[call-overload]
 
     def _drop_stale(self, now_s: float) -> None:
         for address, entries in list(self._idle.items()):
@@ -280,3 +313,16 @@ def _closed_by_peer(exc: Exception) -> bool:
     if isinstance(exc, KVTransferError):
         return exc.reason is FailureReason.PEER_UNAVAILABLE
     return not isinstance(exc, TimeoutError)
+
+
+async def _stop(started: tuple[_Receive, asyncio.Future[int]] | None) -> None:
+    """End a receive started beside a PullKVTcp call that failed; wait until its thread ended."""
+    if started is None:
+        return
+    receive, task = started
+    receive.abort()
+    while not task.done():  # even if we are cancelled meanwhile: nothing is written after we return
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller raises its own error

@@ -307,7 +307,7 @@ class MuxStep(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[MuxOutput, _Mapping]]] = ...) -> None: ...
 
 class PullKVRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret", "block_hashes", "host_id", "receiver_pid")
+    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret", "block_hashes", "host_id", "receiver_pid", "tcp_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,7 @@ class PullKVRequest(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_PID_FIELD_NUMBER: _ClassVar[int]
+    TCP_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: str
@@ -324,7 +325,8 @@ class PullKVRequest(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     host_id: str
     receiver_pid: int
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ..., host_id: _Optional[str] = ..., receiver_pid: _Optional[int] = ...) -> None: ...
+    tcp_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ..., host_id: _Optional[str] = ..., receiver_pid: _Optional[int] = ..., tcp_token: _Optional[bytes] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("name", "size_bytes", "checksum")
