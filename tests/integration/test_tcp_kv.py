@@ -258,6 +258,53 @@ def test_refusals_name_the_problem_and_issue_no_ticket() -> None:
     assert source.freed == [] and len(source.leases) == 1
 
 
+def test_a_pull_on_a_kept_connection_starts_beside_its_call_and_a_refusal_there_says_why() -> None:
+    source, servicer = tcp_pair()
+    dest = make_dest(BIG)
+
+    async def main() -> None:
+        async with serving(servicer) as address, receiver() as transport:
+            handle = source.handle(address, blocks=HELD)
+            await transport.pull(handle, (1,), (1,), dest, TIMEOUT_S)  # a first pull: call, then connect
+            assert len(transport.kept) == 1 and servicer.address in transport.kept
+            # the token goes out on the kept connection at once; the call is refused: its reason wins
+            await expect_failure(
+                transport.pull(source.handle(address, "ghost", blocks=HELD), (2,), (2,), dest, TIMEOUT_S),
+                FailureReason.REFUSED,
+                "NOT_FOUND: no lease for request 'ghost' (unknown request id, or not its secret)",
+            )
+            assert len(transport.kept) == 0  # that connection was closed, not kept
+            before = snapshot(dest)
+            await transport.pull(handle, (3, 4), (5, 6), dest, TIMEOUT_S)  # anew, then kept again
+            await transport.pull(handle, (7, 8), (9, 10), dest, TIMEOUT_S)  # beside its call
+            assert_moved(source.store, (3, 4, 7, 8), dest, (5, 6, 9, 10), before)
+            assert len(transport.kept) == 1
+            await wait_for(lambda: servicer.counters == TcpSourceCounters(served=3))
+            assert servicer.counters == TcpSourceCounters(served=3), servicer.counters
+            assert servicer._tickets == {} and list(servicer._refused) != []  # the refused call's ticket id
+
+    asyncio.run(main())
+
+
+def test_a_kept_connection_the_source_closed_is_replaced(monkeypatch) -> None:
+    monkeypatch.setattr(tcp_listener, "IDLE_TIMEOUT_S", 0.2)
+    source, servicer = tcp_pair()
+    dest = make_dest(BIG)
+
+    async def main() -> None:
+        async with serving(servicer) as address, receiver() as transport:
+            handle = source.handle(address, blocks=HELD)
+            await transport.pull(handle, (1,), (1,), dest, TIMEOUT_S)
+            await asyncio.sleep(0.6)  # the source closes the idle connection; the receiver still keeps it
+            assert len(transport.kept) == 1
+            before = snapshot(dest)
+            await transport.pull(handle, (2, 3), (4, 5), dest, TIMEOUT_S)  # found closed: once more, anew
+            assert_moved(source.store, (2, 3), dest, (4, 5), before)
+            assert await wait_for(lambda: servicer.counters == TcpSourceCounters(served=2))
+
+    asyncio.run(main())
+
+
 def test_a_connection_without_a_live_token_gets_nothing(monkeypatch) -> None:
     monkeypatch.setattr(tcp_listener, "TOKEN_TIMEOUT_S", 0.3)
     source, servicer = tcp_pair()

@@ -137,13 +137,13 @@ class TcpKVServicer(KVTransferServicer):
         return digest.result()
 
     # ---- sender threads (the listener: tcp_listener.py) ------------------------------------------
-    def _serve(self, conn: socket.socket, fresh: bool) -> bool:
+    def _serve(self, conn: socket.socket) -> bool:
         """One pull on `conn`: its token, then the blocks. True if the connection stays in step
         for the next pull (the listener keeps it), False to close it."""
         peer = "receiver"
         try:
             peer = "{}:{}".format(*conn.getpeername()[:2])
-            ticket = self._ticket_of(conn, peer, fresh)
+            ticket = self._ticket_of(conn, peer)
             if ticket is None:
                 return False
             tcp_wire.tune(conn)
@@ -154,17 +154,15 @@ class TcpKVServicer(KVTransferServicer):
             log.warning("KV send to %s failed: %s", peer, exc)
             return False
 
-    def _ticket_of(self, conn: socket.socket, peer: str, fresh: bool) -> _Ticket | None:
+    def _ticket_of(self, conn: socket.socket, peer: str) -> _Ticket | None:
         """The live ticket whose token the connection presents next, taken; else None (counted
-        as refused, unless a kept connection was simply closed by its receiver)."""
+        as refused, unless the connection closed before a byte or its PullKVTcp was refused)."""
         deadline_s = time.monotonic() + tcp_listener.TOKEN_TIMEOUT_S
         try:
             conn.settimeout(tcp_listener.TOKEN_TIMEOUT_S)
             first = conn.recv(1)
             if not first:
-                if fresh:
-                    self._count("refused_connections")
-                return None  # a kept connection: the receiver closed it
+                return None  # closed before a byte: a receiver dropping a connection, not a wrong token
             token = first + tcp_wire.recv_exact(conn, kv_codec.TCP_TOKEN_BYTES - 1, deadline_s, peer)
         except (OSError, KVTransferError) as exc:
             self._count("refused_connections")

@@ -268,6 +268,7 @@ class _Receive:
     def _open(self, fresh: bool = False) -> tuple[socket.socket, bool]:
         """A kept connection to the source's listener (unless `fresh`), else a new one; and
         whether it was kept. Registered for `abort`."""
+        self._check_aborted()
         sock = None if fresh else self.kept.take(self.ticket.address)
         reused = sock is not None
         if sock is None:
@@ -275,9 +276,14 @@ class _Receive:
         with self._lock:
             if self._aborted:
                 sock.close()
-                raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"{self.peer}: the pull was cancelled")
-            self._sock = sock
+            else:
+                self._sock = sock
+        self._check_aborted()
         return sock, reused
+
+    def _check_aborted(self) -> None:
+        if self._aborted:
+            raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"{self.peer}: the pull was stopped")
 
     def _connect(self) -> socket.socket:
         timeout_s = self.deadline_s - time.monotonic()
