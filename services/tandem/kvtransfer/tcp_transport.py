@@ -3,12 +3,14 @@ connection from the source's cache blocks into the receiver's.
 
 Lifecycle of one pull (decode worker D pulls from prefill worker P; P's side: tcp_source.py,
 the connection's framing: tcp_wire.py):
-1. D checks its arguments (`check_pull`; its caller checked the handle's layout) and calls
-   `P.PullKVTcp` with the PullKV fields, under the pull's deadline. P refuses exactly as
-   PullKV does, or answers a one-time ticket: its data listener's address and a token.
-2. In a thread, D connects to that address, presents the token, reads the header and checks
-   every field of it (status, block count, size, layout fingerprint) against what it asked
-   for before any byte lands in its pool.
+1. D checks its arguments (`check_pull`; its caller checked the handle's layout), draws a
+   one-time token and calls `P.PullKVTcp` with the PullKV fields and the token, under the
+   pull's deadline. P refuses exactly as PullKV does (that error is the pull's), or answers
+   the ticket: its data listener's address, the token and the size.
+2. In a thread, D presents the token on a data connection to that address (one it kept from
+   an earlier pull, tcp_kept.py, else a new one; on a kept one it does not wait for the
+   answer of step 1), reads the header and checks every field of it (status, block count,
+   size, layout fingerprint) against what it asked for before any byte lands in its pool.
 3. D receives the packed blocks straight into its destination blocks (CPU: one view per run
    of consecutive ids per plane; CUDA: into pinned host staging), hashing each batch as it
    lands, then reads the source's xxh64 and compares. A mismatch is CHECKSUM; the source
@@ -41,11 +43,9 @@ from tandem.kvtransfer.channels import ChannelCache, release_remote
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.staging import StagingPool
+from tandem.kvtransfer.tcp_kept import KeptConnections
 from tandem.kvtransfer.tcp_source import TcpKVServicer
 from tandem.kvtransfer.torch_pairs import parse_address
-
-MAX_KEPT_PER_SOURCE = 4  # idle data connections kept per source (concurrent pulls from it)
-KEPT_IDLE_S = 60.0  # a kept connection idle this long is closed (the source's limit: 120 s)
 
 
 class TcpTransport:
@@ -137,54 +137,6 @@ class TcpTransport:
             servicer.close()
         self.kept.close()
         await self.channels.close()
-
-
-class KeptConnections:
-    """Data connections that carried a pull, by source listener address, kept for the next
-    pull (tcp_listener.py says why). Thread-safe. At most MAX_KEPT_PER_SOURCE per source, each
-    idle for less than KEPT_IDLE_S (shorter than the source's own idle timeout); one the source
-    closed anyway is found out by the next pull, which then opens a new one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: dict[str, list[tuple[socket.socket, float]]] = {}  # address -> (socket, idle since)
-
-    def take(self, address: str) -> socket.socket | None:
-        with self._lock:
-            self._drop_stale(time.monotonic())
-            entries = self._idle.get(address)
-            return entries.pop()[0] if entries else None
-
-    def give(self, address: str, sock: socket.socket) -> None:
-        with self._lock:
-            entries = self._idle.setdefault(address, [])
-            if len(entries) < MAX_KEPT_PER_SOURCE:
-                entries.append((sock, time.monotonic()))
-                return
-        sock.close()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(entries) for entries in self._idle.values())
-
-    def __contains__(self, address: object) -> bool:
-        with self._lock:
-            return bool(self._idle.get(address))  # type: ignore[call-overload]
-
-    def _drop_stale(self, now_s: float) -> None:
-        for address, entries in list(self._idle.items()):
-            for sock, since in [e for e in entries if now_s - e[1] >= KEPT_IDLE_S]:
-                sock.close()
-                entries.remove((sock, since))
-            if not entries:
-                del self._idle[address]
-
-    def close(self) -> None:
-        with self._lock:
-            for entries in self._idle.values():
-                for sock, _ in entries:
-                    sock.close()
-            self._idle.clear()
 
 
 class _Receive:
