@@ -38,13 +38,15 @@ from tandem.kvtransfer import tcp_listener, tcp_wire
 from tandem.kvtransfer.base import FailureReason, KVTransferError, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.tcp_source import TcpKVServicer, TcpSourceCounters
 from tandem.kvtransfer.tcp_transport import TcpTransport
 from tandem.kvtransfer.torch_pairs import parse_address
-from tandem.loadtest.bench.kv_source import synthetic_block_hashes
+from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_hashes
 from tests.conftest import random_prompts
 from tests.integration.test_kvtransfer import (
     TIMEOUT_S,
+    FakeClock,
     Source,
     assert_moved,
     assert_untouched,
@@ -474,6 +476,29 @@ def test_a_stalled_source_is_a_bounded_timeout_and_a_cancelled_pull_stops_writin
 
     asyncio.run(main())
     assert source.leases.release("req", source.secrets["req"]) is True and source.freed == ["req"]
+
+
+@pytest.mark.gpu
+def test_pull_between_cuda_caches_goes_through_pinned_host_buffers() -> None:
+    """On CUDA the source packs into pinned host staging and the receiver unpacks from one after
+    the checksum matched (no socket I/O from device memory). Only a GPU run proves this path."""
+    clock, freed = FakeClock(), list[str]()
+    store = KVBlockStore(random_kv_caches(BIG, len(HELD), 1, "cuda"), BIG)
+    source = Source(store, LeaseTable(freed.append, clock), clock, freed)
+    source.grant(blocks=HELD)
+    servicer = TcpKVServicer(store, source.leases, KVTransferConfig(transport="tcp"))
+    dest = KVBlockStore(random_kv_caches(BIG, len(HELD), 99, "cuda"), BIG)
+    src_ids, dst_ids = tuple(range(60)), (*range(60, 80), *range(0, 20), *range(30, 50))
+    before = snapshot(dest)
+
+    async def main() -> None:
+        async with serving(servicer) as address, receiver() as transport:
+            stats = await transport.pull(source.handle(address, blocks=HELD), src_ids, dst_ids, dest, TIMEOUT_S)
+            assert stats.num_chunks == 1  # one pinned host buffer
+            assert transport.staging.idle_bytes >= 60 * dest.bytes_per_block  # given back
+
+    asyncio.run(main())
+    assert_moved(store, src_ids, dest, dst_ids, before)
 
 
 # ---- process death ------------------------------------------------------------------------------
