@@ -241,7 +241,7 @@ def test_every_field_has_a_flag(cls: type) -> None:
 
 def test_registries_give_the_choices() -> None:
     by_flag = {o.flag: o for o in options(WorkerConfig) + options(GatewayConfig)}
-    assert list(by_flag["--kv-transport"].choices) == ["grpc", "torch"]
+    assert list(by_flag["--kv-transport"].choices) == ["grpc", "tcp", "torch"]
     assert list(by_flag["--policy"].choices) == ["least_loaded", "prefix_aware", "round_robin"]
     assert list(by_flag["--otel-exporter"].choices) == ["none", "otlp", "file"]
     assert "triton" in by_flag["--attention-backend"].choices

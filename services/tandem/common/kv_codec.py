@@ -20,6 +20,7 @@ from tandem.common.pb import tandem_pb2 as pb
 
 MAX_HANDLE_ID_CHARS = 256  # request and worker ids in a handle (as the codec's request ids)
 MAX_ADDRESS_CHARS = 512
+TCP_TOKEN_BYTES = 48  # the tcp transport's one-time token: ticket id (16) + secret (32)
 
 
 def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
@@ -100,6 +101,7 @@ class PullKVRequest:
     host_id: str = ""  # PullKVShm: the receiver's host id
     receiver_pid: int = 0  # PullKVShm: the receiver's pid
     shm_segment: str = ""  # PullKVShm: the receiver's segment the source packs into
+    tcp_token: bytes = field(default=b"", repr=False)  # PullKVTcp: the token it will present (48 bytes)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ def pull_kv_request_to_bytes(request: PullKVRequest) -> bytes:
         host_id=request.host_id,
         receiver_pid=request.receiver_pid,
         shm_segment=request.shm_segment,
+        tcp_token=request.tcp_token,
     ).SerializeToString()
 
 
@@ -177,6 +180,8 @@ def _expected_hashes(msg: pb.PullKVRequest | pb.SendKVRequest) -> tuple[int, ...
 def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
     msg = pb.PullKVRequest.FromString(raw)
     hashes = _expected_hashes(msg)
+    if len(msg.tcp_token) not in (0, TCP_TOKEN_BYTES):
+        raise ValueError(f"tcp_token must be empty or {TCP_TOKEN_BYTES} bytes, got {len(msg.tcp_token)}")
     return PullKVRequest(
         msg.request_id,
         tuple(msg.block_ids),
@@ -187,6 +192,7 @@ def pull_kv_request_from_bytes(raw: bytes) -> PullKVRequest:
         msg.host_id,
         msg.receiver_pid,
         msg.shm_segment,
+        msg.tcp_token,
     )
 
 
@@ -370,3 +376,29 @@ def decode_chunk(raw: bytes) -> ChunkView:
         shape=tuple(header.shape),
         data=buf[data[0] : data[1]],
     )
+
+
+# ---- the tcp transport's ticket (PullKVTcp) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TcpTicket:
+    """PullKVTcp's answer: connect to `address`, present `token`, read `size_bytes` of packed
+    blocks (services/tandem/kvtransfer/tcp_wire.py)."""
+
+    address: str
+    token: bytes = field(repr=False)
+    size_bytes: int
+
+
+def tcp_ticket_to_bytes(ticket: TcpTicket) -> bytes:
+    return pb.TcpTicket(address=ticket.address, token=ticket.token, size_bytes=ticket.size_bytes).SerializeToString()
+
+
+def tcp_ticket_from_bytes(raw: bytes) -> TcpTicket:
+    msg = pb.TcpTicket.FromString(raw)
+    if len(msg.token) != TCP_TOKEN_BYTES:
+        raise ValueError(f"ticket.token must be {TCP_TOKEN_BYTES} bytes, got {len(msg.token)}")
+    if not 0 < len(msg.address) <= MAX_ADDRESS_CHARS:
+        raise ValueError(f"ticket.address must have 1..{MAX_ADDRESS_CHARS} characters, got {len(msg.address)}")
+    return TcpTicket(msg.address, msg.token, msg.size_bytes)

@@ -1,6 +1,6 @@
 """The KV hand-off from prefill to decode workers (DESIGN.md sections 2 and 4).
 
-- `base`: the `KVTransport` interface and `create_transport(name, config)` ("grpc" or "torch");
+- `base`: the `KVTransport` interface and `create_transport(name, config)` ("grpc", "torch", "tcp");
   the transport modules are imported on demand.
 - `config`: `KVTransferConfig` and the transport registry (no torch: the CLI and `tandem up`
   read it to build configs).

@@ -105,14 +105,18 @@ def check_pull(
     return tuple(hash_of[b] for b in src_block_ids)
 
 
-async def run_to_completion(fn: Callable[..., T], *args: object) -> T:
+async def run_to_completion(fn: Callable[..., T], *args: object, on_cancel: Callable[[], None] | None = None) -> T:
     """Run `fn(*args)` in a thread and wait for it to end even if the caller is cancelled
     meanwhile (the cancellation is re-raised afterwards). For copies into blocks that the
-    caller frees as soon as it sees the cancellation: they must not be written after that."""
+    caller frees as soon as it sees the cancellation: they must not be written after that.
+    `on_cancel` (called once, on the caller's thread, at the cancellation) makes `fn` end
+    early, e.g. by shutting down the socket it reads."""
     task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
         while not task.done():
             try:
                 await asyncio.wait({task})

@@ -21,6 +21,7 @@ MIN_CHUNK_BYTES = 1 * MiB
 TRANSPORTS: dict[str, tuple[str, str]] = {
     "grpc": ("tandem.kvtransfer.grpc_transport", "GrpcTransport"),
     "torch": ("tandem.kvtransfer.torch_transport", "TorchTransport"),
+    "tcp": ("tandem.kvtransfer.tcp_transport", "TcpTransport"),
 }
 
 
@@ -41,10 +42,18 @@ class KVTransferConfig:
         default=10.0, metadata={"flag": "kv-connect-timeout-s", "help": "torch: bound on forming a process-group pair"}
     )
     bind_host: str = field(
-        default="127.0.0.1", metadata={"flag": "kv-bind-host", "help": "torch: where the TCPStore and gloo listen"}
+        default="127.0.0.1",
+        metadata={
+            "flag": "kv-bind-host",
+            "help": "torch: where the TCPStore and gloo listen; tcp: the KV data listener",
+        },
+    )
+    tcp_port: int = field(
+        default=0,
+        metadata={"flag": "kv-tcp-port", "help": "tcp source: port of the KV data listener (0: any free one)"},
     )
     max_inflight_sends: int = field(
-        default=8, metadata={"flag": "kv-max-inflight-sends", "help": "torch source: packed sends awaiting a receiver"}
+        default=8, metadata={"flag": "kv-max-inflight-sends", "help": "torch, tcp source: sends in flight"}
     )
     max_pairs: int = field(
         default=64,
@@ -102,6 +111,8 @@ class KVTransferConfig:
             raise ValueError(f"shm_dir must be an absolute path, got {self.shm_dir!r}")
         if len(self.host_id) > 128:
             raise ValueError(f"host_id must have at most 128 characters, got {len(self.host_id)}")
+        if not 0 <= self.tcp_port < 65536:
+            raise ValueError(f"tcp_port must be in [0, 65535], got {self.tcp_port}")
         if self.max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0, got {self.max_staging_bytes}")
         if not self.bind_host or self.bind_host in ("0.0.0.0", "::"):

@@ -2,8 +2,8 @@
 
 One run: a source process (loadtest/tandem/loadtest/bench/kv_source.py, bound to 127.0.0.1) holds
 the KV of a long prompt under a lease and also serves a raw TCP baseline; this process is the
-receiver. Rounds interleave raw TCP, the gRPC transport, the torch transport and the torch
-transport with every pull staged (its path before issue 20), the same-host shared-memory
+receiver. Rounds interleave raw TCP, the gRPC transport, the torch transport, the tcp
+transport, the torch transport with every pull staged (its path before issue 20), the same-host shared-memory
 transport (SHM: the source serves it under BENCH_HOST_ID, the receiver pulls with a handle
 that names that host, into the segment its pool keeps from the warm-up round on) and an
 in-process memcpy of the same bytes (MEMCPY: one `copy_` of a
@@ -77,8 +77,8 @@ class BenchResult:
 
 @dataclass(frozen=True)
 class KVBenchReport:
-    """Medians per path (`raw tcp`, `grpc`, `torch`, STAGED), the bytes of one pull, and whether every
-    transport's destination blocks equalled the source's."""
+    """Medians per path (`raw tcp`, `grpc`, `torch`, `tcp`, STAGED, SHM, MEMCPY), the bytes of
+    one pull, and whether every transport's destination blocks equalled the source's."""
 
     results: dict[str, BenchResult]
     size_bytes: int
@@ -150,10 +150,10 @@ def source_process(
     layout: KVLayout, num_blocks: int, token: ClusterToken, device: str = "cpu", raw_tcp: bool = False
 ) -> Iterator[ChildProcess]:
     """A ready kv_source child holding `num_blocks` random blocks (seed SEED) on `device` under
-    the lease REQUEST_ID, serving the torch transport's servicer (which serves gRPC pulls too)
-    to callers that present `token`; stopped by pid on exit."""
+    the lease REQUEST_ID, serving the torch and tcp transports' servicers (the torch one serves
+    gRPC pulls too) to callers that present `token`; stopped by pid on exit."""
     argv = source_args(
-        layout, num_blocks, SEED, "torch", REQUEST_ID, raw_tcp=raw_tcp, device=device, host_id=BENCH_HOST_ID
+        layout, num_blocks, SEED, "torch,tcp", REQUEST_ID, raw_tcp=raw_tcp, device=device, host_id=BENCH_HOST_ID
     )
     source = ChildProcess.start("kv-source", argv, SOURCE_READY_TIMEOUT_S, env=source_env(token), forward=False)
     try:
@@ -200,7 +200,7 @@ async def _bench(
     receiver = Receiver(layout, num_blocks, address, lease_secret=lease_secret)
     size_bytes = receiver.size_bytes
     transports = {
-        name: create_transport(name, KVTransferConfig(transport=name, token=token)) for name in ("grpc", "torch")
+        name: create_transport(name, KVTransferConfig(transport=name, token=token)) for name in ("grpc", "torch", "tcp")
     }
     staged = KVTransferConfig(transport="torch", token=token, direct_min_run_bytes=STAGED_MIN_RUN_BYTES)
     transports[STAGED] = create_transport("torch", staged)

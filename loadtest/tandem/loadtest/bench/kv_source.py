@@ -2,8 +2,9 @@
 
 It plays a prefill worker without a model: a KV cache filled from a seed (so the parent can
 rebuild the same bytes), one lease over the blocks, and a grpc.aio server bound to the given
-host that hosts the transport's source servicer, built with the real worker's gRPC server
-options. `--device cuda` keeps the cache on the GPU (device 0), as a prefill worker there does.
+host that hosts the transport's source servicer (`--transport torch,tcp`: each one's), built
+with the real worker's gRPC server options. `--device cuda` keeps the cache on the GPU (device
+0), as a prefill worker there does.
 With `--host-id H` it also serves same-host pulls through shared memory (the transport
 wrapped as a worker wraps it, `kvtransfer.same_host`, host id H).
 With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian size read from a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -126,13 +128,16 @@ async def _main(args: argparse.Namespace) -> None:
     )
     plane = PlaneAuth().resolve(os.environ)  # the cluster token in TANDEM_CLUSTER_TOKEN (`source_env`)
     plane.require("the KV source")
+    first, *others = args.transport.split(",")
     config = KVTransferConfig(
-        transport=args.transport, bind_host=args.host, token=plane.token, shm=bool(args.host_id), host_id=args.host_id
+        transport=first, bind_host=args.host, token=plane.token, shm=bool(args.host_id), host_id=args.host_id
     )
-    transport = with_same_host(create_transport(args.transport, config), config)
+    transports = [with_same_host(create_transport(first, config), config)]
+    transports += [create_transport(name, dataclasses.replace(config, transport=name)) for name in others]
     # the prefill worker's server, as deployed: the same options and token check
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(plane))
-    transport.add_source(server, store, leases)
+    for transport in transports:  # PullKV and ReleaseKV: the first one's
+        transport.add_source(server, store, leases)
     port = server.add_insecure_port(f"{args.host}:0")
     await server.start()
     raw_port = 0
@@ -153,7 +158,8 @@ async def _main(args: argparse.Namespace) -> None:
     print(json.dumps(ready), flush=True)
     await stop.wait()
     await server.stop(grace=None)
-    await transport.close()
+    for transport in transports:
+        await transport.close()
 
 
 if __name__ == "__main__":
@@ -161,7 +167,7 @@ if __name__ == "__main__":
     parser.add_argument("--layout", required=True, help="KVLayout.describe() string")
     parser.add_argument("--num-blocks", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--transport", default="grpc")
+    parser.add_argument("--transport", default="grpc", help="source servicers to serve, comma-separated")
     parser.add_argument("--request-id", default="bench")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--raw-tcp", action="store_true")

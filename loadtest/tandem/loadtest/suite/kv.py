@@ -35,6 +35,7 @@ def run(ctx: BenchContext) -> Section:
         Figure(f"best transport ({best_name}) / raw TCP", best, goal=BEST_GOAL),
         Figure("grpc / raw TCP", report.ratio("grpc"), goal=GRPC_GOAL),
         Figure("torch, received in place / raw TCP", report.ratio("torch")),
+        Figure("tcp, cache blocks to cache blocks / raw TCP", report.ratio("tcp")),
         Figure("torch, staged as before issue 20 / raw TCP", report.ratio(STAGED)),
         Figure(
             "same-host shm / in-process memcpy of the same bytes",
@@ -50,7 +51,8 @@ def run(ctx: BenchContext) -> Section:
         f"{lay.head_dim}, {lay.dtype}); source process and receiver on loopback, one torch thread each; "
         f"median of {len(report.results['raw tcp'].mb_per_s)} interleaved rounds. Every pull includes the "
         "source's pack, checksums and the receiver's unpack into a shuffled block table (torch: received "
-        "in place, runs of 64 blocks; torch staged: into a staging buffer, then unpacked); raw TCP is "
+        "in place, runs of 64 blocks; tcp: sent from and received into the blocks, hashed per 512 KiB batch; "
+        "torch staged: into a staging buffer, then unpacked); raw TCP is "
         "sendall into recv_into of a ready buffer. Same-host shm: the source packs and hashes (xxh64) chunk by "
         "chunk into the receiver's /dev/shm segment while the receiver hashes and unpacks each published chunk; "
         "the segment is reused across pulls, as a decode worker's pool does (the warm-up round makes it); "

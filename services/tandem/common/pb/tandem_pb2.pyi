@@ -307,7 +307,7 @@ class MuxStep(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[MuxOutput, _Mapping]]] = ...) -> None: ...
 
 class PullKVRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret", "block_hashes", "host_id", "receiver_pid", "shm_segment")
+    __slots__ = ("request_id", "block_ids", "layout", "max_chunk_bytes", "lease_secret", "block_hashes", "host_id", "receiver_pid", "shm_segment", "tcp_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +317,7 @@ class PullKVRequest(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_PID_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TCP_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: str
@@ -326,7 +327,8 @@ class PullKVRequest(_message.Message):
     host_id: str
     receiver_pid: int
     shm_segment: str
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ..., host_id: _Optional[str] = ..., receiver_pid: _Optional[int] = ..., shm_segment: _Optional[str] = ...) -> None: ...
+    tcp_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., lease_secret: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[int]] = ..., host_id: _Optional[str] = ..., receiver_pid: _Optional[int] = ..., shm_segment: _Optional[str] = ..., tcp_token: _Optional[bytes] = ...) -> None: ...
 
 class ShmSegment(_message.Message):
     __slots__ = ("name", "size_bytes", "checksum")
@@ -367,6 +369,16 @@ class ReleaseKVResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class TcpTicket(_message.Message):
+    __slots__ = ("address", "token", "size_bytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    token: bytes
+    size_bytes: int
+    def __init__(self, address: _Optional[str] = ..., token: _Optional[bytes] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class SendKVRequest(_message.Message):
     __slots__ = ("request_id", "block_ids", "layout", "store_address", "pair_id", "tag", "lease_secret", "block_hashes", "segment_ends")

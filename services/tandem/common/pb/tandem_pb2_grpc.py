@@ -342,6 +342,11 @@ class KVTransferStub:
                 request_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.SerializeToString,
                 response_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.ShmSegment.FromString,
                 _registered_method=True)
+        self.PullKVTcp = channel.unary_unary(
+                '/tandem.v1.KVTransfer/PullKVTcp',
+                request_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.SerializeToString,
+                response_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.TcpTicket.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -372,6 +377,13 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullKVTcp(self, request, context):
+        """The tcp transport: a one-time ticket for the source's KV data listener (TcpTicket).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -394,6 +406,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.PullKVShm,
                     request_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.FromString,
                     response_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.ShmSegment.SerializeToString,
+            ),
+            'PullKVTcp': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullKVTcp,
+                    request_deserializer=tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.FromString,
+                    response_serializer=tandem_dot_common_dot_pb_dot_tandem__pb2.TcpTicket.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -504,6 +521,33 @@ class KVTransfer:
             '/tandem.v1.KVTransfer/PullKVShm',
             tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.SerializeToString,
             tandem_dot_common_dot_pb_dot_tandem__pb2.ShmSegment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullKVTcp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVTransfer/PullKVTcp',
+            tandem_dot_common_dot_pb_dot_tandem__pb2.PullKVRequest.SerializeToString,
+            tandem_dot_common_dot_pb_dot_tandem__pb2.TcpTicket.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,239 @@
+"""Source side of the tcp transport: PullKVTcp on the prefill worker's gRPC server, and the KV
+data listener that serves the tickets it hands out.
+
+Lifecycle of one pull on P (the receiver's side: tcp_transport.py):
+1. `PullKVTcp` (authenticated gRPC plane) refuses what PullKV refuses, with the same codes, then
+   issues a ticket: the token the receiver chose (a random ticket id and secret; the source
+   draws one for a request without), the request, and a deadline (the call's, at most
+   `pull_timeout_s`). It answers the listener's address and the token.
+2. The data listener (tcp_listener.py), bound to `bind_host` only, hands a connection to a
+   sender thread when bytes arrive on it. The first 48 bytes of every pull must be a live
+   ticket's token (secret compared in constant time), within TOKEN_TIMEOUT_S; anything else
+   closes the connection with nothing sent, and counts. A ticket serves one pull. A
+   connection that served a pull stays open for the receiver's next one, and the receiver
+   sends its next token on it at once, beside its PullKVTcp call: the sender waits (up to
+   TOKEN_TIMEOUT_S) for that call to issue or refuse the ticket.
+3. The sender checks the lease out again (it may have ended since step 1; then the header says
+   why and nothing follows), sends the header, the blocks straight from the cache (CPU; on
+   CUDA packed into pinned staging first) and the xxh64 trailer, then unpins the lease.
+   A receiver that goes away mid-transfer ends the send with an error that is logged and
+   counted; the lease stays until ReleaseKV or expiry, as for every transport.
+The servicer also serves PullKV and ReleaseKV (it extends the gRPC transport's).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import socket
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from tandem.common import kv_codec
+from tandem.kvtransfer import tcp_listener, tcp_wire
+from tandem.kvtransfer.base import KVTransferError
+from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.grpc_transport import KVTransferServicer, lease_status
+from tandem.kvtransfer.leases import BlockHashMismatch, LeaseError, LeaseTable
+
+log = logging.getLogger(__name__)
+
+MAX_TICKETS = 1024  # tickets issued and not yet used or expired; more: RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    request: kv_codec.PullKVRequest
+    deadline_s: float  # time.monotonic()
+    secret: bytes = field(repr=False)
+
+
+@dataclass
+class TcpSourceCounters:
+    """What the listener saw; read by tests and logs."""
+
+    served: int = 0  # pulls whose every byte and trailer went out
+    refused_connections: int = 0  # no token in time, an unknown or expired ticket, a wrong secret
+    failed_sends: int = 0  # the receiver went away or stalled mid-transfer
+
+
+class TcpKVServicer(KVTransferServicer):
+    """Owns its listening socket, its tickets and its sender threads."""
+
+    def __init__(self, store: KVBlockStore, leases: LeaseTable, config: KVTransferConfig) -> None:
+        super().__init__(store, leases, config)
+        self.counters = TcpSourceCounters()
+        self._tickets: dict[bytes, _Ticket] = {}  # by ticket id
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # a ticket was issued or refused
+        self._refused: dict[bytes, float] = {}  # ticket ids of refused PullKVTcp calls -> until when
+        self._hashers = futures.ThreadPoolExecutor(config.max_inflight_sends, thread_name_prefix="kv-tcp-hash")
+        self._listener = tcp_listener.DataListener(
+            config.bind_host,
+            config.tcp_port,
+            self._serve,
+            config.max_inflight_sends,
+            lambda: self._count("refused_connections"),
+        )
+        self.address = self._listener.address
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        handlers = super().handlers()
+        handlers["PullKVTcp"] = grpc.unary_unary_rpc_method_handler(
+            self.PullKVTcp,
+            request_deserializer=kv_codec.pull_kv_request_from_bytes,
+            response_serializer=kv_codec.tcp_ticket_to_bytes,
+        )
+        return handlers
+
+    async def PullKVTcp(self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext) -> kv_codec.TcpTicket:
+        token = request.tcp_token or secrets.token_bytes(kv_codec.TCP_TOKEN_BYTES)
+        ticket_id, secret = token[: tcp_wire.TICKET_ID_BYTES], token[tcp_wire.TICKET_ID_BYTES :]
+        block_ids = request.block_ids
+        try:
+            await self.admit(context, request.layout, block_ids)
+            try:  # before a ticket exists; the sender checks it out again
+                self.leases.check(request.request_id, block_ids, request.lease_secret, request.block_hashes)
+            except LeaseError as exc:
+                await context.abort(lease_status(exc), str(exc))
+            bound_s = min(context.time_remaining() or self.config.pull_timeout_s, self.config.pull_timeout_s)
+            with self._cond:
+                self._drop_expired()
+                refusal = (
+                    f"{MAX_TICKETS} KV tickets outstanding"
+                    if len(self._tickets) >= MAX_TICKETS
+                    else "tcp_token: its ticket id is in use"
+                    if ticket_id in self._tickets or ticket_id in self._refused
+                    else ""
+                )
+                if not refusal:
+                    self._tickets[ticket_id] = _Ticket(request, time.monotonic() + bound_s, secret)
+                    self._cond.notify_all()
+            if refusal:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        except BaseException:  # refused: a connection already presenting this token is closed
+            with self._cond:
+                if ticket_id not in self._tickets:
+                    self._refused[ticket_id] = time.monotonic() + tcp_listener.TOKEN_TIMEOUT_S
+                    self._cond.notify_all()
+            raise
+        return kv_codec.TcpTicket(self.address, token, len(block_ids) * self.store.bytes_per_block)
+
+    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
+        """Send the packed blocks and return their xxh64, hashed in another thread meanwhile
+        (sender thread, lease checked out: the hash ends before this returns or raises).
+        Tests override it to corrupt or cut the stream."""
+        digest = self._hashers.submit(tcp_wire.checksum, views)
+        try:
+            tcp_wire.send_views(sock, views, deadline_s)
+        finally:
+            futures.wait([digest])  # it reads the leased blocks: done before the checkout ends
+        return digest.result()
+
+    # ---- sender threads (the listener: tcp_listener.py) ------------------------------------------
+    def _serve(self, conn: socket.socket) -> bool:
+        """One pull on `conn`: its token, then the blocks. True if the connection stays in step
+        for the next pull (the listener keeps it), False to close it."""
+        peer = "receiver"
+        try:
+            peer = "{}:{}".format(*conn.getpeername()[:2])
+            ticket = self._ticket_of(conn, peer)
+            if ticket is None:
+                return False
+            tcp_wire.tune(conn)
+            self._send(conn, ticket, peer)
+            return True
+        except (OSError, KVTransferError) as exc:
+            self._count("failed_sends")
+            log.warning("KV send to %s failed: %s", peer, exc)
+            return False
+
+    def _ticket_of(self, conn: socket.socket, peer: str) -> _Ticket | None:
+        """The live ticket whose token the connection presents next, taken; else None (counted
+        as refused, unless the connection closed before a byte or its PullKVTcp was refused)."""
+        deadline_s = time.monotonic() + tcp_listener.TOKEN_TIMEOUT_S
+        try:
+            conn.settimeout(tcp_listener.TOKEN_TIMEOUT_S)
+            first = conn.recv(1)
+            if not first:
+                return None  # closed before a byte: a receiver dropping a connection, not a wrong token
+            token = first + tcp_wire.recv_exact(conn, kv_codec.TCP_TOKEN_BYTES - 1, deadline_s, peer)
+        except (OSError, KVTransferError) as exc:
+            self._count("refused_connections")
+            log.warning("KV connection from %s refused: no token (%s)", peer, exc)
+            return None
+        ticket_id, secret = token[: tcp_wire.TICKET_ID_BYTES], token[tcp_wire.TICKET_ID_BYTES :]
+        with self._cond:  # the receiver may send the token before its PullKVTcp arrives: wait for it
+            while True:
+                self._drop_expired()
+                ticket = self._tickets.get(ticket_id)
+                remaining_s = deadline_s - time.monotonic()
+                if ticket is not None or ticket_id in self._refused or remaining_s <= 0:
+                    break
+                self._cond.wait(remaining_s)
+            if ticket is None and ticket_id in self._refused:
+                return None  # its PullKVTcp was refused, and said why
+            expected = ticket.secret if ticket is not None else bytes(32)
+            if hmac.compare_digest(expected, secret) and ticket is not None:
+                del self._tickets[ticket_id]
+                return ticket
+        self._count("refused_connections")
+        log.warning("KV connection from %s refused: not a live ticket's token", peer)
+        return None
+
+    def _send(self, conn: socket.socket, ticket: _Ticket, peer: str) -> None:
+        request, store = ticket.request, self.store
+        size_bytes = len(request.block_ids) * store.bytes_per_block
+        fingerprint = tcp_wire.fingerprint_bytes(store.layout)
+        try:
+            with self.leases.checkout(
+                request.request_id, request.block_ids, request.lease_secret, request.block_hashes
+            ):
+                staging = None
+                if store.device.type == "cpu":
+                    views = tcp_wire.block_views(store, request.block_ids)
+                else:  # no socket I/O from device memory: pack into pinned host staging
+                    staging = self.staging.acquire(size_bytes)
+                    store.pack(request.block_ids, out=staging)
+                    views = [staging.numpy().data]
+                header = tcp_wire.Header(tcp_wire.Status.OK, len(request.block_ids), size_bytes, fingerprint)
+                try:
+                    conn.sendall(header.encode())
+                    checksum = self.send_blocks(conn, views, ticket.deadline_s)
+                    conn.sendall(tcp_wire.TRAILER.pack(checksum))
+                finally:  # the send ended either way: nothing reads the staging buffer any more
+                    if staging is not None:
+                        self.staging.give_back(staging)
+        except LeaseError as exc:  # the lease ended or changed since the ticket
+            status = tcp_wire.Status.HASH_MISMATCH if isinstance(exc, BlockHashMismatch) else tcp_wire.Status.REFUSED
+            conn.sendall(tcp_wire.Header(status, 0, 0, fingerprint, str(exc)).encode())
+            return
+        self._count("served")
+        self.num_pulls_served += 1
+        self.bytes_served += size_bytes
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + 1)
+
+    def _drop_expired(self) -> None:
+        """Under the lock: forget tickets past their deadline, and old refusals."""
+        now = time.monotonic()
+        for ticket_id in [t for t, ticket in self._tickets.items() if ticket.deadline_s <= now]:
+            del self._tickets[ticket_id]
+        for ticket_id in [t for t, until_s in self._refused.items() if until_s <= now]:
+            del self._refused[ticket_id]
+
+    def close(self) -> None:
+        """After the server stopped: stop listening; sends in progress end on their own."""
+        super().close()
+        self._listener.close()
+        self._hashers.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._tickets.clear()
