@@ -26,9 +26,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import crc32c
 import pytest
 import torch
-import xxhash
 
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
@@ -328,7 +328,7 @@ def test_a_connection_without_a_live_token_gets_nothing(monkeypatch) -> None:
             assert await wait_for(lambda: servicer.counters.refused_connections == 3)
             header = tcp_wire.Header(tcp_wire.Status.OK, 3, ticket.size_bytes, tcp_wire.fingerprint_bytes(BIG)).encode()
             data = packed(source.store, ids)
-            expected = header + data + tcp_wire.TRAILER.pack(xxhash.xxh64_intdigest(data))
+            expected = header + data + tcp_wire.TRAILER.pack(crc32c.crc32c(data))
             with connect(ticket, ticket.token) as sock:  # its holder still uses it
                 got = await asyncio.to_thread(read_exactly, sock, len(expected))
                 assert got == expected  # and the connection stays open for the next pull
@@ -390,7 +390,7 @@ def test_a_corrupted_byte_is_a_checksum_error_and_the_lease_is_unpinned() -> Non
             await expect_failure(
                 transport.pull(source.handle(address, blocks=HELD), src_ids, dst_ids, dest, TIMEOUT_S),
                 FailureReason.CHECKSUM,
-                f"{servicer.address}: received {40 * dest.bytes_per_block} bytes with xxh64",
+                f"{servicer.address}: received {40 * dest.bytes_per_block} bytes with crc32c",
             )
 
     asyncio.run(main())
@@ -441,7 +441,7 @@ class StallingServicer(TcpKVServicer):
         self.go.wait(TIMEOUT_S)
         sock.settimeout(TIMEOUT_S)
         sock.sendall(flat[len(flat) // 2 :])
-        return xxhash.xxh64_intdigest(flat)
+        return crc32c.crc32c(flat)
 
 
 def test_a_stalled_source_is_a_bounded_timeout_and_a_cancelled_pull_stops_writing() -> None:

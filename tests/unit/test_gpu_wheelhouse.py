@@ -138,6 +138,7 @@ def test_roots_from_the_real_pyproject() -> None:
         "tokenizers>=0.19",
         "jinja2>=3.1",
         "xxhash>=3.4",
+        "crc32c>=2.7",
         "numpy>=1.26",
         "pyyaml>=6.0",
         "httpx2>=2.16",

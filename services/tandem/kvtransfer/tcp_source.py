@@ -15,7 +15,7 @@ Lifecycle of one pull on P (the receiver's side: tcp_transport.py):
    TOKEN_TIMEOUT_S) for that call to issue or refuse the ticket.
 3. The sender checks the lease out again (it may have ended since step 1; then the header says
    why and nothing follows), sends the header, the blocks straight from the cache (CPU; on
-   CUDA packed into pinned staging first) and the xxh64 trailer, then unpins the lease.
+   CUDA packed into pinned staging first) and the crc32c trailer, then unpins the lease.
    A receiver that goes away mid-transfer ends the send with an error that is logged and
    counted; the lease stays until ReleaseKV or expiry, as for every transport.
 The servicer also serves PullKV and ReleaseKV (it extends the gRPC transport's).
@@ -126,7 +126,7 @@ class TcpKVServicer(KVTransferServicer):
         return kv_codec.TcpTicket(self.address, token, len(block_ids) * self.store.bytes_per_block)
 
     def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
-        """Send the packed blocks and return their xxh64, hashed in another thread meanwhile
+        """Send the packed blocks and return their crc32c, hashed in another thread meanwhile
         (sender thread, lease checked out: the hash ends before this returns or raises).
         Tests override it to corrupt or cut the stream."""
         digest = self._hashers.submit(tcp_wire.checksum, views)

@@ -13,7 +13,7 @@ the connection's framing: tcp_wire.py):
    size, layout fingerprint) against what it asked for before any byte lands in its pool.
 3. D receives the packed blocks straight into its destination blocks (CPU: one view per run
    of consecutive ids per plane; CUDA: into pinned host staging), hashing each batch as it
-   lands, then reads the source's xxh64 and compares. A mismatch is CHECKSUM; the source
+   lands, then reads the source's crc32c and compares. A mismatch is CHECKSUM; the source
    closing early is PEER_UNAVAILABLE ("short read"); the deadline passing is TIMEOUT.
    As with the torch transport, a failed pull may have written some destination blocks:
    they hold no KV anyone may use, and the caller gives them back uncached (base.py). A
@@ -213,8 +213,8 @@ class _Receive:
         if got != sent:
             raise KVTransferError(
                 FailureReason.CHECKSUM,
-                f"{self.peer}: received {self.ticket.size_bytes} bytes with xxh64 {got:#018x}; "
-                f"the source sent xxh64 {sent:#018x}",
+                f"{self.peer}: received {self.ticket.size_bytes} bytes with crc32c {got:#010x}; "
+                f"the source sent crc32c {sent:#010x}",
             )
 
     def _open(self, fresh: bool = False) -> tuple[socket.socket, bool]:

@@ -7,7 +7,7 @@ One connection carries one pull, receiver D to source P (P listens on its `bind_
                              size in bytes, the source's layout fingerprint (8 bytes, xxh64)
     P -> D   error           `error length` bytes of UTF-8 (only when status is not OK; then EOF)
     P -> D   packed blocks   `size` bytes: the packed layout of block_store.py
-    P -> D   trailer         8 bytes: xxh64 of the packed blocks, little-endian
+    P -> D   trailer         4 bytes: crc32c of the packed blocks, little-endian
 
 No pickle, no length taken on trust: D compares every header field with what it asked for
 before a byte lands in its pool, and reads exactly the size it computed itself.
@@ -19,6 +19,11 @@ MAX_IOV views). The source hashes the views in another thread while it sends the
 loopback the sender's core also runs the TCP stack, so its hashing would add to the slower
 side); the receiver hashes each batch right after it landed, while it is still in the CPU
 cache (its bytes keep arriving in the socket buffer meanwhile).
+
+The checksum is crc32c, one of the two DESIGN.md allows: with the CPU's crc32 instruction it
+hashes about 1.5x as fast as xxh64 (14 vs 10 GB/s on this machine, where a memcpy does about
+8), and the hashing is what separates this transport from raw TCP (without it, 0.85-1.0 of
+raw TCP; with xxh64, 0.66-0.74). `crc32c` releases the GIL for large buffers.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import xxhash
+import crc32c
 
 from tandem.common.layout import KVLayout
 from tandem.kvtransfer.base import FailureReason, KVTransferError
@@ -40,7 +45,7 @@ from tandem.kvtransfer.block_store import KVBlockStore
 TICKET_ID_BYTES = 16
 MAGIC = b"TKV1"
 HEADER = struct.Struct("<4sHHIQ8s")  # magic, status, error length, num_blocks, size_bytes, fingerprint
-TRAILER = struct.Struct("<Q")  # xxh64 of the packed blocks
+TRAILER = struct.Struct("<I")  # crc32c of the packed blocks
 MAX_ERROR_BYTES = 1024
 PIECE_BYTES = 512 * 1024  # bytes per sendmsg/recvmsg_into, hashed while cache-hot
 MAX_IOV = 64  # views per sendmsg/recvmsg_into (Linux allows 1024)
@@ -121,11 +126,11 @@ def batches(views: Sequence[memoryview]) -> Iterator[list[memoryview]]:
 
 
 def checksum(views: Sequence[memoryview]) -> int:
-    """xxh64 of `views` in order (xxhash releases the GIL: it runs beside a send)."""
-    hasher = xxhash.xxh64()
+    """crc32c of `views` in order (it releases the GIL: it runs beside a send)."""
+    value = 0
     for view in views:
-        hasher.update(view)
-    return hasher.intdigest()
+        value = crc32c.crc32c(view, value)
+    return value
 
 
 def send_views(sock: socket.socket, views: Sequence[memoryview], deadline_s: float) -> None:
@@ -138,9 +143,9 @@ def send_views(sock: socket.socket, views: Sequence[memoryview], deadline_s: flo
 
 
 def recv_views(sock: socket.socket, views: Sequence[memoryview], deadline_s: float, peer: str) -> int:
-    """Fill `views` in order from `sock`, hashing each batch once it landed; return the xxh64.
+    """Fill `views` in order from `sock`, hashing each batch once it landed; return the crc32c.
     KVTransferError if the peer closes early (PEER_UNAVAILABLE) or the deadline passes."""
-    hasher = xxhash.xxh64()
+    value = 0
     received = 0
     for batch in batches(views):
         pending = batch
@@ -155,8 +160,8 @@ def recv_views(sock: socket.socket, views: Sequence[memoryview], deadline_s: flo
             received += got
             pending = _advance(pending, got)
         for piece in batch:
-            hasher.update(piece)
-    return hasher.intdigest()
+            value = crc32c.crc32c(piece, value)
+    return value
 
 
 def recv_exact(sock: socket.socket, size: int, deadline_s: float, peer: str) -> bytes:
