@@ -79,6 +79,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "redis": {"enabled": False, "externalUrlSecret": {"name": "redis-url", "key": "url"}},
         "worker": {"kvTransport": "torch"},
     },
+    "tcp-transport": {"worker": {"kvTransport": "tcp", "kvTcpPort": 50060}},
     "multi-node": _example("values-multi-node.yaml"),
     "single-node": _example("values-single-node.yaml"),
 }

@@ -331,6 +331,8 @@ def _values(scenario: str, *path: str) -> Any:
         ("gateway", "port"): 8000,
         ("worker", "grpcPort"): 50051,
         ("worker", "metricsPort"): 9100,
+        ("worker", "kvTransport"): "grpc",
+        ("worker", "kvTcpPort"): 50052,
         ("autoscaler", "metricsPort"): 9400,
         ("networkPolicy", "gateway", "from"): [],
         ("networkPolicy", "metrics", "from"): [
@@ -358,6 +360,8 @@ def test_every_internal_port_is_open_only_to_the_release_s_pods(chart: Any, scen
     internal = {(role, grpc) for role in ("prefill", "decode")}
     if "redis" in components:
         internal.add(("redis", 6379))
+    if _values(scenario, "worker", "kvTransport") == "tcp":
+        internal |= {(role, _values(scenario, "worker", "kvTcpPort")) for role in ("prefill", "decode")}
     # every port a container or a Service declares is one of these, exactly
     assert set(ingress) == public | internal | metrics
 
@@ -367,6 +371,8 @@ def test_every_internal_port_is_open_only_to_the_release_s_pods(chart: Any, scen
     assert ingress[("decode", grpc)].components == {"gateway", "prefill", "decode"}
     if "redis" in components:
         assert ingress[("redis", 6379)].components == components  # every Tandem pod reaches Redis
+    for role, port in internal - {("redis", 6379)} - {(r, grpc) for r in ("prefill", "decode")}:
+        assert ingress[(role, port)].components == {"prefill", "decode"}  # the tcp KV data port
 
     metrics_from = _values(scenario, "networkPolicy", "metrics", "from")
     for key in metrics:
@@ -392,6 +398,33 @@ def test_the_torch_transport_opens_every_port_between_workers_only(
         }
     }
     assert mesh_rules == ([{"from": [between_workers]}] if mesh else [])
+
+
+def test_the_tcp_transport_opens_its_data_port_between_workers_only(chart: Any) -> None:
+    objects = render(chart, {"worker": {"kvTransport": "tcp", "kvTcpPort": 50060}})
+    workers = one(objects, "NetworkPolicy", f"{FULLNAME}-workers")["spec"]["ingress"]
+    between_workers = {
+        "podSelector": {
+            "matchLabels": RELEASE_LABELS,
+            "matchExpressions": [
+                {"key": "app.kubernetes.io/component", "operator": "In", "values": ["prefill", "decode"]}
+            ],
+        }
+    }
+    tcp_rules = [rule for rule in workers if rule.get("ports") == [{"protocol": "TCP", "port": 50060}]]
+    assert tcp_rules == [{"from": [between_workers], "ports": [{"protocol": "TCP", "port": 50060}]}]
+    assert not [rule for rule in workers if "ports" not in rule]  # no open mesh
+    for role in ("prefill", "decode"):
+        (pod,) = [
+            o["spec"]["template"]["spec"]
+            for o in objects
+            if o["kind"] == "Deployment" and o["metadata"]["name"] == f"{FULLNAME}-{role}"
+        ]
+        args, ports = pod["containers"][0]["args"], pod["containers"][0]["ports"]
+        assert args[args.index("--kv-tcp-port") + 1] == "50060"
+        assert {"name": "kv-tcp", "containerPort": 50060, "protocol": "TCP"} in ports
+    default = one(render(chart), "NetworkPolicy", f"{FULLNAME}-workers")["spec"]["ingress"]
+    assert not [rule for rule in default if rule.get("ports") == [{"protocol": "TCP", "port": 50052}]]
 
 
 def test_no_network_policy_when_disabled_and_every_pod_is_then_open(chart: Any) -> None:
