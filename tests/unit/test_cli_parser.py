@@ -95,10 +95,12 @@ def test_commands_and_python_dash_m() -> None:
         "autoscaler",
         "drain",
         "bench",
+        "simulate",
+        "plan",
     ]
     out = subprocess.run([sys.executable, "-m", "tandem", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    assert "{generate,prefill,decode,gateway,up,status,autoscaler,drain,bench}" in out.stdout
+    assert "{generate,prefill,decode,gateway,up,status,autoscaler,drain,bench,simulate,plan}" in out.stdout
 
 
 @pytest.mark.parametrize("argv", [["drain", "--address", "h:1"], ["status"], ["autoscaler", "--redis", "redis://r"]])
