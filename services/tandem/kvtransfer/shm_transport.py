@@ -32,6 +32,7 @@ fresh segment per pull, 48 ms of page faults, and the sides one after the other)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -53,6 +54,8 @@ from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word, read_chunks, write_chunks
 from tandem.kvtransfer.shm_pool import POOL_MAX_BYTES, SEGMENT_ALIGN_BYTES, LentSegments, SegmentPool
+from tandem.kvtransfer.shm_pool_source import METHOD as POOL_METHOD
+from tandem.kvtransfer.shm_pool_source import PoolMappings, hash_blocks, open_call, pull_from_pool, serve_pool
 from tandem.kvtransfer.shm_segments import Segment, sweep_dead
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,18 @@ class ShmKVServicer:
             request_deserializer=kv_codec.pull_kv_request_from_bytes,
             response_serializer=kv_codec.shm_segment_to_bytes,
         )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"PullKVShm": handler}),))
+        pool_handler = grpc.stream_stream_rpc_method_handler(
+            functools.partial(serve_pool, self),
+            request_deserializer=kv_codec.pull_kv_request_from_bytes,
+            response_serializer=kv_codec.shm_pool_to_bytes,
+        )
+        methods = {"PullKVShm": handler, POOL_METHOD: pool_handler}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+
+    def hash_pool(self, block_ids: tuple[int, ...]) -> int:
+        """Worker thread, lease checked out: the xxh64 of the blocks read from the shared pool
+        (shm_pool_source.py). Tests override it to corrupt the digest."""
+        return hash_blocks(self.store.kv_caches, block_ids)
 
     def pack_into(self, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
         """Worker thread, lease checked out: pack the pull into the segment (its uint8 view),
@@ -94,7 +108,7 @@ class ShmKVServicer:
     async def PullKVShm(
         self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext
     ) -> kv_codec.ShmSegment:
-        await self._admit(request, context)
+        await self.admit(request, context)
         self._start_janitor()
         block_ids = request.block_ids
         size_bytes = len(block_ids) * self.store.bytes_per_block
@@ -122,7 +136,9 @@ class ShmKVServicer:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cannot open the receiver's KV segment {name}: {exc}")
         raise AssertionError("unreachable: context.abort raises")
 
-    async def _admit(self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext) -> None:
+    async def admit(
+        self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext, segment: bool = True
+    ) -> None:
         try:
             theirs = KVLayout.parse(request.layout)
         except ValueError as exc:
@@ -141,7 +157,7 @@ class ShmKVServicer:
                 f"receiver pid {request.receiver_pid} with {len(request.block_ids)} block ids; a pull moves "
                 f"1..{self.config.max_blocks_per_pull}",
             )
-        if not 0 < len(request.shm_segment) <= MAX_SEGMENT_NAME:
+        if segment and not 0 < len(request.shm_segment) <= MAX_SEGMENT_NAME:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"a segment name of {len(request.shm_segment)} characters; 1..{MAX_SEGMENT_NAME}",
@@ -184,6 +200,8 @@ class ShmTransport:
         self.config, self.host_id = config, host_id
         self.channels = ChannelCache(token=config.token)
         self.pool = SegmentPool(config.shm_dir)
+        self.pools = PoolMappings(config.shm_dir)  # sources' shared KV pools, mapped read-only
+        self.no_pool: set[str] = set()  # sources without one (UNIMPLEMENTED): the segment path
         self._trimmer: asyncio.Task[None] | None = None
         # readers wait on their source: their own threads, never the loop's default executor,
         # which a source's copy may need (one in this process would wait for the pull's timeout)
@@ -206,6 +224,11 @@ class ShmTransport:
         if self._trimmer is None:
             self._trimmer = asyncio.get_running_loop().create_task(self._trim_idle())
         size_bytes = len(src) * store.bytes_per_block
+        if store.device.type == "cpu" and handle.source_address not in self.no_pool:
+            request = self._request(handle, src, store, hashes, "")
+            if await self._pull_from_pool(request, handle.source_address, dst, store, timeout_s):
+                seconds = time.perf_counter() - started
+                return TransferStats(size_bytes, seconds, len(src), 2 * store.layout.num_layers, transport=self.name)
         segment = await self._acquire(HEADER_BYTES + size_bytes)
         done = False
         try:
@@ -241,17 +264,7 @@ class ShmTransport:
         call = self.channels.unary(
             address, "PullKVShm", kv_codec.pull_kv_request_to_bytes, kv_codec.shm_segment_from_bytes
         )
-        request = kv_codec.PullKVRequest(
-            handle.request_id,
-            src,
-            store.layout.describe(),
-            0,
-            handle.lease_secret,
-            hashes,
-            self.host_id,
-            os.getpid(),
-            segment.name,
-        )
+        request = self._request(handle, src, store, hashes, segment.name)
         plan = ChunkPlan(store, dst)
         data = segment.view[HEADER_BYTES : HEADER_BYTES + plan.size_bytes]
         progress = progress_word(segment.view)
@@ -286,6 +299,47 @@ class ShmTransport:
             await run_to_completion(store.unpack, data, dst)
         return len(plan.chunks)
 
+    def _request(
+        self, handle: KVHandle, src: tuple[int, ...], store: KVBlockStore, hashes: tuple[int, ...], segment: str
+    ) -> kv_codec.PullKVRequest:
+        return kv_codec.PullKVRequest(
+            handle.request_id,
+            src,
+            store.layout.describe(),
+            0,
+            handle.lease_secret,
+            hashes,
+            self.host_id,
+            os.getpid(),
+            segment,
+        )
+
+    async def _pull_from_pool(
+        self, request: kv_codec.PullKVRequest, address: str, dst: tuple[int, ...], store: KVBlockStore, timeout_s: float
+    ) -> bool:
+        """One pull out of the source's shared pool (shm_pool_source.py); False if it has none."""
+        loop = asyncio.get_running_loop()
+
+        async def copy(fn: Any, *args: Any) -> int:  # in our reader threads; no block written after we end
+            task = loop.run_in_executor(self._readers, fn, *args)
+            await _join(task)
+            return int(task.result())
+
+        call = open_call(self.channels.get(address), timeout_s)
+        try:
+            await pull_from_pool(call, request, self.pools, store, dst, copy, address)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                self.no_pool.add(address)
+                return False
+            error = await self.channels.fail(exc, address)
+            if error.reason is FailureReason.PEER_UNAVAILABLE:
+                await asyncio.to_thread(sweep_dead, self.config.shm_dir)  # a dead source's pool
+            raise error from None
+        finally:
+            call.cancel()  # a no-op once it ended; else the source stops pinning the lease
+        return True
+
     async def _trim_idle(self) -> None:
         """Unlink the pool's idle segments unused for a while, also when no pull comes, and
         sweep the segments of dead receivers."""
@@ -301,6 +355,7 @@ class ShmTransport:
         if self._trimmer is not None:
             self._trimmer.cancel()
         self.pool.close()
+        self.pools.close()
         self._readers.shutdown(wait=False)
         await self.channels.close()
 
