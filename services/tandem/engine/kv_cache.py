@@ -18,6 +18,8 @@ Scales never change after startup. The layout fingerprint carries their digest.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import math
 import mmap
@@ -159,7 +161,14 @@ def allocate_shared(directory: str, shape: tuple[int, ...], dtype: torch.dtype, 
     flat = torch.frombuffer(mapped, dtype=torch.uint8)  # holds `mapped` for the tensors' lifetime
     layers = [flat[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape) for i in range(num_layers)]
     _SHARED_POOLS[layers[0].data_ptr()] = path
+    atexit.register(_unlink_own, path, os.getpid())  # a killed process's: swept (see above)
     return layers
+
+
+def _unlink_own(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never from a forked child
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def shared_pool_path(kv_caches: list[torch.Tensor]) -> str | None:
