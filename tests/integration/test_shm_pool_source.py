@@ -17,7 +17,7 @@ from tandem.engine.kv_cache import allocate_shared, shared_pool_path
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.leases import LeaseTable
-from tandem.kvtransfer.shm_pool_source import PoolMappings, copy_and_hash, hash_blocks, runs
+from tandem.kvtransfer.shm_pool_source import PoolMappings, copy_and_hash, hash_blocks, planes, runs
 from tandem.kvtransfer.shm_segments import SegmentName, pid_namespace, sweep_dead
 from tandem.kvtransfer.shm_transport import ShmKVServicer
 from tests.integration.test_kvtransfer import (
@@ -68,9 +68,9 @@ def test_runs_and_both_hashes_follow_the_packed_layout() -> None:
     layout = make_layout()
     src, dst = make_source(layout).store, make_dest(layout)
     expected = packed_xxh64(src, LEASED)
-    assert hash_blocks(src.kv_caches, LEASED) == expected
+    assert hash_blocks(planes(src.kv_caches), LEASED) == expected
     before = snapshot(dst)
-    assert copy_and_hash(src.kv_caches, LEASED, dst.kv_caches, SHUFFLED) == expected
+    assert copy_and_hash(planes(src.kv_caches), LEASED, planes(dst.kv_caches), SHUFFLED) == expected
     assert_moved(src, LEASED, dst, SHUFFLED, before)
 
 
@@ -161,7 +161,8 @@ def test_a_pool_of_the_wrong_owner_or_size_is_refused(tmp_path: Path) -> None:
         mappings.get(name.replace("pool-", "pool-f")[: len(name)], os.getpid(), store, NUM_BLOCKS)
     mapping = mappings.get(name, os.getpid(), store, NUM_BLOCKS)
     caches[1][1, 3].fill_(7.0)  # the receiver sees the source's writes: one shared file
-    assert torch.equal(mapping.kv_caches[1][1, 3], caches[1][1, 3])
+    assert mapping.planes[3][3].tobytes() == caches[1][1, 3].numpy().tobytes()
+    assert not mapping.planes[3].flags.writeable  # mapped read-only
     assert mappings.get(name, os.getpid(), store, NUM_BLOCKS) is mapping  # cached, re-checked
 
 

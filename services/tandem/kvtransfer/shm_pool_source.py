@@ -22,15 +22,14 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
 
 from __future__ import annotations
 
-import asyncio
 import mmap
 import os
 import stat
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 import torch
 import xxhash
 
@@ -63,40 +62,36 @@ def runs(src: tuple[int, ...], dst: tuple[int, ...], max_len: int) -> list[Run]:
     return out
 
 
-def _bytes(rows: torch.Tensor) -> memoryview:
-    return rows.reshape(-1).view(torch.uint8).numpy().data
+def planes(kv_caches: list[torch.Tensor]) -> list[np.ndarray]:
+    """The cache's planes (layer, then K/V) as `[num_blocks, block bytes]` uint8 arrays, no
+    copy: numpy slices cost far less per run than torch ops (a pull has hundreds of runs)."""
+    return [cache[kv].reshape(cache.shape[1], -1).view(torch.uint8).numpy() for cache in kv_caches for kv in (0, 1)]
 
 
-def hash_blocks(kv_caches: list[torch.Tensor], block_ids: tuple[int, ...]) -> int:
+def hash_blocks(src_planes: list[np.ndarray], block_ids: tuple[int, ...]) -> int:
     """Source, worker thread, lease checked out: the xxh64 of the blocks in the packed layout."""
     hasher = xxhash.xxh64()
-    plan = runs(block_ids, block_ids, max(1, CHUNK_BYTES // _plane_block_bytes(kv_caches[0])))
-    for cache in kv_caches:
-        for kv in (0, 1):
-            for s, _, n in plan:
-                hasher.update(_bytes(cache[kv].narrow(0, s, n)))
+    for plane in src_planes:
+        for s, _, n in runs(block_ids, block_ids, max(1, CHUNK_BYTES // plane.shape[1])):
+            hasher.update(plane[s : s + n].data)
     return hasher.intdigest()
 
 
 def copy_and_hash(
-    src_caches: list[torch.Tensor], src: tuple[int, ...], dst_caches: list[torch.Tensor], dst: tuple[int, ...]
+    src_planes: list[np.ndarray], src: tuple[int, ...], dst_planes: list[np.ndarray], dst: tuple[int, ...]
 ) -> int:
     """Receiver, worker thread: copy blocks `src` of the source's pool into blocks `dst` of our
-    cache run by run, hashing each run in the destination right after its copy; returns the
-    xxh64 of what was written, in the packed layout's order (`hash_blocks`' order)."""
+    cache run by run (at most CHUNK_BYTES), hashing each run in the destination right after its
+    copy, while it is in cache; returns the xxh64 of what was written, in the packed layout's
+    order (`hash_blocks`' order)."""
     hasher = xxhash.xxh64()
-    plan = runs(src, dst, max(1, CHUNK_BYTES // _plane_block_bytes(dst_caches[0])))
-    for src_cache, dst_cache in zip(src_caches, dst_caches, strict=True):
-        for kv in (0, 1):
-            for s, d, n in plan:
-                rows = dst_cache[kv].narrow(0, d, n)
-                rows.copy_(src_cache[kv].narrow(0, s, n))
-                hasher.update(_bytes(rows))
+    plan = runs(src, dst, max(1, CHUNK_BYTES // dst_planes[0].shape[1]))
+    for src_plane, dst_plane in zip(src_planes, dst_planes, strict=True):
+        for s, d, n in plan:
+            rows = dst_plane[d : d + n]
+            rows[...] = src_plane[s : s + n]
+            hasher.update(rows.data)
     return hasher.intdigest()
-
-
-def _plane_block_bytes(cache: torch.Tensor) -> int:
-    return cache[0, 0].numel() * cache.element_size()
 
 
 class PoolMapping:
@@ -116,15 +111,9 @@ class PoolMapping:
             mapped = mmap.mmap(fd, self.size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        with warnings.catch_warnings():  # read-only on purpose: nothing here writes the source's cache
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(mapped, dtype=torch.uint8)
-        layer_bytes = self.size_bytes // store.layout.num_layers
-        shape = (2, num_blocks, *store.kv_caches[0].shape[2:])
-        self.kv_caches = [
-            flat[i * layer_bytes : (i + 1) * layer_bytes].view(store.dtype).view(shape)
-            for i in range(store.layout.num_layers)
-        ]
+        # read-only: nothing here can write the source's cache; the arrays keep the mapping alive
+        flat = np.frombuffer(mapped, dtype=np.uint8)
+        self.planes = list(flat.reshape(2 * store.layout.num_layers, num_blocks, -1))
 
     def _check(self, info: os.stat_result) -> None:
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
@@ -214,11 +203,15 @@ async def pull_from_pool(
         raise KVTransferError(
             FailureReason.PROTOCOL, f"{address}: block {bad} is outside its pool of {first.num_blocks}"
         )
-    try:
-        mapping = await asyncio.to_thread(mappings.get, first.name, first.source_pid, store, first.num_blocks)
-    except (OSError, ValueError) as exc:
-        raise KVTransferError(FailureReason.REFUSED, f"{address}: cannot use its KV pool: {exc}") from None
-    digest = await copy(copy_and_hash, mapping.kv_caches, src, store.kv_caches, dst)
+
+    def map_and_copy() -> int:  # in a reader thread: the mapping's checks, then the copy
+        try:
+            mapping = mappings.get(first.name, first.source_pid, store, first.num_blocks)
+        except (OSError, ValueError) as exc:
+            raise KVTransferError(FailureReason.REFUSED, f"{address}: cannot use its KV pool: {exc}") from None
+        return copy_and_hash(mapping.planes, src, planes(store.kv_caches), dst)
+
+    digest = await copy(map_and_copy)
     second = await call.read()
     await call.done_writing()
     if second is grpc.aio.EOF or not isinstance(second, kv_codec.ShmPool) or second.name:

@@ -55,7 +55,7 @@ from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word, read_chunks, write_chunks
 from tandem.kvtransfer.shm_pool import POOL_MAX_BYTES, SEGMENT_ALIGN_BYTES, LentSegments, SegmentPool
 from tandem.kvtransfer.shm_pool_source import METHOD as POOL_METHOD
-from tandem.kvtransfer.shm_pool_source import PoolMappings, hash_blocks, open_call, pull_from_pool, serve_pool
+from tandem.kvtransfer.shm_pool_source import PoolMappings, hash_blocks, open_call, planes, pull_from_pool, serve_pool
 from tandem.kvtransfer.shm_segments import Segment, sweep_dead
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ShmKVServicer:
     def __init__(self, store: KVBlockStore, leases: LeaseTable, config: KVTransferConfig, host_id: str) -> None:
         self.store, self.leases, self.config, self.host_id = store, leases, config, host_id
         self.lent = LentSegments(config.shm_dir)
+        self.planes = planes(store.kv_caches)  # for hash_pool
         pull_bytes = config.max_blocks_per_pull * store.bytes_per_block
         self.max_segment_bytes = max(-(-pull_bytes // SEGMENT_ALIGN_BYTES) * SEGMENT_ALIGN_BYTES, POOL_MAX_BYTES)
         self._janitor: asyncio.Task[None] | None = None
@@ -96,7 +97,7 @@ class ShmKVServicer:
     def hash_pool(self, block_ids: tuple[int, ...]) -> int:
         """Worker thread, lease checked out: the xxh64 of the blocks read from the shared pool
         (shm_pool_source.py). Tests override it to corrupt the digest."""
-        return hash_blocks(self.store.kv_caches, block_ids)
+        return hash_blocks(self.planes, block_ids)
 
     def pack_into(self, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
         """Worker thread, lease checked out: pack the pull into the segment (its uint8 view),
