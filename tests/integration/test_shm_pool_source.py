@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import xxhash
 
 from tandem.common.layout import KVLayout
 from tandem.engine.kv_cache import allocate_shared, shared_pool_path
+from tandem.kvtransfer import shm_pool_source
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.leases import LeaseTable
@@ -208,3 +210,40 @@ def test_a_receiver_gone_mid_pull_leaves_nothing_of_its_own_and_a_dead_sources_p
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     assert sweep_dead(str(tmp_path)) != [] and files(tmp_path) == []
+
+
+def test_the_leased_blocks_stay_pinned_until_the_receivers_copy_is_done(tmp_path: Path, monkeypatch) -> None:
+    """A lease that ends (expiry, revoke) while the receiver copies out of the pool frees its
+    blocks only once the receiver half-closed the stream: the copy never reads reused blocks."""
+    copying, go = threading.Event(), threading.Event()
+    real_copy = shm_pool_source.copy_and_hash
+
+    def slow_copy(*args):
+        copying.set()
+        assert go.wait(TIMEOUT_S)
+        return real_copy(*args)
+
+    monkeypatch.setattr(shm_pool_source, "copy_and_hash", slow_copy)
+
+    async def run() -> None:
+        layout = make_layout()
+        source, dest = pooled_source(layout, tmp_path), make_dest(layout)
+        source.grant()
+        async with serving(source, tmp_path) as (address, side):
+            receiver = transport(tmp_path, "host-a")
+            before = snapshot(dest)
+            pull = asyncio.ensure_future(receiver.pull(same_host_handle(source, address), LEASED, SHUFFLED, dest, 30))
+            assert await asyncio.to_thread(copying.wait, TIMEOUT_S)
+            # the source has sent its checksum and waits for the receiver
+            assert await asyncio.to_thread(wait_for, lambda: shm_servicer(side).num_pulls_served == 1, 5.0)
+            assert source.leases.revoke("req") is True
+            await asyncio.sleep(0.2)
+            assert source.freed == []  # pinned by the open stream
+            go.set()
+            stats = await pull
+            assert stats.transport == "shm"
+            assert_moved(source.store, LEASED, dest, SHUFFLED, before)
+            assert await asyncio.to_thread(wait_for, lambda: source.freed == ["req"], 5.0)
+            await receiver.close()
+
+    asyncio.run(run())
