@@ -15,6 +15,11 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
    the blocks into its own reserved blocks a run at a time (at most CHUNK_BYTES), hashing each
    run in the destination while it is still in cache. With the copy done and P's digest in,
    D half-closes the stream: only then does P leave the checkout, and D calls ReleaseKV later.
+   From D's second pull from P on, D starts the copy out of the pool P answered with last time
+   as soon as it has sent the request, without waiting for P's first answer (one round trip
+   less): the result counts only if the answer names that same pool and P's digest matches;
+   else D copies again out of the pool named. Reading before P checked the lease reveals
+   nothing (D could read the file anyway: same uid) and trusts nothing (P's digest vouches).
 4. D compares the digests: a difference is a CHECKSUM failure (fail closed: the destination
    blocks are undefined and given back uncached, base.py). Any other failure goes through
    same_host.py's rules (a pool D cannot map or use: REFUSED, then the network path).
@@ -22,11 +27,12 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -48,7 +54,7 @@ if TYPE_CHECKING:
 
 METHOD = "PullKVShmPool"
 Run = tuple[int, int, int]  # (first source block id, first destination block id, length)
-Copier = Callable[..., Awaitable[int]]  # runs copy_and_hash in a reader thread, joined even if cancelled
+Copier = Callable[..., Awaitable[Any]]  # runs copy_and_hash in a reader thread, joined even if cancelled
 
 
 def runs(src: tuple[int, ...], dst: tuple[int, ...], max_len: int) -> list[Run]:
@@ -138,6 +144,13 @@ class PoolMappings:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._by_pid: dict[int, PoolMapping] = {}
+        self._by_address: dict[str, PoolMapping] = {}  # the pool a source address last answered with
+
+    def last(self, address: str) -> PoolMapping | None:
+        return self._by_address.get(address)
+
+    def remember(self, address: str, mapping: PoolMapping) -> None:
+        self._by_address[address] = mapping
 
     def get(self, name: str, source_pid: int, store: KVBlockStore, num_blocks: int) -> PoolMapping:
         """ValueError if the pool may not be used, OSError if it cannot be opened."""
@@ -152,6 +165,7 @@ class PoolMappings:
 
     def close(self) -> None:
         self._by_pid.clear()
+        self._by_address.clear()
 
 
 async def serve_pool(
@@ -193,25 +207,46 @@ async def pull_from_pool(
 ) -> None:
     """Receiver side (module doc, steps 1, 3, 4) on an open call. grpc.aio.AioRpcError as the
     call raises it (UNIMPLEMENTED: the source has no shared pool); KVTransferError else."""
+    src, dst_planes = request.block_ids, planes(store.kv_caches)
     await call.write(request)
-    first = await call.read()
-    if first is grpc.aio.EOF or not isinstance(first, kv_codec.ShmPool) or not first.name:
-        raise KVTransferError(FailureReason.PROTOCOL, f"{address}: PullKVShmPool sent no pool")
-    src = request.block_ids
-    bad = next((b for b in src if b >= first.num_blocks), None)
-    if bad is not None:
-        raise KVTransferError(
-            FailureReason.PROTOCOL, f"{address}: block {bad} is outside its pool of {first.num_blocks}"
+    # A source answered before: copy out of its pool while its answer is on the way (it is
+    # only trusted if the answer names that pool and the source's digest matches)
+    guess = mappings.last(address)
+    early = None if guess is None else asyncio.ensure_future(copy(_copy_if_valid, guess, src, dst_planes, dst))
+    try:
+        first = await call.read()
+        if first is grpc.aio.EOF or not isinstance(first, kv_codec.ShmPool) or not first.name:
+            raise KVTransferError(FailureReason.PROTOCOL, f"{address}: PullKVShmPool sent no pool")
+        bad = next((b for b in src if b >= first.num_blocks), None)
+        if bad is not None:
+            raise KVTransferError(
+                FailureReason.PROTOCOL, f"{address}: block {bad} is outside its pool of {first.num_blocks}"
+            )
+        digest = None if early is None else await early
+    finally:
+        if early is not None:
+            await _settle(early)  # no block is written after the pull ends
+    path = os.path.join(mappings.directory, first.name)
+    if (
+        digest is None
+        or guess is None
+        or (guess.path, guess.source_pid, guess.num_blocks)
+        != (
+            path,
+            first.source_pid,
+            first.num_blocks,
         )
+    ):
 
-    def map_and_copy() -> int:  # in a reader thread: the mapping's checks, then the copy
-        try:
-            mapping = mappings.get(first.name, first.source_pid, store, first.num_blocks)
-        except (OSError, ValueError) as exc:
-            raise KVTransferError(FailureReason.REFUSED, f"{address}: cannot use its KV pool: {exc}") from None
-        return copy_and_hash(mapping.planes, src, planes(store.kv_caches), dst)
+        def map_and_copy() -> int:  # in a reader thread: the mapping's checks, then the copy
+            try:
+                mapping = mappings.get(first.name, first.source_pid, store, first.num_blocks)
+            except (OSError, ValueError) as exc:
+                raise KVTransferError(FailureReason.REFUSED, f"{address}: cannot use its KV pool: {exc}") from None
+            mappings.remember(address, mapping)
+            return copy_and_hash(mapping.planes, src, dst_planes, dst)
 
-    digest = await copy(map_and_copy)
+        digest = await copy(map_and_copy)
     second = await call.read()
     await call.done_writing()
     if second is grpc.aio.EOF or not isinstance(second, kv_codec.ShmPool) or second.name:
@@ -222,6 +257,28 @@ async def pull_from_pool(
             f"{address}: blocks copied from pool {first.name} have xxh64 {digest:#018x}, the source sent "
             f"{second.checksum:#018x}",
         )
+
+
+def _copy_if_valid(
+    mapping: PoolMapping, src: tuple[int, ...], dst_planes: list[np.ndarray], dst: tuple[int, ...]
+) -> int | None:
+    """The early copy: None (nothing written) unless the pool is still valid and holds `src`."""
+    if max(src) >= mapping.num_blocks or not mapping.still_valid():
+        return None
+    return copy_and_hash(mapping.planes, src, dst_planes, dst)
+
+
+async def _settle(task: asyncio.Future[object]) -> None:
+    """Wait for `task` to end, also if we are cancelled meanwhile (re-raised then); its own
+    failure is left to whoever awaits its result."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def open_call(

@@ -321,10 +321,10 @@ class ShmTransport:
         """One pull out of the source's shared pool (shm_pool_source.py); False if it has none."""
         loop = asyncio.get_running_loop()
 
-        async def copy(fn: Any, *args: Any) -> int:  # in our reader threads; no block written after we end
+        async def copy(fn: Any, *args: Any) -> Any:  # in our reader threads; no block written after we end
             task = loop.run_in_executor(self._readers, fn, *args)
             await _join(task)
-            return int(task.result())
+            return task.result()
 
         call = open_call(self.channels.get(address), timeout_s)
         try:
