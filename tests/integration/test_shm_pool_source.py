@@ -19,7 +19,8 @@ from tandem.kvtransfer import shm_pool_source
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.leases import LeaseTable
-from tandem.kvtransfer.shm_pool_source import PoolMappings, copy_and_hash, hash_blocks, planes, runs
+from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, hash_chunks, planes, runs
+from tandem.kvtransfer.shm_pool_source import PoolMappings
 from tandem.kvtransfer.shm_segments import SegmentName, pid_namespace, sweep_dead
 from tandem.kvtransfer.shm_transport import ShmKVServicer
 from tests.integration.test_kvtransfer import (
@@ -61,17 +62,23 @@ def files(shm_dir: Path) -> list[str]:
     return sorted(os.listdir(shm_dir))
 
 
-def packed_xxh64(store: KVBlockStore, ids: tuple[int, ...]) -> int:
-    return xxhash.xxh64(store.pack(ids).view(torch.uint8).numpy().tobytes()).intdigest()
+def packed_chunk_xxh64(store: KVBlockStore, ids: tuple[int, ...], num_chunks: int) -> list[int]:
+    """xxh64 of each of `num_chunks` equal parts of the packed bytes of `ids`."""
+    packed = store.pack(ids).view(torch.uint8).numpy().tobytes()
+    size = len(packed) // num_chunks
+    return [xxhash.xxh64(packed[i * size : (i + 1) * size]).intdigest() for i in range(num_chunks)]
 
 
 def test_runs_and_both_hashes_follow_the_packed_layout() -> None:
     assert runs((1, 2, 3, 7, 8), (5, 6, 9, 10, 11), 2) == [(1, 5, 2), (3, 9, 1), (7, 10, 2)]
     layout = make_layout()
     src, dst = make_source(layout).store, make_dest(layout)
-    expected = packed_xxh64(src, LEASED)
-    assert hash_blocks(planes(src.kv_caches), LEASED) == expected
+    assert chunks(4, 30, 4096) == [(p, 0, 30) for p in range(4)]  # 2 layers x K/V, 30 blocks of 4 KiB
+    assert chunks(1, 1200, 4096)[1:] == [(0, 512, 1024), (0, 1024, 1200)]  # at most 2 MiB each
+    expected = packed_chunk_xxh64(src, LEASED, 4)
+    assert hash_chunks(planes(src.kv_caches), LEASED) == expected
     before = snapshot(dst)
+    assert copy_and_hash(planes(src.kv_caches), LEASED, planes(dst.kv_caches), SHUFFLED, [3, 1]) == expected[3:0:-2]
     assert copy_and_hash(planes(src.kv_caches), LEASED, planes(dst.kv_caches), SHUFFLED) == expected
     assert_moved(src, LEASED, dst, SHUFFLED, before)
 
@@ -105,8 +112,9 @@ def test_pull_copies_out_of_the_sources_pool_exactly_and_makes_no_segment(tmp_pa
 
 
 class CorruptDigest(ShmKVServicer):
-    def hash_pool(self, block_ids: tuple[int, ...]) -> int:
-        return super().hash_pool(block_ids) ^ 1
+    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]:
+        digests = super().hash_pool(block_ids)
+        return [*digests[:-1], digests[-1] ^ 1]
 
 
 def test_a_checksum_mismatch_fails_closed(tmp_path: Path, monkeypatch) -> None:
@@ -122,7 +130,7 @@ def test_a_checksum_mismatch_fails_closed(tmp_path: Path, monkeypatch) -> None:
                 with pytest.raises(KVTransferError) as caught:
                     await receiver.pull(same_host_handle(source, address), LEASED, SHUFFLED, dest, TIMEOUT_S)
                 assert caught.value.reason is FailureReason.CHECKSUM  # never fetched again over the network
-                assert "blocks copied from pool" in str(caught.value)
+                assert str(caught.value).endswith("4 chunk checksums for 4 chunks, first differing chunk 3")
             assert receiver.shm.pools.last(address) is not None
             assert source.freed == []  # the lease stays until the receiver releases it
             await receiver.close()

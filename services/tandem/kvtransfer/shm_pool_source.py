@@ -36,8 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
-import torch
-import xxhash
 
 from tandem.common import kv_codec
 from tandem.engine.kv_cache import shared_pool_path
@@ -46,58 +44,14 @@ from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import SERVICE
 from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError
-from tandem.kvtransfer.shm_chunks import CHUNK_BYTES
+from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, copy_threads, planes
 from tandem.kvtransfer.shm_segments import SegmentName, pid_alive, pid_namespace
 
 if TYPE_CHECKING:
     from tandem.kvtransfer.shm_transport import ShmKVServicer
 
 METHOD = "PullKVShmPool"
-Run = tuple[int, int, int]  # (first source block id, first destination block id, length)
-Copier = Callable[..., Awaitable[Any]]  # runs copy_and_hash in a reader thread, joined even if cancelled
-
-
-def runs(src: tuple[int, ...], dst: tuple[int, ...], max_len: int) -> list[Run]:
-    """The pull as runs consecutive on both sides, in order, each at most `max_len` blocks."""
-    out: list[Run] = []
-    for s, d in zip(src, dst, strict=True):
-        if out and out[-1][2] < max_len and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((s, d, 1))
-    return out
-
-
-def planes(kv_caches: list[torch.Tensor]) -> list[np.ndarray]:
-    """The cache's planes (layer, then K/V) as `[num_blocks, block bytes]` uint8 arrays, no
-    copy: numpy slices cost far less per run than torch ops (a pull has hundreds of runs)."""
-    return [cache[kv].reshape(cache.shape[1], -1).view(torch.uint8).numpy() for cache in kv_caches for kv in (0, 1)]
-
-
-def hash_blocks(src_planes: list[np.ndarray], block_ids: tuple[int, ...]) -> int:
-    """Source, worker thread, lease checked out: the xxh64 of the blocks in the packed layout."""
-    hasher = xxhash.xxh64()
-    for plane in src_planes:
-        for s, _, n in runs(block_ids, block_ids, max(1, CHUNK_BYTES // plane.shape[1])):
-            hasher.update(plane[s : s + n].data)
-    return hasher.intdigest()
-
-
-def copy_and_hash(
-    src_planes: list[np.ndarray], src: tuple[int, ...], dst_planes: list[np.ndarray], dst: tuple[int, ...]
-) -> int:
-    """Receiver, worker thread: copy blocks `src` of the source's pool into blocks `dst` of our
-    cache run by run (at most CHUNK_BYTES), hashing each run in the destination right after its
-    copy, while it is in cache; returns the xxh64 of what was written, in the packed layout's
-    order (`hash_blocks`' order)."""
-    hasher = xxhash.xxh64()
-    plan = runs(src, dst, max(1, CHUNK_BYTES // dst_planes[0].shape[1]))
-    for src_plane, dst_plane in zip(src_planes, dst_planes, strict=True):
-        for s, d, n in plan:
-            rows = dst_plane[d : d + n]
-            rows[...] = src_plane[s : s + n]
-            hasher.update(rows.data)
-    return hasher.intdigest()
+Copier = Callable[..., Awaitable[Any]]  # runs a function in a reader thread, joined even if cancelled
 
 
 class PoolMapping:
@@ -186,9 +140,9 @@ async def serve_pool(
             request.request_id, request.block_ids, request.lease_secret, request.block_hashes
         ):
             ids = servicer.store.check_block_ids(request.block_ids)
-            yield kv_codec.ShmPool(os.path.basename(path), servicer.store.num_blocks, os.getpid(), 0)
-            checksum = await run_to_completion(servicer.hash_pool, ids)
-            yield kv_codec.ShmPool("", 0, 0, checksum)
+            yield kv_codec.ShmPool(os.path.basename(path), servicer.store.num_blocks, os.getpid(), ())
+            checksums = await run_to_completion(servicer.hash_pool, ids)
+            yield kv_codec.ShmPool("", 0, 0, tuple(checksums))
             servicer.num_pulls_served += 1
             async for _ in requests:  # pinned until the receiver half-closes (its copy is done) or goes
                 pass
@@ -208,11 +162,26 @@ async def pull_from_pool(
     """Receiver side (module doc, steps 1, 3, 4) on an open call. grpc.aio.AioRpcError as the
     call raises it (UNIMPLEMENTED: the source has no shared pool); KVTransferError else."""
     src, dst_planes = request.block_ids, planes(store.kv_caches)
+    plan = chunks(len(dst_planes), len(src), dst_planes[0].shape[1])
+    parts = [range(i, len(plan), n) for n in (copy_threads(len(plan)),) for i in range(n)]
+
+    async def copy_all(mapping: PoolMapping, check: bool) -> list[int] | None:
+        """The chunks' digests, copied in `parts` on reader threads; None (nothing written)
+        if `check` and the mapping is no longer valid or too small for `src`."""
+        if check and (max(src) >= mapping.num_blocks or not await copy(mapping.still_valid)):
+            return None
+        done = await asyncio.gather(*(copy(copy_and_hash, mapping.planes, src, dst_planes, dst, p) for p in parts))
+        digests = [0] * len(plan)
+        for part, values in zip(parts, done, strict=True):
+            for index, value in zip(part, values, strict=True):
+                digests[index] = value
+        return digests
+
     await call.write(request)
     # A source answered before: copy out of its pool while its answer is on the way (it is
-    # only trusted if the answer names that pool and the source's digest matches)
+    # only trusted if the answer names that pool and the source's digests match)
     guess = mappings.last(address)
-    early = None if guess is None else asyncio.ensure_future(copy(_copy_if_valid, guess, src, dst_planes, dst))
+    early = None if guess is None else asyncio.ensure_future(copy_all(guess, True))
     try:
         first = await call.read()
         if first is grpc.aio.EOF or not isinstance(first, kv_codec.ShmPool) or not first.name:
@@ -222,53 +191,36 @@ async def pull_from_pool(
             raise KVTransferError(
                 FailureReason.PROTOCOL, f"{address}: block {bad} is outside its pool of {first.num_blocks}"
             )
-        digest = None if early is None else await early
+        digests = None if early is None else await early
     finally:
         if early is not None:
             await _settle(early)  # no block is written after the pull ends
-    path = os.path.join(mappings.directory, first.name)
-    if (
-        digest is None
-        or guess is None
-        or (guess.path, guess.source_pid, guess.num_blocks)
-        != (
-            path,
-            first.source_pid,
-            first.num_blocks,
-        )
-    ):
+    named = (os.path.join(mappings.directory, first.name), first.source_pid, first.num_blocks)
+    if digests is None or guess is None or (guess.path, guess.source_pid, guess.num_blocks) != named:
 
-        def map_and_copy() -> int:  # in a reader thread: the mapping's checks, then the copy
+        def map_pool() -> PoolMapping:  # in a reader thread: the mapping's checks
             try:
-                mapping = mappings.get(first.name, first.source_pid, store, first.num_blocks)
+                return mappings.get(first.name, first.source_pid, store, first.num_blocks)
             except (OSError, ValueError) as exc:
                 raise KVTransferError(FailureReason.REFUSED, f"{address}: cannot use its KV pool: {exc}") from None
-            mappings.remember(address, mapping)
-            return copy_and_hash(mapping.planes, src, dst_planes, dst)
 
-        digest = await copy(map_and_copy)
+        mapping = await copy(map_pool)
+        mappings.remember(address, mapping)
+        digests = await copy_all(mapping, False)
     second = await call.read()
     await call.done_writing()
     if second is grpc.aio.EOF or not isinstance(second, kv_codec.ShmPool) or second.name:
-        raise KVTransferError(FailureReason.PROTOCOL, f"{address}: PullKVShmPool sent no checksum")
-    if digest != second.checksum:
+        raise KVTransferError(FailureReason.PROTOCOL, f"{address}: PullKVShmPool sent no checksums")
+    if digests != list(second.checksums):
+        bad_chunk = next((i for i, (a, b) in enumerate(zip(digests or [], second.checksums)) if a != b), None)
         raise KVTransferError(
             FailureReason.CHECKSUM,
-            f"{address}: blocks copied from pool {first.name} have xxh64 {digest:#018x}, the source sent "
-            f"{second.checksum:#018x}",
+            f"{address}: blocks copied from pool {first.name}: {len(second.checksums)} chunk checksums for "
+            f"{len(plan)} chunks, first differing chunk {bad_chunk}",
         )
 
 
-def _copy_if_valid(
-    mapping: PoolMapping, src: tuple[int, ...], dst_planes: list[np.ndarray], dst: tuple[int, ...]
-) -> int | None:
-    """The early copy: None (nothing written) unless the pool is still valid and holds `src`."""
-    if max(src) >= mapping.num_blocks or not mapping.still_valid():
-        return None
-    return copy_and_hash(mapping.planes, src, dst_planes, dst)
-
-
-async def _settle(task: asyncio.Future[object]) -> None:
+async def _settle(task: asyncio.Future[Any]) -> None:
     """Wait for `task` to end, also if we are cancelled meanwhile (re-raised then); its own
     failure is left to whoever awaits its result."""
     cancelled = False

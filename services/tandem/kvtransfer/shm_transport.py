@@ -54,8 +54,9 @@ from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word, read_chunks, write_chunks
 from tandem.kvtransfer.shm_pool import POOL_MAX_BYTES, SEGMENT_ALIGN_BYTES, LentSegments, SegmentPool
+from tandem.kvtransfer.shm_pool_copy import hash_chunks, planes
 from tandem.kvtransfer.shm_pool_source import METHOD as POOL_METHOD
-from tandem.kvtransfer.shm_pool_source import PoolMappings, hash_blocks, open_call, planes, pull_from_pool, serve_pool
+from tandem.kvtransfer.shm_pool_source import PoolMappings, open_call, pull_from_pool, serve_pool
 from tandem.kvtransfer.shm_segments import Segment, sweep_dead
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,10 @@ class ShmKVServicer:
         methods = {"PullKVShm": handler, POOL_METHOD: pool_handler}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
 
-    def hash_pool(self, block_ids: tuple[int, ...]) -> int:
-        """Worker thread, lease checked out: the xxh64 of the blocks read from the shared pool
-        (shm_pool_source.py). Tests override it to corrupt the digest."""
-        return hash_blocks(self.planes, block_ids)
+    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]:
+        """Worker thread, lease checked out: the xxh64 of each chunk of the blocks read from the
+        shared pool (shm_pool_copy.py). Tests override it to corrupt a digest."""
+        return hash_chunks(self.planes, block_ids)
 
     def pack_into(self, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
         """Worker thread, lease checked out: pack the pull into the segment (its uint8 view),
