@@ -7,13 +7,15 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
    segment). P admits it as PullKVShm does and answers UNIMPLEMENTED if its cache is not a
    shared pool (a CUDA cache): D then uses the segment path (shm_transport.py) with P for good.
 2. P checks the lease out (pinned: neither freed nor reused while the stream lasts) and sends
-   its pool's name, owner pid and block count; then hashes the leased blocks in a thread, in
-   the packed layout's order (xxh64, the wire contract's), and sends the digest.
+   its pool's name, owner pid and block count; then hashes the leased blocks in a thread, one
+   xxh64 (the wire contract's) per chunk of the packed layout (shm_pool_copy.py), and sends
+   the digests.
 3. Meanwhile D maps the pool read-only (once per source pid, re-checked each pull: a pool file
    named for that pid in our pid namespace, a regular file of our uid, exactly `num_blocks *
-   bytes_per_block` bytes), checks the block ids are in range, and in a reader thread copies
-   the blocks into its own reserved blocks a run at a time (at most CHUNK_BYTES), hashing each
-   run in the destination while it is still in cache. With the copy done and P's digest in,
+   bytes_per_block` bytes), checks the block ids are in range, and on reader threads (the
+   chunks split among them) copies the blocks into its own reserved blocks a run at a time,
+   hashing each run in the destination while it is still in cache. With the copy done and
+   P's digests in,
    D half-closes the stream: only then does P leave the checkout, and D calls ReleaseKV later.
    From D's second pull from P on, D starts the copy out of the pool P answered with last time
    as soon as it has sent the request, without waiting for P's first answer (one round trip
@@ -158,9 +160,10 @@ async def pull_from_pool(
     dst: tuple[int, ...],
     copy: Copier,
     address: str,
-) -> None:
-    """Receiver side (module doc, steps 1, 3, 4) on an open call. grpc.aio.AioRpcError as the
-    call raises it (UNIMPLEMENTED: the source has no shared pool); KVTransferError else."""
+) -> int:
+    """Receiver side (module doc, steps 1, 3, 4) on an open call; returns the number of chunks.
+    grpc.aio.AioRpcError as the call raises it (UNIMPLEMENTED: the source has no shared pool);
+    KVTransferError else."""
     src, dst_planes = request.block_ids, planes(store.kv_caches)
     plan = chunks(len(dst_planes), len(src), dst_planes[0].shape[1])
     parts = [range(i, len(plan), n) for n in (copy_threads(len(plan)),) for i in range(n)]
@@ -218,6 +221,7 @@ async def pull_from_pool(
             f"{address}: blocks copied from pool {first.name}: {len(second.checksums)} chunk checksums for "
             f"{len(plan)} chunks, first differing chunk {bad_chunk}",
         )
+    return len(plan)
 
 
 async def _settle(task: asyncio.Future[Any]) -> None:

@@ -1,6 +1,9 @@
 """The same-host KV transport: the source packs the blocks into a shared-memory segment that
 the receiver lends it, the receiver verifies them there and copies them into its reserved
-blocks (segments: shm_segments.py; their reuse: shm_pool.py).
+blocks (segments: shm_segments.py; their reuse: shm_pool.py). A CPU receiver first tries the
+one-copy path (shm_pool_source.py: it copies straight out of the source's KV cache when that
+is a shared pool file, as a CPU prefill worker's is); the segment path below serves CUDA
+caches on either side.
 
 Lifecycle of one pull (decode worker D, prefill worker P, same host id):
 1. D checks its arguments (`check_pull`), takes a segment of at least the pull's size from its
@@ -228,9 +231,10 @@ class ShmTransport:
         size_bytes = len(src) * store.bytes_per_block
         if store.device.type == "cpu" and handle.source_address not in self.no_pool:
             request = self._request(handle, src, store, hashes, "")
-            if await self._pull_from_pool(request, handle.source_address, dst, store, timeout_s):
+            num_chunks = await self._pull_from_pool(request, handle.source_address, dst, store, timeout_s)
+            if num_chunks:
                 seconds = time.perf_counter() - started
-                return TransferStats(size_bytes, seconds, len(src), 2 * store.layout.num_layers, transport=self.name)
+                return TransferStats(size_bytes, seconds, len(src), num_chunks, transport=self.name)
         segment = await self._acquire(HEADER_BYTES + size_bytes)
         done = False
         try:
@@ -318,8 +322,9 @@ class ShmTransport:
 
     async def _pull_from_pool(
         self, request: kv_codec.PullKVRequest, address: str, dst: tuple[int, ...], store: KVBlockStore, timeout_s: float
-    ) -> bool:
-        """One pull out of the source's shared pool (shm_pool_source.py); False if it has none."""
+    ) -> int:
+        """One pull out of the source's shared pool (shm_pool_source.py): its number of chunks;
+        0 if the source has no shared pool."""
         loop = asyncio.get_running_loop()
 
         async def copy(fn: Any, *args: Any) -> Any:  # in our reader threads; no block written after we end
@@ -329,18 +334,17 @@ class ShmTransport:
 
         call = open_call(self.channels.get(address), timeout_s)
         try:
-            await pull_from_pool(call, request, self.pools, store, dst, copy, address)
+            return await pull_from_pool(call, request, self.pools, store, dst, copy, address)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 self.no_pool.add(address)
-                return False
+                return 0
             error = await self.channels.fail(exc, address)
             if error.reason is FailureReason.PEER_UNAVAILABLE:
                 await asyncio.to_thread(sweep_dead, self.config.shm_dir)  # a dead source's pool
             raise error from None
         finally:
             call.cancel()  # a no-op once it ended; else the source stops pinning the lease
-        return True
 
     async def _trim_idle(self) -> None:
         """Unlink the pool's idle segments unused for a while, also when no pull comes, and
