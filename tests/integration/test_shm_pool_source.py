@@ -102,7 +102,7 @@ def test_pull_copies_out_of_the_sources_pool_exactly_and_makes_no_segment(tmp_pa
                 assert (stats.transport, stats.shm_fallback, stats.num_blocks) == ("shm", "", len(LEASED))
                 assert stats.bytes_moved == len(LEASED) * source.store.bytes_per_block
                 assert_moved(source.store, LEASED, dest, dst, before)
-            assert files(tmp_path) == [pool] and receiver.shm.pool.names == [] and receiver.shm.no_pool == set()
+            assert files(tmp_path) == [pool] and receiver.shm.pool.names == [] and receiver.shm.pooled.no_pool == set()
             assert shm_servicer(side).num_pulls_served == 2 and source.freed == []
             assert await receiver.release(handle, TIMEOUT_S) is True
             assert source.freed == ["req"]
@@ -131,7 +131,7 @@ def test_a_checksum_mismatch_fails_closed(tmp_path: Path, monkeypatch) -> None:
                     await receiver.pull(same_host_handle(source, address), LEASED, SHUFFLED, dest, TIMEOUT_S)
                 assert caught.value.reason is FailureReason.CHECKSUM  # never fetched again over the network
                 assert str(caught.value).endswith("4 chunk checksums for 4 chunks, first differing chunk 3")
-            assert receiver.shm.pools.last(address) is not None
+            assert receiver.shm.pooled.pools.last(address) is not None
             assert source.freed == []  # the lease stays until the receiver releases it
             await receiver.close()
 
@@ -149,7 +149,7 @@ def test_a_source_without_a_shared_pool_is_pulled_through_a_segment(tmp_path: Pa
             stats = await receiver.pull(same_host_handle(source, address), LEASED, SHUFFLED, dest, TIMEOUT_S)
             assert (stats.transport, stats.shm_fallback) == ("shm", "")
             assert_moved(source.store, LEASED, dest, SHUFFLED, before)
-            assert receiver.shm.no_pool == {address} and len(receiver.shm.pool.names) == 1
+            assert receiver.shm.pooled.no_pool == {address} and len(receiver.shm.pool.names) == 1
             await receiver.close()
 
     asyncio.run(run())

@@ -34,6 +34,7 @@ import mmap
 import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -43,11 +44,11 @@ from tandem.common import kv_codec
 from tandem.engine.kv_cache import shared_pool_path
 from tandem.kvtransfer.base import FailureReason, KVTransferError, run_to_completion
 from tandem.kvtransfer.block_store import KVBlockStore
-from tandem.kvtransfer.channels import SERVICE
+from tandem.kvtransfer.channels import SERVICE, ChannelCache
 from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError
 from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, copy_threads, planes
-from tandem.kvtransfer.shm_segments import SegmentName, pid_alive, pid_namespace
+from tandem.kvtransfer.shm_segments import SegmentName, pid_alive, pid_namespace, sweep_dead
 
 if TYPE_CHECKING:
     from tandem.kvtransfer.shm_transport import ShmKVServicer
@@ -235,6 +236,45 @@ async def _settle(task: asyncio.Future[Any]) -> None:
             cancelled = True
     if cancelled:
         raise asyncio.CancelledError
+
+
+class PoolPuller:
+    """The receiver's one-copy pulls (ShmTransport's, on its loop): `no_pool` holds the source
+    addresses that answered UNIMPLEMENTED (no shared pool: the segment path serves them)."""
+
+    def __init__(self, channels: ChannelCache, readers: Executor, shm_dir: str) -> None:
+        self.channels, self.readers, self.shm_dir = channels, readers, shm_dir
+        self.pools = PoolMappings(shm_dir)  # sources' shared KV pools, mapped read-only
+        self.no_pool: set[str] = set()
+
+    async def pull(
+        self, request: kv_codec.PullKVRequest, address: str, dst: tuple[int, ...], store: KVBlockStore, timeout_s: float
+    ) -> int:
+        """One pull out of the source's shared pool: its number of chunks; 0 if the source has
+        no shared pool. KVTransferError if it fails (same_host.py decides what follows)."""
+        loop = asyncio.get_running_loop()
+
+        async def copy(fn: Callable[..., Any], *args: Any) -> Any:  # on our readers; joined even if cancelled
+            task = loop.run_in_executor(self.readers, fn, *args)
+            await _settle(task)
+            return task.result()
+
+        call = open_call(self.channels.get(address), timeout_s)
+        try:
+            return await pull_from_pool(call, request, self.pools, store, dst, copy, address)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                self.no_pool.add(address)
+                return 0
+            error = await self.channels.fail(exc, address)
+            if error.reason is FailureReason.PEER_UNAVAILABLE:
+                await asyncio.to_thread(sweep_dead, self.shm_dir)  # a dead source's pool
+            raise error from None
+        finally:
+            call.cancel()  # a no-op once it ended; else the source stops pinning the lease
+
+    def close(self) -> None:
+        self.pools.close()
 
 
 def open_call(

@@ -59,7 +59,7 @@ from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word,
 from tandem.kvtransfer.shm_pool import POOL_MAX_BYTES, SEGMENT_ALIGN_BYTES, LentSegments, SegmentPool
 from tandem.kvtransfer.shm_pool_copy import hash_chunks, planes
 from tandem.kvtransfer.shm_pool_source import METHOD as POOL_METHOD
-from tandem.kvtransfer.shm_pool_source import PoolMappings, open_call, pull_from_pool, serve_pool
+from tandem.kvtransfer.shm_pool_source import PoolPuller, serve_pool
 from tandem.kvtransfer.shm_segments import Segment, sweep_dead
 
 log = logging.getLogger(__name__)
@@ -205,12 +205,11 @@ class ShmTransport:
         self.config, self.host_id = config, host_id
         self.channels = ChannelCache(token=config.token)
         self.pool = SegmentPool(config.shm_dir)
-        self.pools = PoolMappings(config.shm_dir)  # sources' shared KV pools, mapped read-only
-        self.no_pool: set[str] = set()  # sources without one (UNIMPLEMENTED): the segment path
         self._trimmer: asyncio.Task[None] | None = None
         # readers wait on their source: their own threads, never the loop's default executor,
         # which a source's copy may need (one in this process would wait for the pull's timeout)
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="kv-shm-reader")
+        self.pooled = PoolPuller(self.channels, self._readers, config.shm_dir)  # the one-copy path
         sweep_dead(config.shm_dir)
 
     async def pull(
@@ -229,9 +228,9 @@ class ShmTransport:
         if self._trimmer is None:
             self._trimmer = asyncio.get_running_loop().create_task(self._trim_idle())
         size_bytes = len(src) * store.bytes_per_block
-        if store.device.type == "cpu" and handle.source_address not in self.no_pool:
+        if store.device.type == "cpu" and handle.source_address not in self.pooled.no_pool:
             request = self._request(handle, src, store, hashes, "")
-            num_chunks = await self._pull_from_pool(request, handle.source_address, dst, store, timeout_s)
+            num_chunks = await self.pooled.pull(request, handle.source_address, dst, store, timeout_s)
             if num_chunks:
                 seconds = time.perf_counter() - started
                 return TransferStats(size_bytes, seconds, len(src), num_chunks, transport=self.name)
@@ -320,32 +319,6 @@ class ShmTransport:
             segment,
         )
 
-    async def _pull_from_pool(
-        self, request: kv_codec.PullKVRequest, address: str, dst: tuple[int, ...], store: KVBlockStore, timeout_s: float
-    ) -> int:
-        """One pull out of the source's shared pool (shm_pool_source.py): its number of chunks;
-        0 if the source has no shared pool."""
-        loop = asyncio.get_running_loop()
-
-        async def copy(fn: Any, *args: Any) -> Any:  # in our reader threads; no block written after we end
-            task = loop.run_in_executor(self._readers, fn, *args)
-            await _join(task)
-            return task.result()
-
-        call = open_call(self.channels.get(address), timeout_s)
-        try:
-            return await pull_from_pool(call, request, self.pools, store, dst, copy, address)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                self.no_pool.add(address)
-                return 0
-            error = await self.channels.fail(exc, address)
-            if error.reason is FailureReason.PEER_UNAVAILABLE:
-                await asyncio.to_thread(sweep_dead, self.config.shm_dir)  # a dead source's pool
-            raise error from None
-        finally:
-            call.cancel()  # a no-op once it ended; else the source stops pinning the lease
-
     async def _trim_idle(self) -> None:
         """Unlink the pool's idle segments unused for a while, also when no pull comes, and
         sweep the segments of dead receivers."""
@@ -361,7 +334,7 @@ class ShmTransport:
         if self._trimmer is not None:
             self._trimmer.cancel()
         self.pool.close()
-        self.pools.close()
+        self.pooled.close()
         self._readers.shutdown(wait=False)
         await self.channels.close()
 

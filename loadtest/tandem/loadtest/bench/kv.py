@@ -230,7 +230,7 @@ async def _bench(
                 stats = await receiver.pull(transport, timeout_s=60.0, host_id=BENCH_HOST_ID if name == SHM else "")
                 if name == SHM and stats.transport != "shm":
                     raise RuntimeError(f"the same-host pull went over {stats.transport} ({stats.shm_fallback})")
-                if name == SHM and same_host.shm.no_pool:  # the one-copy path, never the segment one
+                if name == SHM and same_host.shm.pooled.no_pool:  # the one-copy path, never the segment one
                     raise RuntimeError("the same-host pull went through a segment: the source's pool is not shared")
                 if round_index == 0 and not receiver.exact():
                     exact = False
