@@ -35,7 +35,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -46,12 +46,24 @@ from tandem.kvtransfer.base import FailureReason, KVTransferError, run_to_comple
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import SERVICE, ChannelCache
 from tandem.kvtransfer.grpc_transport import lease_status
-from tandem.kvtransfer.leases import LeaseError
+from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, copy_threads, planes
 from tandem.kvtransfer.shm_segments import SegmentName, pid_alive, pid_namespace, sweep_dead
 
-if TYPE_CHECKING:
-    from tandem.kvtransfer.shm_transport import ShmKVServicer
+
+class PoolSource(Protocol):
+    """What `serve_pool` needs of the source's servicer (shm_transport.ShmKVServicer)."""
+
+    store: KVBlockStore
+    leases: LeaseTable
+    num_pulls_served: int
+
+    async def admit(
+        self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext, segment: bool = True
+    ) -> None: ...
+
+    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]: ...
+
 
 METHOD = "PullKVShmPool"
 Copier = Callable[..., Awaitable[Any]]  # runs a function in a reader thread, joined even if cancelled
@@ -126,7 +138,7 @@ class PoolMappings:
 
 
 async def serve_pool(
-    servicer: ShmKVServicer, requests: AsyncIterator[kv_codec.PullKVRequest], context: grpc.aio.ServicerContext
+    servicer: PoolSource, requests: AsyncIterator[kv_codec.PullKVRequest], context: grpc.aio.ServicerContext
 ) -> AsyncIterator[kv_codec.ShmPool]:
     """Source side of PullKVShmPool (module doc, steps 1-2)."""
     request = await anext(requests, None)
