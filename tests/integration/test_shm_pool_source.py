@@ -14,7 +14,7 @@ import torch
 import xxhash
 
 from tandem.common.layout import KVLayout
-from tandem.engine.kv_cache import allocate_shared, shared_pool_path
+from tandem.engine.kv_cache import KVCacheSpec, allocate_shared, shared_pool_path
 from tandem.kvtransfer import shm_pool_source
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
@@ -257,3 +257,13 @@ def test_the_leased_blocks_stay_pinned_until_the_receivers_copy_is_done(tmp_path
             await receiver.close()
 
     asyncio.run(run())
+
+
+def test_a_cache_that_cannot_be_shared_is_private_and_served_through_segments(tmp_path: Path, caplog) -> None:
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32)
+    caches = spec.allocate(8, torch.device("cpu"), str(tmp_path / "missing"))
+    assert [tuple(c.shape) for c in caches] == [(2, 8, 16, 2, 32)] * 2 and all(int(c.abs().sum()) == 0 for c in caches)
+    assert shared_pool_path(caches) is None and not (tmp_path / "missing").exists()
+    assert "KV cache not in shared memory" in caplog.text
+    shared = spec.allocate(8, torch.device("cpu"), str(tmp_path))
+    assert shared_pool_path(shared) == str(tmp_path / files(tmp_path)[0])

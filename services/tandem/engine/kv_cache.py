@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import math
 import mmap
 import os
@@ -34,6 +35,8 @@ import xxhash
 from safetensors import safe_open
 
 from tandem.engine.config import KV_CACHE_DTYPES
+
+log = logging.getLogger(__name__)
 
 # Tensor names of layer i's scales, in the order they are looked for.
 _SCALE_NAMES: dict[str, tuple[str, ...]] = {
@@ -129,7 +132,10 @@ class KVCacheSpec:
         shared pool file there (`allocate_shared`), so same-host receivers read blocks in place."""
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         if shared_dir is not None and torch.device(device).type == "cpu":
-            return allocate_shared(shared_dir, shape, self.dtype, self.num_layers)
+            try:
+                return allocate_shared(shared_dir, shape, self.dtype, self.num_layers)
+            except OSError as exc:  # e.g. a small /dev/shm in a container: same-host pulls use segments
+                log.warning("KV cache not in shared memory (%s): private memory instead", exc)
         return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(self.num_layers)]
 
 
