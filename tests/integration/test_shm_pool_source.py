@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, hash_chunks, 
 from tandem.kvtransfer.shm_pool_source import PoolMappings
 from tandem.kvtransfer.shm_segments import SegmentName, pid_namespace, sweep_dead
 from tandem.kvtransfer.shm_transport import ShmKVServicer
+from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_hashes
 from tests.integration.test_kvtransfer import (
     LEASED,
     NUM_BLOCKS,
@@ -35,6 +38,7 @@ from tests.integration.test_kvtransfer import (
     snapshot,
 )
 from tests.integration.test_shm_transport import (
+    REPO_ROOT,
     TIMEOUT_S,
     remote_handle,
     same_host_handle,
@@ -267,3 +271,52 @@ def test_a_cache_that_cannot_be_shared_is_private_and_served_through_segments(tm
     assert "KV cache not in shared memory" in caplog.text
     shared = spec.allocate(8, torch.device("cpu"), str(tmp_path))
     assert shared_pool_path(shared) == str(tmp_path / files(tmp_path)[0])
+
+
+POOL_RECEIVER = """
+import os, sys, threading
+import grpc
+from tandem.common import kv_codec
+request = kv_codec.PullKVRequest("req", tuple(range(10, 40)), sys.argv[2], 0, bytes.fromhex(sys.argv[3]),
+                                 tuple(int(h) for h in sys.argv[4].split(",")), "host-a", os.getpid(), "")
+def requests():
+    yield request
+    threading.Event().wait()  # never half-closes: killed mid-pull
+call = grpc.insecure_channel(sys.argv[1]).stream_stream(
+    "/tandem.v1.KVTransfer/PullKVShmPool", kv_codec.pull_kv_request_to_bytes, kv_codec.shm_pool_from_bytes)
+answers = call(requests(), timeout=30)
+print(next(answers).name, len(next(answers).checksums), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_receiver_killed_mid_pull_leaves_nothing_and_the_source_serves_on(tmp_path: Path) -> None:
+    with source_process(tmp_path, "pool") as (_, ready):
+        [pool] = files(tmp_path)
+        hashes = ",".join(str(h) for h in synthetic_block_hashes(tuple(range(96)))[10:40])
+        argv = [sys.executable, "-c", POOL_RECEIVER, ready["address"], make_layout().describe()]
+        argv += [ready["lease_secret"], hashes]
+        receiver = subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert receiver.stdout is not None
+            assert receiver.stdout.readline() == f"{pool} 4\n"  # the pool, then 4 chunk checksums
+            receiver.kill()
+            receiver.wait(10)
+        finally:
+            if receiver.poll() is None:
+                receiver.kill()
+                receiver.wait(10)
+        assert files(tmp_path) == [pool]  # the receiver made nothing; the source's pool stays
+
+        async def pull_again() -> None:
+            layout = make_layout()
+            source = KVBlockStore(random_kv_caches(layout, 96, 1), layout)  # shm_source's bytes
+            dest = make_dest(layout, 96)
+            before = snapshot(dest)
+            receiver = transport(tmp_path, "host-a")
+            stats = await receiver.pull(remote_handle(ready), LEASED, SHUFFLED, dest, TIMEOUT_S)
+            assert (stats.transport, stats.shm_fallback) == ("shm", "")
+            assert_moved(source, LEASED, dest, SHUFFLED, before)
+            await receiver.close()
+
+        asyncio.run(pull_again())
