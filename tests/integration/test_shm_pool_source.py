@@ -11,9 +11,9 @@ import sys
 import threading
 from pathlib import Path
 
+import crc32c
 import pytest
 import torch
-import xxhash
 
 from tandem.common.layout import KVLayout
 from tandem.engine.kv_cache import KVCacheSpec, allocate_shared, shared_pool_path
@@ -66,11 +66,11 @@ def files(shm_dir: Path) -> list[str]:
     return sorted(os.listdir(shm_dir))
 
 
-def packed_chunk_xxh64(store: KVBlockStore, ids: tuple[int, ...], num_chunks: int) -> list[int]:
-    """xxh64 of each of `num_chunks` equal parts of the packed bytes of `ids`."""
+def packed_chunk_crc32c(store: KVBlockStore, ids: tuple[int, ...], num_chunks: int) -> list[int]:
+    """crc32c of each of `num_chunks` equal parts of the packed bytes of `ids`."""
     packed = store.pack(ids).view(torch.uint8).numpy().tobytes()
     size = len(packed) // num_chunks
-    return [xxhash.xxh64(packed[i * size : (i + 1) * size]).intdigest() for i in range(num_chunks)]
+    return [crc32c.crc32c(packed[i * size : (i + 1) * size]) for i in range(num_chunks)]
 
 
 def test_runs_and_both_hashes_follow_the_packed_layout() -> None:
@@ -79,7 +79,7 @@ def test_runs_and_both_hashes_follow_the_packed_layout() -> None:
     src, dst = make_source(layout).store, make_dest(layout)
     assert chunks(4, 30, 4096) == [(p, 0, 30) for p in range(4)]  # 2 layers x K/V, 30 blocks of 4 KiB
     assert chunks(1, 1200, 4096)[1:] == [(0, 512, 1024), (0, 1024, 1200)]  # at most 2 MiB each
-    expected = packed_chunk_xxh64(src, LEASED, 4)
+    expected = packed_chunk_crc32c(src, LEASED, 4)
     assert hash_chunks(planes(src.kv_caches), LEASED) == expected
     before = snapshot(dst)
     assert copy_and_hash(planes(src.kv_caches), LEASED, planes(dst.kv_caches), SHUFFLED, [3, 1]) == expected[3:0:-2]

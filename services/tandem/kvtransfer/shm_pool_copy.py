@@ -5,10 +5,14 @@ source hashes the same blocks in its pool.
 Chunks (DESIGN.md section 4: KV moves in chunks of 1 to 4 MiB, each with a checksum): the
 pull's packed bytes (block_store.py's layout: plane `2 * layer + kv`, then the pull's block
 ids in order) cut per plane into runs of at most CHUNK_BYTES of positions; chunk i is
-`(plane, first position, end position)`, in packed order, and both sides compute one xxh64
+`(plane, first position, end position)`, in packed order, and both sides compute one crc32c
 per chunk over exactly those bytes. Independent chunk digests let the receiver copy and hash
-on several threads (numpy's copies and xxhash release the GIL): on the 2-core development
+on several threads (numpy's copies and crc32c release the GIL): on the 2-core development
 machine, two threads take a 64 MiB pull from 12 ms to 7 ms.
+
+crc32c, not xxh64 (DESIGN.md allows both): with the CPU's crc32 instruction it hashes about
+1.5x as fast (14 vs 10 GB/s here, against a memcpy of about 8), and a pull hashes its bytes
+once on each side.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import crc32c
 import numpy as np
 import torch
-import xxhash
 
 from tandem.kvtransfer.shm_chunks import CHUNK_BYTES
 
@@ -57,15 +61,15 @@ def copy_threads(num_chunks: int) -> int:
 
 
 def hash_chunks(src_planes: list[np.ndarray], ids: Sequence[int]) -> list[int]:
-    """Source, worker thread, lease checked out: the xxh64 of each chunk of the blocks `ids`."""
+    """Source, worker thread, lease checked out: the crc32c of each chunk of the blocks `ids`."""
     plan = chunks(len(src_planes), len(ids), src_planes[0].shape[1])
     ranges = {(first, end): runs(ids[first:end], ids[first:end], end - first) for _, first, end in plan}
     digests = []
     for plane, first, end in plan:
-        hasher = xxhash.xxh64()
+        value = 0
         for s, _, n in ranges[first, end]:
-            hasher.update(src_planes[plane][s : s + n].data)
-        digests.append(hasher.intdigest())
+            value = crc32c.crc32c(src_planes[plane][s : s + n].data, value)
+        digests.append(value)
     return digests
 
 
@@ -78,7 +82,7 @@ def copy_and_hash(
 ) -> list[int]:
     """Receiver, worker thread: copy the chunks numbered `part` (default: all) of blocks `src`
     of the source's pool into blocks `dst` of our cache, run by run, hashing each run in the
-    destination right after its copy, while it is in cache; returns each chunk's xxh64 of what
+    destination right after its copy, while it is in cache; returns each chunk's crc32c of what
     was written, in `part`'s order (`hash_chunks`' digests of those chunks)."""
     plan = chunks(len(dst_planes), len(src), dst_planes[0].shape[1])
     indices = range(len(plan)) if part is None else part
@@ -90,10 +94,10 @@ def copy_and_hash(
         if pieces is None:
             pieces = ranges[first, end] = runs(src[first:end], dst[first:end], end - first)
         src_plane, dst_plane = src_planes[plane], dst_planes[plane]
-        hasher = xxhash.xxh64()
+        value = 0
         for s, d, n in pieces:
             rows = dst_plane[d : d + n]
             rows[...] = src_plane[s : s + n]
-            hasher.update(rows.data)
-        digests.append(hasher.intdigest())
+            value = crc32c.crc32c(rows.data, value)
+        digests.append(value)
     return digests

@@ -8,7 +8,7 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
    shared pool (a CUDA cache): D then uses the segment path (shm_transport.py) with P for good.
 2. P checks the lease out (pinned: neither freed nor reused while the stream lasts) and sends
    its pool's name, owner pid and block count; then hashes the leased blocks in a thread, one
-   xxh64 (the wire contract's) per chunk of the packed layout (shm_pool_copy.py), and sends
+   crc32c (one of the wire contract's two) per chunk of the packed layout (shm_pool_copy.py), and sends
    the digests.
 3. Meanwhile D maps the pool read-only (once per source pid, re-checked each pull: a pool file
    named for that pid in our pid namespace, a regular file of our uid, exactly `num_blocks *
