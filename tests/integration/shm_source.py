@@ -1,8 +1,10 @@
 """A KV source process for the same-host tests: a random KV cache, one lease, and a grpc.aio
 server with the gRPC and same-host source servicers (SameHostTransport.add_source).
 
-argv: LAYOUT NUM_BLOCKS SHM_DIR HOST_ID [hang]. With `hang`, packing a segment never ends
-once the segment exists (so that a test can kill the source mid-transfer). Prints one JSON
+argv: LAYOUT NUM_BLOCKS SHM_DIR HOST_ID [hang] [pool]. With `hang`, packing a segment never
+ends once the segment exists (so that a test can kill the source mid-transfer). With `pool` the
+cache is a shared pool file in SHM_DIR, as a CPU prefill worker's (engine.kv_cache.allocate_shared);
+with both, hashing the pool for a pull prints {"event": "hashing"} and never ends. Prints one JSON
 line {"address", "lease_secret", "pid"} and serves until killed.
 """
 
@@ -18,6 +20,7 @@ import grpc
 import torch
 
 from tandem.common.layout import KVLayout
+from tandem.engine.kv_cache import allocate_shared
 from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import SERVER_OPTIONS
@@ -37,14 +40,27 @@ def hang_after_packing(self: ShmKVServicer, plan: ChunkPlan, segment_view: torch
     return 0
 
 
-async def main(layout_text: str, num_blocks: int, shm_dir: str, host_id: str, hang: bool) -> None:
+def hang_hashing(self: ShmKVServicer, block_ids: tuple[int, ...]) -> int:
+    print(json.dumps({"event": "hashing"}), flush=True)
+    threading.Event().wait()  # until killed
+    return 0
+
+
+async def main(layout_text: str, num_blocks: int, shm_dir: str, host_id: str, hang: bool, pool: bool) -> None:
     layout = KVLayout.parse(layout_text)
-    store = KVBlockStore(random_kv_caches(layout, num_blocks, 1), layout)
+    caches = random_kv_caches(layout, num_blocks, 1)
+    if pool:
+        shared = allocate_shared(shm_dir, tuple(caches[0].shape), caches[0].dtype, len(caches))
+        for into, cache in zip(shared, caches, strict=True):
+            into.copy_(cache)
+        caches = shared
+    store = KVBlockStore(caches, layout)
     leases = LeaseTable(on_free=lambda request_id: None)
     blocks = tuple(range(num_blocks))
     grant = leases.grant("req", HeldKV(blocks, num_blocks * layout.block_size, synthetic_block_hashes(blocks)), 60.0)
     if hang:
         ShmKVServicer.pack_into = hang_after_packing  # type: ignore[method-assign]
+        ShmKVServicer.hash_pool = hang_hashing  # type: ignore[method-assign]
     config = KVTransferConfig(shm_dir=shm_dir, host_id=host_id)
     transport = SameHostTransport(GrpcTransport(config), config)
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -57,4 +73,5 @@ async def main(layout_text: str, num_blocks: int, shm_dir: str, host_id: str, ha
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:] == ["hang"]))
+    flags = set(sys.argv[5:])
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], "hang" in flags, "pool" in flags))

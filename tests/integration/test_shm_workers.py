@@ -45,7 +45,7 @@ def test_same_host_pair_is_exact_through_shm_and_other_host_uses_the_network(wor
         assert tokens == expected[i] and deltas[0].recomputed is False
     assert (pulls(same, "shm"), pulls(same, "grpc")) == (2, 0)
     assert (pulls(other, "shm"), pulls(other, "grpc")) == (0, 2)
-    # the same-host decode worker keeps one segment for its next pulls (both prompts fit in it);
-    # stopping the workers removes it (the fixture checks)
-    [segment] = shm_dir.iterdir()
-    assert SegmentName.parse(segment.name) == SegmentName(pid_namespace(), same.pid)
+    # the CPU prefill worker's KV cache is a shared pool file that the receiver copied out of:
+    # no segment was made; stopping the workers removes the pool (the fixture checks)
+    [pool] = shm_dir.iterdir()
+    assert SegmentName.parse(pool.name) == SegmentName(pid_namespace(), p.pid, pool=True)

@@ -126,6 +126,28 @@ def shm_segment_from_bytes(raw: bytes) -> ShmSegment:
 
 
 @dataclass(frozen=True)
+class ShmPool:
+    """A PullKVShmPool answer: the pool (`name`, `num_blocks`, `source_pid`), then `checksums`
+    (one xxh64 per chunk)."""
+
+    name: str
+    num_blocks: int
+    source_pid: int
+    checksums: tuple[int, ...]
+
+
+def shm_pool_to_bytes(pool: ShmPool) -> bytes:
+    return pb.ShmPool(
+        name=pool.name, num_blocks=pool.num_blocks, source_pid=pool.source_pid, checksums=pool.checksums
+    ).SerializeToString()
+
+
+def shm_pool_from_bytes(raw: bytes) -> ShmPool:
+    msg = pb.ShmPool.FromString(raw)
+    return ShmPool(msg.name, msg.num_blocks, msg.source_pid, tuple(msg.checksums))
+
+
+@dataclass(frozen=True)
 class SendKVRequest:
     """The torch transport's control call (proto/tandem.proto, `SendKVRequest`)."""
 

@@ -60,7 +60,9 @@ GRAMMAR_POLL_S = 0.005
 
 
 class Engine:
-    def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+    def __init__(self, model_dir: Path, config: EngineConfig, kv_shared_dir: str | None = None) -> None:
+        """`kv_shared_dir`: a CPU KV cache lives in a shared pool file there (same-host KV
+        sources, engine.kv_cache.allocate_shared); other devices ignore it."""
         self.config = config
         self.model_dir = Path(model_dir)
         if config.num_threads is not None:
@@ -90,7 +92,7 @@ class Engine:
                 f"kv_cache_bytes={config.kv_cache_bytes} holds no {self.kv_spec.bytes_per_block}-byte block"
             )
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
+        self.kv_caches = self.kv_spec.allocate(num_blocks, self.device, kv_shared_dir)
         self.backend = create_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(
             self.model,

@@ -18,8 +18,14 @@ Scales never change after startup. The layout fingerprint carries their digest.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import logging
 import math
+import mmap
+import os
+import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +35,8 @@ import xxhash
 from safetensors import safe_open
 
 from tandem.engine.config import KV_CACHE_DTYPES
+
+log = logging.getLogger(__name__)
 
 # Tensor names of layer i's scales, in the order they are looked for.
 _SCALE_NAMES: dict[str, tuple[str, ...]] = {
@@ -119,6 +127,64 @@ class KVCacheSpec:
     def num_blocks_for_bytes(self, budget_bytes: int) -> int:
         return budget_bytes // self.bytes_per_block
 
-    def allocate(self, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+    def allocate(self, num_blocks: int, device: torch.device, shared_dir: str | None = None) -> list[torch.Tensor]:
+        """Zeroed cache tensors. With `shared_dir` and a CPU device, all layers live in one
+        shared pool file there (`allocate_shared`), so same-host receivers read blocks in place."""
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        if shared_dir is not None and torch.device(device).type == "cpu":
+            try:
+                return allocate_shared(shared_dir, shape, self.dtype, self.num_layers)
+            except OSError as exc:  # e.g. a small /dev/shm in a container: same-host pulls use segments
+                log.warning("KV cache not in shared memory (%s): private memory instead", exc)
         return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(self.num_layers)]
+
+
+# ---- a CPU cache in shared memory (same-host KV, kvtransfer/shm_pool_source.py reads it) -------
+# File `{dir}/tandem-kv-{pid namespace}-{pid}-pool-{16 hex}`, mode 0600, the layers one after
+# the other: `num_layers * 2 * num_blocks * block bytes` bytes. Named for the owning pid, so
+# kvtransfer.shm_segments.sweep_dead unlinks it once that process is dead; mapped for the
+# process's lifetime (the tensors keep the mapping alive).
+_SHARED_POOLS: dict[int, str] = {}  # first layer's data_ptr -> the pool file's path
+
+
+def allocate_shared(directory: str, shape: tuple[int, ...], dtype: torch.dtype, num_layers: int) -> list[torch.Tensor]:
+    """`num_layers` zeroed tensors of `shape` over one new shared pool file (see above)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    path = os.path.join(directory, f"tandem-kv-{namespace}-{os.getpid()}-pool-{secrets.token_hex(8)}")
+    layer_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, num_layers * layer_bytes)  # tmpfs pages (zeroes) now, not SIGBUS later
+        mapped = mmap.mmap(fd, num_layers * layer_bytes, flags=mmap.MAP_SHARED)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    flat = torch.frombuffer(mapped, dtype=torch.uint8)  # holds `mapped` for the tensors' lifetime
+    layers = [flat[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape) for i in range(num_layers)]
+    _SHARED_POOLS[layers[0].data_ptr()] = path
+    atexit.register(_unlink_own, path, os.getpid())  # a killed process's: swept (see above)
+    return layers
+
+
+def _unlink_own(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never from a forked child
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def shared_pool_path(kv_caches: list[torch.Tensor]) -> str | None:
+    """The pool file that `kv_caches` (as `allocate_shared` made them) live in, else None."""
+    if not kv_caches or kv_caches[0].device.type != "cpu":
+        return None
+    path = _SHARED_POOLS.get(kv_caches[0].data_ptr())
+    if path is None:
+        return None
+    layer_bytes = kv_caches[0].numel() * kv_caches[0].element_size()
+    base = kv_caches[0].data_ptr()
+    contiguous = all(c.data_ptr() == base + i * layer_bytes and c.is_contiguous() for i, c in enumerate(kv_caches))
+    return path if contiguous and os.path.exists(path) else None

@@ -25,7 +25,8 @@ Name: `tandem-kv-{pid namespace}-{receiver pid}-{16 hex}`. Ownership and frees:
 5. Process death: a dead receiver's segments are unlinked by the janitor of a source that
    maps them, and by `sweep_dead`, which every source and receiver runs when it starts, every
    10 s while it serves or pulls, and when a same-host pull fails. A dead source leaves
-   nothing behind: its mappings go with it.
+   nothing behind but its shared KV pool (`tandem-kv-{ns}-{pid}-pool-{16 hex}`, a CPU prefill
+   worker's cache: shm_pool_source.py), which `sweep_dead` unlinks the same way.
 Pids are only compared within one pid namespace (other namespaces' segments are never swept).
 """
 
@@ -44,7 +45,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PREFIX = "tandem-kv-"
-_NAME_RE = re.compile(r"^tandem-kv-([0-9]+)-([0-9]+)-[0-9a-f]{16}$")
+_NAME_RE = re.compile(r"^tandem-kv-([0-9]+)-([0-9]+)-(pool-)?[0-9a-f]{16}$")
 
 
 def pid_namespace() -> int:
@@ -67,7 +68,8 @@ def pid_alive(pid: int) -> bool:
 @dataclass(frozen=True)
 class SegmentName:
     namespace: int
-    receiver_pid: int
+    receiver_pid: int  # the owner's pid: a segment's receiver, or a source pool's process
+    pool: bool = False  # a prefill worker's KV cache (engine.kv_cache.allocate_shared), not a segment
 
     @staticmethod
     def parse(name: str) -> SegmentName | None:
@@ -75,7 +77,7 @@ class SegmentName:
         match = _NAME_RE.match(name)
         if match is None:
             return None
-        return SegmentName(int(match[1]), int(match[2]))
+        return SegmentName(int(match[1]), int(match[2]), match[3] is not None)
 
     @staticmethod
     def new() -> str:
@@ -86,7 +88,7 @@ class SegmentName:
 def check_name(name: str, receiver_pid: int) -> None:
     """ValueError unless `name` is a segment of our pid namespace named for `receiver_pid`."""
     parts = SegmentName.parse(name)
-    if parts is None or parts.namespace != pid_namespace() or parts.receiver_pid != receiver_pid:
+    if parts is None or parts.pool or parts.namespace != pid_namespace() or parts.receiver_pid != receiver_pid:
         raise ValueError(f"{name[:120]!r} is not a KV segment of receiver pid {receiver_pid} in this namespace")
 
 
@@ -100,8 +102,8 @@ def unlink_quietly(directory: str, name: str) -> bool:
 
 
 def sweep_dead(directory: str) -> list[str]:
-    """Unlink the segments of our pid namespace whose receiver pid is dead; return their
-    names. Never raises (a missing directory sweeps nothing)."""
+    """Unlink the segments and source pools of our pid namespace whose owner pid is dead;
+    return their names. Never raises (a missing directory sweeps nothing)."""
     ours = pid_namespace()
     swept = []
     try:

@@ -1,6 +1,9 @@
 """The same-host KV transport: the source packs the blocks into a shared-memory segment that
 the receiver lends it, the receiver verifies them there and copies them into its reserved
-blocks (segments: shm_segments.py; their reuse: shm_pool.py).
+blocks (segments: shm_segments.py; their reuse: shm_pool.py). A CPU receiver first tries the
+one-copy path (shm_pool_source.py: it copies straight out of the source's KV cache when that
+is a shared pool file, as a CPU prefill worker's is); the segment path below serves CUDA
+caches on either side.
 
 Lifecycle of one pull (decode worker D, prefill worker P, same host id):
 1. D checks its arguments (`check_pull`), takes a segment of at least the pull's size from its
@@ -32,6 +35,7 @@ fresh segment per pull, 48 ms of page faults, and the sides one after the other)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -53,6 +57,9 @@ from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word, read_chunks, write_chunks
 from tandem.kvtransfer.shm_pool import POOL_MAX_BYTES, SEGMENT_ALIGN_BYTES, LentSegments, SegmentPool
+from tandem.kvtransfer.shm_pool_copy import hash_chunks, planes
+from tandem.kvtransfer.shm_pool_source import METHOD as POOL_METHOD
+from tandem.kvtransfer.shm_pool_source import PoolPuller, serve_pool
 from tandem.kvtransfer.shm_segments import Segment, sweep_dead
 
 log = logging.getLogger(__name__)
@@ -70,6 +77,7 @@ class ShmKVServicer:
     def __init__(self, store: KVBlockStore, leases: LeaseTable, config: KVTransferConfig, host_id: str) -> None:
         self.store, self.leases, self.config, self.host_id = store, leases, config, host_id
         self.lent = LentSegments(config.shm_dir)
+        self.planes = planes(store.kv_caches)  # for hash_pool
         pull_bytes = config.max_blocks_per_pull * store.bytes_per_block
         self.max_segment_bytes = max(-(-pull_bytes // SEGMENT_ALIGN_BYTES) * SEGMENT_ALIGN_BYTES, POOL_MAX_BYTES)
         self._janitor: asyncio.Task[None] | None = None
@@ -82,7 +90,18 @@ class ShmKVServicer:
             request_deserializer=kv_codec.pull_kv_request_from_bytes,
             response_serializer=kv_codec.shm_segment_to_bytes,
         )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"PullKVShm": handler}),))
+        pool_handler = grpc.stream_stream_rpc_method_handler(
+            functools.partial(serve_pool, self),
+            request_deserializer=kv_codec.pull_kv_request_from_bytes,
+            response_serializer=kv_codec.shm_pool_to_bytes,
+        )
+        methods = {"PullKVShm": handler, POOL_METHOD: pool_handler}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+
+    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]:
+        """Worker thread, lease checked out: the xxh64 of each chunk of the blocks read from the
+        shared pool (shm_pool_copy.py). Tests override it to corrupt a digest."""
+        return hash_chunks(self.planes, block_ids)
 
     def pack_into(self, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
         """Worker thread, lease checked out: pack the pull into the segment (its uint8 view),
@@ -94,7 +113,7 @@ class ShmKVServicer:
     async def PullKVShm(
         self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext
     ) -> kv_codec.ShmSegment:
-        await self._admit(request, context)
+        await self.admit(request, context)
         self._start_janitor()
         block_ids = request.block_ids
         size_bytes = len(block_ids) * self.store.bytes_per_block
@@ -122,7 +141,9 @@ class ShmKVServicer:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cannot open the receiver's KV segment {name}: {exc}")
         raise AssertionError("unreachable: context.abort raises")
 
-    async def _admit(self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext) -> None:
+    async def admit(
+        self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext, segment: bool = True
+    ) -> None:
         try:
             theirs = KVLayout.parse(request.layout)
         except ValueError as exc:
@@ -141,7 +162,7 @@ class ShmKVServicer:
                 f"receiver pid {request.receiver_pid} with {len(request.block_ids)} block ids; a pull moves "
                 f"1..{self.config.max_blocks_per_pull}",
             )
-        if not 0 < len(request.shm_segment) <= MAX_SEGMENT_NAME:
+        if segment and not 0 < len(request.shm_segment) <= MAX_SEGMENT_NAME:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"a segment name of {len(request.shm_segment)} characters; 1..{MAX_SEGMENT_NAME}",
@@ -188,6 +209,7 @@ class ShmTransport:
         # readers wait on their source: their own threads, never the loop's default executor,
         # which a source's copy may need (one in this process would wait for the pull's timeout)
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="kv-shm-reader")
+        self.pooled = PoolPuller(self.channels, self._readers, config.shm_dir)  # the one-copy path
         sweep_dead(config.shm_dir)
 
     async def pull(
@@ -206,6 +228,12 @@ class ShmTransport:
         if self._trimmer is None:
             self._trimmer = asyncio.get_running_loop().create_task(self._trim_idle())
         size_bytes = len(src) * store.bytes_per_block
+        if store.device.type == "cpu" and handle.source_address not in self.pooled.no_pool:
+            request = self._request(handle, src, store, hashes, "")
+            num_chunks = await self.pooled.pull(request, handle.source_address, dst, store, timeout_s)
+            if num_chunks:
+                seconds = time.perf_counter() - started
+                return TransferStats(size_bytes, seconds, len(src), num_chunks, transport=self.name)
         segment = await self._acquire(HEADER_BYTES + size_bytes)
         done = False
         try:
@@ -241,17 +269,7 @@ class ShmTransport:
         call = self.channels.unary(
             address, "PullKVShm", kv_codec.pull_kv_request_to_bytes, kv_codec.shm_segment_from_bytes
         )
-        request = kv_codec.PullKVRequest(
-            handle.request_id,
-            src,
-            store.layout.describe(),
-            0,
-            handle.lease_secret,
-            hashes,
-            self.host_id,
-            os.getpid(),
-            segment.name,
-        )
+        request = self._request(handle, src, store, hashes, segment.name)
         plan = ChunkPlan(store, dst)
         data = segment.view[HEADER_BYTES : HEADER_BYTES + plan.size_bytes]
         progress = progress_word(segment.view)
@@ -286,6 +304,21 @@ class ShmTransport:
             await run_to_completion(store.unpack, data, dst)
         return len(plan.chunks)
 
+    def _request(
+        self, handle: KVHandle, src: tuple[int, ...], store: KVBlockStore, hashes: tuple[int, ...], segment: str
+    ) -> kv_codec.PullKVRequest:
+        return kv_codec.PullKVRequest(
+            handle.request_id,
+            src,
+            store.layout.describe(),
+            0,
+            handle.lease_secret,
+            hashes,
+            self.host_id,
+            os.getpid(),
+            segment,
+        )
+
     async def _trim_idle(self) -> None:
         """Unlink the pool's idle segments unused for a while, also when no pull comes, and
         sweep the segments of dead receivers."""
@@ -301,6 +334,7 @@ class ShmTransport:
         if self._trimmer is not None:
             self._trimmer.cancel()
         self.pool.close()
+        self.pooled.close()
         self._readers.shutdown(wait=False)
         await self.channels.close()
 

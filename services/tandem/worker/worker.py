@@ -54,7 +54,7 @@ from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.request import Request, SamplingParams
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
-from tandem.common.workers import WorkerInfo, WorkerLoad, draining_details
+from tandem.common.workers import WorkerInfo, WorkerLoad, WorkerRole, draining_details
 from tandem.engine.admission import WaitingQueueFullError
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput
@@ -84,7 +84,9 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         config.plane.require("a worker")  # the plane is locked by default
         self.config = config
-        self.engine = Engine(config.model_dir, config.engine)
+        # a CPU prefill worker serving same-host pulls keeps its KV cache in a shared pool file
+        shared = config.kv_transfer.shm and config.role is WorkerRole.PREFILL
+        self.engine = Engine(config.model_dir, config.engine, config.kv_transfer.shm_dir if shared else None)
         self.loop = StepLoop(self.engine, inbox_size=config.inbox_size)
         mc = self.engine.model_config
         self.layout = KVLayout(

@@ -3,9 +3,11 @@
 One run: a source process (loadtest/tandem/loadtest/bench/kv_source.py, bound to 127.0.0.1) holds
 the KV of a long prompt under a lease and also serves a raw TCP baseline; this process is the
 receiver. Rounds interleave raw TCP, the gRPC transport, the torch transport, the tcp
-transport, the torch transport with every pull staged (its path before issue 20), the same-host shared-memory
-transport (SHM: the source serves it under BENCH_HOST_ID, the receiver pulls with a handle
-that names that host, into the segment its pool keeps from the warm-up round on) and an
+transport, the torch transport with every pull staged (its path before issue 20), the same-host
+shared-memory transport (SHM: the source serves it under BENCH_HOST_ID with its cache in a shared
+pool file, as a CPU prefill worker's; the receiver pulls with a handle that names that host and
+copies the leased blocks straight out of that pool, hashing them, while the source hashes them
+too: lease, both checksums and the copy into the shuffled blocks are measured) and an
 in-process memcpy of the same bytes (MEMCPY: one `copy_` of a
 uint8 tensor of the pull's size into another), so that all see the same machine load, and the
 medians are compared. Every transport round is a whole pull (source
@@ -44,7 +46,7 @@ from tandem.kvtransfer.base import KVTransport, TransferStats, create_transport
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import clamp_chunk_bytes
-from tandem.kvtransfer.same_host import with_same_host
+from tandem.kvtransfer.same_host import SameHostTransport
 from tandem.kvtransfer.torch_pairs import host_bytes
 from tandem.kvtransfer.torch_plan import plan_messages
 from tandem.launcher.processes import ChildProcess
@@ -206,7 +208,8 @@ async def _bench(
     transports[STAGED] = create_transport("torch", staged)
     # as a decode worker pulls from a same-host source; a pull that fell back to the network fails the bench
     shm_config = KVTransferConfig(transport="grpc", token=token, host_id=BENCH_HOST_ID)
-    transports[SHM] = with_same_host(create_transport("grpc", shm_config), shm_config)
+    same_host = SameHostTransport(create_transport("grpc", shm_config), shm_config)
+    transports[SHM] = same_host
     copy_src = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)
     copy_dst = torch.empty_like(copy_src)
     raw = socket.create_connection(("127.0.0.1", raw_port))
@@ -227,6 +230,8 @@ async def _bench(
                 stats = await receiver.pull(transport, timeout_s=60.0, host_id=BENCH_HOST_ID if name == SHM else "")
                 if name == SHM and stats.transport != "shm":
                     raise RuntimeError(f"the same-host pull went over {stats.transport} ({stats.shm_fallback})")
+                if name == SHM and same_host.shm.pooled.no_pool:  # the one-copy path, never the segment one
+                    raise RuntimeError("the same-host pull went through a segment: the source's pool is not shared")
                 if round_index == 0 and not receiver.exact():
                     exact = False
                 if round_index:

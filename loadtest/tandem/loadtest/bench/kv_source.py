@@ -6,7 +6,9 @@ host that hosts the transport's source servicer (`--transport torch,tcp`: each o
 with the real worker's gRPC server options. `--device cuda` keeps the cache on the GPU (device
 0), as a prefill worker there does.
 With `--host-id H` it also serves same-host pulls through shared memory (the transport
-wrapped as a worker wraps it, `kvtransfer.same_host`, host id H).
+wrapped as a worker wraps it, `kvtransfer.same_host`, host id H); a CPU cache then lives in a
+shared pool file, as a prefill worker's with `--kv-shm` (engine.kv_cache.allocate_shared), so
+that receivers copy the blocks straight out of it.
 With `--raw-tcp` it also serves a raw TCP baseline: each 8-byte little-endian size read from a
 connection is answered with that many bytes from a preallocated buffer.
 
@@ -35,6 +37,7 @@ import torch
 
 from tandem.common.layout import KVLayout
 from tandem.common.plane_auth import TOKEN_ENV, ClusterToken, PlaneAuth, server_interceptors
+from tandem.engine.kv_cache import allocate_shared
 from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer.base import create_transport
 from tandem.kvtransfer.block_store import KVBlockStore, torch_dtype
@@ -118,7 +121,13 @@ def _serve_raw_tcp(listener: socket.socket, payload: memoryview) -> None:
 
 async def _main(args: argparse.Namespace) -> None:
     layout = KVLayout.parse(args.layout)
-    store = KVBlockStore(random_kv_caches(layout, args.num_blocks, args.seed, args.device), layout)
+    caches = random_kv_caches(layout, args.num_blocks, args.seed, args.device)
+    if args.host_id and args.device == "cpu":  # allocated as a prefill worker's, then filled
+        shared = allocate_shared(KVTransferConfig().shm_dir, tuple(caches[0].shape), caches[0].dtype, len(caches))
+        for into, cache in zip(shared, caches, strict=True):
+            into.copy_(cache)
+        caches = shared
+    store = KVBlockStore(caches, layout)
     leases = LeaseTable(on_free=lambda request_id: None)
     blocks = tuple(range(args.num_blocks))
     grant = leases.grant(

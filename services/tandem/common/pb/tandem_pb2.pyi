@@ -340,6 +340,18 @@ class ShmSegment(_message.Message):
     checksum: int
     def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
+class ShmPool(_message.Message):
+    __slots__ = ("name", "num_blocks", "source_pid", "checksums")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PID_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_blocks: int
+    source_pid: int
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., source_pid: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class KVChunk(_message.Message):
     __slots__ = ("offset_bytes", "data", "checksum", "total_bytes", "dtype", "shape")
     OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]

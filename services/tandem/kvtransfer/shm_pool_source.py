@@ -1,0 +1,300 @@
+"""Same-host KV with one copy: the receiver copies the leased blocks straight out of the
+source's KV cache, which a CPU prefill worker keeps in a shared pool file
+(engine.kv_cache.allocate_shared, `--kv-shm`).
+
+Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same host id):
+1. D opens the bidirectional stream `P.PullKVShmPool` and sends the PullKVShm request (no
+   segment). P admits it as PullKVShm does and answers UNIMPLEMENTED if its cache is not a
+   shared pool (a CUDA cache): D then uses the segment path (shm_transport.py) with P for good.
+2. P checks the lease out (pinned: neither freed nor reused while the stream lasts) and sends
+   its pool's name, owner pid and block count; then hashes the leased blocks in a thread, one
+   crc32c (one of the wire contract's two) per chunk of the packed layout (shm_pool_copy.py), and sends
+   the digests.
+3. Meanwhile D maps the pool read-only (once per source pid, re-checked each pull: a pool file
+   named for that pid in our pid namespace, a regular file of our uid, exactly `num_blocks *
+   bytes_per_block` bytes), checks the block ids are in range, and on reader threads (the
+   chunks split among them) copies the blocks into its own reserved blocks a run at a time,
+   hashing each run in the destination while it is still in cache. With the copy done and
+   P's digests in,
+   D half-closes the stream: only then does P leave the checkout, and D calls ReleaseKV later.
+   From D's second pull from P on, D starts the copy out of the pool P answered with last time
+   as soon as it has sent the request, without waiting for P's first answer (one round trip
+   less): the result counts only if the answer names that same pool and P's digest matches;
+   else D copies again out of the pool named. Reading before P checked the lease reveals
+   nothing (D could read the file anyway: same uid) and trusts nothing (P's digest vouches).
+4. D compares the digests: a difference is a CHECKSUM failure (fail closed: the destination
+   blocks are undefined and given back uncached, base.py). Any other failure goes through
+   same_host.py's rules (a pool D cannot map or use: REFUSED, then the network path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+
+from tandem.common import kv_codec
+from tandem.engine.kv_cache import shared_pool_path
+from tandem.kvtransfer.base import FailureReason, KVTransferError, run_to_completion
+from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.channels import SERVICE, ChannelCache
+from tandem.kvtransfer.grpc_transport import lease_status
+from tandem.kvtransfer.leases import LeaseError, LeaseTable
+from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, copy_threads, planes
+from tandem.kvtransfer.shm_segments import SegmentName, pid_alive, pid_namespace, sweep_dead
+
+
+class PoolSource(Protocol):
+    """What `serve_pool` needs of the source's servicer (shm_transport.ShmKVServicer)."""
+
+    store: KVBlockStore
+    leases: LeaseTable
+    num_pulls_served: int
+
+    async def admit(
+        self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext, segment: bool = True
+    ) -> None: ...
+
+    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]: ...
+
+
+METHOD = "PullKVShmPool"
+Copier = Callable[..., Awaitable[Any]]  # runs a function in a reader thread, joined even if cancelled
+
+
+class PoolMapping:
+    """A source's pool mapped read-only: per layer `[2, num_blocks, ...]` tensors over it."""
+
+    def __init__(self, directory: str, name: str, source_pid: int, store: KVBlockStore, num_blocks: int) -> None:
+        parts = SegmentName.parse(name)
+        if parts is None or not parts.pool or parts.namespace != pid_namespace() or parts.receiver_pid != source_pid:
+            raise ValueError(f"{name[:120]!r} is not a KV pool of source pid {source_pid} in this namespace")
+        self.path, self.source_pid, self.num_blocks = os.path.join(directory, name), source_pid, num_blocks
+        self.size_bytes = num_blocks * store.bytes_per_block
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            info = os.fstat(fd)
+            self.inode = info.st_ino
+            self._check(info)
+            mapped = mmap.mmap(fd, self.size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        # read-only: nothing here can write the source's cache; the arrays keep the mapping alive
+        flat = np.frombuffer(mapped, dtype=np.uint8)
+        self.planes = list(flat.reshape(2 * store.layout.num_layers, num_blocks, -1))
+
+    def _check(self, info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise ValueError(f"KV pool {self.path} is not a regular file of uid {os.geteuid()}")
+        if info.st_size != self.size_bytes:
+            raise ValueError(f"KV pool {self.path} has {info.st_size} bytes, the layout needs {self.size_bytes}")
+
+    def still_valid(self) -> bool:
+        """The same file is still there with its size, and its owner runs (checked per pull)."""
+        try:
+            info = os.stat(self.path, follow_symlinks=False)
+            self._check(info)
+        except (OSError, ValueError):
+            return False
+        return info.st_ino == self.inode and pid_alive(self.source_pid)
+
+
+class PoolMappings:
+    """The receiver's mappings, one per source pid. A replaced one is only dropped, never
+    unmapped: a reader thread may still use it (the tensors keep the mapping alive)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._by_pid: dict[int, PoolMapping] = {}
+        self._by_address: dict[str, PoolMapping] = {}  # the pool a source address last answered with
+
+    def last(self, address: str) -> PoolMapping | None:
+        return self._by_address.get(address)
+
+    def remember(self, address: str, mapping: PoolMapping) -> None:
+        self._by_address[address] = mapping
+
+    def get(self, name: str, source_pid: int, store: KVBlockStore, num_blocks: int) -> PoolMapping:
+        """ValueError if the pool may not be used, OSError if it cannot be opened."""
+        known = self._by_pid.get(source_pid)
+        path = os.path.join(self.directory, name)
+        if known is not None and known.path == path and known.num_blocks == num_blocks and known.still_valid():
+            return known
+        self._by_pid.pop(source_pid, None)
+        mapping = PoolMapping(self.directory, name, source_pid, store, num_blocks)
+        self._by_pid[source_pid] = mapping
+        return mapping
+
+    def close(self) -> None:
+        self._by_pid.clear()
+        self._by_address.clear()
+
+
+async def serve_pool(
+    servicer: PoolSource, requests: AsyncIterator[kv_codec.PullKVRequest], context: grpc.aio.ServicerContext
+) -> AsyncIterator[kv_codec.ShmPool]:
+    """Source side of PullKVShmPool (module doc, steps 1-2)."""
+    request = await anext(requests, None)
+    if request is None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PullKVShmPool: no request")
+        return
+    await servicer.admit(request, context, segment=False)
+    path = shared_pool_path(servicer.store.kv_caches)
+    if path is None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this source's KV cache is not a shared pool")
+        return
+    try:
+        with servicer.leases.checkout(
+            request.request_id, request.block_ids, request.lease_secret, request.block_hashes
+        ):
+            ids = servicer.store.check_block_ids(request.block_ids)
+            yield kv_codec.ShmPool(os.path.basename(path), servicer.store.num_blocks, os.getpid(), ())
+            checksums = await run_to_completion(servicer.hash_pool, ids)
+            yield kv_codec.ShmPool("", 0, 0, tuple(checksums))
+            servicer.num_pulls_served += 1
+            async for _ in requests:  # pinned until the receiver half-closes (its copy is done) or goes
+                pass
+    except LeaseError as exc:
+        await context.abort(lease_status(exc), str(exc))
+
+
+async def pull_from_pool(
+    call: grpc.aio.StreamStreamCall[kv_codec.PullKVRequest, kv_codec.ShmPool],
+    request: kv_codec.PullKVRequest,
+    mappings: PoolMappings,
+    store: KVBlockStore,
+    dst: tuple[int, ...],
+    copy: Copier,
+    address: str,
+) -> int:
+    """Receiver side (module doc, steps 1, 3, 4) on an open call; returns the number of chunks.
+    grpc.aio.AioRpcError as the call raises it (UNIMPLEMENTED: the source has no shared pool);
+    KVTransferError else."""
+    src, dst_planes = request.block_ids, planes(store.kv_caches)
+    plan = chunks(len(dst_planes), len(src), dst_planes[0].shape[1])
+    parts = [range(i, len(plan), n) for n in (copy_threads(len(plan)),) for i in range(n)]
+
+    async def copy_all(mapping: PoolMapping, check: bool) -> list[int] | None:
+        """The chunks' digests, copied in `parts` on reader threads; None (nothing written)
+        if `check` and the mapping is no longer valid or too small for `src`."""
+        if check and (max(src) >= mapping.num_blocks or not await copy(mapping.still_valid)):
+            return None
+        done = await asyncio.gather(*(copy(copy_and_hash, mapping.planes, src, dst_planes, dst, p) for p in parts))
+        digests = [0] * len(plan)
+        for part, values in zip(parts, done, strict=True):
+            for index, value in zip(part, values, strict=True):
+                digests[index] = value
+        return digests
+
+    await call.write(request)
+    # A source answered before: copy out of its pool while its answer is on the way (it is
+    # only trusted if the answer names that pool and the source's digests match)
+    guess = mappings.last(address)
+    early = None if guess is None else asyncio.ensure_future(copy_all(guess, True))
+    try:
+        first = await call.read()
+        if first is grpc.aio.EOF or not isinstance(first, kv_codec.ShmPool) or not first.name:
+            raise KVTransferError(FailureReason.PROTOCOL, f"{address}: PullKVShmPool sent no pool")
+        bad = next((b for b in src if b >= first.num_blocks), None)
+        if bad is not None:
+            raise KVTransferError(
+                FailureReason.PROTOCOL, f"{address}: block {bad} is outside its pool of {first.num_blocks}"
+            )
+        digests = None if early is None else await early
+    finally:
+        if early is not None:
+            await _settle(early)  # no block is written after the pull ends
+    named = (os.path.join(mappings.directory, first.name), first.source_pid, first.num_blocks)
+    if digests is None or guess is None or (guess.path, guess.source_pid, guess.num_blocks) != named:
+
+        def map_pool() -> PoolMapping:  # in a reader thread: the mapping's checks
+            try:
+                return mappings.get(first.name, first.source_pid, store, first.num_blocks)
+            except (OSError, ValueError) as exc:
+                raise KVTransferError(FailureReason.REFUSED, f"{address}: cannot use its KV pool: {exc}") from None
+
+        mapping = await copy(map_pool)
+        mappings.remember(address, mapping)
+        digests = await copy_all(mapping, False)
+    second = await call.read()
+    await call.done_writing()
+    if second is grpc.aio.EOF or not isinstance(second, kv_codec.ShmPool) or second.name:
+        raise KVTransferError(FailureReason.PROTOCOL, f"{address}: PullKVShmPool sent no checksums")
+    if digests != list(second.checksums):
+        bad_chunk = next((i for i, (a, b) in enumerate(zip(digests or [], second.checksums)) if a != b), None)
+        raise KVTransferError(
+            FailureReason.CHECKSUM,
+            f"{address}: blocks copied from pool {first.name}: {len(second.checksums)} chunk checksums for "
+            f"{len(plan)} chunks, first differing chunk {bad_chunk}",
+        )
+    return len(plan)
+
+
+async def _settle(task: asyncio.Future[Any]) -> None:
+    """Wait for `task` to end, also if we are cancelled meanwhile (re-raised then); its own
+    failure is left to whoever awaits its result."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+class PoolPuller:
+    """The receiver's one-copy pulls (ShmTransport's, on its loop): `no_pool` holds the source
+    addresses that answered UNIMPLEMENTED (no shared pool: the segment path serves them)."""
+
+    def __init__(self, channels: ChannelCache, readers: Executor, shm_dir: str) -> None:
+        self.channels, self.readers, self.shm_dir = channels, readers, shm_dir
+        self.pools = PoolMappings(shm_dir)  # sources' shared KV pools, mapped read-only
+        self.no_pool: set[str] = set()
+
+    async def pull(
+        self, request: kv_codec.PullKVRequest, address: str, dst: tuple[int, ...], store: KVBlockStore, timeout_s: float
+    ) -> int:
+        """One pull out of the source's shared pool: its number of chunks; 0 if the source has
+        no shared pool. KVTransferError if it fails (same_host.py decides what follows)."""
+        loop = asyncio.get_running_loop()
+
+        async def copy(fn: Callable[..., Any], *args: Any) -> Any:  # on our readers; joined even if cancelled
+            task = loop.run_in_executor(self.readers, fn, *args)
+            await _settle(task)
+            return task.result()
+
+        call = open_call(self.channels.get(address), timeout_s)
+        try:
+            return await pull_from_pool(call, request, self.pools, store, dst, copy, address)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                self.no_pool.add(address)
+                return 0
+            error = await self.channels.fail(exc, address)
+            if error.reason is FailureReason.PEER_UNAVAILABLE:
+                await asyncio.to_thread(sweep_dead, self.shm_dir)  # a dead source's pool
+            raise error from None
+        finally:
+            call.cancel()  # a no-op once it ended; else the source stops pinning the lease
+
+    def close(self) -> None:
+        self.pools.close()
+
+
+def open_call(
+    channel: grpc.aio.Channel, timeout_s: float
+) -> grpc.aio.StreamStreamCall[kv_codec.PullKVRequest, kv_codec.ShmPool]:
+    method = channel.stream_stream(
+        f"/{SERVICE}/{METHOD}",
+        request_serializer=kv_codec.pull_kv_request_to_bytes,
+        response_deserializer=kv_codec.shm_pool_from_bytes,
+    )
+    return method(timeout=timeout_s)
