@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.common import codec
+from tandem.common import codec, mux_codec
 from tandem.common.ownership import new_owner_secret
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.plane_auth import aio_channel
@@ -66,15 +66,15 @@ def _drained(*workers: ChildProcess) -> bool:
     return True
 
 
-def _submit(request_id: str, prompt: list[int], params: SamplingParams, first=None) -> codec.MuxSubmit:
+def _submit(request_id: str, prompt: list[int], params: SamplingParams, first=None) -> mux_codec.MuxSubmit:
     request = codec.Request(request_id, tuple(prompt), params)
     if first is None:
-        return codec.MuxSubmit(codec.DecodeRequest(request), new_owner_secret())
+        return mux_codec.MuxSubmit(codec.DecodeRequest(request), new_owner_secret())
     handle = codec.prefill_result_from_proto(first).handle
-    return codec.MuxSubmit(codec.DecodeRequest(request, first.first_token, handle), new_owner_secret())
+    return mux_codec.MuxSubmit(codec.DecodeRequest(request, first.first_token, handle), new_owner_secret())
 
 
-async def _collect(conn: MuxConnection, submit: codec.MuxSubmit) -> tuple[list[int], list[float]]:
+async def _collect(conn: MuxConnection, submit: mux_codec.MuxSubmit) -> tuple[list[int], list[float]]:
     """The request's tokens and the gaps (s) between its deltas."""
     stream = conn.submit(submit)
     tokens: list[int] = []
@@ -199,7 +199,7 @@ def test_killed_worker_errors_out_every_request(tiny_model_dir: Path, reference:
 
 _GATEWAY = """
 import asyncio, sys
-from tandem.common import codec
+from tandem.common import codec, mux_codec
 from tandem.common.ownership import new_owner_secret
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 from tandem.common.plane_auth import aio_channel, ClusterToken
@@ -212,7 +212,7 @@ async def main():
     conn = MuxConnection(pb_grpc.WorkerStub(channel), sys.argv[1], 1 << 20, 60.0)
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     requests = [codec.Request(f"mux-gw-{i}", tuple(range(1, 30 + i)), params) for i in range(4)]
-    streams = [conn.submit(codec.MuxSubmit(codec.DecodeRequest(r), new_owner_secret())) for r in requests]
+    streams = [conn.submit(mux_codec.MuxSubmit(codec.DecodeRequest(r), new_owner_secret())) for r in requests]
     for s in streams:
         await s.get(30.0)
     print("streaming", flush=True)

@@ -1,5 +1,5 @@
-"""The codec owns the wire: only tandem/common/codec.py and kv_codec.py build or read protobuf
-messages, and every message they translate comes back equal."""
+"""The codec owns the wire: only tandem/common/codec.py, kv_codec.py and mux_codec.py build or read
+protobuf messages, and every message they translate comes back equal."""
 
 from __future__ import annotations
 
@@ -41,7 +41,11 @@ def test_only_the_codec_modules_import_the_protobuf_messages() -> None:
     offenders = [
         str(p.relative_to(ROOT)) for p in files if "pb" not in p.relative_to(ROOT).parts[:-1] and _imports_pb2(p)
     ]
-    assert sorted(offenders) == ["services/tandem/common/codec.py", "services/tandem/common/kv_codec.py"]
+    assert sorted(offenders) == [
+        "services/tandem/common/codec.py",
+        "services/tandem/common/kv_codec.py",
+        "services/tandem/common/mux_codec.py",
+    ]
 
 
 def test_request_prefill_and_decode_messages_round_trip() -> None:

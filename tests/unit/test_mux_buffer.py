@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tandem.common.codec import DecodeDelta, MuxOutput
+from tandem.common.codec import DecodeDelta
+from tandem.common.mux_codec import MuxOutput
 from tandem.common.request import FinishReason, TokenLogprob
 from tandem.gateway.mux import RequestStream
 

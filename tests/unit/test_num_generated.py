@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.common import codec
+from tandem.common import codec, mux_codec
 from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.request import Request, SamplingParams
 
@@ -33,8 +33,8 @@ def test_num_generated_round_trips() -> None:
     assert codec.prefill_request_from_proto(codec.prefill_request_to_proto(REPLAY)) == REPLAY
     call = codec.DecodeRequest(REPLAY, 11)
     assert codec.decode_request_from_proto(codec.decode_request_to_proto(call)) == call
-    submit = codec.MuxSubmit(call, "s" * 43)
-    assert codec.mux_client_message_from_proto(codec.mux_submit_to_proto(submit)) == submit
+    submit = mux_codec.MuxSubmit(call, "s" * 43)
+    assert mux_codec.mux_client_message_from_proto(mux_codec.mux_submit_to_proto(submit)) == submit
 
 
 @pytest.mark.parametrize("n", [5, 6, 2**32 - 1])
@@ -46,10 +46,10 @@ def test_num_generated_from_a_peer_must_be_less_than_the_prompt(n: int) -> None:
     assert str(err.value) == f"request.num_generated ({n}) must be less than the prompt's 5 tokens"
     with pytest.raises(ValueError, match=r"^request.num_generated \(\d+\) must be less than"):
         codec.prefill_request_from_proto(pb.PrefillRequest(request=msg))
-    with pytest.raises(codec.MuxMessageError) as mux_err:
-        bad = codec.mux_submit_to_proto(codec.MuxSubmit(codec.DecodeRequest(REPLAY, 11)))
+    with pytest.raises(mux_codec.MuxMessageError) as mux_err:
+        bad = mux_codec.mux_submit_to_proto(mux_codec.MuxSubmit(codec.DecodeRequest(REPLAY, 11)))
         bad.submit.call.request.num_generated = n
-        codec.mux_client_message_from_proto(bad)
+        mux_codec.mux_client_message_from_proto(bad)
     assert (mux_err.value.request_id, str(mux_err.value)) == (
         "r1.m1",
         f"request.num_generated ({n}) must be less than the prompt's 5 tokens",

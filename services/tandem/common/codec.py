@@ -1,18 +1,18 @@
 """The wire: every protobuf message of proto/tandem.proto to and from frozen dataclasses.
 
-This module and `kv_codec.py` (the KV handle, the KVTransfer service and the KV chunks) are the
-only code that builds or reads a protobuf object (tests/unit/test_codec.py checks it); servers
-and clients pass messages straight to and from these functions. Every `*_from_proto` applied
+This module, `kv_codec.py` (the KV handle, the KVTransfer service and the KV chunks) and
+`mux_codec.py` (the multiplexed decode stream) are the only code that builds or reads a
+protobuf object (tests/unit/test_codec.py checks it); servers and clients pass messages straight to and from these functions. Every `*_from_proto` applied
 to what a peer sent validates it here, with bounded sizes; a problem raises ValueError with a
 message naming the field (servers map it to INVALID_ARGUMENT).
 
-Sections: the request; the Worker service (Prefill, Decode, Abort, Health, Drain); its
-multiplexed decode stream (DecodeStream).
+Sections: the request; the Worker service (Prefill, Decode, Abort, Health, Drain). Its
+multiplexed decode stream (DecodeStream) has its own module, `mux_codec.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tandem.common.kv_codec import handle_from_proto, handle_to_proto
@@ -428,109 +428,3 @@ def drain_status_to_proto(status: DrainStatus) -> pb.DrainResponse:
 
 def drain_status_from_proto(msg: pb.DrainResponse) -> DrainStatus:
     return DrainStatus(msg.idle, msg.waiting, msg.running, msg.held_leases)
-
-
-# ---- Worker.DecodeStream (the multiplexed decode path) --------------------------------------
-MAX_MUX_OUTPUTS = 1 << 16  # outputs in one MuxStep from a peer
-MAX_TRACE_CONTEXT_ITEMS = 8  # trace-context entries of one MuxSubmit
-MAX_TRACE_CONTEXT_CHARS = 1024  # characters of one trace-context key or value
-MAX_STATUS_CODE = 16  # gRPC status codes are 0 (OK) to 16 (UNAUTHENTICATED)
-MAX_ERROR_DETAILS_CHARS = 1 << 16
-
-
-@dataclass(frozen=True)
-class MuxSubmit:
-    """A decode request on the multiplexed stream: what a `Decode` call carries, with the
-    owner secret and trace context that such a call sends in its metadata."""
-
-    call: DecodeRequest
-    owner_secret: str | None = field(default=None, repr=False)
-    trace_context: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class MuxOutput:
-    """One request's part of a step: its delta, or (`error_code` > 0, a gRPC status code) the
-    status its `Decode` call would have ended with."""
-
-    request_id: str
-    delta: DecodeDelta | None = None
-    error_code: int = 0
-    error_details: str = ""
-
-
-class MuxMessageError(ValueError):
-    """A malformed message from the gateway; `request_id` names the request when it can be
-    attributed to one (then only that request is refused)."""
-
-    def __init__(self, message: str, request_id: str | None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-
-
-def mux_submit_to_proto(submit: MuxSubmit) -> pb.MuxClientMessage:
-    msg = pb.MuxClientMessage()
-    msg.submit.call.CopyFrom(decode_request_to_proto(submit.call))
-    msg.submit.owner_secret = submit.owner_secret or ""
-    msg.submit.trace_context.update(dict(submit.trace_context))
-    return msg
-
-
-def mux_cancel_to_proto(request_id: str) -> pb.MuxClientMessage:
-    return pb.MuxClientMessage(cancel=pb.MuxCancel(request_id=request_id))
-
-
-def mux_client_message_from_proto(msg: pb.MuxClientMessage) -> MuxSubmit | str:
-    """A submit, or the id of a request to cancel. MuxMessageError names the request id when
-    the message can be attributed to one."""
-    kind = msg.WhichOneof("kind")
-    if kind == "cancel":
-        rid = msg.cancel.request_id
-        if not 0 < len(rid) <= MAX_REQUEST_ID_CHARS:
-            raise MuxMessageError(f"cancel.request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters", None)
-        return rid
-    if kind != "submit":
-        raise MuxMessageError("a MuxClientMessage holds a submit or a cancel", None)
-    sub = msg.submit
-    rid = sub.call.request.request_id
-    named = rid if 0 < len(rid) <= MAX_REQUEST_ID_CHARS else None
-    trace = tuple(sorted(sub.trace_context.items()))
-    if len(trace) > MAX_TRACE_CONTEXT_ITEMS or any(
-        len(k) > MAX_TRACE_CONTEXT_CHARS or len(v) > MAX_TRACE_CONTEXT_CHARS for k, v in trace
-    ):
-        raise MuxMessageError(
-            f"submit.trace_context: at most {MAX_TRACE_CONTEXT_ITEMS} entries of {MAX_TRACE_CONTEXT_CHARS} characters",
-            named,
-        )
-    try:
-        call = decode_request_from_proto(sub.call)
-    except ValueError as exc:
-        raise MuxMessageError(str(exc), named) from None
-    return MuxSubmit(call, sub.owner_secret or None, trace)
-
-
-def mux_step_to_proto(outputs: list[MuxOutput]) -> pb.MuxStep:
-    msg = pb.MuxStep()
-    for out in outputs:
-        entry = msg.outputs.add(request_id=out.request_id, error_code=out.error_code, error_details=out.error_details)
-        if out.delta is not None:
-            entry.delta.CopyFrom(decode_delta_to_proto(out.delta))
-    return msg
-
-
-def mux_step_from_proto(msg: pb.MuxStep) -> list[MuxOutput]:
-    if len(msg.outputs) > MAX_MUX_OUTPUTS:
-        raise ValueError(f"a MuxStep holds at most {MAX_MUX_OUTPUTS} outputs, got {len(msg.outputs)}")
-    outputs = []
-    for entry in msg.outputs:
-        if not 0 < len(entry.request_id) <= MAX_REQUEST_ID_CHARS:
-            raise ValueError(f"output.request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters")
-        if not 0 <= entry.error_code <= MAX_STATUS_CODE:
-            raise ValueError(f"output.error_code: unknown status code {entry.error_code}")
-        if len(entry.error_details) > MAX_ERROR_DETAILS_CHARS:
-            raise ValueError(f"output.error_details: at most {MAX_ERROR_DETAILS_CHARS} characters")
-        if (entry.error_code == 0) != entry.HasField("delta"):
-            raise ValueError("an output holds either a delta or an error code")
-        delta = decode_delta_from_proto(entry.delta) if entry.HasField("delta") else None
-        outputs.append(MuxOutput(entry.request_id, delta, entry.error_code, entry.error_details))
-    return outputs

@@ -37,7 +37,7 @@ from typing import Any, NoReturn, Protocol, cast
 
 import grpc
 
-from tandem.common import codec
+from tandem.common import codec, mux_codec
 from tandem.common.ownership import owner_metadata
 from tandem.common.tracing import ClockAnchor
 
@@ -69,7 +69,7 @@ class RequestContext:
     `decode_deltas` uses. `abort` raises `RequestEnded`; the metadata is the submit's owner
     secret and trace context; done callbacks run when the request's task ends."""
 
-    def __init__(self, submit: codec.MuxSubmit) -> None:
+    def __init__(self, submit: mux_codec.MuxSubmit) -> None:
         owner = (owner_metadata(submit.owner_secret),) if submit.owner_secret else ()
         self._metadata = (*owner, *submit.trace_context)
         self._done: list[Callable[[Any], None]] = []
@@ -100,7 +100,7 @@ class MuxSession:
     def __init__(self, servicer: DecodesRequests) -> None:
         self._servicer = servicer
         self._live: dict[str, asyncio.Task] = {}
-        self._pending: list[codec.MuxOutput] = []
+        self._pending: list[mux_codec.MuxOutput] = []
         self._wakeup = asyncio.Event()
         self._broken = False  # reading failed: the call is over
         self._protocol_error: str | None = None
@@ -116,7 +116,7 @@ class MuxSession:
                 await self._gather()
                 if self._pending:
                     batch, self._pending = self._pending, []
-                    yield codec.mux_step_to_proto(batch)
+                    yield mux_codec.mux_step_to_proto(batch)
                 if self._protocol_error is not None:
                     raise StreamProtocolError(self._protocol_error)
                 if self._broken:
@@ -145,8 +145,8 @@ class MuxSession:
         try:
             async for msg in requests:
                 try:
-                    item = codec.mux_client_message_from_proto(msg)
-                except codec.MuxMessageError as exc:
+                    item = mux_codec.mux_client_message_from_proto(msg)
+                except mux_codec.MuxMessageError as exc:
                     self._refuse(exc)
                     continue
                 if isinstance(item, str):
@@ -161,13 +161,13 @@ class MuxSession:
             log.info("decode stream broke while reading: %r", exc)
             self._broken = True
 
-    def _refuse(self, exc: codec.MuxMessageError) -> None:
+    def _refuse(self, exc: mux_codec.MuxMessageError) -> None:
         if exc.request_id is None or exc.request_id in self._live:
             self._protocol_error = f"malformed message: {exc}"
             return
-        self._emit(codec.MuxOutput(exc.request_id, None, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc)))
+        self._emit(mux_codec.MuxOutput(exc.request_id, None, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc)))
 
-    def _start(self, submit: codec.MuxSubmit) -> None:
+    def _start(self, submit: mux_codec.MuxSubmit) -> None:
         rid = submit.call.request.request_id
         if rid in self._live:
             self._protocol_error = f"duplicate submit of live request {rid!r}"
@@ -176,7 +176,7 @@ class MuxSession:
         else:
             self._live[rid] = asyncio.create_task(self._serve(rid, submit, ClockAnchor.now()))
 
-    async def _serve(self, rid: str, submit: codec.MuxSubmit, arrival: ClockAnchor) -> None:
+    async def _serve(self, rid: str, submit: mux_codec.MuxSubmit, arrival: ClockAnchor) -> None:
         """One request: its deltas, or the status that ends it, as outputs of the stream."""
         context = RequestContext(submit)
         # `context` has what decode_deltas uses of a ServicerContext (see RequestContext)
@@ -184,20 +184,20 @@ class MuxSession:
         try:
             async with aclosing(deltas):
                 async for delta in deltas:
-                    self._emit(codec.MuxOutput(rid, delta))
+                    self._emit(mux_codec.MuxOutput(rid, delta))
         except RequestEnded as exc:
-            self._emit(codec.MuxOutput(rid, None, exc.code.value[0], exc.details))
+            self._emit(mux_codec.MuxOutput(rid, None, exc.code.value[0], exc.details))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # as gRPC ends a Decode call whose handler raised
             log.exception("decode of %s failed", rid)
-            self._emit(codec.MuxOutput(rid, None, grpc.StatusCode.UNKNOWN.value[0], f"Unexpected {exc!r}"))
+            self._emit(mux_codec.MuxOutput(rid, None, grpc.StatusCode.UNKNOWN.value[0], f"Unexpected {exc!r}"))
         finally:
             context.done()
             del self._live[rid]
             self._wakeup.set()
 
-    def _emit(self, output: codec.MuxOutput) -> None:
+    def _emit(self, output: mux_codec.MuxOutput) -> None:
         self._pending.append(output)
         self._wakeup.set()
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import grpc
 
-from tandem.common import codec
+from tandem.common import codec, mux_codec
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class RequestStream:
         self._wakeup = asyncio.Event()
         self.finished = False  # the worker ended the request (final delta or error)
 
-    def push(self, output: codec.MuxOutput) -> bool:
+    def push(self, output: mux_codec.MuxOutput) -> bool:
         """Buffer an output, merged into the last message when the buffer is full; False
         (nothing buffered) once the buffer has stayed full for `full_timeout_s`."""
         if self._end is not None:
@@ -153,7 +153,7 @@ class MuxConnection:
     def num_requests(self) -> int:
         return len(self._requests)
 
-    def submit(self, submit: codec.MuxSubmit) -> RequestStream:
+    def submit(self, submit: mux_codec.MuxSubmit) -> RequestStream:
         """Send a decode request; read its outputs from the returned stream and `release` it
         however it ends. A dead connection's stream raises its error at once."""
         rid = submit.call.request.request_id
@@ -164,7 +164,7 @@ class MuxConnection:
             stream.fail(self.error)
             return stream
         self._requests[rid] = stream
-        self._outbox.put_nowait(codec.mux_submit_to_proto(submit))
+        self._outbox.put_nowait(mux_codec.mux_submit_to_proto(submit))
         return stream
 
     def release(self, stream: RequestStream) -> None:
@@ -173,7 +173,7 @@ class MuxConnection:
             return
         del self._requests[stream.request_id]
         if not stream.finished and self.error is None:
-            self._outbox.put_nowait(codec.mux_cancel_to_proto(stream.request_id))
+            self._outbox.put_nowait(mux_codec.mux_cancel_to_proto(stream.request_id))
 
     async def close(self) -> None:
         """Fail the live requests (CANCELLED) and end the stream."""
@@ -197,7 +197,7 @@ class MuxConnection:
                 if msg is grpc.aio.EOF:
                     raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"the decode stream from {self.address} ended")
                 try:
-                    outputs = codec.mux_step_from_proto(msg)
+                    outputs = mux_codec.mux_step_from_proto(msg)
                 except ValueError as exc:
                     self._call.cancel()
                     raise rpc_error(
@@ -214,7 +214,7 @@ class MuxConnection:
             log.exception("the decode stream reader of %s failed", self.address)
             self._fail_all(rpc_error(grpc.StatusCode.INTERNAL, f"decode stream of {self.address}: {exc!r}"))
 
-    def _dispatch(self, outputs: list[codec.MuxOutput]) -> None:
+    def _dispatch(self, outputs: list[mux_codec.MuxOutput]) -> None:
         for out in outputs:
             stream = self._requests.get(out.request_id)
             if stream is None:

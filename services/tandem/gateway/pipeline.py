@@ -49,7 +49,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from tandem.common import codec, kv_codec
+from tandem.common import codec, kv_codec, mux_codec
 from tandem.common.block_hash import block_extra, hash_blocks
 from tandem.common.kv_handle import KVHandle
 from tandem.common.ownership import OWNER_METADATA_KEY, new_owner_secret, owner_from_metadata, owner_metadata
@@ -255,7 +255,7 @@ class Pipeline:
         decode = decision.decode
         owner = owner_from_metadata(metadata)
         trace = tuple(item for item in metadata if item[0] != OWNER_METADATA_KEY)
-        submit = codec.MuxSubmit(call, owner, trace)
+        submit = mux_codec.MuxSubmit(call, owner, trace)
         for attempt in (0, 1):
             received = False
             # twice the slow-client bound: a client that stops reading is aborted by that bound (a
