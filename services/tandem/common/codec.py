@@ -2,9 +2,10 @@
 
 This module, `kv_codec.py` (the KV handle, the KVTransfer service and the KV chunks) and
 `mux_codec.py` (the multiplexed decode stream) are the only code that builds or reads a
-protobuf object (tests/unit/test_codec.py checks it); servers and clients pass messages straight to and from these functions. Every `*_from_proto` applied
-to what a peer sent validates it here, with bounded sizes; a problem raises ValueError with a
-message naming the field (servers map it to INVALID_ARGUMENT).
+protobuf object (tests/unit/test_codec.py checks it); servers and clients pass messages
+straight to and from these functions. Every `*_from_proto` applied to what a peer sent
+validates it here, with bounded sizes; a problem raises ValueError with a message naming the
+field (servers map it to INVALID_ARGUMENT).
 
 Sections: the request; the Worker service (Prefill, Decode, Abort, Health, Drain). Its
 multiplexed decode stream (DecodeStream) has its own module, `mux_codec.py`.
