@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.common.block_hash import block_extra, num_blocks_for
-from tandem.common.request import FinishReason, PromptLogprobs, Request, SamplingParams
+from tandem.common.request import FinishReason, Request, SamplingParams
 from tandem.engine.admission import sequences_to_shed, shed_message
 from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
@@ -38,7 +38,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.grammar.compiler import GrammarCompiler
 from tandem.engine.grammar.matchers import GrammarMatchers
 from tandem.engine.kv_cache import KVCacheSpec, KVScales, kv_cache_dtype
-from tandem.engine.loader import load_model
+from tandem.engine.loader import load_model, resolve_device
 from tandem.engine.logits_processors import TokenHistory
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.model_runner import ModelRunner
@@ -47,8 +47,7 @@ from tandem.engine.prompt_logprobs import chunk_prompt_logprobs
 from tandem.engine.quant.linear import resident_weight_bytes
 from tandem.engine.sampler import Sampler
 from tandem.engine.sequence import Sequence, SequenceStatus
-from tandem.engine.spec.config import SpeculativeConfig
-from tandem.engine.spec.proposer import ProposerContext, create_proposer
+from tandem.engine.spec.proposer import ProposerContext
 from tandem.engine.spec.speculator import Speculator
 from tandem.engine.spec.verification import verify_chunks
 
@@ -72,7 +71,7 @@ class Engine:
             model_config = replace(model_config, dtype_name=config.dtype)
         self.model_config = model_config
         self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.model, self.quant_plan = load_model(
             self.model_dir, model_config, self.device, self.max_model_len, config.quantization
         )
@@ -129,7 +128,6 @@ class Engine:
         """The proposer named by `speculative_config` (None: no speculation)."""
         if self.config.speculative_config is None:
             return None
-        spec = SpeculativeConfig.parse(self.config.speculative_config)
         context = ProposerContext(
             target_config=self.model_config,
             device=self.device,
@@ -141,8 +139,9 @@ class Engine:
             seed=self.config.seed,
             target_dir=self.model_dir,
         )
-        self.stats.spec_accepted_per_position = [0] * spec.num_speculative_tokens
-        return Speculator(spec, create_proposer(spec, context), self.config.max_num_batched_tokens)
+        speculator = Speculator.build(self.config.speculative_config, context, self.config.max_num_batched_tokens)
+        self.stats.spec_accepted_per_position = [0] * speculator.config.num_speculative_tokens
+        return speculator
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, **options: object) -> Engine:
@@ -413,7 +412,7 @@ class Engine:
                     seq.finish_reason,
                     seq.first_scheduled_s,
                     seq.num_cached_tokens,
-                    prompt_logprobs=_prompt_logprobs(seq) if seq.request_id in first_samples else None,
+                    prompt_logprobs=seq.full_prompt_logprobs() if seq.request_id in first_samples else None,
                 )
             )
             if seq.is_finished:
@@ -473,7 +472,7 @@ class Engine:
             seqs.append(self._seqs[request_id])
         while any(not s.is_finished for s in seqs):
             self.step()
-        return [_generation_output(s) for s in seqs]
+        return [s.generation_output() for s in seqs]
 
     # ---- introspection -------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -494,30 +493,3 @@ class Engine:
     def is_drained(self) -> bool:
         """No queued, running, reserved or held sequence, and every block free."""
         return not self._seqs and not self.held and self.pool.num_used_blocks == 0
-
-
-def _prompt_logprobs(seq: Sequence) -> PromptLogprobs | None:
-    """The sequence's prompt logprobs, if asked for and computed here in full."""
-    if seq.sampling.prompt_logprobs is None or len(seq.prompt_logprobs) != seq.num_prompt_tokens - 1:
-        return None
-    return PromptLogprobs(tuple(lp for lp, _ in seq.prompt_logprobs), tuple(r for _, r in seq.prompt_logprobs))
-
-
-def _generation_output(seq: Sequence) -> GenerationOutput:
-    assert seq.finish_reason is not None
-    return GenerationOutput(
-        request_id=seq.request_id,
-        prompt_token_ids=seq.prompt_token_ids,
-        token_ids=tuple(seq.output_token_ids),
-        finish_reason=seq.finish_reason,
-        logprobs=tuple(seq.logprobs) if seq.sampling.logprobs is not None else None,
-        num_cached_tokens=seq.num_cached_tokens,
-        prompt_logits=torch.cat(seq.prompt_logits) if seq.prompt_logits else None,
-        prompt_logprobs=_prompt_logprobs(seq),
-    )
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -97,3 +97,10 @@ def _quantized_dtypes(model: torch.nn.Module) -> set[str]:
 
 def _describe(config: ModelConfig, plan: QuantPlan | None) -> str:
     return config.architecture if plan is None else f"{config.architecture} quantized with {plan.describe()}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The engine's `--device`: "auto" is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.common.block_hash import ROOT_PARENT_HASH, BlockHash, hash_blocks
-from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
+from tandem.common.request import FinishReason, PromptLogprobs, Request, SamplingParams, TokenLogprob
+from tandem.engine.outputs import GenerationOutput
 
 
 class SequenceStatus(enum.Enum):
@@ -117,3 +118,23 @@ class Sequence:
             parent = self._block_hashes[-1] if done else ROOT_PARENT_HASH
             self._block_hashes.extend(hash_blocks(self.token_ids, block_size, self.hash_extra, parent, done))
         return self._block_hashes
+
+    def full_prompt_logprobs(self) -> PromptLogprobs | None:
+        """The prompt logprobs, if asked for and computed here in full."""
+        if self.sampling.prompt_logprobs is None or len(self.prompt_logprobs) != self.num_prompt_tokens - 1:
+            return None
+        return PromptLogprobs(tuple(lp for lp, _ in self.prompt_logprobs), tuple(r for _, r in self.prompt_logprobs))
+
+    def generation_output(self) -> GenerationOutput:
+        """The finished sequence as `generate()` returns it."""
+        assert self.finish_reason is not None
+        return GenerationOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=tuple(self.output_token_ids),
+            finish_reason=self.finish_reason,
+            logprobs=tuple(self.logprobs) if self.sampling.logprobs is not None else None,
+            num_cached_tokens=self.num_cached_tokens,
+            prompt_logits=torch.cat(self.prompt_logits) if self.prompt_logits else None,
+            prompt_logprobs=self.full_prompt_logprobs(),
+        )

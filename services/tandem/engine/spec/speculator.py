@@ -24,7 +24,7 @@ from collections.abc import Sequence as Seq
 
 from tandem.engine.sequence import Sequence
 from tandem.engine.spec.config import SpeculativeConfig
-from tandem.engine.spec.proposer import Draft, Proposer
+from tandem.engine.spec.proposer import Draft, Proposer, ProposerContext, create_proposer
 from tandem.engine.spec.skip import batch_may_decide, params_allow_speculation, skip_request, skip_step
 
 
@@ -34,6 +34,12 @@ class Speculator:
         self.proposer = proposer
         # a chunk of 1 + k tokens must fit one step's budget
         self.max_k = min(config.num_speculative_tokens, max_num_batched_tokens - 1)
+
+    @classmethod
+    def build(cls, speculative_config: str, context: ProposerContext, max_num_batched_tokens: int) -> Speculator:
+        """The speculator of a `--speculative-config` JSON: its proposer, made for `context`."""
+        config = SpeculativeConfig.parse(speculative_config)
+        return cls(config, create_proposer(config, context), max_num_batched_tokens)
 
     def skip_step(self, num_running: int, num_batch_tokens: int) -> bool:
         return skip_step(num_running, num_batch_tokens, self.config.disable_by_batch_size)
