@@ -159,12 +159,14 @@ def test_bad_key_priority(entry: str, message: str) -> None:
 def test_rate_meter_window() -> None:
     now = [100.0]
     meter = RateMeter(10.0, lambda: now[0])
+    meter.set_busy(True)
     meter.add()
     meter.add()
     assert meter.rate() is None  # fewer than 3 events
     meter.add()
-    assert meter.rate() is None  # spread over less than 0.25 s
+    assert meter.rate() is None  # less than 0.25 busy seconds
     meter = RateMeter(10.0, lambda: now[0])
+    meter.set_busy(True)
     meter.add()
     meter.add()
     now[0] = 101.0
@@ -172,15 +174,55 @@ def test_rate_meter_window() -> None:
     assert meter.rate() == pytest.approx(3 / 1.0)
     now[0] = 102.0
     assert meter.rate() == pytest.approx(3 / 2.0)
-    now[0] = 111.5  # the first two events left the window
+    meter.set_busy(False)
+    now[0] = 105.0  # idle seconds are not counted
+    assert meter.busy_seconds() == pytest.approx(2.0)
+    assert meter.rate() == pytest.approx(3 / 2.0)
+    meter.set_busy(True)
+    meter.set_busy(True)  # no-op
+    now[0] = 106.0
+    meter.add()
+    assert meter.busy_seconds() == pytest.approx(3.0)
+    assert meter.rate() == pytest.approx(4 / 3.0)
+    meter.set_busy(False)
+    now[0] = 111.5  # the first three events and 1.5 busy seconds left the window
+    assert meter.busy_seconds() == pytest.approx(1.5)
     assert meter.rate() is None
     t = Throughput(10.0, lambda: now[0])
+    t.counts(waiting=1, inflight=1)
     for _ in range(4):
         t.started(100)
         now[0] += 0.5
     assert t.starts.rate() == pytest.approx(4 / 2.0)
     assert t.start_tokens.rate() == pytest.approx(400 / 2.0)
     assert t.finishes.rate() is None
+
+
+def test_burst_after_quiet_spell_is_admitted() -> None:
+    """Two quick requests, five quiet seconds, then a burst: the drain rate counts only the
+    seconds with a queue, so the burst is admitted up to what the measured rate starts within
+    the budget (a rate over wall time, 3 starts in 7.2 s, refused all but 2 of it with 503
+    while the pool idled)."""
+    now = [100.0]
+    config = AdmissionConfig(limit=LimitConfig(adaptive=False))
+    controller = AdmissionController(config, GatewayMetrics("m"), lambda: PoolLoad(0, 0), clock=lambda: now[0])
+    for _ in range(2):
+        ticket = controller.admit("anonymous", 0, 64)
+        now[0] += 0.1
+        ticket.started()
+        now[0] += 1.0
+        ticket.finished()
+    now[0] += 5.0
+    burst = [controller.admit("anonymous", 0, 64) for _ in range(2)]
+    now[0] += 0.1
+    burst[0].started()  # 3 starts in 0.3 busy seconds: 10 requests/s
+    assert controller.throughput.starts.rate() == pytest.approx(3 / 0.3)
+    burst += [controller.admit("anonymous", 0, 64) for _ in range(49)]
+    assert (controller.inflight, controller.waiting) == (51, 50)
+    with pytest.raises(OpenAIError) as refused:  # 50 waiting + this one at 10/s: 5.1 s > 5 s
+        controller.admit("anonymous", 0, 64)
+    assert refused.value.status_code == 503
+    assert "would wait about 5.1 s for its first token, over the 5.0 s" in str(refused.value.message)
 
 
 @pytest.mark.parametrize(

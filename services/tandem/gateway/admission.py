@@ -114,6 +114,7 @@ class AdmissionController:
         self.inflight += 1
         self.waiting += 1
         self.waiting_tokens += num_prompt_tokens
+        self.throughput.counts(self.waiting, self.inflight)
         self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
         self.metrics.set_admitted(self.inflight)
         ticket = AdmissionTicket(self, key_id, num_prompt_tokens, now, self.inflight)
@@ -156,6 +157,7 @@ class AdmissionController:
         self.waiting -= 1
         self.waiting_tokens -= ticket.num_prompt_tokens
         self.throughput.started(ticket.num_prompt_tokens)
+        self.throughput.counts(self.waiting, self.inflight)
         if ticket in self._unsampled:
             self._observe(ticket, self._clock())
 
@@ -167,6 +169,7 @@ class AdmissionController:
         else:
             self.throughput.finished()
         self.inflight -= 1
+        self.throughput.counts(self.waiting, self.inflight)
         left = self._per_key[ticket.key_id] - 1
         if left:
             self._per_key[ticket.key_id] = left
