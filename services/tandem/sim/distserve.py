@@ -15,6 +15,10 @@ What the paper publishes for the chatbot application on OPT-13B:
   (top row); the text gives no number for OPT-13B alone, so `GAIN_VS_VLLM` is the range.
 - The artifact's plot script counts DistServe's OPT-13B deployment as 3 GPUs and vLLM's as 1
   (per-GPU rates), and sweeps 0.25-3 req/s for vLLM and 0.75-9 req/s for DistServe.
+- The artifact's server script (`evaluation/2-benchmark-serving/2-start-api-server.py`) places
+  OPT-13B's DistServe as one prefill instance of tensor parallelism 2 and one decode instance of
+  1 (context tp 2, pp 1; decoding tp 1, pp 1), and runs vLLM with tensor parallelism 1. Its
+  simulator's README (`simdistserve/README.md`) finds the same placement by search on 4 A100s.
 
 Lengths. The paper shows ShareGPT's input and output lengths only as histograms (Figure 7) and
 publishes no distribution parameters. What is published is the artifact's sampling rule
@@ -23,7 +27,10 @@ publishes no distribution parameters. What is published is the artifact's sampli
 both are under 4 tokens. So two samplers: `EmpiricalLengths` replays (prompt, output) pairs a
 user extracted from the dataset with that rule, and `LogNormalLengths` is a stand-in whose
 default medians and spreads are this project's ASSUMPTION (not the paper's), under the same
-filter. A result obtained with the stand-in says so.
+filter. A result obtained with the stand-in says so. No published mean, median or quantile of
+this extraction was found (searched: the paper, the artifact's `1-analyse-dataset.py`, which
+only prints histograms, and its simulator; later papers quote ShareGPT statistics of other
+extractions and tokenizers, which do not carry over), so the stand-in is not fitted to one.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class PaperSetup:
     distserve_gpus: int
     vllm_gpus: int
     source: str
+    # the artifact's DistServe placement: tensor parallelism of the prefill and the decode instance
+    distserve_prefill_tp: int = 1
+    distserve_decode_tp: int = 1
 
 
 CHATBOT_OPT_13B = PaperSetup(
@@ -74,7 +84,10 @@ CHATBOT_OPT_13B = PaperSetup(
     vllm_gpus=1,
     source=f"{PAPER}: Table 1 (SLOs), section 6.1 (testbed, 90 % attainment), section 6.2 and "
     "Figure 8 (2.0x-4.6x over vLLM across OPT-13B/66B/175B); GPU counts from the artifact's "
-    "evaluation/ae-scripts/e2e/_plot.py",
+    "evaluation/ae-scripts/e2e/_plot.py; placement (prefill tp 2, decode tp 1) from "
+    "evaluation/2-benchmark-serving/2-start-api-server.py (MODEL_TO_PARALLEL_PARAMS)",
+    distserve_prefill_tp=2,
+    distserve_decode_tp=1,
 )
 
 
