@@ -15,7 +15,9 @@ and `vllm/core/policy.py` (FCFS). Each step is one of two kinds, never both:
    block (`can_append_slot`: one free block per sequence, whether or not it needs a new one);
    while none is free, the newest running sequence is preempted by recompute (its blocks are
    freed, it goes back to the waiting queue and is later prefilled again with its generated
-   tokens), or the sequence itself when it is the newest.
+   tokens), or the sequence itself when it is the newest. vLLM puts it at the very front of
+   the queue; here it takes its arrival place, which differs only when an older preempted
+   sequence is still waiting (then vLLM's order is newest victim first).
 Swapping is not modelled: vLLM swaps only groups of several sequences (beam search, n > 1); a
 chatbot request is one sequence, so it is always preempted by recompute. A prompt longer than
 `max_num_batched_tokens` (vLLM ignores it with a warning) waits forever here; DistServe's
