@@ -3,6 +3,8 @@ placement, and per-role step costs in the cluster simulation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tandem.scheduler.config import SchedulerConfig
@@ -10,7 +12,7 @@ from tandem.sim.cluster import ClusterConfig, ClusterSim
 from tandem.sim.costmodel import DEFAULT_KV_LINK, MODELS, RooflineCostModel
 from tandem.sim.distserve import CHATBOT_OPT_13B, EmpiricalLengths
 from tandem.sim.distserve_profile import A100_NVLINK, DISTSERVE_OPT_13B, VLLM_OPT_13B, ProfileCostModel
-from tandem.sim.paper import BEFORE, PAPER, Variant, cost_models, max_rate, reproduce
+from tandem.sim.paper import BEFORE, PAPER, Reproduction, Variant, cost_models, max_rate, reproduce
 from tandem.sim.stepmodel import StepModelConfig
 from tandem.sim.types import StepShape, TraceRequest
 
@@ -85,3 +87,9 @@ def test_reproduce_runs_the_artifact_placement_deterministically() -> None:
     assert first.vllm_goodput_per_gpu > 0 and first.distserve_goodput_per_gpu > 0
     searched = reproduce(CHATBOT_OPT_13B, lengths, num_requests=60, seed=2, steps=3, variant=BEFORE)
     assert searched.distserve_gpus == 3 and sum(searched.distserve_split) == 3
+
+
+def test_gain_when_vllm_meets_the_attainment_at_no_rate() -> None:
+    assert Reproduction(0.5, 1.5, (1, 1), 3).gain == 3.0
+    assert Reproduction(0.0, 1.5, (1, 1), 3).gain == math.inf
+    assert math.isnan(Reproduction(0.0, 0.0, (1, 1), 3).gain)

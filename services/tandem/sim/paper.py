@@ -23,7 +23,8 @@ is this module's first version, kept to show what each change does:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from tandem.scheduler.config import SchedulerConfig
@@ -34,7 +35,7 @@ from tandem.sim.distserve_profile import A100_NVLINK, DISTSERVE_OPT_13B, VLLM_OP
 from tandem.sim.legacy_vllm import LEGACY_VLLM
 from tandem.sim.results import Slo
 from tandem.sim.stepmodel import StepModelConfig
-from tandem.sim.types import CostModel
+from tandem.sim.types import CostModel, TraceRequest
 
 BLOCK_SIZE = 16  # both engines' --block-size in the artifact
 
@@ -63,6 +64,10 @@ class Reproduction:
 
     @property
     def gain(self) -> float:
+        """DistServe's per-GPU goodput over vLLM's; inf when vLLM met the attainment at no rate
+        searched (its goodput is 0) and DistServe did."""
+        if self.vllm_goodput_per_gpu == 0:
+            return math.inf if self.distserve_goodput_per_gpu > 0 else math.nan
         return self.distserve_goodput_per_gpu / self.vllm_goodput_per_gpu
 
 
@@ -101,14 +106,24 @@ def cost_models(setup: PaperSetup, variant: Variant, prefill_tp: int) -> tuple[C
     return one, replace(one, tp=prefill_tp), one
 
 
-def reproduce(
-    setup: PaperSetup,
-    lengths: LengthSampler | None = None,
-    num_requests: int = 400,
-    seed: int = 0,
-    steps: int = 7,
-    variant: Variant = PAPER,
-) -> Reproduction:
+@dataclass(frozen=True)
+class Deployment:
+    """One side of the comparison as the simulator runs it."""
+
+    config: ClusterConfig
+    cost: CostModel  # every step but the prefill workers', and the KV hand-offs
+    prefill_cost: CostModel | None
+    gpus: int
+
+    def simulate(self, trace: Sequence[TraceRequest]) -> ClusterSim:
+        sim = ClusterSim(self.config, self.cost, trace, prefill_cost=self.prefill_cost)
+        sim.run()
+        return sim
+
+
+def deployments(setup: PaperSetup, variant: Variant = PAPER) -> tuple[Deployment, list[Deployment]]:
+    """vLLM's deployment, and DistServe's: the artifact's placement, or every prefill/decode
+    split of `setup.distserve_gpus` single-GPU workers."""
     prefill_tp = setup.distserve_prefill_tp if variant.artifact_placement else 1
     vllm_cost, prefill_cost, decode_cost = cost_models(setup, variant, prefill_tp)
     memory = 0.95 if variant.artifact_limits else 0.9
@@ -124,25 +139,43 @@ def reproduce(
     slo = Slo(setup.ttft_slo_s, setup.tpot_slo_s)
     # every prompt goes to the prefill pool when there is one (DistServe disaggregates all)
     scheduler = SchedulerConfig(local_prefill_max_tokens=0)
-
-    def goodput(config: ClusterConfig, cost: CostModel, prefill: CostModel | None, gpus: int) -> float:
-        def meets(rate_rps: float) -> bool:
-            trace = chatbot_trace(num_requests, rate_rps, seed, lengths)
-            attainment = ClusterSim(config, cost, trace, prefill_cost=prefill).run().attainment()
-            return attainment is not None and attainment >= setup.attainment
-
-        return max_rate(meets, 1.0, steps) / gpus
-
-    vllm = goodput(ClusterConfig(0, setup.vllm_gpus, vllm_step, scheduler, slo=slo), vllm_cost, None, setup.vllm_gpus)
+    vllm = Deployment(
+        ClusterConfig(0, setup.vllm_gpus, vllm_step, scheduler, slo=slo), vllm_cost, None, setup.vllm_gpus
+    )
     if variant.artifact_placement:
         splits = [(1, 1)]
         gpus = setup.distserve_prefill_tp + setup.distserve_decode_tp
     else:
         splits = [(p, setup.distserve_gpus - p) for p in range(1, setup.distserve_gpus)]
         gpus = setup.distserve_gpus
-    per_split = {
-        split: goodput(ClusterConfig(*split, distserve_step, scheduler, slo=slo), decode_cost, prefill_cost, gpus)
+    distserve = [
+        Deployment(ClusterConfig(*split, distserve_step, scheduler, slo=slo), decode_cost, prefill_cost, gpus)
         for split in splits
-    }
-    best = max(per_split, key=lambda split: (per_split[split], -split[0]))
-    return Reproduction(vllm, per_split[best], best, gpus)
+    ]
+    return vllm, distserve
+
+
+def reproduce(
+    setup: PaperSetup,
+    lengths: LengthSampler | None = None,
+    num_requests: int = 400,
+    seed: int = 0,
+    steps: int = 7,
+    variant: Variant = PAPER,
+) -> Reproduction:
+    """Per-GPU goodput of both sides on `chatbot_trace(num_requests, rate, seed, lengths)`
+    (default lengths: the artifact's, `artifact_lengths`)."""
+
+    def goodput(deployment: Deployment) -> float:
+        def meets(rate_rps: float) -> bool:
+            trace = chatbot_trace(num_requests, rate_rps, seed, lengths)
+            attainment = deployment.simulate(trace).records.num_good(slo) / num_requests if trace else 0.0
+            return attainment >= setup.attainment
+
+        return max_rate(meets, 1.0, steps) / deployment.gpus
+
+    slo = Slo(setup.ttft_slo_s, setup.tpot_slo_s)
+    vllm, distserve = deployments(setup, variant)
+    per_split = {(d.config.num_prefill, d.config.num_decode): (goodput(d), d.gpus) for d in distserve}
+    best = max(per_split, key=lambda split: (per_split[split][0], -split[0]))
+    return Reproduction(goodput(vllm), per_split[best][0], best, per_split[best][1])
