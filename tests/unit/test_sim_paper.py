@@ -4,6 +4,7 @@ placement, and per-role step costs in the cluster simulation."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -11,8 +12,14 @@ from tandem.scheduler.config import SchedulerConfig
 from tandem.sim.cluster import ClusterConfig, ClusterSim
 from tandem.sim.costmodel import DEFAULT_KV_LINK, MODELS, RooflineCostModel
 from tandem.sim.distserve import CHATBOT_OPT_13B, EmpiricalLengths
-from tandem.sim.distserve_profile import A100_NVLINK, DISTSERVE_OPT_13B, VLLM_OPT_13B, ProfileCostModel
-from tandem.sim.paper import BEFORE, PAPER, Reproduction, Variant, cost_models, max_rate, reproduce
+from tandem.sim.distserve_profile import (
+    A100_NVLINK,
+    CALIBRATED_PREFILL,
+    DISTSERVE_OPT_13B,
+    VLLM_OPT_13B,
+    ProfileCostModel,
+)
+from tandem.sim.paper import ARTIFACT_FITS, BEFORE, PAPER, Reproduction, Variant, cost_models, max_rate, reproduce
 from tandem.sim.stepmodel import StepModelConfig
 from tandem.sim.types import StepShape, TraceRequest
 
@@ -46,11 +53,21 @@ def test_max_rate_doubles_then_bisects() -> None:
 
 
 def test_the_variants() -> None:
-    assert Variant("vllm-0.1.7", True, True, True, True) == PAPER
-    assert Variant("batcher", False, False, False, False) == BEFORE
+    assert Variant("vllm-0.1.7", True, True, True, True, True) == PAPER
+    assert Variant("vllm-0.1.7", True, True, True, True, False) == ARTIFACT_FITS
+    assert Variant("batcher", False, False, False, False, False) == BEFORE
     assert (CHATBOT_OPT_13B.distserve_prefill_tp, CHATBOT_OPT_13B.distserve_decode_tp) == (2, 1)
-    vllm, prefill, decode = cost_models(CHATBOT_OPT_13B, PAPER, 2)
     opt = MODELS["opt-13b"]
+    # the default: both engines' prefill fits calibrated on the real runs, the rest the artifact's
+    vllm, prefill, decode = cost_models(CHATBOT_OPT_13B, PAPER, 2)
+    assert vllm == ProfileCostModel(opt, replace(VLLM_OPT_13B[1], prefill=CALIBRATED_PREFILL[("vllm", 1)]))
+    assert (prefill, decode) == (
+        ProfileCostModel(opt, replace(DISTSERVE_OPT_13B[2], prefill=CALIBRATED_PREFILL[("distserve", 2)])),
+        ProfileCostModel(opt, DISTSERVE_OPT_13B[1]),
+    )
+    # no calibrated fit for a 1-GPU prefill instance: the artifact's
+    assert cost_models(CHATBOT_OPT_13B, PAPER, 1)[1] == ProfileCostModel(opt, DISTSERVE_OPT_13B[1])
+    vllm, prefill, decode = cost_models(CHATBOT_OPT_13B, ARTIFACT_FITS, 2)
     assert vllm == ProfileCostModel(opt, VLLM_OPT_13B[1])
     assert (prefill, decode) == (
         ProfileCostModel(opt, DISTSERVE_OPT_13B[2]),

@@ -14,9 +14,10 @@ artifact's alignment script `align_with_real.py` simulates for these files). Not
 the unprefixed `distserve-*` runs (their placement is not named).
 
 Each run's requests are replayed at their real issue times (relative to the first) with their
-real lengths through `paper.deployments` (the PAPER variant). Per side: TTFT p50/p90 over all
-requests, TPOT p50/p90 over requests of two or more output tokens, and the share meeting both
-of the paper's SLOs (TTFT <= 0.25 s, TPOT <= 0.1 s; `Records.num_good`'s rule).
+real lengths through `paper.deployments` (the PAPER variant: prefill fits calibrated on the
+lowest-rate runs, `distserve_calibrate.py`; or ARTIFACT_FITS, the artifact's realigned ones).
+Per side: TTFT p50/p90 over all requests, TPOT p50/p90 over requests of two or more output
+tokens, and the share meeting both of the paper's SLOs (TTFT <= 0.25 s, TPOT <= 0.1 s; `Records.num_good`'s rule).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.sim.distserve import CHATBOT_OPT_13B, PaperSetup
-from tandem.sim.paper import Deployment, deployments
+from tandem.sim.paper import ARTIFACT_FITS, PAPER, Deployment, Variant, deployments
 from tandem.sim.results import percentile
 from tandem.sim.types import TraceRequest
 
@@ -101,9 +102,9 @@ def replay(requests: Sequence[RealRequest], deployment: Deployment, setup: Paper
     return Figures.of(ttft, tpot, setup)
 
 
-def compare(folder: Path, setup: PaperSetup = CHATBOT_OPT_13B) -> list[RunComparison]:
+def compare(folder: Path, setup: PaperSetup = CHATBOT_OPT_13B, variant: Variant = PAPER) -> list[RunComparison]:
     """Every vLLM and DistServe c21d11 run in `folder`, real vs simulated, by system then rate."""
-    vllm, (distserve,) = deployments(setup)
+    vllm, (distserve,) = deployments(setup, variant)
     runs = []
     for path in folder.iterdir():
         match = RUN_NAME.match(path.name)
@@ -136,4 +137,5 @@ def render(runs: Sequence[RunComparison]) -> str:
 
 
 if __name__ == "__main__":
-    print(render(compare(Path(sys.argv[1]))))
+    # `--artifact-fits`: the artifact's realigned prefill fits instead of the calibrated ones
+    print(render(compare(Path(sys.argv[1]), variant=ARTIFACT_FITS if "--artifact-fits" in sys.argv else PAPER)))

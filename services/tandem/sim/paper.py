@@ -17,6 +17,9 @@ is this module's first version, kept to show what each change does:
   prefill/decode split of `distserve_gpus` single-GPU workers;
 - step times: the authors' measured A100 fits (`distserve_profile.py`; each engine its own) or
   the roofline (`costmodel.py`);
+- prefill step times (with the measured fits): calibrated on the real runs' lone prefills
+  (`CALIBRATED_PREFILL`, where one exists for the engine and tensor-parallel degree) or the
+  artifact's realigned fits;
 - the KV hand-off: over NVLink (OPT-13B's two instances share a node) or the project's default
   400 Gb/s NIC (the first version).
 """
@@ -24,14 +27,21 @@ is this module's first version, kept to show what each change does:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from tandem.scheduler.config import SchedulerConfig
 from tandem.sim.cluster import ClusterConfig, ClusterSim
 from tandem.sim.costmodel import DEFAULT_KV_LINK, RooflineCostModel
 from tandem.sim.distserve import LengthSampler, PaperSetup, chatbot_trace
-from tandem.sim.distserve_profile import A100_NVLINK, DISTSERVE_OPT_13B, VLLM_OPT_13B, ProfileCostModel
+from tandem.sim.distserve_profile import (
+    A100_NVLINK,
+    CALIBRATED_PREFILL,
+    DISTSERVE_OPT_13B,
+    VLLM_OPT_13B,
+    ProfileCostModel,
+    StepFit,
+)
 from tandem.sim.legacy_vllm import LEGACY_VLLM
 from tandem.sim.results import Slo
 from tandem.sim.stepmodel import StepModelConfig
@@ -49,10 +59,12 @@ class Variant:
     artifact_placement: bool = True
     measured_costs: bool = True
     nvlink_handoff: bool = True
+    calibrated_prefill: bool = True
 
 
 PAPER = Variant()
-BEFORE = Variant("batcher", False, False, False, False)
+ARTIFACT_FITS = Variant(calibrated_prefill=False)
+BEFORE = Variant("batcher", False, False, False, False, False)
 
 
 @dataclass(frozen=True)
@@ -96,9 +108,14 @@ def cost_models(setup: PaperSetup, variant: Variant, prefill_tp: int) -> tuple[C
         if setup.model.name != "opt-13b":
             raise ValueError(f"the artifact's measured step fits cover opt-13b only, not {setup.model.name}")
         model = setup.model
+
+        def fit(engine: str, fits: Mapping[int, StepFit], tp: int) -> StepFit:
+            prefill = CALIBRATED_PREFILL.get((engine, tp)) if variant.calibrated_prefill else None
+            return fits[tp] if prefill is None else replace(fits[tp], prefill=prefill)
+
         return (
-            ProfileCostModel(model, VLLM_OPT_13B[1]),
-            ProfileCostModel(model, DISTSERVE_OPT_13B[prefill_tp]),
+            ProfileCostModel(model, fit("vllm", VLLM_OPT_13B, 1)),
+            ProfileCostModel(model, fit("distserve", DISTSERVE_OPT_13B, prefill_tp)),
             ProfileCostModel(model, DISTSERVE_OPT_13B[1]),
         )
     link = A100_NVLINK if variant.nvlink_handoff else DEFAULT_KV_LINK
