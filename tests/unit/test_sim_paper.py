@@ -19,7 +19,17 @@ from tandem.sim.distserve_profile import (
     VLLM_OPT_13B,
     ProfileCostModel,
 )
-from tandem.sim.paper import ARTIFACT_FITS, BEFORE, PAPER, Reproduction, Variant, cost_models, max_rate, reproduce
+from tandem.sim.paper import (
+    ARTIFACT_FITS,
+    BEFORE,
+    PAPER,
+    VLLM_CALIBRATED,
+    Reproduction,
+    Variant,
+    cost_models,
+    max_rate,
+    reproduce,
+)
 from tandem.sim.stepmodel import StepModelConfig
 from tandem.sim.types import StepShape, TraceRequest
 
@@ -53,9 +63,10 @@ def test_max_rate_doubles_then_bisects() -> None:
 
 
 def test_the_variants() -> None:
-    assert Variant("vllm-0.1.7", True, True, True, True, True) == PAPER
-    assert Variant("vllm-0.1.7", True, True, True, True, False) == ARTIFACT_FITS
-    assert Variant("batcher", False, False, False, False, False) == BEFORE
+    assert Variant("vllm-0.1.7", True, True, True, True, ("vllm", "distserve")) == PAPER
+    assert Variant("vllm-0.1.7", True, True, True, True, ("vllm",)) == VLLM_CALIBRATED
+    assert Variant("vllm-0.1.7", True, True, True, True, ()) == ARTIFACT_FITS
+    assert Variant("batcher", False, False, False, False, ()) == BEFORE
     assert (CHATBOT_OPT_13B.distserve_prefill_tp, CHATBOT_OPT_13B.distserve_decode_tp) == (2, 1)
     opt = MODELS["opt-13b"]
     # the default: both engines' prefill fits calibrated on the real runs, the rest the artifact's
@@ -67,6 +78,9 @@ def test_the_variants() -> None:
     )
     # no calibrated fit for a 1-GPU prefill instance: the artifact's
     assert cost_models(CHATBOT_OPT_13B, PAPER, 1)[1] == ProfileCostModel(opt, DISTSERVE_OPT_13B[1])
+    vllm, prefill, decode = cost_models(CHATBOT_OPT_13B, VLLM_CALIBRATED, 2)
+    assert vllm == ProfileCostModel(opt, replace(VLLM_OPT_13B[1], prefill=CALIBRATED_PREFILL[("vllm", 1)]))
+    assert prefill == ProfileCostModel(opt, DISTSERVE_OPT_13B[2])
     vllm, prefill, decode = cost_models(CHATBOT_OPT_13B, ARTIFACT_FITS, 2)
     assert vllm == ProfileCostModel(opt, VLLM_OPT_13B[1])
     assert (prefill, decode) == (

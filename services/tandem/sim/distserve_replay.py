@@ -15,7 +15,8 @@ the unprefixed `distserve-*` runs (their placement is not named).
 
 Each run's requests are replayed at their real issue times (relative to the first) with their
 real lengths through `paper.deployments` (the PAPER variant: prefill fits calibrated on the
-lowest-rate runs, `distserve_calibrate.py`; or ARTIFACT_FITS, the artifact's realigned ones).
+lowest-rate runs, `distserve_calibrate.py`; VLLM_CALIBRATED, vLLM's only; or ARTIFACT_FITS,
+the artifact's realigned ones).
 Per side: TTFT p50/p90 over all requests, TPOT p50/p90 over requests of two or more output
 tokens, and the share meeting both of the paper's SLOs (TTFT <= 0.25 s, TPOT <= 0.1 s; `Records.num_good`'s rule).
 """
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.sim.distserve import CHATBOT_OPT_13B, PaperSetup
-from tandem.sim.paper import ARTIFACT_FITS, PAPER, Deployment, Variant, deployments
+from tandem.sim.paper import ARTIFACT_FITS, PAPER, VLLM_CALIBRATED, Deployment, Variant, deployments
 from tandem.sim.results import percentile
 from tandem.sim.types import TraceRequest
 
@@ -137,5 +138,6 @@ def render(runs: Sequence[RunComparison]) -> str:
 
 
 if __name__ == "__main__":
-    # `--artifact-fits`: the artifact's realigned prefill fits instead of the calibrated ones
-    print(render(compare(Path(sys.argv[1]), variant=ARTIFACT_FITS if "--artifact-fits" in sys.argv else PAPER)))
+    # a second argument names the variant: PAPER (default), VLLM_CALIBRATED or ARTIFACT_FITS
+    VARIANTS = {"PAPER": PAPER, "VLLM_CALIBRATED": VLLM_CALIBRATED, "ARTIFACT_FITS": ARTIFACT_FITS}
+    print(render(compare(Path(sys.argv[1]), variant=VARIANTS[sys.argv[2] if len(sys.argv) > 2 else "PAPER"])))

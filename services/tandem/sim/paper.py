@@ -17,9 +17,9 @@ is this module's first version, kept to show what each change does:
   prefill/decode split of `distserve_gpus` single-GPU workers;
 - step times: the authors' measured A100 fits (`distserve_profile.py`; each engine its own) or
   the roofline (`costmodel.py`);
-- prefill step times (with the measured fits): calibrated on the real runs' lone prefills
-  (`CALIBRATED_PREFILL`, where one exists for the engine and tensor-parallel degree) or the
-  artifact's realigned fits;
+- prefill step times (with the measured fits): for the engines named in `calibrated_prefill`,
+  calibrated on the real runs' lone prefills (`CALIBRATED_PREFILL`, where one exists for the
+  engine and tensor-parallel degree); otherwise the artifact's realigned fits;
 - the KV hand-off: over NVLink (OPT-13B's two instances share a node) or the project's default
   400 Gb/s NIC (the first version).
 """
@@ -59,12 +59,13 @@ class Variant:
     artifact_placement: bool = True
     measured_costs: bool = True
     nvlink_handoff: bool = True
-    calibrated_prefill: bool = True
+    calibrated_prefill: tuple[str, ...] = ("vllm", "distserve")
 
 
 PAPER = Variant()
-ARTIFACT_FITS = Variant(calibrated_prefill=False)
-BEFORE = Variant("batcher", False, False, False, False, False)
+VLLM_CALIBRATED = Variant(calibrated_prefill=("vllm",))
+ARTIFACT_FITS = Variant(calibrated_prefill=())
+BEFORE = Variant("batcher", False, False, False, False, ())
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def cost_models(setup: PaperSetup, variant: Variant, prefill_tp: int) -> tuple[C
         model = setup.model
 
         def fit(engine: str, fits: Mapping[int, StepFit], tp: int) -> StepFit:
-            prefill = CALIBRATED_PREFILL.get((engine, tp)) if variant.calibrated_prefill else None
+            prefill = CALIBRATED_PREFILL.get((engine, tp)) if engine in variant.calibrated_prefill else None
             return fits[tp] if prefill is None else replace(fits[tp], prefill=prefill)
 
         return (
