@@ -15,6 +15,9 @@ Source: the DistServe artifact's own simulator (github.com/LLMServe/DistServe, `
   prefill (DistServe's decode unchanged). Replaying the authors' real runs
   (`distserve_replay.py`) backs the realigned fits: with the raw ones the simulated vLLM meets
   both SLOs for 89 % of the requests at 3 req/s where the real one met 34 %; with these, 47 %;
+- `CALIBRATED_PREFILL` (below) replaces the prefill fits where the reproduction's default asks:
+  the realigned vLLM fit over-prices prompts of 200 tokens or more by 14-20 % against the real
+  runs' lone prefills (`distserve_calibrate.py`);
 - `base/worker.py` `add_ray_overhead`: each step also costs 2 ms + 1e-4 ms per context token of
   the batch (both engines ran their workers under Ray).
 
