@@ -10,6 +10,8 @@ from tandem.sim.distserve import (
     MAX_TOTAL_TOKENS,
     EmpiricalLengths,
     LogNormalLengths,
+    _kept,
+    artifact_lengths,
     chatbot_trace,
 )
 from tandem.sim.types import TraceRequest
@@ -56,3 +58,18 @@ def test_chatbot_trace_has_poisson_arrivals_at_the_rate() -> None:
     assert chatbot_trace(1, 1.0, 0, EmpiricalLengths(((7, 9),))) == (TraceRequest(0.0, 7, 9),)
     with pytest.raises(ValueError, match="rate_rps must be a positive number, got 0.0"):
         chatbot_trace(3, 0.0, 0)
+
+
+def test_artifact_lengths_are_the_authors_1600_requests() -> None:
+    lengths = artifact_lengths()
+    assert len(lengths.pairs) == 1600
+    assert len(set(lengths.pairs)) == 1593  # a few distinct requests share their lengths
+    # the first and last requests of distserve-c21d12-1600-16.exp, in issue order
+    assert lengths.pairs[:4] == ((55, 4), (829, 170), (697, 431), (1316, 9))
+    assert lengths.pairs[-3:] == ((846, 908), (394, 469), (678, 364))
+    assert sum(p for p, _ in lengths.pairs) == 1_213_930
+    assert sum(o for _, o in lengths.pairs) == 298_116
+    assert all(_kept(p, o) and min(p, o) >= 1 for p, o in lengths.pairs)
+    assert max(p for p, _ in lengths.pairs) == 2031
+    assert sum(p >= 1000 for p, _ in lengths.pairs) == 525
+    assert chatbot_trace(3, 1.0, 5) == chatbot_trace(3, 1.0, 5, lengths)

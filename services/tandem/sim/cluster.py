@@ -86,14 +86,21 @@ class ClusterConfig:
 
 
 class ClusterSim:
-    """One run over `trace` (sorted by arrival). Call `run()` once."""
+    """One run over `trace` (sorted by arrival). Call `run()` once. `prefill_cost` prices the
+    prefill workers' steps when they differ from the others (e.g. another tensor-parallel degree);
+    `cost` prices every other step and the KV hand-offs."""
 
     def __init__(
-        self, config: ClusterConfig, cost: CostModel, trace: Sequence[TraceRequest], record: bool = False
+        self,
+        config: ClusterConfig,
+        cost: CostModel,
+        trace: Sequence[TraceRequest],
+        record: bool = False,
+        prefill_cost: CostModel | None = None,
     ) -> None:
         self.config, self.cost, self.trace = config, cost, trace
         self.records = Records(len(trace))
-        self.pools = Pools(config.step, cost)
+        self.pools = Pools(config.step, cost, prefill_cost)
         self.decisions: dict[int, RouteDecision] = {}
         self.scale_log: list[tuple[float, WorkerRole, int, int, str]] = []  # (t, role, from, to, reason)
         # With `record`: what the real scheduler and autoscaler saw and decided, in order (the

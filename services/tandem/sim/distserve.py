@@ -15,22 +15,31 @@ What the paper publishes for the chatbot application on OPT-13B:
   (top row); the text gives no number for OPT-13B alone, so `GAIN_VS_VLLM` is the range.
 - The artifact's plot script counts DistServe's OPT-13B deployment as 3 GPUs and vLLM's as 1
   (per-GPU rates), and sweeps 0.25-3 req/s for vLLM and 0.75-9 req/s for DistServe.
+- The artifact's server script (`evaluation/2-benchmark-serving/2-start-api-server.py`) places
+  OPT-13B's DistServe as one prefill instance of tensor parallelism 2 and one decode instance of
+  1 (context tp 2, pp 1; decoding tp 1, pp 1), and runs vLLM with tensor parallelism 1. Its
+  simulator's README (`simdistserve/README.md`) finds the same placement by search on 4 A100s.
 
-Lengths. The paper shows ShareGPT's input and output lengths only as histograms (Figure 7) and
-publishes no distribution parameters. What is published is the artifact's sampling rule
-(`0-prepare-dataset.py`): conversations of at least 3 turns, a prompt of the first k turns
-(k uniform), the next turn as output, OPT tokenizer, dropped when prompt + output >= 2048 or
-both are under 4 tokens. So two samplers: `EmpiricalLengths` replays (prompt, output) pairs a
-user extracted from the dataset with that rule, and `LogNormalLengths` is a stand-in whose
-default medians and spreads are this project's ASSUMPTION (not the paper's), under the same
-filter. A result obtained with the stand-in says so.
+Lengths. The paper shows ShareGPT's input and output lengths only as histograms (Figure 7). The
+artifact's sampling rule (`0-prepare-dataset.py`): conversations of at least 3 turns, a prompt
+of the first k turns (k uniform), the next turn as output, OPT tokenizer, dropped when prompt +
+output >= 2048 or both are under 4 tokens. The lengths the authors actually served are in their
+real runs (`artifact_lengths`, the default): the 1600 (prompt, output) pairs of one run in the
+artifact's simulator-alignment data (`data/distserve_sharegpt_opt13b.csv` names the source),
+a uniform sample of their extraction: prompts mean 758.7 tokens (median 680, a third of
+1000 tokens or more), outputs mean 186.3 (median 76.5). `EmpiricalLengths` replays such pairs;
+`LogNormalLengths` is the earlier stand-in whose medians and spreads are this project's
+ASSUMPTION, kept as an option for comparison.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Protocol
 
 import numpy as np
@@ -59,6 +68,9 @@ class PaperSetup:
     distserve_gpus: int
     vllm_gpus: int
     source: str
+    # the artifact's DistServe placement: tensor parallelism of the prefill and the decode instance
+    distserve_prefill_tp: int = 1
+    distserve_decode_tp: int = 1
 
 
 CHATBOT_OPT_13B = PaperSetup(
@@ -74,7 +86,10 @@ CHATBOT_OPT_13B = PaperSetup(
     vllm_gpus=1,
     source=f"{PAPER}: Table 1 (SLOs), section 6.1 (testbed, 90 % attainment), section 6.2 and "
     "Figure 8 (2.0x-4.6x over vLLM across OPT-13B/66B/175B); GPU counts from the artifact's "
-    "evaluation/ae-scripts/e2e/_plot.py",
+    "evaluation/ae-scripts/e2e/_plot.py; placement (prefill tp 2, decode tp 1) from "
+    "evaluation/2-benchmark-serving/2-start-api-server.py (MODEL_TO_PARALLEL_PARAMS)",
+    distserve_prefill_tp=2,
+    distserve_decode_tp=1,
 )
 
 
@@ -140,11 +155,23 @@ class LogNormalLengths:
         return pairs
 
 
+ARTIFACT_LENGTHS_FILE = "data/distserve_sharegpt_opt13b.csv"
+
+
+@functools.cache
+def artifact_lengths() -> EmpiricalLengths:
+    """The (prompt, output) pairs of DistServe's real OPT-13B ShareGPT runs (module docstring)."""
+    text = resources.files("tandem.sim").joinpath(ARTIFACT_LENGTHS_FILE).read_text(encoding="utf-8")
+    rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
+    return EmpiricalLengths(tuple((int(row["prompt_len"]), int(row["output_len"])) for row in rows))
+
+
 def chatbot_trace(
     num_requests: int, rate_rps: float, seed: int, lengths: LengthSampler | None = None
 ) -> tuple[TraceRequest, ...]:
     """`num_requests` chatbot requests with Poisson arrivals at `rate_rps` (as in section 6.1),
-    lengths from `lengths` (default: the `LogNormalLengths` stand-in); no shared prefixes."""
+    lengths from `lengths` (default: `artifact_lengths()`, drawn with replacement); no shared
+    prefixes."""
     if num_requests < 0:
         raise ValueError(f"num_requests must be >= 0, got {num_requests}")
     if not (math.isfinite(rate_rps) and rate_rps > 0):
@@ -152,5 +179,5 @@ def chatbot_trace(
     rng = np.random.default_rng(seed)
     gaps_s = rng.exponential(1.0 / rate_rps, size=max(num_requests - 1, 0))
     arrivals_s: Sequence[float] = [0.0] * min(num_requests, 1) + [float(t) for t in np.cumsum(gaps_s)]
-    pairs = (lengths or LogNormalLengths()).sample(rng, num_requests)
+    pairs = (lengths or artifact_lengths()).sample(rng, num_requests)
     return tuple(TraceRequest(at_s, prompt, output) for at_s, (prompt, output) in zip(arrivals_s, pairs))

@@ -16,8 +16,9 @@ FINGERPRINT = "51"  # every simulated worker has the same KV layout
 
 
 class Pools:
-    def __init__(self, step: StepModelConfig, cost: CostModel) -> None:
+    def __init__(self, step: StepModelConfig, cost: CostModel, prefill_cost: CostModel | None = None) -> None:
         self.step, self.cost = step, cost
+        self.prefill_cost = prefill_cost or cost  # the prefill workers' (e.g. another tp degree)
         self.workers: dict[str, SimWorker] = {}  # started and not retired
         self.routable: dict[WorkerRole, list[SimWorker]] = {role: [] for role in WorkerRole}
         self.retired: list[SimWorker] = []
@@ -30,7 +31,7 @@ class Pools:
         self._next_id[role] = n + 1
         cfg = self.step
         info = WorkerInfo(f"{role.value}-{n:04d}", role, "sim:0", FINGERPRINT, cfg.num_blocks, "sim", cfg.block_size)
-        worker = SimWorker(info, cfg, self.cost, up_at_s)
+        worker = SimWorker(info, cfg, self.prefill_cost if role is WorkerRole.PREFILL else self.cost, up_at_s)
         self.workers[info.worker_id] = worker
         if up_at_s <= 0.0:
             self.routable[role].append(worker)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from tandem.common.block_hash import num_blocks_for
 from tandem.sim.sequence import Chunk, Plan, SimSeq
 
+PLANNERS = ("batcher", "vllm-0.1.7")
+
 
 @dataclass(frozen=True)
 class StepModelConfig:
@@ -42,6 +44,9 @@ class StepModelConfig:
     max_num_seqs: int = 256
     max_prefill_chunk_tokens: int | None = None
     num_blocks: int = 65536
+    # "batcher": the engine's batcher (this module); "vllm-0.1.7": `legacy_vllm.py`, the
+    # colocated baseline of the DistServe reproduction only
+    planner: str = "batcher"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "num_blocks"):
@@ -50,10 +55,14 @@ class StepModelConfig:
                 raise ValueError(f"step model {name} must be an int >= 1, got {value!r}")
         if self.max_prefill_chunk_tokens is not None and self.max_prefill_chunk_tokens < 1:
             raise ValueError(f"max_prefill_chunk_tokens must be >= 1 or None, got {self.max_prefill_chunk_tokens!r}")
+        if self.planner not in PLANNERS:
+            raise ValueError(f"step model planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
 
 
 class StepModel:
     """One worker's queues and KV pool. Owner: that worker in the event loop."""
+
+    run_spare_blocks = 0  # blocks a decode run leaves free (a planner that needs slack sets it)
 
     def __init__(self, config: StepModelConfig) -> None:
         self.config = config
@@ -239,12 +248,13 @@ class StepModel:
         def need(k: int) -> int:
             return sum(num_blocks_for(s.num_computed + k, bs) - s.num_hit_blocks - s.num_blocks for s in self.running)
 
-        if need(steps) <= self.num_free_blocks:  # the common case: the whole run fits
+        free = self.num_free_blocks - self.run_spare_blocks
+        if need(steps) <= free:  # the common case: the whole run fits
             return steps
         low, high = 1, steps - 1
         while low < high:
             mid = (low + high + 1) // 2
-            if need(mid) <= self.num_free_blocks:
+            if need(mid) <= free:
                 low = mid
             else:
                 high = mid - 1

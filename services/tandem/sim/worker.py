@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.common.workers import WorkerInfo, WorkerLoad
+from tandem.sim.legacy_vllm import LEGACY_VLLM, LegacyVllmStepModel
 from tandem.sim.sequence import Plan, SimSeq
 from tandem.sim.stepmodel import StepModel, StepModelConfig
 from tandem.sim.types import CostModel, StepShape
@@ -45,7 +46,7 @@ class SimWorker:
 
     def __init__(self, info: WorkerInfo, config: StepModelConfig, cost: CostModel, up_since_s: float) -> None:
         self.info = info
-        self.model = StepModel(config)
+        self.model = LegacyVllmStepModel(config) if config.planner == LEGACY_VLLM else StepModel(config)
         self.cost = cost
         self.inbox: list[Delivery] = []
         self.draining = False
