@@ -10,7 +10,7 @@ import pytest
 
 from tandem.engine.engine import Engine
 from tandem.engine.tiny_model import write_tiny_llama
-from tandem.loadtest.sim_calibration import CalibrationGrid, StepTimer, calibrate
+from tandem.loadtest.sim_calibration import CalibrationGrid, StepTimer, calibrate, fastest_of_rounds
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients, StepTiming, fit, load, save
 from tandem.sim.costmodel import Link
 from tandem.sim.types import CostModel, StepShape
@@ -86,6 +86,22 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     (tmp_path / "old.json").write_text('{"format_version": 0}')
     with pytest.raises(ValueError, match=r"old\.json: ValueError\('format_version must be 1, got 0'\)$"):
         load(tmp_path / "old.json")
+
+
+def test_repeats_are_rounds_over_every_measurement() -> None:
+    calls: list[str] = []
+    seconds = {"a": iter([0.5, 0.2, 0.4]), "b": iter([0.1, 0.3, 0.05])}
+
+    def measure(name: str, tokens: int) -> list[StepTiming]:
+        calls.append(name)
+        return [StepTiming(StepShape(prefill_tokens=tokens), next(seconds[name]))]
+
+    fastest = fastest_of_rounds([lambda: measure("a", 1), lambda: measure("b", 2)], rounds=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # a burst of load slows one round of each, not all
+    assert fastest == [StepTiming(StepShape(prefill_tokens=1), 0.2), StepTiming(StepShape(prefill_tokens=2), 0.05)]
+    with pytest.raises(RuntimeError, match=r"^a measurement's rounds timed different shapes"):
+        sizes = iter([1, 2])
+        fastest_of_rounds([lambda: [StepTiming(StepShape(prefill_tokens=next(sizes)), 1.0)]], rounds=2)
 
 
 @pytest.fixture(scope="module")
