@@ -5,22 +5,27 @@
    (64-256 prompt tokens, 16-64 output tokens) sent open-loop (Poisson) by the load generator.
 2. Calibration: `tandem.loadtest.sim_calibration.calibrate` times the real engine's steps on
    the bench model, pinned to core 0 with one torch thread like the worker, and fits the CPU
-   cost model (`tandem.sim.calibrate`). The served worker does more per step than
-   `Engine.step` (its gRPC streams share the core, more so the more sequences it streams), and
-   the gateway spends time on a request before routing it; both are measured on the real
-   cluster with probe requests that are not the validated ones (64-token prompts, 48 output
-   tokens, closed loop at each of PROBE_BATCHES), half just before the validated run and half
-   just after, so that both sides see the same load from the rest of the machine. A probe's
-   decode step is the mean of its gaps that no other probe's prefill fell into (the mean, as
-   the validated ITL is a mean per request; a load burst's slow gaps count, as they do there);
-   the median over the probes at each batch size gives the served decode step at that size,
-   and a relative least-squares line through them sets the fixed and per-decoded-sequence
-   terms (the token and attention terms stay as fitted on the engine). The median TTFT alone
-   minus the prefill step gives the gateway latency. PROBE_BATCHES are the batch sizes the
-   validated run decodes at: at 4 requests/s of 16-64 tokens, steps of 1 to 4 sequences
-   carry about 95% of its decode time; the marginal cost of a sequence falls with the batch
-   (about 1 ms from 1 to 2 sequences, 0.4 ms per sequence from 4 to 8), so a line through 1
-   and 8 sequences made the steps of 2 and 3 up to 15% too fast.
+   cost model (`tandem.sim.calibrate`). The served worker is not the engine alone: it does
+   more per step (its gRPC streams share the core, more so the more sequences it streams),
+   the gateway spends time on a request before routing it, and the rest of the machine loads
+   it differently from minute to minute (the engine's timings are taken at another moment).
+   So probe requests that are not the validated ones measure the served worker on the real
+   cluster, half just before the validated run and half just after, and `Serving.apply` fits
+   the model to them:
+   - prefill probes alone at prompt lengths across the workload's (PREFILL_PROBE_PROMPTS):
+     their TTFTs scale the engine's token and attention terms, and what is left is the fixed
+     step plus the gateway latency;
+   - decode probes (64-token prompts, 48 output tokens) in closed loop at each of
+     PROBE_BATCHES: a probe's decode step is the mean of its gaps that no other probe's
+     prefill fell into (the mean, as the validated ITL is a mean per request: a load burst's
+     slow gaps count, as they do there); the median over the probes of a batch size gives the
+     served decode step at that size; a relative least-squares line through them sets the
+     fixed and per-decoded-sequence terms.
+   PROBE_BATCHES are the batch sizes the validated run decodes at: at 4 requests/s of 16-64
+   tokens, steps of 1 to 4 sequences carry about 95% of its decode time. The marginal cost of
+   a sequence falls with the batch (about 1 ms from 1 to 2 sequences, 0.4 ms per sequence
+   from 4 to 8), so a line through 1 and 8 sequences made the steps of 2 and 3 up to 15% too
+   fast.
 3. Simulation: the same requests at the same send times (`sim_workloads.workload_trace`, same
    seed) on a simulated cluster with the worker's batcher limits and KV pool.
 The figures are |simulated - real| / real per metric; goal <= 0.15 each. ITL is compared as the
@@ -57,7 +62,6 @@ from tandem.sim.calibrate import CalibratedCostModel, Coefficients, relative_lea
 from tandem.sim.cluster import ClusterConfig, ClusterSim
 from tandem.sim.results import SimResult
 from tandem.sim.stepmodel import StepModelConfig
-from tandem.sim.types import StepShape
 
 GOAL = 0.15
 WORKER_CPU, SHARED_CPU = 0, 1
@@ -66,8 +70,8 @@ SEED = 0
 KV_CACHE_MIB = 256
 PROBE_PROMPT, PROBE_OUTPUT = 64, 48
 PROBE_BATCHES = (1, 2, 4)
-# the workload's shortest and longest prompts (random.yaml); a prefill probe stops at 2 tokens
-PREFILL_PROBE_PROMPTS, PREFILL_PROBE_OUTPUT = (64, 256), 2
+# prompt lengths across the workload's (random.yaml: 64-256); a prefill probe stops at 2 tokens
+PREFILL_PROBE_PROMPTS, PREFILL_PROBE_OUTPUT = (64, 128, 192, 256), 2
 WORKLOAD = Path(__file__).resolve().parent.parent / "workloads" / "random.yaml"
 
 
@@ -115,8 +119,8 @@ def decode_step_s(records: Sequence[RequestRecord]) -> list[float]:
 @dataclasses.dataclass(frozen=True)
 class Serving:
     """What the probes measured on the real cluster, in seconds: the served decode step at each
-    batch size (the median of its probes' `decode_step_s`) and the median TTFT alone at each of
-    two prompt lengths."""
+    batch size (the median of its probes' `decode_step_s`) and the median TTFT alone at each
+    of several prompt lengths."""
 
     decode_step_s: Mapping[int, float]
     ttft_alone_s: Mapping[int, float]
@@ -124,23 +128,26 @@ class Serving:
     def apply(self, cost: CalibratedCostModel) -> tuple[CalibratedCostModel, float]:
         """`cost` as the served worker ran while the probes did, and the gateway latency:
 
-        1. the engine's token and attention terms, scaled by the served prefill's cost over the
-           engine's: TTFT alone at the long prompt less TTFT alone at the short one, over the
-           engine's cost of those extra tokens (the fixed step and the gateway cancel out);
+        1. TTFT alone = a + scale x (the engine's token and attention terms of the prefill),
+           fitted by relative least squares over the probed prompt lengths: the engine's token
+           and attention terms are multiplied by `scale` (what the served worker's prefills cost
+           over what the engine's did, at the probes' time);
         2. the fixed and per-decoded-sequence terms fitted (relative least squares) so that a
            decode step of each probed batch size takes what the served worker took;
-        3. the gateway latency: TTFT alone at the short prompt less its prefill step."""
+        3. the gateway latency: a less the fixed term."""
         c = cost.coefficients
-        (short, short_s), (long, long_s) = sorted(self.ttft_alone_s.items())
-
-        def prefill_s(n: int) -> float:  # the engine's token and attention terms of an n-token prefill
-            return c.token_s * n + c.prefill_context_s * (n * (n + 1) // 2)
-
-        scale = (long_s - short_s) / (prefill_s(long) - prefill_s(short))
+        lengths = sorted(self.ttft_alone_s)
+        engine_prefill = [c.token_s * n + c.prefill_context_s * (n * (n + 1) // 2) for n in lengths]
+        ttfts = np.array([self.ttft_alone_s[n] for n in lengths])
+        intercept, scale = (
+            relative_least_squares(np.array([[1.0, e] for e in engine_prefill]), ttfts)
+            if len(lengths) >= 2
+            else (0.0, 0.0)
+        )
         if not scale > 0:
             raise ValueError(f"the probes' TTFTs {self.ttft_alone_s} give no prefill cost to scale {c} by")
         token_s, prefill_context_s, decode_context_s = (
-            scale * x for x in (c.token_s, c.prefill_context_s, c.decode_context_s)
+            float(scale) * x for x in (c.token_s, c.prefill_context_s, c.decode_context_s)
         )
         context = PROBE_PROMPT + PROBE_OUTPUT // 2
         batches = sorted(self.decode_step_s)
@@ -153,24 +160,21 @@ class Serving:
         fixed, per_seq = relative_least_squares(np.array([[1.0, b] for b in batches]), np.array(served))
         fitted = Coefficients(float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s)
         model = dataclasses.replace(cost, coefficients=fitted)
-        gateway_s = short_s - model.step_seconds(
-            StepShape(prefill_tokens=short, prefill_context_tokens=short * (short + 1) // 2)
-        )
-        return model, max(0.0, gateway_s)
+        return model, max(0.0, float(intercept) - fitted.step_s)
 
 
 def _probe(
     url: str, model: str, waves: int, name: str
 ) -> tuple[dict[int, list[RequestRecord]], dict[int, list[float]]]:
     """Closed-loop decode probes at each of PROBE_BATCHES (`waves` requests per slot), then
-    prefill probes alone, short and long prompts in turn (`waves` x 2 each): their records by
-    batch size and their TTFTs by prompt length."""
+    prefill probes alone, each of PREFILL_PROBE_PROMPTS in turn (`waves` x 2 each): their
+    records by batch size and their TTFTs by prompt length."""
     decodes = {}
     for batch in PROBE_BATCHES:
         probes = _probes(batch * waves, PROBE_PROMPT, PROBE_OUTPUT, f"{name}-b{batch}")
         decodes[batch] = list(drive(url, model, probes, ClosedLoop(batch)).records)
-    short, long = (_probes(2 * waves, n, PREFILL_PROBE_OUTPUT, f"{name}-p{n}") for n in PREFILL_PROBE_PROMPTS)
-    records = drive(url, model, [r for pair in zip(short, long) for r in pair], ClosedLoop(1)).records
+    prefills = [_probes(2 * waves, n, PREFILL_PROBE_OUTPUT, f"{name}-p{n}") for n in PREFILL_PROBE_PROMPTS]
+    records = drive(url, model, [r for turn in zip(*prefills) for r in turn], ClosedLoop(1)).records
     ttfts: dict[int, list[float]] = {n: [] for n in PREFILL_PROBE_PROMPTS}
     for record in records:
         ttfts[record.prompt_tokens].append(record.ttft_s or 0.0)
