@@ -10,7 +10,7 @@ import pytest
 
 from tandem.engine.engine import Engine
 from tandem.engine.tiny_model import write_tiny_llama
-from tandem.loadtest.sim_calibration import CalibrationGrid, StepTimer, calibrate
+from tandem.loadtest.sim_calibration import CalibrationGrid, StepTimer, calibrate, fastest_of_rounds
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients, StepTiming, fit, load, save
 from tandem.sim.costmodel import Link
 from tandem.sim.types import CostModel, StepShape
@@ -47,6 +47,21 @@ def test_a_term_that_would_be_negative_is_dropped() -> None:
     assert min(coefficients.step_s, coefficients.token_s, coefficients.decode_seq_s) >= 0.0
 
 
+def test_fit_minimises_the_relative_error() -> None:
+    # step = s + t x tokens on 1, 1, 2, 2 and 5 tokens taking 1, 1, 2, 2 and 4 ms: no line fits
+    # all five. Weighting each residual by 1/measured, the normal equations in (s + t, t), with
+    # n = tokens - 1 = 0, 0, 1, 1, 4, are [[41/16, 3/4], [3/4, 3/2]] x = [13/4, 2]: s + t = 36/35
+    # and t = 86/105 ms, so s = 22/105 ms. (Unweighted, the 4 ms step pulls it to s = 10/27 and
+    # t = 20/27 ms, and the 1 ms steps come out 11% off instead of 3%.)
+    timings = [StepTiming(StepShape(prefill_tokens=n), ms * 1e-3) for n, ms in ((1, 1), (1, 1), (2, 2), (2, 2), (5, 4))]
+    model = fit(timings, "synthetic", kv_bytes=1)
+    c = model.coefficients
+    assert (c.step_s, c.token_s) == pytest.approx((22 / 105 * 1e-3, 86 / 105 * 1e-3), rel=1e-12, abs=0)
+    assert (c.decode_seq_s, c.prefill_context_s, c.decode_context_s) == (0.0, 0.0, 0.0)
+    # the worst row: the 2 ms steps, predicted (22 + 2 x 86) / 105 = 194/105 ms
+    assert model.max_relative_error == pytest.approx(1 - 194 / 210, rel=1e-12)
+
+
 def test_fit_needs_enough_positive_timings() -> None:
     with pytest.raises(ValueError, match=r"^a fit needs at least 5 timings, got 1$"):
         fit([StepTiming(StepShape(prefill_tokens=1), 1.0)], "m", 1)
@@ -71,6 +86,22 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     (tmp_path / "old.json").write_text('{"format_version": 0}')
     with pytest.raises(ValueError, match=r"old\.json: ValueError\('format_version must be 1, got 0'\)$"):
         load(tmp_path / "old.json")
+
+
+def test_repeats_are_rounds_over_every_measurement() -> None:
+    calls: list[str] = []
+    seconds = {"a": iter([0.5, 0.2, 0.4]), "b": iter([0.1, 0.3, 0.05])}
+
+    def measure(name: str, tokens: int) -> list[StepTiming]:
+        calls.append(name)
+        return [StepTiming(StepShape(prefill_tokens=tokens), next(seconds[name]))]
+
+    fastest = fastest_of_rounds([lambda: measure("a", 1), lambda: measure("b", 2)], rounds=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # a burst of load slows one round of each, not all
+    assert fastest == [StepTiming(StepShape(prefill_tokens=1), 0.2), StepTiming(StepShape(prefill_tokens=2), 0.05)]
+    with pytest.raises(RuntimeError, match=r"^a measurement's rounds timed different shapes"):
+        sizes = iter([1, 2])
+        fastest_of_rounds([lambda: [StepTiming(StepShape(prefill_tokens=next(sizes)), 1.0)]], rounds=2)
 
 
 @pytest.fixture(scope="module")

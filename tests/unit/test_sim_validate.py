@@ -1,23 +1,61 @@
-"""sim_validate's serving correction: the served worker's probe gaps set the step's fixed and
-per-sequence terms exactly, and the rest of the TTFT is the gateway's latency."""
+"""sim_validate's serving correction: the served decode steps measured by the probes set the
+step's fixed and per-sequence terms, the rest of the TTFT is the gateway's latency, and a
+probe's decode step leaves out the gaps another probe's prefill can have fallen into."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
-from tandem.loadtest.suite.sim_validate import PROBE_BATCH, Serving
+from tandem.loadtest.record import RequestRecord
+from tandem.loadtest.suite.sim_validate import Serving, decode_step_s
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients
 from tandem.sim.types import StepShape
 
+# the engine's fit; its fixed and per-sequence terms are replaced by the served ones
+ENGINE = CalibratedCostModel("m", Coefficients(0.007, 1e-4, 0.0005, 1e-7, 1e-6), kv_bytes=4096)
 
-def test_probes_set_the_fixed_and_per_sequence_terms() -> None:
-    engine = CalibratedCostModel("m", Coefficients(0.007, 1e-4, 0.0005, 0.0, 0.0), kv_bytes=4096)
-    served, gateway_s = Serving(gap_alone_s=0.004, gap_batch_s=0.011, ttft_alone_s=0.02).apply(engine)
-    c = served.coefficients
-    # decode(b) = fixed + (1e-4 + per_seq) b: 0.004 at b = 1 and 0.011 at b = 8 give
-    # per_seq = (0.011 - 0.0008 - 0.0039) / 7 = 0.0009 and fixed = 0.0039 - 0.0009 = 0.003
-    assert (c.step_s, c.decode_seq_s, c.token_s) == pytest.approx((0.003, 0.0009, 1e-4), abs=1e-12)
-    assert served.step_seconds(StepShape(decode_seqs=1, decode_context_tokens=88)) == pytest.approx(0.004)
-    assert served.step_seconds(StepShape(decode_seqs=PROBE_BATCH, decode_context_tokens=88 * 8)) == pytest.approx(0.011)
-    # the 64-token probe prefill takes 0.003 + 64e-4 = 0.0094 s; the rest of its 0.02 s TTFT
-    assert gateway_s == pytest.approx(0.0106)
+
+def test_probes_scale_the_engine_terms_and_set_the_fixed_and_per_sequence_terms() -> None:
+    # the engine prefills 64, 128 and 256 tokens in 64e-4 + 1e-7 x 2080 = 6.608 ms, 12.8 +
+    # 0.8256 = 13.6256 ms and 25.6 + 3.2896 = 28.8896 ms of token and attention terms; TTFTs
+    # alone of 8 ms + 1.5 times those lie on one line: the terms are scaled by 1.5, and the
+    # 8 ms are the fixed step (3 ms, from the decode steps below) and the gateway (5 ms)
+    ttfts = {64: 0.017912, 128: 0.0284384, 256: 0.0513344}
+    # a probe decodes at context 64 + 48 / 2 = 88: b x (1.5e-4 + 88 x 1.5e-6) = 0.282 ms per
+    # sequence; steps of 0.003 + 0.001182 b (b = 1, 2, 4) leave 0.003 + 0.0009 b to the served
+    # fixed and per-sequence terms, on one line: the fit is exact
+    steps = {1: 0.004182, 2: 0.005364, 4: 0.007728}
+    served, gateway_s = Serving(steps, ttfts).apply(ENGINE)
+    assert dataclasses.astuple(served.coefficients) == pytest.approx((0.003, 1.5e-4, 0.0009, 1.5e-7, 1.5e-6), rel=1e-9)
+    for batch, seconds in steps.items():
+        step = StepShape(decode_seqs=batch, decode_context_tokens=88 * batch)
+        assert served.step_seconds(step) == pytest.approx(seconds, rel=1e-9)
+    assert gateway_s == pytest.approx(0.005, rel=1e-9)
+
+
+def test_probes_that_leave_nothing_to_fit_are_refused() -> None:
+    ttfts = {64: 0.02, 256: 0.04}
+    with pytest.raises(ValueError, match=r"^the probes' decode steps \{1: 0\.0001, 2: 0\.004\} leave nothing"):
+        Serving({1: 0.0001, 2: 0.004}, ttfts).apply(ENGINE)
+    with pytest.raises(ValueError, match=r"^the probes' decode steps \{1: 0\.004\} leave nothing"):
+        Serving({1: 0.004}, ttfts).apply(ENGINE)
+    for no_slope in ({64: 0.04, 256: 0.03}, {64: 0.04}):
+        with pytest.raises(ValueError, match=rf"^the probes' TTFTs {re.escape(str(no_slope))} give no prefill cost"):
+            Serving({1: 0.004, 2: 0.005}, no_slope).apply(ENGINE)
+
+
+def _record(rid: str, start: float, tokens: tuple[float, ...]) -> RequestRecord:
+    return RequestRecord(rid, start, tokens[-1], tokens, prompt_tokens=64, output_tokens=len(tokens))
+
+
+def test_a_probes_decode_step_skips_gaps_that_overlap_another_probes_wait() -> None:
+    a = _record("a", 0.0, (1.0, 1.1, 1.2, 1.4))
+    b = _record("b", 1.15, (1.3, 1.35, 1.45))  # waits 1.15-1.3 for its first token: its prefill
+    alone = _record("c", 2.0, (2.1,))  # one token: no gap
+    # a: 1.0-1.1 is clean; 1.1-1.2 and 1.2-1.4 overlap b's wait. b: both gaps are after a's wait
+    assert decode_step_s([a, b, alone]) == pytest.approx([0.1, 0.075], rel=1e-12)
+    # its own wait never counts against a request
+    assert decode_step_s([a]) == pytest.approx([0.4 / 3], rel=1e-12)

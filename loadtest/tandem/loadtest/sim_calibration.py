@@ -13,15 +13,18 @@ that every prompt token is computed), times its steps on a grid of shapes, and f
 
 Each shape runs `repeats` times and its fastest time is kept: on a shared machine a run
 is only ever slowed down by the others, so the minimum is the most repeatable estimate of a
-step's own cost (as `timeit` advises). This
-lives in loadtest, not in `tandem.sim`: the simulator does not import the engine (layering).
+step's own cost (as `timeit` advises). The repeats are rounds over the whole grid, not one
+shape's repeats back to back: a burst of load from another process then slows one round of a
+shape, not all its repeats (back to back, one burst of a second or two moved the fitted
+per-token cost by 80%). This lives in loadtest, not in `tandem.sim`: the simulator does not
+import the engine (layering).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -137,10 +140,21 @@ class StepTimer:
         return timings
 
 
-def _fastest_of_repeats(run: Callable[[], list[StepTiming]], repeats: int) -> list[StepTiming]:
-    """`run` `repeats` times; the i-th timing of each run has the same shape: keep its fastest."""
-    runs = [run() for _ in range(repeats)]
-    return [StepTiming(same[0].step, min(t.seconds for t in same)) for same in zip(*runs)]
+def fastest_of_rounds(measurements: Sequence[Callable[[], list[StepTiming]]], rounds: int) -> list[StepTiming]:
+    """Run every measurement once per round, `rounds` rounds; each run of a measurement gives
+    the same shapes in the same order: keep each shape's fastest time. Returned in the order of
+    `measurements`."""
+    runs: list[list[list[StepTiming]]] = [[] for _ in measurements]
+    for _ in range(rounds):
+        for kept, measure in zip(runs, measurements):
+            kept.append(measure())
+    fastest = []
+    for kept in runs:
+        for same in zip(*kept):
+            if len({t.step for t in same}) != 1:
+                raise RuntimeError(f"a measurement's rounds timed different shapes: {[t.step for t in same]}")
+            fastest.append(StepTiming(same[0].step, min(t.seconds for t in same)))
+    return fastest
 
 
 def calibrate(
@@ -169,16 +183,13 @@ def calibrate(
     }
     whole = StepTimer(Engine.from_pretrained(model_dir, **options), seed)
     whole.prefill(min(64, largest), min(64, largest))  # warm-up (first-call allocations), not kept
-    timings: list[StepTiming] = []
-    for length in grid.prefill_tokens:
-        timings += _fastest_of_repeats(partial(whole.prefill, length, length), grid.repeats)
-        log(f"prefill {length}: {timings[-1].seconds * 1e3:.1f} ms")
     chunk = grid.prefill_chunk_tokens
     chunked = StepTimer(Engine.from_pretrained(model_dir, **options, max_prefill_chunk_tokens=chunk), seed)
-    timings += _fastest_of_repeats(partial(chunked.prefill, largest, chunk), grid.repeats)
-    for batch in grid.decode_batch_sizes:
-        for context in grid.decode_context_tokens:
-            timings += _fastest_of_repeats(partial(whole.decode, batch, context, grid.decode_steps), grid.repeats)
-            log(f"decode {batch} x {context}: {timings[-1].seconds * 1e3:.1f} ms")
+    measurements = [partial(whole.prefill, length, length) for length in grid.prefill_tokens]
+    measurements.append(partial(chunked.prefill, largest, chunk))
+    shapes = [(batch, context) for batch in grid.decode_batch_sizes for context in grid.decode_context_tokens]
+    measurements += [partial(whole.decode, batch, context, grid.decode_steps) for batch, context in shapes]
+    timings = fastest_of_rounds(measurements, grid.repeats)
+    log("calibration step times (ms, grid order): " + " ".join(f"{t.seconds * 1e3:.2f}" for t in timings))
     whole.engine.check_integrity()
     return fit(timings, model_dir.name, whole.engine.kv_spec.bytes_per_token, link)

@@ -9,8 +9,11 @@ close to linear in the roofline's terms, each with its own coefficient:
             + prefill_context_s x prefill_context_tokens (prefill attention: the quadratic term)
             + decode_context_s x decode_context_tokens   (decode attention: KV reads)
 
-`fit(timings)` finds the coefficients by least squares, none negative (a term that noise would
-make negative is dropped and the rest refitted: a step never gets faster with more work). The
+`fit(timings)` finds the coefficients by least squares on the relative error (each step's
+residual divided by its measured time), none negative (a term that noise would make negative
+is dropped and the rest refitted: a step never gets faster with more work). Relative, because
+the measured steps span 3 ms decodes to 50 ms prefills: an absolute fit lets the large steps
+set every coefficient and misses the small decode steps, which set ITL, by 10-30%. The
 engine-side measurement is `tandem.loadtest.sim_calibration.calibrate(model_dir, ...)`: it runs
 the real in-process engine (the simulator does not import the engine: layering, DESIGN.md
 section 3) and returns the fitted `CalibratedCostModel`, which `save` / `load` keep as JSON.
@@ -105,6 +108,12 @@ class CalibratedCostModel:
         return self.kv_bytes
 
 
+def relative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin sum(((a x - b) / b) ** 2) with x >= 0 (every b > 0): the fit that minimises the
+    relative error of each row, so that small rows weigh as much as large ones."""
+    return _nonnegative_least_squares(a / b[:, None], np.ones_like(b))
+
+
 def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """argmin ||a x - b|| with x >= 0: least squares, then drop the most negative term and
     refit until none is negative (an active-set method; exact when the free solution is >= 0)."""
@@ -134,7 +143,7 @@ def fit(
         raise ValueError(f"step times must be positive numbers of seconds, got {bad[:3]}")
     a = np.array([_features(t.step) for t in timings], dtype=np.float64)
     b = np.array([t.seconds for t in timings], dtype=np.float64)
-    coefficients = Coefficients(*(float(c) for c in _nonnegative_least_squares(a, b)))
+    coefficients = Coefficients(*(float(c) for c in relative_least_squares(a, b)))
     worst = max(abs(coefficients.seconds(t.step) - t.seconds) / t.seconds for t in timings)
     return CalibratedCostModel(model_name, coefficients, kv_bytes, link, worst, len(timings))
 

@@ -5,13 +5,27 @@
    (64-256 prompt tokens, 16-64 output tokens) sent open-loop (Poisson) by the load generator.
 2. Calibration: `tandem.loadtest.sim_calibration.calibrate` times the real engine's steps on
    the bench model, pinned to core 0 with one torch thread like the worker, and fits the CPU
-   cost model (`tandem.sim.calibrate`). The served worker does more per step than
-   `Engine.step` (its gRPC stream shares the core), and the gateway spends time on a request
-   before routing it; both are measured on the real cluster with probe requests that are not
-   the validated ones (64-token prompts, 48 output tokens, alone and 8 at a time): the median
-   gaps at the two batch sizes set the fixed and per-decoded-sequence terms (the token and
-   attention terms stay as fitted on the engine), and the median TTFT alone minus the
-   prefill step gives the gateway latency.
+   cost model (`tandem.sim.calibrate`). The served worker is not the engine alone: it does
+   more per step (its gRPC streams share the core, more so the more sequences it streams),
+   the gateway spends time on a request before routing it, and the rest of the machine loads
+   it differently from minute to minute (the engine's timings are taken at another moment).
+   So probe requests that are not the validated ones measure the served worker on the real
+   cluster, half just before the validated run and half just after, and `Serving.apply` fits
+   the model to them:
+   - prefill probes alone at prompt lengths across the workload's (PREFILL_PROBE_PROMPTS):
+     their TTFTs scale the engine's token and attention terms, and what is left is the fixed
+     step plus the gateway latency;
+   - decode probes (64-token prompts, 48 output tokens) in closed loop at each of
+     PROBE_BATCHES: a probe's decode step is the mean of its gaps that no other probe's
+     prefill fell into (the mean, as the validated ITL is a mean per request: a load burst's
+     slow gaps count, as they do there); the median over the probes of a batch size gives the
+     served decode step at that size; a relative least-squares line through them sets the
+     fixed and per-decoded-sequence terms.
+   PROBE_BATCHES are the batch sizes the validated run decodes at: at 4 requests/s of 16-64
+   tokens, steps of 1 to 4 sequences carry about 95% of its decode time. The marginal cost of
+   a sequence falls with the batch (about 1 ms from 1 to 2 sequences, 0.4 ms per sequence
+   from 4 to 8), so a line through 1 and 8 sequences made the steps of 2 and 3 up to 15% too
+   fast.
 3. Simulation: the same requests at the same send times (`sim_workloads.workload_trace`, same
    seed) on a simulated cluster with the worker's batcher limits and KV pool.
 The figures are |simulated - real| / real per metric; goal <= 0.15 each. ITL is compared as the
@@ -23,10 +37,14 @@ part of the error.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import random
 import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from tandem.engine.config import MiB
 from tandem.loadtest.arrivals import ClosedLoop, OpenLoop
@@ -40,18 +58,20 @@ from tandem.loadtest.suite.context import BenchContext, drive
 from tandem.loadtest.suite.figures import Direction, Figure, Section
 from tandem.loadtest.workloads import load_workload
 from tandem.scheduler.config import SchedulerConfig
-from tandem.sim.calibrate import CalibratedCostModel
+from tandem.sim.calibrate import CalibratedCostModel, Coefficients, relative_least_squares
 from tandem.sim.cluster import ClusterConfig, ClusterSim
 from tandem.sim.results import SimResult
 from tandem.sim.stepmodel import StepModelConfig
-from tandem.sim.types import StepShape
 
 GOAL = 0.15
 WORKER_CPU, SHARED_CPU = 0, 1
 RATE_RPS = 4.0
 SEED = 0
 KV_CACHE_MIB = 256
-PROBE_PROMPT, PROBE_OUTPUT, PROBE_BATCH = 64, 48, 8
+PROBE_PROMPT, PROBE_OUTPUT = 64, 48
+PROBE_BATCHES = (1, 2, 4)
+# prompt lengths across the workload's (random.yaml: 64-256); a prefill probe stops at 2 tokens
+PREFILL_PROBE_PROMPTS, PREFILL_PROBE_OUTPUT = (64, 128, 192, 256), 2
 WORKLOAD = Path(__file__).resolve().parent.parent / "workloads" / "random.yaml"
 
 
@@ -64,50 +84,101 @@ def _calibrate(ctx: BenchContext) -> CalibratedCostModel:
             prefill_chunk_tokens=64,
             decode_batch_sizes=(1, 4, 16),
             decode_context_tokens=(64, 256),
-            repeats=ctx.size(3, 1),
+            repeats=ctx.size(5, 1),  # rounds over the grid: the fastest of 5 is rarely slowed by a neighbour
         )
         return calibrate(ctx.model_dir, grid, engine_options={"num_threads": 1}, log=ctx.log)
     finally:
         os.sched_setaffinity(0, own)
 
 
-def _probes(num: int) -> list[WorkloadRequest]:
-    rng = random.Random(99)
+def _probes(num: int, prompt: int, output: int, name: str) -> list[WorkloadRequest]:
+    rng = random.Random(f"{name}-{prompt}")
     return [
-        WorkloadRequest(f"probe-{i}", tuple(rng.randrange(4, 500) for _ in range(PROBE_PROMPT)), PROBE_OUTPUT)
-        for i in range(num)
+        WorkloadRequest(f"{name}-{i}", tuple(rng.randrange(4, 500) for _ in range(prompt)), output) for i in range(num)
     ]
 
 
-def _median_gap_s(records: tuple[RequestRecord, ...]) -> float:
-    return statistics.median(gap for r in records for gap in r.itl_gaps_s)
+def decode_step_s(records: Sequence[RequestRecord]) -> list[float]:
+    """Each request's mean gap between output tokens over the gaps that no other request's
+    prefill can have fallen into (a gap that overlaps another request's wait for its first
+    token); requests left with no gap are skipped."""
+    waits = [(r.request_id, r.start_s, r.first_token_s) for r in records if r.first_token_s is not None]
+    steps = []
+    for record in records:
+        times = record.token_times_s
+        clean = [
+            later - earlier
+            for earlier, later in itertools.pairwise(times)
+            if not any(rid != record.request_id and start < later and earlier < first for rid, start, first in waits)
+        ]
+        if clean:
+            steps.append(statistics.fmean(clean))
+    return steps
 
 
 @dataclasses.dataclass(frozen=True)
 class Serving:
-    """What the probes measured on the real cluster: median gaps alone and at PROBE_BATCH, and
-    the median TTFT alone (seconds)."""
+    """What the probes measured on the real cluster, in seconds: the served decode step at each
+    batch size (the median of its probes' `decode_step_s`) and the median TTFT alone at each
+    of several prompt lengths."""
 
-    gap_alone_s: float
-    gap_batch_s: float
-    ttft_alone_s: float
+    decode_step_s: Mapping[int, float]
+    ttft_alone_s: Mapping[int, float]
 
     def apply(self, cost: CalibratedCostModel) -> tuple[CalibratedCostModel, float]:
-        """`cost` with its fixed and per-decoded-sequence terms set so that a decode step of 1
-        and of PROBE_BATCH sequences takes what the served worker took (its other terms, from
-        the engine's steps, kept), and the gateway latency: TTFT alone less the prefill step."""
+        """`cost` as the served worker ran while the probes did, and the gateway latency:
+
+        1. TTFT alone = a + scale x (the engine's token and attention terms of the prefill),
+           fitted by relative least squares over the probed prompt lengths: the engine's token
+           and attention terms are multiplied by `scale` (what the served worker's prefills cost
+           over what the engine's did, at the probes' time);
+        2. the fixed and per-decoded-sequence terms fitted (relative least squares) so that a
+           decode step of each probed batch size takes what the served worker took;
+        3. the gateway latency: a less the fixed term."""
         c = cost.coefficients
+        lengths = sorted(self.ttft_alone_s)
+        engine_prefill = [c.token_s * n + c.prefill_context_s * (n * (n + 1) // 2) for n in lengths]
+        ttfts = np.array([self.ttft_alone_s[n] for n in lengths])
+        intercept, scale = (
+            relative_least_squares(np.array([[1.0, e] for e in engine_prefill]), ttfts)
+            if len(lengths) >= 2
+            else (0.0, 0.0)
+        )
+        if not scale > 0:
+            raise ValueError(f"the probes' TTFTs {self.ttft_alone_s} give no prefill cost to scale {c} by")
+        token_s, prefill_context_s, decode_context_s = (
+            float(scale) * x for x in (c.token_s, c.prefill_context_s, c.decode_context_s)
+        )
         context = PROBE_PROMPT + PROBE_OUTPUT // 2
+        batches = sorted(self.decode_step_s)
+        # what the served step adds to the scaled token and attention terms
+        served = [self.decode_step_s[b] - b * (token_s + decode_context_s * context) for b in batches]
+        if len(batches) < 2 or min(served) <= 0:
+            raise ValueError(
+                f"the probes' decode steps {self.decode_step_s} leave nothing to fit against {c} x {scale:.3g}"
+            )
+        fixed, per_seq = relative_least_squares(np.array([[1.0, b] for b in batches]), np.array(served))
+        fitted = Coefficients(float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s)
+        model = dataclasses.replace(cost, coefficients=fitted)
+        return model, max(0.0, float(intercept) - fitted.step_s)
 
-        def rest_s(batch: int) -> float:  # the decode step's terms that stay as fitted
-            return c.token_s * batch + c.decode_context_s * batch * context
 
-        one = self.gap_alone_s - rest_s(1)
-        per_seq = max(0.0, (self.gap_batch_s - rest_s(PROBE_BATCH) - one) / (PROBE_BATCH - 1))
-        fixed = max(0.0, one - per_seq)
-        served = dataclasses.replace(cost, coefficients=dataclasses.replace(c, step_s=fixed, decode_seq_s=per_seq))
-        prefill = StepShape(prefill_tokens=PROBE_PROMPT, prefill_context_tokens=PROBE_PROMPT * (PROBE_PROMPT + 1) // 2)
-        return served, max(0.0, self.ttft_alone_s - served.step_seconds(prefill))
+def _probe(
+    url: str, model: str, waves: int, name: str
+) -> tuple[dict[int, list[RequestRecord]], dict[int, list[float]]]:
+    """Closed-loop decode probes at each of PROBE_BATCHES (`waves` requests per slot), then
+    prefill probes alone, each of PREFILL_PROBE_PROMPTS in turn (`waves` x 2 each): their
+    records by batch size and their TTFTs by prompt length."""
+    decodes = {}
+    for batch in PROBE_BATCHES:
+        probes = _probes(batch * waves, PROBE_PROMPT, PROBE_OUTPUT, f"{name}-b{batch}")
+        decodes[batch] = list(drive(url, model, probes, ClosedLoop(batch)).records)
+    prefills = [_probes(2 * waves, n, PREFILL_PROBE_OUTPUT, f"{name}-p{n}") for n in PREFILL_PROBE_PROMPTS]
+    records = drive(url, model, [r for turn in zip(*prefills) for r in turn], ClosedLoop(1)).records
+    ttfts: dict[int, list[float]] = {n: [] for n in PREFILL_PROBE_PROMPTS}
+    for record in records:
+        ttfts[record.prompt_tokens].append(record.ttft_s or 0.0)
+    return decodes, ttfts
 
 
 def _simulate(cost: CalibratedCostModel, gateway_s: float, ctx: BenchContext, num_requests: int) -> SimResult:
@@ -132,21 +203,26 @@ def run(ctx: BenchContext) -> Section:
     requests = workload.generate(num_requests, SEED)
     spec = ClusterSpec(ctx.model_dir, (WorkerSpec("decode", WORKER_CPU),), SHARED_CPU, kv_cache_mib=KV_CACHE_MIB)
     ctx.log("sim_validate: real cluster")
+    waves = ctx.size(4, 1)
     with BenchCluster.start(spec) as cluster:
         drive(cluster.url, cluster.model, workload.generate(4, SEED + 1), OpenLoop(RATE_RPS))  # warm-up
-        probes = _probes(ctx.size(4, 2) + ctx.size(24, 8))
-        alone = drive(cluster.url, cluster.model, probes[: ctx.size(4, 2)], ClosedLoop(1))
-        batch = drive(cluster.url, cluster.model, probes[ctx.size(4, 2) :], ClosedLoop(PROBE_BATCH))
+        before = _probe(cluster.url, cluster.model, waves, "before")
         real_run = drive(cluster.url, cluster.model, requests, OpenLoop(RATE_RPS), seed=SEED)
+        after = _probe(cluster.url, cluster.model, waves, "after")
     real = summarize(real_run.records, real_run.duration_s)
     serving = Serving(
-        _median_gap_s(alone.records),
-        _median_gap_s(batch.records),
-        statistics.median(r.ttft_s or 0.0 for r in alone.records),
+        {b: statistics.median(decode_step_s(before[0][b]) + decode_step_s(after[0][b])) for b in PROBE_BATCHES},
+        {n: statistics.median(before[1][n] + after[1][n]) for n in PREFILL_PROBE_PROMPTS},
     )
+    probed = ", ".join(f"{b}: {s * 1e3:.2f}" for b, s in serving.decode_step_s.items())
+    ttfts = ", ".join(f"{n}: {s * 1e3:.2f}" for n, s in serving.ttft_alone_s.items())
+    ctx.log(f"sim_validate: served decode step (ms) by batch size {probed}; TTFT alone (ms) by prompt {ttfts}")
     ctx.log("sim_validate: calibration")
     engine_cost = _calibrate(ctx)
     cost, gateway_s = serving.apply(engine_cost)
+    ctx.log(
+        f"sim_validate: engine fit {engine_cost.coefficients}; served {cost.coefficients}; gateway {gateway_s:.5f} s"
+    )
     sim = _simulate(cost, gateway_s, ctx, num_requests)
     sim_throughput = sim.output_tokens_per_s * sim.duration_s / sim.makespan_s if sim.makespan_s else 0.0
     pairs = {
@@ -167,7 +243,9 @@ def run(ctx: BenchContext) -> Section:
         f"{SHARED_CPU}. CPU cost model fitted on the real engine's step times: step {e.step_s * 1e3:.2f} ms + "
         f"{e.token_s * 1e6:.1f} us/token + {e.decode_seq_s * 1e6:.1f} us/decoded sequence + attention terms "
         f"(fit's worst error {engine_cost.max_relative_error:.0%}); from the served probes: step "
-        f"{c.step_s * 1e3:.2f} ms, {c.decode_seq_s * 1e6:.1f} us/decoded sequence; gateway latency "
+        f"{c.step_s * 1e3:.2f} ms, {c.decode_seq_s * 1e6:.1f} us/decoded sequence (served decode step by batch "
+        f"size, ms: {probed}; TTFT alone by prompt tokens, ms: {ttfts}; token and attention terms scaled by "
+        f"{c.token_s / e.token_s if e.token_s else 1.0:.2f}); gateway latency "
         f"{gateway_s * 1e3:.2f} ms."
     )
     notes = (
