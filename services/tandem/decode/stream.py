@@ -134,6 +134,20 @@ class DeltaStream:
             )
         return delta
 
+    def take_output(self, out: RequestOutput) -> codec.DecodeDelta:
+        """`take([out])`, with a short path for the common case: a later output with new
+        tokens that neither ends nor sheds the request."""
+        if (
+            self._stream is None
+            or out.finish_reason is not None
+            or out.shed_message is not None
+            or not out.new_token_ids
+        ):
+            return self.take([out])
+        self.drained = None
+        self.num_tokens += len(out.new_token_ids)
+        return codec.DecodeDelta(out.new_token_ids, out.new_logprobs)
+
     def cancelled(self) -> None:
         """The stream was cancelled or closed before its end."""
         (self._admit if self._stream is None else self._stream).set_attribute("tandem.cancelled", True)
@@ -195,7 +209,7 @@ class DirectDeltas:
             return
         self._last_s = self._ended.get_loop().time()
         try:
-            delta = stream.take([item])
+            delta = stream.take([item]) if isinstance(item, DrainDeadline) else stream.take_output(item)
         except (ShedError, DrainDeadlineReached) as exc:
             self._ended.set_exception(exc)
             return
