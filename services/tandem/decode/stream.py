@@ -236,7 +236,8 @@ class DirectDeltas:
                 await asyncio.wait((self._ended,), timeout=remaining_s)
             self._ended.result()
         except asyncio.CancelledError:
-            stream.cancelled()
+            if not self._ended.done():  # not cancelled after its last delta went out
+                stream.cancelled()
             raise
         finally:
             if not self._ended.done():
