@@ -179,3 +179,28 @@ def test_restart_empty_reregisters_and_republishes_in_chunks(
         KVEventRecord("decode-0", epoch, 2, KVEventKind.STORED, tuple(held[:RESYNC_CHUNK_BLOCKS])),
         KVEventRecord("decode-0", epoch, 3, KVEventKind.STORED, tuple(held[RESYNC_CHUNK_BLOCKS:])),
     ]
+
+
+def test_publisher_merges_queued_batches_and_adjacent_events_of_one_kind(server: EmbeddedRedis) -> None:
+    """What piled up while the thread was busy goes out together, adjacent events of one kind
+    as one XADD, in order (the thread starts after the puts, so all three batches are queued)."""
+    state = ClusterState(connect(server.url, 0.3))
+    dropped = Count()
+    publisher = KVEventPublisher(state, "decode-0", epoch=5, dropped=dropped)
+    stored, removed = KVEventKind.STORED, KVEventKind.REMOVED
+    publisher.put([KVEvent(stored, (11,)), KVEvent(stored, (12,))])
+    publisher.put([KVEvent(stored, (13,)), KVEvent(removed, (11,))])
+    publisher.put([KVEvent(removed, (12,)), KVEvent(stored, (14,))])
+    publisher.start()
+    try:
+        assert wait_until(lambda: len(events(state)) == 3, 5.0)
+        time.sleep(0.3)  # nothing more comes
+        records = events(state)
+    finally:
+        publisher.stop()
+    assert records == [
+        KVEventRecord("decode-0", 5, 1, stored, (11, 12, 13)),
+        KVEventRecord("decode-0", 5, 2, removed, (11, 12)),
+        KVEventRecord("decode-0", 5, 3, stored, (14,)),
+    ]
+    assert dropped.value == 0

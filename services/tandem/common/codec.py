@@ -334,17 +334,34 @@ def decode_request_from_proto(msg: pb.DecodeRequest) -> DecodeRequest:
 
 
 def decode_delta_to_proto(delta: DecodeDelta) -> pb.DecodeDelta:
-    return pb.DecodeDelta(
-        token_ids=delta.token_ids,
-        logprobs=[logprob_to_proto(lp) for lp in delta.logprobs],
-        finish_reason=pb.FINISH_REASON_ERROR if delta.failed else FINISH_TO_PB[delta.finish_reason],
-        num_cached_tokens=delta.num_cached_tokens,
-        num_pulled_blocks=delta.num_pulled_blocks,
-        recomputed=delta.recomputed,
-        transfer_s=delta.transfer_s,
-        admit_s=delta.admit_s,
-        prompt_logprobs=None if delta.prompt_logprobs is None else prompt_logprobs_to_proto(delta.prompt_logprobs),
-    )
+    msg = pb.DecodeDelta()
+    fill_decode_delta(msg, delta)
+    return msg
+
+
+def fill_decode_delta(msg: pb.DecodeDelta, delta: DecodeDelta) -> None:
+    """Write `delta` into `msg`, an empty message (such as a new MuxStep entry's `delta`): what
+    `decode_delta_to_proto` returns, without building a second message to copy in. Only the
+    fields that differ from their defaults are set (proto3 sends no default), so a plain delta
+    of the multiplexed stream's steady state costs one call."""
+    msg.token_ids.extend(delta.token_ids)
+    if delta.logprobs:
+        msg.logprobs.extend(logprob_to_proto(lp) for lp in delta.logprobs)
+    finish_reason = pb.FINISH_REASON_ERROR if delta.failed else FINISH_TO_PB[delta.finish_reason]
+    if finish_reason:
+        msg.finish_reason = finish_reason
+    if delta.num_cached_tokens:
+        msg.num_cached_tokens = delta.num_cached_tokens
+    if delta.num_pulled_blocks:
+        msg.num_pulled_blocks = delta.num_pulled_blocks
+    if delta.recomputed:
+        msg.recomputed = True
+    if delta.transfer_s:
+        msg.transfer_s = delta.transfer_s
+    if delta.admit_s:
+        msg.admit_s = delta.admit_s
+    if delta.prompt_logprobs is not None:
+        msg.prompt_logprobs.CopyFrom(prompt_logprobs_to_proto(delta.prompt_logprobs))
 
 
 def decode_delta_from_proto(msg: pb.DecodeDelta) -> DecodeDelta:

@@ -14,9 +14,9 @@ from tandem.common.codec import (
     DecodeDelta,
     DecodeRequest,
     decode_delta_from_proto,
-    decode_delta_to_proto,
     decode_request_from_proto,
     decode_request_to_proto,
+    fill_decode_delta,
 )
 from tandem.common.pb import tandem_pb2 as pb
 
@@ -99,11 +99,14 @@ def mux_client_message_from_proto(msg: pb.MuxClientMessage) -> MuxSubmit | str:
 
 
 def mux_step_to_proto(outputs: list[MuxOutput]) -> pb.MuxStep:
+    """One step's outputs, each delta written into its entry in place (`fill_decode_delta`)."""
     msg = pb.MuxStep()
+    add = msg.outputs.add
     for out in outputs:
-        entry = msg.outputs.add(request_id=out.request_id, error_code=out.error_code, error_details=out.error_details)
-        if out.delta is not None:
-            entry.delta.CopyFrom(decode_delta_to_proto(out.delta))
+        if out.delta is None:
+            add(request_id=out.request_id, error_code=out.error_code, error_details=out.error_details)
+        else:
+            fill_decode_delta(add(request_id=out.request_id).delta, out.delta)
     return msg
 
 

@@ -10,7 +10,8 @@ Lifecycle of a stream (DESIGN.md section 4, "Wire format"):
    (`RequestContext`), so `Abort` with that secret acts on it as on a Decode call's request.
 3. The requests' deltas of one engine step are gathered and sent as one `MuxStep`, encoded
    once: the step loop hands a step's outputs to this thread in one call (worker/streams.py),
-   every request's task runs once, then the sender sends what they produced.
+   where each becomes its request's delta at once (decode/stream.py `DirectDeltas`: no task
+   wakes per request and step), then the sender sends what they produced.
 4. A request ends with a delta that has a finish reason, or with an output holding the status
    its Decode call would have ended with (`error_code`, `error_details`): a refusal, the drain
    deadline, a shed, a failed step. Its task is then gone.
@@ -51,7 +52,11 @@ class DecodesRequests(Protocol):
     """What a stream needs of the decode servicer (decode/server.py `DecodeServicer`)."""
 
     def decode_deltas(
-        self, call: codec.DecodeRequest, context: grpc.aio.ServicerContext, arrival: ClockAnchor
+        self,
+        call: codec.DecodeRequest,
+        context: grpc.aio.ServicerContext,
+        arrival: ClockAnchor,
+        emit: Callable[[codec.DecodeDelta], None] | None = None,
     ) -> AsyncGenerator[codec.DecodeDelta, None]: ...
 
 
@@ -179,12 +184,17 @@ class MuxSession:
     async def _serve(self, rid: str, submit: mux_codec.MuxSubmit, arrival: ClockAnchor) -> None:
         """One request: its deltas, or the status that ends it, as outputs of the stream."""
         context = RequestContext(submit)
-        # `context` has what decode_deltas uses of a ServicerContext (see RequestContext)
-        deltas = self._servicer.decode_deltas(submit.call, cast(grpc.aio.ServicerContext, context), arrival)
+
+        def emit(delta: codec.DecodeDelta) -> None:
+            self._emit(mux_codec.MuxOutput(rid, delta))
+
+        # `context` has what decode_deltas uses of a ServicerContext (see RequestContext); the
+        # deltas go to `emit` as the step's outputs arrive (decode/stream.py `DirectDeltas`)
+        deltas = self._servicer.decode_deltas(submit.call, cast(grpc.aio.ServicerContext, context), arrival, emit)
         try:
             async with aclosing(deltas):
-                async for delta in deltas:
-                    self._emit(mux_codec.MuxOutput(rid, delta))
+                async for delta in deltas:  # none: they went to `emit`
+                    emit(delta)
         except RequestEnded as exc:
             self._emit(mux_codec.MuxOutput(rid, None, exc.code.value[0], exc.details))
         except asyncio.CancelledError:

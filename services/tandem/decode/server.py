@@ -65,7 +65,14 @@ from tandem.common.request import Request
 from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
 from tandem.decode.mux import decode_stream
 from tandem.decode.sources import handle_verifier
-from tandem.decode.stream import DrainDeadlineReached, FirstDelta, ShedError, stream_deltas
+from tandem.decode.stream import (
+    DeltaStream,
+    DirectDeltas,
+    DrainDeadlineReached,
+    FirstDelta,
+    ShedError,
+    stream_deltas,
+)
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput, Reservation
 from tandem.kvtransfer.base import KVTransferError
@@ -116,12 +123,18 @@ class DecodeServicer(WorkerServicerBase):
             yield step
 
     async def decode_deltas(
-        self, call: codec.DecodeRequest, context: grpc.aio.ServicerContext, arrival: ClockAnchor
+        self,
+        call: codec.DecodeRequest,
+        context: grpc.aio.ServicerContext,
+        arrival: ClockAnchor,
+        emit: Callable[[codec.DecodeDelta], None] | None = None,
     ) -> AsyncGenerator[codec.DecodeDelta, None]:
         """One decode request, steps 1 to 7 above: the deltas of its stream. It ends however the
         call would (`context.abort`); closing it (or cancelling its task) aborts the sequence.
         Used by `Decode` and by the multiplexed `DecodeStream` (decode/mux.py), whose `context`
-        is the request's own."""
+        is the request's own. With `emit` (the multiplexed stream), each delta goes to `emit` on
+        the asyncio thread as its output arrives (decode/stream.py `DirectDeltas`) and none is
+        yielded."""
         worker = self.worker
         with ending(worker.server_span("decode", context, arrival), arrival) as span:
             await worker.refuse_if_draining(context)
@@ -134,7 +147,8 @@ class DecodeServicer(WorkerServicerBase):
                 await self._check_handle(handle, req, context)
                 if not await self.verifier.accept(handle, req, span):
                     handle, header.recomputed = None, True  # prefilled here; the source is never dialed
-            q, deliver = worker.output_queue()
+            direct = DirectDeltas(emit) if emit is not None else None
+            q, deliver = (None, worker.output_sink(direct)) if direct is not None else worker.output_queue()
             # vLLM's per-request series; the prefill worker recorded the prompt's (request_metrics.py)
             deliver = worker.request_recorder(req, arrival, prefilled_elsewhere=call.first_token is not None).wrap(
                 deliver
@@ -166,17 +180,15 @@ class DecodeServicer(WorkerServicerBase):
                         )
                     finally:
                         self._handing_off.pop(rid, None)
-                deltas_from = stream_deltas(
-                    q,
-                    header,
-                    span,
-                    arrival,
-                    admit_from_s,
-                    local=handle is None,
-                    tracer=worker.tracing.tracer,
-                    timeout_s=worker.config.request_timeout_s,
+                stream = DeltaStream(
+                    header, span, arrival, admit_from_s, local=handle is None, tracer=worker.tracing.tracer
                 )
-                async with aclosing(deltas_from) as deltas:
+                timeout_s = worker.config.request_timeout_s
+                if direct is not None:
+                    await direct.run(stream, timeout_s=timeout_s)
+                    return
+                assert q is not None
+                async with aclosing(stream_deltas(q, stream, timeout_s=timeout_s)) as deltas:
                     async for delta in deltas:
                         yield delta
             except DrainDeadlineReached as exc:

@@ -3,7 +3,10 @@
 Who calls what: the step-loop tick calls `collect(pool)` after each step (it never blocks, so
 Redis is never on the step loop); this class's daemon thread appends the events to the
 cluster's `kv_events` stream in order, under the worker's epoch, where every gateway's prefix
-index reads them. Without cluster state (no Redis) events are dropped.
+index reads them. Without cluster state (no Redis) events are dropped. The thread takes the
+step batches queued behind the one it takes, and publishes each run of adjacent STORED (or
+REMOVED) events as one event (`coalesce`): the pool records one event per block, so a prefill
+step of 32 prompts would otherwise be over a hundred XADDs, on the worker's own core.
 
 Nothing grows without bound, and nothing lost stays lost:
 1. The hand-off queue holds at most `max_pending` step batches. A batch that does not fit is
@@ -147,15 +150,35 @@ class KVEventPublisher:
 
     # ---- publisher thread -----------------------------------------------------------------
     def _run(self) -> None:
+        taken: _Resync | None = None  # a resync met while merging batches: published next
         while not self._stop.is_set():
-            try:
-                item = self._queue.get(timeout=POLL_INTERVAL_S)
-            except queue.Empty:
-                if self._state is not None and self._outage.down and self._probe(self._state):
-                    self.request_resync()  # idle: notice the end of the outage all the same
-                continue
+            item: list[KVEvent] | _Resync
+            if taken is not None:
+                item, taken = taken, None
+            else:
+                try:
+                    item = self._queue.get(timeout=POLL_INTERVAL_S)
+                except queue.Empty:
+                    if self._state is not None and self._outage.down and self._probe(self._state):
+                        self.request_resync()  # idle: notice the end of the outage all the same
+                    continue
+            if isinstance(item, list):
+                item, taken = self._with_queued(item)
             if self._state is not None:
                 self._publish(self._state, item)
+
+    def _with_queued(self, batch: list[KVEvent]) -> tuple[list[KVEvent], _Resync | None]:
+        """`batch` and the step batches queued behind it, as one batch (what piled up during
+        the last XADD goes out together), and the resync that ended them, if one did."""
+        merged = list(batch)
+        while True:
+            try:
+                following = self._queue.get_nowait()
+            except queue.Empty:
+                return merged, None
+            if isinstance(following, _Resync):
+                return merged, following
+            merged.extend(following)
 
     def _publish(self, state: ClusterState, item: list[KVEvent] | _Resync) -> None:
         """Publish one item; during an outage, and after it until a resync is published, a
@@ -172,12 +195,14 @@ class KVEventPublisher:
                 self._publish_resync(state, item)
                 self._awaiting_resync = False
             else:
-                for i, event in enumerate(item):
+                left = len(item)  # events not published yet
+                for kind, block_hashes, num_events in coalesce(item):
                     try:
-                        state.append_kv_events(self._worker_id, self._epoch, event.kind, event.block_hashes)
+                        state.append_kv_events(self._worker_id, self._epoch, kind, block_hashes)
                     except (redis.RedisError, OSError):
-                        self._dropped.inc(len(item) - i)
+                        self._dropped.inc(left)
                         raise
+                    left -= num_events
         except (redis.RedisError, OSError) as exc:
             self._awaiting_resync = True
             if self._outage.failed(exc, "dropping KV events until it answers, then republishing the block set"):
@@ -208,6 +233,29 @@ class KVEventPublisher:
             state.append_kv_events(self._worker_id, self._epoch, KVEventKind.STORED, chunk)
         self._resyncs.inc()
         log.info("republished the %d cached block(s) of %s under epoch %d", len(hashes), self._worker_id, self._epoch)
+
+
+def coalesce(events: list[KVEvent]) -> list[tuple[KVEventKind, tuple[int, ...], int]]:
+    """The events as fewer, equivalent ones: each run of adjacent STORED (or REMOVED) events
+    becomes one event with their hashes in order, up to `RESYNC_CHUNK_BLOCKS` hashes (readers
+    apply an event's hashes as a set, in stream order, so the index ends up the same). A
+    CLEARED event stays on its own. Each is `(kind, block_hashes, number of events merged)`.
+    A prefill step stores one block per `block_size` prompt tokens: one XADD, not hundreds."""
+    merged: list[tuple[KVEventKind, tuple[int, ...], int]] = []
+    kind: KVEventKind | None = None
+    hashes: list[int] = []
+    count = 0
+    for event in events:
+        joins = event.kind is kind and kind is not KVEventKind.CLEARED
+        if not joins or len(hashes) + len(event.block_hashes) > RESYNC_CHUNK_BLOCKS:
+            if kind is not None:
+                merged.append((kind, tuple(hashes), count))
+            kind, hashes, count = event.kind, [], 0
+        hashes.extend(event.block_hashes)
+        count += 1
+    if kind is not None:
+        merged.append((kind, tuple(hashes), count))
+    return merged
 
 
 def _num_events(item: list[KVEvent] | _Resync) -> int:

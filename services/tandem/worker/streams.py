@@ -2,13 +2,16 @@
 
 Who uses it: `Worker` owns one `OutputStreams`; a handler opens a queue (`Worker.output_queue`),
 subscribes the returned callback on the step loop and reads its queue until the request ends.
+A handler may instead attach a sink of its own (`Worker.output_sink`): anything with the
+queue's `put_nowait`, called on the asyncio thread with each output in order (the multiplexed
+decode stream turns each into its delta there, without a task wake-up per request).
 
 Lifecycle of an output:
 1. The loop thread runs a step; the subscribed callback only stages (queue, output) in the
    outbox (owned by the loop thread).
 2. The tick after the step (`deliver`, loop thread) hands the whole outbox to the asyncio
    thread in one call: one wake-up per step, not one per stream.
-3. The asyncio thread puts each output on its stream's queue, in order (`_put_all`).
+3. The asyncio thread puts each output on its stream's queue (or sink), in order (`_put_all`).
 4. At the worker's drain deadline (`end_all`, asyncio thread) every queue a handler still
    holds gets a `DrainDeadline`: its handler ends the call UNAVAILABLE "worker {id} is
    draining: ...", which gateways resume on another worker.
@@ -20,7 +23,7 @@ import asyncio
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from tandem.engine.outputs import RequestOutput
 
@@ -37,6 +40,13 @@ class DrainDeadline:
 OutputQueue: TypeAlias = asyncio.Queue[RequestOutput | DrainDeadline]
 
 
+class OutputSink(Protocol):
+    """Where a handler's outputs go (an `OutputQueue` is one): `put_nowait` is called on the
+    asyncio thread with each output of the request, in order, and with a `DrainDeadline`."""
+
+    def put_nowait(self, item: RequestOutput | DrainDeadline) -> None: ...
+
+
 class OutputStreams:
     """Every output queue of one worker, and the outbox that feeds them."""
 
@@ -46,19 +56,24 @@ class OutputStreams:
         self._on_finish = on_finish
         # Outputs of the current step, (stream queue, output), in delivery order; owned by the
         # loop thread, handed to the asyncio thread whole by `deliver`.
-        self._outbox: list[tuple[OutputQueue, RequestOutput]] = []
-        # Every output queue a handler still holds (asyncio thread): told of the drain deadline.
-        self._queues: weakref.WeakSet[OutputQueue] = weakref.WeakSet()
+        self._outbox: list[tuple[OutputSink, RequestOutput]] = []
+        # Every output queue or sink a handler still holds (asyncio thread): told of the drain deadline.
+        self._queues: weakref.WeakSet[OutputSink] = weakref.WeakSet()
         self._aio_loop: asyncio.AbstractEventLoop | None = None
 
     def open(self) -> tuple[OutputQueue, Callable[[RequestOutput], None]]:
         """Asyncio thread: a queue on the running loop and the loop-thread callback that feeds
         it. The callback only stages the output; the tick after the step delivers it."""
-        self._aio_loop = asyncio.get_running_loop()
         q: OutputQueue = asyncio.Queue()
-        self._queues.add(q)
+        return q, self.attach(q)
+
+    def attach(self, sink: OutputSink) -> Callable[[RequestOutput], None]:
+        """Asyncio thread: the loop-thread callback that feeds `sink` (staged, then delivered
+        by the tick after the step, like a queue's)."""
+        self._aio_loop = asyncio.get_running_loop()
+        self._queues.add(sink)
         outbox = self._outbox
-        return q, lambda out: outbox.append((q, out))
+        return lambda out: outbox.append((sink, out))
 
     def deliver(self) -> None:
         """Loop thread: hand every staged output to the asyncio thread in one call."""
@@ -76,14 +91,14 @@ class OutputStreams:
             pass
 
     def end_all(self, marker: DrainDeadline) -> int:
-        """Asyncio thread: put `marker` on every queue a handler still holds; how many."""
+        """Asyncio thread: put `marker` on every queue or sink a handler still holds; how many."""
         queues = list(self._queues)
         for q in queues:
             q.put_nowait(marker)
         return len(queues)
 
 
-def _put_all(batch: list[tuple[OutputQueue, RequestOutput]]) -> None:
-    """Asyncio thread: put a step's outputs on their streams' queues, in order."""
+def _put_all(batch: list[tuple[OutputSink, RequestOutput]]) -> None:
+    """Asyncio thread: put a step's outputs on their streams' queues (or sinks), in order."""
     for q, out in batch:
         q.put_nowait(out)

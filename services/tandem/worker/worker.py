@@ -70,7 +70,7 @@ from tandem.worker.load import LoadMeter
 from tandem.worker.request_metrics import RequestRecorder
 from tandem.worker.rpc_server import start_rpc_server
 from tandem.worker.step_loop import StepLoop, WorkerBusyError
-from tandem.worker.streams import DrainDeadline, OutputQueue, OutputStreams
+from tandem.worker.streams import DrainDeadline, OutputQueue, OutputSink, OutputStreams
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -175,6 +175,11 @@ class Worker:
         callback only stages the output; the tick after the step delivers it. A
         `DrainDeadline` arrives on it if the drain deadline passes while the handler holds it."""
         return self._streams.open()
+
+    def output_sink(self, sink: OutputSink) -> Callable[[RequestOutput], None]:
+        """The loop-thread callback that feeds `sink` (asyncio thread): like `output_queue`,
+        for a handler that consumes each output where it arrives (worker/streams.py)."""
+        return self._streams.attach(sink)
 
     def request_recorder(self, req: Request, arrival: ClockAnchor, *, prefilled_elsewhere: bool) -> RequestRecorder:
         """The recorder of vLLM's per-request series for one call (request_metrics.py): subscribe

@@ -88,8 +88,10 @@ async def _stream_completion(host: str, port: int, body: bytes) -> int:
     )
     await writer.drain()
     status = await reader.readline()
-    if b" 200 " not in status:
-        raise RuntimeError(f"gateway answered {status!r}")
+    if b" 200 " not in status:  # the whole answer (headers and body) says which refusal it was
+        rest = await asyncio.wait_for(reader.read(), timeout=5)  # `Connection: close`: until EOF
+        writer.close()
+        raise RuntimeError(f"gateway answered {status!r}: {rest[: 1 << 16]!r}")
     while (await reader.readline()) not in (b"\r\n", b""):
         pass  # headers
     n = 0
