@@ -53,9 +53,11 @@ def run(ctx: BenchContext) -> Section:
         "source's pack, checksums and the receiver's unpack into a shuffled block table (torch: received "
         "in place, runs of 64 blocks; tcp: sent from and received into the blocks, hashed per 512 KiB batch; "
         "torch staged: into a staging buffer, then unpacked); raw TCP is "
-        "sendall into recv_into of a ready buffer. Same-host shm: the source packs and hashes (xxh64) chunk by "
-        "chunk into the receiver's /dev/shm segment while the receiver hashes and unpacks each published chunk; "
-        "the segment is reused across pulls, as a decode worker's pool does (the warm-up round makes it); "
+        "sendall into recv_into of a ready buffer. Same-host shm: the one-copy path of a CPU worker pair (the "
+        "source's cache is a shared pool file, as a prefill worker's with --kv-shm): the receiver copies the "
+        "leased blocks straight out of the source's pool into its shuffled blocks, hashing them (crc32c) as it "
+        "copies, and compares with the source's crc32c of the same chunks; the receiver maps the pool once per "
+        "source process, as a decode worker does (the warm-up round maps it); "
         "memcpy: one in-process copy_ of the same bytes."
     )
     return Section("kv", "KV hand-off vs raw loopback TCP", setup, figures, tuple(rows))
