@@ -62,7 +62,7 @@ class PoolSource(Protocol):
         self, request: kv_codec.PullKVRequest, context: grpc.aio.ServicerContext, segment: bool = True
     ) -> None: ...
 
-    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]: ...
+    def hash_pool(self, request_id: str, block_ids: tuple[int, ...]) -> list[int]: ...
 
 
 METHOD = "PullKVShmPool"
@@ -156,7 +156,7 @@ async def serve_pool(
         ):
             ids = servicer.store.check_block_ids(request.block_ids)
             yield kv_codec.ShmPool(os.path.basename(path), servicer.store.num_blocks, os.getpid(), ())
-            checksums = await run_to_completion(servicer.hash_pool, ids)
+            checksums = await run_to_completion(servicer.hash_pool, request.request_id, ids)
             yield kv_codec.ShmPool("", 0, 0, tuple(checksums))
             servicer.num_pulls_served += 1
             async for _ in requests:  # pinned until the receiver half-closes (its copy is done) or goes

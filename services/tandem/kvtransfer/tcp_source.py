@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from tandem.common import kv_codec
-from tandem.kvtransfer import tcp_listener, tcp_wire
+from tandem.kvtransfer import block_digests, tcp_listener, tcp_wire
 from tandem.kvtransfer.base import KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
@@ -74,6 +74,8 @@ class TcpKVServicer(KVTransferServicer):
         self._cond = threading.Condition(self._lock)  # a ticket was issued or refused
         self._refused: dict[bytes, float] = {}  # ticket ids of refused PullKVTcp calls -> until when
         self._hashers = futures.ThreadPoolExecutor(config.max_inflight_sends, thread_name_prefix="kv-tcp-hash")
+        # a CPU cache's leases are hashed once per block at grant: a pull then reads its blocks only to send them
+        self.digests = leases.digests_for(store) if store.device.type == "cpu" else None
         self._listener = tcp_listener.DataListener(
             config.bind_host,
             config.tcp_port,
@@ -125,10 +127,16 @@ class TcpKVServicer(KVTransferServicer):
             raise
         return kv_codec.TcpTicket(self.address, token, len(block_ids) * self.store.bytes_per_block)
 
-    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
-        """Send the packed blocks and return their crc32c, hashed in another thread meanwhile
+    def send_blocks(
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: int | None = None
+    ) -> int:
+        """Send the packed blocks and return their crc32c: `committed` (combined from the
+        digests taken at grant, block_digests.py), else hashed in another thread meanwhile
         (sender thread, lease checked out: the hash ends before this returns or raises).
         Tests override it to corrupt or cut the stream."""
+        if committed is not None:
+            tcp_wire.send_views(sock, views, deadline_s)
+            return committed
         digest = self._hashers.submit(tcp_wire.checksum, views)
         try:
             tcp_wire.send_views(sock, views, deadline_s)
@@ -195,9 +203,10 @@ class TcpKVServicer(KVTransferServicer):
             with self.leases.checkout(
                 request.request_id, request.block_ids, request.lease_secret, request.block_hashes
             ):
-                staging = None
+                staging, committed = None, None
                 if store.device.type == "cpu":
                     views = tcp_wire.block_views(store, request.block_ids)
+                    committed = self._committed_checksum(request.request_id, request.block_ids)
                 else:  # no socket I/O from device memory: pack into pinned host staging
                     staging = self.staging.acquire(size_bytes)
                     store.pack(request.block_ids, out=staging)
@@ -205,7 +214,7 @@ class TcpKVServicer(KVTransferServicer):
                 header = tcp_wire.Header(tcp_wire.Status.OK, len(request.block_ids), size_bytes, fingerprint)
                 try:
                     conn.sendall(header.encode())
-                    checksum = self.send_blocks(conn, views, ticket.deadline_s)
+                    checksum = self.send_blocks(conn, views, ticket.deadline_s, committed)
                     conn.sendall(tcp_wire.TRAILER.pack(checksum))
                 finally:  # the send ended either way: nothing reads the staging buffer any more
                     if staging is not None:
@@ -217,6 +226,14 @@ class TcpKVServicer(KVTransferServicer):
         self._count("served")
         self.num_pulls_served += 1
         self.bytes_served += size_bytes
+
+    def _committed_checksum(self, request_id: str, block_ids: tuple[int, ...]) -> int | None:
+        """The crc32c of the packed blocks (plane by plane, in `block_ids` order), combined from
+        their digests taken at grant; None if there are none (then `send_blocks` hashes)."""
+        committed = None if self.digests is None else self.digests.for_pull(request_id, block_ids)
+        if committed is None:
+            return None
+        return block_digests.combine(committed, self.store.plane_bytes(1), [0])[0]
 
     def _count(self, name: str) -> None:
         with self._lock:
