@@ -29,7 +29,7 @@ from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_ha
 
 class HangingServicer(TcpKVServicer):
     def send_blocks(
-        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: int | None = None
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
     ) -> int:
         flat = b"".join(bytes(v) for v in views)
         sock.sendall(flat[: len(flat) // 2])

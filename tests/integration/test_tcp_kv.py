@@ -363,7 +363,7 @@ class CorruptingServicer(TcpKVServicer):
     """Flips byte 7 of the first view on the wire, after it was hashed."""
 
     def send_blocks(
-        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: int | None = None
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
     ) -> int:
         first = bytearray(views[0])
         first[7] ^= 0x10
@@ -375,7 +375,7 @@ class CuttingServicer(TcpKVServicer):
     """Sends the first half of the bytes, then drops the connection."""
 
     def send_blocks(
-        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: int | None = None
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
     ) -> int:
         flat = b"".join(bytes(v) for v in views)
         sock.sendall(flat[: len(flat) // 2])
@@ -439,7 +439,7 @@ class StallingServicer(TcpKVServicer):
         self.halfway, self.go = threading.Event(), threading.Event()
 
     def send_blocks(
-        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: int | None = None
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
     ) -> int:
         flat = b"".join(bytes(v) for v in views)
         sock.sendall(flat[: len(flat) // 2])

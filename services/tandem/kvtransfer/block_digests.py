@@ -94,6 +94,11 @@ def combine(digests: np.ndarray, piece_bytes: int, starts: Sequence[int]) -> lis
     return [int(v) for v in np.bitwise_xor.reduceat(values, bounds[:-1])] if len(values) else []
 
 
+def combined(digests: Digests, piece_bytes: int) -> int:
+    """The crc32c of all the pieces of `digests` in order (row by row): one group of `combine`."""
+    return combine(digests, piece_bytes, [0])[0]
+
+
 class LeaseDigests:
     """The per-block digests of a source store's leases (module doc). Thread-safe."""
 

@@ -7,9 +7,11 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
    segment). P admits it as PullKVShm does and answers UNIMPLEMENTED if its cache is not a
    shared pool (a CUDA cache): D then uses the segment path (shm_transport.py) with P for good.
 2. P checks the lease out (pinned: neither freed nor reused while the stream lasts) and sends
-   its pool's name, owner pid and block count; then hashes the leased blocks in a thread, one
-   crc32c (one of the wire contract's two) per chunk of the packed layout (shm_pool_copy.py), and sends
-   the digests.
+   its pool's name, owner pid and block count; then, in a thread, one crc32c (one of the wire
+   contract's two) per chunk of the packed layout (shm_pool_copy.py), and sends the digests.
+   Each is combined from the per-block crc32c taken when the lease was granted
+   (block_digests.py: the pull reads no block); a lease granted before the source served has
+   none, and its chunks are hashed from the pool now.
 3. Meanwhile D maps the pool read-only (once per source pid, re-checked each pull: a pool file
    named for that pid in our pid namespace, a regular file of our uid, exactly `num_blocks *
    bytes_per_block` bytes), checks the block ids are in range, and on reader threads (the

@@ -15,7 +15,8 @@ Lifecycle of one pull on P (the receiver's side: tcp_transport.py):
    TOKEN_TIMEOUT_S) for that call to issue or refuse the ticket.
 3. The sender checks the lease out again (it may have ended since step 1; then the header says
    why and nothing follows), sends the header, the blocks straight from the cache (CPU; on
-   CUDA packed into pinned staging first) and the crc32c trailer, then unpins the lease.
+   CUDA packed into pinned staging first) and the crc32c trailer (from the blocks' digests
+   taken at grant, block_digests.py, when it has them), then unpins the lease.
    A receiver that goes away mid-transfer ends the send with an error that is logged and
    counted; the lease stays until ReleaseKV or expiry, as for every transport.
 The servicer also serves PullKV and ReleaseKV (it extends the gRPC transport's).
@@ -128,16 +129,20 @@ class TcpKVServicer(KVTransferServicer):
         return kv_codec.TcpTicket(self.address, token, len(block_ids) * self.store.bytes_per_block)
 
     def send_blocks(
-        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: int | None = None
+        self,
+        sock: socket.socket,
+        views: list[memoryview],
+        deadline_s: float,
+        committed: block_digests.Digests | None = None,
     ) -> int:
-        """Send the packed blocks and return their crc32c: `committed` (combined from the
-        digests taken at grant, block_digests.py), else hashed in another thread meanwhile
-        (sender thread, lease checked out: the hash ends before this returns or raises).
+        """Send the packed blocks and return their crc32c, computed in another thread meanwhile
+        (sender thread, lease checked out: it ends before this returns or raises): combined
+        from `committed`, the blocks' digests taken at grant (block_digests.py), else hashed.
         Tests override it to corrupt or cut the stream."""
-        if committed is not None:
-            tcp_wire.send_views(sock, views, deadline_s)
-            return committed
-        digest = self._hashers.submit(tcp_wire.checksum, views)
+        if committed is None:
+            digest = self._hashers.submit(tcp_wire.checksum, views)
+        else:
+            digest = self._hashers.submit(block_digests.combined, committed, self.store.plane_bytes(1))
         try:
             tcp_wire.send_views(sock, views, deadline_s)
         finally:
@@ -206,7 +211,8 @@ class TcpKVServicer(KVTransferServicer):
                 staging, committed = None, None
                 if store.device.type == "cpu":
                     views = tcp_wire.block_views(store, request.block_ids)
-                    committed = self._committed_checksum(request.request_id, request.block_ids)
+                    if self.digests is not None:  # None: none taken at grant (send_blocks hashes)
+                        committed = self.digests.for_pull(request.request_id, request.block_ids)
                 else:  # no socket I/O from device memory: pack into pinned host staging
                     staging = self.staging.acquire(size_bytes)
                     store.pack(request.block_ids, out=staging)
@@ -226,14 +232,6 @@ class TcpKVServicer(KVTransferServicer):
         self._count("served")
         self.num_pulls_served += 1
         self.bytes_served += size_bytes
-
-    def _committed_checksum(self, request_id: str, block_ids: tuple[int, ...]) -> int | None:
-        """The crc32c of the packed blocks (plane by plane, in `block_ids` order), combined from
-        their digests taken at grant; None if there are none (then `send_blocks` hashes)."""
-        committed = None if self.digests is None else self.digests.for_pull(request_id, block_ids)
-        if committed is None:
-            return None
-        return block_digests.combine(committed, self.store.plane_bytes(1), [0])[0]
 
     def _count(self, name: str) -> None:
         with self._lock:
