@@ -114,7 +114,10 @@ class LeaseDigests:
         ids = tuple(block_ids)
         if not ids:
             return
-        future = self._hasher.submit(digest_blocks, self.planes, ids)
+        try:
+            future = self._hasher.submit(digest_blocks, self.planes, ids)
+        except RuntimeError:  # closed, or the interpreter is exiting: its pulls hash their blocks
+            return
         with self._lock:
             self._by_request[request_id] = ({b: i for i, b in enumerate(ids)}, future)
 

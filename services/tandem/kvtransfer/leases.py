@@ -137,10 +137,9 @@ class LeaseTable:
             self._leases[request_id] = _Lease(held, deadline, frozenset(held.block_ids), secret, hashes)
             self._ended.pop(request_id, None)
             self._granted += 1
-            digests = self._digests
-        if digests is not None:  # the blocks are written and now pinned: hash them once
-            digests.submit(request_id, held.block_ids[: len(held.block_hashes)])
-        return LeaseGrant(deadline, secret)
+            if self._digests is not None:  # the blocks are written and now pinned: hash them once
+                self._digests.submit(request_id, held.block_ids[: len(held.block_hashes)])  # (queued only)
+            return LeaseGrant(deadline, secret)
 
     @contextmanager
     def checkout(
