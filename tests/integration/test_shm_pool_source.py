@@ -17,10 +17,12 @@ import torch
 
 from tandem.common.layout import KVLayout
 from tandem.engine.kv_cache import KVCacheSpec, allocate_shared, shared_pool_path
+from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer import shm_pool_source
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_digests import digest_blocks
 from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, hash_chunks, planes, runs
 from tandem.kvtransfer.shm_pool_source import PoolMappings
@@ -357,3 +359,17 @@ def test_a_lease_granted_while_serving_is_hashed_once_and_a_block_changed_since_
             await receiver.close()
 
     asyncio.run(run())
+
+
+def test_a_source_whose_cache_has_no_host_view_serves_same_host_pulls_without_pool_or_digests(tmp_path: Path) -> None:
+    """A CUDA prefill worker's cache (the meta device stands in for it here: neither has a
+    numpy view) gets the segment path only: building its servicer must not read the cache."""
+    layout = make_layout()
+    caches = [torch.empty((2, NUM_BLOCKS, 16, 2, 32), device="meta") for _ in range(layout.num_layers)]
+    store = KVBlockStore(caches, layout)
+    leases = LeaseTable(on_free=lambda request_id: None)
+    servicer = ShmKVServicer(store, leases, KVTransferConfig(shm_dir=str(tmp_path)), "host-a")
+    assert (servicer.planes, servicer.digests) == ([], None)
+    leases.grant("req", HeldKV(LEASED, len(LEASED) * 16, synthetic_block_hashes(LEASED)), 30.0)  # nothing hashed
+    assert leases.counters.active == 1
+    servicer.close()

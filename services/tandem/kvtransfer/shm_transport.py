@@ -79,7 +79,8 @@ class ShmKVServicer:
     def __init__(self, store: KVBlockStore, leases: LeaseTable, config: KVTransferConfig, host_id: str) -> None:
         self.store, self.leases, self.config, self.host_id = store, leases, config, host_id
         self.lent = LentSegments(config.shm_dir)
-        self.planes = planes(store.kv_caches)  # for hash_pool
+        # for hash_pool: only a CPU cache can be a shared pool (a CUDA one has no numpy view)
+        self.planes = planes(store.kv_caches) if store.device.type == "cpu" else []
         # the one-copy path's sources (a shared pool) hash each lease's blocks once, at grant
         self.digests = leases.digests_for(store) if shared_pool_path(store.kv_caches) is not None else None
         pull_bytes = config.max_blocks_per_pull * store.bytes_per_block
