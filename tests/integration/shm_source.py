@@ -40,7 +40,7 @@ def hang_after_packing(self: ShmKVServicer, plan: ChunkPlan, segment_view: torch
     return 0
 
 
-def hang_hashing(self: ShmKVServicer, block_ids: tuple[int, ...]) -> int:
+def hang_hashing(self: ShmKVServicer, request_id: str, block_ids: tuple[int, ...]) -> int:
     print(json.dumps({"event": "hashing"}), flush=True)
     threading.Event().wait()  # until killed
     return 0

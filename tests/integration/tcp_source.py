@@ -28,7 +28,9 @@ from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_ha
 
 
 class HangingServicer(TcpKVServicer):
-    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
+    def send_blocks(
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
+    ) -> int:
         flat = b"".join(bytes(v) for v in views)
         sock.sendall(flat[: len(flat) // 2])
         print(json.dumps({"event": "sending"}), flush=True)

@@ -17,9 +17,12 @@ import torch
 
 from tandem.common.layout import KVLayout
 from tandem.engine.kv_cache import KVCacheSpec, allocate_shared, shared_pool_path
+from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer import shm_pool_source
 from tandem.kvtransfer.base import FailureReason, KVTransferError
+from tandem.kvtransfer.block_digests import digest_blocks
 from tandem.kvtransfer.block_store import KVBlockStore
+from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, hash_chunks, planes, runs
 from tandem.kvtransfer.shm_pool_source import PoolMappings
@@ -116,8 +119,8 @@ def test_pull_copies_out_of_the_sources_pool_exactly_and_makes_no_segment(tmp_pa
 
 
 class CorruptDigest(ShmKVServicer):
-    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]:
-        digests = super().hash_pool(block_ids)
+    def hash_pool(self, request_id: str, block_ids: tuple[int, ...]) -> list[int]:
+        digests = super().hash_pool(request_id, block_ids)
         return [*digests[:-1], digests[-1] ^ 1]
 
 
@@ -320,3 +323,53 @@ def test_a_receiver_killed_mid_pull_leaves_nothing_and_the_source_serves_on(tmp_
             await receiver.close()
 
         asyncio.run(pull_again())
+
+
+def test_a_lease_granted_while_serving_is_hashed_once_and_a_block_changed_since_fails_closed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def no_pull_time_hash(*_: object) -> list[int]:
+        raise AssertionError("the pull hashed the source's blocks again")
+
+    async def run() -> None:
+        layout = make_layout()
+        source, dest = pooled_source(layout, tmp_path), make_dest(layout)
+        async with serving(source, tmp_path) as (address, side):
+            source.grant()  # as a prefill worker grants: its transport already serves
+            digests = shm_servicer(side).digests
+            assert digests is not None
+            committed = digests.for_pull("req", LEASED)
+            assert committed is not None
+            assert committed.tolist() == digest_blocks(planes(source.store.kv_caches), LEASED).tolist()
+            monkeypatch.setattr("tandem.kvtransfer.shm_transport.hash_chunks", no_pull_time_hash)
+            receiver = transport(tmp_path, "host-a")
+            handle = same_host_handle(source, address)
+            before = snapshot(dest)
+            stats = await receiver.pull(handle, LEASED, SHUFFLED, dest, TIMEOUT_S)
+            assert (stats.transport, stats.shm_fallback) == ("shm", "")
+            assert_moved(source.store, LEASED, dest, SHUFFLED, before)
+            # a byte of layer 1's V in block 25 changes in the pool after the grant: caught
+            source.store.kv_caches[1][1, 25].view(torch.uint8).view(-1)[100] ^= 0x01
+            with pytest.raises(KVTransferError) as caught:
+                await receiver.pull(handle, LEASED, SHUFFLED, dest, TIMEOUT_S)
+            assert caught.value.reason is FailureReason.CHECKSUM  # never fetched again over the network
+            assert str(caught.value).endswith("4 chunk checksums for 4 chunks, first differing chunk 3")
+            assert await receiver.release(handle, TIMEOUT_S) is True
+            assert source.freed == ["req"] and digests.for_pull("req", LEASED) is None  # dropped with the lease
+            await receiver.close()
+
+    asyncio.run(run())
+
+
+def test_a_source_whose_cache_has_no_host_view_serves_same_host_pulls_without_pool_or_digests(tmp_path: Path) -> None:
+    """A CUDA prefill worker's cache (the meta device stands in for it here: neither has a
+    numpy view) gets the segment path only: building its servicer must not read the cache."""
+    layout = make_layout()
+    caches = [torch.empty((2, NUM_BLOCKS, 16, 2, 32), device="meta") for _ in range(layout.num_layers)]
+    store = KVBlockStore(caches, layout)
+    leases = LeaseTable(on_free=lambda request_id: None)
+    servicer = ShmKVServicer(store, leases, KVTransferConfig(shm_dir=str(tmp_path)), "host-a")
+    assert (servicer.planes, servicer.digests) == ([], None)
+    leases.grant("req", HeldKV(LEASED, len(LEASED) * 16, synthetic_block_hashes(LEASED)), 30.0)  # nothing hashed
+    assert leases.counters.active == 1
+    servicer.close()

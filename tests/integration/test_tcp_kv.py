@@ -362,7 +362,9 @@ def test_a_lease_that_ended_after_the_ticket_is_refused_in_the_header() -> None:
 class CorruptingServicer(TcpKVServicer):
     """Flips byte 7 of the first view on the wire, after it was hashed."""
 
-    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
+    def send_blocks(
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
+    ) -> int:
         first = bytearray(views[0])
         first[7] ^= 0x10
         tcp_wire.send_views(sock, [memoryview(first), *views[1:]], deadline_s)
@@ -372,7 +374,9 @@ class CorruptingServicer(TcpKVServicer):
 class CuttingServicer(TcpKVServicer):
     """Sends the first half of the bytes, then drops the connection."""
 
-    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
+    def send_blocks(
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
+    ) -> int:
         flat = b"".join(bytes(v) for v in views)
         sock.sendall(flat[: len(flat) // 2])
         sock.shutdown(socket.SHUT_RDWR)
@@ -434,7 +438,9 @@ class StallingServicer(TcpKVServicer):
         super().__init__(*args)  # type: ignore[arg-type]
         self.halfway, self.go = threading.Event(), threading.Event()
 
-    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
+    def send_blocks(
+        self, sock: socket.socket, views: list[memoryview], deadline_s: float, committed: object = None
+    ) -> int:
         flat = b"".join(bytes(v) for v in views)
         sock.sendall(flat[: len(flat) // 2])
         self.halfway.set()
@@ -637,3 +643,34 @@ def test_prefill_decode_pair_over_tcp_is_exact(tcp_workers, tiny_model_dir: Path
         return all((h := worker_health(w)).free_blocks == h.total_blocks and h.held_leases == 0 for w in (p, d))
 
     assert wait_until(drained, 5.0)
+
+
+def test_a_lease_granted_while_serving_is_sent_unhashed_and_a_block_changed_since_fails_closed(monkeypatch) -> None:
+    source = make_source(BIG)
+    servicer = TcpKVServicer(source.store, source.leases, KVTransferConfig(transport="tcp"))
+    source.grant(blocks=HELD)  # after the servicer attached its digests, as in a prefill worker
+    dest = make_dest(BIG)
+    src_ids, dst_ids = tuple(range(40)), (*range(50, 70), *range(0, 20))
+
+    def no_pull_time_hash(*_: object) -> int:
+        raise AssertionError("the source hashed its blocks again")
+
+    monkeypatch.setattr(tcp_wire, "checksum", no_pull_time_hash)
+
+    async def main() -> None:
+        async with serving(servicer) as address, receiver() as transport:
+            handle = source.handle(address, blocks=HELD)
+            before = snapshot(dest)
+            await transport.pull(handle, src_ids, dst_ids, dest, TIMEOUT_S)
+            assert_moved(source.store, src_ids, dest, dst_ids, before)
+            source.store.kv_caches[2][0, 33].view(torch.uint8).view(-1)[5] ^= 0x40  # changed after the grant
+            await expect_failure(
+                transport.pull(handle, src_ids, dst_ids, dest, TIMEOUT_S),
+                FailureReason.CHECKSUM,
+                f"{servicer.address}: received {40 * dest.bytes_per_block} bytes with crc32c",
+            )
+
+    asyncio.run(main())
+    assert servicer.counters == TcpSourceCounters(served=2)
+    assert source.leases.release("req", source.secrets["req"]) is True
+    assert source.freed == ["req"]

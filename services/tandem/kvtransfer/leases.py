@@ -27,6 +27,10 @@ its own prompt). The lease keeps the hashes the engine recorded for its full blo
 (`HeldKV.block_hashes`) and refuses any difference with `BlockHashMismatch`: a holder of one
 lease's handle cannot have its blocks filed under another prompt's hashes (cache poisoning).
 
+Per-block checksums (block_digests.py): once a source transport attached a `LeaseDigests`
+(`digests_for`), each lease granted from then on has its full blocks hashed once, in the
+digests' thread, and its digests are dropped when the lease is freed.
+
 Thread-safe: every method may be called from any thread.
 """
 
@@ -45,6 +49,8 @@ from dataclasses import dataclass, field
 
 from tandem.common.kv_handle import LEASE_SECRET_BYTES
 from tandem.engine.outputs import HeldKV
+from tandem.kvtransfer.block_digests import LeaseDigests
+from tandem.kvtransfer.block_store import KVBlockStore
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,15 @@ class LeaseTable:
         self._granted = 0
         self._released = 0
         self._expired = 0
+        self._digests: LeaseDigests | None = None
+
+    def digests_for(self, store: KVBlockStore) -> LeaseDigests:
+        """The per-block digests of the leases on `store` (a CPU cache), made on the first call
+        (a source transport's `add_source`); leases granted from then on are hashed at grant."""
+        with self._lock:
+            if self._digests is None or self._digests.store is not store:
+                self._digests = LeaseDigests(store)
+            return self._digests
 
     def grant(self, request_id: str, held: HeldKV, ttl_s: float) -> LeaseGrant:
         """Pin `held` for `ttl_s` seconds; return the deadline (unix seconds) and a new secret."""
@@ -122,6 +137,8 @@ class LeaseTable:
             self._leases[request_id] = _Lease(held, deadline, frozenset(held.block_ids), secret, hashes)
             self._ended.pop(request_id, None)
             self._granted += 1
+            if self._digests is not None:  # the blocks are written and now pinned: hash them once
+                self._digests.submit(request_id, held.block_ids[: len(held.block_hashes)])  # (queued only)
             return LeaseGrant(deadline, secret)
 
     @contextmanager
@@ -258,6 +275,8 @@ class LeaseTable:
 
     # ---- outside the lock ----------------------------------------------------------------
     def _free(self, request_id: str) -> None:
+        if self._digests is not None:
+            self._digests.drop(request_id)
         try:
             self._on_free(request_id)
         except Exception:  # the lease is gone either way; the caller's loop must survive

@@ -49,7 +49,9 @@ import torch
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
+from tandem.engine.kv_cache import shared_pool_path
 from tandem.kvtransfer.base import FailureReason, KVTransferError, TransferStats, check_pull, run_to_completion
+from tandem.kvtransfer.block_digests import combine
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import SERVICE, ChannelCache
 from tandem.kvtransfer.config import KVTransferConfig
@@ -57,7 +59,7 @@ from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word, read_chunks, write_chunks
 from tandem.kvtransfer.shm_pool import POOL_MAX_BYTES, SEGMENT_ALIGN_BYTES, LentSegments, SegmentPool
-from tandem.kvtransfer.shm_pool_copy import hash_chunks, planes
+from tandem.kvtransfer.shm_pool_copy import chunks, hash_chunks, planes
 from tandem.kvtransfer.shm_pool_source import METHOD as POOL_METHOD
 from tandem.kvtransfer.shm_pool_source import PoolPuller, serve_pool
 from tandem.kvtransfer.shm_segments import Segment, sweep_dead
@@ -77,7 +79,10 @@ class ShmKVServicer:
     def __init__(self, store: KVBlockStore, leases: LeaseTable, config: KVTransferConfig, host_id: str) -> None:
         self.store, self.leases, self.config, self.host_id = store, leases, config, host_id
         self.lent = LentSegments(config.shm_dir)
-        self.planes = planes(store.kv_caches)  # for hash_pool
+        # for hash_pool: only a CPU cache can be a shared pool (a CUDA one has no numpy view)
+        self.planes = planes(store.kv_caches) if store.device.type == "cpu" else []
+        # the one-copy path's sources (a shared pool) hash each lease's blocks once, at grant
+        self.digests = leases.digests_for(store) if shared_pool_path(store.kv_caches) is not None else None
         pull_bytes = config.max_blocks_per_pull * store.bytes_per_block
         self.max_segment_bytes = max(-(-pull_bytes // SEGMENT_ALIGN_BYTES) * SEGMENT_ALIGN_BYTES, POOL_MAX_BYTES)
         self._janitor: asyncio.Task[None] | None = None
@@ -98,10 +103,16 @@ class ShmKVServicer:
         methods = {"PullKVShm": handler, POOL_METHOD: pool_handler}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
 
-    def hash_pool(self, block_ids: tuple[int, ...]) -> list[int]:
-        """Worker thread, lease checked out: the xxh64 of each chunk of the blocks read from the
-        shared pool (shm_pool_copy.py). Tests override it to corrupt a digest."""
-        return hash_chunks(self.planes, block_ids)
+    def hash_pool(self, request_id: str, block_ids: tuple[int, ...]) -> list[int]:
+        """Worker thread, lease checked out: the crc32c of each chunk of the blocks in the
+        shared pool (shm_pool_copy.py), combined from the digests taken when the lease was
+        granted (block_digests.py), else read from the pool now. Tests override it to corrupt
+        a digest."""
+        committed = None if self.digests is None else self.digests.for_pull(request_id, block_ids)
+        if committed is None:
+            return hash_chunks(self.planes, block_ids)
+        plan = chunks(len(self.planes), len(block_ids), self.planes[0].shape[1])
+        return combine(committed, self.planes[0].shape[1], [plane * len(block_ids) + first for plane, first, _ in plan])
 
     def pack_into(self, plan: ChunkPlan, segment_view: torch.Tensor) -> int:
         """Worker thread, lease checked out: pack the pull into the segment (its uint8 view),

@@ -15,7 +15,8 @@ Lifecycle of one pull on P (the receiver's side: tcp_transport.py):
    TOKEN_TIMEOUT_S) for that call to issue or refuse the ticket.
 3. The sender checks the lease out again (it may have ended since step 1; then the header says
    why and nothing follows), sends the header, the blocks straight from the cache (CPU; on
-   CUDA packed into pinned staging first) and the crc32c trailer, then unpins the lease.
+   CUDA packed into pinned staging first) and the crc32c trailer (from the blocks' digests
+   taken at grant, block_digests.py, when it has them), then unpins the lease.
    A receiver that goes away mid-transfer ends the send with an error that is logged and
    counted; the lease stays until ReleaseKV or expiry, as for every transport.
 The servicer also serves PullKV and ReleaseKV (it extends the gRPC transport's).
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from tandem.common import kv_codec
-from tandem.kvtransfer import tcp_listener, tcp_wire
+from tandem.kvtransfer import block_digests, tcp_listener, tcp_wire
 from tandem.kvtransfer.base import KVTransferError
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
@@ -74,6 +75,8 @@ class TcpKVServicer(KVTransferServicer):
         self._cond = threading.Condition(self._lock)  # a ticket was issued or refused
         self._refused: dict[bytes, float] = {}  # ticket ids of refused PullKVTcp calls -> until when
         self._hashers = futures.ThreadPoolExecutor(config.max_inflight_sends, thread_name_prefix="kv-tcp-hash")
+        # a CPU cache's leases are hashed once per block at grant: a pull then reads its blocks only to send them
+        self.digests = leases.digests_for(store) if store.device.type == "cpu" else None
         self._listener = tcp_listener.DataListener(
             config.bind_host,
             config.tcp_port,
@@ -125,11 +128,21 @@ class TcpKVServicer(KVTransferServicer):
             raise
         return kv_codec.TcpTicket(self.address, token, len(block_ids) * self.store.bytes_per_block)
 
-    def send_blocks(self, sock: socket.socket, views: list[memoryview], deadline_s: float) -> int:
-        """Send the packed blocks and return their crc32c, hashed in another thread meanwhile
-        (sender thread, lease checked out: the hash ends before this returns or raises).
+    def send_blocks(
+        self,
+        sock: socket.socket,
+        views: list[memoryview],
+        deadline_s: float,
+        committed: block_digests.Digests | None = None,
+    ) -> int:
+        """Send the packed blocks and return their crc32c, computed in another thread meanwhile
+        (sender thread, lease checked out: it ends before this returns or raises): combined
+        from `committed`, the blocks' digests taken at grant (block_digests.py), else hashed.
         Tests override it to corrupt or cut the stream."""
-        digest = self._hashers.submit(tcp_wire.checksum, views)
+        if committed is None:
+            digest = self._hashers.submit(tcp_wire.checksum, views)
+        else:
+            digest = self._hashers.submit(block_digests.combined, committed, self.store.plane_bytes(1))
         try:
             tcp_wire.send_views(sock, views, deadline_s)
         finally:
@@ -195,9 +208,11 @@ class TcpKVServicer(KVTransferServicer):
             with self.leases.checkout(
                 request.request_id, request.block_ids, request.lease_secret, request.block_hashes
             ):
-                staging = None
+                staging, committed = None, None
                 if store.device.type == "cpu":
                     views = tcp_wire.block_views(store, request.block_ids)
+                    if self.digests is not None:  # None: none taken at grant (send_blocks hashes)
+                        committed = self.digests.for_pull(request.request_id, request.block_ids)
                 else:  # no socket I/O from device memory: pack into pinned host staging
                     staging = self.staging.acquire(size_bytes)
                     store.pack(request.block_ids, out=staging)
@@ -205,7 +220,7 @@ class TcpKVServicer(KVTransferServicer):
                 header = tcp_wire.Header(tcp_wire.Status.OK, len(request.block_ids), size_bytes, fingerprint)
                 try:
                     conn.sendall(header.encode())
-                    checksum = self.send_blocks(conn, views, ticket.deadline_s)
+                    checksum = self.send_blocks(conn, views, ticket.deadline_s, committed)
                     conn.sendall(tcp_wire.TRAILER.pack(checksum))
                 finally:  # the send ended either way: nothing reads the staging buffer any more
                     if staging is not None:

@@ -15,10 +15,12 @@ before a byte lands in its pool, and reads exactly the size it computed itself.
 The packed blocks move straight between the caches: `block_views` lists the packed layout as
 views of the cache, plane by plane, one view per run of consecutive block ids (no copy). The
 loops move them in batches of at most PIECE_BYTES (one `sendmsg` / `recvmsg_into` of up to
-MAX_IOV views). The source hashes the views in another thread while it sends them (on
-loopback the sender's core also runs the TCP stack, so its hashing would add to the slower
-side); the receiver hashes each batch right after it landed, while it is still in the CPU
-cache (its bytes keep arriving in the socket buffer meanwhile).
+MAX_IOV views). The source's trailer is combined from the per-block crc32c taken when the
+lease was granted (block_digests.py), so a CPU source reads its blocks only to send them;
+without those (a lease granted before the source served, a CUDA cache) it hashes the views
+in another thread while it sends them. The receiver hashes each batch right after it landed,
+while it is still in the CPU cache (its bytes keep arriving in the socket buffer meanwhile;
+hashing in a second receiver thread instead measured no faster here).
 
 The checksum is crc32c, one of the two DESIGN.md allows: with the CPU's crc32 instruction it
 hashes about 1.5x as fast as xxh64 (14 vs 10 GB/s on this machine, where a memcpy does about

@@ -6,8 +6,11 @@ receiver. Rounds interleave raw TCP, the gRPC transport, the torch transport, th
 transport, the torch transport with every pull staged (its path before issue 20), the same-host
 shared-memory transport (SHM: the source serves it under BENCH_HOST_ID with its cache in a shared
 pool file, as a CPU prefill worker's; the receiver pulls with a handle that names that host and
-copies the leased blocks straight out of that pool, hashing them, while the source hashes them
-too: lease, both checksums and the copy into the shuffled blocks are measured) and an
+copies the leased blocks straight out of that pool, hashing them; the source's chunk checksums
+are combined from the per-block crc32c it took once when the lease was granted, as a prefill
+worker does when a prompt finishes (kvtransfer/block_digests.py; the tcp transport's trailer
+likewise): lease, both checksums and the copy into the shuffled blocks are measured, and
+the grant-time hashing of the pull's blocks is timed separately, GRANT_DIGESTS) and an
 in-process memcpy of the same bytes (MEMCPY: one `copy_` of a
 uint8 tensor of the pull's size into another), so that all see the same machine load, and the
 medians are compared. Every transport round is a whole pull (source
@@ -43,10 +46,12 @@ from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.common.plane_auth import ClusterToken
 from tandem.kvtransfer.base import KVTransport, TransferStats, create_transport
+from tandem.kvtransfer.block_digests import digest_blocks
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.grpc_transport import clamp_chunk_bytes
 from tandem.kvtransfer.same_host import SameHostTransport
+from tandem.kvtransfer.shm_pool_copy import planes
 from tandem.kvtransfer.torch_pairs import host_bytes
 from tandem.kvtransfer.torch_plan import plan_messages
 from tandem.launcher.processes import ChildProcess
@@ -65,6 +70,7 @@ STAGED, STAGED_MIN_RUN_BYTES = "torch staged", 1 << 40
 # Same-host hand-off (issue 20): goals against an in-process memcpy of the same bytes and raw TCP.
 SHM, MEMCPY, BENCH_HOST_ID = "same-host shm", "in-process memcpy", "bench-host"
 SHM_MEMCPY_GOAL, SHM_TCP_GOAL = 0.50, 2.0
+GRANT_DIGESTS = "source's per-block digests at grant"  # prefill side, once per lease: not in a pull
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class KVBenchReport:
     bytes_per_block: int
     layout: KVLayout
     exact: bool
+    grant_digests_ms: float  # median ms of hashing the pull's blocks per block, as the source does at grant
 
     def ratio(self, name: str) -> float:
         return self.results[name].median / self.results["raw tcp"].median
@@ -216,6 +223,7 @@ async def _bench(
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     received = bytearray(size_bytes)
     results = {name: BenchResult(name, []) for name in ("raw tcp", *transports, MEMCPY)}
+    source_planes, grant_digests_s = planes(receiver.source.kv_caches), []
     exact = True
     try:
         for round_index in range(rounds + 1):  # round 0 warms up channels, pairs and buffers
@@ -240,12 +248,19 @@ async def _bench(
             copy_dst.copy_(copy_src)
             if round_index:
                 results[MEMCPY].mb_per_s.append(size_bytes / (time.perf_counter() - started) / 1e6)
+            started = time.perf_counter()
+            digest_blocks(source_planes, receiver.handle.block_ids)  # what a source's grant costs it
+            if round_index:
+                grant_digests_s.append(time.perf_counter() - started)
         await transports["grpc"].release(receiver.handle, timeout_s=5.0)
     finally:
         raw.close()
         for transport in transports.values():
             await transport.close()
-    return KVBenchReport(results, size_bytes, num_blocks, receiver.dest.bytes_per_block, layout, exact)
+    grant_digests_ms = statistics.median(grant_digests_s) * 1e3
+    return KVBenchReport(
+        results, size_bytes, num_blocks, receiver.dest.bytes_per_block, layout, exact, grant_digests_ms
+    )
 
 
 # ---- checksum cost of a pull ----------------------------------------------------------------
@@ -370,3 +385,4 @@ def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:
         f"  same-host shm: {shm_copy:.3f} of an in-process memcpy (goal >= {SHM_MEMCPY_GOAL:.2f}), "
         f"{report.ratio(SHM):.2f}x raw tcp (goal >= {SHM_TCP_GOAL:g})"
     )
+    out(f"  {GRANT_DIGESTS}: {report.grant_digests_ms:.1f} ms per pull's blocks (once per lease, not in a pull)")

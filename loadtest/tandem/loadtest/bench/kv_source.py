@@ -129,12 +129,6 @@ async def _main(args: argparse.Namespace) -> None:
         caches = shared
     store = KVBlockStore(caches, layout)
     leases = LeaseTable(on_free=lambda request_id: None)
-    blocks = tuple(range(args.num_blocks))
-    grant = leases.grant(
-        args.request_id,
-        HeldKV(blocks, args.num_blocks * layout.block_size, synthetic_block_hashes(blocks)),
-        LEASE_TTL_S,
-    )
     plane = PlaneAuth().resolve(os.environ)  # the cluster token in TANDEM_CLUSTER_TOKEN (`source_env`)
     plane.require("the KV source")
     first, *others = args.transport.split(",")
@@ -147,6 +141,14 @@ async def _main(args: argparse.Namespace) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(plane))
     for transport in transports:  # PullKV and ReleaseKV: the first one's
         transport.add_source(server, store, leases)
+    # granted once the transports serve, as a prefill worker grants its leases: a source that
+    # hashes each lease's blocks at grant (block_digests.py) does so here, not in a pull
+    blocks = tuple(range(args.num_blocks))
+    grant = leases.grant(
+        args.request_id,
+        HeldKV(blocks, args.num_blocks * layout.block_size, synthetic_block_hashes(blocks)),
+        LEASE_TTL_S,
+    )
     port = server.add_insecure_port(f"{args.host}:0")
     await server.start()
     raw_port = 0

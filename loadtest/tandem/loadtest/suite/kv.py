@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tandem.loadtest.bench.kv import (
     BEST_GOAL,
+    GRANT_DIGESTS,
     GRPC_GOAL,
     MEMCPY,
     SHM,
@@ -43,6 +44,7 @@ def run(ctx: BenchContext) -> Section:
             goal=SHM_MEMCPY_GOAL,
         ),
         Figure("same-host shm / raw TCP", report.ratio(SHM), goal=SHM_TCP_GOAL),
+        Figure(f"{GRANT_DIGESTS} (prefill side, once per lease)", report.grant_digests_ms * 1e3, unit=" us"),
     )
     lay = report.layout
     setup = (
@@ -51,11 +53,16 @@ def run(ctx: BenchContext) -> Section:
         f"{lay.head_dim}, {lay.dtype}); source process and receiver on loopback, one torch thread each; "
         f"median of {len(report.results['raw tcp'].mb_per_s)} interleaved rounds. Every pull includes the "
         "source's pack, checksums and the receiver's unpack into a shuffled block table (torch: received "
-        "in place, runs of 64 blocks; tcp: sent from and received into the blocks, hashed per 512 KiB batch; "
+        "in place, runs of 64 blocks; tcp: sent from and received into the blocks, hashed by the receiver per "
+        "512 KiB batch, the source's trailer combined from the per-block crc32c it took at lease grant; "
         "torch staged: into a staging buffer, then unpacked); raw TCP is "
-        "sendall into recv_into of a ready buffer. Same-host shm: the source packs and hashes (xxh64) chunk by "
-        "chunk into the receiver's /dev/shm segment while the receiver hashes and unpacks each published chunk; "
-        "the segment is reused across pulls, as a decode worker's pool does (the warm-up round makes it); "
+        "sendall into recv_into of a ready buffer. Same-host shm: the one-copy path of a CPU worker pair (the "
+        "source's cache is a shared pool file, as a prefill worker's with --kv-shm): the receiver copies the "
+        "leased blocks straight out of the source's pool into its shuffled blocks, hashing them (crc32c) as it "
+        "copies, and compares with the source's crc32c of the same chunks (combined from the per-block crc32c "
+        "the source took once when it granted the lease, as a prefill worker does when a prompt finishes; that "
+        "hashing is timed apart, in the last figure); the receiver maps the pool once per "
+        "source process, as a decode worker does (the warm-up round maps it); "
         "memcpy: one in-process copy_ of the same bytes."
     )
     return Section("kv", "KV hand-off vs raw loopback TCP", setup, figures, tuple(rows))
