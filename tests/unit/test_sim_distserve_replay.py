@@ -10,23 +10,7 @@ import pytest
 from tandem.sim.distserve import CHATBOT_OPT_13B
 from tandem.sim.distserve_replay import Figures, RealRequest, compare, parse_run, render, replay
 from tandem.sim.paper import deployments
-from tandem.sim.types import StepShape
-
-
-class StepCost:
-    """A test double: every step takes `seconds`; hand-offs are free."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def step_seconds(self, step: StepShape) -> float:
-        return self.seconds
-
-    def transfer_seconds(self, nbytes: int) -> float:
-        return 0.0
-
-    def kv_bytes_per_token(self) -> int:
-        return 1000
+from tests.unit.sim_doubles import StepCost
 
 
 def _row(prompt: int, output: int, issue: float, ttft_ms: float, tpot_ms: float) -> str:

@@ -31,23 +31,8 @@ from tandem.sim.paper import (
     reproduce,
 )
 from tandem.sim.stepmodel import StepModelConfig
-from tandem.sim.types import StepShape, TraceRequest
-
-
-class StepCost:
-    """A test double: every step takes `seconds`; hand-offs are free."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def step_seconds(self, step: StepShape) -> float:
-        return self.seconds
-
-    def transfer_seconds(self, nbytes: int) -> float:
-        return 0.0
-
-    def kv_bytes_per_token(self) -> int:
-        return 1000
+from tandem.sim.types import TraceRequest
+from tests.unit.sim_doubles import StepCost
 
 
 def test_max_rate_doubles_then_bisects() -> None:

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,11 +62,17 @@ class TimedRequest:
 Selection = Callable[[Sequence[TimedRequest]], list[int]]
 
 
-def parse_timed(text: str) -> tuple[TimedRequest, ...]:
-    """A `.exp` file's requests in issue order; never evaluates code."""
+def exp_rows(text: str) -> tuple[list[dict[str, Any]], float]:
+    """A `.exp` file's per-request rows in issue order and the first issue time; parsed as a
+    Python literal, never evaluated as code."""
     rows = ast.literal_eval(text.split("\n", 1)[0])
     rows.sort(key=lambda row: row["issue_time"])
-    start = rows[0]["issue_time"]
+    return rows, rows[0]["issue_time"]
+
+
+def parse_timed(text: str) -> tuple[TimedRequest, ...]:
+    """A `.exp` file's requests in issue order; never evaluates code."""
+    rows, start = exp_rows(text)
     return tuple(
         TimedRequest(
             row["prompt_len"],

@@ -23,7 +23,6 @@ tokens, and the share meeting both of the paper's SLOs (TTFT <= 0.25 s, TPOT <= 
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 import sys
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.sim.distserve import CHATBOT_OPT_13B, PaperSetup
+from tandem.sim.distserve_calibrate import exp_rows
 from tandem.sim.paper import ARTIFACT_FITS, PAPER, VLLM_CALIBRATED, Deployment, Variant, deployments
 from tandem.sim.results import percentile
 from tandem.sim.types import TraceRequest
@@ -78,9 +78,7 @@ class RunComparison:
 
 def parse_run(text: str) -> tuple[RealRequest, ...]:
     """A `.exp` file's requests in issue order (module docstring); never evaluates code."""
-    rows = ast.literal_eval(text.split("\n", 1)[0])
-    rows.sort(key=lambda row: row["issue_time"])
-    start = rows[0]["issue_time"]
+    rows, start = exp_rows(text)
     return tuple(
         RealRequest(
             row["issue_time"] - start, row["prompt_len"], row["output_len"], row["ttft_ms"] / 1e3, row["tpot_ms"] / 1e3
