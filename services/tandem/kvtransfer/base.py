@@ -125,6 +125,39 @@ async def run_to_completion(fn: Callable[..., T], *args: object, on_cancel: Call
         raise
 
 
+class CheckedPull:
+    """The start every transport's `pull` shares: the ids as tuples, `check_pull`, and an
+    empty pull answered at once. A transport defines `name` and `_pull`, which moves a
+    non-empty, checked pull (`hashes`: the handle's block hashes, as `check_pull` returns)."""
+
+    name: str
+
+    async def pull(
+        self,
+        handle: KVHandle,
+        src_block_ids: tuple[int, ...],
+        dst_block_ids: tuple[int, ...],
+        store: KVBlockStore,
+        timeout_s: float,
+    ) -> TransferStats:
+        src, dst = tuple(src_block_ids), tuple(dst_block_ids)
+        hashes = check_pull(handle, src, dst, store)
+        if not src:
+            return TransferStats(0, 0.0, 0, 0, transport=self.name)
+        return await self._pull(handle, src, dst, hashes, store, timeout_s)
+
+    async def _pull(
+        self,
+        handle: KVHandle,
+        src: tuple[int, ...],
+        dst: tuple[int, ...],
+        hashes: tuple[int, ...],
+        store: KVBlockStore,
+        timeout_s: float,
+    ) -> TransferStats:
+        raise NotImplementedError
+
+
 class KVTransport(Protocol):
     """One KV hand-off backend, chosen by name in config (`create_transport`).
 

@@ -38,10 +38,10 @@ from tandem.common.kv_codec import ChunkDecodeError, ChunkView, decode_chunk, en
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.kvtransfer.base import (
+    CheckedPull,
     FailureReason,
     KVTransferError,
     TransferStats,
-    check_pull,
     run_to_completion,
 )
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
@@ -164,7 +164,7 @@ class KVTransferServicer:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class GrpcTransport:
+class GrpcTransport(CheckedPull):
     """Receiver side of the gRPC transport; one per decode worker, used from its asyncio loop.
     Owns its channel cache and staging buffers."""
 
@@ -181,18 +181,15 @@ class GrpcTransport:
         servicer.register(server)
         self._servicers.append(servicer)
 
-    async def pull(
+    async def _pull(
         self,
         handle: KVHandle,
-        src_block_ids: tuple[int, ...],
-        dst_block_ids: tuple[int, ...],
+        src: tuple[int, ...],
+        dst: tuple[int, ...],
+        hashes: tuple[int, ...],
         store: KVBlockStore,
         timeout_s: float,
     ) -> TransferStats:
-        src, dst = tuple(src_block_ids), tuple(dst_block_ids)
-        hashes = check_pull(handle, src, dst, store)
-        if not src:
-            return TransferStats(0, 0.0, 0, 0)
         started = time.perf_counter()
         buffer = self.staging.acquire(len(src) * store.bytes_per_block)
         try:

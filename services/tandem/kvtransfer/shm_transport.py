@@ -50,7 +50,7 @@ from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.engine.kv_cache import shared_pool_path
-from tandem.kvtransfer.base import FailureReason, KVTransferError, TransferStats, check_pull, run_to_completion
+from tandem.kvtransfer.base import CheckedPull, FailureReason, KVTransferError, TransferStats, run_to_completion
 from tandem.kvtransfer.block_digests import combine
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import SERVICE, ChannelCache
@@ -207,7 +207,7 @@ class ShmKVServicer:
         self.lent.close()
 
 
-class ShmTransport:
+class ShmTransport(CheckedPull):
     """Receiver side; one per decode worker, used from its asyncio loop (via SameHostTransport)."""
 
     name = "shm"
@@ -223,18 +223,15 @@ class ShmTransport:
         self.pooled = PoolPuller(self.channels, self._readers, config.shm_dir)  # the one-copy path
         sweep_dead(config.shm_dir)
 
-    async def pull(
+    async def _pull(
         self,
         handle: KVHandle,
-        src_block_ids: tuple[int, ...],
-        dst_block_ids: tuple[int, ...],
+        src: tuple[int, ...],
+        dst: tuple[int, ...],
+        hashes: tuple[int, ...],
         store: KVBlockStore,
         timeout_s: float,
     ) -> TransferStats:
-        src, dst = tuple(src_block_ids), tuple(dst_block_ids)
-        hashes = check_pull(handle, src, dst, store)
-        if not src:
-            return TransferStats(0, 0.0, 0, 0, transport=self.name)
         started = time.perf_counter()
         if self._trimmer is None:
             self._trimmer = asyncio.get_running_loop().create_task(self._trim_idle())

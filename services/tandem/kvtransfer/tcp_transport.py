@@ -37,7 +37,7 @@ import torch
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer import tcp_wire
-from tandem.kvtransfer.base import FailureReason, KVTransferError, TransferStats, check_pull, run_to_completion
+from tandem.kvtransfer.base import CheckedPull, FailureReason, KVTransferError, TransferStats, run_to_completion
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import ChannelCache, release_remote
 from tandem.kvtransfer.config import KVTransferConfig
@@ -48,7 +48,7 @@ from tandem.kvtransfer.tcp_source import TcpKVServicer
 from tandem.kvtransfer.torch_pairs import parse_address
 
 
-class TcpTransport:
+class TcpTransport(CheckedPull):
     """Receiver side; one per decode worker, used from its asyncio loop. Owns its channels and
     its staging buffers (CUDA caches only) and its kept data connections."""
 
@@ -67,18 +67,15 @@ class TcpTransport:
         servicer.register(server)
         self._servicers.append(servicer)
 
-    async def pull(
+    async def _pull(
         self,
         handle: KVHandle,
-        src_block_ids: tuple[int, ...],
-        dst_block_ids: tuple[int, ...],
+        src: tuple[int, ...],
+        dst: tuple[int, ...],
+        hashes: tuple[int, ...],
         store: KVBlockStore,
         timeout_s: float,
     ) -> TransferStats:
-        src, dst = tuple(src_block_ids), tuple(dst_block_ids)
-        hashes = check_pull(handle, src, dst, store)
-        if not src:
-            return TransferStats(0, 0.0, 0, 0, transport=self.name)
         started, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
         address = handle.source_address
         call = self.channels.unary(

@@ -38,10 +38,10 @@ import xxhash
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer.base import (
+    CheckedPull,
     FailureReason,
     KVTransferError,
     TransferStats,
-    check_pull,
     run_to_completion,
 )
 from tandem.kvtransfer.block_store import KVBlockStore
@@ -54,7 +54,7 @@ from tandem.kvtransfer.torch_plan import Message, cache_views, plan_messages, pl
 from tandem.kvtransfer.torch_source import TorchKVServicer
 
 
-class TorchTransport:
+class TorchTransport(CheckedPull):
     """Receiver side; one per decode worker, used from its asyncio loop. Owns its channels,
     its TCPStore, its pairs (one per source address) and its thread pool."""
 
@@ -74,18 +74,15 @@ class TorchTransport:
         servicer.register(server)
         self._servicers.append(servicer)
 
-    async def pull(
+    async def _pull(
         self,
         handle: KVHandle,
-        src_block_ids: tuple[int, ...],
-        dst_block_ids: tuple[int, ...],
+        src: tuple[int, ...],
+        dst: tuple[int, ...],
+        hashes: tuple[int, ...],
         store: KVBlockStore,
         timeout_s: float,
     ) -> TransferStats:
-        src, dst = tuple(src_block_ids), tuple(dst_block_ids)
-        hashes = check_pull(handle, src, dst, store)
-        if not src:
-            return TransferStats(0, 0.0, 0, 0)
         started, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
         address = handle.source_address
         pair = self._pair_for(address, store)
