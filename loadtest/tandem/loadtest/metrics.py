@@ -27,24 +27,9 @@ from typing import Any
 
 from tandem.loadtest.record import ErrorKind, RequestRecord
 from tandem.loadtest.slo import SLO
+from tandem.sim.results import percentile  # the simulator reports the same percentiles
 
 PERCENTILES = (50.0, 90.0, 99.0)
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """The p-th percentile (0 <= p <= 100) of `values` by linear interpolation (numpy's default).
-
-    Raises ValueError on an empty sequence or p outside [0, 100].
-    """
-    if not values:
-        raise ValueError("percentile() of an empty sequence is undefined.")
-    if not 0.0 <= p <= 100.0:
-        raise ValueError(f"percentile p must be within [0, 100], got {p}.")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (rank - low) * (ordered[high] - ordered[low])
 
 
 @dataclass(frozen=True)

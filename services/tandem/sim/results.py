@@ -22,9 +22,15 @@ PERCENTILES = (50.0, 90.0, 99.0)
 
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """The p-th percentile of `values` (sorted or not) by linear interpolation."""
+    """The p-th percentile (0 <= p <= 100) of `values` (sorted or not) by linear interpolation
+    (numpy's default); the load generator's report uses it too.
+
+    Raises ValueError on an empty sequence or p outside [0, 100].
+    """
     if not values:
         raise ValueError("percentile() of an empty sequence is undefined.")
+    if not 0.0 <= p <= 100.0:
+        raise ValueError(f"percentile p must be within [0, 100], got {p}.")
     ordered = sorted(values)
     rank = (len(ordered) - 1) * p / 100.0
     low = math.floor(rank)
