@@ -39,7 +39,8 @@ class RateMeter:
         self._events: collections.deque[tuple[float, float]] = collections.deque(maxlen=MAX_EVENTS)
         self._total = 0.0
         self._busy_since: float | None = None  # None: idle now
-        self._busy: collections.deque[tuple[float, float]] = collections.deque(maxlen=MAX_EVENTS)
+        self._busy: collections.deque[tuple[float, float]] = collections.deque()  # closed (begin, end)
+        self._busy_total = 0.0  # seconds of the closed intervals in `_busy`
 
     def add(self, amount: float = 1.0) -> None:
         now = self._clock()
@@ -55,16 +56,23 @@ class RateMeter:
         if busy and self._busy_since is None:
             self._busy_since = now
         elif not busy and self._busy_since is not None:
+            if len(self._busy) == MAX_EVENTS:
+                begin, end = self._busy.popleft()
+                self._busy_total -= end - begin
             self._busy.append((self._busy_since, now))
+            self._busy_total += now - self._busy_since
             self._busy_since = None
             self._expire(now)
 
     def busy_seconds(self) -> float:
-        """Busy seconds within the window, up to now."""
+        """Busy seconds within the window, up to now (O(1): only the oldest interval can
+        reach past the window's start)."""
         now = self._clock()
         self._expire(now)
         start = now - self.window_s
-        seconds = sum(end - max(begin, start) for begin, end in self._busy)
+        seconds = self._busy_total
+        if self._busy and self._busy[0][0] < start:
+            seconds -= start - self._busy[0][0]
         if self._busy_since is not None:
             seconds += now - max(self._busy_since, start)
         return seconds
@@ -86,7 +94,10 @@ class RateMeter:
         if not self._events:
             self._total = 0.0  # no float drift left behind
         while self._busy and self._busy[0][1] < now - self.window_s:
-            self._busy.popleft()
+            begin, end = self._busy.popleft()
+            self._busy_total -= end - begin
+        if not self._busy:
+            self._busy_total = 0.0
 
 
 class Throughput:
