@@ -1,6 +1,7 @@
 """sim_validate's serving correction: the served decode steps measured by the probes set the
 step's fixed and per-sequence terms, the rest of the TTFT is the gateway's latency, and a
-probe's decode step leaves out the gaps another probe's prefill can have fallen into."""
+probe's decode step leaves out the gaps another probe's prefill can have fallen into; the
+simulated requests arrive when the real ones were sent."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import re
 import pytest
 
 from tandem.loadtest.record import RequestRecord
-from tandem.loadtest.suite.sim_validate import Serving, decode_step_s
+from tandem.loadtest.request import WorkloadRequest
+from tandem.loadtest.suite.sim_validate import Serving, decode_step_s, sent_trace
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients
-from tandem.sim.types import StepShape
+from tandem.sim.types import StepShape, TraceRequest
 
 # the engine's fit; its fixed and per-sequence terms are replaced by the served ones
 ENGINE = CalibratedCostModel("m", Coefficients(0.007, 1e-4, 0.0005, 1e-7, 1e-6, 4e-4, 6e-4), kv_bytes=4096)
@@ -62,3 +64,17 @@ def test_a_probes_decode_step_skips_gaps_that_overlap_another_probes_wait() -> N
     assert decode_step_s([a, b, alone]) == pytest.approx([0.1, 0.075], rel=1e-12)
     # its own wait never counts against a request
     assert decode_step_s([a]) == pytest.approx([0.4 / 3], rel=1e-12)
+
+
+def test_the_simulated_trace_arrives_when_the_load_generator_sent_each_request() -> None:
+    requests = [WorkloadRequest(f"r{i}", (1,) * 4, 8) for i in range(3)]
+    trace = [TraceRequest(0.1 * i, 4 + i, 8) for i in range(3)]
+    # r0 was due at 0 but went out at 0.15, after r1 (due and sent at 0.1)
+    records = [_record("r1", 0.1, (0.2,)), _record("r0", 0.15, (0.3,)), _record("r2", 0.2, (0.4,))]
+    assert sent_trace(trace, requests, records) == (
+        TraceRequest(0.1, 5, 8),
+        TraceRequest(0.15, 4, 8),
+        TraceRequest(0.2, 6, 8),
+    )
+    with pytest.raises(ValueError, match=r"^the real run has no record of \['r2'\] \(3 traced, 3 sent\)$"):
+        sent_trace(trace, requests, records[:2])

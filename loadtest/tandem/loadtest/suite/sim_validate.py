@@ -26,8 +26,9 @@
    a sequence falls with the batch (about 1 ms from 1 to 2 sequences, 0.4 ms per sequence
    from 4 to 8), so a line through 1 and 8 sequences made the steps of 2 and 3 up to 15% too
    fast.
-3. Simulation: the same requests at the same send times (`sim_workloads.workload_trace`, same
-   seed) on a simulated cluster with the worker's batcher limits and KV pool.
+3. Simulation: the same requests (`sim_workloads.workload_trace`, same seed) at the times the
+   load generator really sent them (`sent_trace`), on a simulated cluster with the worker's
+   batcher limits and KV pool.
 The figures are |simulated - real| / real per metric; goal <= 0.15 each. ITL is compared as the
 p50 of the requests' mean gaps on both sides (the load generator's TPOT), the simulator's ITL. The real run's
 figures include what the simulator does not model (HTTP, tokenisation, gRPC, SSE), which is
@@ -51,6 +52,7 @@ from tandem.loadtest.arrivals import ClosedLoop, OpenLoop
 from tandem.loadtest.metrics import summarize
 from tandem.loadtest.record import RequestRecord
 from tandem.loadtest.request import WorkloadRequest
+from tandem.loadtest.runner import RunResult
 from tandem.loadtest.sim_calibration import CalibrationGrid, calibrate
 from tandem.loadtest.sim_workloads import workload_trace
 from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
@@ -62,6 +64,7 @@ from tandem.sim.calibrate import CalibratedCostModel, Coefficients, relative_lea
 from tandem.sim.cluster import ClusterConfig, ClusterSim
 from tandem.sim.results import SimResult
 from tandem.sim.stepmodel import StepModelConfig
+from tandem.sim.types import TraceRequest
 
 GOAL = 0.15
 WORKER_CPU, SHARED_CPU = 0, 1
@@ -184,9 +187,26 @@ def _probe(
     return decodes, ttfts
 
 
-def _simulate(cost: CalibratedCostModel, gateway_s: float, ctx: BenchContext, num_requests: int) -> SimResult:
+def sent_trace(
+    trace: Sequence[TraceRequest], requests: Sequence[WorkloadRequest], records: Sequence[RequestRecord]
+) -> tuple[TraceRequest, ...]:
+    """`trace` (the i-th entry is `requests[i]`) arriving when the load generator really sent
+    each request (its record's `start_s`, on the run's clock, like the trace's times), in the
+    order they were sent. The schedule is not what was sent: the first request goes out late,
+    once the client is up (about 50 ms on this machine), bunched with the next ones."""
+    sent = {r.request_id: r.start_s for r in records}
+    missing = [r.request_id for r in requests if r.request_id not in sent]
+    if len(trace) != len(requests) or missing:
+        raise ValueError(f"the real run has no record of {missing[:3]} ({len(trace)} traced, {len(requests)} sent)")
+    timed = [dataclasses.replace(t, arrival_s=sent[r.request_id]) for t, r in zip(trace, requests)]
+    return tuple(sorted(timed, key=lambda t: t.arrival_s))
+
+
+def _simulate(
+    cost: CalibratedCostModel, gateway_s: float, ctx: BenchContext, requests: Sequence[WorkloadRequest], real: RunResult
+) -> SimResult:
     workload = load_workload(WORKLOAD)
-    trace = workload_trace(workload, num_requests, SEED, OpenLoop(RATE_RPS))
+    trace = sent_trace(workload_trace(workload, len(requests), SEED, OpenLoop(RATE_RPS)), requests, real.records)
     engine = ClusterSpec(ctx.model_dir, (WorkerSpec("decode", WORKER_CPU),), SHARED_CPU).config().worker.engine
     num_blocks = KV_CACHE_MIB * MiB // (cost.kv_bytes_per_token() * engine.block_size)
     step = StepModelConfig(
@@ -226,7 +246,7 @@ def run(ctx: BenchContext) -> Section:
     ctx.log(
         f"sim_validate: engine fit {engine_cost.coefficients}; served {cost.coefficients}; gateway {gateway_s:.5f} s"
     )
-    sim = _simulate(cost, gateway_s, ctx, num_requests)
+    sim = _simulate(cost, gateway_s, ctx, requests, real_run)
     sim_throughput = sim.output_tokens_per_s * sim.duration_s / sim.makespan_s if sim.makespan_s else 0.0
     pairs = {
         "TTFT p50 (ms)": ((real.ttft.p50_ms or 0.0), 1000 * (sim.ttft.p50_s or 0.0)),
