@@ -13,8 +13,8 @@
    cluster, half just before the validated run and half just after, and `Serving.apply` fits
    the model to them:
    - prefill probes alone at prompt lengths across the workload's (PREFILL_PROBE_PROMPTS):
-     their TTFTs scale the engine's token, attention, mixed-row and after-prefill terms, and
-     what is left is the fixed step plus the gateway latency;
+     their TTFTs scale the engine's token and attention terms, and what is left is the fixed
+     step plus the gateway latency;
    - decode probes (64-token prompts, 48 output tokens) in closed loop at each of
      PROBE_BATCHES: a probe's decode step is the mean of its gaps that no other probe's
      prefill fell into (the mean, as the validated ITL is a mean per request: a load burst's
@@ -87,8 +87,6 @@ def _calibrate(ctx: BenchContext) -> CalibratedCostModel:
             prefill_chunk_tokens=64,
             decode_batch_sizes=(1, 4, 16),
             decode_context_tokens=(64, 256),
-            mixed_batch_sizes=PROBE_BATCHES,  # a prompt joins 1 to 4 decoding sequences in the run
-            mixed_prompt_tokens=128,
             repeats=ctx.size(5, 1),  # rounds over the grid: the fastest of 5 is rarely slowed by a neighbour
         )
         return calibrate(ctx.model_dir, grid, engine_options={"num_threads": 1}, log=ctx.log)
@@ -266,10 +264,8 @@ def run(ctx: BenchContext) -> Section:
         f"{num_requests} requests of the random workload at {RATE_RPS:g}/s (Poisson, seed {SEED}); one decode "
         f"worker on core {WORKER_CPU} (local prefill, {KV_CACHE_MIB} MiB KV), gateway and load generator on core "
         f"{SHARED_CPU}. CPU cost model fitted on the real engine's step times: step {e.step_s * 1e3:.2f} ms + "
-        f"{e.token_s * 1e6:.1f} us/token + {e.decode_seq_s * 1e6:.1f} us/decoded sequence + attention terms + "
-        f"{e.mixed_seq_s * 1e6:.1f} us per decode row of a mixed step + {e.after_prefill_s * 1e6:.1f} us for "
-        f"the step after a prefill step (fit's worst error {engine_cost.max_relative_error:.0%}); from the served "
-        "probes: step "
+        f"{e.token_s * 1e6:.1f} us/token + {e.decode_seq_s * 1e6:.1f} us/decoded sequence + attention terms "
+        f"(fit's worst error {engine_cost.max_relative_error:.0%}); from the served probes: step "
         f"{c.step_s * 1e3:.2f} ms, {c.decode_seq_s * 1e6:.1f} us/decoded sequence (served decode step by batch "
         f"size, ms: {probed}; TTFT alone by prompt tokens, ms: {ttfts}; token and attention terms scaled by "
         f"{c.token_s / e.token_s if e.token_s else 1.0:.2f}); gateway latency "
