@@ -4,8 +4,6 @@ calibration on the engine times the shapes it claims."""
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,19 +11,11 @@ import pytest
 from tandem.engine.engine import Engine
 from tandem.engine.tiny_model import write_tiny_llama
 from tandem.loadtest.sim_calibration import CalibrationGrid, StepTimer, calibrate, fastest_of_rounds
-from tandem.sim.calibrate import TERMS, CalibratedCostModel, Coefficients, StepTiming, fit, load, save
+from tandem.sim.calibrate import CalibratedCostModel, Coefficients, StepTiming, fit, load, save
 from tandem.sim.costmodel import Link
 from tandem.sim.types import CostModel, StepShape
 
-KNOWN = Coefficients(
-    step_s=2e-3,
-    token_s=5e-5,
-    decode_seq_s=1e-4,
-    prefill_context_s=2e-8,
-    decode_context_s=3e-7,
-    mixed_seq_s=4e-4,
-    after_prefill_s=7e-4,
-)
+KNOWN = Coefficients(step_s=2e-3, token_s=5e-5, decode_seq_s=1e-4, prefill_context_s=2e-8, decode_context_s=3e-7)
 
 
 def _grid() -> list[StepShape]:
@@ -35,37 +25,18 @@ def _grid() -> list[StepShape]:
         for o in (0, 256)
     ]
     decodes = [
-        StepShape(decode_seqs=b, decode_context_tokens=b * c, after_prefill=first)
-        for b, c, first in itertools.product((1, 8, 32), (32, 256), (True, False))
+        StepShape(decode_seqs=b, decode_context_tokens=b * c) for b, c in itertools.product((1, 8, 32), (32, 256))
     ]
-    mixed = [
-        StepShape(prefill_tokens=128, prefill_context_tokens=8256, decode_seqs=b, decode_context_tokens=64 * b)
-        for b in (1, 8)
-    ]
-    return prefills + decodes + mixed
+    return prefills + decodes
 
 
 def test_fit_recovers_known_coefficients() -> None:
     timings = [StepTiming(s, KNOWN.seconds(s)) for s in _grid()]
     model = fit(timings, "synthetic", kv_bytes=4096)
-    for name in TERMS:
+    for name in ("step_s", "token_s", "decode_seq_s", "prefill_context_s", "decode_context_s"):
         assert getattr(model.coefficients, name) == pytest.approx(getattr(KNOWN, name), rel=1e-6)
     assert model.max_relative_error < 1e-9
-    assert model.num_timings == 20
-
-
-def test_mixed_rows_and_the_step_after_a_prefill_are_priced() -> None:
-    model = CalibratedCostModel("m", KNOWN, kv_bytes=1)
-    decode = StepShape(decode_seqs=2, decode_context_tokens=100)
-    plain = 2e-3 + 2 * 5e-5 + 2 * 1e-4 + 100 * 3e-7
-    assert model.step_seconds(decode) == pytest.approx(plain, rel=1e-12)
-    assert model.step_seconds(replace(decode, after_prefill=True)) == pytest.approx(plain + 7e-4, rel=1e-12)
-    # a 10-token prompt joining the two: 10 more tokens, its attention, and 2 rows attended one by one
-    joined = replace(decode, prefill_tokens=10, prefill_context_tokens=55)
-    assert model.step_seconds(joined) == pytest.approx(plain + 10 * 5e-5 + 55 * 2e-8 + 2 * 4e-4, rel=1e-12)
-    # a prompt alone has no decode rows to attend one by one
-    alone = StepShape(prefill_tokens=10, prefill_context_tokens=55)
-    assert model.step_seconds(alone) == pytest.approx(2e-3 + 10 * 5e-5 + 55 * 2e-8, rel=1e-12)
+    assert model.num_timings == 12
 
 
 def test_a_term_that_would_be_negative_is_dropped() -> None:
@@ -92,7 +63,7 @@ def test_fit_minimises_the_relative_error() -> None:
 
 
 def test_fit_needs_enough_positive_timings() -> None:
-    with pytest.raises(ValueError, match=r"^a fit needs at least 2 timings, got 1$"):
+    with pytest.raises(ValueError, match=r"^a fit needs at least 5 timings, got 1$"):
         fit([StepTiming(StepShape(prefill_tokens=1), 1.0)], "m", 1)
     with pytest.raises(ValueError, match=r"^step times must be positive numbers of seconds, got \[0\.0\]$"):
         fit([StepTiming(s, 0.0 if i == 0 else 1.0) for i, s in enumerate(_grid())], "m", 1)
@@ -113,20 +84,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     save(model, tmp_path / "cpu.json")
     assert load(tmp_path / "cpu.json") == model
     (tmp_path / "old.json").write_text('{"format_version": 0}')
-    with pytest.raises(ValueError, match=r"old\.json: ValueError\('format_version must be 1 or 2, got 0'\)$"):
+    with pytest.raises(ValueError, match=r"old\.json: ValueError\('format_version must be 1, got 0'\)$"):
         load(tmp_path / "old.json")
-
-
-def test_a_version_1_model_loads_without_the_mixed_and_after_prefill_terms(tmp_path: Path) -> None:
-    old = Coefficients(2e-3, 5e-5, 1e-4, 2e-8, 3e-7)
-    model = CalibratedCostModel("bench", old, 4096, Link(2e9, 5e-4), max_relative_error=0.07, num_timings=40)
-    save(model, tmp_path / "cpu.json")
-    data = json.loads((tmp_path / "cpu.json").read_text())
-    data["format_version"] = 1
-    for name in ("mixed_seq_s", "after_prefill_s"):
-        del data["coefficients"][name]
-    (tmp_path / "cpu.json").write_text(json.dumps(data))
-    assert load(tmp_path / "cpu.json") == model
 
 
 def test_repeats_are_rounds_over_every_measurement() -> None:
@@ -152,36 +111,25 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_timer_records_the_shapes_it_runs(tiny_dir: Path) -> None:
     timer = StepTimer(Engine.from_pretrained(tiny_dir, enable_prefix_caching=False, max_prefill_chunk_tokens=4), seed=0)
-    # 8 prompt tokens in chunks of 4: contexts 1..4 (10), then 5..8 (26), after the first chunk
+    # 8 prompt tokens in chunks of 4: contexts 1..4 (10), then 5..8 (26)
     assert [t.step for t in timer.prefill(8, 4)] == [
         StepShape(prefill_tokens=4, prefill_context_tokens=10),
-        StepShape(prefill_tokens=4, prefill_context_tokens=26, after_prefill=True),
+        StepShape(prefill_tokens=4, prefill_context_tokens=26),
     ]
-    # 2 prompts of 4 tokens, each with its first token: 2 x 5, then 2 x 6 attended tokens; the
-    # first step follows their prefill
+    # 2 prompts of 4 tokens, each with its first token: 2 x 5, then 2 x 6 attended tokens
     assert [t.step for t in timer.decode(2, 4, 2)] == [
-        StepShape(decode_seqs=2, decode_context_tokens=10, after_prefill=True),
+        StepShape(decode_seqs=2, decode_context_tokens=10),
         StepShape(decode_seqs=2, decode_context_tokens=12),
-    ]
-    # 2 prompts of 4 tokens decode a step (2 x 5 attended), then a 3-token prompt joins them
-    # (contexts 1 + 2 + 3; 2 x 6 attended) and leaves; they decode 2 x 7, then 2 x 8
-    assert [t.step for t in timer.mixed(2, 4, 3)] == [
-        StepShape(prefill_tokens=3, prefill_context_tokens=6, decode_seqs=2, decode_context_tokens=12),
-        StepShape(decode_seqs=2, decode_context_tokens=14, after_prefill=True),
-        StepShape(decode_seqs=2, decode_context_tokens=16),
     ]
     assert not timer.engine.has_unfinished()
     timer.engine.check_integrity()
 
 
 def test_a_tiny_real_calibration_round_trips(tiny_dir: Path, tmp_path: Path) -> None:
-    grid = CalibrationGrid(
-        (4, 8), 4, (1, 2), (4, 8), decode_steps=2, repeats=2, mixed_batch_sizes=(1, 2), mixed_prompt_tokens=4
-    )
+    grid = CalibrationGrid((4, 8), 4, (1, 2), (4, 8), decode_steps=2, repeats=1)
     model = calibrate(tiny_dir, grid)
     assert model.model_name == "tiny"
-    # prefills, the chunked prompt's chunks, decode steps, mixed measurements (their rounds agree)
-    assert model.num_timings == 2 + 2 + 2 * 2 * 2 + 2 * 3
+    assert model.num_timings == 2 + 2 + 2 * 2 * 2  # prefills, the chunked prompt's chunks, decode steps
     assert model.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
     assert model.step_seconds(StepShape(prefill_tokens=8, prefill_context_tokens=36)) > 0
     save(model, tmp_path / "tiny.json")

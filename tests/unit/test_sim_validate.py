@@ -17,24 +17,21 @@ from tandem.sim.calibrate import CalibratedCostModel, Coefficients
 from tandem.sim.types import StepShape, TraceRequest
 
 # the engine's fit; its fixed and per-sequence terms are replaced by the served ones
-ENGINE = CalibratedCostModel("m", Coefficients(0.007, 1e-4, 0.0005, 1e-7, 1e-6, 4e-4, 6e-4), kv_bytes=4096)
+ENGINE = CalibratedCostModel("m", Coefficients(0.007, 1e-4, 0.0005, 1e-7, 1e-6), kv_bytes=4096)
 
 
 def test_probes_scale_the_engine_terms_and_set_the_fixed_and_per_sequence_terms() -> None:
     # the engine prefills 64, 128 and 256 tokens in 64e-4 + 1e-7 x 2080 = 6.608 ms, 12.8 +
     # 0.8256 = 13.6256 ms and 25.6 + 3.2896 = 28.8896 ms of token and attention terms; TTFTs
-    # alone of 8 ms + 1.5 times those lie on one line: the terms are scaled by 1.5 (and so are
-    # the engine's mixed-row and after-prefill terms), and the 8 ms are the fixed step (3 ms,
-    # from the decode steps below) and the gateway (5 ms)
+    # alone of 8 ms + 1.5 times those lie on one line: the terms are scaled by 1.5, and the
+    # 8 ms are the fixed step (3 ms, from the decode steps below) and the gateway (5 ms)
     ttfts = {64: 0.017912, 128: 0.0284384, 256: 0.0513344}
     # a probe decodes at context 64 + 48 / 2 = 88: b x (1.5e-4 + 88 x 1.5e-6) = 0.282 ms per
     # sequence; steps of 0.003 + 0.001182 b (b = 1, 2, 4) leave 0.003 + 0.0009 b to the served
     # fixed and per-sequence terms, on one line: the fit is exact
     steps = {1: 0.004182, 2: 0.005364, 4: 0.007728}
     served, gateway_s = Serving(steps, ttfts).apply(ENGINE)
-    assert dataclasses.astuple(served.coefficients) == pytest.approx(
-        (0.003, 1.5e-4, 0.0009, 1.5e-7, 1.5e-6, 6e-4, 9e-4), rel=1e-9
-    )
+    assert dataclasses.astuple(served.coefficients) == pytest.approx((0.003, 1.5e-4, 0.0009, 1.5e-7, 1.5e-6), rel=1e-9)
     for batch, seconds in steps.items():
         step = StepShape(decode_seqs=batch, decode_context_tokens=88 * batch)
         assert served.step_seconds(step) == pytest.approx(seconds, rel=1e-9)

@@ -9,16 +9,7 @@ that every prompt token is computed), times its steps on a grid of shapes, and f
    (chunk k attends to the k earlier chunks too);
 3. decode: for each batch size b and context c, b prompts of c tokens are prefilled (untimed),
    then `decode_steps` steps of b sequences are timed (each sequence attends its prompt and the
-   tokens it has so far);
-4. mixed: for each of `mixed_batch_sizes` b, b sequences decode (prompts of the smallest decode
-   context, prefilled untimed), a prompt of `mixed_prompt_tokens` joins them (the timed mixed
-   step: its prompt and b decode rows), then two timed decode steps of the b sequences (the
-   prompt asked for one token, so it leaves at once): the first follows a prefill step, the
-   second does not.
-
-Every timing records whether the step before it, on this core, computed prompt tokens
-(`StepShape.after_prefill`; the timers of one calibration share that record, `CoreHistory`):
-that step pays for the prefill's cold caches (`tandem.sim.calibrate`).
+   tokens it has so far).
 
 Each shape runs `repeats` times and its fastest time is kept: on a shared machine a run
 is only ever slowed down by the others, so the minimum is the most repeatable estimate of a
@@ -31,10 +22,10 @@ import the engine (layering).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -47,7 +38,7 @@ from tandem.sim.costmodel import Link
 from tandem.sim.types import StepShape
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class CalibrationGrid:
     """The step shapes `calibrate` times (module docstring)."""
 
@@ -57,30 +48,18 @@ class CalibrationGrid:
     decode_context_tokens: tuple[int, ...] = (32, 256)
     decode_steps: int = 4
     repeats: int = 5
-    mixed_batch_sizes: tuple[int, ...] = (1, 8)
-    mixed_prompt_tokens: int = 128
 
     def __post_init__(self) -> None:
         sizes = (*self.prefill_tokens, *self.decode_batch_sizes, *self.decode_context_tokens)
         if not self.prefill_tokens or not self.decode_batch_sizes or not self.decode_context_tokens:
             raise ValueError("a calibration grid needs prefill sizes, decode batch sizes and decode contexts")
-        sizes += (*self.mixed_batch_sizes, self.mixed_prompt_tokens)
         if min(sizes) < 1 or min(self.prefill_chunk_tokens, self.decode_steps, self.repeats) < 1:
             raise ValueError(f"every size, count and repeat of a calibration grid must be >= 1: {self}")
 
     def max_tokens_in_flight(self, budget: int) -> int:
-        """KV tokens the largest decode or mixed configuration may hold (`decode_max_tokens`
-        each, and the mixed step's prompt)."""
+        """KV tokens the largest decode configuration may hold (`decode_max_tokens` each)."""
         batch, context = max(self.decode_batch_sizes), max(self.decode_context_tokens)
-        decode = batch * (context + decode_max_tokens(batch, context, self.decode_steps, budget))
-        batch, context = max(self.mixed_batch_sizes, default=0), min(self.decode_context_tokens)
-        mixed = batch * (context + decode_max_tokens(batch, context, MIXED_STEPS, budget)) + self.mixed_prompt_tokens
-        return max(decode, mixed)
-
-    def budget(self) -> int:
-        """Tokens per step: the largest prompt in one step, a mixed step, two steps' decodes."""
-        mixed = self.mixed_prompt_tokens + max(self.mixed_batch_sizes, default=0)
-        return max(max(self.prefill_tokens), 2 * max(self.decode_batch_sizes), mixed)
+        return batch * (context + decode_max_tokens(batch, context, self.decode_steps, budget))
 
 
 def decode_max_tokens(batch: int, context: int, steps: int, budget: int) -> int:
@@ -88,16 +67,6 @@ def decode_max_tokens(batch: int, context: int, steps: int, budget: int) -> int:
     untimed prefill step (a sequence prefilled early decodes while the others prefill). At
     most one step per sequence plus one per budget of prompt tokens prefill the batch."""
     return steps + 1 + batch + math.ceil(batch * context / budget)
-
-
-MIXED_STEPS = 4  # a mixed measurement's decode steps: one untimed before the prompt joins, three after
-
-
-@dataclasses.dataclass
-class CoreHistory:
-    """What the last step run on the calibration's core computed (shared by its timers)."""
-
-    after_prefill: bool = False
 
 
 def _prompt(rng: np.random.Generator, length: int, vocab_size: int) -> list[int]:
@@ -112,9 +81,8 @@ def _context_sum(start: int, count: int) -> int:
 class StepTimer:
     """Runs measurements on one engine; every request gets a fresh id and fresh random tokens."""
 
-    def __init__(self, engine: Engine, seed: int, history: CoreHistory | None = None) -> None:
+    def __init__(self, engine: Engine, seed: int) -> None:
         self.engine = engine
-        self.history = history or CoreHistory()
         self.budget = engine.config.max_num_batched_tokens
         self.rng = np.random.default_rng(seed)
         self.vocab_size = engine.model_config.vocab_size
@@ -132,12 +100,6 @@ class StepTimer:
         self.engine.step()
         return time.perf_counter() - start
 
-    def _shape(self, shape: StepShape) -> StepShape:
-        """`shape` marked with what the step before it computed; this step becomes the last."""
-        after = self.history.after_prefill
-        self.history.after_prefill = shape.prefill_tokens > 0
-        return dataclasses.replace(shape, after_prefill=after)
-
     def prefill(self, length: int, chunk: int) -> list[StepTiming]:
         """One prompt of `length` tokens, computed in steps of at most `chunk` tokens."""
         self.add(length, max_tokens=1)
@@ -145,74 +107,37 @@ class StepTimer:
         for start in range(0, length, chunk):
             count = min(chunk, length - start)
             seconds = self.timed_step()
-            shape = StepShape(prefill_tokens=count, prefill_context_tokens=_context_sum(start, count))
-            timings.append(StepTiming(self._shape(shape), seconds))
+            timings.append(
+                StepTiming(StepShape(prefill_tokens=count, prefill_context_tokens=_context_sum(start, count)), seconds)
+            )
         if self.engine.has_unfinished():
             raise RuntimeError(f"a {length}-token prefill took more steps than chunks of {chunk}")
         return timings
 
     def decode(self, batch: int, context: int, steps: int) -> list[StepTiming]:
         """`batch` prompts of `context` tokens, prefilled untimed, then `steps` timed decode steps."""
-        generated = self._prefilled(batch, context, decode_max_tokens(batch, context, steps, self.budget))
-        timings = [self._decode_step(generated, context) for _ in range(steps)]
-        self._abort(generated)
-        return timings
-
-    def mixed(self, batch: int, context: int, prompt: int) -> list[StepTiming]:
-        """`batch` prompts of `context` tokens, prefilled and decoded a step (untimed); then a
-        prompt of `prompt` tokens joins them (the timed mixed step) and leaves with its one
-        token; then two timed decode steps of the `batch` sequences."""
-        generated = self._prefilled(batch, context, decode_max_tokens(batch, context, MIXED_STEPS, self.budget))
-        self._decode_step(generated, context)
-        joiner = self.add(prompt, max_tokens=1)
-        attended = sum(context + n for n in generated.values())
-        start = time.perf_counter()
-        outputs = self.engine.step()
-        seconds = time.perf_counter() - start
-        if len(outputs) != batch + 1 or not any(o.request_id == joiner and o.finished for o in outputs):
-            raise RuntimeError(f"a {prompt}-token prompt did not join {batch} decoding sequences in one step")
-        for out in outputs:
-            if out.request_id != joiner:
-                generated[out.request_id] += len(out.new_token_ids)
-        shape = StepShape(
-            prefill_tokens=prompt,
-            prefill_context_tokens=_context_sum(0, prompt),
-            decode_seqs=batch,
-            decode_context_tokens=attended,
-        )
-        timings = [StepTiming(self._shape(shape), seconds)]
-        timings += [self._decode_step(generated, context) for _ in range(2)]
-        self._abort(generated)
-        return timings
-
-    def _prefilled(self, batch: int, context: int, max_tokens: int) -> dict[str, int]:
-        """Add `batch` prompts of `context` tokens and step (untimed) until each has its first
-        token: each request's tokens so far, by id."""
-        generated = dict.fromkeys((self.add(context, max_tokens) for _ in range(batch)), 0)
+        max_tokens = decode_max_tokens(batch, context, steps, self.budget)
+        ids = [self.add(context, max_tokens) for _ in range(batch)]
+        generated = dict.fromkeys(ids, 0)
         while min(generated.values()) == 0:
             for out in self.engine.step():
                 generated[out.request_id] += len(out.new_token_ids)
-        self.history.after_prefill = True  # the last of those steps computed a prompt
-        return generated
-
-    def _decode_step(self, generated: dict[str, int], context: int) -> StepTiming:
-        """One timed step of the sequences in `generated` (prompts of `context` tokens), each
-        decoding one token."""
-        # each sequence feeds its last token and attends to its prompt and its tokens so far
-        attended = sum(context + n for n in generated.values())
-        start = time.perf_counter()
-        outputs = self.engine.step()
-        seconds = time.perf_counter() - start
-        if len(outputs) != len(generated):
-            raise RuntimeError(f"a decode step of {len(generated)} sequences produced {len(outputs)} outputs")
-        for out in outputs:
-            generated[out.request_id] += len(out.new_token_ids)
-        return StepTiming(self._shape(StepShape(decode_seqs=len(generated), decode_context_tokens=attended)), seconds)
-
-    def _abort(self, generated: dict[str, int]) -> None:
-        for request_id in generated:
+        timings = []
+        for _ in range(steps):
+            # each sequence feeds its last token and attends to its prompt and its tokens so far
+            attended = sum(context + n for n in generated.values())
+            start = time.perf_counter()
+            outputs = self.engine.step()
+            seconds = time.perf_counter() - start
+            if len(outputs) != batch:
+                raise RuntimeError(f"a decode step of {batch} sequences produced {len(outputs)} outputs")
+            for out in outputs:
+                generated[out.request_id] += len(out.new_token_ids)
+            timings.append(StepTiming(StepShape(decode_seqs=batch, decode_context_tokens=attended), seconds))
+        for request_id in ids:
             self.engine.abort(request_id)
         self.engine.take_aborted()
+        return timings
 
 
 def fastest_of_rounds(measurements: Sequence[Callable[[], list[StepTiming]]], rounds: int) -> list[StepTiming]:
@@ -246,30 +171,24 @@ def calibrate(
     `engine_options` go to `Engine.from_pretrained` (e.g. `num_threads`); the budget, sequence
     limit, KV size and prefix caching are set here to fit the grid."""
     largest = max(grid.prefill_tokens)
-    budget = grid.budget()
-    max_seqs = max(*grid.decode_batch_sizes, *(b + 1 for b in grid.mixed_batch_sizes))
-    blocks = math.ceil(grid.max_tokens_in_flight(budget) / 16) + max_seqs + math.ceil(largest / 16)
+    budget = max(largest, max(grid.decode_batch_sizes) * 2)
+    blocks = math.ceil(grid.max_tokens_in_flight(budget) / 16) + max(grid.decode_batch_sizes) + math.ceil(largest / 16)
     options: dict[str, object] = {
         "block_size": 16,
         "num_blocks": blocks,
         "max_num_batched_tokens": budget,
-        "max_num_seqs": max_seqs,
+        "max_num_seqs": max(grid.decode_batch_sizes),
         "enable_prefix_caching": False,
         **(engine_options or {}),
     }
-    history = CoreHistory()
-    whole = StepTimer(Engine.from_pretrained(model_dir, **options), seed, history)
-    # warm-up (first-call allocations), not kept; it ends with a decode step, as every round does
-    whole.prefill(min(64, largest), min(64, largest))
-    whole.decode(1, min(64, largest), 1)
+    whole = StepTimer(Engine.from_pretrained(model_dir, **options), seed)
+    whole.prefill(min(64, largest), min(64, largest))  # warm-up (first-call allocations), not kept
     chunk = grid.prefill_chunk_tokens
-    chunked = StepTimer(Engine.from_pretrained(model_dir, **options, max_prefill_chunk_tokens=chunk), seed, history)
+    chunked = StepTimer(Engine.from_pretrained(model_dir, **options, max_prefill_chunk_tokens=chunk), seed)
     measurements = [partial(whole.prefill, length, length) for length in grid.prefill_tokens]
     measurements.append(partial(chunked.prefill, largest, chunk))
     shapes = [(batch, context) for batch in grid.decode_batch_sizes for context in grid.decode_context_tokens]
     measurements += [partial(whole.decode, batch, context, grid.decode_steps) for batch, context in shapes]
-    context = min(grid.decode_context_tokens)
-    measurements += [partial(whole.mixed, batch, context, grid.mixed_prompt_tokens) for batch in grid.mixed_batch_sizes]
     timings = fastest_of_rounds(measurements, grid.repeats)
     log("calibration step times (ms, grid order): " + " ".join(f"{t.seconds * 1e3:.2f}" for t in timings))
     whole.engine.check_integrity()

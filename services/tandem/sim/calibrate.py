@@ -8,19 +8,6 @@ close to linear in the roofline's terms, each with its own coefficient:
             + decode_seq_s x decode_seqs              (per sampled sequence: LM head, sampler)
             + prefill_context_s x prefill_context_tokens (prefill attention: the quadratic term)
             + decode_context_s x decode_context_tokens   (decode attention: KV reads)
-            + mixed_seq_s x decode_seqs, in a step that also computes prompt tokens
-            + after_prefill_s, in a step that follows one that computed prompt tokens
-
-The last two are what a step costs on the engine's CPU path beyond its shape's linear terms,
-both measured (`tandem.loadtest.sim_calibration`, mixed steps):
-- A step with a prompt chunk attends sequence by sequence (`engine/attention_torch.py`,
-  `_varlen`: per layer, a gather of each sequence's K and V and one attention call each); a
-  decode-only step attends the whole batch in one padded call per length bucket. So each decode
-  row of a mixed step costs `mixed_seq_s` more than the same row in a decode-only step. Measured
-  on the bench model: about 0.5 ms per row, against a 3 ms decode step.
-- The step after a prefill step is slower than the same step after a decode step: about 0.6-0.8
-  ms on the bench model, whether or not the prompt's sequence joins it (the prefill's larger
-  working set leaves the caches cold for the weights and KV the next step reads).
 
 `fit(timings)` finds the coefficients by least squares on the relative error (each step's
 residual divided by its measured time), none negative (a term that noise would make negative
@@ -48,17 +35,8 @@ import numpy as np
 from tandem.sim.costmodel import Link
 from tandem.sim.types import StepShape
 
-FORMAT_VERSION = 2  # 1: no mixed_seq_s or after_prefill_s (read as 0: the model it was)
-READABLE_VERSIONS = (1, 2)
-TERMS = (
-    "step_s",
-    "token_s",
-    "decode_seq_s",
-    "prefill_context_s",
-    "decode_context_s",
-    "mixed_seq_s",
-    "after_prefill_s",
-)
+FORMAT_VERSION = 1
+TERMS = ("step_s", "token_s", "decode_seq_s", "prefill_context_s", "decode_context_s")
 # KV hand-off on one host through gRPC over loopback (the bench cluster's path)
 DEFAULT_CPU_LINK = Link(bandwidth=1e9, latency_s=1e-3)
 
@@ -79,8 +57,6 @@ def _features(step: StepShape) -> tuple[float, ...]:
         float(step.decode_seqs),
         float(step.prefill_context_tokens),
         float(step.decode_context_tokens),
-        float(step.decode_seqs if step.prefill_tokens else 0),
-        1.0 if step.after_prefill else 0.0,
     )
 
 
@@ -93,8 +69,6 @@ class Coefficients:
     decode_seq_s: float
     prefill_context_s: float
     decode_context_s: float
-    mixed_seq_s: float = 0.0
-    after_prefill_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in TERMS:
@@ -142,10 +116,9 @@ def relative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """argmin ||a x - b|| with x >= 0: least squares, then drop the most negative term and
-    refit until none is negative (an active-set method; exact when the free solution is >= 0).
-    A term no row exercises (an all-zero column) is 0."""
+    refit until none is negative (an active-set method; exact when the free solution is >= 0)."""
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)  # columns differ by orders of magnitude
-    active = [j for j in range(a.shape[1]) if a[:, j].any()]
+    active = list(range(a.shape[1]))
     x = np.zeros(a.shape[1])
     while active:
         solution, *_ = np.linalg.lstsq(a[:, active] / scale[active], b, rcond=None)
@@ -162,15 +135,13 @@ def fit(
     kv_bytes: int,
     link: Link = DEFAULT_CPU_LINK,
 ) -> CalibratedCostModel:
-    """The cost model whose coefficients best fit `timings` (module docstring). A term that no
-    timing exercises is 0; there must be at least as many timings as terms exercised."""
-    a = np.array([_features(t.step) for t in timings], dtype=np.float64).reshape(len(timings), len(TERMS))
-    exercised = int(a.any(axis=0).sum())
-    if len(timings) < max(exercised, 1):
-        raise ValueError(f"a fit needs at least {max(exercised, 1)} timings, got {len(timings)}")
+    """The cost model whose coefficients best fit `timings` (module docstring)."""
+    if len(timings) < len(TERMS):
+        raise ValueError(f"a fit needs at least {len(TERMS)} timings, got {len(timings)}")
     bad = [t.seconds for t in timings if not (math.isfinite(t.seconds) and t.seconds > 0)]
     if bad:
         raise ValueError(f"step times must be positive numbers of seconds, got {bad[:3]}")
+    a = np.array([_features(t.step) for t in timings], dtype=np.float64)
     b = np.array([t.seconds for t in timings], dtype=np.float64)
     coefficients = Coefficients(*(float(c) for c in relative_least_squares(a, b)))
     worst = max(abs(coefficients.seconds(t.step) - t.seconds) / t.seconds for t in timings)
@@ -187,8 +158,8 @@ def load(path: Path) -> CalibratedCostModel:
     """Read a model written by `save`; ValueError names the file and what is wrong."""
     try:
         data = json.loads(Path(path).read_text())
-        if data.get("format_version") not in READABLE_VERSIONS:
-            raise ValueError(f"format_version must be 1 or 2, got {data.get('format_version')!r}")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version must be {FORMAT_VERSION}, got {data.get('format_version')!r}")
         return CalibratedCostModel(
             model_name=str(data["model_name"]),
             coefficients=Coefficients(**data["coefficients"]),

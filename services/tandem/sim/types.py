@@ -108,15 +108,12 @@ class StepShape:
     `prefill_tokens` are the prompt tokens computed this step (chunks included) and
     `prefill_context_tokens` the sum, over those tokens, of the context each attends to (for the
     quadratic attention term); `decode_seqs` sequences each decode one token over a total of
-    `decode_context_tokens` cached tokens. `after_prefill`: the worker's previous step computed
-    prompt tokens (a CPU worker pays for it in the next step, `sim/calibrate.py`; the roofline
-    ignores it)."""
+    `decode_context_tokens` cached tokens."""
 
     prefill_tokens: int = 0
     prefill_context_tokens: int = 0
     decode_seqs: int = 0
     decode_context_tokens: int = 0
-    after_prefill: bool = False
 
 
 class CostModel(Protocol):

@@ -10,15 +10,13 @@ Lifecycle of a step (owner: the event loop in cluster.py):
    time (None: nothing to do). A pure decode batch becomes a run of `StepModel.decode_run`
    steps, timed by a line through the first and last step's cost (exact for a cost affine in
    the context length; the roofline's max of two lines is convex, so the error is the gap
-   between a chord and the curve, small over one run). A step that follows a step with prompt
-   tokens is asked for with `StepShape.after_prefill`; what that adds is paid once, by the
-   run's first step.
+   between a chord and the curve, small over one run).
 3. `finish_step()`: applies the step (or the whole run) and returns what happened.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tandem.common.workers import WorkerInfo, WorkerLoad
 from tandem.sim.legacy_vllm import LEGACY_VLLM, LegacyVllmStepModel
@@ -63,8 +61,6 @@ class SimWorker:
         self._steps = 1
         self._first_s = 0.0  # duration of the first step of the run
         self._slope_s = 0.0  # growth of the step duration per step of the run
-        self._once_s = 0.0  # what the run's first step pays for following a prefill step
-        self._after_prefill = False  # the last step computed prompt tokens
         self.end_s = 0.0
 
     @property
@@ -134,17 +130,13 @@ class SimWorker:
         shape = plan.shape()
         steps = self.model.decode_run(plan)
         first_s = self.cost.step_seconds(shape)
-        once_s = 0.0
-        if self._after_prefill:  # priced by the cost model once, not along a decode run
-            once_s = self.cost.step_seconds(replace(shape, after_prefill=True)) - first_s
-        self._after_prefill = shape.prefill_tokens > 0
         slope_s = 0.0
         if steps > 1:
             n = shape.decode_seqs
             last = StepShape(decode_seqs=n, decode_context_tokens=shape.decode_context_tokens + (steps - 1) * n)
             slope_s = (self.cost.step_seconds(last) - first_s) / (steps - 1)
         self._plan, self._start_s, self._steps = plan, now_s, steps
-        self._first_s, self._slope_s, self._once_s = first_s, slope_s, once_s
+        self._first_s, self._slope_s = first_s, slope_s
         self.end_s = now_s + self._run_seconds(steps)
         self.version += 1
         return self.end_s
@@ -160,7 +152,7 @@ class SimWorker:
         return StepResult(sampled, finished, stored, self._steps)
 
     def _run_seconds(self, steps: int) -> float:
-        return self._once_s + steps * self._first_s + self._slope_s * steps * (steps - 1) / 2
+        return steps * self._first_s + self._slope_s * steps * (steps - 1) / 2
 
     def _take(self, delivery: Delivery) -> None:
         if not delivery.handoff or not self.model.reserve(delivery.seq):

@@ -132,9 +132,9 @@ class Serving:
         """`cost` as the served worker ran while the probes did, and the gateway latency:
 
         1. TTFT alone = a + scale x (the engine's token and attention terms of the prefill),
-           fitted by relative least squares over the probed prompt lengths: the engine's token,
-           attention, mixed-row and after-prefill terms are multiplied by `scale` (what the
-           served worker's prefills cost over what the engine's did, at the probes' time);
+           fitted by relative least squares over the probed prompt lengths: the engine's token
+           and attention terms are multiplied by `scale` (what the served worker's prefills cost
+           over what the engine's did, at the probes' time);
         2. the fixed and per-decoded-sequence terms fitted (relative least squares) so that a
            decode step of each probed batch size takes what the served worker took;
         3. the gateway latency: a less the fixed term."""
@@ -149,9 +149,8 @@ class Serving:
         )
         if not scale > 0:
             raise ValueError(f"the probes' TTFTs {self.ttft_alone_s} give no prefill cost to scale {c} by")
-        token_s, prefill_context_s, decode_context_s, mixed_seq_s, after_prefill_s = (
-            float(scale) * x
-            for x in (c.token_s, c.prefill_context_s, c.decode_context_s, c.mixed_seq_s, c.after_prefill_s)
+        token_s, prefill_context_s, decode_context_s = (
+            float(scale) * x for x in (c.token_s, c.prefill_context_s, c.decode_context_s)
         )
         context = PROBE_PROMPT + PROBE_OUTPUT // 2
         batches = sorted(self.decode_step_s)
@@ -162,9 +161,7 @@ class Serving:
                 f"the probes' decode steps {self.decode_step_s} leave nothing to fit against {c} x {scale:.3g}"
             )
         fixed, per_seq = relative_least_squares(np.array([[1.0, b] for b in batches]), np.array(served))
-        fitted = Coefficients(
-            float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s, mixed_seq_s, after_prefill_s
-        )
+        fitted = Coefficients(float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s)
         model = dataclasses.replace(cost, coefficients=fitted)
         return model, max(0.0, float(intercept) - fitted.step_s)
 
