@@ -190,7 +190,9 @@ def sent_trace(
     """`trace` (the i-th entry is `requests[i]`) arriving when the load generator really sent
     each request (its record's `start_s`, on the run's clock, like the trace's times), in the
     order they were sent. The schedule is not what was sent: the first request goes out late,
-    once the client is up (about 50 ms on this machine), bunched with the next ones."""
+    once the client is up (23-54 ms in six runs here), bunched with the next ones; while other
+    processes load the machine, the load generator's core stalls and sends some late (up to
+    126 ms in those runs)."""
     sent = {r.request_id: r.start_s for r in records}
     missing = [r.request_id for r in requests if r.request_id not in sent]
     if len(trace) != len(requests) or missing:
