@@ -12,7 +12,7 @@ import pytest
 
 from tandem.loadtest.record import RequestRecord
 from tandem.loadtest.request import WorkloadRequest
-from tandem.loadtest.suite.sim_validate import Serving, decode_step_s, sent_trace
+from tandem.loadtest.suite.sim_validate import Serving, decode_step_s, drift_note, sent_trace
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients
 from tandem.sim.types import StepShape, TraceRequest
 
@@ -75,3 +75,14 @@ def test_the_simulated_trace_arrives_when_the_load_generator_sent_each_request()
     )
     with pytest.raises(ValueError, match=r"^the real run has no record of \['r2'\] \(3 traced, 3 sent\)$"):
         sent_trace(trace, requests, records[:2])
+
+
+def test_the_drift_note_compares_the_probe_windows() -> None:
+    def window(gap: float, ttft: float) -> tuple[dict[int, list[RequestRecord]], dict[int, list[float]]]:
+        decodes = {1: [_record("p", 0.0, (1.0, 1.0 + gap, 1.0 + 3 * gap))]}  # mean gap 1.5 x gap
+        return decodes, {256: [ttft, ttft + 0.002, ttft + 0.004]}
+
+    assert drift_note(window(0.002, 0.030), window(0.004, 0.040)) == (
+        "Probe windows, before / after the run: served decode step at batch 1 3.00 / 6.00 ms; "
+        "TTFT alone at 256 prompt tokens 32.00 / 42.00 ms."
+    )

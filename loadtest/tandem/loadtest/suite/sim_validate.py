@@ -201,6 +201,23 @@ def sent_trace(
     return tuple(sorted(timed, key=lambda t: t.arrival_s))
 
 
+def drift_note(
+    before: tuple[Mapping[int, Sequence[RequestRecord]], Mapping[int, Sequence[float]]],
+    after: tuple[Mapping[int, Sequence[RequestRecord]], Mapping[int, Sequence[float]]],
+) -> str:
+    """How far the served worker's speed moved between the probes before and after the run (the
+    model is fitted to their median, so the run is predicted at that speed). Other processes on
+    the machine move it: in six runs on the loaded machine the run's prefill steps were 15%
+    slower to 15% faster than in the probe windows, and the TTFT and ITL errors took that sign."""
+    batch, prompt = min(PROBE_BATCHES), max(PREFILL_PROBE_PROMPTS)
+    steps = [statistics.median(decode_step_s(side[0][batch])) * 1e3 for side in (before, after)]
+    ttfts = [statistics.median(side[1][prompt]) * 1e3 for side in (before, after)]
+    return (
+        f"Probe windows, before / after the run: served decode step at batch {batch} {steps[0]:.2f} / "
+        f"{steps[1]:.2f} ms; TTFT alone at {prompt} prompt tokens {ttfts[0]:.2f} / {ttfts[1]:.2f} ms."
+    )
+
+
 def _simulate(
     cost: CalibratedCostModel, gateway_s: float, ctx: BenchContext, requests: Sequence[WorkloadRequest], real: RunResult
 ) -> SimResult:
@@ -274,5 +291,6 @@ def run(ctx: BenchContext) -> Section:
         "ITL: on both sides the p50 of the requests' mean gap between output tokens (the load generator's TPOT; "
         "the simulator keeps no single gaps, results.py). The real run's p50 over every gap was "
         f"{real.itl.p50_ms or 0.0:.2f} ms.",
+        drift_note(before, after),
     )
     return Section("sim_validate", "Simulator vs the real cluster", setup, tuple(figures), tuple(rows), notes)
