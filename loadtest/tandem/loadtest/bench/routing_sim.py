@@ -9,8 +9,8 @@ modelled: the compute. A worker runs one prompt at a time, FIFO, for
 `overhead_s + uncached_tokens / tokens_per_s`; its cache hit is taken when the prompt starts
 (`BlockPool.lookup_prefix`, capped before the last prompt token as the batcher does), and a
 prompt that has to queue marks the prefix it would hit most recently used when it arrives
-(`BlockPool.refresh`, as `Batcher.add` does). The loads
-the workers publish are exact at each decision (a real gateway's are up to a heartbeat old):
+(`BlockPool.refresh`, as `Batcher.add` does). The loads the workers publish are exact at each
+decision (a real gateway's are up to a heartbeat old):
 waiting prompts count all their tokens, the running one its remaining tokens, as
 `worker/load.py` reports them; the scheduler adjusts them with its in-flight table
 (inflight.py: its own prompts at their uncached length), which the simulation keeps as
