@@ -75,6 +75,20 @@ def test_confirm_replaces_the_claims_on_stored_chain_ends() -> None:
     assert (table._masks, table._length, table._lengths, table._expiry) == ({}, {}, {}, {})
 
 
+def test_claiming_again_later_pushes_no_heap_entry_until_the_old_one_is_due() -> None:
+    table = ClaimTable()
+    bits = {"a": 0b1}
+    for i in range(100):  # a group's prompts claim the same anchor again and again
+        table.add("a", 0b1, PROMPT[:2], 10.0 + i)
+    assert len(table._heap) == 1 and table.count("a") == 1
+    assert table.expire(10.0, bits) == 0  # due at 109 now: pushed again
+    assert [e[0] for e in table._heap] == [109.0]
+    table.add("a", 0b1, PROMPT[:2], 50.0)  # earlier (a clock that went back): its own entry
+    assert sorted(e[0] for e in table._heap) == [50.0, 109.0]
+    assert table.expire(50.0, bits) == 1 and table.ends(PROMPT) == []
+    assert table.expire(109.0, bits) == 0 and table._heap == []
+
+
 def _reference(
     held: dict[str, set[int]], claims: dict[tuple[str, tuple[int, ...]], float], prompt: tuple[int, ...], now_s: float
 ) -> dict[str, int]:

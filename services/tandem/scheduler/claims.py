@@ -49,11 +49,12 @@ class ClaimTable:
         num_blocks = len(block_hashes)
         n = 1
         while n < num_blocks:
-            if not holders.get(block_hashes[n - 1], 0) & bit:
-                self.add(worker_id, bit, block_hashes[:n], expiry_s)
+            last = block_hashes[n - 1]
+            if not holders.get(last, 0) & bit:
+                self._claim(worker_id, bit, last, n, expiry_s)
             n *= 2
         if num_blocks and not holders.get(block_hashes[-1], 0) & bit:
-            self.add(worker_id, bit, block_hashes, expiry_s)
+            self._claim(worker_id, bit, block_hashes[-1], num_blocks, expiry_s)
 
     def confirm(self, worker_id: str, bit: int, block_hashes: Sequence[int]) -> None:
         """The worker stored `block_hashes` (a STORED event): its claims on chains ending at
@@ -71,14 +72,27 @@ class ClaimTable:
         """Claim the chain `block_hashes` (non-empty, from the prompt's first block) for the
         worker with slot bit `bit` until `expiry_s`; a later claim of the same chain by the
         same worker replaces the expiry."""
-        last = block_hashes[-1]
-        mask = self._masks.get(last)
-        if mask is None:
-            mask = 0
-            length = self._length[last] = len(block_hashes)
-            self._lengths[length] = self._lengths.get(length, 0) + 1
-        self._masks[last] = mask | bit
-        self._expiry.setdefault(worker_id, {})[last] = expiry_s
+        self._claim(worker_id, bit, block_hashes[-1], len(block_hashes), expiry_s)
+
+    def _claim(self, worker_id: str, bit: int, last: int, length: int, expiry_s: float) -> None:
+        """`add` of the chain of `length` blocks ending at `last`. A claim pushes a heap entry
+        when it is new or its expiry moves earlier; when it moves later (a group's prompts
+        claim the same anchors again and again), its entry is pushed again when it comes due
+        (`expire`), so the heap holds about one entry per live claim, not one per claim made."""
+        claims = self._expiry.get(worker_id)
+        if claims is None:
+            claims = self._expiry[worker_id] = {}
+        old = claims.get(last)
+        claims[last] = expiry_s
+        if old is None:
+            mask = self._masks.get(last)
+            if mask is None:
+                mask = 0
+                self._length[last] = length
+                self._lengths[length] = self._lengths.get(length, 0) + 1
+            self._masks[last] = mask | bit
+        elif expiry_s >= old:
+            return
         heapq.heappush(self._heap, (expiry_s, next(self._tie), worker_id, last))
 
     def expire(self, now_s: float, bits: Mapping[str, int]) -> int:
@@ -89,12 +103,17 @@ class ClaimTable:
         while heap and heap[0][0] <= now_s:
             expiry_s, _, worker_id, last = heapq.heappop(heap)
             claims = self._expiry.get(worker_id)
-            if claims is not None and claims.get(last) == expiry_s:  # not re-claimed later
-                del claims[last]
-                if not claims:
-                    del self._expiry[worker_id]
-                self._clear(last, bits[worker_id])
-                expired += 1
+            current = claims.get(last) if claims is not None else None
+            if current is None or current < expiry_s:  # dropped, or its earlier entry is due first
+                continue
+            if current > expiry_s:  # claimed again since: due later (see `_claim`)
+                heapq.heappush(heap, (current, next(self._tie), worker_id, last))
+                continue
+            del claims[last]
+            if not claims:
+                del self._expiry[worker_id]
+            self._clear(last, bits[worker_id])
+            expired += 1
         return expired
 
     def drop(self, worker_id: str, bit: int) -> None:
