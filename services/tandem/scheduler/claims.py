@@ -103,7 +103,9 @@ class ClaimTable:
         while heap and heap[0][0] <= now_s:
             expiry_s, _, worker_id, last = heapq.heappop(heap)
             claims = self._expiry.get(worker_id)
-            current = claims.get(last) if claims is not None else None
+            if claims is None:  # dropped
+                continue
+            current = claims.get(last)
             if current is None or current < expiry_s:  # dropped, or its earlier entry is due first
                 continue
             if current > expiry_s:  # claimed again since: due later (see `_claim`)
