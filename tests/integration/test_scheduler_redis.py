@@ -195,7 +195,8 @@ def test_route_claims_the_prompt_for_p_and_d_until_the_ttl(state, make_scheduler
         "d-0",
         "p-0",
     )  # nothing cached anywhere: lowest ids
-    assert claims(scheduler) == {"d-0": 1, "d-1": 0, "p-0": 1}
+    # the prompt's chain of 64 blocks and its anchors of 1, 2, 4, ..., 32 blocks
+    assert claims(scheduler) == {"d-0": 7, "d-1": 0, "p-0": 7}
     finish(scheduler, first, PROMPT_A)
     # The same prompt again, before any KV event: D already "holds" it, and keeps it longer.
     now_s[0] = 1005.0
@@ -206,7 +207,7 @@ def test_route_claims_the_prompt_for_p_and_d_until_the_ttl(state, make_scheduler
     now_s[0] = 1010.0  # p-0's claim on A (from t=1000) expires; d-0's now ends at 1015
     other = scheduler.route(request(PROMPT_B, scheduler))
     assert (other.kind, other.decode.worker_id, other.prefill.worker_id) == (RouteKind.DISAGGREGATED, "d-0", "p-0")
-    assert claims(scheduler) == {"d-0": 2, "d-1": 0, "p-0": 1}
+    assert claims(scheduler) == {"d-0": 14, "d-1": 0, "p-0": 7}
     finish(scheduler, other, PROMPT_B)
 
     now_s[0] = 1015.0
@@ -240,12 +241,12 @@ def test_a_worker_whose_heartbeat_expired_is_not_chosen(state, scheduler):
         "d-slow",
         0,
     )
-    assert (indexed_blocks(scheduler), claims(scheduler)) == ({"d-slow": 0}, {"d-slow": 1})
+    assert (indexed_blocks(scheduler), claims(scheduler)) == ({"d-slow": 0}, {"d-slow": 7})
     # Its index entries were forgotten: back with no new events, it holds nothing.
     register(state, info("d-fast", WorkerRole.DECODE), ttl_s=30.0)
     scheduler.refresh_now()
     assert indexed_blocks(scheduler) == {"d-fast": 0, "d-slow": 0}
-    assert claims(scheduler) == {"d-fast": 0, "d-slow": 1}
+    assert claims(scheduler) == {"d-fast": 0, "d-slow": 7}
 
 
 def test_workers_whose_block_hashes_differ_are_never_routed_to_and_logged_once(state, caplog):

@@ -106,6 +106,26 @@ def test_admission_reuses_cached_prefix_but_computes_last_token() -> None:
     b.pool.check_integrity()
 
 
+def test_a_queued_prompt_keeps_its_cached_prefix_from_eviction_by_those_ahead() -> None:
+    b = batcher(num_blocks=6, max_seqs=1)
+    b.add(make("p", list(range(1, 10)), max_tokens=1))
+    assert run_step(b) == [("p", 9)]  # caches [1..4] in block 0, [5..8] in block 1
+    b.add(make("o", [60, 61, 62], max_tokens=1))
+    assert run_step(b) == [("o", 3)]
+    assert b.pool.free_block_ids() == [4, 5, 2, 1, 0, 3]  # p's prefix is now older than o's block
+    r, q = make("r", list(range(40, 53)), max_tokens=1), make("q", [*range(1, 9), 30], max_tokens=1)
+    b.add(r)
+    b.add(q)  # q would hit blocks 0 and 1: marked most recently used
+    assert b.pool.free_block_ids() == [4, 5, 2, 3, 1, 0]
+    assert b.pool.ref_count(0) == b.pool.ref_count(1) == 0
+    # r's 4 blocks come from the head: 4, 5, 2, 3 (under LRU alone: 4, 5, 2, 1, q's second block)
+    assert run_step(b) == [("r", 13)]
+    assert b.pool.free_block_ids() == [1, 0, 3, 2, 5, 4]  # r finished: its blocks freed in reverse
+    assert run_step(b) == [("q", 1)]
+    assert q.num_cached_tokens == 8  # both prefix blocks hit
+    b.pool.check_integrity()
+
+
 def test_stop_reasons_and_release() -> None:
     b = batcher(num_blocks=4)
     s = make("s", [1, 2], max_tokens=5)

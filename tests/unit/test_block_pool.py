@@ -73,6 +73,29 @@ def test_lru_eviction_order_and_removed_events(pool: BlockPool) -> None:
     assert pool.num_used_blocks == 0
 
 
+def test_refresh_moves_free_blocks_to_the_tail_in_order_and_takes_no_reference(pool: BlockPool) -> None:
+    blocks = pool.allocate(4)  # [0, 1, 2, 3]
+    for block_id, h in zip(blocks, [10, 11, 12, 13]):
+        pool.cache_block(block_id, h)
+    pool.free(blocks[::-1])
+    pool.touch([3])  # in use: refresh leaves it alone
+    assert pool.free_block_ids() == [4, 5, 2, 1, 0]
+    pool.refresh([1, 0, 3])  # a queued prompt's prefix (0, 1), in reverse as for free
+    assert pool.free_block_ids() == [4, 5, 2, 1, 0]  # already the most recent
+    pool.refresh([2])
+    assert pool.free_block_ids() == [4, 5, 1, 0, 2]
+    assert [pool.ref_count(b) for b in range(6)] == [0, 0, 0, 1, 0, 0]
+    assert pool.allocate(3) == [4, 5, 1]  # block 1 (hash 11) is now the least recent cached block
+    assert pool.take_events() == [
+        KVEvent(KVEventKind.STORED, (10,)),
+        KVEvent(KVEventKind.STORED, (11,)),
+        KVEvent(KVEventKind.STORED, (12,)),
+        KVEvent(KVEventKind.STORED, (13,)),
+        KVEvent(KVEventKind.REMOVED, (11,)),
+    ]
+    pool.check_integrity()
+
+
 def test_duplicate_content_keeps_first_block(pool: BlockPool) -> None:
     first, second = pool.allocate(2)
     pool.cache_block(first, 7)

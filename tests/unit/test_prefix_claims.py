@@ -1,6 +1,6 @@
-"""ClaimTable (speculative claims by chain end) and PrefixIndex.match against a brute-force
-reference under random events and claims: the faster walk and claim lookup decide exactly
-what the definition says."""
+"""ClaimTable (speculative claims by chain end, with anchors) and PrefixIndex.match against a
+brute-force reference under random events and claims: the faster walk and claim lookup decide
+exactly what the definition says."""
 
 from __future__ import annotations
 
@@ -47,6 +47,48 @@ def test_expired_and_dropped_claims_leave_nothing() -> None:
     assert (table._masks, table._length, table._lengths, table._expiry) == ({}, {}, {}, {})
 
 
+def test_add_prefixes_claims_anchors_but_not_what_the_worker_holds() -> None:
+    table = ClaimTable()
+    chain = tuple(range(201, 211))  # 10 blocks: anchors 1, 2, 4, 8, and the chain itself
+    table.add_prefixes("a", 0b01, chain, 10.0, {})
+    assert table.count("a") == 5
+    assert sorted(table.ends(chain)) == [(1, 0b01), (2, 0b01), (4, 0b01), (8, 0b01), (10, 0b01)]
+    assert sorted(table.ends((201, 202, 203, 204, 205, 999))) == [(1, 0b01), (2, 0b01), (4, 0b01)]
+    # b holds blocks 202 and 208 (confirmed): the chains ending there are not claimed
+    table.add_prefixes("b", 0b10, chain, 10.0, {202: 0b10, 208: 0b11, 204: 0b01})
+    assert sorted(table.ends(chain)) == [(1, 0b11), (2, 0b01), (4, 0b11), (8, 0b01), (10, 0b11)]
+    table.add_prefixes("b", 0b10, (7,), 10.0, {})  # one block: just the chain
+    assert table.count("b") == 4
+
+
+def test_confirm_replaces_the_claims_on_stored_chain_ends() -> None:
+    table = ClaimTable()
+    table.add_prefixes("a", 0b01, PROMPT, 10.0, {})  # anchors 1, 2, 4 and the chain (5)
+    table.add_prefixes("b", 0b10, PROMPT, 10.0, {})
+    table.confirm("a", 0b01, (102, 103, 105))  # a stored blocks 2, 3 and 5
+    assert sorted(table.ends(PROMPT)) == [(1, 0b11), (2, 0b10), (4, 0b11), (5, 0b10)]
+    assert (table.count("a"), table.count("b")) == (2, 4)
+    table.confirm("a", 0b01, (101, 104))
+    table.confirm("c", 0b100, PROMPT)  # no claims: nothing to do
+    assert table.count("a") == 0 and "a" not in table._expiry
+    assert table.expire(10.0, {"a": 0b01, "b": 0b10}) == 4  # a's heap entries are stale
+    assert (table._masks, table._length, table._lengths, table._expiry) == ({}, {}, {}, {})
+
+
+def test_claiming_again_later_pushes_no_heap_entry_until_the_old_one_is_due() -> None:
+    table = ClaimTable()
+    bits = {"a": 0b1}
+    for i in range(100):  # a group's prompts claim the same anchor again and again
+        table.add("a", 0b1, PROMPT[:2], 10.0 + i)
+    assert len(table._heap) == 1 and table.count("a") == 1
+    assert table.expire(10.0, bits) == 0  # due at 109 now: pushed again
+    assert [e[0] for e in table._heap] == [109.0]
+    table.add("a", 0b1, PROMPT[:2], 50.0)  # earlier (a clock that went back): its own entry
+    assert sorted(e[0] for e in table._heap) == [50.0, 109.0]
+    assert table.expire(50.0, bits) == 1 and table.ends(PROMPT) == []
+    assert table.expire(109.0, bits) == 0 and table._heap == []
+
+
 def _reference(
     held: dict[str, set[int]], claims: dict[tuple[str, tuple[int, ...]], float], prompt: tuple[int, ...], now_s: float
 ) -> dict[str, int]:
@@ -86,11 +128,15 @@ def test_match_equals_the_definition(seed: int) -> None:
             hashes = tuple(rng.sample(chain, rng.randint(1, len(chain))))
             kind = KVEventKind.REMOVED
             held[worker].difference_update(hashes)
-        else:
+        else:  # claims the prefix and its anchors of 1, 2, 4, ... blocks, but none it holds
             prefix = chain[: rng.randint(1, len(chain))]
             index.add_speculative(worker, prefix, now_s)
-            claims[(worker, prefix)] = now_s + 3.0
+            for n in [*(1 << k for k in range(len(prefix).bit_length()) if 1 << k < len(prefix)), len(prefix)]:
+                if prefix[n - 1] not in held[worker]:
+                    claims[(worker, prefix[:n])] = now_s + 3.0
             continue
+        if kind is KVEventKind.STORED:  # confirmed entries replace the claims they fulfil
+            claims = {(w, c): e for (w, c), e in claims.items() if w != worker or c[-1] not in hashes}
         seqs[worker] += 1
         index.apply(KVEventRecord(worker, 1, seqs[worker], kind, hashes))
         if rng.random() < 0.3:

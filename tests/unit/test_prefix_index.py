@@ -196,13 +196,14 @@ def test_routing_mode_load_only_then_exact_then_degraded_and_back(index, feed):
 
 
 def test_speculative_claims_expire_after_the_ttl(index):
-    index.add_speculative("w", PROMPT[:3], now_s=100.0)
+    index.add_speculative("w", PROMPT[:3], now_s=100.0)  # the chain and its anchors 1 and 2
     assert index.match(PROMPT, ["w"]) == {"w": 3}
-    assert index.match(PROMPT[:2], ["w"]) == {"w": 0}  # the claimed chain ends at block 3
-    assert index.num_claims("w") == 1 and index.num_blocks("w") == 0
+    assert index.match(PROMPT[:2], ["w"]) == {"w": 2}  # the anchor of 2 blocks
+    assert index.match((101, 102, 999), ["w"]) == {"w": 2}  # shares 2 blocks with the chain
+    assert index.num_claims("w") == 3 and index.num_blocks("w") == 0
     assert index.expire(109.999) == 0
     assert index.match(PROMPT, ["w"]) == {"w": 3}
-    assert index.expire(110.0) == 1
+    assert index.expire(110.0) == 3
     assert index.match(PROMPT, ["w"]) == {"w": 0}
     assert index.num_claims("w") == 0
     assert index.expire(1000.0) == 0
@@ -230,24 +231,32 @@ def test_claim_and_confirmed_run_take_the_longer(index, feed):
 
 
 def test_claiming_again_pushes_the_expiry(index):
-    index.add_speculative("w", PROMPT[:3], now_s=100.0)
+    index.add_speculative("w", PROMPT[:3], now_s=100.0)  # chains of 1, 2 and 3 blocks
     index.add_speculative("w", PROMPT[:3], now_s=105.0)
-    index.add_speculative("w", PROMPT[:2], now_s=100.0)
-    assert index.num_claims("w") == 2
-    assert index.expire(110.0) == 1  # the 2-block claim; the 3-block one now ends at 115
+    index.add_speculative("w", PROMPT[:2], now_s=100.0)  # chains of 1 and 2 blocks
+    assert index.num_claims("w") == 3
+    assert index.expire(110.0) == 2  # the 1- and 2-block claims; the 3-block one now ends at 115
     assert index.match(PROMPT, ["w"]) == {"w": 3}
     index.add_speculative("w-other", (999,), now_s=115.0)  # adding also expires what is due
     assert index.match(PROMPT, ["w"]) == {"w": 0}
 
 
-def test_removed_keeps_claims_and_cleared_drops_them(index, feed):
-    index.add_speculative("w", PROMPT, now_s=0.0)
+def test_stored_replaces_claims_removed_keeps_the_rest_and_cleared_drops_them(index, feed):
+    index.add_speculative("w", PROMPT, now_s=0.0)  # chains of 1, 2, 4 and 5 blocks
+    feed("w", STORED, PROMPT[:2])  # fulfils the claims of 1 and 2 blocks
+    assert index.num_claims("w") == 2
+    feed("w", REMOVED, (101, 102))
+    assert index.match(PROMPT, ["w"]) == {"w": 5}  # the unfulfilled claims live out their TTL
     feed("w", STORED, PROMPT)
+    assert index.num_claims("w") == 0
     feed("w", REMOVED, (102,))
-    assert index.match(PROMPT, ["w"]) == {"w": 5}  # the claim lives out its TTL
-    assert index.expire(10.0) == 1
-    assert index.match(PROMPT, ["w"]) == {"w": 1}
+    assert index.match(PROMPT, ["w"]) == {"w": 1}  # the confirmed entries say what is left
+    assert index.expire(10.0) == 0
+    # 101, 104 and 105 are held (a hole at 102): of the chains of 1, 2, 4 and 5 blocks, only
+    # the one ending at 102 is claimed (recomputing the prompt stores 102, nothing else)
     index.add_speculative("w", PROMPT, now_s=20.0)
+    assert index.num_claims("w") == 1
+    assert index.match(PROMPT, ["w"]) == {"w": 2}
     feed("w", CLEARED)
     assert index.match(PROMPT, ["w"]) == {"w": 0}
     assert index.num_claims("w") == 0 and index.num_blocks("w") == 0

@@ -22,7 +22,12 @@ Policy, as in vLLM v1:
    recompute, so held prompt blocks can never stall the worker.
 3. Then waiting sequences, in admission order, while budget, `max_num_seqs` and blocks allow.
    Admission looks up the longest cached prefix (at most all but one token, so the last
-   token is always computed and its logits sampled).
+   token is always computed and its logits sampled). When a sequence is queued (`add`), the
+   cached prefix it would hit now is marked most recently used (`BlockPool.refresh`; no
+   reference is taken): under LRU alone, a prompt queued behind many others finds its prefix
+   evicted by their blocks by the time it is admitted, although the router sent it here for
+   that prefix (`tandem bench routing_zipf`, load 4.4: two thirds of the cache-aware
+   router's misses). vLLM and SGLang refresh a prefix only when it is used.
 
 Speculative decoding (with a `Speculator`, spec/speculator.py): a running sequence's chunk
 that catches up with all its tokens also carries k drafts. Blocks are allocated for positions
@@ -101,9 +106,11 @@ class Batcher:
         self._arrivals = itertools.count()
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence (stamps its arrival)."""
+        """Queue a new sequence (stamps its arrival) and mark the cached prefix it will hit
+        most recently used (module doc, 3.)."""
         seq.arrival = next(self._arrivals)
         _enqueue(self.waiting, seq)
+        self.pool.refresh(self._prefix_hit(seq)[::-1])
 
     def shed_candidates(self) -> list[Sequence]:
         """Queued sequences that overload may shed, the one to shed first first (module doc)."""

@@ -103,6 +103,16 @@ class BlockPool:
                 del self._free[block_id]
             self._ref_counts[block_id] += 1
 
+    def refresh(self, block_ids: Sequence[int]) -> None:
+        """Mark the free ones among `block_ids` (cached blocks a queued prompt will hit) most
+        recently used: move them to the tail of the free queue, in the given order (callers
+        pass a prefix in reverse, as to `free`, so that its first block is evicted last). No
+        reference is taken: what is free stays free, only the eviction order changes."""
+        free = self._free
+        for block_id in block_ids:
+            if block_id in free:
+                free.move_to_end(block_id)
+
     def allocate(self, num_blocks: int) -> list[int]:
         """Pop `num_blocks` blocks from the head of the free queue, each with ref count 1."""
         if num_blocks > len(self._free):

@@ -14,8 +14,10 @@ Layout (all under the lock):
   finds are recorded (runs.py, `_runs`), so the next prompt with that prefix jumps over each
   of them with one lookup, until an event changes one of their blocks.
 - Speculative entries are claims (claims.py, `_claims`): "worker w will soon hold the chain of
-  blocks ending at hash h" (a request was just routed there), one O(1) entry per routed
-  chain that expires after `speculative_ttl_s`; never edited by REMOVED events.
+  blocks ending at hash h" (a request was just routed there): a routed prompt claims its
+  chain and its anchors (its prefixes of 1, 2, 4, ... blocks), O(log n) entries, but none
+  that w already holds. A claim lasts until w's STORED event of its last block replaces it
+  with a confirmed entry, or `speculative_ttl_s`; never edited by REMOVED events.
 - `_positions[w]` = (epoch, seq) of the last event applied for w. A new epoch means the worker
   restarted with an empty cache: its confirmed entries and claims are dropped first. The new
   epoch is learnt from whichever comes first: its first KV event, or its registration
@@ -88,6 +90,7 @@ class PrefixIndex:
             self._runs.invalidate(hashes)
             if record.kind is KVEventKind.STORED:
                 confirmed.update(hashes)
+                self._claims.confirm(worker_id, bit, hashes)
                 holders.update(zip(hashes, map(or_, map(holders.get, hashes, repeat(0)), repeat(bit))))
             else:  # REMOVED
                 confirmed.difference_update(hashes)
@@ -96,18 +99,21 @@ class PrefixIndex:
 
     def add_speculative(self, worker_id: str, block_hashes: Sequence[int], now_s: float) -> None:
         """Claim that `worker_id` will soon hold `block_hashes`, the chain of a prompt's
-        leading blocks (from its first block on), because a request was routed there.
+        leading blocks (from its first block on), because a request was routed there; and
+        its anchors, so that the next prompt sharing only a prefix matches it
+        (`ClaimTable.add_prefixes`). Chains the worker already holds are not claimed.
 
-        The claim counts in `match` until `now_s + speculative_ttl_s`; claiming the same chain
-        again pushes its expiry. By then the worker's STORED events have confirmed the blocks.
-        Also expires what is due at `now_s`. O(1). No-op when the TTL is 0 or there are no
-        blocks.
+        A claim counts in `match` until the worker's STORED event of its last block confirms
+        it (`apply`), or until `now_s + speculative_ttl_s`; claiming the same chain again
+        pushes its expiry. Also expires what is due at `now_s`. O(log num_blocks). No-op
+        when the TTL is 0 or there are no blocks.
         """
         if self._ttl_s == 0 or not block_hashes:
             return
         with self._lock:
             self._claims.expire(now_s, self._bit)
-            self._claims.add(worker_id, self._bit_for(worker_id), block_hashes, now_s + self._ttl_s)
+            bit = self._bit_for(worker_id)
+            self._claims.add_prefixes(worker_id, bit, block_hashes, now_s + self._ttl_s, self._holders)
 
     def expire(self, now_s: float) -> int:
         """Drop the claims whose expiry is <= `now_s`; return how many."""
@@ -217,7 +223,8 @@ class PrefixIndex:
             return len(self._confirmed.get(worker_id, ()))
 
     def num_claims(self, worker_id: str) -> int:
-        """Live speculative claims (chains routed to the worker, not yet expired)."""
+        """Live speculative claims of the worker (chains and anchors routed to it, neither
+        confirmed nor expired yet)."""
         with self._lock:
             return self._claims.count(worker_id)
 

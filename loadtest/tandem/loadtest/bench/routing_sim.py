@@ -7,8 +7,10 @@ picker, policy, speculative claims); each worker's prefix cache is an engine `Bl
 `PrefixIndex` as the KV event follower would, at the moment the prompt finishes. What is
 modelled: the compute. A worker runs one prompt at a time, FIFO, for
 `overhead_s + uncached_tokens / tokens_per_s`; its cache hit is taken when the prompt starts
-(`BlockPool.lookup_prefix`, capped before the last prompt token as the batcher does). The loads
-the workers publish are exact at each decision (a real gateway's are up to a heartbeat old):
+(`BlockPool.lookup_prefix`, capped before the last prompt token as the batcher does), and a
+prompt that has to queue marks the prefix it would hit most recently used when it arrives
+(`BlockPool.refresh`, as `Batcher.add` does). The loads the workers publish are exact at each
+decision (a real gateway's are up to a heartbeat old):
 waiting prompts count all their tokens, the running one its remaining tokens, as
 `worker/load.py` reports them; the scheduler adjusts them with its in-flight table
 (inflight.py: its own prompts at their uncached length), which the simulation keeps as
@@ -281,6 +283,9 @@ def simulate(spec: SimSpec, requests: list[SimRequest], policy_name: str) -> Pol
         queues[target].append(job)
         if len(queues[target]) == 1:
             start(target, job, r.arrival_s)
+        else:  # queued: its cached prefix is marked most recently used, as `Batcher.add` does
+            pool = pools[target]
+            pool.refresh(pool.lookup_prefix(r.block_hashes[: usable_blocks(len(r.token_ids), spec.block_size)])[::-1])
     for worker_id in pools:
         advance(worker_id, math.inf)
         pools[worker_id].check_integrity()
