@@ -62,7 +62,10 @@ def chunks(num_planes: int, num_ids: int, block_bytes: int) -> list[Chunk]:
 
 def copy_threads(num_chunks: int, size_bytes: int) -> int:
     """The threads that copy a pull of `num_chunks` chunks and `size_bytes` bytes."""
-    return max(1, min(MAX_COPY_THREADS, os.cpu_count() or 1, num_chunks, size_bytes // MIN_BYTES_PER_THREAD))
+    by_size = size_bytes // MIN_BYTES_PER_THREAD
+    if by_size <= 1:  # most pulls: no os.cpu_count() (about 10 us a call here)
+        return 1
+    return max(1, min(MAX_COPY_THREADS, os.cpu_count() or 1, num_chunks, by_size))
 
 
 def hash_chunks(src_planes: list[np.ndarray], ids: Sequence[int]) -> list[int]:
