@@ -18,13 +18,22 @@ import torch
 from tandem.common.layout import KVLayout
 from tandem.engine.kv_cache import KVCacheSpec, allocate_shared, shared_pool_path
 from tandem.engine.outputs import HeldKV
-from tandem.kvtransfer import shm_pool_source
+from tandem.kvtransfer import shm_pool_copy, shm_pool_source
 from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_digests import digest_blocks
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
 from tandem.kvtransfer.leases import LeaseTable
-from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, hash_chunks, planes, runs
+from tandem.kvtransfer.shm_pool_copy import (
+    MAX_COPY_THREADS,
+    MIN_BYTES_PER_THREAD,
+    chunks,
+    copy_and_hash,
+    copy_threads,
+    hash_chunks,
+    planes,
+    runs,
+)
 from tandem.kvtransfer.shm_pool_source import PoolMappings
 from tandem.kvtransfer.shm_segments import SegmentName, pid_namespace, sweep_dead
 from tandem.kvtransfer.shm_transport import ShmKVServicer
@@ -90,7 +99,25 @@ def test_runs_and_both_hashes_follow_the_packed_layout() -> None:
     assert_moved(src, LEASED, dst, SHUFFLED, before)
 
 
-def test_pull_copies_out_of_the_sources_pool_exactly_and_makes_no_segment(tmp_path: Path) -> None:
+def test_a_small_pull_is_copied_on_one_thread(monkeypatch) -> None:
+    """Each copy thread hands its result back through the receiver's asyncio thread, so a pull
+    gets one thread per MIN_BYTES_PER_THREAD bytes, and never more threads than chunks or cores."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert copy_threads(8, 256 * 1024) == 1  # the stack benchmark's 4-block pull
+    assert copy_threads(8, 2 * MIN_BYTES_PER_THREAD - 1) == 1
+    assert copy_threads(8, 2 * MIN_BYTES_PER_THREAD) == 2
+    assert copy_threads(3, 64 * MIN_BYTES_PER_THREAD) == 3
+    assert copy_threads(64, 64 * MIN_BYTES_PER_THREAD) == MAX_COPY_THREADS
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert copy_threads(64, 64 * MIN_BYTES_PER_THREAD) == 2
+
+
+@pytest.mark.parametrize("min_bytes_per_thread", [MIN_BYTES_PER_THREAD, 1])  # one copy thread; several
+def test_pull_copies_out_of_the_sources_pool_exactly_and_makes_no_segment(
+    tmp_path: Path, monkeypatch, min_bytes_per_thread: int
+) -> None:
+    monkeypatch.setattr(shm_pool_copy, "MIN_BYTES_PER_THREAD", min_bytes_per_thread)
+
     async def run() -> None:
         layout = make_layout()
         source, dest = pooled_source(layout, tmp_path), make_dest(layout)

@@ -29,6 +29,10 @@ from tandem.kvtransfer.shm_chunks import CHUNK_BYTES
 Run = tuple[int, int, int]  # (first source block id, first destination block id, length)
 Chunk = tuple[int, int, int]  # (plane, first position, end position)
 MAX_COPY_THREADS = 4  # a receiver's threads per pull (at most the host's cores)
+# bytes per copy thread: a smaller pull is copied on one thread, because each thread's hand-off
+# costs the receiver's asyncio thread more than copying a few MiB takes (a 4 MiB copy and hash:
+# about 0.8 ms on the 2-core development machine)
+MIN_BYTES_PER_THREAD = 4 << 20
 
 
 def runs(src: Sequence[int], dst: Sequence[int], max_len: int) -> list[Run]:
@@ -56,8 +60,12 @@ def chunks(num_planes: int, num_ids: int, block_bytes: int) -> list[Chunk]:
     ]
 
 
-def copy_threads(num_chunks: int) -> int:
-    return max(1, min(MAX_COPY_THREADS, os.cpu_count() or 1, num_chunks))
+def copy_threads(num_chunks: int, size_bytes: int) -> int:
+    """The threads that copy a pull of `num_chunks` chunks and `size_bytes` bytes."""
+    by_size = size_bytes // MIN_BYTES_PER_THREAD
+    if by_size <= 1:  # most pulls: no os.cpu_count() (about 10 us a call here)
+        return 1
+    return max(1, min(MAX_COPY_THREADS, os.cpu_count() or 1, num_chunks, by_size))
 
 
 def hash_chunks(src_planes: list[np.ndarray], ids: Sequence[int]) -> list[int]:

@@ -220,7 +220,7 @@ class ShmTransport(CheckedPull):
         # readers wait on their source: their own threads, never the loop's default executor,
         # which a source's copy may need (one in this process would wait for the pull's timeout)
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="kv-shm-reader")
-        self.pooled = PoolPuller(self.channels, self._readers, config.shm_dir)  # the one-copy path
+        self.pooled = PoolPuller(self._readers, config.shm_dir, config.token)  # the one-copy path
         sweep_dead(config.shm_dir)
 
     async def _pull(
@@ -342,7 +342,7 @@ class ShmTransport(CheckedPull):
         if self._trimmer is not None:
             self._trimmer.cancel()
         self.pool.close()
-        self.pooled.close()
+        await self.pooled.close()
         self._readers.shutdown(wait=False)
         await self.channels.close()
 
