@@ -10,7 +10,7 @@ import torch
 
 from tandem.common.layout import KVLayout
 from tandem.engine.outputs import HeldKV
-from tandem.kvtransfer.block_digests import combine, digest_blocks
+from tandem.kvtransfer.block_digests import combine, combined, digest_blocks
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.shm_pool_copy import planes
@@ -33,6 +33,16 @@ def test_combined_digests_equal_the_crc32c_of_the_concatenated_bytes(piece_bytes
     # the whole pull in packed order (plane by plane), as the tcp trailer
     assert combine(digests, piece_bytes, [0]) == [crc32c.crc32c(data[:, ids].tobytes())]
     assert combine(np.zeros(0, dtype=np.uint32), piece_bytes, []) == []
+
+
+@pytest.mark.parametrize("num_pieces", [1, 2, 3, 7, 8, 9, 64, 97])
+def test_combined_over_a_tree_equals_the_crc32c_of_every_piece_in_order(num_pieces: int) -> None:
+    rng = np.random.default_rng(num_pieces)
+    data = rng.integers(0, 256, (2, num_pieces, 24), dtype=np.uint8)  # 2 planes: the row order counts
+    digests = digest_blocks(list(data), range(num_pieces))
+    assert combined(digests, 24) == crc32c.crc32c(data.tobytes())
+    assert combined(digests[:1], 24) == crc32c.crc32c(data[0].tobytes())
+    assert combined(np.zeros((2, 0), dtype=np.uint32), 24) == 0
 
 
 def small_store() -> KVBlockStore:

