@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from tandem.common.block_hash import block_extra
 from tandem.common.request import FinishReason, Request, SamplingParams
-from tandem.engine.batcher import Batcher, BatcherConfig
+from tandem.engine.batcher import Batcher
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.step_plan import BatcherConfig
 
 BS = 4
 EOS = frozenset({0})

@@ -12,9 +12,10 @@ from tandem.common.block_hash import block_extra
 from tandem.common.request import Request
 from tandem.engine import Engine, FinishReason, RequestOutput, SamplingParams
 from tandem.engine.admission import WaitingQueueFullError
-from tandem.engine.batcher import Batcher, BatcherConfig
+from tandem.engine.batcher import Batcher
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.sequence import Sequence
+from tandem.engine.step_plan import BatcherConfig
 from tests.conftest import random_prompts
 
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)

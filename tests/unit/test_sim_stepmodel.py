@@ -11,9 +11,10 @@ import random
 
 from tandem.common.block_hash import block_extra
 from tandem.common.request import Request, SamplingParams
-from tandem.engine.batcher import Batcher, BatcherConfig
+from tandem.engine.batcher import Batcher
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.sequence import Sequence
+from tandem.engine.step_plan import BatcherConfig
 from tandem.sim.sequence import SimSeq
 from tandem.sim.stepmodel import StepModel, StepModelConfig
 from tandem.sim.types import StepShape

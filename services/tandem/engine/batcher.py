@@ -30,16 +30,8 @@ Policy, as in vLLM v1:
    router's misses). vLLM and SGLang refresh a prefix only when it is used.
 
 Speculative decoding (with a `Speculator`, spec/speculator.py): a running sequence's chunk
-that catches up with all its tokens also carries k drafts. Blocks are allocated for positions
-`< num_computed_tokens + chunk + k` first (preempting as above), then the proposer drafts for
-all such sequences at once, and the chunk becomes its uncomputed tokens plus the drafts (the
-budget counts the drafts; blocks for drafts not proposed are given back at once). `update`
-appends the accepted drafts and the correction or bonus token, truncated at a stop, leaves
-`num_computed_tokens` at `num_tokens - 1` (rejected positions are not computed), frees blocks
-that only rejected positions needed and registers only blocks full of accepted tokens. An
-admission never samples a sequence that already has generated tokens (its chunk stops one
-token short), so its next token comes from a drafting chunk, as it would without the
-admission (spec/speculator.py explains why this matters for seeded requests).
+that catches up with all its tokens also carries drafts, planned by `DraftPlanner`
+(draft_planning.py, which states the rule).
 
 Overload (`shed_candidates`): the queued sequences that may be shed for a more important
 arrival are those that have not run here and are not filling a reservation (waiting ones never
@@ -52,46 +44,15 @@ import bisect
 import itertools
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 from tandem.common.block_hash import num_blocks_for
 from tandem.common.request import FinishReason, TokenLogprob
 from tandem.engine.block_pool import BlockPool
+from tandem.engine.draft_planning import DraftPlanner
 from tandem.engine.sequence import Sequence, SequenceStatus
-from tandem.engine.spec.proposer import Draft
 from tandem.engine.spec.speculator import Speculator
-
-
-@dataclass(frozen=True)
-class BatcherConfig:
-    block_size: int
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    max_prefill_chunk_tokens: int | None
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    seq: Sequence
-    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
-    draft: Draft | None = None  # speculative decoding: the chunk ends with these (non-empty) drafts
-
-    @property
-    def samples(self) -> bool:
-        """True if this chunk catches up with every token, so a new token is sampled."""
-        num_drafts = len(self.draft.token_ids) if self.draft is not None else 0
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + num_drafts
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    chunks: tuple[ScheduledChunk, ...]
-    preempted: tuple[Sequence, ...]
-    num_prefix_hit_tokens: int  # tokens taken from the prefix cache by this step's admissions
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+from tandem.engine.step_plan import BatcherConfig, ScheduledChunk, StepPlan
+from tandem.engine.stopping import append_verified, stop_reason
 
 
 class Batcher:
@@ -99,6 +60,7 @@ class Batcher:
         self.config = config
         self.pool = pool
         self.speculator = speculator
+        self._drafts = DraftPlanner(config, pool, speculator)
         # Both queues are sorted by `_admission_key`.
         self.waiting: list[Sequence] = []
         self.ready: list[Sequence] = []  # decode role: prompt KV pulled, waiting for a slot
@@ -131,12 +93,12 @@ class Batcher:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         drafting: list[tuple[int, int]] = []  # (index in chunks, k)
-        step_skipped = self._step_skipped()
+        step_skipped = self._drafts.step_skipped(self.running, self.ready, self.waiting)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk_len(seq, budget)
-            k = self._num_drafts(seq, n, budget, step_skipped)
+            k = self._drafts.num_drafts(seq, n, budget, step_skipped)
             if k and n + k > budget:  # a seeded sampled request: stop short, sample with drafts next step
                 n, k = n - 1, 0
             if n == 0:
@@ -155,7 +117,7 @@ class Batcher:
             chunks.append(ScheduledChunk(seq, n))
             budget -= n + k
             i += 1
-        budget += self._propose(chunks, drafting)
+        budget += self._drafts.propose(chunks, drafting)
         if preempted:
             return StepPlan(tuple(chunks), tuple(preempted), 0)
         budget = self._admit_ready(budget, chunks, preempted)
@@ -166,7 +128,7 @@ class Batcher:
         """Move ready sequences into the batch (see the module doc); returns the budget left."""
         while self.ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.ready[0]
-            n = self._admission_len(seq, self._chunk_len(seq, budget))
+            n = self._drafts.admission_len(seq, self._chunk_len(seq, budget))
             need = num_blocks_for(seq.num_computed_tokens + n, self.config.block_size) - len(seq.block_table)
             if need > self.pool.num_free_blocks:
                 if self.running or chunks:
@@ -192,7 +154,7 @@ class Batcher:
             hit = self._prefix_hit(seq)
             num_hit_tokens = len(hit) * bs
             n = min(seq.num_tokens - num_hit_tokens, budget, self.config.max_prefill_chunk_tokens or budget)
-            n = self._admission_len(seq, n, seq.num_tokens - num_hit_tokens)
+            n = self._drafts.admission_len(seq, n, seq.num_tokens - num_hit_tokens)
             need = num_blocks_for(num_hit_tokens + n, bs) - len(hit)
             reclaimed = sum(1 for b in hit if self.pool.ref_count(b) == 0)
             if need + reclaimed > self.pool.num_free_blocks:
@@ -222,56 +184,6 @@ class Batcher:
     def _chunk_len(self, seq: Sequence, budget: int) -> int:
         cap = self.config.max_prefill_chunk_tokens or budget
         return min(seq.num_new_tokens, budget, cap)
-
-    # ---- speculative decoding (module doc) ----------------------------------------------------
-    def _step_skipped(self) -> bool:
-        """The per-step skip rule (spec/skip.py) over the tokens this step computes without
-        drafts: the running sequences' chunks and the queued ones that may be admitted."""
-        if self.speculator is None:
-            return True
-        cap = self.config.max_prefill_chunk_tokens or self.config.max_num_batched_tokens
-        admissible = (self.ready + self.waiting)[: max(0, self.config.max_num_seqs - len(self.running))]
-        num_tokens = sum(min(s.num_new_tokens, cap) for s in self.running + admissible)
-        return self.speculator.skip_step(len(self.running), min(num_tokens, self.config.max_num_batched_tokens))
-
-    def _num_drafts(self, seq: Sequence, n: int, budget: int, step_skipped: bool) -> int:
-        if self.speculator is None or n == 0 or n != seq.num_new_tokens:
-            return 0
-        bs = self.config.block_size
-        free_positions = (len(seq.block_table) + self.pool.num_free_blocks) * bs - (seq.num_computed_tokens + n)
-        return self.speculator.num_draft_tokens(seq, step_skipped, budget - n, free_positions)
-
-    def _propose(self, chunks: list[ScheduledChunk], drafting: list[tuple[int, int]]) -> int:
-        """Draft for the planned chunks in `drafting` (one proposer call) and extend them;
-        gives back the blocks of positions not drafted. Returns the budget not used."""
-        if not drafting:
-            return 0
-        assert self.speculator is not None
-        drafts = self.speculator.propose([chunks[j].seq for j, _ in drafting], [k for _, k in drafting])
-        unused = 0
-        for (j, k), draft in zip(drafting, drafts):
-            seq, n = chunks[j].seq, chunks[j].num_tokens
-            num_drafts = len(draft.token_ids)
-            unused += k - num_drafts
-            if num_drafts:
-                chunks[j] = ScheduledChunk(seq, n + num_drafts, draft)
-            self._trim(seq, seq.num_computed_tokens + n + num_drafts)
-        return unused
-
-    def _trim(self, seq: Sequence, num_positions: int) -> None:
-        """Free the blocks at the end of `seq`'s table that no position `< num_positions` uses."""
-        keep = num_blocks_for(num_positions, self.config.block_size)
-        if keep < len(seq.block_table):
-            self.pool.free(seq.block_table[keep:][::-1])
-            del seq.block_table[keep:]
-
-    def _admission_len(self, seq: Sequence, n: int, num_new_tokens: int | None = None) -> int:
-        """With speculation, an admitted sequence that has generated tokens stops one token
-        short, so that its next token comes from a drafting chunk (module doc)."""
-        if self.speculator is None or not self.speculator.may_draft(seq):
-            return n
-        num_new = seq.num_new_tokens if num_new_tokens is None else num_new_tokens
-        return min(n, num_new - 1)
 
     def _preempt(self, seq: Sequence) -> Sequence:
         self._release(seq)
@@ -306,7 +218,7 @@ class Batcher:
             seq = chunk.seq
             if chunk.draft is not None:
                 assert verified is not None
-                reason = _append_verified(seq, verified[seq.request_id], eos_token_ids)
+                reason = append_verified(seq, verified[seq.request_id], eos_token_ids)
             else:
                 seq.num_computed_tokens += chunk.num_tokens
             full = seq.num_computed_tokens // bs
@@ -316,7 +228,7 @@ class Batcher:
                     self.pool.cache_block(seq.block_table[idx], hashes[idx])
                 seq.num_cached_blocks = full
             if chunk.draft is not None:
-                self._trim(seq, seq.num_computed_tokens)
+                self._drafts.trim(seq, seq.num_computed_tokens)
                 assert self.speculator is not None
                 self.speculator.rollback(seq.request_id, seq.num_computed_tokens)
                 if reason is not None:
@@ -333,7 +245,7 @@ class Batcher:
             seq.token_ids.append(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)
-            reason = _stop_reason(seq, token, eos_token_ids)
+            reason = stop_reason(seq, token, eos_token_ids)
             if reason is None and seq.hand_off:
                 reason = FinishReason.HANDOFF
             if reason is not None:
@@ -413,29 +325,3 @@ def _admission_key(seq: Sequence) -> tuple[int, int]:
 def _enqueue(queue: list[Sequence], seq: Sequence) -> None:
     """Insert `seq` at its admission-order place (after equal keys)."""
     bisect.insort(queue, seq, key=_admission_key)
-
-
-def _append_verified(
-    seq: Sequence, emitted: Seq[tuple[int, TokenLogprob | None]], eos_token_ids: frozenset[int]
-) -> FinishReason | None:
-    """Append a verified run up to and including its first stop; the last appended token is
-    the only one whose KV is not computed. Returns the stop reason, if any."""
-    reason = None
-    for token, logprob in emitted:
-        seq.token_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        reason = _stop_reason(seq, token, eos_token_ids)
-        if reason is not None:
-            break
-    seq.num_computed_tokens = seq.num_tokens - 1
-    return reason
-
-
-def _stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
-    p = seq.sampling
-    if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-        return FinishReason.STOP
-    if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= seq.max_total_tokens:
-        return FinishReason.LENGTH
-    return None

@@ -32,7 +32,7 @@ from tandem.common.block_hash import block_extra, num_blocks_for
 from tandem.common.request import FinishReason, Request, SamplingParams
 from tandem.engine.admission import sequences_to_shed, shed_message
 from tandem.engine.attention import create_backend
-from tandem.engine.batcher import Batcher, BatcherConfig, StepPlan
+from tandem.engine.batcher import Batcher
 from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
 from tandem.engine.grammar.compiler import GrammarCompiler
@@ -50,6 +50,7 @@ from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.spec.proposer import ProposerContext
 from tandem.engine.spec.speculator import Speculator
 from tandem.engine.spec.verification import verify_chunks
+from tandem.engine.step_plan import BatcherConfig, StepPlan
 
 if TYPE_CHECKING:
     from xgrammar import CompiledGrammar

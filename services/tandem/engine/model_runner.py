@@ -13,8 +13,8 @@ import torch
 
 from tandem.engine.attention import AttentionBackend
 from tandem.engine.batch_inputs import QueryChunk, build_batch_inputs
-from tandem.engine.batcher import StepPlan
 from tandem.engine.models import LlamaForCausalLM
+from tandem.engine.step_plan import StepPlan
 
 
 @dataclass(frozen=True)
