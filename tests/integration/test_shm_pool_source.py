@@ -34,7 +34,7 @@ from tandem.kvtransfer.shm_pool_copy import (
     planes,
     runs,
 )
-from tandem.kvtransfer.shm_pool_source import PoolMappings
+from tandem.kvtransfer.shm_pool_mapping import PoolMappings
 from tandem.kvtransfer.shm_segments import SegmentName, pid_namespace, sweep_dead
 from tandem.kvtransfer.shm_transport import ShmKVServicer
 from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_hashes

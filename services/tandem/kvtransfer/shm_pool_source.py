@@ -14,10 +14,10 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
    none, and its chunks are hashed from the pool now.
 3. Meanwhile D maps the pool read-only (once per source pid, re-checked each pull: a pool file
    named for that pid in our pid namespace, a regular file of our uid, exactly `num_blocks *
-   bytes_per_block` bytes), checks the block ids are in range, and on reader threads (the
-   chunks split among them) copies the blocks into its own reserved blocks a run at a time,
-   hashing each run in the destination while it is still in cache. With the copy done and
-   P's digests in,
+   bytes_per_block` bytes; shm_pool_mapping.py), checks the block ids are in range, and on
+   reader threads (the chunks split among them) copies the blocks into its own reserved blocks
+   a run at a time, hashing each run in the destination while it is still in cache. With the
+   copy done and P's digests in,
    D half-closes the stream: only then does P leave the checkout, and D calls ReleaseKV later.
    From D's second pull from P on, D starts the copy out of the pool P answered with last time
    as soon as it has sent the request, without waiting for P's first answer (one round trip
@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import mmap
 import os
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol
@@ -52,7 +50,8 @@ from tandem.kvtransfer.channels import SERVICE, ChannelCache
 from tandem.kvtransfer.grpc_transport import lease_status
 from tandem.kvtransfer.leases import LeaseError, LeaseTable
 from tandem.kvtransfer.shm_pool_copy import chunks, copy_and_hash, copy_threads, planes
-from tandem.kvtransfer.shm_segments import SegmentName, pid_alive, pid_namespace, sweep_dead
+from tandem.kvtransfer.shm_pool_mapping import PoolMapping, PoolMappings
+from tandem.kvtransfer.shm_segments import sweep_dead
 
 
 class PoolSource(Protocol):
@@ -71,74 +70,6 @@ class PoolSource(Protocol):
 
 METHOD = "PullKVShmPool"
 Copier = Callable[..., Awaitable[Any]]  # runs a function in a reader thread, joined even if cancelled
-
-
-class PoolMapping:
-    """A source's pool mapped read-only: per layer `[2, num_blocks, ...]` tensors over it."""
-
-    def __init__(self, directory: str, name: str, source_pid: int, store: KVBlockStore, num_blocks: int) -> None:
-        parts = SegmentName.parse(name)
-        if parts is None or not parts.pool or parts.namespace != pid_namespace() or parts.receiver_pid != source_pid:
-            raise ValueError(f"{name[:120]!r} is not a KV pool of source pid {source_pid} in this namespace")
-        self.path, self.source_pid, self.num_blocks = os.path.join(directory, name), source_pid, num_blocks
-        self.size_bytes = num_blocks * store.bytes_per_block
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            info = os.fstat(fd)
-            self.inode = info.st_ino
-            self._check(info)
-            mapped = mmap.mmap(fd, self.size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        # read-only: nothing here can write the source's cache; the arrays keep the mapping alive
-        flat = np.frombuffer(mapped, dtype=np.uint8)
-        self.planes = list(flat.reshape(2 * store.layout.num_layers, num_blocks, -1))
-
-    def _check(self, info: os.stat_result) -> None:
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            raise ValueError(f"KV pool {self.path} is not a regular file of uid {os.geteuid()}")
-        if info.st_size != self.size_bytes:
-            raise ValueError(f"KV pool {self.path} has {info.st_size} bytes, the layout needs {self.size_bytes}")
-
-    def still_valid(self) -> bool:
-        """The same file is still there with its size, and its owner runs (checked per pull)."""
-        try:
-            info = os.stat(self.path, follow_symlinks=False)
-            self._check(info)
-        except (OSError, ValueError):
-            return False
-        return info.st_ino == self.inode and pid_alive(self.source_pid)
-
-
-class PoolMappings:
-    """The receiver's mappings, one per source pid. A replaced one is only dropped, never
-    unmapped: a reader thread may still use it (the tensors keep the mapping alive)."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._by_pid: dict[int, PoolMapping] = {}
-        self._by_address: dict[str, PoolMapping] = {}  # the pool a source address last answered with
-
-    def last(self, address: str) -> PoolMapping | None:
-        return self._by_address.get(address)
-
-    def remember(self, address: str, mapping: PoolMapping) -> None:
-        self._by_address[address] = mapping
-
-    def get(self, name: str, source_pid: int, store: KVBlockStore, num_blocks: int) -> PoolMapping:
-        """ValueError if the pool may not be used, OSError if it cannot be opened."""
-        known = self._by_pid.get(source_pid)
-        path = os.path.join(self.directory, name)
-        if known is not None and known.path == path and known.num_blocks == num_blocks and known.still_valid():
-            return known
-        self._by_pid.pop(source_pid, None)
-        mapping = PoolMapping(self.directory, name, source_pid, store, num_blocks)
-        self._by_pid[source_pid] = mapping
-        return mapping
-
-    def close(self) -> None:
-        self._by_pid.clear()
-        self._by_address.clear()
 
 
 async def serve_pool(
