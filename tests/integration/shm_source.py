@@ -29,7 +29,7 @@ from tandem.kvtransfer.grpc_transport import GrpcTransport
 from tandem.kvtransfer.leases import LeaseTable
 from tandem.kvtransfer.same_host import SameHostTransport
 from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan
-from tandem.kvtransfer.shm_transport import ShmKVServicer
+from tandem.kvtransfer.shm_source import ShmKVServicer
 from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_hashes
 
 

@@ -36,7 +36,7 @@ from tandem.kvtransfer.shm_pool_copy import (
 )
 from tandem.kvtransfer.shm_pool_mapping import PoolMappings
 from tandem.kvtransfer.shm_segments import SegmentName, pid_namespace, sweep_dead
-from tandem.kvtransfer.shm_transport import ShmKVServicer
+from tandem.kvtransfer.shm_source import ShmKVServicer
 from tandem.loadtest.bench.kv_source import random_kv_caches, synthetic_block_hashes
 from tests.integration.test_kvtransfer import (
     LEASED,
@@ -368,7 +368,7 @@ def test_a_lease_granted_while_serving_is_hashed_once_and_a_block_changed_since_
             committed = digests.for_pull("req", LEASED)
             assert committed is not None
             assert committed.tolist() == digest_blocks(planes(source.store.kv_caches), LEASED).tolist()
-            monkeypatch.setattr("tandem.kvtransfer.shm_transport.hash_chunks", no_pull_time_hash)
+            monkeypatch.setattr("tandem.kvtransfer.shm_source.hash_chunks", no_pull_time_hash)
             receiver = transport(tmp_path, "host-a")
             handle = same_host_handle(source, address)
             before = snapshot(dest)

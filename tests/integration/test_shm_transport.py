@@ -34,7 +34,7 @@ from tandem.kvtransfer.grpc_transport import GrpcTransport
 from tandem.kvtransfer.same_host import SameHostTransport
 from tandem.kvtransfer.shm_chunks import HEADER_BYTES, ChunkPlan, progress_word
 from tandem.kvtransfer.shm_segments import PREFIX, SegmentName, sweep_dead
-from tandem.kvtransfer.shm_transport import ShmKVServicer
+from tandem.kvtransfer.shm_source import ShmKVServicer
 from tandem.loadtest.bench.kv_source import synthetic_block_hashes
 from tests.integration.test_kvtransfer import (
     LEASED,
@@ -165,6 +165,7 @@ def test_concurrent_pulls_from_a_source_in_this_process_are_exact(tmp_path: Path
 
 
 def test_a_serving_source_sweeps_dead_receivers_segments_it_never_mapped(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tandem.kvtransfer.shm_source.SWEEP_PERIOD_S", 0.2)
     monkeypatch.setattr("tandem.kvtransfer.shm_transport.SWEEP_PERIOD_S", 0.2)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(10)
@@ -263,6 +264,7 @@ class WholeCopyPlan(ChunkPlan):
 def test_without_per_chunk_copies_a_corrupted_segment_leaves_the_destination_untouched(
     tmp_path: Path, monkeypatch
 ) -> None:
+    monkeypatch.setattr("tandem.kvtransfer.shm_source.ChunkPlan", WholeCopyPlan)
     monkeypatch.setattr("tandem.kvtransfer.shm_transport.ChunkPlan", WholeCopyPlan)
 
     async def run() -> None:

@@ -26,7 +26,8 @@ from tandem.common.host_id import local_host_id
 from tandem.common.kv_handle import KVHandle
 from tandem.kvtransfer.base import FailureReason, KVTransferError, KVTransport, TransferStats
 from tandem.kvtransfer.config import KVTransferConfig
-from tandem.kvtransfer.shm_transport import ShmKVServicer, ShmTransport
+from tandem.kvtransfer.shm_source import ShmKVServicer
+from tandem.kvtransfer.shm_transport import ShmTransport
 
 if TYPE_CHECKING:
     import grpc

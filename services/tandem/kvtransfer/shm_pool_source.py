@@ -55,7 +55,7 @@ from tandem.kvtransfer.shm_segments import sweep_dead
 
 
 class PoolSource(Protocol):
-    """What `serve_pool` needs of the source's servicer (shm_transport.ShmKVServicer)."""
+    """What `serve_pool` needs of the source's servicer (shm_source.ShmKVServicer)."""
 
     store: KVBlockStore
     leases: LeaseTable

@@ -45,6 +45,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PREFIX = "tandem-kv-"
+SWEEP_PERIOD_S = 10.0  # how often either side sweeps the directory for any dead receiver's segments
 _NAME_RE = re.compile(r"^tandem-kv-([0-9]+)-([0-9]+)-(pool-)?[0-9a-f]{16}$")
 
 
