@@ -18,7 +18,7 @@ Layout (all under the lock):
   chain and its anchors (its prefixes of 1, 2, 4, ... blocks), O(log n) entries, but none
   that w already holds. A claim lasts until w's STORED event of its last block replaces it
   with a confirmed entry, or `speculative_ttl_s`; never edited by REMOVED events.
-- `_positions[w]` = (epoch, seq) of the last event applied for w. A new epoch means the worker
+- `_events` (event_positions.py) = (epoch, seq) of the last event applied for w. A new epoch means the worker
   restarted with an empty cache: its confirmed entries and claims are dropped first. The new
   epoch is learnt from whichever comes first: its first KV event, or its registration
   (`registered`, from the registry refresher: a worker restarted under the same id before its
@@ -31,7 +31,6 @@ Layout (all under the lock):
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterable, Sequence
 from itertools import groupby, islice, repeat
@@ -40,9 +39,8 @@ from operator import or_
 from tandem.common.gateway_view import RoutingMode
 from tandem.common.workers import KVEventKind, KVEventRecord
 from tandem.scheduler.claims import ClaimTable
+from tandem.scheduler.event_positions import EventPositions, Position
 from tandem.scheduler.runs import RunTable
-
-logger = logging.getLogger(__name__)
 
 # Blocks of runs one `match` records at most (runs.py; recording costs about as much again as
 # scanning): a prompt whose runs are not recorded yet pays for at most this many, and the next
@@ -67,8 +65,7 @@ class PrefixIndex:
         self._bit: dict[str, int] = {}  # worker id -> 1 << slot
         self._owner: dict[int, str] = {}  # 1 << slot -> worker id
         self._free_slots: list[int] = []  # slots of forgotten workers, reused first
-        self._positions: dict[str, tuple[int, int]] = {}  # worker -> (epoch, last seq)
-        self._gaps: dict[str, int] = {}
+        self._events = EventPositions()  # worker -> (epoch, last seq), and seq gaps
 
     # --- writers -----------------------------------------------------------------------------
 
@@ -77,11 +74,14 @@ class PrefixIndex:
         entries and claims. Stale or duplicate events (by epoch and seq) are ignored."""
         worker_id = record.worker_id
         with self._lock:
-            if not self._advance(record):
+            position = self._events.advance(record)
+            if position is Position.STALE:
                 return
+            if position is Position.RESTARTED:
+                self._drop_entries(worker_id)
             if record.kind is KVEventKind.CLEARED:  # everything before it is moot: a complete view
                 self._drop_entries(worker_id)
-                self._gaps.pop(worker_id, None)
+                self._events.clear_gaps(worker_id)
                 return
             bit = self._bit_for(worker_id)
             confirmed = self._confirmed.setdefault(worker_id, set())
@@ -127,27 +127,16 @@ class PrefixIndex:
         `kv_epoch` (events of older epochs, still in the stream, are ignored from now on).
         True if entries were dropped or the position moved. Called on every refresh."""
         with self._lock:
-            position = self._positions.get(worker_id)
-            if kv_epoch == 0 or (position is not None and position[0] >= kv_epoch):
-                return False
-            if position is not None:
-                logger.info(
-                    "worker %s registered again under epoch %d (index at epoch %d); dropping its index entries",
-                    worker_id,
-                    kv_epoch,
-                    position[0],
-                )
+            position = self._events.register(worker_id, kv_epoch)
+            if position is Position.RESTARTED:
                 self._drop_entries(worker_id)
-                self._gaps.pop(worker_id, None)
-            self._positions[worker_id] = (kv_epoch, 0)
-            return True
+            return position is not Position.STALE
 
     def forget(self, worker_id: str) -> None:
         """Drop everything about a worker that left the registry (entries, epoch, slot)."""
         with self._lock:
             self._drop_entries(worker_id)
-            self._positions.pop(worker_id, None)
-            self._gaps.pop(worker_id, None)
+            self._events.forget(worker_id)
             bit = self._bit.pop(worker_id, None)
             if bit is not None:
                 del self._owner[bit]
@@ -215,7 +204,7 @@ class PrefixIndex:
     def worker_ids(self) -> frozenset[str]:
         """Every worker the index has entries or an event position for."""
         with self._lock:
-            return frozenset(self._bit) | frozenset(self._positions)
+            return frozenset(self._bit) | self._events.worker_ids()
 
     def num_blocks(self, worker_id: str) -> int:
         """Confirmed block hashes of the worker."""
@@ -231,7 +220,7 @@ class PrefixIndex:
     def num_gaps(self, worker_id: str) -> int:
         """Seq gaps seen for the worker since its current view began (0: view complete)."""
         with self._lock:
-            return self._gaps.get(worker_id, 0)
+            return self._events.num_gaps(worker_id)
 
     def blocks(self, worker_id: str) -> frozenset[int]:
         """The worker's confirmed block hashes."""
@@ -241,7 +230,7 @@ class PrefixIndex:
     def gapped_workers(self) -> tuple[str, ...]:
         """The workers whose current view has a seq gap, sorted."""
         with self._lock:
-            return tuple(sorted(w for w, n in self._gaps.items() if n))
+            return self._events.gapped_workers()
 
     def mode(self) -> RoutingMode:
         """`load_only` when no worker has a confirmed entry (what routing does then, whatever
@@ -249,7 +238,7 @@ class PrefixIndex:
         with self._lock:
             if not self._holders:
                 return RoutingMode.LOAD_ONLY
-            return RoutingMode.DEGRADED if any(self._gaps.values()) else RoutingMode.EXACT
+            return RoutingMode.DEGRADED if self._events.any_gaps() else RoutingMode.EXACT
 
     # --- internals (lock held) ---------------------------------------------------------------
 
@@ -277,37 +266,6 @@ class PrefixIndex:
             if position < num_blocks and runs.starts_at(block_hashes[position]):
                 break
         return position, still, budget
-
-    def _advance(self, record: KVEventRecord) -> bool:
-        """Check (epoch, seq) against the last applied event; False: skip this event."""
-        worker_id, epoch, seq = record.worker_id, record.epoch, record.seq
-        position = self._positions.get(worker_id)
-        if position is None:
-            if seq != 1:  # the stream was trimmed, or the worker was forgotten meanwhile
-                logger.info("kv events of %s start at seq %d of epoch %d; its view is partial", worker_id, seq, epoch)
-                self._gaps[worker_id] = self._gaps.get(worker_id, 0) + 1
-        elif epoch < position[0] or (epoch == position[0] and seq <= position[1]):
-            logger.debug("ignoring stale kv event %s epoch %d seq %d", worker_id, epoch, seq)
-            return False
-        elif epoch > position[0]:
-            logger.info(
-                "worker %s restarted (epoch %d -> %d); dropping its index entries", worker_id, position[0], epoch
-            )
-            self._drop_entries(worker_id)
-            self._gaps.pop(worker_id, None)
-            if seq != 1:
-                self._gaps[worker_id] = 1
-        elif seq != position[1] + 1:
-            logger.warning(
-                "kv events of %s: gap in epoch %d (seq %d after %d); keeping its entries",
-                worker_id,
-                epoch,
-                seq,
-                position[1],
-            )
-            self._gaps[worker_id] = self._gaps.get(worker_id, 0) + 1
-        self._positions[worker_id] = (epoch, seq)
-        return True
 
     def _bit_for(self, worker_id: str) -> int:
         bit = self._bit.get(worker_id)
