@@ -21,15 +21,12 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from tandem.common.block_hash import block_extra, num_blocks_for
-from tandem.common.request import FinishReason, Request, SamplingParams
+from tandem.common.request import FinishReason, SamplingParams
 from tandem.engine.admission import sequences_to_shed, shed_message
 from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher
@@ -37,23 +34,22 @@ from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
 from tandem.engine.grammar.compiler import GrammarCompiler
 from tandem.engine.grammar.matchers import GrammarMatchers
+from tandem.engine.grammar.waiting import GrammarWaits
 from tandem.engine.kv_cache import KVCacheSpec, KVScales, kv_cache_dtype
 from tandem.engine.loader import load_model, resolve_device
 from tandem.engine.logits_processors import TokenHistory
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.outputs import EngineStats, GenerationOutput, HeldKV, RequestOutput, Reservation
-from tandem.engine.prompt_logprobs import chunk_prompt_logprobs
+from tandem.engine.prompt_logprobs import keep_prompt_logits
 from tandem.engine.quant.linear import resident_weight_bytes
+from tandem.engine.request_limits import RequestLimits
 from tandem.engine.sampler import Sampler
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.spec.proposer import ProposerContext
 from tandem.engine.spec.speculator import Speculator
 from tandem.engine.spec.verification import verify_chunks
 from tandem.engine.step_plan import BatcherConfig, StepPlan
-
-if TYPE_CHECKING:
-    from xgrammar import CompiledGrammar
 
 # With nothing to run but requests waiting for their grammar, a step waits this long for one.
 GRAMMAR_POLL_S = 0.005
@@ -118,8 +114,11 @@ class Engine:
         self.grammars = GrammarCompiler(self.model_dir, model_config.vocab_size, model_config.eos_token_ids)
         self.matchers = GrammarMatchers(model_config.vocab_size)
         # constrained sequences whose grammar is compiling: not in the batcher, no blocks
-        self._awaiting: dict[str, tuple[Sequence, Future[CompiledGrammar]]] = {}
+        self._awaiting = GrammarWaits(self.matchers)
         self.model_id = config.model_id or self.model_dir.name
+        self._limits = RequestLimits(
+            self.model_id, model_config.vocab_size, self.max_model_len, config.block_size, self.pool.num_blocks
+        )
         self._seqs: dict[str, Sequence] = {}
         self.held: dict[str, HeldKV] = {}
         self._aborted: list[RequestOutput] = []  # finished outside a step, until `take_aborted`
@@ -175,41 +174,29 @@ class Engine:
         `held` (finish reason HANDOFF) until `release_held`. `priority`: lower is more
         important. With `max_waiting`, a full waiting queue sheds less important queued
         requests or raises `WaitingQueueFullError` (admission.py)."""
-        seq = self._new_sequence(
+        self._check_new_id(request_id)
+        seq = self._limits.new_sequence(
             request_id, prompt_token_ids, sampling, cache_salt, generated_token_ids, hand_off, priority
         )
         so = sampling.structured_output
         grammar = self.grammars.submit(so) if so is not None else None
         if grammar is not None and grammar.done():
-            self._start_grammar(seq, grammar)  # raises GrammarError (a ValueError)
+            self._awaiting.start(seq, grammar)  # raises GrammarError (a ValueError)
         self._make_room(seq.priority, max_waiting)
         self._seqs[request_id] = seq
         if grammar is not None and request_id not in self.matchers:
-            self._awaiting[request_id] = (seq, grammar)
+            self._awaiting.add(seq, grammar)
         else:
             self.batcher.add(seq)
-
-    def _start_grammar(self, seq: Sequence, grammar: Future[CompiledGrammar]) -> None:
-        """The compile finished: give `seq` its matcher (raises the compile's GrammarError)."""
-        self.matchers.start(seq.request_id, grammar.result(), seq.output_token_ids)
 
     def _admit_compiled(self, block_s: float) -> None:
         """Queue the awaiting sequences whose grammar compiled, and fail (finish reason ABORT,
         `error` set) those whose compile failed. Waits up to `block_s` for one to finish."""
-        if not self._awaiting:
-            return
-        if block_s > 0:
-            wait([f for _, f in self._awaiting.values()], timeout=block_s, return_when=FIRST_COMPLETED)
-        for request_id, (seq, grammar) in list(self._awaiting.items()):
-            if not grammar.done():
-                continue
-            try:
-                self._start_grammar(seq, grammar)
-            except ValueError as exc:
-                self._finish_outside_step(seq, None, error=str(exc))
-                continue
-            del self._awaiting[request_id]
-            self.batcher.add(seq)
+        for seq, error in self._awaiting.compiled(block_s):
+            if error is not None:
+                self._finish_outside_step(seq, None, error=error)
+            else:
+                self.batcher.add(seq)
 
     def _make_room(self, priority: int, max_waiting: int | None) -> None:
         if max_waiting is None or self.num_waiting < max_waiting:
@@ -217,46 +204,9 @@ class Engine:
         for victim in sequences_to_shed(priority, self.num_waiting, max_waiting, self.batcher.shed_candidates()):
             self._finish_outside_step(victim, shed_message(victim.priority, priority))
 
-    def _new_sequence(
-        self,
-        request_id: str,
-        prompt_token_ids: Seq[int],
-        sampling: SamplingParams,
-        cache_salt: str | None,
-        generated_token_ids: Seq[int],
-        hand_off: bool,
-        priority: int = 0,
-    ) -> Sequence:
+    def _check_new_id(self, request_id: str) -> None:
         if request_id in self._seqs or request_id in self.held:
             raise ValueError(f"request id {request_id!r} is already active")
-        prompt = tuple(int(t) for t in prompt_token_ids)
-        if not prompt:
-            raise ValueError("prompt must contain at least one token")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is out of range [0, {vocab})")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt)} tokens; the maximum context length is {self.max_model_len} "
-                "tokens, which must leave room for at least one generated token"
-            )
-        max_total = min(len(prompt) + sampling.max_tokens, self.max_model_len)
-        if num_blocks_for(max_total, self.config.block_size) > self.pool.num_blocks:
-            raise ValueError(
-                f"request needs up to {num_blocks_for(max_total, self.config.block_size)} KV blocks but the "
-                f"pool has {self.pool.num_blocks}; lower max_tokens or raise kv_cache_bytes"
-            )
-        generated = [int(t) for t in generated_token_ids]
-        if any(not 0 <= t < vocab for t in generated):
-            raise ValueError(f"generated token ids must be in [0, {vocab})")
-        return Sequence(
-            request=Request(request_id, prompt, sampling, cache_salt, priority),
-            hash_extra=block_extra(self.model_id, cache_salt),
-            max_total_tokens=self.max_model_len,
-            token_ids=list(prompt) + generated,
-            hand_off=hand_off,
-        )
 
     # ---- prefill role --------------------------------------------------------------------
     def release_held(self, request_id: str) -> bool:
@@ -286,13 +236,14 @@ class Engine:
         full now; the caller then uses `add_request` (local prefill) instead. `priority` and
         `max_waiting` as for `add_request`: a reserved sequence counts as waiting."""
         generated = [*generated_token_ids, first_token]
-        seq = self._new_sequence(request_id, prompt_token_ids, sampling, cache_salt, generated, False, priority)
+        self._check_new_id(request_id)
+        seq = self._limits.new_sequence(request_id, prompt_token_ids, sampling, cache_salt, generated, False, priority)
         so = sampling.structured_output
         if so is not None:
             grammar = self.grammars.submit(so)
             if not grammar.done():
                 return None  # the caller queues it with `add_request`, where it waits for the compile
-            self._start_grammar(seq, grammar)
+            self._awaiting.start(seq, grammar)
         self._make_room(seq.priority, max_waiting)
         if not self.batcher.reserve(seq):
             self.matchers.drop(request_id)
@@ -327,7 +278,7 @@ class Engine:
         `error` is) and keep its final output for `take_aborted`."""
         del self._seqs[seq.request_id]
         self.matchers.drop(seq.request_id)
-        if self._awaiting.pop(seq.request_id, None) is None:
+        if not self._awaiting.discard(seq.request_id):
             self.batcher.finish(seq, FinishReason.ABORT)
         else:  # never reached the batcher
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
@@ -379,7 +330,7 @@ class Engine:
         )
         verified = verify_chunks(plan.chunks, result.verify_logits, self.sampler.generator, self.stats)
         for request_id, logits in result.prompt_logits.items():
-            self._keep_prompt_logits(self._seqs[request_id], logits)
+            keep_prompt_logits(self._seqs[request_id], logits)
         first_samples = {c.seq.request_id for c in sampling_chunks if c.seq.num_output_tokens == 0}
         self._count_step(plan)
         sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(plain_chunks, tokens, logprobs)}
@@ -422,22 +373,6 @@ class Engine:
                 self._count_finish(seq.finish_reason)
         self.stats.num_generated_tokens += num_generated
         return outputs
-
-    def _keep_prompt_logits(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Keep a prompt chunk's logits (`return_prompt_logits`) or its prompt logprobs. The
-        chunk starts at `seq.num_computed_tokens` (the step's results are not applied yet); a
-        prompt recomputed from position 0 (after a preemption) starts its logprobs over."""
-        p = seq.sampling
-        if p.return_prompt_logits:
-            seq.prompt_logits.append(logits)
-        if p.prompt_logprobs is not None:
-            start = seq.num_computed_tokens
-            if start == 0:
-                seq.prompt_logprobs.clear()
-            if start == len(seq.prompt_logprobs):  # contiguous from the prompt's start
-                seq.prompt_logprobs.extend(
-                    chunk_prompt_logprobs(logits, seq.prompt_token_ids, start, p.prompt_logprobs)
-                )
 
     def _count_step(self, plan: StepPlan) -> None:
         self.stats.num_steps += 1

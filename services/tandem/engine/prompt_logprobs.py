@@ -1,7 +1,8 @@
 """Prompt logprobs: each prompt token's logprob under the model, from the prompt's logits.
 
-Who calls it: the engine's step, for a sequence with `prompt_logprobs` set, on every chunk of
-its prompt (the batcher computes such a prompt in full, never from the prefix cache, so the
+Who calls it: the engine's step (`keep_prompt_logits`, which also keeps the raw logits of a
+request with `return_prompt_logits`), for a sequence with `prompt_logprobs` set, on every chunk
+of its prompt (the batcher computes such a prompt in full, never from the prefix cache, so the
 answer is the same whether or not an identical prompt ran before: the cached part is
 recomputed, as vLLM does). Logits row j of a chunk that starts at position s is the model's
 prediction at position s + j, which scores prompt token s + j + 1; the prompt's last row
@@ -16,6 +17,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from tandem.common.request import TokenLogprob
+from tandem.engine.sequence import Sequence
 
 
 def chunk_prompt_logprobs(
@@ -39,3 +41,18 @@ def chunk_prompt_logprobs(
         top_values, top_ids = log_probs.topk(num_top, dim=-1)
         tops = [tuple(zip(ids, vals)) for ids, vals in zip(top_ids.tolist(), top_values.tolist())]
     return [(TokenLogprob(int(t), v, top), int(r)) for t, v, top, r in zip(targets.tolist(), values, tops, ranks)]
+
+
+def keep_prompt_logits(seq: Sequence, logits: torch.Tensor) -> None:
+    """Keep a prompt chunk's logits (`return_prompt_logits`) or its prompt logprobs. The
+    chunk starts at `seq.num_computed_tokens` (the step's results are not applied yet); a
+    prompt recomputed from position 0 (after a preemption) starts its logprobs over."""
+    p = seq.sampling
+    if p.return_prompt_logits:
+        seq.prompt_logits.append(logits)
+    if p.prompt_logprobs is not None:
+        start = seq.num_computed_tokens
+        if start == 0:
+            seq.prompt_logprobs.clear()
+        if start == len(seq.prompt_logprobs):  # contiguous from the prompt's start
+            seq.prompt_logprobs.extend(chunk_prompt_logprobs(logits, seq.prompt_token_ids, start, p.prompt_logprobs))
