@@ -134,3 +134,45 @@ def test_a_tiny_real_calibration_round_trips(tiny_dir: Path, tmp_path: Path) -> 
     assert model.step_seconds(StepShape(prefill_tokens=8, prefill_context_tokens=36)) > 0
     save(model, tmp_path / "tiny.json")
     assert load(tmp_path / "tiny.json") == model
+
+
+# the decode context cost per cached token at 1, 8 and 32 sequences (linear between, constant beyond)
+BY_BATCH = Coefficients(2e-3, 5e-5, 1e-4, 2e-8, 0.0, ((1, 1e-7), (8, 3e-7), (32, 9e-7)))
+
+
+def test_the_decode_context_cost_is_interpolated_between_batch_sizes() -> None:
+    # 4 sequences lie 3/7 of the way from 1 to 8: 1e-7 + 3/7 x 2e-7; 20 lie half way from 8 to 32
+    assert BY_BATCH.decode_context_per_token(4) == pytest.approx(1e-7 + 3 / 7 * 2e-7, rel=1e-12)
+    assert BY_BATCH.decode_context_per_token(20) == pytest.approx(6e-7, rel=1e-12)
+    assert [BY_BATCH.decode_context_per_token(b) for b in (1, 8, 32, 64)] == [1e-7, 3e-7, 9e-7, 9e-7]
+    step = StepShape(decode_seqs=20, decode_context_tokens=2000)
+    assert BY_BATCH.seconds(step) == pytest.approx(2e-3 + 20 * 5e-5 + 20 * 1e-4 + 2000 * 6e-7, rel=1e-12)
+    assert KNOWN.decode_context_per_token(20) == 3e-7
+
+
+def test_fit_recovers_known_decode_context_costs_by_batch_size() -> None:
+    timings = [StepTiming(s, BY_BATCH.seconds(s)) for s in _grid()]
+    model = fit(timings, "synthetic", kv_bytes=4096, context_batches=(1, 8, 32))
+    c = model.coefficients
+    assert (c.step_s, c.token_s, c.decode_seq_s, c.prefill_context_s, c.decode_context_s) == pytest.approx(
+        (2e-3, 5e-5, 1e-4, 2e-8, 0.0), rel=1e-6, abs=1e-15
+    )
+    assert [b for b, _ in c.decode_context_by_batch] == [1, 8, 32]
+    assert [s for _, s in c.decode_context_by_batch] == pytest.approx([1e-7, 3e-7, 9e-7], rel=1e-6)
+    assert model.max_relative_error < 1e-9
+    # one coefficient over all batch sizes cannot fit them
+    assert fit(timings, "synthetic", kv_bytes=4096).max_relative_error > 0.01
+    with pytest.raises(ValueError, match=r"^a fit needs at least 7 timings, got 6$"):
+        fit(timings[:6], "synthetic", kv_bytes=4096, context_batches=(1, 8, 32))
+
+
+def test_a_decode_context_table_is_checked_and_round_trips(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^decode_context_by_batch needs increasing batch sizes >= 1, got \[4, 4\]$"):
+        Coefficients(0.0, 0.0, 0.0, 0.0, 0.0, ((4, 1e-7), (4, 2e-7)))
+    with pytest.raises(ValueError, match=r"^decode_context_by_batch needs finite costs >= 0, got \[-1e-07\]$"):
+        Coefficients(0.0, 0.0, 0.0, 0.0, 0.0, ((1, -1e-7),))
+    with pytest.raises(ValueError, match=r"^decode_context_s must be 0 when decode_context_by_batch gives"):
+        Coefficients(0.0, 0.0, 0.0, 0.0, 1e-7, ((1, 1e-7),))
+    model = CalibratedCostModel("m", BY_BATCH, kv_bytes=4096)
+    save(model, tmp_path / "m.json")
+    assert load(tmp_path / "m.json") == model
