@@ -18,21 +18,12 @@ engine-side measurement is `tandem.loadtest.sim_calibration.calibrate(model_dir,
 the real in-process engine (the simulator does not import the engine: layering, DESIGN.md
 section 3) and returns the fitted `CalibratedCostModel`, which `save` / `load` keep as JSON.
 
-With `context_batches` (batch sizes, increasing), the decode attention's cost per cached token
-is not one number but one per batch size, linear in the batch between them and constant
-beyond (`Coefficients.decode_context_by_batch`): on a CPU a decode step's KV reads cost more
-per token once the batch's KV outgrows the caches. On the bench model, the served worker's
-decode steps in the validated run (step logs of 4 runs) paid 0.7-2.2 us per cached token at
-1-4 sequences, where the engine's grid measured 3.8-4.7 us at 16 sequences of 64-256 tokens;
-the one coefficient fitted over both charged the steps of 1-4 sequences 2.0-2.8 us per token.
-
 A calibrated worker hands KV over `link` (default: the same-host gRPC path of the bench
 cluster, bandwidth and latency set by the caller or left at their defaults).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -58,81 +49,35 @@ class StepTiming:
     seconds: float
 
 
-def batch_weights(batches: Sequence[int], batch: int) -> list[float]:
-    """Weights over `batches` (increasing) that interpolate a per-batch value at `batch`:
-    linear between two neighbours, all on the nearest end outside them."""
-    weights = [0.0] * len(batches)
-    if batch <= batches[0]:
-        weights[0] = 1.0
-    elif batch >= batches[-1]:
-        weights[-1] = 1.0
-    else:
-        upper = next(j for j, b in enumerate(batches) if b > batch)
-        share = (batch - batches[upper - 1]) / (batches[upper] - batches[upper - 1])
-        weights[upper - 1], weights[upper] = 1.0 - share, share
-    return weights
-
-
-def _features(step: StepShape, context_batches: Sequence[int] = ()) -> tuple[float, ...]:
-    """The step's value of each of TERMS, in order; with `context_batches`, the decode context
-    is spread over them (`batch_weights`) in place of the last term."""
-    common = (
+def _features(step: StepShape) -> tuple[float, ...]:
+    """The step's value of each of TERMS, in order."""
+    return (
         1.0,
         float(step.prefill_tokens + step.decode_seqs),
         float(step.decode_seqs),
         float(step.prefill_context_tokens),
+        float(step.decode_context_tokens),
     )
-    if not context_batches:
-        return (*common, float(step.decode_context_tokens))
-    weights = batch_weights(context_batches, step.decode_seqs)
-    return (*common, *(w * step.decode_context_tokens for w in weights))
 
 
 @dataclass(frozen=True)
 class Coefficients:
-    """Seconds per unit of each term (module docstring); all >= 0. `decode_context_by_batch`,
-    ((batch, seconds per cached token), ...) in increasing batch, replaces `decode_context_s`
-    (which is then 0) when given."""
+    """Seconds per unit of each term (module docstring); all >= 0."""
 
     step_s: float
     token_s: float
     decode_seq_s: float
     prefill_context_s: float
     decode_context_s: float
-    decode_context_by_batch: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in TERMS:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"coefficient {name} must be a finite number >= 0, got {value!r}")
-        table = self.decode_context_by_batch
-        if not table:
-            return
-        batches = [b for b, _ in table]
-        if min(batches) < 1 or any(b >= c for b, c in itertools.pairwise(batches)):
-            raise ValueError(f"decode_context_by_batch needs increasing batch sizes >= 1, got {batches}")
-        if not all(isinstance(s, (int, float)) and math.isfinite(s) and s >= 0 for _, s in table):
-            raise ValueError(f"decode_context_by_batch needs finite costs >= 0, got {[s for _, s in table]}")
-        if self.decode_context_s:
-            raise ValueError("decode_context_s must be 0 when decode_context_by_batch gives the decode context cost")
-
-    def decode_context_per_token(self, batch: int) -> float:
-        """Seconds per cached token of a decode step of `batch` sequences."""
-        table = self.decode_context_by_batch
-        if not table:
-            return self.decode_context_s
-        weights = batch_weights([b for b, _ in table], batch)
-        return sum(w * s for w, (_, s) in zip(weights, table))
 
     def seconds(self, step: StepShape) -> float:
-        return (
-            self.step_s
-            + self.token_s * (step.prefill_tokens + step.decode_seqs)
-            + self.decode_seq_s * step.decode_seqs
-            + self.prefill_context_s * step.prefill_context_tokens
-            + self.decode_context_per_token(step.decode_seqs) * step.decode_context_tokens
-        )
+        return sum(c * x for c, x in zip((getattr(self, t) for t in TERMS), _features(step)))
 
 
 @dataclass(frozen=True)
@@ -189,22 +134,16 @@ def fit(
     model_name: str,
     kv_bytes: int,
     link: Link = DEFAULT_CPU_LINK,
-    context_batches: Sequence[int] = (),
 ) -> CalibratedCostModel:
-    """The cost model whose coefficients best fit `timings` (module docstring); with
-    `context_batches`, one decode context cost per batch size in it."""
-    batches = tuple(context_batches)
-    terms = len(TERMS) - 1 + max(1, len(batches))
-    if len(timings) < terms:
-        raise ValueError(f"a fit needs at least {terms} timings, got {len(timings)}")
+    """The cost model whose coefficients best fit `timings` (module docstring)."""
+    if len(timings) < len(TERMS):
+        raise ValueError(f"a fit needs at least {len(TERMS)} timings, got {len(timings)}")
     bad = [t.seconds for t in timings if not (math.isfinite(t.seconds) and t.seconds > 0)]
     if bad:
         raise ValueError(f"step times must be positive numbers of seconds, got {bad[:3]}")
-    a = np.array([_features(t.step, batches) for t in timings], dtype=np.float64)
+    a = np.array([_features(t.step) for t in timings], dtype=np.float64)
     b = np.array([t.seconds for t in timings], dtype=np.float64)
-    x = [float(c) for c in relative_least_squares(a, b)]
-    table = tuple(zip(batches, x[4:])) if batches else ()
-    coefficients = Coefficients(x[0], x[1], x[2], x[3], 0.0 if batches else x[4], table)
+    coefficients = Coefficients(*(float(c) for c in relative_least_squares(a, b)))
     worst = max(abs(coefficients.seconds(t.step) - t.seconds) / t.seconds for t in timings)
     return CalibratedCostModel(model_name, coefficients, kv_bytes, link, worst, len(timings))
 
@@ -223,14 +162,7 @@ def load(path: Path) -> CalibratedCostModel:
             raise ValueError(f"format_version must be {FORMAT_VERSION}, got {data.get('format_version')!r}")
         return CalibratedCostModel(
             model_name=str(data["model_name"]),
-            coefficients=Coefficients(
-                **{
-                    **data["coefficients"],
-                    "decode_context_by_batch": tuple(
-                        (int(b), float(s)) for b, s in data["coefficients"].get("decode_context_by_batch", ())
-                    ),
-                }
-            ),
+            coefficients=Coefficients(**data["coefficients"]),
             kv_bytes=int(data["kv_bytes"]),
             link=Link(**data["link"]),
             max_relative_error=float(data["max_relative_error"]),

@@ -22,7 +22,6 @@ from tandem.loadtest.record import RequestRecord
 from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.suite.context import drive
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients, relative_least_squares
-from tandem.sim.types import StepShape
 
 PROBE_PROMPT, PROBE_OUTPUT = 64, 48
 PROBE_BATCHES = (1, 2, 4)
@@ -105,21 +104,16 @@ class Serving:
         token_s, prefill_context_s, decode_context_s = (
             float(scale) * x for x in (c.token_s, c.prefill_context_s, c.decode_context_s)
         )
-        by_batch = tuple((b, float(scale) * s) for b, s in c.decode_context_by_batch)
-        scaled = Coefficients(0.0, token_s, 0.0, prefill_context_s, decode_context_s, by_batch)
         context = PROBE_PROMPT + PROBE_OUTPUT // 2
         batches = sorted(self.decode_step_s)
         # what the served step adds to the scaled token and attention terms
-        served = [
-            self.decode_step_s[b] - scaled.seconds(StepShape(decode_seqs=b, decode_context_tokens=b * context))
-            for b in batches
-        ]
+        served = [self.decode_step_s[b] - b * (token_s + decode_context_s * context) for b in batches]
         if len(batches) < 2 or min(served) <= 0:
             raise ValueError(
                 f"the probes' decode steps {self.decode_step_s} leave nothing to fit against {c} x {scale:.3g}"
             )
         fixed, per_seq = relative_least_squares(np.array([[1.0, b] for b in batches]), np.array(served))
-        fitted = dataclasses.replace(scaled, step_s=float(fixed), decode_seq_s=float(per_seq))
+        fitted = Coefficients(float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s)
         model = dataclasses.replace(cost, coefficients=fitted)
         return model, max(0.0, float(intercept) - fitted.step_s)
 
