@@ -16,7 +16,10 @@
    side of it: the machine's speed drifts (other processes load it), and with one probe window
    before and one after the whole 20-second run, the run's own steps were 15% slower to 15%
    faster than the windows' in six loaded runs, which flipped the errors' sign from run to
-   run. The probes never time the validated requests' own steps. The probes:
+   run. A round is 2 waves of every probe, so the 4 rounds send the 8 waves that the two
+   windows of 4 did: the same probes, the same count. Segment k is sent open-loop at the same
+   rate with Poisson seed SEED + k. The probes never time the validated requests' own steps.
+   The probes:
    - prefill probes alone at prompt lengths across the workload's (PREFILL_PROBE_PROMPTS):
      their TTFTs scale the engine's token and attention terms, and what is left is the fixed
      step plus the gateway latency;
