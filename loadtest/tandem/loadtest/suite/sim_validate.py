@@ -22,7 +22,9 @@
    The probes:
    - prefill probes alone at prompt lengths across the workload's (PREFILL_PROBE_PROMPTS):
      their TTFTs scale the engine's token and attention terms, and what is left is the fixed
-     step plus the gateway latency;
+     step plus the gateway latency; the worker's own TTFT histogram, read before and after
+     them, gives the time outside the worker, which splits that rest between the gateway and
+     the prefill step (`Serving.apply`, step 3);
    - decode probes (64-token prompts, 48 output tokens) in closed loop at each of
      PROBE_BATCHES: a probe's decode step is the mean of its gaps that no other probe's
      prefill fell into (the mean, as the validated ITL is a mean per request: a load burst's
