@@ -134,16 +134,3 @@ def test_a_tiny_real_calibration_round_trips(tiny_dir: Path, tmp_path: Path) -> 
     assert model.step_seconds(StepShape(prefill_tokens=8, prefill_context_tokens=36)) > 0
     save(model, tmp_path / "tiny.json")
     assert load(tmp_path / "tiny.json") == model
-
-
-def test_a_prefill_step_pays_its_fixed_cost_and_it_round_trips(tmp_path: Path) -> None:
-    c = Coefficients(2e-3, 5e-5, 1e-4, 2e-8, 3e-7, prefill_step_s=1.5e-3)
-    mixed = StepShape(prefill_tokens=10, prefill_context_tokens=55, decode_seqs=2, decode_context_tokens=100)
-    assert c.seconds(mixed) == pytest.approx(KNOWN.seconds(mixed) + 1.5e-3, rel=1e-12)
-    decode = StepShape(decode_seqs=2, decode_context_tokens=100)
-    assert c.seconds(decode) == KNOWN.seconds(decode)
-    with pytest.raises(ValueError, match=r"^coefficient prefill_step_s must be a finite number >= 0, got -1\.0$"):
-        Coefficients(0.0, 0.0, 0.0, 0.0, 0.0, prefill_step_s=-1.0)
-    model = CalibratedCostModel("m", c, kv_bytes=4096)
-    save(model, tmp_path / "m.json")
-    assert load(tmp_path / "m.json") == model

@@ -12,7 +12,7 @@ import pytest
 
 from tandem.loadtest.record import RequestRecord
 from tandem.loadtest.request import WorkloadRequest
-from tandem.loadtest.suite.sim_probes import ProbeRound, Serving, decode_step_s, drift_note, outside_worker_s
+from tandem.loadtest.suite.sim_probes import ProbeRound, Serving, decode_step_s, drift_note
 from tandem.loadtest.suite.sim_validate import segments_of, sent_trace
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients
 from tandem.sim.types import StepShape, TraceRequest
@@ -32,46 +32,11 @@ def test_probes_scale_the_engine_terms_and_set_the_fixed_and_per_sequence_terms(
     # fixed and per-sequence terms, on one line: the fit is exact
     steps = {1: 0.004182, 2: 0.005364, 4: 0.007728}
     served, gateway_s = Serving(steps, ttfts).apply(ENGINE)
-    assert dataclasses.astuple(served.coefficients) == pytest.approx(
-        (0.003, 1.5e-4, 0.0009, 1.5e-7, 1.5e-6, 0.0), rel=1e-9
-    )
+    assert dataclasses.astuple(served.coefficients) == pytest.approx((0.003, 1.5e-4, 0.0009, 1.5e-7, 1.5e-6), rel=1e-9)
     for batch, seconds in steps.items():
         step = StepShape(decode_seqs=batch, decode_context_tokens=88 * batch)
         assert served.step_seconds(step) == pytest.approx(seconds, rel=1e-9)
     assert gateway_s == pytest.approx(0.005, rel=1e-9)
-
-
-def test_the_time_outside_the_worker_splits_the_intercept_between_the_gateway_and_the_prefill_step() -> None:
-    ttfts = {64: 0.017912, 128: 0.0284384, 256: 0.0513344}  # 8 ms + 1.5 x the engine's terms
-    steps = {1: 0.004182, 2: 0.005364, 4: 0.007728}  # a fixed step of 3 ms, as above
-    # 3.5 ms outside the worker: of the 5 ms left after the fixed step, 1.5 ms are the prefill step's
-    served, gateway_s = Serving(steps, ttfts, path_s=0.0035).apply(ENGINE)
-    assert gateway_s == pytest.approx(0.0035, rel=1e-9)
-    assert served.coefficients.prefill_step_s == pytest.approx(0.0015, rel=1e-9)
-    assert served.coefficients.step_s == pytest.approx(0.003, rel=1e-9)
-    # a prefill alone still takes its measured TTFT, less the gateway
-    for n, ttft in ttfts.items():
-        step = StepShape(prefill_tokens=n, prefill_context_tokens=n * (n + 1) // 2)
-        assert served.step_seconds(step) + gateway_s == pytest.approx(ttft, rel=1e-9)
-    # a decode step pays no prefill step
-    assert served.step_seconds(StepShape(decode_seqs=1, decode_context_tokens=88)) == pytest.approx(0.004182, rel=1e-9)
-    # more outside the worker than the intercept leaves: the gateway is the intercept's, as without it
-    served, gateway_s = Serving(steps, ttfts, path_s=0.006).apply(ENGINE)
-    assert (gateway_s, served.coefficients.prefill_step_s) == (pytest.approx(0.005, rel=1e-9), 0.0)
-
-
-def test_the_time_outside_the_worker_is_the_client_ttft_less_the_workers() -> None:
-    # three probes of 30, 40 and 50 ms at the client; the worker's histogram grew by 3 first
-    # tokens totalling 96 ms: 40 - 32 = 8 ms outside the worker
-    assert outside_worker_s([0.03, 0.04, 0.05], (1.0, 10.0), (1.096, 13.0)) == pytest.approx(0.008, rel=1e-9)
-    with pytest.raises(ValueError, match=r"^the worker counted 2 first tokens for 3 probes$"):
-        outside_worker_s([0.03, 0.04, 0.05], (1.0, 10.0), (1.096, 12.0))
-
-
-def test_a_segment_takes_the_median_time_outside_the_worker_of_its_rounds() -> None:
-    rounds = [dataclasses.replace(_round(0.002, 0.030), path_s=p) for p in (0.006, 0.008, 0.007)]
-    assert Serving.of(rounds).path_s == pytest.approx(0.007, rel=1e-12)
-    assert Serving.of([*rounds, _round(0.002, 0.030)]).path_s is None
 
 
 def test_probes_that_leave_nothing_to_fit_are_refused() -> None:

@@ -69,19 +69,15 @@ class Coefficients:
     decode_seq_s: float
     prefill_context_s: float
     decode_context_s: float
-    # on top of step_s, in a step that computes prompt tokens (not fitted by `fit`: set from
-    # served probes, tandem.loadtest.suite.sim_probes)
-    prefill_step_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in (*TERMS, "prefill_step_s"):
+        for name in TERMS:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"coefficient {name} must be a finite number >= 0, got {value!r}")
 
     def seconds(self, step: StepShape) -> float:
-        fixed = self.prefill_step_s if step.prefill_tokens else 0.0
-        return fixed + sum(c * x for c, x in zip((getattr(self, t) for t in TERMS), _features(step)))
+        return sum(c * x for c, x in zip((getattr(self, t) for t in TERMS), _features(step)))
 
 
 @dataclass(frozen=True)

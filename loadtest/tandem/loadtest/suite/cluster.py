@@ -132,19 +132,9 @@ class BenchCluster:
             if child.name.startswith(("prefill-", "decode-")) and child.address
         }
 
-    @property
-    def worker_metrics_urls(self) -> dict[str, str]:
-        """Base URL of each worker's Prometheus endpoint (`/metrics` under it), by worker id."""
-        return {
-            child.name: f"http://127.0.0.1:{child.metrics_port}"
-            for child in self._cluster.children()
-            if child.name.startswith(("prefill-", "decode-")) and child.metrics_port
-        }
-
-    def metrics(self, url: str | None = None) -> dict[str, float]:
-        """The Prometheus samples at `url` (default: the gateway's), keyed `name{label=value,...}`
-        (labels sorted)."""
-        with urllib.request.urlopen((url or self.url) + "/metrics", timeout=5) as response:
+    def metrics(self) -> dict[str, float]:
+        """The gateway's Prometheus samples, keyed `name{label=value,...}` (labels sorted)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
             text = response.read().decode()
         samples = {}
         for family in text_string_to_metric_families(text):

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import random
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,18 +36,6 @@ class ProbeRound:
 
     decodes: Mapping[int, Sequence[RequestRecord]]
     ttfts: Mapping[int, Sequence[float]]
-    path_s: float | None = None  # `outside_worker_s` of the prefill probes (None: not read)
-
-
-def outside_worker_s(ttfts: Sequence[float], before: tuple[float, float], after: tuple[float, float]) -> float:
-    """The mean of `ttfts` (the client's) less the worker's mean TTFT over the same requests,
-    from its `vllm:time_to_first_token_seconds` histogram's (sum, count) read `before` and
-    `after` them (the worker's TTFT runs from the gRPC call's arrival to the end of the step that
-    samples the first token): the gateway's and the network's part of a TTFT, both ways."""
-    count = after[1] - before[1]
-    if count != len(ttfts):
-        raise ValueError(f"the worker counted {count:g} first tokens for {len(ttfts)} probes")
-    return statistics.fmean(ttfts) - (after[0] - before[0]) / count
 
 
 def _probes(num: int, prompt: int, output: int, name: str) -> list[WorkloadRequest]:
@@ -83,7 +71,6 @@ class Serving:
 
     decode_step_s: Mapping[int, float]
     ttft_alone_s: Mapping[int, float]
-    path_s: float | None = None
 
     @classmethod
     def of(cls, rounds: Sequence[ProbeRound]) -> Serving:
@@ -91,7 +78,6 @@ class Serving:
         return cls(
             {b: statistics.median(s for r in rounds for s in decode_step_s(r.decodes[b])) for b in PROBE_BATCHES},
             {n: statistics.median(t for r in rounds for t in r.ttfts[n]) for n in PREFILL_PROBE_PROMPTS},
-            None if any(r.path_s is None for r in rounds) else statistics.median(r.path_s or 0.0 for r in rounds),
         )
 
     def apply(self, cost: CalibratedCostModel) -> tuple[CalibratedCostModel, float]:
@@ -103,14 +89,7 @@ class Serving:
            over what the engine's did, at the probes' time);
         2. the fixed and per-decoded-sequence terms fitted (relative least squares) so that a
            decode step of each probed batch size takes what the served worker took;
-        3. the gateway latency: a less the fixed term; but where the probes measured the time
-           outside the worker (`path_s`) and it is less, that is the gateway latency and the
-           rest of a is the worker's: a step that computes prompt tokens pays it
-           (`prefill_step_s`). Without it, a share of the prefill steps' time that the line's
-           intercept took was charged to the gateway, where it does not hold up the worker's
-           running decodes (step logs of 2 runs, 6 segments: the fitted gateway exceeded the
-           6.5-6.7 ms outside the worker by -0.8 to 3.6 ms, and the model priced the probes'
-           own prefill steps that much too cheap, 3% over to 16% under)."""
+        3. the gateway latency: a less the fixed term."""
         c = cost.coefficients
         lengths = sorted(self.ttft_alone_s)
         engine_prefill = [c.token_s * n + c.prefill_context_s * (n * (n + 1) // 2) for n in lengths]
@@ -134,37 +113,25 @@ class Serving:
                 f"the probes' decode steps {self.decode_step_s} leave nothing to fit against {c} x {scale:.3g}"
             )
         fixed, per_seq = relative_least_squares(np.array([[1.0, b] for b in batches]), np.array(served))
-        gateway_s = max(0.0, float(intercept) - float(fixed))
-        prefill_step_s = 0.0
-        if self.path_s is not None and 0.0 <= self.path_s < gateway_s:
-            gateway_s, prefill_step_s = self.path_s, gateway_s - self.path_s
-        fitted = Coefficients(
-            float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s, prefill_step_s
-        )
-        return dataclasses.replace(cost, coefficients=fitted), gateway_s
+        fitted = Coefficients(float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s)
+        model = dataclasses.replace(cost, coefficients=fitted)
+        return model, max(0.0, float(intercept) - fitted.step_s)
 
 
-def probe_round(
-    url: str, model: str, waves: int, name: str, worker_ttft: Callable[[], tuple[float, float]] | None = None
-) -> ProbeRound:
+def probe_round(url: str, model: str, waves: int, name: str) -> ProbeRound:
     """One round of probes: closed-loop decode probes at each of PROBE_BATCHES (`waves`
     requests per slot), then prefill probes alone, each of PREFILL_PROBE_PROMPTS in turn
-    (`waves` x 2 each). `worker_ttft` reads the worker's TTFT histogram's (sum, count): read
-    before and after the prefill probes, it gives their `outside_worker_s`."""
+    (`waves` x 2 each)."""
     decodes = {}
     for batch in PROBE_BATCHES:
         probes = _probes(batch * waves, PROBE_PROMPT, PROBE_OUTPUT, f"{name}-b{batch}")
         decodes[batch] = list(drive(url, model, probes, ClosedLoop(batch)).records)
     prefills = [_probes(2 * waves, n, PREFILL_PROBE_OUTPUT, f"{name}-p{n}") for n in PREFILL_PROBE_PROMPTS]
-    before = worker_ttft() if worker_ttft else None
     records = drive(url, model, [r for turn in zip(*prefills) for r in turn], ClosedLoop(1)).records
-    after = worker_ttft() if worker_ttft else None
     ttfts: dict[int, list[float]] = {n: [] for n in PREFILL_PROBE_PROMPTS}
     for record in records:
         ttfts[record.prompt_tokens].append(record.ttft_s or 0.0)
-    every = [t for n in PREFILL_PROBE_PROMPTS for t in ttfts[n]]
-    path = outside_worker_s(every, before, after) if before and after else None
-    return ProbeRound(decodes, ttfts, path)
+    return ProbeRound(decodes, ttfts)
 
 
 def drift_note(rounds: Sequence[ProbeRound]) -> str:

@@ -22,9 +22,7 @@
    The probes:
    - prefill probes alone at prompt lengths across the workload's (PREFILL_PROBE_PROMPTS):
      their TTFTs scale the engine's token and attention terms, and what is left is the fixed
-     step plus the gateway latency; the worker's own TTFT histogram, read before and after
-     them, gives the time outside the worker, which splits that rest between the gateway and
-     the prefill step (`Serving.apply`, step 3);
+     step plus the gateway latency;
    - decode probes (64-token prompts, 48 output tokens) in closed loop at each of
      PROBE_BATCHES: a probe's decode step is the mean of its gaps that no other probe's
      prefill fell into (the mean, as the validated ITL is a mean per request: a load burst's
@@ -169,23 +167,12 @@ def run(ctx: BenchContext) -> Section:
     waves = ctx.size(2, 1)
     started = time.perf_counter()
     with BenchCluster.start(spec) as cluster:
-        (worker_url,) = cluster.worker_metrics_urls.values()
-
-        def worker_ttft() -> tuple[float, float]:
-            """The worker's TTFT histogram: (sum, count)."""
-            samples = cluster.metrics(worker_url)
-
-            def total(name: str) -> float:
-                return sum(v for k, v in samples.items() if k.startswith(f"vllm:time_to_first_token_seconds_{name}{{"))
-
-            return total("sum"), total("count")
-
         drive(cluster.url, cluster.model, workload.generate(4, SEED + 1), OpenLoop(RATE_RPS))  # warm-up
-        rounds = [probe_round(cluster.url, cluster.model, waves, "round0", worker_ttft)]
+        rounds = [probe_round(cluster.url, cluster.model, waves, "round0")]
         runs = []
         for k, part in enumerate(parts, 1):
             runs.append(drive(cluster.url, cluster.model, part, OpenLoop(RATE_RPS), seed=SEED + k))
-            rounds.append(probe_round(cluster.url, cluster.model, waves, f"round{k}", worker_ttft))
+            rounds.append(probe_round(cluster.url, cluster.model, waves, f"round{k}"))
     real_s = time.perf_counter() - started
     ctx.log("sim_validate: calibration")
     engine_cost = _calibrate(ctx)
@@ -200,8 +187,7 @@ def run(ctx: BenchContext) -> Section:
         fits.append(
             f"step {c.step_s * 1e3:.2f} ms, {c.decode_seq_s * 1e6:.1f} us/decoded sequence, token and attention terms "
             f"x {c.token_s / engine_cost.coefficients.token_s if engine_cost.coefficients.token_s else 1.0:.2f}, "
-            f"gateway {gateway_s * 1e3:.2f} ms (outside the worker {(serving.path_s or 0.0) * 1e3:.2f} ms), "
-            f"prefill step + {c.prefill_step_s * 1e3:.2f} ms"
+            f"gateway {gateway_s * 1e3:.2f} ms"
         )
         ctx.log(f"sim_validate: segment {k + 1}: {fits[-1]}")
     real = summarize([r for s in segments for r in s.real.records], sum(s.real.duration_s for s in segments))
