@@ -12,7 +12,8 @@ import pytest
 
 from tandem.loadtest.record import RequestRecord
 from tandem.loadtest.request import WorkloadRequest
-from tandem.loadtest.suite.sim_validate import Serving, decode_step_s, drift_note, sent_trace
+from tandem.loadtest.suite.sim_probes import ProbeRound, Serving, decode_step_s, drift_note
+from tandem.loadtest.suite.sim_validate import segments_of, sent_trace
 from tandem.sim.calibrate import CalibratedCostModel, Coefficients
 from tandem.sim.types import StepShape, TraceRequest
 
@@ -77,12 +78,37 @@ def test_the_simulated_trace_arrives_when_the_load_generator_sent_each_request()
         sent_trace(trace, requests, records[:2])
 
 
-def test_the_drift_note_compares_the_probe_windows() -> None:
-    def window(gap: float, ttft: float) -> tuple[dict[int, list[RequestRecord]], dict[int, list[float]]]:
-        decodes = {1: [_record("p", 0.0, (1.0, 1.0 + gap, 1.0 + 3 * gap))]}  # mean gap 1.5 x gap
-        return decodes, {256: [ttft, ttft + 0.002, ttft + 0.004]}
+def _round(gap: float, ttft: float) -> ProbeRound:
+    """A probe round whose batch-1 probe decodes with a mean gap of 1.5 x `gap` (its batch-2
+    and batch-4 probes twice and four times that) and whose prefill probes take `ttft` + 64 /
+    256 x (0, 2, 4) ms at each prompt length."""
+    decodes = {b: [_record("p", 0.0, (1.0, 1.0 + b * gap, 1.0 + 3 * b * gap))] for b in (1, 2, 4)}
+    ttfts = {n: [ttft + k * n * 2e-3 / 256 for k in range(3)] for n in (64, 128, 192, 256)}
+    return ProbeRound(decodes, ttfts)
 
-    assert drift_note(window(0.002, 0.030), window(0.004, 0.040)) == (
-        "Probe windows, before / after the run: served decode step at batch 1 3.00 / 6.00 ms; "
-        "TTFT alone at 256 prompt tokens 32.00 / 42.00 ms."
+
+def test_a_segment_is_fitted_on_the_medians_of_the_rounds_on_either_side() -> None:
+    serving = Serving.of([_round(0.002, 0.030), _round(0.004, 0.040)])
+    # batch b: one probe per round, mean gaps 1.5 b x 2 ms and 1.5 b x 4 ms: the median of two is their mean
+    assert serving.decode_step_s == pytest.approx({1: 0.0045, 2: 0.009, 4: 0.018}, rel=1e-12)
+    # 256 tokens: 30, 32, 34 and 40, 42, 44 ms: the median of six is (34 + 40) / 2
+    assert serving.ttft_alone_s == pytest.approx({64: 0.0355, 128: 0.036, 192: 0.0365, 256: 0.037}, rel=1e-12)
+
+
+def test_the_run_is_split_into_consecutive_segments_of_near_equal_size() -> None:
+    requests = [WorkloadRequest(f"r{i}", (1,), 2) for i in range(8)]
+    assert [[r.request_id for r in s] for s in segments_of(requests, 3)] == [
+        ["r0", "r1"],
+        ["r2", "r3", "r4"],
+        ["r5", "r6", "r7"],
+    ]
+    assert segments_of(requests, 1) == [requests]
+    with pytest.raises(ValueError, match=r"^cannot split 8 requests into 9 segments$"):
+        segments_of(requests, 9)
+
+
+def test_the_drift_note_compares_the_probe_rounds() -> None:
+    assert drift_note([_round(0.002, 0.030), _round(0.004, 0.040), _round(0.003, 0.050)]) == (
+        "Probe rounds, before, between and after the run's segments: served decode step at batch 1 "
+        "3.00 / 6.00 / 4.50 ms; TTFT alone at 256 prompt tokens 32.00 / 42.00 / 52.00 ms."
     )

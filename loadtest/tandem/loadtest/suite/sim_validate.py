@@ -10,8 +10,16 @@
    the gateway spends time on a request before routing it, and the rest of the machine loads
    it differently from minute to minute (the engine's timings are taken at another moment).
    So probe requests that are not the validated ones measure the served worker on the real
-   cluster, half just before the validated run and half just after, and `Serving.apply` fits
-   the model to them:
+   cluster (`sim_probes`), and `Serving.apply` fits the model to them. The validated run is
+   sent in SEGMENTS consecutive parts with a round of the same probes before, between and
+   after them, and each segment is simulated with the model fitted on the two rounds on either
+   side of it: the machine's speed drifts (other processes load it), and with one probe window
+   before and one after the whole 20-second run, the run's own steps were 15% slower to 15%
+   faster than the windows' in six loaded runs, which flipped the errors' sign from run to
+   run. A round is 2 waves of every probe, so the 4 rounds send the 8 waves that the two
+   windows of 4 did: the same probes, the same count. Segment k is sent open-loop at the same
+   rate with Poisson seed SEED + k. The probes never time the validated requests' own steps.
+   The probes:
    - prefill probes alone at prompt lengths across the workload's (PREFILL_PROBE_PROMPTS):
      their TTFTs scale the engine's token and attention terms, and what is left is the fixed
      step plus the gateway latency;
@@ -26,9 +34,10 @@
    a sequence falls with the batch (about 1 ms from 1 to 2 sequences, 0.4 ms per sequence
    from 4 to 8), so a line through 1 and 8 sequences made the steps of 2 and 3 up to 15% too
    fast.
-3. Simulation: the same requests (`sim_workloads.workload_trace`, same seed) at the times the
-   load generator really sent them (`sent_trace`), on a simulated cluster with the worker's
-   batcher limits and KV pool.
+3. Simulation: each segment's requests (`sim_workloads.workload_trace`, same seed) at the times
+   the load generator really sent them (`sent_trace`), on a simulated cluster with the worker's
+   batcher limits and KV pool; the segments' requests are pooled for the percentiles, and the
+   throughput is their output tokens over the sum of the segments' makespans on either side.
 The figures are |simulated - real| / real per metric; goal <= 0.15 each. ITL is compared as the
 p50 of the requests' mean gaps on both sides (the load generator's TPOT), the simulator's ITL. The real run's
 figures include what the simulator does not model (HTTP, tokenisation, gRPC, SSE), which is
@@ -40,15 +49,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import random
-import statistics
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from tandem.engine.config import MiB
-from tandem.loadtest.arrivals import ClosedLoop, OpenLoop
+from tandem.loadtest.arrivals import OpenLoop
 from tandem.loadtest.metrics import summarize
 from tandem.loadtest.record import RequestRecord
 from tandem.loadtest.request import WorkloadRequest
@@ -58,11 +64,12 @@ from tandem.loadtest.sim_workloads import workload_trace
 from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
 from tandem.loadtest.suite.context import BenchContext, drive
 from tandem.loadtest.suite.figures import Direction, Figure, Section
+from tandem.loadtest.suite.sim_probes import Serving, drift_note, probe_round
 from tandem.loadtest.workloads import load_workload
 from tandem.scheduler.config import SchedulerConfig
-from tandem.sim.calibrate import CalibratedCostModel, Coefficients, relative_least_squares
+from tandem.sim.calibrate import CalibratedCostModel
 from tandem.sim.cluster import ClusterConfig, ClusterSim
-from tandem.sim.results import SimResult
+from tandem.sim.results import SimResult, percentile
 from tandem.sim.stepmodel import StepModelConfig
 from tandem.sim.types import TraceRequest
 
@@ -71,10 +78,8 @@ WORKER_CPU, SHARED_CPU = 0, 1
 RATE_RPS = 4.0
 SEED = 0
 KV_CACHE_MIB = 256
-PROBE_PROMPT, PROBE_OUTPUT = 64, 48
-PROBE_BATCHES = (1, 2, 4)
-# prompt lengths across the workload's (random.yaml: 64-256); a prefill probe stops at 2 tokens
-PREFILL_PROBE_PROMPTS, PREFILL_PROBE_OUTPUT = (64, 128, 192, 256), 2
+# the validated run is sent in SEGMENTS parts, with a probe round before, between and after them
+SEGMENTS = 3
 WORKLOAD = Path(__file__).resolve().parent.parent / "workloads" / "random.yaml"
 
 
@@ -94,96 +99,6 @@ def _calibrate(ctx: BenchContext) -> CalibratedCostModel:
         os.sched_setaffinity(0, own)
 
 
-def _probes(num: int, prompt: int, output: int, name: str) -> list[WorkloadRequest]:
-    rng = random.Random(f"{name}-{prompt}")
-    return [
-        WorkloadRequest(f"{name}-{i}", tuple(rng.randrange(4, 500) for _ in range(prompt)), output) for i in range(num)
-    ]
-
-
-def decode_step_s(records: Sequence[RequestRecord]) -> list[float]:
-    """Each request's mean gap between output tokens over the gaps that no other request's
-    prefill can have fallen into (a gap that overlaps another request's wait for its first
-    token); requests left with no gap are skipped."""
-    waits = [(r.request_id, r.start_s, r.first_token_s) for r in records if r.first_token_s is not None]
-    steps = []
-    for record in records:
-        times = record.token_times_s
-        clean = [
-            later - earlier
-            for earlier, later in itertools.pairwise(times)
-            if not any(rid != record.request_id and start < later and earlier < first for rid, start, first in waits)
-        ]
-        if clean:
-            steps.append(statistics.fmean(clean))
-    return steps
-
-
-@dataclasses.dataclass(frozen=True)
-class Serving:
-    """What the probes measured on the real cluster, in seconds: the served decode step at each
-    batch size (the median of its probes' `decode_step_s`) and the median TTFT alone at each
-    of several prompt lengths."""
-
-    decode_step_s: Mapping[int, float]
-    ttft_alone_s: Mapping[int, float]
-
-    def apply(self, cost: CalibratedCostModel) -> tuple[CalibratedCostModel, float]:
-        """`cost` as the served worker ran while the probes did, and the gateway latency:
-
-        1. TTFT alone = a + scale x (the engine's token and attention terms of the prefill),
-           fitted by relative least squares over the probed prompt lengths: the engine's token
-           and attention terms are multiplied by `scale` (what the served worker's prefills cost
-           over what the engine's did, at the probes' time);
-        2. the fixed and per-decoded-sequence terms fitted (relative least squares) so that a
-           decode step of each probed batch size takes what the served worker took;
-        3. the gateway latency: a less the fixed term."""
-        c = cost.coefficients
-        lengths = sorted(self.ttft_alone_s)
-        engine_prefill = [c.token_s * n + c.prefill_context_s * (n * (n + 1) // 2) for n in lengths]
-        ttfts = np.array([self.ttft_alone_s[n] for n in lengths])
-        intercept, scale = (
-            relative_least_squares(np.array([[1.0, e] for e in engine_prefill]), ttfts)
-            if len(lengths) >= 2
-            else (0.0, 0.0)
-        )
-        if not scale > 0:
-            raise ValueError(f"the probes' TTFTs {self.ttft_alone_s} give no prefill cost to scale {c} by")
-        token_s, prefill_context_s, decode_context_s = (
-            float(scale) * x for x in (c.token_s, c.prefill_context_s, c.decode_context_s)
-        )
-        context = PROBE_PROMPT + PROBE_OUTPUT // 2
-        batches = sorted(self.decode_step_s)
-        # what the served step adds to the scaled token and attention terms
-        served = [self.decode_step_s[b] - b * (token_s + decode_context_s * context) for b in batches]
-        if len(batches) < 2 or min(served) <= 0:
-            raise ValueError(
-                f"the probes' decode steps {self.decode_step_s} leave nothing to fit against {c} x {scale:.3g}"
-            )
-        fixed, per_seq = relative_least_squares(np.array([[1.0, b] for b in batches]), np.array(served))
-        fitted = Coefficients(float(fixed), token_s, float(per_seq), prefill_context_s, decode_context_s)
-        model = dataclasses.replace(cost, coefficients=fitted)
-        return model, max(0.0, float(intercept) - fitted.step_s)
-
-
-def _probe(
-    url: str, model: str, waves: int, name: str
-) -> tuple[dict[int, list[RequestRecord]], dict[int, list[float]]]:
-    """Closed-loop decode probes at each of PROBE_BATCHES (`waves` requests per slot), then
-    prefill probes alone, each of PREFILL_PROBE_PROMPTS in turn (`waves` x 2 each): their
-    records by batch size and their TTFTs by prompt length."""
-    decodes = {}
-    for batch in PROBE_BATCHES:
-        probes = _probes(batch * waves, PROBE_PROMPT, PROBE_OUTPUT, f"{name}-b{batch}")
-        decodes[batch] = list(drive(url, model, probes, ClosedLoop(batch)).records)
-    prefills = [_probes(2 * waves, n, PREFILL_PROBE_OUTPUT, f"{name}-p{n}") for n in PREFILL_PROBE_PROMPTS]
-    records = drive(url, model, [r for turn in zip(*prefills) for r in turn], ClosedLoop(1)).records
-    ttfts: dict[int, list[float]] = {n: [] for n in PREFILL_PROBE_PROMPTS}
-    for record in records:
-        ttfts[record.prompt_tokens].append(record.ttft_s or 0.0)
-    return decodes, ttfts
-
-
 def sent_trace(
     trace: Sequence[TraceRequest], requests: Sequence[WorkloadRequest], records: Sequence[RequestRecord]
 ) -> tuple[TraceRequest, ...]:
@@ -201,30 +116,23 @@ def sent_trace(
     return tuple(sorted(timed, key=lambda t: t.arrival_s))
 
 
-def drift_note(
-    before: tuple[Mapping[int, Sequence[RequestRecord]], Mapping[int, Sequence[float]]],
-    after: tuple[Mapping[int, Sequence[RequestRecord]], Mapping[int, Sequence[float]]],
-) -> str:
-    """How far the served worker's speed moved between the probes before and after the run (the
-    model is fitted to their median, so the run is predicted at that speed). Other processes on
-    the machine move it: in six runs on the loaded machine the run's prefill steps were 15%
-    slower to 15% faster than in the probe windows, and the TTFT and ITL errors took that sign."""
-    batch, prompt = min(PROBE_BATCHES), max(PREFILL_PROBE_PROMPTS)
-    steps = [statistics.median(decode_step_s(side[0][batch])) * 1e3 for side in (before, after)]
-    ttfts = [statistics.median(side[1][prompt]) * 1e3 for side in (before, after)]
-    return (
-        f"Probe windows, before / after the run: served decode step at batch {batch} {steps[0]:.2f} / "
-        f"{steps[1]:.2f} ms; TTFT alone at {prompt} prompt tokens {ttfts[0]:.2f} / {ttfts[1]:.2f} ms."
-    )
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One segment of the validated run: what the real cluster did, and the cost model and
+    gateway latency fitted on the probe rounds on either side of it."""
+
+    requests: Sequence[WorkloadRequest]
+    trace: Sequence[TraceRequest]  # the i-th entry is requests[i]
+    real: RunResult
+    cost: CalibratedCostModel
+    gateway_s: float
 
 
-def _simulate(
-    cost: CalibratedCostModel, gateway_s: float, ctx: BenchContext, requests: Sequence[WorkloadRequest], real: RunResult
-) -> SimResult:
-    workload = load_workload(WORKLOAD)
-    trace = sent_trace(workload_trace(workload, len(requests), SEED, OpenLoop(RATE_RPS)), requests, real.records)
+def _simulate(ctx: BenchContext, segment: Segment) -> tuple[SimResult, list[float], list[float]]:
+    """The segment on a simulated cluster: its result, and its requests' TTFTs and mean gaps."""
+    trace = sent_trace(segment.trace, segment.requests, segment.real.records)
     engine = ClusterSpec(ctx.model_dir, (WorkerSpec("decode", WORKER_CPU),), SHARED_CPU).config().worker.engine
-    num_blocks = KV_CACHE_MIB * MiB // (cost.kv_bytes_per_token() * engine.block_size)
+    num_blocks = KV_CACHE_MIB * MiB // (segment.cost.kv_bytes_per_token() * engine.block_size)
     step = StepModelConfig(
         engine.block_size,
         engine.max_num_batched_tokens,
@@ -232,41 +140,65 @@ def _simulate(
         engine.max_prefill_chunk_tokens,
         num_blocks,
     )
-    config = ClusterConfig(0, 1, step, SchedulerConfig(block_size=engine.block_size), gateway_latency_s=gateway_s)
-    return ClusterSim(config, cost, trace).run()
+    scheduler = SchedulerConfig(block_size=engine.block_size)
+    config = ClusterConfig(0, 1, step, scheduler, gateway_latency_s=segment.gateway_s)
+    sim = ClusterSim(config, segment.cost, trace)
+    result = sim.run()
+    ttfts, itls, _ = sim.records.summary_times()
+    return result, ttfts, itls
+
+
+def segments_of(requests: Sequence[WorkloadRequest], count: int) -> list[Sequence[WorkloadRequest]]:
+    """`requests` in `count` consecutive slices of sizes differing by at most one."""
+    if not 1 <= count <= len(requests):
+        raise ValueError(f"cannot split {len(requests)} requests into {count} segments")
+    bounds = [len(requests) * k // count for k in range(count + 1)]
+    return [requests[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
 
 def run(ctx: BenchContext) -> Section:
     num_requests = ctx.size(80, 12)
     workload = load_workload(WORKLOAD)
     requests = workload.generate(num_requests, SEED)
+    trace = workload_trace(workload, num_requests, SEED, OpenLoop(RATE_RPS))
+    parts = segments_of(requests, SEGMENTS)
     spec = ClusterSpec(ctx.model_dir, (WorkerSpec("decode", WORKER_CPU),), SHARED_CPU, kv_cache_mib=KV_CACHE_MIB)
-    ctx.log("sim_validate: real cluster")
-    waves = ctx.size(4, 1)
+    ctx.log(f"sim_validate: real cluster ({SEGMENTS} segments, probe rounds before, between and after them)")
+    waves = ctx.size(2, 1)
+    started = time.perf_counter()
     with BenchCluster.start(spec) as cluster:
         drive(cluster.url, cluster.model, workload.generate(4, SEED + 1), OpenLoop(RATE_RPS))  # warm-up
-        before = _probe(cluster.url, cluster.model, waves, "before")
-        real_run = drive(cluster.url, cluster.model, requests, OpenLoop(RATE_RPS), seed=SEED)
-        after = _probe(cluster.url, cluster.model, waves, "after")
-    real = summarize(real_run.records, real_run.duration_s)
-    serving = Serving(
-        {b: statistics.median(decode_step_s(before[0][b]) + decode_step_s(after[0][b])) for b in PROBE_BATCHES},
-        {n: statistics.median(before[1][n] + after[1][n]) for n in PREFILL_PROBE_PROMPTS},
-    )
-    probed = ", ".join(f"{b}: {s * 1e3:.2f}" for b, s in serving.decode_step_s.items())
-    ttfts = ", ".join(f"{n}: {s * 1e3:.2f}" for n, s in serving.ttft_alone_s.items())
-    ctx.log(f"sim_validate: served decode step (ms) by batch size {probed}; TTFT alone (ms) by prompt {ttfts}")
+        rounds = [probe_round(cluster.url, cluster.model, waves, "round0")]
+        runs = []
+        for k, part in enumerate(parts, 1):
+            runs.append(drive(cluster.url, cluster.model, part, OpenLoop(RATE_RPS), seed=SEED + k))
+            rounds.append(probe_round(cluster.url, cluster.model, waves, f"round{k}"))
+    real_s = time.perf_counter() - started
     ctx.log("sim_validate: calibration")
     engine_cost = _calibrate(ctx)
-    cost, gateway_s = serving.apply(engine_cost)
-    ctx.log(
-        f"sim_validate: engine fit {engine_cost.coefficients}; served {cost.coefficients}; gateway {gateway_s:.5f} s"
-    )
-    sim = _simulate(cost, gateway_s, ctx, requests, real_run)
-    sim_throughput = sim.output_tokens_per_s * sim.duration_s / sim.makespan_s if sim.makespan_s else 0.0
+    segments, fits = [], []
+    offset = 0
+    for k, (part, real_run) in enumerate(zip(parts, runs)):
+        serving = Serving.of(rounds[k : k + 2])
+        cost, gateway_s = serving.apply(engine_cost)
+        segments.append(Segment(part, trace[offset : offset + len(part)], real_run, cost, gateway_s))
+        offset += len(part)
+        c = cost.coefficients
+        fits.append(
+            f"step {c.step_s * 1e3:.2f} ms, {c.decode_seq_s * 1e6:.1f} us/decoded sequence, token and attention terms "
+            f"x {c.token_s / engine_cost.coefficients.token_s if engine_cost.coefficients.token_s else 1.0:.2f}, "
+            f"gateway {gateway_s * 1e3:.2f} ms"
+        )
+        ctx.log(f"sim_validate: segment {k + 1}: {fits[-1]}")
+    real = summarize([r for s in segments for r in s.real.records], sum(s.real.duration_s for s in segments))
+    sims = [_simulate(ctx, s) for s in segments]
+    sim_ttft = percentile([t for _, ttfts, _ in sims for t in ttfts], 50)
+    sim_itl = percentile([t for _, _, itls in sims for t in itls], 50)
+    sim_tokens = sum(r.output_tokens_per_s * r.duration_s for r, _, _ in sims)
+    sim_throughput = sim_tokens / sum(r.makespan_s for r, _, _ in sims)
     pairs = {
-        "TTFT p50 (ms)": ((real.ttft.p50_ms or 0.0), 1000 * (sim.ttft.p50_s or 0.0)),
-        "ITL p50 (ms)": ((real.tpot.p50_ms or 0.0), 1000 * (sim.itl.p50_s or 0.0)),
+        "TTFT p50 (ms)": ((real.ttft.p50_ms or 0.0), 1000 * sim_ttft),
+        "ITL p50 (ms)": ((real.tpot.p50_ms or 0.0), 1000 * sim_itl),
         "throughput (output tokens/s)": (real.output_throughput_tps, sim_throughput),
     }
     rows = [("metric", "real cluster", "simulated", "error")]
@@ -275,22 +207,21 @@ def run(ctx: BenchContext) -> Section:
         error = abs(simulated - measured) / measured if measured else float("inf")
         rows.append((name, f"{measured:.2f}", f"{simulated:.2f}", f"{error:.1%}"))
         figures.append(Figure(f"{name}: |simulated - real| / real", error, goal=GOAL, direction=Direction.AT_MOST))
-    e, c = engine_cost.coefficients, cost.coefficients
+    e = engine_cost.coefficients
+    segment_fits = "; ".join(f"segment {k}: {fit}" for k, fit in enumerate(fits, 1))
     setup = (
-        f"{num_requests} requests of the random workload at {RATE_RPS:g}/s (Poisson, seed {SEED}); one decode "
-        f"worker on core {WORKER_CPU} (local prefill, {KV_CACHE_MIB} MiB KV), gateway and load generator on core "
-        f"{SHARED_CPU}. CPU cost model fitted on the real engine's step times: step {e.step_s * 1e3:.2f} ms + "
-        f"{e.token_s * 1e6:.1f} us/token + {e.decode_seq_s * 1e6:.1f} us/decoded sequence + attention terms "
-        f"(fit's worst error {engine_cost.max_relative_error:.0%}); from the served probes: step "
-        f"{c.step_s * 1e3:.2f} ms, {c.decode_seq_s * 1e6:.1f} us/decoded sequence (served decode step by batch "
-        f"size, ms: {probed}; TTFT alone by prompt tokens, ms: {ttfts}; token and attention terms scaled by "
-        f"{c.token_s / e.token_s if e.token_s else 1.0:.2f}); gateway latency "
-        f"{gateway_s * 1e3:.2f} ms."
+        f"{num_requests} requests of the random workload at {RATE_RPS:g}/s (Poisson, seed {SEED}) in {SEGMENTS} "
+        f"segments, with a round of probes before, between and after them ({real_s:.0f} s on the real cluster); "
+        f"one decode worker on core {WORKER_CPU} (local prefill, {KV_CACHE_MIB} MiB KV), gateway and load generator "
+        f"on core {SHARED_CPU}. CPU cost model fitted on the real engine's step times: step {e.step_s * 1e3:.2f} ms "
+        f"+ {e.token_s * 1e6:.1f} us/token + {e.decode_seq_s * 1e6:.1f} us/decoded sequence + attention terms "
+        f"(fit's worst error {engine_cost.max_relative_error:.0%}); each segment's from the probe rounds on either "
+        f"side of it: {segment_fits}."
     )
     notes = (
         "ITL: on both sides the p50 of the requests' mean gap between output tokens (the load generator's TPOT; "
         "the simulator keeps no single gaps, results.py). The real run's p50 over every gap was "
         f"{real.itl.p50_ms or 0.0:.2f} ms.",
-        drift_note(before, after),
+        drift_note(rounds),
     )
     return Section("sim_validate", "Simulator vs the real cluster", setup, tuple(figures), tuple(rows), notes)
