@@ -34,6 +34,8 @@ from tandem.common.plane_auth import TOKEN_ENV, ClusterToken, aio_channel
 from tandem.common.request import SamplingParams
 from tandem.common.workers import WorkerRole
 from tandem.engine.config import EngineConfig, MiB
+from tandem.gateway.admission import AdmissionConfig
+from tandem.gateway.concurrency_limit import LimitConfig
 from tandem.gateway.config import GatewayConfig
 from tandem.launcher.processes import ChildProcess
 from tandem.scheduler.config import SchedulerConfig
@@ -43,6 +45,10 @@ GOAL = 0.85
 # The decode worker gets a core of its own; the gateway and this process's clients share the
 # other, so the gateway's work never slows the worker and both paths pay the same client cost.
 WORKER_CPU, CLIENT_CPU = 0, 1
+# The throughput sections measure the serving path, not overload control: their gateways run
+# without the adaptive concurrency limit, whose starting value (32) is these sections'
+# concurrency, so that one slow first token would turn part of a round into 503s.
+THROUGHPUT_ADMISSION = AdmissionConfig(limit=LimitConfig(adaptive=False))
 READY_TIMEOUT_S = 120.0
 
 
@@ -184,6 +190,7 @@ def measure_gateway(
             redis_url=redis.url,
             port=0,
             scheduler=SchedulerConfig(local_prefill_max_tokens=1_000_000),
+            admission=THROUGHPUT_ADMISSION,
         )
         gateway = ChildProcess.spawn("gateway", [*python, "gateway", *to_argv(config)], env=env, forward=False)
         children.append(gateway)

@@ -27,7 +27,7 @@ import torch
 
 from tandem.common.request import SamplingParams
 from tandem.engine.engine import Engine
-from tandem.loadtest.bench.gateway import stream_direct, stream_via_gateway
+from tandem.loadtest.bench.gateway import THROUGHPUT_ADMISSION, stream_direct, stream_via_gateway
 from tandem.loadtest.cost import dollars_per_million
 from tandem.loadtest.request import WorkloadRequest
 from tandem.loadtest.suite.cluster import BenchCluster, ClusterSpec, WorkerSpec
@@ -95,6 +95,7 @@ def run(ctx: BenchContext) -> Section:
             workers,
             gateway_cpu=CLIENT_CPU,
             local_prefill_max_tokens=local_max,
+            admission=THROUGHPUT_ADMISSION,
         )
         measured[layout] = []
         with BenchCluster.start(spec) as cluster:
