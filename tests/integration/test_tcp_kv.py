@@ -137,6 +137,18 @@ def read_to_end(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def until_closed(sock: socket.socket) -> bytes:
+    """What the source sends until it closes the connection (also when it closes it with our
+    bytes unread, which resets it)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
 # ---- the wire -----------------------------------------------------------------------------------
 def test_block_views_are_the_packed_layout_and_batches_cut_it_in_order() -> None:
     store = make_source(make_layout()).store  # 4 KiB per block and plane, 4 planes
@@ -260,30 +272,43 @@ def test_refusals_name_the_problem_and_issue_no_ticket() -> None:
     assert source.freed == [] and len(source.leases) == 1
 
 
-def test_a_pull_on_a_kept_connection_starts_beside_its_call_and_a_refusal_there_says_why() -> None:
-    source, servicer = tcp_pair()
+class CallCountingServicer(TcpKVServicer):
+    """Counts its PullKVTcp calls (a pull in band makes none)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.calls = 0
+
+    async def PullKVTcp(self, request: kv_codec.PullKVRequest, context: object) -> kv_codec.TcpTicket:
+        self.calls += 1
+        return await super().PullKVTcp(request, context)  # type: ignore[arg-type]
+
+
+def test_a_pull_on_a_kept_connection_goes_in_band_and_a_refusal_there_says_why() -> None:
+    source, servicer = tcp_pair(servicer_cls=CallCountingServicer)
+    assert isinstance(servicer, CallCountingServicer)
     dest = make_dest(BIG)
 
     async def main() -> None:
         async with serving(servicer) as address, receiver() as transport:
             handle = source.handle(address, blocks=HELD)
             await transport.pull(handle, (1,), (1,), dest, TIMEOUT_S)  # a first pull: call, then connect
-            assert len(transport.kept) == 1 and servicer.address in transport.kept
-            # the token goes out on the kept connection at once; the call is refused: its reason wins
+            assert len(transport.kept) == 1 and servicer.address in transport.kept and servicer.calls == 1
+            # the request goes on the kept connection, no call; the source refuses it there, as the call would
             await expect_failure(
                 transport.pull(source.handle(address, "ghost", blocks=HELD), (2,), (2,), dest, TIMEOUT_S),
                 FailureReason.REFUSED,
-                "NOT_FOUND: no lease for request 'ghost' (unknown request id, or not its secret)",
+                f"{servicer.address}: NOT_FOUND: no lease for request 'ghost' (unknown request id, or not its secret)",
             )
-            assert len(transport.kept) == 0  # that connection was closed, not kept
+            assert len(transport.kept) == 0 and servicer.calls == 1  # that connection was closed, not kept
             before = snapshot(dest)
-            await transport.pull(handle, (3, 4), (5, 6), dest, TIMEOUT_S)  # anew, then kept again
-            await transport.pull(handle, (7, 8), (9, 10), dest, TIMEOUT_S)  # beside its call
+            await transport.pull(handle, (3, 4), (5, 6), dest, TIMEOUT_S)  # anew, with a call, then kept again
+            await transport.pull(handle, (7, 8), (9, 10), dest, TIMEOUT_S)  # in band
             assert_moved(source.store, (3, 4, 7, 8), dest, (5, 6, 9, 10), before)
-            assert len(transport.kept) == 1
+            assert len(transport.kept) == 1 and servicer.calls == 2
             await wait_for(lambda: servicer.counters == TcpSourceCounters(served=3))
             assert servicer.counters == TcpSourceCounters(served=3), servicer.counters
-            assert servicer._tickets == {} and list(servicer._refused) != []  # the refused call's ticket id
+            assert servicer._tickets == {} and servicer.bytes_served == 5 * source.store.bytes_per_block
 
     asyncio.run(main())
 
@@ -332,8 +357,8 @@ def test_a_connection_without_a_live_token_gets_nothing(monkeypatch) -> None:
             with connect(ticket, ticket.token) as sock:  # its holder still uses it
                 got = await asyncio.to_thread(read_exactly, sock, len(expected))
                 assert got == expected  # and the connection stays open for the next pull
-                sock.sendall(ticket.token)  # once: the same token again is refused, and closes it
-                assert await asyncio.to_thread(read_to_end, sock) == b""
+                sock.sendall(ticket.token)  # once: the same token again is refused (not a request), and closes it
+                assert await asyncio.to_thread(until_closed, sock) == b""
             assert await wait_for(lambda: servicer.counters == TcpSourceCounters(served=1, refused_connections=4))
 
     asyncio.run(main())

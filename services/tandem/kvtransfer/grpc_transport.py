@@ -99,18 +99,26 @@ class KVTransferServicer:
 
     async def admit(self, context: grpc.aio.ServicerContext, layout_text: str, block_ids: tuple[int, ...]) -> None:
         """Checks shared by every pull RPC, before any lease or buffer is touched."""
+        refusal = self.admission(layout_text, block_ids)
+        if refusal is not None:
+            await context.abort(*refusal)
+
+    def admission(self, layout_text: str, block_ids: tuple[int, ...]) -> tuple[grpc.StatusCode, str] | None:
+        """`admit`'s refusal (status and message), or None; also for pulls that come without a
+        call (the tcp transport's in-band requests)."""
         try:
             theirs = KVLayout.parse(layout_text)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"receiver layout: {exc}")
+            return grpc.StatusCode.FAILED_PRECONDITION, f"receiver layout: {exc}"
         mismatch = self.store.layout.mismatch(theirs)
         if mismatch is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+            return grpc.StatusCode.FAILED_PRECONDITION, mismatch
         if not 0 < len(block_ids) <= self.config.max_blocks_per_pull:
-            await context.abort(
+            return (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(block_ids)} block ids requested; a pull moves 1..{self.config.max_blocks_per_pull}",
             )
+        return None
 
     def encode_chunk(self, reader: PackedReader, offset_bytes: int, size_bytes: int) -> bytes:
         """One wire chunk (worker thread, lease checked out). Tests override it to corrupt one."""

@@ -10,8 +10,9 @@ connection; a pool of `max_senders` threads serves one pull at a time each. A co
 either waiting (in the selector) or served (owned by one sender), never both:
 1. Accepted, it waits for its first bytes; a new one that sends nothing within
    TOKEN_TIMEOUT_S is closed and counted as refused (`on_refused`).
-2. Readable, it goes to a sender: `serve(conn)` reads the token, sends the pull, and
-   says whether the connection is still in step (keep it) or not (close it).
+2. Readable, it goes to a sender: `serve(conn, fresh)` reads the token (a fresh connection)
+   or the request (a kept one), sends the pull, and says whether the connection is still in
+   step (keep it) or not (close it).
 3. Kept, it waits again, up to IDLE_TIMEOUT_S, then is closed quietly (as when the receiver
    closes it first).
 At most MAX_CONNECTIONS are open; more are closed at once and counted as refused.
@@ -42,13 +43,14 @@ class _Waiting:
 
 
 class DataListener:
-    """`serve(conn) -> keep` runs on a sender thread for each arriving pull."""
+    """`serve(conn, fresh) -> keep` runs on a sender thread for each arriving pull (`fresh`:
+    the connection's first)."""
 
     def __init__(
         self,
         host: str,
         port: int,
-        serve: Callable[[socket.socket], bool],
+        serve: Callable[[socket.socket, bool], bool],
         max_senders: int,
         on_refused: Callable[[], None],
     ) -> None:
@@ -80,7 +82,7 @@ class DataListener:
                         self._take_back_kept()
                     else:
                         self._selector.unregister(key.fileobj)
-                        self._hand_over(key.fileobj)  # type: ignore[arg-type]
+                        self._hand_over(key.fileobj, key.data.fresh)  # type: ignore[arg-type]
                 self._sweep()
         finally:
             for key in list(self._selector.get_map().values()):
@@ -104,17 +106,17 @@ class DataListener:
             return
         self._selector.register(conn, selectors.EVENT_READ, _Waiting(True, time.monotonic() + TOKEN_TIMEOUT_S))
 
-    def _hand_over(self, conn: socket.socket) -> None:
+    def _hand_over(self, conn: socket.socket, fresh: bool) -> None:
         try:
-            self._senders.submit(self._run, conn)
+            self._senders.submit(self._run, conn, fresh)
         except RuntimeError:  # shut down meanwhile
             self._close(conn)
 
-    def _run(self, conn: socket.socket) -> None:
+    def _run(self, conn: socket.socket, fresh: bool) -> None:
         """Sender thread: serve one pull, then keep the connection or close it."""
         keep = False
         try:
-            keep = self._serve(conn)
+            keep = self._serve(conn, fresh)
         finally:
             if keep and not self._closed:
                 self._kept.put(conn)

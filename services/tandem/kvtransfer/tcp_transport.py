@@ -1,31 +1,37 @@
-"""The tcp KV transport: control on the authenticated gRPC plane, the bytes on a dedicated TCP
-connection from the source's cache blocks into the receiver's.
+"""The tcp KV transport: the bytes on a dedicated TCP connection from the source's cache
+blocks into the receiver's; a first pull's control on the authenticated gRPC plane, later ones
+in band on the connection it authenticated.
 
 Lifecycle of one pull (decode worker D pulls from prefill worker P; P's side: tcp_source.py,
-the connection's framing: tcp_wire.py):
-1. D checks its arguments (`check_pull`; its caller checked the handle's layout), draws a
-   one-time token and calls `P.PullKVTcp` with the PullKV fields and the token, under the
-   pull's deadline. P refuses exactly as PullKV does (that error is the pull's), or answers
-   the ticket: its data listener's address, the token and the size.
-2. In a thread, D presents the token on a data connection to that address (one it kept from
-   an earlier pull, tcp_kept.py, else a new one; on a kept one it does not wait for the
-   answer of step 1), reads the header and checks every field of it (status, block count,
-   size, layout fingerprint) against what it asked for before any byte lands in its pool.
-3. D receives the packed blocks straight into its destination blocks (CPU: one view per run
+the connection's framing: tcp_wire.py, tcp_request.py):
+1. D checks its arguments (`check_pull`; its caller checked the handle's layout).
+2. If D keeps a data connection to P's listener (tcp_kept.py: one that carried a pull from P
+   before, so one a ticket authenticated), it writes the pull request on it as one frame, with
+   the time left to the pull's deadline, and reads P's answer there: no gRPC call. If P had
+   closed that connection before it answered (idle too long), D goes on with step 3.
+   **This departs from DESIGN.md's "control on gRPC" rule** (tcp_source.py says why).
+3. Else D draws a one-time token and calls `P.PullKVTcp` with the PullKV fields and the token,
+   under the pull's deadline. P refuses exactly as PullKV does (that error is the pull's), or
+   answers the ticket: its data listener's address, the token and the size. D presents the
+   token on a new data connection to that address.
+4. Either way, in a thread, D reads the header and checks every field of it (status, block
+   count, size, layout fingerprint) against what it asked for before any byte lands in its
+   pool; a refusal in band says what PullKVTcp would ("NOT_FOUND: no lease for ..."), and the
+   connection is closed.
+5. D receives the packed blocks straight into its destination blocks (CPU: one view per run
    of consecutive ids per plane; CUDA: into pinned host staging), hashing each batch as it
    lands, then reads the source's crc32c and compares. A mismatch is CHECKSUM; the source
    closing early is PEER_UNAVAILABLE ("short read"); the deadline passing is TIMEOUT.
    As with the torch transport, a failed pull may have written some destination blocks:
    they hold no KV anyone may use, and the caller gives them back uncached (base.py). A
    cancelled pull shuts the socket down and waits for the thread, so nothing is written
-   after `pull` returns or raises.
-4. D then calls ReleaseKV on the gRPC plane, as for every transport.
+   after `pull` returns or raises. A pull that ended well keeps its connection for the next.
+6. D then calls ReleaseKV on the gRPC plane, as for every transport.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import dataclasses
 import secrets
 import socket
 import threading
@@ -36,7 +42,7 @@ import torch
 
 from tandem.common import kv_codec
 from tandem.common.kv_handle import KVHandle
-from tandem.kvtransfer import tcp_wire
+from tandem.kvtransfer import tcp_request, tcp_wire
 from tandem.kvtransfer.base import CheckedPull, FailureReason, KVTransferError, TransferStats, run_to_completion
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.channels import ChannelCache, release_remote
@@ -78,53 +84,60 @@ class TcpTransport(CheckedPull):
     ) -> TransferStats:
         started, deadline_s = time.perf_counter(), time.monotonic() + timeout_s
         address = handle.source_address
+        request = kv_codec.PullKVRequest(
+            handle.request_id, src, store.layout.describe(), 0, handle.lease_secret, hashes
+        )
+        size_bytes = len(src) * store.bytes_per_block
+        data_address = self._data_addresses.get(address)
+        kept = self.kept.take(data_address) if data_address is not None else None
+        if kept is not None and data_address is not None:  # in band, on the connection a ticket authenticated
+            frame = tcp_request.encode_request(request, deadline_s - time.monotonic())
+            try:
+                num_views = await self._receive(data_address, frame, size_bytes, store, dst, deadline_s, kept)
+                return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_views, self.name)
+            except _Stale:
+                pass  # the source had closed it: once more, with a ticket
         call = self.channels.unary(
             address, "PullKVTcp", kv_codec.pull_kv_request_to_bytes, kv_codec.tcp_ticket_from_bytes
         )
         token = secrets.token_bytes(kv_codec.TCP_TOKEN_BYTES)
-        request = kv_codec.PullKVRequest(
-            handle.request_id, src, store.layout.describe(), 0, handle.lease_secret, hashes, tcp_token=token
-        )
-        size_bytes = len(src) * store.bytes_per_block
-        rpc = asyncio.ensure_future(call(request, timeout=timeout_s))
-        # With a kept connection to this source, the token goes out at once, beside the call.
-        known = self._data_addresses.get(address)
-        early = None
-        if known is not None and known in self.kept:
-            early = self._receive(kv_codec.TcpTicket(known, token, size_bytes), store, dst, deadline_s)
         try:
-            ticket = await rpc
+            ticket = await call(
+                dataclasses.replace(request, tcp_token=token), timeout=max(deadline_s - time.monotonic(), 1e-3)
+            )
         except grpc.aio.AioRpcError as exc:
-            await _stop(early)
             raise await self.channels.fail(exc, address) from None
-        except BaseException:
-            rpc.cancel()
-            await _stop(early)
-            raise
-        expected = kv_codec.TcpTicket(ticket.address if early is None else early[0].ticket.address, token, size_bytes)
-        if ticket != expected:
-            await _stop(early)
+        if (ticket.token, ticket.size_bytes) != (token, size_bytes):
             raise KVTransferError(
                 FailureReason.PROTOCOL,
-                f"{address}: ticket for {ticket.size_bytes} bytes at {ticket.address[:80]}, expected "
-                f"{size_bytes} bytes{'' if early is None else ' at ' + expected.address} and our token",
+                f"{address}: ticket for {ticket.size_bytes} bytes, expected {size_bytes} bytes and our token",
             )
+        num_views = await self._receive(ticket.address, token, size_bytes, store, dst, deadline_s)
         self._data_addresses[address] = ticket.address
-        if early is None:
-            early = self._receive(ticket, store, dst, deadline_s)
-        num_views = await early[1]
-        return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_views, transport=self.name)
+        return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_views, self.name)
 
-    def _receive(
-        self, ticket: kv_codec.TcpTicket, store: KVBlockStore, dst: tuple[int, ...], deadline_s: float
-    ) -> tuple[_Receive, asyncio.Future[int]]:
-        """Start receiving the pull of `ticket` in a thread (KVTransferError if its address is malformed)."""
+    async def _receive(
+        self,
+        data_address: str,
+        first: bytes,
+        size_bytes: int,
+        store: KVBlockStore,
+        dst: tuple[int, ...],
+        deadline_s: float,
+        kept: socket.socket | None = None,
+    ) -> int:
+        """Send `first` (a token on a new connection, or a request on `kept`) to the listener at
+        `data_address` and receive the pull into `dst` in a thread; the number of views
+        received into. KVTransferError if it fails (PROTOCOL if the address is malformed),
+        _Stale if `kept` turns out closed by the source before it answered."""
         try:
-            data_address = parse_address(ticket.address)
+            parsed = parse_address(data_address)
         except ValueError as exc:
+            if kept is not None:
+                kept.close()
             raise KVTransferError(FailureReason.PROTOCOL, f"ticket address: {exc}") from None
-        receive = _Receive(self.kept, self.staging, ticket, data_address, store, dst, deadline_s)
-        return receive, asyncio.ensure_future(run_to_completion(receive.run, on_cancel=receive.abort))
+        receive = _Receive(self.kept, self.staging, data_address, parsed, first, size_bytes, store, dst, deadline_s)
+        return await run_to_completion(receive.run, kept, on_cancel=receive.abort)
 
     async def release(self, handle: KVHandle, timeout_s: float) -> bool:
         return await release_remote(self.channels, handle, timeout_s)
@@ -136,6 +149,10 @@ class TcpTransport(CheckedPull):
         await self.channels.close()
 
 
+class _Stale(Exception):
+    """A kept connection that the source had closed before it answered (idle too long)."""
+
+
 class _Receive:
     """One pull's data connection, run in a worker thread; `abort` (any thread) ends it."""
 
@@ -143,24 +160,28 @@ class _Receive:
         self,
         kept: KeptConnections,
         staging: StagingPool,
-        ticket: kv_codec.TcpTicket,
+        address: str,
         data_address: tuple[str, int],
+        first: bytes,
+        size_bytes: int,
         store: KVBlockStore,
         dst: tuple[int, ...],
         deadline_s: float,
     ) -> None:
-        self.kept, self.staging, self.ticket, self.data_address = kept, staging, ticket, data_address
+        self.kept, self.staging, self.address, self.data_address = kept, staging, address, data_address
+        self.first, self.size_bytes = first, size_bytes
         self.store, self.dst, self.deadline_s = store, dst, deadline_s
-        self.peer = ticket.address
+        self.peer = address
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._aborted = False
 
-    def run(self) -> int:
-        """Connect, check the header, receive into the blocks, verify; return the number of
-        views received into. KVTransferError on any failure."""
+    def run(self, kept: socket.socket | None) -> int:
+        """Send the first bytes on `kept` or a new connection, check the header, receive into
+        the blocks, verify; return the number of views received into. KVTransferError on any
+        failure; _Stale if `kept` was closed by the source before it answered."""
         try:
-            return self._run()
+            return self._run(kept)
         except TimeoutError:
             raise KVTransferError(
                 FailureReason.TIMEOUT, f"{self.peer}: the KV transfer ran past its deadline"
@@ -168,25 +189,24 @@ class _Receive:
         except OSError as exc:
             raise KVTransferError(FailureReason.PEER_UNAVAILABLE, f"{self.peer}: KV connection failed: {exc}") from None
 
-    def _run(self) -> int:
-        sock, reused = self._open()
+    def _run(self, kept: socket.socket | None) -> int:
+        sock = self._open(kept)
         keep = False
         try:
             try:
-                header = self._start(sock)
+                sock.sendall(self.first)
+                header = tcp_wire.read_header(sock, self.deadline_s, self.peer)
             except (KVTransferError, OSError) as exc:
-                if not reused or not _closed_by_peer(exc):
-                    raise
-                sock.close()  # a kept connection that the source closed meanwhile: once more, anew
-                sock, reused = self._open(fresh=True)
-                header = self._start(sock)
-            tcp_wire.check_header(header, len(self.dst), self.ticket.size_bytes, self.store.layout, self.peer)
+                if kept is not None and _closed_by_peer(exc) and not self._aborted:
+                    raise _Stale() from None
+                raise
+            tcp_wire.check_header(header, len(self.dst), self.size_bytes, self.store.layout, self.peer)
             if self.store.device.type == "cpu":  # straight into the destination blocks
                 views = tcp_wire.block_views(self.store, self.dst)
                 self._receive(sock, views)
                 keep = True
                 return len(views)
-            staging = self.staging.acquire(self.ticket.size_bytes)
+            staging = self.staging.acquire(self.size_bytes)
             try:
                 self._receive(sock, [staging.numpy().data])
                 self.store.unpack(staging, self.dst)  # verified: only now into the (device) blocks
@@ -196,13 +216,9 @@ class _Receive:
             return 1
         finally:
             if keep:
-                self.kept.give(self.ticket.address, sock)
+                self.kept.give(self.address, sock)
             else:
                 sock.close()
-
-    def _start(self, sock: socket.socket) -> tcp_wire.Header:
-        sock.sendall(self.ticket.token)
-        return tcp_wire.read_header(sock, self.deadline_s, self.peer)
 
     def _receive(self, sock: socket.socket, views: list[memoryview]) -> None:
         got = tcp_wire.recv_views(sock, views, self.deadline_s, self.peer)
@@ -210,25 +226,23 @@ class _Receive:
         if got != sent:
             raise KVTransferError(
                 FailureReason.CHECKSUM,
-                f"{self.peer}: received {self.ticket.size_bytes} bytes with crc32c {got:#010x}; "
+                f"{self.peer}: received {self.size_bytes} bytes with crc32c {got:#010x}; "
                 f"the source sent crc32c {sent:#010x}",
             )
 
-    def _open(self, fresh: bool = False) -> tuple[socket.socket, bool]:
-        """A kept connection to the source's listener (unless `fresh`), else a new one; and
-        whether it was kept. Registered for `abort`."""
+    def _open(self, kept: socket.socket | None) -> socket.socket:
+        """`kept`, else a new connection to the source's listener; registered for `abort`."""
+        if self._aborted and kept is not None:
+            kept.close()
         self._check_aborted()
-        sock = None if fresh else self.kept.take(self.ticket.address)
-        reused = sock is not None
-        if sock is None:
-            sock = self._connect()
+        sock = kept if kept is not None else self._connect()
         with self._lock:
             if self._aborted:
                 sock.close()
             else:
                 self._sock = sock
         self._check_aborted()
-        return sock, reused
+        return sock
 
     def _check_aborted(self) -> None:
         if self._aborted:
@@ -264,20 +278,7 @@ class _Receive:
 
 def _closed_by_peer(exc: Exception) -> bool:
     """Whether a failure to start a pull on a kept connection says the source had closed it
-    (then the pull goes once more on a new connection; a stalled source is no such case)."""
+    (then the pull goes once more, with a ticket; a stalled source is no such case)."""
     if isinstance(exc, KVTransferError):
         return exc.reason is FailureReason.PEER_UNAVAILABLE
     return not isinstance(exc, TimeoutError)
-
-
-async def _stop(started: tuple[_Receive, asyncio.Future[int]] | None) -> None:
-    """End a receive started beside a PullKVTcp call that failed; wait until its thread ended."""
-    if started is None:
-        return
-    receive, task = started
-    receive.abort()
-    while not task.done():  # even if we are cancelled meanwhile: nothing is written after we return
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task})
-    if not task.cancelled():
-        task.exception()  # retrieved: the caller raises its own error

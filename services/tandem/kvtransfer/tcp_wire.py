@@ -1,15 +1,19 @@
 """The tcp transport's data connection: framing, and the send/receive loops over cache blocks.
 
-One connection carries one pull, receiver D to source P (P listens on its `bind_host`):
+A connection carries one pull at a time, receiver D to source P (P listens on its `bind_host`).
+Its first pull starts with the token of a ticket (PullKVTcp); every later one, on the then
+authenticated connection, with the request itself (tcp_source.py says why):
 
     D -> P   token           48 bytes: the ticket id (16) and secret (32) from PullKVTcp
+      or     request         a PullKVRequest frame (tcp_request.py)
     P -> D   header          HEADER: magic b"TKV1", status, error length, number of blocks,
                              size in bytes, the source's layout fingerprint (8 bytes, xxh64)
     P -> D   error           `error length` bytes of UTF-8 (only when status is not OK; then EOF)
     P -> D   packed blocks   `size` bytes: the packed layout of block_store.py
     P -> D   trailer         4 bytes: crc32c of the packed blocks, little-endian
 
-No pickle, no length taken on trust: D compares every header field with what it asked for
+No pickle, no length taken on trust: P checks a request's frame and every field before use
+(a malformed one closes the connection); D compares every header field with what it asked for
 before a byte lands in its pool, and reads exactly the size it computed itself.
 
 The packed blocks move straight between the caches: `block_views` lists the packed layout as
@@ -62,6 +66,8 @@ class Status(enum.IntEnum):
     HASH_MISMATCH = 2
     TIMEOUT = 3
     INTERNAL = 4
+    LAYOUT_MISMATCH = 5  # an in-band request in another layout (FAILED_PRECONDITION on gRPC)
+    INVALID = 6  # an in-band request for no blocks or too many (INVALID_ARGUMENT on gRPC)
 
 
 _REASONS = MappingProxyType(
@@ -70,6 +76,8 @@ _REASONS = MappingProxyType(
         Status.HASH_MISMATCH: FailureReason.HASH_MISMATCH,
         Status.TIMEOUT: FailureReason.TIMEOUT,
         Status.INTERNAL: FailureReason.PEER_UNAVAILABLE,
+        Status.LAYOUT_MISMATCH: FailureReason.LAYOUT_MISMATCH,
+        Status.INVALID: FailureReason.PROTOCOL,
     }
 )
 
