@@ -512,7 +512,8 @@ def test_a_stalled_source_is_a_bounded_timeout_and_a_cancelled_pull_stops_writin
 @pytest.mark.gpu
 def test_pull_between_cuda_caches_goes_through_pinned_host_buffers() -> None:
     """On CUDA the source packs into pinned host staging and the receiver unpacks from one after
-    the checksum matched (no socket I/O from device memory). Only a GPU run proves this path."""
+    the checksum matched (no socket I/O from device memory), for a first pull and for one in
+    band. Only a GPU run proves this path."""
     clock, freed = FakeClock(), list[str]()
     store = KVBlockStore(random_kv_caches(BIG, len(HELD), 1, "cuda"), BIG)
     source = Source(store, LeaseTable(freed.append, clock), clock, freed)
@@ -527,9 +528,13 @@ def test_pull_between_cuda_caches_goes_through_pinned_host_buffers() -> None:
             stats = await transport.pull(source.handle(address, blocks=HELD), src_ids, dst_ids, dest, TIMEOUT_S)
             assert stats.num_chunks == 1  # one pinned host buffer
             assert transport.staging.idle_bytes >= 60 * dest.bytes_per_block  # given back
+            assert len(transport.kept) == 1  # the next pull goes in band, through the same buffers
+            stats = await transport.pull(source.handle(address, blocks=HELD), (90, 91), (90, 91), dest, TIMEOUT_S)
+            assert stats.num_chunks == 1
+            assert await wait_for(lambda: servicer.counters == TcpSourceCounters(served=2))
 
     asyncio.run(main())
-    assert_moved(store, src_ids, dest, dst_ids, before)
+    assert_moved(store, (*src_ids, 90, 91), dest, (*dst_ids, 90, 91), before)
 
 
 # ---- process death ------------------------------------------------------------------------------
