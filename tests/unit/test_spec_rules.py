@@ -3,6 +3,8 @@ sampling's distribution (chi-square), and the `--speculative-config` errors."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from tandem.common.options import parse, to_argv
 from tandem.common.request import SamplingParams, StructuredOutput
 from tandem.engine.config import EngineConfig
 from tandem.engine.sampler import position_generator, processed_probs, race
-from tandem.engine.spec.ngram import propose_ngram
+from tandem.engine.spec.ngram import NgramIndex, propose_ngram
 from tandem.engine.spec.proposer import Draft
 from tandem.engine.spec.rejection import verify_greedy, verify_sampled
 from tandem.engine.spec.skip import (
@@ -40,6 +42,24 @@ NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2
 )
 def test_ngram_lookup(tokens: list[int], lo: int, hi: int, k: int, expected: tuple[int, ...]) -> None:
     assert propose_ngram(tokens, lo, hi, k) == expected
+    assert NgramIndex(lo, hi).propose(tokens, k) == expected
+
+
+@pytest.mark.parametrize(("lo", "hi", "alphabet"), [(2, 2, 3), (1, 3, 4), (2, 4, 6), (3, 5, 2)])
+def test_ngram_index_follows_a_growing_sequence(lo: int, hi: int, alphabet: int) -> None:
+    """Extended by 1 to 5 tokens per step (a step's accepted drafts plus one), the index
+    proposes exactly what a full scan of the tokens proposes, at every step."""
+    gen = random.Random(lo * 100 + hi * 10 + alphabet)
+    index = NgramIndex(lo, hi)
+    tokens = [gen.randrange(alphabet)]
+    num_nonempty = 0
+    while len(tokens) < 300:
+        k = gen.randrange(0, 5)
+        expected = propose_ngram(tokens, lo, hi, k)
+        assert index.propose(tokens, k) == expected, tokens
+        num_nonempty += bool(expected)
+        tokens.extend(gen.randrange(alphabet) for _ in range(gen.randrange(1, 6)))
+    assert num_nonempty > 20  # the comparison covered real matches, not only empty drafts
 
 
 @pytest.mark.parametrize(

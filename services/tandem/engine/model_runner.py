@@ -58,13 +58,19 @@ class ModelRunner:
         batch = build_batch_inputs(chunks, self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, self.backend, self.kv_scales)
         starts = batch.query_starts
-        sample_rows = [starts[i + 1] - 1 for i, c in enumerate(plan.chunks) if c.samples and c.draft is None]
-        sample_logits = self.model.compute_logits(hidden[sample_rows]).cpu()
-        verify_logits: dict[str, torch.Tensor] = {}
+        # one logits projection (and one copy to the host) for the sampled rows and every
+        # draft chunk's rows, split afterwards
+        rows = [starts[i + 1] - 1 for i, c in enumerate(plan.chunks) if c.samples and c.draft is None]
+        num_sample_rows = len(rows)
+        verify_rows: list[tuple[str, int]] = []  # (request id, first row in `logits`)
         for i, chunk in enumerate(plan.chunks):
             if chunk.draft is not None:
-                first = starts[i + 1] - 1 - len(chunk.draft.token_ids)
-                verify_logits[chunk.seq.request_id] = self.model.compute_logits(hidden[first : starts[i + 1]]).cpu()
+                verify_rows.append((chunk.seq.request_id, len(rows)))
+                rows.extend(range(starts[i + 1] - 1 - len(chunk.draft.token_ids), starts[i + 1]))
+        logits = self.model.compute_logits(hidden[rows]).cpu()
+        sample_logits = logits[:num_sample_rows]
+        ends = [first for _, first in verify_rows[1:]] + [len(rows)]
+        verify_logits = {request_id: logits[first:end] for (request_id, first), end in zip(verify_rows, ends)}
         prompt_logits: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(plan.chunks):
             seq = chunk.seq
