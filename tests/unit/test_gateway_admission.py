@@ -4,19 +4,26 @@ controller's counts, the measured rates, and the body's `priority` field."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from tandem.common.options import add_flags, from_args, to_argv
+from tandem.common.request import FinishReason, Request, SamplingParams
+from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.admission import AdmissionController, PoolLoad
 from tandem.gateway.admission_policy import AdmissionConfig, AdmissionSignals, decide
 from tandem.gateway.auth import key_id_of
 from tandem.gateway.bodies import CompletionRequest
 from tandem.gateway.concurrency_limit import ConcurrencyLimit, LimitConfig
 from tandem.gateway.errors import OpenAIError
+from tandem.gateway.generation import ChoiceSpec, Generation
 from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.pipeline import Delta
 from tandem.gateway.protocol import parse_body
 from tandem.gateway.throughput import RateMeter, Throughput
 
@@ -480,3 +487,32 @@ def test_limit_flags_round_trip() -> None:
     )
     assert to_argv(config) == argv
     assert from_args(AdmissionConfig, parser.parse_args([])) == AdmissionConfig()
+
+
+class _QueuedPipeline:
+    """Two deltas; the first says the request waited 0.125 s in a worker's queue."""
+
+    async def generate(self, request: Request, parent: object = None, session: object = None) -> AsyncIterator[Delta]:
+        yield Delta((7,), (), None, queue_s=0.125)
+        yield Delta((8,), (), FinishReason.LENGTH, queue_s=0.5)  # only the first delta's counts
+
+
+def test_generation_keeps_the_first_deltas_queue_wait(tiny_model_dir: Path) -> None:
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    generation = Generation(
+        _QueuedPipeline(),  # type: ignore[arg-type]
+        Tokenizer.from_pretrained(tiny_model_dir),
+        GatewayMetrics("m"),
+        "cmpl-q",
+        [ChoiceSpec(0, (5, 6), params)],
+        (),
+        None,
+        None,
+    )
+    assert generation.first_queue_s is None
+
+    async def drain() -> list[tuple[int, ...]]:
+        return [event.token_ids async for event in generation.events()]
+
+    assert asyncio.run(drain()) == [(7,), (8,)]
+    assert generation.first_queue_s == 0.125
