@@ -19,7 +19,7 @@ from tandem.gateway.admission import AdmissionController, PoolLoad
 from tandem.gateway.admission_policy import AdmissionConfig, AdmissionSignals, decide
 from tandem.gateway.auth import key_id_of
 from tandem.gateway.bodies import CompletionRequest
-from tandem.gateway.concurrency_limit import ConcurrencyLimit, LimitConfig
+from tandem.gateway.concurrency_limit import KNEE_WINDOWS, ConcurrencyLimit, LimitConfig
 from tandem.gateway.errors import OpenAIError
 from tandem.gateway.generation import ChoiceSpec, Generation
 from tandem.gateway.metrics import GatewayMetrics
@@ -322,6 +322,26 @@ def test_limit_backs_off_at_once_on_a_queued_sample() -> None:
     limit = ConcurrencyLimit(QUEUE_STEP, 1.0)
     got = [limit.observe(*sample) for sample, _ in QUEUE_TRAJECTORY]
     assert got == [expected for _, expected in QUEUE_TRAJECTORY]
+
+
+def test_limit_lingers_below_the_knee() -> None:
+    limit = ConcurrencyLimit(LimitConfig(initial=10, window=1, backoff=0.5), 1.0)
+    assert limit.observe(0.0, 0.1, 10) == 11
+    assert limit.observe(1.0, 0.9, 11, 0.7) == 5  # queued at 11: the knee; floor(11 * 0.5)
+    got = [limit.observe(2.0 + i, 0.1, limit.limit) for i in range(5)]
+    assert got == [6, 7, 8, 9, 10]  # one window each, up to one below the knee
+    got = [limit.observe(10.0 + i, 0.1, 10) for i in range(KNEE_WINDOWS)]
+    assert got == [10] * (KNEE_WINDOWS - 1) + [11]  # from there, KNEE_WINDOWS windows each
+    got = [limit.observe(20.0 + i, 0.1, 11) for i in range(KNEE_WINDOWS)]
+    assert got == [11] * (KNEE_WINDOWS - 1) + [12]  # past the knee cleanly: forgotten
+    assert [limit.observe(30.0 + i, 0.1, limit.limit) for i in range(2)] == [13, 14]
+    limit.observe(40.0, 0.9, 14, 0.7)  # a knee at 14 again: 7
+    got = [limit.observe(50.0 + i, 0.1, limit.limit) for i in range(6)]
+    assert got == [8, 9, 10, 11, 12, 13]
+    assert limit.observe(60.0, 2.0, 13) == 6  # over the target: the knee stays, the count restarts
+    got = [limit.observe(70.0 + i, 0.1, limit.limit) for i in range(7)]
+    assert got == [7, 8, 9, 10, 11, 12, 13]
+    assert [limit.observe(80.0 + i, 0.1, 13) for i in range(KNEE_WINDOWS)][-1] == 14
 
 
 @pytest.mark.parametrize(

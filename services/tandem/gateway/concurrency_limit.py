@@ -46,6 +46,12 @@ lower bound of it for a request still waiting past the target, and its queue wai
    - within it, untested: unchanged (an idle gateway does not grow a limit it never uses).
    The window empties after each decision.
 
+The knee: the limit at the last queued sample. From one below it, the limit grows only after
+`KNEE_WINDOWS` windows in a row within the target and tested (instead of one), as TCP CUBIC
+lingers near the window of its last loss: the limit spends its time just below the knee and
+probes past it rarely, since each probe costs its victims a wave's wait. A limit that grows
+past the knee without a queued sample forgets it (the pools grew: normal growth again).
+
 The TTFT target alone would let the limit probe past the knee for as long as the queued
 requests stay under a tenth of the window, and those are the tail of the TTFT (its p99).
 
@@ -60,6 +66,8 @@ from dataclasses import dataclass, field
 
 # A sample queued when its queue wait was over this share of its TTFT (see the module docstring).
 QUEUED_SHARE = 2 / 3
+# Windows in a row, within the target and tested, for each increase from just below the knee.
+KNEE_WINDOWS = 8
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,8 @@ class ConcurrencyLimit:
         self._window: list[float] = []  # TTFTs of fresh samples, seconds
         self._tested = False  # some sample in the window was admitted into the limit's last slot
         self._decreased_s = -math.inf  # requests admitted before this are stale
+        self._knee: int | None = None  # the limit at the last queued sample (None: none yet)
+        self._clean = 0  # windows in a row within the target and tested, just below the knee
 
     def observe(self, admitted_s: float, ttft_s: float, inflight: int, queue_s: float | None = None) -> int:
         """One request's sample: `admitted_s` when it was admitted (the caller's clock),
@@ -127,6 +137,7 @@ class ConcurrencyLimit:
         if admitted_s < self._decreased_s:
             return self.limit
         if queue_s is not None and queue_s > QUEUED_SHARE * ttft_s:
+            self._knee = self.limit
             return self._decrease(max(1, math.floor(self.limit * self.config.backoff)), admitted_s + ttft_s)
         self._window.append(ttft_s)
         self._tested = self._tested or inflight >= self.limit
@@ -136,10 +147,22 @@ class ConcurrencyLimit:
         if ranked[math.ceil(self.config.quantile * len(ranked)) - 1] > self.target_s:
             return self._decrease(max(1, math.floor(self.limit * self.config.backoff)), admitted_s + ttft_s)
         if self._tested:
-            self.limit = min(self.config.max_limit, self.limit + 1)
+            self._grow()
         self._window.clear()
         self._tested = False
         return self.limit
+
+    def _grow(self) -> None:
+        """+ 1, but from just below the knee only after `KNEE_WINDOWS` such windows in a row;
+        past the knee, the knee was not one (the pools grew): forgotten."""
+        if self._knee is not None and self.limit >= self._knee - 1:
+            self._clean += 1
+            if self._clean < KNEE_WINDOWS:
+                return
+        self._clean = 0
+        self.limit = min(self.config.max_limit, self.limit + 1)
+        if self._knee is not None and self.limit > self._knee:
+            self._knee = None
 
     def _decrease(self, limit: int, now_s: float) -> int:
         """The new limit; what was admitted before `now_s` is stale, the window starts over."""
@@ -147,4 +170,5 @@ class ConcurrencyLimit:
         self._decreased_s = now_s
         self._window.clear()
         self._tested = False
+        self._clean = 0
         return limit
