@@ -4,18 +4,26 @@ controller's counts, the measured rates, and the body's `priority` field."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from tandem.common.options import add_flags, from_args, to_argv
+from tandem.common.request import FinishReason, Request, SamplingParams
+from tandem.engine.tokenizer import Tokenizer
 from tandem.gateway.admission import AdmissionController, PoolLoad
 from tandem.gateway.admission_policy import AdmissionConfig, AdmissionSignals, decide
 from tandem.gateway.auth import key_id_of
 from tandem.gateway.bodies import CompletionRequest
-from tandem.gateway.concurrency_limit import ConcurrencyLimit, LimitConfig
+from tandem.gateway.concurrency_limit import KNEE_WINDOWS, ConcurrencyLimit, LimitConfig
 from tandem.gateway.errors import OpenAIError
+from tandem.gateway.generation import ChoiceSpec, Generation
 from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.pipeline import Delta
 from tandem.gateway.protocol import parse_body
 from tandem.gateway.throughput import RateMeter, Throughput
 
@@ -247,18 +255,18 @@ STEP = LimitConfig(initial=4, max_limit=6, window=4, quantile=0.75, backoff=0.5)
 # (admitted_s, ttft_s, inflight) -> the limit after the sample. Target 1.0 s; the window's
 # 0.75 quantile of 4 samples is its 3rd smallest.
 TRAJECTORY = [
-    ((0.0, 0.1, 2), 4),
+    ((0.0, 0.1, 4), 4),
     ((0.1, 0.2, 1), 4),
     ((0.2, 0.3, 1), 4),
-    ((0.3, 0.4, 1), 5),  # 0.3 <= 1.0, tested (2 * 2 >= 4): + 1
+    ((0.3, 0.4, 1), 5),  # 0.3 <= 1.0, tested (admitted into the last slot: 4 >= 4): + 1
     ((1.0, 0.1, 2), 5),
     ((1.1, 0.1, 2), 5),
     ((1.2, 0.1, 2), 5),
-    ((1.3, 0.1, 2), 5),  # within, untested (2 * 2 < 5): unchanged
-    ((2.0, 0.1, 3), 5),
+    ((1.3, 0.1, 4), 5),  # within, untested (2, 2, 2, 4 < 5): unchanged
+    ((2.0, 0.1, 5), 5),
     ((2.1, 0.1, 1), 5),
     ((2.2, 2.0, 1), 5),
-    ((2.3, 1.0, 1), 6),  # [0.1, 0.1, 1.0, 2.0]: 1.0 is not over the target; 2 * 3 >= 5: + 1
+    ((2.3, 1.0, 1), 6),  # [0.1, 0.1, 1.0, 2.0]: 1.0 is not over the target; 5 >= 5: + 1
     ((3.0, 0.1, 6), 6),
     ((3.1, 0.1, 6), 6),
     ((3.2, 0.1, 6), 6),
@@ -279,7 +287,7 @@ TRAJECTORY = [
     ((20.0, 0.0, 1), 1),
     ((20.0, 0.0, 1), 1),
     ((20.0, 0.0, 1), 1),
-    ((20.0, 0.0, 1), 2),  # 2 * 1 >= 1: tested
+    ((20.0, 0.0, 1), 2),  # 1 >= 1: tested
 ]
 
 
@@ -289,6 +297,51 @@ def test_limit_trajectory() -> None:
     got = [limit.observe(*sample) for sample, _ in TRAJECTORY]
     assert got == [expected for _, expected in TRAJECTORY]
     assert limit.limit == 2
+
+
+QUEUE_STEP = LimitConfig(initial=10, max_limit=20, window=2, quantile=1.0, backoff=0.8)
+
+# (admitted_s, ttft_s, inflight, queue_s) -> the limit after the sample. Target 1.0 s; a sample
+# queued when its queue wait is over 2/3 of its TTFT.
+QUEUE_TRAJECTORY = [
+    ((0.0, 0.3, 10, 0.1), 10),
+    ((0.1, 0.3, 9, None), 11),  # within, tested (10 >= 10): + 1
+    ((0.2, 3.0, 11, 2.0), 11),  # 2.0 is 2/3 of 3.0, not over it: not queued
+    ((0.3, 0.9, 11, 0.61), 8),  # 0.61 > 0.6: queued, at once: floor(11 * 0.8); stale before 1.2
+    ((0.5, 2.0, 11, 1.9), 8),  # admitted before the decrease: ignored
+    ((1.2, 0.2, 8, 0.0), 8),  # the window started over: [0.2]
+    ((1.3, 0.2, 8, None), 9),  # within, tested: + 1
+    ((1.4, 0.5, 8, 0.2), 9),
+    ((1.5, 0.6, 8, 0.3), 9),  # within, untested (8, 8 < 9): unchanged
+    ((1.6, 0.1, 1, 0.1), 7),  # all of it queue wait: floor(9 * 0.8); stale before 1.7
+    ((1.65, 5.0, 7, 5.0), 7),  # stale
+]
+
+
+def test_limit_backs_off_at_once_on_a_queued_sample() -> None:
+    limit = ConcurrencyLimit(QUEUE_STEP, 1.0)
+    got = [limit.observe(*sample) for sample, _ in QUEUE_TRAJECTORY]
+    assert got == [expected for _, expected in QUEUE_TRAJECTORY]
+
+
+def test_limit_lingers_below_the_knee() -> None:
+    limit = ConcurrencyLimit(LimitConfig(initial=10, window=1, backoff=0.5), 1.0)
+    assert limit.observe(0.0, 0.1, 10) == 11
+    assert limit.observe(1.0, 0.9, 11, 0.7) == 5  # queued at 11: the knee; floor(11 * 0.5)
+    got = [limit.observe(2.0 + i, 0.1, limit.limit) for i in range(5)]
+    assert got == [6, 7, 8, 9, 10]  # one window each, up to one below the knee
+    got = [limit.observe(10.0 + i, 0.1, 10) for i in range(KNEE_WINDOWS)]
+    assert got == [10] * (KNEE_WINDOWS - 1) + [11]  # from there, KNEE_WINDOWS windows each
+    got = [limit.observe(20.0 + i, 0.1, 11) for i in range(KNEE_WINDOWS)]
+    assert got == [11] * (KNEE_WINDOWS - 1) + [12]  # past the knee cleanly: forgotten
+    assert [limit.observe(30.0 + i, 0.1, limit.limit) for i in range(2)] == [13, 14]
+    limit.observe(40.0, 0.9, 14, 0.7)  # a knee at 14 again: 7
+    got = [limit.observe(50.0 + i, 0.1, limit.limit) for i in range(6)]
+    assert got == [8, 9, 10, 11, 12, 13]
+    assert limit.observe(60.0, 2.0, 13) == 6  # over the target: the knee stays, the count restarts
+    got = [limit.observe(70.0 + i, 0.1, limit.limit) for i in range(7)]
+    assert got == [7, 8, 9, 10, 11, 12, 13]
+    assert [limit.observe(80.0 + i, 0.1, 13) for i in range(KNEE_WINDOWS)][-1] == 14
 
 
 @pytest.mark.parametrize(
@@ -322,6 +375,11 @@ def test_limit_target_and_bad_samples() -> None:
         limit.observe(0.0, -0.1, 1)
     with pytest.raises(ValueError):
         limit.observe(0.0, 0.1, 0)
+    with pytest.raises(ValueError) as error:
+        limit.observe(0.0, 0.1, 1, -0.01)
+    assert str(error.value) == ("a sample needs ttft_s >= 0, inflight >= 1 and queue_s >= 0 or None, got 0.1, 1, -0.01")
+    with pytest.raises(ValueError):
+        limit.observe(0.0, 0.1, 1, math.nan)
 
 
 LIMITED = AdmissionConfig(ttft_budget_s=2.0, priority_step=0.25)
@@ -366,18 +424,18 @@ def test_controller_feeds_the_limit() -> None:
         "(the limit measured to keep the first token within 1.00 s)."
     )
     now[0] = 0.5
-    a.started()  # TTFT 0.5 s <= 1 s, and 2 * 1 >= 2 in flight: + 1
+    b.started()  # TTFT 0.5 s <= 1 s, and admitted into the last slot (2 >= 2): + 1
     assert controller.limit is not None and controller.limit.limit == 3
     assert limit_gauge() == 'tandem_admission_limit{model_name="m"} 3.0'
     c = controller.admit("k", 0, 10)
     now[0] = 1.6
-    # b has waited 1.6 s: a late sample at once (limit 3 -> 1); c (admitted at 0.5, waited 1.1 s)
+    # a has waited 1.6 s: a late sample at once (limit 3 -> 1); c (admitted at 0.5, waited 1.1 s)
     # was admitted before that decrease: stale. Then 3 in flight >= 1: refused.
     with pytest.raises(OpenAIError):
         controller.admit("k", 0, 10)
     assert controller.limit.limit == 1
     assert limit_gauge() == 'tandem_admission_limit{model_name="m"} 1.0'
-    b.started()  # already sampled
+    a.started()  # already sampled
     c.finished()  # ended before its first token: no sample
     a.finished()
     b.finished()
@@ -390,6 +448,37 @@ def test_controller_feeds_the_limit() -> None:
     d.finished()
     text = metrics.render()[0].decode()
     assert 'tandem_admission_refusals_total{model_name="m",reason="limit"} 2.0' in text
+
+
+def test_controller_feeds_the_queue_wait() -> None:
+    now = [0.0]
+    config = AdmissionConfig(ttft_budget_s=2.0, limit=LimitConfig(initial=4, window=2, quantile=1.0, backoff=0.5))
+    controller = AdmissionController(config, GatewayMetrics("m"), PoolLoad, clock=lambda: now[0])
+    assert controller.limit is not None
+    a = controller.admit("k", 0, 10)
+    now[0] = 0.3
+    a.started(0.25)  # 0.25 of a 0.3 s TTFT waiting in a worker's queue: queued, floor(4 * 0.5)
+    assert controller.limit.limit == 2
+    b = controller.admit("k", 0, 10)  # 2 in flight
+    now[0] = 0.6
+    b.started(math.nan)  # a nonsensical figure is not known: a plain sample of 0.3 s
+    a.finished()
+    d = controller.admit("k", 0, 10)
+    now[0] = 0.7
+    d.started(-1.0)  # likewise; [0.3, 0.1] within the target, b was tested (2 >= 2): + 1
+    assert controller.limit.limit == 3
+    b.finished()
+    d.finished()
+    e = controller.admit("k", 0, 10)
+    now[0] = 1.8
+    # e has waited 1.1 s > the 1 s target: a late sample, all of it queue wait: at once, though
+    # the window (2) is not full: floor(3 * 0.5); then 1 in flight >= 1: refused
+    with pytest.raises(OpenAIError):
+        controller.admit("k", 0, 10)
+    assert controller.limit.limit == 1
+    e.started(0.0)  # already sampled
+    e.finished()
+    assert (controller.inflight, controller.waiting, controller.waiting_tokens) == (0, 0, 0)
 
 
 def test_adaptive_limit_off() -> None:
@@ -418,3 +507,32 @@ def test_limit_flags_round_trip() -> None:
     )
     assert to_argv(config) == argv
     assert from_args(AdmissionConfig, parser.parse_args([])) == AdmissionConfig()
+
+
+class _QueuedPipeline:
+    """Two deltas; the first says the request waited 0.125 s in a worker's queue."""
+
+    async def generate(self, request: Request, parent: object = None, session: object = None) -> AsyncIterator[Delta]:
+        yield Delta((7,), (), None, queue_s=0.125)
+        yield Delta((8,), (), FinishReason.LENGTH, queue_s=0.5)  # only the first delta's counts
+
+
+def test_generation_keeps_the_first_deltas_queue_wait(tiny_model_dir: Path) -> None:
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    generation = Generation(
+        _QueuedPipeline(),  # type: ignore[arg-type]
+        Tokenizer.from_pretrained(tiny_model_dir),
+        GatewayMetrics("m"),
+        "cmpl-q",
+        [ChoiceSpec(0, (5, 6), params)],
+        (),
+        None,
+        None,
+    )
+    assert generation.first_queue_s is None
+
+    async def drain() -> list[tuple[int, ...]]:
+        return [event.token_ids async for event in generation.events()]
+
+    assert asyncio.run(drain()) == [(7,), (8,)]
+    assert generation.first_queue_s == 0.125

@@ -10,17 +10,20 @@ the rate limits):
 2. Refused: an `OpenAIError` at once, never a queue: 429 when the API key is over its own
    bound (`max_inflight_per_key`), 503 when the cluster is; both with `Retry-After` computed
    from the measured drain rate (the time for the excess to drain), in [1, 60] s.
-3. Admitted: an `AdmissionTicket`. The caller calls `started()` at the first token and
-   `finished()` when the response ends (any way; both idempotent), which keep the counts and
-   the drain rates exact.
+3. Admitted: an `AdmissionTicket`. The caller calls `started(queue_s)` at the first token (with
+   the request's wait in a worker's queue, where the worker reported it) and `finished()`
+   when the response ends (any way; both idempotent), which keep the counts and the drain
+   rates exact.
 
 The bounds and priorities: admission_policy.py (`decide`, pure). The adaptive limit:
-concurrency_limit.py; this controller feeds it one TTFT sample per admitted request (at its
-first token, or at the first admission that finds it still waiting past the target).
+concurrency_limit.py; this controller feeds it one sample per admitted request, its TTFT and
+queue wait at its first token, or at the first admission that finds it still waiting past the
+target (its wait so far, queue wait unknown).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,9 +46,11 @@ class PoolLoad:
 
 
 class AdmissionTicket:
-    """One admitted request's place in the counts. `started()` at its first token and
+    """One admitted request's place in the counts. `started(queue_s)` at its first token and
     `finished()` when it ends (any way); each acts once. `admitted_s` (the controller's clock)
-    and `inflight` (the in-flight count just after its admission) make its TTFT sample."""
+    and `inflight` (the in-flight count just after its admission) make its limit sample, with
+    its TTFT and `queue_s` (its wait in a worker's queue before a batch took it; None: not
+    reported)."""
 
     def __init__(
         self, controller: AdmissionController, key_id: str, num_prompt_tokens: int, admitted_s: float, inflight: int
@@ -58,10 +63,10 @@ class AdmissionTicket:
         self.is_started = False
         self.is_finished = False
 
-    def started(self) -> None:
+    def started(self, queue_s: float | None = None) -> None:
         if not self.is_started and not self.is_finished:
             self.is_started = True
-            self._controller._started(self)
+            self._controller._started(self, queue_s)
 
     def finished(self) -> None:
         if not self.is_finished:
@@ -138,28 +143,32 @@ class AdmissionController:
         )
 
     def _sample_overdue(self, now: float) -> None:
-        """Requests still waiting past the target are late samples now, oldest first."""
+        """Requests still waiting past the target are late samples now, oldest first, their
+        whole wait so far counted as queue wait (they wait in some queue: below the knee, a
+        request's own prefill is well within the target)."""
         if self.limit is None:
             return
         while self._unsampled:
             ticket = next(iter(self._unsampled))
             if now - ticket.admitted_s <= self.limit.target_s:
                 return
-            self._observe(ticket, now)
+            self._observe(ticket, now, now - ticket.admitted_s)
 
-    def _observe(self, ticket: AdmissionTicket, now: float) -> None:
+    def _observe(self, ticket: AdmissionTicket, now: float, queue_s: float | None = None) -> None:
         del self._unsampled[ticket]
         if self.limit is not None:
-            limit = self.limit.observe(ticket.admitted_s, now - ticket.admitted_s, ticket.inflight)
+            limit = self.limit.observe(ticket.admitted_s, now - ticket.admitted_s, ticket.inflight, queue_s)
             self.metrics.set_admission_limit(limit)
 
-    def _started(self, ticket: AdmissionTicket) -> None:
+    def _started(self, ticket: AdmissionTicket, queue_s: float | None) -> None:
         self.waiting -= 1
         self.waiting_tokens -= ticket.num_prompt_tokens
         self.throughput.started(ticket.num_prompt_tokens)
         self.throughput.counts(self.waiting, self.inflight)
         if ticket in self._unsampled:
-            self._observe(ticket, self._clock())
+            # a worker's figure: a nonsensical one is not known, never fatal
+            known = queue_s is not None and math.isfinite(queue_s) and queue_s >= 0
+            self._observe(ticket, self._clock(), queue_s if known else None)
 
     def _finished(self, ticket: AdmissionTicket) -> None:
         if not ticket.is_started:  # ended before its first token

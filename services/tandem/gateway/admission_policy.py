@@ -12,10 +12,11 @@ The bounds (`decide`), in order:
 - per key: `key_inflight < max_inflight_per_key` (if set) -> else 429;
 - fixed: `own_inflight < max(1, floor(max_inflight * share))` (if set) -> else 503;
 - adaptive: `own_inflight < max(1, floor(limit * share))`, where `limit` follows the measured
-  TTFT of the admitted requests (concurrency_limit.py; its target is `limit.ttft_target_s`,
-  default half the TTFT budget) -> else 503. Each ticket's first token is a sample; a request
-  still waiting past the target is a late sample at once (checked at each admission), so a
-  stalled pool shrinks the limit without any first token;
+  TTFT and queue wait of the admitted requests (concurrency_limit.py; its target is
+  `limit.ttft_target_s`, default half the TTFT budget) -> else 503. Each ticket's first token
+  is a sample; a request still waiting past the target is a late sample at once, all of it
+  queue wait (checked at each admission), so a stalled pool shrinks the limit without any
+  first token;
 - TTFT: with `queue` = waiting requests (max of ours not yet started and the pools' published
   `waiting`) and `tokens` = their prompt tokens (likewise with published queued prefill
   tokens), a request waits about `max((queue + 1) / start_rate, (tokens + its own) /

@@ -138,6 +138,7 @@ class Generation:
         self.totals = {c.index: ChoiceTotals() for c in self.choices}
         self.start_s = time.perf_counter()
         self.first_token_s: float | None = None
+        self.first_queue_s: float | None = None  # the first delta's wait in a worker's queue (admission)
 
     @property
     def num_generated_tokens(self) -> int:
@@ -186,6 +187,7 @@ class Generation:
                 now = time.perf_counter()
                 if self.first_token_s is None:
                     self.first_token_s = now
+                    self.first_queue_s = delta.queue_s
                     self.metrics.observe_ttft(now - self.start_s)
                 elif delta.token_ids:
                     for _ in delta.token_ids:

@@ -81,6 +81,7 @@ class Delta:
     finish_reason: FinishReason | None
     cached_tokens: int = 0  # first delta only: prompt tokens served from a prefix cache
     prompt_logprobs: PromptLogprobs | None = None  # first delta only, when asked for
+    queue_s: float | None = None  # first delta only: its wait in a worker's queue (as reported)
 
 
 class Pipeline:
@@ -172,7 +173,7 @@ class Pipeline:
                 finish = first.finish_reason
                 self.metrics.prefix(len(request.prompt_token_ids), cached)
                 tokens = () if first.first_token is None else (first.first_token,)  # none: max_tokens 0
-                yield Delta(tokens, lp, finish, cached, first.prompt_logprobs)
+                yield Delta(tokens, lp, finish, cached, first.prompt_logprobs, first.queue_s)
                 if finish is not None:
                     return  # no handle, no lease
             async for delta in self._decode(request, decision, first, metadata, tickets, resume):
@@ -334,6 +335,7 @@ class Pipeline:
             msg.finish_reason,
             msg.num_cached_tokens if first_message and local else 0,
             msg.prompt_logprobs if first_message and local else None,
+            msg.admit_s if first_message and local else None,
         )
 
     def _observe_stage(self, stage: str, seconds: float) -> None:

@@ -231,7 +231,7 @@ async def _respond_sse(
         err = internal_error(f"generation failed: {first.error}")
         finish(err.status_code, err.message)
         raise err
-    finish.ticket.started()
+    finish.ticket.started(generation.first_queue_s)
     return StreamingResponse(
         _sse(first, events, view, generation, include_usage, finish),
         media_type="text/event-stream",
@@ -278,7 +278,7 @@ class _Finisher:
 
 async def _collect(generation: Generation, view: ResponseView, ticket: AdmissionTicket) -> dict[str, Any]:
     async for event in generation.events():
-        ticket.started()
+        ticket.started(generation.first_queue_s)
         if event.error is not None:
             raise internal_error(f"generation failed: {event.error}")
     return view.full_response(generation.totals)

@@ -2,7 +2,10 @@
 
 One decode worker alone on core 0 (local prefill, one torch thread), the gateway and the
 clients on core 1. Capacity is measured first: completed requests per second of a closed loop
-that keeps `CAPACITY_CONCURRENCY` streams busy. Then an open loop offers 0.5x, 1x, 2x and 3x
+that keeps `CAPACITY_CONCURRENCY` streams busy (a stream refused with 503 or 429 sends the
+same request again after its Retry-After, as a client would, and the rate is taken up to the
+last completion: refusals are not load, and a stream that drew them must not spin through the
+requests). Then an open loop offers 0.5x, 1x, 2x and 3x
 that rate (evenly spaced arrivals) for `duration` seconds each. Every request streams
 `PROMPT_LEN`-token prompts and `MAX_TOKENS` output tokens with a client deadline of
 `DEADLINE_S`.
@@ -50,12 +53,13 @@ GOAL = 0.9
 @dataclass(frozen=True)
 class Outcome:
     """One request: its HTTP status (0: no answer before the deadline), TTFT (None without a
-    token), tokens received and wall time."""
+    token), tokens received and wall time; a refusal's Retry-After (seconds, 0: none)."""
 
     status: int
     ttft_s: float | None
     tokens: int
     elapsed_s: float
+    retry_after_s: float = 0.0
 
 
 async def _request(host: str, port: int, body: bytes) -> Outcome:
@@ -77,7 +81,10 @@ async def _stream(host: str, port: int, body: bytes, start: float) -> Outcome:
         status = int((await reader.readline()).split()[1])
         ttft_s: float | None = None
         tokens = 0
+        retry_after_s = 0.0
         async for line in reader:
+            if line.lower().startswith(b"retry-after:"):
+                retry_after_s = float(line.split(b":", 1)[1])
             if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
@@ -87,7 +94,7 @@ async def _stream(host: str, port: int, body: bytes, start: float) -> Outcome:
             if n and ttft_s is None:
                 ttft_s = time.perf_counter() - start
             tokens += n
-        return Outcome(status, ttft_s, tokens, time.perf_counter() - start)
+        return Outcome(status, ttft_s, tokens, time.perf_counter() - start, retry_after_s)
     finally:
         writer.close()
 
@@ -121,20 +128,28 @@ async def _open_loop(url: str, bodies: list[bytes], rate_rps: float) -> list[Out
 
 
 async def _closed_loop(url: str, bodies: list[bytes], concurrency: int) -> float:
-    """Completed requests per second with `concurrency` requests always in flight."""
+    """Completed requests per second, up to the last completion, of `concurrency` streams that
+    each send the next request when theirs ended, or the same one again after its Retry-After
+    when it was refused."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     queue = list(bodies)
     done = 0
+    start = last = time.perf_counter()
 
     async def client() -> None:
-        nonlocal done
+        nonlocal done, last
         while queue:
-            outcome = await _request(host, int(port), queue.pop())
-            done += outcome.status == 200 and outcome.tokens == MAX_TOKENS
+            body = queue.pop()
+            outcome = await _request(host, int(port), body)
+            if outcome.status in (429, 503):
+                queue.append(body)
+                await asyncio.sleep(outcome.retry_after_s or 1.0)
+            elif outcome.status == 200 and outcome.tokens == MAX_TOKENS:
+                done += 1
+                last = time.perf_counter()
 
-    start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done / (time.perf_counter() - start)
+    return done / (last - start) if done else 0.0
 
 
 def _p(values: list[float], q: int) -> float:
