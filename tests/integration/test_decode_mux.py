@@ -104,22 +104,25 @@ def test_exact_tokens_under_concurrency_in_shared_steps(pair, reference: Engine)
     expected = [list(o.token_ids) for o in reference.generate(prompts, GREEDY)]
     firsts = [prefill(p, f"mux-exact-{i}", prompt, GREEDY) if i % 2 else None for i, prompt in enumerate(prompts)]
 
-    async def run() -> tuple[list[list[int]], int, int]:
+    async def run() -> tuple[list[list[int]], int, int, int]:
         channel, conn = _connect(d)
         try:
             submits = [_submit(f"mux-exact-{i}", prompt, GREEDY, firsts[i]) for i, prompt in enumerate(prompts)]
             results = await asyncio.gather(*(_collect(conn, s) for s in submits))
-            return [tokens for tokens, _ in results], conn.num_steps, conn.num_outputs
+            return [tokens for tokens, _ in results], conn.num_steps, conn.num_outputs, conn.num_writes
         finally:
             await conn.close()
             await channel.close()
 
-    got, num_steps, num_outputs = asyncio.run(run())
+    got, num_steps, num_outputs, num_writes = asyncio.run(run())
     for i, tokens in enumerate(got):
         head = [firsts[i].first_token] if firsts[i] is not None else []
         assert head + tokens == expected[i], f"prompt {i}"
     assert num_outputs >= 8 * 2  # at least the first and the last delta of each request
     assert num_steps < num_outputs  # steps carried several requests' outputs at once
+    # the 8 submits were queued in one loop turn, before the writer woke: one MuxBatch (and no
+    # cancel: every request finished on the worker)
+    assert num_writes == 1
     assert wait_until(lambda: _drained(p, d), 5.0)
 
 

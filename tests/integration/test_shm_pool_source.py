@@ -23,7 +23,9 @@ from tandem.kvtransfer.base import FailureReason, KVTransferError
 from tandem.kvtransfer.block_digests import digest_blocks
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.grpc_transport import GrpcTransport
 from tandem.kvtransfer.leases import LeaseTable
+from tandem.kvtransfer.same_host import SameHostTransport
 from tandem.kvtransfer.shm_pool_copy import (
     MAX_COPY_THREADS,
     MIN_BYTES_PER_THREAD,
@@ -167,6 +169,57 @@ def test_a_checksum_mismatch_fails_closed(tmp_path: Path, monkeypatch) -> None:
                 assert str(caught.value).endswith("4 chunk checksums for 4 chunks, first differing chunk 3")
             assert receiver.shm.pooled.pools.last(address) is not None
             assert source.freed == []  # the lease stays until the receiver releases it
+            await receiver.close()
+
+    asyncio.run(run())
+
+
+def releasing_transport(shm_dir: Path) -> SameHostTransport:
+    """A decode worker's receiver: it pulls each lease once, and a verified pull releases it."""
+    config = KVTransferConfig(shm_dir=str(shm_dir), host_id="host-a")
+    return SameHostTransport(GrpcTransport(config), config, release_with_pull=True)
+
+
+def test_a_decode_workers_verified_pull_releases_the_lease_and_its_release_kv_is_skipped(tmp_path: Path) -> None:
+    async def run() -> None:
+        layout = make_layout()
+        source, dest = pooled_source(layout, tmp_path), make_dest(layout)
+        source.grant()
+        async with serving(source, tmp_path) as (address, _):
+            receiver = releasing_transport(tmp_path)
+            handle = same_host_handle(source, address)
+            before = snapshot(dest)
+            stats = await receiver.pull(handle, LEASED, SHUFFLED, dest, TIMEOUT_S)
+            assert (stats.transport, stats.shm_fallback) == ("shm", "")
+            assert_moved(source.store, LEASED, dest, SHUFFLED, before)
+            assert await asyncio.to_thread(wait_for, lambda: source.freed == ["req"], 5.0)
+            assert source.leases.counters.released == 1 and source.leases.counters.active == 0
+            # no ReleaseKV: one would answer False, as the second (which does call it) does
+            assert await receiver.release(handle, TIMEOUT_S) is True
+            assert await receiver.release(handle, TIMEOUT_S) is False
+            assert source.freed == ["req"]
+            await receiver.close()
+
+    asyncio.run(run())
+
+
+def test_a_pull_that_fails_its_checksum_does_not_release_the_lease(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tandem.kvtransfer.same_host.ShmKVServicer", CorruptDigest)
+
+    async def run() -> None:
+        layout = make_layout()
+        source, dest = pooled_source(layout, tmp_path), make_dest(layout)
+        source.grant()
+        async with serving(source, tmp_path) as (address, _):
+            receiver = releasing_transport(tmp_path)
+            handle = same_host_handle(source, address)
+            with pytest.raises(KVTransferError) as caught:
+                await receiver.pull(handle, LEASED, SHUFFLED, dest, TIMEOUT_S)
+            assert caught.value.reason is FailureReason.CHECKSUM
+            await asyncio.sleep(0.2)
+            assert source.freed == [] and source.leases.counters.released == 0  # fail closed: not released
+            assert await receiver.release(handle, TIMEOUT_S) is True  # ReleaseKV, as for every failed pull
+            assert source.freed == ["req"]
             await receiver.close()
 
     asyncio.run(run())

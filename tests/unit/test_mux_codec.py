@@ -9,6 +9,7 @@ import re
 import pytest
 
 from tandem.common import codec, mux_codec
+from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.request import FinishReason, Request, SamplingParams
 
 
@@ -39,3 +40,41 @@ def test_mux_messages_round_trip_and_are_validated() -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             mux_codec.mux_step_from_proto(mux_codec.mux_step_to_proto([entry]))
+
+
+def test_queued_messages_are_packed_in_order_within_the_bounds(monkeypatch) -> None:
+    def submit(rid: str, num_tokens: int = 3) -> object:
+        request = Request(rid, tuple(range(1, num_tokens + 1)), SamplingParams(max_tokens=4))
+        return mux_codec.mux_submit_to_proto(mux_codec.MuxSubmit(codec.DecodeRequest(request)))
+
+    lone = submit("a")
+    assert mux_codec.mux_batches_to_proto([lone]) == [lone]  # a lone message goes as it is
+    assert mux_codec.mux_client_messages(lone) == [lone]
+    queued = [submit("a"), mux_codec.mux_cancel_to_proto("a"), submit("b")]
+    [packed] = mux_codec.mux_batches_to_proto(queued)
+    assert packed.WhichOneof("kind") == "batch"
+    unpacked = mux_codec.mux_client_messages(packed)
+    assert [mux_codec.mux_client_message_from_proto(m) for m in unpacked] == [
+        mux_codec.mux_client_message_from_proto(m) for m in queued
+    ]  # the submit, then its cancel, then the next submit
+    monkeypatch.setattr(mux_codec, "MAX_BATCH_MESSAGES", 2)
+    assert [mux_codec.mux_client_messages(m) for m in mux_codec.mux_batches_to_proto(queued)] == [
+        queued[:2],
+        [queued[2]],
+    ]
+    monkeypatch.setattr(mux_codec, "MAX_BATCH_MESSAGES", 256)
+    big = submit("big", 400_000)  # over MAX_BATCH_BYTES: alone, between the runs around it
+    runs = mux_codec.mux_batches_to_proto([queued[0], big, queued[1], queued[2]])
+    assert [mux_codec.mux_client_messages(m) for m in runs] == [[queued[0]], [big], queued[1:]]
+
+
+def test_a_batch_in_a_batch_or_an_oversized_one_is_refused() -> None:
+    cancel = mux_codec.mux_cancel_to_proto("a")
+    inner = mux_codec.mux_batches_to_proto([cancel, cancel])[0]
+    nested = mux_codec.mux_batches_to_proto([cancel, inner])[0]
+    with pytest.raises(mux_codec.MuxMessageError, match="a MuxBatch holds submits and cancels, not a batch") as err:
+        mux_codec.mux_client_messages(nested)
+    assert err.value.request_id is None  # the stream's fault: it ends INVALID_ARGUMENT
+    oversized = pb.MuxClientMessage(batch=pb.MuxBatch(messages=[cancel] * 257))
+    with pytest.raises(mux_codec.MuxMessageError, match="a MuxBatch holds at most 256 messages, got 257"):
+        mux_codec.mux_client_messages(oversized)

@@ -1,5 +1,5 @@
 """The wire of Worker.DecodeStream, the multiplexed decode path (proto/tandem.proto: Mux*):
-gateway -> worker `MuxClientMessage` (a submit or a cancel), worker -> gateway `MuxStep` (every
+gateway -> worker `MuxClientMessage` (a submit, a cancel, or a batch of them), worker -> gateway `MuxStep` (every
 request's output of one engine step). A submit carries what a `Decode` call does, so it reuses
 codec.py's DecodeRequest and DecodeDelta encodings. Like codec.py, every `*_from_proto` of what
 a peer sent validates it, with bounded sizes, and raises ValueError naming the field.
@@ -25,6 +25,8 @@ MAX_TRACE_CONTEXT_ITEMS = 8  # trace-context entries of one MuxSubmit
 MAX_TRACE_CONTEXT_CHARS = 1024  # characters of one trace-context key or value
 MAX_STATUS_CODE = 16  # gRPC status codes are 0 (OK) to 16 (UNAUTHENTICATED)
 MAX_ERROR_DETAILS_CHARS = 1 << 16
+MAX_BATCH_MESSAGES = 256  # submits and cancels in one MuxBatch
+MAX_BATCH_BYTES = 1 << 20  # what a sender packs into one MuxBatch (a larger message goes alone)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,44 @@ def mux_submit_to_proto(submit: MuxSubmit) -> pb.MuxClientMessage:
 
 def mux_cancel_to_proto(request_id: str) -> pb.MuxClientMessage:
     return pb.MuxClientMessage(cancel=pb.MuxCancel(request_id=request_id))
+
+
+def mux_batches_to_proto(messages: list[pb.MuxClientMessage]) -> list[pb.MuxClientMessage]:
+    """`messages` (submits and cancels, in order) as few messages as the bounds allow: runs of
+    at most MAX_BATCH_MESSAGES and MAX_BATCH_BYTES in a `MuxBatch`; a lone one as it is."""
+    out: list[pb.MuxClientMessage] = []
+    run: list[pb.MuxClientMessage] = []
+    run_bytes = 0
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(pb.MuxClientMessage(batch=pb.MuxBatch(messages=run)))
+        run.clear()
+
+    for msg in messages:
+        size = msg.ByteSize()
+        if run and (len(run) == MAX_BATCH_MESSAGES or run_bytes + size > MAX_BATCH_BYTES):
+            flush()
+            run_bytes = 0
+        run.append(msg)
+        run_bytes += size
+    flush()
+    return out
+
+
+def mux_client_messages(msg: pb.MuxClientMessage) -> list[pb.MuxClientMessage]:
+    """The submits and cancels a message from the gateway carries, in order: itself, or its
+    batch's. MuxMessageError (naming no request) for a batch in a batch or an oversized one."""
+    if msg.WhichOneof("kind") != "batch":
+        return [msg]
+    messages = list(msg.batch.messages)
+    if len(messages) > MAX_BATCH_MESSAGES:
+        raise MuxMessageError(f"a MuxBatch holds at most {MAX_BATCH_MESSAGES} messages, got {len(messages)}", None)
+    if any(m.WhichOneof("kind") == "batch" for m in messages):
+        raise MuxMessageError("a MuxBatch holds submits and cancels, not a batch", None)
+    return messages
 
 
 def mux_client_message_from_proto(msg: pb.MuxClientMessage) -> MuxSubmit | str:

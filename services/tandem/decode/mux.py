@@ -150,21 +150,31 @@ class MuxSession:
         try:
             async for msg in requests:
                 try:
-                    item = mux_codec.mux_client_message_from_proto(msg)
+                    messages = mux_codec.mux_client_messages(msg)  # a batch's, in order
                 except mux_codec.MuxMessageError as exc:
                     self._refuse(exc)
                     continue
-                if isinstance(item, str):
-                    task = self._live.get(item)
-                    if task is not None:
-                        task.cancel()
-                    continue
-                self._start(item)
-                if self._protocol_error is not None:
-                    return
+                for one in messages:
+                    self._take(one)
+                    if self._protocol_error is not None:
+                        return
         except Exception as exc:  # the stream broke: the handler ends and cancels the requests
             log.info("decode stream broke while reading: %r", exc)
             self._broken = True
+
+    def _take(self, msg: Any) -> None:
+        """One submit or cancel from the gateway (protobuf)."""
+        try:
+            item = mux_codec.mux_client_message_from_proto(msg)
+        except mux_codec.MuxMessageError as exc:
+            self._refuse(exc)
+            return
+        if isinstance(item, str):
+            task = self._live.get(item)
+            if task is not None:
+                task.cancel()
+            return
+        self._start(item)
 
     def _refuse(self, exc: mux_codec.MuxMessageError) -> None:
         if exc.request_id is None or exc.request_id in self._live:

@@ -20,7 +20,9 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
    fails (peer gone, checksum, timeout, refused), the blocks are given back and the prompt
    plus first token are recomputed locally: same output. If the pool is too full to
    reserve, the request is prefilled locally too.
-4. `ReleaseKV` is sent to the source of every handle used (best effort; its lease also expires).
+4. `ReleaseKV` is sent to the source of every handle used (best effort; its lease also expires),
+   unless the pull released the lease already: a verified same-host one-copy pull does, on its
+   own stream (kvtransfer/shm_pool_source.py; the worker's transport is `release_with_pull`).
 5. Tokens stream back as `DecodeDelta`s (decode/stream.py); several tokens per message when
    the client is slower than the step loop. A cancelled stream aborts the sequence within
    one step.

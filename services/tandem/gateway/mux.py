@@ -4,7 +4,8 @@ shared by every request this gateway sends there (the worker side: decode/mux.py
 Lifecycle of a connection (`MuxConnection`, one per worker address, held by `WorkerClients`):
 1. Opened on the first request to the worker; later requests reuse it while it is healthy.
 2. `submit` registers the request's `RequestStream` (a bounded buffer) and queues a
-   `MuxSubmit`; one writer task sends what is queued, in order.
+   `MuxSubmit`; one writer task sends what is queued, in order (packed in a `MuxBatch` when
+   several are waiting).
 3. One reader task reads each `MuxStep` and hands every output to its request's buffer. An
    output for a request not live here (cancelled a moment ago) is dropped.
 4. `release(request_id)` ends the request here; if the worker has not ended it, a `MuxCancel`
@@ -38,6 +39,7 @@ from collections.abc import Callable
 import grpc
 
 from tandem.common import codec, mux_codec
+from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -137,11 +139,12 @@ class MuxConnection:
         self._max_buffered = max_buffered
         self._full_timeout_s = full_timeout_s
         self._requests: dict[str, RequestStream] = {}
-        self._outbox: asyncio.Queue[object] = asyncio.Queue()
+        self._outbox: asyncio.Queue[pb.MuxClientMessage] = asyncio.Queue()
         self._call = stub.DecodeStream()
         self.error: grpc.aio.AioRpcError | None = None  # set once the stream is dead
         self.num_steps = 0  # MuxSteps received
         self.num_outputs = 0  # outputs in them
+        self.num_writes = 0  # messages sent (a MuxBatch counts once)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self._writer = asyncio.get_running_loop().create_task(self._write())
 
@@ -184,9 +187,17 @@ class MuxConnection:
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
 
     async def _write(self) -> None:
+        """Send what is queued, in order: what queued up while the last write was under way
+        goes out packed (`MuxBatch`), so a burst costs the worker a read, not one per request;
+        a lone message goes at once, as it is."""
         try:
             while True:
-                await self._call.write(await self._outbox.get())
+                queued = [await self._outbox.get()]
+                while not self._outbox.empty():
+                    queued.append(self._outbox.get_nowait())
+                for msg in mux_codec.mux_batches_to_proto(queued):
+                    await self._call.write(msg)
+                    self.num_writes += 1
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:  # the reader sees the break too
             log.info("writing to the decode stream of %s failed: %r", self.address, exc)
 

@@ -11,6 +11,8 @@ object serves both (`add_source`). Rules of a pull:
    closed). Any other failure (segment not reachable from here, source gone or older,
    refused, timeout) is logged and the pull goes over the network within what is left of
    its deadline; the stats then say which reason made it fall back.
+3. `release`: ReleaseKV on the source, unless the pull released the lease already (a decode
+   worker's transport, `release_with_pull`: its verified one-copy pulls do, shm_pool_source.py).
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ MIN_FALLBACK_TIMEOUT_S = 1.0  # the network pull after a failed same-host one ge
 class SameHostTransport:
     """A `KVTransport`: shared memory for same-host sources, `network` for the rest."""
 
-    def __init__(self, network: KVTransport, config: KVTransferConfig) -> None:
+    def __init__(self, network: KVTransport, config: KVTransferConfig, release_with_pull: bool = False) -> None:
+        """`release_with_pull`: each lease is pulled once (a decode worker's hand-off), so a
+        verified one-copy pull may release it (ShmTransport)."""
         self.network = network
         self.name = network.name
         self.host_id = config.host_id or local_host_id(os.environ)
         self.config = dataclasses.replace(config, host_id=self.host_id)
-        self.shm = ShmTransport(self.config, self.host_id)
+        self.shm = ShmTransport(self.config, self.host_id, release_with_pull)
         self._servicers: list[ShmKVServicer] = []
 
     async def pull(
@@ -80,6 +84,8 @@ class SameHostTransport:
         return dataclasses.replace(stats, transport=self.network.name, shm_fallback=reason)
 
     async def release(self, handle: KVHandle, timeout_s: float) -> bool:
+        if self.shm.released_by_pull(handle):
+            return True
         return await self.network.release(handle, timeout_s)
 
     def add_source(self, server: grpc.aio.Server, store: KVBlockStore, leases: LeaseTable) -> None:
@@ -95,6 +101,7 @@ class SameHostTransport:
         await self.network.close()
 
 
-def with_same_host(network: KVTransport, config: KVTransferConfig) -> KVTransport:
-    """The worker's transport: `network`, wrapped for same-host pulls when `config.shm` is on."""
-    return SameHostTransport(network, config) if config.shm else network
+def with_same_host(network: KVTransport, config: KVTransferConfig, release_with_pull: bool = False) -> KVTransport:
+    """The worker's transport: `network`, wrapped for same-host pulls when `config.shm` is on.
+    `release_with_pull`: see SameHostTransport (a decode worker's)."""
+    return SameHostTransport(network, config, release_with_pull) if config.shm else network

@@ -18,15 +18,21 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
    reader threads (the chunks split among them) copies the blocks into its own reserved blocks
    a run at a time, hashing each run in the destination while it is still in cache. With the
    copy done and P's digests in,
-   D half-closes the stream: only then does P leave the checkout, and D calls ReleaseKV later.
+   D compares the digests (step 4) and half-closes the stream: only then does P leave the
+   checkout. A receiver that will not pull the lease again (`release=True`: a decode worker's
+   one pull per hand-off) first sends the request once more on the stream: the blocks are
+   verified, and P releases the lease (`LeaseTable.release`, the secret checked as for
+   ReleaseKV) instead of waiting for a ReleaseKV call, which D then skips (same_host.py).
+   A pull that failed never sends it: D cancels the call and calls ReleaseKV as before.
    From D's second pull from P on, D starts the copy out of the pool P answered with last time
    as soon as it has sent the request, without waiting for P's first answer (one round trip
    less): the result counts only if the answer names that same pool and P's digest matches;
    else D copies again out of the pool named. Reading before P checked the lease reveals
    nothing (D could read the file anyway: same uid) and trusts nothing (P's digest vouches).
-4. D compares the digests: a difference is a CHECKSUM failure (fail closed: the destination
-   blocks are undefined and given back uncached, base.py). Any other failure goes through
-   same_host.py's rules (a pool D cannot map or use: REFUSED, then the network path).
+4. D compares the digests before it half-closes: a difference is a CHECKSUM failure (fail
+   closed: the destination blocks are undefined and given back uncached, base.py; the lease is
+   not released by the pull). Any other failure goes through same_host.py's rules (a pool D
+   cannot map or use: REFUSED, then the network path).
 """
 
 from __future__ import annotations
@@ -94,8 +100,10 @@ async def serve_pool(
             checksums = await run_to_completion(servicer.hash_pool, request.request_id, ids)
             yield kv_codec.ShmPool("", 0, 0, tuple(checksums))
             servicer.num_pulls_served += 1
-            async for _ in requests:  # pinned until the receiver half-closes (its copy is done) or goes
-                pass
+            # pinned until the receiver half-closes (its copy is verified) or goes
+            async for verified in requests:  # the request again: release the lease (module doc, step 3)
+                if verified.request_id == request.request_id:
+                    servicer.leases.release(verified.request_id, verified.lease_secret)
     except LeaseError as exc:
         await context.abort(lease_status(exc), str(exc))
 
@@ -120,10 +128,12 @@ async def pull_from_pool(
     dst: tuple[int, ...],
     copy: Copier,
     address: str,
+    release: bool = False,
 ) -> int:
     """Receiver side (module doc, steps 1, 3, 4) on an open call; returns the number of chunks.
-    `dst_planes`: `planes(store.kv_caches)`. grpc.aio.AioRpcError as the call raises it
-    (UNIMPLEMENTED: the source has no shared pool); KVTransferError else."""
+    `dst_planes`: `planes(store.kv_caches)`. With `release`, a verified pull asks the source to
+    release the lease. grpc.aio.AioRpcError as the call raises it (UNIMPLEMENTED: the source
+    has no shared pool); KVTransferError else."""
     src = request.block_ids
     plan = chunks(len(dst_planes), len(src), dst_planes[0].shape[1])
     num_threads = copy_threads(len(plan), len(src) * store.bytes_per_block)
@@ -176,7 +186,6 @@ async def pull_from_pool(
         mappings.remember(address, mapping)
         digests = await copy_all(mapping, False)
     second = await call.read()
-    await call.done_writing()
     if second is grpc.aio.EOF or not isinstance(second, kv_codec.ShmPool) or second.name:
         raise KVTransferError(FailureReason.PROTOCOL, f"{address}: PullKVShmPool sent no checksums")
     if digests != list(second.checksums):
@@ -186,6 +195,9 @@ async def pull_from_pool(
             f"{address}: blocks copied from pool {first.name}: {len(second.checksums)} chunk checksums for "
             f"{len(plan)} chunks, first differing chunk {bad_chunk}",
         )
+    if release:  # verified: the source releases the lease (no ReleaseKV call follows)
+        await call.write(request)
+    await call.done_writing()
     return len(plan)
 
 
@@ -225,10 +237,17 @@ class PoolPuller:
         return self._planes[1]
 
     async def pull(
-        self, request: kv_codec.PullKVRequest, address: str, dst: tuple[int, ...], store: KVBlockStore, timeout_s: float
+        self,
+        request: kv_codec.PullKVRequest,
+        address: str,
+        dst: tuple[int, ...],
+        store: KVBlockStore,
+        timeout_s: float,
+        release: bool = False,
     ) -> int:
         """One pull out of the source's shared pool: its number of chunks; 0 if the source has
-        no shared pool. KVTransferError if it fails (same_host.py decides what follows)."""
+        no shared pool. With `release`, a pull that succeeds has asked the source to release the
+        lease. KVTransferError if it fails (same_host.py decides what follows)."""
         loop = asyncio.get_running_loop()
 
         async def copy(fn: Callable[..., Any], *args: Any) -> Any:  # on our readers; joined even if cancelled
@@ -240,7 +259,7 @@ class PoolPuller:
         done = False
         try:
             num_chunks = await pull_from_pool(
-                call, request, self.pools, store, self.dst_planes(store), dst, copy, address
+                call, request, self.pools, store, self.dst_planes(store), dst, copy, address, release
             )
             done = True
             return num_chunks

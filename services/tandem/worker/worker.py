@@ -138,7 +138,9 @@ class Worker:
             config.kv_transfer, bind_host=config.advertised, token=config.plane.token, host_id=self.host_id
         )
         self.transport = with_same_host(
-            create_transport(config.kv_transfer.transport, transport_config), transport_config
+            create_transport(config.kv_transfer.transport, transport_config),
+            transport_config,
+            release_with_pull=config.role is WorkerRole.DECODE,  # one pull per hand-off, then its release
         )
 
     # ---- used by the role servicers --------------------------------------------------------

@@ -281,12 +281,20 @@ class MuxCancel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class MuxClientMessage(_message.Message):
-    __slots__ = ("submit", "cancel")
+    __slots__ = ("submit", "cancel", "batch")
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     submit: MuxSubmit
     cancel: MuxCancel
-    def __init__(self, submit: _Optional[_Union[MuxSubmit, _Mapping]] = ..., cancel: _Optional[_Union[MuxCancel, _Mapping]] = ...) -> None: ...
+    batch: MuxBatch
+    def __init__(self, submit: _Optional[_Union[MuxSubmit, _Mapping]] = ..., cancel: _Optional[_Union[MuxCancel, _Mapping]] = ..., batch: _Optional[_Union[MuxBatch, _Mapping]] = ...) -> None: ...
+
+class MuxBatch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[MuxClientMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[MuxClientMessage, _Mapping]]] = ...) -> None: ...
 
 class MuxOutput(_message.Message):
     __slots__ = ("request_id", "delta", "error_code", "error_details")
