@@ -80,7 +80,8 @@ async def stream_direct(
 
 
 async def _stream_completion(host: str, port: int, body: bytes) -> int:
-    """POST one streaming completion; the number of token ids received over SSE."""
+    """POST one streaming completion; the number of token ids received over SSE. A refusal or
+    an error event raises, naming it."""
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
         b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -98,6 +99,9 @@ async def _stream_completion(host: str, port: int, body: bytes) -> int:
     async for line in reader:  # chunked framing lines interleave with SSE lines; only data lines count
         if line.startswith(b"data: {"):
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # a stream that failed after its 200 says why in an error event
+                writer.close()
+                raise RuntimeError(f"gateway stream failed after {n} tokens: {chunk['error']}")
             for choice in chunk.get("choices", ()):
                 n += len(choice.get("token_ids") or ())
     writer.close()
