@@ -1,4 +1,5 @@
-"""The engine: a model, its paged KV cache, a batcher and a sampler. No networking.
+"""The engine: a model, its paged KV cache, a batcher and a sampler. No networking. The
+model, the cache and the speculator are built by engine/parts.py; the engine owns them.
 
 Workers drive it through the step-level API from their one step-loop thread:
 1. `add_request(request_id, prompt_token_ids, sampling)` validates and queues a sequence.
@@ -47,17 +48,12 @@ GRAMMAR_POLL_S = 0.005
 class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig, kv_shared_dir: str | None = None) -> None:
         """`kv_shared_dir`: a CPU KV cache lives in a shared pool file there (same-host KV
-        sources, engine.kv_cache.allocate_shared); other devices ignore it. The parts are
-        built by engine/parts.py; the engine owns them."""
+        sources, engine.kv_cache.allocate_shared); other devices ignore it."""
         self.config = config
         loaded = LoadedModel.load(Path(model_dir), config)
-        self.model_dir, self.model_config, self.max_model_len = (
-            loaded.model_dir,
-            loaded.model_config,
-            loaded.max_model_len,
-        )
-        self.device, self.model, self.quant_plan = loaded.device, loaded.model, loaded.quant_plan
-        self.weight_bytes = loaded.weight_bytes
+        self.model_dir, self.model_config = loaded.model_dir, loaded.model_config
+        self.max_model_len, self.device = loaded.max_model_len, loaded.device
+        self.model, self.quant_plan, self.weight_bytes = loaded.model, loaded.quant_plan, loaded.weight_bytes
         cache = PagedCache.allocate(loaded, config, kv_shared_dir)
         self.kv_spec, self.kv_scales, self.pool = cache.kv_spec, cache.kv_scales, cache.pool
         self.kv_caches, self.backend, self.runner = cache.kv_caches, cache.backend, cache.runner
