@@ -39,7 +39,7 @@ from tandem.engine.request_limits import RequestLimits
 from tandem.engine.sampler import Sampler
 from tandem.engine.sequence import Sequence, SequenceStatus
 from tandem.engine.spec.verification import verify_chunks
-from tandem.engine.step_plan import BatcherConfig
+from tandem.engine.step_plan import BatcherConfig, StepPlan
 
 # With nothing to run but requests waiting for their grammar, a step waits this long for one.
 GRAMMAR_POLL_S = 0.005
@@ -223,7 +223,7 @@ class Engine:
             self.batcher.finish(seq, FinishReason.ABORT)
         else:  # never reached the batcher
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
-        self.stats.count_finish(FinishReason.ABORT)
+        self._count_finish(FinishReason.ABORT)
         self._aborted.append(
             RequestOutput(
                 seq.request_id,
@@ -273,7 +273,7 @@ class Engine:
         for request_id, logits in result.prompt_logits.items():
             keep_prompt_logits(self._seqs[request_id], logits)
         first_samples = {c.seq.request_id for c in sampling_chunks if c.seq.num_output_tokens == 0}
-        self.stats.count_step(plan)
+        self._count_step(plan)
         sampled = {c.seq.request_id: (t, lp) for c, t, lp in zip(plain_chunks, tokens, logprobs)}
         # where each sampling sequence's new tokens and logprobs start
         before = {c.seq.request_id: (c.seq.num_tokens, len(c.seq.logprobs)) for c in sampling_chunks}
@@ -311,9 +311,23 @@ class Engine:
             if seq.is_finished:
                 del self._seqs[seq.request_id]
                 self.matchers.drop(seq.request_id)
-                self.stats.count_finish(seq.finish_reason)
+                self._count_finish(seq.finish_reason)
         self.stats.num_generated_tokens += num_generated
         return outputs
+
+    def _count_step(self, plan: StepPlan) -> None:
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += plan.num_tokens
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            start = seq.num_computed_tokens
+            self.stats.num_prompt_tokens_computed += max(
+                0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start
+            )
+
+    def _count_finish(self, reason: FinishReason | None) -> None:
+        key = reason.value if reason else "unknown"
+        self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
 
     # ---- offline API ---------------------------------------------------------------------
     def generate(

@@ -11,8 +11,6 @@ from tandem.common.request import FinishReason, PromptLogprobs, TokenLogprob
 if TYPE_CHECKING:
     import torch
 
-    from tandem.engine.step_plan import StepPlan
-
 
 @dataclass(frozen=True)
 class RequestOutput:
@@ -81,8 +79,7 @@ class Reservation:
 
 @dataclass
 class EngineStats:
-    """Cumulative counters, read by tests, benchmarks and (later) metrics. The engine counts
-    with `count_step` and `count_finish`; spec/verification.py counts the drafts."""
+    """Cumulative counters, read by tests, benchmarks and (later) metrics."""
 
     num_steps: int = 0
     num_computed_tokens: int = 0  # every token run through the model
@@ -96,17 +93,3 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: list[int] = field(default_factory=list)  # index: draft position 0..k-1
-
-    def count_step(self, plan: StepPlan) -> None:
-        """A step ran `plan`; called before the batcher updates its sequences, so that each
-        chunk starts at its sequence's `num_computed_tokens`."""
-        self.num_steps += 1
-        self.num_computed_tokens += plan.num_tokens
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            start = seq.num_computed_tokens
-            self.num_prompt_tokens_computed += max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
-
-    def count_finish(self, reason: FinishReason | None) -> None:
-        key = reason.value if reason else "unknown"
-        self.finished[key] = self.finished.get(key, 0) + 1
