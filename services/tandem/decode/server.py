@@ -9,20 +9,14 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
    before the first token (the matcher replays them too); the handle covers them with the
    prompt.
 2. With one, the handle's layout must equal ours (else FAILED_PRECONDITION naming the
-   field; `KVHandle.check` is the receiver's one layout check of the transfer). Then the
-   handle's block hashes must be the prompt's, computed here, and its source a registered,
-   live, compatible prefill worker (decode/handle_check.py); if not, the handle is rejected
-   (counted by reason), the source is never dialed, and the prompt is prefilled locally.
-   The loop thread matches the prompt against the local prefix cache and reserves blocks
-   for the rest; only the missing full blocks are pulled, each chunk verified.
-3. On success the reservation is committed: the sequence joins the batch with its full
-   blocks computed (a partial last block is recomputed with the first token). If the pull
-   fails (peer gone, checksum, timeout, refused), the blocks are given back and the prompt
-   plus first token are recomputed locally: same output. If the pool is too full to
-   reserve, the request is prefilled locally too.
-4. `ReleaseKV` is sent to the source of every handle used (best effort; its lease also expires),
-   unless the pull released the lease already: a verified same-host one-copy pull does, on its
-   own stream (kvtransfer/shm_pool_source.py; the worker's transport is `release_with_pull`).
+   field). Then the handle's block hashes must be the prompt's, computed here, and its source
+   a registered, live, compatible prefill worker (decode/handle_check.py); if not, the handle
+   is rejected (counted by reason), the source is never dialed, and the prompt is prefilled
+   locally.
+3. The hand-off (decode/handoff.py): reserve blocks for what the local prefix cache lacks,
+   pull the missing full blocks, commit the reservation; if the pull fails, or the pool is
+   too full to reserve, the prompt plus first token are recomputed locally: same output.
+4. `ReleaseKV` is sent to the source of every handle used (decode/handoff.py).
 5. Tokens stream back as `DecodeDelta`s (decode/stream.py); several tokens per message when
    the client is slower than the step loop. A cancelled stream aborts the sequence within
    one step.
@@ -35,36 +29,32 @@ Lifecycle of a request here (DESIGN.md section 2, steps 4 to 6):
    shed sequence's stream ends at once with RESOURCE_EXHAUSTED "shed: priority P request
    displaced by priority Q under overload". An `Abort` call ends the stream at once with a
    last `DecodeDelta` whose finish reason is ABORT; during a hand-off the abort waits until
-   the pull has stopped writing into the reserved blocks, then takes effect.
+   the pull has stopped writing into the reserved blocks, then takes effect
+   (decode/handoff.py).
 
 The multiplexed `DecodeStream` (decode/mux.py) runs each request it carries through the same
 steps (`decode_deltas`), with the request's own stand-in for the call's context.
 
 Tracing: a SERVER span "decode" under the caller's trace context, with children "kv.pull"
-(with a handle: reserving blocks and pulling the missing ones), "decode.admit" (until the
-batcher first schedules the sequence) and "decode.stream" (until the stream ends, however it
-ends; both started by decode/stream.py). The first `DecodeDelta` carries the hand-off and
-admission durations.
+(with a handle: reserving blocks and pulling the missing ones; decode/handoff.py),
+"decode.admit" (until the batcher first schedules the sequence) and "decode.stream" (until
+the stream ends, however it ends; both started by decode/stream.py). The first `DecodeDelta`
+carries the hand-off and admission durations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 import grpc
-from opentelemetry.trace import Span, Status, StatusCode
 
 from tandem.common import codec
-from tandem.common.kv_handle import KVHandle
-from tandem.common.layout import LayoutMismatchError
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
-from tandem.common.request import Request
-from tandem.common.tracing import ClockAnchor, child_context, ending, request_attributes
+from tandem.common.tracing import ClockAnchor, ending, request_attributes
+from tandem.decode.handoff import HandOffs
 from tandem.decode.mux import decode_stream
 from tandem.decode.sources import handle_verifier
 from tandem.decode.stream import (
@@ -76,33 +66,20 @@ from tandem.decode.stream import (
     stream_deltas,
 )
 from tandem.engine.engine import Engine
-from tandem.engine.outputs import RequestOutput, Reservation
-from tandem.kvtransfer.base import KVTransferError
 from tandem.worker.servicer import WorkerServicerBase
 from tandem.worker.worker import Worker
-
-log = logging.getLogger(__name__)
 
 
 class DecodeServicer(WorkerServicerBase):
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker)
-        self.store = worker.kv_store
-        self.transport = worker.transport
-        # Requests whose pull is writing into reserved blocks: they are aborted only once
-        # the pull has stopped, so freed blocks are never written.
-        self._pulling: set[str] = set()
-        # Requests in a hand-off (reserve, pull, admit) -> whether an Abort call came meanwhile;
-        # that abort is applied with the admission. Asyncio thread only.
-        self._handing_off: dict[str, bool] = {}
-        self._background: set[asyncio.Task] = set()
+        self.hand_offs = HandOffs(worker)
         self.verifier = handle_verifier(worker)
 
     async def abort_owned(self, request_id: str, context: grpc.aio.ServicerContext) -> bool:
         """As for every worker, except during a hand-off: then the abort is applied once the
         pull has stopped writing into the sequence's reserved blocks."""
-        if request_id in self._handing_off:
-            self._handing_off[request_id] = True
+        if self.hand_offs.abort(request_id):
             return True
         return await super().abort_owned(request_id, context)
 
@@ -146,7 +123,7 @@ class DecodeServicer(WorkerServicerBase):
             span.set_attributes(request_attributes(req.request_id, len(req.prompt_token_ids), req.sampling))
             header = FirstDelta()
             if handle is not None:
-                await self._check_handle(handle, req, context)
+                await self.hand_offs.check(handle, req, context)
                 if not await self.verifier.accept(handle, req, span):
                     handle, header.recomputed = None, True  # prefilled here; the source is never dialed
             direct = DirectDeltas(emit) if emit is not None else None
@@ -175,13 +152,9 @@ class DecodeServicer(WorkerServicerBase):
                     admit_from_s = arrival.monotonic_s
                     await worker.call(admit_local, context)
                 else:
-                    self._handing_off[rid] = False
-                    try:
-                        admit_from_s = await self._hand_off(
-                            req, first[0], handle, header, deliver, context, span, arrival
-                        )
-                    finally:
-                        self._handing_off.pop(rid, None)
+                    admit_from_s = await self.hand_offs.run(
+                        req, first[0], handle, header, deliver, context, span, arrival
+                    )
                 stream = DeltaStream(
                     header, span, arrival, admit_from_s, local=handle is None, tracer=worker.tracing.tracer
                 )
@@ -200,143 +173,9 @@ class DecodeServicer(WorkerServicerBase):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except (asyncio.CancelledError, GeneratorExit):
                 # GeneratorExit: gRPC was sending when the client went away and closed this stream
-                if rid not in self._pulling:
+                if not self.hand_offs.is_pulling(rid):
                     worker.abort_soon(rid)
                 raise
-
-    async def _check_handle(self, handle: KVHandle, req: Request, context: grpc.aio.ServicerContext) -> None:
-        """The receiver's one layout check of a transfer, before anything is reserved."""
-        try:
-            handle.check(self.worker.layout, req.request_id, len(req.prompt_token_ids))
-        except LayoutMismatchError as exc:
-            self.worker.metrics.kv_transfer_failure("layout_mismatch")
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-    async def _hand_off(
-        self,
-        req: Request,
-        first_token: int,
-        handle: KVHandle,
-        header: FirstDelta,
-        deliver: Callable[[RequestOutput], None],
-        context: grpc.aio.ServicerContext,
-        span: Span,
-        arrival: ClockAnchor,
-    ) -> float:
-        """Reserve, pull (or fall back to recompute), release the source, admit. Returns when
-        (monotonic seconds) the hand-off ended; the "kv.pull" span and `transfer_s` cover it."""
-        worker = self.worker
-        rid = req.request_id
-        max_waiting = worker.config.max_waiting
-        start_s = time.monotonic()
-        pull_span = worker.tracing.tracer.start_span(
-            "kv.pull",
-            context=child_context(span),
-            start_time=arrival.unix_ns_at(start_s),
-            attributes={"tandem.kv.source_worker_id": handle.source_worker_id},
-        )
-        with ending(pull_span, arrival):
-            reservation = await worker.call(
-                lambda e: e.reserve(
-                    rid,
-                    req.original_prompt_token_ids,
-                    req.sampling,
-                    first_token,
-                    req.cache_salt,
-                    generated_token_ids=req.generated_token_ids,
-                    priority=req.priority,
-                    max_waiting=max_waiting,
-                ),
-                context,
-            )
-            num_bytes = (
-                await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
-            )
-            pull_span.set_attributes(
-                {
-                    "tandem.kv.blocks": header.num_pulled_blocks,
-                    "tandem.kv.bytes": num_bytes or 0,
-                    "tandem.kv.recomputed": num_bytes is None,
-                }
-            )
-        end_s = time.monotonic()  # not before the span's end: "decode.admit" starts here
-        header.transfer_s = end_s - start_s
-        release = asyncio.get_running_loop().create_task(
-            self.transport.release(handle, worker.config.kv_transfer.pull_timeout_s)
-        )
-        self._background.add(release)  # keep a reference until done
-        release.add_done_callback(self._background.discard)
-        pulled = num_bytes is not None
-        aborted = self._handing_off.pop(rid)  # an Abort call during the hand-off
-
-        def admit(engine: Engine) -> None:
-            if reservation is None:
-                engine.add_request(
-                    rid,
-                    req.original_prompt_token_ids,
-                    req.sampling,
-                    req.cache_salt,
-                    generated_token_ids=[*req.generated_token_ids, first_token],
-                    priority=req.priority,
-                    max_waiting=max_waiting,
-                )
-            elif pulled:
-                engine.commit(rid)
-            else:
-                engine.unreserve(rid)
-            worker.loop.subscribe(rid, deliver)
-            if aborted:
-                engine.abort(rid)  # the stream gets its final ABORT output after this command
-
-        if not pulled:
-            header.recomputed = True
-            worker.metrics.kv_recomputes.inc()
-        await worker.call(admit, context)
-        return end_s
-
-    async def _pull(
-        self, rid: str, handle: KVHandle, reservation: Reservation, header: FirstDelta, pull_span: Span
-    ) -> int | None:
-        """Pull the blocks missing from `reservation`; bytes moved, or None if the pull failed
-        (then the prompt is recomputed)."""
-        worker = self.worker
-        header.num_cached_tokens = reservation.num_cached_blocks * worker.layout.block_size
-        worker.metrics.kv_local_hit_blocks.inc(reservation.num_cached_blocks)
-        src = handle.block_ids[reservation.num_cached_blocks : reservation.num_full_blocks]
-        if not src:
-            return 0
-        try:
-            pull = asyncio.ensure_future(
-                self.transport.pull(
-                    handle, src, reservation.missing_block_ids, self.store, worker.config.kv_transfer.pull_timeout_s
-                )
-            )
-            self._pulling.add(rid)
-            try:
-                stats = await asyncio.shield(pull)
-            except asyncio.CancelledError:
-                pull.add_done_callback(lambda _: self._abort_after_pull(rid))
-                raise
-            self._pulling.discard(rid)
-        except Exception as exc:  # any failure of the hand-off falls back to recompute
-            self._pulling.discard(rid)
-            reason = exc.reason.value if isinstance(exc, KVTransferError) else "internal"
-            worker.metrics.kv_transfer_failure(reason)
-            pull_span.set_status(Status(StatusCode.ERROR, f"{reason}: {exc}"))
-            log.warning("KV pull for %s failed (%s): recomputing locally", rid, exc)
-            return None
-        worker.metrics.kv_transfer_bytes.inc(stats.bytes_moved)
-        worker.metrics.kv_transfer_blocks.inc(stats.num_blocks)
-        worker.metrics.kv_transfer_seconds.observe(stats.seconds)
-        worker.metrics.kv_pull(stats.transport or self.transport.name, stats.shm_fallback)
-        header.num_pulled_blocks = stats.num_blocks
-        return stats.bytes_moved
-
-    def _abort_after_pull(self, rid: str) -> None:
-        self._pulling.discard(rid)
-        self.worker.abort_soon(rid)
 
 
 def add_servicers(worker: Worker, server: grpc.aio.Server) -> None:

@@ -1,4 +1,5 @@
-"""The engine: a model, its paged KV cache, a batcher and a sampler. No networking.
+"""The engine: a model, its paged KV cache, a batcher and a sampler. No networking. The
+model, the cache and the speculator are built by engine/parts.py; the engine owns them.
 
 Workers drive it through the step-level API from their one step-loop thread:
 1. `add_request(request_id, prompt_token_ids, sampling)` validates and queues a sequence.
@@ -21,33 +22,22 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 from tandem.common.request import FinishReason, SamplingParams
 from tandem.engine.admission import sequences_to_shed, shed_message
-from tandem.engine.attention import create_backend
 from tandem.engine.batcher import Batcher
-from tandem.engine.block_pool import BlockPool
 from tandem.engine.config import EngineConfig
 from tandem.engine.grammar.compiler import GrammarCompiler
 from tandem.engine.grammar.matchers import GrammarMatchers
 from tandem.engine.grammar.waiting import GrammarWaits
-from tandem.engine.kv_cache import KVCacheSpec, KVScales, kv_cache_dtype
-from tandem.engine.loader import load_model, resolve_device
 from tandem.engine.logits_processors import TokenHistory
-from tandem.engine.model_config import ModelConfig
-from tandem.engine.model_runner import ModelRunner
 from tandem.engine.outputs import EngineStats, GenerationOutput, HeldKV, RequestOutput, Reservation
+from tandem.engine.parts import LoadedModel, PagedCache, build_speculator
 from tandem.engine.prompt_logprobs import keep_prompt_logits
-from tandem.engine.quant.linear import resident_weight_bytes
 from tandem.engine.request_limits import RequestLimits
 from tandem.engine.sampler import Sampler
 from tandem.engine.sequence import Sequence, SequenceStatus
-from tandem.engine.spec.proposer import ProposerContext
-from tandem.engine.spec.speculator import Speculator
 from tandem.engine.spec.verification import verify_chunks
 from tandem.engine.step_plan import BatcherConfig, StepPlan
 
@@ -60,46 +50,16 @@ class Engine:
         """`kv_shared_dir`: a CPU KV cache lives in a shared pool file there (same-host KV
         sources, engine.kv_cache.allocate_shared); other devices ignore it."""
         self.config = config
-        self.model_dir = Path(model_dir)
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
-        model_config = ModelConfig.from_dir(self.model_dir)
-        if config.dtype is not None:
-            model_config = replace(model_config, dtype_name=config.dtype)
-        self.model_config = model_config
-        self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
-        self.device = resolve_device(config.device)
-        self.model, self.quant_plan = load_model(
-            self.model_dir, model_config, self.device, self.max_model_len, config.quantization
-        )
-        self.weight_bytes = resident_weight_bytes(self.model)  # as held: quantized weights at their size
-        self.kv_spec = KVCacheSpec(
-            num_layers=model_config.num_layers,
-            num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim,
-            block_size=config.block_size,
-            dtype=kv_cache_dtype(config.kv_cache_dtype, model_config.dtype),
-        )
-        # FP8 cache: per-layer scales by the fixed rule of tandem.engine.kv_cache (never from a batch)
-        self.kv_scales = KVScales.load(self.model_dir, model_config.num_layers) if self.kv_spec.is_fp8 else None
-        num_blocks = config.num_blocks or self.kv_spec.num_blocks_for_bytes(config.kv_cache_bytes)
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_bytes={config.kv_cache_bytes} holds no {self.kv_spec.bytes_per_block}-byte block"
-            )
-        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.kv_caches = self.kv_spec.allocate(num_blocks, self.device, kv_shared_dir)
-        self.backend = create_backend(config.attention_backend, self.device)
-        self.runner = ModelRunner(
-            self.model,
-            self.kv_caches,
-            self.backend,
-            config.block_size,
-            self.device,
-            kv_scales=[self.kv_scales.layer(i) for i in range(model_config.num_layers)] if self.kv_scales else None,
-        )
-        self.stats = EngineStats()
-        self.speculator = self._speculator(num_blocks)
+        loaded = LoadedModel.load(Path(model_dir), config)
+        self.model_dir, self.model_config = loaded.model_dir, loaded.model_config
+        self.max_model_len, self.device = loaded.max_model_len, loaded.device
+        self.model, self.quant_plan, self.weight_bytes = loaded.model, loaded.quant_plan, loaded.weight_bytes
+        cache = PagedCache.allocate(loaded, config, kv_shared_dir)
+        self.kv_spec, self.kv_scales, self.pool = cache.kv_spec, cache.kv_scales, cache.pool
+        self.kv_caches, self.backend, self.runner = cache.kv_caches, cache.backend, cache.runner
+        self.speculator = build_speculator(config, loaded, cache)
+        num_draft_positions = self.speculator.config.num_speculative_tokens if self.speculator else 0
+        self.stats = EngineStats(spec_accepted_per_position=[0] * num_draft_positions)
         self.batcher = Batcher(
             BatcherConfig(
                 block_size=config.block_size,
@@ -111,37 +71,18 @@ class Engine:
             self.speculator,
         )
         self.sampler = Sampler(config.seed)
-        self.grammars = GrammarCompiler(self.model_dir, model_config.vocab_size, model_config.eos_token_ids)
-        self.matchers = GrammarMatchers(model_config.vocab_size)
+        self.grammars = GrammarCompiler(self.model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids)
+        self.matchers = GrammarMatchers(self.model_config.vocab_size)
         # constrained sequences whose grammar is compiling: not in the batcher, no blocks
         self._awaiting = GrammarWaits(self.matchers)
         self.model_id = config.model_id or self.model_dir.name
         self._limits = RequestLimits(
-            self.model_id, model_config.vocab_size, self.max_model_len, config.block_size, self.pool.num_blocks
+            self.model_id, self.model_config.vocab_size, self.max_model_len, config.block_size, self.pool.num_blocks
         )
         self._seqs: dict[str, Sequence] = {}
         self.held: dict[str, HeldKV] = {}
         self._aborted: list[RequestOutput] = []  # finished outside a step, until `take_aborted`
         self._ids = itertools.count()
-
-    def _speculator(self, num_blocks: int) -> Speculator | None:
-        """The proposer named by `speculative_config` (None: no speculation)."""
-        if self.config.speculative_config is None:
-            return None
-        context = ProposerContext(
-            target_config=self.model_config,
-            device=self.device,
-            dtype=self.model_config.dtype,
-            block_size=self.config.block_size,
-            num_blocks=num_blocks,
-            backend=self.backend,
-            max_model_len=self.max_model_len,
-            seed=self.config.seed,
-            target_dir=self.model_dir,
-        )
-        speculator = Speculator.build(self.config.speculative_config, context, self.config.max_num_batched_tokens)
-        self.stats.spec_accepted_per_position = [0] * speculator.config.num_speculative_tokens
-        return speculator
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, **options: object) -> Engine:
