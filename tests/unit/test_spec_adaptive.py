@@ -14,6 +14,7 @@ from tandem.engine.spec.adaptive import (
     StepCosts,
     choose_k,
     expected_tokens,
+    probe_interval,
     update_acceptance,
 )
 from tandem.engine.spec.config import SpeculativeConfig
@@ -59,13 +60,27 @@ def test_choose_k_never_exceeds_k_max() -> None:
     assert choose_k(1.0, 0, NGRAM_COSTS, 1) == 0
 
 
-def test_probe_schedule_doubles_its_interval_until_a_draft_pays() -> None:
+def test_probe_schedule_probes_after_each_interval() -> None:
     probes = ProbeSchedule()
-    decisions = [probes.skip() for _ in range(8 + 1 + 16 + 1 + 32 + 1 + 64 + 1 + 64 + 1)]
-    probe_steps = [i for i, skipped in enumerate(decisions) if not skipped]
-    assert probe_steps == [8, 25, 58, 123, 188]
+    assert [probes.skip(3) for _ in range(9)] == [True, True, True, False] * 2 + [True]
     probes.drafted()
-    assert [probes.skip() for _ in range(9)] == [True] * 8 + [False]
+    assert [probes.skip(2) for _ in range(3)] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("costs", "batch_size", "interval"),
+    [
+        (None, 1, 8),
+        (NGRAM_COSTS, 1, 8),  # 4 * 1 / (0.05 * 11) = 7.3
+        (NGRAM_COSTS, 8, 36),  # 4 * 1 / (0.05 * 2.25) = 35.6
+        (Costs(0.010, 0.001, 0.002), 1, 22),  # 4 * 3 / (0.05 * 11) = 21.8
+        (Costs(0.010, 0.001, 0.010), 1, 64),  # 80, capped
+    ],
+)
+def test_probe_interval_keeps_probes_near_five_percent_of_the_cost(
+    costs: Costs | None, batch_size: int, interval: int
+) -> None:
+    assert probe_interval(4, costs, batch_size) == interval
 
 
 def test_step_costs_fit_the_pass_times_exactly() -> None:

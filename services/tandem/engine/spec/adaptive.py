@@ -16,20 +16,25 @@ each verified draft's estimate accepted / (accepted + 1 if one was rejected)) gi
 Until the fit has `MIN_COST_SAMPLES` steps (or for a request not decided by the batch, spec/skip.py)
 the cost model is not used: k_max, unless acceptance is below `LOW_ACCEPTANCE`.
 
-Probes (`ProbeSchedule`): a request at k = 0 drafts k_max once after `PROBE_INTERVAL_STEPS`
-skipped steps, so that its estimate can recover when its text turns repetitive; each probe
-that still leaves it at 0 doubles the interval, up to `MAX_PROBE_INTERVAL_STEPS`; a step that
-drafts resets it.
+Probes (`ProbeSchedule`, `probe_interval`): a request at k = 0 drafts k_max once after an
+interval of skipped steps, so that its estimate can recover when its text turns repetitive.
+The interval keeps the probes' cost near `PROBE_COST_SHARE` of the request's steps: a probe
+costs `k_max * (b + q)` over a step's share s, so the interval is that over
+`PROBE_COST_SHARE * s`, within [`PROBE_INTERVAL_STEPS`, `MAX_PROBE_INTERVAL_STEPS`]
+(`PROBE_INTERVAL_STEPS` without the cost model). A cheap proposer (n-gram) probes often, an
+expensive one (a draft model) seldom.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 LOW_ACCEPTANCE = 0.25
 ACCEPTANCE_EMA_WEIGHT = 0.5
 PROBE_INTERVAL_STEPS = 8
 MAX_PROBE_INTERVAL_STEPS = 64
+PROBE_COST_SHARE = 0.05
 COST_FORGETTING = 0.99  # weight of the older steps in the step-time fit, per new step
 DRAFT_COST_EMA_WEIGHT = 0.1
 MIN_COST_SAMPLES = 16
@@ -56,14 +61,18 @@ class Costs:
     draft_token_s: float  # q: seconds of drafting per drafted token
 
 
+def _share_and_extra(costs: Costs, batch_size: int) -> tuple[float, float]:
+    """(s, b + q): a request's share of a plain step, and the cost of one more drafted token."""
+    return costs.fixed_s / max(batch_size, 1) + costs.per_token_s, costs.per_token_s + costs.draft_token_s
+
+
 def choose_k(acceptance: float | None, k_max: int, costs: Costs | None, batch_size: int) -> int:
     """k for a request this step (module doc); 0 means no draft (a probe is the caller's)."""
     if acceptance is None or k_max <= 0:
         return max(k_max, 0)
     if costs is None:
         return 0 if acceptance < LOW_ACCEPTANCE else k_max
-    share = costs.fixed_s / max(batch_size, 1) + costs.per_token_s
-    extra = costs.per_token_s + costs.draft_token_s
+    share, extra = _share_and_extra(costs, batch_size)
     best_k, best = 0, 1.0
     for k in range(1, k_max + 1):
         score = expected_tokens(acceptance, k) * share / (share + k * extra)
@@ -72,26 +81,32 @@ def choose_k(acceptance: float | None, k_max: int, costs: Costs | None, batch_si
     return best_k
 
 
+def probe_interval(k_max: int, costs: Costs | None, batch_size: int) -> int:
+    """Skipped steps between two probes of k_max drafts (module doc)."""
+    if costs is None:
+        return PROBE_INTERVAL_STEPS
+    share, extra = _share_and_extra(costs, batch_size)
+    steps = math.ceil(k_max * extra / (PROBE_COST_SHARE * share))
+    return min(max(steps, PROBE_INTERVAL_STEPS), MAX_PROBE_INTERVAL_STEPS)
+
+
 class ProbeSchedule:
-    """Per request: skipped steps since it last drafted, and the current probe interval."""
+    """Per request: its decode steps skipped at k = 0 since it last drafted."""
 
     def __init__(self) -> None:
         self.skipped = 0
-        self.interval = PROBE_INTERVAL_STEPS
 
-    def skip(self) -> bool:
-        """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now."""
-        if self.skipped >= self.interval:
+    def skip(self, interval: int) -> bool:
+        """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now,
+        after `interval` skipped steps."""
+        if self.skipped >= interval:
             self.skipped = 0
-            self.interval = min(2 * self.interval, MAX_PROBE_INTERVAL_STEPS)
             return False
         self.skipped += 1
         return True
 
     def drafted(self) -> None:
-        """Called for a step the cost model lets draft: back to the first interval."""
         self.skipped = 0
-        self.interval = PROBE_INTERVAL_STEPS
 
 
 class StepCosts:

@@ -30,7 +30,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from tandem.engine.sequence import Sequence
-from tandem.engine.spec.adaptive import ProbeSchedule, StepCosts, choose_k
+from tandem.engine.spec.adaptive import ProbeSchedule, StepCosts, choose_k, probe_interval
 from tandem.engine.spec.config import SpeculativeConfig
 from tandem.engine.spec.proposer import Draft, Proposer, ProposerContext, create_proposer
 from tandem.engine.spec.skip import batch_may_decide, params_allow_speculation, skip_step
@@ -90,7 +90,7 @@ class Speculator:
         k = choose_k(seq.spec_acceptance, k_max, costs, self._batch_size)
         probes = self._probes.setdefault(seq.request_id, ProbeSchedule())
         if k == 0:
-            if probes.skip():
+            if probes.skip(probe_interval(k_max, costs, self._batch_size)):
                 self.counters.skipped_steps += 1
                 self.counters.withheld_tokens += k_max
                 return 0
