@@ -17,7 +17,7 @@ Workloads (issue 17's benchmark):
 (b) draft model: `make_bench_draft` (1 layer, distilled from the bench model's greedy outputs;
     its cost ratio and held-out agreement are reported), on random prompts and on (a)'s.
 (c) low acceptance, n-gram on random prompts: almost every draft is wrong, and the per-request
-    skip rule (engine/spec/skip.py) must keep the cost small.
+    acceptance-aware rule (engine/spec/adaptive.py) must keep the cost small.
 
 Acceptance rate: accepted / drafted tokens. Mean accepted length (vLLM's "mean acceptance
 length"): tokens emitted per verified draft, 1 + accepted / drafts. Withheld: draft tokens that
