@@ -63,3 +63,82 @@ def test_bucketed_decode_matches_the_reference(seq_lens: list[int]) -> None:
         query, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens, D**-0.5
     )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _chunk_metadata(chunks: list[tuple[int, int]], num_blocks: int, seed: int) -> AttentionMetadata:
+    """Chunks of (query_len, seq_len); each sequence owns distinct random blocks of the cache."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    max_blocks = max(-(-s // BS) for _, s in chunks)
+    tables = torch.zeros((len(chunks), max_blocks), dtype=torch.int32)
+    slots = []
+    for i, (q, s) in enumerate(chunks):
+        blocks = [order.pop() for _ in range(-(-s // BS))]
+        tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        slots.extend(blocks[p // BS] * BS + p % BS for p in range(s - q, s))
+    query_lens = [q for q, _ in chunks]
+    starts = torch.zeros(len(chunks) + 1, dtype=torch.int32)
+    starts[1:] = torch.tensor(query_lens).cumsum(0)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=starts,
+        seq_lens=torch.tensor([s for _, s in chunks], dtype=torch.int32),
+        block_tables=tables,
+        query_lens=tuple(query_lens),
+        seq_lens_host=tuple(s for _, s in chunks),
+        block_size=BS,
+    )
+
+
+SHORT_CASES = {
+    # verify chunks of 1 + k tokens among decode rows; chunks ending at and starting at block edges
+    "mixed-verify": [(5, 37), (1, 16), (5, 32), (3, 17), (1, 9), (5, 5)],
+    "one-length": [(5, 20), (5, 64), (5, 48)],
+    # a long context splits the short chunks into two padded calls
+    "two-buckets": [(5, 1500), (2, 40), (5, 33), (1, 50), (8, 16)],
+    # a prefill chunk (attended alone) next to short chunks
+    "with-prefill": [(40, 40), (5, 21), (9, 30), (1, 64), (8, 8)],
+}
+
+
+@pytest.mark.parametrize(("num_heads", "dtype"), [(H, torch.float32), (KVH, torch.float32), (H, torch.bfloat16)])
+@pytest.mark.parametrize("case", sorted(SHORT_CASES))
+def test_short_query_chunks_match_the_per_sequence_path(
+    case: str, num_heads: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tandem.engine import attention_torch
+
+    chunks = SHORT_CASES[case]
+    num_blocks = sum(-(-s // BS) for _, s in chunks) + 3
+    meta = _chunk_metadata(chunks, num_blocks, seed=len(case))
+    g = torch.Generator().manual_seed(1)
+    kv_cache = torch.randn((2, num_blocks, BS, KVH, D), generator=g).to(dtype)
+    n = sum(q for q, _ in chunks)
+    query, key, value = (torch.randn((n, h, D), generator=g).to(dtype) for h in (num_heads, KVH, KVH))
+
+    plan = attention_torch.short_query_plan(meta)
+    long_chunks = [i for i, (q, _) in enumerate(chunks) if q > attention_torch.SHORT_QUERY_TOKENS]
+    assert [i for i, _ in plan.long_chunks] == long_chunks
+    assert len(plan.buckets) == (2 if case == "two-buckets" else 1)
+    out = TorchAttentionBackend().forward(query, key, value, kv_cache.clone(), meta, D**-0.5)
+
+    monkeypatch.setattr(attention_torch, "SHORT_QUERY_TOKENS", 0)  # every chunk alone: the old path
+    assert attention_torch.short_query_plan(meta).buckets == ()
+    per_sequence = TorchAttentionBackend().forward(query, key, value, kv_cache.clone(), meta, D**-0.5)
+    written = kv_cache.clone()
+    TorchAttentionBackend().forward(query, key, value, written, meta, D**-0.5)
+    expected = ref_paged_prefill_attention(
+        query, written[0], written[1], meta.block_tables, meta.query_start_loc, meta.seq_lens, D**-0.5
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, per_sequence, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def test_the_backend_builds_a_plan_once_per_metadata() -> None:
+    backend = TorchAttentionBackend()
+    first = _chunk_metadata([(5, 20), (1, 7)], 8, seed=0)
+    second = _chunk_metadata([(5, 20), (1, 7)], 8, seed=0)
+    plan = backend.short_plan(first)
+    assert backend.short_plan(first) is plan
+    assert backend.short_plan(second) is not plan

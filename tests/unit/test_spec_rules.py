@@ -17,13 +17,7 @@ from tandem.engine.sampler import position_generator, processed_probs, race
 from tandem.engine.spec.ngram import NgramIndex, propose_ngram
 from tandem.engine.spec.proposer import Draft
 from tandem.engine.spec.rejection import verify_greedy, verify_sampled
-from tandem.engine.spec.skip import (
-    batch_may_decide,
-    params_allow_speculation,
-    skip_request,
-    skip_step,
-    update_acceptance,
-)
+from tandem.engine.spec.skip import batch_may_decide, params_allow_speculation, skip_step
 
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
 
@@ -78,14 +72,6 @@ def test_skip_step_table(num_running: int, num_batch_tokens: int, disable_by: in
 
 
 @pytest.mark.parametrize(
-    ("acceptance", "steps_since_probe", "skipped"),
-    [(None, 0, False), (0.25, 0, False), (0.9, 3, False), (0.2, 0, True), (0.0, 7, True), (0.0, 8, False)],
-)
-def test_skip_request_table(acceptance: float | None, steps_since_probe: int, skipped: bool) -> None:
-    assert skip_request(acceptance, steps_since_probe) is skipped
-
-
-@pytest.mark.parametrize(
     ("params", "allowed"),
     [
         (SamplingParams(temperature=0.0), True),
@@ -103,10 +89,7 @@ def test_requests_with_grammar_or_logits_processors_are_never_speculated(params:
     assert params_allow_speculation(params) is allowed
 
 
-def test_acceptance_estimate_and_batch_decisions() -> None:
-    assert update_acceptance(None, 4, 1) == 0.25
-    assert update_acceptance(0.25, 4, 4) == 0.625
-    assert update_acceptance(0.625, 2, 0) == 0.3125
+def test_batch_decisions() -> None:
     assert batch_may_decide(SamplingParams(temperature=0.0, seed=3))
     assert batch_may_decide(SamplingParams(temperature=1.0))
     assert not batch_may_decide(SamplingParams(temperature=1.0, seed=3))

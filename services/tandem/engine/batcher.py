@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 
@@ -66,6 +67,7 @@ class Batcher:
         self.ready: list[Sequence] = []  # decode role: prompt KV pulled, waiting for a slot
         self.running: list[Sequence] = []
         self._arrivals = itertools.count()
+        self._scheduled_at = 0.0  # when the last plan was made (the target pass starts)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (stamps its arrival) and mark the cached prefix it will hit
@@ -118,6 +120,7 @@ class Batcher:
             budget -= n + k
             i += 1
         budget += self._drafts.propose(chunks, drafting)
+        self._scheduled_at = time.perf_counter()
         if preempted:
             return StepPlan(tuple(chunks), tuple(preempted), 0)
         budget = self._admit_ready(budget, chunks, preempted)
@@ -212,6 +215,8 @@ class Batcher:
         chunk that `samples` without a draft; `verified`, for every chunk with a draft, to the
         accepted drafts and the correction or bonus token, in order. Returns the sequences
         that finished this step."""
+        if self.speculator is not None and plan.chunks:  # the step's target pass, for spec/adaptive.py
+            self.speculator.costs.observe_pass(plan.num_tokens, time.perf_counter() - self._scheduled_at)
         bs = self.config.block_size
         finished: list[Sequence] = []
         for chunk in plan.chunks:

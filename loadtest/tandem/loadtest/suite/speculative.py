@@ -17,10 +17,12 @@ Workloads (issue 17's benchmark):
 (b) draft model: `make_bench_draft` (1 layer, distilled from the bench model's greedy outputs;
     its cost ratio and held-out agreement are reported), on random prompts and on (a)'s.
 (c) low acceptance, n-gram on random prompts: almost every draft is wrong, and the per-request
-    skip rule (engine/spec/skip.py) must keep the cost small.
+    acceptance-aware rule (engine/spec/adaptive.py) must keep the cost small.
 
 Acceptance rate: accepted / drafted tokens. Mean accepted length (vLLM's "mean acceptance
-length"): tokens emitted per verified draft, 1 + accepted / drafts.
+length"): tokens emitted per verified draft, 1 + accepted / drafts. Withheld: draft tokens that
+`num_speculative_tokens` allowed but the acceptance-aware rule (engine/spec/adaptive.py) did
+not ask for; probes: drafts it ran at k = 0 to re-measure acceptance.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Measured:
     drafts: int
     draft_tokens: int
     accepted_tokens: int
+    withheld_tokens: int = 0  # draft tokens the acceptance-aware rule did not ask for (spec/adaptive.py)
+    probes: int = 0
 
     @property
     def speedup(self) -> float:
@@ -126,6 +130,9 @@ def measure(
     the speculative engine's draft counters over all its rounds. Raises if the tokens differ."""
     before = spec.stats
     counted = (before.spec_num_drafts, before.spec_num_draft_tokens, before.spec_num_accepted_tokens)
+    assert spec.speculator is not None
+    adaptive = spec.speculator.counters
+    adaptive_before = (adaptive.withheld_tokens, adaptive.probes)
     plain_tps, spec_tps = [], []
     for _ in range(rounds):
         tps, expected = _tokens_per_s(plain, prompts, max_tokens, concurrency)
@@ -141,6 +148,8 @@ def measure(
         after.spec_num_drafts - counted[0],
         after.spec_num_draft_tokens - counted[1],
         after.spec_num_accepted_tokens - counted[2],
+        adaptive.withheld_tokens - adaptive_before[0],
+        adaptive.probes - adaptive_before[1],
     )
 
 
@@ -173,7 +182,20 @@ def _pinned_run(ctx: BenchContext) -> Section:
     warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     for engine in (plain, *engines.values()):
         engine.generate(copy[:2], warm)
-    rows = [("workload", "method", "concurrency", "plain tok/s", "spec tok/s", "speedup", "acceptance", "mean len")]
+    rows = [
+        (
+            "workload",
+            "method",
+            "concurrency",
+            "plain tok/s",
+            "spec tok/s",
+            "speedup",
+            "acceptance",
+            "mean len",
+            "withheld",
+            "probes",
+        )
+    ]
     figures = []
     for name, method, prompts, goal in workloads:
         for concurrency in CONCURRENCIES:
@@ -189,6 +211,8 @@ def _pinned_run(ctx: BenchContext) -> Section:
                     f"{m.speedup:.2f}",
                     f"{m.acceptance_rate:.3f}",
                     f"{m.mean_accepted_length:.2f}",
+                    str(m.withheld_tokens),
+                    str(m.probes),
                 )
             )
             figures.append(

@@ -6,17 +6,14 @@ drafts reach `COMPUTE_BOUND_TOKENS`: a forward pass over that many tokens is no 
 memory-bound (the weights are read once for them all), so extra draft rows cost compute in
 proportion and the saved steps no longer pay for them.
 
-Per request (`skip_request`): the acceptance estimate is an exponential moving average of the
-fraction of each draft that was accepted (`update_acceptance`, weight
-`ACCEPTANCE_EMA_WEIGHT` on the newest draft). While it is below `LOW_ACCEPTANCE` the request
-does not speculate, except once every `PROBE_INTERVAL_STEPS` of its decode steps, a probe that
-lets the estimate recover when the text turns repetitive again.
+Per request: how many tokens the request's acceptance pays for, down to none, with probes
+(spec/adaptive.py).
 
 Determinism: a seeded sampled request's output depends on where its verification rounds
-fall, so a rule that depends on the rest of the batch must never change them. The per-step
-rule therefore applies only to requests for which speculation cannot change the output
-(`batch_may_decide`: greedy, or unseeded). The per-request rule depends only on the request's
-own history, so it applies to all.
+fall, so a rule that depends on the rest of the batch (or on timings) must never change them.
+The per-step rule and adaptive.py's cost model therefore apply only to requests for which
+speculation cannot change the output (`batch_may_decide`: greedy, or unseeded). A seeded
+sampled request is decided by its own history only: adaptive.py's fixed acceptance floor.
 """
 
 from __future__ import annotations
@@ -24,9 +21,6 @@ from __future__ import annotations
 from tandem.common.request import SamplingParams
 
 COMPUTE_BOUND_TOKENS = 512
-LOW_ACCEPTANCE = 0.25
-ACCEPTANCE_EMA_WEIGHT = 0.5
-PROBE_INTERVAL_STEPS = 8
 
 
 def params_allow_speculation(params: SamplingParams) -> bool:
@@ -50,19 +44,3 @@ def skip_step(num_running: int, num_batch_tokens: int, disable_by_batch_size: in
     if disable_by_batch_size is not None and num_running > disable_by_batch_size:
         return True
     return num_batch_tokens >= COMPUTE_BOUND_TOKENS
-
-
-def skip_request(acceptance: float | None, steps_since_probe: int) -> bool:
-    """`acceptance`: the request's estimate (None before its first draft); `steps_since_probe`:
-    its decode steps skipped since it last speculated."""
-    if acceptance is None or acceptance >= LOW_ACCEPTANCE:
-        return False
-    return steps_since_probe < PROBE_INTERVAL_STEPS
-
-
-def update_acceptance(acceptance: float | None, num_draft_tokens: int, num_accepted_tokens: int) -> float:
-    """The estimate after one verified draft of `num_draft_tokens` >= 1 tokens."""
-    fraction = num_accepted_tokens / num_draft_tokens
-    if acceptance is None:
-        return fraction
-    return (1.0 - ACCEPTANCE_EMA_WEIGHT) * acceptance + ACCEPTANCE_EMA_WEIGHT * fraction

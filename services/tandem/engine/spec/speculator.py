@@ -10,22 +10,37 @@ first generated token, never on a prefill worker (`hand_off`). The first token i
 sampled without speculation, as a prefill worker samples it, so that a seeded request has the
 same verification rounds colocated and disaggregated.
 
-k for one sequence, in order: 0 if its params forbid speculation, if the per-step rule skips
-and `batch_may_decide` (skip.py), or if its own acceptance is low (skip.py); otherwise
-`num_speculative_tokens`, capped so that prompt + output never exceed `max_tokens` or the
-context limit (at most k + 1 tokens are emitted), and, for a request the batch may decide,
-by the step's budget and the free blocks. A seeded sampled request never has k cut by the
-batch: the batcher shortens its chunk instead, so that it samples next step.
+k for one sequence, in order: 0 if its params forbid speculation, or if the per-step rule
+skips and `batch_may_decide` (skip.py); k_max = `num_speculative_tokens`, capped so that
+prompt + output never exceed `max_tokens` or the context limit (at most k + 1 tokens are
+emitted), and, for a request the batch may decide, by the step's budget and the free blocks;
+then as many of those as its acceptance pays for (`choose_k`, with the step-time cost model
+for a request the batch may decide), or k_max on a probe step (adaptive.py). A seeded sampled
+request never has k cut by the batch: the batcher shortens its chunk instead, so that it
+samples next step.
+
+Metrics (`AdaptiveCounters`): draft tokens withheld by the acceptance rule, steps it skipped
+and probes it ran.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from tandem.engine.sequence import Sequence
+from tandem.engine.spec.adaptive import ProbeSchedule, StepCosts, choose_k, probe_interval
 from tandem.engine.spec.config import SpeculativeConfig
 from tandem.engine.spec.proposer import Draft, Proposer, ProposerContext, create_proposer
-from tandem.engine.spec.skip import batch_may_decide, params_allow_speculation, skip_request, skip_step
+from tandem.engine.spec.skip import batch_may_decide, params_allow_speculation, skip_step
+
+
+@dataclass
+class AdaptiveCounters:
+    withheld_tokens: int = 0  # draft tokens k_max allowed but the acceptance rule did not ask for
+    skipped_steps: int = 0  # decode steps of a request at k = 0 that did not probe
+    probes: int = 0
 
 
 class Speculator:
@@ -34,6 +49,10 @@ class Speculator:
         self.proposer = proposer
         # a chunk of 1 + k tokens must fit one step's budget
         self.max_k = min(config.num_speculative_tokens, max_num_batched_tokens - 1)
+        self.costs = StepCosts()
+        self.counters = AdaptiveCounters()
+        self._probes: dict[str, ProbeSchedule] = {}
+        self._batch_size = 1
 
     @classmethod
     def build(cls, speculative_config: str, context: ProposerContext, max_num_batched_tokens: int) -> Speculator:
@@ -42,6 +61,8 @@ class Speculator:
         return cls(config, create_proposer(config, context), max_num_batched_tokens)
 
     def skip_step(self, num_running: int, num_batch_tokens: int) -> bool:
+        """The per-step rule (skip.py); called once per step, before `num_draft_tokens`."""
+        self._batch_size = max(num_running, 1)
         return skip_step(num_running, num_batch_tokens, self.config.disable_by_batch_size)
 
     @staticmethod
@@ -58,26 +79,39 @@ class Speculator:
         decided_by_batch = batch_may_decide(seq.sampling)
         if decided_by_batch and step_skipped:
             return 0
-        if skip_request(seq.spec_acceptance, seq.spec_steps_since_probe):
-            seq.spec_steps_since_probe += 1
-            return 0
         remaining_output = seq.sampling.max_tokens - seq.num_output_tokens
         remaining_context = seq.max_total_tokens - seq.num_tokens
-        k = min(self.max_k, remaining_output - 1, remaining_context - 1)
+        k_max = min(self.max_k, remaining_output - 1, remaining_context - 1)
         if decided_by_batch:
-            k = min(k, budget_left, free_positions)
-        return max(k, 0)
+            k_max = min(k_max, budget_left, free_positions)
+        if k_max <= 0:
+            return 0
+        costs = self.costs.costs() if decided_by_batch else None
+        k = choose_k(seq.spec_acceptance, k_max, costs, self._batch_size)
+        probes = self._probes.setdefault(seq.request_id, ProbeSchedule())
+        if k == 0:
+            if probes.skip(probe_interval(k_max, costs, self._batch_size)):
+                self.counters.skipped_steps += 1
+                self.counters.withheld_tokens += k_max
+                return 0
+            self.counters.probes += 1
+            return k_max
+        probes.drafted()
+        self.counters.withheld_tokens += k_max - k
+        return k
 
     def propose(self, seqs: Seq[Sequence], num_tokens: Seq[int]) -> list[Draft]:
+        started = time.perf_counter()
         drafts = self.proposer.propose(seqs, num_tokens)
-        for seq, k, draft in zip(seqs, num_tokens, drafts):
+        self.costs.observe_draft(sum(num_tokens), time.perf_counter() - started)
+        for k, draft in zip(num_tokens, drafts):
             if len(draft.token_ids) > k:
                 raise RuntimeError(f"proposer {self.proposer.name} drafted {len(draft.token_ids)} > {k} tokens")
-            seq.spec_steps_since_probe = 0
         return drafts
 
     def rollback(self, request_id: str, num_valid_tokens: int) -> None:
         self.proposer.rollback(request_id, num_valid_tokens)
 
     def finish(self, request_id: str) -> None:
+        self._probes.pop(request_id, None)
         self.proposer.finish(request_id)

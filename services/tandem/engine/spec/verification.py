@@ -18,8 +18,8 @@ import torch
 from tandem.common.request import TokenLogprob
 from tandem.engine.outputs import EngineStats
 from tandem.engine.sampler import token_logprobs
+from tandem.engine.spec.adaptive import update_acceptance
 from tandem.engine.spec.rejection import verify
-from tandem.engine.spec.skip import update_acceptance
 from tandem.engine.step_plan import ScheduledChunk
 
 

@@ -1,0 +1,153 @@
+"""Acceptance-aware speculation: how many tokens a request's draft is worth this step.
+
+Cost model (measured from the engine's own step timings, `StepCosts`): a target forward pass
+over n tokens takes `a + b * n` seconds (a least-squares fit over recent steps, with
+exponential forgetting `COST_FORGETTING`; prefill steps spread n widely, so the fit sees both
+terms), and drafting costs `q` seconds per drafted token (the proposer call's time over the
+tokens asked for; about 0 for the n-gram proposer). In a step of B running sequences one
+request's share of a plain step is `s = a / B + b`; drafting k tokens adds `k * (b + q)`.
+
+Gain model: the request's per-token acceptance p (`acceptance`, an exponential average of
+each verified draft's estimate accepted / (accepted + 1 if one was rejected)) gives
+`1 + p + ... + p^k` expected tokens per step with k drafts (vLLM's i.i.d. acceptance model).
+
+`choose_k` picks the k in 0..k_max with the most expected tokens per unit of cost, `E(k) * s /
+(s + k * (b + q))`; k = 0 scores 1, so a request drafts only when drafting is expected to pay.
+Until the fit has `MIN_COST_SAMPLES` steps (or for a request not decided by the batch, spec/skip.py)
+the cost model is not used: k_max, unless acceptance is below `LOW_ACCEPTANCE`.
+
+Probes (`ProbeSchedule`, `probe_interval`): a request at k = 0 drafts k_max once after an
+interval of skipped steps, so that its estimate can recover when its text turns repetitive.
+The interval keeps the probes' cost near `PROBE_COST_SHARE` of the request's steps: a probe
+costs `k_max * (b + q)` over a step's share s, so the interval is that over
+`PROBE_COST_SHARE * s`, within [`PROBE_INTERVAL_STEPS`, `MAX_PROBE_INTERVAL_STEPS`]
+(`PROBE_INTERVAL_STEPS` without the cost model). A cheap proposer (n-gram) probes often, an
+expensive one (a draft model) seldom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LOW_ACCEPTANCE = 0.25
+ACCEPTANCE_EMA_WEIGHT = 0.5
+PROBE_INTERVAL_STEPS = 8
+MAX_PROBE_INTERVAL_STEPS = 64
+PROBE_COST_SHARE = 0.05
+COST_FORGETTING = 0.99  # weight of the older steps in the step-time fit, per new step
+DRAFT_COST_EMA_WEIGHT = 0.1
+MIN_COST_SAMPLES = 16
+
+
+def update_acceptance(acceptance: float | None, num_draft_tokens: int, num_accepted_tokens: int) -> float:
+    """The per-token acceptance estimate after one verified draft of `num_draft_tokens` >= 1."""
+    rejected = 1 if num_accepted_tokens < num_draft_tokens else 0
+    estimate = num_accepted_tokens / (num_accepted_tokens + rejected)
+    if acceptance is None:
+        return estimate
+    return (1.0 - ACCEPTANCE_EMA_WEIGHT) * acceptance + ACCEPTANCE_EMA_WEIGHT * estimate
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one step emits with k drafts at per-token acceptance `acceptance`."""
+    return sum(acceptance**i for i in range(k + 1))
+
+
+@dataclass(frozen=True)
+class Costs:
+    fixed_s: float  # a: seconds of a target pass that do not grow with its tokens
+    per_token_s: float  # b: seconds per token of a target pass
+    draft_token_s: float  # q: seconds of drafting per drafted token
+
+
+def _share_and_extra(costs: Costs, batch_size: int) -> tuple[float, float]:
+    """(s, b + q): a request's share of a plain step, and the cost of one more drafted token."""
+    return costs.fixed_s / max(batch_size, 1) + costs.per_token_s, costs.per_token_s + costs.draft_token_s
+
+
+def choose_k(acceptance: float | None, k_max: int, costs: Costs | None, batch_size: int) -> int:
+    """k for a request this step (module doc); 0 means no draft (a probe is the caller's)."""
+    if acceptance is None or k_max <= 0:
+        return max(k_max, 0)
+    if costs is None:
+        return 0 if acceptance < LOW_ACCEPTANCE else k_max
+    share, extra = _share_and_extra(costs, batch_size)
+    best_k, best = 0, 1.0
+    for k in range(1, k_max + 1):
+        score = expected_tokens(acceptance, k) * share / (share + k * extra)
+        if score > best:
+            best_k, best = k, score
+    return best_k
+
+
+def probe_interval(k_max: int, costs: Costs | None, batch_size: int) -> int:
+    """Skipped steps between two probes of k_max drafts (module doc)."""
+    if costs is None:
+        return PROBE_INTERVAL_STEPS
+    share, extra = _share_and_extra(costs, batch_size)
+    steps = math.ceil(k_max * extra / (PROBE_COST_SHARE * share))
+    return min(max(steps, PROBE_INTERVAL_STEPS), MAX_PROBE_INTERVAL_STEPS)
+
+
+class ProbeSchedule:
+    """Per request: its decode steps skipped at k = 0 since it last drafted."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def skip(self, interval: int) -> bool:
+        """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now,
+        after `interval` skipped steps."""
+        if self.skipped >= interval:
+            self.skipped = 0
+            return False
+        self.skipped += 1
+        return True
+
+    def drafted(self) -> None:
+        self.skipped = 0
+
+
+class StepCosts:
+    """The cost model's measurements (module doc): step times of target passes and the
+    proposer's time per drafted token. Owned by the speculator; fed by the batcher."""
+
+    def __init__(self) -> None:
+        # weighted sums for the fit t = a + b * n: sum w, sum w n, sum w n^2, sum w t, sum w n t
+        self._sums = [0.0] * 5
+        self.samples = 0
+        self.draft_token_s: float | None = None
+
+    def observe_pass(self, num_tokens: int, seconds: float) -> None:
+        n, t = float(num_tokens), seconds
+        self._sums = [COST_FORGETTING * s for s in self._sums]
+        for i, value in enumerate((1.0, n, n * n, t, n * t)):
+            self._sums[i] += value
+        self.samples += 1
+
+    def observe_draft(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= 0:
+            return
+        per_token = seconds / num_tokens
+        if self.draft_token_s is None:
+            self.draft_token_s = per_token
+        else:
+            self.draft_token_s += DRAFT_COST_EMA_WEIGHT * (per_token - self.draft_token_s)
+
+    def costs(self) -> Costs | None:
+        """The fitted costs, or None before `MIN_COST_SAMPLES` passes or while the passes
+        seen do not vary in size enough to separate a from b."""
+        if self.samples < MIN_COST_SAMPLES:
+            return None
+        w, wn, wnn, wt, wnt = self._sums
+        det = w * wnn - wn * wn
+        if det <= 1e-9 * w * wnn:
+            return None
+        b = (w * wnt - wn * wt) / det
+        a = (wt - b * wn) / w
+        b = max(b, 0.0)
+        a = max(a, 0.0)
+        if a + b <= 0.0:
+            return None
+        return Costs(a, b, self.draft_token_s or 0.0)

@@ -1,0 +1,152 @@
+"""Acceptance-aware speculation (engine/spec/adaptive.py): the acceptance estimate, the cost
+fit, the k chosen for a scripted acceptance sequence, and the probe schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.common.request import Request, SamplingParams
+from tandem.engine.sequence import Sequence
+from tandem.engine.spec.adaptive import (
+    MIN_COST_SAMPLES,
+    Costs,
+    ProbeSchedule,
+    StepCosts,
+    choose_k,
+    expected_tokens,
+    probe_interval,
+    update_acceptance,
+)
+from tandem.engine.spec.config import SpeculativeConfig
+from tandem.engine.spec.ngram import NgramProposer
+from tandem.engine.spec.speculator import AdaptiveCounters, Speculator
+
+GREEDY = SamplingParams(max_tokens=1000, temperature=0.0)
+# a = 10 ms per pass, b = 1 ms per token, no drafting cost
+NGRAM_COSTS = Costs(0.010, 0.001, 0.0)
+
+
+def test_acceptance_estimate_counts_the_rejected_position_as_a_trial() -> None:
+    assert update_acceptance(None, 4, 1) == 0.5  # 1 accepted, 1 rejected
+    assert update_acceptance(None, 4, 4) == 1.0  # no rejection: every trial accepted
+    assert update_acceptance(0.5, 4, 4) == 0.75
+    assert update_acceptance(0.75, 2, 0) == 0.375
+    assert expected_tokens(0.5, 3) == 1.875
+    assert expected_tokens(0.0, 4) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("acceptance", "costs", "batch_size", "k"),
+    [
+        (None, NGRAM_COSTS, 1, 4),  # no draft verified yet: k_max
+        (1.0, NGRAM_COSTS, 1, 4),
+        (0.5, NGRAM_COSTS, 1, 2),  # 1.75 * 11/13 = 1.481 beats k=3: 1.875 * 11/14 = 1.473
+        (0.2, NGRAM_COSTS, 1, 1),  # 1.2 * 11/12 = 1.1
+        (0.05, NGRAM_COSTS, 1, 0),  # 1.05 * 11/12 = 0.9625 < 1
+        (0.5, NGRAM_COSTS, 8, 1),  # share 2.25 ms: 1.5 * 2.25/3.25 = 1.04; k=2: 1.75 * 2.25/4.25 = 0.93
+        (0.4, NGRAM_COSTS, 8, 0),  # 1.4 * 2.25/3.25 = 0.97
+        (0.5, Costs(0.010, 0.001, 0.010), 1, 0),  # a draft model at 11 ms per token: 1.5 * 11/22 < 1
+        (0.95, Costs(0.010, 0.001, 0.002), 1, 4),  # 4.52 * 11/23 = 2.16
+        (0.3, None, 1, 4),  # no cost model: the fixed floor LOW_ACCEPTANCE = 0.25
+        (0.2, None, 1, 0),
+    ],
+)
+def test_choose_k_table(acceptance: float | None, costs: Costs | None, batch_size: int, k: int) -> None:
+    assert choose_k(acceptance, 4, costs, batch_size) == k
+
+
+def test_choose_k_never_exceeds_k_max() -> None:
+    assert choose_k(1.0, 2, NGRAM_COSTS, 1) == 2
+    assert choose_k(1.0, 0, NGRAM_COSTS, 1) == 0
+
+
+def test_probe_schedule_probes_after_each_interval() -> None:
+    probes = ProbeSchedule()
+    assert [probes.skip(3) for _ in range(9)] == [True, True, True, False] * 2 + [True]
+    probes.drafted()
+    assert [probes.skip(2) for _ in range(3)] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("costs", "batch_size", "interval"),
+    [
+        (None, 1, 8),
+        (NGRAM_COSTS, 1, 8),  # 4 * 1 / (0.05 * 11) = 7.3
+        (NGRAM_COSTS, 8, 36),  # 4 * 1 / (0.05 * 2.25) = 35.6
+        (Costs(0.010, 0.001, 0.002), 1, 22),  # 4 * 3 / (0.05 * 11) = 21.8
+        (Costs(0.010, 0.001, 0.010), 1, 64),  # 80, capped
+    ],
+)
+def test_probe_interval_keeps_probes_near_five_percent_of_the_cost(
+    costs: Costs | None, batch_size: int, interval: int
+) -> None:
+    assert probe_interval(4, costs, batch_size) == interval
+
+
+def test_step_costs_fit_the_pass_times_exactly() -> None:
+    costs = StepCosts()
+    sizes = [1, 5, 300, 1, 5, 5, 120, 1, 5, 5, 5, 1, 5, 64, 5, 5]
+    assert len(sizes) == MIN_COST_SAMPLES
+    for n in sizes[:-1]:
+        costs.observe_pass(n, 0.010 + 0.001 * n)
+    assert costs.costs() is None  # one step short of MIN_COST_SAMPLES
+    costs.observe_pass(sizes[-1], 0.010 + 0.001 * sizes[-1])
+    costs.observe_draft(4, 0.004)
+    costs.observe_draft(2, 0.0)  # EMA: 0.001 + 0.1 * (0 - 0.001)
+    fitted = costs.costs()
+    assert fitted is not None
+    assert fitted.fixed_s == pytest.approx(0.010, abs=1e-12)
+    assert fitted.per_token_s == pytest.approx(0.001, abs=1e-12)
+    assert fitted.draft_token_s == pytest.approx(0.0009, abs=1e-12)
+
+
+def test_step_costs_need_passes_of_different_sizes() -> None:
+    costs = StepCosts()
+    for _ in range(MIN_COST_SAMPLES + 4):
+        costs.observe_pass(5, 0.015)
+    assert costs.costs() is None  # a and b cannot be told apart
+
+
+def _speculator_with_costs() -> Speculator:
+    config = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2}')
+    spec = Speculator(config, NgramProposer(2, 2), max_num_batched_tokens=256)
+    for n in [1, 5, 300, 1, 5, 5, 120, 1, 5, 5, 5, 1, 5, 64, 5, 5]:
+        spec.costs.observe_pass(n, 0.010 + 0.001 * n)
+    return spec
+
+
+def _running(sampling: SamplingParams = GREEDY) -> Sequence:
+    seq = Sequence(Request("r", (5, 6, 7, 8), sampling), b"", 4096)
+    seq.token_ids.append(9)  # its first generated token
+    seq.num_computed_tokens = seq.num_tokens - 1
+    return seq
+
+
+def test_scripted_acceptance_sets_each_steps_k() -> None:
+    spec = _speculator_with_costs()
+    seq = _running()
+    # (drafted, accepted) of each verified draft; the k chosen before each
+    script = [(4, 4), (4, 4), (4, 1), (2, 0), (1, 0), (4, 0), (1, 0)]
+    ks = []
+    for drafted, accepted in script:
+        assert spec.skip_step(1, 1) is False
+        ks.append(spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100))
+        seq.spec_acceptance = update_acceptance(seq.spec_acceptance, drafted, accepted)
+    # acceptance before each: None, 1.0, 1.0, 0.75, 0.375, 0.1875, 0.09375 (k = 1 pays above 1/11)
+    assert ks == [4, 4, 4, 4, 2, 1, 1]
+    # after the last: 0.046875 -> k = 0 for 8 steps, then a probe of k_max
+    assert seq.spec_acceptance == 0.046875
+    ks = [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(10)]
+    assert ks == [0] * 8 + [4, 0]
+    assert spec.counters == AdaptiveCounters(withheld_tokens=2 + 3 + 3 + 9 * 4, skipped_steps=9, probes=1)
+    # the budget caps k_max before the rule: a probe drafts the capped k_max
+    assert spec.num_draft_tokens(seq, False, budget_left=2, free_positions=100) == 0
+
+
+def test_a_seeded_sampled_request_ignores_the_timings() -> None:
+    spec = _speculator_with_costs()
+    seq = _running(SamplingParams(max_tokens=1000, temperature=0.8, seed=7))
+    seq.spec_acceptance = 0.3  # the cost model (at B = 1) would say 1; the fixed floor says k_max
+    assert spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) == 4
+    seq.spec_acceptance = 0.2
+    assert spec.num_draft_tokens(seq, True, budget_left=0, free_positions=0) == 0
