@@ -53,8 +53,7 @@ class Sequence:
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # float32 chunks
     # prompt_logprobs: (logprob, rank) of prompt tokens 1.., filled chunk by chunk (prompt_logprobs.py)
     prompt_logprobs: list[tuple[TokenLogprob, int]] = field(default_factory=list)
-    spec_acceptance: float | None = None  # speculative decoding: acceptance estimate (spec/skip.py)
-    spec_steps_since_probe: int = 0  # decode steps skipped for low acceptance since the last draft
+    spec_acceptance: float | None = None  # speculative decoding: per-token acceptance estimate (spec/adaptive.py)
     _block_hashes: list[BlockHash] = field(default_factory=list)
 
     def __post_init__(self) -> None:
