@@ -28,6 +28,9 @@ MAX_ERROR_DETAILS_CHARS = 1 << 16
 MAX_BATCH_MESSAGES = 256  # submits and cancels in one MuxBatch
 MAX_BATCH_BYTES = 1 << 20  # what a sender packs into one MuxBatch (a larger message goes alone)
 
+# One message a client sends on the stream, as built here: senders queue these opaquely.
+ClientMessage = pb.MuxClientMessage
+
 
 @dataclass(frozen=True)
 class MuxSubmit:

@@ -39,7 +39,6 @@ from collections.abc import Callable
 import grpc
 
 from tandem.common import codec, mux_codec
-from tandem.common.pb import tandem_pb2 as pb
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ class MuxConnection:
         self._max_buffered = max_buffered
         self._full_timeout_s = full_timeout_s
         self._requests: dict[str, RequestStream] = {}
-        self._outbox: asyncio.Queue[pb.MuxClientMessage] = asyncio.Queue()
+        self._outbox: asyncio.Queue[mux_codec.ClientMessage] = asyncio.Queue()
         self._call = stub.DecodeStream()
         self.error: grpc.aio.AioRpcError | None = None  # set once the stream is dead
         self.num_steps = 0  # MuxSteps received
