@@ -68,6 +68,26 @@ async def _test_outputs_become_deltas_in_order_and_early_ones_wait_for_run() -> 
     assert s.spans()["decode"]["gen_ai.usage.output_tokens"] == 3
 
 
+async def _test_the_common_case_goes_to_emit_tokens_and_every_other_delta_to_emit() -> None:
+    s = Setup()
+    sent: list[object] = []
+    sink = DirectDeltas(sent.append, lambda ids, lps: sent.append((ids, lps)))
+    run = asyncio.ensure_future(sink.run(s.stream(), timeout_s=5.0))
+    await asyncio.sleep(0)
+    lp = (TokenLogprob(7, -0.5),)
+    sink.put_nowait(out((5,)))  # the first: its header needs a DecodeDelta
+    sink.put_nowait(RequestOutput("r", (7,), lp, None))
+    sink.put_nowait(out((8, 9)))
+    sink.put_nowait(out((10,), FinishReason.STOP))  # the last: its finish reason
+    await run
+    first, second, third, last = sent
+    assert isinstance(first, codec.DecodeDelta) and first.token_ids == (5,) and first.num_pulled_blocks == 2
+    assert (second, third) == (((7,), lp), ((8, 9), ()))
+    assert last == codec.DecodeDelta((10,), (), FinishReason.STOP)
+    s.span.end()
+    assert s.spans()["decode"]["gen_ai.usage.output_tokens"] == 5
+
+
 async def _test_a_failed_step_ends_the_stream_with_a_failed_delta() -> None:
     s = Setup()
     sink = DirectDeltas(s.deltas.append)
@@ -131,6 +151,10 @@ async def _test_cancellation_marks_and_ends_the_span_and_later_outputs_are_dropp
 
 def test_outputs_become_deltas_in_order_and_early_ones_wait_for_run() -> None:
     asyncio.run(_test_outputs_become_deltas_in_order_and_early_ones_wait_for_run())
+
+
+def test_the_common_case_goes_to_emit_tokens_and_every_other_delta_to_emit() -> None:
+    asyncio.run(_test_the_common_case_goes_to_emit_tokens_and_every_other_delta_to_emit())
 
 
 def test_a_failed_step_ends_the_stream_with_a_failed_delta() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from tandem.common import codec, mux_codec
 from tandem.common.pb import tandem_pb2 as pb
-from tandem.common.request import FinishReason, Request, SamplingParams
+from tandem.common.request import FinishReason, Request, SamplingParams, TokenLogprob
 
 
 def test_mux_messages_round_trip_and_are_validated() -> None:
@@ -40,6 +40,24 @@ def test_mux_messages_round_trip_and_are_validated() -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             mux_codec.mux_step_from_proto(mux_codec.mux_step_to_proto([entry]))
+
+
+def test_a_steady_state_tokens_entry_encodes_as_its_decode_delta() -> None:
+    lp = (TokenLogprob(7, -0.25, ((7, -0.25), (9, -2.0))),)
+    lean: list[mux_codec.MuxOutput | mux_codec.MuxTokens] = [("m1", (7,), lp), ("m2", (8, 9), ())]
+    full: list[mux_codec.MuxOutput | mux_codec.MuxTokens] = [
+        mux_codec.MuxOutput("m1", codec.DecodeDelta((7,), lp)),
+        mux_codec.MuxOutput("m2", codec.DecodeDelta((8, 9))),
+    ]
+    wire = mux_codec.mux_step_to_proto(lean).SerializeToString()
+    assert wire == mux_codec.mux_step_to_proto(full).SerializeToString()
+    assert mux_codec.mux_step_from_proto(pb.MuxStep.FromString(wire)) == full
+    mixed = [full[0], ("m1", (10,), ()), mux_codec.MuxOutput("m1", None, 14, "worker d0 is draining")]
+    assert mux_codec.mux_step_from_proto(mux_codec.mux_step_to_proto(mixed)) == [
+        full[0],
+        mux_codec.MuxOutput("m1", codec.DecodeDelta((10,))),
+        mixed[2],
+    ]  # in order
 
 
 def test_queued_messages_are_packed_in_order_within_the_bounds(monkeypatch) -> None:

@@ -17,8 +17,10 @@ from tandem.common.codec import (
     decode_request_from_proto,
     decode_request_to_proto,
     fill_decode_delta,
+    logprob_to_proto,
 )
 from tandem.common.pb import tandem_pb2 as pb
+from tandem.common.request import TokenLogprob
 
 MAX_MUX_OUTPUTS = 1 << 16  # outputs in one MuxStep from a peer
 MAX_TRACE_CONTEXT_ITEMS = 8  # trace-context entries of one MuxSubmit
@@ -141,12 +143,25 @@ def mux_client_message_from_proto(msg: pb.MuxClientMessage) -> MuxSubmit | str:
     return MuxSubmit(call, sub.owner_secret or None, trace)
 
 
-def mux_step_to_proto(outputs: list[MuxOutput]) -> pb.MuxStep:
+# A request's delta in the stream's steady state: (request id, new token ids, their
+# logprobs), no finish and none of the first delta's fields. The worker sends most of a step's
+# outputs in this form: it skips building a DecodeDelta and a MuxOutput per request and step.
+# On the wire it is the DecodeDelta `DecodeDelta(token_ids, logprobs)` would give.
+MuxTokens = tuple[str, tuple[int, ...], tuple[TokenLogprob, ...]]
+
+
+def mux_step_to_proto(outputs: list[MuxOutput | MuxTokens]) -> pb.MuxStep:
     """One step's outputs, each delta written into its entry in place (`fill_decode_delta`)."""
     msg = pb.MuxStep()
     add = msg.outputs.add
     for out in outputs:
-        if out.delta is None:
+        if isinstance(out, tuple):  # MuxTokens
+            rid, token_ids, logprobs = out
+            delta = add(request_id=rid).delta
+            delta.token_ids.extend(token_ids)
+            if logprobs:
+                delta.logprobs.extend(logprob_to_proto(lp) for lp in logprobs)
+        elif out.delta is None:
             add(request_id=out.request_id, error_code=out.error_code, error_details=out.error_details)
         else:
             fill_decode_delta(add(request_id=out.request_id).delta, out.delta)

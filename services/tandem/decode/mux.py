@@ -40,6 +40,7 @@ import grpc
 
 from tandem.common import codec, mux_codec
 from tandem.common.ownership import owner_metadata
+from tandem.common.request import TokenLogprob
 from tandem.common.tracing import ClockAnchor
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class DecodesRequests(Protocol):
         context: grpc.aio.ServicerContext,
         arrival: ClockAnchor,
         emit: Callable[[codec.DecodeDelta], None] | None = None,
+        emit_tokens: Callable[[tuple[int, ...], tuple[TokenLogprob, ...]], None] | None = None,
     ) -> AsyncGenerator[codec.DecodeDelta, None]: ...
 
 
@@ -105,7 +107,7 @@ class MuxSession:
     def __init__(self, servicer: DecodesRequests) -> None:
         self._servicer = servicer
         self._live: dict[str, asyncio.Task] = {}
-        self._pending: list[mux_codec.MuxOutput] = []
+        self._pending: list[mux_codec.MuxOutput | mux_codec.MuxTokens] = []
         self._wakeup = asyncio.Event()
         self._broken = False  # reading failed: the call is over
         self._protocol_error: str | None = None
@@ -198,9 +200,16 @@ class MuxSession:
         def emit(delta: codec.DecodeDelta) -> None:
             self._emit(mux_codec.MuxOutput(rid, delta))
 
+        def emit_tokens(token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...]) -> None:
+            self._pending.append((rid, token_ids, logprobs))  # MuxTokens: the common case, lean
+            self._wakeup.set()
+
         # `context` has what decode_deltas uses of a ServicerContext (see RequestContext); the
-        # deltas go to `emit` as the step's outputs arrive (decode/stream.py `DirectDeltas`)
-        deltas = self._servicer.decode_deltas(submit.call, cast(grpc.aio.ServicerContext, context), arrival, emit)
+        # deltas go to `emit` (`emit_tokens`) as the step's outputs arrive (decode/stream.py
+        # `DirectDeltas`)
+        deltas = self._servicer.decode_deltas(
+            submit.call, cast(grpc.aio.ServicerContext, context), arrival, emit, emit_tokens
+        )
         try:
             async with aclosing(deltas):
                 async for delta in deltas:  # none: they went to `emit`

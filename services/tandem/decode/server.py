@@ -53,6 +53,7 @@ import grpc
 
 from tandem.common import codec
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
+from tandem.common.request import TokenLogprob
 from tandem.common.tracing import ClockAnchor, ending, request_attributes
 from tandem.decode.handoff import HandOffs
 from tandem.decode.mux import decode_stream
@@ -107,13 +108,14 @@ class DecodeServicer(WorkerServicerBase):
         context: grpc.aio.ServicerContext,
         arrival: ClockAnchor,
         emit: Callable[[codec.DecodeDelta], None] | None = None,
+        emit_tokens: Callable[[tuple[int, ...], tuple[TokenLogprob, ...]], None] | None = None,
     ) -> AsyncGenerator[codec.DecodeDelta, None]:
         """One decode request, steps 1 to 7 above: the deltas of its stream. It ends however the
         call would (`context.abort`); closing it (or cancelling its task) aborts the sequence.
         Used by `Decode` and by the multiplexed `DecodeStream` (decode/mux.py), whose `context`
         is the request's own. With `emit` (the multiplexed stream), each delta goes to `emit` on
-        the asyncio thread as its output arrives (decode/stream.py `DirectDeltas`) and none is
-        yielded."""
+        the asyncio thread as its output arrives (decode/stream.py `DirectDeltas`; the common
+        case's tokens and logprobs to `emit_tokens` when given) and none is yielded."""
         worker = self.worker
         with ending(worker.server_span("decode", context, arrival), arrival) as span:
             await worker.refuse_if_draining(context)
@@ -126,7 +128,7 @@ class DecodeServicer(WorkerServicerBase):
                 await self.hand_offs.check(handle, req, context)
                 if not await self.verifier.accept(handle, req, span):
                     handle, header.recomputed = None, True  # prefilled here; the source is never dialed
-            direct = DirectDeltas(emit) if emit is not None else None
+            direct = DirectDeltas(emit, emit_tokens) if emit is not None else None
             q, deliver = (None, worker.output_sink(direct)) if direct is not None else worker.output_queue()
             # vLLM's per-request series; the prefill worker recorded the prompt's (request_metrics.py)
             deliver = worker.request_recorder(req, arrival, prefilled_elsewhere=call.first_token is not None).wrap(

@@ -135,18 +135,25 @@ class DeltaStream:
         return delta
 
     def take_output(self, out: RequestOutput) -> codec.DecodeDelta:
-        """`take([out])`, with a short path for the common case: a later output with new
-        tokens that neither ends nor sheds the request."""
+        """`take([out])`, with a short path for the common case (`take_tokens`)."""
+        if self.take_tokens(out):
+            return codec.DecodeDelta(out.new_token_ids, out.new_logprobs)
+        return self.take([out])
+
+    def take_tokens(self, out: RequestOutput) -> bool:
+        """Take `out` if it is the common case, a later output with new tokens that neither
+        ends nor sheds the request: its delta is then `DecodeDelta(out.new_token_ids,
+        out.new_logprobs)` and nothing else. False (nothing taken) for any other output."""
         if (
             self._stream is None
             or out.finish_reason is not None
             or out.shed_message is not None
             or not out.new_token_ids
         ):
-            return self.take([out])
+            return False
         self.drained = None
         self.num_tokens += len(out.new_token_ids)
-        return codec.DecodeDelta(out.new_token_ids, out.new_logprobs)
+        return True
 
     def cancelled(self) -> None:
         """The stream was cancelled or closed before its end."""
@@ -189,16 +196,23 @@ async def stream_deltas(
 class DirectDeltas:
     """The output sink of a request on the multiplexed stream (worker/streams.py calls
     `put_nowait` on the asyncio thread, with the step's outputs in order): each output becomes
-    its delta at once and goes to `emit`. Outputs that arrive before `run` (the admission's
-    reply can reach the asyncio thread after the first step's outputs) wait for it; outputs
-    after the end (a cancelled request's last step) are dropped."""
+    its delta at once and goes to `emit`, or, in the common case (`DeltaStream.take_tokens`),
+    its new tokens and logprobs go to `emit_tokens` without a DecodeDelta being built. Outputs
+    that arrive before `run` (the admission's reply can reach the asyncio thread after the
+    first step's outputs) wait for it; outputs after the end (a cancelled request's last step)
+    are dropped."""
 
-    def __init__(self, emit: Callable[[codec.DecodeDelta], None]) -> None:
+    def __init__(
+        self,
+        emit: Callable[[codec.DecodeDelta], None],
+        emit_tokens: Callable[[tuple[int, ...], tuple[TokenLogprob, ...]], None] | None = None,
+    ) -> None:
         self._emit = emit
+        self._emit_tokens = emit_tokens
         self._stream: DeltaStream | None = None
         self._early: list[RequestOutput | DrainDeadline] = []
         self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._last_s = 0.0  # loop time of the last output
+        self._last_s = 0.0  # time.monotonic() (the loop's clock) of the last output
 
     def put_nowait(self, item: RequestOutput | DrainDeadline) -> None:
         stream = self._stream
@@ -207,7 +221,11 @@ class DirectDeltas:
         if stream is None:
             self._early.append(item)
             return
-        self._last_s = self._ended.get_loop().time()
+        self._last_s = time.monotonic()
+        emit_tokens = self._emit_tokens
+        if emit_tokens is not None and type(item) is RequestOutput and stream.take_tokens(item):
+            emit_tokens(item.new_token_ids, item.new_logprobs)  # neither done nor drained
+            return
         try:
             delta = stream.take([item]) if isinstance(item, DrainDeadline) else stream.take_output(item)
         except (ShedError, DrainDeadlineReached) as exc:
@@ -223,14 +241,13 @@ class DirectDeltas:
         """Stream until the last delta; raises as `stream_deltas` would (`ShedError`,
         `DrainDeadlineReached`, TimeoutError when no output came for `timeout_s`). Ends
         `stream` however it ends. One timer per `timeout_s`, not one per step."""
-        loop = asyncio.get_running_loop()
-        self._stream, self._last_s = stream, loop.time()
+        self._stream, self._last_s = stream, time.monotonic()
         early, self._early = self._early, []
         for item in early:
             self.put_nowait(item)
         try:
             while not self._ended.done():
-                remaining_s = self._last_s + timeout_s - loop.time()
+                remaining_s = self._last_s + timeout_s - time.monotonic()
                 if remaining_s <= 0:
                     raise TimeoutError(f"no output for {timeout_s} s")
                 await asyncio.wait((self._ended,), timeout=remaining_s)
