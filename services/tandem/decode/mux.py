@@ -8,10 +8,12 @@ Lifecycle of a stream (DESIGN.md section 4, "Wire format"):
    (decode/server.py `decode_deltas`): the same checks, hand-off, admission, refusals and
    spans. The submit's owner secret and trace context stand in for a call's metadata
    (`RequestContext`), so `Abort` with that secret acts on it as on a Decode call's request.
-3. The requests' deltas of one engine step are gathered and sent as one `MuxStep`, encoded
-   once: the step loop hands a step's outputs to this thread in one call (worker/streams.py),
-   where each becomes its request's delta at once (decode/stream.py `DirectDeltas`: no task
-   wakes per request and step), then the sender sends what they produced.
+3. The requests' deltas of one engine step are sent as one `MuxStep`, encoded once: the step
+   loop hands a step's outputs to this thread in one call (worker/streams.py), where each
+   becomes its request's delta at once (decode/stream.py `DirectDeltas`: no task wakes per
+   request and step), then the sender, woken once, sends what they produced (with whatever
+   else came while a write was in flight). An output that a request's task emits (a refusal,
+   an error) goes with the next message.
 4. A request ends with a delta that has a finish reason, or with an output holding the status
    its Decode call would have ended with (`error_code`, `error_details`): a refusal, the drain
    deadline, a shed, a failed step. Its task is then gone.
@@ -46,7 +48,6 @@ from tandem.common.tracing import ClockAnchor
 log = logging.getLogger(__name__)
 
 MAX_LIVE_REQUESTS = 1 << 14  # requests in flight on one stream
-MAX_GATHER_ITERATIONS = 4  # asyncio loop iterations a step's outputs are gathered over
 
 
 class DecodesRequests(Protocol):
@@ -120,7 +121,6 @@ class MuxSession:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                await self._gather()
                 if self._pending:
                     batch, self._pending = self._pending, []
                     yield mux_codec.mux_step_to_proto(batch)
@@ -133,15 +133,6 @@ class MuxSession:
         finally:
             reader.cancel()
             self.close()
-
-    async def _gather(self) -> None:
-        """Let every request task woken by the same step add its output before sending (a few
-        loop iterations at most: a steady flow of steps never holds a message back)."""
-        for _ in range(MAX_GATHER_ITERATIONS):
-            count = len(self._pending)
-            await asyncio.sleep(0)
-            if len(self._pending) == count:
-                return
 
     def close(self) -> None:
         """Cancel every live request: each task aborts its sequence (within one step)."""
