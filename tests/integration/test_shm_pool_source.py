@@ -136,6 +136,7 @@ def test_pull_copies_out_of_the_sources_pool_exactly_and_makes_no_segment(
                 before = snapshot(dest)
                 stats = await receiver.pull(handle, LEASED, dst, dest, TIMEOUT_S)
                 assert (stats.transport, stats.shm_fallback, stats.num_blocks) == ("shm", "", len(LEASED))
+                assert stats.released is False  # not a decode worker's transport: the lease stays
                 assert stats.bytes_moved == len(LEASED) * source.store.bytes_per_block
                 assert_moved(source.store, LEASED, dest, dst, before)
             assert files(tmp_path) == [pool] and receiver.shm.pool.names == [] and receiver.shm.pooled.no_pool == set()
@@ -180,7 +181,7 @@ def releasing_transport(shm_dir: Path) -> SameHostTransport:
     return SameHostTransport(GrpcTransport(config), config, release_with_pull=True)
 
 
-def test_a_decode_workers_verified_pull_releases_the_lease_and_its_release_kv_is_skipped(tmp_path: Path) -> None:
+def test_a_decode_workers_verified_pull_releases_the_lease_and_its_stats_say_so(tmp_path: Path) -> None:
     async def run() -> None:
         layout = make_layout()
         source, dest = pooled_source(layout, tmp_path), make_dest(layout)
@@ -190,12 +191,11 @@ def test_a_decode_workers_verified_pull_releases_the_lease_and_its_release_kv_is
             handle = same_host_handle(source, address)
             before = snapshot(dest)
             stats = await receiver.pull(handle, LEASED, SHUFFLED, dest, TIMEOUT_S)
-            assert (stats.transport, stats.shm_fallback) == ("shm", "")
+            assert (stats.transport, stats.shm_fallback, stats.released) == ("shm", "", True)
             assert_moved(source.store, LEASED, dest, SHUFFLED, before)
             assert await asyncio.to_thread(wait_for, lambda: source.freed == ["req"], 5.0)
             assert source.leases.counters.released == 1 and source.leases.counters.active == 0
-            # no ReleaseKV: one would answer False, as the second (which does call it) does
-            assert await receiver.release(handle, TIMEOUT_S) is True
+            # the hand-off sends no ReleaseKV (decode/handoff.py): one would find the lease gone
             assert await receiver.release(handle, TIMEOUT_S) is False
             assert source.freed == ["req"]
             await receiver.close()

@@ -109,6 +109,21 @@ class WorkerMetrics:
             [*vllm_names, "position"],
             registry=r,
         )
+        # Acceptance-aware draft length (decode role, engine/spec/adaptive.py): draft tokens
+        # k_max allowed that the rule did not ask for, a request's decode steps at k = 0 that
+        # did not draft, and the probes (k_max drafts at k = 0) that re-measure acceptance.
+        self.spec_withheld_draft_tokens = Counter(
+            "tandem_spec_withheld_draft_tokens",
+            "Draft tokens the acceptance-aware rule did not ask for",
+            names,
+            registry=r,
+        ).labels(**labels)
+        self.spec_skipped_steps = Counter(
+            "tandem_spec_skipped_steps", "Decode steps of a request at k = 0 that did not probe", names, registry=r
+        ).labels(**labels)
+        self.spec_probes = Counter(
+            "tandem_spec_probes", "Drafts run at k = 0 to re-measure acceptance", names, registry=r
+        ).labels(**labels)
         # Set once at startup: what the weights occupy as held (fp8 / int8 plus scales when quantized).
         self.model_weight_bytes = Gauge(
             "tandem_model_weight_bytes", "Resident bytes of the model's weights, as held in memory", names, registry=r

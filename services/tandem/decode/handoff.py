@@ -17,9 +17,10 @@ Lifecycle of a hand-off:
    (peer gone, checksum, timeout, refused), the blocks are given back and the prompt plus first
    token are recomputed locally: same output.
 4. `ReleaseKV` is sent to the source of every handle used (best effort, in the background; its
-   lease also expires), unless the pull released the lease already: a verified same-host
-   one-copy pull does, on its own stream (kvtransfer/shm_pool_source.py; the worker's transport
-   is `release_with_pull`).
+   lease also expires), unless the pull's stats say it released the lease already
+   (`TransferStats.released`): a verified same-host one-copy pull does, on its own stream
+   (kvtransfer/shm_pool_source.py; the worker's transport is `release_with_pull`). A failed
+   pull, a recompute and a pull of no block always send it.
 An `Abort` call during a hand-off (`abort`) waits until the pull has stopped writing into the
 reserved blocks, then takes effect with the admission; a cancelled call whose pull is still
 writing (`is_pulling`) is aborted once the pull ends.
@@ -42,7 +43,7 @@ from tandem.common.tracing import ClockAnchor, child_context, ending
 from tandem.decode.stream import FirstDelta
 from tandem.engine.engine import Engine
 from tandem.engine.outputs import RequestOutput, Reservation
-from tandem.kvtransfer.base import KVTransferError
+from tandem.kvtransfer.base import KVTransferError, TransferStats
 from tandem.worker.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -143,24 +144,23 @@ class HandOffs:
                 ),
                 context,
             )
-            num_bytes = (
-                await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
-            )
+            stats = await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
             pull_span.set_attributes(
                 {
                     "tandem.kv.blocks": header.num_pulled_blocks,
-                    "tandem.kv.bytes": num_bytes or 0,
-                    "tandem.kv.recomputed": num_bytes is None,
+                    "tandem.kv.bytes": stats.bytes_moved if stats is not None else 0,
+                    "tandem.kv.recomputed": stats is None,
                 }
             )
         end_s = time.monotonic()  # not before the span's end: "decode.admit" starts here
         header.transfer_s = end_s - start_s
-        release = asyncio.get_running_loop().create_task(
-            self.transport.release(handle, worker.config.kv_transfer.pull_timeout_s)
-        )
-        self._background.add(release)  # keep a reference until done
-        release.add_done_callback(self._background.discard)
-        pulled = num_bytes is not None
+        if stats is None or not stats.released:
+            release = asyncio.get_running_loop().create_task(
+                self.transport.release(handle, worker.config.kv_transfer.pull_timeout_s)
+            )
+            self._background.add(release)  # keep a reference until done
+            release.add_done_callback(self._background.discard)
+        pulled = stats is not None
         aborted = self._handing_off.pop(rid)  # an Abort call during the hand-off
 
         def admit(engine: Engine) -> None:
@@ -190,15 +190,15 @@ class HandOffs:
 
     async def _pull(
         self, rid: str, handle: KVHandle, reservation: Reservation, header: FirstDelta, pull_span: Span
-    ) -> int | None:
-        """Pull the blocks missing from `reservation`; bytes moved, or None if the pull failed
-        (then the prompt is recomputed)."""
+    ) -> TransferStats | None:
+        """Pull the blocks missing from `reservation`; the pull's stats (empty when every full
+        block was cached here), or None if the pull failed (then the prompt is recomputed)."""
         worker = self.worker
         header.num_cached_tokens = reservation.num_cached_blocks * worker.layout.block_size
         worker.metrics.kv_local_hit_blocks.inc(reservation.num_cached_blocks)
         src = handle.block_ids[reservation.num_cached_blocks : reservation.num_full_blocks]
         if not src:
-            return 0
+            return TransferStats(0, 0.0, 0, 0)
         try:
             pull = asyncio.ensure_future(
                 self.transport.pull(
@@ -224,7 +224,7 @@ class HandOffs:
         worker.metrics.kv_transfer_seconds.observe(stats.seconds)
         worker.metrics.kv_pull(stats.transport or self.transport.name, stats.shm_fallback)
         header.num_pulled_blocks = stats.num_blocks
-        return stats.bytes_moved
+        return stats
 
     def _abort_after_pull(self, rid: str) -> None:
         self._pulling.discard(rid)

@@ -13,8 +13,10 @@ Lifecycle of one hand-off, and who calls what:
    received into some of them, and writes nothing after the pull ends), so D gives them back
    uncached (`Engine.unreserve`) and recomputes the prompt locally.
 3. Either way D then awaits `transport.release(handle, timeout_s)` so that P frees the blocks
-   before the lease expires. D owns its destination blocks throughout; P owns its source
-   blocks until release or expiry.
+   before the lease expires, unless the pull's `TransferStats.released` says the pull
+   released the lease already (a decode worker's verified same-host one-copy pull,
+   shm_pool_source.py). D owns its destination blocks throughout; P owns its source blocks
+   until release or expiry.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class TransferStats:
     num_chunks: int
     transport: str = ""  # the transport that moved the bytes ("shm", "grpc", ...); "": not said
     shm_fallback: str = ""  # the FailureReason value of a same-host attempt that fell back; "": none
+    released: bool = False  # the pull released the lease at the source: no `release` call follows
 
     @property
     def mb_per_s(self) -> float:
@@ -179,7 +182,8 @@ class KVTransport(Protocol):
     ) -> TransferStats:
         """Copy source blocks `src_block_ids` into `dst_block_ids` of `store`, or raise
         KVTransferError with no block outside `dst_block_ids` written (those are undefined,
-        see step 2 above). Does not release the lease."""
+        see step 2 above). Does not release the lease, unless the stats say `released` (a
+        failed pull never does)."""
         ...
 
     async def release(self, handle: KVHandle, timeout_s: float) -> bool:

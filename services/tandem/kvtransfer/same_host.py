@@ -11,8 +11,9 @@ object serves both (`add_source`). Rules of a pull:
    closed). Any other failure (segment not reachable from here, source gone or older,
    refused, timeout) is logged and the pull goes over the network within what is left of
    its deadline; the stats then say which reason made it fall back.
-3. `release`: ReleaseKV on the source, unless the pull released the lease already (a decode
-   worker's transport, `release_with_pull`: its verified one-copy pulls do, shm_pool_source.py).
+3. A decode worker's transport (`release_with_pull`) releases the lease with a verified
+   one-copy pull (shm_pool_source.py); the pull's stats then say `released`, and the caller
+   skips `release` (decode/handoff.py). `release` itself always calls ReleaseKV.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class SameHostTransport:
 
     def __init__(self, network: KVTransport, config: KVTransferConfig, release_with_pull: bool = False) -> None:
         """`release_with_pull`: each lease is pulled once (a decode worker's hand-off), so a
-        verified one-copy pull may release it (ShmTransport)."""
+        verified one-copy pull may release it (ShmTransport; its stats say `released`)."""
         self.network = network
         self.name = network.name
         self.host_id = config.host_id or local_host_id(os.environ)
@@ -84,8 +85,6 @@ class SameHostTransport:
         return dataclasses.replace(stats, transport=self.network.name, shm_fallback=reason)
 
     async def release(self, handle: KVHandle, timeout_s: float) -> bool:
-        if self.shm.released_by_pull(handle):
-            return True
         return await self.network.release(handle, timeout_s)
 
     def add_source(self, server: grpc.aio.Server, store: KVBlockStore, leases: LeaseTable) -> None:

@@ -22,7 +22,8 @@ Lifecycle of one pull (decode worker D with a CPU cache, prefill worker P, same 
    checkout. A receiver that will not pull the lease again (`release=True`: a decode worker's
    one pull per hand-off) first sends the request once more on the stream: the blocks are
    verified, and P releases the lease (`LeaseTable.release`, the secret checked as for
-   ReleaseKV) instead of waiting for a ReleaseKV call, which D then skips (same_host.py).
+   ReleaseKV) instead of waiting for a ReleaseKV call, which D then skips (the pull's
+   `TransferStats.released`, decode/handoff.py).
    A pull that failed never sends it: D cancels the call and calls ReleaseKV as before.
    From D's second pull from P on, D starts the copy out of the pool P answered with last time
    as soon as it has sent the request, without waiting for P's first answer (one round trip

@@ -21,8 +21,9 @@ Lifecycle of one pull (decode worker D, prefill worker P, same host id):
    destination blocks (a CUDA cache: after the check). When the answer comes, D checks the
    size and the xxh64 against it; on a failure the destination blocks are undefined (base.py)
    and D gives them back uncached. It gives the segment back to its pool, or unlinks it if the
-   pull failed. D then calls ReleaseKV as for every transport (a decode worker's one-copy pull
-   released the lease already: shm_pool_source.py, step 3).
+   pull failed. D then calls ReleaseKV as for every transport, unless the pull released the
+   lease already: a decode worker's verified one-copy pull does (shm_pool_source.py, step 3),
+   and says so in its stats (`TransferStats.released`).
 `same_host.SameHostTransport` decides when to use this and falls back to the network.
 
 Costs of a 64 MiB pull on the development machine (2-core EPYC, one torch thread a side, quiet):
@@ -40,7 +41,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -59,7 +59,6 @@ from tandem.kvtransfer.shm_segments import SWEEP_PERIOD_S, Segment, sweep_dead
 
 log = logging.getLogger(__name__)
 
-MAX_REMEMBERED_RELEASES = 4096  # leases released by a pull whose ReleaseKV is still to be skipped
 READER_THREADS = 8  # a receiver's concurrent chunk readers (more pulls wait for one, then read at once)
 
 
@@ -70,12 +69,10 @@ class ShmTransport(CheckedPull):
 
     def __init__(self, config: KVTransferConfig, host_id: str, release_with_pull: bool = False) -> None:
         """`release_with_pull`: the receiver pulls each lease once (a decode worker), so a
-        verified one-copy pull releases the lease at the source (shm_pool_source.py, step 3);
-        `released_by_pull` then tells `SameHostTransport.release` to skip ReleaseKV."""
+        verified one-copy pull releases the lease at the source (shm_pool_source.py, step 3)
+        and its stats say `released`: the caller then sends no ReleaseKV."""
         self.config, self.host_id = config, host_id
         self.release_with_pull = release_with_pull
-        # (request id, lease secret) of the leases a pull released, until `released_by_pull` takes them
-        self._released: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self.channels = ChannelCache(token=config.token)
         self.pool = SegmentPool(config.shm_dir)
         self._trimmer: asyncio.Task[None] | None = None
@@ -104,12 +101,10 @@ class ShmTransport(CheckedPull):
                 request, handle.source_address, dst, store, timeout_s, self.release_with_pull
             )
             if num_chunks:
-                if self.release_with_pull:
-                    self._released[(handle.request_id, handle.lease_secret)] = None
-                    while len(self._released) > MAX_REMEMBERED_RELEASES:  # handles never released
-                        self._released.popitem(last=False)
                 seconds = time.perf_counter() - started
-                return TransferStats(size_bytes, seconds, len(src), num_chunks, transport=self.name)
+                return TransferStats(
+                    size_bytes, seconds, len(src), num_chunks, transport=self.name, released=self.release_with_pull
+                )
         segment = await self._acquire(HEADER_BYTES + size_bytes)
         done = False
         try:
@@ -118,14 +113,6 @@ class ShmTransport(CheckedPull):
         finally:
             (self.pool.give_back if done else self.pool.discard)(segment)
         return TransferStats(size_bytes, time.perf_counter() - started, len(src), num_chunks, transport=self.name)
-
-    def released_by_pull(self, handle: KVHandle) -> bool:
-        """Whether a pull of this handle released its lease at the source (forgotten then)."""
-        try:
-            del self._released[(handle.request_id, handle.lease_secret)]
-        except KeyError:
-            return False
-        return True
 
     async def _acquire(self, size_bytes: int) -> Segment:
         """A segment from the pool (made in a thread when none fits: allocating takes a while).

@@ -22,6 +22,7 @@ class LoadMeter:
         self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
         self._spec_counted = (0, 0, 0)  # engine (drafts, draft tokens, accepted tokens) already counted
         self._spec_per_position: list[int] = []  # accepted tokens per draft position already counted
+        self._adaptive_counted = (0, 0, 0)  # speculator (withheld tokens, skipped steps, probes) already counted
         self._steps_counted = (0, 0, 0)  # engine (steps, computed tokens, preemptions) already counted
 
     def snapshot(self, engine: Engine) -> WorkerLoad:
@@ -60,23 +61,39 @@ class LoadMeter:
         self._counted = (computed, hits)
 
     def count_speculation(self, engine: Engine) -> None:
-        """Loop thread: mirror the engine's speculative-decoding counters into vLLM's
-        `vllm:spec_decode_*` counters."""
+        """Loop thread, after every step: mirror the engine's speculative-decoding counters into
+        vLLM's `vllm:spec_decode_*` counters, and the speculator's `AdaptiveCounters` into the
+        `tandem_spec_*` counters. Returns at once when nothing changed (no speculator, or no
+        draft verified and no draft length decided since the last call)."""
+        speculator = engine.speculator
+        if speculator is None:
+            return
         stats = engine.stats
-        now = (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens)
         m = self.metrics
-        for counter, value, counted in zip(
-            (m.spec_decode_num_drafts, m.spec_decode_num_draft_tokens, m.spec_decode_num_accepted_tokens),
-            now,
-            self._spec_counted,
-        ):
-            counter.inc(value - counted)
-        self._spec_counted = now
+        # verification.py increments the three together, and the per-position counts only with
+        # them; the first call also shows every draft position's series, at 0
         per_position = stats.spec_accepted_per_position
-        for position, value in enumerate(per_position):
-            counted = self._spec_per_position[position] if position < len(self._spec_per_position) else 0
-            m.spec_accepted_at(position, value - counted)  # a zero still shows the position's series
-        self._spec_per_position = list(per_position)
+        if stats.spec_num_drafts != self._spec_counted[0] or len(per_position) != len(self._spec_per_position):
+            now = (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens)
+            for counter, value, counted in zip(
+                (m.spec_decode_num_drafts, m.spec_decode_num_draft_tokens, m.spec_decode_num_accepted_tokens),
+                now,
+                self._spec_counted,
+            ):
+                counter.inc(value - counted)
+            self._spec_counted = now
+            for position, value in enumerate(per_position):
+                counted = self._spec_per_position[position] if position < len(self._spec_per_position) else 0
+                m.spec_accepted_at(position, value - counted)  # a zero still shows the position's series
+            self._spec_per_position = list(per_position)
+        c = speculator.counters
+        adaptive = (c.withheld_tokens, c.skipped_steps, c.probes)
+        if adaptive != self._adaptive_counted:
+            for counter, value, counted in zip(
+                (m.spec_withheld_draft_tokens, m.spec_skipped_steps, m.spec_probes), adaptive, self._adaptive_counted
+            ):
+                counter.inc(value - counted)
+            self._adaptive_counted = adaptive
 
     def count_steps(self, engine: Engine) -> None:
         """Loop thread, once per loop iteration (at most one step since the last call): vLLM's
