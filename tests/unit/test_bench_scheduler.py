@@ -18,5 +18,5 @@ def test_every_path_is_timed_and_printed() -> None:
         ["route", "5"],
         ["route_cold", "5"],
         ["match", "5"],
-        ["hash_blocks", "1"],
+        ["hash_blocks", "5"],
     ]

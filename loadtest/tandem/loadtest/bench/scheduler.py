@@ -151,7 +151,7 @@ def run_scheduler_bench(
         ("route", route, iterations, None),
         ("route_cold", route, iterations, touch_prefix),
         ("match", match, iterations, None),
-        ("hash_blocks", hash_prompt, max(1, iterations // 10), None),
+        ("hash_blocks", hash_prompt, iterations, None),
     ]
     out(
         f"scheduler bench: {num_workers} workers, {prompt_tokens}-token prompt "
