@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import torch
 import xxhash
 
@@ -47,8 +48,10 @@ class ExpectedChunks:
         return KVTransferError(FailureReason.PROTOCOL, f"{self.address}: {message}")
 
 
-def verify_and_copy(chunk: ChunkView, target: memoryview, address: str) -> None:
-    """Worker thread: check one chunk's xxh64, then copy it into place."""
+def verify_and_copy(chunk: ChunkView, target: np.ndarray, address: str) -> None:
+    """Worker thread: check one chunk's xxh64, then copy it into place (`target`: the staging
+    buffer's bytes). Both let go of the GIL, so the loop meanwhile takes the next chunk off the
+    stream (a memoryview slice assignment would hold it for the whole copy)."""
     got = xxhash.xxh64_intdigest(chunk.data)
     if got != chunk.checksum:
         raise KVTransferError(
@@ -56,13 +59,13 @@ def verify_and_copy(chunk: ChunkView, target: memoryview, address: str) -> None:
             f"{address}: chunk at offset {chunk.offset_bytes} has xxh64 {got:#018x}, "
             f"the source sent {chunk.checksum:#018x}",
         )
-    target[chunk.offset_bytes : chunk.offset_bytes + len(chunk.data)] = chunk.data
+    np.copyto(target[chunk.offset_bytes : chunk.offset_bytes + len(chunk.data)], np.frombuffer(chunk.data, np.uint8))
 
 
 def land(last: ChunkView, buffer: torch.Tensor, store: KVBlockStore, dst: tuple[int, ...], address: str) -> None:
     """Worker thread, once every other chunk matched and the stream ended: check and copy the
     last chunk, then (only if it matched) unpack the whole buffer into the blocks `dst`."""
-    verify_and_copy(last, buffer.numpy().data, address)
+    verify_and_copy(last, buffer.numpy(), address)
     store.unpack(buffer, dst)
 
 

@@ -224,9 +224,10 @@ class GrpcTransport(CheckedPull):
         buffer: torch.Tensor,
         timeout_s: float,
     ) -> tuple[int, ChunkView]:
-        """Stream the chunks into `buffer`, each checked against what was asked for, and each
-        but the last checked (xxh64) and copied in a thread while the next one arrives; return
-        the number of chunks and the last one (unverified: `land` takes it). Each chunk's bytes
+        """Stream the chunks into `buffer`, each checked against what was asked for as it
+        arrives, and each but the last checked (xxh64) and copied in a thread while the next one
+        arrives; return the number of chunks and the last one (unverified: `land` takes it, after
+        the stream ended without error). Each chunk's bytes
         are dropped once copied, so the allocator reuses their memory (keeping them all and
         unpacking from them costs more in page faults than the copy)."""
         address = handle.source_address
@@ -237,21 +238,23 @@ class GrpcTransport(CheckedPull):
             handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes, handle.lease_secret, hashes
         )
         expected = ExpectedChunks(len(buffer), store.layout.kv_dtype, store.packed_shape(len(src)), address)
-        target = buffer.numpy().data
+        target = buffer.numpy()
         call = method(request, timeout=timeout_s)
         offset = num_chunks = 0
-        last: ChunkView | None = None  # not known to be the last until the next one or the end
-        copying: asyncio.Future[None] | None = None  # the one before it, checked and copied in a thread
+        last: ChunkView | None = None  # the one that ends at the total: `land` checks and copies it
+        copying: asyncio.Future[None] | None = None  # the previous one, checked and copied in a thread
         try:
             async for raw in call:
                 chunk = expected.check(raw, offset)
-                if last is not None:
-                    if copying is not None:
-                        await copying
-                    copying = asyncio.ensure_future(asyncio.to_thread(verify_and_copy, last, target, address))
-                last = chunk
                 offset += len(chunk.data)
                 num_chunks += 1
+                if copying is not None:
+                    await copying
+                    copying = None
+                if offset < expected.total_bytes:
+                    copying = asyncio.ensure_future(asyncio.to_thread(verify_and_copy, chunk, target, address))
+                else:
+                    last = chunk
             if copying is not None:
                 await copying
         except grpc.aio.AioRpcError as exc:
