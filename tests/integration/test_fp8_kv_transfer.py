@@ -61,6 +61,24 @@ def test_fp8_block_store_packs_the_fp8_bytes() -> None:
     assert torch.equal(packed.view(torch.uint8), expected.view(torch.uint8))
 
 
+def test_fp8_blocks_scatter_into_a_fragmented_pool_exactly() -> None:
+    """Ids in many short runs take the index path (index_select / index_copy_), whose CPU
+    index_copy_ has no float8 kernel: the store copies the bytes as words instead."""
+    source, dest = make_source(FP8_LAYOUT).store, make_dest(FP8_LAYOUT)
+    src_ids, dst_ids = (7, 3, 40, 5, 90, 11, 2, 60), (9, 1, 33, 4, 80, 21, 6, 70)
+    before = snapshot(dest)
+    dest.unpack(source.pack(src_ids), dst_ids)
+    assert_moved(source, src_ids, dest, dst_ids, before)
+    planes = torch.empty(2 * source.plane_bytes(len(src_ids)), dtype=torch.uint8)
+    source.pack_planes(src_ids, 1, 3, planes)  # layer 0's V and layer 1's K
+    again = make_dest(FP8_LAYOUT)
+    again.unpack_planes(planes, dst_ids, 1, 3)
+    index = list(dst_ids)
+    assert torch.equal(again.kv_caches[0][1][index], source.kv_caches[0][1][list(src_ids)])
+    assert torch.equal(again.kv_caches[1][0][index], source.kv_caches[1][0][list(src_ids)])
+    assert torch.equal(again.kv_caches[0][0], make_dest(FP8_LAYOUT).kv_caches[0][0])  # plane 0 not written
+
+
 def test_grpc_pull_moves_fp8_blocks_exactly() -> None:
     source, dest = make_source(FP8_LAYOUT), make_dest(FP8_LAYOUT)
     source.grant()

@@ -480,6 +480,32 @@ def test_grpc_corrupted_chunk_is_a_checksum_error_and_leaves_the_destination_unt
     assert source.freed == [] and len(source.leases) == 1  # the pull unpinned, the lease stays
 
 
+def test_grpc_corrupted_middle_chunk_fails_while_the_next_arrives_and_its_buffer_comes_back() -> None:
+    """The second of three chunks is checked in a thread while the third arrives: its checksum
+    error fails the pull, the copy thread has ended before the staging buffer goes back to the
+    pool, and the destination is untouched."""
+    layout = make_layout(num_layers=8)  # 64 KiB per block: 40 blocks make three 1 MiB chunks (the last 0.5)
+    source, dest = make_source(layout), make_dest(layout)
+    blocks = tuple(range(10, 50))
+    source.grant(blocks=blocks)
+    before = snapshot(dest)
+
+    async def main() -> None:
+        transport = create_transport("grpc", KVTransferConfig(max_chunk_bytes=1 * MiB))
+        async with serving(CorruptingServicer(source.store, source.leases, KVTransferConfig())) as address:
+            await expect_failure(
+                transport.pull(source.handle(address, blocks=blocks), blocks, tuple(range(50, 90)), dest, TIMEOUT_S),
+                FailureReason.CHECKSUM,
+                "chunk at offset 1048576 has xxh64",
+            )
+            assert transport.staging.idle_bytes == 3 * MiB  # 2.5 MiB rounded up to whole MiB, given back
+        await transport.close()
+
+    asyncio.run(main())
+    assert_untouched(dest, before)
+    assert source.freed == [] and len(source.leases) == 1
+
+
 def test_layout_mismatch_names_the_field_on_both_sides() -> None:
     source, dest = make_source(make_layout(block_size=16)), make_dest(make_layout(block_size=32))
     source.grant()

@@ -21,11 +21,15 @@ def test_quick_quantization_section(tmp_path: Path) -> None:
     # bench model: 4 layers, 2 KV heads x 64 -> K+V 1024 values per token: 2048 bytes bf16, 1024 fp8
     assert figures["KV bytes per token, fp8 / bf16"].value == 0.5
     assert figures["max concurrent sequences at one KV budget, fp8 / bf16"].value == 2.0
-    assert [row[:2] + row[4:6] for row in section.table[1:]] == [
+    assert [row[:2] + row[5:7] for row in section.table[1:]] == [
         ("bf16", "2048", "2048", "64"),  # 64 MiB / 32 KiB blocks; 512-token sequences take 32 blocks
         ("fp8", "1024", "4096", "128"),
     ]
     assert [row[2] for row in section.table[1:]] == ["0.5", "0.2"]  # 16 full blocks of 256 tokens
+    for row in section.table[1:]:  # median and p10..p90 of the interleaved pulls, in ms
+        low, high = (float(ms) for ms in row[4].split(".."))
+        assert 0 < low <= float(row[3]) <= high
+    assert "median of 3 pulls each, bf16 and fp8 taking turns pull by pull after 1 warm-up rounds" in section.setup
     assert figures["teacher-forced argmax agreement, fp8 vs bf16"].met is True
     assert figures["mean |logprob error| of the chosen tokens"].met is True
     assert figures["decode tokens/s at concurrency 4, fp8 / bf16"].value > 0

@@ -15,9 +15,10 @@ Lifecycle of one pull (decode worker D pulls from prefill worker P):
    plane by plane into staging: `PackedReader`); the lease stays checked out until the last
    one is encoded.
 3. D checks each chunk's header against what it asked for (contiguous offsets, total, dtype,
-   shape) and its checksum, and copies it into a staging buffer. Only when every byte has
-   arrived and matched does D unpack into the destination blocks: a failed pull leaves them
-   untouched. D then calls ReleaseKV (`release`).
+   shape) as it arrives, and its checksum in a thread while the next one arrives, copying it
+   into a staging buffer (`grpc_receive`). Only when every byte has arrived and matched does D
+   unpack into the destination blocks (the last chunk is checked and copied by the unpack's
+   thread): a failed pull leaves them untouched. D then calls ReleaseKV (`release`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import torch
-import xxhash
 
 from tandem.common import kv_codec
-from tandem.common.kv_codec import ChunkDecodeError, ChunkView, decode_chunk, encode_chunk
+from tandem.common.kv_codec import ChunkView, encode_chunk
 from tandem.common.kv_handle import KVHandle
 from tandem.common.layout import KVLayout
 from tandem.kvtransfer.base import (
@@ -47,6 +47,7 @@ from tandem.kvtransfer.base import (
 from tandem.kvtransfer.block_store import KVBlockStore, PackedReader
 from tandem.kvtransfer.channels import SERVICE, ChannelCache, release_remote
 from tandem.kvtransfer.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, KVTransferConfig
+from tandem.kvtransfer.grpc_receive import ExpectedChunks, land, settle, settle_later, verify_and_copy
 from tandem.kvtransfer.leases import BlockHashMismatch, LeaseError, LeaseTable
 from tandem.kvtransfer.staging import StagingPool
 
@@ -201,9 +202,10 @@ class GrpcTransport(CheckedPull):
         started = time.perf_counter()
         buffer = self.staging.acquire(len(src) * store.bytes_per_block)
         try:
-            num_chunks = await self._receive(handle, src, hashes, store, buffer, timeout_s)
-            # Every byte arrived and matched: only now touch the destination blocks.
-            await run_to_completion(store.unpack, buffer, dst)
+            num_chunks, last = await self._receive(handle, src, hashes, store, buffer, timeout_s)
+            # Every byte arrived and all but the last chunk matched: one thread checks and copies
+            # that one, and only if it matched touches the destination blocks.
+            await run_to_completion(land, last, buffer, store, dst, handle.source_address)
         except asyncio.CancelledError:
             self.staging.forget(buffer)  # a copy thread may still be writing it
             raise
@@ -221,10 +223,13 @@ class GrpcTransport(CheckedPull):
         store: KVBlockStore,
         buffer: torch.Tensor,
         timeout_s: float,
-    ) -> int:
-        """Stream every chunk into `buffer`, checked; return the number of chunks. Each
-        chunk's bytes are dropped once copied, so the allocator reuses their memory (keeping
-        them all and unpacking from them costs more in page faults than the copy)."""
+    ) -> tuple[int, ChunkView]:
+        """Stream the chunks into `buffer`, each checked against what was asked for as it
+        arrives, and each but the last checked (xxh64) and copied in a thread while the next one
+        arrives; return the number of chunks and the last one (unverified: `land` takes it, after
+        the stream ended without error). Each chunk's bytes
+        are dropped once copied, so the allocator reuses their memory (keeping them all and
+        unpacking from them costs more in page faults than the copy)."""
         address = handle.source_address
         method = self.channels.get(address).unary_stream(
             f"/{SERVICE}/PullKV", request_serializer=kv_codec.pull_kv_request_to_bytes, response_deserializer=None
@@ -232,26 +237,41 @@ class GrpcTransport(CheckedPull):
         request = kv_codec.PullKVRequest(
             handle.request_id, src, store.layout.describe(), self.config.max_chunk_bytes, handle.lease_secret, hashes
         )
-        expected = _Expected(len(buffer), store.layout.kv_dtype, store.packed_shape(len(src)), address)
-        target = buffer.numpy().data
+        expected = ExpectedChunks(len(buffer), store.layout.kv_dtype, store.packed_shape(len(src)), address)
+        target = buffer.numpy()
         call = method(request, timeout=timeout_s)
         offset = num_chunks = 0
+        last: ChunkView | None = None  # the one that ends at the total: `land` checks and copies it
+        copying: asyncio.Future[None] | None = None  # the previous one, checked and copied in a thread
         try:
             async for raw in call:
                 chunk = expected.check(raw, offset)
-                await asyncio.to_thread(_verify_and_copy, chunk, target, address)
                 offset += len(chunk.data)
                 num_chunks += 1
+                if copying is not None:
+                    await copying
+                    copying = None
+                if offset < expected.total_bytes:
+                    copying = asyncio.ensure_future(asyncio.to_thread(verify_and_copy, chunk, target, address))
+                else:
+                    last = chunk
+            if copying is not None:
+                await copying
         except grpc.aio.AioRpcError as exc:
+            await settle(copying)
             raise await self.channels.fail(exc, address) from None
         except KVTransferError:
             call.cancel()
+            await settle(copying)
             raise
-        if offset != expected.total_bytes:
+        except asyncio.CancelledError:
+            settle_later(copying)
+            raise
+        if last is None or offset != expected.total_bytes:
             raise KVTransferError(
                 FailureReason.PROTOCOL, f"{address}: stream ended after {offset} of {expected.total_bytes} bytes"
             )
-        return num_chunks
+        return num_chunks, last
 
     async def release(self, handle: KVHandle, timeout_s: float) -> bool:
         return await release_remote(self.channels, handle, timeout_s)
@@ -262,43 +282,5 @@ class GrpcTransport(CheckedPull):
         await self.channels.close()
 
 
-class _Expected:
-    """What every chunk of one pull must say about itself."""
-
-    def __init__(self, total_bytes: int, dtype: str, shape: tuple[int, ...], address: str) -> None:
-        self.total_bytes, self.dtype, self.shape, self.address = total_bytes, dtype, shape, address
-
-    def check(self, raw: bytes, offset: int) -> ChunkView:
-        try:
-            chunk = decode_chunk(raw)
-        except ChunkDecodeError as exc:
-            raise self._error(f"malformed chunk at offset {offset}: {exc}") from None
-        if chunk.total_bytes != self.total_bytes:
-            raise self._error(f"chunk says total {chunk.total_bytes} bytes, expected {self.total_bytes}")
-        if chunk.dtype != self.dtype or chunk.shape != self.shape:
-            raise self._error(f"chunk says {chunk.dtype} {chunk.shape}, expected {self.dtype} {self.shape}")
-        if chunk.offset_bytes != offset:
-            raise self._error(f"chunk at offset {chunk.offset_bytes}, expected {offset} (not contiguous)")
-        size = len(chunk.data)
-        if not 0 < size <= MAX_CHUNK_BYTES or offset + size > self.total_bytes:
-            raise self._error(f"chunk of {size} bytes at offset {offset} overruns {self.total_bytes} bytes")
-        return chunk
-
-    def _error(self, message: str) -> KVTransferError:
-        return KVTransferError(FailureReason.PROTOCOL, f"{self.address}: {message}")
-
-
 def _close_stack(stack: contextlib.ExitStack, _: Future) -> None:
     stack.close()
-
-
-def _verify_and_copy(chunk: ChunkView, target: memoryview, address: str) -> None:
-    """Worker thread: check one chunk's xxh64, then copy it into place."""
-    got = xxhash.xxh64_intdigest(chunk.data)
-    if got != chunk.checksum:
-        raise KVTransferError(
-            FailureReason.CHECKSUM,
-            f"{address}: chunk at offset {chunk.offset_bytes} has xxh64 {got:#018x}, "
-            f"the source sent {chunk.checksum:#018x}",
-        )
-    target[chunk.offset_bytes : chunk.offset_bytes + len(chunk.data)] = chunk.data

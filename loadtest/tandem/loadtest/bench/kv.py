@@ -305,7 +305,7 @@ def measure_checksums(
         for piece in slices:
             host_bytes(piece)
 
-    def grpc_check() -> None:  # grpc_transport._verify_and_copy and kv_codec.encode_chunk
+    def grpc_check() -> None:  # grpc_receive.verify_and_copy and kv_codec.encode_chunk
         for chunk in chunks:
             xxhash.xxh64_intdigest(chunk)
 

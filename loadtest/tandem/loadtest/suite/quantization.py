@@ -4,7 +4,9 @@ Measured in process on the bench model in bfloat16 (no servers, so the section s
 1. KV bytes per token, from the engines' cache specs.
 2. Hand-off seconds of a 2000-token prompt: a prefill engine holds the prompt's blocks under a
    lease, and a decode engine's store pulls them over the gRPC transport on loopback (both in
-   this process). Median of the rounds. Goal: fp8 / bf16 <= 0.55.
+   this process). bf16 and fp8 pulls take turns; median of 60 each after 3 warm-up rounds (one
+   pull moves only 2-4 MiB in a few ms, so fewer pulls, or pulls of one dtype after the
+   other, let the machine's load swing the ratio). Goal: fp8 / bf16 <= 0.55.
 3. Maximum concurrent sequences at one KV budget: the pool's blocks / blocks of one
    512-token sequence. Goal: fp8 / bf16 >= 1.9.
 4. Decode tokens/s at concurrency 32 (32 prompts of 64 tokens, 32 greedy tokens each).
@@ -18,25 +20,14 @@ Measured in process on the bench model in bfloat16 (no servers, so the section s
 
 from __future__ import annotations
 
-import asyncio
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 import torch
 
-from tandem.common.kv_handle import KVHandle
-from tandem.common.layout import KVLayout
 from tandem.engine import Engine, SamplingParams
-from tandem.engine.outputs import HeldKV
-from tandem.kvtransfer.base import create_transport
-from tandem.kvtransfer.block_store import KVBlockStore
-from tandem.kvtransfer.channels import SERVER_OPTIONS
-from tandem.kvtransfer.config import KVTransferConfig
-from tandem.kvtransfer.grpc_transport import KVTransferServicer
-from tandem.kvtransfer.leases import LeaseTable
+from tandem.loadtest.bench.kv_handoff import HANDOFF_WARMUP, handoff_seconds
 from tandem.loadtest.bench.quant_weights import HEADERS, weight_rows
 from tandem.loadtest.suite.context import BenchContext
 from tandem.loadtest.suite.figures import Direction, Figure, Section
@@ -45,6 +36,7 @@ AGREEMENT_GOAL = 0.85
 LOGPROB_ERROR_GOAL = 0.1
 BYTES_RATIO_GOAL = 0.55
 CONCURRENCY_GOAL = 1.9
+HANDOFF_ROUNDS = 60  # pulls per KV dtype, after HANDOFF_WARMUP rounds
 
 
 @dataclass(frozen=True)
@@ -84,66 +76,6 @@ def _engine(ctx: BenchContext, kv_cache_dtype: str, **options: object) -> Engine
     )  # fmt: skip
 
 
-def _store(engine: Engine) -> KVBlockStore:
-    mc = engine.model_config
-    layout = KVLayout(
-        architecture=mc.architecture,
-        num_layers=mc.num_layers,
-        num_kv_heads=mc.num_kv_heads,
-        head_dim=mc.head_dim,
-        dtype=str(mc.dtype).removeprefix("torch."),
-        block_size=engine.config.block_size,
-        kv_dtype=str(engine.kv_spec.dtype).removeprefix("torch."),
-        kv_scales=engine.kv_scales.digest if engine.kv_scales else "none",
-    )
-    return KVBlockStore(engine.kv_caches, layout)
-
-
-def handoff_seconds(source: Engine, dest: Engine, prompt: Sequence[int], rounds: int) -> tuple[int, list[float]]:
-    """Prefill `prompt` on `source`, hold its blocks under a lease, and time `rounds` pulls of
-    its full blocks into `dest`'s blocks over the gRPC transport on loopback (source servicer
-    and receiver in this process, as tests/integration/test_kvtransfer.py runs them): pack,
-    chunking, xxh64 checksums, the socket and unpack. Returns (bytes per pull, seconds)."""
-    source.add_request("handoff", prompt, SamplingParams(max_tokens=2, temperature=0.0), hand_off=True)
-    while "handoff" not in source.held:
-        source.step()
-    held = source.held["handoff"]
-    src_ids = held.block_ids[: len(prompt) // source.config.block_size]
-    src, dst = _store(source), _store(dest)
-    seconds = asyncio.run(_grpc_pulls(src, held, src_ids, dst, rounds))
-    source.release_held("handoff")
-    return len(src_ids) * src.bytes_per_block, seconds
-
-
-async def _grpc_pulls(
-    src: KVBlockStore, held: HeldKV, src_ids: tuple[int, ...], dst: KVBlockStore, rounds: int
-) -> list[float]:
-    leases = LeaseTable(on_free=lambda _request_id: None)
-    servicer = KVTransferServicer(src, leases, KVTransferConfig())
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    servicer.register(server)
-    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    transport = create_transport("grpc")
-    seconds = []
-    try:
-        for i in range(rounds):
-            grant = leases.grant(f"handoff-{i}", held, 30.0)
-            handle = KVHandle(
-                f"handoff-{i}", "source", address, held.block_ids, held.num_tokens, src.layout,
-                held.block_hashes, time.time() + 30.0, grant.secret,
-            )  # fmt: skip
-            started = time.perf_counter()
-            await transport.pull(handle, src_ids, tuple(range(len(src_ids))), dst, 60.0)
-            seconds.append(time.perf_counter() - started)
-            await transport.release(handle, 10.0)
-    finally:
-        await transport.close()
-        await server.stop(grace=None)
-        servicer.close()
-    return seconds
-
-
 def decode_tokens_per_s(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int) -> float:
     """Generated tokens per second over the steps after every prompt has its first token."""
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -159,22 +91,26 @@ def decode_tokens_per_s(engine: Engine, prompts: Sequence[Sequence[int]], max_to
 
 
 def run(ctx: BenchContext) -> Section:
-    prompt_tokens, rounds = ctx.size(2000, 256), ctx.size(7, 2)  # 2000: the bench model's limit is 2048
+    prompt_tokens, rounds = ctx.size(2000, 256), ctx.size(HANDOFF_ROUNDS, 3)  # 2000: the bench model's limit is 2048
     budget_bytes, seq_tokens = 64 << 20, 512
     concurrency, decode_tokens = ctx.size(32, 4), ctx.size(32, 4)
     engines = {name: _engine(ctx, kv, kv_cache_bytes=budget_bytes) for name, kv in (("bf16", "auto"), ("fp8", "fp8"))}
     vocab = engines["bf16"].model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(4, vocab, (prompt_tokens,), generator=gen).tolist()
+    pairs = {name: (engine, _engine(ctx, engine.config.kv_cache_dtype)) for name, engine in engines.items()}
+    handoffs = handoff_seconds(pairs, prompt, rounds, ctx.size(HANDOFF_WARMUP, 1))
     results: dict[str, dict[str, float]] = {}
     for name, engine in engines.items():
-        bytes_moved, seconds = handoff_seconds(engine, _engine(ctx, engine.config.kv_cache_dtype), prompt, rounds)
+        handoff = handoffs[name]
         blocks_per_seq = -(-seq_tokens // engine.config.block_size)
         prompts = [torch.randint(4, vocab, (64,), generator=gen).tolist() for _ in range(concurrency)]
         results[name] = {
             "bytes_per_token": engine.kv_spec.bytes_per_token,
-            "handoff_bytes": bytes_moved,
-            "handoff_s": statistics.median(seconds),
+            "handoff_bytes": handoff.bytes_moved,
+            "handoff_s": handoff.median,
+            "handoff_p10_s": handoff.percentile(10),
+            "handoff_p90_s": handoff.percentile(90),
             "num_blocks": engine.pool.num_blocks,
             "max_seqs": engine.pool.num_blocks // blocks_per_seq,
             "decode_tps": decode_tokens_per_s(engine, prompts, decode_tokens),
@@ -214,14 +150,26 @@ def run(ctx: BenchContext) -> Section:
     figures += tuple(
         Figure(f"resident weight bytes, {w.name} / bf16", w.ratio_to_bf16, "x") for w in weights if w.name != "bf16"
     )
-    rows = [("KV cache", "bytes/token", "hand-off MiB", "hand-off s (median)", "blocks", "max seqs", "decode tok/s")]
+    rows = [
+        (
+            "KV cache",
+            "bytes/token",
+            "hand-off MiB",
+            "hand-off ms (median)",
+            "hand-off ms p10..p90",
+            "blocks",
+            "max seqs",
+            "decode tok/s",
+        )
+    ]
     for name, r in results.items():
         rows.append(
             (
                 name,
                 f"{r['bytes_per_token']:.0f}",
                 f"{r['handoff_bytes'] / 2**20:.1f}",
-                f"{r['handoff_s']:.4f}",
+                f"{r['handoff_s'] * 1e3:.2f}",
+                f"{r['handoff_p10_s'] * 1e3:.2f}..{r['handoff_p90_s'] * 1e3:.2f}",
                 f"{r['num_blocks']:.0f}",
                 f"{r['max_seqs']:.0f}",
                 f"{r['decode_tps']:.0f}",
@@ -231,7 +179,9 @@ def run(ctx: BenchContext) -> Section:
         f"bench model in bfloat16, KV cache bf16 (auto) vs fp8 (e4m3, scales 1.0: the model has no "
         f"kv_cache_scheme), in process, one torch thread. Hand-off: {prompt_tokens}-token prompt prefilled on "
         f"one engine, its full blocks pulled under a lease into a second engine's blocks by the gRPC transport "
-        f"on loopback (source servicer in the same process), median of {rounds} pulls. KV budget "
+        f"on loopback (source servicers in the same process), median of {rounds} pulls each, bf16 and fp8 "
+        f"taking turns pull by pull after {ctx.size(HANDOFF_WARMUP, 1)} warm-up rounds (spread: p10..p90 in the "
+        f"table). KV budget "
         f"{budget_bytes >> 20} MiB, sequences of {seq_tokens} tokens. Decode: {concurrency} prompts of 64 tokens, "
         f"{decode_tokens} greedy tokens each, timed after every first token. Quality: {quality.num_tokens} "
         "fp8-generated tokens rescored by the bf16 engine."
