@@ -23,6 +23,16 @@ costs `k_max * (b + q)` over a step's share s, so the interval is that over
 `PROBE_COST_SHARE * s`, within [`PROBE_INTERVAL_STEPS`, `MAX_PROBE_INTERVAL_STEPS`]
 (`PROBE_INTERVAL_STEPS` without the cost model). A cheap proposer (n-gram) probes often, an
 expensive one (a draft model) seldom.
+
+Back-off: a probe whose verification leaves the rule at k = 0 (judged at the request's next
+decode step that reaches the rule) doubles the request's interval, up to
+`MAX_BACKOFF_INTERVAL_STEPS`; a step at which the rule picks k >= 1 (after a paying probe or
+otherwise) resets it to the cost-share interval. On text where drafting never pays, the probes'
+share of a request's cost thus falls from `PROBE_COST_SHARE` to `PROBE_COST_SHARE * I0 / 512`
+for a first interval I0 (8..64 steps: 0.08 % to 0.6 %), after at most 6 probes; a text that
+turns repetitive is found at most 512 steps late. The schedule depends only on the request's
+own outcomes and the interval the caller passes (for a seeded sampled request, the fixed
+`PROBE_INTERVAL_STEPS`), so it stays deterministic.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ LOW_ACCEPTANCE = 0.25
 ACCEPTANCE_EMA_WEIGHT = 0.5
 PROBE_INTERVAL_STEPS = 8
 MAX_PROBE_INTERVAL_STEPS = 64
+MAX_BACKOFF_INTERVAL_STEPS = 512  # the back-off's bound (module doc)
 PROBE_COST_SHARE = 0.05
 COST_FORGETTING = 0.99  # weight of the older steps in the step-time fit, per new step
 DRAFT_COST_EMA_WEIGHT = 0.1
@@ -91,22 +102,37 @@ def probe_interval(k_max: int, costs: Costs | None, batch_size: int) -> int:
 
 
 class ProbeSchedule:
-    """Per request: its decode steps skipped at k = 0 since it last drafted."""
+    """Per request: its decode steps skipped at k = 0 since it last drafted, and the probe
+    interval's back-off (module doc)."""
 
     def __init__(self) -> None:
         self.skipped = 0
+        self.doublings = 0  # probes in a row that did not pay
+        self.probed = False  # the last decision was a probe, not judged yet
 
-    def skip(self, interval: int) -> bool:
-        """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now,
-        after `interval` skipped steps."""
-        if self.skipped >= interval:
+    def interval(self, first_interval: int) -> int:
+        """Skipped steps before the next probe, from the cost-share interval `first_interval`."""
+        return min(first_interval << self.doublings, max(first_interval, MAX_BACKOFF_INTERVAL_STEPS))
+
+    def skip(self, first_interval: int) -> bool:
+        """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now. A
+        probe before it did not pay (the rule still says k = 0): the interval doubles."""
+        if self.probed:
+            self.probed = False
+            if self.interval(first_interval) < MAX_BACKOFF_INTERVAL_STEPS:
+                self.doublings += 1
+        if self.skipped >= self.interval(first_interval):
             self.skipped = 0
+            self.probed = True
             return False
         self.skipped += 1
         return True
 
     def drafted(self) -> None:
+        """Called for a step at k >= 1: drafting pays, the interval starts over."""
         self.skipped = 0
+        self.doublings = 0
+        self.probed = False
 
 
 class StepCosts:
