@@ -206,3 +206,23 @@ def test_scripted_probe_outcomes_set_the_probe_schedule() -> None:
     assert steps == expected
     assert spec.counters.probes == 6
     assert next(outcomes, None) is None
+
+
+def test_choose_k_stops_at_the_scores_first_fall_without_missing_the_best_k() -> None:
+    """The early stop (the score is unimodal in k) against the full scan over a grid: the same
+    k, or one of exactly the same score up to rounding (p = 1 with b + q = a / B + b)."""
+
+    def score(p: float, k: int, costs: Costs, batch_size: int) -> float:
+        share = costs.fixed_s / batch_size + costs.per_token_s
+        return expected_tokens(p, k) * share / (share + k * (costs.per_token_s + costs.draft_token_s))
+
+    checked = 0
+    for p in [i / 40 for i in range(41)]:
+        for costs in [Costs(a, b, q) for a in (0.0005, 0.01) for b in (0.0, 0.001) for q in (0.0, 0.0005, 0.01)]:
+            for batch_size in (1, 8):
+                for k_max in (1, 2, 4, 16):
+                    full = max(range(k_max + 1), key=lambda k: (score(p, k, costs, batch_size), -k))
+                    k = choose_k(p, k_max, costs, batch_size)
+                    assert abs(score(p, k, costs, batch_size) - score(p, full, costs, batch_size)) <= 1e-12
+                    checked += 1
+    assert checked == 41 * 12 * 2 * 4

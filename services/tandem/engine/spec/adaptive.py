@@ -13,6 +13,8 @@ each verified draft's estimate accepted / (accepted + 1 if one was rejected)) gi
 
 `choose_k` picks the k in 0..k_max with the most expected tokens per unit of cost, `E(k) * s /
 (s + k * (b + q))`; k = 0 scores 1, so a request drafts only when drafting is expected to pay.
+E(k) is concave in k and the cost affine, so the score is unimodal: the search stops at its
+first fall (at k = 1 for a request whose drafts do not pay).
 Until the fit has `MIN_COST_SAMPLES` steps (or for a request not decided by the batch, spec/skip.py)
 the cost model is not used: k_max, unless acceptance is below `LOW_ACCEPTANCE`.
 
@@ -85,10 +87,14 @@ def choose_k(acceptance: float | None, k_max: int, costs: Costs | None, batch_si
         return 0 if acceptance < LOW_ACCEPTANCE else k_max
     share, extra = _share_and_extra(costs, batch_size)
     best_k, best = 0, 1.0
+    expected, power = 1.0, 1.0
     for k in range(1, k_max + 1):
-        score = expected_tokens(acceptance, k) * share / (share + k * extra)
-        if score > best:
-            best_k, best = k, score
+        power *= acceptance
+        expected += power  # expected_tokens(acceptance, k)
+        score = expected * share / (share + k * extra)
+        if score <= best:
+            break  # a concave gain over an affine cost: the score is unimodal in k, it only falls now
+        best_k, best = k, score
     return best_k
 
 
@@ -144,6 +150,8 @@ class StepCosts:
         self._sums = [0.0] * 5
         self.samples = 0
         self.draft_token_s: float | None = None
+        self._fitted: Costs | None = None
+        self._stale = True  # an observation since `_fitted` was computed
 
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
         n, t = float(num_tokens), seconds
@@ -151,6 +159,7 @@ class StepCosts:
         for i, value in enumerate((1.0, n, n * n, t, n * t)):
             self._sums[i] += value
         self.samples += 1
+        self._stale = True
 
     def observe_draft(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0:
@@ -160,10 +169,17 @@ class StepCosts:
             self.draft_token_s = per_token
         else:
             self.draft_token_s += DRAFT_COST_EMA_WEIGHT * (per_token - self.draft_token_s)
+        self._stale = True
 
     def costs(self) -> Costs | None:
         """The fitted costs, or None before `MIN_COST_SAMPLES` passes or while the passes
-        seen do not vary in size enough to separate a from b."""
+        seen do not vary in size enough to separate a from b. Fitted once per observation (the
+        batcher asks for every sequence of a step)."""
+        if self._stale:
+            self._fitted, self._stale = self._fit(), False
+        return self._fitted
+
+    def _fit(self) -> Costs | None:
         if self.samples < MIN_COST_SAMPLES:
             return None
         w, wn, wnn, wt, wnt = self._sums
