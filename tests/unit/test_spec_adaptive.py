@@ -226,3 +226,23 @@ def test_choose_k_stops_at_the_scores_first_fall_without_missing_the_best_k() ->
                     assert abs(score(p, k, costs, batch_size) - score(p, full, costs, batch_size)) <= 1e-12
                     checked += 1
     assert checked == 41 * 12 * 2 * 4
+
+
+def test_a_wait_for_the_next_probe_ends_when_the_batch_size_changes_not_with_the_fit() -> None:
+    """Between two probes the rule is not run again (adaptive.py, `ProbeSchedule.waiting`)."""
+    spec = _speculator_with_costs()
+    seq = _running()
+    seq.spec_acceptance = 0.4  # k = 0 at B = 8 (test_choose_k_table), k = 2 at B = 1: 1.56 * 11/13
+    spec.skip_step(8, 8)
+    assert [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(3)] == [0, 0, 0]
+    spec.skip_step(1, 1)  # the batch shrank: the rule runs again at once
+    assert spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) == 2
+    # the fit moving alone does not end a wait: at B = 1, acceptance 0.05 skips (interval 8) ...
+    seq.spec_acceptance = 0.05
+    assert [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(2)] == [0, 0]
+    for n in [1, 5, 300, 1, 5, 5, 120, 1, 5, 5, 5, 1, 5, 64, 5, 5] * 40:
+        spec.costs.observe_pass(n, 1.0 + 0.001 * n)  # a = 1 s: drafting is almost free, k = 2 would pay
+    fitted = spec.costs.costs()
+    assert fitted is not None and choose_k(0.05, 4, fitted, 1) == 2
+    ks = [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(8)]
+    assert ks == [0] * 6 + [2, 2]  # ... until the wait runs out (8 skipped): the rule runs first, and pays

@@ -35,6 +35,11 @@ for a first interval I0 (8..64 steps: 0.08 % to 0.6 %), after at most 6 probes; 
 turns repetitive is found at most 512 steps late. The schedule depends only on the request's
 own outcomes and the interval the caller passes (for a seeded sampled request, the fixed
 `PROBE_INTERVAL_STEPS`), so it stays deterministic.
+
+Between two probes the rule is not run again (`ProbeSchedule.waiting`): a request at k = 0
+verifies no draft, so its acceptance does not change; only a change of its k_max or of the
+batch size (or the next probe) runs it again. Drift of the step-time fit alone does not end a
+wait. This keeps the steps of a request that does not draft at a few microseconds.
 """
 
 from __future__ import annotations
@@ -115,21 +120,36 @@ class ProbeSchedule:
         self.skipped = 0
         self.doublings = 0  # probes in a row that did not pay
         self.probed = False  # the last decision was a probe, not judged yet
+        self._waiting: tuple[int, int, int] | None = None  # (k_max, batch size, interval) of the wait
 
     def interval(self, first_interval: int) -> int:
         """Skipped steps before the next probe, from the cost-share interval `first_interval`."""
         return min(first_interval << self.doublings, max(first_interval, MAX_BACKOFF_INTERVAL_STEPS))
 
-    def skip(self, first_interval: int) -> bool:
+    def skip(self, first_interval: int, k_max: int = 0, batch_size: int = 0) -> bool:
         """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now. A
-        probe before it did not pay (the rule still says k = 0): the interval doubles."""
+        probe before it did not pay (the rule still says k = 0): the interval doubles.
+        `k_max` and `batch_size`: the rule's inputs, remembered for `waiting`."""
         if self.probed:
             self.probed = False
             if self.interval(first_interval) < MAX_BACKOFF_INTERVAL_STEPS:
                 self.doublings += 1
-        if self.skipped >= self.interval(first_interval):
+        interval = self.interval(first_interval)
+        if self.skipped >= interval:
             self.skipped = 0
             self.probed = True
+            self._waiting = None
+            return False
+        self.skipped += 1
+        self._waiting = (k_max, batch_size, interval)
+        return True
+
+    def waiting(self, k_max: int, batch_size: int) -> bool:
+        """A step in the middle of a wait for the next probe: True (skip it, counted) if the
+        rule's inputs are those it last saw (its acceptance cannot change without a verified
+        draft) and the interval is not over; False: the caller runs the rule and `skip`."""
+        waiting = self._waiting
+        if waiting is None or waiting[0] != k_max or waiting[1] != batch_size or self.skipped >= waiting[2]:
             return False
         self.skipped += 1
         return True
@@ -139,6 +159,7 @@ class ProbeSchedule:
         self.skipped = 0
         self.doublings = 0
         self.probed = False
+        self._waiting = None
 
 
 class StepCosts:
@@ -154,10 +175,9 @@ class StepCosts:
         self._stale = True  # an observation since `_fitted` was computed
 
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
-        n, t = float(num_tokens), seconds
-        self._sums = [COST_FORGETTING * s for s in self._sums]
-        for i, value in enumerate((1.0, n, n * n, t, n * t)):
-            self._sums[i] += value
+        n, t, f = float(num_tokens), seconds, COST_FORGETTING
+        w, wn, wnn, wt, wnt = self._sums
+        self._sums = [f * w + 1.0, f * wn + n, f * wnn + n * n, f * wt + t, f * wnt + n * t]
         self.samples += 1
         self._stale = True
 
