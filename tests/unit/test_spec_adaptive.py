@@ -246,3 +246,26 @@ def test_a_wait_for_the_next_probe_ends_when_the_batch_size_changes_not_with_the
     assert fitted is not None and choose_k(0.05, 4, fitted, 1) == 2
     ks = [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(8)]
     assert ks == [0] * 6 + [2, 2]  # ... until the wait runs out (8 skipped): the rule runs first, and pays
+
+
+def test_a_probe_that_drafted_nothing_probes_again_at_the_next_step() -> None:
+    probes = ProbeSchedule()
+    assert _gaps(probes, 3, 1) == [3]
+    probes.drafted_nothing()  # the probe's n-gram lookup found no match
+    assert _gaps(probes, 3, 3) == [0, 6, 12]  # again at once, not doubled; then unpaid probes double
+    probes.drafted_nothing()  # after the 12-step wait's probe: probe again
+    probes.drafted_nothing()  # no probe since: no effect
+    assert [probes.skip(3) for _ in range(3)] == [False, True, True]
+
+
+def test_the_speculator_reprobes_a_request_whose_probe_found_no_ngram() -> None:
+    """End to end through `Speculator.propose` with the real n-gram proposer: tokens without a
+    repeated bigram give an empty draft, and the request probes again at its next step."""
+    spec = _speculator_with_costs()
+    seq = _running()  # tokens 5, 6, 7, 8, 9: no bigram occurs twice
+    seq.spec_acceptance = 0.0
+    ks = [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(9)]
+    assert ks == [0] * 8 + [4]
+    assert spec.propose([seq], [4])[0].token_ids == ()
+    assert spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) == 4
+    assert spec.counters.probes == 2

@@ -34,7 +34,9 @@ share of a request's cost thus falls from `PROBE_COST_SHARE` to `PROBE_COST_SHAR
 for a first interval I0 (8..64 steps: 0.08 % to 0.6 %), after at most 6 probes; a text that
 turns repetitive is found at most 512 steps late. The schedule depends only on the request's
 own outcomes and the interval the caller passes (for a seeded sampled request, the fixed
-`PROBE_INTERVAL_STEPS`), so it stays deterministic.
+`PROBE_INTERVAL_STEPS`), so it stays deterministic. A probe for which the proposer drafted
+nothing (an n-gram proposer without a match: it cost a lookup) is no outcome: the request
+probes again at its next step, until a draft is verified or the rule drafts.
 
 Between two probes the rule is not run again (`ProbeSchedule.waiting`): a request at k = 0
 verifies no draft, so its acceptance does not change; only a change of its k_max or of the
@@ -121,6 +123,7 @@ class ProbeSchedule:
         self.doublings = 0  # probes in a row that did not pay
         self.probed = False  # the last decision was a probe, not judged yet
         self._waiting: tuple[int, int, int] | None = None  # (k_max, batch size, interval) of the wait
+        self._retry = False  # the last probe drafted nothing: probe again at the next step
 
     def interval(self, first_interval: int) -> int:
         """Skipped steps before the next probe, from the cost-share interval `first_interval`."""
@@ -135,7 +138,8 @@ class ProbeSchedule:
             if self.interval(first_interval) < MAX_BACKOFF_INTERVAL_STEPS:
                 self.doublings += 1
         interval = self.interval(first_interval)
-        if self.skipped >= interval:
+        if self.skipped >= interval or self._retry:
+            self._retry = False
             self.skipped = 0
             self.probed = True
             self._waiting = None
@@ -154,12 +158,21 @@ class ProbeSchedule:
         self.skipped += 1
         return True
 
+    def drafted_nothing(self) -> None:
+        """The proposer drafted nothing for this step (an n-gram without a match). After a
+        probe: it cost about nothing and measured nothing, so it neither doubles the interval
+        nor starts a new wait: the next step at k = 0 probes again."""
+        if self.probed:
+            self.probed = False
+            self._retry = True
+
     def drafted(self) -> None:
         """Called for a step at k >= 1: drafting pays, the interval starts over."""
         self.skipped = 0
         self.doublings = 0
         self.probed = False
         self._waiting = None
+        self._retry = False
 
 
 class StepCosts:

@@ -110,9 +110,11 @@ class Speculator:
         started = time.perf_counter()
         drafts = self.proposer.propose(seqs, num_tokens)
         self.costs.observe_draft(sum(num_tokens), time.perf_counter() - started)
-        for k, draft in zip(num_tokens, drafts):
+        for seq, k, draft in zip(seqs, num_tokens, drafts):
             if len(draft.token_ids) > k:
                 raise RuntimeError(f"proposer {self.proposer.name} drafted {len(draft.token_ids)} > {k} tokens")
+            if not draft.token_ids and (probes := self._probes.get(seq.request_id)) is not None:
+                probes.drafted_nothing()
         return drafts
 
     def rollback(self, request_id: str, num_valid_tokens: int) -> None:
