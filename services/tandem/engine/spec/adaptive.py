@@ -31,7 +31,7 @@ decode step that reaches the rule) doubles the request's interval, up to
 `MAX_BACKOFF_INTERVAL_STEPS`; a step at which the rule picks k >= 1 (after a paying probe or
 otherwise) resets it to the cost-share interval. On text where drafting never pays, the probes'
 share of a request's cost thus falls from `PROBE_COST_SHARE` to `PROBE_COST_SHARE * I0 / 512`
-for a first interval I0 (8..64 steps: 0.08 % to 0.6 %), after at most 6 probes; a text that
+for a first interval I0 (8..64 steps: 0.08 % to 0.6 %), after at most 6 unpaid probes; a text that
 turns repetitive is found at most 512 steps late. The schedule depends only on the request's
 own outcomes and the interval the caller passes (for a seeded sampled request, the fixed
 `PROBE_INTERVAL_STEPS`), so it stays deterministic. A probe for which the proposer drafted
