@@ -8,6 +8,7 @@ import pytest
 from tandem.common.request import Request, SamplingParams
 from tandem.engine.sequence import Sequence
 from tandem.engine.spec.adaptive import (
+    MAX_BACKOFF_INTERVAL_STEPS,
     MIN_COST_SAMPLES,
     Costs,
     ProbeSchedule,
@@ -60,11 +61,43 @@ def test_choose_k_never_exceeds_k_max() -> None:
     assert choose_k(1.0, 0, NGRAM_COSTS, 1) == 0
 
 
-def test_probe_schedule_probes_after_each_interval() -> None:
+def _gaps(probes: ProbeSchedule, first_interval: int, num_probes: int) -> list[int]:
+    """The steps skipped before each of the next `num_probes` probes (every probe unpaid)."""
+    gaps, run = [], 0
+    while len(gaps) < num_probes:
+        if probes.skip(first_interval):
+            run += 1
+        else:
+            gaps.append(run)
+            run = 0
+    return gaps
+
+
+def test_probe_schedule_doubles_the_interval_after_each_probe_that_did_not_pay() -> None:
     probes = ProbeSchedule()
-    assert [probes.skip(3) for _ in range(9)] == [True, True, True, False] * 2 + [True]
+    assert [probes.skip(3) for _ in range(4)] == [True, True, True, False]  # the first interval: as given
+    # each later call at k = 0 means the probe did not pay: 6, then 12 skipped steps
+    assert [probes.skip(3) for _ in range(6 + 1 + 12 + 1)] == [True] * 6 + [False] + [True] * 12 + [False]
+    assert (probes.doublings, probes.skipped) == (2, 0)
+    # a step at k >= 1 (a paying probe) resets it to the first interval
     probes.drafted()
-    assert [probes.skip(2) for _ in range(3)] == [True, True, False]
+    assert _gaps(probes, 3, 4) == [3, 6, 12, 24]
+
+
+def test_probe_schedule_backoff_stops_at_its_bound() -> None:
+    assert MAX_BACKOFF_INTERVAL_STEPS == 512
+    assert _gaps(ProbeSchedule(), 100, 6) == [100, 200, 400, 512, 512, 512]
+    assert _gaps(ProbeSchedule(), 8, 9) == [8, 16, 32, 64, 128, 256, 512, 512, 512]
+    # a first interval above the bound (never from `probe_interval`) is kept, not doubled
+    assert _gaps(ProbeSchedule(), 600, 2) == [600, 600]
+
+
+def test_probe_schedule_follows_the_first_interval_it_is_given() -> None:
+    """The cost-share interval may change between steps (the batch size, the fit): the
+    back-off doubles whatever the caller passes."""
+    probes = ProbeSchedule()
+    assert _gaps(probes, 4, 2) == [4, 8]
+    assert _gaps(probes, 10, 1) == [40]  # two unpaid probes so far: 10 * 4
 
 
 @pytest.mark.parametrize(
@@ -150,3 +183,89 @@ def test_a_seeded_sampled_request_ignores_the_timings() -> None:
     assert spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) == 4
     seq.spec_acceptance = 0.2
     assert spec.num_draft_tokens(seq, True, budget_left=0, free_positions=0) == 0
+
+
+def test_scripted_probe_outcomes_set_the_probe_schedule() -> None:
+    """The speculator end to end on a request at k = 0: each drafting step's outcome goes into
+    the acceptance estimate as the engine's verification does; unpaid probes double the
+    interval (8 at B = 1 with these costs, `test_probe_interval_...`), a paying one resets it."""
+    spec = _speculator_with_costs()
+    seq = _running()
+    seq.spec_acceptance = 0.0
+    # three unpaid probes after 8, 16 and 32 skipped steps; the fourth, after 64, accepts all 4
+    # (acceptance 0.5: k = 2); 0 of 2 leaves 0.25 (k = 1), 0 of 1 0.125 (k = 1), 0 of 1 0.0625
+    # (k = 0): the first interval again, doubled after the next unpaid probe
+    expected = "".join("0" * gap + "4" for gap in (8, 16, 32, 64)) + "211" + "0" * 8 + "4" + "0" * 16 + "4" + "000"
+    outcomes = iter([0, 0, 0, 4, 0, 0, 0, 0, 0])  # accepted tokens of each drafting step, in order
+    steps = ""
+    for _ in expected:
+        k = spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100)
+        steps += str(k)
+        if k:
+            seq.spec_acceptance = update_acceptance(seq.spec_acceptance, k, min(next(outcomes), k))
+    assert steps == expected
+    assert spec.counters.probes == 6
+    assert next(outcomes, None) is None
+
+
+def test_choose_k_stops_at_the_scores_first_fall_without_missing_the_best_k() -> None:
+    """The early stop (the score is unimodal in k) against the full scan over a grid: the same
+    k, or one of exactly the same score up to rounding (p = 1 with b + q = a / B + b)."""
+
+    def score(p: float, k: int, costs: Costs, batch_size: int) -> float:
+        share = costs.fixed_s / batch_size + costs.per_token_s
+        return expected_tokens(p, k) * share / (share + k * (costs.per_token_s + costs.draft_token_s))
+
+    checked = 0
+    for p in [i / 40 for i in range(41)]:
+        for costs in [Costs(a, b, q) for a in (0.0005, 0.01) for b in (0.0, 0.001) for q in (0.0, 0.0005, 0.01)]:
+            for batch_size in (1, 8):
+                for k_max in (1, 2, 4, 16):
+                    full = max(range(k_max + 1), key=lambda k: (score(p, k, costs, batch_size), -k))
+                    k = choose_k(p, k_max, costs, batch_size)
+                    assert abs(score(p, k, costs, batch_size) - score(p, full, costs, batch_size)) <= 1e-12
+                    checked += 1
+    assert checked == 41 * 12 * 2 * 4
+
+
+def test_a_wait_for_the_next_probe_ends_when_the_batch_size_changes_not_with_the_fit() -> None:
+    """Between two probes the rule is not run again (adaptive.py, `ProbeSchedule.waiting`)."""
+    spec = _speculator_with_costs()
+    seq = _running()
+    seq.spec_acceptance = 0.4  # k = 0 at B = 8 (test_choose_k_table), k = 2 at B = 1: 1.56 * 11/13
+    spec.skip_step(8, 8)
+    assert [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(3)] == [0, 0, 0]
+    spec.skip_step(1, 1)  # the batch shrank: the rule runs again at once
+    assert spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) == 2
+    # the fit moving alone does not end a wait: at B = 1, acceptance 0.05 skips (interval 8) ...
+    seq.spec_acceptance = 0.05
+    assert [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(2)] == [0, 0]
+    for n in [1, 5, 300, 1, 5, 5, 120, 1, 5, 5, 5, 1, 5, 64, 5, 5] * 40:
+        spec.costs.observe_pass(n, 1.0 + 0.001 * n)  # a = 1 s: drafting is almost free, k = 2 would pay
+    fitted = spec.costs.costs()
+    assert fitted is not None and choose_k(0.05, 4, fitted, 1) == 2
+    ks = [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(8)]
+    assert ks == [0] * 6 + [2, 2]  # ... until the wait runs out (8 skipped): the rule runs first, and pays
+
+
+def test_a_probe_that_drafted_nothing_probes_again_at_the_next_step() -> None:
+    probes = ProbeSchedule()
+    assert _gaps(probes, 3, 1) == [3]
+    probes.drafted_nothing()  # the probe's n-gram lookup found no match
+    assert _gaps(probes, 3, 3) == [0, 6, 12]  # again at once, not doubled; then unpaid probes double
+    probes.drafted_nothing()  # after the 12-step wait's probe: probe again
+    probes.drafted_nothing()  # no probe since: no effect
+    assert [probes.skip(3) for _ in range(3)] == [False, True, True]
+
+
+def test_the_speculator_reprobes_a_request_whose_probe_found_no_ngram() -> None:
+    """End to end through `Speculator.propose` with the real n-gram proposer: tokens without a
+    repeated bigram give an empty draft, and the request probes again at its next step."""
+    spec = _speculator_with_costs()
+    seq = _running()  # tokens 5, 6, 7, 8, 9: no bigram occurs twice
+    seq.spec_acceptance = 0.0
+    ks = [spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) for _ in range(9)]
+    assert ks == [0] * 8 + [4]
+    assert spec.propose([seq], [4])[0].token_ids == ()
+    assert spec.num_draft_tokens(seq, False, budget_left=100, free_positions=100) == 4
+    assert spec.counters.probes == 2

@@ -13,6 +13,8 @@ each verified draft's estimate accepted / (accepted + 1 if one was rejected)) gi
 
 `choose_k` picks the k in 0..k_max with the most expected tokens per unit of cost, `E(k) * s /
 (s + k * (b + q))`; k = 0 scores 1, so a request drafts only when drafting is expected to pay.
+E(k) is concave in k and the cost affine, so the score is unimodal: the search stops at its
+first fall (at k = 1 for a request whose drafts do not pay).
 Until the fit has `MIN_COST_SAMPLES` steps (or for a request not decided by the batch, spec/skip.py)
 the cost model is not used: k_max, unless acceptance is below `LOW_ACCEPTANCE`.
 
@@ -23,6 +25,23 @@ costs `k_max * (b + q)` over a step's share s, so the interval is that over
 `PROBE_COST_SHARE * s`, within [`PROBE_INTERVAL_STEPS`, `MAX_PROBE_INTERVAL_STEPS`]
 (`PROBE_INTERVAL_STEPS` without the cost model). A cheap proposer (n-gram) probes often, an
 expensive one (a draft model) seldom.
+
+Back-off: a probe whose verification leaves the rule at k = 0 (judged at the request's next
+decode step that reaches the rule) doubles the request's interval, up to
+`MAX_BACKOFF_INTERVAL_STEPS`; a step at which the rule picks k >= 1 (after a paying probe or
+otherwise) resets it to the cost-share interval. On text where drafting never pays, the probes'
+share of a request's cost thus falls from `PROBE_COST_SHARE` to `PROBE_COST_SHARE * I0 / 512`
+for a first interval I0 (8..64 steps: 0.08 % to 0.6 %), after at most 6 unpaid probes; a text that
+turns repetitive is found at most 512 steps late. The schedule depends only on the request's
+own outcomes and the interval the caller passes (for a seeded sampled request, the fixed
+`PROBE_INTERVAL_STEPS`), so it stays deterministic. A probe for which the proposer drafted
+nothing (an n-gram proposer without a match: it cost a lookup) is no outcome: the request
+probes again at its next step, until a draft is verified or the rule drafts.
+
+Between two probes the rule is not run again (`ProbeSchedule.waiting`): a request at k = 0
+verifies no draft, so its acceptance does not change; only a change of its k_max or of the
+batch size (or the next probe) runs it again. Drift of the step-time fit alone does not end a
+wait. This keeps the steps of a request that does not draft at a few microseconds.
 """
 
 from __future__ import annotations
@@ -34,6 +53,7 @@ LOW_ACCEPTANCE = 0.25
 ACCEPTANCE_EMA_WEIGHT = 0.5
 PROBE_INTERVAL_STEPS = 8
 MAX_PROBE_INTERVAL_STEPS = 64
+MAX_BACKOFF_INTERVAL_STEPS = 512  # the back-off's bound (module doc)
 PROBE_COST_SHARE = 0.05
 COST_FORGETTING = 0.99  # weight of the older steps in the step-time fit, per new step
 DRAFT_COST_EMA_WEIGHT = 0.1
@@ -74,10 +94,14 @@ def choose_k(acceptance: float | None, k_max: int, costs: Costs | None, batch_si
         return 0 if acceptance < LOW_ACCEPTANCE else k_max
     share, extra = _share_and_extra(costs, batch_size)
     best_k, best = 0, 1.0
+    expected, power = 1.0, 1.0
     for k in range(1, k_max + 1):
-        score = expected_tokens(acceptance, k) * share / (share + k * extra)
-        if score > best:
-            best_k, best = k, score
+        power *= acceptance
+        expected += power  # expected_tokens(acceptance, k)
+        score = expected * share / (share + k * extra)
+        if score <= best:
+            break  # a concave gain over an affine cost: the score is unimodal in k, it only falls now
+        best_k, best = k, score
     return best_k
 
 
@@ -91,22 +115,64 @@ def probe_interval(k_max: int, costs: Costs | None, batch_size: int) -> int:
 
 
 class ProbeSchedule:
-    """Per request: its decode steps skipped at k = 0 since it last drafted."""
+    """Per request: its decode steps skipped at k = 0 since it last drafted, and the probe
+    interval's back-off (module doc)."""
 
     def __init__(self) -> None:
         self.skipped = 0
+        self.doublings = 0  # probes in a row that did not pay
+        self.probed = False  # the last decision was a probe, not judged yet
+        self._waiting: tuple[int, int, int] | None = None  # (k_max, batch size, interval) of the wait
+        self._retry = False  # the last probe drafted nothing: probe again at the next step
 
-    def skip(self, interval: int) -> bool:
-        """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now,
-        after `interval` skipped steps."""
-        if self.skipped >= interval:
+    def interval(self, first_interval: int) -> int:
+        """Skipped steps before the next probe, from the cost-share interval `first_interval`."""
+        return min(first_interval << self.doublings, max(first_interval, MAX_BACKOFF_INTERVAL_STEPS))
+
+    def skip(self, first_interval: int, k_max: int = 0, batch_size: int = 0) -> bool:
+        """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now. A
+        probe before it did not pay (the rule still says k = 0): the interval doubles.
+        `k_max` and `batch_size`: the rule's inputs, remembered for `waiting`."""
+        if self.probed:
+            self.probed = False
+            if self.interval(first_interval) < MAX_BACKOFF_INTERVAL_STEPS:
+                self.doublings += 1
+        interval = self.interval(first_interval)
+        if self.skipped >= interval or self._retry:
+            self._retry = False
             self.skipped = 0
+            self.probed = True
+            self._waiting = None
+            return False
+        self.skipped += 1
+        self._waiting = (k_max, batch_size, interval)
+        return True
+
+    def waiting(self, k_max: int, batch_size: int) -> bool:
+        """A step in the middle of a wait for the next probe: True (skip it, counted) if the
+        rule's inputs are those it last saw (its acceptance cannot change without a verified
+        draft) and the interval is not over; False: the caller runs the rule and `skip`."""
+        waiting = self._waiting
+        if waiting is None or waiting[0] != k_max or waiting[1] != batch_size or self.skipped >= waiting[2]:
             return False
         self.skipped += 1
         return True
 
+    def drafted_nothing(self) -> None:
+        """The proposer drafted nothing for this step (an n-gram without a match). After a
+        probe: it cost about nothing and measured nothing, so it neither doubles the interval
+        nor starts a new wait: the next step at k = 0 probes again."""
+        if self.probed:
+            self.probed = False
+            self._retry = True
+
     def drafted(self) -> None:
+        """Called for a step at k >= 1: drafting pays, the interval starts over."""
         self.skipped = 0
+        self.doublings = 0
+        self.probed = False
+        self._waiting = None
+        self._retry = False
 
 
 class StepCosts:
@@ -118,13 +184,15 @@ class StepCosts:
         self._sums = [0.0] * 5
         self.samples = 0
         self.draft_token_s: float | None = None
+        self._fitted: Costs | None = None
+        self._stale = True  # an observation since `_fitted` was computed
 
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
-        n, t = float(num_tokens), seconds
-        self._sums = [COST_FORGETTING * s for s in self._sums]
-        for i, value in enumerate((1.0, n, n * n, t, n * t)):
-            self._sums[i] += value
+        n, t, f = float(num_tokens), seconds, COST_FORGETTING
+        w, wn, wnn, wt, wnt = self._sums
+        self._sums = [f * w + 1.0, f * wn + n, f * wnn + n * n, f * wt + t, f * wnt + n * t]
         self.samples += 1
+        self._stale = True
 
     def observe_draft(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0:
@@ -134,10 +202,17 @@ class StepCosts:
             self.draft_token_s = per_token
         else:
             self.draft_token_s += DRAFT_COST_EMA_WEIGHT * (per_token - self.draft_token_s)
+        self._stale = True
 
     def costs(self) -> Costs | None:
         """The fitted costs, or None before `MIN_COST_SAMPLES` passes or while the passes
-        seen do not vary in size enough to separate a from b."""
+        seen do not vary in size enough to separate a from b. Fitted once per observation (the
+        batcher asks for every sequence of a step)."""
+        if self._stale:
+            self._fitted, self._stale = self._fit(), False
+        return self._fitted
+
+    def _fit(self) -> Costs | None:
         if self.samples < MIN_COST_SAMPLES:
             return None
         w, wn, wnn, wt, wnt = self._sums

@@ -86,11 +86,17 @@ class Speculator:
             k_max = min(k_max, budget_left, free_positions)
         if k_max <= 0:
             return 0
+        probes = self._probes.get(seq.request_id)
+        if probes is None:
+            probes = self._probes[seq.request_id] = ProbeSchedule()
+        elif probes.waiting(k_max, self._batch_size):  # between two probes: the rule's inputs unchanged
+            self.counters.skipped_steps += 1
+            self.counters.withheld_tokens += k_max
+            return 0
         costs = self.costs.costs() if decided_by_batch else None
         k = choose_k(seq.spec_acceptance, k_max, costs, self._batch_size)
-        probes = self._probes.setdefault(seq.request_id, ProbeSchedule())
         if k == 0:
-            if probes.skip(probe_interval(k_max, costs, self._batch_size)):
+            if probes.skip(probe_interval(k_max, costs, self._batch_size), k_max, self._batch_size):
                 self.counters.skipped_steps += 1
                 self.counters.withheld_tokens += k_max
                 return 0
@@ -104,9 +110,11 @@ class Speculator:
         started = time.perf_counter()
         drafts = self.proposer.propose(seqs, num_tokens)
         self.costs.observe_draft(sum(num_tokens), time.perf_counter() - started)
-        for k, draft in zip(num_tokens, drafts):
+        for seq, k, draft in zip(seqs, num_tokens, drafts):
             if len(draft.token_ids) > k:
                 raise RuntimeError(f"proposer {self.proposer.name} drafted {len(draft.token_ids)} > {k} tokens")
+            if not draft.token_ids and (probes := self._probes.get(seq.request_id)) is not None:
+                probes.drafted_nothing()
         return drafts
 
     def rollback(self, request_id: str, num_valid_tokens: int) -> None:
