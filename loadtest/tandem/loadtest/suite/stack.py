@@ -111,7 +111,9 @@ def run(ctx: BenchContext) -> Section:
         with BenchCluster.start(spec) as cluster:
             _stack_tps(cluster, _requests(-1, 2, 4))  # warm-up
             for r in range(rounds):
-                requests = _requests(r, concurrency, max_tokens)
+                # fresh prompts in every round of either layout: the in-process engine keeps its
+                # prefix cache across rounds, and a prompt it saw before would skip its prefill
+                requests = _requests(r if layout == "colocated" else 200 + r, concurrency, max_tokens)
                 measured[f"engine ({layout} rounds)"].append(_engine_tps(engine, requests))
                 if layout == "colocated":  # the worker's own gRPC streams, without the gateway
                     (address,) = cluster.worker_addresses.values()
