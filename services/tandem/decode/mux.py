@@ -44,6 +44,7 @@ from tandem.common import codec, mux_codec
 from tandem.common.ownership import owner_metadata
 from tandem.common.request import TokenLogprob
 from tandem.common.tracing import ClockAnchor
+from tandem.decode.stream import EmitTokens
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class DecodesRequests(Protocol):
         context: grpc.aio.ServicerContext,
         arrival: ClockAnchor,
         emit: Callable[[codec.DecodeDelta], None] | None = None,
-        emit_tokens: Callable[[tuple[int, ...], tuple[TokenLogprob, ...]], None] | None = None,
+        emit_tokens: EmitTokens | None = None,
     ) -> AsyncGenerator[codec.DecodeDelta, None]: ...
 
 

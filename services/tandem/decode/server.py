@@ -53,7 +53,6 @@ import grpc
 
 from tandem.common import codec
 from tandem.common.pb import tandem_pb2_grpc as pb_grpc
-from tandem.common.request import TokenLogprob
 from tandem.common.tracing import ClockAnchor, ending, request_attributes
 from tandem.decode.handoff import HandOffs
 from tandem.decode.mux import decode_stream
@@ -62,6 +61,7 @@ from tandem.decode.stream import (
     DeltaStream,
     DirectDeltas,
     DrainDeadlineReached,
+    EmitTokens,
     FirstDelta,
     ShedError,
     stream_deltas,
@@ -108,7 +108,7 @@ class DecodeServicer(WorkerServicerBase):
         context: grpc.aio.ServicerContext,
         arrival: ClockAnchor,
         emit: Callable[[codec.DecodeDelta], None] | None = None,
-        emit_tokens: Callable[[tuple[int, ...], tuple[TokenLogprob, ...]], None] | None = None,
+        emit_tokens: EmitTokens | None = None,
     ) -> AsyncGenerator[codec.DecodeDelta, None]:
         """One decode request, steps 1 to 7 above: the deltas of its stream. It ends however the
         call would (`context.abort`); closing it (or cancelling its task) aborts the sequence.

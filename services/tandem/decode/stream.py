@@ -57,6 +57,11 @@ class FirstDelta:
     admit_s: float = 0.0
 
 
+# Where a multiplexed request's common-case deltas go (`DirectDeltas`): its new token ids and
+# their logprobs, no DecodeDelta built (decode/mux.py sends them as `mux_codec.MuxTokens`).
+EmitTokens = Callable[[tuple[int, ...], tuple[TokenLogprob, ...]], None]
+
+
 class ShedError(Exception):
     """The engine shed the request under overload; the message is for its client."""
 
@@ -205,7 +210,7 @@ class DirectDeltas:
     def __init__(
         self,
         emit: Callable[[codec.DecodeDelta], None],
-        emit_tokens: Callable[[tuple[int, ...], tuple[TokenLogprob, ...]], None] | None = None,
+        emit_tokens: EmitTokens | None = None,
     ) -> None:
         self._emit = emit
         self._emit_tokens = emit_tokens
