@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
+from tandem.common.layout import KVLayout
 from tandem.common.request import FinishReason, SamplingParams
 from tandem.engine.admission import sequences_to_shed, shed_message
 from tandem.engine.batcher import Batcher
@@ -354,6 +355,21 @@ class Engine:
     # ---- introspection -------------------------------------------------------------------
     def check_integrity(self) -> None:
         self.pool.check_integrity()
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        """The layout of this engine's KV cache: what a KV hand-off into or out of it must match."""
+        mc = self.model_config
+        return KVLayout(
+            architecture=mc.architecture,
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            dtype=str(mc.dtype).removeprefix("torch."),
+            block_size=self.config.block_size,
+            kv_dtype=str(self.kv_spec.dtype).removeprefix("torch."),
+            kv_scales=self.kv_scales.digest if self.kv_scales else "none",
+        )
 
     @property
     def num_requests(self) -> int:

@@ -51,7 +51,6 @@ from opentelemetry.trace import Span, SpanKind
 from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.cluster_state import ClusterState, connect
 from tandem.common.host_id import local_host_id
-from tandem.common.layout import KVLayout
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.request import Request, SamplingParams
 from tandem.common.tracing import ClockAnchor, Tracing, extract_metadata
@@ -89,17 +88,7 @@ class Worker:
         shared = config.kv_transfer.shm and config.role is WorkerRole.PREFILL
         self.engine = Engine(config.model_dir, config.engine, config.kv_transfer.shm_dir if shared else None)
         self.loop = StepLoop(self.engine, inbox_size=config.inbox_size)
-        mc = self.engine.model_config
-        self.layout = KVLayout(
-            architecture=mc.architecture,
-            num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            dtype=str(mc.dtype).removeprefix("torch."),
-            block_size=config.engine.block_size,
-            kv_dtype=str(self.engine.kv_spec.dtype).removeprefix("torch."),
-            kv_scales=self.engine.kv_scales.digest if self.engine.kv_scales else "none",
-        )
+        self.layout = self.engine.kv_layout
         self.metrics = WorkerMetrics(
             config.worker_id,
             config.role.value,

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import grpc
 
 from tandem.common.kv_handle import KVHandle
-from tandem.common.layout import KVLayout
 from tandem.engine import Engine, SamplingParams
 from tandem.engine.outputs import HeldKV
 from tandem.kvtransfer.base import create_transport
@@ -32,21 +31,6 @@ from tandem.kvtransfer.grpc_transport import KVTransferServicer
 from tandem.kvtransfer.leases import LeaseTable
 
 HANDOFF_WARMUP = 3  # rounds of pulls not kept
-
-
-def _store(engine: Engine) -> KVBlockStore:
-    mc = engine.model_config
-    layout = KVLayout(
-        architecture=mc.architecture,
-        num_layers=mc.num_layers,
-        num_kv_heads=mc.num_kv_heads,
-        head_dim=mc.head_dim,
-        dtype=str(mc.dtype).removeprefix("torch."),
-        block_size=engine.config.block_size,
-        kv_dtype=str(engine.kv_spec.dtype).removeprefix("torch."),
-        kv_scales=engine.kv_scales.digest if engine.kv_scales else "none",
-    )
-    return KVBlockStore(engine.kv_caches, layout)
 
 
 @dataclass(frozen=True)
@@ -81,7 +65,7 @@ def handoff_seconds(
         while "handoff" not in source.held:
             source.step()
         held[name] = source.held["handoff"]
-        stores[name] = (_store(source), _store(dest))
+        stores[name] = (KVBlockStore(source.kv_caches, source.kv_layout), KVBlockStore(dest.kv_caches, dest.kv_layout))
     block_size = {name: source.config.block_size for name, (source, _) in pairs.items()}
     src_ids = {name: held[name].block_ids[: len(prompt) // block_size[name]] for name in pairs}
     seconds = asyncio.run(_grpc_pulls(stores, held, src_ids, rounds, warmup))
