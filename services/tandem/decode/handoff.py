@@ -98,28 +98,10 @@ class HandOffs:
         span: Span,
         arrival: ClockAnchor,
     ) -> float:
-        """Steps 2 to 4 above for one request: returns when (monotonic seconds) the hand-off
-        ended. An `abort` meanwhile takes effect with the admission."""
-        rid = req.request_id
-        self._handing_off[rid] = False
-        try:
-            return await self._hand_off(req, first_token, handle, header, deliver, context, span, arrival)
-        finally:
-            self._handing_off.pop(rid, None)
-
-    async def _hand_off(
-        self,
-        req: Request,
-        first_token: int,
-        handle: KVHandle,
-        header: FirstDelta,
-        deliver: Callable[[RequestOutput], None],
-        context: grpc.aio.ServicerContext,
-        span: Span,
-        arrival: ClockAnchor,
-    ) -> float:
-        """Reserve, pull (or fall back to recompute), release the source, admit. Returns when
-        (monotonic seconds) the hand-off ended; the "kv.pull" span and `transfer_s` cover it."""
+        """Steps 2 to 4 above for one request: reserve, pull (or fall back to recompute),
+        release the source, admit. Returns when (monotonic seconds) the hand-off ended; the
+        "kv.pull" span and `transfer_s` cover it. An `abort` meanwhile takes effect with the
+        admission."""
         worker = self.worker
         rid = req.request_id
         max_waiting = worker.config.max_waiting
@@ -130,28 +112,34 @@ class HandOffs:
             start_time=arrival.unix_ns_at(start_s),
             attributes={"tandem.kv.source_worker_id": handle.source_worker_id},
         )
-        with ending(pull_span, arrival):
-            reservation = await worker.call(
-                lambda e: e.reserve(
-                    rid,
-                    req.original_prompt_token_ids,
-                    req.sampling,
-                    first_token,
-                    req.cache_salt,
-                    generated_token_ids=req.generated_token_ids,
-                    priority=req.priority,
-                    max_waiting=max_waiting,
-                ),
-                context,
-            )
-            stats = await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
-            pull_span.set_attributes(
-                {
-                    "tandem.kv.blocks": header.num_pulled_blocks,
-                    "tandem.kv.bytes": stats.bytes_moved if stats is not None else 0,
-                    "tandem.kv.recomputed": stats is None,
-                }
-            )
+        self._handing_off[rid] = False  # an Abort call meanwhile sets it (`abort`)
+        try:
+            with ending(pull_span, arrival):
+                reservation = await worker.call(
+                    lambda e: e.reserve(
+                        rid,
+                        req.original_prompt_token_ids,
+                        req.sampling,
+                        first_token,
+                        req.cache_salt,
+                        generated_token_ids=req.generated_token_ids,
+                        priority=req.priority,
+                        max_waiting=max_waiting,
+                    ),
+                    context,
+                )
+                stats = (
+                    await self._pull(rid, handle, reservation, header, pull_span) if reservation is not None else None
+                )
+                pull_span.set_attributes(
+                    {
+                        "tandem.kv.blocks": header.num_pulled_blocks,
+                        "tandem.kv.bytes": stats.bytes_moved if stats is not None else 0,
+                        "tandem.kv.recomputed": stats is None,
+                    }
+                )
+        finally:
+            aborted = self._handing_off.pop(rid)
         end_s = time.monotonic()  # not before the span's end: "decode.admit" starts here
         header.transfer_s = end_s - start_s
         if stats is None or not stats.released:
@@ -161,7 +149,6 @@ class HandOffs:
             self._background.add(release)  # keep a reference until done
             release.add_done_callback(self._background.discard)
         pulled = stats is not None
-        aborted = self._handing_off.pop(rid)  # an Abort call during the hand-off
 
         def admit(engine: Engine) -> None:
             if reservation is None:
