@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from prometheus_client import Counter
+
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.workers import WorkerLoad
 from tandem.engine.engine import Engine
@@ -19,10 +21,11 @@ class LoadMeter:
     def __init__(self, metrics: WorkerMetrics, num_blocks: int) -> None:
         self.metrics = metrics
         self.latest = WorkerLoad(0, 0, 0, 0, num_blocks, time.time())
-        self._counted = (0, 0)  # engine (prompt tokens computed, prefix hit tokens) already counted
-        self._spec_counted = (0, 0, 0)  # engine (drafts, draft tokens, accepted tokens) already counted
-        self._spec_per_position: list[int] = []  # accepted tokens per draft position already counted
-        self._adaptive_counted = (0, 0, 0)  # speculator (withheld tokens, skipped steps, probes) already counted
+        # what the Prometheus counters already hold of the engine's and the speculator's counters:
+        self._counted: tuple[int, ...] = (0, 0)  # prompt tokens computed, prefix hit tokens
+        self._spec_counted: tuple[int, ...] = (0, 0, 0)  # drafts, draft tokens, accepted tokens
+        self._spec_per_position: list[int] = []  # accepted tokens per draft position
+        self._adaptive_counted: tuple[int, ...] = (0, 0, 0)  # withheld tokens, skipped steps, probes
         self._steps_counted = (0, 0, 0)  # engine (steps, computed tokens, preemptions) already counted
 
     def snapshot(self, engine: Engine) -> WorkerLoad:
@@ -56,9 +59,9 @@ class LoadMeter:
         """Loop thread: mirror the engine's prompt-token counters into the Prometheus counters."""
         stats = engine.stats
         computed, hits = stats.num_prompt_tokens_computed, stats.num_prefix_hit_tokens
-        self.metrics.prompt_tokens_computed.inc(computed - self._counted[0])
-        self.metrics.prefix_hit_tokens.inc(hits - self._counted[1])
-        self._counted = (computed, hits)
+        self._counted = _mirror(
+            (self.metrics.prompt_tokens_computed, self.metrics.prefix_hit_tokens), (computed, hits), self._counted
+        )
 
     def count_speculation(self, engine: Engine) -> None:
         """Loop thread, after every step: mirror the engine's speculative-decoding counters into
@@ -74,14 +77,11 @@ class LoadMeter:
         # them; the first call also shows every draft position's series, at 0
         per_position = stats.spec_accepted_per_position
         if stats.spec_num_drafts != self._spec_counted[0] or len(per_position) != len(self._spec_per_position):
-            now = (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens)
-            for counter, value, counted in zip(
+            self._spec_counted = _mirror(
                 (m.spec_decode_num_drafts, m.spec_decode_num_draft_tokens, m.spec_decode_num_accepted_tokens),
-                now,
+                (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens),
                 self._spec_counted,
-            ):
-                counter.inc(value - counted)
-            self._spec_counted = now
+            )
             for position, value in enumerate(per_position):
                 counted = self._spec_per_position[position] if position < len(self._spec_per_position) else 0
                 m.spec_accepted_at(position, value - counted)  # a zero still shows the position's series
@@ -89,11 +89,9 @@ class LoadMeter:
         c = speculator.counters
         adaptive = (c.withheld_tokens, c.skipped_steps, c.probes)
         if adaptive != self._adaptive_counted:
-            for counter, value, counted in zip(
+            self._adaptive_counted = _mirror(
                 (m.spec_withheld_draft_tokens, m.spec_skipped_steps, m.spec_probes), adaptive, self._adaptive_counted
-            ):
-                counter.inc(value - counted)
-            self._adaptive_counted = adaptive
+            )
 
     def count_steps(self, engine: Engine) -> None:
         """Loop thread, once per loop iteration (at most one step since the last call): vLLM's
@@ -107,3 +105,11 @@ class LoadMeter:
             vllm.iteration_tokens.observe(stats.num_computed_tokens - computed)
         vllm.num_preemptions.inc(stats.num_preemptions - preemptions)
         self._steps_counted = (stats.num_steps, stats.num_computed_tokens, stats.num_preemptions)
+
+
+def _mirror(counters: tuple[Counter, ...], now: tuple[int, ...], counted: tuple[int, ...]) -> tuple[int, ...]:
+    """Increment each Prometheus counter by what its engine counter gained since `counted`;
+    returns `now`, the new counted values."""
+    for counter, value, before in zip(counters, now, counted, strict=True):
+        counter.inc(value - before)
+    return now

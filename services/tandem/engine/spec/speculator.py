@@ -90,21 +90,23 @@ class Speculator:
         if probes is None:
             probes = self._probes[seq.request_id] = ProbeSchedule()
         elif probes.waiting(k_max, self._batch_size):  # between two probes: the rule's inputs unchanged
-            self.counters.skipped_steps += 1
-            self.counters.withheld_tokens += k_max
-            return 0
+            return self._skip(k_max)
         costs = self.costs.costs() if decided_by_batch else None
         k = choose_k(seq.spec_acceptance, k_max, costs, self._batch_size)
         if k == 0:
             if probes.skip(probe_interval(k_max, costs, self._batch_size), k_max, self._batch_size):
-                self.counters.skipped_steps += 1
-                self.counters.withheld_tokens += k_max
-                return 0
+                return self._skip(k_max)
             self.counters.probes += 1
             return k_max
         probes.drafted()
         self.counters.withheld_tokens += k_max - k
         return k
+
+    def _skip(self, k_max: int) -> int:
+        """A step of a request at k = 0 that does not probe: counted, no draft."""
+        self.counters.skipped_steps += 1
+        self.counters.withheld_tokens += k_max
+        return 0
 
     def propose(self, seqs: Seq[Sequence], num_tokens: Seq[int]) -> list[Draft]:
         started = time.perf_counter()
