@@ -10,12 +10,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.request import FinishReason
-from tandem.common.vllm_metrics import build_1_2_5_buckets
+from tandem.common.vllm_metrics import ITL_BUCKETS, build_1_2_5_buckets, observe_all
 from tandem.engine.outputs import EngineStats, RequestOutput
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.worker.load import LoadMeter
@@ -62,6 +63,9 @@ def test_colocated_request_records_every_series_once() -> None:
     rec.record(_out((7,), cached=32), 11.0)  # first token: queue 0.5 s, prefill 0.5 s, TTFT 1 s
     rec.record(_out((8,)), 11.25)
     rec.record(_out((9,), FinishReason.LENGTH), 11.75)
+    assert _value(m, "vllm:generation_tokens_total") == 0  # batched until the loop's flush
+    assert _value(m, "vllm:inter_token_latency_seconds_count") == 0
+    m.vllm.flush()
     v = lambda name, **kw: _value(m, name, **kw)  # noqa: E731
     assert v("vllm:prompt_tokens_total") == 40
     assert v("vllm:generation_tokens_total") == 3
@@ -98,6 +102,8 @@ def test_disaggregated_request_is_counted_once_across_the_pools() -> None:
     on_d = RequestRecorder(d.vllm, 20.0, 40, num_prior_output_tokens=1, prefilled_elsewhere=True)
     on_d.record(_out((8,), scheduled_s=20.1), 20.5)  # the gap from D's arrival is the first ITL
     on_d.record(_out((9, 10), FinishReason.STOP), 20.75)  # two tokens in one output: one ITL
+    p.vllm.flush()
+    d.vllm.flush()
     vp = lambda name, **kw: _value(p, name, "prefill", **kw)  # noqa: E731
     vd = lambda name, **kw: _value(d, name, "decode", **kw)  # noqa: E731
     # the prompt's series on P only
@@ -138,6 +144,25 @@ def test_abort_before_any_token_counts_an_abort_and_no_prompt() -> None:
     assert _value(m, "vllm:prompt_tokens_total") == 0
     assert _value(m, "vllm:time_to_first_token_seconds_count") == 0
     assert _value(m, "vllm:request_generation_tokens_sum") == 0
+
+
+def test_batched_observations_expose_exactly_what_one_by_one_observations_do() -> None:
+    """`observe_all` (the flush of the per-output batch) against `Histogram.observe` per value:
+    the same bucket counts, count and bit-identical sum, bucket bounds included (a value equal
+    to a bound lands in that bound's bucket), over two batches."""
+    values = [0.0, 0.01, 0.0100001, 0.3, 0.1 + 0.2, 0.7, 80.0, 80.5, 1e-9, 0.011, 0.07, 2.5]
+    values += [v / 7 for v in range(1, 200)]
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    a = Histogram("itl", "help", ["w"], buckets=ITL_BUCKETS, registry=one_by_one).labels(w="0")
+    b = Histogram("itl", "help", ["w"], buckets=ITL_BUCKETS, registry=batched).labels(w="0")
+    for batch in (values[:7], values[7:]):
+        for v in batch:
+            a.observe(v)
+        observe_all(b, batch)
+    strip = lambda text: [line for line in text.decode().splitlines() if "_created" not in line]  # noqa: E731
+    assert strip(generate_latest(batched)) == strip(generate_latest(one_by_one))
+    assert batched.get_sample_value("itl_bucket", {"w": "0", "le": "0.01"}) == 3  # 0.0, 1e-9 and 0.01
+    assert batched.get_sample_value("itl_count", {"w": "0"}) == len(values)
 
 
 def test_steps_and_preemptions_by_delta() -> None:

@@ -7,11 +7,19 @@ a dashboard can select by model as vLLM's do and group by pool as Tandem's do.
 
 Who records what (the worker's `RequestRecorder` and `LoadMeter`, worker/): see
 `tandem.worker.request_metrics` for the rule that keeps `sum()` across pools from counting a
-disaggregated request twice. This module only declares the series; every method runs on any
-thread (prometheus_client is thread-safe).
+disaggregated request twice. This module declares the series. Every method runs on any
+thread (prometheus_client is thread-safe), except the per-output ones: a decode step ends
+with one generation-token count and one inter-token latency per running request, so
+`count_generation_tokens` and `observe_inter_token_latency` only add to a batch on the step
+loop's thread, and `flush()` (the worker's tick, once per loop iteration, before the step's
+outputs leave that thread) applies it: one increment per bucket touched instead of a lock
+and a bucket scan per request and step.
 """
 
 from __future__ import annotations
+
+import collections
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -139,14 +147,32 @@ class VllmMetrics:
             REQUEST_LATENCY_BUCKETS,
         )
         self._registry = r
+        # the per-output series' batch (loop thread), applied by `flush`
+        self._generation_tokens_batch = 0
+        self._itl_batch: list[float] = []
 
     def set_kv_cache_usage(self, usage: float) -> None:
         self.kv_cache_usage_perc.set(usage)
         self.gpu_cache_usage_perc.set(usage)
 
+    def count_generation_tokens(self, n: int) -> None:
+        """Loop thread: `n` tokens sampled; counted in `vllm:generation_tokens_total` by `flush`."""
+        self._generation_tokens_batch += n
+
     def observe_inter_token_latency(self, seconds: float) -> None:
-        self.inter_token_latency.observe(seconds)
-        self.time_per_output_token.observe(seconds)
+        """Loop thread: one output's inter-token latency, observed (with the deprecated
+        `time_per_output_token_seconds`) by `flush`."""
+        self._itl_batch.append(seconds)
+
+    def flush(self) -> None:
+        """Loop thread: apply the per-output series' batch to the Prometheus values."""
+        if self._generation_tokens_batch:
+            self.generation_tokens.inc(self._generation_tokens_batch)
+            self._generation_tokens_batch = 0
+        if self._itl_batch:
+            values, self._itl_batch = self._itl_batch, []
+            observe_all(self.inter_token_latency, values)
+            observe_all(self.time_per_output_token, values)
 
     def request_success(self, reason: FinishReason) -> None:
         """One request ended on this worker with `reason` (stop, length or abort)."""
@@ -170,3 +196,19 @@ class VllmMetrics:
             registry=self._registry,
         )
         info.labels(**self.labels, **config).set(1)
+
+
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """`histogram.observe(v)` for each of `values` in order, as one increment per bucket they
+    land in and one update of the sum. It writes the labelled histogram's values as
+    `Histogram.observe` does (prometheus_client's `_upper_bounds`, `_buckets` and `_sum`:
+    a value lands in the first bucket whose upper bound is >= it; the sum adds the values one
+    by one, so it is bit-identical). The caller is the only writer of `histogram` (one thread):
+    the sum is read, then set."""
+    landed = collections.Counter(bisect_left(histogram._upper_bounds, v) for v in values)
+    for index, count in landed.items():
+        histogram._buckets[index].inc(count)
+    total = histogram._sum.get()
+    for v in values:
+        total += v
+    histogram._sum.set(total)

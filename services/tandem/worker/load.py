@@ -103,13 +103,15 @@ class LoadMeter:
         vllm = self.metrics.vllm
         if stats.num_steps > steps:
             vllm.iteration_tokens.observe(stats.num_computed_tokens - computed)
-        vllm.num_preemptions.inc(stats.num_preemptions - preemptions)
+        if stats.num_preemptions > preemptions:
+            vllm.num_preemptions.inc(stats.num_preemptions - preemptions)
         self._steps_counted = (stats.num_steps, stats.num_computed_tokens, stats.num_preemptions)
 
 
 def _mirror(counters: tuple[Counter, ...], now: tuple[int, ...], counted: tuple[int, ...]) -> tuple[int, ...]:
     """Increment each Prometheus counter by what its engine counter gained since `counted`;
-    returns `now`, the new counted values."""
+    returns `now`, the new counted values. (An increment by 0 would still take the counter's lock.)"""
     for counter, value, before in zip(counters, now, counted, strict=True):
-        counter.inc(value - before)
+        if value != before:
+            counter.inc(value - before)
     return now

@@ -3,7 +3,10 @@
 Who calls it: a role handler (prefill/server.py, decode/server.py) makes one `RequestRecorder`
 per call, at the call's arrival, and subscribes `recorder.wrap(deliver)` on the step loop; the
 loop thread then calls it with every output of the request, right after the step that made it
-(`now_s` is read there, so the times are the step's, not the asyncio thread's). The step-level
+(`now_s` is read there, so the times are the step's, not the asyncio thread's). The
+per-output series (generation tokens, inter-token latency) are batched and applied by
+`VllmMetrics.flush()` in the worker's tick, before the step's outputs leave the loop thread,
+so a client never sees a token before its counts. The step-level
 series (`vllm:iteration_tokens_total`, `vllm:num_preemptions_total`, the gauges) are the
 `LoadMeter`'s (load.py), once per step.
 
@@ -98,7 +101,7 @@ class RequestRecorder:
         if not self._prompt_recorded and (n or reason in (FinishReason.STOP, FinishReason.LENGTH)):
             self._record_prompt(out, now_s)
         if n:
-            m.generation_tokens.inc(n)
+            m.count_generation_tokens(n)
             self._num_output += n
             if self._last_token_s is None:
                 self._first_token_s = now_s

@@ -78,6 +78,10 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 END_GRACE_S = 2.0  # after the drain deadline: how long the ended streams get to abort their sequences
 REDIS_TIMEOUT_S = 1.0  # a call to an unreachable Redis fails within about twice this
+# While the engine has work, the load snapshot (the heartbeat's `WorkerLoad`, the load gauges)
+# is taken at most this often, not after every step: its readers poll every ttl/3 s (the
+# heartbeat) or every scrape. It is always taken when the engine has nothing left to run.
+LOAD_SNAPSHOT_INTERVAL_S = 0.05
 
 
 class Worker:
@@ -102,6 +106,7 @@ class Worker:
         self.health = health.aio.HealthServicer()
         self.address = ""
         self._load = LoadMeter(self.metrics, self.engine.pool.num_blocks)
+        self._next_snapshot_s = 0.0  # time.monotonic() of the next load snapshot while stepping
         # The client connects on first use (registration, in `serve`).
         self._state = (
             ClusterState(connect(config.redis_url, REDIS_TIMEOUT_S), config.cluster) if config.redis_url else None
@@ -234,12 +239,16 @@ class Worker:
         self.metrics.finished(out.finish_reason.value)
 
     def _tick(self, engine: Engine) -> None:
+        self.metrics.vllm.flush()  # before the outputs leave: a scrape after a token counts it
         self._streams.deliver()
         for request_id in self.leases.expire(time.time()):
             self.metrics.lease_expiries.inc()
             log.info("lease of %s expired unpulled", request_id)
         self._release_pending(engine)
-        self._load.snapshot(engine)
+        now_s = time.monotonic()
+        if now_s >= self._next_snapshot_s or not engine.has_unfinished():
+            self._load.snapshot(engine)
+            self._next_snapshot_s = now_s + LOAD_SNAPSHOT_INTERVAL_S
         self._load.count_prompt_tokens(engine)
         self._load.count_speculation(engine)
         self._load.count_steps(engine)
