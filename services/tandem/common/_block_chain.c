@@ -189,43 +189,33 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static int exec_module(PyObject *module)
-{
-    (void)module;
-    if (pack_q == NULL) {
-        PyObject *struct_module = PyImport_ImportModule("struct");
-        if (struct_module == NULL) {
-            return -1;
-        }
-        PyObject *packer = PyObject_CallMethod(struct_module, "Struct", "s", "<q");
-        Py_DECREF(struct_module);
-        if (packer == NULL) {
-            return -1;
-        }
-        pack_q = PyObject_GetAttrString(packer, "pack");
-        Py_DECREF(packer);
-        if (pack_q == NULL) {
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static PyModuleDef_Slot slots[] = {
-    {Py_mod_exec, exec_module},
-    {0, NULL},
-};
-
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tandem.common._block_chain",
     .m_doc = "The compiled chain loop of tandem.common.block_hash.hash_blocks.",
-    .m_size = 0,
+    .m_size = -1,
     .m_methods = methods,
-    .m_slots = slots,
 };
 
+/* Single-phase init: `pack_q` is process-wide state, so the module does not claim support
+ * for isolated subinterpreters. */
 PyMODINIT_FUNC PyInit__block_chain(void)
 {
-    return PyModuleDef_Init(&module_def);
+    if (pack_q == NULL) {
+        PyObject *struct_module = PyImport_ImportModule("struct");
+        if (struct_module == NULL) {
+            return NULL;
+        }
+        PyObject *packer = PyObject_CallMethod(struct_module, "Struct", "s", "<q");
+        Py_DECREF(struct_module);
+        if (packer == NULL) {
+            return NULL;
+        }
+        pack_q = PyObject_GetAttrString(packer, "pack");
+        Py_DECREF(packer);
+        if (pack_q == NULL) {
+            return NULL;
+        }
+    }
+    return PyModule_Create(&module_def);
 }
