@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when pyproject.toml changes.
-$(STAMP): pyproject.toml | $(BIN)/python
+# Reinstall only when pyproject.toml or the compiled module (setup.py, its C source) changes.
+$(STAMP): pyproject.toml setup.py services/tandem/common/_block_chain.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
