@@ -158,11 +158,14 @@ def test_batched_observations_expose_exactly_what_one_by_one_observations_do() -
     for batch in (values[:7], values[7:]):
         for v in batch:
             a.observe(v)
-        observe_all(b, batch)
+        observe_all(batch, b)
     strip = lambda text: [line for line in text.decode().splitlines() if "_created" not in line]  # noqa: E731
     assert strip(generate_latest(batched)) == strip(generate_latest(one_by_one))
     assert batched.get_sample_value("itl_bucket", {"w": "0", "le": "0.01"}) == 3  # 0.0, 1e-9 and 0.01
     assert batched.get_sample_value("itl_count", {"w": "0"}) == len(values)
+    other = Histogram("tpot", "help", buckets=(0.5, 1.0), registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="the histograms' buckets differ"):
+        observe_all([0.1], b, other)
 
 
 def test_steps_and_preemptions_by_delta() -> None:

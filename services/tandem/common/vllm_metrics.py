@@ -18,7 +18,6 @@ and a bucket scan per request and step.
 
 from __future__ import annotations
 
-import collections
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -171,8 +170,7 @@ class VllmMetrics:
             self._generation_tokens_batch = 0
         if self._itl_batch:
             values, self._itl_batch = self._itl_batch, []
-            observe_all(self.inter_token_latency, values)
-            observe_all(self.time_per_output_token, values)
+            observe_all(values, self.inter_token_latency, self.time_per_output_token)
 
     def request_success(self, reason: FinishReason) -> None:
         """One request ended on this worker with `reason` (stop, length or abort)."""
@@ -198,17 +196,24 @@ class VllmMetrics:
         info.labels(**self.labels, **config).set(1)
 
 
-def observe_all(histogram: Histogram, values: list[float]) -> None:
-    """`histogram.observe(v)` for each of `values` in order, as one increment per bucket they
-    land in and one update of the sum. It writes the labelled histogram's values as
-    `Histogram.observe` does (prometheus_client's `_upper_bounds`, `_buckets` and `_sum`:
-    a value lands in the first bucket whose upper bound is >= it; the sum adds the values one
-    by one, so it is bit-identical). The caller is the only writer of `histogram` (one thread):
-    the sum is read, then set."""
-    landed = collections.Counter(bisect_left(histogram._upper_bounds, v) for v in values)
-    for index, count in landed.items():
-        histogram._buckets[index].inc(count)
-    total = histogram._sum.get()
+def observe_all(values: list[float], *histograms: Histogram) -> None:
+    """`h.observe(v)` for each of `values` in order, on each of `histograms` (which share their
+    buckets), as one increment per bucket the values land in and one update of the sum. It
+    writes the labelled histograms' values as `Histogram.observe` does (prometheus_client's
+    `_upper_bounds`, `_buckets` and `_sum`: a value lands in the first bucket whose upper
+    bound is >= it; the sum adds the values one by one, so it is bit-identical). The caller is
+    each histogram's only writer (one thread): the sum is read, then set."""
+    bounds = histograms[0]._upper_bounds
+    if any(h._upper_bounds != bounds for h in histograms):
+        raise ValueError("observe_all: the histograms' buckets differ")
+    landed: dict[int, int] = {}
     for v in values:
-        total += v
-    histogram._sum.set(total)
+        index = bisect_left(bounds, v)
+        landed[index] = landed.get(index, 0) + 1
+    for h in histograms:
+        for index, count in landed.items():
+            h._buckets[index].inc(count)
+        total = h._sum.get()
+        for v in values:
+            total += v
+        h._sum.set(total)
