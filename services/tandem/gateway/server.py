@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import uvicorn
 import uvloop
 
+from tandem.common.gc_heap import freeze_startup_heap
 from tandem.gateway.app import create_app
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.state import GatewayState
@@ -76,6 +77,7 @@ async def serve(config: GatewayConfig) -> bool:
     if server.started:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
+        freeze_startup_heap("gateway")  # its full GC pauses would stall every stream
         sys.stdout.write(json.dumps({"event": "ready", "address": f"http://{shown}:{port}"}) + "\n")
         sys.stdout.flush()
     await task

@@ -50,6 +50,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from tandem.common.block_hash import BLOCK_HASH_VERSION, reference_block_hash
 from tandem.common.cluster_state import ClusterState, connect
+from tandem.common.gc_heap import freeze_startup_heap
 from tandem.common.host_id import local_host_id
 from tandem.common.metrics import WorkerMetrics
 from tandem.common.request import Request, SamplingParams
@@ -305,6 +306,7 @@ class Worker:
             "kv_cache_dtype": self.layout.kv_dtype,
             "kv_blocks": self.engine.pool.num_blocks,
         }
+        freeze_startup_heap(self.config.worker_id)  # its full GC pauses would stall every stream
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         await stop.wait()
