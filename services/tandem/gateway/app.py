@@ -4,7 +4,8 @@
 Starlette HTTP error becomes OpenAI's error body; any other exception a 500 in the same shape,
 counted in the request metrics), the operational endpoints (/health, /ready, /metrics), the
 model endpoints (/v1/models, /tokenize, /detokenize) and the generation endpoints
-(/v1/completions, /v1/chat/completions, served by `serving.serve_generation`). The lifespan is
+(/v1/completions, /v1/chat/completions, served by `serving.serve_generation` on the direct path
+of `asgi.GatewayApp`, past FastAPI's per-request stack). The lifespan is
 `GatewayState.lifespan`. Every endpoint except the operational ones authenticates.
 `/openapi.json` documents every endpoint, its body model and its error responses (openapi.py).
 """
@@ -16,14 +17,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.gateway import openapi, protocol, responses
+from tandem.gateway.asgi import GatewayApp
 from tandem.gateway.bodies import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tandem.gateway.errors import OpenAIError, internal_error
 from tandem.gateway.serving import endpoint_label, read_body, serve_generation
 from tandem.gateway.state import GatewayState
 
 
-def create_app(state: GatewayState) -> FastAPI:
-    app = FastAPI(
+def create_app(state: GatewayState) -> GatewayApp:
+    app = GatewayApp(
         title="Tandem gateway", lifespan=state.lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json"
     )
     _add_error_handlers(app, state)
@@ -105,7 +107,9 @@ def _add_model_routes(app: FastAPI, state: GatewayState) -> None:
         return JSONResponse({"prompt": protocol.detokenize_body(await read_body(request, max_body_bytes), served)})
 
 
-def _add_generation_routes(app: FastAPI, state: GatewayState) -> None:
+def _add_generation_routes(app: GatewayApp, state: GatewayState) -> None:
+    """The generation endpoints, served on the app's direct path (asgi.py) past FastAPI's stack."""
+
     @app.post(
         "/v1/completions",
         openapi_extra=openapi.request_body(CompletionRequest),
@@ -121,3 +125,6 @@ def _add_generation_routes(app: FastAPI, state: GatewayState) -> None:
     )
     async def chat_completions(request: Request) -> Response:
         return await serve_generation(state, request, chat=True)
+
+    app.add_direct_route("/v1/completions")
+    app.add_direct_route("/v1/chat/completions")

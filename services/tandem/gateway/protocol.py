@@ -23,7 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -251,12 +251,12 @@ def prompt_inputs(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int)
     prompt = req.prompt
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
-    elif all(isinstance(p, str) for p in prompt):  # the body validated that lists are not mixed
-        prompts = [tokenizer.encode(p) for p in cast("list[str]", prompt)]
-    elif all(isinstance(p, int) for p in prompt):
-        prompts = [list(cast("list[int]", prompt))]
+    elif isinstance(prompt[0], str):  # the body validated that lists are not empty and not mixed
+        prompts = [tokenizer.encode(p) for p in prompt]
+    elif isinstance(prompt[0], int):
+        prompts = [list(prompt)]
     else:
-        prompts = [list(p) for p in cast("list[list[int]]", prompt)]
+        prompts = [list(p) for p in prompt]
     for ids in prompts:
         check_token_ids(ids, vocab_size, "prompt")
     return prompts
@@ -289,9 +289,12 @@ def tokenize_request(req: TokenizeRequest, tokenizer: Tokenizer) -> list[int]:
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
-    """400 unless every id is in [0, vocab_size) and there is at least one."""
+    """400 unless every id is in [0, vocab_size) and there is at least one; the error names
+    the first id out of range."""
     if not ids:
         raise bad_request(f"{param} must not be empty.", param)
+    if min(ids) >= 0 and max(ids) < vocab_size:  # two C-level passes; the search below only on failure
+        return
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise bad_request(f"Token id {bad} is out of vocabulary (vocab size {vocab_size}).", param)
