@@ -96,3 +96,30 @@ def test_a_batch_in_a_batch_or_an_oversized_one_is_refused() -> None:
     oversized = pb.MuxClientMessage(batch=pb.MuxBatch(messages=[cancel] * 257))
     with pytest.raises(mux_codec.MuxMessageError, match="a MuxBatch holds at most 256 messages, got 257"):
         mux_codec.mux_client_messages(oversized)
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        codec.DecodeDelta((5,)),  # the steady state: token ids only (the short path)
+        codec.DecodeDelta((5, 6, 7)),
+        codec.DecodeDelta(()),  # nothing set at all
+        codec.DecodeDelta((5,), (TokenLogprob(5, -0.5, ((5, -0.5),)),)),
+        codec.DecodeDelta((5,), finish_reason=FinishReason.STOP),
+        codec.DecodeDelta((), failed=True),
+        codec.DecodeDelta((5,), num_cached_tokens=16, num_pulled_blocks=2, transfer_s=0.25, admit_s=0.5),
+        codec.DecodeDelta((5,), recomputed=True),
+    ],
+)
+def test_every_kind_of_delta_reads_back_as_it_was_written(delta: codec.DecodeDelta) -> None:
+    """The reader's short path for a token-ids-only delta gives what the full reader gives."""
+    entry = pb.MuxStep.FromString(mux_codec.mux_step_to_proto([mux_codec.MuxOutput("m1", delta)]).SerializeToString())
+    assert mux_codec.mux_step_from_proto(entry) == [mux_codec.MuxOutput("m1", delta)]
+    assert mux_codec.mux_step_from_proto(entry)[0].delta == codec.decode_delta_from_proto(entry.outputs[0].delta)
+
+
+def test_an_unknown_finish_reason_is_refused_even_beside_token_ids() -> None:
+    msg = mux_codec.mux_step_to_proto([mux_codec.MuxOutput("m1", codec.DecodeDelta((5,)))])
+    msg.outputs[0].delta.finish_reason = 99
+    with pytest.raises(ValueError, match="finish_reason: unknown value 99"):
+        mux_codec.mux_step_from_proto(msg)

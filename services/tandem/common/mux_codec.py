@@ -181,6 +181,18 @@ def mux_step_from_proto(msg: pb.MuxStep) -> list[MuxOutput]:
             raise ValueError(f"output.error_details: at most {MAX_ERROR_DETAILS_CHARS} characters")
         if (entry.error_code == 0) != entry.HasField("delta"):
             raise ValueError("an output holds either a delta or an error code")
-        delta = decode_delta_from_proto(entry.delta) if entry.HasField("delta") else None
+        delta = _delta_from_proto(entry.delta) if entry.HasField("delta") else None
         outputs.append(MuxOutput(entry.request_id, delta, entry.error_code, entry.error_details))
     return outputs
+
+
+_TOKEN_IDS = pb.DecodeDelta.DESCRIPTOR.fields_by_name["token_ids"]
+
+
+def _delta_from_proto(msg: pb.DecodeDelta) -> DecodeDelta:
+    """`decode_delta_from_proto`, with a short path for the steady state's entry (`MuxTokens`):
+    a delta whose only set field is its token ids, read without visiting the others."""
+    fields = msg.ListFields()
+    if len(fields) == 1 and fields[0][0] is _TOKEN_IDS:
+        return DecodeDelta(tuple(fields[0][1]))
+    return decode_delta_from_proto(msg)
