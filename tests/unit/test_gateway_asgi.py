@@ -5,7 +5,6 @@ lifespan: nothing here reaches Redis or a worker (every request is refused befor
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tandem.gateway.app import create_app
 from tandem.gateway.asgi import GatewayApp
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.state import GatewayState
+from tests.unit.asgi_calls import call
 
 KEY = "sk-test"
 GOOD_PROMPT = [5, 6, 7]
@@ -25,46 +25,6 @@ GOOD_PROMPT = [5, 6, 7]
 @pytest.fixture
 def state(tiny_model_dir: Path) -> GatewayState:
     return GatewayState(GatewayConfig(model_dir=tiny_model_dir, redis_url="redis://127.0.0.1:1", api_keys=(KEY,)))
-
-
-def call(
-    app: Any, path: str, body: bytes, method: str = "POST", key: str | None = KEY, root_path: str = ""
-) -> tuple[list[dict[str, Any]], BaseException | None]:
-    """The messages the app sends for one request, and what it raised (None: nothing)."""
-    sent: list[dict[str, Any]] = []
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if key is not None:
-        headers.append((b"authorization", f"Bearer {key}".encode()))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": root_path + path,
-        "raw_path": (root_path + path).encode(),
-        "query_string": b"",
-        "root_path": root_path,
-        "headers": headers,
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    async def run() -> BaseException | None:
-        try:
-            await app(scope, receive, send)
-        except Exception as exc:
-            return exc
-        return None
-
-    return sent, asyncio.run(run())
 
 
 def answer(sent: list[dict[str, Any]]) -> tuple[int, dict[str, str], Any]:
@@ -116,7 +76,7 @@ def test_an_unexpected_exception_is_a_counted_500_and_reraised(
         raise RuntimeError("injected")
 
     monkeypatch.setattr(protocol, "prepare", broken)
-    sent, raised = call(create_app(state), "/v1/completions", completion())
+    sent, raised = call(create_app(state), "/v1/completions", completion(), key=KEY)
     assert isinstance(raised, RuntimeError) and str(raised) == "injected"
     status, _, body = answer(sent)
     assert (status, body) == (
@@ -144,17 +104,17 @@ def test_the_direct_path_runs_only_the_endpoint(state: GatewayState, monkeypatch
         entered.append(f"{scope['method']} {scope['path']}")
 
     monkeypatch.setattr(app, "middleware_stack", stack)
-    call(app, "/v1/completions", completion(model="nope"))
-    call(app, "/v1/chat/completions", b"{}")
+    call(app, "/v1/completions", completion(model="nope"), key=KEY)
+    call(app, "/v1/chat/completions", b"{}", key=KEY)
     assert entered == []
-    call(app, "/v1/completions", b"", method="GET")
-    call(app, "/tokenize", b"{}")
-    call(app, "/v1/completions", completion(), root_path="/api")
+    call(app, "/v1/completions", b"", method="GET", key=KEY)
+    call(app, "/tokenize", b"{}", key=KEY)
+    call(app, "/v1/completions", completion(), root_path="/api", key=KEY)
     assert entered == ["GET /v1/completions", "POST /tokenize", "POST /api/v1/completions"]
 
 
 def test_a_wrong_method_is_still_fastapis_405(state: GatewayState) -> None:
-    sent, raised = call(create_app(state), "/v1/completions", b"", method="GET")
+    sent, raised = call(create_app(state), "/v1/completions", b"", method="GET", key=KEY)
     assert raised is None
     status, _, body = answer(sent)
     assert (status, body["error"]["message"], body["error"]["type"]) == (

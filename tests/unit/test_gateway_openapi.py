@@ -4,7 +4,6 @@ The app is driven in-process over ASGI (no lifespan: nothing here needs Redis or
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tandem.gateway.bodies import ChatCompletionRequest, CompletionRequest, Deto
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.errors import OpenAIError
 from tandem.gateway.state import GatewayState
+from tests.unit.asgi_calls import call
 
 
 @pytest.fixture(scope="module")
@@ -26,37 +26,9 @@ def state(tiny_model_dir: Path) -> GatewayState:
 
 def _call(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
     """One request through the ASGI app; an exception the app re-raises after answering is dropped."""
-    sent: list[dict[str, Any]] = []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    async def run() -> None:
-        try:
-            await app(scope, receive, send)
-        except RuntimeError as exc:
-            if str(exc) != "injected":
-                raise
-
-    asyncio.run(run())
+    sent, raised = call(app, path, body, method)
+    if raised is not None and not (isinstance(raised, RuntimeError) and str(raised) == "injected"):
+        raise raised
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
