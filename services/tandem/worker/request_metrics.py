@@ -7,8 +7,8 @@ loop thread then calls it with every output of the request, right after the step
 per-output series (generation tokens, inter-token latency) are batched and applied by
 `VllmMetrics.flush()` in the worker's tick, before the step's outputs leave the loop thread,
 so a client never sees a token before its counts. The step-level
-series (`vllm:iteration_tokens_total`, `vllm:num_preemptions_total`, the gauges) are the
-`LoadMeter`'s (load.py), once per step.
+series (`vllm:iteration_tokens_total`, `vllm:num_preemptions_total`) are the `LoadMeter`'s
+(load.py), once per step, and so are the gauges (at most every 50 ms while the worker steps).
 
 Which worker records what, so that `sum()` over both pools counts every request once:
 
