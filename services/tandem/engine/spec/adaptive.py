@@ -1,11 +1,23 @@
 """Acceptance-aware speculation: how many tokens a request's draft is worth this step.
 
 Cost model (measured from the engine's own step timings, `StepCosts`): a target forward pass
-over n tokens takes `a + b * n` seconds (a least-squares fit over recent steps, with
-exponential forgetting `COST_FORGETTING`; prefill steps spread n widely, so the fit sees both
-terms), and drafting costs `q` seconds per drafted token (the proposer call's time over the
-tokens asked for; about 0 for the n-gram proposer). In a step of B running sequences one
-request's share of a plain step is `s = a / B + b`; drafting k tokens adds `k * (b + q)`.
+over n tokens takes `a + b * n` seconds (a least-squares fit over recent decode steps, with
+exponential forgetting `COST_FORGETTING`), and drafting costs `q` seconds per drafted token
+(the proposer call's time over the tokens asked for; about 0 for the n-gram proposer). In a
+step of B running sequences one request's share of a plain step is `s = a / B + b`; drafting k
+tokens adds `k * (b + q)`.
+
+Only decode steps enter the fit (`StepCosts.next_pass`: every running sequence computes its one
+new token, plus its drafts, and none is admitted): the rule needs the cost of a token at the
+sizes it chooses between, B to B * (1 + k_max) tokens, and a pass's time is not affine from
+there to a prefill's hundreds of tokens. On a CPU the first few rows are the dear ones (a
+matrix-vector product becomes a matrix product, and a step with drafts leaves the decode-only
+attention path): on the bench model at B = 1, 1 token takes 2.0 ms and 3 take 3.2 ms, while a
+line through prefill steps too gave b = 0.09 ms per token, so the rule drafted at acceptances
+that did not pay. On a GPU a decode step's time is nearly flat in its tokens while a prefill's
+is compute-bound: the same mix would make drafts look dearer than they are. The decode steps
+vary in size with the batch and with k (a request that drafts, then stops, or probes), which
+is what separates a from b.
 
 Gain model: the request's per-token acceptance p (`acceptance`, an exponential average of
 each verified draft's estimate accepted / (accepted + 1 if one was rejected)) gives
@@ -17,6 +29,10 @@ E(k) is concave in k and the cost affine, so the score is unimodal: the search s
 first fall (at k = 1 for a request whose drafts do not pay).
 Until the fit has `MIN_COST_SAMPLES` steps (or for a request not decided by the batch, spec/skip.py)
 the cost model is not used: k_max, unless acceptance is below `LOW_ACCEPTANCE`.
+
+Worker prior (spec/prior.py): a request the batch may decide that has no estimate of its own
+yet is judged by what the worker's recent requests measured; where that says k = 0, it counts
+as the request's first probe that did not pay (`ProbeSchedule.count_prior`).
 
 Probes (`ProbeSchedule`, `probe_interval`): a request at k = 0 drafts k_max once after an
 interval of skipped steps, so that its estimate can recover when its text turns repetitive.
@@ -38,6 +54,11 @@ own outcomes and the interval the caller passes (for a seeded sampled request, t
 nothing (an n-gram proposer without a match: it cost a lookup) is no outcome: the request
 probes again at its next step, until a draft is verified or the rule drafts.
 
+End of a request: a request that may generate at most an interval more tokens (`steps_left`,
+from its `max_tokens`) does not probe: whatever the probe found would have fewer steps to pay
+back its cost than the interval spreads that cost over. (Before, the interval shrank with k_max
+when `max_tokens` capped it in a request's last steps, so the request probed there.)
+
 Between two probes the rule is not run again (`ProbeSchedule.waiting`): a request at k = 0
 verifies no draft, so its acceptance does not change; only a change of its k_max or of the
 batch size (or the next probe) runs it again. Drift of the step-time fit alone does not end a
@@ -54,6 +75,7 @@ ACCEPTANCE_EMA_WEIGHT = 0.5
 PROBE_INTERVAL_STEPS = 8
 MAX_PROBE_INTERVAL_STEPS = 64
 MAX_BACKOFF_INTERVAL_STEPS = 512  # the back-off's bound (module doc)
+NEVER = 1 << 62  # the wait of a request too close to its end to probe
 PROBE_COST_SHARE = 0.05
 COST_FORGETTING = 0.99  # weight of the older steps in the step-time fit, per new step
 DRAFT_COST_EMA_WEIGHT = 0.1
@@ -129,24 +151,33 @@ class ProbeSchedule:
         """Skipped steps before the next probe, from the cost-share interval `first_interval`."""
         return min(first_interval << self.doublings, max(first_interval, MAX_BACKOFF_INTERVAL_STEPS))
 
-    def skip(self, first_interval: int, k_max: int = 0, batch_size: int = 0) -> bool:
+    def skip(self, first_interval: int, k_max: int = 0, batch_size: int = 0, steps_left: int | None = None) -> bool:
         """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now. A
         probe before it did not pay (the rule still says k = 0): the interval doubles.
-        `k_max` and `batch_size`: the rule's inputs, remembered for `waiting`."""
+        `k_max` and `batch_size`: the rule's inputs, remembered for `waiting`. `steps_left`:
+        the most tokens the request may still generate (None: no bound); a request with no
+        more than an interval of them left no longer probes (module doc)."""
         if self.probed:
             self.probed = False
             if self.interval(first_interval) < MAX_BACKOFF_INTERVAL_STEPS:
                 self.doublings += 1
         interval = self.interval(first_interval)
-        if self.skipped >= interval or self._retry:
+        ending = steps_left is not None and steps_left <= interval
+        if (self.skipped >= interval or self._retry) and not ending:
             self._retry = False
             self.skipped = 0
             self.probed = True
             self._waiting = None
             return False
         self.skipped += 1
-        self._waiting = (k_max, batch_size, interval)
+        # a request too close to its end stays so: it waits until its rule's inputs change
+        self._waiting = (k_max, batch_size, NEVER if ending else interval)
         return True
+
+    def count_prior(self) -> None:
+        """The worker prior, not an estimate of the request's own, put a new request at k = 0:
+        that counts as one probe that did not pay (module doc)."""
+        self.probed = True
 
     def waiting(self, k_max: int, batch_size: int) -> bool:
         """A step in the middle of a wait for the next probe: True (skip it, counted) if the
@@ -186,8 +217,17 @@ class StepCosts:
         self.draft_token_s: float | None = None
         self._fitted: Costs | None = None
         self._stale = True  # an observation since `_fitted` was computed
+        self._fit_next = True  # whether the next observed pass enters the fit
+
+    def next_pass(self, decodes: bool) -> None:
+        """Called when a step is planned: `decodes` if it is a decode step (module doc), the
+        only kind whose pass `observe_pass` fits."""
+        self._fit_next = decodes
 
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
+        fit, self._fit_next = self._fit_next, True
+        if not fit:
+            return
         n, t, f = float(num_tokens), seconds, COST_FORGETTING
         w, wn, wnn, wt, wnt = self._sums
         self._sums = [f * w + 1.0, f * wn + n, f * wnn + n * n, f * wt + t, f * wnt + n * t]
