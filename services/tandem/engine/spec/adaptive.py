@@ -1,23 +1,11 @@
 """Acceptance-aware speculation: how many tokens a request's draft is worth this step.
 
 Cost model (measured from the engine's own step timings, `StepCosts`): a target forward pass
-over n tokens takes `a + b * n` seconds (a least-squares fit over recent decode steps, with
-exponential forgetting `COST_FORGETTING`), and drafting costs `q` seconds per drafted token
-(the proposer call's time over the tokens asked for; about 0 for the n-gram proposer). In a
-step of B running sequences one request's share of a plain step is `s = a / B + b`; drafting k
-tokens adds `k * (b + q)`.
-
-Only decode steps enter the fit (`StepCosts.next_pass`: every running sequence computes its one
-new token, plus its drafts, and none is admitted): the rule needs the cost of a token at the
-sizes it chooses between, B to B * (1 + k_max) tokens, and a pass's time is not affine from
-there to a prefill's hundreds of tokens. On a CPU the first few rows are the dear ones (a
-matrix-vector product becomes a matrix product, and a step with drafts leaves the decode-only
-attention path): on the bench model at B = 1, 1 token takes 2.0 ms and 3 take 3.2 ms, while a
-line through prefill steps too gave b = 0.09 ms per token, so the rule drafted at acceptances
-that did not pay. On a GPU a decode step's time is nearly flat in its tokens while a prefill's
-is compute-bound: the same mix would make drafts look dearer than they are. The decode steps
-vary in size with the batch and with k (a request that drafts, then stops, or probes), which
-is what separates a from b.
+over n tokens takes `a + b * n` seconds (a least-squares fit over recent steps, with
+exponential forgetting `COST_FORGETTING`; prefill steps spread n widely, so the fit sees both
+terms), and drafting costs `q` seconds per drafted token (the proposer call's time over the
+tokens asked for; about 0 for the n-gram proposer). In a step of B running sequences one
+request's share of a plain step is `s = a / B + b`; drafting k tokens adds `k * (b + q)`.
 
 Gain model: the request's per-token acceptance p (`acceptance`, an exponential average of
 each verified draft's estimate accepted / (accepted + 1 if one was rejected)) gives
@@ -217,17 +205,8 @@ class StepCosts:
         self.draft_token_s: float | None = None
         self._fitted: Costs | None = None
         self._stale = True  # an observation since `_fitted` was computed
-        self._fit_next = True  # whether the next observed pass enters the fit
-
-    def next_pass(self, decodes: bool) -> None:
-        """Called when a step is planned: `decodes` if it is a decode step (module doc), the
-        only kind whose pass `observe_pass` fits."""
-        self._fit_next = decodes
 
     def observe_pass(self, num_tokens: int, seconds: float) -> None:
-        fit, self._fit_next = self._fit_next, True
-        if not fit:
-            return
         n, t, f = float(num_tokens), seconds, COST_FORGETTING
         w, wn, wnn, wt, wnt = self._sums
         self._sums = [f * w + 1.0, f * wn + n, f * wnn + n * n, f * wt + t, f * wnt + n * t]

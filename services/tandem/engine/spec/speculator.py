@@ -68,8 +68,6 @@ class Speculator:
     def skip_step(self, num_running: int, num_batch_tokens: int) -> bool:
         """The per-step rule (skip.py); called once per step, before `num_draft_tokens`."""
         self._batch_size = max(num_running, 1)
-        # a decode step: each running sequence computes its one new token (and drafts), none is admitted
-        self.costs.next_pass(0 < num_batch_tokens <= num_running)
         return skip_step(num_running, num_batch_tokens, self.config.disable_by_batch_size)
 
     @staticmethod
