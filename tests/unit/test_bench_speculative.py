@@ -79,6 +79,7 @@ def test_quick_speculative_section(bench_model: Path, tmp_path: Path) -> None:
     # a cycle copied from the prompt: every n-gram draft is right; 16 tokens: drafts of 4, 4 and 4
     # after the first token (the last draft is cut to the 3 tokens left after its bonus)
     assert figures["(a) copy-heavy: acceptance rate at concurrency 1"].value == 1.0
+    assert section.table[0][8] == "drafts" and section.table[1][8] == "3"  # the sample the rates rest on
     assert figures["(a) copy-heavy: speedup at concurrency 1"].goal == 2.0
     assert figures["(c) low acceptance, random prompts: speedup at concurrency 1"].goal == 0.9
     assert figures["(b) draft model, random prompts: speedup at concurrency 1"].goal == 1.0

@@ -20,7 +20,8 @@ Workloads (issue 17's benchmark):
     acceptance-aware rule (engine/spec/adaptive.py) must keep the cost small.
 
 Acceptance rate: accepted / drafted tokens. Mean accepted length (vLLM's "mean acceptance
-length"): tokens emitted per verified draft, 1 + accepted / drafts. Withheld: draft tokens that
+length"): tokens emitted per verified draft, 1 + accepted / drafts. Drafts: verified drafts
+over all rounds, the sample both rest on (few where the rule keeps a request at k = 0). Withheld: draft tokens that
 `num_speculative_tokens` allowed but the acceptance-aware rule (engine/spec/adaptive.py) did
 not ask for; probes: drafts it ran at k = 0 to re-measure acceptance.
 """
@@ -192,6 +193,7 @@ def _pinned_run(ctx: BenchContext) -> Section:
             "speedup",
             "acceptance",
             "mean len",
+            "drafts",
             "withheld",
             "probes",
         )
@@ -211,6 +213,7 @@ def _pinned_run(ctx: BenchContext) -> Section:
                     f"{m.speedup:.2f}",
                     f"{m.acceptance_rate:.3f}",
                     f"{m.mean_accepted_length:.2f}",
+                    str(m.drafts),
                     str(m.withheld_tokens),
                     str(m.probes),
                 )

@@ -18,6 +18,10 @@ first fall (at k = 1 for a request whose drafts do not pay).
 Until the fit has `MIN_COST_SAMPLES` steps (or for a request not decided by the batch, spec/skip.py)
 the cost model is not used: k_max, unless acceptance is below `LOW_ACCEPTANCE`.
 
+Worker prior (spec/prior.py): a request the batch may decide that has no estimate of its own
+yet is judged by what the worker's recent requests measured; where that says k = 0, it counts
+as the request's first probe that did not pay (`ProbeSchedule.count_prior`).
+
 Probes (`ProbeSchedule`, `probe_interval`): a request at k = 0 drafts k_max once after an
 interval of skipped steps, so that its estimate can recover when its text turns repetitive.
 The interval keeps the probes' cost near `PROBE_COST_SHARE` of the request's steps: a probe
@@ -38,6 +42,11 @@ own outcomes and the interval the caller passes (for a seeded sampled request, t
 nothing (an n-gram proposer without a match: it cost a lookup) is no outcome: the request
 probes again at its next step, until a draft is verified or the rule drafts.
 
+End of a request: a request that may generate at most an interval more tokens (`steps_left`,
+from its `max_tokens`) does not probe: whatever the probe found would have fewer steps to pay
+back its cost than the interval spreads that cost over. (Before, the interval shrank with k_max
+when `max_tokens` capped it in a request's last steps, so the request probed there.)
+
 Between two probes the rule is not run again (`ProbeSchedule.waiting`): a request at k = 0
 verifies no draft, so its acceptance does not change; only a change of its k_max or of the
 batch size (or the next probe) runs it again. Drift of the step-time fit alone does not end a
@@ -54,6 +63,7 @@ ACCEPTANCE_EMA_WEIGHT = 0.5
 PROBE_INTERVAL_STEPS = 8
 MAX_PROBE_INTERVAL_STEPS = 64
 MAX_BACKOFF_INTERVAL_STEPS = 512  # the back-off's bound (module doc)
+NEVER = 1 << 62  # the wait of a request too close to its end to probe
 PROBE_COST_SHARE = 0.05
 COST_FORGETTING = 0.99  # weight of the older steps in the step-time fit, per new step
 DRAFT_COST_EMA_WEIGHT = 0.1
@@ -129,24 +139,33 @@ class ProbeSchedule:
         """Skipped steps before the next probe, from the cost-share interval `first_interval`."""
         return min(first_interval << self.doublings, max(first_interval, MAX_BACKOFF_INTERVAL_STEPS))
 
-    def skip(self, first_interval: int, k_max: int = 0, batch_size: int = 0) -> bool:
+    def skip(self, first_interval: int, k_max: int = 0, batch_size: int = 0, steps_left: int | None = None) -> bool:
         """Called for a step at k = 0: True to skip it, False to probe (draft k_max) now. A
         probe before it did not pay (the rule still says k = 0): the interval doubles.
-        `k_max` and `batch_size`: the rule's inputs, remembered for `waiting`."""
+        `k_max` and `batch_size`: the rule's inputs, remembered for `waiting`. `steps_left`:
+        the most tokens the request may still generate (None: no bound); a request with no
+        more than an interval of them left no longer probes (module doc)."""
         if self.probed:
             self.probed = False
             if self.interval(first_interval) < MAX_BACKOFF_INTERVAL_STEPS:
                 self.doublings += 1
         interval = self.interval(first_interval)
-        if self.skipped >= interval or self._retry:
+        ending = steps_left is not None and steps_left <= interval
+        if (self.skipped >= interval or self._retry) and not ending:
             self._retry = False
             self.skipped = 0
             self.probed = True
             self._waiting = None
             return False
         self.skipped += 1
-        self._waiting = (k_max, batch_size, interval)
+        # a request too close to its end stays so: it waits until its rule's inputs change
+        self._waiting = (k_max, batch_size, NEVER if ending else interval)
         return True
+
+    def count_prior(self) -> None:
+        """The worker prior, not an estimate of the request's own, put a new request at k = 0:
+        that counts as one probe that did not pay (module doc)."""
+        self.probed = True
 
     def waiting(self, k_max: int, batch_size: int) -> bool:
         """A step in the middle of a wait for the next probe: True (skip it, counted) if the

@@ -15,9 +15,11 @@ skips and `batch_may_decide` (skip.py); k_max = `num_speculative_tokens`, capped
 prompt + output never exceed `max_tokens` or the context limit (at most k + 1 tokens are
 emitted), and, for a request the batch may decide, by the step's budget and the free blocks;
 then as many of those as its acceptance pays for (`choose_k`, with the step-time cost model
-for a request the batch may decide), or k_max on a probe step (adaptive.py). A seeded sampled
-request never has k cut by the batch: the batcher shortens its chunk instead, so that it
-samples next step.
+for a request the batch may decide), or k_max on a probe step (adaptive.py). A request the
+batch may decide that has no estimate of its own yet is judged by the worker prior (prior.py:
+what the recent requests' first drafts measured), which each request's first
+verified draft then updates. A seeded sampled request never has k cut by the batch: the batcher
+shortens its chunk instead, so that it samples next step.
 
 Metrics (`AdaptiveCounters`): draft tokens withheld by the acceptance rule, steps it skipped
 and probes it ran.
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from tandem.engine.sequence import Sequence
 from tandem.engine.spec.adaptive import ProbeSchedule, StepCosts, choose_k, probe_interval
 from tandem.engine.spec.config import SpeculativeConfig
+from tandem.engine.spec.prior import AcceptancePrior
 from tandem.engine.spec.proposer import Draft, Proposer, ProposerContext, create_proposer
 from tandem.engine.spec.skip import batch_may_decide, params_allow_speculation, skip_step
 
@@ -50,8 +53,10 @@ class Speculator:
         # a chunk of 1 + k tokens must fit one step's budget
         self.max_k = min(config.num_speculative_tokens, max_num_batched_tokens - 1)
         self.costs = StepCosts()
+        self.prior = AcceptancePrior()
         self.counters = AdaptiveCounters()
         self._probes: dict[str, ProbeSchedule] = {}
+        self._estimated: set[str] = set()  # requests whose first estimate the prior has seen
         self._batch_size = 1
 
     @classmethod
@@ -87,14 +92,25 @@ class Speculator:
         if k_max <= 0:
             return 0
         probes = self._probes.get(seq.request_id)
+        new = probes is None
         if probes is None:
             probes = self._probes[seq.request_id] = ProbeSchedule()
         elif probes.waiting(k_max, self._batch_size):  # between two probes: the rule's inputs unchanged
             return self._skip(k_max)
+        acceptance = seq.spec_acceptance
+        if acceptance is None:
+            if decided_by_batch:
+                acceptance = self.prior.for_new_request() if new else self.prior.current
+        elif seq.request_id not in self._estimated:  # its first verified draft's estimate
+            self._estimated.add(seq.request_id)
+            self.prior.observe(acceptance)
         costs = self.costs.costs() if decided_by_batch else None
-        k = choose_k(seq.spec_acceptance, k_max, costs, self._batch_size)
+        k = choose_k(acceptance, k_max, costs, self._batch_size)
         if k == 0:
-            if probes.skip(probe_interval(k_max, costs, self._batch_size), k_max, self._batch_size):
+            if new and acceptance is not None and seq.spec_acceptance is None:
+                probes.count_prior()
+            interval = probe_interval(k_max, costs, self._batch_size)
+            if probes.skip(interval, k_max, self._batch_size, remaining_output):
                 return self._skip(k_max)
             self.counters.probes += 1
             return k_max
@@ -124,4 +140,5 @@ class Speculator:
 
     def finish(self, request_id: str) -> None:
         self._probes.pop(request_id, None)
+        self._estimated.discard(request_id)
         self.proposer.finish(request_id)
