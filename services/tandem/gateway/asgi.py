@@ -47,10 +47,10 @@ class GatewayApp(FastAPI):
 
     def add_direct_route(self, path: str) -> None:
         """Serve the registered POST route `path` on the direct path, with its own endpoint."""
-        (route,) = (
-            r for r in self.routes if isinstance(r, APIRoute) and r.path == path and "POST" in (r.methods or ())
-        )
-        self._direct[path] = (route, route.endpoint)
+        routes = [r for r in self.routes if isinstance(r, APIRoute) and r.path == path and "POST" in (r.methods or ())]
+        if len(routes) != 1:
+            raise ValueError(f"{path!r} is not one registered POST route: it cannot be served directly")
+        self._direct[path] = (routes[0], routes[0].endpoint)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         direct = self._direct.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
