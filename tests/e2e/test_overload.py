@@ -106,6 +106,9 @@ class Frozen:
             os.kill(pid, signal.SIGCONT)
 
 
+OPEN_LOOP_TOKENS = 64  # per request of the open loop (phase 2)
+
+
 def body(model: str, **extra: object) -> dict:
     return {"model": model, "prompt": list(range(5, 37)), "max_tokens": 8, "temperature": 0, **extra}
 
@@ -146,8 +149,10 @@ def test_overload_burst_exact_counts_no_hang_memory_baseline(small: Cluster) -> 
         end_clean(small, g)
 
         # Phase 2: open loop at about 100 requests/s, workers running; warm-up, then measured.
+        # 64 tokens each: a request holds its slot for several times the 10 ms between
+        # arrivals, so the open loop stays over 4 in flight however fast the stack serves.
         def open_loop(count: int) -> list[Outcome]:
-            arrivals = [Arrival(g.address, body(model, max_tokens=16)) for _ in range(count)]
+            arrivals = [Arrival(g.address, body(model, max_tokens=OPEN_LOOP_TOKENS)) for _ in range(count)]
             for a in arrivals:
                 a.start()
                 time.sleep(0.01)
@@ -167,7 +172,7 @@ def test_overload_burst_exact_counts_no_hang_memory_baseline(small: Cluster) -> 
                 assert o.elapsed_s < REFUSAL_S
                 assert 1 <= int(o.retry_after or "0") <= 60
             else:
-                assert o.body["usage"]["completion_tokens"] == 16
+                assert o.body["usage"]["completion_tokens"] == OPEN_LOOP_TOKENS
         end_clean(small, g)
         after = {name: rss_mib(pid) for name, pid in pids.items()}
         grown = {name: round(after[name] - baseline[name], 1) for name in pids}

@@ -17,7 +17,8 @@ def test_the_heap_alive_at_the_call_is_frozen_and_later_objects_are_collected() 
     before = _Node()
     try:
         frozen = freeze_startup_heap("test")
-        assert frozen == gc.get_freeze_count() > 0
+        # frozen objects freed since (by reference counting) leave the count: never more than frozen
+        assert 0 < gc.get_freeze_count() <= frozen
         assert not any(o is before for o in gc.get_objects())  # the permanent generation is not walked
         after = _Node()
         assert any(o is after for o in gc.get_objects())
