@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when pyproject.toml or the compiled module (setup.py, its C source) changes.
-$(STAMP): pyproject.toml setup.py services/tandem/common/_block_chain.c | $(BIN)/python
+# Reinstall only when pyproject.toml or the compiled modules (setup.py, their C sources) change.
+$(STAMP): pyproject.toml setup.py services/tandem/common/_block_chain.c services/tandem/common/_crc32c.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

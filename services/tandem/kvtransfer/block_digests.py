@@ -31,9 +31,9 @@ import threading
 from collections.abc import Sequence
 from concurrent import futures
 
-import crc32c
 import numpy as np
 
+from tandem.common.checksum import crc32c
 from tandem.kvtransfer.block_store import KVBlockStore
 from tandem.kvtransfer.shm_pool_copy import planes
 
@@ -46,7 +46,7 @@ def digest_blocks(planes: Sequence[np.ndarray], block_ids: Sequence[int]) -> Dig
     for index, plane in enumerate(planes):
         flat = plane.reshape(-1).data
         size = plane.shape[1]
-        out[index] = [crc32c.crc32c(flat[b * size : (b + 1) * size]) for b in block_ids]
+        out[index] = [crc32c(flat[b * size : (b + 1) * size]) for b in block_ids]
     return out
 
 
@@ -56,8 +56,8 @@ def _shift_tables(piece_bytes: int, levels: int) -> np.ndarray:
     with crc32c(data + B) = R_len(B)(crc32c(data)) ^ crc32c(B), byte by byte of its argument.
     R_n(x) = crc32c(n zero bytes, x) ^ crc32c(n zero bytes, 0), taken on the 32 unit vectors."""
     zeros = bytes(piece_bytes)
-    base = crc32c.crc32c(zeros, 0)
-    images = np.array([crc32c.crc32c(zeros, 1 << bit) ^ base for bit in range(32)], dtype=np.uint32)
+    base = crc32c(zeros, 0)
+    images = np.array([crc32c(zeros, 1 << bit) ^ base for bit in range(32)], dtype=np.uint32)
     bits = ((np.arange(256, dtype=np.uint32)[:, None] >> np.arange(8, dtype=np.uint32)) & 1).astype(bool)
     tables = np.empty((levels, 4, 256), dtype=np.uint32)
     for level in range(levels):
