@@ -36,6 +36,7 @@ def test_quick_bench_writes_every_requested_section(tmp_path: Path) -> None:
     assert "## KV hand-off vs raw loopback TCP" in text
     assert "## Prefix-cache TTFT speedup" in text
     assert "| KV hand-off vs raw loopback TCP | grpc / raw TCP |" in text
+    assert "| raw tcp, shared cores | shared |" in text  # the same-host path's baseline, measured unpinned
     assert (
         "| Prefix-cache TTFT speedup | warm requests' prefix-cache hit rate (cached / prompt tokens) | 0.750 |" in text
     )

@@ -19,6 +19,16 @@ pack, transfer, checksums, receiver unpack) into a real destination cache; raw T
 checked against the source's bytes once per transport (zeroed before that pull, so the check
 proves that this transport wrote them).
 
+Placement (`Placement`): raw TCP and the network transports run with every thread of the
+source process on one core and every thread of this process on another, as two workers on
+two hosts would. Left to the scheduler on a 2-core host, a pull's threads sometimes share one
+core and sometimes migrate between the two, and the rounds of one path split into modes about
+2x apart by chance (the tcp transport's took 20 or 40 ms in one run, where pinned apart they
+took 18-26 ms and raw TCP's 24-30). The same-host path and the memcpy run unpinned, as a
+same-host pair runs on its host's cores (the shm receiver copies and hashes on two threads),
+beside a second raw TCP round run unpinned (RAW_SHARED): each path's ratio is to the raw TCP
+measured in its own placement (`baseline`).
+
 Shape of the transfer: the source's blocks are one run (a fresh prompt), the destination's
 are runs of 64 blocks in shuffled order (a pool after some churn). Each side uses one torch
 thread, as `tandem up` gives each worker its share of a small host's cores.
@@ -33,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import socket
 import statistics
 import time
@@ -71,6 +82,8 @@ STAGED, STAGED_MIN_RUN_BYTES = "torch staged", 1 << 40
 SHM, MEMCPY, BENCH_HOST_ID = "same-host shm", "in-process memcpy", "bench-host"
 SHM_MEMCPY_GOAL, SHM_TCP_GOAL = 0.50, 2.0
 GRANT_DIGESTS = "source's per-block digests at grant"  # prefill side, once per lease: not in a pull
+RAW, RAW_SHARED = "raw tcp", "raw tcp, shared cores"
+SHARED = frozenset({RAW_SHARED, SHM, MEMCPY})  # the paths run unpinned (module doc: Placement)
 
 
 @dataclass(frozen=True)
@@ -85,8 +98,8 @@ class BenchResult:
 
 @dataclass(frozen=True)
 class KVBenchReport:
-    """Medians per path (`raw tcp`, `grpc`, `torch`, `tcp`, STAGED, SHM, MEMCPY), the bytes of
-    one pull, and whether every transport's destination blocks equalled the source's."""
+    """Medians per path (RAW, `grpc`, `torch`, `tcp`, STAGED, RAW_SHARED, SHM, MEMCPY), the
+    bytes of one pull, and whether every transport's destination blocks equalled the source's."""
 
     results: dict[str, BenchResult]
     size_bytes: int
@@ -97,13 +110,19 @@ class KVBenchReport:
     grant_digests_ms: float  # median ms of hashing the pull's blocks per block, as the source does at grant
 
     def ratio(self, name: str) -> float:
-        return self.results[name].median / self.results["raw tcp"].median
+        """The path's median over that of the raw TCP run in the same placement."""
+        return self.results[name].median / self.results[baseline(name)].median
 
     @property
     def best(self) -> tuple[str, float]:
-        """The best network transport (not the same-host one, nor the memcpy baseline)."""
-        name = max((n for n in self.results if n not in ("raw tcp", SHM, MEMCPY)), key=self.ratio)
+        """The best network transport (not the same-host one, nor the memcpy or raw baselines)."""
+        name = max((n for n in self.results if n not in SHARED and n != RAW), key=self.ratio)
         return name, self.ratio(name)
+
+
+def baseline(name: str) -> str:
+    """The raw TCP path measured in the same placement as path `name`."""
+    return RAW_SHARED if name in SHARED else RAW
 
 
 class Receiver:
@@ -187,7 +206,45 @@ def measure_kv(rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> KVBenchRe
         assert source.ready is not None  # start() returns a ready child
         raw_port = int(source.ready["raw_tcp_port"])
         secret = source_lease_secret(source)
-        return asyncio.run(_bench(layout, num_blocks, source.address, secret, raw_port, rounds, token))
+        with Placement(source.pid) as placement:
+            return asyncio.run(_bench(layout, num_blocks, source.address, secret, raw_port, rounds, token, placement))
+
+
+class Placement:
+    """Where the source's threads and this process's run (module doc): `apart()` pins every
+    thread of each process to a core of its own, `shared()` lets all of them use every core
+    this process could use on entry; exit restores that. On a host with one core, or without
+    sched_setaffinity, both do nothing. Threads started later inherit their starter's mask."""
+
+    def __init__(self, source_pid: int) -> None:
+        self.source_pid = source_pid
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+
+    def __enter__(self) -> Placement:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shared()
+
+    def apart(self) -> None:
+        if len(self.cpus) > 1:
+            _pin_threads(os.getpid(), {self.cpus[0]})
+            _pin_threads(self.source_pid, {self.cpus[1]})
+
+    def shared(self) -> None:
+        if len(self.cpus) > 1:
+            _pin_threads(os.getpid(), set(self.cpus))
+            _pin_threads(self.source_pid, set(self.cpus))
+
+
+def _pin_threads(pid: int, cpus: set[int]) -> None:
+    try:
+        tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:  # no /proc: the process's main thread only
+        tids = [pid]
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, cpus)
 
 
 def run_kv_bench(out: Callable[[str], None] = print, rounds: int = 9, prompt_tokens: int = PROMPT_TOKENS) -> int:
@@ -205,6 +262,7 @@ async def _bench(
     raw_port: int,
     rounds: int,
     token: ClusterToken,
+    placement: Placement,
 ) -> KVBenchReport:
     receiver = Receiver(layout, num_blocks, address, lease_secret=lease_secret)
     size_bytes = receiver.size_bytes
@@ -222,16 +280,24 @@ async def _bench(
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     received = bytearray(size_bytes)
-    results = {name: BenchResult(name, []) for name in ("raw tcp", *transports, MEMCPY)}
+    paths = (RAW, *(name for name in transports if name != SHM), RAW_SHARED, SHM, MEMCPY)  # in the order run
+    results = {name: BenchResult(name, []) for name in paths}
     source_planes, grant_digests_s = planes(receiver.source.kv_caches), []
     exact = True
     try:
         for round_index in range(rounds + 1):  # round 0 warms up channels, pairs and buffers
+            placement.apart()
             await asyncio.sleep(SETTLE_S)
             seconds = await asyncio.to_thread(_raw_tcp_once, raw, received)
             if round_index:
-                results["raw tcp"].mb_per_s.append(size_bytes / seconds / 1e6)
+                results[RAW].mb_per_s.append(size_bytes / seconds / 1e6)
             for name, transport in transports.items():
+                if name == SHM:
+                    placement.shared()
+                    await asyncio.sleep(SETTLE_S)
+                    seconds = await asyncio.to_thread(_raw_tcp_once, raw, received)
+                    if round_index:
+                        results[RAW_SHARED].mb_per_s.append(size_bytes / seconds / 1e6)
                 await asyncio.sleep(SETTLE_S)
                 if round_index == 0:
                     receiver.clear_dest()
@@ -365,13 +431,13 @@ def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:
         f"kv bench: {report.size_bytes / 2**20:.1f} MiB per pull ({report.num_blocks} blocks x "
         f"{report.bytes_per_block // 1024} KiB; {lay.num_layers} layers, {lay.num_kv_heads} KV heads x "
         f"{lay.head_dim}, {lay.dtype}), source process on 127.0.0.1, median of "
-        f"{len(results['raw tcp'].mb_per_s)} interleaved rounds"
+        f"{len(results[RAW].mb_per_s)} interleaved rounds"
     )
     if not report.exact:
         out("  a transport's destination blocks differ from the source")
     for name, result in results.items():
         spread = f"[{min(result.mb_per_s):.0f}..{max(result.mb_per_s):.0f}]"
-        ratio = "" if name == "raw tcp" else f"  {report.ratio(name):.2f} of raw tcp"
+        ratio = "" if name in (RAW, RAW_SHARED) else f"  {report.ratio(name):.2f} of {baseline(name)}"
         out(f"  {name:12s} {result.median:8.0f} MB/s {spread:>14s}{ratio}")
     best = report.best[1]
     grpc_ratio = report.ratio("grpc")
@@ -383,6 +449,6 @@ def _report(report: KVBenchReport, out: Callable[[str], None]) -> None:
     shm_copy = results[SHM].median / results[MEMCPY].median
     out(
         f"  same-host shm: {shm_copy:.3f} of an in-process memcpy (goal >= {SHM_MEMCPY_GOAL:.2f}), "
-        f"{report.ratio(SHM):.2f}x raw tcp (goal >= {SHM_TCP_GOAL:g})"
+        f"{report.ratio(SHM):.2f}x {RAW_SHARED} (goal >= {SHM_TCP_GOAL:g})"
     )
     out(f"  {GRANT_DIGESTS}: {report.grant_digests_ms:.1f} ms per pull's blocks (once per lease, not in a pull)")
