@@ -12,8 +12,9 @@
  *
  * The folding code is Peter Cawley's generated sample, unmodified (MIT, fast-crc32/, from
  * https://github.com/corsix/fast-crc32 at b44cb7f: `./generate -i avx512_vpclmulqdq -p crc32c
- * -a v4s5x3`). It is compiled here for those instructions only (a target pragma around it), so
- * the rest of the module runs on any x86-64 CPU.
+ * -a v4s5x3`). It is compiled here for those instructions only (a GCC target pragma around it),
+ * so the rest of the module runs on any x86-64 CPU. Elsewhere (another compiler or CPU family)
+ * the module builds without it and `supported()` is False.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,7 +23,7 @@
 
 #define RELEASE_GIL_BYTES (64 * 1024)
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) /* GCC's target pragmas */
 #define HAVE_VPCLMULQDQ 1
 #pragma GCC push_options
 #pragma GCC target("sse4.2,pclmul,avx512f,avx512vl,vpclmulqdq")
