@@ -69,7 +69,11 @@ def test_non_streaming_disconnect_frees_everything(cluster: Cluster, gateway: Ch
 
 
 def _spans(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The complete span lines written so far: the workers append to the file while the test
+    polls it, so a last line without its newline is still being written and is left for the
+    next poll (reading it raced in one clean-clone run)."""
+    complete, _, _ = path.read_text().rpartition("\n")
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def test_one_trace_across_gateway_prefill_decode(cluster: Cluster, gateway: ChildProcess) -> None:
