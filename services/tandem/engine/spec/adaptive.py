@@ -134,6 +134,7 @@ class ProbeSchedule:
         self.probed = False  # the last decision was a probe, not judged yet
         self._waiting: tuple[int, int, int] | None = None  # (k_max, batch size, interval) of the wait
         self._retry = False  # the last probe drafted nothing: probe again at the next step
+        self.prior_observed = False  # the worker prior has seen this request's first estimate (prior.py)
 
     def interval(self, first_interval: int) -> int:
         """Skipped steps before the next probe, from the cost-share interval `first_interval`."""

@@ -56,7 +56,6 @@ class Speculator:
         self.prior = AcceptancePrior()
         self.counters = AdaptiveCounters()
         self._probes: dict[str, ProbeSchedule] = {}
-        self._estimated: set[str] = set()  # requests whose first estimate the prior has seen
         self._batch_size = 1
 
     @classmethod
@@ -101,8 +100,8 @@ class Speculator:
         if acceptance is None:
             if decided_by_batch:
                 acceptance = self.prior.for_new_request() if new else self.prior.current
-        elif seq.request_id not in self._estimated:  # its first verified draft's estimate
-            self._estimated.add(seq.request_id)
+        elif not probes.prior_observed:  # its first verified draft's estimate
+            probes.prior_observed = True
             self.prior.observe(acceptance)
         costs = self.costs.costs() if decided_by_batch else None
         k = choose_k(acceptance, k_max, costs, self._batch_size)
@@ -140,5 +139,4 @@ class Speculator:
 
     def finish(self, request_id: str) -> None:
         self._probes.pop(request_id, None)
-        self._estimated.discard(request_id)
         self.proposer.finish(request_id)
