@@ -284,20 +284,21 @@ async def _bench(
     results = {name: BenchResult(name, []) for name in paths}
     source_planes, grant_digests_s = planes(receiver.source.kv_caches), []
     exact = True
+
+    async def raw_round(name: str, measured: bool) -> None:  # RAW or RAW_SHARED, in the current placement
+        await asyncio.sleep(SETTLE_S)
+        seconds = await asyncio.to_thread(_raw_tcp_once, raw, received)
+        if measured:
+            results[name].mb_per_s.append(size_bytes / seconds / 1e6)
+
     try:
         for round_index in range(rounds + 1):  # round 0 warms up channels, pairs and buffers
             placement.apart()
-            await asyncio.sleep(SETTLE_S)
-            seconds = await asyncio.to_thread(_raw_tcp_once, raw, received)
-            if round_index:
-                results[RAW].mb_per_s.append(size_bytes / seconds / 1e6)
+            await raw_round(RAW, round_index > 0)
             for name, transport in transports.items():
                 if name == SHM:
                     placement.shared()
-                    await asyncio.sleep(SETTLE_S)
-                    seconds = await asyncio.to_thread(_raw_tcp_once, raw, received)
-                    if round_index:
-                        results[RAW_SHARED].mb_per_s.append(size_bytes / seconds / 1e6)
+                    await raw_round(RAW_SHARED, round_index > 0)
                 await asyncio.sleep(SETTLE_S)
                 if round_index == 0:
                     receiver.clear_dest()
